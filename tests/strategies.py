@@ -1,0 +1,43 @@
+"""Hypothesis strategies shared by the mask, attention and data tests."""
+
+import torch
+from hypothesis import strategies as st
+from torch import Tensor
+
+
+@st.composite
+def document_ids(draw: st.DrawFn, batch: int, seq: int) -> Tensor:
+    """Rows of non-decreasing document ids: documents of random lengths packed back to back."""
+    rows = []
+    for _ in range(batch):
+        cuts = (
+            draw(st.lists(st.integers(1, seq - 1), max_size=min(6, seq - 1), unique=True)) if seq > 1 else []
+        )
+        row = torch.zeros(seq, dtype=torch.long)
+        for cut in cuts:
+            row[cut:] += 1
+        rows.append(row)
+    return torch.stack(rows)
+
+
+@st.composite
+def lengths(draw: st.DrawFn, batch: int, seq: int) -> Tensor:
+    """Right-padding lengths, each row holding at least one token."""
+    return torch.tensor(draw(st.lists(st.integers(1, seq), min_size=batch, max_size=batch)))
+
+
+@st.composite
+def attention_shapes(draw: st.DrawFn) -> tuple[int, int, int, int, int]:
+    """(batch, heads, kv_heads, seq, head_dim) with heads a multiple of kv_heads, as grouped-query attention needs."""
+    kv_heads = draw(st.sampled_from([1, 2, 4]))
+    group = draw(st.sampled_from([1, 2, 3]))
+    return (
+        draw(st.integers(1, 3)),
+        kv_heads * group,
+        kv_heads,
+        draw(st.integers(1, 40)),
+        draw(st.sampled_from([8, 16])),
+    )
+
+
+seeds = st.integers(0, 2**31 - 1)

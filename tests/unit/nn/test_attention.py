@@ -1,0 +1,145 @@
+"""The three attention backends compute one function; that function has the properties attention must have."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from tensordict import TensorDict
+from torch.nn.attention.flex_attention import BlockMask
+
+from tests import strategies
+from zmaj.nn import masks
+from zmaj.nn.attention import Backend, attention, flex, prepare_mask, self_attention
+
+BACKENDS: list[Backend] = ["eager", "sdpa", "flex"]
+
+
+def run(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mod: masks.MaskMod | None, backend: Backend
+) -> torch.Tensor:
+    """Attention through ``backend``; flex runs uncompiled here (same semantics, no 30 s compile per shape)."""
+    batch, _, seq, _ = q.shape
+    mask = prepare_mask(mod, batch, seq, k.shape[2], backend, q.device)
+    if backend == "flex":
+        assert isinstance(mask, BlockMask)
+        return flex(q, k, v, mask, q.shape[-1] ** -0.5, compiled=False)
+    return attention(q, k, v, mask, backend)
+
+
+@st.composite
+def problems(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, masks.MaskMod | None]:
+    batch, heads, kv_heads, seq, head_dim = draw(strategies.attention_shapes())
+    generator = torch.Generator().manual_seed(draw(strategies.seeds))
+    q = torch.randn(batch, heads, seq, head_dim, generator=generator)
+    k = torch.randn(batch, kv_heads, seq, head_dim, generator=generator)
+    v = torch.randn(batch, kv_heads, seq, head_dim, generator=generator)
+    kind = draw(st.sampled_from(["causal", "window", "document", "padding"]))
+    mod: masks.MaskMod | None = None
+    if kind == "window":
+        mod = masks.sliding_window(draw(st.integers(1, 8)))
+    elif kind == "document":
+        mod = masks.combine(masks.causal, masks.document(draw(strategies.document_ids(batch, seq))))
+    elif kind == "padding":
+        is_token = masks.lengths_to_is_token(draw(strategies.lengths(batch, seq)), seq)
+        mod = masks.combine(masks.causal, masks.padding(is_token))
+    return q, k, v, mod
+
+
+@given(problems())
+def test_backends_agree(
+    problem: tuple[torch.Tensor, torch.Tensor, torch.Tensor, masks.MaskMod | None],
+) -> None:
+    q, k, v, mod = problem
+    reference = run(q, k, v, mod, "eager")
+    for backend in ("sdpa", "flex"):
+        torch.testing.assert_close(run(q, k, v, mod, backend), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_attention_is_the_textbook_formula() -> None:
+    """One head, no grouping: softmax(q k^T / sqrt(d) + causal bias) v, written out by hand."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 5, 4, generator=generator) for _ in range(3))
+    scores = q[0, 0] @ k[0, 0].T / 2.0
+    scores = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    expected = torch.softmax(scores, -1) @ v[0, 0]
+    torch.testing.assert_close(attention(q, k, v, None, "eager")[0, 0], expected)
+
+
+@given(problems(), st.sampled_from(BACKENDS), st.data())
+def test_masked_out_keys_never_change_the_output(
+    problem: tuple[torch.Tensor, torch.Tensor, torch.Tensor, masks.MaskMod | None],
+    backend: Backend,
+    data: st.DataObject,
+) -> None:
+    q, k, v, mod = problem
+    batch, _, seq, _ = q.shape
+    changed = torch.tensor(data.draw(st.lists(st.booleans(), min_size=seq, max_size=seq)))
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, changed] = 1e3 * torch.randn_like(k2[:, :, changed])
+    v2[:, :, changed] = 1e3 * torch.randn_like(v2[:, :, changed])
+    allowed = masks.dense(mod or masks.causal, batch, seq, seq)
+    untouched = ~(allowed & changed).any(-1)  # queries that may not see any changed key
+    before, after = run(q, k, v, mod, backend), run(q, k2, v2, mod, backend)
+    torch.testing.assert_close(after.transpose(1, 2)[untouched], before.transpose(1, 2)[untouched])
+
+
+@given(problems(), st.sampled_from(BACKENDS), strategies.seeds)
+def test_permuting_heads_permutes_outputs(
+    problem: tuple[torch.Tensor, torch.Tensor, torch.Tensor, masks.MaskMod | None],
+    backend: Backend,
+    seed: int,
+) -> None:
+    q, k, v, mod = problem
+    heads, kv_heads = q.shape[1], k.shape[1]
+    group = heads // kv_heads
+    generator = torch.Generator().manual_seed(seed)
+    kv_perm = torch.randperm(kv_heads, generator=generator)
+    # A query head may move anywhere inside the group that shares its key/value head, and groups move together.
+    q_perm = torch.cat([kv * group + torch.randperm(group, generator=generator) for kv in kv_perm.tolist()])
+    out = run(q, k, v, mod, backend)
+    permuted = run(q[:, q_perm], k[:, kv_perm], v[:, kv_perm], mod, backend)
+    torch.testing.assert_close(permuted, out[:, q_perm], atol=1e-6, rtol=1e-5)
+
+
+@given(st.integers(1, 24), st.integers(1, 24), st.sampled_from(BACKENDS), strategies.seeds)
+def test_packed_documents_equal_separate_documents(
+    first: int, second: int, backend: Backend, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 4, first + second, 8, generator=generator) for _ in range(3))
+    ids = torch.cat([torch.zeros(first, dtype=torch.long), torch.ones(second, dtype=torch.long)])[None]
+    packed = run(q, k, v, masks.combine(masks.causal, masks.document(ids)), backend)
+    alone_first = run(q[:, :, :first], k[:, :, :first], v[:, :, :first], None, backend)
+    alone_second = run(q[:, :, first:], k[:, :, first:], v[:, :, first:], None, backend)
+    torch.testing.assert_close(packed, torch.cat([alone_first, alone_second], dim=2), atol=1e-5, rtol=1e-5)
+
+
+def test_self_attention_grouped_query_matches_repeated_heads() -> None:
+    """GQA with 2 kv heads equals plain multi-head attention whose k/v projections repeat each kv head."""
+    generator = torch.Generator().manual_seed(0)
+    d, heads, kv_heads, head_dim = 16, 4, 2, 4
+
+    def lin(d_out: int) -> dict[str, torch.Tensor]:
+        return {"weight": torch.randn(d_out, d, generator=generator) / 4}
+
+    params = TensorDict(
+        {"q": lin(d), "k": lin(kv_heads * head_dim), "v": lin(kv_heads * head_dim), "o": lin(d)}
+    )
+    repeated = params.clone()
+    for name in ("k", "v"):
+        per_head = params[name, "weight"].unflatten(0, (kv_heads, head_dim))
+        repeated[name, "weight"] = per_head.repeat_interleave(heads // kv_heads, 0).flatten(0, 1)
+    x = torch.randn(2, 7, d, generator=generator)
+    grouped = self_attention(params, x, None, heads, kv_heads, "eager")
+    torch.testing.assert_close(grouped, self_attention(repeated, x, None, heads, heads, "eager"))
+
+
+@pytest.mark.slow
+def test_compiled_flex_matches_eager_on_packed_documents() -> None:
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 256, 32, generator=generator)
+    k, v = (torch.randn(2, 2, 256, 32, generator=generator) for _ in range(2))
+    ids = (torch.arange(256) // 100).expand(2, 256)
+    mod = masks.combine(masks.causal, masks.document(ids))
+    compiled = attention(q, k, v, prepare_mask(mod, 2, 256, 256, "flex"), "flex")
+    torch.testing.assert_close(compiled, run(q, k, v, mod, "eager"), atol=1e-5, rtol=1e-5)

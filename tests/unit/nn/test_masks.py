@@ -1,0 +1,140 @@
+"""Properties of the mask mods, their dense form and their flex BlockMask form."""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests import strategies
+from zmaj.nn import masks
+
+
+def naive_document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal reference built document by document: a causal square per document span."""
+    batch, seq = document_ids.shape
+    out = torch.zeros(batch, seq, seq, dtype=torch.bool)
+    for b in range(batch):
+        start = 0
+        while start < seq:
+            end = start
+            while end < seq and document_ids[b, end] == document_ids[b, start]:
+                end += 1
+            out[b, start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+            start = end
+    return out
+
+
+@st.composite
+def mask_setups(draw: st.DrawFn) -> tuple[masks.MaskMod, int, int, torch.Tensor]:
+    """A random composition of causal / sliding-window / document / padding masks, with its real-token mask."""
+    batch, seq = draw(st.integers(1, 3)), draw(st.integers(1, 48))
+    mods: list[masks.MaskMod] = [
+        draw(st.sampled_from([masks.causal, masks.sliding_window(draw(st.integers(1, 8)))]))
+    ]
+    if draw(st.booleans()):
+        mods.append(masks.document(draw(strategies.document_ids(batch, seq))))
+    is_token = torch.ones(batch, seq, dtype=torch.bool)
+    if draw(st.booleans()):
+        is_token = masks.lengths_to_is_token(draw(strategies.lengths(batch, seq)), seq)
+        mods.append(masks.padding(is_token))
+    return masks.combine(*mods), batch, seq, is_token
+
+
+@given(seq=st.integers(1, 64))
+def test_causal_never_sees_a_later_key(seq: int) -> None:
+    mask = masks.dense(masks.causal, 1, seq, seq)[0]
+    q, k = torch.meshgrid(torch.arange(seq), torch.arange(seq), indexing="ij")
+    assert not mask[k > q].any()
+    assert mask[k <= q].all()
+
+
+@given(st.data(), st.integers(1, 3), st.integers(1, 48))
+def test_document_mask_never_crosses_documents(data: st.DataObject, batch: int, seq: int) -> None:
+    ids = data.draw(strategies.document_ids(batch, seq))
+    mask = masks.dense(masks.document(ids), batch, seq, seq)
+    same_document = ids[:, :, None] == ids[:, None, :]
+    assert torch.equal(mask, same_document)
+
+
+@given(st.data(), st.integers(1, 3), st.integers(1, 48))
+def test_causal_document_mask_equals_naive_block_diagonal(data: st.DataObject, batch: int, seq: int) -> None:
+    ids = data.draw(strategies.document_ids(batch, seq))
+    mask = masks.dense(masks.combine(masks.causal, masks.document(ids)), batch, seq, seq)
+    assert torch.equal(mask, naive_document_mask(ids))
+
+
+@given(mask_setups())
+def test_every_row_has_an_allowed_key(setup: tuple[masks.MaskMod, int, int, torch.Tensor]) -> None:
+    mod, batch, seq, is_token = setup
+    mask = masks.dense(mod, batch, seq, seq)
+    assert mask.any(-1).all(), "an empty row would make softmax produce NaN"
+    # Real queries never see padding: only the padding queries' own diagonal entry touches a padding key.
+    assert not (mask & is_token[:, :, None] & ~is_token[:, None, :]).any()
+
+
+@given(mask_setups(), mask_setups())
+def test_combine_is_logical_and(
+    first: tuple[masks.MaskMod, int, int, torch.Tensor], second: tuple[masks.MaskMod, int, int, torch.Tensor]
+) -> None:
+    batch, seq = min(first[1], second[1]), min(first[2], second[2])
+    a, b = first[0], second[0]
+    expected = masks.dense(a, batch, seq, seq) & masks.dense(b, batch, seq, seq)
+    assert torch.equal(masks.dense(masks.combine(a, b), batch, seq, seq), expected)
+
+
+@given(seq=st.integers(1, 64), extra=st.integers(0, 10))
+def test_sliding_window_at_least_the_sequence_is_causal(seq: int, extra: int) -> None:
+    window = masks.dense(masks.sliding_window(seq + extra), 1, seq, seq)
+    assert torch.equal(window, masks.dense(masks.causal, 1, seq, seq))
+
+
+@given(seq=st.integers(1, 64), window=st.integers(1, 16))
+def test_sliding_window_sees_exactly_the_last_window_keys(seq: int, window: int) -> None:
+    allowed = masks.dense(masks.sliding_window(window), 1, seq, seq)[0].sum(-1)
+    assert torch.equal(allowed, torch.clamp(torch.arange(seq) + 1, max=window))
+
+
+@given(st.data(), st.integers(1, 3), st.integers(1, 32))
+def test_padding_from_lengths_and_from_attention_mask_agree(
+    data: st.DataObject, batch: int, seq: int
+) -> None:
+    lengths = data.draw(strategies.lengths(batch, seq))
+    is_token = masks.lengths_to_is_token(lengths, seq)
+    assert torch.equal(is_token.sum(-1), lengths)
+    attention_mask = is_token.long()  # the 0/1 form tokenizers return
+    from_lengths = masks.dense(masks.padding(is_token), batch, seq, seq)
+    from_attention_mask = masks.dense(masks.padding(attention_mask.bool()), batch, seq, seq)
+    assert torch.equal(from_lengths, from_attention_mask)
+
+
+@given(seq=st.integers(2, 32), offset=st.integers(0, 16))
+def test_offset_queries_is_a_slice_of_the_full_mask(seq: int, offset: int) -> None:
+    full = masks.dense(masks.causal, 1, offset + seq, offset + seq)[:, offset:]
+    assert torch.equal(masks.dense(masks.offset_queries(masks.causal, offset), 1, seq, offset + seq), full)
+
+
+def test_additive_bias_is_zero_where_allowed_and_minus_inf_elsewhere() -> None:
+    mask = masks.dense(masks.causal, 1, 4, 4)
+    bias = masks.additive_bias(mask)
+    assert torch.equal(bias[mask], torch.zeros(int(mask.sum())))
+    assert torch.isneginf(bias[~mask]).all()
+
+
+@given(mask_setups(), st.sampled_from([16, 32]))
+def test_block_mask_admits_exactly_the_dense_pairs(
+    setup: tuple[masks.MaskMod, int, int, torch.Tensor], block_size: int
+) -> None:
+    mod, batch, seq, _ = setup
+    block = masks.block_mask(mod, batch, seq, seq, block_size=block_size)
+    assert torch.equal(masks.block_mask_to_dense(block), masks.dense(mod, batch, seq, seq))
+
+
+def test_block_mask_skips_tiles_outside_documents() -> None:
+    """Four 64-token documents in 256 tokens with 32-token tiles: only the diagonal tiles of each document."""
+    ids = (torch.arange(256) // 64)[None]
+    block = masks.block_mask(masks.combine(masks.causal, masks.document(ids)), 1, 256, 256, block_size=32)
+    assert block.full_kv_num_blocks is not None
+    partial, full = int(block.kv_num_blocks.sum()), int(block.full_kv_num_blocks.sum())
+    assert (partial, full) == (
+        4 * 2,
+        4 * 1,
+    )  # per document of 2x2 tiles: 2 diagonal (partial), 1 below (full)

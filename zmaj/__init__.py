@@ -1,0 +1,1 @@
+"""zmaj: an LLM lab in pure-functional, JAX-style PyTorch."""

@@ -1,0 +1,1 @@
+"""Weights in and out: tables that map checkpoint tensor names to zmaj's parameter TensorDicts."""

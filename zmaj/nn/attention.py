@@ -1,0 +1,146 @@
+"""Scaled dot-product attention with grouped-query heads, and the self-attention layer built on it.
+
+Three interchangeable backends compute the same function:
+
+- ``eager``: the textbook formula, softmax(q k^T / sqrt(d) + bias) v (Vaswani et al., 2017, eq. 1), written with
+  einsum so the grouped-query sharing of key/value heads (Ainslie et al., 2023) is visible in the axis names.
+  This is the one to read.
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``, fused kernels; a ``None`` mask selects its
+  causal fast path.
+- ``flex``: compiled flex-attention with a ``BlockMask``: it skips fully masked tiles, so attention over packed
+  documents costs in proportion to the tiles it computes.
+"""
+
+from functools import cache
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from jaxtyping import Bool, Float
+from tensordict import TensorDictBase
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from zmaj.nn import masks
+from zmaj.nn.layers import linear
+
+Backend = Literal["eager", "sdpa", "flex"]
+
+AttentionMask = Bool[Tensor, "batch q_seq k_seq"] | BlockMask | None
+"""A mask in the form its backend wants: boolean for eager/SDPA, a BlockMask for flex, None for plain causal."""
+
+
+def prepare_mask(
+    mod: masks.MaskMod | None,
+    batch: int,
+    q_len: int,
+    k_len: int,
+    backend: Backend,
+    device: torch.device | str = "cpu",
+) -> AttentionMask:
+    """Build a mask once per forward pass, in the form ``backend`` consumes; ``mod=None`` means plain causal."""
+    if backend == "flex":
+        return masks.block_mask(mod or masks.causal, batch, q_len, k_len, device)
+    if mod is None:
+        return None
+    return masks.dense(mod, batch, q_len, k_len, device)
+
+
+def attention(
+    q: Float[Tensor, "batch heads q_seq head_dim"],
+    k: Float[Tensor, "batch kv_heads k_seq head_dim"],
+    v: Float[Tensor, "batch kv_heads k_seq head_dim"],
+    mask: AttentionMask,
+    backend: Backend,
+    scale: float | None = None,
+) -> Float[Tensor, "batch heads q_seq head_dim"]:
+    """Attention of every query head over its group's key/value head; ``scale`` defaults to 1/sqrt(head_dim)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if backend == "flex":
+        if not isinstance(mask, BlockMask):
+            raise TypeError(
+                "the flex backend needs a BlockMask: build it with prepare_mask(..., backend='flex')"
+            )
+        return flex(q, k, v, mask, scale)
+    if isinstance(mask, BlockMask):
+        raise TypeError(f"the {backend} backend needs a boolean mask, not a BlockMask")
+    if backend == "eager":
+        return eager_attention(q, k, v, mask if mask is not None else _causal(q, k), scale)
+    return sdpa_attention(q, k, v, mask, scale)
+
+
+def eager_attention(
+    q: Float[Tensor, "batch heads q_seq head_dim"],
+    k: Float[Tensor, "batch kv_heads k_seq head_dim"],
+    v: Float[Tensor, "batch kv_heads k_seq head_dim"],
+    mask: Bool[Tensor, "batch q_seq k_seq"],
+    scale: float,
+) -> Float[Tensor, "batch heads q_seq head_dim"]:
+    """softmax(q k^T * scale + bias) v, each group of query heads sharing one key/value head."""
+    q = rearrange(q, "b (kv g) q d -> b kv g q d", kv=k.shape[1])
+    scores = einsum(q, k, "b kv g q d, b kv k d -> b kv g q k") * scale
+    scores = scores + masks.additive_bias(mask, scores.dtype)[:, None, None]
+    weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    out = einsum(weights, v, "b kv g q k, b kv k d -> b kv g q d")
+    return rearrange(out, "b kv g q d -> b (kv g) q d")
+
+
+def sdpa_attention(
+    q: Float[Tensor, "batch heads q_seq head_dim"],
+    k: Float[Tensor, "batch kv_heads k_seq head_dim"],
+    v: Float[Tensor, "batch kv_heads k_seq head_dim"],
+    mask: Bool[Tensor, "batch q_seq k_seq"] | None,
+    scale: float,
+) -> Float[Tensor, "batch heads q_seq head_dim"]:
+    """PyTorch's fused attention; without a mask it runs causal with its own (faster) causal kernels."""
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
+
+
+def flex(
+    q: Float[Tensor, "batch heads q_seq head_dim"],
+    k: Float[Tensor, "batch kv_heads k_seq head_dim"],
+    v: Float[Tensor, "batch kv_heads k_seq head_dim"],
+    mask: BlockMask,
+    scale: float,
+    compiled: bool = True,
+) -> Float[Tensor, "batch heads q_seq head_dim"]:
+    """Flex-attention; uncompiled it runs a slow dense reference of the same semantics (handy in tests)."""
+    gqa = q.shape[1] != k.shape[1]
+    # Inside an outer torch.compile the plain function is traced and fused into the surrounding graph.
+    fn = _compiled_flex() if compiled and not torch.compiler.is_compiling() else flex_attention
+    out = fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+    assert isinstance(out, Tensor)
+    return out
+
+
+@cache
+def _compiled_flex():  # type: ignore[no-untyped-def]
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _causal(
+    q: Float[Tensor, "batch heads q_seq head_dim"], k: Float[Tensor, "batch kv_heads k_seq head_dim"]
+) -> Bool[Tensor, "batch q_seq k_seq"]:
+    """The causal mask for queries that are the last ``q_seq`` of ``k_seq`` positions."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    return masks.dense(masks.offset_queries(masks.causal, k_len - q_len), q.shape[0], q_len, k_len, q.device)
+
+
+def self_attention(
+    params: TensorDictBase,
+    x: Float[Tensor, "batch seq d_model"],
+    mask: AttentionMask,
+    n_heads: int,
+    n_kv_heads: int,
+    backend: Backend,
+) -> Float[Tensor, "batch seq d_model"]:
+    """Multi-head self-attention: project to q/k/v heads, attend, merge heads, project back."""
+    q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", h=n_heads)
+    k = rearrange(linear(params["k"], x), "b s (h d) -> b h s d", h=n_kv_heads)
+    v = rearrange(linear(params["v"], x), "b s (h d) -> b h s d", h=n_kv_heads)
+    out = attention(q, k, v, mask, backend)
+    return linear(params["o"], rearrange(out, "b h s d -> b s (h d)"))

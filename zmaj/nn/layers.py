@@ -1,0 +1,88 @@
+"""The small pure layers every architecture shares: linear maps, norms, MLPs, positions, dropout.
+
+Each takes its parameters (a TensorDict) first. Weights keep the ``nn.Linear`` layout ``[out, in]``, so
+``F.linear`` uses them as stored and Hugging Face checkpoints convert without transposes.
+"""
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from tensordict import TensorDictBase
+from torch import Tensor
+
+Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
+
+
+def linear(params: TensorDictBase, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:
+    """x W^T + b, the bias optional."""
+    return F.linear(x, params["weight"], params.get("bias", None))
+
+
+def layer_norm(
+    params: TensorDictBase, x: Float[Tensor, "*batch d_model"], eps: float
+) -> Float[Tensor, "*batch d_model"]:
+    """LayerNorm (Ba et al., 2016): centre and scale each vector, then an affine map."""
+    normed: Tensor = F.layer_norm(x, x.shape[-1:], params["weight"], params.get("bias", None), eps)
+    return normed
+
+
+def rms_norm(
+    params: TensorDictBase, x: Float[Tensor, "*batch d_model"], eps: float, offset: float = 0.0
+) -> Float[Tensor, "*batch d_model"]:
+    """RMSNorm (Zhang & Sennrich, 2019): scale by the root mean square, no centring.
+
+    Normalises in float32 whatever the input dtype, as Llama does. ``offset=1`` gives Gemma's ``(1 + w)`` scale,
+    whose weights are stored as deviations from one.
+    """
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    weight: Tensor = params["weight"]
+    return normed.to(x.dtype) * (weight + offset)
+
+
+def activation(name: Activation, x: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]:
+    """The named elementwise nonlinearity (``gelu_tanh`` is GPT-2's and Gemma's approximation)."""
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "silu":
+        return F.silu(x)
+    return F.relu(x)
+
+
+def mlp(
+    params: TensorDictBase, x: Float[Tensor, "*batch d_model"], act: Activation
+) -> Float[Tensor, "*batch d_model"]:
+    """The transformer feed-forward block: expand to d_ff, nonlinearity, project back."""
+    return linear(params["down"], activation(act, linear(params["up"], x)))
+
+
+def glu_mlp(
+    params: TensorDictBase, x: Float[Tensor, "*batch d_model"], act: Activation
+) -> Float[Tensor, "*batch d_model"]:
+    """Gated feed-forward block (Shazeer, 2020): act(x W_gate) * (x W_up), projected back; SwiGLU when act=silu."""
+    return linear(params["down"], activation(act, linear(params["gate"], x)) * linear(params["up"], x))
+
+
+def sinusoidal_positions(positions: Int[Tensor, "*batch"], d_model: int) -> Float[Tensor, "*batch d_model"]:
+    """Fixed positional encodings of Vaswani et al. (2017, section 3.5): sin on even, cos on odd features."""
+    inv_freq = torch.exp(
+        torch.arange(0, d_model, 2, device=positions.device, dtype=torch.float32)
+        * (-math.log(10_000.0) / d_model)
+    )
+    angles = positions.float()[..., None] * inv_freq
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+def dropout(
+    x: Float[Tensor, "*shape"], p: float, generator: torch.Generator | None
+) -> Float[Tensor, "*shape"]:
+    """Inverted dropout whose randomness comes only from ``generator``; no generator means evaluation (identity)."""
+    if generator is None or p == 0.0:
+        return x
+    keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
+    return x * keep / (1.0 - p)
