@@ -1,8 +1,11 @@
 """Hypothesis strategies shared by the mask, attention and data tests."""
 
+import numpy as np
 import torch
 from hypothesis import strategies as st
 from torch import Tensor
+
+from zmaj.data.tokens import TokenFile
 
 
 @st.composite
@@ -41,3 +44,16 @@ def attention_shapes(draw: st.DrawFn) -> tuple[int, int, int, int, int]:
 
 
 seeds = st.integers(0, 2**31 - 1)
+
+
+@st.composite
+def token_files(draw: st.DrawFn, max_documents: int = 8, max_length: int = 20) -> TokenFile:
+    """A token file whose token at file index ``i`` is ``i``.
+
+    Unique values make every test independent of the code under test: a token alone says which document it
+    belongs to (``searchsorted(offsets, token)``) and where in it. ``pad_id`` is the one value no token has.
+    """
+    lengths = draw(st.lists(st.integers(1, max_length), min_size=1, max_size=max_documents))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n = int(offsets[-1])
+    return TokenFile(np.arange(n, dtype=np.uint16), offsets, vocab_size=n + 1, eos_id=n, pad_id=n)

@@ -1,0 +1,116 @@
+import json
+import os
+import sys
+from pathlib import Path
+from pydoc_data.topics import topics
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zmaj.data.config import FilesSource, HubSource, StdlibSource
+from zmaj.data.corpus import Document, documents, in_validation, source_key, stdlib_documents
+
+FRACTION = 0.05
+
+
+@pytest.fixture(scope="module")
+def stdlib_splits() -> dict[str, list[Document]]:
+    return {split: list(documents(StdlibSource(), split, FRACTION)) for split in ("train", "validation")}
+
+
+def test_stdlib_corpus_is_code_and_pydoc_topics(stdlib_splits: dict[str, list[Document]]) -> None:
+    by_name = {d.name: d.text for split in stdlib_splits.values() for d in split}
+    assert len(by_name) > 500
+    assert sum(map(len, by_name.values())) > 5_000_000
+    assert "stdlib:json/decoder.py" in by_name
+    for topic, text in topics.items():
+        assert by_name[f"pydoc:{topic}"] == text
+    skipped_dirs = {"site-packages", "test", "tests", "idle_test"}
+    stdlib = [name.removeprefix("stdlib:") for name in by_name if name.startswith("stdlib:")]
+    assert not [name for name in stdlib if skipped_dirs.intersection(name.split("/")[:-1])]
+    assert not [name for name in stdlib if name == "pydoc_data/topics.py" or "_sysconfigdata_" in name]
+
+
+def test_split_is_disjoint_complete_and_deterministic(stdlib_splits: dict[str, list[Document]]) -> None:
+    train, validation = ([d.name for d in stdlib_splits[s]] for s in ("train", "validation"))
+    assert not set(train) & set(validation)
+    everything = [d.name for d in stdlib_documents() if d.text]
+    assert sorted(train + validation) == sorted(everything)
+    assert [d.name for d in documents(StdlibSource(), "validation", FRACTION)] == validation
+    assert 0 < len(validation) < 3 * FRACTION * len(everything)
+
+
+@given(st.text(), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_growing_the_validation_fraction_only_moves_documents_into_it(name: str, a: float, b: float) -> None:
+    small, large = sorted([a, b])
+    assert not in_validation(name, small) or in_validation(name, large)
+
+
+def test_validation_fraction_is_respected_on_average() -> None:
+    n, fraction = 20_000, 0.1
+    held_out = sum(in_validation(f"doc-{i}", fraction) for i in range(n))
+    sigma = (n * fraction * (1 - fraction)) ** 0.5
+    assert abs(held_out - n * fraction) < 5 * sigma
+
+
+def _all(source: FilesSource | HubSource) -> list[Document]:
+    """Both splits, validation fraction 0.5 so both get documents."""
+    return [d for split in ("train", "validation") for d in documents(source, split, 0.5)]
+
+
+def test_jsonl_files_give_one_document_per_line(jsonl_file: Path) -> None:
+    rows = [json.loads(line)["text"] for line in jsonl_file.read_text().splitlines()]
+    docs = _all(FilesSource(paths=[str(jsonl_file)], format="jsonl"))
+    assert sorted((d.name, d.text) for d in docs) == sorted(
+        (f"{jsonl_file}:{i}", t) for i, t in enumerate(rows)
+    )
+
+
+def test_text_files_are_whole_documents(tmp_path: Path) -> None:
+    texts = ["first line\nsecond line\n\nafter a blank line\n", "ünïcödé, no final newline"]
+    paths = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for path, text in zip(paths, texts, strict=True):
+        path.write_text(text, encoding="utf-8")
+    docs = _all(FilesSource(paths=[str(p) for p in paths], format="text"))
+    assert sorted((d.name, d.text) for d in docs) == sorted(zip(map(str, paths), texts, strict=True))
+
+
+def test_parquet_files_read_the_text_column(tmp_path: Path) -> None:
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"body": ["alpha", "beta", "gamma"], "n": [1, 2, 3]}), path)
+    docs = _all(FilesSource(paths=[str(path)], format="parquet", text_column="body"))
+    assert sorted(d.text for d in docs) == ["alpha", "beta", "gamma"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hub_source_reads_local_builders(
+    jsonl_file: Path, streaming: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")  # keep ~/.cache clean
+    rows = [json.loads(line)["text"] for line in jsonl_file.read_text().splitlines()]
+    source = HubSource(path="json", data_files=str(jsonl_file), streaming=streaming)
+    assert sorted(d.text for d in _all(source)) == sorted(rows)
+    first = HubSource(path="json", data_files=str(jsonl_file), streaming=streaming, max_documents=5)
+    assert sorted(d.text for d in _all(first)) == sorted(rows[:5])
+
+
+def test_source_key_changes_with_whatever_changes_the_documents(jsonl_file: Path) -> None:
+    source = FilesSource(paths=[str(jsonl_file)], format="jsonl")
+    key = source_key(source, "train", FRACTION)
+    assert source_key(source, "train", FRACTION) == key
+    assert source_key(source, "validation", FRACTION) != key
+    assert source_key(source, "train", 0.1) != key
+    assert source_key(FilesSource(paths=[str(jsonl_file)], format="text"), "train", FRACTION) != key
+    stat = jsonl_file.stat()
+    os.utime(jsonl_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert source_key(source, "train", FRACTION) != key
+
+
+def test_stdlib_key_names_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = source_key(StdlibSource(), "train", FRACTION)
+    monkeypatch.setattr(sys, "version", sys.version + " (another build)")
+    assert source_key(StdlibSource(), "train", FRACTION) != key

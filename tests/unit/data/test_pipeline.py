@@ -1,0 +1,41 @@
+import json
+import random
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from zmaj.data.config import DataConfig, FilesSource
+from zmaj.data.dataset import collate
+from zmaj.data.pipeline import prepare
+
+
+def test_prepare_builds_once_then_rows_decode_to_the_corpus(tmp_path: Path) -> None:
+    # ASCII only, so that any run of tokens decodes to whole characters.
+    rng = random.Random(0)
+    words = ["def", "return", "self", "import", "value", "None", "for", "in", "(", ")", ":", "\n", "    "]
+    texts = [" ".join(rng.choices(words, k=rng.randint(5, 60))) for _ in range(60)]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    source = FilesSource(paths=[str(path)], format="jsonl")
+    config = DataConfig(source=source, vocab_size=300, seq_len=16, validation_fraction=0.2)
+
+    prepared = prepare(config, tmp_path / "cache", seed=0)
+    again = prepare(config, tmp_path / "cache", seed=0)
+    assert again.tokenizer.fingerprint() == prepared.tokenizer.fingerprint()
+    assert all(again.train[i]["tokens"].equal(prepared.train[i]["tokens"]) for i in range(len(again.train)))
+    assert len(prepared.train) > len(prepared.validation) > 0
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "tokens").iterdir()) == [
+        "train",
+        "validation",
+    ]
+
+    eos = "<|eos|>"
+    for batch in DataLoader(prepared.train, batch_size=8, collate_fn=collate):
+        assert batch.document_ids is not None
+        for tokens, documents in zip(batch.tokens, batch.document_ids, strict=True):
+            for document in documents.unique():
+                text = prepared.tokenizer.decode(tokens[documents == document].tolist())
+                # Each document of a row is one unbroken piece of one text, ending with eos if the text does.
+                assert eos not in text.removesuffix(eos)
+                assert any(text.removesuffix(eos) in t for t in texts)
+                assert not text.endswith(eos) or any(t.endswith(text.removesuffix(eos)) for t in texts)

@@ -1,0 +1,113 @@
+import json
+from pathlib import Path
+
+import pytest
+import tokenizers
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from tests.strategies import seeds
+from zmaj.data.config import DataConfig, FilesSource
+from zmaj.data.tokenizer import EOS, SPECIAL_TOKENS, USER, Tokenizer, _sample, load_or_train
+
+SPECIAL_TEXT = "".join(SPECIAL_TOKENS)
+
+
+@given(st.text())
+@example(SPECIAL_TEXT)
+@example("  leading spaces,\ttabs\r\nand CRLF ")
+@example("emoji 🐍, combining e\u0301, CJK 蛇, NUL \x00")
+def test_decode_inverts_encode(tokenizer: Tokenizer, text: str) -> None:
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+@given(st.text())
+@example(SPECIAL_TEXT)
+def test_token_bytes_count_the_utf8_bytes_exactly(tokenizer: Tokenizer, text: str) -> None:
+    counts = tokenizer.token_bytes()
+    assert int(counts[tokenizer.encode(text)].sum()) == len(text.encode("utf-8"))
+
+
+@given(st.lists(st.text(), max_size=5))
+@example([SPECIAL_TEXT, "x" + EOS])
+def test_text_never_encodes_to_a_special_token(tokenizer: Tokenizer, texts: list[str]) -> None:
+    specials = {tokenizer.token_id(t) for t in SPECIAL_TOKENS}
+    batch = tokenizer.encode_batch(texts)
+    assert batch == [tokenizer.encode(t) for t in texts]
+    assert not specials.intersection(i for ids in batch for i in ids)
+
+
+def test_special_tokens_come_first_and_stand_for_no_bytes(tokenizer: Tokenizer) -> None:
+    ids = [tokenizer.token_id(t) for t in SPECIAL_TOKENS]
+    assert ids == list(range(len(SPECIAL_TOKENS)))
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (0, 1, 2)
+    counts = tokenizer.token_bytes()
+    assert counts.shape == (tokenizer.vocab_size,)
+    assert counts[ids].eq(0).all()
+    assert counts[len(ids) :].ge(1).all()
+    assert (
+        tokenizer.decode([tokenizer.token_id(USER), *tokenizer.encode("hi"), tokenizer.eos_id])
+        == f"{USER}hi{EOS}"
+    )
+    with pytest.raises(KeyError, match="special"):
+        tokenizer.token_id("<|tool|>")
+
+
+def test_training_fills_the_vocabulary_deterministically(
+    tokenizer: Tokenizer, sample_texts: list[str]
+) -> None:
+    assert tokenizer.vocab_size == 400  # the fixture's request: the sample is large enough to fill it
+    assert Tokenizer.train(sample_texts, tokenizer.vocab_size).fingerprint() == tokenizer.fingerprint()
+    # Merges learn the corpus: real text costs far fewer tokens than bytes.
+    text = sample_texts[0]
+    assert len(tokenizer.encode(text)) < 0.6 * len(text.encode())
+
+
+@given(st.integers(0, 30), st.integers(1, 30), seeds)
+def test_sample_is_a_seeded_subsequence(n: int, k: int, seed: int) -> None:
+    texts = [f"t{i}" for i in range(n)]
+    sample = _sample(texts, k, seed)
+    assert sample == _sample(texts, k, seed)
+    assert len(sample) == min(n, k)
+    assert sample == [t for t in texts if t in set(sample)]
+
+
+def test_save_load_round_trip_is_atomic(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "tokenizer.json"
+    tokenizer.save(path)
+    assert [p.name for p in path.parent.iterdir()] == ["tokenizer.json"]
+    loaded = Tokenizer.load(path)
+    assert loaded.fingerprint() == tokenizer.fingerprint()
+    text = "def f(x):\n    return x  # ünïcödé " + EOS
+    assert loaded.encode(text) == tokenizer.encode(text)
+    assert loaded.token_bytes().equal(tokenizer.token_bytes())
+
+
+def test_load_explains_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"missing\.json"):
+        Tokenizer.load(tmp_path / "missing.json")
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ValueError, match="not a tokenizer file"):
+        Tokenizer.load(garbage)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"vocab_size": 3}))
+    with pytest.raises(ValueError, match="not a tokenizer file"):
+        Tokenizer.load(config)
+    foreign = tmp_path / "foreign.json"
+    tokenizers.Tokenizer(tokenizers.models.BPE()).save(str(foreign))
+    with pytest.raises(ValueError, match="special tokens"):
+        Tokenizer.load(foreign)
+
+
+def test_load_or_train_trains_once(jsonl_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = DataConfig(source=FilesSource(paths=[str(jsonl_file)], format="jsonl"), vocab_size=300)
+    first = load_or_train(config, tmp_path, seed=0)
+
+    def fail(*args: object, **kwargs: object) -> Tokenizer:
+        raise AssertionError("trained again instead of loading the cached tokenizer")
+
+    monkeypatch.setattr(Tokenizer, "train", fail)
+    assert load_or_train(config, tmp_path, seed=0).fingerprint() == first.fingerprint()
+    with pytest.raises(AssertionError, match="trained again"):
+        load_or_train(config.model_copy(update={"vocab_size": 301}), tmp_path, seed=0)

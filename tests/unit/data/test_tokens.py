@@ -1,0 +1,95 @@
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zmaj.data import tokens
+from zmaj.data.config import FilesSource, Source
+from zmaj.data.corpus import Document, Split, documents, in_validation
+from zmaj.data.tokenizer import Tokenizer
+from zmaj.data.tokens import TokenFile, token_dtype, tokenize_split
+
+FRACTION = 0.2
+
+
+@pytest.fixture
+def source(jsonl_file: Path) -> FilesSource:
+    return FilesSource(paths=[str(jsonl_file)], format="jsonl")
+
+
+def _entries(cache: Path) -> list[str]:
+    return sorted(p.name for p in (cache / "tokens").iterdir())
+
+
+def test_token_file_is_each_document_encoded_then_eos(
+    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path
+) -> None:
+    for split in ("train", "validation"):
+        token_file = tokenize_split(tokenizer, source, split, FRACTION, tmp_path)
+        docs = list(documents(source, split, FRACTION))
+        assert token_file.n_documents == len(docs) > 0
+        assert token_file.tokens.dtype == np.uint16
+        for i, doc in enumerate(docs):
+            assert token_file.document(i).tolist() == [*tokenizer.encode(doc.text), tokenizer.eos_id]
+        assert token_file.n_tokens == token_file.offsets[-1]
+        assert (token_file.eos_id, token_file.pad_id) == (tokenizer.eos_id, tokenizer.pad_id)
+        assert token_file.vocab_size == tokenizer.vocab_size
+
+
+def test_second_call_opens_the_cache(
+    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+    assert _entries(tmp_path) == [next(iter(_entries(tmp_path)))]  # one finished directory, no temporary left
+
+    def fail(*args: object) -> None:
+        raise AssertionError("read the corpus again instead of opening the cache")
+
+    monkeypatch.setattr(tokens, "documents", fail)
+    second = tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+    assert isinstance(second.tokens, np.memmap)
+    assert np.array_equal(second.tokens, first.tokens)
+    assert np.array_equal(second.offsets, first.offsets)
+    with pytest.raises(AssertionError, match="read the corpus again"):
+        tokenize_split(tokenizer, source, "validation", FRACTION, tmp_path)
+
+
+def test_a_crash_leaves_nothing_behind(
+    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crashing(source: Source, split: Split, fraction: float) -> Iterator[Document]:
+        yield from list(documents(source, split, fraction))[:3]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokens, "ENCODE_CHUNK", 2)  # so some tokens are written before the crash
+    monkeypatch.setattr(tokens, "documents", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+    assert _entries(tmp_path) == []
+
+
+def test_an_empty_split_is_an_empty_token_file(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    candidates = (tmp_path / f"doc{i}.txt" for i in range(1000))
+    train_only = [p for p in candidates if not in_validation(str(p), FRACTION)][:3]
+    for path in train_only:
+        path.write_text(f"text of {path.name}")
+    source = FilesSource(paths=[str(p) for p in train_only], format="text")
+    assert tokenize_split(tokenizer, source, "train", FRACTION, tmp_path).n_documents == 3
+    token_file = tokenize_split(tokenizer, source, "validation", FRACTION, tmp_path)
+    assert (token_file.n_documents, token_file.n_tokens) == (0, 0)
+
+
+def test_dtype_is_the_smallest_that_holds_the_vocabulary() -> None:
+    assert token_dtype(2**16) == np.uint16
+    assert token_dtype(2**16 + 1) == np.uint32
+
+
+def test_open_reads_what_was_written(tokenizer: Tokenizer, source: FilesSource, tmp_path: Path) -> None:
+    written = tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+    (directory,) = (tmp_path / "tokens").iterdir()
+    opened = TokenFile.open(directory)
+    assert opened.n_documents == written.n_documents
+    assert (
+        opened.document(opened.n_documents - 1).tolist() == written.document(written.n_documents - 1).tolist()
+    )

@@ -1,0 +1,143 @@
+"""A corpus is a stream of named documents, split into train and validation by a hash of each name.
+
+Hashing names (rather than shuffling and cutting) makes the split a property of the document alone: it is the
+same on every machine and run, needs no pass over the corpus, survives documents being added or removed, and
+works for streamed datasets whose length is unknown. The built-in corpus is the running interpreter's own
+standard library plus its pydoc topics, so every test and smoke run has real text offline.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+from loguru import logger
+
+from zmaj.data.config import FilesSource, HubSource, Source, StdlibSource
+
+Split = Literal["train", "validation"]
+
+CORPUS_VERSION = 1
+"""Bumped whenever what ``documents`` yields for a given source changes, so caches keyed on it are rebuilt."""
+
+SKIPPED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
+"""Third-party packages differ per environment, and distributions ship the test suites or not (Debian splits
+them out), so including either would make the "same" corpus differ between machines. The test suites also hold
+deliberately malformed and undecodable files."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One unit of text: it is split, shuffled and masked as a whole, never mixed with its neighbours."""
+
+    name: str
+    text: str
+
+
+def in_validation(name: str, fraction: float) -> bool:
+    """Whether a document is held out: the first 8 bytes of sha256(name), read as a uniform number in [0, 1).
+
+    Python's ``hash`` is salted per process, so it would give a different split on every run.
+    """
+    digest = hashlib.sha256(name.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def documents(source: Source, split: Split, validation_fraction: float) -> Iterator[Document]:
+    """The documents of one split, in a fixed order; empty documents are dropped (they would only add an eos)."""
+    want_validation = split == "validation"
+    for document in _all_documents(source):
+        if document.text and in_validation(document.name, validation_fraction) == want_validation:
+            yield document
+
+
+def source_key(source: Source, split: Split, validation_fraction: float) -> str:
+    """A sha256 that changes whenever the documents of this split could: the config, plus what it points at.
+
+    For the stdlib that is the interpreter (its full version string and stdlib path); for local files their sizes
+    and modification times. Hub datasets are keyed by config alone: pin a revision in ``path`` if it matters.
+    """
+    identity: dict[str, Any] = {
+        "source": source.model_dump(mode="json"),
+        "split": split,
+        "validation_fraction": validation_fraction,
+        "corpus_version": CORPUS_VERSION,
+    }
+    if isinstance(source, StdlibSource):
+        identity["python"] = [sys.version, sysconfig.get_paths()["stdlib"]]
+    if isinstance(source, FilesSource):
+        identity["files"] = [[p, (s := Path(p).stat()).st_size, s.st_mtime_ns] for p in source.paths]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _all_documents(source: Source) -> Iterator[Document]:
+    if isinstance(source, StdlibSource):
+        return stdlib_documents()
+    if isinstance(source, HubSource):
+        return hub_documents(source)
+    return files_documents(source)
+
+
+def stdlib_documents() -> Iterator[Document]:
+    """Every ``.py`` file of the standard library (a sorted walk), then each pydoc topic as its own document."""
+    from pydoc_data.topics import topics
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for directory, subdirectories, files in os.walk(root):
+        # Pruned in place so os.walk never descends into them (site-packages alone can hold 10k files), and
+        # sorted so the walk order, hence the document order, is the same on every file system.
+        subdirectories[:] = sorted(d for d in subdirectories if d not in SKIPPED_STDLIB_DIRS)
+        for file in sorted(f for f in files if f.endswith(".py")):
+            path = Path(directory, file)
+            relative = path.relative_to(root)
+            if _generated(relative):
+                continue
+            try:
+                text = path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                logger.debug("skipping {}: not UTF-8", relative)
+                continue
+            yield Document(f"stdlib:{relative.as_posix()}", text)
+    for topic in sorted(topics):
+        yield Document(f"pydoc:{topic}", topics[topic])
+
+
+def _generated(relative: Path) -> bool:
+    """Files that are data, not code: the pydoc topics (yielded one per topic instead) and build settings."""
+    return relative.as_posix() == "pydoc_data/topics.py" or relative.name.startswith("_sysconfigdata_")
+
+
+def hub_documents(source: HubSource) -> Iterator[Document]:
+    """Rows of a ``datasets`` dataset, named by their index so the split is stable while the rows are."""
+    dataset = datasets.load_dataset(
+        source.path, source.name, data_files=source.data_files, split=source.split, streaming=source.streaming
+    )
+    rows = islice(dataset.select_columns([source.text_column]), source.max_documents)  # None: all rows
+    prefix = f"{source.path}:{source.name}:{source.split}"
+    for index, row in enumerate(rows):
+        yield Document(f"{prefix}:{index}", row[source.text_column])
+
+
+def files_documents(source: FilesSource) -> Iterator[Document]:
+    """Each file is read on its own, so a document's name (file, row) does not depend on the other files."""
+    for path in source.paths:
+        if source.format == "text":
+            # sample_by="document": a text file is one document, not one per line.
+            rows = datasets.load_dataset(
+                "text", data_files=path, sample_by="document", split="train", streaming=True
+            )
+            for row in rows:
+                yield Document(path, row["text"])
+            continue
+        builder = "json" if source.format == "jsonl" else "parquet"
+        # Streaming reads the file directly instead of first converting it into the Arrow cache in ~/.cache.
+        rows = datasets.load_dataset(builder, data_files=path, split="train", streaming=True)
+        for index, row in enumerate(rows.select_columns([source.text_column])):
+            yield Document(f"{path}:{index}", row[source.text_column])

@@ -1,0 +1,187 @@
+"""A byte-level BPE tokenizer (Sennrich et al., 2016; byte-level as in GPT-2, Radford et al., 2019).
+
+Text is first turned into UTF-8 bytes, each byte mapped to a printable character, then the most frequent
+adjacent pairs are merged until the vocabulary is full. Because all 256 bytes are in the vocabulary, every string
+encodes and ``decode(encode(s)) == s`` exactly: there is no unknown token and no normalisation. Each ordinary
+token stands for a fixed number of bytes (``token_bytes``), which turns a loss in nats per token into bits per
+byte, a number comparable across tokenizers.
+
+Special tokens are reserved first (ids 0..6) and are never produced by ``encode``: a document that happens to
+contain the text ``<|eos|>`` is encoded as that text, so only code can insert a real separator or chat role.
+Training uses the Hugging Face ``tokenizers`` library (https://huggingface.co/docs/tokenizers); its BPE trainer
+is deterministic for a given multiset of texts.
+"""
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+import torch
+from jaxtyping import Int
+from loguru import logger
+from tokenizers import decoders, models, pre_tokenizers, trainers
+from torch import Tensor
+
+from zmaj.data.config import N_SPECIAL_TOKENS, DataConfig
+from zmaj.data.corpus import documents, source_key
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END)
+assert len(SPECIAL_TOKENS) == N_SPECIAL_TOKENS
+
+TOKENIZER_VERSION = 1
+"""Bumped whenever training changes, so cached tokenizers (and the token files keyed on them) are rebuilt."""
+
+
+class Tokenizer:
+    """A thin wrapper over ``tokenizers.Tokenizer`` that fixes the conventions the rest of zmaj relies on."""
+
+    def __init__(self, inner: tokenizers.Tokenizer) -> None:
+        missing = [t for t in SPECIAL_TOKENS if inner.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special tokens {missing}; train it with Tokenizer.train")
+        # Text is data: a literal "<|eos|>" inside a document must not become the separator.
+        inner.encode_special_tokens = True
+        self._inner = inner
+
+    @classmethod
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, seed: int = 0, max_texts: int | None = None
+    ) -> "Tokenizer":
+        """Train on ``texts``, or on a seeded uniform sample of ``max_texts`` of them to bound the time it takes.
+
+        The seed only picks the sample; given the texts, BPE training has no randomness.
+        """
+        if max_texts is not None:
+            texts = _sample(texts, max_texts, seed)
+        inner = tokenizers.Tokenizer(models.BPE())
+        # No prefix space and no normaliser: either would break the exact round trip.
+        inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        inner.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        inner.train_from_iterator(texts, trainer)
+        return cls(inner)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Read a tokenizer saved by ``save``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {path}")
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a tokenizer file: not JSON ({error})") from error
+        if not isinstance(raw, dict) or "model" not in raw:
+            raise ValueError(f"{path} is not a tokenizer file: JSON without a 'model' entry")
+        return cls(tokenizers.Tokenizer.from_str(text))
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (a temporary file, then a rename), so a crash never leaves half a tokenizer."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(self._inner.to_str())
+        os.replace(temporary, path)
+
+    def fingerprint(self) -> str:
+        """sha256 of the serialised tokenizer (what ``save`` writes): the cache key of anything encoded with it."""
+        return hashlib.sha256(self._inner.to_str().encode()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self._inner.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts on all cores (the library's thread pool)."""
+        return [e.ids for e in self._inner.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Special tokens are kept, written as their names, so samples show where documents and turns end."""
+        return self._inner.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._inner.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        """The id of a special token such as ``USER``."""
+        if token not in SPECIAL_TOKENS:
+            raise KeyError(f"{token!r} is not one of the special tokens {SPECIAL_TOKENS}")
+        token_id = self._inner.token_to_id(token)
+        assert token_id is not None  # checked in __init__
+        return token_id
+
+    @property
+    def bos_id(self) -> int:
+        return self.token_id(BOS)
+
+    @property
+    def eos_id(self) -> int:
+        return self.token_id(EOS)
+
+    @property
+    def pad_id(self) -> int:
+        return self.token_id(PAD)
+
+    def token_bytes(self) -> Int[Tensor, " vocab"]:
+        """How many UTF-8 bytes each token stands for; 0 for special tokens, which stand for no text.
+
+        Summed over the targets of a batch it is the number of bytes the loss was paid on, so
+        ``bits_per_byte = sum(loss_nats) / (ln 2 * sum(token_bytes[targets]))`` exactly. A byte-level token is
+        written with one printable character per byte, so its byte count is its length.
+        """
+        counts = [0] * self.vocab_size
+        for token, token_id in self._inner.get_vocab(with_added_tokens=True).items():
+            counts[token_id] = 0 if token in SPECIAL_TOKENS else len(token)
+        return torch.tensor(counts, dtype=torch.long)
+
+
+def _sample(texts: Iterable[str], k: int, seed: int) -> list[str]:
+    """A uniform sample of ``k`` texts in one pass and O(k) memory (reservoir sampling, Vitter's algorithm R)."""
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    for index, text in enumerate(texts):
+        if index < k:
+            reservoir.append((index, text))
+        elif (slot := rng.randrange(index + 1)) < k:
+            reservoir[slot] = (index, text)
+    return [text for _, text in sorted(reservoir)]
+
+
+def tokenizer_path(config: DataConfig, cache_dir: str | Path, seed: int) -> Path:
+    """Where the tokenizer for this corpus, vocabulary size and sample lives in a cache directory."""
+    identity = [
+        source_key(config.source, "train", config.validation_fraction),
+        config.vocab_size,
+        config.tokenizer_documents,
+        seed,
+        TOKENIZER_VERSION,
+        tokenizers.__version__,
+    ]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
+    return Path(cache_dir) / "tokenizers" / f"{key}.json"
+
+
+def load_or_train(config: DataConfig, cache_dir: str | Path, seed: int = 0) -> Tokenizer:
+    """The tokenizer of ``config``'s training split: loaded from the cache, or trained once and saved there."""
+    path = tokenizer_path(config, cache_dir, seed)
+    if path.is_file():
+        return Tokenizer.load(path)
+    logger.info("training a {}-token BPE on {} -> {}", config.vocab_size, config.source.kind, path)
+    texts = (d.text for d in documents(config.source, "train", config.validation_fraction))
+    tokenizer = Tokenizer.train(texts, config.vocab_size, seed, config.tokenizer_documents)
+    tokenizer.save(path)
+    return tokenizer

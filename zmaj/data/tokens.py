@@ -1,0 +1,139 @@
+"""A token file: one split of a corpus encoded once, kept on disk and memory-mapped for training.
+
+Encoding text is slow next to a training step, so it is done once per (tokenizer, source, split) and cached:
+a flat array of token ids (uint16 while the vocabulary fits, halving the file) plus the offset of each document
+in it, the layout of nanoGPT's ``train.bin`` with document boundaries kept, so packing can mask across them.
+Every document ends with ``<|eos|>``: the model learns where documents end, and decoding a packed row shows it.
+
+The cache directory is built under a temporary name and renamed into place, so it either exists whole or not at
+all: a crash or an interrupted run never leaves a half-written file that a later run would trust.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+from jaxtyping import Int64, UInt
+from loguru import logger
+
+from zmaj.data.config import Source
+from zmaj.data.corpus import Document, Split, documents, source_key
+from zmaj.data.tokenizer import Tokenizer
+
+TOKENS_VERSION = 1
+"""Bumped whenever the on-disk layout or what is written per document changes."""
+
+ENCODE_CHUNK = 512
+"""Documents handed to the tokenizer at once: enough to keep its threads busy, few enough to bound memory."""
+
+
+@dataclass(frozen=True, eq=False)
+class TokenFile:
+    """Token ids of every document back to back; document ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``."""
+
+    tokens: UInt[np.ndarray, " tokens"]
+    offsets: Int64[np.ndarray, " offsets"]
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+
+    @property
+    def n_documents(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def document(self, index: int) -> UInt[np.ndarray, " length"]:
+        """The ids of one document, its trailing ``<|eos|>`` included."""
+        return self.tokens[self.offsets[index] : self.offsets[index + 1]]
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "TokenFile":
+        """Memory-map a token file written by ``tokenize_split``: nothing is read until it is indexed."""
+        directory = Path(directory)
+        meta = json.loads((directory / "meta.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        # mmap cannot map an empty file; an empty split (a tiny corpus's validation set) is an empty array.
+        tokens = (
+            np.memmap(directory / "tokens.bin", dtype=dtype, mode="r", shape=(meta["n_tokens"],))
+            if meta["n_tokens"]
+            else np.zeros(0, dtype=dtype)
+        )
+        offsets = np.load(directory / "offsets.npy")
+        return cls(tokens, offsets, meta["vocab_size"], meta["eos_id"], meta["pad_id"])
+
+
+def token_dtype(vocab_size: int) -> np.dtype[np.unsignedinteger]:
+    """The smallest unsigned type that holds every id."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def tokenize_split(
+    tokenizer: Tokenizer, source: Source, split: Split, validation_fraction: float, cache_dir: str | Path
+) -> TokenFile:
+    """The token file of one split: opened from the cache, or encoded once and written there atomically."""
+    identity = [
+        tokenizer.fingerprint(),
+        source_key(source, split, validation_fraction),
+        split,
+        TOKENS_VERSION,
+    ]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
+    root = Path(cache_dir) / "tokens"
+    final = root / f"{split}-{key}"
+    if final.is_dir():
+        return TokenFile.open(final)
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    # The temporary directory is removed on the way out, crash or not; only its finished "data" folder moves.
+    with tempfile.TemporaryDirectory(dir=root, prefix=".tmp-") as temporary:
+        staging = Path(temporary) / "data"
+        staging.mkdir()
+        meta = _write(tokenizer, documents(source, split, validation_fraction), staging)
+        (staging / "meta.json").write_text(
+            json.dumps(meta | {"source": identity[1], "split": split}, indent=1)
+        )
+        try:
+            os.rename(staging, final)
+        except OSError:
+            # Another process (another rank of the same run) finished first: its file is the same, use it.
+            if not final.is_dir():
+                raise
+    logger.info(
+        "encoded {} split: {} documents, {} tokens in {:.1f}s -> {}",
+        split,
+        meta["n_documents"],
+        meta["n_tokens"],
+        time.perf_counter() - started,
+        final,
+    )
+    return TokenFile.open(final)
+
+
+def _write(tokenizer: Tokenizer, docs: Iterator[Document], directory: Path) -> dict[str, int | str]:
+    dtype = token_dtype(tokenizer.vocab_size)
+    offsets = [0]
+    with (directory / "tokens.bin").open("wb") as file:
+        while chunk := list(islice(docs, ENCODE_CHUNK)):
+            for ids in tokenizer.encode_batch([d.text for d in chunk]):
+                ids.append(tokenizer.eos_id)
+                np.asarray(ids, dtype=dtype).tofile(file)
+                offsets.append(offsets[-1] + len(ids))
+    np.save(directory / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    return {
+        "dtype": dtype.name,
+        "n_tokens": offsets[-1],
+        "n_documents": len(offsets) - 1,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id,
+    }
