@@ -1,0 +1,145 @@
+"""programs/pretrain.py and programs/sample.py end to end on a tiny spec and a tiny local corpus."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+WORDS = [
+    "def",
+    "class",
+    "return",
+    "import",
+    "yield",
+    "lambda",
+    "value",
+    "index",
+    "parse",
+    "token",
+    "print",
+    "self",
+    "list",
+    "dict",
+    "None",
+    "True",
+]
+
+
+def corpus(path: Path) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    with path.open("w") as f:
+        for doc in range(80):
+            words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (60,), generator=generator)]
+            f.write(json.dumps({"text": f"# file {doc}\n" + " ".join(words)}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pretrain")
+    data = corpus(root / "corpus.jsonl")
+    spec = {
+        "name": "tiny",
+        "model": {
+            "vocab_size": 300,
+            "context": 32,
+            "d_model": 32,
+            "n_layers": 2,
+            "n_heads": 2,
+            "dropout": 0.1,
+        },
+        "data": {
+            "source": {"kind": "files", "paths": [str(data)], "format": "jsonl"},
+            "validation_fraction": 0.2,
+            "seq_len": 32,
+            "vocab_size": 300,
+        },
+        "train": {"steps": 6, "batch_size": 4, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 100},
+        "sample": {"prompts": ["def "], "max_new_tokens": 5},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run(program: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "programs" / program), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run_dir / "checkpoints" / latest / "params.safetensors"))
+
+
+@pytest.mark.slow
+def test_pretrain_then_resume_is_exact_then_sample(spec: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    done = run("pretrain.py", spec, "--run-dir", straight, "--cache-dir", cache)
+    assert done.returncode == 0, done.stderr
+    for name in ("spec.yaml", "tokenizer.json", "metrics.jsonl", "loss.png", "log.txt"):
+        assert (straight / name).is_file(), name
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    final = records[-1]
+    assert final["final"]
+    assert final["val_bpb"] > 0
+    assert final["unigram_bpb"] > 0
+    assert sum("loss" in r for r in records) == 6
+
+    first = run("pretrain.py", spec, "--run-dir", split, "--cache-dir", cache, "--stop-after", "3")
+    assert first.returncode == 0, first.stderr
+    assert (split / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+    resumed = run("pretrain.py", "--resume", split, "--cache-dir", cache)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_params(straight), final_params(split)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+    sampled = run("sample.py", straight, "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0")
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout.startswith("def ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "train.stepz=3"], "train.stepz"),
+        (["--set", "train.steps=lots"], "train.steps"),
+        (["--set", "data.source.paths=[/no/such/file.jsonl]"], "/no/such/file.jsonl"),
+        (["--resume", "/no/such/run"], "/no/such/run"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_problem(spec: Path, args: list[str], message: str) -> None:
+    result = run("pretrain.py", spec, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_different_model(spec: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert (
+        run(
+            "pretrain.py", spec, "--run-dir", run_dir, "--cache-dir", tmp_path, "--stop-after", "1"
+        ).returncode
+        == 0
+    )
+    result = run("pretrain.py", "--resume", run_dir, "--set", "model.d_model=64")
+    assert result.returncode == 2
+    assert "model config differs" in result.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-0000001"

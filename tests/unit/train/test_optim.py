@@ -1,0 +1,91 @@
+"""Functional AdamW against torch.optim.AdamW; clipping and schedules against their definitions."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from tensordict import TensorDict
+
+from zmaj.models import gpt
+from zmaj.train import optim
+
+CONFIG = gpt.GPTConfig(vocab_size=40, context=16, d_model=16, n_layers=2, n_heads=2)
+
+
+def test_adamw_matches_torch_over_20_steps() -> None:
+    params = gpt.init(CONFIG, seed=0)
+    config = optim.AdamWConfig(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=None)
+    decay = optim.decay_mask(params)
+    keys = list(params.keys(True, True))
+    reference = [torch.nn.Parameter(params.get(k).clone()) for k in keys]
+    groups = [
+        {
+            "params": [p for k, p in zip(keys, reference, strict=True) if bool(decay.get(k).all())],
+            "weight_decay": 0.1,
+        },
+        {
+            "params": [p for k, p in zip(keys, reference, strict=True) if not bool(decay.get(k).all())],
+            "weight_decay": 0.0,
+        },
+    ]
+    torch_adamw = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    state = optim.adamw_init(params)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(20):
+        lr = 3e-3 * (1 - step / 40)
+        grads = params.apply(lambda t: torch.randn(t.shape, generator=generator))
+        assert grads is not None
+        params, state = optim.adamw_update(params, grads, state, config, lr, decay)
+        for group in torch_adamw.param_groups:
+            group["lr"] = lr
+        for k, p in zip(keys, reference, strict=True):
+            p.grad = grads.get(k)
+        torch_adamw.step()
+    for k, p in zip(keys, reference, strict=True):
+        assert (params.get(k) - p.detach()).abs().max().item() <= 1e-6, k
+
+
+def test_decay_mask_counts_rank_without_the_layer_axis() -> None:
+    decay = optim.decay_mask(gpt.init(CONFIG, seed=0))
+    assert (decay["embed", "weight"] == 1.0).all()
+    assert (decay["blocks", "attn", "q", "weight"] == 1.0).all()
+    assert (decay["blocks", "attn", "q", "bias"] == 0.0).all()  # [n_layers, d] is a stack of vectors
+    assert (decay["blocks", "attn_norm", "weight"] == 0.0).all()
+    assert (decay["final_norm", "weight"] == 0.0).all()
+
+
+@given(st.floats(0.01, 10.0), st.integers(0, 2**16))
+def test_clipping_matches_torch(max_norm: float, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    grads = TensorDict(
+        {"a": torch.randn(5, 3, generator=generator), "b": {"c": torch.randn(7, generator=generator)}}
+    )
+    clipped, norm = optim.clip_by_global_norm(grads, max_norm)
+    tensors = [grads["a"].clone(), grads["b", "c"].clone()]
+    params = [torch.nn.Parameter(torch.zeros_like(t)) for t in tensors]
+    for p, t in zip(params, tensors, strict=True):
+        p.grad = t
+    expected_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    torch.testing.assert_close(norm, expected_norm)
+    torch.testing.assert_close(clipped["a"], params[0].grad)
+    torch.testing.assert_close(clipped["b", "c"], params[1].grad)
+
+
+def test_cosine_schedule_closed_form() -> None:
+    schedule = optim.ScheduleConfig(kind="cosine", warmup_steps=10, final_lr_fraction=0.1)
+    assert optim.learning_rate(0, 110, 1.0, schedule) == pytest.approx(0.1)
+    assert optim.learning_rate(9, 110, 1.0, schedule) == pytest.approx(1.0)
+    assert optim.learning_rate(10, 110, 1.0, schedule) == pytest.approx(1.0)
+    assert optim.learning_rate(60, 110, 1.0, schedule) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2))
+    )
+    assert optim.learning_rate(110, 110, 1.0, schedule) == pytest.approx(0.1)
+
+
+def test_wsd_schedule_is_flat_then_linear() -> None:
+    schedule = optim.ScheduleConfig(kind="wsd", warmup_steps=10, decay_fraction=0.2, final_lr_fraction=0.0)
+    assert [optim.learning_rate(s, 100, 1.0, schedule) for s in (10, 50, 79)] == [1.0, 1.0, 1.0]
+    assert optim.learning_rate(90, 100, 1.0, schedule) == pytest.approx(0.5)
+    assert optim.learning_rate(100, 100, 1.0, schedule) == pytest.approx(0.0)

@@ -1,0 +1,51 @@
+"""Specs: every shipped spec validates and builds its model; bad specs fail naming the field."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from zmaj.models import gpt
+from zmaj.train.spec import PretrainSpec, SpecError, apply_overrides, load
+
+SPECS = sorted((Path(__file__).resolve().parents[3] / "specs").rglob("*.yaml"))
+
+
+def test_specs_exist() -> None:
+    assert any(path.name == "stdlib-tiny.yaml" for path in SPECS)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_every_spec_validates_and_builds_its_model_on_meta(path: Path) -> None:
+    spec = load(PretrainSpec, path)
+    params = gpt.init(spec.model, seed=0, device="meta")
+    assert all(t.device == torch.device("meta") for t in params.values(True, True))
+
+
+def test_overrides_are_parsed_as_yaml_and_leave_the_input_alone() -> None:
+    raw = {"train": {"steps": 5}, "model": {"d_model": 8}}
+    out = apply_overrides(raw, ["train.steps=10", "model.dropout=0.1", "train.optimizer.lr=0.001"])
+    assert out["train"] == {"steps": 10, "optimizer": {"lr": 0.001}}
+    assert out["model"]["dropout"] == 0.1
+    assert raw == {"train": {"steps": 5}, "model": {"d_model": 8}}
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("train.stepz=3", "train.stepz"),
+        ("train.steps=many", "train.steps"),
+        ("model.d_model=250", "d_model"),
+        ("model.vocab_size=100", "model.vocab_size"),
+        ("data.seq_len=4096", "data.seq_len"),
+    ],
+)
+def test_a_bad_spec_names_the_field(override: str, field: str) -> None:
+    path = next(p for p in SPECS if p.name == "stdlib-tiny.yaml")
+    with pytest.raises(SpecError, match=field.replace(".", r"\.")):
+        load(PretrainSpec, path, [override])
+
+
+def test_a_malformed_override_is_rejected() -> None:
+    with pytest.raises(SpecError, match="key=value"):
+        apply_overrides({}, ["train.steps"])

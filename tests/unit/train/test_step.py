@@ -1,0 +1,82 @@
+"""The stateless train step: accumulation is exact, a tiny model overfits, the state is all there is."""
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+from zmaj.models import gpt
+from zmaj.models.common import Batch
+from zmaj.train import optim, step
+
+CONFIG = gpt.GPTConfig(vocab_size=32, context=32, d_model=32, n_layers=2, n_heads=4)
+FORWARD = step.bind(gpt.forward, config=CONFIG)
+
+
+def make_batch(seed: int, rows: int = 4, seq: int = 16) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 32, (rows, seq + 1), generator=generator)
+    loss_mask = torch.rand(rows, seq, generator=generator) > 0.2
+    return Batch(tokens=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=loss_mask)
+
+
+def run(state: TensorDictBase, batches: list[Batch], lr: float = 1e-2) -> tuple[TensorDict, step.Metrics]:
+    params = state["params"]
+    return step.train_step(
+        state,
+        batches,
+        forward=FORWARD,
+        optimizer=optim.AdamWConfig(lr=lr, grad_clip=1.0),
+        lr=lr,
+        decay=optim.decay_mask(params),
+        seed=0,
+    )
+
+
+def test_accumulated_micro_batches_equal_one_large_batch() -> None:
+    state = step.init_state(gpt.init(CONFIG, seed=0))
+    micro = [make_batch(seed) for seed in range(3)]
+    large = Batch(
+        tokens=torch.cat([b.tokens for b in micro]),
+        targets=torch.cat([b.targets for b in micro if b.targets is not None]),
+        loss_mask=torch.cat([b.loss_mask for b in micro if b.loss_mask is not None]),
+    )
+    params = state["params"]
+    grads_acc, loss_acc, n_acc = step.accumulate_grads(params, micro, FORWARD, [None] * 3)
+    grads_one, loss_one, n_one = step.accumulate_grads(params, [large], FORWARD, [None])
+    assert int(n_acc) == int(n_one)
+    torch.testing.assert_close(loss_acc, loss_one)
+    for key in grads_one.keys(True, True):
+        torch.testing.assert_close(grads_acc.get(key), grads_one.get(key), atol=1e-7, rtol=1e-5)
+    _, metrics_acc = run(state, micro)
+    _, metrics_one = run(state, [large])
+    torch.testing.assert_close(metrics_acc["grad_norm"], metrics_one["grad_norm"])
+
+
+def test_the_step_does_not_touch_its_input_state() -> None:
+    state = step.init_state(gpt.init(CONFIG, seed=0))
+    before = state.clone()
+    new_state, _ = run(state, [make_batch(0)])
+    assert (state == before).all()
+    assert int(new_state["opt", "step"]) == 1
+    assert not torch.equal(new_state["params", "embed", "weight"], state["params", "embed", "weight"])
+
+
+def test_a_tiny_model_overfits_one_batch() -> None:
+    state = step.init_state(gpt.init(CONFIG, seed=0))
+    batch = make_batch(0, rows=2)
+    first = None
+    for _ in range(60):
+        state, metrics = run(state, [batch], lr=1e-2)
+        first = float(metrics["loss"]) if first is None else first
+    assert first is not None
+    assert first > 3.0  # about ln(32) at initialisation
+    assert float(metrics["loss"]) < 0.2
+
+
+def test_bits_per_byte_is_loss_over_bytes_in_bits() -> None:
+    metrics = [
+        {"loss_sum": torch.tensor(10.0), "tokens": torch.tensor(5), "bytes": torch.tensor(20)},
+        {"loss_sum": torch.tensor(6.0), "tokens": torch.tensor(3), "bytes": torch.tensor(12)},
+    ]
+    pooled = step.pooled_eval(metrics)
+    assert pooled["val_loss"] == 2.0
+    assert abs(pooled["val_bpb"] - 16.0 / 0.6931471805599453 / 32) < 1e-12

@@ -1,0 +1,1 @@
+"""Training: functional AdamW, stateless steps, checkpoints, specs."""

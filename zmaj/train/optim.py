@@ -1,0 +1,118 @@
+"""AdamW, gradient clipping and learning-rate schedules as pure functions over TensorDicts.
+
+AdamW (Loshchilov & Hutter, 2019) keeps running means of the gradient (``m``) and of its square (``v``) and
+moves each parameter by the bias-corrected ratio m / (sqrt(v) + eps); weight decay shrinks the parameter
+directly instead of being added to the gradient. The arithmetic below follows ``torch.optim.AdamW`` operation by
+operation, so the two agree to float rounding.
+"""
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+
+class AdamWConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    decay_norms_and_biases: bool = False
+    grad_clip: float | None = Field(1.0, gt=0, description="global grad-norm clip; None disables it")
+
+
+class ScheduleConfig(BaseModel):
+    """Linear warmup, then cosine decay or warmup-stable-decay (WSD, Hägele et al., 2024) to ``final_lr_fraction``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of the steps spent decaying")
+    final_lr_fraction: float = Field(0.1, ge=0, le=1)
+
+
+def adamw_init(params: TensorDictBase) -> TensorDict:
+    """Zero first and second moments shaped like the parameters."""
+    zeros = params.detach().apply(torch.zeros_like)
+    return TensorDict({"m": zeros, "v": zeros.clone(), "step": torch.zeros((), dtype=torch.long)})
+
+
+def adamw_update(
+    params: TensorDictBase,
+    grads: TensorDictBase,
+    state: TensorDictBase,
+    config: AdamWConfig,
+    lr: float | Tensor,
+    decay: TensorDictBase,
+) -> tuple[TensorDictBase, TensorDict]:
+    """One AdamW step; returns new parameters and a new optimizer state, the inputs untouched.
+
+    ``decay`` holds, per parameter, 1.0 where weight decay applies and 0.0 where it does not.
+    """
+    beta1, beta2 = config.betas
+    step = state["step"] + 1
+    m = state["m"].lerp(grads, 1 - beta1)
+    v = state["v"] * beta2 + grads * grads * (1 - beta2)
+    bias1 = 1 - beta1**step
+    bias2_sqrt = (1 - beta2**step).sqrt()
+    denominator = v.sqrt() / bias2_sqrt + config.eps
+    decayed = params * (1 - lr * config.weight_decay * decay)
+    new_params = decayed - (lr / bias1) * m / denominator
+    return new_params, TensorDict({"m": m, "v": v, "step": step})
+
+
+def decay_mask(params: TensorDictBase, norms_and_biases: bool = False) -> TensorDict:
+    """1.0 for matrices (embeddings, projections), 0.0 for vectors (norm scales, biases).
+
+    A parameter's rank is counted without the stacked-layer axis, so a ``[n_layers, d]`` bias stays a vector.
+    """
+
+    def flag(key: tuple[str, ...]) -> Tensor:
+        tensor = params.get(key)
+        layer_dims = (params.get(key[:-1]) if len(key) > 1 else params).batch_dims
+        is_matrix = tensor.ndim - layer_dims >= 2
+        # Shaped to broadcast against the parameter, and to sit under the same stacked-layer batch size.
+        shape = tensor.shape[:layer_dims] + (1,) * (tensor.ndim - layer_dims)
+        return torch.full(shape, 1.0 if norms_and_biases or is_matrix else 0.0, device=tensor.device)
+
+    mask: TensorDict = params.detach().clone(recurse=False)
+    for key in params.keys(True, True):
+        mask.set(key, flag(key))
+    return mask
+
+
+def global_norm(grads: TensorDictBase) -> Tensor:
+    """The L2 norm of all gradients taken as one vector."""
+    leaves = [g.float() for g in grads.values(True, True)]
+    norm: Tensor = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in leaves]))
+    return norm
+
+
+def clip_by_global_norm(grads: TensorDictBase, max_norm: float) -> tuple[TensorDictBase, Tensor]:
+    """Scale all gradients by min(1, max_norm / norm), as ``torch.nn.utils.clip_grad_norm_`` does."""
+    norm = global_norm(grads)
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return grads * scale, norm
+
+
+def learning_rate(step: int, total_steps: int, peak: float, schedule: ScheduleConfig) -> float:
+    """The learning rate for (0-based) ``step`` of ``total_steps``."""
+    if step < schedule.warmup_steps:
+        return peak * (step + 1) / schedule.warmup_steps
+    floor = peak * schedule.final_lr_fraction
+    if schedule.kind == "constant":
+        return peak
+    if schedule.kind == "cosine":
+        progress = (step - schedule.warmup_steps) / max(1, total_steps - schedule.warmup_steps)
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    decay_start = total_steps - int(schedule.decay_fraction * total_steps)
+    if step < decay_start:
+        return peak
+    progress = (step - decay_start) / max(1, total_steps - decay_start)
+    return peak + (floor - peak) * min(progress, 1.0)

@@ -1,0 +1,45 @@
+"""Which float type to compute in, and the autocast context that applies it.
+
+``auto`` picks bfloat16 where matrix units make it fast (CUDA, or a CPU with AVX512-BF16 or AMX) and float32
+elsewhere: on CPUs without bf16 instructions, bf16 matmuls run about 100x slower than fp32. Parameters and
+optimizer state stay float32 either way; autocast runs the matmuls in the chosen type.
+"""
+
+from contextlib import AbstractContextManager, nullcontext
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@cache
+def cpu_has_fast_bf16() -> bool:
+    """AVX512 with the BF16 extension, or AMX; read from /proc/cpuinfo where it exists (Linux)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        return False
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve(precision: Precision, device: torch.device) -> torch.dtype:
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    return torch.bfloat16 if fast else torch.float32
+
+
+def autocast(dtype: torch.dtype, device: torch.device) -> AbstractContextManager[object]:
+    """Mixed precision for ``dtype`` on ``device``; a no-op for float32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

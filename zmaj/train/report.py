@@ -1,0 +1,66 @@
+"""What a run leaves behind for people: a metrics JSONL, a loss-curve PNG, FLOP counts for MFU."""
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import torch
+
+from zmaj.models.gpt import GPTConfig
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(metrics_path: Path, out: Path) -> None:
+    """Train loss per step and validation loss per eval, from the run's metrics JSONL."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=0.8)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats per token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def gpt_flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per parameter-multiply (forward + backward) plus attention scores.
+
+    Counts the matmuls only (Kaplan et al., 2020; the PaLM appendix's 6N + 12 L d S); embeddings are lookups,
+    the unembedding is a matmul and counts.
+    """
+    d, layers = config.d_model, config.n_layers
+    per_layer = 4 * d * d + 2 * d * config.ff_dim
+    matmul_params = layers * per_layer + config.vocab_size * d
+    return 6.0 * matmul_params + 12.0 * layers * d * seq_len
+
+
+def measure_matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 1024, repeats: int = 5) -> float:
+    """Best observed GFLOP/s of an n x n matmul in this process: the ceiling MFU is measured against."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9

@@ -1,0 +1,114 @@
+"""Experiment specs: one YAML file = one experiment, validated by pydantic before anything runs.
+
+``load(path, overrides)`` reads the YAML, applies ``--set a.b.c=value`` overrides (values parsed as YAML, so
+``--set train.steps=10`` is an int) and validates the whole spec; any problem raises ``SpecError`` with a message
+that names the offending field.
+"""
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from zmaj.data.config import DataConfig
+from zmaj.models.gpt import GPTConfig
+from zmaj.train.optim import AdamWConfig, ScheduleConfig
+from zmaj.train.precision import Precision
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the field."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0, description="rows per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    optimizer: AdamWConfig = AdamWConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    precision: Precision = "auto"
+    compile: bool = False
+    eval_every: int = Field(100, gt=0)
+    eval_batches: int = Field(
+        10, gt=0, description="validation batches per periodic eval (the final eval uses all)"
+    )
+    checkpoint_every: int = Field(500, gt=0)
+    seed: int = 0
+
+
+class SampleConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompts: list[str] = ["def ", "import "]
+    max_new_tokens: int = Field(48, ge=0)
+    temperature: float = Field(0.8, ge=0)
+    top_k: int | None = Field(50, gt=0)
+
+
+class PretrainSpec(BaseModel):
+    """Everything a pre-training run depends on; saved into the run folder so a run can be repeated."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    model: GPTConfig
+    data: DataConfig = DataConfig()
+    train: TrainConfig
+    sample: SampleConfig = SampleConfig()
+
+    @model_validator(mode="after")
+    def _model_fits_data(self) -> "PretrainSpec":
+        if self.model.vocab_size != self.data.vocab_size:
+            raise ValueError(
+                f"model.vocab_size ({self.model.vocab_size}) must equal data.vocab_size ({self.data.vocab_size})"
+            )
+        if self.model.context < self.data.seq_len:
+            raise ValueError(
+                f"model.context ({self.model.context}) is shorter than data.seq_len ({self.data.seq_len})"
+            )
+        return self
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "model.dropout=0.1"]`` applied to a nested dict (a new one; the input is untouched)."""
+    result: dict[str, Any] = yaml.safe_load(yaml.safe_dump(raw))
+    for item in overrides:
+        path, sep, value = item.partition("=")
+        if not sep or not path:
+            raise SpecError(f"--set expects key=value, got {item!r}")
+        *parents, leaf = path.split(".")
+        node = result
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {path}: {part!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return result
+
+
+def parse(model: type[T], raw: object, where: str) -> T:
+    """Validate ``raw`` as ``model``; errors name each bad field by its dotted path."""
+    try:
+        return model.model_validate(raw)
+    except pydantic.ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors()
+        )
+        raise SpecError(f"{where}: {problems}") from None
+
+
+def load(model: type[T], path: Path, overrides: list[str] | None = None) -> T:
+    """Read, override and validate a YAML spec."""
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level")
+    return parse(model, apply_overrides(raw, overrides or []), str(path))

@@ -1,0 +1,148 @@
+"""Stateless training and evaluation steps: ``train_step(state, batches) -> (state, metrics)``.
+
+The whole training state is one TensorDict (parameters, AdamW moments, step counter), so a step is a pure
+function of it and the batch: no hidden optimizer object, no module state. Gradients come from
+``torch.func.grad_and_value`` over the parameter TensorDict. Gradient accumulation divides every micro-batch's
+summed loss by the number of target tokens in *all* of them, so k micro-batches give exactly the gradient of
+one k-times larger batch.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from zmaj.models.common import Batch
+from zmaj.train.optim import AdamWConfig, adamw_init, adamw_update, clip_by_global_norm, global_norm
+
+
+@runtime_checkable
+class Forward(Protocol):
+    """``forward(params, batch, dropout_seed=...) -> logits``: a model's pure forward with its config bound."""
+
+    def __call__(
+        self, params: TensorDictBase, batch: Batch, *, dropout_seed: int | None
+    ) -> Float[Tensor, "batch seq vocab"]: ...
+
+
+Metrics = dict[str, Tensor]
+
+
+def init_state(params: TensorDictBase) -> TensorDict:
+    """A fresh training state: the parameters and zeroed AdamW moments."""
+    return TensorDict({"params": params, "opt": adamw_init(params)})
+
+
+def token_losses(logits: Float[Tensor, "batch seq vocab"], batch: Batch) -> Float[Tensor, "batch seq"]:
+    """Next-token cross-entropy at every position, zero where ``loss_mask`` is off; computed in float32."""
+    assert batch.targets is not None, "training batches carry targets"
+    losses = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none")
+    losses = losses.view_as(batch.targets)
+    return losses if batch.loss_mask is None else losses * batch.loss_mask
+
+
+def n_targets(batch: Batch) -> Tensor:
+    assert batch.targets is not None
+    if batch.loss_mask is None:
+        return torch.tensor(batch.targets.numel(), device=batch.targets.device)
+    return batch.loss_mask.sum()
+
+
+def summed_loss(
+    params: TensorDictBase,
+    batch: Batch,
+    forward: Forward,
+    normalizer: Tensor,
+    dropout_seed: int | None,
+    autocast: AbstractContextManager[object],
+) -> Tensor:
+    """Summed token loss divided by ``normalizer``; what the gradient is taken of."""
+    with autocast:
+        logits = forward(params, batch, dropout_seed=dropout_seed)
+    return token_losses(logits, batch).sum() / normalizer
+
+
+def accumulate_grads(
+    params: TensorDictBase,
+    batches: Sequence[Batch],
+    forward: Forward,
+    seeds: Sequence[int | None],
+    autocast: AbstractContextManager[object] | None = None,
+) -> tuple[TensorDictBase, Tensor, Tensor]:
+    """Gradient of the mean token loss over all micro-batches together; also that loss and the target count."""
+    normalizer = sum((n_targets(b) for b in batches), torch.tensor(0)).clamp(min=1).to(params.device)
+    grad_fn = torch.func.grad_and_value(summed_loss)
+    grads: TensorDictBase | None = None
+    loss = torch.zeros((), device=params.device)
+    for batch, seed in zip(batches, seeds, strict=True):
+        g, micro_loss = grad_fn(params, batch, forward, normalizer, seed, autocast or nullcontext())
+        grads = g if grads is None else grads + g
+        loss = loss + micro_loss.detach()
+    assert grads is not None, "a step needs at least one batch"
+    return grads, loss, normalizer
+
+
+def train_step(
+    state: TensorDictBase,
+    batches: Sequence[Batch],
+    *,
+    forward: Forward,
+    optimizer: AdamWConfig,
+    lr: float,
+    decay: TensorDictBase,
+    seed: int,
+    autocast: AbstractContextManager[object] | None = None,
+) -> tuple[TensorDict, Metrics]:
+    """One optimizer step over ``len(batches)`` accumulated micro-batches."""
+    params = state["params"]
+    step = int(state["opt", "step"])
+    # Dropout randomness is a pure function of (seed, step, micro-batch), so a resumed run repeats it exactly.
+    seeds = [(seed * 1_000_003 + step * len(batches) + i) % 2**63 for i in range(len(batches))]
+    grads, loss, n_tokens = accumulate_grads(params, batches, forward, seeds, autocast)
+    if optimizer.grad_clip is not None:
+        grads, grad_norm = clip_by_global_norm(grads, optimizer.grad_clip)
+    else:
+        grad_norm = global_norm(grads)
+    new_params, opt = adamw_update(params, grads, state["opt"], optimizer, lr, decay)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": torch.tensor(lr), "tokens": n_tokens}
+    return TensorDict({"params": new_params, "opt": opt}), metrics
+
+
+def eval_step(
+    params: TensorDictBase,
+    batch: Batch,
+    forward: Forward,
+    token_bytes: Tensor,
+    autocast: AbstractContextManager[object] | None = None,
+) -> Metrics:
+    """Summed loss, target count and target bytes; sums so that the caller can pool them over batches."""
+    with torch.no_grad(), autocast or nullcontext():
+        logits = forward(params, batch, dropout_seed=None)
+    assert batch.targets is not None
+    mask = torch.ones_like(batch.targets, dtype=torch.bool) if batch.loss_mask is None else batch.loss_mask
+    return {
+        "loss_sum": token_losses(logits, batch).sum(),
+        "tokens": mask.sum(),
+        "bytes": (token_bytes.to(batch.targets.device)[batch.targets] * mask).sum(),
+    }
+
+
+def pooled_eval(metrics: Sequence[Metrics]) -> dict[str, float]:
+    """Mean loss per token (nats) and bits per byte, the tokenizer-independent measure of compression."""
+    loss_sum = sum(float(m["loss_sum"]) for m in metrics)
+    tokens = sum(int(m["tokens"]) for m in metrics)
+    n_bytes = sum(int(m["bytes"]) for m in metrics)
+    return {"val_loss": loss_sum / max(tokens, 1), "val_bpb": loss_sum / math.log(2) / max(n_bytes, 1)}
+
+
+def bind(forward: Callable[..., Tensor], **config: object) -> Forward:
+    """Bind a model's config so it reads ``forward(params, batch, dropout_seed=...)``."""
+    bound: Forward = partial(forward, **config)
+    return bound
