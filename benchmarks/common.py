@@ -1,0 +1,177 @@
+"""Helpers shared by the hand-run benchmarks: timing, the machine's matmul peak, markdown tables, a header.
+
+Timings only mean something next to the machine that produced them, so every benchmark prints a header with the
+torch version, the device, the CPU and its thread count, and the fp32/bf16 matmul peaks measured in the same
+process. The bf16 peak matters on CPUs: without native bf16 instructions (AVX512-BF16, AMX) a bf16 matmul can be
+~100x slower than fp32, and a bf16 row would then measure the emulation, not the algorithm.
+"""
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+
+import torch
+
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+"""CPU flags that decide how fast fp32 and bf16 matmuls can be."""
+
+
+BLANKS = ("", "-")
+"""Cells that do not stop a column from counting as numeric."""
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued kernels, so that a wall-clock reading covers the work (a no-op on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(
+    fn: Callable[[], object], warmup: int = 2, repeats: int = 5, device: torch.device | str = "cpu"
+) -> list[float]:
+    """Seconds taken by each of ``repeats`` calls of ``fn``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name, from /proc/cpuinfo where there is one."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_features() -> list[str]:
+    """Which of ``CPU_FEATURES`` this CPU reports (empty where /proc/cpuinfo is missing)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return []
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return [f for f in CPU_FEATURES if f in flags]
+    return []
+
+
+@cache
+def matmul_peak_gflops(dtype: torch.dtype, device: torch.device | str, n: int = 2048) -> float:
+    """Best GFLOP/s of an ``n x n`` matmul over several timings, measured here and now (cached per process).
+
+    A probe at a small size first estimates the speed, so that a dtype that is emulated (slow) is measured on a
+    matrix small enough to finish in about a second instead of minutes; it is slow either way.
+    """
+    device = torch.device(device)
+    probe = min(n, 256)
+    a = torch.randn(probe, probe, device=device).to(dtype)
+    seconds = min(timeit(lambda: a @ a, warmup=1, repeats=3, device=device))
+    rate = 2 * probe**3 / seconds
+    # Largest size up to n whose matmul takes about 0.3 s at the probed rate (small sizes under-run the peak).
+    n = max(probe, min(n, int((0.3 * rate / 2) ** (1 / 3))))
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    calls = max(1, min(4, int(0.1 / (2 * n**3 / rate))))
+
+    def matmuls() -> None:
+        for _ in range(calls):
+            a @ b
+
+    best = min(timeit(matmuls, warmup=1, repeats=10, device=device))
+    return 2 * n**3 * calls / best / 1e9
+
+
+def bf16_is_fast(device: torch.device | str) -> bool:
+    """Whether bf16 is worth benchmarking here: always on CUDA; on CPU if its matmuls reach half the fp32 peak."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return matmul_peak_gflops(torch.bfloat16, device) >= 0.5 * matmul_peak_gflops(torch.float32, device)
+
+
+def device_name(device: torch.device | str) -> str:
+    """The accelerator's name, or the CPU's."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def header(device: torch.device | str) -> str:
+    """Markdown lines describing the machine: torch, device, CPU, threads and the measured matmul peaks."""
+    device = torch.device(device)
+    fp32 = matmul_peak_gflops(torch.float32, device)
+    bf16 = matmul_peak_gflops(torch.bfloat16, device)
+    features = ", ".join(cpu_features()) or "unknown"
+    lines = [
+        f"- torch {torch.__version__}, device `{device}` ({device_name(device)})",
+        f"- CPU: {cpu_model()} (flags: {features}); torch threads: {torch.get_num_threads()}",
+        f"- measured matmul peak: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s "
+        f"(bf16 {'fast' if bf16_is_fast(device) else 'slow'} here)",
+    ]
+    if hasattr(os, "getloadavg"):
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        lines.append(
+            f"- load average at start (1, 5, 15 min): {load}; other work on the machine skews timings"
+        )
+    return "\n".join(lines)
+
+
+def print_header(device: torch.device | str) -> str:
+    """Print ``header(device)`` and return it, so the caller can also write it next to its results."""
+    text = header(device)
+    print(text)
+    return text
+
+
+def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
+    """A GitHub markdown table of ``rows`` (missing cells are blank); numeric columns are right-aligned.
+
+    A column counts as numeric when every cell is a number, blank, or "-" (a value that was not measured).
+    """
+    cells = [[_cell(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max([3, len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    numeric = [
+        all(_is_number(r[i]) for r in cells if r[i] not in BLANKS) and any(r[i] not in BLANKS for r in cells)
+        for i in range(len(columns))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        padded = [
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = ["-" * (w - 1) + ":" if num else "-" * w for w, num in zip(widths, numeric, strict=True)]
+    return "\n".join([line(columns), line(rule), *(line(r) for r in cells)])
+
+
+def median_ms(seconds: Sequence[float]) -> float:
+    """The median of timings in seconds, in milliseconds."""
+    return 1000 * statistics.median(seconds)
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
