@@ -14,7 +14,6 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -26,12 +25,11 @@ from tensordict import TensorDictBase
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from zmaj.data.dataset import LMDataset, collate
+from zmaj.data.dataset import LMDataset, ResumableSampler, collate
 from zmaj.data.pipeline import prepare
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer.sample import sample
 from zmaj.models import gpt
-from zmaj.models.common import Batch
 from zmaj.train import checkpoint, optim, precision, report
 from zmaj.train.spec import PretrainSpec, SpecError, load, parse
 from zmaj.train.step import Forward, Metrics, bind, eval_step, init_state, pooled_eval, train_step
@@ -76,10 +74,19 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def check_backend(spec: PretrainSpec) -> None:
+    """Fail before any work when the attention backend cannot train on this device."""
+    if spec.model.attention == "flex" and precision.default_device().type == "cpu":
+        raise SpecError(
+            "model.attention: flex-attention has no backward pass on the CPU; use sdpa (or eager) here"
+        )
+
+
 def resolve_run(args: argparse.Namespace) -> tuple[PretrainSpec, Path, bool]:
     """The spec to run and the folder to write to; a resumed run re-reads its own spec."""
     if args.resume is None:
         spec = load(PretrainSpec, args.spec, args.overrides)
+        check_backend(spec)
         run_dir = args.run_dir or Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if (run_dir / checkpoint.CHECKPOINTS).exists():
             raise SpecError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
@@ -91,6 +98,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[PretrainSpec, Path, bool]:
     if not saved.is_file():
         raise FileNotFoundError(f"--resume {run_dir}: no spec.yaml there, so it is not a zmaj run folder")
     spec = load(PretrainSpec, saved, args.overrides)
+    check_backend(spec)
     original = parse(PretrainSpec, yaml.safe_load(saved.read_text()), str(saved))
     if spec.model != original.model:
         raise SpecError(
@@ -104,15 +112,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rows(dataset: LMDataset, batch_size: int, start: int) -> Iterator[Batch]:
-    """Batches from row position ``start`` on, cycling through the (seeded) row order epoch after epoch."""
-    position = start
-    while True:
-        indices = [(position + i) % len(dataset) for i in range(batch_size)]
-        position += batch_size
-        yield collate([dataset[i] for i in indices])
 
 
 def evaluate(
@@ -225,15 +224,29 @@ def train(spec: PretrainSpec, run_dir: Path, resume: bool, cache_dir: Path, stop
         logger.info(f"saved {path}")
 
     def periodic_eval(step: int, max_batches: int | None) -> dict[str, float]:
+        # No activations are kept for a backward pass, so evaluation affords 4x larger batches.
         result = evaluate(
-            forward, state["params"], data.validation, cfg.batch_size, max_batches, token_bytes, device, dtype
+            forward,
+            state["params"],
+            data.validation,
+            4 * cfg.batch_size,
+            max_batches,
+            token_bytes,
+            device,
+            dtype,
         )
         report.append_jsonl(metrics_path, {"step": step, **result})
         for text in samples(forward, state["params"], tokenizer, spec, device):
             logger.info(f"sample at step {step}: {text!r}")
         return result
 
-    batches = rows(data.train, cfg.batch_size, position)
+    loader = DataLoader(
+        data.train,
+        batch_size=cfg.batch_size,
+        sampler=ResumableSampler(len(data.train), position),
+        collate_fn=collate,
+    )
+    batches = iter(loader)
     first_step = int(state["opt", "step"])
     bar = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc=spec.name, unit="step")
     for step in bar:

@@ -1,14 +1,18 @@
 """programs/pretrain.py and programs/sample.py end to end on a tiny spec and a tiny local corpus."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from zmaj.data.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = [
@@ -121,6 +125,11 @@ def test_pretrain_then_resume_is_exact_then_sample(spec: Path, tmp_path: Path) -
         (["--set", "train.steps=lots"], "train.steps"),
         (["--set", "data.source.paths=[/no/such/file.jsonl]"], "/no/such/file.jsonl"),
         (["--resume", "/no/such/run"], "/no/such/run"),
+        pytest.param(
+            ["--set", "model.attention=flex"],
+            "model.attention",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="flex trains on CUDA"),
+        ),
     ],
 )
 def test_bad_input_exits_2_naming_the_problem(spec: Path, args: list[str], message: str) -> None:
@@ -143,3 +152,49 @@ def test_resume_refuses_a_different_model(spec: Path, tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "model config differs" in result.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-0000001"
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(spec: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    extra = ["--cache-dir", str(tmp_path), "--set", "train.steps=100000"]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "programs" / "pretrain.py"),
+            str(spec),
+            "--run-dir",
+            str(run_dir),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    step = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+    assert step >= 2
+    assert f"--resume {run_dir}" in stderr
+
+
+@pytest.mark.slow
+def test_sample_refuses_a_tokenizer_that_does_not_fit_the_model(spec: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert (
+        run(
+            "pretrain.py", spec, "--run-dir", run_dir, "--cache-dir", tmp_path, "--stop-after", "1"
+        ).returncode
+        == 0
+    )
+    other = Tokenizer.train(["some other text " * 50], vocab_size=280)
+    assert other.vocab_size != 300
+    other.save(run_dir / "tokenizer.json")
+    result = run("sample.py", run_dir, "--prompt", "def ")
+    assert result.returncode == 2
+    assert f"tokenizer.json has {other.vocab_size} tokens, the model 300" in result.stderr

@@ -22,13 +22,13 @@ Rows are visited in an order shuffled by the seed, so a plain ``DataLoader(datas
 is deterministic.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from zmaj.data.tokens import TokenFile
 from zmaj.models.common import Batch
@@ -95,3 +95,23 @@ class LMDataset(Dataset[dict[str, Tensor]]):
 def collate(items: Sequence[dict[str, Tensor]]) -> Batch:
     """Stack rows into a ``Batch``: the ``collate_fn`` of a ``DataLoader`` over an ``LMDataset``."""
     return Batch(**{name: torch.stack([item[name] for item in items]) for name in items[0]})
+
+
+class ResumableSampler(Sampler[int]):
+    """Row indices from position ``start`` on, wrapping around epoch after epoch (the dataset's order is seeded).
+
+    A training run records how many rows it has consumed; resuming from that count gives the exact same
+    stream of batches as an uninterrupted run.
+    """
+
+    def __init__(self, n_rows: int, start: int = 0) -> None:
+        if n_rows < 1:
+            raise ValueError("the dataset has no rows: is the corpus shorter than one sequence?")
+        self.n_rows = n_rows
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        position = self.start
+        while True:
+            yield position % self.n_rows
+            position += 1

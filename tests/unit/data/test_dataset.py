@@ -1,3 +1,4 @@
+import itertools
 from collections import Counter
 
 import numpy as np
@@ -9,7 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from tests.strategies import seeds, token_files
-from zmaj.data.dataset import LMDataset, Mode, collate
+from zmaj.data.dataset import LMDataset, Mode, ResumableSampler, collate
 from zmaj.data.tokens import TokenFile
 from zmaj.models.common import Batch
 
@@ -140,3 +141,11 @@ def test_data_loader_collates_batches(mode: Mode) -> None:
         assert batch.positions is None
         assert batch.is_token is not None
         assert batch.is_token.dtype == torch.bool
+
+
+@given(n_rows=st.integers(1, 50), start=st.integers(0, 200), taken=st.integers(0, 120))
+def test_resumable_sampler_continues_the_uninterrupted_stream(n_rows: int, start: int, taken: int) -> None:
+    straight = list(itertools.islice(iter(ResumableSampler(n_rows)), start + taken))
+    resumed = list(itertools.islice(iter(ResumableSampler(n_rows, start)), taken))
+    assert resumed == straight[start:]
+    assert all(0 <= i < n_rows for i in straight)
