@@ -1,0 +1,217 @@
+"""zmaj's Llama, loaded from a Hugging Face checkpoint folder, equals ``transformers``' Llama, Qwen 2 and Qwen 3.
+
+Each reference is a small random model saved with ``save_pretrained`` and read back by ``zmaj.convert.hf``
+alone, so the test covers the config translation, the tensor table and the model together.
+"""
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from zmaj.convert import hf
+from zmaj.models import gpt, llama
+from zmaj.models.common import Batch
+from zmaj.nn.attention import Backend
+
+VOCAB = 128
+SMALL: dict[str, Any] = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    # Larger than the usual 0.02, so attention is sharp and a wrong rotation moves the logits by ~1, not ~1e-3.
+    "initializer_range": 0.1,
+}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10_000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Small, so that head_dim 16 has planes in all three regimes (kept, ramped, slowed).
+    "original_max_position_embeddings": 32,
+}
+REFERENCES: dict[str, transformers.PretrainedConfig] = {
+    "llama": transformers.LlamaConfig(**SMALL, tie_word_embeddings=False),
+    "llama3": transformers.LlamaConfig(**SMALL, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+    "llama-linear": transformers.LlamaConfig(
+        **SMALL, rope_parameters={"rope_type": "linear", "rope_theta": 10_000.0, "factor": 4.0}
+    ),
+    "qwen2": transformers.Qwen2Config(**SMALL, tie_word_embeddings=False),
+    "qwen3": transformers.Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=True),
+}
+# The Llama 3 reference is saved in shards, to read a checkpoint through its index.
+SHARDED = {"llama3"}
+
+
+def reference_model(name: str) -> transformers.PreTrainedModel:
+    """A random model whose norms and biases are moved off their init values, so a dropped one would show."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(REFERENCES[name], dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if "norm" in param_name or "bias" in param_name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(REFERENCES))
+def saved(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[transformers.PreTrainedModel, Path]:
+    model = reference_model(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder, max_shard_size="40KB" if request.param in SHARDED else "50GB")
+    assert (folder / "model.safetensors.index.json").exists() == (request.param in SHARDED)
+    return model, folder
+
+
+def logits_of(model: transformers.PreTrainedModel, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        logits: torch.Tensor = model(tokens).logits
+    return logits
+
+
+def load(folder: Path, backend: Backend = "sdpa") -> tuple[llama.LlamaConfig, Any]:
+    config, params = hf.load_hf(folder)
+    assert isinstance(config, llama.LlamaConfig)
+    return config.model_copy(update={"attention": backend}), params
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_logits_equal_transformers(
+    saved: tuple[transformers.PreTrainedModel, Path], backend: Backend
+) -> None:
+    model, folder = saved
+    config, params = load(folder, backend)
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = llama.forward(params, Batch(tokens=tokens), config)
+    assert (logits - logits_of(model, tokens)).abs().max().item() <= 1e-5
+
+
+def test_config_follows_the_checkpoint(saved: tuple[transformers.PreTrainedModel, Path]) -> None:
+    model, folder = saved
+    config, params = load(folder)
+    hf_config = model.config
+    assert config.tie_embeddings == hf_config.tie_word_embeddings == ("unembed" not in params)
+    assert config.qkv_bias == (hf_config.model_type == "qwen2")
+    assert config.qk_norm == (hf_config.model_type == "qwen3")
+    assert config.head_dim == (24 if hf_config.model_type == "qwen3" else 64 // 4)
+    assert all(t.dtype == torch.float32 for t in params.values(include_nested=True, leaves_only=True))
+
+
+def test_padded_rows_give_the_unpadded_logits(saved: tuple[transformers.PreTrainedModel, Path]) -> None:
+    model, folder = saved
+    config, params = load(folder)
+    generator = torch.Generator().manual_seed(2)
+    lengths = [40, 23]
+    rows = [torch.randint(0, VOCAB, (1, n), generator=generator) for n in lengths]
+    padded = Batch(
+        tokens=torch.cat([torch.nn.functional.pad(row, (0, 40 - row.shape[1])) for row in rows]),
+        is_token=torch.arange(40)[None] < torch.tensor(lengths)[:, None],
+    )
+    with torch.no_grad():
+        logits = llama.forward(params, padded, config)
+    for i, row in enumerate(rows):
+        assert (logits[i, : lengths[i]] - logits_of(model, row)[0]).abs().max().item() <= 1e-5
+
+
+def test_packed_documents_give_the_logits_of_separate_runs(
+    saved: tuple[transformers.PreTrainedModel, Path],
+) -> None:
+    model, folder = saved
+    config, params = load(folder)
+    generator = torch.Generator().manual_seed(3)
+    first, second = (torch.randint(0, VOCAB, (1, n), generator=generator) for n in (25, 15))
+    packed = Batch(
+        tokens=torch.cat([first, second], 1),
+        positions=torch.cat([torch.arange(25), torch.arange(15)])[None],
+        document_ids=torch.cat([torch.zeros(25, dtype=torch.long), torch.ones(15, dtype=torch.long)])[None],
+    )
+    with torch.no_grad():
+        logits = llama.forward(params, packed, config)
+    separate = torch.cat([logits_of(model, first), logits_of(model, second)], dim=1)
+    assert (logits - separate).abs().max().item() <= 1e-5
+
+
+def test_the_legacy_config_format_reads_the_same() -> None:
+    """Hub checkpoints written before transformers 5 keep ``rope_theta`` and ``rope_scaling`` at the top level."""
+    current = REFERENCES["llama3"].to_dict()
+    legacy = {k: v for k, v in current.items() if k != "rope_parameters"}
+    legacy["rope_theta"] = LLAMA3_ROPE["rope_theta"]
+    legacy["rope_scaling"] = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    assert hf.config_from_hf(legacy) == hf.config_from_hf(current)
+    old_linear = {**REFERENCES["llama"].to_dict(), "rope_scaling": {"type": "linear", "factor": 4.0}}
+    del old_linear["rope_parameters"]
+    assert hf.config_from_hf(old_linear) == hf.config_from_hf(REFERENCES["llama-linear"].to_dict())
+
+
+def test_unknown_model_type_lists_the_supported_ones(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    with pytest.raises(ValueError, match=r"'mamba'; supported: gpt2, llama, qwen2, qwen3"):
+        hf.load_hf(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "swish_v9"}, "swish_v9"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "'yarn'"),
+    ],
+)
+def test_unsupported_switches_are_refused(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        hf.config_from_hf({**REFERENCES["llama"].to_dict(), **change})
+
+
+def test_sliding_window_layers_are_refused() -> None:
+    qwen = {**REFERENCES["qwen2"].to_dict(), "layer_types": ["full_attention", "sliding_attention"]}
+    with pytest.raises(ValueError, match="sliding-window"):
+        hf.config_from_hf(qwen)
+
+
+def corrupt(tmp_path: Path, edit: Any) -> Path:
+    """A saved Qwen 3 checkpoint whose tensors ``edit`` has changed."""
+    reference_model("qwen3").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file(edit(tensors), tmp_path / "model.safetensors", metadata={"format": "pt"})
+    return tmp_path
+
+
+def test_a_missing_tensor_is_named(tmp_path: Path) -> None:
+    name = "model.layers.1.self_attn.k_norm.weight"
+    folder = corrupt(tmp_path, lambda tensors: {k: v for k, v in tensors.items() if k != name})
+    with pytest.raises(KeyError, match=re.escape(name)):
+        hf.load_hf(folder)
+
+
+def test_a_misshapen_tensor_is_named(tmp_path: Path) -> None:
+    name = "model.layers.0.mlp.up_proj.weight"
+    folder = corrupt(tmp_path, lambda tensors: {**tensors, name: tensors[name][:-1].contiguous()})
+    with pytest.raises(ValueError, match=re.escape(name) + r".*\(127, 64\).*\(128, 64\)"):
+        hf.load_hf(folder)
+
+
+def test_a_gpt2_folder_loads_through_the_same_entry_point(tmp_path: Path) -> None:
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(tmp_path)
+    zmaj_config, params = hf.load_hf(tmp_path)
+    assert isinstance(zmaj_config, gpt.GPTConfig)
+    tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = gpt.forward(params, Batch(tokens=tokens), zmaj_config)
+    assert (logits - logits_of(model, tokens)).abs().max().item() <= 1e-5

@@ -1,0 +1,231 @@
+"""Hugging Face checkpoint folders (``config.json`` plus safetensors) to zmaj configs and parameters.
+
+A folder written by ``save_pretrained`` or downloaded from the Hub is read directly, without instantiating
+``transformers``: ``config.json`` picks the architecture by its ``model_type``, and the weights are read one tensor
+at a time from ``model.safetensors`` or from the shards that ``model.safetensors.index.json`` lists (format:
+https://huggingface.co/docs/safetensors). Every Hugging Face name lives in this file and in ``gpt2.py``.
+
+The Llama family (Llama, Qwen 2, Qwen 3) needs no reshaping: ``transformers`` stores ``nn.Linear`` weights
+``[out, in]`` as zmaj does, and its q/k rows are already in the rotate-half order of ``zmaj.nn.rope``. So its
+table is a plain rename, each per-layer row stacked over layers.
+"""
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from zmaj.convert import gpt2
+from zmaj.models import gpt, llama
+from zmaj.models.gpt import GPTConfig
+from zmaj.models.llama import LlamaConfig
+from zmaj.nn.layers import Activation
+from zmaj.nn.rope import LinearScaling, Llama3Scaling
+
+ModelConfig = GPTConfig | LlamaConfig
+
+LLAMA_FAMILY = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_FAMILY)
+
+# (zmaj key, checkpoint name with {i} for the layer); per-layer rows are stacked over layers. A row is read only
+# when the config's parameters have its key, so biases, QK-norms and the unembedding follow the config.
+LLAMA_LAYER_TABLE: list[tuple[str, str]] = [
+    ("attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("attn.q.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("attn.k.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("attn.v.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    ("attn.q.bias", "model.layers.{i}.self_attn.q_proj.bias"),
+    ("attn.k.bias", "model.layers.{i}.self_attn.k_proj.bias"),
+    ("attn.v.bias", "model.layers.{i}.self_attn.v_proj.bias"),
+    ("attn.q_norm.weight", "model.layers.{i}.self_attn.q_norm.weight"),
+    ("attn.k_norm.weight", "model.layers.{i}.self_attn.k_norm.weight"),
+    ("attn.o.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("mlp.gate.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("mlp.up.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("mlp.down.weight", "model.layers.{i}.mlp.down_proj.weight"),
+]
+LLAMA_GLOBAL_TABLE: list[tuple[str, str]] = [
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("final_norm.weight", "model.norm.weight"),
+    ("unembed.weight", "lm_head.weight"),
+]
+
+_ACTIVATIONS: dict[str, Activation] = {
+    "silu": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+
+
+def load_hf(path: str | Path, device: torch.device | str = "cpu") -> tuple[ModelConfig, TensorDict]:
+    """The config and parameters of the Hugging Face checkpoint folder at ``path``."""
+    folder = Path(path)
+    config = config_from_hf(json.loads((folder / "config.json").read_text()))
+    with ExitStack() as files:
+        tensors = _SafetensorsFolder(folder, files, device)
+        if isinstance(config, GPTConfig):
+            params = gpt2.params_from_hf(tensors, config)
+            _check_shapes(params, gpt.init(config, 0, device="meta"))
+            return config, params
+        return config, params_from_hf(tensors, config)
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+    """A zmaj config from a ``config.json``, chosen by its ``model_type``."""
+    model_type = hf.get("model_type")
+    if model_type == "gpt2":
+        return gpt2.config_from_hf(hf)
+    if model_type in LLAMA_FAMILY:
+        return _llama_config(hf)
+    raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def _llama_config(hf: Mapping[str, Any]) -> LlamaConfig:
+    """Llama, Qwen 2 or Qwen 3; a switch zmaj lacks (biases on every projection, sliding windows) is an error."""
+    model_type = hf["model_type"]
+    if hf.get("mlp_bias", False):
+        raise ValueError(f"{model_type}: mlp_bias=True is not supported")
+    if model_type != "qwen2" and hf.get("attention_bias", False):
+        raise ValueError(
+            f"{model_type}: attention_bias=True (a bias on the output projection too) is not supported"
+        )
+    if any(kind != "full_attention" for kind in _layer_types(hf)):
+        raise ValueError(f"{model_type}: sliding-window layers are not supported")
+    if hf.get("hidden_act", "silu") not in _ACTIVATIONS:
+        raise ValueError(f"{model_type}: unsupported hidden_act {hf['hidden_act']!r}")
+    base, scaling = _rope(hf)
+    n_heads = hf["num_attention_heads"]
+    default_head_dim = 128 if model_type == "qwen3" else hf["hidden_size"] // n_heads
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        context=hf.get("max_position_embeddings", 2048),
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or default_head_dim,
+        d_ff=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_base=base,
+        rope_scaling=scaling,
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        activation=_ACTIVATIONS[hf.get("hidden_act", "silu")],
+    )
+
+
+def _layer_types(hf: Mapping[str, Any]) -> list[str]:
+    """Qwen's per-layer attention kinds, derived as ``transformers`` does when the config does not list them."""
+    if hf.get("layer_types"):
+        return list(hf["layer_types"])
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+    first_windowed = hf.get("max_window_layers", 28)
+    return [
+        "sliding_attention" if window is not None and i >= first_windowed else "full_attention"
+        for i in range(hf["num_hidden_layers"])
+    ]
+
+
+def _rope(hf: Mapping[str, Any]) -> tuple[float, LinearScaling | Llama3Scaling | None]:
+    """RoPE's base and scaling, from ``rope_parameters`` (transformers >= 5) or ``rope_theta`` + ``rope_scaling``."""
+    params: Mapping[str, Any] = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    base = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return base, None
+    if rope_type == "linear":
+        return base, LinearScaling(factor=params["factor"])
+    if rope_type == "llama3":
+        return base, Llama3Scaling(
+            factor=params["factor"],
+            low_freq_factor=params["low_freq_factor"],
+            high_freq_factor=params["high_freq_factor"],
+            original_max_position_embeddings=params.get(
+                "original_max_position_embeddings", hf.get("max_position_embeddings")
+            ),
+        )
+    raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
+
+
+def params_from_hf(tensors: Mapping[str, Tensor], config: LlamaConfig) -> TensorDict:
+    """zmaj Llama parameters from a Llama/Qwen state dict; a tensor missing or of the wrong shape is named."""
+    expected = llama.init(config, 0, device="meta")
+
+    def read(key: str, name: str) -> Tensor:
+        if name not in tensors:
+            raise KeyError(f"checkpoint has no tensor {name!r} (zmaj {key})")
+        tensor = tensors[name]
+        shape = expected.get(tuple(key.split("."))).shape
+        if key.startswith("blocks."):
+            shape = shape[1:]
+        if tensor.shape != shape:
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
+            )
+        return tensor
+
+    wanted = {".".join(key) for key in expected.keys(include_nested=True, leaves_only=True)}
+    flat = {key: read(key, name) for key, name in LLAMA_GLOBAL_TABLE if key in wanted}
+    for key, name in LLAMA_LAYER_TABLE:
+        if f"blocks.{key}" in wanted:
+            layers = [read(f"blocks.{key}", name.format(i=i)) for i in range(config.n_layers)]
+            flat[f"blocks.{key}"] = torch.stack(layers)
+    assert set(flat) == wanted, f"the Llama tables miss {sorted(wanted - set(flat))}"
+    params: TensorDict = TensorDict(flat).unflatten_keys(".")
+    params["blocks"].batch_size = torch.Size([config.n_layers])
+    return params
+
+
+def _check_shapes(params: TensorDictBase, expected: TensorDictBase) -> None:
+    """Every parameter ``init`` would build is present, with the shape it would have."""
+    for key in expected.keys(include_nested=True, leaves_only=True):
+        name = ".".join(key)
+        if key not in params.keys(include_nested=True, leaves_only=True):
+            raise KeyError(f"converted parameters lack {name!r}")
+        if params.get(key).shape != expected.get(key).shape:
+            raise ValueError(
+                f"{name} has shape {tuple(params.get(key).shape)}, expected {tuple(expected.get(key).shape)}"
+            )
+
+
+class _SafetensorsFolder(Mapping[str, Tensor]):
+    """The tensors of a (possibly sharded) safetensors checkpoint, each read from disk when asked for.
+
+    Reading lazily means converting a large model holds one layer's worth of a tensor twice, not the whole model.
+    """
+
+    def __init__(self, folder: Path, files: ExitStack, device: torch.device | str) -> None:
+        index = folder / "model.safetensors.index.json"
+        shards = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.exists()
+            else ["model.safetensors"]
+        )
+        self._file_of: dict[str, Any] = {}
+        for shard in shards:
+            handle = files.enter_context(safe_open(folder / shard, framework="pt", device=str(device)))
+            self._file_of |= dict.fromkeys(handle.keys(), handle)
+
+    def __getitem__(self, name: str) -> Tensor:
+        tensor: Tensor = self._file_of[name].get_tensor(name)
+        return tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._file_of
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)

@@ -1,0 +1,200 @@
+"""Llama: the decoder-only transformer of Touvron et al. (2023, arXiv:2302.13971 and arXiv:2307.09288), and the
+family that kept its shape (Llama 3, Qwen 2, Qwen 3).
+
+Compared with GPT-2 it changes four things: RMSNorm instead of LayerNorm (Zhang & Sennrich, 2019), rotary
+position embeddings applied to q and k instead of a learned position table (Su et al., 2021; ``zmaj.nn.rope``),
+a SwiGLU feed-forward block (Shazeer, 2020) and no biases. Llama 2's larger models and Llama 3 share each
+key/value head among several query heads (grouped-query attention, Ainslie et al., 2023). The relatives differ
+only in switches: Qwen 2 adds biases to the q/k/v projections (Qwen2 report, arXiv:2407.10671); Qwen 3 drops
+them and RMS-normalises each query and key head before the rotation ("QK-norm", Qwen3 report, arXiv:2505.09388),
+and sets ``head_dim`` independently of ``d_model / n_heads``.
+
+As in ``zmaj.models.gpt``, the parameters are one TensorDict with the blocks stacked along ``[n_layers]``.
+"""
+
+from functools import partial
+
+import torch
+from einops import rearrange
+from jaxtyping import Float
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from zmaj.models.common import Batch, batch_mask
+from zmaj.nn.attention import AttentionMask, Backend, attention
+from zmaj.nn.layers import Activation, glu_mlp, linear, rms_norm
+from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
+from zmaj.nn.shell import Shell
+
+
+class LlamaConfig(BaseModel):
+    """The shape of a Llama-family model; Llama 2 7B is ``LlamaConfig(vocab_size=32000)``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    vocab_size: int = Field(gt=0)
+    context: int = Field(
+        4096, gt=0, description="longest sequence trained on; RoPE itself has no table to size"
+    )
+    d_model: int = Field(4096, gt=0)
+    n_layers: int = Field(32, gt=0)
+    n_heads: int = Field(32, gt=0)
+    n_kv_heads: int = Field(
+        default_factory=lambda data: data["n_heads"],
+        gt=0,
+        description="key/value heads shared by groups of query heads; n_heads (no grouping) when unset",
+    )
+    head_dim: int = Field(
+        default_factory=lambda data: data["d_model"] // data["n_heads"],
+        gt=0,
+        description="d_model // n_heads when unset; Qwen 3 sets it independently",
+    )
+    d_ff: int = Field(11008, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    rope_base: float = Field(10_000.0, gt=0)
+    rope_scaling: RopeScaling | None = None
+    tie_embeddings: bool = False
+    qkv_bias: bool = Field(False, description="biases on the q/k/v projections (Qwen 2)")
+    qk_norm: bool = Field(
+        False, description="RMSNorm over head_dim on each q and k head before RoPE (Qwen 3)"
+    )
+    activation: Activation = "silu"
+    init_std: float = Field(0.02, gt=0)
+    attention: Backend = "sdpa"
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> "LlamaConfig":
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}): "
+                "each key/value head serves a whole group of query heads"
+            )
+        if "head_dim" not in self.model_fields_set and self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or head_dim set explicitly"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even: RoPE rotates pairs of features")
+        return self
+
+
+def init(config: LlamaConfig, seed: int, device: torch.device | str = "cpu") -> TensorDict:
+    """The initialisation of ``transformers``' Llama: every matrix N(0, init_std), norms one, biases zero.
+
+    Unlike GPT-2, no residual projection is scaled down with depth; the pre-norms keep the blocks' inputs at
+    unit scale.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    layers, d, ff, hd = config.n_layers, config.d_model, config.d_ff, config.head_dim
+    q_dim, kv_dim = config.n_heads * hd, config.n_kv_heads * hd
+
+    def normal(*shape: int) -> Tensor:
+        if torch.device(device).type == "meta":
+            return torch.empty(shape, device="meta")
+        return (torch.randn(shape, generator=generator) * config.init_std).to(device)
+
+    def ones(*shape: int) -> dict[str, Tensor]:
+        return {"weight": torch.ones(shape, device=device)}
+
+    def projection(d_out: int, d_in: int, bias: bool = False) -> dict[str, Tensor]:
+        weights = {"weight": normal(layers, d_out, d_in)}
+        if bias:
+            weights["bias"] = torch.zeros(layers, d_out, device=device)
+        return weights
+
+    attn = {
+        "q": projection(q_dim, d, config.qkv_bias),
+        "k": projection(kv_dim, d, config.qkv_bias),
+        "v": projection(kv_dim, d, config.qkv_bias),
+        "o": projection(d, q_dim),
+    }
+    if config.qk_norm:
+        attn |= {"q_norm": ones(layers, hd), "k_norm": ones(layers, hd)}
+    blocks = TensorDict(
+        {
+            "attn_norm": ones(layers, d),
+            "attn": attn,
+            "mlp_norm": ones(layers, d),
+            "mlp": {"gate": projection(ff, d), "up": projection(ff, d), "down": projection(d, ff)},
+        },
+        batch_size=[layers],
+        device=device,
+    )
+    params = TensorDict(
+        {"embed": {"weight": normal(config.vocab_size, d)}, "blocks": blocks, "final_norm": ones(d)},
+        device=device,
+    )
+    if not config.tie_embeddings:
+        params["unembed"] = {"weight": normal(config.vocab_size, d)}
+    return params
+
+
+def forward(
+    params: TensorDictBase, batch: Batch, config: LlamaConfig, dropout_seed: int | None = None
+) -> Float[Tensor, "batch seq vocab"]:
+    """Next-token logits for every position.
+
+    ``dropout_seed`` is accepted, so this fits wherever ``zmaj.models.gpt.forward`` does (the training step
+    passes one), and ignored: Llama trains without dropout.
+    """
+    return unembed(params, hidden_states(params, batch, config, dropout_seed), config)
+
+
+def hidden_states(
+    params: TensorDictBase, batch: Batch, config: LlamaConfig, dropout_seed: int | None = None
+) -> Float[Tensor, "batch seq d_model"]:
+    """The final-norm residual stream, before the unembedding; ``dropout_seed`` is ignored, as in ``forward``."""
+    x = params["embed", "weight"][batch.tokens]
+    inv_freq = rope_frequencies(config.head_dim, config.rope_base, config.rope_scaling, device=x.device)
+    cos, sin = rope_angles(batch.position_ids(), inv_freq)
+    mask = batch_mask(batch, config.attention)
+    for block in params["blocks"].unbind(0):
+        x = x + llama_attention(
+            block["attn"], rms_norm(block["attn_norm"], x, config.norm_eps), mask, cos, sin, config
+        )
+        x = x + glu_mlp(block["mlp"], rms_norm(block["mlp_norm"], x, config.norm_eps), config.activation)
+    return rms_norm(params["final_norm"], x, config.norm_eps)
+
+
+def unembed(
+    params: TensorDictBase, hidden: Float[Tensor, "batch seq d_model"], config: LlamaConfig
+) -> Float[Tensor, "batch seq vocab"]:
+    """Logits from hidden states, through the embedding matrix itself when the two are tied."""
+    weight: Tensor = params["embed", "weight"] if config.tie_embeddings else params["unembed", "weight"]
+    return hidden @ weight.T
+
+
+def llama_attention(
+    params: TensorDictBase,
+    x: Float[Tensor, "batch seq d_model"],
+    mask: AttentionMask,
+    cos: Float[Tensor, "batch seq half"],
+    sin: Float[Tensor, "batch seq half"],
+    config: LlamaConfig,
+) -> Float[Tensor, "batch seq d_model"]:
+    """Grouped-query self-attention with q and k rotated by their positions (and first normalised, for Qwen 3)."""
+    q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", d=config.head_dim)
+    k = rearrange(linear(params["k"], x), "b s (h d) -> b h s d", d=config.head_dim)
+    v = rearrange(linear(params["v"], x), "b s (h d) -> b h s d", d=config.head_dim)
+    if config.qk_norm:
+        q = rms_norm(params["q_norm"], q, config.norm_eps)
+        k = rms_norm(params["k_norm"], k, config.norm_eps)
+    out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, config.attention)
+    return linear(params["o"], rearrange(out, "b h s d -> b s (h d)"))
+
+
+class Llama(Shell):
+    """``nn.Module`` shell over :func:`forward`; its parameters are exactly ``init(config, seed)``."""
+
+    def __init__(self, config: LlamaConfig, params: TensorDictBase | None = None, seed: int = 0) -> None:
+        super().__init__(init(config, seed) if params is None else params)
+        self.config = config
+
+    def forward(self, batch: Batch, dropout_seed: int | None = None) -> Float[Tensor, "batch seq vocab"]:
+        return forward(self.params(), batch, self.config, dropout_seed)
+
+
+def pure(config: LlamaConfig) -> partial[Tensor]:
+    """``forward`` with its config bound, so it reads ``model(params, batch)``."""
+    return partial(forward, config=config)
