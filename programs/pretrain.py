@@ -32,7 +32,16 @@ from zmaj.infer.sample import sample
 from zmaj.models import gpt
 from zmaj.train import checkpoint, optim, precision, report
 from zmaj.train.spec import PretrainSpec, SpecError, load, parse
-from zmaj.train.step import Forward, Metrics, bind, eval_step, init_state, pooled_eval, train_step
+from zmaj.train.step import (
+    Forward,
+    Metrics,
+    accumulate_grads,
+    bind,
+    eval_step,
+    init_state,
+    pooled_eval,
+    train_step,
+)
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "pretrain" / "stdlib-tiny.yaml"
 
@@ -195,7 +204,7 @@ def train(spec: PretrainSpec, run_dir: Path, resume: bool, cache_dir: Path, stop
         logger.info(f"resumed from {latest} (step {int(state['opt', 'step'])})")
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
     forward = bind(gpt.forward, config=spec.model)
-    step_forward = torch.compile(forward) if cfg.compile else forward
+    grad_fn = torch.compile(accumulate_grads) if cfg.compile else accumulate_grads
     autocast = precision.autocast(dtype, device)
 
     n_params = sum(t.numel() for t in state["params"].values(True, True))
@@ -257,12 +266,13 @@ def train(spec: PretrainSpec, run_dir: Path, resume: bool, cache_dir: Path, stop
         state, metrics = train_step(
             state,
             micro,
-            forward=step_forward,
+            forward=forward,
             optimizer=cfg.optimizer,
             lr=lr,
             decay=decay,
             seed=cfg.seed,
             autocast=autocast,
+            grad_fn=grad_fn,
         )
         loss = float(metrics["loss"])  # also waits for the step to finish, so the timing below is honest
         seconds = time.perf_counter() - tick

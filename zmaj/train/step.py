@@ -89,6 +89,13 @@ def accumulate_grads(
     return grads, loss, normalizer
 
 
+GradFn = Callable[
+    [TensorDictBase, Sequence[Batch], Forward, Sequence[int | None], AbstractContextManager[object] | None],
+    tuple[TensorDictBase, Tensor, Tensor],
+]
+"""The signature of :func:`accumulate_grads`, or of a compiled version of it."""
+
+
 def train_step(
     state: TensorDictBase,
     batches: Sequence[Batch],
@@ -99,13 +106,20 @@ def train_step(
     decay: TensorDictBase,
     seed: int,
     autocast: AbstractContextManager[object] | None = None,
+    grad_fn: GradFn | None = None,
 ) -> tuple[TensorDict, Metrics]:
-    """One optimizer step over ``len(batches)`` accumulated micro-batches."""
+    """One optimizer step over ``len(batches)`` accumulated micro-batches.
+
+    ``grad_fn`` defaults to :func:`accumulate_grads`; pass ``torch.compile(accumulate_grads)`` to compile the
+    forward and backward. (Compiling only ``forward`` does not work: dynamo refuses a compiled function called
+    inside an eager ``torch.func.grad``, pytorch/pytorch#128711. Clipping and AdamW stay eager: they are a few
+    elementwise passes over the parameters.)
+    """
     params = state["params"]
     step = int(state["opt", "step"])
     # Dropout randomness is a pure function of (seed, step, micro-batch), so a resumed run repeats it exactly.
     seeds = [(seed * 1_000_003 + step * len(batches) + i) % 2**63 for i in range(len(batches))]
-    grads, loss, n_tokens = accumulate_grads(params, batches, forward, seeds, autocast)
+    grads, loss, n_tokens = (grad_fn or accumulate_grads)(params, batches, forward, seeds, autocast)
     if optimizer.grad_clip is not None:
         grads, grad_norm = clip_by_global_norm(grads, optimizer.grad_clip)
     else:

@@ -1,5 +1,6 @@
 """The stateless train step: accumulation is exact, a tiny model overfits, the state is all there is."""
 
+import pytest
 import torch
 from tensordict import TensorDict, TensorDictBase
 
@@ -80,3 +81,18 @@ def test_bits_per_byte_is_loss_over_bytes_in_bits() -> None:
     pooled = step.pooled_eval(metrics)
     assert pooled["val_loss"] == 2.0
     assert abs(pooled["val_bpb"] - 16.0 / 0.6931471805599453 / 32) < 1e-12
+
+
+@pytest.mark.slow
+def test_a_compiled_step_equals_the_eager_step() -> None:
+    """``grad_fn=torch.compile(accumulate_grads)`` is what ``train.compile: true`` runs."""
+    state = step.init_state(gpt.init(CONFIG, seed=0))
+    batches = [make_batch(0), make_batch(1)]
+    kwargs = {"forward": FORWARD, "optimizer": optim.AdamWConfig(lr=1e-2), "lr": 1e-2, "seed": 0}
+    decay = optim.decay_mask(state["params"])
+    eager, eager_metrics = step.train_step(state, batches, decay=decay, **kwargs)  # type: ignore[arg-type]
+    compiled_grads = torch.compile(step.accumulate_grads)
+    compiled, metrics = step.train_step(state, batches, decay=decay, grad_fn=compiled_grads, **kwargs)  # type: ignore[arg-type]
+    torch.testing.assert_close(metrics["loss"], eager_metrics["loss"], atol=1e-5, rtol=1e-5)
+    for key in eager.keys(True, True):
+        torch.testing.assert_close(compiled.get(key), eager.get(key), atol=1e-4, rtol=1e-4)
