@@ -7,7 +7,9 @@ https://huggingface.co/docs/safetensors). Every Hugging Face name lives in this 
 
 The Llama family (Llama, Qwen 2, Qwen 3) needs no reshaping: ``transformers`` stores ``nn.Linear`` weights
 ``[out, in]`` as zmaj does, and its q/k rows are already in the rotate-half order of ``zmaj.nn.rope``. So its
-table is a plain rename, each per-layer row stacked over layers.
+table is a plain rename, each per-layer row stacked over layers. So is Gemma 3's (``gemma3_text``), whose only
+trap is a name: its ``post_attention_layernorm`` is the norm *after* attention, where Llama's is the one before
+the MLP (Gemma's is ``pre_feedforward_layernorm``).
 """
 
 import json
@@ -22,16 +24,17 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.convert import gpt2
-from zmaj.models import gpt, llama
+from zmaj.models import gemma3, gpt, llama
+from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.gpt import GPTConfig
 from zmaj.models.llama import LlamaConfig
 from zmaj.nn.layers import Activation
 from zmaj.nn.rope import LinearScaling, Llama3Scaling
 
-ModelConfig = GPTConfig | LlamaConfig
+ModelConfig = GPTConfig | LlamaConfig | Gemma3Config
 
 LLAMA_FAMILY = ("llama", "qwen2", "qwen3")
-SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_FAMILY)
+SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_FAMILY, "gemma3_text")
 
 # (zmaj key, checkpoint name with {i} for the layer); per-layer rows are stacked over layers. A row is read only
 # when the config's parameters have its key, so biases, QK-norms and the unembedding follow the config.
@@ -52,6 +55,26 @@ LLAMA_LAYER_TABLE: list[tuple[str, str]] = [
     ("mlp.down.weight", "model.layers.{i}.mlp.down_proj.weight"),
 ]
 LLAMA_GLOBAL_TABLE: list[tuple[str, str]] = [
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("final_norm.weight", "model.norm.weight"),
+    ("unembed.weight", "lm_head.weight"),
+]
+GEMMA3_LAYER_TABLE: list[tuple[str, str]] = [
+    ("attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("attn.q.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("attn.k.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("attn.v.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    ("attn.q_norm.weight", "model.layers.{i}.self_attn.q_norm.weight"),
+    ("attn.k_norm.weight", "model.layers.{i}.self_attn.k_norm.weight"),
+    ("attn.o.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("attn_post_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("mlp_norm.weight", "model.layers.{i}.pre_feedforward_layernorm.weight"),
+    ("mlp.gate.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("mlp.up.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("mlp.down.weight", "model.layers.{i}.mlp.down_proj.weight"),
+    ("mlp_post_norm.weight", "model.layers.{i}.post_feedforward_layernorm.weight"),
+]
+GEMMA3_GLOBAL_TABLE: list[tuple[str, str]] = [
     ("embed.weight", "model.embed_tokens.weight"),
     ("final_norm.weight", "model.norm.weight"),
     ("unembed.weight", "lm_head.weight"),
@@ -85,6 +108,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         return gpt2.config_from_hf(hf)
     if model_type in LLAMA_FAMILY:
         return _llama_config(hf)
+    if model_type == "gemma3_text":
+        return _gemma3_config(hf)
     raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
@@ -158,9 +183,92 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, LinearScaling | Llama3Scaling |
     raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
 
 
-def params_from_hf(tensors: Mapping[str, Tensor], config: LlamaConfig) -> TensorDict:
-    """zmaj Llama parameters from a Llama/Qwen state dict; a tensor missing or of the wrong shape is named."""
-    expected = llama.init(config, 0, device="meta")
+def _gemma3_config(hf: Mapping[str, Any]) -> Gemma3Config:
+    """Gemma 3 text models; a switch zmaj lacks is an error, and absent keys take ``Gemma3TextConfig``'s defaults.
+
+    ``attn_logit_softcapping`` is refused rather than ignored: ``transformers`` stores it but its Gemma 3 never
+    applies it (QK-norm replaced Gemma 2's cap), so a checkpoint that sets it is ambiguous.
+    """
+    if hf.get("attention_bias", False):
+        raise ValueError("gemma3_text: attention_bias=True is not supported")
+    if hf.get("use_bidirectional_attention", False):
+        raise ValueError(
+            "gemma3_text: use_bidirectional_attention=True (non-causal attention) is not supported"
+        )
+    if hf.get("attn_logit_softcapping") is not None:
+        raise ValueError(
+            "gemma3_text: attn_logit_softcapping is not supported (transformers' Gemma 3 does not apply it)"
+        )
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"gemma3_text: unsupported hidden_activation {act!r}")
+    n_layers = hf["num_hidden_layers"]
+    # Older configs give only the period of the pattern, as transformers still accepts.
+    pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
+    layer_types = hf.get("layer_types") or gemma3.interleaved_layer_types(n_layers, pattern)
+    (base, scaling), (local_base, local_scaling) = _gemma3_rope(hf)
+    window: dict[str, int] = {}
+    if hf.get("sliding_window") is not None:
+        window["sliding_window"] = hf["sliding_window"]
+    elif "sliding_attention" in layer_types:
+        raise ValueError("gemma3_text: sliding-window layers need sliding_window, which is null")
+    return Gemma3Config(
+        vocab_size=hf["vocab_size"],
+        context=hf.get("max_position_embeddings", 131_072),
+        d_model=hf["hidden_size"],
+        n_layers=n_layers,
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads", 4),
+        head_dim=hf.get("head_dim", 256),
+        d_ff=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        layer_types=tuple(layer_types),
+        **window,
+        rope_base=base,
+        rope_scaling=scaling,
+        local_rope_base=local_base,
+        local_rope_scaling=local_scaling,
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+        final_logit_softcap=hf.get("final_logit_softcapping"),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        activation=_ACTIVATIONS[act],
+    )
+
+
+RopeSetting = tuple[float, LinearScaling | Llama3Scaling | None]
+
+
+def _gemma3_rope(hf: Mapping[str, Any]) -> tuple[RopeSetting, RopeSetting]:
+    """(base, scaling) of the global layers, then of the local ones.
+
+    transformers >= 5 keys ``rope_parameters`` by layer type; earlier configs have ``rope_theta`` and
+    ``rope_scaling`` for the global layers and ``rope_local_base_freq`` for the local ones.
+    """
+    per_type: Mapping[str, Any] = hf.get("rope_parameters") or {}
+    if "full_attention" not in per_type and "sliding_attention" not in per_type:
+        per_type = {
+            "full_attention": {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1e6)},
+            "sliding_attention": {"rope_theta": hf.get("rope_local_base_freq", 1e4)},
+        }
+
+    def one(kind: str, default_base: float) -> RopeSetting:
+        params = {"rope_theta": default_base, **(per_type.get(kind) or {})}
+        return _rope(
+            {"rope_parameters": params, "partial_rotary_factor": hf.get("partial_rotary_factor", 1.0)}
+        )
+
+    return one("full_attention", 1e6), one("sliding_attention", 1e4)
+
+
+def params_from_hf(tensors: Mapping[str, Tensor], config: LlamaConfig | Gemma3Config) -> TensorDict:
+    """zmaj Llama or Gemma 3 parameters from a Llama/Qwen/Gemma 3 state dict; a tensor missing or of the wrong
+    shape is named."""
+    if isinstance(config, Gemma3Config):
+        expected = gemma3.init(config, 0, device="meta")
+        layer_table, global_table = GEMMA3_LAYER_TABLE, GEMMA3_GLOBAL_TABLE
+    else:
+        expected = llama.init(config, 0, device="meta")
+        layer_table, global_table = LLAMA_LAYER_TABLE, LLAMA_GLOBAL_TABLE
 
     def read(key: str, name: str) -> Tensor:
         if name not in tensors:
@@ -176,12 +284,12 @@ def params_from_hf(tensors: Mapping[str, Tensor], config: LlamaConfig) -> Tensor
         return tensor
 
     wanted = {".".join(key) for key in expected.keys(include_nested=True, leaves_only=True)}
-    flat = {key: read(key, name) for key, name in LLAMA_GLOBAL_TABLE if key in wanted}
-    for key, name in LLAMA_LAYER_TABLE:
+    flat = {key: read(key, name) for key, name in global_table if key in wanted}
+    for key, name in layer_table:
         if f"blocks.{key}" in wanted:
             layers = [read(f"blocks.{key}", name.format(i=i)) for i in range(config.n_layers)]
             flat[f"blocks.{key}"] = torch.stack(layers)
-    assert set(flat) == wanted, f"the Llama tables miss {sorted(wanted - set(flat))}"
+    assert set(flat) == wanted, f"the tables miss {sorted(wanted - set(flat))}"
     params: TensorDict = TensorDict(flat).unflatten_keys(".")
     params["blocks"].batch_size = torch.Size([config.n_layers])
     return params

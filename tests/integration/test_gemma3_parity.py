@@ -1,0 +1,310 @@
+"""zmaj's Gemma 3, loaded from a Hugging Face checkpoint folder, equals ``transformers``' ``Gemma3ForCausalLM``.
+
+Each reference is a small random model saved with ``save_pretrained`` and read back by ``zmaj.convert.hf`` alone,
+so the test covers the config translation, the tensor table and the model together. The sliding window (16) is
+shorter than the longest sequences (48), so the local layers' masks differ from the global ones'.
+"""
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers.models.gemma3 import modeling_gemma3
+
+from zmaj.convert import hf
+from zmaj.models import gemma3
+from zmaj.models.common import Batch
+from zmaj.nn.attention import Backend
+from zmaj.nn.rope import LinearScaling
+
+VOCAB = 128
+WINDOW = 16
+LONG = 48
+SMALL: dict[str, Any] = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "head_dim": 32,
+    "sliding_window": WINDOW,
+    "max_position_embeddings": 256,
+    # Larger than the usual 0.02, so attention is sharp and a wrong rotation moves the logits by ~1, not ~1e-3.
+    "initializer_range": 0.1,
+}
+REFERENCES: dict[str, transformers.Gemma3TextConfig] = {
+    # Sliding and global layers alternate; everything else as in Gemma 3 270M (one kv head, tied, scalar = head_dim).
+    # The pattern is given by its period, the old form transformers still accepts, so it derives layer_types.
+    "gemma3": transformers.Gemma3TextConfig(
+        **SMALL,
+        num_key_value_heads=1,
+        sliding_window_pattern=2,  # type: ignore[call-arg]
+        query_pre_attn_scalar=32,
+    ),
+    # Every switch moved: explicit layer types, grouped kv heads, untied, soft-capped logits, a query scalar that
+    # is not head_dim, a linearly scaled global RoPE and a non-default local base.
+    "variant": transformers.Gemma3TextConfig(
+        **SMALL,
+        num_key_value_heads=2,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        tie_word_embeddings=False,
+        final_logit_softcapping=2.0,
+        query_pre_attn_scalar=24,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+        },
+    ),
+}
+# The variant is saved in shards, to read a checkpoint through its index.
+SHARDED = {"variant"}
+
+# google/gemma-3-270m's config.json as published on the Hub (transformers 4 layout: top-level RoPE keys).
+GEMMA3_270M: dict[str, Any] = {
+    "_sliding_window_pattern": 6,
+    "architectures": ["Gemma3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attn_logit_softcapping": None,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "final_logit_softcapping": None,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 640,
+    "initializer_range": 0.02,
+    "intermediate_size": 2048,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+    "max_position_embeddings": 32768,
+    "model_type": "gemma3_text",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 18,
+    "num_key_value_heads": 1,
+    "pad_token_id": 0,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_local_base_freq": 10000.0,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "sliding_window": 512,
+    "torch_dtype": "bfloat16",
+    "use_bidirectional_attention": False,
+    "use_cache": True,
+    "vocab_size": 262144,
+}
+
+
+def reference_model(name: str) -> transformers.PreTrainedModel:
+    """A random model whose norms are moved off zero (their identity), so a dropped or misplaced one would show."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(REFERENCES[name], dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if "norm" in param_name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(REFERENCES))
+def saved(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[transformers.PreTrainedModel, Path]:
+    model = reference_model(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder, max_shard_size="100KB" if request.param in SHARDED else "50GB")
+    assert (folder / "model.safetensors.index.json").exists() == (request.param in SHARDED)
+    return model, folder
+
+
+def logits_of(
+    model: transformers.PreTrainedModel, tokens: torch.Tensor, backend: Backend = "sdpa"
+) -> torch.Tensor:
+    model.set_attn_implementation(backend)
+    with torch.no_grad():
+        logits: torch.Tensor = model(tokens).logits
+    return logits
+
+
+def load(folder: Path, backend: Backend = "sdpa") -> tuple[gemma3.Gemma3Config, Any]:
+    config, params = hf.load_hf(folder)
+    assert isinstance(config, gemma3.Gemma3Config)
+    return config.model_copy(update={"attention": backend}), params
+
+
+@pytest.mark.parametrize("length", [LONG, WINDOW - 4])
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_logits_equal_transformers(
+    saved: tuple[transformers.PreTrainedModel, Path], backend: Backend, length: int
+) -> None:
+    """Against the same attention implementation in transformers, whose eager and SDPA masks are built apart."""
+    model, folder = saved
+    config, params = load(folder, backend)
+    tokens = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = gemma3.forward(params, Batch(tokens=tokens), config)
+    assert (logits - logits_of(model, tokens, backend)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_bfloat16_logits_equal_transformers(
+    saved: tuple[transformers.PreTrainedModel, Path], backend: Backend
+) -> None:
+    """In bfloat16, loaded as users load it (``from_pretrained(dtype=...)``, which keeps the RoPE frequencies in
+    float32; ``model.bfloat16()`` would round them too). Bit-exact on the CPUs tried; the tolerance leaves room
+    for other kernels, while Llama's rounding order in the norms misses by ~0.07."""
+    _, folder = saved
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    config, params = load(folder, backend)
+    tokens = torch.randint(0, VOCAB, (2, LONG), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = gemma3.forward(params.bfloat16(), Batch(tokens=tokens), config)
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - logits_of(model, tokens, backend).float()).abs().max().item() <= 1e-2
+
+
+def test_config_follows_the_checkpoint(saved: tuple[transformers.PreTrainedModel, Path]) -> None:
+    model, folder = saved
+    config, params = load(folder)
+    hf_config = model.config
+    assert list(config.layer_types) == hf_config.layer_types
+    assert config.sliding_window == WINDOW
+    assert config.tie_embeddings == hf_config.tie_word_embeddings == ("unembed" not in params)
+    assert config.attention_scale == hf_config.query_pre_attn_scalar**-0.5
+    assert config.final_logit_softcap == hf_config.final_logit_softcapping
+    rope = hf_config.rope_parameters
+    assert config.rope_base == rope["full_attention"]["rope_theta"]
+    assert config.local_rope_base == rope["sliding_attention"]["rope_theta"]
+    if rope["full_attention"]["rope_type"] == "linear":
+        assert config.rope_scaling == LinearScaling(factor=rope["full_attention"]["factor"])
+    assert all(t.dtype == torch.float32 for t in params.values(include_nested=True, leaves_only=True))
+
+
+def test_every_checkpoint_tensor_is_read(saved: tuple[transformers.PreTrainedModel, Path]) -> None:
+    """The table names exactly the tensors save_pretrained wrote: none is left behind, none is invented."""
+    _, folder = saved
+    config, _ = load(folder)
+    stored: set[str] = set()
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as handle:
+            stored |= set(handle.keys())
+    read = {
+        name for key, name in hf.GEMMA3_GLOBAL_TABLE if key != "unembed.weight" or not config.tie_embeddings
+    }
+    read |= {name.format(i=i) for _, name in hf.GEMMA3_LAYER_TABLE for i in range(config.n_layers)}
+    assert stored == read
+
+
+def test_padded_rows_give_the_unpadded_logits(saved: tuple[transformers.PreTrainedModel, Path]) -> None:
+    model, folder = saved
+    config, params = load(folder)
+    generator = torch.Generator().manual_seed(2)
+    lengths = [LONG, 29]
+    rows = [torch.randint(0, VOCAB, (1, n), generator=generator) for n in lengths]
+    padded = Batch(
+        tokens=torch.cat([torch.nn.functional.pad(row, (0, LONG - row.shape[1])) for row in rows]),
+        is_token=torch.arange(LONG)[None] < torch.tensor(lengths)[:, None],
+    )
+    with torch.no_grad():
+        logits = gemma3.forward(params, padded, config)
+    for i, row in enumerate(rows):
+        assert (logits[i, : lengths[i]] - logits_of(model, row)[0]).abs().max().item() <= 1e-5
+
+
+def test_packed_documents_give_the_logits_of_separate_runs(
+    saved: tuple[transformers.PreTrainedModel, Path],
+) -> None:
+    """Both documents are longer than the window, so the window must slide within each document alone."""
+    model, folder = saved
+    config, params = load(folder)
+    generator = torch.Generator().manual_seed(3)
+    first, second = (torch.randint(0, VOCAB, (1, n), generator=generator) for n in (30, 18))
+    packed = Batch(
+        tokens=torch.cat([first, second], 1),
+        positions=torch.cat([torch.arange(30), torch.arange(18)])[None],
+        document_ids=torch.cat([torch.zeros(30, dtype=torch.long), torch.ones(18, dtype=torch.long)])[None],
+    )
+    with torch.no_grad():
+        logits = gemma3.forward(params, packed, config)
+    separate = torch.cat([logits_of(model, first), logits_of(model, second)], dim=1)
+    assert (logits - separate).abs().max().item() <= 1e-5
+
+
+def test_the_legacy_config_format_reads_the_same() -> None:
+    """Hub checkpoints written before transformers 5 keep the RoPE keys at the top level, and the oldest give only
+    the period of the local/global pattern."""
+    current = REFERENCES["variant"].to_dict()
+    legacy = {k: v for k, v in current.items() if k != "rope_parameters"}
+    legacy |= {"rope_theta": 10_000.0, "rope_scaling": {"type": "linear", "factor": 4.0}}
+    legacy["rope_local_base_freq"] = 100.0
+    assert hf.config_from_hf(legacy) == hf.config_from_hf(current)
+    periodic = {k: v for k, v in REFERENCES["gemma3"].to_dict().items() if k != "layer_types"}
+    assert hf.config_from_hf(periodic) == hf.config_from_hf(REFERENCES["gemma3"].to_dict())
+
+
+def test_the_270m_config_reads_as_the_default_config() -> None:
+    """The published 270M config gives zmaj's defaults, and as many parameters as transformers builds from it."""
+    config = hf.config_from_hf(GEMMA3_270M)
+    assert config == gemma3.Gemma3Config(vocab_size=262144)
+    with torch.device("meta"):
+        reference = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**GEMMA3_270M))
+    assert reference.config.layer_types == list(config.layer_types)
+    params = gemma3.init(config, 0, device="meta")
+    assert sum(p.numel() for p in params.values(include_nested=True, leaves_only=True)) == sum(
+        p.numel() for p in reference.parameters()
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"attention_bias": True}, "attention_bias"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        ({"hidden_activation": "swish_v9"}, "swish_v9"),
+        ({"sliding_window": None}, "sliding_window"),
+        (
+            {"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}},
+            "'yarn'",
+        ),
+    ],
+)
+def test_unsupported_switches_are_refused(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        hf.config_from_hf({**REFERENCES["gemma3"].to_dict(), **change})
+
+
+def test_norm_and_embedding_round_like_transformers_in_bfloat16() -> None:
+    """Gemma multiplies by (1 + w) before casting back, and rounds sqrt(d_model) to the weights' dtype: in
+    bfloat16 both differ from the obvious implementation, and both must match bit for bit."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 3072, generator=generator).bfloat16()
+    norm = modeling_gemma3.Gemma3RMSNorm(3072, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(3072, generator=generator))
+    norm = norm.bfloat16()
+    config = gemma3.Gemma3Config(vocab_size=50, d_model=3072, n_layers=1)
+    params = gemma3.init(config, 0).bfloat16()
+    params["final_norm", "weight"] = norm.weight.detach()
+    with torch.no_grad():
+        assert torch.equal(gemma3.rms_norm(params["final_norm"], x, 1e-6), norm(x))
+    embedding = modeling_gemma3.Gemma3TextScaledWordEmbedding(50, 3072, 0, embed_scale=3072**0.5)
+    with torch.no_grad():
+        embedding.weight.copy_(params["embed", "weight"].float())
+    embedding = embedding.bfloat16()
+    tokens = torch.randint(0, 50, (2, 9), generator=generator)
+    with torch.no_grad():
+        assert torch.equal(gemma3.embed(params, Batch(tokens=tokens), config), embedding(tokens))
+
+
+def test_a_missing_tensor_is_named(tmp_path: Path) -> None:
+    reference_model("gemma3").save_pretrained(tmp_path)
+    name = "model.layers.2.post_feedforward_layernorm.weight"
+    tensors = {k: v for k, v in load_file(tmp_path / "model.safetensors").items() if k != name}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(KeyError, match=re.escape(name)):
+        hf.load_hf(tmp_path)

@@ -1,0 +1,277 @@
+"""Gemma 3: Google DeepMind's decoder-only transformer (Gemma Team, 2025, "Gemma 3 Technical Report",
+arXiv:2503.19786), text-only, as in the 270M model.
+
+It keeps Llama's skeleton (``zmaj.models.llama``: RMSNorm, rotary positions, a gated MLP, grouped-query attention)
+and changes five things:
+
+- **Local and global layers, 5:1** (report section 2.1, "5:1 interleaving of local/global layers"). Local layers
+  attend to a causal sliding window of the last ``sliding_window`` keys (the query included) and rotate with a
+  RoPE base of 10k; every sixth layer is global, attending to the whole context with a base of 1M (report
+  section 2.2, "Long context"), optionally position-interpolated for long context. Only the global layers' key
+  cache grows with the context, which is the point.
+- **QK-norm instead of soft-capping** (report section 2.1): each query and key head is RMS-normalised before the
+  rotation, replacing Gemma 2's ``tanh`` soft-cap of the attention logits. The scores are scaled by
+  ``query_pre_attn_scalar ** -0.5`` rather than ``head_dim ** -0.5`` (they coincide in the small models).
+- **Pre- and post-norms** around both sub-blocks (as in Gemma 2): the residual adds ``norm(f(norm(x)))``.
+- **RMSNorm scales by ``(1 + w)``**, with ``w`` stored as a deviation from one (so zero-initialised), and the
+  product is taken in float32 *before* casting back, unlike Llama's (see :func:`rms_norm`).
+- **Embeddings scaled by ``sqrt(d_model)``** and tied to the unembedding; a GeGLU MLP (GELU, tanh approximation).
+
+The output logits may still be soft-capped (``final_logit_softcap``, Gemma 2's ``cap * tanh(logits / cap)``);
+the released Gemma 3 checkpoints leave it off. As in ``zmaj.models.llama``, the parameters are one TensorDict
+with the blocks stacked along ``[n_layers]``; which layers are local is static config, so the Python loop picks
+each layer's mask and rotation.
+"""
+
+from functools import partial
+from typing import Literal
+
+import torch
+from einops import rearrange
+from jaxtyping import Float
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from zmaj.models.common import Batch, batch_mask
+from zmaj.nn.attention import AttentionMask, Backend, attention
+from zmaj.nn.layers import Activation, glu_mlp, linear
+from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
+from zmaj.nn.shell import Shell
+
+LayerType = Literal["sliding_attention", "full_attention"]
+"""A layer's attention, named as in ``transformers``' ``layer_types``: a local sliding window, or global."""
+
+
+def interleaved_layer_types(n_layers: int, pattern: int = 6) -> tuple[LayerType, ...]:
+    """Gemma 3's interleaving: every ``pattern``-th layer global, the others local (5:1 for the default 6)."""
+    return tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers))
+
+
+class Gemma3Config(BaseModel):
+    """The shape of a Gemma 3 text model; Gemma 3 270M is ``Gemma3Config(vocab_size=262144)``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    vocab_size: int = Field(gt=0)
+    context: int = Field(
+        32_768, gt=0, description="longest sequence trained on; RoPE itself has no table to size"
+    )
+    d_model: int = Field(640, gt=0)
+    n_layers: int = Field(18, gt=0)
+    n_heads: int = Field(4, gt=0)
+    n_kv_heads: int = Field(1, gt=0, description="key/value heads shared by groups of query heads")
+    head_dim: int = Field(256, gt=0, description="set independently of d_model / n_heads, as in every Gemma")
+    d_ff: int = Field(2048, gt=0)
+    norm_eps: float = Field(1e-6, gt=0)
+    layer_types: tuple[LayerType, ...] = Field(
+        default_factory=lambda data: interleaved_layer_types(data["n_layers"]),
+        description="each layer's attention; five local layers to one global when unset",
+    )
+    sliding_window: int = Field(512, gt=0, description="keys a local layer sees, the query's own included")
+    rope_base: float = Field(1_000_000.0, gt=0, description="RoPE base of the global layers")
+    rope_scaling: RopeScaling | None = Field(None, description="context extension of the global layers' RoPE")
+    local_rope_base: float = Field(10_000.0, gt=0, description="RoPE base of the local (sliding) layers")
+    local_rope_scaling: RopeScaling | None = Field(
+        None, description="context extension of the local layers' RoPE; none in the released models"
+    )
+    query_pre_attn_scalar: float = Field(
+        default_factory=lambda data: data["head_dim"],
+        gt=0,
+        description="attention scores are scaled by its inverse square root; head_dim when unset",
+    )
+    final_logit_softcap: float | None = Field(
+        None, gt=0, description="logits become cap * tanh(logits / cap) (Gemma 2); off in Gemma 3"
+    )
+    tie_embeddings: bool = True
+    activation: Activation = "gelu_tanh"
+    init_std: float = Field(0.02, gt=0)
+    attention: Backend = "sdpa"
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> "Gemma3Config":
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}): "
+                "each key/value head serves a whole group of query heads"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even: RoPE rotates pairs of features")
+        if len(self.layer_types) != self.n_layers:
+            raise ValueError(
+                f"layer_types lists {len(self.layer_types)} layers but n_layers is {self.n_layers}"
+            )
+        return self
+
+    @property
+    def is_sliding(self) -> tuple[bool, ...]:
+        """Per layer: does it attend through the local sliding window (else globally)?"""
+        return tuple(kind == "sliding_attention" for kind in self.layer_types)
+
+    @property
+    def attention_scale(self) -> float:
+        """What q k^T is multiplied by before the softmax."""
+        return float(self.query_pre_attn_scalar**-0.5)
+
+
+def init(config: Gemma3Config, seed: int, device: torch.device | str = "cpu") -> TensorDict:
+    """The initialisation of ``transformers``' Gemma 3: every matrix N(0, init_std), every norm weight zero.
+
+    Zero is the identity here, since the norms scale by ``(1 + w)``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    layers, d, ff, hd = config.n_layers, config.d_model, config.d_ff, config.head_dim
+    q_dim, kv_dim = config.n_heads * hd, config.n_kv_heads * hd
+
+    def normal(*shape: int) -> Tensor:
+        if torch.device(device).type == "meta":
+            return torch.empty(shape, device="meta")
+        return (torch.randn(shape, generator=generator) * config.init_std).to(device)
+
+    def zeros(*shape: int) -> dict[str, Tensor]:
+        return {"weight": torch.zeros(shape, device=device)}
+
+    def projection(d_out: int, d_in: int) -> dict[str, Tensor]:
+        return {"weight": normal(layers, d_out, d_in)}
+
+    blocks = TensorDict(
+        {
+            "attn_norm": zeros(layers, d),
+            "attn": {
+                "q": projection(q_dim, d),
+                "k": projection(kv_dim, d),
+                "v": projection(kv_dim, d),
+                "o": projection(d, q_dim),
+                "q_norm": zeros(layers, hd),
+                "k_norm": zeros(layers, hd),
+            },
+            "attn_post_norm": zeros(layers, d),
+            "mlp_norm": zeros(layers, d),
+            "mlp": {"gate": projection(ff, d), "up": projection(ff, d), "down": projection(d, ff)},
+            "mlp_post_norm": zeros(layers, d),
+        },
+        batch_size=[layers],
+        device=device,
+    )
+    params = TensorDict(
+        {"embed": {"weight": normal(config.vocab_size, d)}, "blocks": blocks, "final_norm": zeros(d)},
+        device=device,
+    )
+    if not config.tie_embeddings:
+        params["unembed"] = {"weight": normal(config.vocab_size, d)}
+    return params
+
+
+def forward(
+    params: TensorDictBase, batch: Batch, config: Gemma3Config, dropout_seed: int | None = None
+) -> Float[Tensor, "batch seq vocab"]:
+    """Next-token logits for every position.
+
+    ``dropout_seed`` is accepted, so this fits wherever ``zmaj.models.gpt.forward`` does (the training step
+    passes one), and ignored: Gemma 3 trains without dropout.
+    """
+    return unembed(params, hidden_states(params, batch, config, dropout_seed), config)
+
+
+def hidden_states(
+    params: TensorDictBase, batch: Batch, config: Gemma3Config, dropout_seed: int | None = None
+) -> Float[Tensor, "batch seq d_model"]:
+    """The final-norm residual stream, before the unembedding; ``dropout_seed`` is ignored, as in ``forward``."""
+    x = embed(params, batch, config)
+    positions = batch.position_ids()
+    # Both kinds of mask and rotation are built once here and shared by every layer of their kind.
+    masks: dict[bool, AttentionMask] = {}
+    angles: dict[bool, tuple[Tensor, Tensor]] = {}
+    for sliding in set(config.is_sliding):
+        base, scaling = (
+            (config.local_rope_base, config.local_rope_scaling)
+            if sliding
+            else (config.rope_base, config.rope_scaling)
+        )
+        inv_freq = rope_frequencies(config.head_dim, base, scaling, device=x.device)
+        angles[sliding] = rope_angles(positions, inv_freq)
+        masks[sliding] = batch_mask(batch, config.attention, config.sliding_window if sliding else None)
+    eps = config.norm_eps
+    for block, sliding in zip(params["blocks"].unbind(0), config.is_sliding, strict=True):
+        cos, sin = angles[sliding]
+        attended = gemma_attention(
+            block["attn"], rms_norm(block["attn_norm"], x, eps), masks[sliding], cos, sin, config
+        )
+        x = x + rms_norm(block["attn_post_norm"], attended, eps)
+        fed = glu_mlp(block["mlp"], rms_norm(block["mlp_norm"], x, eps), config.activation)
+        x = x + rms_norm(block["mlp_post_norm"], fed, eps)
+    return rms_norm(params["final_norm"], x, eps)
+
+
+def embed(params: TensorDictBase, batch: Batch, config: Gemma3Config) -> Float[Tensor, "batch seq d_model"]:
+    """Token embeddings times ``sqrt(d_model)``, the factor rounded to the weights' dtype first.
+
+    The rounding is that of Gemma's reference code, which ``transformers`` keeps (``Gemma3TextScaledWordEmbedding``,
+    PR #29402): in bfloat16 the factor for d_model 3072 is 55.5, not 55.43.
+    """
+    weight: Tensor = params["embed", "weight"]
+    scale = torch.tensor(config.d_model**0.5, dtype=torch.float32).to(
+        device=weight.device, dtype=weight.dtype
+    )
+    return weight[batch.tokens] * scale
+
+
+def unembed(
+    params: TensorDictBase, hidden: Float[Tensor, "batch seq d_model"], config: Gemma3Config
+) -> Float[Tensor, "batch seq vocab"]:
+    """Logits from hidden states (through the embedding matrix when tied), soft-capped if the config says so."""
+    weight: Tensor = params["embed", "weight"] if config.tie_embeddings else params["unembed", "weight"]
+    logits = hidden @ weight.T
+    if config.final_logit_softcap is None:
+        return logits
+    cap = config.final_logit_softcap
+    return torch.tanh(logits / cap) * cap
+
+
+def rms_norm(
+    params: TensorDictBase, x: Float[Tensor, "*batch d_model"], eps: float
+) -> Float[Tensor, "*batch d_model"]:
+    """Gemma's RMSNorm: normalise and scale by ``(1 + w)`` all in float32, then cast back.
+
+    ``zmaj.nn.layers.rms_norm(..., offset=1)`` is the same function in float32, but casts before scaling, as
+    Llama does; in bfloat16 the two round differently, and this is the order of Gemma's reference code, which
+    ``transformers`` follows (PR #29402).
+    """
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    weight: Tensor = params["weight"]
+    return (normed * (1.0 + weight.float())).to(x.dtype)
+
+
+def gemma_attention(
+    params: TensorDictBase,
+    x: Float[Tensor, "batch seq d_model"],
+    mask: AttentionMask,
+    cos: Float[Tensor, "batch seq half"],
+    sin: Float[Tensor, "batch seq half"],
+    config: Gemma3Config,
+) -> Float[Tensor, "batch seq d_model"]:
+    """Grouped-query self-attention; each q and k head RMS-normalised, then rotated by its position."""
+    q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", d=config.head_dim)
+    k = rearrange(linear(params["k"], x), "b s (h d) -> b h s d", d=config.head_dim)
+    v = rearrange(linear(params["v"], x), "b s (h d) -> b h s d", d=config.head_dim)
+    q = apply_rope(rms_norm(params["q_norm"], q, config.norm_eps), cos, sin)
+    k = apply_rope(rms_norm(params["k_norm"], k, config.norm_eps), cos, sin)
+    out = attention(q, k, v, mask, config.attention, scale=config.attention_scale)
+    return linear(params["o"], rearrange(out, "b h s d -> b s (h d)"))
+
+
+class Gemma3(Shell):
+    """``nn.Module`` shell over :func:`forward`; its parameters are exactly ``init(config, seed)``."""
+
+    def __init__(self, config: Gemma3Config, params: TensorDictBase | None = None, seed: int = 0) -> None:
+        super().__init__(init(config, seed) if params is None else params)
+        self.config = config
+
+    def forward(self, batch: Batch, dropout_seed: int | None = None) -> Float[Tensor, "batch seq vocab"]:
+        return forward(self.params(), batch, self.config, dropout_seed)
+
+
+def pure(config: Gemma3Config) -> partial[Tensor]:
+    """``forward`` with its config bound, so it reads ``model(params, batch)``."""
+    return partial(forward, config=config)
