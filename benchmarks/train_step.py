@@ -1,0 +1,763 @@
+"""Benchmark of a whole training step: zmaj's pure ``train_step`` vs two conventional module + optimizer stacks.
+
+Three stacks train the same GPT shape (GPT-2 style: learned positions, pre-norm LayerNorm blocks, GELU(tanh) MLP
+of width 4 d, tied embeddings, SDPA causal attention, no dropout) on the same random batch:
+
+- ``zmaj``: ``zmaj.train.step.train_step`` over the parameter TensorDict: ``torch.func.grad_and_value`` for the
+  gradient, zmaj's TensorDict AdamW and global-norm clipping, autocast from ``zmaj.train.precision``.
+- ``transformers``: ``GPT2LMHeadModel`` + ``torch.optim.AdamW(foreach=True)``; ``loss.backward()``,
+  ``clip_grad_norm_``, ``opt.step()``, ``zero_grad(set_to_none=True)``, bf16 through ``torch.autocast``.
+- ``nanoGPT``: a module GPT in the style of karpathy/nanoGPT's ``model.py`` (defined below) with the same
+  optimizer loop as ``transformers``.
+
+All three use AdamW(betas=(0.9, 0.95), eps=1e-8, weight decay 0.1 on matrices only), clip at 1.0, and take the
+mean next-token cross-entropy in fp32. ``compiled`` means ``torch.compile`` of the model and its loss for the module
+stacks (the optimizer stays eager), and for zmaj ``torch.compile`` of the function that returns loss and
+gradients (``accumulate_grads``, i.e. ``grad_and_value`` of the loss, traced in one graph), followed by zmaj's
+eager clipping and AdamW. Compiling only the forward that ``train_step`` takes does not work: dynamo refuses to
+trace a compiled function called inside an eager ``torch.func.grad`` (pytorch/pytorch#128711) and runs it eagerly;
+the benchmark probes that on a tiny model and says what happened.
+
+FLOPs per token are ``zmaj.train.report.gpt_flops_per_token`` (6 N + 12 L d S) for every stack, so GFLOP/s and MFU
+(against the matmul peak measured in the same process, same dtype) compare like with like. The stacks run
+round-robin, several rounds in one process, so that background load hits all of them alike; ms/step is the median
+over all timed steps after warm-up. Warm-up runs until a step is no slower than 1.5x the fastest so far (compiled
+code can need several calls before it settles); ``compile s`` is the warm-up time in excess of that many median
+steps. A profile of the zmaj eager step (top ops by self time, time per op category, time per phase) goes to
+``results/train_step_profile.txt``. Run by hand:
+
+    uv run python benchmarks/train_step.py --quick       # a tiny model, a few minutes: is everything wired up?
+    uv run python benchmarks/train_step.py               # 6 layers, d=384, vocab 8192, S=256, B=8
+    uv run python benchmarks/train_step.py --device cuda
+
+Writes ``benchmarks/results/train_step.md`` (header + table), ``train_step.png`` (tokens/s per stack) and
+``train_step_profile.txt``.
+"""
+
+import argparse
+import gc
+import math
+import os
+import re
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch._dynamo
+import torch._dynamo.utils
+import torch.nn.functional as F
+import transformers
+from common import (
+    bf16_is_fast,
+    markdown_table,
+    matmul_peak_gflops,
+    median_ms,
+    print_header,
+    synchronize,
+    timeit,
+)
+from einops import rearrange
+from jaxtyping import Float, Int
+from loguru import logger
+from torch import Tensor, nn
+
+from zmaj.models import gpt
+from zmaj.models.common import Batch
+from zmaj.train import optim, precision, step
+from zmaj.train.report import gpt_flops_per_token
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("eager", "compiled")
+STACKS = ("zmaj", "transformers", "nanoGPT")
+RESULTS = Path(__file__).parent / "results"
+LR = 1e-3
+BETAS = (0.9, 0.95)
+WEIGHT_DECAY = 0.1
+GRAD_CLIP = 1.0
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The GPT every stack trains, and the batch it trains on."""
+
+    batch: int
+    seq: int
+    layers: int
+    d_model: int
+    heads: int
+    vocab: int
+    bias: bool
+
+    def gpt_config(self) -> gpt.GPTConfig:
+        return gpt.GPTConfig(
+            vocab_size=self.vocab,
+            context=self.seq,
+            d_model=self.d_model,
+            n_layers=self.layers,
+            n_heads=self.heads,
+            bias=self.bias,
+            attention="sdpa",
+        )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.seq
+
+
+# --- nanoGPT: a module GPT written the conventional way (karpathy/nanoGPT model.py, trimmed) -----------------------
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, bias: bool) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)  # q, k and v in one matmul
+        self.c_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(self, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
+        q, k, v = (
+            rearrange(t, "b s (h d) -> b h s d", h=self.n_heads) for t in self.c_attn(x).chunk(3, dim=-1)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out: Tensor = self.c_proj(rearrange(y, "b h s d -> b s (h d)"))
+        return out
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, bias: bool) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(d_model, 4 * d_model, bias=bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * d_model, d_model, bias=bias)
+
+    def forward(self, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
+        out: Tensor = self.c_proj(self.gelu(self.c_fc(x)))
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, bias: bool) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d_model, bias=bias)
+        self.attn = CausalSelfAttention(d_model, n_heads, bias)
+        self.ln_2 = nn.LayerNorm(d_model, bias=bias)
+        self.mlp = MLP(d_model, bias)
+
+    def forward(self, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
+        x = x + self.attn(self.ln_1(x))
+        out: Tensor = x + self.mlp(self.ln_2(x))
+        return out
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, shape: Shape) -> None:
+        super().__init__()
+        d = shape.d_model
+        self.wte = nn.Embedding(shape.vocab, d)
+        self.wpe = nn.Embedding(shape.seq, d)
+        self.h = nn.ModuleList(Block(d, shape.heads, shape.bias) for _ in range(shape.layers))
+        self.ln_f = nn.LayerNorm(d, bias=shape.bias)
+        self.lm_head = nn.Linear(d, shape.vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf, 2017)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                # GPT-2's scaled init of the projections that write into the residual stream.
+                std = 0.02 / math.sqrt(2 * shape.layers) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq vocab"]:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.wte(tokens) + self.wpe(positions)
+        for block in self.h:
+            x = block(x)
+        logits: Tensor = self.lm_head(self.ln_f(x))
+        return logits
+
+
+# --- the module stacks' step ----------------------------------------------------------------------------------------
+
+
+class GPT2Logits(nn.Module):
+    """``transformers.GPT2LMHeadModel`` of the benchmark's shape, called as ``tokens -> logits``."""
+
+    def __init__(self, shape: Shape) -> None:
+        super().__init__()
+        config = transformers.GPT2Config(
+            vocab_size=shape.vocab,
+            n_positions=shape.seq,
+            n_embd=shape.d_model,
+            n_layer=shape.layers,
+            n_head=shape.heads,
+            n_inner=4 * shape.d_model,
+            activation_function="gelu_new",  # GELU(tanh), as zmaj's and nanoGPT's
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+            use_cache=False,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        self.model = transformers.GPT2LMHeadModel(config)
+        self.model.set_attn_implementation("sdpa")
+
+    def forward(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq vocab"]:
+        logits: Tensor = self.model(input_ids=tokens, use_cache=False).logits
+        return logits
+
+
+class LanguageModelLoss(nn.Module):
+    """Mean next-token cross-entropy of a ``tokens -> logits`` module: logits under autocast, the loss in fp32.
+
+    The loss sits inside the module so that ``torch.compile`` of it captures the same work as zmaj's compiled
+    loss-and-gradients function.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.device_type = device.type
+
+    def forward(self, tokens: Int[Tensor, "batch seq"], targets: Int[Tensor, "batch seq"]) -> Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            logits = self.model(tokens)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def adamw(model: nn.Module) -> torch.optim.AdamW:
+    """torch's AdamW with zmaj's settings: weight decay on matrices, not on norm scales and biases."""
+    params = list(model.parameters())  # tied weights appear once
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=1e-8, foreach=True, fused=False)
+
+
+def module_step(model: nn.Module, compiled: bool, dtype: torch.dtype, batch: Batch) -> Callable[[], Tensor]:
+    """The conventional step: forward + loss, ``backward()``, clip, ``opt.step()``, ``zero_grad``."""
+    assert batch.targets is not None
+    loss_module = LanguageModelLoss(model, dtype, batch.tokens.device)
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = torch.compile(loss_module) if compiled else loss_module
+    opt = adamw(model)
+    tokens, targets = batch.tokens, batch.targets
+
+    def run() -> Tensor:
+        loss = loss_fn(tokens, targets)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return run
+
+
+# --- zmaj's step ----------------------------------------------------------------------------------------------------
+
+
+def zmaj_step(shape: Shape, compiled: bool, dtype: torch.dtype, batch: Batch) -> Callable[[], Tensor]:
+    """zmaj's ``train_step`` (eager), or its loss-and-gradients compiled and its clip + AdamW eager."""
+    device = batch.tokens.device
+    config = shape.gpt_config()
+    state = step.init_state(gpt.init(config, 0, device))
+    forward = step.bind(gpt.forward, config=config)
+    adamw_config = optim.AdamWConfig(lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
+    decay = optim.decay_mask(state["params"])
+    autocast = precision.autocast(dtype, device)
+
+    grad_fn = torch.compile(step.accumulate_grads) if compiled else step.accumulate_grads
+
+    def run() -> Tensor:
+        nonlocal state
+        state, metrics = step.train_step(
+            state,
+            [batch],
+            forward=forward,
+            optimizer=adamw_config,
+            lr=LR,
+            decay=decay,
+            seed=0,
+            autocast=autocast,
+            grad_fn=grad_fn,
+        )
+        return metrics["loss"]
+
+    return run
+
+
+def probe_compiled_forward(device: torch.device) -> str:
+    """What happens when ``train_step`` gets ``forward=torch.compile(bind(...))``, the obvious way to compile zmaj.
+
+    Run on a tiny model: dynamo either captures graphs or refuses each frame and runs it eagerly (it does not raise).
+    """
+    shape = Shape(batch=2, seq=32, layers=1, d_model=32, heads=2, vocab=64, bias=True)
+    config = shape.gpt_config()
+    state = step.init_state(gpt.init(config, 0, device))
+    batch = random_batch(shape, device)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    try:
+        step.train_step(
+            state,
+            [batch],
+            forward=torch.compile(step.bind(gpt.forward, config=config)),
+            optimizer=optim.AdamWConfig(),
+            lr=LR,
+            decay=optim.decay_mask(state["params"]),
+            seed=0,
+        )
+    except Exception as e:  # report any failure instead of stopping the benchmark
+        outcome = f"raised {type(e).__name__}: {first_line(str(e))}"
+    else:
+        refusals = [k for k in counters["unimplemented"] if "functorch" in k]
+        graphs = counters["stats"]["unique_graphs"]
+        if refusals:
+            # The message's first line names the refusal; its "- Calling ..." line says why.
+            why = [ln.strip()[2:] for ln in refusals[0].splitlines() if ln.strip().startswith("- Calling")]
+            outcome = (
+                f"runs eagerly: dynamo refuses the frames without raising ({graphs} graphs captured): "
+                f"{first_line(refusals[0])}" + (f" ({why[0]})" if why else "")
+            )
+        else:
+            outcome = f"compiled: {graphs} graphs captured, no functorch refusal"
+    torch._dynamo.reset()
+    return outcome
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+# --- timing ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runner:
+    """One stack at one dtype and mode: its step, and what the rounds measured."""
+
+    stack: str
+    dtype: str
+    mode: str
+    run: Callable[[], Tensor]
+    times: list[float] = field(default_factory=list)
+    warmup_times: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.stack} {self.dtype} {self.mode}"
+
+    @property
+    def compile_s(self) -> float:
+        """Warm-up time beyond as many median steps: compilation, mostly (~0 for eager)."""
+        return max(0.0, sum(self.warmup_times) - len(self.warmup_times) * statistics.median(self.times))
+
+
+def random_batch(shape: Shape, device: torch.device, seed: int = 0) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, shape.vocab, (shape.batch, shape.seq + 1), generator=generator).to(device)
+    return Batch(tokens=rows[:, :-1].contiguous(), targets=rows[:, 1:].contiguous())
+
+
+def timed(runner: Runner, device: torch.device) -> float:
+    """Seconds one step of ``runner`` takes, its loss kept for the sanity check."""
+    synchronize(device)
+    start = time.perf_counter()
+    loss = runner.run()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    runner.losses.append(float(loss))
+    return seconds
+
+
+def warm_up(runner: Runner, min_steps: int, max_steps: int, device: torch.device) -> None:
+    """At least ``min_steps`` steps, then more until a step is within 1.5x of the fastest one (or ``max_steps``)."""
+    while len(runner.warmup_times) < max_steps:
+        runner.warmup_times.append(timed(runner, device))
+        n = len(runner.warmup_times)
+        if n >= min_steps and runner.warmup_times[-1] <= 1.5 * min(runner.warmup_times):
+            break
+    logger.info(
+        f"{runner.name}: warm-up {', '.join(f'{t:.2f}' for t in runner.warmup_times)} s"
+        f" ({len(runner.warmup_times)} steps)"
+    )
+
+
+def build_runners(
+    args: argparse.Namespace, shape: Shape, dtypes: list[str], batch: Batch, device: torch.device
+) -> list[Runner]:
+    runners = []
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for mode in args.modes:
+            compiled = mode == "compiled"
+            for stack in args.stacks:
+                torch.manual_seed(0)
+                if stack == "zmaj":
+                    run = zmaj_step(shape, compiled, dtype, batch)
+                else:
+                    model = (NanoGPT(shape) if stack == "nanoGPT" else GPT2Logits(shape)).to(device)
+                    run = module_step(model, compiled, dtype, batch)
+                runners.append(Runner(stack, dtype_name, mode, run))
+    return runners
+
+
+def measure(args: argparse.Namespace, runners: list[Runner], device: torch.device) -> None:
+    """Warm every runner up, then ``rounds`` round-robin rounds of ``steps`` timed steps each."""
+    for runner in runners:
+        min_steps = args.warmup + (1 if runner.mode == "compiled" else 0)
+        warm_up(runner, min_steps, args.max_warmup, device)
+    for r in range(args.rounds):
+        # Rotate the starting runner so that no stack always runs right after the same neighbour.
+        order = runners[r % len(runners) :] + runners[: r % len(runners)]
+        for runner in order:
+            runner.times += [timed(runner, device) for _ in range(args.steps)]
+        summary = ", ".join(f"{x.name} {median_ms(x.times):.0f}" for x in runners)
+        logger.info(f"round {r + 1}/{args.rounds}: median ms so far: {summary}")
+
+
+# --- profile of the zmaj eager step ---------------------------------------------------------------------------------
+
+CATEGORIES: list[tuple[str, str]] = [
+    ("matmul", r"^(mm|addmm|bmm|baddbmm|addmv|mv|matmul|linear)$"),
+    ("attention (SDPA fwd+bwd)", r"scaled_dot_product|flash_attention|efficient_attention"),
+    ("log-softmax + NLL (loss)", r"log_softmax|nll_loss|cross_entropy"),
+    ("layer norm", r"layer_norm"),
+    ("GELU", r"gelu"),
+    ("embedding gather/scatter", r"embedding|^index|scatter|gather"),
+    (
+        "views (t, select, unbind, ...)",
+        r"^(t|transpose|permute|view|_unsafe_view|reshape|select|slice|unbind|split|chunk|expand|unsqueeze|"
+        r"squeeze|as_strided|alias|detach|flatten|unflatten|narrow|lift_fresh)$",
+    ),
+    (
+        "copies, stack, cat (incl. select/unbind backward)",
+        r"copy_|clone|^stack$|^cat$|contiguous|_to_copy|^to$|^(select|slice|unbind)_backward$",
+    ),
+    ("allocation, fill", r"fill_|zero_|zeros|empty|ones|full|new_"),
+    (
+        "elementwise math (AdamW, clip, residuals, grad sums)",
+        r"^_?(foreach_)?(add|sub|rsub|mul|div|lerp|sqrt|rsqrt|pow|clamp|norm|linalg_vector_norm|sum|mean|neg|"
+        r"reciprocal|where|tanh|addcmul|addcdiv|maximum|exp)",
+    ),
+]
+"""Op categories of the profile summary: the first whose regex matches the op's name (without ``aten::``) wins."""
+
+
+def category(op: str) -> str:
+    name = op.removeprefix("aten::")
+    return next((label for label, pattern in CATEGORIES if re.search(pattern, name)), "other ops")
+
+
+def profile_zmaj(shape: Shape, batch: Batch, device: torch.device, steps: int) -> str:
+    """Top ops, time per op category and time per phase of zmaj's eager fp32 step, as text."""
+    run = zmaj_step(shape, False, torch.float32, batch)
+    for _ in range(2):
+        run()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            run()
+        synchronize(device)
+    wall_us = (time.perf_counter() - start) * 1e6
+    averages = prof.key_averages()
+    on_device = device.type == "cuda"
+    sort_by = "self_device_time_total" if on_device else "self_cpu_time_total"
+
+    def self_us(evt: object) -> float:
+        return float(getattr(evt, sort_by))
+
+    top = averages.table(sort_by=sort_by, row_limit=12, max_name_column_width=60)
+    by_category: dict[str, float] = {}
+    for evt in averages:
+        if evt.key.startswith("aten::"):
+            by_category[category(evt.key)] = by_category.get(category(evt.key), 0.0) + self_us(evt)
+    ops_us = sum(by_category.values())
+    lines = [
+        f"# zmaj eager fp32 train_step profile: {shape}",
+        "",
+        f"{steps} steps profiled, wall {wall_us / 1e3 / steps:.0f} ms/step under the profiler "
+        f"(profiling adds overhead per op).",
+        "",
+        f"## Top 12 ops by {sort_by}",
+        "",
+        top,
+        "",
+        f"## Self {'device' if on_device else 'CPU'} time of aten ops by category",
+        "",
+        "| category | ms/step | % of op time | % of wall |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, us in sorted(by_category.items(), key=lambda kv: -kv[1]):
+        lines.append(
+            f"| {name} | {us / 1e3 / steps:.1f} | {100 * us / ops_us:.1f} | {100 * us / wall_us:.1f} |"
+        )
+    if not on_device:
+        outside = wall_us - ops_us
+        lines.append(
+            f"| outside aten ops (Python, TensorDict, autograd engine, profiler) | {outside / 1e3 / steps:.1f} "
+            f"| - | {100 * outside / wall_us:.1f} |"
+        )
+    lines += [
+        "",
+        "## Phases of the step, each timed on its own (fastest of 5, no profiler)",
+        "",
+        phases(shape, batch),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def phases(shape: Shape, batch: Batch) -> str:
+    """Forward alone, forward + backward (``accumulate_grads``), clipping and AdamW, as train_step calls them."""
+    device = batch.tokens.device
+    config = shape.gpt_config()
+    params = gpt.init(config, 0, device)
+    forward = step.bind(gpt.forward, config=config)
+    opt_state = optim.adamw_init(params)
+    adamw_config = optim.AdamWConfig(lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
+    decay = optim.decay_mask(params)
+    grads, _, _ = step.accumulate_grads(params, [batch], forward, [None])
+
+    def forward_loss() -> None:
+        with torch.no_grad():
+            step.token_losses(forward(params, batch, dropout_seed=None), batch).mean()
+
+    parts: dict[str, Callable[[], object]] = {
+        "forward + loss (no_grad)": forward_loss,
+        "forward + backward (accumulate_grads)": lambda: step.accumulate_grads(
+            params, [batch], forward, [None]
+        ),
+        "clip_by_global_norm": lambda: optim.clip_by_global_norm(grads, GRAD_CLIP),
+        "adamw_update": lambda: optim.adamw_update(params, grads, opt_state, adamw_config, LR, decay),
+    }
+    # The fastest of 5: other work on the machine only adds time, and the phases are not timed round-robin.
+    ms = {name: 1000 * min(timeit(fn, warmup=1, repeats=5, device=device)) for name, fn in parts.items()}
+    step_ms = ms["forward + backward (accumulate_grads)"] + ms["clip_by_global_norm"] + ms["adamw_update"]
+    lines = ["| phase | ms | % of grads + clip + AdamW |", "| --- | ---: | ---: |"]
+    for name, value in ms.items():
+        lines.append(f"| {name} | {value:.1f} | {100 * value / step_ms:.1f} |")
+    backward = ms["forward + backward (accumulate_grads)"] - ms["forward + loss (no_grad)"]
+    lines.append(
+        f"| backward (difference of the two above) | {backward:.1f} | {100 * backward / step_ms:.1f} |"
+    )
+    return "\n".join(lines)
+
+
+# --- report ---------------------------------------------------------------------------------------------------------
+
+
+def table(runners: list[Runner], shape: Shape, device: torch.device) -> str:
+    """One line per stack, dtype and mode; speed ratios against the other stacks at the same dtype and mode."""
+    flops_per_step = gpt_flops_per_token(shape.gpt_config(), shape.seq) * shape.tokens_per_step
+    tokens_per_s = {
+        (r.stack, r.dtype, r.mode): shape.tokens_per_step / statistics.median(r.times) for r in runners
+    }
+    rows = []
+    for r in runners:
+        seconds = statistics.median(r.times)
+        gflops = flops_per_step / seconds / 1e9
+        peak = matmul_peak_gflops(DTYPES[r.dtype], device)
+        q1, _, q3 = statistics.quantiles(r.times, n=4) if len(r.times) > 1 else (seconds, seconds, seconds)
+
+        def ratio(other: str, r: Runner = r) -> str:
+            base = tokens_per_s.get((other, r.dtype, r.mode))
+            return (
+                ""
+                if base is None or other == r.stack
+                else f"{tokens_per_s[(r.stack, r.dtype, r.mode)] / base:.2f}"
+            )
+
+        rows.append(
+            {
+                "stack": r.stack,
+                "dtype": r.dtype,
+                "mode": r.mode,
+                "ms/step": _ms(seconds),
+                "IQR ms": _ms(q3 - q1),
+                "best ms": _ms(min(r.times)),
+                "tokens/s": f"{tokens_per_s[(r.stack, r.dtype, r.mode)]:.0f}",
+                "GFLOP/s": f"{gflops:.1f}",
+                "MFU %": f"{100 * gflops / peak:.1f}",
+                "x transformers": ratio("transformers"),
+                "x nanoGPT": ratio("nanoGPT"),
+                "compile s": f"{r.compile_s:.0f}" if r.mode == "compiled" else "",
+                "loss first -> last": f"{r.losses[0]:.3f} -> {r.losses[-1]:.3f}",
+                "steps run": len(r.losses),
+            }
+        )
+    columns = list(rows[0]) if rows else []
+    return markdown_table(rows, columns)
+
+
+def _ms(seconds: float) -> str:
+    return f"{1000 * seconds:.0f}" if seconds >= 0.1 else f"{1000 * seconds:.1f}"
+
+
+def plot(runners: list[Runner], shape: Shape, device: torch.device, path: Path, title: str) -> None:
+    """Grouped bars: tokens/s per stack for each dtype and mode, MFU written on each bar."""
+    groups = list(dict.fromkeys((r.dtype, r.mode) for r in runners))
+    stacks = list(dict.fromkeys(r.stack for r in runners))
+    flops_per_token = gpt_flops_per_token(shape.gpt_config(), shape.seq)
+    width = 0.8 / len(stacks)
+    fig, ax = plt.subplots(figsize=(2.2 * len(groups) + 3, 4.5))
+    for i, stack in enumerate(stacks):
+        for j, (dtype, mode) in enumerate(groups):
+            match = [r for r in runners if (r.stack, r.dtype, r.mode) == (stack, dtype, mode)]
+            if not match:
+                continue
+            tps = shape.tokens_per_step / statistics.median(match[0].times)
+            mfu = 100 * tps * flops_per_token / 1e9 / matmul_peak_gflops(DTYPES[dtype], device)
+            x = j + (i - (len(stacks) - 1) / 2) * width
+            ax.bar(x, tps, width, color=f"C{i}", label=stack if j == 0 else None)
+            ax.annotate(f"{mfu:.0f}%", (x, tps), ha="center", va="bottom", fontsize="small")
+    ax.set_xticks(range(len(groups)), [f"{d}, {m}" for d, m in groups])
+    ax.set_ylabel("tokens/s (label: MFU vs same-dtype matmul peak)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16")
+    parser.add_argument("--modes", default="eager,compiled", help="comma-separated: eager,compiled")
+    parser.add_argument("--stacks", default=",".join(STACKS), help="comma-separated: " + ",".join(STACKS))
+    parser.add_argument("--rounds", type=int, default=8, help="round-robin rounds over all stacks")
+    parser.add_argument(
+        "--steps", type=int, default=1, help="timed steps per stack per round (1 spreads load bursts evenly)"
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="least warm-up steps (compiled: one more)")
+    parser.add_argument("--max-warmup", type=int, default=10, help="most warm-up steps")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--d-model", type=int, default=384)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument(
+        "--bias",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="biases in linears and norms (GPT-2)",
+    )
+    parser.add_argument(
+        "--profile-steps", type=int, default=2, help="zmaj eager fp32 steps profiled (0: none)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps: is everything wired up?")
+    parser.add_argument("--out", type=Path, default=None, help="results path without suffix (.md and .png)")
+    parser.add_argument("--note", default="", help="free text written under the header (e.g. machine load)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.seq, args.layers, args.d_model, args.heads, args.vocab = 4, 64, 2, 64, 2, 512
+        args.rounds, args.steps, args.warmup, args.max_warmup = 3, 1, 1, 6
+    args.modes = [m.strip() for m in args.modes.split(",")]
+    args.stacks = [s.strip() for s in args.stacks.split(",")]
+    for value, allowed in ((args.modes, MODES), (args.stacks, STACKS)):
+        unknown = set(value) - set(allowed)
+        if unknown:
+            parser.error(f"unknown {sorted(unknown)}; choose from {allowed}")
+    if args.out is None:
+        args.out = RESULTS / ("train_step_quick" if args.quick else "train_step")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    shape = Shape(args.batch, args.seq, args.layers, args.d_model, args.heads, args.vocab, args.bias)
+    command = "uv run python " + shlex.join(sys.argv)
+    print(f"# Training step: zmaj vs transformers vs nanoGPT\n\n`{command}`\n")
+    header = print_header(device)
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    notes = []
+    if "bf16" in dtypes and not bf16_is_fast(device):
+        dtypes.remove("bf16")
+        fp32, bf16 = (matmul_peak_gflops(t, device) for t in (torch.float32, torch.bfloat16))
+        notes.append(
+            f"bf16 skipped: its matmul peak here ({bf16:.0f} GFLOP/s) is under half the fp32 peak ({fp32:.0f}), so "
+            "bf16 rows would time the emulation of bf16, not the training step."
+        )
+        logger.warning(notes[-1])
+    config = shape.gpt_config()
+    n_params = sum(t.numel() for t in gpt.init(config, 0, "meta").values(True, True))
+    flops = gpt_flops_per_token(config, shape.seq)
+    logger.info(f"{shape}: {n_params / 1e6:.2f} M parameters, {flops / 1e6:.1f} MFLOP per token")
+    if "compiled" in args.modes and "zmaj" in args.stacks:
+        probe = probe_compiled_forward(device)
+        logger.info(f"train_step(forward=torch.compile(forward)): {probe}")
+        notes.append(f"zmaj `train_step(forward=torch.compile(bind(gpt.forward, ...)))` {probe}.")
+    batch = random_batch(shape, device)
+    runners = build_runners(args, shape, dtypes, batch, device)
+    measure(args, runners, device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    profile_path = args.out.parent / f"{args.out.name}_profile.txt"
+    if args.profile_steps > 0:
+        logger.info(f"profiling {args.profile_steps} zmaj eager fp32 steps")
+        gc.collect()
+        profile_path.write_text(profile_zmaj(shape, batch, device, args.profile_steps))
+        notes.append(f"Profile of the zmaj eager fp32 step: `{profile_path.name}`.")
+    elapsed = time.perf_counter() - start
+    notes += [
+        f"Shape: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}, "
+        f"S={args.seq}, B={args.batch}, bias={args.bias}, tied embeddings, no dropout: {n_params / 1e6:.2f} M "
+        f"parameters; {flops / 1e6:.1f} MFLOP per token (6 N + 12 L d S, all stacks); "
+        f"{shape.tokens_per_step} tokens per step.",
+        f"ms/step: median of {args.rounds} round-robin rounds x {args.steps} steps per stack, after warm-up; "
+        "IQR: interquartile range of those steps; best: the fastest (other work on the machine only adds time). MFU: GFLOP/s over the matmul peak of the same dtype measured "
+        "above. x transformers / x nanoGPT: this row's tokens/s over theirs at the same dtype and mode.",
+        "compiled: torch.compile of model + loss (module stacks; AdamW(foreach) stays eager) or of zmaj's "
+        "loss-and-gradients function (accumulate_grads; zmaj's clip and AdamW stay eager). compile s: warm-up time "
+        "beyond as many median steps (inductor's on-disk cache makes repeated runs compile faster).",
+        f"total run time {elapsed / 60:.1f} min; load average at the end (1, 5, 15 min): {load_average()}.",
+    ]
+    if not args.bias and "transformers" in args.stacks:
+        notes.append("GPT2LMHeadModel always has biases: its rows keep them although --no-bias was given.")
+    if args.note:
+        notes.append(args.note)
+    text = table(runners, shape, device)
+    print("\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + text)
+    report = f"# Training step: zmaj vs transformers vs nanoGPT\n\n`{command}`\n\n{header}\n"
+    report += "".join(f"- {n}\n" for n in notes)
+    args.out.with_suffix(".md").write_text(f"{report}\n{text}\n")
+    title = (
+        f"training step, {args.layers}L d={args.d_model} V={args.vocab} S={args.seq} B={args.batch}, "
+        f"{args.device}"
+    )
+    plot(runners, shape, device, args.out.with_suffix(".png"), title)
+    logger.info(
+        f"wrote {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')} and {profile_path.name}"
+    )
+
+
+if __name__ == "__main__":
+    main()
