@@ -1,9 +1,13 @@
-"""What every architecture shares: the batch it reads and the attention mask that batch implies."""
+"""What every architecture shares: the batch it reads and the attention mask that batch implies, and, for
+generation with a key/value cache, where a batch of new tokens sits in the cache and what each may attend to."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import no_type_check
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
+from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.nn import masks
@@ -51,3 +55,92 @@ def batch_mask(batch: Batch, backend: Backend, window: int | None = None) -> Att
     mod = None if len(mods) == 1 and window is None else masks.combine(*mods)
     rows, seq = batch.tokens.shape
     return prepare_mask(mod, rows, seq, seq, backend, batch.tokens.device)
+
+
+@dataclass(frozen=True)
+class CacheStep:
+    """Where a batch of new tokens goes in a key/value cache (layout in ``zmaj.infer.cache``), and where they are.
+
+    ``slots`` are the cache slots the new tokens fill, the same for every row; ``positions`` are their absolute
+    positions (what RoPE or a position table reads). ``key_positions`` and ``key_is_token`` describe every slot
+    once the new tokens are written: its token's position, and whether it holds a real token (False for padding
+    and for slots not written yet). ``length`` is the number of slots written afterwards.
+    """
+
+    slots: Int[Tensor, " q_seq"]
+    positions: Int[Tensor, "batch q_seq"]
+    key_positions: Int[Tensor, "batch k_seq"]
+    key_is_token: Bool[Tensor, "batch k_seq"]
+    length: Int[Tensor, ""]
+
+    def advance(
+        self,
+        keys: Sequence[Float[Tensor, "batch kv_heads k_seq head_dim"]],
+        values: Sequence[Float[Tensor, "batch kv_heads k_seq head_dim"]],
+    ) -> TensorDict:
+        """The cache after this step, from each layer's new keys and values (``cached_attention``'s outputs)."""
+        return TensorDict(
+            {
+                "k": torch.stack(list(keys)),
+                "v": torch.stack(list(values)),
+                "positions": self.key_positions,
+                "is_token": self.key_is_token,
+                "length": self.length,
+            },
+            batch_size=[],
+        )
+
+
+def cache_step(batch: Batch, cache: TensorDictBase) -> CacheStep:
+    """Place ``batch``'s tokens in the next free slots of ``cache``.
+
+    Positions are ``batch.positions`` when given; otherwise a token's position is the number of real tokens
+    before it in its row, cache included. That default gives a left- or right-padded prompt, and every token
+    decoded after it, the positions it would have alone, so padding changes nothing but the mask. The caller
+    must leave room: a slot past the end of the cache is an indexing error.
+    """
+    tokens = batch.tokens
+    length: Tensor = cache["length"]
+    cached_is_token: Tensor = cache["is_token"]
+    slots = length + torch.arange(tokens.shape[1], device=tokens.device)
+    is_token = batch.is_token if batch.is_token is not None else torch.ones_like(tokens, dtype=torch.bool)
+    positions = batch.positions
+    if positions is None:
+        before = cached_is_token.sum(-1, keepdim=True)
+        positions = (before + is_token.long().cumsum(-1) - 1).clamp(min=0)
+    return CacheStep(
+        slots=slots,
+        positions=positions,
+        key_positions=cache["positions"].index_copy(1, slots, positions),
+        key_is_token=cached_is_token.index_copy(1, slots, is_token),
+        length=length + tokens.shape[1],
+    )
+
+
+def cache_mask(step: CacheStep, window: int | None = None) -> Bool[Tensor, "batch q_seq k_seq"]:
+    """What each new token may attend to among all cache slots: ``batch_mask`` for a cached forward pass.
+
+    Causal over slots (a slot is filled after every slot to its left, so this is causal in time and hides the
+    slots not written yet, as ``masks.offset_queries(masks.causal, length)`` would), no padding keys (a padding
+    query still sees itself, as in ``masks.padding``), and with ``window``, only keys fewer than ``window``
+    positions back (``masks.sliding_window``, over absolute positions, so right-padding gaps do not count).
+    Gemma-style models build one mask per distinct window and pick each layer's.
+    """
+    batch, q_len = step.positions.shape
+    k_len = step.key_positions.shape[1]
+    return masks.dense(_cache_mod(step, window), batch, q_len, k_len, step.slots.device)
+
+
+def _cache_mod(step: CacheStep, window: int | None) -> masks.MaskMod:
+    """The mask mod of ``cache_mask``; ``q`` indexes the new tokens, ``k`` the cache slots."""
+
+    @no_type_check
+    def mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        q_slot = step.slots[q]
+        allowed = (k <= q_slot) & (step.key_is_token[b, k] | (k == q_slot))
+        if window is not None:
+            allowed = allowed & (step.positions[b, q] - step.key_positions[b, k] < window)
+        return allowed
+
+    typed: masks.MaskMod = mod  # mods are no_type_check (see zmaj.nn.masks), so mypy sees Any
+    return typed

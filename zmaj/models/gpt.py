@@ -6,6 +6,9 @@ added to the residual stream), a final norm and an unembedding that may share th
 The parameters are one TensorDict; the blocks are stacked along a leading ``[n_layers]`` axis, so initialising,
 converting or inspecting all layers is one tensor operation. ``forward`` unbinds them once per call: autograd then
 gathers the per-layer gradients with a single stack instead of one full-size scatter per layer.
+
+``forward_cached`` runs the same blocks on new tokens only, reading and extending a key/value cache
+(``zmaj.infer.cache``), for generation.
 """
 
 import math
@@ -13,13 +16,13 @@ from functools import partial
 from typing import Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
-from zmaj.models.common import Batch, batch_mask
-from zmaj.nn.attention import Backend, self_attention
+from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step
+from zmaj.nn.attention import Backend, cached_self_attention, self_attention
 from zmaj.nn.layers import Activation, dropout, layer_norm, mlp, rms_norm, sinusoidal_positions
 from zmaj.nn.shell import Shell
 
@@ -58,6 +61,11 @@ class GPTConfig(BaseModel):
     @property
     def ff_dim(self) -> int:
         return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Every head has its own keys and values (no grouping); named so a cache is sized as for any model."""
+        return self.n_heads
 
 
 def init(config: GPTConfig, seed: int, device: torch.device | str = "cpu") -> TensorDict:
@@ -128,13 +136,7 @@ def hidden_states(
     generator = None
     if dropout_seed is not None and config.dropout > 0:
         generator = torch.Generator(batch.tokens.device).manual_seed(dropout_seed)
-    positions = batch.position_ids()
-    x = params["embed", "weight"][batch.tokens]
-    if config.positions == "learned":
-        x = x + params["positions", "weight"][positions]
-    else:
-        x = x + sinusoidal_positions(positions, config.d_model).to(x.dtype)
-    x = dropout(x, config.dropout, generator)
+    x = dropout(_embed(params, batch.tokens, batch.position_ids(), config), config.dropout, generator)
 
     mask = batch_mask(batch, config.attention)
     for block in params["blocks"].unbind(0):
@@ -146,6 +148,54 @@ def hidden_states(
         mlp_out = mlp(block["mlp"], _norm(block["mlp_norm"], x, config), config.activation)
         x = x + dropout(mlp_out, config.dropout, generator)
     return _norm(params["final_norm"], x, config)
+
+
+def forward_cached(
+    params: TensorDictBase, batch: Batch, cache: TensorDictBase, config: GPTConfig
+) -> tuple[Float[Tensor, "batch seq vocab"], TensorDict]:
+    """Logits of ``batch``'s tokens given the tokens already in ``cache``, and the cache with them added.
+
+    Equal to ``forward`` over the whole sequence at these positions. Positions default to each row's count of
+    real tokens (``cache_step``), so left- or right-padded prompts (``batch.is_token``) need no positions.
+    Evaluation only: no dropout.
+    """
+    step = cache_step(batch, cache)
+    mask = cache_mask(step)
+    x = _embed(params, batch.tokens, step.positions, config)
+    keys, values = [], []
+    layers = zip(params["blocks"].unbind(0), cache["k"].unbind(0), cache["v"].unbind(0), strict=True)
+    for block, cache_k, cache_v in layers:
+        attn_out, cache_k, cache_v = cached_self_attention(
+            block["attn"],
+            _norm(block["attn_norm"], x, config),
+            cache_k,
+            cache_v,
+            step.slots,
+            mask,
+            config.n_heads,
+            config.n_heads,
+            config.attention,
+        )
+        x = x + attn_out
+        x = x + mlp(block["mlp"], _norm(block["mlp_norm"], x, config), config.activation)
+        keys.append(cache_k)
+        values.append(cache_v)
+    logits = unembed(params, _norm(params["final_norm"], x, config), config)
+    return logits, step.advance(keys, values)
+
+
+def _embed(
+    params: TensorDictBase,
+    tokens: Int[Tensor, "batch seq"],
+    positions: Int[Tensor, "batch seq"],
+    config: GPTConfig,
+) -> Float[Tensor, "batch seq d_model"]:
+    """Token embeddings plus the embeddings of their positions."""
+    x: Tensor = params["embed", "weight"][tokens]
+    if config.positions == "learned":
+        table: Tensor = params["positions", "weight"]
+        return x + table[positions]
+    return x + sinusoidal_positions(positions, config.d_model).to(x.dtype)
 
 
 def unembed(
@@ -176,3 +226,8 @@ class GPT(Shell):
 def pure(config: GPTConfig) -> partial[Tensor]:
     """``forward`` with its config bound, so it reads ``model(params, batch)``."""
     return partial(forward, config=config)
+
+
+def cached(config: GPTConfig) -> partial[tuple[Tensor, TensorDict]]:
+    """``forward_cached`` with its config bound: the ``step(params, batch, cache)`` that generation takes."""
+    return partial(forward_cached, config=config)

@@ -9,7 +9,8 @@ only in switches: Qwen 2 adds biases to the q/k/v projections (Qwen2 report, arX
 them and RMS-normalises each query and key head before the rotation ("QK-norm", Qwen3 report, arXiv:2505.09388),
 and sets ``head_dim`` independently of ``d_model / n_heads``.
 
-As in ``zmaj.models.gpt``, the parameters are one TensorDict with the blocks stacked along ``[n_layers]``.
+As in ``zmaj.models.gpt``, the parameters are one TensorDict with the blocks stacked along ``[n_layers]``, and
+``forward_cached`` runs new tokens against a key/value cache (``zmaj.infer.cache``) for generation.
 """
 
 from functools import partial
@@ -21,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
-from zmaj.models.common import Batch, batch_mask
-from zmaj.nn.attention import AttentionMask, Backend, attention
+from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step
+from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention
 from zmaj.nn.layers import Activation, glu_mlp, linear, rms_norm
 from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
 from zmaj.nn.shell import Shell
@@ -157,6 +158,35 @@ def hidden_states(
     return rms_norm(params["final_norm"], x, config.norm_eps)
 
 
+def forward_cached(
+    params: TensorDictBase, batch: Batch, cache: TensorDictBase, config: LlamaConfig
+) -> tuple[Float[Tensor, "batch seq vocab"], TensorDict]:
+    """Logits of ``batch``'s tokens given the tokens already in ``cache``, and the cache with them added.
+
+    Equal to ``forward`` over the whole sequence at these positions. Positions default to each row's count of
+    real tokens (``cache_step``), so left- or right-padded prompts (``batch.is_token``) need no positions.
+    """
+    step = cache_step(batch, cache)
+    mask = cache_mask(step)
+    x = params["embed", "weight"][batch.tokens]
+    inv_freq = rope_frequencies(config.head_dim, config.rope_base, config.rope_scaling, device=x.device)
+    cos, sin = rope_angles(step.positions, inv_freq)
+    keys, values = [], []
+    layers = zip(params["blocks"].unbind(0), cache["k"].unbind(0), cache["v"].unbind(0), strict=True)
+    for block, cache_k, cache_v in layers:
+        attn = block["attn"]
+        q, k, v = _rotated_qkv(attn, rms_norm(block["attn_norm"], x, config.norm_eps), cos, sin, config)
+        out, cache_k, cache_v = cached_attention(
+            q, k, v, cache_k, cache_v, step.slots, mask, config.attention
+        )
+        x = x + linear(attn["o"], rearrange(out, "b h s d -> b s (h d)"))
+        x = x + glu_mlp(block["mlp"], rms_norm(block["mlp_norm"], x, config.norm_eps), config.activation)
+        keys.append(cache_k)
+        values.append(cache_v)
+    logits = unembed(params, rms_norm(params["final_norm"], x, config.norm_eps), config)
+    return logits, step.advance(keys, values)
+
+
 def unembed(
     params: TensorDictBase, hidden: Float[Tensor, "batch seq d_model"], config: LlamaConfig
 ) -> Float[Tensor, "batch seq vocab"]:
@@ -174,14 +204,30 @@ def llama_attention(
     config: LlamaConfig,
 ) -> Float[Tensor, "batch seq d_model"]:
     """Grouped-query self-attention with q and k rotated by their positions (and first normalised, for Qwen 3)."""
+    q, k, v = _rotated_qkv(params, x, cos, sin, config)
+    out = attention(q, k, v, mask, config.attention)
+    return linear(params["o"], rearrange(out, "b h s d -> b s (h d)"))
+
+
+def _rotated_qkv(
+    params: TensorDictBase,
+    x: Float[Tensor, "batch seq d_model"],
+    cos: Float[Tensor, "batch seq half"],
+    sin: Float[Tensor, "batch seq half"],
+    config: LlamaConfig,
+) -> tuple[
+    Float[Tensor, "batch heads seq head_dim"],
+    Float[Tensor, "batch kv_heads seq head_dim"],
+    Float[Tensor, "batch kv_heads seq head_dim"],
+]:
+    """Query, key and value heads, q and k rotated (after QK-norm, for Qwen 3); shared by both forwards."""
     q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", d=config.head_dim)
     k = rearrange(linear(params["k"], x), "b s (h d) -> b h s d", d=config.head_dim)
     v = rearrange(linear(params["v"], x), "b s (h d) -> b h s d", d=config.head_dim)
     if config.qk_norm:
         q = rms_norm(params["q_norm"], q, config.norm_eps)
         k = rms_norm(params["k_norm"], k, config.norm_eps)
-    out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, config.attention)
-    return linear(params["o"], rearrange(out, "b h s d -> b s (h d)"))
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 class Llama(Shell):
@@ -198,3 +244,8 @@ class Llama(Shell):
 def pure(config: LlamaConfig) -> partial[Tensor]:
     """``forward`` with its config bound, so it reads ``model(params, batch)``."""
     return partial(forward, config=config)
+
+
+def cached(config: LlamaConfig) -> partial[tuple[Tensor, TensorDict]]:
+    """``forward_cached`` with its config bound: the ``step(params, batch, cache)`` that generation takes."""
+    return partial(forward_cached, config=config)

@@ -1,0 +1,274 @@
+"""The key/value cache: a cached forward pass equals recomputing the whole sequence, whatever the chunking,
+padding, window or architecture; and a step never changes the cache it was given."""
+
+import itertools
+import subprocess
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests import strategies
+from zmaj.infer.cache import capacity, init_cache
+from zmaj.models import gpt, llama
+from zmaj.models.common import Batch, cache_mask, cache_step
+from zmaj.nn import masks
+from zmaj.nn.attention import Backend, attention, cached_attention
+
+VOCAB = 64
+GPT_TINY = gpt.GPTConfig(vocab_size=VOCAB, context=32, d_model=32, n_layers=2, n_heads=4, init_std=0.1)
+LLAMA_TINY = llama.LlamaConfig(
+    vocab_size=VOCAB, context=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, init_std=0.1
+)
+# Random-init norms and biases sit at 1 and 0; moving them off shows a cached path that skips one.
+Config = gpt.GPTConfig | llama.LlamaConfig
+MODELS: dict[str, tuple[ModuleType, Config]] = {
+    "gpt": (gpt, GPT_TINY),
+    "gpt-sinusoidal-rmsnorm-eager": (
+        gpt,
+        GPT_TINY.model_copy(update={"positions": "sinusoidal", "norm": "rmsnorm", "attention": "eager"}),
+    ),
+    "gpt-flex": (gpt, GPT_TINY.model_copy(update={"attention": "flex", "tie_embeddings": False})),
+    "llama-gqa": (llama, LLAMA_TINY),
+    "llama-gqa-eager": (llama, LLAMA_TINY.model_copy(update={"attention": "eager"})),
+    "llama-mqa": (llama, LLAMA_TINY.model_copy(update={"n_kv_heads": 1})),
+    "qwen2-bias": (llama, LLAMA_TINY.model_copy(update={"qkv_bias": True})),
+    "qwen3-qk-norm": (
+        llama,
+        LLAMA_TINY.model_copy(update={"head_dim": 12, "qk_norm": True, "tie_embeddings": True}),
+    ),
+}
+
+
+def model_params(name: str) -> tuple[ModuleType, Config, object]:
+    module, config = MODELS[name]
+    params = module.init(config, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    for key, tensor in params.items(include_nested=True, leaves_only=True):
+        if "norm" in "".join(key) or key[-1] == "bias":
+            tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator))
+    return module, config, params
+
+
+def random_tokens(rows: int, seq: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def full_forward(module: ModuleType, params: object, batch: Batch, config: Config) -> torch.Tensor:
+    """The reference: the plain forward pass; flex as eager, since compiled flex would recompile per length."""
+    if config.attention == "flex":
+        config = config.model_copy(update={"attention": "eager"})
+    logits: torch.Tensor = module.forward(params, batch, config)
+    return logits
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_decode_step_equals_the_full_forward(name: str) -> None:
+    module, config, params = model_params(name)
+    tokens = random_tokens(2, 20, seed=2)
+    cache = init_cache(config, batch=2, max_len=24)
+    logits, cache = module.forward_cached(params, Batch(tokens=tokens[:, :7]), cache, config)
+    assert max_error(logits, full_forward(module, params, Batch(tokens=tokens[:, :7]), config)) <= 1e-5
+    for i in range(7, 20):
+        logits, cache = module.forward_cached(params, Batch(tokens=tokens[:, i : i + 1]), cache, config)
+        full = full_forward(module, params, Batch(tokens=tokens[:, : i + 1]), config)
+        assert max_error(logits[:, 0], full[:, -1]) <= 1e-5, f"step {i}"
+    assert int(cache["length"]) == 20
+    assert capacity(cache) == 4
+
+
+@st.composite
+def chunkings(draw: st.DrawFn, seq: int) -> list[tuple[int, int]]:
+    """``[0, seq)`` cut into consecutive chunks of random lengths: a prefill then decode chunks of any size."""
+    cuts = sorted(draw(st.sets(st.integers(1, seq - 1), max_size=6)))
+    bounds = [0, *cuts, seq]
+    return list(itertools.pairwise(bounds))
+
+
+@settings(max_examples=10)
+@given(
+    chunks=chunkings(18), name=st.sampled_from(["gpt", "llama-gqa", "qwen3-qk-norm"]), seed=strategies.seeds
+)
+def test_any_chunking_gives_the_full_forward(chunks: list[tuple[int, int]], name: str, seed: int) -> None:
+    module, config, params = model_params(name)
+    tokens = random_tokens(2, 18, seed)
+    cache = init_cache(config, batch=2, max_len=18)
+    pieces = []
+    for start, end in chunks:
+        logits, cache = module.forward_cached(params, Batch(tokens=tokens[:, start:end]), cache, config)
+        pieces.append(logits)
+    assert max_error(torch.cat(pieces, dim=1), module.forward(params, Batch(tokens=tokens), config)) <= 1e-5
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", ["gpt", "llama-gqa", "qwen3-qk-norm"])
+def test_padded_prompts_then_decoding_give_each_row_alone(side: str, name: str) -> None:
+    """Padding tokens are random, not zeros, so only the mask can be keeping them out."""
+    module, config, params = model_params(name)
+    lengths, width, new = [9, 4, 6], 9, 5
+    padded = random_tokens(3, width, seed=3)
+    rows = [random_tokens(1, n, seed=10 + n) for n in lengths]
+    is_token = torch.zeros(3, width, dtype=torch.bool)
+    for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+        span = slice(width - n, width) if side == "left" else slice(0, n)
+        padded[b, span], is_token[b, span] = row[0], True
+    continuation = random_tokens(3, new, seed=4)
+    cache = init_cache(config, batch=3, max_len=width + new)
+    logits, cache = module.forward_cached(params, Batch(tokens=padded, is_token=is_token), cache, config)
+    for b, row in enumerate(rows):
+        assert max_error(logits[b, is_token[b]], module.forward(params, Batch(tokens=row), config)[0]) <= 1e-5
+    for i in range(new):
+        logits, cache = module.forward_cached(params, Batch(tokens=continuation[:, i : i + 1]), cache, config)
+        for b, row in enumerate(rows):
+            alone = module.forward(
+                params, Batch(tokens=torch.cat([row, continuation[b : b + 1, : i + 1]], 1)), config
+            )
+            assert max_error(logits[b, 0], alone[0, -1]) <= 1e-5, (b, i)
+
+
+def test_explicit_positions_are_used() -> None:
+    module, config, params = model_params("llama-gqa")
+    tokens, positions = random_tokens(2, 10, seed=5), torch.arange(10).expand(2, 10) + 7
+    cache = init_cache(config, batch=2, max_len=10)
+    first, cache = module.forward_cached(
+        params, Batch(tokens=tokens[:, :6], positions=positions[:, :6]), cache, config
+    )
+    second, _ = module.forward_cached(
+        params, Batch(tokens=tokens[:, 6:], positions=positions[:, 6:]), cache, config
+    )
+    full = module.forward(params, Batch(tokens=tokens, positions=positions), config)
+    assert max_error(torch.cat([first, second], 1), full) <= 1e-5
+
+
+def test_a_step_leaves_its_cache_unchanged() -> None:
+    module, config, params = model_params("llama-gqa")
+    cache = init_cache(config, batch=2, max_len=12)
+    _, cache = module.forward_cached(params, Batch(tokens=random_tokens(2, 5, seed=6)), cache, config)
+    before = cache.clone()
+    _, after = module.forward_cached(params, Batch(tokens=random_tokens(2, 1, seed=7)), cache, config)
+    assert (cache == before).all()
+    assert int(after["length"]) == 6
+    assert not torch.equal(after["k"], cache["k"])
+    assert torch.equal(after["is_token"][:, :6], torch.ones(2, 6, dtype=torch.bool))
+    assert not after["is_token"][:, 6:].any()
+    assert torch.equal(after["positions"][:, :6], torch.arange(6).expand(2, 6))
+
+
+@pytest.mark.parametrize("name", ["gpt", "qwen3-qk-norm"])
+def test_init_cache_is_sized_by_the_config(name: str) -> None:
+    _, config = MODELS[name]
+    cache = init_cache(config, batch=3, max_len=16, dtype=torch.float64)
+    kv_heads = config.n_heads if isinstance(config, gpt.GPTConfig) else config.n_kv_heads
+    assert cache["k"].shape == cache["v"].shape == (2, 3, kv_heads, 16, config.head_dim)
+    assert cache["k"].dtype == torch.float64
+    assert cache["positions"].shape == cache["is_token"].shape == (3, 16)
+    assert int(cache["length"]) == 0
+    assert capacity(cache) == 16
+    with pytest.raises(ValueError, match="max_len"):
+        init_cache(config, batch=3, max_len=0)
+
+
+@dataclass(frozen=True)
+class OneLayer:
+    """The smallest cache shape, for driving ``cached_attention`` directly."""
+
+    n_layers: int = 1
+    n_kv_heads: int = 2
+    head_dim: int = 8
+
+
+@settings(max_examples=25)
+@given(
+    seq=st.integers(2, 24),
+    window=st.none() | st.integers(1, 8),
+    padding=st.sampled_from(["none", "left", "right"]),
+    backend=st.sampled_from(["eager", "sdpa"]),
+    data=st.data(),
+)
+def test_cached_attention_with_a_window_equals_full_attention(
+    seq: int, window: int | None, padding: str, backend: Backend, data: st.DataObject
+) -> None:
+    """Chunk by chunk through the cache, with ``cache_mask``, against one pass under the sliding-window mask.
+
+    The reference masks by slot index; the cache by absolute position. For real tokens of a left-padded row the
+    two differ by a constant; for a right-padded row the real tokens come first, so only real rows are compared.
+    """
+    batch, shape = 2, OneLayer()
+    generator = torch.Generator().manual_seed(data.draw(strategies.seeds))
+    q = torch.randn(batch, 4, seq, shape.head_dim, generator=generator)
+    k, v = (torch.randn(batch, shape.n_kv_heads, seq, shape.head_dim, generator=generator) for _ in range(2))
+    is_token = torch.ones(batch, seq, dtype=torch.bool)
+    if padding != "none":
+        lengths = data.draw(strategies.lengths(batch, seq))
+        is_token = masks.lengths_to_is_token(lengths, seq)
+        if padding == "left":
+            is_token = is_token.flip(1)
+    mods = [masks.causal if window is None else masks.sliding_window(window), masks.padding(is_token)]
+    reference = attention(q, k, v, masks.dense(masks.combine(*mods), batch, seq, seq), backend)
+
+    cache = init_cache(shape, batch, max_len=seq + data.draw(st.integers(0, 4)))
+    outputs = []
+    for start, end in data.draw(chunkings(seq)):
+        tokens = torch.zeros(batch, end - start, dtype=torch.long)
+        step = cache_step(Batch(tokens=tokens, is_token=is_token[:, start:end]), cache)
+        out, cache_k, cache_v = cached_attention(
+            q[:, :, start:end],
+            k[:, :, start:end],
+            v[:, :, start:end],
+            cache["k"][0],
+            cache["v"][0],
+            step.slots,
+            cache_mask(step, window),
+            backend,
+        )
+        cache = step.advance([cache_k], [cache_v])
+        outputs.append(out)
+    cached = torch.cat(outputs, dim=2)
+    assert torch.isfinite(cached).all()
+    real = is_token[:, None, :, None].expand_as(cached)
+    torch.testing.assert_close(cached[real], reference[real], atol=1e-5, rtol=1e-5)
+
+
+COMPILED_DECODING = """
+import torch
+from zmaj.infer.cache import init_cache
+from zmaj.models import llama
+from zmaj.models.common import Batch
+
+config = llama.LlamaConfig(
+    vocab_size=64, context=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, head_dim=12, qk_norm=True
+)
+params = llama.init(config, seed=0)
+tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(8))
+compiled = torch.compile(llama.cached(config), fullgraph=True)
+with torch.no_grad():
+    cache = init_cache(config, batch=2, max_len=16)
+    _, cache = llama.forward_cached(params, Batch(tokens=tokens[:, :8]), cache, config)
+    _, cache = compiled(params, Batch(tokens=tokens[:, 8:9]), cache)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(9, 16):
+            logits, cache = compiled(params, Batch(tokens=tokens[:, i : i + 1]), cache)
+            full = llama.forward(params, Batch(tokens=tokens[:, : i + 1]), config)
+            assert (logits[:, 0] - full[:, -1]).abs().max() <= 1e-5, i
+"""
+
+
+@pytest.mark.slow
+def test_a_compiled_decode_step_never_recompiles() -> None:
+    """Static shapes and a tensor length: every decode step after the first reuses one graph, with no breaks.
+
+    Run in a fresh interpreter: under pytest every zmaj function is wrapped by the runtime shape checker, whose
+    bookkeeping dynamo cannot trace.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILED_DECODING], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

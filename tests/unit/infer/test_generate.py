@@ -1,0 +1,210 @@
+"""Generation: the token pickers against naive references and closed forms, and the loop's promises (batching,
+seeds, stopping, streaming) against plain runs of the same loop."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from tests import strategies
+from zmaj.infer.cache import init_cache
+from zmaj.infer.generate import (
+    Sampling,
+    choose,
+    generate,
+    left_padded,
+    stream,
+    top_k_filter,
+    top_p_filter,
+)
+from zmaj.infer.sample import sample
+from zmaj.models import gpt, llama
+from zmaj.models.common import Batch
+
+VOCAB = 64
+CONFIG = llama.LlamaConfig(
+    vocab_size=VOCAB, context=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, init_std=0.1
+)
+PARAMS = llama.init(CONFIG, seed=0)
+STEP = llama.cached(CONFIG)
+PROMPTS = [[5, 17, 3, 9, 40, 2, 11], [8], [30, 31, 32, 1]]
+
+
+def run(
+    prompts: list[list[int]] = PROMPTS, max_new_tokens: int = 12, max_len: int = 32, **kwargs: object
+) -> list[list[int]]:
+    cache = init_cache(CONFIG, len(prompts), max_len)
+    return generate(STEP, PARAMS, cache, prompts, max_new_tokens, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def free() -> list[list[int]]:
+    """Greedy continuations of ``PROMPTS`` with no stopping: what the stopping tests cut short."""
+    return run()
+
+
+# Logits as multiples of 1/2: ties are common (to exercise tie-breaking) and distinct values are far apart.
+logit_rows = st.lists(st.integers(-12, 12).map(lambda i: i / 2), min_size=1, max_size=24)
+
+
+def naive_nucleus(logits: list[float], p: float) -> tuple[set[int], list[float]]:
+    """Tokens from most to least likely (ties by id), added one by one until their probability reaches p."""
+    weights = [math.exp(x) for x in logits]
+    probs = [w / sum(weights) for w in weights]
+    kept: set[int] = set()
+    mass, masses = 0.0, []
+    for i in sorted(range(len(probs)), key=lambda i: (-probs[i], i)):
+        kept.add(i)
+        mass += probs[i]
+        masses.append(mass)
+        if mass >= p:
+            break
+    return kept, masses
+
+
+@given(logits=logit_rows, p=st.floats(0.01, 1.0))
+def test_top_p_keeps_the_smallest_set_reaching_p(logits: list[float], p: float) -> None:
+    expected, masses = naive_nucleus(logits, p)
+    # float32 and float64 sums may round to different sides of p only when a running mass is within rounding.
+    assume(all(abs(mass - p) > 1e-5 for mass in masses))
+    filtered = top_p_filter(torch.tensor([logits]), p)
+    kept = set(torch.isfinite(filtered[0]).nonzero()[:, 0].tolist())
+    assert kept == expected
+    torch.testing.assert_close(filtered[0, sorted(kept)], torch.tensor(logits)[sorted(kept)])
+
+
+@given(logits=logit_rows, k=st.integers(1, 30))
+def test_top_k_keeps_the_k_largest_and_their_ties(logits: list[float], k: int) -> None:
+    kept = torch.isfinite(top_k_filter(torch.tensor([logits]), k))[0].tolist()
+    kth = sorted(logits, reverse=True)[min(k, len(logits)) - 1]
+    assert kept == [x >= kth for x in logits]
+
+
+@settings(max_examples=20)
+@given(seed=strategies.seeds, temperature=st.floats(0.1, 3.0))
+def test_top_k_one_is_greedy(seed: int, temperature: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(5, VOCAB, generator=generator)
+    sampled = choose(logits, Sampling(temperature=temperature, top_k=1), generator)
+    assert torch.equal(sampled, logits.argmax(-1))
+    assert torch.equal(choose(logits, Sampling(), generator), logits.argmax(-1))
+
+
+PROBS = [0.5, 0.25, 0.125, 0.125]
+
+
+@pytest.mark.parametrize(
+    ("sampling", "expected"),
+    [
+        (Sampling(temperature=1.0), [0.5, 0.25, 0.125, 0.125]),
+        # Temperature 2 takes the square root of each probability, before renormalising.
+        (Sampling(temperature=2.0), [x**0.5 / sum(y**0.5 for y in PROBS) for x in PROBS]),
+        (Sampling(temperature=1.0, top_k=2), [2 / 3, 1 / 3, 0, 0]),
+        (Sampling(temperature=1.0, top_p=0.7), [2 / 3, 1 / 3, 0, 0]),
+        (Sampling(temperature=1.0, top_p=0.4), [1, 0, 0, 0]),
+    ],
+)
+def test_sampling_frequencies_match_the_closed_form(sampling: Sampling, expected: list[float]) -> None:
+    logits = torch.tensor(PROBS).log().expand(20_000, 4)
+    tokens = choose(logits, sampling, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(tokens, minlength=4).float() / tokens.numel()
+    torch.testing.assert_close(frequencies, torch.tensor(expected, dtype=torch.float32), atol=0.015, rtol=0)
+
+
+def test_batched_prompts_of_different_lengths_give_each_prompt_alone(free: list[list[int]]) -> None:
+    assert free == [run([prompt])[0] for prompt in PROMPTS]
+    assert all(len(tokens) == 12 for tokens in free)
+
+
+def test_gpt_batched_greedy_equals_the_full_recompute_sampler() -> None:
+    config = gpt.GPTConfig(vocab_size=VOCAB, context=64, d_model=32, n_layers=2, n_heads=4, init_std=0.1)
+    params = gpt.init(config, seed=0)
+    batched = generate(gpt.cached(config), params, init_cache(config, 3, 20), PROMPTS, 10)
+    for prompt, tokens in zip(PROMPTS, batched, strict=True):
+        recomputed = sample(
+            lambda batch: gpt.forward(params, batch, config), torch.tensor([prompt]), 10, 64, temperature=0.0
+        )
+        assert tokens == recomputed[0].tolist()
+
+
+def test_same_seed_same_samples() -> None:
+    sampling = Sampling(temperature=1.5, top_k=40, top_p=0.95)
+    first = run(max_new_tokens=8, sampling=sampling, seed=3)
+    assert run(max_new_tokens=8, sampling=sampling, seed=3) == first
+    assert run(max_new_tokens=8, sampling=sampling, seed=4) != first
+
+
+def test_a_stop_token_ends_its_row_only(free: list[list[int]]) -> None:
+    stop = free[0][4]
+    stopped = run(stop_tokens={stop})
+    for tokens, alone in zip(stopped, free, strict=True):
+        end = alone.index(stop) + 1 if stop in alone else len(alone)
+        assert tokens == alone[:end]
+    assert stopped[0][-1] == stop
+
+
+def decode(ids: list[int]) -> str:
+    """A stand-in tokenizer: each id is two letters, so strings can straddle tokens."""
+    return "".join(chr(ord("a") + i % 26) + chr(ord("a") + i // 26) for i in ids)
+
+
+def test_a_stop_string_ends_generation_at_the_token_completing_it(free: list[list[int]]) -> None:
+    # Straddles tokens 5 and 6 of the first row: the second letter of one and the first of the next.
+    target = decode(free[0])[11:13]
+    stopped = run(stop_strings=[target], decode=decode)
+    for tokens, alone in zip(stopped, free, strict=True):
+        ends = [n for n in range(1, len(alone) + 1) if target in decode(alone[:n])]
+        assert tokens == alone[: ends[0] if ends else len(alone)]
+    assert len(stopped[0]) <= 7
+
+
+def test_generation_ends_when_every_row_has_stopped(free: list[list[int]]) -> None:
+    stops = {row[1] for row in free}
+    steps = list(stream(STEP, PARAMS, init_cache(CONFIG, 3, 32), PROMPTS, 12, stop_tokens=stops))
+    last_needed = max(next(i for i, token in enumerate(row) if token in stops) for row in free)
+    assert len(steps) == last_needed + 1 <= 2
+
+
+def test_streaming_yields_what_generate_returns() -> None:
+    sampling = Sampling(temperature=1.0, top_p=0.9)
+    collected: list[list[int]] = [[] for _ in PROMPTS]
+    steps = list(stream(STEP, PARAMS, init_cache(CONFIG, 3, 32), PROMPTS, 12, sampling, 7, stop_tokens={3}))
+    for emitted in steps:
+        assert emitted.tokens.shape == emitted.emitted.shape == (3,)
+        for row, (token, live) in enumerate(
+            zip(emitted.tokens.tolist(), emitted.emitted.tolist(), strict=True)
+        ):
+            if live:
+                collected[row].append(token)
+    assert collected == run(max_new_tokens=12, sampling=sampling, seed=7, stop_tokens={3})
+
+
+def test_the_cache_passed_in_is_not_changed() -> None:
+    cache = init_cache(CONFIG, 3, 32)
+    first = generate(STEP, PARAMS, cache, PROMPTS, 10)
+    assert int(cache["length"]) == 0
+    assert not cache["k"].any()
+    assert generate(STEP, PARAMS, cache, PROMPTS, 10) == first
+
+
+def test_left_padding_right_aligns_the_prompts() -> None:
+    batch = left_padded([[1, 2, 3], [4]])
+    assert batch.tokens.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert batch.is_token is not None
+    assert batch.is_token.tolist() == [[True, True, True], [False, False, True]]
+    assert isinstance(batch, Batch)
+
+
+def test_bad_requests_are_refused() -> None:
+    with pytest.raises(ValueError, match="decode"):
+        run(stop_strings=["x"])
+    with pytest.raises(ValueError, match="room for 4"):
+        run([[1, 2]], max_new_tokens=4, max_len=4)
+    # The prompt and the fed-back tokens (all but the last) fill the 4 slots exactly.
+    assert len(run([[1, 2]], max_new_tokens=3, max_len=4)[0]) == 3
+    with pytest.raises(ValueError, match="3 prompts, but the cache has 2 rows"):
+        generate(STEP, PARAMS, init_cache(CONFIG, 2, 32), PROMPTS, 4)
+    with pytest.raises(ValueError, match="at least one token"):
+        run([[1], []])

@@ -1,0 +1,73 @@
+"""The key/value cache of autoregressive decoding: a preallocated TensorDict whose shapes never change.
+
+A decoder's keys and values for a token depend only on the tokens up to it, so generation can compute them once
+and keep them: each decode step then runs the model on one new token per row instead of the whole sequence
+(fairseq's "incremental decoding"; Pope et al., 2022, "Efficiently Scaling Transformer Inference",
+arXiv:2211.05102, weigh its memory against batch size and context). The cache is one TensorDict:
+
+- ``k``, ``v``: ``[layers, batch, kv_heads, max_len, head_dim]``, stacked over layers like the parameters, so
+  ``cache["k"].unbind(0)`` pairs with ``params["blocks"].unbind(0)``;
+- ``positions``: ``[batch, max_len]``, the absolute position of the token in each slot;
+- ``is_token``: ``[batch, max_len]``, True where a slot holds a real token (not padding, not yet written);
+- ``length``: a 0-d tensor, how many slots are written (the same for every row: a padded prompt fills its
+  padding slots too, which ``is_token`` then hides).
+
+Every shape is fixed by ``max_len`` and the length is a tensor, not a Python int, so a compiled decode step
+sees the same graph at every position. A model's ``forward_cached(params, batch, cache, config)`` returns
+``(logits, new_cache)``; ``zmaj.models.common.cache_step`` and ``cache_mask`` do the bookkeeping and
+``zmaj.nn.attention.cached_attention`` the writing, so a model adds cached decoding in a few lines.
+
+Writes are out of place: a step returns a new cache and never changes the one it was given, so one empty cache
+can start any number of generations, and a prefilled cache can be branched. That costs two copies of the cache
+per step (one per layer in ``cached_attention``, one stacking the layers). Measured at batch 1 in float32 on 2
+CPU cores for a SmolLM2-135M-shaped Llama, decoding runs at 12.6 tokens/s against 13.5 with in-place
+``index_copy_`` for a 96-slot cache (-7%), but 8.0 against 12.3 for a 2048-slot one (-35%): for long contexts,
+donating the buffers (writing in place, as ``jax.jit(donate_argnums=...)`` lets XLA do) is the switch to make.
+"""
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+
+@runtime_checkable
+class CacheShape(Protocol):
+    """What sizes a cache; every zmaj model config has these (GPT's ``n_kv_heads`` is its ``n_heads``)."""
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def n_kv_heads(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
+
+
+def init_cache(
+    config: CacheShape,
+    batch: int,
+    max_len: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> TensorDict:
+    """An empty cache with room for ``max_len`` tokens per row; ``dtype`` should be the model's activations'."""
+    if max_len < 1 or batch < 1:
+        raise ValueError(f"a cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+    shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
+    return TensorDict(
+        {
+            "k": torch.zeros(shape, dtype=dtype, device=device),
+            "v": torch.zeros(shape, dtype=dtype, device=device),
+            "positions": torch.zeros(batch, max_len, dtype=torch.long, device=device),
+            "is_token": torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+            "length": torch.zeros((), dtype=torch.long, device=device),
+        },
+        batch_size=[],
+    )
+
+
+def capacity(cache: TensorDictBase) -> int:
+    """How many more tokens per row the cache can take."""
+    return int(cache["k"].shape[3]) - int(cache["length"])

@@ -1,0 +1,185 @@
+"""Generation with a key/value cache: run the prompts once ("prefill"), then one new token per row per step.
+
+Prompts of different lengths are left-padded into one batch, so every row's next token lands in the same cache
+slot and a decode step is one ``[batch, 1]`` forward pass; ``is_token`` keeps the padding out of attention and
+the default positions (``zmaj.models.common.cache_step``) give each row the positions it would have alone.
+
+Each step picks a token per row from the last position's logits: greedy at temperature 0, else a sample from
+``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens (Fan et al., 2018,
+arXiv:1805.04833) and then to the nucleus: the smallest set of most likely tokens whose probability reaches
+``top_p`` (Holtzman et al., 2020, "The Curious Case of Neural Text Degeneration", arXiv:1904.09751, eq. 2).
+A row stops at one of ``stop_tokens`` or once its text contains one of ``stop_strings`` (the stopping token is
+part of the output, as in ``transformers``); generation ends when every row has stopped.
+
+The loop knows nothing of the architecture: it takes ``step(params, batch, cache) -> (logits, cache)``, e.g.
+``llama.cached(config)``, and a cache from ``zmaj.infer.cache.init_cache``. ``stream`` yields each step's
+tokens as they come; ``generate`` collects them.
+"""
+
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from pydantic import BaseModel, ConfigDict, Field
+from tensordict import TensorDictBase
+from torch import Tensor
+
+from zmaj.infer.cache import capacity
+from zmaj.models.common import Batch
+
+Step = Callable[[TensorDictBase, Batch, TensorDictBase], tuple[Tensor, TensorDictBase]]
+"""``step(params, batch, cache) -> (logits [batch, seq, vocab], new_cache)``: a model's ``forward_cached``."""
+
+
+class Sampling(BaseModel):
+    """How a token is picked from logits; the default, temperature 0, is greedy decoding."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(0.0, ge=0, description="divides the logits; 0 picks the most likely token")
+    top_k: int | None = Field(None, gt=0, description="sample only among the k most likely tokens")
+    top_p: float | None = Field(
+        None, gt=0, le=1, description="sample only from the smallest set of tokens with probability >= top_p"
+    )
+
+
+GREEDY = Sampling()
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """One decode step's tokens; ``tokens[b]`` belongs to row ``b``'s output only where ``emitted[b]``.
+
+    A row that has stopped keeps being computed (the batch keeps its shape) but emits nothing.
+    """
+
+    tokens: Int[Tensor, " batch"]
+    emitted: Bool[Tensor, " batch"]
+
+
+def top_k_filter(logits: Float[Tensor, "batch vocab"], k: int) -> Float[Tensor, "batch vocab"]:
+    """Logits outside each row's ``k`` largest set to -inf (ties with the k-th are kept)."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Float[Tensor, "batch vocab"], p: float) -> Float[Tensor, "batch vocab"]:
+    """Logits outside each row's nucleus set to -inf: the most likely tokens, in order, until their mass >= p.
+
+    A token is kept when the mass of the tokens ranked above it is still below ``p``, so the most likely one
+    always is. Ties are ranked by token id (a stable sort), so the kept set is exactly the smallest one.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    mass = sorted_probs.cumsum(-1)
+    mass_before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=-1)
+    keep = torch.zeros_like(sorted_probs, dtype=torch.bool).scatter(-1, order, mass_before < p)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def choose(
+    logits: Float[Tensor, "batch vocab"], sampling: Sampling, generator: torch.Generator
+) -> Int[Tensor, " batch"]:
+    """One token per row: greedy, or sampled after temperature, top-k and top-p, in that order (as ``transformers``)."""
+    if sampling.temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k is not None:
+        logits = top_k_filter(logits, sampling.top_k)
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        logits = top_p_filter(logits, sampling.top_p)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+
+
+def left_padded(prompts: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> Batch:
+    """Prompts right-aligned in one batch, ``is_token`` marking the real tokens (padding id 0, never read)."""
+    width = max(len(prompt) for prompt in prompts)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    is_token = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        is_token[row, width - len(prompt) :] = True
+    return Batch(tokens=tokens, is_token=is_token).to(device)
+
+
+@torch.no_grad()
+def stream(
+    step: Step,
+    params: TensorDictBase,
+    cache: TensorDictBase,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling = GREEDY,
+    seed: int = 0,
+    stop_tokens: Collection[int] = (),
+    stop_strings: Collection[str] = (),
+    decode: Callable[[list[int]], str] | None = None,
+) -> Iterator[Emitted]:
+    """Yield each decode step's tokens until every row has stopped or ``max_new_tokens`` steps.
+
+    ``cache`` must have one row per prompt and room for the longest prompt plus ``max_new_tokens - 1`` tokens
+    (the last token is never fed back); it is not changed, so one empty cache serves any number of calls.
+    ``seed`` makes sampling reproducible; ``decode`` (token ids to text) is needed for ``stop_strings``.
+    """
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings need decode: the tokenizer's ids -> text")
+    if not prompts or min(len(prompt) for prompt in prompts) == 0:
+        raise ValueError("generation needs at least one prompt, each of at least one token")
+    cache_rows = cache["k"].shape[1]
+    if len(prompts) != cache_rows:
+        raise ValueError(f"{len(prompts)} prompts, but the cache has {cache_rows} rows")
+    needed = max(len(prompt) for prompt in prompts) + max_new_tokens - 1
+    if needed > capacity(cache):
+        raise ValueError(
+            f"the cache has room for {capacity(cache)} tokens per row, this generation needs {needed}"
+        )
+    device = cache["k"].device
+    generator = torch.Generator(device).manual_seed(seed)
+    stops = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
+    texts: list[list[int]] = [[] for _ in prompts]
+    live = torch.ones(len(prompts), dtype=torch.bool, device=device)
+    logits, cache = step(params, left_padded(prompts, device), cache)
+    for index in range(max_new_tokens):
+        token = choose(logits[:, -1], sampling, generator)
+        emitted = live
+        live = live & ~torch.isin(token, stops)
+        if stop_strings:
+            assert decode is not None
+            hit = []
+            for row, (new, was_live) in enumerate(zip(token.tolist(), emitted.tolist(), strict=True)):
+                if was_live:
+                    texts[row].append(new)
+                hit.append(was_live and any(stop in decode(texts[row]) for stop in stop_strings))
+            live = live & ~torch.tensor(hit, device=device)
+        yield Emitted(tokens=token, emitted=emitted)
+        if index == max_new_tokens - 1 or not bool(live.any()):
+            return
+        logits, cache = step(params, Batch(tokens=token[:, None]), cache)
+
+
+def generate(
+    step: Step,
+    params: TensorDictBase,
+    cache: TensorDictBase,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling = GREEDY,
+    seed: int = 0,
+    stop_tokens: Collection[int] = (),
+    stop_strings: Collection[str] = (),
+    decode: Callable[[list[int]], str] | None = None,
+) -> list[list[int]]:
+    """Each prompt's new tokens (its stop token, or the token completing a stop string, included): ``stream``
+    collected."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for step_tokens in stream(
+        step, params, cache, prompts, max_new_tokens, sampling, seed, stop_tokens, stop_strings, decode
+    ):
+        rows = zip(step_tokens.tokens.tolist(), step_tokens.emitted.tolist(), strict=True)
+        for output, (token, emitted) in zip(outputs, rows, strict=True):
+            if emitted:
+                output.append(token)
+    return outputs
