@@ -37,7 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import torch._dynamo.config
-from common import bf16_is_fast, markdown_table, matmul_peak_gflops, median_ms, print_header, timeit
+from common import markdown_table, matmul_peak_gflops, median_ms, print_header, timeit, usable_dtypes
 from loguru import logger
 from matplotlib.ticker import NullLocator
 from torch import Tensor
@@ -433,16 +433,9 @@ def main() -> None:
     command = "uv run python " + shlex.join(sys.argv)
     print(f"# Attention backends\n\n`{command}`\n")
     header = print_header(device)
-    dtypes = [d.strip() for d in args.dtypes.split(",")]
-    notes = []
-    if "bf16" in dtypes and not bf16_is_fast(device):
-        dtypes.remove("bf16")
-        fp32, bf16 = (matmul_peak_gflops(t, device) for t in (torch.float32, torch.bfloat16))
-        notes.append(
-            f"bf16 skipped: its matmul peak here ({bf16:.0f} GFLOP/s) is under half the fp32 peak ({fp32:.0f}), so "
-            "bf16 rows would time the emulation of bf16, not attention."
-        )
-        logger.warning(notes[-1])
+    dtypes, notes = usable_dtypes(args.dtypes, device, "attention")
+    for note in notes:
+        logger.warning(note)
     rows = run(args, dtypes, device)
     elapsed = time.perf_counter() - start
     notes += [

@@ -175,3 +175,17 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def usable_dtypes(requested: str, device: torch.device, what: str) -> tuple[list[str], list[str]]:
+    """The comma-separated dtypes worth timing here, and a note for each one dropped (bf16 where it is emulated)."""
+    dtypes = [d.strip() for d in requested.split(",")]
+    notes = []
+    if "bf16" in dtypes and not bf16_is_fast(device):
+        dtypes.remove("bf16")
+        fp32, bf16 = (matmul_peak_gflops(t, device) for t in (torch.float32, torch.bfloat16))
+        notes.append(
+            f"bf16 skipped: its matmul peak here ({bf16:.0f} GFLOP/s) is under half the fp32 peak ({fp32:.0f}), so "
+            f"bf16 rows would time the emulation of bf16, not {what}."
+        )
+    return dtypes, notes

@@ -57,13 +57,13 @@ import torch._dynamo.utils
 import torch.nn.functional as F
 import transformers
 from common import (
-    bf16_is_fast,
     markdown_table,
     matmul_peak_gflops,
     median_ms,
     print_header,
     synchronize,
     timeit,
+    usable_dtypes,
 )
 from einops import rearrange
 from jaxtyping import Float, Int
@@ -698,16 +698,9 @@ def main() -> None:
     command = "uv run python " + shlex.join(sys.argv)
     print(f"# Training step: zmaj vs transformers vs nanoGPT\n\n`{command}`\n")
     header = print_header(device)
-    dtypes = [d.strip() for d in args.dtypes.split(",")]
-    notes = []
-    if "bf16" in dtypes and not bf16_is_fast(device):
-        dtypes.remove("bf16")
-        fp32, bf16 = (matmul_peak_gflops(t, device) for t in (torch.float32, torch.bfloat16))
-        notes.append(
-            f"bf16 skipped: its matmul peak here ({bf16:.0f} GFLOP/s) is under half the fp32 peak ({fp32:.0f}), so "
-            "bf16 rows would time the emulation of bf16, not the training step."
-        )
-        logger.warning(notes[-1])
+    dtypes, notes = usable_dtypes(args.dtypes, device, "the training step")
+    for note in notes:
+        logger.warning(note)
     config = shape.gpt_config()
     n_params = sum(t.numel() for t in gpt.init(config, 0, "meta").values(True, True))
     flops = gpt_flops_per_token(config, shape.seq)

@@ -144,3 +144,11 @@ def _cache_mod(step: CacheStep, window: int | None) -> masks.MaskMod:
 
     typed: masks.MaskMod = mod  # mods are no_type_check (see zmaj.nn.masks), so mypy sees Any
     return typed
+
+
+def unembed(
+    params: TensorDictBase, hidden: Float[Tensor, "batch seq d_model"], tied: bool
+) -> Float[Tensor, "batch seq vocab"]:
+    """Logits from hidden states, through the embedding matrix itself when the two are tied (Press & Wolf, 2017)."""
+    weight: Tensor = params["embed", "weight"] if tied else params["unembed", "weight"]
+    return hidden @ weight.T

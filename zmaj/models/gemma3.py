@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from zmaj.models import common
 from zmaj.models.common import Batch, batch_mask
 from zmaj.nn.attention import AttentionMask, Backend, attention
 from zmaj.nn.layers import Activation, glu_mlp, linear
@@ -220,8 +221,7 @@ def unembed(
     params: TensorDictBase, hidden: Float[Tensor, "batch seq d_model"], config: Gemma3Config
 ) -> Float[Tensor, "batch seq vocab"]:
     """Logits from hidden states (through the embedding matrix when tied), soft-capped if the config says so."""
-    weight: Tensor = params["embed", "weight"] if config.tie_embeddings else params["unembed", "weight"]
-    logits = hidden @ weight.T
+    logits = common.unembed(params, hidden, config.tie_embeddings)
     if config.final_logit_softcap is None:
         return logits
     cap = config.final_logit_softcap

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from zmaj.models import common
 from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step
 from zmaj.nn.attention import Backend, cached_self_attention, self_attention
 from zmaj.nn.layers import Activation, dropout, layer_norm, mlp, rms_norm, sinusoidal_positions
@@ -202,8 +203,7 @@ def unembed(
     params: TensorDictBase, hidden: Float[Tensor, "batch seq d_model"], config: GPTConfig
 ) -> Float[Tensor, "batch seq vocab"]:
     """Logits from hidden states, through the embedding matrix itself when the two are tied."""
-    weight: Tensor = params["embed", "weight"] if config.tie_embeddings else params["unembed", "weight"]
-    return hidden @ weight.T
+    return common.unembed(params, hidden, config.tie_embeddings)
 
 
 def _norm(params: TensorDictBase, x: Float[Tensor, "batch seq d_model"], config: GPTConfig) -> Tensor:

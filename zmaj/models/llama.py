@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from zmaj.models import common
 from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step
 from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention
 from zmaj.nn.layers import Activation, glu_mlp, linear, rms_norm
@@ -191,8 +192,7 @@ def unembed(
     params: TensorDictBase, hidden: Float[Tensor, "batch seq d_model"], config: LlamaConfig
 ) -> Float[Tensor, "batch seq vocab"]:
     """Logits from hidden states, through the embedding matrix itself when the two are tied."""
-    weight: Tensor = params["embed", "weight"] if config.tie_embeddings else params["unembed", "weight"]
-    return hidden @ weight.T
+    return common.unembed(params, hidden, config.tie_embeddings)
 
 
 def llama_attention(
