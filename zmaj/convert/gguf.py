@@ -26,21 +26,19 @@ bias, Llama 3.1's ``rope_freqs``) is an error rather than dropped: a silently ig
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import tokenizers
 import torch
 from einops import rearrange
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from jaxtyping import Float
 from tensordict import TensorDict, TensorDictBase
-from tokenizers import processors
 from torch import Tensor
 
+from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
 from zmaj.models import gemma3, llama
 from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.llama import LlamaConfig
@@ -308,25 +306,7 @@ def _params(
     return params
 
 
-@dataclass(frozen=True)
-class GGUFTokenizer:
-    """The tokenizer a GGUF file describes, with what a chat front end needs besides the vocabulary.
-
-    ``tokenizer`` adds the BOS (and EOS) token when encoding if the file asks for it (``add_bos``, ``add_eos``),
-    as ``transformers``' tokenizer for the same file does. ``chat_template`` is the Jinja template the model was
-    tuned with, if any.
-    """
-
-    tokenizer: tokenizers.Tokenizer
-    chat_template: str | None
-    bos_id: int | None
-    eos_id: int | None
-    pad_id: int | None
-    add_bos: bool
-    add_eos: bool
-
-
-def tokenizer_from_gguf(path: str | Path) -> GGUFTokenizer:
+def tokenizer_from_gguf(path: str | Path) -> ModelTokenizer:
     """The tokenizer stored in a GGUF file's metadata, built by ``transformers``' GGUF converter.
 
     A GGUF has no ``tokenizer.json``: it lists tokens, merges, token kinds and a pre-tokenizer name under
@@ -358,33 +338,18 @@ def tokenizer_from_gguf(path: str | Path) -> GGUFTokenizer:
     ):
         bos = tokens[ids["bos"]] if add_bos and ids["bos"] is not None else None
         eos = tokens[ids["eos"]] if add_eos and ids["eos"] is not None else None
-        inner.post_processor = _bos_eos_template(bos, ids["bos"], eos, ids["eos"])
-    return GGUFTokenizer(
-        tokenizer=inner,
-        chat_template=tokenizer_config.get("chat_template"),
-        bos_id=ids["bos"],
-        eos_id=ids["eos"],
-        pad_id=ids["pad"],
+        inner.post_processor = bos_eos_processor(inner, bos, eos)
+
+    def token(name: str) -> str | None:
+        token_id = ids[name]
+        return None if token_id is None else tokens[token_id]
+
+    return ModelTokenizer(
+        inner,
+        bos_token=token("bos"),
+        eos_token=token("eos"),
+        pad_token=token("pad"),
         add_bos=add_bos,
         add_eos=add_eos,
-    )
-
-
-def _bos_eos_template(
-    bos: str | None, bos_id: int | None, eos: str | None, eos_id: int | None
-) -> processors.TemplateProcessing:
-    """The post-processor of ``transformers``' ``update_post_processor``: ``bos`` before, ``eos`` after, when given."""
-
-    def sequence(name: str, type_id: int) -> list[str]:
-        before = [f"{bos}:{type_id}"] if bos is not None else []
-        after = [f"{eos}:{type_id}"] if eos is not None else []
-        return [*before, f"${name}:{type_id}", *after]
-
-    special = [
-        (token, i) for token, i in ((bos, bos_id), (eos, eos_id)) if token is not None and i is not None
-    ]
-    return processors.TemplateProcessing(
-        single=" ".join(sequence("A", 0)),
-        pair=" ".join(sequence("A", 0) + sequence("B", 1)),
-        special_tokens=special,
+        chat_template=tokenizer_config.get("chat_template"),
     )

@@ -94,12 +94,17 @@ class Tokenizer:
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(self._inner.to_str())
+            file.write(self.to_json())
         os.replace(temporary, path)
+
+    def to_json(self) -> str:
+        """The serialised tokenizer (``tokenizer.json``), for building other tokenizers from this one."""
+        text: str = self._inner.to_str()
+        return text
 
     def fingerprint(self) -> str:
         """sha256 of the serialised tokenizer (what ``save`` writes): the cache key of anything encoded with it."""
-        return hashlib.sha256(self._inner.to_str().encode()).hexdigest()
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return self._inner.encode(text, add_special_tokens=False).ids

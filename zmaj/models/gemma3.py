@@ -34,8 +34,8 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models import common
-from zmaj.models.common import Batch, batch_mask
-from zmaj.nn.attention import AttentionMask, Backend, attention
+from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step
+from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention
 from zmaj.nn.layers import Activation, glu_mlp, linear
 from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
 from zmaj.nn.shell import Shell
@@ -179,29 +179,79 @@ def hidden_states(
 ) -> Float[Tensor, "batch seq d_model"]:
     """The final-norm residual stream, before the unembedding; ``dropout_seed`` is ignored, as in ``forward``."""
     x = embed(params, batch, config)
-    positions = batch.position_ids()
-    # Both kinds of mask and rotation are built once here and shared by every layer of their kind.
-    masks: dict[bool, AttentionMask] = {}
-    angles: dict[bool, tuple[Tensor, Tensor]] = {}
+    angles = _angles(config, batch.position_ids())
+    # Both kinds of mask are built once here and shared by every layer of their kind.
+    masks: dict[bool, AttentionMask] = {
+        sliding: batch_mask(batch, config.attention, config.sliding_window if sliding else None)
+        for sliding in set(config.is_sliding)
+    }
+    for block, sliding in zip(params["blocks"].unbind(0), config.is_sliding, strict=True):
+        q, k, v = _rotated_qkv(block, x, *angles[sliding], config)
+        attended = attention(q, k, v, masks[sliding], config.attention, scale=config.attention_scale)
+        x = _finish_block(block, x, attended, config)
+    return rms_norm(params["final_norm"], x, config.norm_eps)
+
+
+def forward_cached(
+    params: TensorDictBase, batch: Batch, cache: TensorDictBase, config: Gemma3Config
+) -> tuple[Float[Tensor, "batch seq vocab"], TensorDict]:
+    """Logits of ``batch``'s tokens given the tokens already in ``cache``, and the cache with them added.
+
+    Equal to ``forward`` over the whole sequence at these positions (``zmaj.models.llama.forward_cached`` explains
+    the defaults). Every layer keeps the whole history: a local layer's cache could be a ring of
+    ``sliding_window`` slots, but one buffer shape for all layers keeps the cache a single stacked tensor, and
+    the window is applied by the mask instead.
+    """
+    step = cache_step(batch, cache)
+    masks = {
+        sliding: cache_mask(step, config.sliding_window if sliding else None)
+        for sliding in set(config.is_sliding)
+    }
+    x = embed(params, batch, config)
+    angles = _angles(config, step.positions)
+    keys, values = [], []
+    layers = zip(
+        params["blocks"].unbind(0), cache["k"].unbind(0), cache["v"].unbind(0), config.is_sliding, strict=True
+    )
+    for block, cache_k, cache_v, sliding in layers:
+        q, k, v = _rotated_qkv(block, x, *angles[sliding], config)
+        attended, cache_k, cache_v = cached_attention(
+            q, k, v, cache_k, cache_v, step.slots, masks[sliding], config.attention, config.attention_scale
+        )
+        x = _finish_block(block, x, attended, config)
+        keys.append(cache_k)
+        values.append(cache_v)
+    logits = unembed(params, rms_norm(params["final_norm"], x, config.norm_eps), config)
+    return logits, step.advance(keys, values)
+
+
+def _angles(config: Gemma3Config, positions: Tensor) -> dict[bool, tuple[Tensor, Tensor]]:
+    """RoPE's (cos, sin) for the local (True) and global (False) layers, each with its own base and scaling."""
+    angles = {}
     for sliding in set(config.is_sliding):
         base, scaling = (
             (config.local_rope_base, config.local_rope_scaling)
             if sliding
             else (config.rope_base, config.rope_scaling)
         )
-        inv_freq = rope_frequencies(config.head_dim, base, scaling, device=x.device)
-        angles[sliding] = rope_angles(positions, inv_freq)
-        masks[sliding] = batch_mask(batch, config.attention, config.sliding_window if sliding else None)
-    eps = config.norm_eps
-    for block, sliding in zip(params["blocks"].unbind(0), config.is_sliding, strict=True):
-        cos, sin = angles[sliding]
-        attended = gemma_attention(
-            block["attn"], rms_norm(block["attn_norm"], x, eps), masks[sliding], cos, sin, config
+        angles[sliding] = rope_angles(
+            positions, rope_frequencies(config.head_dim, base, scaling, device=positions.device)
         )
-        x = x + rms_norm(block["attn_post_norm"], attended, eps)
-        fed = glu_mlp(block["mlp"], rms_norm(block["mlp_norm"], x, eps), config.activation)
-        x = x + rms_norm(block["mlp_post_norm"], fed, eps)
-    return rms_norm(params["final_norm"], x, eps)
+    return angles
+
+
+def _finish_block(
+    block: TensorDictBase,
+    x: Float[Tensor, "batch seq d_model"],
+    attended: Float[Tensor, "batch heads seq head_dim"],
+    config: Gemma3Config,
+) -> Float[Tensor, "batch seq d_model"]:
+    """The rest of a block after attention: output projection, post-norm, residual, then the normed GeGLU MLP."""
+    eps = config.norm_eps
+    out = linear(block["attn", "o"], rearrange(attended, "b h s d -> b s (h d)"))
+    x = x + rms_norm(block["attn_post_norm"], out, eps)
+    fed = glu_mlp(block["mlp"], rms_norm(block["mlp_norm"], x, eps), config.activation)
+    return x + rms_norm(block["mlp_post_norm"], fed, eps)
 
 
 def embed(params: TensorDictBase, batch: Batch, config: Gemma3Config) -> Float[Tensor, "batch seq d_model"]:
@@ -243,22 +293,25 @@ def rms_norm(
     return (normed * (1.0 + weight.float())).to(x.dtype)
 
 
-def gemma_attention(
-    params: TensorDictBase,
+def _rotated_qkv(
+    block: TensorDictBase,
     x: Float[Tensor, "batch seq d_model"],
-    mask: AttentionMask,
     cos: Float[Tensor, "batch seq half"],
     sin: Float[Tensor, "batch seq half"],
     config: Gemma3Config,
-) -> Float[Tensor, "batch seq d_model"]:
-    """Grouped-query self-attention; each q and k head RMS-normalised, then rotated by its position."""
-    q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", d=config.head_dim)
-    k = rearrange(linear(params["k"], x), "b s (h d) -> b h s d", d=config.head_dim)
-    v = rearrange(linear(params["v"], x), "b s (h d) -> b h s d", d=config.head_dim)
+) -> tuple[
+    Float[Tensor, "batch heads seq head_dim"],
+    Float[Tensor, "batch kv_heads seq head_dim"],
+    Float[Tensor, "batch kv_heads seq head_dim"],
+]:
+    """A block's query, key and value heads from its pre-normed input; q and k RMS-normalised, then rotated."""
+    params, normed = block["attn"], rms_norm(block["attn_norm"], x, config.norm_eps)
+    q = rearrange(linear(params["q"], normed), "b s (h d) -> b h s d", d=config.head_dim)
+    k = rearrange(linear(params["k"], normed), "b s (h d) -> b h s d", d=config.head_dim)
+    v = rearrange(linear(params["v"], normed), "b s (h d) -> b h s d", d=config.head_dim)
     q = apply_rope(rms_norm(params["q_norm"], q, config.norm_eps), cos, sin)
     k = apply_rope(rms_norm(params["k_norm"], k, config.norm_eps), cos, sin)
-    out = attention(q, k, v, mask, config.attention, scale=config.attention_scale)
-    return linear(params["o"], rearrange(out, "b h s d -> b s (h d)"))
+    return q, k, v
 
 
 class Gemma3(Shell):
@@ -275,3 +328,8 @@ class Gemma3(Shell):
 def pure(config: Gemma3Config) -> partial[Tensor]:
     """``forward`` with its config bound, so it reads ``model(params, batch)``."""
     return partial(forward, config=config)
+
+
+def cached(config: Gemma3Config) -> partial[tuple[Tensor, TensorDict]]:
+    """``forward_cached`` with its config bound: the ``step(params, batch, cache)`` that generation takes."""
+    return partial(forward_cached, config=config)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from tests import strategies
 from zmaj.infer.cache import capacity, init_cache
-from zmaj.models import gpt, llama
+from zmaj.models import gemma3, gpt, llama
 from zmaj.models.common import Batch, cache_mask, cache_step
 from zmaj.nn import masks
 from zmaj.nn.attention import Backend, attention, cached_attention
@@ -24,8 +24,23 @@ GPT_TINY = gpt.GPTConfig(vocab_size=VOCAB, context=32, d_model=32, n_layers=2, n
 LLAMA_TINY = llama.LlamaConfig(
     vocab_size=VOCAB, context=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, init_std=0.1
 )
+# Two local layers with a 5-key window around one global layer: short sequences already cross the window.
+GEMMA3_TINY = gemma3.Gemma3Config(
+    vocab_size=VOCAB,
+    context=32,
+    d_model=32,
+    n_layers=3,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    d_ff=48,
+    layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+    sliding_window=5,
+    query_pre_attn_scalar=6,
+    init_std=0.1,
+)
 # Random-init norms and biases sit at 1 and 0; moving them off shows a cached path that skips one.
-Config = gpt.GPTConfig | llama.LlamaConfig
+Config = gpt.GPTConfig | llama.LlamaConfig | gemma3.Gemma3Config
 MODELS: dict[str, tuple[ModuleType, Config]] = {
     "gpt": (gpt, GPT_TINY),
     "gpt-sinusoidal-rmsnorm-eager": (
@@ -40,6 +55,13 @@ MODELS: dict[str, tuple[ModuleType, Config]] = {
     "qwen3-qk-norm": (
         llama,
         LLAMA_TINY.model_copy(update={"head_dim": 12, "qk_norm": True, "tie_embeddings": True}),
+    ),
+    "gemma3-window": (gemma3, GEMMA3_TINY),
+    "gemma3-softcap-eager": (
+        gemma3,
+        GEMMA3_TINY.model_copy(
+            update={"final_logit_softcap": 3.0, "attention": "eager", "tie_embeddings": False}
+        ),
     ),
 }
 
@@ -95,7 +117,9 @@ def chunkings(draw: st.DrawFn, seq: int) -> list[tuple[int, int]]:
 
 @settings(max_examples=10)
 @given(
-    chunks=chunkings(18), name=st.sampled_from(["gpt", "llama-gqa", "qwen3-qk-norm"]), seed=strategies.seeds
+    chunks=chunkings(18),
+    name=st.sampled_from(["gpt", "llama-gqa", "qwen3-qk-norm", "gemma3-window"]),
+    seed=strategies.seeds,
 )
 def test_any_chunking_gives_the_full_forward(chunks: list[tuple[int, int]], name: str, seed: int) -> None:
     module, config, params = model_params(name)
@@ -109,7 +133,7 @@ def test_any_chunking_gives_the_full_forward(chunks: list[tuple[int, int]], name
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("name", ["gpt", "llama-gqa", "qwen3-qk-norm"])
+@pytest.mark.parametrize("name", ["gpt", "llama-gqa", "qwen3-qk-norm", "gemma3-window"])
 def test_padded_prompts_then_decoding_give_each_row_alone(side: str, name: str) -> None:
     """Padding tokens are random, not zeros, so only the mask can be keeping them out."""
     module, config, params = model_params(name)

@@ -1,0 +1,143 @@
+"""Any model zmaj can run, from wherever it is stored: one function for the programs and for fine-tuning.
+
+A model PATH is one of
+
+- a **GGUF file** (``*.gguf``): weights, config, tokenizer and chat template in one file (``zmaj.convert.gguf``);
+- a **Hugging Face folder** (``config.json`` + safetensors + ``tokenizer.json``; ``zmaj.convert.hf``);
+- a **zmaj model folder** (``model.json`` + ``params.safetensors`` + tokenizer files), what ``save_zmaj`` writes
+  and ``programs/convert.py --to zmaj`` produces;
+- a **zmaj run** (a folder with ``checkpoints/``: its newest checkpoint) or one **checkpoint** folder of a run.
+  A pre-training run describes its model in ``spec.yaml`` and its tokenizer in ``tokenizer.json``; a
+  fine-tuning run in ``model.json`` and the Hugging Face tokenizer files.
+
+Each becomes a :class:`Pretrained`: config, parameters and :class:`~zmaj.data.model_tokenizer.ModelTokenizer`.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tensordict import TensorDict
+
+from zmaj.convert import gguf, hf
+from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, ModelTokenizer
+from zmaj.data.tokenizer import Tokenizer
+from zmaj.models.registry import (
+    Architecture,
+    ModelConfig,
+    architecture,
+    config_from_json,
+    config_to_json,
+    init_meta,
+)
+from zmaj.train import checkpoint
+from zmaj.train.spec import PretrainSpec, load
+
+MODEL_FILE, PARAMS_FILE = "model.json", "params.safetensors"
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A model ready to run: what it is, its weights, and how to talk to it."""
+
+    config: ModelConfig
+    params: TensorDict
+    tokenizer: ModelTokenizer
+
+    @property
+    def architecture(self) -> Architecture:
+        return architecture(self.config)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Pretrained":
+        """The same model with its floating-point parameters moved and/or cast."""
+        params = self.params if device is None else self.params.to(device)
+        if dtype is not None:
+            cast = params.apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
+            assert cast is not None
+            params = cast
+        return replace(self, params=params)
+
+
+def load_model(path: str | Path) -> Pretrained:
+    """The model stored at ``path`` (any of the module docstring's kinds), on the CPU in its stored precision
+    (GGUF files dequantised to float32)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf file; a model is a GGUF file or a folder")
+        gguf_config, gguf_params = gguf.load_gguf(path)
+        return Pretrained(gguf_config, gguf_params, gguf.tokenizer_from_gguf(path))
+    if (path / "config.json").is_file():
+        hf_config, hf_params = hf.load_hf(path)
+        return Pretrained(hf_config, hf_params, ModelTokenizer.load(path))
+    if (path / MODEL_FILE).is_file() and (path / PARAMS_FILE).is_file():
+        config = _read_config(path / MODEL_FILE)
+        return Pretrained(config, _read_params(path / PARAMS_FILE, config), _run_tokenizer(path))
+    if (path / "checkpoints").is_dir():
+        return _from_checkpoint(path, checkpoint.latest(path))
+    if (path / "state.json").is_file() and (path / PARAMS_FILE).is_file():
+        return _from_checkpoint(path.parent.parent, path)
+    raise ValueError(
+        f"{path} is not a model: expected a .gguf file, a Hugging Face folder (config.json), a zmaj model folder "
+        f"({MODEL_FILE}) or a zmaj run (checkpoints/)"
+    )
+
+
+def run_config(run_dir: Path) -> ModelConfig:
+    """The model config of a zmaj run: ``model.json``, or a pre-training run's ``spec.yaml``."""
+    if (run_dir / MODEL_FILE).is_file():
+        return _read_config(run_dir / MODEL_FILE)
+    if (run_dir / "spec.yaml").is_file():
+        return load(PretrainSpec, run_dir / "spec.yaml").model
+    raise FileNotFoundError(f"{run_dir} describes no model: it has neither {MODEL_FILE} nor spec.yaml")
+
+
+def _from_checkpoint(run_dir: Path, checkpoint_dir: Path) -> Pretrained:
+    config = run_config(run_dir)
+    return Pretrained(config, _read_params(checkpoint_dir / PARAMS_FILE, config), _run_tokenizer(run_dir))
+
+
+def _run_tokenizer(folder: Path) -> ModelTokenizer:
+    """Hugging Face tokenizer files when the folder has them, else a zmaj pre-training ``tokenizer.json``."""
+    if (folder / TOKENIZER_CONFIG_FILE).is_file():
+        return ModelTokenizer.load(folder)
+    return ModelTokenizer.from_zmaj(Tokenizer.load(folder / "tokenizer.json"))
+
+
+def _read_config(path: Path) -> ModelConfig:
+    return config_from_json(json.loads(path.read_text()), str(path))
+
+
+def _read_params(path: Path, config: ModelConfig) -> TensorDict:
+    return checkpoint.unflatten_like(load_file(str(path)), init_meta(config), str(path))
+
+
+def save_zmaj(model: Pretrained, folder: str | Path) -> Path:
+    """Write ``model`` as a zmaj model folder, staged beside ``folder`` and renamed into place, so an interrupted
+    save never leaves half a model; an existing ``folder`` is replaced."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    (staging / MODEL_FILE).write_text(json.dumps(config_to_json(model.config), indent=2) + "\n")
+    save_file(checkpoint.flatten(model.params), str(staging / PARAMS_FILE))
+    model.tokenizer.save(staging)
+    replace_folder(staging, folder)
+    return folder
+
+
+def replace_folder(staging: Path, folder: Path) -> None:
+    """Move a finished ``staging`` folder to ``folder``, replacing what was there."""
+    if folder.exists():
+        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
+        os.replace(folder, old / folder.name)
+        os.replace(staging, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, folder)

@@ -1,0 +1,77 @@
+"""Chat templates: the Jinja programs that turn a conversation into the exact text a chat model was tuned on.
+
+An instruct model only answers properly when its prompt looks like its fine-tuning data, role markers and all,
+and those markers differ per model family (``<|im_start|>user``, ``<start_of_turn>user``, ...). Hugging Face
+stores the template with the tokenizer (``chat_template`` in ``tokenizer_config.json``, or in a GGUF file's
+metadata) and renders it with a sandboxed Jinja environment whose conventions every published template relies
+on: ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols`` extension, a ``tojson`` filter that keeps
+non-ASCII text, and the globals ``raise_exception`` and ``strftime_now``
+(https://huggingface.co/docs/transformers/chat_templating_writing). This module sets up the same environment, so
+zmaj renders every template exactly as ``transformers``' ``apply_chat_template`` does.
+
+zmaj's own models use :data:`DEFAULT_TEMPLATE`, written with the role tokens reserved by ``zmaj.data.tokenizer``.
+"""
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+Message = Mapping[str, str]
+
+DEFAULT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+"""zmaj's template: ``<|user|>Hi<|end|><|assistant|>Hello!<|end|>``; the model ends its turn with ``<|end|>``."""
+
+
+def render(
+    template: str, messages: Sequence[Message], add_generation_prompt: bool, **tokens: str | None
+) -> str:
+    """The conversation as the template writes it; ``tokens`` are the special tokens it may name (``bos_token``
+    ...). With ``add_generation_prompt`` the text ends where the assistant's answer begins."""
+    rendered: str = _compiled(template).render(
+        messages=[dict(message) for message in messages],
+        add_generation_prompt=add_generation_prompt,
+        **tokens,
+    )
+    return rendered
+
+
+@cache
+def _compiled(template: str) -> jinja2.Template:
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise
+    environment.globals["strftime_now"] = _strftime_now
+    return environment.from_string(template)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _raise(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)

@@ -1,0 +1,230 @@
+"""The tokenizer of a model you run: a ``tokenizers.Tokenizer`` plus the conventions around it.
+
+A vocabulary is not enough to talk to a model: it also matters whether a prompt starts with a BOS token, which
+tokens end an answer, and how a conversation is written (its chat template, ``zmaj.data.chat_template``). Hugging
+Face keeps the vocabulary in ``tokenizer.json`` and those conventions in ``tokenizer_config.json`` (and the stop
+tokens in ``generation_config.json``); a GGUF file keeps all of them in its metadata (``zmaj.convert.gguf``);
+zmaj's own pre-trained models use ``zmaj.data.tokenizer`` with :data:`~zmaj.data.chat_template.DEFAULT_TEMPLATE`.
+:class:`ModelTokenizer` is the one shape all three load into, and what the programs (generate, chat,
+perplexity) and fine-tuning use.
+
+Unlike the pre-training tokenizer, special tokens written in the text *are* parsed here, as ``transformers``
+does: a rendered chat template spells its role markers as text, and they must become the marker tokens.
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import processors
+
+from zmaj.data import chat_template
+from zmaj.data.chat_template import Message
+from zmaj.data.tokenizer import BOS, END, EOS, PAD, Tokenizer
+
+TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
+
+
+@dataclass(frozen=True)
+class ModelTokenizer:
+    """A tokenizer with its special tokens, BOS/EOS conventions and chat template.
+
+    ``tokenizer``'s post-processor already adds BOS (and EOS) when encoding with special tokens, as the model's
+    own configuration asks (``add_bos``/``add_eos`` record it, for saving). ``stop_tokens`` end generation
+    besides ``eos_token`` (an instruct model's end-of-turn marker, say).
+    """
+
+    tokenizer: tokenizers.Tokenizer
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+    chat_template: str | None = None
+    stop_tokens: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.tokenizer.encode_special_tokens = False
+        for name in ("bos_token", "eos_token", "pad_token"):
+            token = getattr(self, name)
+            if token is not None and self.tokenizer.token_to_id(token) is None:
+                raise ValueError(f"{name} {token!r} is not in the vocabulary")
+        for token in self.stop_tokens:
+            if self.tokenizer.token_to_id(token) is None:
+                raise ValueError(f"stop token {token!r} is not in the vocabulary")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.token_id(self.pad_token)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Every token that ends a generated answer: EOS and the extra stop tokens."""
+        names = ((self.eos_token,) if self.eos_token is not None else ()) + self.stop_tokens
+        ids = {self.tokenizer.token_to_id(name) for name in names}
+        return tuple(sorted(i for i in ids if i is not None))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids, with BOS/EOS where the model's configuration adds them (unless ``add_special_tokens=False``)."""
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        text: str = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """The conversation in the model's chat template; a model without one cannot chat, and says so."""
+        if self.chat_template is None:
+            raise ValueError("this model's tokenizer has no chat template: use a plain prompt, not --chat")
+        return chat_template.render(
+            self.chat_template,
+            messages,
+            add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            pad_token=self.pad_token,
+        )
+
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+        """The rendered conversation's ids; the template writes any BOS itself, so none is added (as in
+        ``transformers``' ``apply_chat_template``)."""
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+    def encode_chat_with_mask(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
+        """The conversation's ids and, per token, whether it is written by the assistant (what SFT trains on).
+
+        An assistant turn is the text that rendering it adds after the prompt for it (``add_generation_prompt``),
+        found by rendering the conversation up to each turn; a template whose renderings are not prefixes of each
+        other cannot be split this way, and is refused. The end-of-turn marker belongs to the turn, so the model
+        learns to stop.
+        """
+        text = self.render_chat(messages, add_generation_prompt=False)
+        spans: list[tuple[int, int]] = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.render_chat(messages[:index], add_generation_prompt=True)
+            through = self.render_chat(messages[: index + 1], add_generation_prompt=False)
+            if not (text.startswith(through) and through.startswith(before)):
+                raise ValueError(
+                    f"the chat template does not render turn {index} as a prefix of the conversation, so the "
+                    "assistant's tokens cannot be told apart"
+                )
+            spans.append((len(before), len(through)))
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        mask = [any(start <= begin < end for start, end in spans) for begin, _ in encoding.offsets]
+        return list(encoding.ids), mask
+
+    @classmethod
+    def from_zmaj(cls, tokenizer: Tokenizer) -> "ModelTokenizer":
+        """A zmaj pre-training tokenizer: documents start bare and end with ``<|eos|>``; chats use the role tokens."""
+        return cls(
+            tokenizers.Tokenizer.from_str(tokenizer.to_json()),
+            bos_token=BOS,
+            eos_token=EOS,
+            pad_token=PAD,
+            chat_template=chat_template.DEFAULT_TEMPLATE,
+            stop_tokens=(END,),
+        )
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ModelTokenizer":
+        """The tokenizer of a Hugging Face folder: ``tokenizer.json``, ``tokenizer_config.json`` and the stop
+        tokens of ``generation_config.json``."""
+        folder = Path(folder)
+        path = folder / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} has no {TOKENIZER_FILE} (only fast tokenizers are supported)")
+        inner = tokenizers.Tokenizer.from_file(str(path))
+        config = _read_json(folder / TOKENIZER_CONFIG_FILE)
+        bos, eos, pad = (_token_text(config.get(name)) for name in ("bos_token", "eos_token", "pad_token"))
+        if "add_bos_token" in config or "add_eos_token" in config:
+            add_bos = bool(config.get("add_bos_token", False)) and bos is not None
+            add_eos = bool(config.get("add_eos_token", False)) and eos is not None
+            inner.post_processor = bos_eos_processor(
+                inner, bos if add_bos else None, eos if add_eos else None
+            )
+        else:  # what tokenizer.json's own post-processor does
+            plain, full = inner.encode("a", add_special_tokens=False).ids, inner.encode("a").ids
+            add_bos = bos is not None and full[: len(full) - len(plain)] == [inner.token_to_id(bos)]
+            add_eos = eos is not None and full[len(plain) :][-1:] == [inner.token_to_id(eos)]
+        generation = _read_json(folder / "generation_config.json")
+        stop_ids = generation.get("eos_token_id", [])
+        stop_ids = [stop_ids] if isinstance(stop_ids, int) else stop_ids
+        stops = tuple(token for i in stop_ids if (token := inner.id_to_token(i)) is not None and token != eos)
+        template = config.get("chat_template")
+        if template is None and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        return cls(inner, bos, eos, pad, add_bos, add_eos, template, stops)
+
+    def save(self, folder: str | Path) -> None:
+        """``tokenizer.json`` and ``tokenizer_config.json`` as ``transformers``' ``AutoTokenizer`` reads them."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / TOKENIZER_FILE).write_text(self.tokenizer.to_str())
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "add_bos_token": self.add_bos,
+            "add_eos_token": self.add_eos,
+            "clean_up_tokenization_spaces": False,
+        }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def bos_eos_processor(
+    tokenizer: tokenizers.Tokenizer, bos: str | None, eos: str | None
+) -> processors.TemplateProcessing:
+    """The post-processor of ``transformers``' ``update_post_processor``: ``bos`` before, ``eos`` after, when given."""
+
+    def sequence(name: str, type_id: int) -> list[str]:
+        before = [f"{bos}:{type_id}"] if bos is not None else []
+        after = [f"{eos}:{type_id}"] if eos is not None else []
+        return [*before, f"${name}:{type_id}", *after]
+
+    special = [(token, tokenizer.token_to_id(token)) for token in (bos, eos) if token is not None]
+    return processors.TemplateProcessing(
+        single=" ".join(sequence("A", 0)),
+        pair=" ".join(sequence("A", 0) + sequence("B", 1)),
+        special_tokens=list(dict.fromkeys(special)),
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or an empty one when the file does not exist (every such file is optional)."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return data
+
+
+def _token_text(value: object) -> str | None:
+    """A special token as ``tokenizer_config.json`` writes it: a string, or an ``AddedToken`` dict."""
+    if isinstance(value, dict):
+        return str(value["content"])
+    return None if value is None else str(value)

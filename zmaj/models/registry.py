@@ -1,0 +1,102 @@
+"""The architectures zmaj implements, each as the handful of pure functions the rest of zmaj calls.
+
+Code that works with any model (generation, fine-tuning, export, the programs) holds a config and params and
+looks up the functions here by the config's type, rather than testing ``isinstance`` itself. A config is saved
+as ``{"architecture": name, "config": {...}}`` (``config_to_json``), so a saved model says what it is.
+"""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from zmaj.models import gemma3, gpt, llama
+from zmaj.models.common import Batch
+from zmaj.models.gemma3 import Gemma3Config
+from zmaj.models.gpt import GPTConfig
+from zmaj.models.llama import LlamaConfig
+
+ModelConfig = GPTConfig | LlamaConfig | Gemma3Config
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One family's pure functions; each takes the family's config as ``config``."""
+
+    name: str
+    config_type: type[ModelConfig]
+    init: Callable[..., TensorDict]
+    forward: Callable[..., Tensor]
+    hidden_states: Callable[..., Tensor]
+    unembed: Callable[..., Tensor]
+    forward_cached: Callable[..., tuple[Tensor, TensorDict]]
+
+    def logits(self, params: TensorDictBase, batch: Batch, config: ModelConfig) -> Tensor:
+        """Next-token logits at every position."""
+        return self.forward(params, batch, config=config)
+
+    def last_logits(self, params: TensorDictBase, batch: Batch, config: ModelConfig) -> Tensor:
+        """Logits of the last position only: all a greedy step reads, and far cheaper for a large vocabulary."""
+        hidden = self.hidden_states(params, batch, config=config)
+        return self.unembed(params, hidden[:, -1:], config=config)
+
+    def cached(self, config: ModelConfig) -> Callable[[TensorDictBase, Batch, TensorDictBase], Any]:
+        """The ``step(params, batch, cache)`` that ``zmaj.infer.generate`` takes."""
+
+        def step(params: TensorDictBase, batch: Batch, cache: TensorDictBase) -> tuple[Tensor, TensorDict]:
+            return self.forward_cached(params, batch, cache, config=config)
+
+        return step
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt": Architecture(
+        "gpt", GPTConfig, gpt.init, gpt.forward, gpt.hidden_states, gpt.unembed, gpt.forward_cached
+    ),
+    "llama": Architecture(
+        "llama",
+        LlamaConfig,
+        llama.init,
+        llama.forward,
+        llama.hidden_states,
+        llama.unembed,
+        llama.forward_cached,
+    ),
+    "gemma3": Architecture(
+        "gemma3",
+        Gemma3Config,
+        gemma3.init,
+        gemma3.forward,
+        gemma3.hidden_states,
+        gemma3.unembed,
+        gemma3.forward_cached,
+    ),
+}
+
+
+def architecture(config: ModelConfig) -> Architecture:
+    """The architecture a config belongs to."""
+    for arch in ARCHITECTURES.values():
+        if type(config) is arch.config_type:
+            return arch
+    raise TypeError(f"{type(config).__name__} is not a zmaj model config")
+
+
+def init_meta(config: ModelConfig) -> TensorDict:
+    """The parameters' structure and shapes without memory: the template loaders check files against."""
+    return architecture(config).init(config, 0, device=torch.device("meta"))
+
+
+def config_to_json(config: ModelConfig) -> dict[str, Any]:
+    return {"architecture": architecture(config).name, "config": config.model_dump(mode="json")}
+
+
+def config_from_json(data: Mapping[str, Any], where: str) -> ModelConfig:
+    """The config ``config_to_json`` wrote; ``where`` names the file in errors."""
+    name = data.get("architecture")
+    if name not in ARCHITECTURES:
+        raise ValueError(f"{where}: unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name].config_type.model_validate(data.get("config", {}))
