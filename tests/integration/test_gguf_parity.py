@@ -9,7 +9,6 @@ is compared on its own.
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,10 @@ import torch
 import transformers
 from torch import Tensor
 
-from zmaj.convert import gguf, weights
-from zmaj.infer.sample import sample
-from zmaj.models import gemma3, llama
+from zmaj.convert import weights
+from zmaj.convert.load import Pretrained, load_model
+from zmaj.infer.cache import init_cache
+from zmaj.infer.generate import generate
 from zmaj.models.common import Batch
 
 pytestmark = pytest.mark.slow
@@ -40,31 +40,28 @@ LONG_TOKENS = 600
 
 @dataclass
 class Loaded:
-    """One GGUF file read by both sides: zmaj's logits (of every position, and of the last) and the reference."""
+    """One GGUF file read by both sides: zmaj's model and the reference, with its tokenizer."""
 
     path: Path
-    logits: Callable[[Batch], Tensor]
-    last_logits: Callable[[Batch], Tensor]
-    context: int
+    model: Pretrained
     reference: transformers.PreTrainedModel
     tokenizer: Any
 
+    def logits(self, batch: Batch) -> Tensor:
+        return self.model.architecture.logits(self.model.params, batch, self.model.config)
+
+    def greedy(self, prompt: Tensor, new_tokens: int) -> list[int]:
+        """zmaj's cached generation: prefill, then one token at a time."""
+        config = self.model.config
+        cache = init_cache(config, batch=1, max_len=prompt.shape[1] + new_tokens)
+        step = self.model.architecture.cached(config)
+        return generate(step, self.model.params, cache, prompt.tolist(), new_tokens)[0]
+
 
 def load(path: Path) -> Loaded:
-    config, params = gguf.load_gguf(path)
-    model: Any = gemma3 if isinstance(config, gemma3.Gemma3Config) else llama
-
-    def last_logits(batch: Batch) -> Tensor:
-        # Greedy decoding reads only the last position; unembedding every position of every step would cost
-        # Gemma's 262k-token vocabulary seconds a step.
-        hidden = model.hidden_states(params, batch, config)
-        return model.unembed(params, hidden[:, -1:], config)
-
     return Loaded(
         path=path,
-        logits=partial(model.forward, params, config=config),
-        last_logits=last_logits,
-        context=config.context,
+        model=load_model(path),
         reference=transformers.AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32
         ).eval(),
@@ -131,12 +128,20 @@ def reference_greedy(model: transformers.PreTrainedModel, prompt: Tensor, new_to
 
 def test_greedy_tokens_equal_transformers(loaded: Loaded) -> None:
     prompt = prompt_tokens(loaded.tokenizer, "chat")
-    new = sample(loaded.last_logits, prompt, NEW_TOKENS, loaded.context, temperature=0.0)
-    assert new.tolist() == reference_greedy(loaded.reference, prompt, NEW_TOKENS).tolist()
+    assert (
+        loaded.greedy(prompt, NEW_TOKENS)
+        == reference_greedy(loaded.reference, prompt, NEW_TOKENS)[0].tolist()
+    )
+
+
+def test_greedy_tokens_past_the_sliding_window_equal_transformers(loaded: Loaded) -> None:
+    """Gemma's local layers must drop the keys that slide out of their window as decoding goes on."""
+    prompt = prompt_tokens(loaded.tokenizer, "long")
+    assert loaded.greedy(prompt, 8) == reference_greedy(loaded.reference, prompt, 8)[0].tolist()
 
 
 def test_tokenizer_equals_transformers(loaded: Loaded) -> None:
-    ours = gguf.tokenizer_from_gguf(loaded.path)
+    ours = loaded.model.tokenizer
     reference = loaded.tokenizer
     assert ours.chat_template == reference.chat_template
     assert (ours.bos_id, ours.eos_id) == (reference.bos_token_id, reference.eos_token_id)
@@ -148,6 +153,9 @@ def test_tokenizer_equals_transformers(loaded: Loaded) -> None:
     for text in texts:
         assert ours.tokenizer.encode(text).ids == reference(text).input_ids
     chat = chat_text(reference)
+    if reference.chat_template is not None:
+        messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+        assert ours.render_chat(messages) == chat
     ids = reference(chat, add_special_tokens=False).input_ids
     assert ours.tokenizer.encode(chat, add_special_tokens=False).ids == ids
     assert ours.tokenizer.decode(ids, skip_special_tokens=False) == reference.decode(ids)

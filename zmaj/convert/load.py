@@ -116,7 +116,7 @@ def _read_config(path: Path) -> ModelConfig:
 
 
 def _read_params(path: Path, config: ModelConfig) -> TensorDict:
-    return checkpoint.unflatten_like(load_file(str(path)), init_meta(config), str(path))
+    return checkpoint.unflatten_like(load_file(str(path)), init_meta(config), str(path), cast=False)
 
 
 def save_zmaj(model: Pretrained, folder: str | Path) -> Path:

@@ -29,8 +29,11 @@ def _name(key: str | tuple[str, ...]) -> str:
     return key if isinstance(key, str) else ".".join(key)
 
 
-def unflatten_like(tensors: dict[str, torch.Tensor], template: TensorDictBase, what: str) -> TensorDict:
-    """Rebuild a TensorDict with the structure and batch sizes of ``template``, checking every name and shape."""
+def unflatten_like(
+    tensors: dict[str, torch.Tensor], template: TensorDictBase, what: str, cast: bool = True
+) -> TensorDict:
+    """Rebuild a TensorDict with the structure and batch sizes of ``template``, checking every name and shape;
+    each tensor cast to the template's dtype, or kept as stored (``cast=False``)."""
     expected = {_name(key): template.get(key) for key in template.keys(True, True)}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -43,7 +46,7 @@ def unflatten_like(tensors: dict[str, torch.Tensor], template: TensorDictBase, w
             raise ValueError(
                 f"{what}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(like.shape)}"
             )
-        out.set(tuple(name.split(".")), tensor.to(like.dtype))
+        out.set(tuple(name.split(".")), tensor.to(like.dtype) if cast else tensor)
     return out
 
 

@@ -1,0 +1,105 @@
+"""``load_model`` reads every kind of zmaj model PATH back exactly, and names what is wrong with a bad one."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensordict import TensorDict
+
+from zmaj.convert.load import Pretrained, load_model, save_zmaj
+from zmaj.data.model_tokenizer import ModelTokenizer
+from zmaj.data.tokenizer import Tokenizer
+from zmaj.models import gemma3, gpt, llama
+from zmaj.models.registry import ModelConfig, architecture
+from zmaj.nn.rope import Llama3Scaling
+from zmaj.train import checkpoint
+from zmaj.train.spec import PretrainSpec, TrainConfig
+from zmaj.train.step import init_state
+
+VOCAB = 300
+CONFIGS: dict[str, ModelConfig] = {
+    "gpt": gpt.GPTConfig(vocab_size=VOCAB, context=16, d_model=16, n_layers=2, n_heads=2),
+    "llama3-scaled": llama.LlamaConfig(
+        vocab_size=VOCAB,
+        d_model=16,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=24,
+        rope_scaling=Llama3Scaling(
+            factor=8, low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=64
+        ),
+    ),
+    "gemma3": gemma3.Gemma3Config(
+        vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, head_dim=8, d_ff=24, sliding_window=4
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    texts = ["def f(x):\n    return x + 1\n", "import os\nprint(os.sep)\n", "The quick brown fox.\n"] * 20
+    return Tokenizer.train(texts, vocab_size=VOCAB)
+
+
+def assert_same_params(a: TensorDict, b: TensorDict) -> None:
+    assert set(a.keys(True, True)) == set(b.keys(True, True))
+    for key in a.keys(True, True):
+        assert torch.equal(a.get(key), b.get(key)), key
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_saved_zmaj_model_loads_back_exactly(name: str, tokenizer: Tokenizer, tmp_path: Path) -> None:
+    config = CONFIGS[name]
+    model = Pretrained(config, architecture(config).init(config, 3), ModelTokenizer.from_zmaj(tokenizer))
+    save_zmaj(model, tmp_path / "model")
+    loaded = load_model(tmp_path / "model")
+    assert loaded.config == config
+    assert_same_params(loaded.params, model.params)
+    assert loaded.tokenizer.encode("def g(): pass") == model.tokenizer.encode("def g(): pass")
+    assert loaded.tokenizer.chat_template == model.tokenizer.chat_template
+    assert loaded.tokenizer.stop_ids == model.tokenizer.stop_ids
+    save_zmaj(model.to(dtype=torch.bfloat16), tmp_path / "model")  # replaces the folder
+    assert load_model(tmp_path / "model").params["embed", "weight"].dtype == torch.bfloat16
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left behind
+
+
+def test_a_pretraining_run_and_its_checkpoints_load(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    config = CONFIGS["gpt"]
+    assert isinstance(config, gpt.GPTConfig)
+    spec = PretrainSpec(
+        name="tiny",
+        model=config,
+        data={"vocab_size": VOCAB, "seq_len": 16},  # type: ignore[arg-type]
+        train=TrainConfig(steps=1, batch_size=1),
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    tokenizer.save(run / "tokenizer.json")
+    first = gpt.init(config, 1)
+    state = init_state(first)
+    old = checkpoint.save(run, state, {})
+    state["opt", "step"] += 1
+    state["params"] = gpt.init(config, 2)
+    checkpoint.save(run, state, {})
+    assert_same_params(load_model(run).params, state["params"])
+    assert_same_params(load_model(old).params, first)
+    loaded = load_model(run)
+    assert loaded.config == config
+    assert loaded.tokenizer.encode("import os") == tokenizer.encode("import os")
+    assert not loaded.tokenizer.add_bos  # zmaj documents start bare
+
+
+def test_bad_paths_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"not a \.gguf file"):
+        load_model(tmp_path / "weights.bin")
+    with pytest.raises(ValueError, match="is not a model"):
+        load_model(tmp_path)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+        load_model(tmp_path / "run")

@@ -1,0 +1,144 @@
+"""A model's tokenizer renders chats exactly as ``transformers`` does, marks exactly the assistant's tokens, and
+survives a save/load round trip that ``transformers``' ``AutoTokenizer`` reads the same way."""
+
+from pathlib import Path
+
+import pytest
+import transformers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zmaj.data import chat_template
+from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
+from zmaj.data.tokenizer import Tokenizer
+
+# ChatML as SmolLM2 and Qwen write it, with a default system turn and the tojson filter, to exercise the
+# environment's conventions (trim_blocks, loop variables, filters).
+CHATML = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|system|>You are helpful. ' + ([1, 'é'] | tojson) + '<|end|>\n' }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+text = st.text(
+    st.characters(blacklist_categories=["Cs"], blacklist_characters="<>|"), min_size=1, max_size=30
+)
+
+
+@st.composite
+def conversations(draw: st.DrawFn) -> list[dict[str, str]]:
+    """Optionally a system turn, then user/assistant pairs, the last possibly unanswered."""
+    messages = [{"role": "system", "content": draw(text)}] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 3))):
+        messages += [{"role": "user", "content": draw(text)}, {"role": "assistant", "content": draw(text)}]
+    return messages
+
+
+@pytest.fixture(scope="module")
+def model_tokenizer(tokenizer: Tokenizer) -> ModelTokenizer:
+    return ModelTokenizer.from_zmaj(tokenizer)
+
+
+def reference(tokenizer: ModelTokenizer, template: str) -> transformers.PreTrainedTokenizerFast:
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.tokenizer,
+        chat_template=template,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+    )
+
+
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=conversations(), template=st.sampled_from([chat_template.DEFAULT_TEMPLATE, CHATML]))
+def test_chats_render_and_encode_as_transformers(
+    model_tokenizer: ModelTokenizer, messages: list[dict[str, str]], template: str
+) -> None:
+    ours = ModelTokenizer(
+        model_tokenizer.tokenizer,
+        model_tokenizer.bos_token,
+        model_tokenizer.eos_token,
+        chat_template=template,
+    )
+    theirs = reference(ours, template)
+    for add_generation_prompt in (False, True):
+        rendered = theirs.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        assert ours.render_chat(messages, add_generation_prompt) == rendered
+        ids = theirs(rendered, add_special_tokens=False).input_ids
+        assert ours.encode_chat(messages, add_generation_prompt) == ids
+
+
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=conversations())
+def test_the_assistant_mask_covers_exactly_the_answers(
+    model_tokenizer: ModelTokenizer, messages: list[dict[str, str]]
+) -> None:
+    ids, mask = model_tokenizer.encode_chat_with_mask(messages)
+    assert ids == model_tokenizer.encode_chat(messages, add_generation_prompt=False)
+    answers = "".join(m["content"] + "<|end|>" for m in messages if m["role"] == "assistant")
+    assert model_tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m], False) == answers
+    prompt = "".join(
+        ("<|assistant|>" if m["role"] == "assistant" else f"<|{m['role']}|>{m['content']}<|end|>")
+        for m in messages
+    )
+    assert model_tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if not m], False) == prompt
+
+
+def test_a_template_that_rewrites_history_is_refused(model_tokenizer: ModelTokenizer) -> None:
+    # Shows only the last turn, so the conversation so far is not a prefix of the whole.
+    last_only = "{{ '<|' + messages[-1]['role'] + '|>' + messages[-1]['content'] }}"
+    tokenizer = ModelTokenizer(model_tokenizer.tokenizer, chat_template=last_only)
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(ValueError, match="prefix"):
+        tokenizer.encode_chat_with_mask(messages)
+
+
+def test_a_model_without_a_template_cannot_chat(model_tokenizer: ModelTokenizer) -> None:
+    with pytest.raises(ValueError, match="no chat template"):
+        ModelTokenizer(model_tokenizer.tokenizer).render_chat([{"role": "user", "content": "hi"}])
+
+
+def test_special_tokens_must_be_in_the_vocabulary(model_tokenizer: ModelTokenizer) -> None:
+    with pytest.raises(ValueError, match="eos_token"):
+        ModelTokenizer(model_tokenizer.tokenizer, eos_token="<not a token>")
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_saved_tokenizers_load_the_same_here_and_in_transformers(
+    model_tokenizer: ModelTokenizer, tmp_path: Path, add_bos: bool
+) -> None:
+    inner = model_tokenizer.tokenizer
+    if add_bos:
+        inner = type(inner).from_str(inner.to_str())
+        inner.post_processor = bos_eos_processor(inner, model_tokenizer.bos_token, None)
+    ours = ModelTokenizer(
+        inner,
+        model_tokenizer.bos_token,
+        model_tokenizer.eos_token,
+        model_tokenizer.pad_token,
+        add_bos=add_bos,
+        chat_template=model_tokenizer.chat_template,
+        stop_tokens=model_tokenizer.stop_tokens,
+    )
+    ours.save(tmp_path)
+    loaded = ModelTokenizer.load(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["def f(x):\n    return x  # é 漢字", "<|user|>literal markers<|end|>", " spaces  "]
+    for text in texts:
+        assert loaded.encode(text) == ours.encode(text) == theirs(text).input_ids
+        assert (loaded.encode(text)[0] == ours.bos_id) == add_bos
+    assert loaded.add_bos == add_bos
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == (
+        ours.bos_token,
+        ours.eos_token,
+        ours.pad_token,
+    )
+    assert loaded.chat_template == theirs.chat_template == ours.chat_template
+    messages = [{"role": "user", "content": "hi"}]
+    expected = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert loaded.encode_chat(messages) == expected
