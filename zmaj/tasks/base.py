@@ -133,4 +133,3 @@ def parse_int(value: str) -> int | None:
     if re.fullmatch(r"[+-]?(\d+|\d{1,3}(,\d{3})+)", value) is None:
         return None
     return int(value.replace(",", ""))
-

@@ -76,9 +76,9 @@ def check_expression(text: str, numbers: Sequence[int], target: int) -> bool:
 
 def _allowed(node: ast.expr, used: list[int]) -> bool:
     """Only whole-number literals and + - * / between them; collects the literals into ``used``."""
-    if isinstance(node, ast.Constant):
+    if isinstance(node, ast.Constant) and type(node.value) is int:  # not bool, float or str
         used.append(node.value)
-        return type(node.value) is int  # not bool, float or str
+        return True
     if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
         return _allowed(node.left, used) and _allowed(node.right, used)
     return False
@@ -86,7 +86,7 @@ def _allowed(node: ast.expr, used: list[int]) -> bool:
 
 def _evaluate(node: ast.expr) -> Fraction:
     """The exact value of an expression ``_allowed`` accepted."""
-    if isinstance(node, ast.Constant):
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
         return Fraction(node.value)
     assert isinstance(node, ast.BinOp)
     left, right = _evaluate(node.left), _evaluate(node.right)

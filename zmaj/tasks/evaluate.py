@@ -49,4 +49,7 @@ def accuracy_interval(successes: int, n: int, confidence: float = 0.95) -> tuple
     denominator = 1 + z**2 / n
     centre = (p + z**2 / (2 * n)) / denominator
     half_width = z / denominator * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
-    return p, max(0.0, centre - half_width), min(1.0, centre + half_width)
+    # At 0 (or n) successes the exact lower (upper) end is 0 (1); in floats centre - half_width can miss by 1e-17.
+    low = 0.0 if successes == 0 else centre - half_width
+    high = 1.0 if successes == n else centre + half_width
+    return p, low, high

@@ -32,16 +32,18 @@ class WordProblemsTask(Task):
             working, value = f"{a} + {b}", a + b
         elif template == 1:
             a, b = max(a, b), min(a, b)
-            question = f"{name} has {a} {item} and gives {b} to {friend}. How many {item} does {name} have left?"
+            question = (
+                f"{name} has {a} {item} and gives {b} to {friend}. How many {item} does {name} have left?"
+            )
             working, value = f"{a} - {b}", a - b
         elif template == 2:
-            question = f"{name} buys {a} boxes of {item} with {b} {item} in each box. How many {item} is that?"
+            question = (
+                f"{name} buys {a} boxes of {item} with {b} {item} in each box. How many {item} is that?"
+            )
             working, value = f"{a} * {b}", a * b
         elif template == 3:
             b = rng.randint(2, self.max_number)  # a share among one friend is no division
-            question = (
-                f"{name} shares {a * b} {item} equally among {b} friends. How many {item} does each friend get?"
-            )
+            question = f"{name} shares {a * b} {item} equally among {b} friends. How many {item} does each friend get?"
             working, value = f"{a * b} / {b}", a
         else:
             c = rng.randint(1, a + b)
