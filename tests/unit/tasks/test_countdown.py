@@ -86,7 +86,7 @@ def test_checker_agrees_with_exact_evaluation(text: str, target: int) -> None:
     [
         ("2 + 2 + 6", "reuses 2"),
         ("(3 + 7) * 1", "1 is not given"),
-        ("3 * 4 - 2", "12 - 2 is not 20... wrong value"),
+        ("3 * 4 - 2", "a wrong value (10)"),
         ("x + 10", "a name"),
         ("abs(10) * 2", "a call"),
         ("2 ** 3 + 12", "power"),
