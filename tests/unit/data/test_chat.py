@@ -1,0 +1,160 @@
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import TypeAdapter, ValidationError
+
+from zmaj.data.chat import (
+    ChatFilesSource,
+    ChatHubSource,
+    ChatSource,
+    ChatTaskSource,
+    Conversation,
+    Message,
+    load_conversations,
+)
+from zmaj.tasks import get_task
+
+CONVERSATIONS: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2 + 2?"},
+        {"role": "assistant", "content": "Answer: 4"},
+        {"role": "user", "content": "And 3 + 3?"},
+        {"role": "assistant", "content": "Answer: 6"},
+    ],
+    [{"role": "user", "content": "Ünïcødé ✓"}, {"role": "assistant", "content": ""}],
+]
+
+
+def _write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _expected(rows: list[list[dict[str, str]]]) -> list[Conversation]:
+    return [Conversation(messages=tuple(Message(**m) for m in row)) for row in rows]
+
+
+def test_jsonl_files_are_read_in_order_with_any_column_and_blank_lines(tmp_path: Path) -> None:
+    first = _write_jsonl(
+        tmp_path / "a.jsonl", [{"messages": m, "id": i} for i, m in enumerate(CONVERSATIONS)]
+    )
+    second = tmp_path / "b.jsonl"
+    second.write_text("\n" + json.dumps({"messages": CONVERSATIONS[0]}) + "\n\n")
+    got = load_conversations(ChatFilesSource(paths=[str(first), str(second)]))
+    assert got == _expected([*CONVERSATIONS, CONVERSATIONS[0]])
+    assert got[1].messages[0] == Message(role="system", content="Be brief.")
+
+    chats = _write_jsonl(tmp_path / "c.jsonl", [{"chat": m} for m in CONVERSATIONS])
+    assert load_conversations(ChatFilesSource(paths=[str(chats)], messages_column="chat")) == _expected(
+        CONVERSATIONS
+    )
+
+
+@pytest.mark.parametrize(
+    ("row", "complaint"),
+    [
+        ({"messages": [{"role": "user", "content": "Hi"}]}, "at least one assistant message"),
+        ({"messages": []}, "at least one assistant message"),
+        (
+            {"messages": [{"role": "robot", "content": "Hi"}, CONVERSATIONS[0][1]]},
+            "'system', 'user' or 'assistant'",
+        ),
+        ({"messages": [{"role": "user", "content": 7}, CONVERSATIONS[0][1]]}, "valid string"),
+        ({"messages": [{"role": "user", "content": None}, CONVERSATIONS[0][1]]}, "valid string"),
+        ({"messages": [{"role": "user"}, CONVERSATIONS[0][1]]}, "content"),
+        ({"messages": [{"role": "user", "content": "Hi", "name": "x"}, CONVERSATIONS[0][1]]}, "name"),
+        ({"messages": "Hi"}, "valid tuple"),
+        ({"text": "Hi"}, r"no 'messages' column \(has \['text'\]\)"),
+        ([1, 2], r"no 'messages' column \(has list\)"),
+    ],
+)
+def test_a_bad_conversation_is_an_error_naming_file_and_line(
+    tmp_path: Path, row: Any, complaint: str
+) -> None:
+    path = _write_jsonl(tmp_path / "chats.jsonl", [{"messages": CONVERSATIONS[0]}, row])
+    with pytest.raises(ValueError, match=complaint) as caught:
+        load_conversations(ChatFilesSource(paths=[str(path)]))
+    assert f"bad conversation at {path}:2" in str(caught.value)
+
+
+def test_a_line_that_is_not_json_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": CONVERSATIONS[0]}) + "\n\n{'messages': []}\n")
+    with pytest.raises(ValueError, match=rf"bad conversation at {path}:3: not JSON"):
+        load_conversations(ChatFilesSource(paths=[str(path)]))
+
+
+def test_missing_files_fail_when_the_source_is_configured(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match=r"not found: .*nope\.jsonl"):
+        ChatFilesSource(paths=[str(tmp_path / "nope.jsonl")])
+
+
+def test_conversations_are_validated_on_their_own() -> None:
+    with pytest.raises(ValidationError, match="assistant"):
+        Conversation(messages=(Message(role="system", content="s"), Message(role="user", content="u")))
+    with pytest.raises(ValidationError, match="role"):
+        Message(role="tool", content="x")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_datasets_sources_read_jsonl_and_parquet(tmp_path: Path, streaming: bool) -> None:
+    jsonl = _write_jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in CONVERSATIONS])
+    source = ChatHubSource(path="json", data_files=str(jsonl), streaming=streaming)
+    assert load_conversations(source) == _expected(CONVERSATIONS)
+    first = ChatHubSource(path="json", data_files=str(jsonl), streaming=streaming, max_conversations=2)
+    assert load_conversations(first) == _expected(CONVERSATIONS[:2])
+
+    parquet = tmp_path / "chats.parquet"
+    pq.write_table(pa.table({"dialogue": CONVERSATIONS, "id": [0, 1, 2]}), parquet)
+    source = ChatHubSource(
+        path="parquet", data_files=str(parquet), messages_column="dialogue", streaming=streaming
+    )
+    assert load_conversations(source) == _expected(CONVERSATIONS)
+
+
+def test_a_bad_datasets_row_is_an_error_naming_the_row(tmp_path: Path) -> None:
+    rows = [{"messages": CONVERSATIONS[0]}, {"messages": [{"role": "user", "content": "Hi"}]}]
+    jsonl = _write_jsonl(tmp_path / "chats.jsonl", rows)
+    expected = (
+        rf"(?s)bad conversation at json, split train, files {re.escape(str(jsonl))}, row 1: .*assistant"
+    )
+    with pytest.raises(ValueError, match=expected):
+        load_conversations(ChatHubSource(path="json", data_files=str(jsonl), streaming=True))
+
+
+def test_a_task_split_becomes_question_and_worked_answer() -> None:
+    source = ChatTaskSource(
+        task="countdown", options={"count": 4}, split="test", n=20, seed=3, system="Be exact."
+    )
+    conversations = load_conversations(source)
+    task = get_task("countdown", count=4)
+    problems = task.problems("test", 20, seed=3)
+    assert len(conversations) == 20
+    for conversation, problem in zip(conversations, problems, strict=True):
+        assert [m.role for m in conversation.messages] == ["system", "user", "assistant"]
+        assert conversation.messages[0].content == "Be exact."
+        assert conversation.messages[1].content == problem.prompt
+        assert task.reward(problem, conversation.messages[2].content).correctness == 1.0
+    plain = load_conversations(ChatTaskSource(task="arithmetic", n=3))
+    assert [[m.role for m in c.messages] for c in plain] == [["user", "assistant"]] * 3
+
+
+def test_sources_are_picked_by_kind_from_a_spec(tmp_path: Path) -> None:
+    jsonl = _write_jsonl(tmp_path / "chats.jsonl", [{"messages": CONVERSATIONS[0]}])
+    adapter: TypeAdapter[ChatSource] = TypeAdapter(ChatSource)
+    assert isinstance(adapter.validate_python({"kind": "files", "paths": [str(jsonl)]}), ChatFilesSource)
+    assert isinstance(adapter.validate_python({"kind": "hub", "path": "json"}), ChatHubSource)
+    assert adapter.validate_python({"kind": "task", "task": "arithmetic", "n": 5}) == ChatTaskSource(
+        task="arithmetic", n=5
+    )
+    with pytest.raises(ValidationError, match="max_document"):
+        adapter.validate_python({"kind": "hub", "path": "json", "max_documents": 5})
+    with pytest.raises(ValueError, match="unknown task 'sums'"):
+        load_conversations(ChatTaskSource(task="sums", n=1))

@@ -1,0 +1,205 @@
+import random
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from zmaj.tasks import (
+    FEW_SHOT_STOP,
+    ArithmeticTask,
+    CountdownTask,
+    Problem,
+    Reward,
+    Task,
+    WordProblemsTask,
+    final_answer,
+    get_task,
+    register_task,
+    registry,
+    task_names,
+)
+from zmaj.tasks.base import in_test_split, parse_int
+
+TASKS = [
+    ArithmeticTask(),
+    ArithmeticTask(digits=4, ops=("*",)),
+    CountdownTask(),
+    CountdownTask(count=5, max_number=50),
+    WordProblemsTask(),
+    WordProblemsTask(max_number=500),
+]
+seeds = st.integers(0, 2**32 - 1)
+
+
+def _wrong(task: Task, problem: Problem) -> str:
+    """A well-formed answer that is not right: the answer plus one, or for countdown one of the numbers alone
+    (a legal expression; never the target, which the generator keeps out of the numbers)."""
+    if isinstance(task, CountdownTask):
+        return str(problem.info["numbers"][0])
+    return str(int(problem.answer) + 1)
+
+
+@pytest.mark.parametrize("task", TASKS, ids=repr)
+@settings(max_examples=20, deadline=None)
+@given(seed=seeds)
+def test_worked_answers_get_full_reward_and_wrong_answers_none(task: Task, seed: int) -> None:
+    for problem in task.problems("train", 5, seed) + task.problems("test", 5, seed):
+        assert task.reward(problem, problem.solution) == Reward(format=1.0, correctness=1.0)
+        assert final_answer(problem.solution) == problem.answer
+        assert problem.solution.splitlines()[-1] == f"Answer: {problem.answer}"
+        assert FEW_SHOT_STOP not in problem.solution
+        wrong = problem.solution.rsplit("\n", 1)[0] + f"\nAnswer: {_wrong(task, problem)}"
+        assert task.reward(problem, wrong) == Reward(format=1.0, correctness=0.0)
+
+
+@pytest.mark.parametrize("task", TASKS, ids=repr)
+def test_without_a_final_answer_line_there_is_no_reward(task: Task) -> None:
+    problem = task.problems("train", 1)[0]
+    working = problem.solution.rsplit("\n", 1)[0]
+    for completion in [
+        "",
+        working,
+        f"{problem.answer}",
+        f"The answer is {problem.answer}.",
+        f"Answer: {problem.answer}\nand that is all",  # the answer line must come last
+        "Answer:",
+        f"answer: {problem.answer}",
+    ]:
+        reward = task.reward(problem, completion)
+        assert (reward.format, reward.correctness, reward.total) == (0.0, 0.0, 0.0), completion
+
+
+def test_final_answer_reads_only_the_last_non_blank_line() -> None:
+    assert final_answer("work\nAnswer: 12\n\n  \n") == "12"
+    assert final_answer("  Answer:   1 + 2  ") == "1 + 2"
+    assert final_answer("Answer: 3\nAnswer: 4") == "4"
+    assert final_answer("Answer: 3\n4") is None
+    assert final_answer("Answer:   ") is None
+    assert Reward(format=1.0, correctness=0.0).total == pytest.approx(0.1)
+    assert Reward(format=1.0, correctness=1.0).total == pytest.approx(1.1)
+
+
+@given(st.integers(-(10**12), 10**12))
+def test_parse_int_reads_plain_and_comma_grouped_integers(n: int) -> None:
+    assert parse_int(str(n)) == n
+    assert parse_int(f"{n:,}") == n
+    assert parse_int(f"{n}.5") is None
+    assert parse_int(f"{n} apples") is None
+
+
+@pytest.mark.parametrize("task", TASKS, ids=repr)
+@settings(max_examples=10, deadline=None)
+@given(seed=seeds, other_seed=seeds)
+def test_splits_are_disjoint_whatever_the_seeds(task: Task, seed: int, other_seed: int) -> None:
+    train = task.problems("train", 60, seed)
+    test = task.problems("test", 30, other_seed)
+    assert not {p.prompt for p in train} & {p.prompt for p in test}
+    assert len({p.prompt for p in train}) == 60
+    assert not any(in_test_split(task.name, p.prompt, task.test_fraction) for p in train)
+    assert all(in_test_split(task.name, p.prompt, task.test_fraction) for p in test)
+
+
+@pytest.mark.parametrize("task", TASKS, ids=repr)
+def test_generation_is_deterministic_and_a_larger_n_extends_the_list(task: Task) -> None:
+    first = task.problems("train", 30, seed=7)
+    assert first == task.problems("train", 30, seed=7)
+    assert task.problems("train", 50, seed=7)[:30] == first
+    assert task.problems("train", 30, seed=8) != first
+    assert task.generate(random.Random(3)) == task.generate(random.Random(3))
+
+
+def test_test_fraction_is_respected_on_average() -> None:
+    n, fraction = 20_000, 0.2
+    held_out = sum(in_test_split("t", f"question {i}", fraction) for i in range(n))
+    sigma = (n * fraction * (1 - fraction)) ** 0.5
+    assert abs(held_out - n * fraction) < 5 * sigma
+
+
+def test_asking_for_more_problems_than_exist_is_an_error() -> None:
+    task = ArithmeticTask(digits=1, ops=("+",))  # 100 questions, about 20 of them held out
+    assert len(task.problems("test", 10)) == 10
+    with pytest.raises(ValueError, match=r"only \d+ distinct test problems of the 100 asked"):
+        task.problems("test", 100)
+
+
+@pytest.mark.parametrize("task", TASKS, ids=repr)
+def test_few_shot_prompt_shows_k_solved_train_problems_then_the_question(task: Task) -> None:
+    question = task.problems("test", 1)[0]
+    prompt = task.few_shot_prompt(question, k=3, seed=5)
+    train = {p.prompt: p for p in task.problems("train", 4, seed=5)}
+    *shots, last = prompt.split(FEW_SHOT_STOP)
+    assert last == f"Question: {question.prompt}\n"
+    assert len(shots) == 3
+    for shot in shots:
+        asked, solution = shot.removeprefix("Question: ").split("\n", 1)
+        assert train[asked].solution == solution
+    # A train question is never shown its own solution.
+    own = task.problems("train", 1, seed=5)[0]
+    shown = task.few_shot_prompt(own, k=3, seed=5)
+    assert shown.count(own.prompt) == 1
+    assert shown.count("Question: ") == 4
+    assert task.few_shot_prompt(question, k=0) == f"Question: {question.prompt}\n"
+
+
+def test_arithmetic_difficulty_sets_the_digits_and_ops() -> None:
+    for digits in (1, 3, 6):
+        for problem in ArithmeticTask(digits=digits, ops=("-", "*")).problems("train", 50):
+            a, op, b = re.fullmatch(r"What is (\d+) ([-*]) (\d+)\?", problem.prompt).groups()  # type: ignore[union-attr]
+            assert len(a) == len(b) == digits
+            assert int(problem.answer) == (int(a) - int(b) if op == "-" else int(a) * int(b)) >= 0
+    assert {p.prompt.split()[3] for p in ArithmeticTask().problems("train", 50)} == {"+", "-", "*"}
+
+
+@pytest.mark.parametrize("task", [ArithmeticTask(digits=5), WordProblemsTask(max_number=100)], ids=repr)
+def test_every_step_of_a_worked_answer_is_true(task: Task) -> None:
+    """Each ``x = y = z`` chain is equal all along: the partial products add up, the one-line sum is right."""
+    for problem in task.problems("train", 200):
+        (working,) = problem.solution.splitlines()[:-1]
+        values = {eval(part) for part in working.split(" = ")}  # trusted: text we generated
+        assert values == {int(problem.answer)}
+
+
+def test_multiplication_shows_one_partial_product_per_non_zero_digit() -> None:
+    task = ArithmeticTask(digits=3, ops=("*",))
+    problem = next(p for p in task.problems("train", 500) if p.prompt == "What is 514 * 902?")
+    assert problem.solution == "514 * 902 = 514 * 900 + 514 * 2 = 462600 + 1028 = 463628\nAnswer: 463628"
+
+
+def test_word_problems_use_every_template_and_have_whole_non_negative_answers() -> None:
+    problems = WordProblemsTask().problems("train", 300)
+    assert all(int(p.answer) >= 0 for p in problems)
+    phrases = ["buys", "gives", "boxes", "shares", "gives away"]
+    assert all(any(phrase in p.prompt for p in problems) for phrase in phrases)
+
+
+def test_registry_builds_tasks_with_options_and_takes_new_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert task_names() == ["arithmetic", "countdown", "word_problems"]
+    assert get_task("arithmetic", digits=3) == ArithmeticTask(digits=3)
+    with pytest.raises(
+        ValueError, match="unknown task 'sums'; known tasks: arithmetic, countdown, word_problems"
+    ):
+        get_task("sums")
+    with pytest.raises(ValidationError, match="digit"):
+        get_task("arithmetic", digit=3)
+
+    class Echo(Task):
+        name = "echo"
+        word: str = "zmaj"
+
+        def generate(self, rng: random.Random) -> Problem:
+            text = f"{self.word}{rng.randrange(10**6)}"
+            return Problem(prompt=f"Repeat {text}", answer=text, solution=f"Answer: {text}")
+
+        def is_correct(self, problem: Problem, value: str) -> bool:
+            return value == problem.answer
+
+    monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))
+    register_task("echo", Echo)
+    echo = get_task("echo", word="abc")
+    problem = echo.problems("test", 1)[0]
+    assert problem.answer.startswith("abc")
+    assert echo.reward(problem, problem.solution).total == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="already registered"):
+        register_task("echo", Echo)

@@ -1,0 +1,181 @@
+"""Conversations for supervised fine-tuning: lists of ``{role, content}`` messages, and where they come from.
+
+This is the shape chat datasets on the Hub share (the "messages" format of TRL and of Hugging Face chat
+templates): an optional system message, then user and assistant turns. SFT learns only the assistant turns, so a
+conversation without one teaches nothing and is rejected, naming the sample; so is an unknown role or a content
+that is not text. Rendering a conversation to tokens with a chat template, and its loss mask, happen downstream.
+
+A source is one of (the ``kind`` key picks it, as for pre-training sources in ``zmaj.data.config``):
+
+    {kind: files, paths: [chats.jsonl]}                        # one {"messages": [...]} object per line
+    {kind: hub, path: parquet, data_files: chats.parquet}      # anything datasets.load_dataset reads
+    {kind: task, task: countdown, n: 2000, options: {count: 4}}  # a built-in task's worked answers
+"""
+
+import json
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import datasets
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from zmaj.tasks import Split, get_task
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Message(BaseModel):
+    """One turn: who speaks and what they say."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Role
+    content: StrictStr
+    """Strict: a number or a null is a broken row, not text to stringify."""
+
+
+class Conversation(BaseModel):
+    """A sequence of messages holding at least one assistant turn, the part SFT learns."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    messages: tuple[Message, ...]
+
+    @model_validator(mode="after")
+    def _has_assistant_turn(self) -> "Conversation":
+        if not any(m.role == "assistant" for m in self.messages):
+            raise ValueError("a conversation needs at least one assistant message (the text SFT learns)")
+        return self
+
+
+class ChatFilesSource(BaseModel):
+    """Local jsonl files, one conversation per line, its messages under ``messages_column``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["files"] = "files"
+    paths: list[str] = Field(min_length=1)
+    messages_column: str = "messages"
+
+    @field_validator("paths")
+    @classmethod
+    def _paths_exist(cls, paths: list[str]) -> list[str]:
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise ValueError(f"data file(s) not found: {', '.join(missing)}")
+        return paths
+
+
+class ChatHubSource(BaseModel):
+    """Anything ``datasets.load_dataset`` reads with a messages column: a Hub dataset, or local json/parquet."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["hub"] = "hub"
+    path: str
+    name: str | None = None
+    data_files: str | list[str] | None = None
+    split: str = "train"
+    messages_column: str = "messages"
+    streaming: bool = False
+    max_conversations: int | None = Field(default=None, ge=1)
+    """Read only the first rows: a cheap way to bound a run on a huge dataset."""
+
+
+class ChatTaskSource(BaseModel):
+    """``n`` problems of a built-in task's split as conversations: the question asked, the worked answer given."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["task"] = "task"
+    task: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    """The task's difficulty, passed to ``zmaj.tasks.get_task``."""
+    split: Split = "train"
+    n: int = Field(ge=1)
+    seed: int = 0
+    system: str | None = None
+    """An optional system message put first in every conversation."""
+
+
+ChatSource = Annotated[ChatFilesSource | ChatHubSource | ChatTaskSource, Field(discriminator="kind")]
+
+
+def load_conversations(source: ChatSource) -> list[Conversation]:
+    """Every conversation of a source, validated; the first bad one fails, naming its file and line or row."""
+    if isinstance(source, ChatTaskSource):
+        return task_conversations(source)
+    return [_validate(sample, messages) for sample, messages in _raw_messages(source)]
+
+
+def task_conversations(source: ChatTaskSource) -> list[Conversation]:
+    """A task's problems as user question -> assistant worked answer (which ends in ``Answer: ...``)."""
+    task = get_task(source.task, **source.options)
+    system = [Message(role="system", content=source.system)] if source.system is not None else []
+    return [
+        Conversation(
+            messages=(
+                *system,
+                Message(role="user", content=problem.prompt),
+                Message(role="assistant", content=problem.solution),
+            )
+        )
+        for problem in task.problems(source.split, source.n, source.seed)
+    ]
+
+
+def _validate(sample: str, messages: Any) -> Conversation:
+    """One conversation from raw rows, or an error that says which sample is broken and how."""
+    try:
+        return Conversation.model_validate({"messages": messages})
+    except ValidationError as error:
+        raise ValueError(f"bad conversation at {sample}: {error}") from error
+
+
+def _raw_messages(source: ChatFilesSource | ChatHubSource) -> Iterator[tuple[str, Any]]:
+    """(sample name, its messages) for each row, the name saying where to look: ``file:line`` or the row index."""
+    column = source.messages_column
+    if isinstance(source, ChatFilesSource):
+        for path in source.paths:
+            for number, line in _lines(path):
+                sample = f"{path}:{number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"bad conversation at {sample}: not JSON ({error})") from error
+                yield sample, _column(row, column, sample)
+        return
+    dataset = datasets.load_dataset(
+        source.path, source.name, data_files=source.data_files, split=source.split, streaming=source.streaming
+    )
+    where = [source.path, *([source.name] if source.name else []), f"split {source.split}"]
+    if source.data_files is not None:
+        where.append(f"files {source.data_files}")
+    for index, row in enumerate(islice(dataset, source.max_conversations)):  # None: all rows
+        sample = f"{', '.join(where)}, row {index}"
+        yield sample, _column(row, column, sample)
+
+
+def _lines(path: str) -> Iterable[tuple[int, str]]:
+    """The non-blank lines of a text file with their 1-based line numbers (what an editor shows)."""
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if line.strip():
+                yield number, line
+
+
+def _column(row: Any, column: str, sample: str) -> Any:
+    if not isinstance(row, dict) or column not in row:
+        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"bad conversation at {sample}: no {column!r} column (has {keys})")
+    return row[column]

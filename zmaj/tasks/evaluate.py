@@ -1,0 +1,55 @@
+"""Scoring completions with a reward function, and how much an accuracy measured on n problems can be trusted."""
+
+import math
+from collections.abc import Callable, Sequence
+from statistics import NormalDist
+
+from zmaj.tasks.base import Problem, Reward
+
+RewardFn = Callable[[Problem, str], Reward]
+
+
+def score(reward: RewardFn, problems: Sequence[Problem], completions: Sequence[str]) -> list[Reward]:
+    """``reward(problem, completion)`` for each pair; a checker that raises or returns non-finite values fails
+    naming the sample, since in the middle of an RL run "NaN" alone says nothing about which problem broke it.
+
+    Built-in tasks pass ``task.reward``; any function of the same signature works.
+    """
+    if len(problems) != len(completions):
+        raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+    rewards = []
+    for index, (problem, completion) in enumerate(zip(problems, completions, strict=True)):
+        sample = f"sample {index} (prompt {problem.prompt!r})"
+        try:
+            result = reward(problem, completion)
+        except Exception as error:
+            raise RuntimeError(f"the reward function failed on {sample}: {error!r}") from error
+        if not isinstance(result, Reward):
+            raise TypeError(f"the reward function returned {result!r}, not a Reward, for {sample}")
+        if not (math.isfinite(result.format) and math.isfinite(result.correctness)):
+            raise ValueError(f"the reward function returned a non-finite {result} for {sample}")
+        rewards.append(result)
+    return rewards
+
+
+def accuracy_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(accuracy, low, high)``: the observed rate and its Wilson score interval.
+
+    Wilson (1927), "Probable Inference, the Law of Succession, and Statistical Inference", JASA 22(158). Unlike
+    the textbook p ± z·sqrt(p(1-p)/n) it stays inside [0, 1] and does not collapse to a point at 0 or n successes,
+    which is exactly where a small eval set of a tiny model lands. Newcombe (1998, Stat. Med. 17:857) compares it
+    with the alternatives.
+    """
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got successes={successes}, n={n}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    p = successes / n
+    denominator = 1 + z**2 / n
+    centre = (p + z**2 / (2 * n)) / denominator
+    half_width = z / denominator * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    # At 0 (or n) successes the exact lower (upper) end is 0 (1); in floats centre - half_width can miss by 1e-17.
+    low = 0.0 if successes == 0 else centre - half_width
+    high = 1.0 if successes == n else centre + half_width
+    return p, low, high
