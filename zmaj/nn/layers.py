@@ -17,8 +17,16 @@ Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
 
 
 def linear(params: TensorDictBase, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:
-    """x W^T + b, the bias optional."""
-    return F.linear(x, params["weight"], params.get("bias", None))
+    """x W^T + b, the bias optional; plus a low-rank update (x A^T) B^T where the params carry LoRA factors.
+
+    ``lora_a`` and ``lora_b`` (already scaled) are put there by ``zmaj.train.lora.attach``; going through the
+    rank-r bottleneck never forms the full-size update B A.
+    """
+    out = F.linear(x, params["weight"], params.get("bias", None))
+    lora_a = params.get("lora_a", None)
+    if lora_a is not None:
+        out = out + F.linear(F.linear(x, lora_a), params["lora_b"])
+    return out
 
 
 def layer_norm(

@@ -1,0 +1,197 @@
+"""GRPO: group advantages, the clipped objective against a naive loop, the first pass is the plain policy gradient,
+k3 vanishes at the reference, and a tiny model learns a trivial task."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from tensordict import TensorDictBase
+
+from zmaj.infer.generate import Sampling
+from zmaj.models import llama
+from zmaj.train import grpo, optim, step
+from zmaj.train.logprobs import token_logprobs
+
+VOCAB = 16
+TARGET = 3
+CONFIG = llama.LlamaConfig(
+    vocab_size=VOCAB, context=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, init_std=0.1
+)
+FORWARD = step.bind(llama.forward, config=CONFIG)
+PROMPTS = [[1, 2], [5], [7, 8, 9], [11, 4]]
+
+
+def fraction_of_target(prompt_index: int, completion: list[int]) -> float:
+    return sum(token == TARGET for token in completion) / max(len(completion), 1)
+
+
+def rollout(params: TensorDictBase, config: grpo.GRPOConfig, seed: int, **kwargs: object) -> grpo.Rollout:
+    return grpo.sample_rollout(
+        params,
+        PROMPTS,
+        fraction_of_target,
+        forward=FORWARD,
+        step=llama.cached(CONFIG),
+        cache_shape=CONFIG,
+        config=config,
+        seed=seed,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+GRPO = grpo.GRPOConfig(group_size=6, max_new_tokens=6, stop_tokens=(0,), sampling=Sampling(temperature=1.0))
+
+
+@given(
+    rewards=st.lists(
+        st.lists(st.floats(-10, 10, allow_subnormal=False), min_size=4, max_size=4), min_size=1, max_size=5
+    )
+)
+def test_advantages_have_zero_mean_and_unit_spread_per_group(rewards: list[list[float]]) -> None:
+    r = torch.tensor(rewards, dtype=torch.float64)
+    advantages = grpo.group_advantages(r, eps=1e-8)
+    torch.testing.assert_close(
+        advantages.mean(-1), torch.zeros(len(rewards), dtype=torch.float64), atol=1e-6, rtol=0
+    )
+    for row, group in zip(advantages, rewards, strict=True):
+        mean = sum(group) / len(group)
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / len(group))
+        if std > 1e-3:
+            assert float(row.std(correction=0)) == pytest.approx(1.0, abs=1e-4)
+        for a, x in zip(row.tolist(), group, strict=True):
+            assert a == pytest.approx((x - mean) / (std + 1e-8), abs=1e-6)
+
+
+def naive_loss(
+    logprobs: torch.Tensor,
+    old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float,
+    beta: float,
+    ref: torch.Tensor,
+) -> float:
+    """Eq. 3 with token-level normalisation, one token at a time in Python floats."""
+    total, count = 0.0, 0
+    for b in range(logprobs.shape[0]):
+        a = float(advantages[b])
+        for t in range(logprobs.shape[1]):
+            if not mask[b, t]:
+                continue
+            ratio = math.exp(float(logprobs[b, t]) - float(old[b, t]))
+            clipped = min(max(ratio, 1 - eps), 1 + eps)
+            kl = (
+                math.exp(float(ref[b, t]) - float(logprobs[b, t]))
+                - (float(ref[b, t]) - float(logprobs[b, t]))
+                - 1
+            )
+            total += -min(ratio * a, clipped * a) + beta * kl
+            count += 1
+    return total / max(count, 1)
+
+
+@given(seed=st.integers(0, 2**31), beta=st.sampled_from([0.0, 0.04, 0.5]), eps=st.sampled_from([0.1, 0.2]))
+def test_the_clipped_objective_matches_a_naive_loop(seed: int, beta: float, eps: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (3, 5)
+    old = -torch.rand(shape, generator=generator, dtype=torch.float64) * 3
+    # Ratios spread well past both clip bounds.
+    logprobs = old + torch.randn(shape, generator=generator, dtype=torch.float64) * 0.4
+    ref = old + torch.randn(shape, generator=generator, dtype=torch.float64) * 0.3
+    advantages = torch.randn(3, generator=generator, dtype=torch.float64)
+    mask = torch.rand(shape, generator=generator) > 0.3
+    loss, metrics = grpo.grpo_loss(logprobs, old, advantages, mask, eps, None, beta, ref)
+    assert float(loss) == pytest.approx(
+        naive_loss(logprobs, old, advantages, mask, eps, beta, ref), abs=1e-10
+    )
+    ratio = (logprobs - old).exp()
+    active = ((ratio > 1 + eps) & (advantages[:, None] > 0)) | ((ratio < 1 - eps) & (advantages[:, None] < 0))
+    assert float(metrics["clip_fraction"]) == pytest.approx(
+        float((active & mask).sum()) / max(int(mask.sum()), 1)
+    )
+
+
+def test_the_first_pass_gradient_is_the_plain_policy_gradient() -> None:
+    params = llama.init(CONFIG, seed=0)
+    config = GRPO.model_copy(update={"kl_beta": 0.1})
+    sampled = rollout(params, config, seed=1, reference=params)
+    assert sampled.batch.loss_mask is not None
+    assert sampled.batch.targets is not None
+    grads, (loss, metrics) = torch.func.grad_and_value(grpo.rollout_loss, has_aux=True)(
+        params, sampled, FORWARD, config
+    )
+    # Explicitly: -(1/T) sum over completion tokens of A_i * grad log pi(y_t), one backward pass per token.
+    mask, targets = sampled.batch.loss_mask, sampled.batch.targets
+    n_tokens = int(mask.sum())
+    expected = params.clone().zero_()
+    for b, t in mask.nonzero().tolist():
+
+        def logprob(p: TensorDictBase, b: int = b, t: int = t) -> torch.Tensor:
+            return token_logprobs(FORWARD(p, sampled.batch, dropout_seed=None), targets)[b, t]
+
+        expected = expected - torch.func.grad(logprob)(params) * (float(sampled.advantages[b]) / n_tokens)
+    assert float(metrics["clip_fraction"]) == 0.0
+    assert float(metrics["kl"]) == 0.0  # policy == reference: k3 is exactly zero, and so is its gradient
+    for key in expected.keys(True, True):
+        torch.testing.assert_close(grads.get(key), expected.get(key), atol=1e-6, rtol=1e-4)
+    # The surrogate's value at ratio one is -(1/T) sum A_i, i.e. minus the length-weighted mean advantage.
+    lengths = mask.sum(-1).double()
+    assert float(loss) == pytest.approx(
+        float(-(sampled.advantages.double() * lengths).sum() / n_tokens), abs=1e-6
+    )
+
+
+def test_kl_is_zero_at_the_reference_and_positive_away_from_it() -> None:
+    params = llama.init(CONFIG, seed=0)
+    other = llama.init(CONFIG, seed=1)
+    config = GRPO.model_copy(update={"kl_beta": 0.5})
+    at_reference = rollout(params, config, seed=2, reference=params)
+    assert torch.equal(at_reference.reference_logprobs, at_reference.old_logprobs)  # type: ignore[arg-type]
+    _, metrics = grpo.rollout_loss(params, at_reference, FORWARD, config)
+    assert float(metrics["kl"]) == 0.0
+    away = rollout(params, config, seed=2, reference=other)
+    _, metrics = grpo.rollout_loss(params, away, FORWARD, config)
+    assert float(metrics["kl"]) > 1e-3
+
+
+def test_a_kl_penalty_without_a_reference_is_an_error() -> None:
+    with pytest.raises(ValueError, match="reference"):
+        rollout(llama.init(CONFIG, seed=0), GRPO.model_copy(update={"kl_beta": 0.1}), seed=0)
+
+
+def test_rollouts_are_seeded_and_laid_out_prompt_major() -> None:
+    params = llama.init(CONFIG, seed=0)
+    first, again = rollout(params, GRPO, seed=5), rollout(params, GRPO, seed=5)
+    assert first.completions == again.completions
+    assert first.completions != rollout(params, GRPO, seed=6).completions
+    assert first.rewards.shape == (4, 6)
+    assert first.batch.tokens.shape[0] == 24
+    for row, completion in enumerate(first.completions):
+        prompt = PROMPTS[row // 6]
+        assert first.batch.tokens[row, : len(prompt)].tolist() == prompt
+        assert float(first.rewards[row // 6, row % 6]) == pytest.approx(
+            fraction_of_target(row // 6, completion)
+        )
+        assert first.batch.loss_mask is not None
+        assert int(first.batch.loss_mask[row].sum()) == len(completion)
+        assert 1 <= len(completion) <= 6
+        assert all(token != 0 for token in completion[:-1])  # generation stopped at the stop token
+
+
+def test_a_tiny_model_learns_to_say_three() -> None:
+    params = llama.init(CONFIG, seed=0)
+    state = step.init_state(params)
+    adamw = optim.AdamWConfig(lr=2e-2, weight_decay=0.0)
+    decay = optim.decay_mask(params)
+    rewards = []
+    for iteration in range(15):
+        sampled = rollout(state["params"], GRPO, seed=iteration)
+        for _ in range(2):  # mu = 2 passes over each rollout
+            state, metrics = grpo.grpo_step(
+                state, sampled, forward=FORWARD, config=GRPO, optimizer=adamw, lr=2e-2, decay=decay
+            )
+        rewards.append(float(metrics["reward"]))
+    assert sum(rewards[:2]) / 2 < 0.2  # about 1/16 at random
+    assert sum(rewards[-3:]) / 3 > 0.8

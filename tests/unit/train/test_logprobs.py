@@ -1,0 +1,64 @@
+"""Sequence log-probs against a naive loop, and the completion batch against the layout it promises."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zmaj.models import llama
+from zmaj.models.common import Batch
+from zmaj.train.logprobs import completion_batch, sequence_logprobs, token_logprobs
+
+CONFIG = llama.LlamaConfig(
+    vocab_size=16, context=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, init_std=0.2
+)
+PARAMS = llama.init(CONFIG, seed=0)
+
+token_lists = st.lists(st.integers(0, 15), min_size=1, max_size=6)
+
+
+@given(
+    prompts_and_completions=st.lists(
+        st.tuples(token_lists, st.lists(st.integers(0, 15), max_size=6)), min_size=1, max_size=4
+    )
+)
+def test_sequence_logprobs_equal_a_loop_over_each_pair_alone(
+    prompts_and_completions: list[tuple[list[int], list[int]]],
+) -> None:
+    prompts = [p for p, _ in prompts_and_completions]
+    completions = [c for _, c in prompts_and_completions]
+    batch = completion_batch(prompts, completions)
+    got = sequence_logprobs(llama.forward(PARAMS, batch, CONFIG), batch)
+    for row, (prompt, completion) in enumerate(prompts_and_completions):
+        # Each pair alone, unpadded: log p(c_i | prompt, c_<i) summed one token at a time.
+        expected = 0.0
+        for i, token in enumerate(completion):
+            context = torch.tensor([prompt + completion[:i]])
+            logits = llama.forward(PARAMS, Batch(tokens=context), CONFIG)[0, -1].double()
+            expected += float(torch.log_softmax(logits, -1)[token])
+        assert float(got[row]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_token_logprobs_read_the_log_softmax_at_each_target() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, generator=generator)
+    targets = torch.randint(0, 5, (2, 3), generator=generator)
+    got = token_logprobs(logits, targets)
+    for b in range(2):
+        for s in range(3):
+            row = logits[b, s].tolist()
+            log_z = math.log(sum(math.exp(x) for x in row))
+            assert float(got[b, s]) == pytest.approx(row[int(targets[b, s])] - log_z, abs=1e-5)
+
+
+def test_completion_batch_masks_exactly_the_completion_targets() -> None:
+    batch = completion_batch([[1, 2, 3], [4]], [[5, 6], [7, 8]])
+    assert batch.tokens.tolist() == [[1, 2, 3, 5], [4, 7, 8, 0]]
+    assert batch.targets is not None
+    assert batch.loss_mask is not None
+    assert batch.is_token is not None
+    assert batch.targets.tolist() == [[2, 3, 5, 6], [7, 8, 0, 0]]
+    assert batch.loss_mask.tolist() == [[False, False, True, True], [True, True, False, False]]
+    assert batch.is_token.tolist() == [[True] * 4, [True, True, True, False]]

@@ -1,0 +1,135 @@
+"""DPO: learn from preference pairs directly, with the reference model standing in for the reward model.
+
+Rafailov et al. (2023, "Direct Preference Optimization", arXiv:2305.18290) show that the KL-regularised reward
+maximisation of RLHF has its optimum at ``pi(y|x) ∝ pi_ref(y|x) exp(r(x, y) / beta)``, so the reward a policy
+implies is ``beta * log(pi(y|x) / pi_ref(y|x))`` (up to a term of x alone). Putting that into the Bradley-Terry
+likelihood of "y_w preferred to y_l" gives their eq. 7:
+
+    L = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+
+a classification loss on sequence log-probs (``zmaj.train.logprobs``), with the reference frozen.
+
+A preference batch here is one ``Batch`` of ``2n`` rows, the n chosen completions first and then their n
+rejected ones (:func:`preference_batch`), so that policy and reference each take one forward pass.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from zmaj.models.common import Batch
+from zmaj.train.logprobs import completion_batch, sequence_logprobs
+from zmaj.train.optim import AdamWConfig, adamw_update, clip_by_global_norm, global_norm
+from zmaj.train.step import Forward, Metrics
+
+
+def preference_batch(
+    prompts: Sequence[Sequence[int]],
+    chosen: Sequence[Sequence[int]],
+    rejected: Sequence[Sequence[int]],
+    device: torch.device | str = "cpu",
+) -> Batch:
+    """``2n`` rows: each prompt with its chosen completion, then each prompt with its rejected one."""
+    if not len(prompts) == len(chosen) == len(rejected):
+        raise ValueError(
+            f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected completions"
+        )
+    return completion_batch([*prompts, *prompts], [*chosen, *rejected], device)
+
+
+def dpo_loss(
+    policy_chosen: Float[Tensor, " pairs"],
+    policy_rejected: Float[Tensor, " pairs"],
+    reference_chosen: Float[Tensor, " pairs"],
+    reference_rejected: Float[Tensor, " pairs"],
+    beta: float,
+) -> tuple[Float[Tensor, ""], Metrics]:
+    """Eq. 7 of Rafailov et al. (2023) averaged over pairs, from sequence log-prob sums; and the implied rewards.
+
+    ``reward_margin`` is the mean of beta times the chosen-minus-rejected log-ratio difference, ``accuracy`` the
+    share of pairs where the implied reward already prefers the chosen completion.
+    """
+    chosen_reward = beta * (policy_chosen - reference_chosen)
+    rejected_reward = beta * (policy_rejected - reference_rejected)
+    margin = chosen_reward - rejected_reward
+    loss = -F.logsigmoid(margin).mean()
+    metrics = {
+        "loss": loss.detach(),
+        "reward_chosen": chosen_reward.detach().mean(),
+        "reward_rejected": rejected_reward.detach().mean(),
+        "reward_margin": margin.detach().mean(),
+        "accuracy": (margin.detach() > 0).to(margin.dtype).mean(),
+    }
+    return loss, metrics
+
+
+def _halves(logprobs: Float[Tensor, " rows"]) -> tuple[Float[Tensor, " pairs"], Float[Tensor, " pairs"]]:
+    pairs = logprobs.shape[0] // 2
+    return logprobs[:pairs], logprobs[pairs:]
+
+
+def reference_logprobs(
+    reference: TensorDictBase, batch: Batch, forward: Forward
+) -> tuple[Float[Tensor, " pairs"], Float[Tensor, " pairs"]]:
+    """The frozen reference's sequence log-probs of the chosen and the rejected rows; no graph is built."""
+    with torch.no_grad():
+        logits = forward(reference, batch, dropout_seed=None)
+    return _halves(sequence_logprobs(logits, batch))
+
+
+def _policy_loss(
+    params: TensorDictBase,
+    batch: Batch,
+    forward: Forward,
+    reference: tuple[Tensor, Tensor],
+    beta: float,
+    dropout_seed: int | None,
+) -> tuple[Tensor, Metrics]:
+    policy_chosen, policy_rejected = _halves(
+        sequence_logprobs(forward(params, batch, dropout_seed=dropout_seed), batch)
+    )
+    return dpo_loss(policy_chosen, policy_rejected, *reference, beta)
+
+
+def dpo_step(
+    state: TensorDictBase,
+    batch: Batch,
+    *,
+    forward: Forward,
+    reference: TensorDictBase,
+    beta: float,
+    optimizer: AdamWConfig,
+    lr: float,
+    decay: TensorDictBase,
+    reference_forward: Forward | None = None,
+    seed: int = 0,
+) -> tuple[TensorDict, Metrics]:
+    """One AdamW step on the DPO loss of a preference batch (chosen rows, then rejected rows).
+
+    ``state`` is ``zmaj.train.step.init_state(params)``. The reference log-probs are computed by
+    ``reference_forward`` (default ``forward``) on ``reference`` without gradient; with LoRA
+    (``zmaj.train.lora.lora_forward``) the reference is usually the base model under its plain forward.
+    """
+    if batch.tokens.shape[0] % 2 != 0:
+        raise ValueError(
+            f"a preference batch has chosen rows then rejected rows, got {batch.tokens.shape[0]} rows"
+        )
+    params = state["params"]
+    step = int(state["opt", "step"])
+    ref = reference_logprobs(reference, batch, reference_forward or forward)
+    grad_fn = torch.func.grad_and_value(_policy_loss, has_aux=True)
+    grads, (_, metrics) = grad_fn(params, batch, forward, ref, beta, (seed * 1_000_003 + step) % 2**63)
+    if optimizer.grad_clip is not None:
+        grads, grad_norm = clip_by_global_norm(grads, optimizer.grad_clip)
+    else:
+        grad_norm = global_norm(grads)
+    new_params, opt = adamw_update(params, grads, state["opt"], optimizer, lr, decay)
+    return TensorDict({"params": new_params, "opt": opt}), {
+        **metrics,
+        "grad_norm": grad_norm,
+        "lr": torch.tensor(lr),
+    }

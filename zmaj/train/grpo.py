@@ -1,0 +1,240 @@
+"""GRPO: policy-gradient fine-tuning with a group of samples per prompt as the baseline instead of a value model.
+
+Shao et al. (2024, "DeepSeekMath", arXiv:2402.03300, section 4.1, eq. 3) sample G completions per prompt from
+the current policy, score each with a reward, and give every token of completion i the advantage
+``A_i = (r_i - mean(r)) / std(r)`` over its group: better than its siblings is pushed up, worse is pushed down,
+and no learned critic is needed. The update is PPO's clipped surrogate (Schulman et al., 2017,
+arXiv:1707.06347, eq. 7) per token,
+
+    min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i),    rho_t = pi(y_t | ...) / pi_old(y_t | ...),
+
+where ``pi_old`` is the policy that sampled the batch, so the same rollouts can serve several passes (mu in the
+paper) without the policy running away from them. An optional penalty ``beta * KL(pi || pi_ref)`` keeps it near
+a reference, with the per-token estimator k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman, 2020,
+"Approximating KL Divergence"): unbiased, and never negative. DeepSeek-R1 (arXiv:2501.12948) trains this way
+with rule-based rewards.
+
+One departure from eq. 3: the loss is summed over every completion token of the batch and divided by their
+count, not averaged per completion first, as DAPO recommends (Yu et al., 2025, arXiv:2503.14476, eq. 12):
+long completions then weigh by their length instead of being diluted. ``clip_eps_high`` is DAPO's
+"clip-higher" (eq. 10), a wider upper bound that leaves unlikely tokens room to grow.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float
+from pydantic import BaseModel, ConfigDict, Field
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from zmaj.infer.cache import CacheShape, init_cache
+from zmaj.infer.generate import Sampling, Step, generate
+from zmaj.models.common import Batch
+from zmaj.train.logprobs import completion_batch, masked_token_logprobs
+from zmaj.train.optim import AdamWConfig, adamw_update, clip_by_global_norm, global_norm
+from zmaj.train.step import Forward, Metrics
+
+Reward = Callable[[int, list[int]], float]
+"""``reward(prompt_index, completion_tokens) -> float``: the task's score of one completion."""
+
+
+class GRPOConfig(BaseModel):
+    """How rollouts are sampled and how the clipped, KL-penalised objective reads them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    group_size: int = Field(8, gt=0, description="G: completions sampled per prompt")
+    max_new_tokens: int = Field(256, gt=0)
+    sampling: Sampling = Sampling(temperature=1.0)
+    stop_tokens: tuple[int, ...] = ()
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    clip_eps_high: float | None = Field(None, gt=0, description="DAPO's clip-higher; clip_eps when unset")
+    kl_beta: float = Field(
+        0.0, ge=0, description="weight of the KL penalty; DeepSeekMath 0.04, DAPO drops it"
+    )
+    advantage_eps: float = Field(
+        1e-4, gt=0, description="added to the group std, so equal rewards give A = 0"
+    )
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Sampled completions laid out for training, and what the objective needs of the sampling policy.
+
+    Rows are prompt-major: row ``p * G + g`` is prompt ``p``'s ``g``-th completion. ``old_logprobs`` and
+    ``reference_logprobs`` are per target token, zero outside ``batch.loss_mask``.
+    """
+
+    batch: Batch
+    completions: list[list[int]]
+    rewards: Float[Tensor, "prompts group"]
+    advantages: Float[Tensor, " batch"]
+    old_logprobs: Float[Tensor, "batch seq"]
+    reference_logprobs: Float[Tensor, "batch seq"] | None
+
+
+def group_advantages(
+    rewards: Float[Tensor, "prompts group"], eps: float = 1e-4
+) -> Float[Tensor, "prompts group"]:
+    """Each reward standardised within its prompt's group (DeepSeekMath section 4.1.2, outcome supervision).
+
+    The population std (no Bessel correction), so that a group of one, or of equal rewards, gives A = 0 rather
+    than nan. (TRL uses the sample std; the two differ by sqrt(G / (G - 1)), a rescaling of the step.)
+    """
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, keepdim=True, correction=0)
+    return (rewards - mean) / (std + eps)
+
+
+def kl_k3(
+    logprobs: Float[Tensor, "batch seq"], reference_logprobs: Float[Tensor, "batch seq"]
+) -> Float[Tensor, "batch seq"]:
+    """Schulman's k3 estimate of KL(pi || pi_ref) from one sample: r - log r - 1 with r = pi_ref / pi; >= 0."""
+    log_ratio = reference_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def grpo_loss(
+    logprobs: Float[Tensor, "batch seq"],
+    old_logprobs: Float[Tensor, "batch seq"],
+    advantages: Float[Tensor, " batch"],
+    loss_mask: Bool[Tensor, "batch seq"],
+    clip_eps: float,
+    clip_eps_high: float | None = None,
+    kl_beta: float = 0.0,
+    reference_logprobs: Float[Tensor, "batch seq"] | None = None,
+) -> tuple[Float[Tensor, ""], Metrics]:
+    """Minus the clipped surrogate (plus ``kl_beta`` times k3), summed over completion tokens / their count.
+
+    ``clip_fraction`` is the share of tokens whose ratio left the trust region in the direction the advantage
+    pushes, so that the clip zeroes their gradient. ``kl`` is reported whenever reference log-probs are given.
+    """
+    if kl_beta > 0 and reference_logprobs is None:
+        raise ValueError("kl_beta > 0 needs reference_logprobs")
+    n_tokens = loss_mask.sum().clamp(min=1)
+    advantage = advantages[:, None]
+    ratio = torch.exp(logprobs - old_logprobs)
+    low, high = 1 - clip_eps, 1 + (clip_eps if clip_eps_high is None else clip_eps_high)
+    surrogate = torch.minimum(ratio * advantage, ratio.clamp(low, high) * advantage)
+    per_token = -surrogate
+    metrics: Metrics = {}
+    if reference_logprobs is not None:
+        kl = kl_k3(logprobs, reference_logprobs)
+        per_token = per_token + kl_beta * kl
+        metrics["kl"] = torch.where(loss_mask, kl, 0.0).sum().detach() / n_tokens
+    loss = torch.where(loss_mask, per_token, 0.0).sum() / n_tokens
+    clipped = ((ratio > high) & (advantage > 0)) | ((ratio < low) & (advantage < 0))
+    metrics["loss"] = loss.detach()
+    metrics["clip_fraction"] = (clipped & loss_mask).sum() / n_tokens
+    return loss, metrics
+
+
+@torch.no_grad()
+def sample_rollout(
+    params: TensorDictBase,
+    prompts: Sequence[Sequence[int]],
+    reward: Reward,
+    *,
+    forward: Forward,
+    step: Step,
+    cache_shape: CacheShape,
+    config: GRPOConfig,
+    seed: int,
+    reference: TensorDictBase | None = None,
+    reference_forward: Forward | None = None,
+) -> Rollout:
+    """Sample ``group_size`` completions per prompt with the KV cache, score them, and record old log-probs.
+
+    ``step`` is the model's cached forward (``llama.cached(config)``) and ``cache_shape`` its config. The old
+    log-probs come from a full forward of ``forward`` over prompt + completion, the same computation the
+    training pass makes, so a first pass sees a ratio of exactly one. They are those of the model itself
+    (temperature 1), not of the tempered sampling distribution. ``reference`` (under ``reference_forward``,
+    default ``forward``) gives the KL penalty's log-probs; it is required when ``config.kl_beta > 0``.
+    """
+    if config.kl_beta > 0 and reference is None:
+        raise ValueError("config.kl_beta > 0 needs a reference model")
+    group = config.group_size
+    rows = [list(prompt) for prompt in prompts for _ in range(group)]
+    device = params.device if params.device is not None else "cpu"
+    cache = init_cache(
+        cache_shape, len(rows), max(len(row) for row in rows) + config.max_new_tokens, device=device
+    )
+    completions = generate(
+        step, params, cache, rows, config.max_new_tokens, config.sampling, seed, config.stop_tokens
+    )
+    rewards = torch.tensor(
+        [reward(index // group, completion) for index, completion in enumerate(completions)],
+        dtype=torch.float32,
+        device=device,
+    ).view(len(prompts), group)
+    batch = completion_batch(rows, completions, device)
+    old = masked_token_logprobs(forward(params, batch, dropout_seed=None), batch)
+    ref = None
+    if reference is not None:
+        ref = masked_token_logprobs(
+            (reference_forward or forward)(reference, batch, dropout_seed=None), batch
+        )
+    return Rollout(
+        batch=batch,
+        completions=completions,
+        rewards=rewards,
+        advantages=group_advantages(rewards, config.advantage_eps).flatten(),
+        old_logprobs=old,
+        reference_logprobs=ref,
+    )
+
+
+def rollout_loss(
+    params: TensorDictBase, rollout: Rollout, forward: Forward, config: GRPOConfig
+) -> tuple[Float[Tensor, ""], Metrics]:
+    """The GRPO loss of the current ``params`` on a rollout: what :func:`grpo_step` differentiates."""
+    batch = rollout.batch
+    assert batch.loss_mask is not None
+    logprobs = masked_token_logprobs(forward(params, batch, dropout_seed=None), batch)
+    return grpo_loss(
+        logprobs,
+        rollout.old_logprobs,
+        rollout.advantages,
+        batch.loss_mask,
+        config.clip_eps,
+        config.clip_eps_high,
+        config.kl_beta,
+        rollout.reference_logprobs,
+    )
+
+
+def grpo_step(
+    state: TensorDictBase,
+    rollout: Rollout,
+    *,
+    forward: Forward,
+    config: GRPOConfig,
+    optimizer: AdamWConfig,
+    lr: float,
+    decay: TensorDictBase,
+) -> tuple[TensorDict, Metrics]:
+    """One AdamW step on the GRPO loss of a rollout; call it mu times per rollout for mu passes.
+
+    ``state`` is ``zmaj.train.step.init_state(params)``. Metrics: the loss, ``kl`` (with reference log-probs),
+    ``clip_fraction``, the rollout's mean ``reward`` and mean ``completion_length``, ``grad_norm``, ``lr``.
+    """
+    params = state["params"]
+    grads, (_, metrics) = torch.func.grad_and_value(rollout_loss, has_aux=True)(
+        params, rollout, forward, config
+    )
+    if optimizer.grad_clip is not None:
+        grads, grad_norm = clip_by_global_norm(grads, optimizer.grad_clip)
+    else:
+        grad_norm = global_norm(grads)
+    new_params, opt = adamw_update(params, grads, state["opt"], optimizer, lr, decay)
+    assert rollout.batch.loss_mask is not None
+    metrics = {
+        **metrics,
+        "reward": rollout.rewards.mean(),
+        "completion_length": rollout.batch.loss_mask.sum(-1).float().mean(),
+        "grad_norm": grad_norm,
+        "lr": torch.tensor(lr),
+    }
+    return TensorDict({"params": new_params, "opt": opt}), metrics
