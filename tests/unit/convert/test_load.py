@@ -71,7 +71,7 @@ def test_a_pretraining_run_and_its_checkpoints_load(tokenizer: Tokenizer, tmp_pa
     spec = PretrainSpec(
         name="tiny",
         model=config,
-        data={"vocab_size": VOCAB, "seq_len": 16},  # type: ignore[arg-type]
+        data={"vocab_size": VOCAB, "seq_len": 16},
         train=TrainConfig(steps=1, batch_size=1),
     )
     run = tmp_path / "run"

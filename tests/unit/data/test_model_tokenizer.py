@@ -2,6 +2,7 @@
 survives a save/load round trip that ``transformers``' ``AutoTokenizer`` reads the same way."""
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import transformers
@@ -140,5 +141,5 @@ def test_saved_tokenizers_load_the_same_here_and_in_transformers(
     )
     assert loaded.chat_template == theirs.chat_template == ours.chat_template
     messages = [{"role": "user", "content": "hi"}]
-    expected = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-    assert loaded.encode_chat(messages) == expected
+    expected: Any = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    assert loaded.encode_chat(messages) == expected["input_ids"]
