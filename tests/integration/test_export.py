@@ -19,6 +19,7 @@ import transformers
 from safetensors import safe_open
 from tensordict import TensorDict
 
+from zmaj.convert import hf
 from zmaj.convert.export import INDEX_FILE, save_hf
 from zmaj.convert.load import Pretrained, load_model
 from zmaj.data import chat_template
@@ -298,3 +299,20 @@ def test_mixed_dtypes_are_refused(tokenizer: ModelTokenizer, tmp_path: Path) -> 
     with pytest.raises(ValueError, match="dtypes"):
         save_hf(model, tmp_path / "model")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("switch", "value"),
+    [
+        ("scale_attn_by_inverse_layer_idx", True),
+        ("scale_attn_weights", False),
+        ("add_cross_attention", True),
+        ("activation_function", "quick_gelu"),
+    ],
+)
+def test_loading_refuses_gpt2_switches_zmaj_lacks(switch: str, value: object) -> None:
+    """The read direction of the same mapping: a GPT-2 config.json that zmaj's GPT would compute differently."""
+    written = hf.config_to_hf(VARIANTS["gpt"])
+    assert hf.config_from_hf(written) == VARIANTS["gpt"]
+    with pytest.raises(ValueError, match=switch):
+        hf.config_from_hf(written | {switch: value})
