@@ -1,9 +1,10 @@
-"""Hugging Face checkpoint folders (``config.json`` plus safetensors) to zmaj configs and parameters.
+"""Hugging Face checkpoint folders (``config.json`` plus safetensors) to zmaj configs and parameters, and back.
 
 A folder written by ``save_pretrained`` or downloaded from the Hub is read directly, without instantiating
 ``transformers``: ``config.json`` picks the architecture by its ``model_type``, and the weights are read one tensor
 at a time from ``model.safetensors`` or from the shards that ``model.safetensors.index.json`` lists (format:
-https://huggingface.co/docs/safetensors). Every Hugging Face name lives in this file and in ``gpt2.py``.
+https://huggingface.co/docs/safetensors). Every Hugging Face name lives in this file and in ``gpt2.py``, and each
+table is read in both directions: ``config_to_hf`` and ``params_to_hf`` are what ``zmaj.convert.export`` writes.
 
 The Llama family (Llama, Qwen 2, Qwen 3) needs no reshaping: ``transformers`` stores ``nn.Linear`` weights
 ``[out, in]`` as zmaj does, and its q/k rows are already in the rotate-half order of ``zmaj.nn.rope``. So its
@@ -86,6 +87,14 @@ _ACTIVATIONS: dict[str, Activation] = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "relu": "relu",
 }
+_HF_ACTIVATIONS: dict[Activation, str] = {act: name for name, act in _ACTIVATIONS.items()}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+"""The ``transformers`` class (``config.json``'s ``architectures``) of each model type written here."""
 
 
 def load_hf(path: str | Path, device: torch.device | str = "cpu") -> tuple[ModelConfig, TensorDict]:
@@ -145,6 +154,7 @@ def _llama_config(hf: Mapping[str, Any]) -> LlamaConfig:
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
         activation=_ACTIVATIONS[hf.get("hidden_act", "silu")],
+        init_std=hf.get("initializer_range", 0.02),
     )
 
 
@@ -232,6 +242,7 @@ def _gemma3_config(hf: Mapping[str, Any]) -> Gemma3Config:
         final_logit_softcap=hf.get("final_logit_softcapping"),
         tie_embeddings=hf.get("tie_word_embeddings", True),
         activation=_ACTIVATIONS[act],
+        init_std=hf.get("initializer_range", 0.02),
     )
 
 
@@ -263,12 +274,7 @@ def _gemma3_rope(hf: Mapping[str, Any]) -> tuple[RopeSetting, RopeSetting]:
 def params_from_hf(tensors: Mapping[str, Tensor], config: LlamaConfig | Gemma3Config) -> TensorDict:
     """zmaj Llama or Gemma 3 parameters from a Llama/Qwen/Gemma 3 state dict; a tensor missing or of the wrong
     shape is named."""
-    if isinstance(config, Gemma3Config):
-        expected = gemma3.init(config, 0, device="meta")
-        layer_table, global_table = GEMMA3_LAYER_TABLE, GEMMA3_GLOBAL_TABLE
-    else:
-        expected = llama.init(config, 0, device="meta")
-        layer_table, global_table = LLAMA_LAYER_TABLE, LLAMA_GLOBAL_TABLE
+    expected, layer_table, global_table = _tables(config)
 
     def read(key: str, name: str) -> Tensor:
         if name not in tensors:
@@ -295,8 +301,124 @@ def params_from_hf(tensors: Mapping[str, Tensor], config: LlamaConfig | Gemma3Co
     return params
 
 
+Table = list[tuple[str, str]]
+
+
+def _tables(config: LlamaConfig | Gemma3Config) -> tuple[TensorDict, Table, Table]:
+    """The parameters ``init`` would build (on the meta device), and the layer and global tables to name them."""
+    if isinstance(config, Gemma3Config):
+        return gemma3.init(config, 0, device="meta"), GEMMA3_LAYER_TABLE, GEMMA3_GLOBAL_TABLE
+    return llama.init(config, 0, device="meta"), LLAMA_LAYER_TABLE, LLAMA_GLOBAL_TABLE
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The ``config.json`` of the ``transformers`` model that computes exactly what ``config`` does, which
+    ``config_from_hf`` reads back; a setting no such model has is a ValueError naming it."""
+    if isinstance(config, GPTConfig):
+        return gpt2.config_to_hf(config)
+    if isinstance(config, Gemma3Config):
+        return _gemma3_to_hf(config)
+    return _llama_to_hf(config)
+
+
+def _llama_to_hf(config: LlamaConfig) -> dict[str, Any]:
+    """Llama, or Qwen 2 when q/k/v have biases (and o none, as in Qwen 2), or Qwen 3 when q and k are normed."""
+    if config.qkv_bias and config.qk_norm:
+        raise ValueError(
+            "LlamaConfig qkv_bias=True with qk_norm=True: no transformers model has both (Qwen 3's "
+            "attention_bias would also bias the output projection)"
+        )
+    model_type = "qwen2" if config.qkv_bias else "qwen3" if config.qk_norm else "llama"
+    hf: dict[str, Any] = {
+        "model_type": model_type,
+        "architectures": [ARCHITECTURES[model_type]],
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.context,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.d_ff,
+        "hidden_act": _HF_ACTIVATIONS[config.activation],
+        "rms_norm_eps": config.norm_eps,
+        "rope_parameters": _rope_to_hf(config.rope_base, config.rope_scaling),
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": config.init_std,
+    }
+    if model_type == "llama":
+        return hf | {"attention_bias": False, "mlp_bias": False}
+    qwen3 = {"attention_bias": False} if model_type == "qwen3" else {}
+    return hf | qwen3 | {"use_sliding_window": False, "layer_types": ["full_attention"] * config.n_layers}
+
+
+def _gemma3_to_hf(config: Gemma3Config) -> dict[str, Any]:
+    """``gemma3_text`` (``Gemma3ForCausalLM``), RoPE given per layer type as transformers >= 5 reads it."""
+    if config.query_pre_attn_scalar != int(config.query_pre_attn_scalar):
+        raise ValueError(
+            f"Gemma3Config query_pre_attn_scalar={config.query_pre_attn_scalar}: transformers' "
+            "Gemma3TextConfig only takes an integer"
+        )
+    return {
+        "model_type": "gemma3_text",
+        "architectures": [ARCHITECTURES["gemma3_text"]],
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.context,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.d_ff,
+        "hidden_activation": _HF_ACTIVATIONS[config.activation],
+        "rms_norm_eps": config.norm_eps,
+        "layer_types": list(config.layer_types),
+        "sliding_window": config.sliding_window,
+        "rope_parameters": {
+            "full_attention": _rope_to_hf(config.rope_base, config.rope_scaling),
+            "sliding_attention": _rope_to_hf(config.local_rope_base, config.local_rope_scaling),
+        },
+        "query_pre_attn_scalar": int(config.query_pre_attn_scalar),
+        "final_logit_softcapping": config.final_logit_softcap,
+        "attn_logit_softcapping": None,
+        "attention_bias": False,
+        "use_bidirectional_attention": False,
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": config.init_std,
+    }
+
+
+def _rope_to_hf(base: float, scaling: LinearScaling | Llama3Scaling | None) -> dict[str, Any]:
+    """``rope_parameters`` as transformers >= 5 writes them, which ``_rope`` reads back."""
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": base}
+    return {**scaling.model_dump(), "rope_theta": base}
+
+
+def params_to_hf(params: TensorDictBase, config: ModelConfig) -> dict[str, Tensor]:
+    """The checkpoint's state dict, by Hugging Face name, that ``load_hf`` reads back into ``params``: the same
+    tables read right to left, each stacked row unbound into its layers. Tensors may be views into ``params``."""
+    if isinstance(config, GPTConfig):
+        _check_shapes(params, gpt.init(config, 0, device="meta"))
+        return gpt2.params_to_hf(params, config)
+    expected, layer_table, global_table = _tables(config)
+    _check_shapes(params, expected)
+    leaves = params.items(include_nested=True, leaves_only=True)
+    flat = {".".join(key): t for key, t in leaves if isinstance(t, Tensor)}
+    tensors = {name: flat[key] for key, name in global_table if key in flat}
+    for key, name in layer_table:
+        if f"blocks.{key}" in flat:
+            tensors |= {name.format(i=i): layer for i, layer in enumerate(flat[f"blocks.{key}"].unbind(0))}
+    return tensors
+
+
 def _check_shapes(params: TensorDictBase, expected: TensorDictBase) -> None:
-    """Every parameter ``init`` would build is present, with the shape it would have."""
+    """Every parameter ``init`` would build is present, with the shape it would have, and no other."""
+    extra = set(params.keys(include_nested=True, leaves_only=True)) - set(
+        expected.keys(include_nested=True, leaves_only=True)
+    )
+    if extra:
+        raise ValueError(f"parameters {sorted('.'.join(key) for key in extra)} are not part of this model")
     for key in expected.keys(include_nested=True, leaves_only=True):
         name = ".".join(key)
         if key not in params.keys(include_nested=True, leaves_only=True):

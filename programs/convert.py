@@ -1,0 +1,65 @@
+"""Convert a model to a Hugging Face folder (for ``transformers`` and the tools that read its format) or to a zmaj
+model folder.
+
+    uv run programs/convert.py runs/stdlib-tiny-20261126-101500 exports/stdlib-tiny
+    uv run programs/convert.py SmolLM2-135M-Instruct-Q8_0.gguf models/smollm2 --to zmaj --dtype bfloat16
+
+SRC is any model PATH ``zmaj.convert.load.load_model`` reads: a .gguf file, a Hugging Face folder, a zmaj model
+folder, a zmaj run or one of its checkpoints. DST is a folder, replaced whole once the new one is written. A
+model that ``transformers`` cannot compute exactly is refused, naming the setting, rather than exported
+approximately.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from zmaj.convert.export import save_hf
+from zmaj.convert.load import load_model, save_zmaj
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("src", type=Path, help="the model to convert (any model PATH)")
+    parser.add_argument("dst", type=Path, help="the folder to write")
+    parser.add_argument(
+        "--to",
+        choices=["hf", "zmaj"],
+        default="hf",
+        help="hf: a Hugging Face folder (default); zmaj: a zmaj model folder",
+    )
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), help="cast the floating-point parameters (default: as stored)"
+    )
+    args = parser.parse_args()
+    if args.dst.exists() and not args.dst.is_dir():
+        logger.error(f"DST {args.dst} is a file; it must be a folder (replaced if it exists)")
+        sys.exit(2)
+    if args.dst.resolve() == args.src.resolve():
+        logger.error(f"DST {args.dst} is SRC; write the converted model somewhere else")
+        sys.exit(2)
+    try:
+        model = load_model(args.src)
+    except (FileNotFoundError, ValueError) as error:
+        logger.error(str(error))
+        sys.exit(2)
+    if args.dtype is not None:
+        model = model.to(dtype=DTYPES[args.dtype])
+    save = save_hf if args.to == "hf" else save_zmaj
+    try:
+        save(model, args.dst)
+    except ValueError as error:
+        logger.error(f"cannot write {args.src} as a {args.to} folder: {error}")
+        sys.exit(2)
+    logger.info(f"wrote {args.dst} ({args.to}, {model.architecture.name})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""``save_hf`` writes folders that ``transformers`` loads offline and that compute exactly what zmaj computes.
+
+Every exportable variant (GPT with learned or sinusoidal positions, Llama with and without RoPE scaling, Qwen 2,
+Qwen 3, Gemma 3 with sliding layers and a logit cap) is a small random zmaj model whose every parameter, norms
+and biases included, is moved off its init value, so a dropped or misplaced tensor would show. Each is saved with
+the tokenizer of a tiny trained zmaj BPE, then loaded by ``AutoModelForCausalLM`` / ``AutoTokenizer`` and by
+``load_model``.
+"""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import tokenizers
+import torch
+import transformers
+from safetensors import safe_open
+from tensordict import TensorDict
+
+from zmaj.convert import hf
+from zmaj.convert.export import INDEX_FILE, save_hf
+from zmaj.convert.load import Pretrained, load_model
+from zmaj.data import chat_template
+from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
+from zmaj.data.tokenizer import BOS, END, EOS, PAD, Tokenizer
+from zmaj.infer.cache import init_cache
+from zmaj.infer.generate import generate
+from zmaj.models.common import Batch
+from zmaj.models.gemma3 import Gemma3Config
+from zmaj.models.gpt import GPTConfig
+from zmaj.models.llama import LlamaConfig
+from zmaj.models.registry import ModelConfig, architecture
+from zmaj.nn.layers import sinusoidal_positions
+from zmaj.nn.rope import LinearScaling, Llama3Scaling
+
+VOCAB = 300
+TEXTS = [
+    "def parse(tokens):\n    return [t.strip() for t in tokens if t]\n",
+    "The quick brown fox jumps over the lazy dog, and the dog sleeps on.",
+    "Ünïcödé, émojis 🐉 and numbers 12345 all encode to bytes.",
+] * 4
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is the quick fox?"},
+    {"role": "assistant", "content": "A fox, quick."},
+    {"role": "user", "content": "And the dog?"},
+]
+TINY = {"vocab_size": VOCAB, "context": 64, "d_model": 32, "n_layers": 2, "n_heads": 4}
+LLAMA = TINY | {"n_kv_heads": 2, "d_ff": 48}
+VARIANTS: dict[str, ModelConfig] = {
+    "gpt": GPTConfig(**TINY),
+    "gpt-sinusoidal": GPTConfig(
+        **TINY, positions="sinusoidal", bias=False, tie_embeddings=False, d_ff=40, activation="relu"
+    ),
+    "llama": LlamaConfig(**LLAMA, activation="gelu_tanh"),
+    "llama3": LlamaConfig(
+        **LLAMA,
+        tie_embeddings=True,
+        rope_scaling=Llama3Scaling(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+        ),
+    ),
+    "llama-linear": LlamaConfig(**LLAMA, rope_base=500.0, rope_scaling=LinearScaling(factor=4.0)),
+    "qwen2": LlamaConfig(**LLAMA, qkv_bias=True, tie_embeddings=True),
+    "qwen3": LlamaConfig(**LLAMA, qk_norm=True, head_dim=12),
+    "gemma3": Gemma3Config(
+        **TINY | {"n_layers": 3},
+        n_kv_heads=2,
+        head_dim=8,
+        d_ff=48,
+        layer_types=("sliding_attention", "sliding_attention", "full_attention"),
+        sliding_window=5,
+        rope_scaling=LinearScaling(factor=2.0),
+        query_pre_attn_scalar=12,
+        final_logit_softcap=2.0,
+    ),
+}
+HF_CLASSES = {
+    "gpt": "GPT2LMHeadModel",
+    "gpt-sinusoidal": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "llama3": "LlamaForCausalLM",
+    "llama-linear": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing may come from the Hub: a folder that needed it would fail here."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> ModelTokenizer:
+    zmaj_tokenizer = Tokenizer.train(TEXTS, VOCAB)
+    assert zmaj_tokenizer.vocab_size == VOCAB
+    return ModelTokenizer.from_zmaj(zmaj_tokenizer)
+
+
+def random_model(config: ModelConfig, tokenizer: ModelTokenizer, seed: int = 0) -> Pretrained:
+    """A zmaj model whose parameters are all off their init values (norms off one or zero, biases off zero)."""
+    params = architecture(config).init(config, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    moved = params.apply(lambda t: t + 0.1 * torch.randn(t.shape, generator=generator))
+    assert isinstance(moved, TensorDict)
+    return Pretrained(config, moved, tokenizer)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def exported(
+    request: pytest.FixtureRequest, tokenizer: ModelTokenizer, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Pretrained, Path]:
+    model = random_model(VARIANTS[request.param], tokenizer)
+    folder = save_hf(model, tmp_path_factory.mktemp("export") / request.param)
+    return request.param, model, folder
+
+
+def hf_model(folder: Path) -> transformers.PreTrainedModel:
+    model: transformers.PreTrainedModel = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    return model
+
+
+def test_transformers_logits_equal_zmaj(exported: tuple[str, Pretrained, Path]) -> None:
+    name, model, folder = exported
+    reference = hf_model(folder)
+    assert type(reference).__name__ == HF_CLASSES[name]
+    assert reference.dtype == torch.float32
+    # Longer than the sliding window, and two rows.
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs = reference(tokens).logits
+        ours = model.architecture.logits(model.params, Batch(tokens=tokens), model.config)
+    assert (theirs - ours).abs().max().item() <= 1e-4
+
+
+def test_greedy_continuation_equals_zmaj(exported: tuple[str, Pretrained, Path]) -> None:
+    """Both generate 8 tokens, stopping at the same stop tokens (transformers reads them from
+    ``generation_config.json``)."""
+    _, model, folder = exported
+    prompt = model.tokenizer.encode("The quick brown fox")
+    cache = init_cache(model.config, 1, len(prompt) + 8)
+    step = model.architecture.cached(model.config)
+    [ours] = generate(step, model.params, cache, [prompt], 8, stop_tokens=model.tokenizer.stop_ids)
+    with torch.no_grad():
+        theirs = hf_model(folder).generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)  # type: ignore[operator]
+    assert ours == theirs[0, len(prompt) :].tolist()
+
+
+def test_round_trip_is_exact(exported: tuple[str, Pretrained, Path]) -> None:
+    """zmaj -> Hugging Face -> zmaj gives the same config and parameters, bit for bit; a GPT without biases or
+    with sinusoidal positions comes back with zero biases and the sinusoids as a learned table."""
+    name, model, folder = exported
+    back = load_model(folder)
+    if name == "gpt-sinusoidal":
+        assert isinstance(model.config, GPTConfig)
+        assert back.config == model.config.model_copy(update={"positions": "learned", "bias": True})
+        tokens = torch.randint(
+            0, VOCAB, (1, model.config.context), generator=torch.Generator().manual_seed(3)
+        )
+        with torch.no_grad():
+            before = model.architecture.logits(model.params, Batch(tokens=tokens), model.config)
+            after = back.architecture.logits(back.params, Batch(tokens=tokens), back.config)
+        assert torch.equal(before, after)
+        table = sinusoidal_positions(torch.arange(model.config.context), model.config.d_model)
+        assert torch.equal(back.params["positions", "weight"], table)
+        biases = [
+            t for key, t in back.params.items(True, True) if key[-1] == "bias" and isinstance(t, torch.Tensor)
+        ]
+        assert biases
+        assert all(torch.equal(t, torch.zeros_like(t)) for t in biases)
+        kept = set(model.params.keys(True, True))
+    else:
+        assert back.config == model.config
+        kept = set(back.params.keys(True, True))
+        assert kept == set(model.params.keys(True, True))
+    for key in kept:
+        assert torch.equal(back.params.get(key), model.params.get(key)), key
+    assert back.tokenizer.tokenizer.get_vocab() == model.tokenizer.tokenizer.get_vocab()
+    assert all(back.tokenizer.encode(text) == model.tokenizer.encode(text) for text in TEXTS)
+    assert replace(back.tokenizer, tokenizer=model.tokenizer.tokenizer) == model.tokenizer
+
+
+def test_config_files_name_the_special_tokens(
+    exported: tuple[str, Pretrained, Path], tokenizer: ModelTokenizer
+) -> None:
+    _, _, folder = exported
+    ids = {name: tokenizer.token_id(token) for name, token in (("bos", BOS), ("eos", EOS), ("pad", PAD))}
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation == {
+        "bos_token_id": ids["bos"],
+        "eos_token_id": [ids["eos"], tokenizer.token_id(END)],
+        "pad_token_id": ids["pad"],
+    }
+    config = json.loads((folder / "config.json").read_text())
+    assert config["dtype"] == "float32"
+    assert {key: config[key] for key in generation} == generation
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_autotokenizer_encodes_as_zmaj(add_bos: bool, tokenizer: ModelTokenizer, tmp_path: Path) -> None:
+    """Plain texts (special-token text included, parsed as in transformers), a chat in zmaj's default template,
+    and decoding; with a BOS-adding post-processor too, as Llama's tokenizers have."""
+    if add_bos:
+        rebuilt = tokenizers.Tokenizer.from_str(tokenizer.tokenizer.to_str())
+        rebuilt.post_processor = bos_eos_processor(rebuilt, BOS, None)
+        tokenizer = ModelTokenizer(
+            rebuilt,
+            BOS,
+            EOS,
+            PAD,
+            add_bos=True,
+            chat_template=chat_template.DEFAULT_TEMPLATE,
+            stop_tokens=(END,),
+        )
+    folder = save_hf(random_model(VARIANTS["gpt"], tokenizer), tmp_path / "model")
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    for text in [*TEXTS[:3], "", " leading space", f"a{EOS}b {END}", "🐉🐉"]:
+        ids = tokenizer.encode(text)
+        assert theirs.encode(text) == ids, text
+        assert (ids[:1] == [tokenizer.bos_id]) == add_bos
+        assert theirs.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids)
+    for generation_prompt in (True, False):
+        chat = theirs.apply_chat_template(
+            CHAT, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+        )
+        assert chat == tokenizer.encode_chat(CHAT, generation_prompt)
+    assert (theirs.bos_token, theirs.eos_token, theirs.pad_token) == (BOS, EOS, PAD)
+
+
+def test_shards_past_the_limit_and_loads_back(tokenizer: ModelTokenizer, tmp_path: Path) -> None:
+    model = random_model(VARIANTS["llama"], tokenizer)
+    limit = 20_000
+    folder = save_hf(model, tmp_path / "sharded", max_shard_bytes=limit)
+    assert not (folder / "model.safetensors").exists()
+    index = json.loads((folder / INDEX_FILE).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2
+    assert sorted(p.name for p in folder.glob("model-*.safetensors")) == shards
+    total = 0
+    for shard in shards:
+        with safe_open(folder / shard, framework="pt") as f:
+            sizes = [f.get_tensor(name).numel() * 4 for name in f.keys()]  # noqa: SIM118
+            assert sorted(f.keys()) == sorted(n for n, s in index["weight_map"].items() if s == shard)
+        assert sum(sizes) <= limit or len(sizes) == 1
+        total += sum(sizes)
+    assert index["metadata"]["total_size"] == total
+    back = load_model(folder)
+    for key in model.params.keys(True, True):
+        assert torch.equal(back.params.get(key), model.params.get(key))
+    tokens = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        theirs = hf_model(folder)(tokens).logits
+        ours = model.architecture.logits(model.params, Batch(tokens=tokens), model.config)
+    assert (theirs - ours).abs().max().item() <= 1e-4
+
+
+def test_replaces_an_existing_folder_whole(tokenizer: ModelTokenizer, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "stale.txt").write_text("from an older save")
+    save_hf(random_model(VARIANTS["llama"], tokenizer), folder, max_shard_bytes=20_000)
+    save_hf(random_model(VARIANTS["gpt"], tokenizer), folder)
+    assert not (folder / "stale.txt").exists()
+    assert not (folder / INDEX_FILE).exists()
+    assert not list(folder.glob("model-*"))
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert isinstance(load_model(folder).config, GPTConfig)
+
+
+REFUSED: list[tuple[ModelConfig, str]] = [
+    (GPTConfig(**TINY, norm="rmsnorm"), "norm='rmsnorm'"),
+    (LlamaConfig(**LLAMA, qkv_bias=True, qk_norm=True), "qk_norm"),
+    (
+        Gemma3Config(**TINY, n_kv_heads=2, head_dim=8, d_ff=48, query_pre_attn_scalar=12.5),
+        "query_pre_attn_scalar",
+    ),
+]
+
+
+@pytest.mark.parametrize(("config", "setting"), REFUSED)
+def test_inexpressible_settings_are_refused_by_name(
+    config: ModelConfig, setting: str, tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=setting):
+        save_hf(random_model(config, tokenizer), tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mixed_dtypes_are_refused(tokenizer: ModelTokenizer, tmp_path: Path) -> None:
+    """transformers casts a whole model to one ``dtype``, so a mixed one would not load as it is."""
+    model = random_model(VARIANTS["llama"], tokenizer)
+    model.params["final_norm", "weight"] = model.params["final_norm", "weight"].to(torch.bfloat16)
+    with pytest.raises(ValueError, match="dtypes"):
+        save_hf(model, tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("switch", "value"),
+    [
+        ("scale_attn_by_inverse_layer_idx", True),
+        ("scale_attn_weights", False),
+        ("add_cross_attention", True),
+        ("activation_function", "quick_gelu"),
+    ],
+)
+def test_loading_refuses_gpt2_switches_zmaj_lacks(switch: str, value: object) -> None:
+    """The read direction of the same mapping: a GPT-2 config.json that zmaj's GPT would compute differently."""
+    written = hf.config_to_hf(VARIANTS["gpt"])
+    assert hf.config_from_hf(written) == VARIANTS["gpt"]
+    with pytest.raises(ValueError, match=switch):
+        hf.config_from_hf(written | {switch: value})

@@ -1,0 +1,104 @@
+"""Any zmaj model as a Hugging Face checkpoint folder, which ``transformers`` (``AutoModelForCausalLM``,
+``AutoTokenizer``) and the tools built on its format load: the inverse of ``load_model`` on such a folder.
+
+The folder holds what ``save_pretrained`` writes (https://huggingface.co/docs/transformers/main_classes/model):
+
+- ``config.json``: the architecture and its shape, from ``zmaj.convert.hf.config_to_hf``;
+- the weights in safetensors (https://huggingface.co/docs/safetensors), named by the same tables that loading
+  reads: one ``model.safetensors``, or past ``max_shard_bytes`` shards ``model-0000i-of-0000n.safetensors`` and a
+  ``model.safetensors.index.json`` mapping each tensor to its shard;
+- ``tokenizer.json`` and ``tokenizer_config.json`` (``ModelTokenizer.save``);
+- ``generation_config.json``: the BOS, EOS and PAD ids, with every stop token among the EOS ids, so that
+  ``generate`` ends an answer where zmaj does.
+
+Only exact exports are written: a setting that no ``transformers`` model computes the same way is refused with a
+ValueError naming it, never approximated. The one loss is of form, not function: GPT-2 always has biases and a
+learned position table, so a GPT without biases comes back with zero ones, and one with sinusoidal positions with
+their table as learned positions (``zmaj.convert.gpt2``).
+"""
+
+import json
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+from zmaj.convert import hf
+from zmaj.convert.load import Pretrained, replace_folder
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+"""transformers 4's default shard size ("5GB"; 5 moved it to 50GB): small enough for any download to resume."""
+WEIGHTS_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+
+
+def save_hf(model: Pretrained, folder: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write ``model`` as a Hugging Face folder, staged beside ``folder`` and renamed into place, so an interrupted
+    save never leaves half a model; an existing ``folder`` is replaced. Raises ValueError, before writing anything,
+    for a model ``transformers`` cannot compute exactly."""
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    config = hf.config_to_hf(model.config)
+    tensors = hf.params_to_hf(model.params, model.config)
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"parameters mix dtypes {sorted(map(str, dtypes))}; cast the model to one first")
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    dtype = str(dtypes.pop()).removeprefix("torch.")
+    _write_json(staging / "config.json", config | _token_ids(model) | {"dtype": dtype})
+    _write_json(staging / "generation_config.json", _token_ids(model))
+    _write_weights(tensors, staging, max_shard_bytes)
+    model.tokenizer.save(staging)
+    replace_folder(staging, folder)
+    return folder
+
+
+def _token_ids(model: Pretrained) -> dict[str, Any]:
+    """BOS, EOS and PAD ids; EOS lists every stop token, EOS first, when there are several."""
+    tokenizer = model.tokenizer
+    stops = [i for i in (tokenizer.eos_id,) if i is not None]
+    stops += [i for i in tokenizer.stop_ids if i not in stops]
+    return {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": stops[0] if len(stops) == 1 else (stops or None),
+        "pad_token_id": tokenizer.pad_id,
+    }
+
+
+def _write_weights(tensors: Mapping[str, Tensor], folder: Path, max_shard_bytes: int) -> None:
+    """One safetensors file, or shards of at most ``max_shard_bytes`` (a larger tensor alone in its own) and an
+    index, filled in the order of ``tensors`` as ``save_pretrained`` does."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        _write_shard(tensors, shards[0], folder / WEIGHTS_FILE)
+        return
+    weight_map: dict[str, str] = {}
+    for number, names in enumerate(shards, start=1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        _write_shard(tensors, names, folder / file)
+        weight_map |= dict.fromkeys(names, file)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    _write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _write_shard(tensors: Mapping[str, Tensor], names: list[str], path: Path) -> None:
+    """Some of ``tensors`` in one file; each is copied, as safetensors refuses views sharing memory (a layer of a
+    stacked parameter), so only one shard's worth of memory is held twice."""
+    shard = {name: tensors[name].detach().to("cpu", copy=True).contiguous() for name in names}
+    save_file(shard, str(path), metadata={"format": "pt"})
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
