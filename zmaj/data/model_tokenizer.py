@@ -26,6 +26,7 @@ from zmaj.data.chat_template import Message
 from zmaj.data.tokenizer import BOS, END, EOS, PAD, Tokenizer
 
 TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class ModelTokenizer:
             plain, full = inner.encode("a", add_special_tokens=False).ids, inner.encode("a").ids
             add_bos = bos is not None and full[: len(full) - len(plain)] == [inner.token_to_id(bos)]
             add_eos = eos is not None and full[len(plain) :][-1:] == [inner.token_to_id(eos)]
-        generation = _read_json(folder / "generation_config.json")
+        generation = _read_json(folder / GENERATION_CONFIG_FILE)
         stop_ids = generation.get("eos_token_id", [])
         stop_ids = [stop_ids] if isinstance(stop_ids, int) else stop_ids
         stops = tuple(token for i in stop_ids if (token := inner.id_to_token(i)) is not None and token != eos)
@@ -177,7 +178,8 @@ class ModelTokenizer:
         return cls(inner, bos, eos, pad, add_bos, add_eos, template, stops)
 
     def save(self, folder: str | Path) -> None:
-        """``tokenizer.json`` and ``tokenizer_config.json`` as ``transformers``' ``AutoTokenizer`` reads them."""
+        """``tokenizer.json`` and ``tokenizer_config.json`` as ``transformers``' ``AutoTokenizer`` reads them, and
+        the stop tokens in ``generation_config.json``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / TOKENIZER_FILE).write_text(self.tokenizer.to_str())
@@ -193,6 +195,12 @@ class ModelTokenizer:
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        if (
+            self.stop_tokens
+        ):  # where load (and transformers' generate) find them; the file's other keys are kept
+            generation = _read_json(folder / GENERATION_CONFIG_FILE)
+            generation["eos_token_id"] = list(self.stop_ids)
+            (folder / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
 
 
 def bos_eos_processor(
