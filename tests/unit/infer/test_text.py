@@ -83,7 +83,7 @@ def test_complete_is_generate_decoded(sampling: Sampling) -> None:
 def test_complete_stops_at_a_stop_token_and_hides_it() -> None:
     cache = init_cache(CONFIG, 1, len(PROMPT) + 16)
     (free,) = generate(llama.cached(CONFIG), PARAMS, cache, [PROMPT], 16)
-    # EOS gets 1.5 times the logit of the 4th free token, so it wins by the 4th step at the latest.
+    # EOS gets 1.5 times the 4th free token's unembedding row, so it takes over early (asserted below).
     eos = TOKENIZER.eos_id
     assert eos is not None
     assert eos not in free
