@@ -195,7 +195,9 @@ class ModelTokenizer:
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        (folder / GENERATION_CONFIG_FILE).write_text(json.dumps(self.generation_config(), indent=2) + "\n")
+        # Other keys of an existing generation config (sampling defaults, lengths) are the model's; kept.
+        generation = _read_json(folder / GENERATION_CONFIG_FILE) | self.generation_config()
+        (folder / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
 
     def generation_config(self) -> dict[str, Any]:
         """``generation_config.json``'s token ids: where ``transformers``' ``generate`` looks for its stop tokens."""

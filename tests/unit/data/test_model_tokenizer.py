@@ -1,6 +1,7 @@
 """A model's tokenizer renders chats exactly as ``transformers`` does, marks exactly the assistant's tokens, and
 survives a save/load round trip that ``transformers``' ``AutoTokenizer`` reads the same way."""
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,14 @@ def test_saved_tokenizers_load_the_same_here_and_in_transformers(
     messages = [{"role": "user", "content": "hi"}]
     expected: Any = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
     assert loaded.encode_chat(messages) == expected["input_ids"]
+
+
+def test_saving_keeps_the_stop_tokens_and_the_models_other_generation_settings(
+    model_tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 1, "max_length": 77}))
+    model_tokenizer.save(tmp_path)
+    loaded = ModelTokenizer.load(tmp_path)
+    assert loaded.stop_ids == model_tokenizer.stop_ids
+    assert len(model_tokenizer.stop_ids) == 2  # <|eos|> and <|end|>
+    assert json.loads((tmp_path / "generation_config.json").read_text())["max_length"] == 77

@@ -1,0 +1,115 @@
+"""Chat with a model in the terminal, in its own chat template, streaming each answer.
+
+    uv run programs/chat.py --model SmolLM2-135M-Instruct.Q4_1.gguf --system "You are a terse assistant."
+
+Reads one user message per line from stdin; each answer goes to stdout as it is generated, ending with a newline.
+"/reset" forgets the conversation, "/exit", end of input (Ctrl-D) or Ctrl-C end the chat. The whole conversation
+is the prompt of every answer; when it no longer fits the model's context, the oldest turns are forgotten.
+The "> " prompt goes to stderr, and only when stdin is a terminal, so piped output holds only the answers.
+"""
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from generate import DTYPE_HELP, DTYPES, fail, load, params_dtype_device, sampling_from
+from loguru import logger
+
+from zmaj.convert.load import Pretrained
+from zmaj.data.chat_template import Message
+from zmaj.infer.cache import init_cache
+from zmaj.infer.generate import Sampling
+from zmaj.infer.text import complete
+
+
+def main() -> None:
+    args = parse_args()
+    sampling = sampling_from(args)
+    model = load(args.model, args.dtype)
+    if model.tokenizer.chat_template is None:
+        fail(f"--model {args.model}: its tokenizer has no chat template, so it cannot chat")
+    system: list[Message] = [] if args.system is None else [{"role": "system", "content": args.system}]
+    history: list[Message] = []
+    try:
+        for turn, line in enumerate(user_lines(interactive=sys.stdin.isatty())):
+            if line == "/exit":
+                break
+            if line == "/reset":
+                history = []
+                logger.info("conversation forgotten")
+                continue
+            if not line.strip():
+                continue
+            user: Message = {"role": "user", "content": line}
+            history = fitting(model, system, history, user, args.max_new_tokens)
+            ids = model.tokenizer.encode_chat([*system, *history, user])
+            if len(ids) + args.max_new_tokens > model.config.context:
+                logger.error(
+                    f"this message does not fit the model's context of {model.config.context} tokens"
+                )
+                continue
+            answer = say(model, ids, args.max_new_tokens, sampling, args.seed + turn)
+            history = [*history, user, {"role": "assistant", "content": answer}]
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, type=Path, help="a .gguf file, an HF folder or a zmaj run")
+    parser.add_argument("--system", help="a system message opening the conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="per answer (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    parser.add_argument("--top-p", type=float, help="sample from the nucleus of probability p only")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="answer i is sampled with seed + i (default: %(default)s)"
+    )
+    parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
+    return parser.parse_args()
+
+
+def user_lines(interactive: bool) -> Iterator[str]:
+    """The user's messages, one a line, until the end of input; a terminal gets a "> " prompt."""
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line.rstrip("\r\n")
+
+
+def fitting(
+    model: Pretrained, system: list[Message], history: list[Message], user: Message, max_new_tokens: int
+) -> list[Message]:
+    """``history`` without its oldest exchanges, as few as need to go for the next answer to fit the context."""
+    while history:
+        prompt = model.tokenizer.encode_chat([*system, *history, user])
+        if len(prompt) + max_new_tokens <= model.config.context:
+            break
+        logger.warning("the conversation no longer fits the model's context: forgetting its oldest exchange")
+        history = history[2:]
+    return history
+
+
+def say(model: Pretrained, prompt: list[int], max_new_tokens: int, sampling: Sampling, seed: int) -> str:
+    """Stream the answer to ``prompt`` to stdout and return it."""
+    cache = init_cache(model.config, 1, len(prompt) + max_new_tokens, *params_dtype_device(model))
+    step = model.architecture.cached(model.config)
+    pieces = []
+    for piece in complete(step, model.params, cache, prompt, model.tokenizer, max_new_tokens, sampling, seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        pieces.append(piece)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(pieces)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Continue a prompt with any model zmaj can load, streaming the completion as it is generated.
+
+    uv run programs/generate.py --model SmolLM2-135M-Instruct.Q4_1.gguf --chat --prompt "What is the capital of France?"
+    uv run programs/generate.py --model runs/stdlib-tiny-20261126-101500 --prompt "def parse(" --temperature 0.8
+
+--model is a .gguf file, a Hugging Face folder, a zmaj model folder, or a zmaj run or checkpoint. stdout holds the
+completion and one final newline, nothing else (special tokens skipped); logs go to stderr. Without --chat the
+prompt is tokenised as the model's tokenizer does by default (a BOS token only where its config adds one); with
+--chat it is the user's message in the model's chat template. Generation stops at the model's stop tokens.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+from loguru import logger
+from pydantic import ValidationError
+
+from zmaj.convert.load import Pretrained, load_model
+from zmaj.data.chat_template import Message
+from zmaj.infer.cache import init_cache
+from zmaj.infer.generate import Sampling
+from zmaj.infer.text import complete
+from zmaj.train import precision
+
+DTYPES: dict[str, precision.Precision] = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16"}
+DTYPE_HELP = (
+    "the parameters' type; auto (the default) is bfloat16 where it is fast (CUDA, CPUs with bf16 units)"
+)
+
+
+def main() -> None:
+    args = parse_args()
+    sampling = sampling_from(args)
+    model = load(args.model, args.dtype)
+    if args.chat:
+        prompt = chat_ids(model, args.system, args.prompt)
+    else:
+        if args.system is not None:
+            fail("--system needs --chat: a plain prompt has no system message")
+        prompt = model.tokenizer.encode(args.prompt)
+    if not prompt:
+        fail("--prompt is empty and the tokenizer adds no BOS token: the model needs a token to continue")
+    if len(prompt) + args.max_new_tokens > model.config.context:
+        fail(
+            f"the prompt's {len(prompt)} tokens plus --max-new-tokens {args.max_new_tokens} exceed the model's "
+            f"context of {model.config.context}"
+        )
+    logger.info(f"prompt of {len(prompt)} tokens, {sampling}")
+    cache = init_cache(model.config, 1, len(prompt) + args.max_new_tokens, *params_dtype_device(model))
+    step = model.architecture.cached(model.config)
+    pieces = complete(
+        step, model.params, cache, prompt, model.tokenizer, args.max_new_tokens, sampling, args.seed
+    )
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, type=Path, help="a .gguf file, an HF folder or a zmaj run")
+    parser.add_argument(
+        "--prompt", required=True, help="the text to continue (with --chat: the user's message)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy decoding")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    parser.add_argument("--top-p", type=float, help="sample from the nucleus of probability p only")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="makes sampling reproducible (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--chat", action="store_true", help="render the prompt with the model's chat template"
+    )
+    parser.add_argument("--system", help="a system message (with --chat)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
+    return parser.parse_args()
+
+
+def sampling_from(args: argparse.Namespace) -> Sampling:
+    """The --temperature, --top-k and --top-p settings; out-of-range values exit with code 2."""
+    if args.max_new_tokens < 1:
+        fail(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    try:
+        return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    except ValidationError as error:
+        problems = (f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in error.errors())
+        fail("; ".join(problems))
+
+
+def load(path: Path, dtype: str) -> Pretrained:
+    """The model at ``path`` on the default device in ``dtype``; a path that is not a model exits with code 2."""
+    if not path.exists():
+        fail(f"--model {path}: no such file or folder")
+    try:
+        model = load_model(path)
+    except (FileNotFoundError, ValueError) as error:
+        fail(f"--model {path}: {error}")
+    device = precision.default_device()
+    model = model.to(device, precision.resolve(DTYPES[dtype], device))
+    logger.info(f"loaded {model.architecture.name} from {path}: {params_dtype_device(model)}")
+    return model
+
+
+def params_dtype_device(model: Pretrained) -> tuple[torch.dtype, torch.device]:
+    """What the model computes in and where: its embedding's type and device (the cache must match)."""
+    weight: torch.Tensor = model.params["embed", "weight"]
+    return weight.dtype, weight.device
+
+
+def chat_ids(model: Pretrained, system: str | None, user: str) -> list[int]:
+    """The ids of a one-turn conversation, ready for the assistant's answer."""
+    if model.tokenizer.chat_template is None:
+        fail("--chat: this model's tokenizer has no chat template; use a plain --prompt")
+    messages: list[Message] = [] if system is None else [{"role": "system", "content": system}]
+    return model.tokenizer.encode_chat([*messages, {"role": "user", "content": user}])
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr naming it, and exit code 2."""
+    logger.error(message)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

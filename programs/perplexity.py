@@ -1,0 +1,73 @@
+"""Perplexity of a model on a text file: prints one JSON line.
+
+    uv run programs/perplexity.py --model SmolLM2-135M-Instruct.Q4_1.gguf --text-file README.md --context 1024
+
+The file is tokenised as the model's tokenizer does by default (a BOS token only where its config adds one) and
+scored in windows of --context tokens (default: the model's context) moved by --stride (default: half the
+context), each scoring only the tokens the previous ones did not (``zmaj.infer.perplexity``). The output is
+``{"tokens": predicted tokens, "nll": mean nats per predicted token, "ppl": exp(nll), "bytes": the file's UTF-8
+bytes, "bits_per_byte": the summed NLL in bits over all the file's bytes}``.
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from generate import DTYPE_HELP, DTYPES, fail, load
+from loguru import logger
+
+from zmaj.infer.perplexity import perplexity, sliding_windows
+from zmaj.models.common import Batch
+
+
+def main() -> None:
+    args = parse_args()
+    if not args.text_file.is_file():
+        fail(f"--text-file {args.text_file}: no such file")
+    model = load(args.model, args.dtype)
+    context = model.config.context if args.context is None else args.context
+    if not 2 <= context <= model.config.context:
+        fail(f"--context must be between 2 and the model's context of {model.config.context}, got {context}")
+    stride = max(1, context // 2) if args.stride is None else args.stride
+    if not 1 <= stride <= context:
+        fail(f"--stride must be between 1 and the context ({context}), got {stride}")
+    text = args.text_file.read_text(encoding="utf-8")
+    ids = model.tokenizer.encode(text)
+    if len(ids) < 2:
+        fail(f"--text-file {args.text_file}: {len(ids)} tokens, but perplexity needs at least 2")
+    logger.info(
+        f"{len(ids)} tokens in {len(sliding_windows(len(ids), context, stride))} windows of {context} "
+        f"(stride {stride})"
+    )
+    arch, config, params = model.architecture, model.config, model.params
+    tokens = torch.tensor(ids, device=params["embed", "weight"].device)
+
+    def hidden(batch: Batch) -> torch.Tensor:
+        return arch.hidden_states(params, batch, config=config)
+
+    def unembed(states: torch.Tensor) -> torch.Tensor:
+        return arch.unembed(params, states, config=config)
+
+    result = perplexity(hidden, unembed, tokens, context, stride)
+    n_bytes = len(text.encode("utf-8"))
+    bits = result.nll * result.tokens / math.log(2)
+    record = {"tokens": result.tokens, "nll": result.nll, "ppl": result.ppl, "bytes": n_bytes}
+    print(json.dumps({**record, "bits_per_byte": bits / n_bytes}))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, type=Path, help="a .gguf file, an HF folder or a zmaj run")
+    parser.add_argument("--text-file", required=True, type=Path, help="UTF-8 text to score")
+    parser.add_argument("--context", type=int, help="window length in tokens (default: the model's context)")
+    parser.add_argument("--stride", type=int, help="how far each window moves (default: half the context)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()

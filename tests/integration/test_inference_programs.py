@@ -1,0 +1,260 @@
+"""programs/generate.py, chat.py and perplexity.py end to end, against ``transformers`` on a tiny random Llama saved
+as a Hugging Face folder (with a tiny zmaj tokenizer and its chat template beside it)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from zmaj.convert.weights import smollm2_gguf
+from zmaj.data.model_tokenizer import ModelTokenizer
+from zmaj.data.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+TEXTS = [
+    "the cat sat on the mat. the dog ate the bone. ",
+    "def parse(tokens): return [t for t in tokens]\n",
+] * 20
+TEXT = "the cat sat on the mat, and the dog ate the bone; def parse(tokens): return tokens. naïve 🐍"
+NEW_TOKENS = 12
+SYSTEM = "be brief"
+GREEDY = ["--max-new-tokens", NEW_TOKENS, "--temperature", 0, "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> ModelTokenizer:
+    return ModelTokenizer.from_zmaj(Tokenizer.train(TEXTS, vocab_size=300))
+
+
+def save_llama(folder: Path, tokenizer: ModelTokenizer, context: int) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        initializer_range=0.1,  # sharp next-token distributions: argmax ties unlikely
+        tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer: ModelTokenizer
+) -> tuple[transformers.PreTrainedModel, Path]:
+    folder = tmp_path_factory.mktemp("llama")
+    return save_llama(folder, tokenizer, context=256), folder
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory, tokenizer: ModelTokenizer) -> Path:
+    """The same kind of model with a tokenizer that has no chat template."""
+    folder = tmp_path_factory.mktemp("plain")
+    save_llama(folder, ModelTokenizer(tokenizer.tokenizer, eos_token=tokenizer.eos_token), context=256)
+    return folder
+
+
+def run(program: str, *args: object, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """The program's exit code, and its output as UTF-8 text exactly (no newline translation)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "programs" / program), *map(str, args)],
+        input=stdin.encode(),
+        capture_output=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+        env=env,
+    )
+    return subprocess.CompletedProcess(
+        result.args, result.returncode, result.stdout.decode("utf-8"), result.stderr.decode("utf-8")
+    )
+
+
+def greedy_reference(model: Any, prompt: list[int], tokenizer: ModelTokenizer) -> str:
+    """transformers' greedy continuation, stopped at the tokenizer's stop tokens, decoded without them."""
+    with torch.no_grad():
+        output = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=list(tokenizer.stop_ids),
+            pad_token_id=0,
+        )
+    new = [token for token in output[0, len(prompt) :].tolist() if token not in tokenizer.stop_ids]
+    return tokenizer.decode(new)
+
+
+def test_generate_prints_transformers_greedy_continuation(
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer
+) -> None:
+    model, folder = llama
+    prompt = "the cat sat"
+    result = run(
+        "generate.py",
+        "--model",
+        folder,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        NEW_TOKENS,
+        "--temperature",
+        0,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == greedy_reference(model, tokenizer.encode(prompt), tokenizer) + "\n"
+
+
+@pytest.fixture(scope="module")
+def generated_chat(llama: tuple[Any, Path]) -> subprocess.CompletedProcess[str]:
+    _, folder = llama
+    return run("generate.py", "--model", folder, "--chat", "--system", SYSTEM, "--prompt", "hi", *GREEDY)
+
+
+def chat_ids(tokenizer: ModelTokenizer, *turns: str) -> list[int]:
+    """A conversation of alternating user and assistant turns, with the system message, ready for an answer."""
+    roles = ["user", "assistant"] * len(turns)
+    messages = [{"role": role, "content": turn} for role, turn in zip(roles, turns, strict=False)]
+    return tokenizer.encode_chat([{"role": "system", "content": SYSTEM}, *messages])
+
+
+def test_generate_chat_renders_the_template(
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer, generated_chat: subprocess.CompletedProcess[str]
+) -> None:
+    model, _ = llama
+    ids = chat_ids(tokenizer, "hi")
+    rendered = tokenizer.decode(ids, skip_special_tokens=False)
+    assert rendered == f"<|system|>{SYSTEM}<|end|><|user|>hi<|end|><|assistant|>"
+    assert generated_chat.returncode == 0, generated_chat.stderr
+    assert generated_chat.stdout == greedy_reference(model, ids, tokenizer) + "\n"
+
+
+def test_chat_answers_as_generate_keeping_the_history_until_reset(
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer, generated_chat: subprocess.CompletedProcess[str]
+) -> None:
+    model, folder = llama
+    result = run(
+        "chat.py",
+        "--model",
+        folder,
+        "--system",
+        SYSTEM,
+        *GREEDY,
+        stdin="hi\nhow\n/reset\nhow\n/exit\nnever read\n",
+    )
+    assert result.returncode == 0, result.stderr
+    first = greedy_reference(model, chat_ids(tokenizer, "hi"), tokenizer)
+    second = greedy_reference(model, chat_ids(tokenizer, "hi", first, "how"), tokenizer)
+    after_reset = greedy_reference(model, chat_ids(tokenizer, "how"), tokenizer)
+    assert result.stdout.startswith(generated_chat.stdout)
+    assert result.stdout == f"{first}\n{second}\n{after_reset}\n"
+
+
+def reference_nll(model: Any, ids: list[int], context: int, stride: int) -> tuple[int, float]:
+    """The transformers perplexity guide's loop, counting the tokens each window actually predicts."""
+    total, count, prev_end = 0.0, 0, 0
+    tokens = torch.tensor([ids])
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids))
+        target_len = end - prev_end
+        inputs = tokens[:, begin:end]
+        targets = inputs.clone()
+        targets[:, :-target_len] = -100
+        with torch.no_grad():
+            loss = model(inputs, labels=targets).loss
+        predicted = int((targets[:, 1:] != -100).sum())
+        total += float(loss) * predicted
+        count += predicted
+        prev_end = end
+        if end == len(ids):
+            break
+    return count, total / count
+
+
+def test_perplexity_of_a_text_within_the_context(
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    model, folder = llama
+    (tmp_path / "text.txt").write_text(TEXT)
+    result = run(
+        "perplexity.py", "--model", folder, "--text-file", tmp_path / "text.txt", "--dtype", "float32"
+    )
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    scored = json.loads(line)
+    ids = tokenizer.encode(TEXT)
+    with torch.no_grad():
+        expected = float(model(torch.tensor([ids]), labels=torch.tensor([ids])).loss)
+    assert scored["tokens"] == len(ids) - 1
+    assert scored["nll"] == pytest.approx(expected, abs=1e-4)
+    assert scored["ppl"] == pytest.approx(math.exp(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize(("context", "stride"), [(16, 5)])
+def test_perplexity_with_a_sliding_window(
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer, tmp_path: Path, context: int, stride: int
+) -> None:
+    model, folder = llama
+    (tmp_path / "text.txt").write_text(TEXT)
+    args = ["--context", context, "--stride", stride, "--dtype", "float32"]
+    result = run("perplexity.py", "--model", folder, "--text-file", tmp_path / "text.txt", *args)
+    assert result.returncode == 0, result.stderr
+    scored = json.loads(result.stdout)
+    ids = tokenizer.encode(TEXT)
+    assert len(ids) > 2 * context
+    count, nll = reference_nll(model, ids, context, stride)
+    assert scored["tokens"] == count
+    assert scored["nll"] == pytest.approx(nll, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("program", "args", "message"),
+    [
+        ("generate.py", ["--prompt", "hi", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        ("generate.py", ["--prompt", "hi", "--chat"], "no chat template"),
+        ("perplexity.py", ["--text-file", "/no/such/text.txt"], "/no/such/text.txt"),
+    ],
+)
+def test_bad_input_exits_2_naming_it(plain: Path, program: str, args: list[str], message: str) -> None:
+    result = run(program, "--model", plain, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_model_exits_2_naming_it() -> None:
+    result = run("generate.py", "--model", "/no/such/model", "--prompt", "hi")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "/no/such/model" in result.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_knows_the_capital_of_france() -> None:
+    args = [
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        16,
+        "--temperature",
+        0,
+    ]
+    result = run("generate.py", "--model", smollm2_gguf(), *args)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout

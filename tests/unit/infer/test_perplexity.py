@@ -1,0 +1,140 @@
+"""Sliding-window perplexity: the windows score every token once, and the scores equal plain forward passes."""
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zmaj.infer.perplexity import Window, perplexity, sliding_windows, window_nll
+from zmaj.models import llama
+from zmaj.models.common import Batch
+
+CONFIG = llama.LlamaConfig(
+    vocab_size=64, context=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, init_std=0.1
+)
+PARAMS = llama.init(CONFIG, seed=0)
+TOKENS = torch.randint(0, CONFIG.vocab_size, (50,), generator=torch.Generator().manual_seed(0))
+
+
+def hidden(batch: Batch) -> torch.Tensor:
+    return llama.hidden_states(PARAMS, batch, CONFIG)
+
+
+def unembed(states: torch.Tensor) -> torch.Tensor:
+    return llama.unembed(PARAMS, states, CONFIG)
+
+
+def plain_nll(tokens: torch.Tensor) -> torch.Tensor:
+    """Each token's NLL given all before it, from one ordinary forward pass (the first token is not scored)."""
+    logits = llama.forward(PARAMS, Batch(tokens=tokens[None, :-1]), CONFIG)[0]
+    return F.cross_entropy(logits, tokens[1:], reduction="none")
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> tuple[int, int, int]:
+    context = draw(st.integers(2, 40))
+    return draw(st.integers(0, 200)), context, draw(st.integers(1, context))
+
+
+@given(layouts())
+def test_windows_score_each_token_at_most_once_with_context_inside_the_window(
+    layout: tuple[int, int, int],
+) -> None:
+    n, context, stride = layout
+    windows = sliding_windows(n, context, stride)
+    counts = Counter(i for w in windows for i in range(w.scored_from, w.end))
+    assert max(counts.values(), default=1) == 1
+    for window in windows:
+        assert 0 <= window.begin < window.scored_from < window.end <= n
+        assert window.end - window.begin <= context
+    # A token goes unscored only when it starts its window: the text's first, or a chunk's first at stride == context.
+    unscored = set(range(n)) - set(counts)
+    expected = set(range(0, n, context)) if stride == context else set(range(min(n, 1)))
+    assert unscored == expected
+
+
+def guide_windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """The loop of the transformers perplexity guide: (begin, end, number of targets it keeps)."""
+    windows, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + context, n)
+        windows.append((begin, end, end - prev_end))
+        prev_end = end
+        if end == n:
+            break
+    return windows
+
+
+@given(layouts())
+def test_windows_are_the_guides_less_those_scoring_nothing(layout: tuple[int, int, int]) -> None:
+    n, context, stride = layout
+    # The guide keeps the last trg_len labels; the window's first label is never predicted (the label shift).
+    expected = [
+        Window(begin, end, max(end - kept, begin + 1))
+        for begin, end, kept in guide_windows(n, context, stride)
+        if max(end - kept, begin + 1) < end
+    ]
+    assert sliding_windows(n, context, stride) == expected
+
+
+def test_windows_are_the_guides_for_one_layout() -> None:
+    # The transformers guide's loop, by hand, for 11 tokens, context 4, stride 3.
+    assert sliding_windows(11, 4, 3) == [
+        Window(0, 4, 1),
+        Window(3, 7, 4),
+        Window(6, 10, 7),
+        Window(9, 11, 10),
+    ]
+
+
+@pytest.mark.parametrize(("context", "stride"), [(1, 1), (4, 0), (4, 5)])
+def test_bad_windows_are_refused(context: int, stride: int) -> None:
+    with pytest.raises(ValueError, match=r"context|stride"):
+        sliding_windows(10, context, stride)
+
+
+def test_one_window_is_the_plain_mean_nll() -> None:
+    result = perplexity(hidden, unembed, TOKENS, context=CONFIG.context)
+    expected = plain_nll(TOKENS)
+    assert result.tokens == len(TOKENS) - 1
+    assert result.nll == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert result.ppl == pytest.approx(math.exp(float(expected.mean())), rel=1e-5)
+
+
+def test_stride_equal_to_context_is_independent_chunks() -> None:
+    context = 16
+    chunks = [plain_nll(chunk) for chunk in TOKENS.split(context) if len(chunk) > 1]
+    expected = torch.cat(chunks)
+    result = perplexity(hidden, unembed, TOKENS, context=context, stride=context)
+    assert result.tokens == len(expected)
+    assert result.nll == pytest.approx(float(expected.mean()), abs=1e-5)
+
+
+@settings(max_examples=10)
+@given(st.integers(2, 20), st.data())
+def test_each_scored_token_is_conditioned_on_its_window(context: int, data: st.DataObject) -> None:
+    stride = data.draw(st.integers(1, context))
+    expected = []
+    for window in sliding_windows(len(TOKENS), context, stride):
+        nll = plain_nll(TOKENS[window.begin : window.end])
+        expected.append(nll[window.scored_from - window.begin - 1 :])
+    result = perplexity(hidden, unembed, TOKENS, context=context, stride=stride)
+    reference = torch.cat(expected)
+    assert result.tokens == len(reference)
+    assert result.nll == pytest.approx(float(reference.double().mean()), abs=1e-5)
+
+
+def test_logits_in_chunks_are_the_logits_at_once() -> None:
+    window = Window(3, 40, 10)
+    whole = window_nll(hidden, unembed, TOKENS, window, chunk=1024)
+    torch.testing.assert_close(window_nll(hidden, unembed, TOKENS, window, chunk=4), whole)
+    torch.testing.assert_close(whole, plain_nll(TOKENS[3:40])[6:])
+
+
+def test_too_short_a_text_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        perplexity(hidden, unembed, TOKENS[:1], context=8)

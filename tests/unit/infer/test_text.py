@@ -1,0 +1,98 @@
+"""Streamed text: the pieces add up to the decoding of all tokens, whatever the tokenizer splits characters into,
+and ``complete`` is ``generate`` decoded, stopping where it stops."""
+
+import pytest
+import tokenizers
+from hypothesis import given
+from hypothesis import strategies as st
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from zmaj.data.model_tokenizer import ModelTokenizer
+from zmaj.data.tokenizer import EOS, Tokenizer
+from zmaj.infer.cache import init_cache
+from zmaj.infer.generate import Sampling, generate
+from zmaj.infer.text import REPLACEMENT, complete, detokenize
+from zmaj.models import llama
+
+TEXTS = ["héllo wörld, 世界 🙂🐍 naïve café ", "def parse(tokens): return [t for t in tokens] "] * 20
+BYTE_LEVEL = Tokenizer.train(TEXTS, vocab_size=300)
+
+
+def metaspace() -> tokenizers.Tokenizer:
+    """A SentencePiece-style tokenizer: words start with ``▁``, which decodes to a space except at the start."""
+    inner = tokenizers.Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Metaspace()
+    inner.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", *byte_tokens], show_progress=False)
+    inner.train_from_iterator(TEXTS, trainer)
+    return inner
+
+
+METASPACE = metaspace()
+DECODERS = {
+    "byte-level": (BYTE_LEVEL.vocab_size, ModelTokenizer.from_zmaj(BYTE_LEVEL).decode),
+    "metaspace": (METASPACE.get_vocab_size(), lambda ids: str(METASPACE.decode(ids))),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+@given(data=st.data())
+def test_pieces_add_up_to_the_whole_decoding(name: str, data: st.DataObject) -> None:
+    vocab, decode = DECODERS[name]
+    ids = data.draw(st.lists(st.integers(0, vocab - 1), max_size=30))
+    pieces = list(detokenize(ids, decode))
+    assert "".join(pieces) == decode(ids)
+    assert all(pieces)
+    # Only the last piece may end in an incomplete character; every earlier one was final when shown.
+    assert not any(piece.endswith(REPLACEMENT) for piece in pieces[:-1])
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_a_character_split_over_tokens_comes_out_whole(name: str) -> None:
+    _, decode = DECODERS[name]
+    encode = BYTE_LEVEL.encode if name == "byte-level" else (lambda text: METASPACE.encode(text).ids)
+    text = "🐍 naïve 世界"
+    ids = encode(text)
+    pieces = list(detokenize(ids, decode))
+    assert "".join(pieces) == text
+    assert REPLACEMENT not in "".join(pieces)
+
+
+CONFIG = llama.LlamaConfig(
+    vocab_size=BYTE_LEVEL.vocab_size, context=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48
+)
+PARAMS = llama.init(CONFIG, seed=0)
+TOKENIZER = ModelTokenizer.from_zmaj(BYTE_LEVEL)
+PROMPT = BYTE_LEVEL.encode("def parse(")
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.0, top_k=20)])
+def test_complete_is_generate_decoded(sampling: Sampling) -> None:
+    cache = init_cache(CONFIG, 1, len(PROMPT) + 16)
+    stops = TOKENIZER.stop_ids
+    (tokens,) = generate(
+        llama.cached(CONFIG), PARAMS, cache, [PROMPT], 16, sampling, seed=3, stop_tokens=stops
+    )
+    text = "".join(complete(llama.cached(CONFIG), PARAMS, cache, PROMPT, TOKENIZER, 16, sampling, seed=3))
+    assert text == TOKENIZER.decode([token for token in tokens if token not in stops])
+
+
+def test_complete_stops_at_a_stop_token_and_hides_it() -> None:
+    cache = init_cache(CONFIG, 1, len(PROMPT) + 16)
+    (free,) = generate(llama.cached(CONFIG), PARAMS, cache, [PROMPT], 16)
+    # EOS gets 1.5 times the 4th free token's unembedding row, so it takes over early (asserted below).
+    eos = TOKENIZER.eos_id
+    assert eos is not None
+    assert eos not in free
+    stop_at = free[3]
+    params = PARAMS.clone()
+    params["unembed", "weight"][eos] = params["unembed", "weight"][stop_at] * 1.5
+    (stopped,) = generate(llama.cached(CONFIG), params, cache, [PROMPT], 16, stop_tokens=TOKENIZER.stop_ids)
+    assert stopped[-1] == eos
+    assert len(stopped) < 16
+    text = "".join(complete(llama.cached(CONFIG), params, cache, PROMPT, TOKENIZER, 16))
+    assert text == TOKENIZER.decode(stopped[:-1], skip_special_tokens=False)
+    assert EOS not in text

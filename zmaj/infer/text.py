@@ -1,0 +1,55 @@
+"""Generated tokens as text, piece by piece as they come: what a program streams to its user.
+
+Tokens are not characters. A byte-level BPE token can hold half of a multi-byte UTF-8 character, and a
+SentencePiece-style decoder turns a token's leading ``▁`` into a space or not depending on what precedes it, so
+decoding each token alone garbles text. Decoding all the new tokens so far and emitting the part not yet shown is
+exact; an incomplete character decodes to U+FFFD (the replacement character) until its last byte arrives, so a
+trailing U+FFFD is held back. (``transformers``' ``TextStreamer`` does the same, holding back up to the last space.)
+"""
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from tensordict import TensorDictBase
+
+from zmaj.data.model_tokenizer import ModelTokenizer
+from zmaj.infer.generate import GREEDY, Sampling, Step, stream
+
+REPLACEMENT = "\ufffd"
+
+
+def detokenize(tokens: Iterable[int], decode: Callable[[list[int]], str]) -> Iterator[str]:
+    """The text of ``tokens`` in pieces whose concatenation is ``decode(all tokens)``, each emitted as soon as it is
+    final.
+
+    Re-decoding every step costs time quadratic in the answer's length, negligible next to the model for the
+    thousands of tokens of an answer.
+    """
+    ids: list[int] = []
+    shown = ""
+    for token in tokens:
+        ids.append(token)
+        text = decode(ids).rstrip(REPLACEMENT)
+        if len(text) > len(shown):
+            yield text[len(shown) :]
+            shown = text
+    rest = decode(ids)[len(shown) :]
+    if rest:
+        yield rest
+
+
+def complete(
+    step: Step,
+    params: TensorDictBase,
+    cache: TensorDictBase,
+    prompt: Sequence[int],
+    tokenizer: ModelTokenizer,
+    max_new_tokens: int,
+    sampling: Sampling = GREEDY,
+    seed: int = 0,
+) -> Iterator[str]:
+    """The continuation of one prompt as text pieces, ending at one of the tokenizer's stop tokens (not shown)
+    or after ``max_new_tokens``; special tokens are skipped. ``cache`` is as ``zmaj.infer.generate.stream`` needs."""
+    stops = tokenizer.stop_ids
+    emitted = stream(step, params, cache, [prompt], max_new_tokens, sampling, seed, stop_tokens=stops)
+    tokens = (token for each in emitted if (token := int(each.tokens[0])) not in stops)
+    return detokenize(tokens, tokenizer.decode)
