@@ -18,7 +18,7 @@ Checkpoint folders are named by optimizer step, which is ``passes`` times the GR
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -27,9 +27,10 @@ from tensordict import TensorDict, TensorDictBase
 from tqdm import tqdm
 
 from zmaj.convert.load import load_model
+from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.generate import Step
 from zmaj.models.common import Batch
-from zmaj.tasks import Reward, get_task, score
+from zmaj.tasks import Problem, Reward, Task, get_task, score
 from zmaj.train import finetune, optim, precision, report
 from zmaj.train.finetune import GRPOSpec, Start
 from zmaj.train.grpo import grpo_step, sample_rollout
@@ -95,6 +96,24 @@ def sampling_step(spec: GRPOSpec, begin: Start) -> Step:
     return step
 
 
+def scorer(
+    task: Task, tokenizer: ModelTokenizer, problems: Sequence[Problem], where: str, scored: list[Reward]
+) -> Callable[[int, list[int]], float]:
+    """``sample_rollout``'s reward: the checker's total on the decoded answer, each result also kept in
+    ``scored``; a checker that fails stops the run, naming the sample."""
+
+    def reward(index: int, completion: list[int]) -> float:
+        try:
+            (result,) = score(task.reward, [problems[index]], [tokenizer.decode(completion)])
+        except (RuntimeError, TypeError, ValueError) as error:
+            sample = f"{where}, completion {len(scored)} (of prompt {index} in the rollout)"
+            raise RewardError(f"{sample}: {error}") from error
+        scored.append(result)
+        return result.total
+
+    return reward
+
+
 def train(
     spec: GRPOSpec,
     begin: Start,
@@ -142,18 +161,7 @@ def train(
         problems = task.problems("train", cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + step)
         prompts = [finetune.task_prompt(tokenizer, task, p, None, spec.task.system) for p in problems]
         scored: list[Reward] = []
-
-        def reward(
-            index: int, completion: list[int], step: int = step, problems: Sequence = problems
-        ) -> float:
-            try:
-                (result,) = score(task.reward, [problems[index]], [tokenizer.decode(completion)])
-            except (RuntimeError, TypeError, ValueError) as error:
-                sample = f"step {step + 1}, completion {len(scored)} (prompt {index} of the rollout)"
-                raise RewardError(f"{sample}: {error}") from error
-            scored.append(result)
-            return result.total
-
+        reward = scorer(task, tokenizer, problems, f"step {step + 1}", scored)
         tick = time.perf_counter()
         rollout = sample_rollout(
             state["params"],
