@@ -183,7 +183,7 @@ class PairFiles(BaseModel):
 
 class PairsFromTask(BaseModel):
     """On-policy pairs: ``k`` samples per train problem from the starting model, a correct one preferred to a
-    wrong one (problems where all or none are right give no pair)."""
+    wrong one (the most correct to the least; problems whose answers are all equally right give no pair)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
