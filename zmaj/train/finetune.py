@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import yaml
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDict, TensorDictBase
 
 from zmaj.convert.load import MODEL_FILE, Pretrained, load_model, resolve, write_lora_record
@@ -103,11 +103,10 @@ class EvalConfig(BaseModel):
     few_shot: int | None = Field(None, ge=0, description="k solved examples before the question; null = chat")
     system: str | None = None
 
-    @field_validator("task")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        get_task(name)  # unknown names fail here, listing the known ones
-        return name
+    @model_validator(mode="after")
+    def _buildable(self) -> "EvalConfig":
+        get_task(self.task, **self.options)  # an unknown name or a bad option fails here, naming it
+        return self
 
 
 class FinetuneSpec(BaseModel):
@@ -142,11 +141,10 @@ class RLTask(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     system: str | None = None
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        get_task(name)
-        return name
+    @model_validator(mode="after")
+    def _buildable(self) -> "RLTask":
+        get_task(self.name, **self.options)
+        return self
 
 
 class GRPOSpec(FinetuneSpec):
