@@ -36,9 +36,9 @@ def run(program: str, *args: str | Path) -> tuple[int, str, str]:
     sys.argv = [program, *map(str, args)]
     code: int | str | None = 0
     out, err = _Capture(), _Capture()
-    sink = logger.add(err.write, format="{level} | {message}")
+    sink = logger.add(err.sink, format="{level} | {message}")
     stdout = sys.stdout
-    sys.stdout = out  # type: ignore[assignment]
+    sys.stdout = out
     try:
         runpy.run_path(str(ROOT / "programs" / program), run_name="__main__")
     except SystemExit as exit_:
@@ -57,6 +57,9 @@ class _Capture:
     def write(self, text: str) -> int:
         self.text += text
         return len(text)
+
+    def sink(self, message: object) -> None:
+        self.text += str(message)
 
     def flush(self) -> None:
         pass
@@ -80,7 +83,7 @@ def assert_equal_files(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 def test_sft_lowers_the_loss_loads_as_the_trained_model_and_resumes_exactly(
     model: Path, tmp_path: Path
 ) -> None:
-    spec = [SPECS / "sft-tiny.yaml", "--set", f"model={model}"]
+    spec: list[str | Path] = [SPECS / "sft-tiny.yaml", "--set", f"model={model}"]
     code, _, err = run("sft.py", *spec, "--run-dir", tmp_path / "straight")
     assert code == 0, err
     losses = [r["loss"] for r in records(tmp_path / "straight") if "loss" in r]
@@ -133,7 +136,14 @@ def test_a_lora_sft_run_loads_as_its_base_with_the_adapters_merged(model: Path, 
 
 
 def test_grpo_raises_the_reward_and_resumes_exactly(model: Path, tmp_path: Path) -> None:
-    spec = [SPECS / "grpo-tiny.yaml", "--set", f"model={model}", "--set", "task={name: say-e}", *FIXTURES]
+    spec: list[str | Path] = [
+        SPECS / "grpo-tiny.yaml",
+        "--set",
+        f"model={model}",
+        "--set",
+        "task={name: say-e}",
+        *FIXTURES,
+    ]
     spec += ["--set", "train.steps=12"]
     code, _, err = run("grpo.py", *spec, "--run-dir", tmp_path / "straight")
     assert code == 0, err
@@ -170,7 +180,7 @@ def test_grpo_with_a_kl_penalty_reports_it(model: Path, tmp_path: Path) -> None:
 
 
 def test_dpo_widens_the_margin_from_on_policy_pairs(model: Path, tmp_path: Path) -> None:
-    spec = [
+    spec: list[str | Path] = [
         SPECS / "dpo-tiny.yaml",
         "--set",
         f"model={model}",

@@ -311,7 +311,9 @@ def resolve_run(
     return load(kind, spec_path, overrides), None
 
 
-def save_checkpoint(run_dir: Path, state: TensorDictBase, spec: FinetuneSpec, **meta: Any) -> Path:
+def save_checkpoint(
+    run_dir: Path, state: TensorDictBase, spec: SFTSpec | GRPOSpec | DPOSpec, **meta: Any
+) -> Path:
     return checkpoint.save(
         run_dir, state, {"seed": spec.train.seed, "spec": spec.model_dump(mode="json"), **meta}
     )
