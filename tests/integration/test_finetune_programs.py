@@ -1,0 +1,264 @@
+"""programs/sft.py, grpo.py, dpo.py and evaluate.py end to end on a tiny random Llama and toy tasks.
+
+The programs run in this process (``runpy``, as ``python programs/X.py`` would), which saves the ~20 s import of
+torch and tensordict per run; ``--import`` loads the toy tasks as a user's own module would be loaded.
+"""
+
+import json
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from loguru import logger
+from safetensors.torch import load_file
+
+from tests.integration import finetune_fixtures
+from zmaj.convert.load import load_model
+from zmaj.tasks import accuracy_interval
+from zmaj.train.lora import LoraConfig, init_adapters, merge
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECS = ROOT / "specs" / "finetune"
+FIXTURES = ["--import", "tests.integration.finetune_fixtures"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return finetune_fixtures.tiny_model(tmp_path_factory.mktemp("finetune") / "model")
+
+
+def run(program: str, *args: str | Path) -> tuple[int, str, str]:
+    """Run ``programs/<program>`` with ``args``; its exit status, stdout and stderr."""
+    argv, handler = sys.argv, signal.getsignal(signal.SIGINT)
+    sys.argv = [program, *map(str, args)]
+    code: int | str | None = 0
+    out, err = _Capture(), _Capture()
+    sink = logger.add(err.sink, format="{level} | {message}")
+    stdout = sys.stdout
+    sys.stdout = out
+    try:
+        runpy.run_path(str(ROOT / "programs" / program), run_name="__main__")
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv, sys.stdout = argv, stdout
+        signal.signal(signal.SIGINT, handler)
+        logger.remove(sink)
+    return int(code or 0), out.text, err.text
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def sink(self, message: object) -> None:
+        self.text += str(message)
+
+    def flush(self) -> None:
+        pass
+
+
+def records(run_dir: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run_dir / "checkpoints" / latest / "params.safetensors"))
+
+
+def assert_equal_files(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_sft_lowers_the_loss_loads_as_the_trained_model_and_resumes_exactly(
+    model: Path, tmp_path: Path
+) -> None:
+    spec: list[str | Path] = [SPECS / "sft-tiny.yaml", "--set", f"model={model}"]
+    code, _, err = run("sft.py", *spec, "--run-dir", tmp_path / "straight")
+    assert code == 0, err
+    losses = [r["loss"] for r in records(tmp_path / "straight") if "loss" in r]
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] - 0.5
+    assert [r["step"] for r in records(tmp_path / "straight") if "eval_accuracy" in r] == [0, 3, 6]
+    assert (tmp_path / "straight" / "curves.png").is_file()
+
+    trained, start = load_model(tmp_path / "straight"), load_model(model)
+    saved = checkpoint_params(tmp_path / "straight")
+    for key in trained.params.keys(True, True):
+        assert torch.equal(trained.params.get(key), saved[".".join(key)])
+    assert not torch.equal(trained.params["embed", "weight"], start.params["embed", "weight"])
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    assert trained.tokenizer.encode_chat(messages) == start.tokenizer.encode_chat(messages)
+
+    code, _, err = run("sft.py", *spec, "--run-dir", tmp_path / "split", "--stop-after", "3")
+    assert code == 0, err
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+    code, _, err = run("sft.py", "--resume", tmp_path / "split")
+    assert code == 0, err
+    assert_equal_files(checkpoint_params(tmp_path / "straight"), checkpoint_params(tmp_path / "split"))
+
+
+def test_a_lora_sft_run_loads_as_its_base_with_the_adapters_merged(model: Path, tmp_path: Path) -> None:
+    lora = ["--set", "lora={rank: 4, alpha: 8, targets: ['attn.*', 'mlp.up']}"]
+    code, _, err = run(
+        "sft.py", SPECS / "sft-tiny.yaml", "--set", f"model={model}", *lora, "--run-dir", tmp_path / "run"
+    )
+    assert code == 0, err
+    losses = [r["loss"] for r in records(tmp_path / "run") if "loss" in r]
+    assert losses[-1] < losses[0]
+    base = load_model(model)
+    config = LoraConfig(rank=4, alpha=8, targets=("attn.*", "mlp.up"))
+    template = init_adapters(base.params, config)
+    adapters = checkpoint_params(tmp_path / "run")
+    assert set(adapters) == {".".join(k) for k in template.keys(True, True)}  # only adapters are trained
+    for key in template.keys(True, True):
+        template.set(key, adapters[".".join(key)])
+    expected = merge(base.params, template, config)
+    loaded = load_model(tmp_path / "run")
+    for key in expected.keys(True, True):
+        assert torch.equal(loaded.params.get(key), expected.get(key)), key
+    assert not torch.equal(
+        loaded.params["blocks", "attn", "q", "weight"], base.params["blocks", "attn", "q", "weight"]
+    )
+    assert torch.equal(
+        loaded.params["blocks", "mlp", "down", "weight"], base.params["blocks", "mlp", "down", "weight"]
+    )
+
+
+def test_grpo_raises_the_reward_and_resumes_exactly(model: Path, tmp_path: Path) -> None:
+    spec: list[str | Path] = [
+        SPECS / "grpo-tiny.yaml",
+        "--set",
+        f"model={model}",
+        "--set",
+        "task={name: say-e}",
+        *FIXTURES,
+    ]
+    spec += ["--set", "train.steps=12"]
+    code, _, err = run("grpo.py", *spec, "--run-dir", tmp_path / "straight")
+    assert code == 0, err
+    rows = [r for r in records(tmp_path / "straight") if "reward" in r]
+    rewards = [r["reward"] for r in rows]
+    assert len(rewards) == 12
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
+    assert all(0 <= r["clip_fraction"] <= 1 and r["completion_length"] > 0 for r in rows)
+
+    code, _, err = run("grpo.py", *spec, "--run-dir", tmp_path / "split", "--stop-after", "5")
+    assert code == 0, err
+    code, _, err = run("grpo.py", "--resume", tmp_path / "split", *FIXTURES)
+    assert code == 0, err
+    assert_equal_files(checkpoint_params(tmp_path / "straight"), checkpoint_params(tmp_path / "split"))
+
+
+def test_grpo_with_a_kl_penalty_reports_it(model: Path, tmp_path: Path) -> None:
+    code, _, err = run(
+        "grpo.py",
+        SPECS / "grpo-tiny.yaml",
+        "--set",
+        f"model={model}",
+        "--set",
+        "grpo.kl_beta=0.1",
+        "--set",
+        "lora={rank: 2}",
+        "--run-dir",
+        tmp_path / "run",
+    )
+    assert code == 0, err
+    kls = [r["kl"] for r in records(tmp_path / "run") if "kl" in r]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6)  # the first pass starts at the reference
+    assert all(kl >= 0 for kl in kls)
+
+
+def test_dpo_widens_the_margin_from_on_policy_pairs(model: Path, tmp_path: Path) -> None:
+    spec: list[str | Path] = [
+        SPECS / "dpo-tiny.yaml",
+        "--set",
+        f"model={model}",
+        "--set",
+        "pairs.task={name: say-e}",
+        *FIXTURES,
+    ]
+    code, _, err = run("dpo.py", *spec, "--set", "train.steps=8", "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    rows = records(tmp_path / "run")
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: the policy starts as the reference
+    assert rows[-1]["reward_margin"] > 0.1
+    assert (tmp_path / "run" / "pairs.jsonl").is_file()
+    assert load_model(tmp_path / "run").config == load_model(model).config
+
+
+def test_evaluate_prints_accuracy_with_its_wilson_interval(model: Path) -> None:
+    code, out, err = run(
+        "evaluate.py",
+        "--model",
+        model,
+        "--task",
+        "always-right",
+        "--n",
+        "12",
+        "--max-new-tokens",
+        "3",
+        *FIXTURES,
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    _, low, high = accuracy_interval(12, 12)
+    assert result["task"] == "always-right"
+    assert (result["n"], result["accuracy"], result["low"], result["high"]) == (12, 1.0, low, high)
+    assert result["format_rate"] == 1.0
+    assert 1 <= result["mean_length"] <= 3
+
+
+def bad_conversations(tmp_path: Path) -> Path:
+    path = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = {"messages": [{"role": "user", "content": "hi"}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("program", "args", "message"),
+    [
+        ("sft.py", ["--set", "train.stepz=3"], "train.stepz"),
+        ("sft.py", ["--set", "lora={targets: [attn.nope]}"], "'attn.nope' matches no matrix"),
+        ("sft.py", ["--set", "data={kind: files, paths: [CHATS]}"], "chats.jsonl:2"),
+        ("sft.py", ["--set", "model=/no/such/model"], "/no/such/model"),
+        ("sft.py", ["--set", "model=pypi:no-such"], "pypi:no-such"),
+        ("grpo.py", ["--set", "grpo.sampling.temperature=0.7"], "temperature 1"),
+        ("grpo.py", ["--set", "task={name: reward-raises}"], "completion 0"),
+        ("grpo.py", ["--set", "task={name: reward-nan}"], "non-finite"),
+        ("evaluate.py", ["--task", "no-such-task"], "unknown task 'no-such-task'"),
+        ("evaluate.py", ["--task", "arithmetic", "--set-task", "digits=0"], "digits"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_naming_the_problem(
+    model: Path, tmp_path: Path, program: str, args: list[str], message: str
+) -> None:
+    args = [a.replace("CHATS", str(bad_conversations(tmp_path))) for a in args]
+    if program == "evaluate.py":
+        args = ["--model", str(model), *args]
+    else:
+        args = [str(SPECS / f"{program.removesuffix('.py')}-tiny.yaml"), "--set", f"model={model}", *args]
+        args += ["--run-dir", str(tmp_path / "run")]
+    code, _, err = run(program, *args, *FIXTURES)
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert message in errors[0]
+
+
+def test_evaluate_names_a_missing_model(tmp_path: Path) -> None:
+    code, _, err = run("evaluate.py", "--model", tmp_path / "nothing", "--task", "arithmetic")
+    assert code == 2
+    assert str(tmp_path / "nothing") in err

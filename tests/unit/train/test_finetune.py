@@ -1,0 +1,194 @@
+"""Fine-tuning helpers: prompt tokens get exactly zero gradient, data order is a pure function of the step,
+batches line targets and masks up with the tokens, evaluation scores with the checker, and specs refuse what
+cannot work."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.integration import finetune_fixtures
+from zmaj.convert.load import Pretrained, load_model, resolve
+from zmaj.models import llama
+from zmaj.tasks import FEW_SHOT_STOP, accuracy_interval, get_task
+from zmaj.train import finetune
+from zmaj.train.spec import SpecError, parse
+from zmaj.train.step import accumulate_grads, bind, init_state
+
+TOKENIZER = finetune_fixtures.tokenizer()
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "2 + 3 = 5\nAnswer: 5"},
+    {"role": "user", "content": "And 4 + 4?"},
+    {"role": "assistant", "content": "Answer: 8"},
+]
+
+
+def test_sft_example_marks_exactly_the_assistant_turns() -> None:
+    ids, mask = finetune.sft_example(TOKENIZER, CONVERSATION, 512, "sample")
+    assistant = TOKENIZER.decode([i for i, m in zip(ids, mask, strict=True) if m], skip_special_tokens=False)
+    assert assistant == "2 + 3 = 5\nAnswer: 5<|end|>Answer: 8<|end|>"
+
+
+def test_a_conversation_cut_before_its_answer_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="conversation 7: no assistant token within the first 4 tokens"):
+        finetune.sft_example(TOKENIZER, CONVERSATION, 4, "conversation 7")
+
+
+@given(seed=st.integers(0, 2**16), lengths=st.lists(st.integers(2, 12), min_size=1, max_size=4))
+def test_masked_batch_targets_are_the_next_tokens_and_learned_only_where_flagged(
+    seed: int, lengths: list[int]
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, 50, (n,), generator=generator).tolist()
+        flags = (torch.rand(n, generator=generator) < 0.5).tolist()
+        rows.append((ids, flags))
+    batch = finetune.masked_batch(rows)
+    assert batch.targets is not None
+    assert batch.loss_mask is not None
+    for row, (ids, flags) in enumerate(rows):
+        for t in range(batch.tokens.shape[1]):
+            real = t + 1 < len(ids)
+            assert bool(batch.loss_mask[row, t]) == (real and flags[t + 1])
+            if real:
+                assert (int(batch.tokens[row, t]), int(batch.targets[row, t])) == (ids[t], ids[t + 1])
+
+
+def test_prompt_tokens_get_exactly_zero_gradient() -> None:
+    """Changing what a prompt position "should" predict (its target) changes neither the loss nor the grads."""
+    config = finetune_fixtures.CONFIG
+    params = llama.init(config, 0)
+    forward = bind(llama.forward, config=config)
+    rows = [
+        finetune.sft_example(TOKENIZER, CONVERSATION, 512, "a"),
+        finetune.sft_example(TOKENIZER, CONVERSATION[:3], 512, "b"),
+    ]
+    batch = finetune.masked_batch(rows)
+    assert batch.targets is not None
+    assert batch.loss_mask is not None
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, config.vocab_size, batch.targets.shape, generator=generator)
+    perturbed = type(batch)(
+        tokens=batch.tokens,
+        targets=torch.where(batch.loss_mask, batch.targets, noise),
+        loss_mask=batch.loss_mask,
+    )
+    assert perturbed.targets is not None
+    assert not torch.equal(perturbed.targets, batch.targets)
+    grads, loss, _ = accumulate_grads(params, [batch], forward, [None])
+    grads2, loss2, _ = accumulate_grads(params, [perturbed], forward, [None])
+    assert torch.equal(loss, loss2)
+    for key in grads.keys(True, True):
+        assert torch.equal(grads.get(key), grads2.get(key)), key
+
+
+@given(n=st.integers(1, 9), seed=st.integers(0, 100), start=st.integers(0, 40), count=st.integers(1, 30))
+def test_the_data_stream_is_whole_epochs_and_a_pure_function_of_the_position(
+    n: int, seed: int, start: int, count: int
+) -> None:
+    stream = finetune.draw(n, seed, 0, start + count)
+    assert finetune.draw(n, seed, start, count) == stream[start:]
+    for epoch in range(len(stream) // n):
+        assert sorted(stream[epoch * n : (epoch + 1) * n]) == list(range(n))
+
+
+def tiny_model() -> Pretrained:
+    config = finetune_fixtures.CONFIG
+    return Pretrained(config, llama.init(config, 0), TOKENIZER)
+
+
+def test_evaluate_task_scores_with_the_checker_and_a_wilson_interval() -> None:
+    task = get_task("always-right")
+    result = finetune.evaluate_task(
+        tiny_model(), task, task.problems("test", 5), max_new_tokens=3, batch_size=2
+    )
+    assert (result.n, result.accuracy, result.format_rate) == (5, 1.0, 1.0)
+    assert (result.low, result.high) == accuracy_interval(5, 5)[1:]
+    arithmetic = get_task("arithmetic", digits=1)
+    wrong = finetune.evaluate_task(
+        tiny_model(), arithmetic, arithmetic.problems("test", 4), max_new_tokens=3, batch_size=4, few_shot=2
+    )
+    assert wrong.accuracy == 0.0  # a random model writes no "Answer:" line
+    assert 1 <= wrong.mean_length <= 3
+
+
+def test_batched_answers_equal_one_at_a_time() -> None:
+    """Left padding and batching change nothing about a greedy answer."""
+    prompts = [
+        TOKENIZER.encode_chat([{"role": "user", "content": text}]) for text in ("What is 1 + 1?", "Hi", "eee")
+    ]
+    together = finetune.sample_answers(tiny_model(), prompts, 5, batch_size=3)
+    alone = [finetune.sample_answers(tiny_model(), [p], 5, batch_size=1)[0] for p in prompts]
+    assert together == alone
+
+
+def test_a_few_shot_completion_is_cut_at_the_blank_line() -> None:
+    ids = TOKENIZER.encode(f"1 + 1 = 2\nAnswer: 2{FEW_SHOT_STOP}Question: What", add_special_tokens=False)
+    assert finetune.completion_text(TOKENIZER, ids, few_shot=True) == "1 + 1 = 2\nAnswer: 2"
+
+
+def test_a_lora_target_that_matches_nothing_is_named() -> None:
+    spec = parse(
+        finetune.SFTSpec,
+        {
+            "name": "x",
+            "model": "m",
+            "lora": {"targets": ["attn.q", "attn.nope"]},
+            "train": {"steps": 1, "batch_size": 1},
+            "data": {"kind": "task", "task": "arithmetic", "n": 1},
+        },
+        "spec",
+    )
+    begin = finetune.Start(tiny_model(), "m")
+    with pytest.raises(SpecError, match=r"lora\.targets: LoRA target 'attn\.nope' matches no matrix"):
+        finetune.trainable(spec, begin)
+
+
+def test_grpo_refuses_tempered_sampling_and_bad_task_options() -> None:
+    raw = {
+        "name": "x",
+        "model": "m",
+        "train": {"steps": 1, "prompts_per_step": 1},
+        "task": {"name": "arithmetic"},
+    }
+    parse(finetune.GRPOSpec, raw, "spec")
+    with pytest.raises(SpecError, match="temperature 1"):
+        parse(finetune.GRPOSpec, {**raw, "grpo": {"sampling": {"temperature": 0.7}}}, "spec")
+    with pytest.raises(SpecError, match="digits"):
+        parse(finetune.GRPOSpec, {**raw, "task": {"name": "arithmetic", "options": {"digits": 0}}}, "spec")
+
+
+def test_a_new_run_folder_is_a_model_path_with_the_spec_chat_template(tmp_path: Path) -> None:
+    model = finetune_fixtures.tiny_model(tmp_path / "model")
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|end|>{% endfor %}"
+    raw = {
+        "name": "x",
+        "model": str(model),
+        "chat_template": template,
+        "train": {"steps": 1, "batch_size": 1},
+        "data": {"kind": "task", "task": "arithmetic", "n": 1},
+    }
+    spec = parse(finetune.SFTSpec, raw, "spec")
+    begin = finetune.start(spec, torch.device("cpu"))
+    run_dir = finetune.new_run(spec, begin, tmp_path / "run")
+    state = init_state(finetune.trainable(spec, begin))
+    finetune.save_checkpoint(run_dir, state, spec)
+    loaded = load_model(run_dir)
+    assert loaded.tokenizer.chat_template == template
+    assert loaded.tokenizer.render_chat([{"role": "user", "content": "hi"}], False) == "[user] hi<|end|>"
+    for key in loaded.params.keys(True, True):
+        assert torch.equal(loaded.params.get(key), begin.model.params.get(key))
+    with pytest.raises(SpecError, match="already holds a run"):
+        finetune.new_run(spec, begin, run_dir)
+
+
+def test_an_unknown_shipped_model_is_named() -> None:
+    with pytest.raises(
+        ValueError, match="unknown model 'pypi:nope'; shipped models: pypi:smollm2-135m-instruct"
+    ):
+        resolve("pypi:nope")
