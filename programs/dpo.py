@@ -176,6 +176,7 @@ def train(
     cfg = spec.train
     device = precision.default_device()
     started = time.perf_counter()
+    report.record_session(run_dir, "start", device)
     state = finetune.restore(run_dir, params, device) if resume else init_state(params)
     forward = finetune.policy_forward(spec, begin)
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
@@ -228,6 +229,7 @@ def train(
             raise FloatingPointError(f"loss became {record['loss']} at step {step + 1}; checkpoint saved")
         if finetune.stop_now(step + 1, first_step, cfg.steps, stop_after, interrupt):
             save()
+            report.record_session(run_dir, "end", device)
             logger.info(f"stopped at step {step + 1}; continue with --resume {run_dir}")
             return
         if (step + 1) % cfg.checkpoint_every == 0:
@@ -247,6 +249,7 @@ def train(
             ("eval_accuracy", "held-out accuracy"),
         ],
     )
+    report.record_session(run_dir, "end", device)
     logger.info(f"done in {time.perf_counter() - started:.0f}s; run folder {run_dir}")
 
 

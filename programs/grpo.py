@@ -126,6 +126,7 @@ def train(
     cfg = spec.train
     device = precision.default_device()
     started = time.perf_counter()
+    report.record_session(run_dir, "start", device)
     tokenizer = begin.model.tokenizer
     task = get_task(spec.task.name, **spec.task.options)
     config = spec.grpo.model_copy(
@@ -196,6 +197,7 @@ def train(
             raise FloatingPointError(f"loss became {record['loss']} at step {step + 1}; checkpoint saved")
         if finetune.stop_now(step + 1, first_step, cfg.steps, stop_after, interrupt):
             save()
+            report.record_session(run_dir, "end", device)
             logger.info(f"stopped at step {step + 1}; continue with --resume {run_dir}")
             return
         if (step + 1) % cfg.checkpoint_every == 0:
@@ -216,6 +218,7 @@ def train(
             ("completion_length", "answer length (tokens)"),
         ],
     )
+    report.record_session(run_dir, "end", device)
     logger.info(f"done in {time.perf_counter() - started:.0f}s; run folder {run_dir}")
 
 

@@ -181,6 +181,7 @@ def train(spec: PretrainSpec, run_dir: Path, resume: bool, cache_dir: Path, stop
     device = precision.default_device()
     dtype = precision.resolve(cfg.precision, device)
     started = time.perf_counter()
+    report.record_session(run_dir, "start", device)
 
     data = prepare(spec.data, cache_dir, cfg.seed)
     tokenizer = data.tokenizer
@@ -296,6 +297,7 @@ def train(spec: PretrainSpec, run_dir: Path, resume: bool, cache_dir: Path, stop
             stop_after is not None and step + 1 - first_step >= stop_after and step + 1 < cfg.steps
         ):
             save()
+            report.record_session(run_dir, "end", device)
             logger.info(f"stopped at step {step + 1}; continue with --resume {run_dir}")
             return
         if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
@@ -318,6 +320,7 @@ def train(spec: PretrainSpec, run_dir: Path, resume: bool, cache_dir: Path, stop
         "wall_s": time.perf_counter() - started,
     }
     report.append_jsonl(metrics_path, summary)
+    report.record_session(run_dir, "end", device)
     logger.info(
         f"done in {summary['wall_s']:.0f}s: held-out {final['val_bpb']:.3f} bits per byte "
         f"(unigram baseline {baseline:.3f}), val loss {final['val_loss']:.3f}; run folder {run_dir}"

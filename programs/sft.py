@@ -77,6 +77,7 @@ def train(
     dtype = precision.resolve(cfg.precision, device)
     autocast = precision.autocast(dtype, device)
     started = time.perf_counter()
+    report.record_session(run_dir, "start", device)
     state = finetune.restore(run_dir, params, device) if resume else init_state(params)
     forward = finetune.policy_forward(spec, begin)
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
@@ -139,6 +140,7 @@ def train(
             )
         if finetune.stop_now(step + 1, first_step, cfg.steps, stop_after, interrupt):
             save()
+            report.record_session(run_dir, "end", device)
             logger.info(f"stopped at step {step + 1}; continue with --resume {run_dir}")
             return
         if (step + 1) % cfg.checkpoint_every == 0:
@@ -153,6 +155,7 @@ def train(
         run_dir / "curves.png",
         [("loss", "assistant loss (nats/token)"), ("eval_accuracy", "accuracy")],
     )
+    report.record_session(run_dir, "end", device)
     logger.info(f"done in {time.perf_counter() - started:.0f}s; run folder {run_dir}")
 
 

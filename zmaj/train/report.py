@@ -1,6 +1,10 @@
-"""What a run leaves behind for people: a metrics JSONL, a loss-curve PNG, FLOP counts for MFU."""
+"""What a run leaves behind for people: a metrics JSONL, a loss-curve PNG, FLOP counts for MFU, and a record of
+when and on what hardware it ran (``run.jsonl``), which a model card reports."""
 
 import json
+import os
+import platform
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,27 @@ import matplotlib.pyplot as plt
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+RUN_FILE = "run.jsonl"
+"""One line per start and end of a program on a run folder: a resumed run adds a start/end pair per session."""
+
+
+def record_session(run_dir: Path, event: str, device: torch.device) -> None:
+    """Append a ``start`` or ``end`` record to the run's ``run.jsonl``: wall-clock time, device, host, versions."""
+    if device.type == "cuda":
+        hardware = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}"
+    else:
+        hardware = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    record = {
+        "event": event,
+        "time": time.time(),
+        "device": device.type,
+        "hardware": hardware,
+        "host": socket.gethostname(),
+        "torch": torch.__version__,
+    }
+    append_jsonl(run_dir / RUN_FILE, record)
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:

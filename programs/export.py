@@ -1,0 +1,76 @@
+"""Export a model, usually a zmaj run, as a Hugging Face folder with a model card, ready for
+``programs/publish.py`` (or ``transformers``' ``from_pretrained`` on the folder).
+
+    uv run programs/export.py runs/stdlib-tiny-20261126-101500 exports/stdlib-tiny --license mit
+    uv run programs/export.py runs/sft-smollm2-arithmetic exports/smollm2-arithmetic --dtype bfloat16 \\
+        --repo-id me/smollm2-arithmetic --max-shard-size 2GB
+
+RUN_DIR is any model PATH ``zmaj.convert.load.load_model`` reads; a run folder (pre-training or fine-tuning,
+LoRA adapters merged) gives the full card: spec, data and tokens seen, final metrics, curves, hardware and wall
+time. OUT_DIR is replaced whole once the new folder is written. A model ``transformers`` cannot compute exactly
+(e.g. a GPT with RMSNorm) is refused with a one-line error and exit status 2, as is any other bad input.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from zmaj.publish.export import export_model, parse_size
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dir", help="the model to export: a zmaj run, or any model PATH")
+    parser.add_argument("out_dir", type=Path, help="the folder to write (replaced if it exists)")
+    parser.add_argument(
+        "--license", default="apache-2.0", help="the card's license id (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), help="cast the floating-point parameters (default: as stored)"
+    )
+    parser.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors file (default: %(default)s)"
+    )
+    parser.add_argument("--repo-id", help="USER/NAME for the card's loading snippet (default: a placeholder)")
+    parser.add_argument(
+        "--dataset",
+        dest="datasets",
+        action="append",
+        default=[],
+        metavar="HUB_ID",
+        help="a Hub dataset the model learned from, for the card's metadata (repeatable)",
+    )
+    args = parser.parse_args()
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        logger.error(f"OUT_DIR {args.out_dir} is a file; it must be a folder (replaced if it exists)")
+        sys.exit(2)
+    if args.out_dir.resolve() == Path(args.run_dir).resolve():
+        logger.error(f"OUT_DIR {args.out_dir} is RUN_DIR; export somewhere else")
+        sys.exit(2)
+    try:
+        max_shard_bytes = parse_size(args.max_shard_size)
+        dtype = None if args.dtype is None else DTYPES[args.dtype]
+        export_model(
+            args.run_dir,
+            args.out_dir,
+            license=args.license,
+            dtype=dtype,
+            max_shard_bytes=max_shard_bytes,
+            repo_id=args.repo_id,
+            datasets=args.datasets,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        logger.error(f"cannot export {args.run_dir}: {error}")
+        sys.exit(2)
+    logger.info(f"wrote {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Publish a model folder (``programs/export.py``'s) or a dataset to the Hugging Face Hub.
+
+    uv run programs/publish.py exports/stdlib-tiny --repo-id me/stdlib-tiny --dry-run
+    uv run programs/publish.py exports/stdlib-tiny --repo-id me/stdlib-tiny --private --revision v1
+    uv run programs/publish.py --dataset task:arithmetic --set-task digits=2 --n-train 20000 --n-test 500 \\
+        --repo-id me/arithmetic-2
+    uv run programs/publish.py --dataset tokens:~/.cache/zmaj/tokens/train-ab12,~/.cache/zmaj/tokens/validation-cd34 \\
+        --repo-id me/stdlib-tokens --license mit
+
+A model FOLDER is checked first (config.json that transformers reads, the weights, the tokenizer, a README.md
+model card with a license). ``--dataset task:NAME`` writes a task's train and test splits (prompt, answer,
+solution, messages) as Parquet with a dataset card; ``--dataset tokens:DIR[,DIR...]`` writes token files of a
+pre-training corpus (one ``input_ids`` row per document); ``--out DIR`` keeps that folder. Then the repository is
+created if missing (private with ``--private``), the branch ``--revision`` if missing, and the folder uploaded
+in one commit. The token is ``HF_TOKEN`` or the one ``hf auth login`` saved; ``HF_ENDPOINT`` names another Hub.
+``--dry-run`` lists the files with their sizes and prints the card, contacting nothing and needing no token.
+A missing token or a failed check is a one-line error with exit status 2, before any request.
+"""
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import get_token
+from huggingface_hub.errors import HfHubHTTPError
+from loguru import logger
+
+from zmaj.publish.dataset import dataset_card, task_dataset, token_dataset, write_dataset_folder
+from zmaj.publish.hub import CARD_FILE, check_dataset_folder, check_model_folder, publish, upload_files
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("folder", nargs="?", type=Path, help="a model folder written by programs/export.py")
+    parser.add_argument("--repo-id", required=True, help="USER/NAME (or ORG/NAME) on the Hub")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--revision", metavar="BRANCH", help="upload to this branch (created if missing)")
+    parser.add_argument("--message", help="the commit message")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; contact nothing")
+    group = parser.add_argument_group("datasets (instead of FOLDER)")
+    group.add_argument("--dataset", metavar="SOURCE", help="task:NAME or tokens:DIR[,DIR...]")
+    group.add_argument("--set-task", dest="task_options", action="append", default=[], metavar="KEY=VALUE")
+    group.add_argument(
+        "--n-train", type=int, default=1000, help="task problems in train (default: %(default)s)"
+    )
+    group.add_argument("--n-test", type=int, default=200, help="task problems in test (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=0, help="which problems (default: %(default)s)")
+    group.add_argument(
+        "--license", default="apache-2.0", help="the dataset card's license (default: %(default)s)"
+    )
+    group.add_argument(
+        "--out", type=Path, help="write the dataset folder here and keep it (default: a temp dir)"
+    )
+    args = parser.parse_args()
+    if (args.folder is None) == (args.dataset is None):
+        parser.error("give a model FOLDER or --dataset SOURCE (one of them)")
+    return args
+
+
+def task_options(items: list[str]) -> dict[str, Any]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set-task expects key=value, got {item!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def build_dataset(args: argparse.Namespace, folder: Path) -> Path:
+    """The dataset folder for ``--dataset SOURCE``."""
+    kind, _, value = args.dataset.partition(":")
+    name = args.repo_id.split("/")[-1]
+    if kind == "task":
+        options = task_options(args.task_options)
+        data = task_dataset(value, options, args.n_train, args.n_test, args.seed)
+        description = (
+            f"Problems of the zmaj task `{value}` (options {options}, seed {args.seed}): each with the prompt, "
+            "the canonical answer, a worked solution ending in `Answer: ...`, and the same as a two-turn "
+            "conversation (`messages`). No test prompt occurs in train."
+        )
+    elif kind == "tokens":
+        data = token_dataset([Path(d).expanduser() for d in value.split(",")])
+        description = (
+            "A pre-training corpus tokenised by zmaj: one row per document, its token ids ending in <|eos|>."
+        )
+    else:
+        raise ValueError(f"--dataset {args.dataset}: expected task:NAME or tokens:DIR[,DIR...]")
+    card = dataset_card(data, name=name, license=args.license, description=description)
+    return write_dataset_folder(data, card, folder)
+
+
+def main() -> None:
+    args = parse_args()
+    scratch = tempfile.TemporaryDirectory(prefix="zmaj-dataset-")
+    try:
+        if args.dataset is None:
+            folder, repo_type = args.folder, "model"
+            check_model_folder(folder)
+        else:
+            folder, repo_type = build_dataset(args, args.out or Path(scratch.name) / "dataset"), "dataset"
+            check_dataset_folder(folder)
+    except (FileNotFoundError, ValueError) as error:
+        logger.error(str(error).replace("\n", "; "))
+        sys.exit(2)
+    files = upload_files(folder)
+    if args.dry_run:
+        for path, size in files:
+            print(f"{size:>14,}  {path}")
+        print(
+            f"{sum(size for _, size in files):>14,}  total, {len(files)} files -> {repo_type} {args.repo_id}"
+        )
+        print((folder / CARD_FILE).read_text())
+        return
+    token = get_token()
+    if token is None:
+        logger.error("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
+        sys.exit(2)
+    try:
+        url = publish(
+            folder,
+            args.repo_id,
+            token,
+            repo_type=repo_type,
+            private=args.private,
+            revision=args.revision,
+            message=args.message,
+        )
+    except HfHubHTTPError as error:
+        logger.error(f"upload to {args.repo_id} failed: {str(error).splitlines()[0]}")
+        sys.exit(1)
+    finally:
+        scratch.cleanup()
+    logger.info(f"uploaded {len(files)} files to {args.repo_id}: {url}")
+
+
+if __name__ == "__main__":
+    main()

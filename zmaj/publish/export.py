@@ -1,0 +1,59 @@
+"""A model as a Hugging Face folder with its model card: what ``programs/export.py`` writes and
+``programs/publish.py`` uploads.
+
+The folder is ``zmaj.convert.export.save_hf``'s (config, safetensors, tokenizer, generation config) plus
+``README.md`` (``zmaj.publish.card``) and, for a run, its training-curve plot. It is written beside the
+destination and renamed into place, so a failed export never leaves half a folder.
+"""
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from zmaj.convert.export import DEFAULT_MAX_SHARD_BYTES, save_hf
+from zmaj.convert.load import load_model, replace_folder
+from zmaj.publish.card import model_card, read_run, write_card
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``5GB``, ``500MB``, ``2GiB`` or ``1000``: decimal units as ``transformers`` reads them."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if match is None or match.group(2).upper() not in UNITS:
+        raise ValueError(f"size {text!r} is not a number of bytes with a unit (e.g. 5GB, 500MB, 2GiB)")
+    size = int(float(match.group(1)) * UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return size
+
+
+def export_model(
+    source: str | Path,
+    folder: Path,
+    *,
+    license: str,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    repo_id: str | None = None,
+    datasets: list[str] | None = None,
+) -> Path:
+    """Write the model at ``source`` (any model PATH; a run gives the fullest card) as a Hugging Face folder
+    with its card. Raises ValueError (nothing written) for a model ``transformers`` cannot compute exactly."""
+    model = load_model(source)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    run = read_run(Path(source))
+    card = model_card(model, run, name=folder.name, license=license, repo_id=repo_id, datasets=datasets)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.export."))
+    try:
+        staged = save_hf(model, scratch / folder.name, max_shard_bytes)
+        write_card(staged, card, run)
+        replace_folder(staged, folder)
+    finally:
+        shutil.rmtree(scratch)
+    return folder

@@ -1,0 +1,109 @@
+"""Uploading a folder to the Hugging Face Hub (https://huggingface.co/docs/huggingface_hub/guides/upload), after
+checking that what arrives there is usable.
+
+``huggingface_hub`` does the protocol: ``create_repo`` (``POST /api/repos/create``), ``create_branch``, then
+``upload_folder``, one commit: a ``preupload`` call sorts files into small ones sent inline (base64 in the
+commit) and large or binary ones stored by content hash (Git LFS, or Xet where ``hf_xet`` is installed), then the
+commit (``POST /api/{type}s/{repo}/commit/{revision}``, NDJSON). The token comes from ``HF_TOKEN`` or
+``hf auth login`` (``huggingface_hub.get_token``). ``HF_ENDPOINT`` points all of it at another server.
+
+Checks run before any request, so a broken folder never becomes a broken repository: a model folder needs a
+``config.json`` that ``transformers`` reads, its weights (every shard an index names), the tokenizer, and a
+``README.md`` whose metadata parses as a model card with a license.
+"""
+
+import json
+from pathlib import Path
+
+import transformers
+from huggingface_hub import DatasetCard, HfApi, ModelCard, RepoCard
+from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+from zmaj.convert.export import INDEX_FILE, WEIGHTS_FILE
+from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+
+CARD_FILE = "README.md"
+
+
+def upload_files(folder: Path) -> list[tuple[str, int]]:
+    """The files ``upload_folder`` sends (it skips ``.git/`` and ``.cache/huggingface/``), with their sizes."""
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    kept = filter_repo_objects(paths, ignore_patterns=DEFAULT_IGNORE_PATTERNS)
+    return [(path, (folder / path).stat().st_size) for path in kept]
+
+
+def read_card(folder: Path, kind: type[RepoCard] = ModelCard) -> RepoCard:
+    """The folder's ``README.md`` parsed as the Hub parses it; ValueError when it is missing or its metadata is
+    not a YAML mapping with a license."""
+    path = folder / CARD_FILE
+    if not path.is_file():
+        raise ValueError(f"{folder}: no {CARD_FILE} (model card)")
+    card: RepoCard = kind.load(path)
+    if not card.data.to_dict().get("license"):  # type: ignore[no-untyped-call]
+        raise ValueError(f"{path}: the card's metadata names no license")
+    return card
+
+
+def check_model_folder(folder: Path) -> ModelCard:
+    """Its card, when ``folder`` is a complete Hugging Face model folder; else ValueError naming what is wrong."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder}: no config.json; export a model with programs/export.py first")
+    try:
+        transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (ValueError, KeyError, OSError) as error:
+        raise ValueError(f"{folder}/config.json: transformers cannot read it: {error}") from None
+    if (folder / INDEX_FILE).is_file():
+        shards = set(json.loads((folder / INDEX_FILE).read_text())["weight_map"].values())
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise ValueError(f"{folder}: {INDEX_FILE} names missing shards {missing}")
+    elif not (folder / WEIGHTS_FILE).is_file():
+        raise ValueError(f"{folder}: no weights ({WEIGHTS_FILE} or {INDEX_FILE})")
+    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder}: no {name} (tokenizer)")
+    card = read_card(folder, ModelCard)
+    assert isinstance(card, ModelCard)
+    return card
+
+
+def check_dataset_folder(folder: Path) -> DatasetCard:
+    """Its card, when ``folder`` has data files and a dataset card whose ``configs`` name them."""
+    card = read_card(folder, DatasetCard)
+    assert isinstance(card, DatasetCard)
+    configs = card.data.to_dict().get("configs") or []  # type: ignore[no-untyped-call]
+    if not configs:
+        raise ValueError(f"{folder}/{CARD_FILE}: the card's metadata has no configs (data files)")
+    for config in configs:
+        for entry in config["data_files"]:
+            if not list(folder.glob(entry["path"])):
+                raise ValueError(f"{folder}: no file matches {entry['path']} (split {entry['split']})")
+    return card
+
+
+def publish(
+    folder: Path,
+    repo_id: str,
+    token: str,
+    *,
+    repo_type: str = "model",
+    private: bool = False,
+    revision: str | None = None,
+    message: str | None = None,
+) -> str:
+    """Upload ``folder`` to ``repo_id`` (created if missing; private only if it is created here), on branch
+    ``revision`` (created from main if missing); the URL of the commit."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type=repo_type, private=True if private else None, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        repo_type=repo_type,
+        revision=revision,
+        commit_message=message or f"Upload {folder.name} with zmaj",
+    )
+    return str(commit.commit_url)
