@@ -62,7 +62,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     assert code == 0, err
     model = finetune_fixtures.tiny_model(root / "model")
-    sft = [SPECS / "sft-tiny.yaml", "--set", f"model={model}"]
+    sft: list[str | Path] = [SPECS / "sft-tiny.yaml", "--set", f"model={model}"]
     code, _, err = run("sft.py", *sft, "--run-dir", root / "sft")
     assert code == 0, err
     lora = ["--set", "lora={rank: 4, alpha: 8, targets: ['attn.*', 'mlp.up']}"]
@@ -136,7 +136,7 @@ def test_the_card_parses_and_reports_the_run(exported: tuple[str, Path, Path]) -
     sessions = [json.loads(line) for line in (run_dir / "run.jsonl").read_text().splitlines()]
     assert [s["event"] for s in sessions] == ["start", "end"]
     assert f"Hardware: {sessions[0]['hardware']}." in card.text
-    assert f"({sessions[1]['time'] - sessions[0]['time']:,.0f} s)" in card.text
+    assert f"({sessions[1]['time'] - sessions[0]['time']:,.1f} s)" in card.text
 
 
 def test_the_cards_snippet_loads_and_runs_the_folder(exported: tuple[str, Path, Path]) -> None:

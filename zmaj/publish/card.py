@@ -257,9 +257,14 @@ def _results(run: Run) -> str:
 
 def _compute(run: Run) -> str:
     seconds = run.wall_seconds
-    wall = "not recorded" if seconds is None else f"{seconds / 3600:.2f} h ({seconds:,.0f} s)"
+    wall = "not recorded" if seconds is None else f"{_duration(seconds)} ({seconds:,.1f} s)"
     hardware = run.hardware or "not recorded"
     return f"## Compute\n\nHardware: {hardware}. Wall time: {wall}.\n"
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(round(seconds), 3600)
+    return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min {rest % 60} s"
 
 
 def _usage(repo_id: str, chat: bool) -> str:

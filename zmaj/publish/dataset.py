@@ -30,13 +30,14 @@ from zmaj.tasks import Split, get_task
 
 DATA_DIR = "data"
 
+Splits = dict[str, datasets.Dataset]
+"""Rows per split name. (Not ``datasets.DatasetDict``, which the runtime type checker fails to recognise.)"""
 
-def task_dataset(
-    name: str, options: Mapping[str, Any], n_train: int, n_test: int, seed: int = 0
-) -> datasets.DatasetDict:
+
+def task_dataset(name: str, options: Mapping[str, Any], n_train: int, n_test: int, seed: int = 0) -> Splits:
     """``n_train`` and ``n_test`` problems of a task, as prompt/answer/solution/messages rows."""
     task = get_task(name, **options)
-    splits = {}
+    splits: Splits = {}
     plan: tuple[tuple[Split, int], ...] = (("train", n_train), ("test", n_test))
     for split, n in plan:
         problems = task.problems(split, n, seed)
@@ -54,12 +55,12 @@ def task_dataset(
                 for p in problems
             ]
         )
-    return datasets.DatasetDict(splits)
+    return splits
 
 
-def token_dataset(directories: list[Path]) -> datasets.DatasetDict:
+def token_dataset(directories: list[Path]) -> Splits:
     """Token files as one split each (named by their ``meta.json``), one ``input_ids`` row per document."""
-    splits = {}
+    splits: Splits = {}
     for directory in directories:
         if not (directory / "meta.json").is_file():
             raise FileNotFoundError(f"{directory} is not a token file (no meta.json)")
@@ -69,10 +70,10 @@ def token_dataset(directories: list[Path]) -> datasets.DatasetDict:
         tokens = TokenFile.open(directory)
         rows = [np.asarray(tokens.document(i), dtype=np.int64).tolist() for i in range(tokens.n_documents)]
         splits[split] = datasets.Dataset.from_dict({"input_ids": rows})
-    return datasets.DatasetDict(splits)
+    return splits
 
 
-def dataset_card(data: datasets.DatasetDict, *, name: str, license: str, description: str) -> DatasetCard:
+def dataset_card(data: Splits, *, name: str, license: str, description: str) -> DatasetCard:
     """The card: ``configs`` mapping each split to its Parquet file, license, tags, and the rows per split."""
     metadata = DatasetCardData(
         license=license,
@@ -96,7 +97,7 @@ def dataset_card(data: datasets.DatasetDict, *, name: str, license: str, descrip
     return DatasetCard(f"---\n{metadata.to_yaml()}\n---\n\n{body}")
 
 
-def write_dataset_folder(data: datasets.DatasetDict, card: DatasetCard, folder: Path) -> Path:
+def write_dataset_folder(data: Splits, card: DatasetCard, folder: Path) -> Path:
     """The splits as Parquet files plus the card, staged beside ``folder`` and renamed into place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))

@@ -1,0 +1,201 @@
+"""programs/publish.py against a fake Hub on localhost (``hub_server``): what arrives is exactly the folder, byte
+for byte, on the right repository, branch and visibility; refusals happen before any request.
+
+``huggingface_hub`` reads ``HF_ENDPOINT`` at import, so the tests point ``constants.ENDPOINT`` at the fake Hub.
+Xet storage is switched off (``HF_HUB_DISABLE_XET``): its protocol talks to a separate content-addressed store
+that the fake does not speak, so binary files go through the Git LFS batch API instead.
+"""
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import numpy as np
+import pytest
+
+from tests.integration import finetune_fixtures
+from tests.integration.hub_server import FakeHub
+from tests.integration.test_finetune_programs import run
+from zmaj.publish.export import export_model
+from zmaj.tasks import get_task
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
+    with FakeHub() as fake:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+        monkeypatch.setenv("HF_TOKEN", "hf_fake")
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny exported Llama: config, safetensors, tokenizer, generation config, card."""
+    root = tmp_path_factory.mktemp("publish")
+    model = finetune_fixtures.tiny_model(root / "model")
+    return export_model(model, root / "tiny", license="mit")
+
+
+def local_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_upload_sends_exactly_the_folder_to_a_private_branch(hub: FakeHub, folder: Path) -> None:
+    code, _, err = run(
+        "publish.py", folder, "--repo-id", "me/tiny", "--private", "--revision", "v1", "--message", "first"
+    )
+    assert code == 0, err
+    repo = hub.repos["me/tiny"]
+    assert (repo.type, repo.private) == ("model", True)
+    assert hub.files("me/tiny", "v1") == local_files(folder)
+    assert hub.files("me/tiny", "main") == {}
+    weights = (folder / "model.safetensors").read_bytes()
+    assert weights in hub.lfs.values()  # the binary file went through LFS, the text inline
+    commits = [r for r in hub.requests if "/commit/" in r.path]
+    assert [c.path for c in commits] == ["/api/models/me/tiny/commit/v1"]
+    header = json.loads(commits[0].body.splitlines()[0])
+    assert header["value"]["summary"] == "first"
+    assert any(r.path == "/api/validate-yaml" for r in hub.requests)
+
+
+def test_a_second_upload_to_an_existing_public_repo(hub: FakeHub, folder: Path) -> None:
+    for _ in range(2):
+        code, _, err = run("publish.py", folder, "--repo-id", "me/tiny")
+        assert code == 0, err
+    assert hub.repos["me/tiny"].private is False
+    creates = [r.json() for r in hub.requests if r.path == "/api/repos/create"]
+    assert len(creates) == 2
+    assert all("visibility" not in c for c in creates)
+    assert hub.files("me/tiny") == local_files(folder)
+
+
+def test_dry_run_lists_files_and_card_and_contacts_nothing(
+    hub: FakeHub, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_TOKEN")
+    code, out, err = run("publish.py", folder, "--repo-id", "me/tiny", "--dry-run")
+    assert code == 0, err
+    for path, data in local_files(folder).items():
+        assert f"{len(data):>14,}  {path}" in out
+    assert (folder / "README.md").read_text() in out
+    assert hub.requests == []
+
+
+def test_no_token_exits_2_before_any_request(
+    hub: FakeHub, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_TOKEN")
+    code, _, err = run("publish.py", folder, "--repo-id", "me/tiny")
+    assert code == 2
+    assert "HF_TOKEN" in err
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("tokenizer.json", "tokenizer.json"),
+        ("model.safetensors", "no weights"),
+        ("README.md", "README.md"),
+        ("config", "transformers cannot read it"),
+        ("license", "no license"),
+    ],
+)
+def test_a_broken_folder_exits_2_before_any_request(
+    hub: FakeHub, folder: Path, tmp_path: Path, breakage: str, message: str
+) -> None:
+    broken = Path(shutil.copytree(folder, tmp_path / "broken"))
+    if breakage == "config":
+        (broken / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    elif breakage == "license":
+        card = (broken / "README.md").read_text()
+        (broken / "README.md").write_text(card.replace("license: mit\n", ""))
+    else:
+        (broken / breakage).unlink()
+    code, _, err = run("publish.py", broken, "--repo-id", "me/tiny")
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert message in errors[0], err
+    assert hub.requests == []
+
+
+def test_a_task_dataset_arrives_as_the_folder_and_loads_with_datasets(hub: FakeHub, tmp_path: Path) -> None:
+    out = tmp_path / "arith"
+    args: list[str | Path] = ["--set-task", "digits=1", "--n-train", "20", "--n-test", "5", "--out", out]
+    code, _, err = run("publish.py", "--dataset", "task:arithmetic", *args, "--repo-id", "me/arith")
+    assert code == 0, err
+    assert hub.repos["me/arith"].type == "dataset"
+    assert hub.files("me/arith") == local_files(out)
+    assert [r.path for r in hub.requests if "/commit/" in r.path] == ["/api/datasets/me/arith/commit/main"]
+    loaded = datasets.load_dataset(str(out))
+    task = get_task("arithmetic", digits=1)
+    for split, n in (("train", 20), ("test", 5)):
+        problems = task.problems(split, n, 0)  # type: ignore[arg-type]
+        assert loaded[split]["prompt"] == [p.prompt for p in problems]
+        assert loaded[split]["answer"] == [p.answer for p in problems]
+        assert loaded[split][0]["messages"] == [
+            {"role": "user", "content": problems[0].prompt},
+            {"role": "assistant", "content": problems[0].solution},
+        ]
+
+
+def token_file(directory: Path, split: str, documents: list[list[int]]) -> Path:
+    """A token file as ``zmaj.data.tokens.tokenize_split`` lays it out."""
+    directory.mkdir()
+    np.asarray([t for d in documents for t in d], dtype=np.uint16).tofile(directory / "tokens.bin")
+    np.save(directory / "offsets.npy", np.cumsum([0, *map(len, documents)]).astype(np.int64))
+    meta = {"dtype": "uint16", "n_tokens": sum(map(len, documents)), "vocab_size": 300, "eos_id": 1}
+    (directory / "meta.json").write_text(json.dumps(meta | {"pad_id": 0, "split": split}))
+    return directory
+
+
+def test_token_files_arrive_as_documents(hub: FakeHub, tmp_path: Path) -> None:
+    train_docs, validation_docs = [[5, 6, 7, 1], [8, 1]], [[9, 9, 1]]
+    train = token_file(tmp_path / "train-abc", "train", train_docs)
+    validation = token_file(tmp_path / "validation-def", "validation", validation_docs)
+    out = tmp_path / "tokens"
+    source = f"tokens:{train},{validation}"
+    code, _, err = run("publish.py", "--dataset", source, "--out", out, "--repo-id", "me/tok", "--private")
+    assert code == 0, err
+    assert hub.repos["me/tok"].private
+    assert hub.files("me/tok") == local_files(out)
+    loaded = datasets.load_dataset(str(out))
+    assert loaded["train"]["input_ids"] == train_docs
+    assert loaded["validation"]["input_ids"] == validation_docs
+
+
+def test_dataset_dry_run_and_bad_sources(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_TOKEN")
+    code, out, err = run(
+        "publish.py",
+        "--dataset",
+        "task:arithmetic",
+        "--n-train",
+        "3",
+        "--n-test",
+        "2",
+        "--repo-id",
+        "me/a",
+        "--dry-run",
+    )
+    assert code == 0, err
+    assert "data/train-00000-of-00001.parquet" in out
+    assert "config_name: default" in out
+    for source, message in [
+        ("task:no-such-task", "no-such-task"),
+        ("words:x", "task:NAME"),
+        (f"tokens:{tmp_path}", "meta.json"),
+    ]:
+        code, _, err = run("publish.py", "--dataset", source, "--repo-id", "me/a")
+        assert code == 2, err
+        assert message in err
+    assert hub.requests == []

