@@ -11,8 +11,9 @@ KV cache (stopping at the tokenizer's stop tokens), scores them with ``task.rewa
 temperature 1 without truncation: the ratio's old log-probs are the model's own (the spec refuses anything else).
 With ``grpo.kl_beta > 0`` the KL penalty is measured against ``reference`` (default: the starting model).
 
-Checkpoint folders are named by optimizer step, which is ``passes`` times the GRPO step. Training runs in float32
-(``train.precision`` is not applied to GRPO). Ctrl-C saves a checkpoint; ``--resume`` continues exactly.
+Checkpoint folders are named by optimizer step, which is ``passes`` times the GRPO step. The log-prob passes (old,
+reference and trained) run under ``train.precision``'s autocast, all alike, so a first pass still sees a ratio of
+exactly one; sampling runs in the parameters' float32. Ctrl-C saves a checkpoint; ``--resume`` continues exactly.
 """
 
 import math
@@ -133,7 +134,9 @@ def train(
         update={"stop_tokens": tuple(sorted({*spec.grpo.stop_tokens, *tokenizer.stop_ids}))}
     )
     state = finetune.restore(run_dir, params, device) if resume else init_state(params)
-    forward = finetune.policy_forward(spec, begin)
+    dtype = precision.resolve(cfg.precision, device)
+    forward = precision.autocast_forward(finetune.policy_forward(spec, begin), dtype, device)
+    reference_forward = precision.autocast_forward(begin.base_forward, dtype, device)
     step_fn = sampling_step(spec, begin)
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
     metrics_path = run_dir / "metrics.jsonl"
@@ -174,7 +177,7 @@ def train(
             config=config,
             seed=cfg.seed * 1_000_003 + step,
             reference=reference,
-            reference_forward=begin.base_forward,
+            reference_forward=reference_forward,
         )
         passes = []
         for _ in range(cfg.passes):

@@ -17,7 +17,7 @@ import random
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
@@ -448,8 +448,8 @@ class TaskScore:
     format_rate: float
     mean_length: float
 
-    def record(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}{k}": float(v) for k, v in self.__dict__.items()}
+    def record(self, prefix: str = "") -> dict[str, float | int]:
+        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
 
 
 def evaluate_task(

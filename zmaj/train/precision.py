@@ -5,8 +5,9 @@ elsewhere: on CPUs without bf16 instructions, bf16 matmuls run about 100x slower
 optimizer state stay float32 either way; autocast runs the matmuls in the chosen type.
 """
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from functools import cache
+from functools import cache, wraps
 from pathlib import Path
 from typing import Literal
 
@@ -39,6 +40,22 @@ def autocast(dtype: torch.dtype, device: torch.device) -> AbstractContextManager
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def autocast_forward(
+    forward: Callable[..., torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> Callable[..., torch.Tensor]:
+    """``forward`` run under ``autocast(dtype, device)``: for steps that take a forward but no autocast, so that
+    every pass over the same batch (GRPO's old log-probs and its training pass) computes in one precision."""
+    if dtype == torch.float32:
+        return forward
+
+    @wraps(forward)
+    def mixed(*args: object, **kwargs: object) -> torch.Tensor:
+        with autocast(dtype, device):
+            return forward(*args, **kwargs)
+
+    return mixed
 
 
 def default_device() -> torch.device:
