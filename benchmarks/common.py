@@ -7,7 +7,6 @@ process. The bf16 peak matters on CPUs: without native bf16 instructions (AVX512
 """
 
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -15,6 +14,8 @@ from functools import cache
 from pathlib import Path
 
 import torch
+
+from zmaj.train.report import cpu_model
 
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 """CPU flags that decide how fast fp32 and bf16 matmuls can be."""
@@ -45,16 +46,6 @@ def timeit(
         synchronize(device)
         times.append(time.perf_counter() - start)
     return times
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name, from /proc/cpuinfo where there is one."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def cpu_features() -> list[str]:

@@ -27,12 +27,22 @@ RUN_FILE = "run.jsonl"
 """One line per start and end of a program on a run folder: a resumed run adds a start/end pair per session."""
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name, from /proc/cpuinfo where there is one."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def record_session(run_dir: Path, event: str, device: torch.device) -> None:
     """Append a ``start`` or ``end`` record to the run's ``run.jsonl``: wall-clock time, device, host, versions."""
     if device.type == "cuda":
         hardware = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}"
     else:
-        hardware = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+        hardware = f"{cpu_model()}, {os.cpu_count()} cores"
     record = {
         "event": event,
         "time": time.time(),
