@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.tasks import get_task, score
-from zmaj.train import finetune, optim, precision, report
+from zmaj.train import checkpoint, finetune, optim, precision, report
 from zmaj.train.dpo import dpo_step, preference_batch
 from zmaj.train.finetune import DPOSpec, PairFiles, PairsFromTask, Start
 from zmaj.train.spec import SpecError
@@ -155,7 +155,8 @@ def fit(pair: Pair, max_len: int, sample: str) -> Pair:
 
 
 def write_pairs(path: Path, pairs: list[Pair]) -> None:
-    path.write_text("".join(json.dumps(pair.__dict__) + "\n" for pair in pairs))
+    """The pairs as token ids, written whole or not at all: ``--resume`` trains on exactly these."""
+    checkpoint.atomic_write_text(path, "".join(json.dumps(pair.__dict__) + "\n" for pair in pairs))
 
 
 def read_pairs(path: Path) -> list[Pair]:
