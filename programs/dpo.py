@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.tasks import get_task, score
-from zmaj.train import finetune, optim, precision, report
+from zmaj.train import checkpoint, finetune, optim, precision, report
 from zmaj.train.dpo import dpo_step, preference_batch
 from zmaj.train.finetune import DPOSpec, PairFiles, PairsFromTask, Start
 from zmaj.train.spec import SpecError
@@ -155,7 +155,8 @@ def fit(pair: Pair, max_len: int, sample: str) -> Pair:
 
 
 def write_pairs(path: Path, pairs: list[Pair]) -> None:
-    path.write_text("".join(json.dumps(pair.__dict__) + "\n" for pair in pairs))
+    """The pairs as token ids, written whole or not at all: ``--resume`` trains on exactly these."""
+    checkpoint.atomic_write_text(path, "".join(json.dumps(pair.__dict__) + "\n" for pair in pairs))
 
 
 def read_pairs(path: Path) -> list[Pair]:
@@ -187,15 +188,7 @@ def train(
         logger.info(f"saved {finetune.save_checkpoint(run_dir, state, spec)}")
 
     def evaluate(step: int) -> None:
-        if spec.eval is None:
-            return
-        model = finetune.with_params(begin.model, finetune.full_params(spec, begin, state["params"]))
-        result = finetune.run_eval(spec.eval, model)
-        report.append_jsonl(metrics_path, {"step": step, **result.record("eval_")})
-        logger.info(
-            f"step {step}: {spec.eval.task} accuracy {result.accuracy:.3f} "
-            f"[{result.low:.3f}, {result.high:.3f}] on {result.n}, format {result.format_rate:.3f}"
-        )
+        finetune.record_eval(spec, begin, state["params"], metrics_path, step)
 
     first_step = int(state["opt", "step"])
     if first_step == 0:

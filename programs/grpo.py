@@ -146,15 +146,7 @@ def train(
         logger.info(f"saved {finetune.save_checkpoint(run_dir, state, spec)}")
 
     def evaluate(step: int) -> None:
-        if spec.eval is None:
-            return
-        model = finetune.with_params(begin.model, finetune.full_params(spec, begin, state["params"]))
-        result = finetune.run_eval(spec.eval, model)
-        report.append_jsonl(metrics_path, {"step": step, **result.record("eval_")})
-        logger.info(
-            f"step {step}: {spec.eval.task} accuracy {result.accuracy:.3f} "
-            f"[{result.low:.3f}, {result.high:.3f}] on {result.n}, format {result.format_rate:.3f}"
-        )
+        finetune.record_eval(spec, begin, state["params"], metrics_path, step)
 
     first_step = int(state["opt", "step"]) // cfg.passes
     if first_step == 0:

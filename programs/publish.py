@@ -97,13 +97,19 @@ def build_dataset(args: argparse.Namespace, folder: Path) -> Path:
 
 def main() -> None:
     args = parse_args()
-    scratch = tempfile.TemporaryDirectory(prefix="zmaj-dataset-")
+    with tempfile.TemporaryDirectory(prefix="zmaj-dataset-") as scratch:
+        upload(args, Path(scratch))
+
+
+def upload(args: argparse.Namespace, scratch: Path) -> None:
+    """Check (or build) the folder, then list it (``--dry-run``) or upload it; ``scratch`` holds a built dataset
+    without ``--out``."""
     try:
         if args.dataset is None:
             folder, repo_type = args.folder, "model"
             check_model_folder(folder)
         else:
-            folder, repo_type = build_dataset(args, args.out or Path(scratch.name) / "dataset"), "dataset"
+            folder, repo_type = build_dataset(args, args.out or scratch / "dataset"), "dataset"
             check_dataset_folder(folder)
     except (FileNotFoundError, ValueError) as error:
         logger.error(str(error).replace("\n", "; "))
@@ -134,8 +140,6 @@ def main() -> None:
     except HfHubHTTPError as error:
         logger.error(f"upload to {args.repo_id} failed: {str(error).splitlines()[0]}")
         sys.exit(1)
-    finally:
-        scratch.cleanup()
     logger.info(f"uploaded {len(files)} files to {args.repo_id}: {url}")
 
 

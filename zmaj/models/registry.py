@@ -38,11 +38,6 @@ class Architecture:
         """Next-token logits at every position."""
         return self.forward(params, batch, config=config)
 
-    def last_logits(self, params: TensorDictBase, batch: Batch, config: ModelConfig) -> Tensor:
-        """Logits of the last position only: all a greedy step reads, and far cheaper for a large vocabulary."""
-        hidden = self.hidden_states(params, batch, config=config)
-        return self.unembed(params, hidden[:, -1:], config=config)
-
     def cached(self, config: ModelConfig) -> Callable[[TensorDictBase, Batch, TensorDictBase], Any]:
         """The ``step(params, batch, cache)`` that ``zmaj.infer.generate`` takes."""
 

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from zmaj.models.common import Batch
 from zmaj.train.logprobs import completion_batch, sequence_logprobs
-from zmaj.train.optim import AdamWConfig, adamw_update, clip_by_global_norm, global_norm
-from zmaj.train.step import Forward, Metrics
+from zmaj.train.optim import AdamWConfig
+from zmaj.train.step import Forward, Metrics, apply_grads
 
 
 def preference_batch(
@@ -123,13 +123,5 @@ def dpo_step(
     ref = reference_logprobs(reference, batch, reference_forward or forward)
     grad_fn = torch.func.grad_and_value(_policy_loss, has_aux=True)
     grads, (_, metrics) = grad_fn(params, batch, forward, ref, beta, (seed * 1_000_003 + step) % 2**63)
-    if optimizer.grad_clip is not None:
-        grads, grad_norm = clip_by_global_norm(grads, optimizer.grad_clip)
-    else:
-        grad_norm = global_norm(grads)
-    new_params, opt = adamw_update(params, grads, state["opt"], optimizer, lr, decay)
-    return TensorDict({"params": new_params, "opt": opt}), {
-        **metrics,
-        "grad_norm": grad_norm,
-        "lr": torch.tensor(lr),
-    }
+    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay)
+    return new_state, {**metrics, "grad_norm": grad_norm, "lr": torch.tensor(lr)}

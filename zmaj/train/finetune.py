@@ -40,7 +40,7 @@ from zmaj.infer.generate import GREEDY, Sampling, generate
 from zmaj.models.common import Batch
 from zmaj.models.registry import config_to_json
 from zmaj.tasks import FEW_SHOT_STOP, Problem, Split, Task, accuracy_interval, get_task, score
-from zmaj.train import checkpoint
+from zmaj.train import checkpoint, report
 from zmaj.train.grpo import GRPOConfig
 from zmaj.train.lora import LoraConfig, init_adapters, lora_forward, merge
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
@@ -498,6 +498,21 @@ def run_eval(config: EvalConfig, model: Pretrained) -> TaskScore:
 def with_params(model: Pretrained, params: TensorDictBase) -> Pretrained:
     assert isinstance(params, TensorDict)
     return replace(model, params=params)
+
+
+def record_eval(
+    spec: FinetuneSpec, begin: Start, params: TensorDictBase, metrics_path: Path, step: int
+) -> None:
+    """The spec's ``eval`` of the trained ``params`` at ``step``, appended to the run's metrics and logged; nothing
+    without an ``eval`` section."""
+    if spec.eval is None:
+        return
+    result = run_eval(spec.eval, with_params(begin.model, full_params(spec, begin, params)))
+    report.append_jsonl(metrics_path, {"step": step, **result.record("eval_")})
+    logger.info(
+        f"step {step}: {spec.eval.task} accuracy {result.accuracy:.3f} "
+        f"[{result.low:.3f}, {result.high:.3f}] on {result.n}, format {result.format_rate:.3f}"
+    )
 
 
 # ------------------------------------------------------------------------------------------- the programs

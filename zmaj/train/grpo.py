@@ -33,8 +33,8 @@ from zmaj.infer.cache import CacheShape, init_cache
 from zmaj.infer.generate import Sampling, Step, generate
 from zmaj.models.common import Batch
 from zmaj.train.logprobs import completion_batch, masked_token_logprobs
-from zmaj.train.optim import AdamWConfig, adamw_update, clip_by_global_norm, global_norm
-from zmaj.train.step import Forward, Metrics
+from zmaj.train.optim import AdamWConfig
+from zmaj.train.step import Forward, Metrics, apply_grads
 
 Reward = Callable[[int, list[int]], float]
 """``reward(prompt_index, completion_tokens) -> float``: the task's score of one completion."""
@@ -220,15 +220,10 @@ def grpo_step(
     ``state`` is ``zmaj.train.step.init_state(params)``. Metrics: the loss, ``kl`` (with reference log-probs),
     ``clip_fraction``, the rollout's mean ``reward`` and mean ``completion_length``, ``grad_norm``, ``lr``.
     """
-    params = state["params"]
     grads, (_, metrics) = torch.func.grad_and_value(rollout_loss, has_aux=True)(
-        params, rollout, forward, config
+        state["params"], rollout, forward, config
     )
-    if optimizer.grad_clip is not None:
-        grads, grad_norm = clip_by_global_norm(grads, optimizer.grad_clip)
-    else:
-        grad_norm = global_norm(grads)
-    new_params, opt = adamw_update(params, grads, state["opt"], optimizer, lr, decay)
+    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay)
     assert rollout.batch.loss_mask is not None
     metrics = {
         **metrics,
@@ -237,4 +232,4 @@ def grpo_step(
         "grad_norm": grad_norm,
         "lr": torch.tensor(lr),
     }
-    return TensorDict({"params": new_params, "opt": opt}), metrics
+    return new_state, metrics

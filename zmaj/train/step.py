@@ -120,13 +120,22 @@ def train_step(
     # Dropout randomness is a pure function of (seed, step, micro-batch), so a resumed run repeats it exactly.
     seeds = [(seed * 1_000_003 + step * len(batches) + i) % 2**63 for i in range(len(batches))]
     grads, loss, n_tokens = (grad_fn or accumulate_grads)(params, batches, forward, seeds, autocast)
+    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": torch.tensor(lr), "tokens": n_tokens}
+    return new_state, metrics
+
+
+def apply_grads(
+    state: TensorDictBase, grads: TensorDictBase, optimizer: AdamWConfig, lr: float, decay: TensorDictBase
+) -> tuple[TensorDict, Float[Tensor, ""]]:
+    """The state after one AdamW step on ``grads`` (clipped first when ``optimizer.grad_clip`` is set), and the
+    gradients' global norm before clipping: the update every step function (LM, DPO, GRPO) ends with."""
     if optimizer.grad_clip is not None:
         grads, grad_norm = clip_by_global_norm(grads, optimizer.grad_clip)
     else:
         grad_norm = global_norm(grads)
-    new_params, opt = adamw_update(params, grads, state["opt"], optimizer, lr, decay)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": torch.tensor(lr), "tokens": n_tokens}
-    return TensorDict({"params": new_params, "opt": opt}), metrics
+    new_params, opt = adamw_update(state["params"], grads, state["opt"], optimizer, lr, decay)
+    return TensorDict({"params": new_params, "opt": opt}), grad_norm
 
 
 def eval_step(
