@@ -7,8 +7,9 @@ Each step draws ``train.prompts_per_step`` problems of the task's train split (a
 step), asks each as a user message in the chat template, samples ``grpo.group_size`` answers per question with the
 KV cache (stopping at the tokenizer's stop tokens), scores them with ``task.reward(problem, answer).total``
 (through ``zmaj.tasks.score``, so a checker that raises or returns NaN stops the run naming the sample), and makes
-``train.passes`` clipped policy-gradient steps on that rollout (``zmaj.train.grpo``). Sampling must be at
-temperature 1 without truncation: the ratio's old log-probs are the model's own (the spec refuses anything else).
+``train.passes`` clipped policy-gradient steps on that rollout (``zmaj.train.grpo``). Log-probs are those of the
+sampling distribution, ``softmax(logits / temperature)``; top-k/top-p truncation is refused, since they would not
+describe it.
 With ``grpo.kl_beta > 0`` the KL penalty is measured against ``reference`` (default: the starting model).
 
 Checkpoint folders are named by optimizer step, which is ``passes`` times the GRPO step. The log-prob passes (old,

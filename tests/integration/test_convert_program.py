@@ -5,9 +5,6 @@ the round trip through zmaj's formats is checked against the library's own writi
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from tests.integration.programs import Result, run_program
 from zmaj.convert import weights
 from zmaj.convert.load import Pretrained, load_model, save_zmaj
 from zmaj.data.model_tokenizer import ModelTokenizer
@@ -25,17 +23,10 @@ from zmaj.models.common import Batch
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 300
 TEXTS = ["def parse(tokens):\n    return [t for t in tokens if t]\n", "the quick brown fox jumps"] * 4
-OFFLINE = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def convert(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "programs" / "convert.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=os.environ | OFFLINE,
-        timeout=300,
-    )
+def convert(*args: str | Path) -> Result:
+    return run_program("convert.py", *args)
 
 
 @pytest.fixture(scope="module")

@@ -235,7 +235,7 @@ def bad_conversations(tmp_path: Path) -> Path:
         ("sft.py", ["--set", "data={kind: files, paths: [CHATS]}"], "chats.jsonl:2"),
         ("sft.py", ["--set", "model=/no/such/model"], "/no/such/model"),
         ("sft.py", ["--set", "model=pypi:no-such"], "pypi:no-such"),
-        ("grpo.py", ["--set", "grpo.sampling.temperature=0.7"], "temperature 1"),
+        ("grpo.py", ["--set", "grpo.sampling={temperature: 0.7, top_k: 5}"], "without top_k/top_p"),
         ("grpo.py", ["--set", "task={name: reward-raises}"], "completion 0"),
         ("grpo.py", ["--set", "task={name: reward-nan}"], "non-finite"),
         ("evaluate.py", ["--task", "no-such-task"], "unknown task 'no-such-task'"),

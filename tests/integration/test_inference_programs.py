@@ -3,9 +3,6 @@ as a Hugging Face folder (with a tiny zmaj tokenizer and its chat template besid
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from tests.integration.programs import Result, run_program
 from zmaj.convert.weights import smollm2_gguf
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
@@ -68,21 +66,9 @@ def plain(tmp_path_factory: pytest.TempPathFactory, tokenizer: ModelTokenizer) -
     return folder
 
 
-def run(program: str, *args: object, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    """The program's exit code, and its output as UTF-8 text exactly (no newline translation)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "programs" / program), *map(str, args)],
-        input=stdin.encode(),
-        capture_output=True,
-        timeout=300,
-        check=False,
-        cwd=ROOT,
-        env=env,
-    )
-    return subprocess.CompletedProcess(
-        result.args, result.returncode, result.stdout.decode("utf-8"), result.stderr.decode("utf-8")
-    )
+def run(program: str, *args: object, stdin: str = "") -> Result:
+    """The program's exit code and its output, run in this process (``tests.integration.programs``)."""
+    return run_program(program, *args, stdin=stdin)
 
 
 def greedy_reference(model: Any, prompt: list[int], tokenizer: ModelTokenizer) -> str:
@@ -120,7 +106,7 @@ def test_generate_prints_transformers_greedy_continuation(
 
 
 @pytest.fixture(scope="module")
-def generated_chat(llama: tuple[Any, Path]) -> subprocess.CompletedProcess[str]:
+def generated_chat(llama: tuple[Any, Path]) -> Result:
     _, folder = llama
     return run("generate.py", "--model", folder, "--chat", "--system", SYSTEM, "--prompt", "hi", *GREEDY)
 
@@ -133,7 +119,7 @@ def chat_ids(tokenizer: ModelTokenizer, *turns: str) -> list[int]:
 
 
 def test_generate_chat_renders_the_template(
-    llama: tuple[Any, Path], tokenizer: ModelTokenizer, generated_chat: subprocess.CompletedProcess[str]
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer, generated_chat: Result
 ) -> None:
     model, _ = llama
     ids = chat_ids(tokenizer, "hi")
@@ -144,7 +130,7 @@ def test_generate_chat_renders_the_template(
 
 
 def test_chat_answers_as_generate_keeping_the_history_until_reset(
-    llama: tuple[Any, Path], tokenizer: ModelTokenizer, generated_chat: subprocess.CompletedProcess[str]
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer, generated_chat: Result
 ) -> None:
     model, folder = llama
     result = run(

@@ -158,14 +158,14 @@ class GRPOSpec(FinetuneSpec):
     )
 
     @model_validator(mode="after")
-    def _untempered(self) -> "GRPOSpec":
-        # sample_rollout records the old log-probs of the model itself (temperature 1, no truncation). Sampling
-        # from any other distribution would make the "on-policy" ratio of the first pass wrong, so it is refused.
+    def _untruncated(self) -> "GRPOSpec":
+        # The ratio's log-probs are those of softmax(logits / temperature) (zmaj.train.grpo.sample_rollout);
+        # top-k or top-p would sample from a truncated distribution that those log-probs do not describe.
         sampling = self.grpo.sampling
-        if sampling.temperature != 1.0 or sampling.top_k is not None or sampling.top_p is not None:
+        if sampling.temperature == 0 or sampling.top_k is not None or sampling.top_p is not None:
             raise ValueError(
-                "grpo.sampling must be temperature 1 without top_k/top_p: the PPO ratio divides by the "
-                "untempered old log-probs, so rollouts must come from that same distribution"
+                "grpo.sampling must sample (temperature > 0) without top_k/top_p: the PPO ratio uses the "
+                "log-probs of softmax(logits / temperature), which truncation would not match"
             )
         return self
 

@@ -149,8 +149,9 @@ def sample_rollout(
 
     ``step`` is the model's cached forward (``llama.cached(config)``) and ``cache_shape`` its config. The old
     log-probs come from a full forward of ``forward`` over prompt + completion, the same computation the
-    training pass makes, so a first pass sees a ratio of exactly one. They are those of the model itself
-    (temperature 1), not of the tempered sampling distribution. ``reference`` (under ``reference_forward``,
+    training pass makes, so a first pass sees a ratio of exactly one. Every log-prob is that of the sampling
+    distribution, ``softmax(logits / temperature)``, as in TRL's GRPO trainer: the ratio and the KL then compare
+    the policy that actually sampled. ``reference`` (under ``reference_forward``,
     default ``forward``) gives the KL penalty's log-probs; it is required when ``config.kl_beta > 0``.
     """
     if config.kl_beta > 0 and reference is None:
@@ -170,12 +171,12 @@ def sample_rollout(
         device=device,
     ).view(len(prompts), group)
     batch = completion_batch(rows, completions, device)
-    old = masked_token_logprobs(forward(params, batch, dropout_seed=None), batch)
+    temperature = config.sampling.temperature
+    old = masked_token_logprobs(forward(params, batch, dropout_seed=None) / temperature, batch)
     ref = None
     if reference is not None:
-        ref = masked_token_logprobs(
-            (reference_forward or forward)(reference, batch, dropout_seed=None), batch
-        )
+        ref_logits = (reference_forward or forward)(reference, batch, dropout_seed=None)
+        ref = masked_token_logprobs(ref_logits / temperature, batch)
     return Rollout(
         batch=batch,
         completions=completions,
@@ -192,7 +193,8 @@ def rollout_loss(
     """The GRPO loss of the current ``params`` on a rollout: what :func:`grpo_step` differentiates."""
     batch = rollout.batch
     assert batch.loss_mask is not None
-    logprobs = masked_token_logprobs(forward(params, batch, dropout_seed=None), batch)
+    logits = forward(params, batch, dropout_seed=None) / config.sampling.temperature
+    logprobs = masked_token_logprobs(logits, batch)
     return grpo_loss(
         logprobs,
         rollout.old_logprobs,

@@ -113,9 +113,11 @@ def test_the_clipped_objective_matches_a_naive_loop(seed: int, beta: float, eps:
     )
 
 
-def test_the_first_pass_gradient_is_the_plain_policy_gradient() -> None:
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_the_first_pass_gradient_is_the_plain_policy_gradient(temperature: float) -> None:
+    """Of the sampling distribution softmax(logits / temperature), whatever the temperature."""
     params = llama.init(CONFIG, seed=0)
-    config = GRPO.model_copy(update={"kl_beta": 0.1})
+    config = GRPO.model_copy(update={"kl_beta": 0.1, "sampling": Sampling(temperature=temperature)})
     sampled = rollout(params, config, seed=1, reference=params)
     assert sampled.batch.loss_mask is not None
     assert sampled.batch.targets is not None
@@ -129,7 +131,8 @@ def test_the_first_pass_gradient_is_the_plain_policy_gradient() -> None:
     for b, t in mask.nonzero().tolist():
 
         def logprob(p: TensorDictBase, b: int = b, t: int = t) -> torch.Tensor:
-            return token_logprobs(FORWARD(p, sampled.batch, dropout_seed=None), targets)[b, t]
+            logits = FORWARD(p, sampled.batch, dropout_seed=None) / temperature
+            return token_logprobs(logits, targets)[b, t]
 
         expected = expected - torch.func.grad(logprob)(params) * (float(sampled.advantages[b]) / n_tokens)
     assert float(metrics["clip_fraction"]) == 0.0
