@@ -14,7 +14,6 @@ Ctrl-C saves a checkpoint; ``--resume`` continues exactly. Bad input exits with 
 """
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -217,18 +216,12 @@ def train(
         record = {"step": step + 1, **{key: float(value) for key, value in metrics.items()}}
         report.append_jsonl(metrics_path, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", margin=f"{record['reward_margin']:.3f}")
-        if not math.isfinite(record["loss"]):
-            save()
-            raise FloatingPointError(f"loss became {record['loss']} at step {step + 1}; checkpoint saved")
-        if finetune.stop_now(step + 1, first_step, cfg.steps, stop_after, interrupt):
-            save()
+        if finetune.after_step(
+            step + 1, first_step, cfg, record["loss"], stop_after, interrupt, save, evaluate
+        ):
             report.record_session(run_dir, "end", device)
             logger.info(f"stopped at step {step + 1}; continue with --resume {run_dir}")
             return
-        if (step + 1) % cfg.checkpoint_every == 0:
-            save()
-        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            evaluate(step + 1)
     bar.close()
     save()
     evaluate(cfg.steps)

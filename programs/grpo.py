@@ -17,7 +17,6 @@ reference and trained) run under ``train.precision``'s autocast, all alike, so a
 exactly one; sampling runs in the parameters' float32. Ctrl-C saves a checkpoint; ``--resume`` continues exactly.
 """
 
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -188,18 +187,12 @@ def train(
         }
         report.append_jsonl(metrics_path, record)
         bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
-        if not math.isfinite(record["loss"]):
-            save()
-            raise FloatingPointError(f"loss became {record['loss']} at step {step + 1}; checkpoint saved")
-        if finetune.stop_now(step + 1, first_step, cfg.steps, stop_after, interrupt):
-            save()
+        if finetune.after_step(
+            step + 1, first_step, cfg, record["loss"], stop_after, interrupt, save, evaluate
+        ):
             report.record_session(run_dir, "end", device)
             logger.info(f"stopped at step {step + 1}; continue with --resume {run_dir}")
             return
-        if (step + 1) % cfg.checkpoint_every == 0:
-            save()
-        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            evaluate(step + 1)
     bar.close()
     save()
     evaluate(cfg.steps)

@@ -12,7 +12,6 @@ parameter; a ``lora`` section trains adapters only. The run folder is a model PA
 ``--resume`` continues exactly. Bad input exits with status 2 and a one-line message.
 """
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -125,20 +124,10 @@ def train(
         }
         report.append_jsonl(metrics_path, record)
         bar.set_postfix(loss=f"{loss:.3f}")
-        if not math.isfinite(loss):
-            save()
-            raise FloatingPointError(
-                f"loss became {loss} at step {step + 1}; checkpoint saved for inspection"
-            )
-        if finetune.stop_now(step + 1, first_step, cfg.steps, stop_after, interrupt):
-            save()
+        if finetune.after_step(step + 1, first_step, cfg, loss, stop_after, interrupt, save, evaluate):
             report.record_session(run_dir, "end", device)
             logger.info(f"stopped at step {step + 1}; continue with --resume {run_dir}")
             return
-        if (step + 1) % cfg.checkpoint_every == 0:
-            save()
-        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            evaluate(step + 1)
     bar.close()
     save()
     evaluate(cfg.steps)

@@ -13,10 +13,11 @@ Instruct models are asked in their chat template; base models see a few solved p
 
 import argparse
 import json
+import math
 import random
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from importlib import import_module
 from importlib.util import find_spec
@@ -569,6 +570,34 @@ def stop_now(step: int, first_step: int, total: int, stop_after: int | None, int
     if step >= total:
         return False
     return interrupt.requested or (stop_after is not None and step - first_step >= stop_after)
+
+
+def after_step(
+    done: int,
+    first_step: int,
+    train: FinetuneTrain,
+    loss: float,
+    stop_after: int | None,
+    interrupt: Interrupt,
+    save: Callable[[], None],
+    evaluate: Callable[[int], None],
+) -> bool:
+    """What every fine-tuning loop does after its (1-based) step ``done``; True when it must stop now.
+
+    A non-finite loss stops the run with the state saved for inspection; Ctrl-C or ``--stop-after`` saves and
+    stops (resumable); otherwise checkpoints and held-out evaluations come on their schedules.
+    """
+    if not math.isfinite(loss):
+        save()
+        raise FloatingPointError(f"loss became {loss} at step {done}; checkpoint saved for inspection")
+    if stop_now(done, first_step, train.steps, stop_after, interrupt):
+        save()
+        return True
+    if done % train.checkpoint_every == 0:
+        save()
+    if done % train.eval_every == 0 and done < train.steps:
+        evaluate(done)
+    return False
 
 
 def plot_curves(metrics_path: Path, out: Path, panels: Sequence[tuple[str, str]]) -> None:
