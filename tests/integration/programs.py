@@ -3,7 +3,7 @@
 A fresh Python process spends 10-20 s of CPU importing torch, tensordict and datasets before a program does
 anything; running the script with ``runpy`` in the already-warm test process costs none of that. The script's
 folder goes first on ``sys.path`` (programs share helpers by importing each other), stdin is the given text (not a
-terminal), stdout is captured exactly, and loguru's messages are captured as stderr. What the program changed in
+terminal), stdout is captured exactly, and stderr (argparse's errors) with loguru's messages is captured too. What the program changed in
 the process (argv, the SIGINT handler, sys.path) is put back.
 """
 
@@ -28,11 +28,11 @@ class Result:
 
 def run_program(program: str, *args: object, stdin: str = "") -> Result:
     """``programs/<program>`` run with ``args``: its exit status, stdout and logged messages."""
-    saved = sys.argv, sys.stdin, sys.stdout, list(sys.path), signal.getsignal(signal.SIGINT)
+    saved = sys.argv, sys.stdin, sys.stdout, sys.stderr, list(sys.path), signal.getsignal(signal.SIGINT)
     out, err = io.StringIO(), io.StringIO()
     sink = logger.add(err, format="{level} | {message}")
     sys.argv = [program, *map(str, args)]
-    sys.stdin, sys.stdout = io.StringIO(stdin), out
+    sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err  # stderr: argparse's usage errors
     sys.path.insert(0, str(ROOT / "programs"))
     code: int | str | None = 0
     try:
@@ -40,8 +40,8 @@ def run_program(program: str, *args: object, stdin: str = "") -> Result:
     except SystemExit as exit_:
         code = exit_.code
     finally:
-        sys.argv, sys.stdin, sys.stdout, sys.path[:] = saved[0], saved[1], saved[2], saved[3]
-        signal.signal(signal.SIGINT, saved[4])
+        sys.argv, sys.stdin, sys.stdout, sys.stderr, sys.path[:] = saved[:5]
+        signal.signal(signal.SIGINT, saved[5])
         logger.remove(sink)
     if isinstance(code, str):  # sys.exit("message") prints the message and exits 1
         return Result(1, out.getvalue(), err.getvalue() + code)
