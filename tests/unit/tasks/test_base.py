@@ -175,6 +175,9 @@ def test_word_problems_use_every_template_and_have_whole_non_negative_answers() 
 
 
 def test_registry_builds_tasks_with_options_and_takes_new_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the built-ins: tests that run programs in this process may have registered their own tasks.
+    builtins = {name: registry._FACTORIES[name] for name in ("arithmetic", "countdown", "word_problems")}
+    monkeypatch.setattr(registry, "_FACTORIES", builtins)
     assert task_names() == ["arithmetic", "countdown", "word_problems"]
     assert get_task("arithmetic", digits=3) == ArithmeticTask(digits=3)
     with pytest.raises(

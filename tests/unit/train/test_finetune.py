@@ -149,7 +149,7 @@ def test_a_lora_target_that_matches_nothing_is_named() -> None:
         finetune.trainable(spec, begin)
 
 
-def test_grpo_refuses_tempered_sampling_and_bad_task_options() -> None:
+def test_grpo_refuses_truncated_sampling_and_bad_task_options() -> None:
     raw = {
         "name": "x",
         "model": "m",
@@ -157,8 +157,14 @@ def test_grpo_refuses_tempered_sampling_and_bad_task_options() -> None:
         "task": {"name": "arithmetic"},
     }
     parse(finetune.GRPOSpec, raw, "spec")
-    with pytest.raises(SpecError, match="temperature 1"):
-        parse(finetune.GRPOSpec, {**raw, "grpo": {"sampling": {"temperature": 0.7}}}, "spec")
+    parse(finetune.GRPOSpec, {**raw, "grpo": {"sampling": {"temperature": 0.7}}}, "spec")  # tempered: fine
+    for sampling in (
+        {"temperature": 0.0},
+        {"temperature": 0.7, "top_k": 5},
+        {"temperature": 1.0, "top_p": 0.9},
+    ):
+        with pytest.raises(SpecError, match="without top_k/top_p"):
+            parse(finetune.GRPOSpec, {**raw, "grpo": {"sampling": sampling}}, "spec")
     with pytest.raises(SpecError, match="digits"):
         parse(finetune.GRPOSpec, {**raw, "task": {"name": "arithmetic", "options": {"digits": 0}}}, "spec")
 
