@@ -170,8 +170,7 @@ def main() -> None:
             prompt_tokens = sum(map(len, batch_prompts))
             hf_rate = batch * (new - 1) / results["transformers"][1]
             for stack, (prefill, decode, tokens) in results.items():
-                steps = new if stack == "transformers" else new - 1
-                rate = batch * steps / decode
+                rate = batch * (new - 1) / decode  # every stack: new - 1 decode steps after the prefill
                 same = tokens == results["transformers"][2]
                 rows.append(
                     {
