@@ -188,10 +188,8 @@ def train(
         report.append_jsonl(metrics_path, record)
         bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
         if finetune.after_step(
-            step + 1, first_step, cfg, record["loss"], stop_after, interrupt, save, evaluate
+            step + 1, first_step, cfg, record["loss"], stop_after, interrupt, save, evaluate, run_dir, device
         ):
-            report.record_session(run_dir, "end", device)
-            logger.info(f"stopped at step {step + 1}; continue with --resume {run_dir}")
             return
     bar.close()
     save()

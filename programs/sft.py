@@ -124,9 +124,9 @@ def train(
         }
         report.append_jsonl(metrics_path, record)
         bar.set_postfix(loss=f"{loss:.3f}")
-        if finetune.after_step(step + 1, first_step, cfg, loss, stop_after, interrupt, save, evaluate):
-            report.record_session(run_dir, "end", device)
-            logger.info(f"stopped at step {step + 1}; continue with --resume {run_dir}")
+        if finetune.after_step(
+            step + 1, first_step, cfg, loss, stop_after, interrupt, save, evaluate, run_dir, device
+        ):
             return
     bar.close()
     save()

@@ -581,6 +581,8 @@ def after_step(
     interrupt: Interrupt,
     save: Callable[[], None],
     evaluate: Callable[[int], None],
+    run_dir: Path,
+    device: torch.device,
 ) -> bool:
     """What every fine-tuning loop does after its (1-based) step ``done``; True when it must stop now.
 
@@ -592,6 +594,8 @@ def after_step(
         raise FloatingPointError(f"loss became {loss} at step {done}; checkpoint saved for inspection")
     if stop_now(done, first_step, train.steps, stop_after, interrupt):
         save()
+        report.record_session(run_dir, "end", device)
+        logger.info(f"stopped at step {done}; continue with --resume {run_dir}")
         return True
     if done % train.checkpoint_every == 0:
         save()
