@@ -18,10 +18,15 @@ One departure from eq. 3: the loss is summed over every completion token of the 
 count, not averaged per completion first, as DAPO recommends (Yu et al., 2025, arXiv:2503.14476, eq. 12):
 long completions then weigh by their length instead of being diluted. ``clip_eps_high`` is DAPO's
 "clip-higher" (eq. 10), a wider upper bound that leaves unlikely tokens room to grow.
+
+A rollout is scored and differentiated ``micro_batch`` rows at a time: its logits (rows x length x vocab, 1.3 GB
+in float32 for 64 answers of 100 tokens over SmolLM2's 49k vocabulary, several copies alive in the backward) are
+what fills memory. The loss is a sum over tokens divided by the whole rollout's count, so the micro-batches'
+gradients add up to exactly the full batch's.
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from jaxtyping import Bool, Float
@@ -56,6 +61,11 @@ class GRPOConfig(BaseModel):
     )
     advantage_eps: float = Field(
         1e-4, gt=0, description="added to the group std, so equal rewards give A = 0"
+    )
+    micro_batch: int = Field(
+        16,
+        gt=0,
+        description="rollout rows per forward when scoring and differentiating; gradients accumulate over them",
     )
 
 
@@ -105,15 +115,19 @@ def grpo_loss(
     clip_eps_high: float | None = None,
     kl_beta: float = 0.0,
     reference_logprobs: Float[Tensor, "batch seq"] | None = None,
+    n_tokens: Tensor | None = None,
 ) -> tuple[Float[Tensor, ""], Metrics]:
     """Minus the clipped surrogate (plus ``kl_beta`` times k3), summed over completion tokens / their count.
 
     ``clip_fraction`` is the share of tokens whose ratio left the trust region in the direction the advantage
     pushes, so that the clip zeroes their gradient. ``kl`` is reported whenever reference log-probs are given.
+    ``n_tokens`` (default: this batch's completion tokens) is the divisor; a micro-batch passes the whole
+    rollout's count, so that its loss and metrics are its share of the rollout's and sum to them.
     """
     if kl_beta > 0 and reference_logprobs is None:
         raise ValueError("kl_beta > 0 needs reference_logprobs")
-    n_tokens = loss_mask.sum().clamp(min=1)
+    if n_tokens is None:
+        n_tokens = loss_mask.sum().clamp(min=1)
     advantage = advantages[:, None]
     ratio = torch.exp(logprobs - old_logprobs)
     low, high = 1 - clip_eps, 1 + (clip_eps if clip_eps_high is None else clip_eps_high)
@@ -172,11 +186,17 @@ def sample_rollout(
     ).view(len(prompts), group)
     batch = completion_batch(rows, completions, device)
     temperature = config.sampling.temperature
-    old = masked_token_logprobs(forward(params, batch, dropout_seed=None) / temperature, batch)
-    ref = None
-    if reference is not None:
-        ref_logits = (reference_forward or forward)(reference, batch, dropout_seed=None)
-        ref = masked_token_logprobs(ref_logits / temperature, batch)
+
+    def logprobs(model: TensorDictBase, model_forward: Forward) -> Float[Tensor, "batch seq"]:
+        scored = torch.zeros(batch.tokens.shape, device=device)
+        for chunk in micro_batches(len(rows), config.micro_batch):
+            micro = take_rows(batch, chunk)
+            logits = model_forward(model, micro, dropout_seed=None) / temperature
+            scored[chunk, : micro.tokens.shape[1]] = masked_token_logprobs(logits, micro)
+        return scored
+
+    old = logprobs(params, forward)
+    ref = None if reference is None else logprobs(reference, reference_forward or forward)
     return Rollout(
         batch=batch,
         completions=completions,
@@ -187,23 +207,46 @@ def sample_rollout(
     )
 
 
+def micro_batches(rows: int, size: int) -> list[slice]:
+    """Consecutive slices of ``size`` rows (the last may be shorter)."""
+    return [slice(start, start + size) for start in range(0, rows, size)]
+
+
+def take_rows(batch: Batch, rows: slice) -> Batch:
+    """The batch's ``rows``, cut to the longest of them: right padding past every row's end is neither attended
+    to nor scored, so dropping it changes no log-prob and saves its compute."""
+    assert batch.is_token is not None, "rollout batches are right-padded and mark their tokens"
+    width = int(batch.is_token[rows].sum(-1).max())
+    cut = {f.name: t[rows, :width] for f in fields(batch) if (t := getattr(batch, f.name)) is not None}
+    return replace(batch, **cut)
+
+
 def rollout_loss(
-    params: TensorDictBase, rollout: Rollout, forward: Forward, config: GRPOConfig
+    params: TensorDictBase,
+    rollout: Rollout,
+    forward: Forward,
+    config: GRPOConfig,
+    rows: slice = slice(None),
+    n_tokens: Tensor | None = None,
 ) -> tuple[Float[Tensor, ""], Metrics]:
-    """The GRPO loss of the current ``params`` on a rollout: what :func:`grpo_step` differentiates."""
-    batch = rollout.batch
+    """The GRPO loss of the current ``params`` on a rollout, or on its ``rows`` with the whole rollout's
+    ``n_tokens`` as divisor (a micro-batch's share): what :func:`grpo_step` differentiates."""
+    batch = take_rows(rollout.batch, rows)
+    width = batch.tokens.shape[1]
     assert batch.loss_mask is not None
     logits = forward(params, batch, dropout_seed=None) / config.sampling.temperature
     logprobs = masked_token_logprobs(logits, batch)
+    reference = rollout.reference_logprobs
     return grpo_loss(
         logprobs,
-        rollout.old_logprobs,
-        rollout.advantages,
+        rollout.old_logprobs[rows, :width],
+        rollout.advantages[rows],
         batch.loss_mask,
         config.clip_eps,
         config.clip_eps_high,
         config.kl_beta,
-        rollout.reference_logprobs,
+        None if reference is None else reference[rows, :width],
+        n_tokens,
     )
 
 
@@ -222,11 +265,17 @@ def grpo_step(
     ``state`` is ``zmaj.train.step.init_state(params)``. Metrics: the loss, ``kl`` (with reference log-probs),
     ``clip_fraction``, the rollout's mean ``reward`` and mean ``completion_length``, ``grad_norm``, ``lr``.
     """
-    grads, (_, metrics) = torch.func.grad_and_value(rollout_loss, has_aux=True)(
-        state["params"], rollout, forward, config
-    )
-    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay)
     assert rollout.batch.loss_mask is not None
+    n_tokens = rollout.batch.loss_mask.sum().clamp(min=1)
+    grad_fn = torch.func.grad_and_value(rollout_loss, has_aux=True)
+    grads: TensorDictBase | None = None
+    metrics: Metrics = {}
+    for rows in micro_batches(rollout.batch.tokens.shape[0], config.micro_batch):
+        g, (_, micro) = grad_fn(state["params"], rollout, forward, config, rows, n_tokens)
+        grads = g if grads is None else grads + g
+        metrics = {key: metrics[key] + value if key in metrics else value for key, value in micro.items()}
+    assert grads is not None
+    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay)
     metrics = {
         **metrics,
         "reward": rollout.rewards.mean(),
