@@ -220,7 +220,7 @@ def test_micro_batches_give_the_full_batch_step(micro_batch: int) -> None:
         for r, c in ((full, whole), (chunked, split))
     ]
     (state_full, metrics_full), (state_split, metrics_split) = results
-    for key in metrics_full:
-        torch.testing.assert_close(metrics_split[key], metrics_full[key], atol=1e-6, rtol=1e-5)
+    for name in metrics_full:
+        torch.testing.assert_close(metrics_split[name], metrics_full[name], atol=1e-6, rtol=1e-5)
     for key in state_full.keys(True, True):
         torch.testing.assert_close(state_split.get(key), state_full.get(key), atol=1e-6, rtol=1e-5)
