@@ -14,7 +14,9 @@ With ``grpo.kl_beta > 0`` the KL penalty is measured against ``reference`` (defa
 
 Checkpoint folders are named by optimizer step, which is ``passes`` times the GRPO step. The log-prob passes (old,
 reference and trained) run under ``train.precision``'s autocast, all alike, so a first pass still sees a ratio of
-exactly one; sampling runs in the parameters' float32. Ctrl-C saves a checkpoint; ``--resume`` continues exactly.
+exactly one (with ``passes: 1`` the old log-probs are not scored at all: the loss reuses the trained pass's);
+sampling runs in the parameters' float32. Prompts whose answers all earned the same reward train nothing
+(``grpo.skip_uniform_groups``); ``kept_groups`` in the metrics is their complement's share. Ctrl-C saves a checkpoint; ``--resume`` continues exactly.
 """
 
 import sys
@@ -170,7 +172,9 @@ def train(
             seed=cfg.seed * 1_000_003 + step,
             reference=reference,
             reference_forward=reference_forward,
+            score_old=cfg.passes > 1,
         )
+        sampled = time.perf_counter()
         passes = []
         for _ in range(cfg.passes):
             state, metrics = grpo_step(
@@ -184,6 +188,7 @@ def train(
             "accuracy": sum(r.correctness == 1.0 for r in scored) / len(scored),
             "format_rate": sum(r.format for r in scored) / len(scored),
             "seconds": time.perf_counter() - tick,
+            "rollout_seconds": sampled - tick,
         }
         report.append_jsonl(metrics_path, record)
         bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")

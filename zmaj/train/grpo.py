@@ -67,21 +67,29 @@ class GRPOConfig(BaseModel):
         gt=0,
         description="rollout rows per forward when scoring and differentiating; gradients accumulate over them",
     )
+    skip_uniform_groups: bool = Field(
+        True,
+        description="leave groups whose rewards are all equal (A = 0) out of the loss, as DAPO's dynamic sampling",
+    )
 
 
 @dataclass(frozen=True)
 class Rollout:
     """Sampled completions laid out for training, and what the objective needs of the sampling policy.
 
-    Rows are prompt-major: row ``p * G + g`` is prompt ``p``'s ``g``-th completion. ``old_logprobs`` and
-    ``reference_logprobs`` are per target token, zero outside ``batch.loss_mask``.
+    ``completions`` and ``rewards`` hold every sample, prompt-major (completion ``p * G + g`` is prompt ``p``'s
+    ``g``-th). The training rows (``batch``, ``advantages`` and the log-probs) are those of the ``kept`` prompts
+    only, in the same order. ``old_logprobs`` and ``reference_logprobs`` are per target token, zero outside
+    ``batch.loss_mask``; ``old_logprobs`` is None when the rollout trains a single pass (see
+    :func:`sample_rollout`).
     """
 
     batch: Batch
     completions: list[list[int]]
     rewards: Float[Tensor, "prompts group"]
+    kept: Bool[Tensor, " prompts"]
     advantages: Float[Tensor, " batch"]
-    old_logprobs: Float[Tensor, "batch seq"]
+    old_logprobs: Float[Tensor, "batch seq"] | None
     reference_logprobs: Float[Tensor, "batch seq"] | None
 
 
@@ -158,15 +166,23 @@ def sample_rollout(
     seed: int,
     reference: TensorDictBase | None = None,
     reference_forward: Forward | None = None,
+    score_old: bool = True,
 ) -> Rollout:
     """Sample ``group_size`` completions per prompt with the KV cache, score them, and record old log-probs.
 
     ``step`` is the model's cached forward (``llama.cached(config)``) and ``cache_shape`` its config. The old
     log-probs come from a full forward of ``forward`` over prompt + completion, the same computation the
-    training pass makes, so a first pass sees a ratio of exactly one. Every log-prob is that of the sampling
-    distribution, ``softmax(logits / temperature)``, as in TRL's GRPO trainer: the ratio and the KL then compare
-    the policy that actually sampled. ``reference`` (under ``reference_forward``,
-    default ``forward``) gives the KL penalty's log-probs; it is required when ``config.kl_beta > 0``.
+    training pass makes, so a first pass sees a ratio of exactly one. That forward is only needed for a second
+    pass: with ``score_old=False`` (one pass per rollout) the loss takes the current log-probs, detached, as the
+    old ones, the same values, and saves a forward over the rollout (TRL's GRPO trainer does the same). Every
+    log-prob is that of the sampling distribution, ``softmax(logits / temperature)``, as in TRL: the ratio and
+    the KL then compare the policy that actually sampled. ``reference`` (under ``reference_forward``, default
+    ``forward``) gives the KL penalty's log-probs; it is required when ``config.kl_beta > 0``.
+
+    With ``config.skip_uniform_groups``, a prompt whose samples all earned the same reward gets no training
+    rows: its advantages are zero, so it would only cost compute and, through the token-count divisor, shrink
+    the other prompts' step (DAPO, eq. 11, which also resamples to refill the batch; here the batch just
+    shrinks). With a KL penalty this also drops those rows' KL term.
     """
     if config.kl_beta > 0 and reference is None:
         raise ValueError("config.kl_beta > 0 needs a reference model")
@@ -184,26 +200,29 @@ def sample_rollout(
         dtype=torch.float32,
         device=device,
     ).view(len(prompts), group)
-    batch = completion_batch(rows, completions, device)
+    kept = rewards.amax(-1) > rewards.amin(-1)
+    if not config.skip_uniform_groups:
+        kept = torch.ones_like(kept)
+    train_rows = [index for index in range(len(rows)) if kept[index // group]]
+    batch = completion_batch([rows[i] for i in train_rows], [completions[i] for i in train_rows], device)
     temperature = config.sampling.temperature
 
     def logprobs(model: TensorDictBase, model_forward: Forward) -> Float[Tensor, "batch seq"]:
         scored = torch.zeros(batch.tokens.shape, device=device)
-        for chunk in micro_batches(len(rows), config.micro_batch):
+        for chunk in micro_batches(len(train_rows), config.micro_batch):
             micro = take_rows(batch, chunk)
             logits = model_forward(model, micro, dropout_seed=None) / temperature
             scored[chunk, : micro.tokens.shape[1]] = masked_token_logprobs(logits, micro)
         return scored
 
-    old = logprobs(params, forward)
-    ref = None if reference is None else logprobs(reference, reference_forward or forward)
     return Rollout(
         batch=batch,
         completions=completions,
         rewards=rewards,
-        advantages=group_advantages(rewards, config.advantage_eps).flatten(),
-        old_logprobs=old,
-        reference_logprobs=ref,
+        kept=kept,
+        advantages=group_advantages(rewards, config.advantage_eps)[kept].flatten(),
+        old_logprobs=logprobs(params, forward) if score_old else None,
+        reference_logprobs=None if reference is None else logprobs(reference, reference_forward or forward),
     )
 
 
@@ -236,10 +255,10 @@ def rollout_loss(
     assert batch.loss_mask is not None
     logits = forward(params, batch, dropout_seed=None) / config.sampling.temperature
     logprobs = masked_token_logprobs(logits, batch)
-    reference = rollout.reference_logprobs
+    old, reference = rollout.old_logprobs, rollout.reference_logprobs
     return grpo_loss(
         logprobs,
-        rollout.old_logprobs[rows, :width],
+        logprobs.detach() if old is None else old[rows, :width],
         rollout.advantages[rows],
         batch.loss_mask,
         config.clip_eps,
@@ -260,10 +279,13 @@ def grpo_step(
     lr: float,
     decay: TensorDictBase,
 ) -> tuple[TensorDict, Metrics]:
-    """One AdamW step on the GRPO loss of a rollout; call it mu times per rollout for mu passes.
+    """One AdamW step on the GRPO loss of a rollout; call it mu times per rollout for mu passes (a rollout
+    sampled with ``score_old=False`` serves one pass only).
 
     ``state`` is ``zmaj.train.step.init_state(params)``. Metrics: the loss, ``kl`` (with reference log-probs),
-    ``clip_fraction``, the rollout's mean ``reward`` and mean ``completion_length``, ``grad_norm``, ``lr``.
+    ``clip_fraction``, the mean ``reward`` and ``completion_length`` of every sample, ``kept_groups`` (the share
+    of prompts that trained), ``grad_norm``, ``lr``. A rollout that kept no prompt still takes the AdamW step,
+    with zero gradients: its moments carry it on, as they would with the zero advantages.
     """
     assert rollout.batch.loss_mask is not None
     n_tokens = rollout.batch.loss_mask.sum().clamp(min=1)
@@ -274,12 +296,19 @@ def grpo_step(
         g, (_, micro) = grad_fn(state["params"], rollout, forward, config, rows, n_tokens)
         grads = g if grads is None else grads + g
         metrics = {key: metrics[key] + value if key in metrics else value for key, value in micro.items()}
-    assert grads is not None
+    if grads is None:  # no prompt kept
+        grads = state["params"].clone().zero_()
+        zero = torch.zeros((), device=n_tokens.device)
+        metrics = {"loss": zero, "clip_fraction": zero} | (
+            {} if rollout.reference_logprobs is None else {"kl": zero}
+        )
     new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay)
+    lengths = torch.tensor([len(completion) for completion in rollout.completions], dtype=torch.float32)
     metrics = {
         **metrics,
         "reward": rollout.rewards.mean(),
-        "completion_length": rollout.batch.loss_mask.sum(-1).float().mean(),
+        "completion_length": lengths.mean(),
+        "kept_groups": rollout.kept.float().mean(),
         "grad_norm": grad_norm,
         "lr": torch.tensor(lr),
     }

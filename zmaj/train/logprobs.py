@@ -55,7 +55,7 @@ def completion_batch(
             "every prompt needs at least one token: the first completion token is predicted from it"
         )
     rows = [list(prompt) + list(completion) for prompt, completion in zip(prompts, completions, strict=True)]
-    width = max(len(row) for row in rows)
+    width = max((len(row) for row in rows), default=1)
     tokens = torch.zeros(len(rows), width, dtype=torch.long)
     is_token = torch.zeros(len(rows), width, dtype=torch.bool)
     is_completion = torch.zeros(len(rows), width, dtype=torch.bool)

@@ -166,9 +166,11 @@ def test_a_kl_penalty_without_a_reference_is_an_error() -> None:
 
 def test_rollouts_are_seeded_and_laid_out_prompt_major() -> None:
     params = llama.init(CONFIG, seed=0)
-    first, again = rollout(params, GRPO, seed=5), rollout(params, GRPO, seed=5)
+    every = GRPO.model_copy(update={"skip_uniform_groups": False})
+    first, again = rollout(params, every, seed=5), rollout(params, every, seed=5)
     assert first.completions == again.completions
-    assert first.completions != rollout(params, GRPO, seed=6).completions
+    assert first.completions != rollout(params, every, seed=6).completions
+    assert bool(first.kept.all())
     assert first.rewards.shape == (4, 6)
     assert first.batch.tokens.shape[0] == 24
     for row, completion in enumerate(first.completions):
@@ -224,3 +226,79 @@ def test_micro_batches_give_the_full_batch_step(micro_batch: int) -> None:
         torch.testing.assert_close(metrics_split[name], metrics_full[name], atol=1e-6, rtol=1e-5)
     for key in state_full.keys(True, True):
         torch.testing.assert_close(state_split.get(key), state_full.get(key), atol=1e-6, rtol=1e-5)
+
+
+def test_uniform_groups_are_left_out_and_the_rest_keep_their_gradient() -> None:
+    """Dropping zero-advantage groups only rescales the gradient: by all completion tokens over the kept ones."""
+    params = llama.init(CONFIG, seed=0)
+    every = GRPO.model_copy(update={"skip_uniform_groups": False})
+    full, kept = rollout(params, every, seed=3), rollout(params, GRPO, seed=3)
+    uniform = full.rewards.amax(-1) == full.rewards.amin(-1)
+    assert bool(uniform.any())
+    assert not bool(uniform.all())
+    assert torch.equal(kept.kept, ~uniform)
+    assert torch.equal(kept.rewards, full.rewards)
+    rows = [row for row in range(len(full.completions)) if kept.kept[row // GRPO.group_size]]
+    assert kept.batch.tokens.shape[0] == len(rows)
+    width = kept.batch.tokens.shape[1]
+    assert torch.equal(kept.batch.tokens, full.batch.tokens[rows, :width])
+    torch.testing.assert_close(kept.advantages, full.advantages[rows])
+    assert full.batch.loss_mask is not None
+    assert kept.batch.loss_mask is not None
+    scale = float(full.batch.loss_mask.sum()) / float(kept.batch.loss_mask.sum())
+    grad_full = torch.func.grad(lambda p: grpo.rollout_loss(p, full, FORWARD, every)[0])(params)
+    grad_kept = torch.func.grad(lambda p: grpo.rollout_loss(p, kept, FORWARD, GRPO)[0])(params)
+    for key in grad_full.keys(True, True):
+        torch.testing.assert_close(grad_kept.get(key), grad_full.get(key) * scale, atol=1e-6, rtol=1e-4)
+
+
+def test_a_single_pass_needs_no_old_logprobs() -> None:
+    """Without the old log-probs' forward, the first pass takes the same step: the ratio is one either way."""
+    params = llama.init(CONFIG, seed=0)
+    adamw = optim.AdamWConfig(lr=1e-2, weight_decay=0.0)
+    decay = optim.decay_mask(params)
+    scored, unscored = (rollout(params, GRPO, seed=3, score_old=old) for old in (True, False))
+    assert unscored.old_logprobs is None
+    (state_a, metrics_a), (state_b, metrics_b) = (
+        grpo.grpo_step(
+            step.init_state(params), r, forward=FORWARD, config=GRPO, optimizer=adamw, lr=1e-2, decay=decay
+        )
+        for r in (scored, unscored)
+    )
+    assert float(metrics_b["grad_norm"]) > 0
+    for name in metrics_a:
+        torch.testing.assert_close(metrics_b[name], metrics_a[name], atol=1e-6, rtol=1e-5)
+    for key in state_a.keys(True, True):
+        torch.testing.assert_close(state_b.get(key), state_a.get(key), atol=1e-6, rtol=1e-5)
+
+
+def test_a_rollout_with_no_informative_group_steps_on_zero_gradients() -> None:
+    params = llama.init(CONFIG, seed=0)
+    sampled = grpo.sample_rollout(
+        params,
+        PROMPTS,
+        lambda index, completion: 1.0,
+        forward=FORWARD,
+        step=llama.cached(CONFIG),
+        cache_shape=CONFIG,
+        config=GRPO,
+        seed=0,
+    )
+    assert not bool(sampled.kept.any())
+    assert sampled.batch.tokens.shape[0] == 0
+    adamw = optim.AdamWConfig(lr=1e-2, weight_decay=0.0)
+    state, metrics = grpo.grpo_step(
+        step.init_state(params),
+        sampled,
+        forward=FORWARD,
+        config=GRPO,
+        optimizer=adamw,
+        lr=1e-2,
+        decay=optim.decay_mask(params),
+    )
+    assert float(metrics["grad_norm"]) == 0.0
+    assert float(metrics["loss"]) == 0.0
+    assert float(metrics["reward"]) == 1.0
+    assert float(metrics["kept_groups"]) == 0.0
+    for key in params.keys(True, True):
+        assert torch.equal(state["params"].get(key), params.get(key))  # zero moments: AdamW moves nothing
