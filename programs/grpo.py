@@ -14,8 +14,8 @@ With ``grpo.kl_beta > 0`` the KL penalty is measured against ``reference`` (defa
 
 Checkpoint folders are named by optimizer step, which is ``passes`` times the GRPO step. The log-prob passes (old,
 reference and trained) run under ``train.precision``'s autocast, all alike, so a first pass still sees a ratio of
-exactly one (with ``passes: 1`` the old log-probs are not scored at all: the loss reuses the trained pass's);
-sampling runs in the parameters' float32. Prompts whose answers all earned the same reward train nothing
+exactly one (with ``passes: 1`` the old log-probs are not scored at all: the loss reuses the trained pass's).
+Sampling runs on a copy of the weights in that precision (bf16 or float32; LoRA samples in float32). Prompts whose answers all earned the same reward train nothing
 (``grpo.skip_uniform_groups``); ``kept_groups`` in the metrics is their complement's share. Ctrl-C saves a checkpoint; ``--resume`` continues exactly.
 """
 
@@ -99,6 +99,13 @@ def sampling_step(spec: GRPOSpec, begin: Start) -> Step:
     return step
 
 
+def sampler_params(params: TensorDictBase, dtype: torch.dtype, lora: bool) -> TensorDictBase | None:
+    """The weights rollouts are sampled with: a copy in the training matmuls' dtype (bfloat16 under bf16
+    autocast), so each decode step reads half the bytes; None (the float32 params) for LoRA, whose adapters are
+    attached to the float32 base inside the sampling step."""
+    return None if lora or dtype == torch.float32 else params.to(dtype)
+
+
 def scorer(
     task: Task, tokenizer: ModelTokenizer, problems: Sequence[Problem], where: str, scored: list[Reward]
 ) -> Callable[[int, list[int]], float]:
@@ -173,6 +180,7 @@ def train(
             reference=reference,
             reference_forward=reference_forward,
             score_old=cfg.passes > 1,
+            sampler=sampler_params(state["params"], dtype, spec.lora is not None),
         )
         sampled = time.perf_counter()
         passes = []

@@ -167,6 +167,7 @@ def sample_rollout(
     reference: TensorDictBase | None = None,
     reference_forward: Forward | None = None,
     score_old: bool = True,
+    sampler: TensorDictBase | None = None,
 ) -> Rollout:
     """Sample ``group_size`` completions per prompt with the KV cache, score them, and record old log-probs.
 
@@ -177,7 +178,9 @@ def sample_rollout(
     old ones, the same values, and saves a forward over the rollout (TRL's GRPO trainer does the same). Every
     log-prob is that of the sampling distribution, ``softmax(logits / temperature)``, as in TRL: the ratio and
     the KL then compare the policy that actually sampled. ``reference`` (under ``reference_forward``, default
-    ``forward``) gives the KL penalty's log-probs; it is required when ``config.kl_beta > 0``.
+    ``forward``) gives the KL penalty's log-probs; it is required when ``config.kl_beta > 0``. ``sampler``
+    (default ``params``) is what ``step`` generates with, e.g. a bfloat16 copy of ``params`` when ``forward``
+    runs under bfloat16 autocast: the same matmul precision, at half the bytes per decode step.
 
     With ``config.skip_uniform_groups``, a prompt whose samples all earned the same reward gets no training
     rows: its advantages are zero, so it would only cost compute and, through the token-count divisor, shrink
@@ -189,11 +192,12 @@ def sample_rollout(
     group = config.group_size
     rows = [list(prompt) for prompt in prompts for _ in range(group)]
     device = params.device if params.device is not None else "cpu"
-    cache = init_cache(
-        cache_shape, len(rows), max(len(row) for row in rows) + config.max_new_tokens, device=device
-    )
+    sampler = params if sampler is None else sampler
+    dtype = next(t.dtype for t in sampler.values(True, True) if t.is_floating_point())
+    longest = max(len(row) for row in rows)
+    cache = init_cache(cache_shape, len(rows), longest + config.max_new_tokens, dtype, device)
     completions = generate(
-        step, params, cache, rows, config.max_new_tokens, config.sampling, seed, config.stop_tokens
+        step, sampler, cache, rows, config.max_new_tokens, config.sampling, seed, config.stop_tokens
     )
     rewards = torch.tensor(
         [reward(index // group, completion) for index, completion in enumerate(completions)],

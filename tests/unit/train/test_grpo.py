@@ -12,7 +12,7 @@ from tensordict import TensorDictBase
 from zmaj.infer.generate import Sampling
 from zmaj.models import llama
 from zmaj.train import grpo, optim, step
-from zmaj.train.logprobs import token_logprobs
+from zmaj.train.logprobs import masked_token_logprobs, token_logprobs
 
 VOCAB = 16
 TARGET = 3
@@ -302,3 +302,14 @@ def test_a_rollout_with_no_informative_group_steps_on_zero_gradients() -> None:
     assert float(metrics["kept_groups"]) == 0.0
     for key in params.keys(True, True):
         assert torch.equal(state["params"].get(key), params.get(key))  # zero moments: AdamW moves nothing
+
+
+def test_the_sampler_generates_and_params_score() -> None:
+    """A bfloat16 copy (here of another model, to tell them apart) samples; ``params`` gives the log-probs."""
+    params = llama.init(CONFIG, seed=0)
+    other = llama.init(CONFIG, seed=1).to(torch.bfloat16)
+    sampled = rollout(params, GRPO, seed=3, sampler=other)
+    assert sampled.completions == rollout(other, GRPO, seed=3).completions
+    assert sampled.old_logprobs is not None
+    logits = FORWARD(params, sampled.batch, dropout_seed=None) / GRPO.sampling.temperature
+    torch.testing.assert_close(sampled.old_logprobs, masked_token_logprobs(logits, sampled.batch))
