@@ -13,7 +13,9 @@ tokens (no stop token, so every row decodes every step):
 
 Decode at batch 1 is bound by memory bandwidth: every step reads every weight once. The bound printed is the
 measured copy bandwidth (a large tensor copy in this process) divided by the bytes of the weights, embedding
-included (it is the tied unembedding too). Run by hand:
+included (it is the tied unembedding too). The "matvec floor" is tighter and what a stack over PyTorch's CPU
+kernels can actually reach: the time of the model's matrix-vector products alone, one ``F.linear`` per weight
+matrix at batch 1 (``matvec_floor_seconds``). Run by hand:
 
     uv run python benchmarks/decode.py            # 128 new tokens, batch 1 and 8, fp32 and bf16 (where fast)
     uv run python benchmarks/decode.py --quick    # 16 new tokens, batch 1
@@ -71,6 +73,34 @@ def copy_bandwidth_gbs(megabytes: int = 512) -> float:
         b.copy_(a)
         best = min(best, time.perf_counter() - start)
     return 2 * a.numel() * 4 / best / 1e9
+
+
+def matvec_floor_seconds(params: TensorDictBase, runs: int = 10) -> float:
+    """Seconds per token of the model's matrix-vector products alone: one ``F.linear`` per weight matrix (stacked
+    blocks unbound into layers, the tied embedding once, as the unembedding), in order, at batch 1, nothing else.
+
+    No decode step over PyTorch's CPU kernels can beat this: it is the bandwidth the GEMV kernels reach, which
+    is below the copy bandwidth (small matrices, one call each)."""
+    matrices = [
+        matrix
+        for tensor in checkpoint.flatten(params).values()
+        if tensor.dim() >= 2
+        for matrix in (tensor.reshape(-1, *tensor.shape[-2:]).unbind(0))
+    ]
+    inputs = {m.shape[1]: torch.randn(1, m.shape[1], dtype=m.dtype) for m in matrices}
+
+    def one_token() -> None:
+        for matrix in matrices:
+            torch.nn.functional.linear(inputs[matrix.shape[1]], matrix)
+
+    with torch.no_grad():
+        one_token()
+        best = float("inf")
+        for _ in range(runs):
+            start = time.perf_counter()
+            one_token()
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 Timing = tuple[float, float, list[list[int]]]
@@ -156,6 +186,8 @@ def main() -> None:
         hf = reference.to(dtype)
         weight_bytes = sum(t.numel() * t.element_size() for t in checkpoint.flatten(model.params).values())
         bound = bandwidth * 1e9 / weight_bytes
+        floor = matvec_floor_seconds(model.params)
+        print(f"- {name}: matrix-vector products alone {floor * 1e3:.1f} ms/token ({1 / floor:.0f} tok/s)")
         eager = model.architecture.cached(model.config)
         compiled = torch.compile(eager, fullgraph=True, dynamic=False)
         for batch in batches:
@@ -181,15 +213,20 @@ def main() -> None:
                         "decode tok/s": f"{rate:.1f}",
                         "vs transformers": f"{rate / hf_rate:.2f}",
                         "% of bound": f"{100 * rate / batch / bound:.0f}" if batch == 1 else "-",
+                        "% of matvec floor": f"{100 * rate * floor:.0f}" if batch == 1 else "-",
                         "same tokens": "yes" if same else "no",
                     }
                 )
                 print(rows[-1], flush=True)
         print(f"- {name}: weights {weight_bytes / 1e6:.0f} MB, bandwidth bound {bound:.0f} tok/s at batch 1")
         notes.append(
-            f"{name}: weights {weight_bytes / 1e6:.0f} MB; bandwidth bound {bound:.0f} tokens/s at batch 1"
+            f"{name}: weights {weight_bytes / 1e6:.0f} MB; bandwidth bound {bound:.0f} tokens/s at batch 1; "
+            f"the matrix-vector products alone (one F.linear per weight matrix, batch 1) take "
+            f"{floor * 1e3:.1f} ms per token: at most {1 / floor:.0f} tokens/s over PyTorch's kernels "
+            f"({weight_bytes / floor / 1e9:.1f} GB/s)"
         )
     columns = ["stack", "dtype", "batch", "prefill tok/s", "decode tok/s", "vs transformers", "% of bound"]
+    columns.append("% of matvec floor")
     columns.append("same tokens")
     table = markdown_table(rows, columns)
     print(table)
