@@ -202,6 +202,17 @@ def test_a_tiny_model_learns_to_say_three() -> None:
     assert sum(rewards[-3:]) / 3 > 0.8
 
 
+def assert_same_step(
+    expected: tuple[TensorDictBase, step.Metrics], actual: tuple[TensorDictBase, step.Metrics]
+) -> None:
+    """Two GRPO steps agree: every metric and every tensor of the new state, to float32 rounding."""
+    (state_a, metrics_a), (state_b, metrics_b) = expected, actual
+    for name in metrics_a:
+        torch.testing.assert_close(metrics_b[name], metrics_a[name], atol=1e-6, rtol=1e-5)
+    for key in state_a.keys(True, True):
+        torch.testing.assert_close(state_b.get(key), state_a.get(key), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("micro_batch", [1, 5])
 def test_micro_batches_give_the_full_batch_step(micro_batch: int) -> None:
     """Scoring and differentiating a rollout a few rows at a time changes nothing but the memory it needs."""
@@ -221,11 +232,7 @@ def test_micro_batches_give_the_full_batch_step(micro_batch: int) -> None:
         )
         for r, c in ((full, whole), (chunked, split))
     ]
-    (state_full, metrics_full), (state_split, metrics_split) = results
-    for name in metrics_full:
-        torch.testing.assert_close(metrics_split[name], metrics_full[name], atol=1e-6, rtol=1e-5)
-    for key in state_full.keys(True, True):
-        torch.testing.assert_close(state_split.get(key), state_full.get(key), atol=1e-6, rtol=1e-5)
+    assert_same_step(*results)
 
 
 def test_uniform_groups_are_left_out_and_the_rest_keep_their_gradient() -> None:
@@ -259,17 +266,14 @@ def test_a_single_pass_needs_no_old_logprobs() -> None:
     decay = optim.decay_mask(params)
     scored, unscored = (rollout(params, GRPO, seed=3, score_old=old) for old in (True, False))
     assert unscored.old_logprobs is None
-    (state_a, metrics_a), (state_b, metrics_b) = (
+    first, second = (
         grpo.grpo_step(
             step.init_state(params), r, forward=FORWARD, config=GRPO, optimizer=adamw, lr=1e-2, decay=decay
         )
         for r in (scored, unscored)
     )
-    assert float(metrics_b["grad_norm"]) > 0
-    for name in metrics_a:
-        torch.testing.assert_close(metrics_b[name], metrics_a[name], atol=1e-6, rtol=1e-5)
-    for key in state_a.keys(True, True):
-        torch.testing.assert_close(state_b.get(key), state_a.get(key), atol=1e-6, rtol=1e-5)
+    assert float(second[1]["grad_norm"]) > 0
+    assert_same_step(first, second)
 
 
 def test_a_rollout_with_no_informative_group_steps_on_zero_gradients() -> None:
