@@ -15,8 +15,9 @@ With ``grpo.kl_beta > 0`` the KL penalty is measured against ``reference`` (defa
 Checkpoint folders are named by optimizer step, which is ``passes`` times the GRPO step. The log-prob passes (old,
 reference and trained) run under ``train.precision``'s autocast, all alike, so a first pass still sees a ratio of
 exactly one (with ``passes: 1`` the old log-probs are not scored at all: the loss reuses the trained pass's).
-Sampling runs on a copy of the weights in that precision (bf16 or float32; LoRA samples in float32). Prompts whose answers all earned the same reward train nothing
-(``grpo.skip_uniform_groups``); ``kept_groups`` in the metrics is their complement's share. Ctrl-C saves a checkpoint; ``--resume`` continues exactly.
+Sampling runs on a copy of the weights in that precision (bf16 or float32; LoRA samples in float32). Prompts whose
+answers all earned the same reward train nothing (``grpo.skip_uniform_groups``); ``kept_groups`` in the metrics is
+the share that did. Ctrl-C saves a checkpoint; ``--resume`` continues exactly.
 """
 
 import sys

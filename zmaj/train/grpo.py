@@ -39,7 +39,7 @@ from zmaj.infer.generate import Sampling, Step, generate
 from zmaj.models.common import Batch
 from zmaj.train.logprobs import completion_batch, masked_token_logprobs
 from zmaj.train.optim import AdamWConfig
-from zmaj.train.step import Forward, Metrics, apply_grads
+from zmaj.train.step import Forward, Metrics, apply_grads, sum_grads
 
 Reward = Callable[[int, list[int]], float]
 """``reward(prompt_index, completion_tokens) -> float``: the task's score of one completion."""
@@ -204,9 +204,8 @@ def sample_rollout(
         dtype=torch.float32,
         device=device,
     ).view(len(prompts), group)
-    kept = rewards.amax(-1) > rewards.amin(-1)
-    if not config.skip_uniform_groups:
-        kept = torch.ones_like(kept)
+    spread = rewards.amax(-1) > rewards.amin(-1)
+    kept = spread if config.skip_uniform_groups else torch.ones_like(spread)
     train_rows = [index for index in range(len(rows)) if kept[index // group]]
     batch = completion_batch([rows[i] for i in train_rows], [completions[i] for i in train_rows], device)
     temperature = config.sampling.temperature
@@ -294,12 +293,13 @@ def grpo_step(
     assert rollout.batch.loss_mask is not None
     n_tokens = rollout.batch.loss_mask.sum().clamp(min=1)
     grad_fn = torch.func.grad_and_value(rollout_loss, has_aux=True)
-    grads: TensorDictBase | None = None
-    metrics: Metrics = {}
-    for rows in micro_batches(rollout.batch.tokens.shape[0], config.micro_batch):
-        g, (_, micro) = grad_fn(state["params"], rollout, forward, config, rows, n_tokens)
-        grads = g if grads is None else grads + g
-        metrics = {key: metrics[key] + value if key in metrics else value for key, value in micro.items()}
+    grads, metrics = sum_grads(
+        (g, micro)
+        for g, (_, micro) in (
+            grad_fn(state["params"], rollout, forward, config, rows, n_tokens)
+            for rows in micro_batches(rollout.batch.tokens.shape[0], config.micro_batch)
+        )
+    )
     if grads is None:  # no prompt kept
         grads = state["params"].clone().zero_()
         zero = torch.zeros((), device=n_tokens.device)

@@ -8,7 +8,7 @@ one k-times larger batch.
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Protocol, runtime_checkable
@@ -79,14 +79,29 @@ def accumulate_grads(
     """Gradient of the mean token loss over all micro-batches together; also that loss and the target count."""
     normalizer = sum((n_targets(b) for b in batches), torch.tensor(0)).clamp(min=1).to(params.device)
     grad_fn = torch.func.grad_and_value(summed_loss)
-    grads: TensorDictBase | None = None
-    loss = torch.zeros((), device=params.device)
-    for batch, seed in zip(batches, seeds, strict=True):
-        g, micro_loss = grad_fn(params, batch, forward, normalizer, seed, autocast or nullcontext())
-        grads = g if grads is None else grads + g
-        loss = loss + micro_loss.detach()
+    grads, sums = sum_grads(
+        (g, {"loss": loss.detach()})
+        for g, loss in (
+            grad_fn(params, batch, forward, normalizer, seed, autocast or nullcontext())
+            for batch, seed in zip(batches, seeds, strict=True)
+        )
+    )
     assert grads is not None, "a step needs at least one batch"
-    return grads, loss, normalizer
+    return grads, sums["loss"], normalizer
+
+
+def sum_grads(
+    micro_batches: Iterable[tuple[TensorDictBase, Metrics]],
+) -> tuple[TensorDictBase | None, Metrics]:
+    """The sums of the micro-batches' gradients and of their metrics (None and {} for none): gradient
+    accumulation, for any loss whose micro-batch parts add up to the whole. Take a generator, so that one
+    micro-batch's activations are freed before the next is computed."""
+    grads: TensorDictBase | None = None
+    metrics: Metrics = {}
+    for g, micro in micro_batches:
+        grads = g if grads is None else grads + g
+        metrics = {key: metrics[key] + value if key in metrics else value for key, value in micro.items()}
+    return grads, metrics
 
 
 GradFn = Callable[
