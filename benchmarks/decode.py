@@ -13,9 +13,10 @@ tokens (no stop token, so every row decodes every step):
 
 Decode at batch 1 is bound by memory bandwidth: every step reads every weight once. The bound printed is the
 measured copy bandwidth (a large tensor copy in this process) divided by the bytes of the weights, embedding
-included (it is the tied unembedding too). The "matvec floor" is tighter and what a stack over PyTorch's CPU
-kernels can actually reach: the time of the model's matrix-vector products alone, one ``F.linear`` per weight
-matrix at batch 1 (``matvec_floor_seconds``). Run by hand:
+included (it is the tied unembedding too). The "matvec floor" is tighter: the time of the model's matrix-vector
+products alone at batch 1 (``matvec_floor_seconds``), measured with PyTorch's GEMV kernels (``F.linear``, what an
+eager stack runs) and compiled from ``zmaj.nn.layers.matvec`` (what zmaj's compiled decode step runs); the
+column is against the faster of the two. Run by hand:
 
     uv run python benchmarks/decode.py            # 128 new tokens, batch 1 and 8, fp32 and bf16 (where fast)
     uv run python benchmarks/decode.py --quick    # 16 new tokens, batch 1
@@ -44,6 +45,7 @@ from zmaj.convert.load import Pretrained, load_model
 from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import left_padded
 from zmaj.models.common import Batch
+from zmaj.nn.layers import matvec
 from zmaj.train import checkpoint
 
 RESULTS = Path(__file__).parent / "results"
@@ -75,12 +77,13 @@ def copy_bandwidth_gbs(megabytes: int = 512) -> float:
     return 2 * a.numel() * 4 / best / 1e9
 
 
-def matvec_floor_seconds(params: TensorDictBase, runs: int = 10) -> float:
-    """Seconds per token of the model's matrix-vector products alone: one ``F.linear`` per weight matrix (stacked
+def matvec_floor_seconds(params: TensorDictBase, fused: bool, runs: int = 10) -> float:
+    """Seconds per token of the model's matrix-vector products alone: one product per weight matrix (stacked
     blocks unbound into layers, the tied embedding once, as the unembedding), in order, at batch 1, nothing else.
 
-    No decode step over PyTorch's CPU kernels can beat this: it is the bandwidth the GEMV kernels reach, which
-    is below the copy bandwidth (small matrices, one call each)."""
+    ``fused=False``: one ``F.linear`` each, PyTorch's GEMV kernels, which is what an eager stack (and
+    ``transformers``) runs. ``fused=True``: ``zmaj.nn.layers.matvec`` each, compiled, which is what zmaj's compiled
+    decode step runs: Inductor's own multiply-reduce loops. No decode step can beat the floor of its kernels."""
     matrices = [
         matrix
         for tensor in checkpoint.flatten(params).values()
@@ -89,16 +92,18 @@ def matvec_floor_seconds(params: TensorDictBase, runs: int = 10) -> float:
     ]
     inputs = {m.shape[1]: torch.randn(1, m.shape[1], dtype=m.dtype) for m in matrices}
 
-    def one_token() -> None:
-        for matrix in matrices:
-            torch.nn.functional.linear(inputs[matrix.shape[1]], matrix)
+    def one_token(matrices: list[Tensor]) -> list[Tensor]:
+        if fused:
+            return [matvec(matrix, inputs[matrix.shape[1]]) for matrix in matrices]
+        return [torch.nn.functional.linear(inputs[matrix.shape[1]], matrix) for matrix in matrices]
 
+    run = torch.compile(one_token, fullgraph=True, dynamic=False) if fused else one_token
     with torch.no_grad():
-        one_token()
+        run(matrices)
         best = float("inf")
         for _ in range(runs):
             start = time.perf_counter()
-            one_token()
+            run(matrices)
             best = min(best, time.perf_counter() - start)
     return best
 
@@ -196,8 +201,11 @@ def main() -> None:
         hf = reference.to(dtype)
         weight_bytes = sum(t.numel() * t.element_size() for t in checkpoint.flatten(model.params).values())
         bound = bandwidth * 1e9 / weight_bytes
-        floor = matvec_floor_seconds(model.params)
-        print(f"- {name}: matrix-vector products alone {floor * 1e3:.1f} ms/token ({1 / floor:.0f} tok/s)")
+        gemv = matvec_floor_seconds(model.params, fused=False)
+        fused = matvec_floor_seconds(model.params, fused=True)
+        floor = min(gemv, fused)
+        for kernels, seconds in (("F.linear", gemv), ("compiled matvec", fused)):
+            print(f"- {name}: matrix-vector products alone, {kernels}: {seconds * 1e3:.1f} ms/token")
         eager = model.architecture.cached(model.config)
         compiled = torch.compile(eager, fullgraph=True, dynamic=False)
         for batch in batches:
@@ -231,9 +239,10 @@ def main() -> None:
         print(f"- {name}: weights {weight_bytes / 1e6:.0f} MB, bandwidth bound {bound:.0f} tok/s at batch 1")
         notes.append(
             f"{name}: weights {weight_bytes / 1e6:.0f} MB; bandwidth bound {bound:.0f} tokens/s at batch 1; "
-            f"the matrix-vector products alone (one F.linear per weight matrix, batch 1) take "
-            f"{floor * 1e3:.1f} ms per token: at most {1 / floor:.0f} tokens/s over PyTorch's kernels "
-            f"({weight_bytes / floor / 1e9:.1f} GB/s)"
+            f"the matrix-vector products alone (one per weight matrix, batch 1) take {gemv * 1e3:.1f} ms per "
+            f"token with PyTorch's GEMV (F.linear, {weight_bytes / gemv / 1e9:.1f} GB/s) and {fused * 1e3:.1f} ms "
+            f"compiled from zmaj.nn.layers.matvec ({weight_bytes / fused / 1e9:.1f} GB/s); the faster is the "
+            f"matvec floor: at most {1 / floor:.0f} tokens/s"
         )
     columns = ["stack", "dtype", "batch", "prefill tok/s", "decode tok/s", "vs transformers", "% of bound"]
     columns.append("% of matvec floor")

@@ -3,6 +3,8 @@ as a Hugging Face folder (with a tiny zmaj tokenizer and its chat template besid
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,26 @@ def test_generate_prints_transformers_greedy_continuation(
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == greedy_reference(model, tokenizer.encode(prompt), tokenizer) + "\n"
+
+
+@pytest.mark.slow
+def test_compiled_generate_prints_the_same_continuation(
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer
+) -> None:
+    """``--compile`` (batch 1: the compiled step's matrix-vector path, ``zmaj.nn.layers.matvec``) changes the speed,
+    not the tokens. In a fresh interpreter: in this one the runtime shape checker wraps zmaj, and dynamo cannot
+    trace its bookkeeping."""
+    model, folder = llama
+    prompt = "the cat sat"
+    args = ["--model", folder, "--prompt", prompt, *GREEDY, "--compile"]
+    done = subprocess.run(
+        [sys.executable, ROOT / "programs" / "generate.py", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == greedy_reference(model, tokenizer.encode(prompt), tokenizer) + "\n"
 
 
 @pytest.fixture(scope="module")
