@@ -72,6 +72,7 @@ from torch import Tensor, nn
 
 from zmaj.models import gpt
 from zmaj.models.common import Batch
+from zmaj.nn.attention import Backend
 from zmaj.train import optim, precision, step
 from zmaj.train.report import gpt_flops_per_token
 
@@ -96,6 +97,7 @@ class Shape:
     heads: int
     vocab: int
     bias: bool
+    attention: Backend = "sdpa"  # zmaj's attention backend; the module stacks use SDPA
 
     def gpt_config(self) -> gpt.GPTConfig:
         return gpt.GPTConfig(
@@ -105,7 +107,7 @@ class Shape:
             n_layers=self.layers,
             n_heads=self.heads,
             bias=self.bias,
-            attention="sdpa",
+            attention=self.attention,
         )
 
     @property
@@ -667,6 +669,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="biases in linears and norms (GPT-2)",
     )
     parser.add_argument(
+        "--zmaj-attention",
+        choices=["sdpa", "eager"],
+        default="sdpa",
+        help="zmaj's attention: SDPA's fused kernels, or the formula (softmax(QK^T) V), which Inductor fuses",
+    )
+    parser.add_argument(
         "--profile-steps", type=int, default=2, help="zmaj eager fp32 steps profiled (0: none)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -694,7 +702,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     device = torch.device(args.device)
-    shape = Shape(args.batch, args.seq, args.layers, args.d_model, args.heads, args.vocab, args.bias)
+    shape = Shape(
+        args.batch,
+        args.seq,
+        args.layers,
+        args.d_model,
+        args.heads,
+        args.vocab,
+        args.bias,
+        args.zmaj_attention,
+    )
     command = "uv run python " + shlex.join(sys.argv)
     print(f"# Training step: zmaj vs transformers vs nanoGPT\n\n`{command}`\n")
     header = print_header(device)

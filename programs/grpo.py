@@ -15,7 +15,7 @@ With ``grpo.kl_beta > 0`` the KL penalty is measured against ``reference`` (defa
 Checkpoint folders are named by optimizer step, which is ``passes`` times the GRPO step. The log-prob passes (old,
 reference and trained) run under ``train.precision``'s autocast, all alike, so a first pass still sees a ratio of
 exactly one (with ``passes: 1`` the old log-probs are not scored at all: the loss reuses the trained pass's).
-Sampling runs on a copy of the weights in that precision (bf16 or float32; LoRA samples in float32). Prompts whose
+Sampling runs on a copy of the weights in that precision (bf16 or float32; LoRA's adapters merged in). Prompts whose
 answers all earned the same reward train nothing (``grpo.skip_uniform_groups``); ``kept_groups`` in the metrics is
 the share that did. Ctrl-C saves a checkpoint; ``--resume`` continues exactly.
 """
@@ -32,13 +32,11 @@ from tqdm import tqdm
 
 from zmaj.convert.load import load_model
 from zmaj.data.model_tokenizer import ModelTokenizer
-from zmaj.infer.generate import Step
-from zmaj.models.common import Batch
 from zmaj.tasks import Problem, Reward, Task, get_task, score
 from zmaj.train import finetune, optim, precision, report
 from zmaj.train.finetune import GRPOSpec, Start
 from zmaj.train.grpo import grpo_step, sample_rollout
-from zmaj.train.lora import attach
+from zmaj.train.lora import merge
 from zmaj.train.spec import SpecError
 from zmaj.train.step import init_state
 
@@ -82,29 +80,15 @@ def reference_params(spec: GRPOSpec, begin: Start, device: torch.device) -> Tens
     return reference.to(device, torch.float32).params
 
 
-def sampling_step(spec: GRPOSpec, begin: Start) -> Step:
-    """The cached forward that samples rollouts, taking the trained params (LoRA: the adapters, attached)."""
-    base_step = begin.model.architecture.cached(begin.model.config)
-    lora = spec.lora
-    if lora is None:
-        return base_step
-
-    def step(
-        adapters: TensorDictBase, batch: Batch, cache: TensorDictBase
-    ) -> tuple[torch.Tensor, TensorDictBase]:
-        result: tuple[torch.Tensor, TensorDictBase] = base_step(
-            attach(begin.model.params, adapters, lora), batch, cache
-        )
-        return result
-
-    return step
-
-
-def sampler_params(params: TensorDictBase, dtype: torch.dtype, lora: bool) -> TensorDictBase | None:
-    """The weights rollouts are sampled with: a copy in the training matmuls' dtype (bfloat16 under bf16
-    autocast), so each decode step reads half the bytes; None (the float32 params) for LoRA, whose adapters are
-    attached to the float32 base inside the sampling step."""
-    return None if lora or dtype == torch.float32 else params.to(dtype)
+@torch.no_grad()
+def sampler_params(
+    spec: GRPOSpec, begin: Start, params: TensorDictBase, dtype: torch.dtype
+) -> TensorDictBase:
+    """The full weights rollouts are sampled with, in the training matmuls' dtype (bfloat16 under bf16 autocast:
+    each decode step reads half the bytes). LoRA's adapters are merged into the frozen base first, so the
+    sampler runs the plain architecture: no rank-r side path per matrix per decode step."""
+    full = params if spec.lora is None else merge(begin.model.params, params, spec.lora)
+    return full.to(dtype)
 
 
 def scorer(
@@ -147,7 +131,7 @@ def train(
     dtype = precision.resolve(cfg.precision, device)
     forward = precision.autocast_forward(finetune.policy_forward(spec, begin), dtype, device)
     reference_forward = precision.autocast_forward(begin.base_forward, dtype, device)
-    step_fn = sampling_step(spec, begin)
+    step_fn = begin.model.architecture.cached(begin.model.config)
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
     metrics_path = run_dir / "metrics.jsonl"
     interrupt = finetune.Interrupt()
@@ -181,7 +165,7 @@ def train(
             reference=reference,
             reference_forward=reference_forward,
             score_old=cfg.passes > 1,
-            sampler=sampler_params(state["params"], dtype, spec.lora is not None),
+            sampler=sampler_params(spec, begin, state["params"], dtype),
         )
         sampled = time.perf_counter()
         passes = []
