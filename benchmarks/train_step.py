@@ -281,6 +281,7 @@ def zmaj_step(shape: Shape, compiled: bool, dtype: torch.dtype, batch: Batch) ->
     autocast = precision.autocast(dtype, device)
 
     grad_fn = torch.compile(step.accumulate_grads) if compiled else step.accumulate_grads
+    update_fn = torch.compile(step.apply_grads) if compiled else step.apply_grads
 
     def run() -> Tensor:
         nonlocal state
@@ -294,6 +295,7 @@ def zmaj_step(shape: Shape, compiled: bool, dtype: torch.dtype, batch: Batch) ->
             seed=0,
             autocast=autocast,
             grad_fn=grad_fn,
+            update_fn=update_fn,
         )
         return metrics["loss"]
 
@@ -531,6 +533,33 @@ def profile_zmaj(shape: Shape, batch: Batch, device: torch.device, steps: int) -
     return "\n".join(lines) + "\n"
 
 
+def matmul_floor_ms(shape: Shape, dtype: torch.dtype, device: torch.device) -> float:
+    """Milliseconds of one step's linear-layer matmuls alone, on PyTorch's kernels: for each weight matrix (q/k/v
+    fused, attention output, MLP up and down per layer, the tied unembedding) the forward product and the two
+    backward ones (input and weight gradients), fastest of 5, nothing else: no attention, norms, loss or
+    optimizer. A stack whose matmuls go through these kernels cannot take less, so it bounds the speed-up over
+    any other such stack: (its ms/step) / floor."""
+    tokens, d = shape.tokens_per_step, shape.d_model
+    shapes = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)] * shape.layers + [(d, shape.vocab)]
+    generator = torch.Generator().manual_seed(0)
+    operands = [
+        (
+            torch.randn(tokens, d_in, generator=generator).to(device, dtype),
+            torch.randn(d_out, d_in, generator=generator).to(device, dtype),
+            torch.randn(tokens, d_out, generator=generator).to(device, dtype),
+        )
+        for d_in, d_out in shapes
+    ]
+
+    def products() -> None:
+        for x, weight, grad_out in operands:
+            F.linear(x, weight)
+            grad_out @ weight  # input gradient
+            grad_out.t() @ x  # weight gradient
+
+    return 1000 * min(timeit(products, warmup=2, repeats=5, device=device))
+
+
 def phases(shape: Shape, batch: Batch) -> str:
     """Forward alone, forward + backward (``accumulate_grads``), clipping and AdamW, as train_step calls them."""
     device = batch.tokens.device
@@ -736,6 +765,18 @@ def main() -> None:
         gc.collect()
         profile_path.write_text(profile_zmaj(shape, batch, device, args.profile_steps))
         notes.append(f"Profile of the zmaj eager fp32 step: `{profile_path.name}`.")
+    for name in dtypes:
+        floor = matmul_floor_ms(shape, DTYPES[name], device)
+        best = min(
+            (statistics.median(r.times) * 1000 for r in runners if r.dtype == name and r.stack != "zmaj"),
+            default=float("nan"),
+        )
+        notes.append(
+            f"matmul floor, {name}: {floor:.0f} ms per step (`matmul_floor_ms`: the linear layers' forward and "
+            f"backward products alone, on PyTorch's kernels); the fastest module stack's median is {best:.0f} ms, "
+            f"so no stack on these kernels can be more than {best / floor:.2f}x faster than it, and only by "
+            f"spending {best - floor:.0f} ms less than it on everything else."
+        )
     elapsed = time.perf_counter() - start
     notes += [
         f"Shape: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}, "
@@ -746,7 +787,7 @@ def main() -> None:
         "IQR: interquartile range of those steps; best: the fastest (other work on the machine only adds time). MFU: GFLOP/s over the matmul peak of the same dtype measured "
         "above. x transformers / x nanoGPT: this row's tokens/s over theirs at the same dtype and mode.",
         "compiled: torch.compile of model + loss (module stacks; AdamW(foreach) stays eager) or of zmaj's "
-        "loss-and-gradients function (accumulate_grads; zmaj's clip and AdamW stay eager). compile s: warm-up time "
+        "loss-and-gradients function (accumulate_grads) and of its clip + AdamW (apply_grads). compile s: warm-up time "
         "beyond as many median steps (inductor's on-disk cache makes repeated runs compile faster).",
         f"total run time {elapsed / 60:.1f} min; load average at the end (1, 5, 15 min): {load_average()}.",
     ]

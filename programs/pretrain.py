@@ -36,6 +36,7 @@ from zmaj.train.step import (
     Forward,
     Metrics,
     accumulate_grads,
+    apply_grads,
     bind,
     eval_step,
     init_state,
@@ -206,6 +207,7 @@ def train(spec: PretrainSpec, run_dir: Path, resume: bool, cache_dir: Path, stop
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
     forward = bind(gpt.forward, config=spec.model)
     grad_fn = torch.compile(accumulate_grads) if cfg.compile else accumulate_grads
+    update_fn = torch.compile(apply_grads) if cfg.compile else apply_grads
     autocast = precision.autocast(dtype, device)
 
     n_params = sum(t.numel() for t in state["params"].values(True, True))
@@ -274,6 +276,7 @@ def train(spec: PretrainSpec, run_dir: Path, resume: bool, cache_dir: Path, stop
             seed=cfg.seed,
             autocast=autocast,
             grad_fn=grad_fn,
+            update_fn=update_fn,
         )
         loss = float(metrics["loss"])  # also waits for the step to finish, so the timing below is honest
         seconds = time.perf_counter() - tick

@@ -108,6 +108,9 @@ GradFn = Callable[
     [TensorDictBase, Sequence[Batch], Forward, Sequence[int | None], AbstractContextManager[object] | None],
     tuple[TensorDictBase, Tensor, Tensor],
 ]
+UpdateFn = Callable[
+    [TensorDictBase, TensorDictBase, AdamWConfig, float, TensorDictBase], tuple[TensorDict, Float[Tensor, ""]]
+]
 """The signature of :func:`accumulate_grads`, or of a compiled version of it."""
 
 
@@ -122,20 +125,22 @@ def train_step(
     seed: int,
     autocast: AbstractContextManager[object] | None = None,
     grad_fn: GradFn | None = None,
+    update_fn: UpdateFn | None = None,
 ) -> tuple[TensorDict, Metrics]:
     """One optimizer step over ``len(batches)`` accumulated micro-batches.
 
     ``grad_fn`` defaults to :func:`accumulate_grads`; pass ``torch.compile(accumulate_grads)`` to compile the
     forward and backward. (Compiling only ``forward`` does not work: dynamo refuses a compiled function called
-    inside an eager ``torch.func.grad``, pytorch/pytorch#128711. Clipping and AdamW stay eager: they are a few
-    elementwise passes over the parameters.)
+    inside an eager ``torch.func.grad``, pytorch/pytorch#128711.) ``update_fn`` defaults to :func:`apply_grads`;
+    ``torch.compile(apply_grads)`` fuses clipping and AdamW's dozen elementwise passes over every parameter
+    (each a fresh tensor, in this functional style) into a few loops.
     """
     params = state["params"]
     step = int(state["opt", "step"])
     # Dropout randomness is a pure function of (seed, step, micro-batch), so a resumed run repeats it exactly.
     seeds = [(seed * 1_000_003 + step * len(batches) + i) % 2**63 for i in range(len(batches))]
     grads, loss, n_tokens = (grad_fn or accumulate_grads)(params, batches, forward, seeds, autocast)
-    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay)
+    new_state, grad_norm = (update_fn or apply_grads)(state, grads, optimizer, lr, decay)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": torch.tensor(lr), "tokens": n_tokens}
     return new_state, metrics
 

@@ -85,14 +85,23 @@ def test_bits_per_byte_is_loss_over_bytes_in_bits() -> None:
 
 @pytest.mark.slow
 def test_a_compiled_step_equals_the_eager_step() -> None:
-    """``grad_fn=torch.compile(accumulate_grads)`` is what ``train.compile: true`` runs."""
+    """``grad_fn=torch.compile(accumulate_grads)`` and ``update_fn=torch.compile(apply_grads)`` are what
+    ``train.compile: true`` runs."""
     state = step.init_state(gpt.init(CONFIG, seed=0))
     batches = [make_batch(0), make_batch(1)]
     kwargs = {"forward": FORWARD, "optimizer": optim.AdamWConfig(lr=1e-2), "lr": 1e-2, "seed": 0}
     decay = optim.decay_mask(state["params"])
     eager, eager_metrics = step.train_step(state, batches, decay=decay, **kwargs)  # type: ignore[arg-type]
     compiled_grads = torch.compile(step.accumulate_grads)
-    compiled, metrics = step.train_step(state, batches, decay=decay, grad_fn=compiled_grads, **kwargs)  # type: ignore[arg-type]
+    compiled_update = torch.compile(step.apply_grads)
+    compiled, metrics = step.train_step(
+        state,
+        batches,
+        decay=decay,
+        grad_fn=compiled_grads,
+        update_fn=compiled_update,
+        **kwargs,  # type: ignore[arg-type]
+    )
     torch.testing.assert_close(metrics["loss"], eager_metrics["loss"], atol=1e-5, rtol=1e-5)
     for key in eager.keys(True, True):
         torch.testing.assert_close(compiled.get(key), eager.get(key), atol=1e-4, rtol=1e-4)
