@@ -40,9 +40,9 @@ def matvec(weight: Float[Tensor, "d_out d_in"], x: Float[Tensor, "*one d_in"]) -
     """W x for a single vector, written as a multiply and a sum so that ``torch.compile`` emits the loop itself.
 
     Decoding one token is a matrix-vector product per weight, bound by how fast the weights stream from memory.
-    PyTorch's CPU GEMV kernels stream them at ~16 GB/s (bf16) and ~12 GB/s (fp32) on a 2-core EPYC whose read
+    PyTorch's CPU GEMV kernels stream them at 13-16 GB/s (bf16) and ~12 GB/s (fp32) on a 2-core EPYC whose read
     bandwidth is ~34 GB/s; Inductor's fused multiply-reduce loop (nothing materialised, float32 accumulation)
-    reaches ~25 GB/s in both (``benchmarks/decode.py``). Eager, the product would be materialised, so
+    reaches 23 GB/s (bf16) and 28 GB/s (fp32) (``benchmarks/decode.py``). Eager, the product would be materialised, so
     ``linear`` takes this path only while compiling.
     """
     product = x.float().unsqueeze(-2) * weight.float()
