@@ -135,21 +135,16 @@ def test_a_lora_sft_run_loads_as_its_base_with_the_adapters_merged(model: Path, 
     )
 
 
+def say_e_grpo(model: Path) -> list[str | Path]:
+    """The tiny GRPO spec on ``model``, rewarded for saying "e" (a task of the test fixtures)."""
+    return [SPECS / "grpo-tiny.yaml", "--set", f"model={model}", "--set", "task={name: say-e}", *FIXTURES]
+
+
 def test_grpo_with_lora_raises_the_reward(model: Path, tmp_path: Path) -> None:
     """The adapters train (rollouts sample from the base with the adapters merged in, ``sampler_params``)."""
     lora = "lora={rank: 4, alpha: 8, targets: ['attn.*', 'mlp.*']}"
-    spec: list[str | Path] = [
-        SPECS / "grpo-tiny.yaml",
-        "--set",
-        f"model={model}",
-        "--set",
-        "task={name: say-e}",
-        *FIXTURES,
-    ]
-    code, _, err = run(
-        "grpo.py", *spec, "--set", "train.steps=30", "--set", "train.optimizer.lr=0.1", "--set", lora,
-        "--run-dir", tmp_path / "run",
-    )  # fmt: skip
+    spec = [*say_e_grpo(model), "--set", "train.steps=30", "--set", "train.optimizer.lr=0.1", "--set", lora]
+    code, _, err = run("grpo.py", *spec, "--run-dir", tmp_path / "run")
     assert code == 0, err
     rewards = [r["reward"] for r in records(tmp_path / "run") if "reward" in r]
     # Slower than full fine-tuning here: the adapters cannot touch the embeddings, where this toy's reward is won.
@@ -157,15 +152,7 @@ def test_grpo_with_lora_raises_the_reward(model: Path, tmp_path: Path) -> None:
 
 
 def test_grpo_raises_the_reward_and_resumes_exactly(model: Path, tmp_path: Path) -> None:
-    spec: list[str | Path] = [
-        SPECS / "grpo-tiny.yaml",
-        "--set",
-        f"model={model}",
-        "--set",
-        "task={name: say-e}",
-        *FIXTURES,
-    ]
-    spec += ["--set", "train.steps=12"]
+    spec = [*say_e_grpo(model), "--set", "train.steps=12"]
     code, _, err = run("grpo.py", *spec, "--run-dir", tmp_path / "straight")
     assert code == 0, err
     rows = [r for r in records(tmp_path / "straight") if "reward" in r]

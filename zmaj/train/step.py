@@ -108,10 +108,11 @@ GradFn = Callable[
     [TensorDictBase, Sequence[Batch], Forward, Sequence[int | None], AbstractContextManager[object] | None],
     tuple[TensorDictBase, Tensor, Tensor],
 ]
+"""The signature of :func:`accumulate_grads`, or of a compiled version of it."""
 UpdateFn = Callable[
     [TensorDictBase, TensorDictBase, AdamWConfig, float, TensorDictBase], tuple[TensorDict, Float[Tensor, ""]]
 ]
-"""The signature of :func:`accumulate_grads`, or of a compiled version of it."""
+"""The signature of :func:`apply_grads`, or of a compiled version of it."""
 
 
 def train_step(
