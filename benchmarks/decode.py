@@ -43,7 +43,7 @@ from torch import Tensor
 from zmaj.convert import weights
 from zmaj.convert.load import Pretrained, load_model
 from zmaj.infer.cache import init_cache
-from zmaj.infer.generate import left_padded
+from zmaj.infer.generate import Step, left_padded
 from zmaj.models.common import Batch
 from zmaj.nn.layers import matvec
 from zmaj.train import checkpoint
@@ -60,8 +60,6 @@ PROMPTS = [
     "In 1969, the Apollo 11 mission",
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-Step = Callable[[TensorDictBase, Batch, TensorDictBase], tuple[Tensor, TensorDictBase]]
 
 
 def copy_bandwidth_gbs(megabytes: int = 512) -> float:
@@ -124,8 +122,8 @@ def zmaj_decode(model: Pretrained, step: Step, prompts: list[list[int]], new: in
         prefill = time.perf_counter() - start
         tokens = [token]
         start = time.perf_counter()
-        for _ in range(new - 1):
-            logits, cache = step(model.params, Batch(tokens=token[:, None]), cache)
+        for _ in range(new - 1):  # the loop owns the cache: donated, as zmaj.infer.generate does (eager only)
+            logits, cache = step(model.params, Batch(tokens=token[:, None]), cache, donate=True)
             token = logits[:, -1].argmax(-1)
             tokens.append(token)
         decode = time.perf_counter() - start

@@ -17,12 +17,13 @@ sees the same graph at every position. A model's ``forward_cached(params, batch,
 ``(logits, new_cache)``; ``zmaj.models.common.cache_step`` and ``cache_mask`` do the bookkeeping and
 ``zmaj.nn.attention.cached_attention`` the writing, so a model adds cached decoding in a few lines.
 
-Writes are out of place: a step returns a new cache and never changes the one it was given, so one empty cache
-can start any number of generations, and a prefilled cache can be branched. That costs two copies of the cache
-per step (one per layer in ``cached_attention``, one stacking the layers). Measured at batch 1 in float32 on 2
-CPU cores for a SmolLM2-135M-shaped Llama, decoding runs at 12.6 tokens/s against 13.5 with in-place
-``index_copy_`` for a 96-slot cache (-7%), but 8.0 against 12.3 for a 2048-slot one (-35%): for long contexts,
-donating the buffers (writing in place, as ``jax.jit(donate_argnums=...)`` lets XLA do) is the switch to make.
+Writes are out of place by default: a step returns a new cache and never changes the one it was given, so one empty
+cache can start any number of generations, and a prefilled cache can be branched (``repeat_rows``). That costs two
+copies of the cache per step (one per layer in ``cached_attention``, one stacking the layers): at batch 1 in float32
+for a SmolLM2-135M-shaped Llama, 12.6 against 13.5 tokens/s for a 96-slot cache, 8.0 against 12.3 for a 2048-slot
+one, and at batch 128 in bf16, 297 against 194 ms per step. So a decode loop that owns its cache donates it
+(``forward_cached(..., donate=True)``, as ``jax.jit(donate_argnums=...)`` lets XLA do): the step writes into the
+given buffers and returns them. ``zmaj.infer.generate.stream`` prefills out of place, then donates every step.
 """
 
 from typing import Protocol, runtime_checkable
@@ -71,3 +72,23 @@ def init_cache(
 def capacity(cache: TensorDictBase) -> int:
     """How many more tokens per row the cache can take."""
     return int(cache["k"].shape[3]) - int(cache["length"])
+
+
+def repeat_rows(cache: TensorDictBase, copies: int) -> TensorDict:
+    """Each row ``copies`` times over, row ``i`` becoming rows ``i * copies`` to ``i * copies + copies - 1``.
+
+    A prefilled prompt then branches into several continuations: GRPO's group of answers to one question reads
+    the question's keys and values from one prefill instead of computing them once per answer.
+    """
+    if copies < 1:
+        raise ValueError(f"copies must be at least 1, got {copies}")
+    return TensorDict(
+        {
+            "k": cache["k"].repeat_interleave(copies, 1),
+            "v": cache["v"].repeat_interleave(copies, 1),
+            "positions": cache["positions"].repeat_interleave(copies, 0),
+            "is_token": cache["is_token"].repeat_interleave(copies, 0),
+            "length": cache["length"],
+        },
+        batch_size=[],
+    )

@@ -34,7 +34,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models import common
-from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step
+from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step, writes_in_place
 from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention
 from zmaj.nn.layers import Activation, glu_mlp, linear
 from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
@@ -193,7 +193,7 @@ def hidden_states(
 
 
 def forward_cached(
-    params: TensorDictBase, batch: Batch, cache: TensorDictBase, config: Gemma3Config
+    params: TensorDictBase, batch: Batch, cache: TensorDictBase, config: Gemma3Config, donate: bool = False
 ) -> tuple[Float[Tensor, "batch seq vocab"], TensorDict]:
     """Logits of ``batch``'s tokens given the tokens already in ``cache``, and the cache with them added.
 
@@ -202,6 +202,7 @@ def forward_cached(
     ``sliding_window`` slots, but one buffer shape for all layers keeps the cache a single stacked tensor, and
     the window is applied by the mask instead.
     """
+    donate = writes_in_place(donate)
     step = cache_step(batch, cache)
     masks = {
         sliding: cache_mask(step, config.sliding_window if sliding else None)
@@ -216,13 +217,22 @@ def forward_cached(
     for block, cache_k, cache_v, sliding in layers:
         q, k, v = _rotated_qkv(block, x, *angles[sliding], config)
         attended, cache_k, cache_v = cached_attention(
-            q, k, v, cache_k, cache_v, step.slots, masks[sliding], config.attention, config.attention_scale
+            q,
+            k,
+            v,
+            cache_k,
+            cache_v,
+            step.slots,
+            masks[sliding],
+            config.attention,
+            config.attention_scale,
+            donate,
         )
         x = _finish_block(block, x, attended, config)
         keys.append(cache_k)
         values.append(cache_v)
     logits = unembed(params, rms_norm(params["final_norm"], x, config.norm_eps), config)
-    return logits, step.advance(keys, values)
+    return logits, step.advance(keys, values, cache if donate else None)
 
 
 def _angles(config: Gemma3Config, positions: Tensor) -> dict[bool, tuple[Tensor, Tensor]]:

@@ -22,7 +22,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models import common
-from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step
+from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step, writes_in_place
 from zmaj.nn.attention import Backend, cached_self_attention, self_attention
 from zmaj.nn.layers import Activation, dropout, layer_norm, mlp, rms_norm, sinusoidal_positions
 from zmaj.nn.shell import Shell
@@ -152,7 +152,7 @@ def hidden_states(
 
 
 def forward_cached(
-    params: TensorDictBase, batch: Batch, cache: TensorDictBase, config: GPTConfig
+    params: TensorDictBase, batch: Batch, cache: TensorDictBase, config: GPTConfig, donate: bool = False
 ) -> tuple[Float[Tensor, "batch seq vocab"], TensorDict]:
     """Logits of ``batch``'s tokens given the tokens already in ``cache``, and the cache with them added.
 
@@ -160,6 +160,7 @@ def forward_cached(
     real tokens (``cache_step``), so left- or right-padded prompts (``batch.is_token``) need no positions.
     Evaluation only: no dropout.
     """
+    donate = writes_in_place(donate)
     step = cache_step(batch, cache)
     mask = cache_mask(step)
     x = _embed(params, batch.tokens, step.positions, config)
@@ -176,13 +177,14 @@ def forward_cached(
             config.n_heads,
             config.n_heads,
             config.attention,
+            donate,
         )
         x = x + attn_out
         x = x + mlp(block["mlp"], _norm(block["mlp_norm"], x, config), config.activation)
         keys.append(cache_k)
         values.append(cache_v)
     logits = unembed(params, _norm(params["final_norm"], x, config), config)
-    return logits, step.advance(keys, values)
+    return logits, step.advance(keys, values, cache if donate else None)
 
 
 def _embed(

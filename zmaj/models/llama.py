@@ -23,7 +23,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models import common
-from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step
+from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step, writes_in_place
 from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention
 from zmaj.nn.layers import Activation, glu_mlp, linear, rms_norm
 from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
@@ -160,13 +160,17 @@ def hidden_states(
 
 
 def forward_cached(
-    params: TensorDictBase, batch: Batch, cache: TensorDictBase, config: LlamaConfig
+    params: TensorDictBase, batch: Batch, cache: TensorDictBase, config: LlamaConfig, donate: bool = False
 ) -> tuple[Float[Tensor, "batch seq vocab"], TensorDict]:
     """Logits of ``batch``'s tokens given the tokens already in ``cache``, and the cache with them added.
 
     Equal to ``forward`` over the whole sequence at these positions. Positions default to each row's count of
     real tokens (``cache_step``), so left- or right-padded prompts (``batch.is_token``) need no positions.
+    ``donate=True`` writes the new keys and values into ``cache``'s own buffers, which the returned cache then
+    shares: for a decode loop that never reads the old cache again (``zmaj.infer.generate.stream``), it saves
+    copying the whole cache twice per step. Compiled steps ignore it (``common.writes_in_place``).
     """
+    donate = writes_in_place(donate)
     step = cache_step(batch, cache)
     mask = cache_mask(step)
     x = params["embed", "weight"][batch.tokens]
@@ -178,14 +182,14 @@ def forward_cached(
         attn = block["attn"]
         q, k, v = _rotated_qkv(attn, rms_norm(block["attn_norm"], x, config.norm_eps), cos, sin, config)
         out, cache_k, cache_v = cached_attention(
-            q, k, v, cache_k, cache_v, step.slots, mask, config.attention
+            q, k, v, cache_k, cache_v, step.slots, mask, config.attention, donate=donate
         )
         x = x + linear(attn["o"], rearrange(out, "b h s d -> b s (h d)"))
         x = x + glu_mlp(block["mlp"], rms_norm(block["mlp_norm"], x, config.norm_eps), config.activation)
         keys.append(cache_k)
         values.append(cache_v)
     logits = unembed(params, rms_norm(params["final_norm"], x, config.norm_eps), config)
-    return logits, step.advance(keys, values)
+    return logits, step.advance(keys, values, cache if donate else None)
 
 
 def unembed(

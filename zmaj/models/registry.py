@@ -13,6 +13,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from zmaj.infer.generate import Step
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.common import Batch
 from zmaj.models.gemma3 import Gemma3Config
@@ -38,11 +39,13 @@ class Architecture:
         """Next-token logits at every position."""
         return self.forward(params, batch, config=config)
 
-    def cached(self, config: ModelConfig) -> Callable[[TensorDictBase, Batch, TensorDictBase], Any]:
-        """The ``step(params, batch, cache)`` that ``zmaj.infer.generate`` takes."""
+    def cached(self, config: ModelConfig) -> Step:
+        """The ``step(params, batch, cache, donate=False)`` that ``zmaj.infer.generate`` takes."""
 
-        def step(params: TensorDictBase, batch: Batch, cache: TensorDictBase) -> tuple[Tensor, TensorDict]:
-            return self.forward_cached(params, batch, cache, config=config)
+        def step(
+            params: TensorDictBase, batch: Batch, cache: TensorDictBase, *, donate: bool = False
+        ) -> tuple[Tensor, TensorDict]:
+            return self.forward_cached(params, batch, cache, config=config, donate=donate)
 
         return step
 

@@ -160,6 +160,7 @@ def cached_attention(
     mask: Bool[Tensor, "batch q_seq k_seq"],
     backend: Backend,
     scale: float | None = None,
+    donate: bool = False,
 ) -> tuple[
     Float[Tensor, "batch heads q_seq head_dim"],
     Float[Tensor, "batch kv_heads k_seq head_dim"],
@@ -169,15 +170,19 @@ def cached_attention(
 
     Returns the output and the layer's new cache. The write is out of place (``index_copy``, not
     ``index_copy_``): the caller's cache is never changed, at the price of one copy of the layer's cache per
-    call, small next to the weights at batch 1 (see ``zmaj.infer.cache``). The mask must hide the slots not
+    call, small next to the weights at batch 1 (see ``zmaj.infer.cache``). With ``donate`` the caller gives the
+    cache up and the write lands in its buffers (``index_copy_``): what a decode loop that owns its cache does.
+    The mask must hide the slots not
     written yet; ``zmaj.models.common.cache_mask`` does. Attending over the whole buffer keeps the shapes of
     every decode step equal, which is what lets ``torch.compile`` reuse one graph. ``flex`` runs as SDPA here: a
     decode step's single query row leaves no tiles to skip, and building a BlockMask per step costs more. A
     decode step (one query) runs the eager formula whatever the backend: PyTorch's CPU SDPA kernel with an
     explicit mask took 5 ms per call there (SmolLM2-135M, 160 slots, measured), 30x the two small einsums.
     """
-    cache_k = cache_k.index_copy(2, slots, k)
-    cache_v = cache_v.index_copy(2, slots, v)
+    if donate:
+        cache_k, cache_v = cache_k.index_copy_(2, slots, k), cache_v.index_copy_(2, slots, v)
+    else:
+        cache_k, cache_v = cache_k.index_copy(2, slots, k), cache_v.index_copy(2, slots, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if backend == "eager" or q.shape[2] == 1:
         return eager_attention(q, cache_k, cache_v, mask, scale), cache_k, cache_v
@@ -194,6 +199,7 @@ def cached_self_attention(
     n_heads: int,
     n_kv_heads: int,
     backend: Backend,
+    donate: bool = False,
 ) -> tuple[
     Float[Tensor, "batch q_seq d_model"],
     Float[Tensor, "batch kv_heads k_seq head_dim"],
@@ -203,5 +209,5 @@ def cached_self_attention(
     q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", h=n_heads)
     k = rearrange(linear(params["k"], x), "b s (h d) -> b h s d", h=n_kv_heads)
     v = rearrange(linear(params["v"], x), "b s (h d) -> b h s d", h=n_kv_heads)
-    out, cache_k, cache_v = cached_attention(q, k, v, cache_k, cache_v, slots, mask, backend)
+    out, cache_k, cache_v = cached_attention(q, k, v, cache_k, cache_v, slots, mask, backend, donate=donate)
     return linear(params["o"], rearrange(out, "b h s d -> b s (h d)")), cache_k, cache_v

@@ -171,6 +171,8 @@ def sample_rollout(
 ) -> Rollout:
     """Sample ``group_size`` completions per prompt with the KV cache, score them, and record old log-probs.
 
+    Each prompt is prefilled once and its cache branched into its group (``generate(..., copies=group_size)``).
+
     ``step`` is the model's cached forward (``llama.cached(config)``) and ``cache_shape`` its config. The old
     log-probs come from a full forward of ``forward`` over prompt + completion, the same computation the
     training pass makes, so a first pass sees a ratio of exactly one. That forward is only needed for a second
@@ -194,10 +196,18 @@ def sample_rollout(
     device = params.device if params.device is not None else "cpu"
     sampler = params if sampler is None else sampler
     dtype = next(t.dtype for t in sampler.values(True, True) if t.is_floating_point())
-    longest = max(len(row) for row in rows)
-    cache = init_cache(cache_shape, len(rows), longest + config.max_new_tokens, dtype, device)
+    longest = max(len(prompt) for prompt in prompts)
+    cache = init_cache(cache_shape, len(prompts), longest + config.max_new_tokens, dtype, device)
     completions = generate(
-        step, sampler, cache, rows, config.max_new_tokens, config.sampling, seed, config.stop_tokens
+        step,
+        sampler,
+        cache,
+        prompts,
+        config.max_new_tokens,
+        config.sampling,
+        seed,
+        config.stop_tokens,
+        copies=group,
     )
     rewards = torch.tensor(
         [reward(index // group, completion) for index, completion in enumerate(completions)],

@@ -279,10 +279,10 @@ for batch in (1, 2):  # batch 1 takes linear's compiled matrix-vector path (zmaj
     with torch.no_grad():
         cache = init_cache(config, batch=batch, max_len=16)
         _, cache = llama.forward_cached(params, Batch(tokens=rows[:, :8]), cache, config)
-        _, cache = compiled(params, Batch(tokens=rows[:, 8:9]), cache)
+        _, cache = compiled(params, Batch(tokens=rows[:, 8:9]), cache, donate=True)  # as generate's decode steps
         with torch._dynamo.config.patch(error_on_recompile=True):
             for i in range(9, 16):
-                logits, cache = compiled(params, Batch(tokens=rows[:, i : i + 1]), cache)
+                logits, cache = compiled(params, Batch(tokens=rows[:, i : i + 1]), cache, donate=True)
                 full = llama.forward(params, Batch(tokens=rows[:, : i + 1]), config)
                 assert (logits[:, 0] - full[:, -1]).abs().max() <= 1e-5, (batch, i)
 """

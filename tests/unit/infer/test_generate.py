@@ -15,13 +15,15 @@ from zmaj.infer.generate import (
     choose,
     generate,
     left_padded,
+    sample_categorical,
     stream,
     top_k_filter,
     top_p_filter,
 )
 from zmaj.infer.sample import sample
-from zmaj.models import gpt, llama
+from zmaj.models import gemma3, gpt, llama
 from zmaj.models.common import Batch
+from zmaj.models.registry import ModelConfig, architecture
 
 VOCAB = 64
 CONFIG = llama.LlamaConfig(
@@ -113,6 +115,20 @@ def test_sampling_frequencies_match_the_closed_form(sampling: Sampling, expected
     torch.testing.assert_close(frequencies, torch.tensor(expected, dtype=torch.float32), atol=0.015, rtol=0)
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.sampled_from([0.0, 0.0, 1e-6, 1.0, 3.0]), min_size=1, max_size=16).filter(
+        lambda w: sum(w) > 0
+    ),
+    st.integers(0, 2**32 - 1),
+)
+def test_the_inverse_cdf_never_draws_a_token_of_probability_zero(weights: list[float], seed: int) -> None:
+    probs = torch.tensor(weights) / sum(weights)
+    drawn = sample_categorical(probs.expand(4000, -1), torch.Generator().manual_seed(seed))
+    assert drawn.shape == (4000,)
+    assert (probs[drawn] > 0).all()
+
+
 def test_batched_prompts_of_different_lengths_give_each_prompt_alone(free: list[list[int]]) -> None:
     assert free == [run([prompt])[0] for prompt in PROMPTS]
     assert all(len(tokens) == 12 for tokens in free)
@@ -127,6 +143,51 @@ def test_gpt_batched_greedy_equals_the_full_recompute_sampler() -> None:
             lambda batch: gpt.forward(params, batch, config), torch.tensor([prompt]), 10, 64, temperature=0.0
         )
         assert tokens == recomputed[0].tolist()
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.0)])
+def test_copies_continue_each_prompt_as_the_repeated_prompts_would(sampling: Sampling) -> None:
+    repeated = [prompt for prompt in PROMPTS for _ in range(3)]
+    branched = generate(
+        STEP, PARAMS, init_cache(CONFIG, 3, 32), PROMPTS, 12, sampling, seed=5, stop_tokens={3}, copies=3
+    )
+    assert branched == run(repeated, sampling=sampling, seed=5, stop_tokens={3})
+    if sampling.temperature > 0:  # the copies are distinct samples, not one sample thrice
+        assert len({tuple(tokens) for tokens in branched}) > len(PROMPTS)
+
+
+TINY_GEMMA3 = gemma3.Gemma3Config(
+    vocab_size=VOCAB,
+    context=64,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    d_ff=48,
+    layer_types=("sliding_attention", "full_attention"),
+    sliding_window=5,
+)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [CONFIG, gpt.GPTConfig(vocab_size=VOCAB, context=64, d_model=32, n_layers=2, n_heads=4), TINY_GEMMA3],
+    ids=["llama", "gpt", "gemma3"],
+)
+def test_a_donated_step_equals_the_out_of_place_one_and_writes_in_place(config: ModelConfig) -> None:
+    family = architecture(config)
+    step, params = family.cached(config), family.init(config, seed=0)
+    _, prefilled = step(params, left_padded(PROMPTS), init_cache(config, 3, 32))
+    before = prefilled.clone()
+    token = Batch(tokens=torch.tensor([[1], [2], [3]]))
+    logits, fresh = step(params, token, prefilled)
+    assert (prefilled == before).all()
+    donated_logits, donated = step(params, token, prefilled, donate=True)
+    torch.testing.assert_close(donated_logits, logits, rtol=0, atol=0)
+    assert (donated == fresh).all()
+    assert donated["k"].data_ptr() == prefilled["k"].data_ptr()
+    assert not (prefilled["k"] == before["k"]).all()
 
 
 def test_same_seed_same_samples() -> None:
@@ -208,3 +269,5 @@ def test_bad_requests_are_refused() -> None:
         generate(STEP, PARAMS, init_cache(CONFIG, 2, 32), PROMPTS, 4)
     with pytest.raises(ValueError, match="at least one token"):
         run([[1], []])
+    with pytest.raises(ValueError, match="copies must be at least 1"):
+        run(copies=0)
