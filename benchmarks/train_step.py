@@ -45,6 +45,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -72,7 +73,7 @@ from torch import Tensor, nn
 
 from zmaj.models import gpt
 from zmaj.models.common import Batch
-from zmaj.nn.attention import Backend
+from zmaj.nn.attention import Backend, eager_attention
 from zmaj.train import optim, precision, step
 from zmaj.train.report import gpt_flops_per_token
 
@@ -271,7 +272,8 @@ def module_step(model: nn.Module, compiled: bool, dtype: torch.dtype, batch: Bat
 
 
 def zmaj_step(shape: Shape, compiled: bool, dtype: torch.dtype, batch: Batch) -> Callable[[], Tensor]:
-    """zmaj's ``train_step`` (eager), or its loss-and-gradients compiled and its clip + AdamW eager."""
+    """zmaj's ``train_step`` as ``programs/pretrain.py`` runs it: eager, or its loss-and-gradients and its
+    clip + AdamW (donating the old state) each compiled."""
     device = batch.tokens.device
     config = shape.gpt_config()
     state = step.init_state(gpt.init(config, 0, device))
@@ -281,7 +283,8 @@ def zmaj_step(shape: Shape, compiled: bool, dtype: torch.dtype, batch: Batch) ->
     autocast = precision.autocast(dtype, device)
 
     grad_fn = torch.compile(step.accumulate_grads) if compiled else step.accumulate_grads
-    update_fn = torch.compile(step.apply_grads) if compiled else step.apply_grads
+    update: step.UpdateFn = partial(step.apply_grads, donate=True)  # as programs/pretrain.py
+    update_fn = torch.compile(update, fullgraph=True) if compiled else update
 
     def run() -> Tensor:
         nonlocal state
@@ -560,6 +563,67 @@ def matmul_floor_ms(shape: Shape, dtype: torch.dtype, device: torch.device) -> f
     return 1000 * min(timeit(products, warmup=2, repeats=5, device=device))
 
 
+def attention_floor_ms(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[float, str]:
+    """Milliseconds of one step's attention alone (every layer's forward and backward, fastest of 5), on the
+    faster of PyTorch's causal SDPA kernel and the compiled formula (``zmaj.nn.attention.eager_attention``):
+    with ``matmul_floor_ms`` and ``optimizer_floor_ms``, what any stack on these kernels must spend."""
+    head_dim = shape.d_model // shape.heads
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, grad_out = (
+        torch.randn(shape.batch, shape.heads, shape.seq, head_dim, generator=generator).to(device, dtype)
+        for _ in range(4)
+    )
+    causal = (
+        torch.ones(shape.seq, shape.seq, dtype=torch.bool, device=device).tril().expand(shape.batch, -1, -1)
+    )
+    scale = head_dim**-0.5
+    kernels: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+        "SDPA": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale),
+        "compiled formula": torch.compile(lambda q, k, v: eager_attention(q, k, v, causal, scale)),
+    }
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    times = {}
+    for name, kernel in kernels.items():
+
+        def forward_backward(kernel: Callable[[Tensor, Tensor, Tensor], Tensor] = kernel) -> None:
+            for _ in range(shape.layers):
+                torch.autograd.grad(kernel(*leaves), leaves, grad_out)
+
+        times[name] = 1000 * min(timeit(forward_backward, warmup=3, repeats=5, device=device))
+    fastest = min(times, key=times.__getitem__)
+    return times[fastest], ", ".join(f"{name} {ms:.0f} ms" for name, ms in times.items())
+
+
+def optimizer_floor_ms(shape: Shape, device: torch.device) -> tuple[float, str]:
+    """Milliseconds of one clip + AdamW update (float32 state) of the shape's parameters, fastest of 5, on the
+    faster of PyTorch's fused kernel (``torch.optim.AdamW(fused=True)`` after a foreach clip) and zmaj's
+    compiled, donating ``apply_grads``. It reads parameters, gradients and both moments and writes three of
+    them back: memory bandwidth, not arithmetic, sets it."""
+    state = step.init_state(gpt.init(shape.gpt_config(), 0, device))
+    grads = state["params"].apply(torch.randn_like)
+    adamw_config = optim.AdamWConfig(lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
+    decay = optim.decay_mask(state["params"])
+    update = torch.compile(partial(step.apply_grads, donate=True), fullgraph=True)
+    leaves = [p.detach().clone().requires_grad_() for p in state["params"].values(True, True)]
+    for leaf, grad in zip(leaves, grads.values(True, True), strict=True):
+        leaf.grad = grad.clone()
+    fused = torch.optim.AdamW(leaves, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
+
+    def torch_update() -> None:
+        nn.utils.clip_grad_norm_(leaves, GRAD_CLIP, foreach=True)
+        fused.step()
+
+    times = {
+        "fused AdamW": 1000 * min(timeit(torch_update, warmup=3, repeats=5, device=device)),
+        "zmaj compiled": 1000
+        * min(
+            timeit(lambda: update(state, grads, adamw_config, LR, decay), warmup=3, repeats=5, device=device)
+        ),
+    }
+    fastest = min(times, key=times.__getitem__)
+    return times[fastest], ", ".join(f"{name} {ms:.0f} ms" for name, ms in times.items())
+
+
 def phases(shape: Shape, batch: Batch) -> str:
     """Forward alone, forward + backward (``accumulate_grads``), clipping and AdamW, as train_step calls them."""
     device = batch.tokens.device
@@ -765,8 +829,10 @@ def main() -> None:
         gc.collect()
         profile_path.write_text(profile_zmaj(shape, batch, device, args.profile_steps))
         notes.append(f"Profile of the zmaj eager fp32 step: `{profile_path.name}`.")
+    optimizer_ms, optimizer_kernels = optimizer_floor_ms(shape, device)
     for name in dtypes:
         floor = matmul_floor_ms(shape, DTYPES[name], device)
+        attention_ms, attention_kernels = attention_floor_ms(shape, DTYPES[name], device)
         best = min(
             (statistics.median(r.times) * 1000 for r in runners if r.dtype == name and r.stack != "zmaj"),
             default=float("nan"),
@@ -776,6 +842,15 @@ def main() -> None:
             f"backward products alone, on PyTorch's kernels); the fastest module stack's median is {best:.0f} ms, "
             f"so no stack on these kernels can be more than {best / floor:.2f}x faster than it, and only by "
             f"spending {best - floor:.0f} ms less than it on everything else."
+        )
+        kernels = floor + attention_ms + optimizer_ms
+        notes.append(
+            f"kernel floor, {name}: {kernels:.0f} ms per step = matmul floor {floor:.0f} + attention "
+            f"{attention_ms:.0f} (`attention_floor_ms`, {shape.layers} layers' forward and backward, the faster of "
+            f"{attention_kernels}) + clip and AdamW {optimizer_ms:.0f} (`optimizer_floor_ms`, the faster of "
+            f"{optimizer_kernels}); norms, "
+            f"activations, residuals, embedding and loss come on top. On these kernels no stack can be more than "
+            f"{best / kernels:.2f}x faster than the fastest module stack."
         )
     elapsed = time.perf_counter() - start
     notes += [
@@ -787,7 +862,7 @@ def main() -> None:
         "IQR: interquartile range of those steps; best: the fastest (other work on the machine only adds time). MFU: GFLOP/s over the matmul peak of the same dtype measured "
         "above. x transformers / x nanoGPT: this row's tokens/s over theirs at the same dtype and mode.",
         "compiled: torch.compile of model + loss (module stacks; AdamW(foreach) stays eager) or of zmaj's "
-        "loss-and-gradients function (accumulate_grads) and of its clip + AdamW (apply_grads). compile s: warm-up time "
+        "loss-and-gradients function (accumulate_grads) and of its clip + AdamW (apply_grads, donating the old state). compile s: warm-up time "
         "beyond as many median steps (inductor's on-disk cache makes repeated runs compile faster).",
         f"total run time {elapsed / 60:.1f} min; load average at the end (1, 5, 15 min): {load_average()}.",
     ]

@@ -14,6 +14,7 @@ import random
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
@@ -35,6 +36,7 @@ from zmaj.train.spec import PretrainSpec, SpecError, load, parse
 from zmaj.train.step import (
     Forward,
     Metrics,
+    UpdateFn,
     accumulate_grads,
     apply_grads,
     bind,
@@ -207,7 +209,9 @@ def train(spec: PretrainSpec, run_dir: Path, resume: bool, cache_dir: Path, stop
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
     forward = bind(gpt.forward, config=spec.model)
     grad_fn = torch.compile(accumulate_grads) if cfg.compile else accumulate_grads
-    update_fn = torch.compile(apply_grads) if cfg.compile else apply_grads
+    # The loop never reads a state again once its step has run, so the update may write into it (donate).
+    update: UpdateFn = partial(apply_grads, donate=True)
+    update_fn = torch.compile(update, fullgraph=True) if cfg.compile else update
     autocast = precision.autocast(dtype, device)
 
     n_params = sum(t.numel() for t in state["params"].values(True, True))

@@ -7,6 +7,7 @@ operation, so the two agree to float rounding.
 """
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -50,21 +51,43 @@ def adamw_update(
     config: AdamWConfig,
     lr: float | Tensor,
     decay: TensorDictBase,
+    donate: bool = False,
 ) -> tuple[TensorDictBase, TensorDict]:
     """One AdamW step; returns new parameters and a new optimizer state, the inputs untouched.
 
-    ``decay`` holds, per parameter, 1.0 where weight decay applies and 0.0 where it does not.
+    ``decay`` holds, per parameter, 1.0 where weight decay applies and 0.0 where it does not. Each formula is
+    one ``apply`` over the leaves, not TensorDict arithmetic with tensor scalars: ``torch.compile`` traces the
+    former into one graph, but breaks the graph at every ``tensor * tensordict`` of the latter.
+
+    ``donate=True`` writes the new values into the buffers of ``params`` and ``state``, which the caller gives
+    up (as ``jax.jit``'s ``donate_argnums``), and returns them: the same numbers, but no fresh
+    parameter-sized tensors per step. That matters on the CPU, where each fresh tensor that large is a new
+    ``mmap`` whose every page faults in when first written.
     """
     beta1, beta2 = config.betas
-    step = state["step"] + 1
-    m = state["m"].lerp(grads, 1 - beta1)
-    v = state["v"] * beta2 + grads * grads * (1 - beta2)
-    bias1 = 1 - beta1**step
-    bias2_sqrt = (1 - beta2**step).sqrt()
-    denominator = v.sqrt() / bias2_sqrt + config.eps
-    decayed = params * (1 - lr * config.weight_decay * decay)
-    new_params = decayed - (lr / bias1) * m / denominator
+    step: Tensor = state["step"] + 1
+    bias1, bias2_sqrt = 1 - beta1**step, (1 - beta2**step).sqrt()
+    m = leafwise(lambda m, g: m.lerp(g, 1 - beta1), state["m"], grads, donate=donate)
+    v = leafwise(lambda v, g: v * beta2 + g * g * (1 - beta2), state["v"], grads, donate=donate)
+
+    def updated(p: Tensor, m: Tensor, v: Tensor, decay: Tensor) -> Tensor:
+        decayed = p * (1 - lr * config.weight_decay * decay)
+        return decayed - (lr / bias1) * m / (v.sqrt() / bias2_sqrt + config.eps)
+
+    new_params = leafwise(updated, params, m, v, decay, donate=donate)
     return new_params, TensorDict({"m": m, "v": v, "step": step})
+
+
+def leafwise(
+    fn: Callable[..., Tensor], tree: TensorDictBase, *others: TensorDictBase, donate: bool = False
+) -> TensorDictBase:
+    """``fn`` of each leaf of ``tree`` and the same-keyed leaves of ``others``: a new TensorDict, or, with
+    ``donate``, written into ``tree``'s own tensors."""
+    if donate:
+        return tree.apply_(fn, *others)
+    result = tree.apply(fn, *others)
+    assert result is not None
+    return result
 
 
 def decay_mask(params: TensorDictBase, norms_and_biases: bool = False) -> TensorDict:
@@ -94,11 +117,14 @@ def global_norm(grads: TensorDictBase) -> Tensor:
     return norm
 
 
-def clip_by_global_norm(grads: TensorDictBase, max_norm: float) -> tuple[TensorDictBase, Tensor]:
-    """Scale all gradients by min(1, max_norm / norm), as ``torch.nn.utils.clip_grad_norm_`` does."""
+def clip_by_global_norm(
+    grads: TensorDictBase, max_norm: float, donate: bool = False
+) -> tuple[TensorDictBase, Tensor]:
+    """Scale all gradients by min(1, max_norm / norm), as ``torch.nn.utils.clip_grad_norm_`` does (in place
+    with ``donate``)."""
     norm = global_norm(grads)
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    return grads * scale, norm
+    return leafwise(lambda g: g * scale, grads, donate=donate), norm
 
 
 def learning_rate(step: int, total_steps: int, peak: float, schedule: ScheduleConfig) -> float:

@@ -134,7 +134,8 @@ def train_step(
     forward and backward. (Compiling only ``forward`` does not work: dynamo refuses a compiled function called
     inside an eager ``torch.func.grad``, pytorch/pytorch#128711.) ``update_fn`` defaults to :func:`apply_grads`;
     ``torch.compile(apply_grads)`` fuses clipping and AdamW's dozen elementwise passes over every parameter
-    (each a fresh tensor, in this functional style) into a few loops.
+    (each a fresh tensor, in this functional style) into a few loops, and ``partial(apply_grads, donate=True)``
+    writes them into the old state when the caller is done with it (``programs/pretrain.py`` does both).
     """
     params = state["params"]
     step = int(state["opt", "step"])
@@ -147,15 +148,26 @@ def train_step(
 
 
 def apply_grads(
-    state: TensorDictBase, grads: TensorDictBase, optimizer: AdamWConfig, lr: float, decay: TensorDictBase
+    state: TensorDictBase,
+    grads: TensorDictBase,
+    optimizer: AdamWConfig,
+    lr: float,
+    decay: TensorDictBase,
+    donate: bool = False,
 ) -> tuple[TensorDict, Float[Tensor, ""]]:
     """The state after one AdamW step on ``grads`` (clipped first when ``optimizer.grad_clip`` is set), and the
-    gradients' global norm before clipping: the update every step function (LM, DPO, GRPO) ends with."""
+    gradients' global norm before clipping: the update every step function (LM, DPO, GRPO) ends with.
+
+    ``donate=True`` (``partial(apply_grads, donate=True)`` as ``train_step``'s ``update_fn``) writes the new
+    state into the old one's tensors and the clipped gradients into ``grads``: for a loop that never reads
+    the old state again, it saves allocating the parameters, moments and gradients anew each step
+    (``zmaj.train.optim.adamw_update``).
+    """
     if optimizer.grad_clip is not None:
-        grads, grad_norm = clip_by_global_norm(grads, optimizer.grad_clip)
+        grads, grad_norm = clip_by_global_norm(grads, optimizer.grad_clip, donate)
     else:
         grad_norm = global_norm(grads)
-    new_params, opt = adamw_update(state["params"], grads, state["opt"], optimizer, lr, decay)
+    new_params, opt = adamw_update(state["params"], grads, state["opt"], optimizer, lr, decay, donate)
     return TensorDict({"params": new_params, "opt": opt}), grad_norm
 
 

@@ -1,5 +1,8 @@
 """The stateless train step: accumulation is exact, a tiny model overfits, the state is all there is."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -83,25 +86,61 @@ def test_bits_per_byte_is_loss_over_bytes_in_bits() -> None:
     assert abs(pooled["val_bpb"] - 16.0 / 0.6931471805599453 / 32) < 1e-12
 
 
-@pytest.mark.slow
-def test_a_compiled_step_equals_the_eager_step() -> None:
-    """``grad_fn=torch.compile(accumulate_grads)`` and ``update_fn=torch.compile(apply_grads)`` are what
-    ``train.compile: true`` runs."""
+def test_a_donated_update_equals_the_pure_one_and_reuses_the_buffers() -> None:
     state = step.init_state(gpt.init(CONFIG, seed=0))
-    batches = [make_batch(0), make_batch(1)]
-    kwargs = {"forward": FORWARD, "optimizer": optim.AdamWConfig(lr=1e-2), "lr": 1e-2, "seed": 0}
-    decay = optim.decay_mask(state["params"])
-    eager, eager_metrics = step.train_step(state, batches, decay=decay, **kwargs)  # type: ignore[arg-type]
-    compiled_grads = torch.compile(step.accumulate_grads)
-    compiled_update = torch.compile(step.apply_grads)
-    compiled, metrics = step.train_step(
-        state,
-        batches,
-        decay=decay,
-        grad_fn=compiled_grads,
-        update_fn=compiled_update,
-        **kwargs,  # type: ignore[arg-type]
+    state, _ = run(state, [make_batch(0)])  # non-zero moments
+    grads, _, _ = step.accumulate_grads(state["params"], [make_batch(1)], FORWARD, [None])
+    config, decay = (
+        optim.AdamWConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5),
+        optim.decay_mask(state["params"]),
     )
+    pure, pure_norm = step.apply_grads(state, grads.clone(), config, 1e-2, decay)
+    given = state.clone()
+    donated, norm = step.apply_grads(given, grads, config, 1e-2, decay, donate=True)
+    assert torch.equal(norm, pure_norm)
+    assert (donated == pure).all()
+    for key in state.keys(True, True):
+        if key[-1] != "step":
+            assert donated.get(key).data_ptr() == given.get(key).data_ptr(), key
+
+
+COMPILED_STEPS = """
+from functools import partial
+import torch
+from zmaj.models import gpt
+from zmaj.models.common import Batch
+from zmaj.train import optim, step
+
+config = gpt.GPTConfig(vocab_size=32, context=32, d_model=32, n_layers=2, n_heads=4)
+forward = step.bind(gpt.forward, config=config)
+tokens = torch.randint(0, 32, (2, 4, 17), generator=torch.Generator().manual_seed(0))
+batches = [Batch(tokens=t[:, :-1], targets=t[:, 1:]) for t in tokens]
+state = step.init_state(gpt.init(config, seed=0))
+decay = optim.decay_mask(state["params"])
+kwargs = {"forward": forward, "optimizer": optim.AdamWConfig(lr=1e-2, grad_clip=1.0), "seed": 0, "decay": decay}
+grad_fn = torch.compile(step.accumulate_grads)
+update_fn = torch.compile(partial(step.apply_grads, donate=True), fullgraph=True)  # one graph, or an error
+eager, compiled = state, state.clone()
+# A schedule's new learning rate (and new dropout seeds) each step: dynamo recompiles once, on the second step,
+# to make them symbolic, and never again.
+for i, lr in enumerate((1e-2, 7e-3, 4e-3, 2e-3)):
+    eager, eager_metrics = step.train_step(eager, batches, lr=lr, **kwargs)
+    with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+        compiled, metrics = step.train_step(compiled, batches, lr=lr, grad_fn=grad_fn, update_fn=update_fn, **kwargs)
     torch.testing.assert_close(metrics["loss"], eager_metrics["loss"], atol=1e-5, rtol=1e-5)
     for key in eager.keys(True, True):
         torch.testing.assert_close(compiled.get(key), eager.get(key), atol=1e-4, rtol=1e-4)
+"""
+
+
+@pytest.mark.slow
+def test_a_compiled_step_equals_the_eager_step() -> None:
+    """``grad_fn=torch.compile(accumulate_grads)`` and ``update_fn=torch.compile(partial(apply_grads,
+    donate=True), fullgraph=True)``, what ``train.compile: true`` runs, take the eager steps' values; the update
+    is one graph, and a new learning rate each step (a schedule) does not recompile it after the second step.
+
+    Run in a fresh interpreter: under pytest every zmaj function is wrapped by the runtime shape checker, whose
+    bookkeeping dynamo cannot trace in one graph.
+    """
+    done = subprocess.run([sys.executable, "-c", COMPILED_STEPS], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
