@@ -19,9 +19,10 @@ sees the same graph at every position. A model's ``forward_cached(params, batch,
 
 Writes are out of place by default: a step returns a new cache and never changes the one it was given, so one empty
 cache can start any number of generations, and a prefilled cache can be branched (``repeat_rows``). That costs two
-copies of the cache per step (one per layer in ``cached_attention``, one stacking the layers): at batch 1 in float32
-for a SmolLM2-135M-shaped Llama, 12.6 against 13.5 tokens/s for a 96-slot cache, 8.0 against 12.3 for a 2048-slot
-one, and at batch 128 in bf16, 297 against 194 ms per step. So a decode loop that owns its cache donates it
+copies of the cache per step (one per layer in ``cached_attention``, one stacking the layers). Out of place against
+in place, for a SmolLM2-135M-shaped Llama: at batch 1 in float32, 12.6 against 13.5 tokens/s with a 96-slot cache
+and 8.0 against 12.3 with a 2048-slot one (an early ``index_copy_`` experiment); at batch 128 in bf16, 297 against
+194 ms per step (``donate=True``). So a decode loop that owns its cache donates it
 (``forward_cached(..., donate=True)``, as ``jax.jit(donate_argnums=...)`` lets XLA do): the step writes into the
 given buffers and returns them. ``zmaj.infer.generate.stream`` prefills out of place, then donates every step.
 """
@@ -82,6 +83,9 @@ def repeat_rows(cache: TensorDictBase, copies: int) -> TensorDict:
     """
     if copies < 1:
         raise ValueError(f"copies must be at least 1, got {copies}")
+    assert set(cache.keys()) == {"k", "v", "positions", "is_token", "length"}, (
+        "a new cache field needs a row axis here"
+    )
     return TensorDict(
         {
             "k": cache["k"].repeat_interleave(copies, 1),

@@ -11,14 +11,13 @@ arXiv:1805.04833) and then to the nucleus: the smallest set of most likely token
 A row stops at one of ``stop_tokens`` or once its text contains one of ``stop_strings`` (the stopping token is
 part of the output, as in ``transformers``); generation ends when every row has stopped.
 
-The loop knows nothing of the architecture: it takes ``step(params, batch, cache) -> (logits, cache)``, e.g.
-``llama.cached(config)``, and a cache from ``zmaj.infer.cache.init_cache``. ``stream`` yields each step's
-tokens as they come; ``generate`` collects them.
+The loop knows nothing of the architecture: it takes ``step(params, batch, cache, donate=False) -> (logits,
+cache)`` (``zmaj.models.common.Step``), e.g. ``llama.cached(config)``, and a cache from
+``zmaj.infer.cache.init_cache``. ``stream`` yields each step's tokens as they come; ``generate`` collects them.
 """
 
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -28,18 +27,7 @@ from torch import Tensor
 
 from zmaj.infer.cache import capacity, repeat_rows
 from zmaj.models.common import Batch
-
-
-@runtime_checkable
-class Step(Protocol):
-    """``step(params, batch, cache, donate=False) -> (logits [batch, seq, vocab], new_cache)``: a model's
-    ``forward_cached``. ``donate=True`` lets it write into ``cache``'s buffers (``jax.jit``'s ``donate_argnums``
-    in spirit): the caller promises never to read that cache again. (A compiled step ignores the offer:
-    ``zmaj.models.common.writes_in_place``.)"""
-
-    def __call__(
-        self, params: TensorDictBase, batch: Batch, cache: TensorDictBase, *, donate: bool = False
-    ) -> tuple[Tensor, TensorDictBase]: ...
+from zmaj.models.common import Step as Step  # re-exported: generation's contract with a model
 
 
 class Sampling(BaseModel):
@@ -112,9 +100,11 @@ def sample_categorical(
     ``torch.multinomial`` draws an exponential variate for every vocabulary entry, which on the CPU took 128 ms
     for 128 rows of SmolLM2's 49,152 (two thirds of a bf16 decode step at that batch); this draws one uniform
     per row, and the cumulative sum (6 ms) is the only pass over the vocabulary. Each token's interval of the
-    float32 CDF is its probability to within one rounding of the running sum (6e-8).
+    float32 CDF is its probability to within one rounding of the running sum (6e-8). A token of probability
+    zero (cut by top-k or top-p) gets its predecessor's value, so it owns an empty interval even where the
+    cumulative sum is a parallel scan (CUDA) that may wobble by a rounding step.
     """
-    cdf = probs.cumsum(-1)
+    cdf = torch.where(probs > 0, probs.float().cumsum(-1), 0.0).cummax(-1).values
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
     # 1 - u lies in (0, 1]: the target is above zero, so a leading zero-probability token is never picked, and at
     # most the total, so the search always lands on a token.

@@ -3,7 +3,7 @@ generation with a key/value cache, where a batch of new tokens sits in the cache
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import no_type_check
+from typing import Protocol, no_type_check, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -94,6 +94,19 @@ class CacheStep:
             },
             batch_size=[],
         )
+
+
+# runtime_checkable: beartype checks parameters annotated with a protocol by isinstance.
+@runtime_checkable
+class Step(Protocol):
+    """``step(params, batch, cache, donate=False) -> (logits [batch, seq, vocab], new_cache)``: a model's
+    ``forward_cached``. ``donate=True`` lets it write into ``cache``'s buffers (``jax.jit``'s ``donate_argnums``
+    in spirit): the caller promises never to read that cache again. (A compiled step ignores the offer:
+    ``zmaj.models.common.writes_in_place``.)"""
+
+    def __call__(
+        self, params: TensorDictBase, batch: Batch, cache: TensorDictBase, *, donate: bool = False
+    ) -> tuple[Tensor, TensorDictBase]: ...
 
 
 def writes_in_place(donate: bool) -> bool:

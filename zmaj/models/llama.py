@@ -251,5 +251,6 @@ def pure(config: LlamaConfig) -> partial[Tensor]:
 
 
 def cached(config: LlamaConfig) -> partial[tuple[Tensor, TensorDict]]:
-    """``forward_cached`` with its config bound: the ``step(params, batch, cache)`` that generation takes."""
+    """``forward_cached`` with its config bound: the ``step(params, batch, cache, donate=False)`` that generation
+    takes (``zmaj.models.common.Step``)."""
     return partial(forward_cached, config=config)

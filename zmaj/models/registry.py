@@ -13,9 +13,8 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
-from zmaj.infer.generate import Step
 from zmaj.models import gemma3, gpt, llama
-from zmaj.models.common import Batch
+from zmaj.models.common import Batch, Step
 from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.gpt import GPTConfig
 from zmaj.models.llama import LlamaConfig

@@ -168,7 +168,7 @@ def cached_attention(
 ]:
     """Write the new keys and values into their cache ``slots``, then attend over every slot of the cache.
 
-    Returns the output and the layer's new cache. The write is out of place (``index_copy``, not
+    Returns the output and the layer's new cache. By default the write is out of place (``index_copy``, not
     ``index_copy_``): the caller's cache is never changed, at the price of one copy of the layer's cache per
     call, small next to the weights at batch 1 (see ``zmaj.infer.cache``). With ``donate`` the caller gives the
     cache up and the write lands in its buffers (``index_copy_``): what a decode loop that owns its cache does.

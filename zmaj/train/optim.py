@@ -53,16 +53,17 @@ def adamw_update(
     decay: TensorDictBase,
     donate: bool = False,
 ) -> tuple[TensorDictBase, TensorDict]:
-    """One AdamW step; returns new parameters and a new optimizer state, the inputs untouched.
+    """One AdamW step; returns new parameters and a new optimizer state, the inputs untouched (unless donated).
 
     ``decay`` holds, per parameter, 1.0 where weight decay applies and 0.0 where it does not. Each formula is
     one ``apply`` over the leaves, not TensorDict arithmetic with tensor scalars: ``torch.compile`` traces the
     former into one graph, but breaks the graph at every ``tensor * tensordict`` of the latter.
 
     ``donate=True`` writes the new values into the buffers of ``params`` and ``state``, which the caller gives
-    up (as ``jax.jit``'s ``donate_argnums``), and returns them: the same numbers, but no fresh
-    parameter-sized tensors per step. That matters on the CPU, where each fresh tensor that large is a new
-    ``mmap`` whose every page faults in when first written.
+    up (as ``jax.jit``'s ``donate_argnums``), and returns them: the same numbers, and under ``torch.compile``
+    no fresh parameter-sized tensors per step (eagerly each result is still computed into a temporary, then
+    copied in). That matters on the CPU, where each fresh tensor that large is a new ``mmap`` whose every page
+    faults in when first written.
     """
     beta1, beta2 = config.betas
     step: Tensor = state["step"] + 1

@@ -282,7 +282,9 @@ for batch in (1, 2):  # batch 1 takes linear's compiled matrix-vector path (zmaj
         _, cache = compiled(params, Batch(tokens=rows[:, 8:9]), cache, donate=True)  # as generate's decode steps
         with torch._dynamo.config.patch(error_on_recompile=True):
             for i in range(9, 16):
+                old, before = cache, cache.clone()
                 logits, cache = compiled(params, Batch(tokens=rows[:, i : i + 1]), cache, donate=True)
+                assert (old == before).all(), "a compiled step wrote into the cache it was given"
                 full = llama.forward(params, Batch(tokens=rows[:, : i + 1]), config)
                 assert (logits[:, 0] - full[:, -1]).abs().max() <= 1e-5, (batch, i)
 """

@@ -244,10 +244,12 @@ def test_uniform_groups_are_left_out_and_the_rest_keep_their_gradient() -> None:
         return r.rewards.amax(-1) == r.rewards.amin(-1)
 
     # The first seed whose rollout has both kinds of group: something to leave out and something to keep.
-    seed = next(
-        s for s in range(50) if 0 < int(uniform_groups(rollout(params, every, s)).sum()) < len(PROMPTS)
+    seed, full = next(
+        (s, r)
+        for s in range(50)
+        if 0 < int(uniform_groups(r := rollout(params, every, s)).sum()) < len(PROMPTS)
     )
-    full, kept = rollout(params, every, seed=seed), rollout(params, GRPO, seed=seed)
+    kept = rollout(params, GRPO, seed=seed)
     uniform = uniform_groups(full)
     assert torch.equal(kept.kept, ~uniform)
     assert torch.equal(kept.rewards, full.rewards)
