@@ -99,12 +99,15 @@ def sample_categorical(
 
     ``torch.multinomial`` draws an exponential variate for every vocabulary entry, which on the CPU took 128 ms
     for 128 rows of SmolLM2's 49,152 (two thirds of a bf16 decode step at that batch); this draws one uniform
-    per row, and the cumulative sum (6 ms) is the only pass over the vocabulary. Each token's interval of the
-    float32 CDF is its probability to within one rounding of the running sum (6e-8). A token of probability
-    zero (cut by top-k or top-p) gets its predecessor's value, so it owns an empty interval even where the
-    cumulative sum is a parallel scan (CUDA) that may wobble by a rounding step.
+    per row, and the cumulative sum (3-8 ms here) is the only pass over the vocabulary. Each token's interval of the
+    float32 CDF is its probability to within one rounding of the running sum (6e-8); a token of probability
+    zero (cut by top-k or top-p) adds exactly nothing to the CPU's sequential sum, so its interval is empty. A
+    GPU's cumulative sum is a parallel scan that may wobble by a rounding step there, so on a GPU such tokens
+    take their predecessor's value (``cummax``, which costs 31 ms on this CPU and is not needed on it).
     """
-    cdf = torch.where(probs > 0, probs.float().cumsum(-1), 0.0).cummax(-1).values
+    cdf = probs.float().cumsum(-1)
+    if cdf.device.type != "cpu":
+        cdf = torch.where(probs > 0, cdf, 0.0).cummax(-1).values
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
     # 1 - u lies in (0, 1]: the target is above zero, so a leading zero-probability token is never picked, and at
     # most the total, so the search always lands on a token.

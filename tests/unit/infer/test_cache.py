@@ -172,6 +172,20 @@ def test_explicit_positions_are_used() -> None:
     assert max_error(torch.cat([first, second], 1), full) <= 1e-5
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_donated_step_equals_the_out_of_place_one_and_writes_in_place(name: str) -> None:
+    module, config, params = model_params(name)
+    cache = init_cache(config, batch=2, max_len=12)
+    _, cache = module.forward_cached(params, Batch(tokens=random_tokens(2, 5, seed=6)), cache, config)
+    before, token = cache.clone(), Batch(tokens=random_tokens(2, 1, seed=7))
+    logits, fresh = module.forward_cached(params, token, cache, config)
+    donated_logits, donated = module.forward_cached(params, token, cache, config, donate=True)
+    torch.testing.assert_close(donated_logits, logits, rtol=0, atol=0)
+    assert (donated == fresh).all()
+    assert donated["k"].data_ptr() == cache["k"].data_ptr()
+    assert not (cache["k"] == before["k"]).all()
+
+
 def test_a_step_leaves_its_cache_unchanged() -> None:
     module, config, params = model_params("llama-gqa")
     cache = init_cache(config, batch=2, max_len=12)
