@@ -7,14 +7,16 @@
 Answers are greedy, generated in batches with the KV cache. ``--chat`` (the default) asks each question as a
 user message in the model's chat template; ``--few-shot K`` (for base models) shows K solved train problems first
 and cuts the answer at the blank line that ends one. Output keys: task, n, accuracy, low and high (the 95% Wilson
-interval), format_rate (answers ending in ``Answer: ...``), mean_length (tokens), seconds. Bad input (unknown
-task, missing model, bad option) exits with status 2 and a one-line message.
+interval), format_rate (answers ending in ``Answer: ...``), mean_length (tokens), seconds. ``--answers FILE`` keeps
+every answer for an error analysis. Bad input (unknown task, missing model, bad option) exits with status 2 and a
+one-line message.
 """
 
 import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import yaml
 from loguru import logger
@@ -22,6 +24,7 @@ from loguru import logger
 from zmaj.convert.load import load_model
 from zmaj.tasks import get_task
 from zmaj.train import finetune, precision
+from zmaj.train.checkpoint import atomic_write_text
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,6 +53,12 @@ def parse_args() -> argparse.Namespace:
         help="task option",
     )
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
+    parser.add_argument(
+        "--answers",
+        type=Path,
+        metavar="FILE",
+        help="also write every problem's answer as JSON lines (prompt, expected, completion, correct, format)",
+    )
     return parser.parse_args()
 
 
@@ -76,6 +85,10 @@ def main() -> None:
         task = get_task(args.task, **options)
         problems = task.problems(args.split, args.n, args.seed)
         model = load_model(args.model)
+        if args.answers is not None and not args.answers.parent.is_dir():
+            raise FileNotFoundError(
+                f"--answers: no folder {args.answers.parent} to write {args.answers.name} in"
+            )
     except (FileNotFoundError, ValueError, ModuleNotFoundError) as error:
         logger.error(finetune.one_line(error))
         sys.exit(2)
@@ -89,6 +102,20 @@ def main() -> None:
         few_shot=args.few_shot,
         system=args.system,
     )
+    if args.answers is not None:
+        lines = (
+            json.dumps(
+                {
+                    "prompt": problem.prompt,
+                    "expected": problem.answer,
+                    "completion": completion,
+                    "correct": reward.correctness == 1.0,
+                    "format": reward.format == 1.0,
+                }
+            )
+            for problem, completion, reward in zip(problems, result.completions, result.rewards, strict=True)
+        )
+        atomic_write_text(args.answers, "".join(f"{line}\n" for line in lines))
     print(json.dumps({"task": args.task, **result.record(), "seconds": time.perf_counter() - started}))
 
 

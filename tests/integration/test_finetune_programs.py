@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.integration import finetune_fixtures
 from zmaj.convert.load import load_model
-from zmaj.tasks import accuracy_interval
+from zmaj.tasks import accuracy_interval, get_task
 from zmaj.train.lora import LoraConfig, init_adapters, merge
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,7 +205,7 @@ def test_dpo_widens_the_margin_from_on_policy_pairs(model: Path, tmp_path: Path)
     assert load_model(tmp_path / "run").config == load_model(model).config
 
 
-def test_evaluate_prints_accuracy_with_its_wilson_interval(model: Path) -> None:
+def test_evaluate_prints_accuracy_with_its_wilson_interval(model: Path, tmp_path: Path) -> None:
     code, out, err = run(
         "evaluate.py",
         "--model",
@@ -216,6 +216,8 @@ def test_evaluate_prints_accuracy_with_its_wilson_interval(model: Path) -> None:
         "12",
         "--max-new-tokens",
         "3",
+        "--answers",
+        tmp_path / "answers.jsonl",
         *FIXTURES,
     )
     assert code == 0, err
@@ -225,6 +227,10 @@ def test_evaluate_prints_accuracy_with_its_wilson_interval(model: Path) -> None:
     assert (result["n"], result["accuracy"], result["low"], result["high"]) == (12, 1.0, low, high)
     assert result["format_rate"] == 1.0
     assert 1 <= result["mean_length"] <= 3
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    problems = get_task("always-right").problems("test", 12)
+    assert [a["prompt"] for a in answers] == [p.prompt for p in problems]
+    assert all(a["correct"] and a["format"] for a in answers)
 
 
 def bad_conversations(tmp_path: Path) -> Path:
@@ -248,6 +254,7 @@ def bad_conversations(tmp_path: Path) -> Path:
         ("grpo.py", ["--set", "task={name: reward-nan}"], "non-finite"),
         ("evaluate.py", ["--task", "no-such-task"], "unknown task 'no-such-task'"),
         ("evaluate.py", ["--task", "arithmetic", "--set-task", "digits=0"], "digits"),
+        ("evaluate.py", ["--task", "arithmetic", "--answers", "/no/such/folder/a.jsonl"], "/no/such/folder"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_naming_the_problem(

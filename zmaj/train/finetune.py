@@ -18,7 +18,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
@@ -40,7 +40,7 @@ from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import GREEDY, Sampling, generate
 from zmaj.models.common import Batch
 from zmaj.models.registry import config_to_json
-from zmaj.tasks import FEW_SHOT_STOP, Problem, Split, Task, accuracy_interval, get_task, score
+from zmaj.tasks import FEW_SHOT_STOP, Problem, Reward, Split, Task, accuracy_interval, get_task, score
 from zmaj.train import checkpoint, report
 from zmaj.train.grpo import GRPOConfig
 from zmaj.train.lora import LoraConfig, init_adapters, lora_forward, merge
@@ -294,9 +294,9 @@ def resume_spec(kind: type[S], run_dir: Path, overrides: list[str]) -> S:
         raise FileNotFoundError(f"--resume {run_dir}: no spec.yaml there, so it is not a zmaj run folder")
     spec = load(kind, saved, overrides)
     original = parse(kind, yaml.safe_load(saved.read_text()), str(saved))
-    for field in ("model", "chat_template", "lora"):
-        if getattr(spec, field) != getattr(original, field):
-            raise SpecError(f"--resume {run_dir}: {field} differs from the run's; --set cannot change it")
+    for name in ("model", "chat_template", "lora"):
+        if getattr(spec, name) != getattr(original, name):
+            raise SpecError(f"--resume {run_dir}: {name} differs from the run's; --set cannot change it")
     checkpoint.latest(run_dir)  # fails early, with the path, when there is nothing to resume
     return spec
 
@@ -448,9 +448,14 @@ class TaskScore:
     high: float
     format_rate: float
     mean_length: float
+    completions: tuple[str, ...] = field(default=(), repr=False)
+    """Each problem's decoded answer, in order: what an error analysis reads (``evaluate.py --answers``)."""
+    rewards: tuple[Reward, ...] = field(default=(), repr=False)
 
     def record(self, prefix: str = "") -> dict[str, float | int]:
-        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
+        """The scalar scores, for a metrics line."""
+        scalars = ("n", "accuracy", "low", "high", "format_rate", "mean_length")
+        return {f"{prefix}{name}": getattr(self, name) for name in scalars}
 
 
 def evaluate_task(
@@ -477,6 +482,8 @@ def evaluate_task(
         high=high,
         format_rate=sum(r.format for r in rewards) / len(rewards),
         mean_length=sum(map(len, answers)) / len(answers),
+        completions=tuple(texts),
+        rewards=tuple(rewards),
     )
 
 
