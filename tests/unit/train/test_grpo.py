@@ -42,6 +42,7 @@ def rollout(params: TensorDictBase, config: grpo.GRPOConfig, seed: int, **kwargs
 
 
 GRPO = grpo.GRPOConfig(group_size=6, max_new_tokens=6, stop_tokens=(0,), sampling=Sampling(temperature=1.0))
+STEP_LR = 1e-2  # the step size of the tests that compare two ways of taking one step
 
 
 @given(
@@ -205,12 +206,18 @@ def test_a_tiny_model_learns_to_say_three() -> None:
 def assert_same_step(
     expected: tuple[TensorDictBase, step.Metrics], actual: tuple[TensorDictBase, step.Metrics]
 ) -> None:
-    """Two GRPO steps agree: every metric and every tensor of the new state, to float32 rounding."""
+    """Two GRPO steps agree: every metric and the optimizer's moments (the gradient) to float32 rounding.
+
+    The parameters get a looser bound, a thousandth of the step size: Adam's first step moves each one by
+    lr * g / (|g| + eps), so a gradient entry near eps turns float32 rounding in g into a visible share of lr
+    (5e-6 of lr 1e-2 on one of 2048 entries, seen on AVX-512).
+    """
     (state_a, metrics_a), (state_b, metrics_b) = expected, actual
     for name in metrics_a:
         torch.testing.assert_close(metrics_b[name], metrics_a[name], atol=1e-6, rtol=1e-5)
     for key in state_a.keys(True, True):
-        torch.testing.assert_close(state_b.get(key), state_a.get(key), atol=1e-6, rtol=1e-5)
+        atol = 1e-3 * STEP_LR if key[0] == "params" else 1e-6
+        torch.testing.assert_close(state_b.get(key), state_a.get(key), atol=atol, rtol=1e-5)
 
 
 @pytest.mark.parametrize("micro_batch", [1, 5])
@@ -224,11 +231,11 @@ def test_micro_batches_give_the_full_batch_step(micro_batch: int) -> None:
     assert full.completions == chunked.completions
     torch.testing.assert_close(chunked.old_logprobs, full.old_logprobs, atol=1e-6, rtol=0)
     torch.testing.assert_close(chunked.reference_logprobs, full.reference_logprobs, atol=1e-6, rtol=0)
-    adamw = optim.AdamWConfig(lr=1e-2, weight_decay=0.0)
+    adamw = optim.AdamWConfig(lr=STEP_LR, weight_decay=0.0)
     decay = optim.decay_mask(params)
     results = [
         grpo.grpo_step(
-            step.init_state(params), r, forward=FORWARD, config=c, optimizer=adamw, lr=1e-2, decay=decay
+            step.init_state(params), r, forward=FORWARD, config=c, optimizer=adamw, lr=STEP_LR, decay=decay
         )
         for r, c in ((full, whole), (chunked, split))
     ]
@@ -270,13 +277,13 @@ def test_uniform_groups_are_left_out_and_the_rest_keep_their_gradient() -> None:
 def test_a_single_pass_needs_no_old_logprobs() -> None:
     """Without the old log-probs' forward, the first pass takes the same step: the ratio is one either way."""
     params = llama.init(CONFIG, seed=0)
-    adamw = optim.AdamWConfig(lr=1e-2, weight_decay=0.0)
+    adamw = optim.AdamWConfig(lr=STEP_LR, weight_decay=0.0)
     decay = optim.decay_mask(params)
     scored, unscored = (rollout(params, GRPO, seed=3, score_old=old) for old in (True, False))
     assert unscored.old_logprobs is None
     first, second = (
         grpo.grpo_step(
-            step.init_state(params), r, forward=FORWARD, config=GRPO, optimizer=adamw, lr=1e-2, decay=decay
+            step.init_state(params), r, forward=FORWARD, config=GRPO, optimizer=adamw, lr=STEP_LR, decay=decay
         )
         for r in (scored, unscored)
     )
