@@ -210,7 +210,7 @@ def assert_same_step(
 
     The parameters get a looser bound, a thousandth of the step size: Adam's first step moves each one by
     lr * g / (|g| + eps), so a gradient entry near eps turns float32 rounding in g into a visible share of lr
-    (5e-6 of lr 1e-2 on one of 2048 entries, seen on AVX-512).
+    (5e-6 of lr 1e-2 on one of 2048 entries, seen on an AVX2-only CPU).
     """
     (state_a, metrics_a), (state_b, metrics_b) = expected, actual
     for name in metrics_a:
