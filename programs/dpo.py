@@ -14,22 +14,23 @@ Ctrl-C saves a checkpoint; ``--resume`` continues exactly. Bad input exits with 
 """
 
 import json
-import sys
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import torch
 from loguru import logger
 from tensordict import TensorDict
-from tqdm import tqdm
 
 from zmaj.data.model_tokenizer import ModelTokenizer
+from zmaj.models.common import Batch
 from zmaj.tasks import get_task, score
-from zmaj.train import checkpoint, finetune, optim, precision, report
+from zmaj.train import checkpoint, finetune, loop, optim, runs
 from zmaj.train.dpo import dpo_step, preference_batch
 from zmaj.train.finetune import DPOSpec, PairFiles, PairsFromTask, Start
-from zmaj.train.spec import SpecError
-from zmaj.train.step import init_state
+from zmaj.train.parallel import Parallel
+from zmaj.train.runs import Run
+from zmaj.train.step import Metrics, init_state
 
 PAIRS_FILE = "pairs.jsonl"
 
@@ -45,27 +46,42 @@ class Pair:
 
 def main() -> None:
     args = finetune.cli(__doc__).parse_args()
-    device = precision.default_device()
-    try:
+    with runs.bad_input_exits_2():
         finetune.import_modules(args.imports)
-        spec, resume = finetune.resolve_run(DPOSpec, args.spec, args.overrides, args.resume)
-        finetune.seed_everything(spec.train.seed)
-        begin = finetune.start(spec, device)
+        spec = runs.read_spec(DPOSpec, args, finetune.FROZEN)
+        parallel = runs.join(spec.train)
+    with runs.bad_input_exits_2(parallel):
+        parallel.check_divides(spec.train.batch_size, "train.batch_size")
+        begin = finetune.start(spec, parallel.device)
         params = finetune.trainable(spec, begin)
-        pairs = read_pairs(resume / PAIRS_FILE) if resume is not None else make_pairs(spec, begin)
+        parallel.check_shardable(params)
+        pairs = (
+            read_pairs(args.resume / PAIRS_FILE)
+            if args.resume is not None
+            else rank_0_pairs(spec, begin, parallel)
+        )
         if not pairs:
             raise ValueError(
                 "pairs: no preference pair was found (on-policy: every problem's answers were all equally right)"
             )
-        run_dir = resume or finetune.new_run(spec, begin, args.run_dir)
-    except (SpecError, FileNotFoundError, ValueError) as error:
-        logger.error(finetune.one_line(error))
-        sys.exit(2)
-    logger.add(run_dir / "log.txt")
-    if resume is None:
-        write_pairs(run_dir / PAIRS_FILE, pairs)
-    logger.info(f"run folder {run_dir}; {len(pairs)} preference pairs")
-    train(spec, begin, pairs, params, run_dir, resume is not None, args.stop_after)
+        run = runs.open_run(spec, args, parallel, partial(write_run_files, spec, begin, pairs))
+    with run:
+        logger.info(f"run folder {run.dir}; {len(pairs)} preference pairs")
+        train(run, begin, pairs, params)
+
+
+def write_run_files(spec: DPOSpec, begin: Start, pairs: list[Pair], run_dir: Path) -> None:
+    finetune.write_run_files(spec, begin, run_dir)
+    write_pairs(run_dir / PAIRS_FILE, pairs)
+
+
+def rank_0_pairs(spec: DPOSpec, begin: Start, parallel: Parallel) -> list[Pair]:
+    """The pairs, made once by rank 0 (sampling on-policy pairs is the slow part) and sent to every rank."""
+    made = [make_pairs(spec, begin) if parallel.main else None]
+    if parallel.distributed:
+        torch.distributed.broadcast_object_list(made, src=0)
+    assert made[0] is not None
+    return made[0]
 
 
 def make_pairs(spec: DPOSpec, begin: Start) -> list[Pair]:
@@ -164,44 +180,23 @@ def read_pairs(path: Path) -> list[Pair]:
     return [Pair(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train(
-    spec: DPOSpec,
-    begin: Start,
-    pairs: list[Pair],
-    params: TensorDict,
-    run_dir: Path,
-    resume: bool,
-    stop_after: int | None,
-) -> None:
+def train(run: Run[DPOSpec], begin: Start, pairs: list[Pair], params: TensorDict) -> None:
+    spec, parallel = run.spec, run.parallel
     cfg = spec.train
-    device = precision.default_device()
-    started = time.perf_counter()
-    report.record_session(run_dir, "start", device)
-    state = finetune.restore(run_dir, params, device) if resume else init_state(params)
-    forward = finetune.policy_forward(spec, begin)
+    state = run.restore(init_state(params))
+    forward = parallel.forward(finetune.policy_forward(spec, begin))
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
-    metrics_path = run_dir / "metrics.jsonl"
-    interrupt = finetune.Interrupt()
 
-    def save() -> None:
-        logger.info(f"saved {finetune.save_checkpoint(run_dir, state, spec)}")
-
-    def evaluate(step: int) -> None:
-        finetune.record_eval(spec, begin, state["params"], metrics_path, step)
-
-    first_step = int(state["opt", "step"])
-    if first_step == 0:
-        evaluate(0)
-    bar = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc=spec.name, unit="step")
-    for step in bar:
-        lr = optim.learning_rate(step, cfg.steps, cfg.optimizer.lr, cfg.schedule)
-        chosen = [
-            pairs[i] for i in finetune.draw(len(pairs), cfg.seed, step * cfg.batch_size, cfg.batch_size)
-        ]
-        batch = preference_batch(
-            [p.prompt for p in chosen], [p.chosen for p in chosen], [p.rejected for p in chosen], device
+    def batches(index: int) -> Batch:
+        """This rank's share of the step's pairs, drawn from shuffled epochs by position."""
+        drawn = finetune.draw(len(pairs), cfg.seed, index * cfg.batch_size, cfg.batch_size)
+        mine = [pairs[i] for i in parallel.rows(drawn)]
+        return preference_batch(
+            [p.prompt for p in mine], [p.chosen for p in mine], [p.rejected for p in mine], run.device
         )
-        state, metrics = dpo_step(
+
+    def step(state: TensorDict, batch: Batch, lr: float) -> tuple[TensorDict, Metrics]:
+        return dpo_step(
             state,
             batch,
             forward=forward,
@@ -212,29 +207,23 @@ def train(
             decay=decay,
             reference_forward=begin.base_forward,
             seed=cfg.seed,
+            parallel=parallel,
         )
-        record = {"step": step + 1, **{key: float(value) for key, value in metrics.items()}}
-        report.append_jsonl(metrics_path, record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", margin=f"{record['reward_margin']:.3f}")
-        if finetune.after_step(
-            step + 1, first_step, cfg, record["loss"], stop_after, interrupt, save, evaluate, run_dir, device
-        ):
-            return
-    bar.close()
-    save()
-    evaluate(cfg.steps)
-    finetune.plot_curves(
-        metrics_path,
-        run_dir / "curves.png",
-        [
+
+    loop.train(
+        run,
+        state,
+        step,
+        batches,
+        evaluate=finetune.evaluator(spec, begin, parallel),
+        panels=[
             ("loss", "DPO loss"),
             ("reward_margin", "implied reward margin"),
             ("accuracy", "pairs ranked right"),
             ("eval_accuracy", "held-out accuracy"),
         ],
+        show=("loss", "reward_margin"),
     )
-    report.record_session(run_dir, "end", device)
-    logger.info(f"done in {time.perf_counter() - started:.0f}s; run folder {run_dir}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from loguru import logger
 
 from zmaj.convert.load import load_model
 from zmaj.tasks import get_task
-from zmaj.train import finetune, precision
+from zmaj.train import finetune, precision, runs
 from zmaj.train.checkpoint import atomic_write_text
 
 
@@ -90,7 +90,7 @@ def main() -> None:
                 f"--answers: no folder {args.answers.parent} to write {args.answers.name} in"
             )
     except (FileNotFoundError, ValueError, ModuleNotFoundError) as error:
-        logger.error(finetune.one_line(error))
+        logger.error(runs.one_line(error))
         sys.exit(2)
     model = model.to(precision.default_device())
     result = finetune.evaluate_task(

@@ -20,25 +20,25 @@ answers all earned the same reward train nothing (``grpo.skip_uniform_groups``);
 the share that did. Ctrl-C saves a checkpoint; ``--resume`` continues exactly.
 """
 
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from loguru import logger
 from tensordict import TensorDict, TensorDictBase
-from tqdm import tqdm
 
 from zmaj.convert.load import load_model
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.tasks import Problem, Reward, Task, get_task, score
-from zmaj.train import finetune, optim, precision, report
+from zmaj.train import finetune, loop, optim, precision, runs
 from zmaj.train.finetune import GRPOSpec, Start
 from zmaj.train.grpo import grpo_step, sample_rollout
 from zmaj.train.lora import merge
+from zmaj.train.runs import Run
 from zmaj.train.spec import SpecError
-from zmaj.train.step import init_state
+from zmaj.train.step import Metrics, init_state
 
 
 class RewardError(ValueError):
@@ -47,25 +47,19 @@ class RewardError(ValueError):
 
 def main() -> None:
     args = finetune.cli(__doc__).parse_args()
-    device = precision.default_device()
-    try:
+    with runs.bad_input_exits_2():
         finetune.import_modules(args.imports)
-        spec, resume = finetune.resolve_run(GRPOSpec, args.spec, args.overrides, args.resume)
-        finetune.seed_everything(spec.train.seed)
-        begin = finetune.start(spec, device)
+        spec = runs.read_spec(GRPOSpec, args, finetune.FROZEN)
+        parallel = runs.join(spec.train)
+    with runs.bad_input_exits_2(parallel):
+        parallel.check_divides(spec.train.prompts_per_step, "train.prompts_per_step")
+        begin = finetune.start(spec, parallel.device)
         params = finetune.trainable(spec, begin)
-        reference = reference_params(spec, begin, device)
-        run_dir = resume or finetune.new_run(spec, begin, args.run_dir)
-    except (SpecError, FileNotFoundError, ValueError) as error:
-        logger.error(finetune.one_line(error))
-        sys.exit(2)
-    logger.add(run_dir / "log.txt")
-    logger.info(f"run folder {run_dir}")
-    try:
-        train(spec, begin, params, reference, run_dir, resume is not None, args.stop_after)
-    except RewardError as error:
-        logger.error(finetune.one_line(error))
-        sys.exit(2)
+        reference = reference_params(spec, begin, parallel.device)
+        run = runs.open_run(spec, args, parallel, partial(finetune.write_run_files, spec, begin))
+    with run, runs.bad_input_exits_2(parallel, (RewardError,)):  # a checker that fails on a sample
+        logger.info(f"run folder {run.dir}")
+        train(run, begin, params, reference)
 
 
 def reference_params(spec: GRPOSpec, begin: Start, device: torch.device) -> TensorDictBase | None:
@@ -109,102 +103,95 @@ def scorer(
     return reward
 
 
-def train(
-    spec: GRPOSpec,
-    begin: Start,
-    params: TensorDict,
-    reference: TensorDictBase | None,
-    run_dir: Path,
-    resume: bool,
-    stop_after: int | None,
-) -> None:
+@dataclass(frozen=True)
+class Prompts:
+    """One GRPO step's problems on this rank and their prompt ids."""
+
+    index: int
+    problems: list[Problem]
+    ids: list[list[int]]
+
+
+def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: TensorDictBase | None) -> None:
+    spec, parallel = run.spec, run.parallel
     cfg = spec.train
-    device = precision.default_device()
-    started = time.perf_counter()
-    report.record_session(run_dir, "start", device)
     tokenizer = begin.model.tokenizer
     task = get_task(spec.task.name, **spec.task.options)
     config = spec.grpo.model_copy(
         update={"stop_tokens": tuple(sorted({*spec.grpo.stop_tokens, *tokenizer.stop_ids}))}
     )
-    state = finetune.restore(run_dir, params, device) if resume else init_state(params)
-    dtype = precision.resolve(cfg.precision, device)
-    forward = precision.autocast_forward(finetune.policy_forward(spec, begin), dtype, device)
-    reference_forward = precision.autocast_forward(begin.base_forward, dtype, device)
+    state = run.restore(init_state(params))
+    forward = precision.autocast_forward(finetune.policy_forward(spec, begin), run.dtype, run.device)
+    reference_forward = precision.autocast_forward(begin.base_forward, run.dtype, run.device)
     step_fn = begin.model.architecture.cached(begin.model.config)
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
-    metrics_path = run_dir / "metrics.jsonl"
-    interrupt = finetune.Interrupt()
 
-    def save() -> None:
-        logger.info(f"saved {finetune.save_checkpoint(run_dir, state, spec)}")
+    def batches(index: int) -> Prompts:
+        """This rank's share of the step's problems, drawn from the task's train split by the step's seed."""
+        problems = list(
+            parallel.rows(task.problems("train", cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + index))
+        )
+        return Prompts(
+            index,
+            problems,
+            [finetune.task_prompt(tokenizer, task, p, None, spec.task.system) for p in problems],
+        )
 
-    def evaluate(step: int) -> None:
-        finetune.record_eval(spec, begin, state["params"], metrics_path, step)
-
-    first_step = int(state["opt", "step"]) // cfg.passes
-    if first_step == 0:
-        evaluate(0)
-    bar = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc=spec.name, unit="step")
-    for step in bar:
-        lr = optim.learning_rate(step, cfg.steps, cfg.optimizer.lr, cfg.schedule)
-        problems = task.problems("train", cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + step)
-        prompts = [finetune.task_prompt(tokenizer, task, p, None, spec.task.system) for p in problems]
+    def step(state: TensorDict, prompts: Prompts, lr: float) -> tuple[TensorDict, Metrics]:
         scored: list[Reward] = []
-        reward = scorer(task, tokenizer, problems, f"step {step + 1}", scored)
+        reward = scorer(task, tokenizer, prompts.problems, f"step {prompts.index + 1}", scored)
         tick = time.perf_counter()
         rollout = sample_rollout(
             state["params"],
-            prompts,
+            prompts.ids,
             reward,
             forward=forward,
             step=step_fn,
             cache_shape=begin.model.config,
             config=config,
-            seed=cfg.seed * 1_000_003 + step,
+            seed=(cfg.seed * 1_000_003 + prompts.index) * parallel.size + parallel.rank,
             reference=reference,
             reference_forward=reference_forward,
             score_old=cfg.passes > 1,
-            sampler=sampler_params(spec, begin, state["params"], dtype),
+            sampler=sampler_params(spec, begin, state["params"], run.dtype),
         )
-        sampled = time.perf_counter()
+        sampled = torch.tensor(time.perf_counter() - tick)
         passes = []
         for _ in range(cfg.passes):
             state, metrics = grpo_step(
-                state, rollout, forward=forward, config=config, optimizer=cfg.optimizer, lr=lr, decay=decay
+                state,
+                rollout,
+                forward=forward,
+                config=config,
+                optimizer=cfg.optimizer,
+                lr=lr,
+                decay=decay,
+                parallel=parallel,
             )
             passes.append(metrics)
-        mean = {key: sum(float(m[key]) for m in passes) / len(passes) for key in passes[0]}
-        record = {
-            "step": step + 1,
-            **mean,
-            "accuracy": sum(r.correctness == 1.0 for r in scored) / len(scored),
-            "format_rate": sum(r.format for r in scored) / len(scored),
-            "seconds": time.perf_counter() - tick,
-            "rollout_seconds": sampled - tick,
+        answers = {
+            "accuracy": torch.tensor(sum(r.correctness == 1.0 for r in scored) / len(scored)),
+            "format_rate": torch.tensor(sum(r.format for r in scored) / len(scored)),
         }
-        report.append_jsonl(metrics_path, record)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
-        if finetune.after_step(
-            step + 1, first_step, cfg, record["loss"], stop_after, interrupt, save, evaluate, run_dir, device
-        ):
-            return
-    bar.close()
-    save()
-    evaluate(cfg.steps)
-    finetune.plot_curves(
-        metrics_path,
-        run_dir / "curves.png",
-        [
+        mean = {key: torch.stack([m[key] for m in passes]).mean() for key in passes[0]}
+        return state, {**mean, **parallel.all_mean(answers), "rollout_seconds": sampled}
+
+    loop.train(
+        run,
+        state,
+        step,
+        batches,
+        evaluate=finetune.evaluator(spec, begin, parallel),
+        panels=[
             ("reward", "mean reward"),
             ("accuracy", "train accuracy"),
             ("eval_accuracy", "held-out accuracy"),
             ("kl", "KL to reference"),
             ("completion_length", "answer length (tokens)"),
         ],
+        show=("reward", "accuracy"),
+        updates_per_step=cfg.passes,
     )
-    report.record_session(run_dir, "end", device)
-    logger.info(f"done in {time.perf_counter() - started:.0f}s; run folder {run_dir}")
 
 
 if __name__ == "__main__":

@@ -9,43 +9,41 @@ its assistant turns are marked (``ModelTokenizer.encode_chat_with_mask``); every
 has loss mask 0, so it contributes exactly nothing to the loss or the gradient. ``lora: null`` trains every
 parameter; a ``lora`` section trains adapters only. The run folder is a model PATH: ``load_model(RUN_DIR)``
 (and ``programs/evaluate.py --model RUN_DIR``) gives the fine-tuned model. Ctrl-C saves a checkpoint;
-``--resume`` continues exactly. Bad input exits with status 2 and a one-line message.
+``--resume`` continues exactly. Bad input exits with status 2 and a one-line message. Under ``torchrun``,
+``train.batch_size`` conversations per micro-batch are split over the ranks.
 """
 
-import sys
-import time
-from pathlib import Path
+from functools import partial
 
 from loguru import logger
 from tensordict import TensorDict
-from tqdm import tqdm
 
 from zmaj.data.chat import load_conversations
-from zmaj.train import finetune, optim, precision, report
+from zmaj.models.common import Batch
+from zmaj.train import finetune, loop, optim, precision, runs
 from zmaj.train.finetune import SFTSpec, Start
-from zmaj.train.spec import SpecError
-from zmaj.train.step import init_state, train_step
+from zmaj.train.runs import Run
+from zmaj.train.step import Metrics, init_state, train_step
 
 Example = tuple[list[int], list[bool]]
 
 
 def main() -> None:
     args = finetune.cli(__doc__).parse_args()
-    device = precision.default_device()
-    try:
+    with runs.bad_input_exits_2():
         finetune.import_modules(args.imports)
-        spec, resume = finetune.resolve_run(SFTSpec, args.spec, args.overrides, args.resume)
-        finetune.seed_everything(spec.train.seed)
-        begin = finetune.start(spec, device)
+        spec = runs.read_spec(SFTSpec, args, finetune.FROZEN)
+        parallel = runs.join(spec.train)
+    with runs.bad_input_exits_2(parallel):
+        parallel.check_divides(spec.train.batch_size, "train.batch_size")
+        begin = finetune.start(spec, parallel.device)
         examples = build_examples(spec, begin)
         params = finetune.trainable(spec, begin)
-        run_dir = resume or finetune.new_run(spec, begin, args.run_dir)
-    except (SpecError, FileNotFoundError, ValueError) as error:
-        logger.error(finetune.one_line(error))
-        sys.exit(2)
-    logger.add(run_dir / "log.txt")
-    logger.info(f"run folder {run_dir}; {len(examples)} conversations")
-    train(spec, begin, examples, params, run_dir, resume is not None, args.stop_after)
+        parallel.check_shardable(params)
+        run = runs.open_run(spec, args, parallel, partial(finetune.write_run_files, spec, begin))
+    with run:
+        logger.info(f"run folder {run.dir}; {len(examples)} conversations")
+        train(run, begin, examples, params)
 
 
 def build_examples(spec: SFTSpec, begin: Start) -> list[Example]:
@@ -62,47 +60,23 @@ def build_examples(spec: SFTSpec, begin: Start) -> list[Example]:
     ]
 
 
-def train(
-    spec: SFTSpec,
-    begin: Start,
-    examples: list[Example],
-    params: TensorDict,
-    run_dir: Path,
-    resume: bool,
-    stop_after: int | None,
-) -> None:
+def train(run: Run[SFTSpec], begin: Start, examples: list[Example], params: TensorDict) -> None:
+    spec, parallel = run.spec, run.parallel
     cfg = spec.train
-    device = precision.default_device()
-    dtype = precision.resolve(cfg.precision, device)
-    autocast = precision.autocast(dtype, device)
-    started = time.perf_counter()
-    report.record_session(run_dir, "start", device)
-    state = finetune.restore(run_dir, params, device) if resume else init_state(params)
-    forward = finetune.policy_forward(spec, begin)
+    state = run.restore(init_state(params))
+    forward = parallel.forward(finetune.policy_forward(spec, begin))
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
-    metrics_path = run_dir / "metrics.jsonl"
-    interrupt = finetune.Interrupt()
-    rows_per_step = cfg.batch_size * cfg.grad_accum
+    autocast = precision.autocast(run.dtype, run.device)
 
-    def save() -> None:
-        logger.info(f"saved {finetune.save_checkpoint(run_dir, state, spec)}")
+    def batches(index: int) -> list[Batch]:
+        """This rank's share of each micro-batch: conversations drawn from shuffled epochs by position."""
+        rows = cfg.batch_size * cfg.grad_accum
+        chosen = finetune.draw(len(examples), cfg.seed, index * rows, rows)
+        micro = [chosen[m : m + cfg.batch_size] for m in range(0, rows, cfg.batch_size)]
+        return [finetune.masked_batch([examples[i] for i in parallel.rows(m)], run.device) for m in micro]
 
-    def evaluate(step: int) -> None:
-        finetune.record_eval(spec, begin, state["params"], metrics_path, step)
-
-    first_step = int(state["opt", "step"])
-    if first_step == 0:
-        evaluate(0)
-    bar = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc=spec.name, unit="step")
-    for step in bar:
-        lr = optim.learning_rate(step, cfg.steps, cfg.optimizer.lr, cfg.schedule)
-        chosen = finetune.draw(len(examples), cfg.seed, step * rows_per_step, rows_per_step)
-        micro = [
-            finetune.masked_batch([examples[i] for i in chosen[m : m + cfg.batch_size]], device)
-            for m in range(0, rows_per_step, cfg.batch_size)
-        ]
-        tick = time.perf_counter()
-        state, metrics = train_step(
+    def step(state: TensorDict, micro: list[Batch], lr: float) -> tuple[TensorDict, Metrics]:
+        return train_step(
             state,
             micro,
             forward=forward,
@@ -111,33 +85,17 @@ def train(
             decay=decay,
             seed=cfg.seed,
             autocast=autocast,
+            parallel=parallel,
         )
-        loss = float(metrics["loss"])
-        tokens = int(metrics["tokens"])
-        record = {
-            "step": step + 1,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": float(metrics["grad_norm"]),
-            "assistant_tokens": tokens,
-            "tokens_per_s": tokens / (time.perf_counter() - tick),
-        }
-        report.append_jsonl(metrics_path, record)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if finetune.after_step(
-            step + 1, first_step, cfg, loss, stop_after, interrupt, save, evaluate, run_dir, device
-        ):
-            return
-    bar.close()
-    save()
-    evaluate(cfg.steps)
-    finetune.plot_curves(
-        metrics_path,
-        run_dir / "curves.png",
-        [("loss", "assistant loss (nats/token)"), ("eval_accuracy", "accuracy")],
+
+    loop.train(
+        run,
+        state,
+        step,
+        batches,
+        evaluate=finetune.evaluator(spec, begin, parallel),
+        panels=[("loss", "assistant loss (nats/token)"), ("eval_accuracy", "accuracy")],
     )
-    report.record_session(run_dir, "end", device)
-    logger.info(f"done in {time.perf_counter() - started:.0f}s; run folder {run_dir}")
 
 
 if __name__ == "__main__":

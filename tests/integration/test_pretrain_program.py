@@ -93,7 +93,7 @@ def test_pretrain_then_resume_is_exact_then_sample(spec: Path, tmp_path: Path) -
     straight, split = tmp_path / "straight", tmp_path / "split"
     done = run("pretrain.py", spec, "--run-dir", straight, "--cache-dir", cache)
     assert done.returncode == 0, done.stderr
-    for name in ("spec.yaml", "tokenizer.json", "metrics.jsonl", "loss.png", "log.txt"):
+    for name in ("spec.yaml", "tokenizer.json", "metrics.jsonl", "curves.png", "log.txt", "run.jsonl"):
         assert (straight / name).is_file(), name
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     final = records[-1]
@@ -150,7 +150,7 @@ def test_resume_refuses_a_different_model(spec: Path, tmp_path: Path) -> None:
     )
     result = run("pretrain.py", "--resume", run_dir, "--set", "model.d_model=64")
     assert result.returncode == 2
-    assert "model config differs" in result.stderr
+    assert "model differs from the run's" in result.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-0000001"
 
 

@@ -19,16 +19,16 @@ would otherwise leak is masked instead (as in Llama 3 and torchtitan):
 inputs and ``loss_mask`` the inputs whose target is real. Simpler and wasteful; it suits short documents.
 
 Rows are visited in an order shuffled by the seed, so a plain ``DataLoader(dataset, batch_size, collate_fn=collate)``
-is deterministic.
+is deterministic; ``stream_batch`` reads the rows of any stretch of the endless stream of epochs.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from zmaj.data.tokens import TokenFile
 from zmaj.models.common import Batch
@@ -97,21 +97,14 @@ def collate(items: Sequence[dict[str, Tensor]]) -> Batch:
     return Batch(**{name: torch.stack([item[name] for item in items]) for name in items[0]})
 
 
-class ResumableSampler(Sampler[int]):
-    """Row indices from position ``start`` on, wrapping around epoch after epoch (the dataset's order is seeded).
+def stream_batch(dataset: LMDataset, positions: Iterable[int]) -> Batch:
+    """The rows at ``positions`` of the endless stream that repeats the dataset's (seeded) row order epoch after
+    epoch: position ``p`` is row ``p mod len(dataset)``.
 
-    A training run records how many rows it has consumed; resuming from that count gives the exact same
-    stream of batches as an uninterrupted run.
+    A training step reads the positions its step number gives (``programs/pretrain.py``), so the data is a pure
+    function of the step: a resumed run reads exactly the batches of an uninterrupted one, and the ranks of a
+    data-parallel job read disjoint slices of the same stream.
     """
-
-    def __init__(self, n_rows: int, start: int = 0) -> None:
-        if n_rows < 1:
-            raise ValueError("the dataset has no rows: is the corpus shorter than one sequence?")
-        self.n_rows = n_rows
-        self.start = start
-
-    def __iter__(self) -> Iterator[int]:
-        position = self.start
-        while True:
-            yield position % self.n_rows
-            position += 1
+    if len(dataset) < 1:
+        raise ValueError("the dataset has no rows: is the corpus shorter than one sequence?")
+    return collate([dataset[p % len(dataset)] for p in positions])

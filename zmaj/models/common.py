@@ -1,7 +1,9 @@
 """What every architecture shares: the batch it reads and the attention mask that batch implies, and, for
 generation with a key/value cache, where a batch of new tokens sits in the cache and what each may attend to."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, fields, replace
 from typing import Protocol, no_type_check, runtime_checkable
 
@@ -43,6 +45,34 @@ class Batch:
             return self.positions
         batch, seq = self.tokens.shape
         return torch.arange(seq, device=self.tokens.device).expand(batch, seq)
+
+
+LayerParams = Callable[[TensorDictBase], TensorDictBase]
+
+_materialize: ContextVar[LayerParams | None] = ContextVar("materialize", default=None)
+
+
+def layers(blocks: TensorDictBase) -> Iterator[TensorDictBase]:
+    """Each layer's parameters from blocks stacked ``[n_layers, ...]``, one layer at a time, as it computes.
+
+    Every model walks its blocks through here rather than ``blocks.unbind(0)``, so that fully sharded training
+    (``zmaj.train.parallel``), whose blocks hold only this process's piece of each tensor, has one place to
+    gather a layer whole just before the layer runs: inside ``materializing(gather)``, the way autocast
+    changes what a matmul computes in without the model saying so. Outside it, this is ``unbind``.
+    """
+    materialize = _materialize.get()
+    for block in blocks.unbind(0):
+        yield block if materialize is None else materialize(block)
+
+
+@contextmanager
+def materializing(materialize: LayerParams) -> Iterator[None]:
+    """Within this context, :func:`layers` passes each layer's parameters through ``materialize`` first."""
+    token = _materialize.set(materialize)
+    try:
+        yield
+    finally:
+        _materialize.reset(token)
 
 
 def batch_mask(batch: Batch, backend: Backend, window: int | None = None) -> AttentionMask:

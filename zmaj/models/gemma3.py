@@ -185,7 +185,7 @@ def hidden_states(
         sliding: batch_mask(batch, config.attention, config.sliding_window if sliding else None)
         for sliding in set(config.is_sliding)
     }
-    for block, sliding in zip(params["blocks"].unbind(0), config.is_sliding, strict=True):
+    for block, sliding in zip(common.layers(params["blocks"]), config.is_sliding, strict=True):
         q, k, v = _rotated_qkv(block, x, *angles[sliding], config)
         attended = attention(q, k, v, masks[sliding], config.attention, scale=config.attention_scale)
         x = _finish_block(block, x, attended, config)
@@ -212,7 +212,11 @@ def forward_cached(
     angles = _angles(config, step.positions)
     keys, values = [], []
     layers = zip(
-        params["blocks"].unbind(0), cache["k"].unbind(0), cache["v"].unbind(0), config.is_sliding, strict=True
+        common.layers(params["blocks"]),
+        cache["k"].unbind(0),
+        cache["v"].unbind(0),
+        config.is_sliding,
+        strict=True,
     )
     for block, cache_k, cache_v, sliding in layers:
         q, k, v = _rotated_qkv(block, x, *angles[sliding], config)

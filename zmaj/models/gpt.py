@@ -140,7 +140,7 @@ def hidden_states(
     x = dropout(_embed(params, batch.tokens, batch.position_ids(), config), config.dropout, generator)
 
     mask = batch_mask(batch, config.attention)
-    for block in params["blocks"].unbind(0):
+    for block in common.layers(params["blocks"]):
         attn_in = _norm(block["attn_norm"], x, config)
         attn_out = self_attention(
             block["attn"], attn_in, mask, config.n_heads, config.n_heads, config.attention
@@ -165,7 +165,7 @@ def forward_cached(
     mask = cache_mask(step)
     x = _embed(params, batch.tokens, step.positions, config)
     keys, values = [], []
-    layers = zip(params["blocks"].unbind(0), cache["k"].unbind(0), cache["v"].unbind(0), strict=True)
+    layers = zip(common.layers(params["blocks"]), cache["k"].unbind(0), cache["v"].unbind(0), strict=True)
     for block, cache_k, cache_v in layers:
         attn_out, cache_k, cache_v = cached_self_attention(
             block["attn"],

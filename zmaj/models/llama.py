@@ -151,7 +151,7 @@ def hidden_states(
     inv_freq = rope_frequencies(config.head_dim, config.rope_base, config.rope_scaling, device=x.device)
     cos, sin = rope_angles(batch.position_ids(), inv_freq)
     mask = batch_mask(batch, config.attention)
-    for block in params["blocks"].unbind(0):
+    for block in common.layers(params["blocks"]):
         x = x + llama_attention(
             block["attn"], rms_norm(block["attn_norm"], x, config.norm_eps), mask, cos, sin, config
         )
@@ -177,7 +177,7 @@ def forward_cached(
     inv_freq = rope_frequencies(config.head_dim, config.rope_base, config.rope_scaling, device=x.device)
     cos, sin = rope_angles(step.positions, inv_freq)
     keys, values = [], []
-    layers = zip(params["blocks"].unbind(0), cache["k"].unbind(0), cache["v"].unbind(0), strict=True)
+    layers = zip(common.layers(params["blocks"]), cache["k"].unbind(0), cache["v"].unbind(0), strict=True)
     for block, cache_k, cache_v in layers:
         attn = block["attn"]
         q, k, v = _rotated_qkv(attn, rms_norm(block["attn_norm"], x, config.norm_eps), cos, sin, config)

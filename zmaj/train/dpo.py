@@ -24,7 +24,8 @@ from torch import Tensor
 from zmaj.models.common import Batch
 from zmaj.train.logprobs import completion_batch, sequence_logprobs
 from zmaj.train.optim import AdamWConfig
-from zmaj.train.step import Forward, Metrics, apply_grads
+from zmaj.train.parallel import Parallel
+from zmaj.train.step import SINGLE, Forward, Metrics, apply_grads
 
 
 def preference_batch(
@@ -88,11 +89,15 @@ def _policy_loss(
     reference: tuple[Tensor, Tensor],
     beta: float,
     dropout_seed: int | None,
+    share: float,
 ) -> tuple[Tensor, Metrics]:
+    """The DPO loss of this rank's pairs, times their ``share`` of all ranks' pairs: what the ranks' gradients
+    must sum to the mean's."""
     policy_chosen, policy_rejected = _halves(
         sequence_logprobs(forward(params, batch, dropout_seed=dropout_seed), batch)
     )
-    return dpo_loss(policy_chosen, policy_rejected, *reference, beta)
+    loss, metrics = dpo_loss(policy_chosen, policy_rejected, *reference, beta)
+    return loss * share, metrics
 
 
 def dpo_step(
@@ -107,12 +112,15 @@ def dpo_step(
     decay: TensorDictBase,
     reference_forward: Forward | None = None,
     seed: int = 0,
+    parallel: Parallel = SINGLE,
 ) -> tuple[TensorDict, Metrics]:
     """One AdamW step on the DPO loss of a preference batch (chosen rows, then rejected rows).
 
     ``state`` is ``zmaj.train.step.init_state(params)``. The reference log-probs are computed by
     ``reference_forward`` (default ``forward``) on ``reference`` without gradient; with LoRA
     (``zmaj.train.lora.lora_forward``) the reference is usually the base model under its plain forward.
+    Under ``parallel`` each rank holds an equal share of the pairs, and the step and its metrics are those of
+    all ranks' pairs together.
     """
     if batch.tokens.shape[0] % 2 != 0:
         raise ValueError(
@@ -122,6 +130,9 @@ def dpo_step(
     step = int(state["opt", "step"])
     ref = reference_logprobs(reference, batch, reference_forward or forward)
     grad_fn = torch.func.grad_and_value(_policy_loss, has_aux=True)
-    grads, (_, metrics) = grad_fn(params, batch, forward, ref, beta, (seed * 1_000_003 + step) % 2**63)
-    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay)
-    return new_state, {**metrics, "grad_norm": grad_norm, "lr": torch.tensor(lr)}
+    seed = (seed * 1_000_003 + step * parallel.size + parallel.rank) % 2**63
+    grads, (_, metrics) = grad_fn(params, batch, forward, ref, beta, seed, 1 / parallel.size)
+    grads = parallel.reduce_grads(grads)
+    norm = parallel.global_norm(grads) if parallel.sharded else None
+    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay, norm)
+    return new_state, {**parallel.all_mean(metrics), "grad_norm": grad_norm, "lr": torch.tensor(lr)}

@@ -13,22 +13,14 @@ Instruct models are asked in their chat template; base models see a few solved p
 
 import argparse
 import json
-import math
-import random
-import signal
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any, Literal, TypeVar
 
-import matplotlib
-import numpy as np
 import torch
-import yaml
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDict, TensorDictBase
@@ -41,16 +33,14 @@ from zmaj.infer.generate import GREEDY, Sampling, generate
 from zmaj.models.common import Batch
 from zmaj.models.registry import config_to_json
 from zmaj.tasks import FEW_SHOT_STOP, Problem, Reward, Split, Task, accuracy_interval, get_task, score
-from zmaj.train import checkpoint, report
+from zmaj.train import checkpoint, runs
 from zmaj.train.grpo import GRPOConfig
+from zmaj.train.loop import Evaluate
 from zmaj.train.lora import LoraConfig, init_adapters, lora_forward, merge
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
-from zmaj.train.precision import Precision
-from zmaj.train.spec import SpecError, load, parse
-from zmaj.train.step import Forward, bind, init_state
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from zmaj.train.parallel import Parallel
+from zmaj.train.spec import LoopConfig, SpecError
+from zmaj.train.step import Forward, bind
 
 Algorithm = Literal["sft", "grpo", "dpo"]
 
@@ -58,16 +48,11 @@ Algorithm = Literal["sft", "grpo", "dpo"]
 # ----------------------------------------------------------------------------------------------- specs
 
 
-class FinetuneTrain(BaseModel):
+class FinetuneTrain(LoopConfig):
     """The optimisation every fine-tuning run shares; a step is one optimizer update (GRPO: one rollout)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    steps: int = Field(gt=0)
     optimizer: AdamWConfig = AdamWConfig(lr=1e-5, weight_decay=0.0)
     schedule: ScheduleConfig = ScheduleConfig(warmup_steps=10)
-    precision: Precision = "auto"
-    seed: int = 0
     checkpoint_every: int = Field(100, gt=0)
     eval_every: int = Field(100, gt=0, description="steps between held-out evaluations (with `eval` set)")
 
@@ -124,6 +109,16 @@ class FinetuneSpec(BaseModel):
     lora: LoraConfig | None = Field(None, description="null: full fine-tuning")
     eval: EvalConfig | None = None
 
+    @model_validator(mode="after")
+    def _adapters_replicate(self) -> "FinetuneSpec":
+        train: LoopConfig = getattr(self, "train")  # noqa: B009 (every kind of fine-tuning spec has one)
+        if self.lora is not None and train.parallel.kind == "fsdp":
+            raise ValueError(
+                "train.parallel.kind: fsdp shards what is trained, and LoRA trains adapters small enough for "
+                "every rank to hold whole; use dp with lora"
+            )
+        return self
+
 
 class SFTSpec(FinetuneSpec):
     """Supervised fine-tuning on conversations; the loss covers the assistant's tokens only."""
@@ -167,6 +162,17 @@ class GRPOSpec(FinetuneSpec):
             raise ValueError(
                 "grpo.sampling must sample (temperature > 0) without top_k/top_p: the PPO ratio uses the "
                 "log-probs of softmax(logits / temperature), which truncation would not match"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _data_parallel(self) -> "GRPOSpec":
+        # Ranks keep different numbers of rollout rows (groups whose answers all scored alike are dropped), so
+        # they run different numbers of forward passes, and a sharded forward needs every rank in every gather.
+        if self.train.parallel.kind == "fsdp":
+            raise ValueError(
+                "train.parallel.kind: GRPO trains data-parallel (dp) only; each rank's rollout differs in "
+                "length, and fully sharded training needs every rank in every forward pass"
             )
         return self
 
@@ -267,73 +273,19 @@ def full_params(spec: FinetuneSpec, begin: Start, params: TensorDictBase) -> Ten
 
 # ---------------------------------------------------------------------------------------------- run folders
 
+FROZEN = ("model", "chat_template", "lora")
+"""What ``--resume --set`` may not change: which model is trained, how it is talked to, and what of it."""
 
-def new_run(spec: FinetuneSpec, begin: Start, run_dir: Path | None) -> Path:
-    """Create a run folder: ``spec.yaml``, ``model.json``, tokenizer files and (LoRA) ``lora.json``.
 
-    From then on the folder is a model PATH whose tokenizer chats exactly as the run did.
-    """
-    run_dir = run_dir or Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (run_dir / checkpoint.CHECKPOINTS).exists():
-        raise SpecError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(run_dir / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json")))
+def write_run_files(spec: FinetuneSpec, begin: Start, run_dir: Path) -> None:
+    """What makes a new run folder a model PATH: ``model.json``, the tokenizer files and (LoRA) ``lora.json``,
+    so that the folder loads as the model it trains and chats exactly as the run did."""
     checkpoint.atomic_write_text(
         run_dir / MODEL_FILE, json.dumps(config_to_json(begin.model.config), indent=2) + "\n"
     )
     begin.model.tokenizer.save(run_dir)
     if spec.lora is not None:
         write_lora_record(run_dir, begin.model_path, spec.lora)
-    return run_dir
-
-
-def resume_spec(kind: type[S], run_dir: Path, overrides: list[str]) -> S:
-    """A run's own spec with ``--set`` overrides, which may not change what model is trained or how."""
-    saved = run_dir / "spec.yaml"
-    if not saved.is_file():
-        raise FileNotFoundError(f"--resume {run_dir}: no spec.yaml there, so it is not a zmaj run folder")
-    spec = load(kind, saved, overrides)
-    original = parse(kind, yaml.safe_load(saved.read_text()), str(saved))
-    for name in ("model", "chat_template", "lora"):
-        if getattr(spec, name) != getattr(original, name):
-            raise SpecError(f"--resume {run_dir}: {name} differs from the run's; --set cannot change it")
-    checkpoint.latest(run_dir)  # fails early, with the path, when there is nothing to resume
-    return spec
-
-
-def resolve_run(
-    kind: type[S], spec_path: Path | None, overrides: list[str], resume: Path | None
-) -> tuple[S, Path | None]:
-    """The spec to run, and the run folder to resume (None: a new run)."""
-    if resume is not None:
-        return resume_spec(kind, resume, overrides), resume
-    if spec_path is None:
-        raise SpecError("give a SPEC file, or --resume RUN_DIR")
-    return load(kind, spec_path, overrides), None
-
-
-def save_checkpoint(
-    run_dir: Path, state: TensorDictBase, spec: SFTSpec | GRPOSpec | DPOSpec, **meta: Any
-) -> Path:
-    return checkpoint.save(
-        run_dir, state, {"seed": spec.train.seed, "spec": spec.model_dump(mode="json"), **meta}
-    )
-
-
-def restore(run_dir: Path, params: TensorDictBase, device: torch.device) -> TensorDict:
-    """The newest checkpoint's training state, shaped like a fresh one over ``params``."""
-    return checkpoint.load_state(checkpoint.latest(run_dir), init_state(params)).to(device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def one_line(error: BaseException) -> str:
-    """An error message on one line (pydantic's span several), for a program's exit-2 report."""
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 # ------------------------------------------------------------------------------------------------- batching
@@ -508,39 +460,58 @@ def with_params(model: Pretrained, params: TensorDictBase) -> Pretrained:
     return replace(model, params=params)
 
 
-def record_eval(
-    spec: FinetuneSpec, begin: Start, params: TensorDictBase, metrics_path: Path, step: int
-) -> None:
-    """The spec's ``eval`` of the trained ``params`` at ``step``, appended to the run's metrics and logged; nothing
-    without an ``eval`` section."""
-    if spec.eval is None:
-        return
-    result = run_eval(spec.eval, with_params(begin.model, full_params(spec, begin, params)))
-    report.append_jsonl(metrics_path, {"step": step, **result.record("eval_")})
-    logger.info(
-        f"step {step}: {spec.eval.task} accuracy {result.accuracy:.3f} "
-        f"[{result.low:.3f}, {result.high:.3f}] on {result.n}, format {result.format_rate:.3f}"
+def evaluator(spec: FinetuneSpec, begin: Start, parallel: Parallel) -> Evaluate | None:
+    """The loop's evaluation: the spec's ``eval`` of the trained parameters (None without an ``eval`` section).
+
+    Each rank answers every N-th problem with the whole model (a sharded state is gathered for it), and the
+    counts are pooled, so the score is that of all ``eval.n`` problems.
+    """
+    config = spec.eval
+    if config is None:
+        return None
+    task = get_task(config.task, **config.options)
+    problems = task.problems(config.split, config.n, config.seed)
+
+    def evaluate(state: TensorDict, step: int, final: bool) -> dict[str, float | int]:
+        params = full_params(spec, begin, parallel.unshard(state["params"]))
+        with torch.no_grad():
+            local = evaluate_task(
+                with_params(begin.model, params),
+                task,
+                problems[parallel.rank :: parallel.size],
+                max_new_tokens=config.max_new_tokens,
+                batch_size=config.batch_size,
+                few_shot=config.few_shot,
+                system=config.system,
+            )
+        result = pooled(local, parallel)
+        logger.info(
+            f"step {step}: {config.task} accuracy {result.accuracy:.3f} "
+            f"[{result.low:.3f}, {result.high:.3f}] on {result.n}, format {result.format_rate:.3f}"
+        )
+        return result.record("eval_")
+
+    return evaluate
+
+
+def pooled(score: TaskScore, parallel: Parallel) -> TaskScore:
+    """The score of every rank's problems together, from each rank's score of its own."""
+    local = torch.tensor(
+        [score.n, score.accuracy * score.n, score.format_rate * score.n, score.mean_length * score.n],
+        dtype=torch.float64,
+        device=parallel.device,
     )
+    n, correct, formatted, length = parallel.all_sum(local).tolist()
+    accuracy, low, high = accuracy_interval(round(correct), round(n))
+    return TaskScore(round(n), accuracy, low, high, formatted / max(n, 1), length / max(n, 1))
 
 
 # ------------------------------------------------------------------------------------------- the programs
 
 
 def cli(doc: str | None) -> argparse.ArgumentParser:
-    """The arguments every fine-tuning program takes."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("spec", nargs="?", type=Path, help="YAML spec (not needed with --resume)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument(
-        "--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint"
-    )
-    parser.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/NAME-TIMESTAMP)")
-    parser.add_argument(
-        "--stop-after",
-        type=int,
-        metavar="N",
-        help="run at most N steps now, then checkpoint and exit (resumable)",
-    )
+    """The arguments every fine-tuning program takes: those of every training program, and ``--import``."""
+    parser = runs.cli(doc)
     parser.add_argument(
         "--import",
         dest="imports",
@@ -558,73 +529,3 @@ def import_modules(names: Sequence[str]) -> None:
         if find_spec(name) is None:
             raise FileNotFoundError(f"--import {name}: no such module")
         import_module(name)
-
-
-class Interrupt:
-    """Ctrl-C sets a flag instead of killing the run, so the loop can finish its step and save."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True
-        logger.warning("interrupted: finishing this step, then saving a checkpoint")
-
-
-def stop_now(step: int, first_step: int, total: int, stop_after: int | None, interrupt: Interrupt) -> bool:
-    """Whether to checkpoint and leave after (1-based) ``step``: Ctrl-C, or ``--stop-after`` steps done."""
-    if step >= total:
-        return False
-    return interrupt.requested or (stop_after is not None and step - first_step >= stop_after)
-
-
-def after_step(
-    done: int,
-    first_step: int,
-    train: FinetuneTrain,
-    loss: float,
-    stop_after: int | None,
-    interrupt: Interrupt,
-    save: Callable[[], None],
-    evaluate: Callable[[int], None],
-    run_dir: Path,
-    device: torch.device,
-) -> bool:
-    """What every fine-tuning loop does after its (1-based) step ``done``; True when it must stop now.
-
-    A non-finite loss stops the run with the state saved for inspection; Ctrl-C or ``--stop-after`` saves and
-    stops (resumable); otherwise checkpoints and held-out evaluations come on their schedules.
-    """
-    if not math.isfinite(loss):
-        save()
-        raise FloatingPointError(f"loss became {loss} at step {done}; checkpoint saved for inspection")
-    if stop_now(done, first_step, train.steps, stop_after, interrupt):
-        save()
-        report.record_session(run_dir, "end", device)
-        logger.info(f"stopped at step {done}; continue with --resume {run_dir}")
-        return True
-    if done % train.checkpoint_every == 0:
-        save()
-    if done % train.eval_every == 0 and done < train.steps:
-        evaluate(done)
-    return False
-
-
-def plot_curves(metrics_path: Path, out: Path, panels: Sequence[tuple[str, str]]) -> None:
-    """One panel per ``(metric key, title)`` present in the run's metrics JSONL, each against the step."""
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    shown = [(key, title) for key, title in panels if any(key in r for r in records)]
-    if not shown:
-        return
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 3.5), squeeze=False)
-    for ax, (key, title) in zip(axes[0], shown, strict=True):
-        points = [(r["step"], r[key]) for r in records if key in r and not r.get("final")]
-        marker = "o-" if len(points) < 30 else "-"
-        ax.plot(*zip(*points, strict=True), marker, linewidth=0.8)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)

@@ -39,7 +39,8 @@ from zmaj.infer.generate import Sampling, Step, generate
 from zmaj.models.common import Batch
 from zmaj.train.logprobs import completion_batch, masked_token_logprobs
 from zmaj.train.optim import AdamWConfig
-from zmaj.train.step import Forward, Metrics, apply_grads, sum_grads
+from zmaj.train.parallel import Parallel
+from zmaj.train.step import SINGLE, Forward, Metrics, apply_grads, sum_grads
 
 Reward = Callable[[int, list[int]], float]
 """``reward(prompt_index, completion_tokens) -> float``: the task's score of one completion."""
@@ -291,9 +292,13 @@ def grpo_step(
     optimizer: AdamWConfig,
     lr: float,
     decay: TensorDictBase,
+    parallel: Parallel = SINGLE,
 ) -> tuple[TensorDict, Metrics]:
     """One AdamW step on the GRPO loss of a rollout; call it mu times per rollout for mu passes (a rollout
     sampled with ``score_old=False`` serves one pass only).
+
+    Data parallel, each rank brings the rollout of its own prompts (the same number on every rank): the loss is
+    divided by the completion tokens of all ranks' rollouts, and the step and metrics are those of all of them.
 
     ``state`` is ``zmaj.train.step.init_state(params)``. Metrics: the loss, ``kl`` (with reference log-probs),
     ``clip_fraction``, the mean ``reward`` and ``completion_length`` of every sample, ``kept_groups`` (the share
@@ -301,7 +306,7 @@ def grpo_step(
     with zero gradients: its moments carry it on, as they would with the zero advantages.
     """
     assert rollout.batch.loss_mask is not None
-    n_tokens = rollout.batch.loss_mask.sum().clamp(min=1)
+    n_tokens = parallel.all_sum(rollout.batch.loss_mask.sum()).clamp(min=1)
     grad_fn = torch.func.grad_and_value(rollout_loss, has_aux=True)
     grads, metrics = sum_grads(
         (g, micro)
@@ -316,14 +321,13 @@ def grpo_step(
         metrics = {"loss": zero, "clip_fraction": zero} | (
             {} if rollout.reference_logprobs is None else {"kl": zero}
         )
+    grads = parallel.reduce_grads(grads)
     new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay)
     lengths = torch.tensor([len(completion) for completion in rollout.completions], dtype=torch.float32)
-    metrics = {
-        **metrics,
+    means = {
         "reward": rollout.rewards.mean(),
         "completion_length": lengths.mean(),
         "kept_groups": rollout.kept.float().mean(),
-        "grad_norm": grad_norm,
-        "lr": torch.tensor(lr),
     }
-    return new_state, metrics
+    sums = {key: parallel.all_sum(value) for key, value in metrics.items()}  # shares of the global divisor
+    return new_state, {**sums, **parallel.all_mean(means), "grad_norm": grad_norm, "lr": torch.tensor(lr)}

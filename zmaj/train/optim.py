@@ -119,13 +119,12 @@ def global_norm(grads: TensorDictBase) -> Tensor:
 
 
 def clip_by_global_norm(
-    grads: TensorDictBase, max_norm: float, donate: bool = False
-) -> tuple[TensorDictBase, Tensor]:
-    """Scale all gradients by min(1, max_norm / norm), as ``torch.nn.utils.clip_grad_norm_`` does (in place
-    with ``donate``)."""
-    norm = global_norm(grads)
+    grads: TensorDictBase, max_norm: float, norm: Tensor, donate: bool = False
+) -> TensorDictBase:
+    """Scale all gradients by min(1, max_norm / norm), ``norm`` being their global norm, as
+    ``torch.nn.utils.clip_grad_norm_`` does (in place with ``donate``)."""
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    return leafwise(lambda g: g * scale, grads, donate=donate), norm
+    return leafwise(lambda g: g * scale, grads, donate=donate)
 
 
 def learning_rate(step: int, total_steps: int, peak: float, schedule: ScheduleConfig) -> float:

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 Precision = Literal["auto", "fp32", "bf16"]
+DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 
 @cache
@@ -60,3 +61,12 @@ def autocast_forward(
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device(choice: DeviceChoice) -> torch.device:
+    """The device a spec asks for; ``cuda`` on a machine without a usable GPU is an error, not a silent CPU run."""
+    if choice == "auto":
+        return default_device()
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: cuda was asked for, but this machine has no usable CUDA GPU")
+    return torch.device(choice)

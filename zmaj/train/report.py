@@ -1,4 +1,4 @@
-"""What a run leaves behind for people: a metrics JSONL, a loss-curve PNG, FLOP counts for MFU, and a record of
+"""What a run leaves behind for people: a metrics JSONL, a curves PNG, FLOP counts for MFU, and a record of
 when and on what hardware it ran (``run.jsonl``), which a model card reports."""
 
 import json
@@ -6,6 +6,7 @@ import os
 import platform
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,20 +55,20 @@ def record_session(run_dir: Path, event: str, device: torch.device) -> None:
     append_jsonl(run_dir / RUN_FILE, record)
 
 
-def plot_losses(metrics_path: Path, out: Path) -> None:
-    """Train loss per step and validation loss per eval, from the run's metrics JSONL."""
+def plot_curves(metrics_path: Path, out: Path, panels: Sequence[tuple[str, str]]) -> None:
+    """One panel per ``(metric key, title)`` present in the run's metrics JSONL, each against the step."""
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=0.8)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats per token")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    shown = [(key, title) for key, title in panels if any(key in r for r in records)]
+    if not shown:
+        return
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 3.5), squeeze=False)
+    for ax, (key, title) in zip(axes[0], shown, strict=True):
+        points = [(r["step"], r[key]) for r in records if key in r and not r.get("final")]
+        marker = "o-" if len(points) < 30 else "-"
+        ax.plot(*zip(*points, strict=True), marker, linewidth=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from zmaj.data.config import DataConfig
 from zmaj.models.gpt import GPTConfig
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
-from zmaj.train.precision import Precision
+from zmaj.train.parallel import ParallelConfig
+from zmaj.train.precision import DeviceChoice, Precision
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -24,22 +25,36 @@ class SpecError(ValueError):
     """A spec that cannot be used; the message names the field."""
 
 
-class TrainConfig(BaseModel):
+class LoopConfig(BaseModel):
+    """What the training loop (``zmaj.train.loop``) reads of every training spec's ``train`` section."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     steps: int = Field(gt=0)
-    batch_size: int = Field(gt=0, description="rows per micro-batch")
-    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     optimizer: AdamWConfig = AdamWConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     precision: Precision = "auto"
-    compile: bool = False
+    device: DeviceChoice = Field("auto", description="auto: CUDA where there is a GPU, else the CPU")
+    parallel: ParallelConfig = Field(
+        ParallelConfig(), description="the state's layout across the ranks of a torchrun job"
+    )
+    seed: int = 0
     eval_every: int = Field(100, gt=0)
+    checkpoint_every: int = Field(500, gt=0)
+    keep_checkpoints: int = Field(
+        3, gt=0, description="newest checkpoints kept on disk; older ones are deleted as new ones are saved"
+    )
+
+
+class TrainConfig(LoopConfig):
+    batch_size: int = Field(
+        gt=0, description="rows per micro-batch, over all ranks together (each rank takes an equal share)"
+    )
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    compile: bool = False
     eval_batches: int = Field(
         10, gt=0, description="validation batches per periodic eval (the final eval uses all)"
     )
-    checkpoint_every: int = Field(500, gt=0)
-    seed: int = 0
 
 
 class SampleConfig(BaseModel):

@@ -21,6 +21,10 @@ from torch import Tensor
 
 from zmaj.models.common import Batch
 from zmaj.train.optim import AdamWConfig, adamw_init, adamw_update, clip_by_global_norm, global_norm
+from zmaj.train.parallel import Parallel
+
+SINGLE = Parallel()
+"""One process: no collectives, the whole state here."""
 
 
 @runtime_checkable
@@ -75,9 +79,13 @@ def accumulate_grads(
     forward: Forward,
     seeds: Sequence[int | None],
     autocast: AbstractContextManager[object] | None = None,
+    normalizer: Tensor | None = None,
 ) -> tuple[TensorDictBase, Tensor, Tensor]:
-    """Gradient of the mean token loss over all micro-batches together; also that loss and the target count."""
-    normalizer = sum((n_targets(b) for b in batches), torch.tensor(0)).clamp(min=1).to(params.device)
+    """Gradient of the summed token loss over all micro-batches divided by ``normalizer`` (default: their
+    target count, which makes it the mean token loss); also that loss and the normalizer. Data-parallel steps
+    pass the target count of every rank's micro-batches, so that the ranks' gradients add up to the mean's."""
+    if normalizer is None:
+        normalizer = local_targets(batches)
     grad_fn = torch.func.grad_and_value(summed_loss)
     grads, sums = sum_grads(
         (g, {"loss": loss.detach()})
@@ -88,6 +96,11 @@ def accumulate_grads(
     )
     assert grads is not None, "a step needs at least one batch"
     return grads, sums["loss"], normalizer
+
+
+def local_targets(batches: Sequence[Batch]) -> Tensor:
+    """The number of target tokens in ``batches`` (at least one, so that it can divide)."""
+    return sum((n_targets(b) for b in batches), torch.tensor(0)).clamp(min=1)
 
 
 def sum_grads(
@@ -105,12 +118,20 @@ def sum_grads(
 
 
 GradFn = Callable[
-    [TensorDictBase, Sequence[Batch], Forward, Sequence[int | None], AbstractContextManager[object] | None],
+    [
+        TensorDictBase,
+        Sequence[Batch],
+        Forward,
+        Sequence[int | None],
+        AbstractContextManager[object] | None,
+        Tensor | None,
+    ],
     tuple[TensorDictBase, Tensor, Tensor],
 ]
 """The signature of :func:`accumulate_grads`, or of a compiled version of it."""
 UpdateFn = Callable[
-    [TensorDictBase, TensorDictBase, AdamWConfig, float, TensorDictBase], tuple[TensorDict, Float[Tensor, ""]]
+    [TensorDictBase, TensorDictBase, AdamWConfig, float, TensorDictBase, Tensor | None],
+    tuple[TensorDict, Float[Tensor, ""]],
 ]
 """The signature of :func:`apply_grads`, or of a compiled version of it."""
 
@@ -127,8 +148,9 @@ def train_step(
     autocast: AbstractContextManager[object] | None = None,
     grad_fn: GradFn | None = None,
     update_fn: UpdateFn | None = None,
+    parallel: Parallel = SINGLE,
 ) -> tuple[TensorDict, Metrics]:
-    """One optimizer step over ``len(batches)`` accumulated micro-batches.
+    """One optimizer step over ``len(batches)`` accumulated micro-batches (this rank's share of each).
 
     ``grad_fn`` defaults to :func:`accumulate_grads`; pass ``torch.compile(accumulate_grads)`` to compile the
     forward and backward. (Compiling only ``forward`` does not work: dynamo refuses a compiled function called
@@ -136,14 +158,31 @@ def train_step(
     ``torch.compile(apply_grads)`` fuses clipping and AdamW's dozen elementwise passes over every parameter
     (each a fresh tensor, in this functional style) into a few loops, and ``partial(apply_grads, donate=True)``
     writes them into the old state when the caller is done with it (``programs/pretrain.py`` does both).
+
+    Under ``parallel`` (``zmaj.train.parallel``) the loss is normalised by the target count of all ranks, the
+    gradients are summed over the ranks, and the metrics are global: the same step as one process would take
+    on the ranks' micro-batches concatenated. ``forward`` is then the layout's (``parallel.forward``).
     """
     params = state["params"]
     step = int(state["opt", "step"])
-    # Dropout randomness is a pure function of (seed, step, micro-batch), so a resumed run repeats it exactly.
-    seeds = [(seed * 1_000_003 + step * len(batches) + i) % 2**63 for i in range(len(batches))]
-    grads, loss, n_tokens = (grad_fn or accumulate_grads)(params, batches, forward, seeds, autocast)
-    new_state, grad_norm = (update_fn or apply_grads)(state, grads, optimizer, lr, decay)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": torch.tensor(lr), "tokens": n_tokens}
+    # Dropout randomness is a pure function of (seed, step, micro-batch, rank), so a resumed run repeats it.
+    seeds = [
+        (seed * 1_000_003 + (step * len(batches) + i) * parallel.size + parallel.rank) % 2**63
+        for i in range(len(batches))
+    ]
+    normalizer = parallel.all_sum(local_targets(batches).to(params.device))
+    grads, loss, n_tokens = (grad_fn or accumulate_grads)(
+        params, batches, forward, seeds, autocast, normalizer
+    )
+    grads = parallel.reduce_grads(grads)
+    norm = parallel.global_norm(grads) if parallel.sharded else None
+    new_state, grad_norm = (update_fn or apply_grads)(state, grads, optimizer, lr, decay, norm)
+    metrics = {
+        "loss": parallel.all_sum(loss),
+        "grad_norm": grad_norm,
+        "lr": torch.tensor(lr),
+        "tokens": n_tokens,
+    }
     return new_state, metrics
 
 
@@ -153,20 +192,23 @@ def apply_grads(
     optimizer: AdamWConfig,
     lr: float,
     decay: TensorDictBase,
+    grad_norm: Tensor | None = None,
     donate: bool = False,
 ) -> tuple[TensorDict, Float[Tensor, ""]]:
     """The state after one AdamW step on ``grads`` (clipped first when ``optimizer.grad_clip`` is set), and the
     gradients' global norm before clipping: the update every step function (LM, DPO, GRPO) ends with.
+    ``grad_norm`` is that norm when the caller has it (a sharded state's takes a collective,
+    ``Parallel.global_norm``); otherwise it is computed here.
 
     ``donate=True`` (``partial(apply_grads, donate=True)`` as ``train_step``'s ``update_fn``) writes the new
     state into the old one's tensors and the clipped gradients into ``grads``: for a loop that never reads
     the old state again, it saves allocating the parameters, moments and gradients anew each step
     (``zmaj.train.optim.adamw_update``).
     """
-    if optimizer.grad_clip is not None:
-        grads, grad_norm = clip_by_global_norm(grads, optimizer.grad_clip, donate)
-    else:
+    if grad_norm is None:
         grad_norm = global_norm(grads)
+    if optimizer.grad_clip is not None:
+        grads = clip_by_global_norm(grads, optimizer.grad_clip, grad_norm, donate)
     new_params, opt = adamw_update(state["params"], grads, state["opt"], optimizer, lr, decay, donate)
     return TensorDict({"params": new_params, "opt": opt}), grad_norm
 

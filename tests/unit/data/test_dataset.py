@@ -1,4 +1,3 @@
-import itertools
 from collections import Counter
 
 import numpy as np
@@ -10,7 +9,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from tests.strategies import seeds, token_files
-from zmaj.data.dataset import LMDataset, Mode, ResumableSampler, collate
+from zmaj.data.dataset import LMDataset, Mode, collate, stream_batch
 from zmaj.data.tokens import TokenFile
 from zmaj.models.common import Batch
 
@@ -143,9 +142,20 @@ def test_data_loader_collates_batches(mode: Mode) -> None:
         assert batch.is_token.dtype == torch.bool
 
 
-@given(n_rows=st.integers(1, 50), start=st.integers(0, 200), taken=st.integers(0, 120))
-def test_resumable_sampler_continues_the_uninterrupted_stream(n_rows: int, start: int, taken: int) -> None:
-    straight = list(itertools.islice(iter(ResumableSampler(n_rows)), start + taken))
-    resumed = list(itertools.islice(iter(ResumableSampler(n_rows, start)), taken))
-    assert resumed == straight[start:]
-    assert all(0 <= i < n_rows for i in straight)
+@given(token_files(), st.integers(0, 200), st.integers(1, 40))
+def test_the_stream_repeats_the_row_order_epoch_after_epoch(
+    token_file: TokenFile, start: int, taken: int
+) -> None:
+    dataset = LMDataset(token_file, 2, "pad", 0)
+    n = len(dataset)
+    batch = stream_batch(dataset, range(start, start + taken))
+    for i, position in enumerate(range(start, start + taken)):
+        assert torch.equal(batch.tokens[i], dataset[position % n]["tokens"])
+    epoch = stream_batch(dataset, range(3 * n, 4 * n))  # any whole epoch visits every row once
+    assert sorted(epoch.tokens[:, 0].tolist()) == sorted(int(row["tokens"][0]) for row in _rows(dataset))
+
+
+def test_an_empty_stream_is_refused_by_name() -> None:
+    token_file = TokenFile(np.arange(4, dtype=np.uint16), np.array([0, 4]), vocab_size=5, eos_id=4, pad_id=4)
+    with pytest.raises(ValueError, match="no rows"):
+        stream_batch(LMDataset(token_file, 4, "pack", 0), range(1))

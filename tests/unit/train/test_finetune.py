@@ -2,6 +2,8 @@
 batches line targets and masks up with the tokens, evaluation scores with the checker, and specs refuse what
 cannot work."""
 
+import argparse
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ from tests.integration import finetune_fixtures
 from zmaj.convert.load import Pretrained, load_model, resolve
 from zmaj.models import llama
 from zmaj.tasks import FEW_SHOT_STOP, accuracy_interval, get_task
-from zmaj.train import finetune
+from zmaj.train import checkpoint, finetune, runs
+from zmaj.train.parallel import Parallel
 from zmaj.train.spec import SpecError, parse
 from zmaj.train.step import accumulate_grads, bind, init_state
 
@@ -181,16 +184,17 @@ def test_a_new_run_folder_is_a_model_path_with_the_spec_chat_template(tmp_path: 
     }
     spec = parse(finetune.SFTSpec, raw, "spec")
     begin = finetune.start(spec, torch.device("cpu"))
-    run_dir = finetune.new_run(spec, begin, tmp_path / "run")
-    state = init_state(finetune.trainable(spec, begin))
-    finetune.save_checkpoint(run_dir, state, spec)
-    loaded = load_model(run_dir)
+    args = argparse.Namespace(resume=None, run_dir=tmp_path / "run", stop_after=None)
+    write = partial(finetune.write_run_files, spec, begin)
+    with runs.open_run(spec, args, Parallel(), write) as run:
+        checkpoint.save(run.dir, init_state(finetune.trainable(spec, begin)), runs.describe_meta(run))
+    loaded = load_model(run.dir)
     assert loaded.tokenizer.chat_template == template
     assert loaded.tokenizer.render_chat([{"role": "user", "content": "hi"}], False) == "[user] hi<|end|>"
     for key in loaded.params.keys(True, True):
         assert torch.equal(loaded.params.get(key), begin.model.params.get(key))
-    with pytest.raises(SpecError, match="already holds a run"):
-        finetune.new_run(spec, begin, run_dir)
+    with pytest.raises(runs.UserError, match="already holds a run"):
+        runs.open_run(spec, args, Parallel(), write)
 
 
 def test_an_unknown_shipped_model_is_named() -> None:

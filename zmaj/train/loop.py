@@ -1,0 +1,179 @@
+"""The training loop, written once: every training program is this loop over its own step and batches.
+
+    state = loop.train(run, state, step, batches, evaluate=evaluate)
+
+A program contributes what is its own: ``step(state, batch, lr) -> (state, metrics)`` (a pure step with the
+program's settings bound), ``batches(i)`` (the inputs of loop step ``i`` on this rank, a pure function of ``i``,
+which is what makes a resumed run read exactly the batches the uninterrupted one would), and ``evaluate(state,
+step, final)``. The loop owns the rest, the same for pre-training, SFT, DPO and GRPO:
+
+- the learning rate of each step (``train.schedule``), the step's wall time, a metrics line per step
+  (``metrics.jsonl``) and the progress bar;
+- checkpoints every ``train.checkpoint_every`` steps, on Ctrl-C, after ``--stop-after`` steps and at the end,
+  keeping the newest ``train.keep_checkpoints``; evaluations every ``train.eval_every`` steps, at the start of
+  a fresh run and at the end; a curves plot at the end;
+- a non-finite loss or gradient norm stops the run. The state it produced is kept for inspection under a name
+  no resume or load picks up, and ``latest`` stays on the last good checkpoint, so ``--resume`` restarts from
+  there;
+- under ``torchrun``, keeping the ranks together: the metrics a step returns are already global, every rank
+  takes the same decisions from them, a Ctrl-C any rank sees stops all at the same step, and only rank 0 writes.
+  A sharded state is gathered for saving and evaluating (``zmaj.train.parallel``).
+"""
+
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any, TypeVar
+
+from loguru import logger
+from tensordict import TensorDict
+from torch import Tensor
+from tqdm import tqdm
+
+from zmaj.train import checkpoint, optim, report
+from zmaj.train.runs import Run, describe_meta
+
+B = TypeVar("B")
+Metrics = dict[str, Tensor]
+Step = Callable[[TensorDict, B, float], tuple[TensorDict, Metrics]]
+"""``step(state, batch, lr) -> (state, metrics)``: one loop step; metrics are scalars over all ranks."""
+Evaluate = Callable[[TensorDict, int, bool], dict[str, float | int]]
+"""``evaluate(state, step, final) -> scores``, run on every rank (it may use collectives); rank 0's scores
+go into the metrics file. ``final`` is the end-of-run evaluation, which may look at more."""
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient norm was not finite; the message says what was kept and how to go on."""
+
+
+def train(
+    run: Run[Any],
+    state: TensorDict,
+    step: Step[B],
+    batches: Callable[[int], B],
+    *,
+    evaluate: Evaluate | None = None,
+    panels: Sequence[tuple[str, str]] = (("loss", "loss"),),
+    show: Sequence[str] = ("loss",),
+    updates_per_step: int = 1,
+    flops_per_token: float | None = None,
+    peak_gflops: float | None = None,
+) -> TensorDict:
+    """Run loop steps from where ``state`` is to ``train.steps``, then save and evaluate; the final state.
+
+    ``updates_per_step`` is how many optimizer updates one loop step makes (GRPO's passes over a rollout), so
+    that a resumed state's update count gives the loop step. ``panels`` are the ``(metric, title)`` curves the
+    plot shows, ``show`` the metrics the progress bar shows; with ``flops_per_token`` and ``peak_gflops`` each
+    line also reports model FLOP utilisation.
+    """
+    cfg, parallel = run.train, run.parallel
+    main = parallel.main
+
+    def save(state: TensorDict) -> None:
+        whole = parallel.unshard(state)
+        if main:
+            path = checkpoint.save(run.dir, whole, describe_meta(run))
+            checkpoint.prune(run.dir, cfg.keep_checkpoints)
+            logger.info(f"saved {path}")
+
+    def scores(state: TensorDict, done: int, final: bool = False) -> None:
+        if evaluate is None:
+            return
+        result = evaluate(state, done, final)
+        if main:
+            extra = {"final": True, "wall_s": time.perf_counter() - run.started} if final else {}
+            report.append_jsonl(run.metrics, {"step": done, **result, **extra})
+
+    first = int(state["opt", "step"]) // updates_per_step
+    if first == 0:
+        scores(state, 0)
+    bar = tqdm(
+        range(first, cfg.steps), initial=first, total=cfg.steps, desc=run.name, unit="step", disable=not main
+    )
+    with interruptible() as interrupted:
+        for index in bar:
+            done = index + 1
+            lr = optim.learning_rate(index, cfg.steps, cfg.optimizer.lr, cfg.schedule)
+            batch = batches(index)
+            tick = time.perf_counter()
+            state, metrics = step(state, batch, lr)
+            values = {key: float(value) for key, value in metrics.items()}  # waits for the step to finish
+            record = describe_step(done, lr, values, time.perf_counter() - tick, flops_per_token, peak_gflops)
+            if main:
+                report.append_jsonl(run.metrics, record)
+                bar.set_postfix({key: f"{values[key]:.3f}" for key in show if key in values})
+            if not all(math.isfinite(values.get(key, 0.0)) for key in ("loss", "grad_norm")):
+                stop_on_non_finite(run, state, done, values)
+            stop = parallel.agree(interrupted()) or (
+                run.stop_after is not None and done - first >= run.stop_after
+            )
+            if stop and done < cfg.steps:
+                save(state)
+                logger.info(f"stopped at step {done}; continue with --resume {run.dir}")
+                return state
+            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                save(state)
+            if done % cfg.eval_every == 0 and done < cfg.steps:
+                scores(state, done)
+    bar.close()
+    save(state)
+    scores(state, cfg.steps, final=True)
+    if main:
+        report.plot_curves(run.metrics, run.dir / "curves.png", panels)
+        logger.info(f"done in {time.perf_counter() - run.started:.0f}s; run folder {run.dir}")
+    return state
+
+
+def describe_step(
+    done: int,
+    lr: float,
+    values: dict[str, float],
+    seconds: float,
+    flops_per_token: float | None,
+    peak_gflops: float | None,
+) -> dict[str, float | int]:
+    """A step's metrics line: its metrics, the learning rate and wall time, and with a ``tokens`` count, the
+    throughput (and model FLOP utilisation, given the FLOPs per token and the peak)."""
+    record: dict[str, float | int] = {"step": done, **values, "lr": lr, "seconds": seconds}
+    if "tokens" in values:
+        record["tokens_per_s"] = values["tokens"] / seconds
+        if flops_per_token is not None and peak_gflops is not None:
+            record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak_gflops * 1e9)
+    return record
+
+
+def stop_on_non_finite(run: Run[Any], state: TensorDict, done: int, values: dict[str, float]) -> None:
+    """Keep the bad state for inspection where nothing resumes from it, and stop with what to do next."""
+    whole = run.parallel.unshard(state)
+    what = ", ".join(f"{key} {values[key]}" for key in ("loss", "grad_norm") if key in values)
+    if not run.parallel.main:
+        raise NonFiniteError(f"{what} at step {done}")
+    kept = checkpoint.save_for_inspection(run.dir, whole, f"nonfinite-step-{done:07d}", describe_meta(run))
+    latest = checkpoint.latest(run.dir).name if checkpoint.has_checkpoint(run.dir) else None
+    then = (
+        f"latest is still {latest}: --resume {run.dir} continues from there (a lower train.optimizer.lr may help)"
+        if latest
+        else "no good checkpoint was saved before it, so the run must start again"
+    )
+    raise NonFiniteError(f"{what} at step {done}; that state is kept in {kept} for inspection; {then}")
+
+
+@contextmanager
+def interruptible() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C sets a flag instead of killing the run, so the loop can finish its step and save; yields the
+    flag's reader. The previous handler comes back afterwards."""
+    requested = False
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        nonlocal requested
+        requested = True
+        logger.warning("interrupted: finishing this step, then saving a checkpoint")
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield lambda: requested
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,288 @@
+"""Data-parallel and fully sharded training on ``torch.distributed``: where each leaf of the state lives, and the
+few collectives a step needs.
+
+``torchrun --nproc-per-node N programs/X.py ...`` starts N copies of a program; each is one *rank* and reads its
+rank and the world size from the environment that ``torchrun`` sets (``Parallel.from_environment``). Every rank
+runs the same loop over a disjoint slice of each global batch (``Parallel.rows``). Two layouts of the state:
+
+- **dp** (data parallel, the semantics of DDP): every rank holds the whole state. Each computes the gradient of
+  its slice's share of the loss, one all-reduce in a single flat buffer sums them (``reduce_grads``), and the
+  identical update keeps the ranks identical.
+- **fsdp** (fully sharded, the semantics of FSDP / ZeRO-3): every leaf of the parameters and of the AdamW moments
+  is cut along its first dimension after the stacked-layer axis, and rank r keeps the r-th piece, about 1/N of
+  the state (``shard``). The forward gathers the non-block parameters once and each block's parameters just
+  before the block computes (``sharded_forward``, through ``zmaj.models.common.layers``); autograd turns each
+  gather into a reduce-scatter of the gradient, so every rank ends the backward with the gradient of exactly its
+  shard, summed over all ranks. The update is elementwise, so each rank updates its own shard, and the gradient
+  norm for clipping is one all-reduce of the shards' sums of squares.
+
+This is the SimpleFSDP pattern (Zhang et al., 2024, arXiv:2411.00284): the gather is an operation in the forward,
+and the reduce-scatter is its derivative. Two departures, both forced by ``torch.func``, which the training steps
+use for gradients: the shards are plain tensors, not DTensors (``torch.func.grad`` hides a DTensor's subclass from
+the function it differentiates, so ``redistribute`` is not there to call), and the gather is a small
+``torch.autograd.Function`` over the functional collectives rather than ``DTensor.redistribute``. FSDP2's
+``fully_shard`` is the other road, and a closed one here: it works per ``nn.Module`` (the stacked blocks are one
+tensor per kind, so it would gather every layer at once) and on module hooks, which ``torch.func`` never runs.
+
+A global batch is split evenly, and every loss is normalised by the *global* count of what it averages
+(``all_sum`` of the local counts), so one step on N ranks is one step on the concatenated batch. The layout is
+all a rank needs to know; the models never import ``torch.distributed``.
+"""
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal, TypeVar, cast
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from zmaj.models.common import Batch, materializing
+
+Kind = Literal["dp", "fsdp"]
+T = TypeVar("T")
+
+
+class ParallelConfig(BaseModel):
+    """How the state is laid out across the ranks of a ``torchrun`` job (a single process ignores it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Kind = "dp"
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place in the job: its rank, the world size, its device and the state's layout."""
+
+    kind: Kind = "dp"
+    rank: int = 0
+    size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        """Rank 0, the one that writes logs, metrics and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def sharded(self) -> bool:
+        return self.kind == "fsdp" and self.size > 1
+
+    @staticmethod
+    def from_environment(config: ParallelConfig, device: torch.device) -> "Parallel":
+        """Join the ``torchrun`` job this process belongs to (NCCL on CUDA, gloo on the CPU), or be a single
+        process when no launcher set ``WORLD_SIZE``. Each rank takes the GPU of its local rank."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size == 1:
+            return Parallel(config.kind, 0, 1, device)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            # A rank that waits longer than this in a collective fails instead of hanging; long enough for rank 0
+            # to write a large checkpoint while the others wait at the next step.
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        return Parallel(config.kind, dist.get_rank(), dist.get_world_size(), device)
+
+    # ------------------------------------------------------------------------------------------ the data
+
+    def rows(self, rows: Sequence[T]) -> Sequence[T]:
+        """This rank's contiguous share of a global micro-batch's rows: concatenated over the ranks in order,
+        the shares are the rows again."""
+        if len(rows) % self.size != 0:
+            raise ValueError(f"{len(rows)} rows do not split evenly over {self.size} ranks")
+        share = len(rows) // self.size
+        return rows[self.rank * share : (self.rank + 1) * share]
+
+    def check_divides(self, count: int, what: str) -> None:
+        """A global batch of ``count`` must split evenly over the ranks; a clear error when it does not."""
+        if count % self.size != 0:
+            raise ValueError(
+                f"{what} is {count}, which {self.size} ranks cannot split evenly; "
+                f"use a world size that divides it, or change {what}"
+            )
+
+    def barrier(self) -> None:
+        """Wait until every rank is here (e.g. until rank 0 has filled a cache the others then read)."""
+        if self.distributed:
+            dist.barrier()
+
+    # ---------------------------------------------------------------------------------- reductions
+
+    def all_sum(self, value: Tensor) -> Tensor:
+        """The sum of ``value`` over the ranks (a new tensor; ``value`` itself on a single process)."""
+        if not self.distributed:
+            return value
+        total = value.detach().clone()
+        dist.all_reduce(total)
+        return total
+
+    def all_mean(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each scalar metric averaged over the ranks, in one all-reduce: the global mean of a per-row
+        quantity when every rank holds the same number of rows."""
+        if not self.distributed or not metrics:
+            return metrics
+        stacked = self.all_sum(torch.stack([v.detach().float().to(self.device) for v in metrics.values()]))
+        return {key: stacked[i] / self.size for i, key in enumerate(metrics)}
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank when it is True on any: a stop that one rank sees (Ctrl-C) is a stop for all."""
+        if not self.distributed:
+            return flag
+        return bool(self.all_sum(torch.tensor(float(flag), device=self.device)) > 0)
+
+    def reduce_grads(self, grads: TensorDictBase) -> TensorDictBase:
+        """The gradients summed over the ranks. Data parallel: one all-reduce over a single flat buffer of every
+        gradient (one collective per step instead of one per tensor). Sharded: already done, each shard's
+        reduce-scatter ran in the backward."""
+        if not self.distributed or self.sharded:
+            return grads
+        leaves = tensors(grads)
+        flat = torch.cat([g.reshape(-1) for g in leaves])
+        dist.all_reduce(flat)
+        out = grads.empty(recurse=True)
+        parts = torch.split(flat, [g.numel() for g in leaves])
+        for key, part, like in zip(grads.keys(True, True), parts, leaves, strict=True):
+            out.set(key, part.view_as(like))
+        return out
+
+    def global_norm(self, grads: TensorDictBase) -> Tensor:
+        """The L2 norm of the whole gradient; sharded, the square root of the summed shards' sums of squares."""
+        squares = torch.stack([g.float().pow(2).sum() for g in tensors(grads)]).sum()
+        return (self.all_sum(squares) if self.sharded else squares).sqrt()
+
+    # ------------------------------------------------------------------------------- the sharded layout
+
+    def shard(self, td: TensorDictBase) -> TensorDict:
+        """This rank's piece of every leaf (fully sharded), or ``td`` itself (data parallel, one process)."""
+        if not self.sharded:
+            assert isinstance(td, TensorDict)
+            return td
+
+        def piece(key: tuple[str, ...], tensor: Tensor) -> Tensor:
+            dim = shard_dim(td, key)
+            if dim is None:
+                return tensor
+            return tensor.chunk(self.size, dim)[self.rank].clone()
+
+        return _map_leaves(td, piece)
+
+    def unshard(self, td: TensorDictBase) -> TensorDict:
+        """Every leaf whole on every rank: all-gathered where sharded (for saving and evaluation)."""
+        if not self.sharded:
+            assert isinstance(td, TensorDict)
+            return td
+
+        def whole(key: tuple[str, ...], tensor: Tensor) -> Tensor:
+            dim = shard_dim(td, key)
+            if dim is None:
+                return tensor
+            pieces = [torch.empty_like(tensor) for _ in range(self.size)]
+            dist.all_gather(pieces, tensor.contiguous())
+            return torch.cat(pieces, dim)
+
+        return _map_leaves(td, whole)
+
+    def check_shardable(self, params: TensorDictBase) -> None:
+        """Every parameter must split evenly along its sharded dimension; the error names the first that does
+        not (padding would change the parameter counts that checkpoints and exports rely on)."""
+        if not self.sharded:
+            return
+        for key in params.keys(True, True):
+            dim = shard_dim(params, key)
+            size = params.get(key).shape[dim] if dim is not None else 0
+            if dim is not None and size % self.size != 0:
+                name = ".".join(key)
+                raise ValueError(
+                    f"train.parallel.kind=fsdp: parameter {name} has {size} rows along dimension {dim}, which "
+                    f"{self.size} ranks cannot split evenly; choose a model size or a world size that divides it"
+                )
+
+    def forward(self, forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        """The forward the training step differentiates: ``forward`` itself, or, sharded, ``sharded_forward``."""
+        return sharded_forward(forward, self) if self.sharded else forward
+
+
+def shard_dim(td: TensorDictBase, key: tuple[str, ...]) -> int | None:
+    """The dimension a leaf is sharded along: the first after its stacked-layer axes (so a layer's piece is
+    ``blocks[i]``'s first dimension), or None for a scalar (the step counter), which every rank keeps."""
+    parent = td.get(key[:-1]) if len(key) > 1 else td
+    dim = parent.batch_dims
+    return dim if td.get(key).ndim > dim else None
+
+
+def tensors(td: TensorDictBase) -> list[Tensor]:
+    """The leaves of ``td``, in key order."""
+    return [cast(Tensor, td.get(key)) for key in td.keys(True, True)]
+
+
+def _map_leaves(td: TensorDictBase, fn: Callable[[tuple[str, ...], Tensor], Tensor]) -> TensorDict:
+    out = td.empty(recurse=True)
+    for key in td.keys(True, True):
+        out.set(key, fn(key, td.get(key)))
+    assert isinstance(out, TensorDict)
+    return out
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather along dimension 0 in the forward; reduce-scatter (sum) of the gradient in the backward.
+
+    Written over the functional collectives (``torch.ops._c10d_functional``), which return new tensors instead
+    of writing into given ones (``torch.func`` refuses an in-place write to a tensor created outside the
+    transform), and called under ``no_grad``, which skips the ops' own autograd wrapper (it lacks the
+    ``setup_context`` that ``torch.func`` requires); this Function is their derivative instead.
+    """
+
+    @staticmethod
+    def forward(shard: Tensor, size: int, group: str) -> Tensor:
+        with torch.no_grad():
+            ops = torch.ops._c10d_functional
+            whole: Tensor = ops.wait_tensor(ops.all_gather_into_tensor(shard.contiguous(), size, group))
+        return whole
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, int, str], output: Tensor) -> None:
+        _, ctx.size, ctx.group = inputs
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        with torch.no_grad():
+            ops = torch.ops._c10d_functional
+            summed = ops.wait_tensor(ops.reduce_scatter_tensor(grad.contiguous(), "sum", ctx.size, ctx.group))
+        return summed, None, None
+
+
+def gather(shard: Tensor, size: int) -> Tensor:
+    """The whole tensor from every rank's piece along dimension 0; its gradient is reduce-scattered back."""
+    group = dist.group.WORLD
+    assert group is not None
+    return cast(Tensor, _Gather.apply(shard, size, group.group_name))
+
+
+def sharded_forward(forward: Callable[..., Tensor], parallel: Parallel) -> Callable[..., Tensor]:
+    """``forward`` over this rank's shards: the parameters outside the blocks (embeddings, final norm) are
+    gathered up front, and each block's just before it runs (``zmaj.models.common.layers``), so the blocks are
+    never gathered all at once. The gathered blocks stay alive while autograd keeps them for the backward
+    (``torch.func`` admits neither saved-tensor hooks nor checkpointing, which would let it gather them anew)."""
+
+    def gather_all(td: TensorDictBase) -> TensorDictBase:
+        return _map_leaves(td, lambda key, shard: gather(shard, parallel.size))
+
+    def run(params: TensorDictBase, batch: Batch, **kwargs: Any) -> Tensor:
+        whole = gather_all(params.exclude("blocks"))
+        whole.set("blocks", params["blocks"])
+        with materializing(gather_all):
+            return forward(whole, batch, **kwargs)
+
+    return run

@@ -1,0 +1,275 @@
+"""Run folders: what a training program does before its first step and after its last, written once.
+
+A run folder holds everything one experiment leaves: ``spec.yaml`` (the validated spec, so the run can be
+repeated or resumed), ``checkpoints/``, ``metrics.jsonl``, ``curves.png``, ``log.txt`` and ``run.jsonl`` (a
+start and an end line per session). ``open_run`` creates one, or reopens one for ``--resume``, and returns a
+:class:`Run`, used as a context manager for the session: while it is open, the process holds an exclusive lock
+on the folder (``fcntl.flock``, so a second writer, an orphaned process or a second terminal, is refused
+naming the first one's PID), and only rank 0 of a ``torchrun`` job writes anything or logs below WARNING.
+
+Bad input at any boundary a user touches (a spec field, a path, a locked run) is a :class:`UserError` or one
+of the errors ``BAD_INPUT`` lists; ``bad_input_exits_2`` turns it into one line on stderr and exit status 2.
+"""
+
+import argparse
+import fcntl
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Generic, Protocol, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from loguru import logger
+from pydantic import BaseModel
+from tensordict import TensorDict
+
+from zmaj.train import checkpoint, precision, report
+from zmaj.train.parallel import Parallel
+from zmaj.train.spec import LoopConfig, SpecError, load, parse
+
+
+class UserError(ValueError):
+    """Bad input a user can fix; the message names it."""
+
+
+BAD_INPUT: tuple[type[Exception], ...] = (UserError, SpecError, FileNotFoundError, ValueError)
+"""What ``bad_input_exits_2`` reports in one line. ``ValueError`` is the type every input check of zmaj raises
+(spec validation, data files, checkpoint files); it is caught only around a program's setup, never its loop."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error message on one line (pydantic's span several), for a program's exit-2 report."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+@contextmanager
+def bad_input_exits_2(
+    parallel: Parallel | None = None, errors: tuple[type[Exception], ...] = BAD_INPUT
+) -> Iterator[None]:
+    """Turn bad input (``errors``) raised inside into one error line (from rank 0 only) and exit status 2."""
+    try:
+        yield
+    except errors as error:
+        if parallel is None or parallel.main:
+            logger.error(one_line(error))
+        sys.exit(2)
+
+
+class TrainSpec(Protocol):
+    """What every training spec has: a name, and a ``train`` section the loop reads."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def train(self) -> LoopConfig: ...
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def cli(doc: str | None, default_spec: Path | None = None) -> argparse.ArgumentParser:
+    """The arguments every training program takes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    help_spec = (
+        f"YAML spec (default: {default_spec})" if default_spec else "YAML spec (not needed with --resume)"
+    )
+    parser.add_argument("spec", nargs="?", type=Path, default=default_spec, help=help_spec)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint"
+    )
+    parser.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/NAME-TIMESTAMP)")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="run at most N steps now, then checkpoint and exit (resumable)",
+    )
+    return parser
+
+
+def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str]) -> S:
+    """The spec of a new run (``args.spec`` with ``--set`` overrides), or of the run ``--resume`` names: its own
+    ``spec.yaml``, where ``--set`` may change anything but the ``frozen`` fields (what is trained, and how)."""
+    if args.resume is None:
+        if args.spec is None:
+            raise SpecError("give a SPEC file, or --resume RUN_DIR")
+        return load(kind, args.spec, args.overrides)
+    saved = args.resume / "spec.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"--resume {args.resume}: no spec.yaml there, so it is not a zmaj run folder")
+    spec = load(kind, saved, args.overrides)
+    original = parse(kind, yaml.safe_load(saved.read_text()), str(saved))
+    for name in frozen:
+        if getattr(spec, name) != getattr(original, name):
+            raise SpecError(f"--resume {args.resume}: {name} differs from the run's; --set cannot change it")
+    checkpoint.latest(args.resume)  # fails early, with the path, when there is nothing to resume
+    return spec
+
+
+def join(train: LoopConfig) -> Parallel:
+    """This process's device and place in the job (``torchrun``'s environment), and every source of randomness
+    seeded from the spec: Python's, NumPy's and torch's global generators (zmaj's own randomness takes explicit
+    seeds; these cover libraries that do not)."""
+    parallel = Parallel.from_environment(train.parallel, precision.device(train.device))
+    random.seed(train.seed)
+    np.random.seed(train.seed)
+    torch.manual_seed(train.seed)
+    return parallel
+
+
+class RunLockedError(UserError):
+    """Another process holds the run folder."""
+
+
+@dataclass
+class Run(Generic[S]):
+    """An open run folder and what the loop needs to know about this session; a context manager that holds the
+    folder's lock and records the session's start and end."""
+
+    dir: Path
+    spec: S
+    parallel: Parallel
+    resumed: bool
+    stop_after: int | None = None
+    started: float = field(default_factory=time.perf_counter)
+    _lock: IO[str] | None = field(default=None, repr=False)
+    _sinks: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def train(self) -> LoopConfig:
+        train: LoopConfig = getattr(self.spec, "train")  # noqa: B009 (every training spec has one)
+        return train
+
+    @property
+    def name(self) -> str:
+        name: str = getattr(self.spec, "name")  # noqa: B009
+        return name
+
+    @property
+    def device(self) -> torch.device:
+        return self.parallel.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The type the matmuls compute in (``train.precision``; parameters stay float32)."""
+        return precision.resolve(self.train.precision, self.device)
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    def restore(self, fresh: TensorDict) -> TensorDict:
+        """The state to start from, in this job's layout: ``fresh`` (a new state of the model, whole), or when
+        resuming, the run's newest intact checkpoint read into its shape."""
+        state = fresh
+        if self.resumed:
+            path = checkpoint.latest(self.dir)
+            state = checkpoint.load_state(path, fresh).to(self.device)
+            logger.info(f"resumed from {path} (step {int(state['opt', 'step'])})")
+        return self.parallel.shard(state)
+
+    def __enter__(self) -> "Run[S]":
+        if self.parallel.main:
+            self._lock = lock(self.dir)
+            self._sinks.append(logger.add(self.dir / "log.txt"))
+            report.record_session(self.dir, "start", self.device)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self.parallel.main:
+            report.record_session(self.dir, "end", self.device)
+            for sink in self._sinks:
+                logger.remove(sink)
+            if self._lock is not None:
+                self._lock.close()  # closing the file releases the lock
+
+
+def open_run(
+    spec: S,
+    args: argparse.Namespace,
+    parallel: Parallel,
+    write: Callable[[Path], None] | None = None,
+) -> Run[S]:
+    """The run folder of this session: ``--resume``'s, or a new one (``--run-dir``, default
+    ``runs/NAME-TIMESTAMP``) with ``spec.yaml`` and whatever ``write(run_dir)`` adds. Rank 0 creates it; every
+    rank gets the same path."""
+    resumed = args.resume is not None
+    if resumed:
+        run_dir = Path(args.resume)
+    else:
+        name: str = getattr(spec, "name")  # noqa: B009
+        run_dir = args.run_dir or Path("runs") / f"{name}-{_timestamp(parallel)}"
+        if (run_dir / checkpoint.CHECKPOINTS).exists():
+            raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
+        if parallel.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write_text(run_dir / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json")))
+            if write is not None:
+                write(run_dir)
+    if not parallel.main:
+        quiet_logging(parallel)
+    return Run(run_dir, spec, parallel, resumed, args.stop_after)
+
+
+def _timestamp(parallel: Parallel) -> str:
+    """Rank 0's clock, on every rank, so that all name the same new run folder."""
+    stamp = [time.strftime("%Y%m%d-%H%M%S")]
+    if parallel.distributed:
+        dist.broadcast_object_list(stamp, src=0)
+    return str(stamp[0])
+
+
+def quiet_logging(parallel: Parallel) -> None:
+    """Ranks other than 0 log warnings and errors only, each line marked with its rank."""
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING", format=f"rank {parallel.rank} | {{level}} | {{message}}")
+
+
+LOCK_FILE = ".lock"
+
+
+def lock(run_dir: Path) -> IO[str]:
+    """An exclusive lock on ``run_dir`` for as long as the returned file stays open; the file names its holder.
+
+    ``flock`` locks belong to the open file, so the operating system releases them when the process dies,
+    however it dies: a stale lock cannot outlive a killed run.
+    """
+    handle = (run_dir / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunLockedError(
+            f"{run_dir} is being written by another process (PID {holder}); stop it first, or use another "
+            "--run-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def describe_meta(run: Run[Any]) -> dict[str, Any]:
+    """What every checkpoint records besides the tensors: the seed, the spec, and the job it was written by."""
+    return {
+        "seed": run.train.seed,
+        "spec": run.spec.model_dump(mode="json"),
+        "world_size": run.parallel.size,
+        "parallel": run.parallel.kind,
+    }
