@@ -21,7 +21,6 @@ the share that did. Ctrl-C saves a checkpoint; ``--resume`` continues exactly.
 """
 
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,20 +28,12 @@ import torch
 from loguru import logger
 from tensordict import TensorDict, TensorDictBase
 
-from zmaj.convert.load import load_model
-from zmaj.data.model_tokenizer import ModelTokenizer
-from zmaj.tasks import Problem, Reward, Task, get_task, score
+from zmaj.tasks import Problem, Reward, get_task
 from zmaj.train import finetune, loop, optim, precision, runs
 from zmaj.train.finetune import GRPOSpec, Start
-from zmaj.train.grpo import grpo_step, sample_rollout
-from zmaj.train.lora import merge
+from zmaj.train.grpo import TaskRewardError, grpo_step, sample_rollout, task_reward
 from zmaj.train.runs import Run
-from zmaj.train.spec import SpecError
 from zmaj.train.step import Metrics, init_state
-
-
-class RewardError(ValueError):
-    """The task's checker failed on a sample; the message names it."""
 
 
 def main() -> None:
@@ -55,52 +46,11 @@ def main() -> None:
         parallel.check_divides(spec.train.prompts_per_step, "train.prompts_per_step")
         begin = finetune.start(spec, parallel.device)
         params = finetune.trainable(spec, begin)
-        reference = reference_params(spec, begin, parallel.device)
+        reference = finetune.reference_params(spec, begin, parallel.device)
         run = runs.open_run(spec, args, parallel, partial(finetune.write_run_files, spec, begin))
-    with run, runs.bad_input_exits_2(parallel, (RewardError,)):  # a checker that fails on a sample
+    with run, runs.bad_input_exits_2(parallel, (TaskRewardError,)):  # a checker that fails on a sample
         logger.info(f"run folder {run.dir}")
         train(run, begin, params, reference)
-
-
-def reference_params(spec: GRPOSpec, begin: Start, device: torch.device) -> TensorDictBase | None:
-    """The KL penalty's reference: ``spec.reference``, else the starting model; None without a penalty."""
-    if spec.grpo.kl_beta == 0:
-        return None
-    if spec.reference is None:
-        return begin.model.params
-    reference = load_model(spec.reference)
-    if reference.config != begin.model.config:
-        raise SpecError(f"reference: {spec.reference} is not the same architecture and size as {spec.model}")
-    return reference.to(device, torch.float32).params
-
-
-@torch.no_grad()
-def sampler_params(
-    spec: GRPOSpec, begin: Start, params: TensorDictBase, dtype: torch.dtype
-) -> TensorDictBase:
-    """The full weights rollouts are sampled with, in the training matmuls' dtype (bfloat16 under bf16 autocast:
-    each decode step reads half the bytes). LoRA's adapters are merged into the frozen base first, so the
-    sampler runs the plain architecture: no rank-r side path per matrix per decode step."""
-    full = params if spec.lora is None else merge(begin.model.params, params, spec.lora)
-    return full.to(dtype)
-
-
-def scorer(
-    task: Task, tokenizer: ModelTokenizer, problems: Sequence[Problem], where: str, scored: list[Reward]
-) -> Callable[[int, list[int]], float]:
-    """``sample_rollout``'s reward: the checker's total on the decoded answer, each result also kept in
-    ``scored``; a checker that fails stops the run, naming the sample."""
-
-    def reward(index: int, completion: list[int]) -> float:
-        try:
-            (result,) = score(task.reward, [problems[index]], [tokenizer.decode(completion)])
-        except (RuntimeError, TypeError, ValueError) as error:
-            sample = f"{where}, completion {len(scored)} (of prompt {index} in the rollout)"
-            raise RewardError(f"{sample}: {error}") from error
-        scored.append(result)
-        return result.total
-
-    return reward
 
 
 @dataclass(frozen=True)
@@ -137,9 +87,9 @@ def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: Tenso
             [finetune.task_prompt(tokenizer, task, p, None, spec.task.system) for p in problems],
         )
 
-    def step(state: TensorDict, prompts: Prompts, lr: float) -> tuple[TensorDict, Metrics]:
+    def step(state: TensorDict, prompts: Prompts, /, *, lr: float) -> tuple[TensorDict, Metrics]:
         scored: list[Reward] = []
-        reward = scorer(task, tokenizer, prompts.problems, f"step {prompts.index + 1}", scored)
+        reward = task_reward(task, tokenizer, prompts.problems, f"step {prompts.index + 1}", scored)
         tick = time.perf_counter()
         rollout = sample_rollout(
             state["params"],
@@ -153,7 +103,9 @@ def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: Tenso
             reference=reference,
             reference_forward=reference_forward,
             score_old=cfg.passes > 1,
-            sampler=sampler_params(spec, begin, state["params"], run.dtype),
+            # Sampled in the training matmuls' dtype (bf16 under bf16 autocast: half the bytes per decode
+            # step), LoRA's adapters merged in, so the sampler runs the plain architecture.
+            sampler=finetune.full_params(spec, begin, state["params"]).to(run.dtype),
         )
         sampled = torch.tensor(time.perf_counter() - tick)
         passes = []

@@ -23,7 +23,7 @@ from zmaj.models.common import Batch
 from zmaj.train import finetune, loop, optim, precision, runs
 from zmaj.train.finetune import SFTSpec, Start
 from zmaj.train.runs import Run
-from zmaj.train.step import Metrics, init_state, train_step
+from zmaj.train.step import init_state, train_step
 
 Example = tuple[list[int], list[bool]]
 
@@ -66,7 +66,6 @@ def train(run: Run[SFTSpec], begin: Start, examples: list[Example], params: Tens
     state = run.restore(init_state(params))
     forward = parallel.forward(finetune.policy_forward(spec, begin))
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
-    autocast = precision.autocast(run.dtype, run.device)
 
     def batches(index: int) -> list[Batch]:
         """This rank's share of each micro-batch: conversations drawn from shuffled epochs by position."""
@@ -75,18 +74,15 @@ def train(run: Run[SFTSpec], begin: Start, examples: list[Example], params: Tens
         micro = [chosen[m : m + cfg.batch_size] for m in range(0, rows, cfg.batch_size)]
         return [finetune.masked_batch([examples[i] for i in parallel.rows(m)], run.device) for m in micro]
 
-    def step(state: TensorDict, micro: list[Batch], lr: float) -> tuple[TensorDict, Metrics]:
-        return train_step(
-            state,
-            micro,
-            forward=forward,
-            optimizer=cfg.optimizer,
-            lr=lr,
-            decay=decay,
-            seed=cfg.seed,
-            autocast=autocast,
-            parallel=parallel,
-        )
+    step = partial(
+        train_step,
+        forward=forward,
+        optimizer=cfg.optimizer,
+        decay=decay,
+        seed=cfg.seed,
+        autocast=precision.autocast(run.dtype, run.device),
+        parallel=parallel,
+    )
 
     loop.train(
         run,

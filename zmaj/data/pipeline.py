@@ -7,6 +7,8 @@ directory, later runs (and other ranks) only open the cached files.
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from zmaj.data.config import DataConfig
 from zmaj.data.dataset import LMDataset
 from zmaj.data.tokenizer import Tokenizer, load_or_train
@@ -21,10 +23,27 @@ class Prepared:
     train: LMDataset
     validation: LMDataset
 
+    def unigram_bpb(self) -> float:
+        """Held-out bits per byte of the best context-free model: train-set token frequencies (add-one
+        smoothed), the baseline any model of context must beat."""
+        vocab = self.tokenizer.vocab_size
+        counts = (
+            np.bincount(np.asarray(self.train.token_file.tokens), minlength=vocab).astype(np.float64) + 1.0
+        )
+        log_probs = np.log2(counts / counts.sum())
+        held_out = np.asarray(self.validation.token_file.tokens)
+        token_bytes = self.tokenizer.token_bytes().numpy()
+        return float(-log_probs[held_out].sum() / token_bytes[held_out].sum())
+
 
 def prepare(config: DataConfig, cache_dir: str | Path, seed: int = 0) -> Prepared:
     """The tokenizer and both splits of ``config``; the seed fixes the tokenizer sample and the row orders."""
     tokenizer = load_or_train(config, cache_dir, seed)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but data.vocab_size is {config.vocab_size} (a corpus "
+            "too small to learn that many merges?)"
+        )
     splits = {
         split: LMDataset(
             tokenize_split(tokenizer, config.source, split, config.validation_fraction, cache_dir),

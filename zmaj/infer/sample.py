@@ -5,12 +5,13 @@ Each new token reruns the model over the (last ``context``) tokens; the token is
 needs nothing but a forward function, which makes it the reference the cache is tested against.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer.generate import Sampling, choose
 from zmaj.models.common import Batch
 
@@ -43,3 +44,25 @@ def sample(
         if stop_token is not None and bool(done.all()):
             break
     return tokens[:, prompt.shape[1] :]
+
+
+def continue_texts(
+    model: Logits,
+    tokenizer: Tokenizer,
+    context: int,
+    seed: int,
+    device: torch.device,
+    *,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+) -> list[str]:
+    """Each prompt followed by its sampled continuation (prompt ``i`` with seed ``seed + i``), stopping at the
+    tokenizer's end-of-document token: what a pre-training run shows of its model as it learns."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+        new = sample(model, ids, max_new_tokens, context, temperature, top_k, seed + i, tokenizer.eos_id)
+        out.append(prompt + tokenizer.decode(new[0].tolist()))
+    return out

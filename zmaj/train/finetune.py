@@ -263,6 +263,18 @@ def policy_forward(spec: FinetuneSpec, begin: Start) -> Forward:
     return lora_forward(begin.base_forward, begin.model.params, spec.lora)
 
 
+def reference_params(spec: "GRPOSpec", begin: Start, device: torch.device) -> TensorDictBase | None:
+    """GRPO's KL penalty's reference: ``spec.reference``, else the starting model; None without a penalty."""
+    if spec.grpo.kl_beta == 0:
+        return None
+    if spec.reference is None:
+        return begin.model.params
+    reference = load_model(spec.reference)
+    if reference.config != begin.model.config:
+        raise SpecError(f"reference: {spec.reference} is not the same architecture and size as {spec.model}")
+    return reference.to(device, torch.float32).params
+
+
 def full_params(spec: FinetuneSpec, begin: Start, params: TensorDictBase) -> TensorDictBase:
     """The whole model's parameters for a trained ``params`` (adapters merged into the base)."""
     if spec.lora is None:

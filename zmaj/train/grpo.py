@@ -34,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from zmaj import tasks
+from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.cache import CacheShape, init_cache
 from zmaj.infer.generate import Sampling, Step, generate
 from zmaj.models.common import Batch
@@ -44,6 +46,32 @@ from zmaj.train.step import SINGLE, Forward, Metrics, apply_grads, sum_grads
 
 Reward = Callable[[int, list[int]], float]
 """``reward(prompt_index, completion_tokens) -> float``: the task's score of one completion."""
+
+
+class TaskRewardError(ValueError):
+    """The task's checker failed on a sample; the message names it."""
+
+
+def task_reward(
+    task: tasks.Task,
+    tokenizer: ModelTokenizer,
+    problems: Sequence[tasks.Problem],
+    where: str,
+    scored: list[tasks.Reward],
+) -> Reward:
+    """A task's checker as ``sample_rollout``'s reward: its total on the decoded answer, each result also kept
+    in ``scored``; a checker that raises or returns a non-finite score stops the run, naming the sample."""
+
+    def reward(index: int, completion: list[int]) -> float:
+        try:
+            (result,) = tasks.score(task.reward, [problems[index]], [tokenizer.decode(completion)])
+        except (RuntimeError, TypeError, ValueError) as error:
+            sample = f"{where}, completion {len(scored)} (of prompt {index} in the rollout)"
+            raise TaskRewardError(f"{sample}: {error}") from error
+        scored.append(result)
+        return result.total
+
+    return reward
 
 
 class GRPOConfig(BaseModel):

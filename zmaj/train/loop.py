@@ -2,8 +2,8 @@
 
     state = loop.train(run, state, step, batches, evaluate=evaluate)
 
-A program contributes what is its own: ``step(state, batch, lr) -> (state, metrics)`` (a pure step with the
-program's settings bound), ``batches(i)`` (the inputs of loop step ``i`` on this rank, a pure function of ``i``,
+A program contributes what is its own: ``step(state, batch, lr=lr) -> (state, metrics)`` (a pure step with
+the program's settings bound), ``batches(i)`` (the inputs of loop step ``i`` on this rank, a pure function of ``i``,
 which is what makes a resumed run read exactly the batches the uninterrupted one would), and ``evaluate(state,
 step, final)``. The loop owns the rest, the same for pre-training, SFT, DPO and GRPO:
 
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from loguru import logger
 from tensordict import TensorDict
@@ -37,9 +37,19 @@ from zmaj.train import checkpoint, optim, report
 from zmaj.train.runs import Run, describe_meta
 
 B = TypeVar("B")
+B_contra = TypeVar("B_contra", contravariant=True)
 Metrics = dict[str, Tensor]
-Step = Callable[[TensorDict, B, float], tuple[TensorDict, Metrics]]
-"""``step(state, batch, lr) -> (state, metrics)``: one loop step; metrics are scalars over all ranks."""
+
+
+# runtime_checkable: beartype checks parameters annotated with a protocol by isinstance.
+@runtime_checkable
+class Step(Protocol[B_contra]):
+    """``step(state, batch, lr=lr) -> (state, metrics)``: one loop step, e.g. ``partial(train_step, ...)`` with
+    everything but the state, batch and learning rate bound; metrics are scalars over all ranks."""
+
+    def __call__(self, state: TensorDict, batch: B_contra, /, *, lr: float) -> tuple[TensorDict, Metrics]: ...
+
+
 Evaluate = Callable[[TensorDict, int, bool], dict[str, float | int]]
 """``evaluate(state, step, final) -> scores``, run on every rank (it may use collectives); rank 0's scores
 go into the metrics file. ``final`` is the end-of-run evaluation, which may look at more."""
@@ -99,7 +109,7 @@ def train(
             lr = optim.learning_rate(index, cfg.steps, cfg.optimizer.lr, cfg.schedule)
             batch = batches(index)
             tick = time.perf_counter()
-            state, metrics = step(state, batch, lr)
+            state, metrics = step(state, batch, lr=lr)
             values = {key: float(value) for key, value in metrics.items()}  # waits for the step to finish
             record = describe_step(done, lr, values, time.perf_counter() - tick, flops_per_token, peak_gflops)
             if main:

@@ -118,6 +118,23 @@ class Parallel:
         if self.distributed:
             dist.barrier()
 
+    def rank_0_first(self, make: Callable[[], T]) -> T:
+        """``make()`` on rank 0, then on the others: for work that fills a cache the others then read."""
+        if self.main:
+            made = make()
+        self.barrier()
+        if not self.main:
+            made = make()
+        return made
+
+    def broadcast(self, value: T | None) -> T:
+        """Rank 0's ``value`` on every rank (the others pass None): for what one rank makes and all use."""
+        box = [value]
+        if self.distributed:
+            dist.broadcast_object_list(box, src=0)
+        assert box[0] is not None
+        return box[0]
+
     # ---------------------------------------------------------------------------------- reductions
 
     def all_sum(self, value: Tensor) -> Tensor:

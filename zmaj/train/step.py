@@ -19,6 +19,7 @@ from jaxtyping import Float
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from zmaj.data.dataset import LMDataset, stream_batch
 from zmaj.models.common import Batch
 from zmaj.train.optim import AdamWConfig, adamw_init, adamw_update, clip_by_global_norm, global_norm
 from zmaj.train.parallel import Parallel
@@ -230,6 +231,34 @@ def eval_step(
         "tokens": mask.sum(),
         "bytes": (token_bytes.to(batch.targets.device)[batch.targets] * mask).sum(),
     }
+
+
+def held_out(
+    params: TensorDictBase,
+    dataset: LMDataset,
+    forward: Forward,
+    batch_size: int,
+    max_batches: int | None,
+    token_bytes: Tensor,
+    autocast: AbstractContextManager[object] | None = None,
+    parallel: Parallel = SINGLE,
+) -> dict[str, float]:
+    """Held-out loss and bits per byte of ``params`` (whole) over the first ``max_batches`` batches of
+    ``dataset`` (all when None); each rank takes every N-th batch, and the sums are pooled over the ranks."""
+    n_batches = -(-len(dataset) // batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    sums = torch.zeros(3, dtype=torch.float64, device=parallel.device)
+    for index in range(parallel.rank, n_batches, parallel.size):
+        rows = range(index * batch_size, min((index + 1) * batch_size, len(dataset)))
+        metrics = eval_step(
+            params, stream_batch(dataset, rows).to(parallel.device), forward, token_bytes, autocast
+        )
+        sums += torch.stack([metrics[key].double() for key in ("loss_sum", "tokens", "bytes")])
+    loss_sum, tokens, n_bytes = parallel.all_sum(sums).tolist()
+    return pooled_eval(
+        [{"loss_sum": torch.tensor(loss_sum), "tokens": torch.tensor(tokens), "bytes": torch.tensor(n_bytes)}]
+    )
 
 
 def pooled_eval(metrics: Sequence[Metrics]) -> dict[str, float]:

@@ -1,0 +1,134 @@
+"""Preference pairs for DPO: from jsonl files of text, or on-policy from a task's checker.
+
+From files (``pairs: {kind: files, paths: [...]}``), each line is one ``{"prompt", "chosen", "rejected"}`` object:
+the prompt is asked as a user message in the chat template, the answers are the assistant's turn, end-of-turn
+marker included. On-policy (``pairs: {kind: task, ...}``), ``k`` sampled answers per train problem from the
+starting model, the first right one preferred to the first wrong one (generally: the first with the highest
+correctness to the first with the lowest, where they differ). A run keeps its pairs as token ids
+(``pairs.jsonl`` in the run folder), so a resumed run reads the same ones.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from loguru import logger
+
+from zmaj.data.model_tokenizer import ModelTokenizer
+from zmaj.tasks import get_task, score
+from zmaj.train import checkpoint, finetune
+from zmaj.train.finetune import DPOSpec, PairFiles, PairsFromTask, Start
+
+PAIRS_FILE = "pairs.jsonl"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Token ids of a prompt and of its preferred and rejected answers."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def make_pairs(spec: DPOSpec, begin: Start) -> list[Pair]:
+    """The pairs ``spec.pairs`` describes, cut to ``spec.max_len``; an error when there are none."""
+    source = spec.pairs
+    if isinstance(source, PairFiles):
+        rows = file_rows(source)
+        pairs = [
+            fit(text_pair(begin.model.tokenizer, row, sample), spec.max_len, sample) for sample, row in rows
+        ]
+    else:
+        pairs = [
+            fit(pair, spec.max_len, f"on-policy pair {i}")
+            for i, pair in enumerate(on_policy_pairs(source, begin))
+        ]
+    if not pairs:
+        raise ValueError(
+            "pairs: no preference pair was found (on-policy: every problem's answers were all equally right)"
+        )
+    return pairs
+
+
+def file_rows(source: PairFiles) -> list[tuple[str, dict[str, str]]]:
+    """Each line's ``{"prompt", "chosen", "rejected"}`` strings, named ``file:line``; a bad one fails naming it."""
+    rows = []
+    for path in source.paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"pairs.paths: {path} not found")
+        for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            sample = f"{path}:{number}"
+            row = json.loads(line)
+            if not isinstance(row, dict) or any(
+                not isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")
+            ):
+                raise ValueError(f"bad pair at {sample}: need string fields prompt, chosen and rejected")
+            rows.append((sample, row))
+    return rows
+
+
+def text_pair(tokenizer: ModelTokenizer, row: dict[str, str], sample: str) -> Pair:
+    """The prompt as a user turn and each answer as the assistant's turn, split where the template starts it."""
+
+    def split(answer: str) -> tuple[list[int], list[int]]:
+        ids, mask = tokenizer.encode_chat_with_mask(
+            [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": answer}]
+        )
+        if not any(mask):
+            raise ValueError(f"bad pair at {sample}: an answer renders to no assistant token")
+        first, last = mask.index(True), len(mask) - 1 - mask[::-1].index(True)
+        return ids[:first], ids[first : last + 1]
+
+    (prompt, chosen), (prompt_again, rejected) = split(row["chosen"]), split(row["rejected"])
+    if prompt != prompt_again:
+        raise ValueError(f"bad pair at {sample}: the two answers change how the prompt is tokenized")
+    return Pair(prompt, chosen, rejected)
+
+
+def on_policy_pairs(source: PairsFromTask, begin: Start) -> list[Pair]:
+    """``k`` samples per problem from the starting model; a right answer preferred to a wrong one (the most
+    correct to the least, for a task whose correctness is not 0 or 1)."""
+    task = get_task(source.task.name, **source.task.options)
+    problems = task.problems("train", source.n_prompts, source.seed)
+    tokenizer = begin.model.tokenizer
+    prompts = [finetune.task_prompt(tokenizer, task, p, None, source.task.system) for p in problems]
+    rows = [prompt for prompt in prompts for _ in range(source.k)]
+    answers = finetune.sample_answers(
+        begin.model, rows, source.max_new_tokens, source.batch_size, source.sampling, source.seed
+    )
+    rewards = score(
+        task.reward, [p for p in problems for _ in range(source.k)], [tokenizer.decode(a) for a in answers]
+    )
+    pairs = []
+    for index, prompt in enumerate(prompts):
+        group = range(index * source.k, (index + 1) * source.k)
+        best = max(group, key=lambda i: rewards[i].correctness)
+        worst = min(group, key=lambda i: rewards[i].correctness)
+        if rewards[best].correctness > rewards[worst].correctness:
+            pairs.append(Pair(prompt, answers[best], answers[worst]))
+    logger.info(f"{len(pairs)} of {len(prompts)} problems gave a right and a wrong answer")
+    return pairs
+
+
+def fit(pair: Pair, max_len: int, sample: str) -> Pair:
+    """Answers cut so that prompt + answer is at most ``max_len + 1`` tokens (inputs and shifted targets)."""
+    room = max_len + 1 - len(pair.prompt)
+    if room < 1:
+        raise ValueError(
+            f"{sample}: the prompt alone has {len(pair.prompt)} tokens, more than max_len {max_len}"
+        )
+    return Pair(pair.prompt, pair.chosen[:room], pair.rejected[:room])
+
+
+def write_pairs(path: Path, pairs: list[Pair]) -> None:
+    """The pairs as token ids, written whole or not at all: ``--resume`` trains on exactly these."""
+    checkpoint.atomic_write_text(path, "".join(json.dumps(pair.__dict__) + "\n" for pair in pairs))
+
+
+def read_pairs(path: Path) -> list[Pair]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the run's preference pairs cannot be read back")
+    return [Pair(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
