@@ -34,7 +34,8 @@ def main() -> None:
         spec = load(PretrainSpec, args.run_dir / "spec.yaml")
         latest = checkpoint.latest(args.run_dir)
         tokenizer = Tokenizer.load(args.run_dir / "tokenizer.json")
-    except (SpecError, FileNotFoundError, ValueError) as error:
+        params = checkpoint.load_params(latest, gpt.init(spec.model, 0, device="meta"))
+    except (SpecError, FileNotFoundError, ValueError) as error:  # ValueError: also a damaged checkpoint
         logger.error(str(error))
         sys.exit(2)
     if tokenizer.vocab_size != spec.model.vocab_size:
@@ -43,7 +44,7 @@ def main() -> None:
         )
         sys.exit(2)
     device = precision.default_device()
-    params = checkpoint.load_params(latest, gpt.init(spec.model, 0, device="meta")).to(device)
+    params = params.to(device)
     if not args.prompt:
         logger.error("--prompt must not be empty: the model needs at least one token to continue")
         sys.exit(2)

@@ -1,8 +1,10 @@
 """programs/generate.py, chat.py and perplexity.py end to end, against ``transformers`` on a tiny random Llama saved
-as a Hugging Face folder (with a tiny zmaj tokenizer and its chat template beside it)."""
+as a Hugging Face folder (with a tiny zmaj tokenizer and its chat template beside it); these and sample.py on a zmaj
+run whose checkpoint is damaged."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +13,16 @@ from typing import Any
 import pytest
 import torch
 import transformers
+import yaml
+from tensordict import TensorDict
 
 from tests.integration.programs import Result, run_program
 from zmaj.convert.weights import smollm2_gguf
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
+from zmaj.models import gpt
+from zmaj.train import checkpoint, optim
+from zmaj.train.spec import PretrainSpec, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = [
@@ -29,8 +36,13 @@ GREEDY = ["--max-new-tokens", NEW_TOKENS, "--temperature", 0, "--dtype", "float3
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> ModelTokenizer:
-    return ModelTokenizer.from_zmaj(Tokenizer.train(TEXTS, vocab_size=300))
+def zmaj_tokenizer() -> Tokenizer:
+    return Tokenizer.train(TEXTS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(zmaj_tokenizer: Tokenizer) -> ModelTokenizer:
+    return ModelTokenizer.from_zmaj(zmaj_tokenizer)
 
 
 def save_llama(folder: Path, tokenizer: ModelTokenizer, context: int) -> transformers.PreTrainedModel:
@@ -250,6 +262,45 @@ def test_a_missing_model_exits_2_naming_it() -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "/no/such/model" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def damaged_run(tmp_path_factory: pytest.TempPathFactory, zmaj_tokenizer: Tokenizer) -> Path:
+    """A tiny pre-training run whose newest checkpoint's parameters were cut short, as by a full disk."""
+    run = tmp_path_factory.mktemp("damaged-run")
+    config = gpt.GPTConfig(
+        vocab_size=zmaj_tokenizer.vocab_size, context=16, d_model=16, n_layers=2, n_heads=2
+    )
+    spec = PretrainSpec(
+        name="tiny",
+        model=config,
+        data={"vocab_size": config.vocab_size, "seq_len": 16},
+        train=TrainConfig(steps=1, batch_size=1),
+    )
+    (run / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    zmaj_tokenizer.save(run / "tokenizer.json")
+    params = gpt.init(config, 0)
+    folder = checkpoint.save(run, TensorDict({"params": params, "opt": optim.adamw_init(params)}), {})
+    os.truncate(folder / "params.safetensors", 100)
+    return run
+
+
+@pytest.mark.parametrize(
+    ("program", "args"),
+    [
+        ("generate.py", ["--model", "RUN", "--prompt", "hi"]),
+        ("perplexity.py", ["--model", "RUN", "--text-file", __file__]),
+        ("sample.py", ["RUN", "--prompt", "hi"]),
+    ],
+)
+def test_a_damaged_checkpoint_exits_2_naming_the_file(
+    damaged_run: Path, program: str, args: list[str]
+) -> None:
+    result = run(program, *(damaged_run if arg == "RUN" else arg for arg in args))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    params = damaged_run / "checkpoints" / "step-0000000" / "params.safetensors"
+    assert f"damaged checkpoint file {params}: 100 bytes, expected " in result.stderr
 
 
 @pytest.mark.slow

