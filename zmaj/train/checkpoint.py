@@ -416,26 +416,3 @@ def load_state(checkpoint: Path, template: TensorDictBase) -> TensorDict:
     params = load_params(checkpoint, template["params"])
     opt = unflatten_like(load_tensors(checkpoint, OPTIMIZER), template["opt"], str(checkpoint))
     return TensorDict({"params": params, "opt": opt})
-
-
-# TEMPORARY: replaced by the integrity branch (issue 19).
-def has_checkpoint(run_dir: Path) -> bool:
-    return (run_dir / CHECKPOINTS / "latest").is_file()
-
-
-def prune(run_dir: Path, keep: int) -> None:
-    root = run_dir / CHECKPOINTS
-    current = latest(run_dir).name
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in steps[:-keep]:
-        if old.name != current:
-            shutil.rmtree(old)
-
-
-def save_for_inspection(run_dir: Path, state: TensorDictBase, name: str, meta: dict[str, Any]) -> Path:
-    final = run_dir / CHECKPOINTS / name
-    final.mkdir(parents=True, exist_ok=True)
-    save_file(flatten(state["params"]), str(final / "params.safetensors"))
-    save_file(flatten(state["opt"]), str(final / "optimizer.safetensors"))
-    (final / "state.json").write_text(json.dumps(meta, indent=2))
-    return final

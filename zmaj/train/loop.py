@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from zmaj.train import checkpoint, optim, report
-from zmaj.train.runs import Run, describe_meta
+from zmaj.train.runs import Run, RunFailedError, describe_meta
 
 B = TypeVar("B")
 B_contra = TypeVar("B_contra", contravariant=True)
@@ -55,7 +55,7 @@ Evaluate = Callable[[TensorDict, int, bool], dict[str, float | int]]
 go into the metrics file. ``final`` is the end-of-run evaluation, which may look at more."""
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunFailedError):
     """A step's loss or gradient norm was not finite; the message says what was kept and how to go on."""
 
 
@@ -86,8 +86,10 @@ def train(
         whole = parallel.unshard(state)
         if main:
             path = checkpoint.save(run.dir, whole, describe_meta(run))
-            checkpoint.prune(run.dir, cfg.keep_checkpoints)
-            logger.info(f"saved {path}")
+            removed = checkpoint.prune(run.dir, cfg.keep_checkpoints)
+            logger.info(
+                f"saved {path}" + (f"; removed {', '.join(p.name for p in removed)}" if removed else "")
+            )
 
     def scores(state: TensorDict, done: int, final: bool = False) -> None:
         if evaluate is None:
@@ -161,11 +163,12 @@ def stop_on_non_finite(run: Run[Any], state: TensorDict, done: int, values: dict
     what = ", ".join(f"{key} {values[key]}" for key in ("loss", "grad_norm") if key in values)
     if not run.parallel.main:
         raise NonFiniteError(f"{what} at step {done}")
-    kept = checkpoint.save_for_inspection(run.dir, whole, f"nonfinite-step-{done:07d}", describe_meta(run))
-    latest = checkpoint.latest(run.dir).name if checkpoint.has_checkpoint(run.dir) else None
+    kept = checkpoint.save_aside(run.dir, whole, describe_meta(run), "nonfinite")
+    saved = (run.dir / checkpoint.CHECKPOINTS / "latest").is_file()
     then = (
-        f"latest is still {latest}: --resume {run.dir} continues from there (a lower train.optimizer.lr may help)"
-        if latest
+        f"latest is still {checkpoint.latest(run.dir).name}: --resume {run.dir} continues from there (a lower "
+        "train.optimizer.lr may help)"
+        if saved
         else "no good checkpoint was saved before it, so the run must start again"
     )
     raise NonFiniteError(f"{what} at step {done}; that state is kept in {kept} for inspection; {then}")

@@ -3,8 +3,8 @@
 A run folder holds everything one experiment leaves: ``spec.yaml`` (the validated spec, so the run can be
 repeated or resumed), ``checkpoints/``, ``metrics.jsonl``, ``curves.png``, ``log.txt`` and ``run.jsonl`` (a
 start and an end line per session). ``open_run`` creates one, or reopens one for ``--resume``, and returns a
-:class:`Run`, used as a context manager for the session: while it is open, the process holds an exclusive lock
-on the folder (``fcntl.flock``, so a second writer, an orphaned process or a second terminal, is refused
+:class:`Run`, used as a context manager for the session. From ``open_run`` on, the process holds an exclusive
+lock on the folder (``fcntl.flock``, so a second writer, an orphaned process or a second terminal, is refused
 naming the first one's PID), and only rank 0 of a ``torchrun`` job writes anything or logs below WARNING.
 
 Bad input at any boundary a user touches (a spec field, a path, a locked run) is a :class:`UserError` or one
@@ -128,6 +128,10 @@ def join(train: LoopConfig) -> Parallel:
     return parallel
 
 
+class RunFailedError(RuntimeError):
+    """The run cannot go on (a non-finite loss, say); the message says why, what was kept, and how to go on."""
+
+
 class RunLockedError(UserError):
     """Another process holds the run folder."""
 
@@ -174,14 +178,13 @@ class Run(Generic[S]):
         resuming, the run's newest intact checkpoint read into its shape."""
         state = fresh
         if self.resumed:
-            path = checkpoint.latest(self.dir)
+            path = checkpoint.latest_intact(self.dir)
             state = checkpoint.load_state(path, fresh).to(self.device)
             logger.info(f"resumed from {path} (step {int(state['opt', 'step'])})")
         return self.parallel.shard(state)
 
     def __enter__(self) -> "Run[S]":
         if self.parallel.main:
-            self._lock = lock(self.dir)
             self._sinks.append(logger.add(self.dir / "log.txt"))
             report.record_session(self.dir, "start", self.device)
         return self
@@ -189,12 +192,19 @@ class Run(Generic[S]):
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
+        """End the session; a run that failed in a way the user can act on (``RunFailedError``, a checkpoint that
+        could not be written) exits with status 1 and one line saying so, not a traceback."""
+        failed = isinstance(error, (RunFailedError, checkpoint.CheckpointWriteError))
+        if failed and error is not None and (self.parallel.main or not isinstance(error, RunFailedError)):
+            logger.error(one_line(error))  # every rank raises a RunFailedError; one says it
         if self.parallel.main:
             report.record_session(self.dir, "end", self.device)
             for sink in self._sinks:
                 logger.remove(sink)
             if self._lock is not None:
                 self._lock.close()  # closing the file releases the lock
+        if failed:
+            raise SystemExit(1) from None
 
 
 def open_run(
@@ -207,21 +217,24 @@ def open_run(
     ``runs/NAME-TIMESTAMP``) with ``spec.yaml`` and whatever ``write(run_dir)`` adds. Rank 0 creates it; every
     rank gets the same path."""
     resumed = args.resume is not None
-    if resumed:
-        run_dir = Path(args.resume)
-    else:
-        name: str = getattr(spec, "name")  # noqa: B009
-        run_dir = args.run_dir or Path("runs") / f"{name}-{_timestamp(parallel)}"
-        if (run_dir / checkpoint.CHECKPOINTS).exists():
+    name: str = getattr(spec, "name")  # noqa: B009
+    run_dir = (
+        Path(args.resume) if resumed else args.run_dir or Path("runs") / f"{name}-{_timestamp(parallel)}"
+    )
+    held = None
+    if parallel.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        held = lock(run_dir)  # before anything is written, so that two writers never interleave
+        if not resumed and (run_dir / checkpoint.CHECKPOINTS).exists():
+            held.close()
             raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-        if parallel.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        if not resumed:
             checkpoint.atomic_write_text(run_dir / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json")))
             if write is not None:
                 write(run_dir)
-    if not parallel.main:
+    else:
         quiet_logging(parallel)
-    return Run(run_dir, spec, parallel, resumed, args.stop_after)
+    return Run(run_dir, spec, parallel, resumed, args.stop_after, _lock=held)
 
 
 def _timestamp(parallel: Parallel) -> str:

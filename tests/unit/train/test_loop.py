@@ -1,0 +1,206 @@
+"""The training loop on a stand-in step: what it saves, keeps, evaluates and refuses, independent of any model.
+
+The step adds the learning rate to a parameter and reports a loss the test chooses, so every checkpoint's content
+says which step wrote it, and a non-finite loss or gradient norm can be put at any step.
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from loguru import logger
+from pydantic import BaseModel
+from tensordict import TensorDict
+
+from zmaj.train import checkpoint, loop, runs
+from zmaj.train.loop import Metrics
+from zmaj.train.parallel import Parallel
+from zmaj.train.spec import LoopConfig
+
+Losses = Callable[[int], tuple[float, float]]
+"""``losses(step) -> (loss, grad_norm)`` of the 1-based step."""
+
+
+class Spec(BaseModel):
+    name: str = "loop"
+    train: LoopConfig
+
+
+def fresh() -> TensorDict:
+    params = TensorDict({"w": torch.zeros(4), "seen": torch.zeros(())})
+    return TensorDict(
+        {"params": params, "opt": {"m": params.clone(), "step": torch.zeros((), dtype=torch.long)}}
+    )
+
+
+def stand_in(losses: Losses) -> loop.Step[int]:
+    def step(state: TensorDict, batch: int, /, *, lr: float) -> tuple[TensorDict, Metrics]:
+        new = state.clone()
+        new["params", "w"] += lr
+        new["params", "seen"] = torch.tensor(float(batch))
+        new["opt", "step"] += 1
+        loss, grad_norm = losses(int(new["opt", "step"]))
+        return new, {"loss": torch.tensor(loss), "grad_norm": torch.tensor(grad_norm)}
+
+    return step
+
+
+def open_run(
+    run_dir: Path, resume: bool = False, stop_after: int | None = None, **train: object
+) -> runs.Run[Spec]:
+    spec = Spec(train=LoopConfig(steps=10, checkpoint_every=2, eval_every=5, **train))
+    args = argparse.Namespace(resume=run_dir if resume else None, run_dir=run_dir, stop_after=stop_after)
+    return runs.open_run(spec, args, Parallel())
+
+
+def train(run_dir: Path, losses: Losses = lambda step: (1.0 / step, 1.0), **kwargs: object) -> TensorDict:
+    with open_run(run_dir, **kwargs) as run:  # type: ignore[arg-type]
+        return loop.train(run, run.restore(fresh()), stand_in(losses), lambda index: index)
+
+
+def steps_on_disk(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
+
+
+def records(run_dir: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_steps_to_the_end_reading_each_steps_batch_and_keeps_the_newest_checkpoints(
+    tmp_path: Path,
+) -> None:
+    state = train(tmp_path / "run", keep_checkpoints=2)
+    assert int(state["opt", "step"]) == 10
+    assert float(state["params", "seen"]) == 9.0  # the last step read batch 9
+    assert steps_on_disk(tmp_path / "run") == ["latest", "step-0000008", "step-0000010"]
+    lines = [r for r in records(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in lines] == list(range(1, 11))
+    assert all(r["seconds"] > 0 for r in lines)
+    assert (tmp_path / "run" / "curves.png").is_file()
+
+
+def test_stop_after_then_resume_is_the_uninterrupted_run(tmp_path: Path) -> None:
+    straight = train(tmp_path / "straight")
+    first = train(tmp_path / "split", stop_after=3)
+    assert int(first["opt", "step"]) == 3
+    assert checkpoint.latest(tmp_path / "split").name == "step-0000003"
+    resumed = train(tmp_path / "split", resume=True)
+    assert (resumed == straight).all()
+
+
+@pytest.mark.parametrize(("bad_step", "bad"), [(5, "loss"), (5, "grad_norm"), (1, "loss")])
+def test_a_non_finite_step_stops_the_run_and_nothing_resumes_from_its_state(
+    tmp_path: Path, bad_step: int, bad: str
+) -> None:
+    def losses(step: int) -> tuple[float, float]:
+        value = math.nan if step == bad_step else 1.0
+        return (value, 1.0) if bad == "loss" else (1.0, math.inf if step == bad_step else 1.0)
+
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level="ERROR")
+    with pytest.raises(SystemExit) as stopped:
+        train(tmp_path / "run", losses)
+    logger.remove(sink)
+    assert stopped.value.code == 1
+    assert len(messages) == 1
+    aside = tmp_path / "run" / "checkpoints" / f"nonfinite-step-{bad_step:07d}"
+    assert aside.is_dir()
+    assert f"at step {bad_step}" in messages[0]
+    assert str(aside) in messages[0]
+    if bad_step == 1:
+        assert "no good checkpoint" in messages[0]
+        return
+    assert checkpoint.latest(tmp_path / "run").name == "step-0000004"  # the last good one
+    assert checkpoint.latest_intact(tmp_path / "run").name == "step-0000004"
+    assert f"--resume {tmp_path / 'run'}" in messages[0]
+    resumed = train(tmp_path / "run", resume=True)  # finite from here on
+    assert int(resumed["opt", "step"]) == 10
+
+
+def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint_and_exits_1_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_save = checkpoint.save
+
+    def save(run_dir: Path, state: TensorDict, meta: dict[str, object]) -> Path:
+        if int(state["opt", "step"]) == 6:
+            raise checkpoint.CheckpointWriteError(
+                f"could not save step 6 (disk full); {checkpoint.latest(run_dir)}"
+            )
+        return real_save(run_dir, state, meta)
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level="ERROR")
+    with pytest.raises(SystemExit) as stopped:
+        train(tmp_path / "run")
+    logger.remove(sink)
+    assert stopped.value.code == 1
+    assert messages == [
+        f"could not save step 6 (disk full); {tmp_path / 'run' / 'checkpoints' / 'step-0000004'}"
+    ]
+    assert checkpoint.latest(tmp_path / "run").name == "step-0000004"
+
+
+def test_resuming_from_a_damaged_newest_checkpoint_takes_the_newest_intact_one(tmp_path: Path) -> None:
+    train(tmp_path / "run", stop_after=4)
+    newest = checkpoint.latest(tmp_path / "run")
+    os.truncate(newest / "params.safetensors", 10)
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
+    with open_run(tmp_path / "run", resume=True) as run:
+        state = run.restore(fresh())
+    logger.remove(sink)
+    assert int(state["opt", "step"]) == 2
+    assert any("params.safetensors" in m and "step-0000002" in m for m in messages), messages
+
+
+def test_evaluations_come_at_the_start_on_schedule_and_at_the_end(tmp_path: Path) -> None:
+    seen: list[tuple[int, bool]] = []
+
+    def evaluate(state: TensorDict, step: int, final: bool) -> dict[str, float | int]:
+        seen.append((step, final))
+        return {"score": float(state["params", "w"][0])}
+
+    with open_run(tmp_path / "run") as run:
+        loop.train(
+            run, run.restore(fresh()), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate
+        )
+    assert seen == [(0, False), (5, False), (10, True)]
+    final = records(tmp_path / "run")[-1]
+    assert final["final"]
+    assert final["step"] == 10
+    assert final["wall_s"] > 0
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from zmaj.train import runs
+held = runs.lock(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_naming_the_first_ones_pid(tmp_path: Path) -> None:
+    train(tmp_path / "run", stop_after=2)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(runs.RunLockedError, match=f"PID {holder.pid}"):
+            open_run(tmp_path / "run", resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    train(tmp_path / "run", resume=True)  # the lock dies with its holder
