@@ -1,0 +1,154 @@
+"""What ``distributed_steps.py`` runs on 2 ranks and ``test_distributed.py`` runs again in one process: tiny
+models, fixed global batches, and the step loops, written once so that both sides take exactly the same steps.
+
+The batches carry random loss masks, so the two ranks' shares hold different numbers of target tokens: a step
+that averaged each rank's mean loss (instead of normalising by the global count) would differ from one process.
+"""
+
+from dataclasses import fields, replace
+from types import ModuleType
+
+import torch
+from tensordict import TensorDict
+
+from zmaj.models import gpt, llama
+from zmaj.models.common import Batch
+from zmaj.train import grpo, optim
+from zmaj.train.dpo import dpo_step, preference_batch
+from zmaj.train.logprobs import completion_batch
+from zmaj.train.parallel import Parallel
+from zmaj.train.step import bind, init_state, train_step
+
+MODELS: dict[str, tuple[ModuleType, gpt.GPTConfig | llama.LlamaConfig]] = {
+    "gpt": (gpt, gpt.GPTConfig(vocab_size=64, context=16, d_model=32, n_layers=2, n_heads=2)),
+    "llama": (
+        llama,
+        llama.LlamaConfig(
+            vocab_size=64, context=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48
+        ),
+    ),
+}
+STEPS = 3
+ROWS, GRAD_ACCUM, SEQ = 4, 2, 12
+OPTIMIZER = optim.AdamWConfig(lr=3e-3, weight_decay=0.1, grad_clip=1.0)
+LR = 3e-3
+
+
+def global_batches(vocab: int) -> list[list[Batch]]:
+    """``STEPS`` steps of ``GRAD_ACCUM`` micro-batches of ``ROWS`` rows with random loss masks."""
+    generator = torch.Generator().manual_seed(0)
+    steps = []
+    for _ in range(STEPS):
+        micro = []
+        for _ in range(GRAD_ACCUM):
+            tokens = torch.randint(0, vocab, (ROWS, SEQ + 1), generator=generator)
+            mask = torch.rand(ROWS, SEQ, generator=generator) < 0.7
+            micro.append(Batch(tokens=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=mask))
+        steps.append(micro)
+    return steps
+
+
+def share(batch: Batch, parallel: Parallel) -> Batch:
+    """This rank's rows of a global batch."""
+    rows = parallel.rows(range(batch.tokens.shape[0]))
+    cut = slice(rows[0], rows[-1] + 1)
+    return replace(
+        batch, **{f.name: t[cut] for f in fields(batch) if (t := getattr(batch, f.name)) is not None}
+    )
+
+
+def run_lm(module: ModuleType, config: object, parallel: Parallel, batches: list[list[Batch]]) -> TensorDict:
+    """``STEPS`` language-model steps from ``init(config, 0)`` in ``parallel``'s layout; the state it ends with."""
+    state = parallel.shard(init_state(module.init(config, 0)))
+    forward = parallel.forward(bind(module.forward, config=config))
+    decay = optim.decay_mask(state["params"])
+    for micro in batches:
+        mine = [share(batch, parallel) for batch in micro]
+        state, _ = train_step(
+            state, mine, forward=forward, optimizer=OPTIMIZER, lr=LR, decay=decay, seed=0, parallel=parallel
+        )
+    return state
+
+
+POLICY = MODELS["llama"]
+
+
+def dpo_batches() -> list[tuple[list[list[int]], list[list[int]], list[list[int]]]]:
+    """``STEPS`` steps of 4 preference pairs of random prompts and answers of different lengths."""
+    generator = torch.Generator().manual_seed(1)
+
+    def ids(low: int, high: int) -> list[int]:
+        n = int(torch.randint(low, high, (), generator=generator))
+        return torch.randint(0, 64, (n,), generator=generator).tolist()
+
+    return [tuple([ids(2, 6) for _ in range(4)] for _ in range(3)) for _ in range(STEPS)]  # type: ignore[misc]
+
+
+def run_dpo(
+    parallel: Parallel, steps: list[tuple[list[list[int]], list[list[int]], list[list[int]]]]
+) -> TensorDict:
+    module, config = POLICY
+    params = module.init(config, 0)
+    state = init_state(params.clone())
+    forward = bind(module.forward, config=config)
+    decay = optim.decay_mask(params)
+    for prompts, chosen, rejected in steps:
+        batch = preference_batch(parallel.rows(prompts), parallel.rows(chosen), parallel.rows(rejected))
+        state, _ = dpo_step(
+            state,
+            batch,
+            forward=forward,
+            reference=params,
+            beta=0.5,
+            optimizer=OPTIMIZER,
+            lr=LR,
+            decay=decay,
+            parallel=parallel,
+        )
+    return state
+
+
+def grpo_rollout() -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+    """4 prompts with 2 answers each (prompt-major) and their rewards; one prompt's answers tie (left out)."""
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 64, (n,), generator=generator).tolist() for n in (2, 3, 4, 2)]
+    answers = [torch.randint(0, 64, (n,), generator=generator).tolist() for n in (3, 5, 2, 4, 6, 1, 3, 3)]
+    rewards = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.2, 0.9]])
+    return prompts, answers, rewards
+
+
+def run_grpo(parallel: Parallel, data: tuple[list[list[int]], list[list[int]], torch.Tensor]) -> TensorDict:
+    """``STEPS`` GRPO steps over this rank's prompts of one rollout."""
+    module, config = POLICY
+    prompts, answers, rewards = data
+    mine = list(parallel.rows(range(len(prompts))))
+    rows = [(p, g) for p in mine for g in range(2)]
+    kept = rewards[mine].amax(-1) > rewards[mine].amin(-1)
+    train_rows = [(p, g) for i, (p, g) in enumerate(rows) if kept[i // 2]]
+    rollout = grpo.Rollout(
+        batch=completion_batch(
+            [prompts[p] for p, _ in train_rows], [answers[2 * p + g] for p, g in train_rows]
+        ),
+        completions=[answers[2 * p + g] for p, g in rows],
+        rewards=rewards[mine],
+        kept=kept,
+        advantages=grpo.group_advantages(rewards[mine])[kept].flatten(),
+        old_logprobs=None,
+        reference_logprobs=None,
+    )
+    state = init_state(module.init(config, 0))
+    config_ = grpo.GRPOConfig(group_size=2, micro_batch=2)
+    forward = bind(module.forward, config=config)
+    decay = optim.decay_mask(state["params"])
+    for _ in range(STEPS):
+        state, _ = grpo.grpo_step(
+            state,
+            rollout,
+            forward=forward,
+            config=config_,
+            optimizer=OPTIMIZER,
+            lr=LR,
+            decay=decay,
+            parallel=parallel,
+        )
+    return state

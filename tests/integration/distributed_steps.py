@@ -1,0 +1,75 @@
+"""The data-parallel and fully sharded steps on 2 ranks, for ``test_distributed.py`` to compare with one process.
+
+Run as ``torchrun --nproc-per-node 2 tests/integration/distributed_steps.py OUT``. Every rank takes its share of
+the same fixed global batches (``Parallel.rows``) and trains from the same initial state; rank 0 writes what the
+job ended with (the whole state, gathered), each rank writes what it holds itself, and a checkpoint written by
+the sharded job is read back on both ranks. One launch does every case: starting 2 processes costs more than
+the steps themselves.
+"""
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tensordict import TensorDict
+
+from tests.integration.distributed_cases import (
+    MODELS,
+    dpo_batches,
+    global_batches,
+    grpo_rollout,
+    run_dpo,
+    run_grpo,
+    run_lm,
+)
+from zmaj.train import checkpoint
+from zmaj.train.parallel import Parallel, ParallelConfig, tensors
+from zmaj.train.step import init_state
+
+
+def main(out: Path) -> None:
+    dp = Parallel.from_environment(ParallelConfig(kind="dp"), torch.device("cpu"))
+    counts: dict[str, dict[str, int]] = {}
+    for name, (module, config) in MODELS.items():
+        for kind in ("dp", "fsdp"):
+            parallel = replace(dp, kind=kind)
+            state = run_lm(module, config, parallel, global_batches(config.vocab_size))
+            counts[f"{name}-{kind}"] = {
+                "local": sum(t.numel() for t in tensors(state)),
+                "total": sum(t.numel() for t in tensors(init_state(module.init(config, 0)))),
+            }
+            save(parallel, state, out / f"{name}-{kind}")
+            if kind == "fsdp" and name == "gpt":
+                reshard(parallel, state, out / "run", module.init(config, 0))
+    save(dp, run_dpo(dp, dpo_batches()), out / "dpo-dp")
+    save(dp, run_grpo(dp, grpo_rollout()), out / "grpo-dp")
+    if dp.main:
+        (out / "counts.json").write_text(json.dumps(counts))
+
+
+def save(parallel: Parallel, state: TensorDict, stem: Path) -> None:
+    """Each rank's own tensors, and (rank 0) the whole state gathered from all of them."""
+    whole = parallel.unshard(state)
+    save_file(checkpoint.flatten(state), f"{stem}-rank{parallel.rank}.safetensors")
+    if parallel.main:
+        save_file(checkpoint.flatten(whole), f"{stem}.safetensors")
+
+
+def reshard(parallel: Parallel, state: TensorDict, run_dir: Path, params: TensorDict) -> None:
+    """Save the sharded state as the training loop does (gathered, written by rank 0), read it back into a whole
+    state on every rank, shard it, and record whether each rank got back exactly the shards it held."""
+    whole = parallel.unshard(state)
+    if parallel.main:
+        checkpoint.save(run_dir, whole, {"world_size": parallel.size})
+    parallel.barrier()
+    loaded = parallel.shard(checkpoint.load_state(checkpoint.latest(run_dir), init_state(params)))
+    same = all(torch.equal(a, b) for a, b in zip(tensors(loaded), tensors(state), strict=True))
+    (run_dir / f"reloaded-rank{parallel.rank}.json").write_text(json.dumps({"equal": same}))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
+    torch.distributed.destroy_process_group()

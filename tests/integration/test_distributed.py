@@ -1,0 +1,116 @@
+"""Data-parallel and fully sharded training on 2 CPU processes (gloo) against one process.
+
+One ``torchrun`` launch (``distributed_steps.py``) runs every step case on 2 ranks; this process runs the same
+cases alone (``distributed_cases.py``) and compares. "Equal" is within 1e-6 of the state's norm, leaf by leaf
+kind (parameters, first and second moments): the ranks sum the same numbers in another order. A leaf-wise
+relative bound would not do, because some parameters are exactly stationary in exact arithmetic (attention's
+key bias: softmax ignores a constant added to every score), so their float values are rounding noise.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.integration.distributed_cases import (
+    MODELS,
+    dpo_batches,
+    global_batches,
+    grpo_rollout,
+    run_dpo,
+    run_grpo,
+    run_lm,
+)
+from zmaj.train import checkpoint
+from zmaj.train.parallel import Parallel
+from zmaj.train.step import init_state
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def torchrun(*args: str | Path, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc-per-node nproc ARGS`` from the repository root; its exit status and output."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("distributed")
+    done = torchrun("tests/integration/distributed_steps.py", out)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+def assert_close_state(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tolerance: float = 1e-6
+) -> None:
+    assert got.keys() == want.keys()
+    for kind in ("params.", "opt.m.", "opt.v."):
+        names = [name for name in want if name.startswith(kind)]
+        error = torch.stack([(got[n] - want[n]).double().norm() for n in names]).norm()
+        scale = torch.stack([want[n].double().norm() for n in names]).norm()
+        assert error <= tolerance * scale, f"{kind}: {float(error / scale):.2e} of the norm"
+    assert torch.equal(got["opt.step"], want["opt.step"])
+
+
+def alone(name: str) -> dict[str, torch.Tensor]:
+    module, config = MODELS[name]
+    return checkpoint.flatten(run_lm(module, config, Parallel(), global_batches(config.vocab_size)))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_data_parallel_step_is_one_step_on_the_concatenated_batch(out: Path, name: str) -> None:
+    assert_close_state(load_file(out / f"{name}-dp.safetensors"), alone(name))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_data_parallel_rank_holds_the_same_state(out: Path, name: str) -> None:
+    ranks = [load_file(out / f"{name}-dp-rank{r}.safetensors") for r in range(2)]
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_fully_sharded_step_is_one_step_and_the_data_parallel_one(out: Path, name: str) -> None:
+    sharded = load_file(out / f"{name}-fsdp.safetensors")
+    assert_close_state(sharded, alone(name))
+    assert_close_state(sharded, load_file(out / f"{name}-dp.safetensors"))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_each_sharded_rank_holds_half_the_state(out: Path, name: str) -> None:
+    counts = json.loads((out / "counts.json").read_text())
+    dp, fsdp = counts[f"{name}-dp"], counts[f"{name}-fsdp"]
+    assert dp["local"] == dp["total"]
+    assert fsdp["local"] == (fsdp["total"] - 1) // 2 + 1  # every tensor halved; the step counter kept whole
+    shards = [load_file(out / f"{name}-fsdp-rank{r}.safetensors") for r in range(2)]
+    whole = load_file(out / f"{name}-fsdp.safetensors")
+    for key, tensor in whole.items():
+        if tensor.ndim:
+            assert sum(s[key].numel() for s in shards) == tensor.numel(), key
+
+
+def test_a_checkpoint_saved_by_two_sharded_ranks_loads_on_two_and_on_one(out: Path) -> None:
+    run = out / "run"
+    assert all(json.loads((run / f"reloaded-rank{r}.json").read_text())["equal"] for r in range(2))
+    module, config = MODELS["gpt"]
+    loaded = checkpoint.load_state(checkpoint.latest(run), init_state(module.init(config, 0)))
+    written = load_file(out / "gpt-fsdp.safetensors")
+    for key, tensor in checkpoint.flatten(loaded).items():
+        assert torch.equal(tensor, written[key]), key
+
+
+def test_data_parallel_dpo_is_one_step_on_all_pairs(out: Path) -> None:
+    alone = checkpoint.flatten(run_dpo(Parallel(), dpo_batches()))
+    assert_close_state(load_file(out / "dpo-dp.safetensors"), alone)
+
+
+def test_data_parallel_grpo_is_one_step_on_every_ranks_rollout(out: Path) -> None:
+    alone = checkpoint.flatten(run_grpo(Parallel(), grpo_rollout()))
+    assert_close_state(load_file(out / "grpo-dp.safetensors"), alone)
