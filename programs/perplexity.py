@@ -6,7 +6,8 @@ The file is tokenised as the model's tokenizer does by default (a BOS token only
 scored in windows of --context tokens (default: the model's context) moved by --stride (default: half the
 context), each scoring only the tokens the previous ones did not (``zmaj.infer.perplexity``). The output is
 ``{"tokens": predicted tokens, "nll": mean nats per predicted token, "ppl": exp(nll), "bytes": the file's UTF-8
-bytes, "bits_per_byte": the summed NLL in bits over all the file's bytes}``.
+bytes, "bits_per_byte": the summed NLL in bits over all the file's bytes}``. A file that is not UTF-8 text exits
+with code 2, naming the offset of its first bad byte.
 """
 
 import argparse
@@ -18,14 +19,14 @@ import torch
 from generate import DTYPE_HELP, DTYPES, fail, load
 from loguru import logger
 
+from zmaj.data.text import NotTextError, read_text
 from zmaj.infer.perplexity import perplexity, sliding_windows
 from zmaj.models.common import Batch
 
 
 def main() -> None:
     args = parse_args()
-    if not args.text_file.is_file():
-        fail(f"--text-file {args.text_file}: no such file")
+    text = read_text_file(args.text_file)
     model = load(args.model, args.dtype)
     context = model.config.context if args.context is None else args.context
     if not 2 <= context <= model.config.context:
@@ -33,7 +34,6 @@ def main() -> None:
     stride = max(1, context // 2) if args.stride is None else args.stride
     if not 1 <= stride <= context:
         fail(f"--stride must be between 1 and the context ({context}), got {stride}")
-    text = args.text_file.read_text(encoding="utf-8")
     ids = model.tokenizer.encode(text)
     if len(ids) < 2:
         fail(f"--text-file {args.text_file}: {len(ids)} tokens, but perplexity needs at least 2")
@@ -67,6 +67,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stride", type=int, help="how far each window moves (default: half the context)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
     return parser.parse_args()
+
+
+def read_text_file(path: Path) -> str:
+    """The file's text; a missing file, or one that is not UTF-8 text, exits with code 2 naming it."""
+    if not path.is_file():
+        fail(f"--text-file {path}: no such file")
+    try:
+        return read_text(path)
+    except NotTextError as error:
+        fail(f"--text-file {error}")
 
 
 if __name__ == "__main__":

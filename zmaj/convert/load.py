@@ -29,6 +29,7 @@ from tensordict import TensorDict
 
 from zmaj.convert import gguf, hf, weights
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, ModelTokenizer
+from zmaj.data.text import read_json
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.models.registry import (
     Architecture,
@@ -137,7 +138,7 @@ def write_lora_record(run_dir: Path, base: str, config: LoraConfig) -> None:
 
 def _merged_lora(run_dir: Path, checkpoint_dir: Path) -> Pretrained:
     """A LoRA run's model: its base with the checkpoint's adapters merged in (``W + scale B A``)."""
-    record = json.loads((run_dir / LORA_FILE).read_text())
+    record = read_json(run_dir / LORA_FILE)
     config = LoraConfig.model_validate(record["lora"])
     base = load_model(record["base"])
     if base.config != run_config(run_dir):
@@ -162,7 +163,7 @@ def _run_tokenizer(folder: Path) -> ModelTokenizer:
 
 
 def _read_config(path: Path) -> ModelConfig:
-    return config_from_json(json.loads(path.read_text()), str(path))
+    return config_from_json(read_json(path), str(path))
 
 
 def _read_params(path: Path, config: ModelConfig) -> TensorDict:
