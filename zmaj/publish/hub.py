@@ -20,7 +20,7 @@ from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS, filter_repo_ob
 
 from zmaj.convert.export import INDEX_FILE, WEIGHTS_FILE
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
-from zmaj.data.text import read_json
+from zmaj.data.text import read_json, read_text
 
 CARD_FILE = "README.md"
 
@@ -38,7 +38,7 @@ def read_card(folder: Path, kind: type[RepoCard] = ModelCard) -> RepoCard:
     path = folder / CARD_FILE
     if not path.is_file():
         raise ValueError(f"{folder}: no {CARD_FILE} (model card)")
-    card: RepoCard = kind.load(path)
+    card: RepoCard = kind(read_text(path))  # what kind.load(path) parses, with a one-line error if not UTF-8
     if not card.data.to_dict().get("license"):  # type: ignore[no-untyped-call]
         raise ValueError(f"{path}: the card's metadata names no license")
     return card
