@@ -48,6 +48,8 @@ class Command:
     """As README shows it (continuation lines joined, comment dropped): the test's id and its messages'."""
     launcher: str
     """``uv run`` or ``torchrun``."""
+    launcher_args: tuple[str, ...]
+    """The launcher's own options (``--nproc-per-node 2``)."""
     program: str
     """The script (``programs/sft.py``) or tool (``pytest``) launched."""
     args: tuple[str, ...]
@@ -71,9 +73,10 @@ def readme_commands(text: str) -> list[Command]:
 def parse(line: str, words: list[str]) -> Command:
     """``uv run PROGRAM ARGS`` or ``torchrun [OPTIONS] PROGRAM.py ARGS``; anything else is README's error."""
     if words[:2] == ["uv", "run"] and len(words) > 2:
-        return Command(line, "uv run", words[2], tuple(words[3:]))
+        return Command(line, "uv run", (), words[2], tuple(words[3:]))
     if words[0] == "torchrun" and (scripts := [i for i, word in enumerate(words) if word.endswith(".py")]):
-        return Command(line, "torchrun", words[scripts[0]], tuple(words[scripts[0] + 1 :]))
+        script = scripts[0]
+        return Command(line, "torchrun", tuple(words[1:script]), words[script], tuple(words[script + 1 :]))
     raise ValueError(
         f"README shows `{line}`, neither `uv run ...` nor `torchrun ...`: this test cannot run it"
     )
@@ -320,12 +323,14 @@ def test_commands_are_read_from_shell_blocks() -> None:
         Command(
             "uv run programs/sample.py runs/x --prompt 'def f(' --temperature 0",
             "uv run",
+            (),
             "programs/sample.py",
             ("runs/x", "--prompt", "def f(", "--temperature", "0"),
         ),
         Command(
             "torchrun --nproc-per-node 2 programs/pretrain.py --set train.steps=3",
             "torchrun",
+            ("--nproc-per-node", "2"),
             "programs/pretrain.py",
             ("--set", "train.steps=3"),
         ),
@@ -340,7 +345,7 @@ def test_commands_are_read_from_shell_blocks() -> None:
 )
 def test_what_looks_like_a_placeholder(word: str, placeholder: str) -> None:
     args = (word, "README.md", "--dtype", "float32")
-    command = Command(f"uv run programs/x.py {' '.join(args)}", "uv run", "programs/x.py", args)
+    command = Command(f"uv run programs/x.py {' '.join(args)}", "uv run", (), "programs/x.py", args)
     assert unknown_placeholders(command) == [placeholder]
 
 
