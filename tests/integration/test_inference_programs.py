@@ -241,27 +241,72 @@ def test_perplexity_with_a_sliding_window(
     assert scored["nll"] == pytest.approx(nll, abs=1e-4)
 
 
+def test_perplexity_of_the_first_tokens_only(
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    model, folder = llama
+    (tmp_path / "text.txt").write_text(TEXT)
+    args = ["--max-tokens", 10, "--dtype", "float32"]
+    result = run("perplexity.py", "--model", folder, "--text-file", tmp_path / "text.txt", *args)
+    assert result.returncode == 0, result.stderr
+    scored = json.loads(result.stdout)
+    ids = tokenizer.encode(TEXT)[:10]
+    with torch.no_grad():
+        expected = float(model(torch.tensor([ids]), labels=torch.tensor([ids])).loss)
+    assert scored["tokens"] == 9
+    assert scored["nll"] == pytest.approx(expected, abs=1e-4)
+    assert scored["bytes"] == len(tokenizer.decode(ids).encode("utf-8"))
+
+
+@pytest.fixture(scope="module")
+def binary_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Text, then bytes that are not UTF-8: 0xff at offset 6."""
+    path = tmp_path_factory.mktemp("binary") / "weights.bin"
+    path.write_bytes(b"hello \xff\xfe\x00\x01")
+    return path
+
+
 @pytest.mark.parametrize(
     ("program", "args", "message"),
     [
         ("generate.py", ["--prompt", "hi", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         ("generate.py", ["--prompt", "hi", "--chat"], "no chat template"),
         ("perplexity.py", ["--text-file", "/no/such/text.txt"], "/no/such/text.txt"),
+        (
+            "perplexity.py",
+            ["--text-file", "BINARY"],
+            "--text-file BINARY: not UTF-8 text (byte 0xff at offset 6)",
+        ),
+        (
+            "perplexity.py",
+            ["--text-file", ROOT / "README.md", "--max-tokens", 1],
+            "--max-tokens must be at least 2",
+        ),
     ],
 )
-def test_bad_input_exits_2_naming_it(plain: Path, program: str, args: list[str], message: str) -> None:
+def test_bad_input_exits_2_naming_it(
+    plain: Path, binary_file: Path, program: str, args: list[str], message: str
+) -> None:
+    args = [str(binary_file) if arg == "BINARY" else arg for arg in args]
+    message = message.replace("BINARY", str(binary_file))
     result = run(program, "--model", plain, *args)
     assert result.returncode == 2
-    assert message in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
 
 
-def test_a_missing_model_exits_2_naming_it() -> None:
-    result = run("generate.py", "--model", "/no/such/model", "--prompt", "hi")
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("/no/such/model", "--model: no model at /no/such/model"),
+        ("pypi:no-such-model", "--model: unknown model 'pypi:no-such-model'; shipped models: pypi:smollm2"),
+    ],
+)
+def test_a_missing_model_exits_2_naming_it(model: str, message: str) -> None:
+    result = run("generate.py", "--model", model, "--prompt", "hi")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
-    assert "/no/such/model" in result.stderr
+    assert message in result.stderr
 
 
 @pytest.fixture(scope="module")

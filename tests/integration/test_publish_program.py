@@ -105,6 +105,7 @@ def test_no_token_exits_2_before_any_request(
         ("README.md", "README.md"),
         ("config", "transformers cannot read it"),
         ("license", "no license"),
+        ("card bytes", "README.md: not UTF-8 text (byte 0xff at offset 3)"),
     ],
 )
 def test_a_broken_folder_exits_2_before_any_request(
@@ -113,6 +114,8 @@ def test_a_broken_folder_exits_2_before_any_request(
     broken = Path(shutil.copytree(folder, tmp_path / "broken"))
     if breakage == "config":
         (broken / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    elif breakage == "card bytes":
+        (broken / "README.md").write_bytes(b"---\xff\n")
     elif breakage == "license":
         card = (broken / "README.md").read_text()
         (broken / "README.md").write_text(card.replace("license: mit\n", ""))

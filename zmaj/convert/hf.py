@@ -13,7 +13,6 @@ trap is a name: its ``post_attention_layernorm`` is the norm *after* attention, 
 the MLP (Gemma's is ``pre_feedforward_layernorm``).
 """
 
-import json
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -25,6 +24,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.convert import gpt2
+from zmaj.data.text import read_json
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.gpt import GPTConfig
@@ -100,7 +100,7 @@ ARCHITECTURES = {
 def load_hf(path: str | Path, device: torch.device | str = "cpu") -> tuple[ModelConfig, TensorDict]:
     """The config and parameters of the Hugging Face checkpoint folder at ``path``."""
     folder = Path(path)
-    config = config_from_hf(json.loads((folder / "config.json").read_text()))
+    config = config_from_hf(read_json(folder / "config.json"))
     with ExitStack() as files:
         tensors = _SafetensorsFolder(folder, files, device)
         if isinstance(config, GPTConfig):
@@ -438,9 +438,7 @@ class _SafetensorsFolder(Mapping[str, Tensor]):
     def __init__(self, folder: Path, files: ExitStack, device: torch.device | str) -> None:
         index = folder / "model.safetensors.index.json"
         shards = (
-            sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            if index.exists()
-            else ["model.safetensors"]
+            sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
         )
         self._file_of: dict[str, Any] = {}
         for shard in shards:

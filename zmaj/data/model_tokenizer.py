@@ -23,6 +23,7 @@ from tokenizers import processors
 
 from zmaj.data import chat_template
 from zmaj.data.chat_template import Message
+from zmaj.data.text import read_json, read_text
 from zmaj.data.tokenizer import BOS, END, EOS, PAD, Tokenizer
 
 TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
@@ -174,7 +175,7 @@ class ModelTokenizer:
         stops = tuple(token for i in stop_ids if (token := inner.id_to_token(i)) is not None and token != eos)
         template = config.get("chat_template")
         if template is None and (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text()
+            template = read_text(folder / "chat_template.jinja")
         return cls(inner, bos, eos, pad, add_bos, add_eos, template, stops)
 
     def save(self, folder: str | Path) -> None:
@@ -229,7 +230,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``, or an empty one when the file does not exist (every such file is optional)."""
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
+    data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a JSON object")
     return data

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from zmaj.data.config import N_SPECIAL_TOKENS, DataConfig
 from zmaj.data.corpus import documents, source_key
+from zmaj.data.text import read_text
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -79,7 +80,7 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer file at {path}")
-        text = path.read_bytes().decode("utf-8", errors="replace")
+        text = read_text(path)  # a bad byte is a corrupt file: replacing it would change the vocabulary
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as error:

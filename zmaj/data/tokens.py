@@ -25,6 +25,7 @@ from loguru import logger
 
 from zmaj.data.config import Source
 from zmaj.data.corpus import Document, Split, documents, source_key
+from zmaj.data.text import read_json
 from zmaj.data.tokenizer import Tokenizer
 
 TOKENS_VERSION = 1
@@ -60,7 +61,7 @@ class TokenFile:
     def open(cls, directory: str | Path) -> "TokenFile":
         """Memory-map a token file written by ``tokenize_split``: nothing is read until it is indexed."""
         directory = Path(directory)
-        meta = json.loads((directory / "meta.json").read_text())
+        meta = read_json(directory / "meta.json")
         dtype = np.dtype(meta["dtype"])
         # mmap cannot map an empty file; an empty split (a tiny corpus's validation set) is an empty array.
         tokens = (

@@ -12,7 +12,6 @@ accuracy with its 95% Wilson interval for fine-tuning), the loss curve, the hard
 Cards are built with ``huggingface_hub.ModelCardData`` / ``ModelCard``, so they parse as the Hub parses them.
 """
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from zmaj.convert.load import LORA_FILE, MODEL_FILE, Pretrained
+from zmaj.data.text import read_jsonl, read_text
 from zmaj.train.report import RUN_FILE
 
 RunKind = Literal["pretraining", "sft", "grpo", "dpo"]
@@ -94,7 +94,7 @@ def read_run(folder: Path) -> Run | None:
     spec_file = folder / "spec.yaml"
     if not (folder.is_dir() and spec_file.is_file() and (folder / "checkpoints").is_dir()):
         return None
-    spec = yaml.safe_load(spec_file.read_text())
+    spec = yaml.safe_load(read_text(spec_file))
     metrics = _jsonl(folder / "metrics.jsonl")
     sessions = _jsonl(folder / RUN_FILE)
     curve = next((folder / name for name in CURVES if (folder / name).is_file()), None)
@@ -114,7 +114,7 @@ def _kind(folder: Path, spec: dict[str, Any]) -> RunKind:
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in read_jsonl(path)]
 
 
 def card_data(

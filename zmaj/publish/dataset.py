@@ -14,7 +14,6 @@ and sends datasets and models through the same checked upload (``zmaj.publish.hu
   with its ``input_ids`` (ending in ``<|eos|>``), the split named by each file's ``meta.json``.
 """
 
-import json
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from zmaj.convert.load import replace_folder
+from zmaj.data.text import read_json
 from zmaj.data.tokens import TokenFile
 from zmaj.tasks import Split, get_task
 
@@ -64,7 +64,7 @@ def token_dataset(directories: list[Path]) -> Splits:
     for directory in directories:
         if not (directory / "meta.json").is_file():
             raise FileNotFoundError(f"{directory} is not a token file (no meta.json)")
-        split = json.loads((directory / "meta.json").read_text()).get("split", "train")
+        split = read_json(directory / "meta.json").get("split", "train")
         if split in splits:
             raise ValueError(f"{directory}: a second token file for split {split!r}")
         tokens = TokenFile.open(directory)

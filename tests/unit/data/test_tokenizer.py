@@ -88,7 +88,7 @@ def test_load_explains_what_is_wrong(tmp_path: Path) -> None:
         Tokenizer.load(tmp_path / "missing.json")
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
-    with pytest.raises(ValueError, match="not a tokenizer file"):
+    with pytest.raises(ValueError, match=r"garbage\.bin: not UTF-8 text \(byte 0x89 at offset 0\)"):
         Tokenizer.load(garbage)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"vocab_size": 3}))

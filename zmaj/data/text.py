@@ -1,0 +1,57 @@
+"""Reading the text files a user names: UTF-8 text, JSON and JSON lines, with errors that say where.
+
+A file that is not what it should be (a binary file given as text, a jsonl line that is not JSON) is the user's
+mistake, not a bug in zmaj, so it deserves one line naming the file and the place: the byte offset of the first
+byte that is not UTF-8, or ``file:line``. Programs print that line and exit with status 2 instead of showing a
+traceback from deep inside a decoder. Both errors are ``ValueError``s, which every program already reports so.
+Every reader of a user's text file in zmaj goes through this module.
+"""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class NotTextError(ValueError):
+    """A file that should be UTF-8 text is not: the message names it and the offset of the first bad byte."""
+
+
+class NotJSONError(ValueError):
+    """A file, or a line of a jsonl file, that should be JSON is not: the message names ``file:line``."""
+
+
+def read_text(path: str | Path) -> str:
+    """The file's text, decoded as UTF-8 exactly as stored: line endings are kept, not translated to ``\\n``
+    (``Path.read_text`` would turn ``\\r\\n`` into ``\\n``, changing what a model reads and how many bytes a
+    perplexity is measured over)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        bad = data[error.start]
+        raise NotTextError(f"{path}: not UTF-8 text (byte 0x{bad:02x} at offset {error.start})") from error
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON value a whole file holds (a config, an index)."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise NotJSONError(f"{path}:{error.lineno}: not JSON ({error.msg}, column {error.colno})") from error
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Each non-blank line's JSON value with its 1-based line number, to name it in later errors.
+
+    Lines end at ``\\n`` only (a ``\\r`` before it is JSON whitespace): ``str.splitlines`` would also split at
+    characters JSON allows unescaped inside strings (U+2028, U+2029), misnumbering every later line.
+    """
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise NotJSONError(f"{path}:{number}: not JSON ({error.msg}, column {error.colno})") from error
+        yield number, value
