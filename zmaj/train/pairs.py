@@ -15,6 +15,7 @@ from pathlib import Path
 from loguru import logger
 
 from zmaj.data.model_tokenizer import ModelTokenizer
+from zmaj.data.text import read_jsonl
 from zmaj.tasks import get_task, score
 from zmaj.train import checkpoint, finetune
 from zmaj.train.finetune import DPOSpec, PairFiles, PairsFromTask, Start
@@ -57,11 +58,8 @@ def file_rows(source: PairFiles) -> list[tuple[str, dict[str, str]]]:
     for path in source.paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"pairs.paths: {path} not found")
-        for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
+        for number, row in read_jsonl(path):
             sample = f"{path}:{number}"
-            row = json.loads(line)
             if not isinstance(row, dict) or any(
                 not isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")
             ):
@@ -131,4 +129,4 @@ def write_pairs(path: Path, pairs: list[Pair]) -> None:
 def read_pairs(path: Path) -> list[Pair]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the run's preference pairs cannot be read back")
-    return [Pair(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return [Pair(**row) for _, row in read_jsonl(path)]

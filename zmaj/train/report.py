@@ -13,6 +13,7 @@ from typing import Any
 import matplotlib
 import torch
 
+from zmaj.data.text import read_jsonl
 from zmaj.models.gpt import GPTConfig
 
 matplotlib.use("Agg")
@@ -57,7 +58,7 @@ def record_session(run_dir: Path, event: str, device: torch.device) -> None:
 
 def plot_curves(metrics_path: Path, out: Path, panels: Sequence[tuple[str, str]]) -> None:
     """One panel per ``(metric key, title)`` present in the run's metrics JSONL, each against the step."""
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = [record for _, record in read_jsonl(metrics_path)]
     shown = [(key, title) for key, title in panels if any(key in r for r in records)]
     if not shown:
         return

@@ -32,6 +32,7 @@ from loguru import logger
 from pydantic import BaseModel
 from tensordict import TensorDict
 
+from zmaj.data.text import read_text
 from zmaj.train import checkpoint, precision, report
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import LoopConfig, SpecError, load, parse
@@ -109,7 +110,7 @@ def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str]) ->
     if not saved.is_file():
         raise FileNotFoundError(f"--resume {args.resume}: no spec.yaml there, so it is not a zmaj run folder")
     spec = load(kind, saved, args.overrides)
-    original = parse(kind, yaml.safe_load(saved.read_text()), str(saved))
+    original = parse(kind, yaml.safe_load(read_text(saved)), str(saved))
     for name in frozen:
         if getattr(spec, name) != getattr(original, name):
             raise SpecError(f"--resume {args.resume}: {name} differs from the run's; --set cannot change it")

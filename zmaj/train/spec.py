@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from zmaj.data.config import DataConfig
+from zmaj.data.text import read_text
 from zmaj.models.gpt import GPTConfig
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import ParallelConfig
@@ -123,7 +124,7 @@ def load(model: type[T], path: Path, overrides: list[str] | None = None) -> T:
     """Read, override and validate a YAML spec."""
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
-    raw = yaml.safe_load(path.read_text())
+    raw = yaml.safe_load(read_text(path))
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping at the top level")
     return parse(model, apply_overrides(raw, overrides or []), str(path))
