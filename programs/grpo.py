@@ -48,7 +48,8 @@ def main() -> None:
         params = finetune.trainable(spec, begin)
         reference = finetune.reference_params(spec, begin, parallel.device)
         run = runs.open_run(spec, args, parallel, partial(finetune.write_run_files, spec, begin))
-    with run, runs.bad_input_exits_2(parallel, (TaskRewardError,)):  # a checker that fails on a sample
+    # A checker that fails on a sample fails on one rank: that rank says so.
+    with run, runs.bad_input_exits_2(errors=(TaskRewardError,)):
         logger.info(f"run folder {run.dir}")
         train(run, begin, params, reference)
 

@@ -6,6 +6,7 @@ Importing it registers four tasks: ``always-right`` (every answer is right, so a
 """
 
 import math
+import os
 import random
 from pathlib import Path
 from typing import ClassVar
@@ -63,7 +64,18 @@ class RewardNaN(ToyTask):
         return Reward(format=0.0, correctness=math.nan)
 
 
-for _task in (AlwaysRight, SayE, RewardRaises, RewardNaN):
+class RaisesOnRank1(ToyTask):
+    """A checker that breaks on rank 1 of a ``torchrun`` job only: one rank's bad batch."""
+
+    name: ClassVar[str] = "raises-on-rank-1"
+
+    def reward(self, problem: Problem, completion: str) -> Reward:
+        if os.environ.get("RANK") == "1":
+            raise ZeroDivisionError("the checker broke on rank 1")
+        return Reward(format=0.0, correctness=completion.count("e") / max(len(completion), 1))
+
+
+for _task in (AlwaysRight, SayE, RewardRaises, RewardNaN, RaisesOnRank1):
     if _task.name not in task_names():
         register_task(_task.name, _task)
 

@@ -1,0 +1,161 @@
+"""The training programs under ``torchrun`` with 2 CPU processes (gloo): the same run as one process, exact
+resumption, checkpoints that move between world sizes and layouts, and a job that fails together and fast.
+
+Each ``torchrun`` launch starts 2 fresh interpreters (about 10 s of imports on 2 cores), so the cases share
+launches where they can.
+"""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.integration import finetune_fixtures
+from tests.integration.programs import run_program
+from tests.integration.test_distributed import torchrun
+from tests.integration.test_pretrain_program import corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pre-training spec without dropout (whose masks depend on the rank) in float32."""
+    root = tmp_path_factory.mktemp("distributed-pretrain")
+    data = corpus(root / "corpus.jsonl")
+    raw = {
+        "name": "tiny",
+        "model": {"vocab_size": 300, "context": 32, "d_model": 32, "n_layers": 2, "n_heads": 2},
+        "data": {
+            "source": {"kind": "files", "paths": [str(data)], "format": "jsonl"},
+            "validation_fraction": 0.2,
+            "seq_len": 32,
+            "vocab_size": 300,
+        },
+        "train": {
+            "steps": 6,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "precision": "fp32",
+            "eval_every": 3,
+            "eval_batches": 2,
+            "checkpoint_every": 100,
+        },
+        "sample": {"prompts": ["def "], "max_new_tokens": 3},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run_dir / "checkpoints" / latest / "params.safetensors"))
+
+
+def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], exact: bool = False) -> None:
+    """Equal (``exact``), or within 1e-6 of the parameters' norm (see ``test_distributed``)."""
+    assert got.keys() == want.keys()
+    if exact:
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+        return
+    error = torch.stack([(got[k] - want[k]).double().norm() for k in want]).norm()
+    scale = torch.stack([want[k].double().norm() for k in want]).norm()
+    assert error <= 1e-6 * scale, float(error / scale)
+
+
+def step_records(run_dir: Path) -> list[dict[str, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def pretrain(spec: Path, run_dir: Path, *args: str, nproc: int = 2) -> str:
+    """``torchrun`` of ``programs/pretrain.py``; its output, after checking it succeeded."""
+    done = torchrun(
+        "programs/pretrain.py", spec, "--run-dir", run_dir, "--cache-dir", spec.parent, *args, nproc=nproc
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stderr
+
+
+def test_two_ranks_train_the_one_process_run_resume_exactly_and_reshard(spec: Path, tmp_path: Path) -> None:
+    alone, straight, split = tmp_path / "alone", tmp_path / "straight", tmp_path / "split"
+    alone_done = run_program("pretrain.py", spec, "--run-dir", alone, "--cache-dir", spec.parent)
+    assert alone_done.returncode == 0, alone_done.stderr
+
+    output = pretrain(spec, straight)
+    assert_close(final_params(straight), final_params(alone))
+    # The metrics are global, and only rank 0 writes them and logs.
+    assert [r["tokens"] for r in step_records(straight)] == [r["tokens"] for r in step_records(alone)]
+    assert output.count("done in") == 1
+    assert all(line.startswith("rank 1 | WARNING") for line in output.splitlines() if "rank 1 |" in line)
+
+    pretrain(spec, split, "--stop-after", "3")
+    for layout in ("fsdp", "one"):
+        shutil.copytree(split, tmp_path / layout)
+    done = torchrun("programs/pretrain.py", "--resume", split, "--cache-dir", spec.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_close(final_params(split), final_params(straight), exact=True)
+
+    # Written by 2 data-parallel ranks, resumed by 2 fully sharded ones and by one process.
+    done = torchrun(
+        "programs/pretrain.py",
+        "--resume",
+        tmp_path / "fsdp",
+        "--cache-dir",
+        spec.parent,
+        "--set",
+        "train.parallel.kind=fsdp",
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_close(final_params(tmp_path / "fsdp"), final_params(straight))
+    one = run_program("pretrain.py", "--resume", tmp_path / "one", "--cache-dir", spec.parent)
+    assert one.returncode == 0, one.stderr
+    assert_close(final_params(tmp_path / "one"), final_params(straight))
+
+
+def test_a_world_size_that_cannot_split_the_batch_is_refused_by_rank_0_before_anything_is_written(
+    spec: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    first = run_program(
+        "pretrain.py", spec, "--run-dir", run_dir, "--cache-dir", spec.parent, "--stop-after", "1"
+    )
+    assert first.returncode == 0, first.stderr
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    done = torchrun("programs/pretrain.py", "--resume", run_dir, "--cache-dir", spec.parent, nproc=3)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert "train.batch_size is 4, which 3 ranks cannot split evenly" in errors[0]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_rank_that_fails_stops_the_whole_job_within_seconds(tmp_path: Path) -> None:
+    model = finetune_fixtures.tiny_model(tmp_path / "model")
+    started = time.monotonic()
+    done = torchrun(
+        "programs/grpo.py",
+        ROOT / "specs" / "finetune" / "grpo-tiny.yaml",
+        "--set",
+        f"model={model}",
+        "--set",
+        "task={name: raises-on-rank-1}",
+        "--run-dir",
+        tmp_path / "run",
+        "--import",
+        "tests.integration.finetune_fixtures",
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert time.monotonic() - started < 60  # start-up included; a hang would wait for the 30-minute timeout
+    failing = [line for line in done.stderr.splitlines() if "the checker broke on rank 1" in line]
+    assert failing, done.stderr[-3000:]
+    assert "rank 1 | ERROR | step 1, completion 0" in failing[0]  # (rank 0's progress bar may share the line)
