@@ -54,7 +54,7 @@ def train(run: Run[DPOSpec], begin: Start, pairs: list[Pair], params: TensorDict
     spec, parallel = run.spec, run.parallel
     cfg = spec.train
     state = run.restore(init_state(params))
-    forward = parallel.forward(finetune.policy_forward(spec, begin))
+    forward = parallel.forward(finetune.policy_forward(spec, begin))  # DPO computes in float32
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
 
     def batches(index: int) -> Batch:

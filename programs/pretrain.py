@@ -87,7 +87,7 @@ def train(run: Run[PretrainSpec], data: Prepared) -> None:
 
     step = partial(
         train_step,
-        forward=parallel.forward(forward),
+        forward=parallel.forward(forward, run.dtype),
         optimizer=cfg.optimizer,
         decay=decay,
         seed=cfg.seed,

@@ -64,7 +64,7 @@ def train(run: Run[SFTSpec], begin: Start, examples: list[Example], params: Tens
     spec, parallel = run.spec, run.parallel
     cfg = spec.train
     state = run.restore(init_state(params))
-    forward = parallel.forward(finetune.policy_forward(spec, begin))
+    forward = parallel.forward(finetune.policy_forward(spec, begin), run.dtype)
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
 
     def batches(index: int) -> list[Batch]:

@@ -25,7 +25,9 @@ from tests.integration.distributed_cases import (
     run_grpo,
     run_lm,
 )
+from zmaj.models import gpt
 from zmaj.train import checkpoint
+from zmaj.train import parallel as zmaj_parallel
 from zmaj.train.parallel import Parallel, ParallelConfig, tensors
 from zmaj.train.step import init_state
 
@@ -44,10 +46,33 @@ def main(out: Path) -> None:
             save(parallel, state, out / f"{name}-{kind}")
             if kind == "fsdp" and name == "gpt":
                 reshard(parallel, state, out / "run", module.init(config, 0))
+    (out / f"held-rank{dp.rank}.json").write_text(json.dumps(whole_bytes_held(replace(dp, kind="fsdp"))))
     save(dp, run_dpo(dp, dpo_batches()), out / "dpo-dp")
     save(dp, run_grpo(dp, grpo_rollout()), out / "grpo-dp")
     if dp.main:
         (out / "counts.json").write_text(json.dumps(counts))
+
+
+def whole_bytes_held(parallel: Parallel) -> dict[str, int]:
+    """The most bytes of gathered (whole) parameters a rank held at once in the steps of a 4-layer GPT, and what
+    the parameters outside the blocks and one block take whole."""
+    deep = gpt.GPTConfig(vocab_size=64, context=16, d_model=32, n_layers=4, n_heads=2)
+    books: list[zmaj_parallel.Gathered] = []
+
+    class Recorded(zmaj_parallel.Gathered):
+        def __init__(self) -> None:
+            super().__init__()
+            books.append(self)
+
+    zmaj_parallel.Gathered = Recorded  # type: ignore[misc]
+    run_lm(gpt, deep, parallel, global_batches(deep.vocab_size))
+    zmaj_parallel.Gathered = Recorded.__mro__[1]  # type: ignore[misc, assignment]
+    params = gpt.init(deep, 0)
+    return {
+        "peak": max(book.peak for book in books),
+        "outside": sum(t.numel() * t.element_size() for t in tensors(params.exclude("blocks"))),
+        "block": sum(t.numel() * t.element_size() for t in tensors(params["blocks"])) // deep.n_layers,
+    }
 
 
 def save(parallel: Parallel, state: TensorDict, stem: Path) -> None:

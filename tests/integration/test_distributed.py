@@ -96,6 +96,15 @@ def test_each_sharded_rank_holds_half_the_state(out: Path, name: str) -> None:
             assert sum(s[key].numel() for s in shards) == tensor.numel(), key
 
 
+def test_a_sharded_rank_holds_one_block_whole_at_a_time(out: Path) -> None:
+    """Each block is freed when the next starts and gathered again for its backward, so a 4-layer model is
+    never whole on a rank: at most the parameters outside the blocks and two blocks (the one computing and the
+    one gathered for the backward next), where keeping the gathered blocks would hold all four."""
+    for rank in range(2):
+        held = json.loads((out / f"held-rank{rank}.json").read_text())
+        assert held["outside"] + held["block"] <= held["peak"] <= held["outside"] + 2 * held["block"], held
+
+
 def test_a_checkpoint_saved_by_two_sharded_ranks_loads_on_two_and_on_one(out: Path) -> None:
     run = out / "run"
     assert all(json.loads((run / f"reloaded-rank{r}.json").read_text())["equal"] for r in range(2))

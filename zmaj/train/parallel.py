@@ -226,9 +226,12 @@ class Parallel:
                     f"{self.size} ranks cannot split evenly; choose a model size or a world size that divides it"
                 )
 
-    def forward(self, forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        """The forward the training step differentiates: ``forward`` itself, or, sharded, ``sharded_forward``."""
-        return sharded_forward(forward, self) if self.sharded else forward
+    def forward(
+        self, forward: Callable[..., Tensor], dtype: torch.dtype = torch.float32
+    ) -> Callable[..., Tensor]:
+        """The forward the training step differentiates: ``forward`` itself, or, sharded, ``sharded_forward``
+        (whose blocks' matrices are gathered in ``dtype``, the matmuls' precision)."""
+        return sharded_forward(forward, self, dtype) if self.sharded else forward
 
 
 def shard_dim(td: TensorDictBase, key: tuple[str, ...]) -> int | None:
@@ -252,54 +255,141 @@ def _map_leaves(td: TensorDictBase, fn: Callable[[tuple[str, ...], Tensor], Tens
     return out
 
 
+class Gathered:
+    """The whole tensors one sharded forward gathered, layer by layer, and how many bytes of them are held.
+
+    After a layer's forward its whole tensors are freed (their storage resized to nothing; autograd keeps the
+    tensor objects it saved, now empty), and before that layer's backward they are gathered again into the
+    same storage; after its backward they are freed for good. This is FSDP's "reshard after forward": a rank
+    holds the blocks' shards, the parameters outside the blocks, and one or two blocks whole at any moment,
+    however deep the model.
+    """
+
+    def __init__(self) -> None:
+        self.layers: list[list[tuple[Tensor, Tensor]]] = []
+        self.held = 0
+        self.peak = 0
+        self._regathered: set[int] = set()
+
+    def add(self, layer: int | None, shard: Tensor, whole: Tensor) -> None:
+        if layer is not None:
+            while len(self.layers) <= layer:
+                self.layers.append([])
+            self.layers[layer].append((shard, whole))
+        self._count(whole.untyped_storage().nbytes())
+
+    def release(self, layer: int, index: int) -> None:
+        """Drop one whole tensor; autograd's references to it stay, empty."""
+        whole = self.layers[layer][index][1]
+        self._count(-whole.untyped_storage().nbytes())
+        whole.untyped_storage().resize_(0)
+
+    def free(self, layer: int) -> None:
+        """Drop a layer's whole tensors once its forward is done."""
+        for index in range(len(self.layers[layer])):
+            self.release(layer, index)
+
+    def regather(self, layer: int) -> None:
+        """Gather a freed layer again, into the storage its saved tensors still point to (once per backward)."""
+        if layer < 0 or layer in self._regathered:
+            return
+        self._regathered.add(layer)
+        for shard, whole in self.layers[layer]:
+            if whole.untyped_storage().nbytes() == 0:
+                whole.untyped_storage().resize_(whole.numel() * whole.element_size())
+                self._count(whole.untyped_storage().nbytes())
+                dist.all_gather_into_tensor(whole, shard.to(whole.dtype).contiguous())
+
+    def _count(self, nbytes: int) -> None:
+        self.held += nbytes
+        self.peak = max(self.peak, self.held)
+
+
 class _Gather(torch.autograd.Function):
-    """All-gather along dimension 0 in the forward; reduce-scatter (sum) of the gradient in the backward.
+    """All-gather along dimension 0 in the forward; in the backward, gather the layer below again (its backward
+    comes next) and reduce-scatter (sum) the gradient.
 
     Written over the functional collectives (``torch.ops._c10d_functional``), which return new tensors instead
     of writing into given ones (``torch.func`` refuses an in-place write to a tensor created outside the
     transform), and called under ``no_grad``, which skips the ops' own autograd wrapper (it lacks the
-    ``setup_context`` that ``torch.func`` requires); this Function is their derivative instead.
+    ``setup_context`` that ``torch.func`` requires); this Function is their derivative instead. Why the layer
+    below comes next: among the nodes that are ready, autograd runs the one created last first; a layer's
+    gathers are created after every node of the layer below, and are ready, at the latest, together with the
+    first of those (the backward of this layer's first norm, which also makes its scale's gradient).
     """
 
     @staticmethod
-    def forward(shard: Tensor, size: int, group: str) -> Tensor:
+    def forward(
+        shard: Tensor, dtype: torch.dtype, size: int, group: str, book: Gathered, layer: int | None
+    ) -> Tensor:
         with torch.no_grad():
             ops = torch.ops._c10d_functional
-            whole: Tensor = ops.wait_tensor(ops.all_gather_into_tensor(shard.contiguous(), size, group))
+            piece = shard.to(dtype).contiguous()
+            whole: Tensor = ops.wait_tensor(ops.all_gather_into_tensor(piece, size, group))
+        book.add(layer, shard, whole)
         return whole
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, int, str], output: Tensor) -> None:
-        _, ctx.size, ctx.group = inputs
+    def setup_context(
+        ctx: Any, inputs: tuple[Tensor, torch.dtype, int, str, Gathered, int | None], output: Tensor
+    ) -> None:
+        shard, _, ctx.size, ctx.group, ctx.book, ctx.layer = inputs
+        ctx.shard_dtype = shard.dtype
+        if ctx.layer is not None:  # (``forward`` has just added it to its layer's list)
+            ctx.index = len(ctx.book.layers[ctx.layer]) - 1
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+        if ctx.layer is not None:
+            ctx.book.regather(ctx.layer - 1)
         with torch.no_grad():
             ops = torch.ops._c10d_functional
-            summed = ops.wait_tensor(ops.reduce_scatter_tensor(grad.contiguous(), "sum", ctx.size, ctx.group))
-        return summed, None, None
+            full = grad.to(ctx.shard_dtype).contiguous()
+            summed = ops.wait_tensor(ops.reduce_scatter_tensor(full, "sum", ctx.size, ctx.group))
+        if ctx.layer is not None:
+            ctx.book.release(ctx.layer, ctx.index)  # every use of it in the backward is done
+        return summed, None, None, None, None, None
 
 
-def gather(shard: Tensor, size: int) -> Tensor:
-    """The whole tensor from every rank's piece along dimension 0; its gradient is reduce-scattered back."""
+def sharded_forward(
+    forward: Callable[..., Tensor], parallel: Parallel, dtype: torch.dtype
+) -> Callable[..., Tensor]:
+    """``forward`` over this rank's shards, FSDP's way. The parameters outside the blocks (embeddings, final
+    norm) are gathered up front and kept for the step; each block's are gathered just before the block runs
+    (``zmaj.models.common.layers``), freed when the next block starts, and gathered again for its backward
+    (``Gathered``).
+
+    A block's matrices are gathered in ``dtype``, the matmuls' precision (bf16 under bf16 autocast): they only
+    feed linear maps, which autocast would cast to it anyway, and a cast copy is what autograd would keep. Its
+    vectors (norm scales, biases) and everything outside the blocks are gathered as stored, float32, which is
+    what the same forward on one process computes with.
+    """
     group = dist.group.WORLD
     assert group is not None
-    return cast(Tensor, _Gather.apply(shard, size, group.group_name))
-
-
-def sharded_forward(forward: Callable[..., Tensor], parallel: Parallel) -> Callable[..., Tensor]:
-    """``forward`` over this rank's shards: the parameters outside the blocks (embeddings, final norm) are
-    gathered up front, and each block's just before it runs (``zmaj.models.common.layers``), so the blocks are
-    never gathered all at once. The gathered blocks stay alive while autograd keeps them for the backward
-    (``torch.func`` admits neither saved-tensor hooks nor checkpointing, which would let it gather them anew)."""
-
-    def gather_all(td: TensorDictBase) -> TensorDictBase:
-        return _map_leaves(td, lambda key, shard: gather(shard, parallel.size))
 
     def run(params: TensorDictBase, batch: Batch, **kwargs: Any) -> Tensor:
-        whole = gather_all(params.exclude("blocks"))
+        book = Gathered()
+        walked = 0
+
+        def gather(td: TensorDictBase, layer: int | None) -> TensorDictBase:
+            def whole(key: tuple[str, ...], shard: Tensor) -> Tensor:
+                as_dtype = dtype if layer is not None and shard.ndim >= 2 else shard.dtype
+                return cast(
+                    Tensor, _Gather.apply(shard, as_dtype, parallel.size, group.group_name, book, layer)
+                )
+
+            return _map_leaves(td, whole)
+
+        def next_layer(block: TensorDictBase) -> TensorDictBase:
+            nonlocal walked
+            if walked > 0:
+                book.free(walked - 1)  # the layer before has run its forward
+            walked += 1
+            return gather(block, walked - 1)
+
+        whole = gather(params.exclude("blocks"), None)
         whole.set("blocks", params["blocks"])
-        with materializing(gather_all):
+        with materializing(next_layer):
             return forward(whole, batch, **kwargs)
 
     return run
