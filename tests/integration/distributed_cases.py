@@ -13,7 +13,7 @@ from tensordict import TensorDict
 
 from zmaj.models import gpt, llama
 from zmaj.models.common import Batch
-from zmaj.train import grpo, optim
+from zmaj.train import grpo, optim, precision
 from zmaj.train.dpo import dpo_step, preference_batch
 from zmaj.train.logprobs import completion_batch
 from zmaj.train.parallel import Parallel
@@ -57,15 +57,30 @@ def share(batch: Batch, parallel: Parallel) -> Batch:
     )
 
 
-def run_lm(module: ModuleType, config: object, parallel: Parallel, batches: list[list[Batch]]) -> TensorDict:
-    """``STEPS`` language-model steps from ``init(config, 0)`` in ``parallel``'s layout; the state it ends with."""
+def run_lm(
+    module: ModuleType,
+    config: object,
+    parallel: Parallel,
+    batches: list[list[Batch]],
+    dtype: torch.dtype = torch.float32,
+) -> TensorDict:
+    """``STEPS`` language-model steps from ``init(config, 0)`` in ``parallel``'s layout, the matmuls in
+    ``dtype`` (autocast); the state it ends with."""
     state = parallel.shard(init_state(module.init(config, 0)))
-    forward = parallel.forward(bind(module.forward, config=config))
+    forward = parallel.forward(bind(module.forward, config=config), dtype)
     decay = optim.decay_mask(state["params"])
     for micro in batches:
         mine = [share(batch, parallel) for batch in micro]
         state, _ = train_step(
-            state, mine, forward=forward, optimizer=OPTIMIZER, lr=LR, decay=decay, seed=0, parallel=parallel
+            state,
+            mine,
+            forward=forward,
+            optimizer=OPTIMIZER,
+            lr=LR,
+            decay=decay,
+            seed=0,
+            autocast=precision.autocast(dtype, torch.device("cpu")),
+            parallel=parallel,
         )
     return state
 

@@ -46,6 +46,8 @@ def main(out: Path) -> None:
             save(parallel, state, out / f"{name}-{kind}")
             if kind == "fsdp" and name == "gpt":
                 reshard(parallel, state, out / "run", module.init(config, 0))
+                bf16 = run_lm(module, config, parallel, global_batches(config.vocab_size), torch.bfloat16)
+                save(parallel, bf16, out / "gpt-fsdp-bf16")
     (out / f"held-rank{dp.rank}.json").write_text(json.dumps(whole_bytes_held(replace(dp, kind="fsdp"))))
     save(dp, run_dpo(dp, dpo_batches()), out / "dpo-dp")
     save(dp, run_grpo(dp, grpo_rollout()), out / "grpo-dp")

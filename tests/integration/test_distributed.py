@@ -96,6 +96,28 @@ def test_each_sharded_rank_holds_half_the_state(out: Path, name: str) -> None:
             assert sum(s[key].numel() for s in shards) == tensor.numel(), key
 
 
+def test_a_sharded_step_under_bf16_autocast_is_the_one_process_step_up_to_bf16_rounding(out: Path) -> None:
+    """The blocks' matrices are gathered in bf16 (what autocast would cast them to), everything else in
+    float32. bf16 sums in another order move a few near-zero gradients across zero, which AdamW turns into whole
+    steps of the learning rate; so the sharded run must be as close to one process under autocast as that run is
+    to one in float32: a wrong gather would be orders of magnitude further."""
+    module, config = MODELS["gpt"]
+    batches = global_batches(config.vocab_size)
+    alone = checkpoint.flatten(run_lm(module, config, Parallel(), batches, torch.bfloat16))
+    fp32 = checkpoint.flatten(run_lm(module, config, Parallel(), batches))
+    sharded = load_file(out / "gpt-fsdp-bf16.safetensors")
+
+    def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+        return float(
+            torch.stack([(a[k] - b[k]).double().norm() for k in a if k.startswith("params.")]).norm()
+        )
+
+    assert distance(sharded, alone) <= distance(alone, fp32), (
+        distance(sharded, alone),
+        distance(alone, fp32),
+    )
+
+
 def test_a_sharded_rank_holds_one_block_whole_at_a_time(out: Path) -> None:
     """Each block is freed when the next starts and gathered again for its backward, so a 4-layer model is
     never whole on a rank: at most the parameters outside the blocks and two blocks (the one computing and the
