@@ -57,6 +57,15 @@ class TrainConfig(LoopConfig):
         10, gt=0, description="validation batches per periodic eval (the final eval uses all)"
     )
 
+    @model_validator(mode="after")
+    def _compiles(self) -> "TrainConfig":
+        if self.compile and self.parallel.kind == "fsdp":
+            raise ValueError(
+                "train.compile: not with train.parallel.kind=fsdp (the sharded forward frees and gathers again "
+                "each block's storage, which torch.compile does not trace); compile data-parallel runs"
+            )
+        return self
+
 
 class SampleConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -60,6 +60,9 @@ def test_overrides_are_parsed_as_yaml_and_leave_the_input_alone() -> None:
         ("model.d_model=250", "d_model"),
         ("model.vocab_size=100", "model.vocab_size"),
         ("data.seq_len=4096", "data.seq_len"),
+        ("train.parallel={kind: zero}", "train.parallel.kind"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+        ("train.device=tpu", "train.device"),
     ],
 )
 def test_a_bad_spec_names_the_field(override: str, field: str) -> None:
@@ -71,3 +74,9 @@ def test_a_bad_spec_names_the_field(override: str, field: str) -> None:
 def test_a_malformed_override_is_rejected() -> None:
     with pytest.raises(SpecError, match="key=value"):
         apply_overrides({}, ["train.steps"])
+
+
+def test_a_compiled_fully_sharded_run_is_refused() -> None:
+    path = next(p for p in SPECS if p.name == "stdlib-tiny.yaml")
+    with pytest.raises(SpecError, match=r"train\.compile: not with train\.parallel\.kind=fsdp"):
+        load(PretrainSpec, path, ["train.compile=true", "train.parallel={kind: fsdp}"])
