@@ -22,6 +22,8 @@ import math
 import os
 import re
 import shlex
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +74,9 @@ def readme_commands(text: str) -> list[Command]:
 
 def parse(line: str, words: list[str]) -> Command:
     """``uv run PROGRAM ARGS`` or ``torchrun [OPTIONS] PROGRAM.py ARGS``; anything else is README's error."""
-    if words[:2] == ["uv", "run"] and len(words) > 2:
+    if words[:3] == ["uv", "run", "torchrun"]:
+        words = words[2:]
+    elif words[:2] == ["uv", "run"] and len(words) > 2:
         return Command(line, "uv run", (), words[2], tuple(words[3:]))
     if words[0] == "torchrun" and (scripts := [i for i, word in enumerate(words) if word.endswith(".py")]):
         script = scripts[0]
@@ -217,7 +221,6 @@ SKIPPED: dict[str, str] = {
     "pytest": "the test suite itself, which this test is part of",
     "benchmarks/": "hand-run measurements (README: never by tests), minutes each even cut down (torch.compile), "
     "and they write benchmarks/results/ in the repository",
-    "torchrun": "added by the distributed work; tested in tests/integration/test_distributed*.py",
 }
 """Commands this test does not run, by launcher, program or folder, each with its reason."""
 
@@ -297,7 +300,18 @@ class Walkthrough:
         environment = {"ZMAJ_CACHE": str(self.folder / "cache")}
         with contextlib.chdir(self.folder), mock.patch.dict(os.environ, environment):
             args = filled_in(command, self.folder)
-            result = run_program(Path(command.program).name, *args, stdin=sized.stdin)
+            if command.launcher == "torchrun":  # its ranks are processes of their own
+                launcher = [sys.executable, "-m", "torch.distributed.run", *command.launcher_args]
+                done = subprocess.run(
+                    [*launcher, command.program, *args],
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                    check=False,
+                )
+                result = Result(done.returncode, done.stdout, done.stderr)
+            else:
+                result = run_program(Path(command.program).name, *args, stdin=sized.stdin)
         new = sorted(checkpoints(self.folder) - before)
         return Outcome(command, result, self.folder, new)
 
@@ -317,6 +331,7 @@ def test_commands_are_read_from_shell_blocks() -> None:
         'uv run programs/sample.py runs/x --prompt "def f(" \\\n    --temperature 0   # greedy\n'
         "\n"
         "torchrun --nproc-per-node 2 programs/pretrain.py --set train.steps=3\n"
+        "uv run torchrun --nproc-per-node 2 programs/sft.py\n"
         "```\n"
     )
     assert readme_commands(text) == [
@@ -333,6 +348,13 @@ def test_commands_are_read_from_shell_blocks() -> None:
             ("--nproc-per-node", "2"),
             "programs/pretrain.py",
             ("--set", "train.steps=3"),
+        ),
+        Command(
+            "uv run torchrun --nproc-per-node 2 programs/sft.py",
+            "torchrun",
+            ("--nproc-per-node", "2"),
+            "programs/sft.py",
+            (),
         ),
     ]
     with pytest.raises(ValueError, match="`pip install uv`, neither"):
