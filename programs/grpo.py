@@ -4,20 +4,11 @@
     uv run programs/grpo.py --resume runs/grpo-smollm2-arithmetic
 
 Each step draws ``train.prompts_per_step`` problems of the task's train split (a pure function of the seed and the
-step), asks each as a user message in the chat template, samples ``grpo.group_size`` answers per question with the
-KV cache (stopping at the tokenizer's stop tokens), scores them with ``task.reward(problem, answer).total``
-(through ``zmaj.tasks.score``, so a checker that raises or returns NaN stops the run naming the sample), and makes
-``train.passes`` clipped policy-gradient steps on that rollout (``zmaj.train.grpo``). Log-probs are those of the
-sampling distribution, ``softmax(logits / temperature)``; top-k/top-p truncation is refused, since they would not
-describe it.
-With ``grpo.kl_beta > 0`` the KL penalty is measured against ``reference`` (default: the starting model).
-
-Checkpoint folders are named by optimizer step, which is ``passes`` times the GRPO step. The log-prob passes (old,
-reference and trained) run under ``train.precision``'s autocast, all alike, so a first pass still sees a ratio of
-exactly one (with ``passes: 1`` the old log-probs are not scored at all: the loss reuses the trained pass's).
-Sampling runs on a copy of the weights in that precision (bf16 or float32; LoRA's adapters merged in). Prompts whose
-answers all earned the same reward train nothing (``grpo.skip_uniform_groups``); ``kept_groups`` in the metrics is
-the share that did. Ctrl-C saves a checkpoint; ``--resume`` continues exactly.
+step; under ``torchrun`` each rank samples for its share), samples ``grpo.group_size`` answers per question in the
+chat template with the KV cache, scores them with the task's checker (one that raises or returns NaN stops the run
+naming the sample), and makes ``train.passes`` clipped policy-gradient steps on that rollout (``zmaj.train.grpo``,
+whose docstring says which log-probs the ratio and the KL penalty compare). Checkpoint folders are named by
+optimizer step, ``passes`` times the GRPO step. Ctrl-C saves a checkpoint; ``--resume`` continues exactly.
 """
 
 import time

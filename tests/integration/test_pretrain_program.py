@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.integration.programs import run_program
 from zmaj.data.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -198,3 +199,15 @@ def test_sample_refuses_a_tokenizer_that_does_not_fit_the_model(spec: Path, tmp_
     result = run("sample.py", run_dir, "--prompt", "def ")
     assert result.returncode == 2
     assert f"tokenizer.json has {other.vocab_size} tokens, the model 300" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_the_gpu_spec_is_refused_in_one_line_on_a_machine_without_one(tmp_path: Path) -> None:
+    done = run_program(
+        "pretrain.py", ROOT / "specs" / "pretrain" / "gpt2-124m-fineweb.yaml", "--run-dir", tmp_path / "run"
+    )
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1
+    assert "train.device: cuda was asked for, but this machine has no usable CUDA GPU" in errors[0]
+    assert not (tmp_path / "run").exists()
