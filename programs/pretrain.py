@@ -26,15 +26,7 @@ from zmaj.train import loop, optim, precision, report, runs
 from zmaj.train.parallel import Parallel
 from zmaj.train.runs import Run
 from zmaj.train.spec import PretrainSpec, SpecError
-from zmaj.train.step import (
-    UpdateFn,
-    accumulate_grads,
-    apply_grads,
-    bind,
-    held_out,
-    init_state,
-    train_step,
-)
+from zmaj.train.step import UpdateFn, accumulate_grads, apply_grads, bind, held_out, init_state, train_step
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "pretrain" / "stdlib-tiny.yaml"
 
