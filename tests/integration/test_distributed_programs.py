@@ -85,7 +85,9 @@ def pretrain(spec: Path, run_dir: Path, *args: str, nproc: int = 2) -> str:
     return done.stderr
 
 
-def test_two_ranks_train_the_one_process_run_resume_exactly_and_reshard(spec: Path, tmp_path: Path) -> None:
+def test_two_ranks_train_the_one_process_run_resume_exactly_and_move_between_layouts(
+    spec: Path, tmp_path: Path
+) -> None:
     alone, straight, split = tmp_path / "alone", tmp_path / "straight", tmp_path / "split"
     alone_done = run_program("pretrain.py", spec, "--run-dir", alone, "--cache-dir", spec.parent)
     assert alone_done.returncode == 0, alone_done.stderr
@@ -119,6 +121,15 @@ def test_two_ranks_train_the_one_process_run_resume_exactly_and_reshard(spec: Pa
     one = run_program("pretrain.py", "--resume", tmp_path / "one", "--cache-dir", spec.parent)
     assert one.returncode == 0, one.stderr
     assert_close(final_params(tmp_path / "one"), final_params(straight))
+
+    # Written by one process, resumed by 2 data-parallel ranks.
+    begun = run_program(
+        "pretrain.py", spec, "--run-dir", tmp_path / "two", "--cache-dir", spec.parent, "--stop-after", "3"
+    )
+    assert begun.returncode == 0, begun.stderr
+    done = torchrun("programs/pretrain.py", "--resume", tmp_path / "two", "--cache-dir", spec.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_close(final_params(tmp_path / "two"), final_params(alone))
 
 
 def test_a_world_size_that_cannot_split_the_batch_is_refused_by_rank_0_before_anything_is_written(
