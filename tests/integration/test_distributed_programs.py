@@ -6,7 +6,11 @@ launches where they can.
 """
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -170,3 +174,32 @@ def test_a_rank_that_fails_stops_the_whole_job_within_seconds(tmp_path: Path) ->
     failing = [line for line in done.stderr.splitlines() if "the checker broke on rank 1" in line]
     assert failing, done.stderr[-3000:]
     assert "rank 1 | ERROR | step 1, completion 0" in failing[0]  # (rank 0's progress bar may share the line)
+
+
+def test_ctrl_c_stops_every_rank_after_the_same_step_and_saves(spec: Path, tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches ``torchrun`` and every rank (one process group); ``torchrun`` then sends the
+    ranks SIGTERM, which the loop takes as a stop too: the ranks agree on the step, save it, and exit."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "programs/pretrain.py"]
+    args = [
+        str(spec),
+        "--run-dir",
+        str(run_dir),
+        "--cache-dir",
+        str(spec.parent),
+        "--set",
+        "train.steps=100000",
+    ]
+    job = subprocess.Popen(
+        [*command, *args], cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(step_records(run_dir)) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGINT)
+    _, stderr = job.communicate(timeout=120)
+    saved = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+    assert saved >= 3
+    assert f"stopped at step {saved}; continue with --resume {run_dir}" in stderr
+    assert max(r["step"] for r in step_records(run_dir)) == saved

@@ -176,17 +176,19 @@ def stop_on_non_finite(run: Run[Any], state: TensorDict, done: int, values: dict
 
 @contextmanager
 def interruptible() -> Iterator[Callable[[], bool]]:
-    """Ctrl-C sets a flag instead of killing the run, so the loop can finish its step and save; yields the
-    flag's reader. The previous handler comes back afterwards."""
+    """Ctrl-C (SIGINT) and SIGTERM set a flag instead of killing the run, so the loop can finish its step and
+    save; yields the flag's reader. SIGTERM is what ``torchrun`` sends every rank when it is interrupted, and
+    what job schedulers send before they kill a job. The previous handlers come back afterwards."""
     requested = False
 
     def handle(signum: int, frame: FrameType | None) -> None:
         nonlocal requested
         requested = True
-        logger.warning("interrupted: finishing this step, then saving a checkpoint")
+        logger.warning(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
 
-    previous = signal.signal(signal.SIGINT, handle)
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield lambda: requested
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
