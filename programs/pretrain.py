@@ -40,6 +40,7 @@ from zmaj.train.step import (
     accumulate_grads,
     apply_grads,
     bind,
+    deterministic,
     eval_step,
     init_state,
     pooled_eval,
@@ -208,7 +209,7 @@ def train(spec: PretrainSpec, run_dir: Path, resume: bool, cache_dir: Path, stop
         logger.info(f"resumed from {latest} (step {int(state['opt', 'step'])})")
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
     forward = bind(gpt.forward, config=spec.model)
-    grad_fn = torch.compile(accumulate_grads) if cfg.compile else accumulate_grads
+    grad_fn = deterministic(torch.compile(accumulate_grads)) if cfg.compile else accumulate_grads
     # The loop never reads a state again once its step has run, so the update may write into it (donate).
     update: UpdateFn = partial(apply_grads, donate=True)
     update_fn = torch.compile(update, fullgraph=True) if cfg.compile else update
