@@ -146,7 +146,7 @@ def deterministic_algorithms() -> Iterator[None]:
     ``warn_only``: where a kernel has no deterministic version (some CUDA ones; cuBLAS without
     ``CUBLAS_WORKSPACE_CONFIG``), PyTorch warns instead of stopping the run. ``fill_uninitialized_memory`` stays
     off: NaN-filling every new tensor is a check for kernels that read memory they never wrote, not something
-    determinism needs, and it costs a pass over every allocation.
+    determinism needs, and it writes over every new tensor.
     """
     settings: Any = torch.utils.deterministic  # torch's stubs lack its fill_uninitialized_memory property
     enabled = torch.are_deterministic_algorithms_enabled()
@@ -177,8 +177,9 @@ def train_step(
     """One optimizer step over ``len(batches)`` accumulated micro-batches.
 
     ``grad_fn`` defaults to :func:`accumulate_grads`; pass ``deterministic(torch.compile(accumulate_grads))`` to
-    compile the forward and backward (:func:`deterministic` keeps them repeatable). (Compiling only ``forward`` does not work: dynamo refuses a compiled function called
-    inside an eager ``torch.func.grad``, pytorch/pytorch#128711.) ``update_fn`` defaults to :func:`apply_grads`;
+    compile the forward and backward (:func:`deterministic` keeps them repeatable). (Compiling only ``forward``
+    does not work: dynamo refuses a compiled function called inside an eager ``torch.func.grad``,
+    pytorch/pytorch#128711.) ``update_fn`` defaults to :func:`apply_grads`;
     ``torch.compile(apply_grads)`` fuses clipping and AdamW's dozen elementwise passes over every parameter
     (each a fresh tensor, in this functional style) into a few loops, and ``partial(apply_grads, donate=True)``
     writes them into the old state when the caller is done with it (``programs/pretrain.py`` does both).
