@@ -13,7 +13,8 @@ of width 4 d, tied embeddings, SDPA causal attention, no dropout) on the same ra
 All three use AdamW(betas=(0.9, 0.95), eps=1e-8, weight decay 0.1 on matrices only), clip at 1.0, and take the
 mean next-token cross-entropy in fp32. ``compiled`` means ``torch.compile`` of the model and its loss for the module
 stacks (the optimizer stays eager), and for zmaj ``torch.compile`` of the function that returns loss and
-gradients (``accumulate_grads``, i.e. ``grad_and_value`` of the loss, traced in one graph), followed by zmaj's
+gradients (``accumulate_grads``, i.e. ``grad_and_value`` of the loss, traced in one graph; run under
+``step.deterministic``, as ``programs/pretrain.py`` runs it), followed by zmaj's
 eager clipping and AdamW. Compiling only the forward that ``train_step`` takes does not work: dynamo refuses to
 trace a compiled function called inside an eager ``torch.func.grad`` (pytorch/pytorch#128711) and runs it eagerly;
 the benchmark probes that on a tiny model and says what happened.
@@ -282,7 +283,7 @@ def zmaj_step(shape: Shape, compiled: bool, dtype: torch.dtype, batch: Batch) ->
     decay = optim.decay_mask(state["params"])
     autocast = precision.autocast(dtype, device)
 
-    grad_fn = torch.compile(step.accumulate_grads) if compiled else step.accumulate_grads
+    grad_fn = step.deterministic(torch.compile(step.accumulate_grads)) if compiled else step.accumulate_grads
     update: step.UpdateFn = partial(step.apply_grads, donate=True)  # as programs/pretrain.py
     update_fn = torch.compile(update, fullgraph=True) if compiled else update
 

@@ -211,3 +211,33 @@ def test_the_gpu_spec_is_refused_in_one_line_on_a_machine_without_one(tmp_path: 
     assert len(errors) == 1
     assert "train.device: cuda was asked for, but this machine has no usable CUDA GPU" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_spec_on_two_threads_end_with_identical_parameters(
+    spec: Path, tmp_path: Path
+) -> None:
+    """Issue 19: the same spec and seed give the same run, bit for bit, at the default thread count.
+
+    16 rows x 32 positions x 64 features reach ATen's ``GRAIN_SIZE`` (32768 elements), above which a CPU kernel
+    splits its work between threads; the corpus repeats a few words, so many positions read one embedding row.
+    Before ``zmaj.nn.layers.embedding``, the embedding gradients summed in the threads' arrival order here.
+    In-process (``run_program``), so that the thread count set here is the one the program runs with.
+    """
+    overrides = ["model.d_model=64", "train.batch_size=16", "train.steps=3", "train.precision=fp32"]
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [tmp_path / "first", tmp_path / "second"]
+        for run_dir in runs:
+            done = run_program(
+                "pretrain.py", spec, "--run-dir", run_dir, "--cache-dir", tmp_path / "cache", *sets
+            )
+            assert done.returncode == 0, done.stderr
+    finally:
+        torch.set_num_threads(saved)
+    first, second = (final_params(run_dir) for run_dir in runs)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name

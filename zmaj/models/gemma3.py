@@ -36,7 +36,7 @@ from torch import Tensor
 from zmaj.models import common
 from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step, writes_in_place
 from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention
-from zmaj.nn.layers import Activation, glu_mlp, linear
+from zmaj.nn.layers import Activation, embedding, glu_mlp, linear
 from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
 from zmaj.nn.shell import Shell
 
@@ -278,7 +278,7 @@ def embed(params: TensorDictBase, batch: Batch, config: Gemma3Config) -> Float[T
     scale = torch.tensor(config.d_model**0.5, dtype=torch.float32).to(
         device=weight.device, dtype=weight.dtype
     )
-    return weight[batch.tokens] * scale
+    return embedding(params["embed"], batch.tokens) * scale
 
 
 def unembed(

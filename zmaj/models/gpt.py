@@ -24,7 +24,7 @@ from torch import Tensor
 from zmaj.models import common
 from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step, writes_in_place
 from zmaj.nn.attention import Backend, cached_self_attention, self_attention
-from zmaj.nn.layers import Activation, dropout, layer_norm, mlp, rms_norm, sinusoidal_positions
+from zmaj.nn.layers import Activation, dropout, embedding, layer_norm, mlp, rms_norm, sinusoidal_positions
 from zmaj.nn.shell import Shell
 
 
@@ -194,10 +194,9 @@ def _embed(
     config: GPTConfig,
 ) -> Float[Tensor, "batch seq d_model"]:
     """Token embeddings plus the embeddings of their positions."""
-    x: Tensor = params["embed", "weight"][tokens]
+    x = embedding(params["embed"], tokens)
     if config.positions == "learned":
-        table: Tensor = params["positions", "weight"]
-        return x + table[positions]
+        return x + embedding(params["positions"], positions)
     return x + sinusoidal_positions(positions, config.d_model).to(x.dtype)
 
 

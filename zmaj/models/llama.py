@@ -25,7 +25,7 @@ from torch import Tensor
 from zmaj.models import common
 from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step, writes_in_place
 from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention
-from zmaj.nn.layers import Activation, glu_mlp, linear, rms_norm
+from zmaj.nn.layers import Activation, embedding, glu_mlp, linear, rms_norm
 from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
 from zmaj.nn.shell import Shell
 
@@ -147,7 +147,7 @@ def hidden_states(
     params: TensorDictBase, batch: Batch, config: LlamaConfig, dropout_seed: int | None = None
 ) -> Float[Tensor, "batch seq d_model"]:
     """The final-norm residual stream, before the unembedding; ``dropout_seed`` is ignored, as in ``forward``."""
-    x = params["embed", "weight"][batch.tokens]
+    x = embedding(params["embed"], batch.tokens)
     inv_freq = rope_frequencies(config.head_dim, config.rope_base, config.rope_scaling, device=x.device)
     cos, sin = rope_angles(batch.position_ids(), inv_freq)
     mask = batch_mask(batch, config.attention)
@@ -173,7 +173,7 @@ def forward_cached(
     donate = writes_in_place(donate)
     step = cache_step(batch, cache)
     mask = cache_mask(step)
-    x = params["embed", "weight"][batch.tokens]
+    x = embedding(params["embed"], batch.tokens)
     inv_freq = rope_frequencies(config.head_dim, config.rope_base, config.rope_scaling, device=x.device)
     cos, sin = rope_angles(step.positions, inv_freq)
     keys, values = [], []

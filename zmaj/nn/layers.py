@@ -1,4 +1,4 @@
-"""The small pure layers every architecture shares: linear maps, norms, MLPs, positions, dropout.
+"""The small pure layers every architecture shares: embeddings, linear maps, norms, MLPs, positions, dropout.
 
 Each takes its parameters (a TensorDict) first. Weights keep the ``nn.Linear`` layout ``[out, in]``, so
 ``F.linear`` uses them as stored and Hugging Face checkpoints convert without transposes.
@@ -14,6 +14,20 @@ from tensordict import TensorDictBase
 from torch import Tensor
 
 Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
+
+
+def embedding(params: TensorDictBase, ids: Int[Tensor, "*batch"]) -> Float[Tensor, "*batch d_model"]:
+    """The rows of the table ``params["weight"]`` at ``ids``: token (or position) embeddings.
+
+    ``F.embedding`` rather than ``weight[ids]``, for the backward pass: both scatter-add the incoming gradient
+    into the rows that were read, but indexing's backward is ``index_put_(accumulate=True)``, whose CPU kernel
+    (``index_put_kernel`` in ATen's ``cpu/IndexKernel.cpp``) splits the positions between threads that add with
+    atomics, so a row read at several positions sums in the order the threads happen to arrive: two runs of
+    one spec then differ in the last bits (issue 19). ``embedding_dense_backward_cpu`` (ATen's
+    ``Embedding.cpp``) splits the *table* between threads instead, each walking all positions in order, so the
+    sum is the same on every run at any thread count. The forward pass is the same copy of rows either way.
+    """
+    return F.embedding(ids, params["weight"])
 
 
 def linear(params: TensorDictBase, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:

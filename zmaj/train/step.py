@@ -8,10 +8,10 @@ one k-times larger batch.
 """
 
 import math
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from functools import partial
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial, wraps
+from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +137,52 @@ UpdateFn = Callable[
 """The signature of :func:`apply_grads`, or of a compiled version of it."""
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def deterministic(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` with PyTorch's deterministic algorithms on during each call: what makes a compiled step, such as
+    ``deterministic(torch.compile(accumulate_grads))``, give the same gradients on every run (issue 19).
+
+    Inductor compiles the embedding's backward (a scatter-add into the rows that were read) to its own CPU loop,
+    whose threads add with atomics, so a row read at several positions sums in the order the threads arrive.
+    With the flag on while it compiles, it calls ATen's ``index_put_`` there instead (``index_put_impl_`` in
+    ``torch/_inductor/lowering.py``), and with the flag on while that runs, ATen adds serially. On only during
+    the calls: dynamo's guard on the flag then holds at every step, and the rest of the program (evaluation,
+    sampling) keeps its kernels. Eager steps need none of this (``zmaj.nn.layers.embedding``).
+    """
+
+    @wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        with deterministic_algorithms():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` inside the block, the previous settings after it.
+
+    ``warn_only``: where a kernel has no deterministic version (some CUDA ones; cuBLAS without
+    ``CUBLAS_WORKSPACE_CONFIG``), PyTorch warns instead of stopping the run. ``fill_uninitialized_memory`` stays
+    off: NaN-filling every new tensor is a check for kernels that read memory they never wrote, not something
+    determinism needs, and it writes over every new tensor.
+    """
+    settings: Any = torch.utils.deterministic  # torch's stubs lack its fill_uninitialized_memory property
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = settings.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    settings.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        settings.fill_uninitialized_memory = fill
+
+
 def train_step(
     state: TensorDictBase,
     batches: Sequence[Batch],
@@ -153,9 +199,10 @@ def train_step(
 ) -> tuple[TensorDict, Metrics]:
     """One optimizer step over ``len(batches)`` accumulated micro-batches (this rank's share of each).
 
-    ``grad_fn`` defaults to :func:`accumulate_grads`; pass ``torch.compile(accumulate_grads)`` to compile the
-    forward and backward. (Compiling only ``forward`` does not work: dynamo refuses a compiled function called
-    inside an eager ``torch.func.grad``, pytorch/pytorch#128711.) ``update_fn`` defaults to :func:`apply_grads`;
+    ``grad_fn`` defaults to :func:`accumulate_grads`; pass ``deterministic(torch.compile(accumulate_grads))`` to
+    compile the forward and backward (:func:`deterministic` keeps them repeatable). (Compiling only ``forward``
+    does not work: dynamo refuses a compiled function called inside an eager ``torch.func.grad``,
+    pytorch/pytorch#128711.) ``update_fn`` defaults to :func:`apply_grads`;
     ``torch.compile(apply_grads)`` fuses clipping and AdamW's dozen elementwise passes over every parameter
     (each a fresh tensor, in this functional style) into a few loops, and ``partial(apply_grads, donate=True)``
     writes them into the old state when the caller is done with it (``programs/pretrain.py`` does both).
