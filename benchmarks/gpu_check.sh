@@ -128,7 +128,7 @@ if [[ $DEVICE == cuda ]]; then
     TESTS=${ZMAJ_GPU_CHECK_TESTS:-tests/unit}
     PRETRAIN_ARGS=(--set train.device=cuda)  # the spec's auto would fall back to a 10-minute CPU run
     TRAIN_STEP_ARGS=(--shape gpt2-124m --dtypes bf16 --stacks zmaj,nanoGPT --rounds 5)
-    LIMITS=(env=60 tests=180 pretrain=180 train_step=330)
+    LIMITS=(env=60 tests=150 pretrain=150 train_step=330)
 else
     # Dry run: every step and every file of the real one, on the CPU at a size that takes minutes.
     BUDGET=${ZMAJ_GPU_CHECK_BUDGET_S:-1800}
