@@ -29,10 +29,15 @@ steps. A profile of the zmaj eager step (top ops by self time, time per op categ
 
     uv run python benchmarks/train_step.py --quick       # a tiny model, a few minutes: is everything wired up?
     uv run python benchmarks/train_step.py               # 6 layers, d=384, vocab 8192, S=256, B=8
-    uv run python benchmarks/train_step.py --device cuda
+    uv run python benchmarks/train_step.py --device cuda --shape gpt2-124m --dtypes bf16
+
+``--shape gpt2-124m`` is GPT-2 small (12 layers, d=768, 12 heads, vocab 50257, context 1024) at batch 16; any of
+``--batch``, ``--seq``, ... given with it overrides that field. On a GPU whose datasheet this file knows
+(``DATASHEET_BF16_TFLOPS``), the table adds MFU against the datasheet's dense bf16 peak, the usual denominator of
+published MFU figures (PaLM, appendix B), next to the one against the peak measured here.
 
 Writes ``benchmarks/results/train_step.md`` (header + table), ``train_step.png`` (tokens/s per stack) and
-``train_step_profile.txt``.
+``train_step_profile.txt`` (with ``--shape``: ``train_step_<shape>.*``).
 """
 
 import argparse
@@ -79,6 +84,21 @@ from zmaj.train import optim, precision, step
 from zmaj.train.report import gpt_flops_per_token
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SHAPES: dict[str, dict[str, int]] = {
+    "gpt2-124m": {"batch": 16, "seq": 1024, "layers": 12, "d_model": 768, "heads": 12, "vocab": 50257},
+}
+"""Named shapes for ``--shape``: the fields they set, each still overridable by its own option."""
+DATASHEET_BF16_TFLOPS: list[tuple[str, float]] = [
+    ("H200 NVL", 835.0),
+    ("H200", 989.4),
+    ("H100 PCIe", 756.5),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("A100", 312.0),
+    ("RTX A6000", 154.8),
+]
+"""Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's datasheets, by a substring of the device name; the
+first match wins, so the more specific names come first. Leads, not measurements."""
 MODES = ("eager", "compiled")
 STACKS = ("zmaj", "transformers", "nanoGPT")
 RESULTS = Path(__file__).parent / "results"
@@ -664,9 +684,18 @@ def phases(shape: Shape, batch: Batch) -> str:
 # --- report ---------------------------------------------------------------------------------------------------------
 
 
+def datasheet_bf16_tflops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak by its datasheet (``DATASHEET_BF16_TFLOPS``), or None (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in DATASHEET_BF16_TFLOPS if key in name), None)
+
+
 def table(runners: list[Runner], shape: Shape, device: torch.device) -> str:
     """One line per stack, dtype and mode; speed ratios against the other stacks at the same dtype and mode."""
     flops_per_step = gpt_flops_per_token(shape.gpt_config(), shape.seq) * shape.tokens_per_step
+    datasheet = datasheet_bf16_tflops(device)
     tokens_per_s = {
         (r.stack, r.dtype, r.mode): shape.tokens_per_step / statistics.median(r.times) for r in runners
     }
@@ -696,6 +725,15 @@ def table(runners: list[Runner], shape: Shape, device: torch.device) -> str:
                 "tokens/s": f"{tokens_per_s[(r.stack, r.dtype, r.mode)]:.0f}",
                 "GFLOP/s": f"{gflops:.1f}",
                 "MFU %": f"{100 * gflops / peak:.1f}",
+                **(
+                    {
+                        "MFU % datasheet": f"{100 * gflops / (datasheet * 1e3):.1f}"
+                        if r.dtype == "bf16"
+                        else ""
+                    }
+                    if datasheet is not None
+                    else {}
+                ),
                 "x transformers": ratio("transformers"),
                 "x nanoGPT": ratio("nanoGPT"),
                 "compile s": f"{r.compile_s:.0f}" if r.mode == "compiled" else "",
@@ -741,6 +779,11 @@ def plot(runners: list[Runner], shape: Shape, device: torch.device, path: Path, 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        help="a named shape (gpt2-124m: GPT-2 small at batch 16); --batch, --seq, ... override its fields",
+    )
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16")
     parser.add_argument("--modes", default="eager,compiled", help="comma-separated: eager,compiled")
     parser.add_argument("--stacks", default=",".join(STACKS), help="comma-separated: " + ",".join(STACKS))
@@ -775,7 +818,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps: is everything wired up?")
     parser.add_argument("--out", type=Path, default=None, help="results path without suffix (.md and .png)")
     parser.add_argument("--note", default="", help="free text written under the header (e.g. machine load)")
+    known, _ = parser.parse_known_args(argv)
+    if known.shape is not None:
+        parser.set_defaults(**SHAPES[known.shape])
     args = parser.parse_args(argv)
+    if args.quick and args.shape is not None:
+        parser.error("--quick sets its own tiny shape; leave out --shape")
     if args.quick:
         args.batch, args.seq, args.layers, args.d_model, args.heads, args.vocab = 4, 64, 2, 64, 2, 512
         args.rounds, args.steps, args.warmup, args.max_warmup = 3, 1, 1, 6
@@ -786,7 +834,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if unknown:
             parser.error(f"unknown {sorted(unknown)}; choose from {allowed}")
     if args.out is None:
-        args.out = RESULTS / ("train_step_quick" if args.quick else "train_step")
+        name = "train_step_quick" if args.quick else "train_step"
+        args.out = RESULTS / (f"{name}_{args.shape}" if args.shape else name)
     return args
 
 

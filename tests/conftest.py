@@ -1,7 +1,13 @@
-"""Test-wide settings: hypothesis profiles and deterministic torch."""
+"""Test-wide settings: hypothesis profiles, deterministic torch, and the device the device-generic tests run on.
+
+``pytest --device cuda`` runs every test that takes the ``device`` fixture on the GPU (the default is ``cpu``);
+tests that are CPU-only by nature (files, tokenizers, programs, parity on GGUF weights) ignore the option. Those
+that take it carry the ``device`` marker, so ``pytest --device cuda -m device`` runs only them.
+"""
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -12,3 +18,43 @@ settings.register_profile("ci", parent=settings.get_profile("default"), derandom
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the device-generic tests create their tensors (default: %(default)s)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "device: takes the `device` fixture, so --device moves it (set by conftest)"
+    )
+    if config.getoption("--device") != "cuda":
+        return
+    if not torch.cuda.is_available():
+        pytest.exit(
+            "--device cuda: torch sees no usable CUDA GPU on this machine (torch.cuda.is_available() is False)",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+    # The tests compare float32 results to float32 references at float32 tolerances (1e-5 and tighter). TF32,
+    # which Ampere and Hopper matrix units may use for float32 products, keeps 10 mantissa bits, an error near
+    # 1e-3: it would fail those comparisons by design, not by a bug. The CPU never uses it.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device of ``--device``; session-scoped so that hypothesis tests and module fixtures may take it."""
+    return torch.device(request.config.getoption("--device"))

@@ -66,18 +66,18 @@ MODELS: dict[str, tuple[ModuleType, Config]] = {
 }
 
 
-def model_params(name: str) -> tuple[ModuleType, Config, object]:
+def model_params(name: str, device: torch.device) -> tuple[ModuleType, Config, object]:
     module, config = MODELS[name]
-    params = module.init(config, seed=0)
+    params = module.init(config, seed=0, device=device)
     generator = torch.Generator().manual_seed(1)
     for key, tensor in params.items(include_nested=True, leaves_only=True):
         if "norm" in "".join(key) or key[-1] == "bias":
-            tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator))
+            tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator).to(device))
     return module, config, params
 
 
-def random_tokens(rows: int, seq: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (rows, seq), generator=torch.Generator().manual_seed(seed))
+def random_tokens(rows: int, seq: int, seed: int, device: torch.device) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, seq), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def full_forward(module: ModuleType, params: object, batch: Batch, config: Config) -> torch.Tensor:
@@ -93,10 +93,10 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_every_decode_step_equals_the_full_forward(name: str) -> None:
-    module, config, params = model_params(name)
-    tokens = random_tokens(2, 20, seed=2)
-    cache = init_cache(config, batch=2, max_len=24)
+def test_every_decode_step_equals_the_full_forward(device: torch.device, name: str) -> None:
+    module, config, params = model_params(name, device)
+    tokens = random_tokens(2, 20, seed=2, device=device)
+    cache = init_cache(config, batch=2, max_len=24, device=device)
     logits, cache = module.forward_cached(params, Batch(tokens=tokens[:, :7]), cache, config)
     assert max_error(logits, full_forward(module, params, Batch(tokens=tokens[:, :7]), config)) <= 1e-5
     for i in range(7, 20):
@@ -121,10 +121,12 @@ def chunkings(draw: st.DrawFn, seq: int) -> list[tuple[int, int]]:
     name=st.sampled_from(["gpt", "llama-gqa", "qwen3-qk-norm", "gemma3-window"]),
     seed=strategies.seeds,
 )
-def test_any_chunking_gives_the_full_forward(chunks: list[tuple[int, int]], name: str, seed: int) -> None:
-    module, config, params = model_params(name)
-    tokens = random_tokens(2, 18, seed)
-    cache = init_cache(config, batch=2, max_len=18)
+def test_any_chunking_gives_the_full_forward(
+    device: torch.device, chunks: list[tuple[int, int]], name: str, seed: int
+) -> None:
+    module, config, params = model_params(name, device)
+    tokens = random_tokens(2, 18, seed, device)
+    cache = init_cache(config, batch=2, max_len=18, device=device)
     pieces = []
     for start, end in chunks:
         logits, cache = module.forward_cached(params, Batch(tokens=tokens[:, start:end]), cache, config)
@@ -134,18 +136,18 @@ def test_any_chunking_gives_the_full_forward(chunks: list[tuple[int, int]], name
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", ["gpt", "llama-gqa", "qwen3-qk-norm", "gemma3-window"])
-def test_padded_prompts_then_decoding_give_each_row_alone(side: str, name: str) -> None:
+def test_padded_prompts_then_decoding_give_each_row_alone(device: torch.device, side: str, name: str) -> None:
     """Padding tokens are random, not zeros, so only the mask can be keeping them out."""
-    module, config, params = model_params(name)
+    module, config, params = model_params(name, device)
     lengths, width, new = [9, 4, 6], 9, 5
-    padded = random_tokens(3, width, seed=3)
-    rows = [random_tokens(1, n, seed=10 + n) for n in lengths]
-    is_token = torch.zeros(3, width, dtype=torch.bool)
+    padded = random_tokens(3, width, seed=3, device=device)
+    rows = [random_tokens(1, n, seed=10 + n, device=device) for n in lengths]
+    is_token = torch.zeros(3, width, dtype=torch.bool, device=device)
     for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):
         span = slice(width - n, width) if side == "left" else slice(0, n)
         padded[b, span], is_token[b, span] = row[0], True
-    continuation = random_tokens(3, new, seed=4)
-    cache = init_cache(config, batch=3, max_len=width + new)
+    continuation = random_tokens(3, new, seed=4, device=device)
+    cache = init_cache(config, batch=3, max_len=width + new, device=device)
     logits, cache = module.forward_cached(params, Batch(tokens=padded, is_token=is_token), cache, config)
     for b, row in enumerate(rows):
         assert max_error(logits[b, is_token[b]], module.forward(params, Batch(tokens=row), config)[0]) <= 1e-5
@@ -158,10 +160,11 @@ def test_padded_prompts_then_decoding_give_each_row_alone(side: str, name: str) 
             assert max_error(logits[b, 0], alone[0, -1]) <= 1e-5, (b, i)
 
 
-def test_explicit_positions_are_used() -> None:
-    module, config, params = model_params("llama-gqa")
-    tokens, positions = random_tokens(2, 10, seed=5), torch.arange(10).expand(2, 10) + 7
-    cache = init_cache(config, batch=2, max_len=10)
+def test_explicit_positions_are_used(device: torch.device) -> None:
+    module, config, params = model_params("llama-gqa", device)
+    tokens = random_tokens(2, 10, seed=5, device=device)
+    positions = torch.arange(10, device=device).expand(2, 10) + 7
+    cache = init_cache(config, batch=2, max_len=10, device=device)
     first, cache = module.forward_cached(
         params, Batch(tokens=tokens[:, :6], positions=positions[:, :6]), cache, config
     )
@@ -173,11 +176,14 @@ def test_explicit_positions_are_used() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_a_donated_step_equals_the_out_of_place_one_and_writes_in_place(name: str) -> None:
-    module, config, params = model_params(name)
-    cache = init_cache(config, batch=2, max_len=12)
-    _, cache = module.forward_cached(params, Batch(tokens=random_tokens(2, 5, seed=6)), cache, config)
-    before, token = cache.clone(), Batch(tokens=random_tokens(2, 1, seed=7))
+def test_a_donated_step_equals_the_out_of_place_one_and_writes_in_place(
+    device: torch.device, name: str
+) -> None:
+    module, config, params = model_params(name, device)
+    cache = init_cache(config, batch=2, max_len=12, device=device)
+    prompt = Batch(tokens=random_tokens(2, 5, seed=6, device=device))
+    _, cache = module.forward_cached(params, prompt, cache, config)
+    before, token = cache.clone(), Batch(tokens=random_tokens(2, 1, seed=7, device=device))
     logits, fresh = module.forward_cached(params, token, cache, config)
     donated_logits, donated = module.forward_cached(params, token, cache, config, donate=True)
     torch.testing.assert_close(donated_logits, logits, rtol=0, atol=0)
@@ -186,24 +192,26 @@ def test_a_donated_step_equals_the_out_of_place_one_and_writes_in_place(name: st
     assert not (cache["k"] == before["k"]).all()
 
 
-def test_a_step_leaves_its_cache_unchanged() -> None:
-    module, config, params = model_params("llama-gqa")
-    cache = init_cache(config, batch=2, max_len=12)
-    _, cache = module.forward_cached(params, Batch(tokens=random_tokens(2, 5, seed=6)), cache, config)
+def test_a_step_leaves_its_cache_unchanged(device: torch.device) -> None:
+    module, config, params = model_params("llama-gqa", device)
+    cache = init_cache(config, batch=2, max_len=12, device=device)
+    prompt = Batch(tokens=random_tokens(2, 5, seed=6, device=device))
+    _, cache = module.forward_cached(params, prompt, cache, config)
     before = cache.clone()
-    _, after = module.forward_cached(params, Batch(tokens=random_tokens(2, 1, seed=7)), cache, config)
+    token = Batch(tokens=random_tokens(2, 1, seed=7, device=device))
+    _, after = module.forward_cached(params, token, cache, config)
     assert (cache == before).all()
     assert int(after["length"]) == 6
     assert not torch.equal(after["k"], cache["k"])
-    assert torch.equal(after["is_token"][:, :6], torch.ones(2, 6, dtype=torch.bool))
+    assert torch.equal(after["is_token"][:, :6], torch.ones(2, 6, dtype=torch.bool, device=device))
     assert not after["is_token"][:, 6:].any()
-    assert torch.equal(after["positions"][:, :6], torch.arange(6).expand(2, 6))
+    assert torch.equal(after["positions"][:, :6], torch.arange(6, device=device).expand(2, 6))
 
 
 @pytest.mark.parametrize("name", ["gpt", "qwen3-qk-norm"])
-def test_init_cache_is_sized_by_the_config(name: str) -> None:
+def test_init_cache_is_sized_by_the_config(device: torch.device, name: str) -> None:
     _, config = MODELS[name]
-    cache = init_cache(config, batch=3, max_len=16, dtype=torch.float64)
+    cache = init_cache(config, batch=3, max_len=16, dtype=torch.float64, device=device)
     kv_heads = config.n_heads if isinstance(config, gpt.GPTConfig) else config.n_kv_heads
     assert cache["k"].shape == cache["v"].shape == (2, 3, kv_heads, 16, config.head_dim)
     assert cache["k"].dtype == torch.float64
@@ -232,7 +240,7 @@ class OneLayer:
     data=st.data(),
 )
 def test_cached_attention_with_a_window_equals_full_attention(
-    seq: int, window: int | None, padding: str, backend: Backend, data: st.DataObject
+    device: torch.device, seq: int, window: int | None, padding: str, backend: Backend, data: st.DataObject
 ) -> None:
     """Chunk by chunk through the cache, with ``cache_mask``, against one pass under the sliding-window mask.
 
@@ -241,21 +249,24 @@ def test_cached_attention_with_a_window_equals_full_attention(
     """
     batch, shape = 2, OneLayer()
     generator = torch.Generator().manual_seed(data.draw(strategies.seeds))
-    q = torch.randn(batch, 4, seq, shape.head_dim, generator=generator)
-    k, v = (torch.randn(batch, shape.n_kv_heads, seq, shape.head_dim, generator=generator) for _ in range(2))
-    is_token = torch.ones(batch, seq, dtype=torch.bool)
+    q = torch.randn(batch, 4, seq, shape.head_dim, generator=generator).to(device)
+    k, v = (
+        torch.randn(batch, shape.n_kv_heads, seq, shape.head_dim, generator=generator).to(device)
+        for _ in range(2)
+    )
+    is_token = torch.ones(batch, seq, dtype=torch.bool, device=device)
     if padding != "none":
-        lengths = data.draw(strategies.lengths(batch, seq))
+        lengths = data.draw(strategies.lengths(batch, seq)).to(device)
         is_token = masks.lengths_to_is_token(lengths, seq)
         if padding == "left":
             is_token = is_token.flip(1)
     mods = [masks.causal if window is None else masks.sliding_window(window), masks.padding(is_token)]
-    reference = attention(q, k, v, masks.dense(masks.combine(*mods), batch, seq, seq), backend)
+    reference = attention(q, k, v, masks.dense(masks.combine(*mods), batch, seq, seq, device), backend)
 
-    cache = init_cache(shape, batch, max_len=seq + data.draw(st.integers(0, 4)))
+    cache = init_cache(shape, batch, max_len=seq + data.draw(st.integers(0, 4)), device=device)
     outputs = []
     for start, end in data.draw(chunkings(seq)):
-        tokens = torch.zeros(batch, end - start, dtype=torch.long)
+        tokens = torch.zeros(batch, end - start, dtype=torch.long, device=device)
         step = cache_step(Batch(tokens=tokens, is_token=is_token[:, start:end]), cache)
         out, cache_k, cache_v = cached_attention(
             q[:, :, start:end],

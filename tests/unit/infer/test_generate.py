@@ -2,11 +2,13 @@
 seeds, stopping, streaming) against plain runs of the same loop."""
 
 import math
+from functools import cache
 
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from tensordict import TensorDict
 
 from tests import strategies
 from zmaj.infer.cache import init_cache
@@ -28,22 +30,31 @@ VOCAB = 64
 CONFIG = llama.LlamaConfig(
     vocab_size=VOCAB, context=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, init_std=0.1
 )
-PARAMS = llama.init(CONFIG, seed=0)
 STEP = llama.cached(CONFIG)
 PROMPTS = [[5, 17, 3, 9, 40, 2, 11], [8], [30, 31, 32, 1]]
 
 
+@cache
+def params(device: torch.device) -> TensorDict:
+    """The model every generation test runs, built once per device."""
+    return llama.init(CONFIG, seed=0, device=device)
+
+
 def run(
-    prompts: list[list[int]] = PROMPTS, max_new_tokens: int = 12, max_len: int = 32, **kwargs: object
+    device: torch.device,
+    prompts: list[list[int]] = PROMPTS,
+    max_new_tokens: int = 12,
+    max_len: int = 32,
+    **kwargs: object,
 ) -> list[list[int]]:
-    cache = init_cache(CONFIG, len(prompts), max_len)
-    return generate(STEP, PARAMS, cache, prompts, max_new_tokens, **kwargs)  # type: ignore[arg-type]
+    cache = init_cache(CONFIG, len(prompts), max_len, device=device)
+    return generate(STEP, params(device), cache, prompts, max_new_tokens, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
-def free() -> list[list[int]]:
+def free(device: torch.device) -> list[list[int]]:
     """Greedy continuations of ``PROMPTS`` with no stopping: what the stopping tests cut short."""
-    return run()
+    return run(device)
 
 
 # Logits as multiples of 1/2: ties are common (to exercise tie-breaking) and distinct values are far apart.
@@ -66,28 +77,28 @@ def naive_nucleus(logits: list[float], p: float) -> tuple[set[int], list[float]]
 
 
 @given(logits=logit_rows, p=st.floats(0.01, 1.0))
-def test_top_p_keeps_the_smallest_set_reaching_p(logits: list[float], p: float) -> None:
+def test_top_p_keeps_the_smallest_set_reaching_p(device: torch.device, logits: list[float], p: float) -> None:
     expected, masses = naive_nucleus(logits, p)
     # float32 and float64 sums may round to different sides of p only when a running mass is within rounding.
     assume(all(abs(mass - p) > 1e-5 for mass in masses))
-    filtered = top_p_filter(torch.tensor([logits]), p)
+    filtered = top_p_filter(torch.tensor([logits], device=device), p)
     kept = set(torch.isfinite(filtered[0]).nonzero()[:, 0].tolist())
     assert kept == expected
-    torch.testing.assert_close(filtered[0, sorted(kept)], torch.tensor(logits)[sorted(kept)])
+    torch.testing.assert_close(filtered[0, sorted(kept)], torch.tensor(logits, device=device)[sorted(kept)])
 
 
 @given(logits=logit_rows, k=st.integers(1, 30))
-def test_top_k_keeps_the_k_largest_and_their_ties(logits: list[float], k: int) -> None:
-    kept = torch.isfinite(top_k_filter(torch.tensor([logits]), k))[0].tolist()
+def test_top_k_keeps_the_k_largest_and_their_ties(device: torch.device, logits: list[float], k: int) -> None:
+    kept = torch.isfinite(top_k_filter(torch.tensor([logits], device=device), k))[0].tolist()
     kth = sorted(logits, reverse=True)[min(k, len(logits)) - 1]
     assert kept == [x >= kth for x in logits]
 
 
 @settings(max_examples=20)
 @given(seed=strategies.seeds, temperature=st.floats(0.1, 3.0))
-def test_top_k_one_is_greedy(seed: int, temperature: float) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(5, VOCAB, generator=generator)
+def test_top_k_one_is_greedy(device: torch.device, seed: int, temperature: float) -> None:
+    generator = torch.Generator(device).manual_seed(seed)
+    logits = torch.randn(5, VOCAB, generator=generator, device=device)
     sampled = choose(logits, Sampling(temperature=temperature, top_k=1), generator)
     assert torch.equal(sampled, logits.argmax(-1))
     assert torch.equal(choose(logits, Sampling(), generator), logits.argmax(-1))
@@ -107,11 +118,14 @@ PROBS = [0.5, 0.25, 0.125, 0.125]
         (Sampling(temperature=1.0, top_p=0.4), [1, 0, 0, 0]),
     ],
 )
-def test_sampling_frequencies_match_the_closed_form(sampling: Sampling, expected: list[float]) -> None:
-    logits = torch.tensor(PROBS).log().expand(20_000, 4)
-    tokens = choose(logits, sampling, torch.Generator().manual_seed(0))
+def test_sampling_frequencies_match_the_closed_form(
+    device: torch.device, sampling: Sampling, expected: list[float]
+) -> None:
+    logits = torch.tensor(PROBS, device=device).log().expand(20_000, 4)
+    tokens = choose(logits, sampling, torch.Generator(device).manual_seed(0))
     frequencies = torch.bincount(tokens, minlength=4).float() / tokens.numel()
-    torch.testing.assert_close(frequencies, torch.tensor(expected, dtype=torch.float32), atol=0.015, rtol=0)
+    expected_frequencies = torch.tensor(expected, dtype=torch.float32, device=device)
+    torch.testing.assert_close(frequencies, expected_frequencies, atol=0.015, rtol=0)
 
 
 @settings(max_examples=50, deadline=None)
@@ -121,50 +135,60 @@ def test_sampling_frequencies_match_the_closed_form(sampling: Sampling, expected
     ),
     st.integers(0, 2**32 - 1),
 )
-def test_the_inverse_cdf_never_draws_a_token_of_probability_zero(weights: list[float], seed: int) -> None:
-    probs = torch.tensor(weights) / sum(weights)
-    drawn = sample_categorical(probs.expand(4000, -1), torch.Generator().manual_seed(seed))
+def test_the_inverse_cdf_never_draws_a_token_of_probability_zero(
+    device: torch.device, weights: list[float], seed: int
+) -> None:
+    probs = torch.tensor(weights, device=device) / sum(weights)
+    drawn = sample_categorical(probs.expand(4000, -1), torch.Generator(device).manual_seed(seed))
     assert drawn.shape == (4000,)
     assert (probs[drawn] > 0).all()
 
 
-def test_batched_prompts_of_different_lengths_give_each_prompt_alone(free: list[list[int]]) -> None:
-    assert free == [run([prompt])[0] for prompt in PROMPTS]
+def test_batched_prompts_of_different_lengths_give_each_prompt_alone(
+    device: torch.device, free: list[list[int]]
+) -> None:
+    assert free == [run(device, [prompt])[0] for prompt in PROMPTS]
     assert all(len(tokens) == 12 for tokens in free)
 
 
-def test_gpt_batched_greedy_equals_the_full_recompute_sampler() -> None:
+def test_gpt_batched_greedy_equals_the_full_recompute_sampler(device: torch.device) -> None:
     config = gpt.GPTConfig(vocab_size=VOCAB, context=64, d_model=32, n_layers=2, n_heads=4, init_std=0.1)
-    params = gpt.init(config, seed=0)
-    batched = generate(gpt.cached(config), params, init_cache(config, 3, 20), PROMPTS, 10)
+    params = gpt.init(config, seed=0, device=device)
+    cache = init_cache(config, 3, 20, device=device)
+    batched = generate(gpt.cached(config), params, cache, PROMPTS, 10)
     for prompt, tokens in zip(PROMPTS, batched, strict=True):
         recomputed = sample(
-            lambda batch: gpt.forward(params, batch, config), torch.tensor([prompt]), 10, 64, temperature=0.0
+            lambda batch: gpt.forward(params, batch, config),
+            torch.tensor([prompt], device=device),
+            10,
+            64,
+            temperature=0.0,
         )
         assert tokens == recomputed[0].tolist()
 
 
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.0)])
-def test_copies_continue_each_prompt_as_the_repeated_prompts_would(sampling: Sampling) -> None:
+def test_copies_continue_each_prompt_as_the_repeated_prompts_would(
+    device: torch.device, sampling: Sampling
+) -> None:
     repeated = [prompt for prompt in PROMPTS for _ in range(3)]
-    branched = generate(
-        STEP, PARAMS, init_cache(CONFIG, 3, 32), PROMPTS, 12, sampling, seed=5, stop_tokens={3}, copies=3
-    )
-    assert branched == run(repeated, sampling=sampling, seed=5, stop_tokens={3})
+    cache = init_cache(CONFIG, 3, 32, device=device)
+    branched = generate(STEP, params(device), cache, PROMPTS, 12, sampling, seed=5, stop_tokens={3}, copies=3)
+    assert branched == run(device, repeated, sampling=sampling, seed=5, stop_tokens={3})
     if sampling.temperature > 0:  # the copies are distinct samples, not one sample thrice
         assert len({tuple(tokens) for tokens in branched}) > len(PROMPTS)
 
 
-def test_same_seed_same_samples() -> None:
+def test_same_seed_same_samples(device: torch.device) -> None:
     sampling = Sampling(temperature=1.5, top_k=40, top_p=0.95)
-    first = run(max_new_tokens=8, sampling=sampling, seed=3)
-    assert run(max_new_tokens=8, sampling=sampling, seed=3) == first
-    assert run(max_new_tokens=8, sampling=sampling, seed=4) != first
+    first = run(device, max_new_tokens=8, sampling=sampling, seed=3)
+    assert run(device, max_new_tokens=8, sampling=sampling, seed=3) == first
+    assert run(device, max_new_tokens=8, sampling=sampling, seed=4) != first
 
 
-def test_a_stop_token_ends_its_row_only(free: list[list[int]]) -> None:
+def test_a_stop_token_ends_its_row_only(device: torch.device, free: list[list[int]]) -> None:
     stop = free[0][4]
-    stopped = run(stop_tokens={stop})
+    stopped = run(device, stop_tokens={stop})
     for tokens, alone in zip(stopped, free, strict=True):
         end = alone.index(stop) + 1 if stop in alone else len(alone)
         assert tokens == alone[:end]
@@ -176,27 +200,31 @@ def decode(ids: list[int]) -> str:
     return "".join(chr(ord("a") + i % 26) + chr(ord("a") + i // 26) for i in ids)
 
 
-def test_a_stop_string_ends_generation_at_the_token_completing_it(free: list[list[int]]) -> None:
+def test_a_stop_string_ends_generation_at_the_token_completing_it(
+    device: torch.device, free: list[list[int]]
+) -> None:
     # Straddles tokens 5 and 6 of the first row: the second letter of one and the first of the next.
     target = decode(free[0])[11:13]
-    stopped = run(stop_strings=[target], decode=decode)
+    stopped = run(device, stop_strings=[target], decode=decode)
     for tokens, alone in zip(stopped, free, strict=True):
         ends = [n for n in range(1, len(alone) + 1) if target in decode(alone[:n])]
         assert tokens == alone[: ends[0] if ends else len(alone)]
     assert len(stopped[0]) <= 7
 
 
-def test_generation_ends_when_every_row_has_stopped(free: list[list[int]]) -> None:
+def test_generation_ends_when_every_row_has_stopped(device: torch.device, free: list[list[int]]) -> None:
     stops = {row[1] for row in free}
-    steps = list(stream(STEP, PARAMS, init_cache(CONFIG, 3, 32), PROMPTS, 12, stop_tokens=stops))
+    cache = init_cache(CONFIG, 3, 32, device=device)
+    steps = list(stream(STEP, params(device), cache, PROMPTS, 12, stop_tokens=stops))
     last_needed = max(next(i for i, token in enumerate(row) if token in stops) for row in free)
     assert len(steps) == last_needed + 1 <= 2
 
 
-def test_streaming_yields_what_generate_returns() -> None:
+def test_streaming_yields_what_generate_returns(device: torch.device) -> None:
     sampling = Sampling(temperature=1.0, top_p=0.9)
     collected: list[list[int]] = [[] for _ in PROMPTS]
-    steps = list(stream(STEP, PARAMS, init_cache(CONFIG, 3, 32), PROMPTS, 12, sampling, 7, stop_tokens={3}))
+    cache = init_cache(CONFIG, 3, 32, device=device)
+    steps = list(stream(STEP, params(device), cache, PROMPTS, 12, sampling, 7, stop_tokens={3}))
     for emitted in steps:
         assert emitted.tokens.shape == emitted.emitted.shape == (3,)
         for row, (token, live) in enumerate(
@@ -204,15 +232,15 @@ def test_streaming_yields_what_generate_returns() -> None:
         ):
             if live:
                 collected[row].append(token)
-    assert collected == run(max_new_tokens=12, sampling=sampling, seed=7, stop_tokens={3})
+    assert collected == run(device, max_new_tokens=12, sampling=sampling, seed=7, stop_tokens={3})
 
 
-def test_the_cache_passed_in_is_not_changed() -> None:
-    cache = init_cache(CONFIG, 3, 32)
-    first = generate(STEP, PARAMS, cache, PROMPTS, 10)
+def test_the_cache_passed_in_is_not_changed(device: torch.device) -> None:
+    cache = init_cache(CONFIG, 3, 32, device=device)
+    first = generate(STEP, params(device), cache, PROMPTS, 10)
     assert int(cache["length"]) == 0
     assert not cache["k"].any()
-    assert generate(STEP, PARAMS, cache, PROMPTS, 10) == first
+    assert generate(STEP, params(device), cache, PROMPTS, 10) == first
 
 
 def test_left_padding_right_aligns_the_prompts() -> None:
@@ -223,16 +251,16 @@ def test_left_padding_right_aligns_the_prompts() -> None:
     assert isinstance(batch, Batch)
 
 
-def test_bad_requests_are_refused() -> None:
+def test_bad_requests_are_refused(device: torch.device) -> None:
     with pytest.raises(ValueError, match="decode"):
-        run(stop_strings=["x"])
+        run(device, stop_strings=["x"])
     with pytest.raises(ValueError, match="room for 4"):
-        run([[1, 2]], max_new_tokens=4, max_len=4)
+        run(device, [[1, 2]], max_new_tokens=4, max_len=4)
     # The prompt and the fed-back tokens (all but the last) fill the 4 slots exactly.
-    assert len(run([[1, 2]], max_new_tokens=3, max_len=4)[0]) == 3
+    assert len(run(device, [[1, 2]], max_new_tokens=3, max_len=4)[0]) == 3
     with pytest.raises(ValueError, match="3 prompts, but the cache has 2 rows"):
-        generate(STEP, PARAMS, init_cache(CONFIG, 2, 32), PROMPTS, 4)
+        generate(STEP, params(device), init_cache(CONFIG, 2, 32, device=device), PROMPTS, 4)
     with pytest.raises(ValueError, match="at least one token"):
-        run([[1], []])
+        run(device, [[1], []])
     with pytest.raises(ValueError, match="copies must be at least 1"):
-        run(copies=0)
+        run(device, copies=0)

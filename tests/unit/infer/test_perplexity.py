@@ -2,12 +2,15 @@
 
 import math
 from collections import Counter
+from collections.abc import Callable
+from functools import cache
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tensordict import TensorDict
 
 from zmaj.infer.perplexity import Window, perplexity, sliding_windows, window_nll
 from zmaj.models import llama
@@ -16,21 +19,32 @@ from zmaj.models.common import Batch
 CONFIG = llama.LlamaConfig(
     vocab_size=64, context=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, init_std=0.1
 )
-PARAMS = llama.init(CONFIG, seed=0)
 TOKENS = torch.randint(0, CONFIG.vocab_size, (50,), generator=torch.Generator().manual_seed(0))
+Hidden = Callable[[Batch], torch.Tensor]
+Unembed = Callable[[torch.Tensor], torch.Tensor]
 
 
-def hidden(batch: Batch) -> torch.Tensor:
-    return llama.hidden_states(PARAMS, batch, CONFIG)
+@cache
+def params(device: torch.device) -> TensorDict:
+    """The scored model, built once per device."""
+    return llama.init(CONFIG, seed=0, device=device)
 
 
-def unembed(states: torch.Tensor) -> torch.Tensor:
-    return llama.unembed(PARAMS, states, CONFIG)
+def model(device: torch.device) -> tuple[Hidden, Unembed]:
+    """The two halves ``perplexity`` takes: hidden states, then logits from them."""
+
+    def hidden(batch: Batch) -> torch.Tensor:
+        return llama.hidden_states(params(device), batch, CONFIG)
+
+    def unembed(states: torch.Tensor) -> torch.Tensor:
+        return llama.unembed(params(device), states, CONFIG)
+
+    return hidden, unembed
 
 
 def plain_nll(tokens: torch.Tensor) -> torch.Tensor:
     """Each token's NLL given all before it, from one ordinary forward pass (the first token is not scored)."""
-    logits = llama.forward(PARAMS, Batch(tokens=tokens[None, :-1]), CONFIG)[0]
+    logits = llama.forward(params(tokens.device), Batch(tokens=tokens[None, :-1]), CONFIG)[0]
     return F.cross_entropy(logits, tokens[1:], reduction="none")
 
 
@@ -97,44 +111,48 @@ def test_bad_windows_are_refused(context: int, stride: int) -> None:
         sliding_windows(10, context, stride)
 
 
-def test_one_window_is_the_plain_mean_nll() -> None:
-    result = perplexity(hidden, unembed, TOKENS, context=CONFIG.context)
-    expected = plain_nll(TOKENS)
-    assert result.tokens == len(TOKENS) - 1
+def test_one_window_is_the_plain_mean_nll(device: torch.device) -> None:
+    tokens = TOKENS.to(device)
+    result = perplexity(*model(device), tokens, context=CONFIG.context)
+    expected = plain_nll(tokens)
+    assert result.tokens == len(tokens) - 1
     assert result.nll == pytest.approx(float(expected.mean()), abs=1e-5)
     assert result.ppl == pytest.approx(math.exp(float(expected.mean())), rel=1e-5)
 
 
-def test_stride_equal_to_context_is_independent_chunks() -> None:
-    context = 16
-    chunks = [plain_nll(chunk) for chunk in TOKENS.split(context) if len(chunk) > 1]
+def test_stride_equal_to_context_is_independent_chunks(device: torch.device) -> None:
+    context, tokens = 16, TOKENS.to(device)
+    chunks = [plain_nll(chunk) for chunk in tokens.split(context) if len(chunk) > 1]
     expected = torch.cat(chunks)
-    result = perplexity(hidden, unembed, TOKENS, context=context, stride=context)
+    result = perplexity(*model(device), tokens, context=context, stride=context)
     assert result.tokens == len(expected)
     assert result.nll == pytest.approx(float(expected.mean()), abs=1e-5)
 
 
 @settings(max_examples=10)
 @given(st.integers(2, 20), st.data())
-def test_each_scored_token_is_conditioned_on_its_window(context: int, data: st.DataObject) -> None:
+def test_each_scored_token_is_conditioned_on_its_window(
+    device: torch.device, context: int, data: st.DataObject
+) -> None:
     stride = data.draw(st.integers(1, context))
+    tokens = TOKENS.to(device)
     expected = []
-    for window in sliding_windows(len(TOKENS), context, stride):
-        nll = plain_nll(TOKENS[window.begin : window.end])
+    for window in sliding_windows(len(tokens), context, stride):
+        nll = plain_nll(tokens[window.begin : window.end])
         expected.append(nll[window.scored_from - window.begin - 1 :])
-    result = perplexity(hidden, unembed, TOKENS, context=context, stride=stride)
+    result = perplexity(*model(device), tokens, context=context, stride=stride)
     reference = torch.cat(expected)
     assert result.tokens == len(reference)
     assert result.nll == pytest.approx(float(reference.double().mean()), abs=1e-5)
 
 
-def test_logits_in_chunks_are_the_logits_at_once() -> None:
-    window = Window(3, 40, 10)
-    whole = window_nll(hidden, unembed, TOKENS, window, chunk=1024)
-    torch.testing.assert_close(window_nll(hidden, unembed, TOKENS, window, chunk=4), whole)
-    torch.testing.assert_close(whole, plain_nll(TOKENS[3:40])[6:])
+def test_logits_in_chunks_are_the_logits_at_once(device: torch.device) -> None:
+    window, tokens = Window(3, 40, 10), TOKENS.to(device)
+    whole = window_nll(*model(device), tokens, window, chunk=1024)
+    torch.testing.assert_close(window_nll(*model(device), tokens, window, chunk=4), whole)
+    torch.testing.assert_close(whole, plain_nll(tokens[3:40])[6:])
 
 
 def test_too_short_a_text_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 2 tokens"):
-        perplexity(hidden, unembed, TOKENS[:1], context=8)
+        perplexity(*model(torch.device("cpu")), TOKENS[:1], context=8)

@@ -18,8 +18,8 @@ def loss(params: TensorDict, batch: Batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch.tokens[:, 1:].flatten())
 
 
-def test_shell_parameters_are_exactly_the_tensordict() -> None:
-    params = gpt.init(CONFIG, seed=0)
+def test_shell_parameters_are_exactly_the_tensordict(device: torch.device) -> None:
+    params = gpt.init(CONFIG, seed=0, device=device)
     shell = gpt.GPT(CONFIG, params)
     round_trip = shell.params()
     assert set(round_trip.keys(True, True)) == set(params.keys(True, True))
@@ -30,43 +30,47 @@ def test_shell_parameters_are_exactly_the_tensordict() -> None:
     }
 
 
-def test_to_module_swaps_the_shell_parameters() -> None:
-    shell = gpt.GPT(CONFIG, seed=0)
-    other = gpt.init(CONFIG, seed=1)
+def test_to_module_swaps_the_shell_parameters(device: torch.device) -> None:
+    shell = gpt.GPT(CONFIG, gpt.init(CONFIG, seed=0, device=device))
+    other = gpt.init(CONFIG, seed=1, device=device)
+    batch = BATCH.to(device)
     with other.to_module(shell):
-        swapped = shell(BATCH)
-    torch.testing.assert_close(swapped, gpt.forward(other, BATCH, CONFIG))
-    torch.testing.assert_close(shell(BATCH), gpt.forward(gpt.init(CONFIG, 0), BATCH, CONFIG))
+        swapped = shell(batch)
+    torch.testing.assert_close(swapped, gpt.forward(other, batch, CONFIG))
+    torch.testing.assert_close(shell(batch), gpt.forward(gpt.init(CONFIG, 0, device), batch, CONFIG))
 
 
-def test_grad_over_the_tensordict_equals_autograd_through_the_shell() -> None:
-    params = gpt.init(CONFIG, seed=0)
-    grads = torch.func.grad(loss)(params, BATCH)
+def test_grad_over_the_tensordict_equals_autograd_through_the_shell(device: torch.device) -> None:
+    params = gpt.init(CONFIG, seed=0, device=device)
+    batch = BATCH.to(device)
+    grads = torch.func.grad(loss)(params, batch)
     shell = gpt.GPT(CONFIG, params.clone())
-    logits = shell(BATCH)
-    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), BATCH.tokens[:, 1:].flatten()).backward()
+    logits = shell(batch)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch.tokens[:, 1:].flatten()).backward()
     for name, parameter in shell.named_parameters():
         assert parameter.grad is not None
         torch.testing.assert_close(grads.get(tuple(name.split("."))), parameter.grad)
 
 
-def test_functional_call_on_the_shell_equals_the_pure_function() -> None:
-    shell = gpt.GPT(CONFIG, seed=0)
-    other = gpt.init(CONFIG, seed=3)
+def test_functional_call_on_the_shell_equals_the_pure_function(device: torch.device) -> None:
+    shell = gpt.GPT(CONFIG, gpt.init(CONFIG, seed=0, device=device))
+    other = gpt.init(CONFIG, seed=3, device=device)
+    batch = BATCH.to(device)
     flat: dict[str, torch.Tensor] = {".".join(key): other.get(key) for key in other.keys(True, True)}
     torch.testing.assert_close(
-        torch.func.functional_call(shell, flat, (BATCH,)), gpt.forward(other, BATCH, CONFIG)
+        torch.func.functional_call(shell, flat, (batch,)), gpt.forward(other, batch, CONFIG)
     )
 
 
-def test_vmap_over_an_ensemble_equals_a_loop() -> None:
-    members = [gpt.init(CONFIG, seed) for seed in range(4)]
+def test_vmap_over_an_ensemble_equals_a_loop(device: torch.device) -> None:
+    members = [gpt.init(CONFIG, seed, device) for seed in range(4)]
     ensemble = TensorDict.stack(members)
-    logits = torch.func.vmap(gpt.pure(CONFIG), in_dims=(0, None))(ensemble, BATCH)
-    torch.testing.assert_close(logits, torch.stack([gpt.forward(p, BATCH, CONFIG) for p in members]))
-    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(0, None))(ensemble, BATCH)
+    batch = BATCH.to(device)
+    logits = torch.func.vmap(gpt.pure(CONFIG), in_dims=(0, None))(ensemble, batch)
+    torch.testing.assert_close(logits, torch.stack([gpt.forward(p, batch, CONFIG) for p in members]))
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(0, None))(ensemble, batch)
     for i, member in enumerate(members):
-        expected = torch.func.grad(loss)(member, BATCH)
+        expected = torch.func.grad(loss)(member, batch)
         torch.testing.assert_close(grads[i]["embed", "weight"], expected["embed", "weight"])
 
 

@@ -26,14 +26,20 @@ TINY = gemma3.Gemma3Config(
 UNTIED = TINY.model_copy(update={"tie_embeddings": False, "final_logit_softcap": 3.0})
 
 
-def perturbed(config: gemma3.Gemma3Config, seed: int = 0) -> TensorDict:
+def perturbed(config: gemma3.Gemma3Config, device: torch.device, seed: int = 0) -> TensorDict:
     """Parameters with every norm moved off zero (its identity) and larger weights, so that every part matters."""
-    params = gemma3.init(config.model_copy(update={"init_std": 0.2}), seed)
+    params = gemma3.init(config.model_copy(update={"init_std": 0.2}), seed, device)
     generator = torch.Generator().manual_seed(seed + 1)
     for key, tensor in params.items(include_nested=True, leaves_only=True):
         if "norm" in ".".join(key):
-            params.set(key, 0.2 * torch.randn(tensor.shape, generator=generator))
+            params.set(key, 0.2 * torch.randn(tensor.shape, generator=generator).to(device))
     return params
+
+
+def random_batch(rows: int, seq: int, device: torch.device) -> Batch:
+    return Batch(
+        tokens=torch.randint(0, 64, (rows, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    )
 
 
 def test_config_names_the_bad_field() -> None:
@@ -80,8 +86,8 @@ def test_query_scalar_defaults_to_head_dim() -> None:
 
 
 @pytest.mark.parametrize("config", [TINY, UNTIED], ids=["tied", "untied"])
-def test_init_shapes_are_stacked_over_layers(config: gemma3.Gemma3Config) -> None:
-    params = gemma3.init(config, seed=0)
+def test_init_shapes_are_stacked_over_layers(device: torch.device, config: gemma3.Gemma3Config) -> None:
+    params = gemma3.init(config, seed=0, device=device)
     layers, d, hd, ff, vocab = (
         config.n_layers,
         config.d_model,
@@ -122,41 +128,43 @@ def test_init_shapes_are_stacked_over_layers(config: gemma3.Gemma3Config) -> Non
             assert tensor.std().item() == pytest.approx(config.init_std, rel=0.15), name
 
 
-def test_init_is_seeded() -> None:
-    first = gemma3.init(TINY, seed=0)
-    assert (first == gemma3.init(TINY, seed=0)).all()
-    assert not torch.equal(first["embed", "weight"], gemma3.init(TINY, seed=1)["embed", "weight"])
+def test_init_is_seeded(device: torch.device) -> None:
+    first = gemma3.init(TINY, seed=0, device=device)
+    assert (first == gemma3.init(TINY, seed=0, device=device)).all()
+    assert not torch.equal(
+        first["embed", "weight"], gemma3.init(TINY, seed=1, device=device)["embed", "weight"]
+    )
 
 
-def test_zero_norm_weights_give_the_plain_rms_norm() -> None:
-    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
-    normed = gemma3.rms_norm(TensorDict({"weight": torch.zeros(32)}), x, 1e-6)
+def test_zero_norm_weights_give_the_plain_rms_norm(device: torch.device) -> None:
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    normed = gemma3.rms_norm(TensorDict({"weight": torch.zeros(32, device=device)}), x, 1e-6)
     torch.testing.assert_close(normed, x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
 
 
-def test_shell_round_trips_the_parameters() -> None:
-    params = perturbed(UNTIED)
+def test_shell_round_trips_the_parameters(device: torch.device) -> None:
+    params = perturbed(UNTIED, device)
     shell = gemma3.Gemma3(UNTIED, params)
     round_trip = shell.params()
     assert set(round_trip.keys(True, True)) == set(params.keys(True, True))
     assert (round_trip == params).all()
     assert round_trip["blocks"].batch_size == params["blocks"].batch_size
-    batch = Batch(tokens=torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0)))
+    batch = random_batch(2, 10, device)
     torch.testing.assert_close(shell(batch), gemma3.forward(params, batch, UNTIED))
 
 
-def test_pure_ignores_the_dropout_seed_and_backends_agree() -> None:
-    params = perturbed(TINY)
-    batch = Batch(tokens=torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0)))
+def test_pure_ignores_the_dropout_seed_and_backends_agree(device: torch.device) -> None:
+    params = perturbed(TINY, device)
+    batch = random_batch(2, 12, device)
     logits = gemma3.pure(TINY)(params, batch, dropout_seed=3)
     torch.testing.assert_close(logits, gemma3.forward(params, batch, TINY))
     eager = gemma3.forward(params, batch, TINY.model_copy(update={"attention": "eager"}))
     torch.testing.assert_close(eager, logits, atol=1e-5, rtol=1e-5)
 
 
-def test_softcapped_logits_are_the_capped_plain_logits() -> None:
-    params = perturbed(UNTIED)
-    batch = Batch(tokens=torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0)))
+def test_softcapped_logits_are_the_capped_plain_logits(device: torch.device) -> None:
+    params = perturbed(UNTIED, device)
+    batch = random_batch(2, 10, device)
     capped = gemma3.forward(params, batch, UNTIED)
     plain = gemma3.forward(params, batch, UNTIED.model_copy(update={"final_logit_softcap": None}))
     assert plain.abs().max() > 3.0 > capped.abs().max()
@@ -164,7 +172,9 @@ def test_softcapped_logits_are_the_capped_plain_logits() -> None:
 
 
 @given(window=st.integers(1, 6), query=st.integers(0, 11), seed=st.integers(0, 1000))
-def test_a_local_layer_sees_exactly_the_last_window_tokens(window: int, query: int, seed: int) -> None:
+def test_a_local_layer_sees_exactly_the_last_window_tokens(
+    device: torch.device, window: int, query: int, seed: int
+) -> None:
     """With one local layer, the logits at ``query`` move with the token at ``key`` iff
     ``query - window < key <= query``: the query and the ``window - 1`` tokens before it, as transformers'
     ``sliding_window_overlay`` (``kv > q - window``) has it. One global layer instead sees every earlier token."""
@@ -172,12 +182,13 @@ def test_a_local_layer_sees_exactly_the_last_window_tokens(window: int, query: i
         update={"n_layers": 1, "layer_types": ("sliding_attention",), "sliding_window": window}
     )
     full = local.model_copy(update={"layer_types": ("full_attention",)})
-    params = perturbed(local, seed)
+    params = perturbed(local, device, seed)
     tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(seed))
 
     # Row 0 is the sequence itself, row 1 + k has token k changed; one forward pass answers every key.
     rows = tokens.repeat(tokens.shape[1] + 1, 1)
     rows[1:] = torch.where(torch.eye(tokens.shape[1], dtype=torch.bool), (rows[1:] + 1) % 64, rows[1:])
+    rows = rows.to(device)
 
     def keys_seen(config: gemma3.Gemma3Config) -> set[int]:
         logits = gemma3.forward(params, Batch(tokens=rows), config)[:, query]
@@ -187,10 +198,10 @@ def test_a_local_layer_sees_exactly_the_last_window_tokens(window: int, query: i
     assert keys_seen(full) == set(range(query + 1))
 
 
-def test_global_and_local_layers_rotate_with_their_own_bases() -> None:
+def test_global_and_local_layers_rotate_with_their_own_bases(device: torch.device) -> None:
     """Changing the local base changes only what local layers compute: with all layers global it has no effect."""
-    params = perturbed(TINY)
-    batch = Batch(tokens=torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0)))
+    params = perturbed(TINY, device)
+    batch = random_batch(1, 12, device)
     all_global = TINY.model_copy(update={"layer_types": ("full_attention",) * 4})
     other_local_base = {"local_rope_base": 100.0}
     torch.testing.assert_close(

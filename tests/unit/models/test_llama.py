@@ -59,8 +59,8 @@ def test_rope_scaling_is_parsed_by_its_type() -> None:
 
 
 @pytest.mark.parametrize("config", [TINY, QWEN2ISH, QWEN3ISH], ids=["llama", "qwen2", "qwen3"])
-def test_init_shapes_are_stacked_over_layers(config: llama.LlamaConfig) -> None:
-    params = llama.init(config, seed=0)
+def test_init_shapes_are_stacked_over_layers(device: torch.device, config: llama.LlamaConfig) -> None:
+    params = llama.init(config, seed=0, device=device)
     layers, d, hd, ff, vocab = (
         config.n_layers,
         config.d_model,
@@ -103,26 +103,28 @@ def test_init_shapes_are_stacked_over_layers(config: llama.LlamaConfig) -> None:
             assert tensor.std().item() == pytest.approx(config.init_std, rel=0.15), name
 
 
-def test_init_is_seeded() -> None:
-    first = llama.init(TINY, seed=0)
-    assert (first == llama.init(TINY, seed=0)).all()
-    assert not torch.equal(first["embed", "weight"], llama.init(TINY, seed=1)["embed", "weight"])
+def test_init_is_seeded(device: torch.device) -> None:
+    first = llama.init(TINY, seed=0, device=device)
+    assert (first == llama.init(TINY, seed=0, device=device)).all()
+    assert not torch.equal(
+        first["embed", "weight"], llama.init(TINY, seed=1, device=device)["embed", "weight"]
+    )
 
 
-def test_shell_round_trips_the_parameters() -> None:
-    params = llama.init(QWEN3ISH, seed=0)
+def test_shell_round_trips_the_parameters(device: torch.device) -> None:
+    params = llama.init(QWEN3ISH, seed=0, device=device)
     shell = llama.Llama(QWEN3ISH, params)
     round_trip = shell.params()
     assert set(round_trip.keys(True, True)) == set(params.keys(True, True))
     assert (round_trip == params).all()
     assert round_trip["blocks"].batch_size == params["blocks"].batch_size
-    batch = Batch(tokens=torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0)))
+    batch = Batch(tokens=torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))).to(device)
     torch.testing.assert_close(shell(batch), llama.forward(params, batch, QWEN3ISH))
 
 
-def test_pure_ignores_the_dropout_seed_and_backends_agree() -> None:
-    params = llama.init(QWEN2ISH, seed=0)
-    batch = Batch(tokens=torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0)))
+def test_pure_ignores_the_dropout_seed_and_backends_agree(device: torch.device) -> None:
+    params = llama.init(QWEN2ISH, seed=0, device=device)
+    batch = Batch(tokens=torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))).to(device)
     logits = llama.pure(QWEN2ISH)(params, batch, dropout_seed=3)
     torch.testing.assert_close(logits, llama.forward(params, batch, QWEN2ISH))
     eager = llama.forward(params, batch, QWEN2ISH.model_copy(update={"attention": "eager"}))

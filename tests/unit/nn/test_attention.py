@@ -1,8 +1,10 @@
 """The three attention backends compute one function; that function has the properties attention must have."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 from torch.nn.attention.flex_attention import BlockMask
@@ -26,58 +28,91 @@ def run(
     return attention(q, k, v, mask, backend)
 
 
+Problem = tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[torch.device], masks.MaskMod | None]]
+"""q, k and v on the CPU, and the mask as a function of the device (its mods hold tensors)."""
+
+
 @st.composite
-def problems(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, masks.MaskMod | None]:
+def problems(draw: st.DrawFn) -> Problem:
     batch, heads, kv_heads, seq, head_dim = draw(strategies.attention_shapes())
     generator = torch.Generator().manual_seed(draw(strategies.seeds))
     q = torch.randn(batch, heads, seq, head_dim, generator=generator)
     k = torch.randn(batch, kv_heads, seq, head_dim, generator=generator)
     v = torch.randn(batch, kv_heads, seq, head_dim, generator=generator)
     kind = draw(st.sampled_from(["causal", "window", "document", "padding"]))
-    mod: masks.MaskMod | None = None
-    if kind == "window":
-        mod = masks.sliding_window(draw(st.integers(1, 8)))
-    elif kind == "document":
-        mod = masks.combine(masks.causal, masks.document(draw(strategies.document_ids(batch, seq))))
-    elif kind == "padding":
-        is_token = masks.lengths_to_is_token(draw(strategies.lengths(batch, seq)), seq)
-        mod = masks.combine(masks.causal, masks.padding(is_token))
+    window = draw(st.integers(1, 8)) if kind == "window" else None
+    ids = draw(strategies.document_ids(batch, seq)) if kind == "document" else None
+    lengths = draw(strategies.lengths(batch, seq)) if kind == "padding" else None
+
+    def mod(device: torch.device) -> masks.MaskMod | None:
+        if window is not None:
+            return masks.sliding_window(window)
+        if ids is not None:
+            return masks.combine(masks.causal, masks.document(ids.to(device)))
+        if lengths is not None:
+            return masks.combine(
+                masks.causal, masks.padding(masks.lengths_to_is_token(lengths.to(device), seq))
+            )
+        return None
+
     return q, k, v, mod
 
 
-@given(problems())
-def test_backends_agree(
-    problem: tuple[torch.Tensor, torch.Tensor, torch.Tensor, masks.MaskMod | None],
-) -> None:
+def on(
+    problem: Problem, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, masks.MaskMod | None]:
+    """The problem's tensors and mask on ``device``."""
     q, k, v, mod = problem
+    return q.to(device), k.to(device), v.to(device), mod(device)
+
+
+@given(problems())
+def test_backends_agree(device: torch.device, problem: Problem) -> None:
+    q, k, v, mod = on(problem, device)
     reference = run(q, k, v, mod, "eager")
     for backend in ("sdpa", "flex"):
         torch.testing.assert_close(run(q, k, v, mod, backend), reference, atol=1e-5, rtol=1e-5)
 
 
-def test_eager_attention_is_the_textbook_formula() -> None:
+@settings(max_examples=20)
+@given(problems())
+def test_flex_gradients_equal_eager_gradients(device: torch.device, problem: Problem) -> None:
+    """What training with ``attention: flex`` differentiates; PyTorch has no flex backward on the CPU."""
+    if device.type == "cpu":
+        pytest.skip("flex-attention has no backward pass on the CPU")
+    q, k, v, mod = on(problem, device)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def grads(backend: Backend) -> tuple[torch.Tensor, ...]:
+        leaf_q, leaf_k, leaf_v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = run(leaf_q, leaf_k, leaf_v, mod, backend)
+        return torch.autograd.grad(out, (leaf_q, leaf_k, leaf_v), grad_out)
+
+    for flex_grad, eager_grad in zip(grads("flex"), grads("eager"), strict=True):
+        torch.testing.assert_close(flex_grad, eager_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_attention_is_the_textbook_formula(device: torch.device) -> None:
     """One head, no grouping: softmax(q k^T / sqrt(d) + causal bias) v, written out by hand."""
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 1, 5, 4, generator=generator) for _ in range(3))
+    q, k, v = (torch.randn(1, 1, 5, 4, generator=generator).to(device) for _ in range(3))
     scores = q[0, 0] @ k[0, 0].T / 2.0
-    scores = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    scores = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool, device=device).triu(1), float("-inf"))
     expected = torch.softmax(scores, -1) @ v[0, 0]
     torch.testing.assert_close(attention(q, k, v, None, "eager")[0, 0], expected)
 
 
 @given(problems(), st.sampled_from(BACKENDS), st.data())
 def test_masked_out_keys_never_change_the_output(
-    problem: tuple[torch.Tensor, torch.Tensor, torch.Tensor, masks.MaskMod | None],
-    backend: Backend,
-    data: st.DataObject,
+    device: torch.device, problem: Problem, backend: Backend, data: st.DataObject
 ) -> None:
-    q, k, v, mod = problem
+    q, k, v, mod = on(problem, device)
     batch, _, seq, _ = q.shape
-    changed = torch.tensor(data.draw(st.lists(st.booleans(), min_size=seq, max_size=seq)))
+    changed = torch.tensor(data.draw(st.lists(st.booleans(), min_size=seq, max_size=seq)), device=device)
     k2, v2 = k.clone(), v.clone()
     k2[:, :, changed] = 1e3 * torch.randn_like(k2[:, :, changed])
     v2[:, :, changed] = 1e3 * torch.randn_like(v2[:, :, changed])
-    allowed = masks.dense(mod or masks.causal, batch, seq, seq)
+    allowed = masks.dense(mod or masks.causal, batch, seq, seq, device)
     untouched = ~(allowed & changed).any(-1)  # queries that may not see any changed key
     before, after = run(q, k, v, mod, backend), run(q, k2, v2, mod, backend)
     torch.testing.assert_close(after.transpose(1, 2)[untouched], before.transpose(1, 2)[untouched])
@@ -85,17 +120,16 @@ def test_masked_out_keys_never_change_the_output(
 
 @given(problems(), st.sampled_from(BACKENDS), strategies.seeds)
 def test_permuting_heads_permutes_outputs(
-    problem: tuple[torch.Tensor, torch.Tensor, torch.Tensor, masks.MaskMod | None],
-    backend: Backend,
-    seed: int,
+    device: torch.device, problem: Problem, backend: Backend, seed: int
 ) -> None:
-    q, k, v, mod = problem
+    q, k, v, mod = on(problem, device)
     heads, kv_heads = q.shape[1], k.shape[1]
     group = heads // kv_heads
     generator = torch.Generator().manual_seed(seed)
     kv_perm = torch.randperm(kv_heads, generator=generator)
     # A query head may move anywhere inside the group that shares its key/value head, and groups move together.
     q_perm = torch.cat([kv * group + torch.randperm(group, generator=generator) for kv in kv_perm.tolist()])
+    q_perm, kv_perm = q_perm.to(device), kv_perm.to(device)
     out = run(q, k, v, mod, backend)
     permuted = run(q[:, q_perm], k[:, kv_perm], v[:, kv_perm], mod, backend)
     torch.testing.assert_close(permuted, out[:, q_perm], atol=1e-6, rtol=1e-5)
@@ -103,18 +137,19 @@ def test_permuting_heads_permutes_outputs(
 
 @given(st.integers(1, 24), st.integers(1, 24), st.sampled_from(BACKENDS), strategies.seeds)
 def test_packed_documents_equal_separate_documents(
-    first: int, second: int, backend: Backend, seed: int
+    device: torch.device, first: int, second: int, backend: Backend, seed: int
 ) -> None:
     generator = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, 4, first + second, 8, generator=generator) for _ in range(3))
+    q, k, v = (torch.randn(1, 4, first + second, 8, generator=generator).to(device) for _ in range(3))
     ids = torch.cat([torch.zeros(first, dtype=torch.long), torch.ones(second, dtype=torch.long)])[None]
+    ids = ids.to(device)
     packed = run(q, k, v, masks.combine(masks.causal, masks.document(ids)), backend)
     alone_first = run(q[:, :, :first], k[:, :, :first], v[:, :, :first], None, backend)
     alone_second = run(q[:, :, first:], k[:, :, first:], v[:, :, first:], None, backend)
     torch.testing.assert_close(packed, torch.cat([alone_first, alone_second], dim=2), atol=1e-5, rtol=1e-5)
 
 
-def test_self_attention_grouped_query_matches_repeated_heads() -> None:
+def test_self_attention_grouped_query_matches_repeated_heads(device: torch.device) -> None:
     """GQA with 2 kv heads equals plain multi-head attention whose k/v projections repeat each kv head."""
     generator = torch.Generator().manual_seed(0)
     d, heads, kv_heads, head_dim = 16, 4, 2, 4
@@ -124,22 +159,22 @@ def test_self_attention_grouped_query_matches_repeated_heads() -> None:
 
     params = TensorDict(
         {"q": lin(d), "k": lin(kv_heads * head_dim), "v": lin(kv_heads * head_dim), "o": lin(d)}
-    )
+    ).to(device)
     repeated = params.clone()
     for name in ("k", "v"):
         per_head = params[name, "weight"].unflatten(0, (kv_heads, head_dim))
         repeated[name, "weight"] = per_head.repeat_interleave(heads // kv_heads, 0).flatten(0, 1)
-    x = torch.randn(2, 7, d, generator=generator)
+    x = torch.randn(2, 7, d, generator=generator).to(device)
     grouped = self_attention(params, x, None, heads, kv_heads, "eager")
     torch.testing.assert_close(grouped, self_attention(repeated, x, None, heads, heads, "eager"))
 
 
 @pytest.mark.slow
-def test_compiled_flex_matches_eager_on_packed_documents() -> None:
+def test_compiled_flex_matches_eager_on_packed_documents(device: torch.device) -> None:
     generator = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 256, 32, generator=generator)
-    k, v = (torch.randn(2, 2, 256, 32, generator=generator) for _ in range(2))
-    ids = (torch.arange(256) // 100).expand(2, 256)
+    q = torch.randn(2, 4, 256, 32, generator=generator).to(device)
+    k, v = (torch.randn(2, 2, 256, 32, generator=generator).to(device) for _ in range(2))
+    ids = (torch.arange(256, device=device) // 100).expand(2, 256)
     mod = masks.combine(masks.causal, masks.document(ids))
-    compiled = attention(q, k, v, prepare_mask(mod, 2, 256, 256, "flex"), "flex")
+    compiled = attention(q, k, v, prepare_mask(mod, 2, 256, 256, "flex", device), "flex")
     torch.testing.assert_close(compiled, run(q, k, v, mod, "eager"), atol=1e-5, rtol=1e-5)

@@ -20,15 +20,15 @@ head_dims = st.sampled_from([2, 8, 16, 64])
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, base: float = 10_000.0) -> torch.Tensor:
     """``x`` of shape [batch, heads, seq, head_dim] rotated for ``positions`` of shape [batch, seq]."""
-    cos, sin = rope_angles(positions, rope_frequencies(x.shape[-1], base))
+    cos, sin = rope_angles(positions, rope_frequencies(x.shape[-1], base, device=x.device))
     return apply_rope(x, cos, sin)
 
 
 @given(head_dim=head_dims, seed=strategies.seeds, max_position=st.integers(0, 5000))
-def test_rotation_preserves_norms(head_dim: int, seed: int, max_position: int) -> None:
+def test_rotation_preserves_norms(device: torch.device, head_dim: int, seed: int, max_position: int) -> None:
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, 7, head_dim, generator=generator)
-    positions = torch.randint(0, max_position + 1, (2, 7), generator=generator)
+    x = torch.randn(2, 3, 7, head_dim, generator=generator).to(device)
+    positions = torch.randint(0, max_position + 1, (2, 7), generator=generator).to(device)
     rotated = rotate(x, positions)
     torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
 
@@ -41,15 +41,17 @@ def test_rotation_preserves_norms(head_dim: int, seed: int, max_position: int) -
     shift=st.integers(-2000, 2000),
 )
 def test_scores_depend_only_on_relative_position(
-    head_dim: int, seed: int, query: int, key: int, shift: int
+    device: torch.device, head_dim: int, seed: int, query: int, key: int, shift: int
 ) -> None:
     """<R(m) q, R(n) k> = <R(m + t) q, R(n + t) k> for every shift t (RoFormer section 3.4.2)."""
     shift = max(shift, -min(query, key))  # positions stay non-negative
     generator = torch.Generator().manual_seed(seed)
-    q, k = torch.randn(2, 1, 1, 1, head_dim, generator=generator, dtype=torch.float64)
+    q, k = torch.randn(2, 1, 1, 1, head_dim, generator=generator, dtype=torch.float64).to(device)
 
     def score(m: int, n: int) -> torch.Tensor:
-        return (rotate(q, torch.tensor([[m]])) * rotate(k, torch.tensor([[n]]))).sum()
+        return (
+            rotate(q, torch.tensor([[m]], device=device)) * rotate(k, torch.tensor([[n]], device=device))
+        ).sum()
 
     # Angles are float32, as in transformers: at position 4000 each is good to about 4000 * 2^-24.
     tolerance = 1e-3 * q.norm() * k.norm()
@@ -57,13 +59,16 @@ def test_scores_depend_only_on_relative_position(
 
 
 @given(head_dim=head_dims, seed=strategies.seeds)
-def test_equals_complex_multiplication_in_the_half_split_layout(head_dim: int, seed: int) -> None:
+def test_equals_complex_multiplication_in_the_half_split_layout(
+    device: torch.device, head_dim: int, seed: int
+) -> None:
     """Feature i and feature i + head_dim/2 are the real and imaginary parts of z_i; RoPE is z_i e^(j m theta_i)."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, 9, head_dim, generator=generator, dtype=torch.float64)
-    positions = torch.randint(0, 100, (2, 9), generator=generator)
+    x = torch.randn(2, 3, 9, head_dim, generator=generator, dtype=torch.float64).to(device)
+    positions = torch.randint(0, 100, (2, 9), generator=generator).to(device)
     half = head_dim // 2
-    theta = torch.tensor([10_000.0 ** (-2 * i / head_dim) for i in range(half)], dtype=torch.float64)
+    speeds = [10_000.0 ** (-2 * i / head_dim) for i in range(half)]
+    theta = torch.tensor(speeds, dtype=torch.float64, device=device)
     z = torch.complex(x[..., :half], x[..., half:])
     rotated = z * torch.polar(torch.ones_like(theta), positions[:, None, :, None] * theta)
     expected = torch.cat([rotated.real, rotated.imag], dim=-1)
@@ -72,9 +77,9 @@ def test_equals_complex_multiplication_in_the_half_split_layout(head_dim: int, s
     torch.testing.assert_close(rotate(x, positions), expected, atol=1e-4, rtol=1e-5)
 
 
-def test_position_zero_is_the_identity() -> None:
-    x = torch.randn(1, 2, 5, 16)
-    torch.testing.assert_close(rotate(x, torch.zeros(1, 5, dtype=torch.long)), x)
+def test_position_zero_is_the_identity(device: torch.device) -> None:
+    x = torch.randn(1, 2, 5, 16).to(device)
+    torch.testing.assert_close(rotate(x, torch.zeros(1, 5, dtype=torch.long, device=device)), x)
 
 
 def hf_frequencies(rope_parameters: dict[str, float | str], head_dim: int) -> torch.Tensor:
@@ -119,13 +124,13 @@ def test_llama3_scaling_matches_transformers(
     assert torch.equal(rope_frequencies(head_dim, base, scaling), expected)
 
 
-def test_llama3_scaling_has_three_regimes() -> None:
+def test_llama3_scaling_has_three_regimes(device: torch.device) -> None:
     """Closed form: short wavelengths kept, long ones divided by ``factor``, a ramp between (Llama 3 report)."""
     scaling = Llama3Scaling(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
     )
-    plain = rope_frequencies(128, 500_000.0)
-    scaled = rope_frequencies(128, 500_000.0, scaling)
+    plain = rope_frequencies(128, 500_000.0, device=device)
+    scaled = rope_frequencies(128, 500_000.0, scaling, device=device)
     wavelength = 2 * math.pi / plain
     short, long = wavelength < 8192 / 4, wavelength > 8192 / 1
     assert short.any()

@@ -27,9 +27,11 @@ logprob = st.floats(-30.0, 0.0)
     beta=st.floats(0.01, 2.0),
 )
 def test_the_loss_is_eq_7_in_closed_form(
-    values: list[tuple[float, float, float, float]], beta: float
+    device: torch.device, values: list[tuple[float, float, float, float]], beta: float
 ) -> None:
-    pc, pr, rc, rr = (torch.tensor(column, dtype=torch.float64) for column in zip(*values, strict=True))
+    pc, pr, rc, rr = (
+        torch.tensor(column, dtype=torch.float64, device=device) for column in zip(*values, strict=True)
+    )
     loss, metrics = dpo.dpo_loss(pc, pr, rc, rr, beta)
     # The difference of the implied rewards, in the code's order of operations so that signs agree at zero.
     margins = [beta * (a - c) - beta * (b - d) for a, b, c, d in values]
@@ -40,10 +42,9 @@ def test_the_loss_is_eq_7_in_closed_form(
     assert float(metrics["accuracy"]) == sum(m > 0 for m in margins) / len(margins)
 
 
-def test_a_hand_computed_pair() -> None:
-    loss, metrics = dpo.dpo_loss(
-        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5
-    )
+def test_a_hand_computed_pair(device: torch.device) -> None:
+    pc, pr, rc, rr = (torch.tensor([x], device=device) for x in (-1.0, -3.0, -2.0, -2.0))
+    loss, metrics = dpo.dpo_loss(pc, pr, rc, rr, beta=0.5)
     # margin = 0.5 * ((-1 + 2) - (-3 + 2)) = 1
     assert float(loss) == pytest.approx(math.log(1 + math.exp(-1)))
     assert float(metrics["reward_chosen"]) == pytest.approx(0.5)
@@ -51,23 +52,25 @@ def test_a_hand_computed_pair() -> None:
     assert float(metrics["accuracy"]) == 1.0
 
 
-def test_the_gradient_pushes_chosen_up_and_rejected_down() -> None:
-    pc, pr = torch.tensor([-5.0, -1.0], requires_grad=True), torch.tensor([-4.0, -9.0], requires_grad=True)
-    loss, _ = dpo.dpo_loss(pc, pr, torch.tensor([-5.0, -2.0]), torch.tensor([-5.0, -8.0]), beta=0.1)
+def test_the_gradient_pushes_chosen_up_and_rejected_down(device: torch.device) -> None:
+    pc = torch.tensor([-5.0, -1.0], device=device, requires_grad=True)
+    pr = torch.tensor([-4.0, -9.0], device=device, requires_grad=True)
+    rc, rr = torch.tensor([-5.0, -2.0], device=device), torch.tensor([-5.0, -8.0], device=device)
+    loss, _ = dpo.dpo_loss(pc, pr, rc, rr, beta=0.1)
     loss.backward()
     assert pc.grad is not None
     assert pr.grad is not None
     assert bool((pc.grad < 0).all())  # descent raises log pi(chosen)
     assert bool((pr.grad > 0).all())  # and lowers log pi(rejected)
     # d/d(pc) of -log sigmoid(beta * m) = -beta * sigmoid(-beta * m), summed over the mean's 1/n.
-    margin = 0.1 * ((pc - torch.tensor([-5.0, -2.0])) - (pr - torch.tensor([-5.0, -8.0]))).detach()
+    margin = 0.1 * ((pc - rc) - (pr - rr)).detach()
     torch.testing.assert_close(pc.grad, -0.1 * torch.sigmoid(-margin) / 2)
 
 
-def run_dpo(steps: int) -> tuple[list[dict[str, float]], torch.Tensor, torch.Tensor]:
-    reference = llama.init(CONFIG, seed=0)
+def run_dpo(steps: int, device: torch.device) -> tuple[list[dict[str, float]], torch.Tensor, torch.Tensor]:
+    reference = llama.init(CONFIG, seed=0, device=device)
     before = reference.clone()
-    batch = dpo.preference_batch(PROMPTS, CHOSEN, REJECTED)
+    batch = dpo.preference_batch(PROMPTS, CHOSEN, REJECTED, device)
     state = step.init_state(reference.clone())
     history = []
     for _ in range(steps):
@@ -88,8 +91,8 @@ def run_dpo(steps: int) -> tuple[list[dict[str, float]], torch.Tensor, torch.Ten
     return history, logprobs - reference_logprobs, batch.tokens
 
 
-def test_training_widens_the_margin_and_leaves_the_reference_alone() -> None:
-    history, log_ratios, _ = run_dpo(steps=15)
+def test_training_widens_the_margin_and_leaves_the_reference_alone(device: torch.device) -> None:
+    history, log_ratios, _ = run_dpo(steps=15, device=device)
     first, last = history[0], history[-1]
     # Policy == reference at the start: every implied reward is zero and the loss is log 2.
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)

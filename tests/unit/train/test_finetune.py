@@ -62,20 +62,20 @@ def test_masked_batch_targets_are_the_next_tokens_and_learned_only_where_flagged
                 assert (int(batch.tokens[row, t]), int(batch.targets[row, t])) == (ids[t], ids[t + 1])
 
 
-def test_prompt_tokens_get_exactly_zero_gradient() -> None:
+def test_prompt_tokens_get_exactly_zero_gradient(device: torch.device) -> None:
     """Changing what a prompt position "should" predict (its target) changes neither the loss nor the grads."""
     config = finetune_fixtures.CONFIG
-    params = llama.init(config, 0)
+    params = llama.init(config, 0, device)
     forward = bind(llama.forward, config=config)
     rows = [
         finetune.sft_example(TOKENIZER, CONVERSATION, 512, "a"),
         finetune.sft_example(TOKENIZER, CONVERSATION[:3], 512, "b"),
     ]
-    batch = finetune.masked_batch(rows)
+    batch = finetune.masked_batch(rows).to(device)
     assert batch.targets is not None
     assert batch.loss_mask is not None
     generator = torch.Generator().manual_seed(0)
-    noise = torch.randint(0, config.vocab_size, batch.targets.shape, generator=generator)
+    noise = torch.randint(0, config.vocab_size, batch.targets.shape, generator=generator).to(device)
     perturbed = type(batch)(
         tokens=batch.tokens,
         targets=torch.where(batch.loss_mask, batch.targets, noise),

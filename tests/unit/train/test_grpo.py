@@ -50,12 +50,13 @@ STEP_LR = 1e-2  # the step size of the tests that compare two ways of taking one
         st.lists(st.floats(-10, 10, allow_subnormal=False), min_size=4, max_size=4), min_size=1, max_size=5
     )
 )
-def test_advantages_have_zero_mean_and_unit_spread_per_group(rewards: list[list[float]]) -> None:
-    r = torch.tensor(rewards, dtype=torch.float64)
+def test_advantages_have_zero_mean_and_unit_spread_per_group(
+    device: torch.device, rewards: list[list[float]]
+) -> None:
+    r = torch.tensor(rewards, dtype=torch.float64, device=device)
     advantages = grpo.group_advantages(r, eps=1e-8)
-    torch.testing.assert_close(
-        advantages.mean(-1), torch.zeros(len(rewards), dtype=torch.float64), atol=1e-6, rtol=0
-    )
+    zeros = torch.zeros(len(rewards), dtype=torch.float64, device=device)
+    torch.testing.assert_close(advantages.mean(-1), zeros, atol=1e-6, rtol=0)
     for row, group in zip(advantages, rewards, strict=True):
         mean = sum(group) / len(group)
         std = math.sqrt(sum((x - mean) ** 2 for x in group) / len(group))
@@ -94,7 +95,9 @@ def naive_loss(
 
 
 @given(seed=st.integers(0, 2**31), beta=st.sampled_from([0.0, 0.04, 0.5]), eps=st.sampled_from([0.1, 0.2]))
-def test_the_clipped_objective_matches_a_naive_loop(seed: int, beta: float, eps: float) -> None:
+def test_the_clipped_objective_matches_a_naive_loop(
+    device: torch.device, seed: int, beta: float, eps: float
+) -> None:
     generator = torch.Generator().manual_seed(seed)
     shape = (3, 5)
     old = -torch.rand(shape, generator=generator, dtype=torch.float64) * 3
@@ -103,6 +106,7 @@ def test_the_clipped_objective_matches_a_naive_loop(seed: int, beta: float, eps:
     ref = old + torch.randn(shape, generator=generator, dtype=torch.float64) * 0.3
     advantages = torch.randn(3, generator=generator, dtype=torch.float64)
     mask = torch.rand(shape, generator=generator) > 0.3
+    old, logprobs, ref, advantages, mask = (t.to(device) for t in (old, logprobs, ref, advantages, mask))
     loss, metrics = grpo.grpo_loss(logprobs, old, advantages, mask, eps, None, beta, ref)
     assert float(loss) == pytest.approx(
         naive_loss(logprobs, old, advantages, mask, eps, beta, ref), abs=1e-10
@@ -115,9 +119,11 @@ def test_the_clipped_objective_matches_a_naive_loop(seed: int, beta: float, eps:
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_the_first_pass_gradient_is_the_plain_policy_gradient(temperature: float) -> None:
+def test_the_first_pass_gradient_is_the_plain_policy_gradient(
+    device: torch.device, temperature: float
+) -> None:
     """Of the sampling distribution softmax(logits / temperature), whatever the temperature."""
-    params = llama.init(CONFIG, seed=0)
+    params = llama.init(CONFIG, seed=0, device=device)
     config = GRPO.model_copy(update={"kl_beta": 0.1, "sampling": Sampling(temperature=temperature)})
     sampled = rollout(params, config, seed=1, reference=params)
     assert sampled.batch.loss_mask is not None
@@ -147,9 +153,9 @@ def test_the_first_pass_gradient_is_the_plain_policy_gradient(temperature: float
     )
 
 
-def test_kl_is_zero_at_the_reference_and_positive_away_from_it() -> None:
-    params = llama.init(CONFIG, seed=0)
-    other = llama.init(CONFIG, seed=1)
+def test_kl_is_zero_at_the_reference_and_positive_away_from_it(device: torch.device) -> None:
+    params = llama.init(CONFIG, seed=0, device=device)
+    other = llama.init(CONFIG, seed=1, device=device)
     config = GRPO.model_copy(update={"kl_beta": 0.5})
     at_reference = rollout(params, config, seed=2, reference=params)
     assert torch.equal(at_reference.reference_logprobs, at_reference.old_logprobs)  # type: ignore[arg-type]
@@ -165,8 +171,8 @@ def test_a_kl_penalty_without_a_reference_is_an_error() -> None:
         rollout(llama.init(CONFIG, seed=0), GRPO.model_copy(update={"kl_beta": 0.1}), seed=0)
 
 
-def test_rollouts_are_seeded_and_laid_out_prompt_major() -> None:
-    params = llama.init(CONFIG, seed=0)
+def test_rollouts_are_seeded_and_laid_out_prompt_major(device: torch.device) -> None:
+    params = llama.init(CONFIG, seed=0, device=device)
     every = GRPO.model_copy(update={"skip_uniform_groups": False})
     first, again = rollout(params, every, seed=5), rollout(params, every, seed=5)
     assert first.completions == again.completions
@@ -186,8 +192,8 @@ def test_rollouts_are_seeded_and_laid_out_prompt_major() -> None:
         assert all(token != 0 for token in completion[:-1])  # generation stopped at the stop token
 
 
-def test_a_tiny_model_learns_to_say_three() -> None:
-    params = llama.init(CONFIG, seed=0)
+def test_a_tiny_model_learns_to_say_three(device: torch.device) -> None:
+    params = llama.init(CONFIG, seed=0, device=device)
     state = step.init_state(params)
     adamw = optim.AdamWConfig(lr=2e-2, weight_decay=0.0)
     decay = optim.decay_mask(params)
@@ -221,10 +227,10 @@ def assert_same_step(
 
 
 @pytest.mark.parametrize("micro_batch", [1, 5])
-def test_micro_batches_give_the_full_batch_step(micro_batch: int) -> None:
+def test_micro_batches_give_the_full_batch_step(device: torch.device, micro_batch: int) -> None:
     """Scoring and differentiating a rollout a few rows at a time changes nothing but the memory it needs."""
-    params = llama.init(CONFIG, seed=0)
-    other = llama.init(CONFIG, seed=1)
+    params = llama.init(CONFIG, seed=0, device=device)
+    other = llama.init(CONFIG, seed=1, device=device)
     whole = GRPO.model_copy(update={"kl_beta": 0.1, "micro_batch": 1000})
     split = whole.model_copy(update={"micro_batch": micro_batch})
     full, chunked = (rollout(params, c, seed=3, reference=other) for c in (whole, split))
@@ -242,9 +248,9 @@ def test_micro_batches_give_the_full_batch_step(micro_batch: int) -> None:
     assert_same_step(*results)
 
 
-def test_uniform_groups_are_left_out_and_the_rest_keep_their_gradient() -> None:
+def test_uniform_groups_are_left_out_and_the_rest_keep_their_gradient(device: torch.device) -> None:
     """Dropping zero-advantage groups only rescales the gradient: by all completion tokens over the kept ones."""
-    params = llama.init(CONFIG, seed=0)
+    params = llama.init(CONFIG, seed=0, device=device)
     every = GRPO.model_copy(update={"skip_uniform_groups": False})
 
     def uniform_groups(r: grpo.Rollout) -> torch.Tensor:
@@ -274,9 +280,9 @@ def test_uniform_groups_are_left_out_and_the_rest_keep_their_gradient() -> None:
         torch.testing.assert_close(grad_kept.get(key), grad_full.get(key) * scale, atol=1e-6, rtol=1e-4)
 
 
-def test_a_single_pass_needs_no_old_logprobs() -> None:
+def test_a_single_pass_needs_no_old_logprobs(device: torch.device) -> None:
     """Without the old log-probs' forward, the first pass takes the same step: the ratio is one either way."""
-    params = llama.init(CONFIG, seed=0)
+    params = llama.init(CONFIG, seed=0, device=device)
     adamw = optim.AdamWConfig(lr=STEP_LR, weight_decay=0.0)
     decay = optim.decay_mask(params)
     scored, unscored = (rollout(params, GRPO, seed=3, score_old=old) for old in (True, False))
@@ -291,8 +297,8 @@ def test_a_single_pass_needs_no_old_logprobs() -> None:
     assert_same_step(first, second)
 
 
-def test_a_rollout_with_no_informative_group_steps_on_zero_gradients() -> None:
-    params = llama.init(CONFIG, seed=0)
+def test_a_rollout_with_no_informative_group_steps_on_zero_gradients(device: torch.device) -> None:
+    params = llama.init(CONFIG, seed=0, device=device)
     sampled = grpo.sample_rollout(
         params,
         PROMPTS,
@@ -323,10 +329,10 @@ def test_a_rollout_with_no_informative_group_steps_on_zero_gradients() -> None:
         assert torch.equal(state["params"].get(key), params.get(key))  # zero moments: AdamW moves nothing
 
 
-def test_the_sampler_generates_and_params_score() -> None:
+def test_the_sampler_generates_and_params_score(device: torch.device) -> None:
     """A bfloat16 copy (here of another model, to tell them apart) samples; ``params`` gives the log-probs."""
-    params = llama.init(CONFIG, seed=0)
-    other = llama.init(CONFIG, seed=1).to(torch.bfloat16)
+    params = llama.init(CONFIG, seed=0, device=device)
+    other = llama.init(CONFIG, seed=1, device=device).to(torch.bfloat16)
     sampled = rollout(params, GRPO, seed=3, sampler=other)
     assert sampled.completions == rollout(other, GRPO, seed=3).completions
     assert sampled.old_logprobs is not None

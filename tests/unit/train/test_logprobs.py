@@ -1,11 +1,13 @@
 """Sequence log-probs against a naive loop, and the completion batch against the layout it promises."""
 
 import math
+from functools import cache
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tensordict import TensorDict
 
 from zmaj.models import llama
 from zmaj.models.common import Batch
@@ -14,9 +16,14 @@ from zmaj.train.logprobs import completion_batch, sequence_logprobs, token_logpr
 CONFIG = llama.LlamaConfig(
     vocab_size=16, context=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, init_std=0.2
 )
-PARAMS = llama.init(CONFIG, seed=0)
 
 token_lists = st.lists(st.integers(0, 15), min_size=1, max_size=6)
+
+
+@cache
+def params(device: torch.device) -> TensorDict:
+    """The model every test scores with, built once per device."""
+    return llama.init(CONFIG, seed=0, device=device)
 
 
 @given(
@@ -25,26 +32,26 @@ token_lists = st.lists(st.integers(0, 15), min_size=1, max_size=6)
     )
 )
 def test_sequence_logprobs_equal_a_loop_over_each_pair_alone(
-    prompts_and_completions: list[tuple[list[int], list[int]]],
+    device: torch.device, prompts_and_completions: list[tuple[list[int], list[int]]]
 ) -> None:
     prompts = [p for p, _ in prompts_and_completions]
     completions = [c for _, c in prompts_and_completions]
-    batch = completion_batch(prompts, completions)
-    got = sequence_logprobs(llama.forward(PARAMS, batch, CONFIG), batch)
+    batch = completion_batch(prompts, completions, device)
+    got = sequence_logprobs(llama.forward(params(device), batch, CONFIG), batch)
     for row, (prompt, completion) in enumerate(prompts_and_completions):
         # Each pair alone, unpadded: log p(c_i | prompt, c_<i) summed one token at a time.
         expected = 0.0
         for i, token in enumerate(completion):
-            context = torch.tensor([prompt + completion[:i]])
-            logits = llama.forward(PARAMS, Batch(tokens=context), CONFIG)[0, -1].double()
+            context = torch.tensor([prompt + completion[:i]], device=device)
+            logits = llama.forward(params(device), Batch(tokens=context), CONFIG)[0, -1].double()
             expected += float(torch.log_softmax(logits, -1)[token])
         assert float(got[row]) == pytest.approx(expected, abs=1e-4)
 
 
-def test_token_logprobs_read_the_log_softmax_at_each_target() -> None:
+def test_token_logprobs_read_the_log_softmax_at_each_target(device: torch.device) -> None:
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 3, 5, generator=generator)
-    targets = torch.randint(0, 5, (2, 3), generator=generator)
+    logits = torch.randn(2, 3, 5, generator=generator).to(device)
+    targets = torch.randint(0, 5, (2, 3), generator=generator).to(device)
     got = token_logprobs(logits, targets)
     for b in range(2):
         for s in range(3):

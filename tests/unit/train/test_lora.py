@@ -1,9 +1,11 @@
 """LoRA: a zero B is the base model, merged equals unmerged, only the adapters learn, and they do learn."""
 
+from functools import cache
+
 import pytest
 import torch
 import torch.nn.functional as F
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 
 from zmaj.models import llama
 from zmaj.models.common import Batch
@@ -13,28 +15,33 @@ from zmaj.train.logprobs import completion_batch
 CONFIG = llama.LlamaConfig(
     vocab_size=32, context=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, init_std=0.1
 )
-BASE = llama.init(CONFIG, seed=0)
 FORWARD = step.bind(llama.forward, config=CONFIG)
 LORA = lora.LoraConfig(rank=4, alpha=8.0, targets=("attn.q", "attn.v", "mlp.*"), seed=1)
 
 
-def make_batch(seed: int, rows: int = 3, seq: int = 12) -> Batch:
+@cache
+def base(device: torch.device) -> TensorDict:
+    """The frozen model every test adapts, built once per device."""
+    return llama.init(CONFIG, seed=0, device=device)
+
+
+def make_batch(seed: int, device: torch.device, rows: int = 3, seq: int = 12) -> Batch:
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 32, (rows, seq + 1), generator=generator)
     return Batch(
         tokens=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=torch.ones(rows, seq, dtype=torch.bool)
-    )
+    ).to(device)
 
 
-def random_adapters(seed: int) -> TensorDictBase:
+def random_adapters(seed: int, device: torch.device) -> TensorDictBase:
     """Adapters with B non-zero too, so that the update is not trivially zero."""
     generator = torch.Generator().manual_seed(seed)
-    adapters = lora.init_adapters(BASE, LORA)
-    return adapters.apply(lambda t: torch.randn(t.shape, generator=generator) * 0.2)  # type: ignore[return-value]
+    adapters = lora.init_adapters(base(device), LORA)
+    return adapters.apply(lambda t: torch.randn(t.shape, generator=generator).to(device) * 0.2)  # type: ignore[return-value]
 
 
-def test_targets_select_the_named_matrices_and_shapes_stack_over_layers() -> None:
-    adapters = lora.init_adapters(BASE, LORA)
+def test_targets_select_the_named_matrices_and_shapes_stack_over_layers(device: torch.device) -> None:
+    adapters = lora.init_adapters(base(device), LORA)
     paths = sorted(".".join(key[:-1]) for key in adapters.keys(True, True) if key[-1] == "a")
     assert paths == ["attn.q", "attn.v", "mlp.down", "mlp.gate", "mlp.up"]
     assert adapters["attn", "q", "a"].shape == (2, 4, 32)
@@ -46,54 +53,60 @@ def test_targets_select_the_named_matrices_and_shapes_stack_over_layers() -> Non
 
 def test_a_pattern_that_matches_nothing_is_an_error_naming_it_and_the_choices() -> None:
     with pytest.raises(ValueError, match=r"'attn\.qq'.*attn\.k.*mlp\.up"):
-        lora.init_adapters(BASE, lora.LoraConfig(targets=("attn.q", "attn.qq")))
+        lora.init_adapters(base(torch.device("cpu")), lora.LoraConfig(targets=("attn.q", "attn.qq")))
 
 
-def test_zero_b_is_exactly_the_base_model() -> None:
-    adapters = lora.init_adapters(BASE, LORA)
-    batch = make_batch(0)
-    base_logits = FORWARD(BASE, batch, dropout_seed=None)
+def test_zero_b_is_exactly_the_base_model(device: torch.device) -> None:
+    frozen = base(device)
+    adapters = lora.init_adapters(frozen, LORA)
+    batch = make_batch(0, device)
+    base_logits = FORWARD(frozen, batch, dropout_seed=None)
     for merged in (True, False):
-        logits = lora.lora_forward(FORWARD, BASE, LORA, merged=merged)(adapters, batch, dropout_seed=None)
+        logits = lora.lora_forward(FORWARD, frozen, LORA, merged=merged)(adapters, batch, dropout_seed=None)
         assert torch.equal(logits, base_logits)
 
 
-def test_merged_equals_unmerged_and_both_change_the_model() -> None:
-    adapters = random_adapters(3)
-    batch = make_batch(1)
-    merged = lora.lora_forward(FORWARD, BASE, LORA, merged=True)(adapters, batch, dropout_seed=None)
-    unmerged = lora.lora_forward(FORWARD, BASE, LORA, merged=False)(adapters, batch, dropout_seed=None)
+def test_merged_equals_unmerged_and_both_change_the_model(device: torch.device) -> None:
+    frozen = base(device)
+    adapters = random_adapters(3, device)
+    batch = make_batch(1, device)
+    merged = lora.lora_forward(FORWARD, frozen, LORA, merged=True)(adapters, batch, dropout_seed=None)
+    unmerged = lora.lora_forward(FORWARD, frozen, LORA, merged=False)(adapters, batch, dropout_seed=None)
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
-    assert (merged - FORWARD(BASE, batch, dropout_seed=None)).abs().max() > 1e-2
+    assert (merged - FORWARD(frozen, batch, dropout_seed=None)).abs().max() > 1e-2
 
 
-def test_merge_adds_the_scaled_product_and_leaves_the_inputs_alone() -> None:
-    adapters = random_adapters(4)
-    before = BASE.clone()
-    merged = lora.merge(BASE, adapters, LORA)
+def test_merge_adds_the_scaled_product_and_leaves_the_inputs_alone(device: torch.device) -> None:
+    frozen = base(device)
+    adapters = random_adapters(4, device)
+    before = frozen.clone()
+    merged = lora.merge(frozen, adapters, LORA)
     for layer in range(2):
-        expected = BASE["blocks", "attn", "q", "weight"][layer] + 2.0 * (
+        expected = frozen["blocks", "attn", "q", "weight"][layer] + 2.0 * (
             adapters["attn", "q", "b"][layer] @ adapters["attn", "q", "a"][layer]
         )
         torch.testing.assert_close(merged["blocks", "attn", "q", "weight"][layer], expected)
-    assert torch.equal(merged["blocks", "attn", "k", "weight"], BASE["blocks", "attn", "k", "weight"])
-    assert (before == BASE).all()
-    assert "lora_a" not in BASE["blocks", "attn", "q"]
+    assert torch.equal(merged["blocks", "attn", "k", "weight"], frozen["blocks", "attn", "k", "weight"])
+    assert (before == frozen).all()
+    assert "lora_a" not in frozen["blocks", "attn", "q"]
 
 
 @pytest.mark.parametrize("merged", [True, False])
-def test_gradients_reach_the_adapters_only_and_match_finite_differences(merged: bool) -> None:
-    adapters = random_adapters(5)
-    forward = lora.lora_forward(FORWARD, BASE, LORA, merged=merged)
-    batch = make_batch(2)
+def test_gradients_reach_the_adapters_only_and_match_finite_differences(
+    device: torch.device, merged: bool
+) -> None:
+    frozen = base(device)
+    adapters = random_adapters(5, device)
+    forward = lora.lora_forward(FORWARD, frozen, LORA, merged=merged)
+    batch = make_batch(2, device)
     grads, _, _ = step.accumulate_grads(adapters, [batch], forward, [None])
     assert set(grads.keys(True, True)) == set(adapters.keys(True, True))
     assert all(bool(g.abs().sum() > 0) for g in grads.values(True, True))
     # The base's tensors never enter autograd: they are constants of the closure.
-    assert not any(t.requires_grad for t in BASE.values(True, True))
+    assert not any(t.requires_grad for t in frozen.values(True, True))
     # One directional derivative by central differences (float64), against the gradient's prediction.
-    direction = random_adapters(7)
-    base64, adapters64, direction64 = BASE.double(), adapters.double(), direction.double()
+    direction = random_adapters(7, device)
+    base64, adapters64, direction64 = frozen.double(), adapters.double(), direction.double()
     forward64 = lora.lora_forward(FORWARD, base64, LORA, merged=merged)
 
     def loss_at(shift: float) -> float:
@@ -108,12 +121,13 @@ def test_gradients_reach_the_adapters_only_and_match_finite_differences(merged: 
     assert analytic == pytest.approx(numeric, rel=1e-3)
 
 
-def test_train_step_over_adapters_lowers_the_loss_and_keeps_the_base() -> None:
-    adapters = lora.init_adapters(BASE, LORA)
+def test_train_step_over_adapters_lowers_the_loss_and_keeps_the_base(device: torch.device) -> None:
+    frozen = base(device)
+    adapters = lora.init_adapters(frozen, LORA)
     state = step.init_state(adapters)
-    forward = lora.lora_forward(FORWARD, BASE, LORA)
-    batch = completion_batch([[1, 2, 3]] * 2, [[7, 8, 9, 10, 11], [12, 13, 14]])
-    before = BASE.clone()
+    forward = lora.lora_forward(FORWARD, frozen, LORA)
+    batch = completion_batch([[1, 2, 3]] * 2, [[7, 8, 9, 10, 11], [12, 13, 14]], device)
+    before = frozen.clone()
     config = optim.AdamWConfig(lr=1e-2, weight_decay=0.0)
     losses = []
     for _ in range(25):
@@ -129,5 +143,5 @@ def test_train_step_over_adapters_lowers_the_loss_and_keeps_the_base() -> None:
         losses.append(float(metrics["loss"]))
     assert losses[0] > 3.0
     assert losses[-1] < 0.5 * losses[0]
-    assert (before == BASE).all()
+    assert (before == frozen).all()
     assert set(state["params"].keys(True, True)) == set(adapters.keys(True, True))

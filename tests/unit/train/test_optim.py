@@ -14,8 +14,8 @@ from zmaj.train import optim
 CONFIG = gpt.GPTConfig(vocab_size=40, context=16, d_model=16, n_layers=2, n_heads=2)
 
 
-def test_adamw_matches_torch_over_20_steps() -> None:
-    params = gpt.init(CONFIG, seed=0)
+def test_adamw_matches_torch_over_20_steps(device: torch.device) -> None:
+    params = gpt.init(CONFIG, seed=0, device=device)
     config = optim.AdamWConfig(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=None)
     decay = optim.decay_mask(params)
     keys = list(params.keys(True, True))
@@ -35,7 +35,7 @@ def test_adamw_matches_torch_over_20_steps() -> None:
     generator = torch.Generator().manual_seed(0)
     for step in range(20):
         lr = 3e-3 * (1 - step / 40)
-        grads = params.apply(lambda t: torch.randn(t.shape, generator=generator))
+        grads = params.apply(lambda t: torch.randn(t.shape, generator=generator).to(device))
         assert grads is not None
         params, state = optim.adamw_update(params, grads, state, config, lr, decay)
         for group in torch_adamw.param_groups:
@@ -47,8 +47,8 @@ def test_adamw_matches_torch_over_20_steps() -> None:
         assert (params.get(k) - p.detach()).abs().max().item() <= 1e-6, k
 
 
-def test_decay_mask_counts_rank_without_the_layer_axis() -> None:
-    decay = optim.decay_mask(gpt.init(CONFIG, seed=0))
+def test_decay_mask_counts_rank_without_the_layer_axis(device: torch.device) -> None:
+    decay = optim.decay_mask(gpt.init(CONFIG, seed=0, device=device))
     assert (decay["embed", "weight"] == 1.0).all()
     assert (decay["blocks", "attn", "q", "weight"] == 1.0).all()
     assert (decay["blocks", "attn", "q", "bias"] == 0.0).all()  # [n_layers, d] is a stack of vectors
@@ -57,11 +57,11 @@ def test_decay_mask_counts_rank_without_the_layer_axis() -> None:
 
 
 @given(st.floats(0.01, 10.0), st.integers(0, 2**16))
-def test_clipping_matches_torch(max_norm: float, seed: int) -> None:
+def test_clipping_matches_torch(device: torch.device, max_norm: float, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     grads = TensorDict(
         {"a": torch.randn(5, 3, generator=generator), "b": {"c": torch.randn(7, generator=generator)}}
-    )
+    ).to(device)
     norm = optim.global_norm(grads)
     clipped = optim.clip_by_global_norm(grads, max_norm, norm)
     tensors = [grads["a"].clone(), grads["b", "c"].clone()]
