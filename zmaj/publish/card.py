@@ -32,8 +32,9 @@ HUB_IDS = {
 }
 """The Hub repositories of the shipped models (``zmaj.convert.load.PYPI_MODELS``), for ``base_model``."""
 
-CURVES = ("loss.png", "curves.png")
-"""The plots the programs leave in a run folder: pre-training's loss curve, fine-tuning's loss and accuracy."""
+CURVES = ("curves.png", "loss.png")
+"""The plot a run folder holds: ``curves.png`` (every training program), or ``loss.png`` (pre-training runs
+written before the programs shared one loop)."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,10 @@ class Run:
         if self.kind == "pretraining":
             train, data = self.spec["train"], self.spec["data"]
             return self.steps * int(train["batch_size"] * train.get("grad_accum", 1) * data["seq_len"])
-        counts = [r["assistant_tokens"] for r in self.metrics if "assistant_tokens" in r]
-        return int(sum(counts)) if counts else None
+        # "tokens" since the programs share one loop; "assistant_tokens" in SFT runs written before.
+        counts = [r.get("tokens", r.get("assistant_tokens")) for r in self.metrics if "loss" in r]
+        known = [count for count in counts if count is not None]
+        return int(sum(known)) if known else None
 
     @property
     def wall_seconds(self) -> float | None:
