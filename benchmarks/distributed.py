@@ -11,7 +11,7 @@ the imports alone took) with the state elements it holds. Run by hand:
     uv run python benchmarks/distributed.py            # the benchmark shape, a few minutes
     uv run python benchmarks/distributed.py --quick    # a tiny model: is everything wired up?
 
-Writes ``benchmarks/results/distributed.md``. The workers are this file run with ``--worker`` (by ``torchrun`` for
+Writes ``benchmarks/results/distributed_<dtype>.md``. The workers are this file run with ``--worker`` (by ``torchrun`` for
 the multi-process layouts).
 """
 
@@ -200,8 +200,9 @@ def main() -> None:
     print(title)
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    command = "uv run python benchmarks/distributed.py" + (" --quick" if args.quick else "")
-    (RESULTS / "distributed.md").write_text(f"{header}\n\n`{command}`\n\n{title}\n\n{table}\n")
+    command = " ".join(["uv run python benchmarks/distributed.py", *sys.argv[1:]])
+    name = f"distributed_{records[0]['dtype']}" + ("_quick" if args.quick else "")
+    (RESULTS / f"{name}.md").write_text(f"{header}\n\n`{command}`\n\n{title}\n\n{table}\n")
 
 
 if __name__ == "__main__":
