@@ -49,7 +49,7 @@ class Command:
     line: str
     """As README shows it (continuation lines joined, comment dropped): the test's id and its messages'."""
     launcher: str
-    """``uv run`` or ``torchrun``."""
+    """``uv run``, ``torchrun`` or ``bash``."""
     launcher_args: tuple[str, ...]
     """The launcher's own options (``--nproc-per-node 2``)."""
     program: str
@@ -74,6 +74,10 @@ def readme_commands(text: str) -> list[Command]:
 
 def parse(line: str, words: list[str]) -> Command:
     """``uv run PROGRAM ARGS`` or ``torchrun [OPTIONS] PROGRAM.py ARGS``; anything else is README's error."""
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # VAR=value before a command
+        words = words[1:]
+    if words[:1] == ["bash"] and len(words) > 1:
+        return Command(line, "bash", (), words[1], tuple(words[2:]))
     if words[:3] == ["uv", "run", "torchrun"]:
         words = words[2:]
     elif words[:2] == ["uv", "run"] and len(words) > 2:
@@ -82,7 +86,7 @@ def parse(line: str, words: list[str]) -> Command:
         script = scripts[0]
         return Command(line, "torchrun", tuple(words[1:script]), words[script], tuple(words[script + 1 :]))
     raise ValueError(
-        f"README shows `{line}`, neither `uv run ...` nor `torchrun ...`: this test cannot run it"
+        f"README shows `{line}`, neither `uv run ...`, `torchrun ...` nor `bash SCRIPT`: this test cannot run it"
     )
 
 

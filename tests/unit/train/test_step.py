@@ -74,7 +74,8 @@ FLEX_UNDER_FUNC_GRAD = (
 
 
 @pytest.mark.parametrize(
-    "attention", ["sdpa", pytest.param("flex", marks=pytest.mark.xfail(reason=FLEX_UNDER_FUNC_GRAD, strict=True))]
+    "attention",
+    ["sdpa", pytest.param("flex", marks=pytest.mark.xfail(reason=FLEX_UNDER_FUNC_GRAD, strict=True))],
 )
 def test_a_tiny_model_overfits_one_batch(device: torch.device, attention: str) -> None:
     if attention == "flex" and device.type == "cpu":
