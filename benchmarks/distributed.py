@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from zmaj.models import gpt
 from zmaj.models.common import Batch
 from zmaj.train import optim, precision
 from zmaj.train.parallel import Parallel, ParallelConfig, tensors
-from zmaj.train.step import UpdateFn, apply_grads, bind, init_state, train_step
+from zmaj.train.step import bind, init_state, step_functions, train_step
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {
@@ -49,7 +48,6 @@ def worker(args: argparse.Namespace) -> None:
     """Train ``args.steps`` steps in this process's layout and append one JSON line of measurements per rank."""
     config = SHAPES[args.shape]
     parallel = Parallel.from_environment(ParallelConfig(kind=args.kind), torch.device(args.device))
-    parallel = replace(parallel, kind=args.kind)
     device = parallel.device
     dtype = precision.resolve(args.precision, device)
     imported_rss = (
@@ -62,16 +60,17 @@ def worker(args: argparse.Namespace) -> None:
     batch = Batch(tokens=tokens[mine[0] : mine[-1] + 1, :-1], targets=tokens[mine[0] : mine[-1] + 1, 1:]).to(
         device
     )
-    update: UpdateFn = partial(apply_grads, donate=True)
+    grad_fn, update_fn = step_functions(compile=False)  # as programs/pretrain.py runs an eager step
     step = partial(
         train_step,
-        forward=parallel.forward(bind(gpt.forward, config=config)),
+        forward=parallel.forward(bind(gpt.forward, config=config), dtype),
         optimizer=optim.AdamWConfig(lr=1e-3),
         lr=1e-3,
         decay=optim.decay_mask(state["params"]),
         seed=0,
         autocast=precision.autocast(dtype, device),
-        update_fn=update,
+        grad_fn=grad_fn,
+        update_fn=update_fn,
         parallel=parallel,
     )
 

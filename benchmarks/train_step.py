@@ -303,9 +303,7 @@ def zmaj_step(shape: Shape, compiled: bool, dtype: torch.dtype, batch: Batch) ->
     decay = optim.decay_mask(state["params"])
     autocast = precision.autocast(dtype, device)
 
-    grad_fn = step.deterministic(torch.compile(step.accumulate_grads)) if compiled else step.accumulate_grads
-    update: step.UpdateFn = partial(step.apply_grads, donate=True)  # as programs/pretrain.py
-    update_fn = torch.compile(update, fullgraph=True) if compiled else update
+    grad_fn, update_fn = step.step_functions(compiled)  # as programs/pretrain.py
 
     def run() -> Tensor:
         nonlocal state

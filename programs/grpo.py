@@ -31,7 +31,8 @@ def main() -> None:
     args = finetune.cli(__doc__).parse_args()
     with runs.bad_input_exits_2():
         finetune.import_modules(args.imports)
-        spec = runs.read_spec(GRPOSpec, args, finetune.FROZEN)
+        # Checkpoints count optimizer steps, passes per GRPO step: a resume may not change how many.
+        spec = runs.read_spec(GRPOSpec, args, (*finetune.FROZEN, "train.passes"))
         parallel = runs.join(spec.train)
     with runs.bad_input_exits_2(parallel):
         parallel.check_divides(spec.train.prompts_per_step, "train.prompts_per_step")
@@ -40,7 +41,7 @@ def main() -> None:
         reference = finetune.reference_params(spec, begin, parallel.device)
         run = runs.open_run(spec, args, parallel, partial(finetune.write_run_files, spec, begin))
     # A checker that fails on a sample fails on one rank: that rank says so.
-    with run, runs.bad_input_exits_2(errors=(TaskRewardError,)):
+    with run, runs.bad_input_exits_2(errors=(TaskRewardError,), every_rank=True):
         logger.info(f"run folder {run.dir}")
         train(run, begin, params, reference)
 

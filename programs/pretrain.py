@@ -13,7 +13,6 @@ import os
 from functools import partial
 from pathlib import Path
 
-import torch
 from loguru import logger
 from tensordict import TensorDict
 
@@ -26,16 +25,7 @@ from zmaj.train import loop, optim, precision, report, runs
 from zmaj.train.parallel import Parallel
 from zmaj.train.runs import Run
 from zmaj.train.spec import PretrainSpec, SpecError
-from zmaj.train.step import (
-    UpdateFn,
-    accumulate_grads,
-    apply_grads,
-    bind,
-    deterministic,
-    held_out,
-    init_state,
-    train_step,
-)
+from zmaj.train.step import bind, held_out, init_state, step_functions, train_step
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "pretrain" / "stdlib-tiny.yaml"
 
@@ -78,14 +68,10 @@ def train(run: Run[PretrainSpec], data: Prepared) -> None:
     logger.info(
         f"{len(data.train)} train rows, {len(data.validation)} validation rows of {spec.data.seq_len} tokens"
     )
-    state = run.restore(init_state(gpt.init(spec.model, cfg.seed, device=device)))
+    state = run.restore(init_state(gpt.init(spec.model, cfg.seed)))  # made on the CPU, sharded, moved
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
     forward = bind(gpt.forward, config=spec.model)
-    # Compiled, the embedding gradient's scatter is deterministic only under deterministic algorithms.
-    grad_fn = deterministic(torch.compile(accumulate_grads)) if cfg.compile else accumulate_grads
-    # The loop never reads a state again once its step has run, so the update may write into it (donate).
-    update: UpdateFn = partial(apply_grads, donate=True)
-    update_fn = torch.compile(update, fullgraph=True) if cfg.compile else update
+    grad_fn, update_fn = step_functions(cfg.compile)
     autocast = precision.autocast(run.dtype, device)
 
     step = partial(

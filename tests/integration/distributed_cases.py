@@ -11,20 +11,36 @@ from types import ModuleType
 import torch
 from tensordict import TensorDict
 
-from zmaj.models import gpt, llama
+from zmaj.models import gemma3, gpt, llama
 from zmaj.models.common import Batch
 from zmaj.train import grpo, optim, precision
 from zmaj.train.dpo import dpo_step, preference_batch
-from zmaj.train.logprobs import completion_batch
+from zmaj.train.logprobs import completion_batch, masked_token_logprobs
 from zmaj.train.parallel import Parallel
 from zmaj.train.step import bind, init_state, train_step
 
-MODELS: dict[str, tuple[ModuleType, gpt.GPTConfig | llama.LlamaConfig]] = {
-    "gpt": (gpt, gpt.GPTConfig(vocab_size=64, context=16, d_model=32, n_layers=2, n_heads=2)),
+MODELS: dict[str, tuple[ModuleType, gpt.GPTConfig | llama.LlamaConfig | gemma3.Gemma3Config]] = {
+    # 4 layers, so that a fully sharded step frees and gathers again blocks in the middle of the stack.
+    "gpt": (gpt, gpt.GPTConfig(vocab_size=64, context=16, d_model=32, n_layers=4, n_heads=2)),
     "llama": (
         llama,
         llama.LlamaConfig(
-            vocab_size=64, context=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48
+            vocab_size=64, context=16, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=48
+        ),
+    ),
+    "gemma3": (
+        gemma3,
+        gemma3.Gemma3Config(
+            vocab_size=64,
+            context=16,
+            d_model=32,
+            n_layers=4,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=16,
+            d_ff=48,
+            sliding_window=4,
+            layer_types=("sliding_attention", "full_attention", "sliding_attention", "full_attention"),
         ),
     ),
 }
@@ -124,46 +140,51 @@ def run_dpo(
 
 
 def grpo_rollout() -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
-    """4 prompts with 2 answers each (prompt-major) and their rewards; one prompt's answers tie (left out)."""
+    """4 prompts with 2 answers each (prompt-major) and their rewards. The first two prompts' answers tie, so
+    on 2 ranks rank 0 keeps no group (it steps on zero gradients, its metrics come from the zero path)."""
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 64, (n,), generator=generator).tolist() for n in (2, 3, 4, 2)]
     answers = [torch.randint(0, 64, (n,), generator=generator).tolist() for n in (3, 5, 2, 4, 6, 1, 3, 3)]
-    rewards = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.2, 0.9]])
+    rewards = torch.tensor([[0.5, 0.5], [0.3, 0.3], [0.0, 1.0], [0.2, 0.9]])
     return prompts, answers, rewards
 
 
-def run_grpo(parallel: Parallel, data: tuple[list[list[int]], list[list[int]], torch.Tensor]) -> TensorDict:
-    """``STEPS`` GRPO steps over this rank's prompts of one rollout."""
+def run_grpo(
+    parallel: Parallel, data: tuple[list[list[int]], list[list[int]], torch.Tensor]
+) -> tuple[TensorDict, dict[str, float]]:
+    """``STEPS`` GRPO steps, with a KL penalty to another model, over this rank's prompts of one rollout; the
+    state and the last step's metrics."""
     module, config = POLICY
     prompts, answers, rewards = data
     mine = list(parallel.rows(range(len(prompts))))
     rows = [(p, g) for p in mine for g in range(2)]
     kept = rewards[mine].amax(-1) > rewards[mine].amin(-1)
     train_rows = [(p, g) for i, (p, g) in enumerate(rows) if kept[i // 2]]
+    batch = completion_batch([prompts[p] for p, _ in train_rows], [answers[2 * p + g] for p, g in train_rows])
+    forward = bind(module.forward, config=config)
+    with torch.no_grad():
+        reference = masked_token_logprobs(forward(module.init(config, 1), batch, dropout_seed=None), batch)
     rollout = grpo.Rollout(
-        batch=completion_batch(
-            [prompts[p] for p, _ in train_rows], [answers[2 * p + g] for p, g in train_rows]
-        ),
+        batch=batch,
         completions=[answers[2 * p + g] for p, g in rows],
         rewards=rewards[mine],
         kept=kept,
         advantages=grpo.group_advantages(rewards[mine])[kept].flatten(),
         old_logprobs=None,
-        reference_logprobs=None,
+        reference_logprobs=reference,
     )
     state = init_state(module.init(config, 0))
-    config_ = grpo.GRPOConfig(group_size=2, micro_batch=2)
-    forward = bind(module.forward, config=config)
+    settings = grpo.GRPOConfig(group_size=2, micro_batch=2, kl_beta=0.1)
     decay = optim.decay_mask(state["params"])
     for _ in range(STEPS):
-        state, _ = grpo.grpo_step(
+        state, metrics = grpo.grpo_step(
             state,
             rollout,
             forward=forward,
-            config=config_,
+            config=settings,
             optimizer=OPTIMIZER,
             lr=LR,
             decay=decay,
             parallel=parallel,
         )
-    return state
+    return state, {key: float(value) for key, value in metrics.items()}

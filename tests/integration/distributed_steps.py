@@ -25,7 +25,6 @@ from tests.integration.distributed_cases import (
     run_grpo,
     run_lm,
 )
-from zmaj.models import gpt
 from zmaj.train import checkpoint
 from zmaj.train import parallel as zmaj_parallel
 from zmaj.train.parallel import Parallel, ParallelConfig, tensors
@@ -50,15 +49,17 @@ def main(out: Path) -> None:
                 save(parallel, bf16, out / "gpt-fsdp-bf16")
     (out / f"held-rank{dp.rank}.json").write_text(json.dumps(whole_bytes_held(replace(dp, kind="fsdp"))))
     save(dp, run_dpo(dp, dpo_batches()), out / "dpo-dp")
-    save(dp, run_grpo(dp, grpo_rollout()), out / "grpo-dp")
+    grpo_state, grpo_metrics = run_grpo(dp, grpo_rollout())
+    save(dp, grpo_state, out / "grpo-dp")
+    (out / f"grpo-metrics-rank{dp.rank}.json").write_text(json.dumps(grpo_metrics))
     if dp.main:
         (out / "counts.json").write_text(json.dumps(counts))
 
 
 def whole_bytes_held(parallel: Parallel) -> dict[str, int]:
-    """The most bytes of gathered (whole) parameters a rank held at once in the steps of a 4-layer GPT, and what
-    the parameters outside the blocks and one block take whole."""
-    deep = gpt.GPTConfig(vocab_size=64, context=16, d_model=32, n_layers=4, n_heads=2)
+    """The most bytes of gathered (whole) parameters a rank held at once in the steps of the 4-layer GPT, and
+    what the parameters outside the blocks and one block take whole."""
+    module, config = MODELS["gpt"]
     books: list[zmaj_parallel.Gathered] = []
 
     class Recorded(zmaj_parallel.Gathered):
@@ -67,13 +68,13 @@ def whole_bytes_held(parallel: Parallel) -> dict[str, int]:
             books.append(self)
 
     zmaj_parallel.Gathered = Recorded  # type: ignore[misc]
-    run_lm(gpt, deep, parallel, global_batches(deep.vocab_size))
+    run_lm(module, config, parallel, global_batches(config.vocab_size))
     zmaj_parallel.Gathered = Recorded.__mro__[1]  # type: ignore[misc, assignment]
-    params = gpt.init(deep, 0)
+    params = module.init(config, 0)
     return {
         "peak": max(book.peak for book in books),
         "outside": sum(t.numel() * t.element_size() for t in tensors(params.exclude("blocks"))),
-        "block": sum(t.numel() * t.element_size() for t in tensors(params["blocks"])) // deep.n_layers,
+        "block": sum(t.numel() * t.element_size() for t in tensors(params["blocks"])) // config.n_layers,
     }
 
 

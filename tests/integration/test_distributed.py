@@ -59,6 +59,12 @@ def assert_close_state(
     assert torch.equal(got["opt.step"], want["opt.step"])
 
 
+TOLERANCE = {"gpt": 1e-6, "llama": 1e-6, "gemma3": 3e-6}
+"""Gemma 3's first moments end smaller (a norm of 0.16 after 3 steps) next to the sums that make them, so the same
+float32 rounding of differently ordered sums is a larger share of them: measured 1.2-1.4e-6 of their norm, against
+at most 4.5e-7 for every other tensor kind and model."""
+
+
 def alone(name: str) -> dict[str, torch.Tensor]:
     module, config = MODELS[name]
     return checkpoint.flatten(run_lm(module, config, Parallel(), global_batches(config.vocab_size)))
@@ -66,7 +72,7 @@ def alone(name: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_a_data_parallel_step_is_one_step_on_the_concatenated_batch(out: Path, name: str) -> None:
-    assert_close_state(load_file(out / f"{name}-dp.safetensors"), alone(name))
+    assert_close_state(load_file(out / f"{name}-dp.safetensors"), alone(name), TOLERANCE[name])
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -79,8 +85,8 @@ def test_every_data_parallel_rank_holds_the_same_state(out: Path, name: str) -> 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_a_fully_sharded_step_is_one_step_and_the_data_parallel_one(out: Path, name: str) -> None:
     sharded = load_file(out / f"{name}-fsdp.safetensors")
-    assert_close_state(sharded, alone(name))
-    assert_close_state(sharded, load_file(out / f"{name}-dp.safetensors"))
+    assert_close_state(sharded, alone(name), TOLERANCE[name])
+    assert_close_state(sharded, load_file(out / f"{name}-dp.safetensors"), TOLERANCE[name])
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -142,6 +148,13 @@ def test_data_parallel_dpo_is_one_step_on_all_pairs(out: Path) -> None:
     assert_close_state(load_file(out / "dpo-dp.safetensors"), alone)
 
 
-def test_data_parallel_grpo_is_one_step_on_every_ranks_rollout(out: Path) -> None:
-    alone = checkpoint.flatten(run_grpo(Parallel(), grpo_rollout()))
-    assert_close_state(load_file(out / "grpo-dp.safetensors"), alone)
+def test_data_parallel_grpo_is_one_step_on_every_ranks_rollout_with_the_same_metrics(out: Path) -> None:
+    """Rank 0 keeps no group (its answers tie) and steps on zero gradients; rank 1 trains; with a KL penalty.
+    Every rank reports the one-process step's metrics, whichever path built its own."""
+    state, metrics = run_grpo(Parallel(), grpo_rollout())
+    assert_close_state(load_file(out / "grpo-dp.safetensors"), checkpoint.flatten(state))
+    ranks = [json.loads((out / f"grpo-metrics-rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0].keys() == metrics.keys()
+    for key, value in metrics.items():
+        assert ranks[0][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key

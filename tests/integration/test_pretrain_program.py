@@ -1,6 +1,7 @@
 """programs/pretrain.py and programs/sample.py end to end on a tiny spec and a tiny local corpus."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.integration.programs import run_program
+from tests.unit.train.test_loop import HOLD_LOCK
 from zmaj.data.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -237,3 +239,45 @@ def test_two_runs_of_one_spec_on_two_threads_end_with_identical_parameters(
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.slow
+def test_a_second_writer_exits_2_naming_the_first_and_a_damaged_checkpoint_resumes_from_an_intact_one(
+    spec: Path, tmp_path: Path
+) -> None:
+    """Issue 19, items 5 and 2, through the program: ``--resume`` of a run another process holds is one line
+    naming that process, exit 2, nothing written; ``--resume`` of a run whose newest checkpoint is cut short says
+    which file is damaged and which checkpoint it continues from, and finishes the run from there."""
+    run_dir = tmp_path / "run"
+    common = ["--cache-dir", tmp_path / "cache", "--set", "train.checkpoint_every=2", "--stop-after", "4"]
+    first = run_program("pretrain.py", spec, "--run-dir", run_dir, *common)
+    assert first.returncode == 0, first.stderr
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
+        before = (run_dir / "metrics.jsonl").read_bytes()
+        locked = run_program("pretrain.py", "--resume", run_dir, "--cache-dir", tmp_path / "cache")
+        assert locked.returncode == 2
+        errors = [line for line in locked.stderr.splitlines() if "ERROR" in line]
+        assert len(errors) == 1
+        assert f"is being written by another process (PID {holder.pid})" in errors[0]
+        assert (run_dir / "metrics.jsonl").read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+    newest = run_dir / "checkpoints" / "step-0000004"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == newest.name
+    os.truncate(newest / "params.safetensors", 100)
+    resumed = run_program("pretrain.py", "--resume", run_dir, "--cache-dir", tmp_path / "cache")
+    assert resumed.returncode == 0, resumed.stderr
+    warning = [
+        line for line in resumed.stderr.splitlines() if "params.safetensors" in line and "WARNING" in line
+    ]
+    assert warning, resumed.stderr
+    assert "step-0000002" in warning[0]
+    assert "resumed from" in resumed.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-0000006"

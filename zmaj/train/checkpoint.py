@@ -1,7 +1,7 @@
 """Checkpoints: the training state in safetensors plus JSON for everything that is not a tensor.
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` holding ``params.safetensors``, ``optimizer.safetensors``
-and ``state.json``: step, seed, data position, spec, and the size and SHA-256 of each safetensors file. SHA-256
+and ``state.json``: step, seed, spec, the job that wrote it, and the size and SHA-256 of each safetensors file. SHA-256
 is what ``sha256sum`` prints, so a copy can be checked by hand too; at about 1.5 GB/s on CPUs with SHA
 instructions it adds about a second per 1.5 GB to a save and to a load (xxh3 would be ten times faster, but no
 standard tool checks it). ``checkpoints/latest``, a one-line file, names the newest checkpoint.

@@ -24,8 +24,8 @@ from torch import Tensor
 from zmaj.models.common import Batch
 from zmaj.train.logprobs import completion_batch, sequence_logprobs
 from zmaj.train.optim import AdamWConfig
-from zmaj.train.parallel import Parallel
-from zmaj.train.step import SINGLE, Forward, Metrics, apply_grads
+from zmaj.train.parallel import SINGLE, Parallel
+from zmaj.train.step import Forward, Metrics, apply_grads
 
 
 def preference_batch(

@@ -486,16 +486,19 @@ def evaluator(spec: FinetuneSpec, begin: Start, parallel: Parallel) -> Evaluate 
 
     def evaluate(state: TensorDict, step: int, final: bool) -> dict[str, float | int]:
         params = full_params(spec, begin, parallel.unshard(state["params"]))
-        with torch.no_grad():
-            local = evaluate_task(
-                with_params(begin.model, params),
-                task,
-                problems[parallel.rank :: parallel.size],
-                max_new_tokens=config.max_new_tokens,
-                batch_size=config.batch_size,
-                few_shot=config.few_shot,
-                system=config.system,
-            )
+        mine = problems[parallel.rank :: parallel.size]
+        local = TaskScore(0, 0.0, 0.0, 0.0, 0.0, 0.0)  # a rank with no problem (eval.n < world size)
+        if mine:
+            with torch.no_grad():
+                local = evaluate_task(
+                    with_params(begin.model, params),
+                    task,
+                    mine,
+                    max_new_tokens=config.max_new_tokens,
+                    batch_size=config.batch_size,
+                    few_shot=config.few_shot,
+                    system=config.system,
+                )
         result = pooled(local, parallel)
         logger.info(
             f"step {step}: {config.task} accuracy {result.accuracy:.3f} "

@@ -41,8 +41,8 @@ from zmaj.infer.generate import Sampling, Step, generate
 from zmaj.models.common import Batch
 from zmaj.train.logprobs import completion_batch, masked_token_logprobs
 from zmaj.train.optim import AdamWConfig
-from zmaj.train.parallel import Parallel
-from zmaj.train.step import SINGLE, Forward, Metrics, apply_grads, sum_grads
+from zmaj.train.parallel import SINGLE, Parallel
+from zmaj.train.step import Forward, Metrics, apply_grads, sum_grads
 
 Reward = Callable[[int, list[int]], float]
 """``reward(prompt_index, completion_tokens) -> float``: the task's score of one completion."""
@@ -357,5 +357,5 @@ def grpo_step(
         "completion_length": lengths.mean(),
         "kept_groups": rollout.kept.float().mean(),
     }
-    sums = {key: parallel.all_sum(value) for key, value in metrics.items()}  # shares of the global divisor
+    sums = parallel.all_sums(metrics)  # each rank's share of the global divisor
     return new_state, {**sums, **parallel.all_mean(means), "grad_norm": grad_norm, "lr": torch.tensor(lr)}

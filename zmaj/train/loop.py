@@ -83,8 +83,8 @@ def train(
     main = parallel.main
 
     def save(state: TensorDict) -> None:
-        whole = parallel.unshard(state)
-        if main:
+        whole = parallel.gather_to_main(state)
+        if whole is not None:
             path = checkpoint.save(run.dir, whole, describe_meta(run))
             removed = checkpoint.prune(run.dir, cfg.keep_checkpoints)
             logger.info(
@@ -158,20 +158,24 @@ def describe_step(
 
 
 def stop_on_non_finite(run: Run[Any], state: TensorDict, done: int, values: dict[str, float]) -> None:
-    """Keep the bad state for inspection where nothing resumes from it, and stop with what to do next."""
-    whole = run.parallel.unshard(state)
-    what = ", ".join(f"{key} {values[key]}" for key in ("loss", "grad_norm") if key in values)
-    if not run.parallel.main:
-        raise NonFiniteError(f"{what} at step {done}")
-    kept = checkpoint.save_aside(run.dir, whole, describe_meta(run), "nonfinite")
-    saved = (run.dir / checkpoint.CHECKPOINTS / "latest").is_file()
-    then = (
-        f"latest is still {checkpoint.latest(run.dir).name}: --resume {run.dir} continues from there (a lower "
-        "train.optimizer.lr may help)"
-        if saved
-        else "no good checkpoint was saved before it, so the run must start again"
-    )
-    raise NonFiniteError(f"{what} at step {done}; that state is kept in {kept} for inspection; {then}")
+    """Keep the bad state for inspection where nothing resumes from it, and stop every rank with rank 0's
+    message of what to do next, once rank 0 has saved (a rank that left first would have ``torchrun`` stop the
+    job under it)."""
+    whole = run.parallel.gather_to_main(state)
+    message = None
+    if whole is not None:
+        kept = checkpoint.save_aside(run.dir, whole, describe_meta(run), "nonfinite")
+        what = ", ".join(f"{key} {values[key]}" for key in ("loss", "grad_norm") if key in values)
+        saved = (run.dir / checkpoint.CHECKPOINTS / checkpoint.LATEST).is_file()
+        then = (
+            f"latest is still {checkpoint.latest(run.dir).name}: --resume {run.dir} continues from there (a lower "
+            "train.optimizer.lr may help)"
+            if saved
+            else "no good checkpoint was saved before it: start again with another --run-dir"
+        )
+        message = f"{what} at step {done}; that state is kept in {kept} for inspection; {then}"
+        logger.error(message)
+    raise NonFiniteError(run.parallel.broadcast(message), said=True)
 
 
 @contextmanager

@@ -119,13 +119,22 @@ class Parallel:
             dist.barrier()
 
     def rank_0_first(self, make: Callable[[], T]) -> T:
-        """``make()`` on rank 0, then on the others: for work that fills a cache the others then read."""
+        """``make()`` on rank 0, then on the others: for work that fills a cache the others then read. When it
+        fails on rank 0, the others raise too, with rank 0's message, instead of waiting for it."""
+        if not self.distributed:
+            return make()
         if self.main:
-            made = make()
-        self.barrier()
-        if not self.main:
-            made = make()
-        return made
+            try:
+                made = make()
+            except Exception as error:  # told to the other ranks, then raised here as it is
+                self.broadcast(f"rank 0 failed: {error}")
+                raise
+            self.broadcast("")
+            return made
+        failure: str = self.broadcast(None)
+        if failure:
+            raise ValueError(failure)
+        return make()
 
     def broadcast(self, value: T | None) -> T:
         """Rank 0's ``value`` on every rank (the others pass None): for what one rank makes and all use."""
@@ -145,13 +154,19 @@ class Parallel:
         dist.all_reduce(total)
         return total
 
+    def all_sums(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each scalar metric summed over the ranks, in one all-reduce. The ranks must hold the same keys; they
+        are reduced in sorted order, so the order each rank built its dict in does not matter."""
+        if not self.distributed or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        summed = self.all_sum(torch.stack([metrics[key].detach().float().to(self.device) for key in keys]))
+        return {key: summed[i] for i, key in enumerate(keys)}
+
     def all_mean(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
         """Each scalar metric averaged over the ranks, in one all-reduce: the global mean of a per-row
         quantity when every rank holds the same number of rows."""
-        if not self.distributed or not metrics:
-            return metrics
-        stacked = self.all_sum(torch.stack([v.detach().float().to(self.device) for v in metrics.values()]))
-        return {key: stacked[i] / self.size for i, key in enumerate(metrics)}
+        return {key: value / self.size for key, value in self.all_sums(metrics).items()}
 
     def agree(self, flag: bool) -> bool:
         """True on every rank when it is True on any: a stop that one rank sees (Ctrl-C) is a stop for all."""
@@ -196,20 +211,33 @@ class Parallel:
         return _map_leaves(td, piece)
 
     def unshard(self, td: TensorDictBase) -> TensorDict:
-        """Every leaf whole on every rank: all-gathered where sharded (for saving and evaluation)."""
+        """Every leaf whole on every rank: all-gathered where sharded (for evaluation)."""
         if not self.sharded:
             assert isinstance(td, TensorDict)
             return td
+        return _map_leaves(td, lambda key, tensor: self._whole(td, key, tensor))
 
-        def whole(key: tuple[str, ...], tensor: Tensor) -> Tensor:
-            dim = shard_dim(td, key)
-            if dim is None:
-                return tensor
-            pieces = [torch.empty_like(tensor) for _ in range(self.size)]
-            dist.all_gather(pieces, tensor.contiguous())
-            return torch.cat(pieces, dim)
+    def gather_to_main(self, td: TensorDictBase) -> TensorDict | None:
+        """Every leaf whole, on rank 0's CPU (None on the other ranks): what a checkpoint saves. Sharded, the
+        leaves are gathered one at a time, so a device holds one whole leaf beyond its shards at any moment."""
+        if not self.sharded:
+            assert isinstance(td, TensorDict)
+            return td if self.main else None
+        out = td.empty(recurse=True).clear_device_() if self.main else None
+        for key in td.keys(True, True):
+            whole = self._whole(td, key, td.get(key))
+            if out is not None:
+                out.set(key, whole.cpu())
+        assert out is None or isinstance(out, TensorDict)
+        return out
 
-        return _map_leaves(td, whole)
+    def _whole(self, td: TensorDictBase, key: tuple[str, ...], tensor: Tensor) -> Tensor:
+        dim = shard_dim(td, key)
+        if dim is None:
+            return tensor
+        pieces = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(pieces, tensor.contiguous())
+        return torch.cat(pieces, dim)
 
     def check_shardable(self, params: TensorDictBase) -> None:
         """Every parameter must split evenly along its sharded dimension; the error names the first that does
@@ -232,6 +260,10 @@ class Parallel:
         """The forward the training step differentiates: ``forward`` itself, or, sharded, ``sharded_forward``
         (whose blocks' matrices are gathered in ``dtype``, the matmuls' precision)."""
         return sharded_forward(forward, self, dtype) if self.sharded else forward
+
+
+SINGLE = Parallel()
+"""One process: no collectives, the whole state here."""
 
 
 def shard_dim(td: TensorDictBase, key: tuple[str, ...]) -> int | None:
@@ -269,6 +301,7 @@ class Gathered:
         self.layers: list[list[tuple[Tensor, Tensor]]] = []
         self.held = 0
         self.peak = 0
+        self.freed: set[int] = set()
         self._regathered: set[int] = set()
 
     def add(self, layer: int | None, shard: Tensor, whole: Tensor) -> None:
@@ -286,8 +319,19 @@ class Gathered:
 
     def free(self, layer: int) -> None:
         """Drop a layer's whole tensors once its forward is done."""
+        self.freed.add(layer)
         for index in range(len(self.layers[layer])):
             self.release(layer, index)
+
+    def check_whole(self, layer: int) -> None:
+        """Fail loudly if a layer freed after its forward reached its backward without being gathered again:
+        its backward has then read empty storage (see ``_Gather`` for the order this relies on)."""
+        if layer in self.freed and layer not in self._regathered:
+            raise RuntimeError(
+                f"sharded_forward: layer {layer}'s backward ran before its parameters were gathered again; a model "
+                "whose blocks share parameters, or feed the loss other than through the next block, breaks the "
+                "order the sharded forward relies on"
+            )
 
     def regather(self, layer: int) -> None:
         """Gather a freed layer again, into the storage its saved tensors still point to (once per backward)."""
@@ -312,10 +356,16 @@ class _Gather(torch.autograd.Function):
     Written over the functional collectives (``torch.ops._c10d_functional``), which return new tensors instead
     of writing into given ones (``torch.func`` refuses an in-place write to a tensor created outside the
     transform), and called under ``no_grad``, which skips the ops' own autograd wrapper (it lacks the
-    ``setup_context`` that ``torch.func`` requires); this Function is their derivative instead. Why the layer
-    below comes next: among the nodes that are ready, autograd runs the one created last first; a layer's
-    gathers are created after every node of the layer below, and are ready, at the latest, together with the
-    first of those (the backward of this layer's first norm, which also makes its scale's gradient).
+    ``setup_context`` that ``torch.func`` requires); this Function is their derivative instead.
+
+    Why the layer below's backward comes after this: among the nodes that are ready, autograd runs the one
+    created last first (its sequence number), and the gathers of layer i are created after every node of layer
+    i - 1. Layer i - 1's last node becomes ready only when all of layer i's backward is done, since layer i - 1
+    reaches the loss only through layer i's input, and by then the gradient of every one of layer i's
+    parameters is complete, so its gathers are ready too, and run first. That holds for models whose blocks
+    use only their own parameters and feed the loss only through the next block (the residual stream), with
+    the parameters outside the blocks (tied embeddings) gathered once and never freed: every zmaj model.
+    ``Gathered.check_whole`` fails loudly if a model breaks it.
     """
 
     @staticmethod
@@ -341,6 +391,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
         if ctx.layer is not None:
+            ctx.book.check_whole(ctx.layer)
             ctx.book.regather(ctx.layer - 1)
         with torch.no_grad():
             ops = torch.ops._c10d_functional

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Generic, Protocol, TypeVar
+from typing import IO, Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -54,25 +54,21 @@ def one_line(error: BaseException) -> str:
 
 @contextmanager
 def bad_input_exits_2(
-    parallel: Parallel | None = None, errors: tuple[type[Exception], ...] = BAD_INPUT
+    parallel: Parallel | None = None,
+    errors: tuple[type[Exception], ...] = BAD_INPUT,
+    every_rank: bool = False,
 ) -> Iterator[None]:
-    """Turn bad input (``errors``) raised inside into one error line (from rank 0 only) and exit status 2."""
+    """Turn bad input (``errors``) raised inside into one error line and exit status 2. The line comes from rank 0
+    (input every rank reads alike fails alike on all), or with ``every_rank`` from whichever rank it failed on
+    (a rank's own batch)."""
     try:
         yield
     except errors as error:
-        if parallel is None or parallel.main:
+        # Before the job is joined, the rank is what torchrun set in the environment.
+        main = parallel.main if parallel is not None else os.environ.get("RANK", "0") == "0"
+        if main or every_rank:
             logger.error(one_line(error))
         sys.exit(2)
-
-
-class TrainSpec(Protocol):
-    """What every training spec has: a name, and a ``train`` section the loop reads."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def train(self) -> LoopConfig: ...
 
 
 S = TypeVar("S", bound=BaseModel)
@@ -101,7 +97,8 @@ def cli(doc: str | None, default_spec: Path | None = None) -> argparse.ArgumentP
 
 def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str]) -> S:
     """The spec of a new run (``args.spec`` with ``--set`` overrides), or of the run ``--resume`` names: its own
-    ``spec.yaml``, where ``--set`` may change anything but the ``frozen`` fields (what is trained, and how)."""
+    ``spec.yaml``, where ``--set`` may change anything but the ``frozen`` fields (dotted names: what is trained,
+    and how its checkpoints count steps)."""
     if args.resume is None:
         if args.spec is None:
             raise SpecError("give a SPEC file, or --resume RUN_DIR")
@@ -112,17 +109,27 @@ def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str]) ->
     spec = load(kind, saved, args.overrides)
     original = parse(kind, yaml.safe_load(read_text(saved)), str(saved))
     for name in frozen:
-        if getattr(spec, name) != getattr(original, name):
+        if field_of(spec, name) != field_of(original, name):
             raise SpecError(f"--resume {args.resume}: {name} differs from the run's; --set cannot change it")
     checkpoint.latest(args.resume)  # fails early, with the path, when there is nothing to resume
     return spec
 
 
+def field_of(spec: BaseModel, name: str) -> object:
+    """A spec's field by its dotted name (``train.passes``)."""
+    value: object = spec
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def join(train: LoopConfig) -> Parallel:
-    """This process's device and place in the job (``torchrun``'s environment), and every source of randomness
-    seeded from the spec: Python's, NumPy's and torch's global generators (zmaj's own randomness takes explicit
+    """This process's device and place in the job (``torchrun``'s environment; ranks other than 0 log warnings
+    and errors only from here on), and every source of randomness seeded from the spec: Python's, NumPy's and torch's global generators (zmaj's own randomness takes explicit
     seeds; these cover libraries that do not)."""
     parallel = Parallel.from_environment(train.parallel, precision.device(train.device))
+    if not parallel.main:
+        quiet_logging(parallel)
     random.seed(train.seed)
     np.random.seed(train.seed)
     torch.manual_seed(train.seed)
@@ -130,7 +137,12 @@ def join(train: LoopConfig) -> Parallel:
 
 
 class RunFailedError(RuntimeError):
-    """The run cannot go on (a non-finite loss, say); the message says why, what was kept, and how to go on."""
+    """The run cannot go on (a non-finite loss, say); the message says why, what was kept, and how to go on.
+    ``said``: rank 0 has logged it already."""
+
+    def __init__(self, message: str, said: bool = False) -> None:
+        super().__init__(message)
+        self.said = said
 
 
 class RunLockedError(UserError):
@@ -175,14 +187,15 @@ class Run(Generic[S]):
         return self.dir / "metrics.jsonl"
 
     def restore(self, fresh: TensorDict) -> TensorDict:
-        """The state to start from, in this job's layout: ``fresh`` (a new state of the model, whole), or when
-        resuming, the run's newest intact checkpoint read into its shape."""
+        """The state to start from, in this job's layout on this rank's device: ``fresh`` (a new state of the
+        model, whole, best on the CPU), or when resuming, the run's newest intact checkpoint read into its
+        shape (the whole checkpoint is read on every rank, each keeping its shard)."""
         state = fresh
         if self.resumed:
             path = checkpoint.latest_intact(self.dir)
-            state = checkpoint.load_state(path, fresh).to(self.device)
+            state = checkpoint.load_state(path, fresh)  # on the CPU, where a rank's shard is cut from it
             logger.info(f"resumed from {path} (step {int(state['opt', 'step'])})")
-        return self.parallel.shard(state)
+        return self.parallel.shard(state).to(self.device)
 
     def __enter__(self) -> "Run[S]":
         if self.parallel.main:
@@ -196,8 +209,9 @@ class Run(Generic[S]):
         """End the session; a run that failed in a way the user can act on (``RunFailedError``, a checkpoint that
         could not be written) exits with status 1 and one line saying so, not a traceback."""
         failed = isinstance(error, (RunFailedError, checkpoint.CheckpointWriteError))
-        if failed and error is not None and (self.parallel.main or not isinstance(error, RunFailedError)):
-            logger.error(one_line(error))  # every rank raises a RunFailedError; one says it
+        said = isinstance(error, RunFailedError) and (error.said or not self.parallel.main)
+        if failed and error is not None and not said:
+            logger.error(one_line(error))  # every rank raises a RunFailedError; rank 0 says it
         if self.parallel.main:
             report.record_session(self.dir, "end", self.device)
             for sink in self._sinks:
@@ -233,8 +247,6 @@ def open_run(
             checkpoint.atomic_write_text(run_dir / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json")))
             if write is not None:
                 write(run_dir)
-    else:
-        quiet_logging(parallel)
     return Run(run_dir, spec, parallel, resumed, args.stop_after, _lock=held)
 
 

@@ -22,10 +22,7 @@ from torch import Tensor
 from zmaj.data.dataset import LMDataset, stream_batch
 from zmaj.models.common import Batch
 from zmaj.train.optim import AdamWConfig, adamw_init, adamw_update, clip_by_global_norm, global_norm
-from zmaj.train.parallel import Parallel
-
-SINGLE = Parallel()
-"""One process: no collectives, the whole state here."""
+from zmaj.train.parallel import SINGLE, Parallel, tensors
 
 
 @runtime_checkable
@@ -86,7 +83,7 @@ def accumulate_grads(
     target count, which makes it the mean token loss); also that loss and the normalizer. Data-parallel steps
     pass the target count of every rank's micro-batches, so that the ranks' gradients add up to the mean's."""
     if normalizer is None:
-        normalizer = local_targets(batches)
+        normalizer = count_targets(batches).clamp(min=1)
     grad_fn = torch.func.grad_and_value(summed_loss)
     grads, sums = sum_grads(
         (g, {"loss": loss.detach()})
@@ -99,9 +96,9 @@ def accumulate_grads(
     return grads, sums["loss"], normalizer
 
 
-def local_targets(batches: Sequence[Batch]) -> Tensor:
-    """The number of target tokens in ``batches`` (at least one, so that it can divide)."""
-    return sum((n_targets(b) for b in batches), torch.tensor(0)).clamp(min=1)
+def count_targets(batches: Sequence[Batch]) -> Tensor:
+    """The number of target tokens in ``batches``."""
+    return sum((n_targets(b) for b in batches), torch.tensor(0))
 
 
 def sum_grads(
@@ -139,6 +136,16 @@ UpdateFn = Callable[
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def step_functions(compile: bool) -> tuple[GradFn, UpdateFn]:
+    """``train_step``'s ``grad_fn`` and ``update_fn`` as the training programs run them: the update donates the
+    old state (a loop never reads a state again once its step has run); compiled, the gradient runs under
+    deterministic algorithms (:func:`deterministic`) and the update is one graph (clipping and AdamW fused)."""
+    update: UpdateFn = partial(apply_grads, donate=True)
+    if not compile:
+        return accumulate_grads, update
+    return deterministic(torch.compile(accumulate_grads)), torch.compile(update, fullgraph=True)
 
 
 def deterministic(fn: Callable[P, R]) -> Callable[P, R]:
@@ -218,7 +225,8 @@ def train_step(
         (seed * 1_000_003 + (step * len(batches) + i) * parallel.size + parallel.rank) % 2**63
         for i in range(len(batches))
     ]
-    normalizer = parallel.all_sum(local_targets(batches).to(params.device))
+    # Clamped once summed (a rank may hold no target; all ranks together rarely do), so it can divide.
+    normalizer = parallel.all_sum(count_targets(batches)).clamp(min=1).to(params.device)
     grads, loss, n_tokens = (grad_fn or accumulate_grads)(
         params, batches, forward, seeds, autocast, normalizer
     )
@@ -295,12 +303,11 @@ def held_out(
     n_batches = -(-len(dataset) // batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
-    sums = torch.zeros(3, dtype=torch.float64, device=parallel.device)
+    device = tensors(params)[0].device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     for index in range(parallel.rank, n_batches, parallel.size):
         rows = range(index * batch_size, min((index + 1) * batch_size, len(dataset)))
-        metrics = eval_step(
-            params, stream_batch(dataset, rows).to(parallel.device), forward, token_bytes, autocast
-        )
+        metrics = eval_step(params, stream_batch(dataset, rows).to(device), forward, token_bytes, autocast)
         sums += torch.stack([metrics[key].double() for key in ("loss_sum", "tokens", "bytes")])
     loss_sum, tokens, n_bytes = parallel.all_sum(sums).tolist()
     return pooled_eval(

@@ -5,6 +5,7 @@ says which step wrote it, and a non-finite loss or gradient norm can be put at a
 """
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -95,7 +96,9 @@ def test_stop_after_then_resume_is_the_uninterrupted_run(tmp_path: Path) -> None
     assert (resumed == straight).all()
 
 
-@pytest.mark.parametrize(("bad_step", "bad"), [(5, "loss"), (5, "grad_norm"), (1, "loss")])
+@pytest.mark.parametrize(
+    ("bad_step", "bad"), [(5, "loss"), (5, "grad_norm"), (4, "loss"), (10, "grad_norm"), (1, "loss")]
+)
 def test_a_non_finite_step_stops_the_run_and_nothing_resumes_from_its_state(
     tmp_path: Path, bad_step: int, bad: str
 ) -> None:
@@ -117,8 +120,9 @@ def test_a_non_finite_step_stops_the_run_and_nothing_resumes_from_its_state(
     if bad_step == 1:
         assert "no good checkpoint" in messages[0]
         return
-    assert checkpoint.latest(tmp_path / "run").name == "step-0000004"  # the last good one
-    assert checkpoint.latest_intact(tmp_path / "run").name == "step-0000004"
+    good = f"step-{2 * ((bad_step - 1) // 2):07d}"  # the last checkpoint (every 2 steps) before the bad step
+    assert checkpoint.latest(tmp_path / "run").name == good  # a bad step 4 or 10 saved nothing of its own
+    assert checkpoint.latest_intact(tmp_path / "run").name == good
     assert f"--resume {tmp_path / 'run'}" in messages[0]
     resumed = train(tmp_path / "run", resume=True)  # finite from here on
     assert int(resumed["opt", "step"]) == 10
@@ -127,26 +131,52 @@ def test_a_non_finite_step_stops_the_run_and_nothing_resumes_from_its_state(
 def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint_and_exits_1_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_save = checkpoint.save
+    """The disk fills up halfway through step 6's first file: the save cleans up, says which checkpoint is
+    intact, and the run stops there."""
+    real_save_file = checkpoint.save_file  # type: ignore[attr-defined]
+    calls = 0
 
-    def save(run_dir: Path, state: TensorDict, meta: dict[str, object]) -> Path:
-        if int(state["opt", "step"]) == 6:
-            raise checkpoint.CheckpointWriteError(
-                f"could not save step 6 (disk full); {checkpoint.latest(run_dir)}"
-            )
-        return real_save(run_dir, state, meta)
+    def save_file(tensors: dict[str, torch.Tensor], path: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 5:  # steps 2 and 4 wrote two files each
+            Path(path).write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real_save_file(tensors, path)
 
-    monkeypatch.setattr(checkpoint, "save", save)
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
     messages: list[str] = []
     sink = logger.add(lambda m: messages.append(m.record["message"]), level="ERROR")
     with pytest.raises(SystemExit) as stopped:
         train(tmp_path / "run")
     logger.remove(sink)
     assert stopped.value.code == 1
-    assert messages == [
-        f"could not save step 6 (disk full); {tmp_path / 'run' / 'checkpoints' / 'step-0000004'}"
-    ]
+    assert len(messages) == 1
+    assert "step-0000006" in messages[0]
+    assert "No space left on device" in messages[0]
+    assert f"{tmp_path / 'run' / 'checkpoints' / 'step-0000004'} is intact and latest" in messages[0]
     assert checkpoint.latest(tmp_path / "run").name == "step-0000004"
+    assert steps_on_disk(tmp_path / "run") == ["latest", "step-0000002", "step-0000004"]
+
+
+def test_a_loop_step_of_several_updates_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """GRPO's passes: each loop step makes two optimizer updates, and a resumed run counts loop steps from them."""
+
+    def two_updates(state: TensorDict, batch: int, /, *, lr: float) -> tuple[TensorDict, Metrics]:
+        for _ in range(2):
+            state, metrics = stand_in(lambda step: (1.0, 1.0))(state, batch, lr=lr)
+        return state, metrics
+
+    def run(run_dir: Path, **kwargs: object) -> TensorDict:
+        with open_run(run_dir, **kwargs) as run:  # type: ignore[arg-type]
+            return loop.train(run, run.restore(fresh()), two_updates, lambda i: i, updates_per_step=2)
+
+    straight = run(tmp_path / "straight")
+    assert int(straight["opt", "step"]) == 20
+    run(tmp_path / "split", stop_after=3)
+    resumed = run(tmp_path / "split", resume=True)
+    assert (resumed == straight).all()
+    assert [r["step"] for r in records(tmp_path / "split") if "loss" in r] == list(range(1, 11))
 
 
 def test_resuming_from_a_damaged_newest_checkpoint_takes_the_newest_intact_one(tmp_path: Path) -> None:
