@@ -8,7 +8,7 @@
 #                  compiled): tokens/s and MFU.
 # Each step is timed and logged, a failed step does not stop the next, and the script exits 1 if any failed.
 # A time budget (ZMAJ_GPU_CHECK_BUDGET_S, 540 s on a GPU) caps every step at what is left, so the whole script
-# ends inside the device tool's 10-minute limit even when a step hangs; a step that finds under 20 s left is
+# ends inside a 10-minute slot even when a step hangs; a step that finds under 20 s left is
 # not started and counts as failed.
 #
 # Run from the repository root:
@@ -17,19 +17,19 @@
 #   bash benchmarks/gpu_check.sh --wheels                    # fill .whl/ for a GPU machine without uv (below)
 #
 # Results go to $OUT (default benchmarks/results/gpu): summary.md, env.txt, tests.log, pretrain.log,
-# pretrain_metrics.jsonl, train_step.log, train_step.md, train_step_profile.txt. Eight flat files: the device
-# tool brings back at most 8, no deeper than 2 folders, so the run folder and checkpoints stay in a scratch
+# pretrain_metrics.jsonl, train_step.log, train_step.md, train_step_profile.txt. Eight flat files, which a remote
+# machine's results can come back as (a lent machine returns at most 8, 2 folders deep), so the run folder and checkpoints stay in a scratch
 # folder ($ZMAJ_GPU_CHECK_WORK, default a fresh one under /tmp). The summary is printed last.
 #
-# Packages. Here `uv run` provides them. The workplace's GPU machine (device tool, kind nvidia-h200) reaches no
-# registry, so `uv sync` cannot work there; its python3 is Python 3.12 with its own torch (2.11.0+cu130 when last
-# read), CUDA, Triton, transformers, tokenizers, safetensors, einops, jaxtyping, numpy, pytest, hypothesis and
-# pytest-xdist (/work/.library/device/KINDS.md), but no tensordict, pydantic, beartype, loguru, datasets or gguf.
-# Those travel as wheels at uv.lock's versions, and the machine's torch is used as it is:
+# Packages. Here `uv run` provides them. A GPU machine that reaches no package registry (as the GPU machines lent
+# to this project's development: Python 3.12 with its own torch, CUDA, Triton, transformers, tokenizers,
+# safetensors, einops, jaxtyping, numpy, pytest and hypothesis, but no tensordict, pydantic, beartype, loguru,
+# datasets or gguf) gets the missing ones as wheels at uv.lock's versions, and its own torch is used as it is:
 #   here, once (needs internet):  bash benchmarks/gpu_check.sh --wheels     # ~6 MB into .whl/ (git-ignored)
-#   through the device tool:      run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#   there:                        bash benchmarks/gpu_check.sh              # with .whl/ copied along
 # There the script installs .whl/*.whl into a scratch folder (pip --target --no-index --no-deps) and puts it and
-# the repository on PYTHONPATH. The tool sends the checkout its session started in: run --wheels there.
+# the repository on PYTHONPATH. That machine's torch may not be uv.lock's (env.txt records both): its timings,
+# compiled ones above all (dynamo differs between versions), belong to the torch it ran.
 #
 # Settings (environment): ZMAJ_GPU_CHECK_DEVICE (cuda | cpu), ZMAJ_GPU_CHECK_STEPS (e.g. "env pretrain" to
 # rerun two steps), ZMAJ_GPU_CHECK_BUDGET_S, ZMAJ_GPU_CHECK_PYTHON (an interpreter to use instead of uv or
@@ -41,7 +41,7 @@ SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 cd "$(dirname "$SELF")/.." || exit 2
 REPO=$PWD
 
-# The distributions zmaj and its tests import that the GPU machine's image lacks (KINDS.md's package list), plus
+# The distributions zmaj and its tests import that such a GPU machine lacks, plus
 # typing-extensions: pydantic needs a newer one than the image may hold, and a newer one breaks nobody.
 CARRIED="tensordict pyvers beartype pydantic pydantic-core annotated-types typing-inspection typing-extensions
 loguru datasets dill multiprocess gguf"

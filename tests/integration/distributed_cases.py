@@ -11,6 +11,7 @@ from types import ModuleType
 import torch
 from tensordict import TensorDict
 
+from tests.unit.models.test_gemma3 import TINY as TINY_GEMMA3
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.common import Batch
 from zmaj.train import grpo, optim, precision
@@ -28,21 +29,7 @@ MODELS: dict[str, tuple[ModuleType, gpt.GPTConfig | llama.LlamaConfig | gemma3.G
             vocab_size=64, context=16, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=48
         ),
     ),
-    "gemma3": (
-        gemma3,
-        gemma3.Gemma3Config(
-            vocab_size=64,
-            context=16,
-            d_model=32,
-            n_layers=4,
-            n_heads=4,
-            n_kv_heads=2,
-            head_dim=16,
-            d_ff=48,
-            sliding_window=4,
-            layer_types=("sliding_attention", "full_attention", "sliding_attention", "full_attention"),
-        ),
-    ),
+    "gemma3": (gemma3, TINY_GEMMA3),  # sliding and full layers, GQA
 }
 STEPS = 3
 ROWS, GRAD_ACCUM, SEQ = 4, 2, 12
