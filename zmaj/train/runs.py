@@ -125,8 +125,8 @@ def field_of(spec: BaseModel, name: str) -> object:
 
 def join(train: LoopConfig) -> Parallel:
     """This process's device and place in the job (``torchrun``'s environment; ranks other than 0 log warnings
-    and errors only from here on), and every source of randomness seeded from the spec: Python's, NumPy's and torch's global generators (zmaj's own randomness takes explicit
-    seeds; these cover libraries that do not)."""
+    and errors only from here on), and every source of randomness seeded from the spec: Python's, NumPy's and
+    torch's global generators (zmaj's own randomness takes explicit seeds; these cover libraries that do not)."""
     parallel = Parallel.from_environment(train.parallel, precision.device(train.device))
     if not parallel.main:
         quiet_logging(parallel)
