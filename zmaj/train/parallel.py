@@ -42,6 +42,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models.common import Batch, materializing
+from zmaj.train.optim import global_norm
 
 Kind = Literal["dp", "fsdp"]
 T = TypeVar("T")
@@ -190,11 +191,10 @@ class Parallel:
         return out
 
     def global_norm(self, grads: TensorDictBase) -> Tensor:
-        """The L2 norm of the whole gradient; sharded, the square root of the summed shards' sums of squares."""
-        squares = torch.stack([g.float().pow(2).sum() for g in tensors(grads)]).sum()
-        return (self.all_sum(squares) if self.sharded else squares).sqrt()
-
-    # ------------------------------------------------------------------------------- the sharded layout
+        """The L2 norm of the whole gradient (``optim.global_norm``); sharded, of every rank's shards together:
+        the square root of the summed squares of each rank's norm."""
+        norm = global_norm(grads)
+        return self.all_sum(norm.square()).sqrt() if self.sharded else norm
 
     def shard(self, td: TensorDictBase) -> TensorDict:
         """This rank's piece of every leaf (fully sharded), or ``td`` itself (data parallel, one process)."""
