@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from zmaj.data.config import DataConfig
 from zmaj.data.text import read_text
+from zmaj.models import gpt
 from zmaj.models.gpt import GPTConfig
+from zmaj.train.muon import OptimizerConfig, check_groups
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import ParallelConfig
 from zmaj.train.precision import DeviceChoice, Precision
@@ -26,13 +28,17 @@ class SpecError(ValueError):
     """A spec that cannot be used; the message names the field."""
 
 
+OPTIMIZER_LAYOUT = ("train.optimizer.kind", "train.optimizer.groups")
+"""What shapes the optimizer state a checkpoint holds: fields a resumed run may not change (``runs.read_spec``)."""
+
+
 class LoopConfig(BaseModel):
     """What the training loop (``zmaj.train.loop``) reads of every training spec's ``train`` section."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     steps: int = Field(gt=0)
-    optimizer: AdamWConfig = AdamWConfig()
+    optimizer: OptimizerConfig = Field(AdamWConfig(), description="kind: adamw (the default) or muon")
     schedule: ScheduleConfig = ScheduleConfig()
     precision: Precision = "auto"
     device: DeviceChoice = Field("auto", description="auto: CUDA where there is a GPU, else the CPU")
@@ -45,6 +51,15 @@ class LoopConfig(BaseModel):
     keep_checkpoints: int = Field(
         3, gt=0, description="newest checkpoints kept on disk; older ones are deleted as new ones are saved"
     )
+
+    @model_validator(mode="after")
+    def _muon_sees_whole_matrices(self) -> "LoopConfig":
+        if self.optimizer.kind == "muon" and self.parallel.kind == "fsdp":
+            raise ValueError(
+                "train.optimizer.kind=muon: not with train.parallel.kind=fsdp (each rank holds some rows of every "
+                "matrix, and Muon orthogonalises whole ones); use data parallel, or AdamW"
+            )
+        return self
 
 
 class TrainConfig(LoopConfig):
@@ -97,6 +112,7 @@ class PretrainSpec(BaseModel):
             raise ValueError(
                 f"model.context ({self.model.context}) is shorter than data.seq_len ({self.data.seq_len})"
             )
+        check_groups(gpt.init(self.model, 0, device="meta"), self.train.optimizer)
         return self
 
 
