@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from tensordict import TensorDict
 
 from zmaj.data.text import read_text
+from zmaj.extras import MissingExtraError
 from zmaj.train import checkpoint, precision, report
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import LoopConfig, SpecError, load, parse
@@ -42,9 +43,16 @@ class UserError(ValueError):
     """Bad input a user can fix; the message names it."""
 
 
-BAD_INPUT: tuple[type[Exception], ...] = (UserError, SpecError, FileNotFoundError, ValueError)
+BAD_INPUT: tuple[type[Exception], ...] = (
+    UserError,
+    SpecError,
+    FileNotFoundError,
+    ValueError,
+    MissingExtraError,
+)
 """What ``bad_input_exits_2`` reports in one line. ``ValueError`` is the type every input check of zmaj raises
-(spec validation, data files, checkpoint files); it is caught only around a program's setup, never its loop."""
+(spec validation, data files, checkpoint files); it is caught only around a program's setup, never its loop.
+``MissingExtraError``: the spec asks for a capability whose extra is not installed (a GGUF base model)."""
 
 
 def one_line(error: BaseException) -> str:
