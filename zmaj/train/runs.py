@@ -34,7 +34,7 @@ from tensordict import TensorDict
 
 from zmaj.data.text import read_text
 from zmaj.extras import MissingExtraError
-from zmaj.train import checkpoint, precision, report
+from zmaj.train import checkpoint, precision, report, trackers
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import LoopConfig, SpecError, load, parse
 
@@ -134,7 +134,9 @@ def field_of(spec: BaseModel, name: str) -> object:
 def join(train: LoopConfig) -> Parallel:
     """This process's device and place in the job (``torchrun``'s environment; ranks other than 0 log warnings
     and errors only from here on), and every source of randomness seeded from the spec: Python's, NumPy's and
-    torch's global generators (zmaj's own randomness takes explicit seeds; these cover libraries that do not)."""
+    torch's global generators (zmaj's own randomness takes explicit seeds; these cover libraries that do not).
+    A tracker the spec names that is not installed fails here."""
+    trackers.check_installed(train.trackers)  # here, before any work, not at the first metrics line
     parallel = Parallel.from_environment(train.parallel, precision.device(train.device))
     if not parallel.main:
         quiet_logging(parallel)
@@ -170,6 +172,7 @@ class Run(Generic[S]):
     started: float = field(default_factory=time.perf_counter)
     _lock: IO[str] | None = field(default=None, repr=False)
     _sinks: list[int] = field(default_factory=list, repr=False)
+    _trackers: list[trackers.Tracker] = field(default_factory=list, repr=False)
 
     @property
     def train(self) -> LoopConfig:
@@ -194,6 +197,16 @@ class Run(Generic[S]):
     def metrics(self) -> Path:
         return self.dir / "metrics.jsonl"
 
+    def record(self, line: dict[str, Any]) -> None:
+        """Append a metrics line (``step`` and numbers) to ``metrics.jsonl`` and log it to the trackers; rank 0
+        only."""
+        if not self.parallel.main:
+            return
+        report.append_jsonl(self.metrics, line)
+        step, numbers = trackers.scalars(line)
+        for tracker in self._trackers:
+            tracker.log(numbers, step)
+
     def restore(self, fresh: TensorDict) -> TensorDict:
         """The state to start from, in this job's layout on this rank's device: ``fresh`` (a new state of the
         model, whole, best on the CPU), or when resuming, the run's newest intact checkpoint read into its
@@ -209,6 +222,10 @@ class Run(Generic[S]):
         if self.parallel.main:
             self._sinks.append(logger.add(self.dir / "log.txt"))
             report.record_session(self.dir, "start", self.device)
+            config = self.spec.model_dump(mode="json")
+            for tracker in trackers.make(self.train.trackers, self.train.tracker_project):
+                tracker.start(self.dir.resolve().name, self.dir, config)
+                self._trackers.append(tracker)
         return self
 
     def __exit__(
@@ -221,6 +238,8 @@ class Run(Generic[S]):
         if failed and error is not None and not said:
             logger.error(one_line(error))  # every rank raises a RunFailedError; rank 0 says it
         if self.parallel.main:
+            for tracker in self._trackers:
+                tracker.finish()
             report.record_session(self.dir, "end", self.device)
             for sink in self._sinks:
                 logger.remove(sink)

@@ -18,6 +18,7 @@ from zmaj.models.gpt import GPTConfig
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import ParallelConfig
 from zmaj.train.precision import DeviceChoice, Precision
+from zmaj.train.trackers import TrackerName
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -45,6 +46,18 @@ class LoopConfig(BaseModel):
     keep_checkpoints: int = Field(
         3, gt=0, description="newest checkpoints kept on disk; older ones are deleted as new ones are saved"
     )
+    trackers: list[TrackerName] = Field(
+        [], description="experiment trackers that get every metrics line and the spec (zmaj.train.trackers)"
+    )
+    tracker_project: str = Field(
+        "zmaj", min_length=1, description="the trackers' project the run is logged in"
+    )
+
+    @model_validator(mode="after")
+    def _trackers_once(self) -> "LoopConfig":
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"train.trackers: each tracker once, got {self.trackers}")
+        return self
 
 
 class TrainConfig(LoopConfig):
