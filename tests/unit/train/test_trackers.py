@@ -7,7 +7,7 @@ The conftest points trackio at a temporary ``TRACKIO_DIR`` and puts wandb offlin
 import json
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,11 @@ from zmaj.train import loop, runs, trackers
 from zmaj.train.spec import LoopConfig, SpecError, parse
 
 Series = dict[str, list[tuple[int, float]]]
+"""Each metric's ``(step, value)`` pairs, in the order they were logged."""
 
 
-def train_with(run_dir: Path, names: list[str], project: str = "zmaj") -> Series:
-    """A 10-step run with evaluations (at steps 0, 5 and 10), tracked by ``names``; each metric's ``(step, value)`` series as
-    ``metrics.jsonl`` holds it."""
+def train_with(run_dir: Path, names: list[str], project: str = "zmaj") -> None:
+    """A 10-step run on the stand-in step with evaluations (at steps 0, 5 and 10), tracked by ``names``."""
 
     def evaluate(state: TensorDict, step: int, final: bool) -> dict[str, float | int]:
         return {"score": float(state["params", "w"][0]) + 0.25}
@@ -33,6 +33,10 @@ def train_with(run_dir: Path, names: list[str], project: str = "zmaj") -> Series
     with open_run(run_dir, trackers=names, tracker_project=project) as run:
         step = stand_in(lambda step: (1.0 / step, 2.0 + step))
         loop.train(run, run.restore(fresh()), step, lambda i: i, evaluate=evaluate)
+
+
+def jsonl_series(run_dir: Path) -> Series:
+    """What ``metrics.jsonl`` holds, as a tracker is given it (its numbers but the step and the final flag)."""
     series: Series = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         at, numbers = trackers.scalars(json.loads(line))
@@ -41,44 +45,36 @@ def train_with(run_dir: Path, names: list[str], project: str = "zmaj") -> Series
     return series
 
 
-def test_scalars_are_the_numbers_of_a_line_but_its_step_and_final_flag() -> None:
-    line = {"step": 7, "loss": 0.5, "tokens": 64, "final": True, "wall_s": 1.5}
-    assert trackers.scalars(line) == (7, {"loss": 0.5, "tokens": 64.0, "wall_s": 1.5})
+def spec_of(run_dir: Path) -> dict[str, Any]:
+    spec: dict[str, Any] = yaml.safe_load((run_dir / "spec.yaml").read_text())
+    return spec
 
 
-def test_tensorboard_holds_every_metrics_line_and_the_spec(tmp_path: Path) -> None:
+def tensorboard_series(run_dir: Path) -> tuple[Series, dict[str, Any]]:
+    """The scalars and the spec text of the run's TensorBoard event files, read by TensorBoard's own reader
+    (values as it stores them, float32)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    expected = train_with(tmp_path / "run", ["tensorboard"])
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
-    assert set(events.Tags()["scalars"]) == set(expected)
-    for key, series in expected.items():
-        stored = [(event.step, event.value) for event in events.Scalars(key)]
-        assert [step for step, _ in stored] == [step for step, _ in series], key
-        # TensorBoard stores float32.
-        assert [value for _, value in stored] == pytest.approx([value for _, value in series], rel=1e-6), key
+    series = {key: [(e.step, e.value) for e in events.Scalars(key)] for key in events.Tags()["scalars"]}
     (text,) = events.Tensors("spec/text_summary")
-    spec = yaml.safe_load(text.tensor_proto.string_val[0].decode())
-    assert spec == yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())
+    return series, yaml.safe_load(text.tensor_proto.string_val[0].decode())
 
 
-def test_trackio_holds_every_metrics_line_and_the_spec_named_after_the_run_folder(tmp_path: Path) -> None:
+def trackio_series(project: str, run: str, keys: Iterable[str]) -> tuple[Series, dict[str, Any]]:
+    """The metrics ``keys`` and the config of trackio's run ``run``, read by trackio's storage (the project's
+    SQLite file under ``TRACKIO_DIR``)."""
     from trackio.sqlite_storage import SQLiteStorage
 
-    project = f"zmaj-test-{tmp_path.name}"  # one project per test: TRACKIO_DIR is shared by the session
-    expected = train_with(tmp_path / "run-a", ["trackio"], project)
-    logs = SQLiteStorage.get_logs(project, "run-a")
-    stored: Series = {}
-    for log in logs:
-        for key in expected:
+    assert SQLiteStorage.get_runs(project) == [run]
+    series: Series = {}
+    for log in SQLiteStorage.get_logs(project, run):
+        for key in keys:
             if key in log:
-                stored.setdefault(key, []).append((log["step"], log[key]))
-    assert stored == expected
-    assert SQLiteStorage.get_runs(project) == ["run-a"]
+                series.setdefault(key, []).append((log["step"], log[key]))
     (config,) = SQLiteStorage.get_all_run_configs(project).values()  # keyed by trackio's run id
-    spec = yaml.safe_load((tmp_path / "run-a" / "spec.yaml").read_text())
-    assert {key: config[key] for key in spec} == spec
+    return series, config
 
 
 def wandb_records(path: Path) -> Iterator[Any]:
@@ -103,23 +99,59 @@ def wandb_records(path: Path) -> Iterator[Any]:
             yield record
 
 
-def test_wandb_offline_writes_its_run_folder_with_every_metrics_line_and_the_spec(tmp_path: Path) -> None:
-    expected = train_with(tmp_path / "run", ["wandb"])
-    (folder,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+def wandb_series(run_dir: Path) -> tuple[Series, dict[str, Any]]:
+    """The history and config of the one offline wandb run in the run folder."""
+    (folder,) = (run_dir / "wandb").glob("offline-run-*")
     (log,) = folder.glob("run-*.wandb")
-    stored: Series = {}
-    config = {}
+    series: Series = {}
+    config: dict[str, Any] = {}
     for record in wandb_records(log):
         if record.WhichOneof("record_type") == "run":
             config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
         if record.WhichOneof("record_type") == "history":
             for item in record.history.item:
-                if not item.nested_key[0].startswith("_"):  # wandb's own: _step, _runtime, _timestamp
-                    stored.setdefault(item.nested_key[0], []).append(
-                        (record.history.step.num, json.loads(item.value_json))
-                    )
-    assert stored == expected
-    spec = yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())
+                (key,) = item.nested_key
+                if not key.startswith("_"):  # wandb's own: _step, _runtime, _timestamp
+                    series.setdefault(key, []).append((record.history.step.num, json.loads(item.value_json)))
+    return series, config
+
+
+def assert_same_series(stored: Series, expected: Series, rel: float = 0.0) -> None:
+    assert set(stored) == set(expected)
+    for key, pairs in expected.items():
+        assert [step for step, _ in stored[key]] == [step for step, _ in pairs], key
+        assert [value for _, value in stored[key]] == pytest.approx([value for _, value in pairs], rel=rel), (
+            key
+        )
+
+
+def test_scalars_are_the_numbers_of_a_line_but_its_step_and_final_flag() -> None:
+    line = {"step": 7, "loss": 0.5, "tokens": 64, "final": True, "wall_s": 1.5}
+    assert trackers.scalars(line) == (7, {"loss": 0.5, "tokens": 64.0, "wall_s": 1.5})
+
+
+def test_tensorboard_holds_every_metrics_line_and_the_spec(tmp_path: Path) -> None:
+    train_with(tmp_path / "run", ["tensorboard"])
+    series, spec = tensorboard_series(tmp_path / "run")
+    assert_same_series(series, jsonl_series(tmp_path / "run"), rel=1e-6)  # float32
+    assert spec == spec_of(tmp_path / "run")
+
+
+def test_trackio_holds_every_metrics_line_and_the_spec_named_after_the_run_folder(tmp_path: Path) -> None:
+    project = f"zmaj-test-{tmp_path.name}"  # one project per test: TRACKIO_DIR is shared by the session
+    train_with(tmp_path / "run-a", ["trackio"], project)
+    expected = jsonl_series(tmp_path / "run-a")
+    series, config = trackio_series(project, "run-a", expected)
+    assert series == expected
+    spec = spec_of(tmp_path / "run-a")
+    assert {key: config[key] for key in spec} == spec
+
+
+def test_wandb_offline_writes_its_run_folder_with_every_metrics_line_and_the_spec(tmp_path: Path) -> None:
+    train_with(tmp_path / "run", ["wandb"])
+    series, config = wandb_series(tmp_path / "run")
+    assert series == jsonl_series(tmp_path / "run")
+    spec = spec_of(tmp_path / "run")
     assert {key: config[key] for key in spec} == spec
 
 
