@@ -61,7 +61,7 @@ class Trackio:
         self.run.log(metrics, step=step)
 
     def finish(self) -> None:
-        self.run.finish()
+        self.run.finish()  # type: ignore[no-untyped-call]
 
 
 class Wandb:

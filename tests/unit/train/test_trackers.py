@@ -81,7 +81,7 @@ def wandb_records(path: Path) -> Iterator[Any]:
     """The records of a wandb transaction log (``run-ID.wandb``): a 7-byte header, then LevelDB's log format
     (32 KiB blocks of chunks, each ``crc32 u32, length u16, kind u8`` then the bytes; kind 1 is a whole record,
     2-4 its first, middle and last pieces), each record a ``wandb_internal.proto`` ``Record``."""
-    from wandb.proto.wandb_internal_pb2 import Record
+    from wandb.proto.wandb_internal_pb2 import Record  # type: ignore[attr-defined]
 
     data, block, position, pieces = path.read_bytes(), 32768, 7, b""
     while position + 7 <= len(data):
