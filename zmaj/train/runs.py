@@ -224,7 +224,12 @@ class Run(Generic[S]):
             report.record_session(self.dir, "start", self.device)
             config = self.spec.model_dump(mode="json")
             for tracker in trackers.make(self.train.trackers, self.train.tracker_project):
-                tracker.start(self.dir.resolve().name, self.dir, config)
+                try:
+                    tracker.start(self.dir.resolve().name, self.dir, config)
+                except BaseException as error:
+                    # A failed __enter__ gets no __exit__: end the session (lock, log, trackers started) here.
+                    self.__exit__(type(error), error, error.__traceback__)
+                    raise
                 self._trackers.append(tracker)
         return self
 

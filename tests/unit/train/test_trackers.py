@@ -167,6 +167,8 @@ def test_a_tracker_that_is_not_installed_fails_in_one_line_naming_the_extra(
     # A tracker run without the check (a program that skips join) says the same at its start.
     with pytest.raises(MissingExtraError, match=r"pip install 'zmaj\[trackers\]'"):
         train_with(tmp_path / "run", ["wandb"])
+    runs.lock(tmp_path / "run").close()  # the failed start released the run folder
+    assert json.loads((tmp_path / "run" / "run.jsonl").read_text().splitlines()[-1])["event"] == "end"
 
 
 @pytest.mark.parametrize(
