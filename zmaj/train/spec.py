@@ -20,6 +20,7 @@ from zmaj.train.muon import OptimizerConfig, check_groups
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import ParallelConfig
 from zmaj.train.precision import DeviceChoice, Precision
+from zmaj.train.trackers import TrackerName
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -51,6 +52,18 @@ class LoopConfig(BaseModel):
     keep_checkpoints: int = Field(
         3, gt=0, description="newest checkpoints kept on disk; older ones are deleted as new ones are saved"
     )
+    trackers: list[TrackerName] = Field(
+        [], description="experiment trackers that get every metrics line and the spec (zmaj.train.trackers)"
+    )
+    tracker_project: str = Field(
+        "zmaj", min_length=1, description="the trackers' project the run is logged in"
+    )
+
+    @model_validator(mode="after")
+    def _trackers_once(self) -> "LoopConfig":
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"train.trackers: each tracker once, got {self.trackers}")
+        return self
 
     @model_validator(mode="after")
     def _muon_sees_whole_matrices(self) -> "LoopConfig":
