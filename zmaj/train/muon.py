@@ -39,7 +39,8 @@ from zmaj.train.optim import AdamWConfig, AdamWGroup, adamw_init, adamw_update, 
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 """Keller Jordan's quintic: chosen for the steepest slope at zero, so that small singular values grow fast,
-at the price of not converging to exactly 1 (5 steps leave them within about [0.7, 1.2])."""
+at the price of not converging to exactly 1: 5 steps take every singular value of at least 0.0016 of the
+Frobenius norm into [0.68, 1.21] (tests/unit/train/test_muon.py)."""
 EPS = 1e-7
 """Guards the normalisation of an all-zero update (torch.optim.Muon's ``eps``)."""
 
