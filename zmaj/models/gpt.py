@@ -127,7 +127,8 @@ class GPTConfig(BaseModel):
     @property
     def value_embed_tables(self) -> tuple[int | None, ...]:
         """Per layer, the value embedding table it adds to its values, or None: the first and the last
-        ``value_embeds`` layers share the tables in the same order (modded-nanogpt's record of 2025-01)."""
+        ``value_embeds`` layers share the tables in the same order: the "012 ... 012" layout of modded-nanogpt's
+        later records (its ``records/120424_ValueEmbed`` had one table per layer)."""
         k, n = self.value_embeds, self.n_layers
         return tuple(i if i < k else i - (n - k) if i >= n - k else None for i in range(n))
 
@@ -304,9 +305,9 @@ def _value_embeddings(
 ) -> list[Float[Tensor, "batch seq d_model"] | None]:
     """Per layer, the value embedding of every token that the layer adds to its values, or None.
 
-    A second path from the token itself to every head's values, skipping the residual stream: in the speedrun
-    (modded-nanogpt, records of 2024-12 and 2025-01) it bought more per step than its parameters cost in time,
-    since a table lookup is nearly free. Each table is looked up once and shared by its two layers.
+    A second path from the token itself to every head's values, around the residual stream
+    (modded-nanogpt's ``records/120424_ValueEmbed``): it adds parameters that cost almost no time, since a table
+    lookup is nearly free. Each table is looked up once and shared by its two layers.
     """
     if config.value_embeds == 0:
         return [None] * config.n_layers
@@ -324,8 +325,9 @@ def _unet_skip(
 ) -> Float[Tensor, "batch seq d_model"]:
     """``x`` plus, for a second-half layer with U-net skips, the weighted output of its mirror layer.
 
-    The skip gives the late layers the early layers' token-level features directly (modded-nanogpt's record of
-    2024-11, after the U-net of Ronneberger et al., 2015); the weights start at one and are learned.
+    The skip gives the late layers the early layers' features directly (modded-nanogpt, already in
+    ``records/120424_ValueEmbed``, after the U-net of Ronneberger et al., 2015); the weights start at one and
+    are learned.
     """
     source = config.unet_skip_sources[layer]
     if source is None:
