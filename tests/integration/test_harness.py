@@ -47,11 +47,17 @@ def offline_from_the_root(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
 
 
-def evaluate(lm: LM, limit: int | None = None) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def tasks() -> TaskManager:
+    """The tiny tasks alone: indexing lm-eval's own hundreds of task folders takes seconds."""
+    return TaskManager(include_path=str(TASKS), include_defaults=False)
+
+
+def evaluate(lm: LM, tasks: TaskManager, limit: int | None = None) -> dict[str, Any]:
     results: dict[str, Any] = lm_eval.simple_evaluate(
         model=lm,
         tasks=["zmaj_tiny"],
-        task_manager=TaskManager(include_path=str(TASKS)),
+        task_manager=tasks,
         limit=limit,
         log_samples=True,
         bootstrap_iters=0,
@@ -99,7 +105,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def tiny_results(tiny: tuple[Path, Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+def tiny_results(tiny: tuple[Path, Path], tasks: TaskManager) -> tuple[dict[str, Any], dict[str, Any]]:
     zmaj_folder, hf_folder = tiny
     ours = ZmajLM(path=str(zmaj_folder), dtype="float32", batch_size=4, device="cpu", max_length=MAX_LENGTH)
     theirs = HFLM(
@@ -109,7 +115,7 @@ def tiny_results(tiny: tuple[Path, Path]) -> tuple[dict[str, Any], dict[str, Any
         max_length=MAX_LENGTH,
         device="cpu",
     )
-    return evaluate(ours), evaluate(theirs)
+    return evaluate(ours, tasks), evaluate(theirs, tasks)
 
 
 def test_a_zmaj_gpt_answers_as_the_hf_backend_on_its_export(
@@ -123,7 +129,7 @@ def test_a_zmaj_gpt_answers_as_the_hf_backend_on_its_export(
 
 
 @pytest.mark.slow
-def test_smollm2_answers_as_the_hf_backend_on_its_gguf() -> None:
+def test_smollm2_answers_as_the_hf_backend_on_its_gguf(tasks: TaskManager) -> None:
     path = weights.smollm2_gguf()
     ours = ZmajLM(path=str(path), dtype="float32", batch_size=3, device="cpu", max_length=MAX_LENGTH)
     theirs = HFLM(
@@ -135,7 +141,7 @@ def test_smollm2_answers_as_the_hf_backend_on_its_gguf() -> None:
         max_length=MAX_LENGTH,
         device="cpu",
     )
-    assert_same_answers(evaluate(ours, limit=3), evaluate(theirs, limit=3))
+    assert_same_answers(evaluate(ours, tasks, limit=3), evaluate(theirs, tasks, limit=3))
 
 
 def test_evaluate_program_reports_the_harness_results(

@@ -11,8 +11,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from zmaj.convert.load import Pretrained
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
-from zmaj.eval.harness import GREEDY, batched, rolling_windows, sampling_from, score_continuations
-from zmaj.infer.generate import Sampling
+from zmaj.eval.harness import batched, rolling_windows, sampling_from, score_continuations
+from zmaj.infer.generate import GREEDY, Sampling
 from zmaj.models import gpt
 from zmaj.models.common import Batch
 from zmaj.models.gpt import GPTConfig
