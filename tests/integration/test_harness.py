@@ -144,6 +144,7 @@ def test_smollm2_answers_as_the_hf_backend_on_its_gguf(tasks: TaskManager) -> No
     assert_same_answers(evaluate(ours, tasks, limit=3), evaluate(theirs, tasks, limit=3))
 
 
+@pytest.mark.slow  # the whole program: lm-eval indexes its hundreds of task folders
 def test_evaluate_program_reports_the_harness_results(
     tiny: tuple[Path, Path], tiny_results: tuple[dict[str, Any], dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -199,6 +200,7 @@ def test_without_lm_eval_harness_names_the_extra(
     assert "pip install 'zmaj[eval]'" in result.stderr
 
 
+@pytest.mark.slow  # the whole program: lm-eval indexes its hundreds of task folders
 def test_the_harness_command_line_knows_zmaj_and_its_own_backends(
     tiny: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
