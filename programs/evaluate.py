@@ -25,7 +25,6 @@ versions, n-shot, the model's config), which ``--output FILE`` also writes with 
 """
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -36,6 +35,7 @@ import yaml
 from loguru import logger
 
 from zmaj.convert.load import load_model
+from zmaj.extras import MissingExtraError, needs
 from zmaj.tasks import get_task
 from zmaj.train import finetune, precision, runs
 from zmaj.train.checkpoint import atomic_write_text
@@ -177,13 +177,15 @@ def main() -> None:
 
 def run_harness(args: argparse.Namespace) -> None:
     """``--harness``: the model as lm-eval's ``zmaj`` backend on lm-eval's tasks; results as lm-eval writes them."""
-    if importlib.util.find_spec("lm_eval") is None:
-        fail("--harness needs lm-evaluation-harness: pip install 'zmaj[eval]'")
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-    from lm_eval.utils import handle_non_serializable, make_table
+    try:
+        with needs("eval", "--harness"):
+            from lm_eval import simple_evaluate
+            from lm_eval.tasks import TaskManager
+            from lm_eval.utils import handle_non_serializable, make_table
 
-    from zmaj.eval.harness import ZmajLM
+            from zmaj.eval.harness import ZmajLM
+    except MissingExtraError as error:
+        fail(str(error))
 
     if args.batch_size < 1:
         fail(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -22,7 +22,7 @@ from zmaj.convert import weights
 
 ROOT = Path(__file__).resolve().parents[2]
 
-NEEDS_AN_EXTRA = {"zmaj.convert.gguf": "gguf"}
+NEEDS_AN_EXTRA = {"zmaj.convert.gguf": "gguf", "zmaj.eval.harness": "eval"}
 """The modules that are an extra's capability, so importing them without it is the one-line error."""
 
 IMPORT_ALL = """

@@ -35,15 +35,19 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import lm_eval.models  # noqa: F401  (the built-in backends register lazily only into an empty registry)
 import torch
-from lm_eval.__main__ import cli_evaluate
-from lm_eval.api.instance import Instance
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from loguru import logger
 from tqdm import tqdm
+
+from zmaj.extras import needs
+
+with needs("eval", "the lm-evaluation-harness backend"):
+    import lm_eval.models  # noqa: F401  (the built-in backends register lazily only into an empty registry)
+    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from zmaj.convert.load import Pretrained, load_model
 from zmaj.data.chat_template import Message
