@@ -35,7 +35,9 @@ def model(tokenizer: ModelTokenizer) -> tuple[llama.LlamaConfig, TensorDictBase]
     return config, llama.init(config, seed=0)
 
 
-def last_logits(step: Step, params: TensorDictBase, cache: TensorDictBase, tokens: Sequence[int]) -> torch.Tensor:
+def last_logits(
+    step: Step, params: TensorDictBase, cache: TensorDictBase, tokens: Sequence[int]
+) -> torch.Tensor:
     logits, _ = step(params, Batch(tokens=torch.tensor([list(tokens)], device=cache["k"].device)), cache)
     return logits[0, -1]
 
