@@ -83,7 +83,7 @@ def _write_weights(tensors: Mapping[str, Tensor], folder: Path, max_shard_bytes:
         shards[-1].append(name)
         size += nbytes
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    what = f"writing {total / 1e9:.2f} GB of weights in {len(shards)} safetensors file(s)"
+    what = f"writing {total / 1e6:,.1f} MB of weights in {len(shards)} safetensors file(s)"
     with progress(None, total, what, unit="B", unit_scale=True) as bar:
         if len(shards) == 1:
             _write_shard(tensors, shards[0], folder / WEIGHTS_FILE)
