@@ -4,7 +4,9 @@
 
 Reads one user message per line from stdin; each answer goes to stdout as it is generated, ending with a newline.
 "/reset" forgets the conversation, "/exit", end of input (Ctrl-D) or Ctrl-C end the chat. The whole conversation
-is the prompt of every answer; when it no longer fits the model's context, the oldest turns are forgotten.
+is the prompt of every answer; when it no longer fits the model's context, the oldest turns are forgotten. The
+key/value cache is kept from one answer to the next, so each answer computes only the new turn's tokens
+(``zmaj.infer.chat``).
 The "> " prompt goes to stderr, and only when stdin is a terminal, so piped output holds only the answers.
 """
 
@@ -17,9 +19,8 @@ from loguru import logger
 
 from zmaj.convert.load import Pretrained
 from zmaj.data.chat_template import Message
-from zmaj.infer.cache import init_cache
+from zmaj.infer.chat import Context, empty_context, reply
 from zmaj.infer.generate import Sampling
-from zmaj.infer.text import complete
 
 
 def main() -> None:
@@ -30,12 +31,13 @@ def main() -> None:
         fail(f"--model {args.model}: its tokenizer has no chat template, so it cannot chat")
     system: list[Message] = [] if args.system is None else [{"role": "system", "content": args.system}]
     history: list[Message] = []
+    context = empty_context(model.config, *params_dtype_device(model))
     try:
         for turn, line in enumerate(user_lines(interactive=sys.stdin.isatty())):
             if line == "/exit":
                 break
             if line == "/reset":
-                history = []
+                history, context = [], empty_context(model.config, *params_dtype_device(model))
                 logger.info("conversation forgotten")
                 continue
             if not line.strip():
@@ -48,7 +50,7 @@ def main() -> None:
                     f"this message does not fit the model's context of {model.config.context} tokens"
                 )
                 continue
-            answer = say(model, ids, args.max_new_tokens, sampling, args.seed + turn)
+            answer, context = say(model, context, ids, args.max_new_tokens, sampling, args.seed + turn)
             history = [*history, user, {"role": "assistant", "content": answer}]
     except KeyboardInterrupt:
         sys.stdout.write("\n")
@@ -96,18 +98,21 @@ def fitting(
     return history
 
 
-def say(model: Pretrained, prompt: list[int], max_new_tokens: int, sampling: Sampling, seed: int) -> str:
-    """Stream the answer to ``prompt`` to stdout and return it."""
-    cache = init_cache(model.config, 1, len(prompt) + max_new_tokens, *params_dtype_device(model))
+def say(
+    model: Pretrained, context: Context, prompt: list[int], max_new_tokens: int, sampling: Sampling, seed: int
+) -> tuple[str, Context]:
+    """Stream the answer to ``prompt`` to stdout; return it and the cache that the next answer continues."""
     step = model.architecture.cached(model.config)
-    pieces = []
-    for piece in complete(step, model.params, cache, prompt, model.tokenizer, max_new_tokens, sampling, seed):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-        pieces.append(piece)
-    sys.stdout.write("\n")
+    answer, context = reply(
+        step, model.params, context, prompt, model.tokenizer, max_new_tokens, sampling, seed, show=write
+    )
+    write("\n")
+    return answer, context
+
+
+def write(text: str) -> None:
+    sys.stdout.write(text)
     sys.stdout.flush()
-    return "".join(pieces)
 
 
 if __name__ == "__main__":

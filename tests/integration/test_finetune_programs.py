@@ -198,6 +198,8 @@ def test_dpo_widens_the_margin_from_on_policy_pairs(model: Path, tmp_path: Path)
     ]
     code, _, err = run("dpo.py", *spec, "--set", "train.steps=8", "--run-dir", tmp_path / "run")
     assert code == 0, err
+    # dpo-tiny.yaml samples k=4 answers to each of 12 prompts, and says so before it starts
+    assert "INFO | sampling 4 answers to each of 12 prompts for DPO pairs" in err
     rows = records(tmp_path / "run")
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: the policy starts as the reference
     assert rows[-1]["reward_margin"] > 0.1

@@ -5,6 +5,7 @@ run whose checkpoint is damaged."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,9 @@ def test_chat_answers_as_generate_keeping_the_history_until_reset(
     after_reset = greedy_reference(model, chat_ids(tokenizer, "how"), tokenizer)
     assert result.stdout.startswith(generated_chat.stdout)
     assert result.stdout == f"{first}\n{second}\n{after_reset}\n"
+    # The cache is kept from turn to turn (the second answer prefills only its new tokens) and /reset empties it.
+    reused = re.findall(r"new tokens after (\d+) cached ones", result.stderr)
+    assert [int(count) > 0 for count in reused] == [False, True, False]
 
 
 def reference_nll(model: Any, ids: list[int], context: int, stride: int) -> tuple[int, float]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from huggingface_hub import ModelCard
 
 from tests.integration.programs import Result, run_program
 from zmaj.convert import weights
@@ -141,6 +142,19 @@ def scores_n_problems(outcome: Outcome) -> None:
     assert 0 <= scored["accuracy"] <= 1
 
 
+def writes_a_model_folder_with_its_card(outcome: Outcome) -> None:
+    """export.py RUN OUT: OUT holds a Hugging Face folder and the card that publish.py requires."""
+    destination = outcome.folder / outcome.command.args[1]
+    assert (destination / "config.json").is_file()
+    assert ModelCard.load(destination / "README.md").data.license == outcome.command.option("--license")
+
+
+def lists_the_upload(outcome: Outcome) -> None:
+    """publish.py --dry-run: each file with its size, then the total and where it would go."""
+    assert f"-> {'dataset' if '--dataset' in outcome.command.args else 'model'} " in outcome.result.stdout
+    assert "total," in outcome.result.stdout
+
+
 def finds_no_pair_in_one_token_answers(outcome: Outcome) -> None:
     """DPO's on-policy pairs need a right answer next to a wrong one, and an answer of one token is never
     right (``Answer: <value>`` takes more), so the sized run stops where the pairs are made, with exit 2, once
@@ -211,6 +225,11 @@ SIZES: dict[str, Sized] = {
         ),
         exits_0(saves_a_checkpoint),
     ),
+    "programs/export.py": Sized((), exits_0(writes_a_model_folder_with_its_card)),
+    # README's publish commands all dry-run (no network here); the appended sizes only matter to task datasets.
+    "programs/publish.py": Sized(
+        ("--dry-run", "--n-train", "20", "--n-test", "5"), exits_0(lists_the_upload)
+    ),
     "programs/dpo.py": Sized(
         (
             *("--set", "pairs.n_prompts=1", "--set", "pairs.k=2", "--set", "pairs.max_new_tokens=1"),
@@ -243,6 +262,7 @@ def newest(pattern: str) -> Callable[[Path], str]:
 PLACEHOLDERS: dict[str, Callable[[Path], str]] = {
     "runs/stdlib-tiny-...": newest("runs/stdlib-tiny-*"),  # what an earlier `programs/pretrain.py` wrote
     "PATH": lambda folder: "pypi:smollm2-135m-instruct",  # any model PATH: the section's model
+    "USER": lambda folder: "someone",  # the reader's Hub user name
 }
 """Words of README's commands that stand for what the reader supplies, and what this test supplies."""
 

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from zmaj.convert import hf
 from zmaj.convert.load import Pretrained, replace_folder
+from zmaj.progress import progress
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 """transformers 4's default shard size ("5GB"; 5 moved it to 50GB): small enough for any download to resume."""
@@ -81,15 +82,19 @@ def _write_weights(tensors: Mapping[str, Tensor], folder: Path, max_shard_bytes:
             size = 0
         shards[-1].append(name)
         size += nbytes
-    if len(shards) == 1:
-        _write_shard(tensors, shards[0], folder / WEIGHTS_FILE)
-        return
-    weight_map: dict[str, str] = {}
-    for number, names in enumerate(shards, start=1):
-        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        _write_shard(tensors, names, folder / file)
-        weight_map |= dict.fromkeys(names, file)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
+    what = f"writing {total / 1e6:,.1f} MB of weights in {len(shards)} safetensors file(s)"
+    with progress(None, total, what, unit="B", unit_scale=True) as bar:
+        if len(shards) == 1:
+            _write_shard(tensors, shards[0], folder / WEIGHTS_FILE)
+            bar.update(total)
+            return
+        weight_map: dict[str, str] = {}
+        for number, names in enumerate(shards, start=1):
+            file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            _write_shard(tensors, names, folder / file)
+            weight_map |= dict.fromkeys(names, file)
+            bar.update(sum(tensors[name].numel() * tensors[name].element_size() for name in names))
     _write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 

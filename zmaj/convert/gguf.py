@@ -42,6 +42,7 @@ from zmaj.models import gemma3, llama
 from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.llama import LlamaConfig
 from zmaj.nn.rope import LinearScaling
+from zmaj.progress import progress
 
 # This module is the GGUF reader, so it needs the extra to import at all; zmaj.convert.load imports it only
 # when a GGUF file is asked for.
@@ -295,14 +296,16 @@ def _params(
         if shape != expected_shape:
             raise ValueError(f"GGUF tensor {name!r} has shape {shape}, expected {expected_shape}")
         read.add(name)
+        bar.update()
         return transform(dequantize_tensor(tensors[name]), config)
 
-    flat = {key: load(key, name, fn) for key, name, fn in global_table if key in wanted}
-    n_layers = expected["blocks"].batch_size[0]
-    for key, name, fn in layer_table:
-        if f"blocks.{key}" in wanted:
-            layers = [load(f"blocks.{key}", name.format(i=i), fn) for i in range(n_layers)]
-            flat[f"blocks.{key}"] = torch.stack(layers)
+    with progress(None, len(tensors), f"de-quantising {len(tensors)} GGUF tensors", unit="tensor") as bar:
+        flat = {key: load(key, name, fn) for key, name, fn in global_table if key in wanted}
+        n_layers = expected["blocks"].batch_size[0]
+        for key, name, fn in layer_table:
+            if f"blocks.{key}" in wanted:
+                layers = [load(f"blocks.{key}", name.format(i=i), fn) for i in range(n_layers)]
+                flat[f"blocks.{key}"] = torch.stack(layers)
     assert set(flat) == wanted, f"the GGUF tables miss {sorted(wanted - set(flat))}"
     if unread := sorted(set(tensors) - read):
         raise ValueError(f"GGUF file has tensors zmaj would not read: {', '.join(unread)}")

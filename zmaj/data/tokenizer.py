@@ -17,7 +17,7 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from pathlib import Path
 
 import tokenizers
@@ -30,6 +30,7 @@ from torch import Tensor
 from zmaj.data.config import N_SPECIAL_TOKENS, DataConfig
 from zmaj.data.corpus import documents, source_key
 from zmaj.data.text import read_text
+from zmaj.progress import is_main_process
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -61,6 +62,8 @@ class Tokenizer:
         """
         if max_texts is not None:
             texts = _sample(texts, max_texts, seed)
+        how_many = f"{len(texts):,} texts" if isinstance(texts, Sized) else "a stream of texts"
+        logger.info(f"training a byte-level BPE tokenizer of {vocab_size:,} tokens on {how_many}")
         inner = tokenizers.Tokenizer(models.BPE())
         # No prefix space and no normaliser: either would break the exact round trip.
         inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -69,7 +72,7 @@ class Tokenizer:
             vocab_size=vocab_size,
             special_tokens=list(SPECIAL_TOKENS),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
+            show_progress=is_main_process(),  # the trainer's own bars, one per phase, on a terminal
         )
         inner.train_from_iterator(texts, trainer)
         return cls(inner)

@@ -27,6 +27,7 @@ from zmaj.data.config import Source
 from zmaj.data.corpus import Document, Split, documents, source_key
 from zmaj.data.text import read_json
 from zmaj.data.tokenizer import Tokenizer
+from zmaj.progress import progress
 
 TOKENS_VERSION = 1
 """Bumped whenever the on-disk layout or what is written per document changes."""
@@ -99,7 +100,9 @@ def tokenize_split(
     with tempfile.TemporaryDirectory(dir=root, prefix=".tmp-") as temporary:
         staging = Path(temporary) / "data"
         staging.mkdir()
-        meta = _write(tokenizer, documents(source, split, validation_fraction), staging)
+        what = f"encoding the {split} split into tokens, {ENCODE_CHUNK:,} documents at a time"
+        docs = progress(documents(source, split, validation_fraction), None, what, unit="doc")
+        meta = _write(tokenizer, iter(docs), staging)
         (staging / "meta.json").write_text(
             json.dumps(meta | {"source": identity[1], "split": split}, indent=1)
         )

@@ -27,6 +27,7 @@ and 8.0 against 12.3 with a 2048-slot one (an early ``index_copy_`` experiment);
 given buffers and returns them. ``zmaj.infer.generate.stream`` prefills out of place, then donates every step.
 """
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -96,3 +97,36 @@ def repeat_rows(cache: TensorDictBase, copies: int) -> TensorDict:
         },
         batch_size=[],
     )
+
+
+def prefix(cache: TensorDictBase, length: int, max_len: int) -> TensorDict:
+    """The cache's first ``length`` slots, in a new cache of ``max_len`` slots; the slots after them are empty.
+
+    What a conversation keeps of its cache when the next prompt agrees with the cached tokens only that far
+    (``zmaj.infer.chat``): keys and values depend only on the tokens up to theirs, so a slot's content stays
+    right as long as every token before it is unchanged, and the positions of the tokens written next follow
+    from the ``is_token`` kept (``zmaj.models.common.cache_step``).
+    """
+    if not 0 <= length <= min(int(cache["length"]), max_len):
+        raise ValueError(
+            f"cannot keep {length} slots of a cache of {int(cache['length'])} tokens in {max_len} slots"
+        )
+    assert set(cache.keys()) == {"k", "v", "positions", "is_token", "length"}, (
+        "a new cache field needs a slot axis here"
+    )
+    k: torch.Tensor = cache["k"]
+    layers, batch, heads, _, head_dim = k.shape
+    kept = init_cache(_Shape(layers, heads, head_dim), batch, max_len, k.dtype, k.device)
+    for name, axis in (("k", 3), ("v", 3), ("positions", 1), ("is_token", 1)):
+        kept[name].narrow(axis, 0, length).copy_(cache[name].narrow(axis, 0, length))
+    kept["length"] = torch.tensor(length, device=k.device)
+    return kept
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A ``CacheShape`` read off an existing cache."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int

@@ -49,11 +49,15 @@ GREEDY = Sampling()
 class Emitted:
     """One decode step's tokens; ``tokens[b]`` belongs to row ``b``'s output only where ``emitted[b]``.
 
-    A row that has stopped keeps being computed (the batch keeps its shape) but emits nothing.
+    A row that has stopped keeps being computed (the batch keeps its shape) but emits nothing. ``cache`` holds the
+    prompts and every token before these, whose logits chose them: the last step's is where a conversation
+    continues from (``zmaj.infer.chat``). Later steps write only past its length, so it stays valid once the
+    stream moves on; nothing may write into it (``donate``) while the stream still runs.
     """
 
     tokens: Int[Tensor, " batch"]
     emitted: Bool[Tensor, " batch"]
+    cache: TensorDictBase
 
 
 def top_k_filter(logits: Float[Tensor, "batch vocab"], k: int) -> Float[Tensor, "batch vocab"]:
@@ -142,7 +146,8 @@ def stream(
     """Yield each decode step's tokens until every row has stopped or ``max_new_tokens`` steps.
 
     ``cache`` must have one row per prompt and room for the longest prompt plus ``max_new_tokens - 1`` tokens
-    (the last token is never fed back); it is not changed, so one empty cache serves any number of calls: the
+    (the last token is never fed back); it may already hold tokens, which the prompts then continue (a
+    conversation's earlier turns). It is not changed, so one empty cache serves any number of calls: the
     prefill writes a new cache, which the decode steps that follow own and write in place (``donate=True``).
     ``seed`` makes sampling reproducible; ``decode`` (token ids to text) is needed for ``stop_strings``.
     ``copies`` continues each prompt in that many rows, prompt-major (prompt ``i`` in rows ``i * copies`` to
@@ -183,7 +188,7 @@ def stream(
                     texts[row].append(new)
                 hit.append(was_live and any(stop in decode(texts[row]) for stop in stop_strings))
             live = live & ~torch.tensor(hit, device=device)
-        yield Emitted(tokens=token, emitted=emitted)
+        yield Emitted(tokens=token, emitted=emitted, cache=cache)
         if index == max_new_tokens - 1 or not bool(live.any()):
             return
         logits, cache = step(params, Batch(tokens=token[:, None]), cache, donate=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import DatasetCard, HfApi, ModelCard, RepoCard
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+from loguru import logger
 
 from zmaj.convert.export import INDEX_FILE, WEIGHTS_FILE
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
@@ -101,6 +102,10 @@ def publish(
     api.create_repo(repo_id, repo_type=repo_type, private=True if private else None, exist_ok=True)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+    files = upload_files(folder)
+    size = sum(size for _, size in files)
+    # huggingface_hub draws the transfer's bars itself (unless HF_HUB_DISABLE_PROGRESS_BARS is set).
+    logger.info(f"uploading {len(files)} files, {size / 1e6:,.1f} MB, to {repo_type} {repo_id}")
     commit = api.upload_folder(
         repo_id=repo_id,
         folder_path=folder,

@@ -32,6 +32,7 @@ from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import GREEDY, Sampling, generate
 from zmaj.models.common import Batch
 from zmaj.models.registry import config_to_json
+from zmaj.progress import progress
 from zmaj.tasks import FEW_SHOT_STOP, Problem, Reward, Split, Task, accuracy_interval, get_task, score
 from zmaj.train import checkpoint, runs
 from zmaj.train.grpo import GRPOConfig
@@ -380,28 +381,33 @@ def sample_answers(
     sampling: Sampling = GREEDY,
     seed: int = 0,
     few_shot: bool = False,
+    what: str | None = None,
 ) -> list[list[int]]:
     """Completions of ``prompts`` with the KV cache, ``batch_size`` at a time (left-padded), each ending at a
-    stop token of the tokenizer (or, few-shot, at the blank line that ends a worked answer)."""
+    stop token of the tokenizer (or, few-shot, at the blank line that ends a worked answer). ``what`` is the
+    line logged before the progress bar starts (``zmaj.progress``)."""
     step = model.architecture.cached(model.config)
     dtype = next(t for t in model.params.values(True, True) if t.is_floating_point()).dtype
     device = model.params.device or torch.device("cpu")
     out: list[list[int]] = []
-    for first in range(0, len(prompts), batch_size):
-        chunk = [list(p) for p in prompts[first : first + batch_size]]
-        cache = init_cache(model.config, len(chunk), max(map(len, chunk)) + max_new_tokens, dtype, device)
-        out += generate(
-            step,
-            model.params,
-            cache,
-            chunk,
-            max_new_tokens,
-            sampling,
-            seed + first,
-            model.tokenizer.stop_ids,
-            (FEW_SHOT_STOP,) if few_shot else (),
-            model.tokenizer.decode if few_shot else None,
-        )
+    what = what or f"sampling answers to {len(prompts):,} prompts, {batch_size} at a time"
+    with progress(None, len(prompts), what, unit="answer") as bar:
+        for first in range(0, len(prompts), batch_size):
+            chunk = [list(p) for p in prompts[first : first + batch_size]]
+            cache = init_cache(model.config, len(chunk), max(map(len, chunk)) + max_new_tokens, dtype, device)
+            out += generate(
+                step,
+                model.params,
+                cache,
+                chunk,
+                max_new_tokens,
+                sampling,
+                seed + first,
+                model.tokenizer.stop_ids,
+                (FEW_SHOT_STOP,) if few_shot else (),
+                model.tokenizer.decode if few_shot else None,
+            )
+            bar.update(len(chunk))
     return out
 
 
@@ -443,7 +449,10 @@ def evaluate_task(
 ) -> TaskScore:
     """Greedy answers to ``problems`` scored by the task's checker (``few_shot=None``: chat mode)."""
     prompts = [task_prompt(model.tokenizer, task, p, few_shot, system) for p in problems]
-    answers = sample_answers(model, prompts, max_new_tokens, batch_size, few_shot=few_shot is not None)
+    what = f"answering {len(problems):,} {task.name} problems, {batch_size} at a time"
+    answers = sample_answers(
+        model, prompts, max_new_tokens, batch_size, few_shot=few_shot is not None, what=what
+    )
     texts = [completion_text(model.tokenizer, ids, few_shot is not None) for ids in answers]
     rewards = score(task.reward, problems, texts)
     correct = sum(r.correctness == 1.0 for r in rewards)

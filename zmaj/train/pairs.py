@@ -94,8 +94,9 @@ def on_policy_pairs(source: PairsFromTask, begin: Start) -> list[Pair]:
     tokenizer = begin.model.tokenizer
     prompts = [finetune.task_prompt(tokenizer, task, p, None, source.task.system) for p in problems]
     rows = [prompt for prompt in prompts for _ in range(source.k)]
+    what = f"sampling {source.k} answers to each of {len(prompts):,} prompts for DPO pairs"
     answers = finetune.sample_answers(
-        begin.model, rows, source.max_new_tokens, source.batch_size, source.sampling, source.seed
+        begin.model, rows, source.max_new_tokens, source.batch_size, source.sampling, source.seed, what=what
     )
     rewards = score(
         task.reward, [p for p in problems for _ in range(source.k)], [tokenizer.decode(a) for a in answers]

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from zmaj.data.dataset import LMDataset, stream_batch
 from zmaj.models.common import Batch
+from zmaj.progress import progress
 from zmaj.train.muon import MuonConfig, OptimizerConfig, muon_init, muon_update
 from zmaj.train.optim import adamw_init, adamw_update, clip_by_global_norm, global_norm
 from zmaj.train.parallel import SINGLE, Parallel, tensors
@@ -312,7 +313,8 @@ def held_out(
         n_batches = min(n_batches, max_batches)
     device = tensors(params)[0].device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for index in range(parallel.rank, n_batches, parallel.size):
+    what = f"held-out loss over {n_batches:,} batches of {batch_size}"
+    for index in progress(range(parallel.rank, n_batches, parallel.size), None, what, unit="batch"):
         rows = range(index * batch_size, min((index + 1) * batch_size, len(dataset)))
         metrics = eval_step(params, stream_batch(dataset, rows).to(device), forward, token_bytes, autocast)
         sums += torch.stack([metrics[key].double() for key in ("loss_sum", "tokens", "bytes")])
