@@ -22,7 +22,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models import common
-from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step, writes_in_place
+from zmaj.models.common import Batch, LazyLogits, batch_mask, cache_mask, cache_step, writes_in_place
 from zmaj.nn.attention import Backend, cached_self_attention, self_attention
 from zmaj.nn.layers import Activation, dropout, embedding, layer_norm, mlp, rms_norm, sinusoidal_positions
 from zmaj.nn.shell import Shell
@@ -128,6 +128,14 @@ def forward(
 ) -> Float[Tensor, "batch seq vocab"]:
     """Next-token logits for every position. ``dropout_seed`` switches dropout on, reproducibly."""
     return unembed(params, hidden_states(params, batch, config, dropout_seed), config)
+
+
+def lazy_forward(
+    params: TensorDictBase, batch: Batch, config: GPTConfig, dropout_seed: int | None = None
+) -> LazyLogits:
+    """``forward`` short of its last matmul, for a training loss that unembeds in chunks (``LazyLogits``)."""
+    hidden = hidden_states(params, batch, config, dropout_seed)
+    return LazyLogits(hidden, common.unembedding(params, config.tie_embeddings))
 
 
 def hidden_states(

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from zmaj.nn import masks
-from zmaj.nn.layers import linear
+from zmaj.nn.layers import fused_linear, linear
 
 Backend = Literal["eager", "sdpa", "flex"]
 
@@ -143,11 +143,25 @@ def self_attention(
     backend: Backend,
 ) -> Float[Tensor, "batch seq d_model"]:
     """Multi-head self-attention: project to q/k/v heads, attend, merge heads, project back."""
-    q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", h=n_heads)
-    k = rearrange(linear(params["k"], x), "b s (h d) -> b h s d", h=n_kv_heads)
-    v = rearrange(linear(params["v"], x), "b s (h d) -> b h s d", h=n_kv_heads)
+    q, k, v = qkv_heads(params, x, n_heads, n_kv_heads)
     out = attention(q, k, v, mask, backend)
     return linear(params["o"], rearrange(out, "b h s d -> b s (h d)"))
+
+
+def qkv_heads(
+    params: TensorDictBase, x: Float[Tensor, "batch seq d_model"], n_heads: int, n_kv_heads: int
+) -> tuple[
+    Float[Tensor, "batch heads seq head_dim"],
+    Float[Tensor, "batch kv_heads seq head_dim"],
+    Float[Tensor, "batch kv_heads seq head_dim"],
+]:
+    """The query, key and value heads of ``x``, projected in one matmul (``fused_linear``)."""
+    q, k, v = fused_linear([params["q"], params["k"], params["v"]], x)
+    return (
+        rearrange(q, "b s (h d) -> b h s d", h=n_heads),
+        rearrange(k, "b s (h d) -> b h s d", h=n_kv_heads),
+        rearrange(v, "b s (h d) -> b h s d", h=n_kv_heads),
+    )
 
 
 def cached_attention(
@@ -206,8 +220,6 @@ def cached_self_attention(
     Float[Tensor, "batch kv_heads k_seq head_dim"],
 ]:
     """``self_attention`` for new tokens only, reading the earlier tokens' keys and values from the cache."""
-    q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", h=n_heads)
-    k = rearrange(linear(params["k"], x), "b s (h d) -> b h s d", h=n_kv_heads)
-    v = rearrange(linear(params["v"], x), "b s (h d) -> b h s d", h=n_kv_heads)
+    q, k, v = qkv_heads(params, x, n_heads, n_kv_heads)
     out, cache_k, cache_v = cached_attention(q, k, v, cache_k, cache_v, slots, mask, backend, donate=donate)
     return linear(params["o"], rearrange(out, "b h s d -> b s (h d)")), cache_k, cache_v
