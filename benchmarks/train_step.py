@@ -294,7 +294,7 @@ class NanoGPT(nn.Module):
         fused_available = "fused" in inspect.signature(torch.optim.AdamW).parameters
         use_fused = fused_available and device_type == "cuda"
         extra_args = dict(fused=True) if use_fused else dict()
-        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)  # type: ignore[arg-type]
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
 
 
 def nanogpt_step(shape: "Shape", compiled: bool, dtype: torch.dtype, batch: Batch) -> Callable[[], Tensor]:
@@ -454,11 +454,11 @@ class SeparateProjections(AbstractContextManager[None]):
     for the length of one step. (Compiled, dynamo guards on that function and keeps one graph for each.)"""
 
     def __enter__(self) -> None:
-        self.fused = attention_module.fused_linear
-        attention_module.fused_linear = lambda params, x: [linear(p, x) for p in params]
+        self.fused = attention_module.fused_linear  # type: ignore[attr-defined]
+        attention_module.fused_linear = lambda params, x: [linear(p, x) for p in params]  # type: ignore[attr-defined]
 
     def __exit__(self, *exc: object) -> None:
-        attention_module.fused_linear = self.fused
+        attention_module.fused_linear = self.fused  # type: ignore[attr-defined]
 
 
 def probe_compiled_forward(device: torch.device) -> str:

@@ -74,7 +74,7 @@ def fused_linear(
             [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights, strict=True)]
         )
     out = F.linear(x, torch.cat(weights), bias)
-    return list(out.split([w.shape[0] for w in weights], dim=-1))
+    return list(torch.split(out, [w.shape[0] for w in weights], dim=-1))
 
 
 def matvec(weight: Float[Tensor, "d_out d_in"], x: Float[Tensor, "*one d_in"]) -> Float[Tensor, "*one d_out"]:
