@@ -61,10 +61,9 @@ def fused_linear(
     One product of ``3 d`` outputs keeps the matrix units busier than three of ``d`` (and the backward's input
     gradient becomes one product instead of three products and two sums), for the price of copying the weights
     once per call. That copy is the whole cost of a single-token product, so decoding under ``torch.compile``
-    (``linear``'s ``matvec`` path) and LoRA-adapted weights keep one product each.
+    (``linear``'s ``matvec`` path) keeps one product each. LoRA factors add their update to their map's part.
     """
-    single_row = torch.compiler.is_compiling() and x.shape[:-1].numel() == 1
-    if single_row or any(p.get("lora_a", None) is not None for p in params):
+    if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
         return [linear(p, x) for p in params]
     weights: list[Tensor] = [p["weight"] for p in params]
     biases: list[Tensor | None] = [p.get("bias", None) for p in params]
@@ -73,8 +72,14 @@ def fused_linear(
         bias = torch.cat(
             [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights, strict=True)]
         )
-    out = F.linear(x, torch.cat(weights), bias)
-    return list(torch.split(out, [w.shape[0] for w in weights], dim=-1))
+    outs = torch.split(F.linear(x, torch.cat(weights), bias), [w.shape[0] for w in weights], dim=-1)
+    return [_lora_update(p, x, out) for p, out in zip(params, outs, strict=True)]
+
+
+def _lora_update(params: TensorDictBase, x: Tensor, out: Tensor) -> Tensor:
+    """``out`` plus the low-rank update (x A^T) B^T where ``params`` carry LoRA factors, as in ``linear``."""
+    lora_a = params.get("lora_a", None)
+    return out if lora_a is None else out + F.linear(F.linear(x, lora_a), params["lora_b"])
 
 
 def matvec(weight: Float[Tensor, "d_out d_in"], x: Float[Tensor, "*one d_in"]) -> Float[Tensor, "*one d_out"]:
@@ -135,7 +140,9 @@ def glu_mlp(
 ) -> Float[Tensor, "*batch d_model"]:
     """Gated feed-forward block (Shazeer, 2020): act(x W_gate) * (x W_up), projected back; SwiGLU when act=silu."""
     gate, up = fused_linear([params["gate"], params["up"]], x)
-    return linear(params["down"], activation(act, gate) * up)
+    # contiguous: on a strided view (a part of the fused product) the CPU's SiLU takes its scalar loop, which
+    # rounds differently from the vectorised one that a LoRA-adapted (hence contiguous) gate gets.
+    return linear(params["down"], activation(act, gate.contiguous()) * up)
 
 
 def sinusoidal_positions(positions: Int[Tensor, "*batch"], d_model: int) -> Float[Tensor, "*batch d_model"]:
