@@ -1,21 +1,27 @@
 """Benchmark of a whole training step: zmaj's pure ``train_step`` vs two conventional module + optimizer stacks.
 
-Three stacks train the same GPT shape (GPT-2 style: learned positions, pre-norm LayerNorm blocks, GELU(tanh) MLP
-of width 4 d, tied embeddings, SDPA causal attention, no dropout) on the same random batch:
+Three stacks train the same GPT shape (GPT-2 style: learned positions, pre-norm LayerNorm blocks, exact-GELU MLP
+of width 4 d, tied embeddings, SDPA causal attention, no dropout, no biases by default) on the same random batch:
 
 - ``zmaj``: ``zmaj.train.step.train_step`` over the parameter TensorDict: ``torch.func.grad_and_value`` for the
-  gradient, zmaj's TensorDict AdamW and global-norm clipping, autocast from ``zmaj.train.precision``.
-- ``transformers``: ``GPT2LMHeadModel`` + ``torch.optim.AdamW(foreach=True)``; ``loss.backward()``,
-  ``clip_grad_norm_``, ``opt.step()``, ``zero_grad(set_to_none=True)``, bf16 through ``torch.autocast``.
-- ``nanoGPT``: a module GPT in the style of karpathy/nanoGPT's ``model.py`` (defined below) with the same
-  optimizer loop as ``transformers``.
+  gradient, zmaj's TensorDict AdamW and global-norm clipping, autocast from ``zmaj.train.precision``. Its rows
+  take its fusions away one at a time (``ZMAJ_VARIANTS``): ``zmaj`` (q/k/v in one matmul, and the unembedding
+  and loss in chunks of positions, ``zmaj.nn.loss.chunked_cross_entropy``, never holding the whole logits),
+  ``zmaj-logits`` (the whole logits, then the loss), ``zmaj-unfused`` (also q, k and v one matmul each).
+- ``nanoGPT``: karpathy/nanoGPT's ``model.py`` (copied below, its training parts verbatim) with train.py's
+  loop: ``configure_optimizers`` (AdamW, weight decay on dim >= 2, fused on CUDA, PyTorch's default
+  implementation elsewhere), ``with ctx: logits, loss = model(X, Y)``, ``loss.backward()``, clip,
+  ``optimizer.step()``, ``zero_grad(set_to_none=True)``; ``bias=False`` as train.py sets it.
+- ``transformers``: ``GPT2LMHeadModel`` (always with biases) + ``torch.optim.AdamW(foreach=True)``;
+  ``loss.backward()``, ``clip_grad_norm_``, ``opt.step()``, ``zero_grad(set_to_none=True)``, bf16 through
+  ``torch.autocast``.
 
-All three use AdamW(betas=(0.9, 0.95), eps=1e-8, weight decay 0.1 on matrices only), clip at 1.0, and take the
-mean next-token cross-entropy in fp32. ``compiled`` means ``torch.compile`` of the model and its loss for the module
-stacks (the optimizer stays eager), and for zmaj ``torch.compile`` of the function that returns loss and
+All use AdamW(betas=(0.9, 0.95), eps=1e-8, weight decay 0.1 on matrices only) and clip at 1.0. ``compiled`` means
+``torch.compile`` of the model (nanoGPT, as train.py) or of the model and its loss (transformers); the optimizer
+stays eager; for zmaj, ``torch.compile`` of the function that returns loss and
 gradients (``accumulate_grads``, i.e. ``grad_and_value`` of the loss, traced in one graph; run under
-``step.deterministic``, as ``programs/pretrain.py`` runs it), followed by zmaj's
-eager clipping and AdamW. Compiling only the forward that ``train_step`` takes does not work: dynamo refuses to
+``step.deterministic``, as ``programs/pretrain.py`` runs it), followed by zmaj's compiled clipping and AdamW.
+Compiling only the forward that ``train_step`` takes does not work: dynamo refuses to
 trace a compiled function called inside an eager ``torch.func.grad`` (pytorch/pytorch#128711) and runs it eagerly;
 the benchmark probes that on a tiny model and says what happened.
 
@@ -29,6 +35,7 @@ steps. A profile of the zmaj eager step (top ops by self time, time per op categ
 
     uv run python benchmarks/train_step.py --quick       # a tiny model, a few minutes: is everything wired up?
     uv run python benchmarks/train_step.py               # 6 layers, d=384, vocab 8192, S=256, B=8
+    uv run python benchmarks/train_step.py --stacks zmaj,nanoGPT   # fewer rows
     uv run python benchmarks/train_step.py --device cuda --shape gpt2-124m --dtypes bf16
 
 ``--shape gpt2-124m`` is GPT-2 small (12 layers, d=768, 12 heads, vocab 50257, context 1024) at batch 16; any of
@@ -42,6 +49,7 @@ Writes ``benchmarks/results/train_step.md`` (header + table), ``train_step.png``
 
 import argparse
 import gc
+import inspect
 import math
 import os
 import re
@@ -50,6 +58,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -72,14 +81,15 @@ from common import (
     timeit,
     usable_dtypes,
 )
-from einops import rearrange
 from jaxtyping import Float, Int
 from loguru import logger
 from torch import Tensor, nn
 
 from zmaj.models import gpt
 from zmaj.models.common import Batch
+from zmaj.nn import attention as attention_module
 from zmaj.nn.attention import Backend, eager_attention
+from zmaj.nn.layers import linear
 from zmaj.train import optim, precision, step
 from zmaj.train.report import gpt_flops_per_token
 
@@ -100,7 +110,13 @@ DATASHEET_BF16_TFLOPS: list[tuple[str, float]] = [
 """Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's datasheets, by a substring of the device name; the
 first match wins, so the more specific names come first. Leads, not measurements."""
 MODES = ("eager", "compiled")
-STACKS = ("zmaj", "transformers", "nanoGPT")
+ZMAJ_VARIANTS = {
+    "zmaj": "fused q/k/v projections, chunked unembedding + loss (gpt.lazy_forward): the default",
+    "zmaj-logits": "fused q/k/v, the whole logits then the loss (gpt.forward)",
+    "zmaj-unfused": "q, k and v one matmul each, the whole logits: zmaj before issue 18",
+}
+"""zmaj's rows, one per fusion taken away in turn, so that each one's effect reads off the table."""
+STACKS = (*ZMAJ_VARIANTS, "transformers", "nanoGPT")
 RESULTS = Path(__file__).parent / "results"
 LR = 1e-3
 BETAS = (0.9, 0.95)
@@ -129,6 +145,7 @@ class Shape:
             n_layers=self.layers,
             n_heads=self.heads,
             bias=self.bias,
+            activation="gelu",  # nanoGPT's nn.GELU(): the exact (erf) GELU
             attention=self.attention,
         )
 
@@ -137,76 +154,175 @@ class Shape:
         return self.batch * self.seq
 
 
-# --- nanoGPT: a module GPT written the conventional way (karpathy/nanoGPT model.py, trimmed) -----------------------
+# --- nanoGPT: karpathy/nanoGPT's model.py (commit 3adf61e, Nov 2025), its training-relevant parts verbatim --------
+# Only what a training step never runs is left out (generation, from_pretrained, crop_block_size, the non-flash
+# attention fallback, estimate_mfu); names, modules, dropout layers, init and the loss are as there.
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm but with an optional bias. PyTorch doesn't support simply bias=False"""
+
+    def __init__(self, ndim: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, bias: bool) -> None:
+    def __init__(self, config: "NanoGPTConfig") -> None:
         super().__init__()
-        self.n_heads = n_heads
-        self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)  # q, k and v in one matmul
-        self.c_proj = nn.Linear(d_model, d_model, bias=bias)
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
 
-    def forward(self, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
-        q, k, v = (
-            rearrange(t, "b s (h d) -> b h s d", h=self.n_heads) for t in self.c_attn(x).chunk(3, dim=-1)
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.size()  # noqa: N806 (nanoGPT's names)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0, is_causal=True
         )
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out: Tensor = self.c_proj(rearrange(y, "b h s d -> b s (h d)"))
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        out: Tensor = self.resid_dropout(self.c_proj(y))
         return out
 
 
 class MLP(nn.Module):
-    def __init__(self, d_model: int, bias: bool) -> None:
+    def __init__(self, config: "NanoGPTConfig") -> None:
         super().__init__()
-        self.c_fc = nn.Linear(d_model, 4 * d_model, bias=bias)
-        self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * d_model, d_model, bias=bias)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
-        out: Tensor = self.c_proj(self.gelu(self.c_fc(x)))
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.c_fc(x)
+        x = self.gelu(x)
+        x = self.c_proj(x)
+        out: Tensor = self.dropout(x)
         return out
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, bias: bool) -> None:
+    def __init__(self, config: "NanoGPTConfig") -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(d_model, bias=bias)
-        self.attn = CausalSelfAttention(d_model, n_heads, bias)
-        self.ln_2 = nn.LayerNorm(d_model, bias=bias)
-        self.mlp = MLP(d_model, bias)
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
 
-    def forward(self, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
+    def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln_1(x))
-        out: Tensor = x + self.mlp(self.ln_2(x))
-        return out
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+@dataclass
+class NanoGPTConfig:
+    block_size: int
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = False  # train.py's default (model.py's dataclass says True, train.py overrides it)
 
 
 class NanoGPT(nn.Module):
-    def __init__(self, shape: Shape) -> None:
+    def __init__(self, config: NanoGPTConfig) -> None:
         super().__init__()
-        d = shape.d_model
-        self.wte = nn.Embedding(shape.vocab, d)
-        self.wpe = nn.Embedding(shape.seq, d)
-        self.h = nn.ModuleList(Block(d, shape.heads, shape.bias) for _ in range(shape.layers))
-        self.ln_f = nn.LayerNorm(d, bias=shape.bias)
-        self.lm_head = nn.Linear(d, shape.vocab, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf, 2017)
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                # GPT-2's scaled init of the projections that write into the residual stream.
-                std = 0.02 / math.sqrt(2 * shape.layers) if name.endswith("c_proj.weight") else 0.02
-                nn.init.normal_(p, std=std)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # type: ignore[union-attr]
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def forward(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq vocab"]:
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.wte(tokens) + self.wpe(positions)
-        for block in self.h:
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        device = idx.device
+        b, t = idx.size()  # noqa: RUF059 (verbatim)
+        pos = torch.arange(0, t, dtype=torch.long, device=device)
+        tok_emb = self.transformer.wte(idx)  # type: ignore[operator]
+        pos_emb = self.transformer.wpe(pos)  # type: ignore[operator]
+        x = self.transformer.drop(tok_emb + pos_emb)  # type: ignore[operator]
+        for block in self.transformer.h:  # type: ignore[union-attr]
             x = block(x)
-        logits: Tensor = self.lm_head(self.ln_f(x))
-        return logits
+        x = self.transformer.ln_f(x)  # type: ignore[operator]
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+    ) -> torch.optim.AdamW:
+        param_dict = {pn: p for pn, p in self.named_parameters()}
+        param_dict = {pn: p for pn, p in param_dict.items() if p.requires_grad}
+        decay_params = [p for n, p in param_dict.items() if p.dim() >= 2]
+        nodecay_params = [p for n, p in param_dict.items() if p.dim() < 2]
+        optim_groups = [
+            {"params": decay_params, "weight_decay": weight_decay},
+            {"params": nodecay_params, "weight_decay": 0.0},
+        ]
+        fused_available = "fused" in inspect.signature(torch.optim.AdamW).parameters
+        use_fused = fused_available and device_type == "cuda"
+        extra_args = dict(fused=True) if use_fused else dict()
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+
+
+def nanogpt_step(shape: "Shape", compiled: bool, dtype: torch.dtype, batch: Batch) -> Callable[[], Tensor]:
+    """train.py's loop, one micro-step per step: ``with ctx: logits, loss = model(X, Y)``, ``backward()``,
+    clip, ``optimizer.step()``, ``zero_grad(set_to_none=True)``, the model ``torch.compile``d when compiling.
+
+    ``ctx`` is autocast to ``dtype``, as train.py sets it on a GPU; on a CPU train.py itself never autocasts
+    (its ``ctx`` is a ``nullcontext`` there), which would make its bf16 row an fp32 one. Its GradScaler is only
+    enabled for float16, so for fp32 and bf16 its ``scale``/``unscale_``/``step``/``update`` are the plain calls.
+    """
+    device = batch.tokens.device
+    config = NanoGPTConfig(shape.seq, shape.vocab, shape.layers, shape.heads, shape.d_model, bias=shape.bias)
+    model = NanoGPT(config).to(device)
+    optimizer = model.configure_optimizers(WEIGHT_DECAY, LR, BETAS, device.type)
+    forward: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = torch.compile(model) if compiled else model
+    tokens, targets = batch.tokens, batch.targets
+    assert targets is not None
+
+    def run() -> Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            _, loss = forward(tokens, targets)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return run
 
 
 # --- the module stacks' step ----------------------------------------------------------------------------------------
@@ -224,7 +340,7 @@ class GPT2Logits(nn.Module):
             n_layer=shape.layers,
             n_head=shape.heads,
             n_inner=4 * shape.d_model,
-            activation_function="gelu_new",  # GELU(tanh), as zmaj's and nanoGPT's
+            activation_function="gelu",  # the exact (erf) GELU, as nanoGPT's nn.GELU() and zmaj's rows
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
@@ -292,36 +408,57 @@ def module_step(model: nn.Module, compiled: bool, dtype: torch.dtype, batch: Bat
 # --- zmaj's step ----------------------------------------------------------------------------------------------------
 
 
-def zmaj_step(shape: Shape, compiled: bool, dtype: torch.dtype, batch: Batch) -> Callable[[], Tensor]:
+def zmaj_step(
+    shape: Shape, compiled: bool, dtype: torch.dtype, batch: Batch, variant: str = "zmaj"
+) -> Callable[[], Tensor]:
     """zmaj's ``train_step`` as ``programs/pretrain.py`` runs it: eager, or its loss-and-gradients and its
-    clip + AdamW (donating the old state) each compiled."""
+    clip + AdamW (donating the old state) each compiled; ``variant`` is one of ``ZMAJ_VARIANTS``."""
     device = batch.tokens.device
     config = shape.gpt_config()
     state = step.init_state(gpt.init(config, 0, device))
-    forward = step.bind(gpt.forward, config=config)
+    forward: step.Forward | step.LazyForward = (
+        step.bind_lazy(gpt.lazy_forward, config=config)
+        if variant == "zmaj"
+        else step.bind(gpt.forward, config=config)
+    )
     adamw_config = optim.AdamWConfig(lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
     decay = optim.decay_mask(state["params"])
     autocast = precision.autocast(dtype, device)
+    projections = SeparateProjections() if variant == "zmaj-unfused" else nullcontext()
 
     grad_fn, update_fn = step.step_functions(compiled)  # as programs/pretrain.py
 
     def run() -> Tensor:
         nonlocal state
-        state, metrics = step.train_step(
-            state,
-            [batch],
-            forward=forward,
-            optimizer=adamw_config,
-            lr=LR,
-            decay=decay,
-            seed=0,
-            autocast=autocast,
-            grad_fn=grad_fn,
-            update_fn=update_fn,
-        )
+        with projections:
+            state, metrics = step.train_step(
+                state,
+                [batch],
+                forward=forward,
+                optimizer=adamw_config,
+                lr=LR,
+                decay=decay,
+                seed=0,
+                autocast=autocast,
+                grad_fn=grad_fn,
+                update_fn=update_fn,
+            )
         return metrics["loss"]
 
     return run
+
+
+class SeparateProjections(AbstractContextManager[None]):
+    """Within it, zmaj's attention projects q, k and v with one matmul each (``linear`` per projection) instead
+    of ``fused_linear``'s one: the ablation of that fusion, by swapping the function ``zmaj.nn.attention`` calls
+    for the length of one step. (Compiled, dynamo guards on that function and keeps one graph for each.)"""
+
+    def __enter__(self) -> None:
+        self.fused = attention_module.fused_linear  # type: ignore[attr-defined]
+        attention_module.fused_linear = lambda params, x: [linear(p, x) for p in params]  # type: ignore[attr-defined]
+
+    def __exit__(self, *exc: object) -> None:
+        attention_module.fused_linear = self.fused  # type: ignore[attr-defined]
 
 
 def probe_compiled_forward(device: torch.device) -> str:
@@ -437,11 +574,12 @@ def build_runners(
             compiled = mode == "compiled"
             for stack in args.stacks:
                 torch.manual_seed(0)
-                if stack == "zmaj":
-                    run = zmaj_step(shape, compiled, dtype, batch)
+                if stack.startswith("zmaj"):
+                    run = zmaj_step(shape, compiled, dtype, batch, stack)
+                elif stack == "nanoGPT":
+                    run = nanogpt_step(shape, compiled, dtype, batch)
                 else:
-                    model = (NanoGPT(shape) if stack == "nanoGPT" else GPT2Logits(shape)).to(device)
-                    run = module_step(model, compiled, dtype, batch)
+                    run = module_step(GPT2Logits(shape).to(device), compiled, dtype, batch)
                 runners.append(Runner(stack, dtype_name, mode, run))
     return runners
 
@@ -652,7 +790,8 @@ def phases(shape: Shape, batch: Batch) -> str:
     opt_state = optim.adamw_init(params)
     adamw_config = optim.AdamWConfig(lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
     decay = optim.decay_mask(params)
-    grads, _, _ = step.accumulate_grads(params, [batch], forward, [None])
+    lazy = step.bind_lazy(gpt.lazy_forward, config=config)  # the default zmaj row's forward
+    grads, _, _ = step.accumulate_grads(params, [batch], lazy, [None])
 
     def forward_loss() -> None:
         with torch.no_grad():
@@ -660,9 +799,7 @@ def phases(shape: Shape, batch: Batch) -> str:
 
     parts: dict[str, Callable[[], object]] = {
         "forward + loss (no_grad)": forward_loss,
-        "forward + backward (accumulate_grads)": lambda: step.accumulate_grads(
-            params, [batch], forward, [None]
-        ),
+        "forward + backward (accumulate_grads)": lambda: step.accumulate_grads(params, [batch], lazy, [None]),
         "clip_by_global_norm": lambda: optim.clip_by_global_norm(grads, GRAD_CLIP, optim.global_norm(grads)),
         "adamw_update": lambda: optim.adamw_update(params, grads, opt_state, adamw_config, LR, decay),
     }
@@ -800,8 +937,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--bias",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="biases in linears and norms (GPT-2)",
+        default=False,
+        help="biases in linears and norms (GPT-2; nanoGPT's train.py turns them off)",
     )
     parser.add_argument(
         "--zmaj-attention",

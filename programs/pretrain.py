@@ -25,7 +25,7 @@ from zmaj.train import loop, optim, precision, report, runs
 from zmaj.train.parallel import Parallel
 from zmaj.train.runs import Run
 from zmaj.train.spec import OPTIMIZER_LAYOUT, PretrainSpec, SpecError
-from zmaj.train.step import bind, held_out, init_state, step_functions, train_step
+from zmaj.train.step import bind, bind_lazy, held_out, init_state, step_functions, train_step
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "pretrain" / "stdlib-tiny.yaml"
 
@@ -78,7 +78,8 @@ def train(run: Run[PretrainSpec], data: Prepared) -> None:
 
     step = partial(
         train_step,
-        forward=parallel.forward(forward, run.dtype),
+        # The loss unembeds a chunk of positions at a time, never holding the whole logits (zmaj.nn.loss).
+        forward=parallel.forward(bind_lazy(gpt.lazy_forward, config=spec.model), run.dtype),
         optimizer=cfg.optimizer,
         decay=decay,
         seed=cfg.seed,

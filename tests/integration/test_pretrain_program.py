@@ -158,7 +158,12 @@ def test_a_muon_run_resumes_exactly_and_refuses_another_optimizer(spec: Path, tm
     """Issue 18: with ``train.optimizer.kind=muon`` a run stopped at step 3 and resumed ends with the parameters
     of a run straight through; a resume that would change the optimizer's kind or groups is one line, exit 2."""
     cache, straight, split = tmp_path / "cache", tmp_path / "straight", tmp_path / "split"
-    muon = ["--cache-dir", cache, "--set", "train.optimizer={kind: muon, weight_decay: 0.01}"]
+    muon: list[str | Path] = [
+        "--cache-dir",
+        cache,
+        "--set",
+        "train.optimizer={kind: muon, weight_decay: 0.01}",
+    ]
     assert run("pretrain.py", spec, "--run-dir", straight, *muon).returncode == 0
     first = run("pretrain.py", spec, "--run-dir", split, *muon, "--stop-after", "3")
     assert first.returncode == 0, first.stderr

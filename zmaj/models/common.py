@@ -14,6 +14,7 @@ from torch import Tensor
 
 from zmaj.nn import masks
 from zmaj.nn.attention import AttentionMask, Backend, prepare_mask
+from zmaj.nn.loss import softcap
 
 
 @dataclass(frozen=True)
@@ -206,5 +207,27 @@ def unembed(
     params: TensorDictBase, hidden: Float[Tensor, "batch seq d_model"], tied: bool
 ) -> Float[Tensor, "batch seq vocab"]:
     """Logits from hidden states, through the embedding matrix itself when the two are tied (Press & Wolf, 2017)."""
+    return hidden @ unembedding(params, tied).T
+
+
+def unembedding(params: TensorDictBase, tied: bool) -> Float[Tensor, "vocab d_model"]:
+    """The matrix that maps hidden states to logits: the embedding itself when the two are tied."""
     weight: Tensor = params["embed", "weight"] if tied else params["unembed", "weight"]
-    return hidden @ weight.T
+    return weight
+
+
+@dataclass(frozen=True)
+class LazyLogits:
+    """Logits not computed yet: the final hidden states and the unembedding that maps them to the vocabulary.
+
+    What a model's ``lazy_forward`` returns, so that a training loss can compute the logits a chunk of positions
+    at a time and never hold all of them (``zmaj.nn.loss.chunked_cross_entropy``): ``[batch, seq, vocab]`` is a
+    small model's largest activation by far. ``logits()`` is what the model's ``forward`` returns.
+    """
+
+    hidden: Float[Tensor, "batch seq d_model"]
+    weight: Float[Tensor, "vocab d_model"]
+    softcap: float | None = None  # logits become softcap * tanh(logits / softcap) (Gemma 2)
+
+    def logits(self) -> Float[Tensor, "batch seq vocab"]:
+        return softcap(self.hidden @ self.weight.T, self.softcap)

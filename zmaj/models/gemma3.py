@@ -34,8 +34,8 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models import common
-from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step, writes_in_place
-from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention
+from zmaj.models.common import Batch, LazyLogits, batch_mask, cache_mask, cache_step, writes_in_place
+from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention, project_heads
 from zmaj.nn.layers import Activation, embedding, glu_mlp, linear
 from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
 from zmaj.nn.shell import Shell
@@ -172,6 +172,14 @@ def forward(
     passes one), and ignored: Gemma 3 trains without dropout.
     """
     return unembed(params, hidden_states(params, batch, config, dropout_seed), config)
+
+
+def lazy_forward(
+    params: TensorDictBase, batch: Batch, config: Gemma3Config, dropout_seed: int | None = None
+) -> LazyLogits:
+    """``forward`` short of its last matmul, for a training loss that unembeds in chunks (``LazyLogits``)."""
+    hidden = hidden_states(params, batch, config, dropout_seed)
+    return LazyLogits(hidden, common.unembedding(params, config.tie_embeddings), config.final_logit_softcap)
 
 
 def hidden_states(
@@ -320,9 +328,7 @@ def _rotated_qkv(
 ]:
     """A block's query, key and value heads from its pre-normed input; q and k RMS-normalised, then rotated."""
     params, normed = block["attn"], rms_norm(block["attn_norm"], x, config.norm_eps)
-    q = rearrange(linear(params["q"], normed), "b s (h d) -> b h s d", d=config.head_dim)
-    k = rearrange(linear(params["k"], normed), "b s (h d) -> b h s d", d=config.head_dim)
-    v = rearrange(linear(params["v"], normed), "b s (h d) -> b h s d", d=config.head_dim)
+    q, k, v = project_heads(params, normed, config.n_heads, config.n_kv_heads)
     q = apply_rope(rms_norm(params["q_norm"], q, config.norm_eps), cos, sin)
     k = apply_rope(rms_norm(params["k_norm"], k, config.norm_eps), cos, sin)
     return q, k, v

@@ -37,7 +37,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models import common
-from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step, writes_in_place
+from zmaj.models.common import Batch, LazyLogits, batch_mask, cache_mask, cache_step, writes_in_place
 from zmaj.nn.attention import Backend, attention, cached_attention, project_heads
 from zmaj.nn.layers import (
     Activation,
@@ -49,6 +49,7 @@ from zmaj.nn.layers import (
     rms_norm,
     sinusoidal_positions,
 )
+from zmaj.nn.loss import softcap
 from zmaj.nn.rope import apply_rope, rope_angles, rope_frequencies
 from zmaj.nn.shell import Shell
 
@@ -215,6 +216,14 @@ def forward(
     return unembed(params, hidden_states(params, batch, config, dropout_seed), config)
 
 
+def lazy_forward(
+    params: TensorDictBase, batch: Batch, config: GPTConfig, dropout_seed: int | None = None
+) -> LazyLogits:
+    """``forward`` short of its last matmul, for a training loss that unembeds in chunks (``LazyLogits``)."""
+    hidden = hidden_states(params, batch, config, dropout_seed)
+    return LazyLogits(hidden, common.unembedding(params, config.tie_embeddings), config.logit_softcap)
+
+
 def hidden_states(
     params: TensorDictBase, batch: Batch, config: GPTConfig, dropout_seed: int | None = None
 ) -> Float[Tensor, "batch seq d_model"]:
@@ -376,11 +385,7 @@ def unembed(
     config says so: ``cap * tanh(logits / cap)`` is the identity near zero and keeps every logit inside
     ``(-cap, cap)``, so no single logit can run away early in training (Gemma 2; modded-nanogpt uses 30, then 15).
     """
-    logits = common.unembed(params, hidden, config.tie_embeddings)
-    if config.logit_softcap is None:
-        return logits
-    cap = config.logit_softcap
-    return torch.tanh(logits / cap) * cap
+    return softcap(common.unembed(params, hidden, config.tie_embeddings), config.logit_softcap)
 
 
 def _norm(params: TensorDictBase, x: Float[Tensor, "batch seq d_model"], config: GPTConfig) -> Tensor:

@@ -23,8 +23,8 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models import common
-from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step, writes_in_place
-from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention
+from zmaj.models.common import Batch, LazyLogits, batch_mask, cache_mask, cache_step, writes_in_place
+from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention, project_heads
 from zmaj.nn.layers import Activation, embedding, glu_mlp, linear, rms_norm
 from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
 from zmaj.nn.shell import Shell
@@ -143,6 +143,14 @@ def forward(
     return unembed(params, hidden_states(params, batch, config, dropout_seed), config)
 
 
+def lazy_forward(
+    params: TensorDictBase, batch: Batch, config: LlamaConfig, dropout_seed: int | None = None
+) -> LazyLogits:
+    """``forward`` short of its last matmul, for a training loss that unembeds in chunks (``LazyLogits``)."""
+    hidden = hidden_states(params, batch, config, dropout_seed)
+    return LazyLogits(hidden, common.unembedding(params, config.tie_embeddings))
+
+
 def hidden_states(
     params: TensorDictBase, batch: Batch, config: LlamaConfig, dropout_seed: int | None = None
 ) -> Float[Tensor, "batch seq d_model"]:
@@ -225,9 +233,7 @@ def _rotated_qkv(
     Float[Tensor, "batch kv_heads seq head_dim"],
 ]:
     """Query, key and value heads, q and k rotated (after QK-norm, for Qwen 3); shared by both forwards."""
-    q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", d=config.head_dim)
-    k = rearrange(linear(params["k"], x), "b s (h d) -> b h s d", d=config.head_dim)
-    v = rearrange(linear(params["v"], x), "b s (h d) -> b h s d", d=config.head_dim)
+    q, k, v = project_heads(params, x, config.n_heads, config.n_kv_heads)
     if config.qk_norm:
         q = rms_norm(params["q_norm"], q, config.norm_eps)
         k = rms_norm(params["k_norm"], k, config.norm_eps)

@@ -14,7 +14,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models import gemma3, gpt, llama
-from zmaj.models.common import Batch, Step
+from zmaj.models.common import Batch, LazyLogits, Step
 from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.gpt import GPTConfig
 from zmaj.models.llama import LlamaConfig
@@ -30,6 +30,7 @@ class Architecture:
     config_type: type[ModelConfig]
     init: Callable[..., TensorDict]
     forward: Callable[..., Tensor]
+    lazy_forward: Callable[..., LazyLogits]
     hidden_states: Callable[..., Tensor]
     unembed: Callable[..., Tensor]
     forward_cached: Callable[..., tuple[Tensor, TensorDict]]
@@ -51,13 +52,21 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt": Architecture(
-        "gpt", GPTConfig, gpt.init, gpt.forward, gpt.hidden_states, gpt.unembed, gpt.forward_cached
+        "gpt",
+        GPTConfig,
+        gpt.init,
+        gpt.forward,
+        gpt.lazy_forward,
+        gpt.hidden_states,
+        gpt.unembed,
+        gpt.forward_cached,
     ),
     "llama": Architecture(
         "llama",
         LlamaConfig,
         llama.init,
         llama.forward,
+        llama.lazy_forward,
         llama.hidden_states,
         llama.unembed,
         llama.forward_cached,
@@ -67,6 +76,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Gemma3Config,
         gemma3.init,
         gemma3.forward,
+        gemma3.lazy_forward,
         gemma3.hidden_states,
         gemma3.unembed,
         gemma3.forward_cached,

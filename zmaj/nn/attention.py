@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from zmaj.nn import masks
-from zmaj.nn.layers import linear
+from zmaj.nn.layers import fused_linear, linear
 
 Backend = Literal["eager", "sdpa", "flex"]
 
@@ -134,21 +134,6 @@ def _causal(
     return masks.dense(masks.offset_queries(masks.causal, k_len - q_len), q.shape[0], q_len, k_len, q.device)
 
 
-def project_heads(
-    params: TensorDictBase, x: Float[Tensor, "batch seq d_model"], n_heads: int, n_kv_heads: int
-) -> tuple[
-    Float[Tensor, "batch heads seq head_dim"],
-    Float[Tensor, "batch kv_heads seq head_dim"],
-    Float[Tensor, "batch kv_heads seq head_dim"],
-]:
-    """The query, key and value heads of ``x``; a model that changes them before attending (RoPE, QK-norm)
-    starts here."""
-    q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", h=n_heads)
-    k = rearrange(linear(params["k"], x), "b s (h d) -> b h s d", h=n_kv_heads)
-    v = rearrange(linear(params["v"], x), "b s (h d) -> b h s d", h=n_kv_heads)
-    return q, k, v
-
-
 def self_attention(
     params: TensorDictBase,
     x: Float[Tensor, "batch seq d_model"],
@@ -161,6 +146,23 @@ def self_attention(
     q, k, v = project_heads(params, x, n_heads, n_kv_heads)
     out = attention(q, k, v, mask, backend)
     return linear(params["o"], rearrange(out, "b h s d -> b s (h d)"))
+
+
+def project_heads(
+    params: TensorDictBase, x: Float[Tensor, "batch seq d_model"], n_heads: int, n_kv_heads: int
+) -> tuple[
+    Float[Tensor, "batch heads seq head_dim"],
+    Float[Tensor, "batch kv_heads seq head_dim"],
+    Float[Tensor, "batch kv_heads seq head_dim"],
+]:
+    """The query, key and value heads of ``x``, projected in one matmul (``fused_linear``); a model that
+    changes them before attending (RoPE, QK-norm) starts here."""
+    q, k, v = fused_linear([params["q"], params["k"], params["v"]], x)
+    return (
+        rearrange(q, "b s (h d) -> b h s d", h=n_heads),
+        rearrange(k, "b s (h d) -> b h s d", h=n_kv_heads),
+        rearrange(v, "b s (h d) -> b h s d", h=n_kv_heads),
+    )
 
 
 def cached_attention(

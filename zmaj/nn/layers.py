@@ -5,6 +5,7 @@ Each takes its parameters (a TensorDict) first. Weights keep the ``nn.Linear`` l
 """
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -48,6 +49,37 @@ def linear(params: TensorDictBase, x: Float[Tensor, "*batch d_in"]) -> Float[Ten
     if lora_a is not None:
         out = out + F.linear(F.linear(x, lora_a), params["lora_b"])
     return out
+
+
+def fused_linear(
+    params: Sequence[TensorDictBase], x: Float[Tensor, "*batch d_in"]
+) -> list[Float[Tensor, "*batch d_out"]]:
+    """``[linear(p, x) for p in params]`` as one matmul: the weights (and biases) concatenated along the output
+    axis at compute time, the product split back. What nanoGPT's ``c_attn`` does for q, k and v, with the
+    parameters still stored apart, so checkpoints and conversion tables keep one tensor per projection.
+
+    One product of ``3 d`` outputs keeps the matrix units busier than three of ``d`` (and the backward's input
+    gradient becomes one product instead of three products and two sums), for the price of copying the weights
+    once per call. That copy is the whole cost of a single-token product, so decoding under ``torch.compile``
+    (``linear``'s ``matvec`` path) keeps one product each. LoRA factors add their update to their map's part.
+    """
+    if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+        return [linear(p, x) for p in params]
+    weights: list[Tensor] = [p["weight"] for p in params]
+    biases: list[Tensor | None] = [p.get("bias", None) for p in params]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat(
+            [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights, strict=True)]
+        )
+    outs = torch.split(F.linear(x, torch.cat(weights), bias), [w.shape[0] for w in weights], dim=-1)
+    return [_lora_update(p, x, out) for p, out in zip(params, outs, strict=True)]
+
+
+def _lora_update(params: TensorDictBase, x: Tensor, out: Tensor) -> Tensor:
+    """``out`` plus the low-rank update (x A^T) B^T where ``params`` carry LoRA factors, as in ``linear``."""
+    lora_a = params.get("lora_a", None)
+    return out if lora_a is None else out + F.linear(F.linear(x, lora_a), params["lora_b"])
 
 
 def matvec(weight: Float[Tensor, "d_out d_in"], x: Float[Tensor, "*one d_in"]) -> Float[Tensor, "*one d_out"]:
@@ -113,7 +145,10 @@ def glu_mlp(
     params: TensorDictBase, x: Float[Tensor, "*batch d_model"], act: Activation
 ) -> Float[Tensor, "*batch d_model"]:
     """Gated feed-forward block (Shazeer, 2020): act(x W_gate) * (x W_up), projected back; SwiGLU when act=silu."""
-    return linear(params["down"], activation(act, linear(params["gate"], x)) * linear(params["up"], x))
+    gate, up = fused_linear([params["gate"], params["up"]], x)
+    # contiguous: on a strided view (a part of the fused product) the CPU's SiLU takes its scalar loop, which
+    # rounds differently from the vectorised one that a LoRA-adapted (hence contiguous) gate gets.
+    return linear(params["down"], activation(act, gate.contiguous()) * up)
 
 
 def sinusoidal_positions(positions: Int[Tensor, "*batch"], d_model: int) -> Float[Tensor, "*batch d_model"]:

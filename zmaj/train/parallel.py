@@ -46,6 +46,7 @@ from zmaj.train.optim import global_norm
 
 Kind = Literal["dp", "fsdp"]
 T = TypeVar("T")
+Out = TypeVar("Out")  # what a forward returns: logits, or LazyLogits for a chunked loss
 
 
 class ParallelConfig(BaseModel):
@@ -254,9 +255,7 @@ class Parallel:
                     f"{self.size} ranks cannot split evenly; choose a model size or a world size that divides it"
                 )
 
-    def forward(
-        self, forward: Callable[..., Tensor], dtype: torch.dtype = torch.float32
-    ) -> Callable[..., Tensor]:
+    def forward(self, forward: Callable[..., Out], dtype: torch.dtype = torch.float32) -> Callable[..., Out]:
         """The forward the training step differentiates: ``forward`` itself, or, sharded, ``sharded_forward``
         (whose blocks' matrices are gathered in ``dtype``, the matmuls' precision)."""
         return sharded_forward(forward, self, dtype) if self.sharded else forward
@@ -403,8 +402,8 @@ class _Gather(torch.autograd.Function):
 
 
 def sharded_forward(
-    forward: Callable[..., Tensor], parallel: Parallel, dtype: torch.dtype
-) -> Callable[..., Tensor]:
+    forward: Callable[..., Out], parallel: Parallel, dtype: torch.dtype
+) -> Callable[..., Out]:
     """``forward`` over this rank's shards, FSDP's way. The parameters outside the blocks (embeddings, final
     norm) are gathered up front and kept for the step; each block's are gathered just before the block runs
     (``zmaj.models.common.layers``), freed when the next block starts, and gathered again for its backward
@@ -418,7 +417,7 @@ def sharded_forward(
     group = dist.group.WORLD
     assert group is not None
 
-    def run(params: TensorDictBase, batch: Batch, **kwargs: Any) -> Tensor:
+    def run(params: TensorDictBase, batch: Batch, **kwargs: Any) -> Out:
         book = Gathered()
         walked = 0
 

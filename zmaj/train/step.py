@@ -20,7 +20,8 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.data.dataset import LMDataset, stream_batch
-from zmaj.models.common import Batch
+from zmaj.models.common import Batch, LazyLogits
+from zmaj.nn.loss import chunked_cross_entropy
 from zmaj.progress import progress
 from zmaj.train.muon import MuonConfig, OptimizerConfig, muon_init, muon_update
 from zmaj.train.optim import adamw_init, adamw_update, clip_by_global_norm, global_norm
@@ -36,7 +37,18 @@ class Forward(Protocol):
     ) -> Float[Tensor, "batch seq vocab"]: ...
 
 
+@runtime_checkable
+class LazyForward(Protocol):
+    """``forward(params, batch, dropout_seed=...) -> LazyLogits``: a model's ``lazy_forward`` with its config
+    bound. The training loss then unembeds a chunk of positions at a time (:func:`summed_loss`)."""
+
+    def __call__(self, params: TensorDictBase, batch: Batch, *, dropout_seed: int | None) -> LazyLogits: ...
+
+
 Metrics = dict[str, Tensor]
+LOSS_CHUNK = 1024
+"""Positions the chunked training loss unembeds at once (``zmaj.nn.loss.chunked_cross_entropy``): a chunk's
+logits then take 4 KiB per vocabulary entry, 32 MiB at 8k, 200 MiB at GPT-2's 50k."""
 
 
 def init_state(params: TensorDictBase, optimizer: OptimizerConfig | None = None) -> TensorDict:
@@ -63,21 +75,33 @@ def n_targets(batch: Batch) -> Tensor:
 def summed_loss(
     params: TensorDictBase,
     batch: Batch,
-    forward: Forward,
+    forward: Forward | LazyForward,
     normalizer: Tensor,
     dropout_seed: int | None,
     autocast: AbstractContextManager[object],
 ) -> Tensor:
-    """Summed token loss divided by ``normalizer``; what the gradient is taken of."""
+    """Summed token loss divided by ``normalizer``; what the gradient is taken of.
+
+    A ``LazyForward`` leaves the unembedding to the loss, which then computes the logits and their gradient a
+    chunk of positions at a time (``zmaj.nn.loss.chunked_cross_entropy``) instead of holding them all: the same
+    value and gradients as the plain path, in less memory.
+    """
+    assert batch.targets is not None, "training batches carry targets"
     with autocast:
-        logits = forward(params, batch, dropout_seed=dropout_seed)
-    return token_losses(logits, batch).sum() / normalizer
+        out = forward(params, batch, dropout_seed=dropout_seed)
+        if isinstance(out, LazyLogits):  # under autocast: the unembedding's matmuls belong to the forward
+            weights = None if batch.loss_mask is None else batch.loss_mask.float()
+            total = chunked_cross_entropy(
+                out.hidden, out.weight, batch.targets, weights, LOSS_CHUNK, out.softcap
+            )
+            return total / normalizer
+    return token_losses(out, batch).sum() / normalizer
 
 
 def accumulate_grads(
     params: TensorDictBase,
     batches: Sequence[Batch],
-    forward: Forward,
+    forward: Forward | LazyForward,
     seeds: Sequence[int | None],
     autocast: AbstractContextManager[object] | None = None,
     normalizer: Tensor | None = None,
@@ -122,7 +146,7 @@ GradFn = Callable[
     [
         TensorDictBase,
         Sequence[Batch],
-        Forward,
+        Forward | LazyForward,
         Sequence[int | None],
         AbstractContextManager[object] | None,
         Tensor | None,
@@ -197,7 +221,7 @@ def train_step(
     state: TensorDictBase,
     batches: Sequence[Batch],
     *,
-    forward: Forward,
+    forward: Forward | LazyForward,
     optimizer: OptimizerConfig,
     lr: float,
     decay: TensorDictBase,
@@ -335,4 +359,10 @@ def pooled_eval(metrics: Sequence[Metrics]) -> dict[str, float]:
 def bind(forward: Callable[..., Tensor], **config: object) -> Forward:
     """Bind a model's config so it reads ``forward(params, batch, dropout_seed=...)``."""
     bound: Forward = partial(forward, **config)
+    return bound
+
+
+def bind_lazy(lazy_forward: Callable[..., LazyLogits], **config: object) -> LazyForward:
+    """Bind a model's config to its ``lazy_forward`` (the training forward whose loss unembeds in chunks)."""
+    bound: LazyForward = partial(lazy_forward, **config)
     return bound

@@ -203,7 +203,7 @@ def test_options_add_parameters_and_never_redraw_gpt2s() -> None:
     gpt2 = gpt.init(TINY.model_copy(update={"n_layers": 4, "bias": False, "norm": "rmsnorm"}), 0)
     for key, tensor in gpt2.items(include_nested=True, leaves_only=True):
         if key[0] != "positions":
-            assert torch.equal(params.get(key), tensor), key
+            assert torch.equal(params.get(key), tensor), key  # type: ignore[arg-type]
     meta = gpt.init(MODERN, 0, device="meta")
     assert {k: v.shape for k, v in meta.items(True, True)} == {
         k: v.shape for k, v in params.items(True, True)
@@ -256,7 +256,7 @@ def naive_forward(params: TensorDict, tokens: torch.Tensor, config: gpt.GPTConfi
         x = x + params["positions", "weight"][:seq]
     elif config.positions == "sinusoidal":
         x = x + sinusoidal_positions(torch.arange(seq), config.d_model)
-    outputs = []
+    outputs: list[torch.Tensor] = []
     for i in range(n_layers):
         block = params["blocks"][i]
         mirror = n_layers - 1 - i
@@ -290,7 +290,9 @@ def naive_forward(params: TensorDict, tokens: torch.Tensor, config: gpt.GPTConfi
 def shaken(params: TensorDict, seed: int) -> TensorDict:
     """``params`` with every tensor moved off its init (ones, zeros), so an option that ignored one would show."""
     generator = torch.Generator().manual_seed(seed)
-    return params.apply(lambda t: t + 0.1 * torch.randn(t.shape, generator=generator))
+    shaken = params.apply(lambda t: t + 0.1 * torch.randn(t.shape, generator=generator))
+    assert shaken is not None
+    return shaken
 
 
 @st.composite
@@ -352,13 +354,17 @@ def check_against_naive(config: gpt.GPTConfig, seed: int) -> None:
     for key, grad in expected.items(include_nested=True, leaves_only=True):
         assert grad.abs().max() > 0, f"{key} unused"
         torch.testing.assert_close(
-            grads.get(key), grad, atol=2e-5, rtol=2e-4, msg=lambda m, key=key: f"{key}: {m}"
+            grads.get(key),
+            grad,
+            atol=2e-5,
+            rtol=2e-4,
+            msg=lambda m, key=key: f"{key}: {m}",  # type: ignore[misc]
         )
 
 
 def test_softcap_keeps_logits_inside_the_cap() -> None:
     config = MODERN.model_copy(update={"logit_softcap": 0.5})
-    params = shaken(gpt.init(config, 0), 0).apply(lambda t: t * 5)
+    params = shaken(gpt.init(config, 0), 0) * 5
     logits = gpt.forward(params, Batch(tokens=torch.arange(12)[None]), config)
     uncapped = gpt.forward(
         params, Batch(tokens=torch.arange(12)[None]), config.model_copy(update={"logit_softcap": None})

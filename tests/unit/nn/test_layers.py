@@ -1,12 +1,16 @@
+from collections.abc import Callable
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from tensordict import TensorDict
+from torch import Tensor
 
 from tests import strategies
-from zmaj.nn.layers import activation, embedding, matvec
+from zmaj.nn.layers import activation, embedding, fused_linear, linear, matvec
 
 
 @pytest.mark.parametrize("shape", [(1, 40), (1, 1, 40)])
@@ -59,3 +63,57 @@ def test_relu2_is_relu_squared_as_transformers_computes_it(seed: int) -> None:
     out = activation("relu2", x)
     torch.testing.assert_close(out, torch.where(x > 0, x * x, torch.zeros_like(x)), rtol=0, atol=0)
     torch.testing.assert_close(out, ACT2FN["relu2"](x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("biases", [(True, True, True), (False, False, False), (True, False, True)])
+def test_fused_linear_equals_separate_linears(device: torch.device, biases: tuple[bool, ...]) -> None:
+    """Outputs and the gradients of every weight, bias and the input equal one ``linear`` per map (q, k and v of
+    grouped-query sizes; a map without bias where others have one)."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = (24, 8, 8)
+    params = [
+        TensorDict(
+            {"weight": torch.randn(n, 16, generator=generator)}
+            | ({"bias": torch.randn(n, generator=generator)} if bias else {})
+        ).to(device)
+        for n, bias in zip(sizes, biases, strict=True)
+    ]
+    x = torch.randn(2, 5, 16, generator=generator).to(device)
+    upstream = [torch.randn(2, 5, n, generator=generator).to(device) for n in sizes]
+
+    def total(
+        fn: Callable[[list[TensorDict], Tensor], list[Tensor]], params: list[TensorDict], x: Tensor
+    ) -> Tensor:
+        return sum(
+            ((out * u).sum() for out, u in zip(fn(params, x), upstream, strict=True)), torch.tensor(0.0)
+        )
+
+    def separate(params: list[TensorDict], x: Tensor) -> list[Tensor]:
+        return [linear(p, x) for p in params]
+
+    for a, b in zip(fused_linear(params, x), separate(params, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    fused_grads = torch.func.grad(partial(total, fused_linear), argnums=(0, 1))(params, x)
+    separate_grads = torch.func.grad(partial(total, separate), argnums=(0, 1))(params, x)
+    torch.testing.assert_close(fused_grads[1], separate_grads[1], rtol=1e-6, atol=1e-6)
+    for fused, apart in zip(fused_grads[0], separate_grads[0], strict=True):
+        for key in apart.keys():  # noqa: SIM118 (a TensorDict has no `in`)
+            torch.testing.assert_close(fused[key], apart[key], rtol=1e-6, atol=1e-6)
+
+
+def test_fused_linear_keeps_lora_adapters(device: torch.device) -> None:
+    """A map carrying LoRA factors (``zmaj.train.lora``) still gets its low-rank update."""
+    generator = torch.Generator().manual_seed(1)
+    params = [
+        TensorDict({"weight": torch.randn(8, 16, generator=generator)}).to(device),
+        TensorDict(
+            {
+                "weight": torch.randn(8, 16, generator=generator),
+                "lora_a": torch.randn(2, 16, generator=generator),
+                "lora_b": torch.randn(8, 2, generator=generator),
+            }
+        ).to(device),
+    ]
+    x = torch.randn(3, 16, generator=generator).to(device)
+    adapted = x @ params[1]["weight"].T + (x @ params[1]["lora_a"].T) @ params[1]["lora_b"].T
+    torch.testing.assert_close(fused_linear(params, x)[1], adapted, rtol=1e-5, atol=1e-5)

@@ -63,7 +63,7 @@ def test_muon_matches_torch_over_20_steps(
         lr=0.02,
         momentum=0.9,
         nesterov=nesterov,
-        adjust_lr=adjust_lr,  # type: ignore[arg-type]
+        adjust_lr=adjust_lr,
         weight_decay=0.1,
         grad_clip=None,
         muon_params=["tall", "wide", "blocks.w"],

@@ -2,12 +2,13 @@
 
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from zmaj.models import gpt
+from zmaj.models import gemma3, gpt, llama
 from zmaj.models.common import Batch
 from zmaj.train import optim, step
 
@@ -202,4 +203,101 @@ def test_a_compiled_gradient_is_bitwise_identical_on_two_threads() -> None:
     done = subprocess.run(
         [sys.executable, "-c", COMPILED_REPEATS], capture_output=True, text=True, timeout=600
     )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# --- the chunked loss of a lazy forward ----------------------------------------------------------------------------
+
+GPT_LAZY = CONFIG.model_copy(
+    update={"vocab_size": 40, "tie_embeddings": False}
+    # A soft-capping GPT (issue 18's modern options) must pass its cap on in lazy_forward too.
+    | ({"logit_softcap": 3.0} if "logit_softcap" in gpt.GPTConfig.model_fields else {})
+)
+LAZY_MODELS: dict[str, tuple[Any, Any]] = {
+    "gpt tied": (gpt, CONFIG),
+    "gpt untied": (gpt, GPT_LAZY),
+    "llama": (
+        llama,
+        llama.LlamaConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48),
+    ),
+    "gemma3 soft-capped": (
+        gemma3,
+        gemma3.Gemma3Config(
+            vocab_size=40,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=8,
+            d_ff=48,
+            sliding_window=4,
+            final_logit_softcap=3.0,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", LAZY_MODELS)
+def test_lazy_forward_logits_are_the_forward(device: torch.device, name: str) -> None:
+    module, config = LAZY_MODELS[name]
+    params = module.init(config, 0, device).apply(lambda t: 5 * t)  # larger logits: the cap matters
+    batch = make_batch(0, device)
+    lazy = module.lazy_forward(params, batch, config)
+    torch.testing.assert_close(lazy.logits(), module.forward(params, batch, config), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", LAZY_MODELS)
+def test_chunked_loss_equals_the_plain_loss(
+    device: torch.device, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loss and every gradient of ``bind_lazy(lazy_forward)`` equal ``bind(forward)``'s, in float32, with a loss
+    mask, three micro-batches and chunks (5 positions) that cut rows and leave a short last chunk."""
+    monkeypatch.setattr(step, "LOSS_CHUNK", 5)
+    module, config = LAZY_MODELS[name]
+    params = module.init(config, 0, device).apply(lambda t: 5 * t)
+    batches = [make_batch(seed, device) for seed in range(3)]
+    for batch in batches:
+        assert batch.loss_mask is not None
+        assert not batch.loss_mask.all()
+    plain = step.accumulate_grads(params, batches, step.bind(module.forward, config=config), [None] * 3)
+    lazy = step.accumulate_grads(
+        params, batches, step.bind_lazy(module.lazy_forward, config=config), [None] * 3
+    )
+    torch.testing.assert_close(lazy[1], plain[1], rtol=1e-6, atol=1e-6)
+    for key in plain[0].keys(True, True):
+        torch.testing.assert_close(lazy[0].get(key), plain[0].get(key), rtol=1e-5, atol=1e-6)
+
+
+COMPILED_LAZY = """
+import torch
+from zmaj.models import gpt
+from zmaj.models.common import Batch
+from zmaj.train import precision, step
+
+step.LOSS_CHUNK = 24
+config = gpt.GPTConfig(vocab_size=64, context=32, d_model=32, n_layers=2, n_heads=4, tie_embeddings=False)
+params = gpt.init(config, seed=0)
+generator = torch.Generator().manual_seed(0)
+tokens = torch.randint(0, 64, (4, 17), generator=generator)
+batch = Batch(tokens=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=torch.rand(4, 16, generator=generator) > 0.2)
+plain = step.bind(gpt.forward, config=config)
+lazy = step.bind_lazy(gpt.lazy_forward, config=config)
+grad_fn = step.deterministic(torch.compile(step.accumulate_grads))
+for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    autocast = precision.autocast(dtype, torch.device("cpu"))
+    expected, expected_loss, _ = step.accumulate_grads(params, [batch], plain, [None], autocast)
+    grads, loss, _ = grad_fn(params, [batch], lazy, [None], autocast)
+    torch.testing.assert_close(loss, expected_loss, rtol=tolerance, atol=tolerance)
+    for key in expected.keys(True, True):
+        scale = float(expected.get(key).abs().max())
+        torch.testing.assert_close(grads.get(key), expected.get(key), rtol=0, atol=tolerance * max(scale, 1e-3))
+"""
+
+
+@pytest.mark.slow
+def test_a_compiled_chunked_loss_equals_the_eager_plain_loss() -> None:
+    """The compiled step traces the chunked loss's custom function inside ``grad_and_value``; its loss and
+    gradients are the eager plain loss's, in float32 and under bfloat16 autocast (there within bf16 rounding).
+    A fresh interpreter, for the reason given above."""
+    done = subprocess.run([sys.executable, "-c", COMPILED_LAZY], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

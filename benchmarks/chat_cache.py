@@ -7,10 +7,10 @@ same both ways (checked), so both conversations are the same tokens and only the
 token is from the call to the first piece of text shown; the table gives each turn's best of ``--runs``
 conversations. Run by hand:
 
-    uv run python benchmarks/chat.py               # 10 turns, 48 new tokens each
-    uv run python benchmarks/chat.py --quick       # 4 turns, 16 new tokens
+    uv run python benchmarks/chat_cache.py               # 10 turns, 48 new tokens each
+    uv run python benchmarks/chat_cache.py --quick       # 4 turns, 16 new tokens
 
-Writes ``benchmarks/results/chat.md``.
+Writes ``benchmarks/results/chat_cache.md``.
 """
 
 import argparse
@@ -69,7 +69,7 @@ def conversation(model: Pretrained, turns: int, new: int, keep: bool) -> list[Tu
         start = time.perf_counter()
         answer, context = reply(
             step, model.params, context, prompt, model.tokenizer, new, GREEDY, 0,
-            show=lambda _, shown=shown: shown.append(time.perf_counter()),
+            show=lambda _, shown=shown: shown.append(time.perf_counter()),  # type: ignore[misc]
         )  # fmt: skip
         rows.append(Turn(len(prompt), cached, shown[0] - start, answer))
         messages.append({"role": "assistant", "content": answer})
@@ -112,7 +112,7 @@ def main() -> None:
     settings = (
         f"SmolLM2-135M-Instruct fp32, greedy, {new} new tokens per answer, best of {args.runs} conversations"
     )
-    (RESULTS / "chat.md").write_text(f"{head}\n\n{settings}\n\n{text}\n")
+    (RESULTS / "chat_cache.md").write_text(f"{head}\n\n{settings}\n\n{text}\n")
 
 
 if __name__ == "__main__":

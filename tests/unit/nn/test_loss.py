@@ -1,0 +1,90 @@
+"""The chunked unembedding + cross-entropy: the plain formula's value and gradients, however it is chunked."""
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor
+
+from tests import strategies
+from zmaj.nn.loss import chunked_cross_entropy, softcap
+
+
+def plain(hidden: Tensor, weight: Tensor, targets: Tensor, weights: Tensor, cap: float | None) -> Tensor:
+    """The textbook path: every logit at once, float32 cross-entropy, weighted sum."""
+    logits = softcap(hidden @ weight.T, cap).float()
+    losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return (losses * weights.flatten()).sum()
+
+
+def inputs(seed: int, rows: int, seq: int, vocab: int, device: torch.device) -> tuple[Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, seq, 16, generator=generator).to(device)
+    weight = torch.randn(vocab, 16, generator=generator).to(device)
+    targets = torch.randint(0, vocab, (rows, seq), generator=generator).to(device)
+    weights = (torch.rand(rows, seq, generator=generator) > 0.3).float().to(device)  # a loss mask
+    return hidden, weight, targets, weights
+
+
+@given(
+    seed=strategies.seeds,
+    rows=st.integers(1, 3),
+    seq=st.integers(1, 9),
+    vocab=st.integers(2, 40),
+    chunk=st.integers(1, 30),
+    cap=st.sampled_from([None, 2.0, 30.0]),
+)
+def test_value_and_gradients_equal_the_plain_formula(
+    device: torch.device, seed: int, rows: int, seq: int, vocab: int, chunk: int, cap: float | None
+) -> None:
+    """Chunks of any size, a last chunk cut short, positions masked out, logits soft-capped or not."""
+    hidden, weight, targets, weights = inputs(seed, rows, seq, vocab, device)
+    leaves = [hidden.requires_grad_(), weight.requires_grad_()]
+    expected = plain(hidden, weight, targets, weights, cap)
+    expected_grads = torch.autograd.grad(expected, leaves)
+    got = chunked_cross_entropy(hidden, weight, targets, weights, chunk, cap)
+    got_grads = torch.autograd.grad(got, leaves)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_no_weights_means_every_position_and_the_incoming_gradient_scales(device: torch.device) -> None:
+    """``token_weights=None`` weighs every position 1; the backward multiplies by what flows into the sum."""
+    hidden, weight, targets, _ = inputs(0, 2, 5, 11, device)
+    leaves = [hidden.requires_grad_(), weight.requires_grad_()]
+    expected = 0.25 * plain(hidden, weight, targets, torch.ones_like(targets, dtype=torch.float32), None)
+    got = 0.25 * chunked_cross_entropy(hidden, weight, targets, chunk=3)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(expected, leaves), strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_func_grad_equals_autograd(device: torch.device) -> None:
+    """What the training step differentiates with: ``torch.func.grad`` through the custom function."""
+    hidden, weight, targets, weights = inputs(1, 2, 7, 13, device)
+
+    def loss(hidden: Tensor, weight: Tensor) -> Tensor:
+        return chunked_cross_entropy(hidden, weight, targets, weights, 4, 5.0)
+
+    func_grads = torch.func.grad(loss, argnums=(0, 1))(hidden, weight)
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    expected = torch.autograd.grad(plain(leaves[0], leaves[1], targets, weights, 5.0), leaves)
+    for g, e in zip(func_grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_under_bf16_autocast_it_rounds_as_the_plain_path(device: torch.device) -> None:
+    """The matmuls run in bfloat16 as autocast would run the unembedding; the gradients come back in the
+    inputs' float32. Both paths round differently, so: within bfloat16's resolution of the plain path's."""
+    hidden, weight, targets, weights = inputs(2, 2, 16, 64, device)
+    leaves = [hidden.requires_grad_(), weight.requires_grad_()]
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        expected = plain(hidden, weight, targets, weights, None)
+        got = chunked_cross_entropy(hidden, weight, targets, weights, 8)
+    expected_grads = torch.autograd.grad(expected, leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    torch.testing.assert_close(got, expected, rtol=2**-8, atol=0.0)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=0.0, atol=2**-7 * float(e.abs().max()))

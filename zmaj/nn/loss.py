@@ -1,0 +1,109 @@
+"""Next-token cross-entropy straight from the hidden states, without ever holding the whole ``[tokens, vocab]``
+logits: the unembedding and the loss a chunk of positions at a time.
+
+The logits are a small model's largest activation by far: GPT-2 small at batch 16 x 1024 holds 16k x 50k of
+them, 3.3 GB in float32, and the plain loss keeps that twice (the logits, and the softmax its backward needs)
+while the whole rest of the model keeps less. The gradient of the summed cross-entropy with respect to the
+logits is known in closed form, ``softmax(z) - onehot(target)``, so each chunk's logits can be turned into the
+chunk's gradients on the spot (for the hidden states, ``dz W``, and for the unembedding, ``dz^T h``) and dropped.
+This is Liger-Kernel's "fused linear cross-entropy" (Hsu et al., 2024, arXiv:2410.10989, section 3.3) written in
+plain PyTorch: the same three matmuls as the plain loss, the gradient computed in the forward pass and kept
+(one ``[tokens, d_model]`` and one ``[vocab, d_model]`` tensor, the sizes of the inputs) until the backward
+pass scales it by the incoming gradient. "Cut Your Losses" (Wijmans et al., 2024, arXiv:2411.09009) goes
+further with a kernel that never writes even a chunk of logits to memory.
+
+Because the gradient is computed in the forward pass, this is a training loss: it returns the *weighted sum*
+of the token losses (weights known up front: the loss mask) so that the incoming gradient is a scalar.
+"""
+
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+def softcap(logits: Float[Tensor, "*shape"], cap: float | None) -> Float[Tensor, "*shape"]:
+    """``cap * tanh(logits / cap)``, logits squashed smoothly into ``(-cap, cap)`` (Gemma 2); None: unchanged."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def chunked_cross_entropy(
+    hidden: Float[Tensor, "batch seq d_model"],
+    weight: Float[Tensor, "vocab d_model"],
+    targets: Int[Tensor, "batch seq"],
+    token_weights: Float[Tensor, "batch seq"] | None = None,
+    chunk: int = 1024,
+    cap: float | None = None,
+) -> Float[Tensor, ""]:
+    """``sum(token_weights * cross_entropy(softcap(hidden @ weight.T, cap), targets))``, the logits computed
+    ``chunk`` positions at a time and never all at once; float32 softmax, as ``zmaj.train.step.token_losses``.
+
+    Under autocast the two inputs are cast to its dtype first, as the plain unembedding's matmul would cast
+    them, so the matmuls run in it and the gradients come back through the casts in the inputs' dtypes.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    flat_weights = (
+        torch.ones(targets.numel(), device=hidden.device)
+        if token_weights is None
+        else token_weights.flatten().float()
+    )
+    loss: Tensor = _ChunkedCrossEntropy.apply(
+        hidden.flatten(0, -2), weight, targets.flatten(), flat_weights, chunk, cap
+    )[0]
+    return loss
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """The loss and, already, its gradients; backward only scales those by the incoming (scalar) gradient.
+
+    Forward and ``setup_context`` are separate, which is what lets ``torch.func.grad`` and ``torch.compile``
+    (which traces it inside the compiled ``grad_and_value``) take the function.
+    """
+
+    @staticmethod
+    def forward(
+        hidden: Float[Tensor, "tokens d_model"],
+        weight: Float[Tensor, "vocab d_model"],
+        targets: Int[Tensor, " tokens"],
+        token_weights: Float[Tensor, " tokens"],
+        chunk: int,
+        cap: float | None,
+    ) -> tuple[Float[Tensor, ""], Float[Tensor, "tokens d_model"], Float[Tensor, "vocab d_model"]]:
+        with torch.autocast(
+            hidden.device.type, enabled=False
+        ):  # the caller cast; everything here is explicit
+            loss = torch.zeros((), device=hidden.device)
+            grad_hidden = []
+            grad_weight = torch.zeros(weight.shape, device=weight.device)  # float32: sums over chunks
+            for start in range(0, hidden.shape[0], chunk):
+                h, y, w = (t[start : start + chunk] for t in (hidden, targets, token_weights))
+                z = (h @ weight.T).float()
+                logits = softcap(z, cap)
+                log_z = torch.logsumexp(logits, dim=-1)
+                loss = loss + (w * (log_z - logits.gather(-1, y[:, None])[:, 0])).sum()
+                # d loss / d logits = w (softmax - onehot); through the cap, times 1 - tanh^2.
+                grad_z = torch.exp(logits - log_z[:, None]) * w[:, None]
+                grad_z = grad_z.scatter_add(-1, y[:, None], -w[:, None])
+                if cap is not None:
+                    grad_z = grad_z * (1 - (logits / cap) ** 2)
+                grad_z = grad_z.to(hidden.dtype)
+                grad_hidden.append(grad_z @ weight)
+                grad_weight = grad_weight + (grad_z.T @ h).float()
+        return loss, torch.cat(grad_hidden), grad_weight.to(weight.dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        _, grad_hidden, grad_weight = output
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(grad_hidden, grad_weight)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_loss: Tensor, *unused: Tensor | None
+    ) -> tuple[Tensor, Tensor, None, None, None, None]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_loss * grad_hidden, grad_loss * grad_weight, None, None, None, None
