@@ -265,7 +265,10 @@ def test_chunked_loss_equals_the_plain_loss(
     )
     torch.testing.assert_close(lazy[1], plain[1], rtol=1e-6, atol=1e-6)
     for key in plain[0].keys(True, True):
-        torch.testing.assert_close(lazy[0].get(key), plain[0].get(key), rtol=1e-5, atol=1e-6)
+        # fp32 sums in another order: 1e-6, plus 1e-5 of the largest entry (weights x 5 make some large)
+        expected = plain[0].get(key)
+        atol = 1e-6 + 1e-5 * expected.abs().max().item()
+        torch.testing.assert_close(lazy[0].get(key), expected, rtol=1e-5, atol=atol)
 
 
 COMPILED_LAZY = """
