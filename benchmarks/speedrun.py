@@ -18,11 +18,11 @@ A row whose option the spec does not know yet (a ``--set`` the spec refuses) is 
 rows after it go on without its overrides. Prints a markdown table and writes ``benchmarks/results/speedrun.md``
 and ``speedrun.png`` (held-out bpb against training time, one curve per row).
 
-    uv run python benchmarks/speedrun.py                          # every row, precision auto (bf16 here)
-    uv run python benchmarks/speedrun.py --rows 0,3,5 --evals 3
+    uv run benchmarks/speedrun.py                          # every row, precision auto (bf16 here)
+    uv run benchmarks/speedrun.py --rows 0,3,5 --evals 3
     ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \\
-        uv run python benchmarks/speedrun.py --precision fp32    # the AVX2-only CPU's view (README)
-    uv run python benchmarks/speedrun.py --quick                  # wiring check: a few steps per row, no results
+        uv run benchmarks/speedrun.py --precision fp32    # the AVX2-only CPU's view (README)
+    uv run benchmarks/speedrun.py --quick                  # wiring check: a few steps per row, no results
 """
 
 import argparse
@@ -65,18 +65,55 @@ class Row:
     overrides: tuple[str, ...] = ()
 
 
+MUON = (
+    "{kind: muon, lr: 0.02, momentum: 0.95, nesterov: true, weight_decay: 0.0, grad_clip: 1.0,"
+    " adamw: {lr: 3.0e-3, betas: [0.9, 0.95], weight_decay: 0.1}}"
+)
+"""Muon for the block matrices, AdamW with the old settings for embeddings, norms and biases."""
+
 ROWS = [
-    Row("old default (2019 recipe)", "GPT-2 blocks, learned positions, AdamW 3e-3, cosine, 450 x 8 x 256"),
+    Row(
+        "old default (2019 recipe)",
+        "GPT-2 blocks, learned positions, AdamW 3e-3, cosine to 10%, 450 x 8 x 256",
+    ),
+    Row(
+        "Muon",
+        "the block matrices' updates orthogonalised (Newton-Schulz, 5 steps), momentum 0.95, lr 0.02; AdamW keeps "
+        "embeddings, norms and biases",
+        (f"train.optimizer={MUON}",),
+    ),
+    Row(
+        "RoPE + RMSNorm",
+        "rotary positions (relative, no table to learn) and RMSNorm (no mean, no bias) as in Llama",
+        ("model.positions=rope", "model.norm=rmsnorm"),
+    ),
+    Row(
+        "ReLU²",
+        "relu(x)^2 in the MLP (Primer, So et al., 2021): sparse and cheaper than GELU",
+        ("model.activation=relu2",),
+    ),
+    Row(
+        "QK-norm",
+        "RMSNorm on each head's queries and keys: attention logits stay bounded at a high lr",
+        ("model.qk_norm=true",),
+    ),
+    Row(
+        "untied zero-init unembedding + soft-cap 15",
+        "the output layer learns apart from the input table, from zero; logits squashed by 15 tanh(x / 15)",
+        ("model.tie_embeddings=false", "model.unembed_init=zero", "model.logit_softcap=15"),
+    ),
     Row(
         "WSD schedule",
-        "warmup-stable-decay (Hägele et al., 2024): the peak rate for 80% of the steps, then a linear decay to 0",
-        (
-            "train.schedule.kind=wsd",
-            "train.schedule.decay_fraction=0.2",
-            "train.schedule.final_lr_fraction=0.0",
-        ),
+        "warmup-stable-decay (Hägele et al., 2024): the peak rate until the last 40% of the steps, then linear to 0",
+        ("train.schedule={kind: wsd, warmup_steps: 50, decay_fraction: 0.4, final_lr_fraction: 0.0}",),
+    ),
+    Row(
+        "compiled step",
+        "torch.compile fuses the step's elementwise work; compiling costs the first steps",
+        ("train.compile=true",),
     ),
 ]
+"""The record log's rows, each building on the ones before it; the last is ``specs/pretrain/stdlib-tiny.yaml``."""
 
 
 @dataclass(frozen=True)
@@ -290,7 +327,7 @@ def main() -> None:
     budget_from = "row 0's training time" if args.budget_s is None else "--budget-s"
     target_from = "row 0's final" if args.target_bpb is None else "--target-bpb"
     emulation = [f"{k}={os.environ[k]}" for k in AVX2_ENV if k in os.environ]
-    command = shlex.join([*emulation, "uv", "run", "python", "benchmarks/speedrun.py", *sys.argv[1:]])
+    command = shlex.join([*emulation, "uv", "run", "benchmarks/speedrun.py", *sys.argv[1:]])
     text = "\n".join(
         [
             f"## Pre-training speedrun, {datetime.date.today().isoformat()}",
