@@ -185,6 +185,28 @@ def plan(rows: list[Row]) -> list[Planned]:
     return planned
 
 
+def differences(a: object, b: object, path: str = "") -> list[str]:
+    """Dotted names of the fields where two spec dumps differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in differences(a.get(k), b.get(k), f"{path}.{k}" if path else k)]
+    return [] if a == b else [path]
+
+
+def against_default(planned: list[Planned]) -> str:
+    """Whether the last row that the spec accepts is ``stdlib-tiny.yaml``, the default run (and if not, where not)."""
+    last = [p for p in planned if p.refused is None][-1]
+    built = load(PretrainSpec, OLD_DEFAULT, last.overrides).model_dump(exclude={"name"})
+    default = load(PretrainSpec, NEW_DEFAULT).model_dump(exclude={"name"})
+    diff = differences(built, default)
+    where = f"row {last.index}"
+    if not diff:
+        return f"- {where} is `specs/pretrain/stdlib-tiny.yaml`, the default run."
+    return (
+        f"- {where} differs from `specs/pretrain/stdlib-tiny.yaml` (the default run) in: {', '.join(diff)}."
+    )
+
+
 def measurement_overrides(spec: PretrainSpec, evals: int, precision: str | None, quick: bool) -> list[str]:
     """The ``--set``s that make a run measurable without changing what it learns: evaluations over all held-out
     rows about ``evals`` times, no samples, no checkpoints but the last; the precision when one is asked for."""
@@ -340,6 +362,7 @@ def main() -> None:
             table(done, budget, target),
             "",
             *record_log(done, skipped),
+            against_default(plan(ROWS)),
             "",
         ]
     )
