@@ -19,6 +19,7 @@ from loguru import logger
 
 from zmaj.convert.export import save_hf
 from zmaj.convert.load import load_model, save_zmaj
+from zmaj.extras import MissingExtraError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,7 +48,7 @@ def main() -> None:
         sys.exit(2)
     try:
         model = load_model(args.src)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, MissingExtraError) as error:
         logger.error(str(error))
         sys.exit(2)
     if args.dtype is not None:

@@ -53,7 +53,7 @@ def write_run_files(spec: DPOSpec, begin: Start, pairs: list[Pair], run_dir: Pat
 def train(run: Run[DPOSpec], begin: Start, pairs: list[Pair], params: TensorDict) -> None:
     spec, parallel = run.spec, run.parallel
     cfg = spec.train
-    state = run.restore(init_state(params))
+    state = run.restore(init_state(params, cfg.optimizer))
     forward = parallel.forward(finetune.policy_forward(spec, begin))  # DPO computes in float32
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
 

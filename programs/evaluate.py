@@ -1,4 +1,5 @@
-"""A model's accuracy on a task's held-out problems, as one JSON line.
+"""A model's accuracy on a task's held-out problems, as one JSON line; or its scores on the lm-evaluation-harness's
+benchmarks (``--harness``).
 
     uv run programs/evaluate.py --model pypi:smollm2-135m-instruct --task arithmetic --n 200 --chat
     uv run programs/evaluate.py --model pypi:gemma3-270m --task arithmetic --few-shot 3 --set-task digits=3
@@ -10,13 +11,26 @@ and cuts the answer at the blank line that ends one. Output keys: task, n, accur
 interval), format_rate (answers ending in ``Answer: ...``), mean_length (tokens), seconds. ``--answers FILE`` keeps
 every answer for an error analysis. Bad input (unknown task, missing model, bad option) exits with status 2 and a
 one-line message.
+
+``--harness TASKS`` runs EleutherAI's lm-evaluation-harness instead (``zmaj.eval.harness``; needs the ``eval``
+extra), on its task names (comma-separated: ``hellaswag,arc_easy,mmlu,gsm8k``) and on the task YAML files in
+``--harness-include`` folders:
+
+    uv run programs/evaluate.py --model pypi:smollm2-135m-instruct --harness hellaswag --limit 100 --batch-size 16
+    uv run programs/evaluate.py --model runs/sft-smollm2-arithmetic --harness zmaj_tiny \
+        --harness-include tests/data/harness --dtype float32
+
+Logs show lm-eval's table of results; stdout is the JSON of ``lm_eval.simple_evaluate`` (results, configs,
+versions, n-shot, the model's config), which ``--output FILE`` also writes with every request's sample.
 """
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any, NoReturn
 
 import yaml
 from loguru import logger
@@ -34,7 +48,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--model", required=True, help="a model PATH (GGUF, HF folder, zmaj folder or run, pypi:NAME)"
     )
-    parser.add_argument("--task", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", help="one of zmaj's tasks (zmaj.tasks)")
+    source.add_argument(
+        "--harness", metavar="TASKS", help="lm-evaluation-harness tasks or groups, comma-separated"
+    )
     parser.add_argument("--n", type=int, default=200, help="problems (default: %(default)s)")
     parser.add_argument("--split", choices=["test", "train"], default="test")
     mode = parser.add_mutually_exclusive_group()
@@ -53,6 +71,25 @@ def parse_args() -> argparse.Namespace:
         help="task option",
     )
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
+    harness = parser.add_argument_group("--harness options")
+    harness.add_argument(
+        "--harness-include",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FOLDER",
+        help="a folder of task YAML files, besides lm-eval's own tasks (repeatable)",
+    )
+    harness.add_argument("--limit", type=float, help="documents per task (a fraction below 1)")
+    harness.add_argument(
+        "--num-fewshot", type=int, metavar="K", help="solved examples before each (task default)"
+    )
+    harness.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="the parameters' type"
+    )
+    harness.add_argument(
+        "--output", type=Path, metavar="FILE", help="also write the results and samples as JSON"
+    )
     parser.add_argument(
         "--answers",
         type=Path,
@@ -64,6 +101,25 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    harness_only = {
+        "--harness-include": args.harness_include,
+        "--limit": args.limit is not None,
+        "--num-fewshot": args.num_fewshot is not None,
+        "--dtype": args.dtype != "auto",
+        "--output": args.output is not None,
+    }
+    task_only = {
+        "--few-shot": args.few_shot is not None,
+        "--answers": args.answers is not None,
+        "--set-task": args.task_options,
+        "--system": args.system is not None,
+    }
+    misplaced = [name for name, given in (task_only if args.harness else harness_only).items() if given]
+    if misplaced:
+        fail(f"{', '.join(misplaced)} cannot be used with {'--harness' if args.harness else '--task'}")
+    if args.harness is not None:
+        run_harness(args)
+        return
     started = time.perf_counter()
     try:
         finetune.import_modules(args.imports)
@@ -117,6 +173,60 @@ def main() -> None:
         )
         atomic_write_text(args.answers, "".join(f"{line}\n" for line in lines))
     print(json.dumps({"task": args.task, **result.record(), "seconds": time.perf_counter() - started}))
+
+
+def run_harness(args: argparse.Namespace) -> None:
+    """``--harness``: the model as lm-eval's ``zmaj`` backend on lm-eval's tasks; results as lm-eval writes them."""
+    if importlib.util.find_spec("lm_eval") is None:
+        fail("--harness needs lm-evaluation-harness: pip install 'zmaj[eval]'")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    from zmaj.eval.harness import ZmajLM
+
+    if args.batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.limit is not None and args.limit <= 0:
+        fail(f"--limit must be above 0, got {args.limit}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        fail(f"--num-fewshot must be at least 0, got {args.num_fewshot}")
+    for folder in args.harness_include:
+        if not folder.is_dir():
+            fail(f"--harness-include: no folder {folder}")
+    if args.output is not None and not args.output.parent.is_dir():
+        fail(f"--output: no folder {args.output.parent} to write {args.output.name} in")
+    tasks = [name.strip() for name in args.harness.split(",") if name.strip()]
+    manager = TaskManager(include_path=[str(f) for f in args.harness_include] or None)
+    unknown = [name for name in tasks if not manager.match_tasks([name])]
+    if not tasks or unknown:
+        fail(
+            f"--harness: unknown tasks {', '.join(unknown) or '(none given)'}; `lm_eval ls tasks` lists them"
+        )
+    try:
+        model = ZmajLM(path=args.model, dtype=args.dtype, batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError) as error:
+        fail(f"--model: {runs.one_line(error)}")
+    results: dict[str, Any] = simple_evaluate(
+        model=model,
+        tasks=tasks,
+        num_fewshot=args.num_fewshot,
+        limit=None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit),
+        task_manager=manager,
+        apply_chat_template=args.chat,
+        log_samples=args.output is not None,
+    )
+    logger.info(f"lm-evaluation-harness results for {args.model}:\n{make_table(results)}")
+    if args.output is not None:
+        atomic_write_text(args.output, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
+    results.pop("samples", None)
+    print(json.dumps(results, indent=2, default=handle_non_serializable))
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr naming it, and exit code 2."""
+    logger.error(message)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from zmaj.extras import MissingExtraError
 from zmaj.publish.export import export_model, parse_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,7 +67,7 @@ def main() -> None:
             repo_id=args.repo_id,
             datasets=args.datasets,
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, MissingExtraError) as error:
         logger.error(f"cannot export {args.run_dir}: {error}")
         sys.exit(2)
     logger.info(f"wrote {args.out_dir}")

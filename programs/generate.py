@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from zmaj.convert.load import Pretrained, load_model
 from zmaj.data.chat_template import Message
+from zmaj.extras import MissingExtraError
 from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import Sampling
 from zmaj.infer.text import complete
@@ -110,7 +111,7 @@ def load(path: str, dtype: str) -> Pretrained:
     its errors name the path."""
     try:
         model = load_model(path)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, MissingExtraError) as error:
         fail(f"--model: {error}")
     device = precision.default_device()
     model = model.to(device, precision.resolve(DTYPES[dtype], device))

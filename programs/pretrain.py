@@ -24,7 +24,7 @@ from zmaj.models.common import Batch
 from zmaj.train import loop, optim, precision, report, runs
 from zmaj.train.parallel import Parallel
 from zmaj.train.runs import Run
-from zmaj.train.spec import PretrainSpec, SpecError
+from zmaj.train.spec import OPTIMIZER_LAYOUT, PretrainSpec, SpecError
 from zmaj.train.step import bind, held_out, init_state, step_functions, train_step
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "pretrain" / "stdlib-tiny.yaml"
@@ -38,7 +38,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     with runs.bad_input_exits_2():
-        spec = runs.read_spec(PretrainSpec, args, frozen=("model",))
+        spec = runs.read_spec(PretrainSpec, args, frozen=("model", *OPTIMIZER_LAYOUT))
         parallel = runs.join(spec.train)
     with runs.bad_input_exits_2(parallel):
         check_backend(spec, parallel)
@@ -68,7 +68,9 @@ def train(run: Run[PretrainSpec], data: Prepared) -> None:
     logger.info(
         f"{len(data.train)} train rows, {len(data.validation)} validation rows of {spec.data.seq_len} tokens"
     )
-    state = run.restore(init_state(gpt.init(spec.model, cfg.seed)))  # made on the CPU, sharded, moved
+    state = run.restore(
+        init_state(gpt.init(spec.model, cfg.seed), cfg.optimizer)
+    )  # made on the CPU, sharded, moved
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
     forward = bind(gpt.forward, config=spec.model)
     grad_fn, update_fn = step_functions(cfg.compile)

@@ -28,6 +28,7 @@ from huggingface_hub import get_token
 from huggingface_hub.errors import HfHubHTTPError
 from loguru import logger
 
+from zmaj.extras import MissingExtraError
 from zmaj.publish.dataset import dataset_card, task_dataset, token_dataset, write_dataset_folder
 from zmaj.publish.hub import CARD_FILE, check_dataset_folder, check_model_folder, publish, upload_files
 
@@ -111,7 +112,7 @@ def upload(args: argparse.Namespace, scratch: Path) -> None:
         else:
             folder, repo_type = build_dataset(args, args.out or scratch / "dataset"), "dataset"
             check_dataset_folder(folder)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, MissingExtraError) as error:
         logger.error(str(error).replace("\n", "; "))
         sys.exit(2)
     files = upload_files(folder)

@@ -6,6 +6,7 @@ that take it carry the ``device`` marker, so ``pytest --device cuda -m device`` 
 """
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -58,3 +59,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def device(request: pytest.FixtureRequest) -> torch.device:
     """The device of ``--device``; session-scoped so that hypothesis tests and module fixtures may take it."""
     return torch.device(request.config.getoption("--device"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def trackers_write_under_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Experiment trackers (``train.trackers``) write into the session's temporary folder, never the user's
+    caches, and wandb never goes online. trackio reads ``TRACKIO_DIR`` when it is first imported, which is
+    after this (zmaj imports trackers only when a run starts them)."""
+    root = tmp_path_factory.mktemp("trackers")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRACKIO_DIR", str(root / "trackio"))
+        for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+            patch.setenv(name, str(root / "wandb" / name.lower()))
+        patch.setenv("WANDB_MODE", "offline")
+        patch.setenv("WANDB_SILENT", "true")
+        yield

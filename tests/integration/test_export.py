@@ -1,10 +1,10 @@
 """``save_hf`` writes folders that ``transformers`` loads offline and that compute exactly what zmaj computes.
 
-Every exportable variant (GPT with learned or sinusoidal positions, Llama with and without RoPE scaling, Qwen 2,
-Qwen 3, Gemma 3 with sliding layers and a logit cap) is a small random zmaj model whose every parameter, norms
-and biases included, is moved off its init value, so a dropped or misplaced tensor would show. Each is saved with
-the tokenizer of a tiny trained zmaj BPE, then loaded by ``AutoModelForCausalLM`` / ``AutoTokenizer`` and by
-``load_model``.
+Every exportable variant (GPT with learned or sinusoidal positions or ReLU squared, Llama with and without RoPE
+scaling, Qwen 2, Qwen 3, Gemma 3 with sliding layers and a logit cap) is a small random zmaj model whose every
+parameter, norms and biases included, is moved off its init value, so a dropped or misplaced tensor would show.
+Each is saved with the tokenizer of a tiny trained zmaj BPE, then loaded by ``AutoModelForCausalLM`` /
+``AutoTokenizer`` and by ``load_model``.
 """
 
 import json
@@ -54,6 +54,7 @@ VARIANTS: dict[str, ModelConfig] = {
     "gpt-sinusoidal": GPTConfig(
         **TINY, positions="sinusoidal", bias=False, tie_embeddings=False, d_ff=40, activation="relu"
     ),
+    "gpt-relu2": GPTConfig(**TINY, activation="relu2", tie_embeddings=False),
     "llama": LlamaConfig(**LLAMA, activation="gelu_tanh"),
     "llama3": LlamaConfig(
         **LLAMA,
@@ -80,6 +81,7 @@ VARIANTS: dict[str, ModelConfig] = {
 HF_CLASSES = {
     "gpt": "GPT2LMHeadModel",
     "gpt-sinusoidal": "GPT2LMHeadModel",
+    "gpt-relu2": "GPT2LMHeadModel",
     "llama": "LlamaForCausalLM",
     "llama3": "LlamaForCausalLM",
     "llama-linear": "LlamaForCausalLM",
@@ -275,6 +277,11 @@ def test_replaces_an_existing_folder_whole(tokenizer: ModelTokenizer, tmp_path: 
 
 REFUSED: list[tuple[ModelConfig, str]] = [
     (GPTConfig(**TINY, norm="rmsnorm"), "norm='rmsnorm'"),
+    (GPTConfig(**TINY, positions="rope"), "positions='rope': GPT-2 .* no rotary positions"),
+    (GPTConfig(**TINY, qk_norm=True), "qk_norm=True"),
+    (GPTConfig(**TINY, logit_softcap=30.0), "logit_softcap=30.0"),
+    (GPTConfig(**TINY, value_embeds=1), "value_embeds=1"),
+    (GPTConfig(**TINY, unet_skips=True), "unet_skips=True"),
     (LlamaConfig(**LLAMA, qkv_bias=True, qk_norm=True), "qk_norm"),
     (
         Gemma3Config(**TINY, n_kv_heads=2, head_dim=8, d_ff=48, query_pre_attn_scalar=12.5),

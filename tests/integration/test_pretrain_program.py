@@ -154,6 +154,29 @@ def test_resume_refuses_a_different_model(spec: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_muon_run_resumes_exactly_and_refuses_another_optimizer(spec: Path, tmp_path: Path) -> None:
+    """Issue 18: with ``train.optimizer.kind=muon`` a run stopped at step 3 and resumed ends with the parameters
+    of a run straight through; a resume that would change the optimizer's kind or groups is one line, exit 2."""
+    cache, straight, split = tmp_path / "cache", tmp_path / "straight", tmp_path / "split"
+    muon = ["--cache-dir", cache, "--set", "train.optimizer={kind: muon, weight_decay: 0.01}"]
+    assert run("pretrain.py", spec, "--run-dir", straight, *muon).returncode == 0
+    first = run("pretrain.py", spec, "--run-dir", split, *muon, "--stop-after", "3")
+    assert first.returncode == 0, first.stderr
+    for change, field in (("={kind: adamw}", "kind"), (".muon_params=[blocks.mlp.*.weight]", "groups")):
+        refused = run(
+            "pretrain.py", "--resume", split, "--cache-dir", cache, "--set", f"train.optimizer{change}"
+        )
+        assert refused.returncode == 2, refused.stderr
+        assert f"train.optimizer.{field} differs from the run's" in refused.stderr.strip().splitlines()[-1]
+    resumed = run("pretrain.py", "--resume", split, "--cache-dir", cache)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_params(straight), final_params(split)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(spec: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     extra = ["--cache-dir", str(tmp_path), "--set", "train.steps=100000"]

@@ -32,17 +32,22 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from einops import rearrange
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
-from gguf.quants import dequantize
 from jaxtyping import Float
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
+from zmaj.extras import needs
 from zmaj.models import gemma3, llama
 from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.llama import LlamaConfig
 from zmaj.nn.rope import LinearScaling
+
+# This module is the GGUF reader, so it needs the extra to import at all; zmaj.convert.load imports it only
+# when a GGUF file is asked for.
+with needs("gguf", "loading a GGUF file"):
+    from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+    from gguf.quants import dequantize
 
 ModelConfig = LlamaConfig | Gemma3Config
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
@@ -315,11 +320,12 @@ def tokenizer_from_gguf(path: str | Path) -> ModelTokenizer:
     it instead of copying it. What ``transformers``' tokenizer class adds on top (special tokens as whole tokens,
     the BOS/EOS post-processor) is repeated here, so encodings agree.
     """
-    # Imported here: transformers is a development dependency and takes seconds to import.
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        convert_gguf_tokenizer,
-        get_gguf_tokenizer,
-    )
+    # Imported here: transformers takes seconds to import.
+    with needs("gguf", "loading a GGUF file's tokenizer"):
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            convert_gguf_tokenizer,
+            get_gguf_tokenizer,
+        )
 
     architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(path))
     inner, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)

@@ -87,6 +87,7 @@ _ACTIVATIONS: dict[str, Activation] = {
     "gelu": "gelu",
     "relu": "relu",
     "silu": "silu",
+    "relu2": "relu2",
 }
 
 
@@ -118,10 +119,10 @@ def config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
 
 
 def config_to_hf(config: GPTConfig) -> dict[str, Any]:
-    """The ``config.json`` of ``GPT2LMHeadModel`` computing what ``config`` does; RMSNorm, which it lacks, is an
-    error. Dropout is written as GPT-2 places it (embeddings and residual branches, none on attention weights)."""
-    if config.norm != "layernorm":
-        raise ValueError(f"GPT norm={config.norm!r}: GPT-2 (GPT2LMHeadModel) only has LayerNorm")
+    """The ``config.json`` of ``GPT2LMHeadModel`` computing what ``config`` does; a setting it lacks is an error
+    (:func:`refuse_inexpressible`). Dropout is written as GPT-2 places it (embeddings and residual branches, none
+    on attention weights)."""
+    refuse_inexpressible(config)
     return {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
@@ -142,6 +143,30 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
     }
+
+
+def refuse_inexpressible(config: GPTConfig) -> None:
+    """A ValueError naming the first setting of ``config`` that ``GPT2LMHeadModel`` cannot compute exactly.
+
+    GPT-2 has LayerNorm, a position table added to the embeddings and nothing else in the blocks; ReLU squared
+    it does have (``activation_function="relu2"``), and how an unembedding was initialised does not matter.
+    """
+    missing = {
+        "norm": (config.norm != "layernorm", "it only has LayerNorm"),
+        "positions": (
+            config.positions == "rope",
+            "it only adds a position table, it has no rotary positions",
+        ),
+        "qk_norm": (config.qk_norm, "it has no norm on queries and keys"),
+        "logit_softcap": (config.logit_softcap is not None, "it has no logit soft-cap"),
+        "value_embeds": (config.value_embeds > 0, "it has no value embeddings"),
+        "unet_skips": (config.unet_skips, "it has no skip connections between blocks"),
+    }
+    for field, (set_here, reason) in missing.items():
+        if set_here:
+            raise ValueError(
+                f"GPT {field}={getattr(config, field)!r}: GPT-2 (GPT2LMHeadModel) cannot express it, {reason}"
+            )
 
 
 def params_from_hf(state_dict: Mapping[str, Tensor], config: GPTConfig) -> TensorDict:
@@ -169,6 +194,7 @@ def params_to_hf(params: TensorDictBase, config: GPTConfig) -> dict[str, Tensor]
 
     Tensors are views into ``params`` where the layout allows; the fused ``c_attn`` and transposed ones are new.
     """
+    refuse_inexpressible(config)
     flat = _with_gpt2_defaults(params, config)
     pieces: dict[str, dict[int, Tensor]] = {}
     layouts: dict[str, Layout] = {}

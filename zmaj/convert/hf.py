@@ -86,6 +86,7 @@ _ACTIVATIONS: dict[str, Activation] = {
     "gelu": "gelu",
     "gelu_pytorch_tanh": "gelu_tanh",
     "relu": "relu",
+    "relu2": "relu2",
 }
 _HF_ACTIVATIONS: dict[Activation, str] = {act: name for name, act in _ACTIVATIONS.items()}
 ARCHITECTURES = {

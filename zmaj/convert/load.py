@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
-from zmaj.convert import gguf, hf, weights
+from zmaj.convert import hf, weights
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, ModelTokenizer
 from zmaj.data.text import read_json
 from zmaj.data.tokenizer import Tokenizer
@@ -106,6 +106,8 @@ def load_model(path: str | Path) -> Pretrained:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path} is a file but not a .gguf file; a model is a GGUF file or a folder")
+        from zmaj.convert import gguf  # needs the gguf extra, which only GGUF files do
+
         gguf_config, gguf_params = gguf.load_gguf(path)
         return Pretrained(gguf_config, gguf_params, gguf.tokenizer_from_gguf(path))
     if (path / "config.json").is_file():

@@ -9,6 +9,19 @@ gathers the per-layer gradients with a single stack instead of one full-size sca
 
 ``forward_cached`` runs the same blocks on new tokens only, reading and extending a key/value cache
 (``zmaj.infer.cache``), for generation.
+
+The defaults are GPT-2's. Each later change that the modded-nanogpt speedrun (Keller Jordan et al., 2024,
+github.com/KellerJordan/modded-nanogpt) found to pay off at small scale is one config field, off by default:
+
+- ``positions="rope"``: rotary positions on q and k instead of a position table (``zmaj.nn.rope``);
+- ``norm="rmsnorm"`` and ``activation="relu2"``: RMSNorm, and ReLU squared in the MLP (Primer, So et al., 2021);
+- ``qk_norm``: each query and key head RMS-normalised before the rotation (as Qwen 3 and Gemma 3 do), which
+  bounds the attention logits;
+- ``unembed_init="zero"``: an untied unembedding that starts at zero, so every first prediction is uniform;
+- ``logit_softcap``: logits squashed into ``(-cap, cap)`` by ``cap * tanh(logits / cap)`` (Gemma 2);
+- ``value_embeds``: extra token embedding tables added to the values of the first and last layers;
+- ``unet_skips``: the outputs of the first half's blocks added, with learned weights, to the inputs of the
+  second half's blocks in mirror order, as in a U-net.
 """
 
 import math
@@ -16,6 +29,8 @@ from functools import partial
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from jaxtyping import Float, Int
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDict, TensorDictBase
@@ -23,8 +38,18 @@ from torch import Tensor
 
 from zmaj.models import common
 from zmaj.models.common import Batch, batch_mask, cache_mask, cache_step, writes_in_place
-from zmaj.nn.attention import Backend, cached_self_attention, self_attention
-from zmaj.nn.layers import Activation, dropout, embedding, layer_norm, mlp, rms_norm, sinusoidal_positions
+from zmaj.nn.attention import Backend, attention, cached_attention, project_heads
+from zmaj.nn.layers import (
+    Activation,
+    dropout,
+    embedding,
+    layer_norm,
+    linear,
+    mlp,
+    rms_norm,
+    sinusoidal_positions,
+)
+from zmaj.nn.rope import apply_rope, rope_angles, rope_frequencies
 from zmaj.nn.shell import Shell
 
 
@@ -39,20 +64,51 @@ class GPTConfig(BaseModel):
     n_layers: int = Field(12, gt=0)
     n_heads: int = Field(12, gt=0)
     d_ff: int | None = Field(None, gt=0, description="MLP width; 4 * d_model when unset")
-    positions: Literal["learned", "sinusoidal"] = "learned"
+    positions: Literal["learned", "sinusoidal", "rope"] = "learned"
+    rope_base: float = Field(10_000.0, gt=0, description="RoPE's base (theta) when positions=rope")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = Field(1e-5, gt=0)
     activation: Activation = "gelu_tanh"
+    qk_norm: bool = Field(False, description="RMSNorm over head_dim on each q and k head, before any RoPE")
     bias: bool = True
     tie_embeddings: bool = True
+    unembed_init: Literal["normal", "zero"] = Field(
+        "normal", description="the untied unembedding starts N(0, init_std), or at zero (modded-nanogpt)"
+    )
+    logit_softcap: float | None = Field(
+        None, gt=0, description="logits become cap * tanh(logits / cap) (Gemma 2); off when unset"
+    )
+    value_embeds: int = Field(
+        0,
+        ge=0,
+        description="extra token embedding tables, table i added to the values of layer i and of "
+        "layer n_layers - value_embeds + i",
+    )
+    unet_skips: bool = Field(
+        False, description="layer i's output is added, times a learned weight, to layer n_layers-1-i's input"
+    )
     dropout: float = Field(0.0, ge=0, lt=1)
     init_std: float = Field(0.02, gt=0)
     attention: Backend = "sdpa"
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "GPTConfig":
+    def _shapes_fit(self) -> "GPTConfig":
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.positions == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(
+                f"positions=rope needs an even head_dim (d_model / n_heads), got {self.head_dim}"
+            )
+        if self.unembed_init == "zero" and self.tie_embeddings:
+            raise ValueError(
+                "unembed_init=zero needs tie_embeddings=false: a zero unembedding tied to the embedding would "
+                "zero the embedding too"
+            )
+        if 2 * self.value_embeds > self.n_layers:
+            raise ValueError(
+                f"value_embeds={self.value_embeds} feeds the first and last {self.value_embeds} layers, "
+                f"so it must be at most n_layers / 2 ({self.n_layers // 2})"
+            )
         return self
 
     @property
@@ -68,12 +124,29 @@ class GPTConfig(BaseModel):
         """Every head has its own keys and values (no grouping); named so a cache is sized as for any model."""
         return self.n_heads
 
+    @property
+    def value_embed_tables(self) -> tuple[int | None, ...]:
+        """Per layer, the value embedding table it adds to its values, or None: the first and the last
+        ``value_embeds`` layers share the tables in the same order: the "012 ... 012" layout of modded-nanogpt's
+        later records (its ``records/120424_ValueEmbed`` had one table per layer)."""
+        k, n = self.value_embeds, self.n_layers
+        return tuple(i if i < k else i - (n - k) if i >= n - k else None for i in range(n))
+
+    @property
+    def unet_skip_sources(self) -> tuple[int | None, ...]:
+        """Per layer, the earlier layer whose output is added to its input, or None: with ``unet_skips`` each
+        layer of the second half takes its mirror image in the first (for odd ``n_layers``, the middle none)."""
+        n = self.n_layers
+        return tuple(n - 1 - i if self.unet_skips and n - 1 - i < i else None for i in range(n))
+
 
 def init(config: GPTConfig, seed: int, device: torch.device | str = "cpu") -> TensorDict:
     """GPT-2 initialisation: N(0, 0.02) weights, zero biases, unit norms.
 
     The projections that write into the residual stream (attention output, MLP down) get std / sqrt(2 n_layers),
-    so the residual's variance does not grow with depth (GPT-2 paper, section 2.3).
+    so the residual's variance does not grow with depth (GPT-2 paper, section 2.3). The optional parts are
+    drawn after the rest, so a config without them gets GPT-2's parameters exactly: QK-norm scales start at one,
+    U-net skip weights at one (modded-nanogpt), value embeddings N(0, 0.02) like the token embedding.
     """
     generator = torch.Generator().manual_seed(seed)
     std = config.init_std
@@ -97,15 +170,21 @@ def init(config: GPTConfig, seed: int, device: torch.device | str = "cpu") -> Te
             weights["bias"] = torch.zeros(*batch, d, device=device)
         return weights
 
+    attn = {
+        "q": linear(d, d),
+        "k": linear(d, d),
+        "v": linear(d, d),
+        "o": linear(d, d, std=residual_std),
+    }
+    if config.qk_norm:
+        attn |= {
+            name: {"weight": torch.ones(layers, config.head_dim, device=device)}
+            for name in ("q_norm", "k_norm")
+        }
     blocks = TensorDict(
         {
             "attn_norm": norm(layers),
-            "attn": {
-                "q": linear(d, d),
-                "k": linear(d, d),
-                "v": linear(d, d),
-                "o": linear(d, d, std=residual_std),
-            },
+            "attn": attn,
             "mlp_norm": norm(layers),
             "mlp": {"up": linear(ff, d), "down": linear(d, ff, std=residual_std)},
         },
@@ -119,7 +198,13 @@ def init(config: GPTConfig, seed: int, device: torch.device | str = "cpu") -> Te
     if config.positions == "learned":
         params["positions"] = {"weight": normal(config.context, d)}
     if not config.tie_embeddings:
-        params["unembed"] = {"weight": normal(config.vocab_size, d)}
+        zero = config.unembed_init == "zero"
+        unembed = torch.zeros(config.vocab_size, d, device=device) if zero else normal(config.vocab_size, d)
+        params["unembed"] = {"weight": unembed}
+    if config.value_embeds > 0:
+        params["value_embeds"] = {"weight": normal(config.value_embeds, config.vocab_size, d)}
+    if config.unet_skips:
+        params["unet_skips"] = {"weight": torch.ones(config.n_layers // 2, device=device)}
     return params
 
 
@@ -137,17 +222,21 @@ def hidden_states(
     generator = None
     if dropout_seed is not None and config.dropout > 0:
         generator = torch.Generator(batch.tokens.device).manual_seed(dropout_seed)
-    x = dropout(_embed(params, batch.tokens, batch.position_ids(), config), config.dropout, generator)
+    positions = batch.position_ids()
+    x = dropout(_embed(params, batch.tokens, positions, config), config.dropout, generator)
+    angles = _rope(positions, config)
+    value_embeddings = _value_embeddings(params, batch.tokens, config)
 
     mask = batch_mask(batch, config.attention)
-    for block in common.layers(params["blocks"]):
-        attn_in = _norm(block["attn_norm"], x, config)
-        attn_out = self_attention(
-            block["attn"], attn_in, mask, config.n_heads, config.n_heads, config.attention
-        )
+    outputs: list[Tensor] = []
+    for layer, block in enumerate(common.layers(params["blocks"])):
+        x = _unet_skip(params, x, outputs, layer, config)
+        q, k, v = _heads(block, x, angles, value_embeddings[layer], config)
+        attn_out = _merge_heads(block, attention(q, k, v, mask, config.attention))
         x = x + dropout(attn_out, config.dropout, generator)
         mlp_out = mlp(block["mlp"], _norm(block["mlp_norm"], x, config), config.activation)
         x = x + dropout(mlp_out, config.dropout, generator)
+        outputs.append(x)
     return _norm(params["final_norm"], x, config)
 
 
@@ -158,29 +247,27 @@ def forward_cached(
 
     Equal to ``forward`` over the whole sequence at these positions. Positions default to each row's count of
     real tokens (``cache_step``), so left- or right-padded prompts (``batch.is_token``) need no positions.
-    Evaluation only: no dropout.
+    Evaluation only: no dropout. Value embeddings and U-net skips act on each token alone, so only keys and
+    values need a cache.
     """
     donate = writes_in_place(donate)
     step = cache_step(batch, cache)
     mask = cache_mask(step)
     x = _embed(params, batch.tokens, step.positions, config)
+    angles = _rope(step.positions, config)
+    value_embeddings = _value_embeddings(params, batch.tokens, config)
     keys, values = [], []
+    outputs: list[Tensor] = []
     layers = zip(common.layers(params["blocks"]), cache["k"].unbind(0), cache["v"].unbind(0), strict=True)
-    for block, cache_k, cache_v in layers:
-        attn_out, cache_k, cache_v = cached_self_attention(
-            block["attn"],
-            _norm(block["attn_norm"], x, config),
-            cache_k,
-            cache_v,
-            step.slots,
-            mask,
-            config.n_heads,
-            config.n_heads,
-            config.attention,
-            donate,
+    for layer, (block, cache_k, cache_v) in enumerate(layers):
+        x = _unet_skip(params, x, outputs, layer, config)
+        q, k, v = _heads(block, x, angles, value_embeddings[layer], config)
+        attn_out, cache_k, cache_v = cached_attention(
+            q, k, v, cache_k, cache_v, step.slots, mask, config.attention, donate=donate
         )
-        x = x + attn_out
+        x = x + _merge_heads(block, attn_out)
         x = x + mlp(block["mlp"], _norm(block["mlp_norm"], x, config), config.activation)
+        outputs.append(x)
         keys.append(cache_k)
         values.append(cache_v)
     logits = unembed(params, _norm(params["final_norm"], x, config), config)
@@ -193,18 +280,107 @@ def _embed(
     positions: Int[Tensor, "batch seq"],
     config: GPTConfig,
 ) -> Float[Tensor, "batch seq d_model"]:
-    """Token embeddings plus the embeddings of their positions."""
+    """Token embeddings plus the embeddings of their positions (none with RoPE, which rotates q and k instead)."""
     x = embedding(params["embed"], tokens)
     if config.positions == "learned":
         return x + embedding(params["positions"], positions)
-    return x + sinusoidal_positions(positions, config.d_model).to(x.dtype)
+    if config.positions == "sinusoidal":
+        return x + sinusoidal_positions(positions, config.d_model).to(x.dtype)
+    return x
+
+
+def _rope(
+    positions: Int[Tensor, "batch seq"], config: GPTConfig
+) -> tuple[Float[Tensor, "batch seq half"], Float[Tensor, "batch seq half"]] | None:
+    """RoPE's (cos, sin) at ``positions``, shared by every layer; None without rotary positions."""
+    if config.positions != "rope":
+        return None
+    return rope_angles(
+        positions, rope_frequencies(config.head_dim, config.rope_base, device=positions.device)
+    )
+
+
+def _value_embeddings(
+    params: TensorDictBase, tokens: Int[Tensor, "batch seq"], config: GPTConfig
+) -> list[Float[Tensor, "batch seq d_model"] | None]:
+    """Per layer, the value embedding of every token that the layer adds to its values, or None.
+
+    A second path from the token itself to every head's values, around the residual stream
+    (modded-nanogpt's ``records/120424_ValueEmbed``): it adds parameters that cost almost no time, since a table
+    lookup is nearly free. Each table is looked up once and shared by its two layers.
+    """
+    if config.value_embeds == 0:
+        return [None] * config.n_layers
+    tables: Tensor = params["value_embeds", "weight"]
+    looked_up = [F.embedding(tokens, table) for table in tables.unbind(0)]
+    return [None if table is None else looked_up[table] for table in config.value_embed_tables]
+
+
+def _unet_skip(
+    params: TensorDictBase,
+    x: Float[Tensor, "batch seq d_model"],
+    outputs: list[Tensor],
+    layer: int,
+    config: GPTConfig,
+) -> Float[Tensor, "batch seq d_model"]:
+    """``x`` plus, for a second-half layer with U-net skips, the weighted output of its mirror layer.
+
+    The skip gives the late layers the early layers' features directly (modded-nanogpt, already in
+    ``records/120424_ValueEmbed``, after the U-net of Ronneberger et al., 2015); the weights start at one and
+    are learned.
+    """
+    source = config.unet_skip_sources[layer]
+    if source is None:
+        return x
+    weight: Tensor = params["unet_skips", "weight"][source]
+    return x + weight.to(x.dtype) * outputs[source]
+
+
+def _heads(
+    block: TensorDictBase,
+    x: Float[Tensor, "batch seq d_model"],
+    angles: tuple[Float[Tensor, "batch seq half"], Float[Tensor, "batch seq half"]] | None,
+    value_embedding: Float[Tensor, "batch seq d_model"] | None,
+    config: GPTConfig,
+) -> tuple[
+    Float[Tensor, "batch heads seq head_dim"],
+    Float[Tensor, "batch heads seq head_dim"],
+    Float[Tensor, "batch heads seq head_dim"],
+]:
+    """A block's query, key and value heads from its pre-normed input, with the options that change them:
+    the value embedding added to v, q and k RMS-normalised per head (always RMSNorm, whatever ``norm`` is, as in
+    Qwen 3 and the speedrun) and then rotated."""
+    attn = block["attn"]
+    q, k, v = project_heads(attn, _norm(block["attn_norm"], x, config), config.n_heads, config.n_heads)
+    if value_embedding is not None:
+        v = v + rearrange(value_embedding, "b s (h d) -> b h s d", h=config.n_heads)
+    if config.qk_norm:
+        q = rms_norm(attn["q_norm"], q, config.norm_eps)
+        k = rms_norm(attn["k_norm"], k, config.norm_eps)
+    if angles is not None:
+        q, k = apply_rope(q, *angles), apply_rope(k, *angles)
+    return q, k, v
+
+
+def _merge_heads(
+    block: TensorDictBase, heads: Float[Tensor, "batch heads seq head_dim"]
+) -> Float[Tensor, "batch seq d_model"]:
+    """The attention heads side by side, through the output projection."""
+    return linear(block["attn", "o"], rearrange(heads, "b h s d -> b s (h d)"))
 
 
 def unembed(
     params: TensorDictBase, hidden: Float[Tensor, "batch seq d_model"], config: GPTConfig
 ) -> Float[Tensor, "batch seq vocab"]:
-    """Logits from hidden states, through the embedding matrix itself when the two are tied."""
-    return common.unembed(params, hidden, config.tie_embeddings)
+    """Logits from hidden states, through the embedding matrix itself when the two are tied, soft-capped if the
+    config says so: ``cap * tanh(logits / cap)`` is the identity near zero and keeps every logit inside
+    ``(-cap, cap)``, so no single logit can run away early in training (Gemma 2; modded-nanogpt uses 30, then 15).
+    """
+    logits = common.unembed(params, hidden, config.tie_embeddings)
+    if config.logit_softcap is None:
+        return logits
+    cap = config.logit_softcap
+    return torch.tanh(logits / cap) * cap
 
 
 def _norm(params: TensorDictBase, x: Float[Tensor, "batch seq d_model"], config: GPTConfig) -> Tensor:

@@ -134,6 +134,21 @@ def _causal(
     return masks.dense(masks.offset_queries(masks.causal, k_len - q_len), q.shape[0], q_len, k_len, q.device)
 
 
+def project_heads(
+    params: TensorDictBase, x: Float[Tensor, "batch seq d_model"], n_heads: int, n_kv_heads: int
+) -> tuple[
+    Float[Tensor, "batch heads seq head_dim"],
+    Float[Tensor, "batch kv_heads seq head_dim"],
+    Float[Tensor, "batch kv_heads seq head_dim"],
+]:
+    """The query, key and value heads of ``x``; a model that changes them before attending (RoPE, QK-norm)
+    starts here."""
+    q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", h=n_heads)
+    k = rearrange(linear(params["k"], x), "b s (h d) -> b h s d", h=n_kv_heads)
+    v = rearrange(linear(params["v"], x), "b s (h d) -> b h s d", h=n_kv_heads)
+    return q, k, v
+
+
 def self_attention(
     params: TensorDictBase,
     x: Float[Tensor, "batch seq d_model"],
@@ -143,9 +158,7 @@ def self_attention(
     backend: Backend,
 ) -> Float[Tensor, "batch seq d_model"]:
     """Multi-head self-attention: project to q/k/v heads, attend, merge heads, project back."""
-    q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", h=n_heads)
-    k = rearrange(linear(params["k"], x), "b s (h d) -> b h s d", h=n_kv_heads)
-    v = rearrange(linear(params["v"], x), "b s (h d) -> b h s d", h=n_kv_heads)
+    q, k, v = project_heads(params, x, n_heads, n_kv_heads)
     out = attention(q, k, v, mask, backend)
     return linear(params["o"], rearrange(out, "b h s d -> b s (h d)"))
 
@@ -206,8 +219,6 @@ def cached_self_attention(
     Float[Tensor, "batch kv_heads k_seq head_dim"],
 ]:
     """``self_attention`` for new tokens only, reading the earlier tokens' keys and values from the cache."""
-    q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", h=n_heads)
-    k = rearrange(linear(params["k"], x), "b s (h d) -> b h s d", h=n_kv_heads)
-    v = rearrange(linear(params["v"], x), "b s (h d) -> b h s d", h=n_kv_heads)
+    q, k, v = project_heads(params, x, n_heads, n_kv_heads)
     out, cache_k, cache_v = cached_attention(q, k, v, cache_k, cache_v, slots, mask, backend, donate=donate)
     return linear(params["o"], rearrange(out, "b h s d -> b s (h d)")), cache_k, cache_v

@@ -13,7 +13,7 @@ from jaxtyping import Float, Int
 from tensordict import TensorDictBase
 from torch import Tensor
 
-Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
+Activation = Literal["gelu", "gelu_tanh", "silu", "relu", "relu2"]
 
 
 def embedding(params: TensorDictBase, ids: Int[Tensor, "*batch"]) -> Float[Tensor, "*batch d_model"]:
@@ -86,13 +86,19 @@ def rms_norm(
 
 
 def activation(name: Activation, x: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]:
-    """The named elementwise nonlinearity (``gelu_tanh`` is GPT-2's and Gemma's approximation)."""
+    """The named elementwise nonlinearity (``gelu_tanh`` is GPT-2's and Gemma's approximation).
+
+    ``relu2`` is ReLU squared, found by architecture search in Primer (So et al., 2021, arXiv:2109.08668) and
+    kept by the modded-nanogpt speedrun; ``transformers`` calls it ``relu2`` too (``ReLUSquaredActivation``).
+    """
     if name == "gelu":
         return F.gelu(x)
     if name == "gelu_tanh":
         return F.gelu(x, approximate="tanh")
     if name == "silu":
         return F.silu(x)
+    if name == "relu2":
+        return F.relu(x).square()
     return F.relu(x)
 
 

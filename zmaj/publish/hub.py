@@ -14,13 +14,13 @@ Checks run before any request, so a broken folder never becomes a broken reposit
 
 from pathlib import Path
 
-import transformers
 from huggingface_hub import DatasetCard, HfApi, ModelCard, RepoCard
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from zmaj.convert.export import INDEX_FILE, WEIGHTS_FILE
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from zmaj.data.text import read_json, read_text
+from zmaj.extras import needs
 
 CARD_FILE = "README.md"
 
@@ -50,6 +50,8 @@ def check_model_folder(folder: Path) -> ModelCard:
         raise ValueError(f"{folder} is not a folder")
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder}: no config.json; export a model with programs/export.py first")
+    with needs("hub", "checking a model folder before it is published"):
+        import transformers
     try:
         transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except (ValueError, KeyError, OSError) as error:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from zmaj.models.common import Batch
 from zmaj.train.logprobs import completion_batch, sequence_logprobs
-from zmaj.train.optim import AdamWConfig
+from zmaj.train.muon import OptimizerConfig
 from zmaj.train.parallel import SINGLE, Parallel
 from zmaj.train.step import Forward, Metrics, apply_grads
 
@@ -107,7 +107,7 @@ def dpo_step(
     forward: Forward,
     reference: TensorDictBase,
     beta: float,
-    optimizer: AdamWConfig,
+    optimizer: OptimizerConfig,
     lr: float,
     decay: TensorDictBase,
     reference_forward: Forward | None = None,

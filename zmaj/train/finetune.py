@@ -37,9 +37,10 @@ from zmaj.train import checkpoint, runs
 from zmaj.train.grpo import GRPOConfig
 from zmaj.train.loop import Evaluate
 from zmaj.train.lora import LoraConfig, init_adapters, lora_forward, merge
+from zmaj.train.muon import OptimizerConfig, check_groups
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import Parallel
-from zmaj.train.spec import LoopConfig, SpecError
+from zmaj.train.spec import OPTIMIZER_LAYOUT, LoopConfig, SpecError
 from zmaj.train.step import Forward, bind
 
 Algorithm = Literal["sft", "grpo", "dpo"]
@@ -51,7 +52,9 @@ Algorithm = Literal["sft", "grpo", "dpo"]
 class FinetuneTrain(LoopConfig):
     """The optimisation every fine-tuning run shares; a step is one optimizer update (GRPO: one rollout)."""
 
-    optimizer: AdamWConfig = AdamWConfig(lr=1e-5, weight_decay=0.0)
+    optimizer: OptimizerConfig = Field(
+        AdamWConfig(lr=1e-5, weight_decay=0.0), description="kind: adamw or muon"
+    )
     schedule: ScheduleConfig = ScheduleConfig(warmup_steps=10)
     checkpoint_every: int = Field(100, gt=0)
     eval_every: int = Field(100, gt=0, description="steps between held-out evaluations (with `eval` set)")
@@ -246,14 +249,19 @@ def start(spec: FinetuneSpec, device: torch.device) -> Start:
 
 
 def trainable(spec: FinetuneSpec, begin: Start) -> TensorDict:
-    """The parameters the optimizer owns: a copy of the model's, or fresh LoRA adapters."""
+    """The parameters the optimizer owns: a copy of the model's, or fresh LoRA adapters; a SpecError naming the
+    parameter when ``train.optimizer``'s groups do not fit them (``zmaj.train.muon.param_groups``)."""
     params = begin.model.params
     if spec.lora is None:
-        return params.clone()
-    try:
-        return init_adapters(params, spec.lora)
-    except ValueError as error:
-        raise SpecError(f"lora.targets: {error}") from None
+        owned = params.clone()
+    else:
+        try:
+            owned = init_adapters(params, spec.lora)
+        except ValueError as error:
+            raise SpecError(f"lora.targets: {error}") from None
+    train: LoopConfig = getattr(spec, "train")  # noqa: B009 (every kind of fine-tuning spec has one)
+    check_groups(owned, train.optimizer)
+    return owned
 
 
 def policy_forward(spec: FinetuneSpec, begin: Start) -> Forward:
@@ -285,8 +293,9 @@ def full_params(spec: FinetuneSpec, begin: Start, params: TensorDictBase) -> Ten
 
 # ---------------------------------------------------------------------------------------------- run folders
 
-FROZEN = ("model", "chat_template", "lora")
-"""What ``--resume --set`` may not change: which model is trained, how it is talked to, and what of it."""
+FROZEN = ("model", "chat_template", "lora", *OPTIMIZER_LAYOUT)
+"""What ``--resume --set`` may not change: which model is trained, how it is talked to, what of it, and the
+optimizer state's layout."""
 
 
 def write_run_files(spec: FinetuneSpec, begin: Start, run_dir: Path) -> None:

@@ -40,7 +40,7 @@ from zmaj.infer.cache import CacheShape, init_cache
 from zmaj.infer.generate import Sampling, Step, generate
 from zmaj.models.common import Batch
 from zmaj.train.logprobs import completion_batch, masked_token_logprobs
-from zmaj.train.optim import AdamWConfig
+from zmaj.train.muon import OptimizerConfig
 from zmaj.train.parallel import SINGLE, Parallel
 from zmaj.train.step import Forward, Metrics, apply_grads, sum_grads
 
@@ -317,7 +317,7 @@ def grpo_step(
     *,
     forward: Forward,
     config: GRPOConfig,
-    optimizer: AdamWConfig,
+    optimizer: OptimizerConfig,
     lr: float,
     decay: TensorDictBase,
     parallel: Parallel = SINGLE,

@@ -8,7 +8,7 @@ which is what makes a resumed run read exactly the batches the uninterrupted one
 step, final)``. The loop owns the rest, the same for pre-training, SFT, DPO and GRPO:
 
 - the learning rate of each step (``train.schedule``), the step's wall time, a metrics line per step
-  (``metrics.jsonl``) and the progress bar;
+  (``metrics.jsonl``, and the trackers of ``train.trackers``: ``Run.record``) and the progress bar;
 - checkpoints every ``train.checkpoint_every`` steps, on Ctrl-C, after ``--stop-after`` steps and at the end,
   keeping the newest ``train.keep_checkpoints``; evaluations every ``train.eval_every`` steps, at the start of
   a fresh run and at the end; a curves plot at the end;
@@ -95,9 +95,8 @@ def train(
         if evaluate is None:
             return
         result = evaluate(state, done, final)
-        if main:
-            extra = {"final": True, "wall_s": time.perf_counter() - run.started} if final else {}
-            report.append_jsonl(run.metrics, {"step": done, **result, **extra})
+        extra = {"final": True, "wall_s": time.perf_counter() - run.started} if final else {}
+        run.record({"step": done, **result, **extra})
 
     first = int(state["opt", "step"]) // updates_per_step
     if first == 0:
@@ -114,8 +113,8 @@ def train(
             state, metrics = step(state, batch, lr=lr)
             values = {key: float(value) for key, value in metrics.items()}  # waits for the step to finish
             record = describe_step(done, lr, values, time.perf_counter() - tick, flops_per_token, peak_gflops)
+            run.record(record)
             if main:
-                report.append_jsonl(run.metrics, record)
                 bar.set_postfix({key: f"{values[key]:.3f}" for key in show if key in values})
             if not all(math.isfinite(values.get(key, 0.0)) for key in ("loss", "grad_norm")):
                 stop_on_non_finite(run, state, done, values)

@@ -16,7 +16,10 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 
-class AdamWConfig(BaseModel):
+class AdamWGroup(BaseModel):
+    """AdamW's settings for the parameters it updates: all of them (:class:`AdamWConfig`), or those Muon leaves
+    to it (``zmaj.train.muon.MuonConfig.adamw``)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     lr: float = Field(1e-3, gt=0)
@@ -24,7 +27,19 @@ class AdamWConfig(BaseModel):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     decay_norms_and_biases: bool = False
+
+
+class AdamWConfig(AdamWGroup):
+    """AdamW for every parameter: the default optimizer (``kind`` may be left out)."""
+
+    kind: Literal["adamw"] = "adamw"
     grad_clip: float | None = Field(1.0, gt=0, description="global grad-norm clip; None disables it")
+
+    @property
+    def groups(self) -> str:
+        """Which parameters each optimizer updates, in words: what shapes the optimizer state, so that a resumed
+        run may not change it."""
+        return "adamw: every parameter"
 
 
 class ScheduleConfig(BaseModel):
@@ -48,7 +63,7 @@ def adamw_update(
     params: TensorDictBase,
     grads: TensorDictBase,
     state: TensorDictBase,
-    config: AdamWConfig,
+    config: AdamWGroup,
     lr: float | Tensor,
     decay: TensorDictBase,
     donate: bool = False,
@@ -106,9 +121,14 @@ def decay_mask(params: TensorDictBase, norms_and_biases: bool = False) -> Tensor
         return torch.full(shape, 1.0 if norms_and_biases or is_matrix else 0.0, device=tensor.device)
 
     mask: TensorDict = params.detach().clone(recurse=False)
-    for key in params.keys(True, True):
+    for key in leaf_keys(params):
         mask.set(key, flag(key))
     return mask
+
+
+def leaf_keys(td: TensorDictBase) -> list[tuple[str, ...]]:
+    """The keys of ``td``'s leaves, each a tuple (``keys(True, True)`` gives a top-level leaf's as a string)."""
+    return [key if isinstance(key, tuple) else (key,) for key in td.keys(True, True)]
 
 
 def global_norm(grads: TensorDictBase) -> Tensor:

@@ -33,7 +33,8 @@ from pydantic import BaseModel
 from tensordict import TensorDict
 
 from zmaj.data.text import read_text
-from zmaj.train import checkpoint, precision, report
+from zmaj.extras import MissingExtraError
+from zmaj.train import checkpoint, precision, report, trackers
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import LoopConfig, SpecError, load, parse
 
@@ -42,9 +43,16 @@ class UserError(ValueError):
     """Bad input a user can fix; the message names it."""
 
 
-BAD_INPUT: tuple[type[Exception], ...] = (UserError, SpecError, FileNotFoundError, ValueError)
+BAD_INPUT: tuple[type[Exception], ...] = (
+    UserError,
+    SpecError,
+    FileNotFoundError,
+    ValueError,
+    MissingExtraError,
+)
 """What ``bad_input_exits_2`` reports in one line. ``ValueError`` is the type every input check of zmaj raises
-(spec validation, data files, checkpoint files); it is caught only around a program's setup, never its loop."""
+(spec validation, data files, checkpoint files); it is caught only around a program's setup, never its loop.
+``MissingExtraError``: the spec asks for a capability whose extra is not installed (a GGUF base model)."""
 
 
 def one_line(error: BaseException) -> str:
@@ -126,7 +134,9 @@ def field_of(spec: BaseModel, name: str) -> object:
 def join(train: LoopConfig) -> Parallel:
     """This process's device and place in the job (``torchrun``'s environment; ranks other than 0 log warnings
     and errors only from here on), and every source of randomness seeded from the spec: Python's, NumPy's and
-    torch's global generators (zmaj's own randomness takes explicit seeds; these cover libraries that do not)."""
+    torch's global generators (zmaj's own randomness takes explicit seeds; these cover libraries that do not).
+    A tracker the spec names that is not installed fails here."""
+    trackers.check_installed(train.trackers)  # here, before any work, not at the first metrics line
     parallel = Parallel.from_environment(train.parallel, precision.device(train.device))
     if not parallel.main:
         quiet_logging(parallel)
@@ -162,6 +172,7 @@ class Run(Generic[S]):
     started: float = field(default_factory=time.perf_counter)
     _lock: IO[str] | None = field(default=None, repr=False)
     _sinks: list[int] = field(default_factory=list, repr=False)
+    _trackers: list[trackers.Tracker] = field(default_factory=list, repr=False)
 
     @property
     def train(self) -> LoopConfig:
@@ -186,6 +197,16 @@ class Run(Generic[S]):
     def metrics(self) -> Path:
         return self.dir / "metrics.jsonl"
 
+    def record(self, line: dict[str, Any]) -> None:
+        """Append a metrics line (``step`` and numbers) to ``metrics.jsonl`` and log it to the trackers; rank 0
+        only."""
+        if not self.parallel.main:
+            return
+        report.append_jsonl(self.metrics, line)
+        step, numbers = trackers.scalars(line)
+        for tracker in self._trackers:
+            tracker.log(numbers, step)
+
     def restore(self, fresh: TensorDict) -> TensorDict:
         """The state to start from, in this job's layout on this rank's device: ``fresh`` (a new state of the
         model, whole, best on the CPU), or when resuming, the run's newest intact checkpoint read into its
@@ -201,6 +222,15 @@ class Run(Generic[S]):
         if self.parallel.main:
             self._sinks.append(logger.add(self.dir / "log.txt"))
             report.record_session(self.dir, "start", self.device)
+            config = self.spec.model_dump(mode="json")
+            for tracker in trackers.make(self.train.trackers, self.train.tracker_project):
+                try:
+                    tracker.start(self.dir.resolve().name, self.dir, config)
+                except BaseException as error:
+                    # A failed __enter__ gets no __exit__: end the session (lock, log, trackers started) here.
+                    self.__exit__(type(error), error, error.__traceback__)
+                    raise
+                self._trackers.append(tracker)
         return self
 
     def __exit__(
@@ -213,6 +243,8 @@ class Run(Generic[S]):
         if failed and error is not None and not said:
             logger.error(one_line(error))  # every rank raises a RunFailedError; rank 0 says it
         if self.parallel.main:
+            for tracker in self._trackers:
+                tracker.finish()
             report.record_session(self.dir, "end", self.device)
             for sink in self._sinks:
                 logger.remove(sink)

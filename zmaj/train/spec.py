@@ -14,10 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from zmaj.data.config import DataConfig
 from zmaj.data.text import read_text
+from zmaj.models import gpt
 from zmaj.models.gpt import GPTConfig
+from zmaj.train.muon import OptimizerConfig, check_groups
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import ParallelConfig
 from zmaj.train.precision import DeviceChoice, Precision
+from zmaj.train.trackers import TrackerName
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -26,13 +29,17 @@ class SpecError(ValueError):
     """A spec that cannot be used; the message names the field."""
 
 
+OPTIMIZER_LAYOUT = ("train.optimizer.kind", "train.optimizer.groups")
+"""What shapes the optimizer state a checkpoint holds: fields a resumed run may not change (``runs.read_spec``)."""
+
+
 class LoopConfig(BaseModel):
     """What the training loop (``zmaj.train.loop``) reads of every training spec's ``train`` section."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     steps: int = Field(gt=0)
-    optimizer: AdamWConfig = AdamWConfig()
+    optimizer: OptimizerConfig = Field(AdamWConfig(), description="kind: adamw (the default) or muon")
     schedule: ScheduleConfig = ScheduleConfig()
     precision: Precision = "auto"
     device: DeviceChoice = Field("auto", description="auto: CUDA where there is a GPU, else the CPU")
@@ -45,6 +52,27 @@ class LoopConfig(BaseModel):
     keep_checkpoints: int = Field(
         3, gt=0, description="newest checkpoints kept on disk; older ones are deleted as new ones are saved"
     )
+    trackers: list[TrackerName] = Field(
+        [], description="experiment trackers that get every metrics line and the spec (zmaj.train.trackers)"
+    )
+    tracker_project: str = Field(
+        "zmaj", min_length=1, description="the trackers' project the run is logged in"
+    )
+
+    @model_validator(mode="after")
+    def _trackers_once(self) -> "LoopConfig":
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"train.trackers: each tracker once, got {self.trackers}")
+        return self
+
+    @model_validator(mode="after")
+    def _muon_sees_whole_matrices(self) -> "LoopConfig":
+        if self.optimizer.kind == "muon" and self.parallel.kind == "fsdp":
+            raise ValueError(
+                "train.optimizer.kind=muon: not with train.parallel.kind=fsdp (each rank holds some rows of every "
+                "matrix, and Muon orthogonalises whole ones); use data parallel, or AdamW"
+            )
+        return self
 
 
 class TrainConfig(LoopConfig):
@@ -97,6 +125,7 @@ class PretrainSpec(BaseModel):
             raise ValueError(
                 f"model.context ({self.model.context}) is shorter than data.seq_len ({self.data.seq_len})"
             )
+        check_groups(gpt.init(self.model, 0, device="meta"), self.train.optimizer)
         return self
 
 

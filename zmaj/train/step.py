@@ -1,6 +1,6 @@
 """Stateless training and evaluation steps: ``train_step(state, batches) -> (state, metrics)``.
 
-The whole training state is one TensorDict (parameters, AdamW moments, step counter), so a step is a pure
+The whole training state is one TensorDict (parameters, optimizer moments, step counter), so a step is a pure
 function of it and the batch: no hidden optimizer object, no module state. Gradients come from
 ``torch.func.grad_and_value`` over the parameter TensorDict. Gradient accumulation divides every micro-batch's
 summed loss by the number of target tokens in *all* of them, so k micro-batches give exactly the gradient of
@@ -21,7 +21,8 @@ from torch import Tensor
 
 from zmaj.data.dataset import LMDataset, stream_batch
 from zmaj.models.common import Batch
-from zmaj.train.optim import AdamWConfig, adamw_init, adamw_update, clip_by_global_norm, global_norm
+from zmaj.train.muon import MuonConfig, OptimizerConfig, muon_init, muon_update
+from zmaj.train.optim import adamw_init, adamw_update, clip_by_global_norm, global_norm
 from zmaj.train.parallel import SINGLE, Parallel, tensors
 
 
@@ -37,9 +38,10 @@ class Forward(Protocol):
 Metrics = dict[str, Tensor]
 
 
-def init_state(params: TensorDictBase) -> TensorDict:
-    """A fresh training state: the parameters and zeroed AdamW moments."""
-    return TensorDict({"params": params, "opt": adamw_init(params)})
+def init_state(params: TensorDictBase, optimizer: OptimizerConfig | None = None) -> TensorDict:
+    """A fresh training state: the parameters and ``optimizer``'s zeroed state (AdamW's moments by default)."""
+    opt = muon_init(params, optimizer) if isinstance(optimizer, MuonConfig) else adamw_init(params)
+    return TensorDict({"params": params, "opt": opt})
 
 
 def token_losses(logits: Float[Tensor, "batch seq vocab"], batch: Batch) -> Float[Tensor, "batch seq"]:
@@ -128,7 +130,7 @@ GradFn = Callable[
 ]
 """The signature of :func:`accumulate_grads`, or of a compiled version of it."""
 UpdateFn = Callable[
-    [TensorDictBase, TensorDictBase, AdamWConfig, float, TensorDictBase, Tensor | None],
+    [TensorDictBase, TensorDictBase, OptimizerConfig, float, TensorDictBase, Tensor | None],
     tuple[TensorDict, Float[Tensor, ""]],
 ]
 """The signature of :func:`apply_grads`, or of a compiled version of it."""
@@ -195,7 +197,7 @@ def train_step(
     batches: Sequence[Batch],
     *,
     forward: Forward,
-    optimizer: AdamWConfig,
+    optimizer: OptimizerConfig,
     lr: float,
     decay: TensorDictBase,
     seed: int,
@@ -245,14 +247,15 @@ def train_step(
 def apply_grads(
     state: TensorDictBase,
     grads: TensorDictBase,
-    optimizer: AdamWConfig,
+    optimizer: OptimizerConfig,
     lr: float,
     decay: TensorDictBase,
     grad_norm: Tensor | None = None,
     donate: bool = False,
 ) -> tuple[TensorDict, Float[Tensor, ""]]:
-    """The state after one AdamW step on ``grads`` (clipped first when ``optimizer.grad_clip`` is set), and the
-    gradients' global norm before clipping: the update every step function (LM, DPO, GRPO) ends with.
+    """The state after one AdamW or Muon step on ``grads`` (clipped first when ``optimizer.grad_clip`` is set, by
+    one norm over all parameters, Muon's too), and the gradients' global norm before clipping: the update every
+    step function (LM, DPO, GRPO) ends with.
     ``grad_norm`` is that norm when the caller has it (a sharded state's takes a collective,
     ``Parallel.global_norm``); otherwise it is computed here.
 
@@ -265,7 +268,11 @@ def apply_grads(
         grad_norm = global_norm(grads)
     if optimizer.grad_clip is not None:
         grads = clip_by_global_norm(grads, optimizer.grad_clip, grad_norm, donate)
-    new_params, opt = adamw_update(state["params"], grads, state["opt"], optimizer, lr, decay, donate)
+    params, opt_state = state["params"], state["opt"]
+    if isinstance(optimizer, MuonConfig):
+        new_params, opt = muon_update(params, grads, opt_state, optimizer, lr, decay, donate)
+    else:
+        new_params, opt = adamw_update(params, grads, opt_state, optimizer, lr, decay, donate)
     return TensorDict({"params": new_params, "opt": opt}), grad_norm
 
 

@@ -48,6 +48,22 @@ MODELS: dict[str, tuple[ModuleType, Config]] = {
         GPT_TINY.model_copy(update={"positions": "sinusoidal", "norm": "rmsnorm", "attention": "eager"}),
     ),
     "gpt-flex": (gpt, GPT_TINY.model_copy(update={"attention": "flex", "tie_embeddings": False})),
+    "gpt-modern": (
+        gpt,
+        GPT_TINY.model_copy(
+            update={
+                "n_layers": 3,
+                "positions": "rope",
+                "norm": "rmsnorm",
+                "activation": "relu2",
+                "qk_norm": True,
+                "tie_embeddings": False,
+                "logit_softcap": 2.0,
+                "value_embeds": 1,
+                "unet_skips": True,
+            }
+        ),
+    ),
     "llama-gqa": (llama, LLAMA_TINY),
     "llama-gqa-eager": (llama, LLAMA_TINY.model_copy(update={"attention": "eager"})),
     "llama-mqa": (llama, LLAMA_TINY.model_copy(update={"n_kv_heads": 1})),
@@ -135,7 +151,7 @@ def test_any_chunking_gives_the_full_forward(
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("name", ["gpt", "llama-gqa", "qwen3-qk-norm", "gemma3-window"])
+@pytest.mark.parametrize("name", ["gpt", "gpt-modern", "llama-gqa", "qwen3-qk-norm", "gemma3-window"])
 def test_padded_prompts_then_decoding_give_each_row_alone(device: torch.device, side: str, name: str) -> None:
     """Padding tokens are random, not zeros, so only the mask can be keeping them out."""
     module, config, params = model_params(name, device)

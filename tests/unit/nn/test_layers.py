@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from tensordict import TensorDict
 
 from tests import strategies
-from zmaj.nn.layers import embedding, matvec
+from zmaj.nn.layers import activation, embedding, matvec
 
 
 @pytest.mark.parametrize("shape", [(1, 40), (1, 1, 40)])
@@ -48,3 +48,14 @@ def test_embedding_gradient_adds_each_rows_gradients_in_position_order(seed: int
         expected[i] += row
     assert torch.equal(rows, table.detach()[ids])
     assert torch.equal(grad, expected)
+
+
+@given(seed=strategies.seeds)
+def test_relu2_is_relu_squared_as_transformers_computes_it(seed: int) -> None:
+    """Against the formula max(0, x)^2 and ``transformers``' ``ReLUSquaredActivation`` (what export writes)."""
+    from transformers.activations import ACT2FN
+
+    x = torch.randn(5, 7, generator=torch.Generator().manual_seed(seed))
+    out = activation("relu2", x)
+    torch.testing.assert_close(out, torch.where(x > 0, x * x, torch.zeros_like(x)), rtol=0, atol=0)
+    torch.testing.assert_close(out, ACT2FN["relu2"](x), rtol=0, atol=0)

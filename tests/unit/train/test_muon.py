@@ -1,0 +1,300 @@
+"""Functional Muon against torch.optim.Muon, Newton-Schulz against its scalar polynomial, groups and specs."""
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from tensordict import TensorDict
+
+from zmaj.models import gpt
+from zmaj.train import checkpoint, muon, optim, step
+from zmaj.train.spec import PretrainSpec, SpecError, parse
+
+CONFIG = gpt.GPTConfig(vocab_size=40, context=16, d_model=16, n_layers=2, n_heads=2)
+
+
+class Float32Torch(types.ModuleType):
+    """``torch`` as torch.optim.Muon's module sees it, except that ``torch.bfloat16`` is float32: its
+    Newton-Schulz casts to bfloat16, and this runs torch's own code in float32, the precision compared here."""
+
+    bfloat16 = torch.float32
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(torch, name)
+
+
+def parts() -> TensorDict:
+    """A tall and a wide matrix, a stack of 3 matrices under ``blocks`` (batch size 3), and a bias for AdamW."""
+    generator = torch.Generator().manual_seed(0)
+    blocks = TensorDict({"w": torch.randn(3, 12, 20, generator=generator)}, batch_size=[3])
+    return TensorDict(
+        {
+            "tall": torch.randn(24, 8, generator=generator),
+            "wide": torch.randn(8, 24, generator=generator),
+            "blocks": blocks,
+            "bias": torch.randn(8, generator=generator),
+        }
+    )
+
+
+def matrices_of(td: TensorDict) -> dict[str, torch.Tensor]:
+    """The matrices of ``parts()``, each layer of the stack on its own, as torch.optim.Muon sees them."""
+    return {"tall": td["tall"], "wide": td["wide"]} | {
+        f"blocks.w.{i}": td["blocks", "w"][i] for i in range(3)
+    }
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust_lr", ["original", "match_rms_adamw"])
+def test_muon_matches_torch_over_20_steps(
+    monkeypatch: pytest.MonkeyPatch, nesterov: bool, adjust_lr: str
+) -> None:
+    """Each matrix, and each layer of the stack as its own parameter, against torch.optim.Muon; the bias against
+    torch.optim.AdamW at the AdamW group's learning rate, which the schedule scales as it scales Muon's."""
+    monkeypatch.setattr(torch.optim._muon, "torch", Float32Torch("torch"))
+    config = muon.MuonConfig(
+        kind="muon",
+        lr=0.02,
+        momentum=0.9,
+        nesterov=nesterov,
+        adjust_lr=adjust_lr,  # type: ignore[arg-type]
+        weight_decay=0.1,
+        grad_clip=None,
+        muon_params=["tall", "wide", "blocks.w"],
+        adamw=optim.AdamWGroup(lr=3e-3, weight_decay=0.0),
+    )
+    params = parts()
+    reference = {name: torch.nn.Parameter(t.clone()) for name, t in matrices_of(params).items()}
+    bias = torch.nn.Parameter(params["bias"].clone())
+    torch_muon = torch.optim.Muon(
+        list(reference.values()),
+        lr=0.02,
+        weight_decay=0.1,
+        momentum=0.9,
+        nesterov=nesterov,
+        adjust_lr_fn=adjust_lr,
+    )
+    torch_adamw = torch.optim.AdamW([bias], lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    state = muon.muon_init(params, config)
+    decay = optim.decay_mask(params)
+    generator = torch.Generator().manual_seed(1)
+    for index in range(20):
+        factor = 1 - index / 40  # a decaying schedule
+        grads = params.apply(lambda t: torch.randn(t.shape, generator=generator))
+        assert grads is not None
+        params, state = muon.muon_update(params, grads, state, config, 0.02 * factor, decay)
+        torch_muon.param_groups[0]["lr"] = 0.02 * factor
+        torch_adamw.param_groups[0]["lr"] = 3e-3 * factor
+        for name, g in matrices_of(grads).items():
+            reference[name].grad = g
+        bias.grad = grads["bias"]
+        torch_muon.step()
+        torch_adamw.step()
+    ours = matrices_of(params)
+    for name, p in reference.items():
+        relative = (ours[name] - p.detach()).abs().max() / p.detach().abs().max()
+        assert relative <= 1e-5, (name, float(relative))
+    torch.testing.assert_close(params["bias"], bias.detach(), atol=1e-6, rtol=1e-6)
+    assert int(state["step"]) == 20
+
+
+def scalar_iteration(s: np.ndarray, steps: int) -> np.ndarray:
+    """What Newton-Schulz does to each singular value: the quintic, ``steps`` times."""
+    a, b, c = muon.NS_COEFFICIENTS
+    for _ in range(steps):
+        s = a * s + b * s**3 + c * s**5
+    return s
+
+
+BAND = (0.68, 1.21)
+"""Where 5 steps of the quintic put every singular value that starts at least ``SMALLEST`` of the Frobenius
+norm (``scalar_iteration`` on a fine grid of [0.0016, 1]: min 0.682, max 1.202; from 0.01 up the max is 1.134)."""
+SMALLEST = 0.0016
+
+
+@st.composite
+def matrices(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch (0-2 leading dims) of full-rank matrices, tall, wide or square, built as ``U diag(s) V^T`` with
+    singular values within a factor 50 of each other: returns the matrices and ``U``, ``s``, ``V``."""
+    batch = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
+    rows, cols = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    k = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(*batch, rows, k, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(*batch, cols, k, generator=generator, dtype=torch.float64))
+    s = 1 + 49 * torch.rand(*batch, k, generator=generator, dtype=torch.float64)
+    return (u * s.unsqueeze(-2)) @ v.mT, u, s, v
+
+
+@given(matrices())
+def test_newton_schulz_applies_the_quintic_to_each_singular_value(
+    case: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+) -> None:
+    """In float64, the output is ``U diag(p(s / |s|)) V^T``: singular vectors kept, each singular value
+    mapped by the scalar iteration; in float32 every singular value lies in ``BAND``."""
+    x, u, s, v = case
+    normalised = s / s.norm(dim=-1, keepdim=True)  # the Frobenius norm is that of the singular values
+    assert normalised.min() >= 1 / (50 * 40**0.5) > SMALLEST
+    expected = (u * torch.from_numpy(scalar_iteration(normalised.numpy(), 5)).unsqueeze(-2)) @ v.mT
+    torch.testing.assert_close(muon.orthogonalize(x, 5, torch.float64), expected, atol=1e-9, rtol=1e-9)
+    singular = torch.linalg.svdvals(muon.orthogonalize(x.float(), 5))
+    assert singular.min() >= BAND[0], singular.min()
+    assert singular.max() <= BAND[1], singular.max()
+
+
+def test_the_band_is_what_the_quintic_promises() -> None:
+    """``BAND`` is the scalar iteration's range over [SMALLEST, 1], so the property above tests a true claim."""
+    grid = np.geomspace(SMALLEST, 1, 100_001)
+    out = scalar_iteration(grid, 5)
+    assert BAND[0] <= out.min() < BAND[0] + 0.01
+    assert BAND[1] - 0.01 < out.max() <= BAND[1]
+
+
+def test_stacked_matrices_are_orthogonalised_each_on_its_own() -> None:
+    x = torch.randn(4, 12, 20, generator=torch.Generator().manual_seed(0))
+    batched = muon.orthogonalize(x)
+    for i in range(4):
+        torch.testing.assert_close(batched[i], muon.orthogonalize(x[i]), atol=1e-6, rtol=1e-5)
+
+
+def muon_config(**fields: object) -> muon.MuonConfig:
+    return muon.MuonConfig.model_validate({"kind": "muon", **fields})
+
+
+def test_default_groups_give_muon_the_block_matrices_and_adamw_the_rest() -> None:
+    params = gpt.init(CONFIG, seed=0, device="meta")
+    taken, rest = muon.param_groups(params, muon_config())
+    names = {".".join(k) for k in taken}
+    assert names == {f"blocks.attn.{p}.weight" for p in "qkvo"} | {
+        "blocks.mlp.up.weight",
+        "blocks.mlp.down.weight",
+    }
+    assert {".".join(k) for k in rest} >= {
+        "embed.weight",
+        "positions.weight",
+        "blocks.attn.q.bias",
+        "final_norm.weight",
+    }
+    assert len(taken) + len(rest) == len(list(params.keys(True, True)))
+
+
+def pretrain_spec(optimizer: dict[str, object], **train: object) -> dict[str, object]:
+    """A tiny pre-training spec, as YAML would give it, with ``optimizer`` as its ``train.optimizer``."""
+    return {
+        "name": "tiny",
+        "model": CONFIG.model_dump() | {"vocab_size": 300},
+        "data": {"vocab_size": 300, "seq_len": 16},
+        "train": {"steps": 1, "batch_size": 2, "optimizer": optimizer, **train},
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"muon_params": ["blocks.attn_norm.*"]}, "blocks.attn_norm.weight (shape [2, 16]) is not a matrix"),
+        ({"adamw_params": ["embed.*", "positions.*"]}, "parameter blocks.attn_norm.weight is in no group"),
+        ({"muon_params": ["blocks.atn.*.weight"]}, "'blocks.atn.*.weight' matches no parameter"),
+    ],
+)
+def test_bad_groups_are_refused_at_spec_validation_naming_the_parameter(
+    fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(SpecError) as error:
+        parse(PretrainSpec, pretrain_spec({"kind": "muon", **fields}), "spec.yaml")
+    assert message in str(error.value)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_an_adamw_spec_without_kind_parses_as_before_and_muon_refuses_fsdp() -> None:
+    spec = parse(PretrainSpec, pretrain_spec({"lr": 0.01, "weight_decay": 0.0}), "spec.yaml")
+    assert spec.train.optimizer == optim.AdamWConfig(lr=0.01, weight_decay=0.0)
+    assert isinstance(
+        parse(PretrainSpec, pretrain_spec({"kind": "muon"}), "spec.yaml").train.optimizer, muon.MuonConfig
+    )
+    fsdp = pretrain_spec({"kind": "muon"}, parallel={"kind": "fsdp"})
+    with pytest.raises(SpecError, match=r"train\.optimizer\.kind=muon: not with train\.parallel\.kind=fsdp"):
+        parse(PretrainSpec, fsdp, "spec.yaml")
+    with pytest.raises(SpecError, match="sgd"):
+        parse(PretrainSpec, pretrain_spec({"kind": "sgd"}), "spec.yaml")
+
+
+def gpt_state_and_grads() -> tuple[TensorDict, TensorDict, muon.MuonConfig, TensorDict]:
+    """A tiny GPT's Muon state after one step (non-zero momentum and moments) and fresh gradients."""
+    config = muon_config(lr=0.02, weight_decay=0.1, grad_clip=0.5)
+    params = gpt.init(CONFIG, seed=0)
+    state = step.init_state(params, config)
+    decay = optim.decay_mask(params)
+    generator = torch.Generator().manual_seed(0)
+
+    def noise() -> TensorDict:
+        grads = params.apply(lambda t: torch.randn(t.shape, generator=generator))
+        assert isinstance(grads, TensorDict)
+        return grads
+
+    state, _ = step.apply_grads(state, noise(), config, 0.02, decay)
+    return state, noise(), config, decay
+
+
+def test_a_donated_muon_update_equals_the_pure_one_and_reuses_the_buffers() -> None:
+    state, grads, config, decay = gpt_state_and_grads()
+    pure, pure_norm = step.apply_grads(state, grads.clone(), config, 0.02, decay)
+    given = state.clone()
+    donated, norm = step.apply_grads(given, grads, config, 0.02, decay, donate=True)
+    assert torch.equal(norm, pure_norm)
+    assert (donated == pure).all()
+    assert list(donated["params"].keys(True, True)) == list(state["params"].keys(True, True))
+    for key in state.keys(True, True):
+        if key[-1] != "step":
+            assert donated.get(key).data_ptr() == given.get(key).data_ptr(), key
+
+
+def test_the_muon_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    state, _, config, _ = gpt_state_and_grads()
+    folder = checkpoint.save(tmp_path, state, {})
+    loaded = checkpoint.load_state(folder, step.init_state(gpt.init(CONFIG, seed=1), config))
+    assert (loaded == state).all()
+    assert "momentum.blocks.attn.q.weight" in checkpoint.load_tensors(folder, checkpoint.OPTIMIZER)
+    with pytest.raises(ValueError, match="missing tensors"):  # an AdamW state cannot take it
+        checkpoint.load_state(folder, step.init_state(gpt.init(CONFIG, seed=1)))
+
+
+COMPILED_UPDATE = """
+from functools import partial
+import torch
+from zmaj.models import gpt
+from zmaj.train import muon, optim, step
+
+config = gpt.GPTConfig(vocab_size=40, context=16, d_model=16, n_layers=2, n_heads=2)
+params = gpt.init(config, seed=0)
+muon_config = muon.MuonConfig(kind="muon", weight_decay=0.1, grad_clip=0.5)
+decay = optim.decay_mask(params)
+update = torch.compile(partial(step.apply_grads, donate=True), fullgraph=True)  # one graph, or an error
+eager, compiled = step.init_state(params, muon_config), step.init_state(params.clone(), muon_config)
+generator = torch.Generator().manual_seed(0)
+for i, lr in enumerate((0.02, 0.015, 0.01, 0.005)):
+    grads = params.apply(lambda t: torch.randn(t.shape, generator=generator))
+    eager, eager_norm = step.apply_grads(eager, grads.clone(), muon_config, lr, decay)
+    with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+        compiled, norm = update(compiled, grads, muon_config, lr, decay)
+    torch.testing.assert_close(norm, eager_norm)
+    for key in eager.keys(True, True):
+        torch.testing.assert_close(compiled.get(key), eager.get(key), atol=1e-5, rtol=1e-5)
+"""
+
+
+@pytest.mark.slow
+def test_a_compiled_muon_update_equals_the_eager_one() -> None:
+    """``torch.compile(partial(apply_grads, donate=True), fullgraph=True)`` with Muon: one graph, the eager
+    values, no recompiling for a new learning rate after the second step. In a fresh interpreter, as
+    ``test_step.test_a_compiled_step_equals_the_eager_step`` is, for the same reason."""
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILED_UPDATE], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

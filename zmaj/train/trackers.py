@@ -1,0 +1,138 @@
+"""Experiment trackers: every line a run writes to ``metrics.jsonl``, also sent where the researcher watches runs.
+
+A spec names its trackers in ``train.trackers`` (none by default); the run folder (``zmaj.train.runs.Run``)
+starts them when a session begins, logs each metrics line to them at its step (train steps, evaluations, GRPO's
+rewards: whatever the loop records) and finishes them when the session ends. Each tracker run is named after the
+run folder and gets the whole spec as its config. Only rank 0 tracks.
+
+- trackio (https://github.com/gradio-app/trackio): local-first, a SQLite database under ``TRACKIO_DIR``
+  (default ``~/.cache/huggingface/trackio``); ``trackio show`` opens the dashboard.
+- Weights & Biases (https://docs.wandb.ai): files under ``RUN_DIR/wandb``; its own environment variables choose
+  the mode (``WANDB_MODE=offline`` writes only the folder, ``wandb sync`` uploads it later).
+- TensorBoard: event files under ``RUN_DIR/tensorboard``, one scalar series per metric and the spec as text;
+  ``tensorboard --logdir RUN_DIR/tensorboard``.
+
+They are the ``trackers`` extra; one asked for but not installed fails in one line when the program starts
+(:func:`check_installed`), not at the first metrics line.
+"""
+
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import yaml
+
+from zmaj.extras import MissingExtraError, installed, message, needs
+
+TrackerName = Literal["trackio", "wandb", "tensorboard"]
+
+MODULES: dict[TrackerName, str] = {"trackio": "trackio", "wandb": "wandb", "tensorboard": "tensorboard"}
+"""The package each tracker needs (TensorBoard's writer ships with torch but needs the ``tensorboard`` package)."""
+
+
+@runtime_checkable  # beartype checks values annotated with a protocol by isinstance
+class Tracker(Protocol):
+    """One tracker, for one session of one run."""
+
+    def start(self, name: str, run_dir: Path, config: dict[str, Any]) -> None: ...
+
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class Trackio:
+    def __init__(self, project: str) -> None:
+        self.project = project
+
+    def start(self, name: str, run_dir: Path, config: dict[str, Any]) -> None:
+        with needs("trackers", "train.trackers: trackio"):
+            import trackio
+        # No system metrics: the tracker shows what metrics.jsonl holds, nothing that differs from it.
+        self.run = trackio.init(
+            project=self.project,
+            name=name,
+            config=config,
+            auto_log_cpu=False,
+            auto_log_gpu=False,
+            embed=False,
+        )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()  # type: ignore[no-untyped-call]
+
+
+class Wandb:
+    def __init__(self, project: str) -> None:
+        self.project = project
+
+    def start(self, name: str, run_dir: Path, config: dict[str, Any]) -> None:
+        with needs("trackers", "train.trackers: wandb"):
+            import wandb
+        # console="off": the run folder's log.txt already keeps the log, and wandb's capture of stdout and
+        # stderr would wrap the progress bar's stream.
+        self.run = wandb.init(
+            project=self.project,
+            name=name,
+            dir=run_dir,
+            config=config,
+            settings=wandb.Settings(console="off"),
+        )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+class TensorBoard:
+    FOLDER = "tensorboard"
+
+    def start(self, name: str, run_dir: Path, config: dict[str, Any]) -> None:
+        with needs("trackers", "train.trackers: tensorboard"):
+            from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(run_dir / self.FOLDER)
+        # Four spaces: TensorBoard renders text as Markdown, and this keeps the YAML a code block.
+        spec = yaml.safe_dump(config, sort_keys=False)
+        self.writer.add_text("spec", "".join(f"    {line}\n" for line in spec.splitlines()))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+
+    def finish(self) -> None:
+        self.writer.close()
+
+
+def check_installed(names: list[TrackerName]) -> None:
+    """Fail in one line naming the extra when a tracker in ``names`` is not installed (checked without importing
+    them: wandb alone takes seconds)."""
+    for name in names:
+        if not installed(MODULES[name]):
+            raise MissingExtraError(
+                f"{message('trackers', f'train.trackers: {name}')} ({MODULES[name]} is not installed)"
+            )
+
+
+def make(names: list[TrackerName], project: str) -> list[Tracker]:
+    """Unstarted trackers for ``names``."""
+    made: dict[TrackerName, Tracker] = {
+        "trackio": Trackio(project),
+        "wandb": Wandb(project),
+        "tensorboard": TensorBoard(),
+    }
+    return [made[name] for name in names]
+
+
+def scalars(record: dict[str, Any]) -> tuple[int, dict[str, float]]:
+    """A metrics line as a tracker takes it: its step, and its numbers but the step (``final: true``, the mark of
+    the end-of-run evaluation, is a flag, not a metric)."""
+    numbers = {
+        key: float(value)
+        for key, value in record.items()
+        if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    return int(record["step"]), numbers
