@@ -203,12 +203,21 @@ def differences(a: object, b: object, path: str = "") -> list[str]:
     return [] if a == b else [path]
 
 
+NOT_THE_RECIPE: dict[str, bool | set[str]] = {
+    "name": True,
+    "sample": True,
+    "train": {"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"},
+}
+"""Spec fields that do not change what a run learns (``measurement_overrides`` sets them in every row)."""
+
+
 def against_default(planned: list[Planned]) -> str:
     """Which row is ``stdlib-tiny.yaml``, the default run; if none, where the last accepted row differs from it."""
-    default = load(PretrainSpec, NEW_DEFAULT).model_dump(exclude={"name"})
+    default = load(PretrainSpec, NEW_DEFAULT).model_dump(exclude=NOT_THE_RECIPE)
     accepted = [p for p in planned if p.refused is None]
     built = {
-        p.index: load(PretrainSpec, OLD_DEFAULT, p.overrides).model_dump(exclude={"name"}) for p in accepted
+        p.index: load(PretrainSpec, OLD_DEFAULT, p.overrides).model_dump(exclude=NOT_THE_RECIPE)
+        for p in accepted
     }
     same = [index for index, spec in built.items() if spec == default]
     if same:
