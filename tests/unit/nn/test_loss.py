@@ -45,8 +45,8 @@ def test_value_and_gradients_equal_the_plain_formula(
     got = chunked_cross_entropy(hidden, weight, targets, weights, chunk, cap)
     got_grads = torch.autograd.grad(got, leaves)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
-    for g, e in zip(got_grads, expected_grads, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    for g, e in zip(got_grads, expected_grads, strict=True):  # summed over chunks in another order: 1e-5
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
 def test_no_weights_means_every_position_and_the_incoming_gradient_scales(device: torch.device) -> None:
