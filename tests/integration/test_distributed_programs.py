@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from tests.integration import finetune_fixtures
 from tests.integration.programs import run_program
 from tests.integration.test_distributed import torchrun
-from tests.integration.test_pretrain_program import corpus
+from tests.integration.test_pretrain_program import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -31,31 +30,16 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny pre-training spec without dropout (whose masks depend on the rank) in float32."""
-    root = tmp_path_factory.mktemp("distributed-pretrain")
-    data = corpus(root / "corpus.jsonl")
-    raw = {
-        "name": "tiny",
-        "model": {"vocab_size": 300, "context": 32, "d_model": 32, "n_layers": 2, "n_heads": 2},
-        "data": {
-            "source": {"kind": "files", "paths": [str(data)], "format": "jsonl"},
-            "validation_fraction": 0.2,
-            "seq_len": 32,
-            "vocab_size": 300,
-        },
-        "train": {
-            "steps": 6,
-            "batch_size": 4,
-            "grad_accum": 2,
-            "precision": "fp32",
-            "eval_every": 3,
-            "eval_batches": 2,
-            "checkpoint_every": 100,
-        },
-        "sample": {"prompts": ["def "], "max_new_tokens": 3},
+    train = {
+        "steps": 6,
+        "batch_size": 4,
+        "grad_accum": 2,
+        "precision": "fp32",
+        "eval_every": 3,
+        "eval_batches": 2,
+        "checkpoint_every": 100,
     }
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return tiny_spec(tmp_path_factory.mktemp("distributed-pretrain"), train, max_new_tokens=3)
 
 
 def final_params(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -47,10 +48,14 @@ def corpus(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pretrain")
-    data = corpus(root / "corpus.jsonl")
+def tiny_spec(
+    root: Path,
+    train: Mapping[str, object],
+    model: Mapping[str, object] | None = None,
+    max_new_tokens: int = 2,
+) -> Path:
+    """A tiny pre-training spec over :func:`corpus` (written into ``root``): a 2-layer GPT of width 32 on 32-token
+    sequences of a 300-token vocabulary; ``train`` is the whole train section, ``model`` adds to the model's."""
     spec = {
         "name": "tiny",
         "model": {
@@ -59,20 +64,26 @@ def spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "d_model": 32,
             "n_layers": 2,
             "n_heads": 2,
-            "dropout": 0.1,
+            **(model or {}),
         },
         "data": {
-            "source": {"kind": "files", "paths": [str(data)], "format": "jsonl"},
+            "source": {"kind": "files", "paths": [str(corpus(root / "corpus.jsonl"))], "format": "jsonl"},
             "validation_fraction": 0.2,
             "seq_len": 32,
             "vocab_size": 300,
         },
-        "train": {"steps": 6, "batch_size": 4, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 100},
-        "sample": {"prompts": ["def "], "max_new_tokens": 5},
+        "train": dict(train),
+        "sample": {"prompts": ["def "], "max_new_tokens": max_new_tokens},
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    train = {"steps": 6, "batch_size": 4, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 100}
+    return tiny_spec(tmp_path_factory.mktemp("pretrain"), train, {"dropout": 0.1}, max_new_tokens=5)
 
 
 def run(program: str, *args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.integration.programs import run_program
-from tests.integration.test_pretrain_program import corpus
+from tests.integration.test_pretrain_program import tiny_spec
 from tests.unit.train.test_trackers import (
     assert_same_series,
     jsonl_series,
@@ -22,22 +21,8 @@ from tests.unit.train.test_trackers import (
 
 @pytest.fixture
 def spec(tmp_path: Path) -> Path:
-    data = corpus(tmp_path / "corpus.jsonl")
-    spec = {
-        "name": "tiny",
-        "model": {"vocab_size": 300, "context": 32, "d_model": 32, "n_layers": 2, "n_heads": 2},
-        "data": {
-            "source": {"kind": "files", "paths": [str(data)], "format": "jsonl"},
-            "validation_fraction": 0.2,
-            "seq_len": 32,
-            "vocab_size": 300,
-        },
-        "train": {"steps": 4, "batch_size": 4, "eval_every": 2, "eval_batches": 1, "checkpoint_every": 100},
-        "sample": {"prompts": ["def "], "max_new_tokens": 2},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    train = {"steps": 4, "batch_size": 4, "eval_every": 2, "eval_batches": 1, "checkpoint_every": 100}
+    return tiny_spec(tmp_path, train)
 
 
 @pytest.mark.slow
