@@ -81,15 +81,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             grad_weight = torch.zeros(weight.shape, device=weight.device)  # float32: sums over chunks
             for start in range(0, hidden.shape[0], chunk):
                 h, y, w = (t[start : start + chunk] for t in (hidden, targets, token_weights))
-                z = (h @ weight.T).float()
-                logits = softcap(z, cap)
-                log_z = torch.logsumexp(logits, dim=-1)
-                loss = loss + (w * (log_z - logits.gather(-1, y[:, None])[:, 0])).sum()
-                # d loss / d logits = w (softmax - onehot); through the cap, times 1 - tanh^2.
-                grad_z = torch.exp(logits - log_z[:, None]) * w[:, None]
-                grad_z = grad_z.scatter_add(-1, y[:, None], -w[:, None])
+                logits = softcap((h @ weight.T).float(), cap)
+                log_p = torch.log_softmax(logits, dim=-1)
+                loss = loss - (w * log_p.gather(-1, y[:, None])[:, 0]).sum()
+                # d loss / d logits = w (softmax - onehot); through the cap, times 1 - tanh^2. Written into
+                # log_p and logits: each fresh [chunk, vocab] tensor costs a CPU its page faults.
+                grad_z = (
+                    log_p.exp_().scatter_add_(-1, y[:, None], -torch.ones_like(w[:, None])).mul_(w[:, None])
+                )
                 if cap is not None:
-                    grad_z = grad_z * (1 - (logits / cap) ** 2)
+                    grad_z.mul_(logits.div_(cap).square_().neg_().add_(1))
                 grad_z = grad_z.to(hidden.dtype)
                 grad_hidden.append(grad_z @ weight)
                 grad_weight = grad_weight + (grad_z.T @ h).float()
