@@ -18,8 +18,10 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 
 @cache
+@torch.compiler.assume_constant_result
 def cpu_has_fast_bf16() -> bool:
-    """AVX512 with the BF16 extension, or AMX; read from /proc/cpuinfo where it exists (Linux)."""
+    """AVX512 with the BF16 extension, or AMX; read from /proc/cpuinfo where it exists (Linux). A constant to
+    ``torch.compile`` (Muon's update, compiled in one graph, asks it), which cannot trace reading a file."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
         return False
     cpuinfo = Path("/proc/cpuinfo")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tensordict import TensorDict
 
 from zmaj.models import gpt
-from zmaj.train import checkpoint, muon, optim, step
+from zmaj.train import checkpoint, muon, optim, precision, step
 from zmaj.train.spec import PretrainSpec, SpecError, parse
 
 CONFIG = gpt.GPTConfig(vocab_size=40, context=16, d_model=16, n_layers=2, n_heads=2)
@@ -64,6 +64,7 @@ def test_muon_matches_torch_over_20_steps(
         momentum=0.9,
         nesterov=nesterov,
         adjust_lr=adjust_lr,
+        ns_dtype="float32",
         weight_decay=0.1,
         grad_clip=None,
         muon_params=["tall", "wide", "blocks.w"],
@@ -273,7 +274,7 @@ from zmaj.train import muon, optim, step
 
 config = gpt.GPTConfig(vocab_size=40, context=16, d_model=16, n_layers=2, n_heads=2)
 params = gpt.init(config, seed=0)
-muon_config = muon.MuonConfig(kind="muon", weight_decay=0.1, grad_clip=0.5)
+muon_config = muon.MuonConfig(kind="muon", weight_decay=0.1, grad_clip=0.5, ns_dtype="float32")
 decay = optim.decay_mask(params)
 update = torch.compile(partial(step.apply_grads, donate=True), fullgraph=True)  # one graph, or an error
 eager, compiled = step.init_state(params, muon_config), step.init_state(params.clone(), muon_config)
@@ -298,3 +299,17 @@ def test_a_compiled_muon_update_equals_the_eager_one() -> None:
         [sys.executable, "-c", COMPILED_UPDATE], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_auto_newton_schulz_runs_in_bfloat16_only_where_its_matmuls_are_fast(
+    monkeypatch: pytest.MonkeyPatch, fast_bf16: bool
+) -> None:
+    """``ns_dtype: auto`` follows precision ``auto``: a CPU without bf16 instructions would emulate them, ~100x
+    slower; an explicit choice holds on any CPU."""
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast_bf16)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert muon.newton_schulz_dtype("auto", cpu) == (torch.bfloat16 if fast_bf16 else torch.float32)
+    assert muon.newton_schulz_dtype("auto", cuda) == torch.bfloat16
+    assert muon.newton_schulz_dtype("float32", cuda) == torch.float32
+    assert muon.newton_schulz_dtype("bfloat16", cpu) == torch.bfloat16
