@@ -46,11 +46,7 @@ def chunked_cross_entropy(
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    flat_weights = (
-        torch.ones(targets.numel(), device=hidden.device)
-        if token_weights is None
-        else token_weights.flatten().float()
-    )
+    flat_weights = None if token_weights is None else token_weights.flatten().float()
     loss: Tensor = _ChunkedCrossEntropy.apply(
         hidden.flatten(0, -2), weight, targets.flatten(), flat_weights, chunk, cap
     )[0]
@@ -69,7 +65,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         hidden: Float[Tensor, "tokens d_model"],
         weight: Float[Tensor, "vocab d_model"],
         targets: Int[Tensor, " tokens"],
-        token_weights: Float[Tensor, " tokens"],
+        token_weights: Float[Tensor, " tokens"] | None,
         chunk: int,
         cap: float | None,
     ) -> tuple[Float[Tensor, ""], Float[Tensor, "tokens d_model"], Float[Tensor, "vocab d_model"]]:
@@ -80,20 +76,31 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             grad_hidden = []
             grad_weight = torch.zeros(weight.shape, device=weight.device)  # float32: sums over chunks
             for start in range(0, hidden.shape[0], chunk):
-                h, y, w = (t[start : start + chunk] for t in (hidden, targets, token_weights))
-                logits = softcap((h @ weight.T).float(), cap)
+                h, y = hidden[start : start + chunk], targets[start : start + chunk, None]
+                w = None if token_weights is None else token_weights[start : start + chunk, None]
+                # Every [chunk, vocab] pass below is written into a tensor the chunk already holds: on a CPU,
+                # each fresh one costs its page faults, and the loss's elementwise work is most of its time.
+                logits = (h @ weight.T).float()
+                if (
+                    cap is not None
+                ):  # softcap, keeping tanh(z / cap) for the gradient. tanh(u) = 2 sigmoid(2u) - 1:
+                    # PyTorch's CPU sigmoid is ~7x faster than its tanh (0.34 vs 2.5 ms for 2M floats, Zen 4).
+                    squashed = (
+                        logits.mul_(2 / cap).sigmoid_().mul_(2).sub_(1)
+                    )  # the product is ours to overwrite
+                    logits = squashed * cap
                 log_p = torch.log_softmax(logits, dim=-1)
-                loss = loss - (w * log_p.gather(-1, y[:, None])[:, 0]).sum()
-                # d loss / d logits = w (softmax - onehot); through the cap, times 1 - tanh^2. Written into
-                # log_p and logits: each fresh [chunk, vocab] tensor costs a CPU its page faults.
-                grad_z = (
-                    log_p.exp_().scatter_add_(-1, y[:, None], -torch.ones_like(w[:, None])).mul_(w[:, None])
-                )
+                picked = log_p.gather(-1, y)
+                loss = loss - (picked if w is None else w * picked).sum()
+                # d loss / d logits = w (softmax - onehot); through the cap, times 1 - tanh^2.
+                grad_z = log_p.exp_().scatter_add_(-1, y, torch.full_like(picked, -1.0))
+                if w is not None:
+                    grad_z.mul_(w)
                 if cap is not None:
-                    grad_z.mul_(logits.div_(cap).square_().neg_().add_(1))
+                    grad_z.addcmul_(grad_z, squashed.square_(), value=-1.0)
                 grad_z = grad_z.to(hidden.dtype)
                 grad_hidden.append(grad_z @ weight)
-                grad_weight = grad_weight + (grad_z.T @ h).float()
+                grad_weight.add_(grad_z.T @ h)
         return loss, torch.cat(grad_hidden), grad_weight.to(weight.dtype)
 
     @staticmethod

@@ -17,16 +17,19 @@ Precision = Literal["auto", "fp32", "bf16"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 
-@cache
-@torch.compiler.assume_constant_result
-def cpu_has_fast_bf16() -> bool:
-    """AVX512 with the BF16 extension, or AMX; read from /proc/cpuinfo where it exists (Linux). A constant to
-    ``torch.compile`` (Muon's update, compiled in one graph, asks it), which cannot trace reading a file."""
+def _cpu_has_fast_bf16() -> bool:
+    """AVX512 with the BF16 extension, or AMX; read from /proc/cpuinfo where it exists (Linux)."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
         return False
     cpuinfo = Path("/proc/cpuinfo")
     flags = cpuinfo.read_text() if cpuinfo.exists() else ""
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_constant: Callable[[Callable[[], bool]], Callable[[], bool]] = torch.compiler.assume_constant_result
+cpu_has_fast_bf16: Callable[[], bool] = cache(_constant(_cpu_has_fast_bf16))
+"""``_cpu_has_fast_bf16``, read once, and a constant to ``torch.compile`` (Muon's update, compiled in one graph,
+asks it), which cannot trace reading a file."""
 
 
 def resolve(precision: Precision, device: torch.device) -> torch.dtype:
