@@ -97,7 +97,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 if w is not None:
                     grad_z.mul_(w)
                 if cap is not None:
-                    grad_z.addcmul_(grad_z, squashed.square_(), value=-1.0)
+                    grad_z.mul_(squashed.square_().neg_().add_(1))  # (addcmul_ breaks dynamo's graph)
                 grad_z = grad_z.to(hidden.dtype)
                 grad_hidden.append(grad_z @ weight)
                 grad_weight.add_(grad_z.T @ h)

@@ -304,3 +304,35 @@ def test_a_compiled_chunked_loss_equals_the_eager_plain_loss() -> None:
     A fresh interpreter, for the reason given above."""
     done = subprocess.run([sys.executable, "-c", COMPILED_LAZY], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+COMPILED_CHUNKED_LOSS = """
+import torch
+from zmaj.models import gpt
+from zmaj.models.common import Batch
+from zmaj.train import step
+
+config = gpt.GPTConfig(
+    vocab_size=64, context=32, d_model=32, n_layers=2, n_heads=4, tie_embeddings=False, logit_softcap=30.0
+)
+forward = step.bind_lazy(gpt.lazy_forward, config=config)
+tokens = torch.randint(0, 64, (2, 4, 33), generator=torch.Generator().manual_seed(0))
+batches = [Batch(tokens=t[:, :-1], targets=t[:, 1:]) for t in tokens]
+params = gpt.init(config, seed=0)
+step.LOSS_CHUNK = 48  # three chunks per micro-batch, the last one short
+eager, eager_loss, _ = step.accumulate_grads(params, batches, forward, [None, None])
+compiled, loss, _ = torch.compile(step.accumulate_grads, fullgraph=True)(params, batches, forward, [None, None])
+torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+for key in eager.keys(True, True):
+    torch.testing.assert_close(compiled.get(key), eager.get(key), atol=1e-5, rtol=1e-4)
+"""
+
+
+@pytest.mark.slow
+def test_the_chunked_soft_capped_loss_compiles_in_one_graph_to_the_eager_gradients() -> None:
+    """``train.compile: true`` with the default spec's loss (chunked, soft-capped): one graph (``fullgraph``), the
+    eager step's gradients. An in-place ``addcmul_`` in the loss once split it into 80 frames, ~25x slower."""
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILED_CHUNKED_LOSS], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
