@@ -81,13 +81,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 # Every [chunk, vocab] pass below is written into a tensor the chunk already holds: on a CPU,
                 # each fresh one costs its page faults, and the loss's elementwise work is most of its time.
                 logits = (h @ weight.T).float()
-                if (
-                    cap is not None
-                ):  # softcap, keeping tanh(z / cap) for the gradient. tanh(u) = 2 sigmoid(2u) - 1:
-                    # PyTorch's CPU sigmoid is ~7x faster than its tanh (0.34 vs 2.5 ms for 2M floats, Zen 4).
-                    squashed = (
-                        logits.mul_(2 / cap).sigmoid_().mul_(2).sub_(1)
-                    )  # the product is ours to overwrite
+                if cap is not None:
+                    # The soft-cap, keeping tanh(z / cap) for the gradient; tanh(u) as 2 sigmoid(2u) - 1, which
+                    # PyTorch's CPU kernels compute ~7x faster (0.34 vs 2.5 ms for 2M floats, Zen 4).
+                    squashed = logits.mul_(2 / cap).sigmoid_().mul_(2).sub_(1)  # the product is ours
                     logits = squashed * cap
                 log_p = torch.log_softmax(logits, dim=-1)
                 picked = log_p.gather(-1, y)

@@ -70,51 +70,31 @@ def adamw_update(
 ) -> tuple[TensorDictBase, TensorDict]:
     """One AdamW step; returns new parameters and a new optimizer state, the inputs untouched (unless donated).
 
-    ``decay`` holds, per parameter, 1.0 where weight decay applies and 0.0 where it does not. Each formula is
-    one ``apply`` over the leaves, not TensorDict arithmetic with tensor scalars: ``torch.compile`` traces the
-    former into one graph, but breaks the graph at every ``tensor * tensordict`` of the latter.
+    ``decay`` holds, per parameter, 1.0 where weight decay applies and 0.0 where it does not. Per parameter:
+    ``m <- lerp(m, g, 1 - beta1)``, ``v <- beta2 v + (1 - beta2) g^2``, then
+    ``p <- p (1 - lr wd decay) - (lr / bias1) m / (sqrt(v) / sqrt(bias2) + eps)``, each operation written into its
+    operand. The formulas exist once: without ``donate`` they run on copies of ``params`` and ``m``, ``v``.
 
     ``donate=True`` writes the new values into the buffers of ``params`` and ``state``, which the caller gives
-    up (as ``jax.jit``'s ``donate_argnums``), and returns them: the same numbers, and fewer fresh parameter-sized
-    tensors per step (none under ``torch.compile``). That matters on the CPU, where each fresh tensor that large
-    is a new ``mmap`` whose every page faults in when first written.
+    up (as ``jax.jit``'s ``donate_argnums``), and returns them: the same bits, and three temporaries per parameter
+    instead of a dozen eagerly (none under ``torch.compile``). That matters on the CPU, where each fresh tensor
+    that large is a new ``mmap`` whose every page faults in when first written.
     """
     beta1, beta2 = config.betas
     step: Tensor = state["step"] + 1
     bias1, bias2_sqrt = 1 - beta1**step, (1 - beta2**step).sqrt()
-    if donate:
-        _adamw_in_place(params, grads, state, config, lr, decay, bias1, bias2_sqrt)
-        return params, TensorDict({"m": state["m"], "v": state["v"], "step": step})
-    m = leafwise(lambda m, g: m.lerp(g, 1 - beta1), state["m"], grads, donate=donate)
-    v = leafwise(lambda v, g: v * beta2 + g * g * (1 - beta2), state["v"], grads, donate=donate)
-
-    def updated(p: Tensor, m: Tensor, v: Tensor, decay: Tensor) -> Tensor:
-        decayed = p * (1 - lr * config.weight_decay * decay)
-        return decayed - (lr / bias1) * m / (v.sqrt() / bias2_sqrt + config.eps)
-
-    new_params = leafwise(updated, params, m, v, decay, donate=donate)
+    new_params, m, v = (
+        (params, state["m"], state["v"])
+        if donate
+        else (params.clone(), state["m"].clone(), state["v"].clone())
+    )
+    for key in leaf_keys(new_params):
+        p_, g, m_, v_ = new_params.get(key), grads.get(key), m.get(key), v.get(key)
+        m_.lerp_(g, 1 - beta1)
+        v_.mul_(beta2).add_(torch.mul(g, g).mul_(1 - beta2))
+        update = ((lr / bias1) * m_).div_(v_.sqrt().div_(bias2_sqrt).add_(config.eps))
+        p_.mul_(1 - lr * config.weight_decay * decay.get(key)).sub_(update)
     return new_params, TensorDict({"m": m, "v": v, "step": step})
-
-
-def _adamw_in_place(
-    params: TensorDictBase,
-    grads: TensorDictBase,
-    state: TensorDictBase,
-    config: AdamWGroup,
-    lr: float | Tensor,
-    decay: TensorDictBase,
-    bias1: Tensor,
-    bias2_sqrt: Tensor,
-) -> None:
-    """``adamw_update``'s formulas operation by operation, each written into its operand (so the same bits):
-    eagerly, three temporaries per parameter instead of a dozen, which on a CPU is most of the update's time."""
-    beta1, beta2 = config.betas
-    for key in leaf_keys(params):
-        p, g, m, v = params.get(key), grads.get(key), state["m"].get(key), state["v"].get(key)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).add_(torch.mul(g, g).mul_(1 - beta2))
-        step = ((lr / bias1) * m).div_(v.sqrt().div_(bias2_sqrt).add_(config.eps))
-        p.mul_(1 - lr * config.weight_decay * decay.get(key)).sub_(step)
 
 
 def leafwise(
