@@ -94,8 +94,10 @@ ROWS = [
     ),
     Row(
         "ReLU²",
-        "relu(x)^2 in the MLP (Primer, So et al., 2021): sparse and cheaper than GELU",
+        "relu(x)^2 in the MLP (Primer, So et al., 2021): sparse and cheaper than GELU, but here it cost bpb, so the "
+        "later rows keep GELU",
         ("model.activation=relu2",),
+        kept=False,
     ),
     Row(
         "QK-norm",
@@ -114,6 +116,18 @@ ROWS = [
         "WSD schedule",
         "warmup-stable-decay (Hägele et al., 2024): the peak rate until the last 40% of the steps, then linear to 0",
         ("train.schedule={kind: wsd, warmup_steps: 50, decay_fraction: 0.4, final_lr_fraction: 0.0}",),
+    ),
+    Row(
+        "U-net skips",
+        "each first-half block's output added, with a learned weight, to its mirror second-half block's input "
+        "(modded-nanogpt)",
+        ("model.unet_skips=true",),
+    ),
+    Row(
+        "AdamW at 8x the rate",
+        "the tied embedding table, norms and skip weights at lr 0.024 instead of 0.003: the table is the input and "
+        "the output layer at once, and a few hundred steps are all it gets",
+        ("train.optimizer.adamw.lr=2.4e-2",),
     ),
     Row(
         "16 rows x 175 steps",
