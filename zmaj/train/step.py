@@ -49,9 +49,9 @@ Metrics = dict[str, Tensor]
 LOSS_CHUNK = 256
 """Positions the chunked training loss unembeds at once (``zmaj.nn.loss.chunked_cross_entropy``): a chunk's
 float32 logits then take 1 KiB per vocabulary entry, 8 MiB at 8k, 50 MiB at GPT-2's 50k. At 8k they stay in a
-CPU's last-level cache between the loss's elementwise passes: the default spec's loss (4096 positions, soft-capped,
-bf16, forward and backward) took 124-141 ms with chunks of 256 and 188-241 ms with 1024 on 2 Zen 4 cores. Not
-measured on a GPU; under ``torch.compile`` the loop unrolls, one copy per chunk."""
+CPU's last-level cache between the loss's elementwise passes: session 11's default spec's loss (4096 positions,
+soft-capped, bf16, forward and backward) took 124-141 ms with chunks of 256 and 188-241 ms with 1024 on 2 Zen 4
+cores. Not measured on a GPU; under ``torch.compile`` the loop unrolls, one copy per chunk."""
 
 
 def init_state(params: TensorDictBase, optimizer: OptimizerConfig | None = None) -> TensorDict:
