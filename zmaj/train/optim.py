@@ -7,7 +7,6 @@ operation, so the two agree to float rounding.
 """
 
 import math
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -97,18 +96,6 @@ def adamw_update(
     return new_params, TensorDict({"m": m, "v": v, "step": step})
 
 
-def leafwise(
-    fn: Callable[..., Tensor], tree: TensorDictBase, *others: TensorDictBase, donate: bool = False
-) -> TensorDictBase:
-    """``fn`` of each leaf of ``tree`` and the same-keyed leaves of ``others``: a new TensorDict, or, with
-    ``donate``, written into ``tree``'s own tensors."""
-    if donate:
-        return tree.apply_(fn, *others)
-    result = tree.apply(fn, *others)
-    assert result is not None
-    return result
-
-
 def decay_mask(params: TensorDictBase, norms_and_biases: bool = False) -> TensorDict:
     """1.0 for matrices (embeddings, projections), 0.0 for vectors (norm scales, biases).
 
@@ -145,9 +132,12 @@ def clip_by_global_norm(
     grads: TensorDictBase, max_norm: float, norm: Tensor, donate: bool = False
 ) -> TensorDictBase:
     """Scale all gradients by min(1, max_norm / norm), ``norm`` being their global norm, as
-    ``torch.nn.utils.clip_grad_norm_`` does (in place with ``donate``)."""
+    ``torch.nn.utils.clip_grad_norm_`` does: in place with ``donate``, on a copy otherwise (as ``adamw_update``)."""
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    return leafwise(lambda g: g * scale, grads, donate=donate)
+    clipped = grads if donate else grads.clone()
+    for key in leaf_keys(clipped):
+        clipped.get(key).mul_(scale)
+    return clipped
 
 
 def learning_rate(step: int, total_steps: int, peak: float, schedule: ScheduleConfig) -> float:
