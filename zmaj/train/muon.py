@@ -36,7 +36,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.train import precision
-from zmaj.train.optim import AdamWConfig, AdamWGroup, adamw_init, adamw_update, leaf_keys
+from zmaj.train.optim import AdamWConfig, AdamWGroup, adamw_init, adamw_update, leaf_keys, writable
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 """Keller Jordan's quintic: chosen for the steepest slope at zero, so that small singular values grow fast,
@@ -245,9 +245,7 @@ def muon_update(
     mu = config.momentum
     muon_grads = grads.select(*muon)
     # Each operation written into its operand, on copies unless donated (as zmaj.train.optim.adamw_update).
-    momentum, muon_params = state["momentum"], params.select(*muon)
-    if not donate:
-        momentum, muon_params = momentum.clone(), muon_params.clone()
+    momentum, muon_params = writable(state["momentum"], donate), writable(params.select(*muon), donate)
     for key in muon:
         p, b, g = muon_params.get(key), momentum.get(key), muon_grads.get(key)
         b.lerp_(g, 1 - mu)

@@ -82,11 +82,7 @@ def adamw_update(
     beta1, beta2 = config.betas
     step: Tensor = state["step"] + 1
     bias1, bias2_sqrt = 1 - beta1**step, (1 - beta2**step).sqrt()
-    new_params, m, v = (
-        (params, state["m"], state["v"])
-        if donate
-        else (params.clone(), state["m"].clone(), state["v"].clone())
-    )
+    new_params, m, v = (writable(tree, donate) for tree in (params, state["m"], state["v"]))
     for key in leaf_keys(new_params):
         p_, g, m_, v_ = new_params.get(key), grads.get(key), m.get(key), v.get(key)
         m_.lerp_(g, 1 - beta1)
@@ -94,6 +90,12 @@ def adamw_update(
         update = ((lr / bias1) * m_).div_(v_.sqrt().div_(bias2_sqrt).add_(config.eps))
         p_.mul_(1 - lr * config.weight_decay * decay.get(key)).sub_(update)
     return new_params, TensorDict({"m": m, "v": v, "step": step})
+
+
+def writable(tree: TensorDictBase, donate: bool) -> TensorDictBase:
+    """What an update writes its formulas into: ``tree`` itself when the caller donated it, else a copy, so that
+    each formula exists once, in place (``adamw_update``, ``clip_by_global_norm``, Muon's update)."""
+    return tree if donate else tree.clone()
 
 
 def decay_mask(params: TensorDictBase, norms_and_biases: bool = False) -> TensorDict:
@@ -134,7 +136,7 @@ def clip_by_global_norm(
     """Scale all gradients by min(1, max_norm / norm), ``norm`` being their global norm, as
     ``torch.nn.utils.clip_grad_norm_`` does: in place with ``donate``, on a copy otherwise (as ``adamw_update``)."""
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    clipped = grads if donate else grads.clone()
+    clipped = writable(grads, donate)
     for key in leaf_keys(clipped):
         clipped.get(key).mul_(scale)
     return clipped
