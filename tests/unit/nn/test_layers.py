@@ -10,7 +10,7 @@ from tensordict import TensorDict
 from torch import Tensor
 
 from tests import strategies
-from zmaj.nn.layers import activation, embedding, fused_linear, linear, matvec
+from zmaj.nn.layers import activation, embedding, fused_linear, gelu_saving_derivative, linear, matvec
 
 
 @pytest.mark.parametrize("shape", [(1, 40), (1, 1, 40)])
@@ -117,3 +117,22 @@ def test_fused_linear_keeps_lora_adapters(device: torch.device) -> None:
     x = torch.randn(3, 16, generator=generator).to(device)
     adapted = x @ params[1]["weight"].T + (x @ params[1]["lora_a"].T) @ params[1]["lora_b"].T
     torch.testing.assert_close(fused_linear(params, x)[1], adapted, rtol=1e-5, atol=1e-5)
+
+
+@given(seed=strategies.seeds, scale=st.sampled_from([0.1, 1.0, 4.0, 30.0]), tanh=st.booleans())
+def test_gelu_saving_derivative_has_gelus_value_and_gradient(seed: int, scale: float, tanh: bool) -> None:
+    """Against ``F.gelu`` and its autograd derivative, in float32 (the bf16 path only rounds the same numbers)."""
+    x = scale * torch.randn(64, generator=torch.Generator().manual_seed(seed))
+    grad_out = torch.randn(64, generator=torch.Generator().manual_seed(seed + 1))
+    approximate = "tanh" if tanh else "none"
+
+    def value_and_grad(fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf)
+        (grad,) = torch.autograd.grad(out, leaf, grad_out)
+        return out.detach(), grad
+
+    value, grad = value_and_grad(partial(gelu_saving_derivative, tanh=tanh))
+    expected_value, expected_grad = value_and_grad(partial(F.gelu, approximate=approximate))
+    torch.testing.assert_close(value, expected_value, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)

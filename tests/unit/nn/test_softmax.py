@@ -1,0 +1,102 @@
+"""``masked_softmax`` is the textbook ``softmax(scores + bias)``, forward and backward, eager and compiled."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor
+
+from tests import strategies
+from zmaj.nn import masks
+from zmaj.nn.softmax import masked_softmax
+
+
+def textbook(scores: Tensor, mask: Tensor) -> Tensor:
+    """softmax(scores + additive bias), differentiated by autograd through every step; ``mask`` is
+    ``[batch, 1, q, k]``, shared by the heads."""
+    return torch.softmax(scores + masks.additive_bias(mask[:, 0], scores.dtype)[:, None], dim=-1)
+
+
+@st.composite
+def scores_and_masks(draw: st.DrawFn) -> tuple[Tensor, Tensor]:
+    """Scores ``[batch, heads, q, k]`` and a ``[batch, 1, q, k]`` mask that allows at least one key per row."""
+    batch, heads, q_len, k_len = (draw(st.integers(1, n)) for n in (3, 3, 9, 9))
+    generator = torch.Generator().manual_seed(draw(strategies.seeds))
+    scores = 4 * torch.randn(batch, heads, q_len, k_len, generator=generator)
+    mask = torch.rand(batch, 1, q_len, k_len, generator=generator) < draw(st.floats(0.1, 1.0))
+    mask[..., draw(st.integers(0, k_len - 1))] = True
+    return scores, mask
+
+
+@given(scores_and_masks(), st.booleans())
+def test_weights_are_the_textbook_softmax(
+    device: torch.device, problem: tuple[Tensor, Tensor], grad_enabled: bool
+) -> None:
+    """With gradients (the operator) and without (the inline formula)."""
+    scores, mask = (t.to(device) for t in problem)
+    with torch.set_grad_enabled(grad_enabled):
+        torch.testing.assert_close(masked_softmax(scores, mask), textbook(scores, mask))
+
+
+@given(scores_and_masks())
+def test_gradient_is_the_textbook_gradient_and_zero_where_masked(
+    device: torch.device, problem: tuple[Tensor, Tensor]
+) -> None:
+    scores, mask = (t.to(device) for t in problem)
+    grad_out = torch.randn(scores.shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def gradient(fn: object) -> Tensor:
+        leaf = scores.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(fn(leaf, mask), leaf, grad_out)  # type: ignore[operator]
+        return grad
+
+    ours = gradient(masked_softmax)
+    torch.testing.assert_close(ours, gradient(textbook), atol=1e-6, rtol=1e-5)
+    assert (ours.masked_select(~mask.expand_as(ours)) == 0).all()
+
+
+COMPILED_GRAD = """
+import torch
+from zmaj.nn.softmax import masked_softmax
+
+generator = torch.Generator().manual_seed(0)
+scores = torch.randn(2, 3, 7, 7, generator=generator)
+row_weights = torch.randn(2, 3, 7, 7, generator=generator)
+mask = torch.ones(7, 7, dtype=torch.bool).tril()[None, None]
+leaf = scores.clone().requires_grad_()
+textbook = torch.softmax(leaf.masked_fill(~mask, float("-inf")), dim=-1)
+(expected,) = torch.autograd.grad((textbook * row_weights).sum(), leaf)
+
+
+def loss(s):
+    return (masked_softmax(s, mask) * row_weights).sum()
+
+
+torch.testing.assert_close(torch.func.grad(loss)(scores), expected, atol=1e-6, rtol=1e-5)
+compiled = torch.compile(torch.func.grad(loss), fullgraph=True)  # one graph, or an error
+torch.testing.assert_close(compiled(scores), expected, atol=1e-6, rtol=1e-5)
+"""
+
+
+@pytest.mark.slow
+def test_torch_func_grad_and_compile_give_the_textbook_gradient() -> None:
+    """The training step differentiates it with ``torch.func.grad`` inside ``torch.compile``: one graph, the
+    textbook gradient. In a fresh interpreter: dynamo cannot trace pytest's runtime shape checker in one graph."""
+    done = subprocess.run([sys.executable, "-c", COMPILED_GRAD], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_bfloat16_weights_are_the_float32_weights_rounded(device: torch.device, grad_enabled: bool) -> None:
+    """Low-precision scores give weights of their dtype, normalised in float32 (one rounding at the end)."""
+    generator = torch.Generator().manual_seed(0)
+    scores = (4 * torch.randn(2, 4, 16, 16, generator=generator)).to(device, torch.bfloat16)
+    mask = torch.ones(16, 16, dtype=torch.bool, device=device).tril()[None, None]
+    with torch.set_grad_enabled(grad_enabled):
+        weights = masked_softmax(scores, mask)
+    assert weights.dtype == torch.bfloat16
+    exact = textbook(scores.float(), mask.expand(2, 1, 16, 16))
+    torch.testing.assert_close(weights.float(), exact, rtol=2**-8, atol=1e-6)
