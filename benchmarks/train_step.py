@@ -731,7 +731,7 @@ def attention_floor_ms(shape: Shape, dtype: torch.dtype, device: torch.device) -
         for _ in range(4)
     )
     causal = (
-        torch.ones(shape.seq, shape.seq, dtype=torch.bool, device=device).tril().expand(shape.batch, -1, -1)
+        torch.ones(shape.seq, shape.seq, dtype=torch.bool, device=device).tril()[None]  # as the model builds it
     )
     scale = head_dim**-0.5
     kernels: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {

@@ -15,6 +15,7 @@ For generation, ``cached_attention`` writes the new tokens' keys and values into
 the same shapes.
 """
 
+import math
 from functools import cache
 from typing import Literal
 
@@ -84,12 +85,15 @@ def eager_attention(
 ) -> Float[Tensor, "batch heads q_seq head_dim"]:
     """softmax(q k^T * scale + bias) v, each group of query heads sharing one key/value head.
 
-    The scale multiplies q rather than the scores (a tensor ``k_seq / head_dim`` times smaller), and
-    ``masked_softmax`` adds the bias and normalises in one operator: the same function as the textbook's
-    ``softmax(scores * scale + additive_bias(mask))``, in fewer passes over the largest tensor of the layer.
+    A scale that is a power of two multiplies q instead of the scores, a tensor ``k_seq / head_dim`` times
+    smaller: only the exponents change, so the bits are the same. Any other scale stays on the scores, where
+    rounding it in bf16 gives what ``transformers`` computes.
     """
-    q = rearrange(q * scale, "b (kv g) q d -> b kv g q d", kv=k.shape[1])
+    exact = math.frexp(scale)[0] == 0.5
+    q = rearrange(q * scale if exact else q, "b (kv g) q d -> b kv g q d", kv=k.shape[1])
     scores = einsum(q, k, "b kv g q d, b kv k d -> b kv g q k")
+    if not exact:
+        scores = scores * scale
     weights = masked_softmax(scores, mask[:, None, None]).to(v.dtype)
     out = einsum(weights, v, "b kv g q k, b kv k d -> b kv g q d")
     return rearrange(out, "b kv g q d -> b (kv g) q d")

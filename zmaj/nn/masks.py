@@ -117,8 +117,8 @@ def dense(
 
 
 def additive_bias(
-    mask: Bool[Tensor, "batch q_seq k_seq"], dtype: torch.dtype = torch.float32
-) -> Float[Tensor, "batch q_seq k_seq"]:
+    mask: Bool[Tensor, "*batch q_seq k_seq"], dtype: torch.dtype = torch.float32
+) -> Float[Tensor, "*batch q_seq k_seq"]:
     """The textbook form of a mask: add 0 where attention is allowed and -inf where it is not."""
     zero = torch.zeros((), dtype=dtype, device=mask.device)
     minus_inf = torch.full((), float("-inf"), dtype=dtype, device=mask.device)

@@ -121,7 +121,8 @@ def test_fused_linear_keeps_lora_adapters(device: torch.device) -> None:
 
 @given(seed=strategies.seeds, scale=st.sampled_from([0.1, 1.0, 4.0, 30.0]), tanh=st.booleans())
 def test_gelu_saving_derivative_has_gelus_value_and_gradient(seed: int, scale: float, tanh: bool) -> None:
-    """Against ``F.gelu`` and its autograd derivative, in float32 (the bf16 path only rounds the same numbers)."""
+    """Against ``F.gelu`` and its autograd derivative, in float32 (in bf16 the same numbers, the derivative rounded
+    once more)."""
     x = scale * torch.randn(64, generator=torch.Generator().manual_seed(seed))
     grad_out = torch.randn(64, generator=torch.Generator().manual_seed(seed + 1))
     approximate = "tanh" if tanh else "none"
@@ -135,4 +136,5 @@ def test_gelu_saving_derivative_has_gelus_value_and_gradient(seed: int, scale: f
     value, grad = value_and_grad(partial(gelu_saving_derivative, tanh=tanh))
     expected_value, expected_grad = value_and_grad(partial(F.gelu, approximate=approximate))
     torch.testing.assert_close(value, expected_value, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
+    # atol 1e-5: for x around -4, 1 - tanh(u)^2 cancels in float32, and the two formulas lose its digits differently.
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
