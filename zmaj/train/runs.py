@@ -13,6 +13,7 @@ of the errors ``BAD_INPUT`` lists; ``bad_input_exits_2`` turns it into one line 
 
 import argparse
 import fcntl
+import itertools
 import os
 import random
 import sys
@@ -265,9 +266,7 @@ def open_run(
     rank gets the same path."""
     resumed = args.resume is not None
     name: str = getattr(spec, "name")  # noqa: B009
-    run_dir = (
-        Path(args.resume) if resumed else args.run_dir or Path("runs") / f"{name}-{_timestamp(parallel)}"
-    )
+    run_dir = Path(args.resume) if resumed else args.run_dir or _new_run_dir(Path("runs"), name, parallel)
     held = None
     if parallel.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -282,12 +281,25 @@ def open_run(
     return Run(run_dir, spec, parallel, resumed, args.stop_after, _lock=held)
 
 
-def _timestamp(parallel: Parallel) -> str:
-    """Rank 0's clock, on every rank, so that all name the same new run folder."""
-    stamp = [time.strftime("%Y%m%d-%H%M%S")]
+def _new_run_dir(parent: Path, name: str, parallel: Parallel) -> Path:
+    """``parent/NAME-TIMESTAMP``, created by rank 0 and handed to every rank. A run started in the same second
+    (a script launching two) has taken that name, so the later one takes ``-2``, ``-3``...: each claims its
+    folder with ``mkdir``, which exactly one process can win, so two runs never share one."""
+    chosen = [""]
+    if parallel.main:
+        base = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        parent.mkdir(parents=True, exist_ok=True)
+        for attempt in itertools.count(1):
+            candidate = parent / (base if attempt == 1 else f"{base}-{attempt}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            chosen = [str(candidate)]
+            break
     if parallel.distributed:
-        dist.broadcast_object_list(stamp, src=0)
-    return str(stamp[0])
+        dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
 
 
 def quiet_logging(parallel: Parallel) -> None:

@@ -234,3 +234,24 @@ def test_a_second_writer_is_refused_naming_the_first_ones_pid(tmp_path: Path) ->
         holder.kill()
         holder.wait()
     train(tmp_path / "run", resume=True)  # the lock dies with its holder
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default folder is named to the second; a second run that second (the README's walkthrough starts
+    two within one) takes ``-2`` instead of being refused as a resume of the first."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20261202-120000")
+    spec = Spec(train=LoopConfig(steps=2, checkpoint_every=1, eval_every=5))
+    folders = []
+    for _ in range(3):
+        args = argparse.Namespace(resume=None, run_dir=None, stop_after=None)
+        with runs.open_run(spec, args, Parallel()) as run:
+            loop.train(run, run.restore(fresh()), stand_in(lambda step: (1.0, 1.0)), lambda index: index)
+            folders.append(run.dir)
+    assert folders == [
+        Path("runs") / name
+        for name in ("loop-20261202-120000", "loop-20261202-120000-2", "loop-20261202-120000-3")
+    ]
+    assert all(steps_on_disk(folder) for folder in folders)
