@@ -730,9 +730,8 @@ def attention_floor_ms(shape: Shape, dtype: torch.dtype, device: torch.device) -
         torch.randn(shape.batch, shape.heads, shape.seq, head_dim, generator=generator).to(device, dtype)
         for _ in range(4)
     )
-    causal = (
-        torch.ones(shape.seq, shape.seq, dtype=torch.bool, device=device).tril()[None]  # as the model builds it
-    )
+    # One row for the whole batch, as the model builds it
+    causal = torch.ones(shape.seq, shape.seq, dtype=torch.bool, device=device).tril()[None]
     scale = head_dim**-0.5
     kernels: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
         "SDPA": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale),

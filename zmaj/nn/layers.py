@@ -122,6 +122,8 @@ def activation(name: Activation, x: Float[Tensor, "*shape"]) -> Float[Tensor, "*
 
     ``relu2`` is ReLU squared, found by architecture search in Primer (So et al., 2021, arXiv:2109.08668) and
     kept by the modded-nanogpt speedrun; ``transformers`` calls it ``relu2`` too (``ReLUSquaredActivation``).
+    Inside ``torch.compile`` and with gradients on, GELU is ``gelu_saving_derivative`` (the same value): without
+    gradients there is no backward pass to save the derivative for.
     """
     if name in ("gelu", "gelu_tanh") and torch.compiler.is_compiling() and torch.is_grad_enabled():
         return gelu_saving_derivative(x, tanh=name == "gelu_tanh")

@@ -282,12 +282,12 @@ def open_run(
 
 
 def _new_run_dir(parent: Path, name: str, parallel: Parallel) -> Path:
-    """``parent/NAME-TIMESTAMP``, created by rank 0 and handed to every rank. A run started in the same second
-    (a script launching two) has taken that name, so the later one takes ``-2``, ``-3``...: each claims its
-    folder with ``mkdir``, which exactly one process can win, so two runs never share one."""
+    """``parent/NAME-TIMESTAMP``, created by rank 0 and handed to every rank. If a run started in the same second
+    (a script launching two) has taken that name, the later one takes ``-2``, ``-3``...: each claims its folder
+    with ``mkdir``, which exactly one process can win, so two runs never share one."""
     chosen = [""]
     if parallel.main:
-        base = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        base = f"{name}-{_stamp()}"
         parent.mkdir(parents=True, exist_ok=True)
         for attempt in itertools.count(1):
             candidate = parent / (base if attempt == 1 else f"{base}-{attempt}")
@@ -300,6 +300,11 @@ def _new_run_dir(parent: Path, name: str, parallel: Parallel) -> Path:
     if parallel.distributed:
         dist.broadcast_object_list(chosen, src=0)
     return Path(chosen[0])
+
+
+def _stamp() -> str:
+    """The local time to the second, as run folders are named."""
+    return time.strftime("%Y%m%d-%H%M%S")
 
 
 def quiet_logging(parallel: Parallel) -> None:

@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from einops import einsum
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
@@ -11,7 +12,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from tests import strategies
 from zmaj.nn import masks
-from zmaj.nn.attention import Backend, attention, flex, prepare_mask, self_attention
+from zmaj.nn.attention import Backend, attention, eager_attention, flex, prepare_mask, self_attention
 
 BACKENDS: list[Backend] = ["eager", "sdpa", "flex"]
 
@@ -178,3 +179,17 @@ def test_compiled_flex_matches_eager_on_packed_documents(device: torch.device) -
     mod = masks.combine(masks.causal, masks.document(ids))
     compiled = attention(q, k, v, prepare_mask(mod, 2, 256, 256, "flex", device), "flex")
     torch.testing.assert_close(compiled, run(q, k, v, mod, "eager"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1 / 8, 1 / 4])
+def test_a_power_of_two_scale_on_q_gives_the_bits_of_scaling_the_scores(
+    device: torch.device, scale: float
+) -> None:
+    """``eager_attention`` multiplies q by such a scale, not the scores; in bf16 the outputs are the same bits."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 64, generator=generator).to(device, torch.bfloat16) for _ in range(3))
+    mask = torch.ones(16, 16, dtype=torch.bool, device=device).tril()[None]
+    scores = einsum(q[:, :, None], k, "b kv g q d, b kv k d -> b kv g q k") * scale
+    weights = torch.softmax((scores + masks.additive_bias(mask, scores.dtype)[:, None, None]).float(), dim=-1)
+    expected = einsum(weights.to(v.dtype), v, "b kv g q k, b kv k d -> b kv g q d")[:, :, 0]
+    assert torch.equal(eager_attention(q, k, v, mask, scale), expected)

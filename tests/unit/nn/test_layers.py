@@ -138,3 +138,14 @@ def test_gelu_saving_derivative_has_gelus_value_and_gradient(seed: int, scale: f
     torch.testing.assert_close(value, expected_value, atol=1e-6, rtol=1e-6)
     # atol 1e-5: for x around -4, 1 - tanh(u)^2 cancels in float32, and the two formulas lose its digits differently.
     torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tanh", [True, False])
+def test_gelu_saving_derivative_is_finite_for_huge_finite_inputs(tanh: bool) -> None:
+    """Where x^2 or x^3 overflow float32, the value is still GELU's, x or 0 (closed form: Phi is 1 or 0 there;
+    ``F.gelu`` itself overflows to inf at 3e38), and the gradient 1 or 0."""
+    x = torch.tensor([1e20, -1e20, 3e38, -3e38], requires_grad=True)
+    out = gelu_saving_derivative(x, tanh=tanh)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out.detach(), torch.tensor([1e20, 0.0, 3e38, 0.0]))
+    torch.testing.assert_close(grad, torch.tensor([1.0, 0.0, 1.0, 0.0]))

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from tests import strategies
 from zmaj.nn import masks
-from zmaj.nn.softmax import _MaskedSoftmax, masked_softmax
+from zmaj.nn.softmax import _MaskedSoftmax, _softmax_kernels, masked_softmax
 
 
 def textbook(scores: Tensor, mask: Tensor) -> Tensor:
@@ -65,8 +65,8 @@ def test_operators_gradient_is_the_textbook_gradient_and_zero_where_masked(
         return grad
 
     ours = gradient(operator, dtype)
-    tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2**-6}
-    torch.testing.assert_close(ours.float(), gradient(textbook, torch.float32), **tolerance)
+    atol, rtol = (1e-6, 1e-5) if dtype == torch.float32 else (2e-2, 2**-6)
+    torch.testing.assert_close(ours.float(), gradient(textbook, torch.float32), atol=atol, rtol=rtol)
     assert (ours.masked_select(~mask.expand_as(ours)) == 0).all()
 
 
@@ -81,7 +81,7 @@ def test_a_row_with_every_key_masked_is_nan_as_in_the_formula(device: torch.devi
 
 COMPILED_GRAD = """
 import torch
-from zmaj.nn.softmax import _MaskedSoftmax, masked_softmax
+from zmaj.nn.softmax import _MaskedSoftmax, _softmax_kernels, masked_softmax
 
 generator = torch.Generator().manual_seed(0)
 scores = torch.randn(2, 3, 7, 7, generator=generator)
@@ -122,3 +122,13 @@ def test_bfloat16_weights_are_the_float32_weights_rounded(device: torch.device, 
     weights = IMPLEMENTATIONS[name](scores, mask)
     assert weights.dtype == torch.bfloat16
     assert torch.equal(weights, textbook(scores.float(), mask.expand(2, 1, 16, 16)).bfloat16())
+
+
+def test_the_operator_passes_torch_library_opcheck() -> None:
+    """Its fake (shape) function, schema and dispatch agree with what it computes: on contiguous scores, and on
+    transposed ones, for which ATen's softmax returns a contiguous tensor."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 5, 5, generator=generator)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    for case in (scores, scores.transpose(-1, -2)):
+        torch.library.opcheck(_softmax_kernels, (case, mask))

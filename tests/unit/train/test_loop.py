@@ -242,7 +242,7 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(
     """The default folder is named to the second; a second run that second (the README's walkthrough starts
     two within one) takes ``-2`` instead of being refused as a resume of the first."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20261202-120000")
+    monkeypatch.setattr(runs, "_stamp", lambda: "20261202-120000")
     spec = Spec(train=LoopConfig(steps=2, checkpoint_every=1, eval_every=5))
     folders = []
     for _ in range(3):
