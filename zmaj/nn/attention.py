@@ -140,8 +140,8 @@ def _causal(
 ) -> Bool[Tensor, "1 q_seq k_seq"]:
     """The causal mask for queries that are the last ``q_seq`` of ``k_seq`` positions, one row for the whole
     batch. An operator that takes the mask as an input (``masked_softmax``) would otherwise get it expanded to
-    every row, which ``torch.compile`` writes out in full before the call (measured: 1.1 ms per layer at batch
-    8 and 256 positions, as long as the softmax itself)."""
+    every row, which ``torch.compile`` writes out in full before the call, and the operator reads it all: about
+    0.35 ms a layer at batch 8 and 256 positions (a profile of the compiled step each way)."""
     q_len, k_len = q.shape[2], k.shape[2]
     return masks.dense(masks.offset_queries(masks.causal, k_len - q_len), 1, q_len, k_len, q.device)
 
