@@ -53,7 +53,7 @@ def check_backend(spec: PretrainSpec, parallel: Parallel) -> None:
     """Fail before any work when the spec cannot train here."""
     if spec.model.attention == "flex":  # (tests/unit/train/test_step.py tries it on every device)
         raise SpecError(
-            "model.attention: flex-attention cannot be differentiated by torch.func.grad, which the training step "
+            "model.attention: flex-attention cannot be differentiated under torch.func, which the training step "
             "uses (pytorch/pytorch#144810); train with sdpa (or eager), and use flex for inference"
         )
     parallel.check_divides(spec.train.batch_size, "train.batch_size")

@@ -56,8 +56,8 @@ def chunked_cross_entropy(
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """The loss and, already, its gradients; backward only scales those by the incoming (scalar) gradient.
 
-    Forward and ``setup_context`` are separate, which is what lets ``torch.func.grad`` and ``torch.compile``
-    (which traces it inside the compiled ``grad_and_value``) take the function.
+    Forward and ``setup_context`` are separate, which is what lets ``torch.func``'s transforms and
+    ``torch.compile`` (which traces it inside the compiled ``grad_and_value``) take the function.
     """
 
     @staticmethod

@@ -59,8 +59,8 @@ def _(scores: Tensor, mask: Tensor) -> Tensor:
 
 class _MaskedSoftmax(torch.autograd.Function):
     """The operator with its derivative. An ``autograd.Function`` rather than the operator's own
-    ``register_autograd``, whose derivative ``torch.func.grad`` refuses ("must override the setup_context
-    staticmethod"): the training step differentiates with ``torch.func.grad``."""
+    ``register_autograd``, whose derivative ``torch.func``'s transforms refuse ("must override the
+    setup_context staticmethod"): the training step differentiates with ``torch.func``."""
 
     @staticmethod
     def forward(scores: Tensor, mask: Tensor) -> Tensor:

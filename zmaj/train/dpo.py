@@ -25,7 +25,7 @@ from zmaj.models.common import Batch
 from zmaj.train.logprobs import completion_batch, sequence_logprobs
 from zmaj.train.muon import OptimizerConfig
 from zmaj.train.parallel import SINGLE, Parallel
-from zmaj.train.step import Forward, Metrics, apply_grads
+from zmaj.train.step import Forward, Metrics, apply_grads, grad_and_value
 
 
 def preference_batch(
@@ -129,7 +129,7 @@ def dpo_step(
     params = state["params"]
     step = int(state["opt", "step"])
     ref = reference_logprobs(reference, batch, reference_forward or forward)
-    grad_fn = torch.func.grad_and_value(_policy_loss, has_aux=True)
+    grad_fn = grad_and_value(_policy_loss, has_aux=True)
     seed = (seed * 1_000_003 + step * parallel.size + parallel.rank) % 2**63
     grads, (_, metrics) = grad_fn(params, batch, forward, ref, beta, seed, 1 / parallel.size)
     grads = parallel.reduce_grads(grads)

@@ -42,7 +42,7 @@ from zmaj.models.common import Batch
 from zmaj.train.logprobs import completion_batch, masked_token_logprobs
 from zmaj.train.muon import OptimizerConfig
 from zmaj.train.parallel import SINGLE, Parallel
-from zmaj.train.step import Forward, Metrics, apply_grads, sum_grads
+from zmaj.train.step import Forward, Metrics, apply_grads, grad_and_value, sum_grads
 
 Reward = Callable[[int, list[int]], float]
 """``reward(prompt_index, completion_tokens) -> float``: the task's score of one completion."""
@@ -335,7 +335,7 @@ def grpo_step(
     """
     assert rollout.batch.loss_mask is not None
     n_tokens = parallel.all_sum(rollout.batch.loss_mask.sum()).clamp(min=1)
-    grad_fn = torch.func.grad_and_value(rollout_loss, has_aux=True)
+    grad_fn = grad_and_value(rollout_loss, has_aux=True)
     grads, metrics = sum_grads(
         (g, micro)
         for g, (_, micro) in (

@@ -18,8 +18,8 @@ runs the same loop over a disjoint slice of each global batch (``Parallel.rows``
 
 This is the SimpleFSDP pattern (Zhang et al., 2024, arXiv:2411.00284): the gather is an operation in the forward,
 and the reduce-scatter is its derivative. Two departures, both forced by ``torch.func``, which the training steps
-use for gradients: the shards are plain tensors, not DTensors (``torch.func.grad`` hides a DTensor's subclass from
-the function it differentiates, so ``redistribute`` is not there to call), and the gather is a small
+use for gradients: the shards are plain tensors, not DTensors (``torch.func``'s wrappers hide a DTensor's subclass
+from the function it differentiates, so ``redistribute`` is not there to call), and the gather is a small
 ``torch.autograd.Function`` over the functional collectives rather than ``DTensor.redistribute``. FSDP2's
 ``fully_shard`` is the other road, and a closed one here: it works per ``nn.Module`` (the stacked blocks are one
 tensor per kind, so it would gather every layer at once) and on module hooks, which ``torch.func`` never runs.

@@ -1,8 +1,8 @@
 """Stateless training and evaluation steps: ``train_step(state, batches) -> (state, metrics)``.
 
 The whole training state is one TensorDict (parameters, optimizer moments, step counter), so a step is a pure
-function of it and the batch: no hidden optimizer object, no module state. Gradients come from
-``torch.func.grad_and_value`` over the parameter TensorDict. Gradient accumulation divides every micro-batch's
+function of it and the batch: no hidden optimizer object, no module state. Gradients come from ``torch.func``
+over the parameter TensorDict (:func:`grad_and_value`: the loss's vector-Jacobian product). Gradient accumulation divides every micro-batch's
 summed loss by the number of target tokens in *all* of them, so k micro-batches give exactly the gradient of
 one k-times larger batch.
 """
@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial, wraps
-from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,42 @@ def summed_loss(
     return token_losses(out, batch).sum() / normalizer
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def grad_and_value(
+    fn: Callable[Concatenate[TensorDictBase, P], R], has_aux: bool = False
+) -> Callable[Concatenate[TensorDictBase, P], tuple[TensorDictBase, R]]:
+    """``torch.func.grad_and_value(fn, has_aux=has_aux)`` for a training step: the gradient of the loss with
+    respect to the parameters (``fn``'s first argument), and ``fn``'s value, the loss or ``(loss, aux)``.
+
+    Computed as ``torch.func.vjp`` of the loss with the cotangent 1 and ``create_graph=False``. ``grad_and_value``
+    always runs the backward pass with ``create_graph=True`` (``torch/_functorch/eager_transforms.py``), so that an
+    outer transform could differentiate the gradients again; autograd then records a graph of the backward pass
+    too, and sums the gradients that meet at a tensor out of place. A step's gradients are never differentiated
+    again, so that graph is pure cost: 5-12% of the eager step (README, "The training step"). The gradients are
+    the same bits (tested), and under ``torch.compile`` both trace to the same graph.
+    """
+
+    # The annotations are strings: ``torch.compile`` traces this ``def`` inside a compiled step, and an evaluated
+    # ``P.args`` is a new object each time, on whose identity dynamo's guard then fails.
+    @wraps(fn)
+    def run(params: TensorDictBase, /, *args: "P.args", **kwargs: "P.kwargs") -> "tuple[TensorDictBase, R]":
+        def of_params(p: TensorDictBase) -> Any:
+            return fn(p, *args, **kwargs)
+
+        # vjp returns (loss, vjp_fn), or (loss, vjp_fn, aux) with has_aux.
+        loss, vjp_fn, *aux = torch.func.vjp(of_params, params, has_aux=has_aux)
+        value = (loss, *aux) if has_aux else loss
+        if loss.dim() != 0:
+            raise ValueError(f"the differentiated loss must be a scalar, got shape {tuple(loss.shape)}")
+        (grads,) = vjp_fn(torch.ones_like(loss), retain_graph=False, create_graph=False)
+        return grads, value  # type: ignore[return-value]  # R is fn's return: the loss or (loss, aux)
+
+    return run
+
+
 def accumulate_grads(
     params: TensorDictBase,
     batches: Sequence[Batch],
@@ -114,7 +150,7 @@ def accumulate_grads(
     pass the target count of every rank's micro-batches, so that the ranks' gradients add up to the mean's."""
     if normalizer is None:
         normalizer = count_targets(batches).clamp(min=1)
-    grad_fn = torch.func.grad_and_value(summed_loss)
+    grad_fn = grad_and_value(summed_loss)
     grads, sums = sum_grads(
         (g, {"loss": loss.detach()})
         for g, loss in (
@@ -162,10 +198,6 @@ UpdateFn = Callable[
     tuple[TensorDict, Float[Tensor, ""]],
 ]
 """The signature of :func:`apply_grads`, or of a compiled version of it."""
-
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 def step_functions(compile: bool) -> tuple[GradFn, UpdateFn]:

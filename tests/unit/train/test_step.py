@@ -67,8 +67,48 @@ def test_the_step_does_not_touch_its_input_state(device: torch.device) -> None:
     assert not torch.equal(new_state["params", "embed", "weight"], state["params", "embed", "weight"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lazy", [False, True], ids=["logits", "chunked loss"])
+def test_grad_and_value_is_torch_funcs_bit_for_bit(
+    device: torch.device, dtype: torch.dtype, lazy: bool
+) -> None:
+    """The step's first-order ``grad_and_value`` (a vjp without a graph of the backward) against
+    ``torch.func.grad_and_value``: the same loss and the same gradient bits, with and without an aux output,
+    through the chunked loss's custom function and under bf16 autocast."""
+    params = gpt.init(CONFIG, seed=0, device=device)
+    batch = make_batch(0, device)
+    forward = step.bind_lazy(gpt.lazy_forward, config=CONFIG) if lazy else FORWARD
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    args = (batch, forward, step.n_targets(batch), None, autocast)
+
+    def with_aux(p: TensorDictBase, *a: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = step.summed_loss(p, *a)
+        return loss, {"twice": 2 * loss.detach()}
+
+    expected, expected_loss = torch.func.grad_and_value(step.summed_loss)(params, *args)
+    grads, loss = step.grad_and_value(step.summed_loss)(params, *args)
+    aux_grads, (aux_loss, aux) = step.grad_and_value(with_aux, has_aux=True)(params, *args)
+    assert torch.equal(loss, expected_loss)
+    assert torch.equal(aux_loss, expected_loss)
+    assert torch.equal(aux["twice"], 2 * expected_loss)
+    assert not loss.requires_grad
+    assert not any(g.requires_grad for g in grads.values(True, True))
+    for key in expected.keys(True, True):
+        assert torch.equal(grads.get(key), expected.get(key)), key
+        assert torch.equal(aux_grads.get(key), expected.get(key)), key
+
+
+def test_grad_and_value_refuses_a_loss_that_is_not_a_scalar(device: torch.device) -> None:
+    params = gpt.init(CONFIG, seed=0, device=device)
+    batch = make_batch(0, device)
+    with pytest.raises(ValueError, match=r"scalar, got shape \(4, 16\)"):
+        step.grad_and_value(lambda p, b: step.token_losses(FORWARD(p, b, dropout_seed=None), b))(
+            params, batch
+        )
+
+
 FLEX_UNDER_FUNC_GRAD = (
-    "train_step differentiates with torch.func.grad_and_value, which flex_attention does not support "
+    "train_step differentiates with torch.func (vjp), under which flex_attention does not work "
     "(pytorch/pytorch#144810, open): with torch 2.15 on the CPU, flex's CPU backward check bypassed, it raises "
     "'attempted to apply meta conversion to view functorch tensor'; not yet seen on a GPU"
 )
