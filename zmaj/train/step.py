@@ -2,9 +2,9 @@
 
 The whole training state is one TensorDict (parameters, optimizer moments, step counter), so a step is a pure
 function of it and the batch: no hidden optimizer object, no module state. Gradients come from ``torch.func``
-over the parameter TensorDict (:func:`grad_and_value`: the loss's vector-Jacobian product). Gradient accumulation divides every micro-batch's
-summed loss by the number of target tokens in *all* of them, so k micro-batches give exactly the gradient of
-one k-times larger batch.
+over the parameter TensorDict (:func:`grad_and_value`: the loss's vector-Jacobian product). Gradient
+accumulation divides every micro-batch's summed loss by the number of target tokens in *all* of them, so k
+micro-batches give exactly the gradient of one k-times larger batch.
 """
 
 import math
