@@ -7,6 +7,7 @@ launches where they can.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,6 +136,21 @@ def test_a_world_size_that_cannot_split_the_batch_is_refused_by_rank_0_before_an
     assert len(errors) == 1, done.stderr[-3000:]
     assert "train.batch_size is 4, which 3 ranks cannot split evenly" in errors[0]
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_folder_rank_0_cannot_create_stops_every_rank_with_one_line(spec: Path, tmp_path: Path) -> None:
+    """Rank 0 alone claims the run folder; when it cannot, the other ranks learn it from rank 0 and exit too,
+    instead of waiting for a folder name that never comes or failing later with their own tracebacks."""
+    (tmp_path / "a-file").touch()
+    done = torchrun(
+        "programs/pretrain.py", spec, "--run-dir", tmp_path / "a-file" / "run", "--cache-dir", spec.parent
+    )
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert "cannot create the run folder" in errors[0]
+    assert "a-file/run: Not a directory" in errors[0]
+    assert not re.search(r"\[rank\d\]: Traceback", done.stderr), done.stderr[-3000:]  # torchrun's own is fine
 
 
 def test_a_rank_that_fails_stops_the_whole_job_within_seconds(tmp_path: Path) -> None:

@@ -125,6 +125,20 @@ class Parallel:
         fails on rank 0, the others raise too, with rank 0's message, instead of waiting for it."""
         if not self.distributed:
             return make()
+        made = self._on_rank_0(make)
+        return made[0] if made else make()
+
+    def from_rank_0(self, make: Callable[[], T]) -> T:
+        """``make()`` on rank 0 alone, its result on every rank: for what exactly one process may do (claim a
+        run folder). When it fails on rank 0, the others raise too, with rank 0's message."""
+        if not self.distributed:
+            return make()
+        made = self._on_rank_0(make)
+        return self.broadcast(made[0] if made else None)
+
+    def _on_rank_0(self, make: Callable[[], T]) -> tuple[T] | tuple[()]:
+        """``(make(),)`` on rank 0, which then tells the others whether it worked; they return ``()``, or raise
+        rank 0's error as a ``ValueError`` (rank 0 reports it), rather than wait on a rank that has gone."""
         if self.main:
             try:
                 made = make()
@@ -132,11 +146,11 @@ class Parallel:
                 self.broadcast(f"rank 0 failed: {error}")
                 raise
             self.broadcast("")
-            return made
+            return (made,)
         failure: str = self.broadcast(None)
         if failure:
             raise ValueError(failure)
-        return make()
+        return ()
 
     def broadcast(self, value: T | None) -> T:
         """Rank 0's ``value`` on every rank (the others pass None): for what one rank makes and all use."""

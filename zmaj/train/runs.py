@@ -27,7 +27,6 @@ from typing import IO, Any, Generic, TypeVar
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 from loguru import logger
 from pydantic import BaseModel
@@ -266,10 +265,12 @@ def open_run(
     rank gets the same path."""
     resumed = args.resume is not None
     name: str = getattr(spec, "name")  # noqa: B009
-    run_dir = Path(args.resume) if resumed else args.run_dir or _new_run_dir(Path("runs"), name, parallel)
-    held = None
-    if parallel.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    held: IO[str] | None = None
+
+    def claim() -> Path:
+        nonlocal held
+        run_dir = Path(args.resume) if resumed else args.run_dir or _new_run_dir(Path("runs"), name)
+        _make_dir(run_dir)
         held = lock(run_dir)  # before anything is written, so that two writers never interleave
         if not resumed and (run_dir / checkpoint.CHECKPOINTS).exists():
             held.close()
@@ -278,28 +279,35 @@ def open_run(
             checkpoint.atomic_write_text(run_dir / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json")))
             if write is not None:
                 write(run_dir)
+        return run_dir
+
+    run_dir = parallel.from_rank_0(claim)
     return Run(run_dir, spec, parallel, resumed, args.stop_after, _lock=held)
 
 
-def _new_run_dir(parent: Path, name: str, parallel: Parallel) -> Path:
-    """``parent/NAME-TIMESTAMP``, created by rank 0 and handed to every rank. If a run started in the same second
-    (a script launching two) has taken that name, the later one takes ``-2``, ``-3``...: each claims its folder
-    with ``mkdir``, which exactly one process can win, so two runs never share one."""
-    chosen = [""]
-    if parallel.main:
-        base = f"{name}-{_stamp()}"
-        parent.mkdir(parents=True, exist_ok=True)
-        for attempt in itertools.count(1):
-            candidate = parent / (base if attempt == 1 else f"{base}-{attempt}")
-            try:
-                candidate.mkdir()
-            except FileExistsError:
-                continue
-            chosen = [str(candidate)]
-            break
-    if parallel.distributed:
-        dist.broadcast_object_list(chosen, src=0)
-    return Path(chosen[0])
+def _new_run_dir(parent: Path, name: str) -> Path:
+    """``parent/NAME-TIMESTAMP``, newly created. If a run started in the same second (a script launching two)
+    has taken that name, the later one takes ``-2``, ``-3``...: each claims its folder with ``mkdir``, which
+    exactly one process can win, so two runs never share one."""
+    _make_dir(parent)
+    base = f"{name}-{_stamp()}"
+    for attempt in itertools.count(1):
+        candidate = parent / (base if attempt == 1 else f"{base}-{attempt}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        break
+    return candidate
+
+
+def _make_dir(path: Path) -> None:
+    """``path.mkdir(parents=True, exist_ok=True)``, failing as bad input that names the folder (a ``--run-dir``
+    under a file, a folder without write permission) rather than with a traceback."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the run folder {path}: {error.strerror or error}") from error
 
 
 def _stamp() -> str:

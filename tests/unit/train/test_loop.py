@@ -255,3 +255,19 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(
         for name in ("loop-20261202-120000", "loop-20261202-120000-2", "loop-20261202-120000-3")
     ]
     assert all(steps_on_disk(folder) for folder in folders)
+
+
+def test_a_run_folder_that_cannot_be_created_is_bad_input_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``--run-dir`` under a file, or a default ``runs/`` that cannot be made: one message with the path
+    (a program reports it in one line and exits 2), not an ``OSError`` traceback."""
+    (tmp_path / "a-file").touch()
+    with pytest.raises(runs.UserError, match=r"cannot create the run folder .*a-file/run: Not a directory"):
+        open_run(tmp_path / "a-file" / "run")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").touch()
+    spec = Spec(train=LoopConfig(steps=2, checkpoint_every=1, eval_every=5))
+    args = argparse.Namespace(resume=None, run_dir=None, stop_after=None)
+    with pytest.raises(runs.UserError, match="cannot create the run folder runs: File exists"):
+        runs.open_run(spec, args, Parallel())
