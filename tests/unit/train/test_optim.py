@@ -47,6 +47,21 @@ def test_adamw_matches_torch_over_20_steps(device: torch.device) -> None:
         assert (params.get(k) - p.detach()).abs().max().item() <= 1e-6, k
 
 
+def test_adamw_at_learning_rate_zero_leaves_the_parameters_as_they_are(device: torch.device) -> None:
+    """The step size sits in the update's denominator (``adamw_update``), so lr = 0 divides by zero there: the
+    step must come out zero, even where a gradient and its moments are zero, not NaN."""
+    params = gpt.init(CONFIG, seed=0, device=device)
+    config = optim.AdamWConfig(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=None)
+    grads = params.apply(torch.randn_like)
+    grads["embed", "weight"][:5] = 0.0  # rows whose moments stay zero
+    new, state = optim.adamw_update(
+        params, grads, optim.adamw_init(params), config, 0.0, optim.decay_mask(params)
+    )
+    for key in optim.leaf_keys(params):
+        assert torch.equal(new.get(key), params.get(key)), key
+    assert int(state["step"]) == 1
+
+
 def test_decay_mask_counts_rank_without_the_layer_axis(device: torch.device) -> None:
     decay = optim.decay_mask(gpt.init(CONFIG, seed=0, device=device))
     assert (decay["embed", "weight"] == 1.0).all()
