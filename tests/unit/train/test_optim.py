@@ -53,6 +53,7 @@ def test_adamw_at_learning_rate_zero_leaves_the_parameters_as_they_are(device: t
     params = gpt.init(CONFIG, seed=0, device=device)
     config = optim.AdamWConfig(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=None)
     grads = params.apply(torch.randn_like)
+    assert grads is not None
     grads["embed", "weight"][:5] = 0.0  # rows whose moments stay zero
     new, state = optim.adamw_update(
         params, grads, optim.adamw_init(params), config, 0.0, optim.decay_mask(params)
