@@ -1,0 +1,84 @@
+"""The speedrun benchmark's bookkeeping (``benchmarks/speedrun.py``): which overrides each row trains with, and
+how its table reads the curves. The runs themselves are hand-run measurements (README); what turns them into
+the README's table is logic, tested here against hand-worked values."""
+
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def speedrun() -> Iterator[ModuleType]:
+    sys.path.insert(0, str(BENCHMARKS))  # the benchmarks import their shared ``common`` as a top-level module
+    try:
+        yield importlib.import_module("speedrun")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_every_row_is_a_spec_the_program_accepts_and_kept_rows_accumulate(speedrun: ModuleType) -> None:
+    planned = speedrun.plan(speedrun.ROWS)
+    assert [p.refused for p in planned] == [None] * len(speedrun.ROWS)
+    chain: list[str] = []
+    for p in planned:
+        assert p.overrides == chain + list(p.row.overrides)  # a row trains with every kept row before it
+        if p.row.kept:
+            chain = p.overrides
+    dropped = [o for p in planned if not p.row.kept for o in p.row.overrides]
+    assert dropped  # ReLU² and the untied unembedding were tried and left out
+    assert not set(dropped) & set(planned[-1].overrides)
+
+
+def test_a_row_the_spec_refuses_is_skipped_and_the_rows_after_it_go_on_without_it(
+    speedrun: ModuleType,
+) -> None:
+    row = speedrun.Row
+    rows = [
+        row("base", "-"),
+        row("qk", "-", ("model.qk_norm=true",)),
+        row("bad", "-", ("model.no_such_field=1",)),
+        row("rope", "-", ("model.positions=rope",)),
+    ]
+    planned = speedrun.plan(rows)
+    assert planned[2].refused is not None
+    assert "no_such_field" in planned[2].refused
+    assert planned[2].overrides == ["model.qk_norm=true"]
+    assert planned[3].overrides == ["model.qk_norm=true", "model.positions=rope"]
+
+
+def test_one_row_is_the_default_run(speedrun: ModuleType) -> None:
+    """README's speedrun table says which row ``stdlib-tiny.yaml`` is; a change to either must keep them one."""
+    said = speedrun.against_default(speedrun.plan(speedrun.ROWS))
+    assert said.startswith("- row ")
+    assert "is `specs/pretrain/stdlib-tiny.yaml`, the default run" in said
+
+
+def test_the_curve_is_read_linearly_between_evaluations(speedrun: ModuleType) -> None:
+    curve = [(0.0, 4.0), (10.0, 3.0), (30.0, 2.0), (40.0, 1.5)]
+    assert speedrun.bpb_at(curve, 5.0) == pytest.approx(3.5)
+    assert speedrun.bpb_at(curve, 20.0) == pytest.approx(2.5)
+    assert speedrun.bpb_at(curve, 99.0) == 1.5  # past the end: the final value
+    assert speedrun.time_to(curve, 2.5) == pytest.approx(20.0)
+    assert speedrun.time_to(curve, 3.0) == pytest.approx(10.0)
+    assert speedrun.time_to(curve, 4.5) == 0.0  # already there at the start
+    assert speedrun.time_to(curve, 1.0) is None  # never reached
+
+
+def test_a_runs_curve_counts_only_the_steps_own_seconds(speedrun: ModuleType, tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [
+        '{"step": 0, "val_bpb": 4.0}',
+        '{"step": 1, "loss": 3.0, "seconds": 2.5}',
+        '{"step": 2, "loss": 2.9, "seconds": 1.5}',
+        '{"step": 2, "val_bpb": 3.2}',
+    ]
+    metrics.write_text("\n".join(lines) + "\n")
+    result = speedrun.read_result(metrics, wall_s=60.0, tokens_per_step=2048)
+    assert result.curve == [(0.0, 4.0), (4.0, 3.2)]
+    assert (result.train_s, result.steps, result.final_bpb) == (4.0, 2, 3.2)
