@@ -14,7 +14,7 @@ from tensordict import TensorDict
 from tests.unit.models.test_gemma3 import TINY as TINY_GEMMA3
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.common import Batch
-from zmaj.train import grpo, optim, precision
+from zmaj.train import grpo, muon, optim, precision
 from zmaj.train.dpo import dpo_step, preference_batch
 from zmaj.train.logprobs import completion_batch, masked_token_logprobs
 from zmaj.train.parallel import Parallel
@@ -35,6 +35,11 @@ STEPS = 3
 ROWS, GRAD_ACCUM, SEQ = 4, 2, 12
 OPTIMIZER = optim.AdamWConfig(lr=3e-3, weight_decay=0.1, grad_clip=1.0)
 LR = 3e-3
+MUON = muon.MuonConfig(
+    kind="muon", lr=LR, ns_dtype="float32", weight_decay=0.1, adamw=optim.AdamWGroup(lr=LR, weight_decay=0.1)
+)
+"""Muon on the blocks' matrices; Newton-Schulz in float32, so that one process and two ranks, whose gradients
+differ in float32 rounding, stay as close as AdamW's runs do."""
 
 
 def global_batches(vocab: int) -> list[list[Batch]]:
@@ -66,10 +71,11 @@ def run_lm(
     parallel: Parallel,
     batches: list[list[Batch]],
     dtype: torch.dtype = torch.float32,
+    optimizer: optim.AdamWConfig | muon.MuonConfig = OPTIMIZER,
 ) -> TensorDict:
     """``STEPS`` language-model steps from ``init(config, 0)`` in ``parallel``'s layout, the matmuls in
     ``dtype`` (autocast); the state it ends with."""
-    state = parallel.shard(init_state(module.init(config, 0)))
+    state = parallel.shard(init_state(module.init(config, 0), optimizer))
     forward = parallel.forward(bind(module.forward, config=config), dtype)
     decay = optim.decay_mask(state["params"])
     for micro in batches:
@@ -78,7 +84,7 @@ def run_lm(
             state,
             mine,
             forward=forward,
-            optimizer=OPTIMIZER,
+            optimizer=optimizer,
             lr=LR,
             decay=decay,
             seed=0,

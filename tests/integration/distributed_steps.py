@@ -18,6 +18,7 @@ from tensordict import TensorDict
 
 from tests.integration.distributed_cases import (
     MODELS,
+    MUON,
     dpo_batches,
     global_batches,
     grpo_rollout,
@@ -47,6 +48,10 @@ def main(out: Path) -> None:
                 reshard(parallel, state, out / "run", module.init(config, 0))
                 bf16 = run_lm(module, config, parallel, global_batches(config.vocab_size), torch.bfloat16)
                 save(parallel, bf16, out / "gpt-fsdp-bf16")
+                with_muon = run_lm(
+                    module, config, parallel, global_batches(config.vocab_size), optimizer=MUON
+                )
+                save(parallel, with_muon, out / "gpt-fsdp-muon")
     (out / f"held-rank{dp.rank}.json").write_text(json.dumps(whole_bytes_held(replace(dp, kind="fsdp"))))
     save(dp, run_dpo(dp, dpo_batches()), out / "dpo-dp")
     grpo_state, grpo_metrics = run_grpo(dp, grpo_rollout())

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from tests.integration.distributed_cases import (
     MODELS,
+    MUON,
     dpo_batches,
     global_batches,
     grpo_rollout,
@@ -48,10 +49,13 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def assert_close_state(
-    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tolerance: float = 1e-6
+    got: dict[str, torch.Tensor],
+    want: dict[str, torch.Tensor],
+    tolerance: float = 1e-6,
+    kinds: tuple[str, ...] = ("params.", "opt.m.", "opt.v."),
 ) -> None:
     assert got.keys() == want.keys()
-    for kind in ("params.", "opt.m.", "opt.v."):
+    for kind in kinds:
         names = [name for name in want if name.startswith(kind)]
         error = torch.stack([(got[n] - want[n]).double().norm() for n in names]).norm()
         scale = torch.stack([want[n].double().norm() for n in names]).norm()
@@ -122,6 +126,22 @@ def test_a_sharded_step_under_bf16_autocast_is_the_one_process_step_up_to_bf16_r
         distance(sharded, alone),
         distance(alone, fp32),
     )
+
+
+def test_muon_fully_sharded_is_the_one_process_step(out: Path) -> None:
+    """Each rank holds half the rows of every matrix and its momentum; Muon orthogonalises whole matrices, so the
+    sharded update must gather them: orthogonalising each rank's half alone gives another update entirely."""
+    module, config = MODELS["gpt"]
+    alone = checkpoint.flatten(
+        run_lm(module, config, Parallel(), global_batches(config.vocab_size), optimizer=MUON)
+    )
+    assert any(key.startswith("opt.momentum.") for key in alone)
+    sharded = load_file(out / "gpt-fsdp-muon.safetensors")
+    assert_close_state(sharded, alone, kinds=("params.", "opt.m.", "opt.v.", "opt.momentum."))
+    shards = [load_file(out / f"gpt-fsdp-muon-rank{r}.safetensors") for r in range(2)]
+    for key, tensor in sharded.items():
+        if tensor.ndim:
+            assert sum(s[key].numel() for s in shards) == tensor.numel(), key
 
 
 def test_a_sharded_rank_holds_one_block_whole_at_a_time(out: Path) -> None:

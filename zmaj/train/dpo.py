@@ -134,5 +134,5 @@ def dpo_step(
     grads, (_, metrics) = grad_fn(params, batch, forward, ref, beta, seed, 1 / parallel.size)
     grads = parallel.reduce_grads(grads)
     norm = parallel.global_norm(grads) if parallel.sharded else None
-    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay, norm)
+    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay, norm, parallel=parallel)
     return new_state, {**parallel.all_mean(metrics), "grad_norm": grad_norm, "lr": torch.tensor(lr)}

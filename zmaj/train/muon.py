@@ -37,6 +37,7 @@ from torch import Tensor
 
 from zmaj.train import precision
 from zmaj.train.optim import AdamWConfig, AdamWGroup, adamw_init, adamw_update, leaf_keys, writable
+from zmaj.train.parallel import SINGLE, Parallel
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 """Keller Jordan's quintic: chosen for the steepest slope at zero, so that small singular values grow fast,
@@ -222,6 +223,7 @@ def muon_update(
     lr: float | Tensor,
     decay: TensorDictBase,
     donate: bool = False,
+    parallel: Parallel = SINGLE,
 ) -> tuple[TensorDictBase, TensorDict]:
     """One step: Muon on the parameters ``state["momentum"]`` holds, AdamW on the rest (at ``lr`` scaled by
     ``adamw.lr / lr`` of the config, so that the schedule moves both together). Returns new parameters and
@@ -231,8 +233,13 @@ def muon_update(
     ``1 - momentum``; the update is ``B``, or with Nesterov ``g`` moved towards the new ``B`` by ``momentum``
     (a look-ahead); it is orthogonalised, and the parameter decays by ``lr * weight_decay`` (unscaled lr) and
     then moves by ``-lr * lr_scale * update``.
+
+    Fully sharded (``parallel``), each rank holds some rows of every matrix, its parameter, gradient and momentum
+    alike, but orthogonalising needs the whole matrix: each update is all-gathered, orthogonalised whole on every
+    rank (the same work as data parallel, where every rank orthogonalises every matrix), and each rank keeps its
+    own rows of the result. One all-gather of the Muon matrices per step, as much as the forward pass gathers.
     """
-    muon = list(state["momentum"].keys(True, True))
+    muon = leaf_keys(state["momentum"])
     adamw_params, adamw_state = adamw_update(
         params.exclude(*muon),
         grads.exclude(*muon),
@@ -249,12 +256,10 @@ def muon_update(
     for key in muon:
         p, b, g = muon_params.get(key), momentum.get(key), muon_grads.get(key)
         b.lerp_(g, 1 - mu)
-        direction = orthogonalize(
-            g.lerp(b, mu) if config.nesterov else b,
-            config.ns_steps,
-            newton_schulz_dtype(config.ns_dtype, p.device),
-        )
-        p.mul_(1 - lr * config.weight_decay).sub_(lr * lr_scale(p.shape, config.adjust_lr) * direction)
+        update = parallel.whole(muon_params, key, g.lerp(b, mu) if config.nesterov else b)
+        direction = orthogonalize(update, config.ns_steps, newton_schulz_dtype(config.ns_dtype, p.device))
+        step = lr * lr_scale(update.shape, config.adjust_lr) * parallel.piece(muon_params, key, direction)
+        p.mul_(1 - lr * config.weight_decay).sub_(step)
     new_params = params.copy().update(adamw_params).update(muon_params)  # in params' key order
     opt = {"m": adamw_state["m"], "v": adamw_state["v"], "momentum": momentum, "step": adamw_state["step"]}
     return new_params, TensorDict(opt)

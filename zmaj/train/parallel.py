@@ -216,21 +216,20 @@ class Parallel:
         if not self.sharded:
             assert isinstance(td, TensorDict)
             return td
+        return _map_leaves(td, lambda key, tensor: self.piece(td, key, tensor).clone())
 
-        def piece(key: tuple[str, ...], tensor: Tensor) -> Tensor:
-            dim = shard_dim(td, key)
-            if dim is None:
-                return tensor
-            return tensor.chunk(self.size, dim)[self.rank].clone()
-
-        return _map_leaves(td, piece)
+    def piece(self, td: TensorDictBase, key: tuple[str, ...], whole: Tensor) -> Tensor:
+        """This rank's piece (a view) of ``whole``, a tensor shaped like ``td``'s leaf ``key`` whole; ``whole``
+        itself unless sharded."""
+        dim = shard_dim(td, key) if self.sharded else None
+        return whole if dim is None else whole.chunk(self.size, dim)[self.rank]
 
     def unshard(self, td: TensorDictBase) -> TensorDict:
         """Every leaf whole on every rank: all-gathered where sharded (for evaluation)."""
         if not self.sharded:
             assert isinstance(td, TensorDict)
             return td
-        return _map_leaves(td, lambda key, tensor: self._whole(td, key, tensor))
+        return _map_leaves(td, lambda key, tensor: self.whole(td, key, tensor))
 
     def gather_to_main(self, td: TensorDictBase) -> TensorDict | None:
         """Every leaf whole, on rank 0's CPU (None on the other ranks): what a checkpoint saves. Sharded, the
@@ -240,14 +239,16 @@ class Parallel:
             return td if self.main else None
         out = td.empty(recurse=True).clear_device_() if self.main else None
         for key in td.keys(True, True):
-            whole = self._whole(td, key, td.get(key))
+            whole = self.whole(td, key, td.get(key))
             if out is not None:
                 out.set(key, whole.cpu())
         assert out is None or isinstance(out, TensorDict)
         return out
 
-    def _whole(self, td: TensorDictBase, key: tuple[str, ...], tensor: Tensor) -> Tensor:
-        dim = shard_dim(td, key)
+    def whole(self, td: TensorDictBase, key: tuple[str, ...], tensor: Tensor) -> Tensor:
+        """``tensor``, this rank's piece of ``td``'s leaf ``key`` (or a tensor shaped like it), all-gathered
+        whole where sharded; ``tensor`` itself otherwise."""
+        dim = shard_dim(td, key) if self.sharded else None
         if dim is None:
             return tensor
         pieces = [torch.empty_like(tensor) for _ in range(self.size)]

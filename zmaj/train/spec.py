@@ -65,15 +65,6 @@ class LoopConfig(BaseModel):
             raise ValueError(f"train.trackers: each tracker once, got {self.trackers}")
         return self
 
-    @model_validator(mode="after")
-    def _muon_sees_whole_matrices(self) -> "LoopConfig":
-        if self.optimizer.kind == "muon" and self.parallel.kind == "fsdp":
-            raise ValueError(
-                "train.optimizer.kind=muon: not with train.parallel.kind=fsdp (each rank holds some rows of every "
-                "matrix, and Muon orthogonalises whole ones); use data parallel, or AdamW"
-            )
-        return self
-
 
 class TrainConfig(LoopConfig):
     batch_size: int = Field(

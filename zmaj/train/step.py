@@ -193,11 +193,23 @@ GradFn = Callable[
     tuple[TensorDictBase, Tensor, Tensor],
 ]
 """The signature of :func:`accumulate_grads`, or of a compiled version of it."""
-UpdateFn = Callable[
-    [TensorDictBase, TensorDictBase, OptimizerConfig, float, TensorDictBase, Tensor | None],
-    tuple[TensorDict, Float[Tensor, ""]],
-]
-"""The signature of :func:`apply_grads`, or of a compiled version of it."""
+
+
+@runtime_checkable
+class UpdateFn(Protocol):
+    """The signature of :func:`apply_grads` (its ``donate`` bound), or of a compiled version of it."""
+
+    def __call__(
+        self,
+        state: TensorDictBase,
+        grads: TensorDictBase,
+        optimizer: OptimizerConfig,
+        lr: float,
+        decay: TensorDictBase,
+        grad_norm: Tensor | None = None,
+        *,
+        parallel: Parallel = SINGLE,
+    ) -> tuple[TensorDict, Float[Tensor, ""]]: ...
 
 
 def step_functions(compile: bool) -> tuple[GradFn, UpdateFn]:
@@ -294,7 +306,8 @@ def train_step(
     )
     grads = parallel.reduce_grads(grads)
     norm = parallel.global_norm(grads) if parallel.sharded else None
-    new_state, grad_norm = (update_fn or apply_grads)(state, grads, optimizer, lr, decay, norm)
+    update = update_fn or apply_grads
+    new_state, grad_norm = update(state, grads, optimizer, lr, decay, norm, parallel=parallel)
     metrics = {
         "loss": parallel.all_sum(loss),
         "grad_norm": grad_norm,
@@ -312,12 +325,15 @@ def apply_grads(
     decay: TensorDictBase,
     grad_norm: Tensor | None = None,
     donate: bool = False,
+    *,
+    parallel: Parallel = SINGLE,
 ) -> tuple[TensorDict, Float[Tensor, ""]]:
     """The state after one AdamW or Muon step on ``grads`` (clipped first when ``optimizer.grad_clip`` is set, by
     one norm over all parameters, Muon's too), and the gradients' global norm before clipping: the update every
     step function (LM, DPO, GRPO) ends with.
     ``grad_norm`` is that norm when the caller has it (a sharded state's takes a collective,
-    ``Parallel.global_norm``); otherwise it is computed here.
+    ``Parallel.global_norm``); otherwise it is computed here. ``parallel`` is the state's layout: fully
+    sharded, Muon gathers each matrix's update whole (``zmaj.train.muon.muon_update``).
 
     ``donate=True`` (``partial(apply_grads, donate=True)`` as ``train_step``'s ``update_fn``) writes the new
     state into the old one's tensors and the clipped gradients into ``grads``: for a loop that never reads
@@ -330,7 +346,7 @@ def apply_grads(
         grads = clip_by_global_norm(grads, optimizer.grad_clip, grad_norm, donate)
     params, opt_state = state["params"], state["opt"]
     if isinstance(optimizer, MuonConfig):
-        new_params, opt = muon_update(params, grads, opt_state, optimizer, lr, decay, donate)
+        new_params, opt = muon_update(params, grads, opt_state, optimizer, lr, decay, donate, parallel)
     else:
         new_params, opt = adamw_update(params, grads, opt_state, optimizer, lr, decay, donate)
     return TensorDict({"params": new_params, "opt": opt}), grad_norm

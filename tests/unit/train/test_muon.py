@@ -213,15 +213,12 @@ def test_bad_groups_are_refused_at_spec_validation_naming_the_parameter(
     assert len(str(error.value).splitlines()) == 1
 
 
-def test_an_adamw_spec_without_kind_parses_as_before_and_muon_refuses_fsdp() -> None:
+def test_an_adamw_spec_without_kind_parses_as_before() -> None:
     spec = parse(PretrainSpec, pretrain_spec({"lr": 0.01, "weight_decay": 0.0}), "spec.yaml")
     assert spec.train.optimizer == optim.AdamWConfig(lr=0.01, weight_decay=0.0)
     assert isinstance(
         parse(PretrainSpec, pretrain_spec({"kind": "muon"}), "spec.yaml").train.optimizer, muon.MuonConfig
     )
-    fsdp = pretrain_spec({"kind": "muon"}, parallel={"kind": "fsdp"})
-    with pytest.raises(SpecError, match=r"train\.optimizer\.kind=muon: not with train\.parallel\.kind=fsdp"):
-        parse(PretrainSpec, fsdp, "spec.yaml")
     with pytest.raises(SpecError, match="sgd"):
         parse(PretrainSpec, pretrain_spec({"kind": "sgd"}), "spec.yaml")
 

@@ -77,7 +77,6 @@ def test_a_malformed_override_is_rejected() -> None:
 
 
 def test_a_compiled_fully_sharded_run_is_refused() -> None:
-    # The 2019 recipe, whose AdamW may be sharded (the default's Muon is refused with fsdp for its own reason).
     path = next(p for p in SPECS if p.name == "stdlib-gpt2-2019.yaml")
     with pytest.raises(SpecError, match=r"train\.compile: not with train\.parallel\.kind=fsdp"):
         load(PretrainSpec, path, ["train.compile=true", "train.parallel={kind: fsdp}"])
