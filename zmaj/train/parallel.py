@@ -129,8 +129,9 @@ class Parallel:
         return made[0] if made else make()
 
     def from_rank_0(self, make: Callable[[], T]) -> T:
-        """``make()`` on rank 0 alone, its result on every rank: for what exactly one process may do (claim a
-        run folder). When it fails on rank 0, the others raise too, with rank 0's message."""
+        """``make()`` on rank 0 alone, its result (not None: see :meth:`broadcast`) on every rank: for what
+        exactly one process may do (claim a run folder). When it fails on rank 0, the others raise too, with rank
+        0's message."""
         if not self.distributed:
             return make()
         made = self._on_rank_0(make)

@@ -289,7 +289,7 @@ def _new_run_dir(parent: Path, name: str) -> Path:
     """``parent/NAME-TIMESTAMP``, newly created. If a run started in the same second (a script launching two)
     has taken that name, the later one takes ``-2``, ``-3``...: each claims its folder with ``mkdir``, which
     exactly one process can win, so two runs never share one."""
-    _make_dir(parent)
+    _make_dir(parent, "the runs' folder")
     base = f"{name}-{_stamp()}"
     for attempt in itertools.count(1):
         candidate = parent / (base if attempt == 1 else f"{base}-{attempt}")
@@ -297,17 +297,24 @@ def _new_run_dir(parent: Path, name: str) -> Path:
             candidate.mkdir()
         except FileExistsError:
             continue
+        except OSError as error:
+            raise _cannot(f"create the run folder {candidate}", error) from error
         break
     return candidate
 
 
-def _make_dir(path: Path) -> None:
+def _make_dir(path: Path, what: str = "the run folder") -> None:
     """``path.mkdir(parents=True, exist_ok=True)``, failing as bad input that names the folder (a ``--run-dir``
     under a file, a folder without write permission) rather than with a traceback."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UserError(f"cannot create the run folder {path}: {error.strerror or error}") from error
+        raise _cannot(f"create {what} {path}", error) from error
+
+
+def _cannot(what: str, error: OSError) -> UserError:
+    """Bad input: the run folder cannot be made or written, as the operating system says why."""
+    return UserError(f"cannot {what}: {error.strerror or error}")
 
 
 def _stamp() -> str:
@@ -330,7 +337,10 @@ def lock(run_dir: Path) -> IO[str]:
     ``flock`` locks belong to the open file, so the operating system releases them when the process dies,
     however it dies: a stale lock cannot outlive a killed run.
     """
-    handle = (run_dir / LOCK_FILE).open("a+")
+    try:
+        handle = (run_dir / LOCK_FILE).open("a+")
+    except OSError as error:  # a folder without write permission: the first file written there
+        raise _cannot(f"write in the run folder {run_dir}", error) from error
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -115,7 +115,7 @@ def grad_and_value(
     always runs the backward pass with ``create_graph=True`` (``torch/_functorch/eager_transforms.py``), so that an
     outer transform could differentiate the gradients again; autograd then records a graph of the backward pass
     too, and sums the gradients that meet at a tensor out of place. A step's gradients are never differentiated
-    again, so that graph is pure cost: 5-12% of the eager step (README, "The training step"). The gradients are
+    again, so that graph is pure cost: 6-11% of the eager step (README, "The eager step, sessions 14-15"). The gradients are
     the same bits (tested), and under ``torch.compile`` both trace to the same graph.
     """
 
@@ -282,11 +282,11 @@ def train_step(
 
     ``grad_fn`` defaults to :func:`accumulate_grads`; pass ``deterministic(torch.compile(accumulate_grads))`` to
     compile the forward and backward (:func:`deterministic` keeps them repeatable). (Compiling only ``forward``
-    does not work: dynamo refuses a compiled function called inside an eager ``torch.func.grad``,
+    does not work: dynamo refuses a compiled function called inside an eager ``torch.func`` transform,
     pytorch/pytorch#128711.) ``update_fn`` defaults to :func:`apply_grads`;
-    ``torch.compile(apply_grads)`` fuses clipping and AdamW's dozen elementwise passes over every parameter
-    (each a fresh tensor, in this functional style) into a few loops, and ``partial(apply_grads, donate=True)``
-    writes them into the old state when the caller is done with it (``programs/pretrain.py`` does both).
+    ``torch.compile(apply_grads)`` fuses clipping and AdamW's elementwise passes over every parameter (eight,
+    eagerly) into a few loops, and ``partial(apply_grads, donate=True)`` writes them into the old state when the
+    caller is done with it (``programs/pretrain.py`` does both).
 
     Under ``parallel`` (``zmaj.train.parallel``) the loss is normalised by the target count of all ranks, the
     gradients are summed over the ranks, and the metrics are global: the same step as one process would take

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -269,5 +270,37 @@ def test_a_run_folder_that_cannot_be_created_is_bad_input_naming_it(
     (tmp_path / "runs").touch()
     spec = Spec(train=LoopConfig(steps=2, checkpoint_every=1, eval_every=5))
     args = argparse.Namespace(resume=None, run_dir=None, stop_after=None)
-    with pytest.raises(runs.UserError, match="cannot create the run folder runs: File exists"):
+    with pytest.raises(runs.UserError, match="cannot create the runs' folder runs: File exists"):
         runs.open_run(spec, args, Parallel())
+
+
+def test_a_run_folder_without_write_permission_is_bad_input_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only ``runs/`` (the new run's folder cannot be made in it) or a read-only ``--resume`` folder (its
+    lock file cannot be written). The suite may run as root, which permissions do not stop, so the operating
+    system's refusal is simulated where it would come."""
+    train(tmp_path / "run", stop_after=2)
+    refused = {tmp_path / "runs" / "loop-20261202-120000", tmp_path / "run" / runs.LOCK_FILE}
+    mkdir, open_ = Path.mkdir, Path.open
+
+    def denying(method: Callable[..., Any]) -> Callable[..., Any]:
+        def denied(path: Path, *args: Any, **kwargs: Any) -> Any:
+            if path.absolute() in refused:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return method(path, *args, **kwargs)
+
+        return denied
+
+    monkeypatch.setattr(Path, "mkdir", denying(mkdir))
+    monkeypatch.setattr(Path, "open", denying(open_))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runs, "_stamp", lambda: "20261202-120000")
+    spec = Spec(train=LoopConfig(steps=2, checkpoint_every=1, eval_every=5))
+    args = argparse.Namespace(resume=None, run_dir=None, stop_after=None)
+    with pytest.raises(
+        runs.UserError, match="cannot create the run folder runs/loop-20261202-120000: Permission"
+    ):
+        runs.open_run(spec, args, Parallel())
+    with pytest.raises(runs.UserError, match=r"cannot write in the run folder .*/run: Permission denied"):
+        open_run(tmp_path / "run", resume=True)
