@@ -26,7 +26,7 @@ from tests.integration.distributed_cases import (
     run_grpo,
     run_lm,
 )
-from zmaj.train import checkpoint
+from zmaj.train import checkpoint, muon
 from zmaj.train import parallel as zmaj_parallel
 from zmaj.train.parallel import Parallel, ParallelConfig, tensors
 from zmaj.train.step import init_state
@@ -52,6 +52,7 @@ def main(out: Path) -> None:
                     module, config, parallel, global_batches(config.vocab_size), optimizer=MUON
                 )
                 save(parallel, with_muon, out / "gpt-fsdp-muon")
+                reshard(parallel, with_muon, out / "run-muon", module.init(config, 0), MUON)
     (out / f"held-rank{dp.rank}.json").write_text(json.dumps(whole_bytes_held(replace(dp, kind="fsdp"))))
     save(dp, run_dpo(dp, dpo_batches()), out / "dpo-dp")
     grpo_state, grpo_metrics = run_grpo(dp, grpo_rollout())
@@ -91,14 +92,21 @@ def save(parallel: Parallel, state: TensorDict, stem: Path) -> None:
         save_file(checkpoint.flatten(whole), f"{stem}.safetensors")
 
 
-def reshard(parallel: Parallel, state: TensorDict, run_dir: Path, params: TensorDict) -> None:
+def reshard(
+    parallel: Parallel,
+    state: TensorDict,
+    run_dir: Path,
+    params: TensorDict,
+    optimizer: muon.MuonConfig | None = None,
+) -> None:
     """Save the sharded state as the training loop does (gathered, written by rank 0), read it back into a whole
     state on every rank, shard it, and record whether each rank got back exactly the shards it held."""
     whole = parallel.unshard(state)
     if parallel.main:
         checkpoint.save(run_dir, whole, {"world_size": parallel.size})
     parallel.barrier()
-    loaded = parallel.shard(checkpoint.load_state(checkpoint.latest(run_dir), init_state(params)))
+    template = init_state(params, optimizer)
+    loaded = parallel.shard(checkpoint.load_state(checkpoint.latest(run_dir), template))
     same = all(torch.equal(a, b) for a, b in zip(tensors(loaded), tensors(state), strict=True))
     (run_dir / f"reloaded-rank{parallel.rank}.json").write_text(json.dumps({"equal": same}))
 

@@ -153,12 +153,17 @@ def test_a_sharded_rank_holds_one_block_whole_at_a_time(out: Path) -> None:
         assert held["outside"] + held["block"] <= held["peak"] <= held["outside"] + 2 * held["block"], held
 
 
-def test_a_checkpoint_saved_by_two_sharded_ranks_loads_on_two_and_on_one(out: Path) -> None:
-    run = out / "run"
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_checkpoint_saved_by_two_sharded_ranks_loads_on_two_and_on_one(out: Path, optimizer: str) -> None:
+    run = out / ("run" if optimizer == "adamw" else "run-muon")
     assert all(json.loads((run / f"reloaded-rank{r}.json").read_text())["equal"] for r in range(2))
     module, config = MODELS["gpt"]
-    loaded = checkpoint.load_state(checkpoint.latest(run), init_state(module.init(config, 0)))
-    written = load_file(out / "gpt-fsdp.safetensors")
+    template = init_state(module.init(config, 0), MUON if optimizer == "muon" else None)
+    loaded = checkpoint.load_state(checkpoint.latest(run), template)
+    written = load_file(
+        out / ("gpt-fsdp.safetensors" if optimizer == "adamw" else "gpt-fsdp-muon.safetensors")
+    )
+    assert checkpoint.flatten(loaded).keys() == written.keys()
     for key, tensor in checkpoint.flatten(loaded).items():
         assert torch.equal(tensor, written[key]), key
 

@@ -237,7 +237,8 @@ def muon_update(
     Fully sharded (``parallel``), each rank holds some rows of every matrix, its parameter, gradient and momentum
     alike, but orthogonalising needs the whole matrix: each update is all-gathered, orthogonalised whole on every
     rank (the same work as data parallel, where every rank orthogonalises every matrix), and each rank keeps its
-    own rows of the result. One all-gather of the Muon matrices per step, as much as the forward pass gathers.
+    own rows of the result: one all-gather per Muon tensor per step, in float32 (the forward gathers the blocks
+    in the matmuls' precision, bf16 under autocast, so this is up to twice the bytes).
     """
     muon = leaf_keys(state["momentum"])
     adamw_params, adamw_state = adamw_update(

@@ -339,7 +339,9 @@ def lock(run_dir: Path) -> IO[str]:
     """
     try:
         handle = (run_dir / LOCK_FILE).open("a+")
-    except OSError as error:  # a folder without write permission: the first file written there
+    except (
+        OSError
+    ) as error:  # a folder where no new file can be made (an existing .lock can still be appended to)
         raise _cannot(f"write in the run folder {run_dir}", error) from error
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

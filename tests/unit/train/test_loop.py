@@ -277,9 +277,9 @@ def test_a_run_folder_that_cannot_be_created_is_bad_input_naming_it(
 def test_a_run_folder_without_write_permission_is_bad_input_naming_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A read-only ``runs/`` (the new run's folder cannot be made in it) or a read-only ``--resume`` folder (its
-    lock file cannot be written). The suite may run as root, which permissions do not stop, so the operating
-    system's refusal is simulated where it would come."""
+    """A read-only ``runs/`` (the new run's folder cannot be made in it), or a ``--resume`` folder where its lock
+    file cannot be opened (a read-only mount). The suite may run as root, which permissions do not stop, so the
+    operating system's refusal is simulated where it would come."""
     train(tmp_path / "run", stop_after=2)
     refused = {tmp_path / "runs" / "loop-20261202-120000", tmp_path / "run" / runs.LOCK_FILE}
     mkdir, open_ = Path.mkdir, Path.open

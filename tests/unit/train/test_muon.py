@@ -213,12 +213,16 @@ def test_bad_groups_are_refused_at_spec_validation_naming_the_parameter(
     assert len(str(error.value).splitlines()) == 1
 
 
-def test_an_adamw_spec_without_kind_parses_as_before() -> None:
+def test_an_adamw_spec_without_kind_parses_as_before_and_muon_may_be_sharded() -> None:
     spec = parse(PretrainSpec, pretrain_spec({"lr": 0.01, "weight_decay": 0.0}), "spec.yaml")
     assert spec.train.optimizer == optim.AdamWConfig(lr=0.01, weight_decay=0.0)
     assert isinstance(
         parse(PretrainSpec, pretrain_spec({"kind": "muon"}), "spec.yaml").train.optimizer, muon.MuonConfig
     )
+    sharded = pretrain_spec(
+        {"kind": "muon"}, parallel={"kind": "fsdp"}
+    )  # refused before Muon gathered updates
+    assert parse(PretrainSpec, sharded, "spec.yaml").train.parallel.kind == "fsdp"
     with pytest.raises(SpecError, match="sgd"):
         parse(PretrainSpec, pretrain_spec({"kind": "sgd"}), "spec.yaml")
 
