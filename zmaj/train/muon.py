@@ -237,8 +237,8 @@ def muon_update(
     Fully sharded (``parallel``), each rank holds some rows of every matrix, its parameter, gradient and momentum
     alike, but orthogonalising needs the whole matrix: each update is all-gathered, orthogonalised whole on every
     rank (the same work as data parallel, where every rank orthogonalises every matrix), and each rank keeps its
-    own rows of the result: one all-gather per Muon tensor per step, in float32 (the forward gathers the blocks
-    in the matmuls' precision, bf16 under autocast, so this is up to twice the bytes).
+    own rows of the result: one all-gather per Muon tensor per step, in the Newton-Schulz precision
+    (``ns_dtype``: bf16 where the matmuls are, as the forward's gathers).
     """
     muon = leaf_keys(state["momentum"])
     adamw_params, adamw_state = adamw_update(
@@ -257,9 +257,12 @@ def muon_update(
     for key in muon:
         p, b, g = muon_params.get(key), momentum.get(key), muon_grads.get(key)
         b.lerp_(g, 1 - mu)
-        update = parallel.whole(muon_params, key, g.lerp(b, mu) if config.nesterov else b)
-        direction = orthogonalize(update, config.ns_steps, newton_schulz_dtype(config.ns_dtype, p.device))
-        step = lr * lr_scale(update.shape, config.adjust_lr) * parallel.piece(muon_params, key, direction)
+        # Cast before the gather: Newton-Schulz casts first anyway, so a bf16 gather moves half the bytes for
+        # the same values.
+        ns_dtype = newton_schulz_dtype(config.ns_dtype, p.device)
+        update = parallel.whole(muon_params, key, (g.lerp(b, mu) if config.nesterov else b).to(ns_dtype))
+        direction = parallel.piece(muon_params, key, orthogonalize(update, config.ns_steps, ns_dtype))
+        step = lr * lr_scale(update.shape, config.adjust_lr) * direction.to(p.dtype)
         p.mul_(1 - lr * config.weight_decay).sub_(step)
     new_params = params.copy().update(adamw_params).update(muon_params)  # in params' key order
     opt = {"m": adamw_state["m"], "v": adamw_state["v"], "momentum": momentum, "step": adamw_state["step"]}

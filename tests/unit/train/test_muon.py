@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import types
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from tensordict import TensorDict
+from tensordict import TensorDict, TensorDictBase
 
 from zmaj.models import gpt
 from zmaj.train import checkpoint, muon, optim, precision, step
+from zmaj.train.parallel import Parallel
 from zmaj.train.spec import PretrainSpec, SpecError, parse
 
 CONFIG = gpt.GPTConfig(vocab_size=40, context=16, d_model=16, n_layers=2, n_heads=2)
@@ -255,6 +257,36 @@ def test_a_donated_muon_update_equals_the_pure_one_and_reuses_the_buffers() -> N
     for key in state.keys(True, True):
         if key[-1] != "step":
             assert donated.get(key).data_ptr() == given.get(key).data_ptr(), key
+
+
+@dataclass(frozen=True)
+class Recording(Parallel):
+    """One process that records the dtype of each tensor it is asked to gather."""
+
+    gathered: list[torch.dtype] = field(default_factory=list)
+
+    def whole(self, td: TensorDictBase, key: tuple[str, ...], tensor: torch.Tensor) -> torch.Tensor:
+        self.gathered.append(tensor.dtype)
+        return tensor
+
+
+def test_muon_gathers_updates_in_the_newton_schulz_precision_and_steps_in_the_parameters() -> None:
+    """A bf16 gather moves half the bytes of a float32 one; since Newton-Schulz casts first, the parameters move
+    exactly as the textbook step with the orthogonalisation in bf16 says (torch.optim.Muon's order, by hand)."""
+    state, grads, config, decay = gpt_state_and_grads()
+    config = config.model_copy(update={"ns_dtype": "bfloat16"})
+    recording = Recording()
+    new, _ = muon.muon_update(state["params"], grads, state["opt"], config, 0.02, decay, parallel=recording)
+    keys = optim.leaf_keys(state["opt", "momentum"])
+    assert recording.gathered == [torch.bfloat16] * len(keys)
+    for key in keys:
+        p, b, g = state["params"].get(key), state["opt", "momentum"].get(key), grads.get(key)
+        b = b.lerp(g, 1 - config.momentum)
+        direction = muon.orthogonalize(g.lerp(b, config.momentum), config.ns_steps, torch.bfloat16)
+        scale = muon.lr_scale(p.shape, config.adjust_lr)
+        expected = p * (1 - 0.02 * config.weight_decay) - 0.02 * scale * direction
+        assert new.get(key).dtype == torch.float32
+        assert torch.equal(new.get(key), expected), key
 
 
 def test_the_muon_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
