@@ -17,6 +17,7 @@ import itertools
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -271,6 +272,7 @@ def open_run(
         nonlocal held
         run_dir = Path(args.resume) if resumed else args.run_dir or _new_run_dir(Path("runs"), name)
         _make_dir(run_dir)
+        _check_writable(run_dir)
         held = lock(run_dir)  # before anything is written, so that two writers never interleave
         if not resumed and (run_dir / checkpoint.CHECKPOINTS).exists():
             held.close()
@@ -312,6 +314,21 @@ def _make_dir(path: Path, what: str = "the run folder") -> None:
         raise _cannot(f"create {what} {path}", error) from error
 
 
+def _check_writable(run_dir: Path) -> None:
+    """Fail now, naming the folder, if the run cannot create files in its folder or in its checkpoints folder
+    (a read-only ``--resume`` folder, whose existing lock and logs can still be appended to): otherwise the
+    first checkpoint would fail after the training it was to keep."""
+    for folder in (run_dir, run_dir / checkpoint.CHECKPOINTS):
+        if not folder.is_dir():
+            continue
+        try:
+            descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        except OSError as error:
+            raise _cannot(f"write in the run folder {folder}", error) from error
+        os.close(descriptor)
+        os.unlink(probe)
+
+
 def _cannot(what: str, error: OSError) -> UserError:
     """Bad input: the run folder cannot be made or written, as the operating system says why."""
     return UserError(f"cannot {what}: {error.strerror or error}")
@@ -339,9 +356,7 @@ def lock(run_dir: Path) -> IO[str]:
     """
     try:
         handle = (run_dir / LOCK_FILE).open("a+")
-    except (
-        OSError
-    ) as error:  # a folder where no new file can be made (an existing .lock can still be appended to)
+    except OSError as error:  # a folder where no new .lock can be made (an existing one can be appended to)
         raise _cannot(f"write in the run folder {run_dir}", error) from error
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -304,3 +305,31 @@ def test_a_run_folder_without_write_permission_is_bad_input_naming_it(
         runs.open_run(spec, args, Parallel())
     with pytest.raises(runs.UserError, match=r"cannot write in the run folder .*/run: Permission denied"):
         open_run(tmp_path / "run", resume=True)
+
+
+@pytest.mark.parametrize("read_only", ["run", "run/checkpoints"])
+def test_a_resume_folder_where_no_file_can_be_made_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_only: str
+) -> None:
+    """``chmod -R a-w`` on a run folder: its lock and logs can still be appended to, but no new file made, so
+    the first checkpoint would fail after the training it was to keep. The start refuses it, naming the folder,
+    and leaves the run as it was (simulated, as in the test above, for a suite that may run as root)."""
+    train(tmp_path / "run", stop_after=2)
+    before = sorted(path.name for path in (tmp_path / "run").rglob("*"))
+    mkstemp = tempfile.mkstemp
+
+    def denying(dir: Path, prefix: str) -> tuple[int, str]:
+        if dir == tmp_path / read_only:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return mkstemp(dir=dir, prefix=prefix)
+
+    monkeypatch.setattr(tempfile, "mkstemp", denying)
+    with pytest.raises(
+        runs.UserError, match=rf"cannot write in the run folder .*/{read_only}: Permission denied"
+    ):
+        open_run(tmp_path / "run", resume=True)
+    assert sorted(path.name for path in (tmp_path / "run").rglob("*")) == before
+    monkeypatch.undo()
+    with open_run(tmp_path / "run", resume=True):  # writable again, it resumes (and the probe leaves nothing)
+        pass
+    assert sorted(path.name for path in (tmp_path / "run").rglob("*")) == before
