@@ -318,13 +318,13 @@ def _check_writable(run_dir: Path) -> None:
     """Fail now, naming the folder, if the run cannot create files in its folder or in its checkpoints folder
     (a read-only ``--resume`` folder, whose existing lock and logs can still be appended to): otherwise the
     first checkpoint would fail after the training it was to keep."""
-    for folder in (run_dir, run_dir / checkpoint.CHECKPOINTS):
+    for folder, what in ((run_dir, "run folder"), (run_dir / checkpoint.CHECKPOINTS, "checkpoints folder")):
         if not folder.is_dir():
             continue
         try:
             descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
         except OSError as error:
-            raise _cannot(f"write in the run folder {folder}", error) from error
+            raise _cannot(f"write in the {what} {folder}", error) from error
         os.close(descriptor)
         os.unlink(probe)
 

@@ -85,13 +85,7 @@ class Wandb:
         self.run.log(metrics, step=step)
 
     def finish(self) -> None:
-        import wandb
-
         self.run.finish()
-        # wandb's service process writes the run's log (RUN_DIR/wandb/*/run-*.wandb). finish alone once returned
-        # before that log held any history (the tracker test, under CI's load); teardown waits for the process
-        # to exit, so the folder is whole when training returns, as it is for a program at its exit.
-        wandb.teardown()
 
 
 class TensorBoard:
