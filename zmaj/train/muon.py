@@ -234,11 +234,11 @@ def muon_update(
     (a look-ahead); it is orthogonalised, and the parameter decays by ``lr * weight_decay`` (unscaled lr) and
     then moves by ``-lr * lr_scale * update``.
 
-    Fully sharded (``parallel``), each rank holds some rows of every matrix, its parameter, gradient and momentum
-    alike, but orthogonalising needs the whole matrix: each update is all-gathered, orthogonalised whole on every
-    rank (the same work as data parallel, where every rank orthogonalises every matrix), and each rank keeps its
-    own rows of the result: one all-gather per Muon tensor per step, in ``ns_dtype`` (by default bf16 where bf16
-    matmuls are fast: half the bytes of float32).
+    Fully sharded (``parallel``), each rank holds some rows of every matrix, its parameter, gradient and
+    momentum alike, but orthogonalising needs the whole matrix: each update is all-gathered, orthogonalised
+    whole on every rank (the same work as data parallel, where every rank orthogonalises every matrix), and
+    each rank keeps its own rows of the result: one all-gather per Muon tensor per step, in ``ns_dtype`` (by
+    default bf16 where bf16 matmuls are fast: half the bytes of float32).
     """
     muon = leaf_keys(state["momentum"])
     adamw_params, adamw_state = adamw_update(

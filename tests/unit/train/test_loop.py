@@ -311,10 +311,10 @@ def test_a_run_folder_without_write_permission_is_bad_input_naming_it(
 def test_a_resume_folder_where_no_file_can_be_made_is_refused_before_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_only: str
 ) -> None:
-    """``chmod a-w`` on a run folder or its checkpoints folder (the folder, not its files): its lock and logs can
-    still be appended to, but no new file made, so the first checkpoint would fail after the training it was to
-    keep. The start refuses it, naming the folder, and leaves the run as it was (simulated, as in the test above,
-    for a suite that may run as root)."""
+    """``chmod a-w`` on a run folder or its checkpoints folder (the folder, not its files): its lock and logs
+    can still be appended to, but no new file made, so the first checkpoint would fail after the training it
+    was to keep. The start refuses it, naming the folder, and leaves the run as it was (simulated, as in the
+    test above, for a suite that may run as root)."""
     train(tmp_path / "run", stop_after=2)
     before = sorted(path.name for path in (tmp_path / "run").rglob("*"))
     mkstemp = tempfile.mkstemp

@@ -271,8 +271,9 @@ class Recording(Parallel):
 
 
 def test_muon_gathers_updates_in_the_newton_schulz_precision_and_steps_in_the_parameters() -> None:
-    """A bf16 gather moves half the bytes of a float32 one; since Newton-Schulz casts first, the parameters move
-    exactly as the textbook step with the orthogonalisation in bf16 says (torch.optim.Muon's order, by hand)."""
+    """A bf16 gather moves half the bytes of a float32 one; since Newton-Schulz casts first, the parameters
+    move exactly as the textbook step with the orthogonalisation in bf16 says (torch.optim.Muon's order, by
+    hand)."""
     state, grads, config, decay = gpt_state_and_grads()
     config = config.model_copy(update={"ns_dtype": "bfloat16"})
     recording = Recording()

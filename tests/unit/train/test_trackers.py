@@ -102,8 +102,9 @@ def wandb_records(path: Path) -> Iterator[Any]:
 def wandb_series(run_dir: Path) -> tuple[Series, dict[str, Any]]:
     """The history and config of the one offline wandb run in the run folder.
 
-    wandb's service process writes the log: read right after ``run.finish``, it once held no history (CI, under
-    load). ``wandb.teardown`` waits for that process to exit, as a program's exit does, before the log is read."""
+    wandb's service process writes the log: read right after ``run.finish``, it once held no history (CI,
+    under load). ``wandb.teardown`` waits for that process to exit, as a program's exit does, before the log
+    is read."""
     import wandb
 
     wandb.teardown()
