@@ -7,7 +7,8 @@ of width 4 d, tied embeddings, SDPA causal attention, no dropout, no biases by d
   the gradient (``step.grad_and_value``), zmaj's TensorDict AdamW and global-norm clipping, autocast from
   ``zmaj.train.precision``. Its rows take its fusions away one at a time (``ZMAJ_VARIANTS``): ``zmaj`` (q/k/v
   in one matmul, and the unembedding and loss in chunks of positions, ``zmaj.nn.loss.chunked_cross_entropy``,
-  never holding the whole logits), ``zmaj-logits`` (the whole logits, then the loss), ``zmaj-unfused`` (also q, k and v one matmul each).
+  never holding the whole logits), ``zmaj-logits`` (the whole logits, then the loss), ``zmaj-unfused`` (also
+  q, k and v one matmul each).
 - ``nanoGPT``: karpathy/nanoGPT's ``model.py`` (copied below, its training parts verbatim) with train.py's
   loop: ``configure_optimizers`` (AdamW, weight decay on dim >= 2, fused on CUDA, PyTorch's default
   implementation elsewhere), ``with ctx: logits, loss = model(X, Y)``, ``loss.backward()``, clip,

@@ -14,8 +14,8 @@ runs the same loop over a disjoint slice of each global batch (``Parallel.rows``
   before the block computes (``sharded_forward``, through ``zmaj.models.common.layers``); autograd turns each
   gather into a reduce-scatter of the gradient, so every rank ends the backward with the gradient of exactly its
   shard, summed over all ranks. AdamW's update is elementwise, so each rank updates its own shard; Muon's
-  momentum is sharded the same way, but each update is gathered whole to be orthogonalised (one float32
-  all-gather per Muon tensor per step, ``zmaj.train.muon.muon_update``). The gradient norm for clipping is one
+  momentum is sharded the same way, but each update is gathered whole to be orthogonalised (one all-gather per
+  Muon tensor per step, in the Newton-Schulz precision, ``zmaj.train.muon.muon_update``). The gradient norm for clipping is one
   all-reduce of the shards' sums of squares.
 
 This is the SimpleFSDP pattern (Zhang et al., 2024, arXiv:2411.00284): the gather is an operation in the forward,

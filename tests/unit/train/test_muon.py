@@ -221,9 +221,8 @@ def test_an_adamw_spec_without_kind_parses_as_before_and_muon_may_be_sharded() -
     assert isinstance(
         parse(PretrainSpec, pretrain_spec({"kind": "muon"}), "spec.yaml").train.optimizer, muon.MuonConfig
     )
-    sharded = pretrain_spec(
-        {"kind": "muon"}, parallel={"kind": "fsdp"}
-    )  # refused before Muon gathered updates
+    # Refused before Muon gathered its updates whole.
+    sharded = pretrain_spec({"kind": "muon"}, parallel={"kind": "fsdp"})
     assert parse(PretrainSpec, sharded, "spec.yaml").train.parallel.kind == "fsdp"
     with pytest.raises(SpecError, match="sgd"):
         parse(PretrainSpec, pretrain_spec({"kind": "sgd"}), "spec.yaml")
