@@ -12,7 +12,15 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from tests import strategies
 from zmaj.nn import masks
-from zmaj.nn.attention import Backend, attention, eager_attention, flex, prepare_mask, self_attention
+from zmaj.nn.attention import (
+    Backend,
+    attention,
+    eager_attention,
+    flex,
+    prepare_mask,
+    self_attention,
+    single_query_attention,
+)
 
 BACKENDS: list[Backend] = ["eager", "sdpa", "flex"]
 
@@ -193,3 +201,18 @@ def test_a_power_of_two_scale_on_q_gives_the_bits_of_scaling_the_scores(
     weights = torch.softmax((scores + masks.additive_bias(mask, scores.dtype)[:, None, None]).float(), dim=-1)
     expected = einsum(weights.to(v.dtype), v, "b kv g q k, b kv k d -> b kv g q d")[:, :, 0]
     assert torch.equal(eager_attention(q, k, v, mask, scale), expected)
+
+
+@given(problems(), st.sampled_from([None, 0.3]))
+def test_single_query_attention_is_the_formula_for_the_last_query(
+    device: torch.device, problem: Problem, scale: float | None
+) -> None:
+    """The decode-step form (multiplies and sums) equals the einsum formula for one query row, in float64, with
+    the default power-of-two-or-not scale and one that is not (applied to the scores instead of q)."""
+    q, k, v, mod = on(problem, device)
+    batch, _, seq, head_dim = q.shape
+    q, k, v = q.double(), k.double(), v.double()
+    mask = masks.dense(mod or masks.causal, batch, seq, seq, device)[:, -1:]
+    scale = head_dim**-0.5 if scale is None else scale
+    expected = eager_attention(q[:, :, -1:], k, v, mask, scale)
+    torch.testing.assert_close(single_query_attention(q[:, :, -1:], k, v, mask, scale), expected)
