@@ -111,10 +111,12 @@ def single_query_attention(
 
     The einsums of the formula become batched matrix products with a single row each, which Inductor hands to
     ATen: in SmolLM2-135M's compiled bf16 decode step (batch 1, 2-core Xeon with AMX) each took about 100
-    microseconds, 60 of them 6 ms a token, a fifth of the step. The products here are fused into the reductions
-    and never materialised. Each sum accumulates in float32 (at least) and is rounded to the inputs' dtype where the
-    formula's products round their outputs, and the scale goes where the formula puts it, so the two differ
-    only in the order of the additions.
+    microseconds, 60 of them together 6 ms a token, a fifth of the step. Here the products are fused into the
+    reductions and never materialised. Run eagerly, each sum accumulates in float32 (at least) and is rounded
+    to the inputs' dtype where the formula's products round theirs, and the scale goes where the formula puts
+    it: the same bits in bf16, other orders of addition in float32. Compiled, Inductor drops the roundings
+    between fused operations (``emulate_precision_casts`` is off), so bf16 scores and weights stay float32:
+    slightly more accurate than the formula, not its bits.
     """
     exact = math.frexp(scale)[0] == 0.5
     q = rearrange(q * scale if exact else q, "b (kv g) 1 d -> b kv g 1 d", kv=k.shape[1])
@@ -233,14 +235,15 @@ def cached_attention(
     decode step's single query row leaves no tiles to skip, and building a BlockMask per step costs more. A
     decode step (one query) runs the eager formula whatever the backend: PyTorch's CPU SDPA kernel with an
     explicit mask took 5 ms per call there (SmolLM2-135M, 160 slots, measured), 30x the two small einsums;
-    compiled, it runs that formula as multiplies and sums (``single_query_attention``), which Inductor fuses.
+    compiled on the CPU, it runs that formula as multiplies and sums (``single_query_attention``), which
+    Inductor fuses (not measured on GPUs, where the einsums stay).
     """
     if donate:
         cache_k, cache_v = cache_k.index_copy_(2, slots, k), cache_v.index_copy_(2, slots, v)
     else:
         cache_k, cache_v = cache_k.index_copy(2, slots, k), cache_v.index_copy(2, slots, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if q.shape[2] == 1 and torch.compiler.is_compiling():
+    if q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
         return single_query_attention(q, cache_k, cache_v, mask, scale), cache_k, cache_v
     if backend == "eager" or q.shape[2] == 1:
         return eager_attention(q, cache_k, cache_v, mask, scale), cache_k, cache_v
