@@ -10,6 +10,11 @@ tokens (no stop token, so every row decodes every step):
   graph for every decode step (prefill compiles its own).
 - ``transformers``: ``model.generate(do_sample=False, min_new_tokens=max_new_tokens)`` with its default dynamic
   KV cache; its prefill is timed as a separate forward over the prompts.
+- ``llama.cpp`` (batch 1, where ``llama-cpp-python`` is installed: ``uv sync --group llama-cpp`` builds it from
+  source for this CPU, a few minutes): the same GGUF file converted to F32 or BF16 by llama.cpp's own quantizer
+  (which de-quantises the Q4_1 blocks to float32 first), the same prompt tokens, one ``decode`` call for the prompt
+  then one per token with the argmax of its logits taken in Python between them, as zmaj's loop does; as many
+  threads as torch uses. Its BF16 file keeps the norms' weights in float32, zmaj casts them too (2 KB apiece).
 
 Decode at batch 1 is bound by memory bandwidth: every step reads every weight once. The bound printed is the
 measured copy bandwidth (a large tensor copy in this process) divided by the bytes of the weights, embedding
@@ -20,15 +25,20 @@ column is against the faster of the two. Run by hand:
 
     uv run python benchmarks/decode.py            # 128 new tokens, batch 1 and 8, fp32 and bf16 (where fast)
     uv run python benchmarks/decode.py --quick    # 16 new tokens, batch 1
+    uv run --group llama-cpp python benchmarks/decode.py --batches 1   # with llama.cpp's row
 
 Writes ``benchmarks/results/decode.md`` and ``decode.png``.
 """
 
 import argparse
+import ctypes
+import importlib.util
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -152,6 +162,40 @@ def hf_decode(model: transformers.PreTrainedModel, prompts: list[list[int]], new
     return prefill, max(total - prefill, 1e-9), out[:, ids.shape[1] :].tolist()
 
 
+def llama_cpp_gguf(source: Path, dtype: str, directory: Path) -> Path:
+    """``source`` written again by llama.cpp's quantizer with F32 or BF16 weights (1-D tensors stay F32)."""
+    import llama_cpp
+
+    out = directory / f"{source.stem}-{dtype}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"fp32": llama_cpp.LLAMA_FTYPE_ALL_F32, "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16}[dtype]
+    params.allow_requantize = True  # the source is Q4_1: de-quantised to float32, then stored as asked
+    params.nthread = torch.get_num_threads()
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not convert {source} to {dtype}")
+    return out
+
+
+def llama_cpp_decode(llm: Any, prompts: list[list[int]], new: int) -> Timing:
+    """The same greedy loop through llama.cpp: a ``decode`` of the prompt, then one per token, argmax between."""
+    import numpy as np
+
+    (prompt,) = prompts
+    vocab = llm.n_vocab()
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    token = int(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,)).argmax())
+    prefill = time.perf_counter() - start
+    tokens = [token]
+    start = time.perf_counter()
+    for _ in range(new - 1):
+        llm.eval([token])
+        token = int(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,)).argmax())
+        tokens.append(token)
+    return prefill, time.perf_counter() - start, [tokens]
+
+
 def same_until_stop(ours: list[list[int]], theirs: list[list[int]], stops: Sequence[int]) -> bool:
     """Whether every row matches up to its first stop token. Past it the stacks decode different things by
     design: ``generate(min_new_tokens=...)`` masks the stop tokens' logits, zmaj's loop here does not."""
@@ -192,6 +236,13 @@ def main() -> None:
         path.parent, gguf_file=path.name, dtype=torch.float32
     ).eval()  # type: ignore[no-untyped-call]
     prompts = [base.tokenizer.encode(p) for p in PROMPTS]
+    with_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    if not with_llama_cpp:
+        notes.append(
+            "llama.cpp not installed, its rows left out: `uv run --group llama-cpp python benchmarks/decode.py` "
+            "builds llama-cpp-python (llama.cpp for this CPU) and adds them"
+        )
+    scratch = tempfile.TemporaryDirectory()
     rows = []
     for name in dtypes:
         dtype = DTYPES[name]
@@ -215,6 +266,18 @@ def main() -> None:
                     args.runs, partial(zmaj_decode, model, compiled, batch_prompts, new)
                 ),
             }
+            if with_llama_cpp and batch == 1:
+                import llama_cpp
+
+                llm = llama_cpp.Llama(
+                    str(llama_cpp_gguf(path, name, Path(scratch.name))),
+                    n_ctx=max(map(len, batch_prompts)) + new,
+                    n_threads=torch.get_num_threads(),
+                    n_threads_batch=torch.get_num_threads(),
+                    verbose=False,
+                )
+                results["llama.cpp"] = best_of(args.runs, partial(llama_cpp_decode, llm, batch_prompts, new))
+                llm.close()
             prompt_tokens = sum(map(len, batch_prompts))
             hf_rate = batch * (new - 1) / results["transformers"][1]
             for stack, (prefill, decode, tokens) in results.items():
@@ -260,6 +323,7 @@ def main() -> None:
             "",
         ]
     )
+    scratch.cleanup()
     (RESULTS / "decode.md").write_text(text)
     plot(rows, RESULTS / "decode.png")
 
@@ -267,10 +331,13 @@ def main() -> None:
 def plot(rows: list[dict[str, object]], out: Path) -> None:
     labels = [f"{r['dtype']} b{r['batch']}" for r in rows if r["stack"] == "transformers"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    stacks = ["transformers", "zmaj eager", "zmaj compiled"]
+    stacks = ["transformers", "zmaj eager", "zmaj compiled", "llama.cpp"]
     for i, stack in enumerate(stacks):
-        values = [float(str(r["decode tok/s"])) for r in rows if r["stack"] == stack]
-        ax.bar([x + 0.27 * (i - 1) for x in range(len(values))], values, width=0.27, label=stack)
+        values = {
+            f"{r['dtype']} b{r['batch']}": float(str(r["decode tok/s"])) for r in rows if r["stack"] == stack
+        }
+        at = [x for x, label in enumerate(labels) if label in values]
+        ax.bar([x + 0.2 * (i - 1.5) for x in at], [values[labels[x]] for x in at], width=0.2, label=stack)
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("decode tokens/s")
     ax.legend()
