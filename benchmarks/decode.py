@@ -10,11 +10,14 @@ tokens (no stop token, so every row decodes every step):
   graph for every decode step (prefill compiles its own).
 - ``transformers``: ``model.generate(do_sample=False, min_new_tokens=max_new_tokens)`` with its default dynamic
   KV cache; its prefill is timed as a separate forward over the prompts.
-- ``llama.cpp`` (batch 1, where ``llama-cpp-python`` is installed: ``uv sync --group llama-cpp`` builds it from
-  source for this CPU, a few minutes): the same GGUF file converted to F32 or BF16 by llama.cpp's own quantizer
-  (which de-quantises the Q4_1 blocks to float32 first), the same prompt tokens, one ``decode`` call for the prompt
-  then one per token with the argmax of its logits taken in Python between them, as zmaj's loop does; as many
-  threads as torch uses. Its BF16 file keeps the norms' weights in float32, zmaj casts them too (2 KB apiece).
+- ``llama.cpp`` (batch 1 only, where ``llama-cpp-python`` is installed: the ``llama-cpp`` dependency group
+  builds it from source for this CPU, ~9 minutes on 2 cores): the same GGUF file converted to F32 or BF16 by
+  llama.cpp's own quantizer (which de-quantises the Q4_1 blocks to float32 first), the same prompt tokens, one
+  ``decode`` call for the prompt, then one per token with the argmax of its logits taken in Python between
+  them, as zmaj's loop does; as many threads as torch uses. llama.cpp runs as it is configured by default: its
+  BF16 file keeps the norms' weights in float32 where zmaj casts them to bf16 (2 KB a norm), and its key/value
+  cache is F16 in both rows, so its fp32 row is not float32 throughout and may pick other tokens. Its "% of
+  matvec floor" is left blank: the floor is PyTorch's and Inductor's kernels, not llama.cpp's.
 
 Decode at batch 1 is bound by memory bandwidth: every step reads every weight once. The bound printed is the
 measured copy bandwidth (a large tensor copy in this process) divided by the bytes of the weights, embedding
@@ -25,7 +28,7 @@ column is against the faster of the two. Run by hand:
 
     uv run python benchmarks/decode.py            # 128 new tokens, batch 1 and 8, fp32 and bf16 (where fast)
     uv run python benchmarks/decode.py --quick    # 16 new tokens, batch 1
-    uv run --group llama-cpp python benchmarks/decode.py --batches 1   # with llama.cpp's row
+    uv run --group llama-cpp python benchmarks/decode.py --batches 1   # with llama.cpp's rows
 
 Writes ``benchmarks/results/decode.md`` and ``decode.png``.
 """
@@ -41,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -165,7 +169,10 @@ def hf_decode(model: transformers.PreTrainedModel, prompts: list[list[int]], new
 def llama_cpp_gguf(source: Path, dtype: str, directory: Path) -> Path:
     """``source`` written again by llama.cpp's quantizer with F32 or BF16 weights (1-D tensors stay F32)."""
     import llama_cpp
+    from llama_cpp._logger import set_verbose
 
+    llama_cpp.llama_backend_init()
+    set_verbose(False)  # else the quantizer logs a line per tensor
     out = directory / f"{source.stem}-{dtype}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"fp32": llama_cpp.LLAMA_FTYPE_ALL_F32, "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16}[dtype]
@@ -177,23 +184,48 @@ def llama_cpp_gguf(source: Path, dtype: str, directory: Path) -> Path:
 
 
 def llama_cpp_decode(llm: Any, prompts: list[list[int]], new: int) -> Timing:
-    """The same greedy loop through llama.cpp: a ``decode`` of the prompt, then one per token, argmax between."""
-    import numpy as np
+    """The same greedy loop through llama.cpp: a ``decode`` of the prompt, then one per token, argmax between.
+
+    ``reset`` makes the next ``eval`` drop every cached position, so each call starts from an empty cache."""
+    import llama_cpp
 
     (prompt,) = prompts
     vocab = llm.n_vocab()
+
+    def next_token() -> int:  # the last position's logits, read in place
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+        return int(logits.argmax())
+
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
-    token = int(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,)).argmax())
+    token = next_token()
     prefill = time.perf_counter() - start
     tokens = [token]
     start = time.perf_counter()
     for _ in range(new - 1):
         llm.eval([token])
-        token = int(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,)).argmax())
+        token = next_token()
         tokens.append(token)
     return prefill, time.perf_counter() - start, [tokens]
+
+
+def llama_cpp_best_of(source: Path, dtype: str, prompts: list[list[int]], new: int, runs: int) -> Timing:
+    """``best_of`` for llama.cpp on ``source`` converted to ``dtype`` (a temporary file, 0.3-0.5 GB)."""
+    import llama_cpp
+
+    with tempfile.TemporaryDirectory() as directory:
+        llm = llama_cpp.Llama(
+            str(llama_cpp_gguf(source, dtype, Path(directory))),
+            n_ctx=max(map(len, prompts)) + new,
+            n_threads=torch.get_num_threads(),
+            n_threads_batch=torch.get_num_threads(),
+            verbose=False,
+        )
+        try:
+            return best_of(runs, partial(llama_cpp_decode, llm, prompts, new))
+        finally:
+            llm.close()
 
 
 def same_until_stop(ours: list[list[int]], theirs: list[list[int]], stops: Sequence[int]) -> bool:
@@ -239,10 +271,11 @@ def main() -> None:
     with_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
     if not with_llama_cpp:
         notes.append(
-            "llama.cpp not installed, its rows left out: `uv run --group llama-cpp python benchmarks/decode.py` "
-            "builds llama-cpp-python (llama.cpp for this CPU) and adds them"
+            "llama.cpp not installed, its rows left out: `uv run --group llama-cpp python "
+            "benchmarks/decode.py` builds llama-cpp-python (llama.cpp for this CPU) and adds them"
         )
-    scratch = tempfile.TemporaryDirectory()
+    elif 1 not in batches:
+        notes.append("llama.cpp rows are timed at batch 1 only, which this run left out")
     rows = []
     for name in dtypes:
         dtype = DTYPES[name]
@@ -267,17 +300,7 @@ def main() -> None:
                 ),
             }
             if with_llama_cpp and batch == 1:
-                import llama_cpp
-
-                llm = llama_cpp.Llama(
-                    str(llama_cpp_gguf(path, name, Path(scratch.name))),
-                    n_ctx=max(map(len, batch_prompts)) + new,
-                    n_threads=torch.get_num_threads(),
-                    n_threads_batch=torch.get_num_threads(),
-                    verbose=False,
-                )
-                results["llama.cpp"] = best_of(args.runs, partial(llama_cpp_decode, llm, batch_prompts, new))
-                llm.close()
+                results["llama.cpp"] = llama_cpp_best_of(path, name, batch_prompts, new, args.runs)
             prompt_tokens = sum(map(len, batch_prompts))
             hf_rate = batch * (new - 1) / results["transformers"][1]
             for stack, (prefill, decode, tokens) in results.items():
@@ -292,7 +315,9 @@ def main() -> None:
                         "decode tok/s": f"{rate:.1f}",
                         "vs transformers": f"{rate / hf_rate:.2f}",
                         "% of bound": f"{100 * rate / batch / bound:.0f}" if batch == 1 else "-",
-                        "% of matvec floor": f"{100 * rate * floor:.0f}" if batch == 1 else "-",
+                        "% of matvec floor": (
+                            f"{100 * rate * floor:.0f}" if batch == 1 and stack != "llama.cpp" else "-"
+                        ),
                         "same tokens": "yes" if same else "no",
                     }
                 )
@@ -323,7 +348,6 @@ def main() -> None:
             "",
         ]
     )
-    scratch.cleanup()
     (RESULTS / "decode.md").write_text(text)
     plot(rows, RESULTS / "decode.png")
 
@@ -331,13 +355,19 @@ def main() -> None:
 def plot(rows: list[dict[str, object]], out: Path) -> None:
     labels = [f"{r['dtype']} b{r['batch']}" for r in rows if r["stack"] == "transformers"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    stacks = ["transformers", "zmaj eager", "zmaj compiled", "llama.cpp"]
+    stacks = [
+        stack
+        for stack in ("transformers", "zmaj eager", "zmaj compiled", "llama.cpp")
+        if any(r["stack"] == stack for r in rows)
+    ]
+    width = 0.8 / len(stacks)
     for i, stack in enumerate(stacks):
         values = {
             f"{r['dtype']} b{r['batch']}": float(str(r["decode tok/s"])) for r in rows if r["stack"] == stack
         }
         at = [x for x, label in enumerate(labels) if label in values]
-        ax.bar([x + 0.2 * (i - 1.5) for x in at], [values[labels[x]] for x in at], width=0.2, label=stack)
+        offset = width * (i - (len(stacks) - 1) / 2)
+        ax.bar([x + offset for x in at], [values[labels[x]] for x in at], width=width, label=stack)
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("decode tokens/s")
     ax.legend()
