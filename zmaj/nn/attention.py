@@ -83,20 +83,28 @@ def eager_attention(
     mask: Bool[Tensor, "#batch q_seq k_seq"],
     scale: float,
 ) -> Float[Tensor, "batch heads q_seq head_dim"]:
-    """softmax(q k^T * scale + bias) v, each group of query heads sharing one key/value head.
-
-    A scale that is a power of two multiplies q instead of the scores, a tensor ``k_seq / head_dim`` times
-    smaller: only the exponents change, so the bits are the same. Any other scale stays on the scores, where
-    rounding it in bf16 gives what ``transformers`` computes.
-    """
-    exact = math.frexp(scale)[0] == 0.5
-    q = rearrange(q * scale if exact else q, "b (kv g) q d -> b kv g q d", kv=k.shape[1])
+    """softmax(q k^T * scale + bias) v, each group of query heads sharing one key/value head."""
+    q, score_scale = grouped_queries(q, k.shape[1], scale)
     scores = einsum(q, k, "b kv g q d, b kv k d -> b kv g q k")
-    if not exact:
-        scores = scores * scale
+    if score_scale is not None:
+        scores = scores * score_scale
     weights = masked_softmax(scores, mask[:, None, None]).to(v.dtype)
     out = einsum(weights, v, "b kv g q k, b kv k d -> b kv g q d")
     return rearrange(out, "b kv g q d -> b (kv g) q d")
+
+
+def grouped_queries(
+    q: Float[Tensor, "batch heads q_seq head_dim"], kv_heads: int, scale: float
+) -> tuple[Float[Tensor, "batch kv_heads group q_seq head_dim"], float | None]:
+    """q split into the groups of heads that share a key/value head, and the scale the scores still need.
+
+    A scale that is a power of two multiplies q instead of the scores, a tensor ``k_seq / head_dim`` times
+    smaller: only the exponents change, so the bits are the same (``None`` is returned for the scores). Any other
+    scale stays on the scores, where rounding it in bf16 gives what ``transformers`` computes.
+    """
+    if math.frexp(scale)[0] == 0.5:
+        return rearrange(q * scale, "b (kv g) q d -> b kv g q d", kv=kv_heads), None
+    return rearrange(q, "b (kv g) q d -> b kv g q d", kv=kv_heads), scale
 
 
 def single_query_attention(
@@ -118,12 +126,11 @@ def single_query_attention(
     between fused operations (``emulate_precision_casts`` is off), so bf16 scores and weights stay float32:
     slightly more accurate than the formula, not its bits.
     """
-    exact = math.frexp(scale)[0] == 0.5
-    q = rearrange(q * scale if exact else q, "b (kv g) 1 d -> b kv g 1 d", kv=k.shape[1])
+    q, score_scale = grouped_queries(q, k.shape[1], scale)
     acc = torch.promote_types(k.dtype, torch.float32)
     scores = (q.to(acc) * k.to(acc)[:, :, None]).sum(-1).to(k.dtype)  # b kv g k
-    if not exact:
-        scores = scores * scale
+    if score_scale is not None:
+        scores = scores * score_scale
     weights = masked_softmax(scores[..., None, :], mask[:, None, None]).squeeze(-2)
     out = (weights.to(acc)[..., None] * v.to(acc)[:, :, None]).sum(-2).to(v.dtype)  # b kv g d
     return rearrange(out, "b kv g d -> b (kv g) 1 d")
