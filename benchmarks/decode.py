@@ -40,6 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -211,7 +212,7 @@ def llama_cpp_decode(llm: Any, prompts: list[list[int]], new: int) -> Timing:
 
 
 def llama_cpp_best_of(source: Path, dtype: str, prompts: list[list[int]], new: int, runs: int) -> Timing:
-    """``best_of`` for llama.cpp on ``source`` converted to ``dtype`` (a temporary file, 0.3-0.5 GB)."""
+    """``best_of`` for llama.cpp on ``source`` converted to ``dtype`` (a temporary file of up to 0.55 GB)."""
     import llama_cpp
 
     with tempfile.TemporaryDirectory() as directory:
@@ -272,10 +273,15 @@ def main() -> None:
     if not with_llama_cpp:
         notes.append(
             "llama.cpp not installed, its rows left out: `uv run --group llama-cpp python "
-            "benchmarks/decode.py` builds llama-cpp-python (llama.cpp for this CPU) and adds them"
+            "benchmarks/decode.py` builds llama-cpp-python (llama.cpp for this CPU) and adds them at batch 1"
         )
     elif 1 not in batches:
         notes.append("llama.cpp rows are timed at batch 1 only, which this run left out")
+    else:
+        notes.append(
+            f"llama.cpp: llama-cpp-python {version('llama-cpp-python')}, its default F16 key/value cache, "
+            "the GGUF file converted to F32 or BF16 by its own quantizer"
+        )
     rows = []
     for name in dtypes:
         dtype = DTYPES[name]
