@@ -29,13 +29,16 @@ column is against the faster of the two. Run by hand:
     uv run python benchmarks/decode.py            # 128 new tokens, batch 1 and 8, fp32 and bf16 (where fast)
     uv run python benchmarks/decode.py --quick    # 16 new tokens, batch 1
     uv run --group llama-cpp python benchmarks/decode.py --batches 1   # with llama.cpp's rows
+    uv run python benchmarks/decode.py --batches 1 --new-tokens 1024 --name decode_1024   # a long generation
 
-Writes ``benchmarks/results/decode.md`` and ``decode.png``.
+Writes ``benchmarks/results/decode.md`` and ``decode.png`` (``--name``: ``NAME.md``, ``NAME.png``).
 """
 
 import argparse
 import ctypes
 import importlib.util
+import shlex
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -137,7 +140,7 @@ def zmaj_decode(model: Pretrained, step: Step, prompts: list[list[int]], new: in
         prefill = time.perf_counter() - start
         tokens = [token]
         start = time.perf_counter()
-        for _ in range(new - 1):  # the loop owns the cache: donated, as zmaj.infer.generate does (eager only)
+        for _ in range(new - 1):  # the loop owns the cache: donated, as zmaj.infer.generate does
             logits, cache = step(model.params, Batch(tokens=token[:, None]), cache, donate=True)
             token = logits[:, -1].argmax(-1)
             tokens.append(token)
@@ -255,6 +258,12 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument(
+        "--name",
+        default="decode",
+        help="results/NAME.md and NAME.png (default %(default)s), so that a run "
+        "with other settings can be kept beside the main one",
+    )
     args = parser.parse_args()
     new = 16 if args.quick else args.new_tokens
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
@@ -344,7 +353,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     text = "\n".join(
         [
-            "# Decode benchmark (`uv run python benchmarks/decode.py`)",
+            f"# Decode benchmark (`{shlex.join(['python', *sys.argv])}`)",
             "",
             head,
             f"- copy bandwidth {bandwidth:.1f} GB/s; {new} new tokens per row, greedy",
@@ -354,8 +363,8 @@ def main() -> None:
             "",
         ]
     )
-    (RESULTS / "decode.md").write_text(text)
-    plot(rows, RESULTS / "decode.png")
+    (RESULTS / f"{args.name}.md").write_text(text)
+    plot(rows, RESULTS / f"{args.name}.png")
 
 
 def plot(rows: list[dict[str, object]], out: Path) -> None:

@@ -104,16 +104,46 @@ class CacheStep:
     key_is_token: Bool[Tensor, "batch k_seq"]
     length: Int[Tensor, ""]
 
+    def write(
+        self,
+        cache: TensorDictBase,
+        layer: int,
+        k: Float[Tensor, "batch kv_heads q_seq head_dim"],
+        v: Float[Tensor, "batch kv_heads q_seq head_dim"],
+        donate: bool = False,
+    ) -> tuple[
+        Float[Tensor, "batch kv_heads k_seq head_dim"], Float[Tensor, "batch kv_heads k_seq head_dim"]
+    ]:
+        """Layer ``layer``'s keys and values with the new tokens' in their ``slots``: what its attention reads.
+
+        By default new tensors (``index_copy``), so the caller's cache never changes. With ``donate`` the caller
+        gives the cache up and the new keys and values are written into its stacked buffers, through the stacked
+        tensor indexed by layer and slot rather than through the layer's view: ``torch.compile`` turns a write into
+        a view of its input into a copy of the whole stack back into the input, but a write into the input itself
+        into a write of the new slots alone (``zmaj.infer.cache`` has the measurements).
+        """
+        if not donate:
+            return cache["k"][layer].index_copy(2, self.slots, k), cache["v"][layer].index_copy(
+                2, self.slots, v
+            )
+        layers = torch.full_like(self.slots, layer)
+        for name, new in (
+            ("k", k),
+            ("v", v),
+        ):  # indexed [layer, :, :, slot]: the values' slot axis comes first
+            cache[name][layers, :, :, self.slots] = new.permute(2, 0, 1, 3)
+        return cache["k"][layer], cache["v"][layer]
+
     def advance(
         self,
         keys: Sequence[Float[Tensor, "batch kv_heads k_seq head_dim"]],
         values: Sequence[Float[Tensor, "batch kv_heads k_seq head_dim"]],
         written_into: TensorDictBase | None = None,
     ) -> TensorDict:
-        """The cache after this step, from each layer's new keys and values (``cached_attention``'s outputs).
+        """The cache after this step, from each layer's keys and values (``write``'s outputs).
 
-        ``written_into`` is the cache the layers wrote into in place (``cached_attention(..., donate=True)``):
-        its stacked buffers already hold every layer's keys and values, so they are taken over, not stacked anew.
+        ``written_into`` is the cache ``write`` wrote into in place (``donate=True``): its stacked buffers already
+        hold every layer's keys and values, so they are taken over, not stacked anew.
         """
         return TensorDict(
             {
@@ -132,20 +162,11 @@ class CacheStep:
 class Step(Protocol):
     """``step(params, batch, cache, donate=False) -> (logits [batch, seq, vocab], new_cache)``: a model's
     ``forward_cached``. ``donate=True`` lets it write into ``cache``'s buffers (``jax.jit``'s ``donate_argnums``
-    in spirit): the caller promises never to read that cache again. (A compiled step ignores the offer:
-    ``zmaj.models.common.writes_in_place``.)"""
+    in spirit): the caller promises never to read that cache again (``CacheStep.write``)."""
 
     def __call__(
         self, params: TensorDictBase, batch: Batch, cache: TensorDictBase, *, donate: bool = False
     ) -> tuple[Tensor, TensorDictBase]: ...
-
-
-def writes_in_place(donate: bool) -> bool:
-    """Whether a cached step given ``donate`` writes into its cache's buffers: eagerly yes, under
-    ``torch.compile`` no. Inductor already writes the new cache once from its functional graph, whereas an
-    in-place write into a graph input made it slower (SmolLM2-135M, bf16, batch 1: 55.7 against 80.2
-    tokens/s in ``benchmarks/decode.py``), so the compiled step takes the flag and ignores it."""
-    return donate and not torch.compiler.is_compiling()
 
 
 def cache_step(batch: Batch, cache: TensorDictBase) -> CacheStep:

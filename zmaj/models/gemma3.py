@@ -34,7 +34,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models import common
-from zmaj.models.common import Batch, LazyLogits, batch_mask, cache_mask, cache_step, writes_in_place
+from zmaj.models.common import Batch, LazyLogits, batch_mask, cache_mask, cache_step
 from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention, project_heads
 from zmaj.nn.layers import Activation, embedding, glu_mlp, linear
 from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
@@ -210,7 +210,6 @@ def forward_cached(
     ``sliding_window`` slots, but one buffer shape for all layers keeps the cache a single stacked tensor, and
     the window is applied by the mask instead.
     """
-    donate = writes_in_place(donate)
     step = cache_step(batch, cache)
     masks = {
         sliding: cache_mask(step, config.sliding_window if sliding else None)
@@ -219,26 +218,12 @@ def forward_cached(
     x = embed(params, batch, config)
     angles = _angles(config, step.positions)
     keys, values = [], []
-    layers = zip(
-        common.layers(params["blocks"]),
-        cache["k"].unbind(0),
-        cache["v"].unbind(0),
-        config.is_sliding,
-        strict=True,
-    )
-    for block, cache_k, cache_v, sliding in layers:
+    layers = zip(common.layers(params["blocks"]), config.is_sliding, strict=True)
+    for layer, (block, sliding) in enumerate(layers):
         q, k, v = _rotated_qkv(block, x, *angles[sliding], config)
-        attended, cache_k, cache_v = cached_attention(
-            q,
-            k,
-            v,
-            cache_k,
-            cache_v,
-            step.slots,
-            masks[sliding],
-            config.attention,
-            config.attention_scale,
-            donate,
+        cache_k, cache_v = step.write(cache, layer, k, v, donate)
+        attended = cached_attention(
+            q, cache_k, cache_v, masks[sliding], config.attention, config.attention_scale
         )
         x = _finish_block(block, x, attended, config)
         keys.append(cache_k)

@@ -37,7 +37,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models import common
-from zmaj.models.common import Batch, LazyLogits, batch_mask, cache_mask, cache_step, writes_in_place
+from zmaj.models.common import Batch, LazyLogits, batch_mask, cache_mask, cache_step
 from zmaj.nn.attention import Backend, attention, cached_attention, project_heads
 from zmaj.nn.layers import (
     Activation,
@@ -259,7 +259,6 @@ def forward_cached(
     Evaluation only: no dropout. Value embeddings and U-net skips act on each token alone, so only keys and
     values need a cache.
     """
-    donate = writes_in_place(donate)
     step = cache_step(batch, cache)
     mask = cache_mask(step)
     x = _embed(params, batch.tokens, step.positions, config)
@@ -267,14 +266,11 @@ def forward_cached(
     value_embeddings = _value_embeddings(params, batch.tokens, config)
     keys, values = [], []
     outputs: list[Tensor] = []
-    layers = zip(common.layers(params["blocks"]), cache["k"].unbind(0), cache["v"].unbind(0), strict=True)
-    for layer, (block, cache_k, cache_v) in enumerate(layers):
+    for layer, block in enumerate(common.layers(params["blocks"])):
         x = _unet_skip(params, x, outputs, layer, config)
         q, k, v = _heads(block, x, angles, value_embeddings[layer], config)
-        attn_out, cache_k, cache_v = cached_attention(
-            q, k, v, cache_k, cache_v, step.slots, mask, config.attention, donate=donate
-        )
-        x = x + _merge_heads(block, attn_out)
+        cache_k, cache_v = step.write(cache, layer, k, v, donate)
+        x = x + _merge_heads(block, cached_attention(q, cache_k, cache_v, mask, config.attention))
         x = x + mlp(block["mlp"], _norm(block["mlp_norm"], x, config), config.activation)
         outputs.append(x)
         keys.append(cache_k)

@@ -23,7 +23,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models import common
-from zmaj.models.common import Batch, LazyLogits, batch_mask, cache_mask, cache_step, writes_in_place
+from zmaj.models.common import Batch, LazyLogits, batch_mask, cache_mask, cache_step
 from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention, project_heads
 from zmaj.nn.layers import Activation, embedding, glu_mlp, linear, rms_norm
 from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
@@ -176,22 +176,19 @@ def forward_cached(
     real tokens (``cache_step``), so left- or right-padded prompts (``batch.is_token``) need no positions.
     ``donate=True`` writes the new keys and values into ``cache``'s own buffers, which the returned cache then
     shares: for a decode loop that never reads the old cache again (``zmaj.infer.generate.stream``), it saves
-    copying the whole cache twice per step. Compiled steps ignore it (``common.writes_in_place``).
+    copying the whole cache twice per step (``common.CacheStep.write``).
     """
-    donate = writes_in_place(donate)
     step = cache_step(batch, cache)
     mask = cache_mask(step)
     x = embedding(params["embed"], batch.tokens)
     inv_freq = rope_frequencies(config.head_dim, config.rope_base, config.rope_scaling, device=x.device)
     cos, sin = rope_angles(step.positions, inv_freq)
     keys, values = [], []
-    layers = zip(common.layers(params["blocks"]), cache["k"].unbind(0), cache["v"].unbind(0), strict=True)
-    for block, cache_k, cache_v in layers:
+    for layer, block in enumerate(common.layers(params["blocks"])):
         attn = block["attn"]
         q, k, v = _rotated_qkv(attn, rms_norm(block["attn_norm"], x, config.norm_eps), cos, sin, config)
-        out, cache_k, cache_v = cached_attention(
-            q, k, v, cache_k, cache_v, step.slots, mask, config.attention, donate=donate
-        )
+        cache_k, cache_v = step.write(cache, layer, k, v, donate)
+        out = cached_attention(q, cache_k, cache_v, mask, config.attention)
         x = x + linear(attn["o"], rearrange(out, "b h s d -> b s (h d)"))
         x = x + glu_mlp(block["mlp"], rms_norm(block["mlp_norm"], x, config.norm_eps), config.activation)
         keys.append(cache_k)

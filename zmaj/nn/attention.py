@@ -10,9 +10,8 @@ Three interchangeable backends compute the same function:
 - ``flex``: compiled flex-attention with a ``BlockMask``: it skips fully masked tiles, so attention over packed
   documents costs in proportion to the tiles it computes.
 
-For generation, ``cached_attention`` writes the new tokens' keys and values into a preallocated key/value cache
-(layout in ``zmaj.infer.cache``) and attends over all of its slots under a dense mask, so every decode step has
-the same shapes.
+For generation, ``cached_attention`` attends from new tokens over every slot of a preallocated key/value cache
+(layout in ``zmaj.infer.cache``) under a dense mask, so every decode step has the same shapes.
 """
 
 import math
@@ -22,7 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from tensordict import TensorDictBase
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -216,64 +215,26 @@ def project_heads(
 
 def cached_attention(
     q: Float[Tensor, "batch heads q_seq head_dim"],
-    k: Float[Tensor, "batch kv_heads q_seq head_dim"],
-    v: Float[Tensor, "batch kv_heads q_seq head_dim"],
     cache_k: Float[Tensor, "batch kv_heads k_seq head_dim"],
     cache_v: Float[Tensor, "batch kv_heads k_seq head_dim"],
-    slots: Int[Tensor, " q_seq"],
     mask: Bool[Tensor, "batch q_seq k_seq"],
     backend: Backend,
     scale: float | None = None,
-    donate: bool = False,
-) -> tuple[
-    Float[Tensor, "batch heads q_seq head_dim"],
-    Float[Tensor, "batch kv_heads k_seq head_dim"],
-    Float[Tensor, "batch kv_heads k_seq head_dim"],
-]:
-    """Write the new keys and values into their cache ``slots``, then attend over every slot of the cache.
+) -> Float[Tensor, "batch heads q_seq head_dim"]:
+    """New tokens' queries over every slot of a key/value cache that already holds their own keys and values
+    (``zmaj.models.common.CacheStep.write`` puts them there).
 
-    Returns the output and the layer's new cache. By default the write is out of place (``index_copy``, not
-    ``index_copy_``): the caller's cache is never changed, at the price of one copy of the layer's cache per
-    call, small next to the weights at batch 1 (see ``zmaj.infer.cache``). With ``donate`` the caller gives the
-    cache up and the write lands in its buffers (``index_copy_``): what a decode loop that owns its cache does.
-    The mask must hide the slots not
-    written yet; ``zmaj.models.common.cache_mask`` does. Attending over the whole buffer keeps the shapes of
-    every decode step equal, which is what lets ``torch.compile`` reuse one graph. ``flex`` runs as SDPA here: a
-    decode step's single query row leaves no tiles to skip, and building a BlockMask per step costs more. A
-    decode step (one query) runs the eager formula whatever the backend: PyTorch's CPU SDPA kernel with an
-    explicit mask took 5 ms per call there (SmolLM2-135M, 160 slots, measured), 30x the two small einsums;
-    compiled on the CPU, it runs that formula as multiplies and sums (``single_query_attention``), which
+    The mask must hide the slots not written yet; ``zmaj.models.common.cache_mask`` does. Attending over the whole
+    buffer keeps the shapes of every decode step equal, which is what lets ``torch.compile`` reuse one graph.
+    ``flex`` runs as SDPA here: a decode step's single query row leaves no tiles to skip, and building a BlockMask
+    per step costs more. A decode step (one query) runs the eager formula whatever the backend: PyTorch's CPU SDPA
+    kernel with an explicit mask took 5 ms per call there (SmolLM2-135M, 160 slots, measured), 30x the two small
+    einsums; compiled on the CPU, it runs that formula as multiplies and sums (``single_query_attention``), which
     Inductor fuses (not measured on GPUs, where the einsums stay).
     """
-    if donate:
-        cache_k, cache_v = cache_k.index_copy_(2, slots, k), cache_v.index_copy_(2, slots, v)
-    else:
-        cache_k, cache_v = cache_k.index_copy(2, slots, k), cache_v.index_copy(2, slots, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
-        return single_query_attention(q, cache_k, cache_v, mask, scale), cache_k, cache_v
+        return single_query_attention(q, cache_k, cache_v, mask, scale)
     if backend == "eager" or q.shape[2] == 1:
-        return eager_attention(q, cache_k, cache_v, mask, scale), cache_k, cache_v
-    return sdpa_attention(q, cache_k, cache_v, mask, scale), cache_k, cache_v
-
-
-def cached_self_attention(
-    params: TensorDictBase,
-    x: Float[Tensor, "batch q_seq d_model"],
-    cache_k: Float[Tensor, "batch kv_heads k_seq head_dim"],
-    cache_v: Float[Tensor, "batch kv_heads k_seq head_dim"],
-    slots: Int[Tensor, " q_seq"],
-    mask: Bool[Tensor, "batch q_seq k_seq"],
-    n_heads: int,
-    n_kv_heads: int,
-    backend: Backend,
-    donate: bool = False,
-) -> tuple[
-    Float[Tensor, "batch q_seq d_model"],
-    Float[Tensor, "batch kv_heads k_seq head_dim"],
-    Float[Tensor, "batch kv_heads k_seq head_dim"],
-]:
-    """``self_attention`` for new tokens only, reading the earlier tokens' keys and values from the cache."""
-    q, k, v = project_heads(params, x, n_heads, n_kv_heads)
-    out, cache_k, cache_v = cached_attention(q, k, v, cache_k, cache_v, slots, mask, backend, donate=donate)
-    return linear(params["o"], rearrange(out, "b h s d -> b s (h d)")), cache_k, cache_v
+        return eager_attention(q, cache_k, cache_v, mask, scale)
+    return sdpa_attention(q, cache_k, cache_v, mask, scale)

@@ -284,16 +284,8 @@ def test_cached_attention_with_a_window_equals_full_attention(
     for start, end in data.draw(chunkings(seq)):
         tokens = torch.zeros(batch, end - start, dtype=torch.long, device=device)
         step = cache_step(Batch(tokens=tokens, is_token=is_token[:, start:end]), cache)
-        out, cache_k, cache_v = cached_attention(
-            q[:, :, start:end],
-            k[:, :, start:end],
-            v[:, :, start:end],
-            cache["k"][0],
-            cache["v"][0],
-            step.slots,
-            cache_mask(step, window),
-            backend,
-        )
+        cache_k, cache_v = step.write(cache, 0, k[:, :, start:end], v[:, :, start:end])
+        out = cached_attention(q[:, :, start:end], cache_k, cache_v, cache_mask(step, window), backend)
         cache = step.advance([cache_k], [cache_v])
         outputs.append(out)
     cached = torch.cat(outputs, dim=2)
@@ -318,16 +310,23 @@ for batch in (1, 2):  # batch 1 takes linear's compiled matrix-vector path (zmaj
     compiled = torch.compile(llama.cached(config), fullgraph=True)
     rows = tokens[:batch]
     with torch.no_grad():
-        cache = init_cache(config, batch=batch, max_len=16)
+        cache = init_cache(config, batch=batch, max_len=17)  # a slot left for the last, undonated step
         _, cache = llama.forward_cached(params, Batch(tokens=rows[:, :8]), cache, config)
         _, cache = compiled(params, Batch(tokens=rows[:, 8:9]), cache, donate=True)  # as generate's decode steps
         with torch._dynamo.config.patch(error_on_recompile=True):
             for i in range(9, 16):
-                old, before = cache, cache.clone()
-                logits, cache = compiled(params, Batch(tokens=rows[:, i : i + 1]), cache, donate=True)
-                assert (old == before).all(), "a compiled step wrote into the cache it was given"
+                token, before = Batch(tokens=rows[:, i : i + 1]), cache.clone()
+                logits, donated = compiled(params, token, cache, donate=True)
+                _, fresh = llama.forward_cached(params, token, before, config)
+                for name in ("k", "v"):  # written into the given buffers, as the eager out-of-place step writes
+                    assert donated[name].data_ptr() == cache[name].data_ptr(), (batch, i, name)
+                    assert (donated[name] - fresh[name]).abs().max() <= 1e-5, (batch, i, name)
                 full = llama.forward(params, Batch(tokens=rows[:, : i + 1]), config)
                 assert (logits[:, 0] - full[:, -1]).abs().max() <= 1e-5, (batch, i)
+                cache = donated
+        before = cache.clone()
+        compiled(params, Batch(tokens=rows[:, :1]), cache)  # not donated: a second graph, which writes nothing
+        assert (cache == before).all(), "a compiled step wrote into a cache it was not given"
 """
 
 
