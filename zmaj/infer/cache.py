@@ -14,21 +14,22 @@ arXiv:2211.05102, weigh its memory against batch size and context). The cache is
 
 Every shape is fixed by ``max_len`` and the length is a tensor, not a Python int, so a compiled decode step
 sees the same graph at every position. A model's ``forward_cached(params, batch, cache, config)`` returns
-``(logits, new_cache)``; ``zmaj.models.common.cache_step``, ``CacheStep.write`` and ``cache_mask`` do the bookkeeping and the writing,
-and ``zmaj.nn.attention.cached_attention`` the attending, so a model adds cached decoding in a few lines.
+``(logits, new_cache)``; ``zmaj.models.common.cache_step``, ``CacheStep.write`` and ``cache_mask`` do the
+bookkeeping and the writing, and ``zmaj.nn.attention.cached_attention`` the attending, so a model adds cached
+decoding in a few lines.
 
-Writes are out of place by default: a step returns a new cache and never changes the one it was given, so one empty
-cache can start any number of generations, and a prefilled cache can be branched (``repeat_rows``). That costs two
-copies of the cache per step (one per layer in ``CacheStep.write``, one stacking the layers). Out of place against
-in place, for a SmolLM2-135M-shaped Llama: at batch 1 in float32, 12.6 against 13.5 tokens/s with a 96-slot cache
-and 8.0 against 12.3 with a 2048-slot one (an early ``index_copy_`` experiment); at batch 128 in bf16, 297 against
-194 ms per step (``donate=True``). So a decode loop that owns its cache donates it
-(``forward_cached(..., donate=True)``, as ``jax.jit(donate_argnums=...)`` lets XLA do): the step writes into the
-given buffers and returns them. ``zmaj.infer.generate.stream`` prefills out of place, then donates every step.
-Compiled steps write in place too: ``CacheStep.write`` writes through the stacked tensor, which Inductor turns into
-a write of the new slots alone (through a layer's view, it copied the whole stack back instead). SmolLM2-135M,
-bf16, batch 1, 63 steps a round, 6 interleaved rounds in one process (session 19): 35.2 against 48.9 ms a token
-with a 2071-slot cache, 23.6 against 23.6 with a 71-slot one, the same tokens.
+Writes are out of place by default: a step returns a new cache and never changes the one it was given, so one
+empty cache can start any number of generations, and a prefilled cache can be branched (``repeat_rows``). That
+costs two copies of the cache per step (one per layer in ``CacheStep.write``, one stacking the layers). Out of
+place against in place, for a SmolLM2-135M-shaped Llama: at batch 1 in float32, 12.6 against 13.5 tokens/s
+with a 96-slot cache and 8.0 against 12.3 with a 2048-slot one (an early ``index_copy_`` experiment); at batch
+128 in bf16, 297 against 194 ms per step (``donate=True``). So a decode loop that owns its cache donates it
+(``forward_cached(..., donate=True)``, as ``jax.jit(donate_argnums=...)`` lets XLA do): the step writes into
+the given buffers and returns them. ``zmaj.infer.generate.stream`` prefills out of place, then donates every
+step. Compiled steps write in place too: ``CacheStep.write`` writes through the stacked tensor, which Inductor
+turns into a write of the new slots alone (through a layer's view, it copied the whole stack back instead).
+SmolLM2-135M, bf16, batch 1, 63 steps a round, 6 interleaved rounds in one process (session 19): 35.2 against
+48.9 ms a token with a 2071-slot cache, 23.6 against 23.6 with a 71-slot one, the same tokens.
 """
 
 from dataclasses import dataclass

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Protocol, no_type_check, runtime_checkable
 
 import torch
+from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
@@ -116,23 +117,22 @@ class CacheStep:
     ]:
         """Layer ``layer``'s keys and values with the new tokens' in their ``slots``: what its attention reads.
 
-        By default new tensors (``index_copy``), so the caller's cache never changes. With ``donate`` the caller
-        gives the cache up and the new keys and values are written into its stacked buffers, through the stacked
-        tensor indexed by layer and slot rather than through the layer's view: ``torch.compile`` turns a write into
-        a view of its input into a copy of the whole stack back into the input, but a write into the input itself
-        into a write of the new slots alone (``zmaj.infer.cache`` has the measurements).
+        By default new tensors (``index_copy``), so the caller's cache never changes. With ``donate`` the
+        caller gives the cache up and the new keys and values go into its stacked buffers, indexed by layer
+        and slot on the stacked tensor itself: Inductor copies the whole stack back when a layer's view of an
+        input is written, but writes only the new slots when the input is indexed (``zmaj.infer.cache`` has
+        the measurements). Eagerly that indexed write costs ~12 us more than ``index_copy_`` on the view
+        (bf16, batch 1): 0.7 ms of an eager SmolLM2-135M step's ~75.
         """
         if not donate:
-            return cache["k"][layer].index_copy(2, self.slots, k), cache["v"][layer].index_copy(
-                2, self.slots, v
-            )
+            cache_k, cache_v = cache["k"][layer], cache["v"][layer]
+            return cache_k.index_copy(2, self.slots, k), cache_v.index_copy(2, self.slots, v)
+        # The layer as a tensor index, not an int: an int would select the layer's view and write through it.
+        # With the two index tensors apart, the indexed slots come first in the values' axes.
         layers = torch.full_like(self.slots, layer)
-        for name, new in (
-            ("k", k),
-            ("v", v),
-        ):  # indexed [layer, :, :, slot]: the values' slot axis comes first
-            cache[name][layers, :, :, self.slots] = new.permute(2, 0, 1, 3)
-        return cache["k"][layer], cache["v"][layer]
+        for name, new in (("k", k), ("v", v)):
+            cache[name][layers, :, :, self.slots] = rearrange(new, "b h q d -> q b h d")
+        return cache["k"][layer], cache["v"][layer]  # views taken after the writes, as the graph reads them
 
     def advance(
         self,
@@ -142,8 +142,8 @@ class CacheStep:
     ) -> TensorDict:
         """The cache after this step, from each layer's keys and values (``write``'s outputs).
 
-        ``written_into`` is the cache ``write`` wrote into in place (``donate=True``): its stacked buffers already
-        hold every layer's keys and values, so they are taken over, not stacked anew.
+        ``written_into`` is the cache ``write`` wrote into in place (``donate=True``): its stacked buffers
+        already hold every layer's keys and values, so they are taken over, not stacked anew.
         """
         return TensorDict(
             {

@@ -224,13 +224,13 @@ def cached_attention(
     """New tokens' queries over every slot of a key/value cache that already holds their own keys and values
     (``zmaj.models.common.CacheStep.write`` puts them there).
 
-    The mask must hide the slots not written yet; ``zmaj.models.common.cache_mask`` does. Attending over the whole
-    buffer keeps the shapes of every decode step equal, which is what lets ``torch.compile`` reuse one graph.
-    ``flex`` runs as SDPA here: a decode step's single query row leaves no tiles to skip, and building a BlockMask
-    per step costs more. A decode step (one query) runs the eager formula whatever the backend: PyTorch's CPU SDPA
-    kernel with an explicit mask took 5 ms per call there (SmolLM2-135M, 160 slots, measured), 30x the two small
-    einsums; compiled on the CPU, it runs that formula as multiplies and sums (``single_query_attention``), which
-    Inductor fuses (not measured on GPUs, where the einsums stay).
+    The mask must hide the slots not written yet; ``zmaj.models.common.cache_mask`` does. Attending over the
+    whole buffer keeps the shapes of every decode step equal, which is what lets ``torch.compile`` reuse one
+    graph. ``flex`` runs as SDPA here: a decode step's single query row leaves no tiles to skip, and building
+    a BlockMask per step costs more. A decode step (one query) runs the eager formula whatever the backend:
+    PyTorch's CPU SDPA kernel with an explicit mask took 5 ms per call there (SmolLM2-135M, 160 slots,
+    measured), 30x the two small einsums; compiled on the CPU, it runs that formula as multiplies and sums
+    (``single_query_attention``), which Inductor fuses (not measured on GPUs, where the einsums stay).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():

@@ -1,5 +1,5 @@
 """The key/value cache: a cached forward pass equals recomputing the whole sequence, whatever the chunking,
-padding, window or architecture; and a step never changes the cache it was given."""
+padding, window or architecture; and a step never changes the cache it was given unless it is donated."""
 
 import itertools
 import subprocess
@@ -204,8 +204,51 @@ def test_a_donated_step_equals_the_out_of_place_one_and_writes_in_place(
     donated_logits, donated = module.forward_cached(params, token, cache, config, donate=True)
     torch.testing.assert_close(donated_logits, logits, rtol=0, atol=0)
     assert (donated == fresh).all()
-    assert donated["k"].data_ptr() == cache["k"].data_ptr()
-    assert not (cache["k"] == before["k"]).all()
+    for name in ("k", "v"):
+        assert donated[name].data_ptr() == cache[name].data_ptr()
+        assert not (cache[name] == before[name]).all()
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A cache shape drawn by hypothesis."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+
+
+@settings(max_examples=30)
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 3),
+    new=st.integers(1, 4),
+    written=st.integers(0, 3),
+    layer=st.integers(0, 2),
+    seed=strategies.seeds,
+)
+def test_a_donated_write_is_index_copy_into_its_layer_alone(
+    device: torch.device, batch: int, kv_heads: int, new: int, written: int, layer: int, seed: int
+) -> None:
+    """The indexed write of ``CacheStep.write(donate=True)`` against ``index_copy_`` on the layer's view, for
+    several tokens at once (a prefill or a chat turn), every row and head; the other layers and slots
+    untouched."""
+    generator = torch.Generator().manual_seed(seed)
+    cache = init_cache(Shape(3, kv_heads, 4), batch, max_len=8, device=device)
+    for name in ("k", "v"):
+        cache[name].copy_(torch.randn(cache[name].shape, generator=generator))
+    cache["length"] = torch.tensor(written, device=device)
+    step = cache_step(Batch(tokens=torch.zeros(batch, new, dtype=torch.long, device=device)), cache)
+    k, v = (torch.randn(batch, kv_heads, new, 4, generator=generator).to(device) for _ in range(2))
+    expected = cache.clone()
+    expected["k"][layer].index_copy_(2, step.slots, k)
+    expected["v"][layer].index_copy_(2, step.slots, v)
+    out_of_place = step.write(cache, layer, k, v)
+    donated = step.write(cache, layer, k, v, donate=True)
+    for i, name in enumerate(("k", "v")):
+        assert torch.equal(cache[name], expected[name])
+        assert torch.equal(donated[i], expected[name][layer])
+        assert torch.equal(out_of_place[i], expected[name][layer])
 
 
 def test_a_step_leaves_its_cache_unchanged(device: torch.device) -> None:
@@ -318,14 +361,14 @@ for batch in (1, 2):  # batch 1 takes linear's compiled matrix-vector path (zmaj
                 token, before = Batch(tokens=rows[:, i : i + 1]), cache.clone()
                 logits, donated = compiled(params, token, cache, donate=True)
                 _, fresh = llama.forward_cached(params, token, before, config)
-                for name in ("k", "v"):  # written into the given buffers, as the eager out-of-place step writes
+                for name in ("k", "v"):  # into the given buffers, what the eager out-of-place step writes
                     assert donated[name].data_ptr() == cache[name].data_ptr(), (batch, i, name)
                     assert (donated[name] - fresh[name]).abs().max() <= 1e-5, (batch, i, name)
                 full = llama.forward(params, Batch(tokens=rows[:, : i + 1]), config)
                 assert (logits[:, 0] - full[:, -1]).abs().max() <= 1e-5, (batch, i)
                 cache = donated
         before = cache.clone()
-        compiled(params, Batch(tokens=rows[:, :1]), cache)  # not donated: a second graph, which writes nothing
+        compiled(params, Batch(tokens=rows[:, :1]), cache)  # not donated: a second graph, writing nothing
         assert (cache == before).all(), "a compiled step wrote into a cache it was not given"
 """
 
