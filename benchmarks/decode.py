@@ -29,7 +29,8 @@ column is against the faster of the two. Run by hand:
     uv run python benchmarks/decode.py            # 128 new tokens, batch 1 and 8, fp32 and bf16 (where fast)
     uv run python benchmarks/decode.py --quick    # 16 new tokens, batch 1
     uv run --group llama-cpp python benchmarks/decode.py --batches 1   # with llama.cpp's rows
-    uv run python benchmarks/decode.py --batches 1 --new-tokens 1024 --name decode_1024   # a long generation
+    uv run --group llama-cpp python benchmarks/decode.py --batches 1 --dtypes bf16 --new-tokens 1024 \
+        --runs 1 --name decode_1024                                   # a long generation, in its own file
 
 Writes ``benchmarks/results/decode.md`` and ``decode.png`` (``--name``: ``NAME.md``, ``NAME.png``).
 """
