@@ -210,12 +210,12 @@ def test_a_donated_step_equals_the_out_of_place_one_and_writes_in_place(
 
 
 @dataclass(frozen=True)
-class Shape:
-    """A cache shape drawn by hypothesis."""
+class SmallCache:
+    """A small cache shape, for driving ``CacheStep`` and ``cached_attention`` directly."""
 
-    n_layers: int
-    n_kv_heads: int
-    head_dim: int
+    n_layers: int = 1
+    n_kv_heads: int = 2
+    head_dim: int = 8
 
 
 @settings(max_examples=30)
@@ -234,7 +234,7 @@ def test_a_donated_write_is_index_copy_into_its_layer_alone(
     several tokens at once (a prefill or a chat turn), every row and head; the other layers and slots
     untouched."""
     generator = torch.Generator().manual_seed(seed)
-    cache = init_cache(Shape(3, kv_heads, 4), batch, max_len=8, device=device)
+    cache = init_cache(SmallCache(3, kv_heads, 4), batch, max_len=8, device=device)
     for name in ("k", "v"):
         cache[name].copy_(torch.randn(cache[name].shape, generator=generator))
     cache["length"] = torch.tensor(written, device=device)
@@ -281,15 +281,6 @@ def test_init_cache_is_sized_by_the_config(device: torch.device, name: str) -> N
         init_cache(config, batch=3, max_len=0)
 
 
-@dataclass(frozen=True)
-class OneLayer:
-    """The smallest cache shape, for driving ``cached_attention`` directly."""
-
-    n_layers: int = 1
-    n_kv_heads: int = 2
-    head_dim: int = 8
-
-
 @settings(max_examples=25)
 @given(
     seq=st.integers(2, 24),
@@ -306,7 +297,7 @@ def test_cached_attention_with_a_window_equals_full_attention(
     The reference masks by slot index; the cache by absolute position. For real tokens of a left-padded row the
     two differ by a constant; for a right-padded row the real tokens come first, so only real rows are compared.
     """
-    batch, shape = 2, OneLayer()
+    batch, shape = 2, SmallCache()
     generator = torch.Generator().manual_seed(data.draw(strategies.seeds))
     q = torch.randn(batch, 4, seq, shape.head_dim, generator=generator).to(device)
     k, v = (
