@@ -136,7 +136,7 @@ class Shape:
     heads: int
     vocab: int
     bias: bool
-    attention: Backend = "sdpa"  # zmaj's attention backend; the module stacks use SDPA
+    attention: Backend = "auto"  # zmaj's attention backend; the module stacks use SDPA
 
     def gpt_config(self) -> gpt.GPTConfig:
         return gpt.GPTConfig(
@@ -942,9 +942,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--zmaj-attention",
-        choices=["sdpa", "eager"],
-        default="sdpa",
-        help="zmaj's attention: SDPA's fused kernels, or the formula (softmax(QK^T) V), which Inductor fuses",
+        choices=["auto", "sdpa", "eager"],
+        default="auto",
+        help="zmaj's attention: as the specs choose it (zmaj.nn.attention.choose_backend), SDPA's fused "
+        "kernels, or the formula (softmax(QK^T) V), which Inductor fuses",
     )
     parser.add_argument(
         "--profile-steps", type=int, default=2, help="zmaj eager fp32 steps profiled (0: none)"

@@ -87,7 +87,7 @@ class Gemma3Config(BaseModel):
     tie_embeddings: bool = True
     activation: Activation = "gelu_tanh"
     init_std: float = Field(0.02, gt=0)
-    attention: Backend = "sdpa"
+    attention: Backend = "auto"
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> "Gemma3Config":

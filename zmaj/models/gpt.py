@@ -90,7 +90,7 @@ class GPTConfig(BaseModel):
     )
     dropout: float = Field(0.0, ge=0, lt=1)
     init_std: float = Field(0.02, gt=0)
-    attention: Backend = "sdpa"
+    attention: Backend = "auto"
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> "GPTConfig":

@@ -63,7 +63,7 @@ class LlamaConfig(BaseModel):
     )
     activation: Activation = "silu"
     init_std: float = Field(0.02, gt=0)
-    attention: Backend = "sdpa"
+    attention: Backend = "auto"
 
     @model_validator(mode="after")
     def _heads_fit(self) -> "LlamaConfig":

@@ -1,4 +1,4 @@
-"""The three attention backends compute one function; that function has the properties attention must have."""
+"""The attention backends compute one function (``auto`` picks one), which has the properties it must."""
 
 import subprocess
 import sys
@@ -15,8 +15,10 @@ from torch.nn.attention.flex_attention import BlockMask
 from tests import strategies
 from zmaj.nn import masks
 from zmaj.nn.attention import (
+    FORMULA_MAX_KEYS,
     Backend,
     attention,
+    choose_backend,
     eager_attention,
     flex,
     prepare_mask,
@@ -83,6 +85,26 @@ def test_backends_agree(device: torch.device, problem: Problem) -> None:
     reference = run(q, k, v, mod, "eager")
     for backend in ("sdpa", "flex"):
         torch.testing.assert_close(run(q, k, v, mod, backend), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "k_len", "compiling", "expected"),
+    [
+        ("cpu", torch.bfloat16, FORMULA_MAX_KEYS, True, "eager"),
+        ("cpu", torch.float16, 64, True, "eager"),
+        ("cpu", torch.bfloat16, FORMULA_MAX_KEYS + 1, True, "sdpa"),
+        ("cpu", torch.float32, 64, True, "sdpa"),
+        ("cpu", torch.bfloat16, 64, False, "sdpa"),
+        ("cuda", torch.bfloat16, 64, True, "sdpa"),
+    ],
+)
+def test_auto_runs_the_formula_only_where_it_measured_faster(
+    device: str, dtype: torch.dtype, k_len: int, compiling: bool, expected: str
+) -> None:
+    """Compiled, 16-bit, on a CPU, over few keys: the formula; elsewhere SDPA. Named backends pass through."""
+    assert choose_backend("auto", torch.device(device), dtype, k_len, compiling) == expected
+    for backend in BACKENDS:
+        assert choose_backend(backend, torch.device(device), dtype, k_len, compiling) == backend
 
 
 @settings(max_examples=20)
