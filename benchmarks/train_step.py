@@ -8,7 +8,8 @@ of width 4 d, tied embeddings, SDPA causal attention, no dropout, no biases by d
   ``zmaj.train.precision``. Its rows take its fusions away one at a time (``ZMAJ_VARIANTS``): ``zmaj`` (q/k/v
   in one matmul, and the unembedding and loss in chunks of positions, ``zmaj.nn.loss.chunked_cross_entropy``,
   never holding the whole logits), ``zmaj-logits`` (the whole logits, then the loss), ``zmaj-unfused`` (also
-  q, k and v one matmul each).
+  q, k and v one matmul each); ``zmaj-sdpa`` is ``zmaj`` with SDPA where ``attention: auto`` would run the
+  formula (``zmaj.nn.attention.choose_backend``).
 - ``nanoGPT``: karpathy/nanoGPT's ``model.py`` (copied below, its training parts verbatim) with train.py's
   loop: ``configure_optimizers`` (AdamW, weight decay on dim >= 2, fused on CUDA, PyTorch's default
   implementation elsewhere), ``with ctx: logits, loss = model(X, Y)``, ``loss.backward()``, clip,
@@ -115,6 +116,7 @@ ZMAJ_VARIANTS = {
     "zmaj": "fused q/k/v projections, chunked unembedding + loss (gpt.lazy_forward): the default",
     "zmaj-logits": "fused q/k/v, the whole logits then the loss (gpt.forward)",
     "zmaj-unfused": "q, k and v one matmul each, the whole logits: zmaj before issue 18",
+    "zmaj-sdpa": "zmaj with SDPA where the specs' attention: auto runs the formula (compiled, 16-bit, CPU)",
 }
 """zmaj's rows, one per fusion taken away in turn, so that each one's effect reads off the table."""
 STACKS = (*ZMAJ_VARIANTS, "transformers", "nanoGPT")
@@ -416,10 +418,12 @@ def zmaj_step(
     clip + AdamW (donating the old state) each compiled; ``variant`` is one of ``ZMAJ_VARIANTS``."""
     device = batch.tokens.device
     config = shape.gpt_config()
+    if variant == "zmaj-sdpa":
+        config = config.model_copy(update={"attention": "sdpa"})
     state = step.init_state(gpt.init(config, 0, device))
     forward: step.Forward | step.LazyForward = (
         step.bind_lazy(gpt.lazy_forward, config=config)
-        if variant == "zmaj"
+        if variant in ("zmaj", "zmaj-sdpa")
         else step.bind(gpt.forward, config=config)
     )
     adamw_config = optim.AdamWConfig(lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
