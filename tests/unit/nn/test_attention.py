@@ -275,3 +275,37 @@ def test_compiled_single_query_attention_is_as_accurate_as_the_formula() -> None
         [sys.executable, "-c", COMPILED_SINGLE_QUERY], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+AUTO_UNDER_COMPILE = """
+import torch
+from zmaj.nn.attention import FORMULA_MAX_KEYS, attention
+
+torch.manual_seed(0)
+
+
+def output_and_grads(backend, seq):
+    q, k, v = (torch.randn(2, 4, seq, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    fn = torch.compile(lambda q, k, v: attention(q, k, v, None, backend), backend="aot_eager", fullgraph=True)
+    out = fn(q, k, v)
+    out.float().square().sum().backward()
+    return out, q.grad, k.grad, v.grad
+
+
+for seq, expected in ((64, "eager"), (FORMULA_MAX_KEYS + 1, "sdpa")):
+    state = torch.random.get_rng_state()
+    chosen = output_and_grads("auto", seq)
+    torch.random.set_rng_state(state)
+    named = output_and_grads(expected, seq)
+    assert all(torch.equal(a, b) for a, b in zip(chosen, named, strict=True)), (seq, expected)
+"""
+
+
+def test_auto_under_compile_runs_what_choose_backend_says() -> None:
+    """Traced by ``torch.compile`` (``aot_eager``: dynamo and autograd's tracing, no kernels to build), ``auto`` in
+    bf16 on the CPU gives the bits, forward and backward, of the formula over few keys and of SDPA over more. In
+    a fresh interpreter, as above."""
+    done = subprocess.run(
+        [sys.executable, "-c", AUTO_UNDER_COMPILE], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
