@@ -302,9 +302,9 @@ for seq, expected in ((64, "eager"), (FORMULA_MAX_KEYS + 1, "sdpa")):
 
 
 def test_auto_under_compile_runs_what_choose_backend_says() -> None:
-    """Traced by ``torch.compile`` (``aot_eager``: dynamo and autograd's tracing, no kernels to build), ``auto`` in
-    bf16 on the CPU gives the bits, forward and backward, of the formula over few keys and of SDPA over more. In
-    a fresh interpreter, as above."""
+    """Traced by ``torch.compile`` (``aot_eager``: dynamo and autograd's tracing, no kernels to build),
+    ``auto`` in bf16 on the CPU gives the bits, forward and backward, of the formula over few keys and of SDPA
+    over more. In a fresh interpreter, as above."""
     done = subprocess.run(
         [sys.executable, "-c", AUTO_UNDER_COMPILE], capture_output=True, text=True, timeout=600
     )
