@@ -115,8 +115,9 @@ def grad_and_value(
     always runs the backward pass with ``create_graph=True`` (``torch/_functorch/eager_transforms.py``), so that an
     outer transform could differentiate the gradients again; autograd then records a graph of the backward pass
     too, and sums the gradients that meet at a tensor out of place. A step's gradients are never differentiated
-    again, so that graph is pure cost: 6-11% of the eager step (README, "The eager step, sessions 14-15"). The
-    gradients are the same bits (tested), and under ``torch.compile`` both trace to the same graph.
+    again, so that graph is pure cost: 6-11% of the eager step (``benchmarks/README.md``, "The eager step,
+    sessions 14-15"). The gradients are the same bits (tested), and under ``torch.compile`` both trace to the
+    same graph.
     """
 
     # The annotations are strings: ``torch.compile`` traces this ``def`` inside a compiled step, and an evaluated
