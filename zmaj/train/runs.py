@@ -317,16 +317,18 @@ def _make_dir(path: Path, what: str = "the run folder") -> None:
 def _check_writable(run_dir: Path) -> None:
     """Fail now, naming the folder, if the run cannot create files in its folder or in its checkpoints folder
     (a read-only ``--resume`` folder, whose existing lock and logs can still be appended to): otherwise the
-    first checkpoint would fail after the training it was to keep."""
+    first checkpoint would fail after the training it was to keep.
+
+    The probe is a ``TemporaryFile``: on Linux an unnamed file (``O_TMPFILE``), which needs the folder's write
+    permission like any other but never has a name there, so a process killed while probing leaves nothing
+    behind (elsewhere, a named file removed at once)."""
     for folder, what in ((run_dir, "run folder"), (run_dir / checkpoint.CHECKPOINTS, "checkpoints folder")):
         if not folder.is_dir():
             continue
         try:
-            descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+            tempfile.TemporaryFile(dir=folder).close()
         except OSError as error:
             raise _cannot(f"write in the {what} {folder}", error) from error
-        os.close(descriptor)
-        os.unlink(probe)
 
 
 def _cannot(what: str, error: OSError) -> UserError:

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import torch
@@ -317,14 +317,14 @@ def test_a_resume_folder_where_no_file_can_be_made_is_refused_before_training(
     test above, for a suite that may run as root)."""
     train(tmp_path / "run", stop_after=2)
     before = sorted(path.name for path in (tmp_path / "run").rglob("*"))
-    mkstemp = tempfile.mkstemp
+    temporary_file = tempfile.TemporaryFile
 
-    def denying(dir: Path, prefix: str) -> tuple[int, str]:  # mkstemp's keywords
+    def denying(dir: Path) -> IO[bytes]:  # the probe's keyword
         if dir == tmp_path / read_only:
             raise PermissionError(errno.EACCES, "Permission denied", str(dir))
-        return mkstemp(dir=dir, prefix=prefix)
+        return temporary_file(dir=dir)
 
-    monkeypatch.setattr(tempfile, "mkstemp", denying)
+    monkeypatch.setattr(tempfile, "TemporaryFile", denying)
     folder = "run folder" if read_only == "run" else "checkpoints folder"
     with pytest.raises(
         runs.UserError, match=rf"cannot write in the {folder} .*/{read_only}: Permission denied"
