@@ -9,6 +9,8 @@ the steps themselves.
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,18 +50,59 @@ def main(out: Path) -> None:
                 reshard(parallel, state, out / "run", module.init(config, 0))
                 bf16 = run_lm(module, config, parallel, global_batches(config.vocab_size), torch.bfloat16)
                 save(parallel, bf16, out / "gpt-fsdp-bf16")
-                with_muon = run_lm(
-                    module, config, parallel, global_batches(config.vocab_size), optimizer=MUON
-                )
-                save(parallel, with_muon, out / "gpt-fsdp-muon")
+            if name == "gpt":
+                with counting_orthogonalized(out / f"orthogonalized-{kind}-rank{parallel.rank}.json"):
+                    with_muon = run_lm(
+                        module, config, parallel, global_batches(config.vocab_size), optimizer=MUON
+                    )
+                save(parallel, with_muon, out / f"gpt-{kind}-muon")
+            if kind == "fsdp" and name == "gpt":
                 reshard(parallel, with_muon, out / "run-muon", module.init(config, 0), MUON)
     (out / f"held-rank{dp.rank}.json").write_text(json.dumps(whole_bytes_held(replace(dp, kind="fsdp"))))
+    (out / f"each-matrix-rank{dp.rank}.json").write_text(json.dumps(each_matrix_errors(dp)))
     save(dp, run_dpo(dp, dpo_batches()), out / "dpo-dp")
     grpo_state, grpo_metrics = run_grpo(dp, grpo_rollout())
     save(dp, grpo_state, out / "grpo-dp")
     (out / f"grpo-metrics-rank{dp.rank}.json").write_text(json.dumps(grpo_metrics))
     if dp.main:
         (out / "counts.json").write_text(json.dumps(counts))
+
+
+@contextmanager
+def counting_orthogonalized(path: Path) -> Iterator[None]:
+    """Within it, how many matrices each of Muon's Newton-Schulz calls on this rank takes, written to ``path``
+    as a JSON list at the end."""
+    calls: list[int] = []
+    original = muon.orthogonalize
+
+    def counted(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        calls.append(update.flatten(0, -3).shape[0] if update.ndim > 2 else 1)
+        return original(update, steps, dtype)
+
+    muon.orthogonalize = counted
+    try:
+        yield
+    finally:
+        muon.orthogonalize = original
+    path.write_text(json.dumps(calls))
+
+
+def each_matrix_errors(dp: Parallel) -> dict[str, float]:
+    """For stacks of 1, 3 and 4 matrices, data parallel and fully sharded: the largest difference between this
+    rank's piece of ``Parallel.each_matrix(..., orthogonalize)`` and its piece of orthogonalising the whole
+    stack in one call. 1 and 3 do not split evenly between 2 ranks (one rank has no matrix, or one fewer)."""
+    errors = {}
+    for kind in ("dp", "fsdp"):
+        parallel = replace(dp, kind=kind)
+        for layers in (1, 3, 4):
+            whole = torch.randn(layers, 4, 6, generator=torch.Generator().manual_seed(layers))
+            td = parallel.shard(TensorDict({"blocks": TensorDict({"w": whole}, batch_size=[layers])}))
+            key = ("blocks", "w")
+            got = parallel.each_matrix(td, key, td.get(key), muon.orthogonalize)
+            want = parallel.piece(td, key, muon.orthogonalize(whole))
+            assert got.shape == want.shape == td.get(key).shape, (kind, layers, got.shape, want.shape)
+            errors[f"{kind}-{layers}"] = float((got - want).abs().max())
+    return errors
 
 
 def whole_bytes_held(parallel: Parallel) -> dict[str, int]:

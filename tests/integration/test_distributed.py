@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from tests.integration.distributed_cases import (
     MODELS,
     MUON,
+    STEPS,
     dpo_batches,
     global_batches,
     grpo_rollout,
@@ -26,7 +27,7 @@ from tests.integration.distributed_cases import (
     run_grpo,
     run_lm,
 )
-from zmaj.train import checkpoint
+from zmaj.train import checkpoint, muon
 from zmaj.train.parallel import Parallel
 from zmaj.train.step import init_state
 
@@ -128,13 +129,50 @@ def test_a_sharded_step_under_bf16_autocast_is_the_one_process_step_up_to_bf16_r
     )
 
 
+def muon_alone() -> dict[str, torch.Tensor]:
+    module, config = MODELS["gpt"]
+    return checkpoint.flatten(
+        run_lm(module, config, Parallel(), global_batches(config.vocab_size), optimizer=MUON)
+    )
+
+
+def test_muon_data_parallel_is_the_one_process_step(out: Path) -> None:
+    """Each rank orthogonalises half of every stacked matrix's layers and the ranks share the results: the
+    step must still be one process's, with every rank holding the same state, bit for bit."""
+    alone = muon_alone()
+    assert_close_state(
+        load_file(out / "gpt-dp-muon.safetensors"),
+        alone,
+        kinds=("params.", "opt.m.", "opt.v.", "opt.momentum."),
+    )
+    ranks = [load_file(out / f"gpt-dp-muon-rank{r}.safetensors") for r in range(2)]
+    assert all(torch.equal(ranks[0][key], ranks[1][key]) for key in ranks[0])
+
+
+@pytest.mark.parametrize("kind", ["dp", "fsdp"])
+def test_muon_splits_newton_schulz_between_the_ranks(out: Path, kind: str) -> None:
+    """Every Newton-Schulz call on either rank takes half of a stacked tensor's 4 layers, once per Muon tensor
+    per step: the ranks share the work instead of each doing all of it."""
+    module, config = MODELS["gpt"]
+    tensors_per_step = len(muon.param_groups(module.init(config, 0), MUON)[0])
+    for rank in range(2):
+        calls = json.loads((out / f"orthogonalized-{kind}-rank{rank}.json").read_text())
+        assert calls == [config.n_layers // 2] * (tensors_per_step * STEPS), (rank, calls)
+
+
+def test_each_matrix_is_the_whole_stack_done_at_once_for_any_number_of_layers(out: Path) -> None:
+    """``Parallel.each_matrix`` on stacks of 1, 3 and 4 matrices over 2 ranks, data parallel and sharded: each
+    rank's piece equals its piece of orthogonalising the whole stack in one call (float32 rounding apart)."""
+    for rank in range(2):
+        errors = json.loads((out / f"each-matrix-rank{rank}.json").read_text())
+        assert sorted(errors) == [f"{kind}-{n}" for kind in ("dp", "fsdp") for n in (1, 3, 4)]
+        assert max(errors.values()) <= 1e-6, (rank, errors)
+
+
 def test_muon_fully_sharded_is_the_one_process_step(out: Path) -> None:
     """Each rank holds half the rows of every matrix and its momentum; Muon orthogonalises whole matrices, so the
     sharded update must gather them: orthogonalising each rank's half alone gives another update entirely."""
-    module, config = MODELS["gpt"]
-    alone = checkpoint.flatten(
-        run_lm(module, config, Parallel(), global_batches(config.vocab_size), optimizer=MUON)
-    )
+    alone = muon_alone()
     assert any(key.startswith("opt.momentum.") for key in alone)
     sharded = load_file(out / "gpt-fsdp-muon.safetensors")
     assert_close_state(sharded, alone, kinds=("params.", "opt.m.", "opt.v.", "opt.momentum."))

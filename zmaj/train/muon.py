@@ -27,6 +27,7 @@ rounding wherever both apply; torch's handles one 2-D matrix at a time, this one
 
 import fnmatch
 import math
+from functools import partial
 from typing import Annotated, Literal
 
 import torch
@@ -234,11 +235,12 @@ def muon_update(
     (a look-ahead); it is orthogonalised, and the parameter decays by ``lr * weight_decay`` (unscaled lr) and
     then moves by ``-lr * lr_scale * update``.
 
-    Fully sharded (``parallel``), each rank holds some rows of every matrix, its parameter, gradient and
-    momentum alike, but orthogonalising needs the whole matrix: each update is all-gathered, orthogonalised
-    whole on every rank (the same work as data parallel, where every rank orthogonalises every matrix), and
-    each rank keeps its own rows of the result: one all-gather per Muon tensor per step, in ``ns_dtype`` (by
-    default bf16 where bf16 matmuls are fast: half the bytes of float32).
+    On several ranks (``parallel``) the orthogonalising is split between them by layer
+    (``Parallel.each_matrix``): each rank orthogonalises its share of a stacked tensor's matrices, and one
+    all-gather per Muon tensor brings every rank the rest. Fully sharded, each rank holds some rows of every
+    matrix, its parameter, gradient and momentum alike, while orthogonalising needs whole matrices: the update
+    is all-gathered first, and each rank keeps its own rows of the result. The collectives move ``ns_dtype``
+    (by default bf16 where bf16 matmuls are fast: half the bytes of float32).
     """
     muon = leaf_keys(state["momentum"])
     adamw_params, adamw_state = adamw_update(
@@ -257,12 +259,13 @@ def muon_update(
     for key in muon:
         p, b, g = muon_params.get(key), momentum.get(key), muon_grads.get(key)
         b.lerp_(g, 1 - mu)
-        # Cast before the gather: Newton-Schulz casts first anyway, so a bf16 gather moves half the bytes for
-        # the same values.
+        # Cast before the collectives: Newton-Schulz casts first anyway, so bf16 moves half the bytes for the
+        # same values.
         ns_dtype = newton_schulz_dtype(config.ns_dtype, p.device)
-        update = parallel.whole(muon_params, key, (g.lerp(b, mu) if config.nesterov else b).to(ns_dtype))
-        direction = parallel.piece(muon_params, key, orthogonalize(update, config.ns_steps, ns_dtype))
-        step = lr * lr_scale(update.shape, config.adjust_lr) * direction.to(p.dtype)
+        update = (g.lerp(b, mu) if config.nesterov else b).to(ns_dtype)
+        ns = partial(orthogonalize, steps=config.ns_steps, dtype=ns_dtype)
+        direction = parallel.each_matrix(muon_params, key, update, ns)
+        step = lr * lr_scale(parallel.whole_shape(muon_params, key), config.adjust_lr) * direction.to(p.dtype)
         p.mul_(1 - lr * config.weight_decay).sub_(step)
     new_params = params.copy().update(adamw_params).update(muon_params)  # in params' key order
     opt = {"m": adamw_state["m"], "v": adamw_state["v"], "momentum": momentum, "step": adamw_state["step"]}

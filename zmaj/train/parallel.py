@@ -258,6 +258,41 @@ class Parallel:
         dist.all_gather(pieces, tensor.contiguous())
         return torch.cat(pieces, dim)
 
+    def whole_shape(self, td: TensorDictBase, key: tuple[str, ...]) -> torch.Size:
+        """The shape of ``td``'s leaf ``key`` whole, of which this rank may hold a piece."""
+        shape = list(td.get(key).shape)
+        dim = shard_dim(td, key) if self.sharded else None
+        if dim is not None:
+            shape[dim] *= self.size
+        return torch.Size(shape)
+
+    def each_matrix(
+        self, td: TensorDictBase, key: tuple[str, ...], tensor: Tensor, fn: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        """This rank's piece of ``fn`` applied to the whole of ``td``'s leaf ``key``, of which ``tensor`` is
+        this rank's piece; ``fn`` maps a batch of matrices ``[n, rows, cols]`` to one of the same shape, each
+        matrix on its own (Muon's Newton-Schulz).
+
+        On more than one rank the matrices of a stacked leaf (``[layers, rows, cols]``) are split between the
+        ranks, a contiguous share of ``ceil(layers / ranks)`` each: every rank runs ``fn`` on its share alone
+        and one all-gather brings the results to every rank, so N ranks do 1/N of the work each rather than
+        all of it, as modded-nanogpt and Moonlight distribute Muon. The price is that all-gather (the leaf's
+        size in ``tensor``'s dtype); fully sharded, it comes on top of the one that gathers the leaf whole. A
+        single matrix, or a single process, is computed whole where it is.
+        """
+        whole = self.whole(td, key, tensor)
+        if not self.distributed or whole.ndim < 3:
+            return self.piece(td, key, fn(whole))
+        matrices = whole.flatten(0, -3)
+        share = -(-len(matrices) // self.size)
+        mine = fn(matrices[self.rank * share : (self.rank + 1) * share])
+        padded = torch.cat(
+            [mine, mine.new_zeros(share - len(mine), *mine.shape[1:])]
+        )  # all_gather: equal sizes
+        results = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(results, padded)
+        return self.piece(td, key, torch.cat(results)[: len(matrices)].view_as(whole))
+
     def check_shardable(self, params: TensorDictBase) -> None:
         """Every parameter must split evenly along its sharded dimension; the error names the first that does
         not (padding would change the parameter counts that checkpoints and exports rely on)."""
