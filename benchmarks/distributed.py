@@ -32,7 +32,7 @@ from common import markdown_table, print_header
 
 from zmaj.models import gpt
 from zmaj.models.common import Batch
-from zmaj.train import optim, precision
+from zmaj.train import muon, optim, precision
 from zmaj.train.parallel import Parallel, ParallelConfig, tensors
 from zmaj.train.step import bind, init_state, step_functions, train_step
 
@@ -41,6 +41,11 @@ SHAPES = {
     "benchmark": gpt.GPTConfig(vocab_size=8192, context=256, d_model=384, n_layers=6, n_heads=6, bias=False),
     "quick": gpt.GPTConfig(vocab_size=512, context=64, d_model=64, n_layers=2, n_heads=2, bias=False),
 }
+OPTIMIZERS: dict[str, optim.AdamWConfig | muon.MuonConfig] = {
+    "adamw": optim.AdamWConfig(lr=1e-3),
+    "muon": muon.MuonConfig(kind="muon", lr=0.02, adamw=optim.AdamWGroup(lr=1e-3)),
+}
+"""``--optimizer``: AdamW everywhere, or Muon on the blocks' matrices (its default groups) with AdamW on the rest."""
 COLLECTIVES = ("gloo", "c10d", "nccl", "allreduce", "all_reduce", "all_gather", "allgather", "reduce_scatter")
 
 
@@ -53,7 +58,8 @@ def worker(args: argparse.Namespace) -> None:
     imported_rss = (
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )  # torch and friends, before any state
-    state = parallel.shard(init_state(gpt.init(config, 0, device)))
+    optimizer = OPTIMIZERS[args.optimizer]
+    state = parallel.shard(init_state(gpt.init(config, 0, device), optimizer))
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (args.rows, args.seq + 1), generator=generator)
     mine = parallel.rows(range(args.rows))
@@ -64,7 +70,7 @@ def worker(args: argparse.Namespace) -> None:
     step = partial(
         train_step,
         forward=parallel.forward(bind(gpt.forward, config=config), dtype),
-        optimizer=optim.AdamWConfig(lr=1e-3),
+        optimizer=optimizer,
         lr=1e-3,
         decay=optim.decay_mask(state["params"]),
         seed=0,
@@ -120,6 +126,7 @@ def launch(args: argparse.Namespace, out: Path, processes: int, kind: str) -> No
         f"--steps={args.steps}",
         f"--warmup={args.warmup}",
         f"--precision={args.precision}",
+        f"--optimizer={args.optimizer}",
         f"--device={args.device}",
         f"--out={out}",
     ]
@@ -153,6 +160,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="threads of the one process")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -193,14 +201,15 @@ def main() -> None:
     config = SHAPES[args.shape]
     title = (
         f"GPT {config.n_layers} layers, d={config.d_model}, vocab {config.vocab_size}; global batch {args.rows} x "
-        f"{args.seq} tokens; median of {args.steps} steps after {args.warmup} warm-up"
+        f"{args.seq} tokens; {args.optimizer}; median of {args.steps} steps after {args.warmup} warm-up"
     )
     table = markdown_table(rows, columns)
     print(title)
     print(table)
     RESULTS.mkdir(exist_ok=True)
     command = " ".join(["uv run python benchmarks/distributed.py", *sys.argv[1:]])
-    name = f"distributed_{records[0]['dtype']}" + ("_quick" if args.quick else "")
+    optimizer = "" if args.optimizer == "adamw" else f"_{args.optimizer}"
+    name = f"distributed_{records[0]['dtype']}{optimizer}" + ("_quick" if args.quick else "")
     (RESULTS / f"{name}.md").write_text(f"{header}\n\n`{command}`\n\n{title}\n\n{table}\n")
 
 
