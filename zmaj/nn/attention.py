@@ -58,25 +58,40 @@ def prepare_mask(
 
 
 def choose_backend(
-    backend: Backend, device: torch.device, dtype: torch.dtype, k_len: int, compiling: bool
+    backend: Backend, device: torch.device, dtype: torch.dtype, k_len: int, compiling: bool, grad: bool
 ) -> Kernel:
-    """The backend that computes attention: ``backend`` itself, unless it is ``auto``.
+    """The backend that computes attention: ``backend`` itself, unless it is ``auto``; ``dtype`` is the
+    precision attention computes in (autocast's where it is on), ``grad`` whether a backward pass will follow.
 
-    ``auto`` is ``sdpa`` (fused kernels, flash attention on GPUs), except in a compiled step on a CPU in
-    16-bit precision over at most ``FORMULA_MAX_KEYS`` keys, where it is the formula: Inductor fuses its scale
-    and mask and ATen's softmax normalises (``zmaj.nn.softmax``), while CPU SDPA's flash backward is slow.
-    Measured on a 2-core Xeon with AMX (one layer's forward and backward, compiled, 2048 tokens a batch, 6
-    heads of 64, causal, median ms; formula against SDPA): bf16 24.5 vs 36.3 at 256 keys, 39.6 vs 43.7 at
-    512, 82.6 vs 54.7 at 1024, 193 vs 78 at 2048 (the formula computes every score, flash skips the masked
-    half); fp32 26.5 vs 24.2 at 256, so full precision keeps SDPA. Eagerly the formula is a chain of unfused
-    passes, so SDPA again.
+    ``auto`` is ``sdpa`` (fused kernels, flash attention on GPUs), except in a compiled training step on a CPU
+    in 16-bit precision over at most ``FORMULA_MAX_KEYS`` keys, where it is the formula: Inductor fuses its
+    scale and mask and ATen's softmax normalises (``zmaj.nn.softmax``), while CPU SDPA's flash backward is
+    slow. Measured on a 2-core Xeon with AMX (one-off scripts: one layer's attention and a sum of squares as
+    the loss, compiled, 2048 tokens a batch, 6 heads of 64, median ms; formula against SDPA): forward and
+    backward, causal, bf16: 24.5 vs 36.3 at 256 keys, 39.6 vs 43.7 at 512, 82.6 vs 54.7 at 1024, 193 vs 78
+    at 2048 (the formula computes every score, flash skips the masked half); two documents in 256 keys: 22.5
+    vs 39.8; fp32 causal at 256: 26.5 vs 24.2, so full precision keeps SDPA. Forward alone SDPA wins (bf16,
+    256 keys: 4.1 vs 14.8 causal, 4.9 vs 13.7 with documents), so evaluation and generation keep it; eagerly
+    the formula is a chain of unfused passes, so SDPA again.
     """
     if backend != "auto":
         return backend
     half = dtype in (torch.bfloat16, torch.float16)
-    if compiling and device.type == "cpu" and half and k_len <= FORMULA_MAX_KEYS:
+    if compiling and grad and device.type == "cpu" and half and k_len <= FORMULA_MAX_KEYS:
         return "eager"
     return "sdpa"
+
+
+def resolve_backend(backend: Backend, q: Tensor, k_len: int) -> Kernel:
+    """``choose_backend`` where attention runs now: ``q``'s device, autocast's dtype if it is on there (a
+    float32 ``q`` out of a float32 norm, QK-norm's, is still attended in bf16 under bf16 autocast), whether
+    ``torch.compile`` is tracing, and whether gradients are on."""
+    device = q.device
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else q.dtype
+    return choose_backend(
+        backend, device, dtype, k_len, torch.compiler.is_compiling(), torch.is_grad_enabled()
+    )
 
 
 def attention(
@@ -89,7 +104,7 @@ def attention(
 ) -> Float[Tensor, "batch heads q_seq head_dim"]:
     """Attention of every query head over its group's key/value head; ``scale`` defaults to 1/sqrt(head_dim)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    backend = choose_backend(backend, q.device, q.dtype, k.shape[2], torch.compiler.is_compiling())
+    backend = resolve_backend(backend, q, k.shape[2])
     if backend == "flex":
         if not isinstance(mask, BlockMask):
             raise TypeError(
@@ -259,12 +274,13 @@ def cached_attention(
     PyTorch's CPU SDPA kernel with an explicit mask took 5 ms per call there (SmolLM2-135M, 160 slots,
     measured), 30x the two small einsums; compiled on the CPU, it runs that formula as multiplies and sums
     (``single_query_attention``), which Inductor fuses (not measured on GPUs, where the einsums stay).
+    Several queries (a prefill) take ``backend``, ``auto`` resolved as in ``attention``: SDPA when no
+    gradients are taken, as in generation.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    compiling = torch.compiler.is_compiling()
-    if q.shape[2] == 1 and q.device.type == "cpu" and compiling:
+    if q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
         return single_query_attention(q, cache_k, cache_v, mask, scale)
-    kernel = choose_backend(backend, q.device, q.dtype, cache_k.shape[2], compiling)
+    kernel = resolve_backend(backend, q, cache_k.shape[2])
     if kernel == "eager" or q.shape[2] == 1:
         return eager_attention(q, cache_k, cache_v, mask, scale)
     return sdpa_attention(q, cache_k, cache_v, mask, scale)

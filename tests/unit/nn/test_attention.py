@@ -88,23 +88,24 @@ def test_backends_agree(device: torch.device, problem: Problem) -> None:
 
 
 @pytest.mark.parametrize(
-    ("device", "dtype", "k_len", "compiling", "expected"),
+    ("device", "dtype", "k_len", "compiling", "grad", "expected"),
     [
-        ("cpu", torch.bfloat16, FORMULA_MAX_KEYS, True, "eager"),
-        ("cpu", torch.float16, 64, True, "eager"),
-        ("cpu", torch.bfloat16, FORMULA_MAX_KEYS + 1, True, "sdpa"),
-        ("cpu", torch.float32, 64, True, "sdpa"),
-        ("cpu", torch.bfloat16, 64, False, "sdpa"),
-        ("cuda", torch.bfloat16, 64, True, "sdpa"),
+        ("cpu", torch.bfloat16, FORMULA_MAX_KEYS, True, True, "eager"),
+        ("cpu", torch.float16, 64, True, True, "eager"),
+        ("cpu", torch.bfloat16, FORMULA_MAX_KEYS + 1, True, True, "sdpa"),
+        ("cpu", torch.float32, 64, True, True, "sdpa"),
+        ("cpu", torch.bfloat16, 64, False, True, "sdpa"),
+        ("cpu", torch.bfloat16, 64, True, False, "sdpa"),
+        ("cuda", torch.bfloat16, 64, True, True, "sdpa"),
     ],
 )
 def test_auto_runs_the_formula_only_where_it_measured_faster(
-    device: str, dtype: torch.dtype, k_len: int, compiling: bool, expected: str
+    device: str, dtype: torch.dtype, k_len: int, compiling: bool, grad: bool, expected: str
 ) -> None:
-    """Compiled, 16-bit, on a CPU, over few keys: the formula; elsewhere SDPA. Named backends pass through."""
-    assert choose_backend("auto", torch.device(device), dtype, k_len, compiling) == expected
+    """Compiled training, 16-bit, on a CPU, over few keys: the formula; elsewhere SDPA. Named backends pass."""
+    assert choose_backend("auto", torch.device(device), dtype, k_len, compiling, grad) == expected
     for backend in BACKENDS:
-        assert choose_backend(backend, torch.device(device), dtype, k_len, compiling) == backend
+        assert choose_backend(backend, torch.device(device), dtype, k_len, compiling, grad) == backend
 
 
 @settings(max_examples=20)
@@ -284,27 +285,41 @@ from zmaj.nn.attention import FORMULA_MAX_KEYS, attention
 torch.manual_seed(0)
 
 
-def output_and_grads(backend, seq):
-    q, k, v = (torch.randn(2, 4, seq, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+def output_and_grads(backend, seq, dtype, grad=True):
+    torch._dynamo.reset()  # one lambda compiled for every case: a fresh start each time, not a recompile
+    q, k, v = (torch.randn(2, 4, seq, 16, dtype=dtype, requires_grad=grad) for _ in range(3))
     fn = torch.compile(lambda q, k, v: attention(q, k, v, None, backend), backend="aot_eager", fullgraph=True)
-    out = fn(q, k, v)
+    with torch.autocast("cpu", torch.bfloat16), torch.set_grad_enabled(grad):
+        out = fn(q, k, v)
+    if not grad:
+        return (out,)
     out.float().square().sum().backward()
     return out, q.grad, k.grad, v.grad
 
 
-for seq, expected in ((64, "eager"), (FORMULA_MAX_KEYS + 1, "sdpa")):
+cases = [
+    (64, torch.bfloat16, True, "eager"),
+    (64, torch.float32, True, "eager"),  # autocast's dtype counts: QK-norm hands attention float32 q and k
+    (FORMULA_MAX_KEYS + 1, torch.bfloat16, True, "sdpa"),
+    (64, torch.bfloat16, False, "sdpa"),  # no backward pass: evaluation, prefill
+]
+for seq, dtype, grad, expected in cases:
     state = torch.random.get_rng_state()
-    chosen = output_and_grads("auto", seq)
+    chosen = output_and_grads("auto", seq, dtype, grad)
     torch.random.set_rng_state(state)
-    named = output_and_grads(expected, seq)
-    assert all(torch.equal(a, b) for a, b in zip(chosen, named, strict=True)), (seq, expected)
+    named = output_and_grads(expected, seq, dtype, grad)
+    torch.random.set_rng_state(state)
+    other = output_and_grads("sdpa" if expected == "eager" else "eager", seq, dtype, grad)
+    assert all(torch.equal(a, b) for a, b in zip(chosen, named, strict=True)), (seq, dtype, grad, expected)
+    assert not torch.equal(chosen[0], other[0]), (seq, dtype, grad, "the backends agree bit for bit here")
 """
 
 
 def test_auto_under_compile_runs_what_choose_backend_says() -> None:
-    """Traced by ``torch.compile`` (``aot_eager``: dynamo and autograd's tracing, no kernels to build),
-    ``auto`` in bf16 on the CPU gives the bits, forward and backward, of the formula over few keys and of SDPA
-    over more. In a fresh interpreter, as above."""
+    """Traced by ``torch.compile`` (``aot_eager``: dynamo and autograd's tracing, no kernels to build) under
+    bf16 autocast on the CPU, ``auto`` gives the bits, forward and backward, of the formula over few keys
+    (bf16 or float32 inputs), of SDPA over more, and of SDPA without gradients; the other backend's bits differ
+    in every case, so the comparison can tell them apart. In a fresh interpreter, as above."""
     done = subprocess.run(
         [sys.executable, "-c", AUTO_UNDER_COMPILE], capture_output=True, text=True, timeout=600
     )
