@@ -45,7 +45,7 @@ OPTIMIZERS: dict[str, optim.AdamWConfig | muon.MuonConfig] = {
     "adamw": optim.AdamWConfig(lr=1e-3),
     "muon": muon.MuonConfig(kind="muon", lr=0.02, adamw=optim.AdamWGroup(lr=1e-3)),
 }
-"""``--optimizer``: AdamW everywhere, or Muon on the blocks' matrices (its default groups) with AdamW on the rest."""
+"""``--optimizer``: AdamW everywhere, or Muon on the blocks' matrices (default groups), AdamW on the rest."""
 COLLECTIVES = ("gloo", "c10d", "nccl", "allreduce", "all_reduce", "all_gather", "allgather", "reduce_scatter")
 
 
@@ -71,7 +71,7 @@ def worker(args: argparse.Namespace) -> None:
         train_step,
         forward=parallel.forward(bind(gpt.forward, config=config), dtype),
         optimizer=optimizer,
-        lr=1e-3,
+        lr=optimizer.lr,
         decay=optim.decay_mask(state["params"]),
         seed=0,
         autocast=precision.autocast(dtype, device),

@@ -54,7 +54,7 @@ def check_backend(spec: PretrainSpec, parallel: Parallel) -> None:
     if spec.model.attention == "flex":  # (tests/unit/train/test_step.py tries it on every device)
         raise SpecError(
             "model.attention: flex-attention cannot be differentiated under torch.func, which the training step "
-            "uses (pytorch/pytorch#144810); train with sdpa (or eager), and use flex for inference"
+            "uses (pytorch/pytorch#144810); train with auto (or sdpa, eager), and use flex for inference"
         )
     parallel.check_divides(spec.train.batch_size, "train.batch_size")
     parallel.check_shardable(gpt.init(spec.model, 0, device="meta"))

@@ -18,7 +18,7 @@ from zmaj.train import grpo, muon, optim, precision
 from zmaj.train.dpo import dpo_step, preference_batch
 from zmaj.train.logprobs import completion_batch, masked_token_logprobs
 from zmaj.train.parallel import Parallel
-from zmaj.train.step import bind, init_state, train_step
+from zmaj.train.step import bind, init_state, step_functions, train_step
 
 MODELS: dict[str, tuple[ModuleType, gpt.GPTConfig | llama.LlamaConfig | gemma3.Gemma3Config]] = {
     # 4 layers, so that a fully sharded step frees and gathers again blocks in the middle of the stack.
@@ -72,9 +72,12 @@ def run_lm(
     batches: list[list[Batch]],
     dtype: torch.dtype = torch.float32,
     optimizer: optim.AdamWConfig | muon.MuonConfig = OPTIMIZER,
+    compile_update: bool = False,
 ) -> TensorDict:
     """``STEPS`` language-model steps from ``init(config, 0)`` in ``parallel``'s layout, the matmuls in
-    ``dtype`` (autocast); the state it ends with."""
+    ``dtype`` (autocast), the update compiled if asked (as ``train.compile`` compiles it); the state it ends
+    with."""
+    update_fn = step_functions(compile=True)[1] if compile_update else None
     state = parallel.shard(init_state(module.init(config, 0), optimizer))
     forward = parallel.forward(bind(module.forward, config=config), dtype)
     decay = optim.decay_mask(state["params"])
@@ -89,6 +92,7 @@ def run_lm(
             decay=decay,
             seed=0,
             autocast=precision.autocast(dtype, torch.device("cpu")),
+            update_fn=update_fn,
             parallel=parallel,
         )
     return state

@@ -56,6 +56,16 @@ def main(out: Path) -> None:
                         module, config, parallel, global_batches(config.vocab_size), optimizer=MUON
                     )
                 save(parallel, with_muon, out / f"gpt-{kind}-muon")
+            if name == "gpt" and kind == "dp":  # fsdp refuses train.compile
+                compiled = run_lm(
+                    module,
+                    config,
+                    parallel,
+                    global_batches(config.vocab_size),
+                    optimizer=MUON,
+                    compile_update=True,
+                )
+                save(parallel, compiled, out / "gpt-dp-muon-compiled")
             if kind == "fsdp" and name == "gpt":
                 reshard(parallel, with_muon, out / "run-muon", module.init(config, 0), MUON)
     (out / f"held-rank{dp.rank}.json").write_text(json.dumps(whole_bytes_held(replace(dp, kind="fsdp"))))
@@ -88,14 +98,16 @@ def counting_orthogonalized(path: Path) -> Iterator[None]:
 
 
 def each_matrix_errors(dp: Parallel) -> dict[str, float]:
-    """For stacks of 1, 3 and 4 matrices, data parallel and fully sharded: the largest difference between this
-    rank's piece of ``Parallel.each_matrix(..., orthogonalize)`` and its piece of orthogonalising the whole
-    stack in one call. 1 and 3 do not split evenly between 2 ranks (one rank has no matrix, or one fewer)."""
+    """For stacks of 1, 3 (tall) and 4 matrices, data parallel and fully sharded: the largest difference
+    between this rank's piece of ``Parallel.each_matrix(..., orthogonalize)`` and its piece of orthogonalising
+    the whole stack in one call. 1 and 3 do not split evenly between 2 ranks (one rank has no matrix, or one
+    fewer)."""
     errors = {}
     for kind in ("dp", "fsdp"):
         parallel = replace(dp, kind=kind)
         for layers in (1, 3, 4):
-            whole = torch.randn(layers, 4, 6, generator=torch.Generator().manual_seed(layers))
+            rows, cols = (6, 4) if layers == 3 else (4, 6)  # tall ones too: Newton-Schulz transposes them
+            whole = torch.randn(layers, rows, cols, generator=torch.Generator().manual_seed(layers))
             td = parallel.shard(TensorDict({"blocks": TensorDict({"w": whole}, batch_size=[layers])}))
             key = ("blocks", "w")
             got = parallel.each_matrix(td, key, td.get(key), muon.orthogonalize)

@@ -10,6 +10,7 @@ key bias: softmax ignores a constant added to every score), so their float value
 import json
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,7 @@ def test_a_sharded_step_under_bf16_autocast_is_the_one_process_step_up_to_bf16_r
     )
 
 
+@cache
 def muon_alone() -> dict[str, torch.Tensor]:
     module, config = MODELS["gpt"]
     return checkpoint.flatten(
@@ -146,6 +148,15 @@ def test_muon_data_parallel_is_the_one_process_step(out: Path) -> None:
         kinds=("params.", "opt.m.", "opt.v.", "opt.momentum."),
     )
     ranks = [load_file(out / f"gpt-dp-muon-rank{r}.safetensors") for r in range(2)]
+    assert all(torch.equal(ranks[0][key], ranks[1][key]) for key in ranks[0])
+
+
+def test_a_compiled_data_parallel_muon_update_is_the_one_process_step(out: Path) -> None:
+    """``train.compile`` compiles the update in one graph, which now holds Muon's all-gathers: dynamo must
+    trace them, and the steps must stay one process's, every rank holding the same bits."""
+    kinds = ("params.", "opt.m.", "opt.v.", "opt.momentum.")
+    assert_close_state(load_file(out / "gpt-dp-muon-compiled.safetensors"), muon_alone(), kinds=kinds)
+    ranks = [load_file(out / f"gpt-dp-muon-compiled-rank{r}.safetensors") for r in range(2)]
     assert all(torch.equal(ranks[0][key], ranks[1][key]) for key in ranks[0])
 
 

@@ -276,9 +276,11 @@ class Parallel:
         On more than one rank the matrices of a stacked leaf (``[layers, rows, cols]``) are split between the
         ranks, a contiguous share of ``ceil(layers / ranks)`` each: every rank runs ``fn`` on its share alone
         and one all-gather brings the results to every rank, so N ranks do 1/N of the work each rather than
-        all of it, as modded-nanogpt distributes Muon. The price is that all-gather (the leaf's size in
-        ``tensor``'s dtype); fully sharded, it comes on top of the one that gathers the leaf whole. A single
-        matrix, or a single process, is computed whole where it is.
+        all of it. The price is that all-gather (the leaf's size in ``tensor``'s dtype), one per leaf: data
+        parallel, on top of the gradients' all-reduce (modded-nanogpt reduce-scatters the gradients instead,
+        so that its all-gather is the all-reduce's second half); fully sharded, on top of the all-gather of
+        the leaf whole (two all-to-alls would move 1/N of those bytes). A single matrix, or a single process,
+        is computed whole where it is.
         """
         whole = self.whole(td, key, tensor)
         if not self.distributed or whole.ndim < 3:

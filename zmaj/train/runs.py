@@ -321,12 +321,12 @@ def _check_writable(run_dir: Path) -> None:
 
     The probe is a ``TemporaryFile``: on Linux an unnamed file (``O_TMPFILE``), which needs the folder's write
     permission like any other but never has a name there, so a process killed while probing leaves nothing
-    behind (elsewhere, a named file removed at once)."""
+    behind (elsewhere, a ``.write-probe-*`` file removed at once)."""
     for folder, what in ((run_dir, "run folder"), (run_dir / checkpoint.CHECKPOINTS, "checkpoints folder")):
         if not folder.is_dir():
             continue
         try:
-            tempfile.TemporaryFile(dir=folder).close()
+            tempfile.TemporaryFile(dir=folder, prefix=".write-probe-").close()
         except OSError as error:
             raise _cannot(f"write in the {what} {folder}", error) from error
 

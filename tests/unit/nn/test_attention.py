@@ -102,7 +102,7 @@ def test_backends_agree(device: torch.device, problem: Problem) -> None:
 def test_auto_runs_the_formula_only_where_it_measured_faster(
     device: str, dtype: torch.dtype, k_len: int, compiling: bool, grad: bool, expected: str
 ) -> None:
-    """Compiled training, 16-bit, on a CPU, over few keys: the formula; elsewhere SDPA. Named backends pass."""
+    """Compiled training, 16-bit, on a CPU, over few keys: the formula; elsewhere SDPA. Named ones pass."""
     assert choose_backend("auto", torch.device(device), dtype, k_len, compiling, grad) == expected
     for backend in BACKENDS:
         assert choose_backend(backend, torch.device(device), dtype, k_len, compiling, grad) == backend
@@ -318,8 +318,8 @@ for seq, dtype, grad, expected in cases:
 def test_auto_under_compile_runs_what_choose_backend_says() -> None:
     """Traced by ``torch.compile`` (``aot_eager``: dynamo and autograd's tracing, no kernels to build) under
     bf16 autocast on the CPU, ``auto`` gives the bits, forward and backward, of the formula over few keys
-    (bf16 or float32 inputs), of SDPA over more, and of SDPA without gradients; the other backend's bits differ
-    in every case, so the comparison can tell them apart. In a fresh interpreter, as above."""
+    (bf16 or float32 inputs), of SDPA over more, and of SDPA without gradients; the other backend's bits
+    differ in every case, so the comparison can tell them apart. In a fresh interpreter, as above."""
     done = subprocess.run(
         [sys.executable, "-c", AUTO_UNDER_COMPILE], capture_output=True, text=True, timeout=600
     )

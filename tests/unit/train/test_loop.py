@@ -319,10 +319,10 @@ def test_a_resume_folder_where_no_file_can_be_made_is_refused_before_training(
     before = sorted(path.name for path in (tmp_path / "run").rglob("*"))
     temporary_file = tempfile.TemporaryFile
 
-    def denying(dir: Path) -> IO[bytes]:  # the probe's keyword
+    def denying(dir: Path, **kwargs: Any) -> IO[bytes]:
         if dir == tmp_path / read_only:
             raise PermissionError(errno.EACCES, "Permission denied", str(dir))
-        return temporary_file(dir=dir)
+        return temporary_file(dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "TemporaryFile", denying)
     folder = "run folder" if read_only == "run" else "checkpoints folder"
