@@ -46,28 +46,8 @@ def main(out: Path) -> None:
                 "total": sum(t.numel() for t in tensors(init_state(module.init(config, 0)))),
             }
             save(parallel, state, out / f"{name}-{kind}")
-            if kind == "fsdp" and name == "gpt":
-                reshard(parallel, state, out / "run", module.init(config, 0))
-                bf16 = run_lm(module, config, parallel, global_batches(config.vocab_size), torch.bfloat16)
-                save(parallel, bf16, out / "gpt-fsdp-bf16")
             if name == "gpt":
-                with counting_orthogonalized(out / f"orthogonalized-{kind}-rank{parallel.rank}.json"):
-                    with_muon = run_lm(
-                        module, config, parallel, global_batches(config.vocab_size), optimizer=MUON
-                    )
-                save(parallel, with_muon, out / f"gpt-{kind}-muon")
-            if name == "gpt" and kind == "dp":  # fsdp refuses train.compile
-                compiled = run_lm(
-                    module,
-                    config,
-                    parallel,
-                    global_batches(config.vocab_size),
-                    optimizer=MUON,
-                    compile_update=True,
-                )
-                save(parallel, compiled, out / "gpt-dp-muon-compiled")
-            if kind == "fsdp" and name == "gpt":
-                reshard(parallel, with_muon, out / "run-muon", module.init(config, 0), MUON)
+                gpt_cases(parallel, state, out)
     (out / f"held-rank{dp.rank}.json").write_text(json.dumps(whole_bytes_held(replace(dp, kind="fsdp"))))
     (out / f"each-matrix-rank{dp.rank}.json").write_text(json.dumps(each_matrix_errors(dp)))
     save(dp, run_dpo(dp, dpo_batches()), out / "dpo-dp")
@@ -76,6 +56,24 @@ def main(out: Path) -> None:
     (out / f"grpo-metrics-rank{dp.rank}.json").write_text(json.dumps(grpo_metrics))
     if dp.main:
         (out / "counts.json").write_text(json.dumps(counts))
+
+
+def gpt_cases(parallel: Parallel, state: TensorDict, out: Path) -> None:
+    """The GPT's further cases in ``parallel``'s layout, from its AdamW run's ``state``: Muon (counting its
+    Newton-Schulz work); sharded, a reshard of both runs and a bf16 run; data parallel, Muon with the update
+    compiled (``train.compile`` is refused with fsdp)."""
+    module, config = MODELS["gpt"]
+    batches = global_batches(config.vocab_size)
+    with counting_orthogonalized(out / f"orthogonalized-{parallel.kind}-rank{parallel.rank}.json"):
+        with_muon = run_lm(module, config, parallel, batches, optimizer=MUON)
+    save(parallel, with_muon, out / f"gpt-{parallel.kind}-muon")
+    if parallel.kind == "fsdp":
+        reshard(parallel, state, out / "run", module.init(config, 0))
+        reshard(parallel, with_muon, out / "run-muon", module.init(config, 0), MUON)
+        save(parallel, run_lm(module, config, parallel, batches, torch.bfloat16), out / "gpt-fsdp-bf16")
+    else:
+        compiled = run_lm(module, config, parallel, batches, optimizer=MUON, compile_update=True)
+        save(parallel, compiled, out / "gpt-dp-muon-compiled")
 
 
 @contextmanager

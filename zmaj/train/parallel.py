@@ -288,9 +288,8 @@ class Parallel:
         matrices = whole.flatten(0, -3)
         share = -(-len(matrices) // self.size)
         mine = fn(matrices[self.rank * share : (self.rank + 1) * share])
-        padded = torch.cat(
-            [mine, mine.new_zeros(share - len(mine), *mine.shape[1:])]
-        )  # all_gather: equal sizes
+        # all_gather takes equal sizes: the last ranks' shares may be short, or empty.
+        padded = torch.cat([mine, mine.new_zeros(share - len(mine), *mine.shape[1:])])
         results = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(results, padded)
         return self.piece(td, key, torch.cat(results)[: len(matrices)].view_as(whole))
