@@ -58,12 +58,15 @@ def fused_linear(
     axis at compute time, the product split back. What nanoGPT's ``c_attn`` does for q, k and v, with the
     parameters still stored apart, so checkpoints and conversion tables keep one tensor per projection.
 
-    One product of ``3 d`` outputs keeps the matrix units busier than three of ``d`` (and the backward's input
-    gradient becomes one product instead of three products and two sums), for the price of copying the weights
-    once per call. That copy is the whole cost of a single-token product, so decoding under ``torch.compile``
-    (``linear``'s ``matvec`` path) keeps one product each. LoRA factors add their update to their map's part.
+    It pays in training: one product of ``3 d`` outputs keeps the matrix units busier than three of ``d``, and
+    the backward's input gradient becomes one product instead of three products and two sums. The price is
+    copying the weights once per call, which a forward alone never earns back: without gradients (evaluation,
+    prefill, decoding) the maps stay apart. Measured on a 2-core AVX2 CPU in fp32, no gradients, SmolLM2-135M's
+    shapes: the concatenated product took 1.9-2.3x the separate products' time for one row, 1.5-1.8x for 8,
+    and 0.9-1.2x from 128 to 2048 rows; an eager decode step spent a quarter of its time copying weights. LoRA factors add
+    their update to their map's part.
     """
-    if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+    if not torch.is_grad_enabled() or x.shape[:-1].numel() == 1:
         return [linear(p, x) for p in params]
     weights: list[Tensor] = [p["weight"] for p in params]
     biases: list[Tensor | None] = [p.get("bias", None) for p in params]

@@ -101,6 +101,41 @@ def test_fused_linear_equals_separate_linears(device: torch.device, biases: tupl
             torch.testing.assert_close(fused[key], apart[key], rtol=1e-6, atol=1e-6)
 
 
+class _Concatenations(torch.overrides.TorchFunctionMode):
+    """Counts ``torch.cat`` calls: how ``fused_linear`` joins its weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(
+        self,
+        func: Callable[..., object],
+        types: object,
+        args: tuple[object, ...] = (),
+        kwargs: dict[str, object] | None = None,
+    ) -> object:
+        self.count += func is torch.cat
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_fused_linear_copies_no_weights_without_gradients(device: torch.device, rows: int) -> None:
+    """The weights are concatenated only where a gradient is taken (one product for the backward's input
+    gradient); a forward alone (evaluation, decoding) runs one product per map, bit for bit ``linear``'s."""
+    generator = torch.Generator().manual_seed(2)
+    params = [TensorDict({"weight": torch.randn(n, 16, generator=generator)}).to(device) for n in (24, 8, 8)]
+    x = torch.randn(rows, 16, generator=generator).to(device)
+    with torch.no_grad(), _Concatenations() as joins:
+        outs = fused_linear(params, x)
+    assert joins.count == 0
+    for out, p in zip(outs, params, strict=True):
+        torch.testing.assert_close(out, linear(p, x), rtol=0, atol=0)
+    with _Concatenations() as joins:
+        fused_linear(params, x)
+    assert joins.count == (rows > 1)
+
+
 def test_fused_linear_keeps_lora_adapters(device: torch.device) -> None:
     """A map carrying LoRA factors (``zmaj.train.lora``) still gets its low-rank update."""
     generator = torch.Generator().manual_seed(1)
