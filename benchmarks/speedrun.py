@@ -17,10 +17,11 @@ steps pay it). For each row the table gives:
 A row whose option the spec does not know yet (a ``--set`` the spec refuses) is skipped with the reason, and the
 rows after it go on without its overrides; so do the rows after one marked not kept (a change tried that did not
 pay here, measured all the same). Prints a markdown table and writes ``benchmarks/results/speedrun.md``
-and ``speedrun.png`` (held-out bpb against training time, one curve per row).
+and ``speedrun.png`` (held-out bpb against training time, one curve per row); ``--name`` keeps another run's
+table beside that one.
 
     uv run benchmarks/speedrun.py                          # every row, precision auto (bf16 here)
-    uv run benchmarks/speedrun.py --rows 0,3,5 --evals 3
+    uv run benchmarks/speedrun.py --rows 0,3,5 --evals 3 --name speedrun_subset
     ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \\
         uv run benchmarks/speedrun.py --precision fp32    # the AVX2-only CPU's view (README)
     uv run benchmarks/speedrun.py --quick                  # wiring check: a few steps per row, no results
@@ -368,6 +369,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="6 steps per row, results in --out only")
     parser.add_argument("--out", type=Path, help="folder for the runs (default: a new temporary folder)")
     parser.add_argument("--cache-dir", type=Path, help="tokenizer and token cache (default: pretrain.py's)")
+    parser.add_argument(
+        "--name",
+        default="speedrun",
+        help="results/NAME.md and NAME.png (default %(default)s), so that a run of some rows, or on another "
+        "machine, can be kept beside the main one",
+    )
     args = parser.parse_args()
 
     wanted = set(range(len(ROWS)))
@@ -418,9 +425,9 @@ def main() -> None:
     print(text)
     written = out if args.quick else RESULTS
     written.mkdir(exist_ok=True)
-    (written / "speedrun.md").write_text(text)
-    plot(done, budget, target, written / "speedrun.png")
-    logger.info(f"wrote {written / 'speedrun.md'} and speedrun.png")
+    (written / f"{args.name}.md").write_text(text)
+    plot(done, budget, target, written / f"{args.name}.png")
+    logger.info(f"wrote {written / args.name}.md and .png")
 
 
 if __name__ == "__main__":
