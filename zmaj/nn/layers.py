@@ -59,12 +59,13 @@ def fused_linear(
     parameters still stored apart, so checkpoints and conversion tables keep one tensor per projection.
 
     It pays in training: one product of ``3 d`` outputs keeps the matrix units busier than three of ``d``, and
-    the backward's input gradient becomes one product instead of three products and two sums. The price is
-    copying the weights once per call, which a forward alone never earns back: without gradients (evaluation,
-    prefill, decoding) the maps stay apart. Measured on a 2-core AVX2 CPU in fp32, no gradients, SmolLM2-135M's
-    shapes: the concatenated product took 1.9-2.3x the separate products' time for one row, 1.5-1.8x for 8,
-    and 0.9-1.2x from 128 to 2048 rows; an eager decode step spent a quarter of its time copying weights. LoRA factors add
-    their update to their map's part.
+    the backward's input gradient becomes one product instead of three products and two sums. The price is a
+    copy of the weights per call, which a forward alone rarely earns back, so without gradients (evaluation,
+    prefill, decoding) the maps stay apart; so they do for a single row, whose products are all copy and no
+    reuse (compiled, ``linear``'s ``matvec``). Measured on a 2-core AVX2 CPU, fp32, no gradients, SmolLM2-135M's
+    shapes (``benchmarks/README.md``; not measured on GPUs): the joined product took 1.9-2.3x the separate
+    products' time for one row, 1.5-1.8x for 8 and 0.9-1.2x for 128 to 2048; the copy was a quarter of an
+    eager decode step. LoRA factors add their update to their map's part.
     """
     if not torch.is_grad_enabled() or x.shape[:-1].numel() == 1:
         return [linear(p, x) for p in params]

@@ -203,8 +203,9 @@ def sample_rollout(
     Each prompt is prefilled once and its cache branched into its group (``generate(..., copies=group_size)``).
 
     ``step`` is the model's cached forward (``llama.cached(config)``) and ``cache_shape`` its config. The old
-    log-probs come from a full forward of ``forward`` over prompt + completion, the same computation the
-    training pass makes, so a first pass sees a ratio of exactly one. That forward is only needed for a second
+    log-probs come from a full forward of ``forward`` over prompt + completion, the function the training pass
+    runs, so a first pass sees a ratio of one to float32 rounding (without gradients the q/k/v and gate/up
+    products run apart, ``zmaj.nn.layers.fused_linear``). That forward is only needed for a second
     pass: with ``score_old=False`` (one pass per rollout) the loss takes the current log-probs, detached, as the
     old ones, the same values, and saves a forward over the rollout (TRL's GRPO trainer does the same). Every
     log-prob is that of the sampling distribution, ``softmax(logits / temperature)``, as in TRL: the ratio and

@@ -120,9 +120,10 @@ class _Concatenations(torch.overrides.TorchFunctionMode):
 
 
 @pytest.mark.parametrize("rows", [1, 64])
-def test_fused_linear_copies_no_weights_without_gradients(device: torch.device, rows: int) -> None:
-    """The weights are concatenated only where a gradient is taken (one product for the backward's input
-    gradient); a forward alone (evaluation, decoding) runs one product per map, bit for bit ``linear``'s."""
+def test_fused_linear_joins_weights_only_where_gradients_are_taken(device: torch.device, rows: int) -> None:
+    """The weights are concatenated only where a gradient is taken, even one taken under an outer
+    ``no_grad`` (``torch.func`` turns gradients back on, as ``train_step`` runs), and never for a single row; a
+    forward alone (evaluation, decoding) runs one product per map, bit for bit ``F.linear``'s."""
     generator = torch.Generator().manual_seed(2)
     params = [TensorDict({"weight": torch.randn(n, 16, generator=generator)}).to(device) for n in (24, 8, 8)]
     x = torch.randn(rows, 16, generator=generator).to(device)
@@ -130,10 +131,15 @@ def test_fused_linear_copies_no_weights_without_gradients(device: torch.device, 
         outs = fused_linear(params, x)
     assert joins.count == 0
     for out, p in zip(outs, params, strict=True):
-        torch.testing.assert_close(out, linear(p, x), rtol=0, atol=0)
-    with _Concatenations() as joins:
-        fused_linear(params, x)
-    assert joins.count == (rows > 1)
+        torch.testing.assert_close(out, F.linear(x, p["weight"]), rtol=0, atol=0)
+
+    def total(x: Tensor) -> Tensor:
+        return sum((out.sum() for out in fused_linear(params, x)), torch.tensor(0.0, device=device))
+
+    for outer in (torch.enable_grad, torch.no_grad):
+        with outer(), _Concatenations() as joins:
+            torch.func.grad(total)(x)
+        assert joins.count == (rows > 1)
 
 
 def test_fused_linear_keeps_lora_adapters(device: torch.device) -> None:
