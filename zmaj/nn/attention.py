@@ -246,8 +246,8 @@ def project_heads(
     Float[Tensor, "batch kv_heads seq head_dim"],
     Float[Tensor, "batch kv_heads seq head_dim"],
 ]:
-    """The query, key and value heads of ``x``, projected in one matmul (``fused_linear``); a model that
-    changes them before attending (RoPE, QK-norm) starts here."""
+    """The query, key and value heads of ``x``, projected in one matmul where gradients are taken
+    (``fused_linear``); a model that changes them before attending (RoPE, QK-norm) starts here."""
     q, k, v = fused_linear([params["q"], params["k"], params["v"]], x)
     return (
         rearrange(q, "b s (h d) -> b h s d", h=n_heads),
