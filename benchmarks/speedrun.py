@@ -23,7 +23,7 @@ table beside that one.
     uv run benchmarks/speedrun.py                          # every row, precision auto (bf16 here)
     uv run benchmarks/speedrun.py --rows 0,3,5 --evals 3 --name speedrun_subset
     ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \\
-        uv run benchmarks/speedrun.py --precision fp32    # the AVX2-only CPU's view (README)
+        uv run benchmarks/speedrun.py --precision fp32 --name speedrun_avx2_emulated  # the AVX2-only view
     uv run benchmarks/speedrun.py --quick                  # wiring check: a few steps per row, no results
 """
 
