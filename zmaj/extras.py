@@ -8,7 +8,7 @@ TensorBoard). A module that needs an extra imports it inside :func:`needs`, at t
 function that uses it, so that the ImportError a user would see becomes one line naming the extra to install:
 
     with needs("gguf", "loading a GGUF file"):
-        from gguf import GGUFReader
+        from gguf.quants import dequantize
 
 ``uv run`` in the repository installs every extra (the ``dev`` group), so there all of them are present.
 """

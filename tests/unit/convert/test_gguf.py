@@ -311,7 +311,7 @@ def test_dequantised_values_are_the_stored_ones(
     qtype = GGMLQuantizationType[kind]
     values = np.random.default_rng(seed).normal(size=(3, 64)).astype(np.float32)
     path = write_gguf(tmp_path_factory.mktemp(kind) / "w.gguf", "llama", {}, {"w": quantised(values, qtype)})
-    (tensor,) = gguf.GGUFReader(path).tensors
+    (tensor,) = zgguf.read_gguf(path).tensors.values()
     loaded, x = zgguf.dequantize_tensor(tensor), torch.from_numpy(values)
     assert (loaded.shape, loaded.dtype) == ((3, 64), torch.float32)
     if kind == "F32":
@@ -363,8 +363,8 @@ def test_an_unknown_architecture_lists_the_supported_ones(tmp_path: Path) -> Non
 
 def test_the_llama_table_covers_every_tensor_of_smollm2() -> None:
     """Every tensor of the real file is read, and the metadata gives SmolLM2-135M's published shape."""
-    reader = gguf.GGUFReader(weights.smollm2_gguf())
-    config = zgguf.config_from_gguf(reader)
+    file = zgguf.read_gguf(weights.smollm2_gguf())
+    config = zgguf.config_from_gguf(file)
     assert config == llama.LlamaConfig(
         vocab_size=49152,
         context=8192,
@@ -380,4 +380,91 @@ def test_the_llama_table_covers_every_tensor_of_smollm2() -> None:
     )
     names = {name for key, name, _ in zgguf.LLAMA_GLOBAL_TABLE if key != "unembed.weight"}
     names |= {name.format(i=i) for _, name, _ in zgguf.LLAMA_LAYER_TABLE for i in range(config.n_layers)}
-    assert names == {tensor.name for tensor in reader.tensors}
+    assert names == set(file.tensors)
+
+
+# --- the reader, against gguf-py's reference reader ---------------------------------------------------------
+
+
+def reference_contents(path: Path) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], str, bytes]]]:
+    """Each metadata value and tensor (torch-order shape, type, bytes) as ``gguf.GGUFReader`` reads it."""
+    reader = gguf.GGUFReader(path)
+    # The reader lists the header's fields (GGUF.version and the counts) as metadata too; they are not keys.
+    metadata = {
+        name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")
+    }
+    tensors = {
+        t.name: (tuple(reversed(t.shape.tolist())), t.tensor_type.name, t.data.tobytes())
+        for t in reader.tensors
+    }
+    return metadata, tensors
+
+
+def contents(path: Path) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], str, bytes]]]:
+    file = zgguf.read_gguf(path)
+    tensors = {t.name: (t.shape, t.tensor_type.name, t.data.tobytes()) for t in file.tensors.values()}
+    return file.metadata, tensors
+
+
+def test_the_reader_reads_what_the_reference_reader_reads(tmp_path: Path) -> None:
+    """Every metadata type gguf-py writes (each scalar, strings, arrays of numbers, of strings, of arrays), a
+    non-default alignment, and tensors of several types and ranks."""
+    writer = gguf.GGUFWriter(tmp_path / "all.gguf", "llama")
+    writer.add_custom_alignment(64)
+    for kind in gguf.GGUFValueType:
+        if kind not in (gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY):
+            value = True if kind == gguf.GGUFValueType.BOOL else 0.25 if "FLOAT" in kind.name else 7
+            writer.add_key_value(f"test.{kind.name.lower()}", value, kind)
+    writer.add_key_value("test.int8_negative", -3, gguf.GGUFValueType.INT8)
+    writer.add_string("test.string", "naïve ▁tokens\n")
+    writer.add_array("test.floats", [0.5, -1.25, 3.0])
+    writer.add_array("test.ints", [1, -2, 3])
+    writer.add_array("test.strings", ["a", "", "ü b"])
+    writer.add_array("test.nested", [[1, 2], [3]])
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(4, 256)).astype(np.float32)
+    writer.add_tensor("f32", rng.normal(size=(2, 3, 5)).astype(np.float32))
+    writer.add_tensor("f16", values.astype(np.float16))
+    for qtype in (GGMLQuantizationType.BF16, GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q5_0):
+        writer.add_tensor(qtype.name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+    # gguf-py cannot quantise to Q4_K (Gemma 3's file is mostly Q4_K); any bytes are a valid block to read.
+    q4_k = gguf.quants.quant_shape_to_byte_shape(values.shape, GGMLQuantizationType.Q4_K)
+    writer.add_tensor("Q4_K", rng.integers(0, 256, q4_k, dtype=np.uint8), raw_dtype=GGMLQuantizationType.Q4_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    metadata, tensors = contents(tmp_path / "all.gguf")
+    expected_metadata, expected_tensors = reference_contents(tmp_path / "all.gguf")
+    # The reference reader flattens an array of arrays ("FIXME" in gguf-py): that one is compared as written.
+    assert expected_metadata.pop("test.nested") == [1, 2, 3]
+    assert metadata.pop("test.nested") == [[1, 2], [3]]
+    assert (metadata, tensors) == (expected_metadata, expected_tensors)
+    assert set(tensors) == {"f32", "f16", "BF16", "Q8_0", "Q5_0", "Q4_K"}
+
+
+@pytest.mark.slow  # the reference reader takes 10 s over this file
+def test_the_reader_reads_smollm2_as_the_reference_reader_does() -> None:
+    """The real file: a 49,152-token vocabulary, its merges and scores, and 272 quantised tensors."""
+    path = weights.smollm2_gguf()
+    assert contents(path) == reference_contents(path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda data: b"", r"not a GGUF file: it has only 0 bytes"),
+        (lambda data: b"GGML" + data[4:], r"does not start with the bytes 'GGUF'"),
+        (
+            lambda data: data[:4] + (1).to_bytes(4, "little") + data[8:],
+            r"GGUF version 1; zmaj reads versions",
+        ),
+        (lambda data: data[:100], r"ends inside its metadata: it is truncated"),
+        (lambda data: data[:-1000], r"tensor '[\w.]+' ends at byte \d+ of .*: the file is truncated"),
+    ],
+)
+def test_a_damaged_file_is_refused_naming_the_damage(tmp_path: Path, damage: Any, message: str) -> None:
+    data = tiny_llama_file(tmp_path, tie=False).read_bytes()
+    (tmp_path / "damaged.gguf").write_bytes(damage(data))
+    with pytest.raises(ValueError, match=message):
+        zgguf.read_gguf(tmp_path / "damaged.gguf")
