@@ -229,7 +229,9 @@ def hidden_states(
 ) -> Float[Tensor, "batch seq d_model"]:
     """The final-norm residual stream, before the unembedding."""
     generator = None
-    if dropout_seed is not None and config.dropout > 0:
+    # The seed is read only where dropout is on: dynamo guards on an int it reads, and a new seed each step
+    # would then compile the training step again (``zmaj.train.step.step_functions``).
+    if config.dropout > 0 and dropout_seed is not None:
         generator = torch.Generator(batch.tokens.device).manual_seed(dropout_seed)
     positions = batch.position_ids()
     x = dropout(_embed(params, batch.tokens, positions, config), config.dropout, generator)
