@@ -17,6 +17,7 @@ import torch
 import transformers
 from torch import Tensor
 
+from tests.integration.gguf_reference import load_reference
 from zmaj.convert import weights
 from zmaj.convert.load import Pretrained, load_model
 from zmaj.infer.cache import init_cache
@@ -59,14 +60,8 @@ class Loaded:
 
 
 def load(path: Path) -> Loaded:
-    return Loaded(
-        path=path,
-        model=load_model(path),
-        reference=transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32
-        ).eval(),
-        tokenizer=transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name),
-    )
+    reference, tokenizer = load_reference(path)
+    return Loaded(path=path, model=load_model(path), reference=reference, tokenizer=tokenizer)
 
 
 MODELS: dict[str, Callable[[], Path]] = {

@@ -23,6 +23,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from tensordict import TensorDict
 
+from tests.integration.gguf_reference import load_reference
 from tests.integration.programs import ROOT, run_program
 from zmaj.convert import weights
 from zmaj.convert.export import save_hf
@@ -131,11 +132,10 @@ def test_a_zmaj_gpt_answers_as_the_hf_backend_on_its_export(
 def test_smollm2_answers_as_the_hf_backend_on_its_gguf(tasks: TaskManager) -> None:
     path = weights.smollm2_gguf()
     ours = ZmajLM(path=str(path), dtype="float32", batch_size=3, device="cpu", max_length=MAX_LENGTH)
+    reference, tokenizer = load_reference(path)
     theirs = HFLM(
-        pretrained=transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32
-        ).eval(),
-        tokenizer=transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name),
+        pretrained=reference,
+        tokenizer=tokenizer,
         batch_size=3,
         max_length=MAX_LENGTH,
         device="cpu",
