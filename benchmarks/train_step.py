@@ -63,7 +63,6 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -765,7 +764,7 @@ def optimizer_floor_ms(shape: Shape, device: torch.device) -> tuple[float, str]:
     grads = state["params"].apply(torch.randn_like)
     adamw_config = optim.AdamWConfig(lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
     decay = optim.decay_mask(state["params"])
-    update = torch.compile(partial(step.apply_grads, donate=True), fullgraph=True)
+    _, update = step.step_functions(compile=True)  # the compiled, donating update that training runs
     leaves = [p.detach().clone().requires_grad_() for p in state["params"].values(True, True)]
     for leaf, grad in zip(leaves, grads.values(True, True), strict=True):
         leaf.grad = grad.clone()

@@ -1,9 +1,9 @@
 """``transformers`` loading a GGUF file, the reference of the GGUF parity tests, with the file parsed once.
 
-``transformers.AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` builds gguf-py's ``GGUFReader`` once for
-the config and again for the weights, and ``AutoTokenizer`` a third time. Each build of Gemma 3 270M's took 20 s
-on a 2-core AVX2 CPU (its 262,144-token vocabulary, element by element), SmolLM2's 5 s. The reader only reads the
-file, so the three loads share one here; what ``transformers`` computes from it is unchanged.
+``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` builds gguf-py's ``GGUFReader`` once for the
+config and again for the weights, and ``AutoTokenizer`` a third time. Each build of Gemma 3 270M's took 20 s
+on a 2-core AVX2 CPU (its 262,144-token vocabulary, element by element), SmolLM2's 5 s. The reader only reads
+the file, so the three loads share one here; what ``transformers`` computes from it is unchanged.
 """
 
 from collections.abc import Iterator
@@ -35,7 +35,8 @@ def one_reader_per_file() -> Iterator[None]:
 
 
 def load_reference(path: Path) -> tuple[transformers.PreTrainedModel, Any]:
-    """The float32 model ``transformers`` loads from the GGUF file at ``path``, in eval mode, and its tokenizer."""
+    """The float32 model ``transformers`` loads from the GGUF file at ``path`` (in eval mode), and its
+    tokenizer."""
     with one_reader_per_file():
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32

@@ -29,6 +29,7 @@ Every GGUF tensor name lives in this file, in one table per architecture. A tens
 bias, Llama 3.1's ``rope_freqs``) is an error rather than dropped: a silently ignored tensor is a wrong model.
 """
 
+import math
 import mmap
 import struct
 from collections.abc import Callable, Sequence
@@ -91,7 +92,7 @@ _SCALARS: dict[int, str] = {
 GGUF_VERSIONS = (2, 3)  # version 1 counted in 32 bits; llama.cpp has not written it since 2023
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: the generated == would compare arrays to a bool
 class GGUFTensor:
     """One tensor of a GGUF file: its entry in the tensor table, and its bytes, not yet read from disk."""
 
@@ -112,24 +113,28 @@ class GGUFFile:
 
 
 class _Cursor:
-    """Reads little-endian fields one after another from the mapped file."""
+    """Reads little-endian fields one after another from the mapped file; a field that would run past its end
+    means the file was cut short (a download that stopped), and says so."""
 
     def __init__(self, buffer: mmap.mmap, path: Path) -> None:
         self.buffer, self.path, self.pos = buffer, path, 0
 
-    def read(self, fmt: str) -> tuple[Any, ...]:
-        fmt = "<" + fmt
-        if self.pos + struct.calcsize(fmt) > len(self.buffer):
-            raise ValueError(f"GGUF file {self.path} ends inside its metadata: it is truncated")
-        values = struct.unpack_from(fmt, self.buffer, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return values
+    def take(self, size: int) -> int:
+        """The position of the next ``size`` bytes, which are then passed over."""
+        if self.pos + size > len(self.buffer):
+            raise ValueError(f"GGUF file {self.path} ends inside its header: it is truncated")
+        self.pos += size
+        return self.pos - size
+
+    def read(self, fmt: str, count: int = 1) -> tuple[Any, ...]:
+        """The fields of ``fmt``, or ``count`` values of the one field ``fmt`` names."""
+        size = struct.calcsize("<" + fmt) * count  # checked before ``struct`` sees a damaged count
+        return struct.unpack_from(f"<{count}{fmt}" if count != 1 else "<" + fmt, self.buffer, self.take(size))
 
     def string(self) -> str:
         (length,) = self.read("Q")
-        text = self.buffer[self.pos : self.pos + length].decode("utf-8")
-        self.pos += length
-        return text
+        start = self.take(length)
+        return self.buffer[start : start + length].decode("utf-8")
 
     def value(self, kind: int) -> Any:
         if kind == GGUFValueType.STRING:
@@ -137,7 +142,7 @@ class _Cursor:
         if kind == GGUFValueType.ARRAY:
             item_kind, count = self.read("IQ")
             if item_kind in _SCALARS:  # one call for a whole array: 262,144 token scores at once
-                return list(self.read(f"{count}{_SCALARS[item_kind]}"))
+                return list(self.read(_SCALARS[item_kind], count))
             return [self.value(item_kind) for _ in range(count)]
         if kind not in _SCALARS:
             raise ValueError(f"GGUF file {self.path} holds a metadata value of unknown type {kind}")
@@ -157,29 +162,45 @@ def read_gguf(path: str | Path) -> GGUFFile:
         raise ValueError(f"{path} is not a GGUF file: it does not start with the bytes 'GGUF'")
     (version,) = cursor.read("4xI")
     if version not in GGUF_VERSIONS:
-        raise ValueError(f"{path} is GGUF version {version}; zmaj reads versions {GGUF_VERSIONS}")
+        big_endian = int.from_bytes(version.to_bytes(4, "little"), "big") in GGUF_VERSIONS
+        raise ValueError(
+            f"{path} is a big-endian GGUF file; zmaj reads little-endian ones"
+            if big_endian
+            else f"{path} is GGUF version {version}; zmaj reads versions {GGUF_VERSIONS}"
+        )
     n_tensors, n_metadata = cursor.read("QQ")
     metadata = {}
     for _ in range(n_metadata):
         key = cursor.string()
+        if key in metadata:  # which of two values would be meant? (gguf-py refuses them too)
+            raise ValueError(f"GGUF file {path} has the metadata key {key!r} twice")
         (kind,) = cursor.read("I")
         metadata[key] = cursor.value(kind)
     table = []
     for _ in range(n_tensors):
         name = cursor.string()
         (n_dims,) = cursor.read("I")
-        dims = cursor.read(f"{n_dims}Q")
+        dims = cursor.read("Q", n_dims)
         raw_type, offset = cursor.read("IQ")
         table.append((name, tuple(reversed(dims)), raw_type, offset))
     alignment = metadata.get("general.alignment", 32)
+    if not (isinstance(alignment, int) and alignment > 0 and alignment % 8 == 0):
+        raise ValueError(
+            f"GGUF file {path} has general.alignment {alignment!r}, not a positive multiple of 8"
+        )
     start = -(-cursor.pos // alignment) * alignment
+    types = {kind.value for kind in GGMLQuantizationType}
     tensors = {}
     for name, shape, raw_type, offset in table:
-        if raw_type not in GGMLQuantizationType._value2member_map_:
-            raise ValueError(f"GGUF tensor {name!r} has unknown ggml type {raw_type}")
+        if name in tensors:
+            raise ValueError(f"GGUF file {path} has the tensor {name!r} twice")
+        if raw_type not in types:
+            raise ValueError(f"GGUF tensor {name!r} of {path} has unknown ggml type {raw_type}")
+        if not shape:
+            raise ValueError(f"GGUF tensor {name!r} of {path} has no dimensions")
         tensor_type = GGMLQuantizationType(raw_type)
         byte_shape = quant_shape_to_byte_shape(shape, tensor_type)
-        size = int(np.prod(byte_shape))
+        size = math.prod(byte_shape)
         if start + offset + size > len(buffer):
             raise ValueError(
                 f"GGUF tensor {name!r} ends at byte {start + offset + size} of {path}, which has "

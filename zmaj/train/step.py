@@ -311,7 +311,8 @@ def train_step(
     pytorch/pytorch#128711.) ``update_fn`` defaults to :func:`apply_grads`;
     ``torch.compile(apply_grads)`` fuses clipping and AdamW's elementwise passes over every parameter (eight,
     eagerly) into a few loops, and ``partial(apply_grads, donate=True)`` writes them into the old state when the
-    caller is done with it (``programs/pretrain.py`` does both).
+    caller is done with it. :func:`step_functions` gives both pairs as the programs run them (compiled, the
+    learning rate a tensor, so that a schedule does not compile the update again).
 
     Under ``parallel`` (``zmaj.train.parallel``) the loss is normalised by the target count of all ranks, the
     gradients are summed over the ranks, and the metrics are global: the same step as one process would take

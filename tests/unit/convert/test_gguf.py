@@ -1,9 +1,9 @@
-"""GGUF loading: the q/k permutation, dequantisation, the name table and its errors.
+"""GGUF loading: the file reader, the q/k permutation, dequantisation, the name table and their errors.
 
 Small files are written here with ``gguf.GGUFWriter`` the way llama.cpp's ``convert_hf_to_gguf.py`` writes a
 Llama (its names, its metadata keys, its q/k permutation), from a random ``transformers`` model that serves as the
-reference. The SmolLM2 test reads only the metadata of the real file; whole-model parity with real weights is in
-tests/integration/test_gguf_parity.py.
+reference; zmaj's reader is compared with gguf-py's on such files and on the real SmolLM2 file, whose shape
+the metadata must give. Whole-model parity with real weights is in tests/integration/test_gguf_parity.py.
 """
 
 import re
@@ -443,7 +443,7 @@ def test_the_reader_reads_what_the_reference_reader_reads(tmp_path: Path) -> Non
     assert set(tensors) == {"f32", "f16", "BF16", "Q8_0", "Q5_0", "Q4_K"}
 
 
-@pytest.mark.slow  # the reference reader takes 10 s over this file
+@pytest.mark.slow  # 8-11 s: the reference reader and both readers' bytes of every tensor
 def test_the_reader_reads_smollm2_as_the_reference_reader_does() -> None:
     """The real file: a 49,152-token vocabulary, its merges and scores, and 272 quantised tensors."""
     path = weights.smollm2_gguf()
@@ -459,7 +459,10 @@ def test_the_reader_reads_smollm2_as_the_reference_reader_does() -> None:
             lambda data: data[:4] + (1).to_bytes(4, "little") + data[8:],
             r"GGUF version 1; zmaj reads versions",
         ),
-        (lambda data: data[:100], r"ends inside its metadata: it is truncated"),
+        (lambda data: data[:4] + (3).to_bytes(4, "big") + data[8:], r"a big-endian GGUF file"),
+        (lambda data: data[:100], r"ends inside its header: it is truncated"),
+        # The first key's length, damaged: refused before anything of that length is read.
+        (lambda data: data[:24] + (2**62).to_bytes(8, "little") + data[32:], r"ends inside its header"),
         (lambda data: data[:-1000], r"tensor '[\w.]+' ends at byte \d+ of .*: the file is truncated"),
     ],
 )
@@ -468,3 +471,22 @@ def test_a_damaged_file_is_refused_naming_the_damage(tmp_path: Path, damage: Any
     (tmp_path / "damaged.gguf").write_bytes(damage(data))
     with pytest.raises(ValueError, match=message):
         zgguf.read_gguf(tmp_path / "damaged.gguf")
+
+
+def test_a_name_given_twice_or_a_bad_alignment_is_refused(tmp_path: Path) -> None:
+    """Which of two values or tensors of one name would be meant? Names of equal length are written, then one
+    is renamed to the other in the file's bytes (gguf-py's writer refuses duplicates)."""
+    zeros = np.zeros(4, dtype=np.float32)
+    path = write_gguf(
+        tmp_path / "a.gguf", "llama", {"test.one": 1, "test.two": 2}, {"first": zeros, "other": zeros}
+    )
+    for old, new, message in (
+        (b"test.two", b"test.one", r"the metadata key 'test\.one' twice"),
+        (b"other", b"first", r"the tensor 'first' twice"),
+    ):
+        (tmp_path / "twice.gguf").write_bytes(path.read_bytes().replace(old, new, 1))
+        with pytest.raises(ValueError, match=message):
+            zgguf.read_gguf(tmp_path / "twice.gguf")
+    path = write_gguf(tmp_path / "b.gguf", "llama", {"general.alignment": 0}, {"w": zeros})
+    with pytest.raises(ValueError, match=r"general\.alignment 0, not a positive multiple of 8"):
+        zgguf.read_gguf(path)

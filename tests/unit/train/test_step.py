@@ -181,7 +181,7 @@ for attention in ("sdpa", "eager"):  # eager: the formula, with zmaj's masked_so
     kwargs = {"forward": forward, "optimizer": optim.AdamWConfig(lr=1e-2, grad_clip=1.0), "seed": 0, "decay": decay}
     grad_fn, update_fn = step.step_functions(compile=True)  # the update is one graph (fullgraph), or an error
     eager, compiled = state, state.clone()
-    # A schedule's new learning rate and new dropout seeds each step: compiled once, on the first step.
+    # A schedule's new learning rate and new dropout seeds (dropout off) each step: compiled on the first.
     for i, lr in enumerate((1e-2, 7e-3, 4e-3)):
         eager, eager_metrics = step.train_step(eager, batches, lr=lr, **kwargs)
         with torch._dynamo.config.patch(error_on_recompile=i >= 1):
@@ -195,9 +195,9 @@ for attention in ("sdpa", "eager"):  # eager: the formula, with zmaj's masked_so
 @pytest.mark.slow
 def test_a_compiled_step_equals_the_eager_step() -> None:
     """``step_functions(compile=True)``, what ``train.compile: true`` runs, takes the eager steps' values; the
-    update is one graph, and a new learning rate and new dropout seeds each step compile nothing after the
-    first step. With SDPA and with the formula (``attention: eager``), whose softmax is an operator of zmaj's
-    own.
+    update is one graph, and a new learning rate and new dropout seeds (dropout off) each step compile nothing
+    after the first step. With SDPA and with the formula (``attention: eager``), whose softmax is an operator
+    of zmaj's own.
 
     Run in a fresh interpreter: under pytest every zmaj function is wrapped by the runtime shape checker, whose
     bookkeeping dynamo cannot trace in one graph.
