@@ -153,8 +153,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
     """The metadata and tensor table of the GGUF file at ``path`` (header, key/value pairs, tensor infos, then
     the tensor data from the next multiple of ``general.alignment``), the tensors left on disk."""
     path = Path(path)
-    if path.stat().st_size < 24:  # magic, version and the two counts
-        raise ValueError(f"{path} is not a GGUF file: it has only {path.stat().st_size} bytes")
+    if (size := path.stat().st_size) < 24:  # magic, version and the two counts
+        raise ValueError(f"{path} is not a GGUF file: it has only {size} bytes")
     with path.open("rb") as file:
         buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
     cursor = _Cursor(buffer, path)

@@ -236,13 +236,11 @@ def step_functions(compile: bool) -> tuple[GradFn, UpdateFn]:
         grads: TensorDictBase,
         optimizer: OptimizerConfig,
         lr: float | Tensor,
-        decay: TensorDictBase,
-        grad_norm: Tensor | None = None,
-        *,
-        parallel: Parallel = SINGLE,
+        *rest: Any,
+        **kw: Any,
     ) -> tuple[TensorDict, Float[Tensor, ""]]:
         lr = torch.as_tensor(lr, dtype=torch.float32, device=state["opt", "step"].device)
-        return compiled(state, grads, optimizer, lr, decay, grad_norm, parallel=parallel)
+        return compiled(state, grads, optimizer, lr, *rest, **kw)
 
     return deterministic(torch.compile(accumulate_grads)), update_with_lr_input
 
