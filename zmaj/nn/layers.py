@@ -38,7 +38,7 @@ def linear(params: TensorDictBase, x: Float[Tensor, "*batch d_in"]) -> Float[Ten
     rank-r bottleneck never forms the full-size update B A.
     """
     weight: Tensor = params["weight"]
-    if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+    if compiling_one_row(x):
         out = matvec(weight, x)
         bias = params.get("bias", None)
         if bias is not None:
@@ -86,6 +86,11 @@ def _lora_update(params: TensorDictBase, x: Tensor, out: Tensor) -> Tensor:
     return out if lora_a is None else out + F.linear(F.linear(x, lora_a), params["lora_b"])
 
 
+def compiling_one_row(x: Float[Tensor, "*batch d_in"]) -> bool:
+    """Whether a product with ``x`` should be ``matvec``: a single row, inside ``torch.compile``."""
+    return torch.compiler.is_compiling() and x.shape[:-1].numel() == 1
+
+
 def matvec(weight: Float[Tensor, "d_out d_in"], x: Float[Tensor, "*one d_in"]) -> Float[Tensor, "*one d_out"]:
     """W x for a single vector, written as a multiply and a sum so that ``torch.compile`` emits the loop itself.
 
@@ -94,7 +99,12 @@ def matvec(weight: Float[Tensor, "d_out d_in"], x: Float[Tensor, "*one d_in"]) -
     bandwidth is ~34 GB/s; Inductor's fused multiply-reduce loop (nothing materialised, float32 accumulation)
     reaches 23 GB/s (bf16) and 28 GB/s (fp32) (``benchmarks/decode.py``). Eager, the product would be materialised, so
     ``linear`` takes this path only while compiling.
+
+    ``x`` is stored first (the ``as_strided`` view makes Inductor realise it): left to itself, Inductor may inline
+    a pointwise input, such as the last residual sum and RMSNorm before the unembedding, into the loop and compute
+    it again for every output row, 49,152 times for SmolLM2's vocabulary.
     """
+    x = x.as_strided(x.shape, x.stride())
     product = x.float().unsqueeze(-2) * weight.float()
     return product.sum(-1).to(x.dtype)
 
