@@ -15,11 +15,21 @@ from zmaj.nn.layers import activation, embedding, fused_linear, gelu_saving_deri
 
 @pytest.mark.parametrize("shape", [(1, 40), (1, 1, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matvec_is_the_linear_map(device: torch.device, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    """Against F.linear in float64: the multiply-reduce form accumulates in float32 and rounds once at the end."""
+@pytest.mark.parametrize("strided", [False, True])
+def test_matvec_is_the_linear_map(
+    device: torch.device, shape: tuple[int, ...], dtype: torch.dtype, strided: bool
+) -> None:
+    """Against F.linear in float64: the multiply-reduce form accumulates in float32 and rounds once at the end.
+
+    ``strided``: ``x`` a view with an offset and a step, which the ``as_strided`` that stores ``matvec``'s input
+    must read where the view does.
+    """
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(24, 40, generator=generator).to(device, dtype)
-    x = torch.randn(shape, generator=generator).to(device, dtype)
+    if strided:
+        x = torch.randn(*shape[:-1], 83, generator=generator).to(device, dtype)[..., 3::2]
+    else:
+        x = torch.randn(shape, generator=generator).to(device, dtype)
     out = matvec(weight, x)
     exact = F.linear(x.double(), weight.double())
     assert out.shape == (*shape[:-1], 24)
