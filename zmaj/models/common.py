@@ -231,7 +231,9 @@ def unembed(
     """Logits from hidden states, through the embedding matrix itself when the two are tied (Press & Wolf, 2017).
 
     A compiled decode step at batch 1 takes ``matvec`` here too: PyTorch's GEMV streamed SmolLM2's embedding at
-    12.7 GB/s where Inductor's loop runs at the copy bound (AVX2-only EPYC, fp32, ``benchmarks/README.md``).
+    12.7 GB/s, where Inductor's loop streams near the read bandwidth (24-27 of 28 GB/s; AVX2-only EPYC, fp32,
+    ``benchmarks/README.md``, session 23). Not measured since on the AMX Xeon, where the unembedding through
+    ``matvec`` was slower before ``matvec`` stored its input, nor on GPUs.
     """
     weight = unembedding(params, tied)
     if compiling_one_row(hidden):

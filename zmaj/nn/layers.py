@@ -87,7 +87,12 @@ def _lora_update(params: TensorDictBase, x: Tensor, out: Tensor) -> Tensor:
 
 
 def compiling_one_row(x: Float[Tensor, "*batch d_in"]) -> bool:
-    """Whether a product with ``x`` should be ``matvec``: a single row, inside ``torch.compile``."""
+    """Whether a product with ``x`` should be ``matvec``: a single row, inside ``torch.compile``.
+
+    A single row reuses no weight, so the product is a stream of the weights that Inductor's own loop runs
+    faster than PyTorch's GEMV; eager, ``matvec`` would materialise the whole product, and several rows reuse
+    each weight in ``F.linear``'s matrix kernels.
+    """
     return torch.compiler.is_compiling() and x.shape[:-1].numel() == 1
 
 
@@ -98,12 +103,14 @@ def matvec(weight: Float[Tensor, "d_out d_in"], x: Float[Tensor, "*one d_in"]) -
     PyTorch's CPU GEMV kernels stream them at 13-16 GB/s (bf16) and ~12 GB/s (fp32) on a 2-core EPYC whose read
     bandwidth is ~34 GB/s; Inductor's fused multiply-reduce loop (nothing materialised, float32 accumulation)
     reaches 23 GB/s (bf16) and 28 GB/s (fp32) (``benchmarks/decode.py``). Eager, the product would be materialised, so
-    ``linear`` takes this path only while compiling.
+    ``linear`` and ``zmaj.models.common.unembed`` take this path only while compiling.
 
-    ``x`` is stored first (the ``as_strided`` view makes Inductor realise it): left to itself, Inductor may inline
-    a pointwise input, such as the last residual sum and RMSNorm before the unembedding, into the loop and compute
-    it again for every output row, 49,152 times for SmolLM2's vocabulary.
+    ``x`` is stored first: left to itself, Inductor may inline a pointwise input, such as the last residual
+    sum and RMSNorm before the unembedding, into the loop and compute it again for every output row, 49,152
+    times for SmolLM2's vocabulary. Inductor's lowering of ``as_strided`` realises its input (torch 2.15,
+    ``torch/_inductor/lowering.py``); ``contiguous`` first, so that the view asks only for elements stored.
     """
+    x = x.contiguous()
     x = x.as_strided(x.shape, x.stride())
     product = x.float().unsqueeze(-2) * weight.float()
     return product.sum(-1).to(x.dtype)

@@ -335,11 +335,12 @@ from zmaj.models import llama
 from zmaj.models.common import Batch
 
 config = llama.LlamaConfig(
-    vocab_size=64, context=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, head_dim=12, qk_norm=True
+    vocab_size=64, context=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, head_dim=12,
+    qk_norm=True, tie_embeddings=True,  # as SmolLM2: the unembedding reads the embedding
 )
 params = llama.init(config, seed=0)
 tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(8))
-for batch in (1, 2):  # batch 1 takes linear's compiled matrix-vector path (zmaj.nn.layers.matvec)
+for batch in (1, 2):  # batch 1: the compiled matrix-vector path (zmaj.nn.layers.matvec) of linear and unembed
     torch._dynamo.reset()
     compiled = torch.compile(llama.cached(config), fullgraph=True)
     rows = tokens[:batch]
