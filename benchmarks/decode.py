@@ -104,7 +104,9 @@ def matvec_floor_seconds(params: TensorDictBase, fused: bool, runs: int = 10) ->
 
     ``fused=False``: one ``F.linear`` each, PyTorch's GEMV kernels, which is what an eager stack (and
     ``transformers``) runs. ``fused=True``: ``zmaj.nn.layers.matvec`` each, compiled, which is what zmaj's compiled
-    decode step runs: Inductor's own multiply-reduce loops. No decode step can beat the floor of its kernels."""
+    decode step runs: Inductor's own multiply-reduce loops. A step runs the same products, so it beats this
+    floor only where the host's load fell between the two measurements: session 23's first AVX2 run put zmaj's
+    compiled step at 120% of a floor measured minutes before it, and the next run at 99%."""
     matrices = [
         matrix
         for tensor in checkpoint.flatten(params).values()
