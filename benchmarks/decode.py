@@ -6,8 +6,9 @@ tokens (no stop token, so every row decodes every step):
 
 - ``zmaj eager``: ``zmaj.models.llama.forward_cached`` over a preallocated cache (``zmaj.infer.cache``), one
   prefill call then one call per token, argmax in between: what ``zmaj.infer.generate`` runs.
-- ``zmaj compiled``: the same step through ``torch.compile(fullgraph=True)``; the cache's fixed shapes give one
-  graph for every decode step (prefill compiles its own).
+- ``zmaj compiled``: the same step through ``torch.compile(fullgraph=True)``
+  (``zmaj.infer.generate.compile_step``); the cache's fixed shapes give one graph for every decode step
+  (prefill compiles its own), whose attention reads the slots written so far.
 - ``transformers``: ``model.generate(do_sample=False, min_new_tokens=max_new_tokens)`` with its default dynamic
   KV cache; its prefill is timed as a separate forward over the prompts.
 - ``llama.cpp`` (batch 1 only, where ``llama-cpp-python`` is installed: the ``llama-cpp`` dependency group
@@ -62,7 +63,7 @@ from torch import Tensor
 from zmaj.convert import weights
 from zmaj.convert.load import Pretrained, load_model
 from zmaj.infer.cache import init_cache
-from zmaj.infer.generate import Step, left_padded
+from zmaj.infer.generate import Step, compile_step, left_padded
 from zmaj.models.common import Batch
 from zmaj.nn.layers import matvec
 from zmaj.train import checkpoint
@@ -311,7 +312,7 @@ def main() -> None:
         for kernels, seconds in (("F.linear", gemv), ("compiled matvec", fused)):
             print(f"- {name}: matrix-vector products alone, {kernels}: {seconds * 1e3:.1f} ms/token")
         eager = model.architecture.cached(model.config)
-        compiled = torch.compile(eager, fullgraph=True, dynamic=False)
+        compiled = compile_step(eager)
         for batch in batches:
             batch_prompts = prompts[:batch]
             results = {

@@ -22,7 +22,7 @@ from zmaj.convert.load import Pretrained, load_model
 from zmaj.data.chat_template import Message
 from zmaj.extras import MissingExtraError
 from zmaj.infer.cache import init_cache
-from zmaj.infer.generate import Sampling
+from zmaj.infer.generate import Sampling, compile_step
 from zmaj.infer.text import complete
 from zmaj.train import precision
 
@@ -54,7 +54,7 @@ def main() -> None:
     cache = init_cache(model.config, 1, len(prompt) + args.max_new_tokens, *params_dtype_device(model))
     step = model.architecture.cached(model.config)
     if args.compile:
-        step = torch.compile(step, fullgraph=True, dynamic=False)
+        step = compile_step(step)
     pieces = complete(
         step, model.params, cache, prompt, model.tokenizer, args.max_new_tokens, sampling, args.seed
     )

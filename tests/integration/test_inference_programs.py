@@ -124,9 +124,10 @@ def test_generate_prints_transformers_greedy_continuation(
 def test_compiled_generate_prints_the_same_continuation(
     llama: tuple[Any, Path], tokenizer: ModelTokenizer
 ) -> None:
-    """``--compile`` (batch 1: the compiled step's matrix-vector path, ``zmaj.nn.layers.matvec``) changes the speed,
-    not the tokens. In a fresh interpreter: in this one the runtime shape checker wraps zmaj, and dynamo cannot
-    trace its bookkeeping."""
+    """``--compile`` (batch 1: the compiled step's matrix-vector path, ``zmaj.nn.layers.matvec``, and
+    attention over the written slots alone, ``zmaj.infer.generate.compile_step``) changes the speed, not the
+    tokens. In a fresh interpreter: in this one the runtime shape checker wraps zmaj, and dynamo cannot trace
+    its bookkeeping."""
     model, folder = llama
     prompt = "the cat sat"
     args = ["--model", folder, "--prompt", prompt, *GREEDY, "--compile"]

@@ -129,6 +129,26 @@ def left_padded(prompts: Sequence[Sequence[int]], device: torch.device | str = "
     return Batch(tokens=tokens, is_token=is_token).to(device)
 
 
+def compile_step(step: Step) -> Step:
+    """``step`` through ``torch.compile(fullgraph=True, dynamic=False)``, its graphs traced with
+    ``capture_scalar_outputs`` on, so that a CPU decode step attends over the slots written so far, not the
+    whole cache (``zmaj.nn.attention.cached_attention``).
+
+    Fixed shapes give one graph for every decode step; the prefill compiles its own. The option is set for the
+    step's calls alone, where dynamo reads it (while tracing), not for the rest of the process.
+    """
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+
+    def run(
+        params: TensorDictBase, batch: Batch, cache: TensorDictBase, *, donate: bool = False
+    ) -> tuple[Tensor, TensorDictBase]:
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            logits, new_cache = compiled(params, batch, cache, donate=donate)
+        return logits, new_cache
+
+    return run
+
+
 @torch.no_grad()
 def stream(
     step: Step,

@@ -272,7 +272,9 @@ def forward_cached(
         x = _unet_skip(params, x, outputs, layer, config)
         q, k, v = _heads(block, x, angles, value_embeddings[layer], config)
         cache_k, cache_v = step.write(cache, layer, k, v, donate)
-        x = x + _merge_heads(block, cached_attention(q, cache_k, cache_v, mask, config.attention))
+        x = x + _merge_heads(
+            block, cached_attention(q, cache_k, cache_v, mask, config.attention, written=step.length)
+        )
         x = x + mlp(block["mlp"], _norm(block["mlp_norm"], x, config), config.activation)
         outputs.append(x)
         keys.append(cache_k)

@@ -188,7 +188,7 @@ def forward_cached(
         attn = block["attn"]
         q, k, v = _rotated_qkv(attn, rms_norm(block["attn_norm"], x, config.norm_eps), cos, sin, config)
         cache_k, cache_v = step.write(cache, layer, k, v, donate)
-        out = cached_attention(q, cache_k, cache_v, mask, config.attention)
+        out = cached_attention(q, cache_k, cache_v, mask, config.attention, written=step.length)
         x = x + linear(attn["o"], rearrange(out, "b h s d -> b s (h d)"))
         x = x + glu_mlp(block["mlp"], rms_norm(block["mlp_norm"], x, config.norm_eps), config.activation)
         keys.append(cache_k)

@@ -12,7 +12,8 @@ Three interchangeable backends compute the same function, and ``auto`` (the mode
 - ``auto``: ``sdpa``, except where the formula measured faster (``choose_backend``).
 
 For generation, ``cached_attention`` attends from new tokens over every slot of a preallocated key/value cache
-(layout in ``zmaj.infer.cache``) under a dense mask, so every decode step has the same shapes.
+(layout in ``zmaj.infer.cache``) under a dense mask, so every decode step has the same shapes; a decode step
+compiled by ``zmaj.infer.generate.compile_step`` reads the written slots alone.
 """
 
 import math
@@ -22,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from tensordict import TensorDictBase
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -263,6 +264,7 @@ def cached_attention(
     mask: Bool[Tensor, "batch q_seq k_seq"],
     backend: Backend,
     scale: float | None = None,
+    written: Int[Tensor, ""] | None = None,
 ) -> Float[Tensor, "batch heads q_seq head_dim"]:
     """New tokens' queries over every slot of a key/value cache that already holds their own keys and values
     (``zmaj.models.common.CacheStep.write`` puts them there).
@@ -276,9 +278,23 @@ def cached_attention(
     (``single_query_attention``), which Inductor fuses (not measured on GPUs, where the einsums stay).
     Several queries (a prefill) take ``backend``, ``auto`` resolved as in ``attention``: SDPA when no
     gradients are taken, as in generation.
+
+    ``written``, the number of slots written (``CacheStep.length``), lets that compiled decode step attend
+    over those slots alone where ``torch._dynamo.config.capture_scalar_outputs`` is on
+    (``zmaj.infer.generate.compile_step`` turns it on): the count becomes a size that the generated loops read
+    at run time, so one graph still serves every step, and a step's attention costs what is written, not what
+    was allocated. Over 30 layers of SmolLM2-135M's heads and a 1032-slot cache, compiled (fp32, 2-core AVX2
+    EPYC): 0.67 ms with 100 slots written against 4.19 ms over all of them, and 4.47 against 3.80 ms with all
+    1032 written (loops with a bound known only at run time). SmolLM2-135M decoding 1024 tokens in one
+    process: 46.3 against 40.4 tokens/s, the same tokens.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
+        if written is not None and torch._dynamo.config.capture_scalar_outputs:
+            n = written.item()
+            torch._check(n >= 1)  # the bounds dynamo needs to slice by a number it reads at run time
+            torch._check(n <= cache_k.shape[2])
+            cache_k, cache_v, mask = cache_k[:, :, :n], cache_v[:, :, :n], mask[..., :n]
         return single_query_attention(q, cache_k, cache_v, mask, scale)
     kernel = resolve_backend(backend, q, cache_k.shape[2])
     if kernel == "eager" or q.shape[2] == 1:
