@@ -13,9 +13,9 @@ arXiv:2211.05102, weigh its memory against batch size and context). The cache is
   padding slots too, which ``is_token`` then hides).
 
 Every shape is fixed by ``max_len`` and the length is a tensor, not a Python int, so a compiled decode step
-sees the same graph at every position; compiled by ``zmaj.infer.generate.compile_step`` (on the CPU), its
-attention reads the length at run time and attends over the written slots alone, so attention costs what is
-written, not what was allocated. A model's ``forward_cached(params, batch, cache, config)`` returns ``(logits,
+sees the same graph at every position. On the CPU, attention reads the length and attends over the written
+slots alone, eagerly and compiled through ``zmaj.infer.generate.compile_step``, so it costs what is written,
+not what was allocated. A model's ``forward_cached(params, batch, cache, config)`` returns ``(logits,
 new_cache)``; ``zmaj.models.common.cache_step``, ``CacheStep.write`` and ``cache_mask`` do the bookkeeping and
 the writing, and ``zmaj.nn.attention.cached_attention`` the attending, so a model adds cached decoding in a
 few lines.

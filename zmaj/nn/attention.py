@@ -12,13 +12,13 @@ Three interchangeable backends compute the same function, and ``auto`` (the mode
 - ``auto``: ``sdpa``, except where the formula measured faster (``choose_backend``).
 
 For generation, ``cached_attention`` attends from new tokens over every slot of a preallocated key/value cache
-(layout in ``zmaj.infer.cache``) under a dense mask, so every decode step has the same shapes; a decode step
-compiled by ``zmaj.infer.generate.compile_step`` reads the written slots alone.
+(layout in ``zmaj.infer.cache``) under a dense mask, so every decode step has the same shapes; on the CPU it
+reads the written slots alone (compiled, through ``zmaj.infer.generate.compile_step``).
 """
 
 import math
 from functools import cache
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -266,7 +266,7 @@ def cached_attention(
     scale: float | None = None,
     written: Int[Tensor, ""] | None = None,
 ) -> Float[Tensor, "batch heads q_seq head_dim"]:
-    """New tokens' queries over every slot of a key/value cache that already holds their own keys and values
+    """New tokens' queries over the slots of a key/value cache that already holds their own keys and values
     (``zmaj.models.common.CacheStep.write`` puts them there).
 
     The mask must hide the slots not written yet; ``zmaj.models.common.cache_mask`` does. Attending over the
@@ -279,24 +279,50 @@ def cached_attention(
     Several queries (a prefill) take ``backend``, ``auto`` resolved as in ``attention``: SDPA when no
     gradients are taken, as in generation.
 
-    ``written``, the number of slots written (``CacheStep.length``), lets that compiled decode step attend
-    over those slots alone where ``torch._dynamo.config.capture_scalar_outputs`` is on
+    ``written``, the number of slots written (``CacheStep.length``), lets attention on the CPU read those
+    slots alone: the others are masked, so the outputs are those of the whole buffer (to the summation order),
+    at the cost of what is written, not what was allocated. Eagerly that is a slice by a Python int; a GPU is
+    left alone, where reading the count would make the host wait for the device at every layer. Under
+    ``torch.compile`` a decode step slices where ``torch._dynamo.config.capture_scalar_outputs`` is on
     (``zmaj.infer.generate.compile_step`` turns it on): the count becomes a size that the generated loops read
-    at run time, so one graph still serves every step, and a step's attention costs what is written, not what
-    was allocated. Over 30 layers of SmolLM2-135M's heads and a 1032-slot cache, compiled (fp32, 2-core AVX2
-    EPYC): 0.67 ms with 100 slots written against 4.19 ms over all of them, and 4.47 against 3.80 ms with all
-    1032 written (loops with a bound known only at run time). SmolLM2-135M decoding 1024 tokens in one
-    process: 46.3 against 40.4 tokens/s, the same tokens.
+    at run time, so one graph still serves every step. Over 30 layers of SmolLM2-135M's heads and a 1032-slot
+    cache (fp32, 2-core AVX2 EPYC), compiled: 0.67 ms with 100 slots written against 4.19 ms over all of them,
+    and 4.47 against 3.80 ms with all 1032 written (loops with a bound known only at run time); SmolLM2-135M
+    decoding 1024 tokens in one process, 46.3 against 40.4 tokens/s, the same tokens. Eagerly, at batch 16:
+    11.5 ms with 100 slots, 35.9 with 516, 62.7 with 1032.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if written is not None and q.device.type == "cpu":
+        cache_k, cache_v, mask = _written_slots(cache_k, cache_v, mask, written, q.shape[2] == 1)
     if q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
-        if written is not None and torch._dynamo.config.capture_scalar_outputs:
-            n = written.item()
-            torch._check(n >= 1)  # the bounds dynamo needs to slice by a number it reads at run time
-            torch._check(n <= cache_k.shape[2])
-            cache_k, cache_v, mask = cache_k[:, :, :n], cache_v[:, :, :n], mask[..., :n]
         return single_query_attention(q, cache_k, cache_v, mask, scale)
     kernel = resolve_backend(backend, q, cache_k.shape[2])
     if kernel == "eager" or q.shape[2] == 1:
         return eager_attention(q, cache_k, cache_v, mask, scale)
     return sdpa_attention(q, cache_k, cache_v, mask, scale)
+
+
+def _written_slots(
+    cache_k: Float[Tensor, "batch kv_heads k_seq head_dim"],
+    cache_v: Float[Tensor, "batch kv_heads k_seq head_dim"],
+    mask: Bool[Tensor, "batch q_seq k_seq"],
+    written: Int[Tensor, ""],
+    decoding: bool,
+) -> tuple[
+    Float[Tensor, "batch kv_heads n head_dim"],
+    Float[Tensor, "batch kv_heads n head_dim"],
+    Bool[Tensor, "batch q_seq n"],
+]:
+    """The first ``written`` slots of the keys, values and mask (``cached_attention``), or all of them in a
+    compiled graph that does not read the count: a prefill (SDPA's, not tried with a size known only at run
+    time) or one traced without scalar outputs captured."""
+    n: int
+    if not torch.compiler.is_compiling():
+        n = int(written)
+    elif decoding and torch._dynamo.config.capture_scalar_outputs:
+        n = cast(int, written.item())  # a SymInt while tracing, which the slices below take
+        torch._check(n >= 1)  # the bounds dynamo needs to slice by a number it reads at run time
+        torch._check(n <= cache_k.shape[2])
+    else:
+        return cache_k, cache_v, mask
+    return cache_k[:, :, :n], cache_v[:, :, :n], mask[..., :n]

@@ -123,6 +123,24 @@ def test_every_decode_step_equals_the_full_forward(device: torch.device, name: s
     assert capacity(cache) == 4
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_cpu_step_reads_no_slot_past_the_written_ones(name: str) -> None:
+    """On the CPU, attention reads the written slots alone (``cached_attention``): NaN in the others, which
+    attention over every slot would carry into the outputs through their zero weights, changes no logit."""
+    cpu = torch.device("cpu")
+    module, config, params = model_params(name, cpu)
+    tokens = random_tokens(2, 12, seed=4, device=cpu)
+    cache = init_cache(config, batch=2, max_len=16)
+    for key in ("k", "v"):
+        cache[key].fill_(float("nan"))
+    logits, cache = module.forward_cached(params, Batch(tokens=tokens[:, :5]), cache, config)
+    assert max_error(logits, full_forward(module, params, Batch(tokens=tokens[:, :5]), config)) <= 1e-5
+    for i in range(5, 12):
+        logits, cache = module.forward_cached(params, Batch(tokens=tokens[:, i : i + 1]), cache, config)
+        full = full_forward(module, params, Batch(tokens=tokens[:, : i + 1]), config)
+        assert max_error(logits[:, 0], full[:, -1]) <= 1e-5, f"step {i}"
+
+
 @st.composite
 def chunkings(draw: st.DrawFn, seq: int) -> list[tuple[int, int]]:
     """``[0, seq)`` cut into consecutive chunks of random lengths: a prefill then decode chunks of any size."""
