@@ -41,8 +41,9 @@ def resume(context: Context, prompt: Sequence[int], max_len: int) -> tuple[Tenso
     and the rest of ``prompt``, which the next forward pass prefills.
 
     At least the prompt's last token is left to prefill, since its logits choose the answer's first token. The
-    cache is copied to its new size every turn (``max_len`` is what this answer needs, no more, since every decode
-    step attends over every slot): a memory copy, small next to the forward pass of the new turn.
+    cache is copied to its new size every turn (``max_len`` is what this answer needs, no more, since a decode
+    step on a GPU, or compiled without ``zmaj.infer.generate.compile_step``, attends over every slot): a
+    memory copy, small next to the forward pass of the new turn.
     """
     kept = 0
     for cached, token in zip(context.tokens, prompt[:-1], strict=False):

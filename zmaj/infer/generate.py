@@ -135,7 +135,10 @@ def compile_step(step: Step) -> Step:
     whole cache (``zmaj.nn.attention.cached_attention``).
 
     Fixed shapes give one graph for every decode step; the prefill compiles its own. The option is set for the
-    step's calls alone, where dynamo reads it (while tracing), not for the rest of the process.
+    step's calls alone, where dynamo reads it (while tracing), not for the rest of the process. zmaj's
+    attention reads it too, as its switch: with ``fullgraph=True`` torch 2.15 traces ``.item()`` without it,
+    but a compile without ``fullgraph`` would break the graph at every layer, so a plain ``torch.compile``
+    keeps attending over every slot.
     """
     compiled = torch.compile(step, fullgraph=True, dynamic=False)
 

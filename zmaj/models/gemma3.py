@@ -223,7 +223,7 @@ def forward_cached(
         q, k, v = _rotated_qkv(block, x, *angles[sliding], config)
         cache_k, cache_v = step.write(cache, layer, k, v, donate)
         attended = cached_attention(
-            q, cache_k, cache_v, masks[sliding], config.attention, config.attention_scale, step.length
+            q, cache_k, cache_v, masks[sliding], config.attention, config.attention_scale, written=step.length
         )
         x = _finish_block(block, x, attended, config)
         keys.append(cache_k)

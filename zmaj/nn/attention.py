@@ -13,7 +13,7 @@ Three interchangeable backends compute the same function, and ``auto`` (the mode
 
 For generation, ``cached_attention`` attends from new tokens over every slot of a preallocated key/value cache
 (layout in ``zmaj.infer.cache``) under a dense mask, so every decode step has the same shapes; on the CPU it
-reads the written slots alone (compiled, through ``zmaj.infer.generate.compile_step``).
+reads the written slots alone (eagerly, and compiled through ``zmaj.infer.generate.compile_step``).
 """
 
 import math
@@ -269,15 +269,15 @@ def cached_attention(
     """New tokens' queries over the slots of a key/value cache that already holds their own keys and values
     (``zmaj.models.common.CacheStep.write`` puts them there).
 
-    The mask must hide the slots not written yet; ``zmaj.models.common.cache_mask`` does. Attending over the
-    whole buffer keeps the shapes of every decode step equal, which is what lets ``torch.compile`` reuse one
-    graph. ``flex`` runs as SDPA here: a decode step's single query row leaves no tiles to skip, and building
-    a BlockMask per step costs more. A decode step (one query) runs the eager formula whatever the backend:
-    PyTorch's CPU SDPA kernel with an explicit mask took 5 ms per call there (SmolLM2-135M, 160 slots,
-    measured), 30x the two small einsums; compiled on the CPU, it runs that formula as multiplies and sums
-    (``single_query_attention``), which Inductor fuses (not measured on GPUs, where the einsums stay).
-    Several queries (a prefill) take ``backend``, ``auto`` resolved as in ``attention``: SDPA when no
-    gradients are taken, as in generation.
+    The mask must hide the slots not written yet; ``zmaj.models.common.cache_mask`` does. The buffer's fixed
+    shapes keep every decode step's graph the same, which is what lets ``torch.compile`` reuse one graph (the
+    written count is read at run time, below). ``flex`` runs as SDPA here: a decode step's single query row
+    leaves no tiles to skip, and building a BlockMask per step costs more. A decode step (one query) runs the
+    eager formula whatever the backend: PyTorch's CPU SDPA kernel with an explicit mask took 5 ms per call
+    there (SmolLM2-135M, 160 slots, measured), 30x the two small einsums; compiled on the CPU, it runs that
+    formula as multiplies and sums (``single_query_attention``), which Inductor fuses (not measured on GPUs,
+    where the einsums stay). Several queries (a prefill) take ``backend``, ``auto`` resolved as in
+    ``attention``: SDPA when no gradients are taken, as in generation.
 
     ``written``, the number of slots written (``CacheStep.length``), lets attention on the CPU read those
     slots alone: the others are masked, so the outputs are those of the whole buffer (to the summation order),

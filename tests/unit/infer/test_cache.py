@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import strategies
-from zmaj.infer.cache import capacity, init_cache
+from zmaj.infer.cache import capacity, init_cache, prefix
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.common import Batch, cache_mask, cache_step
 from zmaj.nn import masks
@@ -126,19 +126,22 @@ def test_every_decode_step_equals_the_full_forward(device: torch.device, name: s
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_a_cpu_step_reads_no_slot_past_the_written_ones(name: str) -> None:
     """On the CPU, attention reads the written slots alone (``cached_attention``): NaN in the others, which
-    attention over every slot would carry into the outputs through their zero weights, changes no logit."""
+    attention over every slot would carry into the outputs through their zero weights, changes no logit, over
+    a prefill, a chunk of several tokens, single tokens, and a cache cut back to a prefix (as
+    ``zmaj.infer.chat`` resumes a conversation)."""
     cpu = torch.device("cpu")
     module, config, params = model_params(name, cpu)
     tokens = random_tokens(2, 12, seed=4, device=cpu)
     cache = init_cache(config, batch=2, max_len=16)
-    for key in ("k", "v"):
-        cache[key].fill_(float("nan"))
-    logits, cache = module.forward_cached(params, Batch(tokens=tokens[:, :5]), cache, config)
-    assert max_error(logits, full_forward(module, params, Batch(tokens=tokens[:, :5]), config)) <= 1e-5
-    for i in range(5, 12):
-        logits, cache = module.forward_cached(params, Batch(tokens=tokens[:, i : i + 1]), cache, config)
-        full = full_forward(module, params, Batch(tokens=tokens[:, : i + 1]), config)
-        assert max_error(logits[:, 0], full[:, -1]) <= 1e-5, f"step {i}"
+    chunks = [(0, 5), (5, 8), (8, 9), (9, 10), (6, 12)]  # the last after the cache is cut back to 6 slots
+    for start, end in chunks:
+        if start < int(cache["length"]):
+            cache = prefix(cache, start, 16)
+        for key in ("k", "v"):
+            cache[key][:, :, :, start:] = float("nan")
+        logits, cache = module.forward_cached(params, Batch(tokens=tokens[:, start:end]), cache, config)
+        full = full_forward(module, params, Batch(tokens=tokens[:, :end]), config)
+        assert max_error(logits, full[:, start:]) <= 1e-5, (start, end)
 
 
 @st.composite
@@ -360,19 +363,19 @@ config = llama.LlamaConfig(
 params = llama.init(config, seed=0)
 tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(8))
 same = dict(rtol=0, atol=1e-5, equal_nan=True)
-# Batch 1 as the programs compile (compile_step: attention over the written slots alone, and the matrix-vector
-# path of linear and unembed, zmaj.nn.layers.matvec); batch 2 as a plain torch.compile, over every slot.
-for batch in (1, 2):
+# As the programs compile (compile_step: attention over the written slots alone; at batch 1 the matrix-vector
+# path of linear and unembed, zmaj.nn.layers.matvec), and as a plain torch.compile, over every slot.
+for batch, windowed in ((1, True), (2, True), (2, False)):
     torch._dynamo.reset()
     cached = llama.cached(config)
-    compiled = compile_step(cached) if batch == 1 else torch.compile(cached, fullgraph=True)
+    compiled = compile_step(cached) if windowed else torch.compile(cached, fullgraph=True)
     rows = tokens[:batch]
     with torch.no_grad():
         cache = init_cache(config, batch=batch, max_len=17)  # a slot left for the last, undonated step
         _, cache = llama.forward_cached(params, Batch(tokens=rows[:, :8]), cache, config)
         reference = cache  # the eager out-of-place steps, over a cache whose unwritten slots are zeros
         unwritten = 0.0
-        if batch == 1:  # never read by a windowed step; a full one's zero weights would carry them (0 * NaN)
+        if windowed:  # never read by a windowed step; a full one's zero weights would carry them (0 * NaN)
             cache, unwritten = cache.clone(), float("nan")
             for name in ("k", "v"):
                 cache[name][:, :, :, 8:] = unwritten
@@ -400,8 +403,8 @@ for batch in (1, 2):
 @pytest.mark.slow
 def test_a_compiled_decode_step_never_recompiles() -> None:
     """Static shapes and a tensor length: every decode step after the first reuses one graph, with no breaks,
-    through ``compile_step`` (whose steps never read an unwritten slot: NaN there changes nothing) and a plain
-    ``torch.compile``.
+    through ``compile_step`` at batch 1 and 2 (whose steps never read an unwritten slot: NaN there changes
+    nothing) and a plain ``torch.compile``.
 
     Run in a fresh interpreter: under pytest every zmaj function is wrapped by the runtime shape checker, whose
     bookkeeping dynamo cannot trace.
