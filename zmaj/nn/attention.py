@@ -11,7 +11,7 @@ Three interchangeable backends compute the same function, and ``auto`` (the mode
   documents costs in proportion to the tiles it computes.
 - ``auto``: ``sdpa``, except where the formula measured faster (``choose_backend``).
 
-For generation, ``cached_attention`` attends from new tokens over every slot of a preallocated key/value cache
+For generation, ``cached_attention`` attends from new tokens over the slots of a preallocated key/value cache
 (layout in ``zmaj.infer.cache``) under a dense mask, so every decode step has the same shapes; on the CPU it
 reads the written slots alone (eagerly, and compiled through ``zmaj.infer.generate.compile_step``).
 """

@@ -449,6 +449,7 @@ for module, config in configs.items():
 """
 
 
+@pytest.mark.slow
 def test_a_traced_decode_step_attends_over_the_written_slots_alone() -> None:
     """Every architecture hands its cache's written length to attention: traced with scalar outputs captured
     (as ``zmaj.infer.generate.compile_step`` compiles), a decode step reads no slot past it, so NaN there
