@@ -27,6 +27,7 @@ from functools import partial
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -294,8 +295,7 @@ def rms_norm(
     Llama does; in bfloat16 the two round differently, and this is the order of Gemma's reference code, which
     ``transformers`` follows (PR #29402).
     """
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    normed = F.rms_norm(x.float(), x.shape[-1:], eps=eps)
     weight: Tensor = params["weight"]
     return (normed * (1.0 + weight.float())).to(x.dtype)
 
