@@ -18,7 +18,7 @@ import torch
 from loguru import logger
 
 from zmaj.convert.export import save_hf
-from zmaj.convert.load import load_model, save_zmaj
+from zmaj.convert.load import check_destination, load_model, save_zmaj
 from zmaj.extras import MissingExtraError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,13 +40,8 @@ def main() -> None:
         "--dtype", choices=list(DTYPES), help="cast the floating-point parameters (default: as stored)"
     )
     args = parser.parse_args()
-    if args.dst.exists() and not args.dst.is_dir():
-        logger.error(f"DST {args.dst} is a file; it must be a folder (replaced if it exists)")
-        sys.exit(2)
-    if args.dst.resolve() == args.src.resolve():
-        logger.error(f"DST {args.dst} is SRC; write the converted model somewhere else")
-        sys.exit(2)
     try:
+        check_destination(args.dst, args.src)
         model = load_model(args.src)
     except (FileNotFoundError, ValueError, MissingExtraError) as error:
         logger.error(str(error))

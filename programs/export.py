@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from zmaj.convert.load import check_destination
 from zmaj.extras import MissingExtraError
 from zmaj.publish.export import export_model, parse_size
 
@@ -49,13 +50,8 @@ def main() -> None:
         help="a Hub dataset the model learned from, for the card's metadata (repeatable)",
     )
     args = parser.parse_args()
-    if args.out_dir.exists() and not args.out_dir.is_dir():
-        logger.error(f"OUT_DIR {args.out_dir} is a file; it must be a folder (replaced if it exists)")
-        sys.exit(2)
-    if args.out_dir.resolve() == Path(args.run_dir).resolve():
-        logger.error(f"OUT_DIR {args.out_dir} is RUN_DIR; export somewhere else")
-        sys.exit(2)
     try:
+        check_destination(args.out_dir, Path(args.run_dir))
         max_shard_bytes = parse_size(args.max_shard_size)
         dtype = None if args.dtype is None else DTYPES[args.dtype]
         export_model(

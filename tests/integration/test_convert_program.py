@@ -107,7 +107,8 @@ def test_dtype_casts_the_parameters(
     [
         (["{missing}", "{out}"], "no model at"),
         (["{source}", "{file}"], "is a file"),
-        (["{source}", "{source}"], "is SRC"),
+        (["{source}", "{source}"], "is the source"),
+        (["{holder}/model.gguf", "{holder}"], "holds the source"),
         (["{file}", "{out}"], "not a .gguf file"),
         (["{source}", "{out}", "--to", "onnx"], "invalid choice"),
         (["{source}", "{out}", "--quantize"], "unrecognized arguments"),
@@ -117,7 +118,10 @@ def test_bad_input_exits_2_naming_the_problem(
     source: tuple[transformers.PreTrainedModel, Path], tmp_path: Path, args: list[str], message: str
 ) -> None:
     (tmp_path / "file.txt").write_text("not a model")
+    (tmp_path / "holder").mkdir()
+    (tmp_path / "holder" / "model.gguf").write_text("a model the user keeps")
     paths = {
+        "holder": tmp_path / "holder",
         "missing": tmp_path / "missing",
         "out": tmp_path / "out",
         "source": source[1],
@@ -127,6 +131,7 @@ def test_bad_input_exits_2_naming_the_problem(
     assert result.returncode == 2
     assert message in result.stderr
     assert not (tmp_path / "out").exists()
+    assert (tmp_path / "holder" / "model.gguf").read_text() == "a model the user keeps"
     if not message.startswith(("invalid", "unrecognized")):  # argparse prints its usage too
         assert len(result.stderr.strip().splitlines()) == 1
 

@@ -7,7 +7,9 @@ Each is saved with the tokenizer of a tiny trained zmaj BPE, then loaded by ``Au
 ``AutoTokenizer`` and by ``load_model``.
 """
 
+import errno
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import transformers
 from safetensors import safe_open
 from tensordict import TensorDict
 
-from zmaj.convert import hf
+from zmaj.convert import export, hf
 from zmaj.convert.export import INDEX_FILE, save_hf
 from zmaj.convert.load import Pretrained, load_model
 from zmaj.data import chat_template
@@ -273,6 +275,24 @@ def test_replaces_an_existing_folder_whole(tokenizer: ModelTokenizer, tmp_path: 
     assert not list(folder.glob("model-*"))
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert isinstance(load_model(folder).config, GPTConfig)
+
+
+def test_a_failed_write_leaves_the_old_folder_and_no_staging(
+    tokenizer: ModelTokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills mid-save: the old folder stays as it was, and no hidden half-written copy piles up."""
+    folder = tmp_path / "model"
+    save_hf(random_model(VARIANTS["gpt"], tokenizer), folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(export, "_write_weights", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_hf(random_model(VARIANTS["llama"], tokenizer), folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
 REFUSED: list[tuple[ModelConfig, str]] = [

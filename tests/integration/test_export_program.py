@@ -174,6 +174,19 @@ def test_an_existing_folder_is_replaced_whole(runs: dict[str, Path], tmp_path: P
     assert (folder / "README.md").is_file()
 
 
+def test_a_folder_holding_the_source_is_refused_and_left_alone(runs: dict[str, Path]) -> None:
+    """Writing OUT_DIR replaces it whole: a checkpoint exported into its own run would delete the run."""
+    run_dir = runs["sft"]
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    checkpoint = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    code, _, err = run("export.py", checkpoint, run_dir)
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert "holds the source" in errors[0]
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
 @pytest.mark.parametrize(
     ("make", "extra", "message"),
     [

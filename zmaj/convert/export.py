@@ -18,7 +18,6 @@ their table as learned positions (``zmaj.convert.gpt2``).
 """
 
 import json
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from zmaj.convert import hf
-from zmaj.convert.load import Pretrained, replace_folder
+from zmaj.convert.load import Pretrained, staged_folder
 from zmaj.progress import progress
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -39,6 +38,15 @@ def save_hf(model: Pretrained, folder: str | Path, max_shard_bytes: int = DEFAUL
     """Write ``model`` as a Hugging Face folder, staged beside ``folder`` and renamed into place, so an interrupted
     save never leaves half a model; an existing ``folder`` is replaced. Raises ValueError, before writing anything,
     for a model ``transformers`` cannot compute exactly."""
+    folder = Path(folder)
+    with staged_folder(folder) as staging:
+        write_hf(model, staging, max_shard_bytes)
+    return folder
+
+
+def write_hf(model: Pretrained, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """The files of :func:`save_hf`, written into the existing (staging) ``folder``; raises ValueError before
+    writing any for a model ``transformers`` cannot compute exactly."""
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     config = hf.config_to_hf(model.config)
@@ -46,16 +54,11 @@ def save_hf(model: Pretrained, folder: str | Path, max_shard_bytes: int = DEFAUL
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) != 1:
         raise ValueError(f"parameters mix dtypes {sorted(map(str, dtypes))}; cast the model to one first")
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     dtype = str(dtypes.pop()).removeprefix("torch.")
-    _write_json(staging / "config.json", config | _token_ids(model) | {"dtype": dtype})
-    _write_json(staging / "generation_config.json", _token_ids(model))
-    _write_weights(tensors, staging, max_shard_bytes)
-    model.tokenizer.save(staging)
-    replace_folder(staging, folder)
-    return folder
+    _write_json(folder / "config.json", config | _token_ids(model) | {"dtype": dtype})
+    _write_json(folder / "generation_config.json", _token_ids(model))
+    _write_weights(tensors, folder, max_shard_bytes)
+    model.tokenizer.save(folder)
 
 
 def _token_ids(model: Pretrained) -> dict[str, Any]:

@@ -22,6 +22,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -189,13 +191,39 @@ def save_zmaj(model: Pretrained, folder: str | Path) -> Path:
     """Write ``model`` as a zmaj model folder, staged beside ``folder`` and renamed into place, so an interrupted
     save never leaves half a model; an existing ``folder`` is replaced."""
     folder = Path(folder)
+    with staged_folder(folder) as staging:
+        (staging / MODEL_FILE).write_text(json.dumps(config_to_json(model.config), indent=2) + "\n")
+        save_file(checkpoint.flatten(model.params), str(staging / PARAMS_FILE))
+        model.tokenizer.save(staging)
+    return folder
+
+
+def check_destination(folder: Path, source: Path) -> None:
+    """Refuse to write a folder that is ``source`` or holds it: writing replaces the whole folder, so the source
+    would be deleted with it (``convert.py models/x/x.gguf models/x``). Also refuse a file in its place."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; the destination must be a folder (replaced if it exists)")
+    if source.resolve().is_relative_to(folder.resolve()):
+        relation = "is" if source.resolve() == folder.resolve() else "holds"
+        raise ValueError(
+            f"{folder} {relation} the source {source}, and writing it replaces the whole folder: "
+            "write somewhere else"
+        )
+
+
+@contextmanager
+def staged_folder(folder: Path) -> Iterator[Path]:
+    """A new hidden folder beside ``folder`` for the block to write into, renamed to ``folder`` (replacing it)
+    when the block ends, and deleted if the block raises: readers of ``folder`` see the old contents or the
+    new, never half of them, and a failed write leaves no hidden leftover (which may be gigabytes)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    (staging / MODEL_FILE).write_text(json.dumps(config_to_json(model.config), indent=2) + "\n")
-    save_file(checkpoint.flatten(model.params), str(staging / PARAMS_FILE))
-    model.tokenizer.save(staging)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging)
+        raise
     replace_folder(staging, folder)
-    return folder
 
 
 def replace_folder(staging: Path, folder: Path) -> None:

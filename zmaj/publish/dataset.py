@@ -14,7 +14,6 @@ and sends datasets and models through the same checked upload (``zmaj.publish.hu
   with its ``input_ids`` (ending in ``<|eos|>``), the split named by each file's ``meta.json``.
 """
 
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import datasets
 import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from zmaj.convert.load import replace_folder
+from zmaj.convert.load import staged_folder
 from zmaj.data.text import read_json
 from zmaj.data.tokens import TokenFile
 from zmaj.tasks import Split, get_task
@@ -99,11 +98,9 @@ def dataset_card(data: Splits, *, name: str, license: str, description: str) -> 
 
 def write_dataset_folder(data: Splits, card: DatasetCard, folder: Path) -> Path:
     """The splits as Parquet files plus the card, staged beside ``folder`` and renamed into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    (staging / DATA_DIR).mkdir()
-    for split, rows in data.items():
-        rows.to_parquet(staging / DATA_DIR / f"{split}-00000-of-00001.parquet")
-    card.save(staging / "README.md")
-    replace_folder(staging, folder)
+    with staged_folder(folder) as staging:
+        (staging / DATA_DIR).mkdir()
+        for split, rows in data.items():
+            rows.to_parquet(staging / DATA_DIR / f"{split}-00000-of-00001.parquet")
+        card.save(staging / "README.md")
     return folder

@@ -7,14 +7,12 @@ destination and renamed into place, so a failed export never leaves half a folde
 """
 
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from zmaj.convert.export import DEFAULT_MAX_SHARD_BYTES, save_hf
-from zmaj.convert.load import load_model, replace_folder
+from zmaj.convert.export import DEFAULT_MAX_SHARD_BYTES, write_hf
+from zmaj.convert.load import load_model, staged_folder
 from zmaj.publish.card import model_card, read_run, write_card
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -48,12 +46,7 @@ def export_model(
         model = model.to(dtype=dtype)
     run = read_run(Path(source))
     card = model_card(model, run, name=folder.name, license=license, repo_id=repo_id, datasets=datasets)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.export."))
-    try:
-        staged = save_hf(model, scratch / folder.name, max_shard_bytes)
-        write_card(staged, card, run)
-        replace_folder(staged, folder)
-    finally:
-        shutil.rmtree(scratch)
+    with staged_folder(folder) as staging:
+        write_hf(model, staging, max_shard_bytes)
+        write_card(staging, card, run)
     return folder
