@@ -28,6 +28,7 @@ from huggingface_hub import get_token
 from huggingface_hub.errors import HfHubHTTPError
 from loguru import logger
 
+from zmaj.convert.load import check_destination
 from zmaj.extras import MissingExtraError
 from zmaj.publish.dataset import dataset_card, task_dataset, token_dataset, write_dataset_folder
 from zmaj.publish.hub import CARD_FILE, check_dataset_folder, check_model_folder, publish, upload_files
@@ -86,7 +87,10 @@ def build_dataset(args: argparse.Namespace, folder: Path) -> Path:
             "conversation (`messages`). No test prompt occurs in train."
         )
     elif kind == "tokens":
-        data = token_dataset([Path(d).expanduser() for d in value.split(",")])
+        sources = [Path(d).expanduser() for d in value.split(",")]
+        for source in sources:
+            check_destination(folder, source)
+        data = token_dataset(sources)
         description = (
             "A pre-training corpus tokenised by zmaj: one row per document, its token ids ending in <|eos|>."
         )

@@ -201,4 +201,14 @@ def test_dataset_dry_run_and_bad_sources(
         code, _, err = run("publish.py", "--dataset", source, "--repo-id", "me/a")
         assert code == 2, err
         assert message in err
+    # --out replaces its folder whole: one that holds the token files is refused, and they stay.
+    tokens = tmp_path / "corpus" / "tokens"
+    tokens.mkdir(parents=True)
+    (tokens / "meta.json").write_text("{}")
+    code, _, err = run(
+        "publish.py", "--dataset", f"tokens:{tokens}", "--out", tmp_path / "corpus", "--repo-id", "me/a"
+    )
+    assert code == 2, err
+    assert "holds the source" in err
+    assert (tokens / "meta.json").read_text() == "{}"
     assert hub.requests == []
