@@ -159,7 +159,7 @@ def _save(
         _publish(root, staging, final)
         if make_latest:
             atomic_write_text(root / LATEST, name + "\n")
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
         _remove_leftovers(root)
         named = _pointer(root)
         previous = (

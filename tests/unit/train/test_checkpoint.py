@@ -22,6 +22,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from loguru import logger
+from safetensors import SafetensorError
 from tensordict import TensorDict, TensorDictBase
 
 from zmaj.train import checkpoint
@@ -309,7 +310,8 @@ def test_a_hidden_folder_latest_names_is_kept_until_latest_moves(tmp_path: Path)
 
 
 def full_disk_after(calls: int) -> Callable[..., None]:
-    """A ``save_file`` that writes ``calls`` files, then half of the next before the disk is full."""
+    """A ``save_file`` that writes ``calls`` files, then half of the next before the disk is full, and fails as
+    safetensors' does: with its own ``SafetensorError`` (a plain ``Exception``, not an ``OSError``)."""
     count = itertools.count()
 
     def save_file(tensors: dict[str, torch.Tensor], filename: str) -> None:
@@ -318,7 +320,9 @@ def full_disk_after(calls: int) -> Callable[..., None]:
             Path(filename).write_bytes(data)
             return
         Path(filename).write_bytes(data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        raise SafetensorError(
+            f"Error while serializing: I/O error: {os.strerror(errno.ENOSPC)} (os error {errno.ENOSPC})"
+        )
 
     return save_file
 
