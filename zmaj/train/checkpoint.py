@@ -267,6 +267,15 @@ def latest(run_dir: Path) -> Path:
     return root / name
 
 
+def check_resumable(run_dir: Path) -> None:
+    """Fail early, naming the path, when ``run_dir`` holds no checkpoint at all. Which one to resume from, and
+    whether it is intact, :func:`latest_intact` decides later: a run killed between renaming its first
+    checkpoint into place and writing ``latest`` has a ``step-*`` folder and no ``latest``, and resumes."""
+    root = run_dir / CHECKPOINTS
+    if _pointer(root) is None and not _step_folders(root):
+        raise FileNotFoundError(f"{run_dir} has no checkpoint (no {root / LATEST} and no step-* folder)")
+
+
 def latest_intact(run_dir: Path) -> Path:
     """The checkpoint to resume from: the one ``latest`` names when it is intact, else, after a loud warning, the
     newest intact one before it (module docstring).

@@ -120,7 +120,7 @@ def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str]) ->
     for name in frozen:
         if field_of(spec, name) != field_of(original, name):
             raise SpecError(f"--resume {args.resume}: {name} differs from the run's; --set cannot change it")
-    checkpoint.latest(args.resume)  # fails early, with the path, when there is nothing to resume
+    checkpoint.check_resumable(args.resume)
     return spec
 
 

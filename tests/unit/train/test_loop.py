@@ -9,6 +9,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,23 @@ def test_stop_after_then_resume_is_the_uninterrupted_run(tmp_path: Path) -> None
     assert checkpoint.latest(tmp_path / "split").name == "step-0000003"
     resumed = train(tmp_path / "split", resume=True)
     assert (resumed == straight).all()
+
+
+def test_a_run_killed_before_its_first_latest_resumes_from_its_step_folder(tmp_path: Path) -> None:
+    """A kill between renaming the first checkpoint into place and writing ``latest`` leaves a ``step-*`` folder
+    and no ``latest``: ``--resume`` continues from the folder (``read_spec`` used to refuse it, and a new run
+    in the folder is refused too, which left the run stuck)."""
+    straight = train(tmp_path / "straight")
+    train(tmp_path / "split", stop_after=3)
+    (tmp_path / "split" / "checkpoints" / "latest").unlink()
+    args = argparse.Namespace(resume=tmp_path / "split", spec=None, overrides=[])
+    assert runs.read_spec(Spec, args, frozen=["train.steps"]).train.steps == 10
+    resumed = train(tmp_path / "split", resume=True)
+    assert (resumed == straight).all()
+    shutil.rmtree(tmp_path / "straight" / "checkpoints")
+    args.resume = tmp_path / "straight"
+    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+        runs.read_spec(Spec, args, frozen=[])
 
 
 @pytest.mark.parametrize(
