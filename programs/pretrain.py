@@ -18,6 +18,7 @@ from tensordict import TensorDict
 
 from zmaj.data.dataset import stream_batch
 from zmaj.data.pipeline import Prepared, prepare
+from zmaj.data.tokenizer import check_unchanged
 from zmaj.infer.sample import continue_texts
 from zmaj.models import gpt
 from zmaj.models.common import Batch
@@ -27,6 +28,7 @@ from zmaj.train.runs import Run
 from zmaj.train.spec import OPTIMIZER_LAYOUT, PretrainSpec, SpecError
 from zmaj.train.step import bind, bind_lazy, held_out, init_state, step_functions, train_step
 
+TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "pretrain" / "stdlib-tiny.yaml"
 
 
@@ -44,6 +46,8 @@ def main() -> None:
         check_backend(spec, parallel)
         # Rank 0 trains the tokenizer and fills the token-file cache while the others wait, then they read it.
         data = parallel.rank_0_first(lambda: prepare(spec.data, Path(args.cache_dir), spec.train.seed))
+        if args.resume is not None and (args.resume / TOKENIZER_FILE).is_file():
+            check_unchanged(args.resume / TOKENIZER_FILE, data.tokenizer)
         run = runs.open_run(spec, args, parallel)
     with run:
         train(run, data)
@@ -63,8 +67,8 @@ def check_backend(spec: PretrainSpec, parallel: Parallel) -> None:
 def train(run: Run[PretrainSpec], data: Prepared) -> None:
     spec, parallel, device = run.spec, run.parallel, run.device
     cfg = spec.train
-    if parallel.main:
-        data.tokenizer.save(run.dir / "tokenizer.json")
+    if parallel.main and not (run.dir / TOKENIZER_FILE).is_file():  # a resumed run's is checked and kept
+        data.tokenizer.save(run.dir / TOKENIZER_FILE)
     logger.info(
         f"{len(data.train)} train rows, {len(data.validation)} validation rows of {spec.data.seq_len} tokens"
     )

@@ -161,6 +161,21 @@ def test_resume_refuses_a_different_model(spec: Path, tmp_path: Path) -> None:
     result = run("pretrain.py", "--resume", run_dir, "--set", "model.d_model=64")
     assert result.returncode == 2
     assert "model differs from the run's" in result.stderr
+    # Another corpus trains another tokenizer, whose ids would mean other text to the checkpoint.
+    lines = corpus(tmp_path / "corpus.jsonl").read_text().splitlines()
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(
+        "".join(json.dumps({"text": json.loads(line)["text"].upper()}) + "\n" for line in lines)
+    )
+    saved = (run_dir / "tokenizer.json").read_bytes()
+    result = run(
+        "pretrain.py", "--resume", run_dir, "--cache-dir", tmp_path, "--set", f"data.source.paths=[{changed}]"
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, result.stderr
+    assert "the corpus changed since the run began" in errors[0]
+    assert (run_dir / "tokenizer.json").read_bytes() == saved
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-0000001"
 
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tests.strategies import seeds
 from zmaj.data.config import DataConfig, FilesSource
-from zmaj.data.tokenizer import EOS, SPECIAL_TOKENS, USER, Tokenizer, _sample, load_or_train
+from zmaj.data.tokenizer import EOS, SPECIAL_TOKENS, USER, Tokenizer, _sample, check_unchanged, load_or_train
 
 SPECIAL_TEXT = "".join(SPECIAL_TOKENS)
 
@@ -81,6 +81,18 @@ def test_save_load_round_trip_is_atomic(tokenizer: Tokenizer, tmp_path: Path) ->
     text = "def f(x):\n    return x  # ünïcödé " + EOS
     assert loaded.encode(text) == tokenizer.encode(text)
     assert loaded.token_bytes().equal(tokenizer.token_bytes())
+
+
+def test_a_resume_with_another_corpus_tokenizer_is_refused(
+    tokenizer: Tokenizer, sample_texts: list[str], tmp_path: Path
+) -> None:
+    """Resuming after the corpus changed (the cache then trains another tokenizer) would feed the checkpoint
+    ids that mean other text; the same corpus trains the same tokenizer, which passes."""
+    saved = tmp_path / "tokenizer.json"
+    tokenizer.save(saved)
+    check_unchanged(saved, Tokenizer.train(sample_texts, tokenizer.vocab_size))
+    with pytest.raises(ValueError, match=r"tokenizer\.json differs from the tokenizer .* corpus changed"):
+        check_unchanged(saved, Tokenizer.train(sample_texts[1:], tokenizer.vocab_size))
 
 
 def test_load_explains_what_is_wrong(tmp_path: Path) -> None:
