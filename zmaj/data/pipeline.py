@@ -53,4 +53,11 @@ def prepare(config: DataConfig, cache_dir: str | Path, seed: int = 0) -> Prepare
         )
         for split in ("train", "validation")
     }
+    for split, rows in splits.items():
+        if len(rows) == 0:  # held out, every loss would read 0 and the unigram baseline NaN
+            raise ValueError(
+                f"the {split} split holds {rows.token_file.n_tokens} tokens ({rows.token_file.n_documents} "
+                f"documents), not one row of data.seq_len={config.seq_len} + 1: raise "
+                "data.validation_fraction, shorten data.seq_len, or give a larger corpus"
+            )
     return Prepared(tokenizer, splits["train"], splits["validation"])

@@ -2,6 +2,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 from torch.utils.data import DataLoader
 
 from zmaj.data.config import DataConfig, FilesSource
@@ -39,3 +40,17 @@ def test_prepare_builds_once_then_rows_decode_to_the_corpus(tmp_path: Path) -> N
                 assert eos not in text.removesuffix(eos)
                 assert any(text.removesuffix(eos) in t for t in texts)
                 assert not text.endswith(eos) or any(t.endswith(text.removesuffix(eos)) for t in texts)
+
+
+def test_a_split_without_one_row_is_refused_naming_it(tmp_path: Path) -> None:
+    """A held-out split shorter than one row would report a loss of 0 and a NaN baseline as results."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": f"def f{i}(x): return x + {i}"}) + "\n" for i in range(200)))
+    config = DataConfig(
+        source=FilesSource(paths=[str(path)], format="jsonl"),
+        vocab_size=300,
+        seq_len=256,
+        validation_fraction=0.05,
+    )
+    with pytest.raises(ValueError, match=r"the validation split holds \d+ tokens .* data\.seq_len=256 \+ 1"):
+        prepare(config, tmp_path / "cache", seed=0)
