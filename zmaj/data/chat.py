@@ -112,10 +112,15 @@ ChatSource = Annotated[ChatFilesSource | ChatHubSource | ChatTaskSource, Field(d
 
 
 def load_conversations(source: ChatSource) -> list[Conversation]:
-    """Every conversation of a source, validated; the first bad one fails, naming its file and line or row."""
+    """Every conversation of a source, validated; the first bad one fails, naming its file and line or row, and
+    a source with none fails naming the source (training on nothing would fail later, obscurely)."""
     if isinstance(source, ChatTaskSource):
         return task_conversations(source)
-    return [_validate(sample, messages) for sample, messages in _raw_messages(source)]
+    conversations = [_validate(sample, messages) for sample, messages in _raw_messages(source)]
+    if not conversations:
+        where = source.paths if isinstance(source, ChatFilesSource) else source.path
+        raise ValueError(f"data: no conversation found in {where}")
+    return conversations
 
 
 def task_conversations(source: ChatTaskSource) -> list[Conversation]:

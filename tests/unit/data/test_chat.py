@@ -92,6 +92,13 @@ def test_a_line_that_is_not_json_is_an_error_naming_it(tmp_path: Path) -> None:
         load_conversations(ChatFilesSource(paths=[str(path)]))
 
 
+def test_a_source_without_a_conversation_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(ValueError, match=rf"^data: no conversation found in \['{re.escape(str(path))}'\]$"):
+        load_conversations(ChatFilesSource(paths=[str(path)]))
+
+
 def test_a_file_that_is_not_utf8_is_an_error_naming_file_and_offset(tmp_path: Path) -> None:
     path = tmp_path / "chats.jsonl"
     path.write_bytes(json.dumps({"messages": CONVERSATIONS[0]}).encode() + b"\n\x00\xc3\x28\n")
