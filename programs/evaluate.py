@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
 from loguru import logger
 
 from zmaj.convert.load import load_model
@@ -39,6 +38,7 @@ from zmaj.extras import MissingExtraError, needs
 from zmaj.tasks import get_task
 from zmaj.train import finetune, precision, runs
 from zmaj.train.checkpoint import atomic_write_text
+from zmaj.train.spec import key_values
 
 
 def parse_args() -> argparse.Namespace:
@@ -132,13 +132,7 @@ def main() -> None:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if args.few_shot is not None and args.few_shot < 0:
             raise ValueError(f"--few-shot must be at least 0, got {args.few_shot}")
-        options = {}
-        for item in args.task_options:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"--set-task expects key=value, got {item!r}")
-            options[key] = yaml.safe_load(value)
-        task = get_task(args.task, **options)
+        task = get_task(args.task, **key_values(args.task_options, "--set-task"))
         problems = task.problems(args.split, args.n, args.seed)
         model = load_model(args.model)
         if args.answers is not None and not args.answers.parent.is_dir():

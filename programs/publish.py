@@ -21,9 +21,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
-import yaml
 from huggingface_hub import get_token
 from huggingface_hub.errors import HfHubHTTPError
 from loguru import logger
@@ -32,6 +30,7 @@ from zmaj.convert.load import check_destination
 from zmaj.extras import MissingExtraError
 from zmaj.publish.dataset import dataset_card, task_dataset, token_dataset, write_dataset_folder
 from zmaj.publish.hub import CARD_FILE, check_dataset_folder, check_model_folder, publish, upload_files
+from zmaj.train.spec import key_values
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,22 +63,12 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def task_options(items: list[str]) -> dict[str, Any]:
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set-task expects key=value, got {item!r}")
-        options[key] = yaml.safe_load(value)
-    return options
-
-
 def build_dataset(args: argparse.Namespace, folder: Path) -> Path:
     """The dataset folder for ``--dataset SOURCE``."""
     kind, _, value = args.dataset.partition(":")
     name = args.repo_id.split("/")[-1]
     if kind == "task":
-        options = task_options(args.task_options)
+        options = key_values(args.task_options, "--set-task")
         data = task_dataset(value, options, args.n_train, args.n_test, args.seed)
         description = (
             f"Problems of the zmaj task `{value}` (options {options}, seed {args.seed}): each with the prompt, "

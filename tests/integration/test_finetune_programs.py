@@ -274,6 +274,7 @@ def bad_conversations(tmp_path: Path) -> Path:
         ("grpo.py", ["--set", "task={name: reward-nan}"], "non-finite"),
         ("evaluate.py", ["--task", "no-such-task"], "unknown task 'no-such-task'"),
         ("evaluate.py", ["--task", "arithmetic", "--set-task", "digits=0"], "digits"),
+        ("evaluate.py", ["--task", "arithmetic", "--set-task", "digits=[3"], "digits=[3: not valid YAML"),
         ("evaluate.py", ["--task", "arithmetic", "--answers", "/no/such/folder/a.jsonl"], "/no/such/folder"),
     ],
 )

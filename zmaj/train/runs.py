@@ -37,7 +37,7 @@ from zmaj.data.text import read_text
 from zmaj.extras import MissingExtraError
 from zmaj.train import checkpoint, precision, report, trackers
 from zmaj.train.parallel import Parallel
-from zmaj.train.spec import LoopConfig, SpecError, load, parse
+from zmaj.train.spec import LoopConfig, SpecError, load, parse, read_yaml
 
 
 class UserError(ValueError):
@@ -116,7 +116,7 @@ def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str]) ->
     if not saved.is_file():
         raise FileNotFoundError(f"--resume {args.resume}: no spec.yaml there, so it is not a zmaj run folder")
     spec = load(kind, saved, args.overrides)
-    original = parse(kind, yaml.safe_load(read_text(saved)), str(saved))
+    original = parse(kind, read_yaml(read_text(saved), str(saved)), str(saved))
     for name in frozen:
         if field_of(spec, name) != field_of(original, name):
             raise SpecError(f"--resume {args.resume}: {name} differs from the run's; --set cannot change it")

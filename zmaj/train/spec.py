@@ -134,8 +134,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise SpecError(f"--set {path}: {part!r} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = read_yaml(value, f"--set {item}")
     return result
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML; a syntax error is a :class:`SpecError` naming ``where`` and the position."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SpecError(f"{where}: not valid YAML ({' '.join(str(error).split())})") from None
+
+
+def key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` arguments (``--set-task digits=3``) as a mapping, each value read as YAML."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"{flag} expects key=value, got {item!r}")
+        options[key] = read_yaml(value, f"{flag} {item}")
+    return options
 
 
 def parse(model: type[T], raw: object, where: str) -> T:
@@ -153,7 +172,7 @@ def load(model: type[T], path: Path, overrides: list[str] | None = None) -> T:
     """Read, override and validate a YAML spec."""
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
-    raw = yaml.safe_load(read_text(path))
+    raw = read_yaml(read_text(path), str(path))
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping at the top level")
     return parse(model, apply_overrides(raw, overrides or []), str(path))

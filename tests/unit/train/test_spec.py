@@ -3,6 +3,7 @@
 A spec's kind is its folder: ``specs/pretrain/`` holds pre-training specs, ``specs/finetune/`` fine-tuning ones,
 whose file name starts with the algorithm (``sft-``, ``grpo-``, ``dpo-``)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from zmaj.models import gpt
 from zmaj.train.finetune import SPECS as FINETUNE_SPECS
-from zmaj.train.spec import PretrainSpec, SpecError, apply_overrides, load
+from zmaj.train.spec import PretrainSpec, SpecError, apply_overrides, key_values, load
 
 ROOT = Path(__file__).resolve().parents[3] / "specs"
 SPECS = sorted((ROOT / "pretrain").rglob("*.yaml"))
@@ -74,6 +75,20 @@ def test_a_bad_spec_names_the_field(override: str, field: str) -> None:
 def test_a_malformed_override_is_rejected() -> None:
     with pytest.raises(SpecError, match="key=value"):
         apply_overrides({}, ["train.steps"])
+
+
+def test_malformed_yaml_is_a_spec_error_naming_where(tmp_path: Path) -> None:
+    """A YAML syntax error in a spec file or a ``--set`` value is bad input like any other (yaml's own error is
+    not a ValueError, so the programs printed a traceback)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {d_model: 64\ntrain: {}\n")
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(bad))}: not valid YAML \(.*line \d+"):
+        load(PretrainSpec, bad)
+    with pytest.raises(SpecError, match=r"^--set sample\.prompts=\[a: not valid YAML"):
+        apply_overrides({}, ["sample.prompts=[a"])
+    with pytest.raises(SpecError, match=r"^--set-task digits=\[3: not valid YAML"):
+        key_values(["digits=[3"], "--set-task")
+    assert key_values(["digits=3", "ops=[+, -]"], "--set-task") == {"digits": 3, "ops": ["+", "-"]}
 
 
 def test_a_compiled_fully_sharded_run_is_refused() -> None:
