@@ -5,6 +5,8 @@ the round trip through zmaj's formats is checked against the library's own writi
 """
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,9 @@ def test_dtype_casts_the_parameters(
         (["{source}", "{file}"], "is a file"),
         (["{source}", "{source}"], "is the source"),
         (["{holder}/model.gguf", "{holder}"], "holds the source"),
+        (["{cut_weights}", "{out}"], "model.safetensors: not a readable safetensors file"),
+        (["{cut_tokenizer}", "{out}"], "tokenizer.json is not a tokenizer file: not JSON"),
+        (["{no_size}", "{out}"], "config.json has no 'hidden_size'"),
         (["{file}", "{out}"], "not a .gguf file"),
         (["{source}", "{out}", "--to", "onnx"], "invalid choice"),
         (["{source}", "{out}", "--quantize"], "unrecognized arguments"),
@@ -120,7 +125,17 @@ def test_bad_input_exits_2_naming_the_problem(
     (tmp_path / "file.txt").write_text("not a model")
     (tmp_path / "holder").mkdir()
     (tmp_path / "holder" / "model.gguf").write_text("a model the user keeps")
+    broken = {
+        name: shutil.copytree(source[1], tmp_path / name)
+        for name in ("cut_weights", "cut_tokenizer", "no_size")
+    }
+    for name, file in (("cut_weights", "model.safetensors"), ("cut_tokenizer", "tokenizer.json")):
+        os.truncate(broken[name] / file, (broken[name] / file).stat().st_size // 2)
+    config = json.loads((broken["no_size"] / "config.json").read_text())
+    del config["hidden_size"]
+    (broken["no_size"] / "config.json").write_text(json.dumps(config))
     paths = {
+        **broken,
         "holder": tmp_path / "holder",
         "missing": tmp_path / "missing",
         "out": tmp_path / "out",

@@ -246,6 +246,19 @@ def test_the_legacy_config_format_reads_the_same() -> None:
     assert hf.config_from_hf(periodic) == hf.config_from_hf(REFERENCES["gemma3"].to_dict())
 
 
+def test_absent_keys_read_as_transformers_reads_them() -> None:
+    """An absent ``sliding_window`` is transformers' default window, not none; an absent size is refused by name."""
+    written = {k: v for k, v in REFERENCES["gemma3"].to_dict().items() if k != "sliding_window"}
+    config = hf.config_from_hf(written)
+    assert isinstance(config, gemma3.Gemma3Config)
+    assert config.sliding_window == transformers.Gemma3TextConfig(**written).sliding_window
+    del written["hidden_size"]
+    with pytest.raises(
+        ValueError, match=r"^models/g/config\.json has no 'hidden_size', which gemma3_text needs$"
+    ):
+        hf.config_from_hf(written, "models/g/config.json")
+
+
 def test_the_270m_config_reads_as_the_default_config() -> None:
     """The published 270M config gives zmaj's defaults, and as many parameters as transformers builds from it."""
     config = hf.config_from_hf(GEMMA3_270M)
@@ -306,5 +319,5 @@ def test_a_missing_tensor_is_named(tmp_path: Path) -> None:
     name = "model.layers.2.post_feedforward_layernorm.weight"
     tensors = {k: v for k, v in load_file(tmp_path / "model.safetensors").items() if k != name}
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(KeyError, match=re.escape(name)):
+    with pytest.raises(ValueError, match=re.escape(name)):
         hf.load_hf(tmp_path)

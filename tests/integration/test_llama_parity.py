@@ -193,7 +193,7 @@ def corrupt(tmp_path: Path, edit: Any) -> Path:
 def test_a_missing_tensor_is_named(tmp_path: Path) -> None:
     name = "model.layers.1.self_attn.k_norm.weight"
     folder = corrupt(tmp_path, lambda tensors: {k: v for k, v in tensors.items() if k != name})
-    with pytest.raises(KeyError, match=re.escape(name)):
+    with pytest.raises(ValueError, match=re.escape(name)):
         hf.load_hf(folder)
 
 

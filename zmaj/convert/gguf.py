@@ -387,7 +387,7 @@ def _gemma3_config(file: GGUFFile) -> Gemma3Config:
 def _vocab_size(file: GGUFFile) -> int:
     """The number of tokens the tokenizer lists, as ``transformers`` takes it (``{arch}.vocab_size`` is optional)."""
     if "tokenizer.ggml.tokens" not in file.metadata:
-        raise KeyError("GGUF metadata has no 'tokenizer.ggml.tokens', so the vocabulary size is unknown")
+        raise ValueError("GGUF metadata has no 'tokenizer.ggml.tokens', so the vocabulary size is unknown")
     return len(file.metadata["tokenizer.ggml.tokens"])
 
 
@@ -395,7 +395,7 @@ def _metadata(file: GGUFFile, key: str, default: Any = ...) -> Any:
     """A metadata value; a missing key without a default is named."""
     if key not in file.metadata:
         if default is ...:
-            raise KeyError(f"GGUF metadata has no {key!r}")
+            raise ValueError(f"GGUF metadata has no {key!r}")
         return default
     return file.metadata[key]
 
@@ -432,7 +432,7 @@ def _params(
 
     def load(key: str, name: str, transform: Transform[C]) -> Tensor:
         if name not in tensors:
-            raise KeyError(f"GGUF file has no tensor {name!r} (zmaj {key})")
+            raise ValueError(f"GGUF file has no tensor {name!r} (zmaj {key})")
         shape = tensors[name].shape
         expected_shape = tuple(expected.get(tuple(key.split("."))).shape)
         if key.startswith("blocks."):

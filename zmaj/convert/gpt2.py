@@ -175,7 +175,7 @@ def params_from_hf(state_dict: Mapping[str, Tensor], config: GPTConfig) -> Tenso
 
     def get(name: str) -> Tensor:
         if name not in tensors:
-            raise KeyError(f"GPT-2 checkpoint has no tensor {name!r}")
+            raise ValueError(f"GPT-2 checkpoint has no tensor {name!r}")
         return tensors[name]
 
     flat = {key: layout.read(get(name)) for key, name, layout in GLOBAL_TABLE}

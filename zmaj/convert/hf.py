@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
@@ -101,7 +101,7 @@ ARCHITECTURES = {
 def load_hf(path: str | Path, device: torch.device | str = "cpu") -> tuple[ModelConfig, TensorDict]:
     """The config and parameters of the Hugging Face checkpoint folder at ``path``."""
     folder = Path(path)
-    config = config_from_hf(read_json(folder / "config.json"))
+    config = config_from_hf(read_json(folder / "config.json"), str(folder / "config.json"))
     with ExitStack() as files:
         tensors = _SafetensorsFolder(folder, files, device)
         if isinstance(config, GPTConfig):
@@ -111,8 +111,9 @@ def load_hf(path: str | Path, device: torch.device | str = "cpu") -> tuple[Model
         return config, params_from_hf(tensors, config)
 
 
-def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
-    """A zmaj config from a ``config.json``, chosen by its ``model_type``."""
+def config_from_hf(raw: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
+    """A zmaj config from a ``config.json`` (read from ``where``), chosen by its ``model_type``."""
+    hf = _Fields(raw, where)
     model_type = hf.get("model_type")
     if model_type == "gpt2":
         return gpt2.config_from_hf(hf)
@@ -121,6 +122,18 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     if model_type == "gemma3_text":
         return _gemma3_config(hf)
     raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+class _Fields(dict[str, Any]):
+    """A config file's fields; reading one it lacks is a ValueError naming the file and the field (a bare
+    ``KeyError`` would name neither to a user)."""
+
+    def __init__(self, fields: Mapping[str, Any], where: str) -> None:
+        super().__init__(fields)
+        self.where = where
+
+    def __missing__(self, key: str) -> Any:
+        raise ValueError(f"{self.where} has no {key!r}, which {self.get('model_type')} needs")
 
 
 def _llama_config(hf: Mapping[str, Any]) -> LlamaConfig:
@@ -195,7 +208,8 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, LinearScaling | Llama3Scaling |
 
 
 def _gemma3_config(hf: Mapping[str, Any]) -> Gemma3Config:
-    """Gemma 3 text models; a switch zmaj lacks is an error, and absent keys take ``Gemma3TextConfig``'s defaults.
+    """Gemma 3 text models; a switch zmaj lacks is an error, and absent keys take ``Gemma3TextConfig``'s defaults
+    (but the sizes, which every checkpoint's config records: one without them is refused, naming the key).
 
     ``attn_logit_softcapping`` is refused rather than ignored: ``transformers`` stores it but its Gemma 3 never
     applies it (QK-norm replaced Gemma 2's cap), so a checkpoint that sets it is ambiguous.
@@ -219,8 +233,9 @@ def _gemma3_config(hf: Mapping[str, Any]) -> Gemma3Config:
     layer_types = hf.get("layer_types") or gemma3.interleaved_layer_types(n_layers, pattern)
     (base, scaling), (local_base, local_scaling) = _gemma3_rope(hf)
     window: dict[str, int] = {}
-    if hf.get("sliding_window") is not None:
-        window["sliding_window"] = hf["sliding_window"]
+    sliding = hf.get("sliding_window", 4096)  # absent: Gemma3TextConfig's default; null: none
+    if sliding is not None:
+        window["sliding_window"] = sliding
     elif "sliding_attention" in layer_types:
         raise ValueError("gemma3_text: sliding-window layers need sliding_window, which is null")
     return Gemma3Config(
@@ -279,7 +294,7 @@ def params_from_hf(tensors: Mapping[str, Tensor], config: LlamaConfig | Gemma3Co
 
     def read(key: str, name: str) -> Tensor:
         if name not in tensors:
-            raise KeyError(f"checkpoint has no tensor {name!r} (zmaj {key})")
+            raise ValueError(f"checkpoint has no tensor {name!r} (zmaj {key})")
         tensor = tensors[name]
         shape = expected.get(tuple(key.split("."))).shape
         if key.startswith("blocks."):
@@ -443,7 +458,10 @@ class _SafetensorsFolder(Mapping[str, Tensor]):
         )
         self._file_of: dict[str, Any] = {}
         for shard in shards:
-            handle = files.enter_context(safe_open(folder / shard, framework="pt", device=str(device)))
+            try:
+                handle = files.enter_context(safe_open(folder / shard, framework="pt", device=str(device)))
+            except SafetensorError as error:  # the library's message names no file
+                raise ValueError(f"{folder / shard}: not a readable safetensors file ({error})") from None
             self._file_of |= dict.fromkeys(handle.keys(), handle)
 
     def __getitem__(self, name: str) -> Tensor:

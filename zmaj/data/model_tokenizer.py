@@ -24,7 +24,7 @@ from tokenizers import processors
 from zmaj.data import chat_template
 from zmaj.data.chat_template import Message
 from zmaj.data.text import read_json, read_text
-from zmaj.data.tokenizer import BOS, END, EOS, PAD, Tokenizer
+from zmaj.data.tokenizer import BOS, END, EOS, PAD, Tokenizer, read_tokenizer_file
 
 TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -156,7 +156,7 @@ class ModelTokenizer:
         path = folder / TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{folder} has no {TOKENIZER_FILE} (only fast tokenizers are supported)")
-        inner = tokenizers.Tokenizer.from_file(str(path))
+        inner = read_tokenizer_file(path)
         config = _read_json(folder / TOKENIZER_CONFIG_FILE)
         bos, eos, pad = (_token_text(config.get(name)) for name in ("bos_token", "eos_token", "pad_token"))
         if "add_bos_token" in config or "add_eos_token" in config:

@@ -83,14 +83,7 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer file at {path}")
-        text = read_text(path)  # a bad byte is a corrupt file: replacing it would change the vocabulary
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not a tokenizer file: not JSON ({error})") from error
-        if not isinstance(raw, dict) or "model" not in raw:
-            raise ValueError(f"{path} is not a tokenizer file: JSON without a 'model' entry")
-        return cls(tokenizers.Tokenizer.from_str(text))
+        return cls(read_tokenizer_file(path))
 
     def save(self, path: str | Path) -> None:
         """Write atomically (a temporary file, then a rename), so a crash never leaves half a tokenizer."""
@@ -182,6 +175,19 @@ def tokenizer_path(config: DataConfig, cache_dir: str | Path, seed: int) -> Path
     ]
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
     return Path(cache_dir) / "tokenizers" / f"{key}.json"
+
+
+def read_tokenizer_file(path: Path) -> tokenizers.Tokenizer:
+    """The library's tokenizer from a ``tokenizer.json``; a file that is not one (cut short, say) is a ValueError
+    naming it, where the library raises a bare ``Exception`` that names no file."""
+    text = read_text(path)  # a bad byte is a corrupt file: replacing it would change the vocabulary
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a tokenizer file: not JSON ({error})") from error
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise ValueError(f"{path} is not a tokenizer file: JSON without a 'model' entry")
+    return tokenizers.Tokenizer.from_str(text)
 
 
 def load_or_train(config: DataConfig, cache_dir: str | Path, seed: int = 0) -> Tokenizer:
