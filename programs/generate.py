@@ -96,10 +96,18 @@ def parse_args() -> argparse.Namespace:
 
 def sampling_from(args: argparse.Namespace) -> Sampling:
     """The --temperature, --top-k and --top-p settings; out-of-range values exit with code 2."""
-    if args.max_new_tokens < 1:
-        fail(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    return checked_sampling(
+        args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
+    )
+
+
+def checked_sampling(max_new_tokens: int, **flags: float | None) -> Sampling:
+    """Sampling settings from the flags of the same names (``top_k`` is ``--top-k``); out-of-range values, and
+    fewer than one new token, exit with code 2."""
+    if max_new_tokens < 1:
+        fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     try:
-        return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        return Sampling.model_validate(flags)
     except ValidationError as error:
         problems = (f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in error.errors())
         fail("; ".join(problems))

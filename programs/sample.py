@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from generate import checked_sampling
 from loguru import logger
 
 from zmaj.data.tokenizer import Tokenizer
@@ -27,9 +28,12 @@ def main() -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument(
+        "--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50; 0: all)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    sampling = checked_sampling(args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
     try:
         spec = load(PretrainSpec, args.run_dir / "spec.yaml")
         latest = checkpoint.latest(args.run_dir)
@@ -54,8 +58,8 @@ def main() -> None:
         prompt,
         args.max_new_tokens,
         spec.model.context,
-        args.temperature,
-        args.top_k,
+        sampling.temperature,
+        sampling.top_k,
         args.seed,
         stop_token=tokenizer.eos_id,
     )

@@ -353,6 +353,24 @@ def test_a_damaged_checkpoint_exits_2_naming_the_file(
     assert f"damaged checkpoint file {params}: 100 bytes, expected " in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--top-k", "-1"], "--top-k: Input should be greater than 0"),
+        (["--temperature", "-1"], "--temperature: Input should be greater than or equal to 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    ],
+)
+def test_sample_refuses_bad_sampling_flags_in_one_line(
+    damaged_run: Path, flags: list[str], message: str
+) -> None:
+    """The flags are checked before the run is read (this one's checkpoint is damaged, and is not reached)."""
+    result = run("sample.py", damaged_run, "--prompt", "hi", *flags)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert message in result.stderr
+
+
 @pytest.mark.slow
 def test_smollm2_knows_the_capital_of_france() -> None:
     args = [

@@ -559,6 +559,10 @@ def cli(doc: str | None) -> argparse.ArgumentParser:
 def import_modules(names: Sequence[str]) -> None:
     """Import ``--import`` modules (which register tasks, say) before any spec is read."""
     for name in names:
-        if find_spec(name) is None:
+        try:
+            found = find_spec(name)
+        except ModuleNotFoundError:  # a dotted name whose parent package is missing
+            found = None
+        if found is None:
             raise FileNotFoundError(f"--import {name}: no such module")
         import_module(name)

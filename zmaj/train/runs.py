@@ -97,11 +97,18 @@ def cli(doc: str | None, default_spec: Path | None = None) -> argparse.ArgumentP
     parser.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/NAME-TIMESTAMP)")
     parser.add_argument(
         "--stop-after",
-        type=int,
+        type=positive,
         metavar="N",
         help="run at most N steps now, then checkpoint and exit (resumable)",
     )
     return parser
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse names the flag in its error)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str]) -> S:

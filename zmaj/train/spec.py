@@ -6,7 +6,7 @@ that names the offending field.
 """
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import pydantic
 import yaml
@@ -89,7 +89,7 @@ class TrainConfig(LoopConfig):
 class SampleConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    prompts: list[str] = ["def ", "import "]
+    prompts: list[Annotated[str, Field(min_length=1)]] = ["def ", "import "]  # a model continues a token
     max_new_tokens: int = Field(48, ge=0)
     temperature: float = Field(0.8, ge=0)
     top_k: int | None = Field(50, gt=0)

@@ -202,3 +202,9 @@ def test_an_unknown_shipped_model_is_named() -> None:
         ValueError, match="unknown model 'pypi:nope'; shipped models: pypi:smollm2-135m-instruct"
     ):
         resolve("pypi:nope")
+
+
+@pytest.mark.parametrize("name", ["nosuch_module_zmaj", "nosuch_package_zmaj.tasks"])
+def test_an_import_of_no_module_is_named(name: str) -> None:
+    with pytest.raises(FileNotFoundError, match=rf"^--import {name}: no such module$"):
+        finetune.import_modules([name])

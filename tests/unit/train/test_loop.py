@@ -353,3 +353,12 @@ def test_a_resume_folder_where_no_file_can_be_made_is_refused_before_training(
     with open_run(tmp_path / "run", resume=True):  # writable again, it resumes (and the probe leaves nothing)
         pass
     assert sorted(path.name for path in (tmp_path / "run").rglob("*")) == before
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_stop_after_takes_a_whole_number_of_steps(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        runs.cli(None).parse_args(["spec.yaml", "--stop-after", value])
+    assert exited.value.code == 2
+    assert f"--stop-after: expected a whole number of at least 1, got '{value}'" in capsys.readouterr().err
+    assert runs.cli(None).parse_args(["spec.yaml", "--stop-after", "3"]).stop_after == 3

@@ -64,6 +64,7 @@ def test_overrides_are_parsed_as_yaml_and_leave_the_input_alone() -> None:
         ("train.parallel={kind: zero}", "train.parallel.kind"),
         ("train.keep_checkpoints=0", "train.keep_checkpoints"),
         ("train.device=tpu", "train.device"),
+        ("sample.prompts=['def ', '']", "sample.prompts.1"),
     ],
 )
 def test_a_bad_spec_names_the_field(override: str, field: str) -> None:
