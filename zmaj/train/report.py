@@ -13,8 +13,9 @@ from typing import Any
 import matplotlib
 import torch
 
-from zmaj.data.text import read_jsonl
+from zmaj.data.text import read_jsonl, read_text
 from zmaj.models.gpt import GPTConfig
+from zmaj.train.checkpoint import atomic_write_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -23,6 +24,21 @@ import matplotlib.pyplot as plt
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite the metrics file ``path`` (atomically) without its records past ``step``, and say how many went.
+
+    A run killed after its last checkpoint recorded steps that the resumed run takes again from that checkpoint:
+    kept, they would be counted twice (a model card's tokens seen) and drawn as a curve that runs backwards.
+    """
+    if not path.is_file():
+        return 0
+    lines = read_text(path).splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(kept))
+    return len(lines) - len(kept)
 
 
 RUN_FILE = "run.jsonl"

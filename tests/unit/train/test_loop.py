@@ -99,6 +99,23 @@ def test_stop_after_then_resume_is_the_uninterrupted_run(tmp_path: Path) -> None
     assert (resumed == straight).all()
 
 
+def test_a_resumed_run_records_each_step_once(tmp_path: Path) -> None:
+    """A run killed after its last checkpoint recorded steps the resumed run takes again: those records go, and
+    ``metrics.jsonl`` holds each step once, as the uninterrupted run's does (a model card sums its tokens)."""
+    train(tmp_path / "straight")
+    train(tmp_path / "split", stop_after=3)
+    checkpoints = tmp_path / "split" / "checkpoints"
+    shutil.rmtree(checkpoints / "step-0000003")  # as if killed after step 3 was recorded, before its save
+    (checkpoints / "latest").write_text("step-0000002\n")
+    train(tmp_path / "split", resume=True)
+
+    def records(run: Path) -> list[tuple[int, float | None]]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r.get("loss")) for r in map(json.loads, lines)]
+
+    assert records(tmp_path / "split") == records(tmp_path / "straight")
+
+
 def test_a_run_killed_before_its_first_latest_resumes_from_its_step_folder(tmp_path: Path) -> None:
     """A kill between renaming the first checkpoint into place and writing ``latest`` leaves a ``step-*`` folder
     and no ``latest``: ``--resume`` continues from the folder (``read_spec`` used to refuse it, and a new run
