@@ -206,6 +206,21 @@ def test_config_files_name_the_special_tokens(
     assert {key: config[key] for key in generation} == generation
 
 
+def test_eos_comes_first_among_the_stop_tokens(tokenizer: ModelTokenizer, tmp_path: Path) -> None:
+    """Both files list EOS first whatever the ids' order (``transformers`` pads with the first when there is no
+    pad token), and the folder loads back with the same stop tokens in the same order."""
+    ending_turns = replace(tokenizer, eos_token=END, stop_tokens=(EOS,), pad_token=None)
+    folder = save_hf(random_model(VARIANTS["gpt"], ending_turns), tmp_path / "model")
+    end, eos = tokenizer.token_id(END), tokenizer.token_id(EOS)
+    assert end is not None
+    assert eos is not None
+    assert end > eos  # sorted ids would not put this EOS first
+    ids = [end, eos]
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((folder / name).read_text())["eos_token_id"] == ids, name
+    assert load_model(folder).tokenizer.stop_ids == tuple(ids)
+
+
 @pytest.mark.parametrize("add_bos", [False, True])
 def test_autotokenizer_encodes_as_zmaj(add_bos: bool, tokenizer: ModelTokenizer, tmp_path: Path) -> None:
     """Plain texts (special-token text included, parsed as in transformers), a chat in zmaj's default template,

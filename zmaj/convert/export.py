@@ -64,8 +64,7 @@ def write_hf(model: Pretrained, folder: Path, max_shard_bytes: int = DEFAULT_MAX
 def _token_ids(model: Pretrained) -> dict[str, Any]:
     """BOS, EOS and PAD ids; EOS lists every stop token, EOS first, when there are several."""
     tokenizer = model.tokenizer
-    stops = [i for i in (tokenizer.eos_id,) if i is not None]
-    stops += [i for i in tokenizer.stop_ids if i not in stops]
+    stops = list(tokenizer.stop_ids)
     return {
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": stops[0] if len(stops) == 1 else (stops or None),

@@ -79,10 +79,11 @@ class ModelTokenizer:
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        """Every token that ends a generated answer: EOS and the extra stop tokens."""
+        """Every token that ends a generated answer: EOS first (``transformers`` pads with the first when there
+        is no pad token), then the extra stop tokens."""
         names = ((self.eos_token,) if self.eos_token is not None else ()) + self.stop_tokens
-        ids = {self.tokenizer.token_to_id(name) for name in names}
-        return tuple(sorted(i for i in ids if i is not None))
+        ids = (self.tokenizer.token_to_id(name) for name in names)
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids, with BOS/EOS where the model's configuration adds them (unless ``add_special_tokens=False``)."""
