@@ -88,6 +88,16 @@ class Run:
         return next((float(r["wall_s"]) for r in self.metrics if "wall_s" in r), None)
 
     @property
+    def killed_sessions(self) -> int:
+        """Sessions that recorded their start and no end (killed): their time is missing from ``wall_seconds``."""
+        events = [record["event"] for record in self.sessions]
+        return sum(
+            1
+            for event, after in zip(events, [*events[1:], "start"], strict=True)
+            if (event, after) == ("start", "start")
+        )
+
+    @property
     def hardware(self) -> str | None:
         return self.sessions[-1]["hardware"] if self.sessions else None
 
@@ -261,6 +271,8 @@ def _results(run: Run) -> str:
 def _compute(run: Run) -> str:
     seconds = run.wall_seconds
     wall = "not recorded" if seconds is None else f"{_duration(seconds)} ({seconds:,.1f} s)"
+    if seconds is not None and run.killed_sessions:
+        wall = f"at least {wall}, without {run.killed_sessions} session(s) killed before recording their end"
     hardware = run.hardware or "not recorded"
     return f"## Compute\n\nHardware: {hardware}. Wall time: {wall}.\n"
 

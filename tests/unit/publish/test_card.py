@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from zmaj.publish import card
 from zmaj.publish.card import Run
 from zmaj.publish.export import parse_size
 
@@ -31,8 +32,24 @@ def test_wall_time_sums_the_sessions_and_ignores_an_unfinished_one(spans: list[t
         sessions += [{"event": "start", "time": clock + gap}, {"event": "end", "time": clock + gap + length}]
         clock += gap + length
     sessions.append({"event": "start", "time": clock + 1.0})  # killed: no end record
-    wall = Run(Path("run"), "sft", {}, sessions=sessions).wall_seconds
-    assert wall == pytest.approx(sum(length for _, length in spans))
+    run = Run(Path("run"), "sft", {}, sessions=sessions)
+    assert run.wall_seconds == pytest.approx(sum(length for _, length in spans))
+    assert run.killed_sessions == 1
+    sessions.insert(2, {"event": "start", "time": sessions[1]["time"]})  # another, between two sessions
+    assert Run(Path("run"), "sft", {}, sessions=sessions).killed_sessions == 2
+
+
+def test_the_card_says_when_a_killed_session_is_missing_from_the_wall_time() -> None:
+    sessions = [
+        {"event": "start", "time": 0.0, "hardware": "2 CPUs"},
+        {"event": "end", "time": 90.0, "hardware": "2 CPUs"},
+        {"event": "start", "time": 95.0, "hardware": "2 CPUs"},
+    ]
+    section = card._compute(Run(Path("run"), "sft", {}, sessions=sessions))
+    assert (
+        "Wall time: at least 1 min 30 s (90.0 s), without 1 session(s) killed before recording their end."
+        in section
+    )
 
 
 def test_without_sessions_wall_time_is_the_pretraining_summarys_or_unknown() -> None:
