@@ -205,6 +205,16 @@ class PairsFromTask(BaseModel):
     batch_size: int = Field(32, gt=0, description="prompts sampled together")
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _samples(self) -> "PairsFromTask":
+        # Greedy decoding gives a problem's k answers alike: no pair, found only after every answer is sampled.
+        if self.sampling.temperature == 0:
+            raise ValueError(
+                "sampling.temperature is 0 (greedy, the default when left out), so a problem's k answers are one "
+                "answer and give no pair: set a temperature above 0"
+            )
+        return self
+
 
 PairSource = Annotated[PairFiles | PairsFromTask, Field(discriminator="kind")]
 

@@ -166,7 +166,8 @@ def matrix_dims(params: TensorDictBase, key: Key) -> int:
 def param_groups(params: TensorDictBase, config: MuonConfig) -> tuple[list[Key], list[Key]]:
     """The keys Muon updates and those AdamW updates, in ``params``' order; a ValueError naming the parameter
     when Muon is given one that is not a matrix, when a parameter is in neither group, or when a ``muon_params``
-    pattern names nothing (a typo would otherwise leave everything to AdamW without a word)."""
+    pattern names nothing or Muon gets no parameter at all (LoRA's adapters, say, which are not under
+    ``blocks``): either would otherwise leave everything to AdamW without a word."""
     names = {".".join(key): key for key in leaf_keys(params)}
 
     def taken_by_muon(name: str) -> bool:
@@ -194,6 +195,12 @@ def param_groups(params: TensorDictBase, config: MuonConfig) -> tuple[list[Key],
                 f"train.optimizer: parameter {name} is in no group (neither muon_params nor adamw_params "
                 "matches it)"
             )
+    if not muon:
+        raise ValueError(
+            "train.optimizer: kind muon, but no parameter is Muon's (by default the matrices under blocks; "
+            f"these are {', '.join(list(names)[:4])}{', ...' if len(names) > 4 else ''}): set muon_params, "
+            "or use kind adamw"
+        )
     return muon, adamw
 
 

@@ -7,7 +7,7 @@ operation, so the two agree to float rounding.
 """
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,7 +22,8 @@ class AdamWGroup(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     lr: float = Field(1e-3, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    # Each in [0, 1), as torch.optim.AdamW asks: at 1 the bias correction divides by zero.
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     decay_norms_and_biases: bool = False

@@ -172,6 +172,14 @@ def test_grpo_refuses_truncated_sampling_and_bad_task_options() -> None:
         parse(finetune.GRPOSpec, {**raw, "task": {"name": "arithmetic", "options": {"digits": 0}}}, "spec")
 
 
+def test_on_policy_pairs_refuse_greedy_sampling() -> None:
+    """Greedy answers to a problem are all one answer: no pair, found only after every answer was sampled."""
+    pairs = {"kind": "task", "task": {"name": "arithmetic"}, "n_prompts": 4, "k": 2}
+    parse(finetune.PairsFromTask, pairs, "spec")  # temperature 1 by default
+    with pytest.raises(SpecError, match=r"sampling\.temperature is 0 .* no pair"):
+        parse(finetune.PairsFromTask, {**pairs, "sampling": {"top_k": 50}}, "spec")
+
+
 def test_a_new_run_folder_is_a_model_path_with_the_spec_chat_template(tmp_path: Path) -> None:
     model = finetune_fixtures.tiny_model(tmp_path / "model")
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|end|>{% endfor %}"

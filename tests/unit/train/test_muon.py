@@ -15,6 +15,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from zmaj.models import gpt
 from zmaj.train import checkpoint, muon, optim, precision, step
+from zmaj.train.lora import LoraConfig, init_adapters
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import PretrainSpec, SpecError, parse
 
@@ -204,6 +205,8 @@ def pretrain_spec(optimizer: dict[str, object], **train: object) -> dict[str, ob
         ({"muon_params": ["blocks.attn_norm.*"]}, "blocks.attn_norm.weight (shape [2, 16]) is not a matrix"),
         ({"adamw_params": ["embed.*", "positions.*"]}, "parameter blocks.attn_norm.weight is in no group"),
         ({"muon_params": ["blocks.atn.*.weight"]}, "'blocks.atn.*.weight' matches no parameter"),
+        ({"muon_params": [], "adamw_params": ["*"]}, "kind muon, but no parameter is Muon's"),
+        ({"adamw": {"betas": [1.0, 0.95]}}, "train.optimizer.muon.adamw.betas.0"),
     ],
 )
 def test_bad_groups_are_refused_at_spec_validation_naming_the_parameter(
@@ -213,6 +216,20 @@ def test_bad_groups_are_refused_at_spec_validation_naming_the_parameter(
         parse(PretrainSpec, pretrain_spec({"kind": "muon", **fields}), "spec.yaml")
     assert message in str(error.value)
     assert len(str(error.value).splitlines()) == 1
+
+
+def test_lora_adapters_under_muon_are_refused_not_left_to_adamw() -> None:
+    """LoRA's adapters are no ``blocks`` matrices: by default Muon would take none and AdamW all, silently."""
+    adapters = init_adapters(gpt.init(CONFIG, 0), LoraConfig(rank=2, targets=("attn.q", "attn.v")))
+    with pytest.raises(ValueError, match=r"no parameter is Muon's .* these are attn\.q\.a, attn\.q\.b"):
+        muon.check_groups(adapters, muon_config())
+
+
+@pytest.mark.parametrize("betas", [(1.0, 0.95), (0.9, 1.0), (-0.5, 0.95)])
+def test_adamw_betas_outside_0_1_are_refused(betas: tuple[float, float]) -> None:
+    """torch.optim.AdamW refuses them; at 1 the bias correction divides by zero and the first step is NaN."""
+    with pytest.raises(SpecError, match=r"train\.optimizer\.adamw\.betas\.[01]"):
+        parse(PretrainSpec, pretrain_spec({"lr": 0.01, "betas": list(betas)}), "spec.yaml")
 
 
 def test_an_adamw_spec_without_kind_parses_as_before_and_muon_may_be_sharded() -> None:
