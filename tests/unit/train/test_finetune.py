@@ -172,6 +172,28 @@ def test_grpo_refuses_truncated_sampling_and_bad_task_options() -> None:
         parse(finetune.GRPOSpec, {**raw, "task": {"name": "arithmetic", "options": {"digits": 0}}}, "spec")
 
 
+def test_lengths_past_the_models_context_are_refused_naming_the_field() -> None:
+    """A model with learned positions would fail at the first long example, mid-run, with an IndexError."""
+    raw = {
+        "name": "x",
+        "model": "m",
+        "train": {"steps": 1, "batch_size": 1},
+        "data": {"kind": "task", "task": "arithmetic", "n": 1},
+    }
+    sft = parse(finetune.SFTSpec, {**raw, "max_len": 64}, "spec")
+    finetune.check_lengths(sft, context=64)
+    with pytest.raises(SpecError, match=r"^max_len: 64 tokens do not fit the model's context of 32$"):
+        finetune.check_lengths(sft, context=32)
+    graded = sft.model_copy(
+        update={"max_len": 16, "eval": finetune.EvalConfig(task="arithmetic", max_new_tokens=40)}
+    )
+    with pytest.raises(SpecError, match=r"^eval\.max_new_tokens: 41 tokens do not fit"):
+        finetune.check_lengths(graded, context=32)
+    finetune.fits_context(24, 8, 32, "grpo")
+    with pytest.raises(ValueError, match=r"^grpo: a prompt of 25 tokens plus max_new_tokens=8 is past"):
+        finetune.fits_context(25, 8, 32, "grpo")
+
+
 def test_on_policy_pairs_refuse_greedy_sampling() -> None:
     """Greedy answers to a problem are all one answer: no pair, found only after every answer was sampled."""
     pairs = {"kind": "task", "task": {"name": "arithmetic"}, "n_prompts": 4, "k": 2}
