@@ -176,8 +176,14 @@ def cache_step(batch: Batch, cache: TensorDictBase) -> CacheStep:
     Positions are ``batch.positions`` when given; otherwise a token's position is the number of real tokens
     before it in its row, cache included. That default gives a left- or right-padded prompt, and every token
     decoded after it, the positions it would have alone, so padding changes nothing but the mask. The caller
-    must leave room: a slot past the end of the cache is an indexing error.
+    must leave room: a slot past the end of the cache is an indexing error. A cache holds one sequence a row,
+    so packed documents (``batch.document_ids``) are refused: the cached mask would let them see each other.
     """
+    if batch.document_ids is not None:
+        raise ValueError(
+            "a cached forward pass takes one sequence a row: packed documents (document_ids) would attend to "
+            "each other; give each document its own row"
+        )
     tokens = batch.tokens
     length: Tensor = cache["length"]
     cached_is_token: Tensor = cache["is_token"]

@@ -100,6 +100,10 @@ class GPTConfig(BaseModel):
             raise ValueError(
                 f"positions=rope needs an even head_dim (d_model / n_heads), got {self.head_dim}"
             )
+        if self.positions == "sinusoidal" and self.d_model % 2 != 0:
+            raise ValueError(
+                f"positions=sinusoidal needs an even d_model (sine, cosine pairs), got {self.d_model}"
+            )
         if self.unembed_init == "zero" and self.tie_embeddings:
             raise ValueError(
                 "unembed_init=zero needs tie_embeddings=false: a zero unembedding tied to the embedding would "

@@ -39,7 +39,8 @@ FORMULA_MAX_KEYS = 512
 """The longest key sequence for which ``auto`` compiles the formula on a CPU (``choose_backend``)."""
 
 AttentionMask = Bool[Tensor, "batch q_seq k_seq"] | BlockMask | None
-"""A mask in the form its backend wants: boolean for eager/SDPA, a BlockMask for flex, None for plain causal."""
+"""A mask in the form its backend wants: boolean for eager/SDPA, a BlockMask for flex, None for plain causal
+(with fewer queries than keys, the queries are the last positions, as in FlashAttention 2 and ``_causal``)."""
 
 
 def prepare_mask(
@@ -50,9 +51,11 @@ def prepare_mask(
     backend: Backend,
     device: torch.device | str = "cpu",
 ) -> AttentionMask:
-    """Build a mask once per forward pass, in the form ``backend`` consumes; ``mod=None`` means plain causal."""
+    """Build a mask once per forward pass, in the form ``backend`` consumes; ``mod=None`` means plain causal
+    (``AttentionMask``: the queries are the last ``q_len`` positions)."""
     if backend == "flex":
-        return masks.block_mask(mod or masks.causal, batch, q_len, k_len, device)
+        causal = masks.causal if q_len == k_len else masks.offset_queries(masks.causal, k_len - q_len)
+        return masks.block_mask(mod or causal, batch, q_len, k_len, device)
     if mod is None:
         return None
     return masks.dense(mod, batch, q_len, k_len, device)
@@ -186,8 +189,13 @@ def sdpa_attention(
     mask: Bool[Tensor, "batch q_seq k_seq"] | None,
     scale: float,
 ) -> Float[Tensor, "batch heads q_seq head_dim"]:
-    """PyTorch's fused attention; without a mask it runs causal with its own (faster) causal kernels."""
+    """PyTorch's fused attention; without a mask it runs causal with its own (faster) causal kernels.
+
+    Those align the queries with the first keys (``is_causal``'s top-left diagonal), so with fewer queries than
+    keys the mask is written out instead, the queries being the last positions as everywhere else."""
     gqa = q.shape[1] != k.shape[1]
+    if mask is None and q.shape[2] != k.shape[2]:
+        mask = _causal(q, k)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)

@@ -43,7 +43,9 @@ class AdamWConfig(AdamWGroup):
 
 
 class ScheduleConfig(BaseModel):
-    """Linear warmup, then cosine decay or warmup-stable-decay (WSD, Hägele et al., 2024) to ``final_lr_fraction``."""
+    """Linear warmup, then cosine decay or warmup-stable-decay (WSD, Hägele et al., 2024) toward
+    ``final_lr_fraction`` of the peak, which the step after the last would take (nanoGPT's and modded-nanogpt's
+    convention): the last step runs a decay step above it, ``peak / 70`` for the default's WSD to 0."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -151,7 +153,7 @@ def clip_by_global_norm(
 
 
 def learning_rate(step: int, total_steps: int, peak: float, schedule: ScheduleConfig) -> float:
-    """The learning rate for (0-based) ``step`` of ``total_steps``."""
+    """The learning rate for (0-based) ``step`` of ``total_steps`` (:class:`ScheduleConfig`)."""
     if step < schedule.warmup_steps:
         return peak * (step + 1) / schedule.warmup_steps
     floor = peak * schedule.final_lr_fraction

@@ -123,6 +123,15 @@ def test_every_decode_step_equals_the_full_forward(device: torch.device, name: s
     assert capacity(cache) == 4
 
 
+def test_packed_documents_are_refused_not_attended_across() -> None:
+    """The cached mask knows one sequence a row; packed documents would silently see each other."""
+    module, config, params = model_params("llama-gqa", torch.device("cpu"))
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    batch = Batch(tokens=random_tokens(1, 6, seed=3, device=torch.device("cpu")), document_ids=ids)
+    with pytest.raises(ValueError, match=r"packed documents .* would attend to each other"):
+        module.forward_cached(params, batch, init_cache(config, batch=1, max_len=6), config)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_a_cpu_step_reads_no_slot_past_the_written_ones(name: str) -> None:
     """On the CPU, attention reads the written slots alone (``cached_attention``): NaN in the others, which

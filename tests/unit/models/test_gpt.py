@@ -182,6 +182,10 @@ def test_config_refuses_options_that_contradict_each_other() -> None:
         gpt.GPTConfig(vocab_size=64, unembed_init="zero")
     with pytest.raises(pydantic.ValidationError, match="positions=rope needs an even head_dim"):
         gpt.GPTConfig(vocab_size=64, d_model=30, n_heads=2, positions="rope")
+    with pytest.raises(
+        pydantic.ValidationError, match=r"positions=sinusoidal needs an even d_model .*, got 9"
+    ):
+        gpt.GPTConfig(vocab_size=64, d_model=9, n_heads=3, positions="sinusoidal")
     with pytest.raises(pydantic.ValidationError, match=r"value_embeds=3 .* at most n_layers / 2 \(2\)"):
         gpt.GPTConfig(vocab_size=64, n_layers=5, value_embeds=3)
     with pytest.raises(pydantic.ValidationError, match="logit_softcap"):

@@ -87,6 +87,19 @@ def test_backends_agree(device: torch.device, problem: Problem) -> None:
         torch.testing.assert_close(run(q, k, v, mod, backend), reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("q_len", [1, 3, 5])
+def test_without_a_mask_every_backend_puts_the_queries_last(device: torch.device, q_len: int) -> None:
+    """Plain causal attention of fewer queries than keys: the queries are the last positions in every backend
+    (SDPA's own causal kernel would align them with the first keys)."""
+    generator = torch.Generator().manual_seed(q_len)
+    q = torch.randn(2, 4, q_len, 8, generator=generator).to(device)
+    k, v = (torch.randn(2, 2, 5, 8, generator=generator).to(device) for _ in range(2))
+    offset = masks.offset_queries(masks.causal, 5 - q_len)
+    reference = eager_attention(q, k, v, masks.dense(offset, 2, q_len, 5, device), 8**-0.5)
+    for backend in ("eager", "sdpa", "flex"):
+        torch.testing.assert_close(run(q, k, v, None, backend), reference, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("device", "dtype", "k_len", "compiling", "grad", "expected"),
     [
