@@ -16,7 +16,7 @@ from loguru import logger
 from tensordict import TensorDict
 
 from zmaj.models.common import Batch
-from zmaj.train import finetune, loop, optim, runs
+from zmaj.train import finetune, loop, optim, precision, runs
 from zmaj.train.dpo import dpo_step, preference_batch
 from zmaj.train.finetune import DPOSpec, Start
 from zmaj.train.pairs import PAIRS_FILE, Pair, make_pairs, read_pairs, write_pairs
@@ -54,7 +54,9 @@ def train(run: Run[DPOSpec], begin: Start, pairs: list[Pair], params: TensorDict
     spec, parallel = run.spec, run.parallel
     cfg = spec.train
     state = run.restore(init_state(params, cfg.optimizer))
-    forward = parallel.forward(finetune.policy_forward(spec, begin))  # DPO computes in float32
+    policy = parallel.forward(finetune.policy_forward(spec, begin), run.dtype)
+    forward = precision.autocast_forward(policy, run.dtype, run.device)  # train.precision, as SFT and GRPO
+    reference_forward = precision.autocast_forward(begin.base_forward, run.dtype, run.device)
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
 
     def batches(index: int) -> Batch:
@@ -72,7 +74,7 @@ def train(run: Run[DPOSpec], begin: Start, pairs: list[Pair], params: TensorDict
         beta=cfg.beta,
         optimizer=cfg.optimizer,
         decay=decay,
-        reference_forward=begin.base_forward,
+        reference_forward=reference_forward,
         seed=cfg.seed,
         parallel=parallel,
     )

@@ -205,6 +205,21 @@ def test_dpo_widens_the_margin_from_on_policy_pairs(model: Path, tmp_path: Path)
     assert rows[-1]["reward_margin"] > 0.1
     assert (tmp_path / "run" / "pairs.jsonl").is_file()
     assert load_model(tmp_path / "run").config == load_model(model).config
+    # train.precision is honoured, as in SFT and GRPO: bf16 computes the same first step in other bits.
+    bf16: list[str | Path] = [
+        "--set",
+        "train.steps=1",
+        "--set",
+        "train.precision=bf16",
+        "--run-dir",
+        tmp_path / "bf16",
+    ]
+    code, _, err = run("dpo.py", *spec, *bf16)
+    assert code == 0, err
+    [first] = [row for row in records(tmp_path / "bf16") if "loss" in row]
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert first["grad_norm"] == pytest.approx(rows[0]["grad_norm"], rel=0.1)
+    assert first["grad_norm"] != rows[0]["grad_norm"]
 
 
 def test_evaluate_prints_accuracy_with_its_wilson_interval(model: Path, tmp_path: Path) -> None:
