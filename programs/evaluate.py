@@ -139,6 +139,9 @@ def main() -> None:
             raise FileNotFoundError(
                 f"--answers: no folder {args.answers.parent} to write {args.answers.name} in"
             )
+        finetune.check_prompts(
+            model, task, problems, args.max_new_tokens, args.few_shot, args.system, "--max-new-tokens"
+        )
     except (FileNotFoundError, ValueError, ModuleNotFoundError) as error:
         logger.error(runs.one_line(error))
         sys.exit(2)

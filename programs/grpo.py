@@ -84,7 +84,10 @@ def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: Tenso
         scored: list[Reward] = []
         reward = task_reward(task, tokenizer, prompts.problems, f"step {prompts.index + 1}", scored)
         longest = max(map(len, prompts.ids))
-        finetune.fits_context(longest, config.max_new_tokens, begin.model.config.context, "grpo")
+        where = f"step {prompts.index + 1}: grpo"
+        finetune.fits_context(
+            longest, config.max_new_tokens, begin.model.config.context, where, runs.RunFailedError
+        )
         tick = time.perf_counter()
         rollout = sample_rollout(
             state["params"],

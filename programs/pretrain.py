@@ -67,7 +67,7 @@ def check_backend(spec: PretrainSpec, parallel: Parallel) -> None:
 def train(run: Run[PretrainSpec], data: Prepared) -> None:
     spec, parallel, device = run.spec, run.parallel, run.device
     cfg = spec.train
-    if parallel.main and not (run.dir / TOKENIZER_FILE).is_file():  # a resumed run's is checked and kept
+    if parallel.main and not run.resumed:  # a resumed run's own was checked against it, and is kept
         data.tokenizer.save(run.dir / TOKENIZER_FILE)
     logger.info(
         f"{len(data.train)} train rows, {len(data.validation)} validation rows of {spec.data.seq_len} tokens"

@@ -290,6 +290,13 @@ def bad_conversations(tmp_path: Path) -> Path:
         ("evaluate.py", ["--task", "no-such-task"], "unknown task 'no-such-task'"),
         ("evaluate.py", ["--task", "arithmetic", "--set-task", "digits=0"], "digits"),
         ("evaluate.py", ["--task", "arithmetic", "--set-task", "digits=[3"], "digits=[3: not valid YAML"),
+        (
+            "evaluate.py",
+            ["--task", "arithmetic", "--max-new-tokens", "120"],
+            "is past the model's context of 128",
+        ),
+        ("sft.py", ["--set", "eval.max_new_tokens=200"], "eval.max_new_tokens: 201 tokens do not fit"),
+        ("sft.py", ["--set", "eval.max_new_tokens=120"], "eval: a prompt of"),
         ("evaluate.py", ["--task", "arithmetic", "--answers", "/no/such/folder/a.jsonl"], "/no/such/folder"),
     ],
 )

@@ -36,8 +36,8 @@ WEIGHTS_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
 def save_hf(model: Pretrained, folder: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write ``model`` as a Hugging Face folder, staged beside ``folder`` and renamed into place, so an interrupted
-    save never leaves half a model; an existing ``folder`` is replaced. Raises ValueError, before writing anything,
-    for a model ``transformers`` cannot compute exactly."""
+    save never leaves half a model; an existing ``folder`` is replaced. Raises ValueError, before writing any
+    file (the empty staging folder is removed), for a model ``transformers`` cannot compute exactly."""
     folder = Path(folder)
     with staged_folder(folder) as staging:
         write_hf(model, staging, max_shard_bytes)

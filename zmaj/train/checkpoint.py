@@ -271,9 +271,10 @@ def check_resumable(run_dir: Path) -> None:
     """Fail early, naming the path, when ``run_dir`` holds no checkpoint at all. Which one to resume from, and
     whether it is intact, :func:`latest_intact` decides later: a run killed between renaming its first
     checkpoint into place and writing ``latest`` has a ``step-*`` folder and no ``latest``, and resumes."""
-    root = run_dir / CHECKPOINTS
-    if _pointer(root) is None and not _step_folders(root):
-        raise FileNotFoundError(f"{run_dir} has no checkpoint (no {root / LATEST} and no step-* folder)")
+    if not _step_folders(run_dir / CHECKPOINTS):
+        latest(
+            run_dir
+        )  # no step folder: the pointer must name a checkpoint, else its error names the problem
 
 
 def latest_intact(run_dir: Path) -> Path:

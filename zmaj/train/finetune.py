@@ -257,7 +257,27 @@ def start(spec: FinetuneSpec, device: torch.device) -> Start:
     check_lengths(spec, model.config.context)
     if spec.chat_template is not None:
         model = replace(model, tokenizer=replace(model.tokenizer, chat_template=spec.chat_template))
+    if spec.eval is not None:  # checked here, before the run: its evaluations would fail inside it
+        task = get_task(spec.eval.task, **spec.eval.options)
+        problems = task.problems(spec.eval.split, spec.eval.n, spec.eval.seed)
+        config = spec.eval
+        check_prompts(model, task, problems, config.max_new_tokens, config.few_shot, config.system, "eval")
     return Start(model, path)
+
+
+def check_prompts(
+    model: Pretrained,
+    task: Task,
+    problems: Sequence[Problem],
+    max_new_tokens: int,
+    few_shot: int | None,
+    system: str | None,
+    what: str,
+) -> None:
+    """:func:`fits_context` for the longest prompt of ``problems``: called where bad input still exits in one
+    line (before a run, not inside its evaluations)."""
+    prompts = (task_prompt(model.tokenizer, task, problem, few_shot, system) for problem in problems)
+    fits_context(max(map(len, prompts), default=0), max_new_tokens, model.config.context, what)
 
 
 def check_lengths(spec: FinetuneSpec, context: int) -> None:
@@ -275,13 +295,16 @@ def check_lengths(spec: FinetuneSpec, context: int) -> None:
         fields["eval.max_new_tokens"] = spec.eval.max_new_tokens + 1
     for name, length in fields.items():
         if length > context:
-            raise SpecError(f"{name}: {length} tokens do not fit the model's context of {context}")
+            raise SpecError(f"{name}: {length} tokens do not fit the model's context of {context}; lower it")
 
 
-def fits_context(longest_prompt: int, max_new_tokens: int, context: int, what: str) -> None:
-    """Refuse a prompt whose answer could run past the model's context (``check_lengths``), naming it."""
+def fits_context(
+    longest_prompt: int, max_new_tokens: int, context: int, what: str, error: type[Exception] = ValueError
+) -> None:
+    """Refuse a prompt whose answer could run past the model's context (``check_lengths``), naming it.
+    ``error`` is what a program reports in one line where it is raised (a ``RunFailedError`` mid-run)."""
     if longest_prompt + max_new_tokens > context:
-        raise ValueError(
+        raise error(
             f"{what}: a prompt of {longest_prompt} tokens plus max_new_tokens={max_new_tokens} is past the "
             f"model's context of {context} tokens; lower max_new_tokens or shorten the prompts"
         )

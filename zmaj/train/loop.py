@@ -99,6 +99,9 @@ def train(
         run.record({"step": done, **result, **extra})
 
     first = int(state["opt", "step"]) // updates_per_step
+    if main and run.resumed and (dropped := report.drop_records_after(run.metrics, first)):
+        # A run killed after its last checkpoint recorded steps it now takes again.
+        logger.info(f"dropped {dropped} records past step {first} from {run.metrics}: taken again now")
     if first == 0:
         scores(state, 0)
     bar = tqdm(

@@ -34,10 +34,11 @@ def drop_records_after(path: Path, step: int) -> int:
     """
     if not path.is_file():
         return 0
-    lines = read_text(path).splitlines(keepends=True)
+    text = read_text(path)
+    lines = text.split("\n")[:-1]  # past the last newline: nothing, or a line a kill cut short (dropped)
     kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) < len(lines):
-        atomic_write_text(path, "".join(kept))
+    if len(kept) < len(lines) or not text.endswith("\n"):
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
     return len(lines) - len(kept)
 
 

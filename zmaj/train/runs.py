@@ -223,12 +223,7 @@ class Run(Generic[S]):
         if self.resumed:
             path = checkpoint.latest_intact(self.dir)
             state = checkpoint.load_state(path, fresh)  # on the CPU, where a rank's shard is cut from it
-            step = int(state["opt", "step"])
-            logger.info(f"resumed from {path} (step {step})")
-            if self.parallel.main and (dropped := report.drop_records_after(self.metrics, step)):
-                logger.info(
-                    f"dropped {dropped} records past step {step} from {self.metrics}: taken again now"
-                )
+            logger.info(f"resumed from {path} (step {int(state['opt', 'step'])})")
         return self.parallel.shard(state).to(self.device)
 
     def __enter__(self) -> "Run[S]":

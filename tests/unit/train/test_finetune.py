@@ -182,7 +182,9 @@ def test_lengths_past_the_models_context_are_refused_naming_the_field() -> None:
     }
     sft = parse(finetune.SFTSpec, {**raw, "max_len": 64}, "spec")
     finetune.check_lengths(sft, context=64)
-    with pytest.raises(SpecError, match=r"^max_len: 64 tokens do not fit the model's context of 32$"):
+    with pytest.raises(
+        SpecError, match=r"^max_len: 64 tokens do not fit the model's context of 32; lower it$"
+    ):
         finetune.check_lengths(sft, context=32)
     graded = sft.model_copy(
         update={"max_len": 16, "eval": finetune.EvalConfig(task="arithmetic", max_new_tokens=40)}
@@ -211,6 +213,7 @@ def test_a_new_run_folder_is_a_model_path_with_the_spec_chat_template(tmp_path: 
         "chat_template": template,
         "train": {"steps": 1, "batch_size": 1},
         "data": {"kind": "task", "task": "arithmetic", "n": 1},
+        "max_len": 64,  # within the tiny model's context
     }
     spec = parse(finetune.SFTSpec, raw, "spec")
     begin = finetune.start(spec, torch.device("cpu"))

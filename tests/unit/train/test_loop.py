@@ -127,8 +127,13 @@ def test_a_run_killed_before_its_first_latest_resumes_from_its_step_folder(tmp_p
     assert runs.read_spec(Spec, args, frozen=["train.steps"]).train.steps == 10
     resumed = train(tmp_path / "split", resume=True)
     assert (resumed == straight).all()
-    shutil.rmtree(tmp_path / "straight" / "checkpoints")
+    (tmp_path / "straight" / "checkpoints" / "latest").write_text("step-0000099\n")
+    for folder in (tmp_path / "straight" / "checkpoints").glob("step-*"):
+        shutil.rmtree(folder)
     args.resume = tmp_path / "straight"
+    with pytest.raises(checkpoint.DamagedCheckpointError, match="it names 'step-0000099'"):
+        runs.read_spec(Spec, args, frozen=[])
+    shutil.rmtree(tmp_path / "straight" / "checkpoints")
     with pytest.raises(FileNotFoundError, match="has no checkpoint"):
         runs.read_spec(Spec, args, frozen=[])
 
@@ -211,6 +216,10 @@ def test_a_loop_step_of_several_updates_resumes_where_it_stopped(tmp_path: Path)
     straight = run(tmp_path / "straight")
     assert int(straight["opt", "step"]) == 20
     run(tmp_path / "split", stop_after=3)
+    run(tmp_path / "split", resume=True, stop_after=2)  # then killed after step 5's record, before its save
+    checkpoints = tmp_path / "split" / "checkpoints"
+    shutil.rmtree(checkpoints / "step-0000010")
+    (checkpoints / "latest").write_text("step-0000006\n")
     resumed = run(tmp_path / "split", resume=True)
     assert (resumed == straight).all()
     assert [r["step"] for r in records(tmp_path / "split") if "loss" in r] == list(range(1, 11))
