@@ -36,6 +36,7 @@ from zmaj.models.llama import LlamaConfig
 from zmaj.models.registry import ModelConfig, architecture
 from zmaj.nn.layers import sinusoidal_positions
 from zmaj.nn.rope import LinearScaling, Llama3Scaling
+from zmaj.train import checkpoint
 
 VOCAB = 300
 TEXTS = [
@@ -308,6 +309,27 @@ def test_a_failed_write_leaves_the_old_folder_and_no_staging(
         save_hf(random_model(VARIANTS["llama"], tokenizer), folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_every_file_is_on_disk_before_the_folder_is_renamed_into_place(
+    tokenizer: ModelTokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a checkpoint's: a power cut after the rename must not publish files whose bytes were cached only."""
+    flushed: list[Path] = []
+    flush = checkpoint.fsync
+
+    def recorded(path: Path) -> None:
+        flushed.append(path)
+        flush(path)
+
+    monkeypatch.setattr(checkpoint, "fsync", recorded)
+    folder = save_hf(random_model(VARIANTS["gpt"], tokenizer), tmp_path / "model", max_shard_bytes=20_000)
+    staging = flushed[-2]  # the staging folder itself, then the parent once the rename is done
+    assert staging.name.startswith(".model.")
+    assert flushed[-1] == tmp_path
+    files = {p.relative_to(staging) for p in flushed[:-2]}
+    assert files == {p.relative_to(folder) for p in folder.rglob("*")}
+    assert len(files) > 5  # config, generation config, shards and their index, tokenizer files
 
 
 REFUSED: list[tuple[ModelConfig, str]] = [

@@ -215,7 +215,8 @@ def check_destination(folder: Path, source: Path) -> None:
 def staged_folder(folder: Path) -> Iterator[Path]:
     """A new hidden folder beside ``folder`` for the block to write into, renamed to ``folder`` (replacing it)
     when the block ends, and deleted if the block raises: readers of ``folder`` see the old contents or the
-    new, never half of them, and a failed write leaves no hidden leftover (which may be gigabytes)."""
+    new, never half of them, and a failed write leaves no hidden leftover (which may be gigabytes). Every file
+    is flushed to disk before the rename, as a checkpoint's are, so a power cut cannot publish empty files."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
@@ -223,7 +224,11 @@ def staged_folder(folder: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging)
         raise
+    for path in sorted(staging.rglob("*")):
+        checkpoint.fsync(path)
+    checkpoint.fsync(staging)
     replace_folder(staging, folder)
+    checkpoint.fsync(folder.parent)
 
 
 def replace_folder(staging: Path, folder: Path) -> None:

@@ -123,7 +123,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    _fsync(path.parent)
+    fsync(path.parent)
 
 
 def save(run_dir: Path, state: TensorDictBase, meta: dict[str, Any]) -> Path:
@@ -153,7 +153,7 @@ def _save(
     try:
         if not root.is_dir():
             root.mkdir(parents=True)
-            _fsync(run_dir)
+            fsync(run_dir)
         _remove_leftovers(root)
         staging = _write_staged(root, name, {"step": step, **meta}, state)
         _publish(root, staging, final)
@@ -176,12 +176,12 @@ def _write_staged(root: Path, name: str, meta: dict[str, Any], state: TensorDict
     records = {}
     for file, tensors in ((PARAMS, state["params"]), (OPTIMIZER, state["opt"])):
         save_file(flatten(tensors), str(staging / file))
-        _fsync(staging / file)
+        fsync(staging / file)
         records[file] = FileRecord(size=(staging / file).stat().st_size, sha256=_sha256(staging / file))
     meta = {**meta, FILES: {file: record.model_dump() for file, record in records.items()}}
     (staging / STATE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    _fsync(staging / STATE)
-    _fsync(staging)
+    fsync(staging / STATE)
+    fsync(staging)
     return staging
 
 
@@ -194,7 +194,7 @@ def _publish(root: Path, staging: Path, final: Path) -> None:
             staging = _linked_copy(root, staging, final.name)  # the staged copy stays where latest says
         _move_to_trash(root, final)
     os.replace(staging, final)
-    _fsync(root)
+    fsync(root)
 
 
 def _linked_copy(root: Path, folder: Path, name: str) -> Path:
@@ -206,8 +206,8 @@ def _linked_copy(root: Path, folder: Path, name: str) -> Path:
             os.link(file, twin / file.name)
         except OSError:
             shutil.copyfile(file, twin / file.name)
-            _fsync(twin / file.name)
-    _fsync(twin)
+            fsync(twin / file.name)
+    fsync(twin)
     return twin
 
 
@@ -249,7 +249,7 @@ def prune(run_dir: Path, keep: int) -> list[Path]:
     for folder in doomed:
         _move_to_trash(root, folder)
     if doomed:
-        _fsync(root)
+        fsync(root)
     _remove_leftovers(root)
     return doomed
 
@@ -384,7 +384,7 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     """Flush a file's bytes, or a folder's names (what a rename changes), from the kernel's cache to the disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
