@@ -14,6 +14,7 @@ Cards are built with ``huggingface_hub.ModelCardData`` / ``ModelCard``, so they 
 
 import shutil
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,12 +91,8 @@ class Run:
     @property
     def killed_sessions(self) -> int:
         """Sessions that recorded their start and no end (killed): their time is missing from ``wall_seconds``."""
-        events = [record["event"] for record in self.sessions]
-        return sum(
-            1
-            for event, after in zip(events, [*events[1:], "start"], strict=True)
-            if (event, after) == ("start", "start")
-        )
+        events = [record["event"] for record in self.sessions] + ["start"]  # the next session's, or none yet
+        return sum(1 for event, after in pairwise(events) if event == after == "start")
 
     @property
     def hardware(self) -> str | None:

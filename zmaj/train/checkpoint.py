@@ -272,9 +272,8 @@ def check_resumable(run_dir: Path) -> None:
     whether it is intact, :func:`latest_intact` decides later: a run killed between renaming its first
     checkpoint into place and writing ``latest`` has a ``step-*`` folder and no ``latest``, and resumes."""
     if not _step_folders(run_dir / CHECKPOINTS):
-        latest(
-            run_dir
-        )  # no step folder: the pointer must name a checkpoint, else its error names the problem
+        # No step folder: the pointer must name a checkpoint, else its error names the problem.
+        latest(run_dir)
 
 
 def latest_intact(run_dir: Path) -> Path:

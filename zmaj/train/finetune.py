@@ -257,10 +257,10 @@ def start(spec: FinetuneSpec, device: torch.device) -> Start:
     check_lengths(spec, model.config.context)
     if spec.chat_template is not None:
         model = replace(model, tokenizer=replace(model.tokenizer, chat_template=spec.chat_template))
-    if spec.eval is not None:  # checked here, before the run: its evaluations would fail inside it
-        task = get_task(spec.eval.task, **spec.eval.options)
-        problems = task.problems(spec.eval.split, spec.eval.n, spec.eval.seed)
-        config = spec.eval
+    # The eval prompts are checked here, before the run: its evaluations would fail inside it.
+    if (config := spec.eval) is not None:
+        task = get_task(config.task, **config.options)
+        problems = task.problems(config.split, config.n, config.seed)
         check_prompts(model, task, problems, config.max_new_tokens, config.few_shot, config.system, "eval")
     return Start(model, path)
 
@@ -455,8 +455,9 @@ def sample_answers(
     with progress(None, len(prompts), what, unit="answer") as bar:
         for first in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[first : first + batch_size]]
-            fits_context(max(map(len, chunk)), max_new_tokens, model.config.context, what)
-            cache = init_cache(model.config, len(chunk), max(map(len, chunk)) + max_new_tokens, dtype, device)
+            longest = max(map(len, chunk))
+            fits_context(longest, max_new_tokens, model.config.context, what)
+            cache = init_cache(model.config, len(chunk), longest + max_new_tokens, dtype, device)
             out += generate(
                 step,
                 model.params,
