@@ -98,6 +98,8 @@ def train(
         extra = {"final": True, "wall_s": time.perf_counter() - run.started} if final else {}
         run.record({"step": done, **result, **extra})
 
+    if main and (odd := optim.schedule_warning(cfg.steps, cfg.schedule)):
+        logger.warning(odd)
     first = int(state["opt", "step"]) // updates_per_step
     if main and run.resumed and (dropped := report.drop_records_after(run.metrics, first)):
         # A run killed after its last checkpoint recorded steps it now takes again.

@@ -152,6 +152,22 @@ def clip_by_global_norm(
     return clipped
 
 
+def schedule_warning(total_steps: int, schedule: ScheduleConfig) -> str | None:
+    """What is odd about ``schedule`` over a run of ``total_steps``, or None: a warmup the run never finishes,
+    or one that runs into WSD's decay, so that the rate drops at once from the peak to partway down. A warning,
+    not a refusal: a short trial run (``--set train.steps=3``) keeps the spec's schedule on purpose."""
+    warmup = f"train.schedule.warmup_steps ({schedule.warmup_steps})"
+    if schedule.warmup_steps > total_steps:
+        return f"{warmup} exceeds train.steps ({total_steps}): the learning rate never reaches its peak"
+    decay_start = total_steps - int(schedule.decay_fraction * total_steps)
+    if schedule.kind == "wsd" and schedule.warmup_steps > decay_start + 1:  # + 1: one step early is the slope
+        return (
+            f"{warmup} runs into the decay, which starts at step {decay_start} (decay_fraction "
+            f"{schedule.decay_fraction}): the learning rate jumps down when warmup ends"
+        )
+    return None
+
+
 def learning_rate(step: int, total_steps: int, peak: float, schedule: ScheduleConfig) -> float:
     """The learning rate for (0-based) ``step`` of ``total_steps`` (:class:`ScheduleConfig`)."""
     if step < schedule.warmup_steps:

@@ -1,5 +1,6 @@
 """Functional AdamW against torch.optim.AdamW; clipping and schedules against their definitions."""
 
+import itertools
 import math
 
 import pytest
@@ -106,3 +107,26 @@ def test_wsd_schedule_is_flat_then_linear() -> None:
     assert [optim.learning_rate(s, 100, 1.0, schedule) for s in (10, 50, 79)] == [1.0, 1.0, 1.0]
     assert optim.learning_rate(90, 100, 1.0, schedule) == pytest.approx(0.5)
     assert optim.learning_rate(100, 100, 1.0, schedule) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "warmup", "steps", "warned"),
+    [
+        ("cosine", 25, 24, True),  # the last step runs at 24/25 of the peak
+        ("cosine", 25, 25, False),
+        ("constant", 3, 2, True),
+        ("wsd", 25, 175, False),  # the default: decay from step 105
+        ("wsd", 25, 41, False),  # decay from step 25 (41 - int(0.4 * 41)), where warmup ends
+        ("wsd", 25, 40, False),  # decay from step 24: step 25 is 1/16 of the way down, the decay's slope
+        ("wsd", 25, 35, True),  # decay from step 21: step 25 drops from the peak to 4/14 of the way down
+    ],
+)
+def test_schedule_warning_names_a_missed_peak_or_a_jump(
+    kind: str, warmup: int, steps: int, warned: bool
+) -> None:
+    schedule = optim.ScheduleConfig(kind=kind, warmup_steps=warmup, decay_fraction=0.4)
+    rates = [optim.learning_rate(step, steps, 1.0, schedule) for step in range(steps)]
+    peaked = max(rates) == pytest.approx(1.0)
+    steepest = max(a - b for a, b in itertools.pairwise(rates))
+    smooth = kind != "wsd" or steepest <= 0.9 / int(0.4 * steps) + 1e-9  # 0.9: down to the default 0.1
+    assert (optim.schedule_warning(steps, schedule) is not None) == warned == (not (peaked and smooth))
