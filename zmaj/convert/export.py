@@ -62,14 +62,10 @@ def write_hf(model: Pretrained, folder: Path, max_shard_bytes: int = DEFAULT_MAX
 
 
 def _token_ids(model: Pretrained) -> dict[str, Any]:
-    """BOS, EOS and PAD ids; EOS lists every stop token, EOS first, when there are several."""
-    tokenizer = model.tokenizer
-    stops = list(tokenizer.stop_ids)
-    return {
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": stops[0] if len(stops) == 1 else (stops or None),
-        "pad_token_id": tokenizer.pad_id,
-    }
+    """BOS, EOS and PAD ids as the tokenizer writes them into ``generation_config.json`` (EOS lists every stop
+    token, EOS first, when there are several), each spelled out, null where the model has none."""
+    unknown = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    return unknown | model.tokenizer.generation_config()
 
 
 def _write_weights(tensors: Mapping[str, Tensor], folder: Path, max_shard_bytes: int) -> None:
