@@ -72,9 +72,8 @@ def train(run: Run[PretrainSpec], data: Prepared) -> None:
     logger.info(
         f"{len(data.train)} train rows, {len(data.validation)} validation rows of {spec.data.seq_len} tokens"
     )
-    state = run.restore(
-        init_state(gpt.init(spec.model, cfg.seed), cfg.optimizer)
-    )  # made on the CPU, sharded, moved
+    # A fresh state is made on the CPU (or a resumed run's read there), then sharded and moved to the device.
+    state = run.restore(init_state(gpt.init(spec.model, cfg.seed), cfg.optimizer))
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
     forward = bind(gpt.forward, config=spec.model)
     grad_fn, update_fn = step_functions(cfg.compile)
