@@ -5,6 +5,7 @@ Face folder, a zmaj model folder or run, or ``pypi:NAME``) and trains either all
 adapters (``zmaj.train.lora``). A run folder is itself a model PATH: it holds ``spec.yaml``, ``model.json``, the
 tokenizer files (with the chat template the run used) and ``checkpoints/``; a LoRA run adds ``lora.json``,
 naming its base, so ``load_model(run_dir)`` merges the adapters and returns the fine-tuned model either way.
+A run named as the starting model is pinned to its newest checkpoint (:func:`read_spec`).
 
 The yardstick is :func:`evaluate_task`: greedy answers to a task's held-out problems, scored by its checker,
 with a Wilson interval (``zmaj.tasks.accuracy_interval``) because a few hundred problems decide little.
@@ -358,6 +359,21 @@ def full_params(spec: FinetuneSpec, begin: Start, params: TensorDictBase) -> Ten
 FROZEN = ("model", "chat_template", "lora", *OPTIMIZER_LAYOUT)
 """What ``--resume --set`` may not change: which model is trained, how it is talked to, what of it, and the
 optimizer state's layout."""
+
+
+def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str] = FROZEN) -> S:
+    """``runs.read_spec``, with a run folder in ``model`` pinned to that run's newest checkpoint.
+
+    What a run starts from (LoRA's base, DPO's reference) must not change when the run it came from goes on
+    (resumed, extended) after this one started; ``spec.yaml`` and ``lora.json`` then name the checkpoint. If
+    that run later prunes the checkpoint, loading this one fails naming it, instead of merging other weights.
+    """
+    spec = runs.read_spec(kind, args, frozen)
+    if spec.model.startswith("pypi:") or not (Path(spec.model) / checkpoint.CHECKPOINTS).is_dir():
+        return spec
+    pinned = checkpoint.latest(Path(spec.model)).resolve()
+    logger.info(f"model {spec.model} is a run: starting from its newest checkpoint, {pinned}")
+    return spec.model_copy(update={"model": str(pinned)})
 
 
 def write_run_files(spec: FinetuneSpec, begin: Start, run_dir: Path) -> None:

@@ -107,7 +107,9 @@ def merge(params: TensorDictBase, adapters: TensorDictBase, config: LoraConfig) 
     merged = params.clone(recurse=False)
     for path in _adapted_paths(adapters):
         key = ("blocks", *path, "weight")
-        merged.set(key, params.get(key) + delta(adapters, path, config))
+        weight = params.get(key)
+        # In the weight's dtype: float32 adapters over a bf16 base would otherwise promote only these weights.
+        merged.set(key, (weight + delta(adapters, path, config)).to(weight.dtype))
     return merged
 
 

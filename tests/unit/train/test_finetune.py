@@ -3,6 +3,7 @@ batches line targets and masks up with the tokens, evaluation scores with the ch
 cannot work."""
 
 import argparse
+import json
 from functools import partial
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from tests.integration import finetune_fixtures
 from zmaj.convert.load import Pretrained, load_model, resolve
 from zmaj.models import llama
 from zmaj.tasks import FEW_SHOT_STOP, accuracy_interval, get_task
-from zmaj.train import checkpoint, finetune, runs
+from zmaj.train import checkpoint, finetune, lora, runs
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import SpecError, parse
 from zmaj.train.step import accumulate_grads, bind, init_state
@@ -228,6 +229,58 @@ def test_a_new_run_folder_is_a_model_path_with_the_spec_chat_template(tmp_path: 
         assert torch.equal(loaded.params.get(key), begin.model.params.get(key))
     with pytest.raises(runs.UserError, match="already holds a run"):
         runs.open_run(spec, args, Parallel(), write)
+
+
+def _run_with_a_checkpoint(spec: finetune.FinetuneSpec, run_dir: Path) -> Path:
+    begin = finetune.start(spec, torch.device("cpu"))
+    args = argparse.Namespace(resume=None, run_dir=run_dir, stop_after=None)
+    with runs.open_run(spec, args, Parallel(), partial(finetune.write_run_files, spec, begin)) as run:
+        checkpoint.save(run.dir, init_state(finetune.trainable(spec, begin)), runs.describe_meta(run))
+    return run.dir
+
+
+def test_a_run_named_as_the_model_is_pinned_to_its_checkpoint_of_the_time(tmp_path: Path) -> None:
+    """A LoRA run over another run merges its adapters into the checkpoint it trained on, even after that run
+    went on: ``lora.json`` and ``spec.yaml`` name the checkpoint, not the run."""
+    raw = {
+        "name": "x",
+        "model": str(finetune_fixtures.tiny_model(tmp_path / "model")),
+        "train": {"steps": 1, "batch_size": 1},
+        "data": {"kind": "task", "task": "arithmetic", "n": 1},
+        "max_len": 64,
+    }
+    base = _run_with_a_checkpoint(parse(finetune.SFTSpec, raw, "spec"), tmp_path / "base")
+    trained_on = checkpoint.latest(base).resolve()
+    (tmp_path / "lora.yaml").write_text(json.dumps({**raw, "model": str(base), "lora": {"rank": 2}}))
+    args = argparse.Namespace(spec=tmp_path / "lora.yaml", overrides=[], resume=None)
+    spec = finetune.read_spec(finetune.SFTSpec, args)
+    assert spec.model == str(trained_on)
+    adapted = _run_with_a_checkpoint(spec, tmp_path / "lora")
+    later = init_state(llama.init(finetune_fixtures.CONFIG, seed=1))
+    later["opt", "step"] = torch.tensor(5)
+    checkpoint.save(base, later, {})  # the base run goes on
+
+    merged, before = load_model(adapted).params, load_model(trained_on).params
+    for key in before.keys(True, True):  # the adapters' B starts at zero: merged, they change nothing
+        assert torch.equal(merged.get(key), before.get(key))
+
+
+def test_adapters_merge_in_the_base_models_dtype(tmp_path: Path) -> None:
+    """float32 adapters over a bf16 model: every merged weight stays bf16, so the model runs as one dtype."""
+    model = load_model(finetune_fixtures.tiny_model(tmp_path / "model")).to(dtype=torch.bfloat16)
+    config = lora.LoraConfig(rank=2)
+    adapters = lora.init_adapters(model.params, config).apply(
+        lambda t: torch.ones_like(t, dtype=torch.float32)
+    )
+    assert adapters is not None
+    merged = lora.merge(model.params, adapters, config)
+    assert {t.dtype for t in merged.values(True, True) if t.is_floating_point()} == {torch.bfloat16}
+    torch.testing.assert_close(
+        merged.get(("blocks", "attn", "q", "weight")).float(),
+        model.params.get(("blocks", "attn", "q", "weight")).float() + 2 * config.scale,  # rank 2 of ones
+        atol=0.02,
+        rtol=0.01,
+    )
 
 
 def test_an_unknown_shipped_model_is_named() -> None:
