@@ -14,6 +14,7 @@ count or difficulty can ever put a test question into training.
 import hashlib
 import random
 import re
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -29,7 +30,7 @@ format reward stays small next to correctness (1.0) so it cannot be farmed inste
 FEW_SHOT_STOP = "\n\n"
 """Worked answers hold no blank line, so a base model prompted few-shot has finished when it writes one."""
 
-_ANSWER_LINE = re.compile(r"Answer:[ \t]*(?P<value>\S.*?)\s*")
+_ANSWER_LINE = re.compile(r"Answer:[ \t]*(?P<value>\S.*)")  # fullmatched on a stripped line
 
 
 @dataclass(frozen=True)
@@ -132,4 +133,7 @@ def parse_int(value: str) -> int | None:
     """An integer written plainly (optional sign, digits, optional thousands commas), else None."""
     if re.fullmatch(r"[+-]?(\d+|\d{1,3}(,\d{3})+)", value) is None:
         return None
-    return int(value.replace(",", ""))
+    plain = value.replace(",", "")
+    if 0 < sys.get_int_max_str_digits() < len(plain.lstrip("+-")):  # int() refuses it: no answer is that long
+        return None
+    return int(plain)

@@ -1,5 +1,7 @@
 import random
 import re
+import sys
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -87,6 +89,19 @@ def test_parse_int_reads_plain_and_comma_grouped_integers(n: int) -> None:
     assert parse_int(f"{n:,}") == n
     assert parse_int(f"{n}.5") is None
     assert parse_int(f"{n} apples") is None
+
+
+def test_answers_too_long_for_int_score_zero_and_long_lines_parse_in_linear_time() -> None:
+    """A sampled completion is any text: one past ``int``'s digit limit is a wrong answer, not an error that
+    stops a GRPO run, and a line of many spaces is read at once (a lazy group before ``\\s*`` backtracked)."""
+    limit = sys.get_int_max_str_digits()
+    assert parse_int("9" * limit) == 10**limit - 1
+    assert parse_int("9" * (limit + 1)) is None
+    problem = get_task("arithmetic").problems("train", 1)[0]
+    assert get_task("arithmetic").reward(problem, "Answer: " + "9" * (limit + 1)) == Reward(1.0, 0.0)
+    start = time.perf_counter()
+    assert final_answer("Answer: 1" + " " * 100_000 + "2") == "1" + " " * 100_000 + "2"
+    assert time.perf_counter() - start < 1.0  # ~100 s before; a few ms now
 
 
 @pytest.mark.parametrize("task", TASKS, ids=repr)
