@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 Split = Literal["train", "test"]
 
@@ -82,8 +82,9 @@ class Task(BaseModel, ABC):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: ClassVar[str]
-    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    """The share of all possible questions held out for evaluation."""
+    test_fraction: ClassVar[float] = 0.2
+    """The share of all possible questions held out for evaluation: the task's own, not an option, since an
+    option could differ between the training spec and the evaluation and put test questions into training."""
 
     @abstractmethod
     def generate(self, rng: random.Random) -> Problem:

@@ -201,6 +201,10 @@ def test_registry_builds_tasks_with_options_and_takes_new_ones(monkeypatch: pyte
         get_task("sums")
     with pytest.raises(ValidationError, match="digit"):
         get_task("arithmetic", digit=3)
+    with pytest.raises(
+        ValidationError, match="test_fraction"
+    ):  # another could put test questions in training
+        get_task("arithmetic", test_fraction=0.1)
 
     class Echo(Task):
         name = "echo"
