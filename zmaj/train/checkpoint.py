@@ -145,6 +145,24 @@ def save_aside(run_dir: Path, state: TensorDictBase, meta: dict[str, Any], label
     return _save(run_dir, f"{label}-step-{step:07d}", step, state, meta, make_latest=False)
 
 
+def set_aside_latest(run_dir: Path, step: int, label: str) -> bool:
+    """When ``latest`` names the checkpoint of ``step``, rename it ``LABEL-step-NNNNNNN`` (kept for inspection
+    and ignored, as :func:`save_aside`'s are) and point ``latest`` at the newest checkpoint before it, or at
+    none; whether it did. A step that went non-finite started from that state: resuming there fails again."""
+    root = run_dir / CHECKPOINTS
+    current = root / f"step-{step:07d}"
+    if _pointer(root) != current.name:
+        return False
+    earlier = next((folder for other, folder in _step_folders(root) if other < step), None)
+    if earlier is None:
+        (root / LATEST).unlink()
+    else:
+        atomic_write_text(root / LATEST, earlier.name + "\n")
+    os.replace(current, root / f"{label}-{current.name}")
+    fsync(root)
+    return True
+
+
 def _save(
     run_dir: Path, name: str, step: int, state: TensorDictBase, meta: dict[str, Any], make_latest: bool
 ) -> Path:

@@ -122,7 +122,7 @@ def train(
             if main:
                 bar.set_postfix({key: f"{values[key]:.3f}" for key in show if key in values})
             if not all(math.isfinite(values.get(key, 0.0)) for key in ("loss", "grad_norm")):
-                stop_on_non_finite(run, state, done, values)
+                stop_on_non_finite(run, state, done, values, updates_per_step)
             stop = parallel.agree(interrupted()) or (
                 run.stop_after is not None and done - first >= run.stop_after
             )
@@ -161,23 +161,33 @@ def describe_step(
     return record
 
 
-def stop_on_non_finite(run: Run[Any], state: TensorDict, done: int, values: dict[str, float]) -> None:
+def stop_on_non_finite(
+    run: Run[Any], state: TensorDict, done: int, values: dict[str, float], updates_per_step: int
+) -> None:
     """Keep the bad state for inspection where nothing resumes from it, and stop every rank with rank 0's
     message of what to do next, once rank 0 has saved (a rank that left first would have ``torchrun`` stop the
-    job under it)."""
+    job under it).
+
+    The loss and gradient norm of step ``done`` are those of the state it started from, so when that state is
+    the latest checkpoint, resuming there would fail again at the same step: it is set aside too, and
+    ``latest`` goes back to the checkpoint before it."""
     whole = run.parallel.gather_to_main(state)
     message = None
     if whole is not None:
         kept = checkpoint.save_aside(run.dir, whole, describe_meta(run), "nonfinite")
+        started = int(whole["opt", "step"]) - updates_per_step
         what = ", ".join(f"{key} {values[key]}" for key in ("loss", "grad_norm") if key in values)
+        message = f"{what} at step {done}; that state is kept in {kept} for inspection"
+        if checkpoint.set_aside_latest(run.dir, started, "nonfinite_start"):
+            message += f", and the checkpoint the step started from (step {started}) set aside beside it"
         saved = (run.dir / checkpoint.CHECKPOINTS / checkpoint.LATEST).is_file()
         then = (
-            f"latest is still {checkpoint.latest(run.dir).name}: --resume {run.dir} continues from there (a lower "
+            f"latest is {checkpoint.latest(run.dir).name}: --resume {run.dir} continues from there (a lower "
             "train.optimizer.lr may help)"
             if saved
             else "no good checkpoint was saved before it: start again with another --run-dir"
         )
-        message = f"{what} at step {done}; that state is kept in {kept} for inspection; {then}"
+        message = f"{message}; {then}"
         logger.error(message)
     raise NonFiniteError(run.parallel.broadcast(message), said=True)
 

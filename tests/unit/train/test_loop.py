@@ -139,7 +139,8 @@ def test_a_run_killed_before_its_first_latest_resumes_from_its_step_folder(tmp_p
 
 
 @pytest.mark.parametrize(
-    ("bad_step", "bad"), [(5, "loss"), (5, "grad_norm"), (4, "loss"), (10, "grad_norm"), (1, "loss")]
+    ("bad_step", "bad"),
+    [(5, "loss"), (5, "grad_norm"), (4, "loss"), (10, "grad_norm"), (1, "loss"), (3, "loss")],
 )
 def test_a_non_finite_step_stops_the_run_and_nothing_resumes_from_its_state(
     tmp_path: Path, bad_step: int, bad: str
@@ -159,11 +160,15 @@ def test_a_non_finite_step_stops_the_run_and_nothing_resumes_from_its_state(
     assert aside.is_dir()
     assert f"at step {bad_step}" in messages[0]
     assert str(aside) in messages[0]
-    if bad_step == 1:
+    started_from = tmp_path / "run" / "checkpoints" / f"nonfinite_start-step-{bad_step - 1:07d}"
+    assert started_from.is_dir() == (bad_step % 2 == 1 and bad_step > 1)  # checkpoints every 2 steps
+    if bad_step <= 3:
         assert "no good checkpoint" in messages[0]
         return
-    good = f"step-{2 * ((bad_step - 1) // 2):07d}"  # the last checkpoint (every 2 steps) before the bad step
-    assert checkpoint.latest(tmp_path / "run").name == good  # a bad step 4 or 10 saved nothing of its own
+    # The last checkpoint (every 2 steps) before the state the bad step started from: the loss of step 5 is
+    # that of step 4's state, so resuming from step 4 would fail again (a bad step 4 or 10 saved nothing).
+    good = f"step-{2 * ((bad_step - 2) // 2):07d}"
+    assert checkpoint.latest(tmp_path / "run").name == good
     assert checkpoint.latest_intact(tmp_path / "run").name == good
     assert f"--resume {tmp_path / 'run'}" in messages[0]
     resumed = train(tmp_path / "run", resume=True)  # finite from here on
