@@ -101,6 +101,14 @@ def train(
     if main and (odd := optim.schedule_warning(cfg.steps, cfg.schedule)):
         logger.warning(odd)
     first = int(state["opt", "step"]) // updates_per_step
+    if first > cfg.steps:
+        raise RunFailedError(
+            f"{run.dir} is at step {first}, past train.steps ({cfg.steps}): "
+            f"set train.steps to at least {first}"
+        )
+    if first == cfg.steps and parallel.agree(main and report.has_final(run.metrics, first)):
+        logger.info(f"{run.dir} finished at step {first}; --set train.steps=N continues it")
+        return state
     if main and run.resumed and (dropped := report.drop_records_after(run.metrics, first)):
         # A run killed after its last checkpoint recorded steps it now takes again.
         logger.info(f"dropped {dropped} records past step {first} from {run.metrics}: taken again now")
@@ -135,7 +143,8 @@ def train(
             if done % cfg.eval_every == 0 and done < cfg.steps:
                 scores(state, done)
     bar.close()
-    save(state)
+    if first < cfg.steps:  # else a run killed in its final evaluation, which is taken again now
+        save(state)
     scores(state, cfg.steps, final=True)
     if main:
         report.plot_curves(run.metrics, run.dir / "curves.png", panels)

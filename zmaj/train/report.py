@@ -42,6 +42,15 @@ def drop_records_after(path: Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
+def has_final(path: Path, step: int) -> bool:
+    """Whether the metrics file ``path`` holds the final evaluation at ``step``: the last thing a run that
+    finished there records."""
+    if not path.is_file():
+        return False
+    lines = read_text(path).split("\n")[:-1]  # as drop_records_after: a line cut short by a kill is no record
+    return any(record.get("final") and record["step"] == step for record in map(json.loads, lines))
+
+
 RUN_FILE = "run.jsonl"
 """One line per start and end of a program on a run folder: a resumed run adds a start/end pair per session."""
 

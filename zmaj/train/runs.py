@@ -284,10 +284,10 @@ def open_run(
         if not resumed and (run_dir / checkpoint.CHECKPOINTS).exists():
             held.close()
             raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-        if not resumed:
-            checkpoint.atomic_write_text(run_dir / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json")))
-            if write is not None:
-                write(run_dir)
+        # A resume writes the spec it goes on with, so that the next --resume keeps this one's --set changes.
+        checkpoint.atomic_write_text(run_dir / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json")))
+        if not resumed and write is not None:
+            write(run_dir)
         return run_dir
 
     run_dir = parallel.from_rank_0(claim)

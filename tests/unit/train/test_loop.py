@@ -59,7 +59,9 @@ def stand_in(losses: Losses) -> loop.Step[int]:
 def open_run(
     run_dir: Path, resume: bool = False, stop_after: int | None = None, **train: object
 ) -> runs.Run[Spec]:
-    spec = Spec(train=LoopConfig(steps=10, checkpoint_every=2, eval_every=5, **train))
+    spec = Spec(
+        train=LoopConfig.model_validate({"steps": 10, "checkpoint_every": 2, "eval_every": 5, **train})
+    )
     args = argparse.Namespace(resume=run_dir if resume else None, run_dir=run_dir, stop_after=stop_after)
     return runs.open_run(spec, args, Parallel())
 
@@ -114,6 +116,46 @@ def test_a_resumed_run_records_each_step_once(tmp_path: Path) -> None:
         return [(r["step"], r.get("loss")) for r in map(json.loads, lines)]
 
     assert records(tmp_path / "split") == records(tmp_path / "straight")
+
+
+def test_a_finished_run_resumed_does_nothing_and_one_past_its_steps_is_refused(tmp_path: Path) -> None:
+    """Resumed where it finished, a run neither saves nor records a second final evaluation; killed during its
+    final evaluation, it takes just that again. A resume's ``--set`` is written to ``spec.yaml`` (a plain
+    ``--resume`` after an extension used to go back to the old ``train.steps``), and a checkpoint past
+    ``train.steps`` is refused (it used to be evaluated as step ``train.steps``)."""
+    evaluations: list[tuple[int, bool]] = []
+
+    def evaluate(state: TensorDict, step: int, final: bool) -> dict[str, float | int]:
+        evaluations.append((step, final))
+        return {"score": float(step)}
+
+    def run_loop(resume: bool = False, stop_after: int | None = None, **train: object) -> None:
+        with open_run(tmp_path / "run", resume, stop_after, **train) as run:
+            loop.train(
+                run, run.restore(fresh()), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate
+            )
+
+    def finals() -> list[float]:
+        return [r["step"] for r in records(tmp_path / "run") if r.get("final")]
+
+    run_loop()
+    metrics, saved = (tmp_path / "run" / "metrics.jsonl").read_text(), steps_on_disk(tmp_path / "run")
+    evaluations.clear()
+    run_loop(resume=True)
+    assert (evaluations, steps_on_disk(tmp_path / "run")) == ([], saved)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+    lines = metrics.splitlines(keepends=True)
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(lines[:-1]))  # killed in the final evaluation
+    run_loop(resume=True)
+    assert (evaluations, finals(), steps_on_disk(tmp_path / "run")) == ([(10, True)], [10], saved)
+
+    run_loop(resume=True, steps=12, stop_after=1)
+    assert "steps: 12" in (tmp_path / "run" / "spec.yaml").read_text()
+    with pytest.raises(SystemExit) as stopped:
+        run_loop(resume=True, steps=10)
+    assert stopped.value.code == 1
+    assert (finals(), steps_on_disk(tmp_path / "run")[-1]) == ([10], "step-0000011")
 
 
 def test_a_run_killed_before_its_first_latest_resumes_from_its_step_folder(tmp_path: Path) -> None:
