@@ -32,8 +32,9 @@ def main() -> None:
     system: list[Message] = [] if args.system is None else [{"role": "system", "content": args.system}]
     history: list[Message] = []
     context = empty_context(model.config, *params_dtype_device(model))
+    answers = 0
     try:
-        for turn, line in enumerate(user_lines(interactive=sys.stdin.isatty())):
+        for line in user_lines(interactive=sys.stdin.isatty()):
             if line == "/exit":
                 break
             if line == "/reset":
@@ -43,15 +44,20 @@ def main() -> None:
             if not line.strip():
                 continue
             user: Message = {"role": "user", "content": line}
-            history = fitting(model, system, history, user, args.max_new_tokens)
-            ids = model.tokenizer.encode_chat([*system, *history, user])
-            if len(ids) + args.max_new_tokens > model.config.context:
+            alone = model.tokenizer.encode_chat([*system, user])
+            if (
+                len(alone) + args.max_new_tokens > model.config.context
+            ):  # before forgetting any of the history
                 logger.error(
-                    f"this message does not fit the model's context of {model.config.context} tokens"
+                    f"this message and --max-new-tokens do not fit the model's context of "
+                    f"{model.config.context} tokens, even without the conversation before it"
                 )
                 continue
-            answer, context = say(model, context, ids, args.max_new_tokens, sampling, args.seed + turn)
+            history = fitting(model, system, history, user, args.max_new_tokens)
+            ids = model.tokenizer.encode_chat([*system, *history, user])
+            answer, context = say(model, context, ids, args.max_new_tokens, sampling, args.seed + answers)
             history = [*history, user, {"role": "assistant", "content": answer}]
+            answers += 1
     except KeyboardInterrupt:
         sys.stdout.write("\n")
 

@@ -176,9 +176,11 @@ def test_chat_answers_as_generate_keeping_the_history_until_reset(
         "--system",
         SYSTEM,
         *GREEDY,
-        stdin="hi\nhow\n/reset\nhow\n/exit\nnever read\n",
+        # A message that cannot fit is refused without forgetting the conversation (it used to forget it all).
+        stdin=f"hi\n{'the cat sat on the mat. ' * 100}\nhow\n/reset\nhow\n/exit\nnever read\n",
     )
     assert result.returncode == 0, result.stderr
+    assert "do not fit the model's context" in result.stderr
     first = greedy_reference(model, chat_ids(tokenizer, "hi"), tokenizer)
     second = greedy_reference(model, chat_ids(tokenizer, "hi", first, "how"), tokenizer)
     after_reset = greedy_reference(model, chat_ids(tokenizer, "how"), tokenizer)
@@ -187,6 +189,16 @@ def test_chat_answers_as_generate_keeping_the_history_until_reset(
     # The cache is kept from turn to turn (the second answer prefills only its new tokens) and /reset empties it.
     reused = re.findall(r"new tokens after (\d+) cached ones", result.stderr)
     assert [int(count) > 0 for count in reused] == [False, True, False]
+
+
+def test_chat_seeds_answer_i_with_seed_plus_i_whatever_lines_came_before(llama: tuple[Any, Path]) -> None:
+    """Blank lines and commands are no answers: they used to shift the seed of every answer after them."""
+    _, folder = llama
+    sampled = ["--model", folder, "--max-new-tokens", NEW_TOKENS, "--temperature", 1, "--dtype", "float32"]
+    plain = run("chat.py", *sampled, stdin="hi\nhow\n")
+    padded = run("chat.py", *sampled, stdin="\n/reset\nhi\n\nhow\n")
+    assert plain.returncode == padded.returncode == 0, plain.stderr + padded.stderr
+    assert plain.stdout == padded.stdout
 
 
 def reference_nll(model: Any, ids: list[int], context: int, stride: int) -> tuple[int, float]:
