@@ -14,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Iterator
 
-from generate import DTYPE_HELP, DTYPES, MODEL_HELP, fail, load, params_dtype_device, sampling_from
+from generate import DTYPE_HELP, DTYPES, MODEL_HELP, fail, load, params_dtype_device, sampling_from, seed
 from loguru import logger
 
 from zmaj.convert.load import Pretrained
@@ -55,7 +55,9 @@ def main() -> None:
                 continue
             history = fitting(model, system, history, user, args.max_new_tokens)
             ids = model.tokenizer.encode_chat([*system, *history, user])
-            answer, context = say(model, context, ids, args.max_new_tokens, sampling, args.seed + answers)
+            answer, context = say(
+                model, context, ids, args.max_new_tokens, sampling, (args.seed + answers) % 2**64
+            )
             history = [*history, user, {"role": "assistant", "content": answer}]
             answers += 1
     except KeyboardInterrupt:
@@ -73,7 +75,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
     parser.add_argument("--top-p", type=float, help="sample from the nucleus of probability p only")
     parser.add_argument(
-        "--seed", type=int, default=0, help="answer i is sampled with seed + i (default: %(default)s)"
+        "--seed", type=seed, default=0, help="answer i is sampled with seed + i (default: %(default)s)"
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
     return parser.parse_args()

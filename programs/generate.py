@@ -78,7 +78,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
     parser.add_argument("--top-p", type=float, help="sample from the nucleus of probability p only")
     parser.add_argument(
-        "--seed", type=int, default=0, help="makes sampling reproducible (default: %(default)s)"
+        "--seed", type=seed, default=0, help="makes sampling reproducible (default: %(default)s)"
     )
     parser.add_argument(
         "--chat", action="store_true", help="render the prompt with the model's chat template"
@@ -92,6 +92,13 @@ def parse_args() -> argparse.Namespace:
         "(benchmarks/decode.py) after a one-off compile",
     )
     return parser.parse_args()
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed ``torch.Generator`` takes, 0 to 2**64 - 1 (argparse names the flag)."""
+    if not text.strip().isdigit() or int(text) >= 2**64:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2**64 - 1, got {text!r}")
+    return int(text)
 
 
 def sampling_from(args: argparse.Namespace) -> Sampling:

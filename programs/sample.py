@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
-from generate import checked_sampling
+from generate import checked_sampling, seed
 from loguru import logger
 
 from zmaj.data.tokenizer import Tokenizer
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument(
         "--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50; 0: all)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     args = parser.parse_args()
     sampling = checked_sampling(args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
     try:

@@ -288,6 +288,12 @@ def binary_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [
         ("generate.py", ["--prompt", "hi", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         ("generate.py", ["--prompt", "hi", "--chat"], "no chat template"),
+        ("generate.py", ["--prompt", "hi", "--seed", str(2**64)], "--seed: expected a whole number from 0"),
+        (
+            "generate.py",
+            ["--prompt", "hi", "--temperature", "inf"],
+            "--temperature: Input should be a finite",
+        ),
         ("perplexity.py", ["--text-file", "/no/such/text.txt"], "/no/such/text.txt"),
         (
             "perplexity.py",

@@ -35,7 +35,9 @@ class Sampling(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    temperature: float = Field(0.0, ge=0, description="divides the logits; 0 picks the most likely token")
+    temperature: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="divides the logits; 0 picks the most likely token"
+    )
     top_k: int | None = Field(None, gt=0, description="sample only among the k most likely tokens")
     top_p: float | None = Field(
         None, gt=0, le=1, description="sample only from the smallest set of tokens with probability >= top_p"
@@ -88,7 +90,9 @@ def choose(
     """One token per row: greedy, or sampled after temperature, top-k and top-p, in that order (as ``transformers``)."""
     if sampling.temperature == 0.0:
         return logits.argmax(-1)
-    logits = logits.float() / sampling.temperature
+    # Shifted to a maximum of 0 first (softmax is the same): a tiny temperature then cannot overflow to inf.
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / sampling.temperature
     if sampling.top_k is not None:
         logits = top_k_filter(logits, sampling.top_k)
     if sampling.top_p is not None and sampling.top_p < 1.0:
@@ -112,6 +116,8 @@ def sample_categorical(
     cdf = probs.float().cumsum(-1)
     if cdf.device.type != "cpu":
         cdf = torch.where(probs > 0, cdf, 0.0).cummax(-1).values
+    if not bool(torch.isfinite(cdf[:, -1]).all()):  # searchsorted would return the vocabulary size, no token
+        raise ValueError("the model's logits are not finite: there is no distribution to sample from")
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
     # 1 - u lies in (0, 1]: the target is above zero, so a leading zero-probability token is never picked, and at
     # most the total, so the search always lands on a token.

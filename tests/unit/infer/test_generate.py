@@ -104,6 +104,23 @@ def test_top_k_one_is_greedy(device: torch.device, seed: int, temperature: float
     assert torch.equal(choose(logits, Sampling(), generator), logits.argmax(-1))
 
 
+def test_a_tiny_temperature_samples_the_most_likely_token_and_non_finite_logits_are_refused(
+    device: torch.device,
+) -> None:
+    """Logits divided by 1e-40 overflowed to inf, softmax gave NaN, and the draw returned the vocabulary size:
+    an id past the embedding. Shifted to a maximum of 0 first, they cannot overflow."""
+    generator = torch.Generator(device).manual_seed(0)
+    logits = torch.randn(5, VOCAB, generator=generator, device=device) * 10
+    tiny = choose(logits, Sampling(temperature=1e-40), generator)
+    assert torch.equal(tiny, logits.argmax(-1))
+    logits[2, 7] = math.nan
+    with pytest.raises(ValueError, match="logits are not finite"):
+        choose(logits, Sampling(temperature=1.0), generator)
+    for temperature in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature"):
+            Sampling(temperature=temperature)
+
+
 PROBS = [0.5, 0.25, 0.125, 0.125]
 
 
