@@ -5,7 +5,8 @@
 
 The file is tokenised as the model's tokenizer does by default (a BOS token only where its config adds one) and
 scored in windows of --context tokens (default: the model's context) moved by --stride (default: half the
-context), each scoring only the tokens the previous ones did not (``zmaj.infer.perplexity``). The output is
+context, at most the context - 1), each scoring only the tokens the previous ones did not
+(``zmaj.infer.perplexity``), so that every token but the first is scored once. The output is
 ``{"tokens": predicted tokens, "nll": mean nats per predicted token, "ppl": exp(nll), "bytes": the file's UTF-8
 bytes, "bits_per_byte": the summed NLL in bits over all the file's bytes}``. ``--max-tokens N`` scores only the
 file's first N tokens, and "bytes" are then those the N tokens spell. A file that is not UTF-8 text exits with
@@ -36,8 +37,11 @@ def main() -> None:
     if not 2 <= context <= model.config.context:
         fail(f"--context must be between 2 and the model's context of {model.config.context}, got {context}")
     stride = max(1, context // 2) if args.stride is None else args.stride
-    if not 1 <= stride <= context:
-        fail(f"--stride must be between 1 and the context ({context}), got {stride}")
+    if not 1 <= stride < context:  # a stride of the context leaves each window's first token unscored
+        fail(
+            f"--stride must be between 1 and the context - 1 ({context - 1}), so that every token is scored, "
+            f"got {stride}"
+        )
     ids = model.tokenizer.encode(text)
     if args.max_tokens is not None and len(ids) > args.max_tokens:
         ids = ids[: args.max_tokens]

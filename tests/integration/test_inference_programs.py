@@ -305,6 +305,11 @@ def binary_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ["--text-file", ROOT / "README.md", "--max-tokens", 1],
             "--max-tokens must be at least 2",
         ),
+        (  # every chunk's first token unscored, while bits per byte count all the bytes
+            "perplexity.py",
+            ["--text-file", ROOT / "README.md", "--context", 8, "--stride", 8],
+            "--stride must be between 1 and the context - 1 (7)",
+        ),
     ],
 )
 def test_bad_input_exits_2_naming_it(

@@ -29,7 +29,8 @@ def sample(
     seed: int = 0,
     stop_token: int | None = None,
 ) -> Int[Tensor, "batch new"]:
-    """``max_new_tokens`` continuation tokens of each prompt row (rows that hit ``stop_token`` repeat it)."""
+    """Up to ``max_new_tokens`` continuation tokens of each prompt row: fewer when every row has hit
+    ``stop_token`` (a row that hit it first repeats it until then)."""
     generator = torch.Generator(prompt.device).manual_seed(seed)
     sampling = Sampling(temperature=temperature, top_k=top_k)
     tokens = prompt
