@@ -40,6 +40,10 @@ from zmaj.train import finetune, precision, runs
 from zmaj.train.checkpoint import atomic_write_text
 from zmaj.train.spec import key_values
 
+TASK_DEFAULTS: dict[str, Any] = {"n": 200, "split": "test", "seed": 0, "max_new_tokens": 128}
+"""The defaults of the --task options that --harness does not take: None until filled in, so that one given
+with --harness is refused instead of silently ignored."""
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -53,13 +57,13 @@ def parse_args() -> argparse.Namespace:
     source.add_argument(
         "--harness", metavar="TASKS", help="lm-evaluation-harness tasks or groups, comma-separated"
     )
-    parser.add_argument("--n", type=int, default=200, help="problems (default: %(default)s)")
-    parser.add_argument("--split", choices=["test", "train"], default="test")
+    parser.add_argument("--n", type=int, help=f"problems (default: {TASK_DEFAULTS['n']})")
+    parser.add_argument("--split", choices=["test", "train"], help=f"default: {TASK_DEFAULTS['split']}")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--few-shot", type=int, metavar="K", help="K solved examples, no chat template")
     mode.add_argument("--chat", action="store_true", help="ask in the chat template (the default)")
-    parser.add_argument("--seed", type=int, default=0, help="which problems (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, help=f"which problems (default: {TASK_DEFAULTS['seed']})")
+    parser.add_argument("--max-new-tokens", type=int, help=f"default: {TASK_DEFAULTS['max_new_tokens']}")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--system", help="a system message before each question (chat mode)")
     parser.add_argument(
@@ -113,6 +117,8 @@ def main() -> None:
         "--answers": args.answers is not None,
         "--set-task": args.task_options,
         "--system": args.system is not None,
+        "--import": args.imports,
+        **{f"--{name.replace('_', '-')}": getattr(args, name) is not None for name in TASK_DEFAULTS},
     }
     misplaced = [name for name, given in (task_only if args.harness else harness_only).items() if given]
     if misplaced:
@@ -120,6 +126,10 @@ def main() -> None:
     if args.harness is not None:
         run_harness(args)
         return
+    if args.few_shot is not None and args.system is not None:
+        fail("--system goes before a chat-mode question; --few-shot asks without the chat template")
+    for name, default in TASK_DEFAULTS.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     started = time.perf_counter()
     try:
         finetune.import_modules(args.imports)
@@ -135,10 +145,8 @@ def main() -> None:
         task = get_task(args.task, **key_values(args.task_options, "--set-task"))
         problems = task.problems(args.split, args.n, args.seed)
         model = load_model(args.model)
-        if args.answers is not None and not args.answers.parent.is_dir():
-            raise FileNotFoundError(
-                f"--answers: no folder {args.answers.parent} to write {args.answers.name} in"
-            )
+        if args.answers is not None:
+            check_output_file(args.answers, "--answers")
         finetune.check_prompts(
             model, task, problems, args.max_new_tokens, args.few_shot, args.system, "--max-new-tokens"
         )
@@ -172,6 +180,14 @@ def main() -> None:
     print(json.dumps({"task": args.task, **result.record(), "seconds": time.perf_counter() - started}))
 
 
+def check_output_file(path: Path, flag: str) -> None:
+    """Refuse, before the evaluation, a file that cannot be written: written after it, the results were lost."""
+    if path.is_dir():
+        fail(f"{flag}: {path} is a folder; name a file to write")
+    if not path.parent.is_dir():
+        fail(f"{flag}: no folder {path.parent} to write {path.name} in")
+
+
 def run_harness(args: argparse.Namespace) -> None:
     """``--harness``: the model as lm-eval's ``zmaj`` backend on lm-eval's tasks; results as lm-eval writes them."""
     try:
@@ -193,8 +209,8 @@ def run_harness(args: argparse.Namespace) -> None:
     for folder in args.harness_include:
         if not folder.is_dir():
             fail(f"--harness-include: no folder {folder}")
-    if args.output is not None and not args.output.parent.is_dir():
-        fail(f"--output: no folder {args.output.parent} to write {args.output.name} in")
+    if args.output is not None:
+        check_output_file(args.output, "--output")
     tasks = [name.strip() for name in args.harness.split(",") if name.strip()]
     manager = TaskManager(include_path=[str(f) for f in args.harness_include] or None)
     unknown = [name for name in tasks if not manager.match_tasks([name])]

@@ -298,6 +298,13 @@ def bad_conversations(tmp_path: Path) -> Path:
         ("sft.py", ["--set", "eval.max_new_tokens=200"], "eval.max_new_tokens: 201 tokens do not fit"),
         ("sft.py", ["--set", "eval.max_new_tokens=120"], "eval: a prompt of"),
         ("evaluate.py", ["--task", "arithmetic", "--answers", "/no/such/folder/a.jsonl"], "/no/such/folder"),
+        ("evaluate.py", ["--task", "arithmetic", "--answers", "/tmp"], "--answers: /tmp is a folder"),
+        (
+            "evaluate.py",
+            ["--task", "arithmetic", "--few-shot", "2", "--system", "Be brief."],
+            "--system goes",
+        ),
+        ("sft.py", ["--set", "eval={task: arithmetic, few_shot: 2, system: hi}"], "system goes before"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_naming_the_problem(

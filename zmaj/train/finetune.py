@@ -97,6 +97,10 @@ class EvalConfig(BaseModel):
     @model_validator(mode="after")
     def _buildable(self) -> "EvalConfig":
         get_task(self.task, **self.options)  # an unknown name or a bad option fails here, naming it
+        if self.few_shot is not None and self.system is not None:
+            raise ValueError(
+                "system goes before a chat-mode question; few_shot asks without the chat template"
+            )
         return self
 
 
