@@ -181,7 +181,7 @@ def main() -> None:
 
 
 def check_output_file(path: Path, flag: str) -> None:
-    """Refuse, before the evaluation, a file that cannot be written: written after it, the results were lost."""
+    """Refuse, before the evaluation, a file that cannot be written: written after it, results are lost."""
     if path.is_dir():
         fail(f"{flag}: {path} is a folder; name a file to write")
     if not path.parent.is_dir():
