@@ -207,7 +207,7 @@ class PairsFromTask(BaseModel):
     k: int = Field(8, ge=2)
     max_new_tokens: int = Field(128, gt=0)
     sampling: Sampling = Sampling(temperature=1.0)
-    batch_size: int = Field(32, gt=0, description="prompts sampled together")
+    batch_size: int = Field(32, gt=0, description="answers sampled together (k per prompt)")
     seed: int = 0
 
     @model_validator(mode="after")

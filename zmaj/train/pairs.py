@@ -9,6 +9,7 @@ correctness to the first with the lowest, where they differ). A run keeps its pa
 """
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,15 +37,10 @@ def make_pairs(spec: DPOSpec, begin: Start) -> list[Pair]:
     """The pairs ``spec.pairs`` describes, cut to ``spec.max_len``; an error when there are none."""
     source = spec.pairs
     if isinstance(source, PairFiles):
-        rows = file_rows(source)
-        pairs = [
-            fit(text_pair(begin.model.tokenizer, row, sample), spec.max_len, sample) for sample, row in rows
-        ]
+        named = [(text_pair(begin.model.tokenizer, row, sample), sample) for sample, row in file_rows(source)]
     else:
-        pairs = [
-            fit(pair, spec.max_len, f"on-policy pair {i}")
-            for i, pair in enumerate(on_policy_pairs(source, begin))
-        ]
+        named = [(pair, f"on-policy pair {i}") for i, pair in enumerate(on_policy_pairs(source, begin))]
+    pairs = fitted(named, spec.max_len)
     if not pairs:
         raise ValueError(
             "pairs: no preference pair was found (on-policy: every problem's answers were all equally right)"
@@ -120,6 +116,22 @@ def fit(pair: Pair, max_len: int, sample: str) -> Pair:
             f"{sample}: the prompt alone has {len(pair.prompt)} tokens, more than max_len {max_len}"
         )
     return Pair(pair.prompt, pair.chosen[:room], pair.rejected[:room])
+
+
+def fitted(named: Sequence[tuple[Pair, str]], max_len: int) -> list[Pair]:
+    """The pairs cut to ``max_len`` (:func:`fit`), less those whose two answers are then the same: such a pair
+    has a margin of 0 whatever the model, so its loss is log 2 with no gradient, and it counts as ranked wrong."""
+    cut = [fit(pair, max_len, sample) for pair, sample in named]
+    kept = [pair for pair in cut if pair.chosen != pair.rejected]
+    if len(kept) < len(cut):
+        first = next(
+            sample for (_, sample), pair in zip(named, cut, strict=True) if pair.chosen == pair.rejected
+        )
+        logger.warning(
+            f"{len(cut) - len(kept)} of {len(cut)} pairs left out (the first: {first}): their answers are the "
+            f"same within max_len {max_len}, so they teach nothing"
+        )
+    return kept
 
 
 def write_pairs(path: Path, pairs: list[Pair]) -> None:

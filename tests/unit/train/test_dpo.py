@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from zmaj.models import llama
 from zmaj.train import dpo, optim, step
 from zmaj.train.logprobs import sequence_logprobs
+from zmaj.train.pairs import Pair, fitted
 
 CONFIG = llama.LlamaConfig(
     vocab_size=16, context=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, init_std=0.1
@@ -102,3 +103,17 @@ def test_training_widens_the_margin_and_leaves_the_reference_alone(device: torch
     assert last["loss"] < 0.5 * first["loss"]
     chosen, rejected = log_ratios[:3], log_ratios[3:]
     assert bool((chosen - rejected > 0).all())
+
+
+def test_pairs_whose_cut_answers_are_the_same_are_left_out_and_long_prompts_refused() -> None:
+    """Cut to max_len, answers sharing their first tokens become one answer twice: margin 0 whatever the
+    model, loss log 2 and no gradient, counted as ranked wrong. Such pairs go, with a warning."""
+    named = [
+        (Pair([1, 2], [7, 8, 9], [7, 8, 5]), "a"),  # the same two tokens within max_len 3
+        (Pair([1, 2], [7, 9], [7, 8]), "b"),
+        (Pair([1], [4], [4]), "c"),  # the same answer, cut or not
+    ]
+    assert fitted(named, 3) == [Pair([1, 2], [7, 9], [7, 8])]
+    assert len(fitted(named, 10)) == 2
+    with pytest.raises(ValueError, match="b: the prompt alone has 2 tokens, more than max_len 1"):
+        fitted(named[1:], 1)
