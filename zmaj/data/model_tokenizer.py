@@ -170,9 +170,7 @@ class ModelTokenizer:
             plain, full = inner.encode("a", add_special_tokens=False).ids, inner.encode("a").ids
             add_bos = bos is not None and full[: len(full) - len(plain)] == [inner.token_to_id(bos)]
             add_eos = eos is not None and full[len(plain) :][-1:] == [inner.token_to_id(eos)]
-        generation = _read_json(folder / GENERATION_CONFIG_FILE)
-        stop_ids = generation.get("eos_token_id", [])
-        stop_ids = [stop_ids] if isinstance(stop_ids, int) else stop_ids
+        stop_ids = _stop_ids(folder / GENERATION_CONFIG_FILE)
         stops = tuple(token for i in stop_ids if (token := inner.id_to_token(i)) is not None and token != eos)
         template = config.get("chat_template")
         if template is None and (folder / "chat_template.jinja").is_file():
@@ -235,6 +233,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a JSON object")
     return data
+
+
+def _stop_ids(path: Path) -> list[int]:
+    """``eos_token_id`` of a generation config: one id, a list of them, or none (absent, or null as an export
+    of a model without EOS writes it)."""
+    ids = _read_json(path).get("eos_token_id")
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else ids
+    if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {ids!r}")
+    return ids
 
 
 def _token_text(value: object) -> str | None:

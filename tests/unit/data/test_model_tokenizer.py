@@ -155,3 +155,19 @@ def test_saving_keeps_the_stop_tokens_and_the_models_other_generation_settings(
     assert loaded.stop_ids == model_tokenizer.stop_ids
     assert len(model_tokenizer.stop_ids) == 2  # <|eos|> and <|end|>
     assert json.loads((tmp_path / "generation_config.json").read_text())["max_length"] == 77
+
+
+def test_a_generation_config_without_eos_loads_as_in_transformers(
+    model_tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    # An export of a model without EOS spells its ids out as null.
+    ModelTokenizer(model_tokenizer.tokenizer, bos_token=model_tokenizer.bos_token).save(tmp_path)
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 0, "eos_token_id": None, "pad_token_id": None})
+    )
+    loaded = ModelTokenizer.load(tmp_path)
+    assert loaded.stop_ids == ()
+    assert transformers.GenerationConfig.from_pretrained(tmp_path).eos_token_id is None
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "2"}))
+    with pytest.raises(ValueError, match=r"generation_config\.json: eos_token_id must be"):
+        ModelTokenizer.load(tmp_path)
