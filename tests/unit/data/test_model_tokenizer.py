@@ -171,3 +171,23 @@ def test_a_generation_config_without_eos_loads_as_in_transformers(
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "2"}))
     with pytest.raises(ValueError, match=r"generation_config\.json: eos_token_id must be"):
         ModelTokenizer.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{{ raise_exception('System role not supported') }}", "System role not supported"),
+        ("{% for message in messages %}", "Unexpected end of template"),
+        ("{{ messages[0]['content'] + 1 }}", "str"),
+    ],
+)
+def test_a_template_that_fails_is_a_value_error_where_transformers_fails_too(
+    model_tokenizer: ModelTokenizer, template: str, message: str
+) -> None:
+    """A template's refusal, a syntax error and a template's own bug (a TypeError) are each one line."""
+    ours = ModelTokenizer(model_tokenizer.tokenizer, chat_template=template)
+    messages = [{"role": "system", "content": "hi"}]
+    with pytest.raises(Exception, match=message):
+        reference(ours, template).apply_chat_template(messages, tokenize=False)
+    with pytest.raises(ValueError, match=f"^chat template: .*{message}"):
+        ours.render_chat(messages)
