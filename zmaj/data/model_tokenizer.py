@@ -27,6 +27,7 @@ from zmaj.data.text import read_json, read_text
 from zmaj.data.tokenizer import BOS, END, EOS, PAD, Tokenizer, read_tokenizer_file
 
 TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
@@ -172,14 +173,15 @@ class ModelTokenizer:
             add_eos = eos is not None and full[len(plain) :][-1:] == [inner.token_to_id(eos)]
         stop_ids = _stop_ids(folder / GENERATION_CONFIG_FILE)
         stops = tuple(token for i in stop_ids if (token := inner.id_to_token(i)) is not None and token != eos)
-        template = config.get("chat_template")
-        if template is None and (folder / "chat_template.jinja").is_file():
-            template = read_text(folder / "chat_template.jinja")
+        # The template's own file wins over the config's entry, as in transformers (which saves only the file).
+        template_file = folder / CHAT_TEMPLATE_FILE
+        template = read_text(template_file) if template_file.is_file() else config.get("chat_template")
         return cls(inner, bos, eos, pad, add_bos, add_eos, template, stops)
 
     def save(self, folder: str | Path) -> None:
         """``tokenizer.json`` and ``tokenizer_config.json`` as ``transformers``' ``AutoTokenizer`` reads them, and
-        the stop tokens in ``generation_config.json``."""
+        the stop tokens in ``generation_config.json``. The chat template goes into the config; an old
+        ``chat_template.jinja`` in ``folder`` is removed, since it would take the template's place."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / TOKENIZER_FILE).write_text(self.tokenizer.to_str())
@@ -194,6 +196,7 @@ class ModelTokenizer:
         }
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
+        (folder / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
         (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         # Other keys of an existing generation config (sampling defaults, lengths) are the model's; kept.
         generation = _read_json(folder / GENERATION_CONFIG_FILE) | self.generation_config()

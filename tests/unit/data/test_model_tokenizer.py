@@ -191,3 +191,20 @@ def test_a_template_that_fails_is_a_value_error_where_transformers_fails_too(
         reference(ours, template).apply_chat_template(messages, tokenize=False)
     with pytest.raises(ValueError, match=f"^chat template: .*{message}"):
         ours.render_chat(messages)
+
+
+def test_chat_template_jinja_wins_over_the_config_and_saving_replaces_it(
+    model_tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    model_tokenizer.save(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}FILE:{{ m['content'] }}{% endfor %}"
+    )
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    rendered = theirs.apply_chat_template(messages, tokenize=False)
+    assert ModelTokenizer.load(tmp_path).render_chat(messages, add_generation_prompt=False) == rendered
+    assert rendered == "FILE:hi"
+    model_tokenizer.save(tmp_path)  # its own template, not the file's, is what loads back
+    assert ModelTokenizer.load(tmp_path).chat_template == model_tokenizer.chat_template
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).chat_template == model_tokenizer.chat_template
