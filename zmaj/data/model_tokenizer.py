@@ -173,9 +173,12 @@ class ModelTokenizer:
             add_eos = eos is not None and full[len(plain) :][-1:] == [inner.token_to_id(eos)]
         stop_ids = _stop_ids(folder / GENERATION_CONFIG_FILE)
         stops = tuple(token for i in stop_ids if (token := inner.id_to_token(i)) is not None and token != eos)
-        # The template's own file wins over the config's entry, as in transformers (which saves only the file).
+        # The template's own file wins over the config's entry, as in transformers (which saves only the file)
         template_file = folder / CHAT_TEMPLATE_FILE
-        template = read_text(template_file) if template_file.is_file() else config.get("chat_template")
+        if template_file.is_file():
+            template: str | None = read_text(template_file)
+        else:
+            template = _config_template(config.get("chat_template"), folder / TOKENIZER_CONFIG_FILE)
         return cls(inner, bos, eos, pad, add_bos, add_eos, template, stops)
 
     def save(self, folder: str | Path) -> None:
@@ -246,6 +249,22 @@ def _stop_ids(path: Path) -> list[int]:
     if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
         raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {ids!r}")
     return ids
+
+
+def _config_template(value: object, path: Path) -> str | None:
+    """``tokenizer_config.json``'s chat template: one, or a list of named ones (as some Hub tokenizers store
+    them), of which ``transformers`` renders the one named "default" unless given tools (zmaj passes none)."""
+    if isinstance(value, list):
+        named = {entry.get("name"): entry.get("template") for entry in value if isinstance(entry, dict)}
+        if "default" not in named:
+            raise ValueError(
+                f"{path}: chat_template lists no template named 'default' (only {sorted(map(str, named))}); "
+                f"write the one to use into {CHAT_TEMPLATE_FILE} beside it"
+            )
+        value = named["default"]
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{path}: chat_template must be a template or a list of named ones, got {value!r}")
+    return value
 
 
 def _token_text(value: object) -> str | None:

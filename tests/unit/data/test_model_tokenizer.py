@@ -208,3 +208,27 @@ def test_chat_template_jinja_wins_over_the_config_and_saving_replaces_it(
     model_tokenizer.save(tmp_path)  # its own template, not the file's, is what loads back
     assert ModelTokenizer.load(tmp_path).chat_template == model_tokenizer.chat_template
     assert transformers.AutoTokenizer.from_pretrained(tmp_path).chat_template == model_tokenizer.chat_template
+
+
+def test_a_list_of_named_templates_renders_its_default_as_in_transformers(
+    model_tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    model_tokenizer.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    templates = [
+        {"name": "tool_use", "template": "{% for m in messages %}T:{{ m['content'] }}{% endfor %}"},
+        {"name": "default", "template": "{% for m in messages %}D:{{ m['content'] }}{% endfor %}"},
+    ]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": templates}))
+    rendered = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        messages, tokenize=False
+    )
+    assert (
+        ModelTokenizer.load(tmp_path).render_chat(messages, add_generation_prompt=False) == rendered == "D:hi"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": templates[:1]}))
+    with pytest.raises(
+        ValueError, match=r"tokenizer_config\.json: chat_template lists no template named 'default'"
+    ):
+        ModelTokenizer.load(tmp_path)
