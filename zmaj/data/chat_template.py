@@ -37,7 +37,8 @@ def render(
     template: str, messages: Sequence[Message], add_generation_prompt: bool, **tokens: str | None
 ) -> str:
     """The conversation as the template writes it; ``tokens`` are the special tokens it may name (``bos_token``
-    ...). With ``add_generation_prompt`` the text ends where the assistant's answer begins.
+    ...), of which those that are None stay undefined, as in ``transformers``: ``{{ bos_token }}`` then writes
+    nothing, not "None". With ``add_generation_prompt`` the text ends where the assistant's answer begins.
 
     A template that does not compile, refuses the conversation (``raise_exception``: "System role not
     supported") or fails on it is a ValueError with Jinja's message, so programs report it in one line."""
@@ -45,7 +46,7 @@ def render(
         rendered: str = _compiled(template).render(
             messages=[dict(message) for message in messages],
             add_generation_prompt=add_generation_prompt,
-            **tokens,
+            **{name: token for name, token in tokens.items() if token is not None},
         )
     except (jinja2.TemplateError, TypeError) as error:  # TypeError: the template's own bug, say "a" + 1
         raise ValueError(f"chat template: {error}") from error

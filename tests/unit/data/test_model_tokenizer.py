@@ -232,3 +232,19 @@ def test_a_list_of_named_templates_renders_its_default_as_in_transformers(
         ValueError, match=r"tokenizer_config\.json: chat_template lists no template named 'default'"
     ):
         ModelTokenizer.load(tmp_path)
+
+
+@pytest.mark.parametrize("bos_token", [None, "<|bos|>"])
+def test_a_missing_special_token_is_undefined_as_in_transformers(
+    model_tokenizer: ModelTokenizer, bos_token: str | None
+) -> None:
+    template = (
+        "{{ bos_token }}{% if pad_token is defined %}[pad {{ pad_token }}]{% endif %}"
+        "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    )
+    ours = ModelTokenizer(
+        model_tokenizer.tokenizer, bos_token, model_tokenizer.eos_token, chat_template=template
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    rendered = reference(ours, template).apply_chat_template(messages, tokenize=False)
+    assert ours.render_chat(messages) == rendered == f"{bos_token or ''}hi<|eos|>"
