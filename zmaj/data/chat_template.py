@@ -4,8 +4,9 @@ An instruct model only answers properly when its prompt looks like its fine-tuni
 and those markers differ per model family (``<|im_start|>user``, ``<start_of_turn>user``, ...). Hugging Face
 stores the template with the tokenizer (``chat_template`` in ``tokenizer_config.json``, or in a GGUF file's
 metadata) and renders it with a sandboxed Jinja environment whose conventions every published template relies
-on: ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols`` extension, a ``tojson`` filter that keeps
-non-ASCII text, and the globals ``raise_exception`` and ``strftime_now``
+on: ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols`` extension, a ``{% generation %}`` block, a
+``tojson`` filter that keeps non-ASCII text, the globals ``raise_exception`` and ``strftime_now``, and ``tools``
+and ``documents`` defined, as None when there are none
 (https://huggingface.co/docs/transformers/chat_templating_writing). This module sets up the same environment, so
 zmaj renders every template exactly as ``transformers``' ``apply_chat_template`` does.
 
@@ -13,13 +14,15 @@ zmaj's own models use :data:`DEFAULT_TEMPLATE`, written with the role tokens res
 """
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import cache
 from typing import Any
 
 import jinja2
-from jinja2.ext import loopcontrols
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 Message = Mapping[str, str]
@@ -46,6 +49,8 @@ def render(
         rendered: str = _compiled(template).render(
             messages=[dict(message) for message in messages],
             add_generation_prompt=add_generation_prompt,
+            tools=None,  # zmaj passes none; templates test `tools is not none`
+            documents=None,
             **{name: token for name, token in tokens.items() if token is not None},
         )
     except (jinja2.TemplateError, TypeError) as error:  # TypeError: the template's own bug, say "a" + 1
@@ -56,12 +61,29 @@ def render(
 @cache
 def _compiled(template: str) -> jinja2.Template:
     environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols]
     )
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise
     environment.globals["strftime_now"] = _strftime_now
     return environment.from_string(template)
+
+
+class _Generation(Extension):
+    """``{% generation %}...{% endgeneration %}``, which writes its body. ``transformers`` also records where the
+    body lands, to mask the assistant's tokens; zmaj finds them by rendering prefixes of the conversation
+    (``ModelTokenizer.encode_chat_with_mask``), so only the text matters. Like ``transformers``' block, the body is
+    a caller (a macro), so what it sets stays inside."""
+
+    tags = {"generation"}  # noqa: RUF012 (jinja2 types it as a plain attribute)
+
+    def parse(self, parser: Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Callable[[], str]) -> str:
+        return caller()
 
 
 def _tojson(

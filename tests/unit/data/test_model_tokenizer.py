@@ -248,3 +248,23 @@ def test_a_missing_special_token_is_undefined_as_in_transformers(
     messages = [{"role": "user", "content": "hi"}]
     rendered = reference(ours, template).apply_chat_template(messages, tokenize=False)
     assert ours.render_chat(messages) == rendered == f"{bos_token or ''}hi<|eos|>"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        # transformers' mark of the assistant's text, with whitespace control and a variable set inside it
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}<a>{%- generation -%}\n{{ m['content'] }}"
+        "{% set inside = 1 %}{% endgeneration %}</a>{% else %}<u>{{ m['content'] }}</u>{% endif %}{% endfor %}"
+        "{{ inside is defined }}",
+        # tools and documents are defined, as None
+        "{% if tools is not none %}[TOOLS]{{ tools | tojson }}{% endif %}{% if documents is not none %}[DOCS]"
+        "{% endif %}{{ tools is defined and documents is defined }}{{ messages[0]['content'] }}",
+    ],
+)
+def test_the_environment_has_transformers_extras(model_tokenizer: ModelTokenizer, template: str) -> None:
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    ours = ModelTokenizer(model_tokenizer.tokenizer, chat_template=template)
+    assert ours.render_chat(messages) == reference(ours, template).apply_chat_template(
+        messages, tokenize=False
+    )
