@@ -187,7 +187,10 @@ def read_tokenizer_file(path: Path) -> tokenizers.Tokenizer:
         raise ValueError(f"{path} is not a tokenizer file: not JSON ({error})") from error
     if not isinstance(raw, dict) or "model" not in raw:
         raise ValueError(f"{path} is not a tokenizer file: JSON without a 'model' entry")
-    return tokenizers.Tokenizer.from_str(text)
+    try:
+        return tokenizers.Tokenizer.from_str(text)
+    except Exception as error:  # the library's only error type, for any content it rejects
+        raise ValueError(f"{path} is not a tokenizer file: {error}") from error
 
 
 def load_or_train(config: DataConfig, cache_dir: str | Path, seed: int = 0) -> Tokenizer:

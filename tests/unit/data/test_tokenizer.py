@@ -106,6 +106,11 @@ def test_load_explains_what_is_wrong(tmp_path: Path) -> None:
     config.write_text(json.dumps({"vocab_size": 3}))
     with pytest.raises(ValueError, match="not a tokenizer file"):
         Tokenizer.load(config)
+    # JSON the tokenizers library rejects (it raises a bare Exception naming no file)
+    wrong_model = tmp_path / "wrong_model.json"
+    wrong_model.write_text(json.dumps({"model": "BPE"}))
+    with pytest.raises(ValueError, match=r"wrong_model\.json is not a tokenizer file: data did not match"):
+        Tokenizer.load(wrong_model)
     foreign = tmp_path / "foreign.json"
     tokenizers.Tokenizer(tokenizers.models.BPE()).save(str(foreign))
     with pytest.raises(ValueError, match="special tokens"):
