@@ -502,6 +502,7 @@ def tokenizer_from_gguf(path: str | Path) -> ModelTokenizer:
         bos_token=token("bos"),
         eos_token=token("eos"),
         pad_token=token("pad"),
+        unk_token=token("unk"),
         add_bos=add_bos,
         add_eos=add_eos,
         chat_template=tokenizer_config.get("chat_template"),

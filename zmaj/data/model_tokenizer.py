@@ -37,13 +37,15 @@ class ModelTokenizer:
 
     ``tokenizer``'s post-processor already adds BOS (and EOS) when encoding with special tokens, as the model's
     own configuration asks (``add_bos``/``add_eos`` record it, for saving). ``stop_tokens`` end generation
-    besides ``eos_token`` (an instruct model's end-of-turn marker, say).
+    besides ``eos_token`` (an instruct model's end-of-turn marker, say). ``unk_token`` is kept for saving and
+    for templates that name it; the vocabulary's own model decides what becomes it.
     """
 
     tokenizer: tokenizers.Tokenizer
     bos_token: str | None = None
     eos_token: str | None = None
     pad_token: str | None = None
+    unk_token: str | None = None
     add_bos: bool = False
     add_eos: bool = False
     chat_template: str | None = None
@@ -51,7 +53,7 @@ class ModelTokenizer:
 
     def __post_init__(self) -> None:
         self.tokenizer.encode_special_tokens = False
-        for name in ("bos_token", "eos_token", "pad_token"):
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
             token = getattr(self, name)
             if token is not None and self.tokenizer.token_to_id(token) is None:
                 raise ValueError(f"{name} {token!r} is not in the vocabulary")
@@ -106,6 +108,7 @@ class ModelTokenizer:
             bos_token=self.bos_token,
             eos_token=self.eos_token,
             pad_token=self.pad_token,
+            unk_token=self.unk_token,
         )
 
     def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
@@ -160,7 +163,9 @@ class ModelTokenizer:
             raise FileNotFoundError(f"{folder} has no {TOKENIZER_FILE} (only fast tokenizers are supported)")
         inner = read_tokenizer_file(path)
         config = _read_json(folder / TOKENIZER_CONFIG_FILE)
-        bos, eos, pad = (_token_text(config.get(name)) for name in ("bos_token", "eos_token", "pad_token"))
+        bos, eos, pad, unk = (
+            _token_text(config.get(name)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+        )
         if "add_bos_token" in config or "add_eos_token" in config:
             add_bos = bool(config.get("add_bos_token", False)) and bos is not None
             add_eos = bool(config.get("add_eos_token", False)) and eos is not None
@@ -179,7 +184,7 @@ class ModelTokenizer:
             template: str | None = read_text(template_file)
         else:
             template = _config_template(config.get("chat_template"), folder / TOKENIZER_CONFIG_FILE)
-        return cls(inner, bos, eos, pad, add_bos, add_eos, template, stops)
+        return cls(inner, bos, eos, pad, unk, add_bos, add_eos, template, stops)
 
     def save(self, folder: str | Path) -> None:
         """``tokenizer.json`` and ``tokenizer_config.json`` as ``transformers``' ``AutoTokenizer`` reads them, and
@@ -193,6 +198,7 @@ class ModelTokenizer:
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
             "add_bos_token": self.add_bos,
             "add_eos_token": self.add_eos,
             "clean_up_tokenization_spaces": False,

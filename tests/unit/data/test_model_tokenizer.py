@@ -268,3 +268,17 @@ def test_the_environment_has_transformers_extras(model_tokenizer: ModelTokenizer
     assert ours.render_chat(messages) == reference(ours, template).apply_chat_template(
         messages, tokenize=False
     )
+
+
+def test_the_unknown_token_is_saved_and_named_to_templates_as_in_transformers(
+    model_tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    inner = type(model_tokenizer.tokenizer).from_str(model_tokenizer.tokenizer.to_str())
+    inner.add_special_tokens(["<unk>"])
+    template = "{{ unk_token }}|{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    ModelTokenizer(inner, unk_token="<unk>", chat_template=template).save(tmp_path)
+    loaded = ModelTokenizer.load(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.unk_token == theirs.unk_token == "<unk>"
+    messages = [{"role": "user", "content": "hi"}]
+    assert loaded.render_chat(messages) == theirs.apply_chat_template(messages, tokenize=False) == "<unk>|hi"
