@@ -5,8 +5,8 @@ and those markers differ per model family (``<|im_start|>user``, ``<start_of_tur
 stores the template with the tokenizer (``chat_template`` in ``tokenizer_config.json``, or in a GGUF file's
 metadata) and renders it with a sandboxed Jinja environment whose conventions every published template relies
 on: ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols`` extension, a ``{% generation %}`` block, a
-``tojson`` filter that keeps non-ASCII text, the globals ``raise_exception`` and ``strftime_now``, and ``tools``
-and ``documents`` defined, as None when there are none
+``tojson`` filter that keeps non-ASCII text, the globals ``raise_exception`` and ``strftime_now``, and
+``tools`` and ``documents`` defined, as None when there are none
 (https://huggingface.co/docs/transformers/chat_templating_writing). This module sets up the same environment, so
 zmaj renders every template exactly as ``transformers``' ``apply_chat_template`` does.
 
@@ -70,9 +70,9 @@ def _compiled(template: str) -> jinja2.Template:
 
 
 class _Generation(Extension):
-    """``{% generation %}...{% endgeneration %}``, which writes its body. ``transformers`` also records where the
-    body lands, to mask the assistant's tokens; zmaj finds them by rendering prefixes of the conversation
-    (``ModelTokenizer.encode_chat_with_mask``), so only the text matters. Like ``transformers``' block, the body is
+    """``{% generation %}...{% endgeneration %}``, which writes its body. ``transformers`` also records where
+    the body lands, to mask the assistant's tokens; zmaj finds them by rendering prefixes of the conversation
+    (``ModelTokenizer.encode_chat_with_mask``), so only the text matters. As in ``transformers``, the body is
     a caller (a macro), so what it sets stays inside."""
 
     tags = {"generation"}  # noqa: RUF012 (jinja2 types it as a plain attribute)

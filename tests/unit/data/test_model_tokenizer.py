@@ -255,7 +255,8 @@ def test_a_missing_special_token_is_undefined_as_in_transformers(
     [
         # transformers' mark of the assistant's text, with whitespace control and a variable set inside it
         "{% for m in messages %}{% if m['role'] == 'assistant' %}<a>{%- generation -%}\n{{ m['content'] }}"
-        "{% set inside = 1 %}{% endgeneration %}</a>{% else %}<u>{{ m['content'] }}</u>{% endif %}{% endfor %}"
+        "{% set inside = 1 %}{% endgeneration %}</a>{% else %}<u>{{ m['content'] }}</u>{% endif %}"
+        "{% endfor %}"
         "{{ inside is defined }}",
         # tools and documents are defined, as None
         "{% if tools is not none %}[TOOLS]{{ tools | tojson }}{% endif %}{% if documents is not none %}[DOCS]"
