@@ -44,7 +44,11 @@ def main() -> None:
             if not line.strip():
                 continue
             user: Message = {"role": "user", "content": line}
-            alone = model.tokenizer.encode_chat([*system, user])
+            try:
+                alone = model.tokenizer.encode_chat([*system, user])
+            except ValueError as error:  # the template refuses it: say so, and keep the conversation
+                logger.error(str(error))
+                continue
             if (
                 len(alone) + args.max_new_tokens > model.config.context
             ):  # before forgetting any of the history

@@ -146,7 +146,10 @@ def chat_ids(model: Pretrained, system: str | None, user: str) -> list[int]:
     if model.tokenizer.chat_template is None:
         fail("--chat: this model's tokenizer has no chat template; use a plain --prompt")
     messages: list[Message] = [] if system is None else [{"role": "system", "content": system}]
-    return model.tokenizer.encode_chat([*messages, {"role": "user", "content": user}])
+    try:
+        return model.tokenizer.encode_chat([*messages, {"role": "user", "content": user}])
+    except ValueError as error:  # the template refuses the conversation (a system message, say)
+        fail(f"--chat: {error}")
 
 
 def fail(message: str) -> NoReturn:

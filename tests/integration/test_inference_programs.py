@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,32 @@ def plain(tmp_path_factory: pytest.TempPathFactory, tokenizer: ModelTokenizer) -
     folder = tmp_path_factory.mktemp("plain")
     save_llama(folder, ModelTokenizer(tokenizer.tokenizer, eos_token=tokenizer.eos_token), context=256)
     return folder
+
+
+@pytest.fixture(scope="module")
+def no_system(tmp_path_factory: pytest.TempPathFactory, tokenizer: ModelTokenizer) -> Path:
+    """The same kind of model with a chat template that refuses a system message, as some real ones do."""
+    assert tokenizer.chat_template is not None
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    folder = tmp_path_factory.mktemp("no-system")
+    save_llama(folder, replace(tokenizer, chat_template=refuse + tokenizer.chat_template), context=256)
+    return folder
+
+
+def test_a_chat_template_that_refuses_the_conversation_is_one_line(no_system: Path) -> None:
+    """generate.py exits 2 naming the template's reason; chat.py says it and goes on with the next message."""
+    generated = run(
+        "generate.py", "--model", no_system, "--chat", "--system", SYSTEM, "--prompt", "hi", *GREEDY
+    )
+    assert generated.returncode == 2
+    assert (
+        generated.stderr.strip().splitlines()[-1].endswith("--chat: chat template: System role not supported")
+    )
+    assert "Traceback" not in generated.stderr
+    chatted = run("chat.py", "--model", no_system, "--system", SYSTEM, *GREEDY, stdin="hi\nhow\n")
+    assert chatted.returncode == 0, chatted.stderr
+    assert chatted.stderr.count("System role not supported") == 2
+    assert chatted.stdout == ""
 
 
 def run(program: str, *args: object, stdin: str = "") -> Result:
