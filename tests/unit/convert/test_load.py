@@ -8,7 +8,7 @@ import yaml
 from tensordict import TensorDict
 
 from zmaj.convert import weights
-from zmaj.convert.load import Pretrained, load_model, save_zmaj
+from zmaj.convert.load import Pretrained, check_destination, load_model, save_zmaj, write_lora_record
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.text import NotTextError
 from zmaj.data.tokenizer import Tokenizer
@@ -16,6 +16,7 @@ from zmaj.models import gemma3, gpt, llama
 from zmaj.models.registry import ModelConfig, architecture
 from zmaj.nn.rope import Llama3Scaling
 from zmaj.train import checkpoint
+from zmaj.train.lora import LoraConfig
 from zmaj.train.spec import PretrainSpec, TrainConfig
 from zmaj.train.step import init_state
 
@@ -122,3 +123,22 @@ def test_a_model_file_that_is_not_utf8_names_the_offset(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_bytes(b'{"model_type": "ll\xe1ma"}')
     with pytest.raises(NotTextError, match=r"config\.json: not UTF-8 text \(byte 0xe1 at offset 18\)"):
         load_model(tmp_path)
+
+
+def test_a_destination_holding_a_lora_runs_base_model_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LoRA run is read with its base model, which writing a folder that holds it would delete."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    run = tmp_path / "runs" / "lora"
+    (run / "checkpoints" / "step-0000001").mkdir(parents=True)
+    (run / "checkpoints" / "step-0000001" / "state.json").write_text("{}")
+    write_lora_record(run, "models/base", LoraConfig())  # relative, as a spec names it
+    for source in (run, run / "checkpoints" / "step-0000001"):
+        for destination in (tmp_path / "models", Path("models/base")):
+            with pytest.raises(ValueError, match=r"models/base, the base model of the LoRA run .*lora"):
+                check_destination(destination, source)
+        check_destination(tmp_path / "exports", source)
+    write_lora_record(run, "pypi:smollm2-135m-instruct", LoraConfig())
+    check_destination(tmp_path / "models", run)
