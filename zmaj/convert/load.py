@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
@@ -35,6 +36,7 @@ from zmaj.convert import hf, weights
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, ModelTokenizer
 from zmaj.data.text import read_json
 from zmaj.data.tokenizer import Tokenizer
+from zmaj.models.gpt import GPTConfig
 from zmaj.models.registry import (
     Architecture,
     ModelConfig,
@@ -45,7 +47,7 @@ from zmaj.models.registry import (
 )
 from zmaj.train import checkpoint
 from zmaj.train.lora import LoraConfig, init_adapters, merge
-from zmaj.train.spec import PretrainSpec, load
+from zmaj.train.spec import load
 
 MODEL_FILE, PARAMS_FILE, LORA_FILE = "model.json", "params.safetensors", "lora.json"
 
@@ -128,12 +130,21 @@ def load_model(path: str | Path) -> Pretrained:
     )
 
 
+class _SpecModel(BaseModel):
+    """The one section of a pre-training spec that a model needs. The others are left unchecked: a run copied
+    without its training files (which the ``data`` section's validators look for) is still a model."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    model: GPTConfig  # the type of PretrainSpec.model
+
+
 def run_config(run_dir: Path) -> ModelConfig:
     """The model config of a zmaj run: ``model.json``, or a pre-training run's ``spec.yaml``."""
     if (run_dir / MODEL_FILE).is_file():
         return _read_config(run_dir / MODEL_FILE)
     if (run_dir / "spec.yaml").is_file():
-        return load(PretrainSpec, run_dir / "spec.yaml").model
+        return load(_SpecModel, run_dir / "spec.yaml").model
     raise FileNotFoundError(f"{run_dir} describes no model: it has neither {MODEL_FILE} nor spec.yaml")
 
 

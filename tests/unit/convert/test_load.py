@@ -95,6 +95,26 @@ def test_a_pretraining_run_and_its_checkpoints_load(tokenizer: Tokenizer, tmp_pa
     assert not loaded.tokenizer.add_bos  # zmaj documents start bare
 
 
+def test_a_pretraining_run_loads_without_its_training_files(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    """A model needs only the spec's model section: a run copied without its corpus is still a model."""
+    config = CONFIGS["gpt"]
+    assert isinstance(config, gpt.GPTConfig)
+    data = {"vocab_size": VOCAB, "seq_len": 16}
+    spec = PretrainSpec(name="tiny", model=config, data=data, train=TrainConfig(steps=1, batch_size=1))
+    raw = spec.model_dump(mode="json")
+    raw["data"]["source"] = {"kind": "files", "format": "text", "paths": ["corpus/train.txt"]}  # not here
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.yaml").write_text(yaml.safe_dump(raw))
+    tokenizer.save(run / "tokenizer.json")
+    checkpoint.save(run, init_state(gpt.init(config, 1)), {})
+    assert load_model(run).config == config
+    raw["model"]["d_model"] = "wide"  # the model section is still checked, naming the field
+    (run / "spec.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"spec\.yaml: model\.d_model: Input should be a valid integer"):
+        load_model(run)
+
+
 def test_bad_paths_are_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no model at"):
         load_model(tmp_path / "missing")
