@@ -45,6 +45,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
+from zmaj.data.text import NotTextError
 from zmaj.extras import needs
 from zmaj.models import gemma3, llama
 from zmaj.models.gemma3 import Gemma3Config
@@ -110,6 +111,8 @@ class GGUFFile:
 
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensor]
+    path: Path
+    """Where it was read from, for errors about its contents."""
 
 
 class _Cursor:
@@ -134,7 +137,14 @@ class _Cursor:
     def string(self) -> str:
         (length,) = self.read("Q")
         start = self.take(length)
-        return self.buffer[start : start + length].decode("utf-8")
+        try:
+            return self.buffer[start : start + length].decode("utf-8")
+        except UnicodeDecodeError as error:
+            bad = self.buffer[start + error.start]
+            raise NotTextError(
+                f"GGUF file {self.path}: a metadata string is not UTF-8 text "
+                f"(byte 0x{bad:02x} at offset {start + error.start})"
+            ) from None
 
     def value(self, kind: int) -> Any:
         if kind == GGUFValueType.STRING:
@@ -208,7 +218,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
             )
         data = np.frombuffer(buffer, np.uint8, size, start + offset).reshape(byte_shape)
         tensors[name] = GGUFTensor(name, shape, tensor_type, data)
-    return GGUFFile(metadata, tensors)
+    return GGUFFile(metadata, tensors, path)
 
 
 def unpermute_qk(weight: Float[Tensor, "rows d_in"], n_heads: int) -> Float[Tensor, "rows d_in"]:
@@ -317,15 +327,18 @@ def _llama_config(file: GGUFFile) -> LlamaConfig:
     def key(name: str, default: Any = ...) -> Any:
         return _metadata(file, f"llama.{name}", default)
 
+    def size(name: str, default: int | None = None) -> int:
+        return _size(file, f"llama.{name}", default)
+
     if key("rope.scaling.type", "none") != "none":
         raise ValueError(f"llama: RoPE scaling {key('rope.scaling.type')!r} is not supported")
     if key("expert_count", 0):
         raise ValueError("llama: mixture-of-experts files are not supported")
-    n_kv_heads = key("attention.head_count_kv", key("attention.head_count"))
-    if isinstance(n_kv_heads, list):
+    if isinstance(key("attention.head_count_kv", None), list):
         raise ValueError("llama: a different number of key/value heads per layer is not supported")
-    d_model, n_heads = key("embedding_length"), key("attention.head_count")
-    head_dim = key("attention.key_length", d_model // n_heads)
+    d_model, n_heads = size("embedding_length"), size("attention.head_count")
+    n_kv_heads = size("attention.head_count_kv", n_heads)
+    head_dim = size("attention.key_length", d_model // n_heads)
     if key("rope.dimension_count", head_dim) != head_dim:
         raise ValueError(
             f"llama: RoPE over {key('rope.dimension_count')} of {head_dim} head features is not supported"
@@ -333,13 +346,13 @@ def _llama_config(file: GGUFFile) -> LlamaConfig:
     names = set(file.tensors)
     return LlamaConfig(
         vocab_size=_vocab_size(file),
-        context=key("context_length"),
+        context=size("context_length"),
         d_model=d_model,
-        n_layers=key("block_count"),
+        n_layers=size("block_count"),
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        d_ff=key("feed_forward_length"),
+        d_ff=size("feed_forward_length"),
         norm_eps=key("attention.layer_norm_rms_epsilon"),
         rope_base=key("rope.freq_base", 10_000.0),
         # llama.cpp writes no output.weight when the unembedding is the embedding.
@@ -358,24 +371,27 @@ def _gemma3_config(file: GGUFFile) -> Gemma3Config:
     def key(name: str, default: Any = ...) -> Any:
         return _metadata(file, f"gemma3.{name}", default)
 
+    def size(name: str) -> int:
+        return _size(file, f"gemma3.{name}")
+
     scaling_type = key("rope.scaling.type", "none")
     if scaling_type not in ("none", "linear"):
         raise ValueError(f"gemma3: RoPE scaling {scaling_type!r} is not supported")
-    n_layers, d_model, n_heads = key("block_count"), key("embedding_length"), key("attention.head_count")
-    head_dim = key("attention.key_length")
+    n_layers, d_model, n_heads = size("block_count"), size("embedding_length"), size("attention.head_count")
+    head_dim = size("attention.key_length")
     names = set(file.tensors)
     return Gemma3Config(
         vocab_size=_vocab_size(file),
-        context=key("context_length"),
+        context=size("context_length"),
         d_model=d_model,
         n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=key("attention.head_count_kv"),
+        n_kv_heads=size("attention.head_count_kv"),
         head_dim=head_dim,
-        d_ff=key("feed_forward_length"),
+        d_ff=size("feed_forward_length"),
         norm_eps=key("attention.layer_norm_rms_epsilon"),
         layer_types=gemma3.interleaved_layer_types(n_layers, 6),
-        sliding_window=key("attention.sliding_window"),
+        sliding_window=size("attention.sliding_window"),
         rope_base=key("rope.freq_base", 1_000_000.0),
         rope_scaling=LinearScaling(factor=key("rope.scaling.factor")) if scaling_type == "linear" else None,
         local_rope_base=key("rope.freq_base_swa", 10_000.0),
@@ -387,7 +403,9 @@ def _gemma3_config(file: GGUFFile) -> Gemma3Config:
 def _vocab_size(file: GGUFFile) -> int:
     """The number of tokens the tokenizer lists, as ``transformers`` takes it (``{arch}.vocab_size`` is optional)."""
     if "tokenizer.ggml.tokens" not in file.metadata:
-        raise ValueError("GGUF metadata has no 'tokenizer.ggml.tokens', so the vocabulary size is unknown")
+        raise ValueError(
+            f"GGUF metadata of {file.path} has no 'tokenizer.ggml.tokens', so the vocabulary size is unknown"
+        )
     return len(file.metadata["tokenizer.ggml.tokens"])
 
 
@@ -395,9 +413,17 @@ def _metadata(file: GGUFFile, key: str, default: Any = ...) -> Any:
     """A metadata value; a missing key without a default is named."""
     if key not in file.metadata:
         if default is ...:
-            raise ValueError(f"GGUF metadata has no {key!r}")
+            raise ValueError(f"GGUF metadata of {file.path} has no {key!r}")
         return default
     return file.metadata[key]
+
+
+def _size(file: GGUFFile, key: str, default: int | None = None) -> int:
+    """A count or length of the model: a positive integer (a head count of 0 would divide by zero)."""
+    value = _metadata(file, key, ... if default is None else default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"GGUF metadata of {file.path}: {key} is {value!r}, not a positive integer")
+    return value
 
 
 def dequantize_tensor(tensor: GGUFTensor) -> Float[Tensor, "..."]:
@@ -474,6 +500,7 @@ def tokenizer_from_gguf(path: str | Path) -> ModelTokenizer:
             get_gguf_tokenizer,
         )
 
+    _check_tokenizer(read_gguf(path))
     architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(path))
     inner, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
     tokens: list[str] = tokenizer_dict["tokens"]
@@ -507,3 +534,23 @@ def tokenizer_from_gguf(path: str | Path) -> ModelTokenizer:
         add_eos=add_eos,
         chat_template=tokenizer_config.get("chat_template"),
     )
+
+
+def _check_tokenizer(file: GGUFFile) -> None:
+    """What ``transformers``' converter takes on trust, checked first so that a damaged file is one line naming
+    the key rather than an ``IndexError`` or ``KeyError`` from inside it."""
+    n_tokens = _vocab_size(file)
+    for name in ("bos", "eos", "unknown", "padding"):
+        key = f"tokenizer.ggml.{name}_token_id"
+        token_id = file.metadata.get(key)
+        if token_id is not None and (
+            isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < n_tokens
+        ):
+            raise ValueError(
+                f"GGUF metadata of {file.path}: {key} is {token_id!r}, not one of its {n_tokens} token ids"
+            )
+    # A byte-level BPE vocabulary is nothing without its merges (llama.cpp refuses such a file too).
+    if file.metadata.get("tokenizer.ggml.model") == "gpt2" and "tokenizer.ggml.merges" not in file.metadata:
+        raise ValueError(
+            f"GGUF metadata of {file.path} has a gpt2 (BPE) tokenizer but no 'tokenizer.ggml.merges'"
+        )

@@ -355,6 +355,44 @@ def test_a_misshapen_tensor_is_named(tmp_path: Path) -> None:
         zgguf.load_gguf(path)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"llama.attention.head_count": 0}, r"llama\.attention\.head_count is 0, not a positive integer"),
+        ({"llama.block_count": "2"}, r"llama\.block_count is '2', not a positive integer"),
+        ({"llama.context_length": 0}, r"llama\.context_length is 0, not a positive integer"),
+    ],
+)
+def test_a_size_that_is_not_a_positive_integer_is_named(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    metadata = llama_cpp_metadata(llama_model(tie=True).config) | change
+    path = write_gguf(tmp_path / "m.gguf", "llama", metadata, {"w": np.zeros(4, dtype=np.float32)})
+    with pytest.raises(ValueError, match=f"GGUF metadata of {re.escape(str(path))}: {message}"):
+        zgguf.config_from_gguf(zgguf.read_gguf(path))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"tokenizer.ggml.bos_token_id": VOCAB},
+            rf"bos_token_id is {VOCAB}, not one of its {VOCAB} token ids",
+        ),
+        ({"tokenizer.ggml.padding_token_id": 2**31}, r"padding_token_id is 2147483648, not one of its"),
+        ({"tokenizer.ggml.model": "gpt2"}, r"a gpt2 \(BPE\) tokenizer but no 'tokenizer\.ggml\.merges'"),
+    ],
+)
+def test_a_tokenizer_transformers_would_fail_on_is_named(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    """transformers' converter indexes the vocabulary with these ids, and derives missing merges from scores."""
+    metadata = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [f"t{i}" for i in range(VOCAB)]}
+    path = write_gguf(tmp_path / "m.gguf", "llama", metadata | change, {"w": np.zeros(4, dtype=np.float32)})
+    with pytest.raises(ValueError, match=f"GGUF metadata of {re.escape(str(path))}.*{message}"):
+        zgguf.tokenizer_from_gguf(path)
+
+
 def test_an_unknown_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "m.gguf", "mamba", {}, {"w": np.zeros(4, dtype=np.float32)})
     with pytest.raises(ValueError, match=r"'mamba'; supported: llama, gemma3"):
@@ -464,6 +502,11 @@ def test_the_reader_reads_smollm2_as_the_reference_reader_does() -> None:
         # The first key's length, damaged: refused before anything of that length is read.
         (lambda data: data[:24] + (2**62).to_bytes(8, "little") + data[32:], r"ends inside its header"),
         (lambda data: data[:-1000], r"tensor '[\w.]+' ends at byte \d+ of .*: the file is truncated"),
+        # general.name, "tiny", made invalid UTF-8 (equal length, so the rest still parses).
+        (
+            lambda data: data.replace(b"tiny", b"t\xffny", 1),
+            r"damaged\.gguf: a metadata string is not UTF-8 text \(byte 0xff at offset \d+\)",
+        ),
     ],
 )
 def test_a_damaged_file_is_refused_naming_the_damage(tmp_path: Path, damage: Any, message: str) -> None:
