@@ -111,11 +111,13 @@ def load_hf(path: str | Path, device: torch.device | str = "cpu") -> tuple[Model
         return config, params_from_hf(tensors, config)
 
 
-def config_from_hf(raw: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
-    """A zmaj config from a ``config.json`` (read from ``where``), chosen by its ``model_type``."""
+def config_from_hf(raw: object, where: str = "config.json") -> ModelConfig:
+    """A zmaj config from a ``config.json``'s JSON value (read from ``where``), chosen by its ``model_type``."""
     hf = _Fields(raw, where)
     model_type = hf.get("model_type")
     if model_type == "gpt2":
+        for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            hf.size(key)
         return gpt2.config_from_hf(hf)
     if model_type in LLAMA_FAMILY:
         return _llama_config(hf)
@@ -125,18 +127,43 @@ def config_from_hf(raw: Mapping[str, Any], where: str = "config.json") -> ModelC
 
 
 class _Fields(dict[str, Any]):
-    """A config file's fields; reading one it lacks is a ValueError naming the file and the field (a bare
-    ``KeyError`` would name neither to a user)."""
+    """A JSON object of a checkpoint's files (``prefix`` names where it sits in the file); reading a field it
+    lacks, or a size that is not a positive integer, is a ValueError naming the file and the field (a bare
+    ``KeyError``, or a ``ZeroDivisionError`` from a head count of 0, would name neither to a user)."""
 
-    def __init__(self, fields: Mapping[str, Any], where: str) -> None:
+    def __init__(self, fields: object, where: str, needed_by: object = None, prefix: str = "") -> None:
+        if not isinstance(fields, Mapping):
+            raise ValueError(
+                f"{where}{': ' + prefix.removesuffix('.') if prefix else ''} is not a JSON object"
+            )
         super().__init__(fields)
-        self.where = where
+        self.where, self.prefix = where, prefix
+        self.needed_by = fields.get("model_type") if needed_by is None else needed_by
 
     def __missing__(self, key: str) -> Any:
-        raise ValueError(f"{self.where} has no {key!r}, which {self.get('model_type')} needs")
+        raise ValueError(f"{self.where} has no {self.prefix + key!r}, which {self.needed_by} needs")
+
+    def object(self, key: str, required: bool = False) -> "_Fields":
+        """The JSON object at ``key``; an optional one that is absent or null is empty."""
+        value = self[key] if required else self.get(key) or {}
+        return _Fields(value, self.where, self.needed_by, f"{self.prefix}{key}.")
+
+    def defaults(self, **fields: Any) -> "_Fields":
+        """These fields, with this object's own values over them."""
+        return _Fields(fields | self, self.where, self.needed_by, self.prefix)
+
+    def size(self, key: str, default: int | None = None) -> int:
+        """A count or length; ``default`` stands for an absent or null field, as ``transformers`` reads
+        ``head_dim: null``."""
+        if default is not None and self.get(key) is None:
+            return default
+        value = self[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{self.where}: {self.prefix}{key} is {value!r}, not a positive integer")
+        return value
 
 
-def _llama_config(hf: Mapping[str, Any]) -> LlamaConfig:
+def _llama_config(hf: _Fields) -> LlamaConfig:
     """Llama, Qwen 2 or Qwen 3; a switch zmaj lacks (biases on every projection, sliding windows) is an error."""
     model_type = hf["model_type"]
     if hf.get("mlp_bias", False):
@@ -149,18 +176,18 @@ def _llama_config(hf: Mapping[str, Any]) -> LlamaConfig:
         raise ValueError(f"{model_type}: sliding-window layers are not supported")
     if hf.get("hidden_act", "silu") not in _ACTIVATIONS:
         raise ValueError(f"{model_type}: unsupported hidden_act {hf['hidden_act']!r}")
-    base, scaling = _rope(hf)
-    n_heads = hf["num_attention_heads"]
-    default_head_dim = 128 if model_type == "qwen3" else hf["hidden_size"] // n_heads
+    base, scaling = _rope(hf, hf.object("rope_parameters" if hf.get("rope_parameters") else "rope_scaling"))
+    n_heads = hf.size("num_attention_heads")
+    default_head_dim = 128 if model_type == "qwen3" else hf.size("hidden_size") // n_heads
     return LlamaConfig(
-        vocab_size=hf["vocab_size"],
-        context=hf.get("max_position_embeddings", 2048),
-        d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
+        vocab_size=hf.size("vocab_size"),
+        context=hf.size("max_position_embeddings", 2048),
+        d_model=hf.size("hidden_size"),
+        n_layers=hf.size("num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or default_head_dim,
-        d_ff=hf["intermediate_size"],
+        n_kv_heads=hf.size("num_key_value_heads", n_heads),
+        head_dim=hf.size("head_dim", default_head_dim),
+        d_ff=hf.size("intermediate_size"),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_base=base,
         rope_scaling=scaling,
@@ -172,7 +199,7 @@ def _llama_config(hf: Mapping[str, Any]) -> LlamaConfig:
     )
 
 
-def _layer_types(hf: Mapping[str, Any]) -> list[str]:
+def _layer_types(hf: _Fields) -> list[str]:
     """Qwen's per-layer attention kinds, derived as ``transformers`` does when the config does not list them."""
     if hf.get("layer_types"):
         return list(hf["layer_types"])
@@ -180,13 +207,13 @@ def _layer_types(hf: Mapping[str, Any]) -> list[str]:
     first_windowed = hf.get("max_window_layers", 28)
     return [
         "sliding_attention" if window is not None and i >= first_windowed else "full_attention"
-        for i in range(hf["num_hidden_layers"])
+        for i in range(hf.size("num_hidden_layers"))
     ]
 
 
-def _rope(hf: Mapping[str, Any]) -> tuple[float, LinearScaling | Llama3Scaling | None]:
-    """RoPE's base and scaling, from ``rope_parameters`` (transformers >= 5) or ``rope_theta`` + ``rope_scaling``."""
-    params: Mapping[str, Any] = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope(hf: _Fields, params: _Fields) -> tuple[float, LinearScaling | Llama3Scaling | None]:
+    """RoPE's base and scaling, from ``params``: ``rope_parameters`` (transformers >= 5), or ``rope_scaling`` with
+    the base in ``hf``'s ``rope_theta``."""
     base = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
     if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ValueError("partial_rotary_factor != 1 is not supported")
@@ -207,7 +234,7 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, LinearScaling | Llama3Scaling |
     raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
 
 
-def _gemma3_config(hf: Mapping[str, Any]) -> Gemma3Config:
+def _gemma3_config(hf: _Fields) -> Gemma3Config:
     """Gemma 3 text models; a switch zmaj lacks is an error, and absent keys take ``Gemma3TextConfig``'s defaults
     (but the sizes, which every checkpoint's config records: one without them is refused, naming the key).
 
@@ -227,7 +254,7 @@ def _gemma3_config(hf: Mapping[str, Any]) -> Gemma3Config:
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in _ACTIVATIONS:
         raise ValueError(f"gemma3_text: unsupported hidden_activation {act!r}")
-    n_layers = hf["num_hidden_layers"]
+    n_layers = hf.size("num_hidden_layers")
     # Older configs give only the period of the pattern, as transformers still accepts.
     pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
     layer_types = hf.get("layer_types") or gemma3.interleaved_layer_types(n_layers, pattern)
@@ -239,14 +266,14 @@ def _gemma3_config(hf: Mapping[str, Any]) -> Gemma3Config:
     elif "sliding_attention" in layer_types:
         raise ValueError("gemma3_text: sliding-window layers need sliding_window, which is null")
     return Gemma3Config(
-        vocab_size=hf["vocab_size"],
-        context=hf.get("max_position_embeddings", 131_072),
-        d_model=hf["hidden_size"],
+        vocab_size=hf.size("vocab_size"),
+        context=hf.size("max_position_embeddings", 131_072),
+        d_model=hf.size("hidden_size"),
         n_layers=n_layers,
-        n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads", 4),
-        head_dim=hf.get("head_dim", 256),
-        d_ff=hf["intermediate_size"],
+        n_heads=hf.size("num_attention_heads"),
+        n_kv_heads=hf.size("num_key_value_heads", 4),
+        head_dim=hf.size("head_dim", 256),
+        d_ff=hf.size("intermediate_size"),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         layer_types=tuple(layer_types),
         **window,
@@ -265,26 +292,19 @@ def _gemma3_config(hf: Mapping[str, Any]) -> Gemma3Config:
 RopeSetting = tuple[float, LinearScaling | Llama3Scaling | None]
 
 
-def _gemma3_rope(hf: Mapping[str, Any]) -> tuple[RopeSetting, RopeSetting]:
+def _gemma3_rope(hf: _Fields) -> tuple[RopeSetting, RopeSetting]:
     """(base, scaling) of the global layers, then of the local ones.
 
     transformers >= 5 keys ``rope_parameters`` by layer type; earlier configs have ``rope_theta`` and
     ``rope_scaling`` for the global layers and ``rope_local_base_freq`` for the local ones.
     """
-    per_type: Mapping[str, Any] = hf.get("rope_parameters") or {}
+    per_type = hf.object("rope_parameters")
     if "full_attention" not in per_type and "sliding_attention" not in per_type:
-        per_type = {
-            "full_attention": {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1e6)},
-            "sliding_attention": {"rope_theta": hf.get("rope_local_base_freq", 1e4)},
-        }
-
-    def one(kind: str, default_base: float) -> RopeSetting:
-        params = {"rope_theta": default_base, **(per_type.get(kind) or {})}
-        return _rope(
-            {"rope_parameters": params, "partial_rotary_factor": hf.get("partial_rotary_factor", 1.0)}
-        )
-
-    return one("full_attention", 1e6), one("sliding_attention", 1e4)
+        full = hf.object("rope_scaling").defaults(rope_theta=hf.get("rope_theta", 1e6))
+        local = _Fields({"rope_theta": hf.get("rope_local_base_freq", 1e4)}, hf.where, hf.needed_by)
+        return _rope(hf, full), _rope(hf, local)
+    full, local = per_type.object("full_attention"), per_type.object("sliding_attention")
+    return _rope(hf, full.defaults(rope_theta=1e6)), _rope(hf, local.defaults(rope_theta=1e4))
 
 
 def params_from_hf(tensors: Mapping[str, Tensor], config: LlamaConfig | Gemma3Config) -> TensorDict:
@@ -453,9 +473,13 @@ class _SafetensorsFolder(Mapping[str, Tensor]):
 
     def __init__(self, folder: Path, files: ExitStack, device: torch.device | str) -> None:
         index = folder / "model.safetensors.index.json"
-        shards = (
-            sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
-        )
+        if index.exists():
+            weight_map = _Fields(read_json(index), str(index), "a sharded checkpoint").object(
+                "weight_map", True
+            )
+            shards = sorted(set(weight_map.values()))
+        else:
+            shards = ["model.safetensors"]
         self._file_of: dict[str, Any] = {}
         for shard in shards:
             try:
