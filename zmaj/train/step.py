@@ -406,16 +406,23 @@ def held_out(
     parallel: Parallel = SINGLE,
 ) -> dict[str, float]:
     """Held-out loss and bits per byte of ``params`` (whole) over the first ``max_batches`` batches of
-    ``dataset`` (all when None); each rank takes every N-th batch, and the sums are pooled over the ranks."""
+    ``batch_size`` rows of ``dataset`` (all when None), the same rows at any world size: each rank takes its
+    share of every batch, as in training, so that a batch's logits take ``1 / N`` of the memory on each of N
+    ranks, and the sums are pooled over the ranks."""
     n_batches = -(-len(dataset) // batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     device = tensors(params)[0].device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     what = f"held-out loss over {n_batches:,} batches of {batch_size}"
-    for index in progress(range(parallel.rank, n_batches, parallel.size), None, what, unit="batch"):
+    for index in progress(range(n_batches), None, what, unit="batch"):
         rows = range(index * batch_size, min((index + 1) * batch_size, len(dataset)))
-        metrics = eval_step(params, stream_batch(dataset, rows).to(device), forward, token_bytes, autocast)
+        share = rows[
+            parallel.rank * len(rows) // parallel.size : (parallel.rank + 1) * len(rows) // parallel.size
+        ]
+        if not share:  # the last batch may have fewer rows than there are ranks
+            continue
+        metrics = eval_step(params, stream_batch(dataset, share).to(device), forward, token_bytes, autocast)
         sums += torch.stack([metrics[key].double() for key in ("loss_sum", "tokens", "bytes")])
     loss_sum, tokens, n_bytes = parallel.all_sum(sums).tolist()
     return pooled_eval(

@@ -2,15 +2,20 @@
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from zmaj.data.dataset import LMDataset
+from zmaj.data.tokens import TokenFile
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.common import Batch
 from zmaj.train import optim, step
+from zmaj.train.parallel import Parallel
 
 CONFIG = gpt.GPTConfig(vocab_size=32, context=32, d_model=32, n_layers=2, n_heads=4)
 FORWARD = step.bind(gpt.forward, config=CONFIG)
@@ -144,6 +149,43 @@ def test_bits_per_byte_is_loss_over_bytes_in_bits() -> None:
     pooled = step.pooled_eval(metrics)
     assert pooled["val_loss"] == 2.0
     assert abs(pooled["val_bpb"] - 16.0 / 0.6931471805599453 / 32) < 1e-12
+
+
+@dataclass(frozen=True)
+class Rank(Parallel):
+    """One rank of a job simulated in one process: its collectives return this rank's own sums."""
+
+    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+def test_held_out_rows_are_those_of_one_process_split_over_the_ranks() -> None:
+    """Each rank takes its share of every batch (it took whole batches of batch_size rows: N times the rows
+    of its training share at once, the logits of a 4x eval batch of 128 rows on each of 8 ranks); the ranks'
+    sums add up to one process's (11 rows in batches of 4: the last batch, 3 rows, is split 1 and 2)."""
+    tokens = np.arange(11 * 8 + 1, dtype=np.uint16) % CONFIG.vocab_size
+    token_file = TokenFile(
+        tokens, np.array([0, len(tokens)]), vocab_size=CONFIG.vocab_size, eos_id=0, pad_id=0
+    )
+    dataset = LMDataset(token_file, 8, "pack", 0)
+    assert len(dataset) == 11
+    params = gpt.init(CONFIG, seed=0)
+    token_bytes = torch.ones(CONFIG.vocab_size)
+    rows: list[int] = []
+
+    def forward(params: TensorDictBase, batch: Batch, dropout_seed: int | None = None) -> torch.Tensor:
+        rows.append(batch.tokens.shape[0])
+        return FORWARD(params, batch, dropout_seed=dropout_seed)
+
+    whole = step.held_out(params, dataset, forward, 4, None, token_bytes)
+    halves = [
+        step.held_out(params, dataset, forward, 4, None, token_bytes, parallel=Rank(rank=r, size=2))
+        for r in (0, 1)
+    ]
+    assert rows == [4, 4, 3, 2, 2, 1, 2, 2, 2]  # one process, then rank 0's shares, then rank 1's
+    # Rank 0 holds 5 of the 11 rows, rank 1 6, each row with 8 targets: the means pool by these weights.
+    pooled = (5 * halves[0]["val_loss"] + 6 * halves[1]["val_loss"]) / 11
+    assert pooled == pytest.approx(whole["val_loss"], rel=1e-6)
 
 
 def test_a_donated_update_equals_the_pure_one_and_reuses_the_buffers(device: torch.device) -> None:
