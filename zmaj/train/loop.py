@@ -136,6 +136,8 @@ def train(
             )
             if stop and done < cfg.steps:
                 save(state)
+                if done % cfg.eval_every == 0:  # due now: the resumed run starts after this step
+                    scores(state, done)
                 logger.info(f"stopped at step {done}; continue with --resume {run.dir}")
                 return state
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:

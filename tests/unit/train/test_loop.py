@@ -302,6 +302,15 @@ def test_evaluations_come_at_the_start_on_schedule_and_at_the_end(tmp_path: Path
     assert final["step"] == 10
     assert final["wall_s"] > 0
 
+    # Stopped at step 5, where an evaluation is due, the run evaluates before it returns: the resumed run
+    # starts after step 5, and that evaluation used to be skipped for good.
+    seen.clear()
+    for resume in (False, True):
+        with open_run(tmp_path / "split", resume, stop_after=5) as run:
+            state = run.restore(fresh())
+            loop.train(run, state, stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate)
+    assert seen == [(0, False), (5, False), (10, True)]
+
 
 HOLD_LOCK = """
 import sys, time
