@@ -25,7 +25,7 @@ N_SPECIAL_TOKENS = 7
 class StdlibSource(BaseModel):
     """The running interpreter's standard library and its pydoc topics: ~12 MB of text, offline, always there."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: Literal["stdlib"] = "stdlib"
 
@@ -33,7 +33,7 @@ class StdlibSource(BaseModel):
 class HubSource(BaseModel):
     """Anything ``datasets.load_dataset`` reads: a Hub dataset, or a local builder ("json", "parquet", "text")."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: Literal["hub"] = "hub"
     path: str
@@ -50,7 +50,7 @@ class HubSource(BaseModel):
 class FilesSource(BaseModel):
     """Local files: each text file is one document, each jsonl line or parquet row is one document."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: Literal["files"] = "files"
     paths: list[str] = Field(min_length=1)
@@ -72,7 +72,7 @@ Source = Annotated[StdlibSource | HubSource | FilesSource, Field(discriminator="
 class DataConfig(BaseModel):
     """A corpus, its held-out fraction, the tokenizer trained on it and the shape of the rows fed to the model."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     source: Source = StdlibSource()
     validation_fraction: float = Field(default=0.05, gt=0.0, lt=1.0)

@@ -82,7 +82,7 @@ class GRPOTrain(FinetuneTrain):
 class EvalConfig(BaseModel):
     """Accuracy on ``n`` held-out problems of a task, answered greedily."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     task: str
     options: dict[str, Any] = Field(default_factory=dict)
@@ -107,7 +107,7 @@ class EvalConfig(BaseModel):
 class FinetuneSpec(BaseModel):
     """What every fine-tuning spec has: a name, a starting model, how to talk to it, what to train, how to judge."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
     model: str = Field(description="a model PATH (zmaj.convert.load) or pypi:NAME")
@@ -140,7 +140,7 @@ class SFTSpec(FinetuneSpec):
 class RLTask(BaseModel):
     """The task whose train split GRPO learns from, and the system message (if any) its prompts get."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
@@ -189,7 +189,7 @@ class GRPOSpec(FinetuneSpec):
 class PairFiles(BaseModel):
     """jsonl files of ``{"prompt": ..., "chosen": ..., "rejected": ...}``: a user message and two answers."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: Literal["files"] = "files"
     paths: list[str] = Field(min_length=1)
@@ -199,7 +199,7 @@ class PairsFromTask(BaseModel):
     """On-policy pairs: ``k`` samples per train problem from the starting model, a correct one preferred to a
     wrong one (the most correct to the least; problems whose answers are all equally right give no pair)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: Literal["task"] = "task"
     task: RLTask

@@ -77,7 +77,7 @@ def task_reward(
 class GRPOConfig(BaseModel):
     """How rollouts are sampled and how the clipped, KL-penalised objective reads them."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     group_size: int = Field(8, gt=0, description="G: completions sampled per prompt")
     max_new_tokens: int = Field(256, gt=0)

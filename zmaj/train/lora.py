@@ -30,7 +30,7 @@ from zmaj.train.step import Forward
 class LoraConfig(BaseModel):
     """Which block matrices get adapters (``fnmatch`` patterns over names like ``attn.q``, ``mlp.*``), and how."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     rank: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")

@@ -32,7 +32,7 @@ from typing import Annotated, Literal
 
 import torch
 from jaxtyping import Float
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
@@ -50,10 +50,14 @@ EPS = 1e-7
 Key = tuple[str, ...]
 
 
+ADAMW_DEFAULTS = {"lr": 1e-3, "weight_decay": 0.0}
+"""Muon's AdamW group's settings where they differ from AdamW alone: embeddings and norms undecayed."""
+
+
 class MuonConfig(BaseModel):
     """Muon for the parameters ``muon_params`` names, AdamW (``adamw``) for those ``adamw_params`` names."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: Literal["muon"]
     lr: float = Field(0.02, gt=0, description="Muon's peak learning rate; the schedule scales it")
@@ -78,9 +82,17 @@ class MuonConfig(BaseModel):
     )
     adamw_params: list[str] = Field(["*"], description="patterns AdamW updates, of those Muon does not take")
     adamw: AdamWGroup = Field(
-        AdamWGroup(lr=1e-3, weight_decay=0.0),
-        description="AdamW for the rest; the schedule scales its lr by the same factor as Muon's",
+        AdamWGroup(**ADAMW_DEFAULTS),
+        description="AdamW for the rest (lr 1e-3, no weight decay unless given); the schedule scales its lr by "
+        "the same factor as Muon's",
     )
+
+    @field_validator("adamw", mode="before")
+    @classmethod
+    def _over_the_defaults(cls, value: object) -> object:
+        """A partial ``adamw:`` section changes only what it names: built alone, it took AdamWGroup's own
+        defaults, so ``adamw: {lr: 3e-3}`` switched on a weight decay of 0.1."""
+        return ADAMW_DEFAULTS | value if isinstance(value, dict) else value
 
     @property
     def decay_norms_and_biases(self) -> bool:

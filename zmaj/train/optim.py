@@ -19,7 +19,7 @@ class AdamWGroup(BaseModel):
     """AdamW's settings for the parameters it updates: all of them (:class:`AdamWConfig`), or those Muon leaves
     to it (``zmaj.train.muon.MuonConfig.adamw``)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     lr: float = Field(1e-3, gt=0)
     # Each in [0, 1), as torch.optim.AdamW asks: at 1 the bias correction divides by zero.
@@ -47,7 +47,7 @@ class ScheduleConfig(BaseModel):
     ``final_lr_fraction`` of the peak, which the step after the last would take (nanoGPT's and modded-nanogpt's
     convention): the last step runs a decay step above it, ``peak / 70`` for the default's WSD to 0."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)

@@ -36,7 +36,7 @@ OPTIMIZER_LAYOUT = ("train.optimizer.kind", "train.optimizer.groups")
 class LoopConfig(BaseModel):
     """What the training loop (``zmaj.train.loop``) reads of every training spec's ``train`` section."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(gt=0)
     optimizer: OptimizerConfig = Field(AdamWConfig(), description="kind: adamw (the default) or muon")
@@ -87,7 +87,7 @@ class TrainConfig(LoopConfig):
 
 
 class SampleConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     prompts: list[Annotated[str, Field(min_length=1)]] = ["def ", "import "]  # a model continues a token
     max_new_tokens: int = Field(48, ge=0)
@@ -98,7 +98,7 @@ class SampleConfig(BaseModel):
 class PretrainSpec(BaseModel):
     """Everything a pre-training run depends on; saved into the run folder so a run can be repeated."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
     model: GPTConfig
@@ -162,10 +162,26 @@ def parse(model: type[T], raw: object, where: str) -> T:
     try:
         return model.model_validate(raw)
     except pydantic.ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors()
-        )
+        problems = "; ".join(f"{dotted(e['loc'], raw)}: {e['msg']}" for e in error.errors())
         raise SpecError(f"{where}: {problems}") from None
+
+
+def dotted(loc: tuple[int | str, ...], raw: object) -> str:
+    """An error's location as the dotted path of the spec field: a tagged union (``train.optimizer``) puts its
+    tag (``adamw``) into the location, which is no key of the spec, so a name the spec does not hold on the
+    way to the field is left out (the last may be missing: a required field)."""
+    parts, node = [], raw
+    for index, part in enumerate(loc):
+        if isinstance(node, dict) and part not in node and index < len(loc) - 1:
+            continue
+        parts.append(str(part))
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return ".".join(parts) or "(top level)"
 
 
 def load(model: type[T], path: Path, overrides: list[str] | None = None) -> T:

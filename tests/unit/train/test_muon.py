@@ -206,7 +206,9 @@ def pretrain_spec(optimizer: dict[str, object], **train: object) -> dict[str, ob
         ({"adamw_params": ["embed.*", "positions.*"]}, "parameter blocks.attn_norm.weight is in no group"),
         ({"muon_params": ["blocks.atn.*.weight"]}, "'blocks.atn.*.weight' matches no parameter"),
         ({"muon_params": [], "adamw_params": ["*"]}, "kind muon, but no parameter is Muon's"),
-        ({"adamw": {"betas": [1.0, 0.95]}}, "train.optimizer.muon.adamw.betas.0"),
+        # The path of the spec's field: pydantic puts the union's tag (muon) in it, which no spec spells.
+        ({"adamw": {"betas": [1.0, 0.95]}}, "spec.yaml: train.optimizer.adamw.betas.0:"),
+        ({"lr": float("inf")}, "spec.yaml: train.optimizer.lr: Input should be a finite number"),
     ],
 )
 def test_bad_groups_are_refused_at_spec_validation_naming_the_parameter(
@@ -228,8 +230,16 @@ def test_lora_adapters_under_muon_are_refused_not_left_to_adamw() -> None:
 @pytest.mark.parametrize("betas", [(1.0, 0.95), (0.9, 1.0), (-0.5, 0.95)])
 def test_adamw_betas_outside_0_1_are_refused(betas: tuple[float, float]) -> None:
     """torch.optim.AdamW refuses them; at 1 the bias correction divides by zero and the first step is NaN."""
-    with pytest.raises(SpecError, match=r"train\.optimizer\.adamw\.betas\.[01]"):
+    with pytest.raises(SpecError, match=r"spec\.yaml: train\.optimizer\.betas\.[01]:"):
         parse(PretrainSpec, pretrain_spec({"lr": 0.01, "betas": list(betas)}), "spec.yaml")
+
+
+def test_a_partial_adamw_group_keeps_muons_defaults_for_what_it_leaves_out() -> None:
+    """Built from its own defaults, ``adamw: {lr: ...}`` switched on AdamWGroup's weight decay of 0.1."""
+    spec = parse(PretrainSpec, pretrain_spec({"kind": "muon", "adamw": {"lr": 3e-3}}), "spec.yaml")
+    assert isinstance(spec.train.optimizer, muon.MuonConfig)
+    assert spec.train.optimizer.adamw == optim.AdamWGroup(lr=3e-3, weight_decay=0.0)
+    assert muon.MuonConfig(kind="muon").adamw == optim.AdamWGroup(lr=1e-3, weight_decay=0.0)
 
 
 def test_an_adamw_spec_without_kind_parses_as_before_and_muon_may_be_sharded() -> None:
