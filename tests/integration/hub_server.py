@@ -94,6 +94,14 @@ class FakeHub:
                 for o in objects
             ]
             return 200, {"transfer": "basic", "objects": actions}
+        if method == "GET" and (match := re.fullmatch(rf"/api/{repo_path}/tree/(?P<rev>[^/]+)", route)):
+            repo = self.repos.get(match["repo"])
+            if repo is None or match["rev"] not in repo.branches:
+                return 404, {"error": f"Repository or revision not found: {match['repo']}@{match['rev']}"}
+            tree = repo.branches[match["rev"]]
+            return 200, [
+                {"type": "file", "path": p, "size": len(b), "oid": "0" * 40} for p, b in tree.items()
+            ]
         match = re.fullmatch(rf"/api/{repo_path}/(?P<action>branch|preupload|commit)/(?P<rev>[^/]+)", route)
         if method != "POST" or match is None:
             return 404, {"error": f"the fake Hub has no {method} {route}"}
@@ -142,6 +150,9 @@ class FakeHub:
                 if value["oid"] not in self.lfs:
                     return 400, {"error": f"LFS object {value['oid']} was never uploaded"}
                 files[value["path"]] = self.lfs[value["oid"]]
+            elif line["key"] == "deletedFile":
+                if files.pop(value["path"], None) is None:
+                    return 404, {"error": f"no file {value['path']} to delete"}
             else:
                 return 400, {"error": f"the fake Hub does not support {line['key']}"}
         repo.branches[branch] = files

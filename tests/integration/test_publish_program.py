@@ -75,6 +75,19 @@ def test_a_second_upload_to_an_existing_public_repo(hub: FakeHub, folder: Path) 
     assert hub.files("me/tiny") == local_files(folder)
 
 
+def test_an_upload_replaces_what_the_repo_held(hub: FakeHub, folder: Path, tmp_path: Path) -> None:
+    """A file of an earlier upload that the folder no longer has goes in the same commit: a single
+    model.safetensors left beside new shards is what transformers would load."""
+    shutil.copytree(folder, tmp_path / "again")
+    (tmp_path / "again" / "old-notes.txt").write_text("from the first upload")
+    code, _, err = run("publish.py", tmp_path / "again", "--repo-id", "me/tiny")
+    assert code == 0, err
+    (tmp_path / "again" / "old-notes.txt").unlink()
+    code, _, err = run("publish.py", tmp_path / "again", "--repo-id", "me/tiny")
+    assert code == 0, err
+    assert hub.files("me/tiny") == local_files(folder)
+
+
 def test_dry_run_lists_files_and_card_and_contacts_nothing(
     hub: FakeHub, folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -97,7 +97,8 @@ def publish(
     message: str | None = None,
 ) -> str:
     """Upload ``folder`` to ``repo_id`` (created if missing; private only if it is created here), on branch
-    ``revision`` (created from main if missing); the URL of the commit."""
+    ``revision`` (created from main if missing), in one commit that also deletes what the folder does not hold;
+    the URL of the commit."""
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type=repo_type, private=True if private else None, exist_ok=True)
     if revision is not None:
@@ -112,5 +113,8 @@ def publish(
         repo_type=repo_type,
         revision=revision,
         commit_message=message or f"Upload {folder.name} with zmaj",
+        # The repository becomes the folder: a file of an earlier upload that the folder no longer has (a single
+        # model.safetensors where shards came since) would stay, and transformers would load it.
+        delete_patterns="*",
     )
     return str(commit.commit_url)
