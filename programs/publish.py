@@ -26,7 +26,7 @@ from huggingface_hub import get_token
 from huggingface_hub.errors import HfHubHTTPError
 from loguru import logger
 
-from zmaj.convert.load import check_destination
+from zmaj.convert.load import check_destination, check_replaceable
 from zmaj.extras import MissingExtraError
 from zmaj.publish.dataset import dataset_card, task_dataset, token_dataset, write_dataset_folder
 from zmaj.publish.hub import CARD_FILE, check_dataset_folder, check_model_folder, publish, upload_files
@@ -85,8 +85,21 @@ def build_dataset(args: argparse.Namespace, folder: Path) -> Path:
         )
     else:
         raise ValueError(f"--dataset {args.dataset}: expected task:NAME or tokens:DIR[,DIR...]")
+    if args.out is not None:
+        check_out(args.out)
     card = dataset_card(data, name=name, license=args.license, description=description)
     return write_dataset_folder(data, card, folder)
+
+
+def check_out(folder: Path) -> None:
+    """``--out`` is replaced whole: refuse one that holds anything but a dataset folder this program wrote
+    (its card and ``data/``), so that a mistyped path deletes nothing."""
+    check_replaceable(folder)
+    if folder.is_dir() and not {entry.name for entry in folder.iterdir()} <= {CARD_FILE, "data"}:
+        raise ValueError(
+            f"--out {folder} holds files a dataset folder does not, and writing it replaces the whole folder: "
+            "name a new folder, or one this program wrote"
+        )
 
 
 def main() -> None:

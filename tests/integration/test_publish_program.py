@@ -224,4 +224,29 @@ def test_dataset_dry_run_and_bad_sources(
     assert code == 2, err
     assert "holds the source" in err
     assert (tokens / "meta.json").read_text() == "{}"
+    # So is a folder of other files (it was replaced, even with --dry-run), and the current folder.
+    task = [
+        "--dataset",
+        "task:arithmetic",
+        "--n-train",
+        "3",
+        "--n-test",
+        "2",
+        "--repo-id",
+        "me/a",
+        "--dry-run",
+    ]
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("mine")
+    code, _, err = run("publish.py", *task, "--out", tmp_path / "precious")
+    assert code == 2, err
+    assert "holds files a dataset folder does not" in err
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
+    monkeypatch.chdir(tmp_path / "precious")
+    code, _, err = run("publish.py", *task, "--out", ".")
+    assert code == 2, err
+    assert "is the current folder or holds it" in err
+    for _ in range(2):  # the second time, a folder this program wrote: replaced
+        code, _, err = run("publish.py", *task, "--out", tmp_path / "written")
+        assert code == 0, err
     assert hub.requests == []

@@ -212,9 +212,8 @@ def save_zmaj(model: Pretrained, folder: str | Path) -> Path:
 def check_destination(folder: Path, source: Path) -> None:
     """Refuse to write a folder that is ``source`` or holds it, or holds the base model that a LoRA run
     ``source`` is read with: writing replaces the whole folder, so the source would be deleted with it
-    (``convert.py models/x/x.gguf models/x``). Also refuse a file in its place."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file; the destination must be a folder (replaced if it exists)")
+    (``convert.py models/x/x.gguf models/x``). Also refuse what :func:`check_replaceable` refuses."""
+    check_replaceable(folder)
     if source.resolve().is_relative_to(folder.resolve()):
         relation = "is" if source.resolve() == folder.resolve() else "holds"
         raise ValueError(
@@ -232,6 +231,18 @@ def check_destination(folder: Path, source: Path) -> None:
             )
         run = base
         seen.add(base.resolve())
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse a destination folder that writing cannot replace whole: a file, or the current folder or one
+    holding it (``export.py RUN .`` failed at the rename, leaving the whole staged model beside it)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; the destination must be a folder (replaced if it exists)")
+    if Path.cwd().resolve().is_relative_to(folder.resolve()):
+        raise ValueError(
+            f"{folder} is the current folder or holds it, and writing it replaces the whole folder: "
+            "write somewhere else"
+        )
 
 
 def _lora_base(path: Path) -> Path | None:
