@@ -18,18 +18,21 @@ A missing token or a failed check is a one-line error with exit status 2, before
 """
 
 import argparse
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 from huggingface_hub import get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils._validators import validate_repo_id
 from loguru import logger
 
 from zmaj.convert.load import check_destination, check_replaceable
 from zmaj.extras import MissingExtraError
 from zmaj.publish.dataset import dataset_card, task_dataset, token_dataset, write_dataset_folder
 from zmaj.publish.hub import CARD_FILE, check_dataset_folder, check_model_folder, publish, upload_files
+from zmaj.train.runs import positive
 from zmaj.train.spec import key_values
 
 
@@ -38,7 +41,7 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("folder", nargs="?", type=Path, help="a model folder written by programs/export.py")
-    parser.add_argument("--repo-id", required=True, help="USER/NAME (or ORG/NAME) on the Hub")
+    parser.add_argument("--repo-id", required=True, type=repo_id, help="USER/NAME (or ORG/NAME) on the Hub")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", metavar="BRANCH", help="upload to this branch (created if missing)")
     parser.add_argument("--message", help="the commit message")
@@ -47,9 +50,11 @@ def parse_args() -> argparse.Namespace:
     group.add_argument("--dataset", metavar="SOURCE", help="task:NAME or tokens:DIR[,DIR...]")
     group.add_argument("--set-task", dest="task_options", action="append", default=[], metavar="KEY=VALUE")
     group.add_argument(
-        "--n-train", type=int, default=1000, help="task problems in train (default: %(default)s)"
+        "--n-train", type=positive, default=1000, help="task problems in train (default: %(default)s)"
     )
-    group.add_argument("--n-test", type=int, default=200, help="task problems in test (default: %(default)s)")
+    group.add_argument(
+        "--n-test", type=positive, default=200, help="task problems in test (default: %(default)s)"
+    )
     group.add_argument("--seed", type=int, default=0, help="which problems (default: %(default)s)")
     group.add_argument(
         "--license", default="apache-2.0", help="the dataset card's license (default: %(default)s)"
@@ -61,6 +66,17 @@ def parse_args() -> argparse.Namespace:
     if (args.folder is None) == (args.dataset is None):
         parser.error("give a model FOLDER or --dataset SOURCE (one of them)")
     return args
+
+
+def repo_id(text: str) -> str:
+    """An argparse type: a repository id the Hub accepts, checked before anything is built or sent."""
+    if not re.fullmatch(r"([\w.-]+/)?[\w.-]+", text):
+        raise argparse.ArgumentTypeError(f"expected NAME or USER/NAME (letters, digits, - _ .), got {text!r}")
+    try:
+        validate_repo_id(text)
+    except HFValidationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def build_dataset(args: argparse.Namespace, folder: Path) -> Path:

@@ -18,6 +18,7 @@ import pytest
 
 from tests.integration import finetune_fixtures
 from tests.integration.hub_server import FakeHub
+from tests.integration.programs import run_program
 from tests.integration.test_finetune_programs import run
 from zmaj.publish.export import export_model
 from zmaj.tasks import get_task
@@ -119,6 +120,8 @@ def test_no_token_exits_2_before_any_request(
         ("config", "transformers cannot read it"),
         ("license", "no license"),
         ("card bytes", "README.md: not UTF-8 text (byte 0xff at offset 3)"),
+        ("card yaml", "README.md: the card's metadata cannot be read"),
+        ("index", "model.safetensors.index.json: not a shard index"),
     ],
 )
 def test_a_broken_folder_exits_2_before_any_request(
@@ -129,6 +132,10 @@ def test_a_broken_folder_exits_2_before_any_request(
         (broken / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     elif breakage == "card bytes":
         (broken / "README.md").write_bytes(b"---\xff\n")
+    elif breakage == "card yaml":
+        (broken / "README.md").write_text("---\ntags: [zmaj\n---\n")
+    elif breakage == "index":
+        (broken / "model.safetensors.index.json").write_text('{"metadata": {}}')
     elif breakage == "license":
         card = (broken / "README.md").read_text()
         (broken / "README.md").write_text(card.replace("license: mit\n", ""))
@@ -136,9 +143,20 @@ def test_a_broken_folder_exits_2_before_any_request(
         (broken / breakage).unlink()
     code, _, err = run("publish.py", broken, "--repo-id", "me/tiny")
     assert code == 2, err
+    assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1, err
     assert message in errors[0], err
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"), [(["--repo-id", "a/b/c"], "--repo-id"), (["--n-train", "-5"], "--n-train")]
+)
+def test_bad_flags_exit_2_before_anything_is_built(hub: FakeHub, flags: list[str], message: str) -> None:
+    result = run_program("publish.py", "--dataset", "task:arithmetic", "--repo-id", "me/a", *flags)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
     assert hub.requests == []
 
 

@@ -14,6 +14,7 @@ Checks run before any request, so a broken folder never becomes a broken reposit
 
 from pathlib import Path
 
+import yaml
 from huggingface_hub import DatasetCard, HfApi, ModelCard, RepoCard
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from loguru import logger
@@ -39,7 +40,14 @@ def read_card(folder: Path, kind: type[RepoCard] = ModelCard) -> RepoCard:
     path = folder / CARD_FILE
     if not path.is_file():
         raise ValueError(f"{folder}: no {CARD_FILE} (model card)")
-    card: RepoCard = kind(read_text(path))  # what kind.load(path) parses, with a one-line error if not UTF-8
+    try:
+        card: RepoCard = kind(
+            read_text(path)
+        )  # what kind.load(path) parses, with a one-line error if not UTF-8
+    except (yaml.YAMLError, ValueError) as error:  # metadata that is not YAML, or not a mapping
+        raise ValueError(
+            f"{path}: the card's metadata cannot be read: {' '.join(str(error).split())}"
+        ) from None
     if not card.data.to_dict().get("license"):  # type: ignore[no-untyped-call]
         raise ValueError(f"{path}: the card's metadata names no license")
     return card
@@ -58,7 +66,11 @@ def check_model_folder(folder: Path) -> ModelCard:
     except (ValueError, KeyError, OSError) as error:
         raise ValueError(f"{folder}/config.json: transformers cannot read it: {error}") from None
     if (folder / INDEX_FILE).is_file():
-        shards = set(read_json(folder / INDEX_FILE)["weight_map"].values())
+        index = read_json(folder / INDEX_FILE)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{folder / INDEX_FILE}: not a shard index (no weight_map mapping)")
+        shards = set(weight_map.values())
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:
             raise ValueError(f"{folder}: {INDEX_FILE} names missing shards {missing}")
