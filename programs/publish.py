@@ -163,6 +163,9 @@ def upload(args: argparse.Namespace, scratch: Path) -> None:
     except HfHubHTTPError as error:
         logger.error(f"upload to {args.repo_id} failed: {str(error).splitlines()[0]}")
         sys.exit(1)
+    except ValueError as error:  # a repository that cannot take this upload as asked
+        logger.error(str(error))
+        sys.exit(2)
     logger.info(f"uploaded {len(files)} files to {args.repo_id}: {url}")
 
 

@@ -94,6 +94,11 @@ class FakeHub:
                 for o in objects
             ]
             return 200, {"transfer": "basic", "objects": actions}
+        if method == "GET" and (match := re.fullmatch(rf"/api/{repo_path}", route)):
+            repo = self.repos.get(match["repo"])
+            if repo is None:
+                return 404, {"error": f"Repository not found: {match['repo']}"}
+            return 200, {"id": match["repo"], "private": repo.private, "sha": "0" * 40}
         if method == "GET" and (match := re.fullmatch(rf"/api/{repo_path}/tree/(?P<rev>[^/]+)", route)):
             repo = self.repos.get(match["repo"])
             if repo is None or match["rev"] not in repo.branches:

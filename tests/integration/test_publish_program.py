@@ -74,6 +74,11 @@ def test_a_second_upload_to_an_existing_public_repo(hub: FakeHub, folder: Path) 
     assert len(creates) == 2
     assert all("visibility" not in c for c in creates)
     assert hub.files("me/tiny") == local_files(folder)
+    # --private cannot make it private: refused, rather than uploaded in public.
+    code, _, err = run("publish.py", folder, "--repo-id", "me/tiny", "--private")
+    assert code == 2, err
+    assert "--private: me/tiny exists and is public" in err
+    assert len([r for r in hub.requests if "/commit/" in r.path]) == 2
 
 
 def test_an_upload_replaces_what_the_repo_held(hub: FakeHub, folder: Path, tmp_path: Path) -> None:

@@ -113,6 +113,11 @@ def publish(
     the URL of the commit."""
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type=repo_type, private=True if private else None, exist_ok=True)
+    if private and not api.repo_info(repo_id, repo_type=repo_type).private:  # an existing public one is kept
+        raise ValueError(
+            f"--private: {repo_id} exists and is public, so the upload would be public; make it private on "
+            "the Hub first, or leave out --private"
+        )
     if revision is not None:
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
     files = upload_files(folder)
