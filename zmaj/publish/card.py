@@ -23,6 +23,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from zmaj.convert.load import LORA_FILE, MODEL_FILE, Pretrained
 from zmaj.data.text import read_jsonl, read_text
+from zmaj.train import checkpoint
 from zmaj.train.report import RUN_FILE
 
 RunKind = Literal["pretraining", "sft", "grpo", "dpo"]
@@ -48,6 +49,9 @@ class Run:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     sessions: list[dict[str, Any]] = field(default_factory=list)
     curve: Path | None = None
+    checkpoint_step: int | None = None
+    """The step of the checkpoint exported: the rows after it (a run killed between two checkpoints, or an
+    older checkpoint named) are not in the weights. None: every row counts."""
 
     @property
     def lora(self) -> bool:
@@ -59,20 +63,32 @@ class Run:
         return None if self.kind == "pretraining" else HUB_IDS.get(str(self.spec.get("model")))
 
     @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The metrics rows of the exported weights: none after its checkpoint's step."""
+        bound = self.checkpoint_step
+        return [r for r in self.metrics if bound is None or int(r["step"]) <= bound]
+
+    @property
     def steps(self) -> int:
+        return max((int(r["step"]) for r in self.rows if "loss" in r or "reward" in r), default=0)
+
+    @property
+    def steps_recorded(self) -> int:
+        """The last step the run recorded, which may be past the exported checkpoint's."""
         return max((int(r["step"]) for r in self.metrics if "loss" in r or "reward" in r), default=0)
 
     @property
     def tokens_seen(self) -> int | None:
-        """Training tokens: every token of every step for pre-training, the learned (assistant) tokens for SFT;
-        None where the run does not record them."""
-        if self.kind == "pretraining":
+        """Training tokens, as each step recorded them (``tokens``: those with a loss; ``assistant_tokens`` in SFT
+        runs written before the programs shared one loop); None where the run does not record them. Pre-training
+        steps that recorded none (older runs) count batch x sequence length from the spec."""
+        counts = [r.get("tokens", r.get("assistant_tokens")) for r in self.rows if "loss" in r]
+        if self.kind == "pretraining" and None in counts:
             train, data = self.spec["train"], self.spec["data"]
-            return self.steps * int(train["batch_size"] * train.get("grad_accum", 1) * data["seq_len"])
-        # "tokens" since the programs share one loop; "assistant_tokens" in SFT runs written before.
-        counts = [r.get("tokens", r.get("assistant_tokens")) for r in self.metrics if "loss" in r]
+            per_step = int(train["batch_size"] * train.get("grad_accum", 1) * data["seq_len"])
+            counts = [per_step if count is None else count for count in counts]
         known = [count for count in counts if count is not None]
-        return int(sum(known)) if known else None
+        return int(sum(known)) if known or self.kind == "pretraining" else None
 
     @property
     def wall_seconds(self) -> float | None:
@@ -100,15 +116,20 @@ class Run:
 
 
 def read_run(folder: Path) -> Run | None:
-    """The run recorded in ``folder``, or None when it is not a run folder (a GGUF file, an HF folder...)."""
+    """The run recorded in ``folder``, a run or one checkpoint folder of a run, described as far as the checkpoint
+    that ``load_model`` reads from it; None when it is not a run (a GGUF file, an HF folder...)."""
+    exported = None
+    if (folder / checkpoint.STATE).is_file() and folder.parent.name == checkpoint.CHECKPOINTS:
+        folder, exported = folder.parent.parent, folder
     spec_file = folder / "spec.yaml"
-    if not (folder.is_dir() and spec_file.is_file() and (folder / "checkpoints").is_dir()):
+    if not (folder.is_dir() and spec_file.is_file() and (folder / checkpoint.CHECKPOINTS).is_dir()):
         return None
+    step = int(checkpoint.load_meta(exported or checkpoint.latest(folder))["step"])
     spec = yaml.safe_load(read_text(spec_file))
     metrics = _jsonl(folder / "metrics.jsonl")
     sessions = _jsonl(folder / RUN_FILE)
     curve = next((folder / name for name in CURVES if (folder / name).is_file()), None)
-    return Run(folder, _kind(folder, spec), spec, metrics, sessions, curve)
+    return Run(folder, _kind(folder, spec), spec, metrics, sessions, curve, step)
 
 
 def _kind(folder: Path, spec: dict[str, Any]) -> RunKind:
@@ -205,7 +226,10 @@ def _training(run: Run) -> str:
     tokens = run.tokens_seen
     seen = f"{tokens:,} tokens" if tokens is not None else "tokens not recorded"
     learned = " (assistant tokens, the only ones with a loss)" if run.kind == "sft" and tokens else ""
-    lines.append(f"Steps: {run.steps:,}; {seen}{learned}.\n")
+    steps = f"Steps: {run.steps:,}"
+    if run.steps_recorded > run.steps:
+        steps += f" (the exported checkpoint's; the run's log goes on to step {run.steps_recorded:,})"
+    lines.append(f"{steps}; {seen}{learned}.\n")
     return "\n".join(lines)
 
 
@@ -235,7 +259,7 @@ def _describe(source: dict[str, Any]) -> str:
 def _results(run: Run) -> str:
     lines = ["## Results\n"]
     if run.kind == "pretraining":
-        final = next((r for r in reversed(run.metrics) if r.get("final")), None)
+        final = next((r for r in reversed(run.rows) if r.get("final")), None)
         if final is None:
             return "## Results\n\nThe run did not finish; no final evaluation was recorded.\n"
         lines += [
@@ -248,7 +272,7 @@ def _results(run: Run) -> str:
         if "unigram_bpb" in final:
             lines.append(f"| unigram baseline, bits per byte | {final['unigram_bpb']:.4f} |")
         return "\n".join(lines) + "\n"
-    evals = [r for r in run.metrics if "eval_accuracy" in r]
+    evals = [r for r in run.rows if "eval_accuracy" in r]
     task = (run.spec.get("eval") or {}).get("task")
     if not evals:
         return "## Results\n\nNo held-out evaluation was recorded.\n"
@@ -268,8 +292,11 @@ def _results(run: Run) -> str:
 def _compute(run: Run) -> str:
     seconds = run.wall_seconds
     wall = "not recorded" if seconds is None else f"{_duration(seconds)} ({seconds:,.1f} s)"
+    killed = f"{run.killed_sessions} session(s) killed before recording their end"
     if seconds is not None and run.killed_sessions:
-        wall = f"at least {wall}, without {run.killed_sessions} session(s) killed before recording their end"
+        wall = f"at least {wall}, without {killed}"
+    elif run.killed_sessions:
+        wall = f"{wall}, with {killed}"
     hardware = run.hardware or "not recorded"
     return f"## Compute\n\nHardware: {hardware}. Wall time: {wall}.\n"
 

@@ -1,6 +1,7 @@
 """The card's facts that no end-to-end run shows: Hub ids of shipped base models, wall time over resumed sessions,
 token counts, and shard sizes."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -59,13 +60,49 @@ def test_without_sessions_wall_time_is_the_pretraining_summarys_or_unknown() -> 
     assert Run(Path("run"), "sft", {}, [{"step": 3, "loss": 1.0}]).wall_seconds is None
 
 
-def test_pretraining_tokens_are_steps_times_batch_times_sequence() -> None:
+def test_tokens_are_those_each_step_recorded_else_steps_times_batch_times_sequence() -> None:
     spec = {"train": {"batch_size": 8, "grad_accum": 2}, "data": {"seq_len": 64}}
     metrics = [{"step": s, "loss": 1.0} for s in range(1, 11)] + [{"step": 10, "final": True, "val_loss": 1}]
     assert Run(Path("run"), "pretraining", spec, metrics).tokens_seen == 10 * 8 * 2 * 64
+    # Recorded counts win over the spec, which a resume with --set train.batch_size=... rewrites.
+    recorded = [{"step": s, "loss": 1.0, "tokens": 127.0} for s in range(1, 5)] + metrics[4:]
+    assert Run(Path("run"), "pretraining", spec, recorded).tokens_seen == 4 * 127 + 6 * 8 * 2 * 64
     sft = [{"step": 1, "loss": 1.0, "assistant_tokens": 30}, {"step": 2, "loss": 1.0, "assistant_tokens": 12}]
     assert Run(Path("run"), "sft", {}, sft).tokens_seen == 42
     assert Run(Path("run"), "grpo", {}, [{"step": 1, "reward": 0.5}]).tokens_seen is None
+
+
+def _killed_run(folder: Path) -> Path:
+    """An SFT run killed after step 83 whose last checkpoint is step 50, evaluated every 40 steps."""
+    (folder / "checkpoints" / "step-0000050").mkdir(parents=True)
+    (folder / "checkpoints" / "step-0000050" / "state.json").write_text('{"step": 50}')
+    (folder / "checkpoints" / "latest").write_text("step-0000050\n")
+    (folder / "model.json").write_text("{}")
+    (folder / "spec.yaml").write_text("model: /models/tiny\ndata: {kind: task, task: arithmetic}\n")
+    evals = {"eval_n": 8, "eval_low": 0.1, "eval_high": 0.9, "eval_format_rate": 1.0}
+    rows = [{"step": s, "eval_accuracy": s / 100, **evals} for s in (0, 40, 80)]
+    rows += [{"step": s, "loss": 1.0, "tokens": 10} for s in range(1, 84)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / "run.jsonl").write_text('{"event": "start", "time": 0.0, "hardware": "2 CPUs"}\n')
+    return folder
+
+
+def test_a_killed_run_is_described_as_far_as_the_checkpoint_exported(tmp_path: Path) -> None:
+    folder = _killed_run(tmp_path / "run")
+    for source in (folder, folder / "checkpoints" / "step-0000050"):
+        run = card.read_run(source)
+        assert run is not None
+        assert (run.folder, run.kind) == (folder, "sft")
+        assert (run.checkpoint_step, run.steps, run.tokens_seen) == (50, 50, 500)
+        assert "Steps: 50 (the exported checkpoint's; the run's log goes on to step 83); 500 tokens" in (
+            card._training(run)
+        )
+        results = card._results(run)
+        assert "| 40 | 0.400 |" in results
+        assert "| 80 |" not in results
+        assert "Wall time: not recorded, with 1 session(s) killed before recording their end." in (
+            card._compute(run)
+        )
 
 
 @pytest.mark.parametrize(
