@@ -273,18 +273,33 @@ def _results(run: Run) -> str:
             lines.append(f"| unigram baseline, bits per byte | {final['unigram_bpb']:.4f} |")
         return "\n".join(lines) + "\n"
     evals = [r for r in run.rows if "eval_accuracy" in r]
-    task = (run.spec.get("eval") or {}).get("task")
     if not evals:
         return "## Results\n\nNo held-out evaluation was recorded.\n"
+    first, last = evals[0], evals[-1]
+    # Rows written since they record their setup (``eval_setup``) say what was evaluated; for older rows, the
+    # spec's eval section, which a resume may have rewritten, is the best guess, and the rows' sizes the check.
+    setup = last.get("eval_setup") or run.spec.get("eval") or {}
+    same = first.get("eval_setup") == last.get("eval_setup") and first.get("eval_n") == last.get("eval_n")
+    shown = [first, last] if len(evals) > 1 and same else [last]
+    task = f"`{setup['task']}`" if setup.get("task") else "a task the run's spec no longer names"
+    if setup.get("options"):
+        task += f" (options {setup['options']})"
+    problems = (
+        "problems of the train split (not held out)" if setup.get("split") == "train" else "held-out problems"
+    )
+    lines.append(f"Accuracy on {problems} of {task}, greedy answers, with 95% Wilson intervals:\n")
     lines += [
-        f"Accuracy on held-out problems of `{task}`, greedy answers, with 95% Wilson intervals:\n",
         "| step | accuracy | 95% interval | problems | well-formed |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for r in (evals[0], evals[-1]) if len(evals) > 1 else evals:
+    for r in shown:
         lines.append(
             f"| {r['step']} | {r['eval_accuracy']:.3f} | [{r['eval_low']:.3f}, {r['eval_high']:.3f}] "
             f"| {int(r['eval_n'])} | {r['eval_format_rate']:.3f} |"
+        )
+    if len(evals) > 1 and not same:
+        lines.append(
+            f"\nThe evaluation at step {first['step']} had another setup, so it is not compared with this one."
         )
     return "\n".join(lines) + "\n"
 

@@ -105,6 +105,38 @@ def test_a_killed_run_is_described_as_far_as_the_checkpoint_exported(tmp_path: P
         )
 
 
+def _eval(step: int, n: int = 8, **setup: object) -> dict[str, object]:
+    row = {"step": step, "eval_n": n, "eval_accuracy": 0.5, "eval_low": 0.2, "eval_high": 0.8}
+    return row | {"eval_format_rate": 1.0} | ({"eval_setup": setup} if setup else {})
+
+
+def test_results_say_what_was_evaluated_and_compare_only_evaluations_of_one_setup() -> None:
+    arithmetic = {"task": "arithmetic", "split": "test", "n": 8}
+    both = card._results(Run(Path("r"), "sft", {"eval": arithmetic}, [_eval(0), _eval(6)]))
+    assert "held-out problems of `arithmetic`" in both
+    assert "| 0 | 0.500 |" in both
+    assert "| 6 | 0.500 |" in both
+    # A resume with --set eval=null: the rows still say nothing of their task, but "None" is not one.
+    gone = card._results(Run(Path("r"), "sft", {"eval": None}, [_eval(6)]))
+    assert "None" not in gone
+    assert "a task the run's spec no longer names" in gone
+    train = card._results(Run(Path("r"), "sft", {"eval": arithmetic | {"split": "train"}}, [_eval(6)]))
+    assert "problems of the train split (not held out)" in train
+    assert "held-out" not in train
+    # Another number of problems (eval.n changed on resume) is another setup: only the last row is shown.
+    resized = card._results(Run(Path("r"), "sft", {"eval": arithmetic}, [_eval(0, 8), _eval(6, 4)]))
+    assert "| 0 |" not in resized
+    assert "The evaluation at step 0 had another setup" in resized
+    # Rows that record their setup are labelled by it, not by the spec, and compared only when it is the same.
+    rows = [
+        _eval(0, task="arithmetic", options={"digits": 1}),
+        _eval(6, task="arithmetic", options={"digits": 3}),
+    ]
+    recorded = card._results(Run(Path("r"), "sft", {"eval": {"task": "other"}}, rows))
+    assert "`arithmetic` (options {'digits': 3})" in recorded
+    assert "| 0 |" not in recorded
+
+
 @pytest.mark.parametrize(
     ("text", "size"),
     [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1000", 1000), ("1.5kb", 1500)],
