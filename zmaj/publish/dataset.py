@@ -29,6 +29,17 @@ from zmaj.tasks import Split, get_task
 
 DATA_DIR = "data"
 
+TASK_FEATURES = datasets.Features(
+    {
+        "prompt": datasets.Value("string"),
+        "answer": datasets.Value("string"),
+        "solution": datasets.Value("string"),
+        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+    }
+)
+TOKEN_FEATURES = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
+"""The columns, given rather than inferred from the rows, which a split without one could not tell."""
+
 Splits = dict[str, datasets.Dataset]
 """Rows per split name. (Not ``datasets.DatasetDict``, which the runtime type checker fails to recognise.)"""
 
@@ -39,7 +50,13 @@ def task_dataset(name: str, options: Mapping[str, Any], n_train: int, n_test: in
     splits: Splits = {}
     plan: tuple[tuple[Split, int], ...] = (("train", n_train), ("test", n_test))
     for split, n in plan:
+        if n < 1:
+            raise ValueError(
+                f"n_{split} must be at least 1 (an empty {split} split cannot be loaded), got {n}"
+            )
         problems = task.problems(split, n, seed)
+        if not problems:
+            raise ValueError(f"the task {name!r} has no {split} problems: the {split} split would be empty")
         splits[split] = datasets.Dataset.from_list(
             [
                 {
@@ -52,7 +69,8 @@ def task_dataset(name: str, options: Mapping[str, Any], n_train: int, n_test: in
                     ],
                 }
                 for p in problems
-            ]
+            ],
+            features=TASK_FEATURES,
         )
     return splits
 
@@ -67,8 +85,10 @@ def token_dataset(directories: list[Path]) -> Splits:
         if split in splits:
             raise ValueError(f"{directory}: a second token file for split {split!r}")
         tokens = TokenFile.open(directory)
+        if tokens.n_documents == 0:
+            raise ValueError(f"{directory} holds no documents: the {split} split would be empty")
         rows = [np.asarray(tokens.document(i), dtype=np.int64).tolist() for i in range(tokens.n_documents)]
-        splits[split] = datasets.Dataset.from_dict({"input_ids": rows})
+        splits[split] = datasets.Dataset.from_dict({"input_ids": rows}, features=TOKEN_FEATURES)
     return splits
 
 

@@ -1,0 +1,42 @@
+"""Dataset folders that ``datasets.load_dataset`` reads back: columns typed even where rows could not tell, and
+no empty split (which it cannot read)."""
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from zmaj.publish.dataset import dataset_card, task_dataset, token_dataset, write_dataset_folder
+
+
+def token_file(directory: Path, split: str, documents: list[list[int]]) -> Path:
+    """A token file as ``zmaj.data.tokens.tokenize_split`` lays it out."""
+    directory.mkdir()
+    np.asarray([t for d in documents for t in d], dtype=np.uint16).tofile(directory / "tokens.bin")
+    np.save(directory / "offsets.npy", np.cumsum([0, *map(len, documents)]).astype(np.int64))
+    meta = {"dtype": "uint16", "n_tokens": sum(map(len, documents)), "vocab_size": 300, "eos_id": 1}
+    (directory / "meta.json").write_text(json.dumps(meta | {"pad_id": 0, "split": split}))
+    return directory
+
+
+def test_a_token_dataset_loads_back_with_its_columns(tmp_path: Path) -> None:
+    data = token_dataset([token_file(tmp_path / "train", "train", [[5, 6, 1], [7, 1]])])
+    assert data["train"].features == datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
+    card = dataset_card(data, name="t", license="mit", description="tokens")
+    folder = write_dataset_folder(data, card, tmp_path / "out")
+    assert datasets.load_dataset(str(folder))["train"]["input_ids"] == [[5, 6, 1], [7, 1]]
+
+
+def test_an_empty_split_is_refused_naming_it(tmp_path: Path) -> None:
+    train = token_file(tmp_path / "train", "train", [[5, 1]])
+    empty = token_file(tmp_path / "validation", "validation", [])
+    with pytest.raises(
+        ValueError, match="validation holds no documents: the validation split would be empty"
+    ):
+        token_dataset([train, empty])
+    for n_train, n_test in [(0, 2), (-5, 2), (2, 0)]:
+        split = "train" if n_train < 1 else "test"
+        with pytest.raises(ValueError, match=f"n_{split} must be at least 1"):
+            task_dataset("arithmetic", {"digits": 1}, n_train, n_test)
