@@ -92,8 +92,11 @@ def token_dataset(directories: list[Path]) -> Splits:
     return splits
 
 
-def dataset_card(data: Splits, *, name: str, license: str, description: str) -> DatasetCard:
-    """The card: ``configs`` mapping each split to its Parquet file, license, tags, and the rows per split."""
+def dataset_card(
+    data: Splits, *, name: str, license: str, description: str, repo_id: str | None = None
+) -> DatasetCard:
+    """The card: ``configs`` mapping each split to its Parquet file, license, tags, and the rows per split;
+    ``repo_id`` goes into the loading snippet (a placeholder when not known yet)."""
     metadata = DatasetCardData(
         license=license,
         tags=["zmaj"],
@@ -111,7 +114,7 @@ def dataset_card(data: Splits, *, name: str, license: str, description: str) -> 
     body = (
         f"# {name}\n\n{description}\n\n| split | rows | columns |\n| --- | --- | --- |\n{rows}\n\n"
         "```python\nimport datasets\n\n"
-        f'data = datasets.load_dataset("USER/{name}")\n```\n'
+        f'data = datasets.load_dataset("{repo_id or "USER/" + name}")\n```\n'
     )
     return DatasetCard(f"---\n{metadata.to_yaml()}\n---\n\n{body}")
 

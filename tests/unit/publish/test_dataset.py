@@ -40,3 +40,12 @@ def test_an_empty_split_is_refused_naming_it(tmp_path: Path) -> None:
         split = "train" if n_train < 1 else "test"
         with pytest.raises(ValueError, match=f"n_{split} must be at least 1"):
             task_dataset("arithmetic", {"digits": 1}, n_train, n_test)
+
+
+def test_the_cards_snippet_loads_the_repository_when_known(tmp_path: Path) -> None:
+    data = token_dataset([token_file(tmp_path / "train", "train", [[5, 1]])])
+    card = dataset_card(data, name="tok", license="mit", description="tokens", repo_id="me/tok")
+    assert 'datasets.load_dataset("me/tok")' in card.content
+    assert (
+        'load_dataset("USER/tok")' in dataset_card(data, name="tok", license="mit", description="x").content
+    )
