@@ -103,7 +103,7 @@ def build_dataset(args: argparse.Namespace, folder: Path) -> Path:
         raise ValueError(f"--dataset {args.dataset}: expected task:NAME or tokens:DIR[,DIR...]")
     if args.out is not None:
         check_out(args.out)
-    card = dataset_card(data, name=name, license=args.license, description=description)
+    card = dataset_card(data, name=name, license=args.license, description=description, repo_id=args.repo_id)
     return write_dataset_folder(data, card, folder)
 
 
