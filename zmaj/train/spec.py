@@ -117,6 +117,11 @@ class PretrainSpec(BaseModel):
                 f"model.context ({self.model.context}) is shorter than data.seq_len ({self.data.seq_len})"
             )
         check_groups(gpt.init(self.model, 0, device="meta"), self.train.optimizer)
+        if self.train.compile and self.model.dropout > 0:
+            raise ValueError(
+                "train.compile: not with model.dropout above 0 (Inductor's backward of the chunked loss fails "
+                "on dropout's mask: no storage); set model.dropout to 0 or train.compile to false"
+            )
         return self
 
 

@@ -96,3 +96,5 @@ def test_a_compiled_fully_sharded_run_is_refused() -> None:
     path = next(p for p in SPECS if p.name == "stdlib-gpt2-2019.yaml")
     with pytest.raises(SpecError, match=r"train\.compile: not with train\.parallel\.kind=fsdp"):
         load(PretrainSpec, path, ["train.compile=true", "train.parallel={kind: fsdp}"])
+    with pytest.raises(SpecError, match=r"train\.compile: not with model\.dropout above 0"):
+        load(PretrainSpec, path, ["train.compile=true", "model.dropout=0.1"])  # crashed at the first step
