@@ -366,18 +366,31 @@ optimizer state's layout."""
 
 
 def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str] = FROZEN) -> S:
-    """``runs.read_spec``, with a run folder in ``model`` pinned to that run's newest checkpoint.
+    """``runs.read_spec``, with ``model`` (and GRPO's ``reference``) made absolute, and a run folder there
+    pinned to that run's newest checkpoint.
 
-    What a run starts from (LoRA's base, DPO's reference) must not change when the run it came from goes on
-    (resumed, extended) after this one started; ``spec.yaml`` and ``lora.json`` then name the checkpoint. If
-    that run later prunes the checkpoint, loading this one fails naming it, instead of merging other weights.
+    What a run starts from (LoRA's base, DPO's and GRPO's reference) must not change when the run it came from
+    goes on (resumed, extended) after this one started, nor when this one is resumed from another folder (a
+    relative path would name another model there); ``spec.yaml`` and ``lora.json`` then name the checkpoint.
+    If that run later prunes the checkpoint, loading this one fails naming it, instead of merging other weights.
     """
     spec = runs.read_spec(kind, args, frozen)
-    if spec.model.startswith("pypi:") or not (Path(spec.model) / checkpoint.CHECKPOINTS).is_dir():
-        return spec
-    pinned = checkpoint.latest(Path(spec.model)).resolve()
-    logger.info(f"model {spec.model} is a run: starting from its newest checkpoint, {pinned}")
-    return spec.model_copy(update={"model": str(pinned)})
+    named = {name: getattr(spec, name, None) for name in ("model", "reference")}
+    fixed = {name: pinned(value) for name, value in named.items() if isinstance(value, str)}
+    return spec.model_copy(update=fixed)
+
+
+def pinned(model: str) -> str:
+    """A model PATH as a fine-tuning spec keeps it: absolute, and a run folder as its newest checkpoint
+    (``pypi:`` names as they are)."""
+    if model.startswith("pypi:"):
+        return model
+    path = Path(model).resolve()
+    if not (path / checkpoint.CHECKPOINTS).is_dir():
+        return str(path)
+    newest = checkpoint.latest(path).resolve()
+    logger.info(f"{model} is a run: starting from its newest checkpoint, {newest}")
+    return str(newest)
 
 
 def write_run_files(spec: FinetuneSpec, begin: Start, run_dir: Path) -> None:

@@ -4,6 +4,7 @@ cannot work."""
 
 import argparse
 import json
+import os
 from functools import partial
 from pathlib import Path
 
@@ -255,6 +256,11 @@ def test_a_run_named_as_the_model_is_pinned_to_its_checkpoint_of_the_time(tmp_pa
     args = argparse.Namespace(spec=tmp_path / "lora.yaml", overrides=[], resume=None)
     spec = finetune.read_spec(finetune.SFTSpec, args)
     assert spec.model == str(trained_on)
+    model = str(raw["model"])
+    relative = {**raw, "model": os.path.relpath(model)}  # resumed from elsewhere, it would name another model
+    (tmp_path / "relative.yaml").write_text(json.dumps(relative))
+    args.spec = tmp_path / "relative.yaml"
+    assert finetune.read_spec(finetune.SFTSpec, args).model == str(Path(model).resolve())
     adapted = _run_with_a_checkpoint(spec, tmp_path / "lora")
     later = init_state(llama.init(finetune_fixtures.CONFIG, seed=1))
     later["opt", "step"] = torch.tensor(5)
