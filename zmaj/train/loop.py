@@ -106,14 +106,17 @@ def train(
             f"{run.dir} is at step {first}, past train.steps ({cfg.steps}): "
             f"set train.steps to at least {first}"
         )
-    if first == cfg.steps and parallel.agree(main and report.has_final(run.metrics, first)):
+    if main and run.resumed:  # checked: the spec it goes on with, so that the next --resume keeps its --set
+        run.write_spec()
+    if first == cfg.steps and parallel.agree(main and report.has_evaluation(run.metrics, first, final=True)):
         logger.info(f"{run.dir} finished at step {first}; --set train.steps=N continues it")
         return state
     if main and run.resumed and (dropped := report.drop_records_after(run.metrics, first)):
         # A run killed after its last checkpoint recorded steps it now takes again.
         logger.info(f"dropped {dropped} records past step {first} from {run.metrics}: taken again now")
-    if first == 0:
-        scores(state, 0)
+    due = first == 0 or (first % cfg.eval_every == 0 and first < cfg.steps)
+    if due and not parallel.agree(main and report.has_evaluation(run.metrics, first, final=False)):
+        scores(state, first)  # a fresh run's first, or one a kill cut off after its step's checkpoint
     bar = tqdm(
         range(first, cfg.steps), initial=first, total=cfg.steps, desc=run.name, unit="step", disable=not main
     )

@@ -42,13 +42,16 @@ def drop_records_after(path: Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
-def has_final(path: Path, step: int) -> bool:
-    """Whether the metrics file ``path`` holds the final evaluation at ``step``: the last thing a run that
-    finished there records."""
+def has_evaluation(path: Path, step: int, final: bool) -> bool:
+    """Whether the metrics file ``path`` holds an evaluation at ``step`` (a line without a step's ``lr``), the
+    final one or a periodic one."""
     if not path.is_file():
         return False
     lines = read_text(path).split("\n")[:-1]  # as drop_records_after: a line cut short by a kill is no record
-    return any(record.get("final") and record["step"] == step for record in map(json.loads, lines))
+    return any(
+        record["step"] == step and "lr" not in record and bool(record.get("final")) == final
+        for record in map(json.loads, lines)
+    )
 
 
 RUN_FILE = "run.jsonl"

@@ -215,6 +215,9 @@ class Run(Generic[S]):
         for tracker in self._trackers:
             tracker.log(numbers, step)
 
+    def write_spec(self) -> None:
+        write_spec(self.dir, self.spec)
+
     def restore(self, fresh: TensorDict) -> TensorDict:
         """The state to start from, in this job's layout on this rank's device: ``fresh`` (a new state of the
         model, whole, best on the CPU), or when resuming, the run's newest intact checkpoint read into its
@@ -284,14 +287,23 @@ def open_run(
         if not resumed and (run_dir / checkpoint.CHECKPOINTS).exists():
             held.close()
             raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-        # A resume writes the spec it goes on with, so that the next --resume keeps this one's --set changes.
-        checkpoint.atomic_write_text(run_dir / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json")))
-        if not resumed and write is not None:
-            write(run_dir)
+        if not resumed:  # a resume writes its spec once the loop has checked it (Run.write_spec)
+            write_spec(run_dir, spec)
+            for stale in (run_dir / "metrics.jsonl", run_dir / report.RUN_FILE):
+                if stale.is_file():  # a run killed before its first checkpoint: nothing resumes it
+                    logger.warning(f"{stale} of a run that saved no checkpoint is started afresh")
+                    stale.unlink()
+            if write is not None:
+                write(run_dir)
         return run_dir
 
     run_dir = parallel.from_rank_0(claim)
     return Run(run_dir, spec, parallel, resumed, args.stop_after, _lock=held)
+
+
+def write_spec(run_dir: Path, spec: BaseModel) -> None:
+    """The run's ``spec.yaml``: what a new run is, and what a resumed one goes on with."""
+    checkpoint.atomic_write_text(run_dir / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json")))
 
 
 def _new_run_dir(parent: Path, name: str) -> Path:

@@ -156,6 +156,7 @@ def test_a_finished_run_resumed_does_nothing_and_one_past_its_steps_is_refused(t
         run_loop(resume=True, steps=10)
     assert stopped.value.code == 1
     assert (finals(), steps_on_disk(tmp_path / "run")[-1]) == ([10], "step-0000011")
+    assert "steps: 12" in (tmp_path / "run" / "spec.yaml").read_text()  # a refused resume changes nothing
 
 
 def test_a_run_killed_before_its_first_latest_resumes_from_its_step_folder(tmp_path: Path) -> None:
@@ -303,13 +304,33 @@ def test_evaluations_come_at_the_start_on_schedule_and_at_the_end(tmp_path: Path
     assert final["wall_s"] > 0
 
     # Stopped at step 5, where an evaluation is due, the run evaluates before it returns: the resumed run
-    # starts after step 5, and that evaluation used to be skipped for good.
-    seen.clear()
-    for resume in (False, True):
-        with open_run(tmp_path / "split", resume, stop_after=5) as run:
-            state = run.restore(fresh())
-            loop.train(run, state, stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate)
-    assert seen == [(0, False), (5, False), (10, True)]
+    # starts after step 5, and that evaluation used to be skipped for good. Killed during it (its record
+    # missing), the resumed run takes it first.
+    def split(kill_in_evaluation: bool) -> list[tuple[int, bool]]:
+        seen.clear()
+        shutil.rmtree(tmp_path / "split", ignore_errors=True)
+        for resume in (False, True):
+            with open_run(tmp_path / "split", resume, stop_after=5) as run:
+                state = run.restore(fresh())
+                loop.train(run, state, stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate)
+            if kill_in_evaluation and not resume:
+                lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines(keepends=True)
+                (tmp_path / "split" / "metrics.jsonl").write_text("".join(lines[:-1]))
+        return seen
+
+    assert split(kill_in_evaluation=False) == [(0, False), (5, False), (10, True)]
+    assert split(kill_in_evaluation=True) == [(0, False), (5, False), (5, False), (10, True)]
+    assert [r["step"] for r in records(tmp_path / "split") if "lr" not in r] == [0, 5, 10]
+
+
+def test_a_new_run_where_one_died_before_its_first_checkpoint_starts_its_records_afresh(
+    tmp_path: Path,
+) -> None:
+    """Its metrics (nothing resumes them) used to stay, and the new run's were appended to them."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 91, "loss": 7.0, "lr": 0.1}\n')
+    train(tmp_path / "run")
+    assert [r["step"] for r in records(tmp_path / "run") if "lr" in r] == list(range(1, 11))
 
 
 HOLD_LOCK = """
