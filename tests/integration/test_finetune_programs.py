@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from loguru import logger
 from safetensors.torch import load_file
 
@@ -90,6 +91,9 @@ def test_sft_lowers_the_loss_loads_as_the_trained_model_and_resumes_exactly(
     assert len(losses) == 6
     assert losses[-1] < losses[0] - 0.5
     assert [r["step"] for r in records(tmp_path / "straight") if "eval_accuracy" in r] == [0, 3, 6]
+    setups = [r["eval_setup"] for r in records(tmp_path / "straight") if "eval_accuracy" in r]
+    evaluated = yaml.safe_load((tmp_path / "straight" / "spec.yaml").read_text())["eval"]
+    assert setups == [evaluated] * 3  # what a model card labels the rows by
     assert (tmp_path / "straight" / "curves.png").is_file()
 
     trained, start = load_model(tmp_path / "straight"), load_model(model)

@@ -53,7 +53,7 @@ def interleaved_layer_types(n_layers: int, pattern: int = 6) -> tuple[LayerType,
 class Gemma3Config(BaseModel):
     """The shape of a Gemma 3 text model; Gemma 3 270M is ``Gemma3Config(vocab_size=262144)``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     vocab_size: int = Field(gt=0)
     context: int = Field(

@@ -57,7 +57,7 @@ from zmaj.nn.shell import Shell
 class GPTConfig(BaseModel):
     """The shape of a GPT; GPT-2 small is ``GPTConfig(vocab_size=50257, context=1024)``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     vocab_size: int = Field(gt=0)
     context: int = Field(1024, gt=0, description="longest sequence; sizes the learned position table")

@@ -33,7 +33,7 @@ from zmaj.nn.shell import Shell
 class LlamaConfig(BaseModel):
     """The shape of a Llama-family model; Llama 2 7B is ``LlamaConfig(vocab_size=32000)``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     vocab_size: int = Field(gt=0)
     context: int = Field(

@@ -124,8 +124,10 @@ def read_run(folder: Path) -> Run | None:
     spec_file = folder / "spec.yaml"
     if not (folder.is_dir() and spec_file.is_file() and (folder / checkpoint.CHECKPOINTS).is_dir()):
         return None
-    step = int(checkpoint.load_meta(exported or checkpoint.latest(folder))["step"])
     spec = yaml.safe_load(read_text(spec_file))
+    # A checkpoint counts optimizer updates; a GRPO loop step makes train.passes of them (metrics count steps).
+    updates = int(checkpoint.load_meta(exported or checkpoint.latest(folder))["step"])
+    step = updates // int(spec.get("train", {}).get("passes", 1))
     metrics = _jsonl(folder / "metrics.jsonl")
     sessions = _jsonl(folder / RUN_FILE)
     curve = next((folder / name for name in CURVES if (folder / name).is_file()), None)

@@ -158,8 +158,12 @@ def set_aside_latest(run_dir: Path, step: int, label: str) -> bool:
         (root / LATEST).unlink()
     else:
         atomic_write_text(root / LATEST, earlier.name + "\n")
-    os.replace(current, root / f"{label}-{current.name}")
+    aside = root / f"{label}-{current.name}"
+    if aside.exists():  # set aside before: the resumed run failed again at the same step
+        _move_to_trash(root, aside)
+    os.replace(current, aside)
     fsync(root)
+    _remove_leftovers(root)
     return True
 
 

@@ -598,7 +598,7 @@ def evaluator(spec: FinetuneSpec, begin: Start, parallel: Parallel) -> Evaluate 
     task = get_task(config.task, **config.options)
     problems = task.problems(config.split, config.n, config.seed)
 
-    def evaluate(state: TensorDict, step: int, final: bool) -> dict[str, float | int]:
+    def evaluate(state: TensorDict, step: int, final: bool) -> dict[str, object]:
         params = full_params(spec, begin, parallel.unshard(state["params"]))
         mine = problems[parallel.rank :: parallel.size]
         local = TaskScore(0, 0.0, 0.0, 0.0, 0.0, 0.0)  # a rank with no problem (eval.n < world size)
@@ -618,7 +618,8 @@ def evaluator(spec: FinetuneSpec, begin: Start, parallel: Parallel) -> Evaluate 
             f"step {step}: {config.task} accuracy {result.accuracy:.3f} "
             f"[{result.low:.3f}, {result.high:.3f}] on {result.n}, format {result.format_rate:.3f}"
         )
-        return result.record("eval_")
+        # What was evaluated, with the scores: a resume may change the spec's eval (a model card compares rows).
+        return {**result.record("eval_"), "eval_setup": config.model_dump(mode="json")}
 
     return evaluate
 

@@ -23,7 +23,7 @@ step, final)``. The loop owns the rest, the same for pre-training, SFT, DPO and 
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -50,9 +50,10 @@ class Step(Protocol[B_contra]):
     def __call__(self, state: TensorDict, batch: B_contra, /, *, lr: float) -> tuple[TensorDict, Metrics]: ...
 
 
-Evaluate = Callable[[TensorDict, int, bool], dict[str, float | int]]
+Evaluate = Callable[[TensorDict, int, bool], Mapping[str, object]]
 """``evaluate(state, step, final) -> scores``, run on every rank (it may use collectives); rank 0's scores
-go into the metrics file. ``final`` is the end-of-run evaluation, which may look at more."""
+go into the metrics file (numbers, and what was evaluated, which trackers leave out). ``final`` is the
+end-of-run evaluation, which may look at more."""
 
 
 class NonFiniteError(RunFailedError):

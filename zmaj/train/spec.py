@@ -175,9 +175,16 @@ def dotted(loc: tuple[int | str, ...], raw: object) -> str:
     """An error's location as the dotted path of the spec field: a tagged union (``train.optimizer``) puts its
     tag (``adamw``) into the location, which is no key of the spec, so a name the spec does not hold on the
     way to the field is left out (the last may be missing: a required field)."""
-    parts, node = [], raw
+    parts: list[str] = []
+    node = raw
     for index, part in enumerate(loc):
-        if isinstance(node, dict) and part not in node and index < len(loc) - 1:
+        # The tag is the section's kind; an optimizer without one is AdamW (OptimizerConfig's default).
+        tag = (
+            node.get("kind", "adamw" if parts[-1:] == ["optimizer"] else None)
+            if isinstance(node, dict)
+            else None
+        )
+        if isinstance(node, dict) and (part not in node or part == tag) and index < len(loc) - 1:
             continue
         parts.append(str(part))
         if isinstance(node, dict):

@@ -105,6 +105,18 @@ def test_a_killed_run_is_described_as_far_as_the_checkpoint_exported(tmp_path: P
         )
 
 
+def test_a_grpo_run_with_several_passes_is_described_as_far_as_its_checkpoints_loop_step(
+    tmp_path: Path,
+) -> None:
+    """Its checkpoint counts optimizer updates, passes per loop step, and metrics count loop steps."""
+    folder = _killed_run(tmp_path / "run")
+    (folder / "spec.yaml").write_text("model: /models/tiny\ntask: {name: arithmetic}\ntrain: {passes: 2}\n")
+    run = card.read_run(folder)
+    assert run is not None
+    assert (run.checkpoint_step, run.steps) == (25, 25)
+    assert "| 40 |" not in card._results(run)
+
+
 def _eval(step: int, n: int = 8, **setup: object) -> dict[str, object]:
     row = {"step": step, "eval_n": n, "eval_accuracy": 0.5, "eval_low": 0.2, "eval_high": 0.8}
     return row | {"eval_format_rate": 1.0} | ({"eval_setup": setup} if setup else {})

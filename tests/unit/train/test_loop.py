@@ -218,6 +218,27 @@ def test_a_non_finite_step_stops_the_run_and_nothing_resumes_from_its_state(
     assert int(resumed["opt", "step"]) == 10
 
 
+def test_a_step_non_finite_again_after_the_resume_sets_its_start_aside_again(tmp_path: Path) -> None:
+    """The resumed run saves step 4 again and fails at step 5 again: the second set-aside replaces the first
+    (renaming onto it raised OSError, a traceback with ``latest`` already moved)."""
+
+    def losses(step: int) -> tuple[float, float]:
+        return (math.nan if step == 5 else 1.0, 1.0)
+
+    with pytest.raises(SystemExit):
+        train(tmp_path / "run", losses)
+    with pytest.raises(SystemExit) as stopped:
+        train(tmp_path / "run", losses, resume=True)
+    assert stopped.value.code == 1
+    assert checkpoint.latest(tmp_path / "run").name == "step-0000002"
+    assert steps_on_disk(tmp_path / "run") == [
+        "latest",
+        "nonfinite-step-0000005",
+        "nonfinite_start-step-0000004",
+        "step-0000002",
+    ]
+
+
 def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint_and_exits_1_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -227,6 +227,14 @@ def test_lora_adapters_under_muon_are_refused_not_left_to_adamw() -> None:
         muon.check_groups(adapters, muon_config())
 
 
+def test_an_adamw_section_left_in_an_adamw_optimizer_is_named_where_it_is() -> None:
+    """The union's tag (adamw) is then also a key of the section: only the tag is left out of the path."""
+    with pytest.raises(SpecError) as error:
+        parse(PretrainSpec, pretrain_spec({"lr": -1.0, "adamw": {"lr": 0.001}}), "spec.yaml")
+    assert "train.optimizer.lr: Input should be greater than 0" in str(error.value)
+    assert "train.optimizer.adamw: Extra inputs are not permitted" in str(error.value)
+
+
 @pytest.mark.parametrize("betas", [(1.0, 0.95), (0.9, 1.0), (-0.5, 0.95)])
 def test_adamw_betas_outside_0_1_are_refused(betas: tuple[float, float]) -> None:
     """torch.optim.AdamW refuses them; at 1 the bias correction divides by zero and the first step is NaN."""

@@ -98,3 +98,5 @@ def test_a_compiled_fully_sharded_run_is_refused() -> None:
         load(PretrainSpec, path, ["train.compile=true", "train.parallel={kind: fsdp}"])
     with pytest.raises(SpecError, match=r"train\.compile: not with model\.dropout above 0"):
         load(PretrainSpec, path, ["train.compile=true", "model.dropout=0.1"])  # crashed at the first step
+    with pytest.raises(SpecError, match=r"model\.init_std: Input should be a finite number"):
+        load(PretrainSpec, path, ["model.init_std=.inf"])
