@@ -274,7 +274,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     new = 16 if args.quick else args.new_tokens
+    if not all(part.strip().isdigit() for part in args.batches.split(",")):
+        parser.error(f"--batches: expected comma-separated batch sizes, got {args.batches!r}")
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
+    if not all(1 <= b <= len(PROMPTS) for b in batches):
+        parser.error(
+            f"--batches: each from 1 to {len(PROMPTS)} (one row per built-in prompt), got {args.batches}"
+        )
     device = torch.device("cpu")
     head = print_header(device)
     dtypes, notes = usable_dtypes(args.dtypes, device, "decoding")
@@ -325,9 +331,9 @@ def main() -> None:
             if with_llama_cpp and batch == 1:
                 results["llama.cpp"] = llama_cpp_best_of(path, name, batch_prompts, new, args.runs)
             prompt_tokens = sum(map(len, batch_prompts))
-            hf_rate = batch * (new - 1) / results["transformers"][1]
+            hf_rate = len(results["transformers"][2]) * (new - 1) / results["transformers"][1]
             for stack, (prefill, decode, tokens) in results.items():
-                rate = batch * (new - 1) / decode  # every stack: new - 1 decode steps after the prefill
+                rate = len(tokens) * (new - 1) / decode  # every stack: new - 1 decode steps after the prefill
                 same = same_until_stop(tokens, results["transformers"][2], model.tokenizer.stop_ids)
                 rows.append(
                     {
