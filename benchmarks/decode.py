@@ -37,6 +37,7 @@ Writes ``benchmarks/results/decode.md`` and ``decode.png`` (``--name``: ``NAME.m
 """
 
 import argparse
+import copy
 import ctypes
 import importlib.util
 import shlex
@@ -309,7 +310,8 @@ def main() -> None:
     for name in dtypes:
         dtype = DTYPES[name]
         model = base.to(dtype=dtype)
-        hf = reference.to(dtype)
+        # a copy: Module.to casts in place, and an fp32 row after a bf16 one would run bf16-rounded weights
+        hf = copy.deepcopy(reference).to(dtype)
         weight_bytes = sum(t.numel() * t.element_size() for t in checkpoint.flatten(model.params).values())
         bound = bandwidth * 1e9 / weight_bytes
         gemv = matvec_floor_seconds(model.params, fused=False)
