@@ -307,8 +307,8 @@ def run_row(index: int, overrides: list[str], out: Path, args: argparse.Namespac
 
 
 def table(done: list[tuple[Planned, Result]], budget: float, target: float) -> str:
-    """The record log: one line per row run; speed-ups against row 0's time to its own final bpb."""
-    base = next((result.train_s for planned, result in done if planned.index == 0), None)
+    """The record log: one line per row run; speed-ups against row 0's time to the same ``target``."""
+    base = next((time_to(result.curve, target) for planned, result in done if planned.index == 0), None)
     lines = []
     for planned, result in done:
         reach = time_to(result.curve, target)
@@ -321,7 +321,7 @@ def table(done: list[tuple[Planned, Result]], budget: float, target: float) -> s
                 "bpb @ budget": f"{bpb_at(result.curve, budget):.3f}",
                 "final bpb": f"{result.final_bpb:.3f}",
                 "to target (s)": "-" if reach is None else f"{reach:.0f}",
-                "speed-up": "-" if reach is None or base is None or reach == 0 else f"{base / reach:.2f}x",
+                "speed-up": "-" if reach is None or not base or reach == 0 else f"{base / reach:.2f}x",
             }
         )
     return markdown_table(lines, list(lines[0]))

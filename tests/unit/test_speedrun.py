@@ -82,3 +82,26 @@ def test_a_runs_curve_counts_only_the_steps_own_seconds(speedrun: ModuleType, tm
     result = speedrun.read_result(metrics, wall_s=60.0, tokens_per_step=2048)
     assert result.curve == [(0.0, 4.0), (4.0, 3.2)]
     assert (result.train_s, result.steps, result.final_bpb) == (4.0, 2, 3.2)
+
+
+def test_the_speed_up_compares_each_rows_time_to_the_target_with_row_0s(speedrun: ModuleType) -> None:
+    """With ``--target-bpb`` row 0 reaches the target before its run ends: its own speed-up is 1.00x, not its
+    training time over its time to the target."""
+    planned = speedrun.plan(speedrun.ROWS)
+    row0 = speedrun.Result(
+        curve=[(0.0, 3.5), (50.0, 2.0), (100.0, 1.8)],
+        train_s=100.0,
+        wall_s=120.0,
+        steps=450,
+        tokens_per_step=2048,
+    )
+    faster = speedrun.Result(
+        curve=[(0.0, 3.5), (25.0, 2.0), (60.0, 1.6)],
+        train_s=60.0,
+        wall_s=80.0,
+        steps=175,
+        tokens_per_step=4096,
+    )
+    table = speedrun.table([(planned[0], row0), (planned[1], faster)], budget=100.0, target=2.0)
+    speed_ups = [line.rstrip(" |").rsplit("|", 1)[1].strip() for line in table.splitlines()[2:]]
+    assert speed_ups == ["1.00x", "2.00x"]
