@@ -37,7 +37,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import torch._dynamo.config
-from common import markdown_table, matmul_peak_gflops, median_ms, print_header, timeit, usable_dtypes
+from common import (
+    DTYPES,
+    dtype_names,
+    markdown_table,
+    matmul_peak_gflops,
+    median_ms,
+    print_header,
+    timeit,
+    usable_dtypes,
+)
 from loguru import logger
 from matplotlib.ticker import NullLocator
 from torch import Tensor
@@ -45,7 +54,6 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from zmaj.nn import attention, masks
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PASSES = ("fwd", "fwd+bwd")
 RESULTS = Path(__file__).parent / "results"
 
@@ -389,7 +397,7 @@ def plot(rows: list[Row], dtypes: list[str], path: Path, title: str) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16")
+    parser.add_argument("--dtypes", type=dtype_names, default="fp32,bf16", help="comma-separated: fp32,bf16")
     parser.add_argument("--seqs", default="256,512,1024,2048,4096", help="comma-separated sequence lengths")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
@@ -414,7 +422,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--note", default="", help="free text written under the header (e.g. machine load)")
     args = parser.parse_args()
     if args.quick:
-        args.seqs, args.dtypes, args.repeats, args.warmup, args.mask_repeats = "256,512", "fp32", 3, 1, 2
+        args.seqs, args.dtypes, args.repeats, args.warmup, args.mask_repeats = "256,512", ["fp32"], 3, 1, 2
     args.seqs = [int(s) for s in args.seqs.split(",")]
     args.doc_lens = [args.doc_len]
     # 128-token documents at one length: the case where flex skips most tiles of a short sequence.

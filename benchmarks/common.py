@@ -6,6 +6,7 @@ process. The bf16 peak matters on CPUs: without native bf16 instructions (AVX512
 ~100x slower than fp32, and a bf16 row would then measure the emulation, not the algorithm.
 """
 
+import argparse
 import os
 import statistics
 import time
@@ -20,6 +21,9 @@ from zmaj.train.report import cpu_model
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 """CPU flags that decide how fast fp32 and bf16 matmuls can be."""
 
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""The dtypes a benchmark's ``--dtypes`` may name."""
 
 BLANKS = ("", "-")
 """Cells that do not stop a column from counting as numeric."""
@@ -171,9 +175,19 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def usable_dtypes(requested: str, device: torch.device, what: str) -> tuple[list[str], list[str]]:
-    """The comma-separated dtypes worth timing here, and a note for each one dropped (bf16 where it is emulated)."""
-    dtypes = [d.strip() for d in requested.split(",")]
+def dtype_names(text: str) -> list[str]:
+    """``--dtypes``' type: comma-separated names of ``DTYPES``, refused by argparse (one line) if unknown."""
+    names = [d.strip() for d in text.split(",")]
+    if unknown := [d for d in names if d not in DTYPES]:
+        raise argparse.ArgumentTypeError(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
+    return names
+
+
+def usable_dtypes(requested: Sequence[str], device: torch.device, what: str) -> tuple[list[str], list[str]]:
+    """The dtypes worth timing here, and a note for each one dropped (bf16 where it is emulated).
+
+    Exits with the note when none is left, before the benchmark builds anything it could not time."""
+    dtypes = list(requested)
     notes = []
     if "bf16" in dtypes and not bf16_is_fast(device):
         dtypes.remove("bf16")
@@ -182,4 +196,6 @@ def usable_dtypes(requested: str, device: torch.device, what: str) -> tuple[list
             f"bf16 skipped: its matmul peak here ({bf16:.0f} GFLOP/s) is under half the fp32 peak ({fp32:.0f}), so "
             f"bf16 rows would time the emulation of bf16, not {what}."
         )
+    if not dtypes:
+        raise SystemExit(f"--dtypes {','.join(requested)}: nothing left to time; {' '.join(notes)}")
     return dtypes, notes

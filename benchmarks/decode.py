@@ -57,7 +57,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import transformers
-from common import markdown_table, print_header, usable_dtypes
+from common import DTYPES, dtype_names, markdown_table, print_header, usable_dtypes
 from tensordict import TensorDictBase
 from torch import Tensor
 
@@ -80,7 +80,6 @@ PROMPTS = [
     "The largest planet in the solar system is",
     "In 1969, the Apollo 11 mission",
 ]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def read_bandwidth_gbs(megabytes: int = 512) -> float:
@@ -265,7 +264,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--dtypes", type=dtype_names, default="fp32,bf16")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument(
         "--name",

@@ -75,6 +75,8 @@ import torch._dynamo.utils
 import torch.nn.functional as F
 import transformers
 from common import (
+    DTYPES,
+    dtype_names,
     markdown_table,
     matmul_peak_gflops,
     median_ms,
@@ -95,7 +97,6 @@ from zmaj.nn.layers import linear
 from zmaj.train import optim, precision, step
 from zmaj.train.report import gpt_flops_per_token
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHAPES: dict[str, dict[str, int]] = {
     "gpt2-124m": {"batch": 16, "seq": 1024, "layers": 12, "d_model": 768, "heads": 12, "vocab": 50257},
 }
@@ -923,7 +924,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=sorted(SHAPES),
         help="a named shape (gpt2-124m: GPT-2 small at batch 16); --batch, --seq, ... override its fields",
     )
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16")
+    parser.add_argument("--dtypes", type=dtype_names, default="fp32,bf16", help="comma-separated: fp32,bf16")
     parser.add_argument("--modes", default="eager,compiled", help="comma-separated: eager,compiled")
     parser.add_argument("--stacks", default=",".join(STACKS), help="comma-separated: " + ",".join(STACKS))
     parser.add_argument("--rounds", type=int, default=8, help="round-robin rounds over all stacks")
