@@ -85,6 +85,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
+    if not 1 <= args.turns <= len(USER):
+        parser.error(f"--turns: from 1 to {len(USER)} (one per built-in user message), got {args.turns}")
+    if args.runs < 1:
+        parser.error(f"--runs: at least 1, got {args.runs}")
     turns, new = (4, 16) if args.quick else (args.turns, args.new_tokens)
     torch.manual_seed(0)
     head = print_header("cpu")
