@@ -274,6 +274,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     new = 16 if args.quick else args.new_tokens
+    if new < 2:  # the first token comes from the prefill: decode rates need at least one step after it
+        parser.error(f"--new-tokens: at least 2, got {args.new_tokens}")
+    if args.runs < 1:
+        parser.error(f"--runs: at least 1, got {args.runs}")
     if not all(part.strip().isdigit() for part in args.batches.split(",")):
         parser.error(f"--batches: expected comma-separated batch sizes, got {args.batches!r}")
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
