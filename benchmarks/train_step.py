@@ -787,23 +787,28 @@ def optimizer_floor_ms(shape: Shape, device: torch.device) -> tuple[float, str]:
 
 
 def phases(shape: Shape, batch: Batch) -> str:
-    """Forward alone, forward + backward (``accumulate_grads``), clipping and AdamW, as train_step calls them."""
+    """Forward alone, forward + backward (``accumulate_grads``), clipping and AdamW, as train_step calls them.
+
+    The forward alone is the step's own (the lazy forward and the chunked loss, ``step.summed_loss``) under
+    ``no_grad``, so that subtracting it from forward + backward leaves the backward; the plain forward would
+    materialise the whole logits, which the step never does."""
     device = batch.tokens.device
     config = shape.gpt_config()
     params = gpt.init(config, 0, device)
-    forward = step.bind(gpt.forward, config=config)
     opt_state = optim.adamw_init(params)
     adamw_config = optim.AdamWConfig(lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
     decay = optim.decay_mask(params)
     lazy = step.bind_lazy(gpt.lazy_forward, config=config)  # the default zmaj row's forward
     grads, _, _ = step.accumulate_grads(params, [batch], lazy, [None])
 
+    normalizer = step.count_targets([batch]).clamp(min=1)  # as accumulate_grads divides
+
     def forward_loss() -> None:
         with torch.no_grad():
-            step.token_losses(forward(params, batch, dropout_seed=None), batch).mean()
+            step.summed_loss(params, batch, lazy, normalizer, None, nullcontext())
 
     parts: dict[str, Callable[[], object]] = {
-        "forward + loss (no_grad)": forward_loss,
+        "forward + chunked loss (no_grad)": forward_loss,
         "forward + backward (accumulate_grads)": lambda: step.accumulate_grads(params, [batch], lazy, [None]),
         "clip_by_global_norm": lambda: optim.clip_by_global_norm(grads, GRAD_CLIP, optim.global_norm(grads)),
         "adamw_update": lambda: optim.adamw_update(params, grads, opt_state, adamw_config, LR, decay),
@@ -814,7 +819,7 @@ def phases(shape: Shape, batch: Batch) -> str:
     lines = ["| phase | ms | % of grads + clip + AdamW |", "| --- | ---: | ---: |"]
     for name, value in ms.items():
         lines.append(f"| {name} | {value:.1f} | {100 * value / step_ms:.1f} |")
-    backward = ms["forward + backward (accumulate_grads)"] - ms["forward + loss (no_grad)"]
+    backward = ms["forward + backward (accumulate_grads)"] - ms["forward + chunked loss (no_grad)"]
     lines.append(
         f"| backward (difference of the two above) | {backward:.1f} | {100 * backward / step_ms:.1f} |"
     )
