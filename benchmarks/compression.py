@@ -1,8 +1,8 @@
-"""What "good compression" means on the held-out stdlib files: xz, gzip and a unigram model, in bits per byte.
+"""What "good compression" means on the held-out stdlib files: xz and gzip, in bits per byte.
 
 A language model's validation loss in bits per byte is a compression rate (arithmetic coding turns one into the
-other), so classic compressors on the same held-out files are the bar to clear. xz is run file by file, as a
-model sees each document fresh; gzip also on the concatenation. Prints a markdown table and writes it to
+other), so classic compressors on the same held-out files are the bar to clear. Each is run file by file, as a
+model sees each document fresh, and on the concatenation. Prints a markdown table and writes it to
 benchmarks/results/compression.md.
 
     uv run benchmarks/compression.py
