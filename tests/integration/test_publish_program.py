@@ -214,8 +214,7 @@ def test_dataset_dry_run_and_bad_sources(
     hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("HF_TOKEN")
-    code, out, err = run(
-        "publish.py",
+    task = [
         "--dataset",
         "task:arithmetic",
         "--n-train",
@@ -225,7 +224,8 @@ def test_dataset_dry_run_and_bad_sources(
         "--repo-id",
         "me/a",
         "--dry-run",
-    )
+    ]
+    code, out, err = run("publish.py", *task)
     assert code == 0, err
     assert "data/train-00000-of-00001.parquet" in out
     assert "config_name: default" in out
@@ -248,17 +248,6 @@ def test_dataset_dry_run_and_bad_sources(
     assert "holds the source" in err
     assert (tokens / "meta.json").read_text() == "{}"
     # So is a folder of other files (it was replaced, even with --dry-run), and the current folder.
-    task = [
-        "--dataset",
-        "task:arithmetic",
-        "--n-train",
-        "3",
-        "--n-test",
-        "2",
-        "--repo-id",
-        "me/a",
-        "--dry-run",
-    ]
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("mine")
     code, _, err = run("publish.py", *task, "--out", tmp_path / "precious")
