@@ -49,9 +49,8 @@ def main() -> None:
             except ValueError as error:  # the template refuses it: say so, and keep the conversation
                 logger.error(str(error))
                 continue
-            if (
-                len(alone) + args.max_new_tokens > model.config.context
-            ):  # before forgetting any of the history
+            # Checked alone, before any of the history is forgotten to make room for it.
+            if len(alone) + args.max_new_tokens > model.config.context:
                 logger.error(
                     f"this message and --max-new-tokens do not fit the model's context of "
                     f"{model.config.context} tokens, even without the conversation before it"

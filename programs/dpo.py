@@ -28,9 +28,8 @@ def main() -> None:
     args = finetune.cli(__doc__).parse_args()
     with runs.bad_input_exits_2():
         finetune.import_modules(args.imports)
-        spec = finetune.read_spec(
-            DPOSpec, args, (*finetune.FROZEN, "pairs", "max_len")
-        )  # pairs.jsonl is kept
+        # The run keeps its pairs (pairs.jsonl): a resume may not change what they were made from.
+        spec = finetune.read_spec(DPOSpec, args, (*finetune.FROZEN, "pairs", "max_len"))
         parallel = runs.join(spec.train)
     with runs.bad_input_exits_2(parallel):
         parallel.check_divides(spec.train.batch_size, "train.batch_size")

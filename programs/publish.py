@@ -18,7 +18,6 @@ A missing token or a failed check is a one-line error with exit status 2, before
 """
 
 import argparse
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -70,8 +69,6 @@ def parse_args() -> argparse.Namespace:
 
 def repo_id(text: str) -> str:
     """An argparse type: a repository id the Hub accepts, checked before anything is built or sent."""
-    if not re.fullmatch(r"([\w.-]+/)?[\w.-]+", text):
-        raise argparse.ArgumentTypeError(f"expected NAME or USER/NAME (letters, digits, - _ .), got {text!r}")
     try:
         validate_repo_id(text)
     except HFValidationError as error:

@@ -40,14 +40,12 @@ def read_card(folder: Path, kind: type[RepoCard] = ModelCard) -> RepoCard:
     path = folder / CARD_FILE
     if not path.is_file():
         raise ValueError(f"{folder}: no {CARD_FILE} (model card)")
+    text = read_text(path)  # a one-line error if not UTF-8
     try:
-        card: RepoCard = kind(
-            read_text(path)
-        )  # what kind.load(path) parses, with a one-line error if not UTF-8
+        card: RepoCard = kind(text)  # what kind.load(path) parses
     except (yaml.YAMLError, ValueError) as error:  # metadata that is not YAML, or not a mapping
-        raise ValueError(
-            f"{path}: the card's metadata cannot be read: {' '.join(str(error).split())}"
-        ) from None
+        problem = " ".join(str(error).split())
+        raise ValueError(f"{path}: the card's metadata cannot be read: {problem}") from None
     if not card.data.to_dict().get("license"):  # type: ignore[no-untyped-call]
         raise ValueError(f"{path}: the card's metadata names no license")
     return card

@@ -107,14 +107,14 @@ class MuonConfig(BaseModel):
         return f"muon: {muon}; adamw: {', '.join(self.adamw_params)}"
 
 
-def _kind(value: object) -> str:
+def optimizer_kind(value: object) -> str:
     """The optimizer's ``kind``; a spec that names none is AdamW, as every spec was before Muon."""
     kind = value.get("kind", "adamw") if isinstance(value, dict) else getattr(value, "kind", "adamw")
     return str(kind)
 
 
 OptimizerConfig = Annotated[
-    Annotated[AdamWConfig, Tag("adamw")] | Annotated[MuonConfig, Tag("muon")], Discriminator(_kind)
+    Annotated[AdamWConfig, Tag("adamw")] | Annotated[MuonConfig, Tag("muon")], Discriminator(optimizer_kind)
 ]
 """A training spec's ``train.optimizer``: AdamW for everything (``kind: adamw``, the default) or Muon with AdamW
 (``kind: muon``)."""

@@ -35,7 +35,7 @@ def drop_records_after(path: Path, step: int) -> int:
     if not path.is_file():
         return 0
     text = read_text(path)
-    lines = text.split("\n")[:-1]  # past the last newline: nothing, or a line a kill cut short (dropped)
+    lines = _whole_lines(text)
     kept = [line for line in lines if json.loads(line)["step"] <= step]
     if len(kept) < len(lines) or not text.endswith("\n"):
         atomic_write_text(path, "".join(f"{line}\n" for line in kept))
@@ -47,11 +47,15 @@ def has_evaluation(path: Path, step: int, final: bool) -> bool:
     final one or a periodic one."""
     if not path.is_file():
         return False
-    lines = read_text(path).split("\n")[:-1]  # as drop_records_after: a line cut short by a kill is no record
     return any(
         record["step"] == step and "lr" not in record and bool(record.get("final")) == final
-        for record in map(json.loads, lines)
+        for record in map(json.loads, _whole_lines(read_text(path)))
     )
+
+
+def _whole_lines(text: str) -> list[str]:
+    """A metrics file's records: past its last newline is nothing, or a line a kill cut short, which is none."""
+    return text.split("\n")[:-1]
 
 
 RUN_FILE = "run.jsonl"

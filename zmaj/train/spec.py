@@ -16,7 +16,7 @@ from zmaj.data.config import DataConfig
 from zmaj.data.text import read_text
 from zmaj.models import gpt
 from zmaj.models.gpt import GPTConfig
-from zmaj.train.muon import OptimizerConfig, check_groups
+from zmaj.train.muon import OptimizerConfig, check_groups, optimizer_kind
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import ParallelConfig
 from zmaj.train.precision import DeviceChoice, Precision
@@ -178,14 +178,11 @@ def dotted(loc: tuple[int | str, ...], raw: object) -> str:
     parts: list[str] = []
     node = raw
     for index, part in enumerate(loc):
-        # The tag is the section's kind; an optimizer without one is AdamW (OptimizerConfig's default).
-        tag = (
-            node.get("kind", "adamw" if parts[-1:] == ["optimizer"] else None)
-            if isinstance(node, dict)
-            else None
-        )
-        if isinstance(node, dict) and (part not in node or part == tag) and index < len(loc) - 1:
-            continue
+        if isinstance(node, dict) and index < len(loc) - 1:
+            # The tag the union's discriminator read from this section (an optimizer without kind: adamw).
+            tag = optimizer_kind(node) if parts[-1:] == ["optimizer"] else node.get("kind")
+            if part not in node or part == tag:
+                continue
         parts.append(str(part))
         if isinstance(node, dict):
             node = node.get(part)
