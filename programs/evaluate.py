@@ -26,6 +26,7 @@ versions, n-shot, the model's config), which ``--output FILE`` also writes with 
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -202,8 +203,8 @@ def run_harness(args: argparse.Namespace) -> None:
 
     if args.batch_size < 1:
         fail(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.limit is not None and args.limit <= 0:
-        fail(f"--limit must be above 0, got {args.limit}")
+    if args.limit is not None and not 0 < args.limit < math.inf:
+        fail(f"--limit must be a number above 0, got {args.limit}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         fail(f"--num-fewshot must be at least 0, got {args.num_fewshot}")
     for folder in args.harness_include:

@@ -177,6 +177,8 @@ def test_evaluate_program_reports_the_harness_results(
         (("--harness", "zmaj_tiny", "--n", "5", "--seed", "3"), "--n, --seed cannot be used with --harness"),
         (("--task", "arithmetic", "--limit", "5"), "--limit cannot be used with --task"),
         (("--harness", "zmaj_tiny", "--batch-size", "0"), "--batch-size must be at least 1"),
+        (("--harness", "zmaj_tiny", "--limit", "nan"), "--limit must be a number above 0, got nan"),
+        (("--harness", "zmaj_tiny", "--limit", "inf"), "--limit must be a number above 0, got inf"),
     ],
 )
 def test_evaluate_program_refuses_bad_harness_input_in_one_line(

@@ -79,7 +79,11 @@ class GRPOConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    group_size: int = Field(8, gt=0, description="G: completions sampled per prompt")
+    group_size: int = Field(
+        8,
+        ge=2,
+        description="G: completions sampled per prompt; an advantage is relative to the group's others",
+    )
     max_new_tokens: int = Field(256, gt=0)
     sampling: Sampling = Sampling(temperature=1.0)
     stop_tokens: tuple[int, ...] = ()

@@ -338,3 +338,9 @@ def test_the_sampler_generates_and_params_score(device: torch.device) -> None:
     assert sampled.old_logprobs is not None
     logits = FORWARD(params, sampled.batch, dropout_seed=None) / GRPO.sampling.temperature
     torch.testing.assert_close(sampled.old_logprobs, masked_token_logprobs(logits, sampled.batch))
+
+
+def test_a_group_of_one_is_refused() -> None:
+    """A lone completion is its group's mean, so its advantage is zero: such a run would never learn."""
+    with pytest.raises(ValueError, match="group_size"):
+        grpo.GRPOConfig(group_size=1)
