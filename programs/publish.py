@@ -34,6 +34,10 @@ from zmaj.publish.hub import CARD_FILE, check_dataset_folder, check_model_folder
 from zmaj.train.runs import positive
 from zmaj.train.spec import key_values
 
+N_TRAIN, N_TEST, LICENSE = 1000, 200, "apache-2.0"
+TASK_FLAGS = {"--n-train": "n_train", "--n-test": "n_test", "--seed": "seed"}
+"""Flags only a ``task:`` dataset reads, and their argparse names."""
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -48,22 +52,33 @@ def parse_args() -> argparse.Namespace:
     group = parser.add_argument_group("datasets (instead of FOLDER)")
     group.add_argument("--dataset", metavar="SOURCE", help="task:NAME or tokens:DIR[,DIR...]")
     group.add_argument("--set-task", dest="task_options", action="append", default=[], metavar="KEY=VALUE")
-    group.add_argument(
-        "--n-train", type=positive, default=1000, help="task problems in train (default: %(default)s)"
-    )
-    group.add_argument(
-        "--n-test", type=positive, default=200, help="task problems in test (default: %(default)s)"
-    )
-    group.add_argument("--seed", type=int, default=0, help="which problems (default: %(default)s)")
-    group.add_argument(
-        "--license", default="apache-2.0", help="the dataset card's license (default: %(default)s)"
-    )
+    group.add_argument("--n-train", type=positive, help=f"task problems in train (default: {N_TRAIN})")
+    group.add_argument("--n-test", type=positive, help=f"task problems in test (default: {N_TEST})")
+    group.add_argument("--seed", type=int, help="which task problems (default: 0)")
+    group.add_argument("--license", help=f"the dataset card's license (default: {LICENSE})")
     group.add_argument(
         "--out", type=Path, help="write the dataset folder here and keep it (default: a temp dir)"
     )
     args = parser.parse_args()
     if (args.folder is None) == (args.dataset is None):
         parser.error("give a model FOLDER or --dataset SOURCE (one of them)")
+    # A flag the chosen source does not read would be ignored in silence: refuse it instead.
+    task = args.dataset is not None and args.dataset.startswith("task:")
+    unused = {
+        "--set-task": args.task_options and not task,
+        **{flag: getattr(args, name) is not None and not task for flag, name in TASK_FLAGS.items()},
+        "--license": args.license is not None and args.dataset is None,
+        "--out": args.out is not None and args.dataset is None,
+    }
+    if misplaced := [flag for flag, given in unused.items() if given]:
+        source = "a model FOLDER" if args.dataset is None else "--dataset tokens:"
+        parser.error(f"{', '.join(misplaced)} cannot be used with {source}")
+    if args.license is not None and not args.license.strip():
+        parser.error("--license is empty: name the dataset's license (an SPDX id such as mit)")
+    defaults = {"n_train": N_TRAIN, "n_test": N_TEST, "seed": 0, "license": LICENSE}
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     return args
 
 

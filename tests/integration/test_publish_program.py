@@ -156,10 +156,25 @@ def test_a_broken_folder_exits_2_before_any_request(
 
 
 @pytest.mark.parametrize(
-    ("flags", "message"), [(["--repo-id", "a/b/c"], "--repo-id"), (["--n-train", "-5"], "--n-train")]
+    ("flags", "message"),
+    [
+        (["--dataset", "task:arithmetic", "--repo-id", "a/b/c"], "--repo-id"),
+        (["--dataset", "task:arithmetic", "--n-train", "-5"], "--n-train"),
+        (["--dataset", "task:arithmetic", "--license", " "], "--license is empty"),
+        # A flag the source does not read would be ignored in silence.
+        (
+            ["FOLDER", "--n-train", "5", "--license", "mit"],
+            "--n-train, --license cannot be used with a model",
+        ),
+        (["FOLDER", "--out", "x"], "--out cannot be used with a model FOLDER"),
+        (["--dataset", "tokens:x", "--set-task", "a=1", "--seed", "1"], "--set-task, --seed cannot be used"),
+    ],
 )
-def test_bad_flags_exit_2_before_anything_is_built(hub: FakeHub, flags: list[str], message: str) -> None:
-    result = run_program("publish.py", "--dataset", "task:arithmetic", "--repo-id", "me/a", *flags)
+def test_bad_flags_exit_2_before_anything_is_built(
+    hub: FakeHub, folder: Path, flags: list[str], message: str
+) -> None:
+    flags = [str(folder) if flag == "FOLDER" else flag for flag in flags]
+    result = run_program("publish.py", "--repo-id", "me/a", *flags)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
     assert hub.requests == []
