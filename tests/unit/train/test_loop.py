@@ -71,6 +71,17 @@ def train(run_dir: Path, losses: Losses = lambda step: (1.0 / step, 1.0), **kwar
         return loop.train(run, run.restore(fresh()), stand_in(losses), lambda index: index)
 
 
+def counting(taken: list[int]) -> Losses:
+    """The default losses, noting each step taken: a resume that trained from step 0 again would end in the
+    same state (training is deterministic), but not take the same steps."""
+
+    def losses(step: int) -> tuple[float, float]:
+        taken.append(step)
+        return 1.0 / step, 1.0
+
+    return losses
+
+
 def steps_on_disk(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
 
@@ -97,8 +108,10 @@ def test_stop_after_then_resume_is_the_uninterrupted_run(tmp_path: Path) -> None
     first = train(tmp_path / "split", stop_after=3)
     assert int(first["opt", "step"]) == 3
     assert checkpoint.latest(tmp_path / "split").name == "step-0000003"
-    resumed = train(tmp_path / "split", resume=True)
+    taken: list[int] = []
+    resumed = train(tmp_path / "split", counting(taken), resume=True)
     assert (resumed == straight).all()
+    assert taken == list(range(4, 11))
 
 
 def test_a_resumed_run_records_each_step_once(tmp_path: Path) -> None:
@@ -109,7 +122,9 @@ def test_a_resumed_run_records_each_step_once(tmp_path: Path) -> None:
     checkpoints = tmp_path / "split" / "checkpoints"
     shutil.rmtree(checkpoints / "step-0000003")  # as if killed after step 3 was recorded, before its save
     (checkpoints / "latest").write_text("step-0000002\n")
-    train(tmp_path / "split", resume=True)
+    taken: list[int] = []
+    train(tmp_path / "split", counting(taken), resume=True)
+    assert taken == list(range(3, 11))
 
     def records(run: Path) -> list[tuple[int, float | None]]:
         lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -168,8 +183,10 @@ def test_a_run_killed_before_its_first_latest_resumes_from_its_step_folder(tmp_p
     (tmp_path / "split" / "checkpoints" / "latest").unlink()
     args = argparse.Namespace(resume=tmp_path / "split", spec=None, overrides=[])
     assert runs.read_spec(Spec, args, frozen=["train.steps"]).train.steps == 10
-    resumed = train(tmp_path / "split", resume=True)
+    taken: list[int] = []
+    resumed = train(tmp_path / "split", counting(taken), resume=True)
     assert (resumed == straight).all()
+    assert taken == list(range(4, 11))
     (tmp_path / "straight" / "checkpoints" / "latest").write_text("step-0000099\n")
     for folder in (tmp_path / "straight" / "checkpoints").glob("step-*"):
         shutil.rmtree(folder)
