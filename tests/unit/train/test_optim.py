@@ -10,42 +10,47 @@ from hypothesis import strategies as st
 from tensordict import TensorDict
 
 from zmaj.models import gpt
-from zmaj.train import optim
+from zmaj.train import optim, step
 
 CONFIG = gpt.GPTConfig(vocab_size=40, context=16, d_model=16, n_layers=2, n_heads=2)
 
 
-def test_adamw_matches_torch_over_20_steps(device: torch.device) -> None:
+@pytest.mark.parametrize(("grad_clip", "norms_and_biases"), [(None, False), (0.5, False), (0.5, True)])
+def test_adamw_matches_torch_over_20_steps(
+    device: torch.device, grad_clip: float | None, norms_and_biases: bool
+) -> None:
+    """The whole update a training step ends with (``step.apply_grads``): clipping by the global norm (the
+    gradients' norm is about 40, so a clip at 0.5 acts every step), then AdamW with decoupled weight decay on
+    the matrices, or on everything with ``decay_norms_and_biases``."""
     params = gpt.init(CONFIG, seed=0, device=device)
-    config = optim.AdamWConfig(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=None)
-    decay = optim.decay_mask(params)
+    config = optim.AdamWConfig(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=grad_clip)
+    decay = optim.decay_mask(params, norms_and_biases)
     keys = list(params.keys(True, True))
     reference = [torch.nn.Parameter(params.get(k).clone()) for k in keys]
+    decayed = [bool(decay.get(k).all()) for k in keys]
+    assert any(decayed)
+    assert all(decayed) == norms_and_biases
     groups = [
-        {
-            "params": [p for k, p in zip(keys, reference, strict=True) if bool(decay.get(k).all())],
-            "weight_decay": 0.1,
-        },
-        {
-            "params": [p for k, p in zip(keys, reference, strict=True) if not bool(decay.get(k).all())],
-            "weight_decay": 0.0,
-        },
+        {"params": [p for p, d in zip(reference, decayed, strict=True) if d], "weight_decay": 0.1},
+        {"params": [p for p, d in zip(reference, decayed, strict=True) if not d], "weight_decay": 0.0},
     ]
     torch_adamw = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
-    state = optim.adamw_init(params)
+    state = step.init_state(params, config)
     generator = torch.Generator().manual_seed(0)
-    for step in range(20):
-        lr = 3e-3 * (1 - step / 40)
+    for i in range(20):
+        lr = 3e-3 * (1 - i / 40)
         grads = params.apply(lambda t: torch.randn(t.shape, generator=generator).to(device))
         assert grads is not None
-        params, state = optim.adamw_update(params, grads, state, config, lr, decay)
+        state, _ = step.apply_grads(state, grads, config, lr, decay)
         for group in torch_adamw.param_groups:
             group["lr"] = lr
         for k, p in zip(keys, reference, strict=True):
-            p.grad = grads.get(k)
+            p.grad = grads.get(k).clone()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(reference, grad_clip)
         torch_adamw.step()
     for k, p in zip(keys, reference, strict=True):
-        assert (params.get(k) - p.detach()).abs().max().item() <= 1e-6, k
+        assert (state["params"].get(k) - p.detach()).abs().max().item() <= 1e-6, k
 
 
 def test_adamw_at_learning_rate_zero_leaves_the_parameters_as_they_are(device: torch.device) -> None:
