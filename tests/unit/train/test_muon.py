@@ -58,8 +58,9 @@ def matrices_of(td: TensorDict) -> dict[str, torch.Tensor]:
 def test_muon_matches_torch_over_20_steps(
     monkeypatch: pytest.MonkeyPatch, nesterov: bool, adjust_lr: str
 ) -> None:
-    """Each matrix, and each layer of the stack as its own parameter, against torch.optim.Muon; the bias against
-    torch.optim.AdamW at the AdamW group's learning rate, which the schedule scales as it scales Muon's."""
+    """Each matrix, and each layer of the stack as its own parameter, against torch.optim.Muon; an embedding
+    (decayed) and the bias (not) against torch.optim.AdamW at the AdamW group's learning rate and weight decay,
+    which the schedule scales as it scales Muon's."""
     monkeypatch.setattr(torch.optim._muon, "torch", Float32Torch("torch"))
     config = muon.MuonConfig(
         kind="muon",
@@ -71,11 +72,13 @@ def test_muon_matches_torch_over_20_steps(
         weight_decay=0.1,
         grad_clip=None,
         muon_params=["tall", "wide", "blocks.w"],
-        adamw=optim.AdamWGroup(lr=3e-3, weight_decay=0.0),
+        adamw=optim.AdamWGroup(lr=3e-3, weight_decay=0.05),
     )
     params = parts()
+    params["embed"] = torch.randn(10, 8, generator=torch.Generator().manual_seed(2))
     reference = {name: torch.nn.Parameter(t.clone()) for name, t in matrices_of(params).items()}
     bias = torch.nn.Parameter(params["bias"].clone())
+    embed = torch.nn.Parameter(params["embed"].clone())
     torch_muon = torch.optim.Muon(
         list(reference.values()),
         lr=0.02,
@@ -84,7 +87,11 @@ def test_muon_matches_torch_over_20_steps(
         nesterov=nesterov,
         adjust_lr_fn=adjust_lr,
     )
-    torch_adamw = torch.optim.AdamW([bias], lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    torch_adamw = torch.optim.AdamW(
+        [{"params": [embed], "weight_decay": 0.05}, {"params": [bias], "weight_decay": 0.0}],
+        lr=3e-3,
+        betas=(0.9, 0.95),
+    )
     state = muon.muon_init(params, config)
     decay = optim.decay_mask(params)
     generator = torch.Generator().manual_seed(1)
@@ -94,10 +101,11 @@ def test_muon_matches_torch_over_20_steps(
         assert grads is not None
         params, state = muon.muon_update(params, grads, state, config, 0.02 * factor, decay)
         torch_muon.param_groups[0]["lr"] = 0.02 * factor
-        torch_adamw.param_groups[0]["lr"] = 3e-3 * factor
+        for group in torch_adamw.param_groups:
+            group["lr"] = 3e-3 * factor
         for name, g in matrices_of(grads).items():
             reference[name].grad = g
-        bias.grad = grads["bias"]
+        bias.grad, embed.grad = grads["bias"], grads["embed"]
         torch_muon.step()
         torch_adamw.step()
     ours = matrices_of(params)
@@ -105,6 +113,7 @@ def test_muon_matches_torch_over_20_steps(
         relative = (ours[name] - p.detach()).abs().max() / p.detach().abs().max()
         assert relative <= 1e-5, (name, float(relative))
     torch.testing.assert_close(params["bias"], bias.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(params["embed"], embed.detach(), atol=1e-6, rtol=1e-6)
     assert int(state["step"]) == 20
 
 
