@@ -72,10 +72,12 @@ def naive_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     eps: float,
+    eps_high: float,
     beta: float,
     ref: torch.Tensor,
 ) -> float:
-    """Eq. 3 with token-level normalisation, one token at a time in Python floats."""
+    """Eq. 3 with token-level normalisation, one token at a time in Python floats; the upper clip bound is
+    ``1 + eps_high`` (DAPO's clip-higher; ``eps_high = eps`` is GRPO's symmetric clip)."""
     total, count = 0.0, 0
     for b in range(logprobs.shape[0]):
         a = float(advantages[b])
@@ -83,7 +85,7 @@ def naive_loss(
             if not mask[b, t]:
                 continue
             ratio = math.exp(float(logprobs[b, t]) - float(old[b, t]))
-            clipped = min(max(ratio, 1 - eps), 1 + eps)
+            clipped = min(max(ratio, 1 - eps), 1 + eps_high)
             kl = (
                 math.exp(float(ref[b, t]) - float(logprobs[b, t]))
                 - (float(ref[b, t]) - float(logprobs[b, t]))
@@ -94,9 +96,14 @@ def naive_loss(
     return total / max(count, 1)
 
 
-@given(seed=st.integers(0, 2**31), beta=st.sampled_from([0.0, 0.04, 0.5]), eps=st.sampled_from([0.1, 0.2]))
+@given(
+    seed=st.integers(0, 2**31),
+    beta=st.sampled_from([0.0, 0.04, 0.5]),
+    eps=st.sampled_from([0.1, 0.2]),
+    eps_high=st.sampled_from([None, 0.28]),
+)
 def test_the_clipped_objective_matches_a_naive_loop(
-    device: torch.device, seed: int, beta: float, eps: float
+    device: torch.device, seed: int, beta: float, eps: float, eps_high: float | None
 ) -> None:
     generator = torch.Generator().manual_seed(seed)
     shape = (3, 5)
@@ -107,12 +114,15 @@ def test_the_clipped_objective_matches_a_naive_loop(
     advantages = torch.randn(3, generator=generator, dtype=torch.float64)
     mask = torch.rand(shape, generator=generator) > 0.3
     old, logprobs, ref, advantages, mask = (t.to(device) for t in (old, logprobs, ref, advantages, mask))
-    loss, metrics = grpo.grpo_loss(logprobs, old, advantages, mask, eps, None, beta, ref)
+    loss, metrics = grpo.grpo_loss(logprobs, old, advantages, mask, eps, eps_high, beta, ref)
+    high = eps if eps_high is None else eps_high
     assert float(loss) == pytest.approx(
-        naive_loss(logprobs, old, advantages, mask, eps, beta, ref), abs=1e-10
+        naive_loss(logprobs, old, advantages, mask, eps, high, beta, ref), abs=1e-10
     )
     ratio = (logprobs - old).exp()
-    active = ((ratio > 1 + eps) & (advantages[:, None] > 0)) | ((ratio < 1 - eps) & (advantages[:, None] < 0))
+    active = ((ratio > 1 + high) & (advantages[:, None] > 0)) | (
+        (ratio < 1 - eps) & (advantages[:, None] < 0)
+    )
     assert float(metrics["clip_fraction"]) == pytest.approx(
         float((active & mask).sum()) / max(int(mask.sum()), 1)
     )
