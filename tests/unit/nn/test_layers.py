@@ -10,7 +10,15 @@ from tensordict import TensorDict
 from torch import Tensor
 
 from tests import strategies
-from zmaj.nn.layers import activation, embedding, fused_linear, gelu_saving_derivative, linear, matvec
+from zmaj.nn.layers import (
+    activation,
+    dropout,
+    embedding,
+    fused_linear,
+    gelu_saving_derivative,
+    linear,
+    matvec,
+)
 
 
 @pytest.mark.parametrize("shape", [(1, 40), (1, 1, 40)])
@@ -200,3 +208,16 @@ def test_gelu_saving_derivative_is_finite_for_huge_finite_inputs(tanh: bool) -> 
     (grad,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(out.detach(), torch.tensor([1e20, 0.0, 3e38, 0.0]))
     torch.testing.assert_close(grad, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+
+
+@given(st.sampled_from([0.1, 0.5, 0.9]), st.integers(0, 2**16))
+def test_dropout_zeroes_a_share_p_and_scales_the_rest_by_one_over_one_minus_p(p: float, seed: int) -> None:
+    """Inverted dropout (Srivastava et al., 2014): each entry is dropped with probability ``p`` and the kept
+    ones are divided by ``1 - p``, so the expectation is ``x``; the share dropped is within 5 standard
+    deviations of ``p`` (a binomial over 20,000 entries), and evaluation (no generator) is the identity."""
+    x = 1 + torch.rand(20_000, generator=torch.Generator().manual_seed(seed))  # no zero of its own
+    out = dropout(x, p, torch.Generator().manual_seed(seed + 1))
+    dropped = out == 0
+    assert torch.equal(out[~dropped], x[~dropped] / (1 - p))
+    assert abs(float(dropped.float().mean()) - p) <= 5 * (p * (1 - p) / len(x)) ** 0.5
+    assert dropout(x, p, None) is x
