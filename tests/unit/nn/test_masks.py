@@ -113,16 +113,16 @@ def test_sliding_window_sees_exactly_the_last_window_keys(
 
 
 @given(st.data(), st.integers(1, 3), st.integers(1, 32))
-def test_padding_from_lengths_and_from_attention_mask_agree(
+def test_padding_allows_every_real_key_and_a_padding_query_itself(
     device: torch.device, data: st.DataObject, batch: int, seq: int
 ) -> None:
+    """Against the naive form: key k is allowed where it is a token, and on the diagonal (so that a padding
+    query's row is never empty); ``lengths_to_is_token`` marks the first ``length`` positions."""
     lengths = data.draw(strategies.lengths(batch, seq)).to(device)
     is_token = masks.lengths_to_is_token(lengths, seq)
-    assert torch.equal(is_token.sum(-1), lengths)
-    attention_mask = is_token.long()  # the 0/1 form tokenizers return
-    from_lengths = masks.dense(masks.padding(is_token), batch, seq, seq, device)
-    from_attention_mask = masks.dense(masks.padding(attention_mask.bool()), batch, seq, seq, device)
-    assert torch.equal(from_lengths, from_attention_mask)
+    assert torch.equal(is_token, torch.arange(seq, device=device) < lengths[:, None])
+    expected = is_token[:, None, :] | torch.eye(seq, dtype=torch.bool, device=device)
+    assert torch.equal(masks.dense(masks.padding(is_token), batch, seq, seq, device), expected)
 
 
 @given(seq=st.integers(2, 32), offset=st.integers(0, 16))
