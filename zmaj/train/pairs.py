@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
+from pydantic import ConfigDict, StrictInt, TypeAdapter, ValidationError, with_config
 
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.text import read_jsonl
@@ -24,13 +25,18 @@ from zmaj.train.finetune import DPOSpec, PairFiles, PairsFromTask, Start
 PAIRS_FILE = "pairs.jsonl"
 
 
+@with_config(ConfigDict(extra="forbid"))
 @dataclass(frozen=True)
 class Pair:
     """Token ids of a prompt and of its preferred and rejected answers."""
 
-    prompt: list[int]
-    chosen: list[int]
-    rejected: list[int]
+    prompt: list[StrictInt]
+    chosen: list[StrictInt]
+    rejected: list[StrictInt]
+
+
+PAIR = TypeAdapter(Pair)
+"""A ``pairs.jsonl`` row: an object of exactly these three lists of ids (``"12"`` or ``true`` is damage)."""
 
 
 def make_pairs(spec: DPOSpec, begin: Start) -> list[Pair]:
@@ -140,6 +146,19 @@ def write_pairs(path: Path, pairs: list[Pair]) -> None:
 
 
 def read_pairs(path: Path) -> list[Pair]:
+    """The pairs :func:`write_pairs` wrote; a damaged file fails naming ``file:line`` before training starts
+    (a bad row used to fail mid-training, and an empty file at the first batch drawn)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the run's preference pairs cannot be read back")
-    return [Pair(**row) for _, row in read_jsonl(path)]
+    pairs = []
+    for number, row in read_jsonl(path):
+        try:
+            pairs.append(PAIR.validate_python(row))
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in error.errors()
+            )
+            raise ValueError(f"{path}:{number}: not a pair of token ids ({problems})") from None
+    if not pairs:
+        raise ValueError(f"{path} holds no preference pair: the run wrote at least one, so it is damaged")
+    return pairs

@@ -1,6 +1,7 @@
 """DPO: the loss is eq. 7 in closed form, its gradient favours the chosen completion, and training widens the margin."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from zmaj.models import llama
 from zmaj.train import dpo, optim, step
 from zmaj.train.logprobs import sequence_logprobs
-from zmaj.train.pairs import Pair, fitted
+from zmaj.train.pairs import Pair, fitted, read_pairs, write_pairs
 
 CONFIG = llama.LlamaConfig(
     vocab_size=16, context=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, init_std=0.1
@@ -117,3 +118,28 @@ def test_pairs_whose_cut_answers_are_the_same_are_left_out_and_long_prompts_refu
     assert len(fitted(named, 10)) == 2
     with pytest.raises(ValueError, match="b: the prompt alone has 2 tokens, more than max_len 1"):
         fitted(named[1:], 1)
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        ("[1, 2]", "row: Input should be a dictionary"),
+        ('{"prompt": [1], "chosen": [2], "rejected": [3], "score": 1}', "score: Unexpected keyword argument"),
+        ('{"prompt": [1], "chosen": "abc", "rejected": [3]}', "chosen: Input should be a valid list"),
+        ('{"prompt": [1], "chosen": ["2"], "rejected": [3]}', "chosen.0: Input should be a valid integer"),
+        ('{"prompt": [1], "chosen": [2]}', "rejected: Field required"),
+    ],
+)
+def test_a_damaged_pairs_file_is_refused_naming_its_line(tmp_path: Path, row: str, problem: str) -> None:
+    """A resumed DPO run reads its pairs back: a damaged row used to surface as a TypeError traceback, some
+    only mid-training, and an empty file as a ZeroDivisionError at the first batch."""
+    path = tmp_path / "pairs.jsonl"
+    pairs = [Pair(*row) for row in zip(PROMPTS, CHOSEN, REJECTED, strict=True)]
+    write_pairs(path, pairs)
+    assert read_pairs(path) == pairs
+    path.write_text(path.read_text() + row + "\n")
+    with pytest.raises(ValueError, match=f"{path}:4: not a pair of token ids \\({problem}"):
+        read_pairs(path)
+    path.write_text("")
+    with pytest.raises(ValueError, match=f"{path} holds no preference pair"):
+        read_pairs(path)
