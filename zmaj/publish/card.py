@@ -22,9 +22,9 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from zmaj.convert.load import LORA_FILE, MODEL_FILE, Pretrained
-from zmaj.data.text import read_jsonl, read_text
-from zmaj.train import checkpoint
-from zmaj.train.report import RUN_FILE
+from zmaj.data.text import read_text
+from zmaj.train import checkpoint, report
+from zmaj.train.spec import read_yaml
 
 RunKind = Literal["pretraining", "sft", "grpo", "dpo"]
 
@@ -124,12 +124,15 @@ def read_run(folder: Path) -> Run | None:
     spec_file = folder / "spec.yaml"
     if not (folder.is_dir() and spec_file.is_file() and (folder / checkpoint.CHECKPOINTS).is_dir()):
         return None
-    spec = yaml.safe_load(read_text(spec_file))
+    spec = read_yaml(read_text(spec_file), str(spec_file))
+    if not isinstance(spec, dict):
+        raise ValueError(f"{spec_file}: not a run's spec (a YAML mapping): the run cannot be described")
     # A checkpoint counts optimizer updates; a GRPO loop step makes train.passes of them (metrics count steps).
     updates = int(checkpoint.load_meta(exported or checkpoint.latest(folder))["step"])
     step = updates // int(spec.get("train", {}).get("passes", 1))
-    metrics = _jsonl(folder / "metrics.jsonl")
-    sessions = _jsonl(folder / RUN_FILE)
+    # Whole lines only: a run killed and not resumed may leave the last cut short.
+    metrics = report.read_records(folder / "metrics.jsonl", report.METRIC)
+    sessions = report.read_records(folder / report.RUN_FILE, report.SESSION)
     curve = next((folder / name for name in CURVES if (folder / name).is_file()), None)
     return Run(folder, _kind(folder, spec), spec, metrics, sessions, curve, step)
 
@@ -142,12 +145,6 @@ def _kind(folder: Path, spec: dict[str, Any]) -> RunKind:
     if "pairs" in spec:
         return "dpo"
     return "grpo" if "task" in spec else "sft"
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [row for _, row in read_jsonl(path)]
 
 
 def card_data(

@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from zmaj.train import checkpoint, optim, report
-from zmaj.train.runs import Run, RunFailedError, describe_meta
+from zmaj.train.runs import Run, RunFailedError, bad_input_exits_2, describe_meta
 
 B = TypeVar("B")
 B_contra = TypeVar("B_contra", contravariant=True)
@@ -109,12 +109,16 @@ def train(
         )
     if main and run.resumed:  # checked: the spec it goes on with, so that the next --resume keeps its --set
         run.write_spec()
-    if first == cfg.steps and parallel.agree(main and report.has_evaluation(run.metrics, first, final=True)):
-        logger.info(f"{run.dir} finished at step {first}; --set train.steps=N continues it")
-        return state
-    if main and run.resumed and (dropped := report.drop_records_after(run.metrics, first)):
-        # A run killed after its last checkpoint recorded steps it now takes again.
-        logger.info(f"dropped {dropped} records past step {first} from {run.metrics}: taken again now")
+    # What a resume reads of the run's records is input: damage is one line naming file:line, not a traceback.
+    with bad_input_exits_2(parallel):
+        if first == cfg.steps and parallel.agree(
+            main and report.has_evaluation(run.metrics, first, final=True)
+        ):
+            logger.info(f"{run.dir} finished at step {first}; --set train.steps=N continues it")
+            return state
+        if main and run.resumed and (dropped := report.drop_records_after(run.metrics, first)):
+            # A run killed after its last checkpoint recorded steps it now takes again.
+            logger.info(f"dropped {dropped} records past step {first} from {run.metrics}: taken again now")
     due = first == 0 or (first % cfg.eval_every == 0 and first < cfg.steps)
     if due and not parallel.agree(main and report.has_evaluation(run.metrics, first, final=False)):
         scores(state, first)  # a fresh run's first, or one a kill cut off after its step's checkpoint

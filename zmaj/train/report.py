@@ -6,24 +6,41 @@ import os
 import platform
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 import torch
 
-from zmaj.data.text import read_jsonl, read_text
+from zmaj.data.text import NotJSONError, read_text
 from zmaj.models.gpt import GPTConfig
 from zmaj.train.checkpoint import atomic_write_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+Needs = Mapping[str, type | tuple[type, ...]]
+"""The keys every record of a file holds, with their types."""
+
+METRIC: Needs = {"step": int}
+"""A metrics line, a step's or an evaluation's, says which step it describes."""
+
+SESSION: Needs = {"event": str, "time": (int, float), "hardware": str}
+"""A ``run.jsonl`` line (:func:`record_session`), as far as a model card reads it."""
+
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def read_records(path: Path, needs: Needs) -> list[dict[str, Any]]:
+    """The records of a jsonl file a run appends to (``metrics.jsonl``, ``run.jsonl``), none when it is
+    missing; a line that is not one (:func:`_records`) is damage, named ``file:line``."""
+    if not path.is_file():
+        return []
+    return [record for _, record in _records(path, _whole_lines(read_text(path)), needs)]
 
 
 def drop_records_after(path: Path, step: int) -> int:
@@ -36,26 +53,53 @@ def drop_records_after(path: Path, step: int) -> int:
         return 0
     text = read_text(path)
     lines = _whole_lines(text)
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    records = _records(path, lines, METRIC)
+    kept = [line for line, record in records if record["step"] <= step]
     if len(kept) < len(lines) or not text.endswith("\n"):
-        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-    return len(lines) - len(kept)
+        _rewrite(path, kept)
+    return len(records) - len(kept)
+
+
+def drop_cut_short_line(path: Path) -> None:
+    """Rewrite ``path`` (atomically) without a last line a kill cut short, as :func:`drop_records_after` does
+    for the metrics: appended to, it would run into the next record, a line that no reader parses."""
+    if path.is_file() and not (text := read_text(path)).endswith("\n") and text:
+        _rewrite(path, _whole_lines(text))
 
 
 def has_evaluation(path: Path, step: int, final: bool) -> bool:
     """Whether the metrics file ``path`` holds an evaluation at ``step`` (a line without a step's ``lr``), the
     final one or a periodic one."""
-    if not path.is_file():
-        return False
     return any(
         record["step"] == step and "lr" not in record and bool(record.get("final")) == final
-        for record in map(json.loads, _whole_lines(read_text(path)))
+        for record in read_records(path, METRIC)
     )
 
 
 def _whole_lines(text: str) -> list[str]:
-    """A metrics file's records: past its last newline is nothing, or a line a kill cut short, which is none."""
+    """The lines of a file a run appends to: past its last newline is nothing, or a line a kill cut short."""
     return text.split("\n")[:-1]
+
+
+def _records(path: Path, lines: list[str], needs: Needs) -> list[tuple[str, dict[str, Any]]]:
+    """Each non-blank line of ``lines`` (of ``path``) with its record: a JSON object holding ``needs``."""
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise NotJSONError(f"{path}:{number}: not JSON ({error.msg}, column {error.colno})") from error
+        if not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in needs.items()):
+            wanted = " and ".join(needs)
+            raise ValueError(f"{path}:{number}: damaged, not a record (a JSON object with {wanted})")
+        records.append((line, record))
+    return records
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    atomic_write_text(path, "".join(f"{line}\n" for line in lines))
 
 
 RUN_FILE = "run.jsonl"
@@ -73,7 +117,8 @@ def cpu_model() -> str:
 
 
 def record_session(run_dir: Path, event: str, device: torch.device) -> None:
-    """Append a ``start`` or ``end`` record to the run's ``run.jsonl``: wall-clock time, device, host, versions."""
+    """Append a ``start`` or ``end`` record to the run's ``run.jsonl``: wall-clock time, device, host, versions.
+    A line a kill cut short goes first: the record would run into it, and every later export would fail."""
     if device.type == "cuda":
         hardware = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}"
     else:
@@ -86,12 +131,13 @@ def record_session(run_dir: Path, event: str, device: torch.device) -> None:
         "host": socket.gethostname(),
         "torch": torch.__version__,
     }
+    drop_cut_short_line(run_dir / RUN_FILE)
     append_jsonl(run_dir / RUN_FILE, record)
 
 
 def plot_curves(metrics_path: Path, out: Path, panels: Sequence[tuple[str, str]]) -> None:
     """One panel per ``(metric key, title)`` present in the run's metrics JSONL, each against the step."""
-    records = [record for _, record in read_jsonl(metrics_path)]
+    records = read_records(metrics_path, METRIC)
     shown = [(key, title) for key, title in panels if any(key in r for r in records)]
     if not shown:
         return

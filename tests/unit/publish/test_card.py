@@ -117,6 +117,36 @@ def test_a_grpo_run_with_several_passes_is_described_as_far_as_its_checkpoints_l
     assert "| 40 |" not in card._results(run)
 
 
+def test_a_run_killed_mid_line_is_read_to_its_last_whole_line_and_other_damage_named(tmp_path: Path) -> None:
+    """A run killed (and not resumed) may leave the last line of ``metrics.jsonl`` or ``run.jsonl`` cut short:
+    that is no record (the loop's rule), not a reason to refuse the export. Damage anywhere else, or a
+    ``spec.yaml`` that is no mapping, is one error naming the file (they were a yaml or attribute traceback)."""
+    folder = _killed_run(tmp_path / "run")
+    whole = card.read_run(folder)
+    for name, cut in (("metrics.jsonl", '{"step": 84, "lo'), ("run.jsonl", '{"event": "end", "ti')):
+        (folder / name).write_text((folder / name).read_text() + cut)
+    assert card.read_run(folder) == whole
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not JSON"):
+        card.read_run(folder)
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n[]\n')
+    with pytest.raises(
+        ValueError, match=r"metrics.jsonl:2: damaged, not a record \(a JSON object with step\)"
+    ):
+        card.read_run(folder)
+    (folder / "metrics.jsonl").write_text("")
+    (folder / "run.jsonl").write_text('{"event": "start", "time": 0.0}\n')
+    with pytest.raises(ValueError, match=r"run.jsonl:1: damaged, not a record .*event and time and hardware"):
+        card.read_run(folder)
+    for text, problem in (
+        ("train: [\n", "not valid YAML"),
+        ("- 1\n", r"not a run's spec \(a YAML mapping\)"),
+    ):
+        (folder / "spec.yaml").write_text(text)
+        with pytest.raises(ValueError, match=f"{folder / 'spec.yaml'}: {problem}"):
+            card.read_run(folder)
+
+
 def _eval(step: int, n: int = 8, **setup: object) -> dict[str, object]:
     row = {"step": step, "eval_n": n, "eval_accuracy": 0.5, "eval_low": 0.2, "eval_high": 0.8}
     return row | {"eval_format_rate": 1.0} | ({"eval_setup": setup} if setup else {})

@@ -133,6 +133,40 @@ def test_a_resumed_run_records_each_step_once(tmp_path: Path) -> None:
     assert records(tmp_path / "split") == records(tmp_path / "straight")
 
 
+def test_a_resume_drops_a_cut_short_session_record_and_refuses_damaged_metrics_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """A session killed while it wrote its end record left the last line of ``run.jsonl`` cut short, and the
+    next session's start ran into it: a line no export could read, ever after. That line goes now, as a cut-short
+    metrics line does. A damaged metrics line stopped the resume with a JSONDecodeError or KeyError traceback:
+    it is bad input, one line naming ``file:line`` and exit 2, and the file is left as it was."""
+    run_dir = tmp_path / "run"
+    train(run_dir, stop_after=3)
+    sessions = run_dir / "run.jsonl"
+    sessions.write_text(sessions.read_text()[:-20])  # killed in the middle of its end record
+    train(run_dir, resume=True, stop_after=2)
+    events = [json.loads(line)["event"] for line in sessions.read_text().splitlines()]
+    assert events == ["start", "start", "end"]
+
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    messages: list[str] = []
+    for text, problem in (
+        (lines[0] + '{"step\n' + "".join(lines[1:]), "metrics.jsonl:2: not JSON"),
+        ("".join(lines) + '{"loss": 1.0}\n', f"metrics.jsonl:{len(lines) + 1}: damaged, not a record"),
+    ):
+        metrics.write_text(text)
+        messages.clear()
+        sink = logger.add(lambda m: messages.append(m.record["message"]), level="ERROR")
+        with pytest.raises(SystemExit) as stopped:
+            train(run_dir, resume=True)
+        logger.remove(sink)
+        assert stopped.value.code == 2
+        assert len(messages) == 1
+        assert f"{run_dir}/{problem}" in messages[0]
+        assert metrics.read_text() == text
+
+
 def test_a_finished_run_resumed_does_nothing_and_one_past_its_steps_is_refused(tmp_path: Path) -> None:
     """Resumed where it finished, a run neither saves nor records a second final evaluation; killed during its
     final evaluation, it takes just that again. A resume's ``--set`` is written to ``spec.yaml`` (a plain
