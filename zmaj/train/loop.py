@@ -11,7 +11,7 @@ step, final)``. The loop owns the rest, the same for pre-training, SFT, DPO and 
   (``metrics.jsonl``, and the trackers of ``train.trackers``: ``Run.record``) and the progress bar;
 - checkpoints every ``train.checkpoint_every`` steps, on Ctrl-C, after ``--stop-after`` steps and at the end,
   keeping the newest ``train.keep_checkpoints``; evaluations every ``train.eval_every`` steps, at the start of
-  a fresh run and at the end; a curves plot at the end;
+  a fresh run and at the end; a curves plot at the end (drawn again when a finished run is resumed);
 - a non-finite loss or gradient norm stops the run. The state it produced is kept for inspection under a name
   no resume or load picks up, and ``latest`` stays on the last good checkpoint, so ``--resume`` restarts from
   there;
@@ -114,6 +114,8 @@ def train(
         if first == cfg.steps and parallel.agree(
             main and report.has_evaluation(run.metrics, first, final=True)
         ):
+            if main:  # drawn again (cheap): one killed after its final evaluation left none, or one cut short
+                report.plot_curves(run.metrics, run.dir / "curves.png", panels)
             logger.info(f"{run.dir} finished at step {first}; --set train.steps=N continues it")
             return state
         if main and run.resumed and (dropped := report.drop_records_after(run.metrics, first)):

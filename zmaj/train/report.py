@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import socket
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from zmaj.data.text import NotJSONError, read_text
 from zmaj.models.gpt import GPTConfig
-from zmaj.train.checkpoint import atomic_write_text
+from zmaj.train.checkpoint import atomic_write_text, fsync
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -150,8 +151,21 @@ def plot_curves(metrics_path: Path, out: Path, panels: Sequence[tuple[str, str]]
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    # Through a temporary sibling and a rename, as atomic_write_text: a kill while saving in place left a
+    # cut-short PNG, which --resume kept and export copied.
+    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, out)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    fsync(out.parent)
 
 
 def gpt_flops_per_token(config: GPTConfig, seq_len: int) -> float:

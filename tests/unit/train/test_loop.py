@@ -20,6 +20,7 @@ from typing import IO, Any
 import pytest
 import torch
 from loguru import logger
+from matplotlib.figure import Figure
 from pydantic import BaseModel
 from tensordict import TensorDict
 
@@ -165,6 +166,42 @@ def test_a_resume_drops_a_cut_short_session_record_and_refuses_damaged_metrics_i
         assert len(messages) == 1
         assert f"{run_dir}/{problem}" in messages[0]
         assert metrics.read_text() == text
+
+
+def test_curves_are_saved_whole_or_not_at_all_and_drawn_again_when_a_finished_run_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``curves.png`` was saved in place, so a kill while saving left a cut-short PNG, and a finished run resumed
+    returned before drawing it: export then copied the broken plot into the model repository."""
+    png = b"\x89PNG\r\n\x1a\n"
+
+    def killed(figure: Figure, target: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(target, os.PathLike):
+            Path(target).write_bytes(png + bytes(92))  # saved in place
+        else:
+            target.write(png + bytes(92))
+        raise KeyboardInterrupt
+
+    def run_loop(resume: bool = False) -> None:
+        with open_run(tmp_path / "run", resume) as run:
+            loop.train(
+                run,
+                run.restore(fresh()),
+                stand_in(lambda step: (1.0, 1.0)),
+                lambda i: i,
+                evaluate=lambda *_: {},
+            )
+
+    monkeypatch.setattr(Figure, "savefig", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_loop()
+    assert not [p.name for p in (tmp_path / "run").iterdir() if "curves" in p.name]
+    monkeypatch.undo()
+    (tmp_path / "run" / "curves.png").write_bytes(png + bytes(92))  # as the in-place save left it
+    run_loop(resume=True)
+    curves = (tmp_path / "run" / "curves.png").read_bytes()
+    assert curves.startswith(png)
+    assert curves.endswith(b"IEND\xaeB`\x82")
 
 
 def test_a_finished_run_resumed_does_nothing_and_one_past_its_steps_is_refused(tmp_path: Path) -> None:
