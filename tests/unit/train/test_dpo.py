@@ -7,11 +7,16 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tensordict import TensorDict
 
+from zmaj.convert.load import Pretrained
+from zmaj.data.model_tokenizer import ModelTokenizer
+from zmaj.data.tokenizer import Tokenizer
 from zmaj.models import llama
-from zmaj.train import dpo, optim, step
+from zmaj.tasks import get_task
+from zmaj.train import dpo, finetune, optim, step
 from zmaj.train.logprobs import sequence_logprobs
-from zmaj.train.pairs import Pair, fitted, read_pairs, write_pairs
+from zmaj.train.pairs import Pair, fitted, on_policy_pairs, read_pairs, write_pairs
 
 CONFIG = llama.LlamaConfig(
     vocab_size=16, context=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, init_std=0.1
@@ -143,3 +148,32 @@ def test_a_damaged_pairs_file_is_refused_naming_its_line(tmp_path: Path, row: st
     path.write_text("")
     with pytest.raises(ValueError, match=f"{path} holds no preference pair"):
         read_pairs(path)
+
+
+def test_on_policy_pairs_prefer_the_right_answer_to_the_wrong_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DPO widens the margin whichever answer a pair calls chosen, so a training test cannot tell pairs turned
+    the wrong way round: here the sampler is a stand-in whose answers are known right or wrong."""
+    tokenizer = ModelTokenizer.from_zmaj(Tokenizer.train(["Answer: 0123456789 +-*=?\n"] * 50, vocab_size=300))
+    model = Pretrained(
+        CONFIG.model_copy(update={"vocab_size": tokenizer.vocab_size}), TensorDict(), tokenizer
+    )
+    source = finetune.PairsFromTask(
+        task=finetune.RLTask(name="arithmetic"), n_prompts=3, k=3, max_new_tokens=8, seed=5
+    )
+    problems = get_task("arithmetic").problems("train", 3, 5)
+    # Problem 0: right, wrong, wrong; problem 1: wrong, wrong, right; problem 2: all right (no pair).
+    right = [[True, False, False], [False, False, True], [True, True, True]]
+    answers = {
+        (i, j): f"Answer: {p.answer if ok else int(p.answer) + 1}"
+        for i, p in enumerate(problems)
+        for j, ok in enumerate(right[i])
+    }
+
+    def sampler(_: Pretrained, rows: list[list[int]], *args: object, **kwargs: object) -> list[list[int]]:
+        assert len(rows) == 9  # k rows per prompt, prompt-major
+        return [tokenizer.encode(answers[row // 3, row % 3]) for row in range(9)]
+
+    monkeypatch.setattr(finetune, "sample_answers", sampler)
+    found = on_policy_pairs(source, finetune.Start(model, "stand-in"))
+    decoded = [(tokenizer.decode(pair.chosen), tokenizer.decode(pair.rejected)) for pair in found]
+    assert decoded == [(answers[0, 0], answers[0, 1]), (answers[1, 2], answers[1, 0])]
