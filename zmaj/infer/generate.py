@@ -33,11 +33,9 @@ from zmaj.models.common import Step as Step  # re-exported: generation's contrac
 class Sampling(BaseModel):
     """How a token is picked from logits; the default, temperature 0, is greedy decoding."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    temperature: float = Field(
-        0.0, ge=0, allow_inf_nan=False, description="divides the logits; 0 picks the most likely token"
-    )
+    temperature: float = Field(0.0, ge=0, description="divides the logits; 0 picks the most likely token")
     top_k: int | None = Field(None, gt=0, description="sample only among the k most likely tokens")
     top_p: float | None = Field(
         None, gt=0, le=1, description="sample only from the smallest set of tokens with probability >= top_p"

@@ -30,7 +30,7 @@ from torch import Tensor
 class LinearScaling(BaseModel):
     """Position interpolation: every frequency divided by ``factor``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     rope_type: Literal["linear"] = "linear"
     factor: float = Field(gt=0)
@@ -39,7 +39,7 @@ class LinearScaling(BaseModel):
 class Llama3Scaling(BaseModel):
     """Llama 3.1's scaling: low frequencies divided by ``factor``, high ones kept, a smooth ramp between."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     rope_type: Literal["llama3"] = "llama3"
     factor: float = Field(gt=0)
