@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import datasets
+from datasets.data_files import resolve_pattern
 from loguru import logger
 
 from zmaj.data.config import FilesSource, HubSource, Source, StdlibSource
@@ -63,8 +64,9 @@ def documents(source: Source, split: Split, validation_fraction: float) -> Itera
 def source_key(source: Source, split: Split, validation_fraction: float) -> str:
     """A sha256 that changes whenever the documents of this split could: the config, plus what it points at.
 
-    For the stdlib that is the interpreter (its full version string and stdlib path); for local files their sizes
-    and modification times. Hub datasets are keyed by config alone: pin a revision in ``path`` if it matters.
+    For the stdlib that is the interpreter (its full version string and stdlib path); for local files, named in
+    ``paths`` or read by a hub source (its ``data_files``, or a local folder), their sizes and modification
+    times. Datasets on the Hub are keyed by config alone: pin a revision in ``path`` if it matters.
     """
     identity: dict[str, Any] = {
         "source": source.model_dump(mode="json"),
@@ -74,9 +76,28 @@ def source_key(source: Source, split: Split, validation_fraction: float) -> str:
     }
     if isinstance(source, StdlibSource):
         identity["python"] = [sys.version, sysconfig.get_paths()["stdlib"]]
-    if isinstance(source, FilesSource):
-        identity["files"] = [[p, (s := Path(p).stat()).st_size, s.st_mtime_ns] for p in source.paths]
+    else:
+        paths = source.paths if isinstance(source, FilesSource) else _hub_local_files(source)
+        identity["files"] = [[p, (s := Path(p).stat()).st_size, s.st_mtime_ns] for p in paths]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _hub_local_files(source: HubSource) -> list[str]:
+    """The local files a hub source reads: its ``data_files`` patterns resolved by ``datasets``' own resolver
+    (relative to ``path`` when that is a local folder, else to the working directory), or every file of a local
+    folder outside hidden directories (a superset of what ``datasets`` picks there). Remote files are not listed."""
+    folder = Path(source.path)
+    if source.data_files is None:
+        if not folder.is_dir():
+            return []
+        files = (p for p in folder.rglob("*") if p.is_file())
+        return sorted(
+            str(p) for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        )
+    patterns = [source.data_files] if isinstance(source.data_files, str) else source.data_files
+    base = source.path if folder.is_dir() else os.getcwd()
+    local = (pattern for pattern in patterns if "://" not in pattern)
+    return sorted({file for pattern in local for file in resolve_pattern(pattern, base)})
 
 
 def _all_documents(source: Source) -> Iterator[Document]:

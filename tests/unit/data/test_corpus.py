@@ -147,3 +147,21 @@ def test_stdlib_key_names_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
     key = source_key(StdlibSource(), "train", FRACTION)
     monkeypatch.setattr(sys, "version", sys.version + " (another build)")
     assert source_key(StdlibSource(), "train", FRACTION) != key
+
+
+@pytest.mark.parametrize("pattern", ["exact", "glob", "folder"])
+def test_a_hub_source_of_local_files_is_keyed_by_those_files(
+    jsonl_file: Path, pattern: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Editing a file the json builder reads must rebuild the tokenizer and token files, as for files sources."""
+    monkeypatch.chdir(jsonl_file.parent)
+    source = {
+        "exact": HubSource(path="json", data_files=str(jsonl_file)),
+        "glob": HubSource(path="json", data_files=["*.jsonl"]),  # relative to the working directory
+        "folder": HubSource(path=str(jsonl_file.parent)),
+    }[pattern]
+    key = source_key(source, "train", FRACTION)
+    assert source_key(source, "train", FRACTION) == key
+    stat = jsonl_file.stat()
+    os.utime(jsonl_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert source_key(source, "train", FRACTION) != key
