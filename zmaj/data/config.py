@@ -40,7 +40,7 @@ class HubSource(BaseModel):
     name: str | None = None
     data_files: str | list[str] | None = None
     split: str = "train"
-    """The dataset split read; our own train/validation split is cut from it by hashing row names."""
+    """The dataset split read; our own train/validation split is cut from it by hashing each row's text."""
     text_column: str = "text"
     streaming: bool = False
     max_documents: int | None = Field(default=None, ge=1)

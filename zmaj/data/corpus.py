@@ -2,8 +2,12 @@
 
 Hashing names (rather than shuffling and cutting) makes the split a property of the document alone: it is the
 same on every machine and run, needs no pass over the corpus, survives documents being added or removed, and
-works for streamed datasets whose length is unknown. The built-in corpus is the running interpreter's own
-standard library plus its pydoc topics, so every test and smoke run has real text offline.
+works for streamed datasets whose length is unknown. A file is named by its path (a stdlib module by its path
+inside the standard library); a row of a table (a jsonl line, a parquet or ``datasets`` row) by a hash of its
+text, as its index shifts when rows before it come or go and its file's path can be spelled many ways; so
+identical rows share a split, and a duplicated document never sits on both sides. The built-in corpus is the
+running interpreter's own standard library plus its pydoc topics, so every test and smoke run has real text
+offline.
 """
 
 import hashlib
@@ -26,9 +30,10 @@ from zmaj.data.text import read_jsonl, read_text
 
 Split = Literal["train", "validation"]
 
-CORPUS_VERSION = 2
+CORPUS_VERSION = 3
 """Bumped whenever what ``documents`` yields for a given source changes, so caches keyed on it are rebuilt.
-2: local text files keep their line endings (``datasets`` had translated ``\\r\\n`` to ``\\n``)."""
+2: local text files keep their line endings (``datasets`` had translated ``\\r\\n`` to ``\\n``).
+3: rows are named by their text, not their file and index, which moves them between the splits."""
 
 SKIPPED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 """Third-party packages differ per environment, and distributions ship the test suites or not (Debian splits
@@ -138,18 +143,17 @@ def _generated(relative: Path) -> bool:
 
 
 def hub_documents(source: HubSource) -> Iterator[Document]:
-    """Rows of a ``datasets`` dataset, named by their index so the split is stable while the rows are."""
+    """Rows of a ``datasets`` dataset, in the dataset's order."""
     dataset = datasets.load_dataset(
         source.path, source.name, data_files=source.data_files, split=source.split, streaming=source.streaming
     )
     rows = islice(dataset.select_columns([source.text_column]), source.max_documents)  # None: all rows
-    prefix = f"{source.path}:{source.name}:{source.split}"
-    for index, row in enumerate(rows):
-        yield Document(f"{prefix}:{index}", row[source.text_column])
+    for row in rows:
+        yield _row(row[source.text_column])
 
 
 def files_documents(source: FilesSource) -> Iterator[Document]:
-    """Each file is read on its own, so a document's name (file, row) does not depend on the other files.
+    """Each file in turn: a text file is one document, a jsonl line or parquet row another.
 
     Text and jsonl files are read by ``zmaj.data.text``, so a file that is not UTF-8 text or a line that is not
     JSON fails in one line naming the file and the place; parquet is binary and read by ``datasets``.
@@ -158,13 +162,18 @@ def files_documents(source: FilesSource) -> Iterator[Document]:
         if source.format == "text":
             yield Document(path, read_text(path))
         elif source.format == "jsonl":
-            for index, (number, row) in enumerate(read_jsonl(path)):
-                yield Document(f"{path}:{index}", _text_field(row, source.text_column, f"{path}:{number}"))
+            for number, row in read_jsonl(path):
+                yield _row(_text_field(row, source.text_column, f"{path}:{number}"))
         else:
             # Streaming reads the file directly instead of first converting it into the Arrow cache in ~/.cache.
             rows = datasets.load_dataset("parquet", data_files=path, split="train", streaming=True)
-            for index, row in enumerate(rows.select_columns([source.text_column])):
-                yield Document(f"{path}:{index}", row[source.text_column])
+            for row in rows.select_columns([source.text_column]):
+                yield _row(row[source.text_column])
+
+
+def _row(text: str) -> Document:
+    """A row of a table, named by its text's hash (see the module's docstring)."""
+    return Document(f"sha256:{hashlib.sha256(text.encode()).hexdigest()}", text)
 
 
 def _text_field(row: Any, column: str, where: str) -> str:

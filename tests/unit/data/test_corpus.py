@@ -67,9 +67,27 @@ def _all(source: FilesSource | HubSource) -> list[Document]:
 def test_jsonl_files_give_one_document_per_line(jsonl_file: Path) -> None:
     rows = [json.loads(line)["text"] for line in jsonl_file.read_text().splitlines()]
     docs = _all(FilesSource(paths=[str(jsonl_file)], format="jsonl"))
-    assert sorted((d.name, d.text) for d in docs) == sorted(
-        (f"{jsonl_file}:{i}", t) for i, t in enumerate(rows)
-    )
+    assert sorted(d.text for d in docs) == sorted(rows)
+
+
+def test_a_row_keeps_its_split_when_rows_come_and_go_or_the_path_is_spelled_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row named by its place would move between the splits (and leak validation text into training) when a
+    row before it is deleted, or the same file is named by a relative path; a repeated row sits in one split."""
+    rows = [f"document number {i}" for i in range(400)]
+
+    def splits(texts: list[str], path: str) -> dict[str, set[str]]:
+        Path(path).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        source = FilesSource(paths=[path], format="jsonl")
+        return {split: {d.text for d in documents(source, split, 0.2)} for split in ("train", "validation")}
+
+    monkeypatch.chdir(tmp_path)
+    before = splits(rows, str(tmp_path / "c.jsonl"))
+    assert all(before.values())
+    after = splits([rows[0], *rows[2:], "a new row", rows[5]], "c.jsonl")
+    assert after["validation"] - {"a new row"} == before["validation"] - {rows[1]}
+    assert after["train"] - {"a new row"} == before["train"] - {rows[1]}
 
 
 def test_text_files_are_whole_documents(tmp_path: Path) -> None:
