@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 from datasets.data_files import resolve_pattern
 from loguru import logger
 
@@ -156,7 +158,7 @@ def files_documents(source: FilesSource) -> Iterator[Document]:
     """Each file in turn: a text file is one document, a jsonl line or parquet row another.
 
     Text and jsonl files are read by ``zmaj.data.text``, so a file that is not UTF-8 text or a line that is not
-    JSON fails in one line naming the file and the place; parquet is binary and read by ``datasets``.
+    JSON fails in one line naming the file and the place; parquet is binary and read by ``pyarrow``.
     """
     for path in source.paths:
         if source.format == "text":
@@ -165,10 +167,22 @@ def files_documents(source: FilesSource) -> Iterator[Document]:
             for number, row in read_jsonl(path):
                 yield _row(_text_field(row, source.text_column, f"{path}:{number}"))
         else:
-            # Streaming reads the file directly instead of first converting it into the Arrow cache in ~/.cache.
-            rows = datasets.load_dataset("parquet", data_files=path, split="train", streaming=True)
-            for row in rows.select_columns([source.text_column]):
-                yield _row(row[source.text_column])
+            for text in _parquet_column(path, source.text_column):
+                yield _row(text)
+
+
+def _parquet_column(path: str, column: str) -> Iterator[Any]:
+    """A parquet file's column, value by value, read by ``pyarrow`` batch by batch: ``datasets`` would take the
+    path for a glob (``shard[1].parquet`` matching ``shard1.parquet``) and fails on a file with no rows."""
+    try:
+        file = pq.ParquetFile(path)
+    except pa.ArrowInvalid as error:
+        raise ValueError(f"{path}: not a parquet file ({error})") from error
+    names = file.schema_arrow.names
+    if column not in names:
+        raise ValueError(f"{path}: no {column!r} column (has {', '.join(names)})")
+    for batch in file.iter_batches(columns=[column]):
+        yield from batch.column(0).to_pylist()
 
 
 def _row(text: str) -> Document:

@@ -137,6 +137,36 @@ def test_parquet_files_read_the_text_column(tmp_path: Path) -> None:
     assert sorted(d.text for d in docs) == ["alpha", "beta", "gamma"]
 
 
+def test_a_parquet_file_is_read_by_its_name_not_as_a_glob(tmp_path: Path) -> None:
+    """``shard[1].parquet`` is that file, not the pattern matching ``shard1.parquet``."""
+    for name in ("shard[1].parquet", "shard1.parquet", "only[2].parquet"):
+        pq.write_table(pa.table({"text": [f"from {name}"]}), tmp_path / name)
+    for name in ("shard[1].parquet", "only[2].parquet"):
+        assert [d.text for d in _all(FilesSource(paths=[str(tmp_path / name)], format="parquet"))] == [
+            f"from {name}"
+        ]
+
+
+def test_an_empty_parquet_file_has_no_documents(tmp_path: Path) -> None:
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), path)
+    assert _all(FilesSource(paths=[str(path)], format="parquet")) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "complaint"),
+    [(b"not parquet", "not a parquet file"), (None, "no 'text' column (has body, n)")],
+)
+def test_a_bad_parquet_file_fails_naming_it(tmp_path: Path, content: bytes | None, complaint: str) -> None:
+    path = tmp_path / "docs.parquet"
+    if content is None:
+        pq.write_table(pa.table({"body": ["alpha"], "n": [1]}), path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {re.escape(complaint)}"):
+        _all(FilesSource(paths=[str(path)], format="parquet"))
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_hub_source_reads_local_builders(
     jsonl_file: Path, streaming: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
