@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from zmaj.data.corpus import hub_where
 from zmaj.data.text import read_jsonl
 from zmaj.tasks import Split, get_task
 
@@ -159,11 +160,9 @@ def _raw_messages(source: ChatFilesSource | ChatHubSource) -> Iterator[tuple[str
     dataset = datasets.load_dataset(
         source.path, source.name, data_files=source.data_files, split=source.split, streaming=source.streaming
     )
-    where = [source.path, *([source.name] if source.name else []), f"split {source.split}"]
-    if source.data_files is not None:
-        where.append(f"files {source.data_files}")
+    where = hub_where(source)
     for index, row in enumerate(islice(dataset, source.max_conversations)):  # None: all rows
-        sample = f"{', '.join(where)}, row {index}"
+        sample = f"{where}, row {index}"
         yield sample, _column(row, column, sample)
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import datasets
 import pyarrow as pa
@@ -107,6 +107,28 @@ def _hub_local_files(source: HubSource) -> list[str]:
     return sorted({file for pattern in local for file in resolve_pattern(pattern, base)})
 
 
+@runtime_checkable
+class HubLike(Protocol):
+    """What a ``datasets`` source of text (``HubSource``) and of conversations (``zmaj.data.chat``) share."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def data_files(self) -> str | list[str] | None: ...
+    @property
+    def split(self) -> str: ...
+
+
+def hub_where(source: HubLike) -> str:
+    """A ``datasets`` source as errors name it: ``json, split train, files chats.jsonl``."""
+    where = [source.path, *([source.name] if source.name else []), f"split {source.split}"]
+    if source.data_files is not None:
+        where.append(f"files {source.data_files}")
+    return ", ".join(where)
+
+
 def _all_documents(source: Source) -> Iterator[Document]:
     if isinstance(source, StdlibSource):
         return stdlib_documents()
@@ -150,8 +172,9 @@ def hub_documents(source: HubSource) -> Iterator[Document]:
         source.path, source.name, data_files=source.data_files, split=source.split, streaming=source.streaming
     )
     rows = islice(dataset.select_columns([source.text_column]), source.max_documents)  # None: all rows
-    for row in rows:
-        yield _row(row[source.text_column])
+    where = hub_where(source)
+    for index, row in enumerate(rows):
+        yield _row(row[source.text_column], source.text_column, f"{where}, row {index}")
 
 
 def files_documents(source: FilesSource) -> Iterator[Document]:
@@ -165,10 +188,11 @@ def files_documents(source: FilesSource) -> Iterator[Document]:
             yield Document(path, read_text(path))
         elif source.format == "jsonl":
             for number, row in read_jsonl(path):
-                yield _row(_text_field(row, source.text_column, f"{path}:{number}"))
+                where = f"{path}:{number}"
+                yield _row(_text_field(row, source.text_column, where), source.text_column, where)
         else:
-            for text in _parquet_column(path, source.text_column):
-                yield _row(text)
+            for index, text in enumerate(_parquet_column(path, source.text_column)):
+                yield _row(text, source.text_column, f"{path}, row {index}")
 
 
 def _parquet_column(path: str, column: str) -> Iterator[Any]:
@@ -185,8 +209,12 @@ def _parquet_column(path: str, column: str) -> Iterator[Any]:
         yield from batch.column(0).to_pylist()
 
 
-def _row(text: str) -> Document:
-    """A row of a table, named by its text's hash (see the module's docstring)."""
+def _row(text: Any, column: str, where: str) -> Document:
+    """A row of a table, named by its text's hash (see the module's docstring); a cell that is not text (a number,
+    a list, a null) is a broken row, an error naming it, not something to stringify or skip."""
+    if not isinstance(text, str):
+        held = "a null" if text is None else f"a value of type {type(text).__name__}"
+        raise ValueError(f"{where}: the {column!r} column holds {held}, not text")
     return Document(f"sha256:{hashlib.sha256(text.encode()).hexdigest()}", text)
 
 

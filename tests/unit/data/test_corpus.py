@@ -167,6 +167,35 @@ def test_a_bad_parquet_file_fails_naming_it(tmp_path: Path, content: bytes | Non
         _all(FilesSource(paths=[str(path)], format="parquet"))
 
 
+@pytest.mark.parametrize(
+    ("cells", "complaint"),
+    [
+        ([1, 2], "row 0: the 'text' column holds a value of type int"),
+        (["fine", None], "row 1: the 'text' column holds a null"),
+        ([["a", "b"], ["c", "d"]], "row 0: the 'text' column holds a value of type list"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["files parquet", "hub json", "hub parquet"])
+def test_a_cell_that_is_not_text_fails_naming_source_row_and_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, cells: list[object], complaint: str
+) -> None:
+    """Not stringified, skipped, nor (a list of two) encoded as a pair of texts: refused, as a jsonl line is."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    path = tmp_path / ("docs.jsonl" if kind == "hub json" else "docs.parquet")
+    if kind == "hub json":
+        path.write_text("".join(json.dumps({"text": cell}) + "\n" for cell in cells))
+    else:
+        pq.write_table(pa.table({"text": cells}), path)
+    if kind == "files parquet":
+        source: FilesSource | HubSource = FilesSource(paths=[str(path)], format="parquet")
+        where = str(path)
+    else:
+        source = HubSource(path=kind.removeprefix("hub "), data_files=str(path))
+        where = f"{source.path}, split train, files {path}"
+    with pytest.raises(ValueError, match=rf"^{re.escape(f'{where}, {complaint}')}, not text$"):
+        _all(source)
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_hub_source_reads_local_builders(
     jsonl_file: Path, streaming: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
