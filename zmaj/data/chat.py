@@ -17,7 +17,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import datasets
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -28,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from zmaj.data.corpus import hub_where
+from zmaj.data.corpus import hub_where, load_hub
 from zmaj.data.text import read_jsonl
 from zmaj.tasks import Split, get_task
 
@@ -157,9 +156,7 @@ def _raw_messages(source: ChatFilesSource | ChatHubSource) -> Iterator[tuple[str
                 sample = f"{path}:{number}"
                 yield sample, _column(row, column, sample)
         return
-    dataset = datasets.load_dataset(
-        source.path, source.name, data_files=source.data_files, split=source.split, streaming=source.streaming
-    )
+    dataset = load_hub(source)
     where = hub_where(source)
     for index, row in enumerate(islice(dataset, source.max_conversations)):  # None: all rows
         sample = f"{where}, row {index}"

@@ -25,6 +25,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.data_files import resolve_pattern
+from datasets.exceptions import DatasetGenerationError
 from loguru import logger
 
 from zmaj.data.config import FilesSource, HubSource, Source, StdlibSource
@@ -119,6 +120,8 @@ class HubLike(Protocol):
     def data_files(self) -> str | list[str] | None: ...
     @property
     def split(self) -> str: ...
+    @property
+    def streaming(self) -> bool: ...
 
 
 def hub_where(source: HubLike) -> str:
@@ -127,6 +130,32 @@ def hub_where(source: HubLike) -> str:
     if source.data_files is not None:
         where.append(f"files {source.data_files}")
     return ", ".join(where)
+
+
+def load_hub(source: HubLike) -> datasets.Dataset | datasets.IterableDataset:
+    """``datasets.load_dataset`` of a source, where a source that cannot be read fails in one line naming it and
+    what to do, not in a traceback from deep inside ``datasets`` (and, offline, after 20 s of retries)."""
+    where = hub_where(source)
+    try:
+        return datasets.load_dataset(
+            source.path,
+            source.name,
+            data_files=source.data_files,
+            split=source.split,
+            streaming=source.streaming,
+        )
+    except StopIteration as error:  # the json builder reads a first batch for the columns, and there is none
+        raise ValueError(f"{where}: no rows to read (an empty file?)") from error
+    except DatasetGenerationError as error:
+        cause = error.__cause__ or error  # what the builder hit: ArrowInvalid, say
+        raise ValueError(
+            f"{where}: datasets cannot read it (an empty or malformed file?): {type(cause).__name__}: {cause}"
+        ) from error
+    except ConnectionError as error:
+        raise ValueError(
+            f"{where}: not reachable ({error}): use a local source, or set HF_HUB_OFFLINE=1 to read a copy "
+            "cached earlier"
+        ) from error
 
 
 def _all_documents(source: Source) -> Iterator[Document]:
@@ -168,9 +197,7 @@ def _generated(relative: Path) -> bool:
 
 def hub_documents(source: HubSource) -> Iterator[Document]:
     """Rows of a ``datasets`` dataset, in the dataset's order."""
-    dataset = datasets.load_dataset(
-        source.path, source.name, data_files=source.data_files, split=source.split, streaming=source.streaming
-    )
+    dataset = load_hub(source)
     rows = islice(dataset.select_columns([source.text_column]), source.max_documents)  # None: all rows
     where = hub_where(source)
     for index, row in enumerate(rows):

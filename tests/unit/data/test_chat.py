@@ -3,6 +3,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -145,6 +146,26 @@ def test_a_bad_datasets_row_is_an_error_naming_the_row(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=expected):
         load_conversations(ChatHubSource(path="json", data_files=str(jsonl), streaming=True))
+
+
+@pytest.mark.parametrize(
+    ("path", "complaint"),
+    [
+        ("json", "no rows to read"),
+        ("someuser/chats", "not reachable (Couldn't reach 'someuser/chats' on the Hub"),
+    ],
+)
+def test_a_datasets_source_that_cannot_be_read_fails_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str, complaint: str
+) -> None:
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network in tests, and no retries
+    empty = tmp_path / "chats.jsonl"
+    empty.write_text("")
+    source = ChatHubSource(path=path) if "/" in path else ChatHubSource(path=path, data_files=str(empty))
+    where = path + ", split train" + ("" if "/" in path else f", files {empty}")
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{where}: {complaint}')}"):
+        load_conversations(source)
 
 
 def test_a_task_split_becomes_question_and_worked_answer() -> None:

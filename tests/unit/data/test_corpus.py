@@ -208,6 +208,31 @@ def test_hub_source_reads_local_builders(
     assert sorted(d.text for d in _all(first)) == sorted(rows[:5])
 
 
+@pytest.mark.parametrize(
+    ("path", "complaint"),
+    [
+        ("json", "no rows to read (an empty file?)"),
+        ("parquet", "datasets cannot read it (an empty or malformed file?): ArrowInvalid: "),
+        ("someuser/some-corpus", "not reachable (Couldn't reach 'someuser/some-corpus' on the Hub"),
+    ],
+)
+def test_a_datasets_source_that_cannot_be_read_fails_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str, complaint: str
+) -> None:
+    """An empty local file or a Hub name offline: one line naming the source, not a traceback from datasets."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network in tests, and no retries
+    empty = tmp_path / f"empty.{path}"
+    if path == "json":
+        empty.write_text("")
+    elif path == "parquet":
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty)
+    source = HubSource(path=path) if "/" in path else HubSource(path=path, data_files=str(empty))
+    where = path + ", split train" + ("" if "/" in path else f", files {empty}")
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{where}: {complaint}')}"):
+        _all(source)
+
+
 def test_source_key_changes_with_whatever_changes_the_documents(jsonl_file: Path) -> None:
     source = FilesSource(paths=[str(jsonl_file)], format="jsonl")
     key = source_key(source, "train", FRACTION)
