@@ -160,7 +160,15 @@ def _raw_messages(source: ChatFilesSource | ChatHubSource) -> Iterator[tuple[str
     where = hub_where(source)
     for index, row in enumerate(islice(dataset, source.max_conversations)):  # None: all rows
         sample = f"{where}, row {index}"
-        yield sample, _column(row, column, sample)
+        yield sample, _without_nulls(_column(row, column, sample))
+
+
+def _without_nulls(messages: Any) -> Any:
+    """A row's messages less their null fields: Arrow gives every message each field that any message of the
+    column has, null where it has none, and a null is no field to validate (a jsonl line would not hold it)."""
+    if not isinstance(messages, list):
+        return messages
+    return [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
 
 
 def _column(row: Any, column: str, sample: str) -> Any:

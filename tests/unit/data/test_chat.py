@@ -138,6 +138,22 @@ def test_datasets_sources_read_jsonl_and_parquet(tmp_path: Path, streaming: bool
     assert load_conversations(source) == _expected(CONVERSATIONS)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_field_some_messages_lack_is_absent_from_them_not_null(tmp_path: Path, streaming: bool) -> None:
+    """Arrow gives every message of a column every field (a null where one has none): messages without the
+    field are valid, and one holding a field a message has no room for is refused, as in jsonl."""
+    rows = [[dict(m) for m in conversation] for conversation in CONVERSATIONS]
+    rows[1][0]["name"] = "alice"
+    parquet = tmp_path / "chats.parquet"
+    pq.write_table(pa.table({"messages": rows}), parquet)
+    source = ChatHubSource(path="parquet", data_files=str(parquet), streaming=streaming)
+    assert load_conversations(source.model_copy(update={"max_conversations": 1})) == _expected(
+        CONVERSATIONS[:1]
+    )
+    with pytest.raises(ValueError, match=r"(?s)row 1: .*messages\.0\.name\s+Extra inputs are not permitted"):
+        load_conversations(source)
+
+
 def test_a_bad_datasets_row_is_an_error_naming_the_row(tmp_path: Path) -> None:
     rows = [{"messages": CONVERSATIONS[0]}, {"messages": [{"role": "user", "content": "Hi"}]}]
     jsonl = _write_jsonl(tmp_path / "chats.jsonl", rows)
