@@ -36,7 +36,8 @@ Split = Literal["train", "validation"]
 CORPUS_VERSION = 3
 """Bumped whenever what ``documents`` yields for a given source changes, so caches keyed on it are rebuilt.
 2: local text files keep their line endings (``datasets`` had translated ``\\r\\n`` to ``\\n``).
-3: rows are named by their text, not their file and index, which moves them between the splits."""
+3: rows are named by their text, not their file and index, which moves them between the splits; the stdlib
+corpus leaves out ``config-*/python-config.py``."""
 
 SKIPPED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 """Third-party packages differ per environment, and distributions ship the test suites or not (Debian splits
@@ -191,8 +192,14 @@ def stdlib_documents() -> Iterator[Document]:
 
 
 def _generated(relative: Path) -> bool:
-    """Files that are data, not code: the pydoc topics (yielded one per topic instead) and build settings."""
-    return relative.as_posix() == "pydoc_data/topics.py" or relative.name.startswith("_sysconfigdata_")
+    """Files that are data, not code: the pydoc topics (yielded one per topic instead) and the build settings,
+    which differ per machine (``_sysconfigdata_*.py``, and ``config-3.11-x86_64-linux-gnu/``, whose
+    ``python-config.py`` is named for the platform and starts with the interpreter's path)."""
+    return (
+        relative.as_posix() == "pydoc_data/topics.py"
+        or relative.name.startswith("_sysconfigdata_")
+        or relative.parts[0].startswith("config-")
+    )
 
 
 def hub_documents(source: HubSource) -> Iterator[Document]:
@@ -246,8 +253,16 @@ def _row(text: Any, column: str, where: str) -> Document:
 
 
 def _text_field(row: Any, column: str, where: str) -> str:
-    """A jsonl row's text, or an error naming the row's ``file:line``."""
+    """A jsonl row's text, or an error naming the row's ``file:line``; JSON can spell a lone surrogate
+    (``"\\ud83d"``, half an emoji a truncating scraper left), which is no text UTF-8 can encode."""
     if not isinstance(row, dict) or not isinstance(row.get(column), str):
         raise ValueError(f"{where}: expected a JSON object with a string {column!r} field")
     text: str = row[column]
+    try:
+        text.encode()
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{where}: the {column!r} field holds a lone surrogate ({text[error.start]!r} at character "
+            f"{error.start}), not text"
+        ) from error
     return text

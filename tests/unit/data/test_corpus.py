@@ -35,6 +35,7 @@ def test_stdlib_corpus_is_code_and_pydoc_topics(stdlib_splits: dict[str, list[Do
     stdlib = [name.removeprefix("stdlib:") for name in by_name if name.startswith("stdlib:")]
     assert not [name for name in stdlib if skipped_dirs.intersection(name.split("/")[:-1])]
     assert not [name for name in stdlib if name == "pydoc_data/topics.py" or "_sysconfigdata_" in name]
+    assert not [name for name in stdlib if name.startswith("config-")]  # python-config.py names the machine
 
 
 def test_split_is_disjoint_complete_and_deterministic(stdlib_splits: dict[str, list[Document]]) -> None:
@@ -121,6 +122,10 @@ def test_a_file_that_is_not_utf8_fails_naming_file_and_offset(tmp_path: Path, fo
         ("{'text': 'x'}", "not JSON"),
         ('{"body": "x"}', "string 'text' field"),
         ('["x"]', "string 'text' field"),
+        (
+            '{"text": "half an emoji: \\ud83d"}',
+            "holds a lone surrogate ('\\ud83d' at character 15), not text",
+        ),
     ],
 )
 def test_a_bad_jsonl_line_fails_naming_file_and_line(tmp_path: Path, line: str, complaint: str) -> None:
