@@ -92,19 +92,23 @@ def source_key(source: Source, split: Split, validation_fraction: float) -> str:
 
 
 def _hub_local_files(source: HubSource) -> list[str]:
-    """The local files a hub source reads: its ``data_files`` patterns resolved by ``datasets``' own resolver
-    (relative to ``path`` when that is a local folder, else to the working directory), or every file of a local
-    folder outside hidden directories (a superset of what ``datasets`` picks there). Remote files are not listed."""
+    """The local files a hub source reads, found as ``datasets`` finds them: for a builder ("json", "parquet": a
+    name without a "/") its ``data_files`` patterns, relative to the working directory; for a local folder those
+    patterns relative to it, or else every file in it outside hidden directories (a superset of what ``datasets``
+    picks). A Hub dataset's ``data_files`` name files of its repository, which are not listed."""
     folder = Path(source.path)
-    if source.data_files is None:
-        if not folder.is_dir():
-            return []
-        files = (p for p in folder.rglob("*") if p.is_file())
-        return sorted(
-            str(p) for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        )
-    patterns = [source.data_files] if isinstance(source.data_files, str) else source.data_files
-    base = source.path if folder.is_dir() else os.getcwd()
+    patterns = [source.data_files] if isinstance(source.data_files, str) else source.data_files or []
+    if folder.is_dir():
+        if not patterns:
+            files = (p for p in folder.rglob("*") if p.is_file())
+            return sorted(
+                str(p) for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)
+            )
+        base = source.path
+    elif "/" not in source.path:  # a builder; Hub datasets are named "namespace/name"
+        base = os.getcwd()
+    else:
+        return []
     local = (pattern for pattern in patterns if "://" not in pattern)
     return sorted({file for pattern in local for file in resolve_pattern(pattern, base)})
 

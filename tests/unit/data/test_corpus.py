@@ -260,8 +260,10 @@ def test_stdlib_key_names_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
 def test_a_hub_source_of_local_files_is_keyed_by_those_files(
     jsonl_file: Path, pattern: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Editing a file the json builder reads must rebuild the tokenizer and token files, as for files sources."""
+    """Editing a file the json builder reads must rebuild the tokenizer and token files, as for files sources;
+    the data_files of a Hub dataset name files of its repository, not of the working directory."""
     monkeypatch.chdir(jsonl_file.parent)
+    assert source_key(HubSource(path="someone/corpus", data_files="train/*.jsonl"), "train", FRACTION)
     source = {
         "exact": HubSource(path="json", data_files=str(jsonl_file)),
         "glob": HubSource(path="json", data_files=["*.jsonl"]),  # relative to the working directory
