@@ -40,7 +40,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     with runs.bad_input_exits_2():
-        spec = runs.read_spec(PretrainSpec, args, frozen=("model", *OPTIMIZER_LAYOUT))
+        spec = runs.read_spec(PretrainSpec, args, ("model", *OPTIMIZER_LAYOUT), DEFAULT_SPEC)
         parallel = runs.join(spec.train)
     with runs.bad_input_exits_2(parallel):
         check_backend(spec, parallel)

@@ -107,6 +107,11 @@ def test_sft_lowers_the_loss_loads_as_the_trained_model_and_resumes_exactly(
     code, _, err = run("sft.py", *spec, "--run-dir", tmp_path / "split", "--stop-after", "3")
     assert code == 0, err
     assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+    # A SPEC beside --resume used to be ignored: the run went on with its own spec.yaml, silently.
+    code, _, err = run("sft.py", SPECS / "sft-tiny.yaml", "--resume", tmp_path / "split")
+    assert code == 2
+    assert "give no SPEC, and change the run with --set" in err
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step-0000003"
     code, _, err = run("sft.py", "--resume", tmp_path / "split")
     assert code == 0, err
     assert_equal_files(checkpoint_params(tmp_path / "straight"), checkpoint_params(tmp_path / "split"))

@@ -138,7 +138,6 @@ def test_pretrain_then_resume_is_exact_then_sample(spec: Path, tmp_path: Path) -
         (["--set", "train.stepz=3"], "train.stepz"),
         (["--set", "train.steps=lots"], "train.steps"),
         (["--set", "data.source.paths=[/no/such/file.jsonl]"], "/no/such/file.jsonl"),
-        (["--resume", "/no/such/run"], "/no/such/run"),
         (["--set", "model.attention=flex"], "model.attention: flex-attention cannot be differentiated"),
     ],
 )
@@ -147,6 +146,23 @@ def test_bad_input_exits_2_naming_the_problem(spec: Path, args: list[str], messa
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resume_takes_no_spec_and_a_spec_is_no_folder(spec: Path, tmp_path: Path) -> None:
+    """SPEC has a default, so a SPEC given with ``--resume`` (even one that does not exist) used to be taken for
+    no SPEC and ignored; and a folder given as SPEC was reported as a spec file not found."""
+    cases: list[tuple[list[object], str]] = [
+        ([spec, "--resume", tmp_path / "run"], "give no SPEC, and change the run with --set"),
+        ([tmp_path / "nope.yaml", "--resume", tmp_path / "run"], "give no SPEC"),
+        (["--resume", "/no/such/run"], "--resume /no/such/run: no spec.yaml there"),
+        ([tmp_path], f"SPEC {tmp_path} is a folder, not a YAML file"),
+    ]
+    for args, message in cases:
+        result = run_program("pretrain.py", *args, "--cache-dir", tmp_path / "cache")
+        assert result.returncode == 2, result.stderr
+        errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+        assert len(errors) == 1, result.stderr
+        assert message in errors[0]
 
 
 @pytest.mark.slow

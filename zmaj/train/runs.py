@@ -86,10 +86,10 @@ S = TypeVar("S", bound=BaseModel)
 def cli(doc: str | None, default_spec: Path | None = None) -> argparse.ArgumentParser:
     """The arguments every training program takes."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    help_spec = (
-        f"YAML spec (default: {default_spec})" if default_spec else "YAML spec (not needed with --resume)"
-    )
-    parser.add_argument("spec", nargs="?", type=Path, default=default_spec, help=help_spec)
+    default = f"default: {default_spec}; " if default_spec else ""
+    help_spec = f"YAML spec ({default}none with --resume, which goes on with the run's own)"
+    # No argparse default: read_spec tells a SPEC given with --resume from none, and fills in default_spec.
+    parser.add_argument("spec", nargs="?", type=Path, help=help_spec)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint"
@@ -111,14 +111,25 @@ def positive(text: str) -> int:
     return int(text)
 
 
-def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str]) -> S:
-    """The spec of a new run (``args.spec`` with ``--set`` overrides), or of the run ``--resume`` names: its own
-    ``spec.yaml``, where ``--set`` may change anything but the ``frozen`` fields (dotted names: what is trained,
-    and how its checkpoints count steps)."""
+def read_spec(
+    kind: type[S], args: argparse.Namespace, frozen: Sequence[str], default_spec: Path | None = None
+) -> S:
+    """The spec of a new run (``args.spec``, else ``default_spec``, with ``--set`` overrides), or of the run
+    ``--resume`` names: its own ``spec.yaml``, where ``--set`` may change anything but the ``frozen`` fields
+    (dotted names: what is trained, and how its checkpoints count steps). A SPEC given with ``--resume`` is
+    refused rather than ignored: its changes would silently not apply."""
     if args.resume is None:
-        if args.spec is None:
+        path = args.spec or default_spec
+        if path is None:
             raise SpecError("give a SPEC file, or --resume RUN_DIR")
-        return load(kind, args.spec, args.overrides)
+        if path.is_dir():
+            raise SpecError(f"SPEC {path} is a folder, not a YAML file")
+        return load(kind, path, args.overrides)
+    if args.spec is not None:
+        raise SpecError(
+            f"--resume {args.resume} goes on with the run's own spec.yaml: give no SPEC, and change the run "
+            "with --set"
+        )
     saved = args.resume / "spec.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"--resume {args.resume}: no spec.yaml there, so it is not a zmaj run folder")

@@ -27,7 +27,7 @@ from tensordict import TensorDict
 from zmaj.train import checkpoint, loop, runs
 from zmaj.train.loop import Metrics
 from zmaj.train.parallel import Parallel
-from zmaj.train.spec import LoopConfig
+from zmaj.train.spec import LoopConfig, SpecError
 
 Losses = Callable[[int], tuple[float, float]]
 """``losses(step) -> (loss, grad_norm)`` of the 1-based step."""
@@ -267,6 +267,26 @@ def test_a_run_killed_before_its_first_latest_resumes_from_its_step_folder(tmp_p
     shutil.rmtree(tmp_path / "straight" / "checkpoints")
     with pytest.raises(FileNotFoundError, match="has no checkpoint"):
         runs.read_spec(Spec, args, frozen=[])
+
+
+def test_resume_refuses_a_spec_beside_it_and_a_new_run_a_folder_as_its_spec(tmp_path: Path) -> None:
+    """``--resume`` goes on with the run's own ``spec.yaml``: a SPEC given too (another one, or one that does not
+    exist) used to be ignored without a word, so its changes silently did not apply. A folder given as SPEC was
+    reported as a spec file not found."""
+    train(tmp_path / "run", stop_after=2)
+    (tmp_path / "other.yaml").write_text((tmp_path / "run" / "spec.yaml").read_text())
+    for spec in (tmp_path / "other.yaml", tmp_path / "nope.yaml"):
+        args = argparse.Namespace(resume=tmp_path / "run", spec=spec, overrides=[])
+        with pytest.raises(SpecError, match="give no SPEC, and change the run with --set"):
+            runs.read_spec(Spec, args, frozen=[])
+    args = argparse.Namespace(resume=None, spec=tmp_path, overrides=[])
+    with pytest.raises(SpecError, match=f"SPEC {tmp_path} is a folder, not a YAML file"):
+        runs.read_spec(Spec, args, frozen=[])
+    # Without SPEC, a new run reads the program's default spec; --resume still takes none.
+    args = runs.cli(None, tmp_path / "other.yaml").parse_args(["--set", "train.steps=3"])
+    assert runs.read_spec(Spec, args, [], tmp_path / "other.yaml").train.steps == 3
+    args = runs.cli(None, tmp_path / "other.yaml").parse_args(["--resume", str(tmp_path / "run")])
+    assert runs.read_spec(Spec, args, [], tmp_path / "other.yaml").train.steps == 10
 
 
 @pytest.mark.parametrize(
