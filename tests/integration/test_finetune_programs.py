@@ -6,6 +6,7 @@ torch and tensordict per run; ``--import`` loads the toy tasks as a user's own m
 
 import json
 import runpy
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -115,6 +116,19 @@ def test_sft_lowers_the_loss_loads_as_the_trained_model_and_resumes_exactly(
     code, _, err = run("sft.py", "--resume", tmp_path / "split")
     assert code == 0, err
     assert_equal_files(checkpoint_params(tmp_path / "straight"), checkpoint_params(tmp_path / "split"))
+
+
+def test_a_run_dir_that_is_or_lies_inside_the_model_is_refused(model: Path, tmp_path: Path) -> None:
+    """``--run-dir MODEL`` used to train, overwrite the model's tokenizer files, and leave a folder that loaded
+    as the model's old weights; now the model is left as it was."""
+    model = Path(shutil.copytree(model, tmp_path / "model"))
+    before = {path.name: path.read_bytes() for path in model.iterdir()}
+    spec: list[str | Path] = [SPECS / "sft-tiny.yaml", "--set", f"model={model}", "--set", "eval=null"]
+    for run_dir, relation in [(model, "is"), (model / "run", "lies inside")]:
+        code, _, err = run("sft.py", *spec, "--run-dir", run_dir, *FIXTURES)
+        assert code == 2, err
+        assert f"--run-dir {run_dir} {relation} the model {model}" in err
+    assert {path.name: path.read_bytes() for path in model.iterdir()} == before
 
 
 def test_a_lora_sft_run_loads_as_its_base_with_the_adapters_merged(model: Path, tmp_path: Path) -> None:

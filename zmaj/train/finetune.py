@@ -373,11 +373,28 @@ def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str] = F
     goes on (resumed, extended) after this one started, nor when this one is resumed from another folder (a
     relative path would name another model there); ``spec.yaml`` and ``lora.json`` then name the checkpoint.
     If that run later prunes the checkpoint, loading this one fails naming it, instead of merging other weights.
+    A new run's ``--run-dir`` may not be, hold or lie inside what it reads: the run writes there.
     """
     spec = runs.read_spec(kind, args, frozen)
     named = {name: getattr(spec, name, None) for name in ("model", "reference")}
     fixed = {name: pinned(value) for name, value in named.items() if isinstance(value, str)}
+    if args.resume is None and args.run_dir is not None:
+        for name, model in fixed.items():
+            check_apart(args.run_dir, name, model)
     return spec.model_copy(update=fixed)
+
+
+def check_apart(run_dir: Path, name: str, model: str) -> None:
+    """Refuse a run folder that is, holds or lies inside the model PATH ``model`` (the spec's ``name``)."""
+    if model.startswith("pypi:"):  # installed with the package, never a run's folder
+        return
+    path, folder = Path(model).resolve(), run_dir.resolve()
+    if path.is_relative_to(folder) or folder.is_relative_to(path):
+        relation = "is" if path == folder else "holds" if path.is_relative_to(folder) else "lies inside"
+        raise runs.UserError(
+            f"--run-dir {run_dir} {relation} the {name} {model}, which the run must leave as it is: use another "
+            "--run-dir"
+        )
 
 
 def pinned(model: str) -> str:

@@ -33,6 +33,7 @@ from loguru import logger
 from pydantic import BaseModel
 from tensordict import TensorDict
 
+from zmaj.convert.load import MODEL_FILE
 from zmaj.data.text import read_text
 from zmaj.extras import MissingExtraError
 from zmaj.train import checkpoint, precision, report, trackers
@@ -292,6 +293,8 @@ def open_run(
     def claim() -> Path:
         nonlocal held
         run_dir = Path(args.resume) if resumed else args.run_dir or _new_run_dir(Path("runs"), name)
+        if not resumed:
+            _check_not_a_model(run_dir)
         _make_dir(run_dir)
         _check_writable(run_dir)
         held = lock(run_dir)  # before anything is written, so that two writers never interleave
@@ -333,6 +336,19 @@ def _new_run_dir(parent: Path, name: str) -> Path:
             raise _cannot(f"create the run folder {candidate}", error) from error
         break
     return candidate
+
+
+def _check_not_a_model(run_dir: Path) -> None:
+    """Refuse a new run's folder that is a model folder (Hugging Face's ``config.json``, or ``params.safetensors``
+    beside zmaj's ``model.json`` or a checkpoint's ``state.json``): the run's ``model.json`` and tokenizer files
+    would overwrite the model's, and the folder would go on loading as those weights, not as the run's."""
+    weights = (run_dir / checkpoint.PARAMS).is_file() and any(
+        (run_dir / name).is_file() for name in (MODEL_FILE, checkpoint.STATE)
+    )
+    if (run_dir / "config.json").is_file() or weights:
+        raise UserError(
+            f"--run-dir {run_dir} is a model folder, whose files the run would overwrite: use another --run-dir"
+        )
 
 
 def _make_dir(path: Path, what: str = "the run folder") -> None:

