@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from tests.integration import finetune_fixtures
 from zmaj.convert.load import load_model
 from zmaj.tasks import accuracy_interval, get_task
+from zmaj.train import loop
 from zmaj.train.lora import LoraConfig, init_adapters, merge
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,6 +157,34 @@ def test_a_lora_sft_run_loads_as_its_base_with_the_adapters_merged(model: Path, 
     assert torch.equal(
         loaded.params["blocks", "mlp", "down", "weight"], base.params["blocks", "mlp", "down", "weight"]
     )
+
+
+def test_a_full_fine_tune_where_a_lora_run_died_before_its_first_checkpoint_loads_as_itself(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dead run's ``lora.json`` used to stay, so the finished full fine-tune's checkpoints were read as
+    adapters: generate.py and export.py failed on missing tensors ['attn.q.a', ...]."""
+    run_dir = tmp_path / "run"
+    spec: list[str | Path] = [SPECS / "sft-tiny.yaml", "--set", f"model={model}", "--set", "eval=null"]
+    spec += ["--run-dir", run_dir]
+
+    def ctrl_c(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", ctrl_c)  # the first checkpoint is written in the loop
+    with pytest.raises(KeyboardInterrupt):
+        run("sft.py", *spec, "--set", "lora={rank: 2}")
+    assert (run_dir / "lora.json").is_file()
+    monkeypatch.undo()
+    code, _, err = run("sft.py", *spec, "--set", "train.steps=1")
+    assert code == 0, err
+    loaded, saved = load_model(run_dir).params, checkpoint_params(run_dir)
+    for key in loaded.keys(True, True):
+        assert torch.equal(loaded.get(key), saved[".".join(key)]), key
+    assert not (run_dir / "lora.json").exists()
+    warnings = [line for line in err.splitlines() if "started afresh" in line]
+    assert len(warnings) == 1, err
+    assert "lora.json" in warnings[0]
 
 
 def say_e_grpo(model: Path) -> list[str | Path]:

@@ -33,7 +33,8 @@ from loguru import logger
 from pydantic import BaseModel
 from tensordict import TensorDict
 
-from zmaj.convert.load import MODEL_FILE
+from zmaj.convert.load import LORA_FILE, MODEL_FILE
+from zmaj.data.model_tokenizer import GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from zmaj.data.text import read_text
 from zmaj.extras import MissingExtraError
 from zmaj.train import checkpoint, precision, report, trackers
@@ -302,17 +303,46 @@ def open_run(
             held.close()
             raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
         if not resumed:  # a resume writes its spec once the loop has checked it (Run.write_spec)
+            _start_afresh(run_dir)
             write_spec(run_dir, spec)
-            for stale in (run_dir / "metrics.jsonl", run_dir / report.RUN_FILE):
-                if stale.is_file():  # a run killed before its first checkpoint: nothing resumes it
-                    logger.warning(f"{stale} of a run that saved no checkpoint is started afresh")
-                    stale.unlink()
             if write is not None:
                 write(run_dir)
         return run_dir
 
     run_dir = parallel.from_rank_0(claim)
     return Run(run_dir, spec, parallel, resumed, args.stop_after, _lock=held)
+
+
+RECORDS = ("metrics.jsonl", report.RUN_FILE)
+"""The files a run appends to."""
+
+LEFTOVERS = (
+    "curves.png",
+    MODEL_FILE,
+    LORA_FILE,
+    "pairs.jsonl",  # zmaj.train.pairs.PAIRS_FILE (which imports this module)
+    TOKENIZER_FILE,
+    TOKENIZER_CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+)
+"""The other files a training program writes in its run folder, besides ``spec.yaml``, ``log.txt`` and
+``checkpoints/``: a fine-tuning run's model files (LoRA's ``lora.json``, DPO's pairs), a pre-training run's
+tokenizer."""
+
+
+def _start_afresh(run_dir: Path) -> None:
+    """Remove what a run killed in ``run_dir`` before its first checkpoint left, since nothing resumes it: its
+    records (this run's would be appended to them), and where its ``spec.yaml`` shows it was there, the files it
+    wrote. This run may not write them all again, and those left would describe another model: a ``lora.json``
+    under a full fine-tune's checkpoints made the folder unloadable, a ``model.json`` under a pre-training run's
+    would be read as its model."""
+    names = RECORDS + (LEFTOVERS if (run_dir / "spec.yaml").is_file() else ())
+    stale = [run_dir / name for name in names if (run_dir / name).is_file()]
+    if stale:
+        left = ", ".join(path.name for path in stale)
+        logger.warning(f"{run_dir} holds a run that saved no checkpoint: started afresh, without its {left}")
+    for path in stale:
+        path.unlink()
 
 
 def write_spec(run_dir: Path, spec: BaseModel) -> None:

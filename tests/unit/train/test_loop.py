@@ -26,6 +26,7 @@ from tensordict import TensorDict
 
 from zmaj.train import checkpoint, loop, runs
 from zmaj.train.loop import Metrics
+from zmaj.train.pairs import PAIRS_FILE
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import LoopConfig, SpecError
 
@@ -460,6 +461,26 @@ def test_a_new_run_where_one_died_before_its_first_checkpoint_starts_its_records
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 91, "loss": 7.0, "lr": 0.1}\n')
     train(tmp_path / "run")
     assert [r["step"] for r in records(tmp_path / "run") if "lr" in r] == list(range(1, 11))
+
+
+def test_a_new_run_where_one_died_before_its_first_checkpoint_removes_the_files_that_run_wrote(
+    tmp_path: Path,
+) -> None:
+    """What the dead run wrote and this one does not write again used to stay: a LoRA run's ``lora.json``
+    made a full fine-tune's checkpoints load as adapters (and fail), a fine-tune's ``model.json`` would be
+    read as a pre-training run's model. Only a folder with a run's ``spec.yaml`` had a run: elsewhere, files
+    of those names are someone else's."""
+    assert PAIRS_FILE in runs.LEFTOVERS
+    for folder in ("died", "other"):
+        (tmp_path / folder).mkdir()
+        for name in runs.LEFTOVERS:
+            (tmp_path / folder / name).write_text("{}")
+    (tmp_path / "died" / "spec.yaml").write_text("name: loop\n")
+    for folder in ("died", "other"):
+        train(tmp_path / folder)
+    kept = {"spec.yaml", "metrics.jsonl", runs.LOCK_FILE, "log.txt", "checkpoints", "run.jsonl", "curves.png"}
+    assert {path.name for path in (tmp_path / "died").iterdir()} == kept
+    assert {path.name for path in (tmp_path / "other").iterdir()} == kept | set(runs.LEFTOVERS)
 
 
 HOLD_LOCK = """
