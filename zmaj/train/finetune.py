@@ -582,22 +582,6 @@ def evaluate_task(
     )
 
 
-def run_eval(config: EvalConfig, model: Pretrained) -> TaskScore:
-    """``evaluate_task`` as a spec's ``eval`` section describes it."""
-    task = get_task(config.task, **config.options)
-    problems = task.problems(config.split, config.n, config.seed)
-    with torch.no_grad():
-        return evaluate_task(
-            model,
-            task,
-            problems,
-            max_new_tokens=config.max_new_tokens,
-            batch_size=config.batch_size,
-            few_shot=config.few_shot,
-            system=config.system,
-        )
-
-
 def with_params(model: Pretrained, params: TensorDictBase) -> Pretrained:
     assert isinstance(params, TensorDict)
     return replace(model, params=params)
