@@ -93,6 +93,7 @@ def test_two_ranks_train_the_one_process_run_resume_exactly_and_move_between_lay
         shutil.copytree(split, tmp_path / layout)
     done = torchrun("programs/pretrain.py", "--resume", split, "--cache-dir", spec.parent)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert f"resumed from {split / 'checkpoints' / 'step-0000003'} (step 3)" in done.stderr
     assert_close(final_params(split), final_params(straight), exact=True)
 
     # Written by 2 data-parallel ranks, resumed by 2 fully sharded ones and by one process.

@@ -116,6 +116,8 @@ def test_sft_lowers_the_loss_loads_as_the_trained_model_and_resumes_exactly(
     assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step-0000003"
     code, _, err = run("sft.py", "--resume", tmp_path / "split")
     assert code == 0, err
+    # Training is deterministic: a resume that started again from step 0 would end with the same weights.
+    assert f"resumed from {tmp_path / 'split' / 'checkpoints' / 'step-0000003'} (step 3)" in err
     assert_equal_files(checkpoint_params(tmp_path / "straight"), checkpoint_params(tmp_path / "split"))
 
 
@@ -215,8 +217,15 @@ def test_grpo_raises_the_reward_and_resumes_exactly(model: Path, tmp_path: Path)
 
     code, _, err = run("grpo.py", *spec, "--run-dir", tmp_path / "split", "--stop-after", "5")
     assert code == 0, err
+    latest = (
+        tmp_path
+        / "split"
+        / "checkpoints"
+        / (tmp_path / "split" / "checkpoints" / "latest").read_text().strip()
+    )
     code, _, err = run("grpo.py", "--resume", tmp_path / "split", *FIXTURES)
     assert code == 0, err
+    assert f"resumed from {latest} (step" in err  # not from step 0 again, which ends the same
     assert_equal_files(checkpoint_params(tmp_path / "straight"), checkpoint_params(tmp_path / "split"))
 
 

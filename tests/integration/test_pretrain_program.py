@@ -121,6 +121,8 @@ def test_pretrain_then_resume_is_exact_then_sample(spec: Path, tmp_path: Path) -
     assert (split / "checkpoints" / "latest").read_text().strip() == "step-0000003"
     resumed = run("pretrain.py", "--resume", split, "--cache-dir", cache)
     assert resumed.returncode == 0, resumed.stderr
+    # Training is deterministic: a resume that started again from step 0 would end with the same weights.
+    assert f"resumed from {split / 'checkpoints' / 'step-0000003'} (step 3)" in resumed.stderr
     a, b = final_params(straight), final_params(split)
     assert a.keys() == b.keys()
     for name in a:
@@ -217,6 +219,8 @@ def test_a_muon_run_resumes_exactly_and_refuses_another_optimizer(spec: Path, tm
         assert f"train.optimizer.{field} differs from the run's" in refused.stderr.strip().splitlines()[-1]
     resumed = run("pretrain.py", "--resume", split, "--cache-dir", cache)
     assert resumed.returncode == 0, resumed.stderr
+    # Training is deterministic: a resume that started again from step 0 would end with the same weights.
+    assert f"resumed from {split / 'checkpoints' / 'step-0000003'} (step 3)" in resumed.stderr
     a, b = final_params(straight), final_params(split)
     assert a.keys() == b.keys()
     for name in a:
