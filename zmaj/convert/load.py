@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
@@ -195,7 +196,11 @@ def _read_config(path: Path) -> ModelConfig:
 
 
 def _read_params(path: Path, config: ModelConfig) -> TensorDict:
-    return checkpoint.unflatten_like(load_file(str(path)), init_meta(config), str(path), cast=False)
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as error:  # the library's message names no file
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    return checkpoint.unflatten_like(tensors, init_meta(config), str(path), cast=False)
 
 
 def save_zmaj(model: Pretrained, folder: str | Path) -> Path:

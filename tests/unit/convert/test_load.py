@@ -1,5 +1,6 @@
 """``load_model`` reads every kind of zmaj model PATH back exactly, and names what is wrong with a bad one."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,20 @@ def test_bad_paths_are_named(tmp_path: Path) -> None:
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="has no checkpoint"):
         load_model(tmp_path / "run")
+
+
+@pytest.mark.parametrize("size", [0, 7, 1000])
+def test_a_zmaj_model_folder_with_its_weights_cut_short_names_the_file(
+    size: int, tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    """A copy interrupted, or a full disk: the safetensors library's own error names no file."""
+    config = CONFIGS["gpt"]
+    save_zmaj(
+        Pretrained(config, gpt.init(config, 0), ModelTokenizer.from_zmaj(tokenizer)), tmp_path / "model"
+    )
+    os.truncate(tmp_path / "model" / "params.safetensors", size)
+    with pytest.raises(ValueError, match=r"model/params\.safetensors: not a readable safetensors file"):
+        load_model(tmp_path / "model")
 
 
 def test_uninstalled_weights_are_a_missing_model_naming_the_sync_command(
