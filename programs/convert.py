@@ -54,6 +54,9 @@ def main() -> None:
     except ValueError as error:
         logger.error(f"cannot write {args.src} as a {args.to} folder: {error}")
         sys.exit(2)
+    except OSError as error:  # a full disk, no permission, a destination that is a mount point
+        logger.error(f"cannot write {args.dst}: {error}")
+        sys.exit(2)
     logger.info(f"wrote {args.dst} ({args.to}, {model.architecture.name})")
 
 

@@ -63,7 +63,7 @@ def main() -> None:
             repo_id=args.repo_id,
             datasets=args.datasets,
         )
-    except (FileNotFoundError, ValueError, MissingExtraError) as error:
+    except (OSError, ValueError, MissingExtraError) as error:  # OSError: a missing model, a full disk
         logger.error(f"cannot export {args.run_dir}: {error}")
         sys.exit(2)
     logger.info(f"wrote {args.out_dir}")

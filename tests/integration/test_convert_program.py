@@ -4,6 +4,7 @@ The source is a random ``transformers`` Llama saved with ``save_pretrained`` nex
 the round trip through zmaj's formats is checked against the library's own writing of the same model.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -149,6 +150,31 @@ def test_bad_input_exits_2_naming_the_problem(
     assert (tmp_path / "holder" / "model.gguf").read_text() == "a model the user keeps"
     if not message.startswith(("invalid", "unrecognized")):  # argparse prints its usage too
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_destination_that_cannot_be_renamed_exits_2_and_keeps_what_it_held(
+    source: tuple[transformers.PreTrainedModel, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount point cannot be renamed away (EBUSY): one line, and neither the staged model nor a temporary
+    folder is left beside it."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "keep.txt").write_text("kept")
+    real = os.replace
+
+    def replace(src: Path, dst: Path) -> None:
+        if Path(src) == volume:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    result = convert(source[1], volume)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert errors == [f"ERROR | cannot write {volume}: [Errno 16] Device or resource busy: '{volume}'"]
+    assert [p.name for p in tmp_path.iterdir()] == ["volume"]
+    assert [p.name for p in volume.iterdir()] == ["keep.txt"]
 
 
 @pytest.mark.slow

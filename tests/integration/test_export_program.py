@@ -5,7 +5,9 @@ with a model card that ``huggingface_hub`` parses and that reports what the run 
 The runs are made by the programs themselves (in this process, see ``test_finetune_programs``), tiny.
 """
 
+import errno
 import json
+import os
 import re
 from contextlib import redirect_stdout
 from io import StringIO
@@ -187,6 +189,31 @@ def test_a_folder_holding_the_source_is_refused_and_left_alone(runs: dict[str, P
     assert len(errors) == 1, err
     assert "holds the source" in errors[0]
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
+def test_a_destination_that_cannot_be_renamed_exits_2_and_keeps_what_it_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount point cannot be renamed away (EBUSY): one line, and neither the staged model nor a temporary
+    folder is left beside it."""
+    model = finetune_fixtures.tiny_model(tmp_path / "models" / "tiny")
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "keep.txt").write_text("kept")
+    real = os.replace
+
+    def replace(src: Path, dst: Path) -> None:
+        if Path(src) == volume:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    code, _, err = run("export.py", model, volume)
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert errors == [f"ERROR | cannot export {model}: [Errno 16] Device or resource busy: '{volume}'"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "volume"]
+    assert [p.name for p in volume.iterdir()] == ["keep.txt"]
 
 
 @pytest.mark.parametrize(

@@ -272,29 +272,40 @@ def _lora_base(path: Path) -> Path | None:
 @contextmanager
 def staged_folder(folder: Path) -> Iterator[Path]:
     """A new hidden folder beside ``folder`` for the block to write into, renamed to ``folder`` (replacing it)
-    when the block ends, and deleted if the block raises: readers of ``folder`` see the old contents or the
-    new, never half of them, and a failed write leaves no hidden leftover (which may be gigabytes). Every file
-    is flushed to disk before the rename, as a checkpoint's are, so a power cut cannot publish empty files."""
+    when the block ends, and deleted if the block or the rename fails: readers of ``folder`` see the old contents
+    or the new, never half of them, and a failed write leaves no hidden leftover (which may be gigabytes). Every
+    file is flushed to disk before the rename, as a checkpoint's are, so a power cut cannot publish empty files."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         yield staging
+        for path in sorted(staging.rglob("*")):
+            checkpoint.fsync(path)
+        checkpoint.fsync(staging)
+        replace_folder(staging, folder)
     except BaseException:
-        shutil.rmtree(staging)
+        if staging.exists():  # not yet renamed to folder
+            shutil.rmtree(staging)
         raise
-    for path in sorted(staging.rglob("*")):
-        checkpoint.fsync(path)
-    checkpoint.fsync(staging)
-    replace_folder(staging, folder)
     checkpoint.fsync(folder.parent)
 
 
 def replace_folder(staging: Path, folder: Path) -> None:
-    """Move a finished ``staging`` folder to ``folder``, replacing what was there."""
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
+    """Move a finished ``staging`` folder to ``folder``, replacing what was there; when a rename fails (``folder``
+    is a mount point), ``folder`` keeps what it held."""
+    if not folder.exists():
+        os.replace(staging, folder)
+        return
+    old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
+    try:
         os.replace(folder, old / folder.name)
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
         os.replace(staging, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, folder)
+    except BaseException:
+        os.replace(old / folder.name, folder)
+        old.rmdir()
+        raise
+    shutil.rmtree(old)

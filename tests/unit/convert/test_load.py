@@ -1,5 +1,6 @@
 """``load_model`` reads every kind of zmaj model PATH back exactly, and names what is wrong with a bad one."""
 
+import errno
 import os
 from pathlib import Path
 
@@ -9,7 +10,14 @@ import yaml
 from tensordict import TensorDict
 
 from zmaj.convert import weights
-from zmaj.convert.load import Pretrained, check_destination, load_model, save_zmaj, write_lora_record
+from zmaj.convert.load import (
+    Pretrained,
+    check_destination,
+    load_model,
+    save_zmaj,
+    staged_folder,
+    write_lora_record,
+)
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.text import NotTextError
 from zmaj.data.tokenizer import Tokenizer
@@ -177,3 +185,48 @@ def test_a_destination_holding_a_lora_runs_base_model_is_refused(
         check_destination(tmp_path / "exports", source)
     write_lora_record(run, "pypi:smollm2-135m-instruct", LoraConfig())
     check_destination(tmp_path / "models", run)
+
+
+@pytest.mark.parametrize(
+    ("failing", "existed"),
+    [
+        ("fsync", False),
+        ("fsync", True),
+        ("rename into place", False),
+        ("rename into place", True),
+        ("rename away", True),
+    ],
+)
+def test_a_failed_publish_keeps_the_folder_and_leaves_nothing_hidden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str, existed: bool
+) -> None:
+    """After the block: flushing fails (an I/O error), or a rename (EBUSY: the folder is a mount point, which
+    cannot be renamed away or over). The folder keeps what it held and no staged copy is left beside it."""
+    folder = tmp_path / "model"
+    if existed:
+        folder.mkdir()
+        (folder / "old.txt").write_text("old")
+    real_replace, real_fsync = os.replace, checkpoint.fsync
+
+    def replace(source: Path, target: Path) -> None:
+        renames = {
+            "rename away": Path(source) == folder,
+            "rename into place": Path(source).parent == tmp_path and Path(target) == folder,  # not a put-back
+        }
+        if renames.get(failing, False):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(source))
+        real_replace(source, target)
+
+    def fsync(path: Path) -> None:
+        if failing == "fsync" and path.name == "new.txt":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        real_fsync(path)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(checkpoint, "fsync", fsync)
+    error = os.strerror(errno.EIO if failing == "fsync" else errno.EBUSY)
+    with pytest.raises(OSError, match=error), staged_folder(folder) as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == (["model"] if existed else [])
+    if existed:
+        assert [p.name for p in folder.iterdir()] == ["old.txt"]
