@@ -143,9 +143,8 @@ def test_a_zmaj_model_folder_with_its_weights_cut_short_names_the_file(
 ) -> None:
     """A copy interrupted, or a full disk: the safetensors library's own error names no file."""
     config = CONFIGS["gpt"]
-    save_zmaj(
-        Pretrained(config, gpt.init(config, 0), ModelTokenizer.from_zmaj(tokenizer)), tmp_path / "model"
-    )
+    model = Pretrained(config, architecture(config).init(config, 0), ModelTokenizer.from_zmaj(tokenizer))
+    save_zmaj(model, tmp_path / "model")
     os.truncate(tmp_path / "model" / "params.safetensors", size)
     with pytest.raises(ValueError, match=r"model/params\.safetensors: not a readable safetensors file"):
         load_model(tmp_path / "model")
