@@ -110,6 +110,7 @@ def test_dtype_casts_the_parameters(
     [
         (["{missing}", "{out}"], "no model at"),
         (["{source}", "{file}"], "is a file"),
+        (["{source}", "{file}/model"], "file.txt is a file, not a folder"),
         (["{source}", "{source}"], "is the source"),
         (["{holder}/model.gguf", "{holder}"], "holds the source"),
         (["{cut_weights}", "{out}"], "model.safetensors: not a readable safetensors file"),

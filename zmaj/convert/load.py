@@ -239,10 +239,14 @@ def check_destination(folder: Path, source: Path) -> None:
 
 
 def check_replaceable(folder: Path) -> None:
-    """Refuse a destination folder that writing cannot replace whole: a file, or the current folder or one
-    holding it (``export.py RUN .`` failed at the rename, leaving the whole staged model beside it)."""
+    """Refuse a destination folder that writing cannot replace whole: a file, a path under a file, or the
+    current folder or one holding it (``export.py RUN .`` failed at the rename, leaving the whole staged model
+    beside it)."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file; the destination must be a folder (replaced if it exists)")
+    above = next((parent for parent in folder.parents if parent.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"{folder} cannot be made: {above} is a file, not a folder")
     if Path.cwd().resolve().is_relative_to(folder.resolve()):
         raise ValueError(
             f"{folder} is the current folder or holds it, and writing it replaces the whole folder: "

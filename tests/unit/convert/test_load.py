@@ -13,6 +13,7 @@ from zmaj.convert import weights
 from zmaj.convert.load import (
     Pretrained,
     check_destination,
+    check_replaceable,
     load_model,
     save_zmaj,
     staged_folder,
@@ -184,6 +185,15 @@ def test_a_destination_holding_a_lora_runs_base_model_is_refused(
         check_destination(tmp_path / "exports", source)
     write_lora_record(run, "pypi:smollm2-135m-instruct", LoraConfig())
     check_destination(tmp_path / "models", run)
+
+
+@pytest.mark.parametrize("under", ["notes.txt/model", "notes.txt/models/model"])
+def test_a_destination_under_a_file_is_refused_naming_the_file(tmp_path: Path, under: str) -> None:
+    """Its folder cannot be made: ``mkdir`` would fail only once the model is read, with a traceback."""
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"notes\.txt/model.* cannot be made: .*/notes\.txt is a file"):
+        check_replaceable(tmp_path / under)
+    check_replaceable(tmp_path / "new" / "models" / "model")  # missing folders are made
 
 
 @pytest.mark.parametrize(
