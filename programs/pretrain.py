@@ -44,8 +44,9 @@ def main() -> None:
         parallel = runs.join(spec.train)
     with runs.bad_input_exits_2(parallel):
         check_backend(spec, parallel)
+        cache_dir = make_cache_dir(Path(args.cache_dir))
         # Rank 0 trains the tokenizer and fills the token-file cache while the others wait, then they read it.
-        data = parallel.rank_0_first(lambda: prepare(spec.data, Path(args.cache_dir), spec.train.seed))
+        data = parallel.rank_0_first(lambda: prepare(spec.data, cache_dir, spec.train.seed))
         if args.resume is not None and (args.resume / TOKENIZER_FILE).is_file():
             check_unchanged(args.resume / TOKENIZER_FILE, data.tokenizer)
         run = runs.open_run(spec, args, parallel)
@@ -62,6 +63,20 @@ def check_backend(spec: PretrainSpec, parallel: Parallel) -> None:
         )
     parallel.check_divides(spec.train.batch_size, "train.batch_size")
     parallel.check_shardable(gpt.init(spec.model, 0, device="meta"))
+
+
+def make_cache_dir(folder: Path) -> Path:
+    """``--cache-dir``, made now: one that cannot be a folder (a file, or a path under one) would otherwise fail
+    with a traceback once the tokenizer is trained, which may take minutes."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--cache-dir {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"--cache-dir {folder}: cannot make the folder ({error.strerror or error})"
+        ) from error
+    return folder
 
 
 def train(run: Run[PretrainSpec], data: Prepared) -> None:

@@ -167,6 +167,21 @@ def test_resume_takes_no_spec_and_a_spec_is_no_folder(spec: Path, tmp_path: Path
         assert message in errors[0]
 
 
+@pytest.mark.parametrize("cache", ["notes.txt", "notes.txt/cache"])
+def test_a_cache_dir_that_cannot_be_a_folder_exits_2_before_training(
+    spec: Path, tmp_path: Path, cache: str
+) -> None:
+    """Not after the tokenizer is trained, with a traceback."""
+    (tmp_path / "notes.txt").write_text("mine")
+    done = run_program("pretrain.py", spec, "--run-dir", tmp_path / "run", "--cache-dir", tmp_path / cache)
+    assert done.returncode == 2
+    problem = (
+        " is a file, not a folder" if cache == "notes.txt" else ": cannot make the folder (Not a directory)"
+    )
+    assert done.stderr.strip().splitlines() == [f"ERROR | --cache-dir {tmp_path / cache}{problem}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 @pytest.mark.slow
 def test_resume_refuses_a_different_model(spec: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
