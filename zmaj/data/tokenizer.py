@@ -14,9 +14,7 @@ is deterministic for a given multiset of texts.
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from collections.abc import Iterable, Sequence, Sized
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from zmaj.data.config import N_SPECIAL_TOKENS, DataConfig
 from zmaj.data.corpus import documents, source_key
 from zmaj.data.text import read_text
 from zmaj.progress import is_main_process
+from zmaj.train.checkpoint import atomic_write_text
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -86,13 +85,11 @@ class Tokenizer:
         return cls(read_tokenizer_file(path))
 
     def save(self, path: str | Path) -> None:
-        """Write atomically (a temporary file, then a rename), so a crash never leaves half a tokenizer."""
+        """Write atomically (a temporary file, then a rename, both flushed to disk), so a crash never leaves half
+        a tokenizer, and a failed write no temporary file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(self.to_json())
-        os.replace(temporary, path)
+        atomic_write_text(path, self.to_json())
 
     def to_json(self) -> str:
         """The serialised tokenizer (``tokenizer.json``), for building other tokenizers from this one."""

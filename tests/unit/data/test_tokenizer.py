@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,24 @@ def test_save_load_round_trip_is_atomic(tokenizer: Tokenizer, tmp_path: Path) ->
     text = "def f(x):\n    return x  # ünïcödé " + EOS
     assert loaded.encode(text) == tokenizer.encode(text)
     assert loaded.token_bytes().equal(tokenizer.token_bytes())
+
+
+def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary_one(
+    tokenizer: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk shows at the write or at the flush to disk, which a save must do before its rename (else a
+    power cut may leave an empty file under the final name)."""
+    path = tmp_path / "tokenizer.json"
+    path.write_text("old")
+
+    def full(descriptor: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        tokenizer.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]
+    assert path.read_text() == "old"
 
 
 def test_a_resume_with_another_corpus_tokenizer_is_refused(
