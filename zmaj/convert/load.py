@@ -283,9 +283,9 @@ def staged_folder(folder: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         yield staging
-        for path in sorted(staging.rglob("*")):
+        for path in [*sorted(staging.rglob("*")), staging]:
+            checkpoint.set_default_mode(path)  # tempfile's folder and safetensors' files are private
             checkpoint.fsync(path)
-        checkpoint.fsync(staging)
         replace_folder(staging, folder)
     except BaseException:
         if staging.exists():  # not yet renamed to folder

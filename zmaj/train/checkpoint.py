@@ -115,6 +115,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     a failed write leaves the old file and no temporary one."""
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        set_default_mode(Path(temporary))
         with os.fdopen(descriptor, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -124,6 +125,26 @@ def atomic_write_text(path: Path, text: str) -> None:
         Path(temporary).unlink(missing_ok=True)
         raise
     fsync(path.parent)
+
+
+def set_default_mode(path: Path) -> None:
+    """Give a file or folder the permissions a plain ``open`` or ``mkdir`` would: 0666 or 0777 less the umask.
+    ``tempfile`` makes files 0600 and folders 0700, and safetensors writes 0600, so a model, run or checkpoint
+    written through them would be unreadable to the other users of a shared machine."""
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, as Linux reports it; elsewhere set and put back, which a thread creating a file at
+    that moment would see (with the stricter mask set meanwhile)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def save(run_dir: Path, state: TensorDictBase, meta: dict[str, Any]) -> Path:
@@ -195,9 +216,11 @@ def _save(
 def _write_staged(root: Path, name: str, meta: dict[str, Any], state: TensorDictBase) -> Path:
     """A new hidden folder holding the checkpoint, every byte of it flushed to disk."""
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING}{name}-"))
+    set_default_mode(staging)
     records = {}
     for file, tensors in ((PARAMS, state["params"]), (OPTIMIZER, state["opt"])):
         save_file(flatten(tensors), str(staging / file))
+        set_default_mode(staging / file)
         fsync(staging / file)
         records[file] = FileRecord(size=(staging / file).stat().st_size, sha256=_sha256(staging / file))
     meta = {**meta, FILES: {file: record.model_dump() for file, record in records.items()}}
@@ -223,6 +246,7 @@ def _linked_copy(root: Path, folder: Path, name: str) -> Path:
     """A new hidden folder holding a second name for each of ``folder``'s files, flushed to disk: a hard link (no
     byte copied), or a copy where the file system has no hard links."""
     twin = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING}{name}-"))
+    set_default_mode(twin)
     for file in folder.iterdir():
         try:
             os.link(file, twin / file.name)

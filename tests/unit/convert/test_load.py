@@ -78,6 +78,24 @@ def test_a_saved_zmaj_model_loads_back_exactly(name: str, tokenizer: Tokenizer, 
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left behind
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=["umask 022", "umask 002", "umask 077"])
+def test_a_saved_model_folder_has_the_modes_a_plain_write_gives(
+    tokenizer: Tokenizer, tmp_path: Path, umask: int
+) -> None:
+    """Not tempfile's 0700 folder or safetensors' 0600 files: an export others on the machine can read."""
+    config = CONFIGS["gpt"]
+    model = Pretrained(config, architecture(config).init(config, 0), ModelTokenizer.from_zmaj(tokenizer))
+    previous = os.umask(umask)
+    try:
+        save_zmaj(model, tmp_path / "model")
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "model", *(tmp_path / "model").iterdir()]
+    assert "params.safetensors" in [p.name for p in written]
+    for path in written:
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path.name
+
+
 def test_a_pretraining_run_and_its_checkpoints_load(tokenizer: Tokenizer, tmp_path: Path) -> None:
     config = CONFIGS["gpt"]
     assert isinstance(config, gpt.GPTConfig)

@@ -414,6 +414,46 @@ def test_atomic_write_text_leaves_the_old_file_and_no_temporary_one_when_it_fail
     assert path.read_text() == "old"
 
 
+@pytest.fixture(params=[0o022, 0o002, 0o077], ids=["umask 022", "umask 002", "umask 077"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+def modes(root: Path) -> dict[str, int]:
+    """The permission bits of everything under ``root``, by relative path."""
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in sorted(root.rglob("*"))}
+
+
+def test_what_a_save_writes_has_the_modes_a_plain_write_gives(tmp_path: Path, umask: int) -> None:
+    """Not tempfile's 0600 and 0700 or safetensors' 0600: a shared machine's other users read runs like any
+    other files (or not, as the umask says). A re-save of the latest step goes through its linked copy."""
+    (tmp_path / "plain.txt").write_text("")
+    (tmp_path / "plain").mkdir()
+    file_mode, folder_mode = (
+        (tmp_path / "plain.txt").stat().st_mode & 0o777,
+        (tmp_path / "plain").stat().st_mode & 0o777,
+    )
+    run = tmp_path / "run"
+    for version in (1.0, 2.0):
+        checkpoint.save(run, make_state(5, version), {"version": version})
+        checkpoint.atomic_write_text(run / "notes.txt", "notes")
+        expected = {
+            "checkpoints": folder_mode,
+            "checkpoints/latest": file_mode,
+            "checkpoints/step-0000005": folder_mode,
+            **{
+                f"checkpoints/step-0000005/{name}": file_mode
+                for name in (*checkpoint.TENSOR_FILES, "state.json")
+            },
+            "notes.txt": file_mode,
+        }
+        assert modes(run) == expected
+    assert file_mode == 0o666 & ~umask
+    assert folder_mode == 0o777 & ~umask
+
+
 class Recorder:
     """The flushes and renames of a save, by inode, to check what was on disk before each rename."""
 
