@@ -259,6 +259,17 @@ def test_absent_keys_read_as_transformers_reads_them() -> None:
         hf.config_from_hf(written, "models/g/config.json")
 
 
+def test_hidden_act_is_not_read() -> None:
+    """Gemma3MLP applies ``hidden_activation`` alone, so a config giving only ``hidden_act`` (as Gemma 1's did)
+    has the default activation."""
+    written = {k: v for k, v in REFERENCES["gemma3"].to_dict().items() if k != "hidden_activation"}
+    written["hidden_act"] = "gelu"
+    config = hf.config_from_hf(written)
+    assert isinstance(config, gemma3.Gemma3Config)
+    assert transformers.Gemma3TextConfig(**written).hidden_activation == "gelu_pytorch_tanh"
+    assert config.activation == "gelu_tanh"
+
+
 def test_the_270m_config_reads_as_the_default_config() -> None:
     """The published 270M config gives zmaj's defaults, and as many parameters as transformers builds from it."""
     config = hf.config_from_hf(GEMMA3_270M)

@@ -251,7 +251,7 @@ def _gemma3_config(hf: _Fields) -> Gemma3Config:
         raise ValueError(
             "gemma3_text: attn_logit_softcapping is not supported (transformers' Gemma 3 does not apply it)"
         )
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    act = hf.get("hidden_activation", "gelu_pytorch_tanh")  # Gemma3MLP's; it never reads hidden_act
     if act not in _ACTIVATIONS:
         raise ValueError(f"gemma3_text: unsupported hidden_activation {act!r}")
     n_layers = hf.size("num_hidden_layers")
