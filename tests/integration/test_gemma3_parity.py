@@ -246,6 +246,18 @@ def test_the_legacy_config_format_reads_the_same() -> None:
     assert hf.config_from_hf(periodic) == hf.config_from_hf(REFERENCES["gemma3"].to_dict())
 
 
+@pytest.mark.parametrize("pattern", [{"sliding_window_pattern": 2}, {"_sliding_window_pattern": 2}, {}])
+def test_layer_types_follow_the_pattern_as_transformers_reads_it(pattern: dict[str, int]) -> None:
+    """Without ``layer_types``, the period comes from ``sliding_window_pattern`` alone: the
+    ``_sliding_window_pattern`` that transformers writes beside ``layer_types`` is never read back."""
+    written = {
+        k: v for k, v in REFERENCES["gemma3"].to_dict().items() if "pattern" not in k and k != "layer_types"
+    }
+    config = hf.config_from_hf(written | pattern)
+    assert isinstance(config, gemma3.Gemma3Config)
+    assert list(config.layer_types) == transformers.Gemma3TextConfig(**written, **pattern).layer_types
+
+
 def test_absent_keys_read_as_transformers_reads_them() -> None:
     """An absent ``sliding_window`` is transformers' default window, not none; an absent size is refused by name."""
     written = {k: v for k, v in REFERENCES["gemma3"].to_dict().items() if k != "sliding_window"}

@@ -255,9 +255,12 @@ def _gemma3_config(hf: _Fields) -> Gemma3Config:
     if act not in _ACTIVATIONS:
         raise ValueError(f"gemma3_text: unsupported hidden_activation {act!r}")
     n_layers = hf.size("num_hidden_layers")
-    # Older configs give only the period of the pattern, as transformers still accepts.
-    pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
-    layer_types = hf.get("layer_types") or gemma3.interleaved_layer_types(n_layers, pattern)
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        # The period of the pattern, as transformers still accepts it: from sliding_window_pattern alone (the
+        # _sliding_window_pattern it writes beside layer_types is never read back).
+        pattern = hf.size("sliding_window_pattern") if "sliding_window_pattern" in hf else 6
+        layer_types = gemma3.interleaved_layer_types(n_layers, pattern)
     (base, scaling), (local_base, local_scaling) = _gemma3_rope(hf)
     window: dict[str, int] = {}
     sliding = hf.get("sliding_window", 4096)  # absent: Gemma3TextConfig's default; null: none
