@@ -247,7 +247,7 @@ def test_the_legacy_config_format_reads_the_same() -> None:
 
 
 @pytest.mark.parametrize("pattern", [{"sliding_window_pattern": 2}, {"_sliding_window_pattern": 2}, {}])
-def test_layer_types_follow_the_pattern_as_transformers_reads_it(pattern: dict[str, int]) -> None:
+def test_layer_types_follow_the_pattern_as_transformers_reads_it(pattern: dict[str, Any]) -> None:
     """Without ``layer_types``, the period comes from ``sliding_window_pattern`` alone: the
     ``_sliding_window_pattern`` that transformers writes beside ``layer_types`` is never read back."""
     written = {
