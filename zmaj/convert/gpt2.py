@@ -95,7 +95,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
     """A zmaj GPTConfig from a GPT-2 ``config.json``; GPT-2's choices (LayerNorm, biases, learned positions) are
     fixed."""
     act = hf.get("activation_function", "gelu_new")
-    if act not in _ACTIVATIONS:
+    if not isinstance(act, str) or act not in _ACTIVATIONS:
         raise ValueError(
             f"unsupported GPT-2 activation_function {act!r}; supported: {', '.join(_ACTIVATIONS)}"
         )

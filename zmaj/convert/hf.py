@@ -13,7 +13,8 @@ trap is a name: its ``post_attention_layernorm`` is the norm *after* attention, 
 the MLP (Gemma's is ``pre_feedforward_layernorm``).
 """
 
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,8 @@ def config_from_hf(raw: object, where: str = "config.json") -> ModelConfig:
 
 class _Fields(dict[str, Any]):
     """A JSON object of a checkpoint's files (``prefix`` names where it sits in the file); reading a field it
-    lacks, or a size that is not a positive integer, is a ValueError naming the file and the field (a bare
-    ``KeyError``, or a ``ZeroDivisionError`` from a head count of 0, would name neither to a user)."""
+    lacks, or one of the wrong type, is a ValueError naming the file and the field (a bare ``KeyError``, a
+    ``TypeError`` from ``float(None)`` or a ``ZeroDivisionError`` from a head count of 0 would name neither)."""
 
     def __init__(self, fields: object, where: str, needed_by: object = None, prefix: str = "") -> None:
         if not isinstance(fields, Mapping):
@@ -162,6 +163,28 @@ class _Fields(dict[str, Any]):
             raise ValueError(f"{self.where}: {self.prefix}{key} is {value!r}, not a positive integer")
         return value
 
+    def number(self, key: str, default: float | None = None) -> float:
+        """A finite real number; ``default`` stands for an absent field. A null one is refused, as
+        ``transformers`` keeps it and fails when it first computes with it (``rope_theta: null``)."""
+        value = self[key] if default is None or key in self else default
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{self.where}: {self.prefix}{key} is {value!r}, not a finite number")
+        return float(value)
+
+    def string(self, key: str, default: str | None = None) -> str:
+        """A string, such as an activation's name; ``default`` stands for an absent field."""
+        value = self[key] if default is None or key in self else default
+        if not isinstance(value, str):
+            raise ValueError(f"{self.where}: {self.prefix}{key} is {value!r}, not a string")
+        return value
+
+    def strings(self, key: str) -> list[str] | None:
+        """A list of strings (``layer_types``), or None for an absent or null field."""
+        value = self.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{self.where}: {self.prefix}{key} is {value!r}, not a list of strings")
+        return value
+
 
 def _llama_config(hf: _Fields) -> LlamaConfig:
     """Llama, Qwen 2 or Qwen 3; a switch zmaj lacks (biases on every projection, sliding windows) is an error."""
@@ -174,8 +197,9 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
         )
     if any(kind != "full_attention" for kind in _layer_types(hf)):
         raise ValueError(f"{model_type}: sliding-window layers are not supported")
-    if hf.get("hidden_act", "silu") not in _ACTIVATIONS:
-        raise ValueError(f"{model_type}: unsupported hidden_act {hf['hidden_act']!r}")
+    act = hf.string("hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"{model_type}: unsupported hidden_act {act!r}")
     base, scaling = _rope(hf, hf.object("rope_parameters" if hf.get("rope_parameters") else "rope_scaling"))
     n_heads = hf.size("num_attention_heads")
     default_head_dim = 128 if model_type == "qwen3" else hf.size("hidden_size") // n_heads
@@ -188,25 +212,27 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
         n_kv_heads=hf.size("num_key_value_heads", n_heads),
         head_dim=hf.size("head_dim", default_head_dim),
         d_ff=hf.size("intermediate_size"),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_eps=hf.number("rms_norm_eps", 1e-6),
         rope_base=base,
         rope_scaling=scaling,
         tie_embeddings=hf.get("tie_word_embeddings", False),
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
-        activation=_ACTIVATIONS[hf.get("hidden_act", "silu")],
-        init_std=hf.get("initializer_range", 0.02),
+        activation=_ACTIVATIONS[act],
+        init_std=hf.number("initializer_range", 0.02),
     )
 
 
 def _layer_types(hf: _Fields) -> list[str]:
     """Qwen's per-layer attention kinds, derived as ``transformers`` does when the config does not list them."""
-    if hf.get("layer_types"):
-        return list(hf["layer_types"])
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
-    first_windowed = hf.get("max_window_layers", 28)
+    layer_types = hf.strings("layer_types")
+    if layer_types is not None:
+        return layer_types
+    if not hf.get("use_sliding_window", False) or hf.get("sliding_window") is None:
+        return ["full_attention"] * hf.size("num_hidden_layers")
+    first_windowed = hf.number("max_window_layers", 28.0)
     return [
-        "sliding_attention" if window is not None and i >= first_windowed else "full_attention"
+        "sliding_attention" if i >= first_windowed else "full_attention"
         for i in range(hf.size("num_hidden_layers"))
     ]
 
@@ -214,19 +240,22 @@ def _layer_types(hf: _Fields) -> list[str]:
 def _rope(hf: _Fields, params: _Fields) -> tuple[float, LinearScaling | Llama3Scaling | None]:
     """RoPE's base and scaling, from ``params``: ``rope_parameters`` (transformers >= 5), or ``rope_scaling`` with
     the base in ``hf``'s ``rope_theta``."""
-    base = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
-    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported")
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    base = params.number("rope_theta") if "rope_theta" in params else hf.number("rope_theta", 10_000.0)
+    # A null factor is an absent one, as transformers reads it.
+    partial = params.get("partial_rotary_factor")
+    partial = hf.get("partial_rotary_factor") if partial is None else partial
+    if partial not in (None, 1):
+        raise ValueError(f"partial_rotary_factor {partial!r} is not supported, only 1")
+    rope_type = params.string("rope_type") if "rope_type" in params else params.string("type", "default")
     if rope_type == "default":
         return base, None
     if rope_type == "linear":
-        return base, LinearScaling(factor=params["factor"])
+        return base, LinearScaling(factor=params.number("factor"))
     if rope_type == "llama3":
         return base, Llama3Scaling(
-            factor=params["factor"],
-            low_freq_factor=params["low_freq_factor"],
-            high_freq_factor=params["high_freq_factor"],
+            factor=params.number("factor"),
+            low_freq_factor=params.number("low_freq_factor"),
+            high_freq_factor=params.number("high_freq_factor"),
             original_max_position_embeddings=params.get(
                 "original_max_position_embeddings", hf.get("max_position_embeddings")
             ),
@@ -251,11 +280,11 @@ def _gemma3_config(hf: _Fields) -> Gemma3Config:
         raise ValueError(
             "gemma3_text: attn_logit_softcapping is not supported (transformers' Gemma 3 does not apply it)"
         )
-    act = hf.get("hidden_activation", "gelu_pytorch_tanh")  # Gemma3MLP's; it never reads hidden_act
+    act = hf.string("hidden_activation", "gelu_pytorch_tanh")  # Gemma3MLP's; it never reads hidden_act
     if act not in _ACTIVATIONS:
         raise ValueError(f"gemma3_text: unsupported hidden_activation {act!r}")
     n_layers = hf.size("num_hidden_layers")
-    layer_types = hf.get("layer_types")
+    layer_types: Sequence[str] | None = hf.strings("layer_types")
     if layer_types is None:
         # The period of the pattern, as transformers still accepts it: from sliding_window_pattern alone (the
         # _sliding_window_pattern it writes beside layer_types is never read back).
@@ -263,9 +292,9 @@ def _gemma3_config(hf: _Fields) -> Gemma3Config:
         layer_types = gemma3.interleaved_layer_types(n_layers, pattern)
     (base, scaling), (local_base, local_scaling) = _gemma3_rope(hf)
     window: dict[str, int] = {}
-    sliding = hf.get("sliding_window", 4096)  # absent: Gemma3TextConfig's default; null: none
-    if sliding is not None:
-        window["sliding_window"] = sliding
+    softcap = hf.get("final_logit_softcapping")
+    if hf.get("sliding_window", 4096) is not None:  # absent: Gemma3TextConfig's default; null: none
+        window["sliding_window"] = hf.size("sliding_window", 4096)
     elif "sliding_attention" in layer_types:
         raise ValueError("gemma3_text: sliding-window layers need sliding_window, which is null")
     return Gemma3Config(
@@ -277,18 +306,18 @@ def _gemma3_config(hf: _Fields) -> Gemma3Config:
         n_kv_heads=hf.size("num_key_value_heads", 4),
         head_dim=hf.size("head_dim", 256),
         d_ff=hf.size("intermediate_size"),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_eps=hf.number("rms_norm_eps", 1e-6),
         layer_types=tuple(layer_types),
         **window,
         rope_base=base,
         rope_scaling=scaling,
         local_rope_base=local_base,
         local_rope_scaling=local_scaling,
-        query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
-        final_logit_softcap=hf.get("final_logit_softcapping"),
+        query_pre_attn_scalar=hf.number("query_pre_attn_scalar", 256.0),
+        final_logit_softcap=None if softcap is None else hf.number("final_logit_softcapping"),
         tie_embeddings=hf.get("tie_word_embeddings", True),
         activation=_ACTIVATIONS[act],
-        init_std=hf.get("initializer_range", 0.02),
+        init_std=hf.number("initializer_range", 0.02),
     )
 
 
@@ -303,8 +332,8 @@ def _gemma3_rope(hf: _Fields) -> tuple[RopeSetting, RopeSetting]:
     """
     per_type = hf.object("rope_parameters")
     if "full_attention" not in per_type and "sliding_attention" not in per_type:
-        full = hf.object("rope_scaling").defaults(rope_theta=hf.get("rope_theta", 1e6))
-        local = _Fields({"rope_theta": hf.get("rope_local_base_freq", 1e4)}, hf.where, hf.needed_by)
+        full = hf.object("rope_scaling").defaults(rope_theta=hf.number("rope_theta", 1e6))
+        local = _Fields({"rope_theta": hf.number("rope_local_base_freq", 1e4)}, hf.where, hf.needed_by)
         return _rope(hf, full), _rope(hf, local)
     full, local = per_type.object("full_attention"), per_type.object("sliding_attention")
     return _rope(hf, full.defaults(rope_theta=1e6)), _rope(hf, local.defaults(rope_theta=1e4))

@@ -51,6 +51,59 @@ def test_a_size_that_is_not_a_positive_integer_is_named(
 
 
 @pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("llama", {"rope_parameters": None, "rope_theta": None}, "rope_theta is None, not a finite number"),
+        ("llama", {"rms_norm_eps": "1e-5"}, "rms_norm_eps is '1e-5', not a finite number"),
+        ("llama", {"hidden_act": ["silu"]}, "hidden_act is \\['silu'\\], not a string"),
+        (
+            "llama",
+            {"layer_types": "full_attention"},
+            "layer_types is 'full_attention', not a list of strings",
+        ),
+        (
+            "llama",
+            {"model_type": "qwen2", "layer_types": None, "use_sliding_window": True, "sliding_window": 4}
+            | {"max_window_layers": None},
+            "max_window_layers is None, not a finite number",
+        ),
+        (
+            "gemma3",
+            {"rope_parameters": None, "rope_local_base_freq": None},
+            "rope_local_base_freq is None, not a finite number",
+        ),
+        ("gemma3", {"layer_types": 4}, "layer_types is 4, not a list of strings"),
+        (
+            "gemma3",
+            {"layer_types": None, "sliding_window_pattern": "2"},
+            "sliding_window_pattern is '2', not a positive integer",
+        ),
+        ("gemma3", {"hidden_activation": None}, "hidden_activation is None, not a string"),
+        ("gemma3", {"query_pre_attn_scalar": None}, "query_pre_attn_scalar is None, not a finite number"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_named(name: str, change: dict[str, Any], message: str) -> None:
+    """Each would have been a ``TypeError`` from deep inside the reading, naming neither file nor field."""
+    with pytest.raises(ValueError, match=f"^{re.escape(WHERE)}: {message}$"):
+        hf.config_from_hf(hf.config_to_hf(CONFIGS[name]) | change, WHERE)
+
+
+def test_a_gpt2_activation_that_is_not_a_name_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^unsupported GPT-2 activation_function \['gelu'\]"):
+        hf.config_from_hf(hf.config_to_hf(CONFIGS["gpt"]) | {"activation_function": ["gelu"]})
+
+
+def test_a_null_partial_rotary_factor_is_an_absent_one() -> None:
+    """As transformers reads it: full rotation. Any other factor but 1 is refused."""
+    written = hf.config_to_hf(LLAMA)
+    assert hf.config_from_hf(written | {"partial_rotary_factor": None}) == LLAMA
+    rope = written["rope_parameters"] | {"partial_rotary_factor": None}
+    assert hf.config_from_hf(written | {"rope_parameters": rope}) == LLAMA
+    with pytest.raises(ValueError, match=r"^partial_rotary_factor 0\.5 is not supported, only 1$"):
+        hf.config_from_hf(written | {"partial_rotary_factor": 0.5})
+
+
+@pytest.mark.parametrize(
     ("name", "rope", "message"),
     [
         (
