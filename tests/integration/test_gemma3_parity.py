@@ -5,6 +5,7 @@ so the test covers the config translation, the tensor table and the model togeth
 shorter than the longest sequences (48), so the local layers' masks differ from the global ones'.
 """
 
+import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -239,11 +240,49 @@ def test_the_legacy_config_format_reads_the_same() -> None:
     the period of the local/global pattern."""
     current = REFERENCES["variant"].to_dict()
     legacy = {k: v for k, v in current.items() if k != "rope_parameters"}
-    legacy |= {"rope_theta": 10_000.0, "rope_scaling": {"type": "linear", "factor": 4.0}}
+    legacy |= {"rope_theta": 10_000.0, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}
     legacy["rope_local_base_freq"] = 100.0
     assert hf.config_from_hf(legacy) == hf.config_from_hf(current)
     periodic = {k: v for k, v in REFERENCES["gemma3"].to_dict().items() if k != "layer_types"}
     assert hf.config_from_hf(periodic) == hf.config_from_hf(REFERENCES["gemma3"].to_dict())
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        # Per layer type without bases: the top-level keys of older configs stand in.
+        {
+            "rope_parameters": {"full_attention": {"rope_type": "default"}, "sliding_attention": {}},
+            "rope_theta": 100.0,
+            "rope_local_base_freq": 7.0,
+        },
+        {"rope_parameters": {"sliding_attention": {"rope_theta": 50.0}}, "rope_theta": 100.0},
+        # A legacy rope_scaling is merged over the global layers' parameters, with or without them.
+        {
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 100.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 7.0},
+            },
+            "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+        },
+        {"rope_scaling": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100.0}},
+        # Parameters not given per layer type are ignored.
+        {"rope_parameters": {"rope_type": "linear", "factor": 8.0, "rope_theta": 5.0}, "rope_theta": 100.0},
+    ],
+)
+def test_mixed_rope_keys_read_as_transformers_reads_them(rope: dict[str, Any]) -> None:
+    written = {k: v for k, v in REFERENCES["gemma3"].to_dict().items() if k != "rope_parameters"} | rope
+    config = hf.config_from_hf(copy.deepcopy(written))
+    expected = transformers.Gemma3TextConfig(**copy.deepcopy(written)).rope_parameters
+    assert isinstance(config, gemma3.Gemma3Config)
+    assert expected is not None
+    for layer_type, base, scaling in [
+        ("full_attention", config.rope_base, config.rope_scaling),
+        ("sliding_attention", config.local_rope_base, config.local_rope_scaling),
+    ]:
+        assert base == expected[layer_type]["rope_theta"]
+        linear = expected[layer_type]["rope_type"] == "linear"
+        assert scaling == (LinearScaling(factor=expected[layer_type]["factor"]) if linear else None)
 
 
 @pytest.mark.parametrize("pattern", [{"sliding_window_pattern": 2}, {"_sliding_window_pattern": 2}, {}])
@@ -303,6 +342,11 @@ def test_the_270m_config_reads_as_the_default_config() -> None:
         ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
         ({"hidden_activation": "swish_v9"}, "swish_v9"),
         ({"sliding_window": None}, "sliding_window"),
+        # transformers keeps rope_type "default" and ignores the old key "type": the checkpoint is ambiguous.
+        (
+            {"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 4.0}},
+            "'linear' but no rope_type",
+        ),
         (
             {"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}},
             "'yarn'",

@@ -4,6 +4,7 @@ Each reference is a small random model saved with ``save_pretrained`` and read b
 alone, so the test covers the config translation, the tensor table and the model together.
 """
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from zmaj.convert import hf
 from zmaj.models import gpt, llama
 from zmaj.models.common import Batch
 from zmaj.nn.attention import Backend
+from zmaj.nn.rope import LinearScaling
 
 VOCAB = 128
 SMALL: dict[str, Any] = {
@@ -154,6 +156,22 @@ def test_the_legacy_config_format_reads_the_same() -> None:
     old_linear = {**REFERENCES["llama"].to_dict(), "rope_scaling": {"type": "linear", "factor": 4.0}}
     del old_linear["rope_parameters"]
     assert hf.config_from_hf(old_linear) == hf.config_from_hf(REFERENCES["llama-linear"].to_dict())
+
+
+@pytest.mark.parametrize("top_level", [{}, {"rope_theta": 500.0}])
+def test_rope_scaling_replaces_rope_parameters_as_in_transformers(top_level: dict[str, Any]) -> None:
+    """A config with both (one version's key, another's edit) is read as transformers reads it: ``rope_scaling``
+    alone, its base the top-level ``rope_theta`` or the default."""
+    written = REFERENCES["llama"].to_dict() | top_level
+    written["rope_parameters"] = {"rope_type": "default", "rope_theta": 100.0}
+    written["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+    config = hf.config_from_hf(copy.deepcopy(written))
+    expected = transformers.LlamaConfig(**copy.deepcopy(written)).rope_parameters
+    assert isinstance(config, llama.LlamaConfig)
+    assert expected is not None
+    assert expected["rope_type"] == "linear"
+    assert config.rope_base == expected["rope_theta"]
+    assert config.rope_scaling == LinearScaling(factor=expected["factor"])
 
 
 def test_unknown_model_type_lists_the_supported_ones(tmp_path: Path) -> None:

@@ -200,7 +200,8 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
     act = hf.string("hidden_act", "silu")
     if act not in _ACTIVATIONS:
         raise ValueError(f"{model_type}: unsupported hidden_act {act!r}")
-    base, scaling = _rope(hf, hf.object("rope_parameters" if hf.get("rope_parameters") else "rope_scaling"))
+    # A legacy rope_scaling replaces rope_parameters, as in transformers' convert_rope_params_to_dict.
+    base, scaling = _rope(hf, hf.object("rope_scaling" if hf.get("rope_scaling") else "rope_parameters"))
     n_heads = hf.size("num_attention_heads")
     default_head_dim = 128 if model_type == "qwen3" else hf.size("hidden_size") // n_heads
     return LlamaConfig(
@@ -237,10 +238,13 @@ def _layer_types(hf: _Fields) -> list[str]:
     ]
 
 
-def _rope(hf: _Fields, params: _Fields) -> tuple[float, LinearScaling | Llama3Scaling | None]:
-    """RoPE's base and scaling, from ``params``: ``rope_parameters`` (transformers >= 5), or ``rope_scaling`` with
-    the base in ``hf``'s ``rope_theta``."""
-    base = params.number("rope_theta") if "rope_theta" in params else hf.number("rope_theta", 10_000.0)
+def _rope(
+    hf: _Fields, params: _Fields, base_key: str = "rope_theta", default_base: float = 10_000.0
+) -> tuple[float, LinearScaling | Llama3Scaling | None]:
+    """RoPE's base and scaling, from ``params``: ``rope_parameters`` (transformers >= 5), or ``rope_scaling``.
+    A base they lack is ``hf``'s ``base_key`` (the top-level ``rope_theta`` of older configs), else
+    ``default_base``."""
+    base = params.number("rope_theta") if "rope_theta" in params else hf.number(base_key, default_base)
     # A null factor is an absent one, as transformers reads it.
     partial = params.get("partial_rotary_factor")
     partial = hf.get("partial_rotary_factor") if partial is None else partial
@@ -325,18 +329,30 @@ RopeSetting = tuple[float, LinearScaling | Llama3Scaling | None]
 
 
 def _gemma3_rope(hf: _Fields) -> tuple[RopeSetting, RopeSetting]:
-    """(base, scaling) of the global layers, then of the local ones.
+    """(base, scaling) of the global layers, then of the local ones, as ``Gemma3TextConfig`` reads them.
 
     transformers >= 5 keys ``rope_parameters`` by layer type; earlier configs have ``rope_theta`` and
-    ``rope_scaling`` for the global layers and ``rope_local_base_freq`` for the local ones.
+    ``rope_scaling`` for the global layers and ``rope_local_base_freq`` for the local ones. Mixed, the older keys
+    still count (``convert_rope_params_to_dict``): ``rope_scaling`` is merged over the global layers' parameters,
+    and a layer type's parameters without ``rope_theta`` take its top-level key (other keys there are ignored).
     """
-    per_type = hf.object("rope_parameters")
-    if "full_attention" not in per_type and "sliding_attention" not in per_type:
-        full = hf.object("rope_scaling").defaults(rope_theta=hf.number("rope_theta", 1e6))
-        local = _Fields({"rope_theta": hf.number("rope_local_base_freq", 1e4)}, hf.where, hf.needed_by)
-        return _rope(hf, full), _rope(hf, local)
-    full, local = per_type.object("full_attention"), per_type.object("sliding_attention")
-    return _rope(hf, full.defaults(rope_theta=1e6)), _rope(hf, local.defaults(rope_theta=1e4))
+    per_type, legacy = hf.object("rope_parameters"), hf.object("rope_scaling")
+    full: dict[str, Any] = {"rope_type": "default"}  # what transformers gives a layer type without parameters
+    if per_type.get("full_attention") is not None:
+        full = per_type.object("full_attention")
+    if (
+        "type" in legacy
+        and "rope_type" not in legacy
+        and full.get("rope_type", legacy["type"]) != legacy["type"]
+    ):
+        raise ValueError(
+            f"{hf.where}: rope_scaling has type {legacy['type']!r} but no rope_type, and transformers' Gemma 3 "
+            f"keeps the global layers' rope_type {full['rope_type']!r} (ignoring the scaling): ambiguous"
+        )
+    prefix = "rope_scaling." if legacy else "rope_parameters.full_attention."
+    merged = _Fields(full | legacy, hf.where, hf.needed_by, prefix)
+    local = per_type.object("sliding_attention")
+    return _rope(hf, merged, "rope_theta", 1e6), _rope(hf, local, "rope_local_base_freq", 1e4)
 
 
 def params_from_hf(tensors: Mapping[str, Tensor], config: LlamaConfig | Gemma3Config) -> TensorDict:
