@@ -19,7 +19,7 @@ from zmaj.convert import hf
 from zmaj.models import gpt, llama
 from zmaj.models.common import Batch
 from zmaj.nn.attention import Backend
-from zmaj.nn.rope import LinearScaling
+from zmaj.nn.rope import LinearScaling, Llama3Scaling
 
 VOCAB = 128
 SMALL: dict[str, Any] = {
@@ -174,6 +174,23 @@ def test_rope_scaling_replaces_rope_parameters_as_in_transformers(top_level: dic
     assert config.rope_scaling == LinearScaling(factor=expected["factor"])
 
 
+@pytest.mark.parametrize("name", ["llama", "llama3", "qwen2", "qwen3"])
+def test_absent_keys_read_as_transformers_reads_them(name: str) -> None:
+    """Each model type takes its config class's defaults: Llama a context of 2048, Qwen 2 and 3 one of 32768,
+    and Llama 3's scaling that context as its original one."""
+    written = {k: v for k, v in REFERENCES[name].to_dict().items() if k != "max_position_embeddings"}
+    written["rope_parameters"] = {
+        k: v for k, v in written["rope_parameters"].items() if k != "original_max_position_embeddings"
+    }
+    config = hf.config_from_hf(copy.deepcopy(written))
+    expected = type(REFERENCES[name])(**written)
+    assert isinstance(config, llama.LlamaConfig)
+    assert config.context == expected.max_position_embeddings
+    if isinstance(config.rope_scaling, Llama3Scaling):
+        original = expected.rope_parameters["original_max_position_embeddings"]
+        assert config.rope_scaling.original_max_position_embeddings == original
+
+
 def test_unknown_model_type_lists_the_supported_ones(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     with pytest.raises(ValueError, match=r"'mamba'; supported: gpt2, llama, qwen2, qwen3"):
@@ -196,6 +213,12 @@ def test_unsupported_switches_are_refused(change: dict[str, Any], message: str) 
 
 def test_sliding_window_layers_are_refused() -> None:
     qwen = {**REFERENCES["qwen2"].to_dict(), "layer_types": ["full_attention", "sliding_attention"]}
+    with pytest.raises(ValueError, match="sliding-window"):
+        hf.config_from_hf(qwen)
+    # Derived: the second layer is windowed, by Qwen2Config's default window (sliding_window absent).
+    qwen = {k: v for k, v in qwen.items() if k not in ("layer_types", "sliding_window")}
+    qwen |= {"use_sliding_window": True, "max_window_layers": 1}
+    assert transformers.Qwen2Config(**qwen).layer_types == ["full_attention", "sliding_attention"]
     with pytest.raises(ValueError, match="sliding-window"):
         hf.config_from_hf(qwen)
 

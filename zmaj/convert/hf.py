@@ -90,6 +90,8 @@ _ACTIVATIONS: dict[str, Activation] = {
     "relu2": "relu2",
 }
 _HF_ACTIVATIONS: dict[Activation, str] = {act: name for name, act in _ACTIVATIONS.items()}
+_DEFAULT_CONTEXT = {"llama": 2048, "qwen2": 32_768, "qwen3": 32_768, "gemma3_text": 131_072}
+"""``max_position_embeddings`` of each model type's ``transformers`` config class, for a config without it."""
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -201,12 +203,15 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
     if act not in _ACTIVATIONS:
         raise ValueError(f"{model_type}: unsupported hidden_act {act!r}")
     # A legacy rope_scaling replaces rope_parameters, as in transformers' convert_rope_params_to_dict.
-    base, scaling = _rope(hf, hf.object("rope_scaling" if hf.get("rope_scaling") else "rope_parameters"))
+    context = hf.size("max_position_embeddings", _DEFAULT_CONTEXT[model_type])
+    base, scaling = _rope(
+        hf, hf.object("rope_scaling" if hf.get("rope_scaling") else "rope_parameters"), context
+    )
     n_heads = hf.size("num_attention_heads")
     default_head_dim = 128 if model_type == "qwen3" else hf.size("hidden_size") // n_heads
     return LlamaConfig(
         vocab_size=hf.size("vocab_size"),
-        context=hf.size("max_position_embeddings", 2048),
+        context=context,
         d_model=hf.size("hidden_size"),
         n_layers=hf.size("num_hidden_layers"),
         n_heads=n_heads,
@@ -229,7 +234,8 @@ def _layer_types(hf: _Fields) -> list[str]:
     layer_types = hf.strings("layer_types")
     if layer_types is not None:
         return layer_types
-    if not hf.get("use_sliding_window", False) or hf.get("sliding_window") is None:
+    # An absent window is the config class's default (4096), a null one none.
+    if not hf.get("use_sliding_window", False) or hf.get("sliding_window", 4096) is None:
         return ["full_attention"] * hf.size("num_hidden_layers")
     first_windowed = hf.number("max_window_layers", 28.0)
     return [
@@ -239,11 +245,11 @@ def _layer_types(hf: _Fields) -> list[str]:
 
 
 def _rope(
-    hf: _Fields, params: _Fields, base_key: str = "rope_theta", default_base: float = 10_000.0
+    hf: _Fields, params: _Fields, context: int, base_key: str = "rope_theta", default_base: float = 10_000.0
 ) -> tuple[float, LinearScaling | Llama3Scaling | None]:
     """RoPE's base and scaling, from ``params``: ``rope_parameters`` (transformers >= 5), or ``rope_scaling``.
     A base they lack is ``hf``'s ``base_key`` (the top-level ``rope_theta`` of older configs), else
-    ``default_base``."""
+    ``default_base``; Llama 3's original context, the model's ``context``."""
     base = params.number("rope_theta") if "rope_theta" in params else hf.number(base_key, default_base)
     # A null factor is an absent one, as transformers reads it.
     partial = params.get("partial_rotary_factor")
@@ -260,9 +266,7 @@ def _rope(
             factor=params.number("factor"),
             low_freq_factor=params.number("low_freq_factor"),
             high_freq_factor=params.number("high_freq_factor"),
-            original_max_position_embeddings=params.get(
-                "original_max_position_embeddings", hf.get("max_position_embeddings")
-            ),
+            original_max_position_embeddings=params.get("original_max_position_embeddings", context),
         )
     raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
 
@@ -294,7 +298,8 @@ def _gemma3_config(hf: _Fields) -> Gemma3Config:
         # _sliding_window_pattern it writes beside layer_types is never read back).
         pattern = hf.size("sliding_window_pattern") if "sliding_window_pattern" in hf else 6
         layer_types = gemma3.interleaved_layer_types(n_layers, pattern)
-    (base, scaling), (local_base, local_scaling) = _gemma3_rope(hf)
+    context = hf.size("max_position_embeddings", _DEFAULT_CONTEXT["gemma3_text"])
+    (base, scaling), (local_base, local_scaling) = _gemma3_rope(hf, context)
     window: dict[str, int] = {}
     softcap = hf.get("final_logit_softcapping")
     if hf.get("sliding_window", 4096) is not None:  # absent: Gemma3TextConfig's default; null: none
@@ -303,7 +308,7 @@ def _gemma3_config(hf: _Fields) -> Gemma3Config:
         raise ValueError("gemma3_text: sliding-window layers need sliding_window, which is null")
     return Gemma3Config(
         vocab_size=hf.size("vocab_size"),
-        context=hf.size("max_position_embeddings", 131_072),
+        context=context,
         d_model=hf.size("hidden_size"),
         n_layers=n_layers,
         n_heads=hf.size("num_attention_heads"),
@@ -328,7 +333,7 @@ def _gemma3_config(hf: _Fields) -> Gemma3Config:
 RopeSetting = tuple[float, LinearScaling | Llama3Scaling | None]
 
 
-def _gemma3_rope(hf: _Fields) -> tuple[RopeSetting, RopeSetting]:
+def _gemma3_rope(hf: _Fields, context: int) -> tuple[RopeSetting, RopeSetting]:
     """(base, scaling) of the global layers, then of the local ones, as ``Gemma3TextConfig`` reads them.
 
     transformers >= 5 keys ``rope_parameters`` by layer type; earlier configs have ``rope_theta`` and
@@ -352,7 +357,9 @@ def _gemma3_rope(hf: _Fields) -> tuple[RopeSetting, RopeSetting]:
     prefix = "rope_scaling." if legacy else "rope_parameters.full_attention."
     merged = _Fields(full | legacy, hf.where, hf.needed_by, prefix)
     local = per_type.object("sliding_attention")
-    return _rope(hf, merged, "rope_theta", 1e6), _rope(hf, local, "rope_local_base_freq", 1e4)
+    return _rope(hf, merged, context, "rope_theta", 1e6), _rope(
+        hf, local, context, "rope_local_base_freq", 1e4
+    )
 
 
 def params_from_hf(tensors: Mapping[str, Tensor], config: LlamaConfig | Gemma3Config) -> TensorDict:
