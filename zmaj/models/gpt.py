@@ -237,6 +237,10 @@ def hidden_states(
     # would then compile the training step again (``zmaj.train.step.step_functions``).
     if config.dropout > 0 and dropout_seed is not None:
         generator = torch.Generator(batch.tokens.device).manual_seed(dropout_seed)
+    if config.positions == "learned" and batch.positions is None:
+        # The default positions' largest is known without reading the device; given positions are not checked
+        # (that would wait for the device every step), and past the table they fail in the lookup.
+        _check_learned_positions(batch.tokens.shape[1] - 1, config)
     positions = batch.position_ids()
     x = dropout(_embed(params, batch.tokens, positions, config), config.dropout, generator)
     angles = _rope(positions, config)
@@ -266,6 +270,11 @@ def forward_cached(
     values need a cache.
     """
     step = cache_step(batch, cache)
+    # A default position is below the cache's length, so only given positions or a cache longer than the
+    # position table can run past it; only then is the largest read from the device, and never while compiled.
+    could_overrun = batch.positions is not None or cache["k"].shape[3] > config.context
+    if config.positions == "learned" and could_overrun and not torch.compiler.is_compiling():
+        _check_learned_positions(int(step.positions.max()), config)
     mask = cache_mask(step)
     x = _embed(params, batch.tokens, step.positions, config)
     angles = _rope(step.positions, config)
@@ -285,6 +294,15 @@ def forward_cached(
         values.append(cache_v)
     logits = unembed(params, _norm(params["final_norm"], x, config), config)
     return logits, step.advance(keys, values, cache if donate else None)
+
+
+def _check_learned_positions(largest: int, config: GPTConfig) -> None:
+    """A position past the learned table is a ValueError naming both, not an ``IndexError`` from the lookup."""
+    if largest >= config.context:
+        raise ValueError(
+            f"position {largest} is past the context of this GPT with learned positions ({config.context}: "
+            f"its position table has rows 0 to {config.context - 1})"
+        )
 
 
 def _embed(

@@ -407,3 +407,23 @@ def test_cached_decoding_equals_the_full_forward(device: torch.device, option: s
         logits, cache = gpt.forward_cached(params, Batch(tokens=tokens[:, i : i + 1]), cache, config)
         full = gpt.forward(params, Batch(tokens=tokens[:, : i + 1]), config)
         torch.testing.assert_close(logits[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_position_past_the_learned_table_is_named() -> None:
+    """Not an ``IndexError`` from the lookup: a forward pass, or a decode step into a cache longer than the
+    context, names the position and the context. Sinusoidal positions have no such end."""
+    from zmaj.infer.cache import init_cache
+
+    params = gpt.init(TINY, 0)
+    message = r"^position 32 is past the context of this GPT with learned positions \(32: .* rows 0 to 31\)$"
+    with pytest.raises(ValueError, match=message):
+        gpt.forward(params, Batch(tokens=torch.zeros(1, 33, dtype=torch.long)), TINY)
+    cache = init_cache(TINY, batch=1, max_len=40)
+    _, cache = gpt.forward_cached(params, Batch(tokens=torch.zeros(1, 32, dtype=torch.long)), cache, TINY)
+    with pytest.raises(ValueError, match=message):
+        gpt.forward_cached(params, Batch(tokens=torch.zeros(1, 1, dtype=torch.long)), cache, TINY)
+    sinusoidal = TINY.model_copy(update={"positions": "sinusoidal"})
+    logits = gpt.forward(
+        gpt.init(sinusoidal, 0), Batch(tokens=torch.zeros(1, 33, dtype=torch.long)), sinusoidal
+    )
+    assert logits.shape == (1, 33, TINY.vocab_size)
