@@ -21,6 +21,7 @@ import transformers
 from safetensors import safe_open
 from tensordict import TensorDict
 
+from zmaj import fileio
 from zmaj.convert import export, hf
 from zmaj.convert.export import INDEX_FILE, save_hf
 from zmaj.convert.load import Pretrained, load_model
@@ -36,7 +37,6 @@ from zmaj.models.llama import LlamaConfig
 from zmaj.models.registry import ModelConfig, architecture
 from zmaj.nn.layers import sinusoidal_positions
 from zmaj.nn.rope import LinearScaling, Llama3Scaling
-from zmaj.train import checkpoint
 
 VOCAB = 300
 TEXTS = [
@@ -316,13 +316,13 @@ def test_every_file_is_on_disk_before_the_folder_is_renamed_into_place(
 ) -> None:
     """As a checkpoint's: a power cut after the rename must not publish files whose bytes were cached only."""
     flushed: list[Path] = []
-    flush = checkpoint.fsync
+    flush = fileio.fsync
 
     def recorded(path: Path) -> None:
         flushed.append(path)
         flush(path)
 
-    monkeypatch.setattr(checkpoint, "fsync", recorded)
+    monkeypatch.setattr(fileio, "fsync", recorded)
     folder = save_hf(random_model(VARIANTS["gpt"], tokenizer), tmp_path / "model", max_shard_bytes=20_000)
     staging = flushed[-2]  # the staging folder itself, then the parent once the rename is done
     assert staging.name.startswith(".model.")

@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
+from zmaj import fileio
 from zmaj.convert import hf, weights
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, ModelTokenizer
 from zmaj.data.text import read_json
@@ -162,7 +163,7 @@ def _from_checkpoint(run_dir: Path, checkpoint_dir: Path) -> Pretrained:
 def write_lora_record(run_dir: Path, base: str, config: LoraConfig) -> None:
     """Say in ``run_dir`` that its checkpoints are adapters of the model at ``base`` (a model PATH)."""
     record = {"base": base, "lora": config.model_dump(mode="json")}
-    checkpoint.atomic_write_text(run_dir / LORA_FILE, json.dumps(record, indent=2) + "\n")
+    fileio.atomic_write_text(run_dir / LORA_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def _merged_lora(run_dir: Path, checkpoint_dir: Path) -> Pretrained:
@@ -284,14 +285,14 @@ def staged_folder(folder: Path) -> Iterator[Path]:
     try:
         yield staging
         for path in [*sorted(staging.rglob("*")), staging]:
-            checkpoint.set_default_mode(path)  # tempfile's folder and safetensors' files are private
-            checkpoint.fsync(path)
+            fileio.set_default_mode(path)  # tempfile's folder and safetensors' files are private
+            fileio.fsync(path)
         replace_folder(staging, folder)
     except BaseException:
         if staging.exists():  # not yet renamed to folder
             shutil.rmtree(staging)
         raise
-    checkpoint.fsync(folder.parent)
+    fileio.fsync(folder.parent)
 
 
 def replace_folder(staging: Path, folder: Path) -> None:

@@ -49,6 +49,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict, TensorDictBase
 
+from zmaj.fileio import atomic_write_text, fsync, set_default_mode
+
 CHECKPOINTS, LATEST = "checkpoints", "latest"
 PARAMS, OPTIMIZER, STATE = "params.safetensors", "optimizer.safetensors", "state.json"
 TENSOR_FILES = (PARAMS, OPTIMIZER)
@@ -108,43 +110,6 @@ def unflatten_like(
             )
         out.set(tuple(name.split(".")), tensor.to(like.dtype) if cast else tensor)
     return out
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file through a temporary sibling and a rename, both flushed to disk (module docstring);
-    a failed write leaves the old file and no temporary one."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        set_default_mode(Path(temporary))
-        with os.fdopen(descriptor, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    fsync(path.parent)
-
-
-def set_default_mode(path: Path) -> None:
-    """Give a file or folder the permissions a plain ``open`` or ``mkdir`` would: 0666 or 0777 less the umask.
-    ``tempfile`` makes files 0600 and folders 0700, and safetensors writes 0600, so a model, run or checkpoint
-    written through them would be unreadable to the other users of a shared machine."""
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~_umask())
-
-
-def _umask() -> int:
-    """The process's umask, as Linux reports it; elsewhere set and put back, which a thread creating a file at
-    that moment would see (with the stricter mask set meanwhile)."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
 
 
 def save(run_dir: Path, state: TensorDictBase, meta: dict[str, Any]) -> Path:
@@ -427,15 +392,6 @@ def _damaged(path: Path, problem: str) -> DamagedCheckpointError:
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def fsync(path: Path) -> None:
-    """Flush a file's bytes, or a folder's names (what a rename changes), from the kernel's cache to the disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def load_meta(checkpoint: Path) -> dict[str, Any]:

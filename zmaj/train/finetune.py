@@ -26,6 +26,7 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDict, TensorDictBase
 
+from zmaj import fileio
 from zmaj.convert.load import MODEL_FILE, Pretrained, load_model, resolve, write_lora_record
 from zmaj.data.chat import ChatSource
 from zmaj.data.model_tokenizer import ModelTokenizer
@@ -413,7 +414,7 @@ def pinned(model: str) -> str:
 def write_run_files(spec: FinetuneSpec, begin: Start, run_dir: Path) -> None:
     """What makes a new run folder a model PATH: ``model.json``, the tokenizer files and (LoRA) ``lora.json``,
     so that the folder loads as the model it trains and chats exactly as the run did."""
-    checkpoint.atomic_write_text(
+    fileio.atomic_write_text(
         run_dir / MODEL_FILE, json.dumps(config_to_json(begin.model.config), indent=2) + "\n"
     )
     begin.model.tokenizer.save(run_dir)

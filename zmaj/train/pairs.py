@@ -16,10 +16,11 @@ from pathlib import Path
 from loguru import logger
 from pydantic import ConfigDict, StrictInt, TypeAdapter, ValidationError, with_config
 
+from zmaj import fileio
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.text import read_jsonl
 from zmaj.tasks import get_task, score
-from zmaj.train import checkpoint, finetune
+from zmaj.train import finetune
 from zmaj.train.finetune import DPOSpec, PairFiles, PairsFromTask, Start
 
 PAIRS_FILE = "pairs.jsonl"
@@ -142,7 +143,7 @@ def fitted(named: Sequence[tuple[Pair, str]], max_len: int) -> list[Pair]:
 
 def write_pairs(path: Path, pairs: list[Pair]) -> None:
     """The pairs as token ids, written whole or not at all: ``--resume`` trains on exactly these."""
-    checkpoint.atomic_write_text(path, "".join(json.dumps(pair.__dict__) + "\n" for pair in pairs))
+    fileio.atomic_write_text(path, "".join(json.dumps(pair.__dict__) + "\n" for pair in pairs))
 
 
 def read_pairs(path: Path) -> list[Pair]:

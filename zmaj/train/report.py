@@ -15,8 +15,8 @@ import matplotlib
 import torch
 
 from zmaj.data.text import NotJSONError, read_text
+from zmaj.fileio import atomic_write_text, fsync
 from zmaj.models.gpt import GPTConfig
-from zmaj.train.checkpoint import atomic_write_text, fsync
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

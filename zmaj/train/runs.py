@@ -33,6 +33,7 @@ from loguru import logger
 from pydantic import BaseModel
 from tensordict import TensorDict
 
+from zmaj import fileio
 from zmaj.convert.load import LORA_FILE, MODEL_FILE
 from zmaj.data.model_tokenizer import GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from zmaj.data.text import read_text
@@ -347,7 +348,7 @@ def _start_afresh(run_dir: Path) -> None:
 
 def write_spec(run_dir: Path, spec: BaseModel) -> None:
     """The run's ``spec.yaml``: what a new run is, and what a resumed one goes on with."""
-    checkpoint.atomic_write_text(run_dir / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json")))
+    fileio.atomic_write_text(run_dir / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json")))
 
 
 def _new_run_dir(parent: Path, name: str) -> Path:

@@ -9,6 +9,7 @@ import torch
 import yaml
 from tensordict import TensorDict
 
+from zmaj import fileio
 from zmaj.convert import weights
 from zmaj.convert.load import (
     Pretrained,
@@ -233,7 +234,7 @@ def test_a_failed_publish_keeps_the_folder_and_leaves_nothing_hidden(
     if existed:
         folder.mkdir()
         (folder / "old.txt").write_text("old")
-    real_replace, real_fsync = os.replace, checkpoint.fsync
+    real_replace, real_fsync = os.replace, fileio.fsync
 
     def replace(source: Path, target: Path) -> None:
         renames = {
@@ -250,7 +251,7 @@ def test_a_failed_publish_keeps_the_folder_and_leaves_nothing_hidden(
         real_fsync(path)
 
     monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(checkpoint, "fsync", fsync)
+    monkeypatch.setattr(fileio, "fsync", fsync)
     error = os.strerror(errno.EIO if failing == "fsync" else errno.EBUSY)
     with pytest.raises(OSError, match=error), staged_folder(folder) as staging:
         (staging / "new.txt").write_text("new")

@@ -25,6 +25,7 @@ from loguru import logger
 from safetensors import SafetensorError
 from tensordict import TensorDict, TensorDictBase
 
+from zmaj import fileio
 from zmaj.train import checkpoint
 from zmaj.train.checkpoint import CheckpointWriteError, DamagedCheckpointError
 
@@ -406,10 +407,10 @@ def test_atomic_write_text_leaves_the_old_file_and_no_temporary_one_when_it_fail
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "notes.txt"
-    checkpoint.atomic_write_text(path, "old")
+    fileio.atomic_write_text(path, "old")
     monkeypatch.setattr(os, "fsync", failing_fsync(0))
     with pytest.raises(OSError, match="No space left"):
-        checkpoint.atomic_write_text(path, "new")
+        fileio.atomic_write_text(path, "new")
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
     assert path.read_text() == "old"
 
@@ -438,7 +439,7 @@ def test_what_a_save_writes_has_the_modes_a_plain_write_gives(tmp_path: Path, um
     run = tmp_path / "run"
     for version in (1.0, 2.0):
         checkpoint.save(run, make_state(5, version), {"version": version})
-        checkpoint.atomic_write_text(run / "notes.txt", "notes")
+        fileio.atomic_write_text(run / "notes.txt", "notes")
         expected = {
             "checkpoints": folder_mode,
             "checkpoints/latest": file_mode,

@@ -1,0 +1,62 @@
+"""Writing a user's files whole or not at all, and as readable as a plain ``open`` would make them.
+
+A small file (``spec.yaml``, ``latest``, ``tokenizer.json``, a metrics file rewritten) goes through a temporary
+sibling and a rename: a kill or a full disk mid-write leaves the old file, never a half-written one. The bytes
+and then the rename are flushed to disk (``fsync``), so that this holds across a power cut too: without the
+flushes the file system may put a rename on disk before the data it names (Pillai et al., "All File Systems Are
+Not Created Equal", OSDI 2014). ``zmaj.train.checkpoint`` and ``zmaj.convert.load.staged_folder`` write whole
+folders the same way.
+
+This module sits below every package that writes (data, convert, train, publish), so none of them imports
+another for it.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file through a temporary sibling and a rename, both flushed to disk (module docstring);
+    a failed write leaves the old file and no temporary one."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        set_default_mode(Path(temporary))
+        with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    fsync(path.parent)
+
+
+def set_default_mode(path: Path) -> None:
+    """Give a file or folder the permissions a plain ``open`` or ``mkdir`` would: 0666 or 0777 less the umask.
+    ``tempfile`` makes files 0600 and folders 0700, and safetensors writes 0600, so a model, run or checkpoint
+    written through them would be unreadable to the other users of a shared machine."""
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, as Linux reports it; elsewhere set and put back, which a thread creating a file at
+    that moment would see (with the stricter mask set meanwhile)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's bytes, or a folder's names (what a rename changes), from the kernel's cache to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
