@@ -21,6 +21,7 @@ from loguru import logger
 from zmaj.convert.load import check_destination
 from zmaj.extras import MissingExtraError
 from zmaj.publish.export import export_model, parse_size
+from zmaj.publish.hub import license_id, repo_id
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,7 +33,10 @@ def main() -> None:
     parser.add_argument("run_dir", help="the model to export: a zmaj run, or any model PATH")
     parser.add_argument("out_dir", type=Path, help="the folder to write (replaced if it exists)")
     parser.add_argument(
-        "--license", default="apache-2.0", help="the card's license id (default: %(default)s)"
+        "--license",
+        type=license_id,
+        default="apache-2.0",
+        help="the card's license id (default: %(default)s)",
     )
     parser.add_argument(
         "--dtype", choices=list(DTYPES), help="cast the floating-point parameters (default: as stored)"
@@ -40,10 +44,13 @@ def main() -> None:
     parser.add_argument(
         "--max-shard-size", default="5GB", help="largest safetensors file (default: %(default)s)"
     )
-    parser.add_argument("--repo-id", help="USER/NAME for the card's loading snippet (default: a placeholder)")
+    parser.add_argument(
+        "--repo-id", type=repo_id, help="USER/NAME for the card's loading snippet (default: a placeholder)"
+    )
     parser.add_argument(
         "--dataset",
         dest="datasets",
+        type=repo_id,
         action="append",
         default=[],
         metavar="HUB_ID",

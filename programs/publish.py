@@ -23,14 +23,21 @@ import tempfile
 from pathlib import Path
 
 from huggingface_hub import get_token
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-from huggingface_hub.utils._validators import validate_repo_id
+from huggingface_hub.errors import HfHubHTTPError
 from loguru import logger
 
 from zmaj.convert.load import check_destination, check_replaceable
 from zmaj.extras import MissingExtraError
 from zmaj.publish.dataset import dataset_card, task_dataset, token_dataset, write_dataset_folder
-from zmaj.publish.hub import CARD_FILE, check_dataset_folder, check_model_folder, publish, upload_files
+from zmaj.publish.hub import (
+    CARD_FILE,
+    check_dataset_folder,
+    check_model_folder,
+    license_id,
+    publish,
+    repo_id,
+    upload_files,
+)
 from zmaj.train.runs import positive
 from zmaj.train.spec import key_values
 
@@ -55,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     group.add_argument("--n-train", type=positive, help=f"task problems in train (default: {N_TRAIN})")
     group.add_argument("--n-test", type=positive, help=f"task problems in test (default: {N_TEST})")
     group.add_argument("--seed", type=int, help="which task problems (default: 0)")
-    group.add_argument("--license", help=f"the dataset card's license (default: {LICENSE})")
+    group.add_argument("--license", type=license_id, help=f"the dataset card's license (default: {LICENSE})")
     group.add_argument(
         "--out", type=Path, help="write the dataset folder here and keep it (default: a temp dir)"
     )
@@ -73,22 +80,11 @@ def parse_args() -> argparse.Namespace:
     if misplaced := [flag for flag, given in unused.items() if given]:
         source = "a model FOLDER" if args.dataset is None else "--dataset tokens:"
         parser.error(f"{', '.join(misplaced)} cannot be used with {source}")
-    if args.license is not None and not args.license.strip():
-        parser.error("--license is empty: name the dataset's license (an SPDX id such as mit)")
     defaults = {"n_train": N_TRAIN, "n_test": N_TEST, "seed": 0, "license": LICENSE}
     for name, default in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
     return args
-
-
-def repo_id(text: str) -> str:
-    """An argparse type: a repository id the Hub accepts, checked before anything is built or sent."""
-    try:
-        validate_repo_id(text)
-    except HFValidationError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
 
 
 def build_dataset(args: argparse.Namespace, folder: Path) -> Path:

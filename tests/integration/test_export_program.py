@@ -21,6 +21,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData, metadata_load
 
 from tests.integration import finetune_fixtures
+from tests.integration.programs import run_program
 from tests.integration.test_finetune_programs import run
 from tests.integration.test_pretrain_program import corpus
 from zmaj.convert.load import Pretrained, load_model, save_zmaj
@@ -238,4 +239,23 @@ def test_bad_input_exits_2_with_one_line(
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1, err
     assert message in errors[0].lower() or message in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--license", " "], "argument --license: empty"),
+        (["--repo-id", "not a repo!!"], "argument --repo-id: Repo id must"),
+        (["--dataset", ""], "argument --dataset: Repo id must"),
+    ],
+)
+def test_card_flags_the_hub_would_refuse_exit_2_before_anything_is_written(
+    runs: dict[str, Path], tmp_path: Path, flags: list[str], message: str
+) -> None:
+    """They used to be written into the card (``license: ''``, a snippet loading ``not a repo!!``), which
+    ``publish.py`` then refused."""
+    result = run_program("export.py", runs["sft"], tmp_path / "out", *flags)
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()

@@ -160,7 +160,7 @@ def test_a_broken_folder_exits_2_before_any_request(
     [
         (["--dataset", "task:arithmetic", "--repo-id", "a/b/c"], "--repo-id"),
         (["--dataset", "task:arithmetic", "--n-train", "-5"], "--n-train"),
-        (["--dataset", "task:arithmetic", "--license", " "], "--license is empty"),
+        (["--dataset", "task:arithmetic", "--license", " "], "--license: empty: name the license"),
         # A flag the source does not read would be ignored in silence.
         (
             ["FOLDER", "--n-train", "5", "--license", "mit"],

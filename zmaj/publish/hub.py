@@ -12,11 +12,14 @@ Checks run before any request, so a broken folder never becomes a broken reposit
 ``README.md`` whose metadata parses as a model card with a license.
 """
 
+import argparse
 from pathlib import Path
 
 import yaml
 from huggingface_hub import DatasetCard, HfApi, ModelCard, RepoCard
+from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+from huggingface_hub.utils._validators import validate_repo_id
 from loguru import logger
 
 from zmaj.convert.export import INDEX_FILE, WEIGHTS_FILE
@@ -25,6 +28,23 @@ from zmaj.data.text import read_json, read_text
 from zmaj.extras import needs
 
 CARD_FILE = "README.md"
+
+
+def repo_id(text: str) -> str:
+    """An argparse type: a repository id the Hub accepts (``USER/NAME``), checked before anything is built or
+    sent, and before a card names it."""
+    try:
+        validate_repo_id(text)
+    except HFValidationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def license_id(text: str) -> str:
+    """An argparse type: a card's license, which the Hub requires (an SPDX id such as ``mit``)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: name the license (an SPDX id such as mit)")
+    return text
 
 
 def upload_files(folder: Path) -> list[tuple[str, int]]:
