@@ -73,13 +73,15 @@ class Pretrained:
         return architecture(self.config)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Pretrained":
-        """The same model with its floating-point parameters moved and/or cast."""
-        params = self.params if device is None else self.params.to(device)
+        """The same model with its floating-point parameters cast and/or moved: cast where they are, then moved,
+        so that the device never holds two copies (float32 and bfloat16 weights together would take 3x the
+        memory of the bfloat16 model while loading onto a GPU)."""
+        params = self.params
         if dtype is not None:
             cast = params.apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
             assert cast is not None
             params = cast
-        return replace(self, params=params)
+        return replace(self, params=params if device is None else params.to(device))
 
 
 def resolve(path: str | Path) -> Path:

@@ -250,7 +250,8 @@ def sample_rollout(
     ).view(len(prompts), group)
     spread = rewards.amax(-1) > rewards.amin(-1)
     kept = spread if config.skip_uniform_groups else torch.ones_like(spread)
-    train_rows = [index for index in range(len(rows)) if kept[index // group]]
+    kept_groups = kept.tolist()  # one read from the device, not one per row
+    train_rows = [index for index in range(len(rows)) if kept_groups[index // group]]
     batch = completion_batch([rows[i] for i in train_rows], [completions[i] for i in train_rows], device)
     temperature = config.sampling.temperature
 

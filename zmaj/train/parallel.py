@@ -31,6 +31,7 @@ A global batch is split evenly, and every loss is normalised by the *global* cou
 all a rank needs to know; the models never import ``torch.distributed``.
 """
 
+import atexit
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,11 @@ class Parallel:
             return Parallel(config.kind, 0, 1, device)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device.type == "cuda":
+            if local_rank >= (count := torch.cuda.device_count()):
+                raise ValueError(
+                    f"rank {local_rank} of this machine has no GPU of its own: it has {count}; start at most "
+                    f"{count} processes per machine (torchrun --nproc-per-node)"
+                )
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
@@ -97,6 +103,9 @@ class Parallel:
             # to write a large checkpoint while the others wait at the next step.
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=timedelta(minutes=30))
+            # PyTorch asks every process to destroy its group before exiting (NCCL warns otherwise, and an
+            # unordered exit can leave other ranks waiting); a caller that destroyed it already is left alone.
+            atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
         return Parallel(config.kind, dist.get_rank(), dist.get_world_size(), device)
 
     # ------------------------------------------------------------------------------------------ the data

@@ -117,11 +117,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def record_session(run_dir: Path, event: str, device: torch.device) -> None:
+def record_session(run_dir: Path, event: str, device: torch.device, ranks: int = 1) -> None:
     """Append a ``start`` or ``end`` record to the run's ``run.jsonl``: wall-clock time, device, host, versions.
-    A line a kill cut short goes first: the record would run into it, and every later export would fail."""
+    A line a kill cut short goes first: the record would run into it, and every later export would fail.
+    ``ranks`` is the job's world size: the GPUs it trains on, not the ones the machine has."""
     if device.type == "cuda":
-        hardware = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}"
+        hardware = f"{ranks} x {torch.cuda.get_device_name(device)}"
     else:
         hardware = f"{cpu_model()}, {os.cpu_count()} cores"
     record = {
@@ -181,7 +182,13 @@ def gpt_flops_per_token(config: GPTConfig, seq_len: int) -> float:
 
 
 def measure_matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 1024, repeats: int = 5) -> float:
-    """Best observed GFLOP/s of an n x n matmul in this process: the ceiling MFU is measured against."""
+    """Best observed GFLOP/s of an n x n matmul in this process: the ceiling MFU is measured against.
+
+    On a GPU the product is 8192 wide whatever ``n``: a 1024 one (2 GFLOP, microseconds on an H100) is mostly
+    launch and synchronisation, which would put the ceiling far too low and the MFU far too high (as
+    ``benchmarks/common.py`` sizes its GPU peak)."""
+    if device.type == "cuda":
+        n = max(n, 8192)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")

@@ -246,7 +246,7 @@ class Run(Generic[S]):
     def __enter__(self) -> "Run[S]":
         if self.parallel.main:
             self._sinks.append(logger.add(self.dir / "log.txt"))
-            report.record_session(self.dir, "start", self.device)
+            report.record_session(self.dir, "start", self.device, self.parallel.size)
             config = self.spec.model_dump(mode="json")
             for tracker in trackers.make(self.train.trackers, self.train.tracker_project):
                 try:
@@ -270,7 +270,7 @@ class Run(Generic[S]):
         if self.parallel.main:
             for tracker in self._trackers:
                 tracker.finish()
-            report.record_session(self.dir, "end", self.device)
+            report.record_session(self.dir, "end", self.device, self.parallel.size)
             for sink in self._sinks:
                 logger.remove(sink)
             if self._lock is not None:

@@ -3,6 +3,7 @@
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -258,3 +259,24 @@ def test_a_failed_publish_keeps_the_folder_and_leaves_nothing_hidden(
     assert [p.name for p in tmp_path.iterdir()] == (["model"] if existed else [])
     if existed:
         assert [p.name for p in folder.iterdir()] == ["old.txt"]
+
+
+def test_a_model_is_cast_before_it_is_moved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moved first, a float32 model cast to bfloat16 on a GPU held both copies there: 3x the memory."""
+    config = llama.LlamaConfig(
+        vocab_size=16, context=8, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=8
+    )
+    model = Pretrained(
+        config, llama.init(config, 0), ModelTokenizer.from_zmaj(Tokenizer.train(["ab"] * 9, 263))
+    )
+    moved: list[set[torch.dtype]] = []
+    move = TensorDict.to
+
+    def spy(self: TensorDict, *args: Any, **kwargs: Any) -> Any:
+        moved.append({t.dtype for t in self.values(True, True) if t.is_floating_point()})
+        return move(self, *args, **kwargs)
+
+    monkeypatch.setattr(TensorDict, "to", spy)
+    cast = model.to("meta", torch.bfloat16)
+    assert moved == [{torch.bfloat16}]
+    assert {(str(t.device), t.dtype) for t in cast.params.values(True, True)} == {("meta", torch.bfloat16)}

@@ -317,3 +317,10 @@ def test_an_unknown_shipped_model_is_named() -> None:
 def test_an_import_of_no_module_is_named(name: str) -> None:
     with pytest.raises(FileNotFoundError, match=rf"^--import {name}: no such module$"):
         finetune.import_modules([name])
+
+
+@given(st.integers(1, 20), st.integers(0, 5), st.integers(0, 60), st.integers(0, 45))
+def test_draw_is_the_stream_of_shuffled_epochs(n: int, seed: int, start: int, count: int) -> None:
+    """Item i of the stream is item ``i mod n`` of epoch ``i // n``'s order, across epoch boundaries too."""
+    expected = [finetune.epoch_order(n, seed, i // n)[i % n] for i in range(start, start + count)]
+    assert finetune.draw(n, seed, start, count) == expected

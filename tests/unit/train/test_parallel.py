@@ -10,7 +10,7 @@ from tensordict import TensorDictBase
 
 from zmaj.models import gpt, llama
 from zmaj.models.common import Batch, layers, materializing
-from zmaj.train.parallel import Parallel, shard_dim, tensors
+from zmaj.train.parallel import Parallel, ParallelConfig, shard_dim, tensors
 from zmaj.train.step import init_state
 
 GPT = gpt.GPTConfig(vocab_size=64, context=16, d_model=32, n_layers=3, n_heads=2)
@@ -101,3 +101,13 @@ def test_a_model_gathers_each_layer_just_before_it_runs(module: object, config: 
         assert calls == [0]  # lazily: one layer per step of the walk
         next(blocks)
         assert calls == [0, 1]
+
+
+def test_a_rank_without_a_gpu_of_its_own_is_refused_before_joining(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torchrun --nproc-per-node 4`` on a 2-GPU machine: rank 3's ``set_device`` was an invalid-ordinal
+    traceback on every rank."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="it has 2; start at most 2 processes per machine"):
+        Parallel.from_environment(ParallelConfig(), torch.device("cuda"))
