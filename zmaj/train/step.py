@@ -270,7 +270,9 @@ def deterministic_algorithms() -> Iterator[None]:
     """``torch.use_deterministic_algorithms(True)`` inside the block, the previous settings after it.
 
     ``warn_only``: where a kernel has no deterministic version (some CUDA ones; cuBLAS without
-    ``CUBLAS_WORKSPACE_CONFIG``), PyTorch warns instead of stopping the run. ``fill_uninitialized_memory`` stays
+    ``CUBLAS_WORKSPACE_CONFIG``), PyTorch warns instead of stopping the run. On CUDA that also keeps the
+    non-deterministic backward of SDPA's memory-efficient and flash kernels (PyTorch picks their deterministic
+    form only without ``warn_only``), so a CUDA step is not bit-reproducible; on the CPU it is. ``fill_uninitialized_memory`` stays
     off: NaN-filling every new tensor is a check for kernels that read memory they never wrote, not something
     determinism needs, and it writes over every new tensor.
     """
