@@ -91,13 +91,14 @@ def train(run: Run[PretrainSpec], data: Prepared) -> None:
     state = run.restore(init_state(gpt.init(spec.model, cfg.seed), cfg.optimizer))
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
     forward = bind(gpt.forward, config=spec.model)
+    # The loss unembeds a chunk of positions at a time, never holding the whole logits (zmaj.nn.loss).
+    lazy = bind_lazy(gpt.lazy_forward, config=spec.model)
     grad_fn, update_fn = step_functions(cfg.compile)
     autocast = precision.autocast(run.dtype, device)
 
     step = partial(
         train_step,
-        # The loss unembeds a chunk of positions at a time, never holding the whole logits (zmaj.nn.loss).
-        forward=parallel.forward(bind_lazy(gpt.lazy_forward, config=spec.model), run.dtype),
+        forward=parallel.forward(lazy, run.dtype),
         optimizer=cfg.optimizer,
         decay=decay,
         seed=cfg.seed,
@@ -122,10 +123,11 @@ def train(run: Run[PretrainSpec], data: Prepared) -> None:
 
     def evaluate(state: TensorDict, step: int, final: bool) -> dict[str, float | int]:
         params = parallel.unshard(state["params"])
-        # No activations are kept for a backward pass, so evaluation affords 4x larger batches.
+        # No activations are kept for a backward pass, and the loss is chunked as in training, so evaluation
+        # affords 4x larger batches.
         max_batches = None if final else cfg.eval_batches
         result = held_out(
-            params, data.validation, forward, 4 * cfg.batch_size, max_batches, token_bytes, autocast, parallel
+            params, data.validation, lazy, 4 * cfg.batch_size, max_batches, token_bytes, autocast, parallel
         )
         logger.info(f"step {step}: val loss {result['val_loss']:.3f}, {result['val_bpb']:.3f} bits per byte")
         if parallel.main:

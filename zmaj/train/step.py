@@ -381,17 +381,19 @@ def apply_grads(
 def eval_step(
     params: TensorDictBase,
     batch: Batch,
-    forward: Forward,
+    forward: Forward | LazyForward,
     token_bytes: Tensor,
     autocast: AbstractContextManager[object] | None = None,
 ) -> Metrics:
-    """Summed loss, target count and target bytes; sums so that the caller can pool them over batches."""
-    with torch.no_grad(), autocast or nullcontext():
-        logits = forward(params, batch, dropout_seed=None)
+    """Summed loss, target count and target bytes; sums so that the caller can pool them over batches. With a
+    ``LazyForward`` the loss is chunked as the training loss is (:func:`summed_loss`): the whole logits of an
+    evaluation batch, in float32 for the softmax, would take several times a training step's memory."""
     assert batch.targets is not None
+    with torch.no_grad():
+        loss_sum = summed_loss(params, batch, forward, torch.ones(()), None, autocast or nullcontext())
     mask = torch.ones_like(batch.targets, dtype=torch.bool) if batch.loss_mask is None else batch.loss_mask
     return {
-        "loss_sum": token_losses(logits, batch).sum(),
+        "loss_sum": loss_sum,
         "tokens": mask.sum(),
         "bytes": (token_bytes.to(batch.targets.device)[batch.targets] * mask).sum(),
     }
@@ -400,7 +402,7 @@ def eval_step(
 def held_out(
     params: TensorDictBase,
     dataset: LMDataset,
-    forward: Forward,
+    forward: Forward | LazyForward,
     batch_size: int,
     max_batches: int | None,
     token_bytes: Tensor,

@@ -418,3 +418,17 @@ def test_the_chunked_soft_capped_loss_compiles_in_one_graph_to_the_eager_gradien
         [sys.executable, "-c", COMPILED_CHUNKED_LOSS], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_evaluation_with_the_chunked_loss_is_the_full_logits_one(device: torch.device) -> None:
+    """``eval_step`` on a ``LazyForward`` (what pre-training evaluates with, so that a batch's whole logits are
+    never held) against the textbook path over the full logits: the same sums, masked positions left out."""
+    config = CONFIG.model_copy(update={"logit_softcap": 15.0, "context": 640})
+    params = gpt.init(config, seed=0, device=device)
+    batch = make_batch(3, device, rows=3, seq=600)  # more positions than a loss chunk (LOSS_CHUNK)
+    token_bytes = torch.arange(1, config.vocab_size + 1, device=device)
+    lazy = step.eval_step(params, batch, step.bind_lazy(gpt.lazy_forward, config=config), token_bytes)
+    full = step.eval_step(params, batch, step.bind(gpt.forward, config=config), token_bytes)
+    torch.testing.assert_close(lazy["loss_sum"], full["loss_sum"], rtol=1e-5, atol=0)
+    assert torch.equal(lazy["tokens"], full["tokens"])
+    assert torch.equal(lazy["bytes"], full["bytes"])
