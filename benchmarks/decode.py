@@ -62,13 +62,13 @@ from common import DTYPES, dtype_names, markdown_table, print_header, usable_dty
 from tensordict import TensorDictBase
 from torch import Tensor
 
+from zmaj import checkpoint
 from zmaj.convert import weights
 from zmaj.convert.load import Pretrained, load_model
 from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import Step, compile_step, left_padded
 from zmaj.models.common import Batch
 from zmaj.nn.layers import matvec
-from zmaj.train import checkpoint
 
 RESULTS = Path(__file__).parent / "results"
 PROMPTS = [

@@ -11,10 +11,11 @@ import torch
 from generate import checked_sampling, seed
 from loguru import logger
 
+from zmaj import checkpoint
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer.sample import sample
 from zmaj.models import gpt
-from zmaj.train import checkpoint, precision
+from zmaj.train import precision
 from zmaj.train.spec import PretrainSpec, SpecError, load
 
 

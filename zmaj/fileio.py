@@ -4,7 +4,7 @@ A small file (``spec.yaml``, ``latest``, ``tokenizer.json``, a metrics file rewr
 sibling and a rename: a kill or a full disk mid-write leaves the old file, never a half-written one. The bytes
 and then the rename are flushed to disk (``fsync``), so that this holds across a power cut too: without the
 flushes the file system may put a rename on disk before the data it names (Pillai et al., "All File Systems Are
-Not Created Equal", OSDI 2014). ``zmaj.train.checkpoint`` and ``zmaj.convert.load.staged_folder`` write whole
+Not Created Equal", OSDI 2014). ``zmaj.checkpoint`` and ``zmaj.convert.load.staged_folder`` write whole
 folders the same way.
 
 This module sits below every package that writes (data, convert, train, publish), so none of them imports

@@ -28,7 +28,8 @@ from tests.integration.distributed_cases import (
     run_grpo,
     run_lm,
 )
-from zmaj.train import checkpoint, muon
+from zmaj import checkpoint
+from zmaj.train import muon
 from zmaj.train.parallel import Parallel
 from zmaj.train.step import init_state
 

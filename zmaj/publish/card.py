@@ -21,9 +21,10 @@ from typing import Any, Literal
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from zmaj import checkpoint
 from zmaj.convert.load import LORA_FILE, MODEL_FILE, Pretrained
 from zmaj.data.text import read_text
-from zmaj.train import checkpoint, report
+from zmaj.train import report
 from zmaj.train.spec import read_yaml
 
 RunKind = Literal["pretraining", "sft", "grpo", "dpo"]

@@ -26,7 +26,7 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDict, TensorDictBase
 
-from zmaj import fileio
+from zmaj import checkpoint, fileio
 from zmaj.convert.load import MODEL_FILE, Pretrained, load_model, resolve, write_lora_record
 from zmaj.data.chat import ChatSource
 from zmaj.data.model_tokenizer import ModelTokenizer
@@ -36,7 +36,7 @@ from zmaj.models.common import Batch
 from zmaj.models.registry import config_to_json
 from zmaj.progress import progress
 from zmaj.tasks import FEW_SHOT_STOP, Problem, Reward, Split, Task, accuracy_interval, get_task, score
-from zmaj.train import checkpoint, runs
+from zmaj.train import runs
 from zmaj.train.grpo import GRPOConfig
 from zmaj.train.loop import Evaluate
 from zmaj.train.lora import LoraConfig, init_adapters, lora_forward, merge

@@ -33,7 +33,8 @@ from tensordict import TensorDict
 from torch import Tensor
 from tqdm import tqdm
 
-from zmaj.train import checkpoint, optim, report
+from zmaj import checkpoint
+from zmaj.train import optim, report
 from zmaj.train.runs import Run, RunFailedError, bad_input_exits_2, describe_meta
 
 B = TypeVar("B")

@@ -33,12 +33,12 @@ from loguru import logger
 from pydantic import BaseModel
 from tensordict import TensorDict
 
-from zmaj import fileio
+from zmaj import checkpoint, fileio
 from zmaj.convert.load import LORA_FILE, MODEL_FILE
 from zmaj.data.model_tokenizer import GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from zmaj.data.text import read_text
 from zmaj.extras import MissingExtraError
-from zmaj.train import checkpoint, precision, report, trackers
+from zmaj.train import precision, report, trackers
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import LoopConfig, SpecError, load, parse, read_yaml
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 from tensordict import TensorDict
 
-from zmaj import fileio
+from zmaj import checkpoint, fileio
 from zmaj.convert import weights
 from zmaj.convert.load import (
     Pretrained,
@@ -27,7 +27,6 @@ from zmaj.data.tokenizer import Tokenizer
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.registry import ModelConfig, architecture
 from zmaj.nn.rope import Llama3Scaling
-from zmaj.train import checkpoint
 from zmaj.train.lora import LoraConfig
 from zmaj.train.spec import PretrainSpec, TrainConfig
 from zmaj.train.step import init_state

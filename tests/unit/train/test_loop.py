@@ -24,7 +24,8 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel
 from tensordict import TensorDict
 
-from zmaj.train import checkpoint, loop, runs
+from zmaj import checkpoint
+from zmaj.train import loop, runs
 from zmaj.train.loop import Metrics
 from zmaj.train.pairs import PAIRS_FILE
 from zmaj.train.parallel import Parallel

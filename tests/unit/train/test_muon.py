@@ -13,8 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tensordict import TensorDict, TensorDictBase
 
+from zmaj import checkpoint
 from zmaj.models import gpt
-from zmaj.train import checkpoint, muon, optim, precision, step
+from zmaj.train import muon, optim, precision, step
 from zmaj.train.lora import LoraConfig, init_adapters
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import PretrainSpec, SpecError, parse

@@ -25,9 +25,8 @@ from loguru import logger
 from safetensors import SafetensorError
 from tensordict import TensorDict, TensorDictBase
 
-from zmaj import fileio
-from zmaj.train import checkpoint
-from zmaj.train.checkpoint import CheckpointWriteError, DamagedCheckpointError
+from zmaj import checkpoint, fileio
+from zmaj.checkpoint import CheckpointWriteError, DamagedCheckpointError
 
 FORK = multiprocessing.get_context("fork")
 
