@@ -90,7 +90,7 @@ from loguru import logger
 from torch import Tensor, nn
 
 from zmaj.models import gpt
-from zmaj.models.common import Batch
+from zmaj.models.common import Batch, Forward, LazyForward
 from zmaj.nn import attention as attention_module
 from zmaj.nn.attention import Backend, eager_attention
 from zmaj.nn.layers import linear
@@ -422,7 +422,7 @@ def zmaj_step(
     if variant == "zmaj-sdpa":
         config = config.model_copy(update={"attention": "sdpa"})
     state = step.init_state(gpt.init(config, 0, device))
-    forward: step.Forward | step.LazyForward = (
+    forward: Forward | LazyForward = (
         step.bind_lazy(gpt.lazy_forward, config=config)
         if variant in ("zmaj", "zmaj-sdpa")
         else step.bind(gpt.forward, config=config)

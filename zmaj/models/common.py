@@ -1,5 +1,7 @@
-"""What every architecture shares: the batch it reads and the attention mask that batch implies, and, for
-generation with a key/value cache, where a batch of new tokens sits in the cache and what each may attend to."""
+"""What every architecture shares: the batch it reads and the attention mask that batch implies; for
+generation with a key/value cache, where a batch of new tokens sits in the cache and what each may attend to;
+and what a forward function is, with its config bound (:class:`Forward`, :class:`LazyForward`), as training
+and LoRA take one."""
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -268,3 +270,20 @@ class LazyLogits:
 
     def logits(self) -> Float[Tensor, "batch seq vocab"]:
         return softcap(self.hidden @ self.weight.T, self.softcap)
+
+
+@runtime_checkable
+class Forward(Protocol):
+    """``forward(params, batch, dropout_seed=...) -> logits``: a model's pure forward with its config bound."""
+
+    def __call__(
+        self, params: TensorDictBase, batch: Batch, *, dropout_seed: int | None
+    ) -> Float[Tensor, "batch seq vocab"]: ...
+
+
+@runtime_checkable
+class LazyForward(Protocol):
+    """``forward(params, batch, dropout_seed=...) -> LazyLogits``: a model's ``lazy_forward`` with its config
+    bound. The training loss then unembeds a chunk of positions at a time (``zmaj.train.step.summed_loss``)."""
+
+    def __call__(self, params: TensorDictBase, batch: Batch, *, dropout_seed: int | None) -> LazyLogits: ...

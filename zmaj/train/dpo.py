@@ -21,11 +21,11 @@ from jaxtyping import Float
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
-from zmaj.models.common import Batch
+from zmaj.models.common import Batch, Forward
 from zmaj.train.logprobs import completion_batch, sequence_logprobs
 from zmaj.train.muon import OptimizerConfig
 from zmaj.train.parallel import SINGLE, Parallel
-from zmaj.train.step import Forward, Metrics, apply_grads, grad_and_value
+from zmaj.train.step import Metrics, apply_grads, grad_and_value
 
 
 def preference_batch(

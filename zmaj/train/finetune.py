@@ -32,7 +32,7 @@ from zmaj.data.chat import ChatSource
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import GREEDY, Sampling, generate
-from zmaj.models.common import Batch
+from zmaj.models.common import Batch, Forward
 from zmaj.models.registry import config_to_json
 from zmaj.progress import progress
 from zmaj.tasks import FEW_SHOT_STOP, Problem, Reward, Split, Task, accuracy_interval, get_task, score
@@ -44,7 +44,7 @@ from zmaj.train.muon import OptimizerConfig, check_groups
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import OPTIMIZER_LAYOUT, LoopConfig, SpecError
-from zmaj.train.step import Forward, bind
+from zmaj.train.step import bind
 
 Algorithm = Literal["sft", "grpo", "dpo"]
 

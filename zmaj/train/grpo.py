@@ -38,11 +38,11 @@ from zmaj import tasks
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.cache import CacheShape, init_cache
 from zmaj.infer.generate import Sampling, Step, generate
-from zmaj.models.common import Batch
+from zmaj.models.common import Batch, Forward
 from zmaj.train.logprobs import completion_batch, masked_token_logprobs
 from zmaj.train.muon import OptimizerConfig
 from zmaj.train.parallel import SINGLE, Parallel
-from zmaj.train.step import Forward, Metrics, apply_grads, grad_and_value, sum_grads
+from zmaj.train.step import Metrics, apply_grads, grad_and_value, sum_grads
 
 Reward = Callable[[int, list[int]], float]
 """``reward(prompt_index, completion_tokens) -> float``: the task's score of one completion."""

@@ -23,8 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
-from zmaj.models.common import Batch
-from zmaj.train.step import Forward
+from zmaj.models.common import Batch, Forward
 
 
 class LoraConfig(BaseModel):

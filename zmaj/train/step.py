@@ -20,30 +20,12 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.data.dataset import LMDataset, stream_batch
-from zmaj.models.common import Batch, LazyLogits
+from zmaj.models.common import Batch, Forward, LazyForward, LazyLogits
 from zmaj.nn.loss import chunked_cross_entropy
 from zmaj.progress import progress
 from zmaj.train.muon import MuonConfig, OptimizerConfig, muon_init, muon_update
 from zmaj.train.optim import adamw_init, adamw_update, clip_by_global_norm, global_norm
 from zmaj.train.parallel import SINGLE, Parallel, tensors
-
-
-@runtime_checkable
-class Forward(Protocol):
-    """``forward(params, batch, dropout_seed=...) -> logits``: a model's pure forward with its config bound."""
-
-    def __call__(
-        self, params: TensorDictBase, batch: Batch, *, dropout_seed: int | None
-    ) -> Float[Tensor, "batch seq vocab"]: ...
-
-
-@runtime_checkable
-class LazyForward(Protocol):
-    """``forward(params, batch, dropout_seed=...) -> LazyLogits``: a model's ``lazy_forward`` with its config
-    bound. The training loss then unembeds a chunk of positions at a time (:func:`summed_loss`)."""
-
-    def __call__(self, params: TensorDictBase, batch: Batch, *, dropout_seed: int | None) -> LazyLogits: ...
-
 
 Metrics = dict[str, Tensor]
 LOSS_CHUNK = 256

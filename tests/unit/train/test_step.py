@@ -13,7 +13,7 @@ from tensordict import TensorDict, TensorDictBase
 from zmaj.data.dataset import LMDataset
 from zmaj.data.tokens import TokenFile
 from zmaj.models import gemma3, gpt, llama
-from zmaj.models.common import Batch
+from zmaj.models.common import Batch, Forward
 from zmaj.train import optim, step
 from zmaj.train.parallel import Parallel
 
@@ -29,7 +29,7 @@ def make_batch(seed: int, device: torch.device, rows: int = 4, seq: int = 16) ->
 
 
 def run(
-    state: TensorDictBase, batches: list[Batch], lr: float = 1e-2, forward: step.Forward = FORWARD
+    state: TensorDictBase, batches: list[Batch], lr: float = 1e-2, forward: Forward = FORWARD
 ) -> tuple[TensorDict, step.Metrics]:
     params = state["params"]
     return step.train_step(
