@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 from tests.integration import finetune_fixtures
 from zmaj.convert.load import load_model
+from zmaj.models.lora import LoraConfig, init_adapters, merge
 from zmaj.tasks import accuracy_interval, get_task
 from zmaj.train import loop
-from zmaj.train.lora import LoraConfig, init_adapters, merge
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs" / "finetune"

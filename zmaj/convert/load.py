@@ -39,6 +39,7 @@ from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, ModelTokenizer
 from zmaj.data.text import read_json
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.models.gpt import GPTConfig
+from zmaj.models.lora import LoraConfig, init_adapters, merge
 from zmaj.models.registry import (
     Architecture,
     ModelConfig,
@@ -47,7 +48,6 @@ from zmaj.models.registry import (
     config_to_json,
     init_meta,
 )
-from zmaj.train.lora import LoraConfig, init_adapters, merge
 from zmaj.train.spec import load
 
 MODEL_FILE, PARAMS_FILE, LORA_FILE = "model.json", "params.safetensors", "lora.json"

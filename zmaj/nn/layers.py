@@ -34,7 +34,7 @@ def embedding(params: TensorDictBase, ids: Int[Tensor, "*batch"]) -> Float[Tenso
 def linear(params: TensorDictBase, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:
     """x W^T + b, the bias optional; plus a low-rank update (x A^T) B^T where the params carry LoRA factors.
 
-    ``lora_a`` and ``lora_b`` (already scaled) are put there by ``zmaj.train.lora.attach``; going through the
+    ``lora_a`` and ``lora_b`` (already scaled) are put there by ``zmaj.models.lora.attach``; going through the
     rank-r bottleneck never forms the full-size update B A.
     """
     weight: Tensor = params["weight"]

@@ -118,7 +118,7 @@ def dpo_step(
 
     ``state`` is ``zmaj.train.step.init_state(params)``. The reference log-probs are computed by
     ``reference_forward`` (default ``forward``) on ``reference`` without gradient; with LoRA
-    (``zmaj.train.lora.lora_forward``) the reference is usually the base model under its plain forward.
+    (``zmaj.models.lora.lora_forward``) the reference is usually the base model under its plain forward.
     Under ``parallel`` each rank holds an equal share of the pairs, and the step and its metrics are those of
     all ranks' pairs together.
     """

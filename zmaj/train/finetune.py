@@ -2,7 +2,7 @@
 
 Every fine-tuning program starts from a model PATH (``zmaj.convert.load.load_model``: a GGUF file, a Hugging
 Face folder, a zmaj model folder or run, or ``pypi:NAME``) and trains either all its parameters or LoRA
-adapters (``zmaj.train.lora``). A run folder is itself a model PATH: it holds ``spec.yaml``, ``model.json``, the
+adapters (``zmaj.models.lora``). A run folder is itself a model PATH: it holds ``spec.yaml``, ``model.json``, the
 tokenizer files (with the chat template the run used) and ``checkpoints/``; a LoRA run adds ``lora.json``,
 naming its base, so ``load_model(run_dir)`` merges the adapters and returns the fine-tuned model either way.
 A run named as the starting model is pinned to its newest checkpoint (:func:`read_spec`).
@@ -33,13 +33,13 @@ from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import GREEDY, Sampling, generate
 from zmaj.models.common import Batch, Forward
+from zmaj.models.lora import LoraConfig, init_adapters, lora_forward, merge
 from zmaj.models.registry import config_to_json
 from zmaj.progress import progress
 from zmaj.tasks import FEW_SHOT_STOP, Problem, Reward, Split, Task, accuracy_interval, get_task, score
 from zmaj.train import runs
 from zmaj.train.grpo import GRPOConfig
 from zmaj.train.loop import Evaluate
-from zmaj.train.lora import LoraConfig, init_adapters, lora_forward, merge
 from zmaj.train.muon import OptimizerConfig, check_groups
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import Parallel

@@ -17,10 +17,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from zmaj.infer.cache import init_cache
-from zmaj.models import gemma3, gpt, llama
+from zmaj.models import gemma3, gpt, llama, lora
 from zmaj.models.common import Batch
 from zmaj.nn import masks
-from zmaj.train import dpo, lora, optim, step
+from zmaj.train import dpo, optim, step
 from zmaj.train.logprobs import masked_token_logprobs
 
 # With an explicit index: TensorDict asks the CUDA driver for the current device when given a bare "cuda".

@@ -161,7 +161,7 @@ def test_fused_linear_joins_weights_only_where_gradients_are_taken(device: torch
 
 
 def test_fused_linear_keeps_lora_adapters(device: torch.device) -> None:
-    """A map carrying LoRA factors (``zmaj.train.lora``) still gets its low-rank update."""
+    """A map carrying LoRA factors (``zmaj.models.lora``) still gets its low-rank update."""
     generator = torch.Generator().manual_seed(1)
     params = [
         TensorDict({"weight": torch.randn(8, 16, generator=generator)}).to(device),

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from tests.integration import finetune_fixtures
 from zmaj import checkpoint
 from zmaj.convert.load import Pretrained, load_model, resolve
-from zmaj.models import llama
+from zmaj.models import llama, lora
 from zmaj.tasks import FEW_SHOT_STOP, accuracy_interval, get_task
-from zmaj.train import finetune, lora, runs
+from zmaj.train import finetune, runs
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import SpecError, parse
 from zmaj.train.step import accumulate_grads, bind, init_state

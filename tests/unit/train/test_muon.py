@@ -15,8 +15,8 @@ from tensordict import TensorDict, TensorDictBase
 
 from zmaj import checkpoint
 from zmaj.models import gpt
+from zmaj.models.lora import LoraConfig, init_adapters
 from zmaj.train import muon, optim, precision, step
-from zmaj.train.lora import LoraConfig, init_adapters
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import PretrainSpec, SpecError, parse
 

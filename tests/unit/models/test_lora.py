@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict, TensorDictBase
 
-from zmaj.models import llama
+from zmaj.models import llama, lora
 from zmaj.models.common import Batch
-from zmaj.train import lora, optim, step
+from zmaj.train import optim, step
 from zmaj.train.logprobs import completion_batch
 
 CONFIG = llama.LlamaConfig(
