@@ -46,7 +46,7 @@ import matplotlib.pyplot as plt
 from common import markdown_table, print_header
 from loguru import logger
 
-from zmaj.data.text import read_jsonl
+from zmaj.text import read_jsonl
 from zmaj.train.spec import PretrainSpec, SpecError, load
 
 ROOT = Path(__file__).resolve().parent.parent

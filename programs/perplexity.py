@@ -22,9 +22,9 @@ import torch
 from generate import DTYPE_HELP, DTYPES, MODEL_HELP, fail, load
 from loguru import logger
 
-from zmaj.data.text import NotTextError, read_text
 from zmaj.infer.perplexity import perplexity, sliding_windows
 from zmaj.models.common import Batch
+from zmaj.text import NotTextError, read_text
 
 
 def main() -> None:

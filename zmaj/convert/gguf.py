@@ -45,13 +45,13 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
-from zmaj.data.text import NotTextError
 from zmaj.extras import needs
 from zmaj.models import gemma3, llama
 from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.llama import LlamaConfig
 from zmaj.nn.rope import LinearScaling
 from zmaj.progress import progress
+from zmaj.text import NotTextError
 
 # This module is the GGUF reader, so it needs the extra to import at all; zmaj.convert.load imports it only
 # when a GGUF file is asked for.

@@ -25,13 +25,13 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.convert import gpt2
-from zmaj.data.text import read_json
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.gpt import GPTConfig
 from zmaj.models.llama import LlamaConfig
 from zmaj.nn.layers import Activation
 from zmaj.nn.rope import LinearScaling, Llama3Scaling
+from zmaj.text import read_json
 
 ModelConfig = GPTConfig | LlamaConfig | Gemma3Config
 

@@ -36,7 +36,6 @@ from tensordict import TensorDict
 from zmaj import checkpoint, fileio
 from zmaj.convert import hf, weights
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, ModelTokenizer
-from zmaj.data.text import read_json
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.models.gpt import GPTConfig
 from zmaj.models.lora import LoraConfig, init_adapters, merge
@@ -48,6 +47,7 @@ from zmaj.models.registry import (
     config_to_json,
     init_meta,
 )
+from zmaj.text import read_json
 from zmaj.train.spec import load
 
 MODEL_FILE, PARAMS_FILE, LORA_FILE = "model.json", "params.safetensors", "lora.json"

@@ -28,8 +28,8 @@ from pydantic import (
 )
 
 from zmaj.data.corpus import hub_where, load_hub
-from zmaj.data.text import read_jsonl
 from zmaj.tasks import Split, get_task
+from zmaj.text import read_jsonl
 
 Role = Literal["system", "user", "assistant"]
 

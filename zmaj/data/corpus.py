@@ -29,7 +29,7 @@ from datasets.exceptions import DatasetGenerationError
 from loguru import logger
 
 from zmaj.data.config import FilesSource, HubSource, Source, StdlibSource
-from zmaj.data.text import read_jsonl, read_text
+from zmaj.text import read_jsonl, read_text
 
 Split = Literal["train", "validation"]
 
@@ -218,7 +218,7 @@ def hub_documents(source: HubSource) -> Iterator[Document]:
 def files_documents(source: FilesSource) -> Iterator[Document]:
     """Each file in turn: a text file is one document, a jsonl line or parquet row another.
 
-    Text and jsonl files are read by ``zmaj.data.text``, so a file that is not UTF-8 text or a line that is not
+    Text and jsonl files are read by ``zmaj.text``, so a file that is not UTF-8 text or a line that is not
     JSON fails in one line naming the file and the place; parquet is binary and read by ``pyarrow``.
     """
     for path in source.paths:

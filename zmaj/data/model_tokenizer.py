@@ -23,8 +23,8 @@ from tokenizers import processors
 
 from zmaj.data import chat_template
 from zmaj.data.chat_template import Message
-from zmaj.data.text import read_json, read_text
 from zmaj.data.tokenizer import BOS, END, EOS, PAD, Tokenizer, read_tokenizer_file
+from zmaj.text import read_json, read_text
 
 TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"

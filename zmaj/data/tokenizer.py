@@ -27,9 +27,9 @@ from torch import Tensor
 
 from zmaj.data.config import N_SPECIAL_TOKENS, DataConfig
 from zmaj.data.corpus import documents, source_key
-from zmaj.data.text import read_text
 from zmaj.fileio import atomic_write_text
 from zmaj.progress import is_main_process
+from zmaj.text import read_text
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"

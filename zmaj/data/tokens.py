@@ -25,9 +25,9 @@ from loguru import logger
 
 from zmaj.data.config import Source
 from zmaj.data.corpus import Document, Split, documents, source_key
-from zmaj.data.text import read_json
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.progress import progress
+from zmaj.text import read_json
 
 TOKENS_VERSION = 1
 """Bumped whenever the on-disk layout or what is written per document changes."""

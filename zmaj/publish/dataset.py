@@ -23,9 +23,9 @@ import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from zmaj.convert.load import staged_folder
-from zmaj.data.text import read_json
 from zmaj.data.tokens import TokenFile
 from zmaj.tasks import Split, get_task
+from zmaj.text import read_json
 
 DATA_DIR = "data"
 

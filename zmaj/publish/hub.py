@@ -24,8 +24,8 @@ from loguru import logger
 
 from zmaj.convert.export import INDEX_FILE, WEIGHTS_FILE
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
-from zmaj.data.text import read_json, read_text
 from zmaj.extras import needs
+from zmaj.text import read_json, read_text
 
 CARD_FILE = "README.md"
 

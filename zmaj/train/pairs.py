@@ -18,8 +18,8 @@ from pydantic import ConfigDict, StrictInt, TypeAdapter, ValidationError, with_c
 
 from zmaj import fileio
 from zmaj.data.model_tokenizer import ModelTokenizer
-from zmaj.data.text import read_jsonl
 from zmaj.tasks import get_task, score
+from zmaj.text import read_jsonl
 from zmaj.train import finetune
 from zmaj.train.finetune import DPOSpec, PairFiles, PairsFromTask, Start
 

@@ -14,9 +14,9 @@ from typing import Any
 import matplotlib
 import torch
 
-from zmaj.data.text import NotJSONError, read_text
 from zmaj.fileio import atomic_write_text, fsync
 from zmaj.models.gpt import GPTConfig
+from zmaj.text import NotJSONError, read_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

@@ -13,9 +13,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from zmaj.data.config import DataConfig
-from zmaj.data.text import read_text
 from zmaj.models import gpt
 from zmaj.models.gpt import GPTConfig
+from zmaj.text import read_text
 from zmaj.train.muon import OptimizerConfig, check_groups, optimizer_kind
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import ParallelConfig

@@ -22,12 +22,12 @@ from zmaj.convert.load import (
     write_lora_record,
 )
 from zmaj.data.model_tokenizer import ModelTokenizer
-from zmaj.data.text import NotTextError
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.lora import LoraConfig
 from zmaj.models.registry import ModelConfig, architecture
 from zmaj.nn.rope import Llama3Scaling
+from zmaj.text import NotTextError
 from zmaj.train.spec import PretrainSpec, TrainConfig
 from zmaj.train.step import init_state
 

@@ -18,8 +18,8 @@ from zmaj.data.chat import (
     Message,
     load_conversations,
 )
-from zmaj.data.text import NotJSONError, NotTextError
 from zmaj.tasks import get_task
+from zmaj.text import NotJSONError, NotTextError
 
 CONVERSATIONS: list[list[dict[str, str]]] = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],

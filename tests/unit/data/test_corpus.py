@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from zmaj.data.config import FilesSource, HubSource, StdlibSource
 from zmaj.data.corpus import Document, documents, in_validation, source_key, stdlib_documents
-from zmaj.data.text import NotTextError
+from zmaj.text import NotTextError
 
 FRACTION = 0.05
 

@@ -4,7 +4,8 @@ A file that is not what it should be (a binary file given as text, a jsonl line 
 mistake, not a bug in zmaj, so it deserves one line naming the file and the place: the byte offset of the first
 byte that is not UTF-8, or ``file:line``. Programs print that line and exit with status 2 instead of showing a
 traceback from deep inside a decoder. Both errors are ``ValueError``s, which every program already reports so.
-Every reader of a user's text file in zmaj goes through this module.
+Every reader of a user's text file in zmaj goes through this module, which sits below every package that
+reads one (data, convert, train, publish), so that none of them imports another for it.
 """
 
 import json

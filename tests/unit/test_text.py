@@ -1,4 +1,4 @@
-"""``zmaj.data.text``: a user's file read exactly, or one line naming the file and where it goes wrong."""
+"""``zmaj.text``: a user's file read exactly, or one line naming the file and where it goes wrong."""
 
 import json
 import re
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zmaj.data.text import NotJSONError, NotTextError, read_json, read_jsonl, read_text
+from zmaj.text import NotJSONError, NotTextError, read_json, read_jsonl, read_text
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(),
