@@ -46,8 +46,9 @@ import matplotlib.pyplot as plt
 from common import markdown_table, print_header
 from loguru import logger
 
+from zmaj.specfile import SpecError
 from zmaj.text import read_jsonl
-from zmaj.train.spec import PretrainSpec, SpecError, load
+from zmaj.train.spec import PretrainSpec, load
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"

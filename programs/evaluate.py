@@ -37,9 +37,9 @@ from loguru import logger
 from zmaj.convert.load import load_model
 from zmaj.extras import MissingExtraError, needs
 from zmaj.fileio import atomic_write_text
+from zmaj.specfile import key_values
 from zmaj.tasks import get_task
 from zmaj.train import finetune, precision, runs
-from zmaj.train.spec import key_values
 
 TASK_DEFAULTS: dict[str, Any] = {"n": 200, "split": "test", "seed": 0, "max_new_tokens": 128}
 """The defaults of the --task options that --harness does not take: None until filled in, so that one given

@@ -22,10 +22,11 @@ from zmaj.data.tokenizer import check_unchanged
 from zmaj.infer.sample import continue_texts
 from zmaj.models import gpt
 from zmaj.models.common import Batch
+from zmaj.specfile import SpecError
 from zmaj.train import loop, optim, precision, report, runs
 from zmaj.train.parallel import Parallel
 from zmaj.train.runs import Run
-from zmaj.train.spec import OPTIMIZER_LAYOUT, PretrainSpec, SpecError
+from zmaj.train.spec import OPTIMIZER_LAYOUT, PretrainSpec
 from zmaj.train.step import bind, bind_lazy, held_out, init_state, step_functions, train_step
 
 TOKENIZER_FILE = "tokenizer.json"

@@ -38,8 +38,8 @@ from zmaj.publish.hub import (
     repo_id,
     upload_files,
 )
+from zmaj.specfile import key_values
 from zmaj.train.runs import positive
-from zmaj.train.spec import key_values
 
 N_TRAIN, N_TEST, LICENSE = 1000, 200, "apache-2.0"
 TASK_FLAGS = {"--n-train": "n_train", "--n-test": "n_test", "--seed": "seed"}

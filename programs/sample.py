@@ -15,8 +15,9 @@ from zmaj import checkpoint
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer.sample import sample
 from zmaj.models import gpt
+from zmaj.specfile import SpecError
 from zmaj.train import precision
-from zmaj.train.spec import PretrainSpec, SpecError, load
+from zmaj.train.spec import PretrainSpec, load
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ mistake, not a bug in zmaj, so it deserves one line naming the file and the plac
 byte that is not UTF-8, or ``file:line``. Programs print that line and exit with status 2 instead of showing a
 traceback from deep inside a decoder. Both errors are ``ValueError``s, which every program already reports so.
 Every reader of a user's text file in zmaj goes through this module, which sits below every package that
-reads one (data, convert, train, publish), so that none of them imports another for it.
+reads one (data, convert, train, publish) and below ``zmaj.specfile``, so that none of them imports another
+for it.
 """
 
 import json

@@ -47,8 +47,8 @@ from zmaj.models.registry import (
     config_to_json,
     init_meta,
 )
+from zmaj.specfile import load
 from zmaj.text import read_json
-from zmaj.train.spec import load
 
 MODEL_FILE, PARAMS_FILE, LORA_FILE = "model.json", "params.safetensors", "lora.json"
 

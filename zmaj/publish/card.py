@@ -23,9 +23,9 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from zmaj import checkpoint
 from zmaj.convert.load import LORA_FILE, MODEL_FILE, Pretrained
+from zmaj.specfile import read_yaml
 from zmaj.text import read_text
 from zmaj.train import report
-from zmaj.train.spec import read_yaml
 
 RunKind = Literal["pretraining", "sft", "grpo", "dpo"]
 

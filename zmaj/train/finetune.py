@@ -36,6 +36,7 @@ from zmaj.models.common import Batch, Forward
 from zmaj.models.lora import LoraConfig, init_adapters, lora_forward, merge
 from zmaj.models.registry import config_to_json
 from zmaj.progress import progress
+from zmaj.specfile import SpecError
 from zmaj.tasks import FEW_SHOT_STOP, Problem, Reward, Split, Task, accuracy_interval, get_task, score
 from zmaj.train import runs
 from zmaj.train.grpo import GRPOConfig
@@ -43,7 +44,7 @@ from zmaj.train.loop import Evaluate
 from zmaj.train.muon import OptimizerConfig, check_groups
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import Parallel
-from zmaj.train.spec import OPTIMIZER_LAYOUT, LoopConfig, SpecError
+from zmaj.train.spec import OPTIMIZER_LAYOUT, LoopConfig
 from zmaj.train.step import bind
 
 Algorithm = Literal["sft", "grpo", "dpo"]

@@ -37,10 +37,11 @@ from zmaj import checkpoint, fileio
 from zmaj.convert.load import LORA_FILE, MODEL_FILE
 from zmaj.data.model_tokenizer import GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from zmaj.extras import MissingExtraError
+from zmaj.specfile import SpecError, read_yaml
 from zmaj.text import read_text
 from zmaj.train import precision, report, trackers
 from zmaj.train.parallel import Parallel
-from zmaj.train.spec import LoopConfig, SpecError, load, parse, read_yaml
+from zmaj.train.spec import LoopConfig, load, parse
 
 
 class UserError(ValueError):

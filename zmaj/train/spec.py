@@ -1,21 +1,19 @@
 """Experiment specs: one YAML file = one experiment, validated by pydantic before anything runs.
 
-``load(path, overrides)`` reads the YAML, applies ``--set a.b.c=value`` overrides (values parsed as YAML, so
-``--set train.steps=10`` is an int) and validates the whole spec; any problem raises ``SpecError`` with a message
-that names the offending field.
+The training specs and the sections they share. :func:`load` reads one as ``zmaj.specfile.load`` does
+(``--set a.b.c=value`` overrides, a ``SpecError`` naming the offending field), with error paths that know
+``train.optimizer`` to be AdamW where it names no kind.
 """
 
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import pydantic
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from zmaj import specfile
 from zmaj.data.config import DataConfig
 from zmaj.models import gpt
 from zmaj.models.gpt import GPTConfig
-from zmaj.text import read_text
 from zmaj.train.muon import OptimizerConfig, check_groups, optimizer_kind
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import ParallelConfig
@@ -23,10 +21,6 @@ from zmaj.train.precision import DeviceChoice, Precision
 from zmaj.train.trackers import TrackerName
 
 T = TypeVar("T", bound=BaseModel)
-
-
-class SpecError(ValueError):
-    """A spec that cannot be used; the message names the field."""
 
 
 OPTIMIZER_LAYOUT = ("train.optimizer.kind", "train.optimizer.groups")
@@ -125,79 +119,16 @@ class PretrainSpec(BaseModel):
         return self
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``["train.steps=10", "model.dropout=0.1"]`` applied to a nested dict (a new one; the input is untouched)."""
-    result: dict[str, Any] = yaml.safe_load(yaml.safe_dump(raw))
-    for item in overrides:
-        path, sep, value = item.partition("=")
-        if not sep or not path:
-            raise SpecError(f"--set expects key=value, got {item!r}")
-        *parents, leaf = path.split(".")
-        node = result
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise SpecError(f"--set {path}: {part!r} is not a section")
-            node = child
-        node[leaf] = read_yaml(value, f"--set {item}")
-    return result
-
-
-def read_yaml(text: str, where: str) -> Any:
-    """``text`` parsed as YAML; a syntax error is a :class:`SpecError` naming ``where`` and the position."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise SpecError(f"{where}: not valid YAML ({' '.join(str(error).split())})") from None
-
-
-def key_values(items: list[str], flag: str) -> dict[str, Any]:
-    """``KEY=VALUE`` arguments (``--set-task digits=3``) as a mapping, each value read as YAML."""
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SpecError(f"{flag} expects key=value, got {item!r}")
-        options[key] = read_yaml(value, f"{flag} {item}")
-    return options
+def _tag(path: list[str], section: dict[str, Any]) -> object:
+    """The tag of a training spec's section: ``train.optimizer`` is AdamW when it names no kind."""
+    return optimizer_kind(section) if path[-1:] == ["optimizer"] else specfile.kind_tag(path, section)
 
 
 def parse(model: type[T], raw: object, where: str) -> T:
-    """Validate ``raw`` as ``model``; errors name each bad field by its dotted path."""
-    try:
-        return model.model_validate(raw)
-    except pydantic.ValidationError as error:
-        problems = "; ".join(f"{dotted(e['loc'], raw)}: {e['msg']}" for e in error.errors())
-        raise SpecError(f"{where}: {problems}") from None
-
-
-def dotted(loc: tuple[int | str, ...], raw: object) -> str:
-    """An error's location as the dotted path of the spec field: a tagged union (``train.optimizer``) puts its
-    tag (``adamw``) into the location, which is no key of the spec, so a name the spec does not hold on the
-    way to the field is left out (the last may be missing: a required field)."""
-    parts: list[str] = []
-    node = raw
-    for index, part in enumerate(loc):
-        if isinstance(node, dict) and index < len(loc) - 1:
-            # The tag the union's discriminator read from this section (an optimizer without kind: adamw).
-            tag = optimizer_kind(node) if parts[-1:] == ["optimizer"] else node.get("kind")
-            if part not in node or part == tag:
-                continue
-        parts.append(str(part))
-        if isinstance(node, dict):
-            node = node.get(part)
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-            node = node[part]
-        else:
-            node = None
-    return ".".join(parts) or "(top level)"
+    """``zmaj.specfile.parse`` for a training spec, whose optimizer's default kind the error paths know."""
+    return specfile.parse(model, raw, where, _tag)
 
 
 def load(model: type[T], path: Path, overrides: list[str] | None = None) -> T:
-    """Read, override and validate a YAML spec."""
-    if not path.is_file():
-        raise SpecError(f"spec file not found: {path}")
-    raw = read_yaml(read_text(path), str(path))
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: expected a mapping at the top level")
-    return parse(model, apply_overrides(raw, overrides or []), str(path))
+    """``zmaj.specfile.load`` for a training spec, whose optimizer's default kind the error paths know."""
+    return specfile.load(model, path, overrides, _tag)

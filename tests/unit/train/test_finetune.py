@@ -17,10 +17,11 @@ from tests.integration import finetune_fixtures
 from zmaj import checkpoint
 from zmaj.convert.load import Pretrained, load_model, resolve
 from zmaj.models import llama, lora
+from zmaj.specfile import SpecError
 from zmaj.tasks import FEW_SHOT_STOP, accuracy_interval, get_task
 from zmaj.train import finetune, runs
 from zmaj.train.parallel import Parallel
-from zmaj.train.spec import SpecError, parse
+from zmaj.train.spec import parse
 from zmaj.train.step import accumulate_grads, bind, init_state
 
 TOKENIZER = finetune_fixtures.tokenizer()

@@ -25,11 +25,12 @@ from pydantic import BaseModel
 from tensordict import TensorDict
 
 from zmaj import checkpoint
+from zmaj.specfile import SpecError
 from zmaj.train import loop, runs
 from zmaj.train.loop import Metrics
 from zmaj.train.pairs import PAIRS_FILE
 from zmaj.train.parallel import Parallel
-from zmaj.train.spec import LoopConfig, SpecError
+from zmaj.train.spec import LoopConfig
 
 Losses = Callable[[int], tuple[float, float]]
 """``losses(step) -> (loss, grad_norm)`` of the 1-based step."""

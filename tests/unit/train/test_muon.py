@@ -16,9 +16,10 @@ from tensordict import TensorDict, TensorDictBase
 from zmaj import checkpoint
 from zmaj.models import gpt
 from zmaj.models.lora import LoraConfig, init_adapters
+from zmaj.specfile import SpecError
 from zmaj.train import muon, optim, precision, step
 from zmaj.train.parallel import Parallel
-from zmaj.train.spec import PretrainSpec, SpecError, parse
+from zmaj.train.spec import PretrainSpec, parse
 
 CONFIG = gpt.GPTConfig(vocab_size=40, context=16, d_model=16, n_layers=2, n_heads=2)
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from zmaj.models import gpt
+from zmaj.specfile import SpecError, apply_overrides, key_values
 from zmaj.train.finetune import SPECS as FINETUNE_SPECS
-from zmaj.train.spec import PretrainSpec, SpecError, apply_overrides, key_values, load
+from zmaj.train.spec import PretrainSpec, load
 
 ROOT = Path(__file__).resolve().parents[3] / "specs"
 SPECS = sorted((ROOT / "pretrain").rglob("*.yaml"))

@@ -17,8 +17,9 @@ from tensordict import TensorDict
 
 from tests.unit.train.test_loop import Spec, fresh, open_run, stand_in
 from zmaj.extras import MissingExtraError
+from zmaj.specfile import SpecError
 from zmaj.train import loop, runs, trackers
-from zmaj.train.spec import LoopConfig, SpecError, parse
+from zmaj.train.spec import LoopConfig, parse
 
 Series = dict[str, list[tuple[int, float]]]
 """Each metric's ``(step, value)`` pairs, in the order they were logged."""

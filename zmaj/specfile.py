@@ -1,0 +1,110 @@
+"""Spec files: a YAML file read into a pydantic model, with ``--set`` overrides, errors naming the field.
+
+``load(model, path, overrides)`` reads the YAML, applies ``--set a.b.c=value`` overrides (values parsed as
+YAML, so ``--set train.steps=10`` is an int) and validates the whole spec against ``model``; any problem
+raises ``SpecError`` with a message that names the offending field by its dotted path. What a spec holds is
+the caller's model (the training specs are ``zmaj.train.spec``'s). This module sits below every package, so
+that loading a model (``zmaj.convert``) and publishing (``zmaj.publish``) read a run's ``spec.yaml`` without
+importing ``zmaj.train``.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydantic
+import yaml
+from pydantic import BaseModel
+
+from zmaj.text import read_text
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the field."""
+
+
+Tag = Callable[[list[str], dict[str, Any]], object]
+"""The tag a tagged union's discriminator reads from a section, given the section's dotted path so far."""
+
+
+def kind_tag(path: list[str], section: dict[str, Any]) -> object:
+    """A section's ``kind``: the tag of every union whose discriminator is that field."""
+    return section.get("kind")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "model.dropout=0.1"]`` applied to a nested dict (a new one; the input is untouched)."""
+    result: dict[str, Any] = yaml.safe_load(yaml.safe_dump(raw))
+    for item in overrides:
+        path, sep, value = item.partition("=")
+        if not sep or not path:
+            raise SpecError(f"--set expects key=value, got {item!r}")
+        *parents, leaf = path.split(".")
+        node = result
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {path}: {part!r} is not a section")
+            node = child
+        node[leaf] = read_yaml(value, f"--set {item}")
+    return result
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML; a syntax error is a :class:`SpecError` naming ``where`` and the position."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SpecError(f"{where}: not valid YAML ({' '.join(str(error).split())})") from None
+
+
+def key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` arguments (``--set-task digits=3``) as a mapping, each value read as YAML."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"{flag} expects key=value, got {item!r}")
+        options[key] = read_yaml(value, f"{flag} {item}")
+    return options
+
+
+def parse(model: type[T], raw: object, where: str, tag: Tag = kind_tag) -> T:
+    """Validate ``raw`` as ``model``; errors name each bad field by its dotted path (:func:`dotted`)."""
+    try:
+        return model.model_validate(raw)
+    except pydantic.ValidationError as error:
+        problems = "; ".join(f"{dotted(e['loc'], raw, tag)}: {e['msg']}" for e in error.errors())
+        raise SpecError(f"{where}: {problems}") from None
+
+
+def dotted(loc: tuple[int | str, ...], raw: object, tag: Tag = kind_tag) -> str:
+    """An error's location as the dotted path of the spec field: a tagged union (``train.optimizer``) puts its
+    tag (``adamw``) into the location, which is no key of the spec, so a name the spec does not hold on the
+    way to the field is left out (the last may be missing: a required field). ``tag`` says which tag each
+    section on the way has, so that it is left out even where the section also holds a key of that name."""
+    parts: list[str] = []
+    node = raw
+    for index, part in enumerate(loc):
+        if isinstance(node, dict) and index < len(loc) - 1 and (part not in node or part == tag(parts, node)):
+            continue
+        parts.append(str(part))
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return ".".join(parts) or "(top level)"
+
+
+def load(model: type[T], path: Path, overrides: list[str] | None = None, tag: Tag = kind_tag) -> T:
+    """Read, override and validate a YAML spec; errors name each bad field as :func:`parse`'s do."""
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    raw = read_yaml(read_text(path), str(path))
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level")
+    return parse(model, apply_overrides(raw, overrides or []), str(path), tag)
