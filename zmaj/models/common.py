@@ -284,6 +284,7 @@ class Forward(Protocol):
 @runtime_checkable
 class LazyForward(Protocol):
     """``forward(params, batch, dropout_seed=...) -> LazyLogits``: a model's ``lazy_forward`` with its config
-    bound. The training loss then unembeds a chunk of positions at a time (``zmaj.train.step.summed_loss``)."""
+    bound. The training loss then unembeds a chunk of positions at a time
+    (``zmaj.train.step.summed_loss``)."""
 
     def __call__(self, params: TensorDictBase, batch: Batch, *, dropout_seed: int | None) -> LazyLogits: ...

@@ -7,11 +7,11 @@ training starts from the pretrained model exactly; ``alpha / r`` keeps the updat
 changes.
 
 Here the adapters are a TensorDict of their own, stacked over layers like the blocks they adapt
-(``adapters["attn", "q", "a"]`` is ``[n_layers, r, d_in]``), so training them is ``zmaj.train.step.train_step``
-over that TensorDict with the base closed over (:func:`lora_forward`). Two ways to run the adapted model:
-:func:`merge` adds ``scale * B A`` into the weights (what one ships after training), :func:`attach` puts the
-factors next to the weights so that ``zmaj.nn.layers.linear`` computes ``x W^T + scale (x A^T) B^T`` without
-forming the full-size update. They agree to float rounding.
+(``adapters["attn", "q", "a"]`` is ``[n_layers, r, d_in]``), so training them is
+``zmaj.train.step.train_step`` over that TensorDict with the base closed over (:func:`lora_forward`). Two ways
+to run the adapted model: :func:`merge` adds ``scale * B A`` into the weights (what one ships after training),
+:func:`attach` puts the factors next to the weights so that ``zmaj.nn.layers.linear`` computes
+``x W^T + scale (x A^T) B^T`` without forming the full-size update. They agree to float rounding.
 """
 
 import math
