@@ -1,1 +1,1 @@
-"""Training: functional AdamW, stateless steps, checkpoints, specs."""
+"""Training: functional AdamW, stateless steps, the training loop and its run folders, training specs."""
