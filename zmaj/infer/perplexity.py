@@ -75,18 +75,32 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     return windows
 
 
+LOGITS_PER_CHUNK = 2**25
+"""Logits ``window_nll`` computes at once (128 MiB in float32, as much again for their log-softmax): 682
+positions of SmolLM2's 49,152-token vocabulary, 128 of Gemma 3's 262,144."""
+
+
 def window_nll(
-    hidden: Hidden, unembed: Unembed, tokens: Int[Tensor, " seq"], window: Window, chunk: int = 1024
+    hidden: Hidden,
+    unembed: Unembed,
+    tokens: Int[Tensor, " seq"],
+    window: Window,
+    chunk: int | None = None,
 ) -> Float[Tensor, " scored"]:
     """The negative log-likelihood, in float32, of each token the window scores, given the tokens before it in
     the window.
 
-    Logits are computed ``chunk`` positions at a time: a whole window's at once is the memory peak of scoring
-    (an 8192-token window over a 49152-token vocabulary is 1.6 GB in float32).
+    Logits are computed ``chunk`` positions at a time (by default as many as :data:`LOGITS_PER_CHUNK` allows):
+    a whole window's at once is the memory peak of scoring (an 8192-token window over a 49152-token
+    vocabulary is 1.6 GB in float32), and a fixed count of positions is not a bound either (1024 of Gemma 3's
+    positions are 1 GiB, and its log-softmax another).
     """
     inputs = tokens[window.begin : window.end - 1]
     targets = tokens[window.scored_from : window.end]
     states = hidden(Batch(tokens=inputs[None]))[0, window.scored_from - 1 - window.begin :]
+    if chunk is None:
+        vocab = unembed(states[None, :1]).shape[-1]  # one position's logits: the vocabulary's size
+        chunk = max(1, LOGITS_PER_CHUNK // vocab)
     losses = [
         F.cross_entropy(
             unembed(states[None, start : start + chunk])[0].float(),

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
+from zmaj.infer import perplexity as perplexity_module
 from zmaj.infer.perplexity import Window, perplexity, sliding_windows, window_nll
 from zmaj.models import llama
 from zmaj.models.common import Batch
@@ -156,3 +157,20 @@ def test_logits_in_chunks_are_the_logits_at_once(device: torch.device) -> None:
 def test_too_short_a_text_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 2 tokens"):
         perplexity(*model(torch.device("cpu")), TOKENS[:1], context=8)
+
+
+def test_by_default_a_chunk_holds_at_most_logits_per_chunk_logits(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fixed count of positions is no memory bound: 1024 of Gemma 3's 262,144-token vocabulary are 1 GiB."""
+    monkeypatch.setattr(perplexity_module, "LOGITS_PER_CHUNK", 5 * CONFIG.vocab_size + 3)
+    hidden, unembed = model(device)
+    sizes: list[int] = []
+
+    def counted(states: torch.Tensor) -> torch.Tensor:
+        sizes.append(states.shape[1])
+        return unembed(states)
+
+    window, tokens = Window(3, 40, 10), TOKENS.to(device)
+    torch.testing.assert_close(window_nll(hidden, counted, tokens, window), plain_nll(tokens[3:40])[6:])
+    assert sizes == [1, 5, 5, 5, 5, 5, 5]  # the size probe, then the 30 scored positions 5 at a time
