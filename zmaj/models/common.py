@@ -226,7 +226,8 @@ def _cache_mod(step: CacheStep, window: int | None) -> masks.MaskMod:
         q_slot = step.slots[q]
         allowed = (k <= q_slot) & (step.key_is_token[b, k] | (k == q_slot))
         if window is not None:
-            allowed = allowed & (step.positions[b, q] - step.key_positions[b, k] < window)
+            # Not positions[q] - key_positions[k] < window: that is an int64 [q, k] tensor, 8 bytes a pair.
+            allowed = allowed & (step.key_positions[b, k] > step.positions[b, q] - window)
         return allowed
 
     typed: masks.MaskMod = mod  # mods are no_type_check (see zmaj.nn.masks), so mypy sees Any

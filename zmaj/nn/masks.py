@@ -42,7 +42,8 @@ def sliding_window(window: int) -> MaskMod:
 
     @no_type_check
     def mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return (q >= k) & (q - k < window)
+        # k > q - window, not q - k < window: the difference would be an int64 [q, k] tensor, 8 bytes a pair.
+        return (q >= k) & (k > q - window)
 
     return mod
 
