@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -97,9 +98,17 @@ def _write_weights(tensors: Mapping[str, Tensor], folder: Path, max_shard_bytes:
 
 
 def _write_shard(tensors: Mapping[str, Tensor], names: list[str], path: Path) -> None:
-    """Some of ``tensors`` in one file; each is copied, as safetensors refuses views sharing memory (a layer of a
-    stacked parameter), so only one shard's worth of memory is held twice."""
-    shard = {name: tensors[name].detach().to("cpu", copy=True).contiguous() for name in names}
+    """Some of ``tensors`` in one file. A view (a layer of a stacked parameter) is copied, as safetensors refuses
+    tensors that share memory; a tensor of its own is written as it is (copying it too held the whole model
+    twice, with the default 5 GB shards)."""
+
+    def own(tensor: Tensor) -> Tensor:
+        tensor = tensor.detach().cpu()
+        return (
+            tensor.clone(memory_format=torch.contiguous_format) if tensor._is_view() else tensor.contiguous()
+        )
+
+    shard = {name: own(tensors[name]) for name in names}
     save_file(shard, str(path), metadata={"format": "pt"})
 
 
