@@ -147,10 +147,15 @@ def compile_step(step: Step) -> Step:
     compiled = torch.compile(step, fullgraph=True, dynamic=False)
 
     def run(
-        params: TensorDictBase, batch: Batch, cache: TensorDictBase, *, donate: bool = False
+        params: TensorDictBase,
+        batch: Batch,
+        cache: TensorDictBase,
+        *,
+        donate: bool = False,
+        last_only: bool = False,
     ) -> tuple[Tensor, TensorDictBase]:
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
-            logits, new_cache = compiled(params, batch, cache, donate=donate)
+            logits, new_cache = compiled(params, batch, cache, donate=donate, last_only=last_only)
         return logits, new_cache
 
     return run
@@ -198,9 +203,10 @@ def stream(
     device = cache["k"].device
     generator = torch.Generator(device).manual_seed(seed)
     stops = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
-    logits, cache = step(params, left_padded(prompts, device), cache)
+    # Left-padded, every row's prompt ends at the last position: its logits are all the prefill needs.
+    logits, cache = step(params, left_padded(prompts, device), cache, last_only=True)
     if copies > 1:
-        logits, cache = logits[:, -1:].repeat_interleave(copies, 0), repeat_rows(cache, copies)
+        logits, cache = logits.repeat_interleave(copies, 0), repeat_rows(cache, copies)
     texts: list[list[int]] = [[] for _ in range(len(prompts) * copies)]
     live = torch.ones(len(texts), dtype=torch.bool, device=device)
     for index in range(max_new_tokens):

@@ -163,12 +163,19 @@ class CacheStep:
 # runtime_checkable: beartype checks parameters annotated with a protocol by isinstance.
 @runtime_checkable
 class Step(Protocol):
-    """``step(params, batch, cache, donate=False) -> (logits [batch, seq, vocab], new_cache)``: a model's
-    ``forward_cached``. ``donate=True`` lets it write into ``cache``'s buffers (``jax.jit``'s ``donate_argnums``
-    in spirit): the caller promises never to read that cache again (``CacheStep.write``)."""
+    """``step(params, batch, cache, donate=False, last_only=False) -> (logits [batch, seq, vocab], new_cache)``:
+    a model's ``forward_cached``. ``donate=True`` lets it write into ``cache``'s buffers (``jax.jit``'s
+    ``donate_argnums`` in spirit): the caller promises never to read that cache again (``CacheStep.write``).
+    ``last_only=True`` returns the last position's logits alone (``[batch, 1, vocab]``), all a prefill needs."""
 
     def __call__(
-        self, params: TensorDictBase, batch: Batch, cache: TensorDictBase, *, donate: bool = False
+        self,
+        params: TensorDictBase,
+        batch: Batch,
+        cache: TensorDictBase,
+        *,
+        donate: bool = False,
+        last_only: bool = False,
     ) -> tuple[Tensor, TensorDictBase]: ...
 
 

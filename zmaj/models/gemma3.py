@@ -202,14 +202,21 @@ def hidden_states(
 
 
 def forward_cached(
-    params: TensorDictBase, batch: Batch, cache: TensorDictBase, config: Gemma3Config, donate: bool = False
-) -> tuple[Float[Tensor, "batch seq vocab"], TensorDict]:
+    params: TensorDictBase,
+    batch: Batch,
+    cache: TensorDictBase,
+    config: Gemma3Config,
+    donate: bool = False,
+    last_only: bool = False,
+) -> tuple[Float[Tensor, "batch _ vocab"], TensorDict]:
     """Logits of ``batch``'s tokens given the tokens already in ``cache``, and the cache with them added.
 
     Equal to ``forward`` over the whole sequence at these positions (``zmaj.models.llama.forward_cached`` explains
     the defaults). Every layer keeps the whole history: a local layer's cache could be a ring of
     ``sliding_window`` slots, but one buffer shape for all layers keeps the cache a single stacked tensor, and
     the window is applied by the mask instead.
+    ``last_only=True`` gives the last position's logits alone (``[batch, 1, vocab]``): all a prompt's prefill
+    needs, where the whole prompt's logits would be its memory peak (20k tokens of a 262k vocabulary: 20 GB).
     """
     step = cache_step(batch, cache)
     masks = {
@@ -229,6 +236,8 @@ def forward_cached(
         x = _finish_block(block, x, attended, config)
         keys.append(cache_k)
         values.append(cache_v)
+    if last_only:
+        x = x[:, -1:]
     logits = unembed(params, rms_norm(params["final_norm"], x, config.norm_eps), config)
     return logits, step.advance(keys, values, cache if donate else None)
 

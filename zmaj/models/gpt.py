@@ -260,14 +260,21 @@ def hidden_states(
 
 
 def forward_cached(
-    params: TensorDictBase, batch: Batch, cache: TensorDictBase, config: GPTConfig, donate: bool = False
-) -> tuple[Float[Tensor, "batch seq vocab"], TensorDict]:
+    params: TensorDictBase,
+    batch: Batch,
+    cache: TensorDictBase,
+    config: GPTConfig,
+    donate: bool = False,
+    last_only: bool = False,
+) -> tuple[Float[Tensor, "batch _ vocab"], TensorDict]:
     """Logits of ``batch``'s tokens given the tokens already in ``cache``, and the cache with them added.
 
     Equal to ``forward`` over the whole sequence at these positions. Positions default to each row's count of
     real tokens (``cache_step``), so left- or right-padded prompts (``batch.is_token``) need no positions.
     Evaluation only: no dropout. Value embeddings and U-net skips act on each token alone, so only keys and
     values need a cache.
+    ``last_only=True`` gives the last position's logits alone (``[batch, 1, vocab]``): all a prompt's prefill
+    needs, where the whole prompt's logits would be its memory peak (20k tokens of a 262k vocabulary: 20 GB).
     """
     step = cache_step(batch, cache)
     # A default position is below the cache's length, so only given positions or a cache longer than the
@@ -292,6 +299,8 @@ def forward_cached(
         outputs.append(x)
         keys.append(cache_k)
         values.append(cache_v)
+    if last_only:
+        x = x[:, -1:]
     logits = unembed(params, _norm(params["final_norm"], x, config), config)
     return logits, step.advance(keys, values, cache if donate else None)
 

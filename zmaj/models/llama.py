@@ -168,8 +168,13 @@ def hidden_states(
 
 
 def forward_cached(
-    params: TensorDictBase, batch: Batch, cache: TensorDictBase, config: LlamaConfig, donate: bool = False
-) -> tuple[Float[Tensor, "batch seq vocab"], TensorDict]:
+    params: TensorDictBase,
+    batch: Batch,
+    cache: TensorDictBase,
+    config: LlamaConfig,
+    donate: bool = False,
+    last_only: bool = False,
+) -> tuple[Float[Tensor, "batch _ vocab"], TensorDict]:
     """Logits of ``batch``'s tokens given the tokens already in ``cache``, and the cache with them added.
 
     Equal to ``forward`` over the whole sequence at these positions. Positions default to each row's count of
@@ -177,6 +182,8 @@ def forward_cached(
     ``donate=True`` writes the new keys and values into ``cache``'s own buffers, which the returned cache then
     shares: for a decode loop that never reads the old cache again (``zmaj.infer.generate.stream``), it saves
     copying the whole cache twice per step (``common.CacheStep.write``).
+    ``last_only=True`` gives the last position's logits alone (``[batch, 1, vocab]``): all a prompt's prefill
+    needs, where the whole prompt's logits would be its memory peak (20k tokens of a 262k vocabulary: 20 GB).
     """
     step = cache_step(batch, cache)
     mask = cache_mask(step)
@@ -193,6 +200,8 @@ def forward_cached(
         x = x + glu_mlp(block["mlp"], rms_norm(block["mlp_norm"], x, config.norm_eps), config.activation)
         keys.append(cache_k)
         values.append(cache_v)
+    if last_only:
+        x = x[:, -1:]
     logits = unembed(params, rms_norm(params["final_norm"], x, config.norm_eps), config)
     return logits, step.advance(keys, values, cache if donate else None)
 

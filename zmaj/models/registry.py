@@ -43,9 +43,16 @@ class Architecture:
         """The ``step(params, batch, cache, donate=False)`` that ``zmaj.infer.generate`` takes."""
 
         def step(
-            params: TensorDictBase, batch: Batch, cache: TensorDictBase, *, donate: bool = False
+            params: TensorDictBase,
+            batch: Batch,
+            cache: TensorDictBase,
+            *,
+            donate: bool = False,
+            last_only: bool = False,
         ) -> tuple[Tensor, TensorDict]:
-            return self.forward_cached(params, batch, cache, config=config, donate=donate)
+            return self.forward_cached(
+                params, batch, cache, config=config, donate=donate, last_only=last_only
+            )
 
         return step
 

@@ -469,3 +469,21 @@ def test_a_traced_decode_step_attends_over_the_written_slots_alone() -> None:
         [sys.executable, "-c", WINDOWED_DECODING], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_last_only_is_the_last_positions_logits_and_the_same_cache(device: torch.device, name: str) -> None:
+    """What a prefill asks for (``zmaj.infer.generate.stream``): the full step's last logits (to rounding: a
+    one-row unembedding takes another matmul kernel) and the same cache, so decoding goes on as before."""
+    module, config, params = model_params(name, device)
+    tokens = random_tokens(2, 9, seed=5, device=device)
+    full, full_cache = module.forward_cached(
+        params, Batch(tokens=tokens), init_cache(config, 2, 12, device=device), config
+    )
+    last, last_cache = module.forward_cached(
+        params, Batch(tokens=tokens), init_cache(config, 2, 12, device=device), config, last_only=True
+    )
+    assert last.shape == (2, 1, VOCAB)
+    assert max_error(last, full[:, -1:]) <= 1e-5
+    for key in full_cache.keys(True, True):
+        assert torch.equal(last_cache.get(key), full_cache.get(key)), key
