@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from zmaj.data.corpus import hub_where, load_hub
+from zmaj.data.corpus import hub_where, load_hub, reading
 from zmaj.tasks import Split, get_task
 from zmaj.text import read_jsonl
 
@@ -158,7 +158,7 @@ def _raw_messages(source: ChatFilesSource | ChatHubSource) -> Iterator[tuple[str
         return
     dataset = load_hub(source)
     where = hub_where(source)
-    for index, row in enumerate(islice(dataset, source.max_conversations)):  # None: all rows
+    for index, row in enumerate(reading(islice(dataset, source.max_conversations), where)):  # None: all rows
         sample = f"{where}, row {index}"
         yield sample, _without_nulls(_column(row, column, sample))
 

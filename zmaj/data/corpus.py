@@ -11,15 +11,16 @@ offline.
 """
 
 import hashlib
+import itertools
 import json
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import datasets
 import pyarrow as pa
@@ -105,7 +106,8 @@ def _hub_local_files(source: HubSource) -> list[str]:
                 str(p) for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)
             )
         base = source.path
-    elif "/" not in source.path:  # a builder; Hub datasets are named "namespace/name"
+    elif source.path in datasets.packaged_modules._PACKAGED_DATASETS_MODULES:  # json, parquet, csv, text...
+        # (datasets' own list of its builders: a name without a "/", such as "wikitext", may be a Hub dataset)
         base = os.getcwd()
     else:
         return []
@@ -163,6 +165,25 @@ def load_hub(source: HubLike) -> datasets.Dataset | datasets.IterableDataset:
         ) from error
 
 
+T = TypeVar("T")
+
+
+def reading(rows: Iterable[T], where: str, unit: str = "row") -> Iterator[T]:
+    """``rows``, where an error met while reading the next one (a corrupt parquet page, a malformed line that
+    a streaming source reaches only now) is one line naming the source and the row, not a traceback."""
+    iterator = iter(rows)
+    for index in itertools.count():
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError, DatasetGenerationError) as error:
+            raise ValueError(
+                f"{where}: cannot read {unit} {index}: {type(error).__name__}: {error}"
+            ) from error
+        yield row
+
+
 def _all_documents(source: Source) -> Iterator[Document]:
     if isinstance(source, StdlibSource):
         return stdlib_documents()
@@ -211,7 +232,7 @@ def hub_documents(source: HubSource) -> Iterator[Document]:
     dataset = load_hub(source)
     rows = islice(dataset.select_columns([source.text_column]), source.max_documents)  # None: all rows
     where = hub_where(source)
-    for index, row in enumerate(rows):
+    for index, row in enumerate(reading(rows, where)):
         yield _row(row[source.text_column], source.text_column, f"{where}, row {index}")
 
 
@@ -243,7 +264,7 @@ def _parquet_column(path: str, column: str) -> Iterator[Any]:
     names = file.schema_arrow.names
     if column not in names:
         raise ValueError(f"{path}: no {column!r} column (has {', '.join(names)})")
-    for batch in file.iter_batches(columns=[column]):
+    for batch in reading(file.iter_batches(columns=[column]), path, "batch of rows"):
         yield from batch.column(0).to_pylist()
 
 
