@@ -37,7 +37,7 @@ def main() -> None:
         params = finetune.trainable(spec, begin)
         parallel.check_shardable(params)
         if args.resume is not None:
-            pairs = read_pairs(args.resume / PAIRS_FILE)
+            pairs = read_pairs(args.resume / PAIRS_FILE, begin.model.config.vocab_size)
         else:  # made once, by rank 0 (sampling on-policy pairs is slow), and sent to every rank
             pairs = parallel.broadcast(make_pairs(spec, begin) if parallel.main else None)
         run = runs.open_run(spec, args, parallel, partial(write_run_files, spec, begin, pairs))

@@ -17,13 +17,18 @@ from pathlib import Path
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file through a temporary sibling and a rename, both flushed to disk (module docstring);
-    a failed write leaves the old file and no temporary one."""
+    """Write a small text file whole or not at all (:func:`atomic_write_bytes`), in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a small file through a temporary sibling and a rename, both flushed to disk (module docstring),
+    with a plain write's permissions; a failed write leaves the old file and no temporary one."""
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         set_default_mode(Path(temporary))
-        with os.fdopen(descriptor, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)

@@ -146,9 +146,10 @@ def write_pairs(path: Path, pairs: list[Pair]) -> None:
     fileio.atomic_write_text(path, "".join(json.dumps(pair.__dict__) + "\n" for pair in pairs))
 
 
-def read_pairs(path: Path) -> list[Pair]:
-    """The pairs :func:`write_pairs` wrote; a damaged file fails naming ``file:line`` before training starts
-    (a bad row used to fail mid-training, and an empty file at the first batch drawn)."""
+def read_pairs(path: Path, vocab_size: int) -> list[Pair]:
+    """The pairs :func:`write_pairs` wrote, for a model of ``vocab_size`` tokens; a damaged file fails naming
+    ``file:line`` before training starts (a bad row, or an id outside the vocabulary, used to fail
+    mid-training, and an empty file at the first batch drawn)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the run's preference pairs cannot be read back")
     pairs = []
@@ -160,6 +161,13 @@ def read_pairs(path: Path) -> list[Pair]:
                 f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in error.errors()
             )
             raise ValueError(f"{path}:{number}: not a pair of token ids ({problems})") from None
+        pair = pairs[-1]
+        if not pair.prompt:
+            raise ValueError(f"{path}:{number}: the prompt has no token")
+        if outside := [i for i in pair.prompt + pair.chosen + pair.rejected if not 0 <= i < vocab_size]:
+            raise ValueError(
+                f"{path}:{number}: token id {outside[0]} is outside the model's {vocab_size} tokens"
+            )
     if not pairs:
         raise ValueError(f"{path} holds no preference pair: the run wrote at least one, so it is damaged")
     return pairs

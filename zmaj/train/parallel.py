@@ -40,6 +40,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.distributed as dist
+from loguru import logger
 from pydantic import BaseModel, ConfigDict
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
@@ -92,10 +93,13 @@ class Parallel:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device.type == "cuda":
             if local_rank >= (count := torch.cuda.device_count()):
-                raise ValueError(
+                problem = (
                     f"rank {local_rank} of this machine has no GPU of its own: it has {count}; start at most "
                     f"{count} processes per machine (torchrun --nproc-per-node)"
                 )
+                # Said here: the ranks this fails on are never rank 0, the one that reports bad input.
+                logger.error(problem)
+                raise ValueError(problem)
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():

@@ -1,11 +1,11 @@
 """What a run leaves behind for people: a metrics JSONL, a curves PNG, FLOP counts for MFU, and a record of
 when and on what hardware it ran (``run.jsonl``), which a model card reports."""
 
+import io
 import json
 import os
 import platform
 import socket
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Any
 import matplotlib
 import torch
 
-from zmaj.fileio import atomic_write_text, fsync
+from zmaj.fileio import atomic_write_bytes, atomic_write_text
 from zmaj.models.gpt import GPTConfig
 from zmaj.text import NotJSONError, read_text
 
@@ -152,21 +152,14 @@ def plot_curves(metrics_path: Path, out: Path, panels: Sequence[tuple[str, str]]
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    # Through a temporary sibling and a rename, as atomic_write_text: a kill while saving in place left a
-    # cut-short PNG, which --resume kept and export copied.
-    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    # Whole or not at all (zmaj.fileio): a kill while saving in place left a cut-short PNG, which --resume kept
+    # and export copied.
+    png = io.BytesIO()
     try:
-        with os.fdopen(descriptor, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        fig.savefig(png, format="png", dpi=120)
     finally:
         plt.close(fig)
-    fsync(out.parent)
+    atomic_write_bytes(out, png.getvalue())
 
 
 def gpt_flops_per_token(config: GPTConfig, seq_len: int) -> float:

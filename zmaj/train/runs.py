@@ -300,12 +300,16 @@ def open_run(
             _check_not_a_model(run_dir)
         _make_dir(run_dir)
         _check_writable(run_dir)
+        # A run makes its .lock before it writes anything: a folder without one never held a run, and the
+        # files in it (a spec.yaml of the user's own, say) are not a dead run's to remove.
+        held_a_run = (run_dir / LOCK_FILE).is_file()
         held = lock(run_dir)  # before anything is written, so that two writers never interleave
         if not resumed and (run_dir / checkpoint.CHECKPOINTS).exists():
             held.close()
             raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-        if not resumed:  # a resume writes its spec once the loop has checked it (Run.write_spec)
+        if not resumed and held_a_run:
             _start_afresh(run_dir)
+        if not resumed:  # a resume writes its spec once the loop has checked it (Run.write_spec)
             write_spec(run_dir, spec)
             if write is not None:
                 write(run_dir)
@@ -333,9 +337,9 @@ tokenizer."""
 
 
 def _start_afresh(run_dir: Path) -> None:
-    """Remove what a run killed in ``run_dir`` before its first checkpoint left, since nothing resumes it: its
-    records (this run's would be appended to them), and where its ``spec.yaml`` shows it was there, the files it
-    wrote. This run may not write them all again, and those left would describe another model: a ``lora.json``
+    """Remove what a run killed in ``run_dir`` before its first checkpoint left (its ``.lock`` shows it was
+    there), since nothing resumes it: its records (this run's would be appended to them), and where its
+    ``spec.yaml`` shows it got that far, the files it wrote. This run may not write them all again, and those left would describe another model: a ``lora.json``
     under a full fine-tune's checkpoints made the folder unloadable, a ``model.json`` under a pre-training run's
     would be read as its model."""
     names = RECORDS + (LEFTOVERS if (run_dir / "spec.yaml").is_file() else ())

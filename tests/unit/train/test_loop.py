@@ -205,6 +205,9 @@ def test_curves_are_saved_whole_or_not_at_all_and_drawn_again_when_a_finished_ru
     curves = (tmp_path / "run" / "curves.png").read_bytes()
     assert curves.startswith(png)
     assert curves.endswith(b"IEND\xaeB`\x82")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "run" / "curves.png").stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain write's
 
 
 def test_a_finished_run_resumed_does_nothing_and_one_past_its_steps_is_refused(tmp_path: Path) -> None:
@@ -460,6 +463,7 @@ def test_a_new_run_where_one_died_before_its_first_checkpoint_starts_its_records
 ) -> None:
     """Its metrics (nothing resumes them) used to stay, and the new run's were appended to them."""
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / runs.LOCK_FILE).touch()  # a run makes its lock before it writes anything
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 91, "loss": 7.0, "lr": 0.1}\n')
     train(tmp_path / "run")
     assert [r["step"] for r in records(tmp_path / "run") if "lr" in r] == list(range(1, 11))
@@ -470,14 +474,15 @@ def test_a_new_run_where_one_died_before_its_first_checkpoint_removes_the_files_
 ) -> None:
     """What the dead run wrote and this one does not write again used to stay: a LoRA run's ``lora.json``
     made a full fine-tune's checkpoints load as adapters (and fail), a fine-tune's ``model.json`` would be
-    read as a pre-training run's model. Only a folder with a run's ``spec.yaml`` had a run: elsewhere, files
-    of those names are someone else's."""
+    read as a pre-training run's model. Only a folder with a run's ``.lock`` (made before it writes anything)
+    and ``spec.yaml`` had a run: elsewhere, files of those names are someone else's, a ``spec.yaml`` too."""
     assert PAIRS_FILE in runs.LEFTOVERS
     for folder in ("died", "other"):
         (tmp_path / folder).mkdir()
+        (tmp_path / folder / "spec.yaml").write_text("name: loop\n")
         for name in runs.LEFTOVERS:
             (tmp_path / folder / name).write_text("{}")
-    (tmp_path / "died" / "spec.yaml").write_text("name: loop\n")
+    (tmp_path / "died" / runs.LOCK_FILE).touch()
     for folder in ("died", "other"):
         train(tmp_path / folder)
     kept = {"spec.yaml", "metrics.jsonl", runs.LOCK_FILE, "log.txt", "checkpoints", "run.jsonl", "curves.png"}
