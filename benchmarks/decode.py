@@ -144,7 +144,8 @@ def zmaj_decode(model: Pretrained, step: Step, prompts: list[list[int]], new: in
     cache = init_cache(config, len(prompts), max(map(len, prompts)) + new, dtype=dtype)
     with torch.no_grad():
         start = time.perf_counter()
-        logits, cache = step(model.params, left_padded(prompts), cache)
+        # The last position's logits alone, as zmaj.infer.generate's prefill asks for.
+        logits, cache = step(model.params, left_padded(prompts), cache, last_only=True)
         token = logits[:, -1].argmax(-1)
         prefill = time.perf_counter() - start
         tokens = [token]

@@ -380,3 +380,18 @@ def test_loading_refuses_gpt2_switches_zmaj_lacks(switch: str, value: object) ->
     assert hf.config_from_hf(written) == VARIANTS["gpt"]
     with pytest.raises(ValueError, match=switch):
         hf.config_from_hf(written | {switch: value})
+
+
+def test_a_shard_copies_the_views_and_writes_its_own_tensors_as_they_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers of a stacked parameter share its memory, so each is copied; a tensor of its own is not (copying
+    every tensor held the whole model twice)."""
+    stacked, own = torch.randn(3, 4, 5), torch.randn(4, 5)
+    written: dict[str, torch.Tensor] = {}
+    monkeypatch.setattr(export, "save_file", lambda shard, path, metadata: written.update(shard))
+    export._write_shard({"a": stacked[0], "b": stacked[1], "own": own}, ["a", "b", "own"], tmp_path / "x")
+    assert written["own"].data_ptr() == own.data_ptr()
+    for name, layer in (("a", 0), ("b", 1)):
+        assert torch.equal(written[name], stacked[layer])
+        assert written[name].untyped_storage().data_ptr() != stacked.untyped_storage().data_ptr()

@@ -98,15 +98,14 @@ def _write_weights(tensors: Mapping[str, Tensor], folder: Path, max_shard_bytes:
 
 
 def _write_shard(tensors: Mapping[str, Tensor], names: list[str], path: Path) -> None:
-    """Some of ``tensors`` in one file. A view (a layer of a stacked parameter) is copied, as safetensors refuses
-    tensors that share memory; a tensor of its own is written as it is (copying it too held the whole model
-    twice, with the default 5 GB shards)."""
+    """Some of ``tensors`` in one file. A view (a layer of a stacked parameter) is copied, so that no two
+    tensors of a file share memory, which safetensors refuses where they overlap; a tensor of its own is
+    written as it is (copying it too held the whole model twice, with the default 5 GB shards)."""
 
     def own(tensor: Tensor) -> Tensor:
+        view = tensor._is_view()  # asked first: a detached view no longer says it is one
         tensor = tensor.detach().cpu()
-        return (
-            tensor.clone(memory_format=torch.contiguous_format) if tensor._is_view() else tensor.contiguous()
-        )
+        return tensor.clone(memory_format=torch.contiguous_format) if view else tensor.contiguous()
 
     shard = {name: own(tensors[name]) for name in names}
     save_file(shard, str(path), metadata={"format": "pt"})

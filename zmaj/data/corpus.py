@@ -93,10 +93,11 @@ def source_key(source: Source, split: Split, validation_fraction: float) -> str:
 
 
 def _hub_local_files(source: HubSource) -> list[str]:
-    """The local files a hub source reads, found as ``datasets`` finds them: for a builder ("json", "parquet": a
-    name without a "/") its ``data_files`` patterns, relative to the working directory; for a local folder those
-    patterns relative to it, or else every file in it outside hidden directories (a superset of what ``datasets``
-    picks). A Hub dataset's ``data_files`` name files of its repository, which are not listed."""
+    """The local files a hub source reads, found as ``datasets`` finds them: for a builder ("json", "parquet":
+    one of ``datasets``' packaged modules) its ``data_files`` patterns, relative to the working directory; for
+    a local folder those patterns relative to it, or else every file in it outside hidden directories (a
+    superset of what ``datasets`` picks). A Hub dataset's ``data_files`` name files of its repository, which
+    are not listed."""
     folder = Path(source.path)
     patterns = [source.data_files] if isinstance(source.data_files, str) else source.data_files or []
     if folder.is_dir():

@@ -11,9 +11,10 @@ arXiv:1805.04833) and then to the nucleus: the smallest set of most likely token
 A row stops at one of ``stop_tokens`` or once its text contains one of ``stop_strings`` (the stopping token is
 part of the output, as in ``transformers``); generation ends when every row has stopped.
 
-The loop knows nothing of the architecture: it takes ``step(params, batch, cache, donate=False) -> (logits,
-cache)`` (``zmaj.models.common.Step``), e.g. ``llama.cached(config)``, and a cache from
-``zmaj.infer.cache.init_cache``. ``stream`` yields each step's tokens as they come; ``generate`` collects them.
+The loop knows nothing of the architecture: it takes ``step(params, batch, cache, donate=False,
+last_only=False) -> (logits, cache)`` (``zmaj.models.common.Step``), e.g. ``llama.cached(config)``, and a
+cache from ``zmaj.infer.cache.init_cache``. ``stream`` yields each step's tokens as they come; ``generate``
+collects them.
 """
 
 from collections.abc import Callable, Collection, Iterator, Sequence

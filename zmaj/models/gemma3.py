@@ -345,6 +345,6 @@ def pure(config: Gemma3Config) -> partial[Tensor]:
 
 
 def cached(config: Gemma3Config) -> partial[tuple[Tensor, TensorDict]]:
-    """``forward_cached`` with its config bound: the ``step(params, batch, cache, donate=False)`` that generation
-    takes (``zmaj.models.common.Step``)."""
+    """``forward_cached`` with its config bound: the ``step(params, batch, cache, donate=False,
+    last_only=False)`` that generation takes (``zmaj.models.common.Step``)."""
     return partial(forward_cached, config=config)

@@ -442,6 +442,6 @@ def pure(config: GPTConfig) -> partial[Tensor]:
 
 
 def cached(config: GPTConfig) -> partial[tuple[Tensor, TensorDict]]:
-    """``forward_cached`` with its config bound: the ``step(params, batch, cache, donate=False)`` that generation
-    takes (``zmaj.models.common.Step``)."""
+    """``forward_cached`` with its config bound: the ``step(params, batch, cache, donate=False,
+    last_only=False)`` that generation takes (``zmaj.models.common.Step``)."""
     return partial(forward_cached, config=config)

@@ -263,6 +263,6 @@ def pure(config: LlamaConfig) -> partial[Tensor]:
 
 
 def cached(config: LlamaConfig) -> partial[tuple[Tensor, TensorDict]]:
-    """``forward_cached`` with its config bound: the ``step(params, batch, cache, donate=False)`` that generation
-    takes (``zmaj.models.common.Step``)."""
+    """``forward_cached`` with its config bound: the ``step(params, batch, cache, donate=False,
+    last_only=False)`` that generation takes (``zmaj.models.common.Step``)."""
     return partial(forward_cached, config=config)

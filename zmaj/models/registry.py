@@ -40,7 +40,7 @@ class Architecture:
         return self.forward(params, batch, config=config)
 
     def cached(self, config: ModelConfig) -> Step:
-        """The ``step(params, batch, cache, donate=False)`` that ``zmaj.infer.generate`` takes."""
+        """The ``step(params, batch, cache, donate=False, last_only=False)`` of ``zmaj.infer.generate``."""
 
         def step(
             params: TensorDictBase,

@@ -339,9 +339,9 @@ tokenizer."""
 def _start_afresh(run_dir: Path) -> None:
     """Remove what a run killed in ``run_dir`` before its first checkpoint left (its ``.lock`` shows it was
     there), since nothing resumes it: its records (this run's would be appended to them), and where its
-    ``spec.yaml`` shows it got that far, the files it wrote. This run may not write them all again, and those left would describe another model: a ``lora.json``
-    under a full fine-tune's checkpoints made the folder unloadable, a ``model.json`` under a pre-training run's
-    would be read as its model."""
+    ``spec.yaml`` shows it got that far, the files it wrote. This run may not write them all again, and those
+    left would describe another model: a ``lora.json`` under a full fine-tune's checkpoints made the folder
+    unloadable, a ``model.json`` under a pre-training run's would be read as its model."""
     names = RECORDS + (LEFTOVERS if (run_dir / "spec.yaml").is_file() else ())
     stale = [run_dir / name for name in names if (run_dir / name).is_file()]
     if stale:
