@@ -14,6 +14,7 @@ another for it.
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -65,3 +66,14 @@ def fsync(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def containment(folder: Path, path: Path) -> Literal["is", "holds", "lies inside"] | None:
+    """How ``folder`` stands to ``path`` (both resolved): it is it, holds it, lies inside it, or none of these;
+    what a program that writes ``folder`` checks against what it reads."""
+    folder, path = folder.resolve(), path.resolve()
+    if folder == path:
+        return "is"
+    if path.is_relative_to(folder):
+        return "holds"
+    return "lies inside" if folder.is_relative_to(path) else None

@@ -7,13 +7,16 @@ terminal), stdout is captured exactly, and stderr (argparse's errors) with logur
 the process (argv, the SIGINT handler, sys.path) is put back.
 """
 
+import errno
 import io
+import os
 import runpy
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from loguru import logger
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,3 +49,19 @@ def run_program(program: str, *args: object, stdin: str = "") -> Result:
     if isinstance(code, str):  # sys.exit("message") prints the message and exits 1
         return Result(1, out.getvalue(), err.getvalue() + code)
     return Result(int(code or 0), out.getvalue(), err.getvalue())
+
+
+def busy_volume(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``folder``, made with a file ``keep.txt``, as a mount point: renaming it away fails with EBUSY (what a
+    program replacing a destination folder meets there); other renames work."""
+    folder.mkdir()
+    (folder / "keep.txt").write_text("kept")
+    real = os.replace
+
+    def replace(src: Path, dst: Path) -> None:
+        if Path(src) == folder:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return folder

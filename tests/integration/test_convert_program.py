@@ -4,7 +4,6 @@ The source is a random ``transformers`` Llama saved with ``save_pretrained`` nex
 the round trip through zmaj's formats is checked against the library's own writing of the same model.
 """
 
-import errno
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from tests.integration.programs import Result, run_program
+from tests.integration.programs import Result, busy_volume, run_program
 from zmaj.convert import weights
 from zmaj.convert.load import Pretrained, load_model, save_zmaj
 from zmaj.data.model_tokenizer import ModelTokenizer
@@ -159,17 +158,7 @@ def test_a_destination_that_cannot_be_renamed_exits_2_and_keeps_what_it_held(
 ) -> None:
     """A mount point cannot be renamed away (EBUSY): one line, and neither the staged model nor a temporary
     folder is left beside it."""
-    volume = tmp_path / "volume"
-    volume.mkdir()
-    (volume / "keep.txt").write_text("kept")
-    real = os.replace
-
-    def replace(src: Path, dst: Path) -> None:
-        if Path(src) == volume:
-            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
-        real(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
+    volume = busy_volume(tmp_path / "volume", monkeypatch)
     result = convert(source[1], volume)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]

@@ -5,9 +5,7 @@ with a model card that ``huggingface_hub`` parses and that reports what the run 
 The runs are made by the programs themselves (in this process, see ``test_finetune_programs``), tiny.
 """
 
-import errno
 import json
-import os
 import re
 from contextlib import redirect_stdout
 from io import StringIO
@@ -21,7 +19,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData, metadata_load
 
 from tests.integration import finetune_fixtures
-from tests.integration.programs import run_program
+from tests.integration.programs import busy_volume, run_program
 from tests.integration.test_finetune_programs import run
 from tests.integration.test_pretrain_program import corpus
 from zmaj.convert.load import Pretrained, load_model, save_zmaj
@@ -198,17 +196,7 @@ def test_a_destination_that_cannot_be_renamed_exits_2_and_keeps_what_it_held(
     """A mount point cannot be renamed away (EBUSY): one line, and neither the staged model nor a temporary
     folder is left beside it."""
     model = finetune_fixtures.tiny_model(tmp_path / "models" / "tiny")
-    volume = tmp_path / "volume"
-    volume.mkdir()
-    (volume / "keep.txt").write_text("kept")
-    real = os.replace
-
-    def replace(src: Path, dst: Path) -> None:
-        if Path(src) == volume:
-            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
-        real(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
+    volume = busy_volume(tmp_path / "volume", monkeypatch)
     code, _, err = run("export.py", model, volume)
     assert code == 2, err
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]

@@ -221,8 +221,7 @@ def check_destination(folder: Path, source: Path) -> None:
     ``source`` is read with: writing replaces the whole folder, so the source would be deleted with it
     (``convert.py models/x/x.gguf models/x``). Also refuse what :func:`check_replaceable` refuses."""
     check_replaceable(folder)
-    if source.resolve().is_relative_to(folder.resolve()):
-        relation = "is" if source.resolve() == folder.resolve() else "holds"
+    if (relation := fileio.containment(folder, source)) in ("is", "holds"):
         raise ValueError(
             f"{folder} {relation} the source {source}, and writing it replaces the whole folder: "
             "write somewhere else"
@@ -230,8 +229,7 @@ def check_destination(folder: Path, source: Path) -> None:
     run, seen = source, {source.resolve()}
     # A LoRA run is read together with its base model (and a base may itself be a LoRA run).
     while (base := _lora_base(run)) is not None and base.resolve() not in seen:
-        if base.resolve().is_relative_to(folder.resolve()):
-            relation = "is" if base.resolve() == folder.resolve() else "holds"
+        if (relation := fileio.containment(folder, base)) in ("is", "holds"):
             raise ValueError(
                 f"{folder} {relation} {base}, the base model of the LoRA run {run}, and writing it replaces "
                 "the whole folder: write somewhere else"

@@ -390,9 +390,7 @@ def check_apart(run_dir: Path, name: str, model: str) -> None:
     """Refuse a run folder that is, holds or lies inside the model PATH ``model`` (the spec's ``name``)."""
     if model.startswith("pypi:"):  # installed with the package, never a run's folder
         return
-    path, folder = Path(model).resolve(), run_dir.resolve()
-    if path.is_relative_to(folder) or folder.is_relative_to(path):
-        relation = "is" if path == folder else "holds" if path.is_relative_to(folder) else "lies inside"
+    if (relation := fileio.containment(run_dir, Path(model))) is not None:
         raise runs.UserError(
             f"--run-dir {run_dir} {relation} the {name} {model}, which the run must leave as it is: use another "
             "--run-dir"
