@@ -18,6 +18,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from zmaj.convert.layers import stack_layers
 from zmaj.models import gpt
 from zmaj.models.gpt import GPTConfig
 from zmaj.nn.layers import Activation, sinusoidal_positions
@@ -180,8 +181,9 @@ def params_from_hf(state_dict: Mapping[str, Tensor], config: GPTConfig) -> Tenso
 
     flat = {key: layout.read(get(name)) for key, name, layout in GLOBAL_TABLE}
     for key, name, layout in LAYER_TABLE:
-        layers = [layout.read(get(name.format(i=i))) for i in range(config.n_layers)]
-        flat[f"blocks.{key}"] = torch.stack(layers)
+        flat[f"blocks.{key}"] = stack_layers(
+            (layout.read(get(name.format(i=i))) for i in range(config.n_layers)), config.n_layers
+        )
     if not config.tie_embeddings:
         flat["unembed.weight"] = get("lm_head.weight")
     params = TensorDict.from_dict(_unflatten(flat), auto_batch_size=False)

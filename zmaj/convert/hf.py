@@ -25,6 +25,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.convert import gpt2
+from zmaj.convert.layers import stack_layers
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.gpt import GPTConfig
@@ -384,8 +385,9 @@ def params_from_hf(tensors: Mapping[str, Tensor], config: LlamaConfig | Gemma3Co
     flat = {key: read(key, name) for key, name in global_table if key in wanted}
     for key, name in layer_table:
         if f"blocks.{key}" in wanted:
-            layers = [read(f"blocks.{key}", name.format(i=i)) for i in range(config.n_layers)]
-            flat[f"blocks.{key}"] = torch.stack(layers)
+            flat[f"blocks.{key}"] = stack_layers(
+                (read(f"blocks.{key}", name.format(i=i)) for i in range(config.n_layers)), config.n_layers
+            )
     assert set(flat) == wanted, f"the tables miss {sorted(wanted - set(flat))}"
     params: TensorDict = TensorDict(flat).unflatten_keys(".")
     params["blocks"].batch_size = torch.Size([config.n_layers])
@@ -523,7 +525,8 @@ def _check_shapes(params: TensorDictBase, expected: TensorDictBase) -> None:
 class _SafetensorsFolder(Mapping[str, Tensor]):
     """The tensors of a (possibly sharded) safetensors checkpoint, each read from disk when asked for.
 
-    Reading lazily means converting a large model holds one layer's worth of a tensor twice, not the whole model.
+    Reading lazily (and stacking as it reads, ``stack_layers``) means converting a large model holds one layer's
+    tensor beyond the result, not a second copy of the model.
     """
 
     def __init__(self, folder: Path, files: ExitStack, device: torch.device | str) -> None:
