@@ -76,7 +76,6 @@ def train(run: Run[DPOSpec], begin: Start, pairs: list[Pair], params: TensorDict
         optimizer=cfg.optimizer,
         decay=decay,
         reference_forward=reference_forward,
-        seed=cfg.seed,
         parallel=parallel,
     )
 

@@ -7,7 +7,10 @@ likelihood of "y_w preferred to y_l" gives their eq. 7:
 
     L = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
 
-a classification loss on sequence log-probs (``zmaj.train.logprobs``), with the reference frozen.
+a classification loss on sequence log-probs (``zmaj.train.logprobs``), with the reference frozen. Both take
+their forward without dropout (as TRL's ``disable_dropout`` does by default): the implied rewards compare the two
+models' log-probs, and with dropout in the policy's alone, a policy equal to its reference would have rewards
+of noise rather than 0, its loss off log 2 by that noise's bias.
 
 A preference batch here is one ``Batch`` of ``2n`` rows, the n chosen completions first and then their n
 rejected ones (:func:`preference_batch`), so that policy and reference each take one forward pass.
@@ -88,13 +91,12 @@ def _policy_loss(
     forward: Forward,
     reference: tuple[Tensor, Tensor],
     beta: float,
-    dropout_seed: int | None,
     share: float,
 ) -> tuple[Tensor, Metrics]:
     """The DPO loss of this rank's pairs, times their ``share`` of all ranks' pairs: what the ranks' gradients
     must sum to the mean's."""
     policy_chosen, policy_rejected = _halves(
-        sequence_logprobs(forward(params, batch, dropout_seed=dropout_seed), batch)
+        sequence_logprobs(forward(params, batch, dropout_seed=None), batch)
     )
     loss, metrics = dpo_loss(policy_chosen, policy_rejected, *reference, beta)
     return loss * share, metrics
@@ -111,7 +113,6 @@ def dpo_step(
     lr: float,
     decay: TensorDictBase,
     reference_forward: Forward | None = None,
-    seed: int = 0,
     parallel: Parallel = SINGLE,
 ) -> tuple[TensorDict, Metrics]:
     """One AdamW step on the DPO loss of a preference batch (chosen rows, then rejected rows).
@@ -127,11 +128,9 @@ def dpo_step(
             f"a preference batch has chosen rows then rejected rows, got {batch.tokens.shape[0]} rows"
         )
     params = state["params"]
-    step = int(state["opt", "step"])
     ref = reference_logprobs(reference, batch, reference_forward or forward)
     grad_fn = grad_and_value(_policy_loss, has_aux=True)
-    seed = (seed * 1_000_003 + step * parallel.size + parallel.rank) % 2**63
-    grads, (_, metrics) = grad_fn(params, batch, forward, ref, beta, seed, 1 / parallel.size)
+    grads, (_, metrics) = grad_fn(params, batch, forward, ref, beta, 1 / parallel.size)
     grads = parallel.reduce_grads(grads)
     norm = parallel.global_norm(grads) if parallel.sharded else None
     new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay, norm, parallel=parallel)

@@ -13,7 +13,7 @@ from tensordict import TensorDict
 from zmaj.convert.load import Pretrained
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
-from zmaj.models import llama
+from zmaj.models import gpt, llama
 from zmaj.tasks import get_task
 from zmaj.train import dpo, finetune, optim, step
 from zmaj.train.logprobs import sequence_logprobs
@@ -110,6 +110,25 @@ def test_training_widens_the_margin_and_leaves_the_reference_alone(device: torch
     assert last["loss"] < 0.5 * first["loss"]
     chosen, rejected = log_ratios[:3], log_ratios[3:]
     assert bool((chosen - rejected > 0).all())
+
+
+def test_a_model_with_dropout_starts_at_log_2(device: torch.device) -> None:
+    """Both forwards run without dropout (as TRL's ``disable_dropout``): with dropout in the policy's alone, a
+    policy equal to its reference had a loss off log 2 and a margin of noise."""
+    config = gpt.GPTConfig(vocab_size=16, context=32, d_model=32, n_layers=2, n_heads=4, dropout=0.5)
+    reference = gpt.init(config, seed=0, device=device)
+    _, metrics = dpo.dpo_step(
+        step.init_state(reference.clone()),
+        dpo.preference_batch(PROMPTS, CHOSEN, REJECTED, device),
+        forward=step.bind(gpt.forward, config=config),
+        reference=reference,
+        beta=0.5,
+        optimizer=optim.AdamWConfig(lr=3e-3),
+        lr=3e-3,
+        decay=optim.decay_mask(reference),
+    )
+    assert float(metrics["loss"]) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(metrics["reward_margin"]) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_pairs_whose_cut_answers_are_the_same_are_left_out_and_long_prompts_refused() -> None:
