@@ -122,7 +122,7 @@ class ModelTokenizer:
         An assistant turn is the text that rendering it adds after the prompt for it (``add_generation_prompt``),
         found by rendering the conversation up to each turn; a template whose renderings are not prefixes of each
         other cannot be split this way, and is refused. The end-of-turn marker belongs to the turn, so the model
-        learns to stop.
+        learns to stop; so does a token the template's text and the answer share.
         """
         text = self.render_chat(messages, add_generation_prompt=False)
         spans: list[tuple[int, int]] = []
@@ -138,7 +138,11 @@ class ModelTokenizer:
                 )
             spans.append((len(before), len(through)))
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
-        mask = [any(start <= begin < end for start, end in spans) for begin, _ in encoding.offsets]
+        # A token is the answer's if any of its characters is: "Assistant: " + "Five" is one token "ĠFive", which
+        # the answer must train (as in transformers' return_assistant_tokens_mask).
+        mask = [
+            any(begin < end and start < finish for start, end in spans) for begin, finish in encoding.offsets
+        ]
         return list(encoding.ids), mask
 
     @classmethod

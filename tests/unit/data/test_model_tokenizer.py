@@ -91,6 +91,32 @@ def test_the_assistant_mask_covers_exactly_the_answers(
     assert model_tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if not m], False) == prompt
 
 
+# The answer's first token takes in the space the template writes before it ("Assistant: Five" -> "ĠFive").
+SPACED = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ 'Assistant: ' }}"
+    "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+    "{% else %}{{ 'User: ' + message['content'] + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+
+
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=conversations())
+def test_the_assistant_mask_is_transformers_where_a_token_straddles_the_answer_start(
+    model_tokenizer: ModelTokenizer, messages: list[dict[str, str]]
+) -> None:
+    """A token that begins in the template and ends in the answer is the answer's, as ``transformers`` marks it
+    (``return_assistant_tokens_mask``, from the ``{% generation %}`` block): marked by where it starts, the
+    first word of every answer went untrained."""
+    ours = ModelTokenizer(model_tokenizer.tokenizer, chat_template=SPACED)
+    ids, mask = ours.encode_chat_with_mask(messages)
+    theirs: Any = reference(ours, SPACED).apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert ids == list(theirs["input_ids"])
+    assert mask == [bool(m) for m in theirs["assistant_masks"]]
+
+
 def test_a_template_that_rewrites_history_is_refused(model_tokenizer: ModelTokenizer) -> None:
     # Shows only the last turn, so the conversation so far is not a prefix of the whole.
     last_only = "{{ '<|' + messages[-1]['role'] + '|>' + messages[-1]['content'] }}"

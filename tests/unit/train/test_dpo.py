@@ -17,7 +17,7 @@ from zmaj.models import gpt, llama
 from zmaj.tasks import get_task
 from zmaj.train import dpo, finetune, optim, step
 from zmaj.train.logprobs import sequence_logprobs
-from zmaj.train.pairs import Pair, fitted, on_policy_pairs, read_pairs, write_pairs
+from zmaj.train.pairs import Pair, fitted, on_policy_pairs, read_pairs, text_pair, write_pairs
 
 CONFIG = llama.LlamaConfig(
     vocab_size=16, context=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, init_std=0.1
@@ -129,6 +129,27 @@ def test_a_model_with_dropout_starts_at_log_2(device: torch.device) -> None:
     )
     assert float(metrics["loss"]) == pytest.approx(math.log(2), abs=1e-6)
     assert float(metrics["reward_margin"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_pair_splits_where_the_answers_begin_though_a_token_straddles_it() -> None:
+    """The template writes "Assistant: " and the answers' first tokens take in its space ("ĠFive", "ĠSix"): the
+    prompt ends before them, so the two prompts agree (the pair was refused when the answer tokens were those
+    starting inside the answer)."""
+    template = (
+        "{% for m in messages %}{{ ('Assistant: ' if m['role'] == 'assistant' else 'User: ') + m['content'] }}"
+        "{{ '<|end|>' if m['role'] == 'assistant' else '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+    )
+    trained = Tokenizer.train(["User: 2+3?\nAssistant: Five Six\n"] * 50, vocab_size=300)
+    tokenizer = ModelTokenizer.from_zmaj(trained)
+    tokenizer = ModelTokenizer(tokenizer.tokenizer, eos_token="<|end|>", chat_template=template)
+    pair = text_pair(tokenizer, {"prompt": "2+3?", "chosen": "Five", "rejected": "Six"}, "row 1")
+    assert tokenizer.tokenizer.id_to_token(pair.chosen[0]) == "ĠFive"
+    assert tokenizer.decode(pair.prompt, False) == "User: 2+3?\nAssistant:"
+    assert (tokenizer.decode(pair.chosen, False), tokenizer.decode(pair.rejected, False)) == (
+        " Five<|end|>",
+        " Six<|end|>",
+    )
 
 
 def test_pairs_whose_cut_answers_are_the_same_are_left_out_and_long_prompts_refused() -> None:
