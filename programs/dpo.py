@@ -39,7 +39,7 @@ def main() -> None:
         if args.resume is not None:
             pairs = read_pairs(args.resume / PAIRS_FILE, begin.model.config.vocab_size)
         else:  # made once, by rank 0 (sampling on-policy pairs is slow), and sent to every rank
-            pairs = parallel.broadcast(make_pairs(spec, begin) if parallel.main else None)
+            pairs = parallel.from_rank_0(lambda: make_pairs(spec, begin))
         run = runs.open_run(spec, args, parallel, partial(write_run_files, spec, begin, pairs))
     with run:
         logger.info(f"run folder {run.dir}; {len(pairs)} preference pairs")

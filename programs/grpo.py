@@ -48,11 +48,13 @@ def main() -> None:
 
 @dataclass(frozen=True)
 class Prompts:
-    """One GRPO step's problems on this rank and their prompt ids."""
+    """One GRPO step's problems on this rank and their prompt ids; ``longest``, the longest prompt of all ranks'
+    problems, so that every rank refuses a step that would run past the context, not only the rank that has it."""
 
     index: int
     problems: list[Problem]
     ids: list[list[int]]
+    longest: int
 
 
 def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: TensorDictBase | None) -> None:
@@ -71,22 +73,16 @@ def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: Tenso
 
     def batches(index: int) -> Prompts:
         """This rank's share of the step's problems, drawn from the task's train split by the step's seed."""
-        problems = list(
-            parallel.rows(task.problems("train", cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + index))
-        )
-        return Prompts(
-            index,
-            problems,
-            [finetune.task_prompt(tokenizer, task, p, None, spec.task.system) for p in problems],
-        )
+        problems = task.problems("train", cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + index)
+        ids = [finetune.task_prompt(tokenizer, task, p, None, spec.task.system) for p in problems]
+        return Prompts(index, list(parallel.rows(problems)), list(parallel.rows(ids)), max(map(len, ids)))
 
     def step(state: TensorDict, prompts: Prompts, /, *, lr: float) -> tuple[TensorDict, Metrics]:
         scored: list[Reward] = []
         reward = task_reward(task, tokenizer, prompts.problems, f"step {prompts.index + 1}", scored)
-        longest = max(map(len, prompts.ids))
         where = f"step {prompts.index + 1}: grpo"
         finetune.fits_context(
-            longest, config.max_new_tokens, begin.model.config.context, where, runs.RunFailedError
+            prompts.longest, config.max_new_tokens, begin.model.config.context, where, runs.RunFailedError
         )
         tick = time.perf_counter()
         rollout = sample_rollout(

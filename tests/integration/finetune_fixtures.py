@@ -75,7 +75,17 @@ class RaisesOnRank1(ToyTask):
         return Reward(format=0.0, correctness=completion.count("e") / max(len(completion), 1))
 
 
-for _task in (AlwaysRight, SayE, RewardRaises, RewardNaN, RaisesOnRank1):
+class LongOrShort(SayE):
+    """Half the prompts 60 words longer than the others: a step whose long prompts may all be on one rank."""
+
+    name: ClassVar[str] = "long-or-short"
+
+    def generate(self, rng: random.Random) -> Problem:
+        problem = super().generate(rng)
+        return Problem(problem.prompt + " e" * 60 * rng.randint(0, 1), problem.answer, problem.solution)
+
+
+for _task in (AlwaysRight, SayE, RewardRaises, RewardNaN, RaisesOnRank1, LongOrShort):
     if _task.name not in task_names():
         register_task(_task.name, _task)
 

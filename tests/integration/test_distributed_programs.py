@@ -23,6 +23,7 @@ from tests.integration import finetune_fixtures
 from tests.integration.programs import run_program
 from tests.integration.test_distributed import torchrun
 from tests.integration.test_pretrain_program import tiny_spec
+from zmaj.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -175,6 +176,67 @@ def test_a_rank_that_fails_stops_the_whole_job_within_seconds(tmp_path: Path) ->
     failing = [line for line in done.stderr.splitlines() if "the checker broke on rank 1" in line]
     assert failing, done.stderr[-3000:]
     assert "rank 1 | ERROR | step 1, completion 0" in failing[0]  # (rank 0's progress bar may share the line)
+
+
+def test_a_prompt_too_long_for_the_context_on_one_rank_is_told_by_rank_0(tmp_path: Path) -> None:
+    """Every rank checks the longest prompt of the whole step, so all refuse it together and rank 0 says why;
+    checked on its own share, only rank 1 refused, silently (its error left to rank 0 to report), and rank 0
+    died in the next collective with gloo's "Connection closed by peer"."""
+    task, per_step = get_task("long-or-short"), 4
+    # A seed whose first step has its long prompts on rank 1 only (the spec's seed * 1_000_003 + step).
+    seed = next(
+        s
+        for s in range(100)
+        if [len(p.prompt) > 100 for p in task.problems("train", per_step, seed=s * 1_000_003)]
+        == [False, False, True, True]
+    )
+    done = torchrun(
+        "programs/grpo.py",
+        ROOT / "specs" / "finetune" / "grpo-tiny.yaml",
+        "--set",
+        f"model={finetune_fixtures.tiny_model(tmp_path / 'model')}",
+        "--set",
+        "task={name: long-or-short}",
+        "--set",
+        f"train.seed={seed}",
+        "--set",
+        "grpo.max_new_tokens=64",  # short prompts fit the context of 128, long ones do not
+        "--run-dir",
+        tmp_path / "run",
+        "--import",
+        "tests.integration.finetune_fixtures",
+        timeout=120,
+    )
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert "step 1: grpo: a prompt of" in errors[0]
+    assert "past the model's context of 128 tokens" in errors[0]
+    assert not re.search(r"\[rank\d\]: Traceback", done.stderr), done.stderr[-3000:]
+
+
+def test_dpo_pairs_rank_0_cannot_make_stop_every_rank_with_one_line(tmp_path: Path) -> None:
+    """Rank 0 alone samples the on-policy pairs; when it finds none, the others learn it from rank 0 and exit
+    with it, rather than die in the broadcast that waited for the pairs."""
+    done = torchrun(
+        "programs/dpo.py",
+        ROOT / "specs" / "finetune" / "dpo-tiny.yaml",
+        "--set",
+        f"model={finetune_fixtures.tiny_model(tmp_path / 'model')}",
+        "--set",
+        "pairs.task={name: always-right}",  # every answer right: no pair prefers one to another
+        "--run-dir",
+        tmp_path / "run",
+        "--import",
+        "tests.integration.finetune_fixtures",
+        timeout=120,
+    )
+    assert re.findall(r"exitcode *: (\d+)", done.stderr) == ["2", "2"], done.stderr[-3000:]  # bad input, both
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert "pairs: no preference pair was found" in errors[0]
+    assert not re.search(r"\[rank\d\]: Traceback", done.stderr), done.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_ctrl_c_stops_every_rank_after_the_same_step_and_saves(spec: Path, tmp_path: Path) -> None:
