@@ -11,6 +11,7 @@ The "> " prompt goes to stderr, and only when stdin is a terminal, so piped outp
 """
 
 import argparse
+import io
 import sys
 from collections.abc import Iterator
 
@@ -21,6 +22,7 @@ from zmaj.convert.load import Pretrained
 from zmaj.data.chat_template import Message
 from zmaj.infer.chat import Context, empty_context, reply
 from zmaj.infer.generate import Sampling
+from zmaj.text import not_utf8, utf8
 
 
 def main() -> None:
@@ -42,6 +44,9 @@ def main() -> None:
                 logger.info("conversation forgotten")
                 continue
             if not line.strip():
+                continue
+            if (problem := not_utf8(line)) is not None:  # say so, and keep the conversation
+                logger.error(f"this message is {problem}: the model reads text")
                 continue
             user: Message = {"role": "user", "content": line}
             try:
@@ -72,7 +77,7 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, metavar="PATH", help=MODEL_HELP)
-    parser.add_argument("--system", help="a system message opening the conversation")
+    parser.add_argument("--system", type=utf8, help="a system message opening the conversation")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="per answer (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default: %(default)s)")
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
@@ -85,7 +90,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def user_lines(interactive: bool) -> Iterator[str]:
-    """The user's messages, one a line, until the end of input; a terminal gets a "> " prompt."""
+    """The user's messages, one a line, until the end of input; a terminal gets a "> " prompt.
+
+    Bytes that are not UTF-8 come as lone surrogates whatever the locale (under a UTF-8 one, Python's stdin
+    would raise on them, ending the conversation), so that the line is refused and the conversation goes on.
+    """
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         if interactive:
             sys.stderr.write("> ")

@@ -39,6 +39,7 @@ from zmaj.extras import MissingExtraError, needs
 from zmaj.fileio import atomic_write_text
 from zmaj.specfile import key_values
 from zmaj.tasks import get_task
+from zmaj.text import utf8
 from zmaj.train import finetune, precision, runs
 
 TASK_DEFAULTS: dict[str, Any] = {"n": 200, "split": "test", "seed": 0, "max_new_tokens": 128}
@@ -66,7 +67,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help=f"which problems (default: {TASK_DEFAULTS['seed']})")
     parser.add_argument("--max-new-tokens", type=int, help=f"default: {TASK_DEFAULTS['max_new_tokens']}")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--system", help="a system message before each question (chat mode)")
+    parser.add_argument("--system", type=utf8, help="a system message before each question (chat mode)")
     parser.add_argument(
         "--set-task",
         dest="task_options",

@@ -24,6 +24,7 @@ from zmaj.extras import MissingExtraError
 from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import Sampling, compile_step
 from zmaj.infer.text import complete
+from zmaj.text import utf8
 from zmaj.train import precision
 
 DTYPES: dict[str, precision.Precision] = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16"}
@@ -71,7 +72,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--model", required=True, metavar="PATH", help=MODEL_HELP)
     parser.add_argument(
-        "--prompt", required=True, help="the text to continue (with --chat: the user's message)"
+        "--prompt", required=True, type=utf8, help="the text to continue (with --chat: the user's message)"
     )
     parser.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy decoding")
@@ -83,7 +84,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--chat", action="store_true", help="render the prompt with the model's chat template"
     )
-    parser.add_argument("--system", help="a system message (with --chat)")
+    parser.add_argument("--system", type=utf8, help="a system message (with --chat)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
     parser.add_argument(
         "--compile",

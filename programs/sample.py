@@ -16,6 +16,7 @@ from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer.sample import sample
 from zmaj.models import gpt
 from zmaj.specfile import SpecError
+from zmaj.text import utf8
 from zmaj.train import precision
 from zmaj.train.spec import PretrainSpec, load
 
@@ -26,7 +27,7 @@ def main() -> None:
     )
     parser.add_argument("run_dir", type=Path)
     parser.add_argument(
-        "--prompt", required=True, help="text to continue (documents start without a BOS token)"
+        "--prompt", required=True, type=utf8, help="text to continue (documents start without a BOS token)"
     )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")

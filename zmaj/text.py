@@ -9,6 +9,7 @@ reads one (data, convert, train, publish) and below ``zmaj.specfile``, so that n
 for it.
 """
 
+import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,3 +58,26 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as error:
             raise NotJSONError(f"{path}:{number}: not JSON ({error.msg}, column {error.colno})") from error
         yield number, value
+
+
+def not_utf8(text: str) -> str | None:
+    """Why ``text``, typed by a user (a command-line flag, a line of stdin), is not UTF-8 text, or None.
+
+    Python hands bytes that are not UTF-8 over as lone surrogates (PEP 383: ``b"caf\\xe9"`` is ``"caf\\udce9"``),
+    which a tokenizer refuses with a ``TypeError`` from deep inside; this names the byte instead.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        return f"not UTF-8 text ({what} at character {error.start})"
+    return None
+
+
+def utf8(text: str) -> str:
+    """An argparse type for text a model reads (a prompt, a system message): :func:`not_utf8` as the error
+    argparse reports naming the flag, with exit status 2."""
+    if (problem := not_utf8(text)) is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text

@@ -219,6 +219,30 @@ def test_chat_answers_as_generate_keeping_the_history_until_reset(
     assert [int(count) > 0 for count in reused] == [False, True, False]
 
 
+def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(llama: tuple[Any, Path], tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 on stdin (a Latin-1 terminal) are refused, one line, and the conversation goes
+    on; they used to end it with a traceback. Run as its own process with a strict stdin, where Python itself
+    would raise on the bytes."""
+    _, folder = llama
+    args = ["--model", folder, *GREEDY]
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    done = subprocess.run(
+        [sys.executable, ROOT / "programs" / "chat.py", *map(str, args)],
+        input=b"hi\ncaf\xe9\nhow\n",
+        capture_output=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    errors = [line for line in done.stderr.decode().splitlines() if "ERROR" in line]
+    assert len(errors) == 1
+    assert errors[0].endswith(
+        "this message is not UTF-8 text (byte 0xe9 at character 3): the model reads text"
+    )
+    plain = run("chat.py", *args, stdin="hi\nhow\n")
+    assert done.stdout.decode() == plain.stdout
+
+
 def test_chat_seeds_answer_i_with_seed_plus_i_whatever_lines_came_before(llama: tuple[Any, Path]) -> None:
     """Blank lines and commands are no answers: they used to shift the seed of every answer after them."""
     _, folder = llama
@@ -322,6 +346,15 @@ def binary_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ["--prompt", "hi", "--temperature", "inf"],
             "--temperature: Input should be a finite",
         ),
+        # A byte that is not UTF-8 on the command line comes as a lone surrogate (PEP 383), which the tokenizer
+        # refused with a TypeError traceback.
+        ("generate.py", ["--prompt", "caf\udce9"], "--prompt: not UTF-8 text (byte 0xe9 at character 3)"),
+        (
+            "generate.py",
+            ["--prompt", "hi", "--chat", "--system", "\udcff"],
+            "--system: not UTF-8 text (byte 0xff at character 0)",
+        ),
+        ("chat.py", ["--system", "x\udce9"], "--system: not UTF-8 text (byte 0xe9 at character 1)"),
         ("perplexity.py", ["--text-file", "/no/such/text.txt"], "/no/such/text.txt"),
         (
             "perplexity.py",
