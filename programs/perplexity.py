@@ -42,10 +42,13 @@ def main() -> None:
             f"--stride must be between 1 and the context - 1 ({context - 1}), so that every token is scored, "
             f"got {stride}"
         )
-    ids = model.tokenizer.encode(text)
+    encoding = model.tokenizer.tokenizer.encode(text)  # the ids of model.tokenizer.encode, with their offsets
+    ids = encoding.ids
     if args.max_tokens is not None and len(ids) > args.max_tokens:
         ids = ids[: args.max_tokens]
-        text = model.tokenizer.decode(ids)  # what bits per byte are over: the text the scored tokens spell
+        # What bits per byte are over: the text the scored tokens were read from. Decoding them would drop the
+        # text of special tokens (a "<|im_end|>" in the file) and spell a character cut between tokens as U+FFFD.
+        text = text[: max(end for _, end in encoding.offsets[: args.max_tokens])]
     if len(ids) < 2:
         fail(f"--text-file {args.text_file}: {len(ids)} tokens, but perplexity needs at least 2")
     logger.info(

@@ -313,18 +313,24 @@ def test_perplexity_with_a_sliding_window(
 def test_perplexity_of_the_first_tokens_only(
     llama: tuple[Any, Path], tokenizer: ModelTokenizer, tmp_path: Path
 ) -> None:
+    """Bits per byte are over the bytes the scored tokens were read from: a special token's text included (a
+    decoding of the tokens, which skips special tokens, undercounted them)."""
     model, folder = llama
-    (tmp_path / "text.txt").write_text(TEXT)
+    text = "the cat<|end|> sat on the mat. " + TEXT
+    (tmp_path / "text.txt").write_text(text)
     args = ["--max-tokens", 10, "--dtype", "float32"]
     result = run("perplexity.py", "--model", folder, "--text-file", tmp_path / "text.txt", *args)
     assert result.returncode == 0, result.stderr
     scored = json.loads(result.stdout)
-    ids = tokenizer.encode(TEXT)[:10]
+    ids = tokenizer.encode(text)[:10]
     with torch.no_grad():
         expected = float(model(torch.tensor([ids]), labels=torch.tensor([ids])).loss)
     assert scored["tokens"] == 9
     assert scored["nll"] == pytest.approx(expected, abs=1e-4)
-    assert scored["bytes"] == len(tokenizer.decode(ids).encode("utf-8"))
+    spelled = tokenizer.decode(ids, skip_special_tokens=False)
+    assert "<|end|>" in spelled
+    assert text.startswith(spelled)
+    assert scored["bytes"] == len(spelled.encode("utf-8"))
 
 
 @pytest.fixture(scope="module")
