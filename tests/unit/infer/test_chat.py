@@ -95,11 +95,21 @@ def test_a_kept_cache_answers_as_encoding_the_whole_conversation(
 def test_shown_pieces_make_the_answer(
     model: tuple[llama.LlamaConfig, TensorDictBase], tokenizer: ModelTokenizer
 ) -> None:
+    """The pieces shown add up to the answer, and the answer is the decoding of a naive greedy continuation
+    (argmax of a whole forward pass per token, up to a stop token)."""
     config, params = model
     shown: list[str] = []
     prompt = tokenizer.encode_chat([{"role": "user", "content": "hi"}])
     context = empty_context(config, torch.float32, "cpu")
     answer, _ = reply(llama.cached(config), params, context, prompt, tokenizer, 10, GREEDY, 0, shown.append)
+    tokens: list[int] = []
+    for _ in range(10):
+        logits = llama.forward(params, Batch(tokens=torch.tensor([[*prompt, *tokens]])), config)
+        if (token := int(logits[0, -1].argmax())) in tokenizer.stop_ids:
+            break
+        tokens.append(token)
+    assert len(tokens) > 1  # an answer of pieces, not an empty one
+    assert answer == tokenizer.decode(tokens)
     assert "".join(shown) == answer
 
 
