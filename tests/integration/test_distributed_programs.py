@@ -8,6 +8,7 @@ launches where they can.
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -237,6 +238,37 @@ def test_dpo_pairs_rank_0_cannot_make_stop_every_rank_with_one_line(tmp_path: Pa
     assert "pairs: no preference pair was found" in errors[0]
     assert not re.search(r"\[rank\d\]: Traceback", done.stderr), done.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_its_one_line(
+    spec: Path, tmp_path: Path
+) -> None:
+    """Rank 0 writes checkpoints; when a write fails (here: files over 200 KB refused, as on a full disk), the
+    other ranks learn it and exit with it, instead of dying in the next step's all-reduce with a traceback."""
+    pretrain(
+        spec, tmp_path / "warm", "--set", "train.steps=1"
+    )  # the tokenizer and token caches, written whole
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "programs/pretrain.py"]
+    options = ["--run-dir", tmp_path / "run", "--cache-dir", spec.parent, "--set", "train.checkpoint_every=2"]
+    done = subprocess.run(
+        [*command, spec, *map(str, options)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        preexec_fn=small_files,
+    )
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert "could not save" in errors[0]
+    assert "File too large" in errors[0]
+    assert not re.search(r"\[rank\d\]: Traceback", done.stderr), done.stderr[-3000:]
 
 
 def test_ctrl_c_stops_every_rank_after_the_same_step_and_saves(spec: Path, tmp_path: Path) -> None:

@@ -85,13 +85,22 @@ def train(
     main = parallel.main
 
     def save(state: TensorDict) -> None:
+        """Rank 0 writes, and every rank learns whether it could: a write that fails (a full disk) stops all of
+        them with rank 0's one line, rather than leave the others to die in the next step's collective."""
         whole = parallel.gather_to_main(state)
+        failed: checkpoint.CheckpointWriteError | None = None
         if whole is not None:
-            path = checkpoint.save(run.dir, whole, describe_meta(run))
-            removed = checkpoint.prune(run.dir, cfg.keep_checkpoints)
-            logger.info(
-                f"saved {path}" + (f"; removed {', '.join(p.name for p in removed)}" if removed else "")
-            )
+            try:
+                path = checkpoint.save(run.dir, whole, describe_meta(run))
+            except checkpoint.CheckpointWriteError as error:  # raised below, once the others know
+                failed = error
+            else:
+                removed = checkpoint.prune(run.dir, cfg.keep_checkpoints)
+                logger.info(
+                    f"saved {path}" + (f"; removed {', '.join(p.name for p in removed)}" if removed else "")
+                )
+        if parallel.agree(failed is not None):
+            raise failed or RunFailedError("rank 0 could not save a checkpoint")  # rank 0 says why
 
     def scores(state: TensorDict, done: int, final: bool = False) -> None:
         if evaluate is None:
