@@ -159,13 +159,19 @@ def schedule_warning(total_steps: int, schedule: ScheduleConfig) -> str | None:
     warmup = f"train.schedule.warmup_steps ({schedule.warmup_steps})"
     if schedule.warmup_steps > total_steps:
         return f"{warmup} exceeds train.steps ({total_steps}): the learning rate never reaches its peak"
-    decay_start = total_steps - int(schedule.decay_fraction * total_steps)
+    decay_start = total_steps - decay_steps(total_steps, schedule.decay_fraction)
     if schedule.kind == "wsd" and schedule.warmup_steps > decay_start + 1:  # + 1: one step early is the slope
         return (
             f"{warmup} runs into the decay, which starts at step {decay_start} (decay_fraction "
             f"{schedule.decay_fraction}): the learning rate jumps down when warmup ends"
         )
     return None
+
+
+def decay_steps(total_steps: int, decay_fraction: float) -> int:
+    """WSD's decay length: the fraction of the steps, rounded (truncated, 0.7 of 90 steps, 62.99999999999999 in
+    floats, decayed over 62), at least one and at most all."""
+    return min(total_steps, max(1, round(decay_fraction * total_steps)))
 
 
 def learning_rate(step: int, total_steps: int, peak: float, schedule: ScheduleConfig) -> float:
@@ -178,7 +184,7 @@ def learning_rate(step: int, total_steps: int, peak: float, schedule: ScheduleCo
     if schedule.kind == "cosine":
         progress = (step - schedule.warmup_steps) / max(1, total_steps - schedule.warmup_steps)
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    decay_start = total_steps - int(schedule.decay_fraction * total_steps)
+    decay_start = total_steps - decay_steps(total_steps, schedule.decay_fraction)
     if step < decay_start:
         return peak
     progress = (step - decay_start) / max(1, total_steps - decay_start)
