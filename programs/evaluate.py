@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -165,7 +166,8 @@ def main() -> None:
         few_shot=args.few_shot,
         system=args.system,
     )
-    if args.answers is not None:
+    print(json.dumps({"task": args.task, **result.record(), "seconds": time.perf_counter() - started}))
+    if args.answers is not None:  # after the result is out: were this write to fail, the result is not lost
         lines = (
             json.dumps(
                 {
@@ -179,7 +181,6 @@ def main() -> None:
             for problem, completion, reward in zip(problems, result.completions, result.rewards, strict=True)
         )
         atomic_write_text(args.answers, "".join(f"{line}\n" for line in lines))
-    print(json.dumps({"task": args.task, **result.record(), "seconds": time.perf_counter() - started}))
 
 
 def check_output_file(path: Path, flag: str) -> None:
@@ -188,6 +189,11 @@ def check_output_file(path: Path, flag: str) -> None:
         fail(f"{flag}: {path} is a folder; name a file to write")
     if not path.parent.is_dir():
         fail(f"{flag}: no folder {path.parent} to write {path.name} in")
+    try:  # a read-only or someone else's folder: what the atomic write will need, tried now
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        fail(f"{flag}: cannot write in {path.parent} ({error.strerror})")
 
 
 def run_harness(args: argparse.Namespace) -> None:
@@ -224,6 +230,8 @@ def run_harness(args: argparse.Namespace) -> None:
         model = ZmajLM(path=args.model, dtype=args.dtype, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError) as error:
         fail(f"--model: {runs.one_line(error)}")
+    if args.chat and model.model.tokenizer.chat_template is None:
+        fail(f"--chat: the tokenizer of {args.model} has no chat template")
     results: dict[str, Any] = simple_evaluate(
         model=model,
         tasks=tasks,
@@ -234,10 +242,11 @@ def run_harness(args: argparse.Namespace) -> None:
         log_samples=args.output is not None,
     )
     logger.info(f"lm-evaluation-harness results for {args.model}:\n{make_table(results)}")
-    if args.output is not None:
-        atomic_write_text(args.output, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
-    results.pop("samples", None)
+    samples = results.pop("samples", None)
     print(json.dumps(results, indent=2, default=handle_non_serializable))
+    if args.output is not None:  # after the result is out, as --answers
+        whole = results if samples is None else {**results, "samples": samples}
+        atomic_write_text(args.output, json.dumps(whole, indent=2, default=handle_non_serializable) + "\n")
 
 
 def fail(message: str) -> NoReturn:

@@ -363,6 +363,12 @@ def bad_conversations(tmp_path: Path) -> Path:
         ("sft.py", ["--set", "eval.max_new_tokens=120"], "eval: a prompt of"),
         ("evaluate.py", ["--task", "arithmetic", "--answers", "/no/such/folder/a.jsonl"], "/no/such/folder"),
         ("evaluate.py", ["--task", "arithmetic", "--answers", "/tmp"], "--answers: /tmp is a folder"),
+        # A folder it may not write in (/proc even for root): refused before the evaluation, not after it.
+        (
+            "evaluate.py",
+            ["--task", "arithmetic", "--answers", "/proc/a.jsonl"],
+            "--answers: cannot write in /proc",
+        ),
         (
             "evaluate.py",
             ["--task", "arithmetic", "--few-shot", "2", "--system", "Be brief."],

@@ -10,6 +10,7 @@ long prompts are cut. Two models: a small random zmaj GPT saved as a zmaj folder
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,7 @@ def test_evaluate_program_reports_the_harness_results(
         (("--harness", "zmaj_tiny", "--batch-size", "0"), "--batch-size must be at least 1"),
         (("--harness", "zmaj_tiny", "--limit", "nan"), "--limit must be a number above 0, got nan"),
         (("--harness", "zmaj_tiny", "--limit", "inf"), "--limit must be a number above 0, got inf"),
+        (("--harness", "zmaj_tiny", "--output", "/proc/r.json"), "--output: cannot write in /proc"),
     ],
 )
 def test_evaluate_program_refuses_bad_harness_input_in_one_line(
@@ -187,6 +189,21 @@ def test_evaluate_program_refuses_bad_harness_input_in_one_line(
     result = run_program("evaluate.py", "--model", tiny[0], "--harness-include", TASKS, *args)
     assert result.returncode == 2
     assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_chat_with_a_model_without_a_template_is_refused_in_one_line(
+    tiny: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Found before lm-eval builds its requests, where the template's absence was a traceback."""
+    folder = shutil.copytree(tiny[0], tmp_path / "no-template")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    args = ("--harness", "zmaj_tiny_multiple_choice", "--harness-include", TASKS, "--chat", "--limit", "2")
+    result = run_program("evaluate.py", "--model", folder, *args)
+    assert result.returncode == 2
+    assert f"--chat: the tokenizer of {folder} has no chat template" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
