@@ -99,13 +99,17 @@ class Task(BaseModel, ABC):
         rng = random.Random(seed)
         want_test = split == "test"
         found: dict[str, Problem] = {}
-        max_draws = 1000 + 100 * n
+        max_draws, since_new = 1000 + 100 * n, 0
+        # Also given up after a run of draws that found nothing new, long beside the problems found so far: a
+        # split that has run out says so at once, where 100 draws per problem asked took minutes for a large n.
         for _ in range(max_draws):
-            if len(found) == n:
+            if len(found) == n or since_new > 1000 + 10 * len(found):
                 break
             problem = self.generate(rng)
-            if in_test_split(self.name, problem.prompt, self.test_fraction) == want_test:
-                found.setdefault(problem.prompt, problem)
+            since_new += 1
+            held_out = in_test_split(self.name, problem.prompt, self.test_fraction)
+            if held_out == want_test and problem.prompt not in found:
+                found[problem.prompt], since_new = problem, 0
         if len(found) < n:
             raise ValueError(
                 f"task {self.name!r} ({self!r}) gave only {len(found)} distinct {split} problems of the {n} asked "

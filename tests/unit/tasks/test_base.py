@@ -139,6 +139,22 @@ def test_asking_for_more_problems_than_exist_is_an_error() -> None:
         task.problems("test", 100)
 
 
+def test_a_split_that_has_run_out_says_so_without_drawing_for_every_problem_asked() -> None:
+    """Given up after a run of draws that found nothing new: a billion problems asked of a split of about 20
+    took 100 draws per problem asked (a hang) before it said so."""
+    draws = 0
+
+    class Counted(ArithmeticTask):
+        def generate(self, rng: random.Random) -> Problem:
+            nonlocal draws
+            draws += 1
+            return super().generate(rng)
+
+    with pytest.raises(ValueError, match=r"only \d+ distinct test problems of the 1000000000 asked"):
+        Counted(digits=1, ops=("+",)).problems("test", 10**9)
+    assert draws < 5_000
+
+
 @pytest.mark.parametrize("task", TASKS, ids=repr)
 def test_few_shot_prompt_shows_k_solved_train_problems_then_the_question(task: Task) -> None:
     question = task.problems("test", 1)[0]
