@@ -74,9 +74,11 @@ def documents(source: Source, split: Split, validation_fraction: float) -> Itera
 def source_key(source: Source, split: Split, validation_fraction: float) -> str:
     """A sha256 that changes whenever the documents of this split could: the config, plus what it points at.
 
-    For the stdlib that is the interpreter (its full version string and stdlib path); for local files, named in
-    ``paths`` or read by a hub source (its ``data_files``, or a local folder), their sizes and modification
-    times. Datasets on the Hub are keyed by config alone: pin a revision in ``path`` if it matters.
+    For the stdlib, the interpreter (its full version string and stdlib path) and its files' names, sizes and
+    modification times (a system Python's packages, such as Debian's python3-venv, add modules to it); for
+    local files, named in ``paths`` or read by a hub source (its ``data_files``, or a local folder), their sizes
+    and modification times. Datasets on the Hub are keyed by config alone: pin a revision in ``path`` if it
+    matters.
     """
     identity: dict[str, Any] = {
         "source": source.model_dump(mode="json"),
@@ -85,7 +87,9 @@ def source_key(source: Source, split: Split, validation_fraction: float) -> str:
         "corpus_version": CORPUS_VERSION,
     }
     if isinstance(source, StdlibSource):
-        identity["python"] = [sys.version, sysconfig.get_paths()["stdlib"]]
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = [[str(p), (s := (root / p).stat()).st_size, s.st_mtime_ns] for p in _stdlib_files(root)]
+        identity["python"] = [sys.version, str(root), files]
     else:
         paths = source.paths if isinstance(source, FilesSource) else _hub_local_files(source)
         identity["files"] = [[p, (s := Path(p).stat()).st_size, s.st_mtime_ns] for p in paths]
@@ -198,23 +202,27 @@ def stdlib_documents() -> Iterator[Document]:
     from pydoc_data.topics import topics
 
     root = Path(sysconfig.get_paths()["stdlib"])
+    for relative in _stdlib_files(root):
+        try:
+            text = (root / relative).read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            logger.debug("skipping {}: not UTF-8", relative)
+            continue
+        yield Document(f"stdlib:{relative.as_posix()}", text)
+    for topic in sorted(topics):
+        yield Document(f"pydoc:{topic}", topics[topic])
+
+
+def _stdlib_files(root: Path) -> Iterator[Path]:
+    """The standard library's ``.py`` files that are code, relative to ``root``, in a sorted walk."""
     for directory, subdirectories, files in os.walk(root):
         # Pruned in place so os.walk never descends into them (site-packages alone can hold 10k files), and
         # sorted so the walk order, hence the document order, is the same on every file system.
         subdirectories[:] = sorted(d for d in subdirectories if d not in SKIPPED_STDLIB_DIRS)
         for file in sorted(f for f in files if f.endswith(".py")):
-            path = Path(directory, file)
-            relative = path.relative_to(root)
-            if _generated(relative):
-                continue
-            try:
-                text = path.read_bytes().decode("utf-8")
-            except UnicodeDecodeError:
-                logger.debug("skipping {}: not UTF-8", relative)
-                continue
-            yield Document(f"stdlib:{relative.as_posix()}", text)
-    for topic in sorted(topics):
-        yield Document(f"pydoc:{topic}", topics[topic])
+            relative = Path(directory, file).relative_to(root)
+            if not _generated(relative):
+                yield relative
 
 
 def _generated(relative: Path) -> bool:

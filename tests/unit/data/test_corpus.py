@@ -2,6 +2,7 @@ import json
 import os
 import re
 import sys
+import sysconfig
 from pathlib import Path
 from pydoc_data.topics import topics
 
@@ -267,6 +268,26 @@ def test_stdlib_key_names_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
     key = source_key(StdlibSource(), "train", FRACTION)
     monkeypatch.setattr(sys, "version", sys.version + " (another build)")
     assert source_key(StdlibSource(), "train", FRACTION) != key
+
+
+def test_stdlib_key_changes_with_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module added or edited in the standard library (a system Python's packages add some) is another
+    corpus: keyed by the interpreter alone, the caches of the old one were reused."""
+    root = tmp_path / "lib"
+    (root / "pkg").mkdir(parents=True)
+    (root / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(root)})
+    key = source_key(StdlibSource(), "train", FRACTION)
+    assert source_key(StdlibSource(), "train", FRACTION) == key
+    (root / "pkg" / "new.py").write_text("y = 2\n")
+    added = source_key(StdlibSource(), "train", FRACTION)
+    assert added != key
+    (root / "a.py").write_text("x = 10\n")
+    assert source_key(StdlibSource(), "train", FRACTION) != added
+    (root / "notes.txt").write_text("not code")  # not read, so no change
+    edited = source_key(StdlibSource(), "train", FRACTION)
+    (root / "more.txt").write_text("not code either")
+    assert source_key(StdlibSource(), "train", FRACTION) == edited
 
 
 @pytest.mark.parametrize("pattern", ["exact", "glob", "folder"])
