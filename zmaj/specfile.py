@@ -10,15 +10,20 @@ importing ``zmaj.train``.
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import pydantic
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from zmaj.text import read_text
 
 T = TypeVar("T", bound=BaseModel)
+
+
+Seed = Annotated[int, Field(ge=0, lt=2**32, description="0 to 2**32 - 1")]
+"""A spec's seed: in the range of every generator seeded from it (numpy's, the narrowest), so that a bad one is
+refused naming its field rather than by numpy, naming none."""
 
 
 class SpecError(ValueError):

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from zmaj.data.corpus import hub_where, load_hub, reading
+from zmaj.specfile import Seed
 from zmaj.tasks import Split, get_task
 from zmaj.text import read_jsonl
 
@@ -103,7 +104,7 @@ class ChatTaskSource(BaseModel):
     """The task's difficulty, passed to ``zmaj.tasks.get_task``."""
     split: Split = "train"
     n: int = Field(ge=1)
-    seed: int = 0
+    seed: Seed = 0
     system: str | None = None
     """An optional system message put first in every conversation."""
 

@@ -24,6 +24,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models.common import Batch, Forward
+from zmaj.specfile import Seed
 
 
 class LoraConfig(BaseModel):
@@ -34,7 +35,7 @@ class LoraConfig(BaseModel):
     rank: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
     targets: tuple[str, ...] = Field(("attn.q", "attn.v"), min_length=1)
-    seed: int = 0
+    seed: Seed = 0
 
     @property
     def scale(self) -> float:

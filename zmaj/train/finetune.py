@@ -36,7 +36,7 @@ from zmaj.models.common import Batch, Forward
 from zmaj.models.lora import LoraConfig, init_adapters, lora_forward, merge
 from zmaj.models.registry import config_to_json
 from zmaj.progress import progress
-from zmaj.specfile import SpecError
+from zmaj.specfile import Seed, SpecError
 from zmaj.tasks import FEW_SHOT_STOP, Problem, Reward, Split, Task, accuracy_interval, get_task, score
 from zmaj.train import runs
 from zmaj.train.grpo import GRPOConfig
@@ -90,7 +90,7 @@ class EvalConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     split: Split = "test"
     n: int = Field(200, gt=0)
-    seed: int = 0
+    seed: Seed = 0
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(32, gt=0)
     few_shot: int | None = Field(None, ge=0, description="k solved examples before the question; null = chat")
@@ -210,7 +210,7 @@ class PairsFromTask(BaseModel):
     max_new_tokens: int = Field(128, gt=0)
     sampling: Sampling = Sampling(temperature=1.0)
     batch_size: int = Field(32, gt=0, description="answers sampled together (k per prompt)")
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _samples(self) -> "PairsFromTask":

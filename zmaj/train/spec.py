@@ -14,6 +14,7 @@ from zmaj import specfile
 from zmaj.data.config import DataConfig
 from zmaj.models import gpt
 from zmaj.models.gpt import GPTConfig
+from zmaj.specfile import Seed
 from zmaj.train.muon import OptimizerConfig, check_groups, optimizer_kind
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import ParallelConfig
@@ -40,7 +41,7 @@ class LoopConfig(BaseModel):
     parallel: ParallelConfig = Field(
         ParallelConfig(), description="the state's layout across the ranks of a torchrun job"
     )
-    seed: int = 0
+    seed: Seed = 0
     eval_every: int = Field(100, gt=0)
     checkpoint_every: int = Field(500, gt=0)
     keep_checkpoints: int = Field(

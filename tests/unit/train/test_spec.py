@@ -66,6 +66,9 @@ def test_overrides_are_parsed_as_yaml_and_leave_the_input_alone() -> None:
         ("train.keep_checkpoints=0", "train.keep_checkpoints"),
         ("train.device=tpu", "train.device"),
         ("sample.prompts=['def ', '']", "sample.prompts.1"),
+        # numpy's generator takes 0 to 2**32 - 1, and refused others naming no field
+        ("train.seed=-1", "train.seed"),
+        ("train.seed=4294967296", "train.seed"),
     ],
 )
 def test_a_bad_spec_names_the_field(override: str, field: str) -> None:
