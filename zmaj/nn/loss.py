@@ -22,6 +22,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from zmaj.nn.layers import at_least_float32
+
 
 def softcap(logits: Float[Tensor, "*shape"], cap: float | None) -> Float[Tensor, "*shape"]:
     """``cap * tanh(logits / cap)``, logits squashed smoothly into ``(-cap, cap)`` (Gemma 2); None: unchanged."""
@@ -37,7 +39,8 @@ def chunked_cross_entropy(
     cap: float | None = None,
 ) -> Float[Tensor, ""]:
     """``sum(token_weights * cross_entropy(softcap(hidden @ weight.T, cap), targets))``, the logits computed
-    ``chunk`` positions at a time and never all at once; float32 softmax, as ``zmaj.train.step.token_losses``.
+    ``chunk`` positions at a time and never all at once; the softmax in float32 at least, as
+    ``zmaj.train.step.token_losses``.
 
     Under autocast the two inputs are cast to its dtype first, as the plain unembedding's matmul would cast
     them, so the matmuls run in it and the gradients come back through the casts in the inputs' dtypes.
@@ -72,15 +75,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         with torch.autocast(
             hidden.device.type, enabled=False
         ):  # the caller cast; everything here is explicit
-            loss = torch.zeros((), device=hidden.device)
+            wide = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64's own
+            loss = torch.zeros((), dtype=wide, device=hidden.device)
             grad_hidden = []
-            grad_weight = torch.zeros(weight.shape, device=weight.device)  # float32: sums over chunks
+            grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device)  # sums over chunks
             for start in range(0, hidden.shape[0], chunk):
                 h, y = hidden[start : start + chunk], targets[start : start + chunk, None]
                 w = None if token_weights is None else token_weights[start : start + chunk, None]
                 # Every [chunk, vocab] pass below is written into a tensor the chunk already holds: on a CPU,
                 # each fresh one costs its page faults, and the loss's elementwise work is most of its time.
-                logits = (h @ weight.T).float()
+                logits = at_least_float32(h @ weight.T)
                 if cap is not None:
                     # The soft-cap, keeping tanh(z / cap) for the gradient; tanh(u) as 2 sigmoid(2u) - 1, which
                     # PyTorch's CPU kernels compute ~7x faster (0.34 vs 2.5 ms for 2M floats, Zen 4).

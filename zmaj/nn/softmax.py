@@ -23,12 +23,13 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from zmaj.nn import masks
+from zmaj.nn.layers import at_least_float32
 
 
 def masked_softmax(
     scores: Float[Tensor, "*batch q_seq k_seq"], mask: Bool[Tensor, "*#batch q_seq k_seq"]
 ) -> Float[Tensor, "*batch q_seq k_seq"]:
-    """``softmax(scores + additive_bias(mask))`` over the keys, in float32, as the scores' dtype; ``mask``
+    """``softmax(scores + additive_bias(mask))`` over the keys, in float32 at least, as the scores' dtype; ``mask``
     broadcasts to ``scores``. A row whose keys are all masked gives NaN, as the formula does.
 
     Under ``torch.compile`` with ``q_seq > 1``, the operator (module docstring). Its backward pass works from
@@ -41,7 +42,8 @@ def masked_softmax(
     if torch.compiler.is_compiling() and scores.shape[-2] > 1:
         weights: Tensor = _MaskedSoftmax.apply(scores, mask)
         return weights
-    return torch.softmax((scores + masks.additive_bias(mask, scores.dtype)).float(), dim=-1).to(scores.dtype)
+    biased = scores + masks.additive_bias(mask, scores.dtype)
+    return torch.softmax(at_least_float32(biased), dim=-1).to(scores.dtype)
 
 
 @torch.library.custom_op("zmaj::masked_softmax", mutates_args=())
@@ -75,5 +77,5 @@ class _MaskedSoftmax(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         """d scores = w * (grad - sum(w * grad)): zero wherever the mask hid a key, because w is zero there."""
         (weights,) = ctx.saved_tensors
-        w, g = weights.float(), grad.float()
+        w, g = at_least_float32(weights), at_least_float32(grad)
         return (w * (g - (w * g).sum(-1, keepdim=True))).to(grad.dtype), None
