@@ -8,6 +8,7 @@ benchmarks/results/compression.md.
     uv run benchmarks/compression.py
 """
 
+import argparse
 import gzip
 import lzma
 from pathlib import Path
@@ -25,6 +26,8 @@ def bits_per_byte(compressed: int, raw: int) -> float:
 
 
 def main() -> None:
+    # No options; parsed so that --help (or a typo) explains the script instead of running it.
+    argparse.ArgumentParser(description=__doc__).parse_args()
     docs = [d.text.encode() for d in documents(StdlibSource(), "validation", 0.05)]
     raw = sum(len(d) for d in docs)
     logger.info(f"{len(docs)} held-out documents, {raw} bytes")
