@@ -99,21 +99,20 @@ class Task(BaseModel, ABC):
         rng = random.Random(seed)
         want_test = split == "test"
         found: dict[str, Problem] = {}
-        max_draws, since_new = 1000 + 100 * n, 0
-        # Also given up after a run of draws that found nothing new, long beside the problems found so far: a
-        # split that has run out says so at once, where 100 draws per problem asked took minutes for a large n.
-        for _ in range(max_draws):
-            if len(found) == n or since_new > 1000 + 10 * len(found):
-                break
+        max_draws, draws, since_new = 1000 + 100 * n, 0, 0
+        # Also given up after a run of draws that found nothing new, long beside the problems found so far (the
+        # last unseen problem of a split takes len(found) / its fraction of the draws on average): a split that
+        # has run out says so at once, where 100 draws per problem asked took minutes for a large n.
+        while len(found) < n and draws < max_draws and since_new <= 1000 + 100 * len(found):
             problem = self.generate(rng)
-            since_new += 1
+            draws, since_new = draws + 1, since_new + 1
             held_out = in_test_split(self.name, problem.prompt, self.test_fraction)
             if held_out == want_test and problem.prompt not in found:
                 found[problem.prompt], since_new = problem, 0
         if len(found) < n:
             raise ValueError(
                 f"task {self.name!r} ({self!r}) gave only {len(found)} distinct {split} problems of the {n} asked "
-                f"in {max_draws} draws: ask for fewer or make the task harder"
+                f"in {draws} draws: ask for fewer or make the task harder"
             )
         return list(found.values())
 
