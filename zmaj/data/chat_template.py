@@ -15,6 +15,7 @@ zmaj's own models use :data:`DEFAULT_TEMPLATE`, written with the role tokens res
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from datetime import datetime
 from functools import cache
 from typing import Any
@@ -45,17 +46,36 @@ def render(
 
     A template that does not compile, refuses the conversation (``raise_exception``: "System role not
     supported") or fails on it is a ValueError with Jinja's message, so programs report it in one line."""
+    text, _ = render_with_generation(template, messages, add_generation_prompt, **tokens)
+    return text
+
+
+def render_with_generation(
+    template: str, messages: Sequence[Message], add_generation_prompt: bool, **tokens: str | None
+) -> tuple[str, list[tuple[int, int]]]:
+    """:func:`render`, and where the text of each ``{% generation %}`` block lands in it (start, end), as
+    ``transformers`` records them for ``return_assistant_tokens_mask``: a template that marks the assistant's
+    text itself says exactly what is the answer's, where the text a turn adds also holds the template's own
+    (the newline after ``<|im_end|>``)."""
+    blocks: list[str] = []
+    spans: list[tuple[int, int]] = []
+    tracking = _tracking.set((blocks, spans))
     try:
-        rendered: str = _compiled(template).render(
+        # generate() yields the text as it is written: when a block's body is rendered, everything before it
+        # has been yielded, so its start is the length so far.
+        for block in _compiled(template).generate(
             messages=[dict(message) for message in messages],
             add_generation_prompt=add_generation_prompt,
             tools=None,  # zmaj passes none; templates test `tools is not none`
             documents=None,
             **{name: token for name, token in tokens.items() if token is not None},
-        )
+        ):
+            blocks.append(block)
     except (jinja2.TemplateError, TypeError) as error:  # TypeError: the template's own bug, say "a" + 1
         raise ValueError(f"chat template: {error}") from error
-    return rendered
+    finally:
+        _tracking.reset(tracking)
+    return "".join(blocks), spans
 
 
 @cache
@@ -69,11 +89,14 @@ def _compiled(template: str) -> jinja2.Template:
     return environment.from_string(template)
 
 
+_tracking: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar("tracking", default=None)
+"""While :func:`render_with_generation` renders: the text yielded so far, and the generation blocks' spans."""
+
+
 class _Generation(Extension):
-    """``{% generation %}...{% endgeneration %}``, which writes its body. ``transformers`` also records where
-    the body lands, to mask the assistant's tokens; zmaj finds them by rendering prefixes of the conversation
-    (``ModelTokenizer.encode_chat_with_mask``), so only the text matters. As in ``transformers``, the body is
-    a caller (a macro), so what it sets stays inside."""
+    """``{% generation %}...{% endgeneration %}``, which writes its body and, while
+    :func:`render_with_generation` renders, records where it lands. As in ``transformers``, the body is a
+    caller (a macro), so what it sets stays inside."""
 
     tags = {"generation"}  # noqa: RUF012 (jinja2 types it as a plain attribute)
 
@@ -83,7 +106,12 @@ class _Generation(Extension):
         return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
     def _body(self, caller: Callable[[], str]) -> str:
-        return caller()
+        text = caller()
+        if (tracking := _tracking.get()) is not None:
+            blocks, spans = tracking
+            start = sum(map(len, blocks))
+            spans.append((start, start + len(text)))
+        return text
 
 
 def _tojson(

@@ -99,9 +99,16 @@ class ModelTokenizer:
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The conversation in the model's chat template; a model without one cannot chat, and says so."""
+        text, _ = self._render(messages, add_generation_prompt)
+        return text
+
+    def _render(
+        self, messages: Sequence[Message], add_generation_prompt: bool
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and its ``{% generation %}`` blocks' spans (``chat_template.render_with_generation``)."""
         if self.chat_template is None:
             raise ValueError("this model's tokenizer has no chat template: use a plain prompt, not --chat")
-        return chat_template.render(
+        return chat_template.render_with_generation(
             self.chat_template,
             messages,
             add_generation_prompt,
@@ -119,24 +126,20 @@ class ModelTokenizer:
     def encode_chat_with_mask(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
         """The conversation's ids and, per token, whether it is written by the assistant (what SFT trains on).
 
-        An assistant turn is the text that rendering it adds after the prompt for it (``add_generation_prompt``),
-        found by rendering the conversation up to each turn; a template whose renderings are not prefixes of each
-        other cannot be split this way, and is refused. The end-of-turn marker belongs to the turn, so the model
-        learns to stop; so does a token the template's text and the answer share.
+        A template with ``{% generation %}`` blocks marks the assistant's text itself, and those blocks are it,
+        as in ``transformers``' ``return_assistant_tokens_mask``. Otherwise an assistant turn is the text that
+        rendering it adds after the prompt for it (``add_generation_prompt``), found by rendering the conversation
+        up to each turn; a template whose renderings are not prefixes of each other cannot be split this way,
+        and is refused. The end-of-turn marker belongs to the turn, so the model learns to stop; so does a token
+        the template's text and the answer share.
         """
-        text = self.render_chat(messages, add_generation_prompt=False)
-        spans: list[tuple[int, int]] = []
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = self.render_chat(messages[:index], add_generation_prompt=True)
-            through = self.render_chat(messages[: index + 1], add_generation_prompt=False)
-            if not (text.startswith(through) and through.startswith(before)):
-                raise ValueError(
-                    f"the chat template does not render turn {index} as a prefix of the conversation, so the "
-                    "assistant's tokens cannot be told apart"
-                )
-            spans.append((len(before), len(through)))
+        text, spans = self._render(messages, add_generation_prompt=False)
+        if not spans:
+            spans = [
+                self._turn_span(text, messages, index)
+                for index, m in enumerate(messages)
+                if m["role"] == "assistant"
+            ]
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
         # A token is the answer's if any of its characters is: "Assistant: " + "Five" is one token "ĠFive", which
         # the answer must train (as in transformers' return_assistant_tokens_mask).
@@ -144,6 +147,17 @@ class ModelTokenizer:
             any(begin < end and start < finish for start, end in spans) for begin, finish in encoding.offsets
         ]
         return list(encoding.ids), mask
+
+    def _turn_span(self, text: str, messages: Sequence[Message], index: int) -> tuple[int, int]:
+        """Where in ``text`` (the whole conversation) the text rendering turn ``index`` adds lies."""
+        before = self.render_chat(messages[:index], add_generation_prompt=True)
+        through = self.render_chat(messages[: index + 1], add_generation_prompt=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise ValueError(
+                f"the chat template does not render turn {index} as a prefix of the conversation, so the "
+                "assistant's tokens cannot be told apart"
+            )
+        return len(before), len(through)
 
     @classmethod
     def from_zmaj(cls, tokenizer: Tokenizer) -> "ModelTokenizer":

@@ -100,17 +100,27 @@ SPACED = (
 )
 
 
+# ChatML with the answer marked, and the template's own newline after each answer's end marker.
+MARKED = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|assistant|>' }}"
+    "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
 @settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(messages=conversations())
-def test_the_assistant_mask_is_transformers_where_a_token_straddles_the_answer_start(
-    model_tokenizer: ModelTokenizer, messages: list[dict[str, str]]
+@given(messages=conversations(), template=st.sampled_from([SPACED, MARKED]))
+def test_the_assistant_mask_is_transformers_for_templates_that_mark_the_answer(
+    model_tokenizer: ModelTokenizer, messages: list[dict[str, str]], template: str
 ) -> None:
-    """A token that begins in the template and ends in the answer is the answer's, as ``transformers`` marks it
-    (``return_assistant_tokens_mask``, from the ``{% generation %}`` block): marked by where it starts, the
-    first word of every answer went untrained."""
-    ours = ModelTokenizer(model_tokenizer.tokenizer, chat_template=SPACED)
+    """The mask of ``transformers``' ``return_assistant_tokens_mask``: the ``{% generation %}`` blocks' text,
+    and a token that begins in the template's text and ends in the answer ("ĠFive" in SPACED) is the answer's.
+    Marked by where it starts, the first word of every answer went untrained; marked by the text a turn adds,
+    so did MARKED's newline after the end marker."""
+    ours = ModelTokenizer(model_tokenizer.tokenizer, chat_template=template)
     ids, mask = ours.encode_chat_with_mask(messages)
-    theirs: Any = reference(ours, SPACED).apply_chat_template(
+    theirs: Any = reference(ours, template).apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     assert ids == list(theirs["input_ids"])
