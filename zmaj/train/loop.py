@@ -88,14 +88,14 @@ def train(
         """Rank 0 writes, and every rank learns whether it could: a write that fails (a full disk) stops all of
         them with rank 0's one line, rather than leave the others to die in the next step's collective."""
         whole = parallel.gather_to_main(state)
-        failed: checkpoint.CheckpointWriteError | None = None
+        failed: OSError | None = None
         if whole is not None:
             try:
                 path = checkpoint.save(run.dir, whole, describe_meta(run))
-            except checkpoint.CheckpointWriteError as error:  # raised below, once the others know
+                removed = checkpoint.prune(run.dir, cfg.keep_checkpoints)
+            except OSError as error:  # raised below, once the others know
                 failed = error
             else:
-                removed = checkpoint.prune(run.dir, cfg.keep_checkpoints)
                 logger.info(
                     f"saved {path}" + (f"; removed {', '.join(p.name for p in removed)}" if removed else "")
                 )
@@ -203,11 +203,17 @@ def stop_on_non_finite(
     the latest checkpoint, resuming there would fail again at the same step: it is set aside too, and
     ``latest`` goes back to the checkpoint before it."""
     whole = run.parallel.gather_to_main(state)
-    message = None
+    message, failed = None, None
+    what = ", ".join(f"{key} {values[key]}" for key in ("loss", "grad_norm") if key in values)
     if whole is not None:
-        kept = checkpoint.save_aside(run.dir, whole, describe_meta(run), "nonfinite")
+        try:
+            kept = checkpoint.save_aside(run.dir, whole, describe_meta(run), "nonfinite")
+        except checkpoint.CheckpointWriteError as error:  # raised below, once the others know
+            failed = RunFailedError(f"{what} at step {done}, and {error}")
+    if run.parallel.agree(failed is not None):
+        raise failed or RunFailedError("rank 0 could not keep the non-finite state")  # rank 0 says why
+    if whole is not None:
         started = int(whole["opt", "step"]) - updates_per_step
-        what = ", ".join(f"{key} {values[key]}" for key in ("loss", "grad_norm") if key in values)
         message = f"{what} at step {done}; that state is kept in {kept} for inspection"
         if checkpoint.set_aside_latest(run.dir, started, "nonfinite_start"):
             message += f", and the checkpoint the step started from (step {started}) set aside beside it"
