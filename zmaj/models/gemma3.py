@@ -37,7 +37,7 @@ from torch import Tensor
 from zmaj.models import common
 from zmaj.models.common import Batch, LazyLogits, batch_mask, cache_mask, cache_step
 from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention, project_heads
-from zmaj.nn.layers import Activation, embedding, glu_mlp, linear
+from zmaj.nn.layers import Activation, at_least_float32, embedding, glu_mlp, linear
 from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
 from zmaj.nn.shell import Shell
 
@@ -298,15 +298,15 @@ def unembed(
 def rms_norm(
     params: TensorDictBase, x: Float[Tensor, "*batch d_model"], eps: float
 ) -> Float[Tensor, "*batch d_model"]:
-    """Gemma's RMSNorm: normalise and scale by ``(1 + w)`` all in float32, then cast back.
+    """Gemma's RMSNorm: normalise and scale by ``(1 + w)`` all in float32 at least, then cast back.
 
     ``zmaj.nn.layers.rms_norm(..., offset=1)`` is the same function in float32, but casts before scaling, as
     Llama does; in bfloat16 the two round differently, and this is the order of Gemma's reference code, which
     ``transformers`` follows (PR #29402).
     """
-    normed = F.rms_norm(x.float(), x.shape[-1:], eps=eps)
+    normed = F.rms_norm(at_least_float32(x), x.shape[-1:], eps=eps)
     weight: Tensor = params["weight"]
-    return (normed * (1.0 + weight.float())).to(x.dtype)
+    return (normed * (1.0 + at_least_float32(weight))).to(x.dtype)
 
 
 def _rotated_qkv(

@@ -13,13 +13,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from zmaj.models.common import Batch
+from zmaj.nn.layers import at_least_float32
 
 
 def token_logprobs(
     logits: Float[Tensor, "batch seq vocab"], targets: Int[Tensor, "batch seq"]
 ) -> Float[Tensor, "batch seq"]:
-    """log p(target) at every position, computed in float32 (bf16 log-softmax loses the small differences)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    """log p(target) at every position, computed in float32 at least (bf16 log-softmax loses the small
+    differences)."""
+    logprobs = torch.log_softmax(at_least_float32(logits), dim=-1)
     return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 

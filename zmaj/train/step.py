@@ -21,6 +21,7 @@ from torch import Tensor
 
 from zmaj.data.dataset import LMDataset, stream_batch
 from zmaj.models.common import Batch, Forward, LazyForward, LazyLogits
+from zmaj.nn.layers import at_least_float32
 from zmaj.nn.loss import chunked_cross_entropy
 from zmaj.progress import progress
 from zmaj.train.muon import MuonConfig, OptimizerConfig, muon_init, muon_update
@@ -43,9 +44,12 @@ def init_state(params: TensorDictBase, optimizer: OptimizerConfig | None = None)
 
 
 def token_losses(logits: Float[Tensor, "batch seq vocab"], batch: Batch) -> Float[Tensor, "batch seq"]:
-    """Next-token cross-entropy at every position, zero where ``loss_mask`` is off; computed in float32."""
+    """Next-token cross-entropy at every position, zero where ``loss_mask`` is off; computed in float32 at
+    least."""
     assert batch.targets is not None, "training batches carry targets"
-    losses = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none")
+    losses = F.cross_entropy(
+        at_least_float32(logits).flatten(0, 1), batch.targets.flatten(), reduction="none"
+    )
     losses = losses.view_as(batch.targets)
     return losses if batch.loss_mask is None else losses * batch.loss_mask
 

@@ -1,6 +1,6 @@
-"""Every block computes float64 in float64: the norms, softmaxes, GELU and loss accumulate in float32 where their
-input is narrower, and used to narrow float64 to it too, so that a float64 gradient check (``gradcheck``, the
-standard way to check a derivative) failed on the readable paths by float32's rounding."""
+"""The norms, softmaxes, GELU, losses and log-probs compute float64 in float64: they accumulate in float32 where
+their input is narrower, and used to narrow float64 to it too, so that a float64 gradient check (``gradcheck``,
+the standard way to check a derivative) failed on the readable paths by float32's rounding."""
 
 from collections.abc import Callable
 
@@ -9,10 +9,14 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
+from zmaj.models import gemma3
+from zmaj.models.common import Batch
 from zmaj.nn.attention import eager_attention
 from zmaj.nn.layers import gelu_saving_derivative, rms_norm
 from zmaj.nn.loss import chunked_cross_entropy
 from zmaj.nn.softmax import masked_softmax
+from zmaj.train.logprobs import token_logprobs
+from zmaj.train.step import token_losses
 
 
 def inputs(*shapes: tuple[int, ...]) -> tuple[Tensor, ...]:
@@ -43,6 +47,12 @@ CASES: dict[str, tuple[Callable[..., Tensor], tuple[Tensor, ...]]] = {
         lambda h, w: chunked_cross_entropy(h, w, TARGETS, chunk=3, cap=3.0),
         inputs((1, 5, 3), (4, 3)),
     ),
+    "gemma3.rms_norm": (
+        lambda x, w: gemma3.rms_norm(TensorDict({"weight": w}), x, 1e-6),
+        inputs((3, 4), (4,)),
+    ),
+    "token_losses": (lambda z: token_losses(z, Batch(tokens=TARGETS, targets=TARGETS)), inputs((1, 5, 4))),
+    "token_logprobs": (lambda z: token_logprobs(z, TARGETS), inputs((1, 5, 4))),
 }
 
 
