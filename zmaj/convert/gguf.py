@@ -486,7 +486,9 @@ def _params(
         for key, name, fn in layer_table:
             if f"blocks.{key}" in wanted:
                 flat[f"blocks.{key}"] = stack_layers(
-                    (load(f"blocks.{key}", name.format(i=i), fn) for i in range(n_layers)), n_layers
+                    (load(f"blocks.{key}", name.format(i=i), fn) for i in range(n_layers)),
+                    n_layers,
+                    f"GGUF tensors {name}",
                 )
     assert set(flat) == wanted, f"the GGUF tables miss {sorted(wanted - set(flat))}"
     if unread := sorted(set(tensors) - read):

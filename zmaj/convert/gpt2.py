@@ -182,7 +182,9 @@ def params_from_hf(state_dict: Mapping[str, Tensor], config: GPTConfig) -> Tenso
     flat = {key: layout.read(get(name)) for key, name, layout in GLOBAL_TABLE}
     for key, name, layout in LAYER_TABLE:
         flat[f"blocks.{key}"] = stack_layers(
-            (layout.read(get(name.format(i=i))) for i in range(config.n_layers)), config.n_layers
+            (layout.read(get(name.format(i=i))) for i in range(config.n_layers)),
+            config.n_layers,
+            f"GPT-2 checkpoint tensors {name}",
         )
     if not config.tie_embeddings:
         flat["unembed.weight"] = get("lm_head.weight")

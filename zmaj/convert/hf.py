@@ -386,7 +386,9 @@ def params_from_hf(tensors: Mapping[str, Tensor], config: LlamaConfig | Gemma3Co
     for key, name in layer_table:
         if f"blocks.{key}" in wanted:
             flat[f"blocks.{key}"] = stack_layers(
-                (read(f"blocks.{key}", name.format(i=i)) for i in range(config.n_layers)), config.n_layers
+                (read(f"blocks.{key}", name.format(i=i)) for i in range(config.n_layers)),
+                config.n_layers,
+                f"checkpoint tensors {name}",
             )
     assert set(flat) == wanted, f"the tables miss {sorted(wanted - set(flat))}"
     params: TensorDict = TensorDict(flat).unflatten_keys(".")
