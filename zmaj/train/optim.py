@@ -169,9 +169,9 @@ def schedule_warning(total_steps: int, schedule: ScheduleConfig) -> str | None:
 
 
 def decay_steps(total_steps: int, decay_fraction: float) -> int:
-    """WSD's decay length: the fraction of the steps, rounded (truncated, 0.7 of 90 steps, 62.99999999999999 in
-    floats, decayed over 62), at least one and at most all."""
-    return min(total_steps, max(1, round(decay_fraction * total_steps)))
+    """WSD's decay length: the whole steps of the fraction, at least one and at most all, a float's rounding
+    error allowed for (0.7 of 90 steps is 62.99999999999999 in floats, which decayed over 62)."""
+    return min(total_steps, max(1, math.floor(decay_fraction * total_steps + 1e-9)))
 
 
 def learning_rate(step: int, total_steps: int, peak: float, schedule: ScheduleConfig) -> float:

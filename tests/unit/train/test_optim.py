@@ -116,11 +116,9 @@ def test_wsd_schedule_is_flat_then_linear() -> None:
 
 @pytest.mark.parametrize(
     ("fraction", "steps", "decaying"),
-    [(0.7, 90, 63), (0.2, 100, 20), (0.4, 41, 16), (0.4, 2, 1), (0.4, 1, 1), (0.1, 5, 1)],
+    [(0.7, 90, 63), (0.2, 100, 20), (0.4, 41, 16), (0.5, 5, 2), (0.4, 2, 1), (0.4, 1, 1), (0.1, 5, 1)],
 )
-def test_wsd_decays_over_the_rounded_fraction_of_the_steps(
-    fraction: float, steps: int, decaying: int
-) -> None:
+def test_wsd_decays_over_the_whole_steps_of_the_fraction(fraction: float, steps: int, decaying: int) -> None:
     """The rate falls below the peak on the decay's steps but the first (modded-nanogpt's convention), to 1/decay
     of it on the last: 0.7 of 90 steps is 63 of them, though 0.7 * 90 is 62.99999999999999 in floats; a run too
     short for the fraction to make a whole step has a decay of one step, at the peak."""
@@ -139,7 +137,12 @@ def test_wsd_decays_over_the_rounded_fraction_of_the_steps(
         ("cosine", 25, 25, False),
         ("constant", 3, 2, True),
         ("wsd", 25, 175, False),  # the default: decay from step 105
-        ("wsd", 25, 41, False),  # decay from step 25 (41 - round(0.4 * 41)), where warmup ends
+        (
+            "wsd",
+            25,
+            41,
+            False,
+        ),  # decay from step 25 (41 - 16, the whole steps of 0.4 * 41), where warmup ends
         ("wsd", 25, 40, False),  # decay from step 24: step 25 is 1/16 of the way down, the decay's slope
         ("wsd", 25, 35, True),  # decay from step 21: step 25 drops from the peak to 4/14 of the way down
     ],
@@ -151,5 +154,7 @@ def test_schedule_warning_names_a_missed_peak_or_a_jump(
     rates = [optim.learning_rate(step, steps, 1.0, schedule) for step in range(steps)]
     peaked = max(rates) == pytest.approx(1.0)
     steepest = max(a - b for a, b in itertools.pairwise(rates))
-    smooth = kind != "wsd" or steepest <= 0.9 / round(0.4 * steps) + 1e-9  # 0.9: down to the default 0.1
+    smooth = (
+        kind != "wsd" or steepest <= 0.9 / optim.decay_steps(steps, 0.4) + 1e-9
+    )  # 0.9: down to the default 0.1
     assert (optim.schedule_warning(steps, schedule) is not None) == warned == (not (peaked and smooth))
