@@ -88,19 +88,24 @@ def train(
         """Rank 0 writes, and every rank learns whether it could: a write that fails (a full disk) stops all of
         them with rank 0's one line, rather than leave the others to die in the next step's collective."""
         whole = parallel.gather_to_main(state)
-        failed: OSError | None = None
+        failed: OSError | RunFailedError | None = None
         if whole is not None:
             try:
                 path = checkpoint.save(run.dir, whole, describe_meta(run))
-                removed = checkpoint.prune(run.dir, cfg.keep_checkpoints)
-            except OSError as error:  # raised below, once the others know
+            except checkpoint.CheckpointWriteError as error:  # raised below, once the others know
                 failed = error
             else:
-                logger.info(
-                    f"saved {path}" + (f"; removed {', '.join(p.name for p in removed)}" if removed else "")
-                )
+                try:
+                    removed = checkpoint.prune(run.dir, cfg.keep_checkpoints)
+                except OSError as error:
+                    failed = RunFailedError(f"saved {path}, but could not remove older checkpoints ({error})")
+                else:
+                    logger.info(
+                        f"saved {path}"
+                        + (f"; removed {', '.join(p.name for p in removed)}" if removed else "")
+                    )
         if parallel.agree(failed is not None):
-            raise failed or RunFailedError("rank 0 could not save a checkpoint")  # rank 0 says why
+            raise failed or RunFailedError("rank 0 could not save or prune a checkpoint")  # rank 0 says why
 
     def scores(state: TensorDict, done: int, final: bool = False) -> None:
         if evaluate is None:
@@ -207,26 +212,31 @@ def stop_on_non_finite(
     what = ", ".join(f"{key} {values[key]}" for key in ("loss", "grad_norm") if key in values)
     if whole is not None:
         try:
-            kept = checkpoint.save_aside(run.dir, whole, describe_meta(run), "nonfinite")
-        except checkpoint.CheckpointWriteError as error:  # raised below, once the others know
+            message = _set_aside(run, whole, f"{what} at step {done}", updates_per_step)
+        except OSError as error:  # a full disk: raised below, once the others know
             failed = RunFailedError(f"{what} at step {done}, and {error}")
     if run.parallel.agree(failed is not None):
         raise failed or RunFailedError("rank 0 could not keep the non-finite state")  # rank 0 says why
-    if whole is not None:
-        started = int(whole["opt", "step"]) - updates_per_step
-        message = f"{what} at step {done}; that state is kept in {kept} for inspection"
-        if checkpoint.set_aside_latest(run.dir, started, "nonfinite_start"):
-            message += f", and the checkpoint the step started from (step {started}) set aside beside it"
-        saved = (run.dir / checkpoint.CHECKPOINTS / checkpoint.LATEST).is_file()
-        then = (
-            f"latest is {checkpoint.latest(run.dir).name}: --resume {run.dir} continues from there (a lower "
-            "train.optimizer.lr may help)"
-            if saved
-            else "no good checkpoint was saved before it: start again with another --run-dir"
-        )
-        message = f"{message}; {then}"
+    if message is not None:
         logger.error(message)
     raise NonFiniteError(run.parallel.broadcast(message), said=True)
+
+
+def _set_aside(run: Run[Any], whole: TensorDict, what: str, updates_per_step: int) -> str:
+    """Rank 0's part of :func:`stop_on_non_finite`: the files moved, and the message saying where to go on."""
+    kept = checkpoint.save_aside(run.dir, whole, describe_meta(run), "nonfinite")
+    started = int(whole["opt", "step"]) - updates_per_step
+    message = f"{what}; that state is kept in {kept} for inspection"
+    if checkpoint.set_aside_latest(run.dir, started, "nonfinite_start"):
+        message += f", and the checkpoint the step started from (step {started}) set aside beside it"
+    saved = (run.dir / checkpoint.CHECKPOINTS / checkpoint.LATEST).is_file()
+    then = (
+        f"latest is {checkpoint.latest(run.dir).name}: --resume {run.dir} continues from there (a lower "
+        "train.optimizer.lr may help)"
+        if saved
+        else "no good checkpoint was saved before it: start again with another --run-dir"
+    )
+    return f"{message}; {then}"
 
 
 @contextmanager

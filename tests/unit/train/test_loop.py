@@ -353,19 +353,20 @@ def test_a_step_non_finite_again_after_the_resume_sets_its_start_aside_again(tmp
     ]
 
 
+@pytest.mark.parametrize("failing", ["save_aside", "set_aside_latest"])
 def test_a_non_finite_state_the_disk_cannot_keep_stops_the_run_in_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
-    """Setting the bad state aside fails (a full disk): one line says both what went wrong at the step and what
-    the write met. Rank 0 says it once every rank knows (under torchrun the others stopped in the broadcast
-    of rank 0's message, with gloo's traceback)."""
+    """Setting the bad state aside fails (a full disk), in either of its moves: one line says both what went
+    wrong at the step and what the write met. Rank 0 says it once every rank knows (under torchrun the others
+    stopped in the broadcast of rank 0's message, with gloo's traceback)."""
 
     def full(*args: object) -> Path:
         raise checkpoint.CheckpointWriteError(
             "could not save nonfinite-step-0000005 (No space left on device)"
         )
 
-    monkeypatch.setattr(checkpoint, "save_aside", full)
+    monkeypatch.setattr(checkpoint, failing, full)
     messages: list[str] = []
     sink = logger.add(lambda m: messages.append(m.record["message"]), level="ERROR")
     with pytest.raises(SystemExit) as stopped:
@@ -376,6 +377,25 @@ def test_a_non_finite_state_the_disk_cannot_keep_stops_the_run_in_one_line(
         "loss nan, grad_norm 1.0 at step 5, and could not save nonfinite-step-0000005 (No space left on device)"
     ]
     assert checkpoint.latest(tmp_path / "run").name == "step-0000004"
+
+
+def test_a_prune_that_fails_stops_the_run_in_one_line_saying_the_checkpoint_was_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def denied(run_dir: Path, keep: int) -> list[Path]:
+        raise PermissionError(13, "Permission denied", str(run_dir / "checkpoints" / "step-0000002"))
+
+    monkeypatch.setattr(checkpoint, "prune", denied)
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level="ERROR")
+    with pytest.raises(SystemExit) as stopped:
+        train(tmp_path / "run")
+    logger.remove(sink)
+    assert stopped.value.code == 1
+    assert len(messages) == 1
+    assert messages[0].startswith(f"saved {tmp_path / 'run' / 'checkpoints' / 'step-0000002'}, but could not")
+    assert "Permission denied" in messages[0]
+    assert checkpoint.latest(tmp_path / "run").name == "step-0000002"
 
 
 def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint_and_exits_1_in_one_line(
