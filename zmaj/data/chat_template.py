@@ -56,9 +56,13 @@ def render_with_generation(
     """:func:`render`, and where the text of each ``{% generation %}`` block lands in it (start, end), as
     ``transformers`` records them for ``return_assistant_tokens_mask``: a template that marks the assistant's
     text itself says exactly what is the answer's, where the text a turn adds also holds the template's own
-    (the newline after ``<|im_end|>``)."""
+    (the newline after ``<|im_end|>``).
+
+    No spans (``[]``) where a block sits inside a macro, a ``{% set %}`` block or a filter: their output is
+    buffered, so a block's start is not the length written so far (``transformers`` records wrong spans there,
+    and trains the role markers); each span is checked to hold its block's text."""
     blocks: list[str] = []
-    spans: list[tuple[int, int]] = []
+    spans: list[tuple[int, int, str]] = []
     tracking = _tracking.set((blocks, spans))
     try:
         # generate() yields the text as it is written: when a block's body is rendered, everything before it
@@ -75,7 +79,10 @@ def render_with_generation(
         raise ValueError(f"chat template: {error}") from error
     finally:
         _tracking.reset(tracking)
-    return "".join(blocks), spans
+    text = "".join(blocks)
+    if any(text[start:end] != body for start, end, body in spans):
+        return text, []
+    return text, [(start, end) for start, end, _ in spans]
 
 
 @cache
@@ -89,8 +96,11 @@ def _compiled(template: str) -> jinja2.Template:
     return environment.from_string(template)
 
 
-_tracking: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar("tracking", default=None)
-"""While :func:`render_with_generation` renders: the text yielded so far, and the generation blocks' spans."""
+_tracking: ContextVar[tuple[list[str], list[tuple[int, int, str]]] | None] = ContextVar(
+    "tracking", default=None
+)
+"""While :func:`render_with_generation` renders: the text yielded so far, and each generation block's span and
+text."""
 
 
 class _Generation(Extension):
@@ -110,7 +120,7 @@ class _Generation(Extension):
         if (tracking := _tracking.get()) is not None:
             blocks, spans = tracking
             start = sum(map(len, blocks))
-            spans.append((start, start + len(text)))
+            spans.append((start, start + len(text), text))
         return text
 
 

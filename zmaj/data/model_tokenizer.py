@@ -127,7 +127,8 @@ class ModelTokenizer:
         """The conversation's ids and, per token, whether it is written by the assistant (what SFT trains on).
 
         A template with ``{% generation %}`` blocks marks the assistant's text itself, and those blocks are it,
-        as in ``transformers``' ``return_assistant_tokens_mask``. Otherwise an assistant turn is the text that
+        as in ``transformers``' ``return_assistant_tokens_mask`` (where they sit in a macro, whose placement
+        is not known, as for a template without them). Otherwise an assistant turn is the text that
         rendering it adds after the prompt for it (``add_generation_prompt``), found by rendering the conversation
         up to each turn; a template whose renderings are not prefixes of each other cannot be split this way,
         and is refused. The end-of-turn marker belongs to the turn, so the model learns to stop; so does a token

@@ -127,6 +127,29 @@ def test_the_assistant_mask_is_transformers_for_templates_that_mark_the_answer(
     assert mask == [bool(m) for m in theirs["assistant_masks"]]
 
 
+def test_generation_blocks_in_a_macro_fall_back_to_the_turns_text(model_tokenizer: ModelTokenizer) -> None:
+    """A macro's output is buffered, so where its generation block lands is not the length written so far:
+    taken as it was recorded (as transformers takes it), the mask trained the role markers, not the answers.
+    Unverifiable spans are dropped, and the turns are found as for a template without blocks."""
+    macro = (
+        "{% macro turn(m) %}{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}"
+        "{{ m['content'] + '<|end|>' }}{% endgeneration %}{% else %}"
+        "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endif %}{% endmacro %}"
+        "{% for message in messages %}{{ turn(message) }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    messages = [
+        {"role": "user", "content": "two and three?"},
+        {"role": "assistant", "content": "five"},
+        {"role": "user", "content": "and ten?"},
+        {"role": "assistant", "content": "ten"},
+    ]
+    tokenizer = ModelTokenizer(model_tokenizer.tokenizer, chat_template=macro)
+    ids, mask = tokenizer.encode_chat_with_mask(messages)
+    answers = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m], False)
+    assert answers == "five<|end|>ten<|end|>"
+
+
 def test_a_template_that_rewrites_history_is_refused(model_tokenizer: ModelTokenizer) -> None:
     # Shows only the last turn, so the conversation so far is not a prefix of the whole.
     last_only = "{{ '<|' + messages[-1]['role'] + '|>' + messages[-1]['content'] }}"
