@@ -12,8 +12,9 @@ def stack_layers(layers: Iterable[Tensor], n_layers: int, name: str) -> Tensor:
     A checkpoint stores each layer's weight apart and zmaj stacks them; a list of all the layers, then stacked,
     holds every layer twice at the moment of the stack (for a dequantised GGUF, a second float32 copy of the
     model's blocks). Each layer is written into its slot instead, and the one just read is freed before the next.
-    A layer unlike the first is refused, as ``torch.stack`` would refuse it (a slot's assignment would
-    broadcast a misshapen one, or cast another dtype, without a word).
+    A layer of another shape than the first is refused, as ``torch.stack`` refuses it, and one of another dtype
+    too, where ``torch.stack`` would promote (a slot's assignment would broadcast the one and cast the other
+    without a word).
     """
     stacked: Tensor | None = None
     count = 0

@@ -1,5 +1,5 @@
 """Stacking per-layer tensors as they are read: the result of ``torch.stack``, one layer held at a time, and a
-layer unlike the first refused as ``torch.stack`` refuses it."""
+layer unlike the first (shape or dtype) or a wrong count refused."""
 
 import weakref
 from collections.abc import Iterator
