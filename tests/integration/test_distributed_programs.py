@@ -232,7 +232,9 @@ def test_dpo_pairs_rank_0_cannot_make_stop_every_rank_with_one_line(tmp_path: Pa
         "tests.integration.finetune_fixtures",
         timeout=120,
     )
-    assert re.findall(r"exitcode *: (\d+)", done.stderr) == ["2", "2"], done.stderr[-3000:]  # bad input, both
+    codes = re.findall(r"exitcode *: (\d+)", done.stderr)  # torchrun names each rank's, and may say one again
+    assert len(codes) >= 2, done.stderr[-3000:]
+    assert set(codes) == {"2"}, done.stderr[-3000:]  # bad input, on both ranks
     errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1, done.stderr[-3000:]
     assert "pairs: no preference pair was found" in errors[0]
