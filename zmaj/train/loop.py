@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from zmaj import checkpoint
 from zmaj.train import optim, report
+from zmaj.train.parallel import Parallel
 from zmaj.train.runs import Run, RunFailedError, bad_input_exits_2, describe_meta
 
 B = TypeVar("B")
@@ -104,8 +105,7 @@ def train(
                         f"saved {path}"
                         + (f"; removed {', '.join(p.name for p in removed)}" if removed else "")
                     )
-        if parallel.agree(failed is not None):
-            raise failed or RunFailedError("rank 0 could not save or prune a checkpoint")  # rank 0 says why
+        stop_together(parallel, failed, "rank 0 could not save or prune a checkpoint")
 
     def scores(state: TensorDict, done: int, final: bool = False) -> None:
         if evaluate is None:
@@ -215,11 +215,18 @@ def stop_on_non_finite(
             message = _set_aside(run, whole, f"{what} at step {done}", updates_per_step)
         except OSError as error:  # a full disk: raised below, once the others know
             failed = RunFailedError(f"{what} at step {done}, and {error}")
-    if run.parallel.agree(failed is not None):
-        raise failed or RunFailedError("rank 0 could not keep the non-finite state")  # rank 0 says why
+    stop_together(run.parallel, failed, "rank 0 could not keep the non-finite state")
     if message is not None:
         logger.error(message)
     raise NonFiniteError(run.parallel.broadcast(message), said=True)
+
+
+def stop_together(parallel: Parallel, failed: Exception | None, elsewhere: str) -> None:
+    """Raise rank 0's ``failed`` on rank 0 and a ``RunFailedError`` saying ``elsewhere`` on the others, when
+    rank 0's write failed: every rank learns it, rather than wait in a collective for a rank that has gone.
+    Rank 0 says why; the others' error is already said."""
+    if parallel.agree(failed is not None):
+        raise failed or RunFailedError(elsewhere)
 
 
 def _set_aside(run: Run[Any], whole: TensorDict, what: str, updates_per_step: int) -> str:
