@@ -19,7 +19,7 @@ from pydantic import ConfigDict, StrictInt, TypeAdapter, ValidationError, with_c
 from zmaj import fileio
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.tasks import get_task, score
-from zmaj.text import read_jsonl
+from zmaj.text import not_utf8, read_jsonl
 from zmaj.train import finetune
 from zmaj.train.finetune import DPOSpec, PairFiles, PairsFromTask, Start
 
@@ -67,6 +67,9 @@ def file_rows(source: PairFiles) -> list[tuple[str, dict[str, str]]]:
                 not isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")
             ):
                 raise ValueError(f"bad pair at {sample}: need string fields prompt, chosen and rejected")
+            for key in ("prompt", "chosen", "rejected"):
+                if (problem := not_utf8(row[key])) is not None:  # half a surrogate pair, spelled in JSON
+                    raise ValueError(f"bad pair at {sample}: {key}: {problem}")
             rows.append((sample, row))
     return rows
 

@@ -73,6 +73,10 @@ def test_jsonl_files_are_read_in_order_with_any_column_and_blank_lines(tmp_path:
         ({"messages": [{"role": "user"}, CONVERSATIONS[0][1]]}, "content"),
         ({"messages": [{"role": "user", "content": "Hi", "name": "x"}, CONVERSATIONS[0][1]]}, "name"),
         ({"messages": "Hi"}, "valid tuple"),
+        (  # JSON spells half an emoji; tokenizers would raise a TypeError naming nothing
+            {"messages": [{"role": "user", "content": "half \ud83d"}, CONVERSATIONS[0][1]]},
+            r"not UTF-8 text \(U\+D83D at character 5\)",
+        ),
         ({"text": "Hi"}, r"no 'messages' column \(has \['text'\]\)"),
         ([1, 2], r"no 'messages' column \(has list\)"),
     ],

@@ -17,7 +17,7 @@ from zmaj.models import gpt, llama
 from zmaj.tasks import get_task
 from zmaj.train import dpo, finetune, optim, step
 from zmaj.train.logprobs import sequence_logprobs
-from zmaj.train.pairs import Pair, fitted, on_policy_pairs, read_pairs, text_pair, write_pairs
+from zmaj.train.pairs import Pair, file_rows, fitted, on_policy_pairs, read_pairs, text_pair, write_pairs
 
 CONFIG = llama.LlamaConfig(
     vocab_size=16, context=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, init_std=0.1
@@ -192,6 +192,26 @@ def test_a_damaged_pairs_file_is_refused_naming_its_line(tmp_path: Path, row: st
     path.write_text("")
     with pytest.raises(ValueError, match=f"{path} holds no preference pair"):
         read_pairs(path, CONFIG.vocab_size)
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        ('{"prompt": "q", "chosen": 1, "rejected": "b"}', "need string fields prompt, chosen and rejected"),
+        # half an emoji, spelled in JSON: tokenizers would raise a TypeError naming no file
+        (
+            '{"prompt": "q", "chosen": "a", "rejected": "b \\ud83d"}',
+            r"rejected: not UTF-8 text \(U\+D83D at character 2\)",
+        ),
+    ],
+)
+def test_a_text_pair_that_is_not_text_is_refused_naming_its_line(
+    tmp_path: Path, row: str, problem: str
+) -> None:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n' + row + "\n")
+    with pytest.raises(ValueError, match=rf"^bad pair at {re.escape(str(path))}:2: {problem}$"):
+        file_rows(finetune.PairFiles(paths=[str(path)]))
 
 
 def test_on_policy_pairs_prefer_the_right_answer_to_the_wrong_one(monkeypatch: pytest.MonkeyPatch) -> None:
