@@ -163,6 +163,8 @@ def load_hub(source: HubLike) -> datasets.Dataset | datasets.IterableDataset:
         raise ValueError(
             f"{where}: datasets cannot read it (an empty or malformed file?): {type(cause).__name__}: {cause}"
         ) from error
+    except ValueError as error:  # datasets' own complaint (an unknown split, say), named by the source
+        raise ValueError(f"{where}: {error}") from error
     except ConnectionError as error:
         raise ValueError(
             f"{where}: not reachable ({error}): use a local source, or set HF_HUB_OFFLINE=1 to read a copy "
@@ -239,8 +241,13 @@ def _generated(relative: Path) -> bool:
 def hub_documents(source: HubSource) -> Iterator[Document]:
     """Rows of a ``datasets`` dataset, in the dataset's order."""
     dataset = load_hub(source)
-    rows = islice(dataset.select_columns([source.text_column]), source.max_documents)  # None: all rows
     where = hub_where(source)
+    columns = dataset.column_names  # None for a stream whose features are read with its first rows
+    if columns is not None and source.text_column not in columns:
+        raise ValueError(
+            f"{where}: no {source.text_column!r} column (has {', '.join(columns)}): set text_column"
+        )
+    rows = islice(dataset.select_columns([source.text_column]), source.max_documents)  # None: all rows
     for index, row in enumerate(reading(rows, where)):
         yield _row(row[source.text_column], source.text_column, f"{where}, row {index}")
 

@@ -15,7 +15,7 @@ is deterministic for a given multiset of texts.
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Sequence, Sized
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 
 import tokenizers
@@ -196,8 +196,22 @@ def load_or_train(config: DataConfig, cache_dir: str | Path, seed: int = 0) -> T
     if path.is_file():
         return Tokenizer.load(path)
     logger.info("training a {}-token BPE on {} -> {}", config.vocab_size, config.source.kind, path)
-    texts = (d.text for d in documents(config.source, "train", config.validation_fraction))
-    tokenizer = Tokenizer.train(texts, config.vocab_size, seed, config.tokenizer_documents)
+    non_empty = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal non_empty
+        for document in documents(config.source, "train", config.validation_fraction):
+            non_empty += bool(document.text)
+            yield document.text
+
+    tokenizer = Tokenizer.train(texts(), config.vocab_size, seed, config.tokenizer_documents)
+    if (
+        non_empty == 0
+    ):  # checked before saving: a tokenizer of the bare alphabet would be cached for next time
+        raise ValueError(
+            f"data.source ({config.source.kind}): the train split holds no document with any text, nothing to "
+            "train a tokenizer on (empty files, an empty text column?)"
+        )
     tokenizer.save(path)
     return tokenizer
 

@@ -252,6 +252,32 @@ def test_a_datasets_source_that_cannot_be_read_fails_naming_it(
         _all(source)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"split": "test"}, r"split test, files .*: (Unknown split \"test\"|Bad split: test)"),
+        (
+            {"text_column": "body"},
+            r"split train, files .*: no 'body' column \(has text, id\): set text_column$",
+        ),
+    ],
+)
+def test_a_datasets_source_without_its_split_or_column_fails_naming_the_source(
+    jsonl_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    streaming: bool,
+    change: dict[str, str],
+    complaint: str,
+) -> None:
+    """datasets' own words, but prefixed by the source they are about, as every other corpus error is."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    source = HubSource(path="json", data_files=str(jsonl_file), streaming=streaming, **change)
+    with pytest.raises(ValueError, match=rf"^json, {complaint}"):
+        _all(source)
+
+
 def test_source_key_changes_with_whatever_changes_the_documents(jsonl_file: Path) -> None:
     source = FilesSource(paths=[str(jsonl_file)], format="jsonl")
     key = source_key(source, "train", FRACTION)

@@ -54,3 +54,18 @@ def test_a_split_without_one_row_is_refused_naming_it(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"the validation split holds \d+ tokens .* data\.seq_len=256 \+ 1"):
         prepare(config, tmp_path / "cache", seed=0)
+
+
+@pytest.mark.parametrize("lines", [[], ["", ""]], ids=["empty file", "empty texts"])
+def test_a_corpus_without_text_is_refused_before_a_tokenizer_is_cached(
+    tmp_path: Path, lines: list[str]
+) -> None:
+    """Not "the tokenizer has 263 tokens but data.vocab_size is 8192", after caching a tokenizer of nothing."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in lines))
+    config = DataConfig(source=FilesSource(paths=[str(path)], format="jsonl"), vocab_size=300, seq_len=8)
+    with pytest.raises(
+        ValueError, match=r"^data.source \(files\): the train split holds no document with any text"
+    ):
+        prepare(config, tmp_path / "cache", seed=0)
+    assert not list((tmp_path / "cache").rglob("*.json"))
