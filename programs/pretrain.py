@@ -31,6 +31,9 @@ from zmaj.train.step import bind, bind_lazy, held_out, init_state, step_function
 
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "pretrain" / "stdlib-tiny.yaml"
+FROZEN = ("model", "data", "train.seed", *OPTIMIZER_LAYOUT)
+"""What ``--resume --set`` may not change: the model, and what decides the rows each step reads (the corpus,
+its packing, the seed of their order), so that a resumed run reads the batches of an uninterrupted one."""
 
 
 def main() -> None:
@@ -41,7 +44,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     with runs.bad_input_exits_2():
-        spec = runs.read_spec(PretrainSpec, args, ("model", *OPTIMIZER_LAYOUT), DEFAULT_SPEC)
+        spec = runs.read_spec(PretrainSpec, args, FROZEN, DEFAULT_SPEC)
         parallel = runs.join(spec.train)
     with runs.bad_input_exits_2(parallel):
         check_backend(spec, parallel)

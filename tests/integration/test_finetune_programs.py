@@ -113,6 +113,11 @@ def test_sft_lowers_the_loss_loads_as_the_trained_model_and_resumes_exactly(
     code, _, err = run("sft.py", SPECS / "sft-tiny.yaml", "--resume", tmp_path / "split")
     assert code == 2
     assert "give no SPEC, and change the run with --set" in err
+    # The seed and the data decide the rows the remaining steps read: a resume cannot change them.
+    for change in ("train.seed=7", "max_len=32"):
+        code, _, err = run("sft.py", "--resume", tmp_path / "split", "--set", change)
+        assert code == 2
+        assert f"{change.split('=')[0]} differs from the run's; --set cannot change it" in err
     assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step-0000003"
     code, _, err = run("sft.py", "--resume", tmp_path / "split")
     assert code == 0, err

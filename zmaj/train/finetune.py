@@ -362,9 +362,9 @@ def full_params(spec: FinetuneSpec, begin: Start, params: TensorDictBase) -> Ten
 
 # ---------------------------------------------------------------------------------------------- run folders
 
-FROZEN = ("model", "chat_template", "lora", *OPTIMIZER_LAYOUT)
-"""What ``--resume --set`` may not change: which model is trained, how it is talked to, what of it, and the
-optimizer state's layout."""
+FROZEN = ("model", "chat_template", "lora", "train.seed", *OPTIMIZER_LAYOUT)
+"""What ``--resume --set`` may not change: which model is trained, how it is talked to, what of it, the seed of
+its data order, and the optimizer state's layout. Each program adds what else decides the rows a step reads."""
 
 
 def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str] = FROZEN) -> S:

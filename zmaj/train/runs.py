@@ -134,6 +134,11 @@ def read_spec(
             f"--resume {args.resume} goes on with the run's own spec.yaml: give no SPEC, and change the run "
             "with --set"
         )
+    if getattr(args, "run_dir", None) is not None:  # the run would go on in --resume's folder, not there
+        raise SpecError(
+            f"--resume {args.resume} goes on in its own folder: give no --run-dir (to start another run from "
+            "this one's state, copy the folder and resume the copy)"
+        )
     saved = args.resume / "spec.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"--resume {args.resume}: no spec.yaml there, so it is not a zmaj run folder")
@@ -141,7 +146,10 @@ def read_spec(
     original = parse(kind, read_yaml(read_text(saved), str(saved)), str(saved))
     for name in frozen:
         if field_of(spec, name) != field_of(original, name):
-            raise SpecError(f"--resume {args.resume}: {name} differs from the run's; --set cannot change it")
+            changed = first_difference(name, field_of(spec, name), field_of(original, name))
+            raise SpecError(
+                f"--resume {args.resume}: {changed} differs from the run's; --set cannot change it"
+            )
     checkpoint.check_resumable(args.resume)
     return spec
 
@@ -152,6 +160,16 @@ def field_of(spec: BaseModel, name: str) -> object:
     for part in name.split("."):
         value = getattr(value, part)
     return value
+
+
+def first_difference(name: str, now: object, then: object) -> str:
+    """The dotted name of the innermost field in which two differing values of the spec field ``name`` differ:
+    ``model.d_model``, not ``model``."""
+    if isinstance(now, BaseModel) and type(now) is type(then):
+        for part in type(now).model_fields:
+            if getattr(now, part) != getattr(then, part):
+                return first_difference(f"{name}.{part}", getattr(now, part), getattr(then, part))
+    return name
 
 
 def join(train: LoopConfig) -> Parallel:
@@ -239,8 +257,11 @@ class Run(Generic[S]):
         shape (the whole checkpoint is read on every rank, each keeping its shard)."""
         state = fresh
         if self.resumed:
-            path = checkpoint.latest_intact(self.dir)
-            state = checkpoint.load_state(path, fresh)  # on the CPU, where a rank's shard is cut from it
+            # No intact checkpoint left, or one that does not fit the spec's model: one line, exit 2, as every
+            # loader of a damaged file reports it.
+            with bad_input_exits_2(self.parallel):
+                path = checkpoint.latest_intact(self.dir)
+                state = checkpoint.load_state(path, fresh)  # on the CPU, where a rank's shard is cut from it
             logger.info(f"resumed from {path} (step {int(state['opt', 'step'])})")
         return self.parallel.shard(state).to(self.device)
 

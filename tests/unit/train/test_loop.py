@@ -295,6 +295,23 @@ def test_resume_refuses_a_spec_beside_it_and_a_new_run_a_folder_as_its_spec(tmp_
     assert runs.read_spec(Spec, args, [], tmp_path / "other.yaml").train.steps == 10
 
 
+def test_resume_refuses_a_run_dir_and_names_the_frozen_field_that_changed(tmp_path: Path) -> None:
+    """``--run-dir`` beside ``--resume`` was ignored: the run went on, and wrote, in the folder ``--resume``
+    named. A frozen section's change was named by the section alone (``model differs``)."""
+    train(tmp_path / "run", stop_after=2)
+    parser = runs.cli(None)
+    args = parser.parse_args(["--resume", str(tmp_path / "run"), "--run-dir", str(tmp_path / "fork")])
+    with pytest.raises(SpecError, match=r"goes on in its own folder: give no --run-dir"):
+        runs.read_spec(Spec, args, frozen=[])
+    assert not (tmp_path / "fork").exists()
+    args = parser.parse_args(["--resume", str(tmp_path / "run"), "--set", "train.eval_every=3"])
+    with pytest.raises(
+        SpecError, match=r": train\.eval_every differs from the run's; --set cannot change it$"
+    ):
+        runs.read_spec(Spec, args, frozen=["train"])
+    assert runs.read_spec(Spec, args, frozen=["train.steps"]).train.eval_every == 3
+
+
 @pytest.mark.parametrize(
     ("bad_step", "bad"),
     [(5, "loss"), (5, "grad_norm"), (4, "loss"), (10, "grad_norm"), (1, "loss"), (3, "loss")],
@@ -464,6 +481,24 @@ def test_resuming_from_a_damaged_newest_checkpoint_takes_the_newest_intact_one(t
     logger.remove(sink)
     assert int(state["opt", "step"]) == 2
     assert any("params.safetensors" in m and "step-0000002" in m for m in messages), messages
+
+
+def test_a_resume_with_no_intact_checkpoint_left_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """It was a ``DamagedCheckpointError`` traceback and exit 1; every other loader of a damaged file says one
+    line and exits 2."""
+    train(tmp_path / "run", stop_after=4)
+    for folder in (tmp_path / "run" / "checkpoints").glob("step-*"):
+        os.truncate(folder / "params.safetensors", 10)
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level="ERROR")
+    with pytest.raises(SystemExit) as stopped, open_run(tmp_path / "run", resume=True) as run:
+        run.restore(fresh())
+    logger.remove(sink)
+    assert stopped.value.code == 2
+    assert len(messages) == 1
+    assert "no intact checkpoint to resume from" in messages[0]
+    assert "step-0000002" in messages[0]
+    assert "step-0000004" in messages[0]
 
 
 def test_evaluations_come_at_the_start_on_schedule_and_at_the_end(tmp_path: Path) -> None:
