@@ -256,3 +256,70 @@ def test_a_gpt2_folder_loads_through_the_same_entry_point(tmp_path: Path) -> Non
     with torch.no_grad():
         logits = gpt.forward(params, Batch(tokens=tokens), zmaj_config)
     assert (logits - logits_of(model, tokens)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+def test_a_tied_config_beside_a_stored_head_of_its_own_reads_as_transformers_reads_it(
+    tmp_path: Path, name: str
+) -> None:
+    """``transformers`` believes the weights over ``tie_word_embeddings: true`` when the checkpoint stores an
+    ``lm_head.weight`` that differs from the embedding; zmaj dropped that matrix (logits off by ~1)."""
+    torch.manual_seed(0)
+    if name == "gpt2":
+        gpt2 = transformers.GPT2Config(
+            vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=False
+        )
+        transformers.GPT2LMHeadModel(gpt2).save_pretrained(tmp_path)
+    else:
+        reference_model(name).save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(written | {"tie_word_embeddings": True}))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    config, params = hf.load_hf(tmp_path)
+    assert not config.tie_embeddings
+    tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        if isinstance(config, gpt.GPTConfig):
+            logits = gpt.forward(params, Batch(tokens=tokens), config)
+        else:
+            assert isinstance(config, llama.LlamaConfig)
+            logits = llama.forward(params, Batch(tokens=tokens), config)
+    assert (logits - logits_of(model, tokens)).abs().max().item() <= 1e-5
+
+
+def test_a_top_level_original_context_wins_as_in_transformers(tmp_path: Path) -> None:
+    """Phi-3's layout keeps ``original_max_position_embeddings`` beside ``rope_parameters``; the model
+    ``transformers`` loads lets it win over the nested value and over ``max_position_embeddings`` (zmaj read 256
+    where transformers computes with 16: logits off by ~1.8 past position 16)."""
+    reference_model("llama3").save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    for nested in ({}, {"original_max_position_embeddings": 32}):
+        rope = {k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"} | nested
+        changed = written | {"rope_parameters": rope, "original_max_position_embeddings": 16}
+        (tmp_path / "config.json").write_text(json.dumps(changed))
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        assert model.config.rope_parameters["original_max_position_embeddings"] == 16
+        config, params = load(tmp_path)
+        tokens = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            logits = llama.forward(params, Batch(tokens=tokens), config)
+        assert (logits - logits_of(model, tokens)).abs().max().item() <= 1e-5
+
+
+def test_a_checkpoint_of_mixed_dtypes_is_read_in_one(tmp_path: Path) -> None:
+    """float32 norms beside bfloat16 matrices loaded as they were stored, and the first matmul of two dtypes
+    failed; transformers casts the model to one dtype, config.json's."""
+    folder = corrupt(
+        tmp_path,
+        lambda tensors: {k: v if "norm" in k else v.to(torch.bfloat16) for k, v in tensors.items()},
+    )
+    written = json.loads((folder / "config.json").read_text())
+    for declared, dtype in (("float32", torch.float32), (None, torch.float32), ("bfloat16", torch.bfloat16)):
+        (folder / "config.json").write_text(json.dumps({**written, "dtype": declared}))
+        config, params = hf.load_hf(folder)
+        assert {t.dtype for t in params.values(True, True)} == {dtype}
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = llama.forward(params, Batch(tokens=tokens), config)  # type: ignore[arg-type]
+    assert torch.equal(logits.argmax(-1), logits_of(model, tokens).argmax(-1))

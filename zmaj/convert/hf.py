@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from loguru import logger
 from safetensors import SafetensorError, safe_open
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
@@ -105,14 +106,54 @@ ARCHITECTURES = {
 def load_hf(path: str | Path, device: torch.device | str = "cpu") -> tuple[ModelConfig, TensorDict]:
     """The config and parameters of the Hugging Face checkpoint folder at ``path``."""
     folder = Path(path)
-    config = config_from_hf(read_json(folder / "config.json"), str(folder / "config.json"))
+    raw = read_json(folder / "config.json")
+    config = config_from_hf(raw, str(folder / "config.json"))
     with ExitStack() as files:
         tensors = _SafetensorsFolder(folder, files, device)
+        config = _untied_where_stored(config, tensors, folder)
         if isinstance(config, GPTConfig):
             params = gpt2.params_from_hf(tensors, config)
             _check_shapes(params, gpt.init(config, 0, device="meta"))
-            return config, params
-        return config, params_from_hf(tensors, config)
+        else:
+            params = params_from_hf(tensors, config)
+    declared = raw.get("dtype", raw.get("torch_dtype")) if isinstance(raw, Mapping) else None
+    return config, _one_dtype(params, declared, folder)
+
+
+def _untied_where_stored(config: ModelConfig, tensors: Mapping[str, Tensor], folder: Path) -> ModelConfig:
+    """``config``, untied where the checkpoint stores an unembedding of its own that differs from its embedding.
+
+    ``transformers`` ties the two only where the checkpoint does not hold two different matrices
+    (``PreTrainedModel.tie_weights``: the config is then taken to be wrong), so such a checkpoint computes with the
+    stored ``lm_head.weight``; reading it tied would drop that matrix and give other logits."""
+    names = ("model.embed_tokens.weight", gpt2.PREFIX + "wte.weight", "wte.weight")
+    embed = next((name for name in names if name in tensors), None)
+    if not config.tie_embeddings or embed is None or "lm_head.weight" not in tensors:
+        return config
+    if torch.equal(tensors["lm_head.weight"], tensors[embed]):
+        return config
+    logger.warning(
+        f"{folder}: config.json ties the unembedding to the embedding, but the checkpoint stores a different "
+        "lm_head.weight; read untied, as transformers reads it"
+    )
+    return config.model_copy(update={"tie_embeddings": False})
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _one_dtype(params: TensorDict, declared: object, folder: Path) -> TensorDict:
+    """``params`` in one floating dtype: a checkpoint that stores some tensors in another (float32 norms beside
+    bfloat16 matrices) is cast as ``transformers`` loads it, to ``config.json``'s ``dtype``, else the widest
+    stored, rather than failing at the first matmul of two dtypes."""
+    stored = {t.dtype for t in params.values(True, True) if isinstance(t, Tensor) and t.is_floating_point()}
+    if len(stored) <= 1:
+        return params
+    target = _DTYPES.get(declared) if isinstance(declared, str) else None
+    target = target or max(stored, key=lambda dtype: torch.finfo(dtype).bits)
+    logger.info(f"{folder}: tensors stored in {sorted(map(str, stored))}, all read as {target}")
+    cast: TensorDict = params.to(target)
+    return cast
 
 
 def config_from_hf(raw: object, where: str = "config.json") -> ModelConfig:
@@ -205,9 +246,15 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
         raise ValueError(f"{model_type}: unsupported hidden_act {act!r}")
     # A legacy rope_scaling replaces rope_parameters, as in transformers' convert_rope_params_to_dict.
     context = hf.size("max_position_embeddings", _DEFAULT_CONTEXT[model_type])
-    base, scaling = _rope(
-        hf, hf.object("rope_scaling" if hf.get("rope_scaling") else "rope_parameters"), context
-    )
+    params = hf.object("rope_scaling" if hf.get("rope_scaling") else "rope_parameters")
+    if "original_max_position_embeddings" in hf:  # Phi-3's layout: transformers lets the top-level key win
+        params = _Fields(
+            params | {"original_max_position_embeddings": hf.size("original_max_position_embeddings")},
+            hf.where,
+            hf.needed_by,
+            params.prefix,
+        )
+    base, scaling = _rope(hf, params, context)
     n_heads = hf.size("num_attention_heads")
     default_head_dim = 128 if model_type == "qwen3" else hf.size("hidden_size") // n_heads
     return LlamaConfig(
