@@ -13,8 +13,13 @@ another for it.
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
+
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from torch import Tensor
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -77,3 +82,13 @@ def containment(folder: Path, path: Path) -> Literal["is", "holds", "lies inside
     if path.is_relative_to(folder):
         return "holds"
     return "lies inside" if folder.is_relative_to(path) else None
+
+
+def save_tensors(tensors: Mapping[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, whose I/O failures (a full disk) are its own ``SafetensorError``, not an
+    ``OSError``: raised as an ``OSError`` naming the file, which every caller that writes a folder reports in one
+    line (a traceback before)."""
+    try:
+        save_file(dict(tensors), str(path), metadata=metadata)
+    except SafetensorError as error:
+        raise OSError(f"cannot write {path}: {error}") from error

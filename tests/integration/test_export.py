@@ -7,9 +7,7 @@ Each is saved with the tokenizer of a tiny trained zmaj BPE, then loaded by ``Au
 ``AutoTokenizer`` and by ``load_model``.
 """
 
-import errno
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,13 +16,13 @@ import pytest
 import tokenizers
 import torch
 import transformers
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tensordict import TensorDict
 
 from zmaj import fileio
 from zmaj.convert import export, hf
 from zmaj.convert.export import INDEX_FILE, save_hf
-from zmaj.convert.load import Pretrained, load_model
+from zmaj.convert.load import Pretrained, load_model, save_zmaj
 from zmaj.data import chat_template
 from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
 from zmaj.data.tokenizer import BOS, END, EOS, PAD, Tokenizer
@@ -302,11 +300,14 @@ def test_a_failed_write_leaves_the_old_folder_and_no_staging(
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
     def disk_full(*args: object, **kwargs: object) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        # What safetensors raises on a full disk: its own error, not an OSError (the programs' tracebacks).
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(export, "_write_weights", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(fileio, "save_file", disk_full)
+    with pytest.raises(OSError, match=r"cannot write .*model\.safetensors: .*No space left"):
         save_hf(random_model(VARIANTS["llama"], tokenizer), folder)
+    with pytest.raises(OSError, match=r"cannot write .*params\.safetensors: .*No space left"):
+        save_zmaj(random_model(VARIANTS["llama"], tokenizer), folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
@@ -389,7 +390,7 @@ def test_a_shard_copies_the_views_and_writes_its_own_tensors_as_they_are(
     every tensor held the whole model twice)."""
     stacked, own = torch.randn(3, 4, 5), torch.randn(4, 5)
     written: dict[str, torch.Tensor] = {}
-    monkeypatch.setattr(export, "save_file", lambda shard, path, metadata: written.update(shard))
+    monkeypatch.setattr(fileio, "save_file", lambda shard, path, metadata: written.update(shard))
     export._write_shard({"a": stacked[0], "b": stacked[1], "own": own}, ["a", "b", "own"], tmp_path / "x")
     assert written["own"].data_ptr() == own.data_ptr()
     for name, layer in (("a", 0), ("b", 1)):

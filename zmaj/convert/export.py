@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
+from zmaj import fileio
 from zmaj.convert import hf
 from zmaj.convert.load import Pretrained, staged_folder
 from zmaj.progress import progress
@@ -108,7 +108,7 @@ def _write_shard(tensors: Mapping[str, Tensor], names: list[str], path: Path) ->
         return tensor.clone(memory_format=torch.contiguous_format) if view else tensor.contiguous()
 
     shard = {name: own(tensors[name]) for name in names}
-    save_file(shard, str(path), metadata={"format": "pt"})
+    fileio.save_tensors(shard, path, metadata={"format": "pt"})
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

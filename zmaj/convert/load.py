@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tensordict import TensorDict
 
 from zmaj import checkpoint, fileio
@@ -211,7 +211,7 @@ def save_zmaj(model: Pretrained, folder: str | Path) -> Path:
     folder = Path(folder)
     with staged_folder(folder) as staging:
         (staging / MODEL_FILE).write_text(json.dumps(config_to_json(model.config), indent=2) + "\n")
-        save_file(checkpoint.flatten(model.params), str(staging / PARAMS_FILE))
+        fileio.save_tensors(checkpoint.flatten(model.params), staging / PARAMS_FILE)
         model.tokenizer.save(staging)
     return folder
 
