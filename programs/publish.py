@@ -18,17 +18,19 @@ A missing token or a failed check is a one-line error with exit status 2, before
 """
 
 import argparse
+import re
 import sys
 import tempfile
 from pathlib import Path
 
+import httpx2
 from huggingface_hub import get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from loguru import logger
 
 from zmaj.convert.load import check_destination, check_replaceable
 from zmaj.extras import MissingExtraError
-from zmaj.publish.dataset import dataset_card, task_dataset, token_dataset, write_dataset_folder
+from zmaj.publish.dataset import DATA_DIR, dataset_card, task_dataset, token_dataset, write_dataset_folder
 from zmaj.publish.hub import (
     CARD_FILE,
     check_dataset_folder,
@@ -119,11 +121,26 @@ def check_out(folder: Path) -> None:
     """``--out`` is replaced whole: refuse one that holds anything but a dataset folder this program wrote
     (its card and ``data/``), so that a mistyped path deletes nothing."""
     check_replaceable(folder)
-    if folder.is_dir() and not {entry.name for entry in folder.iterdir()} <= {CARD_FILE, "data"}:
+    if folder.is_dir() and not _written_here(folder):
         raise ValueError(
             f"--out {folder} holds files a dataset folder does not, and writing it replaces the whole folder: "
             "name a new folder, or one this program wrote"
         )
+
+
+def _written_here(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but what ``write_dataset_folder`` writes: its card, and in ``data/`` one
+    parquet file per split (a project's own ``README.md`` and ``data/`` folder are not that)."""
+    if not {entry.name for entry in folder.iterdir()} <= {CARD_FILE, DATA_DIR}:
+        return False
+    data = folder / DATA_DIR
+    return not data.exists() or (
+        data.is_dir()
+        and all(
+            shard.is_file() and re.fullmatch(r"\w+-00000-of-00001\.parquet", shard.name)
+            for shard in data.iterdir()
+        )
+    )
 
 
 def main() -> None:
@@ -142,7 +159,7 @@ def upload(args: argparse.Namespace, scratch: Path) -> None:
         else:
             folder, repo_type = build_dataset(args, args.out or scratch / "dataset"), "dataset"
             check_dataset_folder(folder)
-    except (FileNotFoundError, ValueError, MissingExtraError) as error:
+    except (OSError, ValueError, MissingExtraError) as error:  # OSError: an --out on a full or read-only disk
         logger.error(str(error).replace("\n", "; "))
         sys.exit(2)
     files = upload_files(folder)
@@ -168,7 +185,11 @@ def upload(args: argparse.Namespace, scratch: Path) -> None:
             revision=args.revision,
             message=args.message,
         )
-    except HfHubHTTPError as error:
+    except (
+        HfHubHTTPError,
+        httpx2.TransportError,
+        OfflineModeIsEnabled,
+    ) as error:  # refused, unreachable, offline
         logger.error(f"upload to {args.repo_id} failed: {str(error).splitlines()[0]}")
         sys.exit(1)
     except ValueError as error:  # a repository that cannot take this upload as asked

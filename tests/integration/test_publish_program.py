@@ -6,7 +6,9 @@ Xet storage is switched off (``HF_HUB_DISABLE_XET``): its protocol talks to a se
 that the fake does not speak, so binary files go through the Git LFS batch API instead.
 """
 
+import errno
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from tests.integration import finetune_fixtures
 from tests.integration.hub_server import FakeHub
 from tests.integration.programs import run_program
 from tests.integration.test_finetune_programs import run
+from zmaj.publish import dataset
 from zmaj.publish.export import export_model
 from zmaj.tasks import get_task
 
@@ -269,6 +272,16 @@ def test_dataset_dry_run_and_bad_sources(
     assert code == 2, err
     assert "holds files a dataset folder does not" in err
     assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
+    # A project of its own that happens to hold a README.md and a data/ folder was replaced too.
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "README.md").write_text("# my project\n")
+    (project / "data" / "measurements.csv").write_text("precious,1\n")
+    code, _, err = run("publish.py", *task, "--out", project, "--dry-run")
+    assert code == 2, err
+    assert "holds files a dataset folder does not" in err
+    assert (project / "data" / "measurements.csv").read_text() == "precious,1\n"
+    assert (project / "README.md").read_text() == "# my project\n"
     monkeypatch.chdir(tmp_path / "precious")
     code, _, err = run("publish.py", *task, "--out", ".")
     assert code == 2, err
@@ -277,3 +290,27 @@ def test_dataset_dry_run_and_bad_sources(
         code, _, err = run("publish.py", *task, "--out", tmp_path / "written")
         assert code == 0, err
     assert hub.requests == []
+
+
+def test_an_unreachable_hub_and_a_full_disk_are_one_line_each(
+    hub: FakeHub, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection refused was a 68-line ``httpx2.ConnectError`` traceback; an ``--out`` the disk cannot hold
+    an ``OSError`` one."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    code, _, err = run("publish.py", folder, "--repo-id", "me/tiny")
+    assert code == 1
+    errors = [line for line in err.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, err
+    assert "upload to me/tiny failed:" in errors[0]
+    assert "Traceback" not in err
+
+    def disk_full(*args: object, **kwargs: object) -> Path:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out"))
+
+    monkeypatch.setattr(dataset, "write_dataset_folder", disk_full)
+    task = ["--dataset", "task:arithmetic", "--n-train", "3", "--n-test", "2", "--repo-id", "me/a"]
+    code, _, err = run("publish.py", *task, "--out", tmp_path / "out", "--dry-run")
+    assert code == 2, err
+    assert "No space left on device" in err
+    assert "Traceback" not in err
