@@ -250,8 +250,11 @@ def _describe(source: dict[str, Any]) -> str:
     kind = source.get("kind", "source")
     if kind == "task":
         task = source.get("task")
-        task_name = task if isinstance(task, str) else (task or {}).get("name")
-        return f"the task `{task_name}` (options {source.get('options', {})})"
+        if isinstance(task, dict):  # DPO's pairs: {task: {name, options}}; SFT's data: {task: NAME, options}
+            task_name, options = task.get("name"), task.get("options", {})
+        else:
+            task_name, options = task, source.get("options", {})
+        return f"the task `{task_name}` (options {options})"
     details = ", ".join(f"{k}: {v}" for k, v in source.items() if k != "kind")
     return f"{kind} ({details})"
 

@@ -191,3 +191,15 @@ def test_parse_size(text: str, size: int) -> None:
 def test_parse_size_refuses_what_is_not_a_size(text: str) -> None:
     with pytest.raises(ValueError, match="size"):
         parse_size(text)
+
+
+def test_a_task_source_is_described_with_its_options_whichever_way_the_spec_nests_them() -> None:
+    """DPO's pairs keep the options inside ``task``; the card read them beside it and said ``options {}``."""
+    dpo = {"pairs": {"kind": "task", "task": {"name": "arithmetic", "options": {"digits": 2}}, "k": 4}}
+    sft = {"data": {"kind": "task", "task": "arithmetic", "options": {"digits": 1}, "n": 16}}
+    described = {
+        "dpo": card._data_description(Run(Path("r"), "dpo", dpo, [])),
+        "sft": card._data_description(Run(Path("r"), "sft", sft, [])),
+    }
+    assert "the task `arithmetic` (options {'digits': 2})" in described["dpo"]
+    assert "the task `arithmetic` (options {'digits': 1})" in described["sft"]
