@@ -262,11 +262,15 @@ def _describe(source: dict[str, Any]) -> str:
 def _results(run: Run) -> str:
     lines = ["## Results\n"]
     if run.kind == "pretraining":
+        # The exported checkpoint's: the run's final evaluation, or, for an earlier checkpoint (or a run that
+        # did not finish), the last evaluation at or before its step.
         final = next((r for r in reversed(run.rows) if r.get("final")), None)
+        final = final or next((r for r in reversed(run.rows) if "val_loss" in r), None)
         if final is None:
-            return "## Results\n\nThe run did not finish; no final evaluation was recorded.\n"
+            return "## Results\n\nNo held-out evaluation was recorded up to the exported checkpoint.\n"
+        when = "after the last step" if final.get("final") else f"at step {final['step']}, this checkpoint's"
         lines += [
-            "Held-out (validation split) after the last step:\n",
+            f"Held-out (validation split) {when}:\n",
             "| metric | value |",
             "| --- | --- |",
             f"| validation loss (nats/token) | {final['val_loss']:.4f} |",

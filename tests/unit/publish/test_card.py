@@ -203,3 +203,23 @@ def test_a_task_source_is_described_with_its_options_whichever_way_the_spec_nest
     }
     assert "the task `arithmetic` (options {'digits': 2})" in described["dpo"]
     assert "the task `arithmetic` (options {'digits': 1})" in described["sft"]
+
+
+def test_an_earlier_pretraining_checkpoint_reports_its_own_last_evaluation() -> None:
+    """Exporting step 2 of a finished run said "The run did not finish" and left out step 2's evaluation."""
+    rows = [
+        {"step": 0, "val_loss": 6.0, "val_bpb": 5.0},
+        {"step": 1, "loss": 5.9, "tokens": 10},
+        {"step": 2, "val_loss": 5.7034, "val_bpb": 4.5030},
+        {"step": 4, "val_loss": 5.1, "val_bpb": 4.0, "final": True},
+    ]
+    spec = {"data": {"source": {"kind": "stdlib"}, "seq_len": 8}}
+    earlier = card._results(Run(Path("r"), "pretraining", spec, rows, checkpoint_step=2))
+    assert "at step 2, this checkpoint's" in earlier
+    assert "| validation loss (nats/token) | 5.7034 |" in earlier
+    assert "did not finish" not in earlier
+    last = card._results(Run(Path("r"), "pretraining", spec, rows))
+    assert "after the last step" in last
+    assert "| bits per byte | 4.0000 |" in last
+    none = card._results(Run(Path("r"), "pretraining", spec, rows[1:2]))
+    assert "No held-out evaluation was recorded up to the exported checkpoint." in none
