@@ -185,11 +185,8 @@ def upload(args: argparse.Namespace, scratch: Path) -> None:
             revision=args.revision,
             message=args.message,
         )
-    except (
-        HfHubHTTPError,
-        httpx2.TransportError,
-        OfflineModeIsEnabled,
-    ) as error:  # refused, unreachable, offline
+    # The Hub refused it, cannot be reached, or HF_HUB_OFFLINE is set.
+    except (HfHubHTTPError, httpx2.TransportError, OfflineModeIsEnabled) as error:
         logger.error(f"upload to {args.repo_id} failed: {str(error).splitlines()[0]}")
         sys.exit(1)
     except ValueError as error:  # a repository that cannot take this upload as asked

@@ -205,9 +205,8 @@ def load_or_train(config: DataConfig, cache_dir: str | Path, seed: int = 0) -> T
             yield document.text
 
     tokenizer = Tokenizer.train(texts(), config.vocab_size, seed, config.tokenizer_documents)
-    if (
-        non_empty == 0
-    ):  # checked before saving: a tokenizer of the bare alphabet would be cached for next time
+    # Checked before saving: a tokenizer of the bare alphabet would be cached for the next run.
+    if non_empty == 0:
         raise ValueError(
             f"data.source ({config.source.kind}): the train split holds no document with any text, nothing to "
             "train a tokenizer on (empty files, an empty text column?)"
