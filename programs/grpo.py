@@ -36,7 +36,7 @@ def main() -> None:
         parallel = runs.join(spec.train)
     with runs.bad_input_exits_2(parallel):
         parallel.check_divides(spec.train.prompts_per_step, "train.prompts_per_step")
-        begin = finetune.start(spec, parallel.device)
+        begin = finetune.start(spec, parallel.device, args.resume)
         params = finetune.trainable(spec, begin)
         reference = finetune.reference_params(spec, begin, parallel.device)
         run = runs.open_run(spec, args, parallel, partial(finetune.write_run_files, spec, begin))

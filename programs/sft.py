@@ -36,7 +36,7 @@ def main() -> None:
         parallel = runs.join(spec.train)
     with runs.bad_input_exits_2(parallel):
         parallel.check_divides(spec.train.batch_size, "train.batch_size")
-        begin = finetune.start(spec, parallel.device)
+        begin = finetune.start(spec, parallel.device, args.resume)
         examples = build_examples(spec, begin)
         params = finetune.trainable(spec, begin)
         parallel.check_shardable(params)

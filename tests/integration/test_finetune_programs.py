@@ -18,7 +18,7 @@ from loguru import logger
 from safetensors.torch import load_file
 
 from tests.integration import finetune_fixtures
-from zmaj.convert.load import load_model
+from zmaj.convert.load import load_model, save_zmaj
 from zmaj.models.lora import LoraConfig, init_adapters, merge
 from zmaj.tasks import accuracy_interval, get_task
 from zmaj.train import loop
@@ -164,6 +164,59 @@ def test_a_lora_sft_run_loads_as_its_base_with_the_adapters_merged(model: Path, 
     assert torch.equal(
         loaded.params["blocks", "mlp", "down", "weight"], base.params["blocks", "mlp", "down", "weight"]
     )
+
+
+def test_a_lora_run_refuses_a_base_that_changed_and_merges_a_bfloat16_base_in_float32(tmp_path: Path) -> None:
+    """Another model of the same shape put at the base's path (a re-conversion, another fine-tune) was merged
+    with the run's adapters, and ``--resume`` trained them on; a moved base was named without its ``lora.json``;
+    a damaged ``lora.json`` was a KeyError traceback. A bfloat16 base was merged in bfloat16, which rounded away
+    about a fifth of the update's entries: not the model the run trained and evaluated (in float32)."""
+    base = finetune_fixtures.tiny_model(tmp_path / "base")
+    short = ["--set", "lora={rank: 4, alpha: 8, targets: ['attn.*']}", "--set", "eval=null"]
+    short += ["--set", "train.steps=2"]
+    code, _, err = run(
+        "sft.py", SPECS / "sft-tiny.yaml", "--set", f"model={base}", *short, "--run-dir", tmp_path / "run"
+    )
+    assert code == 0, err
+    trained = load_model(tmp_path / "run")
+    shutil.rmtree(base)
+    with pytest.raises(
+        FileNotFoundError, match=r"lora\.json names the base model .*/base, which cannot be loaded"
+    ):
+        load_model(tmp_path / "run")
+    finetune_fixtures.tiny_model(base, seed=1)  # the same shape, other weights
+    with pytest.raises(
+        ValueError, match=r"lora\.json: the base model .*/base is not the one this run trained on"
+    ):
+        load_model(tmp_path / "run")
+    code, _, err = run("sft.py", "--resume", tmp_path / "run", "--set", "train.steps=3")
+    assert code == 2
+    assert "is not the one this run trained on" in err
+    record = tmp_path / "run" / "lora.json"
+    kept = record.read_text()
+    record.write_text(json.dumps({"base": str(base)}))
+    with pytest.raises(ValueError, match=r"lora\.json: not a LoRA record"):
+        load_model(tmp_path / "run")
+    record.write_text(kept)
+
+    # A bfloat16 base: the run trains float32 adapters over its float32 copy, and loads as that model.
+    half = save_zmaj(load_model(tmp_path / "base").to(dtype=torch.bfloat16), tmp_path / "half")
+    code, _, err = run(
+        "sft.py", SPECS / "sft-tiny.yaml", "--set", f"model={half}", *short, "--run-dir", tmp_path / "run16"
+    )
+    assert code == 0, err
+    loaded = load_model(tmp_path / "run16")
+    config = LoraConfig(rank=4, alpha=8, targets=("attn.*",))
+    start = load_model(half).to(dtype=torch.float32)
+    template = init_adapters(start.params, config)
+    adapters = checkpoint_params(tmp_path / "run16")
+    for key in template.keys(True, True):
+        template.set(key, adapters[".".join(key)])
+    expected = merge(start.params, template, config)
+    for key in expected.keys(True, True):
+        assert loaded.params.get(key).dtype == torch.float32, key
+        assert torch.equal(loaded.params.get(key), expected.get(key)), key
+    assert trained.params["embed", "weight"].dtype == torch.float32
 
 
 def test_a_full_fine_tune_where_a_lora_run_died_before_its_first_checkpoint_loads_as_itself(

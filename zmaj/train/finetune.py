@@ -27,7 +27,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDict, TensorDictBase
 
 from zmaj import checkpoint, fileio
-from zmaj.convert.load import MODEL_FILE, Pretrained, load_model, resolve, write_lora_record
+from zmaj.convert.load import (
+    LORA_FILE,
+    MODEL_FILE,
+    Pretrained,
+    check_lora_base,
+    load_model,
+    params_fingerprint,
+    read_lora_record,
+    resolve,
+    write_lora_record,
+)
 from zmaj.data.chat import ChatSource
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.cache import init_cache
@@ -256,11 +266,14 @@ class Start:
         return bind(self.model.architecture.forward, config=self.model.config)
 
 
-def start(spec: FinetuneSpec, device: torch.device) -> Start:
-    """Load ``spec.model`` in float32 on ``device``, with the spec's chat template in place of the model's own."""
+def start(spec: FinetuneSpec, device: torch.device, resume: Path | None = None) -> Start:
+    """Load ``spec.model`` in float32 on ``device``, with the spec's chat template in place of the model's own;
+    resuming a LoRA run, check that it is the base the run's adapters were trained on."""
     path = spec.model if spec.model.startswith("pypi:") else str(Path(spec.model).resolve())
     resolve(path)  # an unknown pypi: name fails here, before anything is read
     model = load_model(path).to(device, torch.float32)
+    if resume is not None and spec.lora is not None and (resume / LORA_FILE).is_file():
+        check_lora_base(resume, read_lora_record(resume), model.params)
     check_lengths(spec, model.config.context)
     if spec.chat_template is not None:
         model = replace(model, tokenizer=replace(model.tokenizer, chat_template=spec.chat_template))
@@ -418,7 +431,7 @@ def write_run_files(spec: FinetuneSpec, begin: Start, run_dir: Path) -> None:
     )
     begin.model.tokenizer.save(run_dir)
     if spec.lora is not None:
-        write_lora_record(run_dir, begin.model_path, spec.lora)
+        write_lora_record(run_dir, begin.model_path, spec.lora, params_fingerprint(begin.model.params))
 
 
 # ------------------------------------------------------------------------------------------------- batching

@@ -196,13 +196,13 @@ def test_a_destination_holding_a_lora_runs_base_model_is_refused(
     run = tmp_path / "runs" / "lora"
     (run / "checkpoints" / "step-0000001").mkdir(parents=True)
     (run / "checkpoints" / "step-0000001" / "state.json").write_text("{}")
-    write_lora_record(run, "models/base", LoraConfig())  # relative, as a spec names it
+    write_lora_record(run, "models/base", LoraConfig(), "0" * 64)  # relative, as a spec names it
     for source in (run, run / "checkpoints" / "step-0000001"):
         for destination in (tmp_path / "models", Path("models/base")):
             with pytest.raises(ValueError, match=r"models/base, the base model of the LoRA run .*lora"):
                 check_destination(destination, source)
         check_destination(tmp_path / "exports", source)
-    write_lora_record(run, "pypi:smollm2-135m-instruct", LoraConfig())
+    write_lora_record(run, "pypi:smollm2-135m-instruct", LoraConfig(), "0" * 64)
     check_destination(tmp_path / "models", run)
 
 
