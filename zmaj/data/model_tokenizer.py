@@ -185,16 +185,13 @@ class ModelTokenizer:
         bos, eos, pad, unk = (
             _token_text(config.get(name)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")
         )
-        if "add_bos_token" in config or "add_eos_token" in config:
-            add_bos = bool(config.get("add_bos_token", False)) and bos is not None
-            add_eos = bool(config.get("add_eos_token", False)) and eos is not None
-            inner.post_processor = bos_eos_processor(
-                inner, bos if add_bos else None, eos if add_eos else None
-            )
-        else:  # what tokenizer.json's own post-processor does
-            plain, full = inner.encode("a", add_special_tokens=False).ids, inner.encode("a").ids
-            add_bos = bos is not None and full[: len(full) - len(plain)] == [inner.token_to_id(bos)]
-            add_eos = eos is not None and full[len(plain) :][-1:] == [inner.token_to_id(eos)]
+        # Beside a tokenizer.json, transformers >= 5 drops the config's add_bos_token/add_eos_token (4.x rebuilt
+        # the post-processor from them): tokenizer.json's own post-processor decides, and none adds nothing.
+        if inner.post_processor is None:
+            inner.post_processor = bos_eos_processor(inner, None, None)
+        plain, full = inner.encode("a", add_special_tokens=False).ids, inner.encode("a").ids
+        add_bos = bos is not None and full[: len(full) - len(plain)] == [inner.token_to_id(bos)]
+        add_eos = eos is not None and full[len(plain) :][-1:] == [inner.token_to_id(eos)]
         stop_ids = _stop_ids(folder / GENERATION_CONFIG_FILE)
         stops = tuple(token for i in stop_ids if (token := inner.id_to_token(i)) is not None and token != eos)
         # The template's own file wins over the config's entry, as in transformers (which saves only the file)

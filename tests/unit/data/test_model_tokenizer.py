@@ -205,6 +205,32 @@ def test_saved_tokenizers_load_the_same_here_and_in_transformers(
     assert loaded.encode_chat(messages) == expected["input_ids"]
 
 
+@pytest.mark.parametrize("processor", ["none", "bos", "own"])
+@pytest.mark.parametrize(
+    "flags", [{}, {"add_bos_token": True}, {"add_bos_token": False, "add_eos_token": True}]
+)
+def test_add_bos_and_eos_flags_beside_a_tokenizer_json_are_read_as_transformers_reads_them(
+    model_tokenizer: ModelTokenizer, tmp_path: Path, processor: str, flags: dict[str, bool]
+) -> None:
+    """transformers >= 5 drops the config's flags beside a ``tokenizer.json``, whose post-processor decides (none
+    adds nothing); zmaj rebuilt the post-processor from the flags, as 4.x did, and added other tokens."""
+    model_tokenizer.save(tmp_path)
+    written = json.loads((tmp_path / "tokenizer.json").read_text())
+    inner = type(model_tokenizer.tokenizer).from_str(model_tokenizer.tokenizer.to_str())
+    if processor == "bos":
+        inner.post_processor = bos_eos_processor(inner, model_tokenizer.bos_token, None)
+    written["post_processor"] = None if processor == "none" else json.loads(inner.to_str())["post_processor"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(written))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("add_bos_token", "add_eos_token")} | flags
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = ModelTokenizer.load(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in ("hi", "def f(x):\n    return x"):
+        assert loaded.encode(text) == theirs(text).input_ids
+    assert loaded.add_bos == (processor == "bos")
+
+
 def test_saving_keeps_the_stop_tokens_and_the_models_other_generation_settings(
     model_tokenizer: ModelTokenizer, tmp_path: Path
 ) -> None:
