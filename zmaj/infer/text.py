@@ -7,7 +7,8 @@ exact; an incomplete character decodes to U+FFFD (the replacement character) unt
 trailing U+FFFD is held back. (``transformers``' ``TextStreamer`` does the same, holding back up to the last space.)
 """
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import re
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 
 from tensordict import TensorDictBase
 
@@ -17,17 +18,24 @@ from zmaj.infer.generate import GREEDY, Sampling, Step, stream
 REPLACEMENT = "\ufffd"
 
 
-def detokenize(tokens: Iterable[int], decode: Callable[[list[int]], str]) -> Iterator[str]:
+def detokenize(
+    tokens: Iterable[int], decode: Callable[[list[int]], str], held: Collection[int] = frozenset()
+) -> Iterator[str]:
     """The text of ``tokens`` in pieces whose concatenation is ``decode(all tokens)``, each emitted as soon as it is
     final.
 
-    Re-decoding every step costs time quadratic in the answer's length, negligible next to the model for the
-    thousands of tokens of an answer.
+    ``held``: tokens after which nothing is emitted, because what follows can change their text. A SentencePiece
+    model's byte tokens (``<0xF0>``, :func:`byte_tokens`) are decoded a run at a time, and a run that is not UTF-8
+    turns into one U+FFFD per byte, the valid characters at its start included; its text is final only once an
+    ordinary token ends it. Re-decoding every step costs time quadratic in the answer's length, negligible next to
+    the model for the thousands of tokens of an answer.
     """
     ids: list[int] = []
     shown = ""
     for token in tokens:
         ids.append(token)
+        if token in held:
+            continue
         text = decode(ids).rstrip(REPLACEMENT)
         if len(text) > len(shown):
             yield text[len(shown) :]
@@ -35,6 +43,13 @@ def detokenize(tokens: Iterable[int], decode: Callable[[list[int]], str]) -> Ite
     rest = decode(ids)[len(shown) :]
     if rest:
         yield rest
+
+
+def byte_tokens(tokenizer: ModelTokenizer) -> frozenset[int]:
+    """The ids of a byte-fallback vocabulary's byte tokens (``<0x00>`` to ``<0xFF>``; Gemma's, Llama 2's); none in
+    a byte-level BPE's, whose tokens hold bytes in their spelling."""
+    vocab = tokenizer.tokenizer.get_vocab()
+    return frozenset(i for name, i in vocab.items() if re.fullmatch(r"<0x[0-9A-F]{2}>", name))
 
 
 def complete(
@@ -52,4 +67,4 @@ def complete(
     stops = tokenizer.stop_ids
     emitted = stream(step, params, cache, [prompt], max_new_tokens, sampling, seed, stop_tokens=stops)
     tokens = (token for each in emitted if (token := int(each.tokens[0])) not in stops)
-    return detokenize(tokens, tokenizer.decode)
+    return detokenize(tokens, tokenizer.decode, byte_tokens(tokenizer))
