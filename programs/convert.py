@@ -1,7 +1,7 @@
 """Convert a model to a Hugging Face folder (for ``transformers`` and the tools that read its format) or to a zmaj
 model folder.
 
-    uv run programs/convert.py runs/stdlib-tiny-20261126-101500 exports/stdlib-tiny
+    uv run programs/convert.py runs/stdlib-gpt2-2019-20261126-101500 exports/stdlib-gpt2-2019
     uv run programs/convert.py SmolLM2-135M-Instruct-Q8_0.gguf models/smollm2 --to zmaj --dtype bfloat16
 
 SRC is any model PATH ``zmaj.convert.load.load_model`` reads: a .gguf file, a Hugging Face folder, a zmaj model

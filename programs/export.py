@@ -1,7 +1,7 @@
 """Export a model, usually a zmaj run, as a Hugging Face folder with a model card, ready for
 ``programs/publish.py`` (or ``transformers``' ``from_pretrained`` on the folder).
 
-    uv run programs/export.py runs/stdlib-tiny-20261126-101500 exports/stdlib-tiny --license mit
+    uv run programs/export.py runs/stdlib-gpt2-2019-20261126-101500 exports/stdlib-gpt2-2019 --license mit
     uv run programs/export.py runs/sft-smollm2-arithmetic exports/smollm2-arithmetic --dtype bfloat16 \\
         --repo-id me/smollm2-arithmetic --max-shard-size 2GB
 

@@ -1,8 +1,8 @@
 """Publish a model folder (``programs/export.py``'s) or a dataset to the Hugging Face Hub.
 
-    uv run programs/publish.py exports/stdlib-tiny --repo-id me/stdlib-tiny --dry-run
-    uv run programs/publish.py exports/stdlib-tiny --repo-id me/stdlib-tiny --private --revision v1
-    uv run programs/publish.py --dataset task:arithmetic --set-task digits=2 --n-train 20000 --n-test 500 \\
+    uv run programs/publish.py exports/stdlib-gpt2-2019 --repo-id me/stdlib-gpt2-2019 --dry-run
+    uv run programs/publish.py exports/stdlib-gpt2-2019 --repo-id me/stdlib-gpt2-2019 --private --revision v1
+    uv run programs/publish.py --dataset task:arithmetic --set-task digits=2 --n-train 10000 --n-test 500 \\
         --repo-id me/arithmetic-2
     uv run programs/publish.py --dataset tokens:~/.cache/zmaj/tokens/train-ab12,~/.cache/zmaj/tokens/validation-cd34 \\
         --repo-id me/stdlib-tokens --license mit
