@@ -89,9 +89,12 @@ def choose(
     """One token per row: greedy, or sampled after temperature, top-k and top-p, in that order (as ``transformers``)."""
     if sampling.temperature == 0.0:
         return logits.argmax(-1)
-    # Shifted to a maximum of 0 first (softmax is the same): a tiny temperature then cannot overflow to inf.
+    # Shifted to a maximum of 0 first (softmax is the same): a tiny temperature then cannot overflow to inf. One
+    # below float32's smallest normal number would round to 0 there and make the top logit 0/0: it is that
+    # number instead, which samples the top token as surely.
     logits = logits.float()
-    logits = (logits - logits.amax(-1, keepdim=True)) / sampling.temperature
+    temperature = max(sampling.temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if sampling.top_k is not None:
         logits = top_k_filter(logits, sampling.top_k)
     if sampling.top_p is not None and sampling.top_p < 1.0:
