@@ -28,6 +28,8 @@ from zmaj.text import not_utf8, utf8
 def main() -> None:
     args = parse_args()
     sampling = sampling_from(args)
+    if sys.stdin is None:  # started with stdin closed (`<&-`): said before the model loads, not after
+        fail("stdin is closed: chat.py reads the user's messages from it")
     model = load(args.model, args.dtype)
     if model.tokenizer.chat_template is None:
         fail(f"--model {args.model}: its tokenizer has no chat template, so it cannot chat")

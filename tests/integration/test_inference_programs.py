@@ -219,6 +219,19 @@ def test_chat_answers_as_generate_keeping_the_history_until_reset(
     assert [int(count) > 0 for count in reused] == [False, True, False]
 
 
+def test_chat_with_stdin_closed_is_one_line(llama: tuple[Any, Path]) -> None:
+    """``chat.py <&-`` was an AttributeError traceback on ``sys.stdin.isatty()``, after the model loaded."""
+    _, folder = llama
+    command = f"{sys.executable} {ROOT / 'programs' / 'chat.py'} --model {folder} <&-"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith("stdin is closed: chat.py reads the user's messages from it")
+    )
+
+
 def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(llama: tuple[Any, Path], tmp_path: Path) -> None:
     """Bytes that are not UTF-8 on stdin (a Latin-1 terminal) are refused, one line, and the conversation goes
     on; they used to end it with a traceback. Run as its own process with a strict stdin, where Python itself
