@@ -64,7 +64,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--split", choices=["test", "train"], help=f"default: {TASK_DEFAULTS['split']}")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--few-shot", type=int, metavar="K", help="K solved examples, no chat template")
-    mode.add_argument("--chat", action="store_true", help="ask in the chat template (the default)")
+    mode.add_argument(
+        "--chat",
+        action="store_true",
+        help="ask in the chat template (--task: the default; --harness: off unless given)",
+    )
     parser.add_argument("--seed", type=int, help=f"which problems (default: {TASK_DEFAULTS['seed']})")
     parser.add_argument("--max-new-tokens", type=int, help=f"default: {TASK_DEFAULTS['max_new_tokens']}")
     parser.add_argument("--batch-size", type=int, default=32)
