@@ -12,13 +12,14 @@ from generate import checked_sampling, seed
 from loguru import logger
 
 from zmaj import checkpoint
+from zmaj.convert.load import run_config
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer.sample import sample
 from zmaj.models import gpt
+from zmaj.models.gpt import GPTConfig
 from zmaj.specfile import SpecError
 from zmaj.text import utf8
 from zmaj.train import precision
-from zmaj.train.spec import PretrainSpec, load
 
 
 def main() -> None:
@@ -38,16 +39,20 @@ def main() -> None:
     args = parser.parse_args()
     sampling = checked_sampling(args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
     try:
-        spec = load(PretrainSpec, args.run_dir / "spec.yaml")
+        # The model section alone, as load_model reads it: a run whose training files moved (or a relative
+        # path read from another folder) is still a model to sample from.
+        config = run_config(args.run_dir)
+        if not isinstance(config, GPTConfig):
+            raise ValueError(f"{args.run_dir} is not a zmaj GPT pre-training run: sample it with generate.py")
         latest = checkpoint.latest(args.run_dir)
         tokenizer = Tokenizer.load(args.run_dir / "tokenizer.json")
-        params = checkpoint.load_params(latest, gpt.init(spec.model, 0, device="meta"))
+        params = checkpoint.load_params(latest, gpt.init(config, 0, device="meta"))
     except (SpecError, FileNotFoundError, ValueError) as error:  # ValueError: also a damaged checkpoint
         logger.error(str(error))
         sys.exit(2)
-    if tokenizer.vocab_size != spec.model.vocab_size:
+    if tokenizer.vocab_size != config.vocab_size:
         logger.error(
-            f"{args.run_dir}/tokenizer.json has {tokenizer.vocab_size} tokens, the model {spec.model.vocab_size}"
+            f"{args.run_dir}/tokenizer.json has {tokenizer.vocab_size} tokens, the model {config.vocab_size}"
         )
         sys.exit(2)
     device = precision.default_device()
@@ -57,10 +62,10 @@ def main() -> None:
         sys.exit(2)
     prompt = torch.tensor([tokenizer.encode(args.prompt)], device=device)
     new = sample(
-        lambda batch: gpt.forward(params, batch, spec.model),
+        lambda batch: gpt.forward(params, batch, config),
         prompt,
         args.max_new_tokens,
-        spec.model.context,
+        config.context,
         sampling.temperature,
         sampling.top_k,
         args.seed,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,16 @@ def test_pretrain_then_resume_is_exact_then_sample(spec: Path, tmp_path: Path) -
     sampled = run("sample.py", straight, "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0")
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.startswith("def ")
+    # A copy whose training files are gone (moved, or a relative path read from another folder) is still a
+    # model: sample.py validated the whole spec, data section included, and refused it.
+    moved = tmp_path / "moved"
+    shutil.copytree(straight, moved)
+    written = yaml.safe_load((moved / "spec.yaml").read_text())
+    written["data"]["source"]["paths"] = [str(tmp_path / "gone.jsonl")]
+    (moved / "spec.yaml").write_text(yaml.safe_dump(written))
+    again = run("sample.py", moved, "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == sampled.stdout
 
 
 @pytest.mark.slow
