@@ -11,6 +11,7 @@ prompt is tokenised as the model's tokenizer does by default (a BOS token only w
 """
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
@@ -59,11 +60,18 @@ def main() -> None:
     pieces = complete(
         step, model.params, cache, prompt, model.tokenizer, args.max_new_tokens, sampling, args.seed
     )
-    for piece in pieces:
-        sys.stdout.write(piece)
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    except KeyboardInterrupt:  # Ctrl-C ends the completion where it is, on a line of its own
+        sys.stdout.write("\n")
+        sys.exit(130)
+    except BrokenPipeError:  # the reader went away (`| head`): nothing more to show, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush writes nowhere
+        sys.exit(141)
 
 
 def parse_args() -> argparse.Namespace:

@@ -219,6 +219,21 @@ def test_chat_answers_as_generate_keeping_the_history_until_reset(
     assert [int(count) > 0 for count in reused] == [False, True, False]
 
 
+def test_generate_into_a_closed_pipe_stops_without_a_traceback(llama: tuple[Any, Path]) -> None:
+    """``generate.py ... | head -c 3``: the reader gone, the next write was a BrokenPipeError traceback."""
+    _, folder = llama
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first piece is written
+    program = [sys.executable, ROOT / "programs" / "generate.py"]
+    command = [str(word) for word in (*program, "--model", folder, "--prompt", "hi", *GREEDY)]
+    try:
+        done = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, text=True, check=False)
+    finally:
+        os.close(write)
+    assert done.returncode == 141, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+
+
 def test_chat_with_stdin_closed_is_one_line(llama: tuple[Any, Path]) -> None:
     """``chat.py <&-`` was an AttributeError traceback on ``sys.stdin.isatty()``, after the model loaded."""
     _, folder = llama
