@@ -29,7 +29,7 @@ def main() -> None:
     with runs.bad_input_exits_2():
         finetune.import_modules(args.imports)
         # The run keeps its pairs (pairs.jsonl): a resume may not change what they were made from.
-        spec = finetune.read_spec(DPOSpec, args, (*finetune.FROZEN, "pairs", "max_len"))
+        spec = finetune.read_spec(DPOSpec, args, (*finetune.FROZEN, "pairs", "max_len", "train.batch_size"))
         parallel = runs.join(spec.train)
     with runs.bad_input_exits_2(parallel):
         parallel.check_divides(spec.train.batch_size, "train.batch_size")

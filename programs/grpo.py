@@ -32,7 +32,9 @@ def main() -> None:
     with runs.bad_input_exits_2():
         finetune.import_modules(args.imports)
         # Checkpoints count optimizer steps, passes per GRPO step: a resume may not change how many.
-        spec = finetune.read_spec(GRPOSpec, args, (*finetune.FROZEN, "task", "train.passes"))
+        spec = finetune.read_spec(
+            GRPOSpec, args, (*finetune.FROZEN, "task", "train.prompts_per_step", "train.passes")
+        )
         parallel = runs.join(spec.train)
     with runs.bad_input_exits_2(parallel):
         parallel.check_divides(spec.train.prompts_per_step, "train.prompts_per_step")

@@ -31,9 +31,10 @@ from zmaj.train.step import bind, bind_lazy, held_out, init_state, step_function
 
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "pretrain" / "stdlib-tiny.yaml"
-FROZEN = ("model", "data", "train.seed", *OPTIMIZER_LAYOUT)
+FROZEN = ("model", "data", "train.seed", "train.batch_size", "train.grad_accum", *OPTIMIZER_LAYOUT)
 """What ``--resume --set`` may not change: the model, and what decides the rows each step reads (the corpus,
-its packing, the seed of their order), so that a resumed run reads the batches of an uninterrupted one."""
+its packing, the seed of their order, the rows a step takes: step i starts at row i x batch x accumulation), so
+that a resumed run reads the batches of an uninterrupted one."""
 
 
 def main() -> None:

@@ -131,15 +131,15 @@ def check_out(folder: Path) -> None:
 def _written_here(folder: Path) -> bool:
     """Whether ``folder`` holds nothing but what ``write_dataset_folder`` writes: its card, and in ``data/`` one
     parquet file per split (a project's own ``README.md`` and ``data/`` folder are not that)."""
-    if not {entry.name for entry in folder.iterdir()} <= {CARD_FILE, DATA_DIR}:
-        return False
+    names = {entry.name for entry in folder.iterdir()}
+    if not names:
+        return True
     data = folder / DATA_DIR
-    return not data.exists() or (
-        data.is_dir()
-        and all(
-            shard.is_file() and re.fullmatch(r"\w+-00000-of-00001\.parquet", shard.name)
-            for shard in data.iterdir()
-        )
+    if not names <= {CARD_FILE, DATA_DIR} or not data.is_dir():  # a README.md alone is a project's own
+        return False
+    shards = list(data.iterdir())
+    return bool(shards) and all(
+        shard.is_file() and re.fullmatch(r"\w+-00000-of-00001\.parquet", shard.name) for shard in shards
     )
 
 

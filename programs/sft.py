@@ -32,7 +32,9 @@ def main() -> None:
     args = finetune.cli(__doc__).parse_args()
     with runs.bad_input_exits_2():
         finetune.import_modules(args.imports)
-        spec = finetune.read_spec(SFTSpec, args, (*finetune.FROZEN, "data", "max_len"))
+        spec = finetune.read_spec(
+            SFTSpec, args, (*finetune.FROZEN, "data", "max_len", "train.batch_size", "train.grad_accum")
+        )
         parallel = runs.join(spec.train)
     with runs.bad_input_exits_2(parallel):
         parallel.check_divides(spec.train.batch_size, "train.batch_size")

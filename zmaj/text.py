@@ -75,6 +75,14 @@ def not_utf8(text: str) -> str | None:
     return None
 
 
+def checked_utf8(text: str) -> str:
+    """A pydantic validator for text a model reads from a spec or a data file (a system message): :func:`not_utf8`
+    as a ValueError, which validation names by field."""
+    if (problem := not_utf8(text)) is not None:
+        raise ValueError(problem)
+    return text
+
+
 def utf8(text: str) -> str:
     """An argparse type for text a model reads (a prompt, a system message): :func:`not_utf8` as the error
     argparse reports naming the flag, with exit status 2."""

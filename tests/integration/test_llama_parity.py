@@ -306,6 +306,18 @@ def test_a_top_level_original_context_wins_as_in_transformers(tmp_path: Path) ->
         assert (logits - logits_of(model, tokens)).abs().max().item() <= 1e-5
 
 
+def test_a_top_level_original_context_counts_only_for_llama3_scaling() -> None:
+    """transformers reads the top-level key for the scalings that use one: a default-RoPE config with it null
+    (which transformers loads) was refused once zmaj read it."""
+    written = REFERENCES["llama"].to_dict() | {"original_max_position_embeddings": None}
+    config = hf.config_from_hf(copy.deepcopy(written))
+    assert isinstance(config, llama.LlamaConfig)
+    assert config.rope_scaling is None
+    expected = transformers.LlamaConfig(**copy.deepcopy(written)).rope_parameters
+    assert expected is not None
+    assert expected["rope_type"] == "default"
+
+
 def test_a_checkpoint_of_mixed_dtypes_is_read_in_one(tmp_path: Path) -> None:
     """float32 norms beside bfloat16 matrices loaded as they were stored, and the first matmul of two dtypes
     failed; transformers casts the model to one dtype, config.json's."""

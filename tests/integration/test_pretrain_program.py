@@ -205,7 +205,7 @@ def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
         == 0
     )
     # What the weights' shapes or the rows a step reads depend on; the refusal names the field itself.
-    for change in ("model.d_model=64", "train.seed=7", "data.seq_len=16"):
+    for change in ("model.d_model=64", "train.seed=7", "data.seq_len=16", "train.batch_size=8"):
         result = run("pretrain.py", "--resume", run_dir, "--set", change)
         assert result.returncode == 2
         assert f"{change.split('=')[0]} differs from the run's" in result.stderr.strip().splitlines()[-1]

@@ -282,6 +282,12 @@ def test_dataset_dry_run_and_bad_sources(
     assert "holds files a dataset folder does not" in err
     assert (project / "data" / "measurements.csv").read_text() == "precious,1\n"
     assert (project / "README.md").read_text() == "# my project\n"
+    for extra in ("data/measurements.csv", "data"):  # a README.md beside an empty data/, and one alone
+        target = project / extra
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        code, _, err = run("publish.py", *task, "--out", project, "--dry-run")
+        assert code == 2, err
+        assert (project / "README.md").read_text() == "# my project\n"
     monkeypatch.chdir(tmp_path / "precious")
     code, _, err = run("publish.py", *task, "--out", ".")
     assert code == 2, err

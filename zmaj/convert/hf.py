@@ -150,7 +150,7 @@ def _one_dtype(params: TensorDict, declared: object, folder: Path) -> TensorDict
     if len(stored) <= 1:
         return params
     target = _DTYPES.get(declared) if isinstance(declared, str) else None
-    target = target or max(stored, key=lambda dtype: torch.finfo(dtype).bits)
+    target = target or max(stored, key=lambda dtype: (torch.finfo(dtype).bits, str(dtype)))  # a set: no order
     logger.info(f"{folder}: tensors stored in {sorted(map(str, stored))}, all read as {target}")
     cast: TensorDict = params.to(target)
     return cast
@@ -247,7 +247,9 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
     # A legacy rope_scaling replaces rope_parameters, as in transformers' convert_rope_params_to_dict.
     context = hf.size("max_position_embeddings", _DEFAULT_CONTEXT[model_type])
     params = hf.object("rope_scaling" if hf.get("rope_scaling") else "rope_parameters")
-    if "original_max_position_embeddings" in hf:  # Phi-3's layout: transformers lets the top-level key win
+    rope_type = params.get("rope_type", params.get("type"))
+    # Phi-3's layout: transformers lets a top-level key win, for the scalings that read one (zmaj's: llama3).
+    if rope_type == "llama3" and hf.get("original_max_position_embeddings") is not None:
         params = _Fields(
             params | {"original_max_position_embeddings": hf.size("original_max_position_embeddings")},
             hf.where,

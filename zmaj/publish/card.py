@@ -262,13 +262,18 @@ def _describe(source: dict[str, Any]) -> str:
 def _results(run: Run) -> str:
     lines = ["## Results\n"]
     if run.kind == "pretraining":
-        # The exported checkpoint's: the run's final evaluation, or, for an earlier checkpoint (or a run that
-        # did not finish), the last evaluation at or before its step.
-        final = next((r for r in reversed(run.rows) if r.get("final")), None)
-        final = final or next((r for r in reversed(run.rows) if "val_loss" in r), None)
+        # The last evaluation of the exported weights (rows after its checkpoint are not in them), named for
+        # what it is: the run's final one, the checkpoint's own, or the last before the checkpoint.
+        final = next((r for r in reversed(run.rows) if "val_loss" in r), None)
         if final is None:
             return "## Results\n\nNo held-out evaluation was recorded up to the exported checkpoint.\n"
-        when = "after the last step" if final.get("final") else f"at step {final['step']}, this checkpoint's"
+        step, exported = int(final["step"]), run.checkpoint_step
+        if final.get("final"):
+            when = "after the last step"
+        elif exported is None or step == exported:
+            when = f"at step {step}, this checkpoint's"
+        else:
+            when = f"at step {step}, the last evaluation before this checkpoint (step {exported})"
         lines += [
             f"Held-out (validation split) {when}:\n",
             "| metric | value |",

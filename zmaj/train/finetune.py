@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDict, TensorDictBase
 
 from zmaj import checkpoint, fileio
@@ -48,6 +48,7 @@ from zmaj.models.registry import config_to_json
 from zmaj.progress import progress
 from zmaj.specfile import Seed, SpecError
 from zmaj.tasks import FEW_SHOT_STOP, Problem, Reward, Split, Task, accuracy_interval, get_task, score
+from zmaj.text import checked_utf8
 from zmaj.train import runs
 from zmaj.train.grpo import GRPOConfig
 from zmaj.train.loop import Evaluate
@@ -104,7 +105,7 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(32, gt=0)
     few_shot: int | None = Field(None, ge=0, description="k solved examples before the question; null = chat")
-    system: str | None = None
+    system: Annotated[str, AfterValidator(checked_utf8)] | None = None
 
     @model_validator(mode="after")
     def _buildable(self) -> "EvalConfig":
@@ -156,7 +157,7 @@ class RLTask(BaseModel):
 
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
-    system: str | None = None
+    system: Annotated[str, AfterValidator(checked_utf8)] | None = None
 
     @model_validator(mode="after")
     def _buildable(self) -> "RLTask":

@@ -221,5 +221,13 @@ def test_an_earlier_pretraining_checkpoint_reports_its_own_last_evaluation() -> 
     last = card._results(Run(Path("r"), "pretraining", spec, rows))
     assert "after the last step" in last
     assert "| bits per byte | 4.0000 |" in last
+    # A checkpoint between two evaluations reports the last one before it, named so.
+    between = card._results(Run(Path("r"), "pretraining", spec, rows, checkpoint_step=3))
+    assert "at step 2, the last evaluation before this checkpoint (step 3)" in between
+    # A finished run extended by a resume: its step-6 checkpoint has its own evaluation, not step 4's final.
+    extended = [*rows, {"step": 6, "val_loss": 4.9, "val_bpb": 3.9}]
+    later = card._results(Run(Path("r"), "pretraining", spec, extended, checkpoint_step=6))
+    assert "at step 6, this checkpoint's" in later
+    assert "| bits per byte | 3.9000 |" in later
     none = card._results(Run(Path("r"), "pretraining", spec, rows[1:2]))
     assert "No held-out evaluation was recorded up to the exported checkpoint." in none

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import BaseModel, ValidationError
 
 from tests.integration import finetune_fixtures
 from zmaj import checkpoint
@@ -326,3 +327,13 @@ def test_draw_is_the_stream_of_shuffled_epochs(n: int, seed: int, start: int, co
     """Item i of the stream is item ``i mod n`` of epoch ``i // n``'s order, across epoch boundaries too."""
     expected = [finetune.epoch_order(n, seed, i // n)[i % n] for i in range(start, start + count)]
     assert finetune.draw(n, seed, start, count) == expected
+
+
+@pytest.mark.parametrize("where", ["eval", "task"])
+def test_a_system_text_with_half_a_surrogate_pair_is_refused_naming_the_field(where: str) -> None:
+    """A spec's system message reached the tokenizer, whose TypeError was a traceback after the run folder was
+    made (GRPO's task.system, eval.system)."""
+    kind: type[BaseModel] = finetune.EvalConfig if where == "eval" else finetune.RLTask
+    fields = {"task" if where == "eval" else "name": "arithmetic", "system": "half \ud83d"}
+    with pytest.raises(ValidationError, match=r"system\n.*not UTF-8 text \(U\+D83D at character 5\)"):
+        kind.model_validate(fields)
