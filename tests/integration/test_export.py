@@ -352,9 +352,17 @@ REFUSED: list[tuple[ModelConfig, str]] = [
 def test_inexpressible_settings_are_refused_by_name(
     config: ModelConfig, setting: str, tokenizer: ModelTokenizer, tmp_path: Path
 ) -> None:
-    with pytest.raises(ValueError, match=setting):
-        save_hf(random_model(config, tokenizer), tmp_path / "model")
-    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    # Folders above the destination that the save made are removed with it: they were left behind, empty.
+    for destination in (
+        tmp_path / "model",
+        tmp_path / "new" / "a" / "model",
+        tmp_path / "kept" / "b" / "model",
+    ):
+        with pytest.raises(ValueError, match=setting):
+            save_hf(random_model(config, tokenizer), destination)
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"]
+    assert list((tmp_path / "kept").iterdir()) == []
 
 
 def test_mixed_dtypes_are_refused(tokenizer: ModelTokenizer, tmp_path: Path) -> None:

@@ -334,7 +334,9 @@ def staged_folder(folder: Path) -> Iterator[Path]:
     """A new hidden folder beside ``folder`` for the block to write into, renamed to ``folder`` (replacing it)
     when the block ends, and deleted if the block or the rename fails: readers of ``folder`` see the old contents
     or the new, never half of them, and a failed write leaves no hidden leftover (which may be gigabytes). Every
-    file is flushed to disk before the rename, as a checkpoint's are, so a power cut cannot publish empty files."""
+    file is flushed to disk before the rename, as a checkpoint's are, so a power cut cannot publish empty files.
+    The missing folders above ``folder`` that it makes are removed again when the block fails."""
+    made = [parent for parent in folder.parents if not parent.exists()]  # deepest first
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
@@ -346,6 +348,9 @@ def staged_folder(folder: Path) -> Iterator[Path]:
     except BaseException:
         if staging.exists():  # not yet renamed to folder
             shutil.rmtree(staging)
+        for parent in made:
+            if not any(parent.iterdir()):
+                parent.rmdir()
         raise
     fileio.fsync(folder.parent)
 
