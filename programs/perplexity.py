@@ -88,8 +88,10 @@ def parse_args() -> argparse.Namespace:
 
 def read_text_file(path: Path) -> str:
     """The file's text; a missing file, or one that is not UTF-8 text, exits with code 2 naming it."""
-    if not path.is_file():
+    if not path.exists():
         fail(f"--text-file {path}: no such file")
+    if not path.is_file():  # a folder, or a pipe (read once; perplexity.py reads its file whole)
+        fail(f"--text-file {path}: not a regular file")
     try:
         return read_text(path)
     except NotTextError as error:

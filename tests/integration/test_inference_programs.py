@@ -389,7 +389,16 @@ def binary_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--system: not UTF-8 text (byte 0xff at character 0)",
         ),
         ("chat.py", ["--system", "x\udce9"], "--system: not UTF-8 text (byte 0xe9 at character 1)"),
-        ("perplexity.py", ["--text-file", "/no/such/text.txt"], "/no/such/text.txt"),
+        (
+            "perplexity.py",
+            ["--text-file", "/no/such/text.txt"],
+            "--text-file /no/such/text.txt: no such file",
+        ),
+        (
+            "perplexity.py",
+            ["--text-file", ROOT / "tests"],
+            f"--text-file {ROOT / 'tests'}: not a regular file",
+        ),
         (
             "perplexity.py",
             ["--text-file", "BINARY"],
