@@ -14,14 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from loguru import logger
 
 from zmaj.convert.export import save_hf
+from zmaj.convert.hf import DTYPES
 from zmaj.convert.load import check_destination, load_model, save_zmaj
 from zmaj.extras import MissingExtraError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main() -> None:

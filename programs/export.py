@@ -15,15 +15,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from loguru import logger
 
+from zmaj.convert.hf import DTYPES
 from zmaj.convert.load import check_destination
 from zmaj.extras import MissingExtraError
 from zmaj.publish.export import export_model, parse_size
 from zmaj.publish.hub import license_id, repo_id
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main() -> None:

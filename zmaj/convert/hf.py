@@ -139,7 +139,8 @@ def _untied_where_stored(config: ModelConfig, tensors: Mapping[str, Tensor], fol
     return config.model_copy(update={"tie_embeddings": False})
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes a Hugging Face ``config.json`` names (``dtype``), and that the export programs write, by name."""
 
 
 def _one_dtype(params: TensorDict, declared: object, folder: Path) -> TensorDict:
@@ -149,7 +150,7 @@ def _one_dtype(params: TensorDict, declared: object, folder: Path) -> TensorDict
     stored = {t.dtype for t in params.values(True, True) if isinstance(t, Tensor) and t.is_floating_point()}
     if len(stored) <= 1:
         return params
-    target = _DTYPES.get(declared) if isinstance(declared, str) else None
+    target = DTYPES.get(declared) if isinstance(declared, str) else None
     target = target or max(stored, key=lambda dtype: (torch.finfo(dtype).bits, str(dtype)))  # a set: no order
     logger.info(f"{folder}: tensors stored in {sorted(map(str, stored))}, all read as {target}")
     cast: TensorDict = params.to(target)

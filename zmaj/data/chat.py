@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,7 +31,7 @@ from pydantic import (
 from zmaj.data.corpus import hub_where, load_hub, reading
 from zmaj.specfile import Seed
 from zmaj.tasks import Split, get_task
-from zmaj.text import not_utf8, read_jsonl
+from zmaj.text import checked_utf8, read_jsonl
 
 Role = Literal["system", "user", "assistant"]
 
@@ -41,17 +42,9 @@ class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     role: Role
-    content: StrictStr
-    """Strict: a number or a null is a broken row, not text to stringify."""
-
-    @field_validator("content")
-    @classmethod
-    def _utf8(cls, content: str) -> str:
-        """JSON can spell half a surrogate pair (``"\\ud83d"``), which no tokenizer encodes: refused here, where
-        the error names the sample, not from inside ``tokenizers``."""
-        if (problem := not_utf8(content)) is not None:
-            raise ValueError(problem)
-        return content
+    content: Annotated[StrictStr, AfterValidator(checked_utf8)]
+    """Strict: a number or a null is a broken row, not text to stringify; JSON can spell half a surrogate pair
+    (``"\\ud83d"``), which no tokenizer encodes, refused here where the error names the sample."""
 
 
 class Conversation(BaseModel):

@@ -13,7 +13,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -73,6 +74,17 @@ def open_run(
 def train(run_dir: Path, losses: Losses = lambda step: (1.0 / step, 1.0), **kwargs: object) -> TensorDict:
     with open_run(run_dir, **kwargs) as run:  # type: ignore[arg-type]
         return loop.train(run, run.restore(fresh()), stand_in(losses), lambda index: index)
+
+
+@contextmanager
+def logged(level: str = "ERROR") -> Iterator[list[str]]:
+    """The messages logged at ``level`` or above while the block runs (the sink goes, however the block ends)."""
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level=level)
+    try:
+        yield messages
+    finally:
+        logger.remove(sink)
 
 
 def counting(taken: list[int]) -> Losses:
@@ -154,17 +166,13 @@ def test_a_resume_drops_a_cut_short_session_record_and_refuses_damaged_metrics_i
 
     metrics = run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines(keepends=True)
-    messages: list[str] = []
     for text, problem in (
         (lines[0] + '{"step\n' + "".join(lines[1:]), "metrics.jsonl:2: not JSON"),
         ("".join(lines) + '{"loss": 1.0}\n', f"metrics.jsonl:{len(lines) + 1}: damaged, not a record"),
     ):
         metrics.write_text(text)
-        messages.clear()
-        sink = logger.add(lambda m: messages.append(m.record["message"]), level="ERROR")
-        with pytest.raises(SystemExit) as stopped:
+        with logged() as messages, pytest.raises(SystemExit) as stopped:
             train(run_dir, resume=True)
-        logger.remove(sink)
         assert stopped.value.code == 2
         assert len(messages) == 1
         assert f"{run_dir}/{problem}" in messages[0]
@@ -323,11 +331,8 @@ def test_a_non_finite_step_stops_the_run_and_nothing_resumes_from_its_state(
         value = math.nan if step == bad_step else 1.0
         return (value, 1.0) if bad == "loss" else (1.0, math.inf if step == bad_step else 1.0)
 
-    messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(m.record["message"]), level="ERROR")
-    with pytest.raises(SystemExit) as stopped:
+    with logged() as messages, pytest.raises(SystemExit) as stopped:
         train(tmp_path / "run", losses)
-    logger.remove(sink)
     assert stopped.value.code == 1
     assert len(messages) == 1
     aside = tmp_path / "run" / "checkpoints" / f"nonfinite-step-{bad_step:07d}"
@@ -384,11 +389,8 @@ def test_a_non_finite_state_the_disk_cannot_keep_stops_the_run_in_one_line(
         )
 
     monkeypatch.setattr(checkpoint, failing, full)
-    messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(m.record["message"]), level="ERROR")
-    with pytest.raises(SystemExit) as stopped:
+    with logged() as messages, pytest.raises(SystemExit) as stopped:
         train(tmp_path / "run", lambda step: (math.nan if step == 5 else 1.0, 1.0))
-    logger.remove(sink)
     assert stopped.value.code == 1
     assert messages == [
         "loss nan, grad_norm 1.0 at step 5, and could not save nonfinite-step-0000005 (No space left on device)"
@@ -403,11 +405,8 @@ def test_a_prune_that_fails_stops_the_run_in_one_line_saying_the_checkpoint_was_
         raise PermissionError(13, "Permission denied", str(run_dir / "checkpoints" / "step-0000002"))
 
     monkeypatch.setattr(checkpoint, "prune", denied)
-    messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(m.record["message"]), level="ERROR")
-    with pytest.raises(SystemExit) as stopped:
+    with logged() as messages, pytest.raises(SystemExit) as stopped:
         train(tmp_path / "run")
-    logger.remove(sink)
     assert stopped.value.code == 1
     assert len(messages) == 1
     assert messages[0].startswith(f"saved {tmp_path / 'run' / 'checkpoints' / 'step-0000002'}, but could not")
@@ -432,11 +431,8 @@ def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint_and_exits_1_in_one_
         real_save_file(tensors, path)
 
     monkeypatch.setattr(checkpoint, "save_file", save_file)
-    messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(m.record["message"]), level="ERROR")
-    with pytest.raises(SystemExit) as stopped:
+    with logged() as messages, pytest.raises(SystemExit) as stopped:
         train(tmp_path / "run")
-    logger.remove(sink)
     assert stopped.value.code == 1
     assert len(messages) == 1
     assert "step-0000006" in messages[0]
@@ -474,11 +470,8 @@ def test_resuming_from_a_damaged_newest_checkpoint_takes_the_newest_intact_one(t
     train(tmp_path / "run", stop_after=4)
     newest = checkpoint.latest(tmp_path / "run")
     os.truncate(newest / "params.safetensors", 10)
-    messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
-    with open_run(tmp_path / "run", resume=True) as run:
+    with logged("WARNING") as messages, open_run(tmp_path / "run", resume=True) as run:
         state = run.restore(fresh())
-    logger.remove(sink)
     assert int(state["opt", "step"]) == 2
     assert any("params.safetensors" in m and "step-0000002" in m for m in messages), messages
 
@@ -489,11 +482,12 @@ def test_a_resume_with_no_intact_checkpoint_left_is_one_line_and_exit_2(tmp_path
     train(tmp_path / "run", stop_after=4)
     for folder in (tmp_path / "run" / "checkpoints").glob("step-*"):
         os.truncate(folder / "params.safetensors", 10)
-    messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(m.record["message"]), level="ERROR")
-    with pytest.raises(SystemExit) as stopped, open_run(tmp_path / "run", resume=True) as run:
+    with (
+        logged() as messages,
+        pytest.raises(SystemExit) as stopped,
+        open_run(tmp_path / "run", resume=True) as run,
+    ):
         run.restore(fresh())
-    logger.remove(sink)
     assert stopped.value.code == 2
     assert len(messages) == 1
     assert "no intact checkpoint to resume from" in messages[0]
