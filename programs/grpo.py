@@ -75,7 +75,7 @@ def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: Tenso
 
     def batches(index: int) -> Prompts:
         """This rank's share of the step's problems, drawn from the task's train split by the step's seed."""
-        problems = task.problems("train", cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + index)
+        problems = finetune.grpo_problems(spec, task, index)
         ids = [finetune.task_prompt(tokenizer, task, p, None, spec.task.system) for p in problems]
         return Prompts(index, list(parallel.rows(problems)), list(parallel.rows(ids)), max(map(len, ids)))
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
-from generate import checked_sampling, seed
+from generate import checked_sampling
 from loguru import logger
 
 from zmaj import checkpoint
@@ -20,6 +20,7 @@ from zmaj.models.gpt import GPTConfig
 from zmaj.specfile import SpecError
 from zmaj.text import utf8
 from zmaj.train import precision
+from zmaj.train.runs import seed
 
 
 def main() -> None:

@@ -409,6 +409,8 @@ def bad_conversations(tmp_path: Path) -> Path:
         ("grpo.py", ["--set", "grpo.sampling={temperature: 0.7, top_k: 5}"], "without top_k/top_p"),
         ("grpo.py", ["--set", "task={name: reward-raises}"], "completion 0"),
         ("grpo.py", ["--set", "task={name: reward-nan}"], "non-finite"),
+        # Found before the run (a traceback at its first step, leaving a run folder without a checkpoint).
+        ("grpo.py", ["--set", "train.prompts_per_step=250"], "distinct train problems of the 250 asked"),
         ("evaluate.py", ["--task", "no-such-task"], "unknown task 'no-such-task'"),
         ("evaluate.py", ["--task", "arithmetic", "--set-task", "digits=0"], "digits"),
         ("evaluate.py", ["--task", "arithmetic", "--set-task", "digits=[3"], "digits=[3: not valid YAML"),

@@ -375,6 +375,7 @@ def binary_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("generate.py", ["--prompt", "hi", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         ("generate.py", ["--prompt", "hi", "--chat"], "no chat template"),
         ("generate.py", ["--prompt", "hi", "--seed", str(2**64)], "--seed: expected a whole number from 0"),
+        ("evaluate.py", ["--task", "arithmetic", "--seed", "-3"], "--seed: expected a whole number from 0"),
         (
             "generate.py",
             ["--prompt", "hi", "--temperature", "inf"],

@@ -164,6 +164,8 @@ def test_a_broken_folder_exits_2_before_any_request(
         (["--dataset", "task:arithmetic", "--repo-id", "a/b/c"], "--repo-id"),
         (["--dataset", "task:arithmetic", "--n-train", "-5"], "--n-train"),
         (["--dataset", "task:arithmetic", "--license", " "], "--license: empty: name the license"),
+        # random.Random(-3) is random.Random(3): seed 3's problems under another name.
+        (["--dataset", "task:arithmetic", "--seed", "-3"], "--seed: expected a whole number from 0"),
         # A flag the source does not read would be ignored in silence.
         (
             ["FOLDER", "--n-train", "5", "--license", "mit"],

@@ -96,6 +96,8 @@ class Task(BaseModel, ABC):
 
     def problems(self, split: Split, n: int, seed: int = 0) -> list[Problem]:
         """The first ``n`` distinct problems of a split drawn from ``seed``; a larger ``n`` extends the list."""
+        if seed < 0:  # random.Random(-3) is random.Random(3): the draw would repeat another seed's
+            raise ValueError(f"task {self.name!r}: seed {seed} is negative; seeds are 0 or more")
         rng = random.Random(seed)
         want_test = split == "test"
         found: dict[str, Problem] = {}

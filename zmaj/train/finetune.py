@@ -278,12 +278,20 @@ def start(spec: FinetuneSpec, device: torch.device, resume: Path | None = None) 
     check_lengths(spec, model.config.context)
     if spec.chat_template is not None:
         model = replace(model, tokenizer=replace(model.tokenizer, chat_template=spec.chat_template))
-    # The eval prompts are checked here, before the run: its evaluations would fail inside it.
+    # A split too small for a GRPO step, or eval prompts that do not fit, are refused here, before the run: its
+    # first step or evaluation would fail inside it.
+    if isinstance(spec, GRPOSpec):
+        grpo_problems(spec, get_task(spec.task.name, **spec.task.options), 0)
     if (config := spec.eval) is not None:
         task = get_task(config.task, **config.options)
         problems = task.problems(config.split, config.n, config.seed)
         check_prompts(model, task, problems, config.max_new_tokens, config.few_shot, config.system, "eval")
     return Start(model, path)
+
+
+def grpo_problems(spec: GRPOSpec, task: Task, index: int) -> list[Problem]:
+    """GRPO step ``index``'s problems (every rank's), drawn from the task's train split by the step's seed."""
+    return task.problems("train", spec.train.prompts_per_step, seed=spec.train.seed * 1_000_003 + index)
 
 
 def check_prompts(
