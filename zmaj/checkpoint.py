@@ -29,7 +29,7 @@ fall back: it reports the damage, and an older checkpoint folder can be named in
 
 :func:`prune` keeps the newest few checkpoints. :func:`save_aside` writes a state for inspection (the one where
 the loss became non-finite) as ``checkpoints/LABEL-step-NNNNNNN/``: it never becomes ``latest``, and nothing
-resumes from it or prunes it.
+resumes from it or prunes it. :func:`pin` keeps a checkpoint's parameters so for a run that starts from them.
 
 The format sits below every package, as ``zmaj.fileio`` does: training writes it, loading a model
 (``zmaj.convert``) and publishing (``zmaj.publish``) read it, and none of them imports another for it.
@@ -210,12 +210,31 @@ def _publish(root: Path, staging: Path, final: Path) -> None:
     fsync(root)
 
 
-def _linked_copy(root: Path, folder: Path, name: str) -> Path:
-    """A new hidden folder holding a second name for each of ``folder``'s files, flushed to disk: a hard link (no
-    byte copied), or a copy where the file system has no hard links."""
+def pin(checkpoint: Path) -> Path:
+    """A checkpoint's parameters kept for another run that starts from them (a fine-tune's base or reference),
+    where :func:`prune` never deletes them: ``checkpoints/pinned-step-NNNNNNN-HASH/`` beside it, holding
+    ``state.json`` and ``params.safetensors`` as hard links (no byte copied while the original lives).
+
+    HASH, the first 12 hex digits of the parameters' SHA-256, makes the same weights pinned twice one folder, and a
+    step taken again with other weights (resumed from an earlier checkpoint) another. Like :func:`save_aside`'s
+    folders it never becomes ``latest``, and nothing resumes from it; it loads as a model.
+    """
+    verify(checkpoint, (PARAMS,))
+    records = _file_records(checkpoint)
+    digest = records[PARAMS].sha256 if records is not None else _sha256(checkpoint / PARAMS)
+    final = checkpoint.parent / f"pinned-step-{int(load_meta(checkpoint)['step']):07d}-{digest[:12]}"
+    if not final.is_dir():
+        os.replace(_linked_copy(checkpoint.parent, checkpoint, final.name, (STATE, PARAMS)), final)
+        fsync(checkpoint.parent)
+    return final
+
+
+def _linked_copy(root: Path, folder: Path, name: str, files: Sequence[str] | None = None) -> Path:
+    """A new hidden folder holding a second name for each of ``folder``'s files (or of those named), flushed to
+    disk: a hard link (no byte copied), or a copy where the file system has no hard links."""
     twin = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING}{name}-"))
     set_default_mode(twin)
-    for file in folder.iterdir():
+    for file in folder.iterdir() if files is None else (folder / f for f in files):
         try:
             os.link(file, twin / file.name)
         except OSError:

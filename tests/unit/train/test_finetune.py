@@ -245,7 +245,7 @@ def _run_with_a_checkpoint(spec: finetune.FinetuneSpec, run_dir: Path) -> Path:
 
 def test_a_run_named_as_the_model_is_pinned_to_its_checkpoint_of_the_time(tmp_path: Path) -> None:
     """A LoRA run over another run merges its adapters into the checkpoint it trained on, even after that run
-    went on: ``lora.json`` and ``spec.yaml`` name the checkpoint, not the run."""
+    went on and pruned it: ``lora.json`` and ``spec.yaml`` name the checkpoint's pinned copy, not the run."""
     raw = {
         "name": "x",
         "model": str(finetune_fixtures.tiny_model(tmp_path / "model")),
@@ -258,18 +258,30 @@ def test_a_run_named_as_the_model_is_pinned_to_its_checkpoint_of_the_time(tmp_pa
     (tmp_path / "lora.yaml").write_text(json.dumps({**raw, "model": str(base), "lora": {"rank": 2}}))
     args = argparse.Namespace(spec=tmp_path / "lora.yaml", overrides=[], resume=None, run_dir=None)
     spec = finetune.read_spec(finetune.SFTSpec, args)
-    assert spec.model == str(trained_on)
+    pinned = Path(spec.model)
+    assert pinned.parent == trained_on.parent
+    assert pinned.name.startswith(f"pinned-{trained_on.name}-")
+    assert (pinned / checkpoint.PARAMS).stat().st_ino == (trained_on / checkpoint.PARAMS).stat().st_ino
+    assert finetune.read_spec(finetune.SFTSpec, args).model == spec.model  # the same weights: the same pin
+    args.spec = tmp_path / "step.yaml"  # a checkpoint named as it is, too
+    args.spec.write_text(json.dumps({**raw, "model": str(trained_on), "lora": {"rank": 2}}))
+    assert finetune.read_spec(finetune.SFTSpec, args).model == spec.model
     model = str(raw["model"])
     relative = {**raw, "model": os.path.relpath(model)}  # resumed from elsewhere, it would name another model
     (tmp_path / "relative.yaml").write_text(json.dumps(relative))
     args.spec = tmp_path / "relative.yaml"
     assert finetune.read_spec(finetune.SFTSpec, args).model == str(Path(model).resolve())
     adapted = _run_with_a_checkpoint(spec, tmp_path / "lora")
+    before = load_model(trained_on).params
     later = init_state(llama.init(finetune_fixtures.CONFIG, seed=1))
-    later["opt", "step"] = torch.tensor(5)
-    checkpoint.save(base, later, {})  # the base run goes on
+    for step in (5, 6):  # the base run goes on, keeping its newest checkpoint
+        later["opt", "step"] = torch.tensor(step)
+        checkpoint.save(base, later, {})
+        checkpoint.prune(base, 1)
+    assert not trained_on.exists()
+    assert checkpoint.latest_intact(base) == base / "checkpoints" / "step-0000006"  # pins are no checkpoints
 
-    merged, before = load_model(adapted).params, load_model(trained_on).params
+    merged = load_model(adapted).params
     for key in before.keys(True, True):  # the adapters' B starts at zero: merged, they change nothing
         assert torch.equal(merged.get(key), before.get(key))
 
