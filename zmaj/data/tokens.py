@@ -26,6 +26,7 @@ from loguru import logger
 from zmaj.data.config import Source
 from zmaj.data.corpus import Document, Split, documents, source_key
 from zmaj.data.tokenizer import Tokenizer
+from zmaj.fileio import fsync
 from zmaj.progress import progress
 from zmaj.text import read_json
 
@@ -60,17 +61,29 @@ class TokenFile:
 
     @classmethod
     def open(cls, directory: str | Path) -> "TokenFile":
-        """Memory-map a token file written by ``tokenize_split``: nothing is read until it is indexed."""
+        """Memory-map a token file written by ``tokenize_split``: nothing is read until it is indexed. A file
+        whose sizes disagree with its ``meta.json`` (damaged on disk) is a ValueError naming the folder."""
         directory = Path(directory)
         meta = read_json(directory / "meta.json")
         dtype = np.dtype(meta["dtype"])
+        n_tokens = meta["n_tokens"]
+        damaged = f"damaged token cache {directory}: delete the folder to encode the split again"
+        if (directory / "tokens.bin").stat().st_size != n_tokens * dtype.itemsize:
+            raise ValueError(f"{damaged} (tokens.bin does not hold the {n_tokens} tokens meta.json records)")
+        try:
+            offsets = np.load(directory / "offsets.npy")
+        except (ValueError, EOFError) as error:  # numpy names no file
+            raise ValueError(f"{damaged} (offsets.npy: {error})") from None
+        if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != n_tokens:
+            raise ValueError(
+                f"{damaged} (offsets.npy does not end at the {n_tokens} tokens meta.json records)"
+            )
         # mmap cannot map an empty file; an empty split (a tiny corpus's validation set) is an empty array.
         tokens = (
-            np.memmap(directory / "tokens.bin", dtype=dtype, mode="r", shape=(meta["n_tokens"],))
-            if meta["n_tokens"]
+            np.memmap(directory / "tokens.bin", dtype=dtype, mode="r", shape=(n_tokens,))
+            if n_tokens
             else np.zeros(0, dtype=dtype)
         )
-        offsets = np.load(directory / "offsets.npy")
         return cls(tokens, offsets, meta["vocab_size"], meta["eos_id"], meta["pad_id"])
 
 
@@ -106,12 +119,15 @@ def tokenize_split(
         (staging / "meta.json").write_text(
             json.dumps(meta | {"source": identity[1], "split": split}, indent=1)
         )
+        for path in [*staging.iterdir(), staging]:  # on disk before the rename, so a power cut cannot publish
+            fsync(path)  # empty files under the final name (a checkpoint's files are flushed so too)
         try:
             os.rename(staging, final)
         except OSError:
             # Another process (another rank of the same run) finished first: its file is the same, use it.
             if not final.is_dir():
                 raise
+        fsync(root)
     logger.info(
         "encoded {} split: {} documents, {} tokens in {:.1f}s -> {}",
         split,

@@ -1,4 +1,4 @@
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +93,33 @@ def test_open_reads_what_was_written(tokenizer: Tokenizer, source: FilesSource, 
     assert (
         opened.document(opened.n_documents - 1).tolist() == written.document(written.n_documents - 1).tolist()
     )
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "message"),
+    [
+        (
+            "tokens.bin",
+            lambda b: b[:-2],
+            "tokens.bin does not hold the",
+        ),  # mmap said only "length is greater"
+        ("offsets.npy", lambda b: b"", "offsets.npy: "),  # numpy's EOFError, a traceback
+        ("offsets.npy", lambda b: b[:-8], "offsets.npy: "),
+    ],
+)
+def test_a_damaged_cache_is_named_with_what_to_do(
+    tokenizer: Tokenizer,
+    source: FilesSource,
+    tmp_path: Path,
+    file: str,
+    damage: Callable[[bytes], bytes],
+    message: str,
+) -> None:
+    tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+    (directory,) = (tmp_path / "tokens").iterdir()
+    (directory / file).write_bytes(damage((directory / file).read_bytes()))
+    with pytest.raises(ValueError, match="damaged token cache") as caught:
+        tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+    assert str(directory) in str(caught.value)
+    assert message in str(caught.value)
+    assert "delete the folder" in str(caught.value)
