@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import pydantic
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from zmaj.text import read_text
 
@@ -24,6 +24,19 @@ T = TypeVar("T", bound=BaseModel)
 Seed = Annotated[int, Field(ge=0, lt=2**32, description="0 to 2**32 - 1")]
 """A spec's seed: in the range of every generator seeded from it (numpy's, the narrowest), so that a bad one is
 refused naming its field rather than by numpy, naming none."""
+
+
+def _one_folder_name(name: str) -> str:
+    if not name or "/" in name or "\0" in name:
+        raise ValueError(
+            f"{name!r} names the run folder (runs/NAME-<time>): give one folder name, not empty, no /"
+        )
+    return name
+
+
+RunName = Annotated[str, AfterValidator(_one_folder_name)]
+"""A spec's name, which names its run folder: ``a/b`` failed only after the data was prepared, when the folder
+could not be made, and an empty one made ``runs/-<time>``."""
 
 
 class SpecError(ValueError):
@@ -49,7 +62,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         *parents, leaf = path.split(".")
         node = result
         for part in parents:
-            child = node.setdefault(part, {})
+            if (
+                node.get(part) is None
+            ):  # absent, or null (``lora: null``): --set lora.rank=16 makes the section
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise SpecError(f"--set {path}: {part!r} is not a section")
             node = child
@@ -57,10 +74,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last, so a second
+    ``optimizer:`` under ``train:`` would silently drop the first section and the experiment it described."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(text: str, where: str) -> Any:
-    """``text`` parsed as YAML; a syntax error is a :class:`SpecError` naming ``where`` and the position."""
+    """``text`` parsed as YAML; a syntax error or a repeated key is a :class:`SpecError` naming ``where`` and the
+    position."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeys)
     except yaml.YAMLError as error:
         raise SpecError(f"{where}: not valid YAML ({' '.join(str(error).split())})") from None
 
@@ -79,10 +113,33 @@ def key_values(items: list[str], flag: str) -> dict[str, Any]:
 def parse(model: type[T], raw: object, where: str, tag: Tag = kind_tag) -> T:
     """Validate ``raw`` as ``model``; errors name each bad field by its dotted path (:func:`dotted`)."""
     try:
-        return model.model_validate(raw)
+        parsed = model.model_validate(raw)
     except pydantic.ValidationError as error:
         problems = "; ".join(f"{dotted(e['loc'], raw, tag)}: {e['msg']}" for e in error.errors())
         raise SpecError(f"{where}: {problems}") from None
+    if (field := _boolean_as_number(raw, parsed)) is not None:
+        raise SpecError(
+            f"{where}: {field}: a boolean where a number goes (YAML reads true, yes and on as true)"
+        )
+    return parsed
+
+
+def _boolean_as_number(raw: object, parsed: object, path: str = "") -> str | None:
+    """The dotted path of the first boolean in ``raw`` that validation made something else: pydantic's lax mode
+    reads ``true`` as 1, so ``n_layers: yes`` was a one-layer model. (Strict mode is no cure: it would also refuse
+    ``3e-4``, which YAML reads as a string.)"""
+    if not isinstance(raw, dict):
+        return None
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            continue
+        inside = parsed.get(key) if isinstance(parsed, dict) else getattr(parsed, key, None)
+        name = f"{path}.{key}" if path else key
+        if isinstance(value, bool) and not isinstance(inside, bool):
+            return name
+        if (found := _boolean_as_number(value, inside, name)) is not None:
+            return found
+    return None
 
 
 def dotted(loc: tuple[int | str, ...], raw: object, tag: Tag = kind_tag) -> str:
@@ -95,6 +152,8 @@ def dotted(loc: tuple[int | str, ...], raw: object, tag: Tag = kind_tag) -> str:
     for index, part in enumerate(loc):
         if isinstance(node, dict) and index < len(loc) - 1 and (part not in node or part == tag(parts, node)):
             continue
+        if parts and not isinstance(node, dict | list):
+            break  # a value (or null) where a section goes: what follows is no key of the spec (a union's tag)
         parts.append(str(part))
         if isinstance(node, dict):
             node = node.get(part)

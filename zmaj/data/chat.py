@@ -30,7 +30,7 @@ from pydantic import (
 
 from zmaj.data.corpus import hub_where, load_hub, reading
 from zmaj.specfile import Seed
-from zmaj.tasks import Split, get_task
+from zmaj.tasks import Split, checked_task, get_task
 from zmaj.text import checked_utf8, read_jsonl
 
 Role = Literal["system", "user", "assistant"]
@@ -109,6 +109,11 @@ class ChatTaskSource(BaseModel):
     seed: Seed = 0
     system: str | None = None
     """An optional system message put first in every conversation."""
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "ChatTaskSource":
+        checked_task(self.task, self.options)  # an unknown name or a bad option fails here, naming it
+        return self
 
 
 ChatSource = Annotated[ChatFilesSource | ChatHubSource | ChatTaskSource, Field(discriminator="kind")]

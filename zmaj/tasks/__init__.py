@@ -4,7 +4,7 @@ from zmaj.tasks.arithmetic import ArithmeticTask
 from zmaj.tasks.base import FEW_SHOT_STOP, FORMAT_WEIGHT, Problem, Reward, Split, Task, final_answer
 from zmaj.tasks.countdown import CountdownTask, check_expression
 from zmaj.tasks.evaluate import RewardFn, accuracy_interval, score
-from zmaj.tasks.registry import get_task, register_task, task_names
+from zmaj.tasks.registry import checked_task, get_task, register_task, task_names
 from zmaj.tasks.word_problems import WordProblemsTask
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "WordProblemsTask",
     "accuracy_interval",
     "check_expression",
+    "checked_task",
     "final_answer",
     "get_task",
     "register_task",

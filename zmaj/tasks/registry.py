@@ -3,6 +3,8 @@
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import ValidationError
+
 from zmaj.tasks.arithmetic import ArithmeticTask
 from zmaj.tasks.base import Task
 from zmaj.tasks.countdown import CountdownTask
@@ -25,6 +27,20 @@ def get_task(name: str, **options: Any) -> Task:
     if name not in _FACTORIES:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
     return _FACTORIES[name](**options)
+
+
+def checked_task(name: str, options: dict[str, Any]) -> Task:
+    """``get_task`` for a spec's validator: a bad option's error is located under ``options`` (``options.digits``,
+    where the spec holds it; pydantic puts a validator's errors under the section it checks)."""
+    try:
+        return get_task(name, **options)
+    except ValidationError as error:
+        located: list[Any] = []
+        for e in error.errors():
+            located.append({"type": e["type"], "loc": ("options", *e["loc"]), "input": e["input"]})
+            if "ctx" in e:
+                located[-1]["ctx"] = e["ctx"]
+        raise ValidationError.from_exception_data(error.title, located) from None
 
 
 def task_names() -> list[str]:

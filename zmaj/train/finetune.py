@@ -46,8 +46,18 @@ from zmaj.models.common import Batch, Forward
 from zmaj.models.lora import LoraConfig, init_adapters, lora_forward, merge
 from zmaj.models.registry import config_to_json
 from zmaj.progress import progress
-from zmaj.specfile import Seed, SpecError
-from zmaj.tasks import FEW_SHOT_STOP, Problem, Reward, Split, Task, accuracy_interval, get_task, score
+from zmaj.specfile import RunName, Seed, SpecError
+from zmaj.tasks import (
+    FEW_SHOT_STOP,
+    Problem,
+    Reward,
+    Split,
+    Task,
+    accuracy_interval,
+    checked_task,
+    get_task,
+    score,
+)
 from zmaj.text import checked_utf8
 from zmaj.train import runs
 from zmaj.train.grpo import GRPOConfig
@@ -109,7 +119,7 @@ class EvalConfig(BaseModel):
 
     @model_validator(mode="after")
     def _buildable(self) -> "EvalConfig":
-        get_task(self.task, **self.options)  # an unknown name or a bad option fails here, naming it
+        checked_task(self.task, self.options)  # an unknown name or a bad option fails here, naming it
         if self.few_shot is not None and self.system is not None:
             raise ValueError(
                 "system goes before a chat-mode question; few_shot asks without the chat template"
@@ -122,7 +132,7 @@ class FinetuneSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    name: str
+    name: RunName
     model: str = Field(description="a model PATH (zmaj.convert.load) or pypi:NAME")
     chat_template: str | None = Field(
         None,
@@ -161,7 +171,7 @@ class RLTask(BaseModel):
 
     @model_validator(mode="after")
     def _buildable(self) -> "RLTask":
-        get_task(self.name, **self.options)
+        checked_task(self.name, self.options)
         return self
 
 

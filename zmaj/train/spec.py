@@ -14,7 +14,7 @@ from zmaj import specfile
 from zmaj.data.config import DataConfig
 from zmaj.models import gpt
 from zmaj.models.gpt import GPTConfig
-from zmaj.specfile import Seed
+from zmaj.specfile import RunName, Seed
 from zmaj.train.muon import OptimizerConfig, check_groups, optimizer_kind
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import ParallelConfig
@@ -95,7 +95,7 @@ class PretrainSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    name: str
+    name: RunName
     model: GPTConfig
     data: DataConfig = DataConfig()
     train: TrainConfig

@@ -52,6 +52,55 @@ def test_overrides_are_parsed_as_yaml_and_leave_the_input_alone() -> None:
     assert out["train"] == {"steps": 10, "optimizer": {"lr": 0.001}}
     assert out["model"]["dropout"] == 0.1
     assert raw == {"train": {"steps": 5}, "model": {"d_model": 8}}
+    # A null section is an empty one: sft.py's own example, --set lora.rank=16 over a spec's lora: null.
+    assert apply_overrides({"lora": None}, ["lora.rank=16"]) == {"lora": {"rank": 16}}
+
+
+def test_a_key_given_twice_is_refused_naming_its_line(tmp_path: Path) -> None:
+    """PyYAML keeps the last: a second ``optimizer:`` under ``train:`` replaced Muon by a default AdamW."""
+    shipped = next(p for p in SPECS if p.name == "stdlib-tiny.yaml").read_text()
+    spec = tmp_path / "twice.yaml"
+    spec.write_text(shipped.replace("\ntrain:\n", "\ntrain:\n  optimizer: {lr: 1.0e-3}\n", 1))
+    with pytest.raises(SpecError, match=r"key 'optimizer' given twice in one mapping.*line \d+"):
+        load(PretrainSpec, spec)
+    with pytest.raises(SpecError, match="key 'a' given twice"):
+        apply_overrides({}, ["sample={a: 1, a: 2}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # The union's tag (adamw) is no key of the spec: it named train.optimizer.adamw, a Muon option's name.
+        ("train.optimizer=null", "train.optimizer: Input should be a valid dictionary"),
+        ("train.optimizer=muon", "train.optimizer: Input should be a valid dictionary"),
+        # Lax validation read true as 1: a one-step run, a one-layer model.
+        ("train.steps=yes", "train.steps: a boolean where a number goes"),
+        ("model.n_layers=on", "model.n_layers: a boolean where a number goes"),
+        ("train.optimizer.lr=true", "train.optimizer.lr: a boolean where a number goes"),
+        ("name=a/b", "name: Value error, 'a/b' names the run folder"),
+        ("name=''", "name: Value error, '' names the run folder"),
+    ],
+)
+def test_a_bad_spec_names_exactly_the_field(override: str, message: str) -> None:
+    path = next(p for p in SPECS if p.name == "stdlib-tiny.yaml")
+    with pytest.raises(SpecError, match=f"^{re.escape(f'{path}: {message}')}"):
+        load(PretrainSpec, path, [override])
+    assert load(PretrainSpec, path, ["train.compile=true"]).train.compile  # a boolean where one goes
+
+
+@pytest.mark.parametrize(
+    ("spec", "override", "message"),
+    [
+        ("sft-tiny", "data.task=nope", "data.task: Value error, unknown task 'nope'"),  # found after the model
+        ("sft-tiny", "data.options.digits=-3", "data.options.digits: Input should be greater than"),
+        ("sft-tiny", "eval.options.digits=0", "eval.options.digits: Input should be greater than"),  # eval.digits
+        ("grpo-tiny", "task.options.digitz=2", "task.options.digitz: Extra inputs are not permitted"),
+    ],
+)
+def test_a_tasks_options_are_checked_where_the_spec_holds_them(spec: str, override: str, message: str) -> None:
+    path = next(p for p in FINETUNE if p.stem == spec)
+    with pytest.raises(SpecError, match=f"^{re.escape(f'{path}: {message}')}"):
+        load(FINETUNE_SPECS[spec.split("-")[0]], path, [override])
 
 
 @pytest.mark.parametrize(
