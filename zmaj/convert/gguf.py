@@ -31,6 +31,7 @@ bias, Llama 3.1's ``rope_freqs``) is an error rather than dropped: a silently ig
 
 import math
 import mmap
+import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -150,14 +151,16 @@ class _Cursor:
                 f"(byte 0x{bad:02x} at offset {start + error.start})"
             ) from None
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, depth: int = 0) -> Any:
         if kind == GGUFValueType.STRING:
             return self.string()
         if kind == GGUFValueType.ARRAY:
+            if depth == 8:  # real files nest one deep; a damaged one could recurse past Python's stack
+                raise ValueError(f"GGUF file {self.path} holds metadata arrays nested more than 8 deep")
             item_kind, count = self.read("IQ")
             if item_kind in _SCALARS:  # one call for a whole array: 262,144 token scores at once
                 return list(self.read(_SCALARS[item_kind], count))
-            return [self.value(item_kind) for _ in range(count)]
+            return [self.value(item_kind, depth + 1) for _ in range(count)]
         if kind not in _SCALARS:
             raise ValueError(f"GGUF file {self.path} holds a metadata value of unknown type {kind}")
         return self.read(_SCALARS[kind])[0]
@@ -213,7 +216,10 @@ def read_gguf(path: str | Path) -> GGUFFile:
         if not shape:
             raise ValueError(f"GGUF tensor {name!r} of {path} has no dimensions")
         tensor_type = GGMLQuantizationType(raw_type)
-        byte_shape = quant_shape_to_byte_shape(shape, tensor_type)
+        try:
+            byte_shape = quant_shape_to_byte_shape(shape, tensor_type)
+        except ValueError as error:  # a row that is no whole number of blocks; gguf-py names no tensor
+            raise ValueError(f"GGUF tensor {name!r} of {path}: {error}") from None
         size = math.prod(byte_shape)
         if start + offset + size > len(buffer):
             raise ValueError(
@@ -347,16 +353,18 @@ def _llama_config(file: GGUFFile) -> LlamaConfig:
         raise ValueError(
             f"llama: RoPE over {key('rope.dimension_count')} of {head_dim} head features is not supported"
         )
+    context, n_layers, d_ff = size("context_length"), size("block_count"), size("feed_forward_length")
+    _check_layers(file, n_layers, "llama")
     names = set(file.tensors)
     return LlamaConfig(
         vocab_size=_vocab_size(file),
-        context=size("context_length"),
+        context=context,
         d_model=d_model,
-        n_layers=size("block_count"),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        d_ff=size("feed_forward_length"),
+        d_ff=d_ff,
         norm_eps=key("attention.layer_norm_rms_epsilon"),
         rope_base=key("rope.freq_base", 10_000.0),
         # llama.cpp writes no output.weight when the unembedding is the embedding.
@@ -382,17 +390,19 @@ def _gemma3_config(file: GGUFFile) -> Gemma3Config:
     if scaling_type not in ("none", "linear"):
         raise ValueError(f"gemma3: RoPE scaling {scaling_type!r} is not supported")
     n_layers, d_model, n_heads = size("block_count"), size("embedding_length"), size("attention.head_count")
-    head_dim = size("attention.key_length")
+    head_dim, n_kv_heads = size("attention.key_length"), size("attention.head_count_kv")
+    context, d_ff = size("context_length"), size("feed_forward_length")
+    _check_layers(file, n_layers, "gemma3")  # before a list of n_layers layer types is made
     names = set(file.tensors)
     return Gemma3Config(
         vocab_size=_vocab_size(file),
-        context=size("context_length"),
+        context=context,
         d_model=d_model,
         n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=size("attention.head_count_kv"),
+        n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        d_ff=size("feed_forward_length"),
+        d_ff=d_ff,
         norm_eps=key("attention.layer_norm_rms_epsilon"),
         layer_types=gemma3.interleaved_layer_types(n_layers, 6),
         sliding_window=size("attention.sliding_window"),
@@ -420,6 +430,17 @@ def _metadata(file: GGUFFile, key: str, default: Any = ...) -> Any:
             raise ValueError(f"GGUF metadata of {file.path} has no {key!r}")
         return default
     return file.metadata[key]
+
+
+def _check_layers(file: GGUFFile, n_layers: int, architecture: str) -> None:
+    """The layers' tensors are ``blk.0`` to ``blk.{n_layers - 1}``: checked before anything is sized by the
+    count, which a damaged file may give as billions (a layer-types list or a stacked tensor that large)."""
+    found = {int(m[1]) for name in file.tensors if (m := re.match(r"blk\.(\d+)\.", name))}
+    if len(found) != n_layers or found != set(range(n_layers)):  # the length first: n_layers may be 4e9
+        raise ValueError(
+            f"GGUF file {file.path}: {architecture}.block_count is {n_layers}, but its tensors are those of "
+            f"{len(found)} layers (blk.{min(found, default=0)} to blk.{max(found, default=-1)})"
+        )
 
 
 def _size(file: GGUFFile, key: str, default: int | None = None) -> int:
@@ -564,7 +585,19 @@ def _check_tokenizer(file: GGUFFile) -> None:
                 f"GGUF metadata of {file.path}: {key} is {token_id!r}, not one of its {n_tokens} token ids"
             )
     # A byte-level BPE vocabulary is nothing without its merges (llama.cpp refuses such a file too).
-    if file.metadata.get("tokenizer.ggml.model") == "gpt2" and "tokenizer.ggml.merges" not in file.metadata:
-        raise ValueError(
-            f"GGUF metadata of {file.path} has a gpt2 (BPE) tokenizer but no 'tokenizer.ggml.merges'"
-        )
+    if file.metadata.get("tokenizer.ggml.model") == "gpt2":
+        if "tokenizer.ggml.merges" not in file.metadata:
+            raise ValueError(
+                f"GGUF metadata of {file.path} has a gpt2 (BPE) tokenizer but no 'tokenizer.ggml.merges'"
+            )
+        vocabulary = set(file.metadata["tokenizer.ggml.tokens"])
+        for index, merge in enumerate(file.metadata["tokenizer.ggml.merges"]):
+            if (
+                not isinstance(merge, str)
+                or len(parts := merge.split(" ")) != 2
+                or not set(parts) <= vocabulary
+            ):
+                raise ValueError(
+                    f"GGUF metadata of {file.path}: tokenizer.ggml.merges[{index}] is {merge!r}, not two tokens "
+                    "of its vocabulary"
+                )

