@@ -103,7 +103,7 @@ def choose(
 
 
 def sample_categorical(
-    probs: Float[Tensor, "batch vocab"], generator: torch.Generator
+    probs: Float[Tensor, "batch vocab"], generator: torch.Generator, monotone: bool | None = None
 ) -> Int[Tensor, " batch"]:
     """One index per row, drawn from ``probs`` by inverting the row's CDF at one uniform number.
 
@@ -113,13 +113,15 @@ def sample_categorical(
     float32 CDF is its probability to within one rounding of the running sum (6e-8); a token of probability
     zero (cut by top-k or top-p) adds exactly nothing to the CPU's sequential sum, so its interval is empty. A
     GPU's cumulative sum is a parallel scan that may wobble by a rounding step there, so on a GPU such tokens
-    take their predecessor's value (``cummax``, which costs 31 ms on this CPU and is not needed on it).
+    take their predecessor's value (``cummax``, which costs 31 ms on this CPU and is not needed on it);
+    ``monotone`` forces that step on or off (default: on off the CPU).
     """
     cdf = probs.float().cumsum(-1)
-    if cdf.device.type != "cpu":
-        cdf = torch.where(probs > 0, cdf, 0.0).cummax(-1).values
+    # Checked before the GPU's step, which reads a NaN probability as zero: a row of NaN became token 0.
     if not bool(torch.isfinite(cdf[:, -1]).all()):  # searchsorted would return the vocabulary size, no token
         raise ValueError("the model's logits are not finite: there is no distribution to sample from")
+    if cdf.device.type != "cpu" if monotone is None else monotone:
+        cdf = torch.where(probs > 0, cdf, 0.0).cummax(-1).values
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
     # 1 - u lies in (0, 1]: the target is above zero, so a leading zero-probability token is never picked, and at
     # most the total, so the search always lands on a token.

@@ -147,20 +147,30 @@ def test_sampling_frequencies_match_the_closed_form(
     torch.testing.assert_close(frequencies, expected_frequencies, atol=0.015, rtol=0)
 
 
+@pytest.mark.parametrize("monotone", [False, True])  # True: the GPU's step, run here too
 @settings(max_examples=50, deadline=None)
 @given(
-    st.lists(st.sampled_from([0.0, 0.0, 1e-6, 1.0, 3.0]), min_size=1, max_size=16).filter(
+    weights=st.lists(st.sampled_from([0.0, 0.0, 1e-6, 1.0, 3.0]), min_size=1, max_size=16).filter(
         lambda w: sum(w) > 0
     ),
-    st.integers(0, 2**32 - 1),
+    seed=st.integers(0, 2**32 - 1),
 )
 def test_the_inverse_cdf_never_draws_a_token_of_probability_zero(
-    device: torch.device, weights: list[float], seed: int
+    device: torch.device, weights: list[float], seed: int, monotone: bool
 ) -> None:
     probs = torch.tensor(weights, device=device) / sum(weights)
-    drawn = sample_categorical(probs.expand(4000, -1), torch.Generator(device).manual_seed(seed))
+    drawn = sample_categorical(probs.expand(4000, -1), torch.Generator(device).manual_seed(seed), monotone)
     assert drawn.shape == (4000,)
     assert (probs[drawn] > 0).all()
+
+
+@pytest.mark.parametrize("monotone", [False, True])
+def test_a_row_of_nan_is_refused_on_either_path(device: torch.device, monotone: bool) -> None:
+    """The GPU's step reads NaN > 0 as False: checked after it, a NaN row's CDF was zeros and it drew token 0."""
+    probs = torch.full((3, 5), 0.2, device=device)
+    probs[1] = math.nan
+    with pytest.raises(ValueError, match="logits are not finite"):
+        sample_categorical(probs, torch.Generator(device).manual_seed(0), monotone)
 
 
 def test_batched_prompts_of_different_lengths_give_each_prompt_alone(
