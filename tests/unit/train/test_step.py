@@ -1,5 +1,6 @@
 """The stateless train step: accumulation is exact, a tiny model overfits, the state is all there is."""
 
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -149,6 +150,46 @@ def test_bits_per_byte_is_loss_over_bytes_in_bits() -> None:
     pooled = step.pooled_eval(metrics)
     assert pooled["val_loss"] == 2.0
     assert abs(pooled["val_bpb"] - 16.0 / 0.6931471805599453 / 32) < 1e-12
+
+
+def test_held_out_bits_per_byte_is_the_naive_sum_over_each_documents_own_segments() -> None:
+    """Each packed row's document segments scored alone (positions from 0, no other document in view), the
+    targets a segment's last token would predict across a boundary left out, bits over the targets' bytes:
+    bits per token, or the bytes of every position, would pass every other test."""
+    config = CONFIG.model_copy(update={"positions": "rope", "norm": "rmsnorm", "init_std": 0.2})
+    lengths = [5, 40, 3, 17, 60, 2, 9]
+    generator = torch.Generator().manual_seed(0)
+    tokens = (
+        torch.randint(1, config.vocab_size, (sum(lengths),), generator=generator).numpy().astype(np.uint16)
+    )
+    offsets = np.cumsum([0, *lengths])
+    dataset = LMDataset(
+        TokenFile(tokens, offsets, vocab_size=config.vocab_size, eos_id=0, pad_id=0), 16, "pack", 0
+    )
+    params = gpt.init(config, seed=0)
+    token_bytes = torch.arange(1, config.vocab_size + 1)  # every token its own length
+    got = step.held_out(
+        params, dataset, step.bind_lazy(gpt.lazy_forward, config=config), 3, None, token_bytes
+    )
+
+    nats, n_bytes = 0.0, 0
+    for index in range(len(dataset)):
+        row = dataset[index]
+        ids = row["document_ids"].tolist()
+        for start in range(len(ids)):
+            if start > 0 and ids[start] == ids[start - 1]:
+                continue
+            end = start + ids[start:].count(ids[start])
+            with torch.no_grad():
+                logits = gpt.forward(params, Batch(tokens=row["tokens"][None, start:end]), config)[0]
+            log_p = torch.log_softmax(logits.double(), -1)
+            for position in range(start, end):
+                if row["loss_mask"][position]:
+                    target = int(row["targets"][position])
+                    nats -= float(log_p[position - start, target])
+                    n_bytes += int(token_bytes[target])
+    assert n_bytes < sum(int(token_bytes[t]) for t in tokens)  # each document's first token is no target
+    assert got["val_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-6)
 
 
 @dataclass(frozen=True)
