@@ -98,7 +98,22 @@ def test_text_files_are_whole_documents(tmp_path: Path) -> None:
     for path, text in zip(paths, texts, strict=True):
         path.write_text(text, encoding="utf-8")
     docs = _all(FilesSource(paths=[str(p) for p in paths], format="text"))
-    assert sorted((d.name, d.text) for d in docs) == sorted(zip(map(str, paths), texts, strict=True))
+    assert sorted(d.text for d in docs) == sorted(texts)
+
+
+def test_a_text_file_is_split_by_its_text_not_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By path, a copy of a file could sit on the other side of the split, and the same file moved between the
+    splits with the spelling of its path (``a.txt``, ``./a.txt``)."""
+    copies = [tmp_path / f"copy{i}.txt" for i in range(40)]
+    for path in copies:
+        path.write_text("the same text\n")
+    monkeypatch.chdir(tmp_path)
+    spellings = [*map(str, copies), "copy3.txt", "./copy3.txt", "../" + tmp_path.name + "/copy3.txt"]
+    source = FilesSource(paths=spellings, format="text")
+    sides = {split: len(list(documents(source, split, 0.5))) for split in ("train", "validation")}
+    assert sorted(sides.values()) == [0, len(spellings)]
 
 
 def test_text_files_keep_their_line_endings(tmp_path: Path) -> None:

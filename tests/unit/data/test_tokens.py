@@ -1,3 +1,4 @@
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -70,10 +71,14 @@ def test_a_crash_leaves_nothing_behind(
 
 
 def test_an_empty_split_is_an_empty_token_file(tokenizer: Tokenizer, tmp_path: Path) -> None:
-    candidates = (tmp_path / f"doc{i}.txt" for i in range(1000))
-    train_only = [p for p in candidates if not in_validation(str(p), FRACTION)][:3]
-    for path in train_only:
-        path.write_text(f"text of {path.name}")
+    texts = (f"text of doc{i}.txt" for i in range(1000))  # a text file is split by its text's hash
+    train_only: list[Path] = []
+    for text in texts:
+        if not in_validation(f"sha256:{hashlib.sha256(text.encode()).hexdigest()}", FRACTION):
+            train_only.append(tmp_path / f"doc{len(train_only)}.txt")
+            train_only[-1].write_text(text)
+        if len(train_only) == 3:
+            break
     source = FilesSource(paths=[str(p) for p in train_only], format="text")
     assert tokenize_split(tokenizer, source, "train", FRACTION, tmp_path).n_documents == 3
     token_file = tokenize_split(tokenizer, source, "validation", FRACTION, tmp_path)
