@@ -209,6 +209,15 @@ def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
         result = run("pretrain.py", "--resume", run_dir, "--set", change)
         assert result.returncode == 2
         assert f"{change.split('=')[0]} differs from the run's" in result.stderr.strip().splitlines()[-1]
+    # A spec.yaml edited by hand, or a checkpoint of another run: the same shapes, another model (2 -> 4 heads).
+    saved_spec = (run_dir / "spec.yaml").read_text()
+    edited = yaml.safe_load(saved_spec)
+    edited["model"]["n_heads"] = 4
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(edited))
+    result = run("pretrain.py", "--resume", run_dir, "--cache-dir", tmp_path)
+    assert result.returncode == 2
+    assert "was written with another model.n_heads than the run's spec.yaml" in result.stderr.splitlines()[-1]
+    (run_dir / "spec.yaml").write_text(saved_spec)
     # The same spec over a corpus edited since trains another tokenizer, whose ids would mean other text to
     # the checkpoint.
     path = Path(yaml.safe_load(spec.read_text())["data"]["source"]["paths"][0])

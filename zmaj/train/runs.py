@@ -162,6 +162,40 @@ def read_spec(
     return spec
 
 
+def check_written_by(path: Path, spec: BaseModel) -> None:
+    """Refuse a checkpoint whose ``state.json`` records another model or seed than ``spec``: one copied in from
+    another run, or a run's ``spec.yaml`` edited by hand since, loaded (the shapes alike) and trained on as
+    something it was not. Fields the record lacks (added to zmaj since, with the old behaviour as default) are
+    not compared."""
+    meta = checkpoint.load_meta(path)
+    now = spec.model_dump(mode="json")
+    recorded = meta["spec"] if isinstance(meta.get("spec"), dict) else {}
+    for name, then, here in (
+        ("model", recorded.get("model"), now.get("model")),
+        ("train.seed", meta.get("seed"), now.get("train", {}).get("seed")),
+    ):
+        if then is not None and (field := _differs(name, then, here)) is not None:
+            raise ValueError(
+                f"{path} was written with another {field} than the run's spec.yaml says: a checkpoint of "
+                "another run, or a spec.yaml edited since; put the run's own back"
+            )
+
+
+def _differs(name: str, then: object, now: object) -> str | None:
+    """The dotted name of the first field where ``then`` (as recorded) and ``now`` differ, comparing only what
+    ``then`` records; None when they agree."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        return next(
+            (
+                found
+                for key in then
+                if (found := _differs(f"{name}.{key}", then[key], now.get(key))) is not None
+            ),
+            None,
+        )
+    return None if then == now else name
+
+
 def field_of(spec: BaseModel, name: str) -> object:
     """A spec's field by its dotted name (``train.passes``)."""
     value: object = spec
@@ -269,6 +303,7 @@ class Run(Generic[S]):
             # loader of a damaged file reports it.
             with bad_input_exits_2(self.parallel):
                 path = checkpoint.latest_intact(self.dir)
+                check_written_by(path, self.spec)
                 state = checkpoint.load_state(path, fresh)  # on the CPU, where a rank's shard is cut from it
             logger.info(f"resumed from {path} (step {int(state['opt', 'step'])})")
         return self.parallel.shard(state).to(self.device)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from zmaj.models import gpt
 from zmaj.specfile import SpecError, apply_overrides, key_values
@@ -86,6 +87,12 @@ def test_a_bad_spec_names_exactly_the_field(override: str, message: str) -> None
     with pytest.raises(SpecError, match=f"^{re.escape(f'{path}: {message}')}"):
         load(PretrainSpec, path, [override])
     assert load(PretrainSpec, path, ["train.compile=true"]).train.compile  # a boolean where one goes
+
+    class ModelOnly(BaseModel):  # as sample.py reads a run's spec: the other sections ignored, unvalidated
+        model_config = ConfigDict(extra="ignore")
+        model: gpt.GPTConfig
+
+    assert load(ModelOnly, path, ["train.compile=true"]).model.n_layers == 4
 
 
 @pytest.mark.parametrize(
