@@ -11,6 +11,8 @@ This module sits below every package that writes (data, convert, train, publish)
 another for it.
 """
 
+import ctypes
+import errno
 import os
 import tempfile
 from collections.abc import Mapping
@@ -42,6 +44,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(temporary).unlink(missing_ok=True)
         raise
     fsync(path.parent)
+
+
+def exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths (folders) in one step, whether it was done: Linux's ``renameat2`` with
+    ``RENAME_EXCHANGE``. Replacing a folder takes two renames otherwise (the old one away, the new one in), and a
+    kill between them leaves neither under the folder's name. False where the system or file system has no such
+    call (not Linux, an old kernel or glibc, a file system without it), for the caller to fall back."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd, rename_exchange = -100, 2  # AT_FDCWD and RENAME_EXCHANGE, from <fcntl.h> and <linux/fs.h>
+    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(error, os.strerror(error), str(second))  # the path being replaced, which the caller names
 
 
 def set_default_mode(path: Path) -> None:

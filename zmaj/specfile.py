@@ -133,7 +133,9 @@ def _boolean_as_number(raw: object, parsed: object, path: str = "") -> str | Non
     for key, value in raw.items():
         if not isinstance(key, str):
             continue
-        missing = object()  # a section the model ignores (extra="ignore") is not validated: nothing to compare
+        missing = (
+            object()
+        )  # a section the model ignores (extra="ignore") is not validated: nothing to compare
         inside = parsed.get(key, missing) if isinstance(parsed, dict) else getattr(parsed, key, missing)
         if inside is missing:
             continue

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
+from zmaj import fileio
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -63,5 +65,12 @@ def busy_volume(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
         real(src, dst)
 
+    def exchange(first: Path, second: Path) -> bool:
+        if folder in (Path(first), Path(second)):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(second))
+        return real_exchange(first, second)
+
+    real_exchange = fileio.exchange
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(fileio, "exchange", exchange)
     return folder

@@ -356,10 +356,14 @@ def staged_folder(folder: Path) -> Iterator[Path]:
 
 
 def replace_folder(staging: Path, folder: Path) -> None:
-    """Move a finished ``staging`` folder to ``folder``, replacing what was there; when a rename fails (``folder``
-    is a mount point), ``folder`` keeps what it held."""
+    """Move a finished ``staging`` folder to ``folder``, replacing what was there: in one swap where the system has
+    one (``fileio.exchange``), else the old folder renamed away and the new one in; when a rename fails
+    (``folder`` is a mount point), ``folder`` keeps what it held."""
     if not folder.exists():
         os.replace(staging, folder)
+        return
+    if fileio.exchange(staging, folder):  # one step: no moment without a folder under its name
+        shutil.rmtree(staging)  # now the old contents
         return
     old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
     try:

@@ -252,12 +252,45 @@ def test_a_failed_publish_keeps_the_folder_and_leaves_nothing_hidden(
 
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(fileio, "fsync", fsync)
+    monkeypatch.setattr(fileio, "exchange", lambda first, second: False)  # the two renames, where no swap is
     error = os.strerror(errno.EIO if failing == "fsync" else errno.EBUSY)
     with pytest.raises(OSError, match=error), staged_folder(folder) as staging:
         (staging / "new.txt").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == (["model"] if existed else [])
     if existed:
         assert [p.name for p in folder.iterdir()] == ["old.txt"]
+
+
+def test_a_folder_is_replaced_in_one_swap_where_linux_has_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two renames (the old folder away, the new one in) left no folder under the name when a kill came between
+    them; a swap leaves the old or the new. No rename of either is needed; a failed swap (EBUSY: a mount point)
+    keeps the old contents."""
+    if not fileio.exchange(tmp_path, tmp_path):  # a swap of a folder with itself changes nothing
+        pytest.skip("no renameat2(RENAME_EXCHANGE) on this system")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+
+    def no_rename(source: Path, target: Path) -> None:
+        raise AssertionError(f"renamed {source} to {target}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", no_rename)
+        with staged_folder(folder) as staging:
+            (staging / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert [p.name for p in folder.iterdir()] == ["new.txt"]
+
+    def busy(first: Path, second: Path) -> bool:
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(first))
+
+    monkeypatch.setattr(fileio, "exchange", busy)
+    with pytest.raises(OSError, match=os.strerror(errno.EBUSY)), staged_folder(folder) as staging:
+        (staging / "newer.txt").write_text("newer")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert [p.name for p in folder.iterdir()] == ["new.txt"]
 
 
 def test_a_model_is_cast_before_it_is_moved(monkeypatch: pytest.MonkeyPatch) -> None:
