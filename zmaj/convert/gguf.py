@@ -592,12 +592,11 @@ def _check_tokenizer(file: GGUFFile) -> None:
             )
         vocabulary = set(file.metadata["tokenizer.ggml.tokens"])
         for index, merge in enumerate(file.metadata["tokenizer.ggml.merges"]):
+            parts = merge.split(" ") if isinstance(merge, str) else []
             if (
-                not isinstance(merge, str)
-                or len(parts := merge.split(" ")) != 2
-                or not set(parts) <= vocabulary
-            ):
+                len(parts) != 2 or not {*parts, "".join(parts)} <= vocabulary
+            ):  # BPE needs the merged token too
                 raise ValueError(
                     f"GGUF metadata of {file.path}: tokenizer.ggml.merges[{index}] is {merge!r}, not two tokens "
-                    "of its vocabulary"
+                    "of its vocabulary whose join is one too"
                 )

@@ -362,7 +362,9 @@ def replace_folder(staging: Path, folder: Path) -> None:
     if not folder.exists():
         os.replace(staging, folder)
         return
-    if fileio.exchange(staging, folder):  # one step: no moment without a folder under its name
+    # One step, no moment without a folder under its name; not for a link to a folder, which would be swapped
+    # itself (the folder it names kept, the link left hidden beside the new folder).
+    if folder.is_dir() and not folder.is_symlink() and fileio.exchange(staging, folder):
         shutil.rmtree(staging)  # now the old contents
         return
     old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))

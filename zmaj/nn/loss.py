@@ -13,7 +13,8 @@ pass scales it by the incoming gradient. "Cut Your Losses" (Wijmans et al., 2024
 further with a kernel that never writes even a chunk of logits to memory.
 
 Because the gradient is computed in the forward pass, this is a training loss: it returns the *weighted sum*
-of the token losses (weights known up front: the loss mask) so that the incoming gradient is a scalar.
+of the token losses (weights known up front: the loss mask) so that the incoming gradient is a scalar. Where no
+gradient is taken (an evaluation), it computes the loss alone.
 """
 
 from typing import Any
@@ -45,7 +46,7 @@ def chunked_cross_entropy(
     Under autocast the two inputs are cast to its dtype first, as the plain unembedding's matmul would cast
     them, so the matmuls run in it and the gradients come back through the casts in the inputs' dtypes. Where
     no gradient is taken (an evaluation under ``torch.no_grad``), the loss alone: the gradients' two matmuls per
-    chunk made held-out scoring ~1.9x slower.
+    chunk made an evaluation step 1.6x slower (the default spec's model, Zen 4).
     """
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):

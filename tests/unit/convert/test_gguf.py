@@ -30,6 +30,12 @@ from zmaj.models.common import Batch
 from zmaj.nn.rope import apply_rope, rope_angles, rope_frequencies
 
 VOCAB = 128
+BPE_TOKENS = [
+    *(f"t{i}" for i in range(VOCAB - 3)),
+    "a",
+    "b",
+    "ab",
+]  # "a b" is a merge, "t1 t2" none (no "t1t2")
 SMALL: dict[str, Any] = {
     "vocab_size": VOCAB,
     "hidden_size": 64,
@@ -382,14 +388,22 @@ def test_a_size_that_is_not_a_positive_integer_is_named(
         ),
         ({"tokenizer.ggml.padding_token_id": 2**31}, r"padding_token_id is 2147483648, not one of its"),
         ({"tokenizer.ggml.model": "gpt2"}, r"a gpt2 \(BPE\) tokenizer but no 'tokenizer\.ggml\.merges'"),
-        # tokenizers' own errors: a TypeError about PyMerges, "Token 'zz' out of vocabulary".
-        (
-            {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.merges": ["t1 t2", "t1_t2"]},
-            r"tokenizer\.ggml\.merges\[1\] is 't1_t2', not two tokens of its vocabulary",
-        ),
-        (
-            {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.merges": ["t1 zz"]},
-            r"tokenizer\.ggml\.merges\[0\] is 't1 zz', not two tokens of its vocabulary",
+        # tokenizers' own errors: a TypeError about PyMerges, "Token `zz` out of vocabulary", "Token `t1t2`
+        # out of vocabulary" (a merge's join must be a token too).
+        *(
+            (
+                {
+                    "tokenizer.ggml.model": "gpt2",
+                    "tokenizer.ggml.tokens": BPE_TOKENS,
+                    "tokenizer.ggml.merges": merges,
+                },
+                rf"tokenizer\.ggml\.merges\[{index}\] is '{bad}', not two tokens of its vocabulary whose join",
+            )
+            for merges, index, bad in (
+                (["a b", "a_b"], 1, "a_b"),
+                (["a b", "a zz"], 1, "a zz"),
+                (["a b", "t1 t2"], 1, "t1 t2"),
+            )
         ),
     ],
 )

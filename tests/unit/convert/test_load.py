@@ -267,8 +267,15 @@ def test_a_folder_is_replaced_in_one_swap_where_linux_has_one(
     """Two renames (the old folder away, the new one in) left no folder under the name when a kill came between
     them; a swap leaves the old or the new. No rename of either is needed; a failed swap (EBUSY: a mount point)
     keeps the old contents."""
-    if not fileio.exchange(tmp_path, tmp_path):  # a swap of a folder with itself changes nothing
-        pytest.skip("no renameat2(RENAME_EXCHANGE) on this system")
+    probe = [tmp_path / "probe-a", tmp_path / "probe-b"]
+    for path in probe:
+        path.mkdir()
+    if not fileio.exchange(
+        *probe
+    ):  # (a swap of one path with itself succeeds before any file system is asked)
+        pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or file system")
+    for path in probe:
+        path.rmdir()
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "old.txt").write_text("old")
@@ -291,6 +298,18 @@ def test_a_folder_is_replaced_in_one_swap_where_linux_has_one(
         (staging / "newer.txt").write_text("newer")
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert [p.name for p in folder.iterdir()] == ["new.txt"]
+
+
+def test_a_link_to_a_folder_is_replaced_as_the_two_renames_replace_it(tmp_path: Path) -> None:
+    """Swapped, the link itself moved into the staging folder's place, whose removal failed (rmtree refuses a
+    link): the program said it could not write, and left the link hidden beside the written folder."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "old.txt").write_text("old")
+    (tmp_path / "model").symlink_to(tmp_path / "real")
+    with staged_folder(tmp_path / "model") as staging:
+        (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "real"]
+    assert [p.name for p in (tmp_path / "model").iterdir()] == ["new.txt"]
 
 
 def test_a_model_is_cast_before_it_is_moved(monkeypatch: pytest.MonkeyPatch) -> None:

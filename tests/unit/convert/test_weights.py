@@ -70,6 +70,20 @@ def test_a_cache_that_cannot_be_written_is_one_missing_file_error(
         weights.gemma3_270m_gguf()
 
 
+def test_a_chunk_package_that_is_broken_says_so_not_the_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake = FakeChunks()
+
+    def missing(output_path: Path, overwrite: bool = False) -> Path:
+        raise FileNotFoundError(f"Missing chunk files: {tmp_path / 'site' / 'part02'}")
+
+    fake.assemble = missing  # type: ignore[method-assign]
+    use_fake(monkeypatch, tmp_path, fake)
+    with pytest.raises(FileNotFoundError, match=r"^Missing chunk files"):
+        weights.gemma3_270m_gguf()
+
+
 def test_smollm2_is_read_in_place_from_its_package() -> None:
     path = weights.smollm2_gguf()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
