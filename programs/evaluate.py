@@ -39,7 +39,7 @@ from zmaj.convert.load import load_model
 from zmaj.extras import MissingExtraError, needs
 from zmaj.fileio import atomic_write_text
 from zmaj.specfile import key_values
-from zmaj.tasks import get_task
+from zmaj.tasks import checked_task
 from zmaj.text import utf8
 from zmaj.train import finetune, precision, runs
 
@@ -149,7 +149,7 @@ def main() -> None:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if args.few_shot is not None and args.few_shot < 0:
             raise ValueError(f"--few-shot must be at least 0, got {args.few_shot}")
-        task = get_task(args.task, **key_values(args.task_options, "--set-task"))
+        task = checked_task(args.task, key_values(args.task_options, "--set-task"))
         problems = task.problems(args.split, args.n, args.seed)
         model = load_model(args.model)
         if args.answers is not None:

@@ -57,7 +57,7 @@ from zmaj.fileio import atomic_write_text, fsync, set_default_mode
 CHECKPOINTS, LATEST = "checkpoints", "latest"
 PARAMS, OPTIMIZER, STATE = "params.safetensors", "optimizer.safetensors", "state.json"
 TENSOR_FILES = (PARAMS, OPTIMIZER)
-STAGING, TRASH = ".staging-", ".trash-"
+STAGING, TRASH, PINNING = ".staging-", ".trash-", ".pinning-"
 """Prefixes of the hidden folders saves work in; the next save removes what a crash leaves of them."""
 STEP = re.compile(r"step-(\d+)")
 FILES = "files"
@@ -224,15 +224,25 @@ def pin(checkpoint: Path) -> Path:
     digest = records[PARAMS].sha256 if records is not None else _sha256(checkpoint / PARAMS)
     final = checkpoint.parent / f"pinned-step-{int(load_meta(checkpoint)['step']):07d}-{digest[:12]}"
     if not final.is_dir():
-        os.replace(_linked_copy(checkpoint.parent, checkpoint, final.name, (STATE, PARAMS)), final)
+        # Staged under its own prefix: a save of the run meanwhile removes its own leftovers (.staging-*).
+        staged = _linked_copy(checkpoint.parent, checkpoint, final.name, (STATE, PARAMS), PINNING)
+        try:
+            os.replace(staged, final)
+        except OSError:
+            shutil.rmtree(staged)
+            if not final.is_dir():
+                raise
+            # Pinned by another process meanwhile (each rank of a torchrun job pins): the same weights.
         fsync(checkpoint.parent)
     return final
 
 
-def _linked_copy(root: Path, folder: Path, name: str, files: Sequence[str] | None = None) -> Path:
+def _linked_copy(
+    root: Path, folder: Path, name: str, files: Sequence[str] | None = None, prefix: str = STAGING
+) -> Path:
     """A new hidden folder holding a second name for each of ``folder``'s files (or of those named), flushed to
     disk: a hard link (no byte copied), or a copy where the file system has no hard links."""
-    twin = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING}{name}-"))
+    twin = Path(tempfile.mkdtemp(dir=root, prefix=f"{prefix}{name}-"))
     set_default_mode(twin)
     for file in folder.iterdir() if files is None else (folder / f for f in files):
         try:

@@ -8,7 +8,7 @@ that loading a model (``zmaj.convert``) and publishing (``zmaj.publish``) read a
 importing ``zmaj.train``.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -81,7 +81,11 @@ class _UniqueKeys(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *anchor, which the base class flattens
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # the base class names that
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} given twice in one mapping", key_node.start_mark
@@ -117,32 +121,44 @@ def parse(model: type[T], raw: object, where: str, tag: Tag = kind_tag) -> T:
     except pydantic.ValidationError as error:
         problems = "; ".join(f"{dotted(e['loc'], raw, tag)}: {e['msg']}" for e in error.errors())
         raise SpecError(f"{where}: {problems}") from None
-    if (field := _boolean_as_number(raw, parsed)) is not None:
+    if (field := boolean_as_number(raw, parsed)) is not None:
         raise SpecError(
             f"{where}: {field}: a boolean where a number goes (YAML reads true, yes and on as true)"
         )
     return parsed
 
 
-def _boolean_as_number(raw: object, parsed: object, path: str = "") -> str | None:
-    """The dotted path of the first boolean in ``raw`` that validation made something else: pydantic's lax mode
-    reads ``true`` as 1, so ``n_layers: yes`` was a one-layer model. (Strict mode is no cure: it would also refuse
-    ``3e-4``, which YAML reads as a string.)"""
-    if not isinstance(raw, dict):
+_MISSING = object()
+
+
+def boolean_as_number(raw: object, parsed: object, path: str = "") -> str | None:
+    """The dotted path of the first boolean in ``raw`` (a section, or a list) that validation into ``parsed`` made
+    something else: pydantic's lax mode reads ``true`` as 1, so ``n_layers: yes`` was a one-layer model. (Strict
+    mode is no cure: it would also refuse ``3e-4``, which YAML reads as a string.) A section the model ignores
+    (``extra="ignore"``) is not validated, so there is nothing to compare."""
+    if isinstance(raw, dict):
+        pairs = [
+            (
+                key,
+                value,
+                parsed.get(key, _MISSING) if isinstance(parsed, dict) else getattr(parsed, key, _MISSING),
+            )
+            for key, value in raw.items()
+            if isinstance(key, str)
+        ]
+    elif isinstance(raw, list | tuple) and isinstance(parsed, list | tuple) and len(raw) == len(parsed):
+        pairs = [
+            (str(index), value, inside) for index, (value, inside) in enumerate(zip(raw, parsed, strict=True))
+        ]
+    else:
         return None
-    for key, value in raw.items():
-        if not isinstance(key, str):
-            continue
-        missing = (
-            object()
-        )  # a section the model ignores (extra="ignore") is not validated: nothing to compare
-        inside = parsed.get(key, missing) if isinstance(parsed, dict) else getattr(parsed, key, missing)
-        if inside is missing:
-            continue
+    for key, value, inside in pairs:
         name = f"{path}.{key}" if path else key
+        if inside is _MISSING:
+            continue
         if isinstance(value, bool) and not isinstance(inside, bool):
             return name
-        if (found := _boolean_as_number(value, inside, name)) is not None:
+        if (found := boolean_as_number(value, inside, name)) is not None:
             return found
     return None
 
@@ -154,9 +170,14 @@ def dotted(loc: tuple[int | str, ...], raw: object, tag: Tag = kind_tag) -> str:
     section on the way has, so that it is left out even where the section also holds a key of that name."""
     parts: list[str] = []
     node = raw
+    tagged: object = None  # the section whose tag was left out: the same name next is its field (DPO's task)
     for index, part in enumerate(loc):
-        if isinstance(node, dict) and index < len(loc) - 1 and (part not in node or part == tag(parts, node)):
-            continue
+        if isinstance(node, dict) and index < len(loc) - 1:
+            if part not in node:
+                continue
+            if part == tag(parts, node) and node is not tagged:
+                tagged = node
+                continue
         if parts and not isinstance(node, dict | list):
             break  # a value (or null) where a section goes: what follows is no key of the spec (a union's tag)
         parts.append(str(part))

@@ -24,7 +24,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from zmaj.convert.load import staged_folder
 from zmaj.data.tokens import TokenFile
-from zmaj.tasks import Split, get_task
+from zmaj.tasks import Split, checked_task
 from zmaj.text import read_json
 
 DATA_DIR = "data"
@@ -46,7 +46,7 @@ Splits = dict[str, datasets.Dataset]
 
 def task_dataset(name: str, options: Mapping[str, Any], n_train: int, n_test: int, seed: int = 0) -> Splits:
     """``n_train`` and ``n_test`` problems of a task, as prompt/answer/solution/messages rows."""
-    task = get_task(name, **options)
+    task = checked_task(name, options)
     splits: Splits = {}
     plan: tuple[tuple[Split, int], ...] = (("train", n_train), ("test", n_test))
     for split, n in plan:

@@ -1,10 +1,12 @@
 """Tasks by name, so a spec can say ``task: countdown`` and a user can add their own next to the built-in ones."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import PydanticCustomError
 
+from zmaj.specfile import boolean_as_number
 from zmaj.tasks.arithmetic import ArithmeticTask
 from zmaj.tasks.base import Task
 from zmaj.tasks.countdown import CountdownTask
@@ -29,18 +31,32 @@ def get_task(name: str, **options: Any) -> Task:
     return _FACTORIES[name](**options)
 
 
-def checked_task(name: str, options: dict[str, Any]) -> Task:
-    """``get_task`` for a spec's validator: a bad option's error is located under ``options`` (``options.digits``,
-    where the spec holds it; pydantic puts a validator's errors under the section it checks)."""
+def checked_task(name: str, options: Mapping[str, Any]) -> Task:
+    """``get_task`` for a spec's validator or a command line's options: a bad option's error is located under
+    ``options`` (``options.digits``, where the spec holds it; pydantic puts a validator's errors under the section
+    it checks), and a boolean where a number goes is refused (``digits: yes`` was one digit)."""
     try:
-        return get_task(name, **options)
+        task = get_task(name, **options)
     except ValidationError as error:
-        located: list[Any] = []
-        for e in error.errors():
-            located.append({"type": e["type"], "loc": ("options", *e["loc"]), "input": e["input"]})
-            if "ctx" in e:
-                located[-1]["ctx"] = e["ctx"]
-        raise ValidationError.from_exception_data(error.title, located) from None
+        # Custom types, which a task's own validator may raise, pydantic knows only as custom errors.
+        raise _located(
+            error.title, [(e["type"], e["msg"], e["loc"], e["input"]) for e in error.errors()]
+        ) from None
+    if (field := boolean_as_number(options, task)) is not None:
+        message = "a boolean where a number goes (YAML reads true, yes and on as true)"
+        raise _located(name, [("bool_as_number", message, tuple(field.split(".")), True)])
+    return task
+
+
+def _located(title: str, errors: list[tuple[str, str, tuple[int | str, ...], Any]]) -> ValidationError:
+    """Errors of a task's options, as pydantic's, located under ``options``."""
+    return ValidationError.from_exception_data(
+        title,
+        [
+            {"type": PydanticCustomError(kind, message), "loc": ("options", *loc), "input": value}
+            for kind, message, loc, value in errors
+        ],
+    )
 
 
 def task_names() -> list[str]:

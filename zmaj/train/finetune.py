@@ -411,7 +411,9 @@ def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str] = F
     """
     spec = runs.read_spec(kind, args, frozen)
     named = {name: getattr(spec, name, None) for name in ("model", "reference")}
-    fixed = {name: pinned(value) for name, value in named.items() if isinstance(value, str)}
+    # A resumed run keeps what its spec.yaml names (pinned when it began, or a checkpoint named before pins).
+    pin = pinned if args.resume is None else lambda model: model
+    fixed = {name: pin(value) for name, value in named.items() if isinstance(value, str)}
     if args.resume is None and args.run_dir is not None:
         for name, model in fixed.items():
             check_apart(args.run_dir, name, model)
@@ -432,8 +434,8 @@ def check_apart(run_dir: Path, name: str, model: str) -> None:
 def pinned(model: str) -> str:
     """A model PATH as a fine-tuning spec keeps it: absolute, ``pypi:`` names as they are, and a run folder (its
     newest checkpoint) or one of its checkpoints as that checkpoint's parameters pinned (``checkpoint.pin``), so
-    that the run may go on and prune the checkpoint. A run this user may not write in is named as it is, with a
-    warning: the fine-tune loses its model if that run prunes it."""
+    that the run may go on and prune the checkpoint. A run that cannot be written in (another user's, a read-only
+    mount) is named as it is, with a warning: the fine-tune loses its model if that run prunes it."""
     if model.startswith("pypi:"):
         return model
     path = Path(model).resolve()
@@ -445,7 +447,7 @@ def pinned(model: str) -> str:
         return str(path)
     try:
         kept = checkpoint.pin(source)
-    except PermissionError as error:
+    except OSError as error:  # not ours to write (another user's, a read-only mount)
         logger.warning(
             f"{model}: starting from {source}, which could not be pinned ({error}); if its run prunes it, "
             "this run cannot load or resume its model"

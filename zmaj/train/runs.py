@@ -171,7 +171,13 @@ def check_written_by(path: Path, spec: BaseModel) -> None:
     now = spec.model_dump(mode="json")
     recorded = meta["spec"] if isinstance(meta.get("spec"), dict) else {}
     for name, then, here in (
-        ("model", recorded.get("model"), now.get("model")),
+        # A pre-training run's model is its config; a fine-tune's is a path, which may be moved and edited to
+        # match (the LoRA base's fingerprint guards the weights: load.check_lora_base).
+        (
+            "model",
+            recorded.get("model") if isinstance(recorded.get("model"), dict) else None,
+            now.get("model"),
+        ),
         ("train.seed", meta.get("seed"), now.get("train", {}).get("seed")),
     ):
         if then is not None and (field := _differs(name, then, here)) is not None:

@@ -6,7 +6,8 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from zmaj.tasks import (
     FEW_SHOT_STOP,
@@ -16,6 +17,7 @@ from zmaj.tasks import (
     Reward,
     Task,
     WordProblemsTask,
+    checked_task,
     final_answer,
     get_task,
     register_task,
@@ -213,6 +215,43 @@ def test_word_problems_use_every_template_and_have_whole_non_negative_answers() 
     assert all(int(p.answer) >= 0 for p in problems)
     phrases = ["and buys", "have left?", "boxes of", "equally among", "gives away"]  # one template's each
     assert all(any(phrase in p.prompt for p in problems) for phrase in phrases)
+
+
+def test_checked_options_are_located_under_options_whatever_the_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A task's own validator may raise an error type pydantic does not know (from_exception_data raised
+    KeyError for it); a boolean where a number goes is refused (lax pydantic read ``digits: yes`` as 1)."""
+
+    class Levelled(Task):
+        name = "levelled"
+        level: int = 1
+
+        @field_validator("level")
+        @classmethod
+        def _low(cls, level: int) -> int:
+            if level > 3:
+                raise PydanticCustomError("level_too_high", "level {level} is above 3", {"level": level})
+            return level
+
+        def generate(self, rng: random.Random) -> Problem:
+            return Problem(prompt="?", answer="1", solution="Answer: 1")
+
+        def is_correct(self, problem: Problem, value: str) -> bool:
+            return value == "1"
+
+    monkeypatch.setattr(registry, "_FACTORIES", {"levelled": Levelled, "arithmetic": ArithmeticTask})
+    with pytest.raises(ValidationError) as caught:
+        checked_task("levelled", {"level": 5})
+    assert [(e["loc"], e["msg"]) for e in caught.value.errors()] == [
+        (("options", "level"), "level 5 is above 3")
+    ]
+    with pytest.raises(ValidationError) as caught:
+        checked_task("arithmetic", {"digits": True})
+    assert [(e["loc"], e["msg"]) for e in caught.value.errors()] == [
+        (("options", "digits"), "a boolean where a number goes (YAML reads true, yes and on as true)")
+    ]
+    assert checked_task("arithmetic", {"digits": 2}) == ArithmeticTask(digits=2)
 
 
 def test_registry_builds_tasks_with_options_and_takes_new_ones(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,10 +3,12 @@ batches line targets and masks up with the tokens, evaluation scores with the ch
 cannot work."""
 
 import argparse
+import errno
 import json
 import os
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from tests.integration import finetune_fixtures
+from tests.unit.train.test_loop import logged
 from zmaj import checkpoint
 from zmaj.convert.load import Pretrained, load_model, resolve
 from zmaj.models import llama, lora
@@ -282,8 +285,44 @@ def test_a_run_named_as_the_model_is_pinned_to_its_checkpoint_of_the_time(tmp_pa
     assert checkpoint.latest_intact(base) == base / "checkpoints" / "step-0000006"  # pins are no checkpoints
 
     merged = load_model(adapted).params
+    # A resume keeps what its spec.yaml names, a pin or (a run begun before pins) the checkpoint itself: pinned
+    # again, it was refused as "written with another model".
+    resume = argparse.Namespace(spec=None, overrides=[], resume=adapted, run_dir=None)
+    assert finetune.read_spec(finetune.SFTSpec, resume).model == spec.model
+    saved = (adapted / "spec.yaml").read_text()
+    (adapted / "spec.yaml").write_text(saved.replace(spec.model, str(trained_on)))
+    assert finetune.read_spec(finetune.SFTSpec, resume).model == str(trained_on)
+    runs.check_written_by(checkpoint.latest(adapted), finetune.read_spec(finetune.SFTSpec, resume))
     for key in before.keys(True, True):  # the adapters' B starts at zero: merged, they change nothing
         assert torch.equal(merged.get(key), before.get(key))
+
+
+def test_pinning_is_one_folder_when_two_processes_pin_at_once_and_a_warning_where_it_cannot_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank of a torchrun job pins: the second rename failed (ENOTEMPTY), leaving its staged copy. A base
+    on a read-only mount (EROFS, no PermissionError) was a traceback."""
+    state = init_state(llama.init(finetune_fixtures.CONFIG, seed=0))
+    source = checkpoint.save(tmp_path / "base", state, {})
+    real = checkpoint._linked_copy
+
+    def racing(*args: Any) -> Path:
+        staged = real(*args)
+        monkeypatch.setattr(checkpoint, "_linked_copy", real)
+        checkpoint.pin(source)  # another process, first
+        return staged
+
+    monkeypatch.setattr(checkpoint, "_linked_copy", racing)
+    kept = checkpoint.pin(source)
+    assert sorted(p.name for p in source.parent.iterdir()) == sorted(["latest", source.name, kept.name])
+
+    def read_only(checkpoint: Path) -> Path:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(checkpoint))
+
+    monkeypatch.setattr(checkpoint, "pin", read_only)
+    with logged("WARNING") as lines:
+        assert finetune.pinned(str(tmp_path / "base")) == str(source)
+    assert "could not be pinned" in "".join(lines)
 
 
 def test_a_new_runs_folder_is_refused_where_it_is_holds_or_lies_inside_a_model_the_run_reads(

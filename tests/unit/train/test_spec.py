@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from zmaj.models import gpt
-from zmaj.specfile import SpecError, apply_overrides, key_values
+from zmaj.specfile import SpecError, apply_overrides, key_values, read_yaml
 from zmaj.train.finetune import SPECS as FINETUNE_SPECS
 from zmaj.train.spec import PretrainSpec, load
 
@@ -66,6 +66,10 @@ def test_a_key_given_twice_is_refused_naming_its_line(tmp_path: Path) -> None:
         load(PretrainSpec, spec)
     with pytest.raises(SpecError, match="key 'a' given twice"):
         apply_overrides({}, ["sample={a: 1, a: 2}"])
+    # What YAML's safe loader took stays as it was: merge keys, and its own message for an unhashable key.
+    assert read_yaml("a: &x {b: 1}\nc: {<<: *x, d: 2}", "x") == {"a": {"b": 1}, "c": {"b": 1, "d": 2}}
+    with pytest.raises(SpecError, match="found unhashable key"):
+        read_yaml("{[1]: 2}", "x")
 
 
 @pytest.mark.parametrize(
@@ -78,6 +82,7 @@ def test_a_key_given_twice_is_refused_naming_its_line(tmp_path: Path) -> None:
         ("train.steps=yes", "train.steps: a boolean where a number goes"),
         ("model.n_layers=on", "model.n_layers: a boolean where a number goes"),
         ("train.optimizer.lr=true", "train.optimizer.lr: a boolean where a number goes"),
+        ("train.optimizer.adamw.betas=[no, 0.95]", "train.optimizer.adamw.betas.0: a boolean where a number"),
         ("name=a/b", "name: Value error, 'a/b' names the run folder"),
         ("name=''", "name: Value error, '' names the run folder"),
     ],
@@ -103,6 +108,14 @@ def test_a_bad_spec_names_exactly_the_field(override: str, message: str) -> None
         ("sft-tiny", "data.options.digits=-3", "data.options.digits: Input should be greater than"),
         ("sft-tiny", "eval.options.digits=0", "eval.options.digits: Input should be greater than"),
         ("grpo-tiny", "task.options.digitz=2", "task.options.digitz: Extra inputs are not permitted"),
+        ("grpo-tiny", "task.options.digits=on", "task.options.digits: a boolean where a number goes"),
+        ("sft-tiny", "data.options.digits=yes", "data.options.digits: a boolean where a number goes"),
+        # The union's tag and the field are both "task": both were left out, and options with them.
+        (
+            "dpo-tiny",
+            "pairs.task.options.digits=0",
+            "pairs.task.options.digits: Input should be greater than",
+        ),
     ],
 )
 def test_a_tasks_options_are_checked_where_the_spec_holds_them(
