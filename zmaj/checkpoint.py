@@ -29,7 +29,7 @@ fall back: it reports the damage, and an older checkpoint folder can be named in
 
 :func:`prune` keeps the newest few checkpoints. :func:`save_aside` writes a state for inspection (the one where
 the loss became non-finite) as ``checkpoints/LABEL-step-NNNNNNN/``: it never becomes ``latest``, and nothing
-resumes from it or prunes it. :func:`pin` keeps a checkpoint's parameters so for a run that starts from them.
+resumes from it or prunes it. :func:`pin` keeps a checkpoint's parameters, never pruned, for another run that starts from them.
 
 The format sits below every package, as ``zmaj.fileio`` does: training writes it, loading a model
 (``zmaj.convert``) and publishing (``zmaj.publish``) read it, and none of them imports another for it.
@@ -58,7 +58,8 @@ CHECKPOINTS, LATEST = "checkpoints", "latest"
 PARAMS, OPTIMIZER, STATE = "params.safetensors", "optimizer.safetensors", "state.json"
 TENSOR_FILES = (PARAMS, OPTIMIZER)
 STAGING, TRASH, PINNING = ".staging-", ".trash-", ".pinning-"
-"""Prefixes of the hidden folders saves work in; the next save removes what a crash leaves of them."""
+"""Prefixes of the hidden folders saves (and pins) work in; the next save removes what a crash leaves of the first
+two (not of a pin, which may be in progress in another process)."""
 STEP = re.compile(r"step-(\d+)")
 FILES = "files"
 """The key of ``state.json`` that records each safetensors file's size and checksum."""

@@ -62,9 +62,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         *parents, leaf = path.split(".")
         node = result
         for part in parents:
-            if (
-                node.get(part) is None
-            ):  # absent, or null (``lora: null``): --set lora.rank=16 makes the section
+            # Absent, or null (``lora: null``): --set lora.rank=16 makes the section.
+            if node.get(part) is None:
                 node[part] = {}
             child = node[part]
             if not isinstance(child, dict):
@@ -122,12 +121,11 @@ def parse(model: type[T], raw: object, where: str, tag: Tag = kind_tag) -> T:
         problems = "; ".join(f"{dotted(e['loc'], raw, tag)}: {e['msg']}" for e in error.errors())
         raise SpecError(f"{where}: {problems}") from None
     if (field := boolean_as_number(raw, parsed)) is not None:
-        raise SpecError(
-            f"{where}: {field}: a boolean where a number goes (YAML reads true, yes and on as true)"
-        )
+        raise SpecError(f"{where}: {field}: {BOOLEAN_AS_NUMBER}")
     return parsed
 
 
+BOOLEAN_AS_NUMBER = "a boolean where a number goes (YAML reads true, yes and on as true)"
 _MISSING = object()
 
 

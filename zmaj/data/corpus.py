@@ -7,9 +7,8 @@ or ``datasets`` row), is named by a hash of its text: a path can be spelled many
 and a row's index shifts when rows before it come or go, so identical documents share a split and a duplicated
 document never sits on both sides. The built-in corpus names a stdlib module by its path inside the standard
 library instead (its held-out set, and every number measured on it, predate the rule; two of its files, both
-38 bytes, are equal and sit on both sides). The built-in corpus is the
-running interpreter's own standard library plus its pydoc topics, so every test and smoke run has real text
-offline.
+38 bytes, are equal and sit on both sides). That corpus is the running interpreter's own standard library plus
+its pydoc topics, so every test and smoke run has real text offline.
 """
 
 import hashlib

@@ -119,8 +119,9 @@ def tokenize_split(
         (staging / "meta.json").write_text(
             json.dumps(meta | {"source": identity[1], "split": split}, indent=1)
         )
-        for path in [*staging.iterdir(), staging]:  # on disk before the rename, so a power cut cannot publish
-            fsync(path)  # empty files under the final name (a checkpoint's files are flushed so too)
+        # On disk before the rename, as a checkpoint's files are: a power cut cannot publish empty files.
+        for path in [*staging.iterdir(), staging]:
+            fsync(path)
         try:
             os.rename(staging, final)
         except OSError:

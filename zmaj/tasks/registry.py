@@ -6,7 +6,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
 
-from zmaj.specfile import boolean_as_number
+from zmaj.specfile import BOOLEAN_AS_NUMBER, boolean_as_number
 from zmaj.tasks.arithmetic import ArithmeticTask
 from zmaj.tasks.base import Task
 from zmaj.tasks.countdown import CountdownTask
@@ -43,8 +43,7 @@ def checked_task(name: str, options: Mapping[str, Any]) -> Task:
             error.title, [(e["type"], e["msg"], e["loc"], e["input"]) for e in error.errors()]
         ) from None
     if (field := boolean_as_number(options, task)) is not None:
-        message = "a boolean where a number goes (YAML reads true, yes and on as true)"
-        raise _located(name, [("bool_as_number", message, tuple(field.split(".")), True)])
+        raise _located(name, [("bool_as_number", BOOLEAN_AS_NUMBER, tuple(field.split(".")), True)])
     return task
 
 

