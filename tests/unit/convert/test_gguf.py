@@ -30,12 +30,8 @@ from zmaj.models.common import Batch
 from zmaj.nn.rope import apply_rope, rope_angles, rope_frequencies
 
 VOCAB = 128
-BPE_TOKENS = [
-    *(f"t{i}" for i in range(VOCAB - 3)),
-    "a",
-    "b",
-    "ab",
-]  # "a b" is a merge, "t1 t2" none (no "t1t2")
+# "a b" is a merge; "t1 t2" is none, as "t1t2" is no token.
+BPE_TOKENS = [*(f"t{i}" for i in range(VOCAB - 3)), "a", "b", "ab"]
 SMALL: dict[str, Any] = {
     "vocab_size": VOCAB,
     "hidden_size": 64,
@@ -449,9 +445,8 @@ def test_a_row_that_is_no_whole_number_of_blocks_names_the_tensor(tmp_path: Path
     """gguf-py's "Quantized tensor row size (64) is not a multiple of Q4_K block size (256)" named no tensor."""
     data = tiny_llama_file(tmp_path).read_bytes()
     name = b"output_norm.weight"
-    at = (
-        data.index(name) + len(name) + 4 + 8
-    )  # its number of dimensions (1), its one dimension, then its type
+    # After the name: its number of dimensions (1), its one dimension, then its type.
+    at = data.index(name) + len(name) + 4 + 8
     (tmp_path / "q4k.gguf").write_bytes(data[:at] + (12).to_bytes(4, "little") + data[at + 4 :])  # Q4_K
     with pytest.raises(ValueError, match=r"GGUF tensor 'output_norm\.weight' of .*q4k\.gguf: .*block size"):
         zgguf.read_gguf(tmp_path / "q4k.gguf")
@@ -462,10 +457,8 @@ def test_metadata_arrays_nested_past_any_real_files_are_refused(tmp_path: Path) 
     for _ in range(9):
         nested = [nested]
     path = write_gguf(tmp_path / "n.gguf", "llama", {"x": nested}, {"w": np.zeros(4, dtype=np.float32)})
-    with pytest.raises(
-        ValueError, match="metadata arrays nested more than 8 deep"
-    ):  # a RecursionError, deeper
-        zgguf.read_gguf(path)
+    with pytest.raises(ValueError, match="metadata arrays nested more than 8 deep"):
+        zgguf.read_gguf(path)  # deeper still, a RecursionError
 
 
 def test_an_unknown_architecture_lists_the_supported_ones(tmp_path: Path) -> None:

@@ -270,9 +270,8 @@ def test_a_folder_is_replaced_in_one_swap_where_linux_has_one(
     probe = [tmp_path / "probe-a", tmp_path / "probe-b"]
     for path in probe:
         path.mkdir()
-    if not fileio.exchange(
-        *probe
-    ):  # (a swap of one path with itself succeeds before any file system is asked)
+    # Two folders: a swap of one path with itself succeeds before any file system is asked.
+    if not fileio.exchange(*probe):
         pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or file system")
     for path in probe:
         path.rmdir()
