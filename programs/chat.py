@@ -22,8 +22,8 @@ from zmaj.convert.load import Pretrained
 from zmaj.data.chat_template import Message
 from zmaj.infer.chat import Context, empty_context, reply
 from zmaj.infer.generate import Sampling
+from zmaj.specfile import seed_argument
 from zmaj.text import not_utf8, utf8
-from zmaj.train.runs import seed
 
 
 def main() -> None:
@@ -86,7 +86,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
     parser.add_argument("--top-p", type=float, help="sample from the nucleus of probability p only")
     parser.add_argument(
-        "--seed", type=seed, default=0, help="answer i is sampled with seed + i (default: %(default)s)"
+        "--seed",
+        type=seed_argument,
+        default=0,
+        help="answer i is sampled with seed + i (default: %(default)s)",
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
     return parser.parse_args()

@@ -38,7 +38,7 @@ from loguru import logger
 from zmaj.convert.load import load_model
 from zmaj.extras import MissingExtraError, needs
 from zmaj.fileio import atomic_write_text
-from zmaj.specfile import key_values
+from zmaj.specfile import key_values, seed_argument
 from zmaj.tasks import checked_task
 from zmaj.text import utf8
 from zmaj.train import finetune, precision, runs
@@ -69,7 +69,9 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="ask in the chat template (--task: the default; --harness: off unless given)",
     )
-    parser.add_argument("--seed", type=runs.seed, help=f"which problems (default: {TASK_DEFAULTS['seed']})")
+    parser.add_argument(
+        "--seed", type=seed_argument, help=f"which problems (default: {TASK_DEFAULTS['seed']})"
+    )
     parser.add_argument("--max-new-tokens", type=int, help=f"default: {TASK_DEFAULTS['max_new_tokens']}")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--system", type=utf8, help="a system message before each question (chat mode)")

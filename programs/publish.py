@@ -40,8 +40,8 @@ from zmaj.publish.hub import (
     repo_id,
     upload_files,
 )
-from zmaj.specfile import key_values
-from zmaj.train.runs import positive, seed
+from zmaj.specfile import key_values, seed_argument
+from zmaj.train.runs import positive
 
 N_TRAIN, N_TEST, LICENSE = 1000, 200, "apache-2.0"
 TASK_FLAGS = {"--n-train": "n_train", "--n-test": "n_test", "--seed": "seed"}
@@ -63,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     group.add_argument("--set-task", dest="task_options", action="append", default=[], metavar="KEY=VALUE")
     group.add_argument("--n-train", type=positive, help=f"task problems in train (default: {N_TRAIN})")
     group.add_argument("--n-test", type=positive, help=f"task problems in test (default: {N_TEST})")
-    group.add_argument("--seed", type=seed, help="which task problems (default: 0)")
+    group.add_argument("--seed", type=seed_argument, help="which task problems (default: 0)")
     group.add_argument("--license", type=license_id, help=f"the dataset card's license (default: {LICENSE})")
     group.add_argument(
         "--out", type=Path, help="write the dataset folder here and keep it (default: a temp dir)"

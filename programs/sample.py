@@ -17,10 +17,9 @@ from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer.sample import sample
 from zmaj.models import gpt
 from zmaj.models.gpt import GPTConfig
-from zmaj.specfile import SpecError
+from zmaj.specfile import SpecError, seed_argument
 from zmaj.text import utf8
 from zmaj.train import precision
-from zmaj.train.runs import seed
 
 
 def main() -> None:
@@ -36,7 +35,7 @@ def main() -> None:
     parser.add_argument(
         "--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50; 0: all)"
     )
-    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--seed", type=seed_argument, default=0)
     args = parser.parse_args()
     sampling = checked_sampling(args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
     try:

@@ -8,6 +8,7 @@ that loading a model (``zmaj.convert``) and publishing (``zmaj.publish``) read a
 importing ``zmaj.train``.
 """
 
+import argparse
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -37,6 +38,15 @@ def _one_folder_name(name: str) -> str:
 RunName = Annotated[str, AfterValidator(_one_folder_name)]
 """A spec's name, which names its run folder: ``a/b`` failed only after the data was prepared, when the folder
 could not be made, and an empty one made ``runs/-<time>``."""
+
+
+def seed_argument(text: str) -> int:
+    """An argparse type: a seed ``torch.Generator`` takes, 0 to 2**64 - 1. Not negative: Python's
+    ``random.Random(-3)`` is ``random.Random(3)``, so a task's problems of seed -3 would be seed 3's. Here, at
+    the bottom of the package, so that the inference programs take it without importing the training code."""
+    if not text.strip().isdigit() or int(text) >= 2**64:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2**64 - 1, got {text!r}")
+    return int(text)
 
 
 class SpecError(ValueError):

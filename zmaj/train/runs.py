@@ -115,14 +115,6 @@ def positive(text: str) -> int:
     return int(text)
 
 
-def seed(text: str) -> int:
-    """An argparse type: a seed ``torch.Generator`` takes, 0 to 2**64 - 1. Not negative: Python's
-    ``random.Random(-3)`` is ``random.Random(3)``, so a task's problems of seed -3 would be seed 3's."""
-    if not text.strip().isdigit() or int(text) >= 2**64:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2**64 - 1, got {text!r}")
-    return int(text)
-
-
 def read_spec(
     kind: type[S], args: argparse.Namespace, frozen: Sequence[str], default_spec: Path | None = None
 ) -> S:

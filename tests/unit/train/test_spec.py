@@ -18,6 +18,7 @@ from zmaj.train.spec import PretrainSpec, load
 ROOT = Path(__file__).resolve().parents[3] / "specs"
 SPECS = sorted((ROOT / "pretrain").rglob("*.yaml"))
 FINETUNE = sorted((ROOT / "finetune").rglob("*.yaml"))
+TINY = ROOT / "pretrain" / "stdlib-tiny.yaml"
 
 
 def test_every_spec_is_in_a_known_folder() -> None:
@@ -59,7 +60,7 @@ def test_overrides_are_parsed_as_yaml_and_leave_the_input_alone() -> None:
 
 def test_a_key_given_twice_is_refused_naming_its_line(tmp_path: Path) -> None:
     """PyYAML keeps the last: a second ``optimizer:`` under ``train:`` replaced Muon by a default AdamW."""
-    shipped = next(p for p in SPECS if p.name == "stdlib-tiny.yaml").read_text()
+    shipped = TINY.read_text()
     spec = tmp_path / "twice.yaml"
     spec.write_text(shipped.replace("\ntrain:\n", "\ntrain:\n  optimizer: {lr: 1.0e-3}\n", 1))
     with pytest.raises(SpecError, match=r"key 'optimizer' given twice in one mapping.*line \d+"):
@@ -88,16 +89,15 @@ def test_a_key_given_twice_is_refused_naming_its_line(tmp_path: Path) -> None:
     ],
 )
 def test_a_bad_spec_names_exactly_the_field(override: str, message: str) -> None:
-    path = next(p for p in SPECS if p.name == "stdlib-tiny.yaml")
-    with pytest.raises(SpecError, match=f"^{re.escape(f'{path}: {message}')}"):
-        load(PretrainSpec, path, [override])
-    assert load(PretrainSpec, path, ["train.compile=true"]).train.compile  # a boolean where one goes
+    with pytest.raises(SpecError, match=f"^{re.escape(f'{TINY}: {message}')}"):
+        load(PretrainSpec, TINY, [override])
+    assert load(PretrainSpec, TINY, ["train.compile=true"]).train.compile  # a boolean where one goes
 
     class ModelOnly(BaseModel):  # as sample.py reads a run's spec: the other sections ignored, unvalidated
         model_config = ConfigDict(extra="ignore")
         model: gpt.GPTConfig
 
-    assert load(ModelOnly, path, ["train.compile=true"]).model.n_layers == 4
+    assert load(ModelOnly, TINY, ["train.compile=true"]).model.n_layers == 4
 
 
 @pytest.mark.parametrize(
@@ -144,9 +144,8 @@ def test_a_tasks_options_are_checked_where_the_spec_holds_them(
     ],
 )
 def test_a_bad_spec_names_the_field(override: str, field: str) -> None:
-    path = next(p for p in SPECS if p.name == "stdlib-tiny.yaml")
     with pytest.raises(SpecError, match=field.replace(".", r"\.")):
-        load(PretrainSpec, path, [override])
+        load(PretrainSpec, TINY, [override])
 
 
 def test_a_malformed_override_is_rejected() -> None:
