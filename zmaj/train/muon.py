@@ -66,9 +66,9 @@ class MuonConfig(BaseModel):
     ns_steps: int = Field(5, gt=0, lt=100, description="Newton-Schulz iterations")
     ns_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="what Newton-Schulz computes in: auto is bfloat16 where precision auto picks it (CUDA, CPUs "
-        "with AVX512-BF16 or AMX), as torch.optim.Muon and Keller Jordan do, and float32 on CPUs that would "
-        "emulate bfloat16 matmuls, about 100x slower",
+        description="what Newton-Schulz computes in: auto is bfloat16 where precision auto picks it (Ampere or "
+        "later CUDA GPUs, CPUs with AVX512-BF16 or AMX), as torch.optim.Muon and Keller Jordan do, and float32 "
+        "where bfloat16 matmuls would be emulated (on CPUs, about 100x slower)",
     )
     adjust_lr: Literal["original", "match_rms_adamw"] = Field(
         "original", description="original: Muon's own lr (0.02); match_rms_adamw: AdamW's lr works as is"

@@ -1,15 +1,16 @@
 """Which float type to compute in, and the autocast context that applies it.
 
-``auto`` picks bfloat16 where matrix units make it fast (CUDA, or a CPU with AVX512-BF16 or AMX) and float32
-elsewhere: on CPUs without bf16 instructions, bf16 matmuls run about 100x slower than fp32. Parameters and
-optimizer state stay float32 either way; autocast runs the matmuls in the chosen type.
+``auto`` picks bfloat16 where matrix units make it fast (a CUDA GPU of compute capability 8.0 or later: A100,
+A6000, H100; or a CPU with AVX512-BF16 or AMX) and float32 elsewhere: on CPUs without bf16 instructions, bf16
+matmuls run about 100x slower than fp32, and GPUs before Ampere (V100, T4) have no bf16 tensor cores. Parameters
+and optimizer state stay float32 either way; autocast runs the matmuls in the chosen type.
 """
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import cache, wraps
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -17,27 +18,45 @@ Precision = Literal["auto", "fp32", "bf16"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 
+def fast_bf16_cpu(capability: str, cpuinfo: str) -> bool:
+    """Whether a CPU multiplies bf16 matrices in hardware: torch's kernels for it are AVX-512 ones
+    (``torch.backends.cpu.get_cpu_capability()``) and the CPU has the BF16 extension or AMX (``/proc/cpuinfo``'s
+    flags). An AVX-512 CPU without them (Skylake-X, Ice Lake) emulates bf16, as an AVX2-only one does."""
+    return capability in ("AVX512", "AMX") and ("avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo)
+
+
 def _cpu_has_fast_bf16() -> bool:
-    """AVX512 with the BF16 extension, or AMX; read from /proc/cpuinfo where it exists (Linux)."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
-        return False
-    cpuinfo = Path("/proc/cpuinfo")
+    cpuinfo = Path("/proc/cpuinfo")  # Linux; elsewhere no flags, so float32
     flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return fast_bf16_cpu(torch.backends.cpu.get_cpu_capability(), flags)
 
 
-_constant: Callable[[Callable[[], bool]], Callable[[], bool]] = torch.compiler.assume_constant_result
+def _cuda_has_fast_bf16(index: int | None) -> bool:
+    """Compute capability 8.0 or later (Ampere), or any AMD GPU ROCm runs; not ``torch.cuda.is_bf16_supported()``,
+    which asks about the current device, not this one, and by default counts emulated bf16 as supported."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_properties(index).major >= 8
+
+
+_constant: Callable[[Callable[..., bool]], Callable[..., bool]] = torch.compiler.assume_constant_result
 cpu_has_fast_bf16: Callable[[], bool] = cache(_constant(_cpu_has_fast_bf16))
 """``_cpu_has_fast_bf16``, read once, and a constant to ``torch.compile`` (Muon's update, compiled in one graph,
 asks it), which cannot trace reading a file."""
+cuda_has_fast_bf16: Callable[[int | None], bool] = cache(_constant(_cuda_has_fast_bf16))
 
 
 def resolve(precision: Precision, device: torch.device) -> torch.dtype:
+    if precision not in get_args(Precision):  # a library caller's typo, not auto
+        raise ValueError(f"precision must be one of {get_args(Precision)}, got {precision!r}")
     if precision == "fp32":
         return torch.float32
     if precision == "bf16":
         return torch.bfloat16
-    fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    if device.type == "cuda":
+        fast = cuda_has_fast_bf16(device.index)
+    else:
+        fast = device.type == "cpu" and cpu_has_fast_bf16()
     return torch.bfloat16 if fast else torch.float32
 
 

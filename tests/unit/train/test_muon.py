@@ -386,6 +386,7 @@ def test_auto_newton_schulz_runs_in_bfloat16_only_where_its_matmuls_are_fast(
     """``ns_dtype: auto`` follows precision ``auto``: a CPU without bf16 instructions would emulate them, ~100x
     slower; an explicit choice holds on any CPU."""
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(precision, "cuda_has_fast_bf16", lambda index: True)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert muon.newton_schulz_dtype("auto", cpu) == (torch.bfloat16 if fast_bf16 else torch.float32)
     assert muon.newton_schulz_dtype("auto", cuda) == torch.bfloat16

@@ -1,0 +1,71 @@
+"""Precision ``auto``: bfloat16 only where the hardware multiplies it, and nothing else taken for ``auto``."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from zmaj.train import precision
+
+# /proc/cpuinfo flags lines, shortened: the flags that decide, among others that must not.
+ZEN3 = "flags\t\t: fpu sse avx avx2 fma bmi2 sha_ni"
+ICE_LAKE = "flags\t\t: avx2 avx512f avx512bw avx512vl avx512_vnni avx512_bitalg"
+ZEN4 = "flags\t\t: avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_vnni"
+SAPPHIRE_RAPIDS = "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8"
+
+
+@pytest.mark.parametrize(
+    ("capability", "cpuinfo", "fast"),
+    [
+        ("AVX2", ZEN3, False),
+        ("AVX512", ICE_LAKE, False),  # AVX-512 without BF16 emulates bf16 as AVX2 does
+        ("AVX512", ZEN4, True),
+        ("AVX512", SAPPHIRE_RAPIDS, True),
+        ("AMX", SAPPHIRE_RAPIDS, True),
+        ("AVX2", ZEN4, False),  # ATEN_CPU_CAPABILITY=avx2: torch's kernels then have no bf16 instructions
+        ("DEFAULT", "", False),
+        ("AVX512", "", False),  # no /proc/cpuinfo (not Linux)
+    ],
+)
+def test_a_cpu_is_fast_in_bf16_only_with_the_bf16_extension_or_amx(
+    capability: str, cpuinfo: str, fast: bool
+) -> None:
+    assert precision.fast_bf16_cpu(capability, cpuinfo) is fast
+
+
+@pytest.mark.parametrize(("major", "fast"), [(7, False), (8, True), (9, True)])
+def test_auto_is_bf16_on_gpus_from_ampere_on(monkeypatch: pytest.MonkeyPatch, major: int, fast: bool) -> None:
+    """V100 and T4 (7.x) have no bf16 tensor cores; A100/A6000 (8.x) and H100 (9.0) have. ``device.index`` is
+    the GPU asked about, not the current one."""
+    asked: list[int | None] = []
+
+    def properties(index: int | None) -> SimpleNamespace:
+        asked.append(index)
+        return SimpleNamespace(major=major)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(precision, "cuda_has_fast_bf16", precision._cuda_has_fast_bf16)
+    expected = torch.bfloat16 if fast else torch.float32
+    assert precision.resolve("auto", torch.device("cuda", 1)) == expected
+    assert asked == [1]
+    assert precision.resolve("bf16", torch.device("cuda", 1)) == torch.bfloat16  # asked for: as asked
+    assert precision.resolve("fp32", torch.device("cuda", 1)) == torch.float32
+
+
+def test_the_cuda_answer_is_a_constant_to_the_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Muon's compiled update resolves ``ns_dtype: auto`` inside its graph: the answer is traced as a constant,
+    not a call the compiler would have to follow into the driver."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(major=8))
+    monkeypatch.setattr(torch.version, "hip", None)
+    check = torch.compiler.assume_constant_result(precision._cuda_has_fast_bf16)
+    compiled = torch.compile(lambda x: x * 2 if check(0) else x * 3, backend="eager", fullgraph=True)
+    assert compiled(torch.ones(2)).tolist() == [2.0, 2.0]
+
+
+def test_an_unknown_precision_is_an_error_not_auto() -> None:
+    """A library caller's typo: the tests' runtime type check refuses it first, so ``resolve`` is called past
+    it, as a user's program (no type check) calls it."""
+    resolve = getattr(precision.resolve, "__wrapped__", precision.resolve)  # past the type check
+    with pytest.raises(ValueError, match="'fp16'"):
+        resolve("fp16", torch.device("cpu"))  # type: ignore[arg-type]
