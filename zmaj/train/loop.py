@@ -136,6 +136,7 @@ def train(
         if main and run.resumed and (dropped := report.drop_records_after(run.metrics, first)):
             # A run killed after its last checkpoint recorded steps it now takes again.
             logger.info(f"dropped {dropped} records past step {first} from {run.metrics}: taken again now")
+    run.begin(first)
     due = first == 0 or (first % cfg.eval_every == 0 and first < cfg.steps)
     if due and not parallel.agree(main and report.has_evaluation(run.metrics, first, final=False)):
         scores(state, first)  # a fresh run's first, or one a kill cut off after its step's checkpoint

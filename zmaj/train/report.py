@@ -137,6 +137,18 @@ def record_session(run_dir: Path, event: str, device: torch.device, ranks: int =
     append_jsonl(run_dir / RUN_FILE, record)
 
 
+def curve_points(
+    records: Sequence[dict[str, Any]], key: str
+) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """The ``(step, value)`` points of ``key``: the curve, and apart from it the end-of-run evaluation (``final``),
+    which may measure more (pre-training's scores the whole held-out set, the others a sample of it), so it is
+    drawn as a point of its own rather than joined to the curve. Every curve but the training loss ends with it:
+    the loop evaluates every ``eval_every`` steps before the last, and at the last the final evaluation."""
+    curve = [(r["step"], r[key]) for r in records if key in r and not r.get("final")]
+    final = [(r["step"], r[key]) for r in records if key in r and r.get("final")]
+    return curve, final
+
+
 def plot_curves(metrics_path: Path, out: Path, panels: Sequence[tuple[str, str]]) -> None:
     """One panel per ``(metric key, title)`` present in the run's metrics JSONL, each against the step."""
     records = read_records(metrics_path, METRIC)
@@ -145,9 +157,12 @@ def plot_curves(metrics_path: Path, out: Path, panels: Sequence[tuple[str, str]]
         return
     fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 3.5), squeeze=False)
     for ax, (key, title) in zip(axes[0], shown, strict=True):
-        points = [(r["step"], r[key]) for r in records if key in r and not r.get("final")]
-        marker = "o-" if len(points) < 30 else "-"
-        ax.plot(*zip(*points, strict=True), marker, linewidth=0.8)
+        curve, final = curve_points(records, key)
+        if curve:
+            ax.plot(*zip(*curve, strict=True), "o-" if len(curve) < 30 else "-", linewidth=0.8)
+        if final:
+            ax.plot(*zip(*final, strict=True), "*", color="C3", markersize=10, label="end of run")
+            ax.legend(loc="best", fontsize="small")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -16,6 +16,7 @@ import fcntl
 import itertools
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -288,6 +289,12 @@ class Run(Generic[S]):
         for tracker in self._trackers:
             tracker.log(numbers, step)
 
+    def begin(self, step: int) -> None:
+        """The loop goes on from ``step``: the trackers forget what an earlier session logged past it, as
+        ``metrics.jsonl`` has (``zmaj.train.trackers``)."""
+        for tracker in self._trackers:
+            tracker.begin(step)
+
     def write_spec(self) -> None:
         write_spec(self.dir, self.spec)
 
@@ -311,11 +318,17 @@ class Run(Generic[S]):
             self._sinks.append(logger.add(self.dir / "log.txt"))
             report.record_session(self.dir, "start", self.device, self.parallel.size)
             config = self.spec.model_dump(mode="json")
-            for tracker in trackers.make(self.train.trackers, self.train.tracker_project):
+            names = self.train.trackers
+            for name, tracker in zip(names, trackers.make(names, self.train.tracker_project), strict=True):
                 try:
                     tracker.start(self.dir.resolve().name, self.dir, config)
                 except BaseException as error:
                     # A failed __enter__ gets no __exit__: end the session (lock, log, trackers started) here.
+                    if isinstance(error, Exception) and not isinstance(error, MissingExtraError):
+                        # A tracker's own refusal (wandb not logged in) is the user's to act on: one line, and
+                        # exit 1 (__exit__ raises it).
+                        failure = RunFailedError(f"train.trackers: {name} could not start: {one_line(error)}")
+                        self.__exit__(RunFailedError, failure, None)
                     self.__exit__(type(error), error, error.__traceback__)
                     raise
                 self._trackers.append(tracker)
@@ -406,11 +419,17 @@ def _start_afresh(run_dir: Path) -> None:
     unloadable, a ``model.json`` under a pre-training run's would be read as its model."""
     names = RECORDS + (LEFTOVERS if (run_dir / "spec.yaml").is_file() else ())
     stale = [run_dir / name for name in names if (run_dir / name).is_file()]
+    # Its TensorBoard events too: the folder is one TensorBoard run, which would show both runs' curves.
+    events = run_dir / trackers.TensorBoard.FOLDER
+    stale += [events] if events.is_dir() else []
     if stale:
         left = ", ".join(path.name for path in stale)
         logger.warning(f"{run_dir} holds a run that saved no checkpoint: started afresh, without its {left}")
     for path in stale:
-        path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def write_spec(run_dir: Path, spec: BaseModel) -> None:

@@ -5,6 +5,10 @@ starts them when a session begins, logs each metrics line to them at its step (t
 rewards: whatever the loop records) and finishes them when the session ends. Each tracker run is named after the
 run folder and gets the whole spec as its config. Only rank 0 tracks.
 
+A resumed session takes again the steps a kill cut off after the last checkpoint; ``metrics.jsonl`` drops their
+records (``zmaj.train.report.drop_records_after``), and so must a tracker that keeps one run across sessions:
+the loop tells each where the session starts (``Tracker.begin``).
+
 - trackio (https://github.com/gradio-app/trackio): local-first, a SQLite database under ``TRACKIO_DIR``
   (default ``~/.cache/huggingface/trackio``); ``trackio show`` opens the dashboard.
 - Weights & Biases (https://docs.wandb.ai): files under ``RUN_DIR/wandb``; its own environment variables choose
@@ -35,6 +39,9 @@ class Tracker(Protocol):
 
     def start(self, name: str, run_dir: Path, config: dict[str, Any]) -> None: ...
 
+    def begin(self, step: int) -> None:
+        """This session goes on from loop step ``step``: what an earlier session logged past it is void."""
+
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
     def finish(self) -> None: ...
@@ -56,6 +63,9 @@ class Trackio:
             auto_log_gpu=False,
             embed=False,
         )
+
+    def begin(self, step: int) -> None:
+        pass  # each session is a run of its own
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -81,6 +91,9 @@ class Wandb:
             settings=wandb.Settings(console="off"),
         )
 
+    def begin(self, step: int) -> None:
+        pass  # each session is a run of its own
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
 
@@ -89,22 +102,32 @@ class Wandb:
 
 
 class TensorBoard:
+    """One folder is one TensorBoard run, whatever the sessions: each session's writer opens with a purge step,
+    past which TensorBoard hides what the earlier event files hold (the steps a resume takes again)."""
+
     FOLDER = "tensorboard"
 
     def start(self, name: str, run_dir: Path, config: dict[str, Any]) -> None:
         with needs("trackers", "train.trackers: tensorboard"):
             from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(run_dir / self.FOLDER)
-        # Four spaces: TensorBoard renders text as Markdown, and this keeps the YAML a code block.
-        spec = yaml.safe_dump(config, sort_keys=False)
-        self.writer.add_text("spec", "".join(f"    {line}\n" for line in spec.splitlines()))
+        self.folder, self.config, self.make = run_dir / self.FOLDER, config, SummaryWriter
+
+    def begin(self, step: int) -> None:
+        # A fresh run's purge (step 1, nothing before it) is needed too: TensorBoard purges only at a session's
+        # start that follows another's.
+        self.writer = self.make(self.folder, purge_step=step + 1)
+        # At the session's first step: a resume's --set may have changed the spec. Four spaces: TensorBoard
+        # renders text as Markdown, and this keeps the YAML a code block.
+        spec = yaml.safe_dump(self.config, sort_keys=False)
+        self.writer.add_text("spec", "".join(f"    {line}\n" for line in spec.splitlines()), step)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
 
     def finish(self) -> None:
-        self.writer.close()
+        if hasattr(self, "writer"):  # a session that ended before its loop began has none
+            self.writer.close()
 
 
 def check_installed(names: list[TrackerName]) -> None:

@@ -27,7 +27,7 @@ from tensordict import TensorDict
 
 from zmaj import checkpoint
 from zmaj.specfile import SpecError
-from zmaj.train import loop, runs
+from zmaj.train import loop, report, runs
 from zmaj.train.loop import Metrics
 from zmaj.train.pairs import PAIRS_FILE
 from zmaj.train.parallel import Parallel
@@ -216,6 +216,38 @@ def test_curves_are_saved_whole_or_not_at_all_and_drawn_again_when_a_finished_ru
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "run" / "curves.png").stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain write's
+
+
+def test_the_curves_end_with_the_final_evaluation_drawn_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop evaluates every ``eval_every`` steps before the last, and at the last the final evaluation, which
+    the plot left out: every held-out curve stopped one ``eval_every`` short of the end (a fine-tune's accuracy
+    at step 40 of 80), and one with no periodic point had nothing to draw."""
+    drawn: list[tuple[Any, ...]] = []
+    monkeypatch.setattr("matplotlib.axes.Axes.plot", lambda self, *args, **kwargs: drawn.append(args))
+    monkeypatch.setattr("matplotlib.axes.Axes.legend", lambda self, *args, **kwargs: None)  # nothing drawn
+    lines = [
+        {"step": 0, "score": 0.5},
+        {"step": 5, "loss": 1.0},
+        {"step": 5, "score": 0.25},
+        {"step": 10, "loss": 0.5},
+        {"step": 10, "score": 0.125, "final": True},
+        {"step": 10, "only_final": 3.0, "final": True},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records = report.read_records(tmp_path / "metrics.jsonl", report.METRIC)
+    assert report.curve_points(records, "score") == ([(0, 0.5), (5, 0.25)], [(10, 0.125)])
+    assert report.curve_points(records, "loss") == ([(5, 1.0), (10, 0.5)], [])
+    panels = [("loss", "loss"), ("score", "score"), ("only_final", "only final")]
+    report.plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png", panels)
+    assert drawn == [
+        ((5, 10), (1.0, 0.5), "o-"),
+        ((0, 5), (0.5, 0.25), "o-"),
+        ((10,), (0.125,), "*"),
+        ((10,), (3.0,), "*"),
+    ]
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_finished_run_resumed_does_nothing_and_one_past_its_steps_is_refused(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from tensordict import TensorDict
 
-from tests.unit.train.test_loop import Spec, fresh, open_run, stand_in
+from tests.unit.train.test_loop import Spec, fresh, logged, open_run, stand_in
 from zmaj.extras import MissingExtraError
 from zmaj.specfile import SpecError
 from zmaj.train import loop, runs, trackers
@@ -25,15 +25,31 @@ Series = dict[str, list[tuple[int, float]]]
 """Each metric's ``(step, value)`` pairs, in the order they were logged."""
 
 
-def train_with(run_dir: Path, names: list[str], project: str = "zmaj") -> None:
-    """A 10-step run on the stand-in step with evaluations (at steps 0, 5 and 10), tracked by ``names``."""
+class KilledError(Exception):
+    """What a kill at a step looks like to the test: the session ends there."""
+
+
+def train_with(
+    run_dir: Path,
+    names: list[str],
+    project: str = "zmaj",
+    resume: bool = False,
+    killed_at: int | None = None,
+    offset: float = 0.0,
+) -> None:
+    """A 10-step run on the stand-in step with evaluations (at steps 0, 5 and 10) and checkpoints every 2 steps,
+    tracked by ``names``; ``killed_at`` ends the session as a kill there would, its step's line unwritten."""
 
     def evaluate(state: TensorDict, step: int, final: bool) -> dict[str, float | int]:
-        return {"score": float(state["params", "w"][0]) + 0.25}
+        return {"score": float(state["params", "w"][0]) + 0.25 + offset}
 
-    with open_run(run_dir, trackers=names, tracker_project=project) as run:
-        step = stand_in(lambda step: (1.0 / step, 2.0 + step))
-        loop.train(run, run.restore(fresh()), step, lambda i: i, evaluate=evaluate)
+    def losses(step: int) -> tuple[float, float]:
+        if step == killed_at:
+            raise KilledError
+        return 1.0 / step + offset, 2.0 + step
+
+    with open_run(run_dir, resume, trackers=names, tracker_project=project) as run:
+        loop.train(run, run.restore(fresh()), stand_in(losses), lambda i: i, evaluate=evaluate)
 
 
 def jsonl_series(run_dir: Path) -> Series:
@@ -59,7 +75,7 @@ def tensorboard_series(run_dir: Path) -> tuple[Series, dict[str, Any]]:
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     series = {key: [(e.step, e.value) for e in events.Scalars(key)] for key in events.Tags()["scalars"]}
-    (text,) = events.Tensors("spec/text_summary")
+    *_, text = events.Tensors("spec/text_summary")  # each session's, at its first step: the last one's
     return series, yaml.safe_load(text.tensor_proto.string_val[0].decode())
 
 
@@ -143,6 +159,55 @@ def test_tensorboard_holds_every_metrics_line_and_the_spec(tmp_path: Path) -> No
     series, spec = tensorboard_series(tmp_path / "run")
     assert_same_series(series, jsonl_series(tmp_path / "run"), rel=1e-6)  # float32
     assert spec == spec_of(tmp_path / "run")
+
+
+def test_tensorboard_forgets_the_steps_a_resume_takes_again_as_metrics_jsonl_does(tmp_path: Path) -> None:
+    """KilledError at step 8, the run's last checkpoint is step 6: the resumed session takes step 7 again (with other
+    values here) and TensorBoard shows it once, the new values, as ``metrics.jsonl`` does. Event files of both
+    sessions are in the folder (one TensorBoard run): without a purge step, TensorBoard showed both step 7s. Each session's spec is shown at
+    its first step."""
+    with pytest.raises(KilledError):
+        train_with(tmp_path / "run", ["tensorboard"], killed_at=8)
+    train_with(tmp_path / "run", ["tensorboard"], resume=True, offset=0.5)
+    series, _ = tensorboard_series(tmp_path / "run")
+    expected = jsonl_series(tmp_path / "run")
+    assert [step for step, _ in expected["loss"]] == list(range(1, 11))
+    assert dict(expected["loss"])[7] == pytest.approx(1 / 7 + 0.5)
+    assert_same_series(series, expected, rel=1e-6)
+    assert len(list((tmp_path / "run" / "tensorboard").iterdir())) == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [text.step for text in events.Tensors("spec/text_summary")] == [0, 6]
+
+
+def test_a_run_started_afresh_in_a_dead_runs_folder_shows_none_of_its_curves(tmp_path: Path) -> None:
+    with pytest.raises(KilledError):  # before its first checkpoint (step 2)
+        train_with(tmp_path / "run", ["tensorboard"], killed_at=2)
+    train_with(tmp_path / "run", ["tensorboard"], offset=0.5)
+    series, _ = tensorboard_series(tmp_path / "run")
+    assert_same_series(series, jsonl_series(tmp_path / "run"), rel=1e-6)
+    assert len(list((tmp_path / "run" / "tensorboard").iterdir())) == 1
+
+
+def test_a_tracker_that_cannot_start_ends_the_session_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """wandb installed but not logged in: its error, one line naming the tracker, exit 1, the folder released."""
+
+    def refuse(self: trackers.TensorBoard, name: str, run_dir: Path, config: dict[str, Any]) -> None:
+        raise ValueError("No API key configured.\nUse `wandb login` to log in.")
+
+    monkeypatch.setattr(trackers.TensorBoard, "start", refuse)
+    with logged() as errors, pytest.raises(SystemExit) as exited:
+        train_with(tmp_path / "run", ["tensorboard"])
+    assert exited.value.code == 1
+    assert errors == [
+        "train.trackers: tensorboard could not start: No API key configured.; Use `wandb login` to log in."
+    ]
+    runs.lock(tmp_path / "run").close()
+    assert json.loads((tmp_path / "run" / "run.jsonl").read_text().splitlines()[-1])["event"] == "end"
 
 
 def test_trackio_holds_every_metrics_line_and_the_spec_named_after_the_run_folder(tmp_path: Path) -> None:
