@@ -310,6 +310,13 @@ class Run(Generic[S]):
                 path = checkpoint.latest_intact(self.dir)
                 check_written_by(path, self.spec)
                 state = checkpoint.load_state(path, fresh)  # on the CPU, where a rank's shard is cut from it
+            recorded = checkpoint.load_meta(path).get("precision")
+            if self.parallel.main and recorded not in (None, _type_name(self.dtype)):
+                logger.warning(
+                    f"{path} was trained computing in {recorded}, this session computes in "
+                    f"{_type_name(self.dtype)} (train.precision: {self.train.precision} on {self.device}): the "
+                    "run goes on, but not bit for bit as it would have where it began"
+                )
             logger.info(f"resumed from {path} (step {int(state['opt', 'step'])})")
         return self.parallel.shard(state).to(self.device)
 
@@ -540,10 +547,16 @@ def lock(run_dir: Path) -> IO[str]:
     return handle
 
 
+def _type_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def describe_meta(run: Run[Any]) -> dict[str, Any]:
-    """What every checkpoint records besides the tensors: the seed, the spec, and the job it was written by."""
+    """What every checkpoint records besides the tensors: the seed, the type the matmuls computed in (what
+    ``train.precision`` resolved to on that machine), the spec, and the job it was written by."""
     return {
         "seed": run.train.seed,
+        "precision": _type_name(run.dtype),
         "spec": run.spec.model_dump(mode="json"),
         "world_size": run.parallel.size,
         "parallel": run.parallel.kind,

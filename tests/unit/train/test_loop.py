@@ -130,6 +130,23 @@ def test_stop_after_then_resume_is_the_uninterrupted_run(tmp_path: Path) -> None
     assert taken == list(range(4, 11))
 
 
+def test_a_resume_computing_in_another_type_than_the_checkpoint_says_so(tmp_path: Path) -> None:
+    """``train.precision: auto`` is bf16 on one machine and fp32 on another (an AVX2-only CPU): a run resumed
+    there goes on, in another type than it began, which the user is told. The same type says nothing."""
+    train(tmp_path / "run", stop_after=3, precision="fp32")
+    assert checkpoint.load_meta(checkpoint.latest(tmp_path / "run"))["precision"] == "float32"
+    with logged("WARNING") as warnings:
+        train(tmp_path / "run", resume=True, stop_after=3, precision="fp32")
+    assert not [w for w in warnings if "computing in" in w]
+    with logged("WARNING") as warnings:
+        train(tmp_path / "run", resume=True, precision="bf16")
+    assert [w for w in warnings if "computing in" in w] == [
+        f"{tmp_path / 'run' / 'checkpoints' / 'step-0000006'} was trained computing in float32, this session "
+        "computes in bfloat16 (train.precision: bf16 on cpu): the run goes on, but not bit for bit as it would "
+        "have where it began"
+    ]
+
+
 def test_a_resumed_run_records_each_step_once(tmp_path: Path) -> None:
     """A run killed after its last checkpoint recorded steps the resumed run takes again: those records go, and
     ``metrics.jsonl`` holds each step once, as the uninterrupted run's does (a model card sums its tokens)."""
