@@ -116,6 +116,22 @@ def test_different_seeds_shuffle_differently(mode: Mode) -> None:
         assert sorted(orders[0]) == sorted(orders[1])
 
 
+def test_packing_lays_the_documents_in_an_order_the_seed_shuffles() -> None:
+    """Neighbouring documents of the corpus (one package's files) do not share rows by default: the row shuffle
+    alone, which the test above also sees, left each row's documents in corpus order."""
+    offsets = np.arange(0, 20 * 7 + 1, 7, dtype=np.int64)
+    token_file = TokenFile(np.arange(140, dtype=np.uint16), offsets, vocab_size=141, eos_id=140, pad_id=140)
+    orders = [LMDataset(token_file, 5, "pack", seed).document_order.tolist() for seed in (0, 1)]
+    assert orders[0] != orders[1]
+    for order in orders:
+        assert sorted(order) == list(range(20))
+        assert order != list(range(20))
+    first_row = LMDataset(token_file, 5, "pack", 0)
+    assert int(token_file.tokens[offsets[orders[0][0]]]) in {
+        int(t) for row in _rows(first_row) for t in row["tokens"]
+    }
+
+
 def test_too_short_a_stream_gives_no_rows() -> None:
     token_file = TokenFile(np.arange(4, dtype=np.uint16), np.array([0, 4]), vocab_size=5, eos_id=4, pad_id=4)
     assert len(LMDataset(token_file, 3, "pack", 0)) == 1

@@ -1,13 +1,18 @@
 import json
+import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from zmaj.data.config import DataConfig, FilesSource
-from zmaj.data.dataset import collate
-from zmaj.data.pipeline import prepare
+from zmaj.data.dataset import LMDataset, collate
+from zmaj.data.pipeline import Prepared, prepare
+from zmaj.data.tokenizer import Tokenizer
+from zmaj.data.tokens import TokenFile
 
 
 def test_prepare_builds_once_then_rows_decode_to_the_corpus(tmp_path: Path) -> None:
@@ -69,3 +74,31 @@ def test_a_corpus_without_text_is_refused_before_a_tokenizer_is_cached(
     ):
         prepare(config, tmp_path / "cache", seed=0)
     assert not list((tmp_path / "cache").rglob("*.json"))
+
+
+class ThreeTokens(Tokenizer):
+    """A vocabulary of three tokens spelling 1, 2 and 1 bytes: all the baseline reads of a tokenizer."""
+
+    def __init__(self) -> None:
+        pass
+
+    @property
+    def vocab_size(self) -> int:
+        return 3
+
+    def token_bytes(self) -> torch.Tensor:
+        return torch.tensor([1, 2, 1])
+
+
+def test_the_unigram_baseline_is_its_closed_form() -> None:
+    """Add-one smoothed train frequencies, in bits, per held-out byte: a token the train split never holds costs
+    log2(total), not infinity (the one test before checked the baseline was above zero, which inf is)."""
+    train = TokenFile(
+        np.array([0, 0, 0, 1], dtype=np.uint16), np.array([0, 4]), vocab_size=3, eos_id=2, pad_id=2
+    )
+    held_out = TokenFile(
+        np.array([0, 2], dtype=np.uint16), np.array([0, 2]), vocab_size=3, eos_id=2, pad_id=2
+    )
+    prepared = Prepared(ThreeTokens(), LMDataset(train, 1, "pack", 0), LMDataset(held_out, 1, "pack", 0))
+    counts = [3 + 1, 1 + 1, 0 + 1]  # of 7
+    assert prepared.unigram_bpb() == pytest.approx(-(math.log2(counts[0] / 7) + math.log2(counts[2] / 7)) / 2)

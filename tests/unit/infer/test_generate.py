@@ -165,6 +165,19 @@ def test_the_inverse_cdf_never_draws_a_token_of_probability_zero(
 
 
 @pytest.mark.parametrize("monotone", [False, True])
+@pytest.mark.parametrize("u", [0.0, 1 - 2**-24])  # the ends of torch.rand's range in float32: [0, 1)
+def test_the_inverse_cdf_draws_a_token_of_probability_above_zero_at_either_end_of_the_uniform(
+    monkeypatch: pytest.MonkeyPatch, u: float, monotone: bool
+) -> None:
+    """``torch.rand`` returns 0 once in 2**24 draws, which random draws in a test almost never meet: searching for
+    ``u * total`` there picked a leading token of probability zero (one top-k or top-p had cut)."""
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.full(shape[:2], u))
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5]])
+    drawn = int(sample_categorical(probs, torch.Generator(), monotone))
+    assert probs[0, drawn] > 0
+
+
+@pytest.mark.parametrize("monotone", [False, True])
 def test_a_row_of_nan_is_refused_on_either_path(device: torch.device, monotone: bool) -> None:
     """The GPU's step reads NaN > 0 as False: checked after it, a NaN row's CDF was zeros and it drew token 0."""
     probs = torch.full((3, 5), 0.2, device=device)
@@ -213,6 +226,22 @@ def test_same_seed_same_samples(device: torch.device) -> None:
     first = run(device, max_new_tokens=8, sampling=sampling, seed=3)
     assert run(device, max_new_tokens=8, sampling=sampling, seed=3) == first
     assert run(device, max_new_tokens=8, sampling=sampling, seed=4) != first
+
+
+def test_the_reference_sampler_sees_the_last_context_tokens_and_repeats_a_rows_stop_token() -> None:
+    """``sample`` is what the cached generator is tested against: a window one token short (or long) and a row
+    going on after its stop token passed every test that used it, with prompts far shorter than the context."""
+    seen: list[int] = []
+
+    def count_on(batch: Batch) -> torch.Tensor:  # greedy: the next token is the last one + 1, modulo 10
+        seen.append(batch.tokens.shape[1])
+        following = torch.nn.functional.one_hot((batch.tokens[:, -1] + 1) % 10, 10).float()
+        return following[:, None, :].expand(-1, batch.tokens.shape[1], -1)
+
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    out = sample(count_on, prompt, 6, context=4, temperature=0.0, stop_token=8)
+    assert seen == [3, 4, 4, 4, 4]  # ends once both rows have stopped
+    assert out.tolist() == [[4, 5, 6, 7, 8], [7, 8, 8, 8, 8]]
 
 
 def test_a_stop_token_ends_its_row_only(device: torch.device, free: list[list[int]]) -> None:

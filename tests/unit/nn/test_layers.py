@@ -1,3 +1,4 @@
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -16,8 +17,11 @@ from zmaj.nn.layers import (
     embedding,
     fused_linear,
     gelu_saving_derivative,
+    glu_mlp,
+    layer_norm,
     linear,
     matvec,
+    rms_norm,
 )
 
 
@@ -221,3 +225,38 @@ def test_dropout_zeroes_a_share_p_and_scales_the_rest_by_one_over_one_minus_p(p:
     assert torch.equal(out[~dropped], x[~dropped] / (1 - p))
     assert abs(float(dropped.float().mean()) - p) <= 5 * (p * (1 - p) / len(x)) ** 0.5
     assert dropout(x, p, None) is x
+
+
+def test_norms_are_their_papers_formulas() -> None:
+    """Closed forms, with weights off their init and ``eps`` near the mean square, so that where ``eps`` sits
+    (inside the root) and Gemma's ``1 + w`` scale both show; the gradient checks of ``test_float64`` pass any
+    smooth formula."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, generator=generator) * 1e-2
+    w, b = torch.randn(8, generator=generator), torch.randn(8, generator=generator)
+    eps = 1e-4
+    rms = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    torch.testing.assert_close(rms_norm(TensorDict(weight=w), x, eps), x / rms * w)
+    torch.testing.assert_close(rms_norm(TensorDict(weight=w), x, eps, offset=1.0), x / rms * (1 + w))
+    centred = x - x.mean(-1, keepdim=True)
+    torch.testing.assert_close(
+        layer_norm(TensorDict(weight=w, bias=b), x, eps),
+        centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * w + b,
+    )
+
+
+def test_activations_and_the_gated_mlp_are_their_formulas() -> None:
+    """GPT-2's tanh GELU (Hendrycks & Gimpel, 2016, eq. 2), SiLU, and SwiGLU: silu(x W_gate) * (x W_up) W_down,
+    the gate the one inside the nonlinearity (Shazeer, 2020)."""
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randn(5, 8, generator=generator) * 3
+    tanh_gelu = 0.5 * y * (1 + torch.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y**3)))
+    torch.testing.assert_close(activation("gelu_tanh", y), tanh_gelu)
+    torch.testing.assert_close(activation("gelu", y), 0.5 * y * (1 + torch.erf(y / math.sqrt(2))))
+    torch.testing.assert_close(activation("silu", y), y * torch.sigmoid(y))
+    gate, up, down = (torch.randn(*shape, generator=generator) for shape in ((16, 8), (16, 8), (8, 16)))
+    params = TensorDict(gate=TensorDict(weight=gate), up=TensorDict(weight=up), down=TensorDict(weight=down))
+    z = torch.randn(4, 8, generator=generator)
+    torch.testing.assert_close(
+        glu_mlp(params, z, "silu"), ((z @ gate.T) * torch.sigmoid(z @ gate.T) * (z @ up.T)) @ down.T
+    )

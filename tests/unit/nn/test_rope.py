@@ -82,6 +82,10 @@ def test_position_zero_is_the_identity(device: torch.device) -> None:
     torch.testing.assert_close(rotate(x, torch.zeros(1, 5, dtype=torch.long, device=device)), x)
 
 
+TWO_PI_F32 = float(torch.tensor(2 * math.pi, dtype=torch.float32))
+"""The wavelength of a head_dim-2 rotation's one plane, in float32 as the frequencies are computed."""
+
+
 def hf_frequencies(rope_parameters: dict[str, float | str], head_dim: int) -> torch.Tensor:
     """transformers' inverse frequencies, from the functions its rotary embedding module calls."""
     config = transformers.LlamaConfig(
@@ -102,6 +106,10 @@ def hf_frequencies(rope_parameters: dict[str, float | str], head_dim: int) -> to
         (64, 500_000.0, 32.0, 1.0, 4.0, 8192),  # Llama 3.2 1B
         (16, 10_000.0, 8.0, 1.0, 4.0, 32),  # every regime in few planes
         (32, 10_000.0, 2.0, 0.5, 3.0, 100),
+        # A plane's wavelength exactly on each cut-off (float32 2 pi = context / low = 4 context / high): the
+        # comparisons are strict where transformers' are.
+        (2, 10_000.0, 8.0, 1 / TWO_PI_F32, 4 / TWO_PI_F32, 1),
+        (2, 10_000.0, 8.0, 0.25 / TWO_PI_F32, 1 / TWO_PI_F32, 1),
     ],
 )
 def test_llama3_scaling_matches_transformers(
