@@ -332,7 +332,7 @@ def config_from_gguf(file: GGUFFile) -> ModelConfig:
 
 
 def _llama_config(file: GGUFFile) -> LlamaConfig:
-    """Llama's shape under llama.cpp's key names; a switch zmaj cannot express (scaled or partial RoPE) is refused."""
+    """Llama's shape under llama.cpp's key names; a switch zmaj cannot express (YaRN, partial RoPE) is refused."""
 
     def key(name: str, default: Any = ...) -> Any:
         return _metadata(file, f"llama.{name}", default)
@@ -340,8 +340,7 @@ def _llama_config(file: GGUFFile) -> LlamaConfig:
     def size(name: str, default: int | None = None) -> int:
         return _size(file, f"llama.{name}", default)
 
-    if key("rope.scaling.type", "none") != "none":
-        raise ValueError(f"llama: RoPE scaling {key('rope.scaling.type')!r} is not supported")
+    rope_scaling = _linear_rope_scaling(file, "llama")
     if key("expert_count", 0):
         raise ValueError("llama: mixture-of-experts files are not supported")
     if isinstance(key("attention.head_count_kv", None), list):
@@ -367,6 +366,7 @@ def _llama_config(file: GGUFFile) -> LlamaConfig:
         d_ff=d_ff,
         norm_eps=key("attention.layer_norm_rms_epsilon"),
         rope_base=key("rope.freq_base", 10_000.0),
+        rope_scaling=rope_scaling,
         # llama.cpp writes no output.weight when the unembedding is the embedding.
         tie_embeddings="output.weight" not in names,
     )
@@ -386,9 +386,7 @@ def _gemma3_config(file: GGUFFile) -> Gemma3Config:
     def size(name: str) -> int:
         return _size(file, f"gemma3.{name}")
 
-    scaling_type = key("rope.scaling.type", "none")
-    if scaling_type not in ("none", "linear"):
-        raise ValueError(f"gemma3: RoPE scaling {scaling_type!r} is not supported")
+    rope_scaling = _linear_rope_scaling(file, "gemma3")
     n_layers, d_model, n_heads = size("block_count"), size("embedding_length"), size("attention.head_count")
     head_dim, n_kv_heads = size("attention.key_length"), size("attention.head_count_kv")
     context, d_ff = size("context_length"), size("feed_forward_length")
@@ -407,11 +405,27 @@ def _gemma3_config(file: GGUFFile) -> Gemma3Config:
         layer_types=gemma3.interleaved_layer_types(n_layers, 6),
         sliding_window=size("attention.sliding_window"),
         rope_base=key("rope.freq_base", 1_000_000.0),
-        rope_scaling=LinearScaling(factor=key("rope.scaling.factor")) if scaling_type == "linear" else None,
+        rope_scaling=rope_scaling,
         local_rope_base=key("rope.freq_base_swa", 10_000.0),
         query_pre_attn_scalar=d_model / n_heads if n_layers == 62 else head_dim,
         tie_embeddings="output.weight" not in names,
     )
+
+
+def _linear_rope_scaling(file: GGUFFile, architecture: str) -> LinearScaling | None:
+    """RoPE scaling as llama.cpp reads it (``llama_model::load_hparams``): the factor is
+    ``{arch}.rope.scaling.factor``, or the older converters' ``{arch}.rope.scale_linear``; a file that names no
+    type scales linearly, and type ``none`` never scales. Linear is the one type GGUF metadata expresses that zmaj
+    computes; the others (YaRN) are refused, as a factor ignored would be a wrong model past the first tokens."""
+    factor = _metadata(file, f"{architecture}.rope.scaling.factor", None)
+    if factor is None:
+        factor = _metadata(file, f"{architecture}.rope.scale_linear", None)
+    kind = _metadata(file, f"{architecture}.rope.scaling.type", "linear")
+    if kind == "none" or factor in (None, 0.0, 1.0):  # llama.cpp: a factor of 0 is none given
+        return None
+    if kind != "linear":
+        raise ValueError(f"{architecture}: RoPE scaling {kind!r} is not supported")
+    return LinearScaling(factor=factor)
 
 
 def _vocab_size(file: GGUFFile) -> int:

@@ -27,7 +27,7 @@ from zmaj.convert import gguf as zgguf
 from zmaj.convert import weights
 from zmaj.models import gemma3, llama
 from zmaj.models.common import Batch
-from zmaj.nn.rope import apply_rope, rope_angles, rope_frequencies
+from zmaj.nn.rope import LinearScaling, apply_rope, rope_angles, rope_frequencies
 
 VOCAB = 128
 # "a b" is a merge; "t1 t2" is none, as "t1t2" is no token.
@@ -459,6 +459,33 @@ def test_metadata_arrays_nested_past_any_real_files_are_refused(tmp_path: Path) 
     path = write_gguf(tmp_path / "n.gguf", "llama", {"x": nested}, {"w": np.zeros(4, dtype=np.float32)})
     with pytest.raises(ValueError, match="metadata arrays nested more than 8 deep"):
         zgguf.read_gguf(path)  # deeper still, a RecursionError
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({}, None),
+        ({"rope.scaling.type": "linear", "rope.scaling.factor": 4.0}, LinearScaling(factor=4.0)),
+        ({"rope.scaling.factor": 4.0}, LinearScaling(factor=4.0)),  # no type: llama.cpp's default, linear
+        ({"rope.scale_linear": 4.0}, LinearScaling(factor=4.0)),  # converters before YaRN (2023)
+        ({"rope.scaling.type": "none", "rope.scaling.factor": 4.0}, None),  # none never scales
+        ({"rope.scaling.type": "linear", "rope.scaling.factor": 1.0}, None),
+        ({"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0}, "RoPE scaling 'yarn' is not supported"),
+    ],
+)
+def test_rope_scaling_is_read_as_llama_cpp_reads_it(
+    tmp_path: Path, architecture: str, keys: dict[str, Any], expected: LinearScaling | str | None
+) -> None:
+    """A Llama 2 fine-tune stretched to 16k by linear scaling, converted before YaRN, says so in
+    ``rope.scale_linear`` alone: it loaded unscaled, every logit past the first tokens wrong."""
+    file = zgguf.read_gguf(tiny_llama_file(tmp_path) if architecture == "llama" else gemma3_file(tmp_path)[0])
+    file.metadata.update({f"{architecture}.{key}": value for key, value in keys.items()})
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=f"{architecture}: {expected}"):
+            zgguf.config_from_gguf(file)
+    else:
+        assert zgguf.config_from_gguf(file).rope_scaling == expected
 
 
 def test_an_unknown_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
