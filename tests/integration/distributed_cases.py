@@ -73,17 +73,18 @@ def run_lm(
     dtype: torch.dtype = torch.float32,
     optimizer: optim.AdamWConfig | muon.MuonConfig = OPTIMIZER,
     compile_update: bool = False,
+    metrics: list[dict[str, float]] | None = None,
 ) -> TensorDict:
     """``STEPS`` language-model steps from ``init(config, 0)`` in ``parallel``'s layout, the matmuls in
     ``dtype`` (autocast), the update compiled if asked (as ``train.compile`` compiles it); the state it ends
-    with."""
+    with, and each step's metrics appended to ``metrics``."""
     update_fn = step_functions(compile=True)[1] if compile_update else None
     state = parallel.shard(init_state(module.init(config, 0), optimizer))
     forward = parallel.forward(bind(module.forward, config=config), dtype)
     decay = optim.decay_mask(state["params"])
     for micro in batches:
         mine = [share(batch, parallel) for batch in micro]
-        state, _ = train_step(
+        state, step_metrics = train_step(
             state,
             mine,
             forward=forward,
@@ -95,7 +96,13 @@ def run_lm(
             update_fn=update_fn,
             parallel=parallel,
         )
+        if metrics is not None:
+            metrics.append(floats(step_metrics))
     return state
+
+
+def floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {key: float(value) for key, value in metrics.items()}
 
 
 POLICY = MODELS["llama"]
@@ -113,8 +120,13 @@ def dpo_batches() -> list[tuple[list[list[int]], list[list[int]], list[list[int]
 
 
 def run_dpo(
-    parallel: Parallel, steps: list[tuple[list[list[int]], list[list[int]], list[list[int]]]]
+    parallel: Parallel,
+    steps: list[tuple[list[list[int]], list[list[int]], list[list[int]]]],
+    metrics: list[dict[str, float]] | None = None,
 ) -> TensorDict:
+    """DPO steps over this rank's pairs of each step; the state, and each step's metrics appended to ``metrics``
+    (the state alone hid a gradient summed over the ranks rather than averaged: clipped, AdamW's update is
+    nearly the same for either)."""
     module, config = POLICY
     params = module.init(config, 0)
     state = init_state(params.clone())
@@ -122,7 +134,7 @@ def run_dpo(
     decay = optim.decay_mask(params)
     for prompts, chosen, rejected in steps:
         batch = preference_batch(parallel.rows(prompts), parallel.rows(chosen), parallel.rows(rejected))
-        state, _ = dpo_step(
+        state, step_metrics = dpo_step(
             state,
             batch,
             forward=forward,
@@ -133,16 +145,22 @@ def run_dpo(
             decay=decay,
             parallel=parallel,
         )
+        if metrics is not None:
+            metrics.append(floats(step_metrics))
     return state
 
 
-def grpo_rollout() -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+def grpo_rollout(every_rank_trains: bool = False) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
     """4 prompts with 2 answers each (prompt-major) and their rewards. The first two prompts' answers tie, so
-    on 2 ranks rank 0 keeps no group (it steps on zero gradients, its metrics come from the zero path)."""
+    on 2 ranks rank 0 keeps no group (it steps on zero gradients, its metrics come from the zero path); with
+    ``every_rank_trains`` no group ties, and the ranks' answers hold different numbers of tokens (15 and 13), so a
+    loss normalised by a rank's own count would differ from one process's."""
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 64, (n,), generator=generator).tolist() for n in (2, 3, 4, 2)]
     answers = [torch.randint(0, 64, (n,), generator=generator).tolist() for n in (3, 5, 2, 4, 6, 1, 3, 3)]
     rewards = torch.tensor([[0.5, 0.5], [0.3, 0.3], [0.0, 1.0], [0.2, 0.9]])
+    if every_rank_trains:
+        rewards = torch.tensor([[0.5, 0.1], [0.3, 0.8], [0.0, 1.0], [0.2, 0.9]])
     return prompts, answers, rewards
 
 

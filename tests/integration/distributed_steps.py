@@ -41,7 +41,9 @@ def main(out: Path) -> None:
     for name, (module, config) in MODELS.items():
         for kind in ("dp", "fsdp"):
             parallel = replace(dp, kind=kind)
-            state = run_lm(module, config, parallel, global_batches(config.vocab_size))
+            metrics: list[dict[str, float]] = []
+            state = run_lm(module, config, parallel, global_batches(config.vocab_size), metrics=metrics)
+            (out / f"{name}-{kind}-metrics-rank{dp.rank}.json").write_text(json.dumps(metrics))
             counts[f"{name}-{kind}"] = {
                 "local": sum(t.numel() for t in tensors(state)),
                 "total": sum(t.numel() for t in tensors(init_state(module.init(config, 0)))),
@@ -51,10 +53,13 @@ def main(out: Path) -> None:
                 gpt_cases(parallel, state, out)
     (out / f"held-rank{dp.rank}.json").write_text(json.dumps(whole_bytes_held(replace(dp, kind="fsdp"))))
     (out / f"each-matrix-rank{dp.rank}.json").write_text(json.dumps(each_matrix_errors(dp)))
-    save(dp, run_dpo(dp, dpo_batches()), out / "dpo-dp")
-    grpo_state, grpo_metrics = run_grpo(dp, grpo_rollout())
-    save(dp, grpo_state, out / "grpo-dp")
-    (out / f"grpo-metrics-rank{dp.rank}.json").write_text(json.dumps(grpo_metrics))
+    dpo_metrics: list[dict[str, float]] = []
+    save(dp, run_dpo(dp, dpo_batches(), dpo_metrics), out / "dpo-dp")
+    (out / f"dpo-metrics-rank{dp.rank}.json").write_text(json.dumps(dpo_metrics))
+    for name, every_rank_trains in (("grpo", False), ("grpo-every-rank", True)):
+        grpo_state, grpo_metrics = run_grpo(dp, grpo_rollout(every_rank_trains))
+        save(dp, grpo_state, out / f"{name}-dp")
+        (out / f"{name}-metrics-rank{dp.rank}.json").write_text(json.dumps(grpo_metrics))
     if dp.main:
         (out / "counts.json").write_text(json.dumps(counts))
 

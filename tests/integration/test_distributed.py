@@ -72,9 +72,42 @@ float32 rounding of differently ordered sums is a larger share of them: measured
 at most 4.5e-7 for every other tensor kind and model."""
 
 
-def alone(name: str) -> dict[str, torch.Tensor]:
+@cache
+def alone_run(name: str) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    """The one-process run of model ``name``: its final state, and each step's metrics."""
     module, config = MODELS[name]
-    return checkpoint.flatten(run_lm(module, config, Parallel(), global_batches(config.vocab_size)))
+    metrics: list[dict[str, float]] = []
+    state = run_lm(module, config, Parallel(), global_batches(config.vocab_size), metrics=metrics)
+    return checkpoint.flatten(state), metrics
+
+
+def alone(name: str) -> dict[str, torch.Tensor]:
+    return alone_run(name)[0]
+
+
+def assert_same_metrics(out: Path, stem: str, want: list[dict[str, float]]) -> None:
+    """Every rank's metrics (``{stem}-metrics-rank{r}.json``: a list of steps', or one step's) are the
+    one-process run's: global, not the rank's own share's (a loss normalised by the rank's own token count, a
+    gradient norm of summed gradients)."""
+    ranks = [json.loads((out / f"{stem}-metrics-rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    got = ranks[0] if isinstance(ranks[0], list) else [ranks[0]]
+    assert len(got) == len(want)
+    for step, expected in zip(got, want, strict=True):
+        assert step.keys() == expected.keys()
+        for key, value in expected.items():
+            # abs: a small mean (DPO's rejected reward, 0.013) moves by a few 1e-7 with the order of its sums
+            assert step[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("kind", ["dp", "fsdp"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_rank_reports_the_one_process_steps_metrics(out: Path, name: str, kind: str) -> None:
+    """The loss over the global batch's target tokens, their count and the global gradient norm."""
+    metrics = alone_run(name)[1]
+    assert len(metrics) == STEPS
+    assert {"loss", "tokens", "grad_norm"} <= metrics[0].keys()
+    assert_same_metrics(out, f"{name}-{kind}", metrics)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -219,17 +252,20 @@ def test_a_checkpoint_saved_by_two_sharded_ranks_loads_on_two_and_on_one(out: Pa
 
 
 def test_data_parallel_dpo_is_one_step_on_all_pairs(out: Path) -> None:
-    alone = checkpoint.flatten(run_dpo(Parallel(), dpo_batches()))
+    metrics: list[dict[str, float]] = []
+    alone = checkpoint.flatten(run_dpo(Parallel(), dpo_batches(), metrics))
     assert_close_state(load_file(out / "dpo-dp.safetensors"), alone)
+    assert_same_metrics(out, "dpo", metrics)
 
 
-def test_data_parallel_grpo_is_one_step_on_every_ranks_rollout_with_the_same_metrics(out: Path) -> None:
-    """Rank 0 keeps no group (its answers tie) and steps on zero gradients; rank 1 trains; with a KL penalty.
-    Every rank reports the one-process step's metrics, whichever path built its own."""
-    state, metrics = run_grpo(Parallel(), grpo_rollout())
-    assert_close_state(load_file(out / "grpo-dp.safetensors"), checkpoint.flatten(state))
-    ranks = [json.loads((out / f"grpo-metrics-rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0] == ranks[1]
-    assert ranks[0].keys() == metrics.keys()
-    for key, value in metrics.items():
-        assert ranks[0][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+@pytest.mark.parametrize("every_rank_trains", [False, True])
+def test_data_parallel_grpo_is_one_step_on_every_ranks_rollout_with_the_same_metrics(
+    out: Path, every_rank_trains: bool
+) -> None:
+    """Rank 0 keeps no group (its answers tie) and steps on zero gradients while rank 1 trains; or both train,
+    on answers of different token counts; with a KL penalty. Every rank reports the one-process step's metrics,
+    whichever path built its own."""
+    state, metrics = run_grpo(Parallel(), grpo_rollout(every_rank_trains))
+    name = "grpo-every-rank" if every_rank_trains else "grpo"
+    assert_close_state(load_file(out / f"{name}-dp.safetensors"), checkpoint.flatten(state))
+    assert_same_metrics(out, name, [metrics])
