@@ -1,5 +1,6 @@
 """LoRA: a zero B is the base model, merged equals unmerged, only the adapters learn, and they do learn."""
 
+import math
 from functools import cache
 
 import pytest
@@ -145,3 +146,24 @@ def test_train_step_over_adapters_lowers_the_loss_and_keeps_the_base(device: tor
     assert losses[-1] < 0.5 * losses[0]
     assert (before == frozen).all()
     assert set(state["params"].keys(True, True)) == set(adapters.keys(True, True))
+
+
+def test_a_is_kaiming_uniform_within_one_over_sqrt_d_in_and_follows_the_seed() -> None:
+    """PEFT's init of A (``kaiming_uniform_(a=sqrt(5))``: bound 1/sqrt(d_in)); ``lora.seed`` picks it."""
+    base = llama.init(CONFIG, seed=0)
+    config = lora.LoraConfig(rank=8, targets=("attn.q",), seed=1)
+    a = lora.init_adapters(base, config)["attn", "q", "a"]
+    bound = 1 / math.sqrt(a.shape[-1])
+    assert 0.9 * bound < float(a.abs().max()) <= bound
+    other = lora.init_adapters(base, config.model_copy(update={"seed": 2}))["attn", "q", "a"]
+    assert not torch.equal(a, other)
+
+
+def test_merging_into_a_bfloat16_base_keeps_it_bfloat16() -> None:
+    base = llama.init(CONFIG, seed=0).to(torch.bfloat16)
+    config = lora.LoraConfig(rank=2, targets=("attn.q",))
+    adapters = lora.init_adapters(llama.init(CONFIG, seed=0), config)
+    for key in adapters.keys(True, True):  # B starts at zero: make the merge change the weight
+        adapters.set(key, torch.randn_like(adapters.get(key)))
+    merged = lora.merge(base, adapters, config)
+    assert merged["blocks", "attn", "q", "weight"].dtype == torch.bfloat16

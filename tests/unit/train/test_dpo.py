@@ -16,7 +16,7 @@ from zmaj.data.tokenizer import Tokenizer
 from zmaj.models import gpt, llama
 from zmaj.tasks import get_task
 from zmaj.train import dpo, finetune, optim, step
-from zmaj.train.logprobs import sequence_logprobs
+from zmaj.train.logprobs import completion_batch, sequence_logprobs
 from zmaj.train.pairs import Pair, file_rows, fitted, on_policy_pairs, read_pairs, text_pair, write_pairs
 
 CONFIG = llama.LlamaConfig(
@@ -241,3 +241,14 @@ def test_on_policy_pairs_prefer_the_right_answer_to_the_wrong_one(monkeypatch: p
     found = on_policy_pairs(source, finetune.Start(model, "stand-in"))
     decoded = [(tokenizer.decode(pair.chosen), tokenizer.decode(pair.rejected)) for pair in found]
     assert decoded == [(answers[0, 0], answers[0, 1]), (answers[1, 2], answers[1, 0])]
+
+
+def test_a_preference_batch_is_the_chosen_rows_then_the_rejected_rows() -> None:
+    """Swapped, the policy learns the opposite preference, and a margin read off the same batch still widens."""
+    prompts, chosen, rejected = [[1, 2], [3]], [[4, 5], [6]], [[7], [8, 9]]
+    batch = dpo.preference_batch(prompts, chosen, rejected)
+    expected = completion_batch([[1, 2], [3], [1, 2], [3]], [[4, 5], [6], [7], [8, 9]])
+    assert batch.tokens.tolist() == [[1, 2, 4], [3, 6, 0], [1, 2, 7], [3, 8, 9]]
+    assert batch.loss_mask is not None
+    assert expected.loss_mask is not None
+    assert batch.loss_mask.tolist() == expected.loss_mask.tolist()

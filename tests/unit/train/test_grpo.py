@@ -354,3 +354,20 @@ def test_a_group_of_one_is_refused() -> None:
     """A lone completion is its group's mean, so its advantage is zero: such a run would never learn."""
     with pytest.raises(ValueError, match="group_size"):
         grpo.GRPOConfig(group_size=1)
+
+
+@pytest.mark.parametrize("eps", [1e-4, 0.5])
+def test_group_advantages_are_the_closed_form_with_eps_beside_the_standard_deviation(eps: float) -> None:
+    """(r - mean) / (std + eps), std without Bessel's correction (DeepSeekMath; TRL), where ``sqrt(var + eps)``
+    passed the property test's groups."""
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0], [1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
+    for row, group in zip(grpo.group_advantages(rewards, eps), rewards.tolist(), strict=True):
+        mean = sum(group) / 4
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / 4)
+        assert row.tolist() == pytest.approx([(x - mean) / (std + eps) for x in group], rel=1e-12)
+
+
+def test_a_rollout_normalises_advantages_with_the_configured_eps() -> None:
+    config = GRPO.model_copy(update={"advantage_eps": 0.5, "skip_uniform_groups": False})
+    sampled = rollout(llama.init(CONFIG, seed=0), config, seed=3)
+    torch.testing.assert_close(sampled.advantages, grpo.group_advantages(sampled.rewards, 0.5).flatten())

@@ -69,3 +69,12 @@ def test_completion_batch_masks_exactly_the_completion_targets() -> None:
     assert batch.targets.tolist() == [[2, 3, 5, 6], [7, 8, 0, 0]]
     assert batch.loss_mask.tolist() == [[False, False, True, True], [True, True, False, False]]
     assert batch.is_token.tolist() == [[True] * 4, [True, True, True, False]]
+
+
+def test_log_probabilities_of_bfloat16_logits_are_computed_in_float32() -> None:
+    """DPO's and GRPO's ratios subtract log-probabilities: in bf16 (8 bits of mantissa) they would be noise."""
+    logits = (torch.randn(2, 3, 1000, generator=torch.Generator().manual_seed(0)) * 4).bfloat16()
+    targets = torch.randint(0, 1000, (2, 3), generator=torch.Generator().manual_seed(1))
+    got = token_logprobs(logits, targets)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, token_logprobs(logits.float(), targets))

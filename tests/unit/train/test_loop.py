@@ -27,7 +27,7 @@ from tensordict import TensorDict
 
 from zmaj import checkpoint
 from zmaj.specfile import SpecError
-from zmaj.train import loop, report, runs
+from zmaj.train import loop, optim, report, runs
 from zmaj.train.loop import Metrics
 from zmaj.train.pairs import PAIRS_FILE
 from zmaj.train.parallel import Parallel
@@ -762,3 +762,20 @@ def test_stop_after_takes_a_whole_number_of_steps(value: str, capsys: pytest.Cap
     assert exited.value.code == 2
     assert f"--stop-after: expected a whole number of at least 1, got '{value}'" in capsys.readouterr().err
     assert runs.cli(None).parse_args(["spec.yaml", "--stop-after", "3"]).stop_after == 3
+
+
+def test_each_step_runs_at_the_schedules_rate_for_its_zero_based_index(tmp_path: Path) -> None:
+    """Warmup's first step at 1/warmup of the peak, not 2/warmup: the stand-in step never checked its rate."""
+    schedule = optim.ScheduleConfig(kind="cosine", warmup_steps=3, final_lr_fraction=0.1)
+    rates: list[float] = []
+
+    def recording(state: TensorDict, batch: int, /, *, lr: float) -> tuple[TensorDict, Metrics]:
+        rates.append(lr)
+        return stand_in(lambda step: (1.0, 1.0))(state, batch, lr=lr)
+
+    with open_run(tmp_path / "run", schedule=schedule.model_dump()) as run:
+        loop.train(run, run.restore(fresh()), recording, lambda i: i)
+    peak = run.train.optimizer.lr
+    expected = [optim.learning_rate(i, 10, peak, schedule) for i in range(10)]
+    assert rates == expected
+    assert [r["lr"] for r in records(tmp_path / "run") if "lr" in r] == expected

@@ -392,3 +392,31 @@ def test_auto_newton_schulz_runs_in_bfloat16_only_where_its_matmuls_are_fast(
     assert muon.newton_schulz_dtype("auto", cuda) == torch.bfloat16
     assert muon.newton_schulz_dtype("float32", cuda) == torch.float32
     assert muon.newton_schulz_dtype("bfloat16", cpu) == torch.bfloat16
+
+
+def test_muon_steps_on_gradients_clipped_over_every_parameter() -> None:
+    """One clip over all parameters, Muon's matrices too (``apply_grads``): the same as ``muon_update`` on
+    gradients clipped by hand. Two steps of different gradient norms, so that the momentum sees the clip (a
+    first step alone is orthogonalised whatever its scale)."""
+    config = muon.MuonConfig(
+        kind="muon", grad_clip=0.5, ns_dtype="float32", muon_params=["tall", "wide", "blocks.w"]
+    )
+    params = parts()
+    decay = optim.decay_mask(params)
+    state = step.init_state(params, config)
+    expected, moments = params, muon.muon_init(params, config)
+    generator = torch.Generator().manual_seed(0)
+    for scale in (10.0, 0.1):
+        grads = params.clone()
+        for key in params.keys(True, True):
+            grads.set(key, torch.randn(params.get(key).shape, generator=generator) * scale)
+        state, _ = step.apply_grads(state, grads, config, 0.02, decay)
+        clipped = optim.clip_by_global_norm(grads, 0.5, optim.global_norm(grads))
+        expected, moments = muon.muon_update(expected, clipped, moments, config, 0.02, decay)
+    for key in expected.keys(True, True):
+        torch.testing.assert_close(state["params"].get(key), expected.get(key), atol=1e-6, rtol=1e-6)
+
+
+def test_muons_adamw_group_passes_decay_norms_and_biases_on() -> None:
+    config = muon.MuonConfig.model_validate({"kind": "muon", "adamw": {"decay_norms_and_biases": True}})
+    assert config.decay_norms_and_biases is True

@@ -473,3 +473,49 @@ def test_evaluation_with_the_chunked_loss_is_the_full_logits_one(device: torch.d
     torch.testing.assert_close(lazy["loss_sum"], full["loss_sum"], rtol=1e-5, atol=0)
     assert torch.equal(lazy["tokens"], full["tokens"])
     assert torch.equal(lazy["bytes"], full["bytes"])
+
+
+def test_the_metrics_are_those_of_one_large_batch_and_the_norm_is_the_unclipped_one() -> None:
+    """The loss is the mean over the step's target tokens (not of the micro-batches' means), ``tokens`` their
+    count, ``grad_norm`` the norm before clipping: the test above compared the clipped norms alone, both about 1."""
+    state = step.init_state(gpt.init(CONFIG, seed=0))
+    micro = [make_batch(seed, torch.device("cpu")) for seed in range(3)]
+    targets = torch.cat([b.targets for b in micro if b.targets is not None])
+    mask = torch.cat([b.loss_mask for b in micro if b.loss_mask is not None])
+    large = Batch(tokens=torch.cat([b.tokens for b in micro]), targets=targets, loss_mask=mask)
+    _, accumulated = run(state, micro)
+    _, one = run(state, [large])
+    for key in ("loss", "grad_norm", "tokens"):
+        torch.testing.assert_close(accumulated[key], one[key])
+    logits = FORWARD(state["params"], large, dropout_seed=None)
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    torch.testing.assert_close(one["loss"], (losses * mask.flatten()).sum() / mask.sum())
+    assert one["tokens"] == mask.sum()
+    grads, _, _ = step.accumulate_grads(state["params"], [large], FORWARD, [None])
+    assert float(optim.global_norm(grads)) > 1.0  # the clip at 1.0 acts
+    torch.testing.assert_close(one["grad_norm"], optim.global_norm(grads))
+
+
+def test_each_micro_batch_of_each_step_gets_its_own_dropout_seed() -> None:
+    seen: list[list[int | None]] = []
+
+    def recording(params: Any, batches: Any, forward: Any, seeds: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(list(seeds))
+        return step.accumulate_grads(params, batches, forward, seeds, *args, **kwargs)
+
+    state = step.init_state(gpt.init(CONFIG, seed=0))
+    decay = optim.decay_mask(state["params"])
+    for _ in range(2):
+        batches = [make_batch(s, torch.device("cpu")) for s in range(3)]
+        state, _ = step.train_step(
+            state,
+            batches,
+            forward=FORWARD,
+            optimizer=optim.AdamWConfig(),
+            lr=1e-3,
+            decay=decay,
+            seed=0,
+            grad_fn=recording,
+        )
+    seeds = [s for step_seeds in seen for s in step_seeds]
+    assert len(set(seeds)) == len(seeds) == 6
