@@ -703,3 +703,38 @@ def test_a_run_killed_mid_save_again_and_again_resumes_from_a_complete_checkpoin
         assert_same(state, make_state(int(state["opt", "step"]), version, rows=1 << 14))
     checkpoint.save(run, make_state(8, 8.0), {"version": 8.0})
     assert hidden(run) == []
+
+
+def _tiny_state(step: int) -> TensorDict:
+    return TensorDict({"params": {"w": torch.full((2,), float(step))}, "opt": {"step": torch.tensor(step)}})
+
+
+def test_latest_naming_a_folder_outside_the_runs_checkpoints_is_damaged(tmp_path: Path) -> None:
+    """``latest`` holds a folder name of ``checkpoints/``; a path (``../../other/checkpoints/step-1``) would resume
+    another run's state. The suite's slash pointer named a file, refused by ``is_dir`` alone."""
+    checkpoint.save(tmp_path / "other", _tiny_state(1), {})
+    checkpoint.save(tmp_path / "run", _tiny_state(1), {})
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("../../other/checkpoints/step-0000001\n")
+    with pytest.raises(DamagedCheckpointError, match="no folder of"):
+        checkpoint.latest(tmp_path / "run")
+
+
+def test_the_fallback_names_the_damage_of_latest_once(tmp_path: Path, warnings: list[str]) -> None:
+    """The damaged ``latest`` is not verified again among the older ones (the suite checked only that it is
+    named)."""
+    checkpoint.save(tmp_path, _tiny_state(1), {})
+    newest = checkpoint.save(tmp_path, _tiny_state(2), {})
+    (newest / "params.safetensors").write_bytes(b"cut")
+    assert checkpoint.latest_intact(tmp_path) == tmp_path / "checkpoints" / "step-0000001"
+    [warning] = warnings
+    assert warning.count(str(newest / "params.safetensors")) == 1
+
+
+def test_setting_latest_aside_points_latest_at_the_checkpoint_before_it(tmp_path: Path) -> None:
+    """After a non-finite start is set aside, ``latest`` names the newest checkpoint *before* it (``<=`` left
+    ``latest`` naming the renamed folder; only the training loop's tests touched this, never ``latest`` itself)."""
+    checkpoint.save(tmp_path, _tiny_state(1), {})
+    checkpoint.save(tmp_path, _tiny_state(2), {})
+    assert checkpoint.set_aside_latest(tmp_path, 2, "nonfinite_start")
+    assert checkpoint.latest(tmp_path) == tmp_path / "checkpoints" / "step-0000001"
+    assert (tmp_path / "checkpoints" / "nonfinite_start-step-0000002").is_dir()

@@ -114,3 +114,12 @@ def test_json_is_read_and_its_errors_name_file_and_line(tmp_path: Path) -> None:
     path.write_bytes(b'{\n  "a": 1,\n}\n')
     with pytest.raises(NotJSONError, match=rf"^{re.escape(str(path))}:3: not JSON"):
         read_json(path)
+
+
+@pytest.mark.parametrize("text", ["a\r\nb\r\n", "a\rb", "x\r\n\r\n"])
+def test_crlf_line_endings_are_read_as_stored(tmp_path: Path, text: str) -> None:
+    """The docstring's promise, with the case that matters written out: 40 random ``st.text()`` examples almost
+    never hold a ``\\r\\n``, so a reader that translated line endings passed."""
+    path = tmp_path / "file.txt"
+    path.write_bytes(text.encode())
+    assert read_text(path) == text

@@ -189,9 +189,12 @@ class ModelTokenizer:
         # the post-processor from them): tokenizer.json's own post-processor decides, and none adds nothing.
         if inner.post_processor is None:
             inner.post_processor = bos_eos_processor(inner, None, None)
+        # What the post-processor puts on either side of a text's tokens (both sides: a prefix measured as
+        # "whatever is added" took BOS and the text's first token when EOS was appended too).
         plain, full = inner.encode("a", add_special_tokens=False).ids, inner.encode("a").ids
-        add_bos = bos is not None and full[: len(full) - len(plain)] == [inner.token_to_id(bos)]
-        add_eos = eos is not None and full[len(plain) :][-1:] == [inner.token_to_id(eos)]
+        at = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), None)
+        add_bos = at is not None and bos is not None and full[:at] == [inner.token_to_id(bos)]
+        add_eos = at is not None and eos is not None and full[at + len(plain) :] == [inner.token_to_id(eos)]
         stop_ids = _stop_ids(folder / GENERATION_CONFIG_FILE)
         stops = tuple(token for i in stop_ids if (token := inner.id_to_token(i)) is not None and token != eos)
         # The template's own file wins over the config's entry, as in transformers (which saves only the file)

@@ -368,3 +368,47 @@ def test_the_unknown_token_is_saved_and_named_to_templates_as_in_transformers(
     assert loaded.unk_token == theirs.unk_token == "<unk>"
     messages = [{"role": "user", "content": "hi"}]
     assert loaded.render_chat(messages) == theirs.apply_chat_template(messages, tokenize=False) == "<unk>|hi"
+
+
+@pytest.fixture(scope="module")
+def zmaj_tokenizer() -> ModelTokenizer:
+    return ModelTokenizer.from_zmaj(Tokenizer.train(["the quick brown fox\n"] * 10, vocab_size=300))
+
+
+def test_eos_is_the_first_stop_token(zmaj_tokenizer: ModelTokenizer) -> None:
+    """``transformers`` pads with the first ``eos_token_id`` when there is no pad token: EOS must lead, in
+    ``stop_ids`` and in the exported generation config (the suite compared only the set's size and a round trip)."""
+    assert zmaj_tokenizer.stop_ids[0] == zmaj_tokenizer.eos_id
+    assert zmaj_tokenizer.generation_config()["eos_token_id"][0] == zmaj_tokenizer.eos_id
+
+
+def _bos_and_eos_folder(tokenizer: ModelTokenizer, folder: Path) -> Path:
+    inner = type(tokenizer.tokenizer).from_str(tokenizer.tokenizer.to_str())
+    inner.post_processor = bos_eos_processor(inner, tokenizer.bos_token, tokenizer.eos_token)
+    ModelTokenizer(inner, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token).save(folder)
+    return folder
+
+
+def test_a_tokenizer_that_appends_eos_is_read_and_saved_so(
+    zmaj_tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    """``add_eos`` records what the post-processor does, for saving (``add_eos = False`` always passed)."""
+    loaded = ModelTokenizer.load(_bos_and_eos_folder(zmaj_tokenizer, tmp_path))
+    assert loaded.encode("hi")[-1] == loaded.eos_id
+    assert loaded.add_eos
+    loaded.save(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())["add_eos_token"] is True
+
+
+def test_a_tokenizer_that_adds_bos_and_eos_is_read_as_adding_both(
+    zmaj_tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    """With EOS appended as well, what was measured as the prefix the post-processor adds was BOS and the text's
+    first token, so add_bos was read False and saved as ``add_bos_token: false`` beside a tokenizer.json that adds
+    it."""
+    loaded = ModelTokenizer.load(_bos_and_eos_folder(zmaj_tokenizer, tmp_path))
+    assert loaded.encode("hi")[0] == loaded.bos_id
+    assert loaded.add_bos
+    loaded.save(tmp_path / "again")
+    config = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
+    assert (config["add_bos_token"], config["add_eos_token"]) == (True, True)

@@ -2,16 +2,19 @@
 windows, request order through the longest-first batching, and per-pair log-likelihoods from a plain forward pass
 of each pair alone."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lm_eval.api.instance import Instance
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from zmaj.convert.load import Pretrained
+from zmaj.convert.load import Pretrained, save_zmaj
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
-from zmaj.eval.harness import batched, rolling_windows, sampling_from, score_continuations
+from zmaj.eval.harness import ZmajLM, batched, rolling_windows, sampling_from, score_continuations
 from zmaj.infer.generate import GREEDY, Sampling
 from zmaj.models import gpt
 from zmaj.models.common import Batch
@@ -118,3 +121,47 @@ def test_sampling_follows_the_task_and_refuses_what_zmaj_cannot_do() -> None:
     )
     with pytest.raises(ValueError, match="num_beams"):
         sampling_from({"do_sample": False, "temperature": 0.0, "num_beams": 4})
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = GPTConfig(vocab_size=300, context=64, d_model=16, n_layers=2, n_heads=2)
+    texts = ["the quick brown fox jumps over the lazy dog\n"] * 10
+    tokenizer = ModelTokenizer.from_zmaj(Tokenizer.train(texts, vocab_size=config.vocab_size))
+    return save_zmaj(Pretrained(config, gpt.init(config, 0), tokenizer), tmp_path_factory.mktemp("m") / "m")
+
+
+def test_add_bos_token_forces_one_bos_on_or_off(model_folder: Path) -> None:
+    """``add_bos_token=True`` puts a BOS before a plain text, ``False`` none, and neither a second BOS before a text
+    that starts with one, as ``HFLM`` (the parity test runs with the tokenizer's default only, so ignoring the
+    flag, or dropping the starts-with-BOS check, passed)."""
+    plain = ZmajLM(path=str(model_folder), device="cpu", dtype="float32").tok_encode("the fox")
+    assert plain[0] != 0  # zmaj's tokenizer adds no BOS by default
+    on = ZmajLM(path=str(model_folder), device="cpu", dtype="float32", add_bos_token=True)
+    off = ZmajLM(path=str(model_folder), device="cpu", dtype="float32", add_bos_token=False)
+    bos, bos_id = on.model.tokenizer.bos_token, on.model.tokenizer.bos_id
+    assert on.tok_encode("the fox") == [bos_id, *plain]
+    assert off.tok_encode("the fox") == plain
+    assert on.tok_encode(f"{bos}the fox") == [bos_id, *plain]  # one BOS, not two
+
+
+def test_sampled_generations_differ_per_request_and_repeat_per_seed(model_folder: Path) -> None:
+    """Each batch samples from its own seed (``seed + first request``): repeats of a prompt (maj@k, pass@k) are
+    independent samples, and a run is reproducible. One seed for every batch gave k identical samples."""
+    kwargs = {"until": ["\n\n"], "do_sample": True, "temperature": 1.0, "max_gen_toks": 12}
+    requests = [Instance("generate_until", {}, ("the quick", kwargs), i) for i in range(3)]
+    lm = ZmajLM(path=str(model_folder), device="cpu", dtype="float32", batch_size=1)
+    first = lm.generate_until(requests)
+    assert len(set(first)) == 3
+    assert lm.generate_until(requests) == first
+
+
+def test_max_gen_toks_filling_max_length_is_refused_in_one_line(model_folder: Path) -> None:
+    """``max_gen_toks == max_length`` leaves no token for the prompt: a ValueError naming both, not a prompt cut to
+    ``[-0:]`` (the whole prompt) that runs past ``max_length`` (``>`` instead of ``>=`` passed every test)."""
+    lm = ZmajLM(path=str(model_folder), device="cpu", dtype="float32", max_length=16)
+    request = Instance(
+        "generate_until", {}, ("the quick brown fox jumps", {"until": ["\n\n"], "max_gen_toks": 16}), 0
+    )
+    with pytest.raises(ValueError, match="max_gen_toks 16 leaves no room for a prompt in max_length 16"):
+        lm.generate_until([request])

@@ -290,3 +290,30 @@ def test_registry_builds_tasks_with_options_and_takes_new_ones(monkeypatch: pyte
     assert echo.reward(problem, problem.solution).total == pytest.approx(1.1)
     with pytest.raises(ValueError, match="already registered"):
         register_task("echo", Echo)
+
+
+def test_one_digit_operands_include_zero() -> None:
+    """0 is a one-digit number: ``digits=1`` draws operands from 0-9, 100 questions per op (a low bound of 1 for
+    every digit count left 19 of the 100 out, and the suite's ``len(a) == digits`` still held)."""
+    task = ArithmeticTask(digits=1, ops=("+",))
+    rng = random.Random(0)
+    prompts = {task.generate(rng).prompt for _ in range(3000)}
+    assert len(prompts) == 100
+    assert "What is 0 + 0?" in prompts
+
+
+def test_a_fair_share_is_among_two_friends_or_more() -> None:
+    """A share among one friend is no division: the template draws at least 2 friends (1 passed every test)."""
+    for problem in WordProblemsTask().problems("train", 2000):
+        if (found := re.search(r"equally among (\d+) friends", problem.prompt)) is not None:
+            assert int(found[1]) >= 2, problem.prompt
+
+
+def test_an_explicit_plus_sign_is_an_answer() -> None:
+    """``parse_int`` documents an optional sign: ``Answer: +12`` is 12 (Python's str(n) never writes a plus, so
+    the round-trip property test cannot see a parser that refuses it)."""
+    assert parse_int("+12") == 12
+    assert parse_int("+1,234") == 1234
+    task = ArithmeticTask()
+    problem = task.problems("test", 1)[0]
+    assert task.reward(problem, f"Answer: +{problem.answer}") == Reward(1.0, 1.0)

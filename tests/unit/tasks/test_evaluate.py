@@ -91,3 +91,12 @@ def test_wilson_interval_rejects_impossible_counts() -> None:
             accuracy_interval(successes, n)
     with pytest.raises(ValueError, match="confidence"):
         accuracy_interval(1, 2, confidence=1.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_format_reward_is_refused_too(bad: float) -> None:
+    """Both rewards feed the RL step (``total``): a NaN format reward must name the sample as a NaN correctness
+    does (only correctness was tested)."""
+    problems = ArithmeticTask().problems("test", 2)
+    with pytest.raises(ValueError, match=r"non-finite .* for sample 1"):
+        score(lambda p, c: Reward(bad if c == "x" else 1.0, 0.0), problems, ["a", "x"])
