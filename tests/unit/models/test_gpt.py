@@ -427,3 +427,17 @@ def test_a_position_past_the_learned_table_is_named() -> None:
         gpt.init(sinusoidal, 0), Batch(tokens=torch.zeros(1, 33, dtype=torch.long)), sinusoidal
     )
     assert logits.shape == (1, 33, TINY.vocab_size)
+
+
+def test_a_sinusoidal_gpt_runs_in_bfloat16() -> None:
+    """The sinusoidal table is computed in float32; added to bfloat16 embeddings without a cast it promotes the
+    residual stream to float32, and the first bfloat16 LayerNorm fails. The float64 and float32 tests cannot see
+    that; this one can."""
+    config = gpt.GPTConfig(
+        vocab_size=64, context=16, d_model=32, n_layers=2, n_heads=2, positions="sinusoidal"
+    )
+    params = gpt.init(config, 0).to(torch.bfloat16)
+    logits = gpt.forward(params, Batch(tokens=torch.arange(8)[None]), config)
+    assert logits.dtype == torch.bfloat16
+    reference = gpt.forward(params.to(torch.float32), Batch(tokens=torch.arange(8)[None]), config)
+    assert (logits.float() - reference).abs().max() < 0.1
