@@ -32,8 +32,10 @@ def _cpu_has_fast_bf16() -> bool:
 
 
 def _cuda_has_fast_bf16(index: int | None) -> bool:
-    """Compute capability 8.0 or later (Ampere), or any AMD GPU ROCm runs; not ``torch.cuda.is_bf16_supported()``,
-    which asks about the current device, not this one, and by default counts emulated bf16 as supported."""
+    """Compute capability 8.0 or later (Ampere); not ``torch.cuda.is_bf16_supported()``, which asks about the
+    current device, not this one, and by default counts emulated bf16 as supported. Under ROCm, any AMD GPU: the
+    data-centre ones zmaj's users would train on (MI200, MI300) multiply bf16 in hardware, though older or
+    consumer ones (MI50, RDNA2) would not; untested, as zmaj has run on no AMD GPU."""
     if torch.version.hip:
         return True
     return torch.cuda.get_device_properties(index).major >= 8

@@ -102,8 +102,10 @@ class Wandb:
 
 
 class TensorBoard:
-    """One folder is one TensorBoard run, whatever the sessions: each session's writer opens with a purge step,
-    past which TensorBoard hides what the earlier event files hold (the steps a resume takes again)."""
+    """One folder is one TensorBoard run, whatever the sessions. A resumed session first rewrites the earlier
+    event files without what they hold past its first step (the steps it takes again), as ``metrics.jsonl``
+    drops their lines. Not TensorBoard's ``purge_step``: its default (Rust) loader ignores the session-start
+    event that marks the purge, and showed both sessions' points at those steps."""
 
     FOLDER = "tensorboard"
 
@@ -113,9 +115,9 @@ class TensorBoard:
         self.folder, self.config, self.make = run_dir / self.FOLDER, config, SummaryWriter
 
     def begin(self, step: int) -> None:
-        # A fresh run's purge (step 1, nothing before it) is needed too: TensorBoard purges only at a session's
-        # start that follows another's.
-        self.writer = self.make(self.folder, purge_step=step + 1)
+        if self.folder.is_dir():
+            drop_events_after(self.folder, step)
+        self.writer = self.make(self.folder)
         # At the session's first step: a resume's --set may have changed the spec. Four spaces: TensorBoard
         # renders text as Markdown, and this keeps the YAML a code block.
         spec = yaml.safe_dump(self.config, sort_keys=False)
@@ -128,6 +130,25 @@ class TensorBoard:
     def finish(self) -> None:
         if hasattr(self, "writer"):  # a session that ended before its loop began has none
             self.writer.close()
+
+
+def drop_events_after(folder: Path, step: int) -> None:
+    """Rewrite each event file of ``folder`` that holds events past ``step`` without them. The new file is
+    complete before the old one goes: a crash between leaves both, whose points up to ``step`` are the same."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from torch.utils.tensorboard.writer import FileWriter
+
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        events = [Event.FromString(raw) for raw in RawEventFileLoader(str(path)).Load()]
+        if all(event.step <= step for event in events):
+            continue
+        writer = FileWriter(str(folder), filename_suffix=".kept")  # writes its own file_version event
+        for event in events:
+            if event.step <= step and not event.HasField("file_version"):
+                writer.add_event(event)
+        writer.close()
+        path.unlink()
 
 
 def check_installed(names: list[TrackerName]) -> None:

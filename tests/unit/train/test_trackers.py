@@ -79,6 +79,23 @@ def tensorboard_series(run_dir: Path) -> tuple[Series, dict[str, Any]]:
     return series, yaml.safe_load(text.tensor_proto.string_val[0].decode())
 
 
+def tensorboard_events(run_dir: Path) -> Series:
+    """Every scalar the run's event files hold, file by file as written: what any TensorBoard loader may show.
+    The Python reader above applies purge events and drops out-of-order steps; TensorBoard's default (Rust)
+    loader does neither."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    series: Series = {}
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        for raw in RawEventFileLoader(str(path)).Load():
+            event = Event.FromString(raw)
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    series.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return {key: sorted(pairs) for key, pairs in series.items()}
+
+
 def trackio_series(project: str, run: str, keys: Iterable[str]) -> tuple[Series, dict[str, Any]]:
     """The metrics ``keys`` and the config of trackio's run ``run``, read by trackio's storage (the project's
     SQLite file under ``TRACKIO_DIR``)."""
@@ -162,10 +179,10 @@ def test_tensorboard_holds_every_metrics_line_and_the_spec(tmp_path: Path) -> No
 
 
 def test_tensorboard_forgets_the_steps_a_resume_takes_again_as_metrics_jsonl_does(tmp_path: Path) -> None:
-    """KilledError at step 8, the run's last checkpoint is step 6: the resumed session takes step 7 again (with other
+    """Killed at step 8, the run's last checkpoint is step 6: the resumed session takes step 7 again (with other
     values here) and TensorBoard shows it once, the new values, as ``metrics.jsonl`` does. Event files of both
-    sessions are in the folder (one TensorBoard run): without a purge step, TensorBoard showed both step 7s. Each session's spec is shown at
-    its first step."""
+    sessions are in the folder (one TensorBoard run): both step 7s were shown, and with a purge step still by
+    TensorBoard's default loader, which ignores it. Each session's spec is shown at its first step."""
     with pytest.raises(KilledError):
         train_with(tmp_path / "run", ["tensorboard"], killed_at=8)
     train_with(tmp_path / "run", ["tensorboard"], resume=True, offset=0.5)
@@ -174,6 +191,7 @@ def test_tensorboard_forgets_the_steps_a_resume_takes_again_as_metrics_jsonl_doe
     assert [step for step, _ in expected["loss"]] == list(range(1, 11))
     assert dict(expected["loss"])[7] == pytest.approx(1 / 7 + 0.5)
     assert_same_series(series, expected, rel=1e-6)
+    assert_same_series(tensorboard_events(tmp_path / "run"), expected, rel=1e-6)
     assert len(list((tmp_path / "run" / "tensorboard").iterdir())) == 2
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
