@@ -153,7 +153,7 @@ def run_dpo(
 def grpo_rollout(every_rank_trains: bool = False) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
     """4 prompts with 2 answers each (prompt-major) and their rewards. The first two prompts' answers tie, so
     on 2 ranks rank 0 keeps no group (it steps on zero gradients, its metrics come from the zero path); with
-    ``every_rank_trains`` no group ties, and the ranks' answers hold different numbers of tokens (15 and 13), so a
+    ``every_rank_trains`` no group ties, and the ranks' answers hold different numbers of tokens (14 and 13), so a
     loss normalised by a rank's own count would differ from one process's."""
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 64, (n,), generator=generator).tolist() for n in (2, 3, 4, 2)]

@@ -126,9 +126,12 @@ def test_packing_lays_the_documents_in_an_order_the_seed_shuffles() -> None:
     for order in orders:
         assert sorted(order) == list(range(20))
         assert order != list(range(20))
-    first_row = LMDataset(token_file, 5, "pack", 0)
-    assert int(token_file.tokens[offsets[orders[0][0]]]) in {
-        int(t) for row in _rows(first_row) for t in row["tokens"]
+    # The rows, in whatever order they are read, tile the documents laid out in that order.
+    dataset = LMDataset(token_file, 5, "pack", 0)
+    stream = np.concatenate([token_file.tokens[offsets[d] : offsets[d + 1]] for d in orders[0]])
+    rows = _rows(dataset)
+    assert {tuple(row["tokens"].tolist()) for row in rows} == {
+        tuple(stream[k * 5 : k * 5 + 5].tolist()) for k in range(len(rows))
     }
 
 

@@ -96,9 +96,11 @@ def test_the_unigram_baseline_is_its_closed_form() -> None:
     train = TokenFile(
         np.array([0, 0, 0, 1], dtype=np.uint16), np.array([0, 4]), vocab_size=3, eos_id=2, pad_id=2
     )
+    # Token 1 spells 2 bytes: bits per byte and bits per token differ.
     held_out = TokenFile(
-        np.array([0, 2], dtype=np.uint16), np.array([0, 2]), vocab_size=3, eos_id=2, pad_id=2
+        np.array([0, 2, 1], dtype=np.uint16), np.array([0, 3]), vocab_size=3, eos_id=2, pad_id=2
     )
     prepared = Prepared(ThreeTokens(), LMDataset(train, 1, "pack", 0), LMDataset(held_out, 1, "pack", 0))
     counts = [3 + 1, 1 + 1, 0 + 1]  # of 7
-    assert prepared.unigram_bpb() == pytest.approx(-(math.log2(counts[0] / 7) + math.log2(counts[2] / 7)) / 2)
+    bits = -(math.log2(counts[0] / 7) + math.log2(counts[2] / 7) + math.log2(counts[1] / 7))
+    assert prepared.unigram_bpb() == pytest.approx(bits / (1 + 1 + 2))

@@ -151,11 +151,12 @@ def test_train_step_over_adapters_lowers_the_loss_and_keeps_the_base(device: tor
 def test_a_is_kaiming_uniform_within_one_over_sqrt_d_in_and_follows_the_seed() -> None:
     """PEFT's init of A (``kaiming_uniform_(a=sqrt(5))``: bound 1/sqrt(d_in)); ``lora.seed`` picks it."""
     base = llama.init(CONFIG, seed=0)
-    config = lora.LoraConfig(rank=8, targets=("attn.q",), seed=1)
-    a = lora.init_adapters(base, config)["attn", "q", "a"]
-    bound = 1 / math.sqrt(a.shape[-1])
+    config = lora.LoraConfig(rank=8, targets=("mlp.down",), seed=1)  # d_in 48, d_out 32: which one shows
+    a = lora.init_adapters(base, config)["mlp", "down", "a"]
+    assert a.shape[-1] == CONFIG.d_ff != CONFIG.d_model
+    bound = 1 / math.sqrt(CONFIG.d_ff)
     assert 0.9 * bound < float(a.abs().max()) <= bound
-    other = lora.init_adapters(base, config.model_copy(update={"seed": 2}))["attn", "q", "a"]
+    other = lora.init_adapters(base, config.model_copy(update={"seed": 2}))["mlp", "down", "a"]
     assert not torch.equal(a, other)
 
 

@@ -106,8 +106,8 @@ def hf_frequencies(rope_parameters: dict[str, float | str], head_dim: int) -> to
         (64, 500_000.0, 32.0, 1.0, 4.0, 8192),  # Llama 3.2 1B
         (16, 10_000.0, 8.0, 1.0, 4.0, 32),  # every regime in few planes
         (32, 10_000.0, 2.0, 0.5, 3.0, 100),
-        # A plane's wavelength exactly on each cut-off (float32 2 pi = context / low = 4 context / high): the
-        # comparisons are strict where transformers' are.
+        # A plane's wavelength (float32 2 pi) exactly on a cut-off: the low one (context / low) in the first row,
+        # the high one (context / high) in the second; the comparisons are strict where transformers' are.
         (2, 10_000.0, 8.0, 1 / TWO_PI_F32, 4 / TWO_PI_F32, 1),
         (2, 10_000.0, 8.0, 0.25 / TWO_PI_F32, 1 / TWO_PI_F32, 1),
     ],

@@ -139,11 +139,17 @@ def test_a_resume_computing_in_another_type_than_the_checkpoint_says_so(tmp_path
         train(tmp_path / "run", resume=True, stop_after=3, precision="fp32")
     assert not [w for w in warnings if "computing in" in w]
     with logged("WARNING") as warnings:
-        train(tmp_path / "run", resume=True, precision="bf16")
+        train(tmp_path / "run", resume=True, stop_after=3, precision="bf16")
     assert [w for w in warnings if "computing in" in w] == [
         f"{tmp_path / 'run' / 'checkpoints' / 'step-0000006'} was trained computing in float32, this session "
         "computes in bfloat16 (train.precision: bf16 on cpu): the run goes on, but not bit for bit as it would "
         "have where it began"
+    ]
+    assert checkpoint.load_meta(checkpoint.latest(tmp_path / "run"))["precision"] == "bfloat16"
+    with logged("WARNING") as warnings:
+        train(tmp_path / "run", resume=True, precision="fp32")
+    assert [w.split(" was trained ")[1][:36] for w in warnings if "computing in" in w] == [
+        "computing in bfloat16, this session "
     ]
 
 
