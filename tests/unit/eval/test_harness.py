@@ -136,10 +136,10 @@ def test_add_bos_token_forces_one_bos_on_or_off(model_folder: Path) -> None:
     that starts with one, as ``HFLM`` (the parity test runs with the tokenizer's default only, so ignoring the
     flag, or dropping the starts-with-BOS check, passed)."""
     plain = ZmajLM(path=str(model_folder), device="cpu", dtype="float32").tok_encode("the fox")
-    assert plain[0] != 0  # zmaj's tokenizer adds no BOS by default
     on = ZmajLM(path=str(model_folder), device="cpu", dtype="float32", add_bos_token=True)
     off = ZmajLM(path=str(model_folder), device="cpu", dtype="float32", add_bos_token=False)
     bos, bos_id = on.model.tokenizer.bos_token, on.model.tokenizer.bos_id
+    assert plain[0] != bos_id  # zmaj's tokenizer adds no BOS by default
     assert on.tok_encode("the fox") == [bos_id, *plain]
     assert off.tok_encode("the fox") == plain
     assert on.tok_encode(f"{bos}the fox") == [bos_id, *plain]  # one BOS, not two
