@@ -29,7 +29,8 @@ fall back: it reports the damage, and an older checkpoint folder can be named in
 
 :func:`prune` keeps the newest few checkpoints. :func:`save_aside` writes a state for inspection (the one where
 the loss became non-finite) as ``checkpoints/LABEL-step-NNNNNNN/``: it never becomes ``latest``, and nothing
-resumes from it or prunes it. :func:`pin` keeps a checkpoint's parameters, never pruned, for another run that starts from them.
+resumes from it or prunes it. :func:`pin` keeps a checkpoint's parameters, never pruned, for another run that
+starts from them.
 
 The format sits below every package, as ``zmaj.fileio`` does: training writes it, loading a model
 (``zmaj.convert``) and publishing (``zmaj.publish``) read it, and none of them imports another for it.

@@ -358,8 +358,8 @@ def test_a_group_of_one_is_refused() -> None:
 
 @pytest.mark.parametrize("eps", [1e-4, 0.5])
 def test_group_advantages_are_the_closed_form_with_eps_beside_the_standard_deviation(eps: float) -> None:
-    """(r - mean) / (std + eps), std without Bessel's correction (DeepSeekMath; TRL's sample std differs), where ``sqrt(var + eps)``
-    passed the property test's groups."""
+    """(r - mean) / (std + eps), std without Bessel's correction (DeepSeekMath; TRL's sample std differs), where
+    ``sqrt(var + eps)`` passed the property test's groups."""
     rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0], [1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
     for row, group in zip(grpo.group_advantages(rewards, eps), rewards.tolist(), strict=True):
         mean = sum(group) / 4
