@@ -22,6 +22,7 @@ from tests.integration import finetune_fixtures
 from tests.integration.programs import busy_volume, run_program
 from tests.integration.test_finetune_programs import run
 from tests.integration.test_pretrain_program import corpus
+from zmaj import checkpoint
 from zmaj.convert.load import Pretrained, load_model, save_zmaj
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
@@ -138,6 +139,10 @@ def test_the_card_parses_and_reports_the_run(exported: tuple[str, Path, Path]) -
     sessions = [json.loads(line) for line in (run_dir / "run.jsonl").read_text().splitlines()]
     assert [s["event"] for s in sessions] == ["start", "end"]
     assert f"Hardware: {sessions[0]['hardware']}." in card.text
+    # The type the matmuls computed in, as the checkpoint records it (auto: bf16 or fp32 by machine).
+    recorded = checkpoint.load_meta(checkpoint.latest_intact(run_dir))["precision"]
+    assert {s["precision"] for s in sessions} == {recorded}
+    assert f"Matmuls computed in {sessions[0]['precision']}." in card.text
     assert f"({sessions[1]['time'] - sessions[0]['time']:,.1f} s)" in card.text
 
 

@@ -115,6 +115,13 @@ class Run:
     def hardware(self) -> str | None:
         return self.sessions[-1]["hardware"] if self.sessions else None
 
+    @property
+    def precisions(self) -> list[str]:
+        """The types the matmuls computed in, in the order the sessions first used them (sessions before zmaj
+        recorded it say nothing): more than one when a run was resumed on a machine where ``auto`` chose
+        another."""
+        return list(dict.fromkeys(str(r["precision"]) for r in self.sessions if "precision" in r))
+
 
 def read_run(folder: Path) -> Run | None:
     """The run recorded in ``folder``, a run or one checkpoint folder of a run, described as far as the checkpoint
@@ -325,7 +332,8 @@ def _compute(run: Run) -> str:
     elif run.killed_sessions:
         wall = f"{wall}, with {killed}"
     hardware = run.hardware or "not recorded"
-    return f"## Compute\n\nHardware: {hardware}. Wall time: {wall}.\n"
+    computed = f" Matmuls computed in {', then '.join(run.precisions)}." if run.precisions else ""
+    return f"## Compute\n\nHardware: {hardware}.{computed} Wall time: {wall}.\n"
 
 
 def _duration(seconds: float) -> str:

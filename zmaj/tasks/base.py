@@ -136,8 +136,9 @@ class Task(BaseModel, ABC):
 
 
 def parse_int(value: str) -> int | None:
-    """An integer written plainly (optional sign, digits, optional thousands commas), else None."""
-    if re.fullmatch(r"[+-]?(\d+|\d{1,3}(,\d{3})+)", value) is None:
+    """An integer written plainly (optional sign, ASCII digits, optional thousands commas), else None: ``\\d``
+    alone matches every script's digits, which ``int`` reads too, and a task asks for the answer in ``0-9``."""
+    if re.fullmatch(r"[+-]?([0-9]+|[0-9]{1,3}(,[0-9]{3})+)", value) is None:
         return None
     plain = value.replace(",", "")
     if 0 < sys.get_int_max_str_digits() < len(plain.lstrip("+-")):  # int() refuses it: no answer is that long

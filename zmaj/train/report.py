@@ -117,10 +117,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def record_session(run_dir: Path, event: str, device: torch.device, ranks: int = 1) -> None:
+def record_session(
+    run_dir: Path, event: str, device: torch.device, ranks: int = 1, precision: str | None = None
+) -> None:
     """Append a ``start`` or ``end`` record to the run's ``run.jsonl``: wall-clock time, device, host, versions.
     A line a kill cut short goes first: the record would run into it, and every later export would fail.
-    ``ranks`` is the job's world size: the GPUs it trains on, not the ones the machine has."""
+    ``ranks`` is the job's world size: the GPUs it trains on, not the ones the machine has. ``precision`` is the
+    type the matmuls computed in, which ``auto`` chose on this machine (``zmaj.train.precision``): a resumed run
+    may have computed in another in an earlier session, and a model card says so."""
     if device.type == "cuda":
         hardware = f"{ranks} x {torch.cuda.get_device_name(device)}"
     else:
@@ -133,6 +137,8 @@ def record_session(run_dir: Path, event: str, device: torch.device, ranks: int =
         "host": socket.gethostname(),
         "torch": torch.__version__,
     }
+    if precision is not None:
+        record["precision"] = precision
     drop_cut_short_line(run_dir / RUN_FILE)
     append_jsonl(run_dir / RUN_FILE, record)
 

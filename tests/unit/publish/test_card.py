@@ -53,6 +53,18 @@ def test_the_card_says_when_a_killed_session_is_missing_from_the_wall_time() -> 
     )
 
 
+def test_the_card_names_each_type_the_matmuls_computed_in_in_order() -> None:
+    """A run resumed on a machine where ``auto`` chose another type computed in two: the card says both, the
+    first first; sessions recorded before zmaj wrote the type say nothing, and a run of those none."""
+    session = {"event": "start", "time": 0.0, "hardware": "2 CPUs"}
+    types = [None, "bfloat16", "bfloat16", "float32", "bfloat16"]
+    sessions = [session | ({} if kind is None else {"precision": kind}) for kind in types]
+    assert "Matmuls computed in bfloat16, then float32. Wall" in card._compute(
+        Run(Path("r"), "sft", {}, sessions=sessions)
+    )
+    assert "Matmuls" not in card._compute(Run(Path("r"), "sft", {}, sessions=[session]))
+
+
 def test_without_sessions_wall_time_is_the_pretraining_summarys_or_unknown() -> None:
     assert (
         Run(Path("run"), "pretraining", {}, [{"step": 3, "final": True, "wall_s": 12.5}]).wall_seconds == 12.5

@@ -93,6 +93,13 @@ def test_parse_int_reads_plain_and_comma_grouped_integers(n: int) -> None:
     assert parse_int(f"{n} apples") is None
 
 
+@pytest.mark.parametrize("digits", ["\u0661\u0662", "\uff11\uff12", "\u0967\u0968", "1\u0662"])
+def test_parse_int_reads_ascii_digits_only(digits: str) -> None:
+    """``int`` reads Arabic-Indic, fullwidth and Devanagari digits as 12; an answer is asked for in 0-9."""
+    assert int(digits) == 12
+    assert parse_int(digits) is None
+
+
 def test_answers_too_long_for_int_score_zero_and_long_lines_parse_in_linear_time() -> None:
     """A sampled completion is any text: one past ``int``'s digit limit is a wrong answer, not an error that
     stops a GRPO run, and a line of many spaces is read at once (a lazy group before ``\\s*`` backtracked)."""
