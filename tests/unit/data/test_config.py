@@ -56,3 +56,31 @@ def test_unknown_source_kind_is_rejected() -> None:
 def test_configs_are_frozen() -> None:
     with pytest.raises(ValidationError, match="frozen"):
         DataConfig().seq_len = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("source", "typo"),
+    [
+        ({"kind": "hub", "path": "json", "text_colum": "body"}, "text_colum"),
+        ({"kind": "files", "format": "jsonl", "text_colum": "body"}, "text_colum"),
+        ({"kind": "stdlib", "path": "x"}, "path"),
+    ],
+)
+def test_a_typo_in_any_source_is_refused_naming_it(
+    jsonl_file: Path, source: dict[str, object], typo: str
+) -> None:
+    """The config module promises that every model forbids unknown keys; the suite tried a typo at the top
+    level only, so a source that ignored them read ``text`` for a misspelt ``text_column`` without a word."""
+    if source["kind"] == "files":
+        source = source | {"paths": [str(jsonl_file)]}
+    complaint = rf"source\.{source['kind']}\.{typo}\s+Extra inputs are not permitted"
+    with pytest.raises(ValidationError, match=complaint):
+        DataConfig.model_validate({"source": source})
+
+
+def test_vocab_size_must_hold_every_byte_and_every_special_token() -> None:
+    """The bound is 256 + 7: the suite tried 100 only, so a bound of 256 passed, and a 260-token config
+    trained a 263-token tokenizer."""
+    with pytest.raises(ValidationError, match="vocab_size"):
+        DataConfig(vocab_size=262)
+    assert DataConfig(vocab_size=263).vocab_size == 263

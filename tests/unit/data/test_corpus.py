@@ -3,6 +3,7 @@ import os
 import re
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 from pydoc_data.topics import topics
 
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from zmaj.data import corpus
 from zmaj.data.config import FilesSource, HubSource, StdlibSource
 from zmaj.data.corpus import Document, documents, in_validation, source_key, stdlib_documents
 from zmaj.text import NotTextError
@@ -350,3 +352,50 @@ def test_a_hub_source_of_local_files_is_keyed_by_those_files(
     stat = jsonl_file.stat()
     os.utime(jsonl_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     assert source_key(source, "train", FRACTION) != key
+
+
+def test_the_stdlib_walk_is_sorted_whatever_order_the_file_system_lists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The document order (hence the token file and the packed stream) must be the same on every file system;
+    the suite compared two walks of the same directory, which agree whether or not they are sorted."""
+    root = tmp_path / "lib"
+    for relative in ("a.py", "b.py", "pkg/c.py", "pkg/d.py", "zpkg/e.py"):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(f"# {relative}\n")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(root)})
+    walk = os.walk
+
+    def unsorted_walk(top: str | Path) -> Iterator[tuple[str, list[str], list[str]]]:
+        """os.walk listing each directory in descending order, as another file system may."""
+        for directory, subdirectories, files in walk(top):
+            subdirectories.sort(reverse=True)  # in place: the caller's pruning must still reach the walk
+            files.sort(reverse=True)
+            yield directory, subdirectories, files
+
+    monkeypatch.setattr(os, "walk", unsorted_walk)
+    names = [d.name for d in stdlib_documents() if d.name.startswith("stdlib:")]
+    assert names == ["stdlib:a.py", "stdlib:b.py", "stdlib:pkg/c.py", "stdlib:pkg/d.py", "stdlib:zpkg/e.py"]
+
+
+def test_source_key_changes_with_the_corpus_version(
+    jsonl_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CORPUS_VERSION is bumped so that caches built by the old reading are rebuilt; left out of the key, a
+    bump silently reused tokenizers and token files of the old documents."""
+    for source in (FilesSource(paths=[str(jsonl_file)], format="jsonl"), StdlibSource()):
+        key = source_key(source, "train", 0.05)
+        monkeypatch.setattr(corpus, "CORPUS_VERSION", corpus.CORPUS_VERSION + 1)
+        assert source_key(source, "train", 0.05) != key
+        monkeypatch.undo()
+
+
+def test_a_hub_folder_is_keyed_without_its_hidden_directories(jsonl_file: Path) -> None:
+    """A folder's key covers its files outside hidden directories (a ``.git`` beside the data changes with
+    every commit, and would rebuild the tokenizer and token files for nothing)."""
+    folder = jsonl_file.parent
+    source = HubSource(path=str(folder))
+    key = source_key(source, "train", 0.05)
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    assert source_key(source, "train", 0.05) == key

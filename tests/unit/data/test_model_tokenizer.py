@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from zmaj.data import chat_template
 from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
-from zmaj.data.tokenizer import Tokenizer
+from zmaj.data.tokenizer import BOS, EOS, PAD, Tokenizer
 
 # ChatML as SmolLM2 and Qwen write it, with a default system turn and the tojson filter, to exercise the
 # environment's conventions (trim_blocks, loop variables, filters).
@@ -412,3 +412,62 @@ def test_a_tokenizer_that_adds_bos_and_eos_is_read_as_adding_both(
     loaded.save(tmp_path / "again")
     config = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
     assert (config["add_bos_token"], config["add_eos_token"]) == (True, True)
+
+
+def test_special_tokens_written_as_added_token_objects_load_as_in_transformers(
+    tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    """Many Hub tokenizers write ``"bos_token": {"__type": "AddedToken", "content": "<s>", ...}``; taken as a
+    string, that dict is no token of the vocabulary, and the folder fails to load."""
+    ModelTokenizer.from_zmaj(tokenizer).save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for name in ("bos_token", "eos_token", "pad_token"):
+        config[name] = {
+            "__type": "AddedToken",
+            "content": config[name],
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = ModelTokenizer.load(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == (BOS, EOS, PAD)
+    assert (theirs.bos_token, theirs.eos_token, theirs.pad_token) == (BOS, EOS, PAD)
+
+
+# Whitespace after block tags (trim_blocks), indentation before them (lstrip_blocks), {% continue %}
+# (loopcontrols) and strftime_now: each a convention published templates (Llama 3.x, Qwen) rely on, and none
+# of which the suite's templates (written on one line, without loop controls or dates) depended on.
+CONVENTIONS = """{% for m in messages %}
+    {% if m['role'] == 'system' %}{% continue %}{% endif %}
+<{{ m['role'] }}>
+{{ m['content'] }}
+{% endfor %}
+{% if add_generation_prompt %}<assistant> {{ strftime_now('%d %b %Y') }}{% endif %}"""
+
+
+def test_published_template_conventions_render_as_in_transformers(tokenizer: Tokenizer) -> None:
+    """zmaj promises to render every template exactly as ``apply_chat_template``."""
+    ours = ModelTokenizer(ModelTokenizer.from_zmaj(tokenizer).tokenizer, chat_template=CONVENTIONS)
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_object=ours.tokenizer, chat_template=CONVENTIONS)
+    messages = [
+        {"role": "system", "content": "hidden"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+    ]
+    for add_generation_prompt in (False, True):
+        expected = theirs.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        assert ours.render_chat(messages, add_generation_prompt) == expected
+
+
+def test_templates_run_sandboxed(tokenizer: Tokenizer) -> None:
+    """A chat template comes with a downloaded model: like transformers, zmaj runs it in Jinja's immutable
+    sandbox, where changing the conversation or reaching Python's internals is refused."""
+    for template in ("{{ messages.append(messages[0]) }}", "{{ messages.__class__.__mro__ }}"):
+        with pytest.raises(ValueError, match=r"^chat template: access to attribute .* is unsafe"):
+            chat_template.render(template, [{"role": "user", "content": "hi"}], False)

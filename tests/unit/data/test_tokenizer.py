@@ -1,6 +1,7 @@
 import errno
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,16 @@ from hypothesis import strategies as st
 
 from tests.strategies import seeds
 from zmaj.data.config import DataConfig, FilesSource
-from zmaj.data.tokenizer import EOS, SPECIAL_TOKENS, USER, Tokenizer, _sample, check_unchanged, load_or_train
+from zmaj.data.tokenizer import (
+    EOS,
+    SPECIAL_TOKENS,
+    USER,
+    Tokenizer,
+    _sample,
+    check_unchanged,
+    load_or_train,
+    tokenizer_path,
+)
 
 SPECIAL_TEXT = "".join(SPECIAL_TOKENS)
 
@@ -148,3 +158,25 @@ def test_load_or_train_trains_once(jsonl_file: Path, tmp_path: Path, monkeypatch
     assert load_or_train(config, tmp_path, seed=0).fingerprint() == first.fingerprint()
     with pytest.raises(AssertionError, match="trained again"):
         load_or_train(config.model_copy(update={"vocab_size": 301}), tmp_path, seed=0)
+
+
+def test_the_tokenizer_sample_is_uniform_and_picked_by_the_seed() -> None:
+    """``max_texts`` promises a seeded *uniform* sample: the suite checked only that it is a seeded
+    subsequence, so a sampler that kept the last k texts (``randrange(k)``), favoured late texts
+    (``randrange(index)``, the classic off-by-one of algorithm R) or ignored the seed passed. Each of 5 texts
+    must be in a sample of 2 about 2/5 of the time over many seeds (5 sigma is 0.055)."""
+    texts = [f"t{i}" for i in range(5)]
+    seeds = range(2000)
+    counts = Counter(text for seed in seeds for text in _sample(texts, 2, seed))
+    for text in texts:
+        assert abs(counts[text] / len(seeds) - 2 / 5) < 0.055, counts
+
+
+def test_the_cached_tokenizer_is_keyed_by_its_sample_size_and_seed(jsonl_file: Path, tmp_path: Path) -> None:
+    """Another ``tokenizer_documents`` or seed trains another tokenizer: keyed without either, the cache
+    handed the tokenizer of the earlier setting to the run (the suite changed only vocab_size)."""
+    config = DataConfig(source=FilesSource(paths=[str(jsonl_file)], format="jsonl"), vocab_size=300)
+    path = tokenizer_path(config, tmp_path, seed=0)
+    assert tokenizer_path(config, tmp_path, seed=0) == path
+    assert tokenizer_path(config, tmp_path, seed=1) != path
+    assert tokenizer_path(config.model_copy(update={"tokenizer_documents": 10}), tmp_path, seed=0) != path
