@@ -321,6 +321,22 @@ def check_resumable(run_dir: Path) -> None:
         latest(run_dir)
 
 
+def saved(run_dir: Path) -> list[str]:
+    """What the saves of ``run_dir`` made (checkpoint folders, ``latest``): none where the first save failed or
+    was killed, leaving only hidden folders, from which nothing resumes, so that a new run may start afresh."""
+    root = run_dir / CHECKPOINTS
+    return (
+        sorted(entry.name for entry in root.iterdir() if not entry.name.startswith("."))
+        if root.is_dir()
+        else []
+    )
+
+
+def resumable(run_dir: Path) -> bool:
+    """Whether ``--resume`` has a checkpoint to look at (:func:`check_resumable` does not refuse it)."""
+    return bool(_step_folders(run_dir / CHECKPOINTS)) or _pointer(run_dir / CHECKPOINTS) is not None
+
+
 def latest_intact(run_dir: Path) -> Path:
     """The checkpoint to resume from: the one ``latest`` names when it is intact, else, after a loud warning, the
     newest intact one before it (module docstring).

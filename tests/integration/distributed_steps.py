@@ -60,6 +60,9 @@ def main(out: Path) -> None:
         grpo_state, grpo_metrics = run_grpo(dp, grpo_rollout(every_rank_trains))
         save(dp, grpo_state, out / f"{name}-dp")
         (out / f"{name}-metrics-rank{dp.rank}.json").write_text(json.dumps(grpo_metrics))
+    # A stop one rank saw (rank 1's SIGTERM), none, and one every rank saw.
+    said = [dp.agree(dp.rank == 1), dp.agree(False), dp.agree(True)]
+    (out / f"agree-rank{dp.rank}.json").write_text(json.dumps(said))
     if dp.main:
         (out / "counts.json").write_text(json.dumps(counts))
 

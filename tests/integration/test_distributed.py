@@ -269,3 +269,10 @@ def test_data_parallel_grpo_is_one_step_on_every_ranks_rollout_with_the_same_met
     name = "grpo-every-rank" if every_rank_trains else "grpo"
     assert_close_state(load_file(out / f"{name}-dp.safetensors"), checkpoint.flatten(state))
     assert_same_metrics(out, name, [metrics])
+
+
+def test_a_stop_any_rank_sees_is_a_stop_for_every_rank(out: Path) -> None:
+    """``Parallel.agree`` is the loop's stop decision: a SIGTERM only rank 1 received (a scheduler, ``kill PID``)
+    must stop rank 0 after the same step, or rank 0 waits in the next all-reduce until gloo times out."""
+    for rank in range(2):
+        assert json.loads((out / f"agree-rank{rank}.json").read_text()) == [True, False, True]

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from tensordict import TensorDict
 
 from zmaj import checkpoint
+from zmaj.models import gpt
 from zmaj.specfile import SpecError
 from zmaj.train import loop, optim, report, runs
 from zmaj.train.loop import Metrics
@@ -785,3 +786,162 @@ def test_each_step_runs_at_the_schedules_rate_for_its_zero_based_index(tmp_path:
     expected = [optim.learning_rate(i, 10, peak, schedule) for i in range(10)]
     assert rates == expected
     assert [r["lr"] for r in records(tmp_path / "run") if "lr" in r] == expected
+
+
+def test_a_non_finite_loop_step_of_several_updates_sets_aside_the_checkpoint_it_started_from(
+    tmp_path: Path,
+) -> None:
+    """GRPO's passes: a loop step makes two updates, and checkpoints are named by update. The step that went
+    non-finite started from the state of update 2 * (step - 1); that checkpoint must be set aside and ``latest``
+    moved back, or ``--resume`` starts from it and fails again at the same step (``started`` counted one update
+    per loop step, and no checkpoint of that name existed, so nothing was set aside)."""
+
+    def two_updates(state: TensorDict, batch: int, /, *, lr: float) -> tuple[TensorDict, Metrics]:
+        for _ in range(2):
+            state, metrics = stand_in(lambda update: (math.nan if update == 10 else 1.0, 1.0))(
+                state, batch, lr=lr
+            )
+        return state, metrics  # update 10: the 2nd of loop step 5
+
+    # Checkpoints every 2 loop steps: updates 4 and 8.
+    with logged() as messages, pytest.raises(SystemExit) as stopped, open_run(tmp_path / "run") as run:
+        loop.train(run, run.restore(fresh()), two_updates, lambda i: i, updates_per_step=2)
+    assert stopped.value.code == 1
+    assert "step 8" in messages[0]
+    assert checkpoint.latest(tmp_path / "run").name == "step-0000004"
+    assert "nonfinite_start-step-0000008" in steps_on_disk(tmp_path / "run")
+
+
+def test_a_steps_line_reports_throughput_and_model_flop_utilisation() -> None:
+    """tokens/s and MFU are only checked to exist elsewhere: a rate multiplied by the time, or a peak taken as
+    TFLOP/s, would go unnoticed. 1000 tokens in 2 s at 6e6 FLOPs per token on a 1000 GFLOP/s peak: 500 tokens/s,
+    3e9 FLOP/s, 0.3% of the peak."""
+    line = loop.describe_step(3, 0.1, {"loss": 1.0, "tokens": 1000.0}, 2.0, 6e6, 1000.0)
+    assert line["tokens_per_s"] == 500.0
+    assert line["mfu"] == pytest.approx(0.003)
+    assert "mfu" not in loop.describe_step(3, 0.1, {"tokens": 1000.0}, 2.0, None, None)
+
+
+def test_a_resume_with_another_seed_than_its_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A ``spec.yaml`` edited by hand to another ``train.seed`` (``--set`` is refused for frozen fields): the
+    checkpoint's recorded seed must be compared, or the run goes on reading other batches and dropout masks."""
+    train(tmp_path / "run", stop_after=2)
+    with logged() as messages, pytest.raises(SystemExit) as stopped:
+        train(tmp_path / "run", resume=True, seed=7)
+    assert stopped.value.code == 2
+    assert len(messages) == 1
+    assert "was written with another train.seed than the run's spec.yaml" in messages[0]
+
+
+class ModelSpec(BaseModel):
+    name: str = "loop"
+    model: gpt.GPTConfig
+    train: LoopConfig
+
+
+def test_a_model_field_set_when_recorded_and_unset_now_is_a_difference(tmp_path: Path) -> None:
+    """``logit_softcap: 30`` recorded, ``null`` in the edited ``spec.yaml``: the same shapes, another model,
+    which must be refused like any other changed field, not skipped as a field the record lacks."""
+    config = gpt.GPTConfig(vocab_size=64, context=16, d_model=32, n_layers=1, n_heads=2, logit_softcap=30.0)
+    then = ModelSpec(model=config, train=LoopConfig(steps=2))
+    saved = checkpoint.save(tmp_path, fresh(), {"spec": then.model_dump(mode="json"), "seed": 0})
+    now = ModelSpec(model=config.model_copy(update={"logit_softcap": None}), train=LoopConfig(steps=2))
+    with pytest.raises(ValueError, match=r"written with another model\.logit_softcap"):
+        runs.check_written_by(saved, now)
+    runs.check_written_by(saved, then)
+
+
+def test_a_new_run_where_one_died_before_writing_its_spec_keeps_the_folders_other_files(
+    tmp_path: Path,
+) -> None:
+    """A ``.lock`` without ``spec.yaml``: a run died before it wrote anything, so a ``tokenizer.json`` or
+    ``model.json`` there is the user's, and only the records go."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / runs.LOCK_FILE).touch()
+    for name in runs.LEFTOVERS:
+        (tmp_path / "run" / name).write_text("{}")
+    train(tmp_path / "run")
+    assert all((tmp_path / "run" / name).is_file() for name in runs.LEFTOVERS if name != "curves.png")
+
+
+def test_a_new_run_where_one_left_a_step_folder_without_latest_is_refused(tmp_path: Path) -> None:
+    """A kill between renaming the first checkpoint into place and writing ``latest``: ``--resume`` continues
+    from the step folder, so a new run there must be refused, not train over it."""
+    train(tmp_path / "run", stop_after=3)
+    (tmp_path / "run" / "checkpoints" / "latest").unlink()
+    with pytest.raises(runs.UserError, match="already holds a run; use --resume"):
+        open_run(tmp_path / "run")
+
+
+def test_a_new_run_where_only_a_set_aside_checkpoint_is_left_says_so(tmp_path: Path) -> None:
+    """The step after the first checkpoint went non-finite: that checkpoint is set aside and ``latest`` removed,
+    so ``--resume`` finds nothing. A new run there must not be told to use ``--resume`` (the folder would be
+    stuck), nor delete the set-aside checkpoint kept for inspection: it is refused, naming what is there."""
+    train(tmp_path / "run", stop_after=2)
+    assert checkpoint.set_aside_latest(tmp_path / "run", 2, "nonfinite_start")
+    with pytest.raises(
+        runs.UserError, match=r"holds checkpoints no run resumes from \(nonfinite_start-step-0000002\)"
+    ):
+        open_run(tmp_path / "run")
+    assert steps_on_disk(tmp_path / "run") == ["nonfinite_start-step-0000002"]
+
+
+def test_a_run_whose_first_checkpoint_could_not_be_written_can_start_again(tmp_path: Path) -> None:
+    """The disk was full at the first save: ``checkpoints/`` is left empty, ``--resume`` finds no checkpoint,
+    and a new run in the folder must not be refused as one that "already holds a run; use --resume"; it starts afresh,
+    without what the failed save left."""
+
+    def full(tensors: dict[str, torch.Tensor], path: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "save_file", full)
+        with pytest.raises(SystemExit):
+            train(tmp_path / "run")
+    args = argparse.Namespace(resume=tmp_path / "run", spec=None, overrides=[], run_dir=None)
+    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+        runs.read_spec(Spec, args, frozen=[])
+    state = train(tmp_path / "run")  # started afresh
+    assert int(state["opt", "step"]) == 10
+
+
+def test_stop_after_then_resume_follows_the_schedule_of_the_whole_run(tmp_path: Path) -> None:
+    """With the default schedule's warmup (100 steps) longer than these runs, the rate never depends on
+    ``train.steps``, so a resumed session that computed it over the steps left (``steps - first``) instead of
+    the run's looked exact; under a short cosine schedule it does not."""
+    schedule = {"kind": "cosine", "warmup_steps": 2, "final_lr_fraction": 0.1}
+    straight = train(tmp_path / "straight", schedule=schedule)
+    train(tmp_path / "split", stop_after=3, schedule=schedule)
+    resumed = train(tmp_path / "split", resume=True, schedule=schedule)
+    assert (resumed == straight).all()
+
+
+class OtherRankInterrupted(Parallel):
+    """One process that plays a job whose other rank received SIGTERM during step 3: the next ``agree`` (the
+    loop's stop decision) is where this rank learns it."""
+
+    pending = False
+
+    def agree(self, flag: bool) -> bool:
+        told, OtherRankInterrupted.pending = OtherRankInterrupted.pending, False
+        return flag or told
+
+
+def test_a_stop_that_another_rank_saw_stops_this_one_at_the_same_step(tmp_path: Path) -> None:
+    """A SIGTERM sent to one rank (a scheduler, ``kill PID``) must stop every rank after the same step: the loop
+    asks the ranks (``Parallel.agree``) rather than its own flag, or the rank that stopped leaves the others
+    waiting in the next step's all-reduce (30 minutes, then a timeout). The Ctrl-C test signals every rank at
+    once, so it cannot tell."""
+
+    def step(state: TensorDict, batch: int, /, *, lr: float) -> tuple[TensorDict, Metrics]:
+        new, metrics = stand_in(lambda step: (1.0, 1.0))(state, batch, lr=lr)
+        OtherRankInterrupted.pending = int(new["opt", "step"]) == 3
+        return new, metrics
+
+    spec = Spec(train=LoopConfig(steps=10, checkpoint_every=100, eval_every=100))
+    args = argparse.Namespace(resume=None, run_dir=tmp_path / "run", stop_after=None)
+    parallel = OtherRankInterrupted()
+    with runs.open_run(spec, args, parallel) as run:
+        state = loop.train(run, run.restore(fresh()), step, lambda i: i)
+    assert int(state["opt", "step"]) == 3
+    assert checkpoint.latest(tmp_path / "run").name == "step-0000003"

@@ -519,3 +519,41 @@ def test_each_micro_batch_of_each_step_gets_its_own_dropout_seed() -> None:
         )
     seeds = [s for step_seeds in seen for s in step_seeds]
     assert len(set(seeds)) == len(seeds) == 6
+
+
+@dataclass(frozen=True)
+class PlayedRank(Parallel):
+    """Rank ``rank`` of ``size`` as far as the step's seeds go, without the collectives: one process plays it."""
+
+    @property
+    def distributed(self) -> bool:
+        return False
+
+
+def test_each_rank_of_each_step_and_micro_batch_gets_its_own_dropout_seed() -> None:
+    """Dropout's seed is a function of (seed, step, micro-batch, rank): ranks that drew the same seeds would drop
+    the same positions of their rows, and one rank's micro-batch sharing a seed with another step's of the next
+    rank would correlate them. The distributed tests run without dropout, so nothing else sees it. 2 ranks,
+    2 steps of 2 micro-batches: 8 seeds, all different."""
+    seen: list[int | None] = []
+
+    def recording(params: Any, batches: Any, forward: Any, seeds: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.extend(seeds)
+        return step.accumulate_grads(params, batches, forward, seeds, *args, **kwargs)
+
+    params = gpt.init(CONFIG, seed=0)
+    for rank in range(2):
+        state = step.init_state(params)
+        for _ in range(2):
+            state, _ = step.train_step(
+                state,
+                [make_batch(s, torch.device("cpu")) for s in range(2)],
+                forward=FORWARD,
+                optimizer=optim.AdamWConfig(),
+                lr=1e-3,
+                decay=optim.decay_mask(params),
+                seed=3,
+                grad_fn=recording,
+                parallel=PlayedRank(rank=rank, size=2),
+            )
+    assert len(set(seen)) == len(seen) == 8
