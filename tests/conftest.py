@@ -5,9 +5,12 @@ tests that are CPU-only by nature (files, tokenizers, programs, parity on GGUF w
 that take it carry the ``device`` marker, so ``pytest --device cuda -m device`` runs only them.
 """
 
+import hashlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -73,4 +76,22 @@ def trackers_write_under_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterat
             patch.setenv(name, str(root / "wandb" / name.lower()))
         patch.setenv("WANDB_MODE", "offline")
         patch.setenv("WANDB_SILENT", "true")
+        yield
+
+
+@pytest.fixture(scope="session")
+def datasets_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("datasets")
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache_of_the_test(datasets_caches: Path, request: pytest.FixtureRequest) -> Iterator[None]:
+    """``datasets`` caches what it reads from a local folder under the folder's name and dataset card, not its
+    files: a test that loads its ``.../out`` folder from the shared cache read the rows an earlier test (or an
+    earlier session) wrote there, and could not fail. Each test gets a cache of its own (made only when used),
+    outside the user's."""
+    folder = datasets_caches / hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", folder)
+        patch.setenv("HF_DATASETS_CACHE", str(folder))  # for the programs a test runs
         yield

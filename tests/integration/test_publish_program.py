@@ -249,6 +249,7 @@ def test_dataset_dry_run_and_bad_sources(
     assert code == 0, err
     assert "data/train-00000-of-00001.parquet" in out
     assert "config_name: default" in out
+    assert "license: apache-2.0" in out  # the documented default of --license
     for source, message in [
         ("task:no-such-task", "no-such-task"),
         ("words:x", "task:NAME"),

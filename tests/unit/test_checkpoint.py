@@ -738,3 +738,21 @@ def test_setting_latest_aside_points_latest_at_the_checkpoint_before_it(tmp_path
     assert checkpoint.set_aside_latest(tmp_path, 2, "nonfinite_start")
     assert checkpoint.latest(tmp_path) == tmp_path / "checkpoints" / "step-0000001"
     assert (tmp_path / "checkpoints" / "nonfinite_start-step-0000002").is_dir()
+
+
+def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(For tests/unit/test_checkpoint.py, beside the OSError case.) A Ctrl-C during the write is a failed write
+    too: catching only ``Exception`` left a hidden ``.notes.txt.*`` beside the file on every interrupt."""
+    path = tmp_path / "notes.txt"
+    fileio.atomic_write_text(path, "old")
+
+    def interrupted(descriptor: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fileio.atomic_write_text(path, "new")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    assert path.read_text() == "old"

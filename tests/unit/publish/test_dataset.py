@@ -49,3 +49,26 @@ def test_the_cards_snippet_loads_the_repository_when_known(tmp_path: Path) -> No
     assert (
         'load_dataset("USER/tok")' in dataset_card(data, name="tok", license="mit", description="x").content
     )
+
+
+def test_a_task_dataset_follows_its_seed_and_keeps_the_worked_solution() -> None:
+    """``--seed`` picks the problems (the program test uses seed 0 only), and ``solution`` is the worked answer,
+    not the bare one; the card counts each split's rows."""
+    seed0 = task_dataset("arithmetic", {"digits": 2}, 5, 3, seed=0)
+    seed1 = task_dataset("arithmetic", {"digits": 2}, 5, 3, seed=1)
+    assert seed0["train"]["prompt"] != seed1["train"]["prompt"]
+    for row in seed0["train"]:
+        assert row["solution"] != row["answer"]
+        assert row["solution"].endswith(f"Answer: {row['answer']}")
+        assert row["messages"][1]["content"] == row["solution"]
+    content = dataset_card(seed0, name="a", license="mit", description="x").content
+    assert "| train | 5 | prompt, answer, solution, messages |" in content
+    assert "| test | 3 | prompt, answer, solution, messages |" in content
+
+
+def test_two_token_files_of_one_split_are_refused(tmp_path: Path) -> None:
+    """Kept silently, the second would replace the first: half a corpus published as the whole."""
+    first = token_file(tmp_path / "a", "train", [[5, 1]])
+    second = token_file(tmp_path / "b", "train", [[7, 7, 1]])
+    with pytest.raises(ValueError, match="a second token file for split 'train'"):
+        token_dataset([first, second])

@@ -1,0 +1,85 @@
+"""What a folder is before it is uploaded: shards filled as ``save_pretrained`` fills them, a broken folder
+refused before any request, and the dry run's list of the files the upload sends."""
+
+import json
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from zmaj.convert.export import INDEX_FILE, save_hf
+from zmaj.convert.load import Pretrained
+from zmaj.publish import card
+from zmaj.publish.dataset import dataset_card, task_dataset, write_dataset_folder
+from zmaj.publish.hub import check_dataset_folder, check_model_folder, upload_files
+
+
+def _model_folder(model: Pretrained, folder: Path) -> Path:
+    save_hf(model, folder, max_shard_bytes=20_000)
+    card.write_card(folder, card.model_card(model, None, name=folder.name, license="mit"), None)
+    return folder
+
+
+@pytest.mark.parametrize("removed", ["last shard", "tokenizer_config.json"])
+def test_a_model_folder_missing_a_shard_or_the_tokenizer_config_is_refused(
+    model: Pretrained, tmp_path: Path, removed: str
+) -> None:
+    """The program test breaks the index and tokenizer.json only: a folder whose index names a shard that is
+    gone, or without tokenizer_config.json (BOS/EOS, chat template), would be uploaded as a broken repository."""
+    folder = _model_folder(model, tmp_path / "m")
+    check_model_folder(folder)  # whole, it passes
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    (shards[-1] if removed == "last shard" else folder / removed).unlink()
+    message = "names missing shards" if removed == "last shard" else "no tokenizer_config.json"
+    with pytest.raises(ValueError, match=message):
+        check_model_folder(folder)
+
+
+def test_a_dataset_folder_missing_a_split_file_is_refused(tmp_path: Path) -> None:
+    """The card's ``configs`` name each split's files; one that matches nothing would load as an error."""
+    data = task_dataset("arithmetic", {"digits": 1}, 3, 2)
+    folder = write_dataset_folder(
+        data, dataset_card(data, name="a", license="mit", description="x"), tmp_path / "a"
+    )
+    check_dataset_folder(folder)
+    (folder / "data" / "test-00000-of-00001.parquet").unlink()
+    with pytest.raises(ValueError, match=r"no file matches data/test-\*\.parquet \(split test\)"):
+        check_dataset_folder(folder)
+
+
+def test_the_upload_list_leaves_out_what_upload_folder_skips(tmp_path: Path) -> None:
+    """``--dry-run`` promises the files that would be sent: not a ``.git`` folder's."""
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config").write_text("[core]\n")
+    (tmp_path / "README.md").write_text("x")
+    assert upload_files(tmp_path) == [("README.md", 1)]
+
+
+def test_shards_are_filled_up_to_the_limit_before_the_next_is_started(
+    model: Pretrained, tmp_path: Path
+) -> None:
+    """As ``save_pretrained`` fills them: a size counter never reset after a new shard put every later tensor
+    in a file of its own (16 shards where 2 do) and still passed the tests, which checked only the upper bound."""
+    limit = 20_000
+    folder = save_hf(model, tmp_path / "m", max_shard_bytes=limit)
+    weight_map: dict[str, str] = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+    shards: dict[str, list[int]] = {}
+    for name, shard in weight_map.items():  # in the order written
+        with safe_open(folder / shard, framework="pt") as f:
+            tensor = f.get_tensor(name)
+        shards.setdefault(shard, []).append(tensor.numel() * tensor.element_size())
+    assert len(shards) > 1
+    for this, following in pairwise(shards.values()):
+        assert sum(this) + following[0] > limit
+
+
+def test_a_shard_size_that_is_not_positive_is_refused_before_anything_is_written(
+    model: Pretrained, tmp_path: Path
+) -> None:
+    """``parse_size`` guards the program; ``save_hf`` called from Python has only its own check (without it,
+    0 wrote one file per tensor)."""
+    with pytest.raises(ValueError, match="max_shard_bytes must be positive"):
+        save_hf(model, tmp_path / "m", max_shard_bytes=0)
+    assert list(tmp_path.iterdir()) == []
