@@ -4,6 +4,7 @@ A spec's kind is its folder: ``specs/pretrain/`` holds pre-training specs, ``spe
 whose file name starts with the algorithm (``sft-``, ``grpo-``, ``dpo-``)."""
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,31 @@ def test_a_compiled_fully_sharded_run_is_refused() -> None:
         load(PretrainSpec, path, ["train.compile=true", "model.dropout=0.1"])  # crashed at the first step
     with pytest.raises(SpecError, match=r"model\.init_std: Input should be a finite number"):
         load(PretrainSpec, path, ["model.init_std=.inf"])
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: apply_overrides({}, ["=3"]), r"^--set expects key=value, got '=3'$"),
+        (lambda: key_values(["=3"], "--set-task"), r"^--set-task expects key=value, got '=3'$"),
+        # A value where a section goes: a TypeError traceback ('str' object does not support item assignment).
+        (
+            lambda: apply_overrides({"name": "x"}, ["name.sub=3"]),
+            r"^--set name\.sub: 'name' is not a section$",
+        ),
+    ],
+)
+def test_an_override_without_a_key_or_into_a_value_is_refused_by_name(
+    call: Callable[[], object], message: str
+) -> None:
+    """Without the checks, ``--set =3`` set a key named "" and ``--set name.sub=3`` was a TypeError traceback."""
+    with pytest.raises(SpecError, match=message):
+        call()
+
+
+def test_a_spec_file_that_is_not_a_mapping_is_refused_by_name(tmp_path: Path) -> None:
+    """A list at the top level with an override was an AttributeError ('list' object has no attribute 'get')."""
+    spec = tmp_path / "list.yaml"
+    spec.write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match=r"list\.yaml: expected a mapping at the top level$"):
+        load(PretrainSpec, spec, ["train.steps=1"])
