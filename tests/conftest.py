@@ -7,10 +7,11 @@ that take it carry the ``device`` marker, so ``pytest --device cuda -m device`` 
 
 import hashlib
 import os
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -79,19 +80,32 @@ def trackers_write_under_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield
 
 
-@pytest.fixture(scope="session")
-def datasets_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("datasets")
+@pytest.fixture(autouse=True, scope="session")
+def datasets_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``datasets`` caches under the session's temporary folder, never the user's: module-scoped fixtures too
+    (lm-eval's harness loads its data files through ``datasets``), which are set up before any test's own."""
+    root = tmp_path_factory.mktemp("datasets")
+    with _datasets_cache(root / "session"):
+        yield root
 
 
 @pytest.fixture(autouse=True)
 def datasets_cache_of_the_test(datasets_caches: Path, request: pytest.FixtureRequest) -> Iterator[None]:
-    """``datasets`` caches what it reads from a local folder under the folder's name and dataset card, not its
-    files: a test that loads its ``.../out`` folder from the shared cache read the rows an earlier test (or an
-    earlier session) wrote there, and could not fail. Each test gets a cache of its own (made only when used),
-    outside the user's."""
-    folder = datasets_caches / hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
+    """``datasets`` caches what it reads from a local folder with a dataset card (``publish.py --out``) under the
+    folder's name and card, not its files: a test that loaded its ``.../out`` folder through a shared cache read
+    the rows another test (or an earlier session) wrote there, and could not fail. Each test gets its own (made
+    only when used)."""
+    with _datasets_cache(datasets_caches / hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]):
+        yield
+
+
+@contextmanager
+def _datasets_cache(folder: Path) -> Iterator[None]:
+    """``HF_DATASETS_CACHE`` for the programs a test runs and for ``datasets`` when it is first imported, which
+    reads it then; ``datasets.config`` where it was imported already (importing it here cost every pytest start
+    1.6 s)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", folder)
-        patch.setenv("HF_DATASETS_CACHE", str(folder))  # for the programs a test runs
+        patch.setenv("HF_DATASETS_CACHE", str(folder))
+        if "datasets" in sys.modules:
+            patch.setattr(sys.modules["datasets"].config, "HF_DATASETS_CACHE", folder)
         yield

@@ -333,8 +333,18 @@ def saved(run_dir: Path) -> list[str]:
 
 
 def resumable(run_dir: Path) -> bool:
-    """Whether ``--resume`` has a checkpoint to look at (:func:`check_resumable` does not refuse it)."""
-    return bool(_step_folders(run_dir / CHECKPOINTS)) or _pointer(run_dir / CHECKPOINTS) is not None
+    """Whether ``--resume`` has a checkpoint to look at: a ``step-*`` folder, or a folder ``latest`` names
+    (:func:`check_resumable` does not refuse it; whether it is intact, :func:`latest_intact` says)."""
+    root = run_dir / CHECKPOINTS
+    named = _pointer(root)
+    return bool(_step_folders(root)) or (named not in (None, "", ".", "..") and (root / str(named)).is_dir())
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Delete what failed or killed saves left in ``run_dir``'s ``checkpoints/`` (hidden staging and trash
+    folders), for a run that starts afresh where the first one saved nothing: on a full disk, the bytes of
+    a half-written checkpoint. The folder itself stays (it may be a link to another disk)."""
+    _remove_leftovers(run_dir / CHECKPOINTS)
 
 
 def latest_intact(run_dir: Path) -> Path:

@@ -14,7 +14,7 @@ Cards are built with ``huggingface_hub.ModelCardData`` / ``ModelCard``, so they 
 
 import shutil
 from dataclasses import dataclass, field
-from itertools import pairwise
+from itertools import groupby, pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,11 +116,12 @@ class Run:
         return self.sessions[-1]["hardware"] if self.sessions else None
 
     @property
-    def precisions(self) -> list[str]:
-        """The types the matmuls computed in, in the order the sessions first used them (sessions before zmaj
-        recorded it say nothing): more than one when a run was resumed on a machine where ``auto`` chose
-        another."""
-        return list(dict.fromkeys(str(r["precision"]) for r in self.sessions if "precision" in r))
+    def precisions(self) -> list[str | None]:
+        """The types the matmuls computed in, session by session (a repeat of the one before merged; None for
+        sessions before zmaj recorded it): more than one when a run was resumed on a machine where ``auto``
+        chose another."""
+        started = (record.get("precision") for record in self.sessions if record["event"] == "start")
+        return [kind for kind, _ in groupby(started)]
 
 
 def read_run(folder: Path) -> Run | None:
@@ -332,7 +333,8 @@ def _compute(run: Run) -> str:
     elif run.killed_sessions:
         wall = f"{wall}, with {killed}"
     hardware = run.hardware or "not recorded"
-    computed = f" Matmuls computed in {', then '.join(run.precisions)}." if run.precisions else ""
+    kinds = [kind or "(not recorded)" for kind in run.precisions]
+    computed = f" Matmuls computed in {', then '.join(kinds)}." if any(run.precisions) else ""
     return f"## Compute\n\nHardware: {hardware}.{computed} Wall time: {wall}.\n"
 
 

@@ -386,11 +386,18 @@ def open_run(
         # files in it (a spec.yaml of the user's own, say) are not a dead run's to remove.
         held_a_run = (run_dir / LOCK_FILE).is_file()
         held = lock(run_dir)  # before anything is written, so that two writers never interleave
+        checkpoints = run_dir / checkpoint.CHECKPOINTS
+        if checkpoints.exists() and not checkpoints.is_dir():
+            held.close()
+            raise UserError(
+                f"{checkpoints} is not a folder, where the run saves its checkpoints: use another --run-dir"
+            )
         if not resumed and checkpoint.saved(run_dir):
             held.close()
             if checkpoint.resumable(run_dir):
                 raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-            # Set aside (a first checkpoint whose next step went non-finite) or pinned: kept for inspection.
+            # Set aside (the first step, or the one after the first checkpoint, went non-finite) and kept for
+            # inspection, pinned for a run that starts from it, or a latest naming no folder: nothing resumes.
             kept = ", ".join(checkpoint.saved(run_dir))
             raise UserError(
                 f"{run_dir} holds checkpoints no run resumes from ({kept}): use another --run-dir"
@@ -425,20 +432,21 @@ tokenizer."""
 
 
 def _start_afresh(run_dir: Path) -> None:
-    """Remove what a run killed in ``run_dir`` before its first checkpoint left (its ``.lock`` shows it was
-    there; its first save may have failed, leaving ``checkpoints/`` with no checkpoint in it), since nothing
-    resumes it: its records (this run's would be appended to them), what its first save left, and where its
-    ``spec.yaml`` shows it got that far, the files it wrote. This run may not write them all again, and those
+    """Remove what a run that left no checkpoint in ``run_dir`` left (its ``.lock`` shows it was there: killed
+    before its first checkpoint, or its first save failed), since nothing resumes it: its records (this run's
+    would be appended to them), what its first save left in ``checkpoints/``, and where its ``spec.yaml`` shows
+    it got that far, the files it wrote. This run may not write them all again, and those
     left would describe another model: a ``lora.json`` under a full fine-tune's checkpoints made the folder
     unloadable, a ``model.json`` under a pre-training run's would be read as its model."""
     names = RECORDS + (LEFTOVERS if (run_dir / "spec.yaml").is_file() else ())
     stale = [run_dir / name for name in names if (run_dir / name).is_file()]
     # Its TensorBoard events too: the folder is one TensorBoard run, which would show both runs' curves.
     events = run_dir / trackers.TensorBoard.FOLDER
-    stale += [folder for folder in (events, run_dir / checkpoint.CHECKPOINTS) if folder.is_dir()]
+    stale += [events] if events.is_dir() else []
     if stale:
         left = ", ".join(path.name for path in stale)
-        logger.warning(f"{run_dir} holds a run that saved no checkpoint: started afresh, without its {left}")
+        logger.warning(f"{run_dir} holds a run with no checkpoint: started afresh, without its {left}")
+    checkpoint.remove_leftovers(run_dir)
     for path in stale:
         if path.is_dir():
             shutil.rmtree(path)

@@ -56,16 +56,20 @@ def test_the_card_says_when_a_killed_session_is_missing_from_the_wall_time() -> 
     )
 
 
-def test_the_card_names_each_type_the_matmuls_computed_in_in_order() -> None:
-    """A run resumed on a machine where ``auto`` chose another type computed in two: the card says both, the
-    first first; sessions recorded before zmaj wrote the type say nothing, and a run of those none."""
-    session = {"event": "start", "time": 0.0, "hardware": "2 CPUs"}
+def test_the_card_names_each_type_the_matmuls_computed_in_session_by_session() -> None:
+    """A run resumed on a machine where ``auto`` chose another type computed in two: the card names them in the
+    order the sessions ran (a return to the first named again, not folded into its first use), each session by
+    its start record; sessions recorded before zmaj wrote the type are said to be unrecorded, and a run of those
+    alone says nothing."""
+    start = {"event": "start", "time": 0.0, "hardware": "2 CPUs"}
     types = [None, "bfloat16", "bfloat16", "float32", "bfloat16"]
-    sessions = [session | ({} if kind is None else {"precision": kind}) for kind in types]
-    assert "Matmuls computed in bfloat16, then float32. Wall" in card._compute(
-        Run(Path("r"), "sft", {}, sessions=sessions)
-    )
-    assert "Matmuls" not in card._compute(Run(Path("r"), "sft", {}, sessions=[session]))
+    sessions = [start | ({} if kind is None else {"precision": kind}) for kind in types]
+    sessions.insert(
+        2, {"event": "end", "time": 1.0, "hardware": "2 CPUs", "precision": "float32"}
+    )  # not counted
+    section = card._compute(Run(Path("r"), "sft", {}, sessions=sessions))
+    assert "Matmuls computed in (not recorded), then bfloat16, then float32, then bfloat16. Wall" in section
+    assert "Matmuls" not in card._compute(Run(Path("r"), "sft", {}, sessions=[start, start]))
 
 
 def test_without_sessions_wall_time_is_the_pretraining_summarys_or_unknown() -> None:

@@ -886,10 +886,20 @@ def test_a_new_run_where_only_a_set_aside_checkpoint_is_left_says_so(tmp_path: P
     assert steps_on_disk(tmp_path / "run") == ["nonfinite_start-step-0000002"]
 
 
-def test_a_run_whose_first_checkpoint_could_not_be_written_can_start_again(tmp_path: Path) -> None:
-    """The disk was full at the first save: ``checkpoints/`` is left empty, ``--resume`` finds no checkpoint,
-    and a new run in the folder must not be refused as one that "already holds a run; use --resume"; it starts afresh,
-    without what the failed save left."""
+@pytest.mark.parametrize("linked", [False, True], ids=["folder", "link to another disk"])
+def test_a_run_whose_first_checkpoint_could_not_be_written_can_start_again(
+    tmp_path: Path, linked: bool
+) -> None:
+    """The disk was full at the first save: ``--resume`` finds no checkpoint, so a new run in the folder must not
+    be refused as one that "already holds a run; use --resume". It starts afresh, without what the failed save
+    left, and keeps ``checkpoints/`` itself: the usual answer to a full disk is a link to a bigger one, which a
+    removal of the folder refused with a traceback, and a file of the user's in it stays."""
+    run = tmp_path / "run"
+    if linked:
+        run.mkdir()
+        (tmp_path / "big-disk").mkdir()
+        (run / "checkpoints").symlink_to(tmp_path / "big-disk")
+        (run / "checkpoints" / ".keep").touch()
 
     def full(tensors: dict[str, torch.Tensor], path: str) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", path)
@@ -897,12 +907,35 @@ def test_a_run_whose_first_checkpoint_could_not_be_written_can_start_again(tmp_p
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(checkpoint, "save_file", full)
         with pytest.raises(SystemExit):
-            train(tmp_path / "run")
-    args = argparse.Namespace(resume=tmp_path / "run", spec=None, overrides=[], run_dir=None)
+            train(run)
+    (run / "checkpoints" / f"{checkpoint.STAGING}step-0000002-x").mkdir()  # as a kill mid-save leaves it
+    args = argparse.Namespace(resume=run, spec=None, overrides=[], run_dir=None)
     with pytest.raises(FileNotFoundError, match="has no checkpoint"):
         runs.read_spec(Spec, args, frozen=[])
-    state = train(tmp_path / "run")  # started afresh
+    state = train(run)  # started afresh
     assert int(state["opt", "step"]) == 10
+    assert (run / "checkpoints").is_symlink() == linked
+    assert steps_on_disk(run) == ["latest", "step-0000006", "step-0000008", "step-0000010"]  # the newest 3
+    hidden = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("."))
+    assert hidden == ([".keep"] if linked else [])
+
+
+def test_a_run_folder_whose_checkpoints_is_a_file_or_whose_latest_names_nothing_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A file where the checkpoints go failed at the first save (a traceback, the steps lost); a ``latest``
+    naming no folder (the step folders deleted by hand) is no run to resume: each refused at once, by name."""
+    (tmp_path / "file").mkdir()
+    (tmp_path / "file" / "checkpoints").write_text("my notes")
+    with pytest.raises(
+        runs.UserError, match=r"checkpoints is not a folder, where the run saves its checkpoints"
+    ):
+        open_run(tmp_path / "file")
+    assert (tmp_path / "file" / "checkpoints").read_text() == "my notes"
+    train(tmp_path / "run", stop_after=2)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000002")
+    with pytest.raises(runs.UserError, match=r"holds checkpoints no run resumes from \(latest\)"):
+        open_run(tmp_path / "run")
 
 
 def test_stop_after_then_resume_follows_the_schedule_of_the_whole_run(tmp_path: Path) -> None:
