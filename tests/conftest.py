@@ -104,8 +104,13 @@ def _datasets_cache(folder: Path) -> Iterator[None]:
     """``HF_DATASETS_CACHE`` for the programs a test runs and for ``datasets`` when it is first imported, which
     reads it then; ``datasets.config`` where it was imported already (importing it here cost every pytest start
     1.6 s)."""
+    imported = "datasets" in sys.modules
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_DATASETS_CACHE", str(folder))
-        if "datasets" in sys.modules:
+        if imported:
             patch.setattr(sys.modules["datasets"].config, "HF_DATASETS_CACHE", folder)
         yield
+    before = os.environ.get("HF_DATASETS_CACHE")
+    if not imported and "datasets" in sys.modules and before is not None:
+        # Imported meanwhile, it read this folder: the one of the enclosing session, as the environment's.
+        sys.modules["datasets"].config.HF_DATASETS_CACHE = Path(before)

@@ -743,8 +743,8 @@ def test_setting_latest_aside_points_latest_at_the_checkpoint_before_it(tmp_path
 def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """(For tests/unit/test_checkpoint.py, beside the OSError case.) A Ctrl-C during the write is a failed write
-    too: catching only ``Exception`` left a hidden ``.notes.txt.*`` beside the file on every interrupt."""
+    """A Ctrl-C during the write is a failed write too: catching only ``Exception`` left a hidden
+    ``.notes.txt.*`` beside the file on every interrupt."""
     path = tmp_path / "notes.txt"
     fileio.atomic_write_text(path, "old")
 

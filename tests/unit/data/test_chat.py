@@ -220,7 +220,7 @@ def test_sources_are_picked_by_kind_from_a_spec(tmp_path: Path) -> None:
 
 
 def test_a_task_source_with_an_unknown_task_fails_when_configured() -> None:
-    """A spec naming no task must fail when it is read, not after the model is loaded: the suite constructed
+    """A spec naming an unknown task must fail when it is read, not after the model is loaded: the suite constructed
     the source inside the ``pytest.raises`` around ``load_conversations``, so a source that did not check
     passed."""
     with pytest.raises(ValidationError, match="unknown task 'sums'"):

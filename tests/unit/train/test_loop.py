@@ -912,7 +912,10 @@ def test_a_run_whose_first_checkpoint_could_not_be_written_can_start_again(
     args = argparse.Namespace(resume=run, spec=None, overrides=[], run_dir=None)
     with pytest.raises(FileNotFoundError, match="has no checkpoint"):
         runs.read_spec(Spec, args, frozen=[])
-    state = train(run)  # started afresh
+    with open_run(run):  # started afresh: the leftovers go at once, not at the first save (a disk still full)
+        hidden = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("."))
+        assert hidden == ([".keep"] if linked else [])
+    state = train(run)
     assert int(state["opt", "step"]) == 10
     assert (run / "checkpoints").is_symlink() == linked
     assert steps_on_disk(run) == ["latest", "step-0000006", "step-0000008", "step-0000010"]  # the newest 3
