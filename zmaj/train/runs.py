@@ -392,15 +392,15 @@ def open_run(
             raise UserError(
                 f"{checkpoints} is not a folder, where the run saves its checkpoints: use another --run-dir"
             )
-        if not resumed and checkpoint.saved(run_dir):
+        saved = [] if resumed else checkpoint.saved(run_dir)
+        if saved:
             held.close()
             if checkpoint.resumable(run_dir):
                 raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
             # Set aside (the first step, or the one after the first checkpoint, went non-finite) and kept for
             # inspection, pinned for a run that starts from it, or a latest naming no folder: nothing resumes.
-            kept = ", ".join(checkpoint.saved(run_dir))
             raise UserError(
-                f"{run_dir} holds checkpoints no run resumes from ({kept}): use another --run-dir"
+                f"{run_dir} holds checkpoints no run resumes from ({', '.join(saved)}): use another --run-dir"
             )
         if not resumed and held_a_run:
             _start_afresh(run_dir)
@@ -432,12 +432,12 @@ tokenizer."""
 
 
 def _start_afresh(run_dir: Path) -> None:
-    """Remove what a run that left no checkpoint in ``run_dir`` left (its ``.lock`` shows it was there: killed
-    before its first checkpoint, or its first save failed), since nothing resumes it: its records (this run's
-    would be appended to them), what its first save left in ``checkpoints/``, and where its ``spec.yaml`` shows
-    it got that far, the files it wrote. This run may not write them all again, and those
-    left would describe another model: a ``lora.json`` under a full fine-tune's checkpoints made the folder
-    unloadable, a ``model.json`` under a pre-training run's would be read as its model."""
+    """Remove what an earlier run in ``run_dir`` left without a checkpoint (its ``.lock`` shows it was there:
+    killed before its first checkpoint, or its first save failed), since nothing resumes it: its records (this
+    run's would be appended to them), what its first save left in ``checkpoints/``, and where its ``spec.yaml``
+    shows it got that far, the files it wrote. This run may not write them all again, and those left would
+    describe another model: a ``lora.json`` under a full fine-tune's checkpoints made the folder unloadable, a
+    ``model.json`` under a pre-training run's would be read as its model."""
     names = RECORDS + (LEFTOVERS if (run_dir / "spec.yaml").is_file() else ())
     stale = [run_dir / name for name in names if (run_dir / name).is_file()]
     # Its TensorBoard events too: the folder is one TensorBoard run, which would show both runs' curves.
