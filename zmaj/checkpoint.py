@@ -305,7 +305,7 @@ def latest(run_dir: Path) -> Path:
     name = _pointer(root)
     if name is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint ({root / LATEST} is missing)")
-    if name in ("", ".", "..") or "/" in name or not (root / name).is_dir():
+    if not _names_a_folder(root, name):
         raise DamagedCheckpointError(
             f"damaged checkpoint file {root / LATEST}: it names {name!r}, no folder of {root}"
         )
@@ -337,7 +337,7 @@ def resumable(run_dir: Path) -> bool:
     (:func:`check_resumable` does not refuse it; whether it is intact, :func:`latest_intact` says)."""
     root = run_dir / CHECKPOINTS
     named = _pointer(root)
-    return bool(_step_folders(root)) or (named not in (None, "", ".", "..") and (root / str(named)).is_dir())
+    return bool(_step_folders(root)) or (named is not None and _names_a_folder(root, named))
 
 
 def remove_leftovers(run_dir: Path) -> None:
@@ -388,6 +388,11 @@ def _pointer(root: Path) -> str | None:
         return (root / LATEST).read_text(encoding="utf-8", errors="replace").strip()
     except FileNotFoundError:
         return None
+
+
+def _names_a_folder(root: Path, name: str) -> bool:
+    """Whether ``latest``'s ``name`` is a folder of ``root`` (not a path that leads out of it)."""
+    return name not in ("", ".", "..") and "/" not in name and (root / name).is_dir()
 
 
 def _step(name: str) -> int | None:

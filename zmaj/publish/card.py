@@ -333,8 +333,10 @@ def _compute(run: Run) -> str:
     elif run.killed_sessions:
         wall = f"{wall}, with {killed}"
     hardware = run.hardware or "not recorded"
-    kinds = [kind or "(not recorded)" for kind in run.precisions]
-    computed = f" Matmuls computed in {', then '.join(kinds)}." if any(run.precisions) else ""
+    kinds = run.precisions
+    computed = (
+        f" Matmuls computed in {', then '.join(k or '(not recorded)' for k in kinds)}." if any(kinds) else ""
+    )
     return f"## Compute\n\nHardware: {hardware}.{computed} Wall time: {wall}.\n"
 
 

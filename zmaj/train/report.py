@@ -117,9 +117,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def record_session(
-    run_dir: Path, event: str, device: torch.device, ranks: int = 1, precision: str | None = None
-) -> None:
+def record_session(run_dir: Path, event: str, device: torch.device, precision: str, ranks: int = 1) -> None:
     """Append a ``start`` or ``end`` record to the run's ``run.jsonl``: wall-clock time, device, host, versions.
     A line a kill cut short goes first: the record would run into it, and every later export would fail.
     ``ranks`` is the job's world size: the GPUs it trains on, not the ones the machine has. ``precision`` is the
@@ -136,9 +134,8 @@ def record_session(
         "hardware": hardware,
         "host": socket.gethostname(),
         "torch": torch.__version__,
+        "precision": precision,
     }
-    if precision is not None:
-        record["precision"] = precision
     drop_cut_short_line(run_dir / RUN_FILE)
     append_jsonl(run_dir / RUN_FILE, record)
 

@@ -323,7 +323,7 @@ class Run(Generic[S]):
     def __enter__(self) -> "Run[S]":
         if self.parallel.main:
             self._sinks.append(logger.add(self.dir / "log.txt"))
-            report.record_session(self.dir, "start", self.device, self.parallel.size, _type_name(self.dtype))
+            report.record_session(self.dir, "start", self.device, _type_name(self.dtype), self.parallel.size)
             config = self.spec.model_dump(mode="json")
             names = self.train.trackers
             for name, tracker in zip(names, trackers.make(names, self.train.tracker_project), strict=True):
@@ -353,7 +353,7 @@ class Run(Generic[S]):
         if self.parallel.main:
             for tracker in self._trackers:
                 tracker.finish()
-            report.record_session(self.dir, "end", self.device, self.parallel.size, _type_name(self.dtype))
+            report.record_session(self.dir, "end", self.device, _type_name(self.dtype), self.parallel.size)
             for sink in self._sinks:
                 logger.remove(sink)
             if self._lock is not None:
