@@ -94,11 +94,32 @@ def source_key(source: Source, split: Split, validation_fraction: float) -> str:
         identity["python"] = [sys.version, str(root), files]
     else:
         paths = source.paths if isinstance(source, FilesSource) else _hub_local_files(source)
-        identity["files"] = [[p, (s := Path(p).stat()).st_size, s.st_mtime_ns] for p in paths]
+        identity["files"] = _stamps(paths)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _hub_local_files(source: HubSource) -> list[str]:
+def _stamps(paths: Iterable[str]) -> list[list[Any]]:
+    """Each file's path, size and modification time: what says that a local file may have changed."""
+    return [[path, (stat := Path(path).stat()).st_size, stat.st_mtime_ns] for path in paths]
+
+
+@runtime_checkable
+class HubLike(Protocol):
+    """What a ``datasets`` source of text (``HubSource``) and of conversations (``zmaj.data.chat``) share."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def data_files(self) -> str | list[str] | None: ...
+    @property
+    def split(self) -> str: ...
+    @property
+    def streaming(self) -> bool: ...
+
+
+def _hub_local_files(source: HubLike) -> list[str]:
     """The local files a hub source reads, found as ``datasets`` finds them: for a builder ("json", "parquet":
     one of ``datasets``' packaged modules) its ``data_files`` patterns, relative to the working directory; for
     a local folder those patterns relative to it, or else every file in it outside hidden directories (a
@@ -122,22 +143,6 @@ def _hub_local_files(source: HubSource) -> list[str]:
     return sorted({file for pattern in local for file in resolve_pattern(pattern, base)})
 
 
-@runtime_checkable
-class HubLike(Protocol):
-    """What a ``datasets`` source of text (``HubSource``) and of conversations (``zmaj.data.chat``) share."""
-
-    @property
-    def path(self) -> str: ...
-    @property
-    def name(self) -> str | None: ...
-    @property
-    def data_files(self) -> str | list[str] | None: ...
-    @property
-    def split(self) -> str: ...
-    @property
-    def streaming(self) -> bool: ...
-
-
 def hub_where(source: HubLike) -> str:
     """A ``datasets`` source as errors name it: ``json, split train, files chats.jsonl``."""
     where = [source.path, *([source.name] if source.name else []), f"split {source.split}"]
@@ -157,6 +162,7 @@ def load_hub(source: HubLike) -> datasets.Dataset | datasets.IterableDataset:
             data_files=source.data_files,
             split=source.split,
             streaming=source.streaming,
+            cache_dir=_folder_cache(source),
         )
     except StopIteration as error:  # the json builder reads a first batch for the columns, and there is none
         raise ValueError(f"{where}: no rows to read (an empty file?)") from error
@@ -172,6 +178,22 @@ def load_hub(source: HubLike) -> datasets.Dataset | datasets.IterableDataset:
             f"{where}: not reachable ({error}): use a local source, or set HF_HUB_OFFLINE=1 to read a copy "
             "cached earlier"
         ) from error
+
+
+def _folder_cache(source: HubLike) -> str | None:
+    """Where ``datasets`` caches the rows of a local folder: a cache of its own for each state of the folder's
+    files (None, ``datasets``' usual cache, for any other source).
+
+    ``datasets`` keys its cache of a folder whose card lists its files (``configs``, as ``publish.py --out``
+    writes) by the folder's name and card alone, not by the files' sizes or times as it does for other local
+    files: a folder rewritten in place would be read as the rows it held when first loaded (huggingface/datasets
+    #2956). A stream reads the files themselves, and needs no cache."""
+    if source.streaming or not Path(source.path).is_dir():
+        return None
+    stamps = json.dumps(_stamps(_hub_local_files(source))).encode()
+    return str(
+        Path(datasets.config.HF_DATASETS_CACHE) / "zmaj-folders" / hashlib.sha256(stamps).hexdigest()[:16]
+    )
 
 
 T = TypeVar("T")

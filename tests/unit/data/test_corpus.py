@@ -399,3 +399,19 @@ def test_a_hub_folder_is_keyed_without_its_hidden_directories(jsonl_file: Path) 
     (folder / ".git").mkdir()
     (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     assert source_key(source, "train", 0.05) == key
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_hub_folder_rewritten_in_place_is_read_anew(tmp_path: Path, streaming: bool) -> None:
+    """A folder with a card listing its files (as ``publish.py --out`` writes one), rewritten in place, gives
+    its new rows: ``datasets`` keys its cache of such a folder by name and card alone, and served the old ones."""
+    from zmaj.publish.dataset import dataset_card, write_dataset_folder
+
+    folder = tmp_path / "out"
+    source = HubSource(path=str(folder), streaming=streaming)
+    seen = []
+    for texts in (["first", "second"], ["third", "fourth", "fifth"]):
+        data = {"train": datasets.Dataset.from_dict({"text": texts})}
+        write_dataset_folder(data, dataset_card(data, name="out", license="mit", description="."), folder)
+        seen.append([document.text for document in corpus.hub_documents(source)])
+    assert seen == [["first", "second"], ["third", "fourth", "fifth"]]
