@@ -43,6 +43,15 @@ class AlwaysRight(ToyTask):
         return Reward(format=1.0, correctness=1.0)
 
 
+class RightWithoutFormat(ToyTask):
+    """Every answer right, none in the ``Answer: ...`` format: what is correct and what is well formed differ."""
+
+    name: ClassVar[str] = "right-without-format"
+
+    def reward(self, problem: Problem, completion: str) -> Reward:
+        return Reward(format=0.0, correctness=1.0)
+
+
 class SayE(ToyTask):
     name: ClassVar[str] = "say-e"
 
@@ -85,7 +94,7 @@ class LongOrShort(SayE):
         return Problem(problem.prompt + " e" * 60 * rng.randint(0, 1), problem.answer, problem.solution)
 
 
-for _task in (AlwaysRight, SayE, RewardRaises, RewardNaN, RaisesOnRank1, LongOrShort):
+for _task in (AlwaysRight, RightWithoutFormat, SayE, RewardRaises, RewardNaN, RaisesOnRank1, LongOrShort):
     if _task.name not in task_names():
         register_task(_task.name, _task)
 

@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from tests.integration import finetune_fixtures
 from zmaj.convert.load import load_model, save_zmaj
 from zmaj.models.lora import LoraConfig, init_adapters, merge
 from zmaj.tasks import accuracy_interval, get_task
-from zmaj.train import loop
+from zmaj.train import finetune, loop
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs" / "finetune"
@@ -372,6 +373,59 @@ def test_evaluate_prints_accuracy_with_its_wilson_interval(model: Path, tmp_path
     assert all(a["correct"] and a["format"] for a in answers)
 
 
+@pytest.mark.parametrize(
+    ("flags", "mode"),
+    [(["--few-shot", "2"], {"few_shot": 2}), (["--system", "Be brief."], {"system": "Be brief."})],
+)
+def test_evaluate_answers_in_the_mode_asked_for(
+    model: Path, tmp_path: Path, flags: list[str], mode: dict[str, Any]
+) -> None:
+    """--few-shot K and --system change the prompts: the program's answers are the library's in that mode, which
+    differ from the plain chat mode's (a flag parsed and checked but not passed on evaluated in chat mode)."""
+    answers = tmp_path / "answers.jsonl"
+    args: list[str | Path] = [
+        "--model",
+        model,
+        "--task",
+        "arithmetic",
+        "--n",
+        "6",
+        "--max-new-tokens",
+        "6",
+        *flags,
+    ]
+    code, _, err = run("evaluate.py", *args, "--answers", answers)
+    assert code == 0, err
+    printed = [json.loads(line)["completion"] for line in answers.read_text().splitlines()]
+    pretrained, task = load_model(model), get_task("arithmetic")
+    problems = task.problems("test", 6, 0)
+    asked = finetune.evaluate_task(pretrained, task, problems, max_new_tokens=6, batch_size=32, **mode)
+    chat = finetune.evaluate_task(pretrained, task, problems, max_new_tokens=6, batch_size=32)
+    assert printed == list(asked.completions)
+    assert asked.completions != chat.completions
+
+
+def test_evaluate_answers_file_keeps_correctness_and_format_apart(model: Path, tmp_path: Path) -> None:
+    """The answers file's "correct" is the checker's correctness and its "format" the format: for a task right
+    without the format they differ on every line, as accuracy and format_rate do."""
+    answers = tmp_path / "answers.jsonl"
+    args: list[str | Path] = [
+        "--model",
+        model,
+        "--task",
+        "right-without-format",
+        "--n",
+        "4",
+        "--max-new-tokens",
+        "3",
+    ]
+    code, out, err = run("evaluate.py", *args, *FIXTURES, "--answers", answers)
+    assert code == 0, err
+    assert (json.loads(out)["accuracy"], json.loads(out)["format_rate"]) == (1.0, 0.0)
+    lines = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [(line["correct"], line["format"]) for line in lines] == [(True, False)] * 4
+
+
 def bad_conversations(tmp_path: Path) -> Path:
     path = tmp_path / "chats.jsonl"
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -412,6 +466,23 @@ def bad_conversations(tmp_path: Path) -> Path:
         # Found before the run (a traceback at its first step, leaving a run folder without a checkpoint).
         ("grpo.py", ["--set", "train.prompts_per_step=250"], "distinct train problems of the 250 asked"),
         ("evaluate.py", ["--task", "no-such-task"], "unknown task 'no-such-task'"),
+        ("evaluate.py", ["--task", "arithmetic", "--n", "0"], "--n must be at least 1, got 0"),
+        (
+            "evaluate.py",
+            ["--task", "arithmetic", "--max-new-tokens", "0"],
+            "--max-new-tokens must be at least 1",
+        ),
+        (
+            "evaluate.py",
+            ["--task", "arithmetic", "--batch-size", "0"],
+            "--batch-size must be at least 1, got 0",
+        ),
+        ("evaluate.py", ["--task", "arithmetic", "--dtype", "float32"], "--dtype cannot be used with --task"),
+        (
+            "evaluate.py",
+            ["--task", "arithmetic", "--output", "r.json"],
+            "--output cannot be used with --task",
+        ),
         ("evaluate.py", ["--task", "arithmetic", "--set-task", "digits=0"], "digits"),
         ("evaluate.py", ["--task", "arithmetic", "--set-task", "digits=[3"], "digits=[3: not valid YAML"),
         (

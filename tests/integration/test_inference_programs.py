@@ -169,6 +169,61 @@ def test_compiled_generate_prints_the_same_continuation(
     assert done.stdout == greedy_reference(model, tokenizer.encode(prompt), tokenizer) + "\n"
 
 
+SAMPLED = ["--max-new-tokens", NEW_TOKENS, "--temperature", 1, "--dtype", "float32"]
+
+
+def test_generate_is_greedy_by_default(llama: tuple[Any, Path], tokenizer: ModelTokenizer) -> None:
+    """--help says temperature 0 is the default: without --temperature the completion is transformers' greedy
+    one (every other test passes --temperature 0, so a sampling default went unnoticed)."""
+    model, folder = llama
+    result = run("generate.py", "--model", folder, "--prompt", "the cat sat", "--max-new-tokens", NEW_TOKENS)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == greedy_reference(model, tokenizer.encode("the cat sat"), tokenizer) + "\n"
+
+
+@pytest.mark.parametrize("flag", [["--top-p", "1e-6"], ["--top-k", "1"]])
+def test_generate_applies_top_k_and_top_p(
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer, flag: list[str]
+) -> None:
+    """A nucleus of almost no probability, or the single most likely token, leaves only the argmax: sampling at
+    temperature 1 is then greedy decoding. A flag parsed but not passed on sampled from the whole vocabulary."""
+    model, folder = llama
+    result = run("generate.py", "--model", folder, "--prompt", "the cat sat", *SAMPLED, *flag)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == greedy_reference(model, tokenizer.encode("the cat sat"), tokenizer) + "\n"
+
+
+def test_generate_samples_with_its_seed(llama: tuple[Any, Path]) -> None:
+    """The same --seed samples the same completion, another seed another one."""
+    _, folder = llama
+    args = ["--model", folder, "--prompt", "the cat sat", *SAMPLED]
+    first, again, other = (run("generate.py", *args, "--seed", seed) for seed in (1, 1, 2))
+    assert first.returncode == again.returncode == other.returncode == 0, first.stderr + other.stderr
+    assert first.stdout == again.stdout != other.stdout
+
+
+def test_generate_fills_the_context_exactly(llama: tuple[Any, Path], tokenizer: ModelTokenizer) -> None:
+    """A prompt plus --max-new-tokens of exactly the model's context (256) is generated; one token more is
+    refused, naming both numbers."""
+    _, folder = llama
+    room = 256 - len(tokenizer.encode("the cat sat"))
+    args = ["--model", folder, "--prompt", "the cat sat", "--temperature", 0, "--dtype", "float32"]
+    fits = run("generate.py", *args, "--max-new-tokens", room)
+    assert fits.returncode == 0, fits.stderr
+    over = run("generate.py", *args, "--max-new-tokens", room + 1)
+    assert over.returncode == 2
+    assert f"--max-new-tokens {room + 1} exceed the model's context of 256" in over.stderr
+
+
+def test_generate_refuses_a_system_message_without_chat(llama: tuple[Any, Path]) -> None:
+    """A plain prompt has no place for --system: it is refused, not dropped."""
+    _, folder = llama
+    result = run("generate.py", "--model", folder, "--prompt", "hi", "--system", SYSTEM, *GREEDY)
+    assert result.returncode == 2
+    assert "--system needs --chat" in result.stderr.strip().splitlines()[-1]
+    assert result.stdout == ""
+
+
 @pytest.fixture(scope="module")
 def generated_chat(llama: tuple[Any, Path]) -> Result:
     _, folder = llama
@@ -272,13 +327,42 @@ def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(llama: tuple[Any, Path
 
 
 def test_chat_seeds_answer_i_with_seed_plus_i_whatever_lines_came_before(llama: tuple[Any, Path]) -> None:
-    """Blank lines and commands are no answers: they used to shift the seed of every answer after them."""
+    """--help: "answer i is sampled with seed + i": after /reset the second answer to the same message is
+    generate.py's with --seed 6, not a repeat of the first. Blank lines and commands are no answers: they used
+    to shift the seed of every answer after them."""
     _, folder = llama
-    sampled = ["--model", folder, "--max-new-tokens", NEW_TOKENS, "--temperature", 1, "--dtype", "float32"]
-    plain = run("chat.py", *sampled, stdin="hi\nhow\n")
-    padded = run("chat.py", *sampled, stdin="\n/reset\nhi\n\nhow\n")
+    sampled = ["--model", folder, "--system", SYSTEM, *SAMPLED]
+    plain = run("chat.py", *sampled, "--seed", 5, stdin="hi\n/reset\nhi\n")
+    padded = run("chat.py", *sampled, "--seed", 5, stdin="\n/reset\nhi\n\n/reset\nhi\n")
     assert plain.returncode == padded.returncode == 0, plain.stderr + padded.stderr
-    assert plain.stdout == padded.stdout
+    alone = [
+        run("generate.py", *sampled, "--chat", "--prompt", "hi", "--seed", seed).stdout for seed in (5, 6)
+    ]
+    assert alone[0] != alone[1]
+    assert plain.stdout == padded.stdout == "".join(alone)
+
+
+def test_chat_forgets_whole_exchanges_oldest_first(
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer
+) -> None:
+    """When the conversation no longer fits, its oldest user message goes with its answer: the next prompt starts
+    at a user turn, as templates expect (forgetting one message at a time left an assistant turn first, and
+    forgot more than needed)."""
+    model, folder = llama
+    messages = ["the cat sat on the mat. " * 10, "the dog ate the bone. " * 10, "the cat ate the bone. " * 10]
+    stdin = "".join(f"{message}\n" for message in messages)
+    result = run("chat.py", "--model", folder, "--system", SYSTEM, *GREEDY, stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    first = greedy_reference(model, chat_ids(tokenizer, messages[0]), tokenizer)
+    second = greedy_reference(model, chat_ids(tokenizer, messages[0], first, messages[1]), tokenizer)
+    whole = chat_ids(tokenizer, messages[0], first, messages[1], second, messages[2])
+    kept = chat_ids(tokenizer, messages[1], second, messages[2])
+    assert (
+        len(kept) + NEW_TOKENS <= 256 < len(whole) + NEW_TOKENS
+    )  # the first exchange must go, and is enough
+    third = greedy_reference(model, kept, tokenizer)
+    assert result.stdout == f"{first}\n{second}\n{third}\n"
+    assert result.stderr.count("forgetting its oldest exchange") == 1
 
 
 def reference_nll(model: Any, ids: list[int], context: int, stride: int) -> tuple[int, float]:
@@ -359,6 +443,37 @@ def test_perplexity_of_the_first_tokens_only(
     assert "<|end|>" in spelled
     assert text.startswith(spelled)
     assert scored["bytes"] == len(spelled.encode("utf-8"))
+
+
+def test_perplexity_bits_per_byte_are_the_summed_nll_in_bits_over_the_utf8_bytes(
+    llama: tuple[Any, Path], tmp_path: Path
+) -> None:
+    """On a text with two- and four-byte characters (naïve, 🐍): characters are not bytes, and the NLL summed over
+    the predicted tokens (not its mean, not one token more) goes over them."""
+    _, folder = llama
+    (tmp_path / "text.txt").write_text(TEXT)
+    result = run(
+        "perplexity.py", "--model", folder, "--text-file", tmp_path / "text.txt", "--dtype", "float32"
+    )
+    assert result.returncode == 0, result.stderr
+    scored = json.loads(result.stdout)
+    assert scored["bytes"] == len(TEXT.encode("utf-8")) > len(TEXT)
+    bits = scored["nll"] * scored["tokens"] / math.log(2)
+    assert scored["bits_per_byte"] == pytest.approx(bits / scored["bytes"], rel=1e-9)
+
+
+def test_perplexity_strides_half_the_context_by_default(llama: tuple[Any, Path], tmp_path: Path) -> None:
+    """Without --stride the windows move by half the context, as --help says: for a context of 16, the score of
+    --stride 8, which differs from another stride's on this text."""
+    _, folder = llama
+    (tmp_path / "text.txt").write_text(TEXT)
+    args = ["--model", folder, "--text-file", tmp_path / "text.txt", "--context", 16, "--dtype", "float32"]
+    default, half, other = (
+        run("perplexity.py", *args, *stride) for stride in ([], ["--stride", 8], ["--stride", 15])
+    )
+    assert default.returncode == half.returncode == other.returncode == 0, default.stderr + other.stderr
+    assert json.loads(default.stdout) == json.loads(half.stdout)
+    assert json.loads(other.stdout)["nll"] != json.loads(half.stdout)["nll"]
 
 
 @pytest.fixture(scope="module")
@@ -442,24 +557,32 @@ def test_a_missing_model_exits_2_naming_it(model: str, message: str) -> None:
     assert message in result.stderr
 
 
-@pytest.fixture(scope="module")
-def damaged_run(tmp_path_factory: pytest.TempPathFactory, zmaj_tokenizer: Tokenizer) -> Path:
-    """A tiny pre-training run whose newest checkpoint's parameters were cut short, as by a full disk."""
-    run = tmp_path_factory.mktemp("damaged-run")
-    config = gpt.GPTConfig(
-        vocab_size=zmaj_tokenizer.vocab_size, context=16, d_model=16, n_layers=2, n_heads=2
-    )
+def tiny_run(folder: Path, tokenizer: Tokenizer) -> Path:
+    """A pre-training run of a tiny random GPT, one checkpoint, as ``sample.py`` reads one."""
+    config = gpt.GPTConfig(vocab_size=tokenizer.vocab_size, context=32, d_model=16, n_layers=2, n_heads=2)
     spec = PretrainSpec(
         name="tiny",
         model=config,
         data={"vocab_size": config.vocab_size, "seq_len": 16},
         train=TrainConfig(steps=1, batch_size=1),
     )
-    (run / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    zmaj_tokenizer.save(run / "tokenizer.json")
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    tokenizer.save(folder / "tokenizer.json")
     params = gpt.init(config, 0)
-    folder = checkpoint.save(run, TensorDict({"params": params, "opt": optim.adamw_init(params)}), {})
-    os.truncate(folder / "params.safetensors", 100)
+    checkpoint.save(folder, TensorDict({"params": params, "opt": optim.adamw_init(params)}), {})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory: pytest.TempPathFactory, zmaj_tokenizer: Tokenizer) -> Path:
+    return tiny_run(tmp_path_factory.mktemp("run"), zmaj_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def damaged_run(tmp_path_factory: pytest.TempPathFactory, zmaj_tokenizer: Tokenizer) -> Path:
+    """A tiny pre-training run whose newest checkpoint's parameters were cut short, as by a full disk."""
+    run = tiny_run(tmp_path_factory.mktemp("damaged-run"), zmaj_tokenizer)
+    os.truncate(run / "checkpoints" / "step-0000000" / "params.safetensors", 100)
     return run
 
 
@@ -497,6 +620,44 @@ def test_sample_refuses_bad_sampling_flags_in_one_line(
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert message in result.stderr
+
+
+SAMPLE = ["--prompt", "the cat", "--max-new-tokens", 8, "--temperature", 1]
+
+
+def test_sample_top_k_0_samples_from_every_token(pretrained_run: Path) -> None:
+    """--help: "0: all". --top-k 0 is no top-k: the sample of a k as large as the vocabulary, not a refusal."""
+    zero = run("sample.py", pretrained_run, *SAMPLE, "--top-k", 0)
+    assert zero.returncode == 0, zero.stderr
+    assert zero.stdout == run("sample.py", pretrained_run, *SAMPLE, "--top-k", 10_000).stdout
+
+
+def test_sample_samples_with_its_seed(pretrained_run: Path) -> None:
+    """The same --seed, the same sample; another seed, another sample."""
+    first, again, other = (run("sample.py", pretrained_run, *SAMPLE, "--seed", seed) for seed in (1, 1, 2))
+    assert first.returncode == again.returncode == other.returncode == 0, first.stderr + other.stderr
+    assert first.stdout == again.stdout != other.stdout
+
+
+def test_sample_stops_at_the_end_of_the_document(
+    pretrained_run: Path, zmaj_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that ends the document at once and would then start another: sample.py prints the prompt alone,
+    not the next document's text (its end-of-document tokens are not printed, so the join went unseen)."""
+    eos, other = zmaj_tokenizer.eos_id, zmaj_tokenizer.encode("the")[0]
+
+    def forward(params: Any, batch: Any, config: Any) -> torch.Tensor:
+        logits = torch.zeros(*batch.tokens.shape, config.vocab_size)
+        logits[..., other] = (batch.tokens == eos).float() * 10  # after the end of a document, another begins
+        logits[..., eos] = (batch.tokens != eos).float() * 10
+        return logits
+
+    monkeypatch.setattr(gpt, "forward", forward)
+    result = run(
+        "sample.py", pretrained_run, "--prompt", "the cat", "--max-new-tokens", 8, "--temperature", 0
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "the cat\n"
 
 
 @pytest.mark.slow
