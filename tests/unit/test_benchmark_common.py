@@ -41,3 +41,33 @@ def test_a_run_left_without_dtypes_stops_with_the_reason(
     assert notes[0].startswith("bf16 skipped")
     with pytest.raises(SystemExit, match="--dtypes bf16: nothing left to time; bf16 skipped"):
         common.usable_dtypes(["bf16"], torch.device("cpu"), "decoding")
+
+
+def test_median_ms_is_the_median_in_milliseconds(common: ModuleType) -> None:
+    """One slow outlier (a first call compiling, another process) moves a mean, not the median benchmarks print."""
+    assert common.median_ms([0.001, 0.002, 0.100]) == pytest.approx(2.0)
+    assert common.median_ms([0.001, 0.002, 0.003, 0.100]) == pytest.approx(2.5)
+
+
+def test_timeit_warms_up_before_it_times(common: ModuleType) -> None:
+    """``warmup`` untimed calls first, then ``repeats`` timed ones: a slow first call is not in the timings."""
+    calls: list[int] = []
+    times = common.timeit(lambda: calls.append(1), warmup=2, repeats=3)
+    assert (len(times), len(calls)) == (3, 5)
+
+
+@pytest.mark.parametrize(("bf16", "fast"), [(60.0, True), (50.0, True), (40.0, False), (1.0, False)])
+def test_bf16_counts_as_fast_from_half_the_fp32_peak(
+    common: ModuleType, monkeypatch: pytest.MonkeyPatch, bf16: float, fast: bool
+) -> None:
+    """A CPU emulating bf16 (a tenth of the fp32 peak, or far less) would time the emulation: its bf16 rows are
+    left out; from half the peak they are kept."""
+    peaks = {torch.float32: 100.0, torch.bfloat16: bf16}
+    monkeypatch.setattr(common, "matmul_peak_gflops", lambda dtype, device: peaks[dtype])
+    assert common.bf16_is_fast("cpu") is fast
+
+
+def test_a_column_of_blanks_alone_is_not_numeric(common: ModuleType) -> None:
+    """Only a column with a number in it is right-aligned; one never measured ("-" throughout) reads as text."""
+    table = common.markdown_table([{"a": "-", "b": 1.5}, {"a": "", "b": 2}], ["a", "b"])
+    assert table.splitlines()[1] == "| --- | --: |"

@@ -105,3 +105,36 @@ def test_the_speed_up_compares_each_rows_time_to_the_target_with_row_0s(speedrun
     table = speedrun.table([(planned[0], row0), (planned[1], faster)], budget=100.0, target=2.0)
     speed_ups = [line.rstrip(" |").rsplit("|", 1)[1].strip() for line in table.splitlines()[2:]]
     assert speed_ups == ["1.00x", "2.00x"]
+
+
+def test_row_0_reaches_its_own_final_bpb_at_its_last_evaluation(speedrun: ModuleType) -> None:
+    """The default target is row 0's final bpb, which its curve reaches only at its last point: its time to the
+    target is its training time and its speed-up 1.00x, not "never" (which blanked every row's speed-up)."""
+    curve = [(0.0, 3.5), (50.0, 2.0), (100.0, 1.8)]
+    assert speedrun.time_to(curve, 1.8) == pytest.approx(100.0)
+    planned = speedrun.plan(speedrun.ROWS)
+    row0 = speedrun.Result(curve=curve, train_s=100.0, wall_s=120.0, steps=450, tokens_per_step=2048)
+    faster = speedrun.Result(
+        curve=[(0.0, 3.5), (25.0, 1.9), (50.0, 1.8)],
+        train_s=50.0,
+        wall_s=60.0,
+        steps=175,
+        tokens_per_step=4096,
+    )
+    table = speedrun.table([(planned[0], row0), (planned[1], faster)], budget=100.0, target=row0.final_bpb)
+    speed_ups = [line.rstrip(" |").rsplit("|", 1)[1].strip() for line in table.splitlines()[2:]]
+    assert speed_ups == ["1.00x", "2.00x"]
+
+
+def test_the_bpb_at_the_first_evaluation_is_the_first_bpb(speedrun: ModuleType) -> None:
+    assert speedrun.bpb_at([(0.0, 4.0), (10.0, 3.0)], 0.0) == 4.0
+
+
+def test_each_row_is_evaluated_about_evals_times(speedrun: ModuleType) -> None:
+    """--evals 6 on row 0's steps: an evaluation every sixth of them, and no checkpoint inside the run."""
+    from zmaj.train.spec import PretrainSpec, load
+
+    spec = load(PretrainSpec, speedrun.OLD_DEFAULT)
+    sets = speedrun.measurement_overrides(spec, evals=6, precision=None, quick=False)
+    assert f"train.eval_every={spec.train.steps // 6}" in sets
+    assert f"train.checkpoint_every={spec.train.steps + 1}" in sets
