@@ -52,6 +52,15 @@ class RightWithoutFormat(ToyTask):
         return Reward(format=0.0, correctness=1.0)
 
 
+class FormatOnly(ToyTask):
+    """Every answer well formed, none right."""
+
+    name: ClassVar[str] = "format-only"
+
+    def reward(self, problem: Problem, completion: str) -> Reward:
+        return Reward(format=1.0, correctness=0.0)
+
+
 class SayE(ToyTask):
     name: ClassVar[str] = "say-e"
 
@@ -94,7 +103,16 @@ class LongOrShort(SayE):
         return Problem(problem.prompt + " e" * 60 * rng.randint(0, 1), problem.answer, problem.solution)
 
 
-for _task in (AlwaysRight, RightWithoutFormat, SayE, RewardRaises, RewardNaN, RaisesOnRank1, LongOrShort):
+for _task in (
+    AlwaysRight,
+    RightWithoutFormat,
+    FormatOnly,
+    SayE,
+    RewardRaises,
+    RewardNaN,
+    RaisesOnRank1,
+    LongOrShort,
+):
     if _task.name not in task_names():
         register_task(_task.name, _task)
 

@@ -7,6 +7,7 @@ the round trip through zmaj's formats is checked against the library's own writi
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+import zmaj.convert
 from tests.integration.programs import Result, busy_volume, run_program
 from zmaj.convert import weights
 from zmaj.convert.load import Pretrained, load_model, save_zmaj
@@ -200,3 +202,21 @@ def test_smollm2_gguf_to_hf_matches_zmaj(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = ours.architecture.logits(ours.params, Batch(tokens=tokens), ours.config)
     assert (logits_of(reference, tokens) - expected).abs().max().item() <= 1e-4
+
+
+def test_convert_of_a_gguf_file_without_the_gguf_extra_is_one_line_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a core install (no ``gguf``) a GGUF source is one line naming the extra, exit 2, nothing written; the
+    program's catch of MissingExtraError was untested (dropping it gave a traceback, and every test passed)."""
+    for name in [n for n in sys.modules if n == "gguf" or n.startswith("gguf.")] or ["gguf"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import gguf` fails as where it is not installed
+    monkeypatch.delitem(sys.modules, "zmaj.convert.gguf", raising=False)
+    monkeypatch.delattr(zmaj.convert, "gguf", raising=False)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    result = run_program("convert.py", tmp_path / "model.gguf", tmp_path / "out")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "ERROR | loading a GGUF file needs the 'gguf' extra: pip install 'zmaj[gguf]' (gguf is not installed)"
+    ]
+    assert not (tmp_path / "out").exists()

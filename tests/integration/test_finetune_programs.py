@@ -5,6 +5,7 @@ torch and tensordict per run; ``--import`` loads the toy tasks as a user's own m
 """
 
 import json
+import math
 import runpy
 import shutil
 import signal
@@ -22,7 +23,7 @@ from tests.integration import finetune_fixtures
 from zmaj.convert.load import load_model, save_zmaj
 from zmaj.models.lora import LoraConfig, init_adapters, merge
 from zmaj.tasks import accuracy_interval, get_task
-from zmaj.train import finetune, loop
+from zmaj.train import finetune, grpo, loop
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs" / "finetune"
@@ -34,7 +35,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return finetune_fixtures.tiny_model(tmp_path_factory.mktemp("finetune") / "model")
 
 
-def run(program: str, *args: str | Path) -> tuple[int, str, str]:
+def run(program: str, *args: object) -> tuple[int, str, str]:
     """Run ``programs/<program>`` with ``args``; its exit status, stdout and stderr."""
     argv, handler = sys.argv, signal.getsignal(signal.SIGINT)
     sys.argv = [program, *map(str, args)]
@@ -383,7 +384,7 @@ def test_evaluate_answers_in_the_mode_asked_for(
     """--few-shot K and --system change the prompts: the program's answers are the library's in that mode, which
     differ from the plain chat mode's (a flag parsed and checked but not passed on evaluated in chat mode)."""
     answers = tmp_path / "answers.jsonl"
-    args: list[str | Path] = [
+    args = [
         "--model",
         model,
         "--task",
@@ -409,7 +410,7 @@ def test_evaluate_answers_file_keeps_correctness_and_format_apart(model: Path, t
     """The answers file's "correct" is the checker's correctness and its "format" the format: for a task right
     without the format they differ on every line, as accuracy and format_rate do."""
     answers = tmp_path / "answers.jsonl"
-    args: list[str | Path] = [
+    args = [
         "--model",
         model,
         "--task",
@@ -530,3 +531,183 @@ def test_evaluate_names_a_missing_model(tmp_path: Path) -> None:
     code, _, err = run("evaluate.py", "--model", tmp_path / "nothing", "--task", "arithmetic")
     assert code == 2
     assert str(tmp_path / "nothing") in err
+
+
+def tiny(program: str, model: Path, *sets: str) -> list[str | Path]:
+    """The program's tiny spec fine-tuning ``model``, each of ``sets`` a ``--set``, and the toy tasks."""
+    spec = SPECS / f"{program.removesuffix('.py')}-tiny.yaml"
+    return [
+        spec,
+        "--set",
+        f"model={model}",
+        *(arg for change in sets for arg in ("--set", change)),
+        *FIXTURES,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("program", "sets", "change"),
+    [
+        ("sft.py", [], "train.grad_accum=2"),
+        ("sft.py", [], "data.n=8"),
+        ("dpo.py", ["pairs.task={name: say-e}"], "pairs.n_prompts=6"),
+        ("grpo.py", ["task={name: say-e}"], "train.passes=1"),
+    ],
+)
+def test_resume_refuses_each_frozen_field(
+    model: Path, tmp_path: Path, program: str, sets: list[str], change: str
+) -> None:
+    """README lists what a resume cannot change: SFT's data and accumulation, DPO's pairs and GRPO's passes
+    among them (left out of a program's frozen fields, the resumed run read other rows, or other pairs)."""
+    code, _, err = run(
+        program, *tiny(program, model, "eval=null", *sets), "--run-dir", tmp_path / "run", "--stop-after", "1"
+    )
+    assert code == 0, err
+    code, _, err = run(program, "--resume", tmp_path / "run", "--set", change, *FIXTURES)
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert f"{change.split('=')[0]} differs from the run's; --set cannot change it" in errors[0]
+
+
+def drawn_rows(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """Every ``finetune.draw`` the programs make from now on: the example indices of each call."""
+    seen: list[list[int]] = []
+    real = finetune.draw
+
+    def spy(n: int, seed: int, start: int, count: int) -> list[int]:
+        rows = real(n, seed, start, count)
+        seen.append(list(rows))
+        return rows
+
+    monkeypatch.setattr(finetune, "draw", spy)
+    return seen
+
+
+def test_sft_with_grad_accum_reads_each_conversation_once_per_epoch(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step i takes rows [i x batch x accumulation, ...) of the shuffled epochs: with 16 conversations, 2 steps
+    of 2 x 4 read all 16 once (starting at i x batch, a step re-read half of the previous one's)."""
+    seen = drawn_rows(monkeypatch)
+    sets = ["eval=null", "train.steps=2", "train.batch_size=4", "train.grad_accum=2"]
+    code, _, err = run("sft.py", *tiny("sft.py", model, *sets), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert sorted(i for rows in seen for i in rows) == list(range(16))
+
+
+def test_dpo_steps_read_consecutive_pairs(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step i takes pairs [i x batch, (i + 1) x batch) of the shuffled epochs, so one epoch's steps never share a
+    pair (a draw starting at i overlapped by batch - 1 pairs)."""
+    seen = drawn_rows(monkeypatch)
+    sets = ["pairs.task={name: say-e}", "train.steps=2", "train.batch_size=2"]
+    code, _, err = run("dpo.py", *tiny("dpo.py", model, *sets), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    first, second = seen[-2:]
+    assert not set(first) & set(second), seen
+
+
+def test_dpo_resume_reads_the_runs_own_pairs_and_is_exact(model: Path, tmp_path: Path) -> None:
+    """Pairs are made once and kept in pairs.jsonl, "so a resumed run reads the same ones" (dpo.py), even when
+    their source changed since: the resumed run ends where the straight one does."""
+    path = tmp_path / "pairs.jsonl"
+    pairs = [{"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}", "rejected": f"{i + 2}"} for i in range(8)]
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    spec = tiny("dpo.py", model, f"pairs={{kind: files, paths: [{path}]}}")
+    code, _, err = run("dpo.py", *spec, "--run-dir", tmp_path / "straight")
+    assert code == 0, err
+    code, _, err = run("dpo.py", *spec, "--run-dir", tmp_path / "split", "--stop-after", "1")
+    assert code == 0, err
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs[:2]))
+    code, _, err = run("dpo.py", "--resume", tmp_path / "split")
+    assert code == 0, err
+    assert "; 8 preference pairs" in err
+    straight, split = checkpoint_params(tmp_path / "straight"), checkpoint_params(tmp_path / "split")
+    assert straight.keys() == split.keys()
+    for name in straight:
+        assert torch.equal(straight[name], split[name]), name
+
+
+def test_dpo_beta_scales_the_first_gradient(model: Path, tmp_path: Path) -> None:
+    """At the reference every pair's margin is 0, so the DPO gradient is beta/2 times the log-ratio's: beta 0.5
+    gives 5 times beta 0.1's gradient norm (a step that ignored ``train.beta`` gave the same)."""
+    norms = {}
+    for beta in (0.1, 0.5):
+        sets = ["pairs.task={name: say-e}", "train.precision=fp32", "train.steps=1", f"train.beta={beta}"]
+        code, _, err = run("dpo.py", *tiny("dpo.py", model, *sets), "--run-dir", tmp_path / str(beta))
+        assert code == 0, err
+        [first] = [r for r in records(tmp_path / str(beta)) if "loss" in r]
+        norms[beta] = first["grad_norm"]
+    assert norms[0.5] == pytest.approx(5 * norms[0.1], rel=1e-4)
+
+
+def test_dpo_in_bf16_scores_the_reference_in_the_policys_precision(model: Path, tmp_path: Path) -> None:
+    """At the first step policy and reference are the same model: under bf16 the reward margin is exactly 0 and
+    the loss log 2 when both run under the same autocast (a float32 reference gave a margin of -4e-5, within
+    the 1e-3 the other DPO test allows its loss)."""
+    sets = ["pairs.task={name: say-e}", "train.precision=bf16", "train.steps=1"]
+    code, _, err = run("dpo.py", *tiny("dpo.py", model, *sets), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    [first] = [r for r in records(tmp_path / "run") if "loss" in r]
+    assert first["reward_margin"] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_grpo_with_two_passes_clips_and_reports_the_mean_of_its_passes(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``train.passes`` > 1 the rollout records the old log-probs, so the second pass's ratio moves and
+    clips (without them each pass took its own as the old ones: a ratio of 1, plain policy gradient). A step's
+    row is the mean of its passes' metrics, not the last pass's."""
+    passes: list[dict[str, float]] = []
+    real = grpo.grpo_step
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        state, metrics = real(*args, **kwargs)
+        passes.append({key: float(value) for key, value in metrics.items()})
+        return state, metrics
+
+    monkeypatch.setattr(grpo, "grpo_step", spy)
+    sets = ["task={name: say-e}", "train.optimizer.lr=0.1", "train.steps=3"]
+    code, _, err = run("grpo.py", *tiny("grpo.py", model, *sets), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    rows = [r for r in records(tmp_path / "run") if "clip_fraction" in r]
+    assert any(r["clip_fraction"] > 0 for r in rows)
+    assert len(passes) == 2 * len(rows) == 6
+    for row, first, second in zip(rows, passes[::2], passes[1::2], strict=True):
+        for key in ("loss", "clip_fraction", "grad_norm"):
+            assert row[key] == pytest.approx((first[key] + second[key]) / 2, rel=1e-5), key
+
+
+def test_grpo_samples_each_step_with_its_own_seed(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sampling seed mixes in the step, so steps do not replay one random stream; and sampling stops at the
+    tokenizer's end-of-turn tokens (without them answers ran on past the turn's end, and were trained on)."""
+    seeds: list[int] = []
+    stops: list[tuple[int, ...]] = []
+    real = grpo.sample_rollout
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seeds.append(kwargs["seed"])
+        stops.append(kwargs["config"].stop_tokens)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "sample_rollout", spy)
+    sets = ["task={name: say-e}", "train.steps=3"]
+    code, _, err = run("grpo.py", *tiny("grpo.py", model, *sets), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert len(set(seeds)) == 3, seeds
+    assert all(set(load_model(model).tokenizer.stop_ids) <= set(stop) for stop in stops), stops
+
+
+def test_grpo_accuracy_counts_right_answers_not_formatted_ones(model: Path, tmp_path: Path) -> None:
+    """``accuracy`` and ``format_rate`` are two curves of the run and its card; with a task always well formed
+    and never right they are 0 and 1 (the other toy tasks have them equal)."""
+    sets = ["task={name: format-only}", "train.steps=1"]
+    code, _, err = run("grpo.py", *tiny("grpo.py", model, *sets), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    [row] = [r for r in records(tmp_path / "run") if "reward" in r]
+    assert (row["accuracy"], row["format_rate"]) == (0.0, 1.0)

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ from safetensors.torch import load_file
 
 from tests.integration.programs import run_program
 from tests.unit.train.test_loop import HOLD_LOCK
+from zmaj.data import dataset
 from zmaj.data.tokenizer import Tokenizer
+from zmaj.train import step
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = [
@@ -391,3 +394,56 @@ def test_a_second_writer_exits_2_naming_the_first_and_a_damaged_checkpoint_resum
     assert "step-0000002" in warning[0]
     assert "resumed from" in resumed.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-0000006"
+
+
+def test_pretrain_resume_refuses_another_grad_accum(tmp_path: Path) -> None:
+    """``train.grad_accum`` decides the rows step i reads (from i x batch x accumulation): README freezes it,
+    and test_resume_refuses_a_different_model tried every frozen field but this one."""
+    spec = tiny_spec(tmp_path, {"steps": 4, "batch_size": 4, "eval_every": 100, "eval_batches": 1})
+    common = ["--cache-dir", tmp_path / "cache"]
+    done = run_program("pretrain.py", spec, "--run-dir", tmp_path / "run", *common, "--stop-after", "1")
+    assert done.returncode == 0, done.stderr
+    refused = run_program("pretrain.py", "--resume", tmp_path / "run", *common, "--set", "train.grad_accum=2")
+    assert refused.returncode == 2, refused.stderr
+    assert "train.grad_accum differs from the run's" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_pretrain_with_grad_accum_reads_consecutive_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Micro-batch m of step i reads rows i x batch x accumulation + m x batch ...: 3 steps of 2 x 4 read rows
+    0..23 once each. Only the distributed test ran grad_accum=2, comparing the program with itself."""
+    seen: list[int] = []
+    real = dataset.stream_batch
+
+    def spy(source: Any, rows: range) -> Any:
+        seen.extend(rows)
+        return real(source, rows)
+
+    monkeypatch.setattr(dataset, "stream_batch", spy)
+    train = {"steps": 3, "batch_size": 4, "grad_accum": 2, "eval_every": 100, "eval_batches": 1}
+    spec = tiny_spec(tmp_path, train)
+    done = run_program("pretrain.py", spec, "--run-dir", tmp_path / "run", "--cache-dir", tmp_path / "cache")
+    assert done.returncode == 0, done.stderr
+    assert seen == list(range(24))
+
+
+def test_the_final_evaluation_reads_the_whole_validation_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.eval_batches``: "validation batches per periodic eval (the final eval uses all)"; the final
+    record's val_loss and val_bpb (which the model card reports) came from eval_batches batches when the program
+    passed eval_batches to the final evaluation too, and no test told."""
+    limits: list[int | None] = []
+    real = step.held_out
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        limits.append(args[4])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step, "held_out", spy)
+    spec = tiny_spec(tmp_path, {"steps": 2, "batch_size": 2, "eval_every": 1, "eval_batches": 1})
+    done = run_program("pretrain.py", spec, "--run-dir", tmp_path / "run", "--cache-dir", tmp_path / "cache")
+    assert done.returncode == 0, done.stderr
+    assert limits[-1] is None
+    assert set(limits[:-1]) == {1}

@@ -16,6 +16,7 @@ from pathlib import Path
 import datasets
 import huggingface_hub
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from tests.integration import finetune_fixtures
@@ -323,3 +324,45 @@ def test_an_unreachable_hub_and_a_full_disk_are_one_line_each(
     assert code == 2, err
     assert "No space left on device" in err
     assert "Traceback" not in err
+
+
+def test_publish_seed_chooses_the_task_problems(tmp_path: Path) -> None:
+    """``--seed`` is parsed and named in the card; the problems written must be that seed's (a call that passed
+    0 wrote seed 0's problems under any --seed, and no test used another seed)."""
+    out = tmp_path / "out"
+    flags = ["--n-train", "3", "--n-test", "2", "--seed", "5", "--out", out, "--repo-id", "me/a", "--dry-run"]
+    result = run_program("publish.py", "--dataset", "task:arithmetic", *flags)
+    assert result.returncode == 0, result.stderr
+    written = pq.read_table(out / "data" / "train-00000-of-00001.parquet")["prompt"].to_pylist()
+    assert written == [p.prompt for p in get_task("arithmetic").problems("train", 3, 5)]
+    assert written != [p.prompt for p in get_task("arithmetic").problems("train", 3, 0)]
+
+
+def test_publish_out_may_be_an_empty_folder(tmp_path: Path) -> None:
+    """``--out`` refuses a folder holding anything but a dataset folder; an empty one (``mkdir out`` first) holds
+    nothing to lose and is written (``_written_here``'s first case, which no test reached)."""
+    (tmp_path / "out").mkdir()
+    flags = ["--n-train", "3", "--n-test", "2", "--out", tmp_path / "out", "--repo-id", "me/a", "--dry-run"]
+    result = run_program("publish.py", "--dataset", "task:arithmetic", *flags)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "data" / "train-00000-of-00001.parquet").is_file()
+
+
+def test_publish_tokens_source_expands_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The module docstring's own example is ``--dataset tokens:~/.cache/zmaj/tokens/...``: the shell does not
+    expand a ``~`` after ``tokens:``, so the program must (every test passed absolute paths)."""
+    folder = tmp_path / "home" / "tokens" / "train-abc"
+    folder.mkdir(parents=True)
+    documents = [[5, 6, 7, 1], [8, 1]]
+    np.asarray([t for d in documents for t in d], dtype=np.uint16).tofile(folder / "tokens.bin")
+    np.save(folder / "offsets.npy", np.cumsum([0, *map(len, documents)]).astype(np.int64))
+    meta = {"dtype": "uint16", "n_tokens": 6, "vocab_size": 300, "eos_id": 1, "pad_id": 0, "split": "train"}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    result = run_program(
+        "publish.py", "--dataset", "tokens:~/tokens/train-abc", "--repo-id", "me/t", "--dry-run"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "data/train-00000-of-00001.parquet" in result.stdout
