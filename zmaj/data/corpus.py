@@ -121,26 +121,39 @@ class HubLike(Protocol):
 
 def _hub_local_files(source: HubLike) -> list[str]:
     """The local files a hub source reads, found as ``datasets`` finds them: for a builder ("json", "parquet":
-    one of ``datasets``' packaged modules) its ``data_files`` patterns, relative to the working directory; for
-    a local folder those patterns relative to it, or else every file in it outside hidden directories (a
-    superset of what ``datasets`` picks). A Hub dataset's ``data_files`` name files of its repository, which
-    are not listed."""
+    one of ``datasets``' packaged modules, which it looks up before any folder of that name) its ``data_files``
+    patterns, relative to the working directory; for a local folder, its card (whose options, a parquet
+    filter say, shape the rows too) and those patterns relative to it, or else every file in it outside hidden
+    directories (a superset of what ``datasets`` picks). A Hub dataset's ``data_files`` name files of its
+    repository, which are not listed."""
     folder = Path(source.path)
     patterns = [source.data_files] if isinstance(source.data_files, str) else source.data_files or []
-    if folder.is_dir():
+    if _is_builder(source):
+        base = os.getcwd()
+    elif folder.is_dir():
         if not patterns:
             files = (p for p in folder.rglob("*") if p.is_file())
             return sorted(
                 str(p) for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)
             )
+        if (folder / CARD).is_file():
+            patterns = [*patterns, CARD]
         base = source.path
-    elif source.path in datasets.packaged_modules._PACKAGED_DATASETS_MODULES:  # json, parquet, csv, text...
-        # (datasets' own list of its builders: a name without a "/", such as "wikitext", may be a Hub dataset)
-        base = os.getcwd()
     else:
         return []
     local = (pattern for pattern in patterns if "://" not in pattern)
     return sorted({file for pattern in local for file in resolve_pattern(pattern, base)})
+
+
+CARD = "README.md"
+"""A dataset folder's card, whose ``configs`` name its files and the options ``datasets`` reads them with."""
+
+
+def _is_builder(source: HubLike) -> bool:
+    """Whether ``datasets`` reads the source with one of its builders (json, parquet, csv, text...: its own list),
+    which it looks up before a folder of the same name. A name without a "/", such as "wikitext", may be a Hub
+    dataset."""
+    return source.path in datasets.packaged_modules._PACKAGED_DATASETS_MODULES
 
 
 def hub_where(source: HubLike) -> str:
@@ -184,11 +197,12 @@ def _folder_cache(source: HubLike) -> str | None:
     """Where ``datasets`` caches the rows of a local folder: a cache of its own for each state of the folder's
     files (None, ``datasets``' usual cache, for any other source).
 
-    ``datasets`` keys its cache of a folder whose card lists its files (``configs``, as ``publish.py --out``
-    writes) by the folder's name and card alone, not by the files' sizes or times as it does for other local
-    files: a folder rewritten in place would be read as the rows it held when first loaded (huggingface/datasets
-    #2956). A stream reads the files themselves, and needs no cache."""
-    if source.streaming or not Path(source.path).is_dir():
+    ``datasets`` (5.2) keys its cache of a folder whose card lists its files (``configs``, as ``publish.py
+    --out`` writes) by the folder's name and the card's unresolved patterns alone
+    (``create_builder_configs_from_metadata_configs`` in its ``load.py``), where it keys other local files by
+    their modification times: a folder rewritten in place would be read as the rows it held when first loaded.
+    A stream reads the files themselves, and needs no cache."""
+    if source.streaming or _is_builder(source) or not Path(source.path).is_dir():
         return None
     stamps = json.dumps(_stamps(_hub_local_files(source))).encode()
     return str(

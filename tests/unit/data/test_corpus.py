@@ -404,7 +404,8 @@ def test_a_hub_folder_is_keyed_without_its_hidden_directories(jsonl_file: Path) 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_a_hub_folder_rewritten_in_place_is_read_anew(tmp_path: Path, streaming: bool) -> None:
     """A folder with a card listing its files (as ``publish.py --out`` writes one), rewritten in place, gives
-    its new rows: ``datasets`` keys its cache of such a folder by name and card alone, and served the old ones."""
+    its new rows: ``datasets`` keys its cache of such a folder by name and card alone, and served the old ones
+    (a stream reads the files themselves: that case keeps it so)."""
     from zmaj.publish.dataset import dataset_card, write_dataset_folder
 
     folder = tmp_path / "out"
@@ -415,3 +416,36 @@ def test_a_hub_folder_rewritten_in_place_is_read_anew(tmp_path: Path, streaming:
         write_dataset_folder(data, dataset_card(data, name="out", license="mit", description="."), folder)
         seen.append([document.text for document in corpus.hub_documents(source)])
     assert seen == [["first", "second"], ["third", "fourth", "fifth"]]
+
+
+def test_a_builder_name_is_a_builder_even_beside_a_folder_of_that_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``datasets`` looks up its builders before folders: ``path: parquet`` with ``data_files`` relative to the
+    working directory is the parquet builder even where a folder ``parquet/`` holds the file (zmaj looked for
+    ``parquet/parquet/...`` and refused the source)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "parquet" / "text.parquet")
+    source = HubSource(path="parquet", data_files="parquet/text.parquet")
+    assert [document.text for document in corpus.hub_documents(source)] == ["a", "b"]
+    key = source_key(source, "train", 0.05)
+    pq.write_table(pa.table({"text": ["c"]}), tmp_path / "parquet" / "text.parquet")
+    assert source_key(source, "train", 0.05) != key
+
+
+def test_a_folders_key_covers_its_card_when_data_files_are_named(tmp_path: Path) -> None:
+    """The card's options (a parquet filter, say) shape the rows read even when ``data_files`` names the files:
+    a card edited since gives another key, so token files made from the old rows are not reused."""
+    folder = tmp_path / "out"
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["keep", "drop"]}), folder / "data" / "train.parquet")
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files: data/*.parquet\n---\n"
+    )
+    source = HubSource(path=str(folder), data_files="data/train.parquet")
+    key = source_key(source, "train", 0.05)
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files: data/*.parquet\n  filters: [[text, '==', keep]]\n---\n"
+    )
+    assert source_key(source, "train", 0.05) != key
