@@ -1,8 +1,9 @@
 """Tiny models and toy tasks for the fine-tuning tests; the programs import this module with ``--import``.
 
-Importing it registers four tasks: ``always-right`` (every answer is right, so accuracy is exactly 1),
-``say-e`` (the reward is the share of ``e`` among the answer's characters: easy for GRPO to raise), and
-``reward-raises`` / ``reward-nan``, whose checkers break on purpose.
+Importing it registers toy tasks: ``always-right`` (every answer is right, so accuracy is exactly 1),
+``right-without-format`` and ``format-only`` (correctness and format apart), ``say-e`` (the reward is the share of
+``e`` among the answer's characters: easy for GRPO to raise) with ``long-or-short``, its prompts of two lengths,
+and ``reward-raises`` / ``reward-nan`` / ``raises-on-rank-1``, whose checkers break on purpose.
 """
 
 import math

@@ -4,6 +4,7 @@ The programs run in this process (``runpy``, as ``python programs/X.py`` would),
 torch and tensordict per run; ``--import`` loads the toy tasks as a user's own module would be loaded.
 """
 
+import inspect
 import json
 import math
 import runpy
@@ -570,6 +571,14 @@ def test_resume_refuses_each_frozen_field(
     assert f"{change.split('=')[0]} differs from the run's; --set cannot change it" in errors[0]
 
 
+def pairs_file(folder: Path, n: int) -> str:
+    """``pairs=`` a file of ``n`` arithmetic preference pairs: DPO without sampling its pairs first."""
+    path = folder / "pairs.jsonl"
+    pairs = [{"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}", "rejected": f"{i + 2}"} for i in range(n)]
+    path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    return f"pairs={{kind: files, paths: [{path}]}}"
+
+
 def drawn_rows(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
     """Every ``finetune.draw`` the programs make from now on: the example indices of each call."""
     seen: list[list[int]] = []
@@ -602,7 +611,7 @@ def test_dpo_steps_read_consecutive_pairs(
     """Step i takes pairs [i x batch, (i + 1) x batch) of the shuffled epochs, so one epoch's steps never share a
     pair (a draw starting at i overlapped by batch - 1 pairs)."""
     seen = drawn_rows(monkeypatch)
-    sets = ["pairs.task={name: say-e}", "train.steps=2", "train.batch_size=2"]
+    sets = [pairs_file(tmp_path, 8), "train.steps=2", "train.batch_size=2"]
     code, _, err = run("dpo.py", *tiny("dpo.py", model, *sets), "--run-dir", tmp_path / "run")
     assert code == 0, err
     first, second = seen[-2:]
@@ -612,15 +621,12 @@ def test_dpo_steps_read_consecutive_pairs(
 def test_dpo_resume_reads_the_runs_own_pairs_and_is_exact(model: Path, tmp_path: Path) -> None:
     """Pairs are made once and kept in pairs.jsonl, "so a resumed run reads the same ones" (dpo.py), even when
     their source changed since: the resumed run ends where the straight one does."""
-    path = tmp_path / "pairs.jsonl"
-    pairs = [{"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}", "rejected": f"{i + 2}"} for i in range(8)]
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    spec = tiny("dpo.py", model, f"pairs={{kind: files, paths: [{path}]}}")
+    spec = tiny("dpo.py", model, pairs_file(tmp_path, 8))
     code, _, err = run("dpo.py", *spec, "--run-dir", tmp_path / "straight")
     assert code == 0, err
     code, _, err = run("dpo.py", *spec, "--run-dir", tmp_path / "split", "--stop-after", "1")
     assert code == 0, err
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs[:2]))
+    pairs_file(tmp_path, 2)  # the source changed after the run began
     code, _, err = run("dpo.py", "--resume", tmp_path / "split")
     assert code == 0, err
     assert "; 8 preference pairs" in err
@@ -635,7 +641,7 @@ def test_dpo_beta_scales_the_first_gradient(model: Path, tmp_path: Path) -> None
     gives 5 times beta 0.1's gradient norm (a step that ignored ``train.beta`` gave the same)."""
     norms = {}
     for beta in (0.1, 0.5):
-        sets = ["pairs.task={name: say-e}", "train.precision=fp32", "train.steps=1", f"train.beta={beta}"]
+        sets = [pairs_file(tmp_path, 4), "train.precision=fp32", "train.steps=1", f"train.beta={beta}"]
         code, _, err = run("dpo.py", *tiny("dpo.py", model, *sets), "--run-dir", tmp_path / str(beta))
         assert code == 0, err
         [first] = [r for r in records(tmp_path / str(beta)) if "loss" in r]
@@ -647,11 +653,11 @@ def test_dpo_in_bf16_scores_the_reference_in_the_policys_precision(model: Path, 
     """At the first step policy and reference are the same model: under bf16 the reward margin is exactly 0 and
     the loss log 2 when both run under the same autocast (a float32 reference gave a margin of -4e-5, within
     the 1e-3 the other DPO test allows its loss)."""
-    sets = ["pairs.task={name: say-e}", "train.precision=bf16", "train.steps=1"]
+    sets = [pairs_file(tmp_path, 4), "train.precision=bf16", "train.steps=1"]
     code, _, err = run("dpo.py", *tiny("dpo.py", model, *sets), "--run-dir", tmp_path / "run")
     assert code == 0, err
     [first] = [r for r in records(tmp_path / "run") if "loss" in r]
-    assert first["reward_margin"] == 0.0
+    assert first["reward_margin"] == pytest.approx(0.0, abs=1e-7)
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
@@ -691,12 +697,13 @@ def test_grpo_samples_each_step_with_its_own_seed(
     real = grpo.sample_rollout
 
     def spy(*args: Any, **kwargs: Any) -> Any:
-        seeds.append(kwargs["seed"])
-        stops.append(kwargs["config"].stop_tokens)
+        arguments = inspect.signature(real).bind(*args, **kwargs).arguments
+        seeds.append(arguments["seed"])
+        stops.append(arguments["config"].stop_tokens)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(grpo, "sample_rollout", spy)
-    sets = ["task={name: say-e}", "train.steps=3"]
+    sets = ["task={name: say-e}", "train.steps=3", "train.passes=1", "grpo.group_size=2"]
     code, _, err = run("grpo.py", *tiny("grpo.py", model, *sets), "--run-dir", tmp_path / "run")
     assert code == 0, err
     assert len(set(seeds)) == 3, seeds

@@ -1,6 +1,6 @@
 """programs/generate.py, chat.py and perplexity.py end to end, against ``transformers`` on a tiny random Llama saved
-as a Hugging Face folder (with a tiny zmaj tokenizer and its chat template beside it); these and sample.py on a zmaj
-run whose checkpoint is damaged."""
+as a Hugging Face folder (with a tiny zmaj tokenizer and its chat template beside it); sample.py on a tiny zmaj run;
+generate.py, perplexity.py and sample.py on one whose checkpoint is damaged."""
 
 import json
 import math
@@ -202,17 +202,19 @@ def test_generate_samples_with_its_seed(llama: tuple[Any, Path]) -> None:
     assert first.stdout == again.stdout != other.stdout
 
 
-def test_generate_fills_the_context_exactly(llama: tuple[Any, Path], tokenizer: ModelTokenizer) -> None:
-    """A prompt plus --max-new-tokens of exactly the model's context (256) is generated; one token more is
-    refused, naming both numbers."""
-    _, folder = llama
-    room = 256 - len(tokenizer.encode("the cat sat"))
+def test_generate_fills_the_context_exactly(tmp_path: Path, tokenizer: ModelTokenizer) -> None:
+    """A prompt plus --max-new-tokens of exactly the model's context is generated; one token more is refused,
+    naming both numbers."""
+    folder = tmp_path / "short"
+    folder.mkdir()
+    save_llama(folder, tokenizer, context=32)
+    room = 32 - len(tokenizer.encode("the cat sat"))
     args = ["--model", folder, "--prompt", "the cat sat", "--temperature", 0, "--dtype", "float32"]
     fits = run("generate.py", *args, "--max-new-tokens", room)
     assert fits.returncode == 0, fits.stderr
     over = run("generate.py", *args, "--max-new-tokens", room + 1)
     assert over.returncode == 2
-    assert f"--max-new-tokens {room + 1} exceed the model's context of 256" in over.stderr
+    assert f"--max-new-tokens {room + 1} exceed the model's context of 32" in over.stderr
 
 
 def test_generate_refuses_a_system_message_without_chat(llama: tuple[Any, Path]) -> None:

@@ -1,5 +1,6 @@
 """programs/pretrain.py and programs/sample.py end to end on a tiny spec and a tiny local corpus."""
 
+import inspect
 import json
 import os
 import shutil
@@ -438,7 +439,7 @@ def test_the_final_evaluation_reads_the_whole_validation_split(
     real = step.held_out
 
     def spy(*args: Any, **kwargs: Any) -> Any:
-        limits.append(args[4])
+        limits.append(inspect.signature(real).bind(*args, **kwargs).arguments["max_batches"])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(step, "held_out", spy)

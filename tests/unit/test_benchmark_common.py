@@ -4,6 +4,7 @@ cannot time must stop it at the start with one line, not after minutes of setup 
 import argparse
 import importlib
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -52,8 +53,15 @@ def test_median_ms_is_the_median_in_milliseconds(common: ModuleType) -> None:
 def test_timeit_warms_up_before_it_times(common: ModuleType) -> None:
     """``warmup`` untimed calls first, then ``repeats`` timed ones: a slow first call is not in the timings."""
     calls: list[int] = []
-    times = common.timeit(lambda: calls.append(1), warmup=2, repeats=3)
+
+    def first_call_slow() -> None:
+        if not calls:
+            time.sleep(0.05)
+        calls.append(1)
+
+    times = common.timeit(first_call_slow, warmup=2, repeats=3)
     assert (len(times), len(calls)) == (3, 5)
+    assert max(times) < 0.025
 
 
 @pytest.mark.parametrize(("bf16", "fast"), [(60.0, True), (50.0, True), (40.0, False), (1.0, False)])
