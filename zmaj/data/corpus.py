@@ -78,8 +78,8 @@ def source_key(source: Source, split: Split, validation_fraction: float) -> str:
 
     For the stdlib, the interpreter (its full version string and stdlib path) and its files' names, sizes and
     modification times (a system Python's packages, such as Debian's python3-venv, add modules to it); for
-    local files, named in ``paths`` or read by a hub source (its ``data_files``, or a local folder), their sizes
-    and modification times. Datasets on the Hub are keyed by config alone: pin a revision in ``path`` if it
+    local files, named in ``paths`` or read by a hub source (its ``data_files``, or a local folder and its card),
+    their absolute paths, sizes and modification times. Datasets on the Hub are keyed by config alone: pin a revision in ``path`` if it
     matters.
     """
     identity: dict[str, Any] = {
@@ -99,8 +99,11 @@ def source_key(source: Source, split: Split, validation_fraction: float) -> str:
 
 
 def _stamps(paths: Iterable[str]) -> list[list[Any]]:
-    """Each file's path, size and modification time: what says that a local file may have changed."""
-    return [[path, (stat := Path(path).stat()).st_size, stat.st_mtime_ns] for path in paths]
+    """Each file's absolute path, size and modification time: what says that a local file may have changed
+    (a relative path names other files from another working directory)."""
+    return [
+        [str(Path(path).resolve()), (stat := Path(path).stat()).st_size, stat.st_mtime_ns] for path in paths
+    ]
 
 
 @runtime_checkable

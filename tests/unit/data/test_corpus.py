@@ -449,3 +449,26 @@ def test_a_folders_key_covers_its_card_when_data_files_are_named(tmp_path: Path)
         "---\nconfigs:\n- config_name: default\n  data_files: data/*.parquet\n  filters: [[text, '==', keep]]\n---\n"
     )
     assert source_key(source, "train", 0.05) != key
+
+
+def test_two_folders_at_one_relative_path_are_two(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``path: out`` from two working directories names two folders, though their files have the same names,
+    sizes and times (as a copy that keeps times makes): each gives its own rows, under its own key."""
+    from zmaj.publish.dataset import dataset_card, write_dataset_folder
+
+    for where, texts in (("a", ["aaaa", "bbbb"]), ("b", ["cccc", "dddd"])):
+        data = {"train": datasets.Dataset.from_dict({"text": texts})}
+        write_dataset_folder(
+            data, dataset_card(data, name="out", license="mit", description="."), tmp_path / where / "out"
+        )
+    for file in (tmp_path / "a" / "out").rglob("*"):
+        twin = tmp_path / "b" / "out" / file.relative_to(tmp_path / "a" / "out")
+        assert twin.stat().st_size == file.stat().st_size
+        os.utime(twin, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns))
+    seen, keys = [], set()
+    for where in ("a", "b"):
+        monkeypatch.chdir(tmp_path / where)
+        seen.append([document.text for document in corpus.hub_documents(HubSource(path="out"))])
+        keys.add(source_key(HubSource(path="out"), "train", 0.05))
+    assert seen == [["aaaa", "bbbb"], ["cccc", "dddd"]]
+    assert len(keys) == 2
