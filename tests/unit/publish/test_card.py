@@ -64,9 +64,8 @@ def test_the_card_names_each_type_the_matmuls_computed_in_session_by_session() -
     start = {"event": "start", "time": 0.0, "hardware": "2 CPUs"}
     types = [None, "bfloat16", "bfloat16", "float32", "bfloat16"]
     sessions = [start | ({} if kind is None else {"precision": kind}) for kind in types]
-    sessions.insert(
-        2, {"event": "end", "time": 1.0, "hardware": "2 CPUs", "precision": "float32"}
-    )  # not counted
+    end = {"event": "end", "time": 1.0, "hardware": "2 CPUs", "precision": "float32"}  # not counted
+    sessions.insert(2, end)
     section = card._compute(Run(Path("r"), "sft", {}, sessions=sessions))
     assert "Matmuls computed in (not recorded), then bfloat16, then float32, then bfloat16. Wall" in section
     assert "Matmuls" not in card._compute(Run(Path("r"), "sft", {}, sessions=[start, start]))
@@ -269,10 +268,8 @@ def test_a_fine_tuned_card_names_its_shipped_base_model_in_the_metadata_and_link
     metadata = card.card_data(model, run, "mit").to_dict()
     assert metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     summary = card._summary(model, run)
-    assert (
-        "([HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct))"
-        in (summary)
-    )
+    link = "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)"
+    assert f"({link})" in summary
     assert "base_model" not in card.card_data(model, Run(Path("r"), "pretraining", {}), "mit").to_dict()
 
 

@@ -939,9 +939,8 @@ def test_a_run_folder_whose_checkpoints_is_a_file_or_whose_latest_names_nothing_
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000002")
     with pytest.raises(runs.UserError, match=r"holds checkpoints no run resumes from \(latest\)"):
         open_run(tmp_path / "run")
-    (tmp_path / "run" / "checkpoints" / "latest").write_text(
-        "../checkpoints\n"
-    )  # a folder, but not of checkpoints/
+    # A folder, but not one of checkpoints/.
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("../checkpoints\n")
     with pytest.raises(runs.UserError, match=r"holds checkpoints no run resumes from \(latest\)"):
         open_run(tmp_path / "run")
 
