@@ -179,6 +179,26 @@ def test_a_rank_that_fails_stops_the_whole_job_within_seconds(tmp_path: Path) ->
     assert "rank 1 | ERROR | step 1, completion 0" in failing[0]  # (rank 0's progress bar may share the line)
 
 
+def test_bad_input_rank_1_alone_meets_is_named_in_torchruns_summary(tmp_path: Path) -> None:
+    """Rank 0 logs bad input for all (they read it alike); one that only rank 1 met was exit status 2 and no
+    word of why. Rank 1 leaves its line for ``torchrun``, whose summary of the failure shows it."""
+    done = torchrun(
+        "programs/grpo.py",
+        ROOT / "specs" / "finetune" / "grpo-tiny.yaml",
+        "--set",
+        f"model={finetune_fixtures.tiny_model(tmp_path / 'model')}",
+        "--run-dir",
+        tmp_path / "run",
+        "--import",
+        "tests.integration.fails_on_rank_1",
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "ERROR" not in done.stderr, done.stderr[-3000:]  # rank 1 does not log it: rank 0 would for all
+    assert "traceback : tasks.txt: no such file on this node\n" in done.stderr, done.stderr[-3000:]
+    assert not re.search(r"\[rank\d\]: Traceback", done.stderr), done.stderr[-3000:]
+
+
 def test_a_prompt_too_long_for_the_context_on_one_rank_is_told_by_rank_0(tmp_path: Path) -> None:
     """Every rank checks the longest prompt of the whole step, so all refuse it together and rank 0 says why;
     checked on its own share, only rank 1 refused, silently (its error left to rank 0 to report), and rank 0

@@ -8,12 +8,14 @@ lock on the folder (``fcntl.flock``, so a second writer, an orphaned process or 
 naming the first one's PID), and only rank 0 of a ``torchrun`` job writes anything or logs below WARNING.
 
 Bad input at any boundary a user touches (a spec field, a path, a locked run) is a :class:`UserError` or one
-of the errors ``BAD_INPUT`` lists; ``bad_input_exits_2`` turns it into one line on stderr and exit status 2.
+of the errors ``BAD_INPUT`` lists; ``bad_input_exits_2`` turns it into one line on stderr and exit status 2
+(under ``torchrun``, in its failure summary too: ``tell_torchrun``).
 """
 
 import argparse
 import fcntl
 import itertools
+import json
 import os
 import random
 import shutil
@@ -82,7 +84,19 @@ def bad_input_exits_2(
         main = parallel.main if parallel is not None else os.environ.get("RANK", "0") == "0"
         if main or every_rank:
             logger.error(one_line(error))
+        tell_torchrun(one_line(error))
         sys.exit(2)
+
+
+def tell_torchrun(message: str) -> None:
+    """Leave a failing rank's one line in the error file ``torchrun`` gives each process
+    (``TORCHELASTIC_ERROR_FILE``), whose failure summary shows it: on its own, a rank other than 0 that fails
+    where rank 0 does not (a file one node lacks, say) exits with its status and no word of why.
+
+    The file holds ``torch.distributed.elastic``'s plain form, ``{"message": str, "timestamp": int}``, which the
+    summary prints as it stands (the other form, which ``@record`` writes, shows a traceback instead)."""
+    if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        fileio.atomic_write_text(Path(path), json.dumps({"message": message, "timestamp": int(time.time())}))
 
 
 S = TypeVar("S", bound=BaseModel)
@@ -348,8 +362,10 @@ class Run(Generic[S]):
         could not be written) exits with status 1 and one line saying so, not a traceback."""
         failed = isinstance(error, (RunFailedError, checkpoint.CheckpointWriteError))
         said = isinstance(error, RunFailedError) and (error.said or not self.parallel.main)
-        if failed and error is not None and not said:
-            logger.error(one_line(error))  # every rank raises a RunFailedError; rank 0 says it
+        if failed and error is not None:
+            if not said:
+                logger.error(one_line(error))  # every rank raises a RunFailedError; rank 0 says it
+            tell_torchrun(one_line(error))
         if self.parallel.main:
             for tracker in self._trackers:
                 tracker.finish()

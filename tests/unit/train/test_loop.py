@@ -24,6 +24,7 @@ from loguru import logger
 from matplotlib.figure import Figure
 from pydantic import BaseModel
 from tensordict import TensorDict
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from zmaj import checkpoint
 from zmaj.models import gpt
@@ -487,10 +488,12 @@ def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint_and_exits_1_in_one_
         real_save_file(tensors, path)
 
     monkeypatch.setattr(checkpoint, "save_file", save_file)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
     with logged() as messages, pytest.raises(SystemExit) as stopped:
         train(tmp_path / "run")
     assert stopped.value.code == 1
     assert len(messages) == 1
+    assert f"traceback : {messages[0]}\n" in torchrun_summary(tmp_path / "error.json", exitcode=1)
     assert "step-0000006" in messages[0]
     assert "No space left on device" in messages[0]
     assert f"{tmp_path / 'run' / 'checkpoints' / 'step-0000004'} is intact and latest" in messages[0]
@@ -530,6 +533,29 @@ def test_resuming_from_a_damaged_newest_checkpoint_takes_the_newest_intact_one(t
         state = run.restore(fresh())
     assert int(state["opt", "step"]) == 2
     assert any("params.safetensors" in m and "step-0000002" in m for m in messages), messages
+
+
+def torchrun_summary(error_file: Path, exitcode: int) -> str:
+    """What ``torchrun`` prints when a process that left ``error_file`` exits with ``exitcode``."""
+    failure = ProcessFailure(local_rank=1, pid=1, exitcode=exitcode, error_file=str(error_file))
+    return ChildFailedError("programs/pretrain.py", {1: failure}).format_msg()
+
+
+def test_bad_input_on_a_rank_other_than_0_is_left_for_torchrun_to_show(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only rank 0 logs bad input (every rank reads it alike), so a rank that failed where rank 0 did not said
+    nothing: ``torchrun``'s summary showed exit status 2 and "To enable traceback see...". It now names the
+    error, in the one line rank 0 would have logged."""
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it, before the job is joined
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    with logged() as messages, pytest.raises(SystemExit) as stopped, runs.bad_input_exits_2():
+        raise FileNotFoundError("data.paths: corpus.txt:\n  no such file")
+    assert stopped.value.code == 2
+    assert messages == []
+    assert "traceback : data.paths: corpus.txt:; no such file\n" in torchrun_summary(
+        tmp_path / "error.json", 2
+    )
 
 
 def test_a_resume_with_no_intact_checkpoint_left_is_one_line_and_exit_2(tmp_path: Path) -> None:
