@@ -77,6 +77,11 @@ def has_evaluation(path: Path, step: int, final: bool) -> bool:
     )
 
 
+def finished(path: Path) -> bool:
+    """Whether the metrics file ``path`` holds a final evaluation: the run it records ran to its end."""
+    return any(record.get("final") for record in read_records(path, METRIC))
+
+
 def _whole_lines(text: str) -> list[str]:
     """The lines of a file a run appends to: past its last newline is nothing, or a line a kill cut short."""
     return text.split("\n")[:-1]

@@ -418,6 +418,12 @@ def open_run(
             raise UserError(
                 f"{run_dir} holds checkpoints no run resumes from ({', '.join(saved)}): use another --run-dir"
             )
+        if not resumed and held_a_run and report.finished(run_dir / RECORDS[0]):
+            held.close()  # its checkpoints removed by hand, say, to keep the model alone: not a dead run's
+            raise UserError(
+                f"{run_dir} holds a finished run (its {RECORDS[0]} has its final evaluation) whose checkpoints "
+                "are gone: use another --run-dir"
+            )
         if not resumed and held_a_run:
             _start_afresh(run_dir)
         if not resumed:  # a resume writes its spec once the loop has checked it (Run.write_spec)

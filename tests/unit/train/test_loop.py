@@ -625,6 +625,23 @@ def test_a_new_run_where_one_died_before_its_first_checkpoint_starts_its_records
     assert [r["step"] for r in records(tmp_path / "run") if "lr" in r] == list(range(1, 11))
 
 
+def test_a_new_run_in_a_finished_run_whose_checkpoints_were_removed_is_refused_and_removes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Its checkpoints removed by hand (to keep the exported model alone, say), a finished run looked like one
+    that died before its first checkpoint, and a new run in its folder deleted its metrics, curves and model."""
+    with open_run(tmp_path / "run") as run:
+        loop.train(
+            run, run.restore(fresh()), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=lambda *_: {}
+        )
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    (tmp_path / "run" / "model.json").write_text("{}")  # as a fine-tuning run's model files
+    before = {path: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
+    with pytest.raises(runs.UserError, match=r"run holds a finished run \(its metrics.jsonl has its final"):
+        open_run(tmp_path / "run")
+    assert {path: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()} == before
+
+
 def test_a_new_run_where_one_died_before_its_first_checkpoint_removes_the_files_that_run_wrote(
     tmp_path: Path,
 ) -> None:
