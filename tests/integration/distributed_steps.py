@@ -141,7 +141,8 @@ def whole_bytes_held(parallel: Parallel) -> dict[str, int]:
     params = module.init(config, 0)
     return {
         "peak": max(book.peak for book in books),
-        "outside": sum(t.numel() * t.element_size() for t in tensors(params.exclude("blocks"))),
+        # (the vectors outside the blocks are held whole by every rank, never gathered)
+        "outside": sum(t.numel() * t.element_size() for t in tensors(params.exclude("blocks")) if t.ndim > 1),
         "block": sum(t.numel() * t.element_size() for t in tensors(params["blocks"])) // config.n_layers,
     }
 

@@ -134,12 +134,22 @@ def test_each_sharded_rank_holds_half_the_state(out: Path, name: str) -> None:
     counts = json.loads((out / "counts.json").read_text())
     dp, fsdp = counts[f"{name}-dp"], counts[f"{name}-fsdp"]
     assert dp["local"] == dp["total"]
-    assert fsdp["local"] == (fsdp["total"] - 1) // 2 + 1  # every tensor halved; the step counter kept whole
     shards = [load_file(out / f"{name}-fsdp-rank{r}.safetensors") for r in range(2)]
-    whole = load_file(out / f"{name}-fsdp.safetensors")
+    kept = assert_halved(load_file(out / f"{name}-fsdp.safetensors"), shards)
+    assert fsdp["local"] == (fsdp["total"] - kept) // 2 + kept
+
+
+def assert_halved(whole: dict[str, torch.Tensor], shards: list[dict[str, torch.Tensor]]) -> int:
+    """Every tensor split between the ranks, but the step counter and the vectors outside the blocks (final
+    norms), which each rank keeps whole; how many numbers those are."""
+    kept = 0
     for key, tensor in whole.items():
-        if tensor.ndim:
-            assert sum(s[key].numel() for s in shards) == tensor.numel(), key
+        if tensor.ndim == 0 or (".blocks." not in key and tensor.ndim == 1):
+            assert all(torch.equal(shard[key], tensor) for shard in shards), key
+            kept += tensor.numel()
+        else:
+            assert sum(shard[key].numel() for shard in shards) == tensor.numel(), key
+    return kept
 
 
 def test_a_sharded_step_under_bf16_autocast_is_the_one_process_step_up_to_bf16_rounding(out: Path) -> None:
@@ -221,10 +231,7 @@ def test_muon_fully_sharded_is_the_one_process_step(out: Path) -> None:
     assert any(key.startswith("opt.momentum.") for key in alone)
     sharded = load_file(out / "gpt-fsdp-muon.safetensors")
     assert_close_state(sharded, alone, kinds=("params.", "opt.m.", "opt.v.", "opt.momentum."))
-    shards = [load_file(out / f"gpt-fsdp-muon-rank{r}.safetensors") for r in range(2)]
-    for key, tensor in sharded.items():
-        if tensor.ndim:
-            assert sum(s[key].numel() for s in shards) == tensor.numel(), key
+    assert_halved(sharded, [load_file(out / f"gpt-fsdp-muon-rank{r}.safetensors") for r in range(2)])
 
 
 def test_a_sharded_rank_holds_one_block_whole_at_a_time(out: Path) -> None:

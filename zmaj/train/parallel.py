@@ -10,7 +10,8 @@ runs the same loop over a disjoint slice of each global batch (``Parallel.rows``
   identical update keeps the ranks identical.
 - **fsdp** (fully sharded, the semantics of FSDP / ZeRO-3): every leaf of the parameters and of the AdamW moments
   is cut along its first dimension after the stacked-layer axis, and rank r keeps the r-th piece, about 1/N of
-  the state (``shard``). The forward gathers the non-block parameters once and each block's parameters just
+  the state (``shard``); the vectors outside the blocks stay whole on every rank (``shard_dim``), their
+  gradients all-reduced as data parallel's are. The forward gathers the non-block parameters once and each block's parameters just
   before the block computes (``sharded_forward``, through ``zmaj.models.common.layers``); autograd turns each
   gather into a reduce-scatter of the gradient, so every rank ends the backward with the gradient of exactly its
   shard, summed over all ranks. AdamW's update is elementwise, so each rank updates its own shard; Muon's
@@ -46,7 +47,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models.common import Batch, materializing
-from zmaj.train.optim import global_norm
+from zmaj.train.optim import global_norm, leaf_keys
 
 Kind = Literal["dp", "fsdp"]
 T = TypeVar("T")
@@ -208,24 +209,31 @@ class Parallel:
 
     def reduce_grads(self, grads: TensorDictBase) -> TensorDictBase:
         """The gradients summed over the ranks. Data parallel: one all-reduce over a single flat buffer of every
-        gradient (one collective per step instead of one per tensor). Sharded: already done, each shard's
-        reduce-scatter ran in the backward."""
-        if not self.distributed or self.sharded:
+        gradient (one collective per step instead of one per tensor). Sharded: each shard's reduce-scatter ran
+        in the backward; the leaves every rank keeps whole (``shard_dim``) are all-reduced here, as data
+        parallel's are."""
+        if not self.distributed:
             return grads
-        leaves = tensors(grads)
+        keys = [key for key in leaf_keys(grads) if not self.sharded or shard_dim(grads, key) is None]
+        if not keys:
+            return grads
+        leaves = [cast(Tensor, grads.get(key)) for key in keys]
         flat = torch.cat([g.reshape(-1) for g in leaves])
         dist.all_reduce(flat)
-        out = grads.empty(recurse=True)
-        parts = torch.split(flat, [g.numel() for g in leaves])
-        for key, part, like in zip(grads.keys(True, True), parts, leaves, strict=True):
-            out.set(key, part.view_as(like))
-        return out
+        summed = dict(zip(keys, torch.split(flat, [g.numel() for g in leaves]), strict=True))
+        return _map_leaves(grads, lambda key, g: summed[key].view_as(g) if key in summed else g)
 
     def global_norm(self, grads: TensorDictBase) -> Tensor:
-        """The L2 norm of the whole gradient (``optim.global_norm``); sharded, of every rank's shards together:
-        the square root of the summed squares of each rank's norm."""
-        norm = global_norm(grads)
-        return self.all_sum(norm.square()).sqrt() if self.sharded else norm
+        """The L2 norm of the whole gradient (``optim.global_norm``); sharded, of every rank's shards together
+        (the square root of the summed squares of each rank's norm) and of the leaves every rank keeps whole,
+        counted once."""
+        if not self.sharded:
+            return global_norm(grads)
+        whole = [key for key in leaf_keys(grads) if shard_dim(grads, key) is None]
+        squares = self.all_sum(global_norm(grads.exclude(*whole)).square())
+        if whole:
+            squares = squares + global_norm(grads.select(*whole)).square()
+        return squares.sqrt()
 
     def shard(self, td: TensorDictBase) -> TensorDict:
         """This rank's piece of every leaf (fully sharded), or ``td`` itself (data parallel, one process)."""
@@ -334,10 +342,18 @@ SINGLE = Parallel()
 
 def shard_dim(td: TensorDictBase, key: tuple[str, ...]) -> int | None:
     """The dimension a leaf is sharded along: the first after its stacked-layer axes (so a layer's piece is
-    ``blocks[i]``'s first dimension), or None for a scalar (the step counter), which every rank keeps."""
+    ``blocks[i]``'s first dimension), or None for a leaf every rank keeps whole: a scalar (the step counter)
+    and a vector outside the blocks (the final norm's scale, the U-net skips' weights).
+
+    Those vectors are a few thousand numbers of the model, read whole at every step, so sharding them saves
+    nothing and costs a collective each; and some cannot be split: a 4-layer GPT has 2 skip weights, which
+    4 ranks cannot share evenly. DeepSpeed's ZeRO-3 likewise keeps its small parameters whole on every rank
+    (``stage3_param_persistence_threshold``). ``td`` is a whole tree (parameters, gradients, a state), whose
+    top level has no batch dimensions."""
     parent = td.get(key[:-1]) if len(key) > 1 else td
     dim = parent.batch_dims
-    return dim if td.get(key).ndim > dim else None
+    ndim = td.get(key).ndim
+    return dim if ndim > dim and not (dim == 0 and ndim == 1) else None
 
 
 def tensors(td: TensorDictBase) -> list[Tensor]:
@@ -471,8 +487,8 @@ class _Gather(torch.autograd.Function):
 def sharded_forward(
     forward: Callable[..., Out], parallel: Parallel, dtype: torch.dtype
 ) -> Callable[..., Out]:
-    """``forward`` over this rank's shards, FSDP's way. The parameters outside the blocks (embeddings, final
-    norm) are gathered up front and kept for the step; each block's are gathered just before the block runs
+    """``forward`` over this rank's shards, FSDP's way. The parameters outside the blocks (the embeddings; the
+    vectors among them every rank holds whole) are gathered up front and kept for the step; each block's are gathered just before the block runs
     (``zmaj.models.common.layers``), freed when the next block starts, and gathered again for its backward
     (``Gathered``).
 
@@ -490,6 +506,8 @@ def sharded_forward(
 
         def gather(td: TensorDictBase, layer: int | None) -> TensorDictBase:
             def whole(key: tuple[str, ...], shard: Tensor) -> Tensor:
+                if layer is None and shard_dim(td, key) is None:  # every rank holds it whole
+                    return shard
                 as_dtype = dtype if layer is not None and shard.ndim >= 2 else shard.dtype
                 return cast(
                     Tensor, _Gather.apply(shard, as_dtype, parallel.size, group.group_name, book, layer)

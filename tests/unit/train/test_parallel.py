@@ -2,6 +2,8 @@
 and that a model gathers its blocks one layer at a time (the collectives themselves run in
 ``tests/integration/test_distributed.py``)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given
@@ -11,8 +13,10 @@ from tensordict import TensorDictBase
 from zmaj.models import gpt, llama
 from zmaj.models.common import Batch, layers, materializing
 from zmaj.train.parallel import Parallel, ParallelConfig, shard_dim, tensors
+from zmaj.train.spec import PretrainSpec, load
 from zmaj.train.step import init_state
 
+ROOT = Path(__file__).resolve().parents[3]
 GPT = gpt.GPTConfig(vocab_size=64, context=16, d_model=32, n_layers=3, n_heads=2)
 
 
@@ -34,16 +38,30 @@ def test_a_batch_the_ranks_cannot_split_evenly_is_refused_naming_the_field() -> 
 def test_sharded_pieces_are_cut_after_the_layer_axis_and_join_back_to_the_whole(size: int) -> None:
     state = init_state(gpt.init(GPT, seed=0))
     pieces = [Parallel("fsdp", rank, size).shard(state) for rank in range(size)]
+    kept = []
     for key in state.keys(True, True):
         assert isinstance(key, tuple)
         whole, dim = state.get(key), shard_dim(state, key)
-        if dim is None:  # the step counter
+        if whole.ndim == 0 or ("blocks" not in key and whole.ndim == 1):  # the step counter, a final norm
+            assert dim is None, key
             assert all(torch.equal(p.get(key), whole) for p in pieces)
+            kept.append(whole.numel())
             continue
         assert dim == (1 if "blocks" in key else 0), key
         assert torch.equal(torch.cat([p.get(key) for p in pieces], dim), whole), key
+    assert len(kept) == 1 + 3 * 2  # the step counter; the final norm's weight and bias, and their moments
     local = sum(t.numel() for t in tensors(pieces[0]))
-    assert local == (sum(t.numel() for t in tensors(state)) - 1) // size + 1
+    assert local == (sum(t.numel() for t in tensors(state)) - sum(kept)) // size + sum(kept)
+
+
+@pytest.mark.parametrize("size", [2, 4, 8])
+def test_the_default_model_shards_over_2_4_and_8_ranks(size: int) -> None:
+    """Its 2 U-net skip weights stay whole on every rank (``shard_dim``): split, 4 ranks were refused."""
+    spec = load(PretrainSpec, ROOT / "specs" / "pretrain" / "stdlib-tiny.yaml", [])  # programs/pretrain.py's
+    assert spec.model.unet_skips
+    params = gpt.init(spec.model, 0, device="meta")
+    assert params["unet_skips", "weight"].shape == (2,)
+    Parallel("fsdp", 0, size).check_shardable(params)
 
 
 def test_data_parallel_and_one_process_keep_the_state_whole() -> None:
