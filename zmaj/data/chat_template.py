@@ -14,6 +14,7 @@ zmaj's own models use :data:`DEFAULT_TEMPLATE`, written with the role tokens res
 """
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import datetime
@@ -46,43 +47,74 @@ def render(
 
     A template that does not compile, refuses the conversation (``raise_exception``: "System role not
     supported") or fails on it is a ValueError with Jinja's message, so programs report it in one line."""
-    text, _ = render_with_generation(template, messages, add_generation_prompt, **tokens)
-    return text
+    return _render(template, messages, add_generation_prompt, tokens, marking=False)
 
 
 def render_with_generation(
     template: str, messages: Sequence[Message], add_generation_prompt: bool, **tokens: str | None
 ) -> tuple[str, list[tuple[int, int]]]:
     """:func:`render`, and where the text of each ``{% generation %}`` block lands in it (start, end), as
-    ``transformers`` records them for ``return_assistant_tokens_mask``: a template that marks the assistant's
-    text itself says exactly what is the answer's, where the text a turn adds also holds the template's own
-    (the newline after ``<|im_end|>``).
+    ``transformers``' ``return_assistant_tokens_mask`` means them: a template that marks the assistant's text
+    itself says exactly what is the answer's, where the text a turn adds also holds the template's own (the
+    newline after ``<|im_end|>``).
 
-    No spans (``[]``) where a block sits inside a macro, a ``{% set %}`` block or a filter: their output is
-    buffered, so a block's start is not the length written so far (``transformers`` records wrong spans there,
-    and trains the role markers); each span is checked to hold its block's text."""
-    blocks: list[str] = []
-    spans: list[tuple[int, int, str]] = []
-    tracking = _tracking.set((blocks, spans))
+    Found by rendering a second time with each block's text between two private-use characters (:data:`MARKS`),
+    which pass through whatever the template does with it: a block inside a macro, a ``{% set %}`` block or a
+    filter is written into a buffer first, so the length written so far, which ``transformers`` records as its
+    start, is not where it lands (there it trains the role markers). No spans (``[]``) when the marks cannot be
+    trusted: the conversation holds one of them, or the template did more than move the marked text (a filter
+    that trims it, a block nested in a block), so that the second rendering less its marks is not the first."""
+    text = _render(template, messages, add_generation_prompt, tokens, marking=False)
+    if any(mark in text for mark in MARKS):
+        return text, []
+    unmarked = _unmark(_render(template, messages, add_generation_prompt, tokens, marking=True))
+    if unmarked is None or unmarked[0] != text:
+        return text, []
+    return unmarked
+
+
+MARKS = ("\ue000", "\ue001")
+"""The start and end of a generation block's text in :func:`render_with_generation`'s second rendering:
+characters of Unicode's private use area, which no template writes."""
+
+
+def _render(
+    template: str,
+    messages: Sequence[Message],
+    add_generation_prompt: bool,
+    tokens: Mapping[str, str | None],
+    marking: bool,
+) -> str:
+    marks = _marking.set(marking)
     try:
-        # generate() yields the text as it is written: when a block's body is rendered, everything before it
-        # has been yielded, so its start is the length so far.
-        for block in _compiled(template).generate(
+        return _compiled(template).render(
             messages=[dict(message) for message in messages],
             add_generation_prompt=add_generation_prompt,
             tools=None,  # zmaj passes none; templates test `tools is not none`
             documents=None,
             **{name: token for name, token in tokens.items() if token is not None},
-        ):
-            blocks.append(block)
+        )
     except (jinja2.TemplateError, TypeError) as error:  # TypeError: the template's own bug, say "a" + 1
         raise ValueError(f"chat template: {error}") from error
     finally:
-        _tracking.reset(tracking)
-    text = "".join(blocks)
-    if any(text[start:end] != body for start, end, body in spans):
-        return text, []
-    return text, [(start, end) for start, end, _ in spans]
+        _marking.reset(marks)
+
+
+def _unmark(marked: str) -> tuple[str, list[tuple[int, int]]] | None:
+    """The text without its :data:`MARKS` and the spans they enclosed; None if they do not pair up in order."""
+    pieces, spans, length, start = [], [], 0, None
+    for piece in re.split(f"([{''.join(MARKS)}])", marked):
+        if piece == MARKS[0] and start is None:
+            start = length
+        elif piece == MARKS[1] and start is not None:
+            spans.append((start, length))
+            start = None
+        elif piece in MARKS:  # a block in a block, or an end without a start
+            return None
+        else:
+            pieces.append(piece)
+            length += len(piece)
+    return ("".join(pieces), spans) if start is None else None
 
 
 @cache
@@ -96,17 +128,14 @@ def _compiled(template: str) -> jinja2.Template:
     return environment.from_string(template)
 
 
-_tracking: ContextVar[tuple[list[str], list[tuple[int, int, str]]] | None] = ContextVar(
-    "tracking", default=None
-)
-"""While :func:`render_with_generation` renders: the text yielded so far, and each generation block's span and
-text."""
+_marking: ContextVar[bool] = ContextVar("marking", default=False)
+"""Whether generation blocks write their text between :data:`MARKS` (:func:`render_with_generation`)."""
 
 
 class _Generation(Extension):
-    """``{% generation %}...{% endgeneration %}``, which writes its body and, while
-    :func:`render_with_generation` renders, records where it lands. As in ``transformers``, the body is a
-    caller (a macro), so what it sets stays inside."""
+    """``{% generation %}...{% endgeneration %}``, which writes its body, between :data:`MARKS` in
+    :func:`render_with_generation`'s second rendering. As in ``transformers``, the body is a caller (a macro),
+    so what it sets stays inside."""
 
     tags = {"generation"}  # noqa: RUF012 (jinja2 types it as a plain attribute)
 
@@ -117,11 +146,7 @@ class _Generation(Extension):
 
     def _body(self, caller: Callable[[], str]) -> str:
         text = caller()
-        if (tracking := _tracking.get()) is not None:
-            blocks, spans = tracking
-            start = sum(map(len, blocks))
-            spans.append((start, start + len(text), text))
-        return text
+        return f"{MARKS[0]}{text}{MARKS[1]}" if _marking.get() else text
 
 
 def _tojson(

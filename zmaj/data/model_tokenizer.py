@@ -24,6 +24,7 @@ from tokenizers import processors
 from zmaj.data import chat_template
 from zmaj.data.chat_template import Message
 from zmaj.data.tokenizer import BOS, END, EOS, PAD, Tokenizer, read_tokenizer_file
+from zmaj.fileio import atomic_write_text
 from zmaj.text import read_json, read_text
 
 TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
@@ -208,10 +209,11 @@ class ModelTokenizer:
     def save(self, folder: str | Path) -> None:
         """``tokenizer.json`` and ``tokenizer_config.json`` as ``transformers``' ``AutoTokenizer`` reads them, and
         the stop tokens in ``generation_config.json``. The chat template goes into the config; an old
-        ``chat_template.jinja`` in ``folder`` is removed, since it would take the template's place."""
+        ``chat_template.jinja`` in ``folder`` is removed, since it would take the template's place. Each file is
+        written whole or not at all (``zmaj.fileio``): a fine-tuning run writes them into its run folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / TOKENIZER_FILE).write_text(self.tokenizer.to_str())
+        atomic_write_text(folder / TOKENIZER_FILE, self.tokenizer.to_str())
         config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token,
@@ -225,10 +227,12 @@ class ModelTokenizer:
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         (folder / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
-        (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(
+            folder / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        )
         # Other keys of an existing generation config (sampling defaults, lengths) are the model's; kept.
         generation = _read_json(folder / GENERATION_CONFIG_FILE) | self.generation_config()
-        (folder / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+        atomic_write_text(folder / GENERATION_CONFIG_FILE, json.dumps(generation, indent=2) + "\n")
 
     def generation_config(self) -> dict[str, Any]:
         """``generation_config.json``'s token ids: where ``transformers``' ``generate`` looks for its stop tokens."""

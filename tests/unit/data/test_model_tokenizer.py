@@ -1,7 +1,9 @@
 """A model's tokenizer renders chats exactly as ``transformers`` does, marks exactly the assistant's tokens, and
 survives a save/load round trip that ``transformers``' ``AutoTokenizer`` reads the same way."""
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +129,9 @@ def test_the_assistant_mask_is_transformers_for_templates_that_mark_the_answer(
     assert mask == [bool(m) for m in theirs["assistant_masks"]]
 
 
-def test_generation_blocks_in_a_macro_fall_back_to_the_turns_text(model_tokenizer: ModelTokenizer) -> None:
+def test_generation_blocks_in_a_macro_mark_the_answers(model_tokenizer: ModelTokenizer) -> None:
     """A macro's output is buffered, so where its generation block lands is not the length written so far:
-    taken as it was recorded (as transformers takes it), the mask trained the role markers, not the answers.
-    Unverifiable spans are dropped, and the turns are found as for a template without blocks."""
+    taken as it was recorded (as transformers takes it), the mask trained the role markers, not the answers."""
     macro = (
         "{% macro turn(m) %}{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}"
         "{{ m['content'] + '<|end|>' }}{% endgeneration %}{% else %}"
@@ -148,6 +149,46 @@ def test_generation_blocks_in_a_macro_fall_back_to_the_turns_text(model_tokenize
     ids, mask = tokenizer.encode_chat_with_mask(messages)
     answers = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m], False)
     assert answers == "five<|end|>ten<|end|>"
+
+
+ANSWER = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}]
+
+
+@pytest.mark.parametrize(
+    ("template", "messages", "spans"),
+    [
+        # Buffered in a set block, then written after "xx": the length written when the block ran was 0, and
+        # the text there, "x", is the answer's too, so checking the text did not catch it.
+        (
+            "{% set ns %}{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+            "{% endgeneration %}{% endif %}{% endfor %}{% endset %}xx{{ ns }}",
+            ANSWER,
+            [(2, 3)],
+        ),
+        # A filter over the block: what lands is the answer's text as the filter wrote it.
+        (
+            "{% for m in messages %}{{ m.role }}:{% filter upper %}{% generation %}{{ m.content }}"
+            "{% endgeneration %}{% endfilter %};{% endfor %}",
+            ANSWER,
+            [(5, 6), (17, 18)],  # "user:Q;assistant:X;"
+        ),
+        # A filter that trims the block's text from outside it: the marks would keep its spaces, so none.
+        ("{% filter trim %}{% generation %} x {% endgeneration %}{% endfilter %}", ANSWER, []),
+        # A block in a block, and a conversation holding a mark: none.
+        ("{% generation %}a{% generation %}b{% endgeneration %}{% endgeneration %}", ANSWER, []),
+        (
+            "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}",
+            [{"role": "user", "content": "\ue000"}],
+            [],
+        ),
+    ],
+)
+def test_generation_spans_are_where_the_blocks_text_lands_or_none(
+    template: str, messages: list[dict[str, str]], spans: list[tuple[int, int]]
+) -> None:
+    text, found = chat_template.render_with_generation(template, messages, add_generation_prompt=False)
+    assert text == chat_template.render(template, messages, add_generation_prompt=False)
+    assert found == spans
 
 
 def test_a_template_that_rewrites_history_is_refused(model_tokenizer: ModelTokenizer) -> None:
@@ -240,6 +281,32 @@ def test_saving_keeps_the_stop_tokens_and_the_models_other_generation_settings(
     assert loaded.stop_ids == model_tokenizer.stop_ids
     assert len(model_tokenizer.stop_ids) == 2  # <|eos|> and <|end|>
     assert json.loads((tmp_path / "generation_config.json").read_text())["max_length"] == 77
+
+
+@pytest.mark.parametrize("failing", [1, 2, 3])
+def test_a_save_that_fails_keeps_every_old_file_whole(
+    model_tokenizer: ModelTokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: int
+) -> None:
+    """A fine-tuning run saves its tokenizer into its run folder; written in place, a full disk (or a kill)
+    during the n-th file left it cut short. The files before it are new, the failing one and those after it old."""
+    names = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+    for name in names:
+        (tmp_path / name).write_text('{"old": true}')
+    calls = 0
+
+    def fsync(descriptor: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2 * failing - 1:  # each file's bytes, then its folder, are flushed to disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left"):
+        model_tokenizer.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    assert [(tmp_path / name).read_text() == '{"old": true}' for name in names] == [
+        i >= failing for i in range(1, 4)
+    ]
 
 
 def test_a_generation_config_without_eos_loads_as_in_transformers(
