@@ -145,8 +145,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _one_dtype(params: TensorDict, declared: object, folder: Path) -> TensorDict:
     """``params`` in one floating dtype: a checkpoint that stores some tensors in another (float32 norms beside
-    bfloat16 matrices) is cast as ``transformers`` loads it, to ``config.json``'s ``dtype``, else the widest
-    stored, rather than failing at the first matmul of two dtypes."""
+    bfloat16 matrices) is cast to ``config.json``'s ``dtype``, as ``transformers`` loads it, rather than failing
+    at the first matmul of two dtypes. Without one, to the widest stored, which loses nothing: ``transformers``
+    (``dtype="auto"``) takes the first floating tensor's type instead, so its logits may then be the narrower
+    type's."""
     stored = {t.dtype for t in params.values(True, True) if isinstance(t, Tensor) and t.is_floating_point()}
     if len(stored) <= 1:
         return params
@@ -260,13 +262,15 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
     base, scaling = _rope(hf, params, context)
     n_heads = hf.size("num_attention_heads")
     default_head_dim = 128 if model_type == "qwen3" else hf.size("hidden_size") // n_heads
+    # Qwen2Config and Qwen3Config default to 32 key/value heads, LlamaConfig to one per query head.
+    default_kv_heads = 32 if model_type in ("qwen2", "qwen3") else n_heads
     return LlamaConfig(
         vocab_size=hf.size("vocab_size"),
         context=context,
         d_model=hf.size("hidden_size"),
         n_layers=hf.size("num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=hf.size("num_key_value_heads", n_heads),
+        n_kv_heads=hf.size("num_key_value_heads", default_kv_heads),
         head_dim=hf.size("head_dim", default_head_dim),
         d_ff=hf.size("intermediate_size"),
         norm_eps=hf.number("rms_norm_eps", 1e-6),

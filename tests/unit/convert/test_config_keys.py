@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import transformers
 from gguf import GGMLQuantizationType
 
@@ -146,6 +147,24 @@ def test_qwen3_absent_head_dim_is_transformers_128() -> None:
         "intermediate_size": 64,
     }
     assert hf.config_from_hf(sizes).head_dim == transformers.Qwen3Config(**sizes).head_dim == 128
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
+def test_absent_key_value_heads_are_transformers_default(model_type: str) -> None:
+    """Qwen2Config and Qwen3Config default to 32 key/value heads, LlamaConfig to the query heads' count: read as
+    the latter, a Qwen config without the key refused a checkpoint that transformers loads."""
+    sizes: dict[str, Any] = {
+        "model_type": model_type,
+        "vocab_size": 64,
+        "hidden_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 64,
+        "intermediate_size": 64,
+        "head_dim": 8,
+    }
+    reference = transformers.AutoConfig.for_model(**sizes)
+    assert hf.config_from_hf(sizes).n_kv_heads == reference.num_key_value_heads
+    assert reference.num_key_value_heads == (64 if model_type == "llama" else 32)
 
 
 def test_gpt2_config_carries_its_epsilon_and_dropout_both_ways() -> None:
