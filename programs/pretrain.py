@@ -61,7 +61,9 @@ def main() -> None:
 
 def check_backend(spec: PretrainSpec, parallel: Parallel) -> None:
     """Fail before any work when the spec cannot train here."""
-    if spec.model.attention == "flex":  # (tests/unit/train/test_step.py tries it on every device)
+    if (
+        spec.model.attention == "flex"
+    ):  # (tests/unit/train/test_step.py: a strict xfail on CUDA, skipped on the CPU)
         raise SpecError(
             "model.attention: flex-attention cannot be differentiated under torch.func, which the training step "
             "uses (pytorch/pytorch#144810); train with auto (or sdpa, eager), and use flex for inference"

@@ -111,8 +111,8 @@ def score_continuations(
     A pair longer than ``max_length + 1`` tokens loses the start of its context (as ``HFLM``); the last token is
     only predicted, never read. Rows are right-padded without a mask: causal attention already keeps each real
     token from the padding after it. Only the continuations' positions go through the unembedding (in the
-    model's dtype; the log-softmax in float32, as lm-eval's ``hf`` backend does), so memory grows with the tokens
-    scored, not with ``batch x seq x vocab``.
+    model's dtype; the log-softmax in float32, where lm-eval's ``hf`` backend takes it in the model's dtype unless
+    given ``softmax_dtype``), so memory grows with the tokens scored, not with ``batch x seq x vocab``.
     """
     for context, continuation in pairs:
         if not context or not continuation or len(continuation) > max_length:

@@ -90,8 +90,8 @@ def choose(
     if sampling.temperature == 0.0:
         return logits.argmax(-1)
     # Shifted to a maximum of 0 first (softmax is the same): a tiny temperature then cannot overflow to inf. One
-    # below float32's smallest normal number would round to 0 there and make the top logit 0/0: it is that
-    # number instead, which samples the top token as surely.
+    # below float32's smallest subnormal number (~1.4e-45) would round to 0 there and make the top logit 0/0;
+    # clamped to the smallest normal number, it samples the top token as surely.
     logits = logits.float()
     temperature = max(sampling.temperature, torch.finfo(torch.float32).tiny)
     logits = (logits - logits.amax(-1, keepdim=True)) / temperature

@@ -9,8 +9,9 @@ flex-attention (https://pytorch.org/blog/flexattention/), so one definition serv
 - ``block_mask`` hands the same mod to ``create_block_mask``, which records which 128x128 tiles hold any allowed
   pair, so flex-attention skips the rest (packed documents cost in proportion to their blocks).
 
-Mods combine by logical AND (``combine``). Indices are positions in the key sequence: a query block that starts
-later (a KV-cache decode step) shifts its query indices with ``offset_queries``.
+Mods combine by logical AND (``combine``). Indices are positions in the key sequence: a block of fewer queries
+than keys, the last ones (``zmaj.nn.attention.prepare_mask``), shifts its query indices with ``offset_queries``;
+cached decoding masks by cache slot instead (``zmaj.models.common.cache_mask``).
 """
 
 from collections.abc import Callable

@@ -328,7 +328,7 @@ def grpo_step(
     decay: TensorDictBase,
     parallel: Parallel = SINGLE,
 ) -> tuple[TensorDict, Metrics]:
-    """One AdamW step on the GRPO loss of a rollout; call it mu times per rollout for mu passes (a rollout
+    """One optimizer step (AdamW or Muon: ``apply_grads``) on the GRPO loss of a rollout; call it mu times per rollout for mu passes (a rollout
     sampled with ``score_old=False`` serves one pass only).
 
     Data parallel, each rank brings the rollout of its own prompts (the same number on every rank): the loss is
@@ -336,7 +336,7 @@ def grpo_step(
 
     ``state`` is ``zmaj.train.step.init_state(params)``. Metrics: the loss, ``kl`` (with reference log-probs),
     ``clip_fraction``, the mean ``reward`` and ``completion_length`` of every sample, ``kept_groups`` (the share
-    of prompts that trained), ``grad_norm``, ``lr``. A rollout that kept no prompt still takes the AdamW step,
+    of prompts that trained), ``grad_norm``, ``lr``. A rollout that kept no prompt still takes the optimizer step,
     with zero gradients: its moments carry it on, as they would with the zero advantages.
     """
     assert rollout.batch.loss_mask is not None
@@ -356,7 +356,7 @@ def grpo_step(
             {} if rollout.reference_logprobs is None else {"kl": zero}
         )
     grads = parallel.reduce_grads(grads)
-    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay)
+    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay, parallel=parallel)
     lengths = torch.tensor([len(completion) for completion in rollout.completions], dtype=torch.float32)
     means = {
         "reward": rollout.rewards.mean(),
