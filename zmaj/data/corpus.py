@@ -18,6 +18,7 @@ import os
 import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -123,29 +124,29 @@ class HubLike(Protocol):
 
 
 def _hub_local_files(source: HubLike) -> list[str]:
-    """The local files a hub source reads, found as ``datasets`` finds them: for a builder ("json", "parquet":
-    one of ``datasets``' packaged modules, which it looks up before any folder of that name) its ``data_files``
-    patterns, relative to the working directory; for a local folder, its card (whose options, a parquet
-    filter say, shape the rows too) and those patterns relative to it, or else every file in it outside hidden
-    directories (a superset of what ``datasets`` picks). A Hub dataset's ``data_files`` name files of its
-    repository, which are not listed."""
-    folder = Path(source.path)
-    patterns = [source.data_files] if isinstance(source.data_files, str) else source.data_files or []
+    """The local files a hub source reads: for a builder ("json", "parquet": one of ``datasets``' packaged
+    modules, which it looks up before any folder of that name) its ``data_files`` patterns, relative to the
+    working directory; for a local folder, the files ``datasets`` resolves for it (:func:`_folder_files`). A Hub
+    dataset's ``data_files`` name files of its repository, which are not listed."""
     if _is_builder(source):
-        base = os.getcwd()
-    elif folder.is_dir():
-        if not patterns:
-            files = (p for p in folder.rglob("*") if p.is_file())
-            return sorted(
-                str(p) for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)
-            )
-        if (folder / CARD).is_file():
-            patterns = [*patterns, CARD]
-        base = source.path
-    else:
-        return []
-    local = (pattern for pattern in patterns if "://" not in pattern)
-    return sorted({file for pattern in local for file in resolve_pattern(pattern, base)})
+        patterns = [source.data_files] if isinstance(source.data_files, str) else source.data_files or []
+        local = (pattern for pattern in patterns if "://" not in pattern)
+        return sorted({file for pattern in local for file in resolve_pattern(pattern, os.getcwd())})
+    if Path(source.path).is_dir():
+        return _folder_files(source)
+    return []
+
+
+def _folder_files(source: HubLike) -> list[str]:
+    """The files ``datasets`` reads of a local folder, as it resolves them itself (``data_files`` patterns, its
+    card's ``configs``, which may name files in a hidden folder or outside the folder, or else its own
+    patterns), and the card, whose options (a parquet filter, say) shape the rows too."""
+    with _naming_errors(hub_where(source)):
+        builder = datasets.load_dataset_builder(source.path, source.name, data_files=source.data_files)
+    resolved = builder.config.data_files or {}
+    files = {str(file) for split in resolved.values() for file in split if "://" not in str(file)}
+    card = Path(source.path) / CARD
+    return sorted(files | ({str(card)} if card.is_file() else set()))
 
 
 CARD = "README.md"
@@ -170,16 +171,23 @@ def hub_where(source: HubLike) -> str:
 def load_hub(source: HubLike) -> datasets.Dataset | datasets.IterableDataset:
     """``datasets.load_dataset`` of a source, where a source that cannot be read fails in one line naming it and
     what to do, not in a traceback from deep inside ``datasets`` (and, offline, after 20 s of retries)."""
-    where = hub_where(source)
-    try:
+    cache_dir = _folder_cache(source)  # (which names its own errors)
+    with _naming_errors(hub_where(source)):
         return datasets.load_dataset(
             source.path,
             source.name,
             data_files=source.data_files,
             split=source.split,
             streaming=source.streaming,
-            cache_dir=_folder_cache(source),
+            cache_dir=cache_dir,
         )
+
+
+@contextmanager
+def _naming_errors(where: str) -> Iterator[None]:
+    """``datasets``' errors in reading a source as one line that names it (and what to do), not a traceback."""
+    try:
+        yield
     except StopIteration as error:  # the json builder reads a first batch for the columns, and there is none
         raise ValueError(f"{where}: no rows to read (an empty file?)") from error
     except DatasetGenerationError as error:

@@ -418,6 +418,29 @@ def test_a_hub_folder_rewritten_in_place_is_read_anew(tmp_path: Path, streaming:
     assert seen == [["first", "second"], ["third", "fourth", "fifth"]]
 
 
+@pytest.mark.parametrize("where", [".data/train.jsonl", "../shared/train.jsonl"])
+def test_a_card_naming_files_in_a_hidden_folder_or_outside_is_read_anew_when_they_change(
+    tmp_path: Path, where: str
+) -> None:
+    """The files a folder's card names are the ones ``datasets`` reads, wherever they are: zmaj keyed the folder
+    on its own files outside hidden folders, so rewriting these gave the first rows, under the first key."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "README.md").write_text(
+        f"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: {where}\n---\n"
+    )
+    data = folder / where
+    data.parent.mkdir(parents=True, exist_ok=True)
+    source = HubSource(path=str(folder))
+    seen, keys = [], set()
+    for texts in (["first", "second"], ["third"]):
+        data.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+        seen.append([document.text for document in corpus.hub_documents(source)])
+        keys.add(source_key(source, "train", 0.05))
+    assert seen == [["first", "second"], ["third"]]
+    assert len(keys) == 2
+
+
 def test_a_builder_name_is_a_builder_even_beside_a_folder_of_that_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
