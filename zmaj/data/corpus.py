@@ -18,7 +18,6 @@ import os
 import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -27,8 +26,11 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from datasets.data_files import resolve_pattern
 from datasets.exceptions import DatasetGenerationError
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCard
 from loguru import logger
 
 from zmaj.data.config import FilesSource, HubSource, Source, StdlibSource
@@ -124,29 +126,58 @@ class HubLike(Protocol):
 
 
 def _hub_local_files(source: HubLike) -> list[str]:
-    """The local files a hub source reads: for a builder ("json", "parquet": one of ``datasets``' packaged
-    modules, which it looks up before any folder of that name) its ``data_files`` patterns, relative to the
-    working directory; for a local folder, the files ``datasets`` resolves for it (:func:`_folder_files`). A Hub
-    dataset's ``data_files`` name files of its repository, which are not listed."""
+    """The local files a hub source reads, found as ``datasets`` finds them: for a builder ("json", "parquet":
+    one of ``datasets``' packaged modules, which it looks up before any folder of that name) its ``data_files``
+    patterns, relative to the working directory; for a local folder, those patterns or else its card's
+    ``configs``' (any config's), relative to it and wherever they lead (a hidden folder, outside the folder),
+    with the card (whose options, a parquet filter say, shape the rows too), or else every file in it outside
+    hidden directories (a superset of what ``datasets`` picks, in one walk: ``load_dataset_builder`` resolving
+    its own patterns took 2 s for 2,000 files). A Hub dataset's ``data_files`` name files of its repository,
+    which are not listed."""
+    folder, card = Path(source.path), Path(source.path) / CARD
+    patterns = _patterns(source.data_files)
     if _is_builder(source):
-        patterns = [source.data_files] if isinstance(source.data_files, str) else source.data_files or []
-        local = (pattern for pattern in patterns if "://" not in pattern)
-        return sorted({file for pattern in local for file in resolve_pattern(pattern, os.getcwd())})
-    if Path(source.path).is_dir():
-        return _folder_files(source)
-    return []
+        base = os.getcwd()
+    elif folder.is_dir():
+        patterns = patterns or (_card_patterns(card) if card.is_file() else [])
+        if not patterns:
+            files = (p for p in folder.rglob("*") if p.is_file())
+            return sorted(
+                str(p) for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)
+            )
+        if card.is_file():
+            patterns = [*patterns, CARD]
+        base = source.path
+    else:
+        return []
+    local = (pattern for pattern in patterns if "://" not in pattern)
+    return sorted({file for pattern in local for file in resolve_pattern(pattern, base)})
 
 
-def _folder_files(source: HubLike) -> list[str]:
-    """The files ``datasets`` reads of a local folder, as it resolves them itself (``data_files`` patterns, its
-    card's ``configs``, which may name files in a hidden folder or outside the folder, or else its own
-    patterns), and the card, whose options (a parquet filter, say) shape the rows too."""
-    with _naming_errors(hub_where(source)):
-        builder = datasets.load_dataset_builder(source.path, source.name, data_files=source.data_files)
-    resolved = builder.config.data_files or {}
-    files = {str(file) for split in resolved.values() for file in split if "://" not in str(file)}
-    card = Path(source.path) / CARD
-    return sorted(files | ({str(card)} if card.is_file() else set()))
+def _patterns(data_files: Any) -> list[str]:
+    """The path patterns of a ``data_files`` value in any of the forms ``datasets`` takes: a pattern, a list of
+    them, or a list of ``{split, path}`` entries (a card's), each path a pattern or a list."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):  # {split, path}, or {split name: patterns}
+        values = [data_files["path"]] if "path" in data_files else list(data_files.values())
+        return [pattern for value in values for pattern in _patterns(value)]
+    return [pattern for entry in data_files for pattern in _patterns(entry)]
+
+
+def _card_patterns(card: Path) -> list[str]:
+    """The ``data_files`` patterns of every config a dataset card lists, as ``datasets`` reads them; a header
+    that is not YAML is one line naming the card (``datasets`` fails on it with a traceback)."""
+    try:
+        configs = MetadataConfigs.from_dataset_card_data(DatasetCard.load(card).data)
+    except yaml.YAMLError as error:
+        message = " ".join(str(error).split())
+        raise ValueError(
+            f"{card}: its YAML header (between the --- lines) cannot be read: {message}"
+        ) from error
+    return [pattern for config in configs.values() for pattern in _patterns(config.get("data_files"))]
 
 
 CARD = "README.md"
@@ -171,23 +202,16 @@ def hub_where(source: HubLike) -> str:
 def load_hub(source: HubLike) -> datasets.Dataset | datasets.IterableDataset:
     """``datasets.load_dataset`` of a source, where a source that cannot be read fails in one line naming it and
     what to do, not in a traceback from deep inside ``datasets`` (and, offline, after 20 s of retries)."""
-    cache_dir = _folder_cache(source)  # (which names its own errors)
-    with _naming_errors(hub_where(source)):
+    where = hub_where(source)
+    try:
         return datasets.load_dataset(
             source.path,
             source.name,
             data_files=source.data_files,
             split=source.split,
             streaming=source.streaming,
-            cache_dir=cache_dir,
+            cache_dir=_folder_cache(source),
         )
-
-
-@contextmanager
-def _naming_errors(where: str) -> Iterator[None]:
-    """``datasets``' errors in reading a source as one line that names it (and what to do), not a traceback."""
-    try:
-        yield
     except StopIteration as error:  # the json builder reads a first batch for the columns, and there is none
         raise ValueError(f"{where}: no rows to read (an empty file?)") from error
     except DatasetGenerationError as error:

@@ -441,6 +441,17 @@ def test_a_card_naming_files_in_a_hidden_folder_or_outside_is_read_anew_when_the
     assert len(keys) == 2
 
 
+def test_a_folder_whose_card_header_is_not_yaml_is_one_line_naming_the_card(tmp_path: Path) -> None:
+    """``datasets`` fails on it with a YAML parser's traceback."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "out" / "README.md").write_text("---\nconfigs: [default\n---\n")
+    with pytest.raises(
+        ValueError, match=r"out/README.md: its YAML header \(between the --- lines\) cannot be"
+    ):
+        source_key(HubSource(path=str(tmp_path / "out")), "train", 0.05)
+
+
 def test_a_builder_name_is_a_builder_even_beside_a_folder_of_that_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
