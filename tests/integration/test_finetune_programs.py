@@ -325,9 +325,11 @@ def test_dpo_widens_the_margin_from_on_policy_pairs(model: Path, tmp_path: Path)
     assert code == 0, err
     # dpo-tiny.yaml samples k=4 answers to each of 12 prompts, and says so before it starts
     assert "INFO | sampling 4 answers to each of 12 prompts for DPO pairs" in err
-    rows = records(tmp_path / "run")
+    rows = [row for row in records(tmp_path / "run") if "loss" in row]
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: the policy starts as the reference
     assert rows[-1]["reward_margin"] > 0.1
+    end = records(tmp_path / "run")[-1]  # no evaluation in the spec: the end alone
+    assert (end["step"], end["final"], sorted(end)) == (8, True, ["final", "step", "wall_s"])
     assert (tmp_path / "run" / "pairs.jsonl").is_file()
     assert load_model(tmp_path / "run").config == load_model(model).config
     # train.precision is honoured, as in SFT and GRPO: bf16 computes the same first step in other bits.

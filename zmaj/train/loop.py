@@ -11,7 +11,8 @@ step, final)``. The loop owns the rest, the same for pre-training, SFT, DPO and 
   (``metrics.jsonl``, and the trackers of ``train.trackers``: ``Run.record``) and the progress bar;
 - checkpoints every ``train.checkpoint_every`` steps, on Ctrl-C, after ``--stop-after`` steps and at the end,
   keeping the newest ``train.keep_checkpoints``; evaluations every ``train.eval_every`` steps, at the start of
-  a fresh run and at the end; a curves plot at the end (drawn again when a finished run is resumed);
+  a fresh run and at the end, whose line (written without an evaluation too) records that the run finished;
+  a curves plot at the end (drawn again when a finished run is resumed);
 - a non-finite loss or gradient norm stops the run. The state it produced is kept for inspection under a name
   no resume or load picks up, and ``latest`` stays on the last good checkpoint, so ``--resume`` restarts from
   there;
@@ -108,9 +109,10 @@ def train(
         stop_together(parallel, failed, "rank 0 could not save or prune a checkpoint")
 
     def scores(state: TensorDict, done: int, final: bool = False) -> None:
-        if evaluate is None:
+        # The final line is written without an evaluation too: it records the end (``report.finished``).
+        if evaluate is None and not final:
             return
-        result = evaluate(state, done, final)
+        result = evaluate(state, done, final) if evaluate is not None else {}
         extra = {"final": True, "wall_s": time.perf_counter() - run.started} if final else {}
         run.record({"step": done, **result, **extra})
 

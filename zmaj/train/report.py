@@ -78,7 +78,8 @@ def has_evaluation(path: Path, step: int, final: bool) -> bool:
 
 
 def finished(path: Path) -> bool:
-    """Whether the metrics file ``path`` holds a final evaluation: the run it records ran to its end."""
+    """Whether the metrics file ``path`` holds a final line (the final evaluation's, or the end's alone for a
+    run without evaluations): the run it records ran to its end."""
     return any(record.get("final") for record in read_records(path, METRIC))
 
 

@@ -402,28 +402,11 @@ def open_run(
         # files in it (a spec.yaml of the user's own, say) are not a dead run's to remove.
         held_a_run = (run_dir / LOCK_FILE).is_file()
         held = lock(run_dir)  # before anything is written, so that two writers never interleave
-        checkpoints = run_dir / checkpoint.CHECKPOINTS
-        if checkpoints.exists() and not checkpoints.is_dir():
+        try:
+            _check_free(run_dir, resumed, held_a_run)
+        except BaseException:
             held.close()
-            raise UserError(
-                f"{checkpoints} is not a folder, where the run saves its checkpoints: use another --run-dir"
-            )
-        saved = [] if resumed else checkpoint.saved(run_dir)
-        if saved:
-            held.close()
-            if checkpoint.resumable(run_dir):
-                raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-            # Set aside (the first step, or the one after the first checkpoint, went non-finite) and kept for
-            # inspection, pinned for a run that starts from it, or a latest naming no folder: nothing resumes.
-            raise UserError(
-                f"{run_dir} holds checkpoints no run resumes from ({', '.join(saved)}): use another --run-dir"
-            )
-        if not resumed and held_a_run and report.finished(run_dir / RECORDS[0]):
-            held.close()  # its checkpoints removed by hand, say, to keep the model alone: not a dead run's
-            raise UserError(
-                f"{run_dir} holds a finished run (its {RECORDS[0]} has its final evaluation) whose checkpoints "
-                "are gone: use another --run-dir"
-            )
+            raise
         if not resumed and held_a_run:
             _start_afresh(run_dir)
         if not resumed:  # a resume writes its spec once the loop has checked it (Run.write_spec)
@@ -451,6 +434,32 @@ LEFTOVERS = (
 """The other files a training program writes in its run folder, besides ``spec.yaml``, ``log.txt`` and
 ``checkpoints/``: a fine-tuning run's model files (LoRA's ``lora.json``, DPO's pairs), a pre-training run's
 tokenizer."""
+
+
+def _check_free(run_dir: Path, resumed: bool, held_a_run: bool) -> None:
+    """Refuse a folder this session may not write in: one whose ``checkpoints`` is not a folder, and for a new
+    run, one that holds another run's checkpoints or a finished run (its last record says so) whose checkpoints
+    are gone (removed by hand, say, to keep its model alone: not a dead run's files to remove)."""
+    checkpoints = run_dir / checkpoint.CHECKPOINTS
+    if checkpoints.exists() and not checkpoints.is_dir():
+        raise UserError(
+            f"{checkpoints} is not a folder, where the run saves its checkpoints: use another --run-dir"
+        )
+    if resumed:
+        return
+    if saved := checkpoint.saved(run_dir):
+        if checkpoint.resumable(run_dir):
+            raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
+        # Set aside (the first step, or the one after the first checkpoint, went non-finite) and kept for
+        # inspection, pinned for a run that starts from it, or a latest naming no folder: nothing resumes.
+        raise UserError(
+            f"{run_dir} holds checkpoints no run resumes from ({', '.join(saved)}): use another --run-dir"
+        )
+    if held_a_run and report.finished(run_dir / RECORDS[0]):
+        raise UserError(
+            f"{run_dir} holds a finished run (its {RECORDS[0]} records its end) whose checkpoints are gone: use "
+            "another --run-dir"
+        )
 
 
 def _start_afresh(run_dir: Path) -> None:

@@ -625,19 +625,27 @@ def test_a_new_run_where_one_died_before_its_first_checkpoint_starts_its_records
     assert [r["step"] for r in records(tmp_path / "run") if "lr" in r] == list(range(1, 11))
 
 
+@pytest.mark.parametrize("evaluates", [True, False])
 def test_a_new_run_in_a_finished_run_whose_checkpoints_were_removed_is_refused_and_removes_nothing(
-    tmp_path: Path,
+    tmp_path: Path, evaluates: bool
 ) -> None:
     """Its checkpoints removed by hand (to keep the exported model alone, say), a finished run looked like one
-    that died before its first checkpoint, and a new run in its folder deleted its metrics, curves and model."""
+    that died before its first checkpoint, and a new run in its folder deleted its metrics, curves and model.
+    A run without evaluations (a fine-tuning spec without ``eval``) records its end all the same."""
+    scores = {"score": 1.0} if evaluates else {}
     with open_run(tmp_path / "run") as run:
+        evaluate = (lambda *_: scores) if evaluates else None
         loop.train(
-            run, run.restore(fresh()), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=lambda *_: {}
+            run, run.restore(fresh()), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate
         )
+    end = records(tmp_path / "run")[-1]
+    assert end == {"step": 10, **scores, "final": True, "wall_s": end["wall_s"]}
     shutil.rmtree(tmp_path / "run" / "checkpoints")
     (tmp_path / "run" / "model.json").write_text("{}")  # as a fine-tuning run's model files
     before = {path: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
-    with pytest.raises(runs.UserError, match=r"run holds a finished run \(its metrics.jsonl has its final"):
+    with pytest.raises(
+        runs.UserError, match=r"run holds a finished run \(its metrics.jsonl records its end\)"
+    ):
         open_run(tmp_path / "run")
     assert {path: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()} == before
 
