@@ -47,7 +47,7 @@ def render(
 
     A template that does not compile, refuses the conversation (``raise_exception``: "System role not
     supported") or fails on it is a ValueError with Jinja's message, so programs report it in one line."""
-    return _render(template, messages, add_generation_prompt, tokens, marking=False)
+    return _render(template, messages, add_generation_prompt, tokens, marks=None)
 
 
 def render_with_generation(
@@ -58,24 +58,30 @@ def render_with_generation(
     itself says exactly what is the answer's, where the text a turn adds also holds the template's own (the
     newline after ``<|im_end|>``).
 
-    Found by rendering a second time with each block's text between two private-use characters (:data:`MARKS`),
-    which pass through whatever the template does with it: a block inside a macro, a ``{% set %}`` block or a
-    filter is written into a buffer first, so the length written so far, which ``transformers`` records as its
-    start, is not where it lands (there it trains the role markers). No spans (``[]``) when the marks cannot be
-    trusted: the conversation holds one of them, or the template did more than move the marked text (a filter
-    that trims it, a block nested in a block), so that the second rendering less its marks is not the first."""
-    text = _render(template, messages, add_generation_prompt, tokens, marking=False)
-    if any(mark in text for mark in MARKS):
+    Found by rendering a second time with each block's text between two characters of Unicode's private use
+    area that the text does not hold (:func:`_free_marks`), which pass through whatever the template does with
+    it: a block inside a macro, a ``{% set %}`` block or a filter is written into a buffer first, so the length
+    written so far, which ``transformers`` records as its start, is not where it lands (there it trains the role
+    markers). No spans (``[]``) when the marks cannot be trusted: the template did more than move the marked
+    text (a filter that trims it, a block nested in a block), so that the second rendering less its marks is not
+    the first. A template without blocks is rendered once."""
+    text = _render(template, messages, add_generation_prompt, tokens, marks=None)
+    if not _GENERATION_TAG.search(template):
         return text, []
-    unmarked = _unmark(_render(template, messages, add_generation_prompt, tokens, marking=True))
+    marks = _free_marks(text)
+    unmarked = _unmark(_render(template, messages, add_generation_prompt, tokens, marks), marks)
     if unmarked is None or unmarked[0] != text:
         return text, []
     return unmarked
 
 
-MARKS = ("\ue000", "\ue001")
-"""The start and end of a generation block's text in :func:`render_with_generation`'s second rendering:
-characters of Unicode's private use area, which no template writes."""
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def _free_marks(text: str) -> tuple[str, str]:
+    """Two characters of the private use area (U+E000 to U+F8FF, which no standard assigns) not in ``text``."""
+    free = (mark for mark in map(chr, range(0xE000, 0xF900)) if mark not in text)
+    return next(free), next(free)  # (a text holding all 6,400 is not a conversation)
 
 
 def _render(
@@ -83,9 +89,10 @@ def _render(
     messages: Sequence[Message],
     add_generation_prompt: bool,
     tokens: Mapping[str, str | None],
-    marking: bool,
+    marks: tuple[str, str] | None,
 ) -> str:
-    marks = _marking.set(marking)
+    """The template's text, each generation block's between ``marks`` when given."""
+    marking = _marks.set(marks)
     try:
         return _compiled(template).render(
             messages=[dict(message) for message in messages],
@@ -97,19 +104,19 @@ def _render(
     except (jinja2.TemplateError, TypeError) as error:  # TypeError: the template's own bug, say "a" + 1
         raise ValueError(f"chat template: {error}") from error
     finally:
-        _marking.reset(marks)
+        _marks.reset(marking)
 
 
-def _unmark(marked: str) -> tuple[str, list[tuple[int, int]]] | None:
-    """The text without its :data:`MARKS` and the spans they enclosed; None if they do not pair up in order."""
+def _unmark(marked: str, marks: tuple[str, str]) -> tuple[str, list[tuple[int, int]]] | None:
+    """The text without its ``marks`` and the spans they enclosed; None if they do not pair up in order."""
     pieces, spans, length, start = [], [], 0, None
-    for piece in re.split(f"([{''.join(MARKS)}])", marked):
-        if piece == MARKS[0] and start is None:
+    for piece in re.split(f"([{''.join(marks)}])", marked):
+        if piece == marks[0] and start is None:
             start = length
-        elif piece == MARKS[1] and start is not None:
+        elif piece == marks[1] and start is not None:
             spans.append((start, length))
             start = None
-        elif piece in MARKS:  # a block in a block, or an end without a start
+        elif piece in marks:  # a block in a block, or an end without a start
             return None
         else:
             pieces.append(piece)
@@ -128,12 +135,12 @@ def _compiled(template: str) -> jinja2.Template:
     return environment.from_string(template)
 
 
-_marking: ContextVar[bool] = ContextVar("marking", default=False)
-"""Whether generation blocks write their text between :data:`MARKS` (:func:`render_with_generation`)."""
+_marks: ContextVar[tuple[str, str] | None] = ContextVar("marks", default=None)
+"""The characters generation blocks write their text between, if any (:func:`render_with_generation`)."""
 
 
 class _Generation(Extension):
-    """``{% generation %}...{% endgeneration %}``, which writes its body, between :data:`MARKS` in
+    """``{% generation %}...{% endgeneration %}``, which writes its body, between marks in
     :func:`render_with_generation`'s second rendering. As in ``transformers``, the body is a caller (a macro),
     so what it sets stays inside."""
 
@@ -146,7 +153,8 @@ class _Generation(Extension):
 
     def _body(self, caller: Callable[[], str]) -> str:
         text = caller()
-        return f"{MARKS[0]}{text}{MARKS[1]}" if _marking.get() else text
+        marks = _marks.get()
+        return f"{marks[0]}{text}{marks[1]}" if marks is not None else text
 
 
 def _tojson(

@@ -100,24 +100,23 @@ class ModelTokenizer:
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The conversation in the model's chat template; a model without one cannot chat, and says so."""
-        text, _ = self._render(messages, add_generation_prompt)
-        return text
+        return chat_template.render(
+            self._template(), messages, add_generation_prompt, **self._special_tokens()
+        )
 
-    def _render(
-        self, messages: Sequence[Message], add_generation_prompt: bool
-    ) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered text and its ``{% generation %}`` blocks' spans (``chat_template.render_with_generation``)."""
+    def _template(self) -> str:
         if self.chat_template is None:
             raise ValueError("this model's tokenizer has no chat template: use a plain prompt, not --chat")
-        return chat_template.render_with_generation(
-            self.chat_template,
-            messages,
-            add_generation_prompt,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-            pad_token=self.pad_token,
-            unk_token=self.unk_token,
-        )
+        return self.chat_template
+
+    def _special_tokens(self) -> dict[str, str | None]:
+        """The special tokens a chat template may name."""
+        return {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+        }
 
     def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         """The rendered conversation's ids; the template writes any BOS itself, so none is added (as in
@@ -128,14 +127,17 @@ class ModelTokenizer:
         """The conversation's ids and, per token, whether it is written by the assistant (what SFT trains on).
 
         A template with ``{% generation %}`` blocks marks the assistant's text itself, and those blocks are it,
-        as in ``transformers``' ``return_assistant_tokens_mask`` (where they sit in a macro, whose placement
-        is not known, as for a template without them). Otherwise an assistant turn is the text that
+        as in ``transformers``' ``return_assistant_tokens_mask``, found wherever they land
+        (``chat_template.render_with_generation``; where that cannot be trusted, as for a template without
+        them). Otherwise an assistant turn is the text that
         rendering it adds after the prompt for it (``add_generation_prompt``), found by rendering the conversation
         up to each turn; a template whose renderings are not prefixes of each other cannot be split this way,
         and is refused. The end-of-turn marker belongs to the turn, so the model learns to stop; so does a token
         the template's text and the answer share.
         """
-        text, spans = self._render(messages, add_generation_prompt=False)
+        text, spans = chat_template.render_with_generation(
+            self._template(), messages, add_generation_prompt=False, **self._special_tokens()
+        )
         if not spans:
             spans = [
                 self._turn_span(text, messages, index)

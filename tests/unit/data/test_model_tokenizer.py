@@ -174,13 +174,21 @@ ANSWER = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"
         ),
         # A filter that trims the block's text from outside it: the marks would keep its spaces, so none.
         ("{% filter trim %}{% generation %} x {% endgeneration %}{% endfilter %}", ANSWER, []),
-        # A block in a block, and a conversation holding a mark: none.
-        ("{% generation %}a{% generation %}b{% endgeneration %}{% endgeneration %}", ANSWER, []),
+        # In a macro, written where it is called.
+        (
+            "{% macro t(m) %}{% generation %}{{ m.content }}{% endgeneration %}{% endmacro %}"
+            "{% for m in messages %}{{ m.role }}:{{ t(m) }};{% endfor %}",
+            ANSWER,
+            [(5, 6), (17, 18)],
+        ),
+        # A conversation holding the first private-use characters: the marks are others.
         (
             "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}",
-            [{"role": "user", "content": "\ue000"}],
-            [],
+            [{"role": "user", "content": "\ue000\ue001"}, {"role": "assistant", "content": "\ue002"}],
+            [(0, 2), (2, 3)],
         ),
+        # A block in a block: none.
+        ("{% generation %}a{% generation %}b{% endgeneration %}{% endgeneration %}", ANSWER, []),
     ],
 )
 def test_generation_spans_are_where_the_blocks_text_lands_or_none(
