@@ -165,7 +165,9 @@ def grpo_rollout(every_rank_trains: bool = False) -> tuple[list[list[int]], list
 
 
 def run_grpo(
-    parallel: Parallel, data: tuple[list[list[int]], list[list[int]], torch.Tensor]
+    parallel: Parallel,
+    data: tuple[list[list[int]], list[list[int]], torch.Tensor],
+    optimizer: optim.AdamWConfig | muon.MuonConfig = OPTIMIZER,
 ) -> tuple[TensorDict, dict[str, float]]:
     """``STEPS`` GRPO steps, with a KL penalty to another model, over this rank's prompts of one rollout; the
     state and the last step's metrics."""
@@ -188,7 +190,7 @@ def run_grpo(
         old_logprobs=None,
         reference_logprobs=reference,
     )
-    state = init_state(module.init(config, 0))
+    state = init_state(module.init(config, 0), optimizer)
     settings = grpo.GRPOConfig(group_size=2, micro_batch=2, kl_beta=0.1)
     decay = optim.decay_mask(state["params"])
     for _ in range(STEPS):
@@ -197,7 +199,7 @@ def run_grpo(
             rollout,
             forward=forward,
             config=settings,
-            optimizer=OPTIMIZER,
+            optimizer=optimizer,
             lr=LR,
             decay=decay,
             parallel=parallel,

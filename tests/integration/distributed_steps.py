@@ -60,6 +60,8 @@ def main(out: Path) -> None:
         grpo_state, grpo_metrics = run_grpo(dp, grpo_rollout(every_rank_trains))
         save(dp, grpo_state, out / f"{name}-dp")
         (out / f"{name}-metrics-rank{dp.rank}.json").write_text(json.dumps(grpo_metrics))
+    with counting_orthogonalized(out / f"orthogonalized-grpo-rank{dp.rank}.json"):
+        save(dp, run_grpo(dp, grpo_rollout(False), MUON)[0], out / "grpo-muon-dp")
     # A stop one rank saw (rank 1's SIGTERM), none, and one every rank saw.
     said = [dp.agree(dp.rank == 1), dp.agree(False), dp.agree(True)]
     (out / f"agree-rank{dp.rank}.json").write_text(json.dumps(said))

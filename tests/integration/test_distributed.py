@@ -8,6 +8,7 @@ key bias: softmax ignores a constant added to every score), so their float value
 """
 
 import json
+import os
 import subprocess
 import sys
 from functools import cache
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from tests.integration.distributed_cases import (
     MODELS,
     MUON,
+    POLICY,
     STEPS,
     dpo_batches,
     global_batches,
@@ -40,7 +42,12 @@ pytestmark = pytest.mark.slow
 def torchrun(*args: str | Path, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``torchrun --nproc-per-node nproc ARGS`` from the repository root; its exit status and output."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *map(str, args)]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    # This checkout's zmaj and tests, not the installed one's (a worktree or copy would test /work/main's).
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +283,19 @@ def test_data_parallel_grpo_is_one_step_on_every_ranks_rollout_with_the_same_met
     name = "grpo-every-rank" if every_rank_trains else "grpo"
     assert_close_state(load_file(out / f"{name}-dp.safetensors"), checkpoint.flatten(state))
     assert_same_metrics(out, name, [metrics])
+
+
+def test_data_parallel_grpo_with_muon_splits_newton_schulz_on_every_rank(out: Path) -> None:
+    """Rank 0 keeps no group and steps on zero gradients, but it must still take its share of Newton-Schulz and
+    its all-gather, as rank 1 does (the step passed no layout to Muon, so each rank did all of it)."""
+    state, _ = run_grpo(Parallel(), grpo_rollout(False), MUON)
+    kinds = ("params.", "opt.m.", "opt.v.", "opt.momentum.")
+    assert_close_state(load_file(out / "grpo-muon-dp.safetensors"), checkpoint.flatten(state), kinds=kinds)
+    module, config = POLICY
+    tensors_per_step = len(muon.param_groups(module.init(config, 0), MUON)[0])
+    for rank in range(2):
+        calls = json.loads((out / f"orthogonalized-grpo-rank{rank}.json").read_text())
+        assert calls == [config.n_layers // 2] * (tensors_per_step * STEPS), (rank, calls)
 
 
 def test_a_stop_any_rank_sees_is_a_stop_for_every_rank(out: Path) -> None:

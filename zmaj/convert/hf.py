@@ -262,8 +262,9 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
     base, scaling = _rope(hf, params, context)
     n_heads = hf.size("num_attention_heads")
     default_head_dim = 128 if model_type == "qwen3" else hf.size("hidden_size") // n_heads
-    # Qwen2Config and Qwen3Config default to 32 key/value heads, LlamaConfig to one per query head.
-    default_kv_heads = 32 if model_type in ("qwen2", "qwen3") else n_heads
+    # Qwen2Config and Qwen3Config default an absent count to 32 key/value heads; a null one, and LlamaConfig
+    # either, to one per query head.
+    default_kv_heads = 32 if model_type in ("qwen2", "qwen3") and "num_key_value_heads" not in hf else n_heads
     return LlamaConfig(
         vocab_size=hf.size("vocab_size"),
         context=context,

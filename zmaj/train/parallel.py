@@ -262,7 +262,7 @@ class Parallel:
             assert isinstance(td, TensorDict)
             return td if self.main else None
         out = td.empty(recurse=True).clear_device_() if self.main else None
-        for key in td.keys(True, True):
+        for key in leaf_keys(td):
             whole = self.whole(td, key, td.get(key))
             if out is not None:
                 out.set(key, whole.cpu())
@@ -320,7 +320,7 @@ class Parallel:
         not (padding would change the parameter counts that checkpoints and exports rely on)."""
         if not self.sharded:
             return
-        for key in params.keys(True, True):
+        for key in leaf_keys(params):
             dim = shard_dim(params, key)
             size = params.get(key).shape[dim] if dim is not None else 0
             if dim is not None and size % self.size != 0:
@@ -348,8 +348,8 @@ def shard_dim(td: TensorDictBase, key: tuple[str, ...]) -> int | None:
     Those vectors are a few thousand numbers of the model, read whole at every step, so sharding them saves
     nothing and costs a collective each; and some cannot be split: a 4-layer GPT has 2 skip weights, which
     4 ranks cannot share evenly. DeepSpeed's ZeRO-3 likewise keeps its small parameters whole on every rank
-    (``stage3_param_persistence_threshold``). ``td`` is a whole tree (parameters, gradients, a state), whose
-    top level has no batch dimensions."""
+    (``stage3_param_persistence_threshold``). A vector outside the blocks is one whose parent has no batch
+    dimensions, so ``td`` is a whole tree (parameters, gradients, a state), not a block's slice of one."""
     parent = td.get(key[:-1]) if len(key) > 1 else td
     dim = parent.batch_dims
     ndim = td.get(key).ndim
@@ -363,7 +363,7 @@ def tensors(td: TensorDictBase) -> list[Tensor]:
 
 def _map_leaves(td: TensorDictBase, fn: Callable[[tuple[str, ...], Tensor], Tensor]) -> TensorDict:
     out = td.empty(recurse=True)
-    for key in td.keys(True, True):
+    for key in leaf_keys(td):
         out.set(key, fn(key, td.get(key)))
     assert isinstance(out, TensorDict)
     return out
@@ -494,7 +494,7 @@ def sharded_forward(
 
     A block's matrices are gathered in ``dtype``, the matmuls' precision (bf16 under bf16 autocast): they only
     feed linear maps, which autocast would cast to it anyway, and a cast copy is what autograd would keep. Its
-    vectors (norm scales, biases) and everything outside the blocks are gathered as stored, float32, which is
+    vectors (norm scales, biases) and the matrices outside the blocks are gathered as stored, float32, which is
     what the same forward on one process computes with.
     """
     group = dist.group.WORLD

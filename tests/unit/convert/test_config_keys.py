@@ -149,11 +149,14 @@ def test_qwen3_absent_head_dim_is_transformers_128() -> None:
     assert hf.config_from_hf(sizes).head_dim == transformers.Qwen3Config(**sizes).head_dim == 128
 
 
+@pytest.mark.parametrize("null", [False, True])
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
-def test_absent_key_value_heads_are_transformers_default(model_type: str) -> None:
-    """Qwen2Config and Qwen3Config default to 32 key/value heads, LlamaConfig to the query heads' count: read as
-    the latter, a Qwen config without the key refused a checkpoint that transformers loads."""
+def test_absent_key_value_heads_are_transformers_default(model_type: str, null: bool) -> None:
+    """Qwen2Config and Qwen3Config default an absent count to 32 key/value heads, a null one (and LlamaConfig
+    either) to the query heads' count: read as the latter, a Qwen config without the key refused a checkpoint
+    that transformers loads."""
     sizes: dict[str, Any] = {
+        **({"num_key_value_heads": None} if null else {}),
         "model_type": model_type,
         "vocab_size": 64,
         "hidden_size": 512,
@@ -164,7 +167,7 @@ def test_absent_key_value_heads_are_transformers_default(model_type: str) -> Non
     }
     reference = transformers.AutoConfig.for_model(**sizes)
     assert hf.config_from_hf(sizes).n_kv_heads == reference.num_key_value_heads
-    assert reference.num_key_value_heads == (64 if model_type == "llama" else 32)
+    assert reference.num_key_value_heads == (64 if model_type == "llama" or null else 32)
 
 
 def test_gpt2_config_carries_its_epsilon_and_dropout_both_ways() -> None:

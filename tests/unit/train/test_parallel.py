@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 
 from zmaj.models import gpt, llama
 from zmaj.models.common import Batch, layers, materializing
@@ -52,6 +52,18 @@ def test_sharded_pieces_are_cut_after_the_layer_axis_and_join_back_to_the_whole(
     assert len(kept) == 1 + 3 * 2  # the step counter; the final norm's weight and bias, and their moments
     local = sum(t.numel() for t in tensors(pieces[0]))
     assert local == (sum(t.numel() for t in tensors(state)) - sum(kept)) // size + sum(kept)
+
+
+def test_a_leaf_at_the_top_of_the_tree_is_laid_out_as_any_other() -> None:
+    """``keys(True, True)`` names a top-level leaf by a string, which ``shard_dim`` took apart letter by letter:
+    sharding failed, and a data-parallel all-reduce of the gradients left such a leaf out."""
+    td = TensorDict(
+        {"w": torch.randn(4, 2), "b": torch.randn(3), "blocks": TensorDict({"x": torch.randn(3, 4)}, [3])}
+    )
+    pieces = [Parallel("fsdp", rank, 2).shard(td) for rank in range(2)]
+    assert torch.equal(torch.cat([piece["w"] for piece in pieces]), td["w"])
+    assert all(torch.equal(piece["b"], td["b"]) for piece in pieces)  # a vector outside the blocks: whole
+    Parallel("fsdp", 0, 2).check_shardable(td)
 
 
 @pytest.mark.parametrize("size", [2, 4, 8])
