@@ -30,6 +30,27 @@ MODELS: dict[str, tuple[ModuleType, gpt.GPTConfig | llama.LlamaConfig | gemma3.G
         ),
     ),
     "gemma3": (gemma3, TINY_GEMMA3),  # sliding and full layers, GQA
+    # The speedrun's block, with what fully sharded training keeps whole (2 skip weights) or cuts along another
+    # dimension than the first (1 value embedding table, cut along its vocabulary).
+    "gpt-modern": (
+        gpt,
+        gpt.GPTConfig(
+            vocab_size=64,
+            context=16,
+            d_model=32,
+            n_layers=4,
+            n_heads=2,
+            positions="rope",
+            norm="rmsnorm",
+            activation="relu2",
+            qk_norm=True,
+            bias=False,
+            tie_embeddings=False,
+            logit_softcap=30.0,
+            value_embeds=1,
+            unet_skips=True,
+        ),
+    ),
 }
 STEPS = 3
 ROWS, GRAD_ACCUM, SEQ = 4, 2, 12

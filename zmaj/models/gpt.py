@@ -207,7 +207,13 @@ def init(config: GPTConfig, seed: int, device: torch.device | str = "cpu") -> Te
         unembed = torch.zeros(config.vocab_size, d, device=device) if zero else normal(config.vocab_size, d)
         params["unembed"] = {"weight": unembed}
     if config.value_embeds > 0:
-        params["value_embeds"] = {"weight": normal(config.value_embeds, config.vocab_size, d)}
+        # One table per value embedding, stacked as the blocks are (a batch dimension): fully sharded training
+        # cuts each table's vocabulary, as it cuts the embedding's, not the tables, which 2 ranks cannot share
+        # evenly when there are 3 (``zmaj.train.parallel.shard_dim``).
+        tables = normal(config.value_embeds, config.vocab_size, d)
+        params["value_embeds"] = TensorDict(
+            {"weight": tables}, batch_size=[config.value_embeds], device=device
+        )
     if config.unet_skips:
         params["unet_skips"] = {"weight": torch.ones(config.n_layers // 2, device=device)}
     return params

@@ -452,36 +452,37 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        shard: Tensor, dtype: torch.dtype, size: int, group: str, book: Gathered, layer: int | None
+        shard: Tensor, dim: int, dtype: torch.dtype, size: int, group: str, book: Gathered, layer: int | None
     ) -> Tensor:
+        # The collectives join pieces along their first dimension: a leaf cut along another is moved there.
         with torch.no_grad():
             ops = torch.ops._c10d_functional
-            piece = shard.to(dtype).contiguous()
-            whole: Tensor = ops.wait_tensor(ops.all_gather_into_tensor(piece, size, group))
+            piece = shard.to(dtype).movedim(dim, 0).contiguous()
+            whole: Tensor = ops.wait_tensor(ops.all_gather_into_tensor(piece, size, group)).movedim(0, dim)
         book.add(layer, shard, whole)
         return whole
 
     @staticmethod
     def setup_context(
-        ctx: Any, inputs: tuple[Tensor, torch.dtype, int, str, Gathered, int | None], output: Tensor
+        ctx: Any, inputs: tuple[Tensor, int, torch.dtype, int, str, Gathered, int | None], output: Tensor
     ) -> None:
-        shard, _, ctx.size, ctx.group, ctx.book, ctx.layer = inputs
+        shard, ctx.dim, _, ctx.size, ctx.group, ctx.book, ctx.layer = inputs
         ctx.shard_dtype = shard.dtype
         if ctx.layer is not None:  # (``forward`` has just added it to its layer's list)
             ctx.index = len(ctx.book.layers[ctx.layer]) - 1
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None, None]:
         if ctx.layer is not None:
             ctx.book.check_whole(ctx.layer)
             ctx.book.regather(ctx.layer - 1)
         with torch.no_grad():
             ops = torch.ops._c10d_functional
-            full = grad.to(ctx.shard_dtype).contiguous()
+            full = grad.to(ctx.shard_dtype).movedim(ctx.dim, 0).contiguous()
             summed = ops.wait_tensor(ops.reduce_scatter_tensor(full, "sum", ctx.size, ctx.group))
         if ctx.layer is not None:
             ctx.book.release(ctx.layer, ctx.index)  # every use of it in the backward is done
-        return summed, None, None, None, None, None
+        return summed.movedim(0, ctx.dim), None, None, None, None, None, None
 
 
 def sharded_forward(
@@ -506,11 +507,13 @@ def sharded_forward(
 
         def gather(td: TensorDictBase, layer: int | None) -> TensorDictBase:
             def whole(key: tuple[str, ...], shard: Tensor) -> Tensor:
-                if layer is None and shard_dim(td, key) is None:  # every rank holds it whole
+                # A block's slice is cut along its first dimension; outside the blocks, as its tree says.
+                dim = 0 if layer is not None else shard_dim(td, key)
+                if dim is None:  # every rank holds it whole
                     return shard
                 as_dtype = dtype if layer is not None and shard.ndim >= 2 else shard.dtype
                 return cast(
-                    Tensor, _Gather.apply(shard, as_dtype, parallel.size, group.group_name, book, layer)
+                    Tensor, _Gather.apply(shard, dim, as_dtype, parallel.size, group.group_name, book, layer)
                 )
 
             return _map_leaves(td, whole)

@@ -66,13 +66,18 @@ def test_a_leaf_at_the_top_of_the_tree_is_laid_out_as_any_other() -> None:
     Parallel("fsdp", 0, 2).check_shardable(td)
 
 
+@pytest.mark.parametrize("value_embeds", [0, 1, 2])
 @pytest.mark.parametrize("size", [2, 4, 8])
-def test_the_default_model_shards_over_2_4_and_8_ranks(size: int) -> None:
-    """Its 2 U-net skip weights stay whole on every rank (``shard_dim``): split, 4 ranks were refused."""
+def test_the_default_model_shards_over_2_4_and_8_ranks(size: int, value_embeds: int) -> None:
+    """Its 2 U-net skip weights stay whole on every rank (``shard_dim``), and value embedding tables are cut
+    along their vocabulary: split, 4 ranks refused the skips, and 2 ranks one table."""
     spec = load(PretrainSpec, ROOT / "specs" / "pretrain" / "stdlib-tiny.yaml", [])  # programs/pretrain.py's
-    assert spec.model.unet_skips
-    params = gpt.init(spec.model, 0, device="meta")
+    config = spec.model.model_copy(update={"value_embeds": value_embeds})
+    params = gpt.init(config, 0, device="meta")
     assert params["unet_skips", "weight"].shape == (2,)
+    assert shard_dim(params, ("unet_skips", "weight")) is None
+    if value_embeds:
+        assert shard_dim(params, ("value_embeds", "weight")) == 1
     Parallel("fsdp", 0, size).check_shardable(params)
 
 
