@@ -8,9 +8,9 @@ and optimizer state stay float32 either way; autocast runs the matmuls in the ch
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from functools import cache, wraps
+from functools import wraps
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 import torch
 
@@ -41,11 +41,35 @@ def _cuda_has_fast_bf16(index: int | None) -> bool:
     return torch.cuda.get_device_properties(index).major >= 8
 
 
-_constant: Callable[[Callable[..., bool]], Callable[..., bool]] = torch.compiler.assume_constant_result
-cpu_has_fast_bf16: Callable[[], bool] = cache(_constant(_cpu_has_fast_bf16))
-"""``_cpu_has_fast_bf16``, read once, and a constant to ``torch.compile`` (Muon's update, compiled in one graph,
-asks it), which cannot trace reading a file."""
-cuda_has_fast_bf16: Callable[[int | None], bool] = cache(_constant(_cuda_has_fast_bf16))
+_read: dict[tuple[str, int | None], bool] = {}
+F = TypeVar("F", bound=Callable[..., bool])
+
+
+_mark: Callable[[Callable[..., bool]], object] = torch.compiler.assume_constant_result
+
+
+def _constant(fn: F) -> F:
+    """``torch.compiler.assume_constant_result``, typed: it marks ``fn`` itself."""
+    _mark(fn)
+    return fn
+
+
+@_constant
+def cpu_has_fast_bf16() -> bool:
+    """``_cpu_has_fast_bf16``, read once, and a constant to ``torch.compile`` (Muon's update, compiled in one
+    graph, asks it), which cannot trace reading a file. Remembered in a dict, not ``functools.cache``, whose
+    wrapper dynamo meets first, and warns of, at every compile."""
+    if ("cpu", None) not in _read:
+        _read["cpu", None] = _cpu_has_fast_bf16()
+    return _read["cpu", None]
+
+
+@_constant
+def cuda_has_fast_bf16(index: int | None) -> bool:
+    """``_cuda_has_fast_bf16``, asked once per device, as ``cpu_has_fast_bf16``."""
+    if ("cuda", index) not in _read:
+        _read["cuda", index] = _cuda_has_fast_bf16(index)
+    return _read["cuda", index]
 
 
 def resolve(precision: Precision, device: torch.device) -> torch.dtype:

@@ -1,5 +1,6 @@
 """Precision ``auto``: bfloat16 only where the hardware multiplies it, and nothing else taken for ``auto``."""
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -53,12 +54,21 @@ def test_auto_is_bf16_on_gpus_from_ampere_on(monkeypatch: pytest.MonkeyPatch, ma
     assert precision.resolve("fp32", torch.device("cuda", 1)) == torch.float32
 
 
-def test_both_answers_are_constants_to_the_compiler() -> None:
+def test_both_answers_are_constants_to_the_compiler_and_compile_without_a_warning() -> None:
     """Muon's compiled update resolves ``ns_dtype: auto`` inside its graph: each answer is marked a constant
     (``torch.compiler.assume_constant_result``), so the compiler calls it once rather than traces into a file read
-    or the driver. Marked, as a compiled call cannot show: the compiler also calls the cached function as it is."""
+    or the driver. Wrapped in ``functools.cache`` over the mark, each compile of a Muon update warned of a call to
+    a cached function (twice per process in every compiled run with Muon)."""
     for answer in (precision.cpu_has_fast_bf16, precision.cuda_has_fast_bf16):
-        assert getattr(getattr(answer, "__wrapped__"), "_dynamo_marked_constant", False)  # noqa: B009
+        assert getattr(answer, "_dynamo_marked_constant", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = torch.ones(2)
+        assert torch.compile(lambda x: x.to(precision.resolve("auto", x.device)))(x).dtype in (
+            torch.bfloat16,
+            torch.float32,
+        )
+    assert [str(w.message) for w in caught] == []
 
 
 def test_an_unknown_precision_is_an_error_not_auto() -> None:
