@@ -147,15 +147,17 @@ def test_each_sharded_rank_holds_half_the_state(out: Path, name: str) -> None:
 
 
 def assert_halved(whole: dict[str, torch.Tensor], shards: list[dict[str, torch.Tensor]]) -> int:
-    """Every tensor split between the ranks, but the step counter and the vectors outside the blocks (final
-    norms), which each rank keeps whole; how many numbers those are."""
+    """Every tensor split between the ranks along one dimension (a value embedding table's vocabulary, the
+    others' first after the layers), but the step counter and the vectors outside the blocks (final norms,
+    skip weights), which each rank keeps whole; how many numbers those are."""
     kept = 0
     for key, tensor in whole.items():
         if tensor.ndim == 0 or (".blocks." not in key and tensor.ndim == 1):
             assert all(torch.equal(shard[key], tensor) for shard in shards), key
             kept += tensor.numel()
-        else:
-            assert sum(shard[key].numel() for shard in shards) == tensor.numel(), key
+        else:  # cut along one dimension, the pieces in rank order
+            [dim] = [d for d in range(tensor.ndim) if shards[0][key].shape[d] != tensor.shape[d]]
+            assert torch.equal(torch.cat([shard[key] for shard in shards], dim), tensor), key
     return kept
 
 

@@ -69,19 +69,22 @@ def render_with_generation(
     if not _GENERATION_TAG.search(template):
         return text, []
     marks = _free_marks(text)
+    if marks is None:
+        return text, []
     unmarked = _unmark(_render(template, messages, add_generation_prompt, tokens, marks), marks)
     if unmarked is None or unmarked[0] != text:
         return text, []
     return unmarked
 
 
-_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+_GENERATION_TAG = re.compile(r"{%[-+]?\s*generation\b")
 
 
-def _free_marks(text: str) -> tuple[str, str]:
-    """Two characters of the private use area (U+E000 to U+F8FF, which no standard assigns) not in ``text``."""
-    free = (mark for mark in map(chr, range(0xE000, 0xF900)) if mark not in text)
-    return next(free), next(free)  # (a text holding all 6,400 is not a conversation)
+def _free_marks(text: str) -> tuple[str, str] | None:
+    """Two characters of the private use area (U+E000 to U+F8FF, which no standard assigns) not in ``text``;
+    None if it holds all but one."""
+    free = [mark for mark in map(chr, range(0xE000, 0xF900)) if mark not in text][:2]
+    return (free[0], free[1]) if len(free) == 2 else None
 
 
 def _render(

@@ -11,6 +11,7 @@ library instead (its held-out set, and every number measured on it, predate the 
 its pydoc topics, so every test and smoke run has real text offline.
 """
 
+import glob
 import hashlib
 import itertools
 import json
@@ -30,7 +31,7 @@ import yaml
 from datasets.data_files import resolve_pattern
 from datasets.exceptions import DatasetGenerationError
 from datasets.utils.metadata import MetadataConfigs
-from huggingface_hub import DatasetCard
+from huggingface_hub import DatasetCard, DatasetCardData
 from loguru import logger
 
 from zmaj.data.config import FilesSource, HubSource, Source, StdlibSource
@@ -128,30 +129,67 @@ class HubLike(Protocol):
 def _hub_local_files(source: HubLike) -> list[str]:
     """The local files a hub source reads, found as ``datasets`` finds them: for a builder ("json", "parquet":
     one of ``datasets``' packaged modules, which it looks up before any folder of that name) its ``data_files``
-    patterns, relative to the working directory; for a local folder, those patterns or else its card's
-    ``configs``' (any config's), relative to it and wherever they lead (a hidden folder, outside the folder),
-    with the card (whose options, a parquet filter say, shape the rows too), or else every file in it outside
-    hidden directories (a superset of what ``datasets`` picks, in one walk: ``load_dataset_builder`` resolving
-    its own patterns took 2 s for 2,000 files). A Hub dataset's ``data_files`` name files of its repository,
-    which are not listed."""
-    folder, card = Path(source.path), Path(source.path) / CARD
+    patterns, relative to the working directory; for a local folder, those patterns relative to it, with its
+    card (whose options, a parquet filter say, shape the rows too), or else every file in it outside hidden
+    directories and every file its metadata's ``configs`` name wherever they are (:func:`_config_patterns`): a
+    superset of what ``datasets`` picks, found in one walk (``load_dataset_builder`` resolving its own patterns
+    took 2 s for 2,000 files). A Hub dataset's ``data_files`` name files of its repository, which are not
+    listed."""
+    folder = Path(source.path)
     patterns = _patterns(source.data_files)
     if _is_builder(source):
-        base = os.getcwd()
-    elif folder.is_dir():
-        patterns = patterns or (_card_patterns(card) if card.is_file() else [])
-        if not patterns:
-            files = (p for p in folder.rglob("*") if p.is_file())
-            return sorted(
-                str(p) for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)
-            )
-        if card.is_file():
-            patterns = [*patterns, CARD]
-        base = source.path
-    else:
+        return _resolved(patterns, os.getcwd())
+    if not folder.is_dir():
         return []
-    local = (pattern for pattern in patterns if "://" not in pattern)
-    return sorted({file for pattern in local for file in resolve_pattern(pattern, base)})
+    if patterns:
+        return _resolved([*patterns, *([CARD] if (folder / CARD).is_file() else [])], source.path)
+    visible = (p for p in folder.rglob("*") if p.is_file())
+    files = {str(p) for p in visible if not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+    standalone = folder / STANDALONE_YAML
+    return sorted(
+        files
+        | {*_resolved(_config_patterns(folder), source.path)}
+        | ({str(standalone)} if standalone.is_file() else set())
+    )
+
+
+def _resolved(patterns: list[str], base: str) -> list[str]:
+    """The local files ``patterns`` name relative to ``base``; a glob that matches nothing names none, as in
+    ``datasets`` (``DataFilesList.from_patterns``), and a plain path that does not exist is an error."""
+    files: set[str] = set()
+    for pattern in patterns:
+        if "://" in pattern:
+            continue
+        try:
+            files.update(resolve_pattern(pattern, base))
+        except FileNotFoundError:
+            if not glob.has_magic(pattern):
+                raise
+    return sorted(files)
+
+
+def _config_patterns(folder: Path) -> list[str]:
+    """Every path pattern a local folder's metadata names, relative to the folder: each ``configs`` entry's
+    ``data_files`` under its ``data_dir``, or its whole ``data_dir``, from the card merged with
+    ``.huggingface.yaml`` as ``datasets`` merges them. Metadata that cannot be read is one line naming its file
+    (``datasets`` fails on YAML that is not with a traceback)."""
+    card, standalone = folder / CARD, folder / STANDALONE_YAML
+    try:
+        data = DatasetCard.load(card).data.to_dict() if card.is_file() else {}
+        if standalone.is_file() and (extra := yaml.safe_load(standalone.read_text())):
+            data.update(extra)
+        configs = MetadataConfigs.from_dataset_card_data(DatasetCardData(**data))
+    except (yaml.YAMLError, ValueError) as error:
+        files = " and ".join(str(f) for f in (card, standalone) if f.is_file())
+        raise ValueError(
+            f"{files}: the dataset's metadata cannot be read: {' '.join(str(error).split())}"
+        ) from error
+    patterns = []
+    for config in configs.values():
+        data_dir = Path(config.get("data_dir") or "")
+        named = _patterns(config.get("data_files"))
+        patterns += [str(data_dir / pattern) for pattern in named] if named else [str(data_dir / "**")]
+    return patterns
 
 
 def _patterns(data_files: Any) -> list[str]:
@@ -167,21 +205,10 @@ def _patterns(data_files: Any) -> list[str]:
     return [pattern for entry in data_files for pattern in _patterns(entry)]
 
 
-def _card_patterns(card: Path) -> list[str]:
-    """The ``data_files`` patterns of every config a dataset card lists, as ``datasets`` reads them; a header
-    that is not YAML is one line naming the card (``datasets`` fails on it with a traceback)."""
-    try:
-        configs = MetadataConfigs.from_dataset_card_data(DatasetCard.load(card).data)
-    except yaml.YAMLError as error:
-        message = " ".join(str(error).split())
-        raise ValueError(
-            f"{card}: its YAML header (between the --- lines) cannot be read: {message}"
-        ) from error
-    return [pattern for config in configs.values() for pattern in _patterns(config.get("data_files"))]
-
-
 CARD = "README.md"
 """A dataset folder's card, whose ``configs`` name its files and the options ``datasets`` reads them with."""
+STANDALONE_YAML = ".huggingface.yaml"
+"""Metadata ``datasets`` merges over the card's, if the folder has it."""
 
 
 def _is_builder(source: HubLike) -> bool:

@@ -70,7 +70,7 @@ def drop_cut_short_line(path: Path) -> None:
 
 def has_evaluation(path: Path, step: int, final: bool) -> bool:
     """Whether the metrics file ``path`` holds an evaluation at ``step`` (a line without a step's ``lr``), the
-    final one or a periodic one."""
+    final one or a periodic one; the final line of a run without evaluations counts as its final one."""
     return any(
         record["step"] == step and "lr" not in record and bool(record.get("final")) == final
         for record in read_records(path, METRIC)
@@ -79,7 +79,7 @@ def has_evaluation(path: Path, step: int, final: bool) -> bool:
 
 def finished(path: Path) -> bool:
     """Whether the metrics file ``path`` holds a final line (the final evaluation's, or the end's alone for a
-    run without evaluations): the run it records ran to its end."""
+    run without evaluations): the run it records ran to its end once (it may have been continued since)."""
     return any(record.get("final") for record in read_records(path, METRIC))
 
 

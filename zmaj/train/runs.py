@@ -438,7 +438,7 @@ tokenizer."""
 
 def _check_free(run_dir: Path, resumed: bool, held_a_run: bool) -> None:
     """Refuse a folder this session may not write in: one whose ``checkpoints`` is not a folder, and for a new
-    run, one that holds another run's checkpoints or a finished run (its last record says so) whose checkpoints
+    run, one that holds another run's checkpoints or a finished run (a final line says so) whose checkpoints
     are gone (removed by hand, say, to keep its model alone: not a dead run's files to remove)."""
     checkpoints = run_dir / checkpoint.CHECKPOINTS
     if checkpoints.exists() and not checkpoints.is_dir():

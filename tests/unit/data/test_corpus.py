@@ -447,9 +447,65 @@ def test_a_folder_whose_card_header_is_not_yaml_is_one_line_naming_the_card(tmp_
     (tmp_path / "out" / "train.jsonl").write_text('{"text": "a"}\n')
     (tmp_path / "out" / "README.md").write_text("---\nconfigs: [default\n---\n")
     with pytest.raises(
-        ValueError, match=r"out/README.md: its YAML header \(between the --- lines\) cannot be"
+        ValueError, match=r"out/README.md: the dataset's metadata cannot be read: while parsing"
     ):
         source_key(HubSource(path=str(tmp_path / "out")), "train", 0.05)
+
+
+@pytest.mark.parametrize(
+    ("card", "standalone", "name", "where"),
+    [
+        # A config's data_files lie under its data_dir (here a hidden one, which the walk skips).
+        (
+            "- config_name: a\n  data_files: a.jsonl\n- config_name: b\n  data_dir: .b\n  data_files: x.jsonl\n",
+            None,
+            "b",
+            ".b/x.jsonl",
+        ),
+        # A config of a data_dir alone reads every file in it.
+        (
+            "- config_name: a\n  data_files: a.jsonl\n- config_name: b\n  data_dir: .b\n",
+            None,
+            "b",
+            ".b/t.jsonl",
+        ),
+        # .huggingface.yaml's configs override the card's.
+        (None, "configs:\n- config_name: default\n  data_files: .data/x.jsonl\n", None, ".data/x.jsonl"),
+    ],
+)
+def test_the_files_a_folders_metadata_names_are_read_anew_when_they_change(
+    tmp_path: Path, card: str | None, standalone: str | None, name: str | None, where: str
+) -> None:
+    """Where ``datasets`` reads besides the folder's visible files: each was keyed on files it does not read."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "not this"}\n')
+    if card is not None:
+        (folder / "README.md").write_text(f"---\nconfigs:\n{card}---\n")
+    if standalone is not None:
+        (folder / ".huggingface.yaml").write_text(standalone)
+    data = folder / where
+    data.parent.mkdir(parents=True, exist_ok=True)
+    source = HubSource(path=str(folder), name=name)
+    seen, keys = [], set()
+    for texts in (["first", "second"], ["third"]):
+        data.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+        seen.append([document.text for document in corpus.hub_documents(source)])
+        keys.add(source_key(source, "train", 0.05))
+    assert seen == [["first", "second"], ["third"]]
+    assert len(keys) == 2
+
+
+def test_a_glob_that_matches_nothing_names_no_file_as_in_datasets(tmp_path: Path) -> None:
+    """``datasets`` reads a folder whose ``data_files`` hold a glob that matches nothing (yet); keying it
+    refused the folder."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.jsonl").write_text('{"text": "a"}\n')
+    source = HubSource(path=str(tmp_path / "out"), data_files=["a.jsonl", "extra/*.jsonl"])
+    assert [document.text for document in corpus.hub_documents(source)] == ["a"]
+    source_key(source, "train", 0.05)
+    with pytest.raises(FileNotFoundError, match=r"b\.jsonl"):  # a plain path that does not exist
+        source_key(HubSource(path=str(tmp_path / "out"), data_files=["a.jsonl", "b.jsonl"]), "train", 0.05)
 
 
 def test_a_builder_name_is_a_builder_even_beside_a_folder_of_that_name(

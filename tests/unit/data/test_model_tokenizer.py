@@ -187,6 +187,12 @@ ANSWER = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"
             [{"role": "user", "content": "\ue000\ue001"}, {"role": "assistant", "content": "\ue002"}],
             [(0, 2), (2, 3)],
         ),
+        # Jinja's "+" modifier on the tag (lstrip_blocks kept off for it).
+        (
+            "{% for m in messages %}{{ m.role }}:{%+ generation %}{{ m.content }}{% endgeneration %};{% endfor %}",
+            ANSWER,
+            [(5, 6), (17, 18)],
+        ),
         # A block in a block: none.
         ("{% generation %}a{% generation %}b{% endgeneration %}{% endgeneration %}", ANSWER, []),
     ],

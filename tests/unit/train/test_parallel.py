@@ -54,16 +54,26 @@ def test_sharded_pieces_are_cut_after_the_layer_axis_and_join_back_to_the_whole(
     assert local == (sum(t.numel() for t in tensors(state)) - sum(kept)) // size + sum(kept)
 
 
-def test_a_leaf_at_the_top_of_the_tree_is_laid_out_as_any_other() -> None:
+def test_a_leaf_at_the_top_of_the_tree_is_laid_out_as_any_other(monkeypatch: pytest.MonkeyPatch) -> None:
     """``keys(True, True)`` names a top-level leaf by a string, which ``shard_dim`` took apart letter by letter:
     sharding failed, and a data-parallel all-reduce of the gradients left such a leaf out."""
     td = TensorDict(
-        {"w": torch.randn(4, 2), "b": torch.randn(3), "blocks": TensorDict({"x": torch.randn(3, 4)}, [3])}
+        {
+            "weight": torch.randn(4, 2),
+            "bias": torch.randn(3),
+            "blocks": TensorDict({"x": torch.randn(3, 4)}, [3]),
+        }
     )
     pieces = [Parallel("fsdp", rank, 2).shard(td) for rank in range(2)]
-    assert torch.equal(torch.cat([piece["w"] for piece in pieces]), td["w"])
-    assert all(torch.equal(piece["b"], td["b"]) for piece in pieces)  # a vector outside the blocks: whole
+    assert torch.equal(torch.cat([piece["weight"] for piece in pieces]), td["weight"])
+    assert all(
+        torch.equal(piece["bias"], td["bias"]) for piece in pieces
+    )  # a vector outside the blocks: whole
     Parallel("fsdp", 0, 2).check_shardable(td)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *args, **kwargs: tensor.mul_(2))
+    summed = Parallel("dp", 0, 2).reduce_grads(td)  # the other rank's gradients, here as these again
+    for key in ("weight", "bias", ("blocks", "x")):
+        assert torch.equal(summed.get(key), 2 * td.get(key)), key
 
 
 @pytest.mark.parametrize("value_embeds", [0, 1, 2])
