@@ -115,7 +115,8 @@ def dpo_step(
     reference_forward: Forward | None = None,
     parallel: Parallel = SINGLE,
 ) -> tuple[TensorDict, Metrics]:
-    """One optimizer step (AdamW or Muon: ``apply_grads``) on the DPO loss of a preference batch (chosen rows, then rejected rows).
+    """One optimizer step (AdamW or Muon: ``apply_grads``) on the DPO loss of a preference batch (chosen rows,
+    then rejected rows).
 
     ``state`` is ``zmaj.train.step.init_state(params)``. The reference log-probs are computed by
     ``reference_forward`` (default ``forward``) on ``reference`` without gradient; with LoRA

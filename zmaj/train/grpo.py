@@ -328,8 +328,8 @@ def grpo_step(
     decay: TensorDictBase,
     parallel: Parallel = SINGLE,
 ) -> tuple[TensorDict, Metrics]:
-    """One optimizer step (AdamW or Muon: ``apply_grads``) on the GRPO loss of a rollout; call it mu times per rollout for mu passes (a rollout
-    sampled with ``score_old=False`` serves one pass only).
+    """One optimizer step (AdamW or Muon: ``apply_grads``) on the GRPO loss of a rollout; call it mu times per
+    rollout for mu passes (a rollout sampled with ``score_old=False`` serves one pass only).
 
     Data parallel, each rank brings the rollout of its own prompts (the same number on every rank): the loss is
     divided by the completion tokens of all ranks' rollouts, and the step and metrics are those of all of them.

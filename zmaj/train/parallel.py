@@ -11,13 +11,14 @@ runs the same loop over a disjoint slice of each global batch (``Parallel.rows``
 - **fsdp** (fully sharded, the semantics of FSDP / ZeRO-3): every leaf of the parameters and of the AdamW moments
   is cut along its first dimension after the stacked-layer axis, and rank r keeps the r-th piece, about 1/N of
   the state (``shard``); the vectors outside the blocks stay whole on every rank (``shard_dim``), their
-  gradients all-reduced as data parallel's are. The forward gathers the non-block parameters once and each block's parameters just
-  before the block computes (``sharded_forward``, through ``zmaj.models.common.layers``); autograd turns each
-  gather into a reduce-scatter of the gradient, so every rank ends the backward with the gradient of exactly its
-  shard, summed over all ranks. AdamW's update is elementwise, so each rank updates its own shard; Muon's
-  momentum is sharded the same way, but each update is gathered whole to be orthogonalised (one all-gather per
-  Muon tensor per step, in the Newton-Schulz precision, ``zmaj.train.muon.muon_update``). The gradient norm for clipping is one
-  all-reduce of the shards' sums of squares.
+  gradients all-reduced as data parallel's are. The forward gathers the non-block parameters once and each
+  block's parameters just before the block computes (``sharded_forward``, through
+  ``zmaj.models.common.layers``); autograd turns each gather into a reduce-scatter of the gradient, so every
+  rank ends the backward with the gradient of exactly its shard, summed over all ranks. AdamW's update is
+  elementwise, so each rank updates its own shard; Muon's momentum is sharded the same way, but each update is
+  gathered whole to be orthogonalised (one all-gather per Muon tensor per step, in the Newton-Schulz
+  precision, ``zmaj.train.muon.muon_update``). The gradient norm for clipping is one all-reduce of the shards'
+  sums of squares.
 
 This is the SimpleFSDP pattern (Zhang et al., 2024, arXiv:2411.00284): the gather is an operation in the forward,
 and the reduce-scatter is its derivative. Two departures, both forced by ``torch.func``, which the training steps
@@ -489,9 +490,9 @@ def sharded_forward(
     forward: Callable[..., Out], parallel: Parallel, dtype: torch.dtype
 ) -> Callable[..., Out]:
     """``forward`` over this rank's shards, FSDP's way. The parameters outside the blocks (the embeddings; the
-    vectors among them every rank holds whole) are gathered up front and kept for the step; each block's are gathered just before the block runs
-    (``zmaj.models.common.layers``), freed when the next block starts, and gathered again for its backward
-    (``Gathered``).
+    vectors among them every rank holds whole) are gathered up front and kept for the step; each block's are
+    gathered just before the block runs (``zmaj.models.common.layers``), freed when the next block starts, and
+    gathered again for its backward (``Gathered``).
 
     A block's matrices are gathered in ``dtype``, the matmuls' precision (bf16 under bf16 autocast): they only
     feed linear maps, which autocast would cast to it anyway, and a cast copy is what autograd would keep. Its

@@ -418,29 +418,6 @@ def test_a_hub_folder_rewritten_in_place_is_read_anew(tmp_path: Path, streaming:
     assert seen == [["first", "second"], ["third", "fourth", "fifth"]]
 
 
-@pytest.mark.parametrize("where", [".data/train.jsonl", "../shared/train.jsonl"])
-def test_a_card_naming_files_in_a_hidden_folder_or_outside_is_read_anew_when_they_change(
-    tmp_path: Path, where: str
-) -> None:
-    """The files a folder's card names are the ones ``datasets`` reads, wherever they are: zmaj keyed the folder
-    on its own files outside hidden folders, so rewriting these gave the first rows, under the first key."""
-    folder = tmp_path / "out"
-    folder.mkdir()
-    (folder / "README.md").write_text(
-        f"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: {where}\n---\n"
-    )
-    data = folder / where
-    data.parent.mkdir(parents=True, exist_ok=True)
-    source = HubSource(path=str(folder))
-    seen, keys = [], set()
-    for texts in (["first", "second"], ["third"]):
-        data.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
-        seen.append([document.text for document in corpus.hub_documents(source)])
-        keys.add(source_key(source, "train", 0.05))
-    assert seen == [["first", "second"], ["third"]]
-    assert len(keys) == 2
-
-
 def test_a_folder_whose_card_header_is_not_yaml_is_one_line_naming_the_card(tmp_path: Path) -> None:
     """``datasets`` fails on it with a YAML parser's traceback."""
     (tmp_path / "out").mkdir()
@@ -455,6 +432,16 @@ def test_a_folder_whose_card_header_is_not_yaml_is_one_line_naming_the_card(tmp_
 @pytest.mark.parametrize(
     ("card", "standalone", "name", "where"),
     [
+        # The card names a file in a hidden folder, or outside the folder (as publish.py's card names its files).
+        *(
+            (
+                f"- config_name: default\n  data_files:\n  - split: train\n    path: {where}\n",
+                None,
+                None,
+                where,
+            )
+            for where in (".data/train.jsonl", "../shared/train.jsonl")
+        ),
         # A config's data_files lie under its data_dir (here a hidden one, which the walk skips).
         (
             "- config_name: a\n  data_files: a.jsonl\n- config_name: b\n  data_dir: .b\n  data_files: x.jsonl\n",
@@ -476,7 +463,8 @@ def test_a_folder_whose_card_header_is_not_yaml_is_one_line_naming_the_card(tmp_
 def test_the_files_a_folders_metadata_names_are_read_anew_when_they_change(
     tmp_path: Path, card: str | None, standalone: str | None, name: str | None, where: str
 ) -> None:
-    """Where ``datasets`` reads besides the folder's visible files: each was keyed on files it does not read."""
+    """Where ``datasets`` reads besides the folder's visible files, which zmaj keyed the folder on: rewriting
+    those gave the first rows, under the first key."""
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "a.jsonl").write_text('{"text": "not this"}\n')
