@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import datetime
 from functools import cache
+from itertools import islice
 from typing import Any
 
 import jinja2
@@ -83,7 +84,7 @@ _GENERATION_TAG = re.compile(r"{%[-+]?\s*generation\b")
 def _free_marks(text: str) -> tuple[str, str] | None:
     """Two characters of the private use area (U+E000 to U+F8FF, which no standard assigns) not in ``text``;
     None if it holds all but one."""
-    free = [mark for mark in map(chr, range(0xE000, 0xF900)) if mark not in text][:2]
+    free = list(islice((mark for mark in map(chr, range(0xE000, 0xF900)) if mark not in text), 2))
     return (free[0], free[1]) if len(free) == 2 else None
 
 
