@@ -130,9 +130,10 @@ class ModelTokenizer:
         as in ``transformers``' ``return_assistant_tokens_mask``, found wherever they land
         (``chat_template.render_with_generation``; where that cannot be trusted, as for a template without
         them). Otherwise an assistant turn is the text that rendering it adds after the prompt for it
-        (``add_generation_prompt``), found by rendering the conversation up to each turn; a template whose renderings are not prefixes of each other cannot be split this way,
-        and is refused. The end-of-turn marker belongs to the turn, so the model learns to stop; so does a token
-        the template's text and the answer share.
+        (``add_generation_prompt``), found by rendering the conversation up to each turn; a template whose
+        renderings are not prefixes of each other cannot be split this way, and is refused. The end-of-turn
+        marker belongs to the turn, so the model learns to stop; so does a token the template's text and the
+        answer share.
         """
         text, spans = chat_template.render_with_generation(
             self._template(), messages, add_generation_prompt=False, **self._special_tokens()
