@@ -328,7 +328,8 @@ def test_every_file_is_on_disk_before_the_folder_is_renamed_into_place(
     staging = flushed[-2]  # the staging folder itself, then the parent once the rename is done
     assert staging.name.startswith(".model.")
     assert flushed[-1] == tmp_path
-    files = {p.relative_to(staging) for p in flushed[:-2]}
+    # (the tokenizer's files, each written whole, flush the staging folder as they go too)
+    files = {p.relative_to(staging) for p in flushed[:-2] if p != staging}
     assert files == {p.relative_to(folder) for p in folder.rglob("*")}
     assert len(files) > 5  # config, generation config, shards and their index, tokenizer files
 
