@@ -83,8 +83,8 @@ def source_key(source: Source, split: Split, validation_fraction: float) -> str:
     For the stdlib, the interpreter (its full version string and stdlib path) and its files' names, sizes and
     modification times (a system Python's packages, such as Debian's python3-venv, add modules to it); for
     local files, named in ``paths`` or read by a hub source (its ``data_files``, or a local folder and its card),
-    their absolute paths, sizes and modification times. Datasets on the Hub are keyed by config alone: pin a revision in ``path`` if it
-    matters.
+    their absolute paths, sizes and modification times. Datasets on the Hub are keyed by config alone: pin a
+    revision in ``path`` if it matters.
     """
     identity: dict[str, Any] = {
         "source": source.model_dump(mode="json"),
@@ -146,11 +146,8 @@ def _hub_local_files(source: HubLike) -> list[str]:
     visible = (p for p in folder.rglob("*") if p.is_file())
     files = {str(p) for p in visible if not any(part.startswith(".") for part in p.relative_to(folder).parts)}
     standalone = folder / STANDALONE_YAML
-    return sorted(
-        files
-        | {*_resolved(_config_patterns(folder), source.path)}
-        | ({str(standalone)} if standalone.is_file() else set())
-    )
+    named = _resolved(_config_patterns(folder), source.path)
+    return sorted(files.union(named, [str(standalone)] if standalone.is_file() else []))
 
 
 def _resolved(patterns: list[str], base: str) -> list[str]:

@@ -41,10 +41,7 @@ def _cuda_has_fast_bf16(index: int | None) -> bool:
     return torch.cuda.get_device_properties(index).major >= 8
 
 
-_read: dict[tuple[str, int | None], bool] = {}
 F = TypeVar("F", bound=Callable[..., bool])
-
-
 _mark: Callable[[Callable[..., bool]], object] = torch.compiler.assume_constant_result
 
 
@@ -54,22 +51,28 @@ def _constant(fn: F) -> F:
     return fn
 
 
+_answers: dict[object, bool] = {}
+
+
+def _once(key: object, ask: Callable[[], bool]) -> bool:
+    """``ask()``, asked once per ``key``. A dict, not ``functools.cache``, whose wrapper dynamo meets first, and
+    warns of, at every compile."""
+    if key not in _answers:
+        _answers[key] = ask()
+    return _answers[key]
+
+
 @_constant
 def cpu_has_fast_bf16() -> bool:
     """``_cpu_has_fast_bf16``, read once, and a constant to ``torch.compile`` (Muon's update, compiled in one
-    graph, asks it), which cannot trace reading a file. Remembered in a dict, not ``functools.cache``, whose
-    wrapper dynamo meets first, and warns of, at every compile."""
-    if ("cpu", None) not in _read:
-        _read["cpu", None] = _cpu_has_fast_bf16()
-    return _read["cpu", None]
+    graph, asks it), which cannot trace reading a file."""
+    return _once("cpu", _cpu_has_fast_bf16)
 
 
 @_constant
 def cuda_has_fast_bf16(index: int | None) -> bool:
     """``_cuda_has_fast_bf16``, asked once per device, as ``cpu_has_fast_bf16``."""
-    if ("cuda", index) not in _read:
-        _read["cuda", index] = _cuda_has_fast_bf16(index)
-    return _read["cuda", index]
+    return _once(("cuda", index), lambda: _cuda_has_fast_bf16(index))
 
 
 def resolve(precision: Precision, device: torch.device) -> torch.dtype:

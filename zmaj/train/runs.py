@@ -82,9 +82,10 @@ def bad_input_exits_2(
     except errors as error:
         # Before the job is joined, the rank is what torchrun set in the environment.
         main = parallel.main if parallel is not None else os.environ.get("RANK", "0") == "0"
+        line = one_line(error)
         if main or every_rank:
-            logger.error(one_line(error))
-        tell_torchrun(one_line(error))
+            logger.error(line)
+        tell_torchrun(line)
         sys.exit(2)
 
 
