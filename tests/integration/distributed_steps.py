@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from safetensors.torch import save_file
@@ -29,10 +30,12 @@ from tests.integration.distributed_cases import (
     run_lm,
 )
 from zmaj import checkpoint
+from zmaj.models import gpt, llama
+from zmaj.models.common import Batch
 from zmaj.train import muon
 from zmaj.train import parallel as zmaj_parallel
 from zmaj.train.parallel import Parallel, ParallelConfig, tensors
-from zmaj.train.step import init_state
+from zmaj.train.step import bind, init_state
 
 
 def main(out: Path) -> None:
@@ -52,6 +55,11 @@ def main(out: Path) -> None:
             if name == "gpt":
                 gpt_cases(parallel, state, out)
     (out / f"held-rank{dp.rank}.json").write_text(json.dumps(whole_bytes_held(replace(dp, kind="fsdp"))))
+    kept = {
+        name: kept_by_autograd(replace(dp, kind="fsdp"), module)
+        for name, module in (("gpt", gpt), ("llama", llama))
+    }
+    (out / f"kept-rank{dp.rank}.json").write_text(json.dumps(kept))
     (out / f"each-matrix-rank{dp.rank}.json").write_text(json.dumps(each_matrix_errors(dp)))
     dpo_metrics: list[dict[str, float]] = []
     save(dp, run_dpo(dp, dpo_batches(), dpo_metrics), out / "dpo-dp")
@@ -147,6 +155,47 @@ def whole_bytes_held(parallel: Parallel) -> dict[str, int]:
         "outside": sum(t.numel() * t.element_size() for t in tensors(params.exclude("blocks")) if t.ndim > 1),
         "block": sum(t.numel() * t.element_size() for t in tensors(params["blocks"])) // config.n_layers,
     }
+
+
+def kept_by_autograd(parallel: Parallel, module: ModuleType) -> dict[str, int]:
+    """The bytes autograd holds for the backward once a sharded forward of 4 blocks of width 128 ends, beyond
+    the parameters (shards, and the whole tensors ``Gathered`` gathered), with what one block takes whole. Two
+    tokens keep the activations small next to a block, so a copy of a block's weights would stand out."""
+    config: gpt.GPTConfig | llama.LlamaConfig = (
+        gpt.GPTConfig(vocab_size=64, context=16, d_model=128, n_layers=4, n_heads=2)
+        if module is gpt
+        else llama.LlamaConfig(
+            vocab_size=64, context=16, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352
+        )
+    )
+    params = module.init(config, 0)
+    shards = parallel.shard(params)
+    for shard in tensors(shards):
+        shard.requires_grad_()
+    wholes: list[torch.Tensor] = []
+
+    class Recorded(zmaj_parallel.Gathered):
+        def add(self, layer: int | None, shard: torch.Tensor, whole: torch.Tensor) -> None:
+            super().add(layer, shard, whole)
+            wholes.append(whole)
+
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    zmaj_parallel.Gathered = Recorded  # type: ignore[misc]
+    forward = parallel.forward(bind(module.forward, config=config))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = forward(shards, Batch(tokens=torch.tensor([[1, 2]])))
+    zmaj_parallel.Gathered = Recorded.__mro__[1]  # type: ignore[misc, assignment]
+    parameters = {t.untyped_storage().data_ptr() for t in [*wholes, *tensors(shards)]}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    kept = sum(n for ptr, n in storages.items() if ptr not in parameters)
+    logits.sum().backward()  # every rank takes part in the backward's collectives
+    block = sum(t.numel() * t.element_size() for t in tensors(params["blocks"])) // config.n_layers
+    return {"kept": kept, "block": block}
 
 
 def save(parallel: Parallel, state: TensorDict, stem: Path) -> None:

@@ -252,6 +252,16 @@ def test_a_sharded_rank_holds_one_block_whole_at_a_time(out: Path) -> None:
         assert held["outside"] + held["block"] <= held["peak"] <= held["outside"] + 2 * held["block"], held
 
 
+def test_a_sharded_forward_keeps_no_copy_of_a_blocks_weights_for_the_backward(out: Path) -> None:
+    """Freeing a block's gathered tensors frees its weights only if autograd saved those tensors themselves: a
+    product of joined q/k/v (or gate/up) weights saves their copy, which kept every layer's until the
+    backward (a GPT's q/k/v, a quarter of each block; two thirds of a Llama's). Over two tokens the activations
+    are a small part of a block."""
+    for rank in range(2):
+        for name, kept in json.loads((out / f"kept-rank{rank}.json").read_text()).items():
+            assert kept["kept"] < kept["block"] / 4, (name, kept)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_a_checkpoint_saved_by_two_sharded_ranks_loads_on_two_and_on_one(out: Path, optimizer: str) -> None:
     run = out / ("run" if optimizer == "adamw" else "run-muon")

@@ -5,7 +5,9 @@ Each takes its parameters (a TensorDict) first. Weights keep the ``nn.Linear`` l
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Literal
 
 import torch
@@ -15,6 +17,7 @@ from tensordict import TensorDictBase
 from torch import Tensor
 
 Activation = Literal["gelu", "gelu_tanh", "silu", "relu", "relu2"]
+_join: ContextVar[bool] = ContextVar("join", default=True)
 
 
 def at_least_float32(x: Tensor) -> Tensor:
@@ -72,9 +75,10 @@ def fused_linear(
     reuse (compiled, ``linear``'s ``matvec``). Measured on a 2-core AVX2 CPU, fp32, no gradients, SmolLM2-135M's
     shapes (``benchmarks/README.md``; not measured on GPUs): the joined product took 1.9-2.3x the separate
     products' time for one row, 1.5-1.8x for 8 and 0.9-1.2x for 128 to 2048; the copy was a quarter of an
-    eager decode step. LoRA factors add their update to their map's part.
+    eager decode step. LoRA factors add their update to their map's part. Within :func:`maps_apart` (fully
+    sharded training) the maps stay apart too.
     """
-    if not torch.is_grad_enabled() or x.shape[:-1].numel() == 1:
+    if not torch.is_grad_enabled() or x.shape[:-1].numel() == 1 or not _join.get():
         return [linear(p, x) for p in params]
     weights: list[Tensor] = [p["weight"] for p in params]
     biases: list[Tensor | None] = [p.get("bias", None) for p in params]
@@ -85,6 +89,20 @@ def fused_linear(
         )
     outs = torch.split(F.linear(x, torch.cat(weights), bias), [w.shape[0] for w in weights], dim=-1)
     return [_lora_update(p, x, out) for p, out in zip(params, outs, strict=True)]
+
+
+@contextmanager
+def maps_apart() -> Iterator[None]:
+    """Within this context, :func:`fused_linear` runs its maps apart. Fully sharded training frees each block's
+    gathered weights once the next block starts (``zmaj.train.parallel.Gathered``), but the joined weight is a
+    new tensor, which the product saves for its backward: every layer's joined q/k/v and gate/up would stay
+    until the backward, two thirds of a Llama's blocks, whole. Apart, each product saves the gathered weight
+    itself, which the sharded forward frees."""
+    token = _join.set(False)
+    try:
+        yield
+    finally:
+        _join.reset(token)
 
 
 def _lora_update(params: TensorDictBase, x: Tensor, out: Tensor) -> Tensor:

@@ -48,6 +48,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.models.common import Batch, materializing
+from zmaj.nn.layers import maps_apart
 from zmaj.train.optim import global_norm, leaf_keys
 
 Kind = Literal["dp", "fsdp"]
@@ -492,7 +493,8 @@ def sharded_forward(
     """``forward`` over this rank's shards, FSDP's way. The parameters outside the blocks (the embeddings; the
     vectors among them every rank holds whole) are gathered up front and kept for the step; each block's are
     gathered just before the block runs (``zmaj.models.common.layers``), freed when the next block starts, and
-    gathered again for its backward (``Gathered``).
+    gathered again for its backward (``Gathered``). The block's projections run apart
+    (``zmaj.nn.layers.maps_apart``): joined, their weights' copy would outlive the freeing.
 
     A block's matrices are gathered in ``dtype``, the matmuls' precision (bf16 under bf16 autocast): they only
     feed linear maps, which autocast would cast to it anyway, and a cast copy is what autograd would keep. Its
@@ -528,7 +530,7 @@ def sharded_forward(
 
         whole = gather(params.exclude("blocks"), None)
         whole.set("blocks", params["blocks"])
-        with materializing(next_layer):
+        with materializing(next_layer), maps_apart():
             return forward(whole, batch, **kwargs)
 
     return run
