@@ -64,14 +64,25 @@ class ParallelConfig(BaseModel):
     kind: Kind = "dp"
 
 
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+"""How long a rank waits in a collective before it fails instead of hanging: long enough for rank 0 to write a
+large checkpoint while the others wait at the next step."""
+RANK_0_ALONE_TIMEOUT = timedelta(hours=24)
+"""How long the other ranks wait for work rank 0 does alone before they may go on (``rank_0_first``,
+``from_rank_0``): preparing a corpus (downloading, training a tokenizer, tokenising billions of tokens) can take
+hours. A rank 0 that dies ends the job at once all the same (``torchrun`` stops the others)."""
+
+
 @dataclass(frozen=True)
 class Parallel:
-    """This process's place in the job: its rank, the world size, its device and the state's layout."""
+    """This process's place in the job: its rank, the world size, its device and the state's layout.
+    ``patient`` is the group the ranks wait for rank 0 in (gloo, ``RANK_0_ALONE_TIMEOUT``)."""
 
     kind: Kind = "dp"
     rank: int = 0
     size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    patient: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
 
     @property
     def main(self) -> bool:
@@ -106,14 +117,16 @@ class Parallel:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            # A rank that waits longer than this in a collective fails instead of hanging; long enough for rank 0
-            # to write a large checkpoint while the others wait at the next step.
             backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+            dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
             # PyTorch asks every process to destroy its group before exiting (NCCL warns otherwise, and an
             # unordered exit can leave other ranks waiting); a caller that destroyed it already is left alone.
             atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
-        return Parallel(config.kind, dist.get_rank(), dist.get_world_size(), device)
+        # On the CPU whatever the device: it carries one small object, and the first NCCL call, which sets up
+        # the communicators under the short timeout, then comes after rank 0's work.
+        patient = dist.new_group(backend="gloo", timeout=RANK_0_ALONE_TIMEOUT)
+        assert isinstance(patient, dist.ProcessGroup)  # (every rank is in it)
+        return Parallel(config.kind, dist.get_rank(), dist.get_world_size(), device, patient)
 
     # ------------------------------------------------------------------------------------------ the data
 
@@ -157,25 +170,27 @@ class Parallel:
 
     def _on_rank_0(self, make: Callable[[], T]) -> tuple[T] | tuple[()]:
         """``(make(),)`` on rank 0, which then tells the others whether it worked; they return ``()``, or raise
-        rank 0's error as a ``ValueError`` (rank 0 reports it), rather than wait on a rank that has gone."""
+        rank 0's error as a ``ValueError`` (rank 0 reports it), rather than wait on a rank that has gone. They
+        wait in the patient group: however long ``make`` takes, the collectives' timeout is not reached."""
         if self.main:
             try:
                 made = make()
             except Exception as error:  # told to the other ranks, then raised here as it is
-                self.broadcast(f"rank 0 failed: {error}")
+                self.broadcast(f"rank 0 failed: {error}", patient=True)
                 raise
-            self.broadcast("")
+            self.broadcast("", patient=True)
             return (made,)
-        failure: str = self.broadcast(None)
+        failure: str = self.broadcast(None, patient=True)
         if failure:
             raise ValueError(failure)
         return ()
 
-    def broadcast(self, value: T | None) -> T:
-        """Rank 0's ``value`` on every rank (the others pass None): for what one rank makes and all use."""
+    def broadcast(self, value: T | None, patient: bool = False) -> T:
+        """Rank 0's ``value`` on every rank (the others pass None): for what one rank makes and all use;
+        ``patient`` waits for rank 0 up to ``RANK_0_ALONE_TIMEOUT``, not ``COLLECTIVE_TIMEOUT``."""
         box = [value]
         if self.distributed:
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=self.patient if patient else None)
         assert box[0] is not None
         return box[0]
 

@@ -1,0 +1,35 @@
+"""Run by ``test_distributed.py`` as ``torchrun --nproc-per-node 2 tests/integration/waits_for_rank_0.py OUT``:
+rank 0 works alone (``rank_0_first``, ``from_rank_0``) for longer than the collectives' timeout, shortened here
+to a second, as preparing a large corpus outlasts the real one; the other rank waits for it, and the
+collectives work afterwards. Each rank writes what it got."""
+
+import json
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from zmaj.train import parallel as zmaj_parallel
+
+WORK_S = 3.0
+
+
+def main(out: Path) -> None:
+    zmaj_parallel.COLLECTIVE_TIMEOUT = timedelta(seconds=1)
+    parallel = zmaj_parallel.Parallel.from_environment(zmaj_parallel.ParallelConfig(), torch.device("cpu"))
+
+    def rank_0_works_long() -> str:
+        if parallel.main:
+            time.sleep(WORK_S)
+        return f"made by rank {parallel.rank}"
+
+    first = parallel.rank_0_first(rank_0_works_long)
+    made = parallel.from_rank_0(rank_0_works_long)
+    total = float(parallel.all_sum(torch.ones(())))
+    (out / f"waited-rank{parallel.rank}.json").write_text(json.dumps([first, made, total]))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
