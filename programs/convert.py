@@ -5,7 +5,8 @@ model folder.
     uv run programs/convert.py SmolLM2-135M-Instruct-Q8_0.gguf models/smollm2 --to zmaj --dtype bfloat16
 
 SRC is any model PATH ``zmaj.convert.load.load_model`` reads: a .gguf file, a Hugging Face folder, a zmaj model
-folder, a zmaj run or one of its checkpoints. DST is a folder, replaced whole once the new one is written. A
+folder, a zmaj run or one of its checkpoints. DST is a folder, replaced whole once the new one is written; an
+existing one must be a model folder zmaj wrote, so that a mistyped path deletes nothing. A
 model that ``transformers`` cannot compute exactly is refused, naming the setting, rather than exported
 approximately.
 """
@@ -18,7 +19,7 @@ from loguru import logger
 
 from zmaj.convert.export import save_hf
 from zmaj.convert.hf import DTYPES
-from zmaj.convert.load import check_destination, load_model, save_zmaj
+from zmaj.convert.load import check_model_destination, load_model, save_zmaj
 from zmaj.extras import MissingExtraError
 
 
@@ -39,7 +40,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     try:
-        check_destination(args.dst, args.src)
+        check_model_destination(args.dst, args.src)
         model = load_model(args.src)
     except (FileNotFoundError, ValueError, MissingExtraError) as error:
         logger.error(str(error))

@@ -7,7 +7,8 @@
 
 RUN_DIR is any model PATH ``zmaj.convert.load.load_model`` reads; a run folder (pre-training or fine-tuning,
 LoRA adapters merged) gives the full card: spec, data and tokens seen, final metrics, curves, hardware and wall
-time. OUT_DIR is replaced whole once the new folder is written. A model ``transformers`` cannot compute exactly
+time. OUT_DIR is replaced whole once the new folder is written; an existing one must be a model folder zmaj
+wrote (an earlier export), so that a mistyped path deletes nothing. A model ``transformers`` cannot compute exactly
 (e.g. a GPT with RMSNorm) is refused with a one-line error and exit status 2, as is any other bad input.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from loguru import logger
 
 from zmaj.convert.hf import DTYPES
-from zmaj.convert.load import check_destination
+from zmaj.convert.load import check_model_destination
 from zmaj.extras import MissingExtraError
 from zmaj.publish.export import export_model, parse_size
 from zmaj.publish.hub import license_id, repo_id
@@ -56,7 +57,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     try:
-        check_destination(args.out_dir, Path(args.run_dir))
+        check_model_destination(args.out_dir, Path(args.run_dir))
         max_shard_bytes = parse_size(args.max_shard_size)
         dtype = None if args.dtype is None else DTYPES[args.dtype]
         export_model(

@@ -54,10 +54,10 @@ def run_program(program: str, *args: object, stdin: str = "") -> Result:
 
 
 def busy_volume(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """``folder``, made with a file ``keep.txt``, as a mount point: renaming it away fails with EBUSY (what a
-    program replacing a destination folder meets there); other renames work."""
+    """``folder``, made with an earlier model's ``config.json``, as a mount point: renaming it away fails with
+    EBUSY (what a program replacing a destination folder meets there); other renames work."""
     folder.mkdir()
-    (folder / "keep.txt").write_text("kept")
+    (folder / "config.json").write_text("{}")
     real = os.replace
 
     def replace(src: Path, dst: Path) -> None:

@@ -166,7 +166,7 @@ def test_a_destination_that_cannot_be_renamed_exits_2_and_keeps_what_it_held(
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
     assert errors == [f"ERROR | cannot write {volume}: [Errno 16] Device or resource busy: '{volume}'"]
     assert [p.name for p in tmp_path.iterdir()] == ["volume"]
-    assert [p.name for p in volume.iterdir()] == ["keep.txt"]
+    assert [p.name for p in volume.iterdir()] == ["config.json"]
 
 
 @pytest.mark.slow

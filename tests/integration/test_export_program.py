@@ -172,13 +172,22 @@ def test_dtype_shards_and_license(runs: dict[str, Path], tmp_path: Path) -> None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
-def test_an_existing_folder_is_replaced_whole(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_an_earlier_export_is_replaced_whole_a_folder_of_other_files_is_refused(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
     folder = tmp_path / "out"
     folder.mkdir()
-    (folder / "stale.txt").write_text("old")
+    (folder / "config.json").write_text("{}")
+    (folder / "model-00002-of-00002.safetensors").write_text("an earlier export's second shard")
     code, _, err = run("export.py", runs["sft"], folder)
     assert code == 0, err
-    assert not (folder / "stale.txt").exists()
+    assert not (folder / "model-00002-of-00002.safetensors").exists()
+    assert (folder / "README.md").is_file()
+    code, _, err = run("export.py", runs["sft"], tmp_path)  # a mistyped path: the folder holding out/
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert f"{tmp_path} holds out, which no model folder has, and writing it replaces the whole" in errors[0]
     assert (folder / "README.md").is_file()
 
 
@@ -207,7 +216,7 @@ def test_a_destination_that_cannot_be_renamed_exits_2_and_keeps_what_it_held(
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert errors == [f"ERROR | cannot export {model}: [Errno 16] Device or resource busy: '{volume}'"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "volume"]
-    assert [p.name for p in volume.iterdir()] == ["keep.txt"]
+    assert [p.name for p in volume.iterdir()] == ["config.json"]
 
 
 @pytest.mark.parametrize(

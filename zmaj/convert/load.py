@@ -21,6 +21,7 @@ Each becomes a :class:`Pretrained`: config, parameters and :class:`~zmaj.data.mo
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -36,7 +37,13 @@ from tensordict import TensorDict, TensorDictBase
 
 from zmaj import checkpoint, fileio
 from zmaj.convert import hf, weights
-from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, ModelTokenizer
+from zmaj.data.model_tokenizer import (
+    CHAT_TEMPLATE_FILE,
+    GENERATION_CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    ModelTokenizer,
+)
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.models.gpt import GPTConfig
 from zmaj.models.lora import LoraConfig, init_adapters, merge
@@ -292,6 +299,40 @@ def check_destination(folder: Path, source: Path) -> None:
             )
         run = base
         seen.add(base.resolve())
+
+
+WRITTEN_FILES = frozenset(
+    {
+        *(MODEL_FILE, PARAMS_FILE),  # a zmaj model folder
+        *("config.json", "model.safetensors", "model.safetensors.index.json"),  # a Hugging Face one
+        *(TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE),
+        *("README.md", "curves.png"),  # an export's card
+    }
+)
+"""The files of the model folders zmaj writes (``save_zmaj``, ``zmaj.convert.export.save_hf``, ``export.py``),
+besides a sharded export's ``model-00001-of-00002.safetensors``."""
+
+
+def check_model_destination(folder: Path, source: Path) -> None:
+    """:func:`check_destination` for a model folder, and refuse an existing folder holding anything but a model
+    folder zmaj writes: writing replaces the whole folder, so a mistyped path (``export.py RUN exports`` for
+    ``exports/NAME``) would delete whatever it held. An earlier export is replaced, the way to update one."""
+    check_destination(folder, source)
+    if not folder.is_dir():
+        return
+    names = sorted(entry.name for entry in folder.iterdir())
+    foreign = [
+        name
+        for name in names
+        if not (folder / name).is_file()
+        or (name not in WRITTEN_FILES and not re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name))
+    ]
+    if names and (foreign or not {"config.json", MODEL_FILE} & set(names)):
+        held = f"{foreign[0]}, which no model folder has" if foreign else "no model"
+        raise ValueError(
+            f"{folder} holds {held}, and writing it replaces the whole folder: name a new folder, or a model "
+            "folder zmaj wrote (to replace it)"
+        )
 
 
 def check_replaceable(folder: Path) -> None:

@@ -15,6 +15,7 @@ from zmaj.convert import weights
 from zmaj.convert.load import (
     Pretrained,
     check_destination,
+    check_model_destination,
     check_replaceable,
     load_model,
     save_zmaj,
@@ -77,6 +78,42 @@ def test_a_saved_zmaj_model_loads_back_exactly(name: str, tokenizer: Tokenizer, 
     save_zmaj(model.to(dtype=torch.bfloat16), tmp_path / "model")  # replaces the folder
     assert load_model(tmp_path / "model").params["embed", "weight"].dtype == torch.bfloat16
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left behind
+    check_model_destination(tmp_path / "model", tmp_path / "elsewhere")  # a folder it wrote may be replaced
+
+
+def test_a_model_destination_holding_anything_but_a_model_folder_is_refused(tmp_path: Path) -> None:
+    """Writing replaces the destination whole: ``export.py RUN exports`` (for ``exports/NAME``) deleted every
+    export there, and a folder of the user's own lost its files."""
+    source = tmp_path / "run"
+    exports = tmp_path / "exports"
+    hf = exports / "first"
+    hf.mkdir(parents=True)
+    for name in (
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "README.md",
+    ):
+        (hf / name).write_text("{}")
+    for fine in (tmp_path / "new", hf):  # a new folder; an earlier (sharded) export
+        check_model_destination(fine, source)
+    (tmp_path / "empty").mkdir()
+    check_model_destination(tmp_path / "empty", source)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("years of work")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "README.md").write_text("a project's own card")
+    (hf / "notes.txt").write_text("kept beside the export")
+    for folder, held in (
+        (exports, "first, which no model folder has"),
+        (tmp_path / "mine", "thesis.txt, which no model folder has"),
+        (tmp_path / "project", "no model"),
+        (hf, "notes.txt, which no model folder has"),
+    ):
+        with pytest.raises(
+            ValueError, match=f"{folder} holds {held}, and writing it replaces the whole folder"
+        ):
+            check_model_destination(folder, source)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=["umask 022", "umask 002", "umask 077"])
