@@ -15,13 +15,40 @@ import ctypes
 import errno
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
+
+
+class CacheWriteError(ValueError):
+    """A cache folder could not be written: one line naming it, not a traceback (a ``ValueError``, which the
+    programs report as such)."""
+
+
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # what no read meets
+
+
+@contextmanager
+def cache_writes(folder: Path, what: str) -> Iterator[None]:
+    """Within this block, a failure to write into the cache ``folder`` (a full disk or quota, a read-only or
+    unwritable folder) is a :class:`CacheWriteError` naming it and what to do: it comes after the minutes a
+    tokenizer or an encoding took, and the user's answer is another folder. Errors of reading the data that
+    is being cached pass through as they are."""
+    try:
+        yield
+    except OSError as error:
+        named = error.filename is not None and Path(error.filename).resolve().is_relative_to(folder.resolve())
+        if error.errno not in _WRITE_ERRORS and not named:
+            raise
+        raise CacheWriteError(
+            f"cannot write {what} in {folder} ({error.strerror or error}); free space there, or choose another "
+            "cache folder (--cache-dir, or ZMAJ_CACHE)"
+        ) from error
 
 
 def atomic_write_text(path: Path, text: str) -> None:

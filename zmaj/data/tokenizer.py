@@ -27,7 +27,7 @@ from torch import Tensor
 
 from zmaj.data.config import N_SPECIAL_TOKENS, DataConfig
 from zmaj.data.corpus import documents, source_key
-from zmaj.fileio import atomic_write_text
+from zmaj.fileio import atomic_write_text, cache_writes
 from zmaj.progress import is_main_process
 from zmaj.text import read_text
 
@@ -211,7 +211,8 @@ def load_or_train(config: DataConfig, cache_dir: str | Path, seed: int = 0) -> T
             f"data.source ({config.source.kind}): the train split holds no document with any text, nothing to "
             "train a tokenizer on (empty files, an empty text column?)"
         )
-    tokenizer.save(path)
+    with cache_writes(Path(cache_dir), "the trained tokenizer"):
+        tokenizer.save(path)
     return tokenizer
 
 

@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -26,7 +27,7 @@ from loguru import logger
 from zmaj.data.config import Source
 from zmaj.data.corpus import Document, Split, documents, source_key
 from zmaj.data.tokenizer import Tokenizer
-from zmaj.fileio import fsync
+from zmaj.fileio import cache_writes, fsync
 from zmaj.progress import progress
 from zmaj.text import read_json
 
@@ -107,10 +108,9 @@ def tokenize_split(
     final = root / f"{split}-{key}"
     if final.is_dir():
         return TokenFile.open(final)
-    root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    # The temporary directory is removed on the way out, crash or not; only its finished "data" folder moves.
-    with tempfile.TemporaryDirectory(dir=root, prefix=".tmp-") as temporary:
+    # The temporary folder is removed on the way out, crash or not; only its finished "data" folder moves.
+    with cache_writes(Path(cache_dir), f"the {split} split's tokens"), _staging(root) as temporary:
         staging = Path(temporary) / "data"
         staging.mkdir()
         what = f"encoding the {split} split into tokens, {ENCODE_CHUNK:,} documents at a time"
@@ -138,6 +138,14 @@ def tokenize_split(
         final,
     )
     return TokenFile.open(final)
+
+
+@contextmanager
+def _staging(root: Path) -> Iterator[str]:
+    """A new temporary folder in ``root`` (made if missing), removed on the way out."""
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".tmp-") as temporary:
+        yield temporary
 
 
 def _write(tokenizer: Tokenizer, docs: Iterator[Document], directory: Path) -> dict[str, int | str]:

@@ -160,6 +160,25 @@ def test_load_or_train_trains_once(jsonl_file: Path, tmp_path: Path, monkeypatch
         load_or_train(config.model_copy(update={"vocab_size": 301}), tmp_path, seed=0)
 
 
+@pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EROFS])
+def test_a_cache_that_cannot_be_written_is_one_line_naming_it(
+    jsonl_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: int
+) -> None:
+    """Met once the tokenizer is trained, which may have taken minutes: the traceback of a full disk or a
+    read-only cache became a ``ValueError`` naming the folder and what to do, which programs report in one line."""
+    config = DataConfig(source=FilesSource(paths=[str(jsonl_file)], format="jsonl"), vocab_size=300)
+
+    def refused(descriptor: int) -> None:
+        raise OSError(failure, os.strerror(failure))
+
+    monkeypatch.setattr(os, "fsync", refused)
+    with pytest.raises(
+        ValueError, match=rf"cannot write the trained tokenizer in {tmp_path} \({os.strerror(failure)}\); "
+    ):
+        load_or_train(config, tmp_path, seed=0)
+    assert not list(tmp_path.rglob("*.json"))  # nothing cached that a later run would trust
+
+
 def test_the_tokenizer_sample_is_uniform_and_picked_by_the_seed() -> None:
     """``max_texts`` promises a seeded *uniform* sample: the suite checked only that it is a seeded
     subsequence, so a sampler that kept the last k texts (``randrange(k)``), favoured late texts

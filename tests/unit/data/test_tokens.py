@@ -1,4 +1,6 @@
+import errno
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -66,6 +68,35 @@ def test_a_crash_leaves_nothing_behind(
     monkeypatch.setattr(tokens, "ENCODE_CHUNK", 2)  # so some tokens are written before the crash
     monkeypatch.setattr(tokens, "documents", crashing)
     with pytest.raises(KeyboardInterrupt):
+        tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+    assert _entries(tmp_path) == []
+
+
+def test_a_full_cache_is_one_line_naming_it_and_a_corpus_error_stays_itself(
+    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk met while encoding (minutes into a run) is a ``ValueError`` naming the cache and what to do,
+    which programs report in one line, and leaves no partial file; an error of reading the corpus is not the
+    cache's, and keeps its own type and words."""
+    real = tokens._write
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tokens, "_write", full)
+    with pytest.raises(
+        ValueError, match=rf"cannot write the train split's tokens in {tmp_path} \(No space left"
+    ):
+        tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+    assert _entries(tmp_path) == []
+
+    def unreadable(source: Source, split: Split, fraction: float) -> Iterator[Document]:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/data/corpus/part-7.jsonl")
+        yield  # a generator, as documents() is
+
+    monkeypatch.setattr(tokens, "_write", real)
+    monkeypatch.setattr(tokens, "documents", unreadable)
+    with pytest.raises(FileNotFoundError, match=r"part-7\.jsonl"):
         tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
     assert _entries(tmp_path) == []
 
