@@ -54,7 +54,7 @@ def main() -> None:
         data = parallel.rank_0_first(lambda: prepare(spec.data, cache_dir, spec.train.seed))
         if args.resume is not None and (args.resume / TOKENIZER_FILE).is_file():
             check_unchanged(args.resume / TOKENIZER_FILE, data.tokenizer)
-        run = runs.open_run(spec, args, parallel)
+        run = runs.open_run(spec, args, parallel, data=data.fingerprints)
     with run:
         train(run, data)
 

@@ -42,7 +42,10 @@ def main() -> None:
         examples = build_examples(spec, begin)
         params = finetune.trainable(spec, begin)
         parallel.check_shardable(params)
-        run = runs.open_run(spec, args, parallel, partial(finetune.write_run_files, spec, begin))
+        write = partial(finetune.write_run_files, spec, begin)
+        run = runs.open_run(
+            spec, args, parallel, write, data=lambda: {"data": finetune.fingerprint(examples)}
+        )
     with run:
         logger.info(f"run folder {run.dir}; {len(examples)} conversations")
         train(run, begin, examples, params)

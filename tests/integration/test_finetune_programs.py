@@ -573,6 +573,38 @@ def test_resume_refuses_each_frozen_field(
     assert f"{change.split('=')[0]} differs from the run's; --set cannot change it" in errors[0]
 
 
+def test_sft_resume_refuses_conversations_edited_since_the_run_began(model: Path, tmp_path: Path) -> None:
+    """The spec names the same file; its conversations changed, so the resumed steps would read other rows.
+    Rewritten with the same ones, the run goes on."""
+    path = tmp_path / "chats.jsonl"
+
+    def chats(answer: str) -> str:
+        rows = [
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {i} + 1?"},
+                    {"role": "assistant", "content": a},
+                ]
+            }
+            for i, a in enumerate([answer, "2", "3", "4", "5", "6"])
+        ]
+        return "".join(json.dumps(row) + "\n" for row in rows)
+
+    path.write_text(chats("1"))
+    spec = tiny("sft.py", model, "eval=null", f"data={{kind: files, paths: [{path}]}}")
+    code, _, err = run("sft.py", *spec, "--run-dir", tmp_path / "run", "--stop-after", "1")
+    assert code == 0, err
+    path.write_text(chats("one"))
+    code, _, err = run("sft.py", "--resume", tmp_path / "run", *FIXTURES)
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert "the data differs from the run's (data changed since the run began" in errors[0]
+    path.write_text(chats("1"))
+    code, _, err = run("sft.py", "--resume", tmp_path / "run", *FIXTURES)
+    assert code == 0, err
+
+
 def pairs_file(folder: Path, n: int) -> str:
     """``pairs=`` a file of ``n`` arithmetic preference pairs: DPO without sampling its pairs first."""
     path = folder / "pairs.jsonl"

@@ -1,5 +1,6 @@
 """programs/pretrain.py and programs/sample.py end to end on a tiny spec and a tiny local corpus."""
 
+import hashlib
 import inspect
 import json
 import os
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from tests.integration.programs import run_program
 from tests.unit.train.test_loop import HOLD_LOCK
 from zmaj.data import dataset
+from zmaj.data.corpus import in_validation
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.train import step
 
@@ -222,9 +224,24 @@ def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "was written with another model.n_heads than the run's spec.yaml" in result.stderr.splitlines()[-1]
     (run_dir / "spec.yaml").write_text(saved_spec)
+    # A document added to the held-out split leaves the tokenizer (trained on the train split) as it was, and
+    # changes the rows: the run's data.json says so.
+    path = Path(yaml.safe_load(spec.read_text())["data"]["source"]["paths"][0])
+    original = path.read_text()
+    held_out = next(
+        text
+        for text in (f"# file held out {i}\nreturn value" for i in range(1000))
+        if in_validation(f"sha256:{hashlib.sha256(text.encode()).hexdigest()}", 0.2)
+    )
+    path.write_text(original + json.dumps({"text": held_out}) + "\n")
+    result = run("pretrain.py", "--resume", run_dir, "--cache-dir", tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, result.stderr
+    assert "the data differs from the run's (validation changed since the run began" in errors[0]
+    path.write_text(original)
     # The same spec over a corpus edited since trains another tokenizer, whose ids would mean other text to
     # the checkpoint.
-    path = Path(yaml.safe_load(spec.read_text())["data"]["source"]["paths"][0])
     lines = path.read_text().splitlines()
     path.write_text("".join(json.dumps({"text": json.loads(line)["text"].upper()}) + "\n" for line in lines))
     saved = (run_dir / "tokenizer.json").read_bytes()

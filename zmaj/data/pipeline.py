@@ -23,6 +23,13 @@ class Prepared:
     train: LMDataset
     validation: LMDataset
 
+    def fingerprints(self) -> dict[str, str]:
+        """Each split's token file fingerprint (``TokenFile.fingerprint``): what a run records of its data."""
+        return {
+            "train": self.train.token_file.fingerprint(),
+            "validation": self.validation.token_file.fingerprint(),
+        }
+
     def unigram_bpb(self) -> float:
         """Held-out bits per byte of the best context-free model: train-set token frequencies (add-one
         smoothed), the baseline any model of context must beat."""

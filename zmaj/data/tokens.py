@@ -56,6 +56,16 @@ class TokenFile:
     def n_tokens(self) -> int:
         return len(self.tokens)
 
+    def fingerprint(self) -> str:
+        """A sha256 of the ids and where each document starts: what the rows cut from this file depend on (a
+        run records it, so that a resume on other data is refused). Read in chunks: a memory-mapped split of
+        billions of tokens is hashed at the disk's speed, never held whole."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.offsets, dtype=np.int64).tobytes())
+        chunk = 1 << 24
+        for start in range(0, self.n_tokens, chunk):
+            digest.update(np.ascontiguousarray(self.tokens[start : start + chunk]).tobytes())
+        return digest.hexdigest()
+
     def document(self, index: int) -> UInt[np.ndarray, " length"]:
         """The ids of one document, its trailing ``<|eos|>`` included."""
         return self.tokens[self.offsets[index] : self.offsets[index + 1]]

@@ -13,6 +13,7 @@ Instruct models are asked in their chat template; base models see a few solved p
 """
 
 import argparse
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import numpy as np
 import torch
 from loguru import logger
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -512,6 +514,17 @@ def masked_batch(
         tokens[index, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
         learn[index, : len(ids)] = torch.tensor(list(mask), dtype=torch.bool)
     return Batch(tokens=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=learn[:, 1:]).to(device)
+
+
+def fingerprint(examples: Sequence[tuple[list[int], list[bool]]]) -> str:
+    """A sha256 of SFT's examples (ids and assistant masks, in order): what a run records of its data, so that
+    a resume on edited conversations is refused."""
+    digest = hashlib.sha256()
+    for ids, mask in examples:
+        digest.update(len(ids).to_bytes(8, "little"))
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray(mask, dtype=np.bool_).tobytes())
+    return digest.hexdigest()
 
 
 def sft_example(

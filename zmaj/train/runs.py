@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,7 @@ from zmaj.convert.load import LORA_FILE, MODEL_FILE
 from zmaj.data.model_tokenizer import GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from zmaj.extras import MissingExtraError
 from zmaj.specfile import SpecError, read_yaml
-from zmaj.text import read_text
+from zmaj.text import read_json, read_text
 from zmaj.train import precision, report, trackers
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import LoopConfig, load, parse
@@ -384,10 +384,15 @@ def open_run(
     args: argparse.Namespace,
     parallel: Parallel,
     write: Callable[[Path], None] | None = None,
+    data: Callable[[], Mapping[str, str]] | None = None,
 ) -> Run[S]:
     """The run folder of this session: ``--resume``'s, or a new one (``--run-dir``, default
     ``runs/NAME-TIMESTAMP``) with ``spec.yaml`` and whatever ``write(run_dir)`` adds. Rank 0 creates it; every
-    rank gets the same path."""
+    rank gets the same path.
+
+    ``data()`` fingerprints what the steps read (a name and a hash for each part, e.g. each split's tokens;
+    called on rank 0 alone): a new run records it in ``data.json``, and a resume whose data differs from its
+    run's is refused, naming the part. The spec alone cannot say it: the same spec reads edited files."""
     resumed = args.resume is not None
     name: str = getattr(spec, "name")  # noqa: B009
     held: IO[str] | None = None
@@ -405,6 +410,8 @@ def open_run(
         held = lock(run_dir)  # before anything is written, so that two writers never interleave
         try:
             _check_free(run_dir, resumed, held_a_run)
+            if resumed and data is not None:
+                _check_same_data(run_dir, data())
         except BaseException:
             held.close()
             raise
@@ -412,6 +419,8 @@ def open_run(
             _start_afresh(run_dir)
         if not resumed:  # a resume writes its spec once the loop has checked it (Run.write_spec)
             write_spec(run_dir, spec)
+            if data is not None:
+                fileio.atomic_write_text(run_dir / DATA_FILE, json.dumps(data(), indent=1) + "\n")
             if write is not None:
                 write(run_dir)
         return run_dir
@@ -420,6 +429,24 @@ def open_run(
     return Run(run_dir, spec, parallel, resumed, args.stop_after, _lock=held)
 
 
+def _check_same_data(run_dir: Path, data: Mapping[str, str]) -> None:
+    """Refuse to resume on data other than the run's: its steps would read other rows than the run it continues
+    (README: what a resume cannot change). A run from before ``data.json`` was written is not checked."""
+    path = run_dir / DATA_FILE
+    if not path.is_file():
+        return
+    recorded = read_json(path)
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{path}: not a record of the run's data (delete it to resume unchecked)")
+    if changed := [name for name, fingerprint in data.items() if recorded.get(name) != fingerprint]:
+        raise ValueError(
+            f"--resume {run_dir}: the data differs from the run's ({', '.join(changed)} changed since the run "
+            f"began, {path}), so the resumed steps would read other rows; resume with the run's data, or start "
+            "a new run"
+        )
+
+
+DATA_FILE = "data.json"
 RECORDS = ("metrics.jsonl", report.RUN_FILE)
 """The files a run appends to."""
 
@@ -431,10 +458,11 @@ LEFTOVERS = (
     TOKENIZER_FILE,
     TOKENIZER_CONFIG_FILE,
     GENERATION_CONFIG_FILE,
+    DATA_FILE,
 )
 """The other files a training program writes in its run folder, besides ``spec.yaml``, ``log.txt`` and
 ``checkpoints/``: a fine-tuning run's model files (LoRA's ``lora.json``, DPO's pairs), a pre-training run's
-tokenizer."""
+tokenizer, the fingerprints of the data (``open_run``)."""
 
 
 def _check_free(run_dir: Path, resumed: bool, held_a_run: bool) -> None:

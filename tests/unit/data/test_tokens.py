@@ -159,3 +159,27 @@ def test_a_damaged_cache_is_named_with_what_to_do(
     assert str(directory) in str(caught.value)
     assert message in str(caught.value)
     assert "delete the folder" in str(caught.value)
+
+
+def test_the_fingerprint_changes_with_any_token_or_document_boundary(
+    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path
+) -> None:
+    """What a run records of its data (``data.json``): the rows cut from a file depend on every id and on where
+    each document starts, and on nothing else (a file encoded again gives the same fingerprint)."""
+    written = tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+    tokens, offsets = np.asarray(written.tokens).copy(), written.offsets.copy()
+
+    def made(tokens: np.ndarray, offsets: np.ndarray) -> TokenFile:
+        return TokenFile(tokens, offsets, written.vocab_size, written.eos_id, written.pad_id)
+
+    assert made(tokens.copy(), offsets.copy()).fingerprint() == written.fingerprint()
+    one_token = tokens.copy()
+    one_token[-2] = (one_token[-2] + 1) % written.vocab_size
+    moved = offsets.copy()
+    moved[1] += 1  # the same ids, the first two documents split one token later
+    assert (
+        len(
+            {written.fingerprint(), made(one_token, offsets).fingerprint(), made(tokens, moved).fingerprint()}
+        )
+        == 3
+    )

@@ -388,3 +388,21 @@ def test_a_system_text_with_half_a_surrogate_pair_is_refused_naming_the_field(wh
     fields = {"task" if where == "eval" else "name": "arithmetic", "system": "half \ud83d"}
     with pytest.raises(ValidationError, match=r"system\n.*not UTF-8 text \(U\+D83D at character 5\)"):
         kind.model_validate(fields)
+
+
+def test_the_sft_fingerprint_changes_with_any_id_mask_or_boundary() -> None:
+    """What an SFT run records of its conversations: ids, assistant masks and where each example ends."""
+    examples = [([1, 2, 3], [False, True, True]), ([4, 5], [False, True])]
+    variants = [
+        [([1, 2, 3], [False, True, True]), ([4, 6], [False, True])],
+        [([1, 2, 3], [False, False, True]), ([4, 5], [False, True])],
+        [
+            ([1, 2], [False, True]),
+            ([3, 4, 5], [True, False, True]),
+        ],  # the same ids and masks, split elsewhere
+    ]
+    fingerprints = {finetune.fingerprint(examples), *(finetune.fingerprint(v) for v in variants)}
+    assert len(fingerprints) == 4
+    assert finetune.fingerprint([(list(ids), list(mask)) for ids, mask in examples]) == finetune.fingerprint(
+        examples
+    )
