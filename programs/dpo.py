@@ -39,6 +39,7 @@ def main() -> None:
         if args.resume is not None:
             pairs = read_pairs(args.resume / PAIRS_FILE, begin.model.config.vocab_size)
         else:  # made once, by rank 0 (sampling on-policy pairs is slow), and sent to every rank
+            parallel.check_on_rank_0(lambda: runs.check_run_folder(args))  # said before the sampling
             pairs = parallel.from_rank_0(lambda: make_pairs(spec, begin))
         run = runs.open_run(spec, args, parallel, partial(write_run_files, spec, begin, pairs))
     with run:

@@ -50,6 +50,7 @@ def main() -> None:
     with runs.bad_input_exits_2(parallel):
         check_backend(spec, parallel)
         cache_dir = make_cache_dir(Path(args.cache_dir))
+        parallel.check_on_rank_0(lambda: runs.check_run_folder(args))  # before the data, which may take long
         # Rank 0 trains the tokenizer and fills the token-file cache while the others wait, then they read it.
         data = parallel.rank_0_first(lambda: prepare(spec.data, cache_dir, spec.train.seed))
         if args.resume is not None and (args.resume / TOKENIZER_FILE).is_file():

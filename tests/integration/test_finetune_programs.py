@@ -573,6 +573,22 @@ def test_resume_refuses_each_frozen_field(
     assert f"{change.split('=')[0]} differs from the run's; --set cannot change it" in errors[0]
 
 
+def test_dpo_refuses_a_run_folder_it_cannot_use_before_sampling_its_pairs(
+    model: Path, tmp_path: Path
+) -> None:
+    """Sampling on-policy pairs takes minutes on a real model: a ``--run-dir`` under a file was refused after."""
+    (tmp_path / "notes.txt").write_text("mine")
+    spec = tiny("dpo.py", model, "pairs.task={name: say-e}")
+    code, _, err = run("dpo.py", *spec, "--run-dir", tmp_path / "notes.txt" / "run")
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert errors == [
+        f"ERROR | cannot create the run folder {tmp_path / 'notes.txt' / 'run'}: Not a directory"
+    ]
+    assert "sampling" not in err.lower()
+    assert "right and a wrong answer" not in err
+
+
 def test_sft_resume_refuses_conversations_edited_since_the_run_began(model: Path, tmp_path: Path) -> None:
     """The spec names the same file; its conversations changed, so the resumed steps would read other rows.
     Rewritten with the same ones, the run goes on."""

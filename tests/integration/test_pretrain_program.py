@@ -4,6 +4,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -370,6 +371,36 @@ def test_two_runs_of_one_spec_on_two_threads_end_with_identical_parameters(
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+def test_a_run_folder_the_run_cannot_use_is_refused_before_the_data_is_prepared(
+    spec: Path, tmp_path: Path
+) -> None:
+    """Preparing a corpus (training the tokenizer, encoding) can take hours: a ``--run-dir`` under a file, a model
+    folder, or one another process holds was refused only after it. Nothing is trained, nothing written."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "held").mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "held")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
+        for run_dir, message in (
+            (tmp_path / "notes.txt" / "run", "cannot create the run folder .*notes.txt/run: Not a directory"),
+            (tmp_path / "model", "is a model folder, whose files the run would overwrite"),
+            (tmp_path / "held", f"is being written by another process \\(PID {holder.pid}\\)"),
+        ):
+            done = run_program("pretrain.py", spec, "--run-dir", run_dir, "--cache-dir", tmp_path / "cache")
+            assert done.returncode == 2, done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+            assert re.search(message, done.stderr), done.stderr
+            assert not (tmp_path / "cache" / "tokenizers").exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.slow

@@ -168,6 +168,14 @@ class Parallel:
         made = self._on_rank_0(make)
         return self.broadcast(made[0] if made else None)
 
+    def check_on_rank_0(self, check: Callable[[], None]) -> None:
+        """``check()`` on rank 0 alone, for what only rank 0 will touch (the run folder); when it fails, the
+        others raise too, with rank 0's message."""
+        if not self.distributed:
+            check()
+            return
+        self._on_rank_0(check)
+
     def _on_rank_0(self, make: Callable[[], T]) -> tuple[T] | tuple[()]:
         """``(make(),)`` on rank 0, which then tells the others whether it worked; they return ``()``, or raise
         rank 0's error as a ``ValueError`` (rank 0 reports it), rather than wait on a rank that has gone. They

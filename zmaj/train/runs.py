@@ -13,6 +13,7 @@ of the errors ``BAD_INPUT`` lists; ``bad_input_exits_2`` turns it into one line 
 """
 
 import argparse
+import errno
 import fcntl
 import itertools
 import json
@@ -595,6 +596,45 @@ def quiet_logging(parallel: Parallel) -> None:
 LOCK_FILE = ".lock"
 
 
+def check_run_folder(args: argparse.Namespace) -> None:
+    """What :func:`open_run` would refuse of ``--run-dir`` (or ``--resume``'s folder), checked without creating
+    or locking anything: for a program to call on rank 0 before work that may take long (preparing a corpus,
+    sampling DPO's pairs), so that a folder the run cannot use is said at once rather than after it.
+    ``open_run`` checks again: the folder may change in between."""
+    resumed = args.resume is not None
+    run_dir: Path | None = Path(args.resume) if resumed else args.run_dir
+    if run_dir is None:  # a new folder of its own under runs/
+        return
+    if not resumed:
+        _check_not_a_model(run_dir)
+    existing = next(folder for folder in (run_dir, *run_dir.parents) if folder.exists())
+    if not existing.is_dir():
+        raise _cannot(
+            f"create the run folder {run_dir}", NotADirectoryError(errno.ENOTDIR, "Not a directory")
+        )
+    if existing != run_dir:
+        try:
+            tempfile.TemporaryFile(dir=existing, prefix=".write-probe-").close()
+        except OSError as error:
+            raise _cannot(f"create the run folder {run_dir}", error) from error
+        return
+    _check_writable(run_dir)
+    _check_free(run_dir, resumed, (run_dir / LOCK_FILE).is_file())
+    if (run_dir / LOCK_FILE).is_file():
+        with (run_dir / LOCK_FILE).open() as handle:  # a lock held elsewhere; this one is released on close
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _locked(run_dir, handle.read()) from None
+
+
+def _locked(run_dir: Path, holder: str) -> RunLockedError:
+    return RunLockedError(
+        f"{run_dir} is being written by another process (PID {holder.strip() or 'unknown'}); stop it first, or "
+        "use another --run-dir"
+    )
+
+
 def lock(run_dir: Path) -> IO[str]:
     """An exclusive lock on ``run_dir`` for as long as the returned file stays open; the file names its holder.
 
@@ -609,12 +649,9 @@ def lock(run_dir: Path) -> IO[str]:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "unknown"
+        holder = handle.read()
         handle.close()
-        raise RunLockedError(
-            f"{run_dir} is being written by another process (PID {holder}); stop it first, or use another "
-            "--run-dir"
-        ) from None
+        raise _locked(run_dir, holder) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
