@@ -30,7 +30,8 @@ class CacheWriteError(ValueError):
     programs report as such)."""
 
 
-_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # what no read meets
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+"""A full disk or quota, a read-only file system: what no read meets, and what a user answers with space."""
 
 
 @contextmanager
@@ -43,7 +44,7 @@ def cache_writes(folder: Path, what: str) -> Iterator[None]:
         yield
     except OSError as error:
         named = error.filename is not None and Path(error.filename).resolve().is_relative_to(folder.resolve())
-        if error.errno not in _WRITE_ERRORS and not named:
+        if error.errno not in WRITE_ERRORS and not named:
             raise
         raise CacheWriteError(
             f"cannot write {what} in {folder} ({error.strerror or error}); free space there, or choose another "

@@ -361,17 +361,26 @@ class Run(Generic[S]):
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         """End the session; a run that failed in a way the user can act on (``RunFailedError``, a checkpoint that
-        could not be written) exits with status 1 and one line saying so, not a traceback."""
-        failed = isinstance(error, (RunFailedError, checkpoint.CheckpointWriteError))
+        could not be written, a full or read-only disk under the run's records) exits with status 1 and one line
+        saying so, not a traceback."""
+        full = isinstance(error, OSError) and error.errno in fileio.WRITE_ERRORS
+        failed = full or isinstance(error, (RunFailedError, checkpoint.CheckpointWriteError))
         said = isinstance(error, RunFailedError) and (error.said or not self.parallel.main)
         if failed and error is not None:
+            line = f"the run stopped: {one_line(error)}" if full else one_line(error)
             if not said:
-                logger.error(one_line(error))  # every rank raises a RunFailedError; rank 0 says it
-            tell_torchrun(one_line(error))
+                logger.error(line)  # every rank raises a RunFailedError; rank 0 says it
+            tell_torchrun(line)
         if self.parallel.main:
             for tracker in self._trackers:
                 tracker.finish()
-            report.record_session(self.dir, "end", self.device, _type_name(self.dtype), self.parallel.size)
+            try:
+                report.record_session(
+                    self.dir, "end", self.device, _type_name(self.dtype), self.parallel.size
+                )
+            except OSError:
+                if not full:  # else the disk that stopped the run refuses this record too: said above
+                    raise
             for sink in self._sinks:
                 logger.remove(sink)
             if self._lock is not None:
@@ -419,11 +428,15 @@ def open_run(
         if not resumed and held_a_run:
             _start_afresh(run_dir)
         if not resumed:  # a resume writes its spec once the loop has checked it (Run.write_spec)
-            write_spec(run_dir, spec)
-            if data is not None:
-                fileio.atomic_write_text(run_dir / DATA_FILE, json.dumps(data(), indent=1) + "\n")
-            if write is not None:
-                write(run_dir)
+            fingerprints = data() if data is not None else None
+            try:
+                write_spec(run_dir, spec)
+                if fingerprints is not None:
+                    fileio.atomic_write_text(run_dir / DATA_FILE, json.dumps(fingerprints, indent=1) + "\n")
+                if write is not None:
+                    write(run_dir)
+            except OSError as error:  # a full disk: a new run in this folder starts afresh
+                raise _cannot(f"write in the run folder {run_dir}", error) from error
         return run_dir
 
     run_dir = parallel.from_rank_0(claim)

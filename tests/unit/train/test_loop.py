@@ -501,6 +501,32 @@ def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint_and_exits_1_in_one_
     assert steps_on_disk(tmp_path / "run") == ["latest", "step-0000002", "step-0000004"]
 
 
+def test_a_full_disk_under_the_runs_records_exits_1_in_one_line_and_the_run_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills up where the run appends its metrics (step 5's line, after step 4's checkpoint): one line
+    naming the problem, not a traceback, also when the record of the session's end meets the same full disk;
+    with space again, ``--resume`` goes on from the checkpoint."""
+    real_append = report.append_jsonl
+    full = True
+
+    def append_jsonl(path: Path, record: dict[str, object]) -> None:
+        if full and (record.get("step") == 5 or record.get("event") == "end"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_append(path, record)
+
+    monkeypatch.setattr(report, "append_jsonl", append_jsonl)
+    with logged() as messages, pytest.raises(SystemExit) as stopped:
+        train(tmp_path / "run")
+    assert stopped.value.code == 1
+    assert messages == [
+        f"the run stopped: [Errno 28] No space left on device: '{tmp_path / 'run' / 'metrics.jsonl'}'"
+    ]
+    assert checkpoint.latest(tmp_path / "run").name == "step-0000004"
+    full = False
+    assert int(train(tmp_path / "run", resume=True)["opt", "step"]) == 10
+
+
 def test_a_loop_step_of_several_updates_resumes_where_it_stopped(tmp_path: Path) -> None:
     """GRPO's passes: each loop step makes two optimizer updates, and a resumed run counts loop steps from them."""
 
