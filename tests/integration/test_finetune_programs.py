@@ -11,6 +11,7 @@ import runpy
 import shutil
 import signal
 import sys
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 
 from tests.integration import finetune_fixtures
 from zmaj.convert.load import load_model, save_zmaj
+from zmaj.data import chat_template
 from zmaj.models.lora import LoraConfig, init_adapters, merge
 from zmaj.tasks import accuracy_interval, get_task
 from zmaj.train import finetune, grpo, loop
@@ -571,6 +573,36 @@ def test_resume_refuses_each_frozen_field(
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1, err
     assert f"{change.split('=')[0]} differs from the run's; --set cannot change it" in errors[0]
+
+
+def test_a_template_that_tells_the_date_gives_a_run_the_day_it_began(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Llama 3.2's template writes today's date into every conversation: a run began one day and resumed the
+    next trained on other tokens (now refused: its data changed). The day a run begins is its spec's
+    ``chat_date``, which the resumed run keeps."""
+    day = datetime(2026, 12, 6, 23, 59)
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> "Clock":
+            return cls.fromtimestamp(day.timestamp(), tz)
+
+    monkeypatch.setattr(chat_template, "datetime", Clock)
+    template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ strftime_now('%d %b %Y') }} {{ m['content'] }}<|end|>"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    spec = tiny("sft.py", model, "eval=null", f"chat_template={json.dumps(template)}")
+    code, _, err = run("sft.py", *spec, "--run-dir", tmp_path / "split", "--stop-after", "1")
+    assert code == 0, err
+    assert yaml.safe_load((tmp_path / "split" / "spec.yaml").read_text())["chat_date"] == "2026-12-06"
+    day = datetime(2026, 12, 7, 0, 1)
+    code, _, err = run("sft.py", "--resume", tmp_path / "split", *FIXTURES)
+    assert code == 0, err
+    code, _, err = run("sft.py", *spec, "--set", "chat_date=2026-12-06", "--run-dir", tmp_path / "straight")
+    assert code == 0, err
+    assert_equal_files(checkpoint_params(tmp_path / "split"), checkpoint_params(tmp_path / "straight"))
 
 
 def test_dpo_refuses_a_run_folder_it_cannot_use_before_sampling_its_pairs(

@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
-from datetime import datetime
+from datetime import date, datetime
 from functools import cache
 from itertools import islice
 from typing import Any
@@ -40,19 +40,29 @@ DEFAULT_TEMPLATE = (
 
 
 def render(
-    template: str, messages: Sequence[Message], add_generation_prompt: bool, **tokens: str | None
+    template: str,
+    messages: Sequence[Message],
+    add_generation_prompt: bool,
+    today: date | None = None,
+    **tokens: str | None,
 ) -> str:
     """The conversation as the template writes it; ``tokens`` are the special tokens it may name (``bos_token``
     ...), of which those that are None stay undefined, as in ``transformers``: ``{{ bos_token }}`` then writes
     nothing, not "None". With ``add_generation_prompt`` the text ends where the assistant's answer begins.
+    ``today`` is what ``strftime_now`` (Llama 3.2's "Today Date") tells: midnight of that day, or the clock's
+    time when None; training pins it, so that a run's conversations do not change with the calendar.
 
     A template that does not compile, refuses the conversation (``raise_exception``: "System role not
     supported") or fails on it is a ValueError with Jinja's message, so programs report it in one line."""
-    return _render(template, messages, add_generation_prompt, tokens, marks=None)
+    return _render(template, messages, add_generation_prompt, tokens, today, marks=None)
 
 
 def render_with_generation(
-    template: str, messages: Sequence[Message], add_generation_prompt: bool, **tokens: str | None
+    template: str,
+    messages: Sequence[Message],
+    add_generation_prompt: bool,
+    today: date | None = None,
+    **tokens: str | None,
 ) -> tuple[str, list[tuple[int, int]]]:
     """:func:`render`, and where the text of each ``{% generation %}`` block lands in it (start, end), as
     ``transformers``' ``return_assistant_tokens_mask`` means them: a template that marks the assistant's text
@@ -66,13 +76,13 @@ def render_with_generation(
     markers). No spans (``[]``) when the marks cannot be trusted: the template did more than move the marked
     text (a filter that trims it, a block nested in a block), so that the second rendering less its marks is not
     the first. A template without blocks is rendered once."""
-    text = _render(template, messages, add_generation_prompt, tokens, marks=None)
+    text = _render(template, messages, add_generation_prompt, tokens, today, marks=None)
     if not _GENERATION_TAG.search(template):
         return text, []
     marks = _free_marks(text)
     if marks is None:
         return text, []
-    unmarked = _unmark(_render(template, messages, add_generation_prompt, tokens, marks), marks)
+    unmarked = _unmark(_render(template, messages, add_generation_prompt, tokens, today, marks), marks)
     if unmarked is None or unmarked[0] != text:
         return text, []
     return unmarked
@@ -93,6 +103,7 @@ def _render(
     messages: Sequence[Message],
     add_generation_prompt: bool,
     tokens: Mapping[str, str | None],
+    today: date | None,
     marks: tuple[str, str] | None,
 ) -> str:
     """The template's text, each generation block's between ``marks`` when given."""
@@ -103,6 +114,7 @@ def _render(
             add_generation_prompt=add_generation_prompt,
             tools=None,  # zmaj passes none; templates test `tools is not none`
             documents=None,
+            strftime_now=_strftime_now if today is None else _strftime_on(today),
             **{name: token for name, token in tokens.items() if token is not None},
         )
     except (jinja2.TemplateError, TypeError) as error:  # TypeError: the template's own bug, say "a" + 1
@@ -177,5 +189,16 @@ def _raise(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
+def today() -> date:
+    """The clock's day, which ``strftime_now`` tells where no day is pinned."""
+    return datetime.now().date()
+
+
 def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
+
+
+def _strftime_on(today: date) -> Callable[[str], str]:
+    """``strftime_now`` for a pinned day: its midnight, formatted."""
+    midnight = datetime.combine(today, datetime.min.time())
+    return midnight.strftime

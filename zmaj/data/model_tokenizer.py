@@ -15,6 +15,7 @@ does: a rendered chat template spells its role markers as text, and they must be
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ class ModelTokenizer:
     add_eos: bool = False
     chat_template: str | None = None
     stop_tokens: tuple[str, ...] = ()
+    today: date | None = None
+    """What the chat template's ``strftime_now`` tells (``chat_template.render``): None, the clock; fine-tuning
+    pins the run's day (its spec's ``chat_date``). Not saved: it is the run's, not the tokenizer's."""
 
     def __post_init__(self) -> None:
         self.tokenizer.encode_special_tokens = False
@@ -101,7 +105,7 @@ class ModelTokenizer:
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The conversation in the model's chat template; a model without one cannot chat, and says so."""
         return chat_template.render(
-            self._template(), messages, add_generation_prompt, **self._special_tokens()
+            self._template(), messages, add_generation_prompt, self.today, **self._special_tokens()
         )
 
     def _template(self) -> str:
@@ -136,7 +140,7 @@ class ModelTokenizer:
         answer share.
         """
         text, spans = chat_template.render_with_generation(
-            self._template(), messages, add_generation_prompt=False, **self._special_tokens()
+            self._template(), messages, False, self.today, **self._special_tokens()
         )
         if not spans:
             spans = [

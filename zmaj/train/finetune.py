@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from datetime import date
 from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
@@ -40,6 +41,7 @@ from zmaj.convert.load import (
     resolve,
     write_lora_record,
 )
+from zmaj.data import chat_template
 from zmaj.data.chat import ChatSource
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.cache import init_cache
@@ -139,6 +141,11 @@ class FinetuneSpec(BaseModel):
     chat_template: str | None = Field(
         None,
         description="a Jinja chat template replacing the model's own (null: keep it); base models need one",
+    )
+    chat_date: date | None = Field(
+        None,
+        description="the day a chat template's strftime_now tells (Llama 3.2's 'Today Date'); null: the day a "
+        "new run starts, written into its spec.yaml, so that its conversations do not change with the calendar",
     )
     lora: LoraConfig | None = Field(None, description="null: full fine-tuning")
     eval: EvalConfig | None = None
@@ -280,16 +287,16 @@ class Start:
 
 
 def start(spec: FinetuneSpec, device: torch.device, resume: Path | None = None) -> Start:
-    """Load ``spec.model`` in float32 on ``device``, with the spec's chat template in place of the model's own;
-    resuming a LoRA run, check that it is the base the run's adapters were trained on."""
+    """Load ``spec.model`` in float32 on ``device``, with the spec's chat template in place of the model's own
+    and its day for the template's ``strftime_now``; resuming a LoRA run, check that it is the base the run's adapters were trained on."""
     path = spec.model if spec.model.startswith("pypi:") else str(Path(spec.model).resolve())
     resolve(path)  # an unknown pypi: name fails here, before anything is read
     model = load_model(path).to(device, torch.float32)
     if resume is not None and spec.lora is not None and (resume / LORA_FILE).is_file():
         check_lora_base(resume, read_lora_record(resume), model.params)
     check_lengths(spec, model.config.context)
-    if spec.chat_template is not None:
-        model = replace(model, tokenizer=replace(model.tokenizer, chat_template=spec.chat_template))
+    template = model.tokenizer.chat_template if spec.chat_template is None else spec.chat_template
+    model = replace(model, tokenizer=replace(model.tokenizer, chat_template=template, today=spec.chat_date))
     # A split too small for a GRPO step, or eval prompts that do not fit, are refused here, before the run: its
     # first step or evaluation would fail inside it.
     if isinstance(spec, GRPOSpec):
@@ -396,7 +403,7 @@ def full_params(spec: FinetuneSpec, begin: Start, params: TensorDictBase) -> Ten
 
 # ---------------------------------------------------------------------------------------------- run folders
 
-FROZEN = ("model", "chat_template", "lora", "train.seed", *OPTIMIZER_LAYOUT)
+FROZEN = ("model", "chat_template", "chat_date", "lora", "train.seed", *OPTIMIZER_LAYOUT)
 """What ``--resume --set`` may not change: which model is trained, how it is talked to, what of it, the seed of
 its data order, and the optimizer state's layout. Each program adds what else decides the rows a step reads."""
 
@@ -422,7 +429,9 @@ def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str] = F
     if args.resume is None and args.run_dir is not None:
         for name, model in fixed.items():
             check_apart(args.run_dir, name, model)
-    return spec.model_copy(update=fixed)
+    # A resumed run keeps its own (none, for a run from before the field: the clock's, as then).
+    day = {"chat_date": chat_template.today()} if args.resume is None and spec.chat_date is None else {}
+    return spec.model_copy(update=fixed | day)
 
 
 def check_apart(run_dir: Path, name: str, model: str) -> None:

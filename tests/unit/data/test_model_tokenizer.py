@@ -4,6 +4,8 @@ survives a save/load round trip that ``transformers``' ``AutoTokenizer`` reads t
 import errno
 import json
 import os
+from dataclasses import replace
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -544,6 +546,24 @@ def test_published_template_conventions_render_as_in_transformers(tokenizer: Tok
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
         assert ours.render_chat(messages, add_generation_prompt) == expected
+
+
+def test_a_pinned_day_is_what_strftime_now_tells_in_every_rendering(tokenizer: Tokenizer) -> None:
+    """Fine-tuning pins the run's day (``today``), so that Llama 3.2's "Today Date" does not change a run's
+    conversations with the calendar; with no day pinned the template reads the clock, as in ``transformers``."""
+    template = "{{ strftime_now('%d %b %Y %H:%M') }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    dated = "{{ strftime_now('%d %b %Y') }}{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    pinned = ModelTokenizer(
+        ModelTokenizer.from_zmaj(tokenizer).tokenizer, chat_template=template, today=date(2024, 7, 26)
+    )
+    assert pinned.render_chat(messages, False) == "26 Jul 2024 00:00hiyo"
+    clock = replace(pinned, today=None).render_chat(messages, False)
+    assert clock.startswith(datetime.now().strftime("%d %b %Y")), clock  # (a test run past midnight: rerun)
+    with_blocks = replace(pinned, chat_template=dated)
+    ids, mask = with_blocks.encode_chat_with_mask(messages)
+    assert with_blocks.decode(ids) == "26 Jul 2024hiyo"
+    assert with_blocks.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "hiyo"
 
 
 def test_templates_run_sandboxed(tokenizer: Tokenizer) -> None:
