@@ -38,13 +38,16 @@ WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 def cache_writes(folder: Path, what: str) -> Iterator[None]:
     """Within this block, a failure to write into the cache ``folder`` (a full disk or quota, a read-only or
     unwritable folder) is a :class:`CacheWriteError` naming it and what to do: it comes after the minutes a
-    tokenizer or an encoding took, and the user's answer is another folder. Errors of reading the data that
-    is being cached pass through as they are."""
+    tokenizer or an encoding took, and the user's answer is another folder. Errors that name a file elsewhere
+    (reading the data that is being cached, another cache filling up) pass through as they are."""
     try:
         yield
     except OSError as error:
-        named = error.filename is not None and Path(error.filename).resolve().is_relative_to(folder.resolve())
-        if error.errno not in WRITE_ERRORS and not named:
+        if error.filename is None:  # a write's full disk names no file
+            mine = error.errno in WRITE_ERRORS
+        else:
+            mine = Path(error.filename).resolve().is_relative_to(folder.resolve())
+        if not mine:
             raise
         raise CacheWriteError(
             f"cannot write {what} in {folder} ({error.strerror or error}); free space there, or choose another "

@@ -374,7 +374,7 @@ def test_two_runs_of_one_spec_on_two_threads_end_with_identical_parameters(
 
 
 def test_a_run_folder_the_run_cannot_use_is_refused_before_the_data_is_prepared(
-    spec: Path, tmp_path: Path
+    spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Preparing a corpus (training the tokenizer, encoding) can take hours: a ``--run-dir`` under a file, a model
     folder, or one another process holds was refused only after it. Nothing is trained, nothing written."""
@@ -401,6 +401,16 @@ def test_a_run_folder_the_run_cannot_use_is_refused_before_the_data_is_prepared(
     finally:
         holder.kill()
         holder.wait()
+    # Without --run-dir the run makes its folder under runs/, which here is a file.
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "runs").write_text("notes")
+    monkeypatch.chdir(tmp_path / "here")
+    done = run_program("pretrain.py", spec, "--cache-dir", tmp_path / "cache")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "ERROR | cannot create the runs' folder runs: Not a directory"
+    ]
+    assert not (tmp_path / "cache" / "tokenizers").exists()
 
 
 @pytest.mark.slow

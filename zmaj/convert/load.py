@@ -306,7 +306,7 @@ WRITTEN_FILES = frozenset(
         *(MODEL_FILE, PARAMS_FILE),  # a zmaj model folder
         *("config.json", "model.safetensors", "model.safetensors.index.json"),  # a Hugging Face one
         *(TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE),
-        *("README.md", "curves.png"),  # an export's card
+        *("README.md", "curves.png", "loss.png"),  # an export's card and its plot (zmaj.publish.card.CURVES)
     }
 )
 """The files of the model folders zmaj writes (``save_zmaj``, ``zmaj.convert.export.save_hf``, ``export.py``),

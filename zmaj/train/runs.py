@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -98,7 +98,10 @@ def tell_torchrun(message: str) -> None:
     The file holds ``torch.distributed.elastic``'s plain form, ``{"message": str, "timestamp": int}``, which the
     summary prints as it stands (the other form, which ``@record`` writes, shows a traceback instead)."""
     if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        fileio.atomic_write_text(Path(path), json.dumps({"message": message, "timestamp": int(time.time())}))
+        # A full disk under it: the message is logged all the same, and the exit status says the rest.
+        with suppress(OSError):
+            record = {"message": message, "timestamp": int(time.time())}
+            fileio.atomic_write_text(Path(path), json.dumps(record))
 
 
 S = TypeVar("S", bound=BaseModel)
@@ -339,7 +342,13 @@ class Run(Generic[S]):
     def __enter__(self) -> "Run[S]":
         if self.parallel.main:
             self._sinks.append(logger.add(self.dir / "log.txt"))
-            report.record_session(self.dir, "start", self.device, _type_name(self.dtype), self.parallel.size)
+            try:
+                report.record_session(
+                    self.dir, "start", self.device, _type_name(self.dtype), self.parallel.size
+                )
+            except OSError as error:  # a full disk: one line (__exit__ raises SystemExit), else as it is
+                self.__exit__(type(error), error, error.__traceback__)
+                raise
             config = self.spec.model_dump(mode="json")
             names = self.train.trackers
             for name, tracker in zip(names, trackers.make(names, self.train.tracker_project), strict=True):
@@ -367,7 +376,12 @@ class Run(Generic[S]):
         failed = full or isinstance(error, (RunFailedError, checkpoint.CheckpointWriteError))
         said = isinstance(error, RunFailedError) and (error.said or not self.parallel.main)
         if failed and error is not None:
-            line = f"the run stopped: {one_line(error)}" if full else one_line(error)
+            line = one_line(error)
+            if full:  # (a failed write names no file)
+                line = (
+                    f"the run stopped writing in {self.dir}: {line}; with space again, --resume {self.dir} goes "
+                    "on from its latest checkpoint"
+                )
             if not said:
                 logger.error(line)  # every rank raises a RunFailedError; rank 0 says it
             tell_torchrun(line)
@@ -400,16 +414,17 @@ def open_run(
     ``runs/NAME-TIMESTAMP``) with ``spec.yaml`` and whatever ``write(run_dir)`` adds. Rank 0 creates it; every
     rank gets the same path.
 
-    ``data()`` fingerprints what the steps read (a name and a hash for each part, e.g. each split's tokens;
-    called on rank 0 alone): a new run records it in ``data.json``, and a resume whose data differs from its
-    run's is refused, naming the part. The spec alone cannot say it: the same spec reads edited files."""
+    ``data()`` fingerprints what the steps and evaluations read (a name and a hash for each part, e.g. each
+    split's tokens; called on rank 0 alone): a new run records it in ``data.json``, and a resume whose data
+    differs from its run's is refused, naming the part. The spec alone cannot say it: the same spec reads
+    edited files."""
     resumed = args.resume is not None
     name: str = getattr(spec, "name")  # noqa: B009
     held: IO[str] | None = None
 
     def claim() -> Path:
         nonlocal held
-        run_dir = Path(args.resume) if resumed else args.run_dir or _new_run_dir(Path("runs"), name)
+        run_dir = Path(args.resume) if resumed else args.run_dir or _new_run_dir(RUNS, name)
         if not resumed:
             _check_not_a_model(run_dir)
         _make_dir(run_dir)
@@ -418,25 +433,27 @@ def open_run(
         # files in it (a spec.yaml of the user's own, say) are not a dead run's to remove.
         held_a_run = (run_dir / LOCK_FILE).is_file()
         held = lock(run_dir)  # before anything is written, so that two writers never interleave
+        fingerprints = data() if data is not None else None
         try:
             _check_free(run_dir, resumed, held_a_run)
-            if resumed and data is not None:
-                _check_same_data(run_dir, data())
+            if resumed and fingerprints is not None:
+                _check_same_data(run_dir, fingerprints)
         except BaseException:
             held.close()
             raise
         if not resumed and held_a_run:
             _start_afresh(run_dir)
-        if not resumed:  # a resume writes its spec once the loop has checked it (Run.write_spec)
-            fingerprints = data() if data is not None else None
-            try:
+        try:
+            if not resumed:  # a resume writes its spec once the loop has checked it (Run.write_spec)
                 write_spec(run_dir, spec)
-                if fingerprints is not None:
-                    fileio.atomic_write_text(run_dir / DATA_FILE, json.dumps(fingerprints, indent=1) + "\n")
-                if write is not None:
-                    write(run_dir)
-            except OSError as error:  # a full disk: a new run in this folder starts afresh
-                raise _cannot(f"write in the run folder {run_dir}", error) from error
+            # A resumed run from before data.json records its data now, for the resumes to come.
+            if fingerprints is not None and not (run_dir / DATA_FILE).is_file():
+                fileio.atomic_write_text(run_dir / DATA_FILE, json.dumps(fingerprints, indent=1) + "\n")
+            if not resumed and write is not None:
+                write(run_dir)
+        except OSError as error:  # a full disk: a new run in this folder starts afresh
+            held.close()
+            raise _cannot(f"write in the run folder {run_dir}", error) from error
         return run_dir
 
     run_dir = parallel.from_rank_0(claim)
@@ -445,7 +462,7 @@ def open_run(
 
 def _check_same_data(run_dir: Path, data: Mapping[str, str]) -> None:
     """Refuse to resume on data other than the run's: its steps would read other rows than the run it continues
-    (README: what a resume cannot change). A run from before ``data.json`` was written is not checked."""
+    (README: what a resume cannot change). A run from before ``data.json`` is not checked (it records it now)."""
     path = run_dir / DATA_FILE
     if not path.is_file():
         return
@@ -460,6 +477,8 @@ def _check_same_data(run_dir: Path, data: Mapping[str, str]) -> None:
         )
 
 
+RUNS = Path("runs")
+"""Where a new run without ``--run-dir`` makes its folder (``runs/NAME-TIMESTAMP``)."""
 DATA_FILE = "data.json"
 RECORDS = ("metrics.jsonl", report.RUN_FILE)
 """The files a run appends to."""
@@ -610,35 +629,45 @@ LOCK_FILE = ".lock"
 
 
 def check_run_folder(args: argparse.Namespace) -> None:
-    """What :func:`open_run` would refuse of ``--run-dir`` (or ``--resume``'s folder), checked without creating
-    or locking anything: for a program to call on rank 0 before work that may take long (preparing a corpus,
-    sampling DPO's pairs), so that a folder the run cannot use is said at once rather than after it.
-    ``open_run`` checks again: the folder may change in between."""
+    """What :func:`open_run` would refuse of ``--run-dir`` (or ``--resume``'s folder, or ``runs/`` for a new
+    one of its own), checked without creating anything: for a program to call on rank 0 before work that may
+    take long (preparing a corpus, sampling DPO's pairs), so that a folder the run cannot use is said at once
+    rather than after it. ``open_run`` checks again: the folder may change in between."""
     resumed = args.resume is not None
     run_dir: Path | None = Path(args.resume) if resumed else args.run_dir
     if run_dir is None:  # a new folder of its own under runs/
+        _check_creatable(RUNS, "the runs' folder")
         return
     if not resumed:
         _check_not_a_model(run_dir)
-    existing = next(folder for folder in (run_dir, *run_dir.parents) if folder.exists())
-    if not existing.is_dir():
-        raise _cannot(
-            f"create the run folder {run_dir}", NotADirectoryError(errno.ENOTDIR, "Not a directory")
-        )
-    if existing != run_dir:
-        try:
-            tempfile.TemporaryFile(dir=existing, prefix=".write-probe-").close()
-        except OSError as error:
-            raise _cannot(f"create the run folder {run_dir}", error) from error
+    if not run_dir.is_dir():
+        _check_creatable(run_dir, "the run folder")
         return
     _check_writable(run_dir)
     _check_free(run_dir, resumed, (run_dir / LOCK_FILE).is_file())
     if (run_dir / LOCK_FILE).is_file():
-        with (run_dir / LOCK_FILE).open() as handle:  # a lock held elsewhere; this one is released on close
+        # Whether another process holds the lock: a shared lock is refused by its exclusive one, and unlike an
+        # exclusive lock needs no descriptor open for writing (which NFS asks for); released on close.
+        with (run_dir / LOCK_FILE).open() as handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise _locked(run_dir, handle.read()) from None
+            except OSError as error:
+                raise _cannot(f"lock the run folder {run_dir}", error) from error
+
+
+def _check_creatable(folder: Path, what: str) -> None:
+    """Refuse a folder to be made that cannot be: under a file, or in a folder where nothing can be written."""
+    if folder.is_dir():
+        return
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        raise _cannot(f"create {what} {folder}", NotADirectoryError(errno.ENOTDIR, "Not a directory"))
+    try:
+        tempfile.TemporaryFile(dir=existing, prefix=".write-probe-").close()
+    except OSError as error:
+        raise _cannot(f"create {what} {folder}", error) from error
 
 
 def _locked(run_dir: Path, holder: str) -> RunLockedError:

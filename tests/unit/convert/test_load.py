@@ -13,6 +13,7 @@ from tensordict import TensorDict
 from zmaj import checkpoint, fileio
 from zmaj.convert import weights
 from zmaj.convert.load import (
+    WRITTEN_FILES,
     Pretrained,
     check_destination,
     check_model_destination,
@@ -28,6 +29,7 @@ from zmaj.models import gemma3, gpt, llama
 from zmaj.models.lora import LoraConfig
 from zmaj.models.registry import ModelConfig, architecture
 from zmaj.nn.rope import Llama3Scaling
+from zmaj.publish import card
 from zmaj.text import NotTextError
 from zmaj.train.spec import PretrainSpec, TrainConfig
 from zmaj.train.step import init_state
@@ -79,6 +81,7 @@ def test_a_saved_zmaj_model_loads_back_exactly(name: str, tokenizer: Tokenizer, 
     assert load_model(tmp_path / "model").params["embed", "weight"].dtype == torch.bfloat16
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left behind
     check_model_destination(tmp_path / "model", tmp_path / "elsewhere")  # a folder it wrote may be replaced
+    assert set(card.CURVES) <= WRITTEN_FILES  # the plot an export copies, an older run's name too
 
 
 def test_a_model_destination_holding_anything_but_a_model_folder_is_refused(tmp_path: Path) -> None:

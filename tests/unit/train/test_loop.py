@@ -505,26 +505,35 @@ def test_a_full_disk_under_the_runs_records_exits_1_in_one_line_and_the_run_resu
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The disk fills up where the run appends its metrics (step 5's line, after step 4's checkpoint): one line
-    naming the problem, not a traceback, also when the record of the session's end meets the same full disk;
-    with space again, ``--resume`` goes on from the checkpoint."""
+    naming the run and what to do, not a traceback, also when the record of the session's end meets the same
+    full disk, and when a resume meets it at the record of its start; with space again, ``--resume`` goes on
+    from the checkpoint."""
     real_append = report.append_jsonl
-    full = True
+    full: set[object] = {5, "end"}
 
     def append_jsonl(path: Path, record: dict[str, object]) -> None:
-        if full and (record.get("step") == 5 or record.get("event") == "end"):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        if record.get("step") in full or record.get("event") in full:
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a write says it: no file named
         real_append(path, record)
 
     monkeypatch.setattr(report, "append_jsonl", append_jsonl)
+    run_dir = tmp_path / "run"
+    said = (
+        f"the run stopped writing in {run_dir}: [Errno 28] No space left on device; with space again, --resume "
+        f"{run_dir} goes on from its latest checkpoint"
+    )
     with logged() as messages, pytest.raises(SystemExit) as stopped:
-        train(tmp_path / "run")
+        train(run_dir)
     assert stopped.value.code == 1
-    assert messages == [
-        f"the run stopped: [Errno 28] No space left on device: '{tmp_path / 'run' / 'metrics.jsonl'}'"
-    ]
-    assert checkpoint.latest(tmp_path / "run").name == "step-0000004"
-    full = False
-    assert int(train(tmp_path / "run", resume=True)["opt", "step"]) == 10
+    assert messages == [said]
+    assert checkpoint.latest(run_dir).name == "step-0000004"
+    full = {"start"}
+    with logged() as messages, pytest.raises(SystemExit) as stopped:
+        train(run_dir, resume=True)
+    assert stopped.value.code == 1
+    assert messages == [said]
+    full = set()
+    assert int(train(run_dir, resume=True)["opt", "step"]) == 10
 
 
 def test_a_loop_step_of_several_updates_resumes_where_it_stopped(tmp_path: Path) -> None:
@@ -1062,3 +1071,25 @@ def test_a_stop_that_another_rank_saw_stops_this_one_at_the_same_step(tmp_path: 
         state = loop.train(run, run.restore(fresh()), step, lambda i: i)
     assert int(state["opt", "step"]) == 3
     assert checkpoint.latest(tmp_path / "run").name == "step-0000003"
+
+
+def test_a_run_records_its_data_and_a_resume_on_other_data_is_refused(tmp_path: Path) -> None:
+    """``data.json``: what a new run's steps read, checked by every resume; a run from before it records it at
+    its next resume, so that later ones are checked."""
+    spec = Spec(train=LoopConfig.model_validate({"steps": 10}))
+
+    def opened(resume: bool, data: dict[str, str]) -> None:
+        args = argparse.Namespace(resume=tmp_path if resume else None, run_dir=tmp_path, stop_after=None)
+        with runs.open_run(spec, args, Parallel(), data=lambda: data):
+            pass
+
+    opened(False, {"train": "a", "validation": "b"})
+    assert json.loads((tmp_path / runs.DATA_FILE).read_text()) == {"train": "a", "validation": "b"}
+    opened(True, {"train": "a", "validation": "b"})
+    with pytest.raises(
+        ValueError, match=r"the data differs from the run's \(validation changed since the run"
+    ):
+        opened(True, {"train": "a", "validation": "c"})
+    (tmp_path / runs.DATA_FILE).unlink()  # a run from before data.json
+    opened(True, {"train": "a", "validation": "c"})
+    assert json.loads((tmp_path / runs.DATA_FILE).read_text()) == {"train": "a", "validation": "c"}
