@@ -114,6 +114,7 @@ def test_dtype_casts_the_parameters(
         (["{source}", "{file}/model"], "file.txt is a file, not a folder"),
         (["{source}", "{source}"], "is the source"),
         (["{holder}/model.gguf", "{holder}"], "holds the source"),
+        (["{source}", "{mine}"], "holds cut_tokenizer, which no model folder has"),  # a folder of one's own
         (["{cut_weights}", "{out}"], "model.safetensors: not a readable safetensors file"),
         (["{cut_tokenizer}", "{out}"], "tokenizer.json is not a tokenizer file: not JSON"),
         (["{no_size}", "{out}"], "config.json has no 'hidden_size'"),
@@ -140,6 +141,7 @@ def test_bad_input_exits_2_naming_the_problem(
     paths = {
         **broken,
         "holder": tmp_path / "holder",
+        "mine": tmp_path,
         "missing": tmp_path / "missing",
         "out": tmp_path / "out",
         "source": source[1],

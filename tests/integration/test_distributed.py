@@ -265,12 +265,13 @@ def test_a_sharded_forward_keeps_no_copy_of_a_blocks_weights_for_the_backward(ou
 def test_the_other_ranks_wait_for_rank_0_longer_than_a_collective(tmp_path: Path) -> None:
     """Rank 0 alone prepares a corpus (``rank_0_first``) or makes DPO's pairs (``from_rank_0``), which can take
     hours, while the others wait; in the collectives' group they would fail at its timeout (30 minutes) with
-    the backend's error. Here that timeout is a second and rank 0 works for three."""
+    the backend's error. Here that timeout is a second and rank 0 works for two; the waiting group's is 24 hours
+    (read back: the default, were it not given, would be the collectives' 30 minutes)."""
     done = torchrun("tests/integration/waits_for_rank_0.py", tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     for rank in range(2):
         got = json.loads((tmp_path / f"waited-rank{rank}.json").read_text())
-        assert got == [f"made by rank {rank}", "made by rank 0", 2.0]
+        assert got == [f"made by rank {rank}", "made by rank 0", 2.0, True]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])

@@ -350,8 +350,8 @@ def finetune_args(program: str, model: Path, *sets: str) -> list[str | Path]:
 def test_fine_tuning_on_two_ranks_trains_the_one_process_run(
     tiny_model: Path, tmp_path: Path, program: str, sets: list[str]
 ) -> None:
-    """SFT and DPO through ``torchrun``, each layout they take: the programs' own batches, steps and evaluations
-    on 2 ranks give the one-process run (the steps alone are tested in ``test_distributed``)."""
+    """SFT and DPO through ``torchrun``, each layout they take: the programs' own batches and steps on 2 ranks
+    give the one-process run (the steps alone are tested in ``test_distributed``)."""
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}", "rejected": f"{i + 2}"} for i in range(8)]
     pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))

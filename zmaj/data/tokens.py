@@ -38,6 +38,10 @@ ENCODE_CHUNK = 512
 """Documents handed to the tokenizer at once: enough to keep its threads busy, few enough to bound memory."""
 
 
+FINGERPRINT_CHUNK = 1 << 24
+"""Tokens hashed at a time by ``TokenFile.fingerprint`` (32-64 MB)."""
+
+
 @dataclass(frozen=True, eq=False)
 class TokenFile:
     """Token ids of every document back to back; document ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``."""
@@ -66,9 +70,8 @@ class TokenFile:
         if self.recorded is not None:
             return self.recorded
         digest = hashlib.sha256(np.ascontiguousarray(self.offsets, dtype=np.int64).tobytes())
-        chunk = 1 << 24
-        for start in range(0, self.n_tokens, chunk):
-            digest.update(np.ascontiguousarray(self.tokens[start : start + chunk]).tobytes())
+        for start in range(0, self.n_tokens, FINGERPRINT_CHUNK):
+            digest.update(np.ascontiguousarray(self.tokens[start : start + FINGERPRINT_CHUNK]).tobytes())
         return digest.hexdigest()
 
     def document(self, index: int) -> UInt[np.ndarray, " length"]:

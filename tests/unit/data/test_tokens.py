@@ -90,6 +90,17 @@ def test_a_full_cache_is_one_line_naming_it_and_a_corpus_error_stays_itself(
         tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
     assert _entries(tmp_path) == []
 
+    def unwritable(*args: object) -> None:  # a cache folder without write permission: the error names a file
+        raise PermissionError(
+            errno.EACCES, "Permission denied", str(tmp_path / "tokens" / "x" / "tokens.bin")
+        )
+
+    monkeypatch.setattr(tokens, "_write", unwritable)
+    with pytest.raises(
+        ValueError, match=rf"cannot write the train split's tokens in {tmp_path} \(Permission"
+    ):
+        tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+
     def unreadable(source: Source, split: Split, fraction: float) -> Iterator[Document]:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/data/corpus/part-7.jsonl")
         yield  # a generator, as documents() is
@@ -162,24 +173,26 @@ def test_a_damaged_cache_is_named_with_what_to_do(
 
 
 def test_the_fingerprint_changes_with_any_token_or_document_boundary(
-    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path
+    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What a run records of its data (``data.json``): the rows cut from a file depend on every id and on where
-    each document starts, and on nothing else (a file encoded again gives the same fingerprint)."""
+    each document starts, and on nothing else (the fingerprint recorded when the file was written is the one
+    computed from it, in chunks of any size)."""
+    monkeypatch.setattr(tokens, "FINGERPRINT_CHUNK", 7)  # the file spans many chunks, the last one short
     written = tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
-    tokens, offsets = np.asarray(written.tokens).copy(), written.offsets.copy()
+    assert written.recorded is not None
+    ids, offsets = np.asarray(written.tokens).copy(), written.offsets.copy()
 
-    def made(tokens: np.ndarray, offsets: np.ndarray) -> TokenFile:
-        return TokenFile(tokens, offsets, written.vocab_size, written.eos_id, written.pad_id)
+    def made(ids: np.ndarray, offsets: np.ndarray) -> TokenFile:  # (nothing recorded: computed)
+        return TokenFile(ids, offsets, written.vocab_size, written.eos_id, written.pad_id)
 
-    assert made(tokens.copy(), offsets.copy()).fingerprint() == written.fingerprint()
-    one_token = tokens.copy()
+    assert made(ids.copy(), offsets.copy()).fingerprint() == written.fingerprint()
+    one_token, last = ids.copy(), ids.copy()
     one_token[-2] = (one_token[-2] + 1) % written.vocab_size
+    last[-1] = (last[-1] + 1) % written.vocab_size  # in the last, short chunk
     moved = offsets.copy()
     moved[1] += 1  # the same ids, the first two documents split one token later
-    assert (
-        len(
-            {written.fingerprint(), made(one_token, offsets).fingerprint(), made(tokens, moved).fingerprint()}
-        )
-        == 3
-    )
+    changed = [made(one_token, offsets), made(ids, moved), made(last, offsets)]
+    assert len({written.fingerprint(), *(file.fingerprint() for file in changed)}) == 4
+    monkeypatch.setattr(tokens, "FINGERPRINT_CHUNK", 1 << 24)
+    assert made(ids.copy(), offsets.copy()).fingerprint() == written.fingerprint()  # chunks do not matter

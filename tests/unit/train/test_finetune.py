@@ -403,6 +403,10 @@ def test_the_sft_fingerprint_changes_with_any_id_mask_or_boundary() -> None:
     ]
     fingerprints = {finetune.fingerprint(examples), *(finetune.fingerprint(v) for v in variants)}
     assert len(fingerprints) == 4
+    # Without the lengths these two would hash the same bytes: ids 1 and 257 as int64, masks as one byte each.
+    assert finetune.fingerprint([([1], [True]), ([1], [True])]) != finetune.fingerprint(
+        [([1, 257], [False, True])]
+    )
     assert finetune.fingerprint([(list(ids), list(mask)) for ids, mask in examples]) == finetune.fingerprint(
         examples
     )

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from tensordict import TensorDict
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from zmaj import checkpoint
+from zmaj import checkpoint, fileio
 from zmaj.models import gpt
 from zmaj.specfile import SpecError
 from zmaj.train import loop, optim, report, runs
@@ -1090,6 +1090,57 @@ def test_a_run_records_its_data_and_a_resume_on_other_data_is_refused(tmp_path: 
         ValueError, match=r"the data differs from the run's \(validation changed since the run"
     ):
         opened(True, {"train": "a", "validation": "c"})
+    with pytest.raises(ValueError, match=r"the data differs from the run's \(train changed since the run"):
+        opened(True, {"train": "c", "validation": "b"})
     (tmp_path / runs.DATA_FILE).unlink()  # a run from before data.json
     opened(True, {"train": "a", "validation": "c"})
     assert json.loads((tmp_path / runs.DATA_FILE).read_text()) == {"train": "a", "validation": "c"}
+
+
+def test_a_run_folder_is_checked_before_the_work_that_comes_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``check_run_folder`` refuses what ``open_run`` would, creating nothing: here a folder holding a run (a
+    rerun without ``--resume``) and one where nothing can be written; a resume of that run passes."""
+    run_dir = tmp_path / "run"
+    train(run_dir, stop_after=2)
+
+    def args(resume: bool, run_dir: Path) -> argparse.Namespace:
+        return argparse.Namespace(resume=run_dir if resume else None, run_dir=run_dir, stop_after=None)
+
+    with pytest.raises(runs.UserError, match=f"{run_dir} already holds a run; use --resume {run_dir}"):
+        runs.check_run_folder(args(False, run_dir))
+    runs.check_run_folder(args(True, run_dir))
+    before = sorted(tmp_path.rglob("*"))
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    for folder, message in (
+        (tmp_path / "new" / "run", "create the run folder"),
+        (run_dir, "write in the run folder"),
+    ):
+        with pytest.raises(runs.UserError, match=f"cannot {message} {folder}: Permission denied"):
+            runs.check_run_folder(args(folder == run_dir, folder))
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_new_run_folder_whose_files_cannot_be_written_is_one_line_and_unlocked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at the new run's ``spec.yaml``: one line naming the folder, and the lock let go, so that the
+    same folder can be used once there is space."""
+    real = fileio.atomic_write_text
+
+    def full(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio, "atomic_write_text", full)
+    with pytest.raises(
+        runs.UserError, match=f"cannot write in the run folder {tmp_path}: No space left on device"
+    ):
+        open_run(tmp_path)
+    monkeypatch.setattr(fileio, "atomic_write_text", real)
+    with open_run(tmp_path):
+        pass
