@@ -8,8 +8,8 @@
 RUN_DIR is any model PATH ``zmaj.convert.load.load_model`` reads; a run folder (pre-training or fine-tuning,
 LoRA adapters merged) gives the full card: spec, data and tokens seen, final metrics, curves, hardware and wall
 time. OUT_DIR is replaced whole once the new folder is written; an existing one must be a model folder zmaj
-wrote (an earlier export), so that a mistyped path deletes nothing. A model ``transformers`` cannot compute exactly
-(e.g. a GPT with RMSNorm) is refused with a one-line error and exit status 2, as is any other bad input.
+wrote (an earlier export), so that a mistyped path deletes nothing. A model ``transformers`` cannot compute
+exactly (e.g. a GPT with RMSNorm) is refused with a one-line error and exit status 2, as is any other bad input.
 """
 
 import argparse

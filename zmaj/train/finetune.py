@@ -288,7 +288,8 @@ class Start:
 
 def start(spec: FinetuneSpec, device: torch.device, resume: Path | None = None) -> Start:
     """Load ``spec.model`` in float32 on ``device``, with the spec's chat template in place of the model's own
-    and its day for the template's ``strftime_now``; resuming a LoRA run, check that it is the base the run's adapters were trained on."""
+    and its day for the template's ``strftime_now``; resuming a LoRA run, check that it is the base the run's
+    adapters were trained on."""
     path = spec.model if spec.model.startswith("pypi:") else str(Path(spec.model).resolve())
     resolve(path)  # an unknown pypi: name fails here, before anything is read
     model = load_model(path).to(device, torch.float32)

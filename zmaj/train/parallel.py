@@ -68,8 +68,8 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 """How long a rank waits in a collective before it fails instead of hanging: long enough for rank 0 to write a
 large checkpoint while the others wait at the next step."""
 RANK_0_ALONE_TIMEOUT = timedelta(hours=24)
-"""How long the other ranks wait for work rank 0 does alone before they may go on (``rank_0_first``,
-``from_rank_0``): preparing a corpus (downloading, training a tokenizer, tokenising billions of tokens) can take
+"""How long the other ranks wait for work rank 0 does alone (``rank_0_first``, ``from_rank_0``) before they
+fail: preparing a corpus (downloading, training a tokenizer, tokenising billions of tokens) can take
 hours. A rank 0 that dies ends the job at once all the same (``torchrun`` stops the others)."""
 
 

@@ -165,7 +165,7 @@ def test_a_cache_that_cannot_be_written_is_one_line_naming_it(
     jsonl_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: int
 ) -> None:
     """Met once the tokenizer is trained, which may have taken minutes: the traceback of a full disk or a
-    read-only cache became a ``ValueError`` naming the folder and what to do, which programs report in one line."""
+    read-only cache became a ``ValueError`` naming the folder and what to do, which programs say in one line."""
     config = DataConfig(source=FilesSource(paths=[str(jsonl_file)], format="jsonl"), vocab_size=300)
 
     def refused(descriptor: int) -> None:
