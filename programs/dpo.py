@@ -97,4 +97,4 @@ def train(run: Run[DPOSpec], begin: Start, pairs: list[Pair], params: TensorDict
 
 
 if __name__ == "__main__":
-    main()
+    runs.ctrl_c_exits_130(main)

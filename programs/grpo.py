@@ -143,4 +143,4 @@ def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: Tenso
 
 
 if __name__ == "__main__":
-    main()
+    runs.ctrl_c_exits_130(main)

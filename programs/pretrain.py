@@ -5,7 +5,8 @@
     uv run programs/pretrain.py --resume runs/stdlib-tiny-20261126-101500
     uv run torchrun --nproc-per-node 2 programs/pretrain.py       # data parallel over 2 processes
 
-Ctrl-C saves a checkpoint and exits cleanly; ``--resume`` continues exactly where the run stopped.
+Ctrl-C saves a checkpoint and exits cleanly (before or after the training steps it stops at once, status 130);
+``--resume`` continues exactly where the run stopped.
 ``train.batch_size`` counts the rows of all ranks together, so a spec means the same run at any world size.
 """
 
@@ -166,4 +167,4 @@ def train(run: Run[PretrainSpec], data: Prepared) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    runs.ctrl_c_exits_130(main)

@@ -100,4 +100,4 @@ def train(run: Run[SFTSpec], begin: Start, examples: list[Example], params: Tens
 
 
 if __name__ == "__main__":
-    main()
+    runs.ctrl_c_exits_130(main)

@@ -413,6 +413,33 @@ def test_a_run_folder_the_run_cannot_use_is_refused_before_the_data_is_prepared(
     assert not (tmp_path / "cache" / "tokenizers").exists()
 
 
+def test_ctrl_c_while_the_data_is_prepared_is_one_line_and_status_130(
+    spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside the training steps the loop does not take a Ctrl-C as a stop: it ended in a traceback from inside
+    the tokenizer's training; now one line, a shell's status for SIGINT, and no cache or run folder written."""
+
+    def interrupted(*args: object, **kwargs: object) -> Tokenizer:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tokenizer, "train", interrupted)
+    try:
+        done = run_program(
+            "pretrain.py", spec, "--run-dir", tmp_path / "run", "--cache-dir", tmp_path / "cache"
+        )
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C escaped the program")
+    assert done.returncode == 130
+    lines = [line for line in done.stderr.splitlines() if "|" in line and not line.startswith("INFO")]
+    assert lines == [
+        "WARNING | interrupted (Ctrl-C) outside the training steps; every file written is whole, and --resume RUN "
+        "goes on from a run's latest checkpoint"
+    ]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
+    assert not list((tmp_path / "cache").rglob("*.json"))
+
+
 @pytest.mark.slow
 def test_a_second_writer_exits_2_naming_the_first_and_a_damaged_checkpoint_resumes_from_an_intact_one(
     spec: Path, tmp_path: Path

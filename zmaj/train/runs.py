@@ -90,6 +90,21 @@ def bad_input_exits_2(
         sys.exit(2)
 
 
+def ctrl_c_exits_130(main: Callable[[], None]) -> None:
+    """Run a training program's ``main``: a Ctrl-C outside the training steps (preparing the data, sampling
+    DPO's pairs, the final evaluation), where the loop does not take it as a stop, ends in one line and status
+    130 (a shell's for SIGINT), not a traceback from inside whatever was running. Nothing it cut short is left
+    half-written: checkpoints, caches and run files are written whole or not at all."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        logger.warning(
+            "interrupted (Ctrl-C) outside the training steps; every file written is whole, and --resume RUN goes "
+            "on from a run's latest checkpoint"
+        )
+        sys.exit(130)
+
+
 def tell_torchrun(message: str) -> None:
     """Leave a failing rank's one line in the error file ``torchrun`` gives each process
     (``TORCHELASTIC_ERROR_FILE``), whose failure summary shows it: on its own, a rank other than 0 that fails
