@@ -1,4 +1,5 @@
 import errno
+import fcntl
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -110,6 +111,25 @@ def test_a_full_cache_is_one_line_naming_it_and_a_corpus_error_stays_itself(
     with pytest.raises(FileNotFoundError, match=r"part-7\.jsonl"):
         tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
     assert _entries(tmp_path) == []
+
+
+def test_what_a_killed_encoding_left_is_removed_by_the_next_one(
+    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path
+) -> None:
+    """A SIGKILL (the OOM killer, say) mid-encoding leaves a whole split's staging folder, which nothing else
+    removes; the next encoding in the cache removes those whose writer is gone, and leaves one being written
+    (its lock held) and one not locked yet."""
+    root = tmp_path / "tokens"
+    for name in ("dead", "live", "new"):
+        (root / f".tmp-{name}" / "data").mkdir(parents=True)
+        (root / f".tmp-{name}" / "data" / "tokens.bin").write_bytes(bytes(1000))
+    for name in ("dead", "live"):
+        (root / f".tmp-{name}" / tokens.STAGING_LOCK).touch()
+    with open(root / ".tmp-live" / tokens.STAGING_LOCK, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process's encoding, under way
+        tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+    hidden = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+    assert hidden == [".tmp-live", ".tmp-new"]
 
 
 def test_an_empty_split_is_an_empty_token_file(tokenizer: Tokenizer, tmp_path: Path) -> None:
