@@ -31,6 +31,7 @@ def main() -> None:
         # The run keeps its pairs (pairs.jsonl): a resume may not change what they were made from.
         spec = finetune.read_spec(DPOSpec, args, (*finetune.FROZEN, "pairs", "max_len", "train.batch_size"))
         parallel = runs.join(spec.train)
+        spec = finetune.same_day(spec, parallel)
     with runs.bad_input_exits_2(parallel):
         parallel.check_divides(spec.train.batch_size, "train.batch_size")
         begin = finetune.start(spec, parallel.device, args.resume)

@@ -36,6 +36,7 @@ def main() -> None:
             GRPOSpec, args, (*finetune.FROZEN, "task", "train.prompts_per_step", "train.passes")
         )
         parallel = runs.join(spec.train)
+        spec = finetune.same_day(spec, parallel)
     with runs.bad_input_exits_2(parallel):
         parallel.check_divides(spec.train.prompts_per_step, "train.prompts_per_step")
         begin = finetune.start(spec, parallel.device, args.resume)

@@ -36,6 +36,7 @@ def main() -> None:
             SFTSpec, args, (*finetune.FROZEN, "data", "max_len", "train.batch_size", "train.grad_accum")
         )
         parallel = runs.join(spec.train)
+        spec = finetune.same_day(spec, parallel)
     with runs.bad_input_exits_2(parallel):
         parallel.check_divides(spec.train.batch_size, "train.batch_size")
         begin = finetune.start(spec, parallel.device, args.resume)

@@ -580,7 +580,8 @@ def test_a_template_that_tells_the_date_gives_a_run_the_day_it_began(
 ) -> None:
     """Llama 3.2's template writes today's date into every conversation: a run began one day and resumed the
     next trained on other tokens (now refused: its data changed). The day a run begins is its spec's
-    ``chat_date``, which the resumed run keeps."""
+    ``chat_date``, which the resumed run keeps; a run from before the field takes the day its first session
+    started (``run.jsonl``)."""
     day = datetime(2026, 12, 6, 23, 59)
 
     class Clock(datetime):
@@ -594,15 +595,27 @@ def test_a_template_that_tells_the_date_gives_a_run_the_day_it_began(
         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     spec = tiny("sft.py", model, "eval=null", f"chat_template={json.dumps(template)}")
-    code, _, err = run("sft.py", *spec, "--run-dir", tmp_path / "split", "--stop-after", "1")
+    split = tmp_path / "split"
+    code, _, err = run("sft.py", *spec, "--run-dir", split, "--stop-after", "1")
     assert code == 0, err
-    assert yaml.safe_load((tmp_path / "split" / "spec.yaml").read_text())["chat_date"] == "2026-12-06"
+    assert yaml.safe_load((split / "spec.yaml").read_text())["chat_date"] == "2026-12-06"
     day = datetime(2026, 12, 7, 0, 1)
-    code, _, err = run("sft.py", "--resume", tmp_path / "split", *FIXTURES)
+    code, _, err = run("sft.py", "--resume", split, "--stop-after", "1", *FIXTURES)
     assert code == 0, err
+    # As a run from before chat_date: its spec has none, its first session began on the 6th.
+    written = yaml.safe_load((split / "spec.yaml").read_text())
+    del written["chat_date"]
+    (split / "spec.yaml").write_text(yaml.safe_dump(written))
+    sessions = [json.loads(line) for line in (split / "run.jsonl").read_text().splitlines()]
+    sessions[0]["time"] = datetime(2026, 12, 6, 23, 59).timestamp()
+    (split / "run.jsonl").write_text("".join(json.dumps(record) + "\n" for record in sessions))
+    day = datetime(2026, 12, 9, 12, 0)
+    code, _, err = run("sft.py", "--resume", split, *FIXTURES)
+    assert code == 0, err
+    assert yaml.safe_load((split / "spec.yaml").read_text())["chat_date"] == "2026-12-06"
     code, _, err = run("sft.py", *spec, "--set", "chat_date=2026-12-06", "--run-dir", tmp_path / "straight")
     assert code == 0, err
-    assert_equal_files(checkpoint_params(tmp_path / "split"), checkpoint_params(tmp_path / "straight"))
+    assert_equal_files(checkpoint_params(split), checkpoint_params(tmp_path / "straight"))
 
 
 def test_dpo_refuses_a_run_folder_it_cannot_use_before_sampling_its_pairs(

@@ -407,9 +407,7 @@ def test_a_run_folder_the_run_cannot_use_is_refused_before_the_data_is_prepared(
     monkeypatch.chdir(tmp_path / "here")
     done = run_program("pretrain.py", spec, "--cache-dir", tmp_path / "cache")
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines() == [
-        "ERROR | cannot create the runs' folder runs: Not a directory"
-    ]
+    assert done.stderr.strip().splitlines() == ["ERROR | cannot create a run folder in runs: Not a directory"]
     assert not (tmp_path / "cache" / "tokenizers").exists()
 
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date
+from datetime import date, datetime
 from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
@@ -63,7 +63,7 @@ from zmaj.tasks import (
     score,
 )
 from zmaj.text import checked_utf8
-from zmaj.train import runs
+from zmaj.train import report, runs
 from zmaj.train.grpo import GRPOConfig
 from zmaj.train.loop import Evaluate
 from zmaj.train.muon import OptimizerConfig, check_groups
@@ -430,9 +430,26 @@ def read_spec(kind: type[S], args: argparse.Namespace, frozen: Sequence[str] = F
     if args.resume is None and args.run_dir is not None:
         for name, model in fixed.items():
             check_apart(args.run_dir, name, model)
-    # A resumed run keeps its own (none, for a run from before the field: the clock's, as then).
-    day = {"chat_date": chat_template.today()} if args.resume is None and spec.chat_date is None else {}
+    # A resumed run keeps its own; one from before the field takes the day it began (its first session's).
+    day = {}
+    if spec.chat_date is None:
+        day = {"chat_date": chat_template.today() if args.resume is None else began(args.resume)}
     return spec.model_copy(update=fixed | day)
+
+
+def began(run_dir: Path) -> date:
+    """The local day a run's first session started (``run.jsonl``), or today for a run with no record of it."""
+    starts = [
+        r for r in report.read_records(run_dir / report.RUN_FILE, report.SESSION) if r["event"] == "start"
+    ]
+    return datetime.fromtimestamp(starts[0]["time"]).date() if starts else chat_template.today()
+
+
+def same_day(spec: S, parallel: Parallel) -> S:
+    """``spec`` with rank 0's ``chat_date`` on every rank: each rank read its own clock, and ranks whose clocks
+    or time zones differ (or that started either side of midnight) would render other conversations."""
+    chosen: tuple[date | None] = parallel.from_rank_0(lambda: (spec.chat_date,))
+    return spec.model_copy(update={"chat_date": chosen[0]})
 
 
 def check_apart(run_dir: Path, name: str, model: str) -> None:

@@ -393,10 +393,12 @@ class Run(Generic[S]):
         if failed and error is not None:
             line = one_line(error)
             if full:  # (a failed write names no file)
-                line = (
-                    f"the run stopped writing in {self.dir}: {line}; with space again, --resume {self.dir} goes "
-                    "on from its latest checkpoint"
+                then = (
+                    f"--resume {self.dir} goes on from its latest checkpoint"
+                    if checkpoint.resumable(self.dir)
+                    else "the same command starts the run afresh there"
                 )
+                line = f"the run stopped writing in {self.dir}: {line}; once it can be written again, {then}"
             if not said:
                 logger.error(line)  # every rank raises a RunFailedError; rank 0 says it
             tell_torchrun(line)
@@ -448,9 +450,9 @@ def open_run(
         # files in it (a spec.yaml of the user's own, say) are not a dead run's to remove.
         held_a_run = (run_dir / LOCK_FILE).is_file()
         held = lock(run_dir)  # before anything is written, so that two writers never interleave
-        fingerprints = data() if data is not None else None
         try:
             _check_free(run_dir, resumed, held_a_run)
+            fingerprints = data() if data is not None else None
             if resumed and fingerprints is not None:
                 _check_same_data(run_dir, fingerprints)
         except BaseException:
@@ -651,12 +653,12 @@ def check_run_folder(args: argparse.Namespace) -> None:
     resumed = args.resume is not None
     run_dir: Path | None = Path(args.resume) if resumed else args.run_dir
     if run_dir is None:  # a new folder of its own under runs/
-        _check_creatable(RUNS, "the runs' folder")
+        _check_creatable(RUNS / "NAME-TIMESTAMP", f"a run folder in {RUNS}")
         return
     if not resumed:
         _check_not_a_model(run_dir)
     if not run_dir.is_dir():
-        _check_creatable(run_dir, "the run folder")
+        _check_creatable(run_dir, f"the run folder {run_dir}")
         return
     _check_writable(run_dir)
     _check_free(run_dir, resumed, (run_dir / LOCK_FILE).is_file())
@@ -673,16 +675,17 @@ def check_run_folder(args: argparse.Namespace) -> None:
 
 
 def _check_creatable(folder: Path, what: str) -> None:
-    """Refuse a folder to be made that cannot be: under a file, or in a folder where nothing can be written."""
+    """Refuse a folder to be made (``what``, for the message) that cannot be: under a file, or in a folder where
+    nothing can be written."""
     if folder.is_dir():
         return
     existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
     if not existing.is_dir():
-        raise _cannot(f"create {what} {folder}", NotADirectoryError(errno.ENOTDIR, "Not a directory"))
+        raise _cannot(f"create {what}", NotADirectoryError(errno.ENOTDIR, "Not a directory"))
     try:
         tempfile.TemporaryFile(dir=existing, prefix=".write-probe-").close()
     except OSError as error:
-        raise _cannot(f"create {what} {folder}", error) from error
+        raise _cannot(f"create {what}", error) from error
 
 
 def _locked(run_dir: Path, holder: str) -> RunLockedError:

@@ -507,7 +507,7 @@ def test_a_full_disk_under_the_runs_records_exits_1_in_one_line_and_the_run_resu
     """The disk fills up where the run appends its metrics (step 5's line, after step 4's checkpoint): one line
     naming the run and what to do, not a traceback, also when the record of the session's end meets the same
     full disk, and when a resume meets it at the record of its start; with space again, ``--resume`` goes on
-    from the checkpoint."""
+    from the checkpoint (a run with none is started again)."""
     real_append = report.append_jsonl
     full: set[object] = {5, "end"}
 
@@ -519,8 +519,8 @@ def test_a_full_disk_under_the_runs_records_exits_1_in_one_line_and_the_run_resu
     monkeypatch.setattr(report, "append_jsonl", append_jsonl)
     run_dir = tmp_path / "run"
     said = (
-        f"the run stopped writing in {run_dir}: [Errno 28] No space left on device; with space again, --resume "
-        f"{run_dir} goes on from its latest checkpoint"
+        f"the run stopped writing in {run_dir}: [Errno 28] No space left on device; once it can be written again, "
+        f"--resume {run_dir} goes on from its latest checkpoint"
     )
     with logged() as messages, pytest.raises(SystemExit) as stopped:
         train(run_dir)
@@ -534,6 +534,14 @@ def test_a_full_disk_under_the_runs_records_exits_1_in_one_line_and_the_run_resu
     assert messages == [said]
     full = set()
     assert int(train(run_dir, resume=True)["opt", "step"]) == 10
+    # Before its first checkpoint a run has nothing to resume: the same command starts it afresh.
+    full = {1}
+    with logged() as messages, pytest.raises(SystemExit):
+        train(tmp_path / "new")
+    assert messages == [
+        f"the run stopped writing in {tmp_path / 'new'}: [Errno 28] No space left on device; once it can be "
+        "written again, the same command starts the run afresh there"
+    ]
 
 
 def test_a_loop_step_of_several_updates_resumes_where_it_stopped(tmp_path: Path) -> None:
@@ -1111,12 +1119,16 @@ def test_a_run_folder_is_checked_before_the_work_that_comes_first(
     with pytest.raises(runs.UserError, match=f"{run_dir} already holds a run; use --resume {run_dir}"):
         runs.check_run_folder(args(False, run_dir))
     runs.check_run_folder(args(True, run_dir))
+    (tmp_path / "runs").mkdir()  # runs/ of a shared checkout, another user's
     before = sorted(tmp_path.rglob("*"))
 
     def refused(*args: object, **kwargs: object) -> None:
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(runs.UserError, match="cannot create a run folder in runs: Permission denied"):
+        runs.check_run_folder(argparse.Namespace(resume=None, run_dir=None, stop_after=None))
     for folder, message in (
         (tmp_path / "new" / "run", "create the run folder"),
         (run_dir, "write in the run folder"),
