@@ -396,7 +396,7 @@ class Run(Generic[S]):
                 then = (
                     f"--resume {self.dir} goes on from its latest checkpoint"
                     if checkpoint.resumable(self.dir)
-                    else "the same command starts the run afresh there"
+                    else "run the same command again (it saved no checkpoint to resume from)"
                 )
                 line = f"the run stopped writing in {self.dir}: {line}; once it can be written again, {then}"
             if not said:

@@ -540,7 +540,7 @@ def test_a_full_disk_under_the_runs_records_exits_1_in_one_line_and_the_run_resu
         train(tmp_path / "new")
     assert messages == [
         f"the run stopped writing in {tmp_path / 'new'}: [Errno 28] No space left on device; once it can be "
-        "written again, the same command starts the run afresh there"
+        "written again, run the same command again (it saved no checkpoint to resume from)"
     ]
 
 
