@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tests.integration import finetune_fixtures
@@ -385,3 +386,17 @@ def test_grpo_on_two_ranks_resumes_exactly(tiny_model: Path, tmp_path: Path) -> 
     assert len(losses) == 4
     assert len(set(losses)) > 1  # rewards differed: the steps did train
     assert [r["loss"] for r in step_records(tmp_path / "split")] == losses
+
+
+def test_every_rank_renders_rank_0s_day(tiny_model: Path, tmp_path: Path) -> None:
+    """A chat template that writes the date renders ``chat_date``, the day the run began; each rank filled it
+    from its own clock, and ranks in time zones a day apart trained on other conversations than rank 0 recorded."""
+    args = finetune_args("sft.py", tiny_model, "eval=null", "train.steps=1")
+    done = torchrun(
+        "tests/integration/sft_in_time_zones.py", *args, "--run-dir", tmp_path / "run", timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    days = sorted(line for line in done.stdout.splitlines() if " renders " in line)
+    assert len(days) == 2, done.stdout
+    recorded = yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())["chat_date"]
+    assert days == [f"rank 0 renders {recorded}", f"rank 1 renders {recorded}"]
