@@ -66,14 +66,16 @@ class TokenFile:
         return len(self.tokens)
 
     def fingerprint(self) -> str:
-        """A sha256 of the ids and where each document starts: what the rows cut from this file depend on (a
-        run records it, so that a resume on other data is refused). Computed once, when the file is written
-        (``recorded``): 4 GB of tokens take seconds, every session. Read in chunks, never held whole."""
+        """A sha256 of the ids, then of where each document starts: what the rows cut from this file depend on
+        (a run records it, so that a resume on other data is refused). ``tokenize_split`` computes it as it
+        writes the file (``recorded``), where reading 4 GB of tokens again would take seconds at every session;
+        an older cache's is read in chunks, never held whole."""
         if self.recorded is not None:
             return self.recorded
-        digest = hashlib.sha256(np.ascontiguousarray(self.offsets, dtype=np.int64).tobytes())
+        digest = hashlib.sha256()
         for start in range(0, self.n_tokens, FINGERPRINT_CHUNK):
             digest.update(np.ascontiguousarray(self.tokens[start : start + FINGERPRINT_CHUNK]).tobytes())
+        digest.update(np.ascontiguousarray(self.offsets, dtype=np.int64).tobytes())
         return digest.hexdigest()
 
     def document(self, index: int) -> UInt[np.ndarray, " length"]:
@@ -139,8 +141,6 @@ def tokenize_split(
         docs = progress(documents(source, split, validation_fraction), None, what, unit="doc")
         meta = _write(tokenizer, iter(docs), staging) | {"source": identity[1], "split": split}
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
-        meta["fingerprint"] = TokenFile.open(staging).fingerprint()
-        (staging / "meta.json").write_text(json.dumps(meta, indent=1))
         # On disk before the rename, as a checkpoint's files are: a power cut cannot publish empty files.
         for path in [*staging.iterdir(), staging]:
             fsync(path)
@@ -203,16 +203,24 @@ def _sweep(root: Path) -> None:
 
 
 def _write(tokenizer: Tokenizer, docs: Iterator[Document], directory: Path) -> dict[str, int | str]:
+    """Encode ``docs`` into ``directory``'s files; their meta, with the file's fingerprint, hashed as it is
+    written (``TokenFile.fingerprint``)."""
     dtype = token_dtype(tokenizer.vocab_size)
     offsets = [0]
+    digest = hashlib.sha256()
     with (directory / "tokens.bin").open("wb") as file:
         while chunk := list(islice(docs, ENCODE_CHUNK)):
             for ids in tokenizer.encode_batch([d.text for d in chunk]):
                 ids.append(tokenizer.eos_id)
-                np.asarray(ids, dtype=dtype).tofile(file)
+                encoded = np.asarray(ids, dtype=dtype).tobytes()
+                file.write(encoded)
+                digest.update(encoded)
                 offsets.append(offsets[-1] + len(ids))
-    np.save(directory / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    starts = np.asarray(offsets, dtype=np.int64)
+    np.save(directory / "offsets.npy", starts)
+    digest.update(starts.tobytes())
     return {
+        "fingerprint": digest.hexdigest(),
         "dtype": dtype.name,
         "n_tokens": offsets[-1],
         "n_documents": len(offsets) - 1,
