@@ -24,6 +24,7 @@ from zmaj.infer.chat import Context, empty_context, reply
 from zmaj.infer.generate import Sampling
 from zmaj.specfile import seed_argument
 from zmaj.text import not_utf8, utf8
+from zmaj.train import runs
 
 
 def main() -> None:
@@ -144,4 +145,4 @@ def write(text: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    runs.ctrl_c_exits_130(main, "interrupted (Ctrl-C)")

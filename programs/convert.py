@@ -21,6 +21,7 @@ from zmaj.convert.export import save_hf
 from zmaj.convert.hf import DTYPES
 from zmaj.convert.load import check_model_destination, load_model, save_zmaj
 from zmaj.extras import MissingExtraError
+from zmaj.train import runs
 
 
 def main() -> None:
@@ -60,4 +61,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    runs.ctrl_c_exits_130(
+        main, "interrupted (Ctrl-C); DST is as it was: a model folder is written whole or not at all"
+    )

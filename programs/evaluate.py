@@ -262,4 +262,4 @@ def fail(message: str) -> NoReturn:
 
 
 if __name__ == "__main__":
-    main()
+    runs.ctrl_c_exits_130(main, "interrupted (Ctrl-C); every file written is whole")

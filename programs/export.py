@@ -23,6 +23,7 @@ from zmaj.convert.load import check_model_destination
 from zmaj.extras import MissingExtraError
 from zmaj.publish.export import export_model, parse_size
 from zmaj.publish.hub import license_id, repo_id
+from zmaj.train import runs
 
 
 def main() -> None:
@@ -76,4 +77,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    runs.ctrl_c_exits_130(
+        main, "interrupted (Ctrl-C); OUT_DIR is as it was: an export replaces it whole or not at all"
+    )

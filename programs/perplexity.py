@@ -25,6 +25,7 @@ from loguru import logger
 from zmaj.infer.perplexity import perplexity, sliding_windows
 from zmaj.models.common import Batch
 from zmaj.text import NotTextError, read_text
+from zmaj.train import runs
 
 
 def main() -> None:
@@ -99,4 +100,4 @@ def read_text_file(path: Path) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    runs.ctrl_c_exits_130(main, "interrupted (Ctrl-C)")

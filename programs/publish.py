@@ -41,6 +41,7 @@ from zmaj.publish.hub import (
     upload_files,
 )
 from zmaj.specfile import key_values, seed_argument
+from zmaj.train import runs
 from zmaj.train.runs import positive
 
 N_TRAIN, N_TEST, LICENSE = 1000, 200, "apache-2.0"
@@ -196,4 +197,8 @@ def upload(args: argparse.Namespace, scratch: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    runs.ctrl_c_exits_130(
+        main,
+        "interrupted (Ctrl-C); an upload is one commit, made whole or not at all (a repository or branch made for "
+        "it stays), and an --out folder is written whole or not at all",
+    )

@@ -19,7 +19,7 @@ from zmaj.models import gpt
 from zmaj.models.gpt import GPTConfig
 from zmaj.specfile import SpecError, seed_argument
 from zmaj.text import utf8
-from zmaj.train import precision
+from zmaj.train import precision, runs
 
 
 def main() -> None:
@@ -76,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    runs.ctrl_c_exits_130(main, "interrupted (Ctrl-C)")

@@ -90,18 +90,22 @@ def bad_input_exits_2(
         sys.exit(2)
 
 
-def ctrl_c_exits_130(main: Callable[[], None]) -> None:
-    """Run a training program's ``main``: a Ctrl-C outside the training steps (preparing the data, sampling
-    DPO's pairs, the final evaluation), where the loop does not take it as a stop, ends in one line and status
-    130 (a shell's for SIGINT), not a traceback from inside whatever was running. Nothing it cut short is left
-    half-written: checkpoints, caches and run files are written whole or not at all."""
+TRAINING_INTERRUPTED = (
+    "interrupted (Ctrl-C) outside the training steps; every file written is whole, and --resume RUN goes on from "
+    "a run's latest checkpoint"
+)
+"""What a training program says when it is interrupted outside its steps (the loop takes one inside as a stop)."""
+
+
+def ctrl_c_exits_130(main: Callable[[], None], said: str = TRAINING_INTERRUPTED) -> None:
+    """Run a program's ``main``: a Ctrl-C ends in the one line ``said`` and status 130 (a shell's for SIGINT),
+    not a traceback from inside whatever was running (preparing a training run's data, sampling DPO's pairs, a
+    final evaluation, an export's writing). ``said`` tells what the Ctrl-C left: zmaj writes every file and folder
+    whole or not at all."""
     try:
         main()
     except KeyboardInterrupt:
-        logger.warning(
-            "interrupted (Ctrl-C) outside the training steps; every file written is whole, and --resume RUN goes "
-            "on from a run's latest checkpoint"
-        )
+        logger.warning(said)
         sys.exit(130)
 
 
