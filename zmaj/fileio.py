@@ -13,13 +13,16 @@ another for it.
 
 import ctypes
 import errno
+import fcntl
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
+from loguru import logger
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
@@ -75,6 +78,51 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(temporary).unlink(missing_ok=True)
         raise
     fsync(path.parent)
+
+
+WRITER_LOCK = ".zmaj-writer.lock"
+"""The lock file in a staging folder while its writer lives (:func:`writing`)."""
+
+
+@contextmanager
+def writing(staging: Path) -> Iterator[None]:
+    """Mark the hidden ``staging`` folder as being written for as long as the block runs: a lock file in it,
+    locked (``flock``) before it takes its name, so that no :func:`sweep` ever finds it free while its writer
+    lives, and removed as the block ends (the folder is then renamed into place or removed). The kernel frees the
+    lock of a killed writer, which is what tells its leftover (a whole model or split: gigabytes) from work under
+    way."""
+    unnamed = staging / f"{WRITER_LOCK}.new"
+    held = os.open(unnamed, os.O_RDWR | os.O_CREAT)  # read-write: NFS locks only what is open for writing
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        os.rename(unnamed, staging / WRITER_LOCK)
+        yield
+    finally:
+        (staging / WRITER_LOCK).unlink(missing_ok=True)  # while still locked: no sweep sees it free
+        os.close(held)
+
+
+def sweep(parent: Path, prefix: str) -> None:
+    """Remove the staging folders in ``parent`` named ``prefix...`` whose writer was killed (:func:`writing`: its
+    lock is free). One being written (its lock held), or made a moment ago or finished (no lock file), is left
+    alone, as is any folder zmaj did not mark."""
+    for folder in [path for path in parent.iterdir() if path.name.startswith(prefix)]:
+        lock = folder / WRITER_LOCK
+        try:
+            handle = os.open(lock, os.O_RDWR)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Still the folder's lock file, not one its finishing writer unlinked while this waited to open it.
+            if os.fstat(handle).st_ino != os.stat(lock).st_ino:
+                continue
+        except (BlockingIOError, FileNotFoundError):
+            continue
+        finally:
+            os.close(handle)
+        logger.info(f"removing {folder}, left by a writer that was killed")
+        shutil.rmtree(folder, ignore_errors=True)  # (another sweep may be removing it too)
 
 
 def exchange(first: Path, second: Path) -> bool:

@@ -374,14 +374,17 @@ def _lora_base(path: Path) -> Path | None:
 def staged_folder(folder: Path) -> Iterator[Path]:
     """A new hidden folder beside ``folder`` for the block to write into, renamed to ``folder`` (replacing it)
     when the block ends, and deleted if the block or the rename fails: readers of ``folder`` see the old contents
-    or the new, never half of them, and a failed write leaves no hidden leftover (which may be gigabytes). Every
-    file is flushed to disk before the rename, as a checkpoint's are, so a power cut cannot publish empty files.
-    The missing folders above ``folder`` that it makes are removed again when the block fails."""
+    or the new, never half of them, and a failed write leaves no hidden leftover (which may be gigabytes); what a
+    killed one left is removed by the next write of ``folder`` (``fileio.sweep``). Every file is flushed to disk
+    before the rename, as a checkpoint's are, so a power cut cannot publish empty files. The missing folders
+    above ``folder`` that it makes are removed again when the block fails."""
     made = [parent for parent in folder.parents if not parent.exists()]  # deepest first
     folder.parent.mkdir(parents=True, exist_ok=True)
+    fileio.sweep(folder.parent, f".{folder.name}.")  # what a killed write of this folder left
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        yield staging
+        with fileio.writing(staging):
+            yield staging
         for path in [*sorted(staging.rglob("*")), staging]:
             fileio.set_default_mode(path)  # tempfile's folder and safetensors' files are private
             fileio.fsync(path)

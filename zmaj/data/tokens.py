@@ -9,11 +9,9 @@ The cache directory is built under a temporary name and renamed into place, so i
 all: a crash or an interrupted run never leaves a half-written file that a later run would trust.
 """
 
-import fcntl
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,7 +27,7 @@ from loguru import logger
 from zmaj.data.config import Source
 from zmaj.data.corpus import Document, Split, documents, source_key
 from zmaj.data.tokenizer import Tokenizer
-from zmaj.fileio import cache_writes, fsync
+from zmaj.fileio import cache_writes, fsync, sweep, writing
 from zmaj.progress import progress
 from zmaj.text import read_json
 
@@ -162,44 +160,18 @@ def tokenize_split(
     return TokenFile.open(final)
 
 
-STAGING_LOCK = ".lock"
+STAGING = ".tmp-"
 
 
 @contextmanager
 def _staging(root: Path) -> Iterator[str]:
-    """A new temporary folder in ``root`` (made if missing), removed on the way out, and locked (``flock`` on
-    its ``.lock``) while it is written: what a killed encoding left (a whole split, gigabytes on a real corpus)
-    has no holder, and the next encoding in ``root`` removes it (:func:`_sweep`). The lock file is locked
-    before it takes its name, so no sweep ever sees it free while its writer lives."""
+    """A new temporary folder in ``root`` (made if missing), removed on the way out, and marked as being written
+    (``fileio.writing``): what a killed encoding left (a whole split, gigabytes on a real corpus) has no living
+    writer, and the next encoding in ``root`` removes it (``fileio.sweep``)."""
     root.mkdir(parents=True, exist_ok=True)
-    _sweep(root)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".tmp-") as temporary:
-        unnamed = Path(temporary) / f"{STAGING_LOCK}.new"
-        held = os.open(unnamed, os.O_RDWR | os.O_CREAT)  # read-write: NFS locks only what is open for writing
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX)
-            os.rename(unnamed, Path(temporary) / STAGING_LOCK)
-            yield temporary
-        finally:
-            os.close(held)
-
-
-def _sweep(root: Path) -> None:
-    """Remove the staging folders in ``root`` whose writer is gone (their lock is free); one being written (its
-    lock held), or made a moment ago (no ``.lock`` yet), is left alone."""
-    for folder in root.glob(".tmp-*"):
-        try:
-            handle = os.open(folder / STAGING_LOCK, os.O_RDWR)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue
-        else:
-            shutil.rmtree(folder, ignore_errors=True)  # (another encoding may be removing it too)
-        finally:
-            os.close(handle)
+    sweep(root, STAGING)
+    with tempfile.TemporaryDirectory(dir=root, prefix=STAGING) as temporary, writing(Path(temporary)):
+        yield temporary
 
 
 def _write(tokenizer: Tokenizer, docs: Iterator[Document], directory: Path) -> dict[str, int | str]:

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from zmaj import fileio
 from zmaj.convert import weights
 
 
@@ -56,6 +57,18 @@ def test_an_interrupted_join_leaves_nothing_behind(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ValueError, match="sha256"):
         weights.gemma3_270m_gguf()
     assert list((tmp_path / "weights").iterdir()) == []
+
+
+def test_a_killed_join_is_removed_by_the_next(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A SIGKILL mid-join leaves the scratch folder, with most of a model's bytes; the next join removes it
+    (its writer's lock is free), and the cache holds the joined file alone."""
+    killed = tmp_path / "weights" / f"{weights.JOINING}x"
+    killed.mkdir(parents=True)
+    (killed / "model.gguf").write_bytes(b"GGUF half")
+    (killed / fileio.WRITER_LOCK).touch()
+    use_fake(monkeypatch, tmp_path, FakeChunks())
+    joined = weights.gemma3_270m_gguf()
+    assert [p.name for p in (tmp_path / "weights").iterdir()] == [joined.name]
 
 
 def test_a_cache_that_cannot_be_written_is_one_missing_file_error(

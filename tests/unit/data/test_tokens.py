@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from zmaj import fileio
 from zmaj.data import tokens
 from zmaj.data.config import FilesSource, Source
 from zmaj.data.corpus import Document, Split, documents, in_validation
@@ -124,8 +125,8 @@ def test_what_a_killed_encoding_left_is_removed_by_the_next_one(
         (root / f".tmp-{name}" / "data").mkdir(parents=True)
         (root / f".tmp-{name}" / "data" / "tokens.bin").write_bytes(bytes(1000))
     for name in ("dead", "live"):
-        (root / f".tmp-{name}" / tokens.STAGING_LOCK).touch()
-    with open(root / ".tmp-live" / tokens.STAGING_LOCK, "a+") as held:
+        (root / f".tmp-{name}" / fileio.WRITER_LOCK).touch()
+    with open(root / ".tmp-live" / fileio.WRITER_LOCK, "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another process's encoding, under way
         tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
     hidden = sorted(p.name for p in root.iterdir() if p.name.startswith("."))

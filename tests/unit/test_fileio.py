@@ -1,0 +1,66 @@
+"""What a killed writer leaves is removed by the next write there, and nothing else is (``fileio.sweep``)."""
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from zmaj import fileio
+from zmaj.convert.load import staged_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_sweep_removes_the_staging_of_killed_writers_only(tmp_path: Path) -> None:
+    """A killed writer's folder (its lock file free) goes; one being written (locked), one made a moment ago or
+    renamed away by ``replace_folder`` (no lock file), a file, and a folder of another name stay."""
+    for name in (".out.dead", ".out.live", ".out.new", ".out.old.x", ".outer.dead", "out"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(bytes(100))
+    for name in (".out.dead", ".out.live", ".outer.dead"):
+        (tmp_path / name / fileio.WRITER_LOCK).touch()
+    (tmp_path / ".out.file").write_text("a file")
+    with open(tmp_path / ".out.live" / fileio.WRITER_LOCK, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process's write, under way
+        fileio.sweep(tmp_path, ".out.")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        ".out.file",
+        ".out.live",
+        ".out.new",
+        ".out.old.x",
+        ".outer.dead",
+        "out",
+    ]
+
+
+def test_a_model_folder_written_while_another_write_is_killed_sweeps_its_staging(tmp_path: Path) -> None:
+    """A SIGKILL (the OOM killer, say) mid-export leaves a whole model in a hidden folder beside the destination,
+    which nothing else removes; the next write of that destination does, and leaves no lock file in the folder
+    it writes."""
+    out = tmp_path / "out"
+    writer = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from zmaj.convert.load import staged_folder\n"
+        "with staged_folder(Path(sys.argv[1])) as staging:\n"
+        "    (staging / 'model.safetensors').write_bytes(bytes(1000))\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", writer, str(out)], stdout=subprocess.PIPE, text=True, env=environment
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == "writing\n"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".out.")
+    assert (left / "model.safetensors").is_file()
+    with staged_folder(out) as staging:
+        (staging / "config.json").write_text("{}")
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+    assert [path.name for path in out.iterdir()] == ["config.json"]
