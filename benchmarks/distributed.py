@@ -13,6 +13,10 @@ the imports alone took) with the state elements it holds. Run by hand:
 
 Writes ``benchmarks/results/distributed_<dtype>.md``. The workers are this file run with ``--worker`` (by ``torchrun`` for
 the multi-process layouts).
+
+CPU only, by design: on GPUs the layouts are one process per GPU under NCCL, whose kernels run asynchronously
+(the CPU profiler above would see ~0 in collectives) and whose memory is the GPU's, not the process's resident
+set; that benchmark needs a multi-GPU machine, which this project has not had.
 """
 
 import argparse
@@ -52,7 +56,7 @@ COLLECTIVES = ("gloo", "c10d", "nccl", "allreduce", "all_reduce", "all_gather", 
 def worker(args: argparse.Namespace) -> None:
     """Train ``args.steps`` steps in this process's layout and append one JSON line of measurements per rank."""
     config = SHAPES[args.shape]
-    parallel = Parallel.from_environment(ParallelConfig(kind=args.kind), torch.device(args.device))
+    parallel = Parallel.from_environment(ParallelConfig(kind=args.kind), torch.device("cpu"))
     device = parallel.device
     dtype = precision.resolve(args.precision, device)
     imported_rss = (
@@ -127,7 +131,6 @@ def launch(args: argparse.Namespace, out: Path, processes: int, kind: str) -> No
         f"--warmup={args.warmup}",
         f"--precision={args.precision}",
         f"--optimizer={args.optimizer}",
-        f"--device={args.device}",
         f"--out={out}",
     ]
     threads = args.cores // processes
@@ -161,7 +164,6 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="threads of the one process")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -169,7 +171,7 @@ def main() -> None:
         return
     if args.quick:
         args.shape, args.seq, args.steps, args.warmup = "quick", 64, 3, 1
-    header = print_header(args.device)
+    header = print_header("cpu")
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "records.jsonl"
         launch(args, out, 1, "dp")
