@@ -161,12 +161,14 @@ def _sample(texts: Iterable[str], k: int, seed: int) -> list[str]:
 
 
 def tokenizer_path(config: DataConfig, cache_dir: str | Path, seed: int) -> Path:
-    """Where the tokenizer for this corpus, vocabulary size and sample lives in a cache directory."""
+    """Where the tokenizer for this corpus, vocabulary size and sample lives in a cache directory. Without a
+    sample (``tokenizer_documents``) the seed draws nothing and every seed trains the same tokenizer, so all
+    share seed 0's entry (a sweep over ``train.seed`` trains it once)."""
     identity = [
         source_key(config.source, "train", config.validation_fraction),
         config.vocab_size,
         config.tokenizer_documents,
-        seed,
+        seed if config.tokenizer_documents is not None else 0,
         TOKENIZER_VERSION,
         tokenizers.__version__,
     ]

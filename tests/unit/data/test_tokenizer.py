@@ -191,11 +191,25 @@ def test_the_tokenizer_sample_is_uniform_and_picked_by_the_seed() -> None:
         assert abs(counts[text] / len(seeds) - 2 / 5) < 0.055, counts
 
 
-def test_the_cached_tokenizer_is_keyed_by_its_sample_size_and_seed(jsonl_file: Path, tmp_path: Path) -> None:
-    """Another ``tokenizer_documents`` or seed trains another tokenizer: keyed without either, the cache
-    handed the tokenizer of the earlier setting to the run (the suite changed only vocab_size)."""
+def test_the_cached_tokenizer_is_keyed_by_its_sample_size_and_the_seed_that_draws_it(
+    jsonl_file: Path, tmp_path: Path
+) -> None:
+    """Another ``tokenizer_documents``, or another seed drawing the sample, trains another tokenizer: keyed
+    without either, the cache handed the tokenizer of the earlier setting to the run (the suite changed only
+    vocab_size)."""
     config = DataConfig(source=FilesSource(paths=[str(jsonl_file)], format="jsonl"), vocab_size=300)
-    path = tokenizer_path(config, tmp_path, seed=0)
-    assert tokenizer_path(config, tmp_path, seed=0) == path
-    assert tokenizer_path(config, tmp_path, seed=1) != path
-    assert tokenizer_path(config.model_copy(update={"tokenizer_documents": 10}), tmp_path, seed=0) != path
+    sampled = config.model_copy(update={"tokenizer_documents": 10})
+    path = tokenizer_path(sampled, tmp_path, seed=0)
+    assert tokenizer_path(sampled, tmp_path, seed=0) == path
+    assert tokenizer_path(sampled, tmp_path, seed=1) != path
+    assert tokenizer_path(config, tmp_path, seed=0) != path
+
+
+def test_without_a_sample_every_seed_shares_one_cached_tokenizer(jsonl_file: Path, tmp_path: Path) -> None:
+    """BPE on every text has no randomness, so a sweep over ``train.seed`` trained the same tokenizer again for
+    each seed; now the second seed loads the first one's, which is the tokenizer it would have trained."""
+    config = DataConfig(source=FilesSource(paths=[str(jsonl_file)], format="jsonl"), vocab_size=300)
+    first = load_or_train(config, tmp_path / "cache", seed=0)
+    assert tokenizer_path(config, tmp_path / "cache", seed=1) == tokenizer_path(config, tmp_path / "cache", 0)
+    trained = load_or_train(config, tmp_path / "elsewhere", seed=1)
+    assert trained.fingerprint() == first.fingerprint()
