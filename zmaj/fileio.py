@@ -90,12 +90,17 @@ def writing(staging: Path) -> Iterator[None]:
     locked (``flock``) before it takes its name, so that no :func:`sweep` ever finds it free while its writer
     lives, and removed as the block ends (the folder is then renamed into place or removed). The kernel frees the
     lock of a killed writer, which is what tells its leftover (a whole model or split: gigabytes) from work under
-    way."""
+    way. Where the file system has no locks (NFS without its lock daemon, Lustre mounted ``noflock``) the folder
+    is left unmarked: the write goes on, and what a kill leaves there stays."""
     unnamed = staging / f"{WRITER_LOCK}.new"
     held = os.open(unnamed, os.O_RDWR | os.O_CREAT)  # read-write: NFS locks only what is open for writing
     try:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        os.rename(unnamed, staging / WRITER_LOCK)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX)
+        except OSError:  # no locks here (ENOLCK, ENOSYS, ...): a fresh file has no other holder to wait for
+            unnamed.unlink()
+        else:
+            os.rename(unnamed, staging / WRITER_LOCK)
         yield
     finally:
         (staging / WRITER_LOCK).unlink(missing_ok=True)  # while still locked: no sweep sees it free
@@ -104,20 +109,21 @@ def writing(staging: Path) -> Iterator[None]:
 
 def sweep(parent: Path, prefix: str) -> None:
     """Remove the staging folders in ``parent`` named ``prefix...`` whose writer was killed (:func:`writing`: its
-    lock is free). One being written (its lock held), or made a moment ago or finished (no lock file), is left
-    alone, as is any folder zmaj did not mark."""
+    lock is free). One being written (its lock held), made a moment ago or finished (no lock file), one whose lock
+    cannot be taken to tell (someone else's, a file system without locks), and any folder zmaj did not mark are
+    left alone."""
     for folder in [path for path in parent.iterdir() if path.name.startswith(prefix)]:
         lock = folder / WRITER_LOCK
         try:
             handle = os.open(lock, os.O_RDWR)
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:  # no lock file (FileNotFoundError, NotADirectoryError), or not ours to open
             continue
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # Still the folder's lock file, not one its finishing writer unlinked while this waited to open it.
             if os.fstat(handle).st_ino != os.stat(lock).st_ino:
                 continue
-        except (BlockingIOError, FileNotFoundError):
+        except OSError:  # held (BlockingIOError), gone meanwhile, or no locks on this file system
             continue
         finally:
             os.close(handle)

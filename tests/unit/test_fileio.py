@@ -1,11 +1,14 @@
 """What a killed writer leaves is removed by the next write there, and nothing else is (``fileio.sweep``)."""
 
+import errno
 import fcntl
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from zmaj import fileio
 from zmaj.convert.load import staged_folder
@@ -64,3 +67,22 @@ def test_a_model_folder_written_while_another_write_is_killed_sweeps_its_staging
         (staging / "config.json").write_text("{}")
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
     assert [path.name for path in out.iterdir()] == ["config.json"]
+
+
+def test_where_the_file_system_has_no_locks_a_folder_is_written_unmarked_and_no_sweep_removes_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NFS without its lock daemon (ENOLCK), Lustre mounted ``noflock`` (ENOSYS): the export goes on, as it did
+    before writers marked their folders, and a sweep that cannot tell a dead writer from a live one removes
+    nothing."""
+    (tmp_path / ".out.unknown").mkdir()
+    (tmp_path / ".out.unknown" / fileio.WRITER_LOCK).touch()
+
+    def no_locks(*args: object) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with staged_folder(tmp_path / "out") as staging:
+        (staging / "config.json").write_text("{}")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".out.unknown", "out"]
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["config.json"]
