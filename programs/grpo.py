@@ -42,7 +42,13 @@ def main() -> None:
         begin = finetune.start(spec, parallel.device, args.resume)
         params = finetune.trainable(spec, begin)
         reference = finetune.reference_params(spec, begin, parallel.device)
-        run = runs.open_run(spec, args, parallel, partial(finetune.write_run_files, spec, begin))
+        run = runs.open_run(
+            spec,
+            args,
+            parallel,
+            partial(finetune.write_run_files, spec, begin),
+            data=partial(finetune.task_fingerprints, spec),
+        )
     # A checker that fails on a sample fails on one rank: that rank says so.
     with run, runs.bad_input_exits_2(errors=(TaskRewardError,), every_rank=True):
         logger.info(f"run folder {run.dir}")

@@ -7,10 +7,12 @@ torch and tensordict per run; ``--import`` loads the toy tasks as a user's own m
 import inspect
 import json
 import math
+import random
 import runpy
 import shutil
 import signal
 import sys
+from dataclasses import replace
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from tests.integration import finetune_fixtures
 from zmaj.convert.load import load_model, save_zmaj
 from zmaj.data import chat_template
 from zmaj.models.lora import LoraConfig, init_adapters, merge
-from zmaj.tasks import accuracy_interval, get_task
+from zmaj.tasks import Problem, accuracy_interval, get_task
 from zmaj.train import finetune, grpo, loop
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -663,6 +665,36 @@ def test_sft_resume_refuses_conversations_edited_since_the_run_began(model: Path
     assert "the data differs from the run's (data changed since the run began" in errors[0]
     path.write_text(chats("1"))
     code, _, err = run("sft.py", "--resume", tmp_path / "run", *FIXTURES)
+    assert code == 0, err
+
+
+def test_grpo_resume_refuses_a_task_edited_to_draw_other_problems(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task is code the spec names but cannot pin: the user's module, edited between sessions, drew other
+    problems, and the resumed steps trained on them unchecked. Put back as it was, the run goes on."""
+    evaluation = "eval={task: say-e, n: 2, max_new_tokens: 2}"
+    spec = [*say_e_grpo(model), "--set", "train.steps=2", "--set", evaluation]
+    code, _, err = run("grpo.py", *spec, "--run-dir", tmp_path / "run", "--stop-after", "1")
+    assert code == 0, err
+    assert set(json.loads((tmp_path / "run" / "data.json").read_text())) == {
+        "train problems",
+        "eval problems",
+    }
+    drawn = finetune_fixtures.ToyTask.generate
+
+    def edited(self: finetune_fixtures.ToyTask, rng: random.Random) -> Problem:
+        problem = drawn(self, rng)
+        return replace(problem, prompt=problem.prompt.replace("Say", "Write"))
+
+    monkeypatch.setattr(finetune_fixtures.ToyTask, "generate", edited)
+    code, _, err = run("grpo.py", "--resume", tmp_path / "run", *FIXTURES)
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert "the data differs from the run's (train problems, eval problems changed since" in errors[0]
+    monkeypatch.undo()
+    code, _, err = run("grpo.py", "--resume", tmp_path / "run", *FIXTURES)
     assert code == 0, err
 
 

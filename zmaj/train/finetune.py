@@ -554,6 +554,26 @@ def fingerprint(examples: Sequence[tuple[list[int], list[bool]]]) -> str:
     return digest.hexdigest()
 
 
+def task_fingerprints(spec: GRPOSpec) -> dict[str, str]:
+    """What a GRPO run records of its data (``runs.open_run``'s ``data``): sha256s of the first step's problems
+    and of the evaluation's, as the task draws them. A task is code (a user's ``--import`` module) that the spec
+    names but cannot pin, so a resume after the module was edited to draw other problems is refused."""
+
+    def digest(problems: Sequence[Problem]) -> str:
+        # The text a problem puts before the model and is checked against; ``info`` may hold any object.
+        return hashlib.sha256(
+            json.dumps([[p.prompt, p.answer, p.solution] for p in problems]).encode()
+        ).hexdigest()
+
+    fingerprints = {
+        "train problems": digest(grpo_problems(spec, get_task(spec.task.name, **spec.task.options), 0))
+    }
+    if (config := spec.eval) is not None:
+        task = get_task(config.task, **config.options)
+        fingerprints["eval problems"] = digest(task.problems(config.split, config.n, config.seed))
+    return fingerprints
+
+
 def sft_example(
     tokenizer: ModelTokenizer, messages: Sequence[dict[str, str]], max_len: int, sample: str
 ) -> tuple[list[int], list[bool]]:
