@@ -1,9 +1,10 @@
 """The thin ``nn.Module`` shell around a pure model.
 
 A shell registers the leaves of a parameter TensorDict as its own ``nn.Parameter``s (one submodule per nested
-key) and its ``forward`` calls the model's pure function on them. So ``TensorDict.from_module(shell)``,
-``params.to_module(shell)`` and ``torch.func.functional_call(shell, ...)`` all see exactly the TensorDict that
-``init`` built, and optimisers, hooks and ``state_dict`` work as with any module.
+key) and its ``forward`` calls the model's pure function on them. So ``params.to_module(shell)`` and
+``torch.func.functional_call(shell, ...)`` see exactly the TensorDict that ``init`` built, and optimisers, hooks
+and ``state_dict`` work as with any module. ``TensorDict.from_module(shell)`` rebuilds its tree but not the
+stacked blocks' ``[n_layers]`` batch size, which ``Shell.params()`` puts back.
 """
 
 import torch

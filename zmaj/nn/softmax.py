@@ -49,7 +49,8 @@ def masked_softmax(
 @torch.library.custom_op("zmaj::masked_softmax", mutates_args=())
 def _softmax_kernels(scores: Tensor, mask: Tensor) -> Tensor:
     """The formula's forward pass on ATen's kernels, in the scores' dtype: a low-precision softmax accumulates in
-    float32 and rounds once, so it equals the float32 softmax rounded, as the formula's ``.float() ... .to()``."""
+    float32 and rounds once, so it equals the float32 softmax rounded, as the formula's ``.float() ... .to()``,
+    but for a rare one-ulp difference where the float32 value sits on a rounding tie."""
     return torch.softmax(scores + masks.additive_bias(mask, scores.dtype), dim=-1)
 
 

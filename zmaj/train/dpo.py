@@ -118,7 +118,8 @@ def dpo_step(
     """One optimizer step (AdamW or Muon: ``apply_grads``) on the DPO loss of a preference batch (chosen rows,
     then rejected rows).
 
-    ``state`` is ``zmaj.train.step.init_state(params)``. The reference log-probs are computed by
+    ``state`` is ``zmaj.train.step.init_state(params, optimizer)`` (AdamW's moments, and Muon's momentum
+    for Muon). The reference log-probs are computed by
     ``reference_forward`` (default ``forward``) on ``reference`` without gradient; with LoRA
     (``zmaj.models.lora.lora_forward``) the reference is usually the base model under its plain forward.
     Under ``parallel`` each rank holds an equal share of the pairs, and the step and its metrics are those of

@@ -131,8 +131,9 @@ def group_advantages(
 ) -> Float[Tensor, "prompts group"]:
     """Each reward standardised within its prompt's group (DeepSeekMath section 4.1.2, outcome supervision).
 
-    The population std (no Bessel correction), so that a group of one, or of equal rewards, gives A = 0 rather
-    than nan. (TRL uses the sample std; the two differ by sqrt(G / (G - 1)), a rescaling of the step.)
+    The population std (no Bessel correction), which a group of one has too (the sample std's is nan); equal
+    rewards give A = 0 either way, through ``eps``. (TRL uses the sample std; the two differ by
+    sqrt(G / (G - 1)), a rescaling of the step.)
     """
     mean = rewards.mean(-1, keepdim=True)
     std = rewards.std(-1, keepdim=True, correction=0)
@@ -334,7 +335,8 @@ def grpo_step(
     Data parallel, each rank brings the rollout of its own prompts (the same number on every rank): the loss is
     divided by the completion tokens of all ranks' rollouts, and the step and metrics are those of all of them.
 
-    ``state`` is ``zmaj.train.step.init_state(params)``. Metrics: the loss, ``kl`` (with reference log-probs),
+    ``state`` is ``zmaj.train.step.init_state(params, optimizer)`` (AdamW's moments, and Muon's momentum
+    for Muon). Metrics: the loss, ``kl`` (with reference log-probs),
     ``clip_fraction``, the mean ``reward`` and ``completion_length`` of every sample, ``kept_groups`` (the share
     of prompts that trained), ``grad_norm``, ``lr``. A rollout that kept no prompt still takes the optimizer step,
     with zero gradients: its moments carry it on, as they would with the zero advantages.

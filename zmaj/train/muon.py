@@ -20,9 +20,11 @@ learning rate is scaled by the matrix's shape (``adjust_lr``): ``original`` is K
 Muon can reuse AdamW's learning rate and weight decay (Liu et al., 2025, "Muon is Scalable for LLM Training",
 Moonshot AI, section 2.2).
 
-The arithmetic follows ``torch.optim.Muon`` (torch 2.9+) operation by operation, so the two agree to float
-rounding wherever both apply; torch's handles one 2-D matrix at a time, this one a stack of them as well
-(``[layers, out, in]`` blocks, orthogonalised in one batched call).
+The algorithm follows ``torch.optim.Muon`` (torch 2.9+) step for step (momentum, Nesterov, the Newton-Schulz
+coefficients, the learning-rate adjustment, decoupled decay), so the two agree to float32 rounding wherever both
+apply; the Newton-Schulz polynomial is not written as torch's fused ``addmm`` calls, so in bfloat16
+(``ns_dtype``) they agree to bfloat16's rounding only. torch's handles one 2-D matrix at a time, this one a stack
+of them as well (``[layers, out, in]`` blocks, orthogonalised in one batched call).
 """
 
 import fnmatch

@@ -281,8 +281,9 @@ class Parallel:
         return _map_leaves(td, lambda key, tensor: self.whole(td, key, tensor))
 
     def gather_to_main(self, td: TensorDictBase) -> TensorDict | None:
-        """Every leaf whole, on rank 0's CPU (None on the other ranks): what a checkpoint saves. Sharded, the
-        leaves are gathered one at a time, so a device holds one whole leaf beyond its shards at any moment."""
+        """Every leaf whole on rank 0 (None on the other ranks): what a checkpoint saves. Sharded, the leaves
+        are gathered onto rank 0's CPU one at a time, so a device holds one whole leaf beyond its shards at any
+        moment; otherwise the state is returned where it is."""
         if not self.sharded:
             assert isinstance(td, TensorDict)
             return td if self.main else None
