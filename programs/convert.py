@@ -43,7 +43,7 @@ def main() -> None:
     try:
         check_model_destination(args.dst, args.src)
         model = load_model(args.src)
-    except (FileNotFoundError, ValueError, MissingExtraError) as error:
+    except (OSError, ValueError, MissingExtraError) as error:  # OSError: missing, or not this user's to read
         logger.error(str(error))
         sys.exit(2)
     if args.dtype is not None:

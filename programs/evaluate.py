@@ -159,7 +159,7 @@ def main() -> None:
         finetune.check_prompts(
             model, task, problems, args.max_new_tokens, args.few_shot, args.system, "--max-new-tokens"
         )
-    except (FileNotFoundError, ValueError, ModuleNotFoundError) as error:
+    except (OSError, ValueError, ModuleNotFoundError) as error:  # OSError: a model missing or unreadable
         logger.error(runs.one_line(error))
         sys.exit(2)
     model = model.to(precision.default_device())
@@ -186,7 +186,16 @@ def main() -> None:
             )
             for problem, completion, reward in zip(problems, result.completions, result.rewards, strict=True)
         )
-        atomic_write_text(args.answers, "".join(f"{line}\n" for line in lines))
+        write_output(args.answers, "".join(f"{line}\n" for line in lines), "--answers")
+
+
+def write_output(path: Path, text: str, flag: str) -> None:
+    """Write ``flag``'s file whole (``check_output_file`` tried its folder before the evaluation); a disk that
+    filled up meanwhile is one line naming it, not a traceback after the results."""
+    try:
+        atomic_write_text(path, text)
+    except OSError as error:
+        fail(f"{flag}: cannot write {path} ({error.strerror}); nothing was written")
 
 
 def check_output_file(path: Path, flag: str) -> None:
@@ -234,25 +243,30 @@ def run_harness(args: argparse.Namespace) -> None:
         )
     try:
         model = ZmajLM(path=args.model, dtype=args.dtype, batch_size=args.batch_size)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:
         fail(f"--model: {runs.one_line(error)}")
     if args.chat and model.model.tokenizer.chat_template is None:
         fail(f"--chat: the tokenizer of {args.model} has no chat template")
-    results: dict[str, Any] = simple_evaluate(
-        model=model,
-        tasks=tasks,
-        num_fewshot=args.num_fewshot,
-        limit=None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit),
-        task_manager=manager,
-        apply_chat_template=args.chat,
-        log_samples=args.output is not None,
-    )
+    try:
+        results: dict[str, Any] = simple_evaluate(
+            model=model,
+            tasks=tasks,
+            num_fewshot=args.num_fewshot,
+            limit=None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit),
+            task_manager=manager,
+            apply_chat_template=args.chat,
+            log_samples=args.output is not None,
+        )
+    except ValueError as error:  # what a task asks and the backend cannot do (zmaj.eval.harness), named
+        fail(f"--harness: {runs.one_line(error)}")
     logger.info(f"lm-evaluation-harness results for {args.model}:\n{make_table(results)}")
     samples = results.pop("samples", None)
     print(json.dumps(results, indent=2, default=handle_non_serializable))
     if args.output is not None:  # after the result is out, as --answers
         whole = results if samples is None else {**results, "samples": samples}
-        atomic_write_text(args.output, json.dumps(whole, indent=2, default=handle_non_serializable) + "\n")
+        write_output(
+            args.output, json.dumps(whole, indent=2, default=handle_non_serializable) + "\n", "--output"
+        )
 
 
 def fail(message: str) -> NoReturn:

@@ -106,7 +106,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def sampling_from(args: argparse.Namespace) -> Sampling:
-    """The --temperature, --top-k and --top-p settings; out-of-range values exit with code 2."""
+    """The --temperature, --top-k and --top-p settings; out-of-range values exit with code 2, as do --top-k and
+    --top-p at temperature 0, where greedy decoding would ignore them in silence."""
+    if args.temperature == 0 and (given := [f for f in ("top_k", "top_p") if getattr(args, f) is not None]):
+        flags = " and ".join(f"--{flag.replace('_', '-')}" for flag in given)
+        fail(f"{flags} shape sampling, but --temperature 0 decodes greedily: set a temperature above 0")
     return checked_sampling(
         args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
     )
@@ -131,7 +135,7 @@ def load(path: str, dtype: str) -> Pretrained:
     its errors name the path."""
     try:
         model = load_model(path)
-    except (FileNotFoundError, ValueError, MissingExtraError) as error:
+    except (OSError, ValueError, MissingExtraError) as error:  # OSError: missing, or not this user's to read
         fail(f"--model: {error}")
     device = precision.default_device()
     model = model.to(device, precision.resolve(DTYPES[dtype], device))

@@ -97,6 +97,8 @@ def read_text_file(path: Path) -> str:
         return read_text(path)
     except NotTextError as error:
         fail(f"--text-file {error}")
+    except OSError as error:  # not this user's to read
+        fail(f"--text-file {path}: {error.strerror}")
 
 
 if __name__ == "__main__":

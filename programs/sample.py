@@ -12,7 +12,7 @@ from generate import checked_sampling
 from loguru import logger
 
 from zmaj import checkpoint
-from zmaj.convert.load import run_config
+from zmaj.convert.load import LORA_FILE, run_config
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer.sample import sample
 from zmaj.models import gpt
@@ -42,12 +42,12 @@ def main() -> None:
         # The model section alone, as load_model reads it: a run whose training files moved (or a relative
         # path read from another folder) is still a model to sample from.
         config = run_config(args.run_dir)
-        if not isinstance(config, GPTConfig):
+        if not isinstance(config, GPTConfig) or (args.run_dir / LORA_FILE).is_file():
             raise ValueError(f"{args.run_dir} is not a zmaj GPT pre-training run: sample it with generate.py")
         latest = checkpoint.latest(args.run_dir)
         tokenizer = Tokenizer.load(args.run_dir / "tokenizer.json")
         params = checkpoint.load_params(latest, gpt.init(config, 0, device="meta"))
-    except (SpecError, FileNotFoundError, ValueError) as error:  # ValueError: also a damaged checkpoint
+    except (SpecError, OSError, ValueError) as error:  # OSError: missing or unreadable; ValueError: damaged
         logger.error(str(error))
         sys.exit(2)
     if tokenizer.vocab_size != config.vocab_size:

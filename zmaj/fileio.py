@@ -131,6 +131,13 @@ def sweep(parent: Path, prefix: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)  # (another sweep may be removing it too)
 
 
+def check_readable(path: Path) -> None:
+    """Raise what a plain ``open`` of ``path`` raises (``PermissionError`` for a file this user may not read),
+    before a reader that misreports it: safetensors calls such a file missing (``FileNotFoundError``)."""
+    with open(path, "rb"):
+        pass
+
+
 def exchange(first: Path, second: Path) -> bool:
     """Swap two existing paths (folders) in one step, whether it was done: Linux's ``renameat2`` with
     ``RENAME_EXCHANGE``. Replacing a folder takes two renames otherwise (the old one away, the new one in), and a

@@ -4,9 +4,11 @@ The programs run in this process (``runpy``, as ``python programs/X.py`` would),
 torch and tensordict per run; ``--import`` loads the toy tasks as a user's own module would be loaded.
 """
 
+import errno
 import inspect
 import json
 import math
+import os
 import random
 import runpy
 import shutil
@@ -24,6 +26,7 @@ from loguru import logger
 from safetensors.torch import load_file
 
 from tests.integration import finetune_fixtures
+from zmaj import fileio
 from zmaj.convert.load import load_model, save_zmaj
 from zmaj.data import chat_template
 from zmaj.models.lora import LoraConfig, init_adapters, merge
@@ -379,6 +382,26 @@ def test_evaluate_prints_accuracy_with_its_wilson_interval(model: Path, tmp_path
     problems = get_task("always-right").problems("test", 12)
     assert [a["prompt"] for a in answers] == [p.prompt for p in problems]
     assert all(a["correct"] and a["format"] for a in answers)
+
+
+def test_evaluate_on_a_disk_that_filled_meanwhile_prints_its_result_then_one_line(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--answers is written after the result is printed; a disk full by then was a traceback."""
+
+    def full(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(fileio, "atomic_write_text", full)
+    answers = tmp_path / "answers.jsonl"
+    flags = ["--task", "always-right", "--n", "2", "--max-new-tokens", "2", "--answers", answers]
+    code, out, err = run("evaluate.py", "--model", model, *flags, *FIXTURES)
+    assert code == 2, err
+    assert json.loads(out)["n"] == 2
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert errors == [
+        f"ERROR | --answers: cannot write {answers} (No space left on device); nothing was written"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -192,6 +192,26 @@ def test_evaluate_program_refuses_bad_harness_input_in_one_line(
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_what_a_task_asks_and_the_backend_cannot_do_is_one_line(
+    tiny: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backend refuses a task's generation settings it cannot honour (``zmaj.eval.harness``) with a
+    ValueError from inside ``simple_evaluate``: a traceback, after the model had loaded and any earlier tasks
+    had run."""
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise ValueError("the zmaj backend does not support generation_kwargs ['repetition_penalty']")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", refused)
+    result = run_program(
+        "evaluate.py", "--model", tiny[0], "--harness", "zmaj_tiny", "--harness-include", TASKS
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "ERROR | --harness: the zmaj backend does not support generation_kwargs ['repetition_penalty']"
+    ]
+
+
 def test_chat_with_a_model_without_a_template_is_refused_in_one_line(
     tiny: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,7 +20,7 @@ import yaml
 from tensordict import TensorDict
 
 from tests.integration.programs import Result, run_program
-from zmaj import checkpoint
+from zmaj import checkpoint, fileio, text
 from zmaj.convert.weights import smollm2_gguf
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
@@ -507,6 +508,13 @@ def binary_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--system: not UTF-8 text (byte 0xff at character 0)",
         ),
         ("chat.py", ["--system", "x\udce9"], "--system: not UTF-8 text (byte 0xe9 at character 1)"),
+        # Greedy decoding (generate's default temperature) would ignore them in silence.
+        (
+            "generate.py",
+            ["--prompt", "hi", "--top-p", "0.9", "--top-k", "5"],
+            "--top-k and --top-p shape sampling, but --temperature 0 decodes greedily",
+        ),
+        ("chat.py", ["--temperature", "0", "--top-p", "0.9"], "--top-p shape sampling, but --temperature 0"),
         (
             "perplexity.py",
             ["--text-file", "/no/such/text.txt"],
@@ -557,6 +565,32 @@ def test_a_missing_model_exits_2_naming_it(model: str, message: str) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert message in result.stderr
+
+
+def test_files_this_user_may_not_read_exit_2_naming_them(
+    plain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model's weights, or a text, that are another user's (saved 0600 on a shared machine) were a traceback,
+    or for the weights "No such file or directory": safetensors calls a file it may not open missing. (The
+    suite may run as root, who reads every file, so the denial is played by the open itself.)"""
+
+    def denied(path: Path, mode: str = "r") -> Any:
+        if str(path).endswith((".safetensors", ".txt")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, mode)
+
+    monkeypatch.setattr(fileio, "open", denied, raising=False)
+    result = run("generate.py", "--model", plain, "--prompt", "hi")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"ERROR | --model: [Errno 13] Permission denied: '{plain / 'model.safetensors'}'"
+    ]
+    (tmp_path / "corpus.txt").write_text("someone else's text")
+    monkeypatch.setattr(text, "read_text", denied)
+    result = run("perplexity.py", "--model", plain, "--text-file", tmp_path / "corpus.txt")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == f"ERROR | --text-file {tmp_path / 'corpus.txt'}: Permission denied", lines
 
 
 def tiny_run(folder: Path, tokenizer: Tokenizer) -> Path:
@@ -622,6 +656,18 @@ def test_sample_refuses_bad_sampling_flags_in_one_line(
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert message in result.stderr
+
+
+def test_sample_sends_a_lora_run_to_generate(pretrained_run: Path, tmp_path: Path) -> None:
+    """A LoRA run's checkpoints hold adapters, which sample.py does not merge: it failed on missing tensors
+    ['blocks.attn.k.bias', ...], as if the checkpoint were damaged."""
+    run_dir = Path(shutil.copytree(pretrained_run, tmp_path / "lora-run"))
+    (run_dir / "lora.json").write_text("{}")
+    result = run("sample.py", run_dir, "--prompt", "hi")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"ERROR | {run_dir} is not a zmaj GPT pre-training run: sample it with generate.py"
+    ]
 
 
 SAMPLE = ["--prompt", "the cat", "--max-new-tokens", 8, "--temperature", 1]

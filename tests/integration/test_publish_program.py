@@ -131,6 +131,9 @@ def test_no_token_exits_2_before_any_request(
         ("card bytes", "README.md: not UTF-8 text (byte 0xff at offset 3)"),
         ("card yaml", "README.md: the card's metadata cannot be read"),
         ("index", "model.safetensors.index.json: not a shard index"),
+        # A copy cut short would upload, and from_pretrained fail on the Hub's copy.
+        ("cut weights", "model.safetensors: not a whole safetensors file"),
+        ("tokenizer text", "tokenizer.json is not a tokenizer file: not JSON"),
     ],
 )
 def test_a_broken_folder_exits_2_before_any_request(
@@ -145,6 +148,10 @@ def test_a_broken_folder_exits_2_before_any_request(
         (broken / "README.md").write_text("---\ntags: [zmaj\n---\n")
     elif breakage == "index":
         (broken / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    elif breakage == "cut weights":
+        os.truncate(broken / "model.safetensors", (broken / "model.safetensors").stat().st_size - 1)
+    elif breakage == "tokenizer text":
+        (broken / "tokenizer.json").write_text("{")
     elif breakage == "license":
         card = (broken / "README.md").read_text()
         (broken / "README.md").write_text(card.replace("license: mit\n", ""))

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from zmaj import fileio
 from zmaj.convert import gpt2
 from zmaj.convert.layers import stack_layers
 from zmaj.models import gemma3, gpt, llama
@@ -597,6 +598,7 @@ class _SafetensorsFolder(Mapping[str, Tensor]):
             shards = ["model.safetensors"]
         self._file_of: dict[str, Any] = {}
         for shard in shards:
+            fileio.check_readable(folder / shard)
             try:
                 handle = files.enter_context(safe_open(folder / shard, framework="pt", device=str(device)))
             except SafetensorError as error:  # the library's message names no file

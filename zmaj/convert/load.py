@@ -30,12 +30,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tensordict import TensorDict, TensorDictBase
 
-from zmaj import checkpoint, fileio
+from zmaj import checkpoint, fileio, specfile
 from zmaj.convert import hf, weights
 from zmaj.data.model_tokenizer import (
     CHAT_TEMPLATE_FILE,
@@ -134,7 +134,8 @@ def load_model(path: str | Path) -> Pretrained:
     if (path / "checkpoints").is_dir():
         return _from_checkpoint(path, checkpoint.latest(path))
     if (path / "state.json").is_file() and (path / PARAMS_FILE).is_file():
-        return _from_checkpoint(path.parent.parent, path)
+        # absolute: a checkpoint named from inside its run (``step-0000004``, ``.``) has its run above it too
+        return _from_checkpoint(path.absolute().parent.parent, path)
     raise ValueError(
         f"{path} is not a model: expected a .gguf file, a Hugging Face folder (config.json), a zmaj model folder "
         f"({MODEL_FILE}) or a zmaj run (checkpoints/)"
@@ -202,10 +203,7 @@ def write_lora_record(run_dir: Path, base: str, config: LoraConfig, fingerprint:
 def read_lora_record(run_dir: Path) -> LoraRecord:
     """``run_dir``'s ``lora.json``; a damaged one is a ValueError naming it."""
     path = run_dir / LORA_FILE
-    try:
-        return LoraRecord.model_validate(read_json(path))
-    except ValidationError as error:
-        raise ValueError(f"{path}: not a LoRA record: {error}") from None
+    return specfile.parse(LoraRecord, read_json(path), f"{path}: not a LoRA record")
 
 
 def lora_base(run_dir: Path, record: LoraRecord) -> Pretrained:
@@ -261,6 +259,7 @@ def _read_config(path: Path) -> ModelConfig:
 
 
 def _read_params(path: Path, config: ModelConfig) -> TensorDict:
+    fileio.check_readable(path)
     try:
         tensors = load_file(str(path))
     except SafetensorError as error:  # the library's message names no file
@@ -358,7 +357,7 @@ def _lora_base(path: Path) -> Path | None:
     if (path / "checkpoints").is_dir():
         run = path
     elif (path / "state.json").is_file():
-        run = path.parent.parent
+        run = path.absolute().parent.parent
     else:
         return None
     if not (run / LORA_FILE).is_file():

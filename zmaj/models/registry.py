@@ -13,6 +13,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from zmaj import specfile
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.common import Batch, LazyLogits, Step
 from zmaj.models.gemma3 import Gemma3Config
@@ -108,9 +109,12 @@ def config_to_json(config: ModelConfig) -> dict[str, Any]:
     return {"architecture": architecture(config).name, "config": config.model_dump(mode="json")}
 
 
-def config_from_json(data: Mapping[str, Any], where: str) -> ModelConfig:
-    """The config ``config_to_json`` wrote; ``where`` names the file in errors."""
+def config_from_json(data: object, where: str) -> ModelConfig:
+    """The config ``config_to_json`` wrote; ``where`` names the file in errors, which are one line each (a
+    ``ValueError``): a hand-edited or damaged file is a user's input."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: not a model record (a JSON object with 'architecture' and 'config')")
     name = data.get("architecture")
     if name not in ARCHITECTURES:
         raise ValueError(f"{where}: unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name].config_type.model_validate(data.get("config", {}))
+    return specfile.parse(ARCHITECTURES[name].config_type, data.get("config", {}), f"{where}: config")

@@ -21,9 +21,11 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from huggingface_hub.utils._validators import validate_repo_id
 from loguru import logger
+from safetensors import SafetensorError, safe_open
 
 from zmaj.convert.export import INDEX_FILE, WEIGHTS_FILE
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from zmaj.data.tokenizer import read_tokenizer_file
 from zmaj.extras import needs
 from zmaj.text import read_json, read_text
 
@@ -88,18 +90,33 @@ def check_model_folder(folder: Path) -> ModelCard:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{folder / INDEX_FILE}: not a shard index (no weight_map mapping)")
-        shards = set(weight_map.values())
-        missing = sorted(s for s in shards if not (folder / s).is_file())
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise ValueError(f"{folder}: {INDEX_FILE} names missing shards {missing}")
     elif not (folder / WEIGHTS_FILE).is_file():
         raise ValueError(f"{folder}: no weights ({WEIGHTS_FILE} or {INDEX_FILE})")
+    else:
+        shards = [WEIGHTS_FILE]
+    for shard in shards:
+        check_weights_file(folder / shard)
     for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
         if not (folder / name).is_file():
             raise ValueError(f"{folder}: no {name} (tokenizer)")
+    read_tokenizer_file(folder / TOKENIZER_FILE)  # a ValueError naming it, when it is no tokenizer
     card = read_card(folder, ModelCard)
     assert isinstance(card, ModelCard)
     return card
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuse a safetensors file whose header does not describe it (cut short by a copy, or no safetensors at
+    all): ``safe_open`` reads the header alone and checks that its tensors cover the file, without the weights."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a whole safetensors file ({error})") from None
 
 
 def check_dataset_folder(folder: Path) -> DatasetCard:

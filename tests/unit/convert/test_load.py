@@ -1,6 +1,7 @@
 """``load_model`` reads every kind of zmaj model PATH back exactly, and names what is wrong with a bad one."""
 
 import errno
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from zmaj.convert.load import (
     check_model_destination,
     check_replaceable,
     load_model,
+    read_lora_record,
     save_zmaj,
     staged_folder,
     write_lora_record,
@@ -182,6 +184,61 @@ def test_a_pretraining_run_loads_without_its_training_files(tokenizer: Tokenizer
     (run / "spec.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match=r"spec\.yaml: model\.d_model: Input should be a valid integer"):
         load_model(run)
+
+
+def test_a_checkpoint_named_from_inside_its_run_loads(
+    tokenizer: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``step-0000000`` from the run's ``checkpoints/``, or ``.`` from the checkpoint itself: the run is above it
+    all the same (its parents were taken from the path as typed, so ``.`` described no model)."""
+    config = CONFIGS["gpt"]
+    assert isinstance(config, gpt.GPTConfig)
+    spec = PretrainSpec(
+        name="tiny",
+        model=config,
+        data={"vocab_size": VOCAB, "seq_len": 16},
+        train=TrainConfig(steps=1, batch_size=1),
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    tokenizer.save(run / "tokenizer.json")
+    params = gpt.init(config, 1)
+    saved = checkpoint.save(run, init_state(params), {})
+    monkeypatch.chdir(saved.parent)
+    assert_same_params(load_model(saved.name).params, params)
+    monkeypatch.chdir(saved)
+    assert_same_params(load_model(".").params, params)
+
+
+def test_a_damaged_model_or_lora_record_is_one_line_naming_it(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    """Hand-edited or damaged: a JSON list was an AttributeError traceback, a bad field pydantic's
+    multi-line report naming no file."""
+    config = CONFIGS["gpt"]
+    model = Pretrained(config, architecture(config).init(config, 0), ModelTokenizer.from_zmaj(tokenizer))
+    folder = save_zmaj(model, tmp_path / "model")
+    record = json.loads((folder / "model.json").read_text())
+    for written, message in [
+        ([1], r"model\.json: not a model record \(a JSON object"),
+        (
+            {**record, "config": {**record["config"], "n_layers": -2}},
+            r"model\.json: config: n_layers: Input should",
+        ),
+        ({**record, "config": {**record["config"], "wide": 1}}, r"model\.json: config: wide: Extra inputs"),
+    ]:
+        (folder / "model.json").write_text(json.dumps(written))
+        with pytest.raises(ValueError, match=message) as error:
+            load_model(folder)
+        assert "\n" not in str(error.value)
+    (tmp_path / "run" / "lora.json").parent.mkdir()
+    for written, message in [
+        (["x"], "Input should be a valid dictionary"),
+        ({"base": 3}, "base: Input should"),
+    ]:
+        (tmp_path / "run" / "lora.json").write_text(json.dumps(written))
+        with pytest.raises(ValueError, match=rf"lora\.json: not a LoRA record: .*{message}") as error:
+            read_lora_record(tmp_path / "run")
+        assert "\n" not in str(error.value)
 
 
 def test_bad_paths_are_named(tmp_path: Path) -> None:

@@ -123,6 +123,18 @@ def test_a_killed_run_is_described_as_far_as_the_checkpoint_exported(tmp_path: P
         )
 
 
+def test_a_checkpoint_named_from_inside_its_run_is_described_as_that_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``export.py . OUT`` from inside a checkpoint: its run is above it (taken from the path as typed, ``.``
+    had no parent named ``checkpoints``, and the card described no run)."""
+    folder = _killed_run(tmp_path / "run")
+    monkeypatch.chdir(folder / "checkpoints" / "step-0000050")
+    run = card.read_run(Path("."))
+    assert run is not None
+    assert (run.folder, run.checkpoint_step) == (folder, 50)
+
+
 def test_a_grpo_run_with_several_passes_is_described_as_far_as_its_checkpoints_loop_step(
     tmp_path: Path,
 ) -> None:
