@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 
 from loguru import logger
 
-from zmaj.convert.load import load_model
+from zmaj.convert.load import check_vocabulary, load_model
 from zmaj.extras import MissingExtraError, needs
 from zmaj.fileio import atomic_write_text
 from zmaj.specfile import key_values, seed_argument
@@ -154,6 +154,7 @@ def main() -> None:
         task = checked_task(args.task, key_values(args.task_options, "--set-task"))
         problems = task.problems(args.split, args.n, args.seed)
         model = load_model(args.model)
+        check_vocabulary(model, args.model)
         if args.answers is not None:
             check_output_file(args.answers, "--answers")
         finetune.check_prompts(

@@ -19,7 +19,7 @@ import torch
 from loguru import logger
 from pydantic import ValidationError
 
-from zmaj.convert.load import Pretrained, load_model
+from zmaj.convert.load import Pretrained, check_vocabulary, load_model
 from zmaj.data.chat_template import Message
 from zmaj.extras import MissingExtraError
 from zmaj.infer.cache import init_cache
@@ -135,6 +135,7 @@ def load(path: str, dtype: str) -> Pretrained:
     its errors name the path."""
     try:
         model = load_model(path)
+        check_vocabulary(model, path)
     except (OSError, ValueError, MissingExtraError) as error:  # OSError: missing, or not this user's to read
         fail(f"--model: {error}")
     device = precision.default_device()

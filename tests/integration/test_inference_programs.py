@@ -21,6 +21,7 @@ from tensordict import TensorDict
 
 from tests.integration.programs import Result, run_program
 from zmaj import checkpoint, fileio, text
+from zmaj.convert.load import Pretrained, save_zmaj
 from zmaj.convert.weights import smollm2_gguf
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
@@ -656,6 +657,36 @@ def test_sample_refuses_bad_sampling_flags_in_one_line(
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("program", "args"),
+    [
+        ("generate.py", ["--prompt", "hi"]),
+        ("perplexity.py", ["--text-file", __file__]),
+        ("evaluate.py", ["--task", "arithmetic", "--n", "2"]),
+        ("evaluate.py", ["--harness", "zmaj_tiny", "--harness-include", ROOT / "tests" / "data" / "harness"]),
+    ],
+)
+def test_a_tokenizer_larger_than_the_embedding_is_refused_in_one_line(
+    zmaj_tokenizer: Tokenizer, tmp_path: Path, program: str, args: list[str | Path]
+) -> None:
+    """Tokens added without resizing the embeddings: the first id past its rows was an IndexError traceback
+    inside the forward pass (a device-side assert on a GPU)."""
+    rows = zmaj_tokenizer.vocab_size - 10
+    config = gpt.GPTConfig(vocab_size=rows, context=32, d_model=16, n_layers=1, n_heads=2)
+    model = Pretrained(config, gpt.init(config, 0), ModelTokenizer.from_zmaj(zmaj_tokenizer))
+    folder = save_zmaj(model, tmp_path / "model")
+    result = run(program, "--model", folder, *args)
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"{folder}: the tokenizer has {zmaj_tokenizer.vocab_size} tokens but the embedding only {rows} rows, so "
+            f"ids from {rows} on index nothing (tokens added without resizing the embeddings?)"
+        )
+    )
 
 
 def test_sample_sends_a_lora_run_to_generate(pretrained_run: Path, tmp_path: Path) -> None:

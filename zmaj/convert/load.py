@@ -312,6 +312,19 @@ WRITTEN_FILES = frozenset(
 besides a sharded export's ``model-00001-of-00002.safetensors``."""
 
 
+def check_vocabulary(model: Pretrained, where: str) -> None:
+    """Refuse a model whose tokenizer has more tokens than its embedding has rows (``where`` names it): the
+    first text that encodes to an id past them indexes nothing, an ``IndexError`` inside the forward pass on the
+    CPU and a device-side assert on a GPU. The usual cause: tokens added to a tokenizer whose model's
+    embeddings were not resized. (Fewer tokens than rows is common and fine: tables padded for speed.)"""
+    tokens, rows = model.tokenizer.vocab_size, model.config.vocab_size
+    if tokens > rows:
+        raise ValueError(
+            f"{where}: the tokenizer has {tokens} tokens but the embedding only {rows} rows, so ids from {rows} "
+            "on index nothing (tokens added without resizing the embeddings?)"
+        )
+
+
 def check_model_destination(folder: Path, source: Path) -> None:
     """:func:`check_destination` for a model folder, and refuse an existing folder holding anything but a model
     folder zmaj writes: writing replaces the whole folder, so a mistyped path (``export.py RUN exports`` for

@@ -49,7 +49,7 @@ with needs("eval", "the lm-evaluation-harness backend"):
     from lm_eval.api.registry import register_model
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from zmaj.convert.load import Pretrained, load_model
+from zmaj.convert.load import Pretrained, check_vocabulary, load_model
 from zmaj.data.chat_template import Message
 from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import GREEDY, Sampling, generate
@@ -193,6 +193,7 @@ class ZmajLM(TemplateLM):  # type: ignore[misc]
             logger.warning(f"device {device} asked for, but there is no usable CUDA GPU: running on the CPU")
             self._device = torch.device("cpu")
         model = load_model(path)
+        check_vocabulary(model, path)
         self.model = model.to(self._device, precision.resolve(DTYPES[dtype], self._device))
         self.path, self.dtype = path, dtype
         self.batch_size = int(batch_size)
