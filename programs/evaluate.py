@@ -155,6 +155,11 @@ def main() -> None:
         problems = task.problems(args.split, args.n, args.seed)
         model = load_model(args.model)
         check_vocabulary(model, args.model)
+        if args.few_shot is None and model.tokenizer.chat_template is None:  # a base model, asked to chat
+            raise ValueError(
+                f"{args.model} has no chat template, which a question in chat mode (the default) needs: "
+                "--few-shot K asks in plain text after K solved problems (0: none)"
+            )
         if args.answers is not None:
             check_output_file(args.answers, "--answers")
         finetune.check_prompts(

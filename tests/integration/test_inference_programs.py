@@ -495,6 +495,13 @@ def binary_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("generate.py", ["--prompt", "hi", "--chat"], "no chat template"),
         ("generate.py", ["--prompt", "hi", "--seed", str(2**64)], "--seed: expected a whole number from 0"),
         ("evaluate.py", ["--task", "arithmetic", "--seed", "-3"], "--seed: expected a whole number from 0"),
+        # A base model in evaluate's default (chat) mode was told "use a plain prompt, not --chat", a flag it
+        # has not got.
+        (
+            "evaluate.py",
+            ["--task", "arithmetic", "--n", "2"],
+            "has no chat template, which a question in chat mode (the default) needs: --few-shot K",
+        ),
         (
             "generate.py",
             ["--prompt", "hi", "--temperature", "inf"],
