@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import transformers
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from zmaj.data import chat_template
@@ -113,8 +113,17 @@ MARKED = (
 )
 
 
+# An answer whose first word the tokenizer joins with the space before it: generated answers (any Unicode)
+# rarely begin so, and the fixed examples CI draws missed it (a mutation audit found the gap).
+JOINED = [
+    {"role": "user", "content": "two and three?"},
+    {"role": "assistant", "content": "the answer is five"},
+]
+
+
 @settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(messages=conversations(), template=st.sampled_from([SPACED, MARKED]))
+@example(messages=JOINED, template=SPACED)
 def test_the_assistant_mask_is_transformers_for_templates_that_mark_the_answer(
     model_tokenizer: ModelTokenizer, messages: list[dict[str, str]], template: str
 ) -> None:
@@ -129,6 +138,9 @@ def test_the_assistant_mask_is_transformers_for_templates_that_mark_the_answer(
     )
     assert ids == list(theirs["input_ids"])
     assert mask == [bool(m) for m in theirs["assistant_masks"]]
+    if messages == JOINED and template == SPACED:  # the example's point, said outright
+        trained = ours.decode([i for i, m in zip(ids, mask, strict=True) if m], False)
+        assert trained == " the answer is five<|end|>"
 
 
 def test_generation_blocks_in_a_macro_mark_the_answers(model_tokenizer: ModelTokenizer) -> None:
