@@ -225,7 +225,7 @@ def run_harness(args: argparse.Namespace) -> None:
             from lm_eval.tasks import TaskManager
             from lm_eval.utils import handle_non_serializable, make_table
 
-            from zmaj.eval.harness import ZmajLM
+            from zmaj.eval.harness import TaskRequestError, ZmajLM
     except MissingExtraError as error:
         fail(str(error))
 
@@ -263,7 +263,7 @@ def run_harness(args: argparse.Namespace) -> None:
             apply_chat_template=args.chat,
             log_samples=args.output is not None,
         )
-    except ValueError as error:  # what a task asks and the backend cannot do (zmaj.eval.harness), named
+    except TaskRequestError as error:  # what a task asks and the backend cannot do, named
         fail(f"--harness: {runs.one_line(error)}")
     logger.info(f"lm-evaluation-harness results for {args.model}:\n{make_table(results)}")
     samples = results.pop("samples", None)

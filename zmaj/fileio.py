@@ -91,7 +91,10 @@ def writing(staging: Path) -> Iterator[None]:
     lives, and removed as the block ends (the folder is then renamed into place or removed). The kernel frees the
     lock of a killed writer, which is what tells its leftover (a whole model or split: gigabytes) from work under
     way. Where the file system has no locks (NFS without its lock daemon, Lustre mounted ``noflock``) the folder
-    is left unmarked: the write goes on, and what a kill leaves there stays."""
+    is left unmarked: the write goes on, and what a kill leaves there stays. Where its locks are each host's own
+    (NFS mounted ``nolock`` or ``local_lock``, Lustre ``localflock``), a sweep on another host cannot see the
+    writer's lock and would remove the folder under it: two hosts must not write the same destination (or encode
+    the same corpus into one cache) at once there."""
     unnamed = staging / f"{WRITER_LOCK}.new"
     held = os.open(unnamed, os.O_RDWR | os.O_CREAT)  # read-write: NFS locks only what is open for writing
     try:

@@ -200,7 +200,7 @@ def test_what_a_task_asks_and_the_backend_cannot_do_is_one_line(
     had run."""
 
     def refused(*args: object, **kwargs: object) -> None:
-        raise ValueError("the zmaj backend does not support generation_kwargs ['repetition_penalty']")
+        harness.sampling_from({"repetition_penalty": 1.2})  # what the backend raises for such a task
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", refused)
     result = run_program(
@@ -210,6 +210,13 @@ def test_what_a_task_asks_and_the_backend_cannot_do_is_one_line(
     assert result.stderr.strip().splitlines() == [
         "ERROR | --harness: the zmaj backend does not support generation_kwargs ['repetition_penalty']"
     ]
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise ValueError("a bug inside the evaluation")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", bug)  # not the user's input: its traceback stays
+    with pytest.raises(ValueError, match="a bug inside the evaluation"):
+        run_program("evaluate.py", "--model", tiny[0], "--harness", "zmaj_tiny", "--harness-include", TASKS)
 
 
 def test_chat_with_a_model_without_a_template_is_refused_in_one_line(

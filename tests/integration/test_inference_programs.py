@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tokenizers
 import torch
 import transformers
 import yaml
@@ -691,9 +692,29 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_in_one_line(
         .splitlines()[-1]
         .endswith(
             f"{folder}: the tokenizer has {zmaj_tokenizer.vocab_size} tokens but the embedding only {rows} rows, so "
-            f"ids from {rows} on index nothing (tokens added without resizing the embeddings?)"
+            f"ids from {rows} on index nothing (a tokenizer trained or extended without resizing the embeddings?)"
         )
     )
+
+
+def test_an_added_token_past_the_embedding_is_warned_of_not_refused(
+    zmaj_tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    """Real checkpoints ship such tokens (Gemma 3's ``<image_soft_token>`` at id 262,144, one past its 262,144
+    rows), which text never encodes to: refusing the model would refuse Gemma 3 from Hugging Face."""
+    inner = tokenizers.Tokenizer.from_str(zmaj_tokenizer.to_json())
+    inner.add_special_tokens(["<image_soft_token>"])
+    rows = zmaj_tokenizer.vocab_size
+    config = gpt.GPTConfig(vocab_size=rows, context=32, d_model=16, n_layers=1, n_heads=2)
+    model = Pretrained(config, gpt.init(config, 0), ModelTokenizer.from_zmaj(Tokenizer(inner)))
+    folder = save_zmaj(model, tmp_path / "model")
+    result = run("generate.py", "--model", folder, "--prompt", "hi", "--max-new-tokens", 2)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert warnings == [
+        f"WARNING | {folder}: the tokenizer's added tokens ['<image_soft_token>'] have no embedding row: text with "
+        "them fails"
+    ]
 
 
 def test_sample_sends_a_lora_run_to_generate(pretrained_run: Path, tmp_path: Path) -> None:

@@ -38,26 +38,37 @@ def test_a_sweep_removes_the_staging_of_killed_writers_only(tmp_path: Path) -> N
     ]
 
 
-def test_a_model_folder_written_while_another_write_is_killed_sweeps_its_staging(tmp_path: Path) -> None:
-    """A SIGKILL (the OOM killer, say) mid-export leaves a whole model in a hidden folder beside the destination,
-    which nothing else removes; the next write of that destination does, and leaves no lock file in the folder
-    it writes."""
+@pytest.mark.parametrize("moment", ["writing", "flushing"])
+def test_a_model_folder_written_while_another_write_is_killed_sweeps_its_staging(
+    tmp_path: Path, moment: str
+) -> None:
+    """A SIGKILL (the OOM killer, a scheduler's kill) mid-export leaves a whole model in a hidden folder beside the
+    destination, which nothing else removes; the next write of that destination does, and leaves no lock file in
+    the folder it writes. Killed while the files were flushed to disk (seconds, for gigabytes) too: the folder was
+    unmarked by then."""
     out = tmp_path / "out"
     writer = (
         "import sys, time\n"
         "from pathlib import Path\n"
+        "from zmaj import fileio\n"
         "from zmaj.convert.load import staged_folder\n"
+        "def flushing(path):\n"
+        "    print('flushing', flush=True)\n"
+        "    time.sleep(600)\n"
+        "if sys.argv[2] == 'flushing':\n"
+        "    fileio.fsync = flushing\n"
         "with staged_folder(Path(sys.argv[1])) as staging:\n"
         "    (staging / 'model.safetensors').write_bytes(bytes(1000))\n"
-        "    print('writing', flush=True)\n"
-        "    time.sleep(600)\n"
+        "    if sys.argv[2] == 'writing':\n"
+        "        print('writing', flush=True)\n"
+        "        time.sleep(600)\n"
     )
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
-        [sys.executable, "-c", writer, str(out)], stdout=subprocess.PIPE, text=True, env=environment
+        [sys.executable, "-c", writer, str(out), moment], stdout=subprocess.PIPE, text=True, env=environment
     )
     assert process.stdout is not None
-    assert process.stdout.readline() == "writing\n"
+    assert process.stdout.readline() == f"{moment}\n"
     process.send_signal(signal.SIGKILL)
     process.wait()
     (left,) = tmp_path.iterdir()

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from loguru import logger
 from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -313,15 +314,25 @@ besides a sharded export's ``model-00001-of-00002.safetensors``."""
 
 
 def check_vocabulary(model: Pretrained, where: str) -> None:
-    """Refuse a model whose tokenizer has more tokens than its embedding has rows (``where`` names it): the
-    first text that encodes to an id past them indexes nothing, an ``IndexError`` inside the forward pass on the
-    CPU and a device-side assert on a GPU. The usual cause: tokens added to a tokenizer whose model's
-    embeddings were not resized. (Fewer tokens than rows is common and fine: tables padded for speed.)"""
-    tokens, rows = model.tokenizer.vocab_size, model.config.vocab_size
-    if tokens > rows:
+    """Refuse a model whose tokenizer's vocabulary has more tokens than its embedding has rows (``where`` names
+    it): the first text that encodes to an id past them indexes nothing, an ``IndexError`` inside the forward pass
+    on the CPU and a device-side assert on a GPU. The usual cause: a tokenizer trained or extended without
+    resizing the model's embeddings. (Fewer tokens than rows is common and fine: tables padded for speed.)
+
+    Added tokens past the rows are only warned of: ordinary text never encodes to them, and real models ship
+    such tokens (Gemma 3's text checkpoints list ``<image_soft_token>`` at id 262,144, one past their
+    embedding's 262,144 rows)."""
+    rows, inner = model.config.vocab_size, model.tokenizer.tokenizer
+    if (tokens := inner.get_vocab_size(with_added_tokens=False)) > rows:
         raise ValueError(
             f"{where}: the tokenizer has {tokens} tokens but the embedding only {rows} rows, so ids from {rows} "
-            "on index nothing (tokens added without resizing the embeddings?)"
+            "on index nothing (a tokenizer trained or extended without resizing the embeddings?)"
+        )
+    if past := sorted(
+        token.content for id_, token in inner.get_added_tokens_decoder().items() if id_ >= rows
+    ):
+        logger.warning(
+            f"{where}: the tokenizer's added tokens {past} have no embedding row: text with them fails"
         )
 
 
@@ -395,11 +406,12 @@ def staged_folder(folder: Path) -> Iterator[Path]:
     fileio.sweep(folder.parent, f".{folder.name}.")  # what a killed write of this folder left
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        with fileio.writing(staging):
+        with fileio.writing(staging):  # marked until the flushes are done, which take seconds for gigabytes
             yield staging
-        for path in [*sorted(staging.rglob("*")), staging]:
-            fileio.set_default_mode(path)  # tempfile's folder and safetensors' files are private
-            fileio.fsync(path)
+            for path in [*sorted(staging.rglob("*")), staging]:
+                if path.name != fileio.WRITER_LOCK:
+                    fileio.set_default_mode(path)  # tempfile's folder and safetensors' files are private
+                    fileio.fsync(path)
         replace_folder(staging, folder)
     except BaseException:
         if staging.exists():  # not yet renamed to folder

@@ -58,6 +58,12 @@ from zmaj.train import precision
 
 T = TypeVar("T")
 
+
+class TaskRequestError(ValueError):
+    """What a task asks and this backend cannot do (a generation setting it has no sampler for, more new tokens
+    than the model's context holds): the user's task file, reported by ``programs/evaluate.py`` in one line."""
+
+
 DTYPES: dict[str, precision.Precision] = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16"}
 MAX_GEN_TOKS = 256
 """New tokens when a task names no ``max_gen_toks`` (the ``hf`` backend's default)."""
@@ -150,7 +156,7 @@ def sampling_from(gen_kwargs: dict[str, Any]) -> Sampling:
     do_sample, temperature = options.pop("do_sample", False), float(options.pop("temperature", 0.0))
     top_k, top_p = options.pop("top_k", None), options.pop("top_p", None)
     if options:
-        raise ValueError(f"the zmaj backend does not support generation_kwargs {sorted(options)}")
+        raise TaskRequestError(f"the zmaj backend does not support generation_kwargs {sorted(options)}")
     if not do_sample or temperature == 0.0:
         return GREEDY
     return Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -293,7 +299,7 @@ class ZmajLM(TemplateLM):  # type: ignore[misc]
         max_new = int(options.pop("max_gen_toks"))
         sampling = sampling_from(options)
         if max_new >= self.max_length:
-            raise ValueError(
+            raise TaskRequestError(
                 f"max_gen_toks {max_new} leaves no room for a prompt in max_length {self.max_length}"
             )
         prompts = [self.tok_encode(context)[-(self.max_length - max_new) :] for context in contexts]

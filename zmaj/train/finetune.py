@@ -555,23 +555,14 @@ def fingerprint(examples: Sequence[tuple[list[int], list[bool]]]) -> str:
 
 
 def task_fingerprints(spec: GRPOSpec) -> dict[str, str]:
-    """What a GRPO run records of its data (``runs.open_run``'s ``data``): sha256s of the first step's problems
-    and of the evaluation's, as the task draws them. A task is code (a user's ``--import`` module) that the spec
-    names but cannot pin, so a resume after the module was edited to draw other problems is refused."""
-
-    def digest(problems: Sequence[Problem]) -> str:
-        # The text a problem puts before the model and is checked against; ``info`` may hold any object.
-        return hashlib.sha256(
-            json.dumps([[p.prompt, p.answer, p.solution] for p in problems]).encode()
-        ).hexdigest()
-
-    fingerprints = {
-        "train problems": digest(grpo_problems(spec, get_task(spec.task.name, **spec.task.options), 0))
-    }
-    if (config := spec.eval) is not None:
-        task = get_task(config.task, **config.options)
-        fingerprints["eval problems"] = digest(task.problems(config.split, config.n, config.seed))
-    return fingerprints
+    """What a GRPO run records of its data (``runs.open_run``'s ``data``): a sha256 of the first step's problems
+    as the task draws them. A task is code (a user's ``--import`` module) that the spec names but cannot pin, so a
+    resume after the module was edited to draw other problems is refused. The evaluation's problems are not
+    recorded: ``eval`` may change on resume, as it reads nothing the steps do."""
+    problems = grpo_problems(spec, get_task(spec.task.name, **spec.task.options), 0)
+    # The text a problem puts before the model and is checked against; ``info`` may hold any object.
+    text = json.dumps([[p.prompt, p.answer, p.solution] for p in problems])
+    return {"train problems": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def sft_example(
