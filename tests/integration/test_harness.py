@@ -8,8 +8,10 @@ long prompts are cut. Two models: a small random zmaj GPT saved as a zmaj folder
 (fast), and SmolLM2-135M-Instruct from its GGUF file, which ``transformers`` reads too (slow).
 """
 
+import errno
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ from tensordict import TensorDict
 
 from tests.integration.gguf_reference import load_reference
 from tests.integration.programs import ROOT, run_program
+from zmaj import fileio
 from zmaj.convert import weights
 from zmaj.convert.export import save_hf
 from zmaj.convert.load import Pretrained, save_zmaj
@@ -217,6 +220,33 @@ def test_what_a_task_asks_and_the_backend_cannot_do_is_one_line(
     monkeypatch.setattr(lm_eval, "simple_evaluate", bug)  # not the user's input: its traceback stays
     with pytest.raises(ValueError, match="a bug inside the evaluation"):
         run_program("evaluate.py", "--model", tiny[0], "--harness", "zmaj_tiny", "--harness-include", TASKS)
+
+
+def test_a_disk_full_before_the_output_is_written_is_one_line_after_the_results(
+    tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--output is written after the results are printed; a disk that filled by then was a traceback."""
+    results = {
+        "results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1}},
+        "versions": {"t": 1},
+        "n-shot": {"t": 0},
+        "higher_is_better": {"t": {"acc": True}},
+    }
+
+    def full(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: dict(results))
+    monkeypatch.setattr(fileio, "atomic_write_text", full)
+    output = tmp_path / "results.json"
+    args = ("--harness", "zmaj_tiny", "--harness-include", TASKS, "--output", output)
+    result = run_program("evaluate.py", "--model", tiny[0], *args)
+    assert result.returncode == 2, result.stderr
+    assert json.loads(result.stdout)["results"] == results["results"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert errors == [
+        f"ERROR | --output: cannot write {output} (No space left on device); nothing was written"
+    ]
 
 
 def test_chat_with_a_model_without_a_template_is_refused_in_one_line(

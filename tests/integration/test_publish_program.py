@@ -166,6 +166,21 @@ def test_a_broken_folder_exits_2_before_any_request(
     assert hub.requests == []
 
 
+def test_a_shard_cut_short_exits_2_before_any_request(hub: FakeHub, tmp_path: Path) -> None:
+    """Every shard's header is read, not the first or a single file's only."""
+    model = finetune_fixtures.tiny_model(tmp_path / "model")
+    sharded = export_model(model, tmp_path / "sharded", license="mit", max_shard_bytes=20_000)
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    os.truncate(shards[-1], shards[-1].stat().st_size - 1)
+    code, _, err = run("publish.py", sharded, "--repo-id", "me/tiny")
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert f"{shards[-1]}: not a whole safetensors file" in errors[0]
+    assert hub.requests == []
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,9 +69,12 @@ def test_a_model_folder_written_while_another_write_is_killed_sweeps_its_staging
         [sys.executable, "-c", writer, str(out), moment], stdout=subprocess.PIPE, text=True, env=environment
     )
     assert process.stdout is not None
-    assert process.stdout.readline() == f"{moment}\n"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    try:
+        assert process.stdout.readline() == f"{moment}\n"
+    finally:  # killed however the line went, so that no writer sleeps on
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        process.stdout.close()
     (left,) = tmp_path.iterdir()
     assert left.name.startswith(".out.")
     assert (left / "model.safetensors").is_file()
@@ -78,6 +82,27 @@ def test_a_model_folder_written_while_another_write_is_killed_sweeps_its_staging
         (staging / "config.json").write_text("{}")
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
     assert [path.name for path in out.iterdir()] == ["config.json"]
+
+
+def test_a_sweep_leaves_a_folder_whose_writer_finished_as_the_sweep_opened_its_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer unlinks its lock file, still holding it, then closes it and renames the folder into place: a
+    sweep that opened the file just before the unlink takes a lock nobody holds any more, and must not take the
+    folder for a dead writer's (it checks the file it locked is still the folder's)."""
+    (tmp_path / ".out.finishing").mkdir()
+    (tmp_path / ".out.finishing" / fileio.WRITER_LOCK).touch()
+    opened = os.open
+
+    def then_finished(path: Path, flags: int, *args: Any, **kwargs: Any) -> int:
+        handle = opened(path, flags, *args, **kwargs)
+        if Path(path).name == fileio.WRITER_LOCK:
+            Path(path).unlink()  # the writer finishing, between the sweep's open and its lock
+        return handle
+
+    monkeypatch.setattr(os, "open", then_finished)
+    fileio.sweep(tmp_path, ".out.")
+    assert [path.name for path in tmp_path.iterdir()] == [".out.finishing"]
 
 
 def test_where_the_file_system_has_no_locks_a_folder_is_written_unmarked_and_no_sweep_removes_one(

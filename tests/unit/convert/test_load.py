@@ -299,6 +299,11 @@ def test_a_destination_holding_a_lora_runs_base_model_is_refused(
             with pytest.raises(ValueError, match=r"models/base, the base model of the LoRA run .*lora"):
                 check_destination(destination, source)
         check_destination(tmp_path / "exports", source)
+    # Named from inside the checkpoint ('.'), the run is still above it (its parents were taken as typed).
+    write_lora_record(run, str(tmp_path / "models" / "base"), LoraConfig(), "0" * 64)
+    monkeypatch.chdir(run / "checkpoints" / "step-0000001")
+    with pytest.raises(ValueError, match=r"models/base, the base model of the LoRA run"):
+        check_destination(tmp_path / "models" / "base", Path("."))
     write_lora_record(run, "pypi:smollm2-135m-instruct", LoraConfig(), "0" * 64)
     check_destination(tmp_path / "models", run)
 

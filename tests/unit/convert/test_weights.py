@@ -1,5 +1,6 @@
 """Locating the packaged weight files: the install hint, and the joined file's atomic cache."""
 
+import fcntl
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,6 +58,26 @@ def test_an_interrupted_join_leaves_nothing_behind(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ValueError, match="sha256"):
         weights.gemma3_270m_gguf()
     assert list((tmp_path / "weights").iterdir()) == []
+
+
+def test_a_join_marks_its_scratch_folder_while_it_writes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What makes a killed join's leftover sweepable: its folder holds the writer's lock file, locked."""
+    fake, seen = FakeChunks(), []
+    assemble = fake.assemble
+
+    def watched(output_path: Path, overwrite: bool = False) -> Path:
+        # Another process's view: the lock is taken.
+        with open(output_path.parent / fileio.WRITER_LOCK, "a+") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        seen.append(output_path)
+        return assemble(output_path, overwrite)
+
+    fake.assemble = watched  # type: ignore[method-assign]
+    use_fake(monkeypatch, tmp_path, fake)
+    weights.gemma3_270m_gguf()
+    assert len(seen) == 1
 
 
 def test_a_killed_join_is_removed_by_the_next(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

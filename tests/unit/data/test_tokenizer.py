@@ -1,4 +1,5 @@
 import errno
+import hashlib
 import json
 import os
 from collections import Counter
@@ -11,9 +12,11 @@ from hypothesis import strategies as st
 
 from tests.strategies import seeds
 from zmaj.data.config import DataConfig, FilesSource
+from zmaj.data.corpus import source_key
 from zmaj.data.tokenizer import (
     EOS,
     SPECIAL_TOKENS,
+    TOKENIZER_VERSION,
     USER,
     Tokenizer,
     _sample,
@@ -213,3 +216,8 @@ def test_without_a_sample_every_seed_shares_one_cached_tokenizer(jsonl_file: Pat
     assert tokenizer_path(config, tmp_path / "cache", seed=1) == tokenizer_path(config, tmp_path / "cache", 0)
     trained = load_or_train(config, tmp_path / "elsewhere", seed=1)
     assert trained.fingerprint() == first.fingerprint()
+    # Seed 0's entry as it was keyed before: the tokenizers cached then are found, not trained again.
+    source = source_key(config.source, "train", config.validation_fraction)
+    identity = [source, config.vocab_size, None, 0, TOKENIZER_VERSION, tokenizers.__version__]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
+    assert tokenizer_path(config, tmp_path, seed=7) == tmp_path / "tokenizers" / f"{key}.json"

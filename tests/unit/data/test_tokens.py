@@ -114,6 +114,24 @@ def test_a_full_cache_is_one_line_naming_it_and_a_corpus_error_stays_itself(
     assert _entries(tmp_path) == []
 
 
+def test_an_encoding_marks_its_staging_folder_while_it_writes(
+    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What makes a killed encoding's leftover sweepable: its folder holds the writer's lock file, locked."""
+    write, seen = tokens._write, []
+
+    def watched(tokenizer: Tokenizer, docs: Iterator[Document], directory: Path) -> dict[str, int | str]:
+        lock = directory.parent / fileio.WRITER_LOCK
+        with open(lock, "a+") as other, pytest.raises(BlockingIOError):  # another process's view: taken
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        seen.append(lock)
+        return write(tokenizer, docs, directory)
+
+    monkeypatch.setattr(tokens, "_write", watched)
+    tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+    assert len(seen) == 1
+
+
 def test_what_a_killed_encoding_left_is_removed_by_the_next_one(
     tokenizer: Tokenizer, source: FilesSource, tmp_path: Path
 ) -> None:
