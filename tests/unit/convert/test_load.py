@@ -139,7 +139,8 @@ def test_a_saved_model_folder_has_the_modes_a_plain_write_gives(
         assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path.name
 
 
-def test_a_pretraining_run_and_its_checkpoints_load(tokenizer: Tokenizer, tmp_path: Path) -> None:
+def pretraining_run(run: Path, tokenizer: Tokenizer) -> gpt.GPTConfig:
+    """A pre-training run folder of the tiny GPT, its spec and tokenizer but no checkpoint yet; its config."""
     config = CONFIGS["gpt"]
     assert isinstance(config, gpt.GPTConfig)
     spec = PretrainSpec(
@@ -148,10 +149,15 @@ def test_a_pretraining_run_and_its_checkpoints_load(tokenizer: Tokenizer, tmp_pa
         data={"vocab_size": VOCAB, "seq_len": 16},
         train=TrainConfig(steps=1, batch_size=1),
     )
-    run = tmp_path / "run"
     run.mkdir()
     (run / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     tokenizer.save(run / "tokenizer.json")
+    return config
+
+
+def test_a_pretraining_run_and_its_checkpoints_load(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = pretraining_run(run, tokenizer)
     first = gpt.init(config, 1)
     state = init_state(first)
     old = checkpoint.save(run, state, {})
@@ -191,19 +197,8 @@ def test_a_checkpoint_named_from_inside_its_run_loads(
 ) -> None:
     """``step-0000000`` from the run's ``checkpoints/``, or ``.`` from the checkpoint itself: the run is above it
     all the same (its parents were taken from the path as typed, so ``.`` described no model)."""
-    config = CONFIGS["gpt"]
-    assert isinstance(config, gpt.GPTConfig)
-    spec = PretrainSpec(
-        name="tiny",
-        model=config,
-        data={"vocab_size": VOCAB, "seq_len": 16},
-        train=TrainConfig(steps=1, batch_size=1),
-    )
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    tokenizer.save(run / "tokenizer.json")
-    params = gpt.init(config, 1)
+    params = gpt.init(pretraining_run(run, tokenizer), 1)
     saved = checkpoint.save(run, init_state(params), {})
     monkeypatch.chdir(saved.parent)
     assert_same_params(load_model(saved.name).params, params)
