@@ -214,3 +214,65 @@ def test_global_and_local_layers_rotate_with_their_own_bases(device: torch.devic
         gemma3.forward(params, batch, TINY),
         gemma3.forward(params, batch, TINY.model_copy(update=other_local_base)),
     )
+
+
+def naive_forward(params: TensorDict, tokens: torch.Tensor, config: gemma3.Gemma3Config) -> torch.Tensor:
+    """Gemma 3 written out from the paper's and the reference code's description, one sequence at a time, in
+    float32 and plain tensor operations: no zmaj building block, so that a part wired wrongly in the model (a
+    norm's weights swapped for another's, a residual taken from the wrong place) shows here, not only against
+    transformers. RoPE in the rotate-half form (Su et al., 2021; as Gemma's code and transformers write it)."""
+
+    def norm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # Gemma's RMSNorm: scale by (1 + w)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.norm_eps) * (1 + weight)
+
+    def rotate(x: torch.Tensor, base: float) -> torch.Tensor:  # x: [seq, heads, head_dim]
+        half = config.head_dim // 2
+        frequencies = base ** (-torch.arange(half, dtype=torch.float64) / half)
+        angles = torch.arange(x.shape[0], dtype=torch.float64)[:, None] * frequencies  # [seq, half]
+        cos, sin = angles.cos().float()[:, None], angles.sin().float()[:, None]
+        first, second = x[..., :half], x[..., half:]
+        return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+    seq, heads, kv_heads, hd = tokens.shape[0], config.n_heads, config.n_kv_heads, config.head_dim
+    x = params["embed", "weight"][tokens] * config.d_model**0.5
+    position = torch.arange(seq)
+    for layer, sliding in enumerate(config.is_sliding):
+        block = params["blocks"][layer]
+        h = norm(block["attn_norm", "weight"], x)
+        q = (h @ block["attn", "q", "weight"].T).view(seq, heads, hd)
+        k = (h @ block["attn", "k", "weight"].T).view(seq, kv_heads, hd)
+        v = (h @ block["attn", "v", "weight"].T).view(seq, kv_heads, hd)
+        base = config.local_rope_base if sliding else config.rope_base
+        q = rotate(norm(block["attn", "q_norm", "weight"], q), base)
+        k = rotate(norm(block["attn", "k_norm", "weight"], k), base)
+        visible = position[None, :] <= position[:, None]  # [query, key]
+        if sliding:
+            visible &= position[None, :] > position[:, None] - config.sliding_window
+        out = torch.empty(seq, heads, hd)
+        for head in range(heads):
+            group = head // (heads // kv_heads)
+            scores = (q[:, head] @ k[:, group].T) * config.query_pre_attn_scalar**-0.5
+            weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+            out[:, head] = weights @ v[:, group]
+        attended = out.reshape(seq, heads * hd) @ block["attn", "o", "weight"].T
+        x = x + norm(block["attn_post_norm", "weight"], attended)
+        m = norm(block["mlp_norm", "weight"], x)
+        gate = torch.nn.functional.gelu(m @ block["mlp", "gate", "weight"].T, approximate="tanh")
+        fed = (gate * (m @ block["mlp", "up", "weight"].T)) @ block["mlp", "down", "weight"].T
+        x = x + norm(block["mlp_post_norm", "weight"], fed)
+    unembedding = params["embed", "weight"] if config.tie_embeddings else params["unembed", "weight"]
+    logits = norm(params["final_norm", "weight"], x) @ unembedding.T
+    cap = config.final_logit_softcap
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+@pytest.mark.parametrize("config", [TINY, UNTIED], ids=["tied", "untied-softcapped"])
+def test_forward_is_the_naive_formula(config: gemma3.Gemma3Config) -> None:
+    """Every part moved off its identity (``perturbed``), over a sequence longer than the local window, so
+    that the local and global layers see different keys."""
+    params = perturbed(config, torch.device("cpu"), seed=3)
+    batch = random_batch(2, 12, torch.device("cpu"))
+    logits = gemma3.forward(params, batch, config.model_copy(update={"attention": "eager"}))
+    for row in range(2):
+        expected = naive_forward(params, batch.tokens[row], config)
+        torch.testing.assert_close(logits[row], expected, atol=1e-5, rtol=1e-5)
