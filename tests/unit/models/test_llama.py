@@ -4,6 +4,7 @@ tests/integration/test_llama_parity.py."""
 import pydantic
 import pytest
 import torch
+from tensordict import TensorDict
 
 from zmaj.models import llama
 from zmaj.models.common import Batch
@@ -134,3 +135,73 @@ def test_pure_ignores_the_dropout_seed_and_backends_agree(device: torch.device) 
 def test_llama2_7b_builds_on_the_meta_device() -> None:
     params = llama.init(llama.LlamaConfig(vocab_size=32000), seed=0, device="meta")
     assert sum(p.numel() for p in params.values(include_nested=True, leaves_only=True)) == 6_738_415_616
+
+
+def shaken(config: llama.LlamaConfig, seed: int = 0) -> TensorDict:
+    """Parameters with every norm and bias moved off its identity and larger weights, so that every part matters."""
+    params = llama.init(config.model_copy(update={"init_std": 0.2}), seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for key, tensor in params.items(include_nested=True, leaves_only=True):
+        if "norm" in ".".join(key) or key[-1] == "bias":
+            params.set(key, tensor + 0.2 * torch.randn(tensor.shape, generator=generator))
+    return params
+
+
+def naive_forward(params: TensorDict, tokens: torch.Tensor, config: llama.LlamaConfig) -> torch.Tensor:
+    """Llama written out in float32 and plain tensor operations, one sequence at a time, without zmaj's building
+    blocks: pre-norm blocks (RMSNorm, Zhang & Sennrich 2019), grouped-query attention with RoPE in the
+    rotate-half form, a SwiGLU MLP (Shazeer, 2020); Qwen 2's q/k/v biases and Qwen 3's per-head QK-norm when the
+    config has them. A part wired wrongly (a residual taken from the wrong place) shows here, not only against
+    transformers."""
+
+    def norm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.norm_eps) * weight
+
+    def project(part: TensorDict, x: torch.Tensor) -> torch.Tensor:
+        bias = part.get("bias", None)
+        return x @ part["weight"].T + (0 if bias is None else bias)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:  # x: [seq, heads, head_dim]
+        half = config.head_dim // 2
+        frequencies = config.rope_base ** (-torch.arange(half, dtype=torch.float64) / half)
+        angles = torch.arange(x.shape[0], dtype=torch.float64)[:, None] * frequencies
+        cos, sin = angles.cos().float()[:, None], angles.sin().float()[:, None]
+        first, second = x[..., :half], x[..., half:]
+        return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+    seq, heads, kv_heads, hd = tokens.shape[0], config.n_heads, config.n_kv_heads, config.head_dim
+    x = params["embed", "weight"][tokens]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    for layer in range(config.n_layers):
+        block = params["blocks"][layer]
+        h = norm(block["attn_norm", "weight"], x)
+        q = project(block["attn", "q"], h).view(seq, heads, hd)
+        k = project(block["attn", "k"], h).view(seq, kv_heads, hd)
+        v = project(block["attn", "v"], h).view(seq, kv_heads, hd)
+        if config.qk_norm:
+            q, k = norm(block["attn", "q_norm", "weight"], q), norm(block["attn", "k_norm", "weight"], k)
+        q, k = rotate(q), rotate(k)
+        out = torch.empty(seq, heads, hd)
+        for head in range(heads):
+            group = head // (heads // kv_heads)
+            scores = (q[:, head] @ k[:, group].T) / hd**0.5
+            out[:, head] = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1) @ v[:, group]
+        x = x + project(block["attn", "o"], out.reshape(seq, heads * hd))
+        m = norm(block["mlp_norm", "weight"], x)
+        gated = torch.nn.functional.silu(project(block["mlp", "gate"], m)) * project(block["mlp", "up"], m)
+        x = x + project(block["mlp", "down"], gated)
+    unembedding = params["embed", "weight"] if config.tie_embeddings else params["unembed", "weight"]
+    return norm(params["final_norm", "weight"], x) @ unembedding.T
+
+
+@pytest.mark.parametrize("config", [TINY, QWEN2ISH, QWEN3ISH], ids=["llama", "qwen2", "qwen3"])
+def test_forward_is_the_naive_formula(config: llama.LlamaConfig) -> None:
+    """Every norm and bias off its identity (``shaken``); the full forward, whose cached twin ``test_cache``
+    compares with it, so that a mistake both share shows here."""
+    params = shaken(config, seed=3)
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    logits = llama.forward(params, Batch(tokens=tokens), config.model_copy(update={"attention": "eager"}))
+    for row in range(2):
+        torch.testing.assert_close(
+            logits[row], naive_forward(params, tokens[row], config), atol=1e-5, rtol=1e-5
+        )
