@@ -171,9 +171,6 @@ class Parallel:
     def check_on_rank_0(self, check: Callable[[], None]) -> None:
         """``check()`` on rank 0 alone, for what only rank 0 will touch (the run folder); when it fails, the
         others raise too, with rank 0's message."""
-        if not self.distributed:
-            check()
-            return
         self._on_rank_0(check)
 
     def _on_rank_0(self, make: Callable[[], T]) -> tuple[T] | tuple[()]:
