@@ -53,6 +53,19 @@ def run_program(program: str, *args: object, stdin: str = "") -> Result:
     return Result(int(code or 0), out.getvalue(), err.getvalue())
 
 
+def ctrl_c(*args: object, **kwargs: object) -> None:
+    """Stands in for any function a test has the user interrupt (Ctrl-C) inside."""
+    raise KeyboardInterrupt
+
+
+def interrupted(program: str, *args: object) -> Result:
+    """``program`` run where a Ctrl-C will come; one that escapes fails the test (rather than stop pytest)."""
+    try:
+        return run_program(program, *args)
+    except KeyboardInterrupt:
+        pytest.fail(f"the Ctrl-C escaped {program}")
+
+
 def busy_volume(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``folder``, made with an earlier model's ``config.json``, as a mount point: renaming it away fails with
     EBUSY (what a program replacing a destination folder meets there); other renames work."""

@@ -26,6 +26,7 @@ from loguru import logger
 from safetensors.torch import load_file
 
 from tests.integration import finetune_fixtures
+from tests.integration.programs import ctrl_c
 from zmaj import fileio
 from zmaj.convert.load import load_model, save_zmaj
 from zmaj.data import chat_template
@@ -237,9 +238,6 @@ def test_a_full_fine_tune_where_a_lora_run_died_before_its_first_checkpoint_load
     run_dir = tmp_path / "run"
     spec: list[str | Path] = [SPECS / "sft-tiny.yaml", "--set", f"model={model}", "--set", "eval=null"]
     spec += ["--run-dir", run_dir]
-
-    def ctrl_c(*args: object, **kwargs: object) -> None:
-        raise KeyboardInterrupt
 
     monkeypatch.setattr(loop, "train", ctrl_c)  # the first checkpoint is written in the loop
     code, _, err = run("sft.py", *spec, "--set", "lora={rank: 2}")

@@ -693,13 +693,11 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_in_one_line(
     folder = save_zmaj(model, tmp_path / "model")
     result = run(program, "--model", folder, *args)
     assert result.returncode == 2, result.stderr
-    assert (
-        result.stderr.strip()
-        .splitlines()[-1]
-        .endswith(
-            f"{folder}: the tokenizer has {zmaj_tokenizer.vocab_size} tokens but the embedding only {rows} rows, so "
-            f"ids from {rows} on index nothing (a tokenizer trained or extended without resizing the embeddings?)"
-        )
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("ERROR | ")
+    assert line.endswith(
+        f"{folder}: the tokenizer has {zmaj_tokenizer.vocab_size} tokens but the embedding only {rows} rows, so "
+        f"ids from {rows} on index nothing (a tokenizer trained or extended without resizing the embeddings?)"
     )
 
 

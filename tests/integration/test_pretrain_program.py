@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.integration.programs import run_program
+from tests.integration.programs import ctrl_c, interrupted, run_program
 from tests.unit.train.test_loop import HOLD_LOCK
 from zmaj.data import dataset
 from zmaj.data.corpus import in_validation
@@ -416,17 +416,8 @@ def test_ctrl_c_while_the_data_is_prepared_is_one_line_and_status_130(
 ) -> None:
     """Outside the training steps the loop does not take a Ctrl-C as a stop: it ended in a traceback from inside
     the tokenizer's training; now one line, a shell's status for SIGINT, and no cache or run folder written."""
-
-    def interrupted(*args: object, **kwargs: object) -> Tokenizer:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Tokenizer, "train", interrupted)
-    try:
-        done = run_program(
-            "pretrain.py", spec, "--run-dir", tmp_path / "run", "--cache-dir", tmp_path / "cache"
-        )
-    except KeyboardInterrupt:
-        pytest.fail("the Ctrl-C escaped the program")
+    monkeypatch.setattr(Tokenizer, "train", ctrl_c)
+    done = interrupted("pretrain.py", spec, "--run-dir", tmp_path / "run", "--cache-dir", tmp_path / "cache")
     assert done.returncode == 130
     lines = [line for line in done.stderr.splitlines() if "|" in line and not line.startswith("INFO")]
     assert lines == [

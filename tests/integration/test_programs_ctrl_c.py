@@ -8,21 +8,9 @@ import pytest
 
 import zmaj.convert.load
 from tests.integration import finetune_fixtures
-from tests.integration.programs import ROOT, Result, run_program
+from tests.integration.programs import ROOT, ctrl_c, interrupted, run_program
 
 PROGRAMS = sorted(path.name for path in (ROOT / "programs").glob("*.py"))
-
-
-def ctrl_c(*args: object, **kwargs: object) -> None:
-    raise KeyboardInterrupt
-
-
-def interrupted(program: str, *args: object) -> Result:
-    """``program`` run where a Ctrl-C will come; one that escapes fails the test (rather than stop pytest)."""
-    try:
-        return run_program(program, *args)
-    except KeyboardInterrupt:
-        pytest.fail(f"the Ctrl-C escaped {program}")
 
 
 def said(stderr: str) -> list[str]:

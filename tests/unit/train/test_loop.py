@@ -1151,8 +1151,10 @@ def test_a_new_run_folder_whose_files_cannot_be_written_is_one_line_and_unlocked
     monkeypatch.setattr(fileio, "atomic_write_text", full)
     with pytest.raises(
         runs.UserError, match=f"cannot write in the run folder {tmp_path}: No space left on device"
-    ):
+    ) as failed:
         open_run(tmp_path)
     monkeypatch.setattr(fileio, "atomic_write_text", real)
+    # The error (and its traceback's frames) kept alive: a lock file left open there would still hold the lock.
     with open_run(tmp_path):
         pass
+    del failed
