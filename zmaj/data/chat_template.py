@@ -117,7 +117,8 @@ def _render(
             strftime_now=_strftime_now if today is None else _strftime_on(today),
             **{name: token for name, token in tokens.items() if token is not None},
         )
-    except (jinja2.TemplateError, TypeError) as error:  # TypeError: the template's own bug, say "a" + 1
+    # The template's own bugs, which its code raises as Python would: "a" + 1, 1 / 0.
+    except (jinja2.TemplateError, TypeError, ArithmeticError, ValueError, LookupError) as error:
         raise ValueError(f"chat template: {error}") from error
     finally:
         _marks.reset(marking)

@@ -359,12 +359,14 @@ def test_a_generation_config_without_eos_loads_as_in_transformers(
         ("{{ raise_exception('System role not supported') }}", "System role not supported"),
         ("{% for message in messages %}", "Unexpected end of template"),
         ("{{ messages[0]['content'] + 1 }}", "str"),
+        ("{{ 1 / (messages | length - 1) }}", "division by zero"),
     ],
 )
 def test_a_template_that_fails_is_a_value_error_where_transformers_fails_too(
     model_tokenizer: ModelTokenizer, template: str, message: str
 ) -> None:
-    """A template's refusal, a syntax error and a template's own bug (a TypeError) are each one line."""
+    """A template's refusal, a syntax error and a template's own bugs (a TypeError, a ZeroDivisionError) are each
+    one line."""
     ours = ModelTokenizer(model_tokenizer.tokenizer, chat_template=template)
     messages = [{"role": "system", "content": "hi"}]
     with pytest.raises(Exception, match=message):
