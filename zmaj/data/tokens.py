@@ -29,7 +29,7 @@ from zmaj.data.corpus import Document, Split, documents, source_key
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.fileio import cache_writes, fsync, sweep, writing
 from zmaj.progress import progress
-from zmaj.text import read_json
+from zmaj.text import NotJSONError, read_json
 
 TOKENS_VERSION = 1
 """Bumped whenever the on-disk layout or what is written per document changes."""
@@ -83,12 +83,19 @@ class TokenFile:
     @classmethod
     def open(cls, directory: str | Path) -> "TokenFile":
         """Memory-map a token file written by ``tokenize_split``: nothing is read until it is indexed. A file
-        whose sizes disagree with its ``meta.json`` (damaged on disk) is a ValueError naming the folder."""
+        whose ``meta.json`` is damaged or whose sizes disagree with it is a ValueError naming the folder."""
         directory = Path(directory)
-        meta = read_json(directory / "meta.json")
+        damaged = f"damaged token cache {directory}: delete the folder to encode the split again"
+        try:
+            meta = read_json(directory / "meta.json")
+        except NotJSONError as error:
+            raise ValueError(f"{damaged} ({str(error).removeprefix(f'{directory}{os.sep}')})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{damaged} (meta.json holds no JSON object)")
+        if missing := [key for key in _META_KEYS if key not in meta]:
+            raise ValueError(f"{damaged} (meta.json lacks {', '.join(missing)})")
         dtype = np.dtype(meta["dtype"])
         n_tokens = meta["n_tokens"]
-        damaged = f"damaged token cache {directory}: delete the folder to encode the split again"
         if (directory / "tokens.bin").stat().st_size != n_tokens * dtype.itemsize:
             raise ValueError(f"{damaged} (tokens.bin does not hold the {n_tokens} tokens meta.json records)")
         try:
@@ -108,6 +115,10 @@ class TokenFile:
         return cls(
             tokens, offsets, meta["vocab_size"], meta["eos_id"], meta["pad_id"], meta.get("fingerprint")
         )
+
+
+_META_KEYS = ("dtype", "n_tokens", "vocab_size", "eos_id", "pad_id")
+"""What ``meta.json`` must hold for :meth:`TokenFile.open` (``split`` and ``fingerprint`` are optional)."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype[np.unsignedinteger]:

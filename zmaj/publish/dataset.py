@@ -81,10 +81,10 @@ def token_dataset(directories: list[Path]) -> Splits:
     for directory in directories:
         if not (directory / "meta.json").is_file():
             raise FileNotFoundError(f"{directory} is not a token file (no meta.json)")
+        tokens = TokenFile.open(directory)  # first: it checks that meta.json is an object
         split = read_json(directory / "meta.json").get("split", "train")
         if split in splits:
             raise ValueError(f"{directory}: a second token file for split {split!r}")
-        tokens = TokenFile.open(directory)
         if tokens.n_documents == 0:
             raise ValueError(f"{directory} holds no documents: the {split} split would be empty")
         rows = [np.asarray(tokens.document(i), dtype=np.int64).tolist() for i in range(tokens.n_documents)]

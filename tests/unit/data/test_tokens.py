@@ -191,6 +191,9 @@ def test_open_reads_what_was_written(tokenizer: Tokenizer, source: FilesSource, 
         ),  # mmap said only "length is greater"
         ("offsets.npy", lambda b: b"", "offsets.npy: "),  # numpy's EOFError, a traceback
         ("offsets.npy", lambda b: b[:-8], "offsets.npy: "),
+        ("meta.json", lambda b: b"[]", "meta.json holds no JSON object"),  # a TypeError
+        ("meta.json", lambda b: b.replace(b'"n_tokens"', b'"n"'), "meta.json lacks n_tokens"),  # a KeyError
+        ("meta.json", lambda b: b[:-2], "(meta.json:"),  # said without what to do
     ],
 )
 def test_a_damaged_cache_is_named_with_what_to_do(

@@ -42,6 +42,15 @@ def test_an_empty_split_is_refused_naming_it(tmp_path: Path) -> None:
             task_dataset("arithmetic", {"digits": 1}, n_train, n_test)
 
 
+def test_a_meta_json_that_is_no_object_is_refused_naming_the_folder(tmp_path: Path) -> None:
+    """The split is read from ``meta.json`` after the token file is opened, which checks it (it was an
+    AttributeError from ``.get`` on a list)."""
+    train = token_file(tmp_path / "train", "train", [[5, 1]])
+    (train / "meta.json").write_text("[]")
+    with pytest.raises(ValueError, match=f"^damaged token cache {train}: .*meta.json holds no JSON object"):
+        token_dataset([train])
+
+
 def test_the_cards_snippet_loads_the_repository_when_known(tmp_path: Path) -> None:
     data = token_dataset([token_file(tmp_path / "train", "train", [[5, 1]])])
     card = dataset_card(data, name="tok", license="mit", description="tokens", repo_id="me/tok")
