@@ -1,4 +1,4 @@
-"""Every command README.md shows is run, so README cannot drift from the programs again.
+"""Every command and Python block README.md shows is run, so README cannot drift from the programs again.
 
 The commands are parsed from README's fenced shell blocks (``uv run ...`` and ``torchrun ...`` lines), never
 copied here. Each runs as README gives it, with only the size flags of :data:`SIZES` appended (fewer steps,
@@ -27,9 +27,11 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
 
 from tests.integration.programs import Result, run_program
@@ -382,6 +384,31 @@ def test_commands_are_read_from_shell_blocks() -> None:
     ]
     with pytest.raises(ValueError, match="`pip install uv`, neither"):
         readme_commands("```sh\npip install uv\n```\n")
+
+
+def test_readme_python_blocks_run_and_say_true_things() -> None:
+    """README's Python is copied into notebooks as it stands: each block runs alone, and the functional core's
+    shapes and claims hold (the gradients a TensorDict shaped like the parameters, the shell's parameters the
+    same memory as ``params``, computing the same logits)."""
+    blocks = re.findall(
+        r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), re.MULTILINE | re.DOTALL
+    )
+    assert blocks, "README shows no Python"
+    spaces = []
+    for block in blocks:
+        space: dict[str, Any] = {}
+        exec(compile(block, str(README), "exec"), space)
+        spaces.append(space)
+    core = next(space for space in spaces if "grads" in space)
+    params, grads, model = core["params"], core["grads"], core["model"]
+    assert core["logits"].shape == (2, 256, 8192)
+    assert grads.batch_size == params.batch_size
+    assert set(grads.keys(True, True)) == set(params.keys(True, True))
+    assert all(grad.shape == params.get(key).shape for key, grad in grads.items(True, True))
+    shell = {name: p.data_ptr() for name, p in model.named_parameters()}
+    assert shell == {".".join(key): p.data_ptr() for key, p in params.items(True, True)}
+    with torch.no_grad():
+        assert torch.equal(model(core["batch"]), core["logits"])
 
 
 @pytest.mark.parametrize(
