@@ -66,7 +66,7 @@ from zmaj import checkpoint
 from zmaj.convert import weights
 from zmaj.convert.load import Pretrained, load_model
 from zmaj.infer.cache import init_cache
-from zmaj.infer.generate import Step, compile_step, left_padded
+from zmaj.infer.generate import CachedForward, compile_step, left_padded
 from zmaj.models.common import Batch
 from zmaj.nn.layers import matvec
 
@@ -137,7 +137,7 @@ Timing = tuple[float, float, list[list[int]]]
 """Prefill seconds, decode seconds and the generated tokens of one run."""
 
 
-def zmaj_decode(model: Pretrained, step: Step, prompts: list[list[int]], new: int) -> Timing:
+def zmaj_decode(model: Pretrained, step: CachedForward, prompts: list[list[int]], new: int) -> Timing:
     """(prefill seconds, decode seconds for new - 1 steps, tokens) of a greedy generation."""
     config = model.config
     dtype = model.params["embed", "weight"].dtype

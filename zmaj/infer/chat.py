@@ -19,7 +19,7 @@ from tensordict import TensorDictBase
 
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.cache import CacheShape, init_cache, prefix
-from zmaj.infer.generate import Emitted, Sampling, Step, stream
+from zmaj.infer.generate import CachedForward, Emitted, Sampling, stream
 from zmaj.infer.text import byte_tokens, detokenize
 
 
@@ -54,7 +54,7 @@ def resume(context: Context, prompt: Sequence[int], max_len: int) -> tuple[Tenso
 
 
 def reply(
-    step: Step,
+    step: CachedForward,
     params: TensorDictBase,
     context: Context,
     prompt: Sequence[int],

@@ -12,7 +12,7 @@ A row stops at one of ``stop_tokens`` or once its text contains one of ``stop_st
 part of the output, as in ``transformers``); generation ends when every row has stopped.
 
 The loop knows nothing of the architecture: it takes ``step(params, batch, cache, donate=False,
-last_only=False) -> (logits, cache)`` (``zmaj.models.common.Step``), e.g. ``llama.cached(config)``, and a
+last_only=False) -> (logits, cache)`` (``zmaj.models.common.CachedForward``), e.g. ``llama.cached(config)``, and a
 cache from ``zmaj.infer.cache.init_cache``. ``stream`` yields each step's tokens as they come; ``generate``
 collects them.
 """
@@ -28,7 +28,9 @@ from torch import Tensor
 
 from zmaj.infer.cache import capacity, repeat_rows
 from zmaj.models.common import Batch
-from zmaj.models.common import Step as Step  # re-exported: generation's contract with a model
+from zmaj.models.common import (
+    CachedForward as CachedForward,
+)  # re-exported: generation's contract with a model
 
 
 class Sampling(BaseModel):
@@ -120,7 +122,8 @@ def sample_categorical(
     # Checked before the GPU's step, which reads a NaN probability as zero: a row of NaN became token 0.
     if not bool(torch.isfinite(cdf[:, -1]).all()):  # searchsorted would return the vocabulary size, no token
         raise ValueError("the model's logits are not finite: there is no distribution to sample from")
-    if cdf.device.type != "cpu" if monotone is None else monotone:
+    monotone = cdf.device.type != "cpu" if monotone is None else monotone
+    if monotone:
         cdf = torch.where(probs > 0, cdf, 0.0).cummax(-1).values
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
     # 1 - u lies in (0, 1]: the target is above zero, so a leading zero-probability token is never picked, and at
@@ -139,7 +142,7 @@ def left_padded(prompts: Sequence[Sequence[int]], device: torch.device | str = "
     return Batch(tokens=tokens, is_token=is_token).to(device)
 
 
-def compile_step(step: Step) -> Step:
+def compile_step(step: CachedForward) -> CachedForward:
     """``step`` through ``torch.compile(fullgraph=True, dynamic=False)``, its graphs traced with
     ``capture_scalar_outputs`` on, so that a CPU decode step attends over the slots written so far, not the
     whole cache (``zmaj.nn.attention.cached_attention``).
@@ -169,7 +172,7 @@ def compile_step(step: Step) -> Step:
 
 @torch.no_grad()
 def stream(
-    step: Step,
+    step: CachedForward,
     params: TensorDictBase,
     cache: TensorDictBase,
     prompts: Sequence[Sequence[int]],
@@ -234,7 +237,7 @@ def stream(
 
 
 def generate(
-    step: Step,
+    step: CachedForward,
     params: TensorDictBase,
     cache: TensorDictBase,
     prompts: Sequence[Sequence[int]],

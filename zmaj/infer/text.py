@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from tensordict import TensorDictBase
 
 from zmaj.data.model_tokenizer import ModelTokenizer
-from zmaj.infer.generate import GREEDY, Sampling, Step, stream
+from zmaj.infer.generate import GREEDY, CachedForward, Sampling, stream
 
 REPLACEMENT = "\ufffd"
 
@@ -52,7 +52,7 @@ def byte_tokens(tokenizer: ModelTokenizer) -> frozenset[int]:
 
 
 def complete(
-    step: Step,
+    step: CachedForward,
     params: TensorDictBase,
     cache: TensorDictBase,
     prompt: Sequence[int],

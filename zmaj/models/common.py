@@ -1,7 +1,7 @@
 """What every architecture shares: the batch it reads and the attention mask that batch implies; for
 generation with a key/value cache, where a batch of new tokens sits in the cache and what each may attend to;
 and what a forward function is, with its config bound (:class:`Forward`, :class:`LazyForward`), as training
-and LoRA take one."""
+and LoRA take one, and its cached form (:class:`CachedForward`), as generation takes one."""
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,8 +26,9 @@ class Batch:
     """Token rows plus what a packed or padded row needs to be read correctly.
 
     ``positions`` restart at 0 in each packed document (default: 0..seq-1), ``document_ids`` keep packed
-    documents from attending to each other, ``is_token`` marks real tokens in padded rows. ``targets`` and
-    ``loss_mask`` are only read by losses.
+    documents from attending to each other, ``is_token`` marks real tokens in padded rows. ``targets`` (the
+    token after each position: ``targets[b, i]`` is the one ``tokens[b, i]`` predicts) and ``loss_mask`` (which
+    positions the loss counts) are only read by losses.
     """
 
     tokens: Int[Tensor, "batch seq"]
@@ -162,7 +163,7 @@ class CacheStep:
 
 # runtime_checkable: beartype checks parameters annotated with a protocol by isinstance.
 @runtime_checkable
-class Step(Protocol):
+class CachedForward(Protocol):
     """``step(params, batch, cache, donate=False, last_only=False) -> (logits [batch, seq, vocab], new_cache)``:
     a model's ``forward_cached``. ``donate=True`` lets it write into ``cache``'s buffers (``jax.jit``'s
     ``donate_argnums`` in spirit): the caller promises never to read that cache again (``CacheStep.write``).

@@ -15,7 +15,9 @@ and changes five things:
 - **Pre- and post-norms** around both sub-blocks (as in Gemma 2): the residual adds ``norm(f(norm(x)))``.
 - **RMSNorm scales by ``(1 + w)``**, with ``w`` stored as a deviation from one (so zero-initialised), and the
   product is taken in float32 *before* casting back, unlike Llama's (see :func:`rms_norm`).
-- **Embeddings scaled by ``sqrt(d_model)``** and tied to the unembedding; a GeGLU MLP (GELU, tanh approximation).
+- **Embeddings scaled by ``sqrt(d_model)``** (as in Vaswani et al., 2017, section 3.4) and tied to the
+  unembedding: the shared table's entries are small, as suits an output projection, and the scale brings each
+  row up to the size of the residual stream it starts; a GeGLU MLP (GELU, tanh approximation).
 
 The output logits may still be soft-capped (``final_logit_softcap``, Gemma 2's ``cap * tanh(logits / cap)``);
 the released Gemma 3 checkpoints leave it off. As in ``zmaj.models.llama``, the parameters are one TensorDict
@@ -38,6 +40,7 @@ from zmaj.models import common
 from zmaj.models.common import Batch, LazyLogits, batch_mask, cache_mask, cache_step
 from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention, project_heads
 from zmaj.nn.layers import Activation, at_least_float32, embedding, glu_mlp, linear
+from zmaj.nn.loss import softcap
 from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
 from zmaj.nn.shell import Shell
 
@@ -288,11 +291,7 @@ def unembed(
     params: TensorDictBase, hidden: Float[Tensor, "batch seq d_model"], config: Gemma3Config
 ) -> Float[Tensor, "batch seq vocab"]:
     """Logits from hidden states (through the embedding matrix when tied), soft-capped if the config says so."""
-    logits = common.unembed(params, hidden, config.tie_embeddings)
-    if config.final_logit_softcap is None:
-        return logits
-    cap = config.final_logit_softcap
-    return torch.tanh(logits / cap) * cap
+    return softcap(common.unembed(params, hidden, config.tie_embeddings), config.final_logit_softcap)
 
 
 def rms_norm(
@@ -346,5 +345,5 @@ def pure(config: Gemma3Config) -> partial[Tensor]:
 
 def cached(config: Gemma3Config) -> partial[tuple[Tensor, TensorDict]]:
     """``forward_cached`` with its config bound: the ``step(params, batch, cache, donate=False,
-    last_only=False)`` that generation takes (``zmaj.models.common.Step``)."""
+    last_only=False)`` that generation takes (``zmaj.models.common.CachedForward``)."""
     return partial(forward_cached, config=config)

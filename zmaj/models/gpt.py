@@ -1,7 +1,10 @@
 """GPT: a decoder-only transformer in the style of GPT-2 (Radford et al., 2019) and nanoGPT.
 
 Token embeddings plus learned or sinusoidal positions, ``n_layers`` pre-norm blocks (attention, then MLP, each
-added to the residual stream), a final norm and an unembedding that may share the embedding matrix.
+added to the residual stream), a final norm and an unembedding that may share the embedding matrix. Pre-norm
+(GPT-2's change to the original transformer, Radford et al. section 2.3; Xiong et al., 2020) normalises each
+block's input but never the residual stream itself, so an un-normalised identity path runs from the embeddings
+to the final norm, and deep stacks train without the warmup-sensitive instability of post-norm.
 
 The parameters are one TensorDict; the blocks are stacked along a leading ``[n_layers]`` axis, so initialising,
 converting or inspecting all layers is one tensor operation. ``forward`` unbinds them once per call: autograd then
@@ -88,7 +91,13 @@ class GPTConfig(BaseModel):
     unet_skips: bool = Field(
         False, description="layer i's output is added, times a learned weight, to layer n_layers-1-i's input"
     )
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="on the embeddings and each residual branch; unlike GPT-2 and nanoGPT, not on the "
+        "attention weights",
+    )
     init_std: float = Field(0.02, gt=0)
     attention: Backend = "auto"
 
@@ -449,5 +458,5 @@ def pure(config: GPTConfig) -> partial[Tensor]:
 
 def cached(config: GPTConfig) -> partial[tuple[Tensor, TensorDict]]:
     """``forward_cached`` with its config bound: the ``step(params, batch, cache, donate=False,
-    last_only=False)`` that generation takes (``zmaj.models.common.Step``)."""
+    last_only=False)`` that generation takes (``zmaj.models.common.CachedForward``)."""
     return partial(forward_cached, config=config)

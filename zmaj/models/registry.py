@@ -15,7 +15,7 @@ from torch import Tensor
 
 from zmaj import specfile
 from zmaj.models import gemma3, gpt, llama
-from zmaj.models.common import Batch, LazyLogits, Step
+from zmaj.models.common import Batch, CachedForward, LazyLogits
 from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.gpt import GPTConfig
 from zmaj.models.llama import LlamaConfig
@@ -40,7 +40,7 @@ class Architecture:
         """Next-token logits at every position."""
         return self.forward(params, batch, config=config)
 
-    def cached(self, config: ModelConfig) -> Step:
+    def cached(self, config: ModelConfig) -> CachedForward:
         """The ``step(params, batch, cache, donate=False, last_only=False)`` of ``zmaj.infer.generate``."""
 
         def step(

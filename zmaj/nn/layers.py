@@ -1,7 +1,8 @@
 """The small pure layers every architecture shares: embeddings, linear maps, norms, MLPs, positions, dropout.
 
 Each takes its parameters (a TensorDict) first. Weights keep the ``nn.Linear`` layout ``[out, in]``, so
-``F.linear`` uses them as stored and Hugging Face checkpoints convert without transposes.
+``F.linear`` uses them as stored and ``nn.Linear`` checkpoints (Llama, Qwen, Gemma) convert without transposes;
+GPT-2's ``Conv1D`` stores ``[in, out]``, transposed on conversion (``zmaj.convert.gpt2``).
 """
 
 import math
@@ -22,7 +23,8 @@ _join: ContextVar[bool] = ContextVar("join", default=True)
 
 def at_least_float32(x: Tensor) -> Tensor:
     """``x`` in float32 where it is narrower (bf16, fp16), else as it is: what the norms, softmaxes and losses
-    accumulate in. ``x.float()`` would also narrow float64, and a float64 gradient check of the readable paths
+    accumulate in, since bf16 keeps 8 significant bits and a sum of thousands of squares or exponentials in it
+    loses its small terms. ``x.float()`` would also narrow float64, and a float64 gradient check of the readable paths
     would then fail by float32's rounding."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 

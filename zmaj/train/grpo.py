@@ -37,7 +37,7 @@ from torch import Tensor
 from zmaj import tasks
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.cache import CacheShape, init_cache
-from zmaj.infer.generate import Sampling, Step, generate
+from zmaj.infer.generate import CachedForward, Sampling, generate
 from zmaj.models.common import Batch, Forward
 from zmaj.train.logprobs import completion_batch, masked_token_logprobs
 from zmaj.train.muon import OptimizerConfig
@@ -194,7 +194,7 @@ def sample_rollout(
     reward: Reward,
     *,
     forward: Forward,
-    step: Step,
+    step: CachedForward,
     cache_shape: CacheShape,
     config: GRPOConfig,
     seed: int,

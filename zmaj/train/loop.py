@@ -191,7 +191,9 @@ def describe_step(
     peak_gflops: float | None,
 ) -> dict[str, float | int]:
     """A step's metrics line: its metrics, the learning rate and wall time, and with a ``tokens`` count, the
-    throughput (and model FLOP utilisation, given the FLOPs per token and the peak)."""
+    throughput (and model FLOP utilisation, given the FLOPs per token and the peak). ``tokens`` counts the
+    targets the loss counted (``loss_mask``), so both leave out masked positions: one per document boundary in
+    packed pre-training, all but the answers in SFT."""
     record: dict[str, float | int] = {"step": done, **values, "lr": lr, "seconds": seconds}
     if "tokens" in values:
         record["tokens_per_s"] = values["tokens"] / seconds

@@ -45,7 +45,10 @@ class AdamWConfig(AdamWGroup):
 class ScheduleConfig(BaseModel):
     """Linear warmup, then cosine decay or warmup-stable-decay (WSD, Hägele et al., 2024) toward
     ``final_lr_fraction`` of the peak, which the step after the last would take (nanoGPT's and modded-nanogpt's
-    convention): the last step runs a decay step above it, ``peak / 70`` for the default's WSD to 0."""
+    convention): the last step runs a decay step above it, ``peak / 70`` for the default's WSD to 0.
+
+    Why warm up: in the first steps AdamW's second-moment estimate rests on a few gradients, so full-rate updates
+    would be large and noisy, while the weights are furthest from anything good."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -109,7 +112,9 @@ def writable(tree: TensorDictBase, donate: bool) -> TensorDictBase:
 
 
 def decay_mask(params: TensorDictBase, norms_and_biases: bool = False) -> TensorDict:
-    """1.0 for matrices (embeddings, projections), 0.0 for vectors (norm scales, biases).
+    """1.0 for matrices (embeddings, projections), 0.0 for vectors (norm scales, biases): decay would pull a norm's
+    scale toward 0 rather than its neutral 1, and these few vector parameters are not what overfits (nanoGPT's
+    convention).
 
     A parameter's rank is counted without the stacked-layer axis, so a ``[n_layers, d]`` bias stays a vector.
     """

@@ -13,7 +13,7 @@ from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer.cache import CacheShape, init_cache, prefix
 from zmaj.infer.chat import Context, empty_context, reply, resume
-from zmaj.infer.generate import GREEDY, Step
+from zmaj.infer.generate import GREEDY, CachedForward
 from zmaj.models import llama
 from zmaj.models.common import Batch
 
@@ -36,14 +36,14 @@ def model(tokenizer: ModelTokenizer) -> tuple[llama.LlamaConfig, TensorDictBase]
 
 
 def last_logits(
-    step: Step, params: TensorDictBase, cache: TensorDictBase, tokens: Sequence[int]
+    step: CachedForward, params: TensorDictBase, cache: TensorDictBase, tokens: Sequence[int]
 ) -> torch.Tensor:
     logits, _ = step(params, Batch(tokens=torch.tensor([list(tokens)], device=cache["k"].device)), cache)
     return logits[0, -1]
 
 
 def check_turns(
-    step: Step,
+    step: CachedForward,
     params: TensorDictBase,
     config: CacheShape,
     tokenizer: ModelTokenizer,
