@@ -1,4 +1,4 @@
-"""Scaled dot-product attention with grouped-query heads, and the self-attention layer built on it.
+"""Scaled dot-product attention with grouped-query heads, and the plainest self-attention layer built on it.
 
 Three interchangeable backends compute the same function, and ``auto`` (the models' default) picks one:
 
@@ -247,7 +247,9 @@ def self_attention(
     n_kv_heads: int,
     backend: Backend,
 ) -> Float[Tensor, "batch seq d_model"]:
-    """Multi-head self-attention: project to q/k/v heads, attend, merge heads, project back."""
+    """Multi-head self-attention: project to q/k/v heads, attend, merge heads, project back. The layer at its
+    plainest, to read; each model spells it out itself (``project_heads``, then ``attention``), because each
+    adds its own steps between the projection and the attention (RoPE, QK-norm, value embeddings)."""
     q, k, v = project_heads(params, x, n_heads, n_kv_heads)
     out = attention(q, k, v, mask, backend)
     return linear(params["o"], rearrange(out, "b h s d -> b s (h d)"))

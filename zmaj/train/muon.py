@@ -286,7 +286,9 @@ def muon_update(
         update = (g.lerp(b, mu) if config.nesterov else b).to(ns_dtype)
         ns = partial(orthogonalize, steps=config.ns_steps, dtype=ns_dtype)
         direction = parallel.each_matrix(muon_params, key, update, ns)
-        change = lr * lr_scale(parallel.whole_shape(muon_params, key), config.adjust_lr) * direction.to(p.dtype)
+        change = (
+            lr * lr_scale(parallel.whole_shape(muon_params, key), config.adjust_lr) * direction.to(p.dtype)
+        )
         p.mul_(1 - lr * config.weight_decay).sub_(change)
     new_params = params.copy().update(adamw_params).update(muon_params)  # in params' key order
     opt = {"m": adamw_state["m"], "v": adamw_state["v"], "momentum": momentum, "step": adamw_state["step"]}
