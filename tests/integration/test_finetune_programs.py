@@ -190,6 +190,22 @@ def test_a_lora_run_refuses_a_base_that_changed_and_merges_a_bfloat16_base_in_fl
     )
     assert code == 0, err
     trained = load_model(tmp_path / "run")
+    # Runs from before attention's default became auto recorded sdpa, which is how the model is computed, not
+    # another model: they load (they were refused). A field that makes another model is named.
+    model_json = tmp_path / "run" / "model.json"
+    recorded = json.loads(model_json.read_text())
+    for attention in ("sdpa", "eager"):
+        model_json.write_text(
+            json.dumps(recorded | {"config": recorded["config"] | {"attention": attention}})
+        )
+        loaded = load_model(tmp_path / "run")
+        assert all(
+            torch.equal(loaded.params.get(k), trained.params.get(k)) for k in trained.params.keys(True, True)
+        )
+    model_json.write_text(json.dumps(recorded | {"config": recorded["config"] | {"norm_eps": 0.5}}))
+    with pytest.raises(ValueError, match=r"is not the model model\.json describes \(norm_eps differ\)$"):
+        load_model(tmp_path / "run")
+    model_json.write_text(json.dumps(recorded))
     shutil.rmtree(base)
     with pytest.raises(
         FileNotFoundError, match=r"lora\.json names the base model .*/base, which cannot be loaded"

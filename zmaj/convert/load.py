@@ -54,6 +54,7 @@ from zmaj.models.registry import (
     architecture,
     config_from_json,
     config_to_json,
+    differences,
     init_meta,
 )
 from zmaj.specfile import load
@@ -234,8 +235,11 @@ def _merged_lora(run_dir: Path, checkpoint_dir: Path) -> Pretrained:
     entries to rounding, and was not the model the run trained and evaluated)."""
     record = read_lora_record(run_dir)
     base = lora_base(run_dir, record)
-    if base.config != run_config(run_dir):
-        raise ValueError(f"{run_dir}: the base model {record.base} is not the model {MODEL_FILE} describes")
+    if changed := differences(base.config, run_config(run_dir)):
+        raise ValueError(
+            f"{run_dir}: the base model {record.base} is not the model {MODEL_FILE} describes "
+            f"({', '.join(changed)} differ)"
+        )
     template = init_adapters(base.params, record.lora)
     adapters = checkpoint.unflatten_like(
         checkpoint.load_tensors(checkpoint_dir), template, str(checkpoint_dir), cast=False

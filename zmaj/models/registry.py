@@ -118,3 +118,20 @@ def config_from_json(data: object, where: str) -> ModelConfig:
     if name not in ARCHITECTURES:
         raise ValueError(f"{where}: unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
     return specfile.parse(ARCHITECTURES[name].config_type, data.get("config", {}), f"{where}: config")
+
+
+HOW_NOT_WHAT = frozenset({"attention"})
+"""Config fields that say how a model is computed, not what it computes: the attention backend, whose default
+became ``auto`` after runs had recorded ``sdpa``."""
+
+
+def differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """The fields in which ``a`` and ``b`` describe different models (``["architecture"]`` across families):
+    empty where one model's weights are the other's."""
+    if type(a) is not type(b):
+        return ["architecture"]
+    return [
+        name
+        for name in type(a).model_fields
+        if name not in HOW_NOT_WHAT and getattr(a, name) != getattr(b, name)
+    ]

@@ -48,7 +48,7 @@ from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import GREEDY, Sampling, generate
 from zmaj.models.common import Batch, Forward
 from zmaj.models.lora import LoraConfig, init_adapters, lora_forward, merge
-from zmaj.models.registry import config_to_json
+from zmaj.models.registry import config_to_json, differences
 from zmaj.progress import progress
 from zmaj.specfile import RunName, Seed, SpecError
 from zmaj.tasks import (
@@ -389,8 +389,11 @@ def reference_params(spec: "GRPOSpec", begin: Start, device: torch.device) -> Te
     if spec.reference is None:
         return begin.model.params
     reference = load_model(spec.reference)
-    if reference.config != begin.model.config:
-        raise SpecError(f"reference: {spec.reference} is not the same architecture and size as {spec.model}")
+    if changed := differences(reference.config, begin.model.config):
+        raise SpecError(
+            f"reference: {spec.reference} is not the same architecture and size as {spec.model} "
+            f"({', '.join(changed)} differ)"
+        )
     return reference.to(device, torch.float32).params
 
 
