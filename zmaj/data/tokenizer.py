@@ -220,11 +220,12 @@ def load_or_train(config: DataConfig, cache_dir: str | Path, seed: int = 0) -> T
 
 def check_unchanged(saved: Path, tokenizer: Tokenizer) -> None:
     """Refuse to resume a run whose ``saved`` tokenizer differs from ``tokenizer``, the one its spec's data gives
-    now: the corpus changed since the run began (edited files, another Python's standard library), so the
-    cache trained another tokenizer, whose ids would mean other text to the checkpoint."""
+    now: the corpus changed since the run began (edited files, another Python's standard library), or the way
+    zmaj splits it (a newer zmaj), so the cache trained another tokenizer, whose ids would mean other text to the
+    checkpoint."""
     if Tokenizer.load(saved).fingerprint() != tokenizer.fingerprint():
         raise ValueError(
             f"{saved} differs from the tokenizer the spec's data gives now: the corpus changed since the run "
-            "began, so the checkpoint's token ids would mean other text; resume where the data is the run's, "
-            "or start a new run"
+            "began, or how zmaj splits it did (a newer zmaj), so the checkpoint's token ids would mean other "
+            "text; resume where the data and zmaj are the run's, or start a new run"
         )

@@ -15,6 +15,7 @@ of the errors ``BAD_INPUT`` lists; ``bad_input_exits_2`` turns it into one line 
 import argparse
 import errno
 import fcntl
+import hashlib
 import itertools
 import json
 import os
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Generic, TypeVar
@@ -348,12 +350,19 @@ class Run(Generic[S]):
                 path = checkpoint.latest_intact(self.dir)
                 check_written_by(path, self.spec)
                 state = checkpoint.load_state(path, fresh)  # on the CPU, where a rank's shard is cut from it
-            recorded = checkpoint.load_meta(path).get("precision")
+            meta = checkpoint.load_meta(path)
+            recorded = meta.get("precision")
             if self.parallel.main and recorded not in (None, _type_name(self.dtype)):
                 logger.warning(
                     f"{path} was trained computing in {recorded}, this session computes in "
                     f"{_type_name(self.dtype)} (train.precision: {self.train.precision} on {self.device}): the "
                     "run goes on, but not bit for bit as it would have where it began"
+                )
+            if self.parallel.main and (other := other_code(meta)):
+                logger.warning(
+                    f"{path} was written by {other}: the run goes on with this session's code, but where the "
+                    "change touches what a step computes (a schedule, a mask, a data split), not as it would "
+                    "have gone on unchanged"
                 )
             logger.info(f"resumed from {path} (step {int(state['opt', 'step'])})")
         return self.parallel.shard(state).to(self.device)
@@ -493,8 +502,8 @@ def _check_same_data(run_dir: Path, data: Mapping[str, str]) -> None:
     if changed := [name for name, fingerprint in data.items() if recorded.get(name) != fingerprint]:
         raise ValueError(
             f"--resume {run_dir}: the data differs from the run's ({', '.join(changed)} changed since the run "
-            f"began, {path}), so the resumed steps would read other rows; resume with the run's data, or start "
-            "a new run"
+            f"began, {path}: the files, or how this zmaj reads them), so the resumed steps would read other rows; "
+            "resume with the run's data and zmaj, or start a new run"
         )
 
 
@@ -736,4 +745,43 @@ def describe_meta(run: Run[Any]) -> dict[str, Any]:
         "spec": run.spec.model_dump(mode="json"),
         "world_size": run.parallel.size,
         "parallel": run.parallel.kind,
+        "code": code_fingerprint(),
+        "torch": torch.__version__,
     }
+
+
+def other_code(meta: Mapping[str, Any]) -> str | None:
+    """What wrote a checkpoint, in words, where it is not this session's code (zmaj's source or torch), else
+    None. Users pull a newer zmaj, or edit it, in the middle of a run; a resume then computes its steps with
+    other code, which no check of the spec or the data sees."""
+    if "code" not in meta:
+        return "a zmaj that recorded no fingerprint of its code (older than 2026-12-07)"
+    changed = [
+        f"{what} {meta[key]} (this session's: {now})"
+        for key, what, now in [
+            ("code", "zmaj code", code_fingerprint()),
+            ("torch", "torch", torch.__version__),
+        ]
+        if meta.get(key) != now
+    ]
+    return " and ".join(changed) or None
+
+
+@cache
+def code_fingerprint() -> str:
+    """zmaj's source as the running process has it: the package and the programs beside it (a checkout)."""
+    package = Path(__file__).resolve().parents[1]
+    return source_fingerprint([package, package.parent / "programs"])
+
+
+def source_fingerprint(roots: Sequence[Path]) -> str:
+    """A short hash of every ``.py`` file under ``roots``, by its path under its root's parent and its bytes:
+    any edit, added, removed or renamed module changes it; caches and data do not."""
+    digest = hashlib.sha256()
+    for root in roots:
+        for path in sorted(root.rglob("*.py")) if root.is_dir() else []:
+            name = path.relative_to(root.parent).as_posix().encode()
+            digest.update(len(name).to_bytes(8, "little") + name)
+            body = path.read_bytes()
+            digest.update(len(body).to_bytes(8, "little") + body)
+    return digest.hexdigest()[:16]

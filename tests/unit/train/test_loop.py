@@ -155,6 +155,58 @@ def test_a_resume_computing_in_another_type_than_the_checkpoint_says_so(tmp_path
     ]
 
 
+def test_a_resume_under_other_code_than_the_checkpoints_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user pulls a newer zmaj (or edits it) mid-run: an old run's WSD decay length, SFT mask and corpus split
+    changed under it without a word (an audit resumed runs of three older commits). The same code says nothing;
+    other code, torch, or a checkpoint from before the fingerprint, is named."""
+    train(tmp_path / "run", stop_after=3)
+    meta = checkpoint.load_meta(checkpoint.latest(tmp_path / "run"))
+    assert (meta["code"], meta["torch"]) == (runs.code_fingerprint(), torch.__version__)
+    with logged("WARNING") as warnings:
+        train(tmp_path / "run", resume=True, stop_after=3)
+    assert not [w for w in warnings if "was written by" in w]
+    monkeypatch.setattr(runs, "code_fingerprint", lambda: "0123456789abcdef")
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    with logged("WARNING") as warnings:
+        train(tmp_path / "run", resume=True, stop_after=2)
+    assert [w for w in warnings if "was written by" in w] == [
+        f"{tmp_path / 'run' / 'checkpoints' / 'step-0000006'} was written by zmaj code {meta['code']} (this "
+        f"session's: 0123456789abcdef) and torch {meta['torch']} (this session's: 9.9.9): the run goes on with "
+        "this session's code, but where the change touches what a step computes (a schedule, a mask, a data "
+        "split), not as it would have gone on unchanged"
+    ]
+    state = tmp_path / "run" / "checkpoints" / "step-0000008" / "state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "code"}))
+    with logged("WARNING") as warnings:
+        train(tmp_path / "run", resume=True, stop_after=1)
+    assert [w.split(" was written by ")[1].split(":")[0] for w in warnings if "was written by" in w] == [
+        "a zmaj that recorded no fingerprint of its code (older than 2026-12-07)"
+    ]
+
+
+def test_the_source_fingerprint_follows_every_module_and_nothing_else(tmp_path: Path) -> None:
+    package = tmp_path / "zmaj"
+    (package / "train").mkdir(parents=True)
+    (package / "train" / "step.py").write_text("x = 1\n")
+    (package / "models.py").write_text("y = 2\n")
+    before = runs.source_fingerprint([package, tmp_path / "programs"])  # programs/ absent: an installed zmaj
+    (package / "train" / "__pycache__").mkdir()
+    (package / "train" / "__pycache__" / "step.pyc").write_bytes(b"\0")
+    (package / "notes.txt").write_text("not code")
+    assert runs.source_fingerprint([package, tmp_path / "programs"]) == before
+    for change in [
+        lambda: (package / "train" / "step.py").write_text("x = 2\n"),  # an edit
+        lambda: (package / "train" / "step.py").rename(package / "train" / "steps.py"),  # a rename
+        lambda: (package / "extra.py").write_text(""),  # a new module, empty
+    ]:
+        change()
+        after = runs.source_fingerprint([package, tmp_path / "programs"])
+        assert after != before
+        before = after
+
+
 def test_a_resumed_run_records_each_step_once(tmp_path: Path) -> None:
     """A run killed after its last checkpoint recorded steps the resumed run takes again: those records go, and
     ``metrics.jsonl`` holds each step once, as the uninterrupted run's does (a model card sums its tokens)."""
