@@ -224,6 +224,18 @@ def test_a_lora_run_refuses_a_base_that_changed_and_merges_a_bfloat16_base_in_fl
     record.write_text(json.dumps({"base": str(base)}))
     with pytest.raises(ValueError, match=r"lora\.json: not a LoRA record"):
         load_model(tmp_path / "run")
+    # A record from before the fingerprint cannot tell: the base is taken, and the user told so.
+    record.write_text(json.dumps({k: v for k, v in json.loads(kept).items() if k != "base_sha256"}))
+    warnings: list[str] = []
+    sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
+    try:
+        load_model(tmp_path / "run")
+    finally:
+        logger.remove(sink)
+    assert warnings == [
+        f"{record} records no fingerprint of its base model (written before 2026-12-06): {base} is taken as the "
+        "base the adapters were trained on, unchecked"
+    ]
     record.write_text(kept)
 
     # A bfloat16 base: the run trains float32 adapters over its float32 copy, and loads as that model.

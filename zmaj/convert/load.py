@@ -221,8 +221,15 @@ def lora_base(run_dir: Path, record: LoraRecord) -> Pretrained:
 
 
 def check_lora_base(run_dir: Path, record: LoraRecord, params: TensorDictBase) -> None:
-    """Refuse a base whose weights are not those the run trained its adapters on."""
-    if record.base_sha256 is not None and params_fingerprint(params) != record.base_sha256:
+    """Refuse a base whose weights are not those the run trained its adapters on; where the record is too old
+    to say, warn that the base is taken unchecked (a run folder named as the base gives its newest checkpoint,
+    which may have trained on since)."""
+    if record.base_sha256 is None:
+        logger.warning(
+            f"{run_dir / LORA_FILE} records no fingerprint of its base model (written before 2026-12-06): "
+            f"{record.base} is taken as the base the adapters were trained on, unchecked"
+        )
+    elif params_fingerprint(params) != record.base_sha256:
         raise ValueError(
             f"{run_dir / LORA_FILE}: the base model {record.base} is not the one this run trained on (its weights "
             "changed since); put that model back, or train again"
