@@ -226,7 +226,7 @@ def check_lora_base(run_dir: Path, record: LoraRecord, params: TensorDictBase) -
     which may have trained on since)."""
     if record.base_sha256 is None:
         logger.warning(
-            f"{run_dir / LORA_FILE} records no fingerprint of its base model (written before 2026-12-06): "
+            f"{run_dir / LORA_FILE} records no fingerprint of its base model (an older zmaj wrote it): "
             f"{record.base} is taken as the base the adapters were trained on, unchecked"
         )
     elif params_fingerprint(params) != record.base_sha256:

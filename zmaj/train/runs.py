@@ -486,6 +486,8 @@ def open_run(
             raise _cannot(f"write in the run folder {run_dir}", error) from error
         return run_dir
 
+    if parallel.main:
+        code_fingerprint()  # now: a pull or an edit before the first checkpoint is not this run's code
     run_dir = parallel.from_rank_0(claim)
     return Run(run_dir, spec, parallel, resumed, args.stop_after, _lock=held)
 
@@ -738,7 +740,8 @@ def _type_name(dtype: torch.dtype) -> str:
 
 def describe_meta(run: Run[Any]) -> dict[str, Any]:
     """What every checkpoint records besides the tensors: the seed, the type the matmuls computed in (what
-    ``train.precision`` resolved to on that machine), the spec, and the job it was written by."""
+    ``train.precision`` resolved to on that machine), the spec, the job it was written by, and the code (a
+    fingerprint of zmaj's source, :func:`code_fingerprint`, and the torch version)."""
     return {
         "seed": run.train.seed,
         "precision": _type_name(run.dtype),
@@ -755,7 +758,7 @@ def other_code(meta: Mapping[str, Any]) -> str | None:
     None. Users pull a newer zmaj, or edit it, in the middle of a run; a resume then computes its steps with
     other code, which no check of the spec or the data sees."""
     if "code" not in meta:
-        return "a zmaj that recorded no fingerprint of its code (older than 2026-12-07)"
+        return "an older zmaj, which recorded no fingerprint of its code"
     changed = [
         f"{what} {meta[key]} (this session's: {now})"
         for key, what, now in [
@@ -769,18 +772,23 @@ def other_code(meta: Mapping[str, Any]) -> str | None:
 
 @cache
 def code_fingerprint() -> str:
-    """zmaj's source as the running process has it: the package and the programs beside it (a checkout)."""
-    package = Path(__file__).resolve().parents[1]
-    return source_fingerprint([package, package.parent / "programs"])
+    """The code this process runs, as it was when first asked (``open_run`` asks before the first step): zmaj's
+    package, installed or a checkout, and the program that runs it (``programs/pretrain.py``)."""
+    program = getattr(sys.modules.get("__main__"), "__file__", None)
+    return source_fingerprint([Path(__file__).resolve().parents[1], *([Path(program)] if program else [])])
 
 
 def source_fingerprint(roots: Sequence[Path]) -> str:
-    """A short hash of every ``.py`` file under ``roots``, by its path under its root's parent and its bytes:
-    any edit, added, removed or renamed module changes it; caches and data do not."""
+    """A short hash of ``roots``' Python: a folder's ``.py`` files by their path under its parent, a file by its
+    name, each with its bytes. Any edit, added, removed or renamed module changes it; caches, data and an
+    editor's hidden files (Emacs's ``.#name.py`` lock, a link to nowhere) do not."""
     digest = hashlib.sha256()
     for root in roots:
-        for path in sorted(root.rglob("*.py")) if root.is_dir() else []:
-            name = path.relative_to(root.parent).as_posix().encode()
+        files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
+        for path in files:
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            name = (path.relative_to(root.parent) if root.is_dir() else Path(path.name)).as_posix().encode()
             digest.update(len(name).to_bytes(8, "little") + name)
             body = path.read_bytes()
             digest.update(len(body).to_bytes(8, "little") + body)

@@ -182,29 +182,54 @@ def test_a_resume_under_other_code_than_the_checkpoints_says_so(
     with logged("WARNING") as warnings:
         train(tmp_path / "run", resume=True, stop_after=1)
     assert [w.split(" was written by ")[1].split(":")[0] for w in warnings if "was written by" in w] == [
-        "a zmaj that recorded no fingerprint of its code (older than 2026-12-07)"
+        "an older zmaj, which recorded no fingerprint of its code"
     ]
 
 
-def test_the_source_fingerprint_follows_every_module_and_nothing_else(tmp_path: Path) -> None:
-    package = tmp_path / "zmaj"
+def test_the_source_fingerprint_follows_every_module_and_the_program_and_nothing_else(tmp_path: Path) -> None:
+    package, program = tmp_path / "zmaj", tmp_path / "programs" / "pretrain.py"
     (package / "train").mkdir(parents=True)
     (package / "train" / "step.py").write_text("x = 1\n")
     (package / "models.py").write_text("y = 2\n")
-    before = runs.source_fingerprint([package, tmp_path / "programs"])  # programs/ absent: an installed zmaj
+    program.parent.mkdir()
+    program.write_text("main()\n")
+    before = runs.source_fingerprint([package, program])
     (package / "train" / "__pycache__").mkdir()
     (package / "train" / "__pycache__" / "step.pyc").write_bytes(b"\0")
     (package / "notes.txt").write_text("not code")
-    assert runs.source_fingerprint([package, tmp_path / "programs"]) == before
+    (package / "train" / ".#step.py").symlink_to(
+        "user@host.123:1733500000"
+    )  # Emacs's lock: a link to nowhere
+    assert runs.source_fingerprint([package, program]) == before
+    assert runs.source_fingerprint([package]) != before
     for change in [
         lambda: (package / "train" / "step.py").write_text("x = 2\n"),  # an edit
         lambda: (package / "train" / "step.py").rename(package / "train" / "steps.py"),  # a rename
         lambda: (package / "extra.py").write_text(""),  # a new module, empty
+        lambda: program.write_text("main(fast=True)\n"),  # the program edited
     ]:
         change()
-        after = runs.source_fingerprint([package, tmp_path / "programs"])
+        after = runs.source_fingerprint([package, program])
         assert after != before
         before = after
+
+
+def test_a_run_records_the_code_it_opened_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pull before the first checkpoint is not the run's code: the checkpoint records what ran its steps, so a
+    resume under the pulled code warns."""
+    on_disk = {"code": "opened"}
+    monkeypatch.setattr(runs, "source_fingerprint", lambda roots: on_disk["code"])
+    runs.code_fingerprint.cache_clear()
+
+    def pulled_during_the_first_step(step: int) -> tuple[float, float]:
+        on_disk["code"] = "pulled"
+        return 1.0 / step, 1.0
+
+    try:
+        train(tmp_path / "run", pulled_during_the_first_step, stop_after=2)
+    finally:
+        runs.code_fingerprint.cache_clear()
+    assert checkpoint.load_meta(checkpoint.latest(tmp_path / "run"))["code"] == "opened"
 
 
 def test_a_resumed_run_records_each_step_once(tmp_path: Path) -> None:
