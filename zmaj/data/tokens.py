@@ -19,17 +19,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from jaxtyping import Int64, UInt
 from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field
 
+from zmaj import specfile
 from zmaj.data.config import Source
 from zmaj.data.corpus import Document, Split, documents, source_key
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.fileio import cache_writes, fsync, sweep, writing
 from zmaj.progress import progress
-from zmaj.text import NotJSONError, read_json
+from zmaj.text import read_json
 
 TOKENS_VERSION = 1
 """Bumped whenever the on-disk layout or what is written per document changes."""
@@ -86,16 +89,11 @@ class TokenFile:
         whose ``meta.json`` is damaged or whose sizes disagree with it is a ValueError naming the folder."""
         directory = Path(directory)
         damaged = f"damaged token cache {directory}: delete the folder to encode the split again"
-        try:
-            meta = read_json(directory / "meta.json")
-        except NotJSONError as error:
+        try:  # not UTF-8, not JSON, or not the record tokenize_split writes
+            meta = specfile.parse(TokenMeta, read_json(directory / "meta.json"), "meta.json")
+        except ValueError as error:
             raise ValueError(f"{damaged} ({str(error).removeprefix(f'{directory}{os.sep}')})") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{damaged} (meta.json holds no JSON object)")
-        if missing := [key for key in _META_KEYS if key not in meta]:
-            raise ValueError(f"{damaged} (meta.json lacks {', '.join(missing)})")
-        dtype = np.dtype(meta["dtype"])
-        n_tokens = meta["n_tokens"]
+        dtype, n_tokens = np.dtype(meta.dtype), meta.n_tokens
         if (directory / "tokens.bin").stat().st_size != n_tokens * dtype.itemsize:
             raise ValueError(f"{damaged} (tokens.bin does not hold the {n_tokens} tokens meta.json records)")
         try:
@@ -112,13 +110,21 @@ class TokenFile:
             if n_tokens
             else np.zeros(0, dtype=dtype)
         )
-        return cls(
-            tokens, offsets, meta["vocab_size"], meta["eos_id"], meta["pad_id"], meta.get("fingerprint")
-        )
+        return cls(tokens, offsets, meta.vocab_size, meta.eos_id, meta.pad_id, meta.fingerprint)
 
 
-_META_KEYS = ("dtype", "n_tokens", "vocab_size", "eos_id", "pad_id")
-"""What ``meta.json`` must hold for :meth:`TokenFile.open` (``split`` and ``fingerprint`` are optional)."""
+class TokenMeta(BaseModel):
+    """What :meth:`TokenFile.open` reads of a token file's ``meta.json`` (``_write`` writes more: the source,
+    the split, the document count)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    dtype: Literal["uint16", "uint32"]
+    n_tokens: int = Field(ge=0)
+    vocab_size: int = Field(gt=0)
+    eos_id: int = Field(ge=0)
+    pad_id: int = Field(ge=0)
+    fingerprint: str | None = None
 
 
 def token_dtype(vocab_size: int) -> np.dtype[np.unsignedinteger]:

@@ -191,9 +191,11 @@ def test_open_reads_what_was_written(tokenizer: Tokenizer, source: FilesSource, 
         ),  # mmap said only "length is greater"
         ("offsets.npy", lambda b: b"", "offsets.npy: "),  # numpy's EOFError, a traceback
         ("offsets.npy", lambda b: b[:-8], "offsets.npy: "),
-        ("meta.json", lambda b: b"[]", "meta.json holds no JSON object"),  # a TypeError
-        ("meta.json", lambda b: b.replace(b'"n_tokens"', b'"n"'), "meta.json lacks n_tokens"),  # a KeyError
+        ("meta.json", lambda b: b"[]", "(meta.json: (top level): Input should be"),  # a TypeError
+        ("meta.json", lambda b: b.replace(b'"n_tokens"', b'"n"'), "(meta.json: n_tokens: Field required)"),
+        ("meta.json", lambda b: b.replace(b'"uint16"', b'"uint99"'), "(meta.json: dtype: Input should be"),
         ("meta.json", lambda b: b[:-2], "(meta.json:"),  # said without what to do
+        ("meta.json", lambda b: b"\xff" + b, "(meta.json: not UTF-8 text"),
     ],
 )
 def test_a_damaged_cache_is_named_with_what_to_do(
