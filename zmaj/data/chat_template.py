@@ -119,7 +119,9 @@ def _render(
         )
     # The template's own bugs, which its code raises as Python would: "a" + 1, 1 / 0.
     except (jinja2.TemplateError, TypeError, ArithmeticError, ValueError, LookupError) as error:
-        raise ValueError(f"chat template: {error}") from error
+        # Python's own errors are named by their type: a KeyError's message is the bare key.
+        said = str(error) if isinstance(error, jinja2.TemplateError) else f"{type(error).__name__}: {error}"
+        raise ValueError(f"chat template: {said}") from error
     finally:
         _marks.reset(marking)
 

@@ -12,8 +12,8 @@ A row stops at one of ``stop_tokens`` or once its text contains one of ``stop_st
 part of the output, as in ``transformers``); generation ends when every row has stopped.
 
 The loop knows nothing of the architecture: it takes ``step(params, batch, cache, donate=False,
-last_only=False) -> (logits, cache)`` (``zmaj.models.common.CachedForward``), e.g. ``llama.cached(config)``, and a
-cache from ``zmaj.infer.cache.init_cache``. ``stream`` yields each step's tokens as they come; ``generate``
+last_only=False) -> (logits, cache)`` (``zmaj.models.common.CachedForward``), e.g. ``llama.cached(config)``,
+and a cache from ``zmaj.infer.cache.init_cache``. ``stream`` yields each step's tokens as they come; ``generate``
 collects them.
 """
 
@@ -28,9 +28,9 @@ from torch import Tensor
 
 from zmaj.infer.cache import capacity, repeat_rows
 from zmaj.models.common import Batch
-from zmaj.models.common import (
-    CachedForward as CachedForward,
-)  # re-exported: generation's contract with a model
+
+# Re-exported: generation's contract with a model.
+from zmaj.models.common import CachedForward as CachedForward
 
 
 class Sampling(BaseModel):

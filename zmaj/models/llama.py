@@ -85,9 +85,9 @@ def init(config: LlamaConfig, seed: int, device: torch.device | str = "cpu") -> 
     """The initialisation of ``transformers``' Llama: every matrix N(0, init_std), norms one, biases zero.
 
     Unlike GPT-2, no residual projection is scaled down with depth, so at initialisation what the blocks add to
-    the embedding grows with depth, roughly as sqrt(n_layers) (its std measured at d_model 256: 4 times the
-    embedding's after 2 layers, 12 after 8, 27 after 32, where GPT-2's scaling keeps it near 3); the pre-norms
-    keep each block's input at unit scale whatever the stream's size.
+    the embedding grows with depth (its std measured at d_model 256: 4 times the embedding's after 2 layers, 12
+    after 8, 27 after 32, where GPT-2's scaling keeps it near 3); the pre-norms keep each block's input at unit
+    scale whatever the stream's size.
     """
     generator = torch.Generator().manual_seed(seed)
     layers, d, ff, hd = config.n_layers, config.d_model, config.d_ff, config.head_dim

@@ -120,14 +120,15 @@ def config_from_json(data: object, where: str) -> ModelConfig:
     return specfile.parse(ARCHITECTURES[name].config_type, data.get("config", {}), f"{where}: config")
 
 
-HOW_NOT_WHAT = frozenset({"attention"})
-"""Config fields that say how a model is computed, not what it computes: the attention backend, whose default
-became ``auto`` after runs had recorded ``sdpa``."""
+HOW_NOT_WHAT = frozenset({"attention", "init_std", "unembed_init", "dropout"})
+"""Config fields that leave the function a model's weights compute alone: how attention is computed (whose
+default became ``auto`` after runs had recorded ``sdpa``), and what only training reads (the initialisation,
+which a GGUF file does not record and a Hugging Face config does, and dropout)."""
 
 
 def differences(a: ModelConfig, b: ModelConfig) -> list[str]:
     """The fields in which ``a`` and ``b`` describe different models (``["architecture"]`` across families):
-    empty where one model's weights are the other's."""
+    empty where weights loaded under one compute what they compute under the other (:data:`HOW_NOT_WHAT`)."""
     if type(a) is not type(b):
         return ["architecture"]
     return [

@@ -5,16 +5,16 @@ Three interchangeable backends compute the same function, and ``auto`` (the mode
 - ``eager``: the textbook formula, softmax(q k^T / sqrt(d) + bias) v (Vaswani et al., 2017, eq. 1), written with
   einsum so the grouped-query sharing of key/value heads (Ainslie et al., 2023) is visible in the axis names.
   This is the one to read.
-
-Why ``1 / sqrt(d)``: the dot product of two ``d``-long vectors of unit-variance entries has variance ``d``, so
-unscaled scores grow with the head size and push the softmax into saturation, where its gradients vanish
-(Vaswani et al., section 3.2.1). Why grouped queries: several query heads share one key/value head, which
-shrinks the key/value cache, and so the memory decoding reads per token, by ``heads / kv_heads``.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``, fused kernels; a ``None`` mask selects its
   causal fast path.
 - ``flex``: compiled flex-attention with a ``BlockMask``: it skips fully masked tiles, so attention over packed
   documents costs in proportion to the tiles it computes.
 - ``auto``: ``sdpa``, except where the formula measured faster (``choose_backend``).
+
+Why ``1 / sqrt(d)``: the dot product of two ``d``-long vectors of unit-variance entries has variance ``d``, so
+unscaled scores grow with the head size and push the softmax into saturation, where its gradients vanish
+(Vaswani et al., section 3.2.1). Why grouped queries: several query heads share one key/value head, which
+shrinks the key/value cache, and so the memory decoding reads per token, by ``heads / kv_heads``.
 
 For generation, ``cached_attention`` attends from new tokens over the slots of a preallocated key/value cache
 (layout in ``zmaj.infer.cache``) under a dense mask, so every decode step has the same shapes; on the CPU it
@@ -73,10 +73,11 @@ def choose_backend(
     precision attention computes in (autocast's where it is on), ``grad`` whether a backward pass will follow.
 
     ``auto`` is ``sdpa`` (fused kernels, flash attention on GPUs), except in a compiled training step on a CPU
-    in 16-bit precision over at most ``FORMULA_MAX_KEYS`` keys, where it is the formula: the scale goes onto
-    q, where Inductor fuses it (:func:`grouped_queries`), and zmaj's softmax operator adds the mask and
-    normalises on ATen's kernels (``zmaj.nn.softmax``), while CPU SDPA's flash backward is slow. Measured on a 2-core Xeon with AMX (one-off scripts: one layer's attention and a sum of squares as
-    the loss, compiled, 2048 tokens a batch, 6 heads of 64, median ms; formula against SDPA): forward and
+    in 16-bit precision over at most ``FORMULA_MAX_KEYS`` keys, where it is the formula: a power-of-two scale
+    goes onto q, where Inductor fuses it (:func:`grouped_queries`; another stays on the scores), and zmaj's
+    softmax operator adds the mask and normalises on ATen's kernels (``zmaj.nn.softmax``), while CPU SDPA's
+    flash backward is slow. Measured on a 2-core Xeon with AMX (one-off scripts: one layer's attention and a
+    sum of squares as the loss, compiled, 2048 tokens a batch, 6 heads of 64, median ms; formula against SDPA): forward and
     backward, causal, bf16: 24.5 vs 36.3 at 256 keys, 39.6 vs 43.7 at 512, 82.6 vs 54.7 at 1024, 193 vs 78
     at 2048 (the formula computes every score, flash skips the masked half); two documents in 256 keys: 22.5
     vs 39.8; fp32 causal at 256: 26.5 vs 24.2, so full precision keeps SDPA. Forward alone SDPA wins (bf16,

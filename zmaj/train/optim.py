@@ -112,9 +112,9 @@ def writable(tree: TensorDictBase, donate: bool) -> TensorDictBase:
 
 
 def decay_mask(params: TensorDictBase, norms_and_biases: bool = False) -> TensorDict:
-    """1.0 for matrices (embeddings, projections), 0.0 for vectors (norm scales, biases): decay would pull a norm's
-    scale toward 0 rather than its neutral 1, and these few vector parameters are not what overfits (nanoGPT's
-    convention).
+    """1.0 for matrices (embeddings, projections), 0.0 for vectors (norm scales, biases): decay would pull a
+    norm's scale toward 0 rather than its neutral 1 (Gemma's, stored as ``w`` in ``1 + w``, aside), and these
+    few vector parameters are not what overfits (nanoGPT's convention).
 
     A parameter's rank is counted without the stacked-layer axis, so a ``[n_layers, d]`` bias stays a vector.
     """

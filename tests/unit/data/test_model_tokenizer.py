@@ -360,6 +360,7 @@ def test_a_generation_config_without_eos_loads_as_in_transformers(
         ("{% for message in messages %}", "Unexpected end of template"),
         ("{{ messages[0]['content'] + 1 }}", "str"),
         ("{{ 1 / (messages | length - 1) }}", "division by zero"),
+        ("{{ '%(a)s' % {} }}", "'a'"),
     ],
 )
 def test_a_template_that_fails_is_a_value_error_where_transformers_fails_too(
@@ -373,6 +374,17 @@ def test_a_template_that_fails_is_a_value_error_where_transformers_fails_too(
         reference(ours, template).apply_chat_template(messages, tokenize=False)
     with pytest.raises(ValueError, match=f"^chat template: .*{message}"):
         ours.render_chat(messages)
+
+
+def test_a_templates_own_python_error_is_named_by_its_type(model_tokenizer: ModelTokenizer) -> None:
+    """A KeyError's message is the bare key (``'a'``); a refusal of the template's own is its message alone."""
+    for template, said in [
+        ("{{ '%(a)s' % {} }}", "KeyError: 'a'"),
+        ("{{ raise_exception('no system role') }}", "no system role"),
+    ]:
+        ours = ModelTokenizer(model_tokenizer.tokenizer, chat_template=template)
+        with pytest.raises(ValueError, match=f"^chat template: {said}$"):
+            ours.render_chat([{"role": "user", "content": "hi"}])
 
 
 def test_chat_template_jinja_wins_over_the_config_and_saving_replaces_it(

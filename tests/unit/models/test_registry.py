@@ -5,14 +5,19 @@ from zmaj.models.llama import LlamaConfig
 from zmaj.models.registry import differences
 
 
-def test_the_attention_backend_is_no_difference_and_other_fields_are_named() -> None:
+def test_how_a_model_is_computed_or_trained_is_no_difference_and_other_fields_are_named() -> None:
     """Runs recorded ``attention: sdpa`` before the default became ``auto``; a LoRA run's base loaded today
-    has ``auto``, and is the same model."""
+    has ``auto``, and is the same model. A GGUF file records no ``init_std``, a Hugging Face config does: a GRPO
+    reference in the other format of the same model is the same model."""
     gpt = GPTConfig(vocab_size=64, context=16, d_model=32, n_layers=2, n_heads=2)
-    assert differences(gpt, gpt.model_copy(update={"attention": "sdpa"})) == []
+    training = {"attention": "sdpa", "init_std": 0.04, "dropout": 0.1, "unembed_init": "zero"}
+    assert differences(gpt, gpt.model_copy(update=training)) == []
     assert differences(gpt, gpt.model_copy(update={"n_layers": 3, "norm_eps": 1e-6})) == [
         "n_layers",
         "norm_eps",
     ]
     llama = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64)
     assert differences(gpt, llama) == ["architecture"]
+    assert differences(llama, llama.model_copy(update={"init_std": 0.0417, "rope_base": 1e5})) == [
+        "rope_base"
+    ]
