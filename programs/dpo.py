@@ -1,6 +1,7 @@
 """DPO: learn from pairs of a preferred and a rejected answer, against the frozen starting model.
 
-    uv run programs/dpo.py specs/finetune/dpo-smollm2-arithmetic.yaml --set model=runs/sft-smollm2-arithmetic
+    uv run programs/dpo.py specs/finetune/dpo-smollm2-arithmetic.yaml --set model=runs/sft-smollm2-arithmetic \\
+        --run-dir runs/dpo-smollm2-arithmetic
     uv run programs/dpo.py --resume runs/dpo-smollm2-arithmetic
 
 Pairs come from jsonl files or on-policy from a task's checker (``zmaj.train.pairs``); they are made once (by

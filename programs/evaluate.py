@@ -17,7 +17,7 @@ extra), on its task names (comma-separated: ``hellaswag,arc_easy,mmlu,gsm8k``) a
 ``--harness-include`` folders:
 
     uv run programs/evaluate.py --model pypi:smollm2-135m-instruct --harness hellaswag --limit 100 --batch-size 16
-    uv run programs/evaluate.py --model runs/sft-smollm2-arithmetic --harness zmaj_tiny \
+    uv run programs/evaluate.py --model runs/sft-smollm2-arithmetic --harness zmaj_tiny \\
         --harness-include tests/data/harness --dtype float32
 
 Logs show lm-eval's table of results; stdout is the JSON of ``lm_eval.simple_evaluate`` (results, configs,

@@ -1,6 +1,7 @@
 """GRPO with a task's verifiable reward: sample answers, score them with the checker, push the better ones up.
 
-    uv run programs/grpo.py specs/finetune/grpo-smollm2-arithmetic.yaml --set model=runs/sft-smollm2-arithmetic
+    uv run programs/grpo.py specs/finetune/grpo-smollm2-arithmetic.yaml --set model=runs/sft-smollm2-arithmetic \\
+        --run-dir runs/grpo-smollm2-arithmetic
     uv run programs/grpo.py --resume runs/grpo-smollm2-arithmetic
 
 Each step draws ``train.prompts_per_step`` problems of the task's train split (a pure function of the seed and the
