@@ -400,7 +400,9 @@ def test_readme_python_blocks_run_and_say_true_things() -> None:
         exec(compile(block, str(README), "exec"), space)
         spaces.append(space)
     core = next(space for space in spaces if "grads" in space)
-    params, grads, model = core["params"], core["grads"], core["model"]
+    params, grads, model, batch = core["params"], core["grads"], core["model"], core["batch"]
+    assert torch.equal(batch.targets[:, :-1], batch.tokens[:, 1:])  # each target is the next token
+    assert params["blocks"].batch_size == (core["config"].n_layers,)
     assert core["logits"].shape == (2, 256, 8192)
     assert grads.batch_size == params.batch_size
     assert set(grads.keys(True, True)) == set(params.keys(True, True))
@@ -408,7 +410,10 @@ def test_readme_python_blocks_run_and_say_true_things() -> None:
     shell = {name: p.data_ptr() for name, p in model.named_parameters()}
     assert shell == {".".join(key): p.data_ptr() for key, p in params.items(True, True)}
     with torch.no_grad():
-        assert torch.equal(model(core["batch"]), core["logits"])
+        assert torch.equal(model(batch), core["logits"])
+    core["loss_fn"](model.params(), batch).backward()  # the shell's own gradients: torch.func's are those
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads.get(tuple(name.split("."))), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

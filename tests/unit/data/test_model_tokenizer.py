@@ -380,6 +380,7 @@ def test_a_templates_own_python_error_is_named_by_its_type(model_tokenizer: Mode
     """A KeyError's message is the bare key (``'a'``); a refusal of the template's own is its message alone."""
     for template, said in [
         ("{{ '%(a)s' % {} }}", "KeyError: 'a'"),
+        ("{{ 'abc'.index('z') }}", "ValueError: substring not found"),
         ("{{ raise_exception('no system role') }}", "no system role"),
     ]:
         ours = ModelTokenizer(model_tokenizer.tokenizer, chat_template=template)

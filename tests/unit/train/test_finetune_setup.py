@@ -3,16 +3,18 @@ plausible bug (a default changed, a refusal dropped, a seed or system message no
 short) would otherwise pass every other test. The toy model and tokenizer are ``test_finetune.py``'s."""
 
 import argparse
+import json
 import re
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import torch
 from pydantic import ValidationError
 from tensordict import TensorDict
 
 from tests.integration import finetune_fixtures
-from zmaj.convert.load import Pretrained
+from zmaj.convert.load import Pretrained, load_model
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.generate import Sampling
 from zmaj.models import llama
@@ -28,6 +30,7 @@ CONVERSATION = [
     {"role": "assistant", "content": "2 + 3 = 5\nAnswer: 5"},
 ]
 BASE = {"name": "x", "model": "m"}
+SPECS = Path(__file__).resolve().parents[3] / "specs" / "finetune"
 
 
 def tiny_model() -> Pretrained:
@@ -321,3 +324,27 @@ def test_a_resume_may_not_change_what_is_trained_or_how_it_is_talked_to(
         SpecError, match=rf": {re.escape(field)}\b.* differs from the run's; --set cannot change it$"
     ):
         finetune.read_spec(finetune.SFTSpec, args)
+
+
+def test_a_grpo_reference_recorded_with_sdpa_is_the_same_model_and_another_is_named(tmp_path: Path) -> None:
+    """How attention is computed (runs recorded ``sdpa`` before ``auto`` was the default) is no other model; a
+    field that is names itself."""
+    policy = finetune_fixtures.tiny_model(tmp_path / "policy")
+    reference = finetune_fixtures.tiny_model(tmp_path / "reference", seed=1)
+    model_json = reference / "model.json"
+    recorded = json.loads(model_json.read_text())
+    overrides = [f"model={policy}", f"reference={reference}", "grpo.kl_beta=0.1"]
+    args = argparse.Namespace(
+        spec=SPECS / "grpo-tiny.yaml", overrides=overrides, resume=None, run_dir=tmp_path / "run"
+    )
+    spec = finetune.read_spec(finetune.GRPOSpec, args)
+    begin = finetune.Start(load_model(policy), str(policy))
+    model_json.write_text(json.dumps(recorded | {"config": recorded["config"] | {"attention": "sdpa"}}))
+    params = finetune.reference_params(spec, begin, torch.device("cpu"))
+    assert params is not None
+    assert torch.equal(params["embed", "weight"], load_model(reference).params["embed", "weight"])
+    model_json.write_text(json.dumps(recorded | {"config": recorded["config"] | {"norm_eps": 0.5}}))
+    with pytest.raises(
+        SpecError, match=r"^reference: .* is not the same architecture and size as .* \(norm_eps differ\)$"
+    ):
+        finetune.reference_params(spec, begin, torch.device("cpu"))

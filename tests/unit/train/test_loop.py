@@ -214,6 +214,17 @@ def test_the_source_fingerprint_follows_every_module_and_the_program_and_nothing
         before = after
 
 
+def test_the_code_fingerprint_is_the_package_and_the_running_program() -> None:
+    package = Path(runs.__file__).resolve().parents[1]
+    program = Path(sys.modules["__main__"].__file__ or "")  # pytest's: a program is what __main__ runs
+    assert (package / "train" / "runs.py").is_file()
+    assert runs.code_fingerprint() == runs.source_fingerprint([package, program])
+    assert runs.code_fingerprint() not in {
+        runs.source_fingerprint([package]),
+        runs.source_fingerprint([program]),
+    }
+
+
 def test_a_run_records_the_code_it_opened_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pull before the first checkpoint is not the run's code: the checkpoint records what ran its steps, so a
     resume under the pulled code warns."""
