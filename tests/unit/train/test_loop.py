@@ -215,9 +215,12 @@ def test_the_source_fingerprint_follows_every_module_and_the_program_and_nothing
 
 
 def test_the_code_fingerprint_is_the_package_and_the_running_program() -> None:
+    """(Asked afresh: a program run in this process, as the integration tests do, is ``__main__`` while it runs,
+    and the fingerprint is that of whichever program opened a run first.)"""
     package = Path(runs.__file__).resolve().parents[1]
     program = Path(sys.modules["__main__"].__file__ or "")  # pytest's: a program is what __main__ runs
     assert (package / "train" / "runs.py").is_file()
+    runs.code_fingerprint.cache_clear()
     assert runs.code_fingerprint() == runs.source_fingerprint([package, program])
     assert runs.code_fingerprint() not in {
         runs.source_fingerprint([package]),
