@@ -100,7 +100,8 @@ def parse_args() -> argparse.Namespace:
         "--compile",
         action="store_true",
         help="torch.compile the decode step: 3.1-3.8x the eager step's tokens/s at batch 1 on an AVX2 CPU "
-        "(benchmarks/decode.py) after a one-off compile",
+        "(benchmarks/decode.py) after a one-off compile; in bfloat16 its rounding differs from eager's, so a "
+        "near-tie token may come out otherwise (float32 agrees)",
     )
     return parser.parse_args()
 
