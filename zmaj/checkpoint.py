@@ -299,6 +299,12 @@ def prune(run_dir: Path, keep: int) -> list[Path]:
     return doomed
 
 
+def run_of(checkpoint_dir: Path) -> Path:
+    """The run a checkpoint folder belongs to (``RUN/checkpoints/step-N``), from its absolute path: one named from
+    inside its run (``step-0000004`` from ``checkpoints/``, or ``.``) has its run above it too."""
+    return checkpoint_dir.absolute().parent.parent
+
+
 def latest(run_dir: Path) -> Path:
     """The checkpoint ``checkpoints/latest`` names; a clear error when there is none or it names no folder."""
     root = run_dir / CHECKPOINTS

@@ -136,8 +136,7 @@ def load_model(path: str | Path) -> Pretrained:
     if (path / "checkpoints").is_dir():
         return _from_checkpoint(path, checkpoint.latest(path))
     if (path / "state.json").is_file() and (path / PARAMS_FILE).is_file():
-        # absolute: a checkpoint named from inside its run (``step-0000004``, ``.``) has its run above it too
-        return _from_checkpoint(path.absolute().parent.parent, path)
+        return _from_checkpoint(checkpoint.run_of(path), path)
     raise ValueError(
         f"{path} is not a model: expected a .gguf file, a Hugging Face folder (config.json), a zmaj model folder "
         f"({MODEL_FILE}) or a zmaj run (checkpoints/)"
@@ -392,7 +391,7 @@ def _lora_base(path: Path) -> Path | None:
     if (path / "checkpoints").is_dir():
         run = path
     elif (path / "state.json").is_file():
-        run = path.absolute().parent.parent
+        run = checkpoint.run_of(path)
     else:
         return None
     if not (run / LORA_FILE).is_file():

@@ -24,8 +24,8 @@ _join: ContextVar[bool] = ContextVar("join", default=True)
 def at_least_float32(x: Tensor) -> Tensor:
     """``x`` in float32 where it is narrower (bf16, fp16), else as it is: what the norms, softmaxes and losses
     accumulate in, since bf16 keeps 8 significant bits and a sum of thousands of squares or exponentials in it
-    loses its small terms. ``x.float()`` would also narrow float64, and a float64 gradient check of the readable paths
-    would then fail by float32's rounding."""
+    loses its small terms. ``x.float()`` would also narrow float64, and a float64 gradient check of the readable
+    paths would then fail by float32's rounding."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 

@@ -127,9 +127,9 @@ class Run:
 def read_run(folder: Path) -> Run | None:
     """The run recorded in ``folder``, a run or one checkpoint folder of a run, described as far as the checkpoint
     that ``load_model`` reads from it; None when it is not a run (a GGUF file, an HF folder...)."""
-    exported, folder = None, folder.absolute()  # a checkpoint named from inside its run has the run above it
+    exported, folder = None, folder.absolute()
     if (folder / checkpoint.STATE).is_file() and folder.parent.name == checkpoint.CHECKPOINTS:
-        folder, exported = folder.parent.parent, folder
+        folder, exported = checkpoint.run_of(folder), folder
     spec_file = folder / "spec.yaml"
     if not (folder.is_dir() and spec_file.is_file() and (folder / checkpoint.CHECKPOINTS).is_dir()):
         return None
