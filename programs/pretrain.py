@@ -91,8 +91,10 @@ def make_cache_dir(folder: Path) -> Path:
 def train(run: Run[PretrainSpec], data: Prepared) -> None:
     spec, parallel, device = run.spec, run.parallel, run.device
     cfg = spec.train
-    if parallel.main and not run.resumed:  # a resumed run's own was checked against it, and is kept
-        data.tokenizer.save(run.dir / TOKENIZER_FILE)
+    if not run.resumed:  # a resumed run's own was checked against it, and is kept
+        runs.on_rank_0(
+            parallel, partial(data.tokenizer.save, run.dir / TOKENIZER_FILE), "write the tokenizer"
+        )
     logger.info(
         f"{len(data.train)} train rows, {len(data.validation)} validation rows of {spec.data.seq_len} tokens"
     )

@@ -7,15 +7,18 @@ the sharded job is read back on both ranks. One launch does every case: starting
 the steps themselves.
 """
 
+import errno
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
+from unittest.mock import patch
 
 import torch
+from pydantic import BaseModel
 from safetensors.torch import save_file
 from tensordict import TensorDict
 
@@ -32,9 +35,11 @@ from tests.integration.distributed_cases import (
 from zmaj import checkpoint
 from zmaj.models import gpt, llama
 from zmaj.models.common import Batch
-from zmaj.train import muon
+from zmaj.train import muon, report
 from zmaj.train import parallel as zmaj_parallel
 from zmaj.train.parallel import Parallel, ParallelConfig, tensors
+from zmaj.train.runs import Run
+from zmaj.train.spec import LoopConfig
 from zmaj.train.step import bind, init_state
 
 
@@ -73,6 +78,9 @@ def main(out: Path) -> None:
     # A stop one rank saw (rank 1's SIGTERM), none, and one every rank saw.
     said = [dp.agree(dp.rank == 1), dp.agree(False), dp.agree(True)]
     (out / f"agree-rank{dp.rank}.json").write_text(json.dumps(said))
+    (out / f"rank-0-write-fails-rank{dp.rank}.json").write_text(
+        json.dumps(rank_0_write_fails(dp, out / "records"))
+    )
     if dp.main:
         (out / "counts.json").write_text(json.dumps(counts))
 
@@ -223,6 +231,39 @@ def reshard(
     loaded = parallel.shard(checkpoint.load_state(checkpoint.latest(run_dir), template))
     same = all(torch.equal(a, b) for a, b in zip(tensors(loaded), tensors(state), strict=True))
     (run_dir / f"reloaded-rank{parallel.rank}.json").write_text(json.dumps({"equal": same}))
+
+
+class Spec(BaseModel):
+    name: str = "records"
+    train: LoopConfig = LoopConfig(steps=1)
+
+
+def rank_0_write_fails(parallel: Parallel, run_dir: Path) -> dict[str, str]:
+    """What each rank raises when a write of the run's records fails on rank 0 alone (a full disk), in starting
+    the session and in appending a metrics line: every rank must learn it from rank 0, rather than go on to the
+    next collective and die there."""
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    def fails_on_rank_0(*args: object) -> None:
+        if parallel.main:
+            raise full
+
+    def raised(action: Callable[[], object]) -> str:
+        try:
+            action()
+        except BaseException as error:
+            return f"{type(error).__name__}: {error}"
+        return "nothing"
+
+    run_dir.mkdir(exist_ok=True)
+    run = Run(run_dir, Spec(), parallel, resumed=False)
+    said = {"record": raised(lambda: run.record({"step": 1, "loss": 1.0}))}
+    with patch.object(report, "append_jsonl", fails_on_rank_0):
+        said["record-failing"] = raised(lambda: run.record({"step": 2, "loss": 1.0}))
+    with patch.object(report, "record_session", fails_on_rank_0):
+        said["start-failing"] = raised(lambda: Run(run_dir, Spec(), parallel, resumed=False).__enter__())
+    said["after"] = json.dumps(parallel.agree(parallel.main))  # the ranks are still together
+    return said
 
 
 if __name__ == "__main__":

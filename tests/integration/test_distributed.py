@@ -327,3 +327,22 @@ def test_a_stop_any_rank_sees_is_a_stop_for_every_rank(out: Path) -> None:
     must stop rank 0 after the same step, or rank 0 waits in the next all-reduce until gloo times out."""
     for rank in range(2):
         assert json.loads((out / f"agree-rank{rank}.json").read_text()) == [True, False, True]
+
+
+def test_a_write_that_fails_on_rank_0_alone_stops_every_rank_there(out: Path) -> None:
+    """Only rank 0 writes the run's records; when that fails (a full disk), rank 0 raises its error and the
+    others a ``RunFailedError`` at once (starting the session: exit 1 without a word, rank 0 says why), where
+    they used to go on to the next collective and die there with gloo's "Connection closed by peer"."""
+    said = [json.loads((out / f"rank-0-write-fails-rank{rank}.json").read_text()) for rank in range(2)]
+    assert said[0] == {
+        "record": "nothing",
+        "record-failing": "OSError: [Errno 28] No space left on device",
+        "start-failing": "SystemExit: 1",
+        "after": "true",
+    }
+    assert said[1] == {
+        "record": "nothing",
+        "record-failing": "RunFailedError: rank 0 could not write the run's metrics",
+        "start-failing": "SystemExit: 1",
+        "after": "true",
+    }

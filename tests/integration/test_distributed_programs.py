@@ -294,6 +294,31 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_its_one_line(
     assert not re.search(r"\[rank\d\]: Traceback", done.stderr), done.stderr[-3000:]
 
 
+def test_damaged_records_rank_0_reads_on_resume_stop_every_rank_with_one_line(
+    spec: Path, tmp_path: Path
+) -> None:
+    """Rank 0 alone reads the run's metrics when a resume starts; a damaged line there is one line and exit 2
+    on every rank, where rank 1 used to wait in the next collective and die there with a gloo traceback."""
+    run_dir = tmp_path / "run"
+    alone = run_program(
+        "pretrain.py", spec, "--run-dir", run_dir, "--cache-dir", spec.parent, "--set", "train.steps=1"
+    )
+    assert alone.returncode == 0, alone.stderr
+    with (run_dir / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 1, "loss": \n{"step": 1}\n')  # a torn line, then a whole one
+    done = torchrun(
+        "programs/pretrain.py", "--resume", run_dir, "--cache-dir", spec.parent, "--set", "train.steps=2"
+    )
+    codes = re.findall(r"exitcode *: (\d+)", done.stderr)
+    assert len(codes) >= 2, done.stderr[-3000:]
+    assert set(codes) == {"2"}, done.stderr[-3000:]  # bad input, on both ranks
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert f"{run_dir / 'metrics.jsonl'}:" in errors[0]
+    assert "not JSON" in errors[0]
+    assert not re.search(r"\[rank\d\]: Traceback", done.stderr), done.stderr[-3000:]
+
+
 def test_ctrl_c_stops_every_rank_after_the_same_step_and_saves(spec: Path, tmp_path: Path) -> None:
     """A terminal's Ctrl-C reaches ``torchrun`` and every rank (one process group); ``torchrun`` then sends the
     ranks SIGTERM, which the loop takes as a stop too: the ranks agree on the step, save it, and exit."""

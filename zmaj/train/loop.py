@@ -36,8 +36,7 @@ from tqdm import tqdm
 
 from zmaj import checkpoint
 from zmaj.train import optim, report
-from zmaj.train.parallel import Parallel
-from zmaj.train.runs import Run, RunFailedError, bad_input_exits_2, describe_meta
+from zmaj.train.runs import Run, RunFailedError, bad_input_exits_2, describe_meta, stop_together
 
 B = TypeVar("B")
 B_contra = TypeVar("B_contra", contravariant=True)
@@ -124,23 +123,29 @@ def train(
             f"{run.dir} is at step {first}, past train.steps ({cfg.steps}): "
             f"set train.steps to at least {first}"
         )
-    if main and run.resumed:  # checked: the spec it goes on with, so that the next --resume keeps its --set
+    if run.resumed:  # checked: the spec it goes on with, so that the next --resume keeps its --set
         run.write_spec()
     # What a resume reads of the run's records is input: damage is one line naming file:line, not a traceback.
+    # Rank 0 reads them and tells the others, which learn of damage from it (and exit 2 without a word).
     with bad_input_exits_2(parallel):
-        if first == cfg.steps and parallel.agree(
-            main and report.has_evaluation(run.metrics, first, final=True)
+        if first == cfg.steps and parallel.from_rank_0(
+            lambda: report.has_evaluation(run.metrics, first, final=True)
         ):
             if main:  # drawn again (cheap): one killed after its final evaluation left none, or one cut short
                 report.plot_curves(run.metrics, run.dir / "curves.png", panels)
             logger.info(f"{run.dir} finished at step {first}; --set train.steps=N continues it")
             return state
-        if main and run.resumed and (dropped := report.drop_records_after(run.metrics, first)):
+        if run.resumed and (
+            dropped := parallel.from_rank_0(lambda: report.drop_records_after(run.metrics, first))
+        ):
             # A run killed after its last checkpoint recorded steps it now takes again.
             logger.info(f"dropped {dropped} records past step {first} from {run.metrics}: taken again now")
+        due = first == 0 or (first % cfg.eval_every == 0 and first < cfg.steps)
+        evaluated = due and parallel.from_rank_0(
+            lambda: report.has_evaluation(run.metrics, first, final=False)
+        )
     run.begin(first)
-    due = first == 0 or (first % cfg.eval_every == 0 and first < cfg.steps)
-    if due and not parallel.agree(main and report.has_evaluation(run.metrics, first, final=False)):
+    if due and not evaluated:
         scores(state, first)  # a fresh run's first, or one a kill cut off after its step's checkpoint
     bar = tqdm(
         range(first, cfg.steps), initial=first, total=cfg.steps, desc=run.name, unit="step", disable=not main
@@ -224,14 +229,6 @@ def stop_on_non_finite(
     if message is not None:
         logger.error(message)
     raise NonFiniteError(run.parallel.broadcast(message), said=True)
-
-
-def stop_together(parallel: Parallel, failed: Exception | None, elsewhere: str) -> None:
-    """Raise rank 0's ``failed`` on rank 0 and a ``RunFailedError`` saying ``elsewhere`` on the others, when
-    rank 0's write failed: every rank learns it, rather than wait in a collective for a rank that has gone.
-    Rank 0 says why; the others' error is already said."""
-    if parallel.agree(failed is not None):
-        raise failed or RunFailedError(elsewhere)
 
 
 def _set_aside(run: Run[Any], whole: TensorDict, what: str, updates_per_step: int) -> str:

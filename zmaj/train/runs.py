@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Generic, TypeVar
@@ -277,6 +277,28 @@ class RunFailedError(RuntimeError):
         self.said = said
 
 
+def on_rank_0(parallel: Parallel, write: Callable[[], None], what: str) -> None:
+    """``write()`` on rank 0 alone, which alone writes a run's files; when it fails there, every rank stops: rank
+    0 with its error, the others with a ``RunFailedError`` saying rank 0 could not ``what`` (rank 0 says why),
+    rather than each waiting in its next collective for a rank that has gone, where gloo's "Connection closed by
+    peer" ends it with a traceback."""
+    failed: Exception | None = None
+    if parallel.main:
+        try:
+            write()
+        except Exception as error:  # raised below, once the others know
+            failed = error
+    stop_together(parallel, failed, f"rank 0 could not {what}")
+
+
+def stop_together(parallel: Parallel, failed: Exception | None, elsewhere: str) -> None:
+    """Raise rank 0's ``failed`` on rank 0 and a ``RunFailedError`` saying ``elsewhere`` on the others, when
+    rank 0's write failed: every rank learns it, rather than wait in a collective for a rank that has gone.
+    Rank 0 says why; the others' error is already said."""
+    if parallel.agree(failed is not None):
+        raise failed or RunFailedError(elsewhere)
+
+
 class RunLockedError(UserError):
     """Another process holds the run folder."""
 
@@ -320,10 +342,11 @@ class Run(Generic[S]):
         return self.dir / "metrics.jsonl"
 
     def record(self, line: dict[str, Any]) -> None:
-        """Append a metrics line (``step`` and numbers) to ``metrics.jsonl`` and log it to the trackers; rank 0
-        only."""
-        if not self.parallel.main:
-            return
+        """Append a metrics line (``step`` and numbers) to ``metrics.jsonl`` and log it to the trackers, on rank
+        0 (:func:`on_rank_0`: a write that fails there, a full disk, stops every rank)."""
+        on_rank_0(self.parallel, partial(self._record, line), "write the run's metrics")
+
+    def _record(self, line: dict[str, Any]) -> None:
         report.append_jsonl(self.metrics, line)
         step, numbers = trackers.scalars(line)
         for tracker in self._trackers:
@@ -336,7 +359,8 @@ class Run(Generic[S]):
             tracker.begin(step)
 
     def write_spec(self) -> None:
-        write_spec(self.dir, self.spec)
+        """The spec the run goes on with (a resume's ``--set`` included), written by rank 0."""
+        on_rank_0(self.parallel, partial(write_spec, self.dir, self.spec), "write the run's spec.yaml")
 
     def restore(self, fresh: TensorDict) -> TensorDict:
         """The state to start from, in this job's layout on this rank's device: ``fresh`` (a new state of the
@@ -368,31 +392,30 @@ class Run(Generic[S]):
         return self.parallel.shard(state).to(self.device)
 
     def __enter__(self) -> "Run[S]":
-        if self.parallel.main:
-            self._sinks.append(logger.add(self.dir / "log.txt"))
-            try:
-                report.record_session(
-                    self.dir, "start", self.device, _type_name(self.dtype), self.parallel.size
-                )
-            except OSError as error:  # a full disk: one line (__exit__ raises SystemExit), else as it is
-                self.__exit__(type(error), error, error.__traceback__)
-                raise
-            config = self.spec.model_dump(mode="json")
-            names = self.train.trackers
-            for name, tracker in zip(names, trackers.make(names, self.train.tracker_project), strict=True):
-                try:
-                    tracker.start(self.dir.resolve().name, self.dir, config)
-                except BaseException as error:
-                    # A failed __enter__ gets no __exit__: end the session (lock, log, trackers started) here.
-                    if isinstance(error, Exception) and not isinstance(error, MissingExtraError):
-                        # A tracker's own refusal (wandb not logged in) is the user's to act on: one line, and
-                        # exit 1 (__exit__ raises it).
-                        failure = RunFailedError(f"train.trackers: {name} could not start: {one_line(error)}")
-                        self.__exit__(RunFailedError, failure, None)
-                    self.__exit__(type(error), error, error.__traceback__)
-                    raise
-                self._trackers.append(tracker)
+        try:
+            on_rank_0(self.parallel, self._start, "start the session")
+        except BaseException as error:
+            # A failed __enter__ gets no __exit__: end the session (lock, log, trackers started) here; it exits 1
+            # where the user can act (a full disk, a tracker's refusal), else the error goes on as it is.
+            self.__exit__(type(error), error, error.__traceback__)
+            raise
         return self
+
+    def _start(self) -> None:
+        """Rank 0's start of the session: the log file, the session's start record, the trackers."""
+        self._sinks.append(logger.add(self.dir / "log.txt"))
+        report.record_session(self.dir, "start", self.device, _type_name(self.dtype), self.parallel.size)
+        config = self.spec.model_dump(mode="json")
+        names = self.train.trackers
+        for name, tracker in zip(names, trackers.make(names, self.train.tracker_project), strict=True):
+            try:
+                tracker.start(self.dir.resolve().name, self.dir, config)
+            except MissingExtraError:
+                raise
+            except Exception as error:
+                # A tracker's own refusal (wandb not logged in) is the user's to act on: one line, exit 1.
+                raise RunFailedError(f"train.trackers: {name} could not start: {one_line(error)}") from error
+            self._trackers.append(tracker)
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
