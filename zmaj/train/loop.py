@@ -27,8 +27,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
+import torch
 from loguru import logger
 from tensordict import TensorDict
 from torch import Tensor
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 from zmaj import checkpoint
 from zmaj.train import optim, report
+from zmaj.train.optim import leaf_keys
 from zmaj.train.runs import Run, RunFailedError, bad_input_exits_2, describe_meta, stop_together
 
 B = TypeVar("B")
@@ -85,9 +87,15 @@ def train(
     cfg, parallel = run.train, run.parallel
     main = parallel.main
 
-    def save(state: TensorDict) -> None:
+    def save(state: TensorDict, done: int) -> None:
         """Rank 0 writes, and every rank learns whether it could: a write that fails (a full disk) stops all of
-        them with rank 0's one line, rather than leave the others to die in the next step's collective."""
+        them with rank 0's one line, rather than leave the others to die in the next step's collective.
+
+        A state the last update made non-finite is never saved: the step's loss and gradient norm, checked as it
+        ended, are those of the state it started from, so a learning rate that overflows float32 in the update
+        would otherwise end a run (exit 0) with a model of NaNs as its ``latest``."""
+        if parallel.agree(bool(non_finite_leaves(state))):  # each rank checks what it holds
+            stop_on_non_finite(run, state, done, f"the update of step {done} made the state non-finite")
         whole = parallel.gather_to_main(state)
         failed: OSError | RunFailedError | None = None
         if whole is not None:
@@ -163,23 +171,24 @@ def train(
             if main:
                 bar.set_postfix({key: f"{values[key]:.3f}" for key in show if key in values})
             if not all(math.isfinite(values.get(key, 0.0)) for key in ("loss", "grad_norm")):
-                stop_on_non_finite(run, state, done, values, updates_per_step)
+                what = ", ".join(f"{key} {values[key]}" for key in ("loss", "grad_norm") if key in values)
+                stop_on_non_finite(run, state, done, f"{what} at step {done}", updates_per_step)
             stop = parallel.agree(interrupted()) or (
                 run.stop_after is not None and done - first >= run.stop_after
             )
             if stop and done < cfg.steps:
-                save(state)
+                save(state, done)
                 if done % cfg.eval_every == 0:  # due now: the resumed run starts after this step
                     scores(state, done)
                 logger.info(f"stopped at step {done}; continue with --resume {run.dir}")
                 return state
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                save(state)
+                save(state, done)
             if done % cfg.eval_every == 0 and done < cfg.steps:
                 scores(state, done)
     bar.close()
     if first < cfg.steps:  # else a run killed in its final evaluation, which is taken again now
-        save(state)
+        save(state, cfg.steps)
     scores(state, cfg.steps, final=True)
     if main:
         report.plot_curves(run.metrics, run.dir / "curves.png", panels)
@@ -208,36 +217,51 @@ def describe_step(
 
 
 def stop_on_non_finite(
-    run: Run[Any], state: TensorDict, done: int, values: dict[str, float], updates_per_step: int
+    run: Run[Any], state: TensorDict, done: int, what: str, updates_per_step: int | None = None
 ) -> None:
     """Keep the bad state for inspection where nothing resumes from it, and stop every rank with rank 0's
-    message of what to do next, once rank 0 has saved (a rank that left first would have ``torchrun`` stop the
-    job under it).
+    message (``what`` went wrong, and what to do next), once rank 0 has saved (a rank that left first would have
+    ``torchrun`` stop the job under it).
 
-    The loss and gradient norm of step ``done`` are those of the state it started from, so when that state is
-    the latest checkpoint, resuming there would fail again at the same step: it is set aside too, and
-    ``latest`` goes back to the checkpoint before it."""
+    A non-finite loss or gradient norm of step ``done`` is that of the state the step started from, so when
+    that state is the latest checkpoint, resuming there would fail again at the same step: given the
+    ``updates_per_step`` that lead back to it, it is set aside too, and ``latest`` goes back to the checkpoint
+    before it. Without them, the step started from a good state and its update made this one non-finite: the
+    message names the tensors that are. (Every saved state is checked to be finite, so no earlier one needs to
+    be set aside.)"""
     whole = run.parallel.gather_to_main(state)
     message, failed = None, None
-    what = ", ".join(f"{key} {values[key]}" for key in ("loss", "grad_norm") if key in values)
     if whole is not None:
+        if updates_per_step is None and (bad := non_finite_leaves(whole)):
+            what += f" ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
         try:
-            message = _set_aside(run, whole, f"{what} at step {done}", updates_per_step)
+            message = _set_aside(run, whole, what, updates_per_step)
         except OSError as error:  # a full disk: raised below, once the others know
-            failed = RunFailedError(f"{what} at step {done}, and {error}")
+            failed = RunFailedError(f"{what}, and {error}")
     stop_together(run.parallel, failed, "rank 0 could not keep the non-finite state")
     if message is not None:
         logger.error(message)
     raise NonFiniteError(run.parallel.broadcast(message), said=True)
 
 
-def _set_aside(run: Run[Any], whole: TensorDict, what: str, updates_per_step: int) -> str:
+def non_finite_leaves(state: TensorDict) -> list[str]:
+    """The dotted names of the floating-point tensors in ``state`` that hold a NaN or an infinity (one
+    reduction each, read back together)."""
+    keys = [key for key in leaf_keys(state) if cast(Tensor, state.get(key)).is_floating_point()]
+    if not keys:
+        return []
+    finite = torch.stack([cast(Tensor, state.get(key)).isfinite().all() for key in keys]).tolist()
+    return [".".join(key) for key, ok in zip(keys, finite, strict=True) if not ok]
+
+
+def _set_aside(run: Run[Any], whole: TensorDict, what: str, updates_per_step: int | None) -> str:
     """Rank 0's part of :func:`stop_on_non_finite`: the files moved, and the message saying where to go on."""
     kept = checkpoint.save_aside(run.dir, whole, describe_meta(run), "nonfinite")
-    started = int(whole["opt", "step"]) - updates_per_step
     message = f"{what}; that state is kept in {kept} for inspection"
-    if checkpoint.set_aside_latest(run.dir, started, "nonfinite_start"):
-        message += f", and the checkpoint the step started from (step {started}) set aside beside it"
+    if updates_per_step is not None:
+        started = int(whole["opt", "step"]) - updates_per_step
+        if checkpoint.set_aside_latest(run.dir, started, "nonfinite_start"):
+            message += f", and the checkpoint the step started from (step {started}) set aside beside it"
     saved = (run.dir / checkpoint.CHECKPOINTS / checkpoint.LATEST).is_file()
     then = (
         f"latest is {checkpoint.latest(run.dir).name}: --resume {run.dir} continues from there (a lower "

@@ -502,6 +502,35 @@ def test_a_non_finite_step_stops_the_run_and_nothing_resumes_from_its_state(
     assert int(resumed["opt", "step"]) == 10
 
 
+@pytest.mark.parametrize("bad_step", [4, 10])
+def test_a_state_the_update_made_non_finite_is_never_saved(tmp_path: Path, bad_step: int) -> None:
+    """The loss and gradient norm a step reports are those of the state it started from, so an update that
+    overflowed float32 (a learning rate of 1e39) went unseen: the run ended with exit 0 and a model of
+    infinities as its ``latest``. Every save checks the state; the state the step started from was good, so
+    ``latest`` stays where it was (checkpoints every 2 steps)."""
+    finite = stand_in(lambda step: (1.0, 1.0))
+
+    def step(state: TensorDict, batch: int, /, *, lr: float) -> tuple[TensorDict, Metrics]:
+        new, metrics = finite(state, batch, lr=lr)
+        if int(new["opt", "step"]) == bad_step:
+            new["params", "w"][1] = math.inf
+        return new, metrics
+
+    with logged() as messages, pytest.raises(SystemExit) as stopped, open_run(tmp_path / "run") as run:
+        loop.train(run, run.restore(fresh()), step, lambda index: index)
+    assert stopped.value.code == 1
+    assert len(messages) == 1
+    aside = tmp_path / "run" / "checkpoints" / f"nonfinite-step-{bad_step:07d}"
+    assert messages[0].startswith(
+        f"the update of step {bad_step} made the state non-finite (params.w); that state is kept in {aside}"
+    )
+    assert checkpoint.latest(tmp_path / "run").name == f"step-{bad_step - 2:07d}"
+    on_disk = steps_on_disk(tmp_path / "run")
+    assert f"nonfinite-step-{bad_step:07d}" in on_disk
+    assert not [name for name in on_disk if name.startswith("nonfinite_start")]
+    assert not report.finished(tmp_path / "run" / "metrics.jsonl")
+
+
 def test_a_step_non_finite_again_after_the_resume_sets_its_start_aside_again(tmp_path: Path) -> None:
     """The resumed run saves step 4 again and fails at step 5 again: the second set-aside replaces the first
     (renaming onto it raised OSError, a traceback with ``latest`` already moved)."""
