@@ -96,6 +96,21 @@ def _name(key: str | tuple[str, ...]) -> str:
     return key if isinstance(key, str) else ".".join(key)
 
 
+def non_finite_leaves(td: TensorDictBase) -> list[str]:
+    """The dotted names of ``td``'s floating-point tensors that hold a NaN or an infinity (one reduction each,
+    read back together): what no saved state or loaded model may hold."""
+    keys = [key for key in td.keys(True, True) if td.get(key).is_floating_point()]
+    if not keys:
+        return []
+    finite = torch.stack([td.get(key).isfinite().all() for key in keys]).tolist()
+    return [_name(key) for key, ok in zip(keys, finite, strict=True) if not ok]
+
+
+def named(names: Sequence[str], most: int = 3) -> str:
+    """The first ``most`` of ``names``, and "..." for the rest: a message's list that stays one line."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
 def unflatten_like(
     tensors: dict[str, torch.Tensor], template: TensorDictBase, what: str, cast: bool = True
 ) -> TensorDict:

@@ -116,7 +116,23 @@ def resolve(path: str | Path) -> Path:
 
 def load_model(path: str | Path) -> Pretrained:
     """The model stored at ``path`` (any of the module docstring's kinds), on the CPU in its stored precision
-    (GGUF files dequantised to float32)."""
+    (GGUF files dequantised to float32). Weights that are not finite (a run that diverged) are refused: their
+    logits are NaN, which greedy decoding would read as token 0, and an export would publish."""
+    model = _load_model(path)
+    check_finite(model.params, str(path))
+    return model
+
+
+def check_finite(params: TensorDictBase, where: str) -> None:
+    """Refuse weights that hold a NaN or an infinity, naming them and ``where`` they came from."""
+    if bad := checkpoint.non_finite_leaves(params):
+        raise ValueError(
+            f"{where}: the weights of {checkpoint.named(bad)} are not finite (NaN or infinite): a run that "
+            "diverged? Its logits would be NaN"
+        )
+
+
+def _load_model(path: str | Path) -> Pretrained:
     path = resolve(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")

@@ -90,7 +90,10 @@ def choose(
 ) -> Int[Tensor, " batch"]:
     """One token per row: greedy, or sampled after temperature, top-k and top-p, in that order (as ``transformers``)."""
     if sampling.temperature == 0.0:
-        return logits.argmax(-1)
+        token = logits.argmax(-1)
+        # argmax takes a NaN for the largest logit: the logit it chose says whether the row had any.
+        check_finite(logits.gather(-1, token[:, None]))
+        return token
     # Shifted to a maximum of 0 first (softmax is the same): a tiny temperature then cannot overflow to inf. One
     # below float32's smallest subnormal number (~1.4e-45) would round to 0 there and make the top logit 0/0;
     # clamped to the smallest normal number, it samples the top token as surely.
@@ -102,6 +105,12 @@ def choose(
     if sampling.top_p is not None and sampling.top_p < 1.0:
         logits = top_p_filter(logits, sampling.top_p)
     return sample_categorical(torch.softmax(logits, dim=-1), generator)
+
+
+def check_finite(values: Tensor) -> None:
+    """Refuse logits (or a distribution's totals) that hold a NaN or an infinity: no token follows from them."""
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("the model's logits are not finite: there is no distribution to sample from")
 
 
 def sample_categorical(
@@ -120,8 +129,7 @@ def sample_categorical(
     """
     cdf = probs.float().cumsum(-1)
     # Checked before the GPU's step, which reads a NaN probability as zero: a row of NaN became token 0.
-    if not bool(torch.isfinite(cdf[:, -1]).all()):  # searchsorted would return the vocabulary size, no token
-        raise ValueError("the model's logits are not finite: there is no distribution to sample from")
+    check_finite(cdf[:, -1])  # searchsorted would return the vocabulary size, no token
     monotone = cdf.device.type != "cpu" if monotone is None else monotone
     if monotone:
         cdf = torch.where(probs > 0, cdf, 0.0).cummax(-1).values

@@ -27,9 +27,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any, Protocol, TypeVar, cast, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-import torch
 from loguru import logger
 from tensordict import TensorDict
 from torch import Tensor
@@ -37,7 +36,6 @@ from tqdm import tqdm
 
 from zmaj import checkpoint
 from zmaj.train import optim, report
-from zmaj.train.optim import leaf_keys
 from zmaj.train.runs import Run, RunFailedError, bad_input_exits_2, describe_meta, stop_together
 
 B = TypeVar("B")
@@ -94,7 +92,7 @@ def train(
         A state the last update made non-finite is never saved: the step's loss and gradient norm, checked as it
         ended, are those of the state it started from, so a learning rate that overflows float32 in the update
         would otherwise end a run (exit 0) with a model of NaNs as its ``latest``."""
-        if parallel.agree(bool(non_finite_leaves(state))):  # each rank checks what it holds
+        if parallel.agree(bool(checkpoint.non_finite_leaves(state))):  # each rank checks what it holds
             stop_on_non_finite(run, state, done, f"the update of step {done} made the state non-finite")
         whole = parallel.gather_to_main(state)
         failed: OSError | RunFailedError | None = None
@@ -232,8 +230,8 @@ def stop_on_non_finite(
     whole = run.parallel.gather_to_main(state)
     message, failed = None, None
     if whole is not None:
-        if updates_per_step is None and (bad := non_finite_leaves(whole)):
-            what += f" ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+        if updates_per_step is None and (bad := checkpoint.non_finite_leaves(whole)):
+            what += f" ({checkpoint.named(bad)})"
         try:
             message = _set_aside(run, whole, what, updates_per_step)
         except OSError as error:  # a full disk: raised below, once the others know
@@ -242,16 +240,6 @@ def stop_on_non_finite(
     if message is not None:
         logger.error(message)
     raise NonFiniteError(run.parallel.broadcast(message), said=True)
-
-
-def non_finite_leaves(state: TensorDict) -> list[str]:
-    """The dotted names of the floating-point tensors in ``state`` that hold a NaN or an infinity (one
-    reduction each, read back together)."""
-    keys = [key for key in leaf_keys(state) if cast(Tensor, state.get(key)).is_floating_point()]
-    if not keys:
-        return []
-    finite = torch.stack([cast(Tensor, state.get(key)).isfinite().all() for key in keys]).tolist()
-    return [".".join(key) for key, ok in zip(keys, finite, strict=True) if not ok]
 
 
 def _set_aside(run: Run[Any], whole: TensorDict, what: str, updates_per_step: int | None) -> str:

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,22 @@ def test_a_saved_zmaj_model_loads_back_exactly(name: str, tokenizer: Tokenizer, 
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left behind
     check_model_destination(tmp_path / "model", tmp_path / "elsewhere")  # a folder it wrote may be replaced
     assert set(card.CURVES) <= WRITTEN_FILES  # the plot an export copies, an older run's name too
+
+
+def test_a_model_with_weights_that_are_not_finite_is_refused_naming_them(
+    tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    """A run whose last update overflowed saved a model of infinities: every program that loaded it decoded
+    token 0 greedily, or exported it, without a word."""
+    config = CONFIGS["gpt"]
+    params = architecture(config).init(config, 3)
+    params["blocks", "mlp", "up", "weight"][1, 0, 0] = math.inf
+    params["embed", "weight"][5, 2] = math.nan
+    save_zmaj(Pretrained(config, params, ModelTokenizer.from_zmaj(tokenizer)), tmp_path / "model")
+    with pytest.raises(
+        ValueError, match=r"model: the weights of embed\.weight, blocks\.mlp\.up\.weight are not finite"
+    ):
+        load_model(tmp_path / "model")
 
 
 def test_a_model_destination_holding_anything_but_a_model_folder_is_refused(tmp_path: Path) -> None:

@@ -116,8 +116,12 @@ def test_a_tiny_temperature_samples_the_most_likely_token_and_non_finite_logits_
         tiny = choose(logits, Sampling(temperature=temperature), generator)
         assert torch.equal(tiny, logits.argmax(-1))
     logits[2, 7] = math.nan
-    with pytest.raises(ValueError, match="logits are not finite"):
-        choose(logits, Sampling(temperature=1.0), generator)
+    # Greedy too: argmax takes the NaN for the largest logit, and a model of NaNs decoded token 0 silently.
+    for temperature in (1.0, 0.0):
+        with pytest.raises(ValueError, match="logits are not finite"):
+            choose(logits, Sampling(temperature=temperature), generator)
+    logits[2, 7] = -math.inf  # a token a mask ruled out is no reason to refuse
+    assert torch.equal(choose(logits, Sampling(temperature=0.0), generator), logits.argmax(-1))
     for temperature in (math.inf, math.nan):
         with pytest.raises(ValueError, match="temperature"):
             Sampling(temperature=temperature)
