@@ -35,6 +35,13 @@ def main() -> None:
     model = load(args.model, args.dtype)
     if model.tokenizer.chat_template is None:
         fail(f"--model {args.model}: its tokenizer has no chat template, so it cannot chat")
+    # The template around an empty message: what every message takes at least. Said now, not at each message.
+    least = len(model.tokenizer.encode_chat([{"role": "user", "content": ""}]))
+    if least + args.max_new_tokens > model.config.context:
+        fail(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the model's context of "
+            f"{model.config.context} tokens (the chat template alone takes {least})"
+        )
     system: list[Message] = [] if args.system is None else [{"role": "system", "content": args.system}]
     history: list[Message] = []
     context = empty_context(model.config, *params_dtype_device(model))

@@ -307,6 +307,27 @@ def test_chat_with_stdin_closed_is_one_line(llama: tuple[Any, Path]) -> None:
     )
 
 
+def test_chat_refuses_max_new_tokens_that_leave_no_room_for_a_message(
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer
+) -> None:
+    """It refused every message instead, each with the same line, for as long as the user typed."""
+    model, folder = llama
+    context = model.config.max_position_embeddings
+    least = len(tokenizer.encode_chat([{"role": "user", "content": ""}]))
+    result = run("chat.py", "--model", folder, "--max-new-tokens", context - least + 1, stdin="hi\n")
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"--max-new-tokens {context - least + 1} leaves no room for a message in the model's context of "
+            f"{context} tokens (the chat template alone takes {least})"
+        )
+    )
+    result = run("chat.py", "--model", folder, "--max-new-tokens", context - least - 2, stdin="")
+    assert result.returncode == 0, result.stderr  # room for a message of a token or two
+
+
 def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(llama: tuple[Any, Path], tmp_path: Path) -> None:
     """Bytes that are not UTF-8 on stdin (a Latin-1 terminal) are refused, one line, and the conversation goes
     on; they used to end it with a traceback. Run as its own process with a strict stdin, where Python itself
