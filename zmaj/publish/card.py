@@ -23,6 +23,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from zmaj import checkpoint
 from zmaj.convert.load import LORA_FILE, MODEL_FILE, Pretrained
+from zmaj.data.config import DataConfig
 from zmaj.specfile import read_yaml
 from zmaj.text import read_text
 from zmaj.train import report
@@ -64,6 +65,12 @@ class Run:
         return None if self.kind == "pretraining" else HUB_IDS.get(str(self.spec.get("model")))
 
     @property
+    def data(self) -> dict[str, Any]:
+        """A pre-training spec's ``data`` section, its defaults filled in: a spec written by hand may leave it out
+        (``PretrainSpec`` has a default), and a card read it by key."""
+        return {**DataConfig().model_dump(mode="json"), **self.spec.get("data", {})}
+
+    @property
     def rows(self) -> list[dict[str, Any]]:
         """The metrics rows of the exported weights: none after its checkpoint's step."""
         bound = self.checkpoint_step
@@ -85,7 +92,7 @@ class Run:
         steps that recorded none (older runs) count batch x sequence length from the spec."""
         counts = [r.get("tokens", r.get("assistant_tokens")) for r in self.rows if "loss" in r]
         if self.kind == "pretraining" and None in counts:
-            train, data = self.spec["train"], self.spec["data"]
+            train, data = self.spec["train"], self.data
             per_step = int(train["batch_size"] * train.get("grad_accum", 1) * data["seq_len"])
             counts = [per_step if count is None else count for count in counts]
         known = [count for count in counts if count is not None]
@@ -244,8 +251,7 @@ def _training(run: Run) -> str:
 def _data_description(run: Run) -> str:
     spec = run.spec
     if run.kind == "pretraining":
-        source = spec["data"]["source"]
-        return f"{_describe(source)}, in sequences of {spec['data']['seq_len']} tokens"
+        return f"{_describe(run.data['source'])}, in sequences of {run.data['seq_len']} tokens"
     if run.kind == "sft":
         return f"conversations from {_describe(spec['data'])}"
     if run.kind == "grpo":
@@ -264,7 +270,7 @@ def _describe(source: dict[str, Any]) -> str:
             task_name, options = task, source.get("options", {})
         return f"the task `{task_name}` (options {options})"
     details = ", ".join(f"{k}: {v}" for k, v in source.items() if k != "kind")
-    return f"{kind} ({details})"
+    return f"{kind} ({details})" if details else kind
 
 
 def _results(run: Run) -> str:

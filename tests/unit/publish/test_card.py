@@ -87,6 +87,10 @@ def test_tokens_are_those_each_step_recorded_else_steps_times_batch_times_sequen
     assert Run(Path("run"), "pretraining", spec, recorded).tokens_seen == 4 * 127 + 6 * 8 * 2 * 64
     sft = [{"step": 1, "loss": 1.0, "assistant_tokens": 30}, {"step": 2, "loss": 1.0, "assistant_tokens": 12}]
     assert Run(Path("run"), "sft", {}, sft).tokens_seen == 42
+    # A spec.yaml written by hand may leave out its data section (the spec has a default): a KeyError before.
+    no_data = Run(Path("run"), "pretraining", {"train": spec["train"]}, metrics)
+    assert no_data.tokens_seen == 10 * 8 * 2 * 256
+    assert card._data_description(no_data) == "stdlib, in sequences of 256 tokens"
     assert Run(Path("run"), "grpo", {}, [{"step": 1, "reward": 0.5}]).tokens_seen is None
 
 
