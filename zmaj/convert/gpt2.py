@@ -161,7 +161,11 @@ def refuse_inexpressible(config: GPTConfig) -> None:
         "qk_norm": (config.qk_norm, "it has no norm on queries and keys"),
         "logit_softcap": (config.logit_softcap is not None, "it has no logit soft-cap"),
         "value_embeds": (config.value_embeds > 0, "it has no value embeddings"),
-        "unet_skips": (config.unet_skips, "it has no skip connections between blocks"),
+        # One layer has no pair to join: the flag computes nothing there (the default spec shrunk to one layer).
+        "unet_skips": (
+            any(source is not None for source in config.unet_skip_sources),
+            "it has no skip connections between blocks",
+        ),
     }
     for field, (set_here, reason) in missing.items():
         if set_here:

@@ -123,10 +123,6 @@ class GPTConfig(BaseModel):
                 f"value_embeds={self.value_embeds} feeds the first and last {self.value_embeds} layers, "
                 f"so it must be at most n_layers / 2 ({self.n_layers // 2})"
             )
-        if self.unet_skips and self.n_layers < 2:
-            raise ValueError(
-                "unet_skips joins the first half of the layers to the second: it needs n_layers >= 2"
-            )
         return self
 
     @property
