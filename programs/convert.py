@@ -43,11 +43,11 @@ def main() -> None:
     try:
         check_model_destination(args.dst, args.src)
         model = load_model(args.src)
+        if args.dtype is not None:
+            model = model.to(dtype=DTYPES[args.dtype])  # refused where it overflows
     except (OSError, ValueError, MissingExtraError) as error:  # OSError: missing, or not this user's to read
         logger.error(str(error))
         sys.exit(2)
-    if args.dtype is not None:
-        model = model.to(dtype=DTYPES[args.dtype])
     save = save_hf if args.to == "hf" else save_zmaj
     try:
         save(model, args.dst)

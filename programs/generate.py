@@ -134,13 +134,13 @@ def load(path: str, dtype: str) -> Pretrained:
 
     ``load_model`` alone decides what a model PATH is (a ``pypi:`` name is no file until it resolves one), and
     its errors name the path."""
+    device = precision.default_device()
     try:
         model = load_model(path)
         check_vocabulary(model, path)
+        model = model.to(device, precision.resolve(DTYPES[dtype], device))  # refused where it overflows
     except (OSError, ValueError, MissingExtraError) as error:  # OSError: missing, or not this user's to read
         fail(f"--model: {error}")
-    device = precision.default_device()
-    model = model.to(device, precision.resolve(DTYPES[dtype], device))
     logger.info(f"loaded {model.architecture.name} from {path}: {params_dtype_device(model)}")
     return model
 

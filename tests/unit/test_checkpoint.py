@@ -5,6 +5,7 @@ import errno
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -756,3 +757,28 @@ def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary_one(
         fileio.atomic_write_text(path, "new")
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
     assert path.read_text() == "old"
+
+
+def test_non_finite_leaves_names_every_tensor_with_a_nan_or_an_infinity_in_any_float_type() -> None:
+    """Read from each tensor's largest and smallest values (NaN propagates through both): checked against
+    ``isfinite`` over every element, for each type a model is stored in."""
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        leaves = {
+            name: torch.randn(3, 5, generator=generator).to(dtype) for name in ("nan", "inf", "neg", "ok")
+        }
+        leaves["nan"][1, 2], leaves["inf"][2, 4], leaves["neg"][0, 0] = math.nan, math.inf, -math.inf
+        td = TensorDict(
+            {
+                **leaves,
+                "empty": torch.ones(0, dtype=dtype),
+                "ids": torch.tensor([2**40]),
+                "deep": {"x": leaves["nan"]},
+            }
+        )
+        want = [
+            key
+            for key, t in checkpoint.flatten(td).items()
+            if t.is_floating_point() and not t.isfinite().all()
+        ]
+        assert checkpoint.non_finite_leaves(td) == want == ["nan", "inf", "neg", "deep.x"]

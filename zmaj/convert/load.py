@@ -84,12 +84,19 @@ class Pretrained:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Pretrained":
         """The same model with its floating-point parameters cast and/or moved: cast where they are, then moved,
         so that the device never holds two copies (float32 and bfloat16 weights together would take 3x the
-        memory of the bfloat16 model while loading onto a GPU)."""
+        memory of the bfloat16 model while loading onto a GPU). A cast that overflows is a ``ValueError``."""
         params = self.params
         if dtype is not None:
             cast = params.apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
             assert cast is not None
             params = cast
+            # A narrower type (float16 holds at most 65504) turns the weights past its range into infinities.
+            before = set(checkpoint.non_finite_leaves(self.params))
+            if overflown := [key for key in checkpoint.non_finite_leaves(cast) if key not in before]:
+                raise ValueError(
+                    f"the weights of {checkpoint.named(overflown)} overflow {str(dtype).removeprefix('torch.')}, "
+                    f"whose largest value is {torch.finfo(dtype).max:g}: use a wider type (bfloat16, float32)"
+                )
         return replace(self, params=params if device is None else params.to(device))
 
 

@@ -20,7 +20,8 @@ def test_weights_past_the_range_of_the_export_type_are_refused(tmp_path: Path) -
     tokenizer = Tokenizer.train(["def f(x):\n    return x + 1\n"] * 20, vocab_size=300)
     save_zmaj(Pretrained(config, params, ModelTokenizer.from_zmaj(tokenizer)), tmp_path / "model")
     with pytest.raises(
-        ValueError, match=r"the weights of embed\.weight overflow float16, whose largest value is 65504"
+        ValueError,
+        match=r"the weights of embed\.weight overflow float16, whose largest value is 65504: use a wider type",
     ):
         export_model(tmp_path / "model", tmp_path / "out", license="mit", dtype=torch.float16)
     assert not (tmp_path / "out").exists()
