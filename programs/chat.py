@@ -35,14 +35,19 @@ def main() -> None:
     model = load(args.model, args.dtype)
     if model.tokenizer.chat_template is None:
         fail(f"--model {args.model}: its tokenizer has no chat template, so it cannot chat")
-    # The template around an empty message: what every message takes at least. Said now, not at each message.
-    least = len(model.tokenizer.encode_chat([{"role": "user", "content": ""}]))
+    system: list[Message] = [] if args.system is None else [{"role": "system", "content": args.system}]
+    # The template and system message around an empty message: what every message takes at least. Said now, not
+    # at each message; so is a template that refuses the system message.
+    try:
+        least = len(model.tokenizer.encode_chat([*system, {"role": "user", "content": ""}]))
+    except ValueError as error:
+        fail(f"--system: {error}" if system else str(error))
     if least + args.max_new_tokens > model.config.context:
+        around = "the chat template and --system alone take" if system else "the chat template alone takes"
         fail(
             f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the model's context of "
-            f"{model.config.context} tokens (the chat template alone takes {least})"
+            f"{model.config.context} tokens ({around} {least})"
         )
-    system: list[Message] = [] if args.system is None else [{"role": "system", "content": args.system}]
     history: list[Message] = []
     context = empty_context(model.config, *params_dtype_device(model))
     answers = 0

@@ -97,7 +97,8 @@ def no_system(tmp_path_factory: pytest.TempPathFactory, tokenizer: ModelTokenize
 
 
 def test_a_chat_template_that_refuses_the_conversation_is_one_line(no_system: Path) -> None:
-    """generate.py exits 2 naming the template's reason; chat.py says it and goes on with the next message."""
+    """generate.py and chat.py exit 2 naming the template's reason; chat.py used to refuse every message the
+    user typed for it, each with the same line."""
     generated = run(
         "generate.py", "--model", no_system, "--chat", "--system", SYSTEM, "--prompt", "hi", *GREEDY
     )
@@ -107,8 +108,11 @@ def test_a_chat_template_that_refuses_the_conversation_is_one_line(no_system: Pa
     )
     assert "Traceback" not in generated.stderr
     chatted = run("chat.py", "--model", no_system, "--system", SYSTEM, *GREEDY, stdin="hi\nhow\n")
-    assert chatted.returncode == 0, chatted.stderr
-    assert chatted.stderr.count("System role not supported") == 2
+    assert chatted.returncode == 2, chatted.stderr
+    assert (
+        chatted.stderr.strip().splitlines()[-1].endswith("--system: chat template: System role not supported")
+    )
+    assert "Traceback" not in chatted.stderr
     assert chatted.stdout == ""
 
 
@@ -326,6 +330,14 @@ def test_chat_refuses_max_new_tokens_that_leave_no_room_for_a_message(
     )
     result = run("chat.py", "--model", folder, "--max-new-tokens", context - least - 2, stdin="")
     assert result.returncode == 0, result.stderr  # room for a message of a token or two
+    # The system message is part of every conversation: with it, that is no room either.
+    with_system = len(
+        tokenizer.encode_chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": ""}])
+    )
+    sets = ("--max-new-tokens", context - least - 2, "--system", SYSTEM)
+    result = run("chat.py", "--model", folder, *sets, stdin="hi\n")
+    assert result.returncode == 2, result.stderr
+    assert f"(the chat template and --system alone take {with_system})" in result.stderr
 
 
 def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(llama: tuple[Any, Path], tmp_path: Path) -> None:
