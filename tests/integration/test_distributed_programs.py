@@ -294,11 +294,13 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_its_one_line(
     assert not re.search(r"\[rank\d\]: Traceback", done.stderr), done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("steps", [2, 1])
 def test_damaged_records_rank_0_reads_on_resume_stop_every_rank_with_one_line(
-    spec: Path, tmp_path: Path
+    spec: Path, tmp_path: Path, steps: int
 ) -> None:
-    """Rank 0 alone reads the run's metrics when a resume starts; a damaged line there is one line and exit 2
-    on every rank, where rank 1 used to wait in the next collective and die there with a gloo traceback."""
+    """Rank 0 alone reads the run's metrics when a resume starts (to drop records past its checkpoint; of a
+    finished run, to find its final evaluation); a damaged line there is one line and exit 2 on every rank,
+    where rank 1 used to wait in the next collective and die there with a gloo traceback."""
     run_dir = tmp_path / "run"
     alone = run_program(
         "pretrain.py", spec, "--run-dir", run_dir, "--cache-dir", spec.parent, "--set", "train.steps=1"
@@ -307,7 +309,13 @@ def test_damaged_records_rank_0_reads_on_resume_stop_every_rank_with_one_line(
     with (run_dir / "metrics.jsonl").open("a") as metrics:
         metrics.write('{"step": 1, "loss": \n{"step": 1}\n')  # a torn line, then a whole one
     done = torchrun(
-        "programs/pretrain.py", "--resume", run_dir, "--cache-dir", spec.parent, "--set", "train.steps=2"
+        "programs/pretrain.py",
+        "--resume",
+        run_dir,
+        "--cache-dir",
+        spec.parent,
+        "--set",
+        f"train.steps={steps}",
     )
     codes = re.findall(r"exitcode *: (\d+)", done.stderr)
     assert len(codes) >= 2, done.stderr[-3000:]

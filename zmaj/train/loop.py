@@ -85,15 +85,23 @@ def train(
     cfg, parallel = run.train, run.parallel
     main = parallel.main
 
+    def check_finite(state: TensorDict, done: int) -> None:
+        """Stop where the last update made the state non-finite, before it is saved or evaluated: the step's
+        loss and gradient norm, checked as it ended, are those of the state it started from, so a learning rate
+        that overflows float32 in the update would otherwise end a run (exit 0) with a model of NaNs as its
+        ``latest``, or fail in its evaluation with a traceback. A state resumed from that is not finite (saved
+        before zmaj checked) is set aside with its checkpoint."""
+        if parallel.agree(bool(checkpoint.non_finite_leaves(state))):  # each rank checks what it holds
+            if done == first:  # (then the checkpoint the run resumed from: it goes aside too)
+                what, back = f"the checkpoint of step {done} is not finite", 0
+            else:
+                what, back = f"the update of step {done} made the state non-finite", None
+            stop_on_non_finite(run, state, done, what, updates_per_step=back, name_tensors=True)
+
     def save(state: TensorDict, done: int) -> None:
         """Rank 0 writes, and every rank learns whether it could: a write that fails (a full disk) stops all of
-        them with rank 0's one line, rather than leave the others to die in the next step's collective.
-
-        A state the last update made non-finite is never saved: the step's loss and gradient norm, checked as it
-        ended, are those of the state it started from, so a learning rate that overflows float32 in the update
-        would otherwise end a run (exit 0) with a model of NaNs as its ``latest``."""
-        if parallel.agree(bool(checkpoint.non_finite_leaves(state))):  # each rank checks what it holds
-            stop_on_non_finite(run, state, done, f"the update of step {done} made the state non-finite")
+        them with rank 0's one line, rather than leave the others to die in the next step's collective."""
+        check_finite(state, done)
         whole = parallel.gather_to_main(state)
         failed: OSError | RunFailedError | None = None
         if whole is not None:
@@ -117,6 +125,8 @@ def train(
         # The final line is written without an evaluation too: it records the end (``report.finished``).
         if evaluate is None and not final:
             return
+        if evaluate is not None:
+            check_finite(state, done)
         result = evaluate(state, done, final) if evaluate is not None else {}
         extra = {"final": True, "wall_s": time.perf_counter() - run.started} if final else {}
         run.record({"step": done, **result, **extra})
@@ -215,7 +225,12 @@ def describe_step(
 
 
 def stop_on_non_finite(
-    run: Run[Any], state: TensorDict, done: int, what: str, updates_per_step: int | None = None
+    run: Run[Any],
+    state: TensorDict,
+    done: int,
+    what: str,
+    updates_per_step: int | None = None,
+    name_tensors: bool = False,
 ) -> None:
     """Keep the bad state for inspection where nothing resumes from it, and stop every rank with rank 0's
     message (``what`` went wrong, and what to do next), once rank 0 has saved (a rank that left first would have
@@ -224,13 +239,12 @@ def stop_on_non_finite(
     A non-finite loss or gradient norm of step ``done`` is that of the state the step started from, so when
     that state is the latest checkpoint, resuming there would fail again at the same step: given the
     ``updates_per_step`` that lead back to it, it is set aside too, and ``latest`` goes back to the checkpoint
-    before it. Without them, the step started from a good state and its update made this one non-finite: the
-    message names the tensors that are. (Every saved state is checked to be finite, so no earlier one needs to
-    be set aside.)"""
+    before it; without them, the step started from a good state. (Every saved state is checked to be finite, so
+    no earlier one needs to be set aside.) ``name_tensors``: the message names those that are not finite."""
     whole = run.parallel.gather_to_main(state)
     message, failed = None, None
     if whole is not None:
-        if updates_per_step is None and (bad := checkpoint.non_finite_leaves(whole)):
+        if name_tensors and (bad := checkpoint.non_finite_leaves(whole)):
             what += f" ({checkpoint.named(bad)})"
         try:
             message = _set_aside(run, whole, what, updates_per_step)

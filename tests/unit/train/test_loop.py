@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import pytest
 import torch
@@ -502,33 +502,89 @@ def test_a_non_finite_step_stops_the_run_and_nothing_resumes_from_its_state(
     assert int(resumed["opt", "step"]) == 10
 
 
-@pytest.mark.parametrize("bad_step", [4, 10])
-def test_a_state_the_update_made_non_finite_is_never_saved(tmp_path: Path, bad_step: int) -> None:
+@pytest.mark.parametrize(
+    ("bad_step", "leaf", "checkpoint_every"),
+    [
+        (4, ("params", "w"), 2),
+        (10, ("params", "w"), 2),  # the last step: the run ended with exit 0
+        (4, ("opt", "m", "w"), 1),  # an optimizer moment: the square of a finite gradient can overflow
+        (5, ("params", "w"), 100),  # no checkpoint due: the evaluation of step 5 would read it
+    ],
+)
+def test_a_state_the_update_made_non_finite_is_never_saved_or_evaluated(
+    tmp_path: Path, bad_step: int, leaf: tuple[str, ...], checkpoint_every: int
+) -> None:
     """The loss and gradient norm a step reports are those of the state it started from, so an update that
     overflowed float32 (a learning rate of 1e39) went unseen: the run ended with exit 0 and a model of
-    infinities as its ``latest``. Every save checks the state; the state the step started from was good, so
-    ``latest`` stays where it was (checkpoints every 2 steps)."""
+    infinities as its ``latest``, or its evaluation failed with a traceback. The state the step started from
+    was good, so ``latest`` stays where it was, even where that was the step before."""
     finite = stand_in(lambda step: (1.0, 1.0))
+    evaluated: list[TensorDict] = []
 
     def step(state: TensorDict, batch: int, /, *, lr: float) -> tuple[TensorDict, Metrics]:
         new, metrics = finite(state, batch, lr=lr)
         if int(new["opt", "step"]) == bad_step:
-            new["params", "w"][1] = math.inf
+            new[leaf][1] = math.inf
         return new, metrics
 
-    with logged() as messages, pytest.raises(SystemExit) as stopped, open_run(tmp_path / "run") as run:
-        loop.train(run, run.restore(fresh()), step, lambda index: index)
+    def evaluate(state: TensorDict, step: int, final: bool) -> dict[str, float]:
+        evaluated.append(state)
+        return {"val_loss": 1.0}
+
+    run_dir = tmp_path / "run"
+    with (
+        logged() as messages,
+        pytest.raises(SystemExit) as stopped,
+        open_run(run_dir, checkpoint_every=checkpoint_every, eval_every=5) as run,
+    ):
+        loop.train(run, run.restore(fresh()), step, lambda index: index, evaluate=evaluate)
     assert stopped.value.code == 1
     assert len(messages) == 1
-    aside = tmp_path / "run" / "checkpoints" / f"nonfinite-step-{bad_step:07d}"
+    aside = run_dir / "checkpoints" / f"nonfinite-step-{bad_step:07d}"
     assert messages[0].startswith(
-        f"the update of step {bad_step} made the state non-finite (params.w); that state is kept in {aside}"
+        f"the update of step {bad_step} made the state non-finite ({'.'.join(leaf)}); that state is kept in "
+        f"{aside}"
     )
-    assert checkpoint.latest(tmp_path / "run").name == f"step-{bad_step - 2:07d}"
-    on_disk = steps_on_disk(tmp_path / "run")
+    assert all(not checkpoint.non_finite_leaves(state) for state in evaluated)
+    on_disk = steps_on_disk(run_dir)
     assert f"nonfinite-step-{bad_step:07d}" in on_disk
     assert not [name for name in on_disk if name.startswith("nonfinite_start")]
-    assert not report.finished(tmp_path / "run" / "metrics.jsonl")
+    if checkpoint_every < bad_step:
+        last_good = bad_step - 1 if checkpoint_every == 1 else bad_step - 2
+        assert checkpoint.latest(run_dir).name == f"step-{last_good:07d}"
+    else:
+        assert "no good checkpoint was saved before it" in messages[0]
+    assert not report.finished(run_dir / "metrics.jsonl")
+
+
+def test_a_resumed_checkpoint_that_is_not_finite_is_set_aside_before_it_is_evaluated(tmp_path: Path) -> None:
+    """A checkpoint saved before zmaj checked states may hold NaNs; a resume that evaluates it first (its step
+    is an evaluation's) stops there, sets it aside and goes back to the one before, as a step would."""
+    run_dir = tmp_path / "run"
+    train(run_dir, stop_after=4)  # checkpoints at steps 2 and 4
+    with open_run(run_dir, resume=True) as run:  # step 4 saved again, NaN, as an older zmaj would have
+        state = checkpoint.load_state(checkpoint.latest(run_dir), fresh())
+        state["params", "w"][0] = math.nan
+        checkpoint.save(run_dir, state, runs.describe_meta(run))
+    evaluated: list[TensorDict] = []
+
+    def evaluate(state: TensorDict, step: int, final: bool) -> dict[str, float]:
+        evaluated.append(state)
+        return {"val_loss": 1.0}
+
+    with (
+        logged() as messages,
+        pytest.raises(SystemExit) as stopped,
+        open_run(run_dir, resume=True, eval_every=4) as run,
+    ):
+        loop.train(
+            run, run.restore(fresh()), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate
+        )
+    assert stopped.value.code == 1
+    assert evaluated == []
+    assert messages[0].startswith("the checkpoint of step 4 is not finite (params.w)")
+    assert checkpoint.latest(run_dir).name == "step-0000002"
+    assert "nonfinite_start-step-0000004" in steps_on_disk(run_dir)
 
 
 def test_a_step_non_finite_again_after_the_resume_sets_its_start_aside_again(tmp_path: Path) -> None:
@@ -1170,25 +1226,43 @@ def test_stop_after_then_resume_follows_the_schedule_of_the_whole_run(tmp_path: 
     assert (resumed == straight).all()
 
 
+class StopQuestion:
+    """What this rank's own stop flag says (False), handed to ``agree`` by the loop's stop decision alone: the
+    fake below tells that question, and no other the loop asks the ranks, that another rank wants to stop."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+ASKED = StopQuestion()
+
+
 class OtherRankInterrupted(Parallel):
     """One process that plays a job whose other rank received SIGTERM during step 3: the loop's next stop
-    decision (the ``agree`` called in ``zmaj.train.loop`` itself, not the one that asks whether rank 0 wrote
-    the step's metrics line) is where this rank learns it."""
+    decision is where this rank learns it."""
 
     pending = False
 
-    def agree(self, flag: bool) -> bool:
-        if sys._getframe(1).f_code.co_filename != loop.__file__:
-            return flag
+    def agree(self, flag: object) -> bool:
+        if flag is not ASKED:  # another question (did rank 0 write its metrics?): the other rank agrees
+            return bool(flag)
         told, OtherRankInterrupted.pending = OtherRankInterrupted.pending, False
-        return flag or told
+        return told
 
 
-def test_a_stop_that_another_rank_saw_stops_this_one_at_the_same_step(tmp_path: Path) -> None:
+def test_a_stop_that_another_rank_saw_stops_this_one_at_the_same_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A SIGTERM sent to one rank (a scheduler, ``kill PID``) must stop every rank after the same step: the loop
     asks the ranks (``Parallel.agree``) rather than its own flag, or the rank that stopped leaves the others
     waiting in the next step's all-reduce (30 minutes, then a timeout). The Ctrl-C test signals every rank at
     once, so it cannot tell."""
+
+    @contextmanager
+    def not_interrupted_here() -> Iterator[Callable[[], bool]]:
+        yield lambda: cast(bool, ASKED)  # False, and recognisable by the fake
+
+    monkeypatch.setattr(loop, "interruptible", not_interrupted_here)
 
     def step(state: TensorDict, batch: int, /, *, lr: float) -> tuple[TensorDict, Metrics]:
         new, metrics = stand_in(lambda step: (1.0, 1.0))(state, batch, lr=lr)
