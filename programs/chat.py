@@ -21,7 +21,7 @@ from loguru import logger
 from zmaj.convert.load import Pretrained
 from zmaj.data.chat_template import Message
 from zmaj.infer.chat import Context, empty_context, reply
-from zmaj.infer.generate import Sampling
+from zmaj.infer.generate import NonFiniteLogitsError, Sampling
 from zmaj.specfile import seed_argument
 from zmaj.text import not_utf8, utf8
 from zmaj.train import runs
@@ -36,13 +36,13 @@ def main() -> None:
     if model.tokenizer.chat_template is None:
         fail(f"--model {args.model}: its tokenizer has no chat template, so it cannot chat")
     system: list[Message] = [] if args.system is None else [{"role": "system", "content": args.system}]
-    # The template and system message around an empty message: what every message takes at least. Said now, not
-    # at each message; so is a template that refuses the system message.
+    # The template and system message around an empty message, and a token for the message itself: what every
+    # message takes at least. Said now, not at each message; so is a template that refuses the system message.
     try:
         least = len(model.tokenizer.encode_chat([*system, {"role": "user", "content": ""}]))
     except ValueError as error:
         fail(f"--system: {error}" if system else str(error))
-    if least + args.max_new_tokens > model.config.context:
+    if least + 1 + args.max_new_tokens > model.config.context:
         around = "the chat template and --system alone take" if system else "the chat template alone takes"
         fail(
             f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the model's context of "
@@ -86,6 +86,9 @@ def main() -> None:
             answers += 1
     except KeyboardInterrupt:
         sys.stdout.write("\n")
+    except NonFiniteLogitsError as error:  # activations past float's range: one line, on a line of its own
+        sys.stdout.write("\n")
+        fail(str(error))
 
 
 def parse_args() -> argparse.Namespace:

@@ -23,7 +23,7 @@ from zmaj.convert.load import Pretrained, check_vocabulary, load_model
 from zmaj.data.chat_template import Message
 from zmaj.extras import MissingExtraError
 from zmaj.infer.cache import init_cache
-from zmaj.infer.generate import Sampling, compile_step
+from zmaj.infer.generate import NonFiniteLogitsError, Sampling, compile_step
 from zmaj.infer.text import complete
 from zmaj.specfile import seed_argument
 from zmaj.text import utf8
@@ -71,6 +71,9 @@ def main() -> None:
     except KeyboardInterrupt:  # Ctrl-C ends the completion where it is, on a line of its own
         sys.stdout.write("\n")
         sys.exit(130)
+    except NonFiniteLogitsError as error:  # activations past float's range: one line, on a line of its own
+        sys.stdout.write("\n")
+        fail(str(error))
     except BrokenPipeError:  # the reader went away (`| head`): nothing more to show, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush writes nowhere
         sys.exit(141)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import tokenizers
 import torch
 import transformers
@@ -314,30 +315,53 @@ def test_chat_with_stdin_closed_is_one_line(llama: tuple[Any, Path]) -> None:
 def test_chat_refuses_max_new_tokens_that_leave_no_room_for_a_message(
     llama: tuple[Any, Path], tokenizer: ModelTokenizer
 ) -> None:
-    """It refused every message instead, each with the same line, for as long as the user typed."""
+    """It refused every message instead, each with the same line, for as long as the user typed. A message
+    takes a token at least, beside the template (and the system message, part of every conversation)."""
     model, folder = llama
     context = model.config.max_position_embeddings
     least = len(tokenizer.encode_chat([{"role": "user", "content": ""}]))
-    result = run("chat.py", "--model", folder, "--max-new-tokens", context - least + 1, stdin="hi\n")
+    assert len(tokenizer.encode_chat([{"role": "user", "content": "a"}])) == least + 1
+    result = run("chat.py", "--model", folder, "--max-new-tokens", context - least, stdin="a\n")
     assert result.returncode == 2, result.stderr
     assert (
         result.stderr.strip()
         .splitlines()[-1]
         .endswith(
-            f"--max-new-tokens {context - least + 1} leaves no room for a message in the model's context of "
-            f"{context} tokens (the chat template alone takes {least})"
+            f"--max-new-tokens {context - least} leaves no room for a message in the model's context of {context} "
+            f"tokens (the chat template alone takes {least})"
         )
     )
-    result = run("chat.py", "--model", folder, "--max-new-tokens", context - least - 2, stdin="")
-    assert result.returncode == 0, result.stderr  # room for a message of a token or two
-    # The system message is part of every conversation: with it, that is no room either.
-    with_system = len(
-        tokenizer.encode_chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": ""}])
-    )
-    sets = ("--max-new-tokens", context - least - 2, "--system", SYSTEM)
-    result = run("chat.py", "--model", folder, *sets, stdin="hi\n")
+    sets = ("--max-new-tokens", context - least - 1, "--temperature", 0)
+    result = run("chat.py", "--model", folder, *sets, stdin="a\n")  # a message of one token fits
+    assert result.returncode == 0, result.stderr
+    assert "do not fit" not in result.stderr
+    assert result.stdout.strip()
+    with_system = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ""}]
+    result = run("chat.py", "--model", folder, *sets, "--system", SYSTEM, stdin="a\n")
     assert result.returncode == 2, result.stderr
-    assert f"(the chat template and --system alone take {with_system})" in result.stderr
+    assert (
+        f"(the chat template and --system alone take {len(tokenizer.encode_chat(with_system))})"
+        in result.stderr
+    )
+
+
+def test_logits_past_the_range_of_float32_are_one_line(llama: tuple[Any, Path], tmp_path: Path) -> None:
+    """Finite weights can still give logits that are not (here a final norm scale of 3e38): generate.py and
+    chat.py ended with a traceback; greedy decoding, before it checked, printed token 0 over and over."""
+    _, folder = llama
+    shutil.copytree(folder, tmp_path / "model")
+    weights = safetensors.torch.load_file(tmp_path / "model" / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], 3e38)
+    safetensors.torch.save_file(weights, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
+    for program, args, stdin in (("generate.py", ["--prompt", "hi"], ""), ("chat.py", [], "hi\n")):
+        result = run(program, "--model", tmp_path / "model", *args, *GREEDY, stdin=stdin)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert (
+            result.stderr.strip()
+            .splitlines()[-1]
+            .endswith("the model's logits are not finite (NaN or infinite): no token follows from them")
+        )
 
 
 def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(llama: tuple[Any, Path], tmp_path: Path) -> None:
@@ -641,8 +665,9 @@ def test_files_this_user_may_not_read_exit_2_naming_them(
     assert errors == [f"ERROR | --text-file {tmp_path / 'corpus.txt'}: Permission denied"]
 
 
-def tiny_run(folder: Path, tokenizer: Tokenizer) -> Path:
-    """A pre-training run of a tiny random GPT, one checkpoint, as ``sample.py`` reads one."""
+def tiny_run(folder: Path, tokenizer: Tokenizer, embed_nan: bool = False) -> Path:
+    """A pre-training run of a tiny random GPT, one checkpoint, as ``sample.py`` reads one; ``embed_nan`` puts a
+    NaN in its token embedding (a run that diverged, saved by a zmaj that did not check)."""
     config = gpt.GPTConfig(vocab_size=tokenizer.vocab_size, context=32, d_model=16, n_layers=2, n_heads=2)
     spec = PretrainSpec(
         name="tiny",
@@ -653,6 +678,8 @@ def tiny_run(folder: Path, tokenizer: Tokenizer) -> Path:
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     tokenizer.save(folder / "tokenizer.json")
     params = gpt.init(config, 0)
+    if embed_nan:
+        params["embed", "weight"][3, 1] = math.nan
     checkpoint.save(folder, TensorDict({"params": params, "opt": optim.adamw_init(params)}), {})
     return folder
 
@@ -668,6 +695,30 @@ def damaged_run(tmp_path_factory: pytest.TempPathFactory, zmaj_tokenizer: Tokeni
     run = tiny_run(tmp_path_factory.mktemp("damaged-run"), zmaj_tokenizer)
     os.truncate(run / "checkpoints" / "step-0000000" / "params.safetensors", 100)
     return run
+
+
+@pytest.mark.parametrize(
+    ("program", "args"),
+    [
+        ("generate.py", ["--model", "RUN", "--prompt", "hi", "--temperature", "0"]),
+        ("perplexity.py", ["--model", "RUN", "--text-file", __file__]),
+        ("sample.py", ["RUN", "--prompt", "hi", "--temperature", "0"]),
+    ],
+)
+def test_weights_that_are_not_finite_exit_2_naming_them(
+    zmaj_tokenizer: Tokenizer, tmp_path: Path, program: str, args: list[str]
+) -> None:
+    """Greedy decoding read a NaN logit as the largest (token 0, exit 0); perplexity printed NaN as JSON."""
+    diverged = tiny_run(tmp_path, zmaj_tokenizer, embed_nan=True)
+    result = run(program, *(diverged if arg == "RUN" else arg for arg in args))
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.endswith(
+        ": the weights of embed.weight are not finite (NaN or infinite): a run that diverged? Its "
+        "logits would be NaN"
+    )
+    assert str(diverged) in line
+    assert result.stdout == ""
 
 
 @pytest.mark.parametrize(

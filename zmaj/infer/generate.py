@@ -107,10 +107,17 @@ def choose(
     return sample_categorical(torch.softmax(logits, dim=-1), generator)
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model's logits hold a NaN or an infinity: no token follows from them (activations past the range
+    of the type it computes in; weights that are not finite are refused when a model loads)."""
+
+
 def check_finite(values: Tensor) -> None:
-    """Refuse logits (or a distribution's totals) that hold a NaN or an infinity: no token follows from them."""
+    """Refuse logits (or a distribution's totals) that hold a NaN or an infinity."""
     if not bool(torch.isfinite(values).all()):
-        raise ValueError("the model's logits are not finite: there is no distribution to sample from")
+        raise NonFiniteLogitsError(
+            "the model's logits are not finite (NaN or infinite): no token follows from them"
+        )
 
 
 def sample_categorical(
