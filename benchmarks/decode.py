@@ -5,7 +5,8 @@ weights, then cast for bf16) and decode greedily from the same prompts, batch 1 
 tokens (no stop token, so every row decodes every step):
 
 - ``zmaj eager``: ``zmaj.models.llama.forward_cached`` over a preallocated cache (``zmaj.infer.cache``), one
-  prefill call then one call per token, argmax in between: what ``zmaj.infer.generate`` runs.
+  prefill call then one call per token, argmax in between: what ``zmaj.infer.generate`` runs (less its check
+  that the chosen logit is finite, one host sync a token).
 - ``zmaj compiled``: the same step through ``torch.compile(fullgraph=True)``
   (``zmaj.infer.generate.compile_step``); the cache's fixed shapes give one graph for every decode step
   (prefill compiles its own), whose attention reads the slots written so far.

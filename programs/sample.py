@@ -12,7 +12,7 @@ from generate import checked_sampling
 from loguru import logger
 
 from zmaj import checkpoint
-from zmaj.convert.load import LORA_FILE, check_finite, run_config
+from zmaj.convert.load import LORA_FILE, check_weights, run_config
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer.sample import sample
 from zmaj.models import gpt
@@ -47,7 +47,7 @@ def main() -> None:
         latest = checkpoint.latest(args.run_dir)
         tokenizer = Tokenizer.load(args.run_dir / "tokenizer.json")
         params = checkpoint.load_params(latest, gpt.init(config, 0, device="meta"))
-        check_finite(params, str(latest))
+        check_weights(params, str(latest))
     except (SpecError, OSError, ValueError) as error:  # OSError: missing or unreadable; ValueError: damaged
         logger.error(str(error))
         sys.exit(2)

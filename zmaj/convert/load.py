@@ -126,11 +126,11 @@ def load_model(path: str | Path) -> Pretrained:
     (GGUF files dequantised to float32). Weights that are not finite (a run that diverged) are refused: their
     logits are NaN, which greedy decoding would read as token 0, and an export would publish."""
     model = _load_model(path)
-    check_finite(model.params, str(path))
+    check_weights(model.params, str(path))
     return model
 
 
-def check_finite(params: TensorDictBase, where: str) -> None:
+def check_weights(params: TensorDictBase, where: str) -> None:
     """Refuse weights that hold a NaN or an infinity, naming them and ``where`` they came from."""
     if bad := checkpoint.non_finite_leaves(params):
         raise ValueError(

@@ -92,7 +92,7 @@ def choose(
     if sampling.temperature == 0.0:
         token = logits.argmax(-1)
         # argmax takes a NaN for the largest logit: the logit it chose says whether the row had any.
-        check_finite(logits.gather(-1, token[:, None]))
+        check_logits(logits.gather(-1, token[:, None]))
         return token
     # Shifted to a maximum of 0 first (softmax is the same): a tiny temperature then cannot overflow to inf. One
     # below float32's smallest subnormal number (~1.4e-45) would round to 0 there and make the top logit 0/0;
@@ -112,7 +112,7 @@ class NonFiniteLogitsError(ValueError):
     of the type it computes in; weights that are not finite are refused when a model loads)."""
 
 
-def check_finite(values: Tensor) -> None:
+def check_logits(values: Tensor) -> None:
     """Refuse logits (or a distribution's totals) that hold a NaN or an infinity."""
     if not bool(torch.isfinite(values).all()):
         raise NonFiniteLogitsError(
@@ -136,7 +136,7 @@ def sample_categorical(
     """
     cdf = probs.float().cumsum(-1)
     # Checked before the GPU's step, which reads a NaN probability as zero: a row of NaN became token 0.
-    check_finite(cdf[:, -1])  # searchsorted would return the vocabulary size, no token
+    check_logits(cdf[:, -1])  # searchsorted would return the vocabulary size, no token
     monotone = cdf.device.type != "cpu" if monotone is None else monotone
     if monotone:
         cdf = torch.where(probs > 0, cdf, 0.0).cummax(-1).values

@@ -85,7 +85,7 @@ def train(
     cfg, parallel = run.train, run.parallel
     main = parallel.main
 
-    def check_finite(state: TensorDict, done: int) -> None:
+    def check_state(state: TensorDict, done: int) -> None:
         """Stop where the last update made the state non-finite, before it is saved or evaluated: the step's
         loss and gradient norm, checked as it ended, are those of the state it started from, so a learning rate
         that overflows float32 in the update would otherwise end a run (exit 0) with a model of NaNs as its
@@ -101,7 +101,7 @@ def train(
     def save(state: TensorDict, done: int) -> None:
         """Rank 0 writes, and every rank learns whether it could: a write that fails (a full disk) stops all of
         them with rank 0's one line, rather than leave the others to die in the next step's collective."""
-        check_finite(state, done)
+        check_state(state, done)
         whole = parallel.gather_to_main(state)
         failed: OSError | RunFailedError | None = None
         if whole is not None:
@@ -126,7 +126,7 @@ def train(
         if evaluate is None and not final:
             return
         if evaluate is not None:
-            check_finite(state, done)
+            check_state(state, done)
         result = evaluate(state, done, final) if evaluate is not None else {}
         extra = {"final": True, "wall_s": time.perf_counter() - run.started} if final else {}
         run.record({"step": done, **result, **extra})
