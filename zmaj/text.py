@@ -47,17 +47,31 @@ def read_json(path: str | Path) -> Any:
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
     """Each non-blank line's JSON value with its 1-based line number, to name it in later errors.
 
-    Lines end at ``\\n`` only (a ``\\r`` before it is JSON whitespace): ``str.splitlines`` would also split at
-    characters JSON allows unescaped inside strings (U+2028, U+2029), misnumbering every later line.
+    Read a line at a time, so that a corpus shard of gigabytes never sits in memory whole (it took 1.9x the
+    file's size: its bytes, their text and its lines). Lines end at ``\\n`` only (a ``\\r`` before it is JSON
+    whitespace): ``str.splitlines`` would also split at characters JSON allows unescaped inside strings (U+2028,
+    U+2029), misnumbering every later line. A byte that is not UTF-8 is found at its line, not before the first.
     """
-    for number, line in enumerate(read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise NotJSONError(f"{path}:{number}: not JSON ({error.msg}, column {error.colno})") from error
-        yield number, value
+    with Path(path).open("rb") as file:
+        offset = 0
+        for number, raw in enumerate(file, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                where = offset + error.start
+                raise NotTextError(
+                    f"{path}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {where}, line {number})"
+                ) from error
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise NotJSONError(
+                    f"{path}:{number}: not JSON ({error.msg}, column {error.colno})"
+                ) from error
+            yield number, value
 
 
 def not_utf8(text: str) -> str | None:

@@ -500,12 +500,12 @@ def bad_conversations(tmp_path: Path) -> Path:
         (
             "sft.py",
             ["--set", "data={kind: files, paths: [BINARY]}"],
-            "chats.bin: not UTF-8 text (byte 0xff at offset 1)",
+            "chats.bin: not UTF-8 text (byte 0xff at offset 1, line 1)",
         ),
         (
             "dpo.py",
             ["--set", "pairs={kind: files, paths: [BINARY]}"],
-            "chats.bin: not UTF-8 text (byte 0xff at offset 1)",
+            "chats.bin: not UTF-8 text (byte 0xff at offset 1, line 1)",
         ),
         pytest.param(
             "sft.py",

@@ -103,8 +103,28 @@ def test_a_jsonl_line_that_is_not_json_names_file_and_line(tmp_path: Path) -> No
 def test_a_binary_jsonl_file_names_the_offset(tmp_path: Path) -> None:
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b'{"a": 1}\n\xff\n')
-    with pytest.raises(NotTextError, match=r"byte 0xff at offset 9"):
+    with pytest.raises(NotTextError, match=r"byte 0xff at offset 9, line 2\)$"):
         list(read_jsonl(path))
+
+
+@given(st.lists(st.text(), max_size=4), st.binary(min_size=1, max_size=8))
+def test_jsonl_read_a_line_at_a_time_names_the_first_bad_byte_as_the_whole_file_does(
+    lines: list[str], tail: bytes
+) -> None:
+    """A line at a time (a shard of gigabytes is never in memory whole), yet the same first bad byte as the
+    whole file's decoding: a UTF-8 character never spans the newline byte."""
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode("utf-8") + tail + b"\n"
+    with written(data) as path:
+        if is_utf8(data):
+            return
+        with pytest.raises(NotTextError) as whole:
+            read_text(path)
+        with pytest.raises(NotTextError) as by_line:
+            list(read_jsonl(path))
+    found = re.fullmatch(r".* at offset (\d+)\)", str(whole.value))
+    assert found is not None
+    line = data[: int(found[1])].count(b"\n") + 1
+    assert str(by_line.value) == str(whole.value).removesuffix(")") + f", line {line})"
 
 
 def test_json_is_read_and_its_errors_name_file_and_line(tmp_path: Path) -> None:
