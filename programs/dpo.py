@@ -57,7 +57,9 @@ def write_run_files(spec: DPOSpec, begin: Start, pairs: list[Pair], run_dir: Pat
 def train(run: Run[DPOSpec], begin: Start, pairs: list[Pair], params: TensorDict) -> None:
     spec, parallel = run.spec, run.parallel
     cfg = spec.train
-    state = run.restore(init_state(params, cfg.optimizer))
+    state = run.restore(
+        lambda device: init_state(params if device is None else params.to(device), cfg.optimizer)
+    )
     policy = parallel.forward(finetune.policy_forward(spec, begin), run.dtype)
     forward = precision.autocast_forward(policy, run.dtype, run.device)  # train.precision, as SFT and GRPO
     reference_forward = precision.autocast_forward(begin.base_forward, run.dtype, run.device)

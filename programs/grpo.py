@@ -75,7 +75,9 @@ def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: Tenso
     config = spec.grpo.model_copy(
         update={"stop_tokens": tuple(sorted({*spec.grpo.stop_tokens, *tokenizer.stop_ids}))}
     )
-    state = run.restore(init_state(params, cfg.optimizer))
+    state = run.restore(
+        lambda device: init_state(params if device is None else params.to(device), cfg.optimizer)
+    )
     forward = precision.autocast_forward(finetune.policy_forward(spec, begin), run.dtype, run.device)
     reference_forward = precision.autocast_forward(begin.base_forward, run.dtype, run.device)
     step_fn = begin.model.architecture.cached(begin.model.config)

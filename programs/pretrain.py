@@ -99,7 +99,9 @@ def train(run: Run[PretrainSpec], data: Prepared) -> None:
         f"{len(data.train)} train rows, {len(data.validation)} validation rows of {spec.data.seq_len} tokens"
     )
     # A fresh state is made on the CPU (or a resumed run's read there), then sharded and moved to the device.
-    state = run.restore(init_state(gpt.init(spec.model, cfg.seed), cfg.optimizer))
+    state = run.restore(
+        lambda device: init_state(gpt.init(spec.model, cfg.seed, device or "cpu"), cfg.optimizer)
+    )
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
     forward = bind(gpt.forward, config=spec.model)
     # The loss unembeds a chunk of positions at a time, never holding the whole logits (zmaj.nn.loss).

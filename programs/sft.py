@@ -69,7 +69,9 @@ def build_examples(spec: SFTSpec, begin: Start) -> list[Example]:
 def train(run: Run[SFTSpec], begin: Start, examples: list[Example], params: TensorDict) -> None:
     spec, parallel = run.spec, run.parallel
     cfg = spec.train
-    state = run.restore(init_state(params, cfg.optimizer))
+    state = run.restore(
+        lambda device: init_state(params if device is None else params.to(device), cfg.optimizer)
+    )
     forward = parallel.forward(finetune.policy_forward(spec, begin), run.dtype)
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
 

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, cast
@@ -44,8 +44,8 @@ class Spec(BaseModel):
     train: LoopConfig
 
 
-def fresh() -> TensorDict:
-    params = TensorDict({"w": torch.zeros(4), "seen": torch.zeros(())})
+def fresh(device: torch.device | None = None) -> TensorDict:
+    params = TensorDict({"w": torch.zeros(4, device=device), "seen": torch.zeros((), device=device)})
     return TensorDict(
         {"params": params, "opt": {"m": params.clone(), "step": torch.zeros((), dtype=torch.long)}}
     )
@@ -75,7 +75,7 @@ def open_run(
 
 def train(run_dir: Path, losses: Losses = lambda step: (1.0 / step, 1.0), **kwargs: object) -> TensorDict:
     with open_run(run_dir, **kwargs) as run:  # type: ignore[arg-type]
-        return loop.train(run, run.restore(fresh()), stand_in(losses), lambda index: index)
+        return loop.train(run, run.restore(fresh), stand_in(losses), lambda index: index)
 
 
 @contextmanager
@@ -313,7 +313,7 @@ def test_curves_are_saved_whole_or_not_at_all_and_drawn_again_when_a_finished_ru
         with open_run(tmp_path / "run", resume) as run:
             loop.train(
                 run,
-                run.restore(fresh()),
+                run.restore(fresh),
                 stand_in(lambda step: (1.0, 1.0)),
                 lambda i: i,
                 evaluate=lambda *_: {},
@@ -380,7 +380,7 @@ def test_a_finished_run_resumed_does_nothing_and_one_past_its_steps_is_refused(t
     def run_loop(resume: bool = False, stop_after: int | None = None, **train: object) -> None:
         with open_run(tmp_path / "run", resume, stop_after, **train) as run:
             loop.train(
-                run, run.restore(fresh()), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate
+                run, run.restore(fresh), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate
             )
 
     def finals() -> list[float]:
@@ -537,7 +537,7 @@ def test_a_state_the_update_made_non_finite_is_never_saved_or_evaluated(
         pytest.raises(SystemExit) as stopped,
         open_run(run_dir, checkpoint_every=checkpoint_every, eval_every=5) as run,
     ):
-        loop.train(run, run.restore(fresh()), step, lambda index: index, evaluate=evaluate)
+        loop.train(run, run.restore(fresh), step, lambda index: index, evaluate=evaluate)
     assert stopped.value.code == 1
     assert len(messages) == 1
     aside = run_dir / "checkpoints" / f"nonfinite-step-{bad_step:07d}"
@@ -555,6 +555,39 @@ def test_a_state_the_update_made_non_finite_is_never_saved_or_evaluated(
     else:
         assert "no good checkpoint was saved before it" in messages[0]
     assert not report.finished(run_dir / "metrics.jsonl")
+
+
+def test_a_resume_builds_no_fresh_state_and_hashes_its_checkpoint_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The template a checkpoint is read into is made on the meta device: a real one (random, then dropped)
+    cost every rank the whole state's memory and its initialisation, 96 GB at 8B parameters. Its files are
+    hashed once (they were twice: by ``latest_intact``, then by the read)."""
+    made: list[torch.device | None] = []
+    verified: list[Path] = []
+    verify = checkpoint.verify
+
+    def counted(path: Path, *files: Sequence[str]) -> None:
+        verified.append(path)
+        verify(path, *files)
+
+    monkeypatch.setattr(checkpoint, "verify", counted)
+
+    def recorded(device: torch.device | None) -> TensorDict:
+        made.append(device)
+        return fresh(device)
+
+    straight = train(tmp_path / "straight")
+    with open_run(tmp_path / "run") as run:
+        loop.train(run, run.restore(recorded), stand_in(lambda step: (1.0 / step, 1.0)), lambda i: i)
+    assert made == [None]
+    made.clear()
+    train(tmp_path / "split", stop_after=4)
+    with open_run(tmp_path / "split", resume=True) as run:
+        state = loop.train(run, run.restore(recorded), stand_in(lambda step: (1.0 / step, 1.0)), lambda i: i)
+    assert made == [torch.device("meta")]
+    assert verified == [tmp_path / "split" / "checkpoints" / "step-0000004"]
+    assert (state == straight).all()
 
 
 def test_a_resumed_checkpoint_that_is_not_finite_is_set_aside_before_it_is_evaluated(tmp_path: Path) -> None:
@@ -577,9 +610,7 @@ def test_a_resumed_checkpoint_that_is_not_finite_is_set_aside_before_it_is_evalu
         pytest.raises(SystemExit) as stopped,
         open_run(run_dir, resume=True, eval_every=4) as run,
     ):
-        loop.train(
-            run, run.restore(fresh()), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate
-        )
+        loop.train(run, run.restore(fresh), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate)
     assert stopped.value.code == 1
     assert evaluated == []
     assert messages[0].startswith("the checkpoint of step 4 is not finite (params.w)")
@@ -730,7 +761,7 @@ def test_a_loop_step_of_several_updates_resumes_where_it_stopped(tmp_path: Path)
 
     def run(run_dir: Path, **kwargs: object) -> TensorDict:
         with open_run(run_dir, **kwargs) as run:  # type: ignore[arg-type]
-            return loop.train(run, run.restore(fresh()), two_updates, lambda i: i, updates_per_step=2)
+            return loop.train(run, run.restore(fresh), two_updates, lambda i: i, updates_per_step=2)
 
     straight = run(tmp_path / "straight")
     assert int(straight["opt", "step"]) == 20
@@ -749,7 +780,7 @@ def test_resuming_from_a_damaged_newest_checkpoint_takes_the_newest_intact_one(t
     newest = checkpoint.latest(tmp_path / "run")
     os.truncate(newest / "params.safetensors", 10)
     with logged("WARNING") as messages, open_run(tmp_path / "run", resume=True) as run:
-        state = run.restore(fresh())
+        state = run.restore(fresh)
     assert int(state["opt", "step"]) == 2
     assert any("params.safetensors" in m and "step-0000002" in m for m in messages), messages
 
@@ -788,7 +819,7 @@ def test_a_resume_with_no_intact_checkpoint_left_is_one_line_and_exit_2(tmp_path
         pytest.raises(SystemExit) as stopped,
         open_run(tmp_path / "run", resume=True) as run,
     ):
-        run.restore(fresh())
+        run.restore(fresh)
     assert stopped.value.code == 2
     assert len(messages) == 1
     assert "no intact checkpoint to resume from" in messages[0]
@@ -804,9 +835,7 @@ def test_evaluations_come_at_the_start_on_schedule_and_at_the_end(tmp_path: Path
         return {"score": float(state["params", "w"][0])}
 
     with open_run(tmp_path / "run") as run:
-        loop.train(
-            run, run.restore(fresh()), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate
-        )
+        loop.train(run, run.restore(fresh), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate)
     assert seen == [(0, False), (5, False), (10, True)]
     final = records(tmp_path / "run")[-1]
     assert final["final"]
@@ -821,7 +850,7 @@ def test_evaluations_come_at_the_start_on_schedule_and_at_the_end(tmp_path: Path
         shutil.rmtree(tmp_path / "split", ignore_errors=True)
         for resume in (False, True):
             with open_run(tmp_path / "split", resume, stop_after=5) as run:
-                state = run.restore(fresh())
+                state = run.restore(fresh)
                 loop.train(run, state, stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate)
             if kill_in_evaluation and not resume:
                 lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines(keepends=True)
@@ -854,9 +883,7 @@ def test_a_new_run_in_a_finished_run_whose_checkpoints_were_removed_is_refused_a
     scores = {"score": 1.0} if evaluates else {}
     with open_run(tmp_path / "run") as run:
         evaluate = (lambda *_: scores) if evaluates else None
-        loop.train(
-            run, run.restore(fresh()), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate
-        )
+        loop.train(run, run.restore(fresh), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate)
     end = records(tmp_path / "run")[-1]
     assert end == {"step": 10, **scores, "final": True, "wall_s": end["wall_s"]}
     shutil.rmtree(tmp_path / "run" / "checkpoints")
@@ -928,7 +955,7 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(
     for _ in range(3):
         args = argparse.Namespace(resume=None, run_dir=None, stop_after=None)
         with runs.open_run(spec, args, Parallel()) as run:
-            loop.train(run, run.restore(fresh()), stand_in(lambda step: (1.0, 1.0)), lambda index: index)
+            loop.train(run, run.restore(fresh), stand_in(lambda step: (1.0, 1.0)), lambda index: index)
             folders.append(run.dir)
     assert folders == [
         Path("runs") / name
@@ -1051,7 +1078,7 @@ def test_each_step_runs_at_the_schedules_rate_for_its_zero_based_index(tmp_path:
         return stand_in(lambda step: (1.0, 1.0))(state, batch, lr=lr)
 
     with open_run(tmp_path / "run", schedule=schedule.model_dump()) as run:
-        loop.train(run, run.restore(fresh()), recording, lambda i: i)
+        loop.train(run, run.restore(fresh), recording, lambda i: i)
     peak = run.train.optimizer.lr
     expected = [optim.learning_rate(i, 10, peak, schedule) for i in range(10)]
     assert rates == expected
@@ -1075,7 +1102,7 @@ def test_a_non_finite_loop_step_of_several_updates_sets_aside_the_checkpoint_it_
 
     # Checkpoints every 2 loop steps: updates 4 and 8.
     with logged() as messages, pytest.raises(SystemExit) as stopped, open_run(tmp_path / "run") as run:
-        loop.train(run, run.restore(fresh()), two_updates, lambda i: i, updates_per_step=2)
+        loop.train(run, run.restore(fresh), two_updates, lambda i: i, updates_per_step=2)
     assert stopped.value.code == 1
     assert "step 8" in messages[0]
     assert checkpoint.latest(tmp_path / "run").name == "step-0000004"
@@ -1273,7 +1300,7 @@ def test_a_stop_that_another_rank_saw_stops_this_one_at_the_same_step(
     args = argparse.Namespace(resume=None, run_dir=tmp_path / "run", stop_after=None)
     parallel = OtherRankInterrupted()
     with runs.open_run(spec, args, parallel) as run:
-        state = loop.train(run, run.restore(fresh()), step, lambda i: i)
+        state = loop.train(run, run.restore(fresh), step, lambda i: i)
     assert int(state["opt", "step"]) == 3
     assert checkpoint.latest(tmp_path / "run").name == "step-0000003"
 

@@ -49,7 +49,7 @@ def train_with(
         return 1.0 / step + offset, 2.0 + step
 
     with open_run(run_dir, resume, trackers=names, tracker_project=project) as run:
-        loop.train(run, run.restore(fresh()), stand_in(losses), lambda i: i, evaluate=evaluate)
+        loop.train(run, run.restore(fresh), stand_in(losses), lambda i: i, evaluate=evaluate)
 
 
 def jsonl_series(run_dir: Path) -> Series:
