@@ -109,7 +109,8 @@ def test_a_file_that_is_not_utf8_is_an_error_naming_file_and_offset(tmp_path: Pa
     path.write_bytes(json.dumps({"messages": CONVERSATIONS[0]}).encode() + b"\n\x00\xc3\x28\n")
     offset = len(json.dumps({"messages": CONVERSATIONS[0]})) + 2
     with pytest.raises(
-        NotTextError, match=rf"^{re.escape(str(path))}: not UTF-8 text \(byte 0xc3 at offset {offset}\)$"
+        NotTextError,
+        match=rf"^{re.escape(str(path))}: not UTF-8 text \(byte 0xc3 at offset {offset}, line 2\)$",
     ):
         load_conversations(ChatFilesSource(paths=[str(path)]))
 
