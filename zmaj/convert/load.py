@@ -91,12 +91,15 @@ class Pretrained:
             assert cast is not None
             params = cast
             # A narrower type (float16 holds at most 65504) turns the weights past its range into infinities.
-            before = set(checkpoint.non_finite_leaves(self.params))
-            if overflown := [key for key in checkpoint.non_finite_leaves(cast) if key not in before]:
-                raise ValueError(
-                    f"the weights of {checkpoint.named(overflown)} overflow {str(dtype).removeprefix('torch.')}, "
-                    f"whose largest value is {torch.finfo(dtype).max:g}: use a wider type (bfloat16, float32)"
-                )
+            floats = [t for t in self.params.values(True, True) if t.is_floating_point()]
+            if any(torch.finfo(t.dtype).max > torch.finfo(dtype).max for t in floats):
+                before = set(checkpoint.non_finite_leaves(self.params))
+                if overflown := [key for key in checkpoint.non_finite_leaves(cast) if key not in before]:
+                    raise ValueError(
+                        f"the weights of {checkpoint.named(overflown)} overflow "
+                        f"{str(dtype).removeprefix('torch.')}, whose largest value is {torch.finfo(dtype).max:g}: "
+                        "use a wider type (bfloat16, float32)"
+                    )
         return replace(self, params=params if device is None else params.to(device))
 
 
