@@ -377,8 +377,14 @@ def _parquet_column(path: str, column: str) -> Iterator[Any]:
     names = file.schema_arrow.names
     if column not in names:
         raise ValueError(f"{path}: no {column!r} column (has {', '.join(names)})")
-    for batch in reading(file.iter_batches(columns=[column]), path, "batch of rows"):
+    # A thousand rows at a time: pyarrow's default of 65,536 documents held 852 MB beside 200 MB of text.
+    batches = file.iter_batches(batch_size=PARQUET_BATCH, columns=[column])
+    for batch in reading(batches, path, "batch of rows"):
         yield from batch.column(0).to_pylist()
+
+
+PARQUET_BATCH = 1024
+"""Rows a parquet file is read in at once."""
 
 
 def _row(text: Any, column: str, where: str) -> Document:

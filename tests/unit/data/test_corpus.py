@@ -154,7 +154,12 @@ def test_a_bad_jsonl_line_fails_naming_file_and_line(tmp_path: Path, line: str, 
         _all(FilesSource(paths=[str(path)], format="jsonl"))
 
 
-def test_parquet_files_read_the_text_column(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", [corpus.PARQUET_BATCH, 2, 1])
+def test_parquet_files_read_the_text_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    """Every row, whatever the batches it is read in (a thousand rows: pyarrow's 65,536 took 852 MB)."""
+    monkeypatch.setattr(corpus, "PARQUET_BATCH", batch)
     path = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"body": ["alpha", "beta", "gamma"], "n": [1, 2, 3]}), path)
     docs = _all(FilesSource(paths=[str(path)], format="parquet", text_column="body"))
