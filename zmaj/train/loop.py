@@ -139,8 +139,9 @@ def train(
             f"{run.dir} is at step {first}, past train.steps ({cfg.steps}): "
             f"set train.steps to at least {first}"
         )
-    if run.resumed:  # checked: the spec it goes on with, so that the next --resume keeps its --set
-        run.write_spec()
+    if run.resumed:
+        check_state(state, first)  # saved by a zmaj that did not check: an optimizer moment may be inf
+        run.write_spec()  # checked: the spec it goes on with, so that the next --resume keeps its --set
     # What a resume reads of the run's records is input: damage is one line naming file:line, not a traceback.
     # Rank 0 reads them and tells the others, which learn of damage from it (and exit 2 without a word).
     with bad_input_exits_2(parallel):
@@ -258,16 +259,21 @@ def stop_on_non_finite(
 
 def _set_aside(run: Run[Any], whole: TensorDict, what: str, updates_per_step: int | None) -> str:
     """Rank 0's part of :func:`stop_on_non_finite`: the files moved, and the message saying where to go on."""
-    kept = checkpoint.save_aside(run.dir, whole, describe_meta(run), "nonfinite")
-    message = f"{what}; that state is kept in {kept} for inspection"
-    if updates_per_step is not None:
-        started = int(whole["opt", "step"]) - updates_per_step
-        if checkpoint.set_aside_latest(run.dir, started, "nonfinite_start"):
-            message += f", and the checkpoint the step started from (step {started}) set aside beside it"
+    step = int(whole["opt", "step"])
+    if updates_per_step == 0:  # the checkpoint the run resumed from, moved aside as it is (not saved again)
+        moved = checkpoint.set_aside_latest(run.dir, step, "nonfinite")
+        message = f"{what}; it is set aside as nonfinite-step-{step:07d} for inspection" if moved else what
+    else:
+        kept = checkpoint.save_aside(run.dir, whole, describe_meta(run), "nonfinite")
+        message = f"{what}; that state is kept in {kept} for inspection"
+        if updates_per_step is not None:
+            started = step - updates_per_step
+            if checkpoint.set_aside_latest(run.dir, started, "nonfinite_start"):
+                message += f", and the checkpoint the step started from (step {started}) set aside beside it"
     saved = (run.dir / checkpoint.CHECKPOINTS / checkpoint.LATEST).is_file()
+    lower = " (a lower train.optimizer.lr may help)" if updates_per_step != 0 else ""
     then = (
-        f"latest is {checkpoint.latest(run.dir).name}: --resume {run.dir} continues from there (a lower "
-        "train.optimizer.lr may help)"
+        f"latest is {checkpoint.latest(run.dir).name}: --resume {run.dir} continues from there{lower}"
         if saved
         else "no good checkpoint was saved before it: start again with another --run-dir"
     )

@@ -590,14 +590,24 @@ def test_a_resume_builds_no_fresh_state_and_hashes_its_checkpoint_once(
     assert (state == straight).all()
 
 
-def test_a_resumed_checkpoint_that_is_not_finite_is_set_aside_before_it_is_evaluated(tmp_path: Path) -> None:
-    """A checkpoint saved before zmaj checked states may hold NaNs; a resume that evaluates it first (its step
-    is an evaluation's) stops there, sets it aside and goes back to the one before, as a step would."""
+@pytest.mark.parametrize(
+    ("leaf", "eval_every"),
+    [
+        (("params", "w"), 4),  # its step is an evaluation's: checked before the evaluation reads it
+        (("opt", "m", "w"), 5),  # an infinite moment leaves the parameters finite (m / sqrt(inf) is 0)
+    ],
+)
+def test_a_resumed_checkpoint_that_is_not_finite_is_set_aside_as_it_is(
+    tmp_path: Path, leaf: tuple[str, ...], eval_every: int
+) -> None:
+    """A checkpoint saved before zmaj checked states may hold NaNs or infinities: the resume stops at once and
+    moves it aside (not saved a second time), ``latest`` back to the one before. An infinite moment went unseen
+    until the next save, which blamed a later update and kept ``latest`` on it: every resume failed again."""
     run_dir = tmp_path / "run"
     train(run_dir, stop_after=4)  # checkpoints at steps 2 and 4
-    with open_run(run_dir, resume=True) as run:  # step 4 saved again, NaN, as an older zmaj would have
+    with open_run(run_dir, resume=True) as run:  # step 4 saved again, not finite, as an older zmaj would have
         state = checkpoint.load_state(checkpoint.latest(run_dir), fresh())
-        state["params", "w"][0] = math.nan
+        state[leaf][0] = math.inf
         checkpoint.save(run_dir, state, runs.describe_meta(run))
     evaluated: list[TensorDict] = []
 
@@ -608,14 +618,17 @@ def test_a_resumed_checkpoint_that_is_not_finite_is_set_aside_before_it_is_evalu
     with (
         logged() as messages,
         pytest.raises(SystemExit) as stopped,
-        open_run(run_dir, resume=True, eval_every=4) as run,
+        open_run(run_dir, resume=True, eval_every=eval_every) as run,
     ):
         loop.train(run, run.restore(fresh), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate)
     assert stopped.value.code == 1
     assert evaluated == []
-    assert messages[0].startswith("the checkpoint of step 4 is not finite (params.w)")
-    assert checkpoint.latest(run_dir).name == "step-0000002"
-    assert "nonfinite_start-step-0000004" in steps_on_disk(run_dir)
+    assert messages == [
+        f"the checkpoint of step 4 is not finite ({'.'.join(leaf)}); it is set aside as nonfinite-step-0000004 "
+        f"for inspection; latest is step-0000002: --resume {run_dir} continues from there"
+    ]
+    assert steps_on_disk(run_dir) == ["latest", "nonfinite-step-0000004", "step-0000002"]
+    train(run_dir, resume=True)  # from step 2, finite
 
 
 def test_a_step_non_finite_again_after_the_resume_sets_its_start_aside_again(tmp_path: Path) -> None:
