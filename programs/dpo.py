@@ -22,7 +22,6 @@ from zmaj.train.dpo import dpo_step, preference_batch
 from zmaj.train.finetune import DPOSpec, Start
 from zmaj.train.pairs import PAIRS_FILE, Pair, make_pairs, read_pairs, write_pairs
 from zmaj.train.runs import Run
-from zmaj.train.step import init_state
 
 
 def main() -> None:
@@ -57,9 +56,7 @@ def write_run_files(spec: DPOSpec, begin: Start, pairs: list[Pair], run_dir: Pat
 def train(run: Run[DPOSpec], begin: Start, pairs: list[Pair], params: TensorDict) -> None:
     spec, parallel = run.spec, run.parallel
     cfg = spec.train
-    state = run.restore(
-        lambda device: init_state(params if device is None else params.to(device), cfg.optimizer)
-    )
+    state = run.restore(finetune.fresh_state(params, cfg.optimizer))
     policy = parallel.forward(finetune.policy_forward(spec, begin), run.dtype)
     forward = precision.autocast_forward(policy, run.dtype, run.device)  # train.precision, as SFT and GRPO
     reference_forward = precision.autocast_forward(begin.base_forward, run.dtype, run.device)

@@ -25,7 +25,7 @@ from zmaj.train import finetune, loop, optim, precision, runs
 from zmaj.train.finetune import GRPOSpec, Start
 from zmaj.train.grpo import TaskRewardError, grpo_step, sample_rollout, task_reward
 from zmaj.train.runs import Run
-from zmaj.train.step import Metrics, init_state
+from zmaj.train.step import Metrics
 
 
 def main() -> None:
@@ -75,9 +75,7 @@ def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: Tenso
     config = spec.grpo.model_copy(
         update={"stop_tokens": tuple(sorted({*spec.grpo.stop_tokens, *tokenizer.stop_ids}))}
     )
-    state = run.restore(
-        lambda device: init_state(params if device is None else params.to(device), cfg.optimizer)
-    )
+    state = run.restore(finetune.fresh_state(params, cfg.optimizer))
     forward = precision.autocast_forward(finetune.policy_forward(spec, begin), run.dtype, run.device)
     reference_forward = precision.autocast_forward(begin.base_forward, run.dtype, run.device)
     step_fn = begin.model.architecture.cached(begin.model.config)

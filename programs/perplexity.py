@@ -66,6 +66,8 @@ def main() -> None:
         return arch.unembed(params, states, config=config)
 
     result = perplexity(hidden, unembed, tokens, context, stride)
+    if not math.isfinite(result.nll):  # finite weights (checked as they load) whose activations overflow
+        fail("the model's logits are not finite (NaN or infinite): its perplexity is undefined")
     n_bytes = len(text.encode("utf-8"))
     bits = result.nll * result.tokens / math.log(2)
     record = {"tokens": result.tokens, "nll": result.nll, "ppl": result.ppl, "bytes": n_bytes}

@@ -14,6 +14,7 @@ from loguru import logger
 from zmaj import checkpoint
 from zmaj.convert.load import LORA_FILE, check_weights, run_config
 from zmaj.data.tokenizer import Tokenizer
+from zmaj.infer.generate import NonFiniteLogitsError
 from zmaj.infer.sample import sample
 from zmaj.models import gpt
 from zmaj.models.gpt import GPTConfig
@@ -62,16 +63,20 @@ def main() -> None:
         logger.error("--prompt must not be empty: the model needs at least one token to continue")
         sys.exit(2)
     prompt = torch.tensor([tokenizer.encode(args.prompt)], device=device)
-    new = sample(
-        lambda batch: gpt.forward(params, batch, config),
-        prompt,
-        args.max_new_tokens,
-        config.context,
-        sampling.temperature,
-        sampling.top_k,
-        args.seed,
-        stop_token=tokenizer.eos_id,
-    )
+    try:
+        new = sample(
+            lambda batch: gpt.forward(params, batch, config),
+            prompt,
+            args.max_new_tokens,
+            config.context,
+            sampling.temperature,
+            sampling.top_k,
+            args.seed,
+            stop_token=tokenizer.eos_id,
+        )
+    except NonFiniteLogitsError as error:  # activations past float's range: one line
+        logger.error(str(error))
+        sys.exit(2)
     ids = [i for i in new[0].tolist() if i != tokenizer.eos_id]
     print(args.prompt + tokenizer.decode(ids))
 

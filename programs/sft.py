@@ -23,7 +23,7 @@ from zmaj.models.common import Batch
 from zmaj.train import finetune, loop, optim, precision, runs
 from zmaj.train.finetune import SFTSpec, Start
 from zmaj.train.runs import Run
-from zmaj.train.step import init_state, train_step
+from zmaj.train.step import train_step
 
 Example = tuple[list[int], list[bool]]
 
@@ -69,9 +69,7 @@ def build_examples(spec: SFTSpec, begin: Start) -> list[Example]:
 def train(run: Run[SFTSpec], begin: Start, examples: list[Example], params: TensorDict) -> None:
     spec, parallel = run.spec, run.parallel
     cfg = spec.train
-    state = run.restore(
-        lambda device: init_state(params if device is None else params.to(device), cfg.optimizer)
-    )
+    state = run.restore(finetune.fresh_state(params, cfg.optimizer))
     forward = parallel.forward(finetune.policy_forward(spec, begin), run.dtype)
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
 

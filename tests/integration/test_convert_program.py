@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import zmaj.convert
 from tests.integration.programs import Result, busy_volume, run_program
@@ -114,10 +114,11 @@ def test_dtype_casts_the_parameters(
         (["{source}", "{file}/model"], "file.txt is a file, not a folder"),
         (["{source}", "{source}"], "is the source"),
         (["{holder}/model.gguf", "{holder}"], "holds the source"),
-        (["{source}", "{mine}"], "holds cut_tokenizer, which no model folder has"),  # a folder of one's own
+        (["{source}", "{mine}"], "holds big, which no model folder has"),  # a folder of one's own
         (["{cut_weights}", "{out}"], "model.safetensors: not a readable safetensors file"),
         (["{cut_tokenizer}", "{out}"], "tokenizer.json is not a tokenizer file: not JSON"),
         (["{no_size}", "{out}"], "config.json has no 'hidden_size'"),
+        (["{big}", "{out}", "--dtype", "float16"], "the weights of embed.weight overflow float16"),
         (["{file}", "{out}"], "not a .gguf file"),
         (["{source}", "{out}", "--to", "onnx"], "invalid choice"),
         (["{source}", "{out}", "--quantize"], "unrecognized arguments"),
@@ -131,8 +132,11 @@ def test_bad_input_exits_2_naming_the_problem(
     (tmp_path / "holder" / "model.gguf").write_text("a model the user keeps")
     broken = {
         name: shutil.copytree(source[1], tmp_path / name)
-        for name in ("cut_weights", "cut_tokenizer", "no_size")
+        for name in ("cut_weights", "cut_tokenizer", "no_size", "big")
     }
+    weights = load_file(broken["big"] / "model.safetensors")  # a weight past float16's 65504: written as inf
+    weights["model.embed_tokens.weight"][3, 1] = 1e5
+    save_file(weights, broken["big"] / "model.safetensors", metadata={"format": "pt"})
     for name, file in (("cut_weights", "model.safetensors"), ("cut_tokenizer", "tokenizer.json")):
         os.truncate(broken[name] / file, (broken[name] / file).stat().st_size // 2)
     config = json.loads((broken["no_size"] / "config.json").read_text())

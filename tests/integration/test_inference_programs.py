@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -665,9 +666,11 @@ def test_files_this_user_may_not_read_exit_2_naming_them(
     assert errors == [f"ERROR | --text-file {tmp_path / 'corpus.txt'}: Permission denied"]
 
 
-def tiny_run(folder: Path, tokenizer: Tokenizer, embed_nan: bool = False) -> Path:
-    """A pre-training run of a tiny random GPT, one checkpoint, as ``sample.py`` reads one; ``embed_nan`` puts a
-    NaN in its token embedding (a run that diverged, saved by a zmaj that did not check)."""
+def tiny_run(
+    folder: Path, tokenizer: Tokenizer, poison: Callable[[TensorDict], object] | None = None
+) -> Path:
+    """A pre-training run of a tiny random GPT, one checkpoint, as ``sample.py`` reads one; ``poison`` changes
+    its parameters first (a run that diverged, saved by a zmaj that did not check)."""
     config = gpt.GPTConfig(vocab_size=tokenizer.vocab_size, context=32, d_model=16, n_layers=2, n_heads=2)
     spec = PretrainSpec(
         name="tiny",
@@ -678,8 +681,8 @@ def tiny_run(folder: Path, tokenizer: Tokenizer, embed_nan: bool = False) -> Pat
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     tokenizer.save(folder / "tokenizer.json")
     params = gpt.init(config, 0)
-    if embed_nan:
-        params["embed", "weight"][3, 1] = math.nan
+    if poison is not None:
+        poison(params)
     checkpoint.save(folder, TensorDict({"params": params, "opt": optim.adamw_init(params)}), {})
     return folder
 
@@ -709,7 +712,7 @@ def test_weights_that_are_not_finite_exit_2_naming_them(
     zmaj_tokenizer: Tokenizer, tmp_path: Path, program: str, args: list[str]
 ) -> None:
     """Greedy decoding read a NaN logit as the largest (token 0, exit 0); perplexity printed NaN as JSON."""
-    diverged = tiny_run(tmp_path, zmaj_tokenizer, embed_nan=True)
+    diverged = tiny_run(tmp_path, zmaj_tokenizer, lambda params: params["embed", "weight"][3].fill_(math.nan))
     result = run(program, *(diverged if arg == "RUN" else arg for arg in args))
     assert result.returncode == 2, result.stderr
     line = result.stderr.strip().splitlines()[-1]
@@ -718,6 +721,36 @@ def test_weights_that_are_not_finite_exit_2_naming_them(
         "logits would be NaN"
     )
     assert str(diverged) in line
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("program", "args", "message"),
+    [
+        (
+            "sample.py",
+            ["RUN", "--prompt", "hi", "--temperature", "0"],
+            "the model's logits are not finite (NaN or infinite): no token follows from them",
+        ),
+        (
+            "perplexity.py",
+            ["--model", "RUN", "--text-file", __file__, "--max-tokens", "64"],
+            "the model's logits are not finite (NaN or infinite): its perplexity is undefined",
+        ),
+    ],
+)
+def test_logits_past_the_range_of_float32_from_a_run_are_one_line(
+    zmaj_tokenizer: Tokenizer, tmp_path: Path, program: str, args: list[str], message: str
+) -> None:
+    """Finite weights whose logits are not (a final norm scale of 3e38): sample.py ended with a traceback and
+    perplexity.py printed NaN, exit 0."""
+    overflowing = tiny_run(
+        tmp_path, zmaj_tokenizer, lambda params: params["final_norm", "weight"].fill_(3e38)
+    )
+    result = run(program, *(overflowing if arg == "RUN" else arg for arg in args))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(message)
+    assert "Traceback" not in result.stderr
     assert result.stdout == ""
 
 

@@ -107,13 +107,16 @@ def test_a_binary_jsonl_file_names_the_offset(tmp_path: Path) -> None:
         list(read_jsonl(path))
 
 
-@given(st.lists(st.text(), max_size=4), st.binary(min_size=1, max_size=8))
+@given(
+    st.lists(st.text().map(json.dumps) | st.sampled_from(["", "  ", "\r"]), max_size=5),
+    st.binary(min_size=1, max_size=8),
+)
 def test_jsonl_read_a_line_at_a_time_names_the_first_bad_byte_as_the_whole_file_does(
     lines: list[str], tail: bytes
 ) -> None:
     """A line at a time (a shard of gigabytes is never in memory whole), yet the same first bad byte as the
-    whole file's decoding: a UTF-8 character never spans the newline byte."""
-    data = "".join(json.dumps(line) + "\n" for line in lines).encode("utf-8") + tail + b"\n"
+    whole file's decoding, blank lines before it counted: a UTF-8 character never spans the newline byte."""
+    data = "".join(line + "\n" for line in lines).encode("utf-8") + tail + b"\n"
     with written(data) as path:
         if is_utf8(data):
             return

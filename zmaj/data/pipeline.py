@@ -14,6 +14,9 @@ from zmaj.data.dataset import LMDataset
 from zmaj.data.tokenizer import Tokenizer, load_or_train
 from zmaj.data.tokens import tokenize_split
 
+UNIGRAM_CHUNK = 2**24
+"""Tokens counted at once for the unigram baseline: 128 MiB as int64."""
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -44,10 +47,6 @@ class Prepared:
         held_out = np.asarray(self.validation.token_file.tokens)
         token_bytes = self.tokenizer.token_bytes().numpy()
         return float(-log_probs[held_out].sum() / token_bytes[held_out].sum())
-
-
-UNIGRAM_CHUNK = 2**24
-"""Tokens counted at once for the unigram baseline: 128 MiB as int64."""
 
 
 def prepare(config: DataConfig, cache_dir: str | Path, seed: int = 0) -> Prepared:

@@ -15,7 +15,7 @@ Instruct models are asked in their chat template; base models see a few solved p
 import argparse
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from importlib import import_module
@@ -70,7 +70,7 @@ from zmaj.train.muon import OptimizerConfig, check_groups
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import OPTIMIZER_LAYOUT, LoopConfig
-from zmaj.train.step import bind
+from zmaj.train.step import bind, init_state
 
 Algorithm = Literal["sft", "grpo", "dpo"]
 
@@ -284,6 +284,14 @@ class Start:
     @property
     def base_forward(self) -> Forward:
         return bind(self.model.architecture.forward, config=self.model.config)
+
+
+def fresh_state(
+    params: TensorDict, optimizer: OptimizerConfig
+) -> Callable[[torch.device | None], TensorDict]:
+    """``Run.restore``'s ``fresh`` for a loaded model: its parameters with a new optimizer state where they are,
+    or their shapes alone on the meta device (a resume's template)."""
+    return lambda device: init_state(params if device is None else params.to(device), optimizer)
 
 
 def start(spec: FinetuneSpec, device: torch.device, resume: Path | None = None) -> Start:
