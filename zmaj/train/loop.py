@@ -90,7 +90,7 @@ def train(
         loss and gradient norm, checked as it ended, are those of the state it started from, so a learning rate
         that overflows float32 in the update would otherwise end a run (exit 0) with a model of NaNs as its
         ``latest``, or fail in its evaluation with a traceback. A state resumed from that is not finite (saved
-        before zmaj checked) is set aside with its checkpoint."""
+        before zmaj checked) is its checkpoint, which is moved aside."""
         if parallel.agree(bool(checkpoint.non_finite_leaves(state))):  # each rank checks what it holds
             if done == first:  # (then the checkpoint the run resumed from: it goes aside too)
                 what, back = f"the checkpoint of step {done} is not finite", 0
