@@ -84,6 +84,7 @@ def train(
     """
     cfg, parallel = run.train, run.parallel
     main = parallel.main
+    checked: int | None = None  # the step whose state check_state last found finite
 
     def check_state(state: TensorDict, done: int) -> None:
         """Stop where the last update made the state non-finite, before it is saved or evaluated: the step's
@@ -91,6 +92,10 @@ def train(
         that overflows float32 in the update would otherwise end a run (exit 0) with a model of NaNs as its
         ``latest``, or fail in its evaluation with a traceback. A state resumed from that is not finite (saved
         before zmaj checked) is its checkpoint, which is moved aside."""
+        nonlocal checked
+        if done == checked:  # saved, then evaluated: the same state
+            return
+        checked = done
         if parallel.agree(bool(checkpoint.non_finite_leaves(state))):  # each rank checks what it holds
             if done == first:  # (then the checkpoint the run resumed from: it goes aside too)
                 what, back = f"the checkpoint of step {done} is not finite", 0

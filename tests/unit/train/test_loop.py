@@ -557,6 +557,31 @@ def test_a_state_the_update_made_non_finite_is_never_saved_or_evaluated(
     assert not report.finished(run_dir / "metrics.jsonl")
 
 
+def test_a_state_saved_and_evaluated_at_one_step_is_checked_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints and evaluations every 5 steps of 10: the state is read for finiteness at the first
+    evaluation and at each save, not again by the evaluation of the same state (a read of the whole state and
+    an agreement of the ranks each)."""
+    read: list[int] = []
+    non_finite_leaves = checkpoint.non_finite_leaves
+
+    def counted(td: TensorDict) -> list[str]:
+        read.append(int(td["opt", "step"]))
+        return non_finite_leaves(td)
+
+    monkeypatch.setattr(checkpoint, "non_finite_leaves", counted)
+    with open_run(tmp_path / "run", checkpoint_every=5, eval_every=5) as run:
+        loop.train(
+            run,
+            run.restore(fresh),
+            stand_in(lambda step: (1.0, 1.0)),
+            lambda i: i,
+            evaluate=lambda state, step, final: {"val_loss": 1.0},
+        )
+    assert read == [0, 5, 10]
+
+
 def test_a_resume_builds_no_fresh_state_and_hashes_its_checkpoint_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
