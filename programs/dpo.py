@@ -79,6 +79,7 @@ def train(run: Run[DPOSpec], begin: Start, pairs: list[Pair], params: TensorDict
         decay=decay,
         reference_forward=reference_forward,
         parallel=parallel,
+        donate=True,  # the loop never reads a state again once its step has run
     )
 
     loop.train(

@@ -123,6 +123,7 @@ def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: Tenso
                 lr=lr,
                 decay=decay,
                 parallel=parallel,
+                donate=True,  # the rollout holds no parameters: it was sampled and scored before the passes
             )
             passes.append(metrics)
         answers = {

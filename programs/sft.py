@@ -23,7 +23,7 @@ from zmaj.models.common import Batch
 from zmaj.train import finetune, loop, optim, precision, runs
 from zmaj.train.finetune import SFTSpec, Start
 from zmaj.train.runs import Run
-from zmaj.train.step import train_step
+from zmaj.train.step import apply_grads, train_step
 
 Example = tuple[list[int], list[bool]]
 
@@ -88,6 +88,8 @@ def train(run: Run[SFTSpec], begin: Start, examples: list[Example], params: Tens
         seed=cfg.seed,
         autocast=precision.autocast(run.dtype, run.device),
         parallel=parallel,
+        # The loop never reads a state again once its step has run.
+        update_fn=partial(apply_grads, donate=True),
     )
 
     loop.train(

@@ -32,7 +32,7 @@ from zmaj.convert.load import load_model, save_zmaj
 from zmaj.data import chat_template
 from zmaj.models.lora import LoraConfig, init_adapters, merge
 from zmaj.tasks import Problem, accuracy_interval, get_task
-from zmaj.train import finetune, grpo, loop
+from zmaj.train import finetune, grpo, loop, optim
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs" / "finetune"
@@ -624,6 +624,32 @@ def test_resume_refuses_each_frozen_field(
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1, err
     assert f"{change.split('=')[0]} differs from the run's; --set cannot change it" in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("program", "sets"),
+    [("sft.py", []), ("dpo.py", ["pairs.task={name: say-e}"]), ("grpo.py", ["task={name: say-e}"])],
+)
+def test_each_update_writes_into_the_state_it_replaces(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, program: str, sets: list[str]
+) -> None:
+    """The programs donate each step's state to its update (``apply_grads(donate=True)``), as pre-training does:
+    an update on copies held a second set of weights and moments (and of clipped gradients) at its peak, 6.9
+    against 4.7 GB for SmolLM2-135M's full fine-tuning."""
+    donated: list[bool] = []
+    real = optim.writable
+
+    def spy(tree: Any, donate: bool) -> Any:
+        donated.append(donate)
+        return real(tree, donate)
+
+    monkeypatch.setattr(optim, "writable", spy)
+    code, _, err = run(
+        program, *tiny(program, model, "eval=null", "train.steps=2", *sets), "--run-dir", tmp_path
+    )
+    assert code == 0, err
+    assert donated
+    assert all(donated)
 
 
 def test_a_template_that_tells_the_date_gives_a_run_the_day_it_began(

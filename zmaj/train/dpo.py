@@ -114,12 +114,13 @@ def dpo_step(
     decay: TensorDictBase,
     reference_forward: Forward | None = None,
     parallel: Parallel = SINGLE,
+    donate: bool = False,
 ) -> tuple[TensorDict, Metrics]:
     """One optimizer step (AdamW or Muon: ``apply_grads``) on the DPO loss of a preference batch (chosen rows,
     then rejected rows).
 
     ``state`` is ``zmaj.train.step.init_state(params, optimizer)`` (AdamW's moments, and Muon's momentum
-    for Muon). The reference log-probs are computed by
+    for Muon), written into with ``donate`` as ``apply_grads`` does. The reference log-probs are computed by
     ``reference_forward`` (default ``forward``) on ``reference`` without gradient; with LoRA
     (``zmaj.models.lora.lora_forward``) the reference is usually the base model under its plain forward.
     Under ``parallel`` each rank holds an equal share of the pairs, and the step and its metrics are those of
@@ -135,5 +136,5 @@ def dpo_step(
     grads, (_, metrics) = grad_fn(params, batch, forward, ref, beta, 1 / parallel.size)
     grads = parallel.reduce_grads(grads)
     norm = parallel.global_norm(grads) if parallel.sharded else None
-    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay, norm, parallel=parallel)
+    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay, norm, donate, parallel=parallel)
     return new_state, {**parallel.all_mean(metrics), "grad_norm": grad_norm, "lr": torch.tensor(lr)}

@@ -328,6 +328,7 @@ def grpo_step(
     lr: float,
     decay: TensorDictBase,
     parallel: Parallel = SINGLE,
+    donate: bool = False,
 ) -> tuple[TensorDict, Metrics]:
     """One optimizer step (AdamW or Muon: ``apply_grads``) on the GRPO loss of a rollout; call it mu times per
     rollout for mu passes (a rollout sampled with ``score_old=False`` serves one pass only).
@@ -336,7 +337,7 @@ def grpo_step(
     divided by the completion tokens of all ranks' rollouts, and the step and metrics are those of all of them.
 
     ``state`` is ``zmaj.train.step.init_state(params, optimizer)`` (AdamW's moments, and Muon's momentum
-    for Muon). Metrics: the loss, ``kl`` (with reference log-probs),
+    for Muon), written into with ``donate`` as ``apply_grads`` does. Metrics: the loss, ``kl`` (with reference log-probs),
     ``clip_fraction``, the mean ``reward`` and ``completion_length`` of every sample, ``kept_groups`` (the share
     of prompts that trained), ``grad_norm``, ``lr``. A rollout that kept no prompt still takes the optimizer step,
     with zero gradients: its moments carry it on, as they would with the zero advantages.
@@ -358,7 +359,7 @@ def grpo_step(
             {} if rollout.reference_logprobs is None else {"kl": zero}
         )
     grads = parallel.reduce_grads(grads)
-    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay, parallel=parallel)
+    new_state, grad_norm = apply_grads(state, grads, optimizer, lr, decay, donate=donate, parallel=parallel)
     lengths = torch.tensor([len(completion) for completion in rollout.completions], dtype=torch.float32)
     means = {
         "reward": rollout.rewards.mean(),
