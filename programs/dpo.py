@@ -35,8 +35,7 @@ def main() -> None:
     with runs.bad_input_exits_2(parallel):
         parallel.check_divides(spec.train.batch_size, "train.batch_size")
         begin = finetune.start(spec, parallel.device, args.resume)
-        params = finetune.trainable(spec, begin)
-        parallel.check_shardable(params)
+        params, begin = finetune.trainable(spec, begin, parallel)
         if args.resume is not None:
             pairs = read_pairs(args.resume / PAIRS_FILE, begin.model.config.vocab_size)
         else:  # made once, by rank 0 (sampling on-policy pairs is slow), and sent to every rank
@@ -56,7 +55,7 @@ def write_run_files(spec: DPOSpec, begin: Start, pairs: list[Pair], run_dir: Pat
 def train(run: Run[DPOSpec], begin: Start, pairs: list[Pair], params: TensorDict) -> None:
     spec, parallel = run.spec, run.parallel
     cfg = spec.train
-    state = run.restore(finetune.fresh_state(params, cfg.optimizer))
+    state = run.restore(params, cfg.optimizer)
     policy = parallel.forward(finetune.policy_forward(spec, begin), run.dtype)
     forward = precision.autocast_forward(policy, run.dtype, run.device)  # train.precision, as SFT and GRPO
     reference_forward = precision.autocast_forward(begin.base_forward, run.dtype, run.device)

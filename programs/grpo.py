@@ -41,7 +41,7 @@ def main() -> None:
     with runs.bad_input_exits_2(parallel):
         parallel.check_divides(spec.train.prompts_per_step, "train.prompts_per_step")
         begin = finetune.start(spec, parallel.device, args.resume)
-        params = finetune.trainable(spec, begin)
+        params, begin = finetune.trainable(spec, begin, parallel)
         reference = finetune.reference_params(spec, begin, parallel.device)
         run = runs.open_run(
             spec,
@@ -75,7 +75,7 @@ def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: Tenso
     config = spec.grpo.model_copy(
         update={"stop_tokens": tuple(sorted({*spec.grpo.stop_tokens, *tokenizer.stop_ids}))}
     )
-    state = run.restore(finetune.fresh_state(params, cfg.optimizer))
+    state = run.restore(params, cfg.optimizer)
     forward = precision.autocast_forward(finetune.policy_forward(spec, begin), run.dtype, run.device)
     reference_forward = precision.autocast_forward(begin.base_forward, run.dtype, run.device)
     step_fn = begin.model.architecture.cached(begin.model.config)

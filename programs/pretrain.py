@@ -28,7 +28,7 @@ from zmaj.train import loop, optim, precision, report, runs
 from zmaj.train.parallel import Parallel
 from zmaj.train.runs import Run
 from zmaj.train.spec import OPTIMIZER_LAYOUT, PretrainSpec
-from zmaj.train.step import bind, bind_lazy, held_out, init_state, step_functions, train_step
+from zmaj.train.step import bind, bind_lazy, held_out, step_functions, train_step
 
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "pretrain" / "stdlib-tiny.yaml"
@@ -98,9 +98,10 @@ def train(run: Run[PretrainSpec], data: Prepared) -> None:
     logger.info(
         f"{len(data.train)} train rows, {len(data.validation)} validation rows of {spec.data.seq_len} tokens"
     )
-    # A fresh state is made on the CPU (or a resumed run's read there), then sharded and moved to the device.
+    # Fresh parameters are made on the CPU (a resumed run's read there), cut into this rank's share and moved to
+    # the device, where the optimizer's state is made beside them.
     state = run.restore(
-        lambda device: init_state(gpt.init(spec.model, cfg.seed, device or "cpu"), cfg.optimizer)
+        lambda device: parallel.shard(gpt.init(spec.model, cfg.seed, device or "cpu")), cfg.optimizer
     )
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
     forward = bind(gpt.forward, config=spec.model)

@@ -41,8 +41,7 @@ def main() -> None:
         parallel.check_divides(spec.train.batch_size, "train.batch_size")
         begin = finetune.start(spec, parallel.device, args.resume)
         examples = build_examples(spec, begin)
-        params = finetune.trainable(spec, begin)
-        parallel.check_shardable(params)
+        params, begin = finetune.trainable(spec, begin, parallel)
         write = partial(finetune.write_run_files, spec, begin)
         run = runs.open_run(
             spec, args, parallel, write, data=lambda: {"data": finetune.fingerprint(examples)}
@@ -69,7 +68,7 @@ def build_examples(spec: SFTSpec, begin: Start) -> list[Example]:
 def train(run: Run[SFTSpec], begin: Start, examples: list[Example], params: TensorDict) -> None:
     spec, parallel = run.spec, run.parallel
     cfg = spec.train
-    state = run.restore(finetune.fresh_state(params, cfg.optimizer))
+    state = run.restore(params, cfg.optimizer)
     forward = parallel.forward(finetune.policy_forward(spec, begin), run.dtype)
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
 

@@ -15,7 +15,7 @@ Instruct models are asked in their chat template; base models see a few solved p
 import argparse
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from importlib import import_module
@@ -70,7 +70,7 @@ from zmaj.train.muon import OptimizerConfig, check_groups
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import OPTIMIZER_LAYOUT, LoopConfig
-from zmaj.train.step import bind, init_state
+from zmaj.train.step import bind
 
 Algorithm = Literal["sft", "grpo", "dpo"]
 
@@ -286,14 +286,6 @@ class Start:
         return bind(self.model.architecture.forward, config=self.model.config)
 
 
-def fresh_state(
-    params: TensorDict, optimizer: OptimizerConfig
-) -> Callable[[torch.device | None], TensorDict]:
-    """``Run.restore``'s ``fresh`` for a loaded model: its parameters with a new optimizer state where they are,
-    or their shapes alone on the meta device (a resume's template)."""
-    return lambda device: init_state(params if device is None else params.to(device), optimizer)
-
-
 def start(spec: FinetuneSpec, device: torch.device, resume: Path | None = None) -> Start:
     """Load ``spec.model`` in float32 on ``device``, with the spec's chat template in place of the model's own
     and its day for the template's ``strftime_now``; resuming a LoRA run, check that it is the base the run's
@@ -367,12 +359,20 @@ def fits_context(
         )
 
 
-def trainable(spec: FinetuneSpec, begin: Start) -> TensorDict:
-    """The parameters the optimizer owns: a copy of the model's, or fresh LoRA adapters; a SpecError naming the
-    parameter when ``train.optimizer``'s groups do not fit them (``zmaj.train.muon.param_groups``)."""
+def trainable(spec: FinetuneSpec, begin: Start, parallel: Parallel) -> tuple[TensorDict, Start]:
+    """This rank's share of the parameters the optimizer owns, and the start the run goes on from; a SpecError
+    naming the parameter when ``train.optimizer``'s groups do not fit them (``zmaj.train.muon.param_groups``),
+    a ValueError when fsdp cannot split one.
+
+    LoRA owns fresh adapters over the model. Full fine-tuning owns the model's parameters: a copy where the run
+    reads the starting model again (DPO's reference and on-policy pairs, GRPO's KL penalty's reference), else the
+    tensors themselves, the start keeping their shapes only (on the meta device). A second copy of the weights
+    is a fifth of AdamW's full fine-tuning (weights, two moments, gradients); fully sharded, a rank's share is a
+    copy of its pieces, and the whole model, let go, is on no rank.
+    """
     params = begin.model.params
     if spec.lora is None:
-        owned = params.clone()
+        owned = params
     else:
         try:
             owned = init_adapters(params, spec.lora)
@@ -380,7 +380,20 @@ def trainable(spec: FinetuneSpec, begin: Start) -> TensorDict:
             raise SpecError(f"lora.targets: {error}") from None
     train: LoopConfig = getattr(spec, "train")  # noqa: B009 (every kind of fine-tuning spec has one)
     check_groups(owned, train.optimizer)
-    return owned
+    parallel.check_shardable(owned)
+    if not reads_start(spec):
+        begin = replace(begin, model=with_params(begin.model, params.to("meta")))
+    elif owned is params and not parallel.sharded:  # a rank's share is a copy (Parallel.shard)
+        owned = params.clone()
+    return parallel.shard(owned), begin
+
+
+def reads_start(spec: FinetuneSpec) -> bool:
+    """Whether the run reads the starting model's parameters after its start: as LoRA's base, DPO's reference
+    (and what samples its on-policy pairs), or the reference of GRPO's KL penalty."""
+    if spec.lora is not None or isinstance(spec, DPOSpec):
+        return True
+    return isinstance(spec, GRPOSpec) and spec.grpo.kl_beta != 0 and spec.reference is None
 
 
 def policy_forward(spec: FinetuneSpec, begin: Start) -> Forward:

@@ -310,6 +310,13 @@ class Parallel:
             shape[dim] *= self.size
         return torch.Size(shape)
 
+    def whole_shapes(self, td: TensorDictBase) -> TensorDict:
+        """Empty tensors on the meta device shaped as the leaves of ``td`` whole, ``td`` being this rank's share
+        of them: a checkpoint's template."""
+        return _map_leaves(
+            td, lambda key, tensor: torch.empty(self.whole_shape(td, key), dtype=tensor.dtype, device="meta")
+        )
+
     def each_matrix(
         self, td: TensorDictBase, key: tuple[str, ...], tensor: Tensor, fn: Callable[[Tensor], Tensor]
     ) -> Tensor:

@@ -37,7 +37,7 @@ import torch
 import yaml
 from loguru import logger
 from pydantic import BaseModel
-from tensordict import TensorDict
+from tensordict import TensorDict, TensorDictBase
 
 from zmaj import checkpoint, fileio
 from zmaj.convert.load import LORA_FILE, MODEL_FILE
@@ -46,8 +46,10 @@ from zmaj.extras import MissingExtraError
 from zmaj.specfile import SpecError, read_yaml
 from zmaj.text import read_json, read_text
 from zmaj.train import precision, report, trackers
+from zmaj.train.muon import OptimizerConfig
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import LoopConfig, load, parse
+from zmaj.train.step import init_state
 
 
 class UserError(ValueError):
@@ -362,21 +364,33 @@ class Run(Generic[S]):
         """The spec the run goes on with (a resume's ``--set`` included), written by rank 0."""
         on_rank_0(self.parallel, partial(write_spec, self.dir, self.spec), "write the run's spec.yaml")
 
-    def restore(self, fresh: Callable[[torch.device | None], TensorDict]) -> TensorDict:
-        """The state to start from, in this job's layout on this rank's device: ``fresh(None)`` (a new state of
-        the model, whole, where the program keeps it: best on the CPU), or when resuming, the run's newest
-        intact checkpoint read into the shapes of ``fresh(meta device)`` (the whole checkpoint is read on every
-        rank, each keeping its shard). A resume never builds a state it drops: a random one took 2.4 s and 3 GB
-        for a 268M-parameter GPT's state on every rank, and would take 96 GB at 8B."""
+    def restore(
+        self,
+        params: TensorDictBase | Callable[[torch.device | None], TensorDictBase],
+        optimizer: OptimizerConfig,
+    ) -> TensorDict:
+        """The state to start from, in this job's layout on this rank's device: ``params``, this rank's share
+        (``Parallel.shard``) of the parameters a new run starts from, with ``optimizer``'s fresh state made
+        beside them on the device; or, when resuming, the run's newest intact checkpoint, read into their
+        shapes (the whole checkpoint is read on every rank, each keeping its share). ``params`` may be a
+        function making them on a device (None: where the program keeps them, best on the CPU), so that a
+        resume builds none it drops, only their shapes on the meta device: a random one took 2.4 s and 3 GB for
+        a 268M-parameter GPT's state on every rank, and would take 96 GB at 8B.
+
+        The optimizer's state is made for this rank's share alone: made whole and then cut, AdamW's two
+        moments of an 8B model would be 64 GB on every rank before the first step.
+        """
+        make = params if callable(params) else lambda device: params if device is None else params.to(device)
         if not self.resumed:
-            return self.parallel.shard(fresh(None)).to(self.device)
+            return init_state(make(None).to(self.device), optimizer).to(self.device)
         # No intact checkpoint left, or one that does not fit the spec's model: one line, exit 2, as every
         # loader of a damaged file reports it.
         with bad_input_exits_2(self.parallel):
             path = checkpoint.latest_intact(self.dir)
             check_written_by(path, self.spec)
             # On the CPU, where a rank's shard is cut from it; latest_intact has verified it.
-            state = checkpoint.load_state(path, fresh(torch.device("meta")), verified=True)
+            shapes = self.parallel.whole_shapes(make(torch.device("meta")))
+            state = checkpoint.load_state(path, init_state(shapes, optimizer), verified=True)
         meta = checkpoint.load_meta(path)
         recorded = meta.get("precision")
         if self.parallel.main and recorded not in (None, _type_name(self.dtype)):

@@ -24,6 +24,7 @@ from zmaj.models import llama, lora
 from zmaj.specfile import SpecError
 from zmaj.tasks import FEW_SHOT_STOP, accuracy_interval, get_task
 from zmaj.train import finetune, runs
+from zmaj.train.optim import leaf_keys
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import parse
 from zmaj.train.step import accumulate_grads, bind, init_state
@@ -157,7 +158,65 @@ def test_a_lora_target_that_matches_nothing_is_named() -> None:
     )
     begin = finetune.Start(tiny_model(), "m")
     with pytest.raises(SpecError, match=r"lora\.targets: LoRA target 'attn\.nope' matches no matrix"):
-        finetune.trainable(spec, begin)
+        finetune.trainable(spec, begin, Parallel())
+
+
+SFT = {
+    "name": "x",
+    "model": "m",
+    "train": {"steps": 1, "batch_size": 2},
+    "data": {"kind": "task", "task": "arithmetic", "n": 1},
+}
+GRPO = {
+    "name": "x",
+    "model": "m",
+    "train": {"steps": 1, "prompts_per_step": 2},
+    "task": {"name": "arithmetic"},
+}
+DPO = {
+    "name": "x",
+    "model": "m",
+    "train": {"steps": 1, "batch_size": 2},
+    "pairs": {"kind": "task", "task": {"name": "arithmetic"}, "n_prompts": 2},
+}
+FSDP = Parallel(kind="fsdp", rank=0, size=2)
+
+
+@pytest.mark.parametrize(
+    ("kind", "raw", "parallel", "reads_start"),
+    [
+        (finetune.SFTSpec, SFT, Parallel(), False),
+        (finetune.SFTSpec, SFT, FSDP, False),
+        (finetune.GRPOSpec, GRPO, Parallel(), False),  # no KL penalty: no reference
+        (finetune.GRPOSpec, {**GRPO, "grpo": {"kl_beta": 0.1}}, Parallel(), True),
+        (finetune.DPOSpec, DPO, Parallel(), True),
+        (finetune.DPOSpec, DPO, FSDP, True),
+        (finetune.SFTSpec, {**SFT, "lora": {"targets": ["attn.q"]}}, Parallel(), True),
+    ],
+)
+def test_a_run_holds_one_copy_of_the_starting_weights_and_a_second_only_to_read_them(
+    kind: type[finetune.FinetuneSpec], raw: dict[str, Any], parallel: Parallel, reads_start: bool
+) -> None:
+    """Full fine-tuning trains the model's own tensors where nothing reads the starting model again (the start
+    keeps their shapes, on the meta device), and a copy where something does (DPO's reference, GRPO's KL
+    penalty's), so that training never writes into it; fully sharded, the trained share is a copy of this rank's
+    pieces. A second copy of the weights beside AdamW's state was a fifth of full fine-tuning's memory."""
+    spec = parse(kind, raw, "spec")
+    base = tiny_model()
+    owned, after = finetune.trainable(spec, finetune.Start(base, "m"), parallel)
+    kept = after.model.params
+    base_storage = {base.params.get(key).data_ptr() for key in base.params.keys(True, True)}
+    for key in kept.keys(True, True):
+        assert (kept.get(key).device.type != "meta") == reads_start, key
+        assert kept.get(key).shape == base.params.get(key).shape, key
+    if spec.lora is not None:
+        assert set(owned.keys(True, True)).isdisjoint(base.params.keys(True, True))
+        return
+    for key in leaf_keys(owned):
+        piece = parallel.piece(base.params, key, base.params.get(key))
+        assert torch.equal(owned.get(key), piece), key
+        shared = owned.get(key).data_ptr() in base_storage
+        assert shared == (not reads_start and not parallel.sharded), key
 
 
 def test_grpo_refuses_truncated_sampling_and_bad_task_options() -> None:
@@ -228,7 +287,9 @@ def test_a_new_run_folder_is_a_model_path_with_the_spec_chat_template(tmp_path: 
     args = argparse.Namespace(resume=None, run_dir=tmp_path / "run", stop_after=None)
     write = partial(finetune.write_run_files, spec, begin)
     with runs.open_run(spec, args, Parallel(), write) as run:
-        checkpoint.save(run.dir, init_state(finetune.trainable(spec, begin)), runs.describe_meta(run))
+        checkpoint.save(
+            run.dir, init_state(finetune.trainable(spec, begin, Parallel())[0]), runs.describe_meta(run)
+        )
     loaded = load_model(run.dir)
     assert loaded.tokenizer.chat_template == template
     assert loaded.tokenizer.render_chat([{"role": "user", "content": "hi"}], False) == "[user] hi<|end|>"
@@ -242,7 +303,9 @@ def _run_with_a_checkpoint(spec: finetune.FinetuneSpec, run_dir: Path) -> Path:
     begin = finetune.start(spec, torch.device("cpu"))
     args = argparse.Namespace(resume=None, run_dir=run_dir, stop_after=None)
     with runs.open_run(spec, args, Parallel(), partial(finetune.write_run_files, spec, begin)) as run:
-        checkpoint.save(run.dir, init_state(finetune.trainable(spec, begin)), runs.describe_meta(run))
+        checkpoint.save(
+            run.dir, init_state(finetune.trainable(spec, begin, Parallel())[0]), runs.describe_meta(run)
+        )
     return run.dir
 
 

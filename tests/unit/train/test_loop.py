@@ -34,6 +34,7 @@ from zmaj.train.loop import Metrics
 from zmaj.train.pairs import PAIRS_FILE
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import LoopConfig
+from zmaj.train.step import init_state
 
 Losses = Callable[[int], tuple[float, float]]
 """``losses(step) -> (loss, grad_norm)`` of the 1-based step."""
@@ -45,10 +46,11 @@ class Spec(BaseModel):
 
 
 def fresh(device: torch.device | None = None) -> TensorDict:
-    params = TensorDict({"w": torch.zeros(4, device=device), "seen": torch.zeros((), device=device)})
-    return TensorDict(
-        {"params": params, "opt": {"m": params.clone(), "step": torch.zeros((), dtype=torch.long)}}
-    )
+    """The stand-in model's parameters, as ``Run.restore`` takes them."""
+    return TensorDict({"w": torch.zeros(4, device=device), "seen": torch.zeros((), device=device)})
+
+
+ADAMW = optim.AdamWConfig()
 
 
 def stand_in(losses: Losses) -> loop.Step[int]:
@@ -75,7 +77,7 @@ def open_run(
 
 def train(run_dir: Path, losses: Losses = lambda step: (1.0 / step, 1.0), **kwargs: object) -> TensorDict:
     with open_run(run_dir, **kwargs) as run:  # type: ignore[arg-type]
-        return loop.train(run, run.restore(fresh), stand_in(losses), lambda index: index)
+        return loop.train(run, run.restore(fresh, ADAMW), stand_in(losses), lambda index: index)
 
 
 @contextmanager
@@ -313,7 +315,7 @@ def test_curves_are_saved_whole_or_not_at_all_and_drawn_again_when_a_finished_ru
         with open_run(tmp_path / "run", resume) as run:
             loop.train(
                 run,
-                run.restore(fresh),
+                run.restore(fresh, ADAMW),
                 stand_in(lambda step: (1.0, 1.0)),
                 lambda i: i,
                 evaluate=lambda *_: {},
@@ -380,7 +382,11 @@ def test_a_finished_run_resumed_does_nothing_and_one_past_its_steps_is_refused(t
     def run_loop(resume: bool = False, stop_after: int | None = None, **train: object) -> None:
         with open_run(tmp_path / "run", resume, stop_after, **train) as run:
             loop.train(
-                run, run.restore(fresh), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate
+                run,
+                run.restore(fresh, ADAMW),
+                stand_in(lambda step: (1.0, 1.0)),
+                lambda i: i,
+                evaluate=evaluate,
             )
 
     def finals() -> list[float]:
@@ -537,7 +543,7 @@ def test_a_state_the_update_made_non_finite_is_never_saved_or_evaluated(
         pytest.raises(SystemExit) as stopped,
         open_run(run_dir, checkpoint_every=checkpoint_every, eval_every=5) as run,
     ):
-        loop.train(run, run.restore(fresh), step, lambda index: index, evaluate=evaluate)
+        loop.train(run, run.restore(fresh, ADAMW), step, lambda index: index, evaluate=evaluate)
     assert stopped.value.code == 1
     assert len(messages) == 1
     aside = run_dir / "checkpoints" / f"nonfinite-step-{bad_step:07d}"
@@ -574,7 +580,7 @@ def test_a_state_saved_and_evaluated_at_one_step_is_checked_once(
     with open_run(tmp_path / "run", checkpoint_every=5, eval_every=5) as run:
         loop.train(
             run,
-            run.restore(fresh),
+            run.restore(fresh, ADAMW),
             stand_in(lambda step: (1.0, 1.0)),
             lambda i: i,
             evaluate=lambda state, step, final: {"val_loss": 1.0},
@@ -604,12 +610,14 @@ def test_a_resume_builds_no_fresh_state_and_hashes_its_checkpoint_once(
 
     straight = train(tmp_path / "straight")
     with open_run(tmp_path / "run") as run:
-        loop.train(run, run.restore(recorded), stand_in(lambda step: (1.0 / step, 1.0)), lambda i: i)
+        loop.train(run, run.restore(recorded, ADAMW), stand_in(lambda step: (1.0 / step, 1.0)), lambda i: i)
     assert made == [None]
     made.clear()
     train(tmp_path / "split", stop_after=4)
     with open_run(tmp_path / "split", resume=True) as run:
-        state = loop.train(run, run.restore(recorded), stand_in(lambda step: (1.0 / step, 1.0)), lambda i: i)
+        state = loop.train(
+            run, run.restore(recorded, ADAMW), stand_in(lambda step: (1.0 / step, 1.0)), lambda i: i
+        )
     assert made == [torch.device("meta")]
     assert verified == [tmp_path / "split" / "checkpoints" / "step-0000004"]
     assert (state == straight).all()
@@ -631,7 +639,7 @@ def test_a_resumed_checkpoint_that_is_not_finite_is_set_aside_as_it_is(
     run_dir = tmp_path / "run"
     train(run_dir, stop_after=4)  # checkpoints at steps 2 and 4
     with open_run(run_dir, resume=True) as run:  # step 4 saved again, not finite, as an older zmaj would have
-        state = checkpoint.load_state(checkpoint.latest(run_dir), fresh())
+        state = checkpoint.load_state(checkpoint.latest(run_dir), init_state(fresh(), ADAMW))
         state[leaf][0] = math.inf
         checkpoint.save(run_dir, state, runs.describe_meta(run))
     evaluated: list[TensorDict] = []
@@ -645,7 +653,9 @@ def test_a_resumed_checkpoint_that_is_not_finite_is_set_aside_as_it_is(
         pytest.raises(SystemExit) as stopped,
         open_run(run_dir, resume=True, eval_every=eval_every) as run,
     ):
-        loop.train(run, run.restore(fresh), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate)
+        loop.train(
+            run, run.restore(fresh, ADAMW), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate
+        )
     assert stopped.value.code == 1
     assert evaluated == []
     assert messages == [
@@ -799,7 +809,7 @@ def test_a_loop_step_of_several_updates_resumes_where_it_stopped(tmp_path: Path)
 
     def run(run_dir: Path, **kwargs: object) -> TensorDict:
         with open_run(run_dir, **kwargs) as run:  # type: ignore[arg-type]
-            return loop.train(run, run.restore(fresh), two_updates, lambda i: i, updates_per_step=2)
+            return loop.train(run, run.restore(fresh, ADAMW), two_updates, lambda i: i, updates_per_step=2)
 
     straight = run(tmp_path / "straight")
     assert int(straight["opt", "step"]) == 20
@@ -818,7 +828,7 @@ def test_resuming_from_a_damaged_newest_checkpoint_takes_the_newest_intact_one(t
     newest = checkpoint.latest(tmp_path / "run")
     os.truncate(newest / "params.safetensors", 10)
     with logged("WARNING") as messages, open_run(tmp_path / "run", resume=True) as run:
-        state = run.restore(fresh)
+        state = run.restore(fresh, ADAMW)
     assert int(state["opt", "step"]) == 2
     assert any("params.safetensors" in m and "step-0000002" in m for m in messages), messages
 
@@ -857,7 +867,7 @@ def test_a_resume_with_no_intact_checkpoint_left_is_one_line_and_exit_2(tmp_path
         pytest.raises(SystemExit) as stopped,
         open_run(tmp_path / "run", resume=True) as run,
     ):
-        run.restore(fresh)
+        run.restore(fresh, ADAMW)
     assert stopped.value.code == 2
     assert len(messages) == 1
     assert "no intact checkpoint to resume from" in messages[0]
@@ -873,7 +883,9 @@ def test_evaluations_come_at_the_start_on_schedule_and_at_the_end(tmp_path: Path
         return {"score": float(state["params", "w"][0])}
 
     with open_run(tmp_path / "run") as run:
-        loop.train(run, run.restore(fresh), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate)
+        loop.train(
+            run, run.restore(fresh, ADAMW), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate
+        )
     assert seen == [(0, False), (5, False), (10, True)]
     final = records(tmp_path / "run")[-1]
     assert final["final"]
@@ -888,7 +900,7 @@ def test_evaluations_come_at_the_start_on_schedule_and_at_the_end(tmp_path: Path
         shutil.rmtree(tmp_path / "split", ignore_errors=True)
         for resume in (False, True):
             with open_run(tmp_path / "split", resume, stop_after=5) as run:
-                state = run.restore(fresh)
+                state = run.restore(fresh, ADAMW)
                 loop.train(run, state, stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate)
             if kill_in_evaluation and not resume:
                 lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines(keepends=True)
@@ -921,7 +933,9 @@ def test_a_new_run_in_a_finished_run_whose_checkpoints_were_removed_is_refused_a
     scores = {"score": 1.0} if evaluates else {}
     with open_run(tmp_path / "run") as run:
         evaluate = (lambda *_: scores) if evaluates else None
-        loop.train(run, run.restore(fresh), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate)
+        loop.train(
+            run, run.restore(fresh, ADAMW), stand_in(lambda step: (1.0, 1.0)), lambda i: i, evaluate=evaluate
+        )
     end = records(tmp_path / "run")[-1]
     assert end == {"step": 10, **scores, "final": True, "wall_s": end["wall_s"]}
     shutil.rmtree(tmp_path / "run" / "checkpoints")
@@ -993,7 +1007,7 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(
     for _ in range(3):
         args = argparse.Namespace(resume=None, run_dir=None, stop_after=None)
         with runs.open_run(spec, args, Parallel()) as run:
-            loop.train(run, run.restore(fresh), stand_in(lambda step: (1.0, 1.0)), lambda index: index)
+            loop.train(run, run.restore(fresh, ADAMW), stand_in(lambda step: (1.0, 1.0)), lambda index: index)
             folders.append(run.dir)
     assert folders == [
         Path("runs") / name
@@ -1116,7 +1130,7 @@ def test_each_step_runs_at_the_schedules_rate_for_its_zero_based_index(tmp_path:
         return stand_in(lambda step: (1.0, 1.0))(state, batch, lr=lr)
 
     with open_run(tmp_path / "run", schedule=schedule.model_dump()) as run:
-        loop.train(run, run.restore(fresh), recording, lambda i: i)
+        loop.train(run, run.restore(fresh, ADAMW), recording, lambda i: i)
     peak = run.train.optimizer.lr
     expected = [optim.learning_rate(i, 10, peak, schedule) for i in range(10)]
     assert rates == expected
@@ -1140,7 +1154,7 @@ def test_a_non_finite_loop_step_of_several_updates_sets_aside_the_checkpoint_it_
 
     # Checkpoints every 2 loop steps: updates 4 and 8.
     with logged() as messages, pytest.raises(SystemExit) as stopped, open_run(tmp_path / "run") as run:
-        loop.train(run, run.restore(fresh), two_updates, lambda i: i, updates_per_step=2)
+        loop.train(run, run.restore(fresh, ADAMW), two_updates, lambda i: i, updates_per_step=2)
     assert stopped.value.code == 1
     assert "step 8" in messages[0]
     assert checkpoint.latest(tmp_path / "run").name == "step-0000004"
@@ -1179,7 +1193,7 @@ def test_a_model_field_set_when_recorded_and_unset_now_is_a_difference(tmp_path:
     which must be refused like any other changed field, not skipped as a field the record lacks."""
     config = gpt.GPTConfig(vocab_size=64, context=16, d_model=32, n_layers=1, n_heads=2, logit_softcap=30.0)
     then = ModelSpec(model=config, train=LoopConfig(steps=2))
-    saved = checkpoint.save(tmp_path, fresh(), {"spec": then.model_dump(mode="json"), "seed": 0})
+    saved = checkpoint.save(tmp_path, init_state(fresh()), {"spec": then.model_dump(mode="json"), "seed": 0})
     now = ModelSpec(model=config.model_copy(update={"logit_softcap": None}), train=LoopConfig(steps=2))
     with pytest.raises(ValueError, match=r"written with another model\.logit_softcap"):
         runs.check_written_by(saved, now)
@@ -1338,7 +1352,7 @@ def test_a_stop_that_another_rank_saw_stops_this_one_at_the_same_step(
     args = argparse.Namespace(resume=None, run_dir=tmp_path / "run", stop_after=None)
     parallel = OtherRankInterrupted()
     with runs.open_run(spec, args, parallel) as run:
-        state = loop.train(run, run.restore(fresh), step, lambda i: i)
+        state = loop.train(run, run.restore(fresh, ADAMW), step, lambda i: i)
     assert int(state["opt", "step"]) == 3
     assert checkpoint.latest(tmp_path / "run").name == "step-0000003"
 

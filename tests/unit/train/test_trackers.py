@@ -15,7 +15,7 @@ import pytest
 import yaml
 from tensordict import TensorDict
 
-from tests.unit.train.test_loop import Spec, fresh, logged, open_run, stand_in
+from tests.unit.train.test_loop import ADAMW, Spec, fresh, logged, open_run, stand_in
 from zmaj.extras import MissingExtraError
 from zmaj.specfile import SpecError
 from zmaj.train import loop, runs, trackers
@@ -49,7 +49,7 @@ def train_with(
         return 1.0 / step + offset, 2.0 + step
 
     with open_run(run_dir, resume, trackers=names, tracker_project=project) as run:
-        loop.train(run, run.restore(fresh), stand_in(losses), lambda i: i, evaluate=evaluate)
+        loop.train(run, run.restore(fresh, ADAMW), stand_in(losses), lambda i: i, evaluate=evaluate)
 
 
 def jsonl_series(run_dir: Path) -> Series:
