@@ -41,10 +41,12 @@ def main() -> None:
         else:  # made once, by rank 0 (sampling on-policy pairs is slow), and sent to every rank
             parallel.check_on_rank_0(lambda: runs.check_run_folder(args))  # said before the sampling
             pairs = parallel.from_rank_0(lambda: make_pairs(spec, begin))
+        # The pairs are sampled from the whole model; from here on, fully sharded, each rank keeps its share.
+        reference, begin = finetune.sharded_reference(begin, parallel)
         run = runs.open_run(spec, args, parallel, partial(write_run_files, spec, begin, pairs))
     with run:
         logger.info(f"run folder {run.dir}; {len(pairs)} preference pairs")
-        train(run, begin, pairs, params)
+        train(run, begin, pairs, params, reference)
 
 
 def write_run_files(spec: DPOSpec, begin: Start, pairs: list[Pair], run_dir: Path) -> None:
@@ -52,13 +54,17 @@ def write_run_files(spec: DPOSpec, begin: Start, pairs: list[Pair], run_dir: Pat
     write_pairs(run_dir / PAIRS_FILE, pairs)
 
 
-def train(run: Run[DPOSpec], begin: Start, pairs: list[Pair], params: TensorDict) -> None:
+def train(
+    run: Run[DPOSpec], begin: Start, pairs: list[Pair], params: TensorDict, reference: TensorDict
+) -> None:
     spec, parallel = run.spec, run.parallel
     cfg = spec.train
     state = run.restore(params, cfg.optimizer)
     policy = parallel.forward(finetune.policy_forward(spec, begin), run.dtype)
     forward = precision.autocast_forward(policy, run.dtype, run.device)  # train.precision, as SFT and GRPO
-    reference_forward = precision.autocast_forward(begin.base_forward, run.dtype, run.device)
+    reference_forward = precision.autocast_forward(
+        parallel.forward(begin.base_forward, run.dtype), run.dtype, run.device
+    )
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
 
     def batches(index: int) -> Batch:
@@ -72,7 +78,7 @@ def train(run: Run[DPOSpec], begin: Start, pairs: list[Pair], params: TensorDict
     step = partial(
         dpo_step,
         forward=forward,
-        reference=begin.model.params,
+        reference=reference,
         beta=cfg.beta,
         optimizer=cfg.optimizer,
         decay=decay,

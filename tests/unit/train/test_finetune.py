@@ -219,6 +219,19 @@ def test_a_run_holds_one_copy_of_the_starting_weights_and_a_second_only_to_read_
         assert shared == (not reads_start and not parallel.sharded), key
 
 
+@pytest.mark.parametrize("parallel", [Parallel(), FSDP])
+def test_a_sharded_reference_is_a_ranks_share_and_the_whole_is_let_go(parallel: Parallel) -> None:
+    """DPO's frozen reference under fsdp: each rank keeps its share, as of what it trains (the whole model
+    on every rank is what fsdp exists to save); one process or data-parallel, the start's own tensors."""
+    base = tiny_model()
+    reference, after = finetune.sharded_reference(finetune.Start(base, "m"), parallel)
+    for key in leaf_keys(base.params):
+        whole = base.params.get(key)
+        assert torch.equal(reference.get(key), parallel.piece(base.params, key, whole)), key
+        assert (reference.get(key) is whole) == (not parallel.sharded), key
+        assert (after.model.params.get(key).device.type == "meta") == parallel.sharded, key
+
+
 def test_grpo_refuses_truncated_sampling_and_bad_task_options() -> None:
     raw = {
         "name": "x",
