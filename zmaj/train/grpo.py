@@ -337,21 +337,21 @@ def grpo_step(
     divided by the completion tokens of all ranks' rollouts, and the step and metrics are those of all of them.
 
     ``state`` is ``zmaj.train.step.init_state(params, optimizer)`` (AdamW's moments, and Muon's momentum
-    for Muon), written into with ``donate`` as ``apply_grads`` does. Metrics: the loss, ``kl`` (with reference log-probs),
-    ``clip_fraction``, the mean ``reward`` and ``completion_length`` of every sample, ``kept_groups`` (the share
-    of prompts that trained), ``grad_norm``, ``lr``. A rollout that kept no prompt still takes the optimizer step,
-    with zero gradients: its moments carry it on, as they would with the zero advantages.
+    for Muon), written into with ``donate`` as ``apply_grads`` does. Metrics: the loss, ``kl`` (with
+    reference log-probs), ``clip_fraction``, the mean ``reward`` and ``completion_length`` of every sample,
+    ``kept_groups`` (the share of prompts that trained), ``grad_norm``, ``lr``. A rollout that kept no prompt
+    still takes the optimizer step, with zero gradients: its moments carry it on, as they would with the zero
+    advantages.
     """
     assert rollout.batch.loss_mask is not None
     n_tokens = parallel.all_sum(rollout.batch.loss_mask.sum()).clamp(min=1)
     grad_fn = grad_and_value(rollout_loss, has_aux=True)
-    grads, metrics = sum_grads(
-        (g, micro)
-        for g, (_, micro) in (
-            grad_fn(state["params"], rollout, forward, config, rows, n_tokens)
-            for rows in micro_batches(rollout.batch.tokens.shape[0], config.micro_batch)
-        )
-    )
+
+    def micro_grads(rows: slice) -> tuple[TensorDictBase, Metrics]:
+        grads, (_, metrics) = grad_fn(state["params"], rollout, forward, config, rows, n_tokens)
+        return grads, metrics
+
+    grads, metrics = sum_grads(micro_grads, micro_batches(rollout.batch.tokens.shape[0], config.micro_batch))
     if grads is None:  # no prompt kept
         grads = state["params"].clone().zero_()
         zero = torch.zeros((), device=n_tokens.device)

@@ -1,5 +1,6 @@
 """The stateless train step: accumulation is exact, a tiny model overfits, the state is all there is."""
 
+import gc
 import math
 import subprocess
 import sys
@@ -62,6 +63,30 @@ def test_accumulated_micro_batches_equal_one_large_batch(device: torch.device) -
     _, metrics_acc = run(state, micro)
     _, metrics_one = run(state, [large])
     torch.testing.assert_close(metrics_acc["grad_norm"], metrics_one["grad_norm"])
+
+
+def test_accumulation_holds_the_sum_and_one_micro_batchs_gradient_at_a_time() -> None:
+    """When a micro-batch's gradient is computed, the gradients alive are the sum alone: each is added into it
+    in place and let go (summed out of place, with the last one still held, a step held three: a whole model's
+    more memory)."""
+    shape = (7, 13)  # no other tensor of the process has it
+
+    def alive() -> int:
+        return sum(isinstance(o, torch.Tensor) and o.shape == shape for o in gc.get_objects())
+
+    first = torch.full(shape, 1.0)  # the first micro-batch's gradient, into which the others are added
+    seen: list[int] = []
+
+    def micro_grads(value: float) -> tuple[TensorDict, dict[str, torch.Tensor]]:
+        seen.append(alive())
+        return TensorDict({"w": first if value == 1 else torch.full(shape, value)}), {"n": torch.tensor(1.0)}
+
+    grads, metrics = step.sum_grads(micro_grads, [1.0, 2.0, 4.0, 8.0])
+    assert grads is not None
+    assert grads["w"] is first
+    assert torch.equal(first, torch.full(shape, 15.0))
+    assert float(metrics["n"]) == 4
+    assert seen == [1, 1, 1, 1]
 
 
 def test_the_step_does_not_touch_its_input_state(device: torch.device) -> None:
