@@ -31,8 +31,9 @@ from zmaj import fileio
 from zmaj.convert.load import load_model, save_zmaj
 from zmaj.data import chat_template
 from zmaj.models.lora import LoraConfig, init_adapters, merge
+from zmaj.nn import loss
 from zmaj.tasks import Problem, accuracy_interval, get_task
-from zmaj.train import finetune, grpo, loop, optim
+from zmaj.train import finetune, grpo, logprobs, loop, optim, step
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs" / "finetune"
@@ -650,6 +651,41 @@ def test_each_update_writes_into_the_state_it_replaces(
     assert code == 0, err
     assert donated
     assert all(donated)
+
+
+@pytest.mark.parametrize(
+    ("program", "sets"),
+    [
+        ("sft.py", []),
+        ("sft.py", ["lora={rank: 2, targets: ['attn.*']}"]),
+        ("dpo.py", ["pairs.task={name: say-e}"]),
+        ("grpo.py", ["task={name: say-e}", "grpo.kl_beta=0.1"]),
+    ],
+)
+def test_losses_and_log_probs_unembed_a_chunk_of_positions_at_a_time(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, program: str, sets: list[str]
+) -> None:
+    """Every loss and log-prob of a fine-tuning step (the policy's, the reference's, a rollout's) is computed
+    from the hidden states a chunk of positions at a time (``zmaj.nn.loss``), never from the whole
+    ``[batch, seq, vocab]`` logits, which with a large vocabulary were a step's largest tensors, twice over."""
+    chunks: list[int] = []
+    real = loss._chunk
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        chunks.append(1)
+        return real(*args, **kwargs)
+
+    def whole(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the whole logits were computed")
+
+    monkeypatch.setattr(loss, "_chunk", counted)
+    monkeypatch.setattr(step, "token_losses", whole)  # the plain training loss
+    monkeypatch.setattr(logprobs, "at_least_float32", whole)  # the plain log-probs
+    code, _, err = run(
+        program, *tiny(program, model, "eval=null", "train.steps=2", *sets), "--run-dir", tmp_path
+    )
+    assert code == 0, err
+    assert chunks
 
 
 def test_a_template_that_tells_the_date_gives_a_run_the_day_it_began(

@@ -16,6 +16,7 @@ to run the adapted model: :func:`merge` adds ``scale * B A`` into the weights (w
 
 import math
 from fnmatch import fnmatchcase
+from typing import TypeVar, cast
 
 import torch
 from jaxtyping import Float
@@ -23,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
-from zmaj.models.common import Batch, Forward
+from zmaj.models.common import Batch, Forward, LazyForward, LazyLogits
 from zmaj.specfile import Seed
+
+F = TypeVar("F", Forward, LazyForward)
 
 
 class LoraConfig(BaseModel):
@@ -126,18 +129,17 @@ def attach(params: TensorDictBase, adapters: TensorDictBase, config: LoraConfig)
     return attached
 
 
-def lora_forward(forward: Forward, base: TensorDictBase, config: LoraConfig, merged: bool = False) -> Forward:
-    """A :class:`Forward` whose params are the adapters, the frozen ``base`` closed over.
+def lora_forward(forward: F, base: TensorDictBase, config: LoraConfig, merged: bool = False) -> F:
+    """A forward (:class:`Forward`, or a :class:`LazyForward` for a chunked loss) whose params are the adapters,
+    the frozen ``base`` closed over.
 
     ``train_step(init_state(adapters), ..., forward=lora_forward(forward, base, config))`` then trains the
     adapters alone: the gradient is taken only with respect to what the forward is given. ``merged`` picks
     :func:`merge` over :func:`attach`; the two compute the same function.
     """
 
-    def adapted(
-        params: TensorDictBase, batch: Batch, *, dropout_seed: int | None
-    ) -> Float[Tensor, "batch seq vocab"]:
+    def adapted(params: TensorDictBase, batch: Batch, *, dropout_seed: int | None) -> Tensor | LazyLogits:
         full = merge(base, params, config) if merged else attach(base, params, config)
         return forward(full, batch, dropout_seed=dropout_seed)
 
-    return adapted
+    return cast(F, adapted)

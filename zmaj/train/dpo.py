@@ -24,7 +24,7 @@ from jaxtyping import Float
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
-from zmaj.models.common import Batch, Forward
+from zmaj.models.common import Batch, Forward, LazyForward
 from zmaj.train.logprobs import completion_batch, sequence_logprobs
 from zmaj.train.muon import OptimizerConfig
 from zmaj.train.parallel import SINGLE, Parallel
@@ -77,7 +77,7 @@ def _halves(logprobs: Float[Tensor, " rows"]) -> tuple[Float[Tensor, " pairs"], 
 
 
 def reference_logprobs(
-    reference: TensorDictBase, batch: Batch, forward: Forward
+    reference: TensorDictBase, batch: Batch, forward: Forward | LazyForward
 ) -> tuple[Float[Tensor, " pairs"], Float[Tensor, " pairs"]]:
     """The frozen reference's sequence log-probs of the chosen and the rejected rows; no graph is built."""
     with torch.no_grad():
@@ -88,7 +88,7 @@ def reference_logprobs(
 def _policy_loss(
     params: TensorDictBase,
     batch: Batch,
-    forward: Forward,
+    forward: Forward | LazyForward,
     reference: tuple[Tensor, Tensor],
     beta: float,
     share: float,
@@ -106,13 +106,13 @@ def dpo_step(
     state: TensorDictBase,
     batch: Batch,
     *,
-    forward: Forward,
+    forward: Forward | LazyForward,
     reference: TensorDictBase,
     beta: float,
     optimizer: OptimizerConfig,
     lr: float,
     decay: TensorDictBase,
-    reference_forward: Forward | None = None,
+    reference_forward: Forward | LazyForward | None = None,
     parallel: Parallel = SINGLE,
     donate: bool = False,
 ) -> tuple[TensorDict, Metrics]:

@@ -46,7 +46,7 @@ from zmaj.data.chat import ChatSource
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import GREEDY, Sampling, generate
-from zmaj.models.common import Batch, Forward
+from zmaj.models.common import Batch, LazyForward
 from zmaj.models.lora import LoraConfig, init_adapters, lora_forward, merge
 from zmaj.models.registry import config_to_json, differences
 from zmaj.progress import progress
@@ -70,7 +70,7 @@ from zmaj.train.muon import OptimizerConfig, check_groups
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import Parallel
 from zmaj.train.spec import OPTIMIZER_LAYOUT, LoopConfig
-from zmaj.train.step import bind
+from zmaj.train.step import bind_lazy
 
 Algorithm = Literal["sft", "grpo", "dpo"]
 
@@ -282,8 +282,10 @@ class Start:
     """``spec.model`` made absolute (``pypi:`` names kept), so that ``lora.json`` works from anywhere."""
 
     @property
-    def base_forward(self) -> Forward:
-        return bind(self.model.architecture.forward, config=self.model.config)
+    def base_forward(self) -> LazyForward:
+        """The model's training forward: its lazy one, whose log-probs and loss unembed a chunk of positions at a
+        time (``zmaj.nn.loss``): a fine-tuning batch's whole logits were its largest activation by far."""
+        return bind_lazy(self.model.architecture.lazy_forward, config=self.model.config)
 
 
 def start(spec: FinetuneSpec, device: torch.device, resume: Path | None = None) -> Start:
@@ -406,7 +408,7 @@ def reads_start(spec: FinetuneSpec) -> bool:
     return isinstance(spec, GRPOSpec) and spec.grpo.kl_beta != 0 and spec.reference is None
 
 
-def policy_forward(spec: FinetuneSpec, begin: Start) -> Forward:
+def policy_forward(spec: FinetuneSpec, begin: Start) -> LazyForward:
     """The forward the trained parameters go through: the model's, or its LoRA-adapted one."""
     if spec.lora is None:
         return begin.base_forward

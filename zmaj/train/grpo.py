@@ -38,7 +38,7 @@ from zmaj import tasks
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.cache import CacheShape, init_cache
 from zmaj.infer.generate import CachedForward, Sampling, generate
-from zmaj.models.common import Batch, Forward
+from zmaj.models.common import Batch, Forward, LazyForward
 from zmaj.train.logprobs import completion_batch, masked_token_logprobs
 from zmaj.train.muon import OptimizerConfig
 from zmaj.train.parallel import SINGLE, Parallel
@@ -193,13 +193,13 @@ def sample_rollout(
     prompts: Sequence[Sequence[int]],
     reward: Reward,
     *,
-    forward: Forward,
+    forward: Forward | LazyForward,
     step: CachedForward,
     cache_shape: CacheShape,
     config: GRPOConfig,
     seed: int,
     reference: TensorDictBase | None = None,
-    reference_forward: Forward | None = None,
+    reference_forward: Forward | LazyForward | None = None,
     score_old: bool = True,
     sampler: TensorDictBase | None = None,
 ) -> Rollout:
@@ -256,12 +256,12 @@ def sample_rollout(
     batch = completion_batch([rows[i] for i in train_rows], [completions[i] for i in train_rows], device)
     temperature = config.sampling.temperature
 
-    def logprobs(model: TensorDictBase, model_forward: Forward) -> Float[Tensor, "batch seq"]:
+    def logprobs(model: TensorDictBase, model_forward: Forward | LazyForward) -> Float[Tensor, "batch seq"]:
         scored = torch.zeros(batch.tokens.shape, device=device)
         for chunk in micro_batches(len(train_rows), config.micro_batch):
             micro = take_rows(batch, chunk)
-            logits = model_forward(model, micro, dropout_seed=None) / temperature
-            scored[chunk, : micro.tokens.shape[1]] = masked_token_logprobs(logits, micro)
+            logits = model_forward(model, micro, dropout_seed=None)
+            scored[chunk, : micro.tokens.shape[1]] = masked_token_logprobs(logits, micro, temperature)
         return scored
 
     return Rollout(
@@ -292,7 +292,7 @@ def take_rows(batch: Batch, rows: slice) -> Batch:
 def rollout_loss(
     params: TensorDictBase,
     rollout: Rollout,
-    forward: Forward,
+    forward: Forward | LazyForward,
     config: GRPOConfig,
     rows: slice = slice(None),
     n_tokens: Tensor | None = None,
@@ -302,8 +302,9 @@ def rollout_loss(
     batch = take_rows(rollout.batch, rows)
     width = batch.tokens.shape[1]
     assert batch.loss_mask is not None
-    logits = forward(params, batch, dropout_seed=None) / config.sampling.temperature
-    logprobs = masked_token_logprobs(logits, batch)
+    logprobs = masked_token_logprobs(
+        forward(params, batch, dropout_seed=None), batch, config.sampling.temperature
+    )
     old, reference = rollout.old_logprobs, rollout.reference_logprobs
     return grpo_loss(
         logprobs,
@@ -322,7 +323,7 @@ def grpo_step(
     state: TensorDictBase,
     rollout: Rollout,
     *,
-    forward: Forward,
+    forward: Forward | LazyForward,
     config: GRPOConfig,
     optimizer: OptimizerConfig,
     lr: float,

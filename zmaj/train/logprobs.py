@@ -2,8 +2,9 @@
 
 A causal language model gives log p(completion | prompt) = sum_t log p(y_t | prompt, y_<t), one term per
 completion token. :func:`completion_batch` lays (prompt, completion) pairs out as one right-padded training
-batch whose ``loss_mask`` selects exactly those terms, :func:`token_logprobs` reads every term off the logits,
-and :func:`sequence_logprobs` sums each row's.
+batch whose ``loss_mask`` selects exactly those terms, :func:`token_logprobs` reads every term off the logits
+(or off a lazy forward's hidden states, a chunk of positions at a time), and :func:`sequence_logprobs` sums
+each row's.
 """
 
 from collections.abc import Sequence
@@ -12,29 +13,41 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from zmaj.models.common import Batch
+from zmaj.models.common import Batch, LazyLogits
 from zmaj.nn.layers import at_least_float32
+from zmaj.nn.loss import chunked_token_logprobs
+from zmaj.train.step import LOSS_CHUNK
 
 
 def token_logprobs(
-    logits: Float[Tensor, "batch seq vocab"], targets: Int[Tensor, "batch seq"]
+    logits: Float[Tensor, "batch seq vocab"] | LazyLogits,
+    targets: Int[Tensor, "batch seq"],
+    temperature: float = 1.0,
 ) -> Float[Tensor, "batch seq"]:
-    """log p(target) at every position, computed in float32 at least (bf16 log-softmax loses the small
-    differences)."""
-    logprobs = torch.log_softmax(at_least_float32(logits), dim=-1)
-    return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    """log p(target) at every position, the logits divided by ``temperature`` (the distribution sampled from),
+    computed in float32 at least (bf16 log-softmax loses the small differences). ``LazyLogits`` (a model's
+    ``lazy_forward``) are unembedded a chunk of positions at a time, in the forward and the backward pass
+    (``zmaj.nn.loss.chunked_token_logprobs``), never all of them at once."""
+    if isinstance(logits, LazyLogits):
+        return chunked_token_logprobs(
+            logits.hidden, logits.weight, targets, temperature, LOSS_CHUNK, logits.softcap
+        )
+    scaled = at_least_float32(logits) if temperature == 1 else at_least_float32(logits) / temperature
+    return torch.log_softmax(scaled, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def masked_token_logprobs(
-    logits: Float[Tensor, "batch seq vocab"], batch: Batch
+    logits: Float[Tensor, "batch seq vocab"] | LazyLogits, batch: Batch, temperature: float = 1.0
 ) -> Float[Tensor, "batch seq"]:
     """``token_logprobs`` of the batch's targets, zero outside ``loss_mask`` (the completion tokens)."""
     assert batch.targets is not None, "log-prob batches carry targets"
     assert batch.loss_mask is not None, "log-prob batches mark the completion tokens in loss_mask"
-    return token_logprobs(logits, batch.targets) * batch.loss_mask
+    return token_logprobs(logits, batch.targets, temperature) * batch.loss_mask
 
 
-def sequence_logprobs(logits: Float[Tensor, "batch seq vocab"], batch: Batch) -> Float[Tensor, " batch"]:
+def sequence_logprobs(
+    logits: Float[Tensor, "batch seq vocab"] | LazyLogits, batch: Batch
+) -> Float[Tensor, " batch"]:
     """log p(completion | prompt) per row: the masked token log-probs summed."""
     return masked_token_logprobs(logits, batch).sum(-1)
 

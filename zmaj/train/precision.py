@@ -10,9 +10,11 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import wraps
 from pathlib import Path
-from typing import Literal, TypeVar, get_args
+from typing import Literal, TypeVar, cast, get_args
 
 import torch
+
+from zmaj.models.common import LazyLogits
 
 Precision = Literal["auto", "fp32", "bf16"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
@@ -42,6 +44,7 @@ def _cuda_has_fast_bf16(index: int | None) -> bool:
 
 
 F = TypeVar("F", bound=Callable[..., bool])
+Out = TypeVar("Out")  # what a forward returns: logits, or LazyLogits
 _mark: Callable[[Callable[..., bool]], object] = torch.compiler.assume_constant_result
 
 
@@ -97,17 +100,22 @@ def autocast(dtype: torch.dtype, device: torch.device) -> AbstractContextManager
 
 
 def autocast_forward(
-    forward: Callable[..., torch.Tensor], dtype: torch.dtype, device: torch.device
-) -> Callable[..., torch.Tensor]:
+    forward: Callable[..., Out], dtype: torch.dtype, device: torch.device
+) -> Callable[..., Out]:
     """``forward`` run under ``autocast(dtype, device)``: for steps that take a forward but no autocast, so that
-    every pass over the same batch (GRPO's old log-probs and its training pass) computes in one precision."""
+    every pass over the same batch (GRPO's old log-probs and its training pass) computes in one precision. A
+    lazy forward's hidden states and unembedding come back cast to ``dtype``, as autocast would cast them for
+    the unembedding's matmul, which the log-probs run later, chunk by chunk (``zmaj.train.logprobs``)."""
     if dtype == torch.float32:
         return forward
 
     @wraps(forward)
-    def mixed(*args: object, **kwargs: object) -> torch.Tensor:
+    def mixed(*args: object, **kwargs: object) -> Out:
         with autocast(dtype, device):
-            return forward(*args, **kwargs)
+            out = forward(*args, **kwargs)
+            if isinstance(out, LazyLogits):
+                return cast(Out, LazyLogits(out.hidden.to(dtype), out.weight.to(dtype), out.softcap))
+            return out
 
     return mixed
 

@@ -1,4 +1,5 @@
-"""The chunked unembedding + cross-entropy: the plain formula's value and gradients, however it is chunked."""
+"""The chunked unembedding + cross-entropy and log-probabilities: the plain formulas' values and gradients, however
+they are chunked."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from tests import strategies
 from zmaj.nn import loss
-from zmaj.nn.loss import chunked_cross_entropy, softcap
+from zmaj.nn.loss import chunked_cross_entropy, chunked_token_logprobs, softcap
 
 
 def plain(hidden: Tensor, weight: Tensor, targets: Tensor, weights: Tensor, cap: float | None) -> Tensor:
@@ -107,3 +108,94 @@ def test_without_gradients_only_the_loss_is_computed(
             patch.setattr(loss._ChunkedCrossEntropy, "apply", None)  # the gradients' path, not taken
             evaluated = chunked_cross_entropy(hidden, weight, targets, weights, 4, cap)
         assert torch.equal(evaluated, trained)
+
+
+def plain_logprobs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, cap: float | None
+) -> Tensor:
+    """The textbook path: every logit at once, scaled, float32 log-softmax, read at the targets."""
+    logits = softcap(hidden @ weight.T, cap).float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+@given(
+    seed=strategies.seeds,
+    rows=st.integers(1, 3),
+    seq=st.integers(1, 9),
+    vocab=st.integers(2, 40),
+    chunk=st.integers(1, 30),
+    cap=st.sampled_from([None, 2.0, 30.0]),
+    temperature=st.sampled_from([1.0, 0.7, 1.3]),
+)
+def test_log_probs_and_their_gradients_equal_the_plain_formula(
+    device: torch.device,
+    seed: int,
+    rows: int,
+    seq: int,
+    vocab: int,
+    chunk: int,
+    cap: float | None,
+    temperature: float,
+) -> None:
+    """Chunks of any size, a last chunk cut short, logits soft-capped or not, at any sampling temperature; the
+    gradient of any function of them (a weighted sum with random weights, as DPO's and GRPO's losses weigh
+    each token by what only the backward pass knows)."""
+    hidden, weight, targets, _ = inputs(seed, rows, seq, vocab, device)
+    upstream = torch.randn(rows, seq, generator=torch.Generator().manual_seed(seed)).to(device)
+    leaves = [hidden.requires_grad_(), weight.requires_grad_()]
+    expected = plain_logprobs(hidden, weight, targets, temperature, cap)
+    got = chunked_token_logprobs(hidden, weight, targets, temperature, chunk, cap)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), leaves)
+    got_grads = torch.autograd.grad((got * upstream).sum(), leaves)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_log_probs_under_torch_func_and_bf16_autocast(device: torch.device) -> None:
+    """``torch.func.vjp`` (what the fine-tuning steps differentiate with) through the custom function, a frozen
+    unembedding (LoRA's) left without a gradient; under bf16 autocast the matmuls round as the plain path's,
+    the gradients in the inputs' float32."""
+    hidden, weight, targets, _ = inputs(3, 2, 7, 13, device)
+    upstream = torch.linspace(-1, 1, 14, device=device).view(2, 7)
+
+    def summed(hidden: Tensor) -> Tensor:
+        return (chunked_token_logprobs(hidden, weight, targets, 0.8, 3, 5.0) * upstream).sum()
+
+    _, vjp, *_ = torch.func.vjp(summed, hidden)
+    leaf = hidden.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(
+        (plain_logprobs(leaf, weight, targets, 0.8, 5.0) * upstream).sum(), leaf
+    )
+    torch.testing.assert_close(vjp(torch.ones(()))[0], expected, rtol=1e-5, atol=1e-6)
+
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        expected_bf16 = plain_logprobs(leaves[0], leaves[1], targets, 1.0, None)
+        got = chunked_token_logprobs(leaves[0], leaves[1], targets, chunk=4)
+    torch.testing.assert_close(
+        got, expected_bf16, rtol=0.0, atol=2**-8 * float(expected_bf16.detach().abs().max())
+    )
+    assert float((got - expected_bf16).detach().abs().max()) < float(
+        (plain_logprobs(hidden, weight, targets, 1.0, None) - expected_bf16).abs().max()
+    )
+    for g, e in zip(
+        torch.autograd.grad((got * upstream).sum(), leaves),
+        torch.autograd.grad((expected_bf16 * upstream).sum(), leaves),
+        strict=True,
+    ):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=0.0, atol=2**-7 * float(e.abs().max()))
+
+
+def test_log_probs_without_gradients_are_the_training_paths(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scoring under ``torch.no_grad`` (the reference's, a rollout's old log-probs) gives the training path's
+    values, bit for bit, and saves nothing for a backward pass."""
+    hidden, weight, targets, _ = inputs(0, 3, 7, 40, device)
+    trained = chunked_token_logprobs(hidden, weight, targets, 0.9, 4, 15.0)
+    with torch.no_grad(), monkeypatch.context() as patch:
+        patch.setattr(loss._ChunkedLogprobs, "apply", None)
+        scored = chunked_token_logprobs(hidden, weight, targets, 0.9, 4, 15.0)
+    assert torch.equal(scored, trained)

@@ -72,7 +72,8 @@ def test_accumulation_holds_the_sum_and_one_micro_batchs_gradient_at_a_time() ->
     shape = (7, 13)  # no other tensor of the process has it
 
     def alive() -> int:
-        return sum(isinstance(o, torch.Tensor) and o.shape == shape for o in gc.get_objects())
+        # type(), not isinstance(): the objects include weak proxies of objects that are gone
+        return sum(type(o) is torch.Tensor and o.shape == shape for o in gc.get_objects())
 
     first = torch.full(shape, 1.0)  # the first micro-batch's gradient, into which the others are added
     seen: list[int] = []
