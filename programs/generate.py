@@ -60,7 +60,15 @@ def main() -> None:
     if args.compile:
         step = compile_step(step)
     pieces = complete(
-        step, model.params, cache, prompt, model.tokenizer, args.max_new_tokens, sampling, args.seed
+        step,
+        model.params,
+        cache,
+        prompt,
+        model.tokenizer,
+        args.max_new_tokens,
+        sampling,
+        args.seed,
+        donate=True,
     )
     try:
         for piece in pieces:

@@ -30,6 +30,7 @@ from tests.integration.programs import ctrl_c
 from zmaj import fileio
 from zmaj.convert.load import load_model, save_zmaj
 from zmaj.data import chat_template
+from zmaj.infer import generate as infer_generate
 from zmaj.models.lora import LoraConfig, init_adapters, merge
 from zmaj.nn import loss
 from zmaj.tasks import Problem, accuracy_interval, get_task
@@ -686,6 +687,26 @@ def test_losses_and_log_probs_unembed_a_chunk_of_positions_at_a_time(
     )
     assert code == 0, err
     assert chunks
+
+
+@pytest.mark.parametrize(("program", "sets"), [("sft.py", ["eval.n=4"]), ("grpo.py", ["task={name: say-e}"])])
+def test_sampling_prefills_into_the_caches_made_for_it(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, program: str, sets: list[str]
+) -> None:
+    """Evaluations and GRPO's rollouts make a cache for each batch of prompts, and the prefill writes into it
+    (``generate(donate=True)``): a copying prefill held up to three caches at once."""
+    donated: list[bool] = []
+    real = infer_generate.stream
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        donated.append(kwargs.get("donate", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer_generate, "stream", spy)
+    code, _, err = run(program, *tiny(program, model, "train.steps=2", *sets), "--run-dir", tmp_path)
+    assert code == 0, err
+    assert donated
+    assert all(donated)
 
 
 def test_a_template_that_tells_the_date_gives_a_run_the_day_it_began(

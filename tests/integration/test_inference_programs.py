@@ -28,6 +28,8 @@ from zmaj.convert.load import Pretrained, save_zmaj
 from zmaj.convert.weights import smollm2_gguf
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
+from zmaj.infer import chat as infer_chat
+from zmaj.infer import text as infer_text
 from zmaj.models import gpt
 from zmaj.train import optim
 from zmaj.train.spec import PretrainSpec, TrainConfig
@@ -283,6 +285,28 @@ def test_chat_answers_as_generate_keeping_the_history_until_reset(
     # The cache is kept from turn to turn (the second answer prefills only its new tokens) and /reset empties it.
     reused = re.findall(r"new tokens after (\d+) cached ones", result.stderr)
     assert [int(count) > 0 for count in reused] == [False, True, False]
+
+
+@pytest.mark.parametrize("program", ["generate.py", "chat.py"])
+def test_each_answer_prefills_into_the_cache_made_for_it(
+    llama: tuple[Any, Path], monkeypatch: pytest.MonkeyPatch, program: str
+) -> None:
+    """generate.py's cache and each chat turn's (the context's copy, resized) are made for one answer, so the
+    prefill writes into them (``stream(donate=True)``): a copying prefill held up to three caches at once."""
+    donated: list[bool] = []
+    for module in (infer_text, infer_chat):
+        real = module.stream
+
+        def spy(*args: Any, real: Any = real, **kwargs: Any) -> Any:
+            donated.append(kwargs.get("donate", False))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "stream", spy)
+    _, folder = llama
+    args = ["--model", folder, *GREEDY] + (["--prompt", "the cat"] if program == "generate.py" else [])
+    result = run(program, *args, stdin="hi\nhow\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert donated == [True] * (1 if program == "generate.py" else 2)
 
 
 def test_generate_into_a_closed_pipe_stops_without_a_traceback(llama: tuple[Any, Path]) -> None:

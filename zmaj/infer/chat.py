@@ -79,7 +79,10 @@ def reply(
 
     def tokens() -> Iterator[int]:
         stops = tokenizer.stop_ids
-        for each in stream(step, params, cache, [new], max_new_tokens, sampling, seed, stop_tokens=stops):
+        # The cache is resume's copy, made for this answer: the prefill writes into it.
+        for each in stream(
+            step, params, cache, [new], max_new_tokens, sampling, seed, stop_tokens=stops, donate=True
+        ):
             steps.append(each)
             if (token := int(each.tokens[0])) not in stops:
                 yield token

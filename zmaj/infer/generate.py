@@ -198,13 +198,17 @@ def stream(
     stop_strings: Collection[str] = (),
     decode: Callable[[list[int]], str] | None = None,
     copies: int = 1,
+    donate: bool = False,
 ) -> Iterator[Emitted]:
     """Yield each decode step's tokens until every row has stopped or ``max_new_tokens`` steps.
 
     ``cache`` must have one row per prompt and room for the longest prompt plus ``max_new_tokens - 1`` tokens
     (the last token is never fed back); it may already hold tokens, which the prompts then continue (a
     conversation's earlier turns). It is not changed, so one empty cache serves any number of calls: the
-    prefill writes a new cache, which the decode steps that follow own and write in place (``donate=True``).
+    prefill writes a new cache, which the decode steps that follow own and write in place. ``donate`` gives
+    the cache up to the prefill too, which then writes into it: a caller that made the cache for this call
+    passes it, since a prefill that copies held up to three caches at once (the caller's, each layer's new
+    keys and values, their stack): 8.6 GB each for an 8B model's bf16 cache at 32 x 2048 tokens.
     ``seed`` makes sampling reproducible; ``decode`` (token ids to text) is needed for ``stop_strings``.
     ``copies`` continues each prompt in that many rows, prompt-major (prompt ``i`` in rows ``i * copies`` to
     ``i * copies + copies - 1``), from one prefill (``zmaj.infer.cache.repeat_rows``): the same tokens as the
@@ -228,7 +232,7 @@ def stream(
     generator = torch.Generator(device).manual_seed(seed)
     stops = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
     # Left-padded, every row's prompt ends at the last position: its logits are all the prefill needs.
-    logits, cache = step(params, left_padded(prompts, device), cache, last_only=True)
+    logits, cache = step(params, left_padded(prompts, device), cache, donate=donate, last_only=True)
     if copies > 1:
         logits, cache = logits.repeat_interleave(copies, 0), repeat_rows(cache, copies)
     texts: list[list[int]] = [[] for _ in range(len(prompts) * copies)]
@@ -263,9 +267,10 @@ def generate(
     stop_strings: Collection[str] = (),
     decode: Callable[[list[int]], str] | None = None,
     copies: int = 1,
+    donate: bool = False,
 ) -> list[list[int]]:
     """Each row's new tokens (its stop token, or the token completing a stop string, included): ``stream``
-    collected; one row per prompt, or ``copies`` per prompt."""
+    collected; one row per prompt, or ``copies`` per prompt. ``donate`` as ``stream``'s."""
     outputs: list[list[int]] = [[] for _ in range(len(prompts) * copies)]
     for step_tokens in stream(
         step,
@@ -279,6 +284,7 @@ def generate(
         stop_strings,
         decode,
         copies,
+        donate=donate,
     ):
         rows = zip(step_tokens.tokens.tolist(), step_tokens.emitted.tolist(), strict=True)
         for output, (token, emitted) in zip(outputs, rows, strict=True):

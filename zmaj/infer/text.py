@@ -60,10 +60,14 @@ def complete(
     max_new_tokens: int,
     sampling: Sampling = GREEDY,
     seed: int = 0,
+    donate: bool = False,
 ) -> Iterator[str]:
     """The continuation of one prompt as text pieces, ending at one of the tokenizer's stop tokens (not shown)
-    or after ``max_new_tokens``; special tokens are skipped. ``cache`` is as ``zmaj.infer.generate.stream`` needs."""
+    or after ``max_new_tokens``; special tokens are skipped. ``cache`` and ``donate`` are as
+    ``zmaj.infer.generate.stream`` takes them."""
     stops = tokenizer.stop_ids
-    emitted = stream(step, params, cache, [prompt], max_new_tokens, sampling, seed, stop_tokens=stops)
+    emitted = stream(
+        step, params, cache, [prompt], max_new_tokens, sampling, seed, stop_tokens=stops, donate=donate
+    )
     tokens = (token for each in emitted if (token := int(each.tokens[0])) not in stops)
     return detokenize(tokens, tokenizer.decode, byte_tokens(tokenizer))

@@ -663,6 +663,7 @@ def sample_answers(
                 model.tokenizer.stop_ids,
                 (FEW_SHOT_STOP,) if few_shot else (),
                 model.tokenizer.decode if few_shot else None,
+                donate=True,
             )
             bar.update(len(chunk))
     return out

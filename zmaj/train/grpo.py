@@ -243,6 +243,7 @@ def sample_rollout(
         seed,
         config.stop_tokens,
         copies=group,
+        donate=True,
     )
     rewards = torch.tensor(
         [reward(index // group, completion) for index, completion in enumerate(completions)],

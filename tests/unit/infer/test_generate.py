@@ -305,6 +305,23 @@ def test_the_cache_passed_in_is_not_changed(device: torch.device) -> None:
     assert generate(STEP, params(device), cache, PROMPTS, 10) == first
 
 
+@pytest.mark.parametrize("copies", [1, 3])
+def test_a_donated_cache_is_written_into_and_gives_the_same_tokens(device: torch.device, copies: int) -> None:
+    """``donate`` gives the cache to the prefill, which writes the prompts into its buffers (one cache where a
+    copying prefill held up to three); the tokens are the copying path's, sampled or greedy."""
+    sampling = Sampling(temperature=1.0, top_p=0.9)
+    kept = init_cache(CONFIG, 3, 32, device=device)
+    given = init_cache(CONFIG, 3, 32, device=device)
+    expected = list(stream(STEP, params(device), kept, PROMPTS, 12, sampling, 7, copies=copies))
+    got = list(stream(STEP, params(device), given, PROMPTS, 12, sampling, 7, copies=copies, donate=True))
+    assert [e.tokens.tolist() for e in got] == [e.tokens.tolist() for e in expected]
+    assert int(given["length"]) == 0  # the TensorDict is the caller's; its buffers were the prefill's
+    assert given["k"].any()
+    if copies == 1:
+        assert got[0].cache["k"].data_ptr() == given["k"].data_ptr()
+    assert not kept["k"].any()
+
+
 def test_left_padding_right_aligns_the_prompts() -> None:
     batch = left_padded([[1, 2, 3], [4]])
     assert batch.tokens.tolist() == [[1, 2, 3], [0, 0, 4]]
