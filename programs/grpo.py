@@ -109,7 +109,7 @@ def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: Tenso
             score_old=cfg.passes > 1,
             # Sampled in the training matmuls' dtype (bf16 under bf16 autocast: half the bytes per decode
             # step), LoRA's adapters merged in, so the sampler runs the plain architecture.
-            sampler=finetune.full_params(spec, begin, state["params"]).to(run.dtype),
+            sampler=finetune.full_params(spec, begin, state["params"], run.dtype),
         )
         sampled = torch.tensor(time.perf_counter() - tick)
         passes = []

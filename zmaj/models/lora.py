@@ -102,18 +102,23 @@ def delta(
     return config.scale * (b @ a)
 
 
-def merge(params: TensorDictBase, adapters: TensorDictBase, config: LoraConfig) -> TensorDictBase:
+def merge(
+    params: TensorDictBase, adapters: TensorDictBase, config: LoraConfig, dtype: torch.dtype | None = None
+) -> TensorDictBase:
     """The params with ``W + scale * B A`` in place of each adapted ``W``; differentiable in the adapters.
 
-    The inputs are untouched: the result is a new TensorDict that shares every tensor it does not replace.
+    The inputs are untouched: the result is a new TensorDict that shares every tensor it does not replace (or,
+    with ``dtype``, holds it cast). ``dtype`` casts each merged weight as it is made: merging every weight in
+    float32 and casting the whole afterwards (GRPO's bf16 sampler) held all the adapted weights in float32 at
+    once, 28 GB for an 8B model's.
     """
     merged = params.clone(recurse=False)
     for path in _adapted_paths(adapters):
         key = ("blocks", *path, "weight")
         weight = params.get(key)
         # In the weight's dtype: float32 adapters over a bf16 base would otherwise promote only these weights.
-        merged.set(key, (weight + delta(adapters, path, config)).to(weight.dtype))
-    return merged
+        merged.set(key, (weight + delta(adapters, path, config)).to(dtype or weight.dtype))
+    return merged if dtype is None else merged.to(dtype)
 
 
 def attach(params: TensorDictBase, adapters: TensorDictBase, config: LoraConfig) -> TensorDictBase:

@@ -430,12 +430,15 @@ def reference_params(spec: "GRPOSpec", begin: Start, device: torch.device) -> Te
     return reference.to(device, torch.float32).params
 
 
-def full_params(spec: FinetuneSpec, begin: Start, params: TensorDictBase) -> TensorDictBase:
-    """The whole model's parameters for a trained ``params`` (adapters merged into the base)."""
+def full_params(
+    spec: FinetuneSpec, begin: Start, params: TensorDictBase, dtype: torch.dtype | None = None
+) -> TensorDictBase:
+    """The whole model's parameters for a trained ``params`` (adapters merged into the base), cast to ``dtype``
+    if given (``zmaj.models.lora.merge``'s, a weight at a time)."""
     if spec.lora is None:
-        return params
+        return params if dtype is None else params.to(dtype)
     with torch.no_grad():
-        return merge(begin.model.params, params, spec.lora)
+        return merge(begin.model.params, params, spec.lora, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- run folders

@@ -92,6 +92,17 @@ def test_merge_adds_the_scaled_product_and_leaves_the_inputs_alone(device: torch
     assert "lora_a" not in frozen["blocks", "attn", "q"]
 
 
+def test_merging_into_a_dtype_casts_each_weight_as_the_whole_cast_afterwards(device: torch.device) -> None:
+    """``merge(..., dtype)`` (GRPO's bf16 sampler) gives the float32 merge cast to bf16, bit for bit, every
+    tensor in it, merged or not, without the float32 merge existing whole."""
+    frozen, adapters = base(device), random_adapters(6, device)
+    expected = lora.merge(frozen, adapters, LORA).to(torch.bfloat16)
+    got = lora.merge(frozen, adapters, LORA, torch.bfloat16)
+    for key in expected.keys(True, True):
+        assert got.get(key).dtype == torch.bfloat16, key
+        assert torch.equal(got.get(key), expected.get(key)), key
+
+
 @pytest.mark.parametrize("merged", [True, False])
 def test_gradients_reach_the_adapters_only_and_match_finite_differences(
     device: torch.device, merged: bool
