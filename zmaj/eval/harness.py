@@ -53,6 +53,7 @@ from zmaj.convert.load import Pretrained, check_vocabulary, load_model
 from zmaj.data.chat_template import Message
 from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import GREEDY, Sampling, generate
+from zmaj.infer.perplexity import LOGITS_PER_CHUNK
 from zmaj.models.common import Batch
 from zmaj.train import precision
 
@@ -109,7 +110,10 @@ def batched(
 
 @torch.no_grad()
 def score_continuations(
-    model: Pretrained, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int
+    model: Pretrained,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    max_length: int,
+    chunk: int | None = None,
 ) -> list[tuple[float, bool]]:
     """Each continuation's log-probability given its context, and whether it is the greedy continuation: one
     forward pass over the batch.
@@ -118,7 +122,10 @@ def score_continuations(
     only predicted, never read. Rows are right-padded without a mask: causal attention already keeps each real
     token from the padding after it. Only the continuations' positions go through the unembedding (in the
     model's dtype; the log-softmax in float32, where lm-eval's ``hf`` backend takes it in the model's dtype unless
-    given ``softmax_dtype``), so memory grows with the tokens scored, not with ``batch x seq x vocab``.
+    given ``softmax_dtype``), ``chunk`` of them at a time (by default as many as
+    ``zmaj.infer.perplexity.LOGITS_PER_CHUNK`` allows): a rolling request scores every position of its windows,
+    and all of a batch's at once were two ``batch x seq x vocab`` tensors (67 GB for an 8B model's 128k
+    vocabulary at 32 x 2048).
     """
     for context, continuation in pairs:
         if not context or not continuation or len(continuation) > max_length:
@@ -138,14 +145,23 @@ def score_continuations(
     counts = [len(continuation) for _, continuation in pairs]
     rows = torch.repeat_interleave(torch.arange(len(pairs)), torch.tensor(counts))
     columns = torch.cat([torch.arange(len(ids) - n, len(ids)) for ids, n in zip(inputs, counts, strict=True)])
-    logits = model.architecture.unembed(model.params, hidden[rows, columns][None], config=model.config)[0]
-    logprobs = logits.float().log_softmax(-1)
+    states = hidden[rows, columns]
     targets = torch.tensor([t for _, continuation in pairs for t in continuation], device=device)
-    picked = logprobs.gather(-1, targets[:, None])[:, 0]
-    greedy = logprobs.argmax(-1) == targets
+    chunk = chunk or max(1, LOGITS_PER_CHUNK // model.config.vocab_size)
+    picked, greedy = [], []
+    for start in range(0, len(targets), chunk):
+        logits = model.architecture.unembed(
+            model.params, states[None, start : start + chunk], config=model.config
+        )
+        logprobs = logits[0].float().log_softmax(-1)
+        wanted = targets[start : start + chunk]
+        picked.append(logprobs.gather(-1, wanted[:, None])[:, 0])
+        greedy.append(logprobs.argmax(-1) == wanted)
     return [
         (float(scores.sum()), bool(hits.all()))
-        for scores, hits in zip(torch.split(picked, counts), torch.split(greedy, counts), strict=True)
+        for scores, hits in zip(
+            torch.split(torch.cat(picked), counts), torch.split(torch.cat(greedy), counts), strict=True
+        )
     ]
 
 
@@ -322,6 +338,7 @@ class ZmajLM(TemplateLM):  # type: ignore[misc]
                 tokenizer.stop_ids,
                 [stop for stop in until if stop],
                 tokenizer.decode,
+                donate=True,
             )
             return [postprocess_generated_text(tokenizer.decode(ids), until, None) for ids in outputs]
 

@@ -2,7 +2,9 @@
 windows, request order through the longest-first batching, and per-pair log-likelihoods from a plain forward pass
 of each pair alone."""
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.eval.harness import ZmajLM, batched, rolling_windows, sampling_from, score_continuations
 from zmaj.infer.generate import GREEDY, Sampling
-from zmaj.models import gpt
+from zmaj.models import gpt, registry
 from zmaj.models.common import Batch
 from zmaj.models.gpt import GPTConfig
 
@@ -92,6 +94,28 @@ def test_a_batch_scores_each_pair_as_it_scores_alone(
     for (total, greedy), (context, continuation) in zip(scores, pairs, strict=True):
         expected_total, expected_greedy = naive_score(model, context, continuation)
         assert total == pytest.approx(expected_total, abs=1e-4)
+        assert greedy == expected_greedy
+
+
+def test_scores_unembed_a_chunk_of_positions_at_a_time(
+    model: Pretrained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rolling request scores every position of its windows: the unembedding takes ``chunk`` of them at a
+    time, never the batch's all, and the scores are those of one pass."""
+    pairs = [([1, 2, 3], [4, 5, 6, 7, 8]), ([9], [10, 11, 12])]
+    whole = score_continuations(model, pairs, CONFIG.context, chunk=100)
+    widths: list[int] = []
+    arch = registry.ARCHITECTURES["gpt"]
+
+    def counted(params: Any, hidden: torch.Tensor, config: Any) -> torch.Tensor:
+        widths.append(hidden.shape[1])
+        return arch.unembed(params, hidden, config=config)
+
+    monkeypatch.setitem(registry.ARCHITECTURES, "gpt", replace(arch, unembed=counted))
+    chunked = score_continuations(model, pairs, CONFIG.context, chunk=3)
+    assert widths == [3, 3, 2]
+    for (total, greedy), (expected_total, expected_greedy) in zip(chunked, whole, strict=True):
+        assert total == pytest.approx(expected_total, abs=1e-5)
         assert greedy == expected_greedy
 
 
