@@ -63,7 +63,11 @@ def chunked_cross_entropy(
                 picked = _chunk(flat_hidden, weight, flat_targets, start, chunk, cap)[0]
                 loss = loss - _weighted_sum(picked, flat_weights, start, chunk)
             return loss
-    total: Tensor = _ChunkedCrossEntropy.apply(flat_hidden, weight, flat_targets, flat_weights, chunk, cap)[0]
+    # A frozen unembedding (LoRA's) gets no gradient: its matmul per chunk, a third of the loss's, is skipped.
+    wants_weight = weight.requires_grad
+    total: Tensor = _ChunkedCrossEntropy.apply(
+        flat_hidden, weight, flat_targets, flat_weights, chunk, cap, wants_weight
+    )[0]
     return total
 
 
@@ -159,14 +163,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         token_weights: Float[Tensor, " tokens"] | None,
         chunk: int,
         cap: float | None,
-    ) -> tuple[Float[Tensor, ""], Float[Tensor, "tokens d_model"], Float[Tensor, "vocab d_model"]]:
+        wants_weight: bool,
+    ) -> tuple[
+        Float[Tensor, ""],
+        Float[Tensor, "tokens d_model"],
+        Float[Tensor, "vocab d_model"] | Float[Tensor, "0"],
+    ]:
         with torch.autocast(
             hidden.device.type, enabled=False
         ):  # the caller cast; everything here is explicit
             wide = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64's own
             loss = torch.zeros((), dtype=wide, device=hidden.device)
             grad_hidden = []
-            grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device)  # sums over chunks
+            # Summed over chunks; empty for a frozen weight.
+            grad_weight = torch.zeros(weight.shape if wants_weight else 0, dtype=wide, device=weight.device)
             for start in range(0, hidden.shape[0], chunk):
                 h, y = hidden[start : start + chunk], targets[start : start + chunk, None]
                 w = None if token_weights is None else token_weights[start : start + chunk, None]
@@ -180,7 +190,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     grad_z.mul_(squashed.square_().neg_().add_(1))  # (addcmul_ breaks dynamo's graph)
                 grad_z = grad_z.to(hidden.dtype)
                 grad_hidden.append(grad_z @ weight)
-                grad_weight.add_(grad_z.T @ h)
+                if wants_weight:
+                    grad_weight.add_(grad_z.T @ h)
         return loss, torch.cat(grad_hidden), grad_weight.to(weight.dtype)
 
     @staticmethod
@@ -192,9 +203,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_loss: Tensor, *unused: Tensor | None
-    ) -> tuple[Tensor, Tensor, None, None, None, None]:
+    ) -> tuple[Tensor, Tensor | None, None, None, None, None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_loss * grad_hidden, grad_loss * grad_weight, None, None, None, None
+        weight_grad = grad_loss * grad_weight if ctx.needs_input_grad[1] else None
+        return grad_loss * grad_hidden, weight_grad, None, None, None, None, None
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -224,8 +236,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
         hidden, weight, targets = ctx.saved_tensors
         wants_hidden, wants_weight = ctx.needs_input_grad[:2]
         grad_hidden = []
-        grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32))
-        grad_weight = grad_weight.to(weight.device)
+        wide = torch.promote_types(weight.dtype, torch.float32)  # summed over chunks
+        grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if wants_weight else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], ctx.chunk):
                 h, y = hidden[start : start + ctx.chunk], targets[start : start + ctx.chunk, None]
@@ -242,11 +254,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_z = grad_z.to(hidden.dtype)
                 if wants_hidden:
                     grad_hidden.append(grad_z @ weight)
-                if wants_weight:
+                if grad_weight is not None:
                     grad_weight.add_(grad_z.T @ h)
         return (
             torch.cat(grad_hidden) if wants_hidden else None,
-            grad_weight.to(weight.dtype) if wants_weight else None,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
             None,
             None,
             None,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 
 from tests import strategies
 from zmaj.nn import loss
@@ -75,6 +76,24 @@ def test_torch_func_grad_equals_autograd(device: torch.device) -> None:
     expected = torch.autograd.grad(plain(leaves[0], leaves[1], targets, weights, 5.0), leaves)
     for g, e in zip(func_grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_a_frozen_unembedding_gets_no_gradient_and_costs_no_matmul_for_one(device: torch.device) -> None:
+    """LoRA's unembedding is frozen (closed over, not differentiated): the hidden states' gradient is the plain
+    path's, and the weight's gradient matmul is skipped, a third of the loss's matmuls (counted in FLOPs)."""
+    hidden, weight, targets, weights = inputs(1, 2, 7, 13, device)
+
+    def loss(hidden: Tensor, weight: Tensor) -> Tensor:
+        return chunked_cross_entropy(hidden, weight, targets, weights, 4)
+
+    with FlopCounterMode(display=False) as frozen:
+        got = torch.func.grad(lambda h: loss(h, weight))(hidden)
+    with FlopCounterMode(display=False) as trained:
+        torch.func.grad(loss, argnums=(0, 1))(hidden, weight)
+    leaf = hidden.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(plain(leaf, weight, targets, weights, None), leaf)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert 3 * frozen.get_total_flops() == 2 * trained.get_total_flops()
 
 
 def test_under_bf16_autocast_it_rounds_as_the_plain_path(device: torch.device) -> None:
