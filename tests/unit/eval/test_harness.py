@@ -16,6 +16,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from zmaj.convert.load import Pretrained, save_zmaj
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
+from zmaj.eval import harness
 from zmaj.eval.harness import ZmajLM, batched, rolling_windows, sampling_from, score_continuations
 from zmaj.infer.generate import GREEDY, Sampling
 from zmaj.models import gpt, registry
@@ -114,6 +115,10 @@ def test_scores_unembed_a_chunk_of_positions_at_a_time(
     monkeypatch.setitem(registry.ARCHITECTURES, "gpt", replace(arch, unembed=counted))
     chunked = score_continuations(model, pairs, CONFIG.context, chunk=3)
     assert widths == [3, 3, 2]
+    widths.clear()  # by default, as many positions as LOGITS_PER_CHUNK logits make
+    monkeypatch.setattr(harness, "LOGITS_PER_CHUNK", 4 * CONFIG.vocab_size + 1)
+    score_continuations(model, pairs, CONFIG.context)
+    assert widths == [4, 4]
     for (total, greedy), (expected_total, expected_greedy) in zip(chunked, whole, strict=True):
         assert total == pytest.approx(expected_total, abs=1e-5)
         assert greedy == expected_greedy

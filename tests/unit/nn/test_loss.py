@@ -1,6 +1,8 @@
 """The chunked unembedding + cross-entropy and log-probabilities: the plain formulas' values and gradients, however
 they are chunked."""
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,3 +220,21 @@ def test_log_probs_without_gradients_are_the_training_paths(
         patch.setattr(loss._ChunkedLogprobs, "apply", None)
         scored = chunked_token_logprobs(hidden, weight, targets, 0.9, 4, 15.0)
     assert torch.equal(scored, trained)
+
+
+def test_log_probs_unembed_at_most_chunk_positions_at_a_time(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forward and the backward pass each make every chunk's logits once, ``chunk`` positions at most."""
+    hidden, weight, targets, _ = inputs(0, 2, 7, 11, device)
+    made: list[tuple[int, int]] = []
+    real = loss._chunk
+
+    def counted(hidden: Tensor, weight: Tensor, targets: Tensor, start: int, chunk: int, *rest: Any) -> Any:
+        made.append((start, len(hidden[start : start + chunk])))
+        return real(hidden, weight, targets, start, chunk, *rest)
+
+    monkeypatch.setattr(loss, "_chunk", counted)
+    got = chunked_token_logprobs(hidden.requires_grad_(), weight, targets, chunk=4)
+    torch.autograd.grad(got.sum(), hidden)
+    assert made == [(0, 4), (4, 4), (8, 4), (12, 2)] * 2

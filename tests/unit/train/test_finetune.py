@@ -189,6 +189,7 @@ FSDP = Parallel(kind="fsdp", rank=0, size=2)
         (finetune.SFTSpec, SFT, FSDP, False),
         (finetune.GRPOSpec, GRPO, Parallel(), False),  # no KL penalty: no reference
         (finetune.GRPOSpec, {**GRPO, "grpo": {"kl_beta": 0.1}}, Parallel(), True),
+        (finetune.GRPOSpec, {**GRPO, "grpo": {"kl_beta": 0.1}, "reference": "r"}, Parallel(), False),
         (finetune.DPOSpec, DPO, Parallel(), True),
         (finetune.DPOSpec, DPO, FSDP, True),
         (finetune.SFTSpec, {**SFT, "lora": {"targets": ["attn.q"]}}, Parallel(), True),

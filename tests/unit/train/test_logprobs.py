@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from tensordict import TensorDict
 
 from zmaj.models import llama
-from zmaj.models.common import Batch
+from zmaj.models.common import Batch, LazyLogits
+from zmaj.train import precision, step
 from zmaj.train.logprobs import completion_batch, sequence_logprobs, token_logprobs
 
 CONFIG = llama.LlamaConfig(
@@ -78,3 +79,32 @@ def test_log_probabilities_of_bfloat16_logits_are_computed_in_float32() -> None:
     got = token_logprobs(logits, targets)
     assert got.dtype == torch.float32
     assert torch.equal(got, token_logprobs(logits.float(), targets))
+
+
+@pytest.mark.parametrize(("temperature", "cap"), [(1.0, None), (0.7, None), (1.0, 3.0), (1.3, 3.0)])
+def test_lazy_logits_give_the_log_probs_of_their_logits(temperature: float, cap: float | None) -> None:
+    """A lazy forward's hidden states and unembedding (chunked) give what their logits give, at any sampling
+    temperature and soft-cap."""
+    generator = torch.Generator().manual_seed(0)
+    lazy = LazyLogits(torch.randn(2, 5, 8, generator=generator), torch.randn(16, 8, generator=generator), cap)
+    targets = torch.randint(0, 16, (2, 5), generator=generator)
+    expected = token_logprobs(lazy.logits(), targets, temperature)
+    torch.testing.assert_close(token_logprobs(lazy, targets, temperature), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_lazy_forward_under_autocast_hands_its_unembedding_over_in_the_autocast_dtype() -> None:
+    """``autocast_forward`` casts a lazy forward's hidden states and unembedding as autocast would cast them for
+    the unembedding's matmul, which the log-probs run later, outside autocast; so the log-probs are the plain
+    bf16 forward's (within bf16's rounding), not a float32 unembedding's."""
+    batch = Batch(tokens=torch.tensor([[1, 2, 3, 4]]), targets=torch.tensor([[2, 3, 4, 5]]))
+    lazy = precision.autocast_forward(
+        step.bind_lazy(llama.lazy_forward, config=CONFIG), torch.bfloat16, torch.device("cpu")
+    )(params(torch.device("cpu")), batch, dropout_seed=None)
+    assert lazy.hidden.dtype == lazy.weight.dtype == torch.bfloat16
+    plain = precision.autocast_forward(
+        step.bind(llama.forward, config=CONFIG), torch.bfloat16, torch.device("cpu")
+    )(params(torch.device("cpu")), batch, dropout_seed=None)
+    assert batch.targets is not None
+    torch.testing.assert_close(
+        token_logprobs(lazy, batch.targets), token_logprobs(plain, batch.targets), rtol=0, atol=1e-6
+    )
