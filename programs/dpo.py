@@ -35,7 +35,7 @@ def main() -> None:
     with runs.bad_input_exits_2(parallel):
         parallel.check_divides(spec.train.batch_size, "train.batch_size")
         begin = finetune.start(spec, parallel.device, args.resume)
-        params, begin = finetune.trainable(spec, begin, parallel)
+        params, begin = finetune.trainable(spec, begin, parallel, resuming=args.resume is not None)
         if args.resume is not None:
             pairs = read_pairs(args.resume / PAIRS_FILE, begin.model.config.vocab_size)
         else:  # made once, by rank 0 (sampling on-policy pairs is slow), and sent to every rank

@@ -41,7 +41,7 @@ def main() -> None:
     with runs.bad_input_exits_2(parallel):
         parallel.check_divides(spec.train.prompts_per_step, "train.prompts_per_step")
         begin = finetune.start(spec, parallel.device, args.resume)
-        params, begin = finetune.trainable(spec, begin, parallel)
+        params, begin = finetune.trainable(spec, begin, parallel, resuming=args.resume is not None)
         reference = finetune.reference_params(spec, begin, parallel.device)
         run = runs.open_run(
             spec,

@@ -41,7 +41,7 @@ def main() -> None:
         parallel.check_divides(spec.train.batch_size, "train.batch_size")
         begin = finetune.start(spec, parallel.device, args.resume)
         examples = build_examples(spec, begin)
-        params, begin = finetune.trainable(spec, begin, parallel)
+        params, begin = finetune.trainable(spec, begin, parallel, resuming=args.resume is not None)
         write = partial(finetune.write_run_files, spec, begin)
         run = runs.open_run(
             spec, args, parallel, write, data=lambda: {"data": finetune.fingerprint(examples)}

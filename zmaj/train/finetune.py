@@ -361,7 +361,9 @@ def fits_context(
         )
 
 
-def trainable(spec: FinetuneSpec, begin: Start, parallel: Parallel) -> tuple[TensorDict, Start]:
+def trainable(
+    spec: FinetuneSpec, begin: Start, parallel: Parallel, resuming: bool = False
+) -> tuple[TensorDict, Start]:
     """This rank's share of the parameters the optimizer owns, and the start the run goes on from; a SpecError
     naming the parameter when ``train.optimizer``'s groups do not fit them (``zmaj.train.muon.param_groups``),
     a ValueError when fsdp cannot split one.
@@ -370,7 +372,9 @@ def trainable(spec: FinetuneSpec, begin: Start, parallel: Parallel) -> tuple[Ten
     reads the starting model again (DPO's reference and on-policy pairs, GRPO's KL penalty's reference), else the
     tensors themselves, the start keeping their shapes only (on the meta device). A second copy of the weights
     is a fifth of AdamW's full fine-tuning (weights, two moments, gradients); fully sharded, a rank's share is a
-    copy of its pieces, and the whole model, let go, is on no rank.
+    copy of its pieces, and the whole model, let go, is on no rank. ``resuming``, their shapes alone (on the meta
+    device), which ``Run.restore`` reads the checkpoint into: values kept beside the checkpoint's were one model
+    more for the whole run.
     """
     params = begin.model.params
     if spec.lora is None:
@@ -385,7 +389,9 @@ def trainable(spec: FinetuneSpec, begin: Start, parallel: Parallel) -> tuple[Ten
     parallel.check_shardable(owned)
     if not reads_start(spec):
         begin = replace(begin, model=with_params(begin.model, params.to("meta")))
-    elif owned is params and not parallel.sharded:  # a rank's share is a copy (Parallel.shard)
+    if resuming:
+        return parallel.shard(owned.to("meta")), begin
+    if reads_start(spec) and owned is params and not parallel.sharded:  # a rank's share is a copy already
         owned = params.clone()
     return parallel.shard(owned), begin
 

@@ -218,6 +218,11 @@ def test_a_run_holds_one_copy_of_the_starting_weights_and_a_second_only_to_read_
         assert torch.equal(owned.get(key), piece), key
         shared = owned.get(key).data_ptr() in base_storage
         assert shared == (not reads_start and not parallel.sharded), key
+    # A resume reads the checkpoint into the shapes alone: no values of the start are kept beside it.
+    shapes, _ = finetune.trainable(spec, finetune.Start(base, "m"), parallel, resuming=True)
+    for key in leaf_keys(owned):
+        assert shapes.get(key).device.type == "meta", key
+        assert shapes.get(key).shape == owned.get(key).shape, key
 
 
 @pytest.mark.parametrize("parallel", [Parallel(), FSDP])
