@@ -86,6 +86,10 @@ def test_two_ranks_train_the_one_process_run_resume_exactly_and_move_between_lay
 
     output = pretrain(spec, straight)
     assert_close(final_params(straight), final_params(alone))
+    pretrain(
+        spec, tmp_path / "sharded", "--set", "train.parallel.kind=fsdp"
+    )  # a fresh fsdp run, each its share
+    assert_close(final_params(tmp_path / "sharded"), final_params(alone))
     # The metrics are global, and only rank 0 writes them and logs.
     assert [r["tokens"] for r in step_records(straight)] == [r["tokens"] for r in step_records(alone)]
     assert output.count("done in") == 1

@@ -185,6 +185,24 @@ def test_sampled_generations_differ_per_request_and_repeat_per_seed(model_folder
     assert lm.generate_until(requests) == first
 
 
+def test_generations_prefill_into_the_cache_made_for_them(
+    model_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch's cache is made for it, so its prefill writes into it (``generate(donate=True)``)."""
+    donated: list[bool] = []
+    real = harness.generate  # type: ignore[attr-defined]  # imported there, not exported
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        donated.append(kwargs.get("donate", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "generate", spy)
+    lm = ZmajLM(path=str(model_folder), device="cpu", dtype="float32", batch_size=2)
+    kwargs = {"until": ["\n"], "max_gen_toks": 3, "do_sample": False}
+    lm.generate_until([Instance("generate_until", {}, ("the quick", kwargs), i) for i in range(3)])
+    assert donated == [True, True]
+
+
 def test_max_gen_toks_filling_max_length_is_refused_in_one_line(model_folder: Path) -> None:
     """``max_gen_toks == max_length`` leaves no token for the prompt: a ValueError naming both, not a prompt cut to
     ``[-0:]`` (the whole prompt) that runs past ``max_length`` (``>`` instead of ``>=`` passed every test)."""

@@ -1,7 +1,9 @@
 """LoRA: a zero B is the base model, merged equals unmerged, only the adapters learn, and they do learn."""
 
+import gc
 import math
 from functools import cache
+from typing import Any
 
 import pytest
 import torch
@@ -101,6 +103,22 @@ def test_merging_into_a_dtype_casts_each_weight_as_the_whole_cast_afterwards(dev
     for key in expected.keys(True, True):
         assert got.get(key).dtype == torch.bfloat16, key
         assert torch.equal(got.get(key), expected.get(key)), key
+    # At each weight's merge, the float32 tensors of an adapted weight's shape alive stay as many (the merged
+    # weights made so far are bf16).
+    shapes = {frozen.get(key).shape for key in frozen.keys(True, True) if key[-1] == "weight"}
+    alive: list[int] = []
+    real = lora.delta
+
+    def counted(*args: Any) -> torch.Tensor:
+        float32 = (o for o in gc.get_objects() if type(o) is torch.Tensor and o.dtype == torch.float32)
+        alive.append(sum(o.shape in shapes for o in float32))
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lora, "delta", counted)
+        lora.merge(frozen, adapters, LORA, torch.bfloat16)
+    assert len(alive) == 5
+    assert len(set(alive)) == 1, alive
 
 
 @pytest.mark.parametrize("merged", [True, False])

@@ -15,6 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
+from tensordict import TensorDict
 
 from tests.integration import finetune_fixtures
 from tests.unit.train.test_loop import logged
@@ -223,6 +224,19 @@ def test_a_run_holds_one_copy_of_the_starting_weights_and_a_second_only_to_read_
     for key in leaf_keys(owned):
         assert shapes.get(key).device.type == "meta", key
         assert shapes.get(key).shape == owned.get(key).shape, key
+
+
+def test_fully_sharded_full_fine_tuning_never_copies_the_whole_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under fsdp a rank's share is a copy of its pieces: cloning the whole first (DPO's copy) would put a
+    second whole model on every rank for a moment, which is what fsdp exists to save."""
+    spec = parse(finetune.DPOSpec, DPO, "spec")
+    begin = finetune.Start(tiny_model(), "m")
+
+    def whole_copy(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the whole model was copied")
+
+    monkeypatch.setattr(TensorDict, "clone", whole_copy)
+    finetune.trainable(spec, begin, FSDP)
 
 
 @pytest.mark.parametrize("parallel", [Parallel(), FSDP])

@@ -90,6 +90,24 @@ def test_accumulation_holds_the_sum_and_one_micro_batchs_gradient_at_a_time() ->
     assert seen == [1, 1, 1, 1]
 
 
+def test_accumulating_a_step_holds_one_micro_batchs_gradient_at_a_time() -> None:
+    """``accumulate_grads`` computes each micro-batch's gradient after the last was added in: the tensors of the
+    weight's shape alive at each forward pass stay as many from the second micro-batch on (computing them all
+    first, then summing, held one more each)."""
+    shape = (13, 7)  # no other tensor of the process has it
+    params = TensorDict({"w": torch.randn(shape)})
+    seen: list[int] = []
+
+    def forward(params: TensorDictBase, batch: Batch, *, dropout_seed: int | None) -> torch.Tensor:
+        seen.append(sum(type(o) is torch.Tensor and o.shape == shape for o in gc.get_objects()))
+        return torch.nn.functional.one_hot(batch.tokens, 13).float() @ params["w"]
+
+    batches = [Batch(tokens=torch.tensor([[i % 13, 3]]), targets=torch.tensor([[1, 2]])) for i in range(5)]
+    step.accumulate_grads(params, batches, forward, [None] * 5)
+    assert len(seen) == 5
+    assert len(set(seen[1:])) == 1, seen
+
+
 def test_the_step_does_not_touch_its_input_state(device: torch.device) -> None:
     state = step.init_state(gpt.init(CONFIG, seed=0, device=device))
     before = state.clone()
