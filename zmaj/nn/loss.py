@@ -97,22 +97,9 @@ def chunked_token_logprobs(
     flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()
     if torch.is_grad_enabled():
         picked: Tensor = _ChunkedLogprobs.apply(flat_hidden, weight, flat_targets, temperature, chunk, cap)
-    else:
-        picked = _logprobs(flat_hidden, weight, flat_targets, temperature, chunk, cap)
+    else:  # the forward pass alone, nothing saved for a backward pass
+        picked = _ChunkedLogprobs.forward(flat_hidden, weight, flat_targets, temperature, chunk, cap)
     return picked.view(targets.shape)
-
-
-def _logprobs(
-    hidden: Float[Tensor, "tokens d_model"],
-    weight: Float[Tensor, "vocab d_model"],
-    targets: Int[Tensor, " tokens"],
-    temperature: float,
-    chunk: int,
-    cap: float | None,
-) -> Float[Tensor, " tokens"]:
-    with torch.autocast(hidden.device.type, enabled=False):  # the caller cast; everything here is explicit
-        starts = range(0, hidden.shape[0], chunk)
-        return torch.cat([_chunk(hidden, weight, targets, i, chunk, cap, temperature)[0] for i in starts])
 
 
 def _chunk(
@@ -223,7 +210,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
         chunk: int,
         cap: float | None,
     ) -> Float[Tensor, " tokens"]:
-        return _logprobs(hidden, weight, targets, temperature, chunk, cap)
+        with torch.autocast(
+            hidden.device.type, enabled=False
+        ):  # the caller cast; everything here is explicit
+            starts = range(0, hidden.shape[0], chunk)
+            return torch.cat([_chunk(hidden, weight, targets, i, chunk, cap, temperature)[0] for i in starts])
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
