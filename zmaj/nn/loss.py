@@ -129,6 +129,31 @@ def _chunk(
     return log_p.gather(-1, y).squeeze(-1), log_p, squashed
 
 
+class _WeightGradSum:
+    """The unembedding's gradient, ``grad_z^T h`` summed over the chunks in float32 at least, without a fresh
+    ``[vocab, d_model]`` tensor per chunk (113 MB at SmolLM2's 49k vocabulary, each a round of page faults on
+    a CPU): in float32 the matmul adds into the sum itself (``addmm``); a bf16 chunk's product and its float32
+    copy are written into two buffers made once (``addmm`` cannot mix the dtypes). Measured in
+    benchmarks/README.md (session 40)."""
+
+    def __init__(self, weight: Float[Tensor, "vocab d_model"], dtype: torch.dtype) -> None:
+        self.total = torch.zeros(
+            weight.shape, dtype=torch.promote_types(dtype, torch.float32), device=weight.device
+        )
+        self.buffers = (
+            None
+            if dtype == self.total.dtype
+            else (torch.empty(weight.shape, dtype=dtype, device=weight.device), torch.empty_like(self.total))
+        )
+
+    def add(self, grad_z: Float[Tensor, "chunk vocab"], h: Float[Tensor, "chunk d_model"]) -> None:
+        if self.buffers is None:
+            torch.addmm(self.total, grad_z.T, h, out=self.total)
+        else:
+            product, widened = self.buffers
+            self.total.add_(widened.copy_(torch.mm(grad_z.T, h, out=product)))
+
+
 def _weighted_sum(
     picked: Float[Tensor, " chunk"], token_weights: Float[Tensor, " tokens"] | None, start: int, chunk: int
 ) -> Float[Tensor, ""]:
@@ -162,8 +187,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             wide = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64's own
             loss = torch.zeros((), dtype=wide, device=hidden.device)
             grad_hidden = []
-            # Summed over chunks; empty for a frozen weight.
-            grad_weight = torch.zeros(weight.shape if wants_weight else 0, dtype=wide, device=weight.device)
+            weight_grad = _WeightGradSum(weight, hidden.dtype) if wants_weight else None
             for start in range(0, hidden.shape[0], chunk):
                 h, y = hidden[start : start + chunk], targets[start : start + chunk, None]
                 w = None if token_weights is None else token_weights[start : start + chunk, None]
@@ -177,8 +201,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     grad_z.mul_(squashed.square_().neg_().add_(1))  # (addcmul_ breaks dynamo's graph)
                 grad_z = grad_z.to(hidden.dtype)
                 grad_hidden.append(grad_z @ weight)
-                if wants_weight:
-                    grad_weight.add_(grad_z.T @ h)
+                if weight_grad is not None:
+                    weight_grad.add(grad_z, h)
+        # Empty for a frozen weight.
+        grad_weight = (
+            torch.zeros(0, dtype=wide, device=weight.device) if weight_grad is None else weight_grad.total
+        )
         return loss, torch.cat(grad_hidden), grad_weight.to(weight.dtype)
 
     @staticmethod
@@ -227,8 +255,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         hidden, weight, targets = ctx.saved_tensors
         wants_hidden, wants_weight = ctx.needs_input_grad[:2]
         grad_hidden = []
-        wide = torch.promote_types(weight.dtype, torch.float32)  # summed over chunks
-        grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if wants_weight else None
+        weight_grad = _WeightGradSum(weight, hidden.dtype) if wants_weight else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], ctx.chunk):
                 h, y = hidden[start : start + ctx.chunk], targets[start : start + ctx.chunk, None]
@@ -245,11 +272,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_z = grad_z.to(hidden.dtype)
                 if wants_hidden:
                     grad_hidden.append(grad_z @ weight)
-                if grad_weight is not None:
-                    grad_weight.add_(grad_z.T @ h)
+                if weight_grad is not None:
+                    weight_grad.add(grad_z, h)
         return (
             torch.cat(grad_hidden) if wants_hidden else None,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if weight_grad is None else weight_grad.total.to(weight.dtype),
             None,
             None,
             None,
