@@ -28,7 +28,7 @@ from zmaj.train import loop, optim, precision, report, runs
 from zmaj.train.parallel import Parallel
 from zmaj.train.runs import Run
 from zmaj.train.spec import OPTIMIZER_LAYOUT, PretrainSpec
-from zmaj.train.step import bind, bind_lazy, held_out, step_functions, train_step
+from zmaj.train.step import bind_lazy, held_out, step_functions, train_step
 
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "pretrain" / "stdlib-tiny.yaml"
@@ -104,7 +104,6 @@ def train(run: Run[PretrainSpec], data: Prepared) -> None:
         lambda device: parallel.shard(gpt.init(spec.model, cfg.seed, device or "cpu")), cfg.optimizer
     )
     decay = optim.decay_mask(state["params"], cfg.optimizer.decay_norms_and_biases)
-    forward = bind(gpt.forward, config=spec.model)
     # The loss unembeds a chunk of positions at a time, never holding the whole logits (zmaj.nn.loss).
     lazy = bind_lazy(gpt.lazy_forward, config=spec.model)
     grad_fn, update_fn = step_functions(cfg.compile)
@@ -145,10 +144,7 @@ def train(run: Run[PretrainSpec], data: Prepared) -> None:
         )
         logger.info(f"step {step}: val loss {result['val_loss']:.3f}, {result['val_bpb']:.3f} bits per byte")
         if parallel.main:
-            model = partial(forward, params, dropout_seed=None)
-            for text in continue_texts(
-                model, data.tokenizer, spec.model.context, cfg.seed, device, **sampling
-            ):
+            for text in continue_texts(params, spec.model, data.tokenizer, cfg.seed, **sampling):
                 logger.info(f"sample at step {step}: {text!r}")
         return {**result, "unigram_bpb": baseline} if final else result
 

@@ -7,7 +7,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from generate import checked_sampling
 from loguru import logger
 
@@ -15,7 +14,7 @@ from zmaj import checkpoint
 from zmaj.convert.load import LORA_FILE, check_weights, run_config
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer.generate import NonFiniteLogitsError
-from zmaj.infer.sample import sample
+from zmaj.infer.sample import continuation
 from zmaj.models import gpt
 from zmaj.models.gpt import GPTConfig
 from zmaj.specfile import SpecError, seed_argument
@@ -62,13 +61,13 @@ def main() -> None:
     if not args.prompt:
         logger.error("--prompt must not be empty: the model needs at least one token to continue")
         sys.exit(2)
-    prompt = torch.tensor([tokenizer.encode(args.prompt)], device=device)
+    prompt = tokenizer.encode(args.prompt)
     try:
-        new = sample(
-            lambda batch: gpt.forward(params, batch, config),
+        new = continuation(
+            params,
+            config,
             prompt,
             args.max_new_tokens,
-            config.context,
             sampling.temperature,
             sampling.top_k,
             args.seed,
@@ -77,7 +76,7 @@ def main() -> None:
     except NonFiniteLogitsError as error:  # activations past float's range: one line
         logger.error(str(error))
         sys.exit(2)
-    ids = [i for i in new[0].tolist() if i != tokenizer.eos_id]
+    ids = [i for i in new if i != tokenizer.eos_id]
     print(args.prompt + tokenizer.decode(ids))
 
 

@@ -910,13 +910,20 @@ def test_sample_stops_at_the_end_of_the_document(
     not the next document's text (its end-of-document tokens are not printed, so the join went unseen)."""
     eos, other = zmaj_tokenizer.eos_id, zmaj_tokenizer.encode("the")[0]
 
-    def forward(params: Any, batch: Any, config: Any) -> torch.Tensor:
-        logits = torch.zeros(*batch.tokens.shape, config.vocab_size)
-        logits[..., other] = (batch.tokens == eos).float() * 10  # after the end of a document, another begins
-        logits[..., eos] = (batch.tokens != eos).float() * 10
+    def after(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        logits = torch.zeros(*tokens.shape, vocab_size)
+        logits[..., other] = (tokens == eos).float() * 10  # after the end of a document, another begins
+        logits[..., eos] = (tokens != eos).float() * 10
         return logits
 
-    monkeypatch.setattr(gpt, "forward", forward)
+    real_cached = gpt.forward_cached
+
+    def cached(params: Any, batch: Any, cache: Any, config: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        logits, cache = real_cached(params, batch, cache, config, **kwargs)
+        return after(batch.tokens[:, -logits.shape[1] :], config.vocab_size), cache
+
+    monkeypatch.setattr(gpt, "forward", lambda params, batch, config: after(batch.tokens, config.vocab_size))
+    monkeypatch.setattr(gpt, "forward_cached", cached)
     result = run(
         "sample.py", pretrained_run, "--prompt", "the cat", "--max-new-tokens", 8, "--temperature", 0
     )

@@ -2,17 +2,23 @@
 
 Each new token reruns the model over the (last ``context``) tokens; the token is chosen exactly as
 ``zmaj.infer.generate`` chooses it (temperature 0 is greedy). The KV-cache generator is the fast path; this one
-needs nothing but a forward function, which makes it the reference the cache is tested against.
+needs nothing but a forward function, which makes it the reference the cache is tested against, and it alone
+can slide its window past the context. ``continuation`` takes the cache where the text fits and this sampler
+past it: what a pre-training run's samples and ``programs/sample.py`` use.
 """
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from jaxtyping import Float, Int
+from tensordict import TensorDictBase
 from torch import Tensor
 
 from zmaj.data.tokenizer import Tokenizer
-from zmaj.infer.generate import Sampling, choose
+from zmaj.infer.cache import init_cache
+from zmaj.infer.generate import Sampling, choose, generate
+from zmaj.models import gpt
 from zmaj.models.common import Batch
 
 Logits = Callable[[Batch], Float[Tensor, "batch seq vocab"]]
@@ -47,12 +53,49 @@ def sample(
     return tokens[:, prompt.shape[1] :]
 
 
+def continuation(
+    params: TensorDictBase,
+    config: gpt.GPTConfig,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    stop_token: int | None = None,
+) -> list[int]:
+    """``sample``'s continuation of one prompt (its stop token included), from the KV cache where the prompt
+    and its continuation fit the context: each new token then costs one position's forward instead of the
+    whole text's (40 tokens of the default model: 15x faster). Past the context only ``sample`` can go on,
+    sliding its window. The same draws from the same generator either way; the tokens agree wherever the two
+    forwards' rounding does not flip a choice (tested greedy and sampled on a small model)."""
+    device = params["embed", "weight"].device
+    needed = len(prompt) + max_new_tokens - 1  # the last token is never fed back
+    if needed > config.context:
+        ids = torch.tensor([list(prompt)], device=device)
+        new = sample(
+            partial(gpt.pure(config), params),
+            ids,
+            max_new_tokens,
+            config.context,
+            temperature,
+            top_k,
+            seed,
+            stop_token,
+        )
+        return new[0].tolist()
+    cache = init_cache(config, 1, max(needed, 1), params["embed", "weight"].dtype, device)
+    sampling = Sampling(temperature=temperature, top_k=top_k)
+    stops = () if stop_token is None else (stop_token,)
+    return generate(
+        gpt.cached(config), params, cache, [prompt], max_new_tokens, sampling, seed, stops, donate=True
+    )[0]
+
+
 def continue_texts(
-    model: Logits,
+    params: TensorDictBase,
+    config: gpt.GPTConfig,
     tokenizer: Tokenizer,
-    context: int,
     seed: int,
-    device: torch.device,
     *,
     prompts: Sequence[str],
     max_new_tokens: int,
@@ -63,7 +106,9 @@ def continue_texts(
     tokenizer's end-of-document token: what a pre-training run shows of its model as it learns."""
     out = []
     for i, prompt in enumerate(prompts):
-        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
-        new = sample(model, ids, max_new_tokens, context, temperature, top_k, seed + i, tokenizer.eos_id)
-        out.append(prompt + tokenizer.decode(new[0].tolist()))
+        ids = tokenizer.encode(prompt)
+        new = continuation(
+            params, config, ids, max_new_tokens, temperature, top_k, seed + i, tokenizer.eos_id
+        )
+        out.append(prompt + tokenizer.decode(new))
     return out

@@ -1,0 +1,71 @@
+"""``continuation``, what pre-training's samples and ``programs/sample.py`` use: the KV cache where the text fits
+the context, against the full-recomputation sampler it is tested with; that sampler past the context."""
+
+from functools import partial
+from typing import Any
+
+import pytest
+import torch
+
+from zmaj.infer import sample as sample_module
+from zmaj.infer.sample import continuation, sample
+from zmaj.models import gpt
+
+PLAIN = gpt.GPTConfig(vocab_size=64, context=24, d_model=32, n_layers=2, n_heads=4, init_std=0.2)
+MODERN = gpt.GPTConfig(
+    **{
+        **PLAIN.model_dump(),
+        "positions": "rope",
+        "norm": "rmsnorm",
+        "activation": "relu2",
+        "qk_norm": True,
+        "bias": False,
+        "tie_embeddings": False,
+        "logit_softcap": 30.0,
+        "value_embeds": 1,
+        "unet_skips": True,
+    }
+)
+
+
+def recomputed(params: Any, config: gpt.GPTConfig, prompt: list[int], new: int, **kwargs: Any) -> list[int]:
+    """The reference: ``sample``, which reruns the model over the whole text for each token."""
+    out = sample(
+        partial(gpt.forward, params, config=config), torch.tensor([prompt]), new, config.context, **kwargs
+    )
+    return list(out[0].tolist())
+
+
+@pytest.mark.parametrize("config", [PLAIN, MODERN], ids=["gpt2", "modern"])
+@pytest.mark.parametrize(("temperature", "top_k"), [(0.0, None), (1.0, None), (0.8, 10)])
+def test_within_the_context_the_cache_continues_as_recomputation_does(
+    monkeypatch: pytest.MonkeyPatch, config: gpt.GPTConfig, temperature: float, top_k: int | None
+) -> None:
+    """Same tokens, same draws from the seeded generator, with a stop token that ends seed 0's text early; and
+    no full forward at all (recomputation costs the whole text per token)."""
+    params = gpt.init(config, seed=1)
+    prompt = [3, 9, 27, 5]
+    stop = recomputed(params, config, prompt, 6, temperature=temperature, top_k=top_k, seed=0)[-1]
+    expected = [
+        recomputed(params, config, prompt, 21, temperature=temperature, top_k=top_k, seed=s, stop_token=stop)
+        for s in range(4)
+    ]
+    assert len(expected[0]) <= 6
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("recomputed a text that fits the context")
+
+    monkeypatch.setattr(sample_module, "sample", refused)
+    got = [continuation(params, config, prompt, 21, temperature, top_k, s, stop) for s in range(4)]
+    assert got == expected
+    assert len(prompt) + 21 - 1 == config.context  # the longest continuation the cache holds
+    if temperature > 0:
+        assert len({tuple(tokens) for tokens in got}) > 1  # seeds differ, so the draws are real
+
+
+def test_past_the_context_it_slides_the_window_as_the_reference_sampler() -> None:
+    params = gpt.init(PLAIN, seed=1)
+    prompt = [3, 9, 27, 5]
+    got = continuation(params, PLAIN, prompt, 30, temperature=1.0, seed=2)
+    assert got == recomputed(params, PLAIN, prompt, 30, temperature=1.0, seed=2)
+    assert len(got) == 30
