@@ -343,3 +343,38 @@ def test_bad_requests_are_refused(device: torch.device) -> None:
         run(device, [[1], []])
     with pytest.raises(ValueError, match="copies must be at least 1"):
         run(device, copies=0)
+
+
+def test_stop_strings_are_found_in_a_tail_of_the_text_as_in_the_whole(device: torch.device) -> None:
+    """Each step decodes a tail of the row (the longest stop string's 4 bytes a character, and a margin), not
+    the whole text (quadratic in its length): the same stops as the whole text's, with a decode that drops the
+    text's first space as SentencePiece's does, for stop strings starting with one, far past the tail's length."""
+
+    def spaced(ids: list[int]) -> str:
+        seen.append(len(ids))
+        return "".join(" " + decode([i]) for i in ids)[1:]
+
+    cache = init_cache(CONFIG, 3, 56, device=device)
+    free = generate(STEP, params(device), cache, PROMPTS, 50, Sampling(temperature=1.0), seed=2)
+    targets = [
+        " " + decode([row[k]]) + " " + decode([row[k + 1]])[0]
+        for row, k in zip(free, [12, 30, 47], strict=True)
+    ]
+    seen: list[int] = []
+    stopped = generate(
+        STEP,
+        params(device),
+        cache,
+        PROMPTS,
+        50,
+        Sampling(temperature=1.0),
+        seed=2,
+        stop_strings=targets,
+        decode=spaced,
+    )
+    for tokens, alone in zip(stopped, free, strict=True):
+        whole = "".join(" " + decode([i]) for i in alone)[1:]
+        ends = [n for n in range(1, len(alone) + 1) if any(t in whole[: 3 * n - 1] for t in targets)]
+        assert tokens == alone[: ends[0] if ends else len(alone)]
+    assert sorted(map(len, stopped)) != [50, 50, 50]
+    assert max(seen) == 4 * max(map(len, targets)) + 8 < 48  # the rows run past it
