@@ -1434,3 +1434,40 @@ def test_a_new_run_folder_whose_files_cannot_be_written_is_one_line_and_unlocked
     with open_run(tmp_path):
         pass
     del failed
+
+
+def test_each_batch_is_made_once_while_the_step_before_it_runs(tmp_path: Path) -> None:
+    """The loop asks for step i + 1's batch before it reads step i's metrics (which wait for a GPU's kernels),
+    so that the host assembles it while the device computes; each batch once, none past the last step."""
+    events: list[str] = []
+
+    class Waited(float):
+        """A metric that notes when the loop waits for it."""
+
+        def __float__(self) -> float:
+            events.append("wait")
+            return float.__float__(self)
+
+    def step(state: TensorDict, batch: int, /, *, lr: float) -> tuple[TensorDict, Metrics]:
+        events.append(f"step {batch}")
+        new = state.clone()
+        new["opt", "step"] += 1
+        return new, cast(Metrics, {"loss": Waited(1.0)})
+
+    def batches(index: int) -> int:
+        events.append(f"batch {index}")
+        return index
+
+    with open_run(tmp_path / "run", steps=3, eval_every=10, checkpoint_every=10) as run:
+        loop.train(run, run.restore(fresh, ADAMW), step, batches)
+    assert events == [
+        "batch 0",
+        "step 0",
+        "batch 1",
+        "wait",
+        "step 1",
+        "batch 2",
+        "wait",
+        "step 2",
+        "wait",
+    ]
