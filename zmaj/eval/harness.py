@@ -32,7 +32,7 @@ with this module imported.
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -91,21 +91,39 @@ def rolling_windows(tokens: Sequence[int], prefix: int, max_length: int) -> list
 
 
 def batched(
-    lengths: Sequence[int], batch_size: int, run: Callable[[list[int]], list[T]], description: str
+    lengths: Sequence[int],
+    batch_size: int,
+    run: Callable[[list[int]], list[T]],
+    description: str,
+    keys: Sequence[Hashable] | None = None,
 ) -> list[T]:
     """``run`` on the requests' indices in batches of ``batch_size``, longest first; results in request order.
 
     Longest first as ``HFLM`` does: neighbours in the order have similar lengths (little padding), the largest
     batch comes first (it runs out of memory at once or never) and the progress bar's estimate is pessimistic.
+    Requests with the same ``keys`` entry (by default each has its own) go in one batch and count once toward
+    ``batch_size``: log-likelihood requests that share a model input (:func:`model_input`) are then one row of one
+    forward pass, where a batch boundary between them would compute that row twice (``HFLM`` groups them too).
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # a stable sort: ties keep request order
+    groups: dict[Hashable, list[int]] = {}
+    for index in range(len(lengths)):
+        groups.setdefault(index if keys is None else keys[index], []).append(index)
+    # A stable sort: ties keep the order of the groups' first requests.
+    order = sorted(groups.values(), key=lambda group: -max(lengths[i] for i in group))
     results: dict[int, T] = {}
-    with tqdm(total=len(order), desc=description, unit="request") as progress:
+    with tqdm(total=len(lengths), desc=description, unit="request") as progress:
         for first in range(0, len(order), batch_size):
-            batch = order[first : first + batch_size]
+            batch = [index for group in order[first : first + batch_size] for index in group]
             results.update(zip(batch, run(batch), strict=True))
             progress.update(len(batch))
     return [results[i] for i in range(len(lengths))]
+
+
+def model_input(context: Sequence[int], continuation: Sequence[int], max_length: int) -> tuple[int, ...]:
+    """The tokens the model reads to score ``continuation`` after ``context``: the pair but its last token, the
+    last ``max_length`` of them. The choices of a multiple-choice question with one-token answers all have the
+    question as their input."""
+    return (*context, *continuation)[-(max_length + 1) : -1]
 
 
 @torch.no_grad()
@@ -116,7 +134,8 @@ def score_continuations(
     chunk: int | None = None,
 ) -> list[tuple[float, bool]]:
     """Each continuation's log-probability given its context, and whether it is the greedy continuation: one
-    forward pass over the batch.
+    forward pass over the batch, one row per distinct model input (:func:`model_input`): a multiple-choice
+    question's one-token choices share one row (a row per pair ran the question's forward once per choice).
 
     A pair longer than ``max_length + 1`` tokens loses the start of its context (as ``HFLM``); the last token is
     only predicted, never read. Rows are right-padded without a mask: causal attention already keeps each real
@@ -133,17 +152,18 @@ def score_continuations(
                 f"a scored pair needs a context and 1 to max_length={max_length} continuation tokens, got "
                 f"{len(context)} and {len(continuation)}"
             )
-    inputs = [[*context, *continuation][-(max_length + 1) : -1] for context, continuation in pairs]
+    inputs = [model_input(context, continuation, max_length) for context, continuation in pairs]
+    row_of = {ids: row for row, ids in enumerate(dict.fromkeys(inputs))}
     device = model.params["embed", "weight"].device
-    tokens = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)
-    for row, ids in enumerate(inputs):
+    tokens = torch.zeros(len(row_of), max(map(len, inputs)), dtype=torch.long)
+    for ids, row in row_of.items():
         tokens[row, : len(ids)] = torch.tensor(ids)
     hidden = model.architecture.hidden_states(
         model.params, Batch(tokens=tokens.to(device)), config=model.config
     )
-    # Row r's continuation of n tokens is predicted by its last n inputs.
+    # A continuation of n tokens is predicted by the last n inputs of its row.
     counts = [len(continuation) for _, continuation in pairs]
-    rows = torch.repeat_interleave(torch.arange(len(pairs)), torch.tensor(counts))
+    rows = torch.repeat_interleave(torch.tensor([row_of[ids] for ids in inputs]), torch.tensor(counts))
     columns = torch.cat([torch.arange(len(ids) - n, len(ids)) for ids, n in zip(inputs, counts, strict=True)])
     states = hidden[rows, columns]
     targets = torch.tensor([t for _, continuation in pairs for t in continuation], device=device)
@@ -272,6 +292,7 @@ class ZmajLM(TemplateLM):  # type: ignore[misc]
             self.batch_size,
             lambda batch: score_continuations(self.model, [pairs[i] for i in batch], self.max_length),
             "log-likelihoods",
+            keys=[model_input(c, n, self.max_length) for c, n in pairs],
         )
         for (strings, _, _), result in zip(requests, results, strict=True):
             if strings is not None:  # None: a window of a rolling request, cached whole by the caller

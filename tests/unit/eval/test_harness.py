@@ -58,6 +58,30 @@ def test_batched_runs_longest_first_and_answers_in_request_order(lengths: list[i
     assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
 
 
+@given(
+    groups=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 30)), max_size=40),
+    batch_size=st.integers(1, 7),
+)
+def test_batched_keeps_each_key_in_one_batch_longest_first(
+    groups: list[tuple[int, int]], batch_size: int
+) -> None:
+    """Requests with one key share a batch and count once toward its size; keys go longest first."""
+    keys, lengths = [key for key, _ in groups], [length for _, length in groups]
+    seen: list[list[int]] = []
+
+    def run(batch: list[int]) -> list[int]:
+        seen.append(batch)
+        return batch
+
+    assert batched(lengths, batch_size, run, "test", keys=keys) == list(range(len(keys)))
+    batch_keys = [{keys[i] for i in batch} for batch in seen]
+    assert all(len(batch) <= batch_size for batch in batch_keys)
+    assert sum(map(len, batch_keys)) == len(set(keys))  # no key in two batches
+    order = list(dict.fromkeys(keys[i] for batch in seen for i in batch))
+    longest = [max(n for k, n in groups if k == key) for key in order]
+    assert longest == sorted(longest, reverse=True)
+
+
 @pytest.fixture(scope="module")
 def model() -> Pretrained:
     tokenizer = Tokenizer.train(
@@ -66,10 +90,13 @@ def model() -> Pretrained:
     return Pretrained(CONFIG, gpt.init(CONFIG, 0), ModelTokenizer.from_zmaj(tokenizer))
 
 
-def naive_score(model: Pretrained, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+def naive_score(
+    model: Pretrained, context: list[int], continuation: list[int], max_length: int = CONFIG.context
+) -> tuple[float, bool]:
     """The pair alone, whole logits, log-softmax, the continuation's entries picked one by one."""
-    ids = [*context, *continuation][-(CONFIG.context + 1) :]
-    logits = gpt.forward(model.params, Batch(tokens=torch.tensor([ids[:-1]])), CONFIG)[0]
+    assert isinstance(model.config, GPTConfig)
+    ids = [*context, *continuation][-(max_length + 1) :]
+    logits = gpt.forward(model.params, Batch(tokens=torch.tensor([ids[:-1]])), model.config)[0]
     logprobs = torch.log_softmax(logits, -1)[-len(continuation) :]
     total = sum(float(logprobs[i, t]) for i, t in enumerate(continuation))
     greedy = all(int(logprobs[i].argmax()) == t for i, t in enumerate(continuation))
@@ -158,6 +185,51 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     texts = ["the quick brown fox jumps over the lazy dog\n"] * 10
     tokenizer = ModelTokenizer.from_zmaj(Tokenizer.train(texts, vocab_size=config.vocab_size))
     return save_zmaj(Pretrained(config, gpt.init(config, 0), tokenizer), tmp_path_factory.mktemp("m") / "m")
+
+
+# One question with one-token choices, a multi-token choice whose input is the question too, long contexts cut to
+# one input, and pairs of their own: 12 requests, 5 distinct inputs of max_length=16 or fewer tokens, in an order
+# that puts requests of one input apart.
+QUESTION, LONG = list(range(5, 15)), list(range(100, 130))
+SHARED_PAIRS = [
+    *[(QUESTION, [t]) for t in (20, 21, 22, 23, 24)],
+    (QUESTION[:-1], [QUESTION[-1], 30]),  # input: the question
+    (QUESTION, [20, 21]),  # input: the question and 20
+    (LONG, [7]),
+    (LONG[5:], [8]),  # input: LONG's last 16 tokens, as for LONG
+    (LONG[:-1], [LONG[-1], 9]),  # the same input
+    ([3, 4], [5, 6, 7]),
+    ([40], [41]),
+]
+SHARED_ORDER = [0, 7, 1, 10, 2, 8, 3, 6, 11, 4, 9, 5]
+DISTINCT_INPUTS = 5
+
+
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_requests_sharing_an_input_score_as_each_alone_from_one_forward_row(
+    model_folder: Path, monkeypatch: pytest.MonkeyPatch, batch_size: int
+) -> None:
+    """A forward row per distinct input, however batches fall (batches of 2 or 5 requests in request order split
+    the question's six; 5 distinct inputs put the question's 1-token and 2-token choices in one batch), and each
+    request's score that of its pair alone. A row per request ran a multiple-choice question's forward once per
+    choice."""
+    pairs = [SHARED_PAIRS[i] for i in SHARED_ORDER]
+    lm = ZmajLM(path=str(model_folder), device="cpu", dtype="float32", batch_size=batch_size, max_length=16)
+    rows: list[int] = []
+    arch = registry.ARCHITECTURES["gpt"]
+
+    def counted(params: Any, batch: Batch, config: Any) -> torch.Tensor:
+        rows.append(batch.tokens.shape[0])
+        return arch.hidden_states(params, batch, config=config)
+
+    monkeypatch.setitem(registry.ARCHITECTURES, "gpt", replace(arch, hidden_states=counted))
+    scores = lm._loglikelihood_tokens([(None, context, continuation) for context, continuation in pairs])
+    assert sum(rows) == DISTINCT_INPUTS
+    assert max(rows) <= batch_size
+    for (total, greedy), (context, continuation) in zip(scores, pairs, strict=True):
+        expected_total, expected_greedy = naive_score(lm.model, context, continuation, max_length=16)
+        assert total == pytest.approx(expected_total, abs=1e-5)
+        assert greedy == expected_greedy
 
 
 def test_add_bos_token_forces_one_bos_on_or_off(model_folder: Path) -> None:
