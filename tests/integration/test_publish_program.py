@@ -229,7 +229,7 @@ def test_a_task_dataset_arrives_as_the_folder_and_loads_with_datasets(hub: FakeH
 
 
 def token_file(directory: Path, split: str, documents: list[list[int]]) -> Path:
-    """A token file as ``zmaj.data.tokens.tokenize_split`` lays it out."""
+    """A token file as ``zmaj.data.tokens.tokenize_splits`` lays it out."""
     directory.mkdir()
     np.asarray([t for d in documents for t in d], dtype=np.uint16).tofile(directory / "tokens.bin")
     np.save(directory / "offsets.npy", np.cumsum([0, *map(len, documents)]).astype(np.int64))

@@ -38,6 +38,7 @@ from zmaj.data.config import FilesSource, HubSource, Source, StdlibSource
 from zmaj.text import read_jsonl, read_text
 
 Split = Literal["train", "validation"]
+SPLITS: tuple[Split, ...] = ("train", "validation")
 
 CORPUS_VERSION = 4
 """Bumped whenever what ``documents`` yields for a given source changes, so caches keyed on it are rebuilt.
@@ -71,10 +72,18 @@ def in_validation(name: str, fraction: float) -> bool:
 
 def documents(source: Source, split: Split, validation_fraction: float) -> Iterator[Document]:
     """The documents of one split, in a fixed order; empty documents are dropped (they would only add an eos)."""
-    want_validation = split == "validation"
-    for document in _all_documents(source):
-        if document.text and in_validation(document.name, validation_fraction) == want_validation:
+    for document_split, document in split_documents(source, validation_fraction):
+        if document_split == split:
             yield document
+
+
+def split_documents(source: Source, validation_fraction: float) -> Iterator[tuple[Split, Document]]:
+    """Every document with the split it belongs to, in one read of the corpus: what ``documents`` gives for each
+    split, interleaved in the corpus's order. Encoding both splits from it reads a streamed corpus (gigabytes
+    downloaded and decoded) once instead of once per split."""
+    for document in _all_documents(source):
+        if document.text:
+            yield ("validation" if in_validation(document.name, validation_fraction) else "train"), document
 
 
 def source_key(source: Source, split: Split, validation_fraction: float) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 from zmaj.data.config import DataConfig
 from zmaj.data.dataset import LMDataset
 from zmaj.data.tokenizer import Tokenizer, load_or_train
-from zmaj.data.tokens import tokenize_split
+from zmaj.data.tokens import tokenize_splits
 
 UNIGRAM_CHUNK = 2**24
 """Tokens counted at once for the unigram baseline: 128 MiB as int64."""
@@ -57,14 +57,10 @@ def prepare(config: DataConfig, cache_dir: str | Path, seed: int = 0) -> Prepare
             f"the tokenizer has {tokenizer.vocab_size} tokens but data.vocab_size is {config.vocab_size} (a corpus "
             "too small to learn that many merges?)"
         )
+    token_files = tokenize_splits(tokenizer, config.source, config.validation_fraction, cache_dir)
     splits = {
-        split: LMDataset(
-            tokenize_split(tokenizer, config.source, split, config.validation_fraction, cache_dir),
-            config.seq_len,
-            config.mode,
-            seed,
-        )
-        for split in ("train", "validation")
+        split: LMDataset(token_file, config.seq_len, config.mode, seed)
+        for split, token_file in token_files.items()
     }
     for split, rows in splits.items():
         if len(rows) == 0:  # held out, every loss would read 0 and the unigram baseline NaN

@@ -4,6 +4,8 @@ Encoding text is slow next to a training step, so it is done once per (tokenizer
 a flat array of token ids (uint16 while the vocabulary fits, halving the file) plus the offset of each document
 in it, the layout of nanoGPT's ``train.bin`` with document boundaries kept, so packing can mask across them.
 Every document ends with ``<|eos|>``: the model learns where documents end, and decoding a packed row shows it.
+Both splits are encoded in one read of the corpus, each document to its split's file: a streamed corpus is
+downloaded and decoded once, not once per split.
 
 The cache directory is built under a temporary name and renamed into place, so it either exists whole or not at
 all: a crash or an interrupted run never leaves a half-written file that a later run would trust.
@@ -15,7 +17,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -28,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from zmaj import specfile
 from zmaj.data.config import Source
-from zmaj.data.corpus import Document, Split, documents, source_key
+from zmaj.data.corpus import SPLITS, Document, Split, source_key, split_documents
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.fileio import cache_writes, fsync, sweep, writing
 from zmaj.progress import progress
@@ -55,7 +57,7 @@ class TokenFile:
     eos_id: int
     pad_id: int
     recorded: str | None = None
-    """The fingerprint ``tokenize_split`` recorded in ``meta.json`` when it wrote the file (none in older
+    """The fingerprint ``tokenize_splits`` recorded in ``meta.json`` when it wrote the file (none in older
     caches): what :meth:`fingerprint` gives without reading the file again."""
 
     @property
@@ -68,7 +70,7 @@ class TokenFile:
 
     def fingerprint(self) -> str:
         """A sha256 of the ids, then of where each document starts: what the rows cut from this file depend on
-        (a run records it, so that a resume on other data is refused). ``tokenize_split`` computes it as it
+        (a run records it, so that a resume on other data is refused). ``tokenize_splits`` computes it as it
         writes the file (``recorded``), where reading 4 GB of tokens again would take seconds at every session;
         an older cache's is read in chunks, never held whole."""
         if self.recorded is not None:
@@ -85,11 +87,11 @@ class TokenFile:
 
     @classmethod
     def open(cls, directory: str | Path) -> "TokenFile":
-        """Memory-map a token file written by ``tokenize_split``: nothing is read until it is indexed. A file
+        """Memory-map a token file written by ``tokenize_splits``: nothing is read until it is indexed. A file
         whose ``meta.json`` is damaged or whose sizes disagree with it is a ValueError naming the folder."""
         directory = Path(directory)
         damaged = f"damaged token cache {directory}: delete the folder to encode the split again"
-        try:  # not UTF-8, not JSON, or not the record tokenize_split writes
+        try:  # not UTF-8, not JSON, or not the record tokenize_splits writes
             meta = specfile.parse(TokenMeta, read_json(directory / "meta.json"), "meta.json")
         except ValueError as error:
             raise ValueError(f"{damaged} ({str(error).removeprefix(f'{directory}{os.sep}')})") from None
@@ -132,49 +134,70 @@ def token_dtype(vocab_size: int) -> np.dtype[np.unsignedinteger]:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def tokenize_split(
-    tokenizer: Tokenizer, source: Source, split: Split, validation_fraction: float, cache_dir: str | Path
-) -> TokenFile:
-    """The token file of one split: opened from the cache, or encoded once and written there atomically."""
-    identity = [
-        tokenizer.fingerprint(),
-        source_key(source, split, validation_fraction),
-        split,
-        TOKENS_VERSION,
-    ]
+def tokenize_splits(
+    tokenizer: Tokenizer, source: Source, validation_fraction: float, cache_dir: str | Path
+) -> dict[Split, TokenFile]:
+    """The token file of each split: opened from the cache, or, for those it lacks, encoded in one read of the
+    corpus (each document to its split's file) and written there atomically, each split on its own."""
+    source_keys = {split: source_key(source, split, validation_fraction) for split in SPLITS}
+    finals = {split: _cache_folder(tokenizer, source_keys[split], split, cache_dir) for split in SPLITS}
+    missing = {split: final for split, final in finals.items() if not final.is_dir()}
+    if missing:
+        _encode(tokenizer, source, validation_fraction, Path(cache_dir), missing, source_keys)
+    return {split: TokenFile.open(final) for split, final in finals.items()}
+
+
+def _cache_folder(tokenizer: Tokenizer, documents_key: str, split: Split, cache_dir: str | Path) -> Path:
+    """Where one split's token file lives in the cache: named by a key of the tokenizer, the split's documents
+    (``corpus.source_key``) and the layout."""
+    identity = [tokenizer.fingerprint(), documents_key, split, TOKENS_VERSION]
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
-    root = Path(cache_dir) / "tokens"
-    final = root / f"{split}-{key}"
-    if final.is_dir():
-        return TokenFile.open(final)
+    return Path(cache_dir) / "tokens" / f"{split}-{key}"
+
+
+def _encode(
+    tokenizer: Tokenizer,
+    source: Source,
+    validation_fraction: float,
+    cache_dir: Path,
+    finals: dict[Split, Path],
+    source_keys: dict[Split, str],
+) -> None:
+    """Encode the splits ``finals`` names in one read of the corpus, each into a staging folder of its own that
+    is renamed into place whole (module docstring)."""
     started = time.perf_counter()
-    # The temporary folder is removed on the way out, crash or not; only its finished "data" folder moves.
-    with cache_writes(Path(cache_dir), f"the {split} split's tokens"), _staging(root) as temporary:
-        staging = Path(temporary) / "data"
-        staging.mkdir()
-        what = f"encoding the {split} split into tokens, {ENCODE_CHUNK:,} documents at a time"
-        docs = progress(documents(source, split, validation_fraction), None, what, unit="doc")
-        meta = _write(tokenizer, iter(docs), staging) | {"source": identity[1], "split": split}
-        (staging / "meta.json").write_text(json.dumps(meta, indent=1))
-        # On disk before the rename, as a checkpoint's files are: a power cut cannot publish empty files.
-        for path in [*staging.iterdir(), staging]:
-            fsync(path)
-        try:
-            os.rename(staging, final)
-        except OSError:
-            # Another process (another rank of the same run) finished first: its file is the same, use it.
-            if not final.is_dir():
-                raise
+    root = cache_dir / "tokens"
+    named = "the train and validation splits'" if len(finals) > 1 else f"the {next(iter(finals))} split's"
+    # The temporary folders are removed on the way out, crash or not; only their finished "data" folders move.
+    with cache_writes(cache_dir, f"{named} tokens"), ExitStack() as stack:
+        staging = {split: Path(stack.enter_context(_staging(root))) / "data" for split in finals}
+        for folder in staging.values():
+            folder.mkdir()
+        what = f"encoding {named} documents into tokens, {ENCODE_CHUNK:,} documents at a time"
+        docs = progress(split_documents(source, validation_fraction), None, what, unit="doc")
+        metas = _write(tokenizer, (pair for pair in docs if pair[0] in finals), staging)
+        for split, folder in staging.items():
+            meta = metas[split] | {"source": source_keys[split], "split": split}
+            (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+            # On disk before the rename, as a checkpoint's files are: a power cut cannot publish empty files.
+            for path in [*folder.iterdir(), folder]:
+                fsync(path)
+            try:
+                os.rename(folder, finals[split])
+            except OSError:
+                # Another process (another rank of the same run) finished first: its file is the same, use it.
+                if not finals[split].is_dir():
+                    raise
         fsync(root)
-    logger.info(
-        "encoded {} split: {} documents, {} tokens in {:.1f}s -> {}",
-        split,
-        meta["n_documents"],
-        meta["n_tokens"],
-        time.perf_counter() - started,
-        final,
-    )
-    return TokenFile.open(final)
+    for split, final in finals.items():
+        logger.info(
+            "encoded {} split: {} documents, {} tokens in {:.1f}s -> {}",
+            split,
+            metas[split]["n_documents"],
+            metas[split]["n_tokens"],
+            time.perf_counter() - started,
+            final,
+        )
 
 
 STAGING = ".tmp-"
@@ -191,29 +214,40 @@ def _staging(root: Path) -> Iterator[str]:
         yield temporary
 
 
-def _write(tokenizer: Tokenizer, docs: Iterator[Document], directory: Path) -> dict[str, int | str]:
-    """Encode ``docs`` into ``directory``'s files; their meta, with the file's fingerprint, hashed as it is
-    written (``TokenFile.fingerprint``)."""
+def _write(
+    tokenizer: Tokenizer, docs: Iterator[tuple[Split, Document]], directories: dict[Split, Path]
+) -> dict[Split, dict[str, int | str]]:
+    """Encode each of ``docs`` into its split's files in ``directories``; each split's meta, with its file's
+    fingerprint, hashed as it is written (``TokenFile.fingerprint``). A document's ids do not depend on the
+    others encoded beside it, so a chunk mixes the splits and each file holds what encoding its split alone
+    would write."""
     dtype = token_dtype(tokenizer.vocab_size)
-    offsets = [0]
-    digest = hashlib.sha256()
-    with (directory / "tokens.bin").open("wb") as file:
+    offsets: dict[Split, list[int]] = {split: [0] for split in directories}
+    digests = {split: hashlib.sha256() for split in directories}
+    with ExitStack() as stack:
+        files = {
+            split: stack.enter_context((d / "tokens.bin").open("wb")) for split, d in directories.items()
+        }
         while chunk := list(islice(docs, ENCODE_CHUNK)):
-            for ids in tokenizer.encode_batch([d.text for d in chunk]):
+            encoded_chunk = tokenizer.encode_batch([document.text for _, document in chunk])
+            for (split, _), ids in zip(chunk, encoded_chunk, strict=True):
                 ids.append(tokenizer.eos_id)
                 encoded = np.asarray(ids, dtype=dtype).tobytes()
-                file.write(encoded)
-                digest.update(encoded)
-                offsets.append(offsets[-1] + len(ids))
-    starts = np.asarray(offsets, dtype=np.int64)
-    np.save(directory / "offsets.npy", starts)
-    digest.update(starts.tobytes())
-    return {
-        "fingerprint": digest.hexdigest(),
-        "dtype": dtype.name,
-        "n_tokens": offsets[-1],
-        "n_documents": len(offsets) - 1,
-        "vocab_size": tokenizer.vocab_size,
-        "eos_id": tokenizer.eos_id,
-        "pad_id": tokenizer.pad_id,
-    }
+                files[split].write(encoded)
+                digests[split].update(encoded)
+                offsets[split].append(offsets[split][-1] + len(ids))
+    metas: dict[Split, dict[str, int | str]] = {}
+    for split, directory in directories.items():
+        starts = np.asarray(offsets[split], dtype=np.int64)
+        np.save(directory / "offsets.npy", starts)
+        digests[split].update(starts.tobytes())
+        metas[split] = {
+            "fingerprint": digests[split].hexdigest(),
+            "dtype": dtype.name,
+            "n_tokens": offsets[split][-1],
+            "n_documents": len(offsets[split]) - 1,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "pad_id": tokenizer.pad_id,
+        }
+    return metas

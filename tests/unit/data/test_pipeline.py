@@ -1,6 +1,7 @@
 import json
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from zmaj.data import pipeline
-from zmaj.data.config import DataConfig, FilesSource
+from zmaj.data import corpus, pipeline
+from zmaj.data.config import DataConfig, FilesSource, Source
+from zmaj.data.corpus import Document
 from zmaj.data.dataset import LMDataset, collate
 from zmaj.data.pipeline import Prepared, prepare
 from zmaj.data.tokenizer import Tokenizer
@@ -46,6 +48,36 @@ def test_prepare_builds_once_then_rows_decode_to_the_corpus(tmp_path: Path) -> N
                 assert eos not in text.removesuffix(eos)
                 assert any(text.removesuffix(eos) in t for t in texts)
                 assert not text.endswith(eos) or any(t.endswith(text.removesuffix(eos)) for t in texts)
+
+
+def test_a_preparation_reads_the_corpus_once_for_the_tokenizer_and_once_for_both_splits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each read of a streamed corpus downloads and decodes it again (FineWeb's 10 GB): the tokenizer's sample
+    takes one (it must be trained before anything is encoded), encoding the train and validation splits one
+    more, and a cached preparation none."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": f"def f{i}(x): return x * {i} + {i % 7}"}) + "\n" for i in range(300))
+    )
+    config = DataConfig(
+        source=FilesSource(paths=[str(path)], format="jsonl"),
+        vocab_size=300,
+        seq_len=8,
+        validation_fraction=0.2,
+    )
+    reads: list[Source] = []
+    read = corpus._all_documents
+
+    def counted(source: Source) -> Iterator[Document]:
+        reads.append(source)
+        return read(source)
+
+    monkeypatch.setattr(corpus, "_all_documents", counted)
+    prepare(config, tmp_path / "cache", seed=0)
+    assert reads == [config.source, config.source]
+    prepare(config, tmp_path / "cache", seed=0)
+    assert len(reads) == 2
 
 
 def test_a_split_without_one_row_is_refused_naming_it(tmp_path: Path) -> None:

@@ -1,19 +1,24 @@
 import errno
 import fcntl
 import hashlib
+import io
+import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from zmaj import fileio
-from zmaj.data import tokens
-from zmaj.data.config import FilesSource, Source
-from zmaj.data.corpus import Document, Split, documents, in_validation
+from zmaj.data import corpus, tokens
+from zmaj.data.config import FilesSource, Source, StdlibSource
+from zmaj.data.corpus import SPLITS, Document, Split, documents, in_validation, source_key, split_documents
 from zmaj.data.tokenizer import Tokenizer
-from zmaj.data.tokens import TokenFile, token_dtype, tokenize_split
+from zmaj.data.tokens import TOKENS_VERSION, TokenFile, token_dtype, tokenize_splits
 
 FRACTION = 0.2
 
@@ -30,8 +35,7 @@ def _entries(cache: Path) -> list[str]:
 def test_token_file_is_each_document_encoded_then_eos(
     tokenizer: Tokenizer, source: FilesSource, tmp_path: Path
 ) -> None:
-    for split in ("train", "validation"):
-        token_file = tokenize_split(tokenizer, source, split, FRACTION, tmp_path)
+    for split, token_file in tokenize_splits(tokenizer, source, FRACTION, tmp_path).items():
         docs = list(documents(source, split, FRACTION))
         assert token_file.n_documents == len(docs) > 0
         assert token_file.tokens.dtype == np.uint16
@@ -45,32 +49,35 @@ def test_token_file_is_each_document_encoded_then_eos(
 def test_second_call_opens_the_cache(
     tokenizer: Tokenizer, source: FilesSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
-    assert _entries(tmp_path) == [next(iter(_entries(tmp_path)))]  # one finished directory, no temporary left
+    first = tokenize_splits(tokenizer, source, FRACTION, tmp_path)
+    entries = _entries(tmp_path)  # one finished directory per split, no temporary left
+    assert [name.split("-")[0] for name in entries] == ["train", "validation"]
 
     def fail(*args: object) -> None:
         raise AssertionError("read the corpus again instead of opening the cache")
 
-    monkeypatch.setattr(tokens, "documents", fail)
-    second = tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
-    assert isinstance(second.tokens, np.memmap)
-    assert np.array_equal(second.tokens, first.tokens)
-    assert np.array_equal(second.offsets, first.offsets)
+    monkeypatch.setattr(tokens, "split_documents", fail)
+    second = tokenize_splits(tokenizer, source, FRACTION, tmp_path)
+    for split in SPLITS:
+        assert isinstance(second[split].tokens, np.memmap)
+        assert np.array_equal(second[split].tokens, first[split].tokens)
+        assert np.array_equal(second[split].offsets, first[split].offsets)
+    shutil.rmtree(tmp_path / "tokens" / entries[1])
     with pytest.raises(AssertionError, match="read the corpus again"):
-        tokenize_split(tokenizer, source, "validation", FRACTION, tmp_path)
+        tokenize_splits(tokenizer, source, FRACTION, tmp_path)
 
 
 def test_a_crash_leaves_nothing_behind(
     tokenizer: Tokenizer, source: FilesSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def crashing(source: Source, split: Split, fraction: float) -> Iterator[Document]:
-        yield from list(documents(source, split, fraction))[:3]
+    def crashing(source: Source, fraction: float) -> Iterator[tuple[Split, Document]]:
+        yield from list(split_documents(source, fraction))[:3]
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tokens, "ENCODE_CHUNK", 2)  # so some tokens are written before the crash
-    monkeypatch.setattr(tokens, "documents", crashing)
+    monkeypatch.setattr(tokens, "split_documents", crashing)
     with pytest.raises(KeyboardInterrupt):
-        tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+        tokenize_splits(tokenizer, source, FRACTION, tmp_path)
     assert _entries(tmp_path) == []
 
 
@@ -87,9 +94,10 @@ def test_a_full_cache_is_one_line_naming_it_and_a_corpus_error_stays_itself(
 
     monkeypatch.setattr(tokens, "_write", full)
     with pytest.raises(
-        ValueError, match=rf"cannot write the train split's tokens in {tmp_path} \(No space left"
+        ValueError,
+        match=rf"cannot write the train and validation splits' tokens in {tmp_path} \(No space left",
     ):
-        tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+        tokenize_splits(tokenizer, source, FRACTION, tmp_path)
     assert _entries(tmp_path) == []
 
     def unwritable(*args: object) -> None:  # a cache folder without write permission: the error names a file
@@ -99,37 +107,41 @@ def test_a_full_cache_is_one_line_naming_it_and_a_corpus_error_stays_itself(
 
     monkeypatch.setattr(tokens, "_write", unwritable)
     with pytest.raises(
-        ValueError, match=rf"cannot write the train split's tokens in {tmp_path} \(Permission"
+        ValueError, match=rf"cannot write the train and validation splits' tokens in {tmp_path} \(Permission"
     ):
-        tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+        tokenize_splits(tokenizer, source, FRACTION, tmp_path)
 
-    def unreadable(source: Source, split: Split, fraction: float) -> Iterator[Document]:
+    def unreadable(source: Source, fraction: float) -> Iterator[tuple[Split, Document]]:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/data/corpus/part-7.jsonl")
-        yield  # a generator, as documents() is
+        yield  # a generator, as split_documents() is
 
     monkeypatch.setattr(tokens, "_write", real)
-    monkeypatch.setattr(tokens, "documents", unreadable)
+    monkeypatch.setattr(tokens, "split_documents", unreadable)
     with pytest.raises(FileNotFoundError, match=r"part-7\.jsonl"):
-        tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+        tokenize_splits(tokenizer, source, FRACTION, tmp_path)
     assert _entries(tmp_path) == []
 
 
 def test_an_encoding_marks_its_staging_folder_while_it_writes(
     tokenizer: Tokenizer, source: FilesSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What makes a killed encoding's leftover sweepable: its folder holds the writer's lock file, locked."""
+    """What makes a killed encoding's leftover sweepable: each split's folder holds the writer's lock file,
+    locked."""
     write, seen = tokens._write, []
 
-    def watched(tokenizer: Tokenizer, docs: Iterator[Document], directory: Path) -> dict[str, int | str]:
-        lock = directory.parent / fileio.WRITER_LOCK
-        with open(lock, "a+") as other, pytest.raises(BlockingIOError):  # another process's view: taken
-            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        seen.append(lock)
-        return write(tokenizer, docs, directory)
+    def watched(
+        tokenizer: Tokenizer, docs: Iterator[tuple[Split, Document]], directories: dict[Split, Path]
+    ) -> dict[Split, dict[str, int | str]]:
+        for directory in directories.values():
+            lock = directory.parent / fileio.WRITER_LOCK
+            with open(lock, "a+") as other, pytest.raises(BlockingIOError):  # another process's view: taken
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen.append(lock)
+        return write(tokenizer, docs, directories)
 
     monkeypatch.setattr(tokens, "_write", watched)
-    tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
-    assert len(seen) == 1
+    tokenize_splits(tokenizer, source, FRACTION, tmp_path)
+    assert len(set(seen)) == 2
 
 
 def test_what_a_killed_encoding_left_is_removed_by_the_next_one(
@@ -146,7 +158,7 @@ def test_what_a_killed_encoding_left_is_removed_by_the_next_one(
         (root / f".tmp-{name}" / fileio.WRITER_LOCK).touch()
     with open(root / ".tmp-live" / fileio.WRITER_LOCK, "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another process's encoding, under way
-        tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+        tokenize_splits(tokenizer, source, FRACTION, tmp_path)
     hidden = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
     assert hidden == [".tmp-live", ".tmp-new"]
 
@@ -161,9 +173,9 @@ def test_an_empty_split_is_an_empty_token_file(tokenizer: Tokenizer, tmp_path: P
         if len(train_only) == 3:
             break
     source = FilesSource(paths=[str(p) for p in train_only], format="text")
-    assert tokenize_split(tokenizer, source, "train", FRACTION, tmp_path).n_documents == 3
-    token_file = tokenize_split(tokenizer, source, "validation", FRACTION, tmp_path)
-    assert (token_file.n_documents, token_file.n_tokens) == (0, 0)
+    token_files = tokenize_splits(tokenizer, source, FRACTION, tmp_path)
+    assert token_files["train"].n_documents == 3
+    assert (token_files["validation"].n_documents, token_files["validation"].n_tokens) == (0, 0)
 
 
 def test_dtype_is_the_smallest_that_holds_the_vocabulary() -> None:
@@ -172,8 +184,8 @@ def test_dtype_is_the_smallest_that_holds_the_vocabulary() -> None:
 
 
 def test_open_reads_what_was_written(tokenizer: Tokenizer, source: FilesSource, tmp_path: Path) -> None:
-    written = tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
-    (directory,) = (tmp_path / "tokens").iterdir()
+    written = tokenize_splits(tokenizer, source, FRACTION, tmp_path)["train"]
+    (directory,) = (tmp_path / "tokens").glob("train-*")
     opened = TokenFile.open(directory)
     assert opened.n_documents == written.n_documents
     assert (
@@ -206,11 +218,11 @@ def test_a_damaged_cache_is_named_with_what_to_do(
     damage: Callable[[bytes], bytes],
     message: str,
 ) -> None:
-    tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
-    (directory,) = (tmp_path / "tokens").iterdir()
+    tokenize_splits(tokenizer, source, FRACTION, tmp_path)
+    (directory,) = (tmp_path / "tokens").glob("train-*")
     (directory / file).write_bytes(damage((directory / file).read_bytes()))
     with pytest.raises(ValueError, match="damaged token cache") as caught:
-        tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+        tokenize_splits(tokenizer, source, FRACTION, tmp_path)
     assert str(directory) in str(caught.value)
     assert message in str(caught.value)
     assert "delete the folder" in str(caught.value)
@@ -223,7 +235,7 @@ def test_the_fingerprint_changes_with_any_token_or_document_boundary(
     each document starts, and on nothing else (the fingerprint recorded when the file was written is the one
     computed from it, in chunks of any size)."""
     monkeypatch.setattr(tokens, "FINGERPRINT_CHUNK", 7)  # the file spans many chunks, the last one short
-    written = tokenize_split(tokenizer, source, "train", FRACTION, tmp_path)
+    written = tokenize_splits(tokenizer, source, FRACTION, tmp_path)["train"]
     assert written.recorded is not None
     ids, offsets = np.asarray(written.tokens).copy(), written.offsets.copy()
 
@@ -240,3 +252,130 @@ def test_the_fingerprint_changes_with_any_token_or_document_boundary(
     assert len({written.fingerprint(), *(file.fingerprint() for file in changed)}) == 4
     monkeypatch.setattr(tokens, "FINGERPRINT_CHUNK", 1 << 24)
     assert made(ids.copy(), offsets.copy()).fingerprint() == written.fingerprint()  # chunks do not matter
+
+
+def _encoded_alone(tokenizer: Tokenizer, source: Source, split: Split) -> dict[str, bytes]:
+    """The files of one split as encoding it on its own wrote them (before both splits shared a read of the
+    corpus), by path in the cache's ``tokens`` folder: each non-empty document of the corpus that
+    ``in_validation`` puts in the split, encoded alone, then eos, back to back, in the folder named by the key
+    those caches were found under."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    held_out = split == "validation"
+    encoded = [
+        np.asarray([*tokenizer.encode(d.text), tokenizer.eos_id], dtype=dtype)
+        for d in corpus._all_documents(source)
+        if d.text and in_validation(d.name, FRACTION) == held_out
+    ]
+    ids = np.concatenate([np.zeros(0, dtype=dtype), *encoded]).tobytes()
+    starts = np.cumsum([0, *map(len, encoded)]).astype(np.int64)
+    offsets = io.BytesIO()
+    np.save(offsets, starts)
+    meta = {
+        "fingerprint": hashlib.sha256(ids + starts.tobytes()).hexdigest(),
+        "dtype": dtype.name,
+        "n_tokens": int(starts[-1]),
+        "n_documents": len(encoded),
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id,
+        "source": source_key(source, split, FRACTION),
+        "split": split,
+    }
+    identity = [tokenizer.fingerprint(), source_key(source, split, FRACTION), split, TOKENS_VERSION]
+    folder = f"{split}-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]}"
+    return {
+        f"{folder}/tokens.bin": ids,
+        f"{folder}/offsets.npy": offsets.getvalue(),
+        f"{folder}/meta.json": json.dumps(meta, indent=1).encode(),
+    }
+
+
+def _cached(cache: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(cache / "tokens").as_posix(): p.read_bytes() for p in (cache / "tokens").rglob("*.*")
+    }
+
+
+def _corpus(kind: str, tmp_path: Path, jsonl_file: Path, texts: list[str]) -> Source:
+    """A small corpus of each local kind, with empty documents (dropped) among them; the stdlib's own."""
+    if kind == "jsonl":
+        return FilesSource(paths=[str(jsonl_file)], format="jsonl")
+    if kind == "parquet":
+        paths = [tmp_path / f"part-{i}.parquet" for i in range(3)]
+        for i, path in enumerate(paths):
+            pq.write_table(pa.table({"text": ["", *(t[: 100 + 50 * i] for t in texts[i::3])]}), path)
+        return FilesSource(paths=[str(p) for p in paths], format="parquet")
+    if kind == "text":
+        for i, text in enumerate([*texts[:30], ""]):
+            (tmp_path / f"doc-{i:02}.txt").write_text(text[:200], newline="")
+        return FilesSource(paths=[str(p) for p in sorted(tmp_path.glob("doc-*.txt"))], format="text")
+    return StdlibSource()
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "text", pytest.param("stdlib", marks=pytest.mark.slow)])
+def test_one_read_writes_the_files_encoding_each_split_alone_wrote(
+    tokenizer: Tokenizer,
+    jsonl_file: Path,
+    sample_texts: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    """Both splits from one read of the corpus, in chunks that mix them, are byte for byte the files (and the
+    cache folders) of each split encoded alone: a cache written before still hits, and one written now is the
+    same. Nothing else is left in the cache."""
+    source = _corpus(kind, tmp_path, jsonl_file, sample_texts)
+    if kind != "stdlib":
+        monkeypatch.setattr(tokens, "ENCODE_CHUNK", 3)  # many chunks, most holding both splits
+    token_files = tokenize_splits(tokenizer, source, FRACTION, tmp_path / "cache")
+    expected = {
+        path: data for split in SPLITS for path, data in _encoded_alone(tokenizer, source, split).items()
+    }
+    assert all(token_files[split].n_documents > 0 for split in SPLITS)
+    assert _cached(tmp_path / "cache") == expected
+    assert all(not p.name.startswith(".") for p in (tmp_path / "cache" / "tokens").iterdir())
+
+
+def test_both_splits_are_encoded_in_one_read_of_the_corpus(
+    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed corpus is downloaded and decoded once per read: the encoding of both splits opens it once, and
+    a cache that holds them does not open it."""
+    reads: list[Source] = []
+    read = corpus._all_documents
+
+    def counted(source: Source) -> Iterator[Document]:
+        reads.append(source)
+        return read(source)
+
+    monkeypatch.setattr(corpus, "_all_documents", counted)
+    tokenize_splits(tokenizer, source, FRACTION, tmp_path)
+    assert reads == [source]
+    tokenize_splits(tokenizer, source, FRACTION, tmp_path)
+    assert reads == [source]
+
+
+def test_a_cache_missing_one_split_encodes_that_split_alone(
+    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache that holds one split (the other's folder deleted) encodes only the other, to the same files, and
+    leaves the one it holds as it is."""
+    tokenize_splits(tokenizer, source, FRACTION, tmp_path)
+    before = _cached(tmp_path)
+    (train,) = (tmp_path / "tokens").glob("train-*")
+    (validation,) = (tmp_path / "tokens").glob("validation-*")
+    kept = (train / "tokens.bin").stat().st_ino
+    shutil.rmtree(validation)
+    write, written = tokens._write, []
+
+    def watched(
+        tokenizer: Tokenizer, docs: Iterator[tuple[Split, Document]], directories: dict[Split, Path]
+    ) -> dict[Split, dict[str, int | str]]:
+        written.append(list(directories))
+        return write(tokenizer, docs, directories)
+
+    monkeypatch.setattr(tokens, "_write", watched)
+    tokenize_splits(tokenizer, source, FRACTION, tmp_path)
+    assert written == [["validation"]]
+    assert _cached(tmp_path) == before
+    assert (train / "tokens.bin").stat().st_ino == kept

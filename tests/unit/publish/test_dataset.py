@@ -12,7 +12,7 @@ from zmaj.publish.dataset import dataset_card, task_dataset, token_dataset, writ
 
 
 def token_file(directory: Path, split: str, documents: list[list[int]]) -> Path:
-    """A token file as ``zmaj.data.tokens.tokenize_split`` lays it out."""
+    """A token file as ``zmaj.data.tokens.tokenize_splits`` lays it out."""
     directory.mkdir()
     np.asarray([t for d in documents for t in d], dtype=np.uint16).tofile(directory / "tokens.bin")
     np.save(directory / "offsets.npy", np.cumsum([0, *map(len, documents)]).astype(np.int64))
