@@ -1,12 +1,16 @@
-"""Fixtures shared by the data tests: a small tokenizer trained once, and small corpora written to disk."""
+"""Fixtures shared by the data tests: a small tokenizer trained once, small corpora written to disk, and a count
+of the corpus's reads."""
 
 import json
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
 import pytest
 
-from zmaj.data.corpus import stdlib_documents
+from zmaj.data import corpus
+from zmaj.data.config import Source
+from zmaj.data.corpus import Document, stdlib_documents
 from zmaj.data.tokenizer import Tokenizer
 
 
@@ -29,3 +33,18 @@ def jsonl_file(tmp_path: Path, sample_texts: list[str]) -> Path:
     rows = [{"text": text[:300], "id": i} for i, text in enumerate(sample_texts[:40])]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+@pytest.fixture
+def corpus_reads(monkeypatch: pytest.MonkeyPatch) -> list[Source]:
+    """The sources read from the start, one entry per read: a streamed corpus is downloaded and decoded again at
+    each (FineWeb's 10 GB)."""
+    reads: list[Source] = []
+    read = corpus._all_documents
+
+    def counted(source: Source) -> Iterator[Document]:
+        reads.append(source)
+        return read(source)
+
+    monkeypatch.setattr(corpus, "_all_documents", counted)
+    return reads

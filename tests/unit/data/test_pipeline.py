@@ -1,7 +1,6 @@
 import json
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from zmaj.data import corpus, pipeline
+from zmaj.data import pipeline
 from zmaj.data.config import DataConfig, FilesSource, Source
-from zmaj.data.corpus import Document
 from zmaj.data.dataset import LMDataset, collate
 from zmaj.data.pipeline import Prepared, prepare
 from zmaj.data.tokenizer import Tokenizer
@@ -51,7 +49,7 @@ def test_prepare_builds_once_then_rows_decode_to_the_corpus(tmp_path: Path) -> N
 
 
 def test_a_preparation_reads_the_corpus_once_for_the_tokenizer_and_once_for_both_splits(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, corpus_reads: list[Source]
 ) -> None:
     """Each read of a streamed corpus downloads and decodes it again (FineWeb's 10 GB): the tokenizer's sample
     takes one (it must be trained before anything is encoded), encoding the train and validation splits one
@@ -66,18 +64,10 @@ def test_a_preparation_reads_the_corpus_once_for_the_tokenizer_and_once_for_both
         seq_len=8,
         validation_fraction=0.2,
     )
-    reads: list[Source] = []
-    read = corpus._all_documents
-
-    def counted(source: Source) -> Iterator[Document]:
-        reads.append(source)
-        return read(source)
-
-    monkeypatch.setattr(corpus, "_all_documents", counted)
     prepare(config, tmp_path / "cache", seed=0)
-    assert reads == [config.source, config.source]
+    assert corpus_reads == [config.source, config.source]
     prepare(config, tmp_path / "cache", seed=0)
-    assert len(reads) == 2
+    assert len(corpus_reads) == 2
 
 
 def test_a_split_without_one_row_is_refused_naming_it(tmp_path: Path) -> None:

@@ -337,22 +337,14 @@ def test_one_read_writes_the_files_encoding_each_split_alone_wrote(
 
 
 def test_both_splits_are_encoded_in_one_read_of_the_corpus(
-    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path, corpus_reads: list[Source]
 ) -> None:
     """A streamed corpus is downloaded and decoded once per read: the encoding of both splits opens it once, and
     a cache that holds them does not open it."""
-    reads: list[Source] = []
-    read = corpus._all_documents
-
-    def counted(source: Source) -> Iterator[Document]:
-        reads.append(source)
-        return read(source)
-
-    monkeypatch.setattr(corpus, "_all_documents", counted)
     tokenize_splits(tokenizer, source, FRACTION, tmp_path)
-    assert reads == [source]
+    assert corpus_reads == [source]
     tokenize_splits(tokenizer, source, FRACTION, tmp_path)
-    assert reads == [source]
+    assert corpus_reads == [source]
 
 
 def test_a_cache_missing_one_split_encodes_that_split_alone(
