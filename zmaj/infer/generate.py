@@ -228,6 +228,8 @@ def stream(
         raise ValueError(
             f"the cache has room for {capacity(cache)} tokens per row, this generation needs {needed}"
         )
+    if max_new_tokens == 0:  # nothing to yield; a prefill would write the whole prompt, one past a cache of
+        return  # exactly the room asked for (a pre-training spec's sample.max_new_tokens: 0 crashed its run)
     device = cache["k"].device
     generator = torch.Generator(device).manual_seed(seed)
     stops = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
@@ -240,7 +242,9 @@ def stream(
     # is at least a byte, a character at most four); 8 tokens more keep a tokenizer's start-of-text rules (a
     # first token's space dropped, a character cut mid-bytes) away from it. Decoding each row's whole text at
     # every step (once per stop string) cost O(length^2): 1.2-1.4 s for SmolLM2's tokenizer, 64 rows x 256
-    # tokens and three stop strings, against 0.14 s for the tail decoded once.
+    # tokens and three stop strings, against 0.14 s for the tail decoded once. Tokens that decode to nothing (a
+    # special token that is no stop token) can push a stop string out of the tail: generation then runs on,
+    # and its callers cut the whole text at the first stop string anyway.
     window = 4 * max(map(len, stop_strings), default=0) + 8
     live = torch.ones(len(texts), dtype=torch.bool, device=device)
     for index in range(max_new_tokens):

@@ -147,7 +147,9 @@ class _WeightGradSum:
         )
 
     def add(self, grad_z: Float[Tensor, "chunk vocab"], h: Float[Tensor, "chunk d_model"]) -> None:
-        if self.buffers is None:
+        if torch.is_grad_enabled():  # a backward being differentiated (create_graph): out= has no derivative
+            self.total.add_(grad_z.T @ h)
+        elif self.buffers is None:
             torch.addmm(self.total, grad_z.T, h, out=self.total)
         else:
             product, widened = self.buffers

@@ -180,7 +180,8 @@ def train(
             tick = time.perf_counter()
             state, metrics = step(state, made.pop(index), lr=lr)
             # The next step's batch is assembled while a GPU still runs this step's queued kernels, which the
-            # metrics below wait for: 18 ms of host work a step at the FineWeb spec's 512 rows (on a CPU).
+            # metrics below wait for: 18 ms of host work a step at the FineWeb spec's 512 rows (on a CPU). A
+            # step's "seconds" is the loop's wall time for it, that assembly included.
             if done < cfg.steps:
                 made[done] = batches(done)
             values = {key: float(value) for key, value in metrics.items()}  # waits for the step to finish

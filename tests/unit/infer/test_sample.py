@@ -69,3 +69,12 @@ def test_past_the_context_it_slides_the_window_as_the_reference_sampler() -> Non
     got = continuation(params, PLAIN, prompt, 30, temperature=1.0, seed=2)
     assert got == recomputed(params, PLAIN, prompt, 30, temperature=1.0, seed=2)
     assert len(got) == 30
+
+
+@pytest.mark.parametrize("prompt_length", [1, 5, 24, 30])
+def test_no_new_tokens_is_an_empty_continuation_as_the_reference_gives(prompt_length: int) -> None:
+    """``sample.max_new_tokens: 0`` is a valid pre-training spec: the cache sized for the prompt less one token
+    made the prefill write past it, and the run's first evaluation crashed."""
+    params = gpt.init(PLAIN, seed=1)
+    prompt = list(range(3, 3 + prompt_length))
+    assert continuation(params, PLAIN, prompt, 0) == recomputed(params, PLAIN, prompt, 0) == []

@@ -211,6 +211,25 @@ def test_log_probs_under_torch_func_and_bf16_autocast(device: torch.device) -> N
         torch.testing.assert_close(g, e, rtol=0.0, atol=2**-7 * float(e.abs().max()))
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_log_probs_under_torch_func_grad_of_the_weight(device: torch.device, bf16: bool) -> None:
+    """``torch.func.grad`` runs the backward pass with gradients on (``create_graph``, so that transforms
+    compose): the weight's gradient is then summed with differentiable operations (``out=`` matmuls have no
+    derivative and raised), to the plain formula's gradient."""
+    hidden, weight, targets, _ = inputs(2, 2, 7, 13, device)
+    upstream = torch.linspace(-1, 1, 14, device=device).view(2, 7)
+
+    def summed(weight: Tensor, chunked: bool) -> Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            if chunked:
+                return (chunked_token_logprobs(hidden, weight, targets, 0.8, 3, 5.0) * upstream).sum()
+            return (plain_logprobs(hidden, weight, targets, 0.8, 5.0) * upstream).sum()
+
+    got, expected = torch.func.grad(summed)(weight, True), torch.func.grad(summed)(weight, False)
+    tolerance = 2**-7 * float(expected.abs().max()) if bf16 else 1e-6
+    torch.testing.assert_close(got, expected, rtol=0.0 if bf16 else 1e-5, atol=tolerance)
+
+
 def test_log_probs_without_gradients_are_the_training_paths(
     device: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
