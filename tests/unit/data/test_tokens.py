@@ -371,3 +371,50 @@ def test_a_cache_missing_one_split_encodes_that_split_alone(
     assert written == [["validation"]]
     assert _cached(tmp_path) == before
     assert (train / "tokens.bin").stat().st_ino == kept
+
+
+def test_each_split_is_on_disk_before_its_folder_is_renamed_into_place(
+    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut cannot publish empty files: each split's three files and its folder are fsynced before the
+    rename that publishes it, and the ``tokens`` folder (the renames) after both."""
+    events: list[tuple[str, Path]] = []
+    real_fsync, real_rename = fileio.fsync, os.rename
+
+    def fsync(path: Path) -> None:
+        events.append(("fsync", Path(path)))
+        real_fsync(path)
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        if Path(dst).parent == tmp_path / "tokens":  # a split published (not the staging folder's lock file)
+            events.append(("rename", Path(src)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr("zmaj.data.tokens.fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    tokenize_splits(tokenizer, source, FRACTION, tmp_path)
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    assert len(renames) == len(SPLITS)
+    for i in renames:
+        staging = events[i][1]
+        synced = {path for kind, path in events[:i] if kind == "fsync"}
+        assert {staging, *(staging / name for name in ("tokens.bin", "offsets.npy", "meta.json"))} <= synced
+    assert events[-1] == ("fsync", tmp_path / "tokens")
+
+
+def test_a_split_another_process_published_first_is_used_as_it_is(
+    tokenizer: Tokenizer, source: FilesSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ranks of one run encode the same splits at once: the one whose rename comes second (refused, a
+    folder is in the way) opens the folder there, and leaves no staging folder behind."""
+    real_rename = os.rename
+
+    def raced(src: str | Path, dst: str | Path) -> None:
+        if Path(dst).parent == tmp_path / "tokens":  # a split published (not the staging folder's lock file)
+            shutil.copytree(src, dst)  # another rank's identical folder lands first
+        real_rename(src, dst)  # then refused: ENOTEMPTY
+
+    monkeypatch.setattr(os, "rename", raced)
+    token_files = tokenize_splits(tokenizer, source, FRACTION, tmp_path)
+    assert all(token_files[split].n_documents > 0 for split in SPLITS)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "tokens").iterdir()) == ["train", "validation"]

@@ -378,3 +378,4 @@ def test_stop_strings_are_found_in_a_tail_of_the_text_as_in_the_whole(device: to
         assert tokens == alone[: ends[0] if ends else len(alone)]
     assert sorted(map(len, stopped)) != [50, 50, 50]
     assert max(seen) == 4 * max(map(len, targets)) + 8 < 48  # the rows run past it
+    assert len(seen) == sum(map(len, stopped))  # one decode per token a live row emits, whatever the stops

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 import torch
 
+from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer import sample as sample_module
-from zmaj.infer.sample import continuation, sample
+from zmaj.infer.sample import continuation, continue_texts, sample
 from zmaj.models import gpt
 
 PLAIN = gpt.GPTConfig(vocab_size=64, context=24, d_model=32, n_layers=2, n_heads=4, init_std=0.2)
@@ -63,12 +64,41 @@ def test_within_the_context_the_cache_continues_as_recomputation_does(
         assert len({tuple(tokens) for tokens in got}) > 1  # seeds differ, so the draws are real
 
 
-def test_past_the_context_it_slides_the_window_as_the_reference_sampler() -> None:
-    params = gpt.init(PLAIN, seed=1)
+@pytest.mark.parametrize("config", [PLAIN, MODERN], ids=["gpt2", "modern"])
+@pytest.mark.parametrize("new", [22, 30])  # 4 + 22 - 1 = 25 tokens fed: one past the context
+def test_past_the_context_it_slides_the_window_as_the_reference_sampler(
+    config: gpt.GPTConfig, new: int
+) -> None:
+    """From the first length past the context (where the cache would need a 25th position: a learned position
+    table has 24), the sliding window, stop token included."""
+    params = gpt.init(config, seed=1)
     prompt = [3, 9, 27, 5]
-    got = continuation(params, PLAIN, prompt, 30, temperature=1.0, seed=2)
-    assert got == recomputed(params, PLAIN, prompt, 30, temperature=1.0, seed=2)
-    assert len(got) == 30
+    free = recomputed(params, config, prompt, new, temperature=1.0, seed=2)
+    assert continuation(params, config, prompt, new, temperature=1.0, seed=2) == free
+    assert len(free) == new
+    stop = free[-2]
+    expected = recomputed(params, config, prompt, new, temperature=1.0, seed=2, stop_token=stop)
+    assert len(expected) < new
+    assert continuation(params, config, prompt, new, temperature=1.0, seed=2, stop_token=stop) == expected
+
+
+def test_continue_texts_samples_each_prompt_with_its_own_seed_up_to_the_end_of_the_document() -> None:
+    """Prompt i continues as ``sample`` does with ``seed + i`` and the tokenizer's eos as the stop token (a
+    pre-training run's samples end with their document); the same prompt four times gives different samples."""
+    tokenizer = Tokenizer.train(["the quick brown fox jumps over the lazy dog\n"] * 10, vocab_size=270)
+    config = gpt.GPTConfig(
+        **{**PLAIN.model_dump(), "vocab_size": tokenizer.vocab_size, "tie_embeddings": False}
+    )
+    params = gpt.init(config, seed=1)
+    params["unembed", "weight"][tokenizer.eos_id] *= 4  # so that some samples end early
+    texts = continue_texts(
+        params, config, tokenizer, 0, prompts=["the fox"] * 4, max_new_tokens=20, temperature=1.0, top_k=None
+    )
+    ids = tokenizer.encode("the fox")
+    expected = [recomputed(params, config, ids, 20, seed=i, stop_token=tokenizer.eos_id) for i in range(4)]
+    assert any(len(new) < 20 for new in expected)  # some end at the eos
+    assert texts == ["the fox" + tokenizer.decode(new) for new in expected]
+    assert len(set(texts)) == 4
 
 
 @pytest.mark.parametrize("prompt_length", [1, 5, 24, 30])

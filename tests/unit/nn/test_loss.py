@@ -300,3 +300,25 @@ def test_weight_gradients_are_summed_without_a_product_per_chunk(
         return mode.made
 
     assert made(3) == made(24) > 0
+
+
+@pytest.mark.parametrize("which", ["cross_entropy", "logprobs"])
+def test_under_bf16_the_weight_gradient_is_summed_in_float32(device: torch.device, which: str) -> None:
+    """One position repeated 40 times, a chunk each: the unembedding's gradient is exactly 40 times one
+    position's, rounded once to bfloat16 (each chunk's bf16 product summed in float32 is exact: 8 + 6
+    significant bits); a sum kept in bfloat16 rounds at every chunk (and stalls once the total is 256 terms)."""
+    hidden, weight, targets, _ = inputs(0, 1, 1, 11, device)
+
+    def grad(n: int) -> Tensor:
+        h = hidden.expand(1, n, -1).clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        t = targets.expand(1, n).clone()
+        with torch.autocast(device.type, torch.bfloat16):
+            if which == "cross_entropy":
+                value = chunked_cross_entropy(h, w, t, chunk=1)
+            else:
+                value = chunked_token_logprobs(h, w, t, chunk=1).sum()
+        return torch.autograd.grad(value, w)[0]
+
+    # The sum comes back in the (autocast) weight's bfloat16, rounded once.
+    assert torch.equal(grad(40), (40 * grad(1)).bfloat16().float())

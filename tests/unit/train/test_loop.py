@@ -1471,3 +1471,38 @@ def test_each_batch_is_made_once_while_the_step_before_it_runs(tmp_path: Path) -
         "step 2",
         "wait",
     ]
+
+
+def test_a_resumed_run_makes_the_batch_of_its_first_step_and_none_past_its_last(tmp_path: Path) -> None:
+    """Resumed at step 2 (stopped after 2 of 4), the first batch made, and the first trained on, is step 2's;
+    resumed at its last step (killed in its final evaluation), no batch is made (step 4's is past the end)."""
+    made: list[int] = []
+    trained: list[int] = []
+    inner = stand_in(lambda step: (1.0, 1.0))
+
+    def step(state: TensorDict, batch: int, /, *, lr: float) -> tuple[TensorDict, Metrics]:
+        trained.append(batch)
+        return inner(state, batch, lr=lr)
+
+    def batches(index: int) -> int:
+        made.append(index)
+        return index
+
+    def session(**kwargs: object) -> None:
+        with open_run(tmp_path / "run", steps=4, eval_every=10, checkpoint_every=10, **kwargs) as run:  # type: ignore[arg-type]
+            loop.train(run, run.restore(fresh, ADAMW), step, batches)
+
+    session(stop_after=2)
+    assert (made, trained) == ([0, 1, 2], [0, 1])  # step 2's batch made early, then the stop
+    made.clear()
+    trained.clear()
+    session(resume=True)
+    assert (made, trained) == ([2, 3], [2, 3])
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(
+        "".join(metrics.read_text().splitlines(keepends=True)[:-1])
+    )  # killed in the final evaluation
+    made.clear()
+    trained.clear()
+    session(resume=True)
+    assert (made, trained) == ([], [])
