@@ -69,10 +69,10 @@ def continuation(
     6.4 -> 2.0 s, recomputation's cost growing with the square of the length). Past the context only ``sample``
     can go on, sliding its window. The same draws from the same generator either way; the tokens agree wherever
     the two forwards' rounding does not flip a choice (tested greedy and sampled on a small model)."""
-    device = params["embed", "weight"].device
+    embed = params["embed", "weight"]
     needed = len(prompt) + max_new_tokens - 1  # the last token is never fed back
     if needed > config.context:
-        ids = torch.tensor([list(prompt)], device=device)
+        ids = torch.tensor([list(prompt)], device=embed.device)
         new = sample(
             partial(gpt.pure(config), params),
             ids,
@@ -84,7 +84,7 @@ def continuation(
             stop_token,
         )
         return new[0].tolist()
-    cache = init_cache(config, 1, max(needed, 1), params["embed", "weight"].dtype, device)
+    cache = init_cache(config, 1, max(needed, 1), embed.dtype, embed.device)
     sampling = Sampling(temperature=temperature, top_k=top_k)
     stops = () if stop_token is None else (stop_token,)
     return generate(

@@ -156,6 +156,23 @@ class _WeightGradSum:
             self.total.add_(widened.copy_(torch.mm(grad_z.T, h, out=product)))
 
 
+def _logits_grad(
+    log_p: Float[Tensor, "chunk vocab"],
+    y: Int[Tensor, "chunk 1"],
+    scale: Float[Tensor, "chunk 1"] | None,
+    squashed: Float[Tensor, "chunk vocab"] | None,
+    dtype: torch.dtype,
+) -> Float[Tensor, "chunk vocab"]:
+    """``scale (softmax - onehot)``, the gradient of ``-scale log p_y`` with respect to the logits, times
+    ``1 - tanh^2`` through the cap; written into ``log_p`` (and ``squashed``), then cast to ``dtype``."""
+    grad_z = log_p.exp_().scatter_add_(-1, y, torch.full_like(y, -1.0, dtype=log_p.dtype))
+    if scale is not None:
+        grad_z.mul_(scale)
+    if squashed is not None:
+        grad_z.mul_(squashed.square_().neg_().add_(1))  # (addcmul_ breaks dynamo's graph)
+    return grad_z.to(dtype)
+
+
 def _weighted_sum(
     picked: Float[Tensor, " chunk"], token_weights: Float[Tensor, " tokens"] | None, start: int, chunk: int
 ) -> Float[Tensor, ""]:
@@ -195,13 +212,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 w = None if token_weights is None else token_weights[start : start + chunk, None]
                 picked, log_p, squashed = _chunk(hidden, weight, targets, start, chunk, cap)
                 loss = loss - _weighted_sum(picked, token_weights, start, chunk)
-                # d loss / d logits = w (softmax - onehot); through the cap, times 1 - tanh^2.
-                grad_z = log_p.exp_().scatter_add_(-1, y, torch.full_like(y, -1.0, dtype=log_p.dtype))
-                if w is not None:
-                    grad_z.mul_(w)
-                if squashed is not None:
-                    grad_z.mul_(squashed.square_().neg_().add_(1))  # (addcmul_ breaks dynamo's graph)
-                grad_z = grad_z.to(hidden.dtype)
+                grad_z = _logits_grad(log_p, y, w, squashed, hidden.dtype)  # d loss / d logits
                 grad_hidden.append(grad_z @ weight)
                 if weight_grad is not None:
                     weight_grad.add(grad_z, h)
@@ -264,14 +275,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 _, log_p, squashed = _chunk(
                     hidden, weight, targets, start, ctx.chunk, ctx.cap, ctx.temperature
                 )
-                # d log p_y / d logits = (onehot - softmax) / temperature; through the cap, times 1 - tanh^2.
-                scale = grad_out[start : start + ctx.chunk, None].to(log_p.dtype) / ctx.temperature
-                grad_z = (
-                    log_p.exp_().neg_().scatter_add_(-1, y, torch.ones_like(y, dtype=log_p.dtype)).mul_(scale)
-                )
-                if squashed is not None:
-                    grad_z.mul_(squashed.square_().neg_().add_(1))
-                grad_z = grad_z.to(hidden.dtype)
+                # d log p_y / d logits = (onehot - softmax) / temperature: the loss's with scale -g / temperature.
+                scale = grad_out[start : start + ctx.chunk, None].to(log_p.dtype) / -ctx.temperature
+                grad_z = _logits_grad(log_p, y, scale, squashed, hidden.dtype)
                 if wants_hidden:
                     grad_hidden.append(grad_z @ weight)
                 if weight_grad is not None:

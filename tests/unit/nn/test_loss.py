@@ -34,14 +34,18 @@ def inputs(seed: int, rows: int, seq: int, vocab: int, device: torch.device) -> 
     return hidden, weight, targets, weights
 
 
-@given(
-    seed=strategies.seeds,
-    rows=st.integers(1, 3),
-    seq=st.integers(1, 9),
-    vocab=st.integers(2, 40),
-    chunk=st.integers(1, 30),
-    cap=st.sampled_from([None, 2.0, 30.0]),
-)
+LAYOUTS = {
+    "seed": strategies.seeds,
+    "rows": st.integers(1, 3),
+    "seq": st.integers(1, 9),
+    "vocab": st.integers(2, 40),
+    "chunk": st.integers(1, 30),
+    "cap": st.sampled_from([None, 2.0, 30.0]),
+}
+"""Chunks of any size against batches of any shape (a last chunk cut short), soft-capped or not."""
+
+
+@given(**LAYOUTS)
 def test_value_and_gradients_equal_the_plain_formula(
     device: torch.device, seed: int, rows: int, seq: int, vocab: int, chunk: int, cap: float | None
 ) -> None:
@@ -141,15 +145,7 @@ def plain_logprobs(
     return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
 
 
-@given(
-    seed=strategies.seeds,
-    rows=st.integers(1, 3),
-    seq=st.integers(1, 9),
-    vocab=st.integers(2, 40),
-    chunk=st.integers(1, 30),
-    cap=st.sampled_from([None, 2.0, 30.0]),
-    temperature=st.sampled_from([1.0, 0.7, 1.3]),
-)
+@given(**LAYOUTS, temperature=st.sampled_from([1.0, 0.7, 1.3]))
 def test_log_probs_and_their_gradients_equal_the_plain_formula(
     device: torch.device,
     seed: int,
