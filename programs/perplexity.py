@@ -7,10 +7,11 @@ The file is tokenised as the model's tokenizer does by default (a BOS token only
 scored in windows of --context tokens (default: the model's context) moved by --stride (default: half the
 context, at most the context - 1), each scoring only the tokens the previous ones did not
 (``zmaj.infer.perplexity``), so that every token but the first is scored once. The output is
-``{"tokens": predicted tokens, "nll": mean nats per predicted token, "ppl": exp(nll), "bytes": the file's UTF-8
-bytes, "bits_per_byte": the summed NLL in bits over all the file's bytes}``. ``--max-tokens N`` scores only the
-file's first N tokens, and "bytes" are then those the N tokens spell. A file that is not UTF-8 text exits with
-code 2, naming the offset of its first bad byte.
+``{"tokens": predicted tokens, "nll": mean nats per predicted token, "ppl": exp(nll), "bytes": the UTF-8 bytes
+the predicted tokens spell, "bits_per_byte": the summed NLL in bits over those bytes}``: the file's bytes less
+the first token's, which nothing predicts (none where the tokenizer adds a BOS token, which spells nothing).
+``--max-tokens N`` scores only the file's first N tokens, and "bytes" are then those tokens 2..N spell. A file
+that is not UTF-8 text exits with code 2, naming the offset of its first bad byte.
 """
 
 import argparse
@@ -68,7 +69,8 @@ def main() -> None:
     result = perplexity(hidden, unembed, tokens, context, stride)
     if not math.isfinite(result.nll):  # finite weights (checked as they load) whose activations overflow
         fail("the model's logits are not finite (NaN or infinite): its perplexity is undefined")
-    n_bytes = len(text.encode("utf-8"))
+    # Over the text the NLL is of: the unpredicted first token's bytes would lower bits per byte for free.
+    n_bytes = len(text[encoding.offsets[0][1] :].encode("utf-8"))
     bits = result.nll * result.tokens / math.log(2)
     record = {"tokens": result.tokens, "nll": result.nll, "ppl": result.ppl, "bytes": n_bytes}
     print(json.dumps({**record, "bits_per_byte": bits / n_bytes}))
