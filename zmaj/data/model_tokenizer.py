@@ -134,10 +134,11 @@ class ModelTokenizer:
         as in ``transformers``' ``return_assistant_tokens_mask``, found wherever they land
         (``chat_template.render_with_generation``; where that cannot be trusted, as for a template without
         them). Otherwise an assistant turn is the text that rendering it adds after the prompt for it
-        (``add_generation_prompt``), found by rendering the conversation up to each turn; a template whose
-        renderings are not prefixes of each other cannot be split this way, and is refused. The end-of-turn
-        marker belongs to the turn, so the model learns to stop; so does a token the template's text and the
-        answer share.
+        (``add_generation_prompt``), found by rendering the conversation up to each turn, up to its last stop
+        token (EOS or another of ``stop_tokens``) where it has one; a template whose renderings are not
+        prefixes of each other cannot be split this way, and is refused. The end-of-turn marker belongs to the
+        turn, so the model learns to stop; what the template writes after it (ChatML's newline) does not, as
+        generation never reaches it; a token the template's text and the answer share belongs to the answer.
         """
         text, spans = chat_template.render_with_generation(
             self._template(), messages, False, self.today, **self._special_tokens()
@@ -157,7 +158,8 @@ class ModelTokenizer:
         return list(encoding.ids), mask
 
     def _turn_span(self, text: str, messages: Sequence[Message], index: int) -> tuple[int, int]:
-        """Where in ``text`` (the whole conversation) the text rendering turn ``index`` adds lies."""
+        """Where in ``text`` (the whole conversation) the text rendering turn ``index`` adds lies, cut after its
+        last stop token."""
         before = self.render_chat(messages[:index], add_generation_prompt=True)
         through = self.render_chat(messages[: index + 1], add_generation_prompt=False)
         if not (text.startswith(through) and through.startswith(before)):
@@ -165,7 +167,10 @@ class ModelTokenizer:
                 f"the chat template does not render turn {index} as a prefix of the conversation, so the "
                 "assistant's tokens cannot be told apart"
             )
-        return len(before), len(through)
+        turn = through[len(before) :]
+        stops = [token for token in (self.eos_token, *self.stop_tokens) if token is not None]
+        ends = [turn.rfind(stop) + len(stop) for stop in stops if stop in turn]
+        return len(before), len(before) + max(ends, default=len(turn))
 
     @classmethod
     def from_zmaj(cls, tokenizer: Tokenizer) -> "ModelTokenizer":
