@@ -88,6 +88,9 @@ class ChatHubSource(BaseModel):
     path: str
     name: str | None = None
     data_files: str | list[str] | None = None
+    revision: str | None = None
+    """A commit, tag or branch of a Hub dataset (``datasets``' own default: "main", which moves): the commit pins
+    the conversations read."""
     split: str = "train"
     messages_column: str = "messages"
     streaming: bool = False

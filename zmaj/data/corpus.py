@@ -92,11 +92,13 @@ def source_key(source: Source, split: Split, validation_fraction: float) -> str:
     For the stdlib, the interpreter (its full version string and stdlib path) and its files' names, sizes and
     modification times (a system Python's packages, such as Debian's python3-venv, add modules to it); for
     local files, named in ``paths`` or read by a hub source (its ``data_files``, or a local folder and its card),
-    their absolute paths, sizes and modification times. Datasets on the Hub are keyed by config alone: pin a
-    revision in ``path`` if it matters.
+    their absolute paths, sizes and modification times. Datasets on the Hub are keyed by config alone, which
+    names the data only with a ``revision`` (a branch such as the default "main" moves).
     """
+    # No revision keys a source as before it could name one: a new key encodes a corpus again (hours at scale).
+    unread = {"revision"} if isinstance(source, HubSource) and source.revision is None else set()
     identity: dict[str, Any] = {
-        "source": source.model_dump(mode="json"),
+        "source": source.model_dump(mode="json", exclude=unread),
         "split": split,
         "validation_fraction": validation_fraction,
         "corpus_version": CORPUS_VERSION,
@@ -129,6 +131,8 @@ class HubLike(Protocol):
     def name(self) -> str | None: ...
     @property
     def data_files(self) -> str | list[str] | None: ...
+    @property
+    def revision(self) -> str | None: ...
     @property
     def split(self) -> str: ...
     @property
@@ -226,7 +230,8 @@ def _is_builder(source: HubLike) -> bool:
 
 def hub_where(source: HubLike) -> str:
     """A ``datasets`` source as errors name it: ``json, split train, files chats.jsonl``."""
-    where = [source.path, *([source.name] if source.name else []), f"split {source.split}"]
+    path = source.path if source.revision is None else f"{source.path}@{source.revision}"
+    where = [path, *([source.name] if source.name else []), f"split {source.split}"]
     if source.data_files is not None:
         where.append(f"files {source.data_files}")
     return ", ".join(where)
@@ -241,6 +246,7 @@ def load_hub(source: HubLike) -> datasets.Dataset | datasets.IterableDataset:
             source.path,
             source.name,
             data_files=source.data_files,
+            revision=source.revision,
             split=source.split,
             streaming=source.streaming,
             cache_dir=_folder_cache(source),
@@ -255,10 +261,12 @@ def load_hub(source: HubLike) -> datasets.Dataset | datasets.IterableDataset:
     except ValueError as error:  # datasets' own complaint (an unknown split, say), named by the source
         raise ValueError(f"{where}: {error}") from error
     except ConnectionError as error:
-        raise ValueError(
-            f"{where}: not reachable ({error}): use a local source, or set HF_HUB_OFFLINE=1 to read a copy "
-            "cached earlier"
-        ) from error
+        hint = (
+            "no copy of it is cached (HF_HUB_OFFLINE is set): use a local source, or read it once online"
+            if datasets.config.HF_HUB_OFFLINE
+            else "use a local source, or set HF_HUB_OFFLINE=1 to read a copy cached earlier"
+        )
+        raise ValueError(f"{where}: not reachable ({error}): {hint}") from error
 
 
 def _folder_cache(source: HubLike) -> str | None:

@@ -6,6 +6,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from pydoc_data.topics import topics
+from typing import Any
 
 import datasets
 import pyarrow as pa
@@ -311,6 +312,42 @@ def test_source_key_changes_with_whatever_changes_the_documents(jsonl_file: Path
     stat = jsonl_file.stat()
     os.utime(jsonl_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     assert source_key(source, "train", FRACTION) != key
+
+
+def test_a_hub_revision_is_read_and_keys_the_documents(
+    jsonl_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Hub dataset's branch moves: the commit a spec names is what datasets reads, and another one is another
+    corpus to the caches."""
+    asked: list[dict[str, Any]] = []
+    rows = datasets.Dataset.from_dict({"text": ["a document"]})
+
+    def load_dataset(*args: Any, **kwargs: Any) -> datasets.Dataset:
+        asked.append(kwargs)
+        return rows
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    pinned = HubSource(path="someuser/some-corpus", revision="0123abc")
+    assert [d.text for d in _all(pinned)] == ["a document"]
+    assert [kwargs["revision"] for kwargs in asked] == ["0123abc", "0123abc"]
+    keys = {
+        source_key(HubSource(path="someuser/some-corpus", revision=r), "train", FRACTION) for r in ("a", "b")
+    }
+    assert len(keys | {source_key(HubSource(path="someuser/some-corpus"), "train", FRACTION)}) == 3
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_an_unreachable_hub_dataset_says_what_to_do(monkeypatch: pytest.MonkeyPatch, offline: bool) -> None:
+    """Offline already, the hint to go offline was no help: what is missing is a cached copy."""
+
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("Couldn't reach 'someuser/some-corpus' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", offline)
+    hint = "no copy of it is cached (HF_HUB_OFFLINE is set)" if offline else "or set HF_HUB_OFFLINE=1 to read"
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        _all(HubSource(path="someuser/some-corpus"))
 
 
 def test_stdlib_key_names_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
