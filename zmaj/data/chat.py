@@ -176,10 +176,16 @@ def _raw_messages(source: ChatFilesSource | ChatHubSource) -> Iterator[tuple[str
 
 def _without_nulls(messages: Any) -> Any:
     """A row's messages less their null fields: Arrow gives every message each field that any message of the
-    column has, null where it has none, and a null is no field to validate (a jsonl line would not hold it)."""
+    column has, null where it has none, and a null is no field to validate (a jsonl line would not hold it).
+    A message always has a role and content, so their nulls are the row's own, refused as nulls, not as
+    missing."""
     if not isinstance(messages, list):
         return messages
-    return [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
+    kept = set(Message.model_fields)
+    return [
+        {k: v for k, v in m.items() if v is not None or k in kept} if isinstance(m, dict) else m
+        for m in messages
+    ]
 
 
 def _column(row: Any, column: str, sample: str) -> Any:

@@ -159,6 +159,22 @@ def test_a_field_some_messages_lack_is_absent_from_them_not_null(tmp_path: Path,
         load_conversations(source)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_null_content_in_a_datasets_row_is_refused_as_null(tmp_path: Path, streaming: bool) -> None:
+    """Dropped as a field Arrow filled in, a null content was reported as missing ("Field required")."""
+    rows: list[list[dict[str, str | None]]] = [
+        [dict(m) for m in conversation] for conversation in CONVERSATIONS
+    ]
+    rows[0][0]["content"] = None
+    parquet = tmp_path / "chats.parquet"
+    pq.write_table(pa.table({"messages": rows}), parquet)
+    source = ChatHubSource(path="parquet", data_files=str(parquet), streaming=streaming)
+    with pytest.raises(
+        ValueError, match=r"(?s)row 0: .*messages\.0\.content\s+Input should be a valid string"
+    ):
+        load_conversations(source)
+
+
 def test_a_bad_datasets_row_is_an_error_naming_the_row(tmp_path: Path) -> None:
     rows = [{"messages": CONVERSATIONS[0]}, {"messages": [{"role": "user", "content": "Hi"}]}]
     jsonl = _write_jsonl(tmp_path / "chats.jsonl", rows)
