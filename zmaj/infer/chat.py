@@ -20,7 +20,7 @@ from tensordict import TensorDictBase
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.cache import CacheShape, init_cache, prefix
 from zmaj.infer.generate import CachedForward, Emitted, Sampling, stream
-from zmaj.infer.text import byte_tokens, detokenize
+from zmaj.infer.text import detokenize, held_tokens
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def reply(
                 yield token
 
     pieces = []
-    for piece in detokenize(tokens(), tokenizer.decode, byte_tokens(tokenizer)):
+    for piece in detokenize(tokens(), tokenizer.decode, held_tokens(tokenizer)):
         show(piece)
         pieces.append(piece)
     answer = [int(each.tokens[0]) for each in steps]

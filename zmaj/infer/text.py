@@ -51,6 +51,14 @@ def byte_tokens(tokenizer: ModelTokenizer) -> frozenset[int]:
     return frozenset(i for byte in range(256) if (i := inner.token_to_id(f"<0x{byte:02X}>")) is not None)
 
 
+def held_tokens(tokenizer: ModelTokenizer) -> frozenset[int]:
+    """What :func:`detokenize` holds for a tokenizer's text, skipping special tokens: its byte tokens, and its
+    special tokens, which decode to nothing, so the bytes on either side of one join into a single run (Gemma's
+    ``<0x6A> <unused2594> <0x93>`` shows as "j", then decodes as a two-byte run that is not UTF-8: "\ufffd\ufffd")."""
+    added = tokenizer.tokenizer.get_added_tokens_decoder()
+    return byte_tokens(tokenizer) | {i for i, token in added.items() if token.special}
+
+
 def complete(
     step: CachedForward,
     params: TensorDictBase,
@@ -70,4 +78,4 @@ def complete(
         step, params, cache, [prompt], max_new_tokens, sampling, seed, stop_tokens=stops, donate=donate
     )
     tokens = (token for each in emitted if (token := int(each.tokens[0])) not in stops)
-    return detokenize(tokens, tokenizer.decode, byte_tokens(tokenizer))
+    return detokenize(tokens, tokenizer.decode, held_tokens(tokenizer))

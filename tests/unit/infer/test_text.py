@@ -11,7 +11,7 @@ from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import EOS, Tokenizer
 from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import Sampling, generate
-from zmaj.infer.text import REPLACEMENT, byte_tokens, complete, detokenize
+from zmaj.infer.text import REPLACEMENT, byte_tokens, complete, detokenize, held_tokens
 from zmaj.models import llama
 
 TEXTS = ["héllo wörld, 世界 🙂🐍 naïve café ", "def parse(tokens): return [t for t in tokens] "] * 20
@@ -31,8 +31,21 @@ def metaspace() -> tokenizers.Tokenizer:
     return inner
 
 
+def byte_fallback_with_a_special() -> ModelTokenizer:
+    """Gemma's layout: byte tokens in the model's vocabulary (ordinary ones), and a special token, which decoding
+    skips."""
+    vocab = {"<unk>": 0, **{f"<0x{i:02X}>": 1 + i for i in range(256)}, "▁": 257, "a": 258, "b": 259}
+    inner = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    inner.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    inner.add_special_tokens(["<extra>"])
+    return ModelTokenizer(inner, None, None)
+
+
 METASPACE = metaspace()
 METASPACE_BYTES = byte_tokens(ModelTokenizer(METASPACE, None, None))
+GEMMA_LIKE = byte_fallback_with_a_special()
 DECODERS = {
     "byte-level": (BYTE_LEVEL.vocab_size, ModelTokenizer.from_zmaj(BYTE_LEVEL).decode),
     # The byte tokens are registered as special here (Gemma's are ordinary): decoded all the same, as Gemma's are.
@@ -40,8 +53,13 @@ DECODERS = {
         METASPACE.get_vocab_size(),
         lambda ids: str(METASPACE.decode(ids, skip_special_tokens=False)),
     ),
+    "byte fallback, a special token skipped": (GEMMA_LIKE.vocab_size, GEMMA_LIKE.decode),
 }
-HELD = {"byte-level": frozenset[int](), "metaspace": METASPACE_BYTES}
+HELD = {
+    "byte-level": held_tokens(ModelTokenizer.from_zmaj(BYTE_LEVEL)),
+    "metaspace": METASPACE_BYTES,
+    "byte fallback, a special token skipped": held_tokens(GEMMA_LIKE),
+}
 
 
 @pytest.mark.parametrize("name", list(DECODERS))
@@ -56,7 +74,17 @@ def test_pieces_add_up_to_the_whole_decoding(name: str, data: st.DataObject) -> 
     assert not any(piece.endswith(REPLACEMENT) for piece in pieces[:-1])
 
 
-@pytest.mark.parametrize("name", list(DECODERS))
+def test_bytes_either_side_of_a_skipped_special_token_are_one_run() -> None:
+    """ "j", then the special token, then 0x93: decoded whole, "j" and 0x93 are one run of bytes that is not UTF-8,
+    two replacement characters, so the "j" shown before 0x93 came was not final (inference audit, Gemma)."""
+    special = GEMMA_LIKE.token_id("<extra>")
+    assert special is not None
+    ids = [1 + 0x6A, special, 1 + 0x93]
+    assert GEMMA_LIKE.decode(ids) == REPLACEMENT * 2
+    assert list(detokenize(ids, GEMMA_LIKE.decode, held_tokens(GEMMA_LIKE))) == [REPLACEMENT * 2]
+
+
+@pytest.mark.parametrize("name", ["byte-level", "metaspace"])
 def test_a_character_split_over_tokens_comes_out_whole(name: str) -> None:
     _, decode = DECODERS[name]
     encode = BYTE_LEVEL.encode if name == "byte-level" else (lambda text: METASPACE.encode(text).ids)
