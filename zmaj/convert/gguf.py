@@ -549,7 +549,8 @@ def tokenizer_from_gguf(path: str | Path) -> ModelTokenizer:
             get_gguf_tokenizer,
         )
 
-    _check_tokenizer(read_gguf(path))
+    file = read_gguf(path)
+    _check_tokenizer(file)
     architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(path))
     inner, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
     tokens: list[str] = tokenizer_dict["tokens"]
@@ -573,6 +574,9 @@ def tokenizer_from_gguf(path: str | Path) -> ModelTokenizer:
         token_id = ids[name]
         return None if token_id is None else tokens[token_id]
 
+    # llama.cpp's end-of-turn and end-of-message tokens end an answer as EOS does (an instruct model's EOS may be
+    # another: Llama 3's <|end_of_text|> beside <|eot_id|>); transformers reads no generation config from a GGUF.
+    turn_ends = [file.metadata.get(f"tokenizer.ggml.{name}_token_id") for name in ("eot", "eom")]
     return ModelTokenizer(
         inner,
         bos_token=token("bos"),
@@ -582,6 +586,7 @@ def tokenizer_from_gguf(path: str | Path) -> ModelTokenizer:
         add_bos=add_bos,
         add_eos=add_eos,
         chat_template=tokenizer_config.get("chat_template"),
+        stop_tokens=tuple(dict.fromkeys(tokens[i] for i in turn_ends if i is not None and i != ids["eos"])),
     )
 
 
@@ -589,7 +594,7 @@ def _check_tokenizer(file: GGUFFile) -> None:
     """What ``transformers``' converter takes on trust, checked first so that a damaged file is one line naming
     the key rather than an ``IndexError`` or ``KeyError`` from inside it."""
     n_tokens = _vocab_size(file)
-    for name in ("bos", "eos", "unknown", "padding"):
+    for name in ("bos", "eos", "unknown", "padding", "eot", "eom"):
         key = f"tokenizer.ggml.{name}_token_id"
         token_id = file.metadata.get(key)
         if token_id is not None and (

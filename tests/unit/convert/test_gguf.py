@@ -383,6 +383,7 @@ def test_a_size_that_is_not_a_positive_integer_is_named(
             rf"bos_token_id is {VOCAB}, not one of its {VOCAB} token ids",
         ),
         ({"tokenizer.ggml.padding_token_id": 2**31}, r"padding_token_id is 2147483648, not one of its"),
+        ({"tokenizer.ggml.eot_token_id": VOCAB + 5}, rf"eot_token_id is {VOCAB + 5}, not one of its"),
         ({"tokenizer.ggml.model": "gpt2"}, r"a gpt2 \(BPE\) tokenizer but no 'tokenizer\.ggml\.merges'"),
         # tokenizers' own errors: a TypeError about PyMerges, "Token `zz` out of vocabulary", "Token `t1t2`
         # out of vocabulary" (a merge's join must be a token too).
@@ -411,6 +412,26 @@ def test_a_tokenizer_transformers_would_fail_on_is_named(
     path = write_gguf(tmp_path / "m.gguf", "llama", metadata | change, {"w": np.zeros(4, dtype=np.float32)})
     with pytest.raises(ValueError, match=f"GGUF metadata of {re.escape(str(path))}.*{message}"):
         zgguf.tokenizer_from_gguf(path)
+
+
+@pytest.mark.parametrize(
+    ("ends", "stops"),
+    [({}, (3,)), ({"eot": 5}, (3, 5)), ({"eot": 5, "eom": 6}, (3, 5, 6)), ({"eot": 3}, (3,))],
+)
+def test_a_files_end_of_turn_tokens_stop_generation(
+    tmp_path: Path, ends: dict[str, int], stops: tuple[int, ...]
+) -> None:
+    """An instruct GGUF ends a turn with llama.cpp's EOT (and EOM) token where its EOS is another (Llama 3's
+    <|eot_id|> beside <|end_of_text|>): read as EOS alone, chat.py ran on into a next turn it made up."""
+    metadata = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": BPE_TOKENS,
+        "tokenizer.ggml.merges": ["a b"],
+        "tokenizer.ggml.eos_token_id": 3,
+        **{f"tokenizer.ggml.{name}_token_id": token for name, token in ends.items()},
+    }
+    path = write_gguf(tmp_path / "m.gguf", "llama", metadata, {"w": np.zeros(4, dtype=np.float32)})
+    assert zgguf.tokenizer_from_gguf(path).stop_ids == stops
 
 
 def with_u32(path: Path, key: str, value: int) -> Path:
