@@ -34,7 +34,9 @@ def get_task(name: str, **options: Any) -> Task:
 def checked_task(name: str, options: Mapping[str, Any]) -> Task:
     """``get_task`` for a spec's validator or a command line's options: a bad option's error is located under
     ``options`` (``options.digits``, where the spec holds it; pydantic puts a validator's errors under the section
-    it checks), and a boolean where a number goes is refused (``digits: yes`` was one digit)."""
+    it checks), and a boolean where a number goes is refused (``digits: yes`` was one digit). A factory that
+    ``register_task`` was given as a function takes its options as Python arguments: one it does not take is a
+    ``TypeError``, which names the option, reported as the others are."""
     try:
         task = get_task(name, **options)
     except ValidationError as error:
@@ -42,6 +44,9 @@ def checked_task(name: str, options: Mapping[str, Any]) -> Task:
         raise _located(
             error.title, [(e["type"], e["msg"], e["loc"], e["input"]) for e in error.errors()]
         ) from None
+    except TypeError as error:
+        message = f"task {name!r} does not take these options: {error}"
+        raise _located(name, [("bad_options", message, (), dict(options))]) from None
     if (field := boolean_as_number(options, task)) is not None:
         raise _located(name, [("bool_as_number", BOOLEAN_AS_NUMBER, tuple(field.split(".")), True)])
     return task

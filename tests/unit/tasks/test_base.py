@@ -2,6 +2,7 @@ import random
 import re
 import sys
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -259,6 +260,34 @@ def test_checked_options_are_located_under_options_whatever_the_error(
         (("options", "digits"), "a boolean where a number goes (YAML reads true, yes and on as true)")
     ]
     assert checked_task("arithmetic", {"digits": 2}) == ArithmeticTask(digits=2)
+
+
+def test_options_a_factory_function_does_not_take_are_located_under_options(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """register_task takes any factory: a function's unknown or doubled keyword was a TypeError traceback from
+    every program, where a spec's or a command line's bad option is one line (tasks audit)."""
+
+    def hard() -> Task:
+        return ArithmeticTask(digits=4)
+
+    monkeypatch.setattr(
+        registry,
+        "_FACTORIES",
+        {"hard": hard, "three": lambda **options: ArithmeticTask(digits=3, **options)},
+    )
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("hard", {"ops": ["+"]}, "unexpected keyword argument 'ops'"),
+        ("three", {"digits": 2}, "multiple values for keyword argument 'digits'"),
+    ]
+    for name, options, complaint in cases:
+        with pytest.raises(ValidationError) as caught:
+            checked_task(name, options)
+        ((loc, message),) = [(e["loc"], e["msg"]) for e in caught.value.errors()]
+        assert loc == ("options",)
+        assert message.startswith(f"task {name!r} does not take these options: ")
+        assert complaint in message
+    assert checked_task("three", {"ops": ["+"]}) == ArithmeticTask(digits=3, ops=("+",))
 
 
 def test_registry_builds_tasks_with_options_and_takes_new_ones(monkeypatch: pytest.MonkeyPatch) -> None:
