@@ -90,7 +90,7 @@ class ChatHubSource(BaseModel):
     data_files: str | list[str] | None = None
     revision: str | None = None
     """A commit, tag or branch of a Hub dataset (``datasets``' own default: "main", which moves): the commit pins
-    the conversations read."""
+    the conversations read. Offline, only the commit of a cached copy, unstreamed."""
     split: str = "train"
     messages_column: str = "messages"
     streaming: bool = False

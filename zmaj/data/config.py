@@ -41,7 +41,7 @@ class HubSource(BaseModel):
     data_files: str | list[str] | None = None
     revision: str | None = None
     """A commit, tag or branch of a Hub dataset (``datasets``' own default: "main", which moves): the commit pins
-    the rows read, and with them the token caches."""
+    the rows read, and with them the token caches. Offline, only the commit of a cached copy, unstreamed."""
     split: str = "train"
     """The dataset split read; our own train/validation split is cut from it by hashing each row's text."""
     text_column: str = "text"

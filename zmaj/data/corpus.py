@@ -242,7 +242,7 @@ def load_hub(source: HubLike) -> datasets.Dataset | datasets.IterableDataset:
     what to do, not in a traceback from deep inside ``datasets`` (and, offline, after 20 s of retries)."""
     where = hub_where(source)
     try:
-        return datasets.load_dataset(
+        dataset = datasets.load_dataset(
             source.path,
             source.name,
             data_files=source.data_files,
@@ -267,6 +267,30 @@ def load_hub(source: HubLike) -> datasets.Dataset | datasets.IterableDataset:
             else "use a local source, or set HF_HUB_OFFLINE=1 to read a copy cached earlier"
         )
         raise ValueError(f"{where}: not reachable ({error}): {hint}") from error
+    if source.revision is not None and datasets.config.HF_HUB_OFFLINE and not _is_local(source):
+        _check_cached_revision(source, dataset, where)
+    return dataset
+
+
+def _is_local(source: HubLike) -> bool:
+    """Whether ``datasets`` reads local files: with a builder, or from a folder."""
+    return _is_builder(source) or Path(source.path).is_dir()
+
+
+def _check_cached_revision(
+    source: HubLike, dataset: datasets.Dataset | datasets.IterableDataset, where: str
+) -> None:
+    """Offline, ``datasets`` reads the newest cached copy of a Hub dataset whatever revision it is asked for,
+    and the token caches would keep another commit's rows under the pinned key. A copy read from the cache lies
+    in a folder named by its commit, which must be the pinned one; a streamed copy cannot show it."""
+    files = dataset.cache_files if isinstance(dataset, datasets.Dataset) else []
+    folders = sorted({Path(file["filename"]).parent.name for file in files})
+    if folders != [source.revision]:
+        read = f"it read {', '.join(folders)}" if folders else "a streamed copy cannot show which it read"
+        raise ValueError(
+            f"{where}: offline (HF_HUB_OFFLINE), datasets reads the newest cached copy whatever the revision, "
+            f"and {read}: read it once online, or pin the commit of a cached copy (its 40 hex digits), unstreamed"
+        )
 
 
 def _folder_cache(source: HubLike) -> str | None:

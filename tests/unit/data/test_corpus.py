@@ -336,6 +336,30 @@ def test_a_hub_revision_is_read_and_keys_the_documents(
     assert len(keys | {source_key(HubSource(path="someuser/some-corpus"), "train", FRACTION)}) == 3
 
 
+def test_offline_a_revision_is_read_only_from_its_own_cached_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, datasets reads the newest cached copy whatever the revision (its cache falls back to the last
+    one written): the pinned run read another commit's rows and cached their tokens under the pinned key. A
+    cached copy lies in a folder named by its commit (as datasets' cache lays them out: .../0.0.0/<commit>/)."""
+    commit, other = "a" * 40, "b" * 40
+    datasets.Dataset.from_dict({"text": ["rows of commit B"]}).save_to_disk(tmp_path / other)
+    cached = datasets.load_from_disk(str(tmp_path / other))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: cached)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    assert [d.text for d in _all(HubSource(path="someuser/some-corpus", revision=other))] == [
+        "rows of commit B"
+    ]
+    with pytest.raises(ValueError, match=f"datasets reads the newest cached copy .* and it read {other}: "):
+        _all(HubSource(path="someuser/some-corpus", revision=commit))
+    streamed = datasets.Dataset.from_dict({"text": ["rows"]}).to_iterable_dataset()
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: streamed)
+    with pytest.raises(ValueError, match="a streamed copy cannot show which it read"):
+        _all(HubSource(path="someuser/some-corpus", revision=other, streaming=True))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # online, datasets resolves the revision
+    assert [d.text for d in _all(HubSource(path="someuser/some-corpus", revision=commit))] == ["rows"]
+
+
 @pytest.mark.parametrize("offline", [False, True])
 def test_an_unreachable_hub_dataset_says_what_to_do(monkeypatch: pytest.MonkeyPatch, offline: bool) -> None:
     """Offline already, the hint to go offline was no help: what is missing is a cached copy."""
