@@ -71,6 +71,10 @@ def main() -> None:
         fail("the model's logits are not finite (NaN or infinite): its perplexity is undefined")
     # Over the text the NLL is of: the unpredicted first token's bytes would lower bits per byte for free.
     n_bytes = len(text[encoding.offsets[0][1] :].encode("utf-8"))
+    if n_bytes == 0:  # "the" and an EOS the tokenizer appends: a predicted token, but no text
+        fail(
+            f"--text-file {args.text_file}: the predicted tokens spell no text, so bits per byte are undefined"
+        )
     bits = result.nll * result.tokens / math.log(2)
     record = {"tokens": result.tokens, "nll": result.nll, "ppl": result.ppl, "bytes": n_bytes}
     print(json.dumps({**record, "bits_per_byte": bits / n_bytes}))

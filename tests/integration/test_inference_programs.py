@@ -26,7 +26,7 @@ from tests.integration.programs import Result, run_program
 from zmaj import checkpoint, fileio, text
 from zmaj.convert.load import Pretrained, save_zmaj
 from zmaj.convert.weights import smollm2_gguf
-from zmaj.data.model_tokenizer import ModelTokenizer
+from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer import chat as infer_chat
 from zmaj.infer import text as infer_text
@@ -555,6 +555,24 @@ def test_perplexity_bits_per_byte_are_the_summed_nll_in_bits_over_the_utf8_bytes
     assert scored["bytes"] > len(TEXT) - len(first)
     bits = scored["nll"] * scored["tokens"] / math.log(2)
     assert scored["bits_per_byte"] == pytest.approx(bits / scored["bytes"], rel=1e-9)
+
+
+def test_perplexity_of_tokens_that_spell_no_text_is_refused(
+    tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    """ "the" and the EOS the tokenizer appends: one predicted token, which spells nothing, so bits per byte
+    (over the predicted tokens' bytes) divided by zero, a traceback."""
+    inner = tokenizers.Tokenizer.from_str(tokenizer.tokenizer.to_str())  # the fixture's own stays as it is
+    inner.post_processor = bos_eos_processor(inner, None, tokenizer.eos_token)
+    appends_eos = replace(tokenizer, tokenizer=inner, add_eos=True)
+    assert appends_eos.encode("the") == [*tokenizer.encode("the"), tokenizer.eos_id]
+    assert len(tokenizer.encode("the")) == 1
+    save_llama(tmp_path / "model", appends_eos, context=64)
+    (tmp_path / "text.txt").write_text("the")
+    result = run("perplexity.py", "--model", tmp_path / "model", "--text-file", tmp_path / "text.txt")
+    assert result.returncode == 2
+    assert "the predicted tokens spell no text, so bits per byte are undefined" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_perplexity_strides_half_the_context_by_default(llama: tuple[Any, Path], tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from einops import rearrange
 from jaxtyping import Float
+from loguru import logger
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
@@ -576,7 +577,7 @@ def tokenizer_from_gguf(path: str | Path) -> ModelTokenizer:
 
     # llama.cpp's end-of-turn and end-of-message tokens end an answer as EOS does (an instruct model's EOS may be
     # another: Llama 3's <|end_of_text|> beside <|eot_id|>); transformers reads no generation config from a GGUF.
-    turn_ends = [file.metadata.get(f"tokenizer.ggml.{name}_token_id") for name in ("eot", "eom")]
+    turn_ends = [_turn_end(file, name) for name in ("eot", "eom")]
     return ModelTokenizer(
         inner,
         bos_token=token("bos"),
@@ -590,11 +591,24 @@ def tokenizer_from_gguf(path: str | Path) -> ModelTokenizer:
     )
 
 
+def _turn_end(file: GGUFFile, name: str) -> int | None:
+    """The end-of-turn (``eot``) or end-of-message (``eom``) token id, if the file names one of its tokens; a
+    bad id is ignored with a warning, as llama.cpp does: the file loads as it did before zmaj read these keys."""
+    key = f"tokenizer.ggml.{name}_token_id"
+    token_id = file.metadata.get(key)
+    if token_id is None or (
+        isinstance(token_id, int) and not isinstance(token_id, bool) and 0 <= token_id < _vocab_size(file)
+    ):
+        return token_id
+    logger.warning(f"GGUF metadata of {file.path}: {key} is {token_id!r}, not a token id; ignored")
+    return None
+
+
 def _check_tokenizer(file: GGUFFile) -> None:
     """What ``transformers``' converter takes on trust, checked first so that a damaged file is one line naming
     the key rather than an ``IndexError`` or ``KeyError`` from inside it."""
     n_tokens = _vocab_size(file)
-    for name in ("bos", "eos", "unknown", "padding", "eot", "eom"):
+    for name in ("bos", "eos", "unknown", "padding"):
         key = f"tokenizer.ggml.{name}_token_id"
         token_id = file.metadata.get(key)
         if token_id is not None and (

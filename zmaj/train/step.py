@@ -355,9 +355,9 @@ def apply_grads(
     sharded, Muon gathers each matrix's update whole (``zmaj.train.muon.muon_update``).
 
     ``donate=True`` (``partial(apply_grads, donate=True)`` as ``train_step``'s ``update_fn``) writes the new
-    state into the old one's tensors and the clipped gradients into ``grads``: for a loop that never reads
-    the old state again, it saves allocating the parameters, moments and gradients anew each step
-    (``zmaj.train.optim.adamw_update``).
+    state into the old one's tensors and uses ``grads``' as scratch (the clipped gradients, then AdamW's
+    denominators): for a loop that reads neither the old state nor the gradients again, it saves allocating
+    the parameters, moments and gradients anew each step (``zmaj.train.optim.adamw_update``).
     """
     if grad_norm is None:
         grad_norm = global_norm(grads)
