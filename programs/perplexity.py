@@ -17,8 +17,10 @@ that is not UTF-8 text exits with code 2, naming the offset of its first bad byt
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
+import tokenizers
 import torch
 from generate import DTYPE_HELP, DTYPES, MODEL_HELP, fail, load
 from loguru import logger
@@ -70,7 +72,7 @@ def main() -> None:
     if not math.isfinite(result.nll):  # finite weights (checked as they load) whose activations overflow
         fail("the model's logits are not finite (NaN or infinite): its perplexity is undefined")
     # Over the text the NLL is of: the unpredicted first token's bytes would lower bits per byte for free.
-    n_bytes = len(text[encoding.offsets[0][1] :].encode("utf-8"))
+    n_bytes = len(text.encode("utf-8")) - first_token_bytes(encoding, text)
     if n_bytes == 0:  # "the" and an EOS the tokenizer appends: a predicted token, but no text
         fail(
             f"--text-file {args.text_file}: the predicted tokens spell no text, so bits per byte are undefined"
@@ -78,6 +80,17 @@ def main() -> None:
     bits = result.nll * result.tokens / math.log(2)
     record = {"tokens": result.tokens, "nll": result.nll, "ppl": result.ppl, "bytes": n_bytes}
     print(json.dumps({**record, "bits_per_byte": bits / n_bytes}))
+
+
+def first_token_bytes(encoding: tokenizers.Encoding, text: str) -> int:
+    """The UTF-8 bytes the first token spells: the text up to its end, or, where it is the first bytes of a
+    character the next token ends (its offsets cover the whole character), its own: one for a byte-fallback
+    ``<0xNN>``, one per character of a byte-level token, which writes each byte as one."""
+    (_, end), *rest = encoding.offsets
+    if rest and rest[0][0] < end:
+        token = encoding.tokens[0]
+        return 1 if re.fullmatch(r"<0x[0-9A-F]{2}>", token) else len(token)
+    return len(text[:end].encode("utf-8"))
 
 
 def parse_args() -> argparse.Namespace:

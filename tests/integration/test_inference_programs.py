@@ -557,6 +557,49 @@ def test_perplexity_bits_per_byte_are_the_summed_nll_in_bits_over_the_utf8_bytes
     assert scored["bits_per_byte"] == pytest.approx(bits / scored["bytes"], rel=1e-9)
 
 
+@pytest.mark.parametrize("start", ["ж", "🐍"])
+def test_perplexity_counts_the_bytes_of_a_character_the_first_token_only_begins(
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer, tmp_path: Path, start: str
+) -> None:
+    """The first token is the first byte of a character the vocabulary has no token for ("ж" is Ð ¶): the
+    predicted tokens spell that character's other bytes, which bits per byte must count."""
+    _, folder = llama
+    text = start + " " + TEXT
+    ids = tokenizer.encode(text)
+    assert tokenizer.tokenizer.id_to_token(ids[0]) in ("Ð", "ð")  # one byte, of a 2- or 4-byte character
+    (tmp_path / "text.txt").write_text(text)
+    result = run(
+        "perplexity.py", "--model", folder, "--text-file", tmp_path / "text.txt", "--dtype", "float32"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["bytes"] == len(text.encode("utf-8")) - 1
+
+
+def test_perplexity_with_a_bos_token_counts_every_byte_of_the_file(
+    tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    """Where the tokenizer adds a BOS token, the first predicted token is the text's first: bits per byte are
+    over all the file's bytes (perplexity.py's docstring: "none where the tokenizer adds a BOS token")."""
+    folder = tmp_path / "bos"
+    inner = tokenizers.Tokenizer.from_str(tokenizer.tokenizer.to_str())
+    inner.post_processor = bos_eos_processor(inner, tokenizer.bos_token, None)
+    with_bos = replace(tokenizer, tokenizer=inner, add_bos=True)
+    model = save_llama(folder, with_bos, context=256)
+    (tmp_path / "text.txt").write_text(TEXT)
+    result = run(
+        "perplexity.py", "--model", folder, "--text-file", tmp_path / "text.txt", "--dtype", "float32"
+    )
+    assert result.returncode == 0, result.stderr
+    scored = json.loads(result.stdout)
+    ids = with_bos.encode(TEXT)
+    assert ids[0] == with_bos.token_id(with_bos.bos_token) != tokenizer.encode(TEXT)[0]
+    with torch.no_grad():
+        expected = float(model(torch.tensor([ids]), labels=torch.tensor([ids])).loss)
+    assert scored["tokens"] == len(ids) - 1
+    assert scored["nll"] == pytest.approx(expected, abs=1e-4)
+    assert scored["bytes"] == len(TEXT.encode("utf-8"))
+
+
 def test_perplexity_of_tokens_that_spell_no_text_is_refused(
     tokenizer: ModelTokenizer, tmp_path: Path
 ) -> None:
