@@ -160,18 +160,25 @@ def test_a_field_some_messages_lack_is_absent_from_them_not_null(tmp_path: Path,
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_a_null_content_in_a_datasets_row_is_refused_as_null(tmp_path: Path, streaming: bool) -> None:
-    """Dropped as a field Arrow filled in, a null content was reported as missing ("Field required")."""
+@pytest.mark.parametrize(
+    ("field", "complaint"),
+    [
+        ("content", "Input should be a valid string"),
+        ("role", "Input should be 'system', 'user' or 'assistant'"),
+    ],
+)
+def test_a_null_role_or_content_in_a_datasets_row_is_refused_as_null(
+    tmp_path: Path, streaming: bool, field: str, complaint: str
+) -> None:
+    """Dropped as a field Arrow filled in, a null role or content was reported as missing ("Field required")."""
     rows: list[list[dict[str, str | None]]] = [
         [dict(m) for m in conversation] for conversation in CONVERSATIONS
     ]
-    rows[0][0]["content"] = None
+    rows[0][0][field] = None
     parquet = tmp_path / "chats.parquet"
     pq.write_table(pa.table({"messages": rows}), parquet)
     source = ChatHubSource(path="parquet", data_files=str(parquet), streaming=streaming)
-    with pytest.raises(
-        ValueError, match=r"(?s)row 0: .*messages\.0\.content\s+Input should be a valid string"
-    ):
+    with pytest.raises(ValueError, match=rf"(?s)row 0: .*messages\.0\.{field}\s+{re.escape(complaint)}"):
         load_conversations(source)
 
 

@@ -336,6 +336,29 @@ def test_a_hub_revision_is_read_and_keys_the_documents(
     assert len(keys | {source_key(HubSource(path="someuser/some-corpus"), "train", FRACTION)}) == 3
 
 
+def test_a_hub_source_without_a_revision_keeps_the_key_it_had_before_revisions() -> None:
+    """A spec naming no revision keys its caches as before ``revision`` existed (a new key encodes the corpus
+    again: hours at scale). The values are source_key's at ecf0f62 (CORPUS_VERSION 4): update them only with
+    CORPUS_VERSION."""
+    assert source_key(HubSource(path="someuser/some-corpus"), "train", 0.1) == (
+        "8dc90932aba9b23cc967f7000ce9211073a765e50c7ce9bffb4c80ec559ae22f"
+    )
+    assert source_key(HubSource(path="someuser/some-corpus", name="x", split="test"), "validation", 0.05) == (
+        "aeb03c9a5733b151784f1307afe256825db29e3d964d7e2ede7148d66da6a139"
+    )
+
+
+def test_an_error_names_the_revision_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("Couldn't reach 'someuser/some-corpus' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(
+        ValueError, match=re.escape("someuser/some-corpus@0123abc, split train: not reachable")
+    ):
+        _all(HubSource(path="someuser/some-corpus", revision="0123abc"))
+
+
 def test_offline_a_revision_is_read_only_from_its_own_cached_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -161,6 +161,32 @@ def test_without_generation_blocks_an_answer_ends_at_its_stop_token(
     assert mask == [bool(m) for m in theirs["assistant_masks"]]
 
 
+@pytest.mark.parametrize(
+    ("eos", "stops", "tail"),
+    [
+        ("<|end|>", (), "<|end|>"),  # the EOS ends the turn: no stop_tokens at all
+        ("<|eos|>", ("<|end|>",), "<|end|>"),  # another stop token ends it
+        ("<|eos|>", ("<|end|>",), "<|end|><|eos|>"),  # both: the turn runs to the LAST one
+        ("<|end|>", (), "<|end|>.<|end|>"),  # one stop twice: to its last occurrence, not its first
+    ],
+)
+def test_an_unmarked_turn_ends_after_its_last_stop_eos_or_stop_token(
+    model_tokenizer: ModelTokenizer, eos: str, stops: tuple[str, ...], tail: str
+) -> None:
+    """Without generation blocks, an assistant turn is trained up to its last stop token, the EOS or one of
+    ``stop_tokens`` (``encode_chat_with_mask``'s docstring), and not the newline the template writes after it."""
+    template = (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '"
+        + tail
+        + "\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    ours = ModelTokenizer(model_tokenizer.tokenizer, eos_token=eos, chat_template=template, stop_tokens=stops)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    ids, mask = ours.encode_chat_with_mask(messages)
+    trained = ours.decode([i for i, m in zip(ids, mask, strict=True) if m], False)
+    assert trained == "Hello" + tail
+
+
 def test_generation_blocks_in_a_macro_mark_the_answers(model_tokenizer: ModelTokenizer) -> None:
     """A macro's output is buffered, so where its generation block lands is not the length written so far:
     taken as it was recorded (as transformers takes it), the mask trained the role markers, not the answers."""

@@ -2,7 +2,6 @@
 seeds, stopping, streaming) against plain runs of the same loop."""
 
 import math
-from fractions import Fraction
 from functools import cache
 
 import pytest
@@ -88,27 +87,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p(device: torch.device, logits: l
     torch.testing.assert_close(filtered[0, sorted(kept)], torch.tensor(logits, device=device)[sorted(kept)])
 
 
-@settings(max_examples=10, deadline=None)
-@given(seed=strategies.seeds, p=st.floats(0.9, 0.9999))
-def test_top_p_at_a_real_vocabulary_keeps_exactly_the_nucleus(
-    device: torch.device, seed: int, p: float
-) -> None:
-    """Over 49,152 tokens (SmolLM2's vocabulary), many tied: the nucleus from exact sums of the probabilities
-    the float32 logits give. Summed in float32 from the most likely down, hundreds of its last tokens went."""
-    generator = torch.Generator().manual_seed(seed)
-    logits = torch.randint(1, 1000, (49152,), generator=generator).double().log().float()
-    probs = [Fraction(math.exp(x)) for x in logits.double().tolist()]
-    total, before, expected = sum(probs), Fraction(0), set()
-    for i in sorted(range(len(probs)), key=lambda i: (-probs[i], i)):
-        if before >= Fraction(p) * total:
-            break
-        expected.add(i)
-        before += probs[i]
-    assume(
-        abs(before / total - Fraction(p)) > Fraction(1, 10**9)
-    )  # no running mass at p within float64's reach
-    kept = torch.isfinite(top_p_filter(logits[None].to(device), p))[0].nonzero()[:, 0].tolist()
-    assert set(kept) == expected
+@pytest.mark.parametrize("k", [24576, 40000, 49000])
+def test_top_p_over_a_uniform_vocabulary_keeps_the_nucleus_to_the_token(device: torch.device, k: int) -> None:
+    """49,152 equal logits: the mass before the token ranked i is exactly i / 49152, so p a hair (2e-8) above
+    k / 49152 keeps exactly k + 1 tokens, the first k + 1 ids (ties by id). In float32 the running mass is off
+    by ~1e-7 there and one token went, even on the CPU (whose cumsum accumulates float32 in float64)."""
+    n = 49152
+    kept = torch.isfinite(top_p_filter(torch.zeros(1, n, device=device), (k + 1e-3) / n))[0]
+    assert kept.nonzero()[:, 0].tolist() == list(range(k + 1))
 
 
 @given(logits=logit_rows, k=st.integers(1, 30))

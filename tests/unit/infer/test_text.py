@@ -1,16 +1,22 @@
 """Streamed text: the pieces add up to the decoding of all tokens, whatever the tokenizer splits characters into,
 and ``complete`` is ``generate`` decoded, stopping where it stops."""
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import pytest
 import tokenizers
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import EOS, Tokenizer
+from zmaj.infer import chat as infer_chat
+from zmaj.infer import text as infer_text
 from zmaj.infer.cache import init_cache
-from zmaj.infer.generate import Sampling, generate
+from zmaj.infer.generate import GREEDY, Emitted, Sampling, generate
 from zmaj.infer.text import REPLACEMENT, byte_tokens, complete, detokenize, held_tokens
 from zmaj.models import llama
 
@@ -130,3 +136,38 @@ def test_complete_stops_at_a_stop_token_and_hides_it() -> None:
     text = "".join(complete(llama.cached(CONFIG), params, cache, PROMPT, TOKENIZER, 16))
     assert text == TOKENIZER.decode(stopped[:-1], skip_special_tokens=False)
     assert EOS not in text
+
+
+def scripted(ids: list[int]) -> Callable[..., Iterator[Emitted]]:
+    """A ``zmaj.infer.generate.stream`` that emits ``ids`` whatever the model."""
+
+    def fake(step: Any, params: Any, cache: Any, *args: Any, **kwargs: Any) -> Iterator[Emitted]:
+        for token in ids:
+            yield Emitted(torch.tensor([token]), torch.tensor([True]), cache)
+
+    return fake
+
+
+def test_complete_and_reply_stream_a_special_token_between_bytes_as_one_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both callers of ``detokenize`` hold what ``held_tokens`` names (a byte token, then a special token, then a
+    byte): the pieces add up to the whole decoding, not to a "j" that decoding all takes back."""
+    special, a = GEMMA_LIKE.token_id("<extra>"), GEMMA_LIKE.token_id("a")
+    assert special is not None
+    assert a is not None
+    ids = [1 + 0x6A, special, 1 + 0x93, a]
+    expected = GEMMA_LIKE.decode(ids)
+    assert expected == REPLACEMENT * 2 + "a"
+    monkeypatch.setattr(infer_text, "stream", scripted(ids))
+    monkeypatch.setattr(infer_chat, "stream", scripted(ids))
+    assert (
+        "".join(complete(llama.cached(CONFIG), PARAMS, init_cache(CONFIG, 1, 8), [0], GEMMA_LIKE, len(ids)))
+        == expected
+    )
+    shown: list[str] = []
+    context = infer_chat.empty_context(CONFIG, torch.float32, "cpu")
+    answer, _ = infer_chat.reply(
+        llama.cached(CONFIG), PARAMS, context, [0], GEMMA_LIKE, len(ids), GREEDY, 0, shown.append
+    )
+    assert "".join(shown) == answer == expected

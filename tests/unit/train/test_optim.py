@@ -11,6 +11,7 @@ from tensordict import TensorDict
 
 from zmaj.models import gpt
 from zmaj.train import optim, step
+from zmaj.train.muon import MuonConfig
 
 CONFIG = gpt.GPTConfig(vocab_size=40, context=16, d_model=16, n_layers=2, n_heads=2)
 
@@ -158,3 +159,27 @@ def test_schedule_warning_names_a_missed_peak_or_a_jump(
         kind != "wsd" or steepest <= 0.9 / optim.decay_steps(steps, 0.4) + 1e-9
     )  # 0.9: down to the default 0.1
     assert (optim.schedule_warning(steps, schedule) is not None) == warned == (not (peaked and smooth))
+
+
+@pytest.mark.parametrize("muon", [False, True])
+def test_a_pure_update_leaves_its_inputs_as_they_were(muon: bool) -> None:
+    """Without ``donate`` the parameters, the optimizer state and the gradients are the caller's still: only a
+    donated update may write into them (the denominator goes into a donated gradient, not into a kept one). No
+    clipping: a clip makes new gradients."""
+    params = gpt.init(CONFIG, seed=0)
+    optimizer = (
+        MuonConfig(kind="muon", ns_dtype="float32", grad_clip=None)
+        if muon
+        else optim.AdamWConfig(lr=1e-2, weight_decay=0.1, grad_clip=None)
+    )
+    state = step.init_state(params, optimizer)
+    generator = torch.Generator().manual_seed(0)
+    grads = params.apply(lambda t: torch.randn(t.shape, generator=generator))
+    assert grads is not None
+    state, _ = step.apply_grads(
+        state, grads.clone(), optimizer, 1e-2, optim.decay_mask(params)
+    )  # moments != 0
+    state_before, grads_before = state.clone(), grads.clone()
+    step.apply_grads(state, grads, optimizer, 1e-2, optim.decay_mask(params))
+    assert (state == state_before).all()
+    assert (grads == grads_before).all()
