@@ -1,4 +1,6 @@
-"""Hypothesis strategies shared by the mask, attention and data tests."""
+"""Hypothesis strategies shared by the mask, attention and data tests, and the modern GPT block's options."""
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -6,6 +8,17 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from zmaj.data.tokens import TokenFile
+
+MODERN_BLOCK: dict[str, Any] = {
+    "positions": "rope",
+    "norm": "rmsnorm",
+    "activation": "relu2",
+    "qk_norm": True,
+    "tie_embeddings": False,
+    "unet_skips": True,
+}
+"""The speedrun block's options (README "A modern block"), which a test's GPT config adds its sizes and the
+options it also tests (soft-cap, value embeddings, biases) to."""
 
 
 @st.composite

@@ -11,6 +11,7 @@ from types import ModuleType
 import torch
 from tensordict import TensorDict
 
+from tests.strategies import MODERN_BLOCK
 from tests.unit.models.test_gemma3 import TINY as TINY_GEMMA3
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.common import Batch
@@ -40,15 +41,10 @@ MODELS: dict[str, tuple[ModuleType, gpt.GPTConfig | llama.LlamaConfig | gemma3.G
             d_model=32,
             n_layers=4,
             n_heads=2,
-            positions="rope",
-            norm="rmsnorm",
-            activation="relu2",
-            qk_norm=True,
             bias=False,
-            tie_embeddings=False,
             logit_softcap=30.0,
             value_embeds=1,
-            unet_skips=True,
+            **MODERN_BLOCK,
         ),
     ),
 }

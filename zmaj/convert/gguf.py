@@ -596,12 +596,15 @@ def _turn_end(file: GGUFFile, name: str) -> int | None:
     bad id is ignored with a warning, as llama.cpp does: the file loads as it did before zmaj read these keys."""
     key = f"tokenizer.ggml.{name}_token_id"
     token_id = file.metadata.get(key)
-    if token_id is None or (
-        isinstance(token_id, int) and not isinstance(token_id, bool) and 0 <= token_id < _vocab_size(file)
-    ):
+    if token_id is None or _is_token_id(token_id, _vocab_size(file)):
         return token_id
     logger.warning(f"GGUF metadata of {file.path}: {key} is {token_id!r}, not a token id; ignored")
     return None
+
+
+def _is_token_id(value: object, n_tokens: int) -> bool:
+    """Whether a metadata value is one of the vocabulary's ids (a bool is a GGUF type of its own, no id)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n_tokens
 
 
 def _check_tokenizer(file: GGUFFile) -> None:
@@ -611,9 +614,7 @@ def _check_tokenizer(file: GGUFFile) -> None:
     for name in ("bos", "eos", "unknown", "padding"):
         key = f"tokenizer.ggml.{name}_token_id"
         token_id = file.metadata.get(key)
-        if token_id is not None and (
-            isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < n_tokens
-        ):
+        if token_id is not None and not _is_token_id(token_id, n_tokens):
             raise ValueError(
                 f"GGUF metadata of {file.path}: {key} is {token_id!r}, not one of its {n_tokens} token ids"
             )

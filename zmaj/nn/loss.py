@@ -251,9 +251,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
         chunk: int,
         cap: float | None,
     ) -> Float[Tensor, " tokens"]:
-        with torch.autocast(
-            hidden.device.type, enabled=False
-        ):  # the caller cast; everything here is explicit
+        # The caller cast; everything here is explicit.
+        with torch.autocast(hidden.device.type, enabled=False):
             starts = range(0, hidden.shape[0], chunk)
             return torch.cat([_chunk(hidden, weight, targets, i, chunk, cap, temperature)[0] for i in starts])
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import strategies
+from tests.strategies import MODERN_BLOCK
 from zmaj.infer.cache import capacity, init_cache, prefix
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.common import Batch, cache_mask, cache_step
@@ -50,19 +51,7 @@ MODELS: dict[str, tuple[ModuleType, Config]] = {
     "gpt-flex": (gpt, GPT_TINY.model_copy(update={"attention": "flex", "tie_embeddings": False})),
     "gpt-modern": (
         gpt,
-        GPT_TINY.model_copy(
-            update={
-                "n_layers": 3,
-                "positions": "rope",
-                "norm": "rmsnorm",
-                "activation": "relu2",
-                "qk_norm": True,
-                "tie_embeddings": False,
-                "logit_softcap": 2.0,
-                "value_embeds": 1,
-                "unet_skips": True,
-            }
-        ),
+        GPT_TINY.model_copy(update={**MODERN_BLOCK, "n_layers": 3, "logit_softcap": 2.0, "value_embeds": 1}),
     ),
     "llama-gqa": (llama, LLAMA_TINY),
     "llama-gqa-eager": (llama, LLAMA_TINY.model_copy(update={"attention": "eager"})),

@@ -7,26 +7,14 @@ from typing import Any
 import pytest
 import torch
 
+from tests.strategies import MODERN_BLOCK
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer import sample as sample_module
 from zmaj.infer.sample import continuation, continue_texts, sample
 from zmaj.models import gpt
 
 PLAIN = gpt.GPTConfig(vocab_size=64, context=24, d_model=32, n_layers=2, n_heads=4, init_std=0.2)
-MODERN = gpt.GPTConfig(
-    **{
-        **PLAIN.model_dump(),
-        "positions": "rope",
-        "norm": "rmsnorm",
-        "activation": "relu2",
-        "qk_norm": True,
-        "bias": False,
-        "tie_embeddings": False,
-        "logit_softcap": 30.0,
-        "value_embeds": 1,
-        "unet_skips": True,
-    }
-)
+MODERN = PLAIN.model_copy(update={**MODERN_BLOCK, "bias": False, "logit_softcap": 30.0, "value_embeds": 1})
 
 
 def recomputed(params: Any, config: gpt.GPTConfig, prompt: list[int], new: int, **kwargs: Any) -> list[int]:

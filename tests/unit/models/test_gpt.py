@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
+from tests.strategies import MODERN_BLOCK
 from zmaj.models import gpt
 from zmaj.models.common import Batch
 from zmaj.nn.attention import Backend
@@ -162,17 +163,12 @@ def test_configs_without_the_new_options_compute_what_they_did(
 
 MODERN = TINY.model_copy(
     update={
+        **MODERN_BLOCK,
         "n_layers": 4,
-        "positions": "rope",
-        "norm": "rmsnorm",
-        "activation": "relu2",
-        "qk_norm": True,
         "bias": False,
-        "tie_embeddings": False,
         "unembed_init": "zero",
         "logit_softcap": 3.0,
         "value_embeds": 2,
-        "unet_skips": True,
     }
 )
 
