@@ -89,7 +89,9 @@ def train(run: Run[GRPOSpec], begin: Start, params: TensorDict, reference: Tenso
 
     def step(state: TensorDict, prompts: Prompts, /, *, lr: float) -> tuple[TensorDict, Metrics]:
         scored: list[Reward] = []
-        reward = task_reward(task, tokenizer, prompts.problems, f"step {prompts.index + 1}", scored)
+        reward = task_reward(
+            task, tokenizer, prompts.problems, f"step {prompts.index + 1}", scored, config.stop_tokens
+        )
         where = f"step {prompts.index + 1}: grpo"
         finetune.fits_context(
             prompts.longest, config.max_new_tokens, begin.model.config.context, where, runs.RunFailedError

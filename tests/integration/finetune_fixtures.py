@@ -40,7 +40,7 @@ class ToyTask(Task):
 class AlwaysRight(ToyTask):
     name: ClassVar[str] = "always-right"
 
-    def reward(self, problem: Problem, completion: str) -> Reward:
+    def reward(self, problem: Problem, completion: str, *, stopped: bool = True) -> Reward:
         return Reward(format=1.0, correctness=1.0)
 
 
@@ -49,7 +49,7 @@ class RightWithoutFormat(ToyTask):
 
     name: ClassVar[str] = "right-without-format"
 
-    def reward(self, problem: Problem, completion: str) -> Reward:
+    def reward(self, problem: Problem, completion: str, *, stopped: bool = True) -> Reward:
         return Reward(format=0.0, correctness=1.0)
 
 
@@ -58,28 +58,28 @@ class FormatOnly(ToyTask):
 
     name: ClassVar[str] = "format-only"
 
-    def reward(self, problem: Problem, completion: str) -> Reward:
+    def reward(self, problem: Problem, completion: str, *, stopped: bool = True) -> Reward:
         return Reward(format=1.0, correctness=0.0)
 
 
 class SayE(ToyTask):
     name: ClassVar[str] = "say-e"
 
-    def reward(self, problem: Problem, completion: str) -> Reward:
+    def reward(self, problem: Problem, completion: str, *, stopped: bool = True) -> Reward:
         return Reward(format=0.0, correctness=completion.count("e") / max(len(completion), 1))
 
 
 class RewardRaises(ToyTask):
     name: ClassVar[str] = "reward-raises"
 
-    def reward(self, problem: Problem, completion: str) -> Reward:
+    def reward(self, problem: Problem, completion: str, *, stopped: bool = True) -> Reward:
         raise ZeroDivisionError("the checker broke")
 
 
 class RewardNaN(ToyTask):
     name: ClassVar[str] = "reward-nan"
 
-    def reward(self, problem: Problem, completion: str) -> Reward:
+    def reward(self, problem: Problem, completion: str, *, stopped: bool = True) -> Reward:
         return Reward(format=0.0, correctness=math.nan)
 
 
@@ -88,7 +88,7 @@ class RaisesOnRank1(ToyTask):
 
     name: ClassVar[str] = "raises-on-rank-1"
 
-    def reward(self, problem: Problem, completion: str) -> Reward:
+    def reward(self, problem: Problem, completion: str, *, stopped: bool = True) -> Reward:
         if os.environ.get("RANK") == "1":
             raise ZeroDivisionError("the checker broke on rank 1")
         return Reward(format=0.0, correctness=completion.count("e") / max(len(completion), 1))

@@ -66,6 +66,12 @@ def final_answer(completion: str) -> str | None:
     return match["value"] if match else None
 
 
+def finished_lines(completion: str, stopped: bool) -> str:
+    """The lines a completion finished: all of it if generation stopped by itself (a stop token, or few-shot
+    the blank line), else up to its last line break, since the token limit can cut a line anywhere."""
+    return completion if stopped else completion[: completion.rfind("\n") + 1]
+
+
 def in_test_split(task_name: str, prompt: str, fraction: float) -> bool:
     """Whether a question is held out: the first 8 bytes of sha256(task name, question) as a number in [0, 1)."""
     digest = hashlib.sha256(f"{task_name}\n{prompt}".encode()).digest()
@@ -127,9 +133,13 @@ class Task(BaseModel, ABC):
         shots = "".join(f"Question: {p.prompt}\n{p.solution}{FEW_SHOT_STOP}" for p in examples)
         return f"{shots}Question: {problem.prompt}\n"
 
-    def reward(self, problem: Problem, completion: str) -> Reward:
-        """Format: the last line is ``Answer: <value>``; correctness: that value is right (needs the format)."""
-        value = final_answer(completion)
+    def reward(self, problem: Problem, completion: str, *, stopped: bool = True) -> Reward:
+        """Format: the last line is ``Answer: <value>``; correctness: that value is right (needs the format).
+
+        ``stopped`` is False for a completion that ran into the token limit: its last line is unfinished
+        (``finished_lines``), so a cut "Answer: 120" earns nothing rather than passing as 12.
+        """
+        value = final_answer(finished_lines(completion, stopped))
         if value is None:
             return Reward(format=0.0, correctness=0.0)
         return Reward(format=1.0, correctness=float(self.is_correct(problem, value)))

@@ -1,27 +1,42 @@
 """Scoring completions with a reward function, and how much an accuracy measured on n problems can be trusted."""
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from statistics import NormalDist
+from typing import Protocol, runtime_checkable
 
 from zmaj.tasks.base import Problem, Reward
 
-RewardFn = Callable[[Problem, str], Reward]
+
+@runtime_checkable  # beartype checks the hint (only that it is callable)
+class RewardFn(Protocol):
+    """``Task.reward``'s signature: ``stopped`` is False for a completion that ran into the token limit."""
+
+    def __call__(self, problem: Problem, completion: str, *, stopped: bool = True) -> Reward: ...
 
 
-def score(reward: RewardFn, problems: Sequence[Problem], completions: Sequence[str]) -> list[Reward]:
-    """``reward(problem, completion)`` for each pair; a checker that raises or returns non-finite values fails
-    naming the sample, since in the middle of an RL run "NaN" alone says nothing about which problem broke it.
+def score(
+    reward: RewardFn,
+    problems: Sequence[Problem],
+    completions: Sequence[str],
+    stopped: Sequence[bool] | None = None,
+) -> list[Reward]:
+    """``reward(problem, completion, stopped=...)`` for each sample (``stopped`` None: every completion ended
+    by itself); a checker that raises or returns non-finite values fails naming the sample, since in the middle
+    of an RL run "NaN" alone says nothing about which problem broke it.
 
     Built-in tasks pass ``task.reward``; any function of the same signature works.
     """
-    if len(problems) != len(completions):
-        raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+    stopped = [True] * len(completions) if stopped is None else stopped
+    if not len(problems) == len(completions) == len(stopped):
+        raise ValueError(
+            f"{len(problems)} problems but {len(completions)} completions ({len(stopped)} stopped)"
+        )
     rewards = []
-    for index, (problem, completion) in enumerate(zip(problems, completions, strict=True)):
+    for index, (problem, completion, ended) in enumerate(zip(problems, completions, stopped, strict=True)):
         sample = f"sample {index} (prompt {problem.prompt!r})"
         try:
-            result = reward(problem, completion)
+            result = reward(problem, completion, stopped=ended)
         except Exception as error:
             raise RuntimeError(f"the reward function failed on {sample}: {error!r}") from error
         if not isinstance(result, Reward):

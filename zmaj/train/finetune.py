@@ -684,6 +684,13 @@ def completion_text(tokenizer: ModelTokenizer, ids: Sequence[int], few_shot: boo
     return text.split(FEW_SHOT_STOP)[0] if few_shot else text
 
 
+def stopped_by_itself(tokenizer: ModelTokenizer, ids: Sequence[int], few_shot: bool) -> bool:
+    """Whether an answer ended at a stop token (few-shot, also at the blank line) rather than at the token
+    limit, which may have cut its last line (``Task.reward``'s ``stopped``)."""
+    at_stop_token = bool(ids) and ids[-1] in tokenizer.stop_ids
+    return at_stop_token or (few_shot and FEW_SHOT_STOP in tokenizer.decode(ids))
+
+
 @dataclass(frozen=True)
 class TaskScore:
     """Accuracy with its 95% Wilson interval, the share of well-formed answers, and the mean answer length."""
@@ -721,7 +728,8 @@ def evaluate_task(
         model, prompts, max_new_tokens, batch_size, few_shot=few_shot is not None, what=what
     )
     texts = [completion_text(model.tokenizer, ids, few_shot is not None) for ids in answers]
-    rewards = score(task.reward, problems, texts)
+    stopped = [stopped_by_itself(model.tokenizer, ids, few_shot is not None) for ids in answers]
+    rewards = score(task.reward, problems, texts, stopped)
     correct = sum(r.correctness == 1.0 for r in rewards)
     accuracy, low, high = accuracy_interval(correct, len(problems))
     return TaskScore(

@@ -25,7 +25,7 @@ what fills memory. The loss is a sum over tokens divided by the whole rollout's 
 gradients add up to exactly the full batch's.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -58,13 +58,16 @@ def task_reward(
     problems: Sequence[tasks.Problem],
     where: str,
     scored: list[tasks.Reward],
+    stop_tokens: Collection[int],
 ) -> Reward:
     """A task's checker as ``sample_rollout``'s reward: its total on the decoded answer, each result also kept
-    in ``scored``; a checker that raises or returns a non-finite score stops the run, naming the sample."""
+    in ``scored``; a checker that raises or returns a non-finite score stops the run, naming the sample. An
+    answer that ends at none of ``stop_tokens`` ran into ``max_new_tokens`` (``Task.reward``'s ``stopped``)."""
 
     def reward(index: int, completion: list[int]) -> float:
+        stopped = bool(completion) and completion[-1] in stop_tokens
         try:
-            (result,) = tasks.score(task.reward, [problems[index]], [tokenizer.decode(completion)])
+            (result,) = tasks.score(task.reward, [problems[index]], [tokenizer.decode(completion)], [stopped])
         except (RuntimeError, TypeError, ValueError) as error:
             sample = f"{where}, completion {len(scored)} (of prompt {index} in the rollout)"
             raise TaskRewardError(f"{sample}: {error}") from error

@@ -105,7 +105,10 @@ def on_policy_pairs(source: PairsFromTask, begin: Start) -> list[Pair]:
         begin.model, rows, source.max_new_tokens, source.batch_size, source.sampling, source.seed, what=what
     )
     rewards = score(
-        task.reward, [p for p in problems for _ in range(source.k)], [tokenizer.decode(a) for a in answers]
+        task.reward,
+        [p for p in problems for _ in range(source.k)],
+        [tokenizer.decode(a) for a in answers],
+        [finetune.stopped_by_itself(tokenizer, a, few_shot=False) for a in answers],
     )
     pairs = []
     for index, prompt in enumerate(prompts):

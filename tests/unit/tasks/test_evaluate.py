@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zmaj.tasks import ArithmeticTask, Problem, Reward, accuracy_interval, score
+from zmaj.tasks import ArithmeticTask, Problem, Reward, accuracy_interval, finished_lines, score
 
 
 def test_score_applies_the_reward_to_each_sample() -> None:
@@ -19,12 +19,44 @@ def test_score_applies_the_reward_to_each_sample() -> None:
     ]
     with pytest.raises(ValueError, match="3 problems but 2 completions"):
         score(task.reward, problems, completions[:2])
+    with pytest.raises(ValueError, match=r"3 problems but 3 completions \(2 stopped\)"):
+        score(task.reward, problems, completions, [True, True])
+
+
+def test_a_completion_cut_by_the_token_limit_is_read_without_its_unfinished_line() -> None:
+    """The limit can cut "Answer: 120" to "Answer: 12", which must not pass; a stopped one is read whole."""
+    task = ArithmeticTask()
+    problem = next(p for p in task.problems("test", 50) if len(p.answer) > 1)
+    worked = problem.solution.rsplit("\n", 1)[0]
+    right, cut = problem.solution, f"{worked}\nAnswer: {problem.answer[:-1]}"
+    assert score(task.reward, [problem] * 3, [right, right, cut]) == [Reward(1.0, 1.0)] * 2 + [
+        Reward(1.0, 0.0)
+    ]
+    assert score(task.reward, [problem] * 3, [right, cut, cut], [True, False, False]) == [
+        Reward(1.0, 1.0),
+        Reward(0.0, 0.0),
+        Reward(0.0, 0.0),
+    ]
+    assert score(task.reward, [problem], [right + "\n"], [False]) == [Reward(1.0, 1.0)]  # its line finished
+
+
+@given(st.text(alphabet="ab\n ", max_size=20), st.booleans())
+def test_finished_lines_are_all_of_a_stopped_completion_and_the_whole_lines_of_a_cut_one(
+    text: str, stopped: bool
+) -> None:
+    kept = finished_lines(text, stopped)
+    if stopped:
+        assert kept == text
+    else:
+        assert text.startswith(kept)
+        assert kept == "" or kept.endswith("\n")
+        assert "\n" not in text[len(kept) :]
 
 
 def test_score_names_the_sample_a_user_reward_fails_on() -> None:
     problems = ArithmeticTask().problems("test", 3)
 
-    def fragile(problem: Problem, completion: str) -> Reward:
+    def fragile(problem: Problem, completion: str, *, stopped: bool = True) -> Reward:
         return Reward(1.0, 1 / (len(completion) - 3))
 
     with pytest.raises(RuntimeError, match=r"sample 1 \(prompt 'What is .*\?'\)") as caught:
@@ -33,7 +65,7 @@ def test_score_names_the_sample_a_user_reward_fails_on() -> None:
 
     for bad in (math.nan, math.inf):
 
-        def broken(problem: Problem, completion: str, bad: float = bad) -> Reward:
+        def broken(problem: Problem, completion: str, *, stopped: bool = True, bad: float = bad) -> Reward:
             return Reward(1.0, bad if completion == "x" else 0.0)
 
         with pytest.raises(
@@ -41,7 +73,7 @@ def test_score_names_the_sample_a_user_reward_fails_on() -> None:
         ):
             score(broken, problems, ["a", "b", "x"])
     with pytest.raises(TypeError, match=r"returned 1\.0, not a Reward, for sample 0"):
-        score(lambda p, c: 1.0, problems, ["a", "b", "c"])  # type: ignore[arg-type, return-value]
+        score(lambda p, c, stopped=True: 1.0, problems, ["a", "b", "c"])  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -99,4 +131,4 @@ def test_a_non_finite_format_reward_is_refused_too(bad: float) -> None:
     does (only correctness was tested)."""
     problems = ArithmeticTask().problems("test", 2)
     with pytest.raises(ValueError, match=r"non-finite .* for sample 1"):
-        score(lambda p, c: Reward(bad if c == "x" else 1.0, 0.0), problems, ["a", "x"])
+        score(lambda p, c, stopped=True: Reward(bad if c == "x" else 1.0, 0.0), problems, ["a", "x"])

@@ -222,25 +222,33 @@ def test_on_policy_pairs_prefer_the_right_answer_to_the_wrong_one(monkeypatch: p
         CONFIG.model_copy(update={"vocab_size": tokenizer.vocab_size}), TensorDict(), tokenizer
     )
     source = finetune.PairsFromTask(
-        task=finetune.RLTask(name="arithmetic"), n_prompts=3, k=3, max_new_tokens=8, seed=5
+        task=finetune.RLTask(name="arithmetic"), n_prompts=4, k=3, max_new_tokens=8, seed=5
     )
-    problems = get_task("arithmetic").problems("train", 3, 5)
-    # Problem 0: right, wrong, wrong; problem 1: wrong, wrong, right; problem 2: all right (no pair).
-    right = [[True, False, False], [False, False, True], [True, True, True]]
+    problems = get_task("arithmetic").problems("train", 4, 5)
+    # Problem 0: right, wrong, wrong; problem 1: wrong, wrong, right; problem 2: all right (no pair); problem 3:
+    # all right, but the second answer ran into the token limit (no stop token), so its line is unfinished.
+    right = [[True, False, False], [False, False, True], [True, True, True], [True, True, True]]
     answers = {
         (i, j): f"Answer: {p.answer if ok else int(p.answer) + 1}"
         for i, p in enumerate(problems)
         for j, ok in enumerate(right[i])
     }
+    (stop, *_) = tokenizer.stop_ids
 
     def sampler(_: Pretrained, rows: list[list[int]], *args: object, **kwargs: object) -> list[list[int]]:
-        assert len(rows) == 9  # k rows per prompt, prompt-major
-        return [tokenizer.encode(answers[row // 3, row % 3]) for row in range(9)]
+        assert len(rows) == 12  # k rows per prompt, prompt-major
+        ids = [tokenizer.encode(answers[row // 3, row % 3]) for row in range(12)]
+        return [answer if row == 10 else [*answer, stop] for row, answer in enumerate(ids)]
 
     monkeypatch.setattr(finetune, "sample_answers", sampler)
     found = on_policy_pairs(source, finetune.Start(model, "stand-in"))
     decoded = [(tokenizer.decode(pair.chosen), tokenizer.decode(pair.rejected)) for pair in found]
-    assert decoded == [(answers[0, 0], answers[0, 1]), (answers[1, 2], answers[1, 0])]
+    expected = [
+        (answers[0, 0], answers[0, 1]),
+        (answers[1, 2], answers[1, 0]),
+        (answers[3, 0], answers[3, 1]),
+    ]
+    assert decoded == expected
 
 
 def test_a_preference_batch_is_the_chosen_rows_then_the_rejected_rows() -> None:

@@ -140,6 +140,31 @@ def test_batched_answers_equal_one_at_a_time() -> None:
     assert together == alone
 
 
+def test_evaluate_task_reads_an_answer_cut_by_the_token_limit_without_its_last_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same right answer twice, once ended by a stop token and once by the limit, which may have cut it."""
+    task = get_task("arithmetic", digits=1)
+    problems = task.problems("test", 2)
+    (stop, *_) = TOKENIZER.stop_ids
+    answers = [TOKENIZER.encode(f"Answer: {p.answer}", add_special_tokens=False) for p in problems]
+    monkeypatch.setattr(finetune, "sample_answers", lambda *args, **kwargs: [answers[0], [*answers[1], stop]])
+    result = finetune.evaluate_task(tiny_model(), task, problems, max_new_tokens=8, batch_size=2)
+    assert (result.accuracy, result.format_rate) == (0.5, 0.5)
+    assert result.completions == tuple(f"Answer: {p.answer}" for p in problems)  # shown whole
+
+
+def test_an_answer_stopped_by_itself_at_a_stop_token_or_few_shot_at_the_blank_line() -> None:
+    (stop, *_) = TOKENIZER.stop_ids
+    line = TOKENIZER.encode("Answer: 2", add_special_tokens=False)
+    blank = TOKENIZER.encode(f"Answer: 2{FEW_SHOT_STOP}", add_special_tokens=False)
+    for few_shot in (False, True):
+        assert finetune.stopped_by_itself(TOKENIZER, [*line, stop], few_shot)
+        assert not finetune.stopped_by_itself(TOKENIZER, line, few_shot)
+        assert not finetune.stopped_by_itself(TOKENIZER, [], few_shot)
+        assert finetune.stopped_by_itself(TOKENIZER, blank, few_shot) == few_shot
+
+
 def test_a_few_shot_completion_is_cut_at_the_blank_line() -> None:
     ids = TOKENIZER.encode(f"1 + 1 = 2\nAnswer: 2{FEW_SHOT_STOP}Question: What", add_special_tokens=False)
     assert finetune.completion_text(TOKENIZER, ids, few_shot=True) == "1 + 1 = 2\nAnswer: 2"

@@ -203,7 +203,7 @@ def test_few_shot_zero_is_plain_text_and_a_system_message_comes_first() -> None:
 class _HalfRight(finetune_fixtures.ToyTask):
     name: ClassVar[str] = "half-right"
 
-    def reward(self, problem: Problem, completion: str) -> Reward:
+    def reward(self, problem: Problem, completion: str, *, stopped: bool = True) -> Reward:
         return Reward(format=1.0, correctness=0.5)
 
 

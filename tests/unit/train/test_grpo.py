@@ -9,8 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tensordict import TensorDictBase
 
+from tests.integration import finetune_fixtures
 from zmaj.infer.generate import Sampling
 from zmaj.models import llama
+from zmaj.tasks import Reward, get_task
 from zmaj.train import grpo, optim, step
 from zmaj.train.logprobs import masked_token_logprobs, token_logprobs
 
@@ -371,3 +373,16 @@ def test_a_rollout_normalises_advantages_with_the_configured_eps() -> None:
     config = GRPO.model_copy(update={"advantage_eps": 0.5, "skip_uniform_groups": False})
     sampled = rollout(llama.init(CONFIG, seed=0), config, seed=3)
     torch.testing.assert_close(sampled.advantages, grpo.group_advantages(sampled.rewards, 0.5).flatten())
+
+
+def test_the_task_reward_reads_an_answer_cut_by_the_token_limit_without_its_last_line() -> None:
+    tokenizer = finetune_fixtures.tokenizer()
+    task = get_task("arithmetic", digits=1)
+    problems = task.problems("train", 1)
+    (stop, *_) = tokenizer.stop_ids
+    ids = tokenizer.encode(f"Answer: {problems[0].answer}", add_special_tokens=False)
+    scored: list[Reward] = []
+    reward = grpo.task_reward(task, tokenizer, problems, "step 1", scored, {stop})
+    assert reward(0, [*ids, stop]) == pytest.approx(1.1)
+    assert reward(0, ids) == 0.0
+    assert scored == [Reward(1.0, 1.0), Reward(0.0, 0.0)]
