@@ -33,7 +33,8 @@ class CountdownTask(Task):
 
     name: ClassVar[str] = "countdown"
     count: int = Field(default=3, ge=2, le=8)
-    max_number: int = Field(default=10, ge=2)
+    max_number: int = Field(default=10, ge=2, le=10**18)
+    """At most 18 digits, as ``arithmetic``'s operands: Python will not write an int past 4,300 digits."""
 
     def generate(self, rng: random.Random) -> Problem:
         while True:  # a target that is one of the numbers would be solved by writing it down

@@ -20,7 +20,8 @@ class WordProblemsTask(Task):
     """Buying, giving away, boxes and fair shares, with numbers up to ``max_number``."""
 
     name: ClassVar[str] = "word_problems"
-    max_number: int = Field(default=20, ge=2)
+    max_number: int = Field(default=20, ge=2, le=10**18)
+    """At most 18 digits, as ``arithmetic``'s operands: Python will not write an int past 4,300 digits."""
 
     def generate(self, rng: random.Random) -> Problem:
         name, friend = rng.sample(NAMES, 2)

@@ -262,6 +262,20 @@ def test_checked_options_are_located_under_options_whatever_the_error(
     assert checked_task("arithmetic", {"digits": 2}) == ArithmeticTask(digits=2)
 
 
+@pytest.mark.parametrize("name", ["countdown", "word_problems"])
+def test_max_number_stops_at_18_digits_and_a_larger_one_is_refused_at_the_spec(name: str) -> None:
+    """A larger bound failed only when a problem was drawn, past 4,300 digits with Python's message."""
+    task = checked_task(name, {"max_number": 10**18})
+    assert all(task.reward(p, p.solution) == Reward(1.0, 1.0) for p in task.problems("train", 20))
+    with pytest.raises(ValidationError) as caught:
+        checked_task(name, {"max_number": 10**18 + 1})
+    ((loc, message),) = [(e["loc"], e["msg"]) for e in caught.value.errors()]
+    assert (loc, message) == (
+        ("options", "max_number"),
+        "Input should be less than or equal to 1000000000000000000",
+    )
+
+
 def test_options_a_factory_function_does_not_take_are_located_under_options(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
