@@ -10,8 +10,9 @@ context, at most the context - 1), each scoring only the tokens the previous one
 ``{"tokens": predicted tokens, "nll": mean nats per predicted token, "ppl": exp(nll), "bytes": the UTF-8 bytes
 the predicted tokens spell, "bits_per_byte": the summed NLL in bits over those bytes}``: the file's bytes less
 the first token's, which nothing predicts (none where the tokenizer adds a BOS token, which spells nothing).
-``--max-tokens N`` scores only the file's first N tokens, and "bytes" are then those tokens 2..N spell. A file
-that is not UTF-8 text exits with code 2, naming the offset of its first bad byte.
+``--max-tokens N`` scores only the file's first N tokens, and "bytes" are then those tokens 2..N spell (where
+token N + 1 finishes a character, its first bytes and not the rest). A file that is not UTF-8 text exits with
+code 2, naming the offset of its first bad byte.
 """
 
 import argparse
@@ -53,6 +54,7 @@ def main() -> None:
         # What bits per byte are over: the text the scored tokens were read from. Decoding them would drop the
         # text of special tokens (a "<|im_end|>" in the file) and spell a character cut between tokens as U+FFFD.
         text = text[: max(end for _, end in encoding.offsets[: args.max_tokens])]
+    cut_bytes = cut_character_bytes(encoding, text, len(ids))
     if len(ids) < 2:
         fail(f"--text-file {args.text_file}: {len(ids)} tokens, but perplexity needs at least 2")
     logger.info(
@@ -72,7 +74,7 @@ def main() -> None:
     if not math.isfinite(result.nll):  # finite weights (checked as they load) whose activations overflow
         fail("the model's logits are not finite (NaN or infinite): its perplexity is undefined")
     # Over the text the NLL is of: the unpredicted first token's bytes would lower bits per byte for free.
-    n_bytes = len(text.encode("utf-8")) - first_token_bytes(encoding, text)
+    n_bytes = len(text.encode("utf-8")) - first_token_bytes(encoding, text) - cut_bytes
     if n_bytes == 0:  # "the" and an EOS the tokenizer appends: a predicted token, but no text
         fail(
             f"--text-file {args.text_file}: the predicted tokens spell no text, so bits per byte are undefined"
@@ -84,13 +86,29 @@ def main() -> None:
 
 def first_token_bytes(encoding: tokenizers.Encoding, text: str) -> int:
     """The UTF-8 bytes the first token spells: the text up to its end, or, where it is the first bytes of a
-    character the next token ends (its offsets cover the whole character), its own: one for a byte-fallback
-    ``<0xNN>``, one per character of a byte-level token, which writes each byte as one."""
+    character the next token ends (its offsets cover the whole character), its own (``own_bytes``)."""
     (_, end), *rest = encoding.offsets
     if rest and rest[0][0] < end:
-        token = encoding.tokens[0]
-        return 1 if re.fullmatch(r"<0x[0-9A-F]{2}>", token) else len(token)
+        return own_bytes(encoding.tokens[0])
     return len(text[:end].encode("utf-8"))
+
+
+def cut_character_bytes(encoding: tokenizers.Encoding, text: str, n: int) -> int:
+    """The bytes of ``text`` (cut after the first ``n`` tokens' offsets) that those tokens do not spell: where
+    token n + 1 finishes a character they begin, the offsets cover the whole character, but the tokens that
+    hold its first bytes spell only their own (``own_bytes``); 0 where the cut falls between characters."""
+    if n == len(encoding.offsets) or encoding.offsets[n][0] >= encoding.offsets[n - 1][1]:
+        return 0
+    split = encoding.offsets[n][0]  # where the character token n + 1 finishes begins
+    sharing = [i for i in range(n) if encoding.offsets[i][1] > split]
+    start = min(encoding.offsets[i][0] for i in sharing)
+    return len(text[start:].encode("utf-8")) - sum(own_bytes(encoding.tokens[i]) for i in sharing)
+
+
+def own_bytes(token: str) -> int:
+    """The bytes a token that holds part of a character spells: one for a byte-fallback ``<0xNN>``, one per
+    character of a byte-level token, which writes each byte as one."""
+    return 1 if re.fullmatch(r"<0x[0-9A-F]{2}>", token) else len(token)
 
 
 def parse_args() -> argparse.Namespace:

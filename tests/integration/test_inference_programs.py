@@ -575,6 +575,25 @@ def test_perplexity_counts_the_bytes_of_a_character_the_first_token_only_begins(
     assert json.loads(result.stdout)["bytes"] == len(text.encode("utf-8")) - 1
 
 
+@pytest.mark.parametrize("split", ["ж", "🐍"])
+def test_perplexity_of_the_first_tokens_counts_only_the_bytes_of_a_character_they_begin(
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer, tmp_path: Path, split: str
+) -> None:
+    """--max-tokens cuts inside a character (one token per byte here: "ж" is Ð ¶, "🐍" ð Ł Ĳ į): the offsets
+    cover the whole character, but the scored tokens spell only its first bytes. Each byte-level token spells
+    one byte per character of its own text, which counts them independently of the offsets."""
+    _, folder = llama
+    text = "the cat " + split + " sat on the mat"
+    tokens = tokenizer.tokenizer.encode(text).tokens
+    first = tokens.index("Ð" if len(split.encode()) == 2 else "ð")
+    (tmp_path / "text.txt").write_text(text)
+    for n in range(first + 1, first + len(split.encode())):  # after the first byte, up to before the last
+        args = ["--max-tokens", n, "--dtype", "float32"]
+        result = run("perplexity.py", "--model", folder, "--text-file", tmp_path / "text.txt", *args)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["bytes"] == sum(map(len, tokens[1:n]))
+
+
 def test_perplexity_with_a_bos_token_counts_every_byte_of_the_file(
     tokenizer: ModelTokenizer, tmp_path: Path
 ) -> None:
