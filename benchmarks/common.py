@@ -66,31 +66,33 @@ def cpu_features() -> list[str]:
 
 @cache
 def matmul_peak_gflops(dtype: torch.dtype, device: torch.device | str, n: int | None = None) -> float:
-    """Best GFLOP/s of an ``n x n`` matmul over several timings, measured here and now (cached per process).
+    """Best GFLOP/s of square matmuls, measured here and now (cached per process).
 
-    A probe at a small size first estimates the speed, so that a dtype that is emulated (slow) is measured on a
-    matrix small enough to finish in about a second instead of minutes; it is slow either way. ``n`` defaults to
-    2048 on the CPU and 8192 on a GPU, whose matrix units a 2048 product (17 GFLOP, ~20 us on an H100) leaves
-    short of their peak.
+    On a GPU, one size: ``n``, default 8192, whose matrix units a smaller product leaves short of their peak. On
+    the CPU the size doubles from 256 while one product takes under 0.1 s, up to ``n`` (default 4096), and the
+    peak is the best rate of any size: an emulated dtype (slow) stops at a matrix that takes a fraction of a
+    second rather than minutes, and a stall from other work on the machine (milliseconds) cannot stop a fast
+    dtype at a small size, as a rate probed once at 256 could (under load it read 11 GFLOP/s where a 2048 product
+    ran at 52).
     """
     device = torch.device(device)
-    n = n if n is not None else 8192 if device.type == "cuda" else 2048
-    probe = min(n, 256)
-    a = torch.randn(probe, probe, device=device).to(dtype)
-    seconds = min(timeit(lambda: a @ a, warmup=1, repeats=3, device=device))
-    rate = 2 * probe**3 / seconds
-    # Largest size up to n whose matmul takes about 0.3 s at the probed rate (small sizes under-run the peak).
-    n = max(probe, min(n, int((0.3 * rate / 2) ** (1 / 3))))
+    if device.type == "cuda":
+        return square_matmul_gflops(n or 8192, dtype, device)[0]
+    size, rates = 256, []
+    while True:
+        rate, seconds = square_matmul_gflops(size, dtype, device)
+        rates.append(rate)
+        if size >= (n or 4096) or seconds > 0.1:
+            return max(rates)
+        size *= 2
+
+
+def square_matmul_gflops(n: int, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+    """GFLOP/s of the fastest of 5 ``n x n`` products (after one untimed), and its seconds."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    calls = max(1, min(4, int(0.1 / (2 * n**3 / rate))))
-
-    def matmuls() -> None:
-        for _ in range(calls):
-            a @ b
-
-    best = min(timeit(matmuls, warmup=1, repeats=10, device=device))
-    return 2 * n**3 * calls / best / 1e9
+    seconds = min(timeit(lambda: a @ b, warmup=1, repeats=5, device=device))
+    return 2 * n**3 / seconds / 1e9, seconds
 
 
 def bf16_is_fast(device: torch.device | str) -> bool:

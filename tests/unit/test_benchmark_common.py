@@ -64,6 +64,38 @@ def test_timeit_warms_up_before_it_times(common: ModuleType) -> None:
     assert max(times) < 0.025
 
 
+def test_the_matmul_peak_grows_past_stalls_and_stops_small_where_a_dtype_is_emulated(
+    common: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy machine stalls each product by milliseconds: a rate probed once at 256 read 11 GFLOP/s where a
+    2048 product ran at 52, and sized the measurement from it. Stand-in products: 100 GFLOP/s plus a 30 ms
+    stall each (busy), 1 GFLOP/s (emulated), and a GPU that is measured at 8192 alone."""
+    sizes: list[int] = []
+
+    def busy(n: int, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+        sizes.append(n)
+        seconds = 2 * n**3 / 100e9 + (0.03 if device.type == "cpu" else 0.0)
+        return 2 * n**3 / seconds / 1e9, seconds
+
+    monkeypatch.setattr(common, "square_matmul_gflops", busy)
+    peak = common.matmul_peak_gflops.__wrapped__
+    work = 2 * 2048**3 / 100e9  # 0.17 s: past 0.1 s, the last size
+    assert peak(torch.float32, "cpu") == pytest.approx(100 * work / (work + 0.03))  # 85, not 256's 1.1
+    assert sizes == [256, 512, 1024, 2048]
+    sizes.clear()
+    assert peak(torch.float32, "cuda") == pytest.approx(100.0)
+    assert sizes == [8192]
+
+    def emulated(n: int, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+        sizes.append(n)
+        return 1.0, 2 * n**3 / 1e9
+
+    monkeypatch.setattr(common, "square_matmul_gflops", emulated)
+    sizes.clear()
+    assert peak(torch.bfloat16, "cpu") == 1.0
+    assert sizes == [256, 512]  # 0.27 s a product: past 0.1 s, so no 1024 (2.1 s) or 4096 (137 s)
+
+
 @pytest.mark.parametrize(("bf16", "fast"), [(60.0, True), (50.0, True), (40.0, False), (1.0, False)])
 def test_bf16_counts_as_fast_from_half_the_fp32_peak(
     common: ModuleType, monkeypatch: pytest.MonkeyPatch, bf16: float, fast: bool
