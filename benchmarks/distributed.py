@@ -38,7 +38,7 @@ from zmaj.models import gpt
 from zmaj.models.common import Batch
 from zmaj.train import muon, optim, precision
 from zmaj.train.parallel import Parallel, ParallelConfig, tensors
-from zmaj.train.step import bind, init_state, step_functions, train_step
+from zmaj.train.step import bind_lazy, init_state, step_functions, train_step
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {
@@ -73,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
     grad_fn, update_fn = step_functions(compile=False)  # as programs/pretrain.py runs an eager step
     step = partial(
         train_step,
-        forward=parallel.forward(bind(gpt.forward, config=config), dtype),
+        forward=parallel.forward(bind_lazy(gpt.lazy_forward, config=config), dtype),  # the chunked loss
         optimizer=optimizer,
         lr=optimizer.lr,
         decay=optim.decay_mask(state["params"]),
