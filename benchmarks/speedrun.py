@@ -48,6 +48,7 @@ from loguru import logger
 
 from zmaj.specfile import SpecError
 from zmaj.text import read_jsonl
+from zmaj.train import precision
 from zmaj.train.spec import PretrainSpec, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -397,7 +398,7 @@ def main() -> None:
     if args.evals < 1:
         parser.error(f"--evals: at least 1, got {args.evals}")
 
-    header = print_header("cpu")
+    header = print_header(precision.device("auto"))  # where the runs train: their spec's train.device is auto
     out = args.out or Path(tempfile.mkdtemp(prefix="zmaj-speedrun-"))
     out.mkdir(parents=True, exist_ok=True)
     logger.info(f"run folders in {out}")
