@@ -46,7 +46,8 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
@@ -229,8 +230,12 @@ def llama_cpp_decode(llm: Any, prompts: list[list[int]], new: int) -> Timing:
     return prefill, time.perf_counter() - start, [tokens]
 
 
-def llama_cpp_best_of(source: Path, dtype: str, prompts: list[list[int]], new: int, runs: int) -> Timing:
-    """``best_of`` for llama.cpp on ``source`` converted to ``dtype`` (a temporary file of up to 0.55 GB)."""
+@contextmanager
+def llama_cpp_decoder(
+    source: Path, dtype: str, prompts: list[list[int]], new: int
+) -> Iterator[Callable[[], Timing]]:
+    """llama.cpp's decode of ``prompts`` on ``source`` converted to ``dtype`` (a temporary file of up to 0.55 GB),
+    open while the context lasts."""
     import llama_cpp
 
     with tempfile.TemporaryDirectory() as directory:
@@ -242,7 +247,7 @@ def llama_cpp_best_of(source: Path, dtype: str, prompts: list[list[int]], new: i
             verbose=False,
         )
         try:
-            return best_of(runs, partial(llama_cpp_decode, llm, prompts, new))
+            yield partial(llama_cpp_decode, llm, prompts, new)
         finally:
             llm.close()
 
@@ -257,11 +262,17 @@ def same_until_stop(ours: list[list[int]], theirs: list[list[int]], stops: Seque
     return True
 
 
-def best_of(runs: int, fn: Callable[[], Timing]) -> Timing:
-    """The fastest prefill and decode over ``runs`` calls (after one warm-up), and the tokens."""
-    fn()
-    results = [fn() for _ in range(runs)]
-    return min(r[0] for r in results), min(r[1] for r in results), results[0][2]
+def interleaved_best_of(runs: int, stacks: Mapping[str, Callable[[], Timing]]) -> dict[str, Timing]:
+    """Each stack's fastest prefill and decode over ``runs`` calls, and its tokens: one warm-up call each, then
+    the stacks in turn, run after run, so that load which comes and goes on the machine (the read bandwidth
+    measured 34 and 54 GB/s minutes apart here) falls on every stack alike, as same-run ratios assume."""
+    for decode in stacks.values():
+        decode()
+    timings: dict[str, list[Timing]] = {name: [] for name in stacks}
+    for _ in range(runs):
+        for name, decode in stacks.items():
+            timings[name].append(decode())
+    return {name: (min(t[0] for t in ts), min(t[1] for t in ts), ts[0][2]) for name, ts in timings.items()}
 
 
 def main() -> None:
@@ -333,15 +344,17 @@ def main() -> None:
         compiled = compile_step(eager)
         for batch in batches:
             batch_prompts = prompts[:batch]
-            results = {
-                "transformers": best_of(args.runs, partial(hf_decode, hf, batch_prompts, new)),
-                "zmaj eager": best_of(args.runs, partial(zmaj_decode, model, eager, batch_prompts, new)),
-                "zmaj compiled": best_of(
-                    args.runs, partial(zmaj_decode, model, compiled, batch_prompts, new)
-                ),
+            stacks: dict[str, Callable[[], Timing]] = {
+                "transformers": partial(hf_decode, hf, batch_prompts, new),
+                "zmaj eager": partial(zmaj_decode, model, eager, batch_prompts, new),
+                "zmaj compiled": partial(zmaj_decode, model, compiled, batch_prompts, new),
             }
-            if with_llama_cpp and batch == 1:
-                results["llama.cpp"] = llama_cpp_best_of(path, name, batch_prompts, new, args.runs)
+            with ExitStack() as opened:
+                if with_llama_cpp and batch == 1:
+                    stacks["llama.cpp"] = opened.enter_context(
+                        llama_cpp_decoder(path, name, batch_prompts, new)
+                    )
+                results = interleaved_best_of(args.runs, stacks)
             prompt_tokens = sum(map(len, batch_prompts))
             hf_rate = len(results["transformers"][2]) * (new - 1) / results["transformers"][1]
             for stack, (prefill, decode, tokens) in results.items():
