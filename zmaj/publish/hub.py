@@ -42,11 +42,38 @@ def repo_id(text: str) -> str:
     return text
 
 
+HUB_LICENSES = frozenset(
+    """
+apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0
+bigcode-openrail-m afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc
+cc0-1.0 cc-by-2.0 cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0
+cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0
+cdla-sharing-1.0 cdla-permissive-1.0 cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1
+eupl-1.2 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c
+ms-pl apple-ascl apple-amlr mpl-2.0 odc-by odbl openmdw-1.0 openmdw-1.1 openrail++ osl-3.0 postgresql ofl-1.1
+ncsa unlicense zlib pddl lgpl-lr deepfloyd-if-license fair-noncommercial-research-license llama2 llama3
+llama3.1 llama3.2 llama3.3 llama4 grok2-community gemma unknown other
+""".split()  # noqa: SIM905 (82 ids read better as lines of text than one per line)
+)
+"""The license ids a card's metadata may name: the Hub refuses a commit whose card names another ("license"
+must be one of [...]), after the repository was created. From https://huggingface.co/docs/hub/repositories-licenses
+(hub-docs, 2026-08-22); ``other`` for a license not listed."""
+
+
 def license_id(text: str) -> str:
-    """An argparse type: a card's license, which the Hub requires (an SPDX id such as ``mit``)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty: name the license (an SPDX id such as mit)")
+    """An argparse type: a card's license, one of the ids the Hub accepts (``HUB_LICENSES``)."""
+    if text not in HUB_LICENSES:
+        raise argparse.ArgumentTypeError(f"{text!r}: {not_a_hub_license(text)}")
     return text
+
+
+def not_a_hub_license(text: str) -> str:
+    """Why ``text`` cannot be a card's license, in words that say what to write instead."""
+    hint = "" if text.strip() else " (empty)"
+    return (
+        f"not a license id the Hub accepts{hint}, such as apache-2.0, mit, cc-by-4.0, gemma or llama3.2; the list: "
+        "https://huggingface.co/docs/hub/repositories-licenses (other: a license it does not list)"
+    )
 
 
 def upload_files(folder: Path) -> list[tuple[str, int]]:
@@ -68,8 +95,11 @@ def read_card(folder: Path, kind: type[RepoCard] = ModelCard) -> RepoCard:
     except (yaml.YAMLError, ValueError) as error:  # metadata that is not YAML, or not a mapping
         problem = " ".join(str(error).split())
         raise ValueError(f"{path}: the card's metadata cannot be read: {problem}") from None
-    if not card.data.to_dict().get("license"):  # type: ignore[no-untyped-call]
+    license = card.data.to_dict().get("license")  # type: ignore[no-untyped-call]
+    if not license:
         raise ValueError(f"{path}: the card's metadata names no license")
+    if license not in HUB_LICENSES:
+        raise ValueError(f"{path}: the card's license {license!r} is {not_a_hub_license(str(license))}")
     return card
 
 
