@@ -35,8 +35,8 @@ def main() -> None:
     parser.add_argument(
         "--license",
         type=license_id,
-        default="apache-2.0",
-        help="the card's license id (default: %(default)s)",
+        help="the card's license id (default: the model's where zmaj knows it: apache-2.0 for a model "
+        "pre-trained with zmaj, a shipped model's for its fine-tunes; required otherwise)",
     )
     parser.add_argument(
         "--dtype", choices=list(DTYPES), help="cast the floating-point parameters (default: as stored)"

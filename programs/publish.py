@@ -30,6 +30,8 @@ from loguru import logger
 
 from zmaj.convert.load import check_destination, check_replaceable
 from zmaj.extras import MissingExtraError
+from zmaj.fileio import atomic_write_text
+from zmaj.publish.card import with_repo_id
 from zmaj.publish.dataset import DATA_DIR, dataset_card, task_dataset, token_dataset, write_dataset_folder
 from zmaj.publish.hub import (
     CARD_FILE,
@@ -41,6 +43,7 @@ from zmaj.publish.hub import (
     upload_files,
 )
 from zmaj.specfile import key_values, seed_argument
+from zmaj.text import read_text
 from zmaj.train import runs
 from zmaj.train.runs import positive
 
@@ -65,7 +68,12 @@ def parse_args() -> argparse.Namespace:
     group.add_argument("--n-train", type=positive, help=f"task problems in train (default: {N_TRAIN})")
     group.add_argument("--n-test", type=positive, help=f"task problems in test (default: {N_TEST})")
     group.add_argument("--seed", type=seed_argument, help="which task problems (default: 0)")
-    group.add_argument("--license", type=license_id, help=f"the dataset card's license (default: {LICENSE})")
+    group.add_argument(
+        "--license",
+        type=license_id,
+        help=f"the dataset card's license (default for task: datasets, which zmaj writes: {LICENSE}; required "
+        "for tokens:, whose license is the corpus')",
+    )
     group.add_argument(
         "--out", type=Path, help="write the dataset folder here and keep it (default: a temp dir)"
     )
@@ -83,6 +91,8 @@ def parse_args() -> argparse.Namespace:
     if misplaced := [flag for flag, given in unused.items() if given]:
         source = "a model FOLDER" if args.dataset is None else "--dataset tokens:"
         parser.error(f"{', '.join(misplaced)} cannot be used with {source}")
+    if args.dataset is not None and not task and args.license is None:
+        parser.error("--dataset tokens: needs --license: the tokens are the corpus', under its license")
     defaults = {"n_train": N_TRAIN, "n_test": N_TEST, "seed": 0, "license": LICENSE}
     for name, default in defaults.items():
         if getattr(args, name) is None:
@@ -157,9 +167,13 @@ def upload(args: argparse.Namespace, scratch: Path) -> None:
         if args.dataset is None:
             folder, repo_type = args.folder, "model"
             check_model_folder(folder)
+            # The snippet loads the repository the card is published to, not the placeholder (or another id)
+            # that export.py wrote it with.
+            card = with_repo_id(read_text(folder / CARD_FILE), args.repo_id)
         else:
             folder, repo_type = build_dataset(args, args.out or scratch / "dataset"), "dataset"
             check_dataset_folder(folder)
+            card = read_text(folder / CARD_FILE)
     except (OSError, ValueError, MissingExtraError) as error:  # OSError: an --out on a full or read-only disk
         logger.error(str(error).replace("\n", "; "))
         sys.exit(2)
@@ -170,12 +184,19 @@ def upload(args: argparse.Namespace, scratch: Path) -> None:
         print(
             f"{sum(size for _, size in files):>14,}  total, {len(files)} files -> {repo_type} {args.repo_id}"
         )
-        print((folder / CARD_FILE).read_text())
+        print(card)
         return
     token = get_token()
     if token is None:
         logger.error("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
         sys.exit(2)
+    if card != read_text(folder / CARD_FILE):  # the folder's card says what was uploaded, for the next time
+        try:
+            atomic_write_text(folder / CARD_FILE, card)
+        except OSError as error:  # a read-only folder
+            logger.error(f"cannot update {folder / CARD_FILE} to name {args.repo_id}: {error}")
+            sys.exit(2)
+        logger.info(f"{folder / CARD_FILE}: its loading snippet names {args.repo_id} now")
     try:
         url = publish(
             folder,

@@ -34,6 +34,8 @@ from zmaj.models.common import Batch
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs" / "finetune"
 KINDS = {"pretrain": "pretraining", "sft": "sft", "lora": "sft"}
+START_LICENSE = "llama3.2"
+"""The license the fine-tunes' starting model folder's card names, which their cards inherit."""
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +66,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     assert code == 0, err
     model = finetune_fixtures.tiny_model(root / "model")
+    (model / "README.md").write_text(f"---\nlicense: {START_LICENSE}\n---\n")  # as a Hub download's card
     sft: list[str | Path] = [SPECS / "sft-tiny.yaml", "--set", f"model={model}"]
     code, _, err = run("sft.py", *sft, "--run-dir", root / "sft")
     assert code == 0, err
@@ -111,7 +114,7 @@ def test_the_card_parses_and_reports_the_run(exported: tuple[str, Path, Path]) -
     metadata = card.data.to_dict()
     assert metadata_load(folder / "README.md") == metadata
     assert ModelCardData(**metadata).to_dict() == metadata
-    assert metadata["license"] == "apache-2.0"
+    assert metadata["license"] == ("apache-2.0" if kind == "pretrain" else START_LICENSE)
     assert metadata["pipeline_tag"] == "text-generation"
     assert metadata["library_name"] == "transformers"
     assert {"zmaj", KINDS[kind]} <= set(metadata["tags"])
@@ -211,7 +214,7 @@ def test_a_destination_that_cannot_be_renamed_exits_2_and_keeps_what_it_held(
     folder is left beside it."""
     model = finetune_fixtures.tiny_model(tmp_path / "models" / "tiny")
     volume = busy_volume(tmp_path / "volume", monkeypatch)
-    code, _, err = run("export.py", model, volume)
+    code, _, err = run("export.py", model, volume, "--license", "mit")
     assert code == 2, err
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert errors == [f"ERROR | cannot export {model}: [Errno 16] Device or resource busy: '{volume}'"]
@@ -236,7 +239,7 @@ def test_bad_input_exits_2_with_one_line(
         source = save_zmaj(Pretrained(config, gpt.init(config, 0), tokenizer), tmp_path / "rms")
     else:
         source = runs[make] if make in runs else tmp_path / "nothing"
-    code, _, err = run("export.py", source, tmp_path / "out", *extra)
+    code, _, err = run("export.py", source, tmp_path / "out", "--license", "mit", *extra)
     assert code == 2, err
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1, err
@@ -244,10 +247,26 @@ def test_bad_input_exits_2_with_one_line(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_whose_license_zmaj_cannot_know_needs_license(tmp_path: Path) -> None:
+    """A card stamped apache-2.0 on any model, Gemma's fine-tunes and third-party folders among them."""
+    model = finetune_fixtures.tiny_model(tmp_path / "model")  # a folder without a card
+    code, _, err = run("export.py", model, tmp_path / "out")
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert f"the license of {model} is not known to zmaj" in errors[0]
+    assert errors[0].endswith("name it with --license")
+    assert not (tmp_path / "out").exists()
+    code, _, err = run("export.py", model, tmp_path / "out", "--license", "cc-by-4.0")
+    assert code == 0, err
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.to_dict()["license"] == "cc-by-4.0"
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--license", " "], "argument --license: empty"),
+        (["--license", " "], "argument --license: ' ': not a license id the Hub accepts (empty)"),
+        (["--license", "MIT License"], "argument --license: 'MIT License': not a license id the Hub accepts"),
         (["--repo-id", "not a repo!!"], "argument --repo-id: Repo id must"),
         (["--dataset", ""], "argument --dataset: Repo id must"),
     ],

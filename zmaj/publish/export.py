@@ -10,10 +10,11 @@ import re
 from pathlib import Path
 
 import torch
+from loguru import logger
 
 from zmaj.convert.export import DEFAULT_MAX_SHARD_BYTES, write_hf
 from zmaj.convert.load import load_model, staged_folder
-from zmaj.publish.card import model_card, read_run, write_card
+from zmaj.publish.card import known_license, model_card, read_run, write_card
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -33,18 +34,29 @@ def export_model(
     source: str | Path,
     folder: Path,
     *,
-    license: str,
+    license: str | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     repo_id: str | None = None,
     datasets: list[str] | None = None,
 ) -> Path:
     """Write the model at ``source`` (any model PATH; a run gives the fullest card) as a Hugging Face folder
-    with its card. Raises ValueError (nothing written) for a model ``transformers`` cannot compute exactly."""
-    model = load_model(source)
+    with its card. Raises ValueError (nothing written) for a model ``transformers`` cannot compute exactly, or
+    without a ``license`` where zmaj cannot know the model's (``card.known_license``)."""
+    model = load_model(source)  # first: a source that is no model says so, whatever the flags
+    run = read_run(Path(source))
+    known = known_license(source, run)
+    if license is None and known is None:
+        raise ValueError(
+            f"the license of {source} is not known to zmaj (not a zmaj pre-training run, a shipped model, a "
+            "model folder whose card names one, or a fine-tune of one of these): name it with --license"
+        )
+    if license is not None and known is not None and license != known:
+        logger.warning(f"--license {license}, where the model it comes from is under {known}")
+    license = license or known
+    assert license is not None
     if dtype is not None:
         model = model.to(dtype=dtype)  # refused where it overflows
-    run = read_run(Path(source))
     card = model_card(model, run, name=folder.name, license=license, repo_id=repo_id, datasets=datasets)
     with staged_folder(folder) as staging:
         write_hf(model, staging, max_shard_bytes)

