@@ -29,7 +29,8 @@ def main() -> None:
     with runs.bad_input_exits_2():
         finetune.import_modules(args.imports)
         # The run keeps its pairs (pairs.jsonl): a resume may not change what they were made from.
-        spec = finetune.read_spec(DPOSpec, args, (*finetune.FROZEN, "pairs", "max_len", "train.batch_size"))
+        frozen = (*finetune.FROZEN, "pairs", "max_len", "train.batch_size")
+        spec = finetune.read_spec(DPOSpec, args, frozen)
         parallel = runs.join(spec.train)
         spec = finetune.same_day(spec, parallel)
     with runs.bad_input_exits_2(parallel):
@@ -43,7 +44,7 @@ def main() -> None:
             pairs = parallel.from_rank_0(lambda: make_pairs(spec, begin))
         # The pairs are sampled from the whole model; from here on, fully sharded, each rank keeps its share.
         reference, begin = finetune.sharded_reference(begin, parallel)
-        run = runs.open_run(spec, args, parallel, partial(write_run_files, spec, begin, pairs))
+        run = runs.open_run(spec, args, parallel, partial(write_run_files, spec, begin, pairs), frozen=frozen)
     with run:
         logger.info(f"run folder {run.dir}; {len(pairs)} preference pairs")
         train(run, begin, pairs, params, reference)

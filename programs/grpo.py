@@ -33,9 +33,8 @@ def main() -> None:
     with runs.bad_input_exits_2():
         finetune.import_modules(args.imports)
         # Checkpoints count optimizer steps, passes per GRPO step: a resume may not change how many.
-        spec = finetune.read_spec(
-            GRPOSpec, args, (*finetune.FROZEN, "task", "train.prompts_per_step", "train.passes")
-        )
+        frozen = (*finetune.FROZEN, "task", "train.prompts_per_step", "train.passes")
+        spec = finetune.read_spec(GRPOSpec, args, frozen)
         parallel = runs.join(spec.train)
         spec = finetune.same_day(spec, parallel)
     with runs.bad_input_exits_2(parallel):
@@ -49,6 +48,7 @@ def main() -> None:
             parallel,
             partial(finetune.write_run_files, spec, begin),
             data=partial(finetune.task_fingerprints, spec),
+            frozen=frozen,
         )
     # A checker that fails on a sample fails on one rank: that rank says so.
     with run, runs.bad_input_exits_2(errors=(TaskRewardError,), every_rank=True):

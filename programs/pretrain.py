@@ -56,7 +56,7 @@ def main() -> None:
         data = parallel.rank_0_first(lambda: prepare(spec.data, cache_dir, spec.train.seed))
         if args.resume is not None and (args.resume / TOKENIZER_FILE).is_file():
             check_unchanged(args.resume / TOKENIZER_FILE, data.tokenizer)
-        run = runs.open_run(spec, args, parallel, data=data.fingerprints)
+        run = runs.open_run(spec, args, parallel, data=data.fingerprints, frozen=FROZEN)
     with run:
         train(run, data)
 

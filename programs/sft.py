@@ -32,9 +32,8 @@ def main() -> None:
     args = finetune.cli(__doc__).parse_args()
     with runs.bad_input_exits_2():
         finetune.import_modules(args.imports)
-        spec = finetune.read_spec(
-            SFTSpec, args, (*finetune.FROZEN, "data", "max_len", "train.batch_size", "train.grad_accum")
-        )
+        frozen = (*finetune.FROZEN, "data", "max_len", "train.batch_size", "train.grad_accum")
+        spec = finetune.read_spec(SFTSpec, args, frozen)
         parallel = runs.join(spec.train)
         spec = finetune.same_day(spec, parallel)
     with runs.bad_input_exits_2(parallel):
@@ -44,7 +43,7 @@ def main() -> None:
         params, begin = finetune.trainable(spec, begin, parallel, resuming=args.resume is not None)
         write = partial(finetune.write_run_files, spec, begin)
         run = runs.open_run(
-            spec, args, parallel, write, data=lambda: {"data": finetune.fingerprint(examples)}
+            spec, args, parallel, write, data=lambda: {"data": finetune.fingerprint(examples)}, frozen=frozen
         )
     with run:
         logger.info(f"run folder {run.dir}; {len(examples)} conversations")

@@ -343,6 +343,17 @@ def latest(run_dir: Path) -> Path:
     return root / name
 
 
+def newest(run_dir: Path) -> Path:
+    """The checkpoint a reader of the run takes: the one ``latest`` names, or, where there is no ``latest`` (a
+    kill between a first checkpoint's rename and the write of ``latest``), the newest ``step-*`` folder, as a
+    resume would take it (:func:`latest_intact`), with a warning."""
+    root = run_dir / CHECKPOINTS
+    if _pointer(root) is None and (folders := _step_folders(root)):
+        logger.warning(f"{root / LATEST} is missing: reading {folders[0][1]}, the newest checkpoint")
+        return folders[0][1]
+    return latest(run_dir)
+
+
 def check_resumable(run_dir: Path) -> None:
     """Fail early, naming the path, when ``run_dir`` holds no checkpoint at all. Which one to resume from, and
     whether it is intact, :func:`latest_intact` decides later: a run killed between renaming its first
@@ -502,6 +513,35 @@ def load_meta(checkpoint: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise _damaged(path, "unreadable (not a JSON object)")
     return meta
+
+
+def recorded_difference(name: str, then: object, now: object) -> str | None:
+    """The dotted name of the first field where ``then`` (as a checkpoint recorded it) and ``now`` differ,
+    comparing only what ``then`` records (a field added to zmaj since, with the old behaviour as default, is
+    not compared); None when they agree."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        return next(
+            (
+                found
+                for key in then
+                if (found := recorded_difference(f"{name}.{key}", then[key], now.get(key))) is not None
+            ),
+            None,
+        )
+    return None if then == now else name
+
+
+def check_recorded_model(checkpoint: Path, model: dict[str, Any]) -> None:
+    """Refuse a checkpoint of a pre-training run whose record names another model than ``model`` (the config its
+    run's ``spec.yaml`` gives now): shaped alike, its weights would be read as another network, an activation
+    or a rope base edited into ``spec.yaml`` since, or a checkpoint copied in from another run."""
+    spec = load_meta(checkpoint).get("spec")
+    recorded = spec.get("model") if isinstance(spec, dict) else None
+    if isinstance(recorded, dict) and (field := recorded_difference("model", recorded, model)) is not None:
+        raise ValueError(
+            f"{checkpoint} was written with another {field} than the run's spec.yaml says: a checkpoint of "
+            "another run, or a spec.yaml edited since; put the run's own back"
+        )
 
 
 def load_tensors(checkpoint: Path, file: str = PARAMS) -> dict[str, torch.Tensor]:

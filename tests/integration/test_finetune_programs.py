@@ -626,6 +626,25 @@ def test_resume_refuses_each_frozen_field(
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1, err
     assert f"{change.split('=')[0]} differs from the run's; --set cannot change it" in errors[0]
+    # The same change edited into spec.yaml by hand (read_spec compares --set with the file): the checkpoint
+    # records what it was trained with.
+    name, value = change.split("=")
+    edited = yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())
+    *parents, key = name.split(".")
+    section = edited
+    for part in parents:
+        section = section[part]
+    section[key] = yaml.safe_load(value)
+    (tmp_path / "run" / "spec.yaml").write_text(yaml.safe_dump(edited))
+    code, _, err = run(program, "--resume", tmp_path / "run", *FIXTURES)
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    # SFT's data is fingerprinted as well (data.json), which refuses it first.
+    refusal = (
+        "the data differs" if name.startswith("data.") else f"was written with another {name} than the run's"
+    )
+    assert refusal in errors[0]
 
 
 @pytest.mark.parametrize(

@@ -795,7 +795,8 @@ def tiny_run(
     params = gpt.init(config, 0)
     if poison is not None:
         poison(params)
-    checkpoint.save(folder, TensorDict({"params": params, "opt": optim.adamw_init(params)}), {})
+    state = TensorDict({"params": params, "opt": optim.adamw_init(params)})
+    checkpoint.save(folder, state, {"spec": spec.model_dump(mode="json")})  # as the loop records it
     return folder
 
 
@@ -810,6 +811,33 @@ def damaged_run(tmp_path_factory: pytest.TempPathFactory, zmaj_tokenizer: Tokeni
     run = tiny_run(tmp_path_factory.mktemp("damaged-run"), zmaj_tokenizer)
     os.truncate(run / "checkpoints" / "step-0000000" / "params.safetensors", 100)
     return run
+
+
+@pytest.mark.parametrize(
+    ("program", "args"),
+    [
+        ("generate.py", ["--model", "RUN", "--prompt", "hi", "--temperature", "0", "--max-new-tokens", "4"]),
+        ("perplexity.py", ["--model", "RUN", "--text-file", __file__]),
+        ("sample.py", ["RUN", "--prompt", "hi", "--temperature", "0", "--max-new-tokens", "4"]),
+    ],
+)
+def test_a_run_is_read_as_the_model_its_checkpoint_recorded_and_without_latest(
+    zmaj_tokenizer: Tokenizer, tmp_path: Path, program: str, args: list[str]
+) -> None:
+    """A spec.yaml edited since (here the activation) loaded the weights into another network, exit 0; a run
+    killed between its first checkpoint and ``latest`` resumed, but these said it had no checkpoint."""
+    folder = tiny_run(tmp_path, zmaj_tokenizer)
+    (folder / "checkpoints" / "latest").unlink()
+    result = run(program, *(folder if arg == "RUN" else arg for arg in args))
+    assert result.returncode == 0, result.stderr
+    assert "checkpoints/latest is missing: reading" in result.stderr
+    raw = yaml.safe_load((folder / "spec.yaml").read_text())
+    raw["model"]["activation"] = "relu2" if raw["model"]["activation"] != "relu2" else "gelu"
+    (folder / "spec.yaml").write_text(yaml.safe_dump(raw))
+    result = run(program, *(folder if arg == "RUN" else arg for arg in args))
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "step-0000000 was written with another model.activation than the run's spec.yaml says" in line
 
 
 @pytest.mark.parametrize(

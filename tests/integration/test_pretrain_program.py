@@ -224,6 +224,16 @@ def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
     result = run("pretrain.py", "--resume", run_dir, "--cache-dir", tmp_path)
     assert result.returncode == 2
     assert "was written with another model.n_heads than the run's spec.yaml" in result.stderr.splitlines()[-1]
+    # So are the rows a step reads, edited into spec.yaml (read_spec checks --set against the file): taken, the
+    # resumed steps read other rows.
+    for section, key, value in (("train", "batch_size", 8), ("data", "seq_len", 16)):
+        edited = yaml.safe_load(saved_spec)
+        edited[section][key] = value
+        (run_dir / "spec.yaml").write_text(yaml.safe_dump(edited))
+        result = run("pretrain.py", "--resume", run_dir, "--cache-dir", tmp_path)
+        assert result.returncode == 2
+        line = result.stderr.splitlines()[-1]
+        assert f"was written with another {section}.{key} than the run's spec.yaml" in line
     (run_dir / "spec.yaml").write_text(saved_spec)
     # A document added to the held-out split leaves the tokenizer (trained on the train split) as it was, and
     # changes the rows: the run's data.json says so.

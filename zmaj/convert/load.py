@@ -160,7 +160,7 @@ def _load_model(path: str | Path) -> Pretrained:
         config = _read_config(path / MODEL_FILE)
         return Pretrained(config, _read_params(path / PARAMS_FILE, config), _run_tokenizer(path))
     if (path / "checkpoints").is_dir():
-        return _from_checkpoint(path, checkpoint.latest(path))
+        return _from_checkpoint(path, checkpoint.newest(path))
     if (path / "state.json").is_file() and (path / PARAMS_FILE).is_file():
         return _from_checkpoint(checkpoint.run_of(path), path)
     raise ValueError(
@@ -178,19 +178,23 @@ class _SpecModel(BaseModel):
     model: GPTConfig  # the type of PretrainSpec.model
 
 
-def run_config(run_dir: Path) -> ModelConfig:
-    """The model config of a zmaj run: ``model.json``, or a pre-training run's ``spec.yaml``."""
+def run_config(run_dir: Path, checkpoint_dir: Path | None = None) -> ModelConfig:
+    """The model config of a zmaj run: ``model.json``, or a pre-training run's ``spec.yaml``, which must be the
+    model ``checkpoint_dir`` (when given) was trained as (``checkpoint.check_recorded_model``)."""
     if (run_dir / MODEL_FILE).is_file():
         return _read_config(run_dir / MODEL_FILE)
     if (run_dir / "spec.yaml").is_file():
-        return load(_SpecModel, run_dir / "spec.yaml").model
+        config = load(_SpecModel, run_dir / "spec.yaml").model
+        if checkpoint_dir is not None:
+            checkpoint.check_recorded_model(checkpoint_dir, config.model_dump(mode="json"))
+        return config
     raise FileNotFoundError(f"{run_dir} describes no model: it has neither {MODEL_FILE} nor spec.yaml")
 
 
 def _from_checkpoint(run_dir: Path, checkpoint_dir: Path) -> Pretrained:
     if (run_dir / LORA_FILE).is_file():
         return _merged_lora(run_dir, checkpoint_dir)
-    config = run_config(run_dir)
+    config = run_config(run_dir, checkpoint_dir)
     params = checkpoint.unflatten_like(
         checkpoint.load_tensors(checkpoint_dir), init_meta(config), str(checkpoint_dir), cast=False
     )

@@ -190,7 +190,7 @@ def read_run(folder: Path) -> Run | None:
     if not isinstance(spec, dict):
         raise ValueError(f"{spec_file}: not a run's spec (a YAML mapping): the run cannot be described")
     # A checkpoint counts optimizer updates; a GRPO loop step makes train.passes of them (metrics count steps).
-    updates = int(checkpoint.load_meta(exported or checkpoint.latest(folder))["step"])
+    updates = int(checkpoint.load_meta(exported or checkpoint.newest(folder))["step"])
     step = updates // int(spec.get("train", {}).get("passes", 1))
     # Whole lines only: a run killed and not resumed may leave the last cut short.
     metrics = report.read_records(folder / "metrics.jsonl", report.METRIC)

@@ -520,7 +520,7 @@ def pinned(model: str, pin: bool = True) -> str:
     if not pin:
         return str(path)
     if (path / checkpoint.CHECKPOINTS).is_dir():
-        source = checkpoint.latest(path)
+        source = checkpoint.newest(path)
     elif path.parent.name == checkpoint.CHECKPOINTS and checkpoint.STEP.fullmatch(path.name):
         source = path
     else:

@@ -34,9 +34,9 @@ from tensordict import TensorDict
 from torch import Tensor
 from tqdm import tqdm
 
-from zmaj import checkpoint
+from zmaj import checkpoint, fileio
 from zmaj.train import optim, report
-from zmaj.train.runs import Run, RunFailedError, bad_input_exits_2, describe_meta, stop_together
+from zmaj.train.runs import RECORDS, Run, RunFailedError, bad_input_exits_2, describe_meta, stop_together
 
 B = TypeVar("B")
 B_contra = TypeVar("B_contra", contravariant=True)
@@ -111,9 +111,18 @@ def train(
         failed: OSError | RunFailedError | None = None
         if whole is not None:
             try:
+                # The metrics up to this step first: a power cut that kept the checkpoint and lost their lines
+                # would leave steps the resume never records again (it drops only the lines past a checkpoint).
+                for record in (run.dir / name for name in RECORDS):
+                    if record.is_file():
+                        fileio.fsync(record)
                 path = checkpoint.save(run.dir, whole, describe_meta(run))
             except checkpoint.CheckpointWriteError as error:  # raised below, once the others know
                 failed = error
+            except OSError as error:  # the fsync of a record
+                failed = RunFailedError(
+                    f"could not flush the run's records to disk before a checkpoint ({error})"
+                )
             else:
                 try:
                     removed = checkpoint.prune(run.dir, cfg.keep_checkpoints)

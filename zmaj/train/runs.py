@@ -197,44 +197,38 @@ def read_spec(
     return spec
 
 
-def check_written_by(path: Path, spec: BaseModel) -> None:
-    """Refuse a checkpoint whose ``state.json`` records another model or seed than ``spec``: one copied in from
-    another run, or a run's ``spec.yaml`` edited by hand since, loaded (the shapes alike) and trained on as
-    something it was not. Fields the record lacks (added to zmaj since, with the old behaviour as default) are
-    not compared."""
+def check_written_by(path: Path, spec: BaseModel, frozen: Sequence[str] = ()) -> None:
+    """Refuse a checkpoint whose ``state.json`` records another model, seed or ``frozen`` field (what a resume
+    may not change, ``read_spec``'s) than ``spec``: one copied in from another run, or a run's ``spec.yaml``
+    edited by hand since (``read_spec`` compares ``--set`` with the file, not the file with the run), loaded
+    (the shapes alike) and trained on as something it was not. Fields the record lacks (added to zmaj since,
+    with the old behaviour as default) are not compared."""
     meta = checkpoint.load_meta(path)
     now = spec.model_dump(mode="json")
     recorded = meta["spec"] if isinstance(meta.get("spec"), dict) else {}
-    for name, then, here in (
-        # A pre-training run's model is its config; a fine-tune's is a path, which may be moved and edited to
-        # match (the LoRA base's fingerprint guards the weights: load.check_lora_base).
-        (
-            "model",
-            recorded.get("model") if isinstance(recorded.get("model"), dict) else None,
-            now.get("model"),
-        ),
-        ("train.seed", meta.get("seed"), now.get("train", {}).get("seed")),
-    ):
-        if then is not None and (field := _differs(name, then, here)) is not None:
+    for name in dict.fromkeys(("model", "train.seed", *frozen)):
+        then = _dotted(recorded, name)
+        if name == "model" and not isinstance(then, dict):
+            # A pre-training run's model is its config; a fine-tune's is a path, which may be moved and edited
+            # to match (the LoRA base's fingerprint guards the weights: load.check_lora_base).
+            continue
+        if name == "train.seed" and then is None:  # recorded beside the spec before the spec was
+            then = meta.get("seed")
+        if (
+            then is not None
+            and (field := checkpoint.recorded_difference(name, then, _dotted(now, name))) is not None
+        ):
             raise ValueError(
                 f"{path} was written with another {field} than the run's spec.yaml says: a checkpoint of "
                 "another run, or a spec.yaml edited since; put the run's own back"
             )
 
 
-def _differs(name: str, then: object, now: object) -> str | None:
-    """The dotted name of the first field where ``then`` (as recorded) and ``now`` differ, comparing only what
-    ``then`` records; None when they agree."""
-    if isinstance(then, dict) and isinstance(now, dict):
-        return next(
-            (
-                found
-                for key in then
-                if (found := _differs(f"{name}.{key}", then[key], now.get(key))) is not None
-            ),
-            None,
-        )
-    return None if then == now else name
+def _dotted(values: object, name: str) -> object:
+    """The value at a dotted ``name`` of nested dicts, or None where a part is missing."""
+    for part in name.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
 
 
 def field_of(spec: BaseModel, name: str) -> object:
@@ -315,6 +309,8 @@ class Run(Generic[S]):
     parallel: Parallel
     resumed: bool
     stop_after: int | None = None
+    frozen: Sequence[str] = ()
+    """What a resume may not change (``read_spec``'s): compared with the checkpoint's record when resuming."""
     started: float = field(default_factory=time.perf_counter)
     _lock: IO[str] | None = field(default=None, repr=False)
     _sinks: list[int] = field(default_factory=list, repr=False)
@@ -387,7 +383,7 @@ class Run(Generic[S]):
         # loader of a damaged file reports it.
         with bad_input_exits_2(self.parallel):
             path = checkpoint.latest_intact(self.dir)
-            check_written_by(path, self.spec)
+            check_written_by(path, self.spec, self.frozen)
             # On the CPU, where a rank's shard is cut from it; latest_intact has verified it.
             shapes = self.parallel.whole_shapes(make(torch.device("meta")))
             state = checkpoint.load_state(path, init_state(shapes, optimizer), verified=True)
@@ -479,6 +475,7 @@ def open_run(
     parallel: Parallel,
     write: Callable[[Path], None] | None = None,
     data: Callable[[], Mapping[str, str]] | None = None,
+    frozen: Sequence[str] = (),
 ) -> Run[S]:
     """The run folder of this session: ``--resume``'s, or a new one (``--run-dir``, default
     ``runs/NAME-TIMESTAMP``) with ``spec.yaml`` and whatever ``write(run_dir)`` adds. Rank 0 creates it; every
@@ -487,7 +484,8 @@ def open_run(
     ``data()`` fingerprints what the steps and evaluations read (a name and a hash for each part, e.g. each
     split's tokens; called on rank 0 alone): a new run records it in ``data.json``, and a resume whose data
     differs from its run's is refused, naming the part. The spec alone cannot say it: the same spec reads
-    edited files."""
+    edited files. ``frozen`` are the fields ``read_spec`` kept from ``--set``; a resume also compares them with
+    what its checkpoint recorded (``Run.restore``), so that one edited into ``spec.yaml`` by hand is refused."""
     resumed = args.resume is not None
     name: str = getattr(spec, "name")  # noqa: B009
     held: IO[str] | None = None
@@ -529,7 +527,7 @@ def open_run(
     if parallel.main:
         code_fingerprint()  # now: a pull or an edit before the first checkpoint is not this run's code
     run_dir = parallel.from_rank_0(claim)
-    return Run(run_dir, spec, parallel, resumed, args.stop_after, _lock=held)
+    return Run(run_dir, spec, parallel, resumed, args.stop_after, frozen, _lock=held)
 
 
 def _check_same_data(run_dir: Path, data: Mapping[str, str]) -> None:

@@ -4,6 +4,7 @@ import errno
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 import yaml
 from tensordict import TensorDict
 
+from tests.unit.train.test_loop import logged
 from zmaj import checkpoint, fileio
 from zmaj.convert import weights
 from zmaj.convert.load import (
@@ -206,6 +208,31 @@ def test_a_pretraining_run_loads_without_its_training_files(tokenizer: Tokenizer
     raw["model"]["d_model"] = "wide"  # the model section is still checked, naming the field
     (run / "spec.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match=r"spec\.yaml: model\.d_model: Input should be a valid integer"):
+        load_model(run)
+
+
+def test_a_checkpoint_is_read_as_the_model_it_recorded_and_without_latest(
+    tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    """A ``spec.yaml`` edited since (or a checkpoint copied in from another run) loaded the weights into another
+    network of the same shapes, in silence; ``--resume`` refused it. And a run killed between its first
+    checkpoint and ``latest`` resumed, but no reader found its checkpoint."""
+    run = tmp_path / "run"
+    config = pretraining_run(run, tokenizer)
+    params = gpt.init(config, 1)
+    raw = yaml.safe_load((run / "spec.yaml").read_text())
+    checkpoint.save(run, init_state(params), {"spec": raw})
+    (run / "checkpoints" / "latest").unlink()
+    with logged("WARNING") as messages:
+        assert_same_params(load_model(run).params, params)
+    assert messages == [
+        f"{run}/checkpoints/latest is missing: reading {run}/checkpoints/step-0000000, the newest checkpoint"
+    ]
+    other = "relu2" if raw["model"]["activation"] != "relu2" else "gelu"
+    edited = {**raw, "model": {**raw["model"], "activation": other}}
+    (run / "spec.yaml").write_text(yaml.safe_dump(edited))
+    expected = f"{run}/checkpoints/step-0000000 was written with another model.activation than the run's spec.yaml says"
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
         load_model(run)
 
 

@@ -467,3 +467,13 @@ def test_the_loading_snippet_is_pointed_at_the_repository_it_is_published_to(mod
     assert "USER/tiny" not in moved
     assert moved.replace("alice/other", "USER/tiny") == text  # nothing else changed
     assert card.with_repo_id('# a card of my own\nfrom_pretrained("x/y")\n', "a/b").endswith('("x/y")\n')
+
+
+def test_a_run_without_latest_is_described_as_far_as_its_newest_checkpoint(tmp_path: Path) -> None:
+    """Killed between its first checkpoint and ``latest``: ``load_model`` reads the newest checkpoint, and the
+    card describes that one (it said the run had no checkpoint)."""
+    folder = _killed_run(tmp_path / "run")
+    (folder / "checkpoints" / "latest").unlink()
+    run = card.read_run(folder)
+    assert run is not None
+    assert (run.checkpoint_step, run.steps) == (50, 50)

@@ -72,7 +72,11 @@ def open_run(
         train=LoopConfig.model_validate({"steps": 10, "checkpoint_every": 2, "eval_every": 5, **train})
     )
     args = argparse.Namespace(resume=run_dir if resume else None, run_dir=run_dir, stop_after=stop_after)
-    return runs.open_run(spec, args, Parallel())
+    return runs.open_run(spec, args, Parallel(), frozen=FROZEN)
+
+
+FROZEN = ("train.schedule",)
+"""What the stand-in runs' resumes may not change, as a program's ``read_spec`` list."""
 
 
 def train(run_dir: Path, losses: Losses = lambda step: (1.0 / step, 1.0), **kwargs: object) -> TensorDict:
@@ -121,6 +125,48 @@ def test_a_run_steps_to_the_end_reading_each_steps_batch_and_keeps_the_newest_ch
     assert [r["step"] for r in lines] == list(range(1, 11))
     assert all(r["seconds"] > 0 for r in lines)
     assert (tmp_path / "run" / "curves.png").is_file()
+
+
+def test_a_frozen_field_edited_into_spec_yaml_by_hand_is_refused_on_resume(tmp_path: Path) -> None:
+    """``read_spec`` compares ``--set`` with the run's ``spec.yaml``, not the file with the run: a frozen field
+    edited into the file (a batch size, a sequence length) was taken, and the resumed steps read other rows (here
+    the stand-in's frozen field is its schedule).
+    The checkpoint records the spec it was trained with; a field that may change (``train.steps``) may."""
+    train(tmp_path / "run", stop_after=4)
+    with (
+        logged() as errors,
+        open_run(tmp_path / "run", resume=True, schedule={"kind": "constant"}) as run,
+        pytest.raises(SystemExit) as exited,
+    ):
+        run.restore(fresh, ADAMW)
+    assert exited.value.code == 2
+    assert errors == [
+        f"{tmp_path / 'run'}/checkpoints/step-0000004 was written with another train.schedule.kind than the "
+        "run's spec.yaml says: a checkpoint of another run, or a spec.yaml edited since; put the run's own back"
+    ]
+    with open_run(tmp_path / "run", resume=True, steps=12) as run:
+        assert int(run.restore(fresh, ADAMW)["opt", "step"]) == 4
+
+
+def test_the_records_are_on_disk_before_each_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint is fsynced; the metrics lines up to it were not, so a power cut could keep the checkpoint and
+    lose its steps' lines, which a resume (dropping only lines past the checkpoint) never records again."""
+    events: list[str] = []
+    save = checkpoint.save
+    monkeypatch.setattr(fileio, "fsync", lambda path: events.append(Path(path).name))
+
+    def saving(run_dir: Path, state: TensorDict, meta: dict[str, object]) -> Path:
+        events.append("save")
+        return save(run_dir, state, meta)
+
+    monkeypatch.setattr(checkpoint, "save", saving)
+    train(tmp_path / "run", steps=4)
+    saves = [i for i, event in enumerate(events) if event == "save"]
+    assert len(saves) == 2  # steps 2 and 4
+    for i in saves:
+        assert events[i - 2 : i] == ["metrics.jsonl", "run.jsonl"]
 
 
 def test_stop_after_then_resume_is_the_uninterrupted_run(tmp_path: Path) -> None:
