@@ -220,12 +220,10 @@ def known_license(source: str | Path, run: Run | None) -> str | None:
     card = Path(source) / "README.md"
     if not card.is_file():
         return None
+    # A card whose metadata does not parse names no license zmaj can read: the exporter names it.
     try:
         metadata = ModelCard(read_text(card)).data.to_dict()  # type: ignore[no-untyped-call]
-    except (
-        yaml.YAMLError,
-        ValueError,
-    ):  # a card whose metadata does not parse names no license zmaj can read
+    except (yaml.YAMLError, ValueError):
         return None
     license = metadata.get("license")
     return license if isinstance(license, str) and license in HUB_LICENSES else None
