@@ -42,7 +42,7 @@ from zmaj.convert.load import (
     write_lora_record,
 )
 from zmaj.data import chat_template
-from zmaj.data.chat import ChatSource
+from zmaj.data.chat import ChatSource, ChatTaskSource
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import GREEDY, Sampling, generate
@@ -167,6 +167,22 @@ class SFTSpec(FinetuneSpec):
     train: SFTTrain
     data: ChatSource
     max_len: int = Field(512, gt=1, description="tokens per conversation; longer ones are cut")
+
+    @model_validator(mode="after")
+    def _not_trained_on_what_is_scored(self) -> "SFTSpec":
+        # A task's test split is the same problems whatever the options or seed (a hash of each question):
+        # trained on, they make the evaluation of them a score of memory, not of the model's skill.
+        data, held_out = self.data, self.eval
+        if (
+            isinstance(data, ChatTaskSource)
+            and held_out is not None
+            and (data.task, data.split, held_out.split) == (held_out.task, "test", "test")
+        ):
+            raise ValueError(
+                f"data: split test trains on the held-out problems of {data.task!r} that eval scores; train on "
+                "split train (the default)"
+            )
+        return self
 
 
 class RLTask(BaseModel):

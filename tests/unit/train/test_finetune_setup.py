@@ -54,6 +54,28 @@ def test_a_run_name_with_a_nul_is_refused_naming_the_field() -> None:
         )
 
 
+def test_sft_on_the_test_split_of_the_task_its_eval_scores_is_refused() -> None:
+    """The split was accepted in silence, so an SFT run could learn the very problems its evaluation scores."""
+    raw: dict[str, Any] = {
+        "name": "memorise",
+        "model": "m",
+        "train": {"steps": 1, "batch_size": 1},
+        "data": {"kind": "task", "task": "arithmetic", "split": "test", "n": 1},
+        "eval": {"task": "arithmetic", "options": {"digits": 3}},  # the split is by question, not options
+    }
+    with pytest.raises(
+        ValidationError, match="data: split test trains on the held-out problems of 'arithmetic'"
+    ):
+        finetune.SFTSpec.model_validate(raw)
+    for changed in (
+        {"eval": {"task": "countdown"}},
+        {"eval": {**raw["eval"], "split": "train"}},
+    ):
+        finetune.SFTSpec.model_validate({**raw, **changed})  # another task's, or its train split
+    finetune.SFTSpec.model_validate({**raw, "eval": None})
+    finetune.SFTSpec.model_validate({**raw, "data": {**raw["data"], "split": "train"}})
+
+
 def test_counts_that_must_be_positive_are_refused_at_zero() -> None:
     """grad_accum 0 made empty steps; top_k 0 masked every token; one answer per problem never makes a pair
     (found only after every answer was sampled)."""
