@@ -97,7 +97,10 @@ def cut_character_bytes(encoding: tokenizers.Encoding, text: str, n: int) -> int
     """The bytes of ``text`` (cut after the first ``n`` tokens' offsets) that those tokens do not spell: where
     token n + 1 finishes a character they begin, the offsets cover the whole character, but the tokens that
     hold its first bytes spell only their own (``own_bytes``); 0 where the cut falls between characters."""
-    if n == len(encoding.offsets) or encoding.offsets[n][0] >= encoding.offsets[n - 1][1]:
+    offsets = encoding.offsets
+    # No token after the cut, one that spells nothing (an EOS the tokenizer appends: offsets (0, 0)), or one
+    # that starts where the last scored one ends: the cut falls between characters.
+    if n == len(offsets) or offsets[n][0] == offsets[n][1] or offsets[n][0] >= offsets[n - 1][1]:
         return 0
     split = encoding.offsets[n][0]  # where the character token n + 1 finishes begins
     sharing = [i for i in range(n) if encoding.offsets[i][1] > split]

@@ -179,6 +179,7 @@ def upload(args: argparse.Namespace, scratch: Path) -> None:
         sys.exit(2)
     files = upload_files(folder)
     if args.dry_run:
+        files = [(path, len(card.encode()) if path == CARD_FILE else size) for path, size in files]  # as sent
         for path, size in files:
             print(f"{size:>14,}  {path}")
         print(

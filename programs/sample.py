@@ -41,10 +41,11 @@ def main() -> None:
     try:
         # The model section alone, as load_model reads it: a run whose training files moved (or a relative
         # path read from another folder) is still a model to sample from.
-        latest = checkpoint.newest(args.run_dir)
-        config = run_config(args.run_dir, latest)
+        config = run_config(args.run_dir)
         if not isinstance(config, GPTConfig) or (args.run_dir / LORA_FILE).is_file():
             raise ValueError(f"{args.run_dir} is not a zmaj GPT pre-training run: sample it with generate.py")
+        latest = checkpoint.newest(args.run_dir)
+        run_config(args.run_dir, latest)  # the model the checkpoint recorded, or a one-line refusal
         tokenizer = Tokenizer.load(args.run_dir / "tokenizer.json")
         params = checkpoint.load_params(latest, gpt.init(config, 0, device="meta"))
         check_weights(params, str(latest))

@@ -42,7 +42,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -515,29 +515,35 @@ def load_meta(checkpoint: Path) -> dict[str, Any]:
     return meta
 
 
-def recorded_difference(name: str, then: object, now: object) -> str | None:
+def recorded_difference(name: str, then: object, now: object, skip: Collection[str] = ()) -> str | None:
     """The dotted name of the first field where ``then`` (as a checkpoint recorded it) and ``now`` differ,
     comparing only what ``then`` records (a field added to zmaj since, with the old behaviour as default, is
-    not compared); None when they agree."""
+    not compared); None when they agree. A field named in ``skip``, by its dotted name or its last part (at any
+    depth), is not compared."""
+    if name in skip or name.rpartition(".")[2] in skip:
+        return None
     if isinstance(then, dict) and isinstance(now, dict):
         return next(
             (
                 found
                 for key in then
-                if (found := recorded_difference(f"{name}.{key}", then[key], now.get(key))) is not None
+                if (found := recorded_difference(f"{name}.{key}", then[key], now.get(key), skip)) is not None
             ),
             None,
         )
     return None if then == now else name
 
 
-def check_recorded_model(checkpoint: Path, model: dict[str, Any]) -> None:
+def check_recorded_model(checkpoint: Path, model: dict[str, Any], skip: Collection[str] = ()) -> None:
     """Refuse a checkpoint of a pre-training run whose record names another model than ``model`` (the config its
-    run's ``spec.yaml`` gives now): shaped alike, its weights would be read as another network, an activation
-    or a rope base edited into ``spec.yaml`` since, or a checkpoint copied in from another run."""
+    run's ``spec.yaml`` gives now), ``skip`` aside: shaped alike, its weights would be read as another network,
+    an activation or a rope base edited into ``spec.yaml`` since, or a checkpoint copied in from another run."""
     spec = load_meta(checkpoint).get("spec")
     recorded = spec.get("model") if isinstance(spec, dict) else None
-    if isinstance(recorded, dict) and (field := recorded_difference("model", recorded, model)) is not None:
+    if (
+        isinstance(recorded, dict)
+        and (field := recorded_difference("model", recorded, model, skip)) is not None
+    ):
         raise ValueError(
             f"{checkpoint} was written with another {field} than the run's spec.yaml says: a checkpoint of "
             "another run, or a spec.yaml edited since; put the run's own back"

@@ -1061,3 +1061,31 @@ def test_smollm2_knows_the_capital_of_france() -> None:
     result = run("generate.py", "--model", smollm2_gguf(), *args)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_a_cut_before_a_token_that_spells_nothing_splits_no_character(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An EOS the tokenizer appends has empty offsets, (0, 0): --max-tokens cutting just before it read as a
+    character split across tokens, and bits per byte went over a byte too few or too many (a SentencePiece-style
+    vocabulary: its pieces' lengths are not their bytes)."""
+    monkeypatch.syspath_prepend(str(ROOT / "programs"))
+    from perplexity import cut_character_bytes
+
+    text = "héllo wörld the cat sat on the mat café naïve " * 20
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(byte_fallback=True))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    specials = ["<eos>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tokenizer.train_from_iterator(
+        [text], tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=specials)
+    )
+    eos = tokenizer.token_to_id("<eos>")
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+        single="$A <eos>", special_tokens=[("<eos>", eos)]
+    )
+    for sample in ("the cat sat", "naïve wörld", "the café sat"):
+        encoding = tokenizer.encode(sample)
+        assert encoding.offsets[-1] == (0, 0)
+        n = len(encoding.ids) - 1  # all but the appended EOS
+        cut = sample[: max(end for _, end in encoding.offsets[:n])]
+        assert cut_character_bytes(encoding, cut, n) == 0

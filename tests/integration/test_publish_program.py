@@ -123,6 +123,10 @@ def test_the_cards_snippet_loads_the_repository_it_is_published_to(
     assert 'AutoModelForCausalLM.from_pretrained("alice/other")' in out
     assert 'AutoTokenizer.from_pretrained("alice/other")' in out
     assert (copy / "README.md").read_text() == exported  # a dry run changes nothing
+    shown = out[out.index("---\n") :]  # the card, printed after the file list
+    assert (
+        f"{len(shown.encode()) - 1:>14,}  README.md" in out
+    )  # the size of the card sent (print adds a newline)
     assert named not in out
     code, _, err = run("publish.py", copy, "--repo-id", "alice/other")
     assert code == 0, err
@@ -154,6 +158,10 @@ def test_no_token_exits_2_before_any_request(
         ("license", "no license"),
         # The Hub refuses the commit, after the repository was created: "license" must be one of [...].
         ("license text", "README.md: the card's license 'MIT License' is not a license id the Hub accepts"),
+        (
+            "license list",
+            "README.md: the card's license ['mit', 'apache-2.0'] is not a license id",
+        ),  # a TypeError
         ("card bytes", "README.md: not UTF-8 text (byte 0xff at offset 3)"),
         ("card yaml", "README.md: the card's metadata cannot be read"),
         ("index", "model.safetensors.index.json: not a shard index"),
@@ -180,7 +188,9 @@ def test_a_broken_folder_exits_2_before_any_request(
         (broken / "tokenizer.json").write_text("{")
     elif breakage.startswith("license"):
         card = (broken / "README.md").read_text()
-        replacement = "" if breakage == "license" else "license: MIT License\n"
+        replacement = {"license": "", "license text": "license: MIT License\n"}.get(
+            breakage, "license:\n- mit\n- apache-2.0\n"
+        )
         (broken / "README.md").write_text(card.replace("license: mit\n", replacement))
     else:
         (broken / breakage).unlink()

@@ -178,6 +178,11 @@ class _SpecModel(BaseModel):
     model: GPTConfig  # the type of PretrainSpec.model
 
 
+READ_ANYWAY = ("model.attention", "model.dropout", "model.init_std", "model.unembed_init")
+"""Model fields a reader of a run may change in its ``spec.yaml``: how attention is computed (``flex`` to
+generate from a run trained with ``auto``), and what only training reads; the weights mean the same."""
+
+
 def run_config(run_dir: Path, checkpoint_dir: Path | None = None) -> ModelConfig:
     """The model config of a zmaj run: ``model.json``, or a pre-training run's ``spec.yaml``, which must be the
     model ``checkpoint_dir`` (when given) was trained as (``checkpoint.check_recorded_model``)."""
@@ -186,7 +191,7 @@ def run_config(run_dir: Path, checkpoint_dir: Path | None = None) -> ModelConfig
     if (run_dir / "spec.yaml").is_file():
         config = load(_SpecModel, run_dir / "spec.yaml").model
         if checkpoint_dir is not None:
-            checkpoint.check_recorded_model(checkpoint_dir, config.model_dump(mode="json"))
+            checkpoint.check_recorded_model(checkpoint_dir, config.model_dump(mode="json"), READ_ANYWAY)
         return config
     raise FileNotFoundError(f"{run_dir} describes no model: it has neither {MODEL_FILE} nor spec.yaml")
 

@@ -21,6 +21,7 @@ from typing import Any, Literal, NamedTuple
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
+from loguru import logger
 
 from zmaj import checkpoint
 from zmaj.convert.load import LORA_FILE, MODEL_FILE, Pretrained
@@ -78,7 +79,13 @@ class Run:
         model = str(self.spec.get("model")) if self.kind != "pretraining" else None
         if model is None or model in SHIPPED:
             return model
-        return read_run(Path(model)) if Path(model).exists() else None
+        if not Path(model).exists():
+            return None
+        try:
+            return read_run(Path(model))
+        except (OSError, ValueError) as error:  # its checkpoints pruned since, its spec.yaml edited...
+            logger.warning(f"{self.folder} started from {model}, which cannot be described now: {error}")
+            return None
 
     @property
     def base_model(self) -> str | None:

@@ -98,7 +98,7 @@ def read_card(folder: Path, kind: type[RepoCard] = ModelCard) -> RepoCard:
     license = card.data.to_dict().get("license")  # type: ignore[no-untyped-call]
     if not license:
         raise ValueError(f"{path}: the card's metadata names no license")
-    if license not in HUB_LICENSES:
+    if not isinstance(license, str) or license not in HUB_LICENSES:  # a YAML list is no license id either
         raise ValueError(f"{path}: the card's license {license!r} is {not_a_hub_license(str(license))}")
     return card
 

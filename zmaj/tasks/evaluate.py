@@ -1,9 +1,10 @@
 """Scoring completions with a reward function, and how much an accuracy measured on n problems can be trusted."""
 
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from statistics import NormalDist
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from zmaj.tasks.base import Problem, Reward
 
@@ -15,8 +16,12 @@ class RewardFn(Protocol):
     def __call__(self, problem: Problem, completion: str, *, stopped: bool = True) -> Reward: ...
 
 
+PlainRewardFn = Callable[[Problem, str], Reward]
+"""A reward of the completion alone, the signature before ``stopped``: it reads every completion whole."""
+
+
 def score(
-    reward: RewardFn,
+    reward: RewardFn | PlainRewardFn,
     problems: Sequence[Problem],
     completions: Sequence[str],
     stopped: Sequence[bool] | None = None,
@@ -25,9 +30,11 @@ def score(
     by itself); a checker that raises or returns non-finite values fails naming the sample, since in the middle
     of an RL run "NaN" alone says nothing about which problem broke it.
 
-    Built-in tasks pass ``task.reward``; any function of the same signature works.
+    Built-in tasks pass ``task.reward``; any function of the same signature works, and one without ``stopped``
+    (``PlainRewardFn``, a task's ``reward`` written before it) is called as it was, with the completion alone.
     """
     stopped = [True] * len(completions) if stopped is None else stopped
+    read = _with_stopped(reward)
     if not len(problems) == len(completions) == len(stopped):
         raise ValueError(
             f"{len(problems)} problems but {len(completions)} completions ({len(stopped)} stopped)"
@@ -36,7 +43,7 @@ def score(
     for index, (problem, completion, ended) in enumerate(zip(problems, completions, stopped, strict=True)):
         sample = f"sample {index} (prompt {problem.prompt!r})"
         try:
-            result = reward(problem, completion, stopped=ended)
+            result = read(problem, completion, stopped=ended)
         except Exception as error:
             raise RuntimeError(f"the reward function failed on {sample}: {error!r}") from error
         if not isinstance(result, Reward):
@@ -45,6 +52,17 @@ def score(
             raise ValueError(f"the reward function returned a non-finite {result} for {sample}")
         rewards.append(result)
     return rewards
+
+
+def _with_stopped(reward: RewardFn | PlainRewardFn) -> RewardFn:
+    """``reward`` as a ``RewardFn``: one without ``stopped`` reads each completion whole, as it always has."""
+    if "stopped" in inspect.signature(reward).parameters:
+        return cast(RewardFn, reward)
+
+    def whole(problem: Problem, completion: str, *, stopped: bool = True) -> Any:  # Any: score checks it
+        return reward(problem, completion)
+
+    return whole
 
 
 def accuracy_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float, float]:

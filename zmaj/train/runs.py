@@ -197,6 +197,11 @@ def read_spec(
     return spec
 
 
+LOCATIONS = ("paths", "path", "data_files")
+"""Where a source's data lies, which ``check_written_by`` leaves to ``data.json``'s fingerprint of the data
+itself: a corpus moved, and ``spec.yaml`` edited to name it there, is the same data."""
+
+
 def check_written_by(path: Path, spec: BaseModel, frozen: Sequence[str] = ()) -> None:
     """Refuse a checkpoint whose ``state.json`` records another model, seed or ``frozen`` field (what a resume
     may not change, ``read_spec``'s) than ``spec``: one copied in from another run, or a run's ``spec.yaml``
@@ -216,7 +221,8 @@ def check_written_by(path: Path, spec: BaseModel, frozen: Sequence[str] = ()) ->
             then = meta.get("seed")
         if (
             then is not None
-            and (field := checkpoint.recorded_difference(name, then, _dotted(now, name))) is not None
+            and (field := checkpoint.recorded_difference(name, then, _dotted(now, name), LOCATIONS))
+            is not None
         ):
             raise ValueError(
                 f"{path} was written with another {field} than the run's spec.yaml says: a checkpoint of "

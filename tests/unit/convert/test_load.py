@@ -234,6 +234,14 @@ def test_a_checkpoint_is_read_as_the_model_it_recorded_and_without_latest(
     expected = f"{run}/checkpoints/step-0000000 was written with another model.activation than the run's spec.yaml says"
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
         load_model(run)
+    # What only training reads, or how attention is computed, a reader may change (flex to generate).
+    for field, value in (
+        ("attention", "flex"),
+        ("dropout", 0.1),
+        ("init_std", 0.5),
+    ):
+        (run / "spec.yaml").write_text(yaml.safe_dump({**raw, "model": {**raw["model"], field: value}}))
+        assert_same_params(load_model(run).params, params)
 
 
 def test_a_checkpoint_named_from_inside_its_run_loads(

@@ -3,12 +3,14 @@ token counts, and shard sizes."""
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.unit.train.test_loop import logged
 from zmaj.convert.load import LORA_FILE, Pretrained
 from zmaj.publish import card
 from zmaj.publish.card import Run
@@ -477,3 +479,16 @@ def test_a_run_without_latest_is_described_as_far_as_its_newest_checkpoint(tmp_p
     run = card.read_run(folder)
     assert run is not None
     assert (run.checkpoint_step, run.steps) == (50, 50)
+
+
+def test_a_start_that_cannot_be_described_now_leaves_the_base_and_license_unknown(tmp_path: Path) -> None:
+    """A fine-tune of a run whose checkpoints were pruned since: its export failed blaming the other run, even
+    with --license (reading the start was new)."""
+    start = _killed_run(tmp_path / "start")
+    shutil.rmtree(start / "checkpoints")
+    (start / "checkpoints").mkdir()
+    run = card.read_run(_run_from(tmp_path / "sft", str(start)))
+    assert run is not None
+    with logged("WARNING") as messages:
+        assert (run.start, run.base_model, run.license) == (None, None, None)
+    assert messages[0].startswith(f"{run.folder} started from {start}, which cannot be described now: ")

@@ -73,7 +73,7 @@ def test_score_names_the_sample_a_user_reward_fails_on() -> None:
         ):
             score(broken, problems, ["a", "b", "x"])
     with pytest.raises(TypeError, match=r"returned 1\.0, not a Reward, for sample 0"):
-        score(lambda p, c, stopped=True: 1.0, problems, ["a", "b", "c"])  # type: ignore[arg-type]
+        score(lambda p, c: 1.0, problems, ["a", "b", "c"])  # type: ignore[arg-type, return-value]
 
 
 @pytest.mark.parametrize(
@@ -131,4 +131,28 @@ def test_a_non_finite_format_reward_is_refused_too(bad: float) -> None:
     does (only correctness was tested)."""
     problems = ArithmeticTask().problems("test", 2)
     with pytest.raises(ValueError, match=r"non-finite .* for sample 1"):
-        score(lambda p, c, stopped=True: Reward(bad if c == "x" else 1.0, 0.0), problems, ["a", "x"])
+        score(lambda p, c: Reward(bad if c == "x" else 1.0, 0.0), problems, ["a", "x"])
+
+
+def test_a_reward_without_stopped_is_called_as_before_with_the_whole_completion() -> None:
+    """A task's ``reward`` written before ``stopped`` (a user's module), or a plain function: each sample failed
+    with "unexpected keyword argument 'stopped'", stopping GRPO at its first step."""
+    problems = ArithmeticTask().problems("test", 2)
+    seen: list[str] = []
+
+    def plain(problem: Problem, completion: str) -> Reward:
+        seen.append(completion)
+        return Reward(1.0, float(completion.endswith(problem.answer)))
+
+    class Old(ArithmeticTask):
+        def reward(self, problem: Problem, completion: str) -> Reward:  # type: ignore[override]
+            return plain(problem, completion)
+
+    cut = [f"1\nAnswer: {p.answer}" for p in problems]
+    for reward in (plain, Old().reward):
+        assert score(reward, problems, cut, [False, True]) == [Reward(1.0, 1.0)] * 2
+    assert seen == cut * 2  # whole, cut or not
+    assert score(ArithmeticTask().reward, problems, cut, [False, True]) == [
+        Reward(0.0, 0.0),
+        Reward(1.0, 1.0),
+    ]

@@ -148,6 +148,28 @@ def test_a_frozen_field_edited_into_spec_yaml_by_hand_is_refused_on_resume(tmp_p
         assert int(run.restore(fresh, ADAMW)["opt", "step"]) == 4
 
 
+def test_a_corpus_moved_and_named_there_in_spec_yaml_is_the_same_data(tmp_path: Path) -> None:
+    """Where the data lies is ``data.json``'s to check (a fingerprint of the data itself): a resume after the
+    corpus moved was refused as "written with another data.source.paths"; how it is packed still is not."""
+
+    class DataSpec(BaseModel):
+        data: dict[str, Any]
+
+    source: dict[str, Any] = {"kind": "files", "paths": ["/old/corpus.txt"], "format": "text"}
+    recorded: dict[str, Any] = {"source": source, "seq_len": 256}
+    folder = tmp_path / "step-0000004"
+    folder.mkdir()
+    (folder / "state.json").write_text(json.dumps({"step": 4, "spec": {"data": recorded}}))
+    moved = {**recorded, "source": {**source, "paths": ["/new/corpus.txt"]}}
+    runs.check_written_by(folder, DataSpec(data=moved), ("data",))
+    hub = {"kind": "hub", "path": "me/corpus", "data_files": "a/*.jsonl"}
+    (folder / "state.json").write_text(json.dumps({"step": 4, "spec": {"data": {**recorded, "source": hub}}}))
+    elsewhere = {**hub, "path": "/copies/corpus", "data_files": "b/*.jsonl"}
+    runs.check_written_by(folder, DataSpec(data={**recorded, "source": elsewhere}), ("data",))
+    with pytest.raises(ValueError, match=r"written with another data\.seq_len than the run's spec\.yaml"):
+        runs.check_written_by(folder, DataSpec(data={**recorded, "source": hub, "seq_len": 128}), ("data",))
+
+
 def test_the_records_are_on_disk_before_each_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
