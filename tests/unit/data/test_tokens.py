@@ -193,6 +193,15 @@ def test_open_reads_what_was_written(tokenizer: Tokenizer, source: FilesSource, 
     )
 
 
+def _ending_early(saved: bytes) -> bytes:
+    """An ``offsets.npy`` whose last boundary is one token short of the tokens it indexes."""
+    offsets = np.load(io.BytesIO(saved))
+    offsets[-1] -= 1
+    out = io.BytesIO()
+    np.save(out, offsets)
+    return out.getvalue()
+
+
 @pytest.mark.parametrize(
     ("file", "damage", "message"),
     [
@@ -203,6 +212,8 @@ def test_open_reads_what_was_written(tokenizer: Tokenizer, source: FilesSource, 
         ),  # mmap said only "length is greater"
         ("offsets.npy", lambda b: b"", "offsets.npy: "),  # numpy's EOFError, a traceback
         ("offsets.npy", lambda b: b[:-8], "offsets.npy: "),
+        # Whole, but ending before the last token: the trailing tokens were dropped from training in silence.
+        ("offsets.npy", lambda b: _ending_early(b), "offsets.npy does not end at the"),
         ("meta.json", lambda b: b"[]", "(meta.json: (top level): Input should be"),  # a TypeError
         ("meta.json", lambda b: b.replace(b'"n_tokens"', b'"n"'), "(meta.json: n_tokens: Field required)"),
         ("meta.json", lambda b: b.replace(b'"uint16"', b'"uint99"'), "(meta.json: dtype: Input should be"),

@@ -99,6 +99,16 @@ def test_defaults_are_the_documented_ones() -> None:
     assert finetune.DPOTrain(steps=1, batch_size=1).beta == 0.1
     loop = LoopConfig(steps=1)
     assert (loop.checkpoint_every, loop.keep_checkpoints, loop.eval_every, loop.seed) == (500, 3, 100, 0)
+    # Pre-training's optimizer and schedule where a spec leaves them out (nanoGPT's AdamW settings).
+    adamw = (0.001, (0.9, 0.95), 1e-08, 0.1, False, 1.0)
+    assert (*loop.optimizer.model_dump(exclude={"kind"}).values(),) == adamw
+    schedule = loop.schedule
+    assert (schedule.kind, schedule.warmup_steps, schedule.decay_fraction, schedule.final_lr_fraction) == (
+        "cosine",
+        100,
+        0.2,
+        0.1,
+    )
     for kind in (finetune.SFTSpec, finetune.DPOSpec):
         assert kind.model_fields["max_len"].default == 512
     pairs_from_task = finetune.PairsFromTask(task=finetune.RLTask(name="arithmetic"), n_prompts=2)

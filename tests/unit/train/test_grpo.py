@@ -183,6 +183,30 @@ def test_a_kl_penalty_without_a_reference_is_an_error() -> None:
         rollout(llama.init(CONFIG, seed=0), GRPO.model_copy(update={"kl_beta": 0.1}), seed=0)
 
 
+def test_each_completion_is_scored_against_its_own_prompt(device: torch.device) -> None:
+    """The reward takes the prompt's index (a task checks the answer against that problem): a completion scored
+    against another prompt's would make rewards noise, which a reward ignoring the index cannot show."""
+    seen: list[int] = []
+
+    def reward(prompt_index: int, completion: list[int]) -> float:
+        seen.append(prompt_index)
+        return fraction_of_target(prompt_index, completion)
+
+    params = llama.init(CONFIG, seed=0, device=device)
+    every = GRPO.model_copy(update={"skip_uniform_groups": False})
+    grpo.sample_rollout(
+        params,
+        PROMPTS,
+        reward,
+        forward=FORWARD,
+        step=llama.cached(CONFIG),
+        cache_shape=CONFIG,
+        config=every,
+        seed=5,
+    )
+    assert seen == [index // every.group_size for index in range(len(PROMPTS) * every.group_size)]
+
+
 def test_rollouts_are_seeded_and_laid_out_prompt_major(device: torch.device) -> None:
     params = llama.init(CONFIG, seed=0, device=device)
     every = GRPO.model_copy(update={"skip_uniform_groups": False})

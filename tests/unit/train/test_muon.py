@@ -420,3 +420,10 @@ def test_muon_steps_on_gradients_clipped_over_every_parameter() -> None:
 def test_muons_adamw_group_passes_decay_norms_and_biases_on() -> None:
     config = muon.MuonConfig.model_validate({"kind": "muon", "adamw": {"decay_norms_and_biases": True}})
     assert config.decay_norms_and_biases is True
+
+
+def test_an_all_zero_update_stays_zero_not_nan() -> None:
+    """A matrix whose gradient and momentum are zero (an unused block, a layer cut off from the loss) is 0 / 0
+    without the norm's floor: NaN, which would poison its weights."""
+    zeros = torch.zeros(2, 4, 3)
+    assert torch.equal(muon.orthogonalize(zeros), zeros)
