@@ -19,6 +19,7 @@ from zmaj.models import gemma3, gpt, llama
 from zmaj.models.common import Batch, cache_mask, cache_step
 from zmaj.nn import masks
 from zmaj.nn.attention import Backend, attention, cached_attention
+from zmaj.nn.rope import LinearScaling, Llama3Scaling
 
 VOCAB = 64
 GPT_TINY = gpt.GPTConfig(vocab_size=VOCAB, context=32, d_model=32, n_layers=2, n_heads=4, init_std=0.1)
@@ -56,6 +57,19 @@ MODELS: dict[str, tuple[ModuleType, Config]] = {
     "llama-gqa": (llama, LLAMA_TINY),
     "llama-gqa-eager": (llama, LLAMA_TINY.model_copy(update={"attention": "eager"})),
     "llama-mqa": (llama, LLAMA_TINY.model_copy(update={"n_kv_heads": 1})),
+    # Llama 3.1-style frequencies, planes in all three of its regimes (a cached path that dropped the scaling
+    # matched nothing else), and linear interpolation.
+    "llama3-scaled": (
+        llama,
+        LLAMA_TINY.model_copy(
+            update={
+                "rope_scaling": Llama3Scaling(
+                    factor=8, low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=16
+                )
+            }
+        ),
+    ),
+    "llama-linear": (llama, LLAMA_TINY.model_copy(update={"rope_scaling": LinearScaling(factor=4)})),
     "qwen2-bias": (llama, LLAMA_TINY.model_copy(update={"qkv_bias": True})),
     "qwen3-qk-norm": (
         llama,

@@ -227,11 +227,11 @@ def test_compiled_flex_matches_eager_on_packed_documents(device: torch.device) -
     torch.testing.assert_close(compiled, run(q, k, v, mod, "eager"), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("scale", [1 / 8, 1 / 4])
-def test_a_power_of_two_scale_on_q_gives_the_bits_of_scaling_the_scores(
-    device: torch.device, scale: float
-) -> None:
-    """``eager_attention`` multiplies q by such a scale, not the scores; in bf16 the outputs are the same bits."""
+@pytest.mark.parametrize("scale", [1 / 8, 1 / 4, 128**-0.5, 0.3])
+def test_in_bfloat16_the_output_is_the_bits_of_scaling_the_scores(device: torch.device, scale: float) -> None:
+    """``eager_attention`` multiplies q by a power-of-two scale (exact), any other the scores, as
+    ``transformers`` does: in bf16 both give the bits of scaling the scores (Qwen 3's head_dim 128 and Gemma's
+    query_pre_attn_scalar are not powers of two; q scaled by them rounds otherwise)."""
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 16, 64, generator=generator).to(device, torch.bfloat16) for _ in range(3))
     mask = torch.ones(16, 16, dtype=torch.bool, device=device).tril()[None]

@@ -171,3 +171,18 @@ def test_bad_settings_are_named() -> None:
         LinearScaling(factor=0.0)
     with pytest.raises(ValueError, match="head_dim"):
         rope_frequencies(15, 10_000.0)
+
+
+def test_in_bfloat16_the_rotation_rounds_as_transformers_does() -> None:
+    """cos and sin are cast to the input's dtype first: bf16 queries come out bf16 and bit for bit
+    ``transformers``' (uncast, fp32 angles promote q and k to fp32 beside a bf16 v, which SDPA refuses)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 4, 10, 16, generator=generator).bfloat16() for _ in range(2))
+    cos, sin = rope_angles(torch.arange(10)[None].expand(2, 10), rope_frequencies(16, 10_000.0))
+    full_cos, full_sin = (torch.cat([t, t], dim=-1).bfloat16() for t in (cos, sin))  # as its rotary embedding
+    expected_q, expected_k = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(
+        q, k, full_cos, full_sin
+    )
+    for ours, expected in ((apply_rope(q, cos, sin), expected_q), (apply_rope(k, cos, sin), expected_k)):
+        assert ours.dtype == torch.bfloat16
+        assert torch.equal(ours, expected)

@@ -124,6 +124,20 @@ def test_bfloat16_weights_are_the_float32_weights_rounded(device: torch.device, 
     assert torch.equal(weights, textbook(scores.float(), mask.expand(2, 1, 16, 16)).bfloat16())
 
 
+def test_the_operators_bfloat16_gradient_is_computed_in_float32_and_rounded_once() -> None:
+    """The backward upcasts the bf16 weights and gradient, computes w * (g - sum(w * g)) in float32 and rounds
+    once (the module docstring); in bf16 throughout, a quarter of the elements of such a gradient come out
+    otherwise."""
+    generator = torch.Generator().manual_seed(0)
+    scores = (4 * torch.randn(2, 4, 64, 64, generator=generator)).bfloat16().requires_grad_()
+    mask = torch.ones(64, 64, dtype=torch.bool).tril()[None, None]
+    grad_out = torch.randn(scores.shape, generator=generator).bfloat16()
+    weights = operator(scores, mask)
+    (grad,) = torch.autograd.grad(weights, scores, grad_out)
+    w, g = weights.float(), grad_out.float()
+    assert torch.equal(grad, (w * (g - (w * g).sum(-1, keepdim=True))).bfloat16())
+
+
 def test_the_operator_passes_torch_library_opcheck() -> None:
     """Its fake (shape) function, schema and dispatch agree with what it computes: on contiguous scores, and on
     transposed ones, for which ATen's softmax returns a contiguous tensor."""
