@@ -13,6 +13,7 @@ from tests.strategies import MODERN_BLOCK
 from zmaj.models import gpt
 from zmaj.models.common import Batch
 from zmaj.nn.attention import Backend
+from zmaj.nn import layers
 from zmaj.nn.layers import sinusoidal_positions
 
 TINY = gpt.GPTConfig(vocab_size=64, context=32, d_model=32, n_layers=2, n_heads=4)
@@ -107,6 +108,25 @@ def test_dropout_is_a_function_of_its_seed(device: torch.device, seed: int) -> N
     assert not torch.allclose(gpt.forward(params, batch, config, dropout_seed=seed + 1), first)
     # No seed means evaluation: dropout is the identity.
     torch.testing.assert_close(gpt.forward(params, batch, config), gpt.forward(params, batch, TINY))
+
+
+def test_dropout_falls_on_the_embeddings_and_each_residual_branch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``GPTConfig.dropout``'s promise, as nanoGPT places it: once on the embeddings, then on every layer's
+    attention and MLP output before each is added to the residual stream (a branch that lost its dropout
+    passed the test of seeds above)."""
+    config = TINY.model_copy(update={"dropout": 0.2, "n_layers": 3})
+    params = gpt.init(config, seed=0)
+    batch = Batch(tokens=torch.arange(16)[None])
+    seen: list[tuple[int, ...]] = []
+    original = layers.dropout
+
+    def recording(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+        seen.append(tuple(x.shape))
+        return original(x, p, generator)
+
+    monkeypatch.setattr(gpt, "dropout", recording)
+    gpt.forward(params, batch, config, dropout_seed=3)
+    assert seen == [(1, 16, config.d_model)] * (1 + 2 * config.n_layers)
 
 
 def test_builds_on_the_meta_device() -> None:
