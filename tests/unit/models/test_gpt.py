@@ -12,8 +12,8 @@ from tensordict import TensorDict
 from tests.strategies import MODERN_BLOCK
 from zmaj.models import gpt
 from zmaj.models.common import Batch
-from zmaj.nn.attention import Backend
 from zmaj.nn import layers
+from zmaj.nn.attention import Backend
 from zmaj.nn.layers import sinusoidal_positions
 
 TINY = gpt.GPTConfig(vocab_size=64, context=32, d_model=32, n_layers=2, n_heads=4)
