@@ -280,3 +280,17 @@ def test_card_flags_the_hub_would_refuse_exit_2_before_anything_is_written(
     assert result.returncode == 2
     assert message in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_license_other_than_the_models_is_taken_with_a_warning(tmp_path: Path) -> None:
+    """export_model warns where --license differs from the license zmaj knows the model is under (a fine-tune
+    of a llama3.2 model published as mit), and the card says what the user named."""
+    from tests.unit.train.test_loop import logged
+    from zmaj.publish.export import export_model
+
+    model = finetune_fixtures.tiny_model(tmp_path / "model")
+    (model / "README.md").write_text("---\nlicense: llama3.2\n---\n")
+    with logged("WARNING") as messages:
+        export_model(model, tmp_path / "out", license="mit")
+    assert messages == ["--license mit, where the model it comes from is under llama3.2"]
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.to_dict()["license"] == "mit"

@@ -995,3 +995,23 @@ def test_grpo_accuracy_counts_right_answers_not_formatted_ones(model: Path, tmp_
     assert code == 0, err
     [row] = [r for r in records(tmp_path / "run") if "reward" in r]
     assert (row["accuracy"], row["format_rate"]) == (0.0, 1.0)
+
+
+def test_grpo_tells_the_task_which_answers_ran_into_the_token_limit(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The program hands the task reward the tokens that end an answer (the tokenizer's stop tokens among
+    them): without them every answer reads as cut by the limit, and a right "Answer:" line earns nothing."""
+    seen: list[tuple[set[int], set[int]]] = []
+    original = grpo.task_reward
+
+    def recording(task, tokenizer, problems, where, scored, stop_tokens):  # type: ignore[no-untyped-def]
+        seen.append((set(stop_tokens), set(tokenizer.stop_ids)))
+        return original(task, tokenizer, problems, where, scored, stop_tokens)
+
+    monkeypatch.setattr(grpo, "task_reward", recording)
+    spec = tiny("grpo.py", model, "eval=null", "task={name: say-e}")
+    code, _, err = run("grpo.py", *spec, "--run-dir", tmp_path / "run", "--stop-after", "1")
+    assert code == 0, err
+    assert seen
+    assert all(stops and stops >= ids for stops, ids in seen)

@@ -817,7 +817,7 @@ def damaged_run(tmp_path_factory: pytest.TempPathFactory, zmaj_tokenizer: Tokeni
     ("program", "args"),
     [
         ("generate.py", ["--model", "RUN", "--prompt", "hi", "--temperature", "0", "--max-new-tokens", "4"]),
-        ("perplexity.py", ["--model", "RUN", "--text-file", __file__]),
+        ("perplexity.py", ["--model", "RUN", "--text-file", "TEXT"]),
         ("sample.py", ["RUN", "--prompt", "hi", "--temperature", "0", "--max-new-tokens", "4"]),
     ],
 )
@@ -828,6 +828,8 @@ def test_a_run_is_read_as_the_model_its_checkpoint_recorded_and_without_latest(
     killed between its first checkpoint and ``latest`` resumed, but these said it had no checkpoint."""
     folder = tiny_run(tmp_path, zmaj_tokenizer)
     (folder / "checkpoints" / "latest").unlink()
+    (tmp_path / "text.txt").write_text(TEXT)  # perplexity's text: short
+    args = [str(tmp_path / "text.txt") if arg == "TEXT" else arg for arg in args]
     result = run(program, *(folder if arg == "RUN" else arg for arg in args))
     assert result.returncode == 0, result.stderr
     assert "checkpoints/latest is missing: reading" in result.stderr
@@ -1089,3 +1091,30 @@ def test_a_cut_before_a_token_that_spells_nothing_splits_no_character(
         n = len(encoding.ids) - 1  # all but the appended EOS
         cut = sample[: max(end for _, end in encoding.offsets[:n])]
         assert cut_character_bytes(encoding, cut, n) == 0
+
+
+def test_a_cut_inside_a_character_counts_the_bytes_each_byte_level_token_spells(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A byte-level token that begins a character can also hold what comes before it ("ĠÐ": a space and the
+    first byte of "з"): the cut's extra bytes are the text's from where that token starts less its own bytes (one
+    per character of its text), not one per token. Reference: the bytes tokens 1..n spell, token by token."""
+    monkeypatch.syspath_prepend(str(ROOT / "programs"))
+    from perplexity import cut_character_bytes
+
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(["the жук sat on the жаба " * 30 + "мир 🐍 snake 🐍🐍 " * 30], trainer)
+    sample = "the cat з sat, мир 🦀 end ж 🐍"
+    encoding = tokenizer.encode(sample)
+    assert "ĠÐ" in encoding.tokens  # a space and the first byte of "з" in one token
+    inside = 0
+    for n in range(1, len(encoding.ids)):
+        cut = sample[: max(end for _, end in encoding.offsets[:n])]
+        spelled = sum(len(token) for token in encoding.tokens[:n])  # byte-level: one character per byte
+        assert cut_character_bytes(encoding, cut, n) == len(cut.encode()) - spelled, encoding.tokens[: n + 1]
+        inside += cut_character_bytes(encoding, cut, n) > 0
+    assert inside >= 3  # after "ĠÐ", "ðŁ" and "ðŁ¦"

@@ -111,3 +111,20 @@ def test_a_column_of_blanks_alone_is_not_numeric(common: ModuleType) -> None:
     """Only a column with a number in it is right-aligned; one never measured ("-" throughout) reads as text."""
     table = common.markdown_table([{"a": "-", "b": 1.5}, {"a": "", "b": 2}], ["a", "b"])
     assert table.splitlines()[1] == "| --- | --: |"
+
+
+def test_the_matmul_peak_is_the_best_size_up_to_4096(
+    common: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The docstring: the peak is the best rate of any size (a stall at the last size must not lower it), and
+    the sizes stop at 4096 on the CPU by default however fast the products are."""
+    sizes: list[int] = []
+
+    def stalled_past_1024(n: int, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+        sizes.append(n)
+        rate = 10_000.0 if n == 1024 else 5_000.0
+        return rate, 2 * n**3 / (rate * 1e9)  # 4096: 0.03 s, under 0.1 s
+
+    monkeypatch.setattr(common, "square_matmul_gflops", stalled_past_1024)
+    assert common.matmul_peak_gflops.__wrapped__(torch.float32, "cpu") == 10_000.0
+    assert sizes == [256, 512, 1024, 2048, 4096]

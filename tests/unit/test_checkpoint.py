@@ -782,3 +782,12 @@ def test_non_finite_leaves_names_every_tensor_with_a_nan_or_an_infinity_in_any_f
             if t.is_floating_point() and not t.isfinite().all()
         ]
         assert checkpoint.non_finite_leaves(td) == want == ["nan", "inf", "neg", "deep.x"]
+
+
+def test_newest_without_latest_is_the_highest_step(tmp_path: Path, warnings: list[str]) -> None:
+    """A kill between a save's rename and ``latest``'s write, after earlier checkpoints: readers take the newest
+    step, as a resume does (``latest_intact``), not the oldest."""
+    folders = save_steps(tmp_path, [1, 2, 3])
+    (tmp_path / "checkpoints" / "latest").unlink()
+    assert checkpoint.newest(tmp_path) == folders[3] == checkpoint.latest_intact(tmp_path)
+    assert "latest is missing" in warnings[0]

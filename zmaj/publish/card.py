@@ -15,6 +15,7 @@ Cards are built with ``huggingface_hub.ModelCardData`` / ``ModelCard``, so they 
 import re
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import groupby, pairwise
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -72,7 +73,7 @@ class Run:
     def lora(self) -> bool:
         return (self.folder / LORA_FILE).is_file()
 
-    @property
+    @cached_property  # read once: an ancestor that cannot be described warns once
     def start(self) -> "str | Run | None":
         """What a fine-tuning run started from: a shipped model's name, the run (or one of its checkpoints) it
         went on from, or None (pre-training; a model zmaj cannot trace, such as a GGUF file or an HF folder)."""

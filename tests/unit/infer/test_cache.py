@@ -57,14 +57,14 @@ MODELS: dict[str, tuple[ModuleType, Config]] = {
     "llama-gqa": (llama, LLAMA_TINY),
     "llama-gqa-eager": (llama, LLAMA_TINY.model_copy(update={"attention": "eager"})),
     "llama-mqa": (llama, LLAMA_TINY.model_copy(update={"n_kv_heads": 1})),
-    # Llama 3.1-style frequencies, planes in all three of its regimes (a cached path that dropped the scaling
-    # matched nothing else), and linear interpolation.
+    # Llama 3.1-style frequencies, a plane in each of its three regimes (head_dim 8), and linear interpolation: a
+    # cached path that dropped the scaling matched nothing else.
     "llama3-scaled": (
         llama,
         LLAMA_TINY.model_copy(
             update={
                 "rope_scaling": Llama3Scaling(
-                    factor=8, low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=16
+                    factor=8, low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=64
                 )
             }
         ),

@@ -457,3 +457,32 @@ def test_a_sinusoidal_gpt_runs_in_bfloat16() -> None:
     assert logits.dtype == torch.bfloat16
     reference = gpt.forward(params.to(torch.float32), Batch(tokens=torch.arange(8)[None]), config)
     assert (logits.float() - reference).abs().max() < 0.1
+
+
+def test_dropout_takes_each_branch_output_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where dropout falls, not only how often: the embeddings, then each layer's attention output and MLP output
+    themselves, before they join the residual stream (dropout of ``x + branch`` has the same count and shapes)."""
+    config = TINY.model_copy(update={"dropout": 0.2, "n_layers": 3})
+    params = gpt.init(config, seed=0)
+    batch = Batch(tokens=torch.arange(16)[None])
+    dropped: list[torch.Tensor] = []
+    branches: list[torch.Tensor] = []
+
+    def keeping(function):  # type: ignore[no-untyped-def]
+        def kept(*args, **kwargs):  # type: ignore[no-untyped-def]
+            branches.append(out := function(*args, **kwargs))
+            return out
+
+        return kept
+
+    def recording(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+        dropped.append(x)
+        return layers.dropout(x, p, generator)
+
+    monkeypatch.setattr(gpt, "_merge_heads", keeping(gpt._merge_heads))
+    monkeypatch.setattr(gpt, "mlp", keeping(layers.mlp))
+    monkeypatch.setattr(gpt, "dropout", recording)
+    gpt.forward(params, batch, config, dropout_seed=3)
+    assert len(branches) == 2 * config.n_layers
+    assert len(dropped) == 1 + len(branches)
+    assert all(d is b for d, b in zip(dropped[1:], branches, strict=True))

@@ -491,4 +491,18 @@ def test_a_start_that_cannot_be_described_now_leaves_the_base_and_license_unknow
     assert run is not None
     with logged("WARNING") as messages:
         assert (run.start, run.base_model, run.license) == (None, None, None)
-    assert messages[0].startswith(f"{run.folder} started from {start}, which cannot be described now: ")
+    (message,) = messages  # once, however often the card asks
+    assert message.startswith(f"{run.folder} started from {start}, which cannot be described now: ")
+
+
+def test_a_hub_path_deeper_than_owner_and_name_is_no_card_dataset() -> None:
+    """``hub_datasets`` names only ``owner/name`` ids: a relative folder two slashes deep (absent here, as on
+    the machine that exports a run trained elsewhere) is no Hub dataset id."""
+    run = Run(Path("run"), "sft", {"data": {"kind": "hub", "path": "corpus/texts/2024"}})
+    assert run.hub_datasets == []
+
+
+def test_a_bool_in_an_evaluation_row_is_damage() -> None:
+    run = Run(Path("run"), "pretraining", {}, [{"step": 4, "val_loss": True, "val_bpb": 3.1}])
+    with pytest.raises(ValueError, match="has no number 'val_loss'"):
+        card._results(run)

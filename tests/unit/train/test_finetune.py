@@ -531,3 +531,19 @@ def test_the_sft_fingerprint_changes_with_any_id_mask_or_boundary() -> None:
     assert finetune.fingerprint([(list(ids), list(mask)) for ids, mask in examples]) == finetune.fingerprint(
         examples
     )
+
+
+def test_evaluate_task_few_shot_reads_an_answer_ended_by_the_blank_line_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Few-shot, the blank line ends an answer (no stop token): read as cut by the limit, its "Answer:" line,
+    the last before the blank, would be dropped and every few-shot answer scored wrong."""
+    task = get_task("arithmetic", digits=1)
+    problems = task.problems("test", 2)
+    answers = [
+        TOKENIZER.encode(f"Answer: {p.answer}{FEW_SHOT_STOP}Question: What", add_special_tokens=False)
+        for p in problems
+    ]
+    monkeypatch.setattr(finetune, "sample_answers", lambda *args, **kwargs: answers)
+    result = finetune.evaluate_task(tiny_model(), task, problems, max_new_tokens=8, batch_size=2, few_shot=2)
+    assert (result.accuracy, result.format_rate) == (1.0, 1.0)

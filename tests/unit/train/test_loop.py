@@ -1574,3 +1574,39 @@ def test_a_resumed_run_makes_the_batch_of_its_first_step_and_none_past_its_last(
     trained.clear()
     session(resume=True)
     assert (made, trained) == ([], [])
+
+
+def test_a_record_that_cannot_be_flushed_stops_the_run_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fsync of metrics.jsonl that fails (EIO) before a checkpoint stops the run as a failed save does: exit 1,
+    one line, no traceback, and no checkpoint that the lost lines would be missing from."""
+
+    flush = fileio.fsync
+
+    def failing(path: Path) -> None:
+        if Path(path).name == "metrics.jsonl":
+            raise OSError(errno.EIO, "Input/output error")
+        flush(path)
+
+    monkeypatch.setattr(fileio, "fsync", failing)
+    with logged() as errors, pytest.raises(SystemExit) as exited:
+        train(tmp_path / "run", steps=4)
+    assert exited.value.code == 1
+    assert len(errors) == 1
+    assert errors[0].startswith("could not flush the run's records to disk before a checkpoint ([Errno 5]")
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+def test_a_checkpoint_that_recorded_its_seed_beside_the_spec_is_compared_by_it(tmp_path: Path) -> None:
+    """Checkpoints written before the spec was recorded keep the seed in state.json's "seed"."""
+
+    class SeedSpec(BaseModel):
+        train: dict[str, Any]
+
+    folder = tmp_path / "step-0000004"
+    folder.mkdir()
+    (folder / "state.json").write_text(json.dumps({"step": 4, "seed": 1, "spec": {"train": {"steps": 10}}}))
+    with pytest.raises(ValueError, match=r"written with another train\.seed than"):
+        runs.check_written_by(folder, SeedSpec(train={"steps": 10, "seed": 0}))
+    runs.check_written_by(folder, SeedSpec(train={"steps": 10, "seed": 1}))
