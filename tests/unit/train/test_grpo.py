@@ -29,11 +29,17 @@ def fraction_of_target(prompt_index: int, completion: list[int]) -> float:
     return sum(token == TARGET for token in completion) / max(len(completion), 1)
 
 
-def rollout(params: TensorDictBase, config: grpo.GRPOConfig, seed: int, **kwargs: object) -> grpo.Rollout:
+def rollout(
+    params: TensorDictBase,
+    config: grpo.GRPOConfig,
+    seed: int,
+    reward: grpo.Reward = fraction_of_target,
+    **kwargs: object,
+) -> grpo.Rollout:
     return grpo.sample_rollout(
         params,
         PROMPTS,
-        fraction_of_target,
+        reward,
         forward=FORWARD,
         step=llama.cached(CONFIG),
         cache_shape=CONFIG,
@@ -194,16 +200,7 @@ def test_each_completion_is_scored_against_its_own_prompt(device: torch.device) 
 
     params = llama.init(CONFIG, seed=0, device=device)
     every = GRPO.model_copy(update={"skip_uniform_groups": False})
-    grpo.sample_rollout(
-        params,
-        PROMPTS,
-        reward,
-        forward=FORWARD,
-        step=llama.cached(CONFIG),
-        cache_shape=CONFIG,
-        config=every,
-        seed=5,
-    )
+    rollout(params, every, 5, reward)
     assert seen == [index // every.group_size for index in range(len(PROMPTS) * every.group_size)]
 
 
