@@ -102,9 +102,9 @@ def cut_character_bytes(encoding: tokenizers.Encoding, text: str, n: int) -> int
     # that starts where the last scored one ends: the cut falls between characters.
     if n == len(offsets) or offsets[n][0] == offsets[n][1] or offsets[n][0] >= offsets[n - 1][1]:
         return 0
-    split = encoding.offsets[n][0]  # where the character token n + 1 finishes begins
-    sharing = [i for i in range(n) if encoding.offsets[i][1] > split]
-    start = min(encoding.offsets[i][0] for i in sharing)
+    split = offsets[n][0]  # where the character token n + 1 finishes begins
+    sharing = [i for i in range(n) if offsets[i][1] > split]
+    start = min(offsets[i][0] for i in sharing)
     return len(text[start:].encode("utf-8")) - sum(own_bytes(encoding.tokens[i]) for i in sharing)
 
 

@@ -11,7 +11,7 @@ from generate import checked_sampling
 from loguru import logger
 
 from zmaj import checkpoint
-from zmaj.convert.load import LORA_FILE, check_weights, run_config
+from zmaj.convert.load import LORA_FILE, READ_ANYWAY, check_weights, run_config
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer.generate import NonFiniteLogitsError
 from zmaj.infer.sample import continuation
@@ -45,7 +45,8 @@ def main() -> None:
         if not isinstance(config, GPTConfig) or (args.run_dir / LORA_FILE).is_file():
             raise ValueError(f"{args.run_dir} is not a zmaj GPT pre-training run: sample it with generate.py")
         latest = checkpoint.newest(args.run_dir)
-        run_config(args.run_dir, latest)  # the model the checkpoint recorded, or a one-line refusal
+        # The model the checkpoint recorded, or a one-line refusal (as load_model's run_config checks it).
+        checkpoint.check_recorded_model(latest, config.model_dump(mode="json"), READ_ANYWAY)
         tokenizer = Tokenizer.load(args.run_dir / "tokenizer.json")
         params = checkpoint.load_params(latest, gpt.init(config, 0, device="meta"))
         check_weights(params, str(latest))

@@ -544,10 +544,15 @@ def check_recorded_model(checkpoint: Path, model: dict[str, Any], skip: Collecti
         isinstance(recorded, dict)
         and (field := recorded_difference("model", recorded, model, skip)) is not None
     ):
-        raise ValueError(
-            f"{checkpoint} was written with another {field} than the run's spec.yaml says: a checkpoint of "
-            "another run, or a spec.yaml edited since; put the run's own back"
-        )
+        raise written_otherwise(checkpoint, field)
+
+
+def written_otherwise(checkpoint: Path, field: str) -> ValueError:
+    """The refusal of a checkpoint whose record and the run's ``spec.yaml`` differ in ``field``."""
+    return ValueError(
+        f"{checkpoint} was written with another {field} than the run's spec.yaml says: a checkpoint of another "
+        "run, or a spec.yaml edited since; put the run's own back"
+    )
 
 
 def load_tensors(checkpoint: Path, file: str = PARAMS) -> dict[str, torch.Tensor]:

@@ -224,10 +224,7 @@ def check_written_by(path: Path, spec: BaseModel, frozen: Sequence[str] = ()) ->
             and (field := checkpoint.recorded_difference(name, then, _dotted(now, name), LOCATIONS))
             is not None
         ):
-            raise ValueError(
-                f"{path} was written with another {field} than the run's spec.yaml says: a checkpoint of "
-                "another run, or a spec.yaml edited since; put the run's own back"
-            )
+            raise checkpoint.written_otherwise(path, field)
 
 
 def _dotted(values: object, name: str) -> object:
