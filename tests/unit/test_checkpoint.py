@@ -28,6 +28,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from zmaj import checkpoint, fileio
 from zmaj.checkpoint import CheckpointWriteError, DamagedCheckpointError
+from zmaj.models import gpt
 
 FORK = multiprocessing.get_context("fork")
 
@@ -763,7 +764,7 @@ def test_non_finite_leaves_names_every_tensor_with_a_nan_or_an_infinity_in_any_f
     """Read from each tensor's largest and smallest values (NaN propagates through both): checked against
     ``isfinite`` over every element, for each type a model is stored in."""
     generator = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         leaves = {
             name: torch.randn(3, 5, generator=generator).to(dtype) for name in ("nan", "inf", "neg", "ok")
         }
@@ -782,6 +783,11 @@ def test_non_finite_leaves_names_every_tensor_with_a_nan_or_an_infinity_in_any_f
             if t.is_floating_point() and not t.isfinite().all()
         ]
         assert checkpoint.non_finite_leaves(td) == want == ["nan", "inf", "neg", "deep.x"]
+    # Extremes read in float64: a float64 weight of 1e300 is finite (in float32 it was infinity).
+    assert (
+        checkpoint.non_finite_leaves(TensorDict({"w": torch.tensor([1e300, -1e300], dtype=torch.float64)}))
+        == []
+    )
 
 
 def test_newest_without_latest_is_the_highest_step(tmp_path: Path, warnings: list[str]) -> None:
@@ -791,3 +797,28 @@ def test_newest_without_latest_is_the_highest_step(tmp_path: Path, warnings: lis
     (tmp_path / "checkpoints" / "latest").unlink()
     assert checkpoint.newest(tmp_path) == folders[3] == checkpoint.latest_intact(tmp_path)
     assert "latest is missing" in warnings[0]
+
+
+def test_recorded_difference_compares_only_what_the_checkpoint_recorded() -> None:
+    """A field added to zmaj since (``now`` only) is not compared; one the checkpoint recorded and the config no
+    longer has is a difference; the first differing field is named by its dotted path."""
+    then = {"a": 1, "inner": {"b": 2, "c": 3}}
+    assert checkpoint.recorded_difference("model", then, {**then, "new": 4}) is None
+    assert checkpoint.recorded_difference("model", {**then, "gone": 2}, then) == "model.gone"
+    assert (
+        checkpoint.recorded_difference("model", then, {**then, "inner": {"b": 2, "c": 4}}) == "model.inner.c"
+    )
+    assert checkpoint.recorded_difference("model", then, {**then, "inner": {"b": 5, "c": 4}}, ("b",)) == (
+        "model.inner.c"
+    )
+
+
+def test_parameters_of_another_shape_are_refused_naming_the_tensor(tmp_path: Path) -> None:
+    """A checkpoint of a narrower model loaded into a wider one: named in one line, not loaded (a forward
+    traceback later, or another network read)."""
+    small = gpt.GPTConfig(vocab_size=32, context=8, d_model=16, n_layers=1, n_heads=2)
+    state = TensorDict({"params": gpt.init(small, 0), "opt": {"step": torch.tensor(1)}})
+    folder = checkpoint.save(tmp_path, state, {})
+    wide = gpt.init(small.model_copy(update={"d_model": 32}), 0, device="meta")
+    with pytest.raises(ValueError, match="has shape"):
+        checkpoint.load_params(folder, wide)

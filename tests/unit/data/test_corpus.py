@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import re
@@ -67,6 +68,44 @@ def test_validation_fraction_is_respected_on_average() -> None:
 def _all(source: FilesSource | HubSource) -> list[Document]:
     """Both splits, validation fraction 0.5 so both get documents."""
     return [d for split in ("train", "validation") for d in documents(source, split, 0.5)]
+
+
+def test_the_split_of_a_name_is_pinned() -> None:
+    """Held-out numbers compare across versions only while the same documents are held out: a change of the rule
+    (the hash's byte order, what is hashed) must bump ``CORPUS_VERSION`` and say so, not pass."""
+    held_out = [
+        7,
+        19,
+        20,
+        21,
+        49,
+        50,
+        52,
+        59,
+        60,
+        73,
+        80,
+        91,
+        103,
+        107,
+        108,
+        118,
+        154,
+        159,
+        160,
+        161,
+        164,
+        171,
+        178,
+    ]
+    assert [i for i in range(200) if in_validation(f"doc-{i}", 0.1)] == held_out
+
+
+def test_a_row_is_named_by_the_sha256_of_its_exact_text(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"text": "x\n"}) + "\n" + json.dumps({"text": "x"}) + "\n")
+    names = [d.name for d in corpus.files_documents(FilesSource(paths=[str(path)], format="jsonl"))]
+    assert names == [f"sha256:{hashlib.sha256(text.encode()).hexdigest()}" for text in ("x\n", "x")]
 
 
 def test_jsonl_files_give_one_document_per_line(jsonl_file: Path) -> None:
@@ -410,10 +449,32 @@ def test_stdlib_key_changes_with_its_files(tmp_path: Path, monkeypatch: pytest.M
     assert added != key
     (root / "a.py").write_text("x = 10\n")
     assert source_key(StdlibSource(), "train", FRACTION) != added
+    resized = source_key(StdlibSource(), "train", FRACTION)
+    stat = (root / "a.py").stat()
+    (root / "a.py").write_text("x = 20\n")  # the same size: its time tells
+    os.utime(root / "a.py", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert source_key(StdlibSource(), "train", FRACTION) != resized
     (root / "notes.txt").write_text("not code")  # not read, so no change
     edited = source_key(StdlibSource(), "train", FRACTION)
     (root / "more.txt").write_text("not code either")
     assert source_key(StdlibSource(), "train", FRACTION) == edited
+
+
+def test_one_relative_path_from_two_folders_is_two_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``paths: [c.jsonl]`` names another file from another folder: of one size and time, the two were one key,
+    and the other corpus's tokenizer and tokens were reused."""
+    for folder, text in (("a", "aaaa"), ("b", "bbbb")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "c.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    stat = (tmp_path / "a" / "c.jsonl").stat()
+    os.utime(tmp_path / "b" / "c.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    keys = set()
+    for folder in ("a", "b"):
+        monkeypatch.chdir(tmp_path / folder)
+        keys.add(source_key(FilesSource(paths=["c.jsonl"], format="jsonl"), "train", FRACTION))
+    assert len(keys) == 2
 
 
 @pytest.mark.parametrize("pattern", ["exact", "glob", "folder"])

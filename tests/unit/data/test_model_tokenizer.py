@@ -13,10 +13,11 @@ import pytest
 import transformers
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from tokenizers import processors
 
 from zmaj.data import chat_template
 from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
-from zmaj.data.tokenizer import BOS, EOS, PAD, Tokenizer
+from zmaj.data.tokenizer import BOS, END, EOS, PAD, Tokenizer
 
 # ChatML as SmolLM2 and Qwen write it, with a default system turn and the tojson filter, to exercise the
 # environment's conventions (trim_blocks, loop variables, filters).
@@ -552,6 +553,23 @@ def test_a_tokenizer_that_appends_eos_is_read_and_saved_so(
     assert loaded.add_eos
     loaded.save(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())["add_eos_token"] is True
+
+
+def test_a_tokenizer_that_appends_another_token_than_eos_is_not_read_as_adding_eos(
+    zmaj_tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    """``add_eos`` is EOS appended, not anything appended: ``$A <|end|>`` saved as ``add_eos_token: true`` would
+    tell transformers 4.x to rebuild the post-processor with an EOS the model never saw."""
+    inner = type(zmaj_tokenizer.tokenizer).from_str(zmaj_tokenizer.tokenizer.to_str())
+    inner.post_processor = processors.TemplateProcessing(
+        single=f"$A:0 {END}:0", special_tokens=[(END, inner.token_to_id(END))]
+    )
+    ModelTokenizer(inner, zmaj_tokenizer.bos_token, zmaj_tokenizer.eos_token, zmaj_tokenizer.pad_token).save(
+        tmp_path
+    )
+    loaded = ModelTokenizer.load(tmp_path)
+    assert loaded.encode("hi")[-1] == inner.token_to_id(END)
+    assert not loaded.add_eos
 
 
 def test_a_tokenizer_that_adds_bos_and_eos_is_read_as_adding_both(

@@ -99,6 +99,16 @@ def test_a_corpus_without_text_is_refused_before_a_tokenizer_is_cached(
     assert not list((tmp_path / "cache").rglob("*.json"))
 
 
+def test_a_corpus_too_small_for_the_vocabulary_is_refused_naming_both(tmp_path: Path) -> None:
+    """BPE stops merging when the corpus has no pair left: a tokenizer smaller than the embedding would train
+    on silently, its rows never used."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": f"ab {i} ab"}) + "\n" for i in range(50)))
+    config = DataConfig(source=FilesSource(paths=[str(path)], format="jsonl"), vocab_size=2000, seq_len=4)
+    with pytest.raises(ValueError, match=r"tokens but data\.vocab_size is 2000"):
+        prepare(config, tmp_path / "cache", seed=0)
+
+
 class ThreeTokens(Tokenizer):
     """A vocabulary of three tokens spelling 1, 2 and 1 bytes: all the baseline reads of a tokenizer."""
 

@@ -169,6 +169,29 @@ def test_a_continuation_longer_than_max_length_is_refused(model: Pretrained) -> 
         score_continuations(model, [([1], [2] * 17)], CONFIG.context)
 
 
+def test_a_pair_without_context_is_refused(model: Pretrained) -> None:
+    """Its first continuation token has no position to be predicted from: scored anyway, it was left out."""
+    with pytest.raises(ValueError, match="needs a context"):
+        score_continuations(model, [([], [1, 2])], CONFIG.context)
+
+
+def test_bf16_logits_are_scored_in_float32(model: Pretrained) -> None:
+    """``dtype=auto`` is bf16 on a GPU: a log-softmax in bf16 moves each score by about 1e-2, enough to flip close
+    choices (every other test runs in float32). The weights are scaled up so that the logits spread widely."""
+    scaled = model.params.apply(lambda t: (t * 8).to(torch.bfloat16))
+    assert scaled is not None
+    bf16 = Pretrained(CONFIG, scaled, model.tokenizer)
+    context, continuation = [1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12]
+    with torch.no_grad():
+        logits = gpt.forward(
+            bf16.params, Batch(tokens=torch.tensor([[*context, *continuation][:-1]])), CONFIG
+        )
+    logprobs = logits[0].float().log_softmax(-1)[-len(continuation) :]
+    expected = sum(float(logprobs[i, t]) for i, t in enumerate(continuation))
+    [(total, _)] = score_continuations(bf16, [(context, continuation)], CONFIG.context)
+    assert total == pytest.approx(expected, abs=1e-4)
+
+
 def test_sampling_follows_the_task_and_refuses_what_zmaj_cannot_do() -> None:
     assert sampling_from({"do_sample": False, "temperature": 0.0}) == GREEDY
     assert sampling_from({"do_sample": True, "temperature": 0.0}) == GREEDY
@@ -230,6 +253,27 @@ def test_requests_sharing_an_input_score_as_each_alone_from_one_forward_row(
         expected_total, expected_greedy = naive_score(lm.model, context, continuation, max_length=16)
         assert total == pytest.approx(expected_total, abs=1e-5)
         assert greedy == expected_greedy
+
+
+def test_log_likelihoods_run_longest_input_first_counting_the_continuation(
+    model_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first batch is the widest (an out-of-memory shows at once, and batches pad least): a pair's width is
+    its context and continuation together, not its context alone."""
+    lm = ZmajLM(path=str(model_folder), device="cpu", dtype="float32", batch_size=1, max_length=16)
+    seen: list[list[tuple[list[int], list[int]]]] = []
+    real = harness.score_continuations
+
+    def spied(
+        model: Pretrained, pairs: list[tuple[list[int], list[int]]], *args: Any
+    ) -> list[tuple[float, bool]]:
+        seen.append(pairs)
+        return real(model, pairs, *args)
+
+    monkeypatch.setattr(harness, "score_continuations", spied)
+    pairs = [([3] * 8, [4]), ([1, 2], [5] * 10), ([6] * 3, [7])]
+    lm._loglikelihood_tokens([(None, context, continuation) for context, continuation in pairs])
+    assert seen == [[pairs[1]], [pairs[0]], [pairs[2]]]
 
 
 def test_add_bos_token_forces_one_bos_on_or_off(model_folder: Path) -> None:

@@ -4,6 +4,7 @@ token counts, and shard sizes."""
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from tests.unit.train.test_loop import logged
 from zmaj.convert.load import LORA_FILE, Pretrained
+from zmaj.data.chat_template import DEFAULT_TEMPLATE
 from zmaj.publish import card
 from zmaj.publish.card import Run
 from zmaj.publish.export import parse_size
@@ -128,6 +130,32 @@ def test_a_killed_run_is_described_as_far_as_the_checkpoint_exported(tmp_path: P
         assert "Wall time: not recorded, with 1 session(s) killed before recording their end." in (
             card._compute(run)
         )
+
+
+def test_an_earlier_checkpoint_exported_is_described_as_far_as_its_own_step(tmp_path: Path) -> None:
+    """Exporting step 40 of a run whose ``latest`` is step 50: the card's steps and results are step 40's, not
+    the newest checkpoint's."""
+    folder = _killed_run(tmp_path / "run")
+    (folder / "checkpoints" / "step-0000040").mkdir()
+    (folder / "checkpoints" / "step-0000040" / "state.json").write_text('{"step": 40}')
+    run = card.read_run(folder / "checkpoints" / "step-0000040")
+    assert run is not None
+    assert (run.checkpoint_step, run.steps, run.tokens_seen) == (40, 40, 400)
+    assert card.read_run(folder).checkpoint_step == 50  # type: ignore[union-attr]
+
+
+def test_a_pretrained_models_card_loads_it_for_plain_text_though_its_tokenizer_has_a_chat_template(
+    model: Pretrained,
+) -> None:
+    """A pre-trained model was never trained on chats: its card continues text (zmaj's tokenizers carry the
+    default template from the start); a fine-tuned one's talks through the template."""
+    chatty = Pretrained(model.config, model.params, replace(model.tokenizer, chat_template=DEFAULT_TEMPLATE))
+    source = {"kind": "task", "task": "arithmetic"}
+    pretraining = Run(Path("run"), "pretraining", {"data": {"source": source, "seq_len": 16}})
+    pretrained = str(card.model_card(chatty, pretraining, name="t", license="mit"))
+    sft = str(card.model_card(chatty, Run(Path("run"), "sft", {"data": source}), name="t", license="mit"))
+    assert "apply_chat_template" not in pretrained
+    assert "apply_chat_template" in sft
 
 
 def test_a_checkpoint_named_from_inside_its_run_is_described_as_that_run(

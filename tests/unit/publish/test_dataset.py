@@ -21,6 +21,15 @@ def token_file(directory: Path, split: str, documents: list[list[int]]) -> Path:
     return directory
 
 
+def test_a_token_file_that_names_no_split_is_the_train_split(tmp_path: Path) -> None:
+    """Token files written before ``meta.json`` recorded the split were training data."""
+    directory = token_file(tmp_path / "old", "train", [[5, 1]])
+    meta = json.loads((directory / "meta.json").read_text())
+    del meta["split"]
+    (directory / "meta.json").write_text(json.dumps(meta))
+    assert list(token_dataset([directory])) == ["train"]
+
+
 def test_a_token_dataset_loads_back_with_its_columns(tmp_path: Path) -> None:
     data = token_dataset([token_file(tmp_path / "train", "train", [[5, 6, 1], [7, 1]])])
     assert data["train"].features == datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})

@@ -94,6 +94,18 @@ def test_parse_int_reads_plain_and_comma_grouped_integers(n: int) -> None:
     assert parse_int(f"{n} apples") is None
 
 
+@pytest.mark.parametrize("text", ["1234,567", "12,34", "1,2345", ",123", "1,234,56"])
+def test_parse_int_refuses_misgrouped_thousands(text: str) -> None:
+    assert parse_int(text) is None
+
+
+def test_an_answer_with_trailing_punctuation_is_well_formed_but_wrong() -> None:
+    """The answer is asked for written plainly: "Answer: 42." is not 42."""
+    problem = get_task("arithmetic").problems("test", 1)[0]
+    reward = get_task("arithmetic").reward(problem, f"Answer: {problem.answer}.")
+    assert (reward.format, reward.correctness) == (1.0, 0.0)
+
+
 @pytest.mark.parametrize("digits", ["\u0661\u0662", "\uff11\uff12", "\u0967\u0968", "1\u0662"])
 def test_parse_int_reads_ascii_digits_only(digits: str) -> None:
     """``int`` reads Arabic-Indic, fullwidth and Devanagari digits as 12; an answer is asked for in 0-9."""

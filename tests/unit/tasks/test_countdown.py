@@ -1,4 +1,5 @@
 import ast
+import re
 from fractions import Fraction
 
 import pytest
@@ -6,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zmaj.tasks import CountdownTask, check_expression
+from zmaj.tasks.countdown import _ATOM, _join, _Node
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -108,6 +110,37 @@ def test_checker_agrees_with_exact_evaluation(text: str, target: int) -> None:
 )
 def test_checker_rejects(text: str, why: str) -> None:
     assert not check_expression(text, [2, 3, 3, 7, 10], 20), why
+
+
+@pytest.mark.parametrize(
+    ("text", "numbers", "target"),
+    [
+        ("True + 19", [1, 19], 20),
+        ("2 ** 3", [2, 3], 8),
+        ("10 // 2 * 4", [2, 4, 10], 20),
+        ("-2 + 22", [2, 22], 20),
+    ],
+)
+def test_checker_rejects_for_the_form_alone_when_every_number_is_given(
+    text: str, numbers: list[int], target: int
+) -> None:
+    """The cases above are wrong twice (2 ** 3 + 12 uses a 12 not given), so they passed without the operator
+    and literal checks; ``2 ** 3`` without them was a KeyError, which stops a GRPO run."""
+    assert not check_expression(text, numbers, target)
+
+
+def test_the_reference_answer_has_only_the_parentheses_it_needs() -> None:
+    sum_ = _Node(8, "3 + 5", 1)
+    assert _join(sum_, "+", _Node(2, "2", _ATOM)) == "3 + 5 + 2"
+    assert _join(sum_, "-", _Node(2, "2", _ATOM)) == "3 + 5 - 2"
+    assert _join(_Node(6, "2 * 3", 2), "/", _Node(2, "2", _ATOM)) == "2 * 3 / 2"
+    assert _join(_Node(2, "2", _ATOM), "-", sum_) == "2 - (3 + 5)"
+
+
+def test_the_random_expressions_take_right_leaning_shapes_too() -> None:
+    """Merging any two of the numbers, not the first two, reaches every tree: a * (b + c) as well as (a + b) * c."""
+    answers = [p.answer for p in CountdownTask(count=3).problems("train", 200, 0)]
+    assert any(re.search(r"[-+*/] \(", answer) for answer in answers)
 
 
 def test_checker_accepts_exact_division_and_any_order() -> None:

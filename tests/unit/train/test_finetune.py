@@ -436,6 +436,8 @@ def test_pinning_is_one_folder_when_two_processes_pin_at_once_and_a_warning_wher
     monkeypatch.setattr(checkpoint, "_linked_copy", racing)
     kept = checkpoint.pin(source)
     assert sorted(p.name for p in source.parent.iterdir()) == sorted(["latest", source.name, kept.name])
+    # Hard links: no byte copied while the checkpoint lives.
+    assert (kept / checkpoint.PARAMS).stat().st_ino == (source / checkpoint.PARAMS).stat().st_ino
 
     def read_only(checkpoint: Path) -> Path:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(checkpoint))
