@@ -15,6 +15,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from tests.unit.train.test_loop import logged
 from zmaj.convert import hf
 from zmaj.models import gpt, llama
 from zmaj.models.common import Batch
@@ -285,6 +286,23 @@ def test_a_tied_config_beside_a_stored_head_of_its_own_reads_as_transformers_rea
             assert isinstance(config, llama.LlamaConfig)
             logits = llama.forward(params, Batch(tokens=tokens), config)
     assert (logits - logits_of(model, tokens)).abs().max().item() <= 1e-5
+
+
+def test_a_tied_checkpoint_that_also_stores_its_embedding_as_the_head_stays_tied(tmp_path: Path) -> None:
+    """Some exporters write ``lm_head.weight`` beside a tied embedding, as a copy: ``transformers`` ties the two
+    (one matrix), so zmaj reads it tied, without the warning an untied head of its own gets."""
+    reference_model("qwen3").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    save_file(
+        tensors | {"lm_head.weight": tensors["model.embed_tokens.weight"].clone()},
+        tmp_path / "model.safetensors",
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with logged("WARNING") as warnings:
+        config, params = hf.load_hf(tmp_path)
+    assert (config.tie_embeddings, "unembed" in params, warnings) == (True, False, [])
 
 
 def test_a_top_level_original_context_wins_as_in_transformers(tmp_path: Path) -> None:

@@ -6,13 +6,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import transformers
 from gguf import GGMLQuantizationType
+from transformers.activations import ACT2FN
 
 from zmaj.convert import gguf as zgguf
 from zmaj.convert import hf
 from zmaj.models import gemma3
 from zmaj.models.gpt import GPTConfig
+from zmaj.nn.layers import activation
 from zmaj.nn.rope import LinearScaling
 
 # --- GGUF metadata that the tiny test files leave at its default ---------------------------------------------
@@ -56,13 +59,21 @@ def test_gemma3_27b_files_scale_scores_by_d_model_over_heads() -> None:
     assert (big.query_pre_attn_scalar, small.query_pre_attn_scalar) == (16.0, 8.0)
 
 
-def test_gemma3_rope_bases_are_read_from_the_file() -> None:
-    """The tiny Gemma 3 test file writes the default bases (1e6 global, none local), so a loader that ignored
-    ``rope.freq_base`` or ``rope.freq_base_swa`` passed; a fine-tune with other bases would load mis-rotated."""
-    keys = gemma3_metadata(6, **{"rope.freq_base": 500_000.0, "rope.freq_base_swa": 20_000.0})
+def test_gemma3_rope_bases_and_epsilon_are_read_from_the_file() -> None:
+    """The tiny Gemma 3 test file writes the default bases (1e6 global, none local) and epsilon (1e-6), so a
+    loader that ignored ``rope.freq_base``, ``rope.freq_base_swa`` or ``layer_norm_rms_epsilon`` passed; a
+    fine-tune with other values would load mis-rotated, or with every norm slightly off."""
+    keys = gemma3_metadata(
+        6,
+        **{
+            "rope.freq_base": 500_000.0,
+            "rope.freq_base_swa": 20_000.0,
+            "attention.layer_norm_rms_epsilon": 1e-5,
+        },
+    )
     config = zgguf.config_from_gguf(gguf_file("gemma3", 6, keys))
     assert isinstance(config, gemma3.Gemma3Config)
-    assert (config.rope_base, config.local_rope_base) == (500_000.0, 20_000.0)
+    assert (config.rope_base, config.local_rope_base, config.norm_eps) == (500_000.0, 20_000.0, 1e-5)
 
 
 def test_a_llama_file_with_its_own_head_dim_reads_it() -> None:
@@ -109,18 +120,21 @@ def test_every_gemma3_setting_survives_the_config_round_trip() -> None:
 
 def test_gemma3_absent_keys_take_transformers_defaults() -> None:
     """Each key a Gemma 3 ``config.json`` may omit, read as ``Gemma3TextConfig`` fills it in (its default
-    ``num_key_value_heads`` is 4, not the 270M model's 1)."""
+    ``num_key_value_heads`` is 4, not the 270M model's 1; without ``layer_types`` or ``sliding_window_pattern``,
+    every sixth layer is global)."""
     sizes: dict[str, Any] = {
         "model_type": "gemma3_text",
         "vocab_size": 64,
         "hidden_size": 32,
-        "num_hidden_layers": 2,
+        # Twelve layers: two periods of the default pattern, five local layers to one global.
+        "num_hidden_layers": 12,
         "num_attention_heads": 4,
         "intermediate_size": 64,
     }
     config = hf.config_from_hf(sizes)
     reference = transformers.Gemma3TextConfig(**sizes)
     assert isinstance(config, gemma3.Gemma3Config)
+    assert config.layer_types == tuple(reference.layer_types or ())
     assert (config.n_kv_heads, config.head_dim, config.query_pre_attn_scalar, config.sliding_window) == (
         reference.num_key_value_heads,
         reference.head_dim,
@@ -168,6 +182,42 @@ def test_absent_key_value_heads_are_transformers_default(model_type: str, null: 
     reference = transformers.AutoConfig.for_model(**sizes)
     assert hf.config_from_hf(sizes).n_kv_heads == reference.num_key_value_heads
     assert reference.num_key_value_heads == (64 if model_type == "llama" or null else 32)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
+def test_an_absent_epsilon_is_transformers_default(model_type: str) -> None:
+    """Every real config.json writes ``rms_norm_eps``, so a wrong default passed every parity test."""
+    sizes: dict[str, Any] = {
+        "model_type": model_type,
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+    }
+    reference = transformers.AutoConfig.for_model(**sizes)
+    assert hf.config_from_hf(sizes).norm_eps == reference.rms_norm_eps
+
+
+def test_gpt2_absent_keys_take_transformers_defaults() -> None:
+    """A GPT-2 ``config.json`` without ``layer_norm_epsilon`` or ``activation_function`` is read as
+    ``GPT2Config`` fills them in; the activation is compared by its values, as ``transformers`` computes it."""
+    sizes: dict[str, Any] = {
+        "model_type": "gpt2",
+        "vocab_size": 64,
+        "n_positions": 16,
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 2,
+    }
+    config = hf.config_from_hf(sizes)
+    reference = transformers.GPT2Config(**sizes)
+    assert isinstance(config, GPTConfig)
+    assert config.norm_eps == reference.layer_norm_epsilon
+    x = torch.linspace(-6, 6, 1001)
+    expected = ACT2FN[reference.activation_function](x)
+    assert (activation(config.activation, x) - expected).abs().max().item() <= 1e-6
 
 
 def test_gpt2_config_carries_its_epsilon_and_dropout_both_ways() -> None:

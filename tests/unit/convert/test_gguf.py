@@ -216,6 +216,35 @@ def test_a_llama_cpp_file_gives_the_logits_of_the_model_it_was_written_from(
     assert (logits - expected).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("absent", ["llama.rope.freq_base", "llama.attention.head_count_kv"])
+def test_keys_a_llama_file_may_leave_out_read_as_transformers_reads_them(tmp_path: Path, absent: str) -> None:
+    """llama.cpp takes an absent RoPE base as 10,000 and an absent key/value head count as the query heads'
+    (``llama_model::load_hparams``), as ``transformers`` does; the tiny files write both keys, so a loader with
+    another default passed. Without the RoPE base the file still computes as ``transformers`` computes it."""
+    model = llama_model(tie=True)
+    metadata = {k: v for k, v in llama_cpp_metadata(model.config).items() if k != absent}
+    path = write_gguf(tmp_path / "tiny.gguf", "llama", metadata, llama_cpp_tensors(model))
+    config = zgguf.config_from_gguf(zgguf.read_gguf(path))
+    assert isinstance(config, llama.LlamaConfig)
+    reference = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
+    assert (config.rope_base, config.n_kv_heads) == (
+        reference.rope_parameters["rope_theta"],
+        reference.num_key_value_heads,
+    )
+    assert (config.rope_base, config.n_kv_heads) == (
+        (10_000.0, 2) if "freq_base" in absent else (50_000.0, 4)
+    )
+    if "freq_base" in absent:  # with the head count absent, the file's k and v are those of 2 heads, not 4
+        tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+        _, params = zgguf.load_gguf(path)
+        with torch.no_grad():
+            expected = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp_path, gguf_file=path.name, dtype=torch.float32
+            )(tokens).logits
+            logits = llama.forward(params, Batch(tokens=tokens), config)
+        assert (logits - expected).abs().max().item() <= 1e-5
+
+
 GEMMA3_SMALL: dict[str, Any] = {
     "vocab_size": VOCAB,
     "hidden_size": 64,
@@ -233,10 +262,12 @@ GEMMA3_SMALL: dict[str, Any] = {
 }
 
 
-def gemma3_file(tmp_path: Path) -> tuple[Path, transformers.Gemma3ForCausalLM]:
-    """A tiny Gemma 3 written as llama.cpp's converter writes one: its names, every norm stored as ``1 + w``."""
+def gemma3_file(tmp_path: Path, tie: bool = True) -> tuple[Path, transformers.Gemma3ForCausalLM]:
+    """A tiny Gemma 3 written as llama.cpp's converter writes one: its names, every norm stored as ``1 + w``, and
+    ``output.weight`` only when the unembedding is not the embedding."""
     torch.manual_seed(0)
-    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**GEMMA3_SMALL)).eval()
+    reference_config = transformers.Gemma3TextConfig(**GEMMA3_SMALL, tie_word_embeddings=tie)
+    model = transformers.Gemma3ForCausalLM(reference_config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -263,6 +294,9 @@ def gemma3_file(tmp_path: Path) -> tuple[Path, transformers.Gemma3ForCausalLM]:
             tensors["token_embd.weight"] = array
         elif name == "model.norm.weight":
             tensors["output_norm.weight"] = array
+        elif name == "lm_head.weight":
+            if not tie:
+                tensors["output.weight"] = array
         elif name.startswith("model.layers."):
             layer, rest = name.removeprefix("model.layers.").split(".", 1)
             module = rest.removesuffix(".weight")
@@ -284,12 +318,13 @@ def gemma3_file(tmp_path: Path) -> tuple[Path, transformers.Gemma3ForCausalLM]:
     return write_gguf(tmp_path / "gemma3.gguf", "gemma3", metadata, tensors), model
 
 
-def test_a_llama_cpp_gemma3_file_gives_the_logits_of_its_model(tmp_path: Path) -> None:
-    path, model = gemma3_file(tmp_path)
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_llama_cpp_gemma3_file_gives_the_logits_of_its_model(tmp_path: Path, tie: bool) -> None:
+    path, model = gemma3_file(tmp_path, tie)
     config, params = zgguf.load_gguf(path)
     assert isinstance(config, gemma3.Gemma3Config)
     assert config.is_sliding == (True,) * 5 + (False,)
-    assert (config.sliding_window, config.query_pre_attn_scalar, config.tie_embeddings) == (16, 32, True)
+    assert (config.sliding_window, config.query_pre_attn_scalar, config.tie_embeddings) == (16, 32, tie)
     tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(tokens).logits
@@ -327,6 +362,73 @@ def test_dequantised_values_are_the_stored_ones(
         d = rearrange(x, "r (b k) -> r b k", k=32).abs().amax(-1, keepdim=True) / 127
         error = rearrange(loaded - x, "r (b k) -> r b k", k=32).abs()
         assert bool((error <= d * (0.5 + 127 * 2**-11) + 1e-7).all())
+
+
+def ggml_dequantize(blocks: np.ndarray, kind: str) -> np.ndarray:
+    """ggml's ``dequantize_row_*`` (``ggml-quants.c``) for one block per row of ``blocks`` (uint8), written from
+    the block layouts of ``ggml-common.h``: float16 scales, then codes, low nibbles before high ones."""
+
+    def half(at: int) -> np.ndarray:
+        return blocks[:, at : at + 2].copy().view(np.float16).astype(np.float32)  # [blocks, 1]
+
+    def nibbles(codes: np.ndarray) -> np.ndarray:
+        return np.concatenate([codes & 15, codes >> 4], axis=-1).astype(np.float32)
+
+    if kind == "Q4_0":  # d, 16 bytes: 32 codes; x = d (q - 8)
+        return half(0) * (nibbles(blocks[:, 2:18]) - 8)
+    if kind == "Q4_1":  # d, m, 16 bytes: 32 codes; x = d q + m
+        return half(0) * nibbles(blocks[:, 4:20]) + half(2)
+    if kind == "Q5_0":  # d, 32 fifth bits (value j's is bit j), 16 bytes of low bits; x = d (q - 16)
+        fifth = (blocks[:, 2:6].copy().view("<u4") >> np.arange(32, dtype=np.uint32)) & 1
+        return half(0) * (nibbles(blocks[:, 6:22]) + 16 * fifth.astype(np.float32) - 16)
+    if kind == "Q4_K":  # d, dmin, 8 six-bit scales and mins in 12 bytes, 128 bytes: 8 sub-blocks of 32 codes
+        packed = blocks[:, 4:16].astype(np.int32)
+        low, mid, high = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+        scales = np.concatenate([low & 63, (high & 15) | (low >> 6 << 4)], axis=1).astype(np.float32)
+        mins = np.concatenate([mid & 63, (high >> 4) | (mid >> 6 << 4)], axis=1).astype(np.float32)
+        # Each 32 bytes hold two sub-blocks: the low nibbles the first, the high nibbles the second.
+        codes = rearrange(nibbles(rearrange(blocks[:, 16:144], "n (c l) -> n c l", l=32)), "n c l -> n (c l)")
+        codes = rearrange(codes, "n (s l) -> n s l", l=32)
+        x = (half(0) * scales)[..., None] * codes - (half(2) * mins)[..., None]
+        return rearrange(x, "n s l -> n (s l)")
+    # Q6_K: 128 bytes of low nibbles, 64 of 2-bit high parts, 16 int8 scales, d; x = d s (q - 32)
+    assert kind == "Q6_K"
+    ql = rearrange(blocks[:, :128], "n (h k l) -> n h k l", h=2, k=2)  # per half of 128 values
+    qh = rearrange(blocks[:, 128:192], "n (h l) -> n h l", h=2)
+    low = np.stack([ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], axis=2)
+    high = np.stack([qh >> shift & 3 for shift in (0, 2, 4, 6)], axis=2)
+    codes = (low | high << 4).astype(np.float32) - 32  # [n, half, quarter k, 32]: value 128 h + 32 k + l
+    scales = rearrange(blocks[:, 192:208].view(np.int8), "n (h k t) -> n h k t", h=2, t=2)  # t = l // 16
+    x = (half(208)[..., None, None] * scales.astype(np.float32)).repeat(16, axis=-1) * codes
+    return rearrange(x, "n h k l -> n (h k l)")
+
+
+# Where each type's float16 scales sit in its block.
+SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}
+
+
+@pytest.mark.parametrize("kind", list(SCALE_OFFSETS))
+@given(seed=seeds)
+def test_quantised_blocks_dequantise_as_ggml_lays_them_out(
+    tmp_path_factory: pytest.TempPathFactory, kind: str, seed: int
+) -> None:
+    """The types of the shipped files (Q4_0, Q4_1, Q5_0 in SmolLM2's; Q4_K, Q6_K in Gemma 3's) against a
+    reference written from ggml's block layout: random codes, random finite scales. transformers' GGUF loader
+    calls the same gguf-py kernels as zmaj, so parity with it checks neither the kernels nor the types zmaj
+    accepts."""
+    qtype = GGMLQuantizationType[kind]
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (3 * 256 // block, block_bytes), dtype=np.uint8)
+    for at in SCALE_OFFSETS[kind]:
+        blocks[:, at : at + 2] = rng.normal(0, 0.1, (len(blocks), 1)).astype(np.float16).view(np.uint8)
+    raw = (blocks.reshape(3, -1), qtype)
+    path = write_gguf(tmp_path_factory.mktemp(kind) / "w.gguf", "llama", {}, {"w": raw})
+    (tensor,) = zgguf.read_gguf(path).tensors.values()
+    loaded = zgguf.dequantize_tensor(tensor)
+    assert loaded.shape == (3, 256)
+    expected = torch.from_numpy(ggml_dequantize(blocks, kind).reshape(3, 256))
+    assert torch.allclose(loaded, expected, rtol=1e-6, atol=0), (loaded - expected).abs().max()
 
 
 def test_an_unsupported_type_names_the_tensor(tmp_path: Path) -> None:
@@ -442,6 +544,30 @@ def test_a_files_end_of_turn_tokens_stop_generation(
     assert zgguf.tokenizer_from_gguf(path).stop_ids == stops
 
 
+def test_a_tokenizer_without_flags_or_special_token_types_encodes_as_transformers(tmp_path: Path) -> None:
+    """A BPE file that sets neither ``add_bos_token`` nor ``add_eos_token`` and types its BOS and EOS as normal
+    tokens (token_type 1, not 3: control): ``transformers`` adds neither to an encoding, and splits neither out
+    of the text it comes in only as its tokenizer class makes them special. ``t0`` and ``t1`` are no BPE word of
+    this vocabulary, so only a whole special token encodes them."""
+    metadata = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": BPE_TOKENS,
+        "tokenizer.ggml.merges": ["a b"],
+        "tokenizer.ggml.token_type": [1] * VOCAB,
+        "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 1,
+    }
+    path = write_gguf(tmp_path / "m.gguf", "llama", metadata, {"w": np.zeros(4, dtype=np.float32)})
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    ours = zgguf.tokenizer_from_gguf(path)
+    assert (
+        (ours.add_bos, ours.add_eos) == (reference.add_bos_token, reference.add_eos_token) == (False, False)
+    )
+    for text in ("ab", "at1b", "t0abt1", "ba"):
+        assert ours.tokenizer.encode(text).ids == reference(text).input_ids
+    assert reference("at1b").input_ids == [125, 1, 126]
+
+
 def with_u32(path: Path, key: str, value: int) -> Path:
     """A copy of a GGUF file with the uint32 metadata value of ``key`` replaced (the bytes after the key's name
     are its type, then its value)."""
@@ -500,6 +626,7 @@ def test_metadata_arrays_nested_past_any_real_files_are_refused(tmp_path: Path) 
         ({"rope.scale_linear": 4.0}, LinearScaling(factor=4.0)),  # converters before YaRN (2023)
         ({"rope.scaling.type": "none", "rope.scaling.factor": 4.0}, None),  # none never scales
         ({"rope.scaling.type": "linear", "rope.scaling.factor": 1.0}, None),
+        ({"rope.scaling.type": "linear", "rope.scaling.factor": 0.0}, None),  # llama.cpp: 0 is none given
         ({"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0}, "RoPE scaling 'yarn' is not supported"),
     ],
 )

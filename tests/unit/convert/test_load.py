@@ -22,6 +22,7 @@ from zmaj.convert.load import (
     check_destination,
     check_model_destination,
     check_replaceable,
+    check_vocabulary,
     load_model,
     read_lora_record,
     save_zmaj,
@@ -103,6 +104,24 @@ def test_a_model_with_weights_that_are_not_finite_is_refused_naming_them(
         ValueError, match=r"model: the weights of embed\.weight, blocks\.mlp\.up\.weight are not finite"
     ):
         load_model(tmp_path / "model")
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_a_tokenizer_with_more_tokens_than_embedding_rows_is_refused(
+    tokenizer: Tokenizer, extra: int
+) -> None:
+    """Ids run from 0 to tokens - 1, so rows = tokens is the fewest rows that hold every id: one token more, and
+    the last id indexes past the embedding (an ``IndexError`` inside the forward pass)."""
+    rows = tokenizer.vocab_size - extra
+    config = gpt.GPTConfig(vocab_size=rows, context=16, d_model=16, n_layers=1, n_heads=2)
+    model = Pretrained(config, gpt.init(config, 0, "meta"), ModelTokenizer.from_zmaj(tokenizer))
+    if extra <= 0:
+        check_vocabulary(model, "m")
+    else:
+        with pytest.raises(
+            ValueError, match=f"^m: the tokenizer has {rows + 1} tokens but the embedding only {rows} rows"
+        ):
+            check_vocabulary(model, "m")
 
 
 def test_a_model_destination_holding_anything_but_a_model_folder_is_refused(tmp_path: Path) -> None:
