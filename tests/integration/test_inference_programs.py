@@ -1093,6 +1093,40 @@ def test_a_cut_before_a_token_that_spells_nothing_splits_no_character(
         assert cut_character_bytes(encoding, cut, n) == 0
 
 
+def test_a_cut_after_a_byte_fallback_token_counts_one_byte_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SentencePiece-style byte fallback: a cut after ``<0xE4>``, the first of "世"'s three byte tokens, leaves
+    the character's other two bytes unspelled (the token's text is six characters, its bytes one)."""
+    monkeypatch.syspath_prepend(str(ROOT / "programs"))
+    from perplexity import cut_character_bytes
+
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", *byte_tokens])
+    tokenizer.train_from_iterator(["the cat sat on the mat " * 20], trainer)
+    sample = "the cat 世 sat"
+    encoding = tokenizer.encode(sample)
+    assert encoding.tokens[:4] == ["▁the", "▁cat", "▁", "<0xE4>"]
+    assert cut_character_bytes(encoding, sample[: max(end for _, end in encoding.offsets[:4])], 4) == 2
+
+
+def test_the_first_token_is_counted_in_utf8_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A byte-level first token that is a whole non-ASCII word ("été": 5 bytes, 3 characters) is left out of
+    the bytes scored as its bytes, not its characters."""
+    monkeypatch.syspath_prepend(str(ROOT / "programs"))
+    from perplexity import first_token_bytes
+
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(["été the cat " * 30], trainer)
+    encoding = tokenizer.encode("été the cat")
+    assert encoding.tokens[0] == "Ã©tÃ©"
+    assert first_token_bytes(encoding, "été the cat") == len("été".encode()) == 5
+
+
 def test_a_cut_inside_a_character_counts_the_bytes_each_byte_level_token_spells(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

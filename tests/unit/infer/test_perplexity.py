@@ -55,6 +55,21 @@ def layouts(draw: st.DrawFn) -> tuple[int, int, int]:
     return draw(st.integers(0, 200)), context, draw(st.integers(1, context))
 
 
+def test_a_bfloat16_models_losses_are_the_cross_entropy_of_its_logits_in_float32() -> None:
+    """``--dtype auto`` scores a bf16 checkpoint in bf16: its logits are upcast before the log-softmax, as
+    ``window_nll`` promises, not cross-entropy rounded to bf16 per token."""
+    bf16 = params(torch.device("cpu")).to(torch.bfloat16)
+    nll = window_nll(
+        lambda batch: llama.hidden_states(bf16, batch, CONFIG),
+        lambda states: llama.unembed(bf16, states, CONFIG),
+        TOKENS[:40],
+        Window(0, 40, 1),
+    )
+    logits = llama.forward(bf16, Batch(tokens=TOKENS[None, :39]), CONFIG)[0]
+    assert nll.dtype == torch.float32
+    torch.testing.assert_close(nll, F.cross_entropy(logits.float(), TOKENS[1:40], reduction="none"))
+
+
 @given(layouts())
 def test_windows_score_each_token_at_most_once_with_context_inside_the_window(
     layout: tuple[int, int, int],

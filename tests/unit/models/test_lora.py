@@ -185,6 +185,8 @@ def test_a_is_kaiming_uniform_within_one_over_sqrt_d_in_and_follows_the_seed() -
     assert a.shape[-1] == CONFIG.d_ff != CONFIG.d_model
     bound = 1 / math.sqrt(CONFIG.d_ff)
     assert 0.9 * bound < float(a.abs().max()) <= bound
+    assert float(a.min()) < -0.9 * bound  # centred: uniform in +-bound
+    assert abs(float(a.mean())) < 0.1 * bound
     other = lora.init_adapters(base, config.model_copy(update={"seed": 2}))["mlp", "down", "a"]
     assert not torch.equal(a, other)
 
@@ -197,3 +199,35 @@ def test_merging_into_a_bfloat16_base_keeps_it_bfloat16() -> None:
         adapters.set(key, torch.randn_like(adapters.get(key)))
     merged = lora.merge(base, adapters, config)
     assert merged["blocks", "attn", "q", "weight"].dtype == torch.bfloat16
+
+
+def test_the_defaults_are_the_papers_rank_8_alpha_16_on_queries_and_values() -> None:
+    """Specs that leave them out rely on them (Hu et al. adapt W_q and W_v)."""
+    config = lora.LoraConfig()
+    assert (config.rank, config.alpha, config.targets, config.scale) == (8, 16.0, ("attn.q", "attn.v"), 2.0)
+
+
+def test_a_wildcard_targets_every_matrix_and_no_norm() -> None:
+    """``targets: ["*"]`` adapts the seven matrices; a norm's scale ([layers, d_model]) is no matrix, and matched
+    it failed unpacking its shape."""
+    params = base(torch.device("cpu"))
+    assert lora.matrix_names(params) == [
+        "attn.k",
+        "attn.o",
+        "attn.q",
+        "attn.v",
+        "mlp.down",
+        "mlp.gate",
+        "mlp.up",
+    ]
+    adapters = lora.init_adapters(params, lora.LoraConfig(targets=("*",)))
+    assert len(list(adapters.keys(True, True))) == 2 * 7
+
+
+def test_adapters_over_a_bfloat16_base_are_bfloat16_and_run() -> None:
+    bf16 = llama.init(CONFIG, seed=0).to(torch.bfloat16)
+    adapters = lora.init_adapters(bf16, LORA)
+    assert {t.dtype for t in adapters.values(True, True)} == {torch.bfloat16}
+    adapted = lora.lora_forward(FORWARD, bf16, LORA)
+    logits = adapted(adapters, make_batch(0, torch.device("cpu")), dropout_seed=None)
+    assert logits.dtype == torch.bfloat16
