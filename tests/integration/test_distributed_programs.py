@@ -68,6 +68,11 @@ def step_records(run_dir: Path) -> list[dict[str, float]]:
     return [r for r in map(json.loads, lines) if "loss" in r]
 
 
+def eval_records(run_dir: Path) -> list[dict[str, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "eval_n" in r]
+
+
 def pretrain(spec: Path, run_dir: Path, *args: str, nproc: int = 2) -> str:
     """``torchrun`` of ``programs/pretrain.py``; its output, after checking it succeeded."""
     done = torchrun(
@@ -404,6 +409,12 @@ def test_fine_tuning_on_two_ranks_trains_the_one_process_run(
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for key in ("loss", "tokens") if program == "sft.py" else ("loss", "reward_margin"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-6), key
+    if program == "sft.py":
+        # Each rank answers its share of eval.n's problems, pooled into one score of all of them.
+        two, one = eval_records(tmp_path / "two"), eval_records(tmp_path / "alone")
+        assert [r["step"] for r in two] == [r["step"] for r in one]
+        assert {r["eval_n"] for r in two + one} == {4}
+        assert two[0] == one[0]  # the starting model's answers
 
 
 def test_grpo_on_two_ranks_resumes_exactly(tiny_model: Path, tmp_path: Path) -> None:

@@ -131,13 +131,15 @@ def test_a_model_with_dropout_starts_at_log_2(device: torch.device) -> None:
     assert float(metrics["reward_margin"]) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_a_pair_splits_where_the_answers_begin_though_a_token_straddles_it() -> None:
+@pytest.mark.parametrize("turn_end", ["<|end|>", "<|end|>\n"])
+def test_a_pair_splits_where_the_answers_begin_though_a_token_straddles_it(turn_end: str) -> None:
     """The template writes "Assistant: " and the answers' first tokens take in its space ("ĠFive", "ĠSix"): the
     prompt ends before them, so the two prompts agree (the pair was refused when the answer tokens were those
-    starting inside the answer)."""
+    starting inside the answer). An answer ends with its end-of-turn marker, not with what the template writes
+    after it (ChatML's newline after ``<|im_end|>``), which both answers would share."""
     template = (
         "{% for m in messages %}{{ ('Assistant: ' if m['role'] == 'assistant' else 'User: ') + m['content'] }}"
-        "{{ '<|end|>' if m['role'] == 'assistant' else '\n' }}{% endfor %}"
+        "{{ '" + turn_end.replace("\n", "\\n") + "' if m['role'] == 'assistant' else '\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
     )
     trained = Tokenizer.train(["User: 2+3?\nAssistant: Five Six\n"] * 50, vocab_size=300)

@@ -178,6 +178,18 @@ def test_an_sft_example_keeps_max_len_inputs_and_their_targets() -> None:
     assert ids == full[:16]
 
 
+def test_an_sft_example_whose_only_assistant_token_is_the_first_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first token is no target (nothing predicts it): an example whose assistant mask marks only it would
+    train on nothing, adding 0 to the loss."""
+    monkeypatch.setattr(
+        ModelTokenizer, "encode_chat_with_mask", lambda self, messages: ([5, 6, 7], [True, False, False])
+    )
+    with pytest.raises(ValueError, match=r"^c: no assistant token within the first 15 tokens"):
+        finetune.sft_example(TOKENIZER, CONVERSATION, 15, "c")
+
+
 def test_other_seeds_give_other_data_not_the_same_data_shifted() -> None:
     """A seed folded in as ``seed + epoch`` made seed 1's first epoch seed 0's second (and GRPO's step problems
     likewise): two "independent" runs read the same batches, one epoch or step apart."""

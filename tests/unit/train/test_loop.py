@@ -9,6 +9,7 @@ import errno
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, cast
 
+import numpy as np
 import pytest
 import torch
 from loguru import logger
@@ -225,6 +227,22 @@ def test_a_resume_computing_in_another_type_than_the_checkpoint_says_so(tmp_path
     ]
 
 
+def test_a_checkpoint_records_the_runs_seed_and_join_seeds_the_global_generators(tmp_path: Path) -> None:
+    """``state.json``'s seed is the spec's (a checkpoint from before specs recorded it is read by it), and
+    ``join`` seeds Python's, NumPy's and torch's generators from it, for libraries and a user's ``--import``
+    module that draw from them."""
+    train(tmp_path / "run", stop_after=2, seed=7)
+    assert checkpoint.load_meta(checkpoint.latest(tmp_path / "run"))["seed"] == 7
+    draws = []
+    for _ in range(2):
+        runs.join(LoopConfig(steps=1, seed=3))
+        draws.append((random.random(), float(np.random.rand()), torch.rand(3).tolist()))
+        random.random(), np.random.rand(), torch.rand(3)  # moved on: the next join must put them back
+    assert draws[0] == draws[1]
+    runs.join(LoopConfig(steps=1, seed=4))
+    assert (random.random(), float(np.random.rand()), torch.rand(3).tolist()) != draws[0]
+
+
 def test_a_resume_under_other_code_than_the_checkpoints_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -270,6 +288,7 @@ def test_the_source_fingerprint_follows_every_module_and_the_program_and_nothing
     (package / "train" / ".#step.py").symlink_to(
         "user@host.123:1733500000"
     )  # Emacs's lock: a link to nowhere
+    (package / "train" / "._step.py").write_bytes(b"\0\5\26\7")  # macOS's metadata beside it on a share
     assert runs.source_fingerprint([package, program]) == before
     assert runs.source_fingerprint([package]) != before
     for change in [
