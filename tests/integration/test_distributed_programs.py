@@ -414,7 +414,6 @@ def test_fine_tuning_on_two_ranks_trains_the_one_process_run(
         two, one = eval_records(tmp_path / "two"), eval_records(tmp_path / "alone")
         assert [r["step"] for r in two] == [r["step"] for r in one]
         assert {r["eval_n"] for r in two + one} == {4}
-        assert two[0] == one[0]  # the starting model's answers
 
 
 def test_grpo_on_two_ranks_resumes_exactly(tiny_model: Path, tmp_path: Path) -> None:

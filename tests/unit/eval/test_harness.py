@@ -271,9 +271,10 @@ def test_log_likelihoods_run_longest_input_first_counting_the_continuation(
         return real(model, pairs, *args)
 
     monkeypatch.setattr(harness, "score_continuations", spied)
-    pairs = [([3] * 8, [4]), ([1, 2], [5] * 10), ([6] * 3, [7])]
+    # Widths 9, 7, 5; by context alone 8, 2, 3; by continuation alone 1, 5, 2: three different orders.
+    pairs = [([6] * 3, [7] * 2), ([1, 2], [5] * 5), ([3] * 8, [4])]
     lm._loglikelihood_tokens([(None, context, continuation) for context, continuation in pairs])
-    assert seen == [[pairs[1]], [pairs[0]], [pairs[2]]]
+    assert seen == [[pairs[2]], [pairs[1]], [pairs[0]]]
 
 
 def test_add_bos_token_forces_one_bos_on_or_off(model_folder: Path) -> None:

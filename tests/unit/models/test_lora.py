@@ -187,6 +187,8 @@ def test_a_is_kaiming_uniform_within_one_over_sqrt_d_in_and_follows_the_seed() -
     assert 0.9 * bound < float(a.abs().max()) <= bound
     assert float(a.min()) < -0.9 * bound  # centred: uniform in +-bound
     assert abs(float(a.mean())) < 0.1 * bound
+    quarters = torch.histc((a.flatten().double() / bound + 1) / 2, bins=4, min=0, max=1) / a.numel()
+    assert (quarters - 0.25).abs().max() < 0.05, quarters  # uniform, not clipped or bent
     other = lora.init_adapters(base, config.model_copy(update={"seed": 2}))["mlp", "down", "a"]
     assert not torch.equal(a, other)
 

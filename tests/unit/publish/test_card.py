@@ -156,6 +156,8 @@ def test_a_pretrained_models_card_loads_it_for_plain_text_though_its_tokenizer_h
     sft = str(card.model_card(chatty, Run(Path("run"), "sft", {"data": source}), name="t", license="mit"))
     assert "apply_chat_template" not in pretrained
     assert "apply_chat_template" in sft
+    # A model folder with no run (an instruct model's, say) talks through its template.
+    assert "apply_chat_template" in str(card.model_card(chatty, None, name="t", license="mit"))
 
 
 def test_a_checkpoint_named_from_inside_its_run_is_described_as_that_run(

@@ -135,6 +135,10 @@ def test_the_reference_answer_has_only_the_parentheses_it_needs() -> None:
     assert _join(sum_, "-", _Node(2, "2", _ATOM)) == "3 + 5 - 2"
     assert _join(_Node(6, "2 * 3", 2), "/", _Node(2, "2", _ATOM)) == "2 * 3 / 2"
     assert _join(_Node(2, "2", _ATOM), "-", sum_) == "2 - (3 + 5)"
+    assert _join(_Node(2, "2", _ATOM), "+", sum_) == "2 + 3 + 5"
+    product = _Node(6, "2 * 3", 2)
+    assert _join(_Node(2, "2", _ATOM), "/", product) == "2 / (2 * 3)"
+    assert _join(_Node(2, "2", _ATOM), "*", product) == "2 * 2 * 3"
 
 
 def test_the_random_expressions_take_right_leaning_shapes_too() -> None:
