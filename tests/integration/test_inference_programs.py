@@ -714,6 +714,11 @@ def binary_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ["--text-file", ROOT / "README.md", "--max-tokens", 1],
             "--max-tokens must be at least 2",
         ),
+        (  # positions past the model's context: RoPE's never trained, or GPT's learned table run out
+            "perplexity.py",
+            ["--text-file", ROOT / "README.md", "--context", 100_000],
+            "--context must be between 2 and the model's context of",
+        ),
         (  # every chunk's first token unscored, while bits per byte count all the bytes
             "perplexity.py",
             ["--text-file", ROOT / "README.md", "--context", 8, "--stride", 8],
