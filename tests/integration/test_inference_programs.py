@@ -26,6 +26,7 @@ from tests.integration.programs import Result, run_program
 from zmaj import checkpoint, fileio, text
 from zmaj.convert.load import Pretrained, save_zmaj
 from zmaj.convert.weights import smollm2_gguf
+from zmaj.data.chat_template import Message
 from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer import chat as infer_chat
@@ -452,6 +453,28 @@ def test_chat_forgets_whole_exchanges_oldest_first(
     assert result.stderr.count("forgetting its oldest exchange") == 1
 
 
+def test_chat_keeps_an_exchange_while_the_next_answer_fits_exactly(
+    tokenizer: ModelTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt and ``--max-new-tokens`` filling the context exactly still fit: the exchange is kept, and one
+    token less of context forgets it (a ``<`` forgot what fits)."""
+    monkeypatch.syspath_prepend(str(ROOT / "programs"))
+    from chat import fitting
+
+    system: list[Message] = [{"role": "system", "content": SYSTEM}]
+    history: list[Message] = [
+        {"role": "user", "content": "the cat sat"},
+        {"role": "assistant", "content": "on the mat"},
+    ]
+    user = {"role": "user", "content": "the dog ate"}
+    needed = len(tokenizer.encode_chat([*system, *history, user])) + NEW_TOKENS
+    config = gpt.GPTConfig(vocab_size=tokenizer.vocab_size, context=needed, d_model=16, n_layers=1, n_heads=2)
+    model = Pretrained(config, gpt.init(config, 0, "meta"), tokenizer)
+    assert fitting(model, system, history, user, NEW_TOKENS) == history
+    smaller = config.model_copy(update={"context": needed - 1})
+    assert fitting(replace(model, config=smaller), system, history, user, NEW_TOKENS) == []
+
+
 def reference_nll(model: Any, ids: list[int], context: int, stride: int) -> tuple[int, float]:
     """The transformers perplexity guide's loop, counting the tokens each window actually predicts."""
     total, count, prev_end = 0.0, 0, 0
@@ -532,6 +555,13 @@ def test_perplexity_of_the_first_tokens_only(
     assert text.startswith(spelled)
     assert spelled.startswith(first)
     assert scored["bytes"] == len(spelled.encode("utf-8")) - len(first.encode("utf-8"))
+    # A text one token longer than --max-tokens is cut too (the off-by-one scored it whole).
+    eleven = tokenizer.decode(tokenizer.encode(text)[:11], skip_special_tokens=False)
+    assert len(tokenizer.encode(eleven)) == 11
+    (tmp_path / "text.txt").write_text(eleven)
+    result = run("perplexity.py", "--model", folder, "--text-file", tmp_path / "text.txt", *args)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tokens"] == 9
 
 
 def test_perplexity_bits_per_byte_are_the_summed_nll_in_bits_over_the_utf8_bytes(
