@@ -233,15 +233,14 @@ def test_a_checkpoint_records_the_runs_seed_and_join_seeds_the_global_generators
     module that draw from them."""
     train(tmp_path / "run", stop_after=2, seed=7)
     assert checkpoint.load_meta(checkpoint.latest(tmp_path / "run"))["seed"] == 7
-    draws = []
-    for _ in range(2):
-        runs.join(LoopConfig(steps=1, seed=3))
-        draws.append((random.random(), float(np.random.rand()), torch.rand(3).tolist()))
-        random.random(), np.random.rand(), torch.rand(3)  # moved on: the next join must put them back
-    assert draws[0] == draws[1]
-    runs.join(LoopConfig(steps=1, seed=4))
-    other = (random.random(), float(np.random.rand()), torch.rand(3).tolist())
-    assert all(a != b for a, b in zip(other, draws[0], strict=True))  # each generator follows the seed
+
+    def joined(seed: int) -> tuple[float, float, list[float]]:
+        runs.join(LoopConfig(steps=1, seed=seed))
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    first = joined(3)
+    assert joined(3) == first  # the draws moved each generator on: the second join put them back
+    assert all(a != b for a, b in zip(joined(4), first, strict=True))  # each generator follows the seed
 
 
 def test_a_resume_under_other_code_than_the_checkpoints_says_so(
