@@ -9,7 +9,8 @@ context, at most the context - 1), each scoring only the tokens the previous one
 (``zmaj.infer.perplexity``), so that every token but the first is scored once. The output is
 ``{"tokens": predicted tokens, "nll": mean nats per predicted token, "ppl": exp(nll), "bytes": the UTF-8 bytes
 the predicted tokens spell, "bits_per_byte": the summed NLL in bits over those bytes}``: the file's bytes less
-the first token's, which nothing predicts (none where the tokenizer adds a BOS token, which spells nothing).
+the first token's, which nothing predicts (none where the first token is a BOS token or a lone ``▁`` the
+tokenizer puts before the text, which spell nothing).
 ``--max-tokens N`` scores only the file's first N tokens, and "bytes" are then those tokens 2..N spell (where
 token N + 1 finishes a character, its first bytes and not the rest). A file that is not UTF-8 text exits with
 code 2, naming the offset of its first bad byte.
@@ -110,7 +111,12 @@ def cut_character_bytes(encoding: tokenizers.Encoding, text: str, n: int) -> int
 
 def own_bytes(token: str) -> int:
     """The bytes a token that holds part of a character spells: one for a byte-fallback ``<0xNN>``, one per
-    character of a byte-level token, which writes each byte as one."""
+    character of a byte-level token, which writes each byte as one, and none for a lone ``▁``: SentencePiece's
+    dummy prefix, which a Metaspace pre-tokenizer or a ``Prepend("▁")`` normalizer adds before the text, shares
+    the offsets of the text's first character but spells none of it (a space of the text's own has offsets of
+    its own, and a byte-level vocabulary has no ``▁``)."""
+    if token == "▁":
+        return 0
     return 1 if re.fullmatch(r"<0x[0-9A-F]{2}>", token) else len(token)
 
 

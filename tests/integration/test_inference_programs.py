@@ -1162,6 +1162,43 @@ def test_the_first_token_is_counted_in_utf8_bytes(monkeypatch: pytest.MonkeyPatc
     assert first_token_bytes(encoding, "été the cat") == len("été".encode()) == 5
 
 
+@pytest.mark.parametrize("prefix", ["pre-tokenizer", "normalizer"])
+def test_a_dummy_prefix_first_token_spells_none_of_the_text(
+    monkeypatch: pytest.MonkeyPatch, prefix: str
+) -> None:
+    """SentencePiece's dummy prefix without a BOS token: the ``▁`` a Metaspace pre-tokenizer or a ``Prepend``
+    normalizer puts before "世 the cat" shares the offsets of "世", whose bytes the next tokens spell, so every
+    byte of the text is predicted (it was read as one byte of the text, and bits per byte went over one byte too
+    few). A space of the text's own, first, is a byte of it."""
+    monkeypatch.syspath_prepend(str(ROOT / "programs"))
+    from perplexity import first_token_bytes
+
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(byte_fallback=True, unk_token="<unk>"))
+    if prefix == "pre-tokenizer":
+        tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    else:  # Llama 2's tokenizer.json
+        tokenizer.normalizer = tokenizers.normalizers.Sequence(
+            [tokenizers.normalizers.Prepend("▁"), tokenizers.normalizers.Replace(" ", "▁")]
+        )
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", *byte_tokens])
+    tokenizer.train_from_iterator(["the cat sat on the mat " * 20], trainer)
+    for sample, first_two in [("世 the cat", ["▁", "<0xE4>"]), ("hat the cat", ["▁", "h"])]:
+        encoding = tokenizer.encode(sample)
+        assert encoding.tokens[:2] == first_two
+        assert encoding.offsets[0] == encoding.offsets[1] == (0, 1)
+        assert first_token_bytes(encoding, sample) == 0
+    own_space = tokenizer.encode(" 世 the")
+    if prefix == "pre-tokenizer":  # no prefix before a text that begins with a space: the space is the text's
+        assert own_space.tokens[:2] == ["▁", "<0xE4>"]
+        assert own_space.offsets[:2] == [(0, 1), (1, 2)]
+        assert first_token_bytes(own_space, " 世 the") == 1
+    else:  # the prefix, then the text's own space: both at (0, 1)
+        assert own_space.tokens[:3] == ["▁", "▁", "<0xE4>"]
+        assert own_space.offsets[:2] == [(0, 1), (0, 1)]
+        assert first_token_bytes(own_space, " 世 the") == 0
+
+
 def test_a_cut_inside_a_character_counts_the_bytes_each_byte_level_token_spells(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
