@@ -1,9 +1,10 @@
 """Tiny models and toy tasks for the fine-tuning tests; the programs import this module with ``--import``.
 
 Importing it registers toy tasks: ``always-right`` (every answer is right, so accuracy is exactly 1),
-``right-without-format`` and ``format-only`` (correctness and format apart), ``say-e`` (the reward is the share of
-``e`` among the answer's characters: easy for GRPO to raise) with ``long-or-short``, its prompts of two lengths,
-and ``reward-raises`` / ``reward-nan`` / ``raises-on-rank-1``, whose checkers break on purpose.
+``right-without-format`` and ``format-only`` (correctness and format apart), ``half-right`` (partial credit),
+``say-e`` (the reward is the share of ``e`` among the answer's characters: easy for GRPO to raise) with
+``long-or-short``, its prompts of two lengths, and ``reward-raises`` / ``reward-nan`` / ``raises-on-rank-1``,
+whose checkers break on purpose.
 """
 
 import math
@@ -62,6 +63,15 @@ class FormatOnly(ToyTask):
         return Reward(format=1.0, correctness=0.0)
 
 
+class HalfRight(ToyTask):
+    """Every answer half right, and well formed: partial credit, which a user's task may give."""
+
+    name: ClassVar[str] = "half-right"
+
+    def reward(self, problem: Problem, completion: str, *, stopped: bool = True) -> Reward:
+        return Reward(format=1.0, correctness=0.5)
+
+
 class SayE(ToyTask):
     name: ClassVar[str] = "say-e"
 
@@ -108,6 +118,7 @@ for _task in (
     AlwaysRight,
     RightWithoutFormat,
     FormatOnly,
+    HalfRight,
     SayE,
     RewardRaises,
     RewardNaN,

@@ -34,7 +34,8 @@ from zmaj.infer import generate as infer_generate
 from zmaj.models.lora import LoraConfig, init_adapters, merge
 from zmaj.nn import loss
 from zmaj.tasks import Problem, accuracy_interval, get_task
-from zmaj.train import finetune, grpo, logprobs, loop, optim, step
+from zmaj.train import dpo, finetune, grpo, logprobs, loop, optim, runs, step
+from zmaj.train.pairs import PAIRS_FILE, read_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs" / "finetune"
@@ -608,8 +609,13 @@ def tiny(program: str, model: Path, *sets: str) -> list[str | Path]:
     [
         ("sft.py", [], "train.grad_accum=2"),
         ("sft.py", [], "data.n=8"),
+        ("sft.py", [], "max_len=100"),  # cuts no conversation, so the data reads the same
+        ("sft.py", [], "train.batch_size=2"),
         ("dpo.py", ["pairs.task={name: say-e}"], "pairs.n_prompts=6"),
+        ("dpo.py", ["pairs.task={name: say-e}"], "train.batch_size=2"),
         ("grpo.py", ["task={name: say-e}"], "train.passes=1"),
+        ("grpo.py", ["task={name: say-e}"], "train.prompts_per_step=2"),
+        ("grpo.py", ["task={name: say-e}"], "task.system=Be brief."),  # the same problems, other prompts
     ],
 )
 def test_resume_refuses_each_frozen_field(
@@ -640,10 +646,9 @@ def test_resume_refuses_each_frozen_field(
     assert code == 2, err
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1, err
-    # SFT's data is fingerprinted as well (data.json), which refuses it first.
-    refusal = (
-        "the data differs" if name.startswith("data.") else f"was written with another {name} than the run's"
-    )
+    # SFT's data and GRPO's first problems are fingerprinted as well (data.json), which refuses them first.
+    fingerprinted = name.startswith("data.") or name == "train.prompts_per_step"
+    refusal = "the data differs" if fingerprinted else f"was written with another {name} than the run's"
     assert refusal in errors[0]
 
 
@@ -1015,3 +1020,137 @@ def test_grpo_tells_the_task_which_answers_ran_into_the_token_limit(
     assert code == 0, err
     assert seen
     assert all(stops and stops >= ids for stops, ids in seen)
+
+
+def test_dpo_batches_put_each_pairs_chosen_answer_first(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``preference_batch`` takes the preferred answers, then the rejected ones: swapped, DPO learned the
+    opposite preference, and its loss, margin and accuracy (computed on the swapped batch) read the same."""
+    seen: set[tuple[tuple[int, ...], ...]] = set()
+    real = dpo.preference_batch
+
+    def spy(prompts: Any, chosen: Any, rejected: Any, device: Any) -> Any:
+        seen.update(zip(map(tuple, prompts), map(tuple, chosen), map(tuple, rejected), strict=True))
+        return real(prompts, chosen, rejected, device)
+
+    monkeypatch.setattr(dpo, "preference_batch", spy)
+    sets = [pairs_file(tmp_path, 4), "train.steps=2", "train.batch_size=2"]
+    code, _, err = run("dpo.py", *tiny("dpo.py", model, *sets), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    made = read_pairs(tmp_path / "run" / PAIRS_FILE, finetune_fixtures.VOCAB)
+    assert seen == {(tuple(p.prompt), tuple(p.chosen), tuple(p.rejected)) for p in made}
+
+
+def test_grpo_prompts_carry_the_tasks_system_message(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``task.system`` begins every training prompt, as it begins the evaluation's: left out, the model was
+    trained on prompts other than those it is evaluated and used with."""
+    prompts: list[list[int]] = []
+    real = grpo.sample_rollout
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        prompts.extend(inspect.signature(real).bind(*args, **kwargs).arguments["prompts"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "sample_rollout", spy)
+    sets = ["eval=null", "task={name: say-e, system: Be brief.}", "train.steps=1", "train.passes=1"]
+    code, _, err = run("grpo.py", *tiny("grpo.py", model, *sets), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    tokenizer = load_model(model).tokenizer
+    assert len(prompts) == 4
+    for ids in prompts:
+        problem = tokenizer.decode(ids).split("Say something, number ")[1].split()[0]
+        messages = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"Say something, number {problem}"},
+        ]
+        assert ids == tokenizer.encode_chat(messages, add_generation_prompt=True)
+
+
+def test_grpo_stops_at_a_step_whose_prompt_and_answers_pass_the_context(model: Path, tmp_path: Path) -> None:
+    """A prompt plus ``grpo.max_new_tokens`` past the model's context is said before sampling, in one line (it
+    sampled on past the context in silence)."""
+    sets = ["eval=null", "task={name: say-e}", "grpo.max_new_tokens=120"]
+    code, _, err = run("grpo.py", *tiny("grpo.py", model, *sets), "--run-dir", tmp_path / "run")
+    assert code == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert "step 1: grpo: a prompt of" in errors[0]
+    assert "plus max_new_tokens=120 is past the model's context of 128 tokens" in errors[0]
+
+
+def test_grpo_accuracy_counts_only_wholly_right_answers(model: Path, tmp_path: Path) -> None:
+    """A user's task may give partial credit: ``accuracy`` counts the answers whose correctness is 1, as the
+    evaluation does, not those with any (a half-right answer is not a right one)."""
+    sets = ["task={name: half-right}", "train.steps=1"]
+    code, _, err = run("grpo.py", *tiny("grpo.py", model, *sets), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    [row] = [r for r in records(tmp_path / "run") if "reward" in r]
+    assert (row["accuracy"], row["format_rate"]) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(("precision", "decay_all"), [("bf16", False), ("fp32", True)])
+def test_sft_steps_take_the_specs_precision_seed_and_decay(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str, decay_all: bool
+) -> None:
+    """Each SFT step runs under ``train.precision``'s autocast, seeds dropout with ``train.seed`` and decays the
+    parameters ``decay_norms_and_biases`` says (the tiny model has no dropout and its spec no weight decay, so
+    no other test would see a step that ignored them)."""
+    seen: list[dict[str, Any]] = []
+    real = step.train_step
+
+    def spy(state: Any, batches: Any, /, **kwargs: Any) -> Any:
+        expected = optim.decay_mask(state["params"], decay_all)
+        seen.append({**kwargs, "expected": expected})
+        return real(state, batches, **kwargs)
+
+    monkeypatch.setattr(step, "train_step", spy)
+    sets = [
+        "eval=null",
+        "train.steps=1",
+        "train.seed=7",
+        f"train.precision={precision}",
+        f"train.optimizer.decay_norms_and_biases={decay_all}",
+    ]
+    code, _, err = run("sft.py", *tiny("sft.py", model, *sets), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    [kwargs] = seen
+    assert kwargs["seed"] == 7
+    if precision == "bf16":
+        assert isinstance(kwargs["autocast"], torch.autocast)
+        assert kwargs["autocast"].fast_dtype == torch.bfloat16
+    else:
+        assert not isinstance(kwargs["autocast"], torch.autocast)
+    decay, expected = kwargs["decay"], kwargs["expected"]
+    assert set(decay.keys(True, True)) == set(expected.keys(True, True))
+    assert any(float(expected[key].min()) == 0.0 for key in expected.keys(True, True)) != decay_all
+    for key in expected.keys(True, True):
+        assert torch.equal(decay[key], expected[key]), key
+
+
+@pytest.mark.parametrize(
+    ("program", "sets"),
+    [("sft.py", []), ("dpo.py", ["pairs.task={name: say-e}"]), ("grpo.py", ["task={name: say-e}"])],
+)
+def test_a_resume_reads_the_checkpoint_into_parameters_that_hold_no_values(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, program: str, sets: list[str]
+) -> None:
+    """``--resume`` hands ``Run.restore`` the parameters' shapes alone, on the meta device: the starting model's
+    values, kept beside the checkpoint's, were one model more for the whole run."""
+    code, _, err = run(
+        program, *tiny(program, model, "eval=null", *sets), "--run-dir", tmp_path / "run", "--stop-after", "1"
+    )
+    assert code == 0, err
+    devices: list[set[str]] = []
+    real = runs.Run.restore
+
+    def spy(self: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+        devices.append({tensor.device.type for tensor in params.values(True, True)})
+        return real(self, params, *args, **kwargs)
+
+    monkeypatch.setattr(runs.Run, "restore", spy)
+    code, _, err = run(program, "--resume", tmp_path / "run", "--stop-after", "1", *FIXTURES)
+    assert code == 0, err
+    assert devices == [{"meta"}]
