@@ -414,6 +414,17 @@ def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(llama: tuple[Any, Path
     assert done.stdout.decode() == plain.stdout
 
 
+def test_chat_reads_a_windows_line_end_as_a_line_end(llama: tuple[Any, Path]) -> None:
+    """Messages piped from a file written on Windows end in "\\r\\n" (Python's stdin keeps the "\\r"): the "\\r"
+    is no part of the message (kept, the model answered another prompt than the one typed)."""
+    _, folder = llama
+    args = ["--model", folder, *GREEDY]
+    crlf = run("chat.py", *args, stdin="hi\r\nhow\r\n")
+    plain = run("chat.py", *args, stdin="hi\nhow\n")
+    assert crlf.returncode == plain.returncode == 0, crlf.stderr
+    assert crlf.stdout == plain.stdout
+
+
 def test_chat_seeds_answer_i_with_seed_plus_i_whatever_lines_came_before(llama: tuple[Any, Path]) -> None:
     """--help: "answer i is sampled with seed + i": after /reset the second answer to the same message is
     generate.py's with --seed 6, not a repeat of the first. Blank lines and commands are no answers: they used

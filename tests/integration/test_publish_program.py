@@ -242,6 +242,8 @@ def test_a_shard_cut_short_exits_2_before_any_request(hub: FakeHub, tmp_path: Pa
             "--n-train, --license cannot be used with a model",
         ),
         (["FOLDER", "--out", "x"], "--out cannot be used with a model FOLDER"),
+        # Both sources at once: the dataset was published, and FOLDER ignored in silence.
+        (["FOLDER", "--dataset", "task:arithmetic"], "give a model FOLDER or --dataset SOURCE (one of them)"),
         (["--dataset", "tokens:x", "--set-task", "a=1", "--seed", "1"], "--set-task, --seed cannot be used"),
     ],
 )
@@ -313,11 +315,12 @@ def test_dataset_dry_run_and_bad_sources(
         "--n-test",
         "2",
         "--repo-id",
-        "me/a",
+        "me/arith-2",
         "--dry-run",
     ]
     code, out, err = run("publish.py", *task)
     assert code == 0, err
+    assert "\n# arith-2\n" in out  # the card is titled with the dataset's name, not its owner's
     assert "data/train-00000-of-00001.parquet" in out
     assert "config_name: default" in out
     assert "license: apache-2.0" in out  # the documented default of --license
