@@ -21,10 +21,11 @@ from safetensors.torch import load_file
 
 from tests.integration.programs import ctrl_c, interrupted, run_program
 from tests.unit.train.test_loop import HOLD_LOCK
-from zmaj.data import dataset
+from zmaj.data import dataset, pipeline
 from zmaj.data.corpus import in_validation
 from zmaj.data.tokenizer import Tokenizer
-from zmaj.train import step
+from zmaj.models import gpt
+from zmaj.train import loop, optim, report, step
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = [
@@ -532,3 +533,63 @@ def test_the_final_evaluation_reads_the_whole_validation_split(
     assert done.returncode == 0, done.stderr
     assert limits[-1] is None
     assert set(limits[:-1]) == {1}
+
+
+def test_pretrain_passes_on_the_specs_seed_decay_and_sequence_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.seed`` seeds the initial weights, the data's order and each step's dropout; each step decays the
+    parameters ``decay_norms_and_biases`` says; MFU counts the FLOPs of ``data.seq_len``-token rows, not of the
+    context; every evaluation logs samples of the spec's prompts; and a --cache-dir whose parents do not exist
+    yet is made. No other test could see a program that passed a seed of 0 on, an inverted decay mask or the
+    context (the tiny specs' rows fill it)."""
+    seen: dict[str, list[Any]] = {"init": [], "prepare": [], "step": [], "flops": []}
+    real_init, real_prepare, real_step, real_train = gpt.init, pipeline.prepare, step.train_step, loop.train
+
+    def init(config: Any, seed: int, device: Any = "cpu") -> Any:
+        if str(device) != "meta":  # shapes alone, for the parameter count and the sharding check
+            seen["init"].append(seed)
+        return real_init(config, seed, device)
+
+    def prepare(config: Any, cache_dir: Any, seed: int = 0) -> Any:
+        seen["prepare"].append(seed)
+        return real_prepare(config, cache_dir, seed)
+
+    def train_step(state: Any, batches: Any, /, **kwargs: Any) -> Any:
+        expected = optim.decay_mask(state["params"], norms_and_biases=True)
+        decay = kwargs["decay"]
+        same = all(torch.equal(decay[key], expected[key]) for key in expected.keys(True, True))
+        seen["step"].append((kwargs["seed"], same))
+        return real_step(state, batches, **kwargs)
+
+    def train(*args: Any, **kwargs: Any) -> Any:
+        seen["flops"].append(kwargs["flops_per_token"])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(gpt, "init", init)
+    monkeypatch.setattr(pipeline, "prepare", prepare)
+    monkeypatch.setattr(step, "train_step", train_step)
+    monkeypatch.setattr(loop, "train", train)
+    train_section = {
+        "steps": 2,
+        "batch_size": 2,
+        "eval_every": 1,
+        "eval_batches": 1,
+        "seed": 7,
+        "optimizer": {"decay_norms_and_biases": True},
+    }
+    spec = tiny_spec(tmp_path, train_section, {"dropout": 0.1})
+    cache = tmp_path / "a" / "b" / "cache"
+    done = run_program(
+        "pretrain.py", spec, "--run-dir", tmp_path / "run", "--cache-dir", cache, "--set", "data.seq_len=16"
+    )
+    assert done.returncode == 0, done.stderr
+    assert cache.is_dir()
+    assert seen["init"] == [7]
+    assert seen["prepare"] == [7]
+    assert seen["step"] == [(7, True), (7, True)]
+    config = gpt.GPTConfig(vocab_size=300, context=32, d_model=32, n_layers=2, n_heads=2, dropout=0.1)
+    assert seen["flops"] == [report.gpt_flops_per_token(config, 16)]
+    assert report.gpt_flops_per_token(config, 16) != report.gpt_flops_per_token(config, 32)
+    samples = [line for line in done.stderr.splitlines() if "sample at step" in line]
+    assert [line.split("sample at step ")[1].split(":")[0] for line in samples] == ["0", "1", "2"]
