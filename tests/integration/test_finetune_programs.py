@@ -529,6 +529,17 @@ def bad_conversations(tmp_path: Path) -> Path:
         ("evaluate.py", ["--task", "arithmetic", "--n", "0"], "--n must be at least 1, got 0"),
         (
             "evaluate.py",
+            ["--task", "arithmetic", "--few-shot", "-1"],
+            "--few-shot must be at least 0, got -1",
+        ),
+        # --help's default of 128 new tokens, past the tiny model's context of 128 with any prompt.
+        (
+            "evaluate.py",
+            ["--task", "arithmetic"],
+            "plus max_new_tokens=128 is past the model's context of 128",
+        ),
+        (
+            "evaluate.py",
             ["--task", "arithmetic", "--max-new-tokens", "0"],
             "--max-new-tokens must be at least 1",
         ),
@@ -1154,3 +1165,34 @@ def test_a_resume_reads_the_checkpoint_into_parameters_that_hold_no_values(
     code, _, err = run(program, "--resume", tmp_path / "run", "--stop-after", "1", *FIXTURES)
     assert code == 0, err
     assert devices == [{"meta"}]
+
+
+def test_evaluate_samples_its_answers_in_batches_of_batch_size(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--batch-size is how many answers are sampled at once: lowered to fit a model in memory, it was 32 all
+    the same."""
+    sizes: list[int] = []
+    real = infer_generate.generate  # which finetune imported by name
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(inspect.signature(real).bind(*args, **kwargs).arguments["prompts"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "generate", spy)
+    flags = [
+        "--task",
+        "arithmetic",
+        "--set-task",
+        "digits=1",
+        "--n",
+        5,
+        "--batch-size",
+        2,
+        "--max-new-tokens",
+        4,
+    ]
+    code, out, err = run("evaluate.py", "--model", model, *flags)
+    assert code == 0, err
+    assert json.loads(out)["n"] == 5
+    assert sizes == [2, 2, 1]

@@ -185,6 +185,9 @@ def test_evaluate_program_reports_the_harness_results(
         (("--harness", "zmaj_tiny", "--batch-size", "0"), "--batch-size must be at least 1"),
         (("--harness", "zmaj_tiny", "--limit", "nan"), "--limit must be a number above 0, got nan"),
         (("--harness", "zmaj_tiny", "--limit", "inf"), "--limit must be a number above 0, got inf"),
+        # lm-eval reads 0 as no document at all: a ValueError traceback from inside it.
+        (("--harness", "zmaj_tiny", "--limit", "0"), "--limit must be a number above 0, got 0.0"),
+        (("--harness", "zmaj_tiny", "--num-fewshot", "-1"), "--num-fewshot must be at least 0, got -1"),
         (("--harness", "zmaj_tiny", "--output", "/proc/r.json"), "--output: cannot write in /proc"),
     ],
 )
@@ -195,6 +198,30 @@ def test_evaluate_program_refuses_bad_harness_input_in_one_line(
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_evaluate_program_passes_its_harness_flags_to_lm_eval(
+    tiny: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """--chat, --num-fewshot, --limit and --dtype are checked, then handed to lm-eval and the backend: dropped,
+    every benchmark ran zero-shot, without the template, over every document, in the machine's default dtype
+    (each dtype differs from ``auto`` on some machine)."""
+    seen: dict[str, Any] = {}
+
+    def record(**kwargs: Any) -> dict[str, Any]:
+        seen.update(kwargs)
+        return {"results": {}, "versions": {}, "n-shot": {}, "higher_is_better": {}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", record)
+    name = str(dtype).removeprefix("torch.")
+    flags = ("--chat", "--num-fewshot", "2", "--limit", "3", "--dtype", name)
+    result = run_program(
+        "evaluate.py", "--model", tiny[0], "--harness", "zmaj_tiny", "--harness-include", TASKS, *flags
+    )
+    assert result.returncode == 0, result.stderr
+    assert (seen["apply_chat_template"], seen["num_fewshot"], seen["limit"]) == (True, 2, 3)
+    assert {tensor.dtype for tensor in seen["model"].model.params.values(True, True)} == {dtype}
 
 
 def test_what_a_task_asks_and_the_backend_cannot_do_is_one_line(

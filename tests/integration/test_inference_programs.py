@@ -2,6 +2,7 @@
 as a Hugging Face folder (with a tiny zmaj tokenizer and its chat template beside it); sample.py on a tiny zmaj run;
 generate.py, perplexity.py and sample.py on one whose checkpoint is damaged."""
 
+import inspect
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from zmaj.data.chat_template import Message
 from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer import chat as infer_chat
+from zmaj.infer import sample as infer_sample
 from zmaj.infer import text as infer_text
 from zmaj.models import gpt
 from zmaj.train import optim
@@ -1058,6 +1060,68 @@ def test_sample_top_k_0_samples_from_every_token(pretrained_run: Path) -> None:
     zero = run("sample.py", pretrained_run, *SAMPLE, "--top-k", 0)
     assert zero.returncode == 0, zero.stderr
     assert zero.stdout == run("sample.py", pretrained_run, *SAMPLE, "--top-k", 10_000).stdout
+
+
+def test_sample_samples_among_the_top_k_tokens_50_by_default(
+    pretrained_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--top-k 1 keeps the most likely token alone: at temperature 1 the greedy continuation (a k not passed on
+    sampled from every token); with no --top-k, k is 50, as --help says."""
+    greedy = run(
+        "sample.py", pretrained_run, "--prompt", "the cat", "--max-new-tokens", 8, "--temperature", 0
+    )
+    top_1 = run("sample.py", pretrained_run, *SAMPLE, "--top-k", 1)
+    assert greedy.returncode == top_1.returncode == 0, greedy.stderr + top_1.stderr
+    assert top_1.stdout == greedy.stdout
+    assert top_1.stdout != run("sample.py", pretrained_run, *SAMPLE, "--top-k", 0).stdout
+    ks: list[int | None] = []
+    real = infer_sample.continuation
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        ks.append(inspect.signature(real).bind(*args, **kwargs).arguments["top_k"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer_sample, "continuation", spy)
+    assert run("sample.py", pretrained_run, *SAMPLE).returncode == 0
+    assert ks == [50]
+
+
+@pytest.mark.parametrize(
+    ("program", "message"),
+    [
+        (
+            "generate.py",
+            "--prompt is empty and the tokenizer adds no BOS token: the model needs a token to continue",
+        ),
+        ("sample.py", "--prompt must not be empty: the model needs at least one token to continue"),
+    ],
+)
+def test_an_empty_prompt_without_a_bos_token_exits_2_in_one_line(
+    pretrained_run: Path, program: str, message: str
+) -> None:
+    """Nothing to continue from (a zmaj tokenizer adds no BOS): it was a ValueError traceback from the sampler."""
+    model = ["--model", pretrained_run] if program == "generate.py" else [pretrained_run]
+    result = run(program, *model, "--prompt", "", "--temperature", 0)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(message)
+    assert result.stdout == ""
+
+
+def test_ctrl_c_while_generating_ends_the_line_and_exits_130(
+    pretrained_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C mid-answer ends the completion where it is, on a line of its own, with the shell's status for
+    SIGINT (128 + 2), as every program exits on Ctrl-C, and no traceback."""
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        yield "the cat"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(infer_text, "complete", interrupted)
+    result = run("generate.py", "--model", pretrained_run, "--prompt", "hi", "--max-new-tokens", 4)
+    assert result.returncode == 130, result.stderr
+    assert result.stdout == "the cat\n"
+    assert "Traceback" not in result.stderr
 
 
 def test_sample_samples_with_its_seed(pretrained_run: Path) -> None:
