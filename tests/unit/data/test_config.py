@@ -84,3 +84,12 @@ def test_vocab_size_must_hold_every_byte_and_every_special_token() -> None:
     with pytest.raises(ValidationError, match="vocab_size"):
         DataConfig(vocab_size=262)
     assert DataConfig(vocab_size=263).vocab_size == 263
+
+
+def test_a_folder_given_as_a_data_file_is_refused_by_name(tmp_path: Path) -> None:
+    """A folder exists but is no file: accepted, the corpus reader failed only when the data was prepared, with
+    an ``IsADirectoryError``, where the spec can name it before anything runs."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    with pytest.raises(ValidationError, match=r"paths[\s\S]*data file\(s\) not found: .*shards"):
+        DataConfig.model_validate({"source": {"kind": "files", "paths": [str(folder)], "format": "text"}})

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 import random
@@ -140,3 +141,52 @@ def test_the_unigram_baseline_is_its_closed_form(monkeypatch: pytest.MonkeyPatch
     counts = [3 + 1, 1 + 1, 0 + 1]  # of 7
     bits = -(math.log2(counts[0] / 7) + math.log2(counts[2] / 7) + math.log2(counts[1] / 7))
     assert prepared.unigram_bpb() == pytest.approx(bits / (1 + 1 + 2))
+
+
+def test_the_seed_orders_the_rows_of_both_splits(tmp_path: Path) -> None:
+    """``train.seed`` is how a user repeats a run with other data orders (a seed sweep): the same seed gives the
+    same rows in the same order, another seed the same token files (one tokenizer, one cache entry) read in
+    another order. Ignored, every seed of a sweep trained on the same batches."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": f"def f{i}(x): return x * {i} + {i % 7}"}) + "\n" for i in range(300))
+    )
+    config = DataConfig(
+        source=FilesSource(paths=[str(path)], format="jsonl"),
+        vocab_size=300,
+        seq_len=8,
+        validation_fraction=0.2,
+    )
+
+    def rows(prepared: Prepared) -> dict[str, list[list[int]]]:
+        splits = {"train": prepared.train, "validation": prepared.validation}
+        return {
+            name: [split[i]["tokens"].tolist() for i in range(len(split))] for name, split in splits.items()
+        }
+
+    first, again, other = (prepare(config, tmp_path / "cache", seed=seed) for seed in (0, 0, 1))
+    assert other.fingerprints() == first.fingerprints()
+    assert rows(again) == rows(first)
+    for split, order in rows(other).items():
+        assert order != rows(first)[split], split
+
+
+def test_the_fingerprints_are_each_splits_token_file(tmp_path: Path) -> None:
+    """A run records both fingerprints so that a resume on other data is refused: recording the train file's as
+    the validation one's let a resume on another held-out set through. Each is the sha256 of the split's ids
+    then of its document offsets (``TokenFile.fingerprint``), computed here by hand."""
+
+    def token_file(ids: list[int], offsets: list[int]) -> TokenFile:
+        return TokenFile(np.array(ids, dtype=np.uint16), np.array(offsets), vocab_size=3, eos_id=2, pad_id=2)
+
+    def sha256(ids: list[int], offsets: list[int]) -> str:
+        data = np.array(ids, dtype=np.uint16).tobytes() + np.array(offsets, dtype=np.int64).tobytes()
+        return hashlib.sha256(data).hexdigest()
+
+    train, held_out = ([0, 0, 1, 2], [0, 4]), ([1, 2, 0, 2], [0, 2, 4])
+    prepared = Prepared(
+        ThreeTokens(),
+        LMDataset(token_file(*train), 1, "pack", 0),
+        LMDataset(token_file(*held_out), 1, "pack", 0),
+    )
+    assert prepared.fingerprints() == {"train": sha256(*train), "validation": sha256(*held_out)}

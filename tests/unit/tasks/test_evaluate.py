@@ -156,3 +156,10 @@ def test_a_reward_without_stopped_is_called_as_before_with_the_whole_completion(
         Reward(0.0, 0.0),
         Reward(1.0, 1.0),
     ]
+
+
+def test_wilson_interval_of_no_samples_is_a_value_error() -> None:
+    """An evaluation of no problems has no rate: the documented ``ValueError`` naming the counts, not a
+    ``ZeroDivisionError`` from 0 / 0 deep in the formula."""
+    with pytest.raises(ValueError, match=r"n >= 1, got successes=0, n=0"):
+        accuracy_interval(0, 0)

@@ -204,3 +204,29 @@ def test_a_spec_file_that_is_not_a_mapping_is_refused_by_name(tmp_path: Path) ->
     spec.write_text("- a\n- b\n")
     with pytest.raises(SpecError, match=r"list\.yaml: expected a mapping at the top level$"):
         load(PretrainSpec, spec, ["train.steps=1"])
+
+
+@pytest.mark.parametrize("field", ["train.steps", "train.eval_every"])
+def test_zero_steps_or_zero_eval_every_is_refused_naming_the_field(field: str) -> None:
+    """A run of 0 steps trains nothing, and evaluating every 0 steps is ``step % 0`` in the loop, a
+    ZeroDivisionError after the data is prepared: both are typos, refused by the spec naming the field."""
+    with pytest.raises(SpecError, match=rf"{re.escape(field)}: Input should be greater than 0"):
+        load(PretrainSpec, TINY, [f"{field}=0"])
+    assert load(PretrainSpec, TINY, [f"{field}=1"])
+
+
+def test_temperature_zero_is_greedy_sampling_and_accepted() -> None:
+    """``zmaj.infer`` documents temperature 0 as greedy decoding: a spec asking for it must load."""
+    assert load(PretrainSpec, TINY, ["sample.temperature=0"]).sample.temperature == 0
+    with pytest.raises(SpecError, match=r"sample\.temperature: Input should be greater than or equal to 0"):
+        load(PretrainSpec, TINY, ["sample.temperature=-0.5"])
+
+
+def test_a_context_one_short_of_the_rows_is_refused_and_an_equal_one_accepted() -> None:
+    """A row feeds ``data.seq_len`` tokens to the model (the one more is only a target), so a context of exactly
+    ``seq_len`` fits and one of ``seq_len - 1`` does not: the context is the longest sequence the model takes (a learned
+    position table has no row past it, an index error at the first step)."""
+    with pytest.raises(SpecError, match=r"model\.context \(255\) is shorter than data\.seq_len \(256\)"):
+        load(PretrainSpec, TINY, ["model.context=255", "data.seq_len=256"])
+    spec = load(PretrainSpec, TINY, ["model.context=256", "data.seq_len=256"])
+    assert spec.model.context == spec.data.seq_len == 256
