@@ -31,7 +31,7 @@ def main() -> None:
         "--prompt", required=True, type=utf8, help="text to continue (documents start without a BOS token)"
     )
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
     parser.add_argument(
         "--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50; 0: all)"
     )

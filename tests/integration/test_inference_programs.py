@@ -390,6 +390,9 @@ def test_logits_past_the_range_of_float32_are_one_line(llama: tuple[Any, Path], 
             .splitlines()[-1]
             .endswith("the model's logits are not finite (NaN or infinite): no token follows from them")
         )
+        assert result.stdout.endswith(
+            "\n"
+        )  # the answer so far ends its line: the shell's prompt starts its own
 
 
 def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(llama: tuple[Any, Path], tmp_path: Path) -> None:
@@ -660,6 +663,20 @@ def test_perplexity_with_a_bos_token_counts_every_byte_of_the_file(
     assert scored["tokens"] == len(ids) - 1
     assert scored["nll"] == pytest.approx(expected, abs=1e-4)
     assert scored["bytes"] == len(TEXT.encode("utf-8"))
+
+
+def test_perplexity_of_a_text_of_one_token_is_refused(llama: tuple[Any, Path], tmp_path: Path) -> None:
+    """One token is nothing to predict (no BOS before it): refused naming the count, where the mean NLL of no
+    predicted token was 0 / 0."""
+    _, folder = llama
+    (tmp_path / "text.txt").write_text("the")
+    result = run("perplexity.py", "--model", folder, "--text-file", tmp_path / "text.txt")
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(f"--text-file {tmp_path / 'text.txt'}: 1 tokens, but perplexity needs at least 2")
+    )
 
 
 def test_perplexity_of_tokens_that_spell_no_text_is_refused(
@@ -1066,7 +1083,7 @@ def test_sample_samples_among_the_top_k_tokens_50_by_default(
     pretrained_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--top-k 1 keeps the most likely token alone: at temperature 1 the greedy continuation (a k not passed on
-    sampled from every token); with no --top-k, k is 50, as --help says."""
+    sampled from every token); with no --top-k, k is 50, and with no --temperature 0.8, as --help says."""
     greedy = run(
         "sample.py", pretrained_run, "--prompt", "the cat", "--max-new-tokens", 8, "--temperature", 0
     )
@@ -1074,16 +1091,17 @@ def test_sample_samples_among_the_top_k_tokens_50_by_default(
     assert greedy.returncode == top_1.returncode == 0, greedy.stderr + top_1.stderr
     assert top_1.stdout == greedy.stdout
     assert top_1.stdout != run("sample.py", pretrained_run, *SAMPLE, "--top-k", 0).stdout
-    ks: list[int | None] = []
+    asked: list[tuple[object, ...]] = []
     real = infer_sample.continuation
 
     def spy(*args: Any, **kwargs: Any) -> Any:
-        ks.append(inspect.signature(real).bind(*args, **kwargs).arguments["top_k"])
+        arguments = inspect.signature(real).bind(*args, **kwargs).arguments
+        asked.append(tuple(arguments[name] for name in ("max_new_tokens", "temperature", "top_k")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(infer_sample, "continuation", spy)
-    assert run("sample.py", pretrained_run, *SAMPLE).returncode == 0
-    assert ks == [50]
+    assert run("sample.py", pretrained_run, "--prompt", "the cat", "--max-new-tokens", 8).returncode == 0
+    assert asked == [(8, 0.8, 50)]  # --max-new-tokens as given; --help's defaults
 
 
 @pytest.mark.parametrize(

@@ -521,10 +521,13 @@ def test_the_final_evaluation_reads_the_whole_validation_split(
     record's val_loss and val_bpb (which the model card reports) came from eval_batches batches when the program
     passed eval_batches to the final evaluation too, and no test told."""
     limits: list[int | None] = []
+    sizes: set[int] = set()
     real = step.held_out
 
     def spy(*args: Any, **kwargs: Any) -> Any:
-        limits.append(inspect.signature(real).bind(*args, **kwargs).arguments["max_batches"])
+        arguments = inspect.signature(real).bind(*args, **kwargs).arguments
+        limits.append(arguments["max_batches"])
+        sizes.add(arguments["batch_size"])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(step, "held_out", spy)
@@ -533,6 +536,7 @@ def test_the_final_evaluation_reads_the_whole_validation_split(
     assert done.returncode == 0, done.stderr
     assert limits[-1] is None
     assert set(limits[:-1]) == {1}
+    assert sizes == {4 * 2}  # no activations kept for a backward pass: batches 4x the training ones
 
 
 def test_pretrain_passes_on_the_specs_seed_decay_and_sequence_length(
@@ -593,3 +597,23 @@ def test_pretrain_passes_on_the_specs_seed_decay_and_sequence_length(
     assert report.gpt_flops_per_token(config, 16) != report.gpt_flops_per_token(config, 32)
     samples = [line for line in done.stderr.splitlines() if "sample at step" in line]
     assert [line.split("sample at step ")[1].split(":")[0] for line in samples] == ["0", "1", "2"]
+
+
+def test_pretrain_compiles_its_step_as_the_spec_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.compile`` chooses the compiled step functions (the spy hands back the eager ones: compiling
+    takes a minute here); a program that passed False on trained eagerly whatever the spec said."""
+    asked: list[bool] = []
+    real = step.step_functions
+
+    def spy(compile: bool) -> Any:
+        asked.append(compile)
+        return real(False)
+
+    monkeypatch.setattr(step, "step_functions", spy)
+    for compile in (True, False):
+        train = {"steps": 1, "batch_size": 2, "eval_every": 100, "eval_batches": 1, "compile": compile}
+        spec = tiny_spec(tmp_path, train)
+        run_dir = tmp_path / f"run-{compile}"
+        done = run_program("pretrain.py", spec, "--run-dir", run_dir, "--cache-dir", tmp_path / "cache")
+        assert done.returncode == 0, done.stderr
+    assert asked == [True, False]
