@@ -49,22 +49,27 @@ def test_prepare_builds_once_then_rows_decode_to_the_corpus(tmp_path: Path) -> N
                 assert not text.endswith(eos) or any(t.endswith(text.removesuffix(eos)) for t in texts)
 
 
+def code_corpus(folder: Path) -> DataConfig:
+    """300 one-line functions in a jsonl file, as rows of 8 tokens of a 300-token vocabulary."""
+    path = folder / "corpus.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": f"def f{i}(x): return x * {i} + {i % 7}"}) + "\n" for i in range(300))
+    )
+    return DataConfig(
+        source=FilesSource(paths=[str(path)], format="jsonl"),
+        vocab_size=300,
+        seq_len=8,
+        validation_fraction=0.2,
+    )
+
+
 def test_a_preparation_reads_the_corpus_once_for_the_tokenizer_and_once_for_both_splits(
     tmp_path: Path, corpus_reads: list[Source]
 ) -> None:
     """Each read of a streamed corpus downloads and decodes it again (FineWeb's 10 GB): the tokenizer's sample
     takes one (it must be trained before anything is encoded), encoding the train and validation splits one
     more, and a cached preparation none."""
-    path = tmp_path / "corpus.jsonl"
-    path.write_text(
-        "".join(json.dumps({"text": f"def f{i}(x): return x * {i} + {i % 7}"}) + "\n" for i in range(300))
-    )
-    config = DataConfig(
-        source=FilesSource(paths=[str(path)], format="jsonl"),
-        vocab_size=300,
-        seq_len=8,
-        validation_fraction=0.2,
-    )
+    config = code_corpus(tmp_path)
     prepare(config, tmp_path / "cache", seed=0)
     assert corpus_reads == [config.source, config.source]
     prepare(config, tmp_path / "cache", seed=0)
@@ -147,16 +152,7 @@ def test_the_seed_orders_the_rows_of_both_splits(tmp_path: Path) -> None:
     """``train.seed`` is how a user repeats a run with other data orders (a seed sweep): the same seed gives the
     same rows in the same order, another seed the same token files (one tokenizer, one cache entry) read in
     another order. Ignored, every seed of a sweep trained on the same batches."""
-    path = tmp_path / "corpus.jsonl"
-    path.write_text(
-        "".join(json.dumps({"text": f"def f{i}(x): return x * {i} + {i % 7}"}) + "\n" for i in range(300))
-    )
-    config = DataConfig(
-        source=FilesSource(paths=[str(path)], format="jsonl"),
-        vocab_size=300,
-        seq_len=8,
-        validation_fraction=0.2,
-    )
+    config = code_corpus(tmp_path)
 
     def rows(prepared: Prepared) -> dict[str, list[list[int]]]:
         splits = {"train": prepared.train, "validation": prepared.validation}
