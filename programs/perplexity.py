@@ -114,7 +114,8 @@ def own_bytes(token: str) -> int:
     character of a byte-level token, which writes each byte as one, and none for a lone ``▁``: SentencePiece's
     dummy prefix, which a Metaspace pre-tokenizer or a ``Prepend("▁")`` normalizer adds before the text, shares
     the offsets of the text's first character but spells none of it (a space of the text's own has offsets of
-    its own, and a byte-level vocabulary has no ``▁``)."""
+    its own, or, after a ``Prepend`` prefix, shares them but is never the first token; a byte-level vocabulary
+    has no ``▁``)."""
     if token == "▁":
         return 0
     return 1 if re.fullmatch(r"<0x[0-9A-F]{2}>", token) else len(token)

@@ -640,16 +640,35 @@ def test_perplexity_of_the_first_tokens_counts_only_the_bytes_of_a_character_the
         assert json.loads(result.stdout)["bytes"] == sum(map(len, tokens[1:n]))
 
 
+def llama_with_bos(
+    tokenizer: ModelTokenizer, folder: Path
+) -> tuple[ModelTokenizer, transformers.PreTrainedModel]:
+    """The fixture's tokenizer adding a BOS token before every text, and a tiny Llama saved with it."""
+    inner = tokenizers.Tokenizer.from_str(tokenizer.tokenizer.to_str())
+    inner.post_processor = bos_eos_processor(inner, tokenizer.bos_token, None)
+    with_bos = replace(tokenizer, tokenizer=inner, add_bos=True)
+    return with_bos, save_llama(folder, with_bos, context=256)
+
+
+def test_generate_continues_an_empty_prompt_from_the_bos_token(
+    tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    """An empty --prompt is refused only where the tokenizer adds no BOS token; where it adds one, the BOS token
+    alone is a prompt the model continues (a check of the text instead of the ids refused it too)."""
+    llama_with_bos(tokenizer, tmp_path / "bos")
+    result = run("generate.py", "--model", tmp_path / "bos", "--prompt", "", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    assert "prompt of 1 tokens" in result.stderr
+    assert result.stdout.endswith("\n")
+
+
 def test_perplexity_with_a_bos_token_counts_every_byte_of_the_file(
     tokenizer: ModelTokenizer, tmp_path: Path
 ) -> None:
     """Where the tokenizer adds a BOS token, the first predicted token is the text's first: bits per byte are
-    over all the file's bytes (perplexity.py's docstring: "none where the tokenizer adds a BOS token")."""
+    over all the file's bytes (perplexity.py's docstring: "none where the first token is a BOS token")."""
     folder = tmp_path / "bos"
-    inner = tokenizers.Tokenizer.from_str(tokenizer.tokenizer.to_str())
-    inner.post_processor = bos_eos_processor(inner, tokenizer.bos_token, None)
-    with_bos = replace(tokenizer, tokenizer=inner, add_bos=True)
-    model = save_llama(folder, with_bos, context=256)
+    with_bos, model = llama_with_bos(tokenizer, folder)
     (tmp_path / "text.txt").write_text(TEXT)
     result = run(
         "perplexity.py", "--model", folder, "--text-file", tmp_path / "text.txt", "--dtype", "float32"
@@ -1290,6 +1309,32 @@ def test_a_dummy_prefix_first_token_spells_none_of_the_text(
         assert own_space.tokens[:3] == ["▁", "▁", "<0xE4>"]
         assert own_space.offsets[:2] == [(0, 1), (0, 1)]
         assert first_token_bytes(own_space, " 世 the") == 0
+
+
+def test_a_dummy_prefix_after_a_bos_token_spells_none_of_a_cut_character(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Llama 2's layout: BOS, the ``▁`` prefix, then "世"'s three byte tokens, all but BOS at (0, 1). Cut after the
+    first byte token (--max-tokens 3), the predicted tokens spell that one byte: the prefix shares the cut
+    character's offsets but none of its bytes (counted as one, they read as 2)."""
+    monkeypatch.syspath_prepend(str(ROOT / "programs"))
+    from perplexity import cut_character_bytes, first_token_bytes
+
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tokenizer.normalizer = tokenizers.normalizers.Sequence(
+        [tokenizers.normalizers.Prepend("▁"), tokenizers.normalizers.Replace(" ", "▁")]
+    )
+    specials = ["<unk>", "<s>", *(f"<0x{i:02X}>" for i in range(256))]
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=specials)
+    tokenizer.train_from_iterator(["the cat sat on the mat " * 20], trainer)
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    encoding = tokenizer.encode("世 the")
+    assert encoding.tokens[:3] == ["<s>", "▁", "<0xE4>"]
+    cut = "世"  # the text up to the end of the first 3 tokens' offsets
+    assert len(cut.encode()) - first_token_bytes(encoding, cut) - cut_character_bytes(encoding, cut, 3) == 1
 
 
 def test_a_cut_inside_a_character_counts_the_bytes_each_byte_level_token_spells(

@@ -91,5 +91,9 @@ def test_a_folder_given_as_a_data_file_is_refused_by_name(tmp_path: Path) -> Non
     an ``IsADirectoryError``, where the spec can name it before anything runs."""
     folder = tmp_path / "shards"
     folder.mkdir()
-    with pytest.raises(ValidationError, match=r"paths[\s\S]*data file\(s\) not found: .*shards"):
-        DataConfig.model_validate({"source": {"kind": "files", "paths": [str(folder)], "format": "text"}})
+    (tmp_path / "a.txt").write_text("text")
+    for paths in ([folder], [tmp_path / "a.txt", folder]):  # each path is checked, not the first alone
+        with pytest.raises(ValidationError, match=r"paths[\s\S]*data file\(s\) not found: .*shards"):
+            DataConfig.model_validate(
+                {"source": {"kind": "files", "paths": list(map(str, paths)), "format": "text"}}
+            )

@@ -5,6 +5,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -104,6 +105,15 @@ def test_a_metric_no_record_holds_gets_no_panel(tmp_path: Path, monkeypatch: pyt
     assert [ax.get_title() for ax in figure.axes] == ["training loss", "score"]
 
 
+def test_a_metrics_file_no_panel_can_show_draws_nothing(tmp_path: Path) -> None:
+    """A run stopped before its first record (an empty metrics.jsonl) has no curve to draw: no PNG, and no
+    ``plt.subplots(1, 0)`` error ending the run that only wanted to save its checkpoint."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("")
+    report.plot_curves(metrics, tmp_path / "curves.png", [("loss", "training loss")])
+    assert not (tmp_path / "curves.png").exists()
+
+
 def matmul_params(config: GPTConfig) -> int:
     """The weights that multiply activations, counted from the parameters ``gpt.init`` makes: each block's
     attention and MLP matrices and the unembedding (the embedding table itself when tied); biases, norms and
@@ -142,8 +152,8 @@ def test_flops_per_token_is_the_palm_closed_form(update: dict[str, Any], expecte
 
 
 def test_the_matmul_peak_is_two_n_cubed_over_the_fastest_repeat(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An n x n matmul is n^3 multiply-adds, 2 n^3 FLOPs; the ceiling is the fastest repeat's, not the first's (a
-    cold start) or the last's. Counted as n^3, every MFU would read twice too high."""
+    """An n x n matmul is n^3 multiply-adds, 2 n^3 FLOPs; the ceiling is the fastest run's (the warm-up's too,
+    which a cold start never is), not the first's or the last's. Counted as n^3, every MFU read twice too high."""
     durations = iter([0.9, 0.7, 0.25, 0.5, 0.6, 0.8])  # the warm-up and 5 repeats, each start then end
 
     def ticks() -> Iterator[float]:
@@ -154,6 +164,7 @@ def test_the_matmul_peak_is_two_n_cubed_over_the_fastest_repeat(monkeypatch: pyt
             yield now
 
     clock = ticks()
-    monkeypatch.setattr("zmaj.train.report.time.perf_counter", lambda: next(clock))
+    # A stand-in for report's ``time`` alone: the process's own clock stays as it is.
+    monkeypatch.setattr(report, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     peak = report.measure_matmul_peak(torch.float32, torch.device("cpu"), n=64, repeats=5)
     assert peak == pytest.approx(2 * 64**3 / 0.25 / 1e9)
