@@ -241,12 +241,12 @@ def run_harness(args: argparse.Namespace) -> None:
     if args.output is not None:
         check_output_file(args.output, "--output")
     tasks = [name.strip() for name in args.harness.split(",") if name.strip()]
+    if not tasks:  # said before lm-eval indexes its thousands of task files (seconds)
+        fail("--harness: no task given; `lm_eval ls tasks` lists them")
     manager = TaskManager(include_path=[str(f) for f in args.harness_include] or None)
     unknown = [name for name in tasks if not manager.match_tasks([name])]
-    if not tasks or unknown:
-        fail(
-            f"--harness: unknown tasks {', '.join(unknown) or '(none given)'}; `lm_eval ls tasks` lists them"
-        )
+    if unknown:
+        fail(f"--harness: unknown tasks {', '.join(unknown)}; `lm_eval ls tasks` lists them")
     try:
         model = ZmajLM(path=args.model, dtype=args.dtype, batch_size=args.batch_size)
     except (OSError, ValueError) as error:

@@ -1141,6 +1141,43 @@ def test_sft_steps_take_the_specs_precision_seed_and_decay(
         assert torch.equal(decay[key], expected[key]), key
 
 
+@pytest.mark.parametrize("decay_all", [False, True])
+@pytest.mark.parametrize(
+    ("program", "module", "step_name", "sets"),
+    [
+        ("dpo.py", dpo, "dpo_step", ["pairs.task={name: say-e}", "lora=null"]),  # adapters are matrices only
+        ("grpo.py", grpo, "grpo_step", ["task={name: say-e}", "train.passes=1"]),
+    ],
+)
+def test_dpo_and_grpo_steps_decay_what_the_spec_says(
+    model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    program: str,
+    module: Any,
+    step_name: str,
+    sets: list[str],
+    decay_all: bool,
+) -> None:
+    """``decay_norms_and_biases`` decides which parameters each update decays, as in SFT (a program that passed
+    a constant on decayed the norms and biases of every run, or of none)."""
+    same: list[tuple[bool, bool]] = []
+    real = getattr(module, step_name)
+
+    def spy(state: Any, batch: Any, /, **kwargs: Any) -> Any:
+        expected = optim.decay_mask(state["params"], decay_all)
+        keys = expected.keys(True, True)
+        undecayed = any(float(expected[k].min()) == 0.0 for k in keys)  # the norms, unless decay_all
+        same.append((all(torch.equal(kwargs["decay"][k], expected[k]) for k in keys), undecayed))
+        return real(state, batch, **kwargs)
+
+    monkeypatch.setattr(module, step_name, spy)
+    sets = ["eval=null", "train.steps=1", f"train.optimizer.decay_norms_and_biases={decay_all}", *sets]
+    code, _, err = run(program, *tiny(program, model, *sets), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert same == [(True, not decay_all)]
+
+
 @pytest.mark.parametrize(
     ("program", "sets"),
     [("sft.py", []), ("dpo.py", ["pairs.task={name: say-e}"]), ("grpo.py", ["task={name: say-e}"])],

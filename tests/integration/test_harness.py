@@ -178,7 +178,7 @@ def test_evaluate_program_reports_the_harness_results(
     ("args", "message"),
     [
         (("--harness", "no_such_task"), "--harness: unknown tasks no_such_task"),
-        (("--harness", " , "), "--harness: unknown tasks (none given)"),
+        (("--harness", " , "), "--harness: no task given"),
         (("--harness", "zmaj_tiny", "--harness-include", "no/such/folder"), "--harness-include: no folder"),
         (("--harness", "zmaj_tiny", "--few-shot", "2"), "--few-shot cannot be used with --harness"),
         (("--harness", "zmaj_tiny", "--n", "5", "--seed", "3"), "--n, --seed cannot be used with --harness"),

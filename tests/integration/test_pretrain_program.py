@@ -24,6 +24,7 @@ from tests.unit.train.test_loop import HOLD_LOCK
 from zmaj.data import dataset, pipeline
 from zmaj.data.corpus import in_validation
 from zmaj.data.tokenizer import Tokenizer
+from zmaj.infer import sample as infer_sample
 from zmaj.models import gpt
 from zmaj.train import loop, optim, report, step
 
@@ -531,24 +532,29 @@ def test_the_final_evaluation_reads_the_whole_validation_split(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(step, "held_out", spy)
-    spec = tiny_spec(tmp_path, {"steps": 2, "batch_size": 2, "eval_every": 1, "eval_batches": 1})
+    train = {"steps": 2, "batch_size": 2, "grad_accum": 2, "eval_every": 1, "eval_batches": 1}
+    spec = tiny_spec(tmp_path, train)
     done = run_program("pretrain.py", spec, "--run-dir", tmp_path / "run", "--cache-dir", tmp_path / "cache")
     assert done.returncode == 0, done.stderr
     assert limits[-1] is None
     assert set(limits[:-1]) == {1}
-    assert sizes == {4 * 2}  # no activations kept for a backward pass: batches 4x the training ones
+    # No activations are kept for a backward pass: batches 4x a micro-batch (accumulation saves memory, and
+    # the evaluation should not spend it).
+    assert sizes == {4 * 2}
 
 
+@pytest.mark.parametrize("decay_all", [True, False])
 def test_pretrain_passes_on_the_specs_seed_decay_and_sequence_length(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, decay_all: bool
 ) -> None:
-    """``train.seed`` seeds the initial weights, the data's order and each step's dropout; each step decays the
+    """``train.seed`` seeds the initial weights, the data's order, each step's dropout and the samples each
+    evaluation logs (of the spec's prompts); each step decays the
     parameters ``decay_norms_and_biases`` says; MFU counts the FLOPs of ``data.seq_len``-token rows, not of the
-    context; every evaluation logs samples of the spec's prompts; and a --cache-dir whose parents do not exist
-    yet is made. No other test could see a program that passed a seed of 0 on, an inverted decay mask or the
+    context; and a --cache-dir whose parents do not exist yet is made. No other test could see a program that passed a seed of 0 on, an inverted decay mask or the
     context (the tiny specs' rows fill it)."""
-    seen: dict[str, list[Any]] = {"init": [], "prepare": [], "step": [], "flops": []}
+    seen: dict[str, list[Any]] = {"init": [], "prepare": [], "step": [], "flops": [], "samples": []}
     real_init, real_prepare, real_step, real_train = gpt.init, pipeline.prepare, step.train_step, loop.train
+    real_samples = infer_sample.continue_texts
 
     def init(config: Any, seed: int, device: Any = "cpu") -> Any:
         if str(device) != "meta":  # shapes alone, for the parameter count and the sharding check
@@ -560,27 +566,34 @@ def test_pretrain_passes_on_the_specs_seed_decay_and_sequence_length(
         return real_prepare(config, cache_dir, seed)
 
     def train_step(state: Any, batches: Any, /, **kwargs: Any) -> Any:
-        expected = optim.decay_mask(state["params"], norms_and_biases=True)
-        decay = kwargs["decay"]
-        same = all(torch.equal(decay[key], expected[key]) for key in expected.keys(True, True))
-        seen["step"].append((kwargs["seed"], same))
+        expected = optim.decay_mask(state["params"], norms_and_biases=decay_all)
+        keys, decay = expected.keys(True, True), kwargs["decay"]
+        undecayed = any(float(expected[key].min()) == 0.0 for key in keys)  # the norms, unless decay_all
+        seen["step"].append(
+            (kwargs["seed"], all(torch.equal(decay[key], expected[key]) for key in keys), undecayed)
+        )
         return real_step(state, batches, **kwargs)
 
     def train(*args: Any, **kwargs: Any) -> Any:
         seen["flops"].append(kwargs["flops_per_token"])
         return real_train(*args, **kwargs)
 
+    def continue_texts(*args: Any, **kwargs: Any) -> Any:
+        seen["samples"].append(inspect.signature(real_samples).bind(*args, **kwargs).arguments["seed"])
+        return real_samples(*args, **kwargs)
+
     monkeypatch.setattr(gpt, "init", init)
     monkeypatch.setattr(pipeline, "prepare", prepare)
     monkeypatch.setattr(step, "train_step", train_step)
     monkeypatch.setattr(loop, "train", train)
+    monkeypatch.setattr(infer_sample, "continue_texts", continue_texts)
     train_section = {
         "steps": 2,
         "batch_size": 2,
         "eval_every": 1,
         "eval_batches": 1,
         "seed": 7,
-        "optimizer": {"decay_norms_and_biases": True},
+        "optimizer": {"decay_norms_and_biases": decay_all},
     }
     spec = tiny_spec(tmp_path, train_section, {"dropout": 0.1})
     cache = tmp_path / "a" / "b" / "cache"
@@ -591,7 +604,8 @@ def test_pretrain_passes_on_the_specs_seed_decay_and_sequence_length(
     assert cache.is_dir()
     assert seen["init"] == [7]
     assert seen["prepare"] == [7]
-    assert seen["step"] == [(7, True), (7, True)]
+    assert seen["step"] == [(7, True, not decay_all)] * 2
+    assert seen["samples"] == [7] * 3  # at steps 0, 1 and the final evaluation
     config = gpt.GPTConfig(vocab_size=300, context=32, d_model=32, n_layers=2, n_heads=2, dropout=0.1)
     assert seen["flops"] == [report.gpt_flops_per_token(config, 16)]
     assert report.gpt_flops_per_token(config, 16) != report.gpt_flops_per_token(config, 32)
