@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -128,3 +128,76 @@ def test_the_matmul_peak_is_the_best_size_up_to_4096(
     monkeypatch.setattr(common, "square_matmul_gflops", stalled_past_1024)
     assert common.matmul_peak_gflops.__wrapped__(torch.float32, "cpu") == 10_000.0
     assert sizes == [256, 512, 1024, 2048, 4096]
+
+
+def test_timeit_reads_the_clock_around_each_call_and_its_synchronize(
+    common: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reading starts before the call and ends after the device has finished it: read after the call, every
+    time (ms/step, tokens/s, MFU) was about 0; read before the synchronize, a GPU timed its kernel launches."""
+    events: list[str] = []
+
+    def clock() -> float:
+        events.append("clock")
+        return 0.0
+
+    monkeypatch.setattr(common, "synchronize", lambda device: events.append("sync"))
+    monkeypatch.setattr(common, "time", SimpleNamespace(perf_counter=clock))
+    common.timeit(lambda: events.append("call"), warmup=1, repeats=2)
+    assert events == ["call", "sync"] + ["clock", "call", "sync", "clock"] * 2
+
+
+def test_a_square_matmul_rate_is_two_n_cubed_over_the_fastest_time(
+    common: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An n x n product is 2 n^3 FLOPs, and the ceiling is the fastest of its repeats: counted as n^3, or over
+    the slowest, the peak halves and every MFU doubles."""
+    monkeypatch.setattr(common, "timeit", lambda fn, **kwargs: [0.5, 1.0, 2.0, 1.0, 1.0])
+    rate, seconds = common.square_matmul_gflops(100, torch.float32, torch.device("cpu"))
+    assert (rate, seconds) == (pytest.approx(2 * 100**3 / 0.5 / 1e9), 0.5)
+
+
+def test_bf16_is_fast_on_cuda_without_measuring(common: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every CUDA GPU zmaj's users train on has bf16 tensor cores: no measurement decides it there."""
+
+    def measured(*args: object) -> float:
+        raise AssertionError("measured a peak")
+
+    monkeypatch.setattr(common, "matmul_peak_gflops", measured)
+    assert common.bf16_is_fast("cuda") is True
+
+
+def test_a_markdown_table_aligns_numbers_right_and_escapes_pipes(common: ModuleType) -> None:
+    """A cell holding "|" would start a new column of README's table."""
+    table = common.markdown_table([{"name": "a|b", "x": 1.5}, {"name": "c", "x": 12}], ["name", "x"])
+    assert table == "| name |   x |\n| ---- | --: |\n| a\\|b | 1.5 |\n| c    |  12 |"
+
+
+def test_the_bf16_skip_note_names_each_peak(common: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reason printed under a table that lost its bf16 rows: the two peaks in their places."""
+    monkeypatch.setattr(common, "bf16_is_fast", lambda device: False)
+    monkeypatch.setattr(
+        common, "matmul_peak_gflops", lambda dtype, device: 100.0 if dtype == torch.float32 else 1.0
+    )
+    dtypes, [note] = common.usable_dtypes(["fp32", "bf16"], torch.device("cpu"), "the step")
+    assert dtypes == ["fp32"]
+    assert "its matmul peak here (1 GFLOP/s) is under half the fp32 peak (100)" in note
+
+
+@pytest.mark.parametrize(("fast", "word"), [(True, "fast"), (False, "slow")])
+def test_the_header_says_whether_bf16_is_fast(
+    common: ModuleType, monkeypatch: pytest.MonkeyPatch, fast: bool, word: str
+) -> None:
+    monkeypatch.setattr(common, "bf16_is_fast", lambda device: fast)
+    monkeypatch.setattr(common, "matmul_peak_gflops", lambda dtype, device: 10.0)
+    assert f"(bf16 {word} here)" in common.header("cpu")
+
+
+def test_the_cpu_features_are_this_cpus_flags(common: ModuleType) -> None:
+    """The header's flags say why a row was skipped (no avx512_bf16, no amx): they must be the CPU's own."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo on this system")
+    line = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
+    flags = set(line.split(":", 1)[1].split())
+    assert common.cpu_features() == [feature for feature in common.CPU_FEATURES if feature in flags]

@@ -68,6 +68,10 @@ def test_the_curve_is_read_linearly_between_evaluations(speedrun: ModuleType) ->
     assert speedrun.time_to(curve, 3.0) == pytest.approx(10.0)
     assert speedrun.time_to(curve, 4.5) == 0.0  # already there at the start
     assert speedrun.time_to(curve, 1.0) is None  # never reached
+    # Off the midpoints, where reading from the wrong end of an interval gives another value.
+    assert speedrun.bpb_at(curve, 2.0) == pytest.approx(3.8)
+    assert speedrun.time_to(curve, 3.8) == pytest.approx(2.0)
+    assert speedrun.time_to([(0.0, 2.0), (10.0, 2.0)], 2.0) == 0.0  # a flat curve at the target: no 0 / 0
 
 
 def test_a_runs_curve_counts_only_the_steps_own_seconds(speedrun: ModuleType, tmp_path: Path) -> None:
@@ -125,3 +129,45 @@ def test_each_row_is_evaluated_about_evals_times(speedrun: ModuleType) -> None:
     sets = speedrun.measurement_overrides(spec, evals=6, precision=None, quick=False)
     assert f"train.eval_every={spec.train.steps // 6}" in sets
     assert f"train.checkpoint_every={spec.train.steps + 1}" in sets
+    # Every held-out row (the README's table is over all of them), and the spec's own precision.
+    batches = next(int(s.split("=")[1]) for s in sets if s.startswith("train.eval_batches="))
+    assert batches >= 10**6  # more than any held-out split has: all of them
+    assert not any(s.startswith("train.precision") for s in sets)
+    # More evaluations than steps: one every step, not every 0 (which the spec refuses).
+    many = speedrun.measurement_overrides(spec, evals=10 * spec.train.steps, precision="fp32", quick=False)
+    assert "train.eval_every=1" in many
+    assert "train.precision=fp32" in many  # README's command for AVX2-only CPUs
+
+
+def run_table(
+    speedrun: ModuleType, curve: list[tuple[float, float]], budget: float, target: float
+) -> list[dict[str, str]]:
+    """The table of row 0 (2.0 bpb at 50 s, 1.8 at 100 s) and a row of ``curve``, as one dict per line."""
+    planned = speedrun.plan(speedrun.ROWS)
+    row0 = speedrun.Result([(0.0, 3.5), (50.0, 2.0), (100.0, 1.8)], 100.0, 120.0, 450, 2048)
+    other = speedrun.Result(curve, curve[-1][0], 80.0, 175, 4096)
+    lines = speedrun.table(
+        [(planned[0], row0), (planned[1], other)], budget=budget, target=target
+    ).splitlines()
+    head = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [
+        dict(zip(head, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]
+    ]
+
+
+def test_the_bpb_at_the_budget_is_read_at_the_budget(speedrun: ModuleType) -> None:
+    """ "bpb @ budget" is each row's held-out bpb at the same training time, not at its own end."""
+    rows = run_table(speedrun, [(0.0, 3.5), (25.0, 2.0), (60.0, 1.6)], budget=50.0, target=2.0)
+    assert [row["bpb @ budget"] for row in rows] == ["2.000", f"{2.0 - 0.4 * 25 / 35:.3f}"]
+
+
+def test_a_row_at_the_target_from_the_start_has_no_speed_up(speedrun: ModuleType) -> None:
+    """A time of 0 to the target is no ratio (it divided by zero)."""
+    rows = run_table(speedrun, [(0.0, 1.9), (25.0, 1.7)], budget=50.0, target=2.0)
+    assert (rows[1]["to target (s)"], rows[1]["speed-up"]) == ("0", "-")
+
+
+def test_the_final_bpb_is_the_last_evaluations(speedrun: ModuleType) -> None:
+    """Not the curve's best: a run that got worse at its end ends where it ends."""
+    result = speedrun.Result([(0.0, 4.0), (10.0, 2.0), (20.0, 2.5)], 20.0, 30.0, 2, 1)
+    assert result.final_bpb == 2.5
