@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from loguru import logger
+from tensordict import TensorDictBase
 
 from zmaj import fileio
+from zmaj.train import optim
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,3 +90,15 @@ def busy_volume(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(fileio, "exchange", exchange)
     return folder
+
+
+def decays_as_asked(
+    decay: TensorDictBase, params: TensorDictBase, norms_and_biases: bool
+) -> tuple[bool, bool]:
+    """Whether the ``decay`` mask a program handed its step is ``optim.decay_mask(params, norms_and_biases)``, and
+    whether that mask leaves a parameter undecayed (the norms, unless ``norms_and_biases``): the second shows
+    that a test's two settings make two masks, so that the first tells them apart."""
+    expected = optim.decay_mask(params, norms_and_biases)
+    keys = list(expected.keys(True, True))
+    same = set(decay.keys(True, True)) == set(keys) and all(torch.equal(decay[k], expected[k]) for k in keys)
+    return same, any(float(expected[k].min()) == 0.0 for k in keys)

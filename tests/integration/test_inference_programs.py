@@ -390,9 +390,8 @@ def test_logits_past_the_range_of_float32_are_one_line(llama: tuple[Any, Path], 
             .splitlines()[-1]
             .endswith("the model's logits are not finite (NaN or infinite): no token follows from them")
         )
-        assert result.stdout.endswith(
-            "\n"
-        )  # the answer so far ends its line: the shell's prompt starts its own
+        # The answer so far ends its line: the shell's prompt starts its own.
+        assert result.stdout.endswith("\n")
 
 
 def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(llama: tuple[Any, Path], tmp_path: Path) -> None:
@@ -1240,17 +1239,33 @@ def test_a_cut_before_a_token_that_spells_nothing_splits_no_character(
         assert cut_character_bytes(encoding, cut, n) == 0
 
 
+def sentencepiece_bpe(prefix: str = "pre-tokenizer", bos: str | None = None) -> tokenizers.Tokenizer:
+    """A byte-fallback BPE of "the cat sat on the mat", as SentencePiece models convert: the ``▁`` before the text
+    put there by a Metaspace pre-tokenizer, or by Llama 2's ``Prepend`` normalizer; ``bos`` before every text."""
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(byte_fallback=True, unk_token="<unk>"))
+    if prefix == "pre-tokenizer":
+        tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    else:  # Llama 2's tokenizer.json
+        tokenizer.normalizer = tokenizers.normalizers.Sequence(
+            [tokenizers.normalizers.Prepend("▁"), tokenizers.normalizers.Replace(" ", "▁")]
+        )
+    specials = ["<unk>", *([bos] if bos else []), *(f"<0x{i:02X}>" for i in range(256))]
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=specials)
+    tokenizer.train_from_iterator(["the cat sat on the mat " * 20], trainer)
+    if bos:
+        tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+        )
+    return tokenizer
+
+
 def test_a_cut_after_a_byte_fallback_token_counts_one_byte_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """SentencePiece-style byte fallback: a cut after ``<0xE4>``, the first of "世"'s three byte tokens, leaves
     the character's other two bytes unspelled (the token's text is six characters, its bytes one)."""
     monkeypatch.syspath_prepend(str(ROOT / "programs"))
     from perplexity import cut_character_bytes
 
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(byte_fallback=True, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
-    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", *byte_tokens])
-    tokenizer.train_from_iterator(["the cat sat on the mat " * 20], trainer)
+    tokenizer = sentencepiece_bpe()
     sample = "the cat 世 sat"
     encoding = tokenizer.encode(sample)
     assert encoding.tokens[:4] == ["▁the", "▁cat", "▁", "<0xE4>"]
@@ -1285,16 +1300,7 @@ def test_a_dummy_prefix_first_token_spells_none_of_the_text(
     monkeypatch.syspath_prepend(str(ROOT / "programs"))
     from perplexity import first_token_bytes
 
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(byte_fallback=True, unk_token="<unk>"))
-    if prefix == "pre-tokenizer":
-        tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
-    else:  # Llama 2's tokenizer.json
-        tokenizer.normalizer = tokenizers.normalizers.Sequence(
-            [tokenizers.normalizers.Prepend("▁"), tokenizers.normalizers.Replace(" ", "▁")]
-        )
-    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", *byte_tokens])
-    tokenizer.train_from_iterator(["the cat sat on the mat " * 20], trainer)
+    tokenizer = sentencepiece_bpe(prefix)
     for sample, first_two in [("世 the cat", ["▁", "<0xE4>"]), ("hat the cat", ["▁", "h"])]:
         encoding = tokenizer.encode(sample)
         assert encoding.tokens[:2] == first_two
@@ -1320,17 +1326,7 @@ def test_a_dummy_prefix_after_a_bos_token_spells_none_of_a_cut_character(
     monkeypatch.syspath_prepend(str(ROOT / "programs"))
     from perplexity import cut_character_bytes, first_token_bytes
 
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(byte_fallback=True, unk_token="<unk>"))
-    tokenizer.normalizer = tokenizers.normalizers.Sequence(
-        [tokenizers.normalizers.Prepend("▁"), tokenizers.normalizers.Replace(" ", "▁")]
-    )
-    specials = ["<unk>", "<s>", *(f"<0x{i:02X}>" for i in range(256))]
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=specials)
-    tokenizer.train_from_iterator(["the cat sat on the mat " * 20], trainer)
-    bos = tokenizer.token_to_id("<s>")
-    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", bos)]
-    )
+    tokenizer = sentencepiece_bpe("normalizer", bos="<s>")
     encoding = tokenizer.encode("世 the")
     assert encoding.tokens[:3] == ["<s>", "▁", "<0xE4>"]
     cut = "世"  # the text up to the end of the first 3 tokens' offsets
