@@ -42,7 +42,9 @@ def main() -> None:
         else:  # made once, by rank 0 (sampling on-policy pairs is slow), and sent to every rank
             parallel.check_on_rank_0(lambda: runs.check_run_folder(args))  # said before the sampling
             pairs = parallel.from_rank_0(lambda: make_pairs(spec, begin))
-        # The pairs are sampled from the whole model; from here on, fully sharded, each rank keeps its share.
+        # The pairs are sampled from the whole model in float32; from here on it is only read, its matrices by
+        # the matmuls, and fully sharded, each rank keeps its share.
+        begin = finetune.frozen(spec, begin, precision.resolve(spec.train.precision, parallel.device))
         reference, begin = finetune.sharded_reference(begin, parallel)
         run = runs.open_run(spec, args, parallel, partial(write_run_files, spec, begin, pairs), frozen=frozen)
     with run:

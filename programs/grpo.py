@@ -41,7 +41,9 @@ def main() -> None:
         parallel.check_divides(spec.train.prompts_per_step, "train.prompts_per_step")
         begin = finetune.start(spec, parallel.device, args.resume)
         params, begin = finetune.trainable(spec, begin, parallel, resuming=args.resume is not None)
-        reference = finetune.reference_params(spec, begin, parallel.device)
+        dtype = precision.resolve(spec.train.precision, parallel.device)
+        begin = finetune.frozen(spec, begin, dtype)
+        reference = finetune.reference_params(spec, begin, parallel.device, dtype)
         run = runs.open_run(
             spec,
             args,

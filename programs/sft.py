@@ -41,6 +41,7 @@ def main() -> None:
         begin = finetune.start(spec, parallel.device, args.resume)
         examples = build_examples(spec, begin)
         params, begin = finetune.trainable(spec, begin, parallel, resuming=args.resume is not None)
+        begin = finetune.frozen(spec, begin, precision.resolve(spec.train.precision, parallel.device))
         write = partial(finetune.write_run_files, spec, begin)
         run = runs.open_run(
             spec, args, parallel, write, data=lambda: {"data": finetune.fingerprint(examples)}, frozen=frozen

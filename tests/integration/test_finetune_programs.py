@@ -1233,3 +1233,43 @@ def test_evaluate_samples_its_answers_in_batches_of_batch_size(
     assert code == 0, err
     assert json.loads(out)["n"] == 5
     assert sizes == [2, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("program", "sets"),
+    [
+        ("sft.py", ["lora={rank: 4, targets: ['attn.*', 'mlp.*']}"]),
+        ("dpo.py", ["pairs.task={name: say-e}", "lora=null"]),  # the reference alone
+        # One step of two passes: the next step's rollouts come from the adapters merged into the stored base,
+        # round(round(W) + BA) in bf16 where it was round(W + BA) (``finetune.full_params``).
+        ("grpo.py", ["task={name: say-e}", "lora={rank: 4, targets: ['attn.*']}", "grpo.kl_beta=0.1"]),
+    ],
+)
+def test_a_start_read_in_bf16_matmuls_takes_the_same_steps_from_bf16_matrices(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, program: str, sets: list[str]
+) -> None:
+    """Under bf16, a start the run only reads (LoRA's base, DPO's and GRPO's references) keeps its block
+    matrices in bf16 (``finetune.frozen``): half their bytes, and every loss and gradient norm the same to the
+    bit as the run whose start stays float32 for autocast to cast at each matmul (GRPO's first step: its
+    sampler is the stored base merged)."""
+    real = finetune.frozen
+    stored: list[set[torch.dtype]] = []
+
+    def spy(*args: Any) -> finetune.Start:
+        begin = real(*args)
+        blocks = begin.model.params["blocks"]
+        stored.append({blocks.get(key).dtype for key in blocks.keys(True, True) if blocks.get(key).ndim == 3})
+        return begin
+
+    lines: list[list[dict[str, float]]] = []
+    for frozen in (spy, lambda spec, begin, dtype: begin):
+        monkeypatch.setattr(finetune, "frozen", frozen)
+        out = tmp_path / f"run-{len(lines)}"
+        steps = 1 if program == "grpo.py" else 2
+        sets_ = ("eval=null", f"train.steps={steps}", "train.precision=bf16", *sets)
+        code, _, err = run(program, *tiny(program, model, *sets_), "--run-dir", out)
+        assert code == 0, err
+        lines.append([{k: v for k, v in r.items() if k in ("loss", "grad_norm")} for r in records(out)])
+    assert stored == [{torch.bfloat16}]
+    assert lines[0] == lines[1]
+    assert any("grad_norm" in line for line in lines[0])

@@ -250,11 +250,11 @@ def lora_base(run_dir: Path, record: LoraRecord) -> Pretrained:
         raise FileNotFoundError(
             f"{run_dir / LORA_FILE} names the base model {record.base}, which cannot be loaded (moved?): {error}"
         ) from None
-    check_lora_base(run_dir, record, base.params)
+    check_lora_base(run_dir, record, params_fingerprint(base.params))
     return base
 
 
-def check_lora_base(run_dir: Path, record: LoraRecord, params: TensorDictBase) -> None:
+def check_lora_base(run_dir: Path, record: LoraRecord, fingerprint: str) -> None:
     """Refuse a base whose weights are not those the run trained its adapters on; where the record is too old
     to say, warn that the base is taken unchecked (a run folder named as the base gives its newest checkpoint,
     which may have trained on since)."""
@@ -263,7 +263,7 @@ def check_lora_base(run_dir: Path, record: LoraRecord, params: TensorDictBase) -
             f"{run_dir / LORA_FILE} records no fingerprint of its base model (an older zmaj wrote it): "
             f"{record.base} is taken as the base the adapters were trained on, unchecked"
         )
-    elif params_fingerprint(params) != record.base_sha256:
+    elif fingerprint != record.base_sha256:
         raise ValueError(
             f"{run_dir / LORA_FILE}: the base model {record.base} is not the one this run trained on (its weights "
             "changed since); put that model back, or train again"

@@ -69,6 +69,7 @@ from zmaj.train.loop import Evaluate
 from zmaj.train.muon import OptimizerConfig, check_groups
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import Parallel
+from zmaj.train.precision import for_matmuls
 from zmaj.train.spec import OPTIMIZER_LAYOUT, LoopConfig
 from zmaj.train.step import bind_lazy
 
@@ -296,6 +297,9 @@ class Start:
     model: Pretrained
     model_path: str
     """``spec.model`` made absolute (``pypi:`` names kept), so that ``lora.json`` works from anywhere."""
+    base_sha256: str | None = None
+    """A LoRA run's ``params_fingerprint`` of the model as loaded, for ``lora.json``: taken before
+    :func:`frozen` casts its matrices, so that it names the weights on disk."""
 
     @property
     def base_forward(self) -> LazyForward:
@@ -311,8 +315,9 @@ def start(spec: FinetuneSpec, device: torch.device, resume: Path | None = None) 
     path = spec.model if spec.model.startswith("pypi:") else str(Path(spec.model).resolve())
     resolve(path)  # an unknown pypi: name fails here, before anything is read
     model = load_model(path).to(device, torch.float32)
-    if resume is not None and spec.lora is not None and (resume / LORA_FILE).is_file():
-        check_lora_base(resume, read_lora_record(resume), model.params)
+    fingerprint = params_fingerprint(model.params) if spec.lora is not None else None
+    if resume is not None and fingerprint is not None and (resume / LORA_FILE).is_file():
+        check_lora_base(resume, read_lora_record(resume), fingerprint)
     check_lengths(spec, model.config.context)
     template = model.tokenizer.chat_template if spec.chat_template is None else spec.chat_template
     model = replace(model, tokenizer=replace(model.tokenizer, chat_template=template, today=spec.chat_date))
@@ -324,7 +329,7 @@ def start(spec: FinetuneSpec, device: torch.device, resume: Path | None = None) 
         task = get_task(config.task, **config.options)
         problems = task.problems(config.split, config.n, config.seed)
         check_prompts(model, task, problems, config.max_new_tokens, config.few_shot, config.system, "eval")
-    return Start(model, path)
+    return Start(model, path, fingerprint)
 
 
 def grpo_problems(spec: GRPOSpec, task: Task, index: int) -> list[Problem]:
@@ -422,6 +427,16 @@ def sharded_reference(begin: Start, parallel: Parallel) -> tuple[TensorDict, Sta
     return parallel.shard(params), replace(begin, model=with_params(begin.model, params.to("meta")))
 
 
+def frozen(spec: FinetuneSpec, begin: Start, dtype: torch.dtype) -> Start:
+    """The start with its block matrices stored in ``dtype``, the matmuls' precision, where the run reads the
+    starting model without training it (:func:`reads_start`; ``zmaj.train.precision.for_matmuls``): the same
+    steps at half the bytes for LoRA's base and the references in bf16. Called once nothing reads the start in
+    float32 any more (DPO's on-policy pairs are sampled first), so that the float32 tensors are let go."""
+    if not reads_start(spec):
+        return begin
+    return replace(begin, model=with_params(begin.model, for_matmuls(begin.model.params, dtype)))
+
+
 def reads_start(spec: FinetuneSpec) -> bool:
     """Whether the run reads the starting model's parameters after its start: as LoRA's base, DPO's reference
     (and what samples its on-policy pairs), or the reference of GRPO's KL penalty."""
@@ -437,8 +452,11 @@ def policy_forward(spec: FinetuneSpec, begin: Start) -> LazyForward:
     return lora_forward(begin.base_forward, begin.model.params, spec.lora)
 
 
-def reference_params(spec: "GRPOSpec", begin: Start, device: torch.device) -> TensorDictBase | None:
-    """GRPO's KL penalty's reference: ``spec.reference``, else the starting model; None without a penalty."""
+def reference_params(
+    spec: "GRPOSpec", begin: Start, device: torch.device, dtype: torch.dtype = torch.float32
+) -> TensorDictBase | None:
+    """GRPO's KL penalty's reference: ``spec.reference`` (its block matrices in ``dtype``, as :func:`frozen`
+    stores the start's), else the starting model; None without a penalty."""
     if spec.grpo.kl_beta == 0:
         return None
     if spec.reference is None:
@@ -449,18 +467,19 @@ def reference_params(spec: "GRPOSpec", begin: Start, device: torch.device) -> Te
             f"reference: {spec.reference} is not the same architecture and size as {spec.model} "
             f"({', '.join(changed)} differ)"
         )
-    return reference.to(device, torch.float32).params
+    return for_matmuls(reference.to(device, torch.float32).params, dtype)
 
 
 def full_params(
     spec: FinetuneSpec, begin: Start, params: TensorDictBase, dtype: torch.dtype | None = None
 ) -> TensorDictBase:
     """The whole model's parameters for a trained ``params`` (adapters merged into the base), cast to ``dtype``
-    if given (``zmaj.models.lora.merge``'s, a weight at a time)."""
+    if given (``zmaj.models.lora.merge``'s, a weight at a time), else float32 (LoRA's base may be stored for the
+    matmuls: :func:`frozen`)."""
     if spec.lora is None:
         return params if dtype is None else params.to(dtype)
     with torch.no_grad():
-        return merge(begin.model.params, params, spec.lora, dtype)
+        return merge(begin.model.params, params, spec.lora, dtype or torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- run folders
@@ -561,7 +580,8 @@ def write_run_files(spec: FinetuneSpec, begin: Start, run_dir: Path) -> None:
     )
     begin.model.tokenizer.save(run_dir)
     if spec.lora is not None:
-        write_lora_record(run_dir, begin.model_path, spec.lora, params_fingerprint(begin.model.params))
+        assert begin.base_sha256 is not None, "a LoRA run's start is fingerprinted (start)"
+        write_lora_record(run_dir, begin.model_path, spec.lora, begin.base_sha256)
 
 
 # ------------------------------------------------------------------------------------------------- batching

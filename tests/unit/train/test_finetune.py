@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import weakref
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -249,6 +250,77 @@ def test_a_run_holds_one_copy_of_the_starting_weights_and_a_second_only_to_read_
     for key in leaf_keys(owned):
         assert shapes.get(key).device.type == "meta", key
         assert shapes.get(key).shape == owned.get(key).shape, key
+
+
+@pytest.mark.parametrize(
+    ("kind", "raw", "reads_start"),
+    [
+        (finetune.SFTSpec, SFT, False),
+        (finetune.SFTSpec, {**SFT, "lora": {"targets": ["attn.q"]}}, True),
+        (finetune.DPOSpec, DPO, True),
+        (finetune.GRPOSpec, GRPO, False),
+        (finetune.GRPOSpec, {**GRPO, "grpo": {"kl_beta": 0.1}}, True),
+    ],
+)
+def test_a_start_the_run_only_reads_keeps_its_block_matrices_in_the_matmuls_precision(
+    kind: type[finetune.FinetuneSpec], raw: dict[str, Any], reads_start: bool
+) -> None:
+    """``frozen``: under bf16, LoRA's base and the references keep their block matrices in bf16 and let the
+    float32 ones go (nothing else holds them: 16 GB of an 8B model); a start the run trains, or a float32
+    run, keeps its tensors."""
+    spec = parse(kind, raw, "spec")
+    begin = finetune.Start(tiny_model(), "m")
+    params = begin.model.params
+    assert finetune.frozen(spec, begin, torch.float32).model.params is params
+    matrix, norm = (
+        weakref.ref(params["blocks", "attn", "q", "weight"]),
+        params["blocks", "attn_norm", "weight"],
+    )
+    expected = params["blocks", "attn", "q", "weight"].to(torch.bfloat16)
+    after = finetune.frozen(spec, begin, torch.bfloat16)
+    del begin, params
+    kept = after.model.params
+    assert (kept["blocks", "attn", "q", "weight"].dtype == torch.bfloat16) == reads_start
+    assert (matrix() is None) == reads_start
+    if reads_start:
+        assert torch.equal(kept["blocks", "attn", "q", "weight"], expected)
+    assert kept["blocks", "attn_norm", "weight"] is norm
+
+
+def test_a_lora_start_kept_in_bf16_is_evaluated_merged_in_float32() -> None:
+    """The loop's evaluations answer in float32: the adapters merged into the base as the run stores it (bf16
+    matrices, what its matmuls saw), every tensor float32, not a mix the first matmul refuses."""
+    spec = parse(finetune.SFTSpec, {**SFT, "lora": {"targets": ["attn.q"]}}, "spec")
+    fresh, begin = finetune.trainable(spec, finetune.Start(tiny_model(), "m"), Parallel())
+    adapters = fresh.apply(lambda t: t + 0.1)  # B no longer zero
+    assert adapters is not None
+    begin = finetune.frozen(spec, begin, torch.bfloat16)
+    full = finetune.full_params(spec, begin, adapters)
+    assert {t.dtype for t in full.values(True, True)} == {torch.float32}
+    assert spec.lora is not None
+    update = spec.lora.scale * (adapters["attn", "q", "b"] @ adapters["attn", "q", "a"])
+    stored = begin.model.params["blocks", "attn", "q", "weight"].float()
+    assert torch.equal(full["blocks", "attn", "q", "weight"], stored + update)
+
+
+def test_a_lora_run_from_a_start_kept_in_bf16_names_its_base_as_saved(tmp_path: Path) -> None:
+    """``lora.json``'s fingerprint is of the model as loaded, taken before ``frozen`` casts its matrices: a
+    fingerprint of the cast base named no model on disk, and loading the run refused its own base."""
+    model = finetune_fixtures.tiny_model(tmp_path / "model")
+    raw = {**SFT, "model": str(model), "lora": {"targets": ["attn.q"]}, "max_len": 64}
+    spec = parse(finetune.SFTSpec, raw, "spec")
+    begin = finetune.start(spec, torch.device("cpu"))
+    adapters, begin = finetune.trainable(spec, begin, Parallel())
+    begin = finetune.frozen(spec, begin, torch.bfloat16)
+    args = argparse.Namespace(resume=None, run_dir=tmp_path / "run", stop_after=None)
+    with runs.open_run(spec, args, Parallel(), partial(finetune.write_run_files, spec, begin)) as run:
+        checkpoint.save(run.dir, init_state(adapters), runs.describe_meta(run))
+    loaded = load_model(run.dir)  # refused unless the record names the base on disk
+    saved = load_model(model).params
+    for key in saved.keys(True, True):
+        assert torch.equal(loaded.params.get(key), saved.get(key)), key  # adapters start at zero: the base
+    again = finetune.start(spec, torch.device("cpu"), resume=run.dir)  # the resume's check passes
+    assert again.base_sha256 == begin.base_sha256
 
 
 def test_fully_sharded_full_fine_tuning_never_copies_the_whole_model(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -387,6 +387,12 @@ def test_a_grpo_reference_recorded_with_sdpa_is_the_same_model_and_another_is_na
     params = finetune.reference_params(spec, begin, torch.device("cpu"))
     assert params is not None
     assert torch.equal(params["embed", "weight"], load_model(reference).params["embed", "weight"])
+    # Under bf16 the reference's block matrices are stored for the matmuls, as frozen stores the start's.
+    stored = finetune.reference_params(spec, begin, torch.device("cpu"), torch.bfloat16)
+    assert stored is not None
+    q = ("blocks", "attn", "q", "weight")
+    assert stored.get(q).dtype == torch.bfloat16
+    assert torch.equal(stored.get(q), params.get(q).to(torch.bfloat16))
     model_json.write_text(json.dumps(recorded | {"config": recorded["config"] | {"norm_eps": 0.5}}))
     with pytest.raises(
         SpecError, match=r"^reference: .* is not the same architecture and size as .* \(norm_eps differ\)$"

@@ -1,12 +1,23 @@
 """Precision ``auto``: bfloat16 only where the hardware multiplies it, and nothing else taken for ``auto``."""
 
 import warnings
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
 import torch
+from tensordict import TensorDictBase
+from torch import Tensor
 
+from tests.strategies import MODERN_BLOCK
+from zmaj.models import lora
+from zmaj.models.common import Batch
+from zmaj.models.gemma3 import Gemma3Config
+from zmaj.models.gpt import GPTConfig
+from zmaj.models.llama import LlamaConfig
+from zmaj.models.registry import ModelConfig, architecture
 from zmaj.train import precision
+from zmaj.train.step import token_losses
 
 # /proc/cpuinfo flags lines, shortened: the flags that decide, among others that must not.
 ZEN3 = "flags\t\t: fpu sse avx avx2 fma bmi2 sha_ni"
@@ -76,3 +87,66 @@ def test_an_unknown_precision_is_an_error_not_auto() -> None:
     resolve = getattr(precision.resolve, "__wrapped__", precision.resolve)  # past the type check
     with pytest.raises(ValueError, match="'fp16'"):
         resolve("fp16", torch.device("cpu"))  # type: ignore[arg-type]
+
+
+VOCAB, SEQ = 64, 16
+ARCHITECTURES: dict[str, ModelConfig] = {
+    "gpt-2": GPTConfig(vocab_size=VOCAB, context=SEQ, d_model=32, n_layers=2, n_heads=2),
+    "gpt, modern": GPTConfig(
+        vocab_size=VOCAB, context=SEQ, d_model=32, n_layers=2, n_heads=2, value_embeds=1, **MODERN_BLOCK
+    ),
+    "llama": LlamaConfig(
+        vocab_size=VOCAB, context=SEQ, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64
+    ),
+    "gemma3": Gemma3Config(
+        vocab_size=VOCAB,
+        context=SEQ,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=16,
+        d_ff=64,
+        sliding_window=4,
+        layer_types=("sliding_attention", "full_attention"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_block_matrices_stored_for_the_matmuls_give_the_same_bits_under_autocast(name: str) -> None:
+    """``for_matmuls``' promise, for every architecture: under bf16 autocast, the forward and LoRA's loss and
+    adapter gradients (a base that is only read) are those of the float32 base to the bit; only the blocks'
+    matrices are cast, everything else is the float32 tensor itself."""
+    config = ARCHITECTURES[name]
+    model = architecture(config)
+    base = model.init(config, 0)
+    stored = precision.for_matmuls(base, torch.bfloat16)
+    for key in base.keys(True, True):
+        whole, kept = base.get(key), stored.get(key)
+        if key[0] == "blocks" and whole.ndim == 3:
+            assert kept.dtype == torch.bfloat16, key
+            assert torch.equal(kept, whole.to(torch.bfloat16)), key
+        else:
+            assert kept is whole, key
+    config_lora = lora.LoraConfig(rank=2, targets=("*",))
+    adapters = lora.init_adapters(base, config_lora).apply(
+        lambda t: t + 0.05 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1))
+    )
+    assert adapters is not None  # B no longer zero: the adapters' update counts
+    rows = torch.randint(0, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    batch = Batch(tokens=rows[:, :-1], targets=rows[:, 1:])
+
+    def loss(params: TensorDictBase, adapters: TensorDictBase) -> Tensor:
+        with precision.autocast(torch.bfloat16, torch.device("cpu")):
+            logits = model.forward(lora.attach(params, adapters, config_lora), batch, config)
+            return token_losses(logits, batch).mean()
+
+    grads, value = torch.func.grad_and_value(partial(loss, base))(adapters)
+    grads_stored, value_stored = torch.func.grad_and_value(partial(loss, stored))(adapters)
+    assert torch.equal(value, value_stored)
+    for key in grads.keys(True, True):
+        assert torch.equal(grads.get(key), grads_stored.get(key)), key
+    with torch.no_grad(), precision.autocast(torch.bfloat16, torch.device("cpu")):
+        assert torch.equal(model.forward(base, batch, config), model.forward(stored, batch, config))
+    assert precision.for_matmuls(base, torch.float32) is base
