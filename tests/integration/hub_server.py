@@ -96,12 +96,12 @@ class FakeHub:
             return 200, {"transfer": "basic", "objects": actions}
         if method == "GET" and (match := re.fullmatch(rf"/api/{repo_path}", route)):
             repo = self.repos.get(match["repo"])
-            if repo is None:
+            if repo is None or repo.type != match["type"]:  # models/me/x is not datasets/me/x
                 return 404, {"error": f"Repository not found: {match['repo']}"}
             return 200, {"id": match["repo"], "private": repo.private, "sha": "0" * 40}
         if method == "GET" and (match := re.fullmatch(rf"/api/{repo_path}/tree/(?P<rev>[^/]+)", route)):
             repo = self.repos.get(match["repo"])
-            if repo is None or match["rev"] not in repo.branches:
+            if repo is None or repo.type != match["type"] or match["rev"] not in repo.branches:
                 return 404, {"error": f"Repository or revision not found: {match['repo']}@{match['rev']}"}
             tree = repo.branches[match["rev"]]
             return 200, [

@@ -85,6 +85,31 @@ def test_a_second_upload_to_an_existing_public_repo(hub: FakeHub, folder: Path) 
     assert len([r for r in hub.requests if "/commit/" in r.path]) == 2
 
 
+def test_a_second_upload_to_the_same_branch_is_committed_to_it(hub: FakeHub, folder: Path) -> None:
+    """--revision creates the branch only where it is missing: a new version uploaded to v1 again finds it there
+    and goes into it. Without --message the commit is named after the folder."""
+    for _ in range(2):
+        code, _, err = run("publish.py", folder, "--repo-id", "me/tiny", "--revision", "v1")
+        assert code == 0, err
+    commits = [r for r in hub.requests if "/commit/" in r.path]
+    assert [c.path for c in commits] == ["/api/models/me/tiny/commit/v1"] * 2
+    assert hub.files("me/tiny", "v1") == local_files(folder)
+    header = json.loads(commits[-1].body.splitlines()[0])
+    assert header["value"]["summary"] == f"Upload {folder.name} with zmaj"
+
+
+def test_private_asks_about_the_dataset_repository(hub: FakeHub, tmp_path: Path) -> None:
+    """The Hub keeps a model me/arith and a dataset me/arith apart: --private on a dataset asks whether the
+    dataset repository is private (a model's lookup is not found, or finds another repository)."""
+    args: list[str | Path] = ["--n-train", "3", "--n-test", "2", "--out", tmp_path / "arith"]
+    code, _, err = run(
+        "publish.py", "--dataset", "task:arithmetic", *args, "--repo-id", "me/arith", "--private"
+    )
+    assert code == 0, err
+    assert (hub.repos["me/arith"].type, hub.repos["me/arith"].private) == ("dataset", True)
+    assert not any(r.path.startswith("/api/models/") for r in hub.requests)  # no model was asked about
+
+
 def test_an_upload_replaces_what_the_repo_held(hub: FakeHub, folder: Path, tmp_path: Path) -> None:
     """A file of an earlier upload that the folder no longer has goes in the same commit: a single
     model.safetensors left beside new shards is what transformers would load."""
@@ -155,6 +180,7 @@ def test_no_token_exits_2_before_any_request(
         ("model.safetensors", "no weights"),
         ("README.md", "README.md"),
         ("config", "transformers cannot read it"),
+        ("config field", "transformers cannot read it"),  # "hidden_size": "64", a type transformers checks
         ("license", "no license"),
         # The Hub refuses the commit, after the repository was created: "license" must be one of [...].
         ("license text", "README.md: the card's license 'MIT License' is not a license id the Hub accepts"),
@@ -176,6 +202,9 @@ def test_a_broken_folder_exits_2_before_any_request(
     broken = Path(shutil.copytree(folder, tmp_path / "broken"))
     if breakage == "config":
         (broken / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    elif breakage == "config field":
+        config = json.loads((broken / "config.json").read_text())
+        (broken / "config.json").write_text(json.dumps(config | {"hidden_size": str(config["hidden_size"])}))
     elif breakage == "card bytes":
         (broken / "README.md").write_bytes(b"---\xff\n")
     elif breakage == "card yaml":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 from huggingface_hub import DatasetCard, HfApi, ModelCard, RepoCard
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.errors import HFValidationError, StrictDataclassError
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from huggingface_hub.utils._validators import validate_repo_id
 from loguru import logger
@@ -113,7 +113,8 @@ def check_model_folder(folder: Path) -> ModelCard:
         import transformers
     try:
         transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (ValueError, KeyError, OSError) as error:
+    # StrictDataclassError: a field of the wrong type ("hidden_size": "64"), which transformers 5 configs check.
+    except (ValueError, KeyError, OSError, StrictDataclassError) as error:
         raise ValueError(f"{folder}/config.json: transformers cannot read it: {error}") from None
     if (folder / INDEX_FILE).is_file():
         index = read_json(folder / INDEX_FILE)

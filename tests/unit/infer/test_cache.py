@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from tests import strategies
 from tests.strategies import MODERN_BLOCK
-from zmaj.infer.cache import capacity, init_cache, prefix
+from zmaj.infer.cache import capacity, init_cache, prefix, repeat_rows
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.common import Batch, cache_mask, cache_step
 from zmaj.nn import masks
@@ -312,6 +312,40 @@ def test_init_cache_is_sized_by_the_config(device: torch.device, name: str) -> N
     assert capacity(cache) == 16
     with pytest.raises(ValueError, match="max_len"):
         init_cache(config, batch=3, max_len=0)
+
+
+def test_init_cache_refuses_an_empty_batch() -> None:
+    with pytest.raises(ValueError, match="batch=0"):
+        init_cache(SmallCache(), batch=0, max_len=4)
+
+
+def test_repeat_rows_puts_each_rows_copies_next_to_it(device: torch.device) -> None:
+    """Row ``i`` becomes rows ``i * copies`` to ``i * copies + copies - 1`` in every field (as ``stream``'s
+    ``copies`` promises), against the rows stacked one by one; the length is shared; no copies is refused."""
+    generator = torch.Generator().manual_seed(0)
+    cache = init_cache(SmallCache(2, 2, 4), batch=3, max_len=5, device=device)
+    for name in ("k", "v"):
+        cache[name].copy_(torch.randn(cache[name].shape, generator=generator))
+    cache["positions"].copy_(torch.randint(0, 9, (3, 5), generator=generator))
+    cache["is_token"].copy_(torch.rand(3, 5, generator=generator) < 0.5)
+    cache["length"] = torch.tensor(4, device=device)
+    repeated = repeat_rows(cache, 2)
+    for name, axis in (("k", 1), ("v", 1), ("positions", 0), ("is_token", 0)):
+        rows = cache[name].unbind(axis)
+        expected = torch.stack([rows[0], rows[0], rows[1], rows[1], rows[2], rows[2]], axis)
+        assert torch.equal(repeated[name], expected), name
+    assert int(repeated["length"]) == 4
+    with pytest.raises(ValueError, match="copies must be at least 1"):
+        repeat_rows(cache, 0)
+
+
+def test_prefix_refuses_more_slots_than_the_new_cache_has() -> None:
+    """Five written slots cannot be kept in a cache of three: refused with the sizes, not an indexing error."""
+    cache = init_cache(SmallCache(), batch=1, max_len=8)
+    cache["length"] = torch.tensor(5)
+    with pytest.raises(ValueError, match="cannot keep 5 slots of a cache of 5 tokens in 3 slots"):
+        prefix(cache, 5, 3)
+    assert int(prefix(cache, 3, 3)["length"]) == 3
 
 
 @settings(max_examples=25)

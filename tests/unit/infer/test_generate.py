@@ -4,6 +4,7 @@ seeds, stopping, streaming) against plain runs of the same loop."""
 import math
 from functools import cache
 
+import pydantic
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -149,6 +150,16 @@ PROBS = [0.5, 0.25, 0.125, 0.125]
         (Sampling(temperature=1.0, top_k=2), [2 / 3, 1 / 3, 0, 0]),
         (Sampling(temperature=1.0, top_p=0.7), [2 / 3, 1 / 3, 0, 0]),
         (Sampling(temperature=1.0, top_p=0.4), [1, 0, 0, 0]),
+        # Top-k first, then the nucleus of what is left, renormalised: of [2/3, 1/3], 2/3 alone reaches 0.6 (the
+        # nucleus of the whole distribution, [0.5, 0.25], would keep both).
+        pytest.param(Sampling(temperature=1.0, top_k=2, top_p=0.6), [1, 0, 0, 0], id="top_k-then-top_p"),
+        # Temperature first: the nucleus of the square roots' distribution (0.369, 0.261, ...) reaching 0.45 has
+        # two tokens; of the untempered one (0.5, ...), one.
+        pytest.param(
+            Sampling(temperature=2.0, top_p=0.45),
+            [x**0.5 / (PROBS[0] ** 0.5 + PROBS[1] ** 0.5) for x in PROBS[:2]] + [0, 0],
+            id="temperature-then-top_p",
+        ),
     ],
 )
 def test_sampling_frequencies_match_the_closed_form(
@@ -338,6 +349,52 @@ def test_left_padding_right_aligns_the_prompts() -> None:
     assert batch.is_token is not None
     assert batch.is_token.tolist() == [[True, True, True], [False, False, True]]
     assert isinstance(batch, Batch)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -1.0}, {"top_kk": 3}],
+    ids=["top_k-0", "top_p-0", "top_p-above-1", "negative-temperature", "misspelt-field"],
+)
+def test_sampling_refuses_settings_outside_its_ranges(fields: dict[str, float]) -> None:
+    """No token survives top-k 0 or top-p 0, top-p is a probability, a negative temperature would make the least
+    likely token the most likely, and a misspelt field would silently sample with the default."""
+    with pytest.raises(pydantic.ValidationError):
+        Sampling(**fields)
+
+
+def test_the_longest_prompt_sizes_the_room_needed(device: torch.device) -> None:
+    """Left-padded, every row takes the longest prompt's slots: 4 + 3 - 1 = 6 do not fit in 5, whichever row the
+    longest prompt is in, and fit in 6."""
+    for prompts in ([[1, 2, 3, 4], [5]], [[5], [1, 2, 3, 4]]):
+        with pytest.raises(ValueError, match="room for 5 tokens per row, this generation needs 6"):
+            run(device, prompts, max_new_tokens=3, max_len=5)
+        assert [len(tokens) for tokens in run(device, prompts, max_new_tokens=3, max_len=6)] == [3, 3]
+
+
+def test_a_stop_token_ends_its_row_when_stop_strings_are_given_too(
+    device: torch.device, free: list[list[int]]
+) -> None:
+    """A stop string that never appears (``decode`` writes letters alone) leaves the stop token's stopping as it
+    is without stop strings."""
+    stop = free[0][4]
+    stopped = run(device, stop_tokens={stop}, stop_strings=["~"], decode=decode)
+    for tokens, alone in zip(stopped, free, strict=True):
+        end = alone.index(stop) + 1 if stop in alone else len(alone)
+        assert tokens == alone[:end]
+    assert stopped[0][-1] == stop
+
+
+def test_the_decode_steps_write_into_one_cache(device: torch.device) -> None:
+    """The prefill writes a new cache (the one passed in is not donated) and every decode step after it writes
+    into that cache's buffers (``donate``), not a fresh copy per token; each step's cache still says how many
+    tokens chose its tokens: the longest prompt's 7, then one more a step."""
+    cache = init_cache(CONFIG, 3, 32, device=device)
+    steps = list(stream(STEP, params(device), cache, PROMPTS, 6))
+    assert len(steps) == 6
+    assert len({emitted.cache["k"].data_ptr() for emitted in steps}) == 1
+    assert steps[0].cache["k"].data_ptr() != cache["k"].data_ptr()
+    assert [int(emitted.cache["length"]) for emitted in steps] == [7, 8, 9, 10, 11, 12]
 
 
 def test_bad_requests_are_refused(device: torch.device) -> None:

@@ -189,3 +189,26 @@ def test_by_default_a_chunk_holds_at_most_logits_per_chunk_logits(
     window, tokens = Window(3, 40, 10), TOKENS.to(device)
     torch.testing.assert_close(window_nll(hidden, counted, tokens, window), plain_nll(tokens[3:40])[6:])
     assert sizes == [1, 5, 5, 5, 5, 5, 5]  # the size probe, then the 30 scored positions 5 at a time
+
+
+def test_a_vocabulary_larger_than_logits_per_chunk_is_scored_a_position_at_a_time(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where one position's logits are more than :data:`LOGITS_PER_CHUNK`, a chunk is one position, not none."""
+    monkeypatch.setattr(perplexity_module, "LOGITS_PER_CHUNK", CONFIG.vocab_size - 1)
+    hidden, unembed = model(device)
+    sizes: list[int] = []
+
+    def counted(states: torch.Tensor) -> torch.Tensor:
+        sizes.append(states.shape[1])
+        return unembed(states)
+
+    window, tokens = Window(0, 8, 1), TOKENS.to(device)
+    torch.testing.assert_close(window_nll(hidden, counted, tokens, window), plain_nll(tokens[:8]))
+    assert sizes == [1] * 8  # the size probe, then the 7 scored positions one at a time
+
+
+def test_a_stride_of_0_is_refused_not_read_as_the_default() -> None:
+    """``stride=None`` means the context (plain chunks); 0 is no stride, refused as ``sliding_windows`` refuses it."""
+    with pytest.raises(ValueError, match="the stride must be between 1 and the context"):
+        perplexity(*model(torch.device("cpu")), TOKENS, context=8, stride=0)

@@ -25,6 +25,11 @@ def recomputed(params: Any, config: gpt.GPTConfig, prompt: list[int], new: int, 
     return list(out[0].tolist())
 
 
+def refused(*args: Any, **kwargs: Any) -> Any:
+    """What ``sample`` is patched with where the text fits the context: the cache must continue it."""
+    raise AssertionError("recomputed a text that fits the context")
+
+
 @pytest.mark.parametrize("config", [PLAIN, MODERN], ids=["gpt2", "modern"])
 @pytest.mark.parametrize(("temperature", "top_k"), [(0.0, None), (1.0, None), (0.8, 10)])
 def test_within_the_context_the_cache_continues_as_recomputation_does(
@@ -40,9 +45,6 @@ def test_within_the_context_the_cache_continues_as_recomputation_does(
         for s in range(4)
     ]
     assert len(expected[0]) <= 6
-
-    def refused(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("recomputed a text that fits the context")
 
     monkeypatch.setattr(sample_module, "sample", refused)
     got = [continuation(params, config, prompt, 21, temperature, top_k, s, stop) for s in range(4)]
@@ -96,3 +98,15 @@ def test_no_new_tokens_is_an_empty_continuation_as_the_reference_gives(prompt_le
     params = gpt.init(PLAIN, seed=1)
     prompt = list(range(3, 3 + prompt_length))
     assert continuation(params, PLAIN, prompt, 0) == recomputed(params, PLAIN, prompt, 0) == []
+
+
+def test_a_bfloat16_model_continues_from_a_cache_of_its_own_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bfloat16 model's greedy continuation from the cache is recomputation's in bfloat16 (the cache holds the
+    keys and values in the model's dtype: a float32 cache refused the bfloat16 keys written into it)."""
+    params = gpt.init(PLAIN, seed=1).to(torch.bfloat16)
+    prompt = [40, 2, 11]
+    expected = recomputed(params, PLAIN, prompt, 6, temperature=0.0)
+    assert len(set(expected)) > 2
+
+    monkeypatch.setattr(sample_module, "sample", refused)
+    assert continuation(params, PLAIN, prompt, 6, temperature=0.0) == expected

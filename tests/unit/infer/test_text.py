@@ -2,6 +2,7 @@
 and ``complete`` is ``generate`` decoded, stopping where it stops."""
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -78,6 +79,13 @@ def test_pieces_add_up_to_the_whole_decoding(name: str, data: st.DataObject) -> 
     assert all(pieces)
     # Only the last piece may end in an incomplete character; every earlier one was final when shown.
     assert not any(piece.endswith(REPLACEMENT) for piece in pieces[:-1])
+
+
+def test_byte_tokens_are_the_256_of_a_byte_fallback_vocabulary_and_none_of_a_byte_level_one() -> None:
+    """``<0x00>`` to ``<0xFF>``, ids 1 to 256 here: each is held, the last as the first (a ``<0xFF>`` not held
+    would show the "j" before it, which the run "j" 0xFF ... decodes as one U+FFFD per byte)."""
+    assert byte_tokens(GEMMA_LIKE) == frozenset(range(1, 257))
+    assert byte_tokens(ModelTokenizer.from_zmaj(BYTE_LEVEL)) == frozenset()
 
 
 def test_bytes_either_side_of_a_skipped_special_token_are_one_run() -> None:
@@ -186,3 +194,26 @@ def test_complete_and_reply_stream_a_special_token_between_bytes_as_one_run(
         llama.cached(CONFIG), PARAMS, context, [0], GEMMA_LIKE, len(ids), GREEDY, 0, shown.append
     )
     assert "".join(shown) == answer == expected
+
+
+def test_a_stop_token_that_decoding_keeps_is_neither_shown_nor_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generation config may end answers at an ordinary token (``stop_tokens``), which decoding does not skip as
+    it skips a special one: ``complete`` and ``reply`` leave it out themselves, and the chat's history ends
+    before it."""
+    stopper = replace(GEMMA_LIKE, stop_tokens=("b",))
+    a, b = stopper.token_id("a"), stopper.token_id("b")
+    assert a is not None
+    assert b is not None
+    assert stopper.stop_ids == (b,)
+    assert stopper.decode([a, a, b]) == "aab"  # decoded, the stop token is text
+    ids = [a, a, b]
+    monkeypatch.setattr(infer_text, "stream", scripted(ids))
+    monkeypatch.setattr(infer_chat, "stream", scripted(ids))
+    assert "".join(complete(llama.cached(CONFIG), PARAMS, init_cache(CONFIG, 1, 8), [0], stopper, 3)) == "aa"
+    shown: list[str] = []
+    context = infer_chat.empty_context(CONFIG, torch.float32, "cpu")
+    answer, after = infer_chat.reply(
+        llama.cached(CONFIG), PARAMS, context, [0], stopper, 3, GREEDY, 0, shown.append
+    )
+    assert "".join(shown) == answer == "aa"
+    assert after.tokens == (0, a, a)

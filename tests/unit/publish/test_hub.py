@@ -12,7 +12,7 @@ from zmaj.convert.export import INDEX_FILE, save_hf
 from zmaj.convert.load import Pretrained
 from zmaj.publish import card
 from zmaj.publish.dataset import dataset_card, task_dataset, write_dataset_folder
-from zmaj.publish.hub import check_dataset_folder, check_model_folder, upload_files
+from zmaj.publish.hub import check_dataset_folder, check_model_folder, read_card, upload_files
 
 
 def _model_folder(model: Pretrained, folder: Path) -> Path:
@@ -21,18 +21,24 @@ def _model_folder(model: Pretrained, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("removed", ["last shard", "tokenizer_config.json"])
+@pytest.mark.parametrize("removed", ["first shard", "last shard", "tokenizer_config.json"])
 def test_a_model_folder_missing_a_shard_or_the_tokenizer_config_is_refused(
     model: Pretrained, tmp_path: Path, removed: str
 ) -> None:
     """The program test breaks the index and tokenizer.json only: a folder whose index names a shard that is
-    gone, or without tokenizer_config.json (BOS/EOS, chat template), would be uploaded as a broken repository."""
+    gone (any of them, the first as the last), or without tokenizer_config.json (BOS/EOS, chat template), would
+    be uploaded as a broken repository."""
     folder = _model_folder(model, tmp_path / "m")
     check_model_folder(folder)  # whole, it passes
     shards = sorted(folder.glob("model-*.safetensors"))
     assert len(shards) > 1
-    (shards[-1] if removed == "last shard" else folder / removed).unlink()
-    message = "names missing shards" if removed == "last shard" else "no tokenizer_config.json"
+    gone = {"first shard": shards[0], "last shard": shards[-1]}.get(removed, folder / removed)
+    gone.unlink()
+    message = (
+        rf"names missing shards \['{gone.name}'\]"
+        if removed.endswith("shard")
+        else "no tokenizer_config.json"
+    )
     with pytest.raises(ValueError, match=message):
         check_model_folder(folder)
 
@@ -47,6 +53,31 @@ def test_a_dataset_folder_missing_a_split_file_is_refused(tmp_path: Path) -> Non
     (folder / "data" / "test-00000-of-00001.parquet").unlink()
     with pytest.raises(ValueError, match=r"no file matches data/test-\*\.parquet \(split test\)"):
         check_dataset_folder(folder)
+
+
+def test_a_dataset_card_whose_metadata_has_no_configs_is_refused(tmp_path: Path) -> None:
+    """The card's ``configs`` are what tie the data files to splits; a card without them (its data files all
+    there) is refused, not uploaded for the Hub to guess the splits from the file names."""
+    data = task_dataset("arithmetic", {"digits": 1}, 3, 2)
+    folder = write_dataset_folder(
+        data, dataset_card(data, name="a", license="mit", description="x"), tmp_path / "a"
+    )
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# a\n")
+    with pytest.raises(ValueError, match=r"README\.md: the card's metadata has no configs"):
+        check_dataset_folder(folder)
+
+
+@pytest.mark.parametrize("metadata", ["- mit\n- apache-2.0\n", "just words\n"])
+def test_a_card_whose_metadata_is_not_a_mapping_is_refused_naming_the_card(
+    tmp_path: Path, metadata: str
+) -> None:
+    """YAML that parses, to a list or a string, is no metadata: huggingface_hub says so with a ValueError that
+    names no file (not a YAML error), which ``read_card`` turns into its refusal naming the card all the same."""
+    (tmp_path / "README.md").write_text(f"---\n{metadata}---\n# a\n")
+    with pytest.raises(
+        ValueError, match=r"README\.md: the card's metadata cannot be read: .*should be a dict"
+    ):
+        read_card(tmp_path)
 
 
 def test_the_upload_list_leaves_out_what_upload_folder_skips(tmp_path: Path) -> None:
@@ -83,3 +114,12 @@ def test_a_shard_size_that_is_not_positive_is_refused_before_anything_is_written
     with pytest.raises(ValueError, match="max_shard_bytes must be positive"):
         save_hf(model, tmp_path / "m", max_shard_bytes=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_upload_list_names_the_files_of_a_subfolder_and_not_the_subfolder(tmp_path: Path) -> None:
+    """A dataset folder keeps its Parquet files under ``data/``: each is listed by its path in the repository, with
+    its size, in order; the folder itself is no file that is sent (its "size" is the filesystem's)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.parquet").write_bytes(b"abc")
+    (tmp_path / "README.md").write_text("x")
+    assert upload_files(tmp_path) == [("README.md", 1), ("data/train.parquet", 3)]
