@@ -7,7 +7,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from zmaj.data.chat import (
     ChatFilesSource,
@@ -118,6 +118,40 @@ def test_a_file_that_is_not_utf8_is_an_error_naming_file_and_offset(tmp_path: Pa
 def test_missing_files_fail_when_the_source_is_configured(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match=r"not found: .*nope\.jsonl"):
         ChatFilesSource(paths=[str(tmp_path / "nope.jsonl")])
+
+
+def test_one_assistant_turn_anywhere_makes_a_conversation() -> None:
+    """Not necessarily the last: a trailing question (the tail of a longer chat) or an assistant that speaks
+    first still holds an answer to learn."""
+    rows = [CONVERSATIONS[0] + [{"role": "user", "content": "And?"}], CONVERSATIONS[0][::-1]]
+    for row in rows:
+        assert [m.role for m in Conversation.model_validate({"messages": row}).messages] == [
+            m["role"] for m in row
+        ]
+
+
+@pytest.mark.parametrize(
+    ("source", "fields", "complaint"),
+    [
+        (ChatFilesSource, {"paths": []}, "at least 1 item"),
+        (ChatHubSource, {"path": "json", "max_conversations": 0}, "greater than or equal to 1"),
+        (ChatTaskSource, {"task": "arithmetic", "n": 0}, "greater than or equal to 1"),
+    ],
+    ids=["files", "hub", "task"],
+)
+def test_a_source_of_no_conversations_fails_when_configured(
+    source: type[BaseModel], fields: dict[str, Any], complaint: str
+) -> None:
+    """Read as an empty list, a task source of none would have fine-tuning train on nothing."""
+    with pytest.raises(ValidationError, match=complaint):
+        source(**fields)
+
+
+def test_a_task_source_reads_the_train_split_with_seed_0_by_default() -> None:
+    """The test split is what evaluation scores: fine-tuning on it by default would leak the answers."""
+    conversations = load_conversations(ChatTaskSource(task="arithmetic", n=3))
+    problems = get_task("arithmetic").problems("train", 3, seed=0)
+    assert [c.messages[0].content for c in conversations] == [p.prompt for p in problems]
 
 
 def test_conversations_are_validated_on_their_own() -> None:

@@ -7,13 +7,15 @@ import os
 from dataclasses import replace
 from datetime import date, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
+import tokenizers
 import transformers
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from tokenizers import processors
+from tokenizers import decoders, models, pre_tokenizers, processors
 
 from zmaj.data import chat_template
 from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
@@ -254,6 +256,24 @@ ANSWER = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"
         ),
         # A block in a block: none.
         ("{% generation %}a{% generation %}b{% endgeneration %}{% endgeneration %}", ANSWER, []),
+        # A block in a block whose outer end the template cuts off ("abx" split at "x"): still none, though
+        # the inner block's marks pair up.
+        pytest.param(
+            "{% set s %}{% generation %}a{% generation %}b{% endgeneration %}x{% endgeneration %}{% endset %}"
+            "{{ s.split('x')[0] }}",
+            ANSWER,
+            [],
+            id="nested-outer-end-cut",
+        ),
+        # The template cuts the last block off before its end ("qaxb" split at "x"): the text less the marks
+        # is the text, but the blocks do not pair up, so none, not the first block's alone.
+        pytest.param(
+            "{% set s %}{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
+            "{% endset %}{{ s.split('x')[0] }}",
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "axb"}],
+            [],
+            id="last-block-end-cut",
+        ),
     ],
 )
 def test_generation_spans_are_where_the_blocks_text_lands_or_none(
@@ -273,14 +293,66 @@ def test_a_template_that_rewrites_history_is_refused(model_tokenizer: ModelToken
         tokenizer.encode_chat_with_mask(messages)
 
 
+def test_a_template_that_ends_only_the_whole_conversation_is_refused(
+    model_tokenizer: ModelTokenizer,
+) -> None:
+    """Ends only the whole conversation with ``<|end|>``: the first answer rendered alone ("ab<|end|>") extends the
+    conversation before it ("a") but is no prefix of the whole ("abcd<|end|>"), so its span there is unknown."""
+    template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if messages[-1]['role'] == 'assistant' %}<|end|>{% endif %}"
+    )
+    tokenizer = ModelTokenizer(model_tokenizer.tokenizer, chat_template=template)
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
+    with pytest.raises(ValueError, match="does not render turn 1 as a prefix"):
+        tokenizer.encode_chat_with_mask(messages)
+
+
+def test_without_a_stop_token_an_unmarked_turn_is_trained_whole(model_tokenizer: ModelTokenizer) -> None:
+    """No EOS and no stop tokens: nothing cuts the turn, so all the text it adds is the answer's."""
+    ours = ModelTokenizer(model_tokenizer.tokenizer, chat_template=chat_template.DEFAULT_TEMPLATE)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    ids, mask = ours.encode_chat_with_mask(messages)
+    assert ours.decode([i for i, m in zip(ids, mask, strict=True) if m], False) == "Hello<|end|>"
+
+
+def test_by_default_a_chat_is_rendered_up_to_the_answer_as_it_is_encoded(
+    model_tokenizer: ModelTokenizer,
+) -> None:
+    """``render_chat`` and ``encode_chat`` both default to the prompt for the model's answer."""
+    messages = [{"role": "user", "content": "hi"}]
+    rendered = model_tokenizer.render_chat(messages)
+    assert rendered == "<|user|>hi<|end|><|assistant|>"  # DEFAULT_TEMPLATE's docstring, with the prompt
+    assert model_tokenizer.encode_chat(messages) == model_tokenizer.encode(rendered, add_special_tokens=False)
+
+
 def test_a_model_without_a_template_cannot_chat(model_tokenizer: ModelTokenizer) -> None:
     with pytest.raises(ValueError, match="no chat template"):
         ModelTokenizer(model_tokenizer.tokenizer).render_chat([{"role": "user", "content": "hi"}])
 
 
-def test_special_tokens_must_be_in_the_vocabulary(model_tokenizer: ModelTokenizer) -> None:
-    with pytest.raises(ValueError, match="eos_token"):
-        ModelTokenizer(model_tokenizer.tokenizer, eos_token="<not a token>")
+@pytest.mark.parametrize(
+    ("field", "value", "name"),
+    [
+        ("bos_token", "<not a token>", "bos_token"),
+        ("eos_token", "<not a token>", "eos_token"),
+        ("pad_token", "<not a token>", "pad_token"),
+        ("unk_token", "<not a token>", "unk_token"),
+        ("stop_tokens", (END, "<not a token>"), "stop token"),
+    ],
+    ids=["bos", "eos", "pad", "unk", "stop"],
+)
+def test_special_tokens_must_be_in_the_vocabulary(
+    model_tokenizer: ModelTokenizer, field: str, value: Any, name: str
+) -> None:
+    """Each special token and each stop token: one missing would be a None id, found only when it is used."""
+    with pytest.raises(ValueError, match=f"^{name} '<not a token>' is not in the vocabulary$"):
+        ModelTokenizer(model_tokenizer.tokenizer, **{field: value})
 
 
 @pytest.mark.parametrize("add_bos", [False, True])
@@ -393,9 +465,10 @@ def test_a_generation_config_without_eos_loads_as_in_transformers(
     loaded = ModelTokenizer.load(tmp_path)
     assert loaded.stop_ids == ()
     assert transformers.GenerationConfig.from_pretrained(tmp_path).eos_token_id is None
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "2"}))
-    with pytest.raises(ValueError, match=r"generation_config\.json: eos_token_id must be"):
-        ModelTokenizer.load(tmp_path)
+    for bad in ("2", True, [1, False]):  # JSON's true is no token id, though Python's bool is an int
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+        with pytest.raises(ValueError, match=r"generation_config\.json: eos_token_id must be"):
+            ModelTokenizer.load(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -661,3 +734,124 @@ def test_templates_run_sandboxed(tokenizer: Tokenizer) -> None:
     for template in ("{{ messages.append(messages[0]) }}", "{{ messages.__class__.__mro__ }}"):
         with pytest.raises(ValueError, match=r"^chat template: access to attribute .* is unsafe"):
             chat_template.render(template, [{"role": "user", "content": "hi"}], False)
+
+
+def test_a_tokenizer_that_prepends_another_token_than_bos_is_not_read_as_adding_bos(
+    zmaj_tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    """``add_bos`` is BOS prepended, not anything prepended (as ``add_eos`` is EOS appended)."""
+    inner = type(zmaj_tokenizer.tokenizer).from_str(zmaj_tokenizer.tokenizer.to_str())
+    inner.post_processor = processors.TemplateProcessing(
+        single=f"{END}:0 $A:0", special_tokens=[(END, inner.token_to_id(END))]
+    )
+    ModelTokenizer(inner, zmaj_tokenizer.bos_token, zmaj_tokenizer.eos_token, zmaj_tokenizer.pad_token).save(
+        tmp_path
+    )
+    loaded = ModelTokenizer.load(tmp_path)
+    assert loaded.encode("hi")[0] == inner.token_to_id(END)
+    assert not loaded.add_bos
+
+
+def test_the_bos_eos_processor_types_a_pairs_second_text_as_transformers_does(
+    model_tokenizer: ModelTokenizer,
+) -> None:
+    """``update_post_processor`` writes a pair as ``BOS A EOS BOS B EOS``, the second half of type 1."""
+    inner = type(model_tokenizer.tokenizer).from_str(model_tokenizer.tokenizer.to_str())
+    inner.post_processor = bos_eos_processor(inner, BOS, EOS)
+    first, second = (inner.encode(t, add_special_tokens=False).ids for t in ("def f", "(x)"))
+    bos, eos = inner.token_to_id(BOS), inner.token_to_id(EOS)
+    pair = inner.encode("def f", "(x)")
+    assert pair.ids == [bos, *first, eos, bos, *second, eos]
+    assert pair.type_ids == [0] * (len(first) + 2) + [1] * (len(second) + 2)
+
+
+def test_the_vocabulary_size_counts_added_tokens_as_transformers_does(
+    model_tokenizer: ModelTokenizer,
+) -> None:
+    """An added token's id is past the model's own vocabulary, so the embedding needs a row for it."""
+    inner = type(model_tokenizer.tokenizer).from_str(model_tokenizer.tokenizer.to_str())
+    inner.add_tokens(["<added>"])
+    ours = ModelTokenizer(inner)
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_object=inner)
+    assert ours.vocab_size == len(theirs) == model_tokenizer.vocab_size + 1
+    assert ours.token_id("<added>") == ours.vocab_size - 1
+
+
+def test_a_stop_token_named_twice_or_as_eos_too_is_one_stop_id(model_tokenizer: ModelTokenizer) -> None:
+    """Each stop id once, EOS first; a single one is written as ``transformers`` writes it, an id, not a list."""
+    ours = ModelTokenizer(model_tokenizer.tokenizer, eos_token=END, stop_tokens=(END, EOS, EOS))
+    end, eos = ours.token_id(END), ours.token_id(EOS)
+    assert ours.stop_ids == (end, eos)
+    assert ours.generation_config()["eos_token_id"] == [end, eos]
+    single = replace(ours, stop_tokens=(END,))
+    assert single.stop_ids == (end,)
+    assert single.generation_config()["eos_token_id"] == end
+
+
+def test_a_saved_wordpiece_tokenizer_decodes_in_transformers_as_here(tmp_path: Path) -> None:
+    """Told to clean up tokenization spaces, ``transformers`` decodes WordPiece's "it ' s" as "it's" (4.x
+    BPE's "Hello ." as "Hello." too): the saved config must not ask, so that it decodes as zmaj does."""
+    vocab = {word: i for i, word in enumerate(["[UNK]", "hello", ",", "world", ".", "it", "'", "s"])}
+    inner = tokenizers.Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    inner.decoder = decoders.WordPiece()
+    ours = ModelTokenizer(inner, unk_token="[UNK]")
+    ours.save(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ids = ours.encode("hello, world. it's")
+    assert ids == theirs("hello, world. it's").input_ids
+    assert theirs.decode(ids) == ours.decode(ids)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "complaint"),
+    [
+        ("tokenizer_config.json", [], r"tokenizer_config\.json is not a JSON object"),
+        ("generation_config.json", [2], r"generation_config\.json is not a JSON object"),
+        (
+            "tokenizer_config.json",
+            {"chat_template": 5},
+            r"tokenizer_config\.json: chat_template must be a template or a list of named ones, got 5",
+        ),
+    ],
+    ids=["config-not-an-object", "generation-config-not-an-object", "template-not-text"],
+)
+def test_a_malformed_config_fails_naming_its_file(
+    model_tokenizer: ModelTokenizer, tmp_path: Path, name: str, content: Any, complaint: str
+) -> None:
+    model_tokenizer.save(tmp_path)
+    (tmp_path / name).write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=complaint):
+        ModelTokenizer.load(tmp_path)
+
+
+def test_a_list_of_templates_passes_over_entries_that_are_not_named_templates(
+    model_tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    """An entry that is no ``{name, template}`` object names no template: the default is still found."""
+    model_tokenizer.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    default = "{% for m in messages %}D:{{ m['content'] }}{% endfor %}"
+    templates = ["stray", {"name": "default", "template": default}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": templates}))
+    assert ModelTokenizer.load(tmp_path).chat_template == default
+
+
+def test_any_sequence_of_mappings_renders_as_the_list_of_dicts_transformers_gets(
+    model_tokenizer: ModelTokenizer,
+) -> None:
+    """``render`` takes any sequence of mappings (here a tuple of read-only ones): the template sees the list of
+    dicts that ``apply_chat_template`` gives it, which it may extend and serialize."""
+    template = "{{ (messages + [{'role': 'user', 'content': 'more'}]) | tojson }}"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    ours = ModelTokenizer(model_tokenizer.tokenizer, chat_template=template)
+    expected = reference(ours, template).apply_chat_template(messages, tokenize=False)
+    assert ours.render_chat(tuple(MappingProxyType(m) for m in messages)) == expected
+
+
+def test_tojson_takes_the_keywords_of_transformers_filter(model_tokenizer: ModelTokenizer) -> None:
+    template = "{{ messages[0] | tojson(indent=2, separators=(',', ': '), sort_keys=True) }}"
+    messages = [{"role": "user", "content": "é"}]
+    ours = ModelTokenizer(model_tokenizer.tokenizer, chat_template=template)
+    expected = reference(ours, template).apply_chat_template(messages, tokenize=False)
+    assert ours.render_chat(messages) == expected == '{\n  "content": "é",\n  "role": "user"\n}'
