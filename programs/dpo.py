@@ -43,9 +43,9 @@ def main() -> None:
             parallel.check_on_rank_0(lambda: runs.check_run_folder(args))  # said before the sampling
             pairs = parallel.from_rank_0(lambda: make_pairs(spec, begin))
         # The pairs are sampled from the whole model in float32; from here on it is only read, its matrices by
-        # the matmuls, and fully sharded, each rank keeps its share.
-        begin = finetune.frozen(spec, begin, precision.resolve(spec.train.precision, parallel.device))
-        reference, begin = finetune.sharded_reference(begin, parallel)
+        # the matmuls (stored in their precision), and fully sharded, each rank keeps its share.
+        dtype = precision.resolve(spec.train.precision, parallel.device)
+        reference, begin = finetune.sharded_reference(begin, parallel, dtype)
         run = runs.open_run(spec, args, parallel, partial(write_run_files, spec, begin, pairs), frozen=frozen)
     with run:
         logger.info(f"run folder {run.dir}; {len(pairs)} preference pairs")

@@ -34,7 +34,7 @@ from zmaj.infer import generate as infer_generate
 from zmaj.models.lora import LoraConfig, init_adapters, merge
 from zmaj.nn import loss
 from zmaj.tasks import Problem, accuracy_interval, get_task
-from zmaj.train import dpo, finetune, grpo, logprobs, loop, optim, runs, step
+from zmaj.train import dpo, finetune, grpo, logprobs, loop, optim, precision, runs, step
 from zmaj.train.pairs import PAIRS_FILE, read_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -1249,27 +1249,29 @@ def test_a_start_read_in_bf16_matmuls_takes_the_same_steps_from_bf16_matrices(
     model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, program: str, sets: list[str]
 ) -> None:
     """Under bf16, a start the run only reads (LoRA's base, DPO's and GRPO's references) keeps its block
-    matrices in bf16 (``finetune.frozen``): half their bytes, and every loss and gradient norm the same to the
-    bit as the run whose start stays float32 for autocast to cast at each matmul (GRPO's first step: its
-    sampler is the stored base merged)."""
-    real = finetune.frozen
-    stored: list[set[torch.dtype]] = []
+    matrices in bf16 (``precision.for_matmuls``) and every other tensor in float32: half the matrices' bytes, and
+    every loss and gradient norm the same to the bit as the run whose start stays float32 for autocast to cast
+    at each matmul (GRPO's first step: its sampler is the stored base merged)."""
+    real = precision.for_matmuls
+    stored: list[dict[bool, set[torch.dtype]]] = []  # a block matrix or not -> the dtypes kept
 
-    def spy(*args: Any) -> finetune.Start:
-        begin = real(*args)
-        blocks = begin.model.params["blocks"]
-        stored.append({blocks.get(key).dtype for key in blocks.keys(True, True) if blocks.get(key).ndim == 3})
-        return begin
+    def spy(params: Any, dtype: torch.dtype) -> Any:
+        kept = real(params, dtype)
+        dtypes: dict[bool, set[torch.dtype]] = {True: set(), False: set()}
+        for key in kept.keys(True, True):
+            dtypes[key[0] == "blocks" and kept.get(key).ndim == 3].add(kept.get(key).dtype)
+        stored.append(dtypes)
+        return kept
 
     lines: list[list[dict[str, float]]] = []
-    for frozen in (spy, lambda spec, begin, dtype: begin):
-        monkeypatch.setattr(finetune, "frozen", frozen)
+    for for_matmuls in (spy, lambda params, dtype: params):
+        monkeypatch.setattr(finetune, "for_matmuls", for_matmuls)
         out = tmp_path / f"run-{len(lines)}"
         steps = 1 if program == "grpo.py" else 2
         sets_ = ("eval=null", f"train.steps={steps}", "train.precision=bf16", *sets)
         code, _, err = run(program, *tiny(program, model, *sets_), "--run-dir", out)
         assert code == 0, err
         lines.append([{k: v for k, v in r.items() if k in ("loss", "grad_norm")} for r in records(out)])
-    assert stored == [{torch.bfloat16}]
+    assert stored == [{True: {torch.bfloat16}, False: {torch.float32}}]
     assert lines[0] == lines[1]
     assert any("grad_norm" in line for line in lines[0])

@@ -315,9 +315,6 @@ def start(spec: FinetuneSpec, device: torch.device, resume: Path | None = None) 
     path = spec.model if spec.model.startswith("pypi:") else str(Path(spec.model).resolve())
     resolve(path)  # an unknown pypi: name fails here, before anything is read
     model = load_model(path).to(device, torch.float32)
-    fingerprint = params_fingerprint(model.params) if spec.lora is not None else None
-    if resume is not None and fingerprint is not None and (resume / LORA_FILE).is_file():
-        check_lora_base(resume, read_lora_record(resume), fingerprint)
     check_lengths(spec, model.config.context)
     template = model.tokenizer.chat_template if spec.chat_template is None else spec.chat_template
     model = replace(model, tokenizer=replace(model.tokenizer, chat_template=template, today=spec.chat_date))
@@ -329,6 +326,10 @@ def start(spec: FinetuneSpec, device: torch.device, resume: Path | None = None) 
         task = get_task(config.task, **config.options)
         problems = task.problems(config.split, config.n, config.seed)
         check_prompts(model, task, problems, config.max_new_tokens, config.few_shot, config.system, "eval")
+    # Last: hashing an 8B model's 32 GB takes a while, which the checks above need not wait for.
+    fingerprint = params_fingerprint(model.params) if spec.lora is not None else None
+    if resume is not None and fingerprint is not None and (resume / LORA_FILE).is_file():
+        check_lora_base(resume, read_lora_record(resume), fingerprint)
     return Start(model, path, fingerprint)
 
 
@@ -417,21 +418,28 @@ def trainable(
     return parallel.shard(owned), begin
 
 
-def sharded_reference(begin: Start, parallel: Parallel) -> tuple[TensorDict, Start]:
-    """The starting model's parameters as a frozen reference (DPO's) in the job's layout, and the start the run
-    goes on from: fully sharded, this rank's share, the start keeping their shapes only (the whole model on
-    every rank is what fsdp exists to save: 32 GB at 8B parameters in fp32); else the start's own."""
+def sharded_reference(
+    begin: Start, parallel: Parallel, dtype: torch.dtype = torch.float32
+) -> tuple[TensorDict, Start]:
+    """The starting model's parameters as a frozen reference (DPO's) in the job's layout, its block matrices in
+    ``dtype`` (``for_matmuls``), and the start the run goes on from: fully sharded, this rank's share, cast once
+    cut (casting the whole first held it twice over), the start keeping their shapes only (the whole model on
+    every rank is what fsdp exists to save: 32 GB at 8B parameters in fp32); else the start's own, cast
+    (:func:`frozen`: LoRA's base is the reference)."""
     params = begin.model.params
     if not parallel.sharded:
-        return params, begin
-    return parallel.shard(params), replace(begin, model=with_params(begin.model, params.to("meta")))
+        stored = for_matmuls(params, dtype)
+        return stored, replace(begin, model=with_params(begin.model, stored))
+    return for_matmuls(parallel.shard(params), dtype), replace(
+        begin, model=with_params(begin.model, params.to("meta"))
+    )
 
 
 def frozen(spec: FinetuneSpec, begin: Start, dtype: torch.dtype) -> Start:
     """The start with its block matrices stored in ``dtype``, the matmuls' precision, where the run reads the
     starting model without training it (:func:`reads_start`; ``zmaj.train.precision.for_matmuls``): the same
-    steps at half the bytes for LoRA's base and the references in bf16. Called once nothing reads the start in
-    float32 any more (DPO's on-policy pairs are sampled first), so that the float32 tensors are let go."""
+    steps at half the bytes for LoRA's base and GRPO's reference in bf16 (DPO's: :func:`sharded_reference`).
+    Called once nothing reads the start in float32 any more, so that the float32 tensors are let go."""
     if not reads_start(spec):
         return begin
     return replace(begin, model=with_params(begin.model, for_matmuls(begin.model.params, dtype)))
@@ -474,12 +482,15 @@ def full_params(
     spec: FinetuneSpec, begin: Start, params: TensorDictBase, dtype: torch.dtype | None = None
 ) -> TensorDictBase:
     """The whole model's parameters for a trained ``params`` (adapters merged into the base), cast to ``dtype``
-    if given (``zmaj.models.lora.merge``'s, a weight at a time), else float32 (LoRA's base may be stored for the
-    matmuls: :func:`frozen`)."""
+    if given (``zmaj.models.lora.merge``'s, a weight at a time). A LoRA base whose matrices are stored in bf16
+    (:func:`frozen`) is merged into a bf16 model by default: a float32 copy of every matrix for an evaluation
+    would outgrow what storing them saved (42 against 28 GB for an 8B model)."""
     if spec.lora is None:
         return params if dtype is None else params.to(dtype)
+    blocks = begin.model.params["blocks"]
+    stored = next(t.dtype for t in blocks.values(True, True) if t.ndim == blocks.batch_dims + 2)
     with torch.no_grad():
-        return merge(begin.model.params, params, spec.lora, dtype or torch.float32)
+        return merge(begin.model.params, params, spec.lora, dtype or stored)
 
 
 # ---------------------------------------------------------------------------------------------- run folders

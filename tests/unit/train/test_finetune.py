@@ -266,7 +266,7 @@ def test_a_start_the_run_only_reads_keeps_its_block_matrices_in_the_matmuls_prec
     kind: type[finetune.FinetuneSpec], raw: dict[str, Any], reads_start: bool
 ) -> None:
     """``frozen``: under bf16, LoRA's base and the references keep their block matrices in bf16 and let the
-    float32 ones go (nothing else holds them: 16 GB of an 8B model); a start the run trains, or a float32
+    float32 ones go (nothing else holds them: 14 GB of an 8B Llama); a start the run trains, or a float32
     run, keeps its tensors."""
     spec = parse(kind, raw, "spec")
     begin = finetune.Start(tiny_model(), "m")
@@ -287,20 +287,26 @@ def test_a_start_the_run_only_reads_keeps_its_block_matrices_in_the_matmuls_prec
     assert kept["blocks", "attn_norm", "weight"] is norm
 
 
-def test_a_lora_start_kept_in_bf16_is_evaluated_merged_in_float32() -> None:
-    """The loop's evaluations answer in float32: the adapters merged into the base as the run stores it (bf16
-    matrices, what its matmuls saw), every tensor float32, not a mix the first matmul refuses."""
+def test_a_lora_start_kept_in_bf16_is_evaluated_merged_in_bf16() -> None:
+    """The loop's evaluations of a LoRA run whose base is stored in bf16 answer in bf16, as GRPO samples: the
+    adapters merged into the stored matrices, every tensor bf16 (not a mix the first matmul refuses, nor a float32
+    copy of every matrix, which outgrew what storing them saved)."""
     spec = parse(finetune.SFTSpec, {**SFT, "lora": {"targets": ["attn.q"]}}, "spec")
     fresh, begin = finetune.trainable(spec, finetune.Start(tiny_model(), "m"), Parallel())
     adapters = fresh.apply(lambda t: t + 0.1)  # B no longer zero
     assert adapters is not None
     begin = finetune.frozen(spec, begin, torch.bfloat16)
     full = finetune.full_params(spec, begin, adapters)
-    assert {t.dtype for t in full.values(True, True)} == {torch.float32}
+    assert {t.dtype for t in full.values(True, True)} == {torch.bfloat16}
     assert spec.lora is not None
     update = spec.lora.scale * (adapters["attn", "q", "b"] @ adapters["attn", "q", "a"])
-    stored = begin.model.params["blocks", "attn", "q", "weight"].float()
-    assert torch.equal(full["blocks", "attn", "q", "weight"], stored + update)
+    stored = begin.model.params["blocks", "attn", "q", "weight"]
+    assert torch.equal(full["blocks", "attn", "q", "weight"], (stored.float() + update).to(torch.bfloat16))
+    k = ("blocks", "attn", "k", "weight")  # not adapted: the stored matrix itself
+    assert full.get(k) is begin.model.params.get(k)
+    # A base stored in float32 (a float32 run) merges in float32, as before.
+    float32 = finetune.full_params(spec, finetune.Start(tiny_model(), "m"), adapters)
+    assert {t.dtype for t in float32.values(True, True)} == {torch.float32}
 
 
 def test_a_lora_run_from_a_start_kept_in_bf16_names_its_base_as_saved(tmp_path: Path) -> None:
@@ -337,16 +343,29 @@ def test_fully_sharded_full_fine_tuning_never_copies_the_whole_model(monkeypatch
 
 
 @pytest.mark.parametrize("parallel", [Parallel(), FSDP])
-def test_a_sharded_reference_is_a_ranks_share_and_the_whole_is_let_go(parallel: Parallel) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_sharded_reference_is_a_ranks_share_and_the_whole_is_let_go(
+    parallel: Parallel, dtype: torch.dtype
+) -> None:
     """DPO's frozen reference under fsdp: each rank keeps its share, as of what it trains (the whole model
-    on every rank is what fsdp exists to save); one process or data-parallel, the start's own tensors."""
+    on every rank is what fsdp exists to save); one process or data-parallel, the start's own tensors. Under
+    bf16 its block matrices are stored in bf16, the share's cut first (a whole bf16 copy beside the whole
+    float32 model held it one and a half times on every rank), and the start goes on from the same tensors."""
     base = tiny_model()
-    reference, after = finetune.sharded_reference(finetune.Start(base, "m"), parallel)
+    reference, after = finetune.sharded_reference(finetune.Start(base, "m"), parallel, dtype)
     for key in leaf_keys(base.params):
         whole = base.params.get(key)
-        assert torch.equal(reference.get(key), parallel.piece(base.params, key, whole)), key
-        assert (reference.get(key) is whole) == (not parallel.sharded), key
-        assert (after.model.params.get(key).device.type == "meta") == parallel.sharded, key
+        piece = parallel.piece(base.params, key, whole)
+        matrix = key[0] == "blocks" and whole.ndim == 3
+        assert torch.equal(reference.get(key), piece.to(dtype) if matrix else piece), key
+        assert reference.get(key).dtype == (dtype if matrix else torch.float32), key
+        assert (reference.get(key) is whole) == (
+            not parallel.sharded and not (matrix and dtype != torch.float32)
+        )
+        if parallel.sharded:
+            assert after.model.params.get(key).device.type == "meta", key
+        else:
+            assert after.model.params.get(key) is reference.get(key), key
 
 
 def test_grpo_refuses_truncated_sampling_and_bad_task_options() -> None:
