@@ -129,8 +129,11 @@ def build(dtypes: list[str], batch: Batch) -> list[Runner]:
             Runner(
                 f"zmaj (LoRA rank {LORA.rank})",
                 name,
-                zmaj_step(
-                    init_adapters(model.params, LORA), lora_forward(forward, model.params, LORA), dtype, batch
+                zmaj_step(  # the base as sft.py keeps it: its block matrices in the matmuls' dtype
+                    init_adapters(model.params, LORA),
+                    lora_forward(forward, precision.for_matmuls(model.params, dtype), LORA),
+                    dtype,
+                    batch,
                 ),
             ),
         ]
