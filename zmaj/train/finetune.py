@@ -69,7 +69,7 @@ from zmaj.train.loop import Evaluate
 from zmaj.train.muon import OptimizerConfig, check_groups
 from zmaj.train.optim import AdamWConfig, ScheduleConfig
 from zmaj.train.parallel import Parallel
-from zmaj.train.precision import for_matmuls
+from zmaj.train.precision import for_matmuls, matrices_dtype
 from zmaj.train.spec import OPTIMIZER_LAYOUT, LoopConfig
 from zmaj.train.step import bind_lazy
 
@@ -428,8 +428,8 @@ def sharded_reference(
     (:func:`frozen`: LoRA's base is the reference)."""
     params = begin.model.params
     if not parallel.sharded:
-        stored = for_matmuls(params, dtype)
-        return stored, replace(begin, model=with_params(begin.model, stored))
+        begin = _stored_for_matmuls(begin, dtype)
+        return begin.model.params, begin
     return for_matmuls(parallel.shard(params), dtype), replace(
         begin, model=with_params(begin.model, params.to("meta"))
     )
@@ -440,8 +440,10 @@ def frozen(spec: FinetuneSpec, begin: Start, dtype: torch.dtype) -> Start:
     starting model without training it (:func:`reads_start`; ``zmaj.train.precision.for_matmuls``): the same
     steps at half the bytes for LoRA's base and GRPO's reference in bf16 (DPO's: :func:`sharded_reference`).
     Called once nothing reads the start in float32 any more, so that the float32 tensors are let go."""
-    if not reads_start(spec):
-        return begin
+    return _stored_for_matmuls(begin, dtype) if reads_start(spec) else begin
+
+
+def _stored_for_matmuls(begin: Start, dtype: torch.dtype) -> Start:
     return replace(begin, model=with_params(begin.model, for_matmuls(begin.model.params, dtype)))
 
 
@@ -487,10 +489,8 @@ def full_params(
     would outgrow what storing them saved (42 against 28 GB for an 8B model)."""
     if spec.lora is None:
         return params if dtype is None else params.to(dtype)
-    blocks = begin.model.params["blocks"]
-    stored = next(t.dtype for t in blocks.values(True, True) if t.ndim == blocks.batch_dims + 2)
     with torch.no_grad():
-        return merge(begin.model.params, params, spec.lora, dtype or stored)
+        return merge(begin.model.params, params, spec.lora, dtype or matrices_dtype(begin.model.params))
 
 
 # ---------------------------------------------------------------------------------------------- run folders

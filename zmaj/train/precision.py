@@ -136,10 +136,21 @@ def for_matmuls(params: TensorDictBase, dtype: torch.dtype) -> TensorDict:
     if dtype == torch.float32:
         return params
     blocks = params["blocks"]
-    matrices = blocks.apply(lambda t: t.to(dtype) if t.ndim == blocks.batch_dims + 2 else t)
     out = params.clone(recurse=False)
-    out.set("blocks", matrices)
+    out.set("blocks", blocks.apply(lambda t: t.to(dtype) if _is_matrix(blocks, t) else t))
     return out
+
+
+def matrices_dtype(params: TensorDictBase) -> torch.dtype:
+    """The dtype ``params``' block matrices are stored in: float32, or the one :func:`for_matmuls` gave them."""
+    blocks = params["blocks"]
+    dtype: torch.dtype = next(t.dtype for t in blocks.values(True, True) if _is_matrix(blocks, t))
+    return dtype
+
+
+def _is_matrix(blocks: TensorDictBase, t: torch.Tensor) -> bool:
+    """A block's weight matrix, stacked over layers (``[layers, d_out, d_in]``), not a norm scale or bias."""
+    return t.ndim == blocks.batch_dims + 2
 
 
 def default_device() -> torch.device:

@@ -628,21 +628,25 @@ def test_a_tokenizer_that_appends_eos_is_read_and_saved_so(
     assert json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())["add_eos_token"] is True
 
 
-def test_a_tokenizer_that_appends_another_token_than_eos_is_not_read_as_adding_eos(
-    zmaj_tokenizer: ModelTokenizer, tmp_path: Path
+@pytest.mark.parametrize(
+    ("single", "flag", "at"), [(f"$A:0 {END}:0", "add_eos", -1), (f"{END}:0 $A:0", "add_bos", 0)]
+)
+def test_a_tokenizer_that_adds_another_token_than_bos_or_eos_is_not_read_as_adding_them(
+    zmaj_tokenizer: ModelTokenizer, tmp_path: Path, single: str, flag: str, at: int
 ) -> None:
-    """``add_eos`` is EOS appended, not anything appended: ``$A <|end|>`` saved as ``add_eos_token: true`` would
-    tell transformers 4.x to rebuild the post-processor with an EOS the model never saw."""
+    """``add_eos`` is EOS appended, not anything appended, and ``add_bos`` BOS prepended: ``$A <|end|>`` saved
+    as ``add_eos_token: true`` would tell transformers 4.x to rebuild the post-processor with an EOS the model
+    never saw."""
     inner = type(zmaj_tokenizer.tokenizer).from_str(zmaj_tokenizer.tokenizer.to_str())
     inner.post_processor = processors.TemplateProcessing(
-        single=f"$A:0 {END}:0", special_tokens=[(END, inner.token_to_id(END))]
+        single=single, special_tokens=[(END, inner.token_to_id(END))]
     )
     ModelTokenizer(inner, zmaj_tokenizer.bos_token, zmaj_tokenizer.eos_token, zmaj_tokenizer.pad_token).save(
         tmp_path
     )
     loaded = ModelTokenizer.load(tmp_path)
-    assert loaded.encode("hi")[-1] == inner.token_to_id(END)
-    assert not loaded.add_eos
+    assert loaded.encode("hi")[at] == inner.token_to_id(END)
+    assert not getattr(loaded, flag)
 
 
 def test_a_tokenizer_that_adds_bos_and_eos_is_read_as_adding_both(
@@ -734,22 +738,6 @@ def test_templates_run_sandboxed(tokenizer: Tokenizer) -> None:
     for template in ("{{ messages.append(messages[0]) }}", "{{ messages.__class__.__mro__ }}"):
         with pytest.raises(ValueError, match=r"^chat template: access to attribute .* is unsafe"):
             chat_template.render(template, [{"role": "user", "content": "hi"}], False)
-
-
-def test_a_tokenizer_that_prepends_another_token_than_bos_is_not_read_as_adding_bos(
-    zmaj_tokenizer: ModelTokenizer, tmp_path: Path
-) -> None:
-    """``add_bos`` is BOS prepended, not anything prepended (as ``add_eos`` is EOS appended)."""
-    inner = type(zmaj_tokenizer.tokenizer).from_str(zmaj_tokenizer.tokenizer.to_str())
-    inner.post_processor = processors.TemplateProcessing(
-        single=f"{END}:0 $A:0", special_tokens=[(END, inner.token_to_id(END))]
-    )
-    ModelTokenizer(inner, zmaj_tokenizer.bos_token, zmaj_tokenizer.eos_token, zmaj_tokenizer.pad_token).save(
-        tmp_path
-    )
-    loaded = ModelTokenizer.load(tmp_path)
-    assert loaded.encode("hi")[0] == inner.token_to_id(END)
-    assert not loaded.add_bos
 
 
 def test_the_bos_eos_processor_types_a_pairs_second_text_as_transformers_does(

@@ -174,11 +174,12 @@ def test_too_short_a_text_is_refused() -> None:
         perplexity(*model(torch.device("cpu")), TOKENS[:1], context=8)
 
 
-def test_by_default_a_chunk_holds_at_most_logits_per_chunk_logits(
-    device: torch.device, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A fixed count of positions is no memory bound: 1024 of Gemma 3's 262,144-token vocabulary are 1 GiB."""
-    monkeypatch.setattr(perplexity_module, "LOGITS_PER_CHUNK", 5 * CONFIG.vocab_size + 3)
+def chunk_sizes(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch, logits_per_chunk: int, window: Window
+) -> tuple[torch.Tensor, list[int]]:
+    """``window_nll`` of ``TOKENS`` with at most ``logits_per_chunk`` logits a chunk, and the positions each
+    unembedding took."""
+    monkeypatch.setattr(perplexity_module, "LOGITS_PER_CHUNK", logits_per_chunk)
     hidden, unembed = model(device)
     sizes: list[int] = []
 
@@ -186,8 +187,15 @@ def test_by_default_a_chunk_holds_at_most_logits_per_chunk_logits(
         sizes.append(states.shape[1])
         return unembed(states)
 
-    window, tokens = Window(3, 40, 10), TOKENS.to(device)
-    torch.testing.assert_close(window_nll(hidden, counted, tokens, window), plain_nll(tokens[3:40])[6:])
+    return window_nll(hidden, counted, TOKENS.to(device), window), sizes
+
+
+def test_by_default_a_chunk_holds_at_most_logits_per_chunk_logits(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fixed count of positions is no memory bound: 1024 of Gemma 3's 262,144-token vocabulary are 1 GiB."""
+    nll, sizes = chunk_sizes(device, monkeypatch, 5 * CONFIG.vocab_size + 3, Window(3, 40, 10))
+    torch.testing.assert_close(nll, plain_nll(TOKENS.to(device)[3:40])[6:])
     assert sizes == [1, 5, 5, 5, 5, 5, 5]  # the size probe, then the 30 scored positions 5 at a time
 
 
@@ -195,16 +203,8 @@ def test_a_vocabulary_larger_than_logits_per_chunk_is_scored_a_position_at_a_tim
     device: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where one position's logits are more than :data:`LOGITS_PER_CHUNK`, a chunk is one position, not none."""
-    monkeypatch.setattr(perplexity_module, "LOGITS_PER_CHUNK", CONFIG.vocab_size - 1)
-    hidden, unembed = model(device)
-    sizes: list[int] = []
-
-    def counted(states: torch.Tensor) -> torch.Tensor:
-        sizes.append(states.shape[1])
-        return unembed(states)
-
-    window, tokens = Window(0, 8, 1), TOKENS.to(device)
-    torch.testing.assert_close(window_nll(hidden, counted, tokens, window), plain_nll(tokens[:8]))
+    nll, sizes = chunk_sizes(device, monkeypatch, CONFIG.vocab_size - 1, Window(0, 8, 1))
+    torch.testing.assert_close(nll, plain_nll(TOKENS.to(device)[:8]))
     assert sizes == [1] * 8  # the size probe, then the 7 scored positions one at a time
 
 

@@ -10,11 +10,9 @@ from tensordict import TensorDictBase
 from torch import Tensor
 
 from tests.strategies import MODERN_BLOCK
+from tests.unit.models.test_determinism import CONFIGS, SEQ, VOCAB
 from zmaj.models import lora
 from zmaj.models.common import Batch
-from zmaj.models.gemma3 import Gemma3Config
-from zmaj.models.gpt import GPTConfig
-from zmaj.models.llama import LlamaConfig
 from zmaj.models.registry import ModelConfig, architecture
 from zmaj.train import precision
 from zmaj.train.step import token_losses
@@ -89,27 +87,10 @@ def test_an_unknown_precision_is_an_error_not_auto() -> None:
         resolve("fp16", torch.device("cpu"))  # type: ignore[arg-type]
 
 
-VOCAB, SEQ = 64, 16
+# Every architecture, and the modern GPT block's options (value embeddings among them) beside GPT-2's.
 ARCHITECTURES: dict[str, ModelConfig] = {
-    "gpt-2": GPTConfig(vocab_size=VOCAB, context=SEQ, d_model=32, n_layers=2, n_heads=2),
-    "gpt, modern": GPTConfig(
-        vocab_size=VOCAB, context=SEQ, d_model=32, n_layers=2, n_heads=2, value_embeds=1, **MODERN_BLOCK
-    ),
-    "llama": LlamaConfig(
-        vocab_size=VOCAB, context=SEQ, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64
-    ),
-    "gemma3": Gemma3Config(
-        vocab_size=VOCAB,
-        context=SEQ,
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        n_kv_heads=1,
-        head_dim=16,
-        d_ff=64,
-        sliding_window=4,
-        layer_types=("sliding_attention", "full_attention"),
-    ),
+    **CONFIGS,
+    "gpt, modern": CONFIGS["gpt"].model_copy(update={**MODERN_BLOCK, "value_embeds": 1}),
 }
 
 
