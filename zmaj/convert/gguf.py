@@ -20,10 +20,12 @@ which for Gemma 3's 262,144-token vocabulary took 19.6 s on a 2-core AVX2 CPU ag
    ``(2i, 2i + 1)`` by RoPE; Hugging Face's Llama rotates ``i`` with ``i + head_dim / 2`` and permuted the q/k
    rows of Meta's checkpoints so the two agree. llama.cpp permutes them back, because ggml's default RoPE rotates
    neighbours; zmaj rotates halves (``zmaj.nn.rope``), so the loader inverts llama.cpp's permutation
-   (:func:`unpermute_qk`). Architectures that llama.cpp runs with the rotate-half ("NeoX") RoPE, such as Gemma,
-   are stored unpermuted.
+   (:func:`unpermute_qk`). Architectures that llama.cpp runs with the rotate-half ("NeoX") RoPE, Qwen 2 and 3
+   and Gemma, are stored unpermuted.
 4. Gemma's RMSNorm scales by ``1 + w``; llama.cpp stores ``1 + w`` itself, and zmaj (like ``transformers``, which
    subtracts the one back) keeps ``w``.
+5. GPT-2's ``Conv1D`` weights (``[in, out]``) are stored transposed, as ``nn.Linear``'s ``[out, in]``, which is
+   how zmaj keeps them; its fused ``attn_qkv`` is cut into q, k and v (:class:`Fused`).
 
 Every GGUF tensor name lives in this file, in one table per architecture. A tensor the table does not read (a
 bias, Llama 3.1's ``rope_freqs``) is an error rather than dropped: a silently ignored tensor is a wrong model.
@@ -36,7 +38,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,9 +51,11 @@ from torch import Tensor
 from zmaj.convert.layers import stack_layers
 from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
 from zmaj.extras import needs
-from zmaj.models import gemma3, llama
+from zmaj.models import gemma3
 from zmaj.models.gemma3 import Gemma3Config
+from zmaj.models.gpt import GPTConfig
 from zmaj.models.llama import LlamaConfig
+from zmaj.models.registry import ModelConfig, init_meta
 from zmaj.nn.rope import LinearScaling
 from zmaj.progress import progress
 from zmaj.text import NotTextError
@@ -62,8 +66,7 @@ with needs("gguf", "loading a GGUF file"):
     from gguf import GGMLQuantizationType, GGUFValueType
     from gguf.quants import dequantize, quant_shape_to_byte_shape
 
-ModelConfig = LlamaConfig | Gemma3Config
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "gpt2")
 
 # The ggml types zmaj dequantises; all have a reference kernel in gguf.quants. Others (the I-quants, integers)
 # are refused with the tensor's name rather than failing somewhere inside numpy.
@@ -76,8 +79,8 @@ SUPPORTED_TYPES = frozenset(
 DEQUANTIZE_CHUNK = 1 << 22
 """Values dequantised at once (whole rows, at least one): 16 MB of float32."""
 
-C = TypeVar("C", bound=ModelConfig)
-Transform = Callable[[Tensor, C], Tensor]
+Transform = Callable[[Tensor, Any], Tensor]
+"""What a table row does to a dequantised GGUF tensor to give zmaj's, given the model's config."""
 
 
 # --- reading the file ---------------------------------------------------------------------------------------
@@ -263,9 +266,24 @@ def _unpermute_k(tensor: Tensor, config: LlamaConfig) -> Tensor:
     return unpermute_qk(tensor, config.n_kv_heads)
 
 
-# (zmaj key, GGUF name with {i} for the layer, transform); per-layer rows are stacked over layers. As in
-# zmaj.convert.hf, a row is read only when the config's parameters have its key (the unembedding, when untied).
-LLAMA_LAYER_TABLE: list[tuple[str, str, Transform[LlamaConfig]]] = [
+@dataclass(frozen=True)
+class Fused:
+    """Part ``part`` of ``parts`` equal tensors stacked along a GGUF tensor's first axis: GPT-2's ``attn_qkv``
+    holds q, k and v one after another (its weight ``[3 * d_model, d_model]``, its bias ``[3 * d_model]``)."""
+
+    part: int
+    parts: int = 3
+
+    def __call__(self, tensor: Tensor, config: ModelConfig) -> Tensor:
+        return tensor.chunk(self.parts)[self.part]
+
+
+Table = Sequence[tuple[str, str, Transform]]
+"""Rows of (zmaj key, GGUF name with ``{i}`` for the layer, transform); per-layer rows are stacked over layers.
+As in zmaj.convert.hf, a row is read only when the config's parameters have its key (the unembedding, when
+untied; Qwen 2's biases)."""
+
+LLAMA_LAYER_TABLE: Table = [
     ("attn_norm.weight", "blk.{i}.attn_norm.weight", _same),
     ("attn.q.weight", "blk.{i}.attn_q.weight", _unpermute_q),
     ("attn.k.weight", "blk.{i}.attn_k.weight", _unpermute_k),
@@ -276,13 +294,13 @@ LLAMA_LAYER_TABLE: list[tuple[str, str, Transform[LlamaConfig]]] = [
     ("mlp.up.weight", "blk.{i}.ffn_up.weight", _same),
     ("mlp.down.weight", "blk.{i}.ffn_down.weight", _same),
 ]
-LLAMA_GLOBAL_TABLE: list[tuple[str, str, Transform[LlamaConfig]]] = [
+LLAMA_GLOBAL_TABLE: Table = [
     ("embed.weight", "token_embd.weight", _same),
     ("final_norm.weight", "output_norm.weight", _same),
     ("unembed.weight", "output.weight", _same),
 ]
 # Gemma 3's norms: attn_norm and ffn_norm before the two sub-blocks, post_attention_norm and post_ffw_norm after.
-GEMMA3_LAYER_TABLE: list[tuple[str, str, Transform[Gemma3Config]]] = [
+GEMMA3_LAYER_TABLE: Table = [
     ("attn_norm.weight", "blk.{i}.attn_norm.weight", _minus_one),
     ("attn.q.weight", "blk.{i}.attn_q.weight", _same),
     ("attn.k.weight", "blk.{i}.attn_k.weight", _same),
@@ -297,11 +315,55 @@ GEMMA3_LAYER_TABLE: list[tuple[str, str, Transform[Gemma3Config]]] = [
     ("mlp.down.weight", "blk.{i}.ffn_down.weight", _same),
     ("mlp_post_norm.weight", "blk.{i}.post_ffw_norm.weight", _minus_one),
 ]
-GEMMA3_GLOBAL_TABLE: list[tuple[str, str, Transform[Gemma3Config]]] = [
+GEMMA3_GLOBAL_TABLE: Table = [
     ("embed.weight", "token_embd.weight", _same),
     ("final_norm.weight", "output_norm.weight", _minus_one),
     ("unembed.weight", "output.weight", _same),
 ]
+# Qwen 2 and 3 are Llama's tensors with the q and k rows as they are (llama.cpp rotates halves for both), plus
+# Qwen 2's q/k/v biases and Qwen 3's per-head q/k norms (plain RMSNorm weights, no 1 + w).
+QWEN_LAYER_TABLE: Table = [
+    *((key, name, _same) for key, name, _ in LLAMA_LAYER_TABLE),
+    ("attn.q.bias", "blk.{i}.attn_q.bias", _same),
+    ("attn.k.bias", "blk.{i}.attn_k.bias", _same),
+    ("attn.v.bias", "blk.{i}.attn_v.bias", _same),
+    ("attn.q_norm.weight", "blk.{i}.attn_q_norm.weight", _same),
+    ("attn.k_norm.weight", "blk.{i}.attn_k_norm.weight", _same),
+]
+# GPT-2: LayerNorm weights and biases, a bias on every linear map, the learned position table.
+GPT2_LAYER_TABLE: Table = [
+    ("attn_norm.weight", "blk.{i}.attn_norm.weight", _same),
+    ("attn_norm.bias", "blk.{i}.attn_norm.bias", _same),
+    ("attn.q.weight", "blk.{i}.attn_qkv.weight", Fused(0)),
+    ("attn.k.weight", "blk.{i}.attn_qkv.weight", Fused(1)),
+    ("attn.v.weight", "blk.{i}.attn_qkv.weight", Fused(2)),
+    ("attn.q.bias", "blk.{i}.attn_qkv.bias", Fused(0)),
+    ("attn.k.bias", "blk.{i}.attn_qkv.bias", Fused(1)),
+    ("attn.v.bias", "blk.{i}.attn_qkv.bias", Fused(2)),
+    ("attn.o.weight", "blk.{i}.attn_output.weight", _same),
+    ("attn.o.bias", "blk.{i}.attn_output.bias", _same),
+    ("mlp_norm.weight", "blk.{i}.ffn_norm.weight", _same),
+    ("mlp_norm.bias", "blk.{i}.ffn_norm.bias", _same),
+    ("mlp.up.weight", "blk.{i}.ffn_up.weight", _same),
+    ("mlp.up.bias", "blk.{i}.ffn_up.bias", _same),
+    ("mlp.down.weight", "blk.{i}.ffn_down.weight", _same),
+    ("mlp.down.bias", "blk.{i}.ffn_down.bias", _same),
+]
+GPT2_GLOBAL_TABLE: Table = [
+    ("embed.weight", "token_embd.weight", _same),
+    ("positions.weight", "position_embd.weight", _same),
+    ("final_norm.weight", "output_norm.weight", _same),
+    ("final_norm.bias", "output_norm.bias", _same),
+    ("unembed.weight", "output.weight", _same),
+]
+TABLES: dict[str, tuple[Table, Table]] = {
+    "llama": (LLAMA_LAYER_TABLE, LLAMA_GLOBAL_TABLE),
+    "qwen2": (QWEN_LAYER_TABLE, LLAMA_GLOBAL_TABLE),
+    "qwen3": (QWEN_LAYER_TABLE, LLAMA_GLOBAL_TABLE),
+    "gemma3": (GEMMA3_LAYER_TABLE, GEMMA3_GLOBAL_TABLE),
+    "gpt2": (GPT2_LAYER_TABLE, GPT2_GLOBAL_TABLE),
+}
+"""Each architecture's (layer table, global table), by its ``general.architecture``."""
 
 
 def load_gguf(path: str | Path, device: torch.device | str = "cpu") -> tuple[ModelConfig, TensorDict]:
@@ -312,50 +374,55 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu") -> tuple[Mod
     """
     file = read_gguf(path)
     config = config_from_gguf(file)
-    if isinstance(config, Gemma3Config):
-        expected = gemma3.init(config, 0, "meta")
-        params = _params(file, config, GEMMA3_LAYER_TABLE, GEMMA3_GLOBAL_TABLE, expected)
-    else:
-        params = _params(file, config, LLAMA_LAYER_TABLE, LLAMA_GLOBAL_TABLE, llama.init(config, 0, "meta"))
-    return config, params.to(device)
+    layer_table, global_table = TABLES[file.metadata["general.architecture"]]
+    return config, _params(file, config, layer_table, global_table, init_meta(config)).to(device)
 
 
 def config_from_gguf(file: GGUFFile) -> ModelConfig:
     """A zmaj config from a GGUF file's metadata, chosen by ``general.architecture``."""
     architecture = _metadata(file, "general.architecture")
-    if architecture == "llama":
-        return _llama_config(file)
+    if architecture in ("llama", "qwen2", "qwen3"):
+        return _llama_config(file, architecture)
     if architecture == "gemma3":
         return _gemma3_config(file)
+    if architecture == "gpt2":
+        return _gpt2_config(file)
     raise ValueError(
         f"unsupported GGUF architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
 
 
-def _llama_config(file: GGUFFile) -> LlamaConfig:
-    """Llama's shape under llama.cpp's key names; a switch zmaj cannot express (YaRN, partial RoPE) is refused."""
+def _llama_config(file: GGUFFile, architecture: str) -> LlamaConfig:
+    """Llama's shape under llama.cpp's key names, which Qwen 2 and 3 share under their own prefix; a switch zmaj
+    cannot express (YaRN, partial RoPE) is refused.
+
+    llama.cpp reads Qwen 2's q/k/v biases as optional, so the file's tensors say whether there are any; Qwen 3
+    always has its q/k norms. ``attention.key_length`` sets head_dim apart from ``d_model / n_heads``, as
+    llama.cpp reads it (``transformers`` ignores it for Qwen 3 and takes Qwen3Config's default, 128: every
+    released Qwen 3's).
+    """
 
     def key(name: str, default: Any = ...) -> Any:
-        return _metadata(file, f"llama.{name}", default)
+        return _metadata(file, f"{architecture}.{name}", default)
 
     def size(name: str, default: int | None = None) -> int:
-        return _size(file, f"llama.{name}", default)
+        return _size(file, f"{architecture}.{name}", default)
 
-    rope_scaling = _linear_rope_scaling(file, "llama")
+    rope_scaling = _linear_rope_scaling(file, architecture)
     if key("expert_count", 0):
-        raise ValueError("llama: mixture-of-experts files are not supported")
+        raise ValueError(f"{architecture}: mixture-of-experts files are not supported")
     if isinstance(key("attention.head_count_kv", None), list):
-        raise ValueError("llama: a different number of key/value heads per layer is not supported")
+        raise ValueError(f"{architecture}: a different number of key/value heads per layer is not supported")
     d_model, n_heads = size("embedding_length"), size("attention.head_count")
     n_kv_heads = size("attention.head_count_kv", n_heads)
     head_dim = size("attention.key_length", d_model // n_heads)
     if key("rope.dimension_count", head_dim) != head_dim:
         raise ValueError(
-            f"llama: RoPE over {key('rope.dimension_count')} of {head_dim} head features is not supported"
+            f"{architecture}: RoPE over {key('rope.dimension_count')} of {head_dim} head features is not "
+            "supported"
         )
     context, n_layers, d_ff = size("context_length"), size("block_count"), size("feed_forward_length")
-    _check_layers(file, n_layers, "llama")
-    names = set(file.tensors)
+    _check_layers(file, n_layers, architecture)
     return LlamaConfig(
         vocab_size=_vocab_size(file),
         context=context,
@@ -368,8 +435,9 @@ def _llama_config(file: GGUFFile) -> LlamaConfig:
         norm_eps=key("attention.layer_norm_rms_epsilon"),
         rope_base=key("rope.freq_base", 10_000.0),
         rope_scaling=rope_scaling,
-        # llama.cpp writes no output.weight when the unembedding is the embedding.
-        tie_embeddings="output.weight" not in names,
+        tie_embeddings=_tied(file),
+        qkv_bias=architecture == "qwen2" and "blk.0.attn_q.bias" in file.tensors,
+        qk_norm=architecture == "qwen3",
     )
 
 
@@ -392,7 +460,6 @@ def _gemma3_config(file: GGUFFile) -> Gemma3Config:
     head_dim, n_kv_heads = size("attention.key_length"), size("attention.head_count_kv")
     context, d_ff = size("context_length"), size("feed_forward_length")
     _check_layers(file, n_layers, "gemma3")  # before a list of n_layers layer types is made
-    names = set(file.tensors)
     return Gemma3Config(
         vocab_size=_vocab_size(file),
         context=context,
@@ -409,7 +476,43 @@ def _gemma3_config(file: GGUFFile) -> Gemma3Config:
         rope_scaling=rope_scaling,
         local_rope_base=key("rope.freq_base_swa", 10_000.0),
         query_pre_attn_scalar=d_model / n_heads if n_layers == 62 else head_dim,
-        tie_embeddings="output.weight" not in names,
+        tie_embeddings=_tied(file),
+    )
+
+
+def _gpt2_config(file: GGUFFile) -> GPTConfig:
+    """GPT-2's shape. LayerNorm, biases, the learned position table and the tanh GELU (ggml's ``gelu``) are the
+    architecture's, fixed as ``zmaj.convert.gpt2`` fixes them for a Hugging Face checkpoint."""
+
+    def size(name: str) -> int:
+        return _size(file, f"gpt2.{name}")
+
+    n_layers, d_model, n_heads = size("block_count"), size("embedding_length"), size("attention.head_count")
+    _check_layers(file, n_layers, "gpt2")
+    return GPTConfig(
+        vocab_size=_vocab_size(file),
+        context=size("context_length"),
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_ff=size("feed_forward_length"),
+        norm_eps=_metadata(file, "gpt2.attention.layer_norm_epsilon"),
+        activation="gelu_tanh",
+        tie_embeddings=_tied(file),
+    )
+
+
+def _tied(file: GGUFFile) -> bool:
+    """Whether the unembedding is the embedding. llama.cpp writes ``output.weight`` only when it is not, but its
+    converter long wrote GPT-2's tied unembedding out as a copy; a copy, byte for byte, is the one matrix the
+    checkpoint had (:func:`_params` counts it as read)."""
+    output, embedding = file.tensors.get("output.weight"), file.tensors.get("token_embd.weight")
+    if output is None:
+        return True
+    return (
+        embedding is not None
+        and (output.tensor_type, output.shape) == (embedding.tensor_type, embedding.shape)
+        and np.array_equal(output.data, embedding.data)
     )
 
 
@@ -490,30 +593,35 @@ def dequantize_tensor(tensor: GGUFTensor) -> Float[Tensor, "..."]:
 
 def _params(
     file: GGUFFile,
-    config: C,
-    layer_table: Sequence[tuple[str, str, Transform[C]]],
-    global_table: Sequence[tuple[str, str, Transform[C]]],
+    config: ModelConfig,
+    layer_table: Table,
+    global_table: Table,
     expected: TensorDictBase,
 ) -> TensorDict:
     """Parameters shaped like ``expected`` (an ``init`` on the meta device), read through the two tables.
 
-    A tensor missing, misshapen or left unread is named; layers are stacked along ``[n_layers]``.
+    A tensor missing, misshapen or left unread is named; layers are stacked along ``[n_layers]``. A fused tensor
+    is dequantised once for each of its parts: GPT-2's q/k/v are a quarter of its blocks' weights.
     """
     tensors = file.tensors
     wanted = {".".join(key) for key in expected.keys(include_nested=True, leaves_only=True)}
-    read: set[str] = set()
+    # An output.weight beside a tied unembedding is the embedding's copy (_tied), which zmaj holds once.
+    read: set[str] = {"output.weight"} if config.tie_embeddings else set()
 
-    def load(key: str, name: str, transform: Transform[C]) -> Tensor:
+    def load(key: str, name: str, transform: Transform) -> Tensor:
         if name not in tensors:
             raise ValueError(f"GGUF file has no tensor {name!r} (zmaj {key})")
         shape = tensors[name].shape
         expected_shape = tuple(expected.get(tuple(key.split("."))).shape)
         if key.startswith("blocks."):
             expected_shape = expected_shape[1:]
+        if isinstance(transform, Fused):
+            expected_shape = (expected_shape[0] * transform.parts, *expected_shape[1:])
         if shape != expected_shape:
             raise ValueError(f"GGUF tensor {name!r} has shape {shape}, expected {expected_shape}")
-        read.add(name)
-        bar.update()
+        if name not in read:
+            read.add(name)
+            bar.update()
         return transform(dequantize_tensor(tensors[name]), config)
 
     with progress(None, len(tensors), f"de-quantising {len(tensors)} GGUF tensors", unit="tensor") as bar:

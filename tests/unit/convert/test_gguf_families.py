@@ -1,0 +1,357 @@
+"""GGUF files of Qwen 2, Qwen 3 and GPT-2, written as llama.cpp's ``convert_hf_to_gguf.py`` writes them.
+
+Each file is written from a random ``transformers`` model, the reference: zmaj's logits must be that model's,
+and so must ``transformers``' own reading of the file, which checks that the file was written the way llama.cpp
+writes one (names, metadata keys, what is transposed, what is left out). What the converter does per family:
+Qwen 2 and 3 are Llama's tensors under their own metadata prefix with the q and k rows unpermuted (llama.cpp
+rotates halves for them), Qwen 2 adds q/k/v biases and Qwen 3 per-head q/k norms and its own head_dim; GPT-2's
+``Conv1D`` weights are transposed to ``[out, in]``, its ``c_attn`` stays one ``attn_qkv`` tensor, and its tied
+unembedding is left out (newer converters) or written as a copy of the embedding (older ones).
+"""
+
+import re
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from gguf import GGMLQuantizationType
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from tests.unit.convert.test_gguf import VOCAB, Tensors, write_gguf
+from zmaj.convert import gguf as zgguf
+from zmaj.models.common import Batch
+from zmaj.models.gpt import GPTConfig
+from zmaj.models.llama import LlamaConfig
+from zmaj.models.registry import architecture
+
+M = TypeVar("M", bound=transformers.PreTrainedModel)
+Changes = dict[str, np.ndarray | None]
+"""Tensors to replace, by name; ``None`` drops one."""
+TOKENS = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+def moved_off_defaults(model: M) -> M:
+    """``model`` in eval mode with its norms and biases moved off one and zero, so that a dropped, swapped or
+    misread one shows in the logits."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+def logits_of_file(path: Path) -> torch.Tensor:
+    config, params = zgguf.load_gguf(path)
+    with torch.no_grad():
+        return architecture(config).forward(params, Batch(tokens=TOKENS), config=config)
+
+
+def transformers_logits_of_file(path: Path) -> torch.Tensor:
+    with torch.no_grad():
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )(TOKENS).logits
+
+
+def reference_logits(model: transformers.PreTrainedModel) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+# --- Qwen 2 and Qwen 3 ---------------------------------------------------------------------------------------
+
+QWEN_SMALL: dict[str, Any] = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rope_theta": 50_000.0,
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.1,  # sharp attention, so a wrong q/k row order moves the logits by ~1
+}
+QWEN3_HEAD_DIM = 128  # not 64 / 4; transformers takes Qwen3Config's 128 whatever the file says
+QWEN_RENAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def qwen_model(family: str, tie: bool) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    if family == "qwen2":
+        return moved_off_defaults(
+            transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**QWEN_SMALL, tie_word_embeddings=tie))
+        )
+    config = transformers.Qwen3Config(**QWEN_SMALL, head_dim=QWEN3_HEAD_DIM, tie_word_embeddings=tie)
+    return moved_off_defaults(transformers.Qwen3ForCausalLM(config))
+
+
+def qwen_tensors(model: transformers.PreTrainedModel) -> Tensors:
+    """The model's tensors under llama.cpp's names, q and k rows as they are."""
+    tensors: Tensors = {}
+    for name, value in model.state_dict().items():
+        array = value.numpy()
+        if name == "model.embed_tokens.weight":
+            tensors["token_embd.weight"] = array
+        elif name == "model.norm.weight":
+            tensors["output_norm.weight"] = array
+        elif name == "lm_head.weight":
+            if not model.config.tie_word_embeddings:
+                tensors["output.weight"] = array
+        else:
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            tensors[f"blk.{layer}.{QWEN_RENAMES[module]}.{kind}"] = array
+    return tensors
+
+
+def qwen_metadata(family: str) -> dict[str, Any]:
+    keys = {
+        "context_length": 256,
+        "embedding_length": 64,
+        "block_count": 2,
+        "feed_forward_length": 128,
+        "attention.head_count": 4,
+        "attention.head_count_kv": 2,
+        "rope.freq_base": 50_000.0,
+        "attention.layer_norm_rms_epsilon": 1e-6,
+    }
+    if family == "qwen3":
+        keys |= {"attention.key_length": QWEN3_HEAD_DIM, "attention.value_length": QWEN3_HEAD_DIM}
+    return {f"{family}.{key}": value for key, value in keys.items()} | {
+        "tokenizer.ggml.tokens": [f"t{i}" for i in range(VOCAB)]
+    }
+
+
+def qwen_file(tmp_path: Path, family: str, tie: bool, changes: Changes | None = None) -> Path:
+    """A tiny Qwen GGUF, with ``changes`` to its tensors."""
+    tensors = qwen_tensors(qwen_model(family, tie)) | (changes or {})
+    kept = {name: t for name, t in tensors.items() if t is not None}
+    return write_gguf(tmp_path / f"{family}.gguf", family, qwen_metadata(family), kept)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_a_llama_cpp_qwen_file_gives_the_logits_of_its_model(tmp_path: Path, family: str, tie: bool) -> None:
+    path = qwen_file(tmp_path, family, tie)
+    config = zgguf.config_from_gguf(zgguf.read_gguf(path))
+    assert isinstance(config, LlamaConfig)
+    assert (config.qkv_bias, config.qk_norm, config.tie_embeddings) == (
+        family == "qwen2",
+        family == "qwen3",
+        tie,
+    )
+    assert config.head_dim == (QWEN3_HEAD_DIM if family == "qwen3" else 16)
+    expected = reference_logits(qwen_model(family, tie))
+    assert (transformers_logits_of_file(path) - expected).abs().max().item() <= 1e-5
+    assert (logits_of_file(path) - expected).abs().max().item() <= 1e-5
+
+
+def test_a_qwen2_file_without_biases_loads_without_them(tmp_path: Path) -> None:
+    """llama.cpp reads Qwen 2's q/k/v biases as optional; a file without them is the model whose biases are 0."""
+    model = qwen_model("qwen2", tie=True)
+    no_biases: Changes = {name: None for name in qwen_tensors(model) if name.endswith(".bias")}
+    path = qwen_file(tmp_path, "qwen2", tie=True, changes=no_biases)
+    config = zgguf.config_from_gguf(zgguf.read_gguf(path))
+    assert isinstance(config, LlamaConfig)
+    assert not config.qkv_bias
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
+    assert (logits_of_file(path) - reference_logits(model)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("family", "change", "message"),
+    [
+        ("qwen3", {"blk.1.attn_k_norm.weight": None}, "no tensor 'blk.1.attn_k_norm.weight'"),
+        ("qwen3", {"blk.0.attn_q.bias": np.zeros(512, np.float32)}, "would not read: blk.0.attn_q.bias"),
+        ("qwen2", {"blk.1.attn_v.bias": None}, "no tensor 'blk.1.attn_v.bias'"),
+    ],
+)
+def test_a_qwen_file_missing_a_tensor_its_family_has_or_holding_one_it_lacks_is_named(
+    tmp_path: Path, family: str, change: Changes, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        zgguf.load_gguf(qwen_file(tmp_path, family, tie=True, changes=change))
+
+
+def test_a_qwen_file_with_yarn_is_refused(tmp_path: Path) -> None:
+    """Qwen 2.5's long-context variants write YaRN, which zmaj does not compute: past the original context
+    every position would be rotated wrongly."""
+    metadata = qwen_metadata("qwen2") | {"qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0}
+    path = write_gguf(tmp_path / "m.gguf", "qwen2", metadata, qwen_tensors(qwen_model("qwen2", tie=True)))
+    with pytest.raises(ValueError, match="qwen2: RoPE scaling 'yarn' is not supported"):
+        zgguf.load_gguf(path)
+
+
+# --- GPT-2 ---------------------------------------------------------------------------------------------------
+
+# llama.cpp's converter writes 4 * n_embd as the MLP width and transformers sizes the position table by its
+# default n_positions (1024) whatever context_length says, so the tiny model keeps both.
+GPT2_SMALL: dict[str, Any] = {
+    "vocab_size": VOCAB,
+    "n_positions": 1024,
+    "n_embd": 64,
+    "n_layer": 2,
+    "n_head": 4,
+    "initializer_range": 0.1,
+    "bos_token_id": 0,  # not GPT-2's 50256, outside this vocabulary
+    "eos_token_id": 0,
+}
+GPT2_RENAMES = {
+    "ln_1": "attn_norm",
+    "attn.c_attn": "attn_qkv",
+    "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
+}
+
+
+def gpt2_model(tie: bool) -> transformers.GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(**GPT2_SMALL, tie_word_embeddings=tie)
+    return moved_off_defaults(transformers.GPT2LMHeadModel(config))
+
+
+def gpt2_file(tmp_path: Path, output: str) -> tuple[Path, transformers.GPT2LMHeadModel]:
+    """A tiny GPT-2 GGUF with its unembedding ``output``: ``tied`` (no output.weight), ``copy`` (the
+    embedding's copy, as older converters wrote it) or ``own`` (a matrix of its own)."""
+    model = gpt2_model(tie=output != "own")
+    tensors: Tensors = {}
+    for name, value in model.state_dict().items():
+        name = name.removeprefix("transformer.")
+        array = value.numpy()
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            array = np.ascontiguousarray(array.T)  # Conv1D's [in, out] written as [out, in]
+        if name == "wte.weight":
+            tensors["token_embd.weight"] = array
+        elif name == "wpe.weight":
+            tensors["position_embd.weight"] = array
+        elif name.startswith("ln_f."):
+            tensors[f"output_norm.{name.removeprefix('ln_f.')}"] = array
+        elif name == "lm_head.weight":
+            if output == "own":
+                tensors["output.weight"] = array
+        else:
+            layer, rest = name.removeprefix("h.").split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            tensors[f"blk.{layer}.{GPT2_RENAMES[module]}.{kind}"] = array
+    if output == "copy":
+        tensors["output.weight"] = tensors["token_embd.weight"]
+    metadata = {
+        "gpt2.context_length": 1024,
+        "gpt2.embedding_length": 64,
+        "gpt2.block_count": 2,
+        "gpt2.feed_forward_length": 256,
+        "gpt2.attention.head_count": 4,
+        "gpt2.attention.layer_norm_epsilon": 1e-5,
+        "tokenizer.ggml.tokens": [f"t{i}" for i in range(VOCAB)],
+    }
+    return write_gguf(tmp_path / "gpt2.gguf", "gpt2", metadata, tensors), model
+
+
+@pytest.mark.parametrize("output", ["tied", "copy", "own"])
+def test_a_llama_cpp_gpt2_file_gives_the_logits_of_its_model(tmp_path: Path, output: str) -> None:
+    path, model = gpt2_file(tmp_path, output)
+    config, params = zgguf.load_gguf(path)
+    assert config == GPTConfig(
+        vocab_size=VOCAB,
+        context=1024,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        d_ff=256,
+        norm_eps=float(np.float32(1e-5)),  # stored as float32
+        activation="gelu_tanh",
+        tie_embeddings=output != "own",
+    )
+    assert ("unembed" in params) == (output == "own")  # a copy is held once, as the checkpoint had it
+    expected = reference_logits(model)
+    assert (transformers_logits_of_file(path) - expected).abs().max().item() <= 1e-5
+    assert (logits_of_file(path) - expected).abs().max().item() <= 1e-5
+
+
+def rewritten(path: Path, changes: Tensors) -> Path:
+    """A copy of the GGUF file at ``path`` (its tensors as float32) with ``changes`` to its tensors."""
+    file = zgguf.read_gguf(path)
+    tensors: Tensors = {name: zgguf.dequantize_tensor(t).numpy() for name, t in file.tensors.items()}
+    metadata = {key: value for key, value in file.metadata.items() if not key.startswith("general.")}
+    architecture = file.metadata["general.architecture"]
+    return write_gguf(path.with_name(f"changed-{path.name}"), architecture, metadata, tensors | changes)
+
+
+def test_an_unembedding_stored_as_the_embeddings_bytes_in_another_type_is_its_own(tmp_path: Path) -> None:
+    """Only the same bytes of the same type are a copy: float16 bytes read as bfloat16 are other numbers."""
+    path, _ = gpt2_file(tmp_path, "copy")
+    embedding = zgguf.dequantize_tensor(zgguf.read_gguf(path).tensors["token_embd.weight"]).numpy()
+    half = embedding.astype(np.float16)
+    changed = rewritten(
+        path, {"token_embd.weight": half, "output.weight": (half.view(np.uint8), GGMLQuantizationType.BF16)}
+    )
+    config, params = zgguf.load_gguf(changed)
+    assert not config.tie_embeddings
+    as_bfloat16 = torch.from_numpy(half.view(np.int16).copy()).view(torch.bfloat16).float()
+    assert torch.equal(params["unembed", "weight"], as_bfloat16)
+    assert not torch.equal(params["unembed", "weight"], params["embed", "weight"])
+
+
+def test_a_misshapen_fused_qkv_is_named_with_the_shape_of_all_three(tmp_path: Path) -> None:
+    path, _ = gpt2_file(tmp_path, "tied")
+    damaged = rewritten(path, {"blk.1.attn_qkv.weight": np.zeros((128, 64), np.float32)})
+    with pytest.raises(
+        ValueError, match=re.escape("'blk.1.attn_qkv.weight' has shape (128, 64), expected (192, 64)")
+    ):
+        zgguf.load_gguf(damaged)
+
+
+# --- tokenizers ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("family", "pre"), [("qwen2", "qwen2"), ("gpt2", "gpt-2")])
+def test_a_byte_level_tokenizer_of_the_family_encodes_as_transformers(
+    tmp_path: Path, family: str, pre: str
+) -> None:
+    """Qwen splits digits one by one before BPE, GPT-2 keeps runs of them: the pre-tokenizer named in the file
+    decides, as ``transformers`` builds it."""
+    alphabet = list(bytes_to_unicode().values())
+    merges = ["1 2", "12 3", "Ġ t", "Ġt h", "Ġth e"]
+    tokens = [*alphabet, *("".join(merge.split(" ")) for merge in merges), "<|endoftext|>"]
+    metadata = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.token_type": [1] * (len(tokens) - 1) + [3],
+        "tokenizer.ggml.eos_token_id": len(tokens) - 1,
+        "tokenizer.ggml.add_bos_token": False,
+    }
+    path = write_gguf(tmp_path / "m.gguf", family, metadata, {"w": np.zeros(4, dtype=np.float32)})
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    ours = zgguf.tokenizer_from_gguf(path)
+    texts = ["the 123 12345 then", " the<|endoftext|>x", "ünï 漢字 \n\t 1234"]
+    for text in texts:
+        assert ours.tokenizer.encode(text).ids == reference(text).input_ids
+    assert ours.eos_id == reference.eos_token_id == len(tokens) - 1
+    digits = ours.tokenizer.encode("123").ids
+    assert digits == (
+        [tokens.index("1"), tokens.index("2"), tokens.index("3")] if pre == "qwen2" else [tokens.index("123")]
+    )
