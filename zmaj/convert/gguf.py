@@ -28,7 +28,10 @@ which for Gemma 3's 262,144-token vocabulary took 19.6 s on a 2-core AVX2 CPU ag
    how zmaj keeps them; its fused ``attn_qkv`` is cut into q, k and v (:class:`Fused`).
 
 Every GGUF tensor name lives in this file, in one table per architecture. A tensor the table does not read (a
-bias, Llama 3.1's ``rope_freqs``) is an error rather than dropped: a silently ignored tensor is a wrong model.
+bias on Llama's output projection) is an error rather than dropped: a silently ignored tensor is a wrong model.
+Two tensors are read into the config instead: Llama 3.1's RoPE scaling, which llama.cpp stores as a factor per
+plane (``rope_freqs``, :func:`_frequency_factors`), and an unembedding written as the embedding's copy
+(:func:`_tied`).
 """
 
 import math
@@ -56,7 +59,7 @@ from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.gpt import GPTConfig
 from zmaj.models.llama import LlamaConfig
 from zmaj.models.registry import ModelConfig, init_meta
-from zmaj.nn.rope import LinearScaling
+from zmaj.nn.rope import FrequencyFactors, LinearScaling, Llama3Scaling, rope_frequencies
 from zmaj.progress import progress
 from zmaj.text import NotTextError
 
@@ -375,7 +378,11 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu") -> tuple[Mod
     file = read_gguf(path)
     config = config_from_gguf(file)
     layer_table, global_table = TABLES[file.metadata["general.architecture"]]
-    return config, _params(file, config, layer_table, global_table, init_meta(config)).to(device)
+    in_config = {"rope_freqs.weight"} if isinstance(config, LlamaConfig) else set()
+    if config.tie_embeddings:
+        in_config.add("output.weight")
+    params = _params(file, config, layer_table, global_table, init_meta(config), in_config)
+    return config, params.to(device)
 
 
 def config_from_gguf(file: GGUFFile) -> ModelConfig:
@@ -408,7 +415,6 @@ def _llama_config(file: GGUFFile, architecture: str) -> LlamaConfig:
     def size(name: str, default: int | None = None) -> int:
         return _size(file, f"{architecture}.{name}", default)
 
-    rope_scaling = _linear_rope_scaling(file, architecture)
     if key("expert_count", 0):
         raise ValueError(f"{architecture}: mixture-of-experts files are not supported")
     if isinstance(key("attention.head_count_kv", None), list):
@@ -423,6 +429,13 @@ def _llama_config(file: GGUFFile, architecture: str) -> LlamaConfig:
         )
     context, n_layers, d_ff = size("context_length"), size("block_count"), size("feed_forward_length")
     _check_layers(file, n_layers, architecture)
+    rope_base = key("rope.freq_base", 10_000.0)
+    rope_scaling = _linear_rope_scaling(file, architecture)
+    factors = _frequency_factors(file, head_dim, rope_base)
+    if rope_scaling is not None and factors is not None:
+        raise ValueError(
+            f"{architecture}: linear RoPE scaling together with per-plane factors (rope_freqs) is not supported"
+        )
     return LlamaConfig(
         vocab_size=_vocab_size(file),
         context=context,
@@ -433,8 +446,8 @@ def _llama_config(file: GGUFFile, architecture: str) -> LlamaConfig:
         head_dim=head_dim,
         d_ff=d_ff,
         norm_eps=key("attention.layer_norm_rms_epsilon"),
-        rope_base=key("rope.freq_base", 10_000.0),
-        rope_scaling=rope_scaling,
+        rope_base=rope_base,
+        rope_scaling=rope_scaling or factors,
         tie_embeddings=_tied(file),
         qkv_bias=architecture == "qwen2" and "blk.0.attn_q.bias" in file.tensors,
         qk_norm=architecture == "qwen3",
@@ -505,7 +518,7 @@ def _gpt2_config(file: GGUFFile) -> GPTConfig:
 def _tied(file: GGUFFile) -> bool:
     """Whether the unembedding is the embedding. llama.cpp writes ``output.weight`` only when it is not, but its
     converter long wrote GPT-2's tied unembedding out as a copy; a copy, byte for byte, is the one matrix the
-    checkpoint had (:func:`_params` counts it as read)."""
+    checkpoint had (:func:`load_gguf` counts it as read)."""
     output, embedding = file.tensors.get("output.weight"), file.tensors.get("token_embd.weight")
     if output is None:
         return True
@@ -530,6 +543,39 @@ def _linear_rope_scaling(file: GGUFFile, architecture: str) -> LinearScaling | N
     if kind != "linear":
         raise ValueError(f"{architecture}: RoPE scaling {kind!r} is not supported")
     return LinearScaling(factor=factor)
+
+
+META_LLAMA3_RAMP = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+"""The scaling parameters of every Llama 3.1, 3.2 and 3.3, bar the factor (8 or 32)."""
+
+
+def _frequency_factors(file: GGUFFile, head_dim: int, base: float) -> Llama3Scaling | FrequencyFactors | None:
+    """llama.cpp's ``rope_freqs``, a divisor of each RoPE plane's frequency, which its converter evaluates from
+    Llama 3.1's scaling (``LlamaModel.generate_extra_tensors``), keeping none of the parameters.
+
+    Where the factors are those of Meta's parameters (:data:`META_LLAMA3_RAMP`, the factor being the largest of
+    them) to float32 rounding, they are read as those parameters: the checkpoint the file was converted from,
+    which export to ``transformers`` writes back. Other factors are kept as they are (:class:`FrequencyFactors`),
+    computing as llama.cpp computes them.
+    """
+    tensor = file.tensors.get("rope_freqs.weight")
+    if tensor is None:
+        return None
+    if tensor.shape != (head_dim // 2,):
+        raise ValueError(
+            f"GGUF tensor 'rope_freqs.weight' has shape {tensor.shape}, expected ({head_dim // 2},): one factor "
+            f"per RoPE plane of head_dim {head_dim}"
+        )
+    factors = dequantize_tensor(tensor)
+    if not (factors.isfinite().all() and (factors > 0).all()):
+        raise ValueError(
+            f"GGUF tensor 'rope_freqs.weight' of {file.path} holds factors that are not positive"
+        )
+    meta = Llama3Scaling(factor=factors.max().item(), **META_LLAMA3_RAMP)
+    plain = rope_frequencies(head_dim, base)
+    if torch.allclose(plain / rope_frequencies(head_dim, base, meta), factors, rtol=1e-6, atol=0):
+        return meta
+    return FrequencyFactors(factors=tuple(factors.tolist()))
 
 
 def _vocab_size(file: GGUFFile) -> int:
@@ -597,16 +643,17 @@ def _params(
     layer_table: Table,
     global_table: Table,
     expected: TensorDictBase,
+    in_config: set[str],
 ) -> TensorDict:
     """Parameters shaped like ``expected`` (an ``init`` on the meta device), read through the two tables.
 
-    A tensor missing, misshapen or left unread is named; layers are stacked along ``[n_layers]``. A fused tensor
-    is dequantised once for each of its parts: GPT-2's q/k/v are a quarter of its blocks' weights.
+    A tensor missing, misshapen or left unread (and not among ``in_config``, those the config was read from) is
+    named; layers are stacked along ``[n_layers]``. A fused tensor is dequantised once for each of its parts:
+    GPT-2's q/k/v are a quarter of its blocks' weights.
     """
     tensors = file.tensors
     wanted = {".".join(key) for key in expected.keys(include_nested=True, leaves_only=True)}
-    # An output.weight beside a tied unembedding is the embedding's copy (_tied), which zmaj holds once.
-    read: set[str] = {"output.weight"} if config.tie_embeddings else set()
+    read = set(in_config)
 
     def load(key: str, name: str, transform: Transform) -> Tensor:
         if name not in tensors:

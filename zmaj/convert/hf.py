@@ -33,7 +33,7 @@ from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.gpt import GPTConfig
 from zmaj.models.llama import LlamaConfig
 from zmaj.nn.layers import Activation
-from zmaj.nn.rope import LinearScaling, Llama3Scaling
+from zmaj.nn.rope import FrequencyFactors, LinearScaling, Llama3Scaling
 from zmaj.text import read_json
 
 ModelConfig = GPTConfig | LlamaConfig | Gemma3Config
@@ -539,10 +539,17 @@ def _gemma3_to_hf(config: Gemma3Config) -> dict[str, Any]:
     }
 
 
-def _rope_to_hf(base: float, scaling: LinearScaling | Llama3Scaling | None) -> dict[str, Any]:
+def _rope_to_hf(
+    base: float, scaling: LinearScaling | Llama3Scaling | FrequencyFactors | None
+) -> dict[str, Any]:
     """``rope_parameters`` as transformers >= 5 writes them, which ``_rope`` reads back."""
     if scaling is None:
         return {"rope_type": "default", "rope_theta": base}
+    if isinstance(scaling, FrequencyFactors):
+        raise ValueError(
+            "RoPE frequency factors (a GGUF file's rope_freqs, not Llama 3.1's scaling): transformers has no "
+            "rope_type that divides each frequency by a factor of its own"
+        )
     return {**scaling.model_dump(), "rope_theta": base}
 
 

@@ -15,7 +15,8 @@ from the Hub load without permuting any weight.
 Context extension rescales the frequencies: ``linear`` divides all of them by ``factor`` (position interpolation,
 Chen et al., 2023, arXiv:2306.15595); ``llama3`` divides only the low frequencies, whose wavelength exceeds the
 pre-training context, and blends smoothly in between (Llama 3.1; Meta's reference is ``apply_scaling`` in
-github.com/meta-llama/llama-models).
+github.com/meta-llama/llama-models); ``factors`` divides each frequency by a factor of its own, the form in which
+GGUF files store such a scaling (llama.cpp's ``rope_freqs``).
 """
 
 import math
@@ -56,13 +57,26 @@ class Llama3Scaling(BaseModel):
         return self
 
 
-RopeScaling = Annotated[LinearScaling | Llama3Scaling, Field(discriminator="rope_type")]
+class FrequencyFactors(BaseModel):
+    """Each plane's frequency divided by a factor of its own: llama.cpp's ``rope_freqs``, one factor per plane.
+
+    llama.cpp's converter evaluates Llama 3.1's scaling into such factors and keeps none of its parameters, so
+    these are what a GGUF file holds where the scaling is not recognisably Llama 3.1's
+    (``zmaj.convert.gguf``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    rope_type: Literal["factors"] = "factors"
+    factors: tuple[Annotated[float, Field(gt=0)], ...] = Field(min_length=1)
+
+
+RopeScaling = Annotated[LinearScaling | Llama3Scaling | FrequencyFactors, Field(discriminator="rope_type")]
 
 
 def rope_frequencies(
     head_dim: int,
     base: float,
-    scaling: LinearScaling | Llama3Scaling | None = None,
+    scaling: LinearScaling | Llama3Scaling | FrequencyFactors | None = None,
     device: torch.device | str = "cpu",
 ) -> Float[Tensor, " half"]:
     """The rotation speed ``theta_i`` of each of the ``head_dim / 2`` planes, after any context-extension scaling.
@@ -78,6 +92,13 @@ def rope_frequencies(
         return inv_freq
     if isinstance(scaling, LinearScaling):
         return inv_freq / scaling.factor
+    if isinstance(scaling, FrequencyFactors):
+        if len(scaling.factors) != len(inv_freq):
+            raise ValueError(
+                f"{len(scaling.factors)} RoPE frequency factors for the {len(inv_freq)} planes of head_dim "
+                f"{head_dim}: one per plane"
+            )
+        return inv_freq / torch.tensor(scaling.factors, dtype=torch.float32, device=device)
     return _llama3_scaled(inv_freq, scaling)
 
 

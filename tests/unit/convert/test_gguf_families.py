@@ -1,4 +1,5 @@
-"""GGUF files of Qwen 2, Qwen 3 and GPT-2, written as llama.cpp's ``convert_hf_to_gguf.py`` writes them.
+"""GGUF files of Qwen 2, Qwen 3, GPT-2 and Llama 3.1's RoPE scaling, written as llama.cpp's
+``convert_hf_to_gguf.py`` writes them.
 
 Each file is written from a random ``transformers`` model, the reference: zmaj's logits must be that model's,
 and so must ``transformers``' own reading of the file, which checks that the file was written the way llama.cpp
@@ -6,9 +7,13 @@ writes one (names, metadata keys, what is transposed, what is left out). What th
 Qwen 2 and 3 are Llama's tensors under their own metadata prefix with the q and k rows unpermuted (llama.cpp
 rotates halves for them), Qwen 2 adds q/k/v biases and Qwen 3 per-head q/k norms and its own head_dim; GPT-2's
 ``Conv1D`` weights are transposed to ``[out, in]``, its ``c_attn`` stays one ``attn_qkv`` tensor, and its tied
-unembedding is left out (newer converters) or written as a copy of the embedding (older ones).
+unembedding is left out (newer converters) or written as a copy of the embedding (older ones); Llama 3.1's
+scaling is evaluated into a divisor per RoPE plane (``rope_freqs``), which ``transformers`` does not read, so those
+files are checked against the model they were written from alone.
 """
 
+import json
+import math
 import re
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,12 +25,22 @@ import transformers
 from gguf import GGMLQuantizationType
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from tests.unit.convert.test_gguf import VOCAB, Tensors, write_gguf
+from tests.unit.convert.test_gguf import (
+    SMALL,
+    VOCAB,
+    Tensors,
+    llama_cpp_metadata,
+    llama_cpp_tensors,
+    llama_model,
+    write_gguf,
+)
 from zmaj.convert import gguf as zgguf
+from zmaj.convert import hf
 from zmaj.models.common import Batch
 from zmaj.models.gpt import GPTConfig
 from zmaj.models.llama import LlamaConfig
-from zmaj.models.registry import architecture
+from zmaj.models.registry import architecture, config_from_json, config_to_json
+from zmaj.nn.rope import FrequencyFactors, Llama3Scaling
 
 M = TypeVar("M", bound=transformers.PreTrainedModel)
 Changes = dict[str, np.ndarray | None]
@@ -355,3 +370,129 @@ def test_a_byte_level_tokenizer_of_the_family_encodes_as_transformers(
     assert digits == (
         [tokens.index("1"), tokens.index("2"), tokens.index("3")] if pre == "qwen2" else [tokens.index("123")]
     )
+
+
+# --- Llama 3.1's RoPE scaling, as per-plane factors ----------------------------------------------------------
+
+
+def llama_cpp_rope_factors(head_dim: int, base: float, scaling: Llama3Scaling) -> np.ndarray:
+    """``rope_freqs`` as llama.cpp's converter computes it from Llama 3.1's scaling parameters
+    (``LlamaModel.generate_extra_tensors``): float32 frequencies, each plane's divisor decided one by one."""
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    context, low, high = (
+        scaling.original_max_position_embeddings,
+        scaling.low_freq_factor,
+        scaling.high_freq_factor,
+    )
+    factors: list[Any] = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < context / high:
+            factors.append(1)
+        elif wavelen > context / low:
+            factors.append(scaling.factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / scaling.factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32).numpy()
+
+
+META_LLAMA32 = Llama3Scaling(
+    factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+# A ramp over a 64-token original context: planes of every kind (kept, blended, slowed) within a tiny model.
+SHORT_RAMP = Llama3Scaling(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+)
+
+
+def scaled_llama(scaling: Llama3Scaling | None) -> transformers.LlamaForCausalLM:
+    """test_gguf's tiny Llama (its seed, its norms moved off one) with ``scaling`` as its rope parameters."""
+    rope = {"rope_type": "default"} if scaling is None else scaling.model_dump()
+    config = transformers.LlamaConfig(
+        **{k: v for k, v in SMALL.items() if k != "rope_theta"},
+        rope_parameters=rope | {"rope_theta": SMALL["rope_theta"]},
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.load_state_dict(llama_model(tie=False).state_dict())
+    return model
+
+
+def llama3_file(tmp_path: Path, scaling: Llama3Scaling, metadata: dict[str, Any] | None = None) -> Path:
+    model = scaled_llama(scaling)
+    tensors = llama_cpp_tensors(model)
+    tensors["rope_freqs.weight"] = llama_cpp_rope_factors(16, SMALL["rope_theta"], scaling)
+    keys = llama_cpp_metadata(model.config) | (metadata or {})
+    return write_gguf(tmp_path / "llama3.gguf", "llama", keys, tensors)
+
+
+def llama_logits(model: transformers.LlamaForCausalLM, start: int) -> torch.Tensor:
+    positions = torch.arange(start, start + TOKENS.shape[1]).expand_as(TOKENS)
+    with torch.no_grad():
+        return model(TOKENS, position_ids=positions).logits
+
+
+def zmaj_llama_logits(path: Path, start: int) -> torch.Tensor:
+    config, params = zgguf.load_gguf(path)
+    positions = torch.arange(start, start + TOKENS.shape[1]).expand_as(TOKENS)
+    with torch.no_grad():
+        return architecture(config).forward(params, Batch(tokens=TOKENS, positions=positions), config=config)
+
+
+def test_llama_31_rope_factors_are_read_as_the_scaling_they_were_computed_from(tmp_path: Path) -> None:
+    """Llama 3.1, 3.2 and 3.3 GGUF files hold their RoPE scaling only as rope_freqs, which zmaj refused as a
+    tensor it would not read. Read as Meta's parameters, the model is the checkpoint the file came from, at the
+    positions past the original context (8192) where the scaling matters most and at the first ones."""
+    path = llama3_file(tmp_path, META_LLAMA32)
+    config = zgguf.config_from_gguf(zgguf.read_gguf(path))
+    assert isinstance(config, LlamaConfig)
+    assert config.rope_scaling == META_LLAMA32
+    reference = scaled_llama(META_LLAMA32)
+    for start in (0, 20_000):
+        expected = llama_logits(reference, start)
+        assert (zmaj_llama_logits(path, start) - expected).abs().max().item() <= 1e-5
+    unscaled = llama_logits(scaled_llama(None), 20_000)
+    assert (unscaled - llama_logits(reference, 20_000)).abs().max().item() > 1e-2  # the scaling shows
+
+
+def test_rope_factors_of_other_parameters_are_kept_as_llama_cpp_computes_with_them(tmp_path: Path) -> None:
+    """Factors that are not Meta's parameters' divide the frequencies as they are; transformers has no rope_type
+    for that, so export says so rather than write a model that rotates otherwise."""
+    path = llama3_file(tmp_path, SHORT_RAMP)
+    config = zgguf.config_from_gguf(zgguf.read_gguf(path))
+    assert isinstance(config, LlamaConfig)
+    assert config.rope_scaling == FrequencyFactors(
+        factors=tuple(llama_cpp_rope_factors(16, SMALL["rope_theta"], SHORT_RAMP).tolist())
+    )
+    assert len(set(config.rope_scaling.factors)) > 2  # kept, blended and slowed planes
+    expected = llama_logits(scaled_llama(SHORT_RAMP), 0)
+    assert (zmaj_llama_logits(path, 0) - expected).abs().max().item() <= 1e-5
+    assert (llama_logits(scaled_llama(None), 0) - expected).abs().max().item() > 1e-2
+    with pytest.raises(ValueError, match="transformers has no rope_type that divides each frequency"):
+        hf.config_to_hf(config)
+    # A zmaj model folder (convert.py --to zmaj) keeps them.
+    assert config_from_json(json.loads(json.dumps(config_to_json(config))), "model.json") == config
+
+
+@pytest.mark.parametrize(
+    ("factors", "metadata", "message"),
+    [
+        (np.ones(4, np.float32), {}, r"'rope_freqs\.weight' has shape \(4,\), expected \(8,\)"),
+        (np.array([1, 1, 1, 1, 1, 1, 0, 8], np.float32), {}, "holds factors that are not positive"),
+        (np.ones(8, np.float32), {"llama.rope.scaling.factor": 2.0}, "linear RoPE scaling together with"),
+    ],
+)
+def test_rope_factors_that_cannot_be_read_are_refused(
+    tmp_path: Path, factors: np.ndarray, metadata: dict[str, Any], message: str
+) -> None:
+    path = llama3_file(tmp_path, META_LLAMA32, metadata)
+    damaged = rewritten(path, {"rope_freqs.weight": factors})
+    with pytest.raises(ValueError, match=message):
+        zgguf.load_gguf(damaged)
+
+
+def test_a_llama_config_needs_one_factor_per_rope_plane() -> None:
+    with pytest.raises(ValueError, match="3 frequency factors, but head_dim 16 has 8 RoPE planes"):
+        LlamaConfig(vocab_size=8, d_model=64, n_heads=4, rope_scaling=FrequencyFactors(factors=(1.0,) * 3))
