@@ -71,12 +71,15 @@ with needs("gguf", "loading a GGUF file"):
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "gpt2")
 
-# The ggml types zmaj dequantises; all have a reference kernel in gguf.quants. Others (the I-quants, integers)
-# are refused with the tensor's name rather than failing somewhere inside numpy.
+# The ggml types llama.cpp's quantize writes for the architectures zmaj loads; each has a reference kernel in
+# gguf.quants, equal to ggml's own C kernel to the bit (tests/unit/convert/test_gguf.py). Others (integers, the
+# ternary and FP4 types of other architectures) are refused with the tensor's name rather than failing somewhere
+# inside numpy.
 _T = GGMLQuantizationType
 SUPPORTED_TYPES = frozenset(
     {_T.F32, _T.F16, _T.BF16, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q8_0}
     | {_T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K}
+    | {_T.IQ1_S, _T.IQ1_M, _T.IQ2_XXS, _T.IQ2_XS, _T.IQ2_S, _T.IQ3_XXS, _T.IQ3_S, _T.IQ4_NL, _T.IQ4_XS}
 )
 
 DEQUANTIZE_CHUNK = 1 << 22

@@ -431,6 +431,24 @@ def test_quantised_blocks_dequantise_as_ggml_lays_them_out(
     assert torch.allclose(loaded, expected, rtol=1e-6, atol=0), (loaded - expected).abs().max()
 
 
+IQUANTS = np.load(Path(__file__).parents[2] / "data" / "gguf" / "iquants.npz")
+"""Random blocks of each I-quant type and what ggml's C kernels dequantise them to (written by
+tests/data/gguf/write_iquants.py with llama-cpp-python's libggml)."""
+
+
+@pytest.mark.parametrize(
+    "kind", sorted({key.split("_blocks")[0] for key in IQUANTS if key.endswith("_blocks")})
+)
+def test_i_quants_dequantise_as_ggml_does(tmp_path: Path, kind: str) -> None:
+    """The I-quants (IQ4_XS is common among published GGUF files) look their codes up in lattice grids that a
+    test could only copy; the reference is ggml's own dequantisation of the same random blocks, to the bit."""
+    qtype = GGMLQuantizationType[kind]
+    blocks, expected = IQUANTS[f"{kind}_blocks"], torch.from_numpy(IQUANTS[f"{kind}_values"])
+    path = write_gguf(tmp_path / "w.gguf", "llama", {}, {"w": (blocks.reshape(1, -1), qtype)})
+    (tensor,) = zgguf.read_gguf(path).tensors.values()
+    assert torch.equal(zgguf.dequantize_tensor(tensor), expected[None])
+
+
 def test_an_unsupported_type_names_the_tensor(tmp_path: Path) -> None:
     # Q8_1 is a type gguf-py has no dequantiser for; zeros are valid bytes for it. ffn_up is [d_ff=128, d_model=64].
     block, block_bytes = gguf.GGML_QUANT_SIZES[GGMLQuantizationType.Q8_1]
