@@ -51,6 +51,7 @@ from loguru import logger
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from zmaj.convert import gpt2
 from zmaj.convert.layers import stack_layers
 from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
 from zmaj.extras import needs
@@ -381,7 +382,7 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu") -> tuple[Mod
     file = read_gguf(path)
     config = config_from_gguf(file)
     layer_table, global_table = TABLES[file.metadata["general.architecture"]]
-    in_config = {"rope_freqs.weight"} if isinstance(config, LlamaConfig) else set()
+    in_config = {"rope_freqs.weight"} if file.metadata["general.architecture"] == "llama" else set()
     if config.tie_embeddings:
         in_config.add("output.weight")
     params = _params(file, config, layer_table, global_table, init_meta(config), in_config)
@@ -434,7 +435,8 @@ def _llama_config(file: GGUFFile, architecture: str) -> LlamaConfig:
     _check_layers(file, n_layers, architecture)
     rope_base = key("rope.freq_base", 10_000.0)
     rope_scaling = _linear_rope_scaling(file, architecture)
-    factors = _frequency_factors(file, head_dim, rope_base)
+    # llama.cpp reads rope_freqs for Llama alone; in another family's file it is a tensor nothing reads.
+    factors = _frequency_factors(file, head_dim, rope_base) if architecture == "llama" else None
     if rope_scaling is not None and factors is not None:
         raise ValueError(
             f"{architecture}: linear RoPE scaling together with per-plane factors (rope_freqs) is not supported"
@@ -497,24 +499,26 @@ def _gemma3_config(file: GGUFFile) -> Gemma3Config:
 
 
 def _gpt2_config(file: GGUFFile) -> GPTConfig:
-    """GPT-2's shape. LayerNorm, biases, the learned position table and the tanh GELU (ggml's ``gelu``) are the
-    architecture's, fixed as ``zmaj.convert.gpt2`` fixes them for a Hugging Face checkpoint."""
+    """GPT-2's shape, with the choices the architecture fixes (LayerNorm, biases, the learned position table, the
+    tanh GELU that is ggml's ``gelu``) made where zmaj makes them for a Hugging Face checkpoint."""
 
     def size(name: str) -> int:
         return _size(file, f"gpt2.{name}")
 
-    n_layers, d_model, n_heads = size("block_count"), size("embedding_length"), size("attention.head_count")
+    n_layers = size("block_count")
     _check_layers(file, n_layers, "gpt2")
-    return GPTConfig(
-        vocab_size=_vocab_size(file),
-        context=size("context_length"),
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        d_ff=size("feed_forward_length"),
-        norm_eps=_metadata(file, "gpt2.attention.layer_norm_epsilon"),
-        activation="gelu_tanh",
-        tie_embeddings=_tied(file),
+    return gpt2.config_from_hf(
+        {
+            "vocab_size": _vocab_size(file),
+            "n_positions": size("context_length"),
+            "n_embd": size("embedding_length"),
+            "n_layer": n_layers,
+            "n_head": size("attention.head_count"),
+            "n_inner": size("feed_forward_length"),
+            "layer_norm_epsilon": _metadata(file, "gpt2.attention.layer_norm_epsilon"),
+            "activation_function": "gelu_new",
+            "tie_word_embeddings": _tied(file),
+        }
     )
 
 
@@ -528,8 +532,16 @@ def _tied(file: GGUFFile) -> bool:
     return (
         embedding is not None
         and (output.tensor_type, output.shape) == (embedding.tensor_type, embedding.shape)
-        and np.array_equal(output.data, embedding.data)
+        and _same_bytes(output.data, embedding.data)
     )
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two tensors' bytes (same shape) are equal, compared a few MB at a time: an untied unembedding
+    differs from the embedding in its first rows, and an 8B model's would otherwise be read whole (2 GB)."""
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    rows = max(1, DEQUANTIZE_CHUNK // a.shape[-1])
+    return all(np.array_equal(a[i : i + rows], b[i : i + rows]) for i in range(0, len(a), rows))
 
 
 def _linear_rope_scaling(file: GGUFFile, architecture: str) -> LinearScaling | None:
@@ -549,7 +561,9 @@ def _linear_rope_scaling(file: GGUFFile, architecture: str) -> LinearScaling | N
 
 
 META_LLAMA3_RAMP = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-"""The scaling parameters of every Llama 3.1, 3.2 and 3.3, bar the factor (8 or 32)."""
+"""The scaling parameters of every Llama 3.1, 3.2 and 3.3, bar the factor (8 or 32). llama.cpp's converter
+defaults to the same three, and older versions took the original context from the config's top level, where
+Llama 3.x has none: 8192 in every Llama 3.x file either way."""
 
 
 def _frequency_factors(file: GGUFFile, head_dim: int, base: float) -> Llama3Scaling | FrequencyFactors | None:
@@ -557,9 +571,9 @@ def _frequency_factors(file: GGUFFile, head_dim: int, base: float) -> Llama3Scal
     Llama 3.1's scaling (``LlamaModel.generate_extra_tensors``), keeping none of the parameters.
 
     Where the factors are those of Meta's parameters (:data:`META_LLAMA3_RAMP`, the factor being the largest of
-    them) to float32 rounding, they are read as those parameters: the checkpoint the file was converted from,
-    which export to ``transformers`` writes back. Other factors are kept as they are (:class:`FrequencyFactors`),
-    computing as llama.cpp computes them.
+    them) to float32 rounding, they are read as those parameters, as the checkpoint the file was converted from
+    states them, which export to ``transformers`` writes back. Other factors are kept as they are
+    (:class:`FrequencyFactors`), computing as llama.cpp computes them.
     """
     tensor = file.tensors.get("rope_freqs.weight")
     if tensor is None:
@@ -657,6 +671,7 @@ def _params(
     tensors = file.tensors
     wanted = {".".join(key) for key in expected.keys(include_nested=True, leaves_only=True)}
     read = set(in_config)
+    n_read = len(set(tensors) - read)
 
     def load(key: str, name: str, transform: Transform) -> Tensor:
         if name not in tensors:
@@ -674,7 +689,7 @@ def _params(
             bar.update()
         return transform(dequantize_tensor(tensors[name]), config)
 
-    with progress(None, len(tensors), f"de-quantising {len(tensors)} GGUF tensors", unit="tensor") as bar:
+    with progress(None, n_read, f"de-quantising {n_read} GGUF tensors", unit="tensor") as bar:
         flat = {key: load(key, name, fn) for key, name, fn in global_table if key in wanted}
         n_layers = expected["blocks"].batch_size[0]
         for key, name, fn in layer_table:

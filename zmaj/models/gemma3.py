@@ -41,7 +41,7 @@ from zmaj.models.common import Batch, LazyLogits, batch_mask, cache_mask, cache_
 from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention, project_heads
 from zmaj.nn.layers import Activation, at_least_float32, embedding, glu_mlp, linear
 from zmaj.nn.loss import softcap
-from zmaj.nn.rope import RopeScaling, apply_rope, rope_angles, rope_frequencies
+from zmaj.nn.rope import RopeScaling, apply_rope, check_scaling, rope_angles, rope_frequencies
 from zmaj.nn.shell import Shell
 
 LayerType = Literal["sliding_attention", "full_attention"]
@@ -106,6 +106,8 @@ class Gemma3Config(BaseModel):
             raise ValueError(
                 f"layer_types lists {len(self.layer_types)} layers but n_layers is {self.n_layers}"
             )
+        check_scaling(self.rope_scaling, self.head_dim)
+        check_scaling(self.local_rope_scaling, self.head_dim)
         return self
 
     @property

@@ -26,7 +26,7 @@ from zmaj.models import common
 from zmaj.models.common import Batch, LazyLogits, batch_mask, cache_mask, cache_step
 from zmaj.nn.attention import AttentionMask, Backend, attention, cached_attention, project_heads
 from zmaj.nn.layers import Activation, embedding, glu_mlp, linear, rms_norm
-from zmaj.nn.rope import FrequencyFactors, RopeScaling, apply_rope, rope_angles, rope_frequencies
+from zmaj.nn.rope import RopeScaling, apply_rope, check_scaling, rope_angles, rope_frequencies
 from zmaj.nn.shell import Shell
 
 
@@ -78,12 +78,7 @@ class LlamaConfig(BaseModel):
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim ({self.head_dim}) must be even: RoPE rotates pairs of features")
-        scaling = self.rope_scaling
-        if isinstance(scaling, FrequencyFactors) and len(scaling.factors) != self.head_dim // 2:
-            raise ValueError(
-                f"rope_scaling has {len(scaling.factors)} frequency factors, but head_dim {self.head_dim} has "
-                f"{self.head_dim // 2} RoPE planes"
-            )
+        check_scaling(self.rope_scaling, self.head_dim)
         return self
 
 

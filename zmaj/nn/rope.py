@@ -73,6 +73,15 @@ class FrequencyFactors(BaseModel):
 RopeScaling = Annotated[LinearScaling | Llama3Scaling | FrequencyFactors, Field(discriminator="rope_type")]
 
 
+def check_scaling(scaling: LinearScaling | Llama3Scaling | FrequencyFactors | None, head_dim: int) -> None:
+    """A ValueError unless ``scaling`` fits heads of ``head_dim`` features: frequency factors, one per plane.
+    Configs call it when they are built, so a bad ``model.json`` is refused on reading, not at the first forward."""
+    if isinstance(scaling, FrequencyFactors) and len(scaling.factors) != head_dim // 2:
+        raise ValueError(
+            f"{len(scaling.factors)} RoPE frequency factors, but head_dim {head_dim} has {head_dim // 2} planes"
+        )
+
+
 def rope_frequencies(
     head_dim: int,
     base: float,
@@ -93,11 +102,7 @@ def rope_frequencies(
     if isinstance(scaling, LinearScaling):
         return inv_freq / scaling.factor
     if isinstance(scaling, FrequencyFactors):
-        if len(scaling.factors) != len(inv_freq):
-            raise ValueError(
-                f"{len(scaling.factors)} RoPE frequency factors for the {len(inv_freq)} planes of head_dim "
-                f"{head_dim}: one per plane"
-            )
+        check_scaling(scaling, head_dim)
         return inv_freq / torch.tensor(scaling.factors, dtype=torch.float32, device=device)
     return _llama3_scaled(inv_freq, scaling)
 

@@ -15,6 +15,7 @@ files are checked against the model they were written from alone.
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +38,7 @@ from tests.unit.convert.test_gguf import (
 from zmaj.convert import gguf as zgguf
 from zmaj.convert import hf
 from zmaj.models.common import Batch
+from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.gpt import GPTConfig
 from zmaj.models.llama import LlamaConfig
 from zmaj.models.registry import architecture, config_from_json, config_to_json
@@ -329,6 +331,20 @@ def test_an_unembedding_stored_as_the_embeddings_bytes_in_another_type_is_its_ow
     assert not torch.equal(params["unembed", "weight"], params["embed", "weight"])
 
 
+def test_a_copy_is_compared_to_its_last_byte(tmp_path: Path) -> None:
+    """The bytes are compared a chunk at a time (here a row at a time): an unembedding that differs from the
+    embedding in its last value alone is a matrix of its own."""
+    path, _ = gpt2_file(tmp_path, "copy")
+    embedding = zgguf.dequantize_tensor(zgguf.read_gguf(path).tensors["token_embd.weight"]).numpy()
+    last_changed = embedding.copy()
+    last_changed[-1, -1] += 1
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(zgguf, "DEQUANTIZE_CHUNK", embedding.shape[-1])
+        assert zgguf.config_from_gguf(zgguf.read_gguf(path)).tie_embeddings
+        changed = zgguf.read_gguf(rewritten(path, {"output.weight": last_changed}))
+        assert not zgguf.config_from_gguf(changed).tie_embeddings
+
+
 def test_a_misshapen_fused_qkv_is_named_with_the_shape_of_all_three(tmp_path: Path) -> None:
     path, _ = gpt2_file(tmp_path, "tied")
     damaged = rewritten(path, {"blk.1.attn_qkv.weight": np.zeros((128, 64), np.float32)})
@@ -470,6 +486,10 @@ def test_rope_factors_of_other_parameters_are_kept_as_llama_cpp_computes_with_th
     expected = llama_logits(scaled_llama(SHORT_RAMP), 0)
     assert (zmaj_llama_logits(path, 0) - expected).abs().max().item() <= 1e-5
     assert (llama_logits(scaled_llama(None), 0) - expected).abs().max().item() > 1e-2
+    # Far in, a divisor's float32 rounding (relative 6e-8) turns into angles off by 20,000 times that: 3.8e-4
+    # here, as in llama.cpp, which divides by the same float32 numbers.
+    far = llama_logits(scaled_llama(SHORT_RAMP), 20_000)
+    assert (zmaj_llama_logits(path, 20_000) - far).abs().max().item() <= 1e-3
     with pytest.raises(ValueError, match="transformers has no rope_type that divides each frequency"):
         hf.config_to_hf(config)
     # A zmaj model folder (convert.py --to zmaj) keeps them.
@@ -493,6 +513,56 @@ def test_rope_factors_that_cannot_be_read_are_refused(
         zgguf.load_gguf(damaged)
 
 
-def test_a_llama_config_needs_one_factor_per_rope_plane() -> None:
-    with pytest.raises(ValueError, match="3 frequency factors, but head_dim 16 has 8 RoPE planes"):
-        LlamaConfig(vocab_size=8, d_model=64, n_heads=4, rope_scaling=FrequencyFactors(factors=(1.0,) * 3))
+def test_a_qwen_file_with_rope_factors_is_refused(tmp_path: Path) -> None:
+    """llama.cpp applies rope_freqs to Llama alone; a Qwen file's is a tensor it never reads, and zmaj neither."""
+    path = qwen_file(tmp_path, "qwen2", tie=True)
+    damaged = rewritten(path, {"rope_freqs.weight": np.ones(8, np.float32)})
+    config = zgguf.config_from_gguf(zgguf.read_gguf(damaged))
+    assert isinstance(config, LlamaConfig)
+    assert config.rope_scaling is None
+    with pytest.raises(ValueError, match=r"would not read: rope_freqs\.weight"):
+        zgguf.load_gguf(damaged)
+
+
+def test_configs_need_one_factor_per_rope_plane() -> None:
+    """Checked when a config is built (a model.json read), not at the first forward."""
+    three = FrequencyFactors(factors=(1.0,) * 3)
+    with pytest.raises(ValueError, match="3 RoPE frequency factors, but head_dim 16 has 8 planes"):
+        LlamaConfig(vocab_size=8, d_model=64, n_heads=4, rope_scaling=three)
+    with pytest.raises(ValueError, match="3 RoPE frequency factors, but head_dim 32 has 16 planes"):
+        Gemma3Config(vocab_size=8, d_model=64, n_layers=1, n_heads=2, head_dim=32, local_rope_scaling=three)
+
+
+@dataclass
+class Bar:
+    """What a progress bar is told: its total, and the steps it is advanced by."""
+
+    total: int | None
+    n: int = 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def __enter__(self) -> "Bar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_the_progress_bar_counts_the_tensors_it_dequantises(tmp_path: Path) -> None:
+    """A copied unembedding and rope_freqs are read into the config, not dequantised as parameters: counted in
+    the bar's total, they left it at 96%."""
+    bars: list[Bar] = []
+
+    def recorded(items: None, total: int | None, what: str, unit: str = "it") -> Bar:
+        bars.append(Bar(total))
+        return bars[-1]
+
+    gpt2_path, _ = gpt2_file(tmp_path, "copy")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(zgguf, "progress", recorded)
+        for path in (gpt2_path, llama3_file(tmp_path, META_LLAMA32)):
+            zgguf.load_gguf(path)
+    # GPT-2: 12 tensors in each of 2 layers and 4 global ones; Llama: 9 a layer, 3 global
+    assert [(bar.n, bar.total) for bar in bars] == [(28, 28), (21, 21)]
