@@ -34,6 +34,7 @@ SMALL: dict[str, Any] = {
 REFERENCES: dict[str, transformers.PretrainedConfig] = {
     "llama": transformers.LlamaConfig(**SMALL, tie_word_embeddings=False),
     "qwen3": transformers.Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=True),
+    "mistral": transformers.MistralConfig(**SMALL, head_dim=24, sliding_window=None),
 }
 PROMPTS = [[3, 77, 12, 5, 101, 64, 9, 33, 2, 90, 45, 7], [14, 8, 120, 61, 5]]
 

@@ -1,4 +1,5 @@
-"""zmaj's Llama, loaded from a Hugging Face checkpoint folder, equals ``transformers``' Llama, Qwen 2 and Qwen 3.
+"""zmaj's Llama, loaded from a Hugging Face checkpoint folder, equals ``transformers``' Llama, Mistral, Qwen 2 and
+Qwen 3.
 
 Each reference is a small random model saved with ``save_pretrained`` and read back by ``zmaj.convert.hf``
 alone, so the test covers the config translation, the tensor table and the model together.
@@ -51,6 +52,10 @@ REFERENCES: dict[str, transformers.PretrainedConfig] = {
     ),
     "qwen2": transformers.Qwen2Config(**SMALL, tie_word_embeddings=False),
     "qwen3": transformers.Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=True),
+    # As Mistral NeMo and Small: a head_dim of its own, no sliding window.
+    "mistral": transformers.MistralConfig(
+        **SMALL, head_dim=24, sliding_window=None, tie_word_embeddings=False
+    ),
 }
 # The Llama 3 reference is saved in shards, to read a checkpoint through its index.
 SHARDED = {"llama3"}
@@ -109,7 +114,7 @@ def test_config_follows_the_checkpoint(saved: tuple[transformers.PreTrainedModel
     assert config.tie_embeddings == hf_config.tie_word_embeddings == ("unembed" not in params)
     assert config.qkv_bias == (hf_config.model_type == "qwen2")
     assert config.qk_norm == (hf_config.model_type == "qwen3")
-    assert config.head_dim == (24 if hf_config.model_type == "qwen3" else 64 // 4)
+    assert config.head_dim == (24 if hf_config.model_type in ("qwen3", "mistral") else 64 // 4)
     assert all(t.dtype == torch.float32 for t in params.values(include_nested=True, leaves_only=True))
 
 
@@ -175,10 +180,10 @@ def test_rope_scaling_replaces_rope_parameters_as_in_transformers(top_level: dic
     assert config.rope_scaling == LinearScaling(factor=expected["factor"])
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "llama3", "qwen2", "qwen3", "mistral"])
 def test_absent_keys_read_as_transformers_reads_them(name: str) -> None:
     """Each model type takes its config class's defaults: Llama a context of 2048, Qwen 2 and 3 one of 32768,
-    and Llama 3's scaling that context as its original one."""
+    Mistral one of 131072, and Llama 3's scaling that context as its original one."""
     written = {k: v for k, v in REFERENCES[name].to_dict().items() if k != "max_position_embeddings"}
     written["rope_parameters"] = {
         k: v for k, v in written["rope_parameters"].items() if k != "original_max_position_embeddings"
@@ -192,9 +197,20 @@ def test_absent_keys_read_as_transformers_reads_them(name: str) -> None:
         assert config.rope_scaling.original_max_position_embeddings == original
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mistral"])
+def test_an_absent_key_value_head_count_reads_as_transformers_reads_it(name: str) -> None:
+    """Each config class has its own default: one per query head (Llama), 32 (Qwen), 8 (Mistral). 32 query
+    heads, so that every default divides them."""
+    written = REFERENCES[name].to_dict() | {"num_attention_heads": 32, "head_dim": 2}
+    del written["num_key_value_heads"]
+    config = hf.config_from_hf(copy.deepcopy(written))
+    assert isinstance(config, llama.LlamaConfig)
+    assert config.n_kv_heads == type(REFERENCES[name])(**written).num_key_value_heads
+
+
 def test_unknown_model_type_lists_the_supported_ones(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
-    with pytest.raises(ValueError, match=r"'mamba'; supported: gpt2, llama, qwen2, qwen3"):
+    with pytest.raises(ValueError, match=r"'mamba'; supported: gpt2, llama, mistral, qwen2, qwen3"):
         hf.load_hf(tmp_path)
 
 
@@ -222,6 +238,34 @@ def test_sliding_window_layers_are_refused() -> None:
     assert transformers.Qwen2Config(**qwen).layer_types == ["full_attention", "sliding_attention"]
     with pytest.raises(ValueError, match="sliding-window"):
         hf.config_from_hf(qwen)
+
+
+@pytest.mark.parametrize(
+    ("keys", "refused"),
+    [
+        ({"sliding_window": 16}, True),
+        ({"sliding_window": 255}, True),
+        ({"sliding_window": 256}, False),  # as long as the context (256): it never slides
+        ({"sliding_window": None}, False),
+        ({}, False),  # MistralConfig's default window, 4096 tokens
+        ({"max_position_embeddings": None}, True),  # its default context, 131072, is longer
+    ],
+)
+def test_a_mistral_window_shorter_than_the_context_is_refused(keys: dict[str, Any], refused: bool) -> None:
+    """Mistral 7B v0.1 attends over its last 4096 tokens in every layer, which zmaj's Llama does not compute;
+    a window as long as the context is full attention, as in Ministral's configs."""
+    written = {k: v for k, v in REFERENCES["mistral"].to_dict().items() if k != "sliding_window"}
+    written = {k: v for k, v in (written | keys).items() if v is not None or k == "sliding_window"}
+    expected = transformers.MistralConfig(**copy.deepcopy(written))
+    assert expected.sliding_window == keys.get("sliding_window", 4096)
+    if refused:
+        window = expected.sliding_window
+        assert window is not None
+        assert window < expected.max_position_embeddings
+        with pytest.raises(ValueError, match=f"sliding-window attention over {window} of"):
+            hf.config_from_hf(written)
+    else:
+        assert hf.config_from_hf(written).context == expected.max_position_embeddings
 
 
 def corrupt(tmp_path: Path, edit: Any) -> Path:

@@ -38,7 +38,7 @@ from zmaj.text import read_json
 
 ModelConfig = GPTConfig | LlamaConfig | Gemma3Config
 
-LLAMA_FAMILY = ("llama", "qwen2", "qwen3")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_FAMILY, "gemma3_text")
 
 # (zmaj key, checkpoint name with {i} for the layer); per-layer rows are stacked over layers. A row is read only
@@ -93,7 +93,13 @@ _ACTIVATIONS: dict[str, Activation] = {
     "relu2": "relu2",
 }
 _HF_ACTIVATIONS: dict[Activation, str] = {act: name for name, act in _ACTIVATIONS.items()}
-_DEFAULT_CONTEXT = {"llama": 2048, "qwen2": 32_768, "qwen3": 32_768, "gemma3_text": 131_072}
+_DEFAULT_CONTEXT = {
+    "llama": 2048,
+    "mistral": 131_072,
+    "qwen2": 32_768,
+    "qwen3": 32_768,
+    "gemma3_text": 131_072,
+}
 """``max_position_embeddings`` of each model type's ``transformers`` config class, for a config without it."""
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -235,7 +241,13 @@ class _Fields(dict[str, Any]):
 
 
 def _llama_config(hf: _Fields) -> LlamaConfig:
-    """Llama, Qwen 2 or Qwen 3; a switch zmaj lacks (biases on every projection, sliding windows) is an error."""
+    """Llama, Mistral, Qwen 2 or Qwen 3; a switch zmaj lacks (biases on every projection, sliding windows) is an
+    error.
+
+    Mistral is Llama with an optional sliding window over every layer: Mistral 7B v0.1's 4096 tokens (the
+    window MistralConfig assumes when the key is absent), none since v0.2 and in Mistral NeMo and Small. A window
+    at least as long as the context never slides within it, so only a shorter one is refused.
+    """
     model_type = hf["model_type"]
     if hf.get("mlp_bias", False):
         raise ValueError(f"{model_type}: mlp_bias=True is not supported")
@@ -245,11 +257,16 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
         )
     if any(kind != "full_attention" for kind in _layer_types(hf)):
         raise ValueError(f"{model_type}: sliding-window layers are not supported")
+    context = hf.size("max_position_embeddings", _DEFAULT_CONTEXT[model_type])
+    window = hf.get("sliding_window", 4096) if model_type == "mistral" else None
+    if window is not None and (window := hf.size("sliding_window", 4096)) < context:
+        raise ValueError(
+            f"mistral: sliding-window attention over {window} of the context's {context} tokens is not supported"
+        )
     act = hf.string("hidden_act", "silu")
     if act not in _ACTIVATIONS:
         raise ValueError(f"{model_type}: unsupported hidden_act {act!r}")
     # A legacy rope_scaling replaces rope_parameters, as in transformers' convert_rope_params_to_dict.
-    context = hf.size("max_position_embeddings", _DEFAULT_CONTEXT[model_type])
     params = hf.object("rope_scaling" if hf.get("rope_scaling") else "rope_parameters")
     rope_type = params.get("rope_type", params.get("type"))
     # Phi-3's layout: transformers lets a top-level key win, for the scalings that read one (zmaj's: llama3).
@@ -263,9 +280,10 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
     base, scaling = _rope(hf, params, context)
     n_heads = hf.size("num_attention_heads")
     default_head_dim = 128 if model_type == "qwen3" else hf.size("hidden_size") // n_heads
-    # Qwen2Config and Qwen3Config default an absent count to 32 key/value heads; a null one, and LlamaConfig
-    # either, to one per query head.
-    default_kv_heads = 32 if model_type in ("qwen2", "qwen3") and "num_key_value_heads" not in hf else n_heads
+    # Qwen2Config and Qwen3Config default an absent count to 32 key/value heads, MistralConfig to 8; a null one,
+    # and LlamaConfig either, to one per query head.
+    absent_kv_heads = {"mistral": 8, "qwen2": 32, "qwen3": 32}.get(model_type, n_heads)
+    default_kv_heads = absent_kv_heads if "num_key_value_heads" not in hf else n_heads
     return LlamaConfig(
         vocab_size=hf.size("vocab_size"),
         context=context,
