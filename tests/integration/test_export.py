@@ -69,6 +69,7 @@ VARIANTS: dict[str, ModelConfig] = {
     "llama-linear": LlamaConfig(**LLAMA, rope_base=500.0, rope_scaling=LinearScaling(factor=4.0)),
     "qwen2": LlamaConfig(**LLAMA, qkv_bias=True, tie_embeddings=True),
     "qwen3": LlamaConfig(**LLAMA, qk_norm=True, head_dim=12),
+    "mistral": LlamaConfig(**LLAMA, sliding_window=5),
     "gemma3": Gemma3Config(
         **TINY | {"n_layers": 3},
         n_kv_heads=2,
@@ -91,6 +92,7 @@ HF_CLASSES = {
     "llama-linear": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
 }
 
@@ -347,6 +349,7 @@ REFUSED: list[tuple[ModelConfig, str]] = [
     (GPTConfig(**TINY, value_embeds=1), "value_embeds=1"),
     (GPTConfig(**TINY, unet_skips=True), "unet_skips=True"),
     (LlamaConfig(**LLAMA, qkv_bias=True, qk_norm=True), "qk_norm"),
+    (LlamaConfig(**LLAMA, qk_norm=True, sliding_window=5), "sliding_window=5 with q/k/v biases or a QK-norm"),
     (
         Gemma3Config(**TINY, n_kv_heads=2, head_dim=8, d_ff=48, query_pre_attn_scalar=12.5),
         "query_pre_attn_scalar",

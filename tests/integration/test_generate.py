@@ -35,6 +35,8 @@ REFERENCES: dict[str, transformers.PretrainedConfig] = {
     "llama": transformers.LlamaConfig(**SMALL, tie_word_embeddings=False),
     "qwen3": transformers.Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=True),
     "mistral": transformers.MistralConfig(**SMALL, head_dim=24, sliding_window=None),
+    # A window of 8: the prompts' and the answers' later tokens see only their last 8 keys in the cache.
+    "mistral-window": transformers.MistralConfig(**SMALL, sliding_window=8),
 }
 PROMPTS = [[3, 77, 12, 5, 101, 64, 9, 33, 2, 90, 45, 7], [14, 8, 120, 61, 5]]
 

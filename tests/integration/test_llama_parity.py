@@ -56,6 +56,8 @@ REFERENCES: dict[str, transformers.PretrainedConfig] = {
     "mistral": transformers.MistralConfig(
         **SMALL, head_dim=24, sliding_window=None, tie_word_embeddings=False
     ),
+    # As Mistral 7B v0.1: every layer attends over its last few keys (8 of the tests' 40 tokens).
+    "mistral-window": transformers.MistralConfig(**SMALL, sliding_window=8, tie_word_embeddings=True),
 }
 # The Llama 3 reference is saved in shards, to read a checkpoint through its index.
 SHARDED = {"llama3"}
@@ -114,7 +116,8 @@ def test_config_follows_the_checkpoint(saved: tuple[transformers.PreTrainedModel
     assert config.tie_embeddings == hf_config.tie_word_embeddings == ("unembed" not in params)
     assert config.qkv_bias == (hf_config.model_type == "qwen2")
     assert config.qk_norm == (hf_config.model_type == "qwen3")
-    assert config.head_dim == (24 if hf_config.model_type in ("qwen3", "mistral") else 64 // 4)
+    assert config.head_dim == (getattr(hf_config, "head_dim", None) or 64 // 4)  # Qwen 3's and Mistral's: 24
+    assert config.sliding_window == (hf_config.sliding_window if hf_config.model_type == "mistral" else None)
     assert all(t.dtype == torch.float32 for t in params.values(include_nested=True, leaves_only=True))
 
 
@@ -241,31 +244,27 @@ def test_sliding_window_layers_are_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("keys", "refused"),
+    ("keys", "window"),
     [
-        ({"sliding_window": 16}, True),
-        ({"sliding_window": 255}, True),
-        ({"sliding_window": 256}, False),  # as long as the context (256): it never slides
-        ({"sliding_window": None}, False),
-        ({}, False),  # MistralConfig's default window, 4096 tokens
-        ({"max_position_embeddings": None}, True),  # its default context, 131072, is longer
+        ({"sliding_window": 16}, 16),
+        ({"sliding_window": 255}, 255),
+        ({"sliding_window": 256}, None),  # as long as the context (256): it never slides
+        ({"sliding_window": None}, None),
+        ({}, None),  # MistralConfig's default window, 4096 tokens, over this context of 256
+        ({"max_position_embeddings": None}, 4096),  # the default window over the default context, 131072
     ],
 )
-def test_a_mistral_window_shorter_than_the_context_is_refused(keys: dict[str, Any], refused: bool) -> None:
-    """Mistral 7B v0.1 attends over its last 4096 tokens in every layer, which zmaj's Llama does not compute;
-    a window as long as the context is full attention, as in Ministral's configs."""
+def test_a_mistral_window_is_read_as_transformers_reads_it(keys: dict[str, Any], window: int | None) -> None:
+    """Mistral 7B v0.1 attends over its last 4096 tokens in every layer; a window as long as the context is full
+    attention, as in Ministral's configs, and is read as none."""
     written = {k: v for k, v in REFERENCES["mistral"].to_dict().items() if k != "sliding_window"}
     written = {k: v for k, v in (written | keys).items() if v is not None or k == "sliding_window"}
     expected = transformers.MistralConfig(**copy.deepcopy(written))
     assert expected.sliding_window == keys.get("sliding_window", 4096)
-    if refused:
-        window = expected.sliding_window
-        assert window is not None
-        assert window < expected.max_position_embeddings
-        with pytest.raises(ValueError, match=f"sliding-window attention over {window} of"):
-            hf.config_from_hf(written)
-    else:
-        assert hf.config_from_hf(written).context == expected.max_position_embeddings
+    config = hf.config_from_hf(written)
+    assert isinstance(config, llama.LlamaConfig)
+    assert config.context == expected.max_position_embeddings
+    assert config.sliding_window == window
 
 
 def corrupt(tmp_path: Path, edit: Any) -> Path:

@@ -103,6 +103,7 @@ _DEFAULT_CONTEXT = {
 """``max_position_embeddings`` of each model type's ``transformers`` config class, for a config without it."""
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
@@ -246,7 +247,7 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
 
     Mistral is Llama with an optional sliding window over every layer: Mistral 7B v0.1's 4096 tokens (the
     window MistralConfig assumes when the key is absent), none since v0.2 and in Mistral NeMo and Small. A window
-    at least as long as the context never slides within it, so only a shorter one is refused.
+    at least as long as the context never slides within it, and is read as none.
     """
     model_type = hf["model_type"]
     if hf.get("mlp_bias", False):
@@ -259,10 +260,8 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
         raise ValueError(f"{model_type}: sliding-window layers are not supported")
     context = hf.size("max_position_embeddings", _DEFAULT_CONTEXT[model_type])
     window = hf.get("sliding_window", 4096) if model_type == "mistral" else None
-    if window is not None and (window := hf.size("sliding_window", 4096)) < context:
-        raise ValueError(
-            f"mistral: sliding-window attention over {window} of the context's {context} tokens is not supported"
-        )
+    if window is not None and (window := hf.size("sliding_window", 4096)) >= context:
+        window = None
     act = hf.string("hidden_act", "silu")
     if act not in _ACTIVATIONS:
         raise ValueError(f"{model_type}: unsupported hidden_act {act!r}")
@@ -299,6 +298,7 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
         tie_embeddings=hf.get("tie_word_embeddings", False),
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
+        sliding_window=window,
         activation=_ACTIVATIONS[act],
         init_std=hf.number("initializer_range", 0.02),
     )
@@ -491,13 +491,27 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def _llama_to_hf(config: LlamaConfig) -> dict[str, Any]:
-    """Llama, or Qwen 2 when q/k/v have biases (and o none, as in Qwen 2), or Qwen 3 when q and k are normed."""
+    """Llama, or Qwen 2 when q/k/v have biases (and o none, as in Qwen 2), or Qwen 3 when q and k are normed, or
+    Mistral when every layer attends through a sliding window."""
     if config.qkv_bias and config.qk_norm:
         raise ValueError(
             "LlamaConfig qkv_bias=True with qk_norm=True: no transformers model has both (Qwen 3's "
             "attention_bias would also bias the output projection)"
         )
-    model_type = "qwen2" if config.qkv_bias else "qwen3" if config.qk_norm else "llama"
+    if config.sliding_window is not None and (config.qkv_bias or config.qk_norm):
+        raise ValueError(
+            f"LlamaConfig sliding_window={config.sliding_window} with q/k/v biases or a QK-norm: transformers' "
+            "Mistral, the model with a window over every layer, has neither"
+        )
+    model_type = (
+        "qwen2"
+        if config.qkv_bias
+        else "qwen3"
+        if config.qk_norm
+        else "mistral"
+        if config.sliding_window is not None
+        else "llama"
+    )
     hf: dict[str, Any] = {
         "model_type": model_type,
         "architectures": [ARCHITECTURES[model_type]],
@@ -517,6 +531,8 @@ def _llama_to_hf(config: LlamaConfig) -> dict[str, Any]:
     }
     if model_type == "llama":
         return hf | {"attention_bias": False, "mlp_bias": False}
+    if model_type == "mistral":
+        return hf | {"sliding_window": config.sliding_window}
     qwen3 = {"attention_bias": False} if model_type == "qwen3" else {}
     return hf | qwen3 | {"use_sliding_window": False, "layer_types": ["full_attention"] * config.n_layers}
 

@@ -61,6 +61,11 @@ class LlamaConfig(BaseModel):
     qk_norm: bool = Field(
         False, description="RMSNorm over head_dim on each q and k head before RoPE (Qwen 3)"
     )
+    sliding_window: int | None = Field(
+        None,
+        gt=0,
+        description="keys every layer sees, the query's own included (Mistral 7B v0.1: 4096); None: all before it",
+    )
     activation: Activation = "silu"
     init_std: float = Field(0.02, gt=0)
     attention: Backend = "auto"
@@ -161,7 +166,7 @@ def hidden_states(
     x = embedding(params["embed"], batch.tokens)
     inv_freq = rope_frequencies(config.head_dim, config.rope_base, config.rope_scaling, device=x.device)
     cos, sin = rope_angles(batch.position_ids(), inv_freq)
-    mask = batch_mask(batch, config.attention)
+    mask = batch_mask(batch, config.attention, config.sliding_window)
     for block in common.layers(params["blocks"]):
         x = x + llama_attention(
             block["attn"], rms_norm(block["attn_norm"], x, config.norm_eps), mask, cos, sin, config
@@ -189,7 +194,7 @@ def forward_cached(
     needs, where the whole prompt's logits would be its memory peak (20k tokens of a 262k vocabulary: 20 GB).
     """
     step = cache_step(batch, cache)
-    mask = cache_mask(step)
+    mask = cache_mask(step, config.sliding_window)
     x = embedding(params["embed"], batch.tokens)
     inv_freq = rope_frequencies(config.head_dim, config.rope_base, config.rope_scaling, device=x.device)
     cos, sin = rope_angles(step.positions, inv_freq)
