@@ -70,6 +70,7 @@ VARIANTS: dict[str, ModelConfig] = {
     "qwen2": LlamaConfig(**LLAMA, qkv_bias=True, tie_embeddings=True),
     "qwen3": LlamaConfig(**LLAMA, qk_norm=True, head_dim=12),
     "mistral": LlamaConfig(**LLAMA, sliding_window=5),
+    "smollm3": LlamaConfig(**LLAMA, rope_layers=(False, True), tie_embeddings=True),
     "gemma3": Gemma3Config(
         **TINY | {"n_layers": 3},
         n_kv_heads=2,
@@ -93,6 +94,7 @@ HF_CLASSES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
 }
 
@@ -349,7 +351,8 @@ REFUSED: list[tuple[ModelConfig, str]] = [
     (GPTConfig(**TINY, value_embeds=1), "value_embeds=1"),
     (GPTConfig(**TINY, unet_skips=True), "unet_skips=True"),
     (LlamaConfig(**LLAMA, qkv_bias=True, qk_norm=True), "qk_norm"),
-    (LlamaConfig(**LLAMA, qk_norm=True, sliding_window=5), "sliding_window=5 with q/k/v biases or a QK-norm"),
+    (LlamaConfig(**LLAMA, qk_norm=True, sliding_window=5), "qk_norm=True with sliding_window=5"),
+    (LlamaConfig(**LLAMA, sliding_window=5, rope_layers=(True, False)), "sliding_window=5 with rope_layers"),
     (
         Gemma3Config(**TINY, n_kv_heads=2, head_dim=8, d_ff=48, query_pre_attn_scalar=12.5),
         "query_pre_attn_scalar",

@@ -31,10 +31,13 @@ SMALL: dict[str, Any] = {
     # Larger than the usual 0.02, so the next-token distributions are sharp and argmax ties unlikely.
     "initializer_range": 0.1,
 }
+# SmolLM3Config defaults its special tokens to Llama 3's ids (pad 128004), outside the tiny vocabulary.
+NO_SPECIAL_TOKENS: dict[str, Any] = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
 REFERENCES: dict[str, transformers.PretrainedConfig] = {
     "llama": transformers.LlamaConfig(**SMALL, tie_word_embeddings=False),
     "qwen3": transformers.Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=True),
     "mistral": transformers.MistralConfig(**SMALL, head_dim=24, sliding_window=None),
+    "smollm3": transformers.SmolLM3Config(**SMALL, no_rope_layers=[1, 0], **NO_SPECIAL_TOKENS),
     # A window of 8: the prompts' and the answers' later tokens see only their last 8 keys in the cache.
     "mistral-window": transformers.MistralConfig(**SMALL, sliding_window=8),
 }

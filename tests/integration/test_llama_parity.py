@@ -44,6 +44,8 @@ LLAMA3_ROPE = {
     # Small, so that head_dim 16 has planes in all three regimes (kept, ramped, slowed).
     "original_max_position_embeddings": 32,
 }
+# SmolLM3Config defaults its special tokens to Llama 3's ids (pad 128004), outside the tiny vocabulary.
+NO_SPECIAL_TOKENS: dict[str, Any] = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
 REFERENCES: dict[str, transformers.PretrainedConfig] = {
     "llama": transformers.LlamaConfig(**SMALL, tie_word_embeddings=False),
     "llama3": transformers.LlamaConfig(**SMALL, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
@@ -56,6 +58,8 @@ REFERENCES: dict[str, transformers.PretrainedConfig] = {
     "mistral": transformers.MistralConfig(
         **SMALL, head_dim=24, sliding_window=None, tie_word_embeddings=False
     ),
+    # SmolLM3's layers without positions (NoPE), here the second of two.
+    "smollm3": transformers.SmolLM3Config(**SMALL, no_rope_layers=[1, 0], **NO_SPECIAL_TOKENS),
     # As Mistral 7B v0.1: every layer attends over its last few keys (8 of the tests' 40 tokens).
     "mistral-window": transformers.MistralConfig(**SMALL, sliding_window=8, tie_word_embeddings=True),
 }
@@ -118,6 +122,8 @@ def test_config_follows_the_checkpoint(saved: tuple[transformers.PreTrainedModel
     assert config.qk_norm == (hf_config.model_type == "qwen3")
     assert config.head_dim == (getattr(hf_config, "head_dim", None) or 64 // 4)  # Qwen 3's and Mistral's: 24
     assert config.sliding_window == (hf_config.sliding_window if hf_config.model_type == "mistral" else None)
+    smollm3 = hf_config.model_type == "smollm3"
+    assert config.rope_layers == ((True, False) if smollm3 else None)
     assert all(t.dtype == torch.float32 for t in params.values(include_nested=True, leaves_only=True))
 
 
@@ -265,6 +271,61 @@ def test_a_mistral_window_is_read_as_transformers_reads_it(keys: dict[str, Any],
     assert isinstance(config, llama.LlamaConfig)
     assert config.context == expected.max_position_embeddings
     assert config.sliding_window == window
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {},
+        {"no_rope_layer_interval": 3},
+        {"no_rope_layer_interval": 9},
+        {"no_rope_layers": [0, 1, 1, 0, 1, 1, 1, 1]},
+    ],
+)
+def test_smollm3_layers_without_positions_are_read_as_transformers_derives_them(keys: dict[str, Any]) -> None:
+    """SmolLM3Config lists them in ``no_rope_layers`` (1: the layer rotates), or derives them from an interval
+    (every 4th by default); an interval longer than the model leaves every layer rotating, read as None."""
+    derived = ("no_rope_layers", "no_rope_layer_interval", "layer_types")
+    written = {k: v for k, v in REFERENCES["smollm3"].to_dict().items() if k not in derived}
+    written |= {"num_hidden_layers": 8} | keys
+    expected = transformers.SmolLM3Config(**copy.deepcopy(written)).no_rope_layers
+    assert expected is not None
+    config = hf.config_from_hf(written)
+    assert isinstance(config, llama.LlamaConfig)
+    assert config.rope_layers == (None if all(expected) else tuple(bool(v) for v in expected))
+    assert (config.rope_layers is None) == (keys.get("no_rope_layer_interval") == 9)
+
+
+def test_smollm3_keys_left_out_read_as_its_config_class_reads_them() -> None:
+    """SmolLM3Config's own defaults: a tied unembedding, 4 key/value heads (of 32 query heads here)."""
+    absent = ("tie_word_embeddings", "num_key_value_heads")
+    written = {k: v for k, v in REFERENCES["smollm3"].to_dict().items() if k not in absent}
+    written |= {"num_attention_heads": 32, "head_dim": 2}
+    expected = transformers.SmolLM3Config(**copy.deepcopy(written))
+    config = hf.config_from_hf(written)
+    assert isinstance(config, llama.LlamaConfig)
+    assert (config.tie_embeddings, config.n_kv_heads) == (
+        expected.tie_word_embeddings,
+        expected.num_key_value_heads,
+    )
+    assert (config.tie_embeddings, config.n_kv_heads) == (True, 4)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"no_rope_layers": [1, 0, 1]},
+            r"no_rope_layers is \[1, 0, 1\], not an integer for each of 2 layers",
+        ),
+        ({"no_rope_layers": [1.0, 0.0]}, "not an integer for each of 2 layers"),
+        ({"use_sliding_window": True, "sliding_window": 16}, "sliding-window layers are not supported"),
+    ],
+)
+def test_smollm3_settings_zmaj_cannot_read_are_refused(change: dict[str, Any], message: str) -> None:
+    """A windowed NoPE layer (SmolLM3Config windows those alone) would attend over every key here."""
+    with pytest.raises(ValueError, match=message):
+        hf.config_from_hf({**REFERENCES["smollm3"].to_dict(), **change, "layer_types": None})
 
 
 def corrupt(tmp_path: Path, edit: Any) -> Path:

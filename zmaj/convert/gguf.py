@@ -70,7 +70,7 @@ with needs("gguf", "loading a GGUF file"):
     from gguf import GGMLQuantizationType, GGUFValueType
     from gguf.quants import dequantize, quant_shape_to_byte_shape
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "gpt2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "gemma3", "gpt2")
 
 # The ggml types llama.cpp's quantize writes for the architectures zmaj loads; each has a reference kernel in
 # gguf.quants, equal to ggml's own C kernel to the bit (tests/unit/convert/test_gguf.py). Others (integers, the
@@ -367,6 +367,7 @@ TABLES: dict[str, tuple[Table, Table]] = {
     "llama": (LLAMA_LAYER_TABLE, LLAMA_GLOBAL_TABLE),
     "qwen2": (QWEN_LAYER_TABLE, LLAMA_GLOBAL_TABLE),
     "qwen3": (QWEN_LAYER_TABLE, LLAMA_GLOBAL_TABLE),
+    "smollm3": (LLAMA_LAYER_TABLE, LLAMA_GLOBAL_TABLE),  # converted as Llama, q/k rows permuted
     "gemma3": (GEMMA3_LAYER_TABLE, GEMMA3_GLOBAL_TABLE),
     "gpt2": (GPT2_LAYER_TABLE, GPT2_GLOBAL_TABLE),
 }
@@ -392,7 +393,7 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu") -> tuple[Mod
 def config_from_gguf(file: GGUFFile) -> ModelConfig:
     """A zmaj config from a GGUF file's metadata, chosen by ``general.architecture``."""
     architecture = _metadata(file, "general.architecture")
-    if architecture in ("llama", "qwen2", "qwen3"):
+    if architecture in ("llama", "qwen2", "qwen3", "smollm3"):
         return _llama_config(file, architecture)
     if architecture == "gemma3":
         return _gemma3_config(file)
@@ -404,8 +405,11 @@ def config_from_gguf(file: GGUFFile) -> ModelConfig:
 
 
 def _llama_config(file: GGUFFile, architecture: str) -> LlamaConfig:
-    """Llama's shape under llama.cpp's key names, which Qwen 2 and 3 share under their own prefix; a switch zmaj
-    cannot express (YaRN, partial RoPE) is refused.
+    """Llama's shape under llama.cpp's key names, which Qwen 2 and 3 and SmolLM3 share under their own prefix; a
+    switch zmaj cannot express (YaRN, partial RoPE) is refused.
+
+    SmolLM3's layers without positions are every 4th, fixed in llama.cpp's code (``n_no_rope_layer_step``) where
+    no metadata key says so, as in every released SmolLM3's ``no_rope_layers``.
 
     llama.cpp reads Qwen 2's q/k/v biases as optional, so the file's tensors say whether there are any; Qwen 3
     always has its q/k norms. ``attention.key_length`` sets head_dim apart from ``d_model / n_heads``, as
@@ -456,6 +460,9 @@ def _llama_config(file: GGUFFile, architecture: str) -> LlamaConfig:
         tie_embeddings=_tied(file),
         qkv_bias=architecture == "qwen2" and "blk.0.attn_q.bias" in file.tensors,
         qk_norm=architecture == "qwen3",
+        rope_layers=tuple((i + 1) % 4 != 0 for i in range(n_layers))
+        if architecture == "smollm3" and n_layers >= 4
+        else None,
     )
 
 

@@ -38,7 +38,7 @@ from zmaj.text import read_json
 
 ModelConfig = GPTConfig | LlamaConfig | Gemma3Config
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_FAMILY, "gemma3_text")
 
 # (zmaj key, checkpoint name with {i} for the layer); per-layer rows are stacked over layers. A row is read only
@@ -98,6 +98,7 @@ _DEFAULT_CONTEXT = {
     "mistral": 131_072,
     "qwen2": 32_768,
     "qwen3": 32_768,
+    "smollm3": 32_768,
     "gemma3_text": 131_072,
 }
 """``max_position_embeddings`` of each model type's ``transformers`` config class, for a config without it."""
@@ -106,6 +107,7 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
 }
 """The ``transformers`` class (``config.json``'s ``architectures``) of each model type written here."""
@@ -242,8 +244,8 @@ class _Fields(dict[str, Any]):
 
 
 def _llama_config(hf: _Fields) -> LlamaConfig:
-    """Llama, Mistral, Qwen 2 or Qwen 3; a switch zmaj lacks (biases on every projection, sliding windows) is an
-    error.
+    """Llama, Mistral, Qwen 2, Qwen 3 or SmolLM3; a switch zmaj lacks (biases on every projection, sliding windows
+    in some layers) is an error. SmolLM3 is Llama whose every 4th layer has no positions (:func:`_rope_layers`).
 
     Mistral is Llama with an optional sliding window over every layer: Mistral 7B v0.1's 4096 tokens (the
     window MistralConfig assumes when the key is absent), none since v0.2 and in Mistral NeMo and Small. A window
@@ -256,7 +258,8 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
         raise ValueError(
             f"{model_type}: attention_bias=True (a bias on the output projection too) is not supported"
         )
-    if any(kind != "full_attention" for kind in _layer_types(hf)):
+    rope_layers = _rope_layers(hf) if model_type == "smollm3" else None
+    if any(kind != "full_attention" for kind in _layer_types(hf, rope_layers)):
         raise ValueError(f"{model_type}: sliding-window layers are not supported")
     context = hf.size("max_position_embeddings", _DEFAULT_CONTEXT[model_type])
     window = hf.get("sliding_window", 4096) if model_type == "mistral" else None
@@ -279,9 +282,9 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
     base, scaling = _rope(hf, params, context)
     n_heads = hf.size("num_attention_heads")
     default_head_dim = 128 if model_type == "qwen3" else hf.size("hidden_size") // n_heads
-    # Qwen2Config and Qwen3Config default an absent count to 32 key/value heads, MistralConfig to 8; a null one,
-    # and LlamaConfig either, to one per query head.
-    absent_kv_heads = {"mistral": 8, "qwen2": 32, "qwen3": 32}.get(model_type, n_heads)
+    # Qwen2Config and Qwen3Config default an absent count to 32 key/value heads, MistralConfig to 8, SmolLM3Config
+    # to 4; a null one, and LlamaConfig either, to one per query head.
+    absent_kv_heads = {"mistral": 8, "qwen2": 32, "qwen3": 32, "smollm3": 4}.get(model_type, n_heads)
     default_kv_heads = absent_kv_heads if "num_key_value_heads" not in hf else n_heads
     return LlamaConfig(
         vocab_size=hf.size("vocab_size"),
@@ -295,20 +298,40 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
         norm_eps=hf.number("rms_norm_eps", 1e-6),
         rope_base=base,
         rope_scaling=scaling,
-        tie_embeddings=hf.get("tie_word_embeddings", False),
+        tie_embeddings=hf.get("tie_word_embeddings", model_type == "smollm3"),
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
+        rope_layers=None if rope_layers is None or all(rope_layers) else rope_layers,
         sliding_window=window,
         activation=_ACTIVATIONS[act],
         init_std=hf.number("initializer_range", 0.02),
     )
 
 
-def _layer_types(hf: _Fields) -> list[str]:
-    """Qwen's per-layer attention kinds, derived as ``transformers`` does when the config does not list them."""
+def _rope_layers(hf: _Fields) -> tuple[bool, ...]:
+    """SmolLM3's ``no_rope_layers``, despite its name 1 where a layer rotates q and k and 0 where it has no
+    positions (NoPE), or as SmolLM3Config derives it: none in every ``no_rope_layer_interval``-th layer."""
+    n_layers = hf.size("num_hidden_layers")
+    listed = hf.get("no_rope_layers")
+    if listed is None:
+        interval = hf.size("no_rope_layer_interval", 4)
+        return tuple((i + 1) % interval != 0 for i in range(n_layers))
+    if not (isinstance(listed, list) and len(listed) == n_layers and all(type(v) is int for v in listed)):
+        raise ValueError(
+            f"{hf.where}: no_rope_layers is {listed!r}, not an integer for each of {n_layers} layers"
+        )
+    return tuple(v != 0 for v in listed)
+
+
+def _layer_types(hf: _Fields, rope_layers: tuple[bool, ...] | None) -> list[str]:
+    """Qwen's or SmolLM3's per-layer attention kinds, derived as ``transformers`` does when the config does not
+    list them: SmolLM3 windows its NoPE layers (``rope_layers``), Qwen those from ``max_window_layers`` on."""
     layer_types = hf.strings("layer_types")
     if layer_types is not None:
         return layer_types
+    if rope_layers is not None:
+        windowed = hf.get("use_sliding_window", False) and hf.get("sliding_window") is not None
+        return ["sliding_attention" if windowed and not rope else "full_attention" for rope in rope_layers]
     # An absent window is the config class's default (4096), a null one none.
     if not hf.get("use_sliding_window", False) or hf.get("sliding_window", 4096) is None:
         return ["full_attention"] * hf.size("num_hidden_layers")
@@ -493,25 +516,21 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 def _llama_to_hf(config: LlamaConfig) -> dict[str, Any]:
     """Llama, or Qwen 2 when q/k/v have biases (and o none, as in Qwen 2), or Qwen 3 when q and k are normed, or
     Mistral when every layer attends through a sliding window."""
-    if config.qkv_bias and config.qk_norm:
+    # Each of these is what one transformers model adds to Llama, and that model has none of the others (Qwen 3's
+    # attention_bias, say, would also bias the output projection).
+    additions = {
+        "qwen2": ("qkv_bias=True", config.qkv_bias),
+        "qwen3": ("qk_norm=True", config.qk_norm),
+        "mistral": (f"sliding_window={config.sliding_window}", config.sliding_window is not None),
+        "smollm3": ("rope_layers (layers without positions)", config.rope_layers is not None),
+    }
+    used = [(model_type, setting) for model_type, (setting, on) in additions.items() if on]
+    if len(used) > 1:
         raise ValueError(
-            "LlamaConfig qkv_bias=True with qk_norm=True: no transformers model has both (Qwen 3's "
-            "attention_bias would also bias the output projection)"
+            f"LlamaConfig {used[0][1]} with {used[1][1]}: no transformers model has both "
+            f"({used[0][0]} has the one, {used[1][0]} the other)"
         )
-    if config.sliding_window is not None and (config.qkv_bias or config.qk_norm):
-        raise ValueError(
-            f"LlamaConfig sliding_window={config.sliding_window} with q/k/v biases or a QK-norm: transformers' "
-            "Mistral, the model with a window over every layer, has neither"
-        )
-    model_type = (
-        "qwen2"
-        if config.qkv_bias
-        else "qwen3"
-        if config.qk_norm
-        else "mistral"
-        if config.sliding_window is not None
-        else "llama"
-    )
+    model_type = used[0][0] if used else "llama"
     hf: dict[str, Any] = {
         "model_type": model_type,
         "architectures": [ARCHITECTURES[model_type]],
@@ -533,6 +552,10 @@ def _llama_to_hf(config: LlamaConfig) -> dict[str, Any]:
         return hf | {"attention_bias": False, "mlp_bias": False}
     if model_type == "mistral":
         return hf | {"sliding_window": config.sliding_window}
+    if model_type == "smollm3":
+        assert config.rope_layers is not None
+        no_rope_layers = [int(rotates) for rotates in config.rope_layers]
+        return hf | {"no_rope_layers": no_rope_layers, "use_sliding_window": False, "attention_bias": False}
     qwen3 = {"attention_bias": False} if model_type == "qwen3" else {}
     return hf | qwen3 | {"use_sliding_window": False, "layer_types": ["full_attention"] * config.n_layers}
 

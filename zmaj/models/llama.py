@@ -61,6 +61,11 @@ class LlamaConfig(BaseModel):
     qk_norm: bool = Field(
         False, description="RMSNorm over head_dim on each q and k head before RoPE (Qwen 3)"
     )
+    rope_layers: tuple[bool, ...] | None = Field(
+        None,
+        description="per layer, whether q and k are rotated: SmolLM3 gives every 4th layer no positions at all "
+        "(NoPE); None: every layer",
+    )
     sliding_window: int | None = Field(
         None,
         gt=0,
@@ -84,7 +89,15 @@ class LlamaConfig(BaseModel):
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim ({self.head_dim}) must be even: RoPE rotates pairs of features")
         check_scaling(self.rope_scaling, self.head_dim)
+        if self.rope_layers is not None and len(self.rope_layers) != self.n_layers:
+            raise ValueError(
+                f"rope_layers lists {len(self.rope_layers)} layers but n_layers is {self.n_layers}"
+            )
         return self
+
+    def rotates(self, layer: int) -> bool:
+        """Whether ``layer`` rotates its queries and keys by their positions (see ``rope_layers``)."""
+        return self.rope_layers is None or self.rope_layers[layer]
 
 
 def init(config: LlamaConfig, seed: int, device: torch.device | str = "cpu") -> TensorDict:
@@ -167,9 +180,9 @@ def hidden_states(
     inv_freq = rope_frequencies(config.head_dim, config.rope_base, config.rope_scaling, device=x.device)
     cos, sin = rope_angles(batch.position_ids(), inv_freq)
     mask = batch_mask(batch, config.attention, config.sliding_window)
-    for block in common.layers(params["blocks"]):
+    for layer, block in enumerate(common.layers(params["blocks"])):
         x = x + llama_attention(
-            block["attn"], rms_norm(block["attn_norm"], x, config.norm_eps), mask, cos, sin, config
+            block["attn"], rms_norm(block["attn_norm"], x, config.norm_eps), mask, cos, sin, config, layer
         )
         x = x + glu_mlp(block["mlp"], rms_norm(block["mlp_norm"], x, config.norm_eps), config.activation)
     return rms_norm(params["final_norm"], x, config.norm_eps)
@@ -201,7 +214,9 @@ def forward_cached(
     keys, values = [], []
     for layer, block in enumerate(common.layers(params["blocks"])):
         attn = block["attn"]
-        q, k, v = _rotated_qkv(attn, rms_norm(block["attn_norm"], x, config.norm_eps), cos, sin, config)
+        q, k, v = _rotated_qkv(
+            attn, rms_norm(block["attn_norm"], x, config.norm_eps), cos, sin, config, layer
+        )
         cache_k, cache_v = step.write(cache, layer, k, v, donate)
         out = cached_attention(q, cache_k, cache_v, mask, config.attention, written=step.length)
         x = x + linear(attn["o"], rearrange(out, "b h s d -> b s (h d)"))
@@ -228,9 +243,11 @@ def llama_attention(
     cos: Float[Tensor, "batch seq half"],
     sin: Float[Tensor, "batch seq half"],
     config: LlamaConfig,
+    layer: int,
 ) -> Float[Tensor, "batch seq d_model"]:
-    """Grouped-query self-attention with q and k rotated by their positions (and first normalised, for Qwen 3)."""
-    q, k, v = _rotated_qkv(params, x, cos, sin, config)
+    """Grouped-query self-attention of block ``layer``, q and k rotated by their positions (and first normalised,
+    for Qwen 3)."""
+    q, k, v = _rotated_qkv(params, x, cos, sin, config, layer)
     out = attention(q, k, v, mask, config.attention)
     return linear(params["o"], rearrange(out, "b h s d -> b s (h d)"))
 
@@ -241,16 +258,20 @@ def _rotated_qkv(
     cos: Float[Tensor, "batch seq half"],
     sin: Float[Tensor, "batch seq half"],
     config: LlamaConfig,
+    layer: int,
 ) -> tuple[
     Float[Tensor, "batch heads seq head_dim"],
     Float[Tensor, "batch kv_heads seq head_dim"],
     Float[Tensor, "batch kv_heads seq head_dim"],
 ]:
-    """Query, key and value heads, q and k rotated (after QK-norm, for Qwen 3); shared by both forwards."""
+    """Query, key and value heads, q and k rotated (after QK-norm, for Qwen 3) unless block ``layer`` has no
+    positions (SmolLM3's NoPE layers, where the causal mask alone tells order); shared by both forwards."""
     q, k, v = project_heads(params, x, config.n_heads, config.n_kv_heads)
     if config.qk_norm:
         q = rms_norm(params["q_norm"], q, config.norm_eps)
         k = rms_norm(params["k_norm"], k, config.norm_eps)
+    if not config.rotates(layer):
+        return q, k, v
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 

@@ -533,6 +533,11 @@ def test_configs_need_one_factor_per_rope_plane() -> None:
         Gemma3Config(vocab_size=8, d_model=64, n_layers=1, n_heads=2, head_dim=32, local_rope_scaling=three)
 
 
+def test_a_llama_config_says_for_each_layer_whether_it_rotates() -> None:
+    with pytest.raises(ValueError, match="rope_layers lists 1 layers but n_layers is 2"):
+        LlamaConfig(vocab_size=8, d_model=64, n_layers=2, n_heads=4, rope_layers=(True,))
+
+
 @dataclass
 class Bar:
     """What a progress bar is told: its total, and the steps it is advanced by."""
@@ -566,3 +571,31 @@ def test_the_progress_bar_counts_the_tensors_it_dequantises(tmp_path: Path) -> N
             zgguf.load_gguf(path)
     # GPT-2: 12 tensors in each of 2 layers and 4 global ones; Llama: 9 a layer, 3 global
     assert [(bar.n, bar.total) for bar in bars] == [(28, 28), (21, 21)]
+
+
+# --- SmolLM3: Llama with every 4th layer without positions ----------------------------------------------------
+
+
+def test_a_llama_cpp_smollm3_file_gives_the_logits_of_its_model(tmp_path: Path) -> None:
+    """llama.cpp's converter writes SmolLM3 as Llama (q/k rows permuted) under its own prefix, and its code, not
+    the file, leaves every 4th layer unrotated. ``transformers`` reads no SmolLM3 GGUF, so the reference is the
+    model the file was written from: 4 layers, the last without positions."""
+    torch.manual_seed(0)
+    config = transformers.SmolLM3Config(
+        **{k: v for k, v in SMALL.items() if k != "num_hidden_layers"},
+        num_hidden_layers=4,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    model = moved_off_defaults(transformers.SmolLM3ForCausalLM(config))
+    assert model.config.no_rope_layers == [1, 1, 1, 0]
+    metadata = {
+        key.replace("llama.", "smollm3.", 1): value
+        for key, value in llama_cpp_metadata(model.config).items()  # type: ignore[arg-type]
+    }
+    path = write_gguf(tmp_path / "smollm3.gguf", "smollm3", metadata, llama_cpp_tensors(model))  # type: ignore[arg-type]
+    loaded = zgguf.config_from_gguf(zgguf.read_gguf(path))
+    assert isinstance(loaded, LlamaConfig)
+    assert loaded.rope_layers == (True, True, True, False)
+    assert (logits_of_file(path) - reference_logits(model)).abs().max().item() <= 1e-5

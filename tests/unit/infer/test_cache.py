@@ -70,6 +70,8 @@ MODELS: dict[str, tuple[ModuleType, Config]] = {
         ),
     ),
     "llama-linear": (llama, LLAMA_TINY.model_copy(update={"rope_scaling": LinearScaling(factor=4)})),
+    # SmolLM3: a layer without positions, whose cached keys are stored unrotated.
+    "smollm3-nope": (llama, LLAMA_TINY.model_copy(update={"rope_layers": (False, True)})),
     # Mistral 7B v0.1's window over every layer, 5 keys here: short sequences already slide it.
     "mistral-window": (llama, LLAMA_TINY.model_copy(update={"sliding_window": 5})),
     "qwen2-bias": (llama, LLAMA_TINY.model_copy(update={"qkv_bias": True})),
