@@ -6,13 +6,16 @@ import argparse
 import errno
 import json
 import os
+import shutil
 import weakref
+from datetime import date, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
@@ -21,7 +24,7 @@ from tensordict import TensorDict
 from tests.integration import finetune_fixtures
 from tests.unit.train.test_loop import logged
 from zmaj import checkpoint
-from zmaj.convert.load import Pretrained, load_model, resolve
+from zmaj.convert.load import Pretrained, load_model, resolve, save_zmaj
 from zmaj.models import llama, lora
 from zmaj.specfile import SpecError
 from zmaj.tasks import FEW_SHOT_STOP, accuracy_interval, get_task
@@ -246,10 +249,12 @@ def test_a_run_holds_one_copy_of_the_starting_weights_and_a_second_only_to_read_
         shared = owned.get(key).data_ptr() in base_storage
         assert shared == (not reads_start and not parallel.sharded), key
     # A resume reads the checkpoint into the shapes alone: no values of the start are kept beside it.
-    shapes, _ = finetune.trainable(spec, finetune.Start(base, "m"), parallel, resuming=True)
+    shapes, resumed = finetune.trainable(spec, finetune.Start(base, "m"), parallel, resuming=True)
     for key in leaf_keys(owned):
         assert shapes.get(key).device.type == "meta", key
         assert shapes.get(key).shape == owned.get(key).shape, key
+    for key in kept.keys(True, True):  # nor does the start keep them, unless the run reads it
+        assert (resumed.model.params.get(key).device.type != "meta") == reads_start, key
 
 
 @pytest.mark.parametrize(
@@ -327,6 +332,10 @@ def test_a_lora_run_from_a_start_kept_in_bf16_names_its_base_as_saved(tmp_path: 
         assert torch.equal(loaded.params.get(key), saved.get(key)), key  # adapters start at zero: the base
     again = finetune.start(spec, torch.device("cpu"), resume=run.dir)  # the resume's check passes
     assert again.base_sha256 == begin.base_sha256
+    shutil.rmtree(model)
+    finetune_fixtures.tiny_model(model, seed=1)  # the same shape, other weights, where the base was
+    with pytest.raises(ValueError, match=r"the base model .*/model is not the one this run trained on"):
+        finetune.start(spec, torch.device("cpu"), resume=run.dir)  # not adapters trained on it
 
 
 def test_fully_sharded_full_fine_tuning_never_copies_the_whole_model(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -366,6 +375,148 @@ def test_a_sharded_reference_is_a_ranks_share_and_the_whole_is_let_go(
             assert after.model.params.get(key).device.type == "meta", key
         else:
             assert after.model.params.get(key) is reference.get(key), key
+
+
+def test_full_params_are_cast_to_the_dtype_asked_for() -> None:
+    """GRPO samples from ``full_params(..., run.dtype)``: under bf16, full fine-tuning's float32 parameters in
+    bf16, and LoRA's adapters merged into a float32 base in float32, then cast (the dtype given, not the base's)."""
+    base = tiny_model()
+    spec = parse(finetune.SFTSpec, SFT, "spec")
+    begin = finetune.Start(base, "m")
+    assert finetune.full_params(spec, begin, base.params) is base.params
+    cast = finetune.full_params(spec, begin, base.params, torch.bfloat16)
+    for key in base.params.keys(True, True):
+        assert torch.equal(cast.get(key), base.params.get(key).to(torch.bfloat16)), key
+    adapted = parse(finetune.SFTSpec, {**SFT, "lora": {"targets": ["attn.q"]}}, "spec")
+    fresh, begin = finetune.trainable(adapted, finetune.Start(tiny_model(), "m"), Parallel())
+    adapters = fresh.apply(lambda t: t + 0.1)  # B no longer zero
+    assert adapters is not None
+    assert adapted.lora is not None
+    merged = finetune.full_params(adapted, begin, adapters, torch.bfloat16)
+    q = ("blocks", "attn", "q", "weight")
+    update = adapted.lora.scale * (adapters["attn", "q", "b"] @ adapters["attn", "q", "a"])
+    assert torch.equal(merged.get(q), (begin.model.params.get(q) + update).to(torch.bfloat16))
+    for key in base.params.keys(True, True):
+        assert merged.get(key).dtype == torch.bfloat16, key
+        if key != q:
+            assert torch.equal(merged.get(key), base.params.get(key).to(torch.bfloat16)), key
+
+
+def test_an_optimizer_whose_groups_do_not_fit_what_is_trained_is_refused_before_the_run() -> None:
+    """Muon takes the matrices under ``blocks`` by default, and LoRA's adapters are not there: every one would
+    have been AdamW's in silence, or the run failed at its first step. Full fine-tuning's matrices are Muon's."""
+    muon = {"steps": 1, "batch_size": 2, "optimizer": {"kind": "muon"}}  # SFT's train, Muon's optimizer
+    spec = parse(finetune.SFTSpec, {**SFT, "lora": {"targets": ["attn.q"]}, "train": muon}, "spec")
+    with pytest.raises(ValueError, match="kind muon, but no parameter is Muon's"):
+        finetune.trainable(spec, finetune.Start(tiny_model(), "m"), Parallel())
+    finetune.trainable(
+        parse(finetune.SFTSpec, {**SFT, "train": muon}, "spec"), finetune.Start(tiny_model(), "m"), Parallel()
+    )
+
+
+def test_fully_sharded_training_of_rows_the_ranks_cannot_split_is_refused_naming_the_parameter() -> None:
+    """``torch.chunk`` splits 301 rows in 151 and 150 without a word: ranks holding pieces of different sizes,
+    and checkpoints whose parameter counts are no model's."""
+    config = finetune_fixtures.CONFIG.model_copy(update={"vocab_size": 301})
+    begin = finetune.Start(Pretrained(config, llama.init(config, 0), TOKENIZER), "m")
+    spec = parse(finetune.SFTSpec, SFT, "spec")
+    with pytest.raises(
+        ValueError, match=r"parameter embed\.weight has 301 rows along dimension 0, which 2 ranks"
+    ):
+        finetune.trainable(spec, begin, FSDP)
+    finetune.trainable(spec, begin, Parallel(kind="dp", rank=0, size=2))  # data parallel keeps them whole
+
+
+def test_grpo_without_a_kl_penalty_reads_no_reference() -> None:
+    """``kl_beta`` 0 (the default) has no reference: returned anyway, it was the start full fine-tuning let go
+    (on the meta device), or a second model loaded for nothing."""
+    begin = finetune.Start(tiny_model(), "m")
+    for raw in (GRPO, {**GRPO, "reference": "/no/such/model"}):
+        spec = parse(finetune.GRPOSpec, raw, "spec")
+        assert finetune.reference_params(spec, begin, torch.device("cpu")) is None
+
+
+def test_a_grpo_reference_saved_in_bf16_is_read_in_float32(tmp_path: Path) -> None:
+    """As the start is (``finetune.start``): a float32 run's reference forward multiplies float32 activations by
+    its weights, which a bf16 model on disk, used as saved, did not match."""
+    model = load_model(finetune_fixtures.tiny_model(tmp_path / "model"))
+    half = save_zmaj(model.to(dtype=torch.bfloat16), tmp_path / "half")
+    spec = parse(finetune.GRPOSpec, {**GRPO, "reference": str(half), "grpo": {"kl_beta": 0.1}}, "spec")
+    params = finetune.reference_params(spec, finetune.Start(tiny_model(), "m"), torch.device("cpu"))
+    assert params is not None
+    saved = load_model(half).params
+    for key in saved.keys(True, True):
+        assert params.get(key).dtype == torch.float32, key
+        assert torch.equal(params.get(key), saved.get(key).float()), key
+
+
+def test_start_reads_the_model_in_float32_names_it_absolutely_and_keeps_the_specs_day(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lora.json`` names ``model_path`` wherever the run is loaded from (a relative path named another model
+    there); a bf16 model on disk is trained from a float32 copy; the chat template tells ``chat_date``."""
+    half = save_zmaj(
+        load_model(finetune_fixtures.tiny_model(tmp_path / "model")).to(dtype=torch.bfloat16),
+        tmp_path / "half",
+    )
+    monkeypatch.chdir(tmp_path)
+    raw = {**SFT, "model": "half", "max_len": 64, "chat_date": "2026-12-06"}
+    begin = finetune.start(parse(finetune.SFTSpec, raw, "spec"), torch.device("cpu"))
+    assert begin.model_path == str(half.resolve())
+    assert {t.dtype for t in begin.model.params.values(True, True)} == {torch.float32}
+    saved = load_model(half).params
+    assert all(torch.equal(begin.model.params.get(k), saved.get(k).float()) for k in saved.keys(True, True))
+    assert begin.model.tokenizer.today == date(2026, 12, 6)
+
+
+@pytest.mark.parametrize(
+    ("kind", "raw", "message"),
+    [
+        (
+            finetune.SFTSpec,
+            {**SFT, "max_len": 200},
+            r"^max_len: 200 tokens do not fit the model's context of 128",
+        ),
+        (
+            finetune.GRPOSpec,
+            {
+                **GRPO,
+                "train": {"steps": 1, "prompts_per_step": 250},
+                "task": {"name": "arithmetic", "options": {"digits": 1}},
+                "grpo": {"max_new_tokens": 6},
+            },
+            "distinct train problems of the 250 asked",
+        ),
+        (
+            finetune.SFTSpec,
+            {**SFT, "max_len": 64, "eval": {"task": "arithmetic", "n": 8, "max_new_tokens": 120}},
+            r"^eval: a prompt of \d+ tokens plus max_new_tokens=120 is past the model's context of 128",
+        ),
+    ],
+)
+def test_start_refuses_what_would_fail_inside_the_run(
+    tmp_path: Path, kind: type[finetune.FinetuneSpec], raw: dict[str, Any], message: str
+) -> None:
+    """A length past the context, a GRPO step with more problems than the split holds, an eval prompt whose
+    answer runs past the context: each failed at the first step or evaluation, inside the run."""
+    spec = parse(kind, {**raw, "model": str(finetune_fixtures.tiny_model(tmp_path / "model"))}, "spec")
+    with pytest.raises(ValueError, match=message):
+        finetune.start(spec, torch.device("cpu"))
+
+
+def test_the_longest_prompt_is_the_one_checked_against_the_context() -> None:
+    """``check_prompts`` of prompts of two lengths: the longest's answer must fit, whatever the shortest's."""
+    task = get_task("long-or-short")
+    problems = task.problems("test", 8)
+    lengths = [len(TOKENIZER.encode_chat([{"role": "user", "content": p.prompt}])) for p in problems]
+    assert min(lengths) < max(lengths)
+    model, longest = tiny_model(), max(lengths)
+    room = model.config.context - longest
+    finetune.check_prompts(model, task, problems, room, None, None, "eval")
+    with pytest.raises(
+        ValueError, match=rf"^eval: a prompt of {longest} tokens plus max_new_tokens={room + 1} "
+    ):
+        finetune.check_prompts(model, task, problems, room + 1, None, None, "eval")
 
 
 def test_grpo_refuses_truncated_sampling_and_bad_task_options() -> None:
@@ -507,6 +658,24 @@ def test_a_run_named_as_the_model_is_pinned_to_its_checkpoint_of_the_time(tmp_pa
     runs.check_written_by(checkpoint.latest(adapted), finetune.read_spec(finetune.SFTSpec, resume))
     for key in before.keys(True, True):  # the adapters' B starts at zero: merged, they change nothing
         assert torch.equal(merged.get(key), before.get(key))
+
+
+def test_a_run_from_before_chat_date_resumes_on_the_day_its_first_session_began(tmp_path: Path) -> None:
+    """A run whose spec.yaml has no ``chat_date`` (written before the field) renders its conversations on the
+    day its first session started (``run.jsonl``): not today, nor the day of its latest session."""
+    raw = {**SFT, "model": str(finetune_fixtures.tiny_model(tmp_path / "model")), "max_len": 64}
+    run_dir = _run_with_a_checkpoint(parse(finetune.SFTSpec, raw, "spec"), tmp_path / "run")
+    written = yaml.safe_load((run_dir / "spec.yaml").read_text())
+    written.pop("chat_date", None)
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(written))
+    days = [datetime(2020, 3, 1, 23, 59), datetime(2020, 3, 2, 0, 30), datetime(2020, 3, 4, 12, 0)]
+    events = ["start", "end", "start"]
+    sessions = [
+        {"event": e, "time": d.timestamp(), "hardware": "cpu"} for e, d in zip(events, days, strict=True)
+    ]
+    (run_dir / "run.jsonl").write_text("".join(json.dumps(record) + "\n" for record in sessions))
+    args = argparse.Namespace(spec=None, overrides=[], resume=run_dir, run_dir=None)
+    assert finetune.read_spec(finetune.SFTSpec, args).chat_date == date(2020, 3, 1)
 
 
 def test_pinning_is_one_folder_when_two_processes_pin_at_once_and_a_warning_where_it_cannot_write(

@@ -3,7 +3,9 @@ plausible bug (a default changed, a refusal dropped, a seed or system message no
 short) would otherwise pass every other test. The toy model and tokenizer are ``test_finetune.py``'s."""
 
 import argparse
+import dataclasses
 import json
+import random
 import re
 from pathlib import Path
 from typing import Any, ClassVar
@@ -87,6 +89,9 @@ def test_counts_that_must_be_positive_are_refused_at_zero() -> None:
         SampleConfig(top_k=0)
     with pytest.raises(ValidationError, match="k\n"):
         finetune.PairsFromTask(task=finetune.RLTask(name="arithmetic"), n_prompts=2, k=1)
+    # DPO's beta 0: the loss is log 2 whatever the policy, so every step trains nothing.
+    with pytest.raises(ValidationError, match="beta"):
+        finetune.DPOTrain(steps=1, batch_size=1, beta=0.0)
 
 
 def test_defaults_are_the_documented_ones() -> None:
@@ -97,6 +102,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (train.optimizer.kind, train.optimizer.lr, train.optimizer.weight_decay) == ("adamw", 1e-5, 0.0)
     assert (train.schedule.warmup_steps, train.checkpoint_every, train.eval_every) == (10, 100, 100)
     assert finetune.DPOTrain(steps=1, batch_size=1).beta == 0.1
+    assert finetune.GRPOTrain(steps=1, prompts_per_step=1).passes == 1  # one optimizer step per rollout
     loop = LoopConfig(steps=1)
     assert (loop.checkpoint_every, loop.keep_checkpoints, loop.eval_every, loop.seed) == (500, 3, 100, 0)
     # Pre-training's optimizer and schedule where a spec leaves them out (nanoGPT's AdamW settings).
@@ -120,6 +126,7 @@ def test_evaluation_is_on_held_out_problems_by_default() -> None:
     be on problems it trained on, and no test noticed."""
     config = finetune.EvalConfig(task="arithmetic")
     assert (config.split, config.n, config.seed, config.few_shot) == ("test", 200, 0, None)
+    assert (config.max_new_tokens, config.batch_size) == (128, 32)  # evaluate.py's --help defaults too
     task = get_task("arithmetic")
     held_out = {p.prompt for p in task.problems("test", config.n, config.seed)}
     assert held_out.isdisjoint(p.prompt for p in task.problems("train", 500, 0))
@@ -214,6 +221,27 @@ def test_other_seeds_give_other_data_not_the_same_data_shifted() -> None:
         for index in range(3)
     }
     assert len(step_problems) == 9
+
+
+def test_the_grpo_data_fingerprint_covers_each_problems_answer_and_solution(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A task edited to check other answers (or give other worked solutions) to the same prompts trains on other
+    rewards: a fingerprint of the prompts alone let such a resume through."""
+    raw = {**BASE, "train": {"steps": 1, "prompts_per_step": 2}, "task": {"name": "say-e"}}
+    spec = parse(finetune.GRPOSpec, raw, "spec")
+    recorded = finetune.task_fingerprints(spec)
+    drawn = finetune_fixtures.ToyTask.generate
+    for name in ("answer", "solution"):
+
+        def edited(self: finetune_fixtures.ToyTask, rng: random.Random, name: str = name) -> Problem:
+            changes: dict[str, Any] = {name: "something else"}
+            return dataclasses.replace(drawn(self, rng), **changes)
+
+        monkeypatch.setattr(finetune_fixtures.ToyTask, "generate", edited)
+        assert finetune.task_fingerprints(spec) != recorded, name
+    monkeypatch.undo()
+    assert finetune.task_fingerprints(spec) == recorded
 
 
 def test_each_batch_of_samples_draws_its_own_noise() -> None:
@@ -350,6 +378,7 @@ def test_on_policy_pairs_take_the_first_best_and_the_first_worst_answer(
         ("lora={rank: 2}", "lora"),
         ("model=pypi:another-model", "model"),
         ("train.seed=3", "train.seed"),
+        ("chat_date=2026-12-07", "chat_date"),  # a template that tells the date renders other conversations
     ],
 )
 def test_a_resume_may_not_change_what_is_trained_or_how_it_is_talked_to(
