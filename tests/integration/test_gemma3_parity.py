@@ -388,3 +388,105 @@ def test_a_missing_tensor_is_named(tmp_path: Path) -> None:
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=re.escape(name)):
         hf.load_hf(tmp_path)
+
+
+# --- multimodal checkpoints (Gemma 3 4B and up): the language model alone ------------------------------------
+
+# The tiniest SigLIP tower transformers builds; zmaj never reads it.
+VISION = transformers.SiglipVisionConfig(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "tied"),
+    [("gemma3", True), ("variant", False), ("variant", True)],
+    ids=["gemma3", "untied", "retied"],
+)
+@pytest.mark.parametrize("layout", ["published", "transformers 5"])
+def test_a_multimodal_checkpoint_reads_as_its_language_model_on_text(
+    tmp_path: Path, name: str, tied: bool, layout: str
+) -> None:
+    """Gemma 3 4B, 12B and 27B are ``Gemma3ForConditionalGeneration`` checkpoints: a text config inside theirs,
+    the language model's tensors under ``language_model.`` beside a vision tower. Read, they are the language
+    model, whose logits on text are the multimodal model's; the tensors' names as published, or as transformers 5
+    names them in memory. The outer config's ``tie_word_embeddings`` ties, whatever the text config says
+    ("retied": an untied text config inside a tied model, whose checkpoint then stores no unembedding)."""
+    torch.manual_seed(0)
+    config = transformers.Gemma3Config(
+        tie_word_embeddings=tied,
+        text_config=text_config(name),
+        vision_config=VISION.to_dict(),
+        mm_tokens_per_image=1,
+        boi_token_index=VOCAB - 3,
+        eoi_token_index=VOCAB - 2,
+        image_token_index=VOCAB - 1,
+    )
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.language_model.load_state_dict(reference_model(name).model.state_dict())
+        model.lm_head.load_state_dict(reference_model(name).lm_head.state_dict())
+    model.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert any(key.startswith("vision_tower.") for key in stored)
+    if layout == "transformers 5":
+        renamed = {
+            re.sub(r"^language_model\.model\.", "model.language_model.", k): v for k, v in stored.items()
+        }
+        renamed = {re.sub(r"^language_model\.lm_head\.", "lm_head.", k): v for k, v in renamed.items()}
+        save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    zmaj_config, params = load(tmp_path)
+    assert zmaj_config == load_text_only(name).model_copy(update={"tie_embeddings": tied})
+    tokens = torch.randint(0, VOCAB - 3, (2, LONG), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = gemma3.forward(params, Batch(tokens=tokens), zmaj_config)
+        expected = model(input_ids=tokens).logits
+    assert (logits - expected).abs().max().item() <= 1e-5
+
+
+def text_config(name: str) -> dict[str, Any]:
+    """A reference's config as a multimodal checkpoint's text config: without the final soft-cap, which
+    Gemma3ForConditionalGeneration never applies (test_a_multimodal_soft_cap_is_refused)."""
+    return REFERENCES[name].to_dict() | {"final_logit_softcapping": None}
+
+
+def load_text_only(name: str) -> gemma3.Gemma3Config:
+    config = hf.config_from_hf(text_config(name))
+    assert isinstance(config, gemma3.Gemma3Config)
+    return config.model_copy(update={"attention": "sdpa"})
+
+
+def test_a_multimodal_soft_cap_is_refused() -> None:
+    """transformers' two Gemma 3 classes disagree on it: the multimodal one's forward leaves the cap out."""
+    text = REFERENCES["variant"].to_dict()
+    assert text["final_logit_softcapping"] == 2.0
+    with pytest.raises(ValueError, match="does not apply it where Gemma3ForCausalLM does"):
+        hf.config_from_hf({"model_type": "gemma3", "text_config": text})
+
+
+def test_a_multimodal_configs_left_out_sizes_are_gemma3_text_configs_defaults() -> None:
+    """Gemma 3 4B's text_config lists its width, depth and MLP width and leaves the rest to Gemma3TextConfig."""
+    defaults = transformers.Gemma3TextConfig()
+    assert {key: getattr(defaults, key) for key in hf.GEMMA3_TEXT_SIZES} == hf.GEMMA3_TEXT_SIZES
+    four_b: dict[str, Any] = {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 34,
+    }
+    config = hf.config_from_hf({"model_type": "gemma3", "text_config": four_b})
+    expected = transformers.Gemma3TextConfig(**four_b)
+    assert isinstance(config, gemma3.Gemma3Config)
+    assert (config.vocab_size, config.n_heads, config.n_kv_heads, config.head_dim) == (
+        expected.vocab_size,
+        expected.num_attention_heads,
+        expected.num_key_value_heads,
+        expected.head_dim,
+    )
+    with pytest.raises(ValueError, match=r"text_config\.model_type is 'llama', not 'gemma3_text'"):
+        hf.config_from_hf({"model_type": "gemma3", "text_config": four_b | {"model_type": "llama"}})

@@ -39,7 +39,7 @@ from zmaj.text import read_json
 ModelConfig = GPTConfig | LlamaConfig | Gemma3Config
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
-SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_FAMILY, "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_FAMILY, "gemma3_text", "gemma3")
 
 # (zmaj key, checkpoint name with {i} for the layer); per-layer rows are stacked over layers. A row is read only
 # when the config's parameters have its key, so biases, QK-norms and the unembedding follow the config.
@@ -113,13 +113,35 @@ ARCHITECTURES = {
 """The ``transformers`` class (``config.json``'s ``architectures``) of each model type written here."""
 
 
+GEMMA3_TEXT_SIZES = {
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+}
+"""Gemma3TextConfig's sizes, where a multimodal Gemma 3's ``text_config`` leaves them out (4B's lists its width,
+depth and MLP width alone); the rest are the defaults a ``gemma3_text`` config takes too."""
+LANGUAGE_MODEL = {
+    "language_model.model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+    "model.language_model.": "model.",
+    "lm_head.": "lm_head.",
+}
+"""Where a multimodal Gemma 3 checkpoint keeps its language model's tensors (as published, and as transformers 5
+names them in memory), by the prefix a text-only checkpoint gives them; its vision tower and projector are not
+read."""
+
+
 def load_hf(path: str | Path, device: torch.device | str = "cpu") -> tuple[ModelConfig, TensorDict]:
-    """The config and parameters of the Hugging Face checkpoint folder at ``path``."""
+    """The config and parameters of the Hugging Face checkpoint folder at ``path``; of a multimodal Gemma 3
+    (``Gemma3ForConditionalGeneration``), its language model, which on text computes what it computes."""
     folder = Path(path)
     raw = read_json(folder / "config.json")
     config = config_from_hf(raw, str(folder / "config.json"))
+    multimodal = isinstance(raw, Mapping) and raw.get("model_type") == "gemma3"
     with ExitStack() as files:
-        tensors = _SafetensorsFolder(folder, files, device)
+        tensors = _SafetensorsFolder(folder, files, device, LANGUAGE_MODEL if multimodal else None)
         config = _untied_where_stored(config, tensors, folder)
         if isinstance(config, GPTConfig):
             params = gpt2.params_from_hf(tensors, config)
@@ -181,6 +203,20 @@ def config_from_hf(raw: object, where: str = "config.json") -> ModelConfig:
         return _llama_config(hf)
     if model_type == "gemma3_text":
         return _gemma3_config(hf)
+    if model_type == "gemma3":
+        text = hf.object("text_config")
+        if text.get("model_type", "gemma3_text") != "gemma3_text":
+            raise ValueError(f"{where}: text_config.model_type is {text['model_type']!r}, not 'gemma3_text'")
+        if text.get("final_logit_softcapping") is not None:
+            raise ValueError(
+                f"{where}: text_config.final_logit_softcapping is set, but Gemma3ForConditionalGeneration does not "
+                "apply it where Gemma3ForCausalLM does: which of the two the checkpoint means is unclear"
+            )
+        # Gemma3Config's own tie_word_embeddings (true by default) is the one transformers ties by.
+        tied = {"tie_word_embeddings": hf.get("tie_word_embeddings", True)}
+        return _gemma3_config(
+            _Fields(text.defaults(**GEMMA3_TEXT_SIZES) | tied, where, "gemma3", "text_config.")
+        )
     raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
@@ -651,7 +687,14 @@ class _SafetensorsFolder(Mapping[str, Tensor]):
     tensor beyond the result, not a second copy of the model.
     """
 
-    def __init__(self, folder: Path, files: ExitStack, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        files: ExitStack,
+        device: torch.device | str,
+        renames: Mapping[str, str] | None = None,
+    ) -> None:
+        """``renames`` maps stored name prefixes to the ones read (a tensor under none of them is left out)."""
         index = folder / "model.safetensors.index.json"
         if index.exists():
             weight_map = _Fields(read_json(index), str(index), "a sharded checkpoint").object(
@@ -660,17 +703,23 @@ class _SafetensorsFolder(Mapping[str, Tensor]):
             shards = sorted(set(weight_map.values()))
         else:
             shards = ["model.safetensors"]
-        self._file_of: dict[str, Any] = {}
+        self._file_of: dict[str, tuple[Any, str]] = {}  # a name read: its file, and its name there
         for shard in shards:
             fileio.check_readable(folder / shard)
             try:
                 handle = files.enter_context(safe_open(folder / shard, framework="pt", device=str(device)))
             except SafetensorError as error:  # the library's message names no file
                 raise ValueError(f"{folder / shard}: not a readable safetensors file ({error})") from None
-            self._file_of |= dict.fromkeys(handle.keys(), handle)
+            for stored in handle.keys():  # noqa: SIM118 (a safe_open handle is no iterable)
+                if renames is None:
+                    self._file_of[stored] = (handle, stored)
+                for prefix, read_as in (renames or {}).items():
+                    if stored.startswith(prefix):
+                        self._file_of[read_as + stored.removeprefix(prefix)] = (handle, stored)
 
     def __getitem__(self, name: str) -> Tensor:
-        tensor: Tensor = self._file_of[name].get_tensor(name)
+        handle, stored = self._file_of[name]
+        tensor: Tensor = handle.get_tensor(stored)
         return tensor
 
     def __contains__(self, name: object) -> bool:
