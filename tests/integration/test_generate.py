@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+from tests.integration.test_llama_parity import NO_SPECIAL_TOKENS
 from zmaj.convert import hf
 from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import generate
@@ -31,8 +32,6 @@ SMALL: dict[str, Any] = {
     # Larger than the usual 0.02, so the next-token distributions are sharp and argmax ties unlikely.
     "initializer_range": 0.1,
 }
-# SmolLM3Config defaults its special tokens to Llama 3's ids (pad 128004), outside the tiny vocabulary.
-NO_SPECIAL_TOKENS: dict[str, Any] = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
 REFERENCES: dict[str, transformers.PretrainedConfig] = {
     "llama": transformers.LlamaConfig(**SMALL, tie_word_embeddings=False),
     "qwen3": transformers.Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=True),

@@ -258,6 +258,8 @@ def test_sliding_window_layers_are_refused() -> None:
         ({"sliding_window": None}, None),
         ({}, None),  # MistralConfig's default window, 4096 tokens, over this context of 256
         ({"max_position_embeddings": None}, 4096),  # the default window over the default context, 131072
+        # MistralForCausalLM reads no layer types (it warns), its window being every layer's.
+        ({"sliding_window": 16, "layer_types": ["full_attention", "sliding_attention"]}, 16),
     ],
 )
 def test_a_mistral_window_is_read_as_transformers_reads_it(keys: dict[str, Any], window: int | None) -> None:
@@ -297,8 +299,9 @@ def test_smollm3_layers_without_positions_are_read_as_transformers_derives_them(
 
 
 def test_smollm3_keys_left_out_read_as_its_config_class_reads_them() -> None:
-    """SmolLM3Config's own defaults: a tied unembedding, 4 key/value heads (of 32 query heads here)."""
-    absent = ("tie_word_embeddings", "num_key_value_heads")
+    """SmolLM3Config's own defaults: a tied unembedding, 4 key/value heads (of 32 query heads here), a RoPE base
+    of 2,000,000; and a longer no_rope_layers list is cut to the layers there are."""
+    absent = ("tie_word_embeddings", "num_key_value_heads", "rope_parameters")
     written = {k: v for k, v in REFERENCES["smollm3"].to_dict().items() if k not in absent}
     written |= {"num_attention_heads": 32, "head_dim": 2}
     expected = transformers.SmolLM3Config(**copy.deepcopy(written))
@@ -309,15 +312,17 @@ def test_smollm3_keys_left_out_read_as_its_config_class_reads_them() -> None:
         expected.num_key_value_heads,
     )
     assert (config.tie_embeddings, config.n_kv_heads) == (True, 4)
+    assert expected.rope_parameters is not None
+    assert config.rope_base == expected.rope_parameters["rope_theta"] == 2_000_000.0
+    longer = hf.config_from_hf(written | {"no_rope_layers": [1, 0, 1], "layer_types": None})
+    assert isinstance(longer, llama.LlamaConfig)
+    assert longer.rope_layers == (True, False)
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (
-            {"no_rope_layers": [1, 0, 1]},
-            r"no_rope_layers is \[1, 0, 1\], not an integer for each of 2 layers",
-        ),
+        ({"no_rope_layers": [1]}, r"no_rope_layers is \[1\], not an integer for each of 2 layers"),
         ({"no_rope_layers": [1.0, 0.0]}, "not an integer for each of 2 layers"),
         ({"use_sliding_window": True, "sliding_window": 16}, "sliding-window layers are not supported"),
     ],

@@ -55,7 +55,7 @@ from zmaj.convert import gpt2
 from zmaj.convert.layers import stack_layers
 from zmaj.data.model_tokenizer import ModelTokenizer, bos_eos_processor
 from zmaj.extras import needs
-from zmaj.models import gemma3
+from zmaj.models import gemma3, llama
 from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.gpt import GPTConfig
 from zmaj.models.llama import LlamaConfig
@@ -460,9 +460,7 @@ def _llama_config(file: GGUFFile, architecture: str) -> LlamaConfig:
         tie_embeddings=_tied(file),
         qkv_bias=architecture == "qwen2" and "blk.0.attn_q.bias" in file.tensors,
         qk_norm=architecture == "qwen3",
-        rope_layers=tuple((i + 1) % 4 != 0 for i in range(n_layers))
-        if architecture == "smollm3" and n_layers >= 4
-        else None,
+        rope_layers=llama.nope_every(4, n_layers) if architecture == "smollm3" else None,
     )
 
 

@@ -295,11 +295,16 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
             f"{model_type}: attention_bias=True (a bias on the output projection too) is not supported"
         )
     rope_layers = _rope_layers(hf) if model_type == "smollm3" else None
-    if any(kind != "full_attention" for kind in _layer_types(hf, rope_layers)):
+    # MistralForCausalLM reads no layer_types (its window is every layer's); the others' list or derive them.
+    if model_type != "mistral" and any(kind != "full_attention" for kind in _layer_types(hf, rope_layers)):
         raise ValueError(f"{model_type}: sliding-window layers are not supported")
     context = hf.size("max_position_embeddings", _DEFAULT_CONTEXT[model_type])
-    window = hf.get("sliding_window", 4096) if model_type == "mistral" else None
-    if window is not None and (window := hf.size("sliding_window", 4096)) >= context:
+    window = None
+    if model_type == "mistral" and hf.get("sliding_window", 4096) is not None:
+        window = hf.size("sliding_window", 4096)
+    if (
+        window is not None and window >= context
+    ):  # it never slides within the context, past which zmaj never runs
         window = None
     act = hf.string("hidden_act", "silu")
     if act not in _ACTIVATIONS:
@@ -315,7 +320,9 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
             hf.needed_by,
             params.prefix,
         )
-    base, scaling = _rope(hf, params, context)
+    base, scaling = _rope(
+        hf, params, context, default_base=2_000_000.0 if model_type == "smollm3" else 10_000.0
+    )
     n_heads = hf.size("num_attention_heads")
     default_head_dim = 128 if model_type == "qwen3" else hf.size("hidden_size") // n_heads
     # Qwen2Config and Qwen3Config default an absent count to 32 key/value heads, MistralConfig to 8, SmolLM3Config
@@ -337,7 +344,7 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
         tie_embeddings=hf.get("tie_word_embeddings", model_type == "smollm3"),
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
-        rope_layers=None if rope_layers is None or all(rope_layers) else rope_layers,
+        rope_layers=rope_layers,
         sliding_window=window,
         activation=_ACTIVATIONS[act],
         init_std=hf.number("initializer_range", 0.02),
@@ -350,13 +357,13 @@ def _rope_layers(hf: _Fields) -> tuple[bool, ...]:
     n_layers = hf.size("num_hidden_layers")
     listed = hf.get("no_rope_layers")
     if listed is None:
-        interval = hf.size("no_rope_layer_interval", 4)
-        return tuple((i + 1) % interval != 0 for i in range(n_layers))
-    if not (isinstance(listed, list) and len(listed) == n_layers and all(type(v) is int for v in listed)):
+        return llama.nope_every(hf.size("no_rope_layer_interval", 4), n_layers)
+    # A longer list is cut to the layers there are, as SmolLM3's attention layers index it.
+    if not (isinstance(listed, list) and len(listed) >= n_layers and all(type(v) is int for v in listed)):
         raise ValueError(
             f"{hf.where}: no_rope_layers is {listed!r}, not an integer for each of {n_layers} layers"
         )
-    return tuple(v != 0 for v in listed)
+    return tuple(v != 0 for v in listed[:n_layers])
 
 
 def _layer_types(hf: _Fields, rope_layers: tuple[bool, ...] | None) -> list[str]:
@@ -563,8 +570,8 @@ def _llama_to_hf(config: LlamaConfig) -> dict[str, Any]:
     used = [(model_type, setting) for model_type, (setting, on) in additions.items() if on]
     if len(used) > 1:
         raise ValueError(
-            f"LlamaConfig {used[0][1]} with {used[1][1]}: no transformers model has both "
-            f"({used[0][0]} has the one, {used[1][0]} the other)"
+            f"LlamaConfig {' with '.join(setting for _, setting in used)}: no transformers model has more than "
+            f"one ({', '.join(f'{model_type} has {setting}' for model_type, setting in used)})"
         )
     model_type = used[0][0] if used else "llama"
     hf: dict[str, Any] = {

@@ -1,5 +1,5 @@
 """Llama: the decoder-only transformer of Touvron et al. (2023, arXiv:2302.13971 and arXiv:2307.09288), and the
-family that kept its shape (Llama 3, Qwen 2, Qwen 3).
+family that kept its shape (Llama 3, Mistral, Qwen 2, Qwen 3, SmolLM3).
 
 Compared with GPT-2 it changes four things: RMSNorm instead of LayerNorm (Zhang & Sennrich, 2019), rotary
 position embeddings applied to q and k instead of a learned position table (Su et al., 2021; ``zmaj.nn.rope``),
@@ -7,7 +7,10 @@ a SwiGLU feed-forward block (Shazeer, 2020) and no biases. Llama 2's larger mode
 key/value head among several query heads (grouped-query attention, Ainslie et al., 2023). The relatives differ
 only in switches: Qwen 2 adds biases to the q/k/v projections (Qwen2 report, arXiv:2407.10671); Qwen 3 drops
 them and RMS-normalises each query and key head before the rotation ("QK-norm", Qwen3 report, arXiv:2505.09388),
-and sets ``head_dim`` independently of ``d_model / n_heads``.
+and sets ``head_dim`` independently of ``d_model / n_heads``; Mistral 7B v0.1 lets each layer attend over its last
+4096 keys only (sliding-window attention, Jiang et al., 2023, arXiv:2310.06825); SmolLM3 rotates q and k in three
+layers of four and gives the fourth no positions at all, the causal mask alone telling order (NoPE, Kazemnejad et
+al., 2023, arXiv:2305.19466).
 
 As in ``zmaj.models.gpt``, the parameters are one TensorDict with the blocks stacked along ``[n_layers]``, and
 ``forward_cached`` runs new tokens against a key/value cache (``zmaj.infer.cache``) for generation.
@@ -18,7 +21,7 @@ from functools import partial
 import torch
 from einops import rearrange
 from jaxtyping import Float
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
@@ -94,6 +97,12 @@ class LlamaConfig(BaseModel):
                 f"rope_layers lists {len(self.rope_layers)} layers but n_layers is {self.n_layers}"
             )
         return self
+
+    @field_validator("rope_layers")
+    @classmethod
+    def _all_rotating_is_none(cls, rope_layers: tuple[bool, ...] | None) -> tuple[bool, ...] | None:
+        """Every layer rotating is the default, kept as one value so that equal models have equal configs."""
+        return None if rope_layers is None or all(rope_layers) else rope_layers
 
     def rotates(self, layer: int) -> bool:
         """Whether ``layer`` rotates its queries and keys by their positions (see ``rope_layers``)."""
@@ -273,6 +282,11 @@ def _rotated_qkv(
     if not config.rotates(layer):
         return q, k, v
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def nope_every(interval: int, n_layers: int) -> tuple[bool, ...]:
+    """``rope_layers`` with every ``interval``-th layer left without positions: SmolLM3's (every 4th)."""
+    return tuple((i + 1) % interval != 0 for i in range(n_layers))
 
 
 class Llama(Shell):

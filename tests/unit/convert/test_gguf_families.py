@@ -26,6 +26,7 @@ import transformers
 from gguf import GGMLQuantizationType
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from tests.integration.test_llama_parity import NO_SPECIAL_TOKENS
 from tests.unit.convert.test_gguf import (
     SMALL,
     VOCAB,
@@ -535,7 +536,7 @@ def test_configs_need_one_factor_per_rope_plane() -> None:
 
 def test_a_llama_config_says_for_each_layer_whether_it_rotates() -> None:
     with pytest.raises(ValueError, match="rope_layers lists 1 layers but n_layers is 2"):
-        LlamaConfig(vocab_size=8, d_model=64, n_layers=2, n_heads=4, rope_layers=(True,))
+        LlamaConfig(vocab_size=8, d_model=64, n_layers=2, n_heads=4, rope_layers=(False,))
 
 
 @dataclass
@@ -584,9 +585,7 @@ def test_a_llama_cpp_smollm3_file_gives_the_logits_of_its_model(tmp_path: Path) 
     config = transformers.SmolLM3Config(
         **{k: v for k, v in SMALL.items() if k != "num_hidden_layers"},
         num_hidden_layers=4,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
+        **NO_SPECIAL_TOKENS,
     )
     model = moved_off_defaults(transformers.SmolLM3ForCausalLM(config))
     assert model.config.no_rope_layers == [1, 1, 1, 0]
