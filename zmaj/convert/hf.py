@@ -302,9 +302,8 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
     window = None
     if model_type == "mistral" and hf.get("sliding_window", 4096) is not None:
         window = hf.size("sliding_window", 4096)
-    if (
-        window is not None and window >= context
-    ):  # it never slides within the context, past which zmaj never runs
+    # A window as long as the context never slides within it, and the programs run no model past its context.
+    if window is not None and window >= context:
         window = None
     act = hf.string("hidden_act", "silu")
     if act not in _ACTIVATIONS:
@@ -558,7 +557,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 def _llama_to_hf(config: LlamaConfig) -> dict[str, Any]:
     """Llama, or Qwen 2 when q/k/v have biases (and o none, as in Qwen 2), or Qwen 3 when q and k are normed, or
-    Mistral when every layer attends through a sliding window."""
+    Mistral when every layer attends through a sliding window, or SmolLM3 when some layers have no positions."""
     # Each of these is what one transformers model adds to Llama, and that model has none of the others (Qwen 3's
     # attention_bias, say, would also bias the output projection).
     additions = {

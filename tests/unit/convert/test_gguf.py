@@ -666,7 +666,7 @@ def test_rope_scaling_is_read_as_llama_cpp_reads_it(
 
 def test_an_unknown_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "m.gguf", "mamba", {}, {"w": np.zeros(4, dtype=np.float32)})
-    with pytest.raises(ValueError, match=r"'mamba'; supported: llama, qwen2, qwen3, gemma3, gpt2"):
+    with pytest.raises(ValueError, match=r"'mamba'; supported: llama, qwen2, qwen3, smollm3, gemma3, gpt2"):
         zgguf.load_gguf(path)
 
 
