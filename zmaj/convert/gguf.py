@@ -591,7 +591,7 @@ def _frequency_factors(file: GGUFFile, head_dim: int, base: float) -> Llama3Scal
     factors = dequantize_tensor(tensor)
     if not (factors.isfinite().all() and (factors > 0).all()):
         raise ValueError(
-            f"GGUF tensor 'rope_freqs.weight' of {file.path} holds factors that are not positive"
+            f"GGUF tensor 'rope_freqs.weight' of {file.path} holds factors that are not positive finite numbers"
         )
     meta = Llama3Scaling(factor=factors.max().item(), **META_LLAMA3_RAMP)
     plain = rope_frequencies(head_dim, base)
