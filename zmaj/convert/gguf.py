@@ -70,8 +70,6 @@ with needs("gguf", "loading a GGUF file"):
     from gguf import GGMLQuantizationType, GGUFValueType
     from gguf.quants import dequantize, quant_shape_to_byte_shape
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "gemma3", "gpt2")
-
 # The ggml types llama.cpp's quantize writes for the architectures zmaj loads; each has a reference kernel in
 # gguf.quants, equal to ggml's own C kernel to the bit (tests/unit/convert/test_gguf.py). Others (integers, the
 # ternary and FP4 types of other architectures) are refused with the tensor's name rather than failing somewhere
@@ -372,6 +370,7 @@ TABLES: dict[str, tuple[Table, Table]] = {
     "gpt2": (GPT2_LAYER_TABLE, GPT2_GLOBAL_TABLE),
 }
 """Each architecture's (layer table, global table), by its ``general.architecture``."""
+SUPPORTED_ARCHITECTURES = tuple(TABLES)
 
 
 def load_gguf(path: str | Path, device: torch.device | str = "cpu") -> tuple[ModelConfig, TensorDict]:
@@ -382,8 +381,9 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu") -> tuple[Mod
     """
     file = read_gguf(path)
     config = config_from_gguf(file)
-    layer_table, global_table = TABLES[file.metadata["general.architecture"]]
-    in_config = {"rope_freqs.weight"} if file.metadata["general.architecture"] == "llama" else set()
+    architecture = file.metadata["general.architecture"]  # one of TABLES': config_from_gguf checked it
+    layer_table, global_table = TABLES[architecture]
+    in_config = {"rope_freqs.weight"} if architecture == "llama" else set()
     if config.tie_embeddings:
         in_config.add("output.weight")
     params = _params(file, config, layer_table, global_table, init_meta(config), in_config)

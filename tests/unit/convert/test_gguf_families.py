@@ -523,7 +523,7 @@ def test_configs_need_one_factor_per_rope_plane() -> None:
         Gemma3Config(vocab_size=8, d_model=64, n_layers=1, n_heads=2, head_dim=32, local_rope_scaling=three)
 
 
-def test_a_llama_config_says_for_each_layer_whether_it_rotates() -> None:
+def test_a_llama_config_needs_one_rope_flag_per_layer() -> None:
     with pytest.raises(ValueError, match="rope_layers lists 1 layers but n_layers is 2"):
         LlamaConfig(vocab_size=8, d_model=64, n_layers=2, n_heads=4, rope_layers=(False,))
 
