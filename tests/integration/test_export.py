@@ -82,6 +82,21 @@ VARIANTS: dict[str, ModelConfig] = {
         query_pre_attn_scalar=12,
         final_logit_softcap=2.0,
     ),
+    # Caps these small values reach, so an export that dropped one would compute other logits.
+    "gemma2": Gemma3Config(
+        **TINY | {"n_layers": 3},
+        n_kv_heads=2,
+        head_dim=8,
+        d_ff=48,
+        layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+        sliding_window=5,
+        rope_base=100.0,
+        local_rope_base=100.0,
+        query_pre_attn_scalar=8,
+        qk_norm=False,
+        attn_logit_softcap=0.5,
+        final_logit_softcap=2.0,
+    ),
 }
 HF_CLASSES = {
     "gpt": "GPT2LMHeadModel",
@@ -96,6 +111,7 @@ HF_CLASSES = {
     "mistral": "MistralForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
 }
 
 
@@ -357,6 +373,12 @@ REFUSED: list[tuple[ModelConfig, str]] = [
         Gemma3Config(**TINY, n_kv_heads=2, head_dim=8, d_ff=48, query_pre_attn_scalar=12.5),
         "query_pre_attn_scalar",
     ),
+    (
+        Gemma3Config(**TINY, n_kv_heads=2, head_dim=8, d_ff=48, attn_logit_softcap=50.0),
+        "qk_norm and attn_logit_softcap",
+    ),
+    # Without QK-norm it is Gemma 2, whose layers all rotate alike (here the default 1M and 10k bases).
+    (Gemma3Config(**TINY, n_kv_heads=2, head_dim=8, d_ff=48, qk_norm=False), "rotate otherwise"),
 ]
 
 

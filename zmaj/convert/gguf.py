@@ -366,6 +366,7 @@ TABLES: dict[str, tuple[Table, Table]] = {
     "qwen2": (QWEN_LAYER_TABLE, LLAMA_GLOBAL_TABLE),
     "qwen3": (QWEN_LAYER_TABLE, LLAMA_GLOBAL_TABLE),
     "smollm3": (LLAMA_LAYER_TABLE, LLAMA_GLOBAL_TABLE),  # converted as Llama, q/k rows permuted
+    "gemma2": (GEMMA3_LAYER_TABLE, GEMMA3_GLOBAL_TABLE),  # Gemma 3's, less the q/k norms it lacks
     "gemma3": (GEMMA3_LAYER_TABLE, GEMMA3_GLOBAL_TABLE),
     "gpt2": (GPT2_LAYER_TABLE, GPT2_GLOBAL_TABLE),
 }
@@ -395,8 +396,8 @@ def config_from_gguf(file: GGUFFile) -> ModelConfig:
     architecture = _metadata(file, "general.architecture")
     if architecture in ("llama", "qwen2", "qwen3", "smollm3"):
         return _llama_config(file, architecture)
-    if architecture == "gemma3":
-        return _gemma3_config(file)
+    if architecture in ("gemma2", "gemma3"):
+        return _gemma_config(file, architecture)
     if architecture == "gpt2":
         return _gpt2_config(file)
     raise ValueError(
@@ -464,25 +465,38 @@ def _llama_config(file: GGUFFile, architecture: str) -> LlamaConfig:
     )
 
 
-def _gemma3_config(file: GGUFFile) -> Gemma3Config:
-    """Gemma 3's shape, with what the file does not say taken as llama.cpp's Gemma 3 code fixes it.
+def _gemma_config(file: GGUFFile, architecture: str) -> Gemma3Config:
+    """Gemma 2's or Gemma 3's shape, with what the file does not say taken as llama.cpp's code fixes it.
 
-    llama.cpp hard-codes five local layers to one global (``set_swa_pattern(6)``) and scales attention scores by
-    ``head_dim ** -0.5``, except for the 27B model (62 layers), whose ``query_pre_attn_scalar`` is
-    ``d_model / n_heads``. Linear RoPE scaling (Gemma 3 4B and up) applies to the global layers only.
+    llama.cpp hard-codes Gemma 3's five local layers to one global (``set_swa_pattern(6)``) and Gemma 2's
+    alternation (2), and scales attention scores by ``head_dim ** -0.5``, except for the 27B models (Gemma 3's
+    62 layers, Gemma 2's 46), whose ``query_pre_attn_scalar`` is ``d_model / n_heads``. Gemma 3's linear RoPE
+    scaling (4B and up) applies to its global layers only; Gemma 2 rotates every layer alike, without QK-norm,
+    and soft-caps its attention scores and logits at the file's caps, else at 50 and 30, as llama.cpp does (its
+    window too may be left out: 4096).
     """
+    gemma2 = architecture == "gemma2"
 
     def key(name: str, default: Any = ...) -> Any:
-        return _metadata(file, f"gemma3.{name}", default)
+        return _metadata(file, f"{architecture}.{name}", default)
 
-    def size(name: str) -> int:
-        return _size(file, f"gemma3.{name}")
+    def size(name: str, default: int | None = None) -> int:
+        return _size(file, f"{architecture}.{name}", default)
 
-    rope_scaling = _linear_rope_scaling(file, "gemma3")
+    rope_scaling = _linear_rope_scaling(file, architecture)
     n_layers, d_model, n_heads = size("block_count"), size("embedding_length"), size("attention.head_count")
     head_dim, n_kv_heads = size("attention.key_length"), size("attention.head_count_kv")
     context, d_ff = size("context_length"), size("feed_forward_length")
-    _check_layers(file, n_layers, "gemma3")  # before a list of n_layers layer types is made
+    _check_layers(file, n_layers, architecture)  # before a list of n_layers layer types is made
+    rope_base = key("rope.freq_base", 10_000.0 if gemma2 else 1_000_000.0)
+    big = n_layers == (46 if gemma2 else 62)
+    caps: dict[str, Any] = {}
+    if gemma2:
+        caps = {
+            "attn_logit_softcap": key("attn_logit_softcapping", 50.0),
+            "final_logit_softcap": key("final_logit_softcapping", 30.0),
+            "qk_norm": False,
+        }
     return Gemma3Config(
         vocab_size=_vocab_size(file),
         context=context,
@@ -493,13 +507,15 @@ def _gemma3_config(file: GGUFFile) -> Gemma3Config:
         head_dim=head_dim,
         d_ff=d_ff,
         norm_eps=key("attention.layer_norm_rms_epsilon"),
-        layer_types=gemma3.interleaved_layer_types(n_layers, 6),
-        sliding_window=size("attention.sliding_window"),
-        rope_base=key("rope.freq_base", 1_000_000.0),
+        layer_types=gemma3.interleaved_layer_types(n_layers, 2 if gemma2 else 6),
+        sliding_window=size("attention.sliding_window", 4096 if gemma2 else None),
+        rope_base=rope_base,
         rope_scaling=rope_scaling,
-        local_rope_base=key("rope.freq_base_swa", 10_000.0),
-        query_pre_attn_scalar=d_model / n_heads if n_layers == 62 else head_dim,
+        local_rope_base=key("rope.freq_base_swa", rope_base if gemma2 else 10_000.0),
+        local_rope_scaling=rope_scaling if gemma2 else None,
+        query_pre_attn_scalar=d_model / n_heads if big else head_dim,
         tie_embeddings=_tied(file),
+        **caps,
     )
 
 

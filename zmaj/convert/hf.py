@@ -10,7 +10,7 @@ The Llama family (Llama, Qwen 2, Qwen 3) needs no reshaping: ``transformers`` st
 ``[out, in]`` as zmaj does, and its q/k rows are already in the rotate-half order of ``zmaj.nn.rope``. So its
 table is a plain rename, each per-layer row stacked over layers. So is Gemma 3's (``gemma3_text``), whose only
 trap is a name: its ``post_attention_layernorm`` is the norm *after* attention, where Llama's is the one before
-the MLP (Gemma's is ``pre_feedforward_layernorm``).
+the MLP (Gemma's is ``pre_feedforward_layernorm``). Gemma 2 (``gemma2``) has Gemma 3's names, less the q/k norms.
 """
 
 import math
@@ -39,7 +39,7 @@ from zmaj.text import read_json
 ModelConfig = GPTConfig | LlamaConfig | Gemma3Config
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
-SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_FAMILY, "gemma3_text", "gemma3")
+SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_FAMILY, "gemma2", "gemma3_text", "gemma3")
 
 # (zmaj key, checkpoint name with {i} for the layer); per-layer rows are stacked over layers. A row is read only
 # when the config's parameters have its key, so biases, QK-norms and the unembedding follow the config.
@@ -99,6 +99,7 @@ _DEFAULT_CONTEXT = {
     "qwen2": 32_768,
     "qwen3": 32_768,
     "smollm3": 32_768,
+    "gemma2": 8192,
     "gemma3_text": 131_072,
 }
 """``max_position_embeddings`` of each model type's ``transformers`` config class, for a config without it."""
@@ -108,6 +109,7 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
 }
 """The ``transformers`` class (``config.json``'s ``architectures``) of each model type written here."""
@@ -201,8 +203,8 @@ def config_from_hf(raw: object, where: str = "config.json") -> ModelConfig:
         return gpt2.config_from_hf(hf)
     if model_type in LLAMA_FAMILY:
         return _llama_config(hf)
-    if model_type == "gemma3_text":
-        return _gemma3_config(hf)
+    if model_type in ("gemma2", "gemma3_text"):
+        return _gemma_config(hf, model_type)
     if model_type == "gemma3":
         text = hf.object("text_config")
         if text.get("model_type", "gemma3_text") != "gemma3_text":
@@ -214,8 +216,8 @@ def config_from_hf(raw: object, where: str = "config.json") -> ModelConfig:
             )
         # Gemma3Config's own tie_word_embeddings (true by default) is the one transformers ties by.
         tied = {"tie_word_embeddings": hf.get("tie_word_embeddings", True)}
-        return _gemma3_config(
-            _Fields(text.defaults(**GEMMA3_TEXT_SIZES) | tied, where, "gemma3", "text_config.")
+        return _gemma_config(
+            _Fields(text.defaults(**GEMMA3_TEXT_SIZES) | tied, where, "gemma3", "text_config."), "gemma3_text"
         )
     raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
@@ -263,6 +265,13 @@ class _Fields(dict[str, Any]):
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise ValueError(f"{self.where}: {self.prefix}{key} is {value!r}, not a finite number")
         return float(value)
+
+    def optional_number(self, key: str, default: float | None) -> float | None:
+        """A finite real number or null (a switch that is off, as a soft-cap); ``default`` stands for an absent
+        field."""
+        if self.get(key, default) is None:
+            return None
+        return self.number(key, default)
 
     def string(self, key: str, default: str | None = None) -> str:
         """A string, such as an activation's name; ``default`` stands for an absent field."""
@@ -411,41 +420,52 @@ def _rope(
     raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
 
 
-def _gemma3_config(hf: _Fields) -> Gemma3Config:
-    """Gemma 3 text models; a switch zmaj lacks is an error, and absent keys take ``Gemma3TextConfig``'s defaults
-    (but the sizes, which every checkpoint's config records: one without them is refused, naming the key).
+def _gemma_config(hf: _Fields, model_type: str) -> Gemma3Config:
+    """Gemma 2 or Gemma 3 text models; a switch zmaj lacks is an error, and absent keys take ``Gemma2Config``'s
+    or ``Gemma3TextConfig``'s defaults (but the sizes, which every checkpoint's config records: one without them
+    is refused, naming the key). The two differ in their defaults (Gemma 2 caps scores at 50 and logits at 30,
+    alternates its layers 1:1 and reads a context of 8192), in Gemma 3's QK-norm, and in RoPE: Gemma 2 rotates
+    every layer with one base.
 
-    ``attn_logit_softcapping`` is refused rather than ignored: ``transformers`` stores it but its Gemma 3 never
-    applies it (QK-norm replaced Gemma 2's cap), so a checkpoint that sets it is ambiguous.
+    A Gemma 3 ``attn_logit_softcapping`` is refused rather than ignored: ``transformers`` stores it but its Gemma
+    3 never applies it (QK-norm replaced Gemma 2's cap), so a checkpoint that sets it is ambiguous.
     """
+    gemma2 = model_type == "gemma2"
     if hf.get("attention_bias", False):
-        raise ValueError("gemma3_text: attention_bias=True is not supported")
+        raise ValueError(f"{model_type}: attention_bias=True is not supported")
     if hf.get("use_bidirectional_attention", False):
         raise ValueError(
-            "gemma3_text: use_bidirectional_attention=True (non-causal attention) is not supported"
+            f"{model_type}: use_bidirectional_attention=True (non-causal attention) is not supported"
         )
-    if hf.get("attn_logit_softcapping") is not None:
+    if not gemma2 and hf.get("attn_logit_softcapping") is not None:
         raise ValueError(
             "gemma3_text: attn_logit_softcapping is not supported (transformers' Gemma 3 does not apply it)"
         )
-    act = hf.string("hidden_activation", "gelu_pytorch_tanh")  # Gemma3MLP's; it never reads hidden_act
+    act = hf.string("hidden_activation", "gelu_pytorch_tanh")  # the MLP's; it never reads hidden_act
     if act not in _ACTIVATIONS:
-        raise ValueError(f"gemma3_text: unsupported hidden_activation {act!r}")
+        raise ValueError(f"{model_type}: unsupported hidden_activation {act!r}")
     n_layers = hf.size("num_hidden_layers")
     layer_types: Sequence[str] | None = hf.strings("layer_types")
-    if layer_types is None:
+    if layer_types is None and gemma2:
+        layer_types = gemma3.interleaved_layer_types(n_layers, 2)  # Gemma2Config reads no period
+    elif layer_types is None:
         # The period of the pattern, as transformers still accepts it: from sliding_window_pattern alone (the
         # _sliding_window_pattern it writes beside layer_types is never read back).
         pattern = hf.size("sliding_window_pattern") if "sliding_window_pattern" in hf else 6
         layer_types = gemma3.interleaved_layer_types(n_layers, pattern)
-    context = hf.size("max_position_embeddings", _DEFAULT_CONTEXT["gemma3_text"])
-    (base, scaling), (local_base, local_scaling) = _gemma3_rope(hf, context)
+    context = hf.size("max_position_embeddings", _DEFAULT_CONTEXT[model_type])
+    if gemma2:
+        # One base and scaling for every layer, in rope_parameters (transformers >= 5) or the older keys.
+        (base, scaling) = (local_base, local_scaling) = _rope(
+            hf, hf.object("rope_scaling" if hf.get("rope_scaling") else "rope_parameters"), context
+        )
+    else:
+        (base, scaling), (local_base, local_scaling) = _gemma3_rope(hf, context)
     window: dict[str, int] = {}
-    softcap = hf.get("final_logit_softcapping")
-    if hf.get("sliding_window", 4096) is not None:  # absent: Gemma3TextConfig's default; null: none
+    if hf.get("sliding_window", 4096) is not None:  # absent: the config class's default; null: none
         window["sliding_window"] = hf.size("sliding_window", 4096)
     elif "sliding_attention" in layer_types:
-        raise ValueError("gemma3_text: sliding-window layers need sliding_window, which is null")
+        raise ValueError(f"{model_type}: sliding-window layers need sliding_window, which is null")
     return Gemma3Config(
         vocab_size=hf.size("vocab_size"),
         context=context,
@@ -463,7 +483,9 @@ def _gemma3_config(hf: _Fields) -> Gemma3Config:
         local_rope_base=local_base,
         local_rope_scaling=local_scaling,
         query_pre_attn_scalar=hf.number("query_pre_attn_scalar", 256.0),
-        final_logit_softcap=None if softcap is None else hf.number("final_logit_softcapping"),
+        final_logit_softcap=hf.optional_number("final_logit_softcapping", 30.0 if gemma2 else None),
+        qk_norm=not gemma2,
+        attn_logit_softcap=hf.optional_number("attn_logit_softcapping", 50.0) if gemma2 else None,
         tie_embeddings=hf.get("tie_word_embeddings", True),
         activation=_ACTIVATIONS[act],
         init_std=hf.number("initializer_range", 0.02),
@@ -551,7 +573,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     if isinstance(config, GPTConfig):
         return gpt2.config_to_hf(config)
     if isinstance(config, Gemma3Config):
-        return _gemma3_to_hf(config)
+        return _gemma_to_hf(config)
     return _llama_to_hf(config)
 
 
@@ -602,16 +624,30 @@ def _llama_to_hf(config: LlamaConfig) -> dict[str, Any]:
     return hf | qwen3 | {"use_sliding_window": False, "layer_types": ["full_attention"] * config.n_layers}
 
 
-def _gemma3_to_hf(config: Gemma3Config) -> dict[str, Any]:
-    """``gemma3_text`` (``Gemma3ForCausalLM``), RoPE given per layer type as transformers >= 5 reads it."""
+def _gemma_to_hf(config: Gemma3Config) -> dict[str, Any]:
+    """``gemma3_text`` (``Gemma3ForCausalLM``), RoPE given per layer type as transformers >= 5 reads it; or,
+    without QK-norm, ``gemma2`` (``Gemma2ForCausalLM``), which rotates every layer alike and may soft-cap the
+    attention scores, as Gemma 3 does not."""
+    model_type = "gemma3_text" if config.qk_norm else "gemma2"
     if config.query_pre_attn_scalar != int(config.query_pre_attn_scalar):
         raise ValueError(
-            f"Gemma3Config query_pre_attn_scalar={config.query_pre_attn_scalar}: transformers' "
-            "Gemma3TextConfig only takes an integer"
+            f"Gemma3Config query_pre_attn_scalar={config.query_pre_attn_scalar}: transformers' Gemma configs "
+            "only take an integer"
         )
-    return {
-        "model_type": "gemma3_text",
-        "architectures": [ARCHITECTURES["gemma3_text"]],
+    if config.qk_norm and config.attn_logit_softcap is not None:
+        raise ValueError(
+            "Gemma3Config with qk_norm and attn_logit_softcap: transformers' Gemma 3 has QK-norm but never "
+            "soft-caps the scores, and its Gemma 2 the reverse"
+        )
+    one_rope = (config.local_rope_base, config.local_rope_scaling) == (config.rope_base, config.rope_scaling)
+    if not config.qk_norm and not one_rope:
+        raise ValueError(
+            "Gemma3Config without qk_norm (exported as Gemma 2) whose local layers rotate otherwise than its "
+            "global ones: transformers' Gemma 2 rotates every layer alike"
+        )
+    hf = {
+        "model_type": model_type,
+        "architectures": [ARCHITECTURES[model_type]],
         "vocab_size": config.vocab_size,
         "max_position_embeddings": config.context,
         "hidden_size": config.d_model,
@@ -624,17 +660,21 @@ def _gemma3_to_hf(config: Gemma3Config) -> dict[str, Any]:
         "rms_norm_eps": config.norm_eps,
         "layer_types": list(config.layer_types),
         "sliding_window": config.sliding_window,
-        "rope_parameters": {
-            "full_attention": _rope_to_hf(config.rope_base, config.rope_scaling),
-            "sliding_attention": _rope_to_hf(config.local_rope_base, config.local_rope_scaling),
-        },
         "query_pre_attn_scalar": int(config.query_pre_attn_scalar),
         "final_logit_softcapping": config.final_logit_softcap,
-        "attn_logit_softcapping": None,
+        "attn_logit_softcapping": config.attn_logit_softcap,
         "attention_bias": False,
         "use_bidirectional_attention": False,
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": config.init_std,
+    }
+    if not config.qk_norm:
+        return hf | {"rope_parameters": _rope_to_hf(config.rope_base, config.rope_scaling)}
+    return hf | {
+        "rope_parameters": {
+            "full_attention": _rope_to_hf(config.rope_base, config.rope_scaling),
+            "sliding_attention": _rope_to_hf(config.local_rope_base, config.local_rope_scaling),
+        }
     }
 
 

@@ -1,5 +1,5 @@
 """Gemma 3: Google DeepMind's decoder-only transformer (Gemma Team, 2025, "Gemma 3 Technical Report",
-arXiv:2503.19786), text-only, as in the 270M model.
+arXiv:2503.19786), text-only, as in the 270M model; and Gemma 2, its predecessor, as options of the same model.
 
 It keeps Llama's skeleton (``zmaj.models.llama``: RMSNorm, rotary positions, a gated MLP, grouped-query attention)
 and changes five things:
@@ -23,6 +23,14 @@ The output logits may still be soft-capped (``final_logit_softcap``, Gemma 2's `
 the released Gemma 3 checkpoints leave it off. As in ``zmaj.models.llama``, the parameters are one TensorDict
 with the blocks stacked along ``[n_layers]``; which layers are local is static config, so the Python loop picks
 each layer's mask and rotation.
+
+**Gemma 2** (Gemma Team, 2024, arXiv:2408.00118) is the same skeleton with three of those choices made the older
+way: local and global layers alternate 1:1 (window 4096), every layer rotates with one base (10k), and instead of
+QK-norm the attention scores are soft-capped at 50 (``qk_norm=False``, ``attn_logit_softcap=50``), as are the
+output logits at 30. Gemma 2 2B is ``Gemma3Config(vocab_size=256000, d_model=2304, n_layers=26, n_heads=8,
+n_kv_heads=4, d_ff=9216, layer_types=interleaved_layer_types(26, 2), sliding_window=4096, rope_base=10_000,
+qk_norm=False, attn_logit_softcap=50, final_logit_softcap=30, context=8192)``; ``zmaj.convert`` reads it so
+from a ``gemma2`` checkpoint or GGUF file.
 """
 
 from functools import partial
@@ -88,6 +96,10 @@ class Gemma3Config(BaseModel):
     final_logit_softcap: float | None = Field(
         None, gt=0, description="logits become cap * tanh(logits / cap) (Gemma 2); off in Gemma 3"
     )
+    qk_norm: bool = Field(True, description="RMS-normalise each query and key head (Gemma 3; not Gemma 2)")
+    attn_logit_softcap: float | None = Field(
+        None, gt=0, description="attention scores become cap * tanh(scores / cap) (Gemma 2); off in Gemma 3"
+    )
     tie_embeddings: bool = True
     activation: Activation = "gelu_tanh"
     init_std: float = Field(0.02, gt=0)
@@ -108,6 +120,10 @@ class Gemma3Config(BaseModel):
             )
         check_scaling(self.rope_scaling, self.head_dim)
         check_scaling(self.local_rope_scaling, self.head_dim)
+        if self.attn_logit_softcap is not None and self.attention == "sdpa":
+            raise ValueError(
+                "attn_logit_softcap needs attention auto, eager or flex: sdpa cannot soft-cap the scores"
+            )
         return self
 
     @property
@@ -141,17 +157,18 @@ def init(config: Gemma3Config, seed: int, device: torch.device | str = "cpu") ->
     def projection(d_out: int, d_in: int) -> dict[str, Tensor]:
         return {"weight": normal(layers, d_out, d_in)}
 
+    attn = {
+        "q": projection(q_dim, d),
+        "k": projection(kv_dim, d),
+        "v": projection(kv_dim, d),
+        "o": projection(d, q_dim),
+    }
+    if config.qk_norm:
+        attn |= {"q_norm": zeros(layers, hd), "k_norm": zeros(layers, hd)}
     blocks = TensorDict(
         {
             "attn_norm": zeros(layers, d),
-            "attn": {
-                "q": projection(q_dim, d),
-                "k": projection(kv_dim, d),
-                "v": projection(kv_dim, d),
-                "o": projection(d, q_dim),
-                "q_norm": zeros(layers, hd),
-                "k_norm": zeros(layers, hd),
-            },
+            "attn": attn,
             "attn_post_norm": zeros(layers, d),
             "mlp_norm": zeros(layers, d),
             "mlp": {"gate": projection(ff, d), "up": projection(ff, d), "down": projection(d, ff)},
@@ -201,7 +218,9 @@ def hidden_states(
     }
     for block, sliding in zip(common.layers(params["blocks"]), config.is_sliding, strict=True):
         q, k, v = _rotated_qkv(block, x, *angles[sliding], config)
-        attended = attention(q, k, v, masks[sliding], config.attention, scale=config.attention_scale)
+        attended = attention(
+            q, k, v, masks[sliding], config.attention, config.attention_scale, config.attn_logit_softcap
+        )
         x = _finish_block(block, x, attended, config)
     return rms_norm(params["final_norm"], x, config.norm_eps)
 
@@ -236,7 +255,14 @@ def forward_cached(
         q, k, v = _rotated_qkv(block, x, *angles[sliding], config)
         cache_k, cache_v = step.write(cache, layer, k, v, donate)
         attended = cached_attention(
-            q, cache_k, cache_v, masks[sliding], config.attention, config.attention_scale, written=step.length
+            q,
+            cache_k,
+            cache_v,
+            masks[sliding],
+            config.attention,
+            config.attention_scale,
+            written=step.length,
+            softcap=config.attn_logit_softcap,
         )
         x = _finish_block(block, x, attended, config)
         keys.append(cache_k)
@@ -321,12 +347,14 @@ def _rotated_qkv(
     Float[Tensor, "batch kv_heads seq head_dim"],
     Float[Tensor, "batch kv_heads seq head_dim"],
 ]:
-    """A block's query, key and value heads from its pre-normed input; q and k RMS-normalised, then rotated."""
+    """A block's query, key and value heads from its pre-normed input; q and k RMS-normalised (Gemma 3), then
+    rotated."""
     params, normed = block["attn"], rms_norm(block["attn_norm"], x, config.norm_eps)
     q, k, v = project_heads(params, normed, config.n_heads, config.n_kv_heads)
-    q = apply_rope(rms_norm(params["q_norm"], q, config.norm_eps), cos, sin)
-    k = apply_rope(rms_norm(params["k_norm"], k, config.norm_eps), cos, sin)
-    return q, k, v
+    if config.qk_norm:
+        q = rms_norm(params["q_norm"], q, config.norm_eps)
+        k = rms_norm(params["k_norm"], k, config.norm_eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 class Gemma3(Shell):

@@ -19,11 +19,17 @@ shrinks the key/value cache, and so the memory decoding reads per token, by ``he
 For generation, ``cached_attention`` attends from new tokens over the slots of a preallocated key/value cache
 (layout in ``zmaj.infer.cache``) under a dense mask, so every decode step has the same shapes; on the CPU it
 reads the written slots alone (eagerly, and compiled through ``zmaj.infer.generate.compile_step``).
+
+Gemma 2 soft-caps the scores, ``cap * tanh(scores / cap)`` between the scaling and the mask (Gemma Team, 2024,
+"Gemma 2", arXiv:2408.00118, section 2), so that no single key can take all of a query's weight early in
+training. SDPA has no place for that step; ``softcap=`` runs the formula instead (``auto``), or flex with the
+cap as its ``score_mod``.
 """
 
 import math
+from collections.abc import Callable
 from functools import cache
-from typing import Literal, cast
+from typing import Literal, cast, no_type_check
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +41,13 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from zmaj.nn import masks
 from zmaj.nn.layers import fused_linear, linear
+from zmaj.nn.loss import softcap as cap_scores
 from zmaj.nn.softmax import masked_softmax
 
 Backend = Literal["auto", "eager", "sdpa", "flex"]
 Kernel = Literal["eager", "sdpa", "flex"]
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+"""Flex's ``score_mod(score, batch, head, q_idx, kv_idx)``: a change to one scaled score, before the mask."""
 
 FORMULA_MAX_KEYS = 512
 """The longest key sequence for which ``auto`` compiles the formula on a CPU (``choose_backend``)."""
@@ -111,21 +120,33 @@ def attention(
     mask: AttentionMask,
     backend: Backend,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> Float[Tensor, "batch heads q_seq head_dim"]:
-    """Attention of every query head over its group's key/value head; ``scale`` defaults to 1/sqrt(head_dim)."""
+    """Attention of every query head over its group's key/value head; ``scale`` defaults to 1/sqrt(head_dim),
+    and ``softcap`` soft-caps the scaled scores (module docstring)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    backend = resolve_backend(backend, q, k.shape[2])
-    if backend == "flex":
+    kernel = _uncapped_or_formula(backend, resolve_backend(backend, q, k.shape[2]), softcap)
+    if kernel == "flex":
         if not isinstance(mask, BlockMask):
             raise TypeError(
                 "the flex backend needs a BlockMask: build it with prepare_mask(..., backend='flex')"
             )
-        return flex(q, k, v, mask, scale)
+        return flex(q, k, v, mask, scale, softcap=softcap)
     if isinstance(mask, BlockMask):
-        raise TypeError(f"the {backend} backend needs a boolean mask, not a BlockMask")
-    if backend == "eager":
-        return eager_attention(q, k, v, mask if mask is not None else _causal(q, k), scale)
+        raise TypeError(f"the {kernel} backend needs a boolean mask, not a BlockMask")
+    if kernel == "eager":
+        return eager_attention(q, k, v, mask if mask is not None else _causal(q, k), scale, softcap)
     return sdpa_attention(q, k, v, mask, scale)
+
+
+def _uncapped_or_formula(backend: Backend, kernel: Kernel, softcap: float | None) -> Kernel:
+    """``kernel``, unless the scores are soft-capped and it is SDPA, which cannot: then the formula, where
+    ``auto`` chose SDPA, and an error where the caller named it."""
+    if softcap is None or kernel != "sdpa":
+        return kernel
+    if backend == "sdpa":
+        raise ValueError("the sdpa backend cannot soft-cap attention scores: use auto, eager or flex")
+    return "eager"
 
 
 def eager_attention(
@@ -134,12 +155,15 @@ def eager_attention(
     v: Float[Tensor, "batch kv_heads k_seq head_dim"],
     mask: Bool[Tensor, "#batch q_seq k_seq"],
     scale: float,
+    softcap: float | None = None,
 ) -> Float[Tensor, "batch heads q_seq head_dim"]:
-    """softmax(q k^T * scale + bias) v, each group of query heads sharing one key/value head."""
+    """softmax(q k^T * scale + bias) v, each group of query heads sharing one key/value head; with ``softcap``,
+    softmax(softcap(q k^T * scale) + bias) v."""
     q, score_scale = grouped_queries(q, k.shape[1], scale)
     scores = einsum(q, k, "b kv g q d, b kv k d -> b kv g q k")
     if score_scale is not None:
         scores = scores * score_scale
+    scores = cap_scores(scores, softcap)
     weights = masked_softmax(scores, mask[:, None, None]).to(v.dtype)
     out = einsum(weights, v, "b kv g q k, b kv k d -> b kv g q d")
     return rearrange(out, "b kv g q d -> b (kv g) q d")
@@ -165,6 +189,7 @@ def single_query_attention(
     v: Float[Tensor, "batch kv_heads k_seq head_dim"],
     mask: Bool[Tensor, "#batch 1 k_seq"],
     scale: float,
+    softcap: float | None = None,
 ) -> Float[Tensor, "batch heads 1 head_dim"]:
     """``eager_attention`` for one query per row (a decode step), written as multiplies and sums so that
     ``torch.compile`` emits the loops itself, as ``zmaj.nn.layers.matvec`` does for the weights.
@@ -183,6 +208,7 @@ def single_query_attention(
     scores = (q.to(acc) * k.to(acc)[:, :, None]).sum(-1).to(k.dtype)  # b kv g k
     if score_scale is not None:
         scores = scores * score_scale
+    scores = cap_scores(scores, softcap)
     weights = masked_softmax(scores[..., None, :], mask[:, None, None]).squeeze(-2)
     out = (weights.to(acc)[..., None] * v.to(acc)[:, :, None]).sum(-2).to(v.dtype)  # b kv g d
     return rearrange(out, "b kv g d -> b (kv g) 1 d")
@@ -214,14 +240,30 @@ def flex(
     mask: BlockMask,
     scale: float,
     compiled: bool = True,
+    softcap: float | None = None,
 ) -> Float[Tensor, "batch heads q_seq head_dim"]:
-    """Flex-attention; uncompiled it runs a slow dense reference of the same semantics (handy in tests)."""
+    """Flex-attention; uncompiled it runs a slow dense reference of the same semantics (handy in tests).
+    A soft-cap is its ``score_mod``, which flex applies to the scaled scores, before the mask."""
     gqa = q.shape[1] != k.shape[1]
     # Inside an outer torch.compile the plain function is traced and fused into the surrounding graph.
     fn = _compiled_flex() if compiled and not torch.compiler.is_compiling() else flex_attention
-    out = fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+    score_mod = None if softcap is None else _capped(torch.tensor(softcap, device=q.device))
+    out = fn(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=gqa)
     assert isinstance(out, Tensor)
     return out
+
+
+def _capped(cap: Float[Tensor, ""]) -> ScoreMod:
+    """Flex's ``score_mod`` that soft-caps each score. The cap is a tensor, which flex passes to its kernel as
+    a buffer (a Python float it would trace as a symbolic float, which it refuses). Marked ``no_type_check``
+    and the formula written out, as ``zmaj.nn.masks``' mods are: flex traces the function, and a runtime shape
+    check keeps state that tracing refuses."""
+
+    @no_type_check
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return torch.tanh(score / cap) * cap
+
+    return cast(ScoreMod, score_mod)  # mypy reads a no_type_check function as Any
 
 
 @cache
@@ -281,6 +323,7 @@ def cached_attention(
     backend: Backend,
     scale: float | None = None,
     written: Int[Tensor, ""] | None = None,
+    softcap: float | None = None,
 ) -> Float[Tensor, "batch heads q_seq head_dim"]:
     """New tokens' queries over the slots of a key/value cache that already holds their own keys and values
     (``zmaj.models.common.CacheStep.write`` puts them there).
@@ -293,7 +336,7 @@ def cached_attention(
     there (SmolLM2-135M, 160 slots, measured), 30x the two small einsums; compiled on the CPU, it runs that
     formula as multiplies and sums (``single_query_attention``), which Inductor fuses (not measured on GPUs,
     where the einsums stay). Several queries (a prefill) take ``backend``, ``auto`` resolved as in
-    ``attention``: SDPA when no gradients are taken, as in generation.
+    ``attention``: SDPA when no gradients are taken, as in generation, and the formula where ``softcap`` is set.
 
     ``written``, the number of slots written (``CacheStep.length``), lets attention on the CPU read those
     slots alone: the others are masked, so the outputs are those of the whole buffer (to the summation order),
@@ -311,10 +354,11 @@ def cached_attention(
     if written is not None and q.device.type == "cpu":
         cache_k, cache_v, mask = _written_slots(cache_k, cache_v, mask, written, q.shape[2] == 1)
     if q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
-        return single_query_attention(q, cache_k, cache_v, mask, scale)
+        return single_query_attention(q, cache_k, cache_v, mask, scale, softcap)
     kernel = resolve_backend(backend, q, cache_k.shape[2])
+    kernel = _uncapped_or_formula(backend, "sdpa" if kernel == "flex" else kernel, softcap)
     if kernel == "eager" or q.shape[2] == 1:
-        return eager_attention(q, cache_k, cache_v, mask, scale)
+        return eager_attention(q, cache_k, cache_v, mask, scale, softcap)
     return sdpa_attention(q, cache_k, cache_v, mask, scale)
 
 

@@ -263,8 +263,7 @@ GEMMA3_SMALL: dict[str, Any] = {
 
 
 def gemma3_file(tmp_path: Path, tie: bool = True) -> tuple[Path, transformers.Gemma3ForCausalLM]:
-    """A tiny Gemma 3 written as llama.cpp's converter writes one: its names, every norm stored as ``1 + w``, and
-    ``output.weight`` only when the unembedding is not the embedding."""
+    """A tiny Gemma 3 written as llama.cpp's converter writes one (``gemma_cpp_tensors``)."""
     torch.manual_seed(0)
     reference_config = transformers.Gemma3TextConfig(**GEMMA3_SMALL, tie_word_embeddings=tie)
     model = transformers.Gemma3ForCausalLM(reference_config).eval()
@@ -272,6 +271,26 @@ def gemma3_file(tmp_path: Path, tie: bool = True) -> tuple[Path, transformers.Ge
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+    metadata = {
+        "gemma3.context_length": 256,
+        "gemma3.embedding_length": 64,
+        "gemma3.block_count": 6,
+        "gemma3.feed_forward_length": 128,
+        "gemma3.attention.head_count": 4,
+        "gemma3.attention.head_count_kv": 2,
+        "gemma3.attention.key_length": 32,
+        "gemma3.attention.value_length": 32,
+        "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
+        "gemma3.attention.sliding_window": 16,
+        "gemma3.rope.freq_base": 1_000_000.0,
+        "tokenizer.ggml.tokens": [f"t{i}" for i in range(VOCAB)],
+    }
+    return write_gguf(tmp_path / "gemma3.gguf", "gemma3", metadata, gemma_cpp_tensors(model, tie)), model
+
+
+def gemma_cpp_tensors(model: transformers.PreTrainedModel, tie: bool) -> Tensors:
+    """A Gemma 2 or 3's tensors as llama.cpp's converter writes them: its names, every norm stored as ``1 + w``,
+    and ``output.weight`` only when the unembedding is not the embedding."""
     renames = {
         "input_layernorm": "attn_norm",
         "self_attn.q_proj": "attn_q",
@@ -301,21 +320,7 @@ def gemma3_file(tmp_path: Path, tie: bool = True) -> tuple[Path, transformers.Ge
             layer, rest = name.removeprefix("model.layers.").split(".", 1)
             module = rest.removesuffix(".weight")
             tensors[f"blk.{layer}.{renames[module]}.weight"] = array
-    metadata = {
-        "gemma3.context_length": 256,
-        "gemma3.embedding_length": 64,
-        "gemma3.block_count": 6,
-        "gemma3.feed_forward_length": 128,
-        "gemma3.attention.head_count": 4,
-        "gemma3.attention.head_count_kv": 2,
-        "gemma3.attention.key_length": 32,
-        "gemma3.attention.value_length": 32,
-        "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
-        "gemma3.attention.sliding_window": 16,
-        "gemma3.rope.freq_base": 1_000_000.0,
-        "tokenizer.ggml.tokens": [f"t{i}" for i in range(VOCAB)],
-    }
-    return write_gguf(tmp_path / "gemma3.gguf", "gemma3", metadata, tensors), model
+    return tensors
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -666,7 +671,9 @@ def test_rope_scaling_is_read_as_llama_cpp_reads_it(
 
 def test_an_unknown_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "m.gguf", "mamba", {}, {"w": np.zeros(4, dtype=np.float32)})
-    with pytest.raises(ValueError, match=r"'mamba'; supported: llama, qwen2, qwen3, smollm3, gemma3, gpt2"):
+    with pytest.raises(
+        ValueError, match=r"'mamba'; supported: llama, qwen2, qwen3, smollm3, gemma2, gemma3, gpt2"
+    ):
         zgguf.load_gguf(path)
 
 

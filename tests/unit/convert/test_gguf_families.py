@@ -1,4 +1,4 @@
-"""GGUF files of Qwen 2, Qwen 3, GPT-2 and Llama 3.1's RoPE scaling, written as llama.cpp's
+"""GGUF files of Qwen 2, Qwen 3, GPT-2, SmolLM3, Gemma 2 and Llama 3.1's RoPE scaling, written as llama.cpp's
 ``convert_hf_to_gguf.py`` writes them.
 
 Each file is written from a random ``transformers`` model, the reference: zmaj's logits must be that model's,
@@ -31,6 +31,7 @@ from tests.unit.convert.test_gguf import (
     SMALL,
     VOCAB,
     Tensors,
+    gemma_cpp_tensors,
     llama_cpp_metadata,
     llama_cpp_tensors,
     llama_model,
@@ -43,7 +44,7 @@ from zmaj.models.gemma3 import Gemma3Config
 from zmaj.models.gpt import GPTConfig
 from zmaj.models.llama import LlamaConfig
 from zmaj.models.registry import architecture, config_from_json, config_to_json
-from zmaj.nn.rope import FrequencyFactors, Llama3Scaling
+from zmaj.nn.rope import FrequencyFactors, LinearScaling, Llama3Scaling
 
 M = TypeVar("M", bound=transformers.PreTrainedModel)
 Changes = dict[str, np.ndarray | None]
@@ -587,3 +588,138 @@ def test_a_llama_cpp_smollm3_file_gives_the_logits_of_its_model(tmp_path: Path) 
     assert isinstance(loaded, LlamaConfig)
     assert loaded.rope_layers == (True, True, True, False)
     assert (logits_of_file(path) - reference_logits(model)).abs().max().item() <= 1e-5
+
+
+# --- Gemma 2: Gemma 3's tensors less the q/k norms, its scores and logits soft-capped ----------------------------
+
+
+def gemma2_model(
+    caps: tuple[float, float], rope: dict[str, Any] | None = None, window: int = 16
+) -> transformers.Gemma2ForCausalLM:
+    """A tiny Gemma 2 with the given (attention, logit) caps and RoPE parameters (default: base 10k, unscaled);
+    its window, 16 by default, slides within the 40 tokens."""
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        # As in Gemma 2 2B and 9B: llama.cpp scales by head_dim ** -0.5 (bar the 27B model), and transformers'
+        # GGUF reader takes Gemma2Config's query_pre_attn_scalar, 256, so the two agree only at this head_dim.
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=window,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        attn_logit_softcapping=caps[0],
+        final_logit_softcapping=caps[1],
+        rope_parameters=rope,
+    )
+    model = transformers.Gemma2ForCausalLM(config)
+    model.set_attn_implementation("eager")
+    return moved_off_defaults(model)
+
+
+def gemma2_metadata(caps: tuple[float, float] | None) -> dict[str, Any]:
+    """What llama.cpp's converter writes for Gemma 2 (no RoPE base: llama.cpp's default, 10k, is Gemma 2's);
+    ``caps=None`` leaves out the keys llama.cpp reads as optional, the caps and the window."""
+    keys: dict[str, Any] = {
+        "context_length": 256,
+        "embedding_length": 64,
+        "block_count": 4,
+        "feed_forward_length": 128,
+        "attention.head_count": 4,
+        "attention.head_count_kv": 2,
+        "attention.key_length": 256,
+        "attention.value_length": 256,
+        "attention.layer_norm_rms_epsilon": 1e-6,
+    }
+    if caps is not None:
+        keys |= {
+            "attn_logit_softcapping": caps[0],
+            "final_logit_softcapping": caps[1],
+            "attention.sliding_window": 16,
+        }
+    return {f"gemma2.{key}": value for key, value in keys.items()} | {
+        "tokenizer.ggml.tokens": [f"t{i}" for i in range(VOCAB)]
+    }
+
+
+def test_a_llama_cpp_gemma2_file_gives_the_logits_of_its_model(tmp_path: Path) -> None:
+    """Caps these small values reach (1 and 2), read from the file: without either, the logits move by > 0.1.
+    Another RoPE base and a linear scaling, which Gemma 2 applies to every layer, local and global."""
+    caps = (1.0, 2.0)
+    model = gemma2_model(caps, {"rope_type": "linear", "factor": 4.0, "rope_theta": 100.0})
+    metadata = gemma2_metadata(caps) | {
+        "gemma2.rope.freq_base": 100.0,
+        "gemma2.rope.scaling.type": "linear",
+        "gemma2.rope.scaling.factor": 4.0,
+    }
+    path = write_gguf(tmp_path / "gemma2.gguf", "gemma2", metadata, gemma_cpp_tensors(model, True))
+    config, params = zgguf.load_gguf(path)
+    assert isinstance(config, Gemma3Config)
+    assert config.layer_types == ("sliding_attention", "full_attention") * 2
+    assert (config.attn_logit_softcap, config.final_logit_softcap, config.qk_norm) == (*caps, False)
+    assert config.rope_base == config.local_rope_base == 100.0
+    assert config.rope_scaling == config.local_rope_scaling == LinearScaling(factor=4.0)
+    expected = reference_logits(model)
+    assert (logits_of_file(path) - expected).abs().max().item() <= 1e-5
+    for cap in ("attn_logit_softcap", "final_logit_softcap"):
+        uncapped = config.model_copy(update={cap: None})
+        with torch.no_grad():
+            logits = architecture(uncapped).forward(params, Batch(tokens=TOKENS), config=uncapped)
+        assert (logits - expected).abs().max().item() > 0.1, cap
+
+
+def test_a_gemma2_file_without_its_caps_reads_as_llama_cpp_and_transformers_read_it(tmp_path: Path) -> None:
+    """llama.cpp reads the caps and the window as optional, 50, 30 and 4096 without them (Gemma 2's), as
+    transformers' GGUF reader does, which reads no cap at all; both readings give the logits of that model."""
+    model = gemma2_model((50.0, 30.0), window=4096)
+    tensors = gemma_cpp_tensors(model, True)
+    path = write_gguf(tmp_path / "gemma2.gguf", "gemma2", gemma2_metadata(None), tensors)
+    config = zgguf.config_from_gguf(zgguf.read_gguf(path))
+    assert isinstance(config, Gemma3Config)
+    assert (config.attn_logit_softcap, config.final_logit_softcap, config.sliding_window) == (
+        50.0,
+        30.0,
+        4096,
+    )
+    expected = reference_logits(model)
+    assert (transformers_logits_of_file(path) - expected).abs().max().item() <= 1e-5
+    assert (logits_of_file(path) - expected).abs().max().item() <= 1e-5
+
+
+def test_a_gemma2_file_with_q_k_norms_is_refused_naming_them(tmp_path: Path) -> None:
+    """Gemma 2 has no QK-norm: a file that holds its tensors is not one llama.cpp would read as Gemma 2."""
+    tensors = gemma_cpp_tensors(gemma2_model((50.0, 30.0)), True)
+    tensors |= {f"blk.{i}.attn_q_norm.weight": np.ones(256, dtype=np.float32) for i in range(4)}
+    path = write_gguf(tmp_path / "gemma2.gguf", "gemma2", gemma2_metadata(None), tensors)
+    with pytest.raises(ValueError, match=r"tensors zmaj would not read: blk\.0\.attn_q_norm\.weight"):
+        zgguf.load_gguf(path)
+
+
+@pytest.mark.parametrize(
+    ("family", "n_layers", "scalar"),
+    [("gemma2", 46, 16.0), ("gemma2", 26, 32.0), ("gemma3", 62, 16.0), ("gemma3", 18, 32.0)],
+)
+def test_only_the_27b_models_scale_scores_by_the_width_per_head(
+    tmp_path: Path, family: str, n_layers: int, scalar: float
+) -> None:
+    """llama.cpp knows the 27B models by their depth (Gemma 2's 46 layers, Gemma 3's 62), and scales their scores
+    by ``(d_model / n_heads) ** -0.5``, as their configs' ``query_pre_attn_scalar`` says (here 64 / 4); every
+    other size by ``head_dim ** -0.5`` (here 32). The file holds one tensor a layer, all the config reads."""
+    metadata = {
+        key.replace("gemma2.", f"{family}.", 1): value
+        for key, value in gemma2_metadata((50.0, 30.0)).items()
+        if "key_length" not in key and "value_length" not in key
+    }
+    metadata |= {f"{family}.block_count": n_layers, f"{family}.attention.key_length": 32}
+    tensors: Tensors = {f"blk.{i}.attn_norm.weight": np.ones(64, dtype=np.float32) for i in range(n_layers)}
+    config = zgguf.config_from_gguf(
+        zgguf.read_gguf(write_gguf(tmp_path / "g.gguf", family, metadata, tensors))
+    )
+    assert isinstance(config, Gemma3Config)
+    assert config.query_pre_attn_scalar == scalar
+    assert config.head_dim == 32

@@ -58,7 +58,9 @@ def test_config_names_the_bad_field() -> None:
     with pytest.raises(pydantic.ValidationError, match="final_logit_softcap"):
         gemma3.Gemma3Config(vocab_size=10, final_logit_softcap=0.0)
     with pytest.raises(pydantic.ValidationError, match="attn_logit_softcap"):
-        gemma3.Gemma3Config(vocab_size=10, attn_logit_softcap=50.0)  # type: ignore[call-arg]
+        gemma3.Gemma3Config(vocab_size=10, attn_logit_softcap=0.0)
+    with pytest.raises(pydantic.ValidationError, match="sdpa cannot soft-cap the scores"):
+        gemma3.Gemma3Config(vocab_size=10, attn_logit_softcap=50.0, attention="sdpa")
 
 
 def test_the_default_is_gemma3_270m() -> None:

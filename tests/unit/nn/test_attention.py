@@ -18,6 +18,7 @@ from zmaj.nn.attention import (
     FORMULA_MAX_KEYS,
     Backend,
     attention,
+    cached_attention,
     choose_backend,
     eager_attention,
     flex,
@@ -241,24 +242,76 @@ def test_in_bfloat16_the_output_is_the_bits_of_scaling_the_scores(device: torch.
     assert torch.equal(eager_attention(q, k, v, mask, scale), expected)
 
 
-@given(problems(), st.sampled_from([None, 0.3]), st.sampled_from([torch.float64, torch.bfloat16]))
+@given(
+    problems(),
+    st.sampled_from([None, 0.3]),
+    st.sampled_from([torch.float64, torch.bfloat16]),
+    st.sampled_from([None, 0.7]),
+)
 def test_single_query_attention_is_the_formula_for_the_last_query(
-    device: torch.device, problem: Problem, scale: float | None, dtype: torch.dtype
+    device: torch.device, problem: Problem, scale: float | None, dtype: torch.dtype, softcap: float | None
 ) -> None:
     """The decode-step form (multiplies and sums) equals the einsum formula for one query row: to rounding in
     float64, bit for bit in bf16 (where the scale's place and each rounding show), with the default scale
-    (a power of two or not) and one that is not."""
+    (a power of two or not) and one that is not, soft-capped or not."""
     q, k, v, mod = on(problem, device)
     batch, _, seq, head_dim = q.shape
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     mask = masks.dense(mod or masks.causal, batch, seq, seq, device)[:, -1:]
     scale = head_dim**-0.5 if scale is None else scale
-    expected = eager_attention(q[:, :, -1:], k, v, mask, scale)
-    got = single_query_attention(q[:, :, -1:], k, v, mask, scale)
+    expected = eager_attention(q[:, :, -1:], k, v, mask, scale, softcap)
+    got = single_query_attention(q[:, :, -1:], k, v, mask, scale, softcap)
     if dtype == torch.bfloat16:
         assert torch.equal(got, expected)
     else:
         torch.testing.assert_close(got, expected)
+
+
+def soft_capped_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Gemma 2's attention written out: every key/value head repeated for its query heads, the scaled scores
+    capped at ``cap * tanh(scores / cap)``, masked to -inf, then softmax and the weighted values."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    capped = cap * torch.tanh(scores / cap)
+    return torch.softmax(capped.masked_fill(~mask[:, None], float("-inf")), -1) @ v
+
+
+@given(problems(), st.sampled_from([0.5, 2.0]))
+def test_soft_capped_attention_is_the_formula_in_every_backend_that_caps(
+    device: torch.device, problem: Problem, cap: float
+) -> None:
+    """``auto`` (which cannot be SDPA here), the formula, flex with its ``score_mod``, and a cached prefill
+    through either: the scores are capped after the scaling and before the mask. Caps of 0.5 and 2 move
+    these scores (standard normal q and k) far from the uncapped output."""
+    q, k, v, mod = on(problem, device)
+    batch, _, seq, _ = q.shape
+    mask = masks.dense(mod or masks.causal, batch, seq, seq, device)
+    expected = soft_capped_reference(q, k, v, mask, cap)
+    scale = q.shape[-1] ** -0.5
+    block_mask = prepare_mask(mod, batch, seq, seq, "flex", device)
+    assert isinstance(block_mask, BlockMask)
+    got = {
+        "auto": attention(q, k, v, prepare_mask(mod, batch, seq, seq, "auto", device), "auto", softcap=cap),
+        "eager": attention(q, k, v, mask, "eager", softcap=cap),
+        "flex": flex(q, k, v, block_mask, scale, compiled=False, softcap=cap),
+        "cached auto": cached_attention(q, k, v, mask, "auto", softcap=cap),
+        "cached flex": cached_attention(q, k, v, mask, "flex", softcap=cap),
+    }
+    for name, out in got.items():
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_sdpa_named_with_a_soft_cap_is_refused() -> None:
+    """SDPA has no place for the cap; named by the caller, it is an error, never an uncapped result."""
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    mask = torch.ones(1, 4, 4, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="sdpa backend cannot soft-cap"):
+        attention(q, k, v, mask, "sdpa", softcap=1.0)
+    with pytest.raises(ValueError, match="sdpa backend cannot soft-cap"):
+        cached_attention(q, k, v, mask, "sdpa", softcap=1.0)
 
 
 COMPILED_SINGLE_QUERY = """
