@@ -25,6 +25,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from loguru import logger
 
 from zmaj import checkpoint
+from zmaj.convert.hf import config_to_hf
 from zmaj.convert.load import LORA_FILE, MODEL_FILE, Pretrained
 from zmaj.data.config import DataConfig
 from zmaj.publish.hub import HUB_LICENSES
@@ -241,7 +242,7 @@ def card_data(
     model: Pretrained, run: Run | None, license: str, datasets: list[str] | None = None
 ) -> ModelCardData:
     """The metadata block: license, base model, datasets, tags, and what the Hub needs to run the model."""
-    tags = ["zmaj", model.architecture.name]
+    tags = ["zmaj", _transformers_class(model)[0]]
     if run is not None:
         tags += [run.kind] + (["lora"] if run.lora else [])
     base = run.base_model if run is not None else None
@@ -285,6 +286,14 @@ def write_card(folder: Path, card: ModelCard, run: Run | None) -> None:
         shutil.copyfile(run.curve, folder / run.curve.name)
 
 
+def _transformers_class(model: Pretrained) -> tuple[str, str]:
+    """The ``model_type`` and class that ``transformers`` loads the export as (``qwen3``,
+    ``Qwen3ForCausalLM``): what the Hub and a reader know the model by, where zmaj's own architecture name
+    (``llama``, which also computes Qwen and Mistral) would say less."""
+    hf = config_to_hf(model.config)
+    return hf["model_type"], hf["architectures"][0]
+
+
 def _summary(model: Pretrained, run: Run | None) -> str:
     n_params = sum(t.numel() for t in model.params.values(True, True))
     what = {
@@ -296,7 +305,7 @@ def _summary(model: Pretrained, run: Run | None) -> str:
     }[run.kind if run is not None else None]
     text = (
         f"{what[0].upper()}{what[1:]} with zmaj, exported to the `transformers` format: "
-        f"a {model.architecture.name} of {n_params / 1e6:.2f}M parameters, "
+        f"a `{_transformers_class(model)[1]}` of {n_params / 1e6:.2f}M parameters, "
         f"{model.tokenizer.vocab_size}-token vocabulary."
     )
     if run is not None and run.kind != "pretraining":

@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 from tests.unit.train.test_loop import logged
 from zmaj.convert.load import LORA_FILE, Pretrained
 from zmaj.data.chat_template import DEFAULT_TEMPLATE
+from zmaj.models.gemma3 import Gemma3Config
+from zmaj.models.llama import LlamaConfig
+from zmaj.models.registry import architecture
 from zmaj.publish import card
 from zmaj.publish.card import Run
 from zmaj.publish.export import parse_size
@@ -322,12 +325,37 @@ def test_a_fine_tuned_card_names_its_shipped_base_model_in_the_metadata_and_link
     assert "base_model" not in card.card_data(model, Run(Path("r"), "pretraining", {}), "mit").to_dict()
 
 
+@pytest.mark.parametrize(
+    ("config", "model_type", "hf_class"),
+    [
+        (
+            LlamaConfig(vocab_size=300, context=16, d_model=32, n_layers=1, n_heads=2, qkv_bias=True),
+            "qwen2",
+            "Qwen2",
+        ),
+        (
+            Gemma3Config(vocab_size=300, n_layers=2, qk_norm=False, rope_base=1e4, attn_logit_softcap=50.0),
+            "gemma2",
+            "Gemma2",
+        ),
+    ],
+)
+def test_the_card_names_the_model_as_transformers_loads_it(
+    model: Pretrained, config: LlamaConfig | Gemma3Config, model_type: str, hf_class: str
+) -> None:
+    """Tagged and described by what ``transformers`` loads the export as, not by zmaj's architecture, which
+    computes Qwen 2 as ``llama`` and Gemma 2 as ``gemma3``."""
+    other = replace(model, config=config, params=architecture(config).init(config, 0, device="meta"))
+    assert card.card_data(other, None, "mit").to_dict()["tags"] == ["zmaj", model_type]
+    assert f"a `{hf_class}ForCausalLM` of " in card._summary(other, None)
+
+
 def test_the_summary_counts_the_parameters_in_millions_and_says_lora_was_merged(
     model: Pretrained, tmp_path: Path
 ) -> None:
     """The parameter count is the card's first fact; a LoRA run says its adapters are in the weights."""
     n = sum(t.numel() for t in model.params.values(True, True))
-    assert f"a gpt of {n / 1e6:.2f}M parameters" in card._summary(model, None)
+    assert f"a `GPT2LMHeadModel` of {n / 1e6:.2f}M parameters" in card._summary(model, None)
     assert n / 1e6 >= 0.01  # so that a count in billions (0.00) would show
     (tmp_path / LORA_FILE).write_text("{}")
     assert "LoRA adapters were trained and merged into the weights." in card._summary(
