@@ -7,6 +7,7 @@ shorter than the longest sequences (48), so the local layers' masks differ from 
 
 import copy
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers.models.gemma3 import modeling_gemma3
 
+from tests.integration import parity
 from zmaj.convert import hf
 from zmaj.models import gemma3
 from zmaj.models.common import Batch
@@ -203,17 +205,9 @@ def test_every_checkpoint_tensor_is_read(saved: tuple[transformers.PreTrainedMod
 def test_padded_rows_give_the_unpadded_logits(saved: tuple[transformers.PreTrainedModel, Path]) -> None:
     model, folder = saved
     config, params = load(folder)
-    generator = torch.Generator().manual_seed(2)
-    lengths = [LONG, 29]
-    rows = [torch.randint(0, VOCAB, (1, n), generator=generator) for n in lengths]
-    padded = Batch(
-        tokens=torch.cat([torch.nn.functional.pad(row, (0, LONG - row.shape[1])) for row in rows]),
-        is_token=torch.arange(LONG)[None] < torch.tensor(lengths)[:, None],
+    parity.assert_padded_rows_give_the_unpadded_logits(
+        lambda batch: gemma3.forward(params, batch, config), partial(logits_of, model), VOCAB, [LONG, 29]
     )
-    with torch.no_grad():
-        logits = gemma3.forward(params, padded, config)
-    for i, row in enumerate(rows):
-        assert (logits[i, : lengths[i]] - logits_of(model, row)[0]).abs().max().item() <= 1e-5
 
 
 def test_packed_documents_give_the_logits_of_separate_runs(
@@ -222,17 +216,9 @@ def test_packed_documents_give_the_logits_of_separate_runs(
     """Both documents are longer than the window, so the window must slide within each document alone."""
     model, folder = saved
     config, params = load(folder)
-    generator = torch.Generator().manual_seed(3)
-    first, second = (torch.randint(0, VOCAB, (1, n), generator=generator) for n in (30, 18))
-    packed = Batch(
-        tokens=torch.cat([first, second], 1),
-        positions=torch.cat([torch.arange(30), torch.arange(18)])[None],
-        document_ids=torch.cat([torch.zeros(30, dtype=torch.long), torch.ones(18, dtype=torch.long)])[None],
+    parity.assert_packed_documents_give_the_logits_of_separate_runs(
+        lambda batch: gemma3.forward(params, batch, config), partial(logits_of, model), VOCAB, (30, 18)
     )
-    with torch.no_grad():
-        logits = gemma3.forward(params, packed, config)
-    separate = torch.cat([logits_of(model, first), logits_of(model, second)], dim=1)
-    assert (logits - separate).abs().max().item() <= 1e-5
 
 
 def test_the_legacy_config_format_reads_the_same() -> None:

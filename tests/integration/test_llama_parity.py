@@ -8,6 +8,7 @@ alone, so the test covers the config translation, the tensor table and the model
 import copy
 import json
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from tests.integration import parity
 from tests.unit.train.test_loop import logged
 from zmaj.convert import hf
 from zmaj.models import gpt, llama
@@ -130,17 +132,9 @@ def test_config_follows_the_checkpoint(saved: tuple[transformers.PreTrainedModel
 def test_padded_rows_give_the_unpadded_logits(saved: tuple[transformers.PreTrainedModel, Path]) -> None:
     model, folder = saved
     config, params = load(folder)
-    generator = torch.Generator().manual_seed(2)
-    lengths = [40, 23]
-    rows = [torch.randint(0, VOCAB, (1, n), generator=generator) for n in lengths]
-    padded = Batch(
-        tokens=torch.cat([torch.nn.functional.pad(row, (0, 40 - row.shape[1])) for row in rows]),
-        is_token=torch.arange(40)[None] < torch.tensor(lengths)[:, None],
+    parity.assert_padded_rows_give_the_unpadded_logits(
+        lambda batch: llama.forward(params, batch, config), partial(logits_of, model), VOCAB, [40, 23]
     )
-    with torch.no_grad():
-        logits = llama.forward(params, padded, config)
-    for i, row in enumerate(rows):
-        assert (logits[i, : lengths[i]] - logits_of(model, row)[0]).abs().max().item() <= 1e-5
 
 
 def test_packed_documents_give_the_logits_of_separate_runs(
@@ -148,17 +142,9 @@ def test_packed_documents_give_the_logits_of_separate_runs(
 ) -> None:
     model, folder = saved
     config, params = load(folder)
-    generator = torch.Generator().manual_seed(3)
-    first, second = (torch.randint(0, VOCAB, (1, n), generator=generator) for n in (25, 15))
-    packed = Batch(
-        tokens=torch.cat([first, second], 1),
-        positions=torch.cat([torch.arange(25), torch.arange(15)])[None],
-        document_ids=torch.cat([torch.zeros(25, dtype=torch.long), torch.ones(15, dtype=torch.long)])[None],
+    parity.assert_packed_documents_give_the_logits_of_separate_runs(
+        lambda batch: llama.forward(params, batch, config), partial(logits_of, model), VOCAB, (25, 15)
     )
-    with torch.no_grad():
-        logits = llama.forward(params, packed, config)
-    separate = torch.cat([logits_of(model, first), logits_of(model, second)], dim=1)
-    assert (logits - separate).abs().max().item() <= 1e-5
 
 
 def test_the_legacy_config_format_reads_the_same() -> None:
