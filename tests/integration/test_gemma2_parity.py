@@ -58,8 +58,8 @@ REFERENCES: dict[str, transformers.Gemma2Config] = {
     ),
 }
 
-# The layout of google/gemma-2-2b's config.json (written by transformers 4.42: top-level RoPE keys, no
-# layer_types, the caps and window spelled out).
+# The layout of the released Gemma 2 checkpoints' config.json (transformers 4.42's: top-level RoPE keys, no
+# layer_types, the caps and the window spelled out), with Gemma 2 2B's sizes.
 GEMMA2_2B: dict[str, Any] = {
     "architectures": ["Gemma2ForCausalLM"],
     "attention_bias": False,
