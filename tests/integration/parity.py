@@ -1,9 +1,12 @@
-"""Checks every parity test runs against its ``transformers`` reference, whatever the family: a batch's padding
-and its packed documents must change no logit of the tokens beside them."""
+"""What every parity test does with its ``transformers`` reference, whatever the family: build it at random with
+its norms and biases moved off their identity, and check that a batch's padding and its packed documents change
+no logit of the tokens beside them."""
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+import transformers
 
 from zmaj.models.common import Batch
 
@@ -11,6 +14,18 @@ Ours = Callable[[Batch], torch.Tensor]
 """zmaj's logits of a batch, ``[batch, seq, vocab]``."""
 Theirs = Callable[[torch.Tensor], torch.Tensor]
 """The reference's logits of a ``[1, seq]`` row of tokens, ``[1, seq, vocab]``."""
+
+
+def random_reference(config: transformers.PretrainedConfig, **kwargs: Any) -> transformers.PreTrainedModel:
+    """A random float32 model in eval mode (seed 0), its norms and biases moved off their initial one or zero,
+    so that a dropped or misplaced one shows in the logits; ``kwargs`` go to ``from_config``."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
 
 
 def assert_padded_rows_give_the_unpadded_logits(

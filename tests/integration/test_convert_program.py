@@ -16,6 +16,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import zmaj.convert
+from tests.integration import parity
 from tests.integration.programs import Result, busy_volume, run_program
 from zmaj.convert import weights
 from zmaj.convert.load import Pretrained, load_model, save_zmaj
@@ -36,7 +37,6 @@ def convert(*args: str | Path) -> Result:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[transformers.PreTrainedModel, Path]:
     """A random Llama (norms off one, so a dropped norm shows) with a tokenizer, as a Hugging Face folder."""
-    torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -48,11 +48,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[transformers.PreTr
         initializer_range=0.1,
         tie_word_embeddings=False,
     )
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    model = parity.random_reference(config)
     folder = tmp_path_factory.mktemp("source") / "llama"
     model.save_pretrained(folder)
     ModelTokenizer.from_zmaj(Tokenizer.train(TEXTS, VOCAB)).save(folder)

@@ -92,16 +92,7 @@ GEMMA2_2B: dict[str, Any] = {
 
 
 def reference_model(name: str) -> transformers.PreTrainedModel:
-    """A random model whose norms are moved off zero (their identity), so a dropped or misplaced one would show."""
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        REFERENCES[name], dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    with torch.no_grad():
-        for param_name, p in model.named_parameters():
-            if "norm" in param_name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return parity.random_reference(REFERENCES[name], attn_implementation="eager")
 
 
 @pytest.fixture(scope="module", params=list(REFERENCES))

@@ -103,14 +103,7 @@ GEMMA3_270M: dict[str, Any] = {
 
 
 def reference_model(name: str) -> transformers.PreTrainedModel:
-    """A random model whose norms are moved off zero (their identity), so a dropped or misplaced one would show."""
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(REFERENCES[name], dtype=torch.float32).eval()
-    with torch.no_grad():
-        for param_name, p in model.named_parameters():
-            if "norm" in param_name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return parity.random_reference(REFERENCES[name])
 
 
 @pytest.fixture(scope="module", params=list(REFERENCES))

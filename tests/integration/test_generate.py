@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+from tests.integration import parity
 from tests.integration.test_llama_parity import NO_SPECIAL_TOKENS
 from zmaj.convert import hf
 from zmaj.infer.cache import init_cache
@@ -47,14 +48,7 @@ PROMPTS = [[3, 77, 12, 5, 101, 64, 9, 33, 2, 90, 45, 7], [14, 8, 120, 61, 5]]
 def saved(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[transformers.PreTrainedModel, Path]:
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        REFERENCES[request.param], dtype=torch.float32
-    ).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    model = parity.random_reference(REFERENCES[request.param])
     folder = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(folder)
     return model, folder

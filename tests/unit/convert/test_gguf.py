@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
+from tests.integration import parity
 from tests.strategies import seeds
 from zmaj.convert import gguf as zgguf
 from zmaj.convert import weights
@@ -77,13 +78,8 @@ def write_gguf(path: Path, architecture: str, metadata: dict[str, Any], tensors:
 
 def llama_model(tie: bool) -> transformers.LlamaForCausalLM:
     """A random Llama whose norms are moved off one, so a dropped or swapped norm would show."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**SMALL, tie_word_embeddings=tie)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    model = parity.random_reference(transformers.LlamaConfig(**SMALL, tie_word_embeddings=tie))
+    assert isinstance(model, transformers.LlamaForCausalLM)
     return model
 
 
@@ -264,13 +260,8 @@ GEMMA3_SMALL: dict[str, Any] = {
 
 def gemma3_file(tmp_path: Path, tie: bool = True) -> tuple[Path, transformers.Gemma3ForCausalLM]:
     """A tiny Gemma 3 written as llama.cpp's converter writes one (``gemma_cpp_tensors``)."""
-    torch.manual_seed(0)
-    reference_config = transformers.Gemma3TextConfig(**GEMMA3_SMALL, tie_word_embeddings=tie)
-    model = transformers.Gemma3ForCausalLM(reference_config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    model = parity.random_reference(transformers.Gemma3TextConfig(**GEMMA3_SMALL, tie_word_embeddings=tie))
+    assert isinstance(model, transformers.Gemma3ForCausalLM)
     metadata = {
         "gemma3.context_length": 256,
         "gemma3.embedding_length": 64,
