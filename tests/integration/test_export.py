@@ -379,6 +379,12 @@ REFUSED: list[tuple[ModelConfig, str]] = [
     ),
     # Without QK-norm it is Gemma 2, whose layers all rotate alike (here the default 1M and 10k bases).
     (Gemma3Config(**TINY, n_kv_heads=2, head_dim=8, d_ff=48, qk_norm=False), "rotate otherwise"),
+    # transformers' Llama and Gemma configs refuse a width that is not a whole number of heads, head_dim or not.
+    (LlamaConfig(**LLAMA | {"d_model": 36, "n_heads": 8}, head_dim=8), "d_model=36 with n_heads=8"),
+    (
+        Gemma3Config(**TINY | {"d_model": 36, "n_heads": 8}, n_kv_heads=2, head_dim=8, d_ff=48),
+        "d_model=36 with n_heads=8: transformers' Gemma3ForCausalLM refuses",
+    ),
 ]
 
 

@@ -134,6 +134,17 @@ def test_logits_equal_transformers(
     assert (logits - logits_of(model, tokens)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
+def test_compiled_flex_logits_equal_transformers(saved: tuple[transformers.PreTrainedModel, Path]) -> None:
+    """Flex with the cap as its ``score_mod``, compiled as the model runs it, against transformers' eager."""
+    model, folder = saved
+    config, params = load(folder, "flex")
+    tokens = tokens_of(LONG)
+    with torch.no_grad():
+        logits = gemma3.forward(params, Batch(tokens=tokens), config)
+    assert (logits - logits_of(model, tokens)).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("cap", ["attn_logit_softcap", "final_logit_softcap"])
 def test_without_either_cap_the_logits_differ(cap: str, tmp_path: Path) -> None:
     """The check above can fail: each cap, left out, moves the capped variant's logits far past its tolerance."""

@@ -468,12 +468,16 @@ def _llama_config(file: GGUFFile, architecture: str) -> LlamaConfig:
 def _gemma_config(file: GGUFFile, architecture: str) -> Gemma3Config:
     """Gemma 2's or Gemma 3's shape, with what the file does not say taken as llama.cpp's code fixes it.
 
-    llama.cpp hard-codes Gemma 3's five local layers to one global (``set_swa_pattern(6)``) and Gemma 2's
-    alternation (2), and scales attention scores by ``head_dim ** -0.5``, except for the 27B models (Gemma 3's
-    62 layers, Gemma 2's 46), whose ``query_pre_attn_scalar`` is ``d_model / n_heads``. Gemma 3's linear RoPE
-    scaling (4B and up) applies to its global layers only; Gemma 2 rotates every layer alike, without QK-norm,
-    and soft-caps its attention scores and logits at the file's caps, else at 50 and 30, as llama.cpp does (its
-    window too may be left out: 4096).
+    llama.cpp reads which layers are local from ``attention.sliding_window_pattern`` (a flag per layer, or the
+    period of the global ones), else takes Gemma 3's five local layers to one global and Gemma 2's alternation;
+    a Gemma 3 file without a window has none (every layer global). It scales attention scores by
+    ``head_dim ** -0.5``, except for the 27B models (Gemma 3's 62 layers, Gemma 2's 46), whose
+    ``query_pre_attn_scalar`` is ``d_model // n_heads``. Gemma 3's linear RoPE scaling (4B and up) applies to its
+    global layers only, and its logits are soft-capped only where the file says so. Gemma 2's scaling applies to
+    every layer, its local layers rotate with the global base unless ``rope.freq_base_swa`` says otherwise, it
+    has no QK-norm, and it soft-caps its attention scores and logits at the file's caps, else at 50 and 30 (its
+    window too may be left out: 4096). Gemma 2's unembedding is always its embedding: llama.cpp refuses a
+    Gemma 2 file with an ``output.weight`` of its own.
     """
     gemma2 = architecture == "gemma2"
 
@@ -488,14 +492,35 @@ def _gemma_config(file: GGUFFile, architecture: str) -> Gemma3Config:
     head_dim, n_kv_heads = size("attention.key_length"), size("attention.head_count_kv")
     context, d_ff = size("context_length"), size("feed_forward_length")
     _check_layers(file, n_layers, architecture)  # before a list of n_layers layer types is made
+    if key("rope.dimension_count", head_dim) != head_dim:
+        raise ValueError(
+            f"{architecture}: RoPE over {key('rope.dimension_count')} of {head_dim} head features is not supported"
+        )
     rope_base = key("rope.freq_base", 10_000.0 if gemma2 else 1_000_000.0)
     big = n_layers == (46 if gemma2 else 62)
-    caps: dict[str, Any] = {}
+    window: int | None
     if gemma2:
-        caps = {
+        window = size("attention.sliding_window", 4096)
+    else:  # llama.cpp: a Gemma 3 file without a window, or with 0, has no sliding layers
+        window = size("attention.sliding_window") if key("attention.sliding_window", 0) else None
+    options: dict[str, Any] = {"final_logit_softcap": key("final_logit_softcapping", 0.0) or None}
+    if gemma2:
+        options = {
             "attn_logit_softcap": key("attn_logit_softcapping", 50.0),
             "final_logit_softcap": key("final_logit_softcapping", 30.0),
             "qk_norm": False,
+        }
+        if not _tied(file):
+            raise ValueError(
+                f"GGUF file {file.path}: a Gemma 2 file with an output.weight other than its embedding, which "
+                "llama.cpp refuses (its Gemma 2 unembeds through the embedding)"
+            )
+    if window is None:
+        options["layer_types"] = ("full_attention",) * n_layers
+    else:
+        options |= {
+            "sliding_window": window,
+            "layer_types": _layer_types(file, architecture, n_layers, 2 if gemma2 else 6),
         }
     return Gemma3Config(
         vocab_size=_vocab_size(file),
@@ -507,16 +532,39 @@ def _gemma_config(file: GGUFFile, architecture: str) -> Gemma3Config:
         head_dim=head_dim,
         d_ff=d_ff,
         norm_eps=key("attention.layer_norm_rms_epsilon"),
-        layer_types=gemma3.interleaved_layer_types(n_layers, 2 if gemma2 else 6),
-        sliding_window=size("attention.sliding_window", 4096 if gemma2 else None),
         rope_base=rope_base,
         rope_scaling=rope_scaling,
         local_rope_base=key("rope.freq_base_swa", rope_base if gemma2 else 10_000.0),
         local_rope_scaling=rope_scaling if gemma2 else None,
-        query_pre_attn_scalar=d_model / n_heads if big else head_dim,
+        query_pre_attn_scalar=d_model // n_heads if big else head_dim,
         tie_embeddings=_tied(file),
-        **caps,
+        **options,
     )
+
+
+def _layer_types(
+    file: GGUFFile, architecture: str, n_layers: int, period: int
+) -> tuple[gemma3.LayerType, ...]:
+    """Which layers attend through the window, as llama.cpp's ``load_swa_pattern`` reads them: a flag per layer
+    in ``attention.sliding_window_pattern``, or there the period of the global layers (every ``period``-th
+    layer; 0: none global), else the architecture's ``period``."""
+    pattern = _metadata(file, f"{architecture}.attention.sliding_window_pattern", period)
+    kinds: tuple[gemma3.LayerType, gemma3.LayerType] = ("full_attention", "sliding_attention")
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers or not all(isinstance(flag, bool | int) for flag in pattern):
+            raise ValueError(
+                f"GGUF metadata of {file.path}: {architecture}.attention.sliding_window_pattern is {pattern!r}, "
+                f"neither a period nor a flag for each of {n_layers} layers"
+            )
+        return tuple(kinds[bool(flag)] for flag in pattern)
+    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 0:
+        raise ValueError(
+            f"GGUF metadata of {file.path}: {architecture}.attention.sliding_window_pattern is {pattern!r}, not a "
+            "period (a whole number) or a flag per layer"
+        )
+    if pattern == 0:
+        return (kinds[1],) * n_layers
+    return gemma3.interleaved_layer_types(n_layers, pattern)
 
 
 def _gpt2_config(file: GGUFFile) -> GPTConfig:

@@ -113,6 +113,9 @@ ARCHITECTURES = {
     "gemma3_text": "Gemma3ForCausalLM",
 }
 """The ``transformers`` class (``config.json``'s ``architectures``) of each model type written here."""
+WHOLE_HEADS = ("llama", "gemma2", "gemma3_text")
+"""The model types whose ``transformers`` config refuses a ``hidden_size`` not divisible by the head count (its
+``validate_architecture``), though their ``head_dim`` is set apart from it."""
 
 
 GEMMA3_TEXT_SIZES = {
@@ -572,9 +575,14 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     ``config_from_hf`` reads back; a setting no such model has is a ValueError naming it."""
     if isinstance(config, GPTConfig):
         return gpt2.config_to_hf(config)
-    if isinstance(config, Gemma3Config):
-        return _gemma_to_hf(config)
-    return _llama_to_hf(config)
+    hf = _gemma_to_hf(config) if isinstance(config, Gemma3Config) else _llama_to_hf(config)
+    if hf["model_type"] in WHOLE_HEADS and config.d_model % config.n_heads:
+        raise ValueError(
+            f"{type(config).__name__} d_model={config.d_model} with n_heads={config.n_heads}: transformers' "
+            f"{hf['architectures'][0]} refuses a hidden size that is not a multiple of the head count, whatever "
+            "head_dim says"
+        )
+    return hf
 
 
 def _llama_to_hf(config: LlamaConfig) -> dict[str, Any]:

@@ -21,8 +21,8 @@ For generation, ``cached_attention`` attends from new tokens over the slots of a
 reads the written slots alone (eagerly, and compiled through ``zmaj.infer.generate.compile_step``).
 
 Gemma 2 soft-caps the scores, ``cap * tanh(scores / cap)`` between the scaling and the mask (Gemma Team, 2024,
-"Gemma 2", arXiv:2408.00118, section 2), so that no single key can take all of a query's weight early in
-training. SDPA has no place for that step; ``softcap=`` runs the formula instead (``auto``), or flex with the
+"Gemma 2", arXiv:2408.00118, section 2, following Gemini 1.5), which keeps every score within ``(-cap, cap)``.
+SDPA has no place for that step; ``softcap=`` runs the formula instead (``auto``), or flex with the
 cap as its ``score_mod``.
 """
 

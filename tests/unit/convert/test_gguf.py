@@ -258,9 +258,16 @@ GEMMA3_SMALL: dict[str, Any] = {
 }
 
 
-def gemma3_file(tmp_path: Path, tie: bool = True) -> tuple[Path, transformers.Gemma3ForCausalLM]:
-    """A tiny Gemma 3 written as llama.cpp's converter writes one (``gemma_cpp_tensors``)."""
-    model = parity.random_reference(transformers.Gemma3TextConfig(**GEMMA3_SMALL, tie_word_embeddings=tie))
+def gemma3_file(
+    tmp_path: Path,
+    tie: bool = True,
+    reference: dict[str, Any] | None = None,
+    changes: dict[str, Any] | None = None,
+) -> tuple[Path, transformers.Gemma3ForCausalLM]:
+    """A tiny Gemma 3 written as llama.cpp's converter writes one (``gemma_cpp_tensors``); ``reference`` changes
+    the model's config, ``changes`` the file's metadata (``None`` drops a key)."""
+    config = transformers.Gemma3TextConfig(**GEMMA3_SMALL | (reference or {}), tie_word_embeddings=tie)
+    model = parity.random_reference(config)
     assert isinstance(model, transformers.Gemma3ForCausalLM)
     metadata = {
         "gemma3.context_length": 256,
@@ -275,7 +282,8 @@ def gemma3_file(tmp_path: Path, tie: bool = True) -> tuple[Path, transformers.Ge
         "gemma3.attention.sliding_window": 16,
         "gemma3.rope.freq_base": 1_000_000.0,
         "tokenizer.ggml.tokens": [f"t{i}" for i in range(VOCAB)],
-    }
+    } | (changes or {})
+    metadata = {key: value for key, value in metadata.items() if value is not None}
     return write_gguf(tmp_path / "gemma3.gguf", "gemma3", metadata, gemma_cpp_tensors(model, tie)), model
 
 
@@ -326,6 +334,31 @@ def test_a_llama_cpp_gemma3_file_gives_the_logits_of_its_model(tmp_path: Path, t
         expected = model(tokens).logits
         logits = gemma3.forward(params, Batch(tokens=tokens), config)
     assert (logits - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("reference", "changes"),
+    [
+        # No window (or 0): llama.cpp's Gemma 3 attends globally in every layer.
+        ({"layer_types": ["full_attention"] * 6}, {"gemma3.attention.sliding_window": None}),
+        ({"layer_types": ["full_attention"] * 6}, {"gemma3.attention.sliding_window": 0}),
+        # A logit soft-cap, which llama.cpp's Gemma 3 applies where the file has one.
+        ({"final_logit_softcapping": 2.0}, {"gemma3.final_logit_softcapping": 2.0}),
+    ],
+    ids=["no window", "window 0", "soft-capped"],
+)
+def test_a_gemma3_file_without_a_window_or_with_a_logit_cap_reads_as_llama_cpp_reads_it(
+    tmp_path: Path, reference: dict[str, Any], changes: dict[str, Any]
+) -> None:
+    path, model = gemma3_file(tmp_path, reference=reference, changes=changes)
+    config, params = zgguf.load_gguf(path)
+    assert isinstance(config, gemma3.Gemma3Config)
+    assert list(config.layer_types) == model.config.layer_types
+    assert config.final_logit_softcap == model.config.final_logit_softcapping
+    tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = gemma3.forward(params, Batch(tokens=tokens), config)
+        assert (logits - model(tokens).logits).abs().max().item() <= 1e-5
 
 
 def quantised(values: np.ndarray, kind: GGMLQuantizationType) -> np.ndarray | tuple[np.ndarray, Any]:

@@ -594,10 +594,14 @@ def test_a_llama_cpp_smollm3_file_gives_the_logits_of_its_model(tmp_path: Path) 
 
 
 def gemma2_model(
-    caps: tuple[float, float], rope: dict[str, Any] | None = None, window: int = 16
+    caps: tuple[float, float],
+    rope: dict[str, Any] | None = None,
+    window: int = 16,
+    layer_types: list[str] | None = None,
 ) -> transformers.Gemma2ForCausalLM:
     """A tiny Gemma 2 with the given (attention, logit) caps and RoPE parameters (default: base 10k, unscaled);
-    its window, 16 by default, slides within the 40 tokens."""
+    its window, 16 by default, slides within the 40 tokens; its layers alternate local and global unless
+    ``layer_types`` says otherwise."""
     torch.manual_seed(0)
     config = transformers.Gemma2Config(
         vocab_size=VOCAB,
@@ -616,6 +620,7 @@ def gemma2_model(
         attn_logit_softcapping=caps[0],
         final_logit_softcapping=caps[1],
         rope_parameters=rope,
+        layer_types=layer_types,
     )
     model = transformers.Gemma2ForCausalLM(config)
     model.set_attn_implementation("eager")
@@ -723,3 +728,60 @@ def test_only_the_27b_models_scale_scores_by_the_width_per_head(
     assert isinstance(config, Gemma3Config)
     assert config.query_pre_attn_scalar == scalar
     assert config.head_dim == 32
+
+
+@pytest.mark.parametrize(
+    ("pattern", "layer_types"),
+    [
+        (4, ["sliding_attention"] * 3 + ["full_attention"]),  # a period: every 4th layer global
+        (
+            [False, True, True, False],
+            ["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        ),
+        (0, ["sliding_attention"] * 4),  # llama.cpp: a period of 0 leaves no layer global
+    ],
+)
+def test_a_sliding_window_pattern_in_the_file_says_which_layers_are_local(
+    tmp_path: Path, pattern: int | list[bool], layer_types: list[str]
+) -> None:
+    """llama.cpp reads ``attention.sliding_window_pattern`` (a period, or a flag per layer) before it falls back
+    on the architecture's own alternation; read as 1:1, these files are over 1 off."""
+    model = gemma2_model((1.0, 2.0), layer_types=layer_types)
+    metadata = gemma2_metadata((1.0, 2.0)) | {"gemma2.attention.sliding_window_pattern": pattern}
+    path = write_gguf(tmp_path / "gemma2.gguf", "gemma2", metadata, gemma_cpp_tensors(model, True))
+    config = zgguf.config_from_gguf(zgguf.read_gguf(path))
+    assert isinstance(config, Gemma3Config)
+    assert list(config.layer_types) == layer_types
+    assert (logits_of_file(path) - reference_logits(model)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("pattern", [[True, False], "2", [0.5, 0.0, 0.0, 1.0]])
+def test_a_sliding_window_pattern_that_is_no_pattern_is_refused(tmp_path: Path, pattern: Any) -> None:
+    tensors = gemma_cpp_tensors(gemma2_model((50.0, 30.0)), True)
+    metadata = gemma2_metadata((50.0, 30.0)) | {"gemma2.attention.sliding_window_pattern": pattern}
+    path = write_gguf(tmp_path / "gemma2.gguf", "gemma2", metadata, tensors)
+    with pytest.raises(ValueError, match=r"gemma2\.attention\.sliding_window_pattern is .*(period|flag)"):
+        zgguf.config_from_gguf(zgguf.read_gguf(path))
+
+
+def test_a_gemma2_file_with_an_unembedding_of_its_own_is_refused(tmp_path: Path) -> None:
+    """llama.cpp's Gemma 2 unembeds through the embedding and refuses a file that holds another matrix."""
+    tensors = gemma_cpp_tensors(gemma2_model((50.0, 30.0)), True)
+    tensors["output.weight"] = np.ones((VOCAB, 64), dtype=np.float32)
+    path = write_gguf(tmp_path / "gemma2.gguf", "gemma2", gemma2_metadata((50.0, 30.0)), tensors)
+    with pytest.raises(ValueError, match=r"Gemma 2 file with an output\.weight other than its embedding"):
+        zgguf.config_from_gguf(zgguf.read_gguf(path))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_a_gemma_file_with_partial_rope_is_refused(tmp_path: Path, family: str) -> None:
+    """llama.cpp rotates ``rope.dimension_count`` features of each head; zmaj's Gemma rotates all of them."""
+    tensors = gemma_cpp_tensors(gemma2_model((50.0, 30.0)), True)
+    metadata = {
+        key.replace("gemma2.", f"{family}.", 1): value for key, value in gemma2_metadata((50.0, 30.0)).items()
+    }
+    path = write_gguf(
+        tmp_path / "g.gguf", family, metadata | {f"{family}.rope.dimension_count": 128}, tensors
+    )
+    with pytest.raises(ValueError, match=f"{family}: RoPE over 128 of 256 head features"):
+        zgguf.config_from_gguf(zgguf.read_gguf(path))

@@ -226,6 +226,10 @@ def test_compiled_flex_matches_eager_on_packed_documents(device: torch.device) -
     mod = masks.combine(masks.causal, masks.document(ids))
     compiled = attention(q, k, v, prepare_mask(mod, 2, 256, 256, "flex", device), "flex")
     torch.testing.assert_close(compiled, run(q, k, v, mod, "eager"), atol=1e-5, rtol=1e-5)
+    # Soft-capped (Gemma 2): the cap, a tensor the compiled kernel takes as a buffer, against the formula.
+    capped = attention(q, k, v, prepare_mask(mod, 2, 256, 256, "flex", device), "flex", softcap=0.5)
+    formula = attention(q, k, v, prepare_mask(mod, 2, 256, 256, "eager", device), "eager", softcap=0.5)
+    torch.testing.assert_close(capped, formula, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("scale", [1 / 8, 1 / 4, 128**-0.5, 0.3])
