@@ -448,6 +448,15 @@ def test_a_multimodal_soft_cap_is_refused() -> None:
         hf.config_from_hf({"model_type": "gemma3", "text_config": text})
 
 
+def test_a_multimodal_config_without_tie_word_embeddings_ties_as_gemma3_config_does() -> None:
+    """Gemma3Config ties the unembedding unless told otherwise, whatever its text config says."""
+    text = text_config("variant") | {"tie_word_embeddings": False}
+    assert transformers.Gemma3Config(text_config=copy.deepcopy(text)).tie_word_embeddings
+    config = hf.config_from_hf({"model_type": "gemma3", "text_config": text})
+    assert isinstance(config, gemma3.Gemma3Config)
+    assert config.tie_embeddings
+
+
 def test_a_multimodal_configs_left_out_sizes_are_gemma3_text_configs_defaults() -> None:
     """Gemma 3 4B's text_config lists its width, depth and MLP width and leaves the rest to Gemma3TextConfig."""
     defaults = transformers.Gemma3TextConfig()

@@ -216,6 +216,16 @@ def test_unsupported_switches_are_refused(change: dict[str, Any], message: str) 
         hf.config_from_hf({**REFERENCES["llama"].to_dict(), **change})
 
 
+def test_a_qwen2_attention_bias_is_ignored_as_transformers_ignores_it() -> None:
+    """Qwen 2 always biases q, k and v and never the output projection, whatever ``attention_bias`` says: a config
+    that sets it is the ordinary Qwen 2, not one zmaj lacks a switch for."""
+    written = REFERENCES["qwen2"].to_dict() | {"attention_bias": True}
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**copy.deepcopy(written)))
+    assert model.model.layers[0].self_attn.o_proj.bias is None
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    assert hf.config_from_hf(written) == hf.config_from_hf(REFERENCES["qwen2"].to_dict())
+
+
 def test_sliding_window_layers_are_refused() -> None:
     qwen = {**REFERENCES["qwen2"].to_dict(), "layer_types": ["full_attention", "sliding_attention"]}
     with pytest.raises(ValueError, match="sliding-window"):
@@ -296,6 +306,24 @@ def test_smollm3_keys_left_out_read_as_its_config_class_reads_them() -> None:
     longer = hf.config_from_hf(written | {"no_rope_layers": [1, 0, 1], "layer_types": None})
     assert isinstance(longer, llama.LlamaConfig)
     assert longer.rope_layers == (True, False)
+
+
+@pytest.mark.parametrize("no_rope_layers", [[1, 1], [0, 0]])
+def test_smollm3_windows_its_layers_without_positions_alone(no_rope_layers: list[int]) -> None:
+    """SmolLM3Config derives a window for the NoPE layers only: with every layer rotating, a window switched on
+    windows none of them (read as full attention); with none rotating, every one (refused)."""
+    derived = ("no_rope_layers", "no_rope_layer_interval", "layer_types")
+    written = {k: v for k, v in REFERENCES["smollm3"].to_dict().items() if k not in derived}
+    written |= {"use_sliding_window": True, "sliding_window": 16, "no_rope_layers": no_rope_layers}
+    layer_types = transformers.SmolLM3Config(**copy.deepcopy(written)).layer_types
+    assert layer_types == ["sliding_attention" if v == 0 else "full_attention" for v in no_rope_layers]
+    if "sliding_attention" in layer_types:
+        with pytest.raises(ValueError, match="sliding-window layers are not supported"):
+            hf.config_from_hf(written)
+    else:
+        config = hf.config_from_hf(written)
+        assert isinstance(config, llama.LlamaConfig)
+        assert (config.sliding_window, config.rope_layers) == (None, None)
 
 
 @pytest.mark.parametrize(

@@ -298,6 +298,21 @@ def test_a_llama_cpp_gpt2_file_gives_the_logits_of_its_model(tmp_path: Path, out
     assert (logits_of_file(path) - expected).abs().max().item() <= 1e-5
 
 
+def test_a_gpt2_files_fused_qkv_is_cut_into_q_k_and_v_in_order(tmp_path: Path) -> None:
+    """GPT-2's ``c_attn`` computes q, k and v one after another (``GPT2Attention`` splits its output in three).
+    A key bias read from another third moves every score of a query by one amount, which softmax cancels, so
+    the logits cannot tell; the parameters, which export writes back, can."""
+    path, model = gpt2_file(tmp_path, "tied")
+    _, params = zgguf.load_gguf(path)
+    state = model.state_dict()
+    for i in range(2):
+        weights = state[f"transformer.h.{i}.attn.c_attn.weight"].T.split(64)  # Conv1D's [in, out]
+        biases = state[f"transformer.h.{i}.attn.c_attn.bias"].split(64)
+        for part, weight, bias in zip("qkv", weights, biases, strict=True):
+            assert torch.equal(params["blocks", "attn", part, "weight"][i], weight), (i, part)
+            assert torch.equal(params["blocks", "attn", part, "bias"][i], bias), (i, part)
+
+
 def rewritten(path: Path, changes: Tensors) -> Path:
     """A copy of the GGUF file at ``path`` (its tensors as float32) with ``changes`` to its tensors."""
     file = zgguf.read_gguf(path)
@@ -485,6 +500,19 @@ def test_rope_factors_of_other_parameters_are_kept_as_llama_cpp_computes_with_th
         hf.config_to_hf(config)
     # A zmaj model folder (convert.py --to zmaj) keeps them.
     assert config_from_json(json.loads(json.dumps(config_to_json(config))), "model.json") == config
+
+
+def test_rope_factors_off_meta_parameters_by_more_than_float32_rounding_are_kept(tmp_path: Path) -> None:
+    """Read as Meta's parameters only where they give the same factors to float32 rounding: one plane's factor
+    off by one part in 10,000 is a model that rotates otherwise, kept as the file's factors."""
+    path = llama3_file(tmp_path, META_LLAMA32)
+    factors = llama_cpp_rope_factors(16, SMALL["rope_theta"], META_LLAMA32)
+    blended = int(np.argmax((factors > 1) & (factors < META_LLAMA32.factor)))  # not the largest: the factor
+    assert 1 < factors[blended] < META_LLAMA32.factor
+    factors[blended] *= np.float32(1 + 1e-4)
+    config = zgguf.config_from_gguf(zgguf.read_gguf(rewritten(path, {"rope_freqs.weight": factors})))
+    assert isinstance(config, LlamaConfig)
+    assert config.rope_scaling == FrequencyFactors(factors=tuple(factors.tolist()))
 
 
 @pytest.mark.parametrize(
@@ -707,14 +735,22 @@ def test_a_gemma2_file_with_q_k_norms_is_refused_naming_them(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     ("family", "n_layers", "scalar"),
-    [("gemma2", 46, 16.0), ("gemma2", 26, 32.0), ("gemma3", 62, 16.0), ("gemma3", 18, 32.0)],
+    [
+        ("gemma2", 46, 16.0),
+        ("gemma2", 26, 32.0),
+        ("gemma2", 48, 32.0),
+        ("gemma3", 62, 16.0),
+        ("gemma3", 18, 32.0),
+        ("gemma3", 64, 32.0),
+    ],
 )
 def test_only_the_27b_models_scale_scores_by_the_width_per_head(
     tmp_path: Path, family: str, n_layers: int, scalar: float
 ) -> None:
     """llama.cpp knows the 27B models by their depth (Gemma 2's 46 layers, Gemma 3's 62), and scales their scores
     by ``(d_model / n_heads) ** -0.5``, as their configs' ``query_pre_attn_scalar`` says (here 64 / 4); every
-    other size by ``head_dim ** -0.5`` (here 32). The file holds one tensor a layer, all the config reads."""
+    other size by ``head_dim ** -0.5`` (here 32), deeper ones too (llama.cpp compares the depth for equality).
+    The file holds one tensor a layer, all the config reads."""
     metadata = {
         key.replace("gemma2.", f"{family}.", 1): value
         for key, value in gemma2_metadata((50.0, 30.0)).items()
