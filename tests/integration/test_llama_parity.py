@@ -216,14 +216,29 @@ def test_unsupported_switches_are_refused(change: dict[str, Any], message: str) 
         hf.config_from_hf({**REFERENCES["llama"].to_dict(), **change})
 
 
-def test_a_qwen2_attention_bias_is_ignored_as_transformers_ignores_it() -> None:
-    """Qwen 2 always biases q, k and v and never the output projection, whatever ``attention_bias`` says: a config
-    that sets it is the ordinary Qwen 2, not one zmaj lacks a switch for."""
-    written = REFERENCES["qwen2"].to_dict() | {"attention_bias": True}
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**copy.deepcopy(written)))
-    assert model.model.layers[0].self_attn.o_proj.bias is None
-    assert model.model.layers[0].self_attn.q_proj.bias is not None
-    assert hf.config_from_hf(written) == hf.config_from_hf(REFERENCES["qwen2"].to_dict())
+def bias_names(model: transformers.PreTrainedModel) -> set[str]:
+    return {name for name, _ in model.named_parameters() if name.endswith("bias")}
+
+
+@pytest.mark.parametrize("switch", ["attention_bias", "mlp_bias"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mistral", "smollm3"])
+def test_a_bias_switch_is_refused_exactly_where_transformers_builds_the_biases(
+    name: str, switch: str
+) -> None:
+    """Mistral builds no biases and Qwen 2 its q/k/v ones alone, whatever the config says, and Qwen 3 has no MLP
+    biases: a config that sets a switch its model never reads is the ordinary model, not one zmaj cannot
+    compute; where the model reads it, the biases it would build are refused."""
+    written = REFERENCES[name].to_dict() | {switch: True}
+    with torch.device("meta"):
+        ordinary = transformers.AutoModelForCausalLM.from_config(REFERENCES[name])
+        switched = transformers.AutoModelForCausalLM.from_config(
+            type(REFERENCES[name])(**copy.deepcopy(written))
+        )
+    if bias_names(switched) != bias_names(ordinary):
+        with pytest.raises(ValueError, match=f"{name}: {switch}=True"):
+            hf.config_from_hf(written)
+    else:
+        assert hf.config_from_hf(written) == hf.config_from_hf(REFERENCES[name].to_dict())
 
 
 def test_sliding_window_layers_are_refused() -> None:

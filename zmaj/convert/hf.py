@@ -113,6 +113,10 @@ ARCHITECTURES = {
     "gemma3_text": "Gemma3ForCausalLM",
 }
 """The ``transformers`` class (``config.json``'s ``architectures``) of each model type written here."""
+BIASED_MLP = ("llama", "smollm3")
+"""The Llama-family model types whose ``transformers`` model reads ``mlp_bias`` (biases on the MLP)."""
+BIASED_ATTENTION = ("llama", "qwen3", "smollm3")
+"""Those that read ``attention_bias`` (biases on q, k, v and the output projection)."""
 WHOLE_HEADS = ("llama", "gemma2", "gemma3_text")
 """The model types whose ``transformers`` config refuses a ``hidden_size`` not divisible by the head count (its
 ``validate_architecture``), though their ``head_dim`` is set apart from it."""
@@ -300,9 +304,11 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
     at least as long as the context never slides within it, and is read as none.
     """
     model_type = hf["model_type"]
-    if hf.get("mlp_bias", False):
+    # Only the models that read a switch refuse it: Mistral builds no biases and Qwen 2 its q/k/v ones alone,
+    # whatever the config says, and Qwen 3 has no MLP biases.
+    if model_type in BIASED_MLP and hf.get("mlp_bias", False):
         raise ValueError(f"{model_type}: mlp_bias=True is not supported")
-    if model_type != "qwen2" and hf.get("attention_bias", False):
+    if model_type in BIASED_ATTENTION and hf.get("attention_bias", False):
         raise ValueError(
             f"{model_type}: attention_bias=True (a bias on the output projection too) is not supported"
         )
