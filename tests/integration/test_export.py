@@ -82,22 +82,20 @@ VARIANTS: dict[str, ModelConfig] = {
         query_pre_attn_scalar=12,
         final_logit_softcap=2.0,
     ),
-    # Caps these small values reach, so an export that dropped one would compute other logits.
-    "gemma2": Gemma3Config(
-        **TINY | {"n_layers": 3},
-        n_kv_heads=2,
-        head_dim=8,
-        d_ff=48,
-        layer_types=("sliding_attention", "full_attention", "sliding_attention"),
-        sliding_window=5,
-        rope_base=100.0,
-        local_rope_base=100.0,
-        query_pre_attn_scalar=8,
-        qk_norm=False,
-        attn_logit_softcap=0.5,
-        final_logit_softcap=2.0,
-    ),
 }
+# Caps these small values reach, so an export that dropped one would compute other logits.
+VARIANTS["gemma2"] = Gemma3Config.model_validate(
+    VARIANTS["gemma3"].model_dump()
+    | {
+        "layer_types": ("sliding_attention", "full_attention", "sliding_attention"),
+        "rope_base": 100.0,
+        "rope_scaling": None,
+        "local_rope_base": 100.0,
+        "query_pre_attn_scalar": 8,
+        "qk_norm": False,
+        "attn_logit_softcap": 0.5,
+    }
+)
 HF_CLASSES = {
     "gpt": "GPT2LMHeadModel",
     "gpt-sinusoidal": "GPT2LMHeadModel",

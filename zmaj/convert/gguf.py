@@ -503,6 +503,7 @@ def _gemma_config(file: GGUFFile, architecture: str) -> Gemma3Config:
         window = size("attention.sliding_window", 4096)
     else:  # llama.cpp: a Gemma 3 file without a window, or with 0, has no sliding layers
         window = size("attention.sliding_window") if key("attention.sliding_window", 0) else None
+    tied = _tied(file)  # compares the two matrices' bytes, when both are stored: once
     options: dict[str, Any] = {"final_logit_softcap": key("final_logit_softcapping", 0.0) or None}
     if gemma2:
         options = {
@@ -510,7 +511,7 @@ def _gemma_config(file: GGUFFile, architecture: str) -> Gemma3Config:
             "final_logit_softcap": key("final_logit_softcapping", 30.0),
             "qk_norm": False,
         }
-        if not _tied(file):
+        if not tied:
             raise ValueError(
                 f"GGUF file {file.path}: a Gemma 2 file with an output.weight other than its embedding, which "
                 "llama.cpp refuses (its Gemma 2 unembeds through the embedding)"
@@ -537,7 +538,7 @@ def _gemma_config(file: GGUFFile, architecture: str) -> Gemma3Config:
         local_rope_base=key("rope.freq_base_swa", rope_base if gemma2 else 10_000.0),
         local_rope_scaling=rope_scaling if gemma2 else None,
         query_pre_attn_scalar=d_model // n_heads if big else head_dim,
-        tie_embeddings=_tied(file),
+        tie_embeddings=tied,
         **options,
     )
 

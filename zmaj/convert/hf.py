@@ -326,8 +326,7 @@ def _llama_config(hf: _Fields) -> LlamaConfig:
     act = hf.string("hidden_act", "silu")
     if act not in _ACTIVATIONS:
         raise ValueError(f"{model_type}: unsupported hidden_act {act!r}")
-    # A legacy rope_scaling replaces rope_parameters, as in transformers' convert_rope_params_to_dict.
-    params = hf.object("rope_scaling" if hf.get("rope_scaling") else "rope_parameters")
+    params = _rope_parameters(hf)
     rope_type = params.get("rope_type", params.get("type"))
     # Phi-3's layout: transformers lets a top-level key win, for the scalings that read one (zmaj's: llama3).
     if rope_type == "llama3" and hf.get("original_max_position_embeddings") is not None:
@@ -402,6 +401,12 @@ def _layer_types(hf: _Fields, rope_layers: tuple[bool, ...] | None) -> list[str]
     ]
 
 
+def _rope_parameters(hf: _Fields) -> _Fields:
+    """A config's one set of RoPE parameters: a legacy ``rope_scaling`` replaces ``rope_parameters``, as in
+    transformers' ``convert_rope_params_to_dict``."""
+    return hf.object("rope_scaling" if hf.get("rope_scaling") else "rope_parameters")
+
+
 def _rope(
     hf: _Fields, params: _Fields, context: int, base_key: str = "rope_theta", default_base: float = 10_000.0
 ) -> tuple[float, LinearScaling | Llama3Scaling | None]:
@@ -465,9 +470,7 @@ def _gemma_config(hf: _Fields, model_type: str) -> Gemma3Config:
     context = hf.size("max_position_embeddings", _DEFAULT_CONTEXT[model_type])
     if gemma2:
         # One base and scaling for every layer, in rope_parameters (transformers >= 5) or the older keys.
-        (base, scaling) = (local_base, local_scaling) = _rope(
-            hf, hf.object("rope_scaling" if hf.get("rope_scaling") else "rope_parameters"), context
-        )
+        (base, scaling) = (local_base, local_scaling) = _rope(hf, _rope_parameters(hf), context)
     else:
         (base, scaling), (local_base, local_scaling) = _gemma3_rope(hf, context)
     window: dict[str, int] = {}

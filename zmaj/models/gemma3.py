@@ -274,18 +274,17 @@ def forward_cached(
 
 
 def _angles(config: Gemma3Config, positions: Tensor) -> dict[bool, tuple[Tensor, Tensor]]:
-    """RoPE's (cos, sin) for the local (True) and global (False) layers, each with its own base and scaling."""
-    angles = {}
-    for sliding in set(config.is_sliding):
-        base, scaling = (
-            (config.local_rope_base, config.local_rope_scaling)
-            if sliding
-            else (config.rope_base, config.rope_scaling)
-        )
-        angles[sliding] = rope_angles(
-            positions, rope_frequencies(config.head_dim, base, scaling, device=positions.device)
-        )
-    return angles
+    """RoPE's (cos, sin) for the local (True) and global (False) layers, each with its own base and scaling;
+    computed once where the two rotate alike (Gemma 2)."""
+    settings = {
+        True: (config.local_rope_base, config.local_rope_scaling),
+        False: (config.rope_base, config.rope_scaling),
+    }
+    computed: dict[tuple[float, RopeScaling | None], tuple[Tensor, Tensor]] = {}
+    for base, scaling in {settings[sliding] for sliding in config.is_sliding}:
+        inv_freq = rope_frequencies(config.head_dim, base, scaling, device=positions.device)
+        computed[base, scaling] = rope_angles(positions, inv_freq)
+    return {sliding: computed[settings[sliding]] for sliding in set(config.is_sliding)}
 
 
 def _finish_block(

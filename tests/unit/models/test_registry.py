@@ -82,23 +82,17 @@ TINY: dict[str, ModelConfig] = {
         final_logit_softcap=0.5,
         init_std=0.5,
     ),
-    # Gemma 2: soft-capped attention scores too, and no QK-norm.
-    "gemma2": Gemma3Config(
-        vocab_size=64,
-        context=16,
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        head_dim=16,
-        d_ff=48,
-        layer_types=("sliding_attention", "full_attention"),
-        sliding_window=4,
-        qk_norm=False,
-        attn_logit_softcap=0.5,
-        final_logit_softcap=0.5,
-        init_std=0.5,
-    ),
 }
+# Gemma 2: soft-capped attention scores too, and no QK-norm.
+TINY["gemma2"] = Gemma3Config.model_validate(
+    TINY["gemma3-softcap"].model_dump()
+    | {
+        "layer_types": ("sliding_attention", "full_attention"),
+        "sliding_window": 4,
+        "qk_norm": False,
+        "attn_logit_softcap": 0.5,
+    }
+)
 
 
 @pytest.mark.parametrize("name", list(TINY))
