@@ -22,8 +22,9 @@ from zmaj.convert import weights
 from zmaj.convert.load import Pretrained, load_model, save_zmaj
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
-from zmaj.models import gpt
+from zmaj.models import llama
 from zmaj.models.common import Batch
+from zmaj.models.llama import LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 300
@@ -173,13 +174,16 @@ def test_a_destination_that_cannot_be_renamed_exits_2_and_keeps_what_it_held(
 
 @pytest.mark.slow
 def test_a_model_transformers_cannot_express_exits_2(tmp_path: Path) -> None:
-    """A GPT with RMSNorm, saved as a zmaj folder, is refused naming the setting, and nothing is written."""
-    config = gpt.GPTConfig(vocab_size=VOCAB, context=16, d_model=16, n_layers=1, n_heads=2, norm="rmsnorm")
+    """A Llama with Qwen 2's biases and Qwen 3's QK-norm, which no transformers model has both of, saved as a zmaj
+    folder, is refused naming the setting, and nothing is written."""
+    config = LlamaConfig(
+        vocab_size=VOCAB, context=16, d_model=16, n_layers=1, n_heads=2, qkv_bias=True, qk_norm=True
+    )
     tokenizer = ModelTokenizer.from_zmaj(Tokenizer.train(TEXTS, VOCAB))
-    save_zmaj(Pretrained(config, gpt.init(config, 0), tokenizer), tmp_path / "zmaj")
+    save_zmaj(Pretrained(config, llama.init(config, 0), tokenizer), tmp_path / "zmaj")
     result = convert(tmp_path / "zmaj", tmp_path / "hf")
     assert result.returncode == 2
-    assert "norm='rmsnorm'" in result.stderr
+    assert "qkv_bias=True with qk_norm=True" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zmaj"]
 

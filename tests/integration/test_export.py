@@ -1,8 +1,9 @@
 """``save_hf`` writes folders that ``transformers`` loads offline and that compute exactly what zmaj computes.
 
 Every exportable variant (GPT with learned or sinusoidal positions or ReLU squared, Llama with and without RoPE
-scaling, Qwen 2, Qwen 3, Gemma 3 with sliding layers and a logit cap) is a small random zmaj model whose every
-parameter, norms and biases included, is moved off its init value, so a dropped or misplaced tensor would show.
+scaling, Qwen 2, Qwen 3, Gemma 3 with sliding layers and a logit cap; GPTs that GPT-2 cannot express, with zmaj's
+own code for them) is a small random zmaj model whose every parameter, norms and biases included, is moved off its
+init value, so a dropped or misplaced tensor would show.
 Each is saved with the tokenizer of a tiny trained zmaj BPE, then loaded by ``AutoModelForCausalLM`` /
 ``AutoTokenizer`` and by ``load_model``.
 """
@@ -17,10 +18,11 @@ import tokenizers
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
 from zmaj import fileio
-from zmaj.convert import export, hf
+from zmaj.convert import export, hf, zmaj_gpt
 from zmaj.convert.export import INDEX_FILE, save_hf
 from zmaj.convert.load import Pretrained, load_model, save_zmaj
 from zmaj.data import chat_template
@@ -58,6 +60,34 @@ VARIANTS: dict[str, ModelConfig] = {
     "gpt-relu2": GPTConfig(**TINY, activation="relu2", tie_embeddings=False),
     # One layer has no skip to make: the flag (kept by a shrunk default spec) computes nothing, so GPT-2 can.
     "gpt-one-layer-skips": GPTConfig(**TINY | {"n_layers": 1}, unet_skips=True),
+    # GPT-2 cannot express these: they go with zmaj's code for them (zmaj.convert.zmaj_gpt). The default
+    # pre-training spec's model, shrunk; every option at once, three layers (the middle one unskipped); the
+    # options around a position table or sinusoids.
+    "gpt-modern": GPTConfig(
+        **TINY | {"n_layers": 4},
+        positions="rope",
+        norm="rmsnorm",
+        activation="gelu",
+        qk_norm=True,
+        bias=False,
+        unet_skips=True,
+    ),
+    "gpt-everything": GPTConfig(
+        **TINY | {"n_layers": 3},
+        d_ff=40,
+        positions="rope",
+        rope_base=500.0,
+        norm="rmsnorm",
+        norm_eps=1e-6,
+        activation="relu2",
+        qk_norm=True,
+        tie_embeddings=False,
+        logit_softcap=2.0,  # small enough that these logits reach it
+        value_embeds=1,
+        unet_skips=True,
+    ),
+    "gpt-learned-values": GPTConfig(**TINY, bias=False, value_embeds=1, activation="silu", logit_softcap=3.0),
+    "gpt-sinusoidal-skips": GPTConfig(**TINY, positions="sinusoidal", unet_skips=True, dropout=0.1),
     "llama": LlamaConfig(**LLAMA, activation="gelu_tanh"),
     "llama3": LlamaConfig(
         **LLAMA,
@@ -101,6 +131,10 @@ HF_CLASSES = {
     "gpt-sinusoidal": "GPT2LMHeadModel",
     "gpt-relu2": "GPT2LMHeadModel",
     "gpt-one-layer-skips": "GPT2LMHeadModel",
+    "gpt-modern": "ZmajGPTForCausalLM",
+    "gpt-everything": "ZmajGPTForCausalLM",
+    "gpt-learned-values": "ZmajGPTForCausalLM",
+    "gpt-sinusoidal-skips": "ZmajGPTForCausalLM",
     "llama": "LlamaForCausalLM",
     "llama3": "LlamaForCausalLM",
     "llama-linear": "LlamaForCausalLM",
@@ -145,8 +179,16 @@ def exported(
     return request.param, model, folder
 
 
+OWN_CODE = [name for name, hf_class in HF_CLASSES.items() if hf_class == zmaj_gpt.ARCHITECTURE]
+
+
 def hf_model(folder: Path) -> transformers.PreTrainedModel:
-    model: transformers.PreTrainedModel = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    """The folder's model as ``transformers`` loads it; with the folder's own code only where it has some, so
+    that every other folder is shown to load without it."""
+    own_code = (folder / zmaj_gpt.CODE.name).exists()
+    model: transformers.PreTrainedModel = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, trust_remote_code=own_code
+    ).eval()
     return model
 
 
@@ -201,15 +243,118 @@ def test_round_trip_is_exact(exported: tuple[str, Pretrained, Path]) -> None:
         kept = set(model.params.keys(True, True))
     else:
         # The one-layer model's unet_skips computes nothing (its weight is empty): it comes back without it.
-        unused = {"unet_skips": False} if name == "gpt-one-layer-skips" else {}
+        one_layer = name == "gpt-one-layer-skips"
+        unused = {"unet_skips": False} if one_layer else {}
         assert back.config == model.config.model_copy(update=unused)
         kept = set(back.params.keys(True, True))
-        assert kept == set(model.params.keys(True, True)) - {("unet_skips", "weight")}
+        assert kept == set(model.params.keys(True, True)) - (
+            {("unet_skips", "weight")} if one_layer else set()
+        )
     for key in kept:
         assert torch.equal(back.params.get(key), model.params.get(key)), key
     assert back.tokenizer.tokenizer.get_vocab() == model.tokenizer.tokenizer.get_vocab()
     assert all(back.tokenizer.encode(text) == model.tokenizer.encode(text) for text in TEXTS)
     assert replace(back.tokenizer, tokenizer=model.tokenizer.tokenizer) == model.tokenizer
+
+
+def test_own_code_goes_with_exactly_the_gpts_gpt2_cannot_express(
+    exported: tuple[str, Pretrained, Path],
+) -> None:
+    name, _, folder = exported
+    config = json.loads((folder / "config.json").read_text())
+    code = folder / zmaj_gpt.CODE.name
+    if name in OWN_CODE:
+        assert code.read_bytes() == zmaj_gpt.CODE.read_bytes()
+        assert config["auto_map"] == zmaj_gpt.AUTO_MAP
+        assert config["model_type"] == zmaj_gpt.MODEL_TYPE
+    else:
+        assert not code.exists()
+        assert "auto_map" not in config
+
+
+def padded_rows(length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of random tokens, the first left-padded by 5 and the second right-padded by 4, and their mask."""
+    tokens = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[0, :5] = 0
+    mask[1, -4:] = 0
+    return tokens, mask
+
+
+@pytest.mark.parametrize("name", OWN_CODE)
+def test_own_code_reads_padded_rows_and_generates_in_batches_as_zmaj(
+    name: str, tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    """Padding (keys masked, positions counted over real tokens, as zmaj's cached forward counts them) and
+    ``generate`` on a left-padded batch, with and without its key/value cache; the loss ``labels`` give."""
+    model = random_model(VARIANTS[name], tokenizer)
+    reference = hf_model(save_hf(model, tmp_path / name))
+    tokens, mask = padded_rows(24)
+    batch = Batch(tokens=tokens, is_token=mask.bool(), positions=(mask.cumsum(-1) - 1).clamp(min=0))
+    with torch.no_grad():
+        theirs = reference(tokens, attention_mask=mask).logits
+        ours = model.architecture.logits(model.params, batch, model.config)
+        assert (theirs - ours)[mask.bool()].abs().max().item() <= 1e-5
+        assert theirs.isfinite().all()
+        # A padding query sees itself: a row of scores all masked is NaN in SDPA kernels without torch's guard.
+        assert type(reference)._mask(mask, 2, 24, 0, tokens.device).any(-1).all()  # type: ignore[attr-defined]
+        unpadded = model.architecture.logits(model.params, Batch(tokens=tokens), model.config)
+        loss = torch.nn.functional.cross_entropy(unpadded[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        assert abs(reference(tokens, labels=tokens).loss.item() - loss.item()) <= 1e-5
+
+    prompts = [tokenizer.encode("The quick brown fox"), tokenizer.encode("A dog")]
+    cache = init_cache(model.config, 2, max(map(len, prompts)) + 8)
+    step = model.architecture.cached(model.config)
+    greedy = generate(step, model.params, cache, prompts, 8, stop_tokens=tokenizer.stop_ids)
+    width = max(map(len, prompts))
+    assert tokenizer.pad_id is not None
+    ids = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + p for p in prompts])
+    left = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    for use_cache in (True, False):
+        with torch.no_grad():
+            out = reference.generate(  # type: ignore[operator]
+                ids, attention_mask=left, max_new_tokens=8, do_sample=False, use_cache=use_cache
+            )
+        for row, ours_row in zip(out[:, width:].tolist(), greedy, strict=True):
+            assert row[: len(ours_row)] == ours_row, use_cache  # a row that stopped is padded after its stop
+
+
+def test_own_code_builds_a_fresh_model_with_the_folders_tensors(
+    tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    """``from_config`` (to train in ``transformers`` from scratch) builds the same tensors, initialised as
+    ``gpt.init`` initialises them: norms and skip weights at one, biases at zero, residual projections smaller."""
+    model = random_model(VARIANTS["gpt-everything"], tokenizer)
+    loaded = hf_model(save_hf(model, tmp_path / "model"))
+    fresh = transformers.AutoModelForCausalLM.from_config(loaded.config, trust_remote_code=True)
+    shapes = {name: t.shape for name, t in fresh.state_dict().items()}
+    assert shapes == {name: t.shape for name, t in loaded.state_dict().items()}
+    tensors = dict(fresh.state_dict())
+    for name, tensor in tensors.items():
+        if "norm" in name or name == "unet_skips.weight":
+            assert torch.equal(tensor, torch.ones_like(tensor)), name
+        elif name.endswith("bias"):
+            assert torch.equal(tensor, torch.zeros_like(tensor)), name
+    std = VARIANTS["gpt-everything"].init_std
+    assert abs(tensors["blocks.0.attn.q.weight"].std().item() - std) < 0.2 * std
+    assert abs(tensors["blocks.0.attn.o.weight"].std().item() - std / 6**0.5) < 0.2 * std / 6**0.5
+
+
+def test_a_damaged_own_code_folder_is_refused_by_name(tokenizer: ModelTokenizer, tmp_path: Path) -> None:
+    folder = save_hf(random_model(VARIANTS["gpt-modern"], tokenizer), tmp_path / "model")
+    weights = folder / export.WEIGHTS_FILE
+    tensors = load_file(weights)
+    save_file({k: v for k, v in tensors.items() if k != "blocks.1.attn.q_norm.weight"}, weights)
+    with pytest.raises(ValueError, match=r"no tensor 'blocks\.1\.attn\.q_norm\.weight'"):
+        load_model(folder)
+    save_file(tensors | {"blocks.4.attn.q.weight": tensors["blocks.0.attn.q.weight"].clone()}, weights)
+    with pytest.raises(ValueError, match=r"tensors this config does not: \['blocks.4.attn.q.weight'\]"):
+        load_model(folder)
+    save_file(tensors, weights)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"n_heads": 5}))
+    with pytest.raises(ValueError, match=r"d_model \(32\) must be divisible by n_heads \(5\)"):
+        load_model(folder)
 
 
 def test_config_files_name_the_special_tokens(
@@ -358,12 +503,6 @@ def test_every_file_is_on_disk_before_the_folder_is_renamed_into_place(
 
 
 REFUSED: list[tuple[ModelConfig, str]] = [
-    (GPTConfig(**TINY, norm="rmsnorm"), "norm='rmsnorm'"),
-    (GPTConfig(**TINY, positions="rope"), "positions='rope': GPT-2 .* no rotary positions"),
-    (GPTConfig(**TINY, qk_norm=True), "qk_norm=True"),
-    (GPTConfig(**TINY, logit_softcap=30.0), "logit_softcap=30.0"),
-    (GPTConfig(**TINY, value_embeds=1), "value_embeds=1"),
-    (GPTConfig(**TINY, unet_skips=True), "unet_skips=True"),
     (LlamaConfig(**LLAMA, qkv_bias=True, qk_norm=True), "qk_norm"),
     (LlamaConfig(**LLAMA, qk_norm=True, sliding_window=5), "qk_norm=True with sliding_window=5"),
     (LlamaConfig(**LLAMA, sliding_window=5, rope_layers=(True, False)), "sliding_window=5 with rope_layers"),

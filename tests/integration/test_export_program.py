@@ -1,6 +1,7 @@
-"""programs/export.py end to end: every kind of zmaj run (a GPT pre-trained from scratch, a fully fine-tuned
-Llama, a LoRA run merged) becomes a folder that ``transformers`` loads offline and that computes what zmaj computes,
-with a model card that ``huggingface_hub`` parses and that reports what the run recorded.
+"""programs/export.py end to end: every kind of zmaj run (a GPT pre-trained from scratch with the default spec's
+model options, a fully fine-tuned Llama, a LoRA run merged) becomes a folder that ``transformers`` loads offline
+(the GPT with the code zmaj writes for it, ``trust_remote_code=True``) and that computes what zmaj computes, with
+a model card that ``huggingface_hub`` parses and that reports what the run recorded.
 
 The runs are made by the programs themselves (in this process, see ``test_finetune_programs``), tiny.
 """
@@ -28,12 +29,21 @@ from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import Tokenizer
 from zmaj.infer.cache import init_cache
 from zmaj.infer.generate import generate
-from zmaj.models import gpt
+from zmaj.models import llama
 from zmaj.models.common import Batch
+from zmaj.models.llama import LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs" / "finetune"
 KINDS = {"pretrain": "pretraining", "sft": "sft", "lora": "sft"}
+MODERN = {
+    key: value
+    for key, value in yaml.safe_load((ROOT / "specs" / "pretrain" / "stdlib-tiny.yaml").read_text())[
+        "model"
+    ].items()
+    if key not in ("vocab_size", "context", "d_model", "n_layers", "n_heads")
+}
+"""The default spec's model options (rotary positions, RMSNorm, QK-norm, U-net skips...), which GPT-2 lacks."""
 START_LICENSE = "llama3.2"
 """The license the fine-tunes' starting model folder's card names, which their cards inherit."""
 
@@ -50,7 +60,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     spec = {
         "name": "tiny",
-        "model": {"vocab_size": 300, "context": 32, "d_model": 32, "n_layers": 2, "n_heads": 2},
+        "model": {"vocab_size": 300, "context": 32, "d_model": 32, "n_layers": 2, "n_heads": 2} | MODERN,
         "data": {
             "source": {"kind": "files", "paths": [str(corpus(root / "corpus.jsonl"))], "format": "jsonl"},
             "validation_fraction": 0.2,
@@ -83,13 +93,20 @@ def exported(
     folder = tmp_path_factory.mktemp("export") / f"tiny-{request.param}"
     code, _, err = run("export.py", runs[request.param], folder, "--repo-id", f"me/tiny-{request.param}")
     assert code == 0, err
+    if (
+        request.param == "pretrain"
+    ):  # the program says why the model goes with its own code, and how to load it
+        assert "GPT norm='rmsnorm': GPT-2 (GPT2LMHeadModel) cannot express it" in err
+        assert "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)" in err
     return request.param, runs[request.param], folder
 
 
 def test_transformers_computes_what_zmaj_computes(exported: tuple[str, Path, Path]) -> None:
-    _, run_dir, folder = exported
+    kind, run_dir, folder = exported
     ours = load_model(run_dir)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    own_code = kind == "pretrain"
+    assert (folder / "modeling_zmaj_gpt.py").exists() == own_code
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=own_code).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     text = "def parse(tokens): 2 + 3"
     assert tokenizer(text).input_ids == ours.tokenizer.encode(text)
@@ -170,7 +187,7 @@ def test_dtype_shards_and_license(runs: dict[str, Path], tmp_path: Path) -> None
     metadata = ModelCard.load(folder / "README.md").data.to_dict()
     assert metadata["license"] == "mit"
     assert metadata["datasets"] == ["me/corpus"]
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     assert model.dtype == torch.bfloat16
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
 
@@ -225,7 +242,7 @@ def test_a_destination_that_cannot_be_renamed_exits_2_and_keeps_what_it_held(
 @pytest.mark.parametrize(
     ("make", "extra", "message"),
     [
-        ("rmsnorm", [], "rmsnorm"),
+        ("qwen-qk-norm", [], "qk_norm"),
         ("missing", [], "no model at"),
         ("sft", ["--max-shard-size", "lots"], "'lots'"),
     ],
@@ -233,10 +250,12 @@ def test_a_destination_that_cannot_be_renamed_exits_2_and_keeps_what_it_held(
 def test_bad_input_exits_2_with_one_line(
     runs: dict[str, Path], tmp_path: Path, make: str, extra: list[str], message: str
 ) -> None:
-    if make == "rmsnorm":
-        config = gpt.GPTConfig(vocab_size=300, context=16, d_model=16, n_layers=1, n_heads=2, norm="rmsnorm")
+    if make == "qwen-qk-norm":  # Qwen 2's biases with Qwen 3's QK-norm: no transformers model has both
+        config = LlamaConfig(
+            vocab_size=300, context=16, d_model=16, n_layers=1, n_heads=2, qkv_bias=True, qk_norm=True
+        )
         tokenizer = ModelTokenizer.from_zmaj(Tokenizer.train(["some text here"] * 20, vocab_size=300))
-        source = save_zmaj(Pretrained(config, gpt.init(config, 0), tokenizer), tmp_path / "rms")
+        source = save_zmaj(Pretrained(config, llama.init(config, 0), tokenizer), tmp_path / "qwen")
     else:
         source = runs[make] if make in runs else tmp_path / "nothing"
     code, _, err = run("export.py", source, tmp_path / "out", "--license", "mit", *extra)

@@ -9,7 +9,10 @@ The folder holds what ``save_pretrained`` writes (https://huggingface.co/docs/tr
   ``model.safetensors.index.json`` mapping each tensor to its shard;
 - ``tokenizer.json`` and ``tokenizer_config.json`` (``ModelTokenizer.save``);
 - ``generation_config.json``: the BOS, EOS and PAD ids, with every stop token among the EOS ids, so that
-  ``generate`` ends an answer where zmaj does.
+  ``generate`` ends an answer where zmaj does;
+- for a GPT that GPT-2 cannot express (rotary positions, RMSNorm, QK-norm, U-net skips...: the default
+  pre-training spec's), ``modeling_zmaj_gpt.py``, the model's own code (``zmaj.convert.zmaj_gpt``), which
+  ``transformers`` runs with ``trust_remote_code=True``.
 
 Only exact exports are written: a setting that no ``transformers`` model computes the same way is refused with a
 ValueError naming it, never approximated. The one loss is of form, not function: GPT-2 always has biases and a
@@ -23,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from loguru import logger
 from torch import Tensor
 
 from zmaj import fileio
-from zmaj.convert import hf
+from zmaj.convert import gpt2, hf, zmaj_gpt
 from zmaj.convert.load import Pretrained, staged_folder
+from zmaj.models.gpt import GPTConfig
 from zmaj.progress import progress
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -60,6 +65,13 @@ def write_hf(model: Pretrained, folder: Path, max_shard_bytes: int = DEFAULT_MAX
     _write_json(folder / "generation_config.json", _token_ids(model))
     _write_weights(tensors, folder, max_shard_bytes)
     model.tokenizer.save(folder)
+    if config["model_type"] == zmaj_gpt.MODEL_TYPE:
+        assert isinstance(model.config, GPTConfig)
+        (folder / zmaj_gpt.CODE.name).write_bytes(zmaj_gpt.CODE.read_bytes())
+        logger.info(
+            f"{gpt2.inexpressible(model.config)}; written with zmaj's code for it ({zmaj_gpt.CODE.name}): "
+            "load it with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)"
+        )
 
 
 def _token_ids(model: Pretrained) -> dict[str, Any]:

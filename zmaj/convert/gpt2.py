@@ -147,7 +147,14 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
 
 
 def refuse_inexpressible(config: GPTConfig) -> None:
-    """A ValueError naming the first setting of ``config`` that ``GPT2LMHeadModel`` cannot compute exactly.
+    """A ValueError naming the first setting of ``config`` that ``GPT2LMHeadModel`` cannot compute exactly."""
+    reason = inexpressible(config)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def inexpressible(config: GPTConfig) -> str | None:
+    """The first setting of ``config`` that ``GPT2LMHeadModel`` cannot compute exactly, and why; None if none.
 
     GPT-2 has LayerNorm, a position table added to the embeddings and nothing else in the blocks; ReLU squared
     it does have (``activation_function="relu2"``), and how an unembedding was initialised does not matter.
@@ -169,9 +176,10 @@ def refuse_inexpressible(config: GPTConfig) -> None:
     }
     for field, (set_here, reason) in missing.items():
         if set_here:
-            raise ValueError(
+            return (
                 f"GPT {field}={getattr(config, field)!r}: GPT-2 (GPT2LMHeadModel) cannot express it, {reason}"
             )
+    return None
 
 
 def params_from_hf(state_dict: Mapping[str, Tensor], config: GPTConfig) -> TensorDict:

@@ -26,7 +26,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj import fileio
-from zmaj.convert import gpt2
+from zmaj.convert import gpt2, zmaj_gpt
 from zmaj.convert.layers import stack_layers
 from zmaj.models import gemma3, gpt, llama
 from zmaj.models.gemma3 import Gemma3Config
@@ -39,7 +39,7 @@ from zmaj.text import read_json
 ModelConfig = GPTConfig | LlamaConfig | Gemma3Config
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
-SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_FAMILY, "gemma2", "gemma3_text", "gemma3")
+SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_FAMILY, "gemma2", "gemma3_text", "gemma3", zmaj_gpt.MODEL_TYPE)
 
 # (zmaj key, checkpoint name with {i} for the layer); per-layer rows are stacked over layers. A row is read only
 # when the config's parameters have its key, so biases, QK-norms and the unembedding follow the config.
@@ -153,7 +153,8 @@ def load_hf(path: str | Path, device: torch.device | str = "cpu") -> tuple[Model
         tensors = _SafetensorsFolder(folder, files, device, LANGUAGE_MODEL if multimodal else None)
         config = _untied_where_stored(config, tensors, folder)
         if isinstance(config, GPTConfig):
-            params = gpt2.params_from_hf(tensors, config)
+            own_code = isinstance(raw, Mapping) and raw.get("model_type") == zmaj_gpt.MODEL_TYPE
+            params = (zmaj_gpt if own_code else gpt2).params_from_hf(tensors, config)
             _check_shapes(params, gpt.init(config, 0, device="meta"))
         else:
             params = params_from_hf(tensors, config)
@@ -208,6 +209,8 @@ def config_from_hf(raw: object, where: str = "config.json") -> ModelConfig:
         for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             hf.size(key)
         return gpt2.config_from_hf(hf)
+    if model_type == zmaj_gpt.MODEL_TYPE:
+        return zmaj_gpt.config_from_hf(hf)
     if model_type in LLAMA_FAMILY:
         return _llama_config(hf)
     if model_type in ("gemma2", "gemma3_text"):
@@ -583,7 +586,9 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` of the ``transformers`` model that computes exactly what ``config`` does, which
     ``config_from_hf`` reads back; a setting no such model has is a ValueError naming it."""
     if isinstance(config, GPTConfig):
-        return gpt2.config_to_hf(config)
+        return (
+            gpt2.config_to_hf(config) if gpt2.inexpressible(config) is None else zmaj_gpt.config_to_hf(config)
+        )
     hf = _gemma_to_hf(config) if isinstance(config, Gemma3Config) else _llama_to_hf(config)
     if hf["model_type"] in WHOLE_HEADS and config.d_model % config.n_heads:
         raise ValueError(
@@ -714,6 +719,8 @@ def params_to_hf(params: TensorDictBase, config: ModelConfig) -> dict[str, Tenso
     tables read right to left, each stacked row unbound into its layers. Tensors may be views into ``params``."""
     if isinstance(config, GPTConfig):
         _check_shapes(params, gpt.init(config, 0, device="meta"))
+        if gpt2.inexpressible(config) is not None:
+            return zmaj_gpt.params_to_hf(params)
         return gpt2.params_to_hf(params, config)
     expected, layer_table, global_table = _tables(config)
     _check_shapes(params, expected)

@@ -25,6 +25,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from loguru import logger
 
 from zmaj import checkpoint
+from zmaj.convert import zmaj_gpt
 from zmaj.convert.hf import config_to_hf
 from zmaj.convert.load import LORA_FILE, MODEL_FILE, Pretrained
 from zmaj.data.config import DataConfig
@@ -242,7 +243,9 @@ def card_data(
     model: Pretrained, run: Run | None, license: str, datasets: list[str] | None = None
 ) -> ModelCardData:
     """The metadata block: license, base model, datasets, tags, and what the Hub needs to run the model."""
-    tags = ["zmaj", _transformers_class(model)[0]]
+    model_type = _transformers_class(model)[0]
+    # custom_code: the Hub's tag for a model that loads with its own code (trust_remote_code).
+    tags = ["zmaj", model_type] + (["custom_code"] if model_type == zmaj_gpt.MODEL_TYPE else [])
     if run is not None:
         tags += [run.kind] + (["lora"] if run.lora else [])
     base = run.base_model if run is not None else None
@@ -275,7 +278,8 @@ def model_card(
             sections.append(f"## Training curves\n\n![training curves]({run.curve.name})\n")
         sections.append(_compute(run))
     chat = model.tokenizer.chat_template is not None and (run is None or run.kind != "pretraining")
-    sections.append(_usage(repo_id or f"USER/{name}", chat))
+    own_code = _transformers_class(model)[0] == zmaj_gpt.MODEL_TYPE
+    sections.append(_usage(repo_id or f"USER/{name}", chat, own_code))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections))
 
 
@@ -447,7 +451,7 @@ def _duration(seconds: float) -> str:
 
 
 _LOADS = re.compile(
-    r'^(tokenizer = AutoTokenizer|model = AutoModelForCausalLM)\.from_pretrained\("[^"\n]*"\)$', re.M
+    r'^(tokenizer = AutoTokenizer|model = AutoModelForCausalLM)\.from_pretrained\("[^"\n]*"(.*)\)$', re.M
 )
 """The snippet's two lines that name the repository (``_usage``)."""
 
@@ -455,16 +459,18 @@ _LOADS = re.compile(
 def with_repo_id(card: str, repo_id: str) -> str:
     """The card with its loading snippet naming ``repo_id``: the repository it is published to, where export
     wrote a placeholder (``USER/NAME``) or the id it was given then. A card without the snippet is unchanged."""
-    return _LOADS.sub(lambda line: f'{line[1]}.from_pretrained("{repo_id}")', card)
+    return _LOADS.sub(lambda line: f'{line[1]}.from_pretrained("{repo_id}"{line[2]})', card)
 
 
-def _usage(repo_id: str, chat: bool) -> str:
-    """A ``transformers`` snippet: a chat turn for fine-tuned models, a plain continuation for pre-trained ones."""
+def _usage(repo_id: str, chat: bool, own_code: bool) -> str:
+    """A ``transformers`` snippet: a chat turn for fine-tuned models, a plain continuation for pre-trained ones;
+    ``own_code`` for a model that loads with the code in its repository (``zmaj.convert.zmaj_gpt``)."""
+    trust = ", trust_remote_code=True" if own_code else ""
     load = (
         "```python\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
-        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{trust})\n'
     )
     if chat:
         load += (
@@ -479,4 +485,11 @@ def _usage(repo_id: str, chat: bool) -> str:
         "out = model.generate(**inputs, max_new_tokens=16, do_sample=False)\n"
         'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))\n```\n'
     )
-    return f"## Use it\n\n{load}"
+    if not own_code:
+        return f"## Use it\n\n{load}"
+    code = (
+        f"`transformers` has no class for this model, so it comes with its own code, `{zmaj_gpt.CODE.name}` (zmaj's "
+        "GPT as `transformers` modules, which computes what zmaj computes): `trust_remote_code=True` runs it; "
+        "read it first.\n\n"
+    )
+    return f"## Use it\n\n{code}{load}"

@@ -23,6 +23,7 @@ from huggingface_hub.utils._validators import validate_repo_id
 from loguru import logger
 from safetensors import SafetensorError, safe_open
 
+from zmaj.convert import zmaj_gpt
 from zmaj.convert.export import INDEX_FILE, WEIGHTS_FILE
 from zmaj.data.model_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from zmaj.data.tokenizer import read_tokenizer_file
@@ -111,8 +112,9 @@ def check_model_folder(folder: Path) -> ModelCard:
         raise ValueError(f"{folder}: no config.json; export a model with programs/export.py first")
     with needs("hub", "checking a model folder before it is published"):
         import transformers
+    own_code = _check_own_code(folder)
     try:
-        transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=own_code)
     # StrictDataclassError: a field of the wrong type ("hidden_size": "64"), which transformers 5 configs check.
     except (ValueError, KeyError, OSError, StrictDataclassError) as error:
         raise ValueError(f"{folder}/config.json: transformers cannot read it: {error}") from None
@@ -138,6 +140,30 @@ def check_model_folder(folder: Path) -> ModelCard:
     card = read_card(folder, ModelCard)
     assert isinstance(card, ModelCard)
     return card
+
+
+def _check_own_code(folder: Path) -> bool:
+    """Whether the folder's model loads with its own code (``config.json``'s ``auto_map``), which must then be the
+    code zmaj exports (``zmaj.convert.zmaj_gpt``): checking the config runs that code, so other code is refused
+    rather than run."""
+    config = read_json(folder / "config.json")
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if auto_map is None:
+        return False
+    if not isinstance(auto_map, dict) or not all(isinstance(v, str) for v in auto_map.values()):
+        raise ValueError(f"{folder}/config.json: auto_map is not a mapping of class names")
+    for module in sorted({f"{name.rsplit('.', 1)[0]}.py" for name in auto_map.values()}):
+        path = folder / module
+        if (
+            module != zmaj_gpt.CODE.name
+            or not path.is_file()
+            or path.read_bytes() != zmaj_gpt.CODE.read_bytes()
+        ):
+            raise ValueError(
+                f"{path}: config.json's auto_map names code that is not the {zmaj_gpt.CODE.name} this zmaj "
+                "exports; zmaj publishes only model code it wrote (export the model again)"
+            )
+    return True
 
 
 def check_weights_file(path: Path) -> None:

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from tests.unit.train.test_loop import logged
 from zmaj.convert.load import LORA_FILE, Pretrained
 from zmaj.data.chat_template import DEFAULT_TEMPLATE
+from zmaj.models import gpt
 from zmaj.models.gemma3 import Gemma3Config
+from zmaj.models.gpt import GPTConfig
 from zmaj.models.llama import LlamaConfig
 from zmaj.models.registry import architecture
 from zmaj.publish import card
@@ -527,6 +529,25 @@ def test_the_loading_snippet_is_pointed_at_the_repository_it_is_published_to(mod
     assert "USER/tiny" not in moved
     assert moved.replace("alice/other", "USER/tiny") == text  # nothing else changed
     assert card.with_repo_id('# a card of my own\nfrom_pretrained("x/y")\n', "a/b").endswith('("x/y")\n')
+
+
+def test_a_model_with_its_own_code_is_tagged_so_and_its_snippet_trusts_that_code(model: Pretrained) -> None:
+    """The default pre-training spec's GPT loads with ``trust_remote_code=True`` (``zmaj.convert.zmaj_gpt``): the
+    card says so, tags it ``custom_code`` as the Hub does, and keeps the flag when it is pointed at a repository."""
+    assert isinstance(model.config, GPTConfig)
+    modern = model.config.model_copy(update={"positions": "rope", "norm": "rmsnorm"})
+    other = replace(model, config=modern, params=gpt.init(modern, 0, device="meta"))
+    assert card.card_data(other, None, "mit").to_dict()["tags"] == ["zmaj", "zmaj_gpt", "custom_code"]
+    text = str(card.model_card(other, None, name="tiny", license="mit"))
+    assert 'model = AutoModelForCausalLM.from_pretrained("USER/tiny", trust_remote_code=True)\n' in text
+    assert "`modeling_zmaj_gpt.py`" in text
+    moved = card.with_repo_id(text, "alice/other")
+    assert 'model = AutoModelForCausalLM.from_pretrained("alice/other", trust_remote_code=True)\n' in moved
+    assert 'tokenizer = AutoTokenizer.from_pretrained("alice/other")\n' in moved
+    assert moved.replace("alice/other", "USER/tiny") == text
+    plain = str(card.model_card(model, None, name="tiny", license="mit"))
+    assert "trust_remote_code" not in plain
+    assert "custom_code" not in plain
 
 
 def test_a_run_without_latest_is_described_as_far_as_its_newest_checkpoint(tmp_path: Path) -> None:

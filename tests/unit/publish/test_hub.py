@@ -2,14 +2,18 @@
 refused before any request, and the dry run's list of the files the upload sends."""
 
 import json
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
+from zmaj.convert import zmaj_gpt
 from zmaj.convert.export import INDEX_FILE, save_hf
 from zmaj.convert.load import Pretrained
+from zmaj.models import gpt
+from zmaj.models.gpt import GPTConfig
 from zmaj.publish import card
 from zmaj.publish.dataset import dataset_card, task_dataset, write_dataset_folder
 from zmaj.publish.hub import check_dataset_folder, check_model_folder, read_card, upload_files
@@ -40,6 +44,30 @@ def test_a_model_folder_missing_a_shard_or_the_tokenizer_config_is_refused(
         else "no tokenizer_config.json"
     )
     with pytest.raises(ValueError, match=message):
+        check_model_folder(folder)
+
+
+def test_a_model_folder_with_code_other_than_zmajs_is_refused_not_run(
+    model: Pretrained, tmp_path: Path
+) -> None:
+    """Checking an exported GPT's config runs its code (``trust_remote_code``): only the code zmaj exports is
+    run; a folder whose code was changed, or whose ``auto_map`` names another file, is refused first."""
+    assert isinstance(model.config, GPTConfig)
+    modern = model.config.model_copy(update={"qk_norm": True})
+    own = replace(model, config=modern, params=gpt.init(modern, 0))
+    folder = _model_folder(own, tmp_path / "m")
+    check_model_folder(folder)  # as exported, it passes
+    code = folder / zmaj_gpt.CODE.name
+    code.write_text(code.read_text() + "\nimport os  # anything at all\n")
+    with pytest.raises(
+        ValueError, match=r"modeling_zmaj_gpt\.py: config.json's auto_map names code that is not"
+    ):
+        check_model_folder(folder)
+    code.write_bytes(zmaj_gpt.CODE.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"]["AutoConfig"] = "elsewhere.ZmajGPTConfig"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"elsewhere\.py: config.json's auto_map names code"):
         check_model_folder(folder)
 
 
