@@ -3,8 +3,9 @@
 A folder written by ``save_pretrained`` or downloaded from the Hub is read directly, without instantiating
 ``transformers``: ``config.json`` picks the architecture by its ``model_type``, and the weights are read one tensor
 at a time from ``model.safetensors`` or from the shards that ``model.safetensors.index.json`` lists (format:
-https://huggingface.co/docs/safetensors). Every Hugging Face name lives in this file and in ``gpt2.py``, and each
-table is read in both directions: ``config_to_hf`` and ``params_to_hf`` are what ``zmaj.convert.export`` writes.
+https://huggingface.co/docs/safetensors). Every Hugging Face name lives in this file, in ``gpt2.py`` and in
+``zmaj_gpt.py`` (a GPT that GPT-2 cannot express, exported with zmaj's code for it), and each table is read in
+both directions: ``config_to_hf`` and ``params_to_hf`` are what ``zmaj.convert.export`` writes.
 
 The Llama family (Llama, Qwen 2, Qwen 3) needs no reshaping: ``transformers`` stores ``nn.Linear`` weights
 ``[out, in]`` as zmaj does, and its q/k rows are already in the rotate-half order of ``zmaj.nn.rope``. So its
