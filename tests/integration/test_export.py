@@ -355,6 +355,10 @@ def test_a_damaged_own_code_folder_is_refused_by_name(tokenizer: ModelTokenizer,
     (folder / "config.json").write_text(json.dumps(config | {"n_heads": 5}))
     with pytest.raises(ValueError, match=r"d_model \(32\) must be divisible by n_heads \(5\)"):
         load_model(folder)
+    (folder / "config.json").write_text(json.dumps(config | {"positions": "alibi"}))
+    with pytest.raises(ValueError, match=r"config\.json: positions: Input should be 'learned'") as refused:
+        load_model(folder)
+    assert "\n" not in str(refused.value)
 
 
 def test_config_files_name_the_special_tokens(

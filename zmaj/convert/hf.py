@@ -211,7 +211,7 @@ def config_from_hf(raw: object, where: str = "config.json") -> ModelConfig:
             hf.size(key)
         return gpt2.config_from_hf(hf)
     if model_type == zmaj_gpt.MODEL_TYPE:
-        return zmaj_gpt.config_from_hf(hf)
+        return zmaj_gpt.config_from_hf(hf, where)
     if model_type in LLAMA_FAMILY:
         return _llama_config(hf)
     if model_type in ("gemma2", "gemma3_text"):

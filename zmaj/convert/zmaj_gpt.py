@@ -17,6 +17,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from zmaj import specfile
 from zmaj.convert.layers import stack_layers
 from zmaj.models import gpt
 from zmaj.models.gpt import GPTConfig
@@ -49,12 +50,14 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
     }
 
 
-def config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
+def config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> GPTConfig:
     """``config_to_hf`` read back. The fields ``transformers`` adds (``dtype``, ``use_cache``, the token ids...)
-    are not ``GPTConfig``'s and are left; a value ``GPTConfig`` refuses is refused, by name."""
+    are not ``GPTConfig``'s and are left; a value ``GPTConfig`` refuses is refused in one line naming ``where``
+    and the field."""
     known = set(GPTConfig.model_fields) - set(_LEFT_OUT)
     fields = {key: value for key, value in hf.items() if key in known}
-    return GPTConfig(**fields, tie_embeddings=hf.get("tie_word_embeddings", True))
+    fields["tie_embeddings"] = hf.get("tie_word_embeddings", True)
+    return specfile.parse(GPTConfig, fields, where)
 
 
 def params_to_hf(params: TensorDictBase) -> dict[str, Tensor]:
