@@ -8,6 +8,8 @@ Each is saved with the tokenizer of a tiny trained zmaj BPE, then loaded by ``Au
 ``AutoTokenizer`` and by ``load_model``.
 """
 
+import importlib.util
+import inspect
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -340,6 +342,94 @@ def test_own_code_builds_a_fresh_model_with_the_folders_tensors(
     assert abs(tensors["blocks.0.attn.o.weight"].std().item() - std / 6**0.5) < 0.2 * std / 6**0.5
 
 
+def test_own_code_trains_in_transformers_trainer_with_gradient_accumulation_as_without(
+    tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    """One SGD step on 4 rows, whole or as 2 accumulated halves, moves the weights alike. Trainer reads a forward
+    with ``**kwargs`` as one that sums its loss over ``num_items_in_batch`` and stops dividing by the
+    accumulation steps, which made the accumulated step twice as large (``accepts_loss_kwargs = False``)."""
+    folder = save_hf(random_model(VARIANTS["gpt-modern"], tokenizer), tmp_path / "model")
+    rows = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(6))
+    data = [{"input_ids": row, "labels": row} for row in rows]
+
+    def update(batch: int, accumulate: int) -> torch.Tensor:
+        model = hf_model(folder).train()
+        before = model.embed.weight.detach().clone()
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"run-{batch}"),
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulate,
+            max_steps=1,
+            learning_rate=1.0,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            max_grad_norm=1e9,
+            weight_decay=0.0,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            logging_strategy="no",
+        )
+        transformers.Trainer(model=model, args=args, train_dataset=data).train()
+        return model.embed.weight.detach() - before
+
+    whole, halves = update(4, 1), update(2, 2)
+    assert whole.abs().max().item() > 1e-3
+    assert (whole - halves).abs().max().item() <= 1e-5 * whole.abs().max().item() + 1e-7
+
+
+def test_own_code_gives_hidden_states_and_refuses_what_it_does_not_compute(
+    tokenizer: ModelTokenizer, tmp_path: Path
+) -> None:
+    """``output_hidden_states``: each block's input, then the final norm's output (as transformers' Llama gives
+    them), equal to zmaj's; attention weights, embeddings for input and a static cache are refused by name;
+    so is resizing the vocabulary of a model whose value embeddings are indexed by token."""
+    model = random_model(VARIANTS["gpt-everything"], tokenizer)
+    reference = hf_model(save_hf(model, tmp_path / "model"))
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        hidden = reference(tokens, output_hidden_states=True).hidden_states
+        final = model.architecture.hidden_states(model.params, Batch(tokens=tokens), model.config)
+    assert len(hidden) == model.config.n_layers + 1
+    assert (hidden[-1] - final).abs().max().item() <= 1e-5
+    assert torch.equal(hidden[0], model.params["embed", "weight"][tokens])
+    with pytest.raises(ValueError, match="SDPA, which returns no attention weights"):
+        reference(tokens, output_attentions=True)
+    with pytest.raises(ValueError, match="reads token ids"):
+        reference(inputs_embeds=torch.zeros(1, 3, 32))
+    static = transformers.StaticCache(config=reference.config, max_cache_len=32)
+    with pytest.raises(ValueError, match="DynamicCache only, not a static one"):
+        reference(tokens, cache=static)
+    with pytest.raises(ValueError, match="value embedding tables are indexed by token too"):
+        reference.resize_token_embeddings(VOCAB + 8)
+    untied = hf_model(
+        save_hf(
+            random_model(VARIANTS["gpt-modern"].model_copy(update={"tie_embeddings": False}), tokenizer),
+            tmp_path / "untied",
+        )
+    )
+    untied.resize_token_embeddings(VOCAB + 8)
+    with torch.no_grad():
+        assert untied(tokens).logits.shape[-1] == VOCAB + 8
+
+
+def test_own_codes_config_takes_every_field_zmaj_writes() -> None:
+    """``ZmajGPTConfig`` takes ``**kwargs`` (transformers' own keys), so a ``GPTConfig`` field added without a
+    place in it would be stored and ignored by the model's code: its parameters are the fields written."""
+    spec = importlib.util.spec_from_file_location("modeling_zmaj_gpt", zmaj_gpt.CODE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    taken = set(inspect.signature(module.ZmajGPTConfig.__init__).parameters) - {"self", "kwargs", "use_cache"}
+    written = set(hf.config_to_hf(VARIANTS["gpt-everything"])) - {
+        "model_type",
+        "architectures",
+        "auto_map",
+    }
+    assert taken == written
+
+
 def test_a_damaged_own_code_folder_is_refused_by_name(tokenizer: ModelTokenizer, tmp_path: Path) -> None:
     folder = save_hf(random_model(VARIANTS["gpt-modern"], tokenizer), tmp_path / "model")
     weights = folder / export.WEIGHTS_FILE
@@ -421,6 +511,12 @@ def test_autotokenizer_encodes_as_zmaj(add_bos: bool, tokenizer: ModelTokenizer,
         )
         assert chat == tokenizer.encode_chat(CHAT, generation_prompt)
     assert (theirs.bos_token, theirs.eos_token, theirs.pad_token) == (BOS, EOS, PAD)
+    # transformers 4's fast tokenizer adds token_type_ids unless told not to, which generate(**inputs) refuses.
+    assert json.loads((folder / "tokenizer_config.json").read_text())["model_input_names"] == [
+        "input_ids",
+        "attention_mask",
+    ]
+    assert set(theirs("def ")) == {"input_ids", "attention_mask"}
 
 
 def test_shards_past_the_limit_and_loads_back(tokenizer: ModelTokenizer, tmp_path: Path) -> None:

@@ -234,6 +234,9 @@ class ModelTokenizer:
             "add_bos_token": self.add_bos,
             "add_eos_token": self.add_eos,
             "clean_up_tokenization_spaces": False,
+            # transformers 4's PreTrainedTokenizerFast also returns token_type_ids by default, which a causal
+            # model's generate(**inputs) refuses ("model_kwargs are not used by the model").
+            "model_input_names": ["input_ids", "attention_mask"],
         }
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template

@@ -116,7 +116,8 @@ def check_model_folder(folder: Path) -> ModelCard:
     try:
         transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=own_code)
     # StrictDataclassError: a field of the wrong type ("hidden_size": "64"), which transformers 5 configs check.
-    except (ValueError, KeyError, OSError, StrictDataclassError) as error:
+    # TypeError: an auto_map that names zmaj's model class where the config class goes.
+    except (ValueError, KeyError, OSError, TypeError, StrictDataclassError) as error:
         raise ValueError(f"{folder}/config.json: transformers cannot read it: {error}") from None
     if (folder / INDEX_FILE).is_file():
         index = read_json(folder / INDEX_FILE)

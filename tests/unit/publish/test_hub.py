@@ -58,16 +58,24 @@ def test_a_model_folder_with_code_other_than_zmajs_is_refused_not_run(
     folder = _model_folder(own, tmp_path / "m")
     check_model_folder(folder)  # as exported, it passes
     code = folder / zmaj_gpt.CODE.name
-    code.write_text(code.read_text() + "\nimport os  # anything at all\n")
+    ran = tmp_path / "ran"  # code that says when it runs
+    code.write_text(code.read_text() + f"\nopen({str(ran)!r}, 'w').close()\n")
     with pytest.raises(
         ValueError, match=r"modeling_zmaj_gpt\.py: config.json's auto_map names code that is not"
     ):
         check_model_folder(folder)
+    assert not ran.exists()
     code.write_bytes(zmaj_gpt.CODE.read_bytes())
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"]["AutoConfig"] = "elsewhere.ZmajGPTConfig"
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"elsewhere\.py: config.json's auto_map names code"):
+        check_model_folder(folder)
+    config["auto_map"]["AutoConfig"] = zmaj_gpt.AUTO_MAP[
+        "AutoModelForCausalLM"
+    ]  # zmaj's code, the wrong class
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: transformers cannot read it: "):
         check_model_folder(folder)
 
 

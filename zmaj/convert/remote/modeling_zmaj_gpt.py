@@ -151,7 +151,7 @@ class Attention(nn.Module):
         self,
         x: Tensor,
         angles: tuple[Tensor, Tensor] | None,
-        mask: Tensor,
+        mask: Tensor | None,
         value_embedding: Tensor | None,
         cache: Cache | None,
         layer: int,
@@ -163,14 +163,17 @@ class Attention(nn.Module):
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         if value_embedding is not None:
-            v = v + heads(value_embedding)
+            v = v + heads(value_embedding.to(v.device))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if angles is not None:
             q, k = rotate(q, *angles), rotate(k, *angles)
         if cache is not None:
             k, v = cache.update(k, v, layer)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        if mask is None:
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         out: Tensor = self.o(attended.transpose(1, 2).reshape(batch, seq, d))
         return out
 
@@ -203,7 +206,7 @@ class Block(nn.Module):
         self,
         x: Tensor,
         angles: tuple[Tensor, Tensor] | None,
-        mask: Tensor,
+        mask: Tensor | None,
         value_embedding: Tensor | None,
         cache: Cache | None,
         layer: int,
@@ -214,15 +217,29 @@ class Block(nn.Module):
 
 
 class SkipWeights(nn.Module):
-    """The U-net skips' learned weights, one per first-half layer."""
+    """The U-net skips' learned weights, one per first-half layer: a module of their own, so that the tensor is
+    named ``unet_skips.weight`` as in zmaj and ``_init_weights`` finds it."""
 
     def __init__(self, count: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(count))
 
 
+def value_table(layer: int, n_layers: int, count: int) -> int | None:
+    """The value embedding table ``layer`` adds to its values: the first and the last ``count`` layers share the
+    ``count`` tables in the same order; the layers between add none."""
+    if layer < count:
+        return layer
+    if layer >= n_layers - count:
+        return layer - (n_layers - count)
+    return None
+
+
 class ZmajGPTForCausalLM(PreTrainedModel, GenerationMixin):  # type: ignore[no-untyped-call]
     config_class = ZmajGPTConfig
+    # Its loss is the mean over the batch it is given, so Trainer must divide it for gradient accumulation itself
+    # (a forward with **kwargs reads to Trainer as one that sums over num_items_in_batch).
+    accepts_loss_kwargs = False
     base_model_prefix = "zmaj_gpt"
     _no_split_modules = ["Block"]  # noqa: RUF012
     _supports_sdpa = True
@@ -266,9 +283,26 @@ class ZmajGPTForCausalLM(PreTrainedModel, GenerationMixin):  # type: ignore[no-u
         assert isinstance(value, nn.Embedding)
         self.embed = value
 
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The unembedding where it is a matrix of its own; tied, the embedding unembeds and there is none."""
+        return None if self.config.tie_word_embeddings else self.unembed
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        assert isinstance(value, nn.Linear)
+        self.unembed = value
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
+        if self.config.value_embeds:
+            raise ValueError(
+                "resize_token_embeddings: this model's value embedding tables are indexed by token too, and "
+                "transformers resizes only the embedding and the unembedding"
+            )
+        resized: nn.Embedding = super().resize_token_embeddings(*args, **kwargs)
+        return resized
+
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         past_key_values: Cache | None = None,
@@ -276,23 +310,35 @@ class ZmajGPTForCausalLM(PreTrainedModel, GenerationMixin):  # type: ignore[no-u
         use_cache: bool | None = None,
         labels: Tensor | None = None,
         logits_to_keep: int = 0,
+        inputs_embeds: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits of every position (the last ``logits_to_keep`` where it is set), and with ``labels`` the mean
-        next-token cross-entropy over those that are not -100, as transformers' causal models compute it."""
+        next-token cross-entropy over those that are not -100, as transformers' causal models compute it.
+        ``output_hidden_states`` gives each block's input, then the final norm's output."""
         config = self.config
         cache = cache if cache is not None else past_key_values
+        if input_ids is None or inputs_embeds is not None:
+            raise ValueError(
+                "ZmajGPTForCausalLM reads token ids (value embeddings look them up): pass input_ids"
+            )
+        if output_attentions:
+            raise ValueError("ZmajGPTForCausalLM attends through SDPA, which returns no attention weights")
+        if getattr(cache, "is_compileable", False):
+            raise ValueError(
+                "ZmajGPTForCausalLM keeps keys and values in a DynamicCache only, not a static one"
+            )
         if cache is None and (config.use_cache if use_cache is None else use_cache):
             cache = DynamicCache()
         batch, seq = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
-        if (
-            position_ids is None
-        ):  # a token's position is the count of real tokens before it, as zmaj's default
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
-            else:
-                position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
+        # A token's position is the count of real tokens before it, as in zmaj's cached forward (cache_step).
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+        elif position_ids is None:
+            position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
         mask = self._mask(attention_mask, batch, seq, past, input_ids.device)
 
         x = self.embed(input_ids)
@@ -303,26 +349,31 @@ class ZmajGPTForCausalLM(PreTrainedModel, GenerationMixin):  # type: ignore[no-u
         x = self.dropout(x)
         angles = None
         if config.positions == "rope":
-            half = config.d_model // config.n_heads // 2
-            exponents = torch.arange(0, 2 * half, 2, dtype=torch.int64, device=x.device).float() / (2 * half)
-            angles_ = position_ids[..., None].float() * (1.0 / config.rope_base**exponents)
-            angles = (angles_.cos(), angles_.sin())
+            head_dim = config.d_model // config.n_heads
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=x.device).float() / head_dim
+            turns = position_ids[..., None].float() * (1.0 / config.rope_base**exponents)
+            angles = (turns.cos(), turns.sin())
         tables = [table(input_ids) for table in self.value_embeds]
-        n, k = config.n_layers, config.value_embeds
+        hidden: list[Tensor] = []
         outputs: list[Tensor] = []
         for layer, block in enumerate(self.blocks):
-            mirror = n - 1 - layer
-            if config.unet_skips and mirror < layer:
-                x = x + self.unet_skips.weight[mirror].to(x.dtype) * outputs[mirror]
-            # The first and the last k layers share the k tables, in the same order.
-            table = layer if layer < k else layer - (n - k) if layer >= n - k else None
-            value_embedding = None if table is None else tables[table]
-            x = block(x, angles, mask, value_embedding, cache, layer)
+            mirror = config.n_layers - 1 - layer
+            if (
+                config.unet_skips and mirror < layer
+            ):  # the second half takes the first half's outputs, mirrored
+                x = x + self.unet_skips.weight[mirror].to(x) * outputs[mirror].to(x.device)
+            table = value_table(layer, config.n_layers, config.value_embeds)
+            hidden.append(x)
+            x = block(x, angles, mask, None if table is None else tables[table], cache, layer)
             outputs.append(x)
         x = self.final_norm(x)
+        hidden.append(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.unembed(x) if hasattr(self, "unembed") else F.linear(x, self.embed.weight)
+        if config.tie_word_embeddings:
+            logits = F.linear(x, self.embed.weight.to(x.device))
+        else:
+            logits = self.unembed(x)
         if config.logit_softcap is not None:
             logits = torch.tanh(logits / config.logit_softcap) * config.logit_softcap
         loss = None
@@ -332,14 +383,25 @@ class ZmajGPTForCausalLM(PreTrainedModel, GenerationMixin):  # type: ignore[no-u
                 labels[:, 1:].flatten().to(logits.device),
                 ignore_index=-100,
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})  # type: ignore[arg-type]
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            **{_CACHE_FIELD: cache},  # type: ignore[arg-type]
+        )
 
     @staticmethod
-    def _mask(attention_mask: Tensor | None, batch: int, seq: int, past: int, device: torch.device) -> Tensor:
-        """Which keys each new token sees, ``[batch, seq, past + seq]``: itself and the real tokens before it.
+    def _mask(
+        attention_mask: Tensor | None, batch: int, seq: int, past: int, device: torch.device
+    ) -> Tensor | None:
+        """Which keys each new token sees, ``[batch, seq, past + seq]``: itself and the real tokens before it;
+        None where that is plain causal attention over the tokens given (SDPA's ``is_causal``, which GPU kernels
+        run without a mask in memory).
 
         A padding query sees itself, so that its row of scores is never all masked (which SDPA answers with NaN).
         """
+        if attention_mask is None and past == 0:
+            return None
         keys = torch.arange(past + seq, device=device)
         queries = torch.arange(past, past + seq, device=device)[:, None]
         real = torch.ones(batch, past + seq, dtype=torch.bool, device=device)
