@@ -40,6 +40,14 @@ DTYPE_HELP = (
 def main() -> None:
     args = parse_args()
     sampling = sampling_from(args)
+    if args.prompt_lookup < 0:
+        fail(f"--prompt-lookup must be 0 (off) or more, got {args.prompt_lookup}")
+    if args.prompt_lookup and args.temperature != 0:
+        fail("--prompt-lookup decodes greedily: not with --temperature above 0")
+    if args.prompt_lookup and args.compile:
+        fail(
+            "--prompt-lookup runs its passes eagerly (each feeds another number of tokens): not with --compile"
+        )
     model = load(args.model, args.dtype)
     if args.chat:
         prompt = chat_ids(model, args.system, args.prompt)
@@ -69,6 +77,7 @@ def main() -> None:
         sampling,
         args.seed,
         donate=True,
+        draft_tokens=args.prompt_lookup,
     )
     try:
         for piece in pieces:
@@ -113,6 +122,15 @@ def parse_args() -> argparse.Namespace:
         help="torch.compile the decode step: 3.1-3.8x the eager step's tokens/s at batch 1 on an AVX2 CPU "
         "(benchmarks/decode.py) after a one-off compile; in bfloat16 its rounding differs from eager's, so a "
         "near-tie token may come out otherwise (float32 agrees)",
+    )
+    parser.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="K",
+        help="decode greedily, checking in each pass over the model up to K tokens copied from the context "
+        "(zmaj.infer.lookup): faster where the answer repeats its prompt (editing, quoting); the same tokens "
+        "as plain greedy decoding up to rounding (default: 0, off)",
     )
     return parser.parse_args()
 

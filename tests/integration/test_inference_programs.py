@@ -183,6 +183,18 @@ def test_compiled_generate_prints_the_same_continuation(
     assert done.stdout == greedy_reference(model, tokenizer.encode(prompt), tokenizer) + "\n"
 
 
+def test_generate_with_prompt_lookup_prints_the_greedy_continuation(
+    llama: tuple[Any, Path], tokenizer: ModelTokenizer
+) -> None:
+    """``--prompt-lookup`` (``zmaj.infer.lookup``) drafts from a prompt that repeats itself; the text is
+    transformers' greedy continuation all the same."""
+    model, folder = llama
+    prompt = "the cat sat on the mat, the cat sat on the"
+    result = run("generate.py", "--model", folder, "--prompt", prompt, *GREEDY, "--prompt-lookup", 5)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == greedy_reference(model, tokenizer.encode(prompt), tokenizer) + "\n"
+
+
 SAMPLED = ["--max-new-tokens", NEW_TOKENS, "--temperature", 1, "--dtype", "float32"]
 
 
@@ -772,6 +784,21 @@ def binary_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--top-k and --top-p shape sampling, but --temperature 0 decodes greedily",
         ),
         ("chat.py", ["--temperature", "0", "--top-p", "0.9"], "--top-p shape sampling, but --temperature 0"),
+        (
+            "generate.py",
+            ["--prompt", "hi", "--prompt-lookup", "-1"],
+            "--prompt-lookup must be 0 (off) or more",
+        ),
+        (
+            "generate.py",
+            ["--prompt", "hi", "--prompt-lookup", "4", "--temperature", "0.5"],
+            "--prompt-lookup decodes greedily: not with --temperature above 0",
+        ),
+        (
+            "generate.py",
+            ["--prompt", "hi", "--prompt-lookup", "4", "--compile"],
+            "--prompt-lookup runs its passes eagerly",
+        ),
         (
             "perplexity.py",
             ["--text-file", "/no/such/text.txt"],

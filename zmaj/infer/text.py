@@ -13,6 +13,7 @@ from tensordict import TensorDictBase
 
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.infer.generate import GREEDY, CachedForward, Sampling, stream
+from zmaj.infer.lookup import stream_lookup
 
 REPLACEMENT = "\ufffd"
 
@@ -69,13 +70,23 @@ def complete(
     sampling: Sampling = GREEDY,
     seed: int = 0,
     donate: bool = False,
+    draft_tokens: int = 0,
 ) -> Iterator[str]:
     """The continuation of one prompt as text pieces, ending at one of the tokenizer's stop tokens (not shown)
     or after ``max_new_tokens``; special tokens are skipped. ``cache`` and ``donate`` are as
-    ``zmaj.infer.generate.stream`` takes them."""
+    ``zmaj.infer.generate.stream`` takes them. ``draft_tokens`` above 0 decodes greedily by prompt lookup
+    (``zmaj.infer.lookup``), checking up to that many tokens copied from the context in each pass."""
     stops = tokenizer.stop_ids
-    emitted = stream(
-        step, params, cache, [prompt], max_new_tokens, sampling, seed, stop_tokens=stops, donate=donate
-    )
-    tokens = (token for each in emitted if (token := int(each.tokens[0])) not in stops)
+    if draft_tokens > 0:
+        if sampling != GREEDY:
+            raise ValueError(f"prompt lookup decodes greedily, not with {sampling}")
+        new = stream_lookup(
+            step, params, cache, prompt, max_new_tokens, draft_tokens, stop_tokens=stops, donate=donate
+        )
+    else:
+        emitted = stream(
+            step, params, cache, [prompt], max_new_tokens, sampling, seed, stop_tokens=stops, donate=donate
+        )
+        new = (int(each.tokens[0]) for each in emitted)
+    tokens = (token for token in new if token not in stops)
     return detokenize(tokens, tokenizer.decode, held_tokens(tokenizer))

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from tests.unit.infer.test_lookup import Counting
 from zmaj.data.model_tokenizer import ModelTokenizer
 from zmaj.data.tokenizer import EOS, Tokenizer
 from zmaj.infer import chat as infer_chat
@@ -134,6 +135,29 @@ def test_complete_is_generate_decoded(sampling: Sampling) -> None:
     )
     text = "".join(complete(llama.cached(CONFIG), PARAMS, cache, PROMPT, TOKENIZER, 16, sampling, seed=3))
     assert text == TOKENIZER.decode([token for token in tokens if token not in stops])
+
+
+def test_complete_with_draft_tokens_is_greedy_decoding_by_prompt_lookup() -> None:
+    """The same text as plain greedy decoding, in fewer passes over the model than tokens (a prompt that repeats
+    itself, which a random model continues in a loop); sampling with drafts is refused."""
+    prompt = BYTE_LEVEL.encode("def parse(def parse(def parse(")
+    cache = init_cache(CONFIG, 1, len(prompt) + 24)
+    plain = "".join(complete(llama.cached(CONFIG), PARAMS, cache, prompt, TOKENIZER, 24))
+    counting = Counting(llama.cached(CONFIG))
+    drafted = "".join(complete(counting, PARAMS, cache, prompt, TOKENIZER, 24, draft_tokens=5))
+    assert drafted == plain
+    assert len(counting.fed) < 24 - 5, counting.fed
+    with pytest.raises(ValueError, match="prompt lookup decodes greedily"):
+        complete(
+            llama.cached(CONFIG),
+            PARAMS,
+            cache,
+            prompt,
+            TOKENIZER,
+            4,
+            Sampling(temperature=1.0),
+            draft_tokens=2,
+        )
 
 
 def test_complete_stops_at_a_stop_token_and_hides_it() -> None:
