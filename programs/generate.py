@@ -62,7 +62,8 @@ def main() -> None:
             f"the prompt's {len(prompt)} tokens plus --max-new-tokens {args.max_new_tokens} exceed the model's "
             f"context of {model.config.context}"
         )
-    logger.info(f"prompt of {len(prompt)} tokens, {sampling}")
+    lookup = f", prompt lookup of up to {args.prompt_lookup} tokens a pass" if args.prompt_lookup else ""
+    logger.info(f"prompt of {len(prompt)} tokens, {sampling}{lookup}")
     cache = init_cache(model.config, 1, len(prompt) + args.max_new_tokens, *params_dtype_device(model))
     step = model.architecture.cached(model.config)
     if args.compile:
@@ -130,7 +131,8 @@ def parse_args() -> argparse.Namespace:
         metavar="K",
         help="decode greedily, checking in each pass over the model up to K tokens copied from the context "
         "(zmaj.infer.lookup): faster where the answer repeats its prompt (editing, quoting); the same tokens "
-        "as plain greedy decoding up to rounding (default: 0, off)",
+        "as plain greedy decoding in float32, while in bfloat16 a near-tie may come out otherwise "
+        "(default: 0, off)",
     )
     return parser.parse_args()
 

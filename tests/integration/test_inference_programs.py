@@ -192,6 +192,7 @@ def test_generate_with_prompt_lookup_prints_the_greedy_continuation(
     prompt = "the cat sat on the mat, the cat sat on the"
     result = run("generate.py", "--model", folder, "--prompt", prompt, *GREEDY, "--prompt-lookup", 5)
     assert result.returncode == 0, result.stderr
+    assert "prompt lookup of up to 5 tokens a pass" in result.stderr
     assert result.stdout == greedy_reference(model, tokenizer.encode(prompt), tokenizer) + "\n"
 
 

@@ -12,7 +12,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from zmaj.infer.cache import init_cache
-from zmaj.infer.generate import generate
+from zmaj.infer.generate import NonFiniteLogitsError, generate
 from zmaj.infer.lookup import draft, stream_lookup
 from zmaj.models import gpt, llama
 from zmaj.models.common import Batch, CachedForward
@@ -105,15 +105,17 @@ def test_the_output_ends_at_its_first_stop_token_drafted_or_not(name: str) -> No
             assert ours == free[: free.index(stop) + 1], (prompt, stop)
 
 
-def cycle(period: int) -> CachedForward:
+def cycle(period: int, nan_after: int | None = None) -> CachedForward:
     """A stand-in model whose greedy next token is always ``(token + 1) % period``: its answer repeats its prompt,
-    so every draft copied from a prompt of whole periods is kept. It keeps the cache's bookkeeping alone."""
+    so every draft copied from a prompt of whole periods is kept. It keeps the cache's bookkeeping alone; its
+    logits after the token ``nan_after`` are NaN."""
 
     def step(
         params: TensorDictBase, batch: Batch, cache: TensorDictBase, **kwargs: bool
     ) -> tuple[Tensor, TensorDictBase]:
         fed = batch.tokens.shape[1]
         logits = torch.nn.functional.one_hot((batch.tokens + 1) % period, VOCAB).float()
+        logits[batch.tokens == nan_after] = float("nan")
         length = int(cache["length"])
         new = cache.clone()
         new["is_token"][:, length : length + fed] = True
@@ -136,6 +138,31 @@ def test_a_stop_token_inside_a_kept_draft_ends_the_output_there() -> None:
         cache = init_cache(CONFIGS["llama"], 1, 32)
         ours = list(stream_lookup(step, TensorDict(), cache, prompt, 20, stop_tokens={stop}))
         assert ours == free[: free.index(stop) + 1]
+
+
+def test_only_the_logits_greedy_decoding_reads_are_checked_and_the_prefill_keeps_the_last() -> None:
+    """NaN logits after a drafted token the model refuses are never read, as plain greedy decoding never computes
+    them; NaN after a token it emits ends the output with the refusal ``choose`` gives. The prompt's pass asks for
+    its last position's logits alone (a long prompt's every logit is the memory peak)."""
+    prompt = [2, 7, 1]  # the model says 2, then the draft copies "7 1" after the earlier 2: it says 3
+    cache = init_cache(CONFIGS["llama"], 1, 32)
+    counting = Counting(cycle(4, nan_after=7))
+    ours = list(stream_lookup(counting, TensorDict(), cache, prompt, 12))
+    assert ours == [(2 + i) % 4 for i in range(12)]
+    assert counting.fed[1] > 1  # a draft was fed, holding the 7
+    with pytest.raises(NonFiniteLogitsError):
+        list(stream_lookup(cycle(4, nan_after=3), TensorDict(), cache, prompt, 12))
+    asked: list[bool] = []
+
+    def recording(
+        params: TensorDictBase, batch: Batch, cache: TensorDictBase, **kwargs: bool
+    ) -> tuple[Tensor, TensorDictBase]:
+        asked.append(kwargs.get("last_only", False))
+        return cycle(4)(params, batch, cache, **kwargs)
+
+    list(stream_lookup(recording, TensorDict(), cache, prompt, 12))
+    assert asked[0] is True
+    assert not any(asked[1:])  # the checking passes read every position
 
 
 @pytest.mark.parametrize("max_new_tokens", [0, 1, 2, 7])
