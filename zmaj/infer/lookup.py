@@ -5,16 +5,16 @@ Decoding one token at a time reads every weight once per token (at batch 1 a ste
 arithmetic), so a forward pass over a few tokens costs little more than one over a single token (1.2-1.5x for
 SmolLM2-135M's passes of up to 11 tokens, eager on a 2-core CPU: ``benchmarks/prompt_lookup.py``). Speculative
 decoding (Leviathan et al., 2023, arXiv:2211.17192; Chen et al., 2023, arXiv:2302.01318) spends that spare
-arithmetic on guesses: something cheap drafts ``k`` tokens, the model computes its logits after each of them in
-one pass, and the longest prefix of the draft that greedy decoding would have chosen anyway is kept, plus the
-model's own token after it. Every step keeps at least one token, so the output is greedy decoding's, only in
-fewer passes. Here the drafter is no model at all but a string match (Saxena, 2023,
+arithmetic on guesses: something cheap drafts ``k`` tokens, the model computes its logits after each of them
+in one pass, and the longest prefix of the draft that greedy decoding would have chosen anyway is kept, plus
+the model's own token after it. Every step keeps at least one token, so the output is greedy decoding's, only
+in fewer passes. Here the drafter is no model at all but a string match (Saxena, 2023,
 github.com/apoorvumang/prompt-lookup-decoding; ``transformers``' ``prompt_lookup_num_tokens``): the tokens
 that followed an earlier occurrence of the context's last few tokens (:func:`draft` says which), searched in
 Python over the whole context at every pass (2 ms at 4k tokens, 13 ms at 32k, against ~90 ms for an eager CPU
-step of SmolLM2-135M). Outputs that copy from their
-context (editing code, quoting, summarising, answers that restate the question) are drafted right for long
-stretches; elsewhere a draft is mostly refused and costs a little more than the plain step it rides on.
+step of SmolLM2-135M). Outputs that copy from their context (editing code, quoting, summarising, answers that
+restate the question) are drafted right for long stretches; elsewhere a draft is mostly refused and costs a
+little more than the plain step it rides on.
 
 The tokens are greedy decoding's up to rounding: a pass over several tokens sums in another order than a pass
 over one (other matmul and attention kernels), so a near-tie between two logits may fall the other way, as
