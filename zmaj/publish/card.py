@@ -278,8 +278,7 @@ def model_card(
             sections.append(f"## Training curves\n\n![training curves]({run.curve.name})\n")
         sections.append(_compute(run))
     chat = model.tokenizer.chat_template is not None and (run is None or run.kind != "pretraining")
-    own_code = _transformers_class(model)[0] == zmaj_gpt.MODEL_TYPE
-    sections.append(_usage(repo_id or f"USER/{name}", chat, own_code))
+    sections.append(_usage(repo_id or f"USER/{name}", chat, own_code="custom_code" in (data.tags or [])))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections))
 
 
